@@ -1,0 +1,71 @@
+# vibe-serve: every target creates .venv and installs on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+# Local Ray: no token auth, no usage stats, quiet log dedup.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_DEDUP_LOGS ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: install test test-unit test-gpu test-multinode lint run bench bench-placement bench-runtime \
+        bench-serving chaos model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch that lies on disk; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# pytest exit code 5 means "no tests collected": for a test command that is a failure, said plainly.
+define run_pytest
+	@$(PY) -m pytest $(1); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests for '$(1)'" >&2; exit 1; fi; exit $$rc
+endef
+
+test: $(STAMP)
+	$(call run_pytest,-q -m "not gpu" tests)
+
+test-unit: $(STAMP)
+	$(call run_pytest,-q -m "not gpu and not ray" tests)
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+test-multinode: $(STAMP)
+	bash scripts/test_multinode.sh
+
+lint: $(STAMP)
+	$(PY) -m ruff check placement service deploy load_tests tests scripts
+
+run: $(STAMP)
+	$(VENV)/bin/serve run deploy/config.yaml
+
+bench: $(STAMP)
+	$(PY) -m load_tests.compare --out bench
+
+bench-placement: $(STAMP)
+	$(PY) -m placement.bench --out bench
+
+bench-runtime: $(STAMP)
+	$(PY) -m service.bench_runtime --out bench
+
+bench-serving: $(STAMP)
+	$(PY) -m load_tests.bench_serving --out bench
+
+chaos: $(STAMP)
+	$(PY) -m load_tests.chaos --out bench
+
+model: $(STAMP)
+	$(PY) -m deploy.build_default_model
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

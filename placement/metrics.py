@@ -1,0 +1,87 @@
+"""Predicted device times and the balance metrics of DESIGN.md §4.
+
+Owns the vectorised evaluation of many device curves at once and the per-layer metrics built on it.
+Knows nothing of how placements are chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from placement.device_model import DeviceModel
+from placement.placement import Placement
+
+
+def curve_params(devices: Sequence[DeviceModel]) -> np.ndarray:
+    """float [3, G]: the (fixed, knee, slope) of every device, stacked for vectorised evaluation."""
+    if len(devices) == 0:
+        raise ValueError("need at least one device")
+    return np.array([[d.fixed, d.knee, d.slope] for d in devices], dtype=np.float64).T
+
+
+def latency_on(tokens: np.ndarray, device: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Seconds for one expert with `tokens` tokens on `device`, elementwise.
+
+    Args:
+        tokens: float [...]; device: int [...] (broadcastable to tokens); params: [3, G] from curve_params.
+    """
+    fixed, knee, slope = params[0][device], params[1][device], params[2][device]
+    t = fixed + slope * np.maximum(tokens - knee, 0.0)
+    return np.where(tokens > 0, t, 0.0)
+
+
+def latency_matrix(tokens: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """float [..., G]: seconds for one expert with `tokens` tokens on each of the G devices."""
+    tokens = np.asarray(tokens, dtype=np.float64)[..., None]
+    t = params[0] + params[2] * np.maximum(tokens - params[1], 0.0)
+    return np.where(tokens > 0, t, 0.0)
+
+
+def device_times(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel]) -> np.ndarray:
+    """float [L, G]: predicted seconds of each device in each layer (sum of its slots' expert latencies).
+
+    Args:
+        loads: [L, E] tokens routed to each logical expert.
+    """
+    if len(devices) != placement.num_devices:
+        raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
+    params = curve_params(devices)
+    per_slot = latency_on(placement.slot_tokens(loads), placement.slot_device, params)
+    out = np.zeros((placement.num_layers, placement.num_devices))
+    rows = np.repeat(np.arange(placement.num_layers), placement.num_slots)
+    np.add.at(out, (rows, placement.slot_device.ravel()), per_slot.ravel())
+    return out
+
+
+def makespan(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel]) -> np.ndarray:
+    """float [L]: predicted layer time, the slowest device's time (the MoE barrier)."""
+    return device_times(placement, loads, devices).max(axis=1)
+
+
+def imbalance(times: np.ndarray) -> np.ndarray:
+    """float [...]: max / mean over the last axis (1.0 is perfect balance; all-zero rows give 1.0)."""
+    times = np.asarray(times, dtype=np.float64)
+    mean = times.mean(axis=-1)
+    return np.divide(times.max(axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
+def balancedness(placement: Placement, loads: np.ndarray) -> np.ndarray:
+    """float [L]: mean / max device tokens per layer, as vLLM's EPLB logs it (1.0 is perfect)."""
+    tokens = placement.device_tokens(loads)
+    peak = tokens.max(axis=1)
+    return np.divide(tokens.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
+
+
+def barrier_idle(times: np.ndarray) -> np.ndarray:
+    """float [...]: share of device time spent waiting at the layer barrier, 1 - mean / max."""
+    return 1.0 - 1.0 / imbalance(times)
+
+
+def straggler_penalty(makespans: np.ndarray, bounds: np.ndarray) -> float:
+    """sum_l T_l / sum_l LB_l - 1: how far the placement is above a proven lower bound."""
+    total_bound = float(np.sum(bounds))
+    if total_bound <= 0:
+        return 0.0
+    return float(np.sum(makespans)) / total_bound - 1.0

@@ -158,15 +158,17 @@ class WorkerInfo:
     Attributes:
         index: device index G in placements.
         actor_name: Ray actor name (namespace-local).
-        address: data-plane address, "unix:///path" (same node) or "tcp://host:port".
-        node_id: Ray node id of the worker's process.
+        tcp_address: data-plane address reachable from any node, "tcp://host:port".
+        unix_address: data-plane address for engines on the same node, "unix:///path" (None if none).
+        node_id: Ray node id of the worker's process (engines on this node use unix_address).
         device: torch device string the experts live on ("cpu", "cuda:0").
         emulated: whether the worker emulates a device's latency curve.
     """
 
     index: int
     actor_name: str
-    address: str
+    tcp_address: str
+    unix_address: str | None
     node_id: str
     device: str
     emulated: bool
@@ -178,13 +180,13 @@ class ExpertTensors:
 
     Attributes:
         layer, expert: which expert.
-        tensors: name -> array (e.g. "gate_up" [2I, H], "down" [H, I], any quantisation scales).
+        tensors: name -> CPU tensor (e.g. "gate_up" [2I, H], "down" [H, I], any quantisation scales).
         checksum: hex digest over names, dtypes, shapes and bytes (see service.checkpoint.checksum).
     """
 
     layer: int
     expert: int
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, torch.Tensor]
     checksum: str
 
 

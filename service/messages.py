@@ -221,6 +221,7 @@ class EngineReport:
     Attributes:
         engine_id: stable id of the engine (ingress replica).
         placement_version: the version the engine serves now (its acknowledgement).
+        workers_epoch: the worker-address epoch the engine is connected to (-1: none yet).
         router_counts: int64 [S, L, E]: tokens routed to each logical expert in each of S forward passes.
         device_samples: per device, per-expert-call (tokens, seconds) observed while serving.
     """
@@ -229,3 +230,19 @@ class EngineReport:
     placement_version: int
     router_counts: np.ndarray
     device_samples: tuple[LatencySamples, ...] = field(default_factory=tuple)
+    workers_epoch: int = -1
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    """The coordinator's answer to an EngineReport: what the engine must switch to, if anything.
+
+    Attributes:
+        placement: the published placement as `Placement.to_dict()`, when newer than the engine's.
+        workers: every worker's address, when the worker epoch changed (a worker restarted or moved).
+        workers_epoch: the current worker-address epoch.
+    """
+
+    placement: dict | None
+    workers: tuple[WorkerInfo, ...] | None
+    workers_epoch: int

@@ -1,0 +1,210 @@
+"""Expert weights held on one torch device, and the single-device expert FFN.
+
+Owns the checksum that travels with every expert (`ExpertTensors`), a thread-safe store of experts by
+(layer, expert), and `run_experts`, the SwiGLU expert computation of transformers' eager experts loop.
+Ignores where experts come from (checkpoints, migrations), routing weights (the engine applies them),
+placement and Ray.
+
+Tensor names of one expert: "gate_up" [2I, H] (gate rows first, then up) and "down" [H, I]; any other
+tensors (e.g. quantisation scales) are stored, moved and checksummed with it but not used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from service.messages import ExpertTensors
+
+Key = tuple[int, int]  # (moe layer index, logical expert id)
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex blake2b digest over the sorted names, dtypes, shapes and raw bytes of `tensors`.
+
+    Every field is length-prefixed, so no two different expert contents hash the same stream.
+    """
+    digest = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        for field in (name, str(tensor.dtype), repr(tuple(tensor.shape))):
+            _update(digest, field.encode("utf-8"))
+        _update(digest, tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _update(digest, data) -> None:
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+class ExpertStore:
+    """Experts of one worker on one torch device, by (layer, expert); safe to use from several threads.
+
+    Floating-point tensors are cast to `dtype` on arrival; integer tensors keep their dtype. An
+    expert's tensors are replaced as a whole, never modified in place, so a reader may use a dict it
+    got from `get` while another thread adds or drops experts.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._experts: dict[Key, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, items: Iterable[ExpertTensors]) -> list[Key]:
+        """Verify every item's checksum, then store all of them (replacing any held copy).
+
+        Returns the keys added, in order. Raises ValueError naming the first expert whose checksum does
+        not match; then nothing is added.
+        """
+        items = list(items)
+        for item in items:
+            if checksum(item.tensors) != item.checksum:
+                raise ValueError(f"checksum mismatch for expert (layer {item.layer}, expert {item.expert}): "
+                                 f"got {item.checksum!r}")
+        placed = {(item.layer, item.expert): self._to_device(item.tensors) for item in items}
+        with self._lock:
+            self._experts.update(placed)
+        return list(placed)
+
+    def export(self, keys: Iterable[Key]) -> list[ExpertTensors]:
+        """CPU copies of the given experts, every tensor of an expert together, each with its checksum."""
+        exported = []
+        for layer, expert in keys:
+            tensors = {name: t.to("cpu", copy=True) for name, t in self.get(layer, expert).items()}
+            exported.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
+        return exported
+
+    def drop(self, keys: Iterable[Key]) -> None:
+        """Forget the given experts; KeyError (nothing dropped) if any is not held."""
+        keys = [(int(layer), int(expert)) for layer, expert in keys]
+        with self._lock:
+            missing = [key for key in keys if key not in self._experts]
+            if missing:
+                raise KeyError(f"cannot drop experts not held (layer, expert): {missing}")
+            for key in keys:
+                del self._experts[key]
+
+    def keys(self) -> list[Key]:
+        """Held (layer, expert) keys, sorted."""
+        with self._lock:
+            return sorted(self._experts)
+
+    def get(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Tensors of one expert (on the store's device); KeyError naming it when not held."""
+        with self._lock:
+            tensors = self._experts.get((int(layer), int(expert)))
+        if tensors is None:
+            raise KeyError(f"expert (layer {layer}, expert {expert}) is not held by this worker")
+        return tensors
+
+    def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.detach().to(self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+                for name, t in tensors.items()}
+
+
+def run_experts(
+    store: ExpertStore,
+    layer: int,
+    experts: np.ndarray,
+    counts: np.ndarray,
+    tokens: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Run each expert's FFN on its rows of `tokens`, unweighted.
+
+    Args:
+        store: holds every expert in `experts` for `layer`.
+        experts: int [k] logical expert ids.
+        counts: int [k] rows of `tokens` per expert; rows are grouped by expert in the order of `experts`.
+        tokens: [n, H] with n == sum(counts), any device and float dtype.
+        act_fn: activation of the gate projection (transformers' `ACT2FN[hidden_act]`).
+
+    Returns:
+        outputs: [n, H] on the store's device in the store's dtype, rows in the order of `tokens`.
+        seconds: float64 [k] compute seconds per expert (perf_counter on CPU, CUDA events on GPU).
+
+    Raises:
+        ValueError: inconsistent shapes or counts. KeyError: an expert is not held (nothing computed).
+    """
+    experts = np.asarray(experts).reshape(-1)
+    counts = np.asarray(counts).reshape(-1)
+    _check_request(experts, counts, tokens)
+    weights = [store.get(layer, expert) for expert in experts]
+    x = tokens.to(store.device, dtype=store.dtype)
+    outputs = torch.empty_like(x)
+    timer = _CudaTimer(len(weights)) if store.device.type == "cuda" else _CpuTimer(len(weights))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    with torch.no_grad():
+        for i, tensors in enumerate(weights):
+            start, end = int(bounds[i]), int(bounds[i + 1])
+            if start == end:
+                continue
+            timer.start(i)
+            outputs[start:end] = _expert_ffn(x[start:end], tensors["gate_up"], tensors["down"], act_fn)
+            timer.stop(i)
+    return outputs, timer.seconds()
+
+
+def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+    # Exactly the expression of transformers' eager experts loop (e.g. Qwen3MoeExperts.forward).
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(act_fn(gate) * up, down)
+
+
+def _check_request(experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
+    if experts.shape != counts.shape:
+        raise ValueError(f"experts {experts.shape} and counts {counts.shape} must have the same length")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [n, hidden], got shape {tuple(tokens.shape)}")
+    if counts.size and counts.min() < 0:
+        raise ValueError(f"token counts must be >= 0, got {counts.tolist()}")
+    if int(counts.sum()) != tokens.shape[0]:
+        raise ValueError(f"token counts sum to {int(counts.sum())} but tokens has {tokens.shape[0]} rows")
+
+
+class _CpuTimer:
+    """Per-expert wall seconds by perf_counter (CPU kernels are synchronous)."""
+
+    def __init__(self, num_experts: int) -> None:
+        self._seconds = np.zeros(num_experts)
+        self._t0 = 0.0
+
+    def start(self, i: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, i: int) -> None:
+        self._seconds[i] = time.perf_counter() - self._t0
+
+    def seconds(self) -> np.ndarray:
+        return self._seconds
+
+
+class _CudaTimer:
+    """Per-expert device seconds by CUDA events, with one synchronize at the end."""
+
+    def __init__(self, num_experts: int) -> None:
+        self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
+        self._num_experts = num_experts
+
+    def start(self, i: int) -> None:
+        self._events[i] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self._events[i][0].record()
+
+    def stop(self, i: int) -> None:
+        self._events[i][1].record()
+
+    def seconds(self) -> np.ndarray:
+        seconds = np.zeros(self._num_experts)
+        if self._events:
+            torch.cuda.synchronize()
+        for i, (begin, end) in self._events.items():
+            seconds[i] = begin.elapsed_time(end) / 1000.0
+        return seconds

@@ -1,0 +1,258 @@
+"""Drift detection: when the workload or the devices no longer match what the placement was made for.
+
+Owns two detectors (DESIGN.md §2): workload drift, the paper's Algorithm 2 trigger (cosine distance
+between a sliding window of router counts and the reference loads), and device drift, ours (observed
+vs predicted expert time per device). Plain classes with no clocks or threads: callers feed them
+forward passes and timing samples and act on what they report. Knows nothing of placements or of how
+recalibration is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float [L]: 1 - cos(a[l], b[l]) per row of two [L, E] arrays.
+
+    Rows where either side is all zero give 0: without load there is nothing to compare.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"need two [L, E] arrays of the same shape, got {a.shape} and {b.shape}")
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.divide((a * b).sum(axis=1), norms, out=np.ones(a.shape[0]), where=norms > 0)
+    return np.clip(1.0 - cos, 0.0, 2.0)
+
+
+@dataclass(frozen=True, eq=False)
+class DriftReport:
+    """What a workload drift check found.
+
+    Attributes:
+        distances: float [L]; cosine distance of each layer's window-mean loads to the reference.
+        worst_layer: index of the largest distance.
+        window_mean: float [L, E]; mean router counts per pass over the window (the new reference).
+        num_passes: passes observed when the check ran.
+    """
+
+    distances: np.ndarray
+    worst_layer: int
+    window_mean: np.ndarray
+    num_passes: int
+
+    @property
+    def worst_distance(self) -> float:
+        return float(self.distances[self.worst_layer])
+
+
+@dataclass(frozen=True)
+class WorkloadDriftConfig:
+    """Settings of the workload drift trigger (the paper's values as defaults).
+
+    Attributes:
+        check_every: passes between checks (H), >= 1.
+        window: passes in the sliding window of router counts, >= 1.
+        threshold: cosine distance in (0, 1) above which a layer has drifted.
+        cooldown: passes after a `reset` before a report can be made again, >= 0.
+    """
+
+    check_every: int = 10
+    window: int = 100
+    threshold: float = 0.05
+    cooldown: int = 10
+
+    def __post_init__(self) -> None:
+        if self.check_every < 1 or self.window < 1 or self.cooldown < 0:
+            raise ValueError(
+                f"need check_every >= 1, window >= 1, cooldown >= 0; got {self.check_every}, "
+                f"{self.window}, {self.cooldown}"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold!r}")
+
+
+class WorkloadDriftDetector:
+    """Sliding-window router statistics compared to the loads the placement was made for.
+
+    Every `check_every` passes, unless cooling down after a `reset`, the window mean is compared to
+    the reference layer by layer; any layer beyond `threshold` gives a DriftReport. The window is kept
+    across `reset`: the loads it holds stay valid whatever the placement.
+    """
+
+    def __init__(
+        self,
+        reference: np.ndarray,
+        *,
+        check_every: int = WorkloadDriftConfig.check_every,
+        window: int = WorkloadDriftConfig.window,
+        threshold: float = WorkloadDriftConfig.threshold,
+        cooldown: int = WorkloadDriftConfig.cooldown,
+    ) -> None:
+        self.config = WorkloadDriftConfig(check_every, window, threshold, cooldown)
+        self._reference = _check_reference(reference)
+        self._window = np.zeros((window, *self._reference.shape))  # ring buffer [window, L, E]
+        self._num_passes = 0
+        self._quiet_until = 0  # no report before this pass count
+
+    @property
+    def num_passes(self) -> int:
+        return self._num_passes
+
+    @property
+    def reference(self) -> np.ndarray:
+        """float [L, E]: the loads the current placement was made for (read-only)."""
+        return self._reference
+
+    def observe(self, counts: np.ndarray) -> DriftReport | None:
+        """Add one forward pass's router counts [L, E]; return a report when a check finds drift."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != self._reference.shape:
+            raise ValueError(f"counts must be [L, E] = {self._reference.shape}, got {counts.shape}")
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+            raise ValueError("counts must be finite and >= 0")
+        self._window[self._num_passes % self.config.window] = counts
+        self._num_passes += 1
+        if self._num_passes % self.config.check_every or self._num_passes < self._quiet_until:
+            return None
+        return self._check()
+
+    def reset(self, reference: np.ndarray) -> None:
+        """Adopt the loads of a new placement and cool down for `cooldown` passes."""
+        reference = _check_reference(reference)
+        if reference.shape != self._reference.shape:
+            raise ValueError(f"reference must be [L, E] = {self._reference.shape}, got {reference.shape}")
+        self._reference = reference
+        self._quiet_until = self._num_passes + self.config.cooldown
+
+    def _check(self) -> DriftReport | None:
+        filled = min(self._num_passes, self.config.window)
+        mean = self._window[:filled].mean(axis=0)
+        distances = cosine_distance(mean, self._reference)
+        worst = int(np.argmax(distances))
+        if distances[worst] <= self.config.threshold:
+            return None
+        return DriftReport(distances, worst, mean, self._num_passes)
+
+
+def _check_reference(reference: np.ndarray) -> np.ndarray:
+    reference = np.array(reference, dtype=np.float64)
+    if reference.ndim != 2 or reference.size == 0:
+        raise ValueError(f"reference must be a non-empty [L, E] array, got shape {reference.shape}")
+    if not np.all(np.isfinite(reference)) or np.any(reference < 0):
+        raise ValueError("reference loads must be finite and >= 0")
+    empty = np.flatnonzero(reference.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"reference layer {int(empty[0])} has no load")
+    reference.setflags(write=False)
+    return reference
+
+
+@dataclass(frozen=True)
+class DeviceDriftConfig:
+    """Settings of the device drift detector.
+
+    Attributes:
+        threshold: relative deviation of observed/predicted from 1 that counts as drift, > 0.
+        min_samples: samples a device needs before it can be reported, >= 1.
+        halflife: samples after which a sample's weight has halved, > 0.
+    """
+
+    threshold: float = 0.10
+    min_samples: int = 20
+    halflife: float = 50.0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"threshold must be finite and > 0, got {self.threshold!r}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
+        if not (np.isfinite(self.halflife) and self.halflife > 0):
+            raise ValueError(f"halflife must be finite and > 0, got {self.halflife!r}")
+
+
+class DeviceDriftDetector:
+    """Exponentially weighted observed/predicted time ratio per device.
+
+    The ratio is that of exponentially weighted sums, sum w_i observed_i / sum w_i predicted_i, with
+    w_i = 2^(-age_i / halflife) and age counted in samples of that device. Long calls thus weigh more
+    than short ones, whose timing noise is relatively larger. A ratio of 1.25 means the device runs
+    25% slower than its model predicts (e.g. thermal throttling); 0.8, faster.
+    """
+
+    def __init__(
+        self,
+        num_devices: int,
+        *,
+        threshold: float = DeviceDriftConfig.threshold,
+        min_samples: int = DeviceDriftConfig.min_samples,
+        halflife: float = DeviceDriftConfig.halflife,
+    ) -> None:
+        if num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+        self.config = DeviceDriftConfig(threshold, min_samples, halflife)
+        self._decay = 0.5 ** (1.0 / halflife)
+        self._observed = np.zeros(num_devices)  # weighted sums, seconds
+        self._predicted = np.zeros(num_devices)
+        self._samples = np.zeros(num_devices, dtype=np.int64)
+
+    @property
+    def num_devices(self) -> int:
+        return self._samples.size
+
+    def observe(self, device, predicted_s, observed_s) -> None:
+        """Add timing samples, in call order: scalars, or arrays broadcast together.
+
+        Args:
+            device: int device index(es) in [0, num_devices).
+            predicted_s: seconds the device model predicted for the call(s), > 0.
+            observed_s: seconds measured, >= 0.
+        """
+        device, predicted, observed = (np.ravel(x) for x in np.broadcast_arrays(device, predicted_s, observed_s))
+        device = _check_devices(device, self.num_devices)
+        predicted = predicted.astype(np.float64)
+        observed = observed.astype(np.float64)
+        if not np.all(np.isfinite(predicted)) or np.any(predicted <= 0):
+            raise ValueError("predicted_s must be finite and > 0")
+        if not np.all(np.isfinite(observed)) or np.any(observed < 0):
+            raise ValueError("observed_s must be finite and >= 0")
+        for g in np.unique(device):
+            mine = device == g
+            k = int(mine.sum())
+            weights = self._decay ** np.arange(k - 1, -1, -1)  # the newest sample weighs 1
+            self._observed[g] = self._decay**k * self._observed[g] + weights @ observed[mine]
+            self._predicted[g] = self._decay**k * self._predicted[g] + weights @ predicted[mine]
+            self._samples[g] += k
+
+    def ratios(self) -> np.ndarray:
+        """float [G]: current observed/predicted ratio per device (NaN for devices without samples)."""
+        out = np.full(self.num_devices, np.nan)
+        np.divide(self._observed, self._predicted, out=out, where=self._samples > 0)
+        return out
+
+    def drifted(self) -> dict[int, float]:
+        """{device: ratio} for devices with >= min_samples whose ratio lies beyond 1 +- threshold."""
+        ratios = self.ratios()
+        enough = self._samples >= self.config.min_samples
+        beyond = np.abs(np.where(enough, ratios, 1.0) - 1.0) > self.config.threshold
+        return {int(g): float(ratios[g]) for g in np.flatnonzero(beyond)}
+
+    def reset(self, device: int | None = None) -> None:
+        """Forget the samples of `device` (after its model was refitted), or of all devices."""
+        if device is None:
+            selected = slice(None)
+        else:
+            selected = int(_check_devices(np.array([device]), self.num_devices)[0])
+        self._observed[selected] = 0.0
+        self._predicted[selected] = 0.0
+        self._samples[selected] = 0
+
+
+def _check_devices(device: np.ndarray, num_devices: int) -> np.ndarray:
+    if device.size and (not np.issubdtype(device.dtype, np.integer) or device.min() < 0
+                        or device.max() >= num_devices):
+        raise ValueError(f"device indices must be integers in [0, {num_devices}), got {device.tolist()[:8]}")
+    return device.astype(np.int64)

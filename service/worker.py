@@ -1,0 +1,218 @@
+"""The expert worker: one device's experts, their forward, profiling, migration and statistics.
+
+Owns a worker's `ExpertStore`, its optional `DeviceEmulator`, and the single path every expert call
+takes (`forward` and `profile` both use it), including holding replies to the emulated end time. A
+plain class, thread-safe, knowing nothing of Ray or sockets: `service.worker_actor` wraps it as an
+actor and `service.transport` serves its `forward` on the data plane.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.activations import ACT2FN
+
+from service.emulator import DeviceEmulator, EmulationConfig
+from service.experts import ExpertStore, Key, checksum, run_experts
+from service.messages import ExpertTensors, LatencySamples, Telemetry
+from service.telemetry import read_telemetry
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+DEFAULT_PROFILE_TOKENS = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
+_PROFILE_SEED = 0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Configuration of one expert worker.
+
+    Attributes:
+        index: device index G of this worker in placements (>= 0).
+        device: torch device of the experts: "cpu", "cuda" or "cuda:N".
+        dtype: name of the compute dtype, one of DTYPES.
+        hidden_act: activation of the expert gate, a key of transformers' ACT2FN.
+        num_threads: torch intra-op threads of this process (torch.set_num_threads).
+        profile_shape: (hidden, intermediate) of the synthetic expert profiled when none is held.
+        emulation: emulated device parameters, or None to report measured compute time.
+    """
+
+    index: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    hidden_act: str = "silu"
+    num_threads: int = 1
+    profile_shape: tuple[int, int] = (128, 256)
+    emulation: EmulationConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ValueError(f"WorkerConfig.index must be >= 0, got {self.index!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"WorkerConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"WorkerConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"WorkerConfig.hidden_act must be a transformers activation, got {self.hidden_act!r}")
+        if self.num_threads < 1:
+            raise ValueError(f"WorkerConfig.num_threads must be >= 1, got {self.num_threads!r}")
+        if len(self.profile_shape) != 2 or min(self.profile_shape) < 1:
+            raise ValueError(f"WorkerConfig.profile_shape must be (hidden, intermediate) >= 1, "
+                             f"got {self.profile_shape!r}")
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """Counters of one worker since it started.
+
+    Attributes:
+        calls: forward calls served (profiling excluded).
+        expert_calls: expert FFN calls in them (experts with at least one token).
+        tokens: token rows computed.
+        busy_s: device seconds reported for them (emulated, or measured without emulation).
+        uptime_s: seconds since the worker started.
+        duty_cycle: busy_s / uptime_s.
+
+    Deliberately no emulation parameters: the placement side learns devices only from timings.
+    """
+
+    calls: int
+    expert_calls: int
+    tokens: int
+    busy_s: float
+    uptime_s: float
+    duty_cycle: float
+
+
+class ExpertWorker:
+    """Holds one device's experts and runs them; safe to call from several threads at once.
+
+    `clock` and `sleep` (seconds) are injectable so tests can check emulated holds without waiting.
+    """
+
+    def __init__(self, config: WorkerConfig, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        torch.set_num_threads(config.num_threads)
+        self.config = config
+        self._clock = clock
+        self._sleep = sleep
+        self._act_fn = ACT2FN[config.hidden_act]
+        self._store = ExpertStore(config.device, DTYPES[config.dtype])
+        self._emulator = DeviceEmulator(config.emulation, clock) if config.emulation else None
+        self._lock = threading.Lock()
+        self._started = clock()
+        self._calls = self._expert_calls = self._tokens = 0
+        self._busy_s = 0.0
+
+    # --- experts ---------------------------------------------------------------------------------
+
+    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key]) -> list[Key]:
+        """Read the given (moe layer, expert) experts from a checkpoint folder and hold them."""
+        # Imported here so the worker (and its tests) do not depend on the checkpoint reader's imports.
+        from service.checkpoint import read_experts
+
+        return self._store.add(read_experts(checkpoint_dir, list(keys)))
+
+    def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
+        """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""
+        return self._store.add(items)
+
+    def export_experts(self, keys: Iterable[Key]) -> list[ExpertTensors]:
+        """CPU copies of held experts, all tensors of each together, checksummed."""
+        return self._store.export(keys)
+
+    def drop_experts(self, keys: Iterable[Key]) -> None:
+        self._store.drop(keys)
+
+    def held_experts(self) -> list[Key]:
+        return self._store.keys()
+
+    # --- compute ---------------------------------------------------------------------------------
+
+    def forward(self, layer: int, experts: np.ndarray, counts: np.ndarray,
+                tokens: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Unweighted expert outputs for tokens grouped by expert.
+
+        Args:
+            experts, counts: int [k] expert ids of `layer` and their token counts.
+            tokens: [n, H], n == sum(counts), rows grouped by expert in the order of `experts`.
+
+        Returns:
+            outputs [n, H] in the dtype and on the device of `tokens`; seconds float64 [k] per expert:
+            emulated (and the call returns at the emulated end time) or measured.
+        """
+        outputs, seconds = self._call(self._store, layer, experts, counts, tokens)
+        counts = np.asarray(counts).reshape(-1)
+        with self._lock:
+            self._calls += 1
+            self._expert_calls += int(np.count_nonzero(counts))
+            self._tokens += int(counts.sum())
+            self._busy_s += float(seconds.sum())
+        return outputs.to(device=tokens.device, dtype=tokens.dtype), seconds
+
+    def profile(self, token_counts: Sequence[int] = DEFAULT_PROFILE_TOKENS, repeats: int = 3) -> LatencySamples:
+        """Latency samples of one expert call per token count, `repeats` times each, through the
+        forward path (emulated when emulation is on). Uses the first held expert, or a synthetic one of
+        shape `profile_shape` when none is held. Each token count is run once untimed first (warm-up).
+        """
+        token_counts = [int(n) for n in token_counts]
+        if not token_counts or min(token_counts) < 1 or repeats < 1:
+            raise ValueError(f"profile needs token counts >= 1 and repeats >= 1, got {token_counts}, {repeats}")
+        store, (layer, expert) = self._profile_target()
+        hidden = store.get(layer, expert)["down"].shape[0]
+        generator = torch.Generator().manual_seed(_PROFILE_SEED)
+        tokens = torch.randn(max(token_counts), hidden, generator=generator)
+        for n in token_counts:
+            run_experts(store, layer, [expert], [n], tokens[:n], self._act_fn)
+        samples = [(n, self._call(store, layer, [expert], [n], tokens[:n])[1][0])
+                   for _ in range(repeats) for n in token_counts]
+        counts, seconds = zip(*samples, strict=True)
+        return LatencySamples(self.config.index, np.array(counts, dtype=np.int64), np.array(seconds))
+
+    def _call(self, store: ExpertStore, layer: int, experts, counts, tokens) -> tuple[torch.Tensor, np.ndarray]:
+        """The one path of every timed expert call: compute, then hold until the emulated end."""
+        arrived = self._clock()
+        outputs, seconds = run_experts(store, layer, experts, counts, tokens, self._act_fn)
+        if self._emulator is None:
+            return outputs, seconds
+        seconds = self._emulator.expert_seconds(counts, arrived)
+        end = self._emulator.reserve(float(seconds.sum()), arrived)
+        wait = end - self._clock()
+        if wait > 0:
+            self._sleep(wait)
+        return outputs, seconds
+
+    def _profile_target(self) -> tuple[ExpertStore, Key]:
+        held = self._store.keys()
+        if held:
+            return self._store, held[0]
+        hidden, intermediate = self.config.profile_shape
+        generator = torch.Generator().manual_seed(_PROFILE_SEED)
+        tensors = {"gate_up": torch.randn(2 * intermediate, hidden, generator=generator) / hidden**0.5,
+                   "down": torch.randn(hidden, intermediate, generator=generator) / intermediate**0.5}
+        store = ExpertStore(self._store.device, self._store.dtype)
+        store.add([ExpertTensors(0, 0, tensors, checksum(tensors))])
+        return store, (0, 0)
+
+    # --- device ----------------------------------------------------------------------------------
+
+    def telemetry(self) -> Telemetry:
+        return read_telemetry(self.config.index, self.config.device)
+
+    def set_emulated_speed(self, factor: float) -> None:
+        """Emulation control: change the emulated device's base speed; ValueError without emulation."""
+        if self._emulator is None:
+            raise ValueError(f"worker {self.config.index} does not emulate a device; cannot set its speed")
+        self._emulator.set_speed(factor)
+
+    def stats(self) -> WorkerStats:
+        uptime = self._clock() - self._started
+        with self._lock:
+            duty = self._busy_s / uptime if uptime > 0 else 0.0
+            return WorkerStats(self._calls, self._expert_calls, self._tokens, self._busy_s, uptime, duty)

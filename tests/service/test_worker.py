@@ -1,0 +1,193 @@
+"""ExpertWorker without Ray: outputs, emulated holds, profiling, migration, controls, telemetry."""
+
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from service.emulator import EmulationConfig
+from service.experts import checksum
+from service.messages import ExpertTensors
+from service.worker import ExpertWorker, WorkerConfig
+from tests.service.test_experts import HIDDEN, make_expert, reference_ffn
+
+CURVE = dict(fixed_s=1e-3, knee_tokens=8, jitter=0.0)
+
+
+class FakeTime:
+    """A clock that only moves when the worker sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def worker_with(keys, dtype="float64", emulation=None, fake: FakeTime | None = None) -> ExpertWorker:
+    timing = dict(clock=fake.clock, sleep=fake.sleep) if fake else {}
+    worker = ExpertWorker(WorkerConfig(index=3, dtype=dtype, emulation=emulation), **timing)
+    worker.import_experts([make_expert(layer, expert) for layer, expert in keys])
+    return worker
+
+
+def test_forward_matches_reference_ffn_and_keeps_the_request_dtype():
+    worker = worker_with([(1, 0), (1, 4)])
+    tokens = torch.randn(7, HIDDEN, dtype=torch.float64)
+    outputs, seconds = worker.forward(1, np.array([4, 0]), np.array([2, 5]), tokens)
+    expected = torch.cat([reference_ffn(tokens[:2], make_expert(1, 4).tensors),
+                          reference_ffn(tokens[2:], make_expert(1, 0).tensors)])
+    torch.testing.assert_close(outputs, expected, rtol=0, atol=1e-6)
+    assert outputs.dtype == torch.float64 and seconds.shape == (2,) and (seconds > 0).all()
+    half, _ = worker.forward(1, [4, 0], [2, 5], tokens.float())
+    assert half.dtype == torch.float32
+
+
+def test_unknown_expert_is_a_key_error():
+    worker = worker_with([(0, 0)])
+    with pytest.raises(KeyError, match="layer 0, expert 9"):
+        worker.forward(0, [9], [1], torch.zeros(1, HIDDEN))
+
+
+def test_emulation_holds_the_reply_until_the_curve_time():
+    fake = FakeTime()
+    worker = worker_with([(0, 0), (0, 1)], emulation=EmulationConfig(speed=0.5, **CURVE), fake=fake)
+    _, seconds = worker.forward(0, [0, 1], [4, 24], torch.randn(28, HIDDEN))
+    expected = np.array([1e-3, 1e-3 + 1e-3 / 8 * 16]) / 0.5
+    np.testing.assert_allclose(seconds, expected, rtol=1e-12)
+    assert fake.slept == [pytest.approx(expected.sum())]
+    worker.set_emulated_speed(1.0)
+    _, seconds = worker.forward(0, [0], [4], torch.randn(4, HIDDEN))
+    assert seconds[0] == pytest.approx(1e-3)
+
+
+def test_emulation_holds_in_real_time_and_concurrent_callers_queue():
+    worker = worker_with([(0, 0)], emulation=EmulationConfig(fixed_s=0.05, knee_tokens=8, jitter=0.0))
+    start = time.monotonic()
+    done = []
+
+    def call():
+        worker.forward(0, [0], [2], torch.randn(2, HIDDEN))
+        done.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.sort()
+    for i, elapsed in enumerate(done):  # one device: the calls finish 50 ms apart, not together
+        assert 0.05 * (i + 1) - 1e-3 <= elapsed < 0.05 * (i + 1) + 0.1
+
+
+def test_drift_schedule_applies_through_the_worker():
+    fake = FakeTime()
+    worker = worker_with([(0, 0)], emulation=EmulationConfig(drift=((60.0, 0.8),), **CURVE), fake=fake)
+    assert worker.forward(0, [0], [1], torch.randn(1, HIDDEN))[1][0] == pytest.approx(1e-3)
+    fake.now += 60.0
+    assert worker.forward(0, [0], [1], torch.randn(1, HIDDEN))[1][0] == pytest.approx(1e-3 / 0.8)
+
+
+def test_set_emulated_speed_needs_emulation():
+    with pytest.raises(ValueError, match="does not emulate"):
+        worker_with([]).set_emulated_speed(0.5)
+
+
+def test_export_import_round_trip_gives_identical_outputs():
+    source = worker_with([(2, 5), (2, 6)], dtype="float32")
+    target = worker_with([], dtype="float32")
+    moved = source.export_experts([(2, 6)])
+    assert target.import_experts(moved) == [(2, 6)]
+    source.drop_experts([(2, 6)])
+    assert source.held_experts() == [(2, 5)] and target.held_experts() == [(2, 6)]
+    tokens = torch.randn(5, HIDDEN)
+    before = worker_with([(2, 6)], dtype="float32").forward(2, [6], [5], tokens)[0]
+    torch.testing.assert_close(target.forward(2, [6], [5], tokens)[0], before, rtol=0, atol=0)
+
+
+def test_import_rejects_a_corrupted_expert():
+    (item,) = worker_with([(0, 0)]).export_experts([(0, 0)])
+    corrupted = ExpertTensors(0, 0, {**item.tensors, "down": item.tensors["down"] * 2}, item.checksum)
+    target = worker_with([])
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        target.import_experts([corrupted])
+    assert target.held_experts() == []
+
+
+def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
+    calls = []
+
+    def read_experts(checkpoint_dir, keys):
+        calls.append((checkpoint_dir, keys))
+        return [make_expert(layer, expert) for layer, expert in keys]
+
+    monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
+    worker = worker_with([])
+    assert worker.load_experts("/ckpt", [(0, 2), (1, 3)]) == [(0, 2), (1, 3)]
+    assert calls == [("/ckpt", [(0, 2), (1, 3)])] and worker.held_experts() == [(0, 2), (1, 3)]
+
+
+def test_profile_with_emulation_samples_the_emulated_curve():
+    fake = FakeTime()
+    worker = worker_with([(0, 0)], emulation=EmulationConfig(speed=2.0, **CURVE), fake=fake)
+    samples = worker.profile(token_counts=(1, 8, 32), repeats=2)
+    assert samples.device == 3
+    np.testing.assert_array_equal(samples.tokens, [1, 8, 32, 1, 8, 32])
+    curve = np.array([1e-3, 1e-3, 1e-3 * 4]) / 2.0
+    np.testing.assert_allclose(samples.seconds, np.tile(curve, 2), rtol=1e-12)
+    assert worker.stats().calls == 0  # profiling is not serving
+
+
+def test_profile_without_experts_uses_a_synthetic_expert_and_measures():
+    samples = ExpertWorker(WorkerConfig(index=0, profile_shape=(32, 64))).profile(token_counts=(1, 64), repeats=2)
+    np.testing.assert_array_equal(samples.tokens, [1, 64, 1, 64])
+    assert (samples.seconds > 0).all()
+
+
+def test_stats_count_calls_tokens_and_busy_time():
+    fake = FakeTime()
+    worker = worker_with([(0, 0), (0, 1)], emulation=EmulationConfig(**CURVE), fake=fake)
+    worker.forward(0, [0, 1], [3, 0], torch.randn(3, HIDDEN))
+    worker.forward(0, [1], [2], torch.randn(2, HIDDEN))
+    fake.now += 0.998
+    stats = worker.stats()
+    assert (stats.calls, stats.expert_calls, stats.tokens) == (2, 2, 5)
+    assert stats.busy_s == pytest.approx(2e-3) and stats.uptime_s == pytest.approx(1.0)
+    assert stats.duty_cycle == pytest.approx(2e-3)
+
+
+def test_telemetry_on_cpu_says_why_it_is_unavailable():
+    telemetry = worker_with([]).telemetry()
+    assert telemetry.device == 3 and not telemetry.available
+    assert telemetry.reason == "no NVIDIA GPU: worker runs on cpu"
+
+
+@pytest.mark.parametrize("bad", [dict(index=-1), dict(index=0, device="gpu"), dict(index=0, dtype="int8"),
+                                 dict(index=0, hidden_act="swiglu"), dict(index=0, num_threads=0)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        WorkerConfig(**bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_worker_matches_cpu_and_reads_nvml_telemetry():
+    cpu = worker_with([(0, 0)], dtype="float32")
+    gpu = ExpertWorker(WorkerConfig(index=0, device="cuda", dtype="float32"))
+    gpu.import_experts(cpu.export_experts([(0, 0)]))
+    tokens = torch.randn(64, HIDDEN)
+    outputs, seconds = gpu.forward(0, [0], [64], tokens)
+    assert outputs.device.type == "cpu" and seconds[0] > 0
+    torch.testing.assert_close(outputs, cpu.forward(0, [0], [64], tokens)[0], rtol=1e-4, atol=1e-4)
+    telemetry = gpu.telemetry()
+    assert telemetry.available, telemetry.reason
+    assert 0 < telemetry.sm_clock_mhz <= telemetry.max_sm_clock_mhz and telemetry.power_limit_w > 0

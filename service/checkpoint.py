@@ -1,0 +1,222 @@
+"""Where the routed experts of a transformers MoE checkpoint are, and reading just the ones a worker needs.
+
+Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE), reading
+selected experts from a local folder's safetensors (single file or sharded with an index) without loading
+the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
+experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
+
+On disk `save_pretrained` writes per-expert keys by default, and fused 3-D tensors with
+`save_original_format=False`; both are accepted, for every layer independently:
+
+    per expert  model.layers.{d}.mlp.experts.{e}.{gate,up,down}_proj.weight   [I, H], [I, H], [H, I]
+    Mixtral     model.layers.{d}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight
+    fused       model.layers.{d}.mlp.experts.{gate_up,down}_proj              [E, 2I, H], [E, H, I]
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from service.experts import checksum
+from service.messages import ExpertTensors
+
+Key = tuple[int, int]  # (moe layer index, logical expert id)
+
+SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+# (gate, up, down) per-expert key suffixes, tried in order
+_PER_EXPERT_FORMATS = (
+    ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight"),
+    ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
+     "block_sparse_moe.experts.{e}.w2.weight"),
+)
+_FUSED_FORMAT = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shape of the routed experts of a model.
+
+    Attributes:
+        architecture: transformers `model_type`, one of SUPPORTED_ARCHITECTURES.
+        moe_layers: decoder-layer index of each MoE layer, ascending; MoE layer i is `moe_layers[i]`.
+        num_experts: E, routed experts per MoE layer.
+        top_k: experts selected per token.
+        hidden_size: H.
+        intermediate_size: I of one routed expert ("gate_up" is [2I, H], "down" is [H, I]).
+        hidden_act: activation name of the gate projection (a key of transformers' ACT2FN).
+        dtype: torch dtype name of the checkpoint's weights, e.g. "float32", "bfloat16".
+    """
+
+    architecture: str
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        layers = tuple(int(layer) for layer in self.moe_layers)
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+            raise ValueError(f"moe_layers must be distinct ascending decoder-layer indices, got {self.moe_layers}")
+        object.__setattr__(self, "moe_layers", layers)
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ExpertLayout.{name} must be > 0, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"ExpertLayout.dtype must name a torch dtype, got {self.dtype!r}")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    def check_keys(self, keys: Iterable[Key]) -> list[Key]:
+        """The keys as int pairs; ValueError naming the first one outside [0, L) x [0, E)."""
+        checked = [(int(layer), int(expert)) for layer, expert in keys]
+        for layer, expert in checked:
+            if not (0 <= layer < self.num_moe_layers and 0 <= expert < self.num_experts):
+                raise ValueError(f"expert key (layer {layer}, expert {expert}) outside "
+                                 f"{self.num_moe_layers} MoE layers x {self.num_experts} experts")
+        return checked
+
+
+def expert_layout(config: PretrainedConfig) -> ExpertLayout:
+    """The expert layout of a transformers config; ValueError naming the architecture if unsupported."""
+    architecture = getattr(config, "model_type", None)
+    num_layers = config.num_hidden_layers
+    if architecture in ("qwen3_moe", "qwen2_moe"):
+        # the rule of Qwen{2,3}MoeDecoderLayer.__init__
+        step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
+        moe_layers = [d for d in range(num_layers)
+                      if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]
+        num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+    elif architecture in ("mixtral", "olmoe"):
+        moe_layers = list(range(num_layers))
+        num_experts, intermediate = config.num_local_experts, config.intermediate_size
+    else:
+        raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    return ExpertLayout(architecture, tuple(moe_layers), num_experts, config.num_experts_per_tok,
+                        config.hidden_size, intermediate, config.hidden_act, _dtype_name(config))
+
+
+def _dtype_name(config: PretrainedConfig) -> str:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
+    """The expert layout of the checkpoint in a local folder (reads its config.json only)."""
+    return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
+
+
+def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[ExpertTensors]:
+    """Read the given experts, and nothing else, from a local checkpoint folder.
+
+    Args:
+        checkpoint_dir: folder with config.json and `model.safetensors` or a sharded checkpoint
+            (`model.safetensors.index.json`).
+        keys: (moe layer index, expert) pairs; moe layer i is decoder layer `layout.moe_layers[i]`.
+
+    Returns:
+        One ExpertTensors per key, in order: "gate_up" [2I, H] = cat(gate, up) and "down" [H, I], in the
+        checkpoint's dtype, bit-identical to `gate_up_proj[e]` / `down_proj[e]` of the loaded model,
+        with their checksum.
+
+    Raises:
+        ValueError: a key is out of range, or the checkpoint lacks an expert's tensors.
+    """
+    folder = _local_dir(checkpoint_dir)
+    layout = load_layout(folder)
+    keys = layout.check_keys(keys)
+    weight_map = _weight_map(folder)
+    with ExitStack() as stack:
+        files = {}
+
+        def tensor_file(name: str):
+            if name not in files:
+                files[name] = stack.enter_context(safe_open(folder / weight_map[name], framework="pt"))
+            return files[name]
+
+        out = []
+        for layer, expert in keys:
+            gate_up, down = _read_expert(tensor_file, weight_map, layout.moe_layers[layer], expert)
+            tensors = {"gate_up": gate_up, "down": down}
+            out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
+    return out
+
+
+def _read_expert(tensor_file, weight_map: dict[str, str], decoder_layer: int, expert: int):
+    """(gate_up [2I, H], down [H, I]) of one expert from whichever key format the checkpoint uses."""
+    prefix = f"model.layers.{decoder_layer}."
+    for fmt in _PER_EXPERT_FORMATS:
+        names = [prefix + suffix.format(e=expert) for suffix in fmt]
+        if all(name in weight_map for name in names):
+            gate, up, down = (tensor_file(name).get_tensor(name) for name in names)
+            return torch.cat([gate, up], dim=0), down.contiguous()
+    names = [prefix + suffix for suffix in _FUSED_FORMAT]
+    if all(name in weight_map for name in names):
+        # get_slice reads only this expert's rows of the fused tensors
+        gate_up, down = (tensor_file(name).get_slice(name)[expert].contiguous() for name in names)
+        return gate_up, down
+    raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name (relative to `folder`)."""
+    index = folder / _INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for file in set(weight_map.values()):
+            if Path(file).name != file:
+                raise ValueError(f"{index} names a shard outside the folder: {file!r}")
+        return weight_map
+    single = folder / _SINGLE_FILE
+    if not single.is_file():
+        raise ValueError(f"{folder} has neither {_SINGLE_FILE} nor {_INDEX_FILE}")
+    with safe_open(single, framework="pt") as file:
+        return dict.fromkeys(file.keys(), _SINGLE_FILE)
+
+
+def _local_dir(checkpoint_dir: str | Path) -> Path:
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder {str(checkpoint_dir)!r} does not exist (paths are local only)")
+    return folder
+
+
+def resolve_checkpoint(path: str | Path, allowed_roots: Sequence[str | Path]) -> Path:
+    """The real path of a checkpoint folder that lies inside one of `allowed_roots`.
+
+    A relative `path` is looked up under each root in order; an absolute one must resolve (symlinks
+    followed) to a folder inside a root. Hub ids are never fetched: "org/model" is just a relative path.
+
+    Raises:
+        ValueError: naming `path` when it resolves outside every root, or is not a folder with config.json.
+    """
+    roots = [Path(root).resolve() for root in allowed_roots]
+    if not roots:
+        raise ValueError(f"no allowed model folders configured; cannot load {str(path)!r}")
+    given = Path(path)
+    candidates = [given.resolve()] if given.is_absolute() else [(root / given).resolve() for root in roots]
+    for candidate in candidates:
+        inside = any(candidate.is_relative_to(root) for root in roots)
+        if inside and (candidate / "config.json").is_file():
+            return candidate
+    raise ValueError(f"model path {str(path)!r} is not a checkpoint folder inside the allowed folders "
+                     f"{[str(root) for root in roots]}")

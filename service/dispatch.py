@@ -1,0 +1,416 @@
+"""The engine side of expert parallelism: send a MoE layer's tokens to the workers, combine their replies.
+
+Owns the channels to the expert workers (`DeviceChannel`: a socket client or an in-process worker), the
+pinned placement and channels of each forward step (`DispatchContext`), the router counts and per-call
+device timings observed while serving, and `DispatchingExperts`, the module that replaces a MoE layer's
+`experts`. Ignores how a placement is chosen or published (the coordinator), what workers compute
+(`service.worker`) and the dense parts of the model (they run unchanged in the engine).
+
+Hot path (once per MoE layer per step): (token, k) pairs are mapped to physical slots with NumPy, one
+stable sort groups them by slot (slots are device-major, so that also groups them by device), one
+gather builds every device's token rows, one request goes to each device (submit to all, then collect),
+and the unweighted outputs are weighted and summed per token in ascending expert order, the order of
+transformers' eager experts loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from placement import Placement
+from service.messages import EngineReport, LatencySamples, ProtocolError
+from service.transport import WorkerClient
+
+
+class DispatchError(RuntimeError):
+    """A device failed (or could not be reached) while serving a MoE layer; names both."""
+
+    def __init__(self, device: int, layer: int, cause: BaseException | str):
+        super().__init__(f"device {device} failed at MoE layer {layer}: {cause}")
+        self.device = device
+        self.layer = layer
+
+
+class DeviceChannel(Protocol):
+    """Request-reply channel to one device's expert worker; requests are answered in order."""
+
+    def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
+        """Send one request: experts/counts int32 [k], tokens [n, H] grouped by expert in that order."""
+
+    def result(self) -> tuple[torch.Tensor, np.ndarray]:
+        """Reply to the oldest unanswered request: unweighted outputs [n, H] and seconds float64 [k]."""
+
+
+class SocketChannel:
+    """A worker's data plane over a socket (`service.transport.WorkerClient`)."""
+
+    def __init__(self, client: WorkerClient) -> None:
+        self._client = client
+        self._pending: deque[int] = deque()
+
+    @classmethod
+    def connect(cls, address: str, timeout_s: float = 30.0) -> SocketChannel:
+        """Connect to "tcp://host:port" or "unix:///path"; every later receive waits at most timeout_s."""
+        return cls(WorkerClient(address, timeout_s))
+
+    def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
+        self._client.send_forward(seq, layer, experts, counts, tokens)
+        self._pending.append(seq)
+
+    def result(self) -> tuple[torch.Tensor, np.ndarray]:
+        seq = self._pending.popleft()
+        frame = self._client.recv_reply()
+        if frame.seq != seq:
+            self._client.close()  # the stream is out of step; nothing later on it can be trusted
+            raise ProtocolError(f"worker at {self._client.address} answered seq {frame.seq}, expected {seq}")
+        return frame.tensor, frame.values
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class LocalChannel:
+    """An in-process `ExpertWorker` (unit tests, single-process runs): computes at submit."""
+
+    def __init__(self, worker) -> None:
+        self._worker = worker
+        self._replies: deque[tuple[torch.Tensor, np.ndarray]] = deque()
+
+    def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
+        self._replies.append(self._worker.forward(layer, experts, counts, tokens))
+
+    def result(self) -> tuple[torch.Tensor, np.ndarray]:
+        return self._replies.popleft()
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Bounds of what a DispatchContext records between two `drain_report` calls.
+
+    Attributes:
+        max_steps: router-count rows kept (one [L, E] row per step); older rows are dropped.
+        max_samples: (tokens, seconds) samples kept per device; older samples are dropped.
+    """
+
+    max_steps: int = 4096
+    max_samples: int = 65536
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "max_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DispatchConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+class _LayerRoutes:
+    """Slot lookup of one layer of a placement, precomputed off the hot path.
+
+    Attributes:
+        expert_slot: int [E] first slot of each expert (its only one when the layer has no replicas).
+        replica_slots: int [E, W] slots of each expert's replicas, padded with its last slot (W = max
+            replicas), or None when no expert of the layer is replicated.
+        replica_bounds: float [E, W-1] cumulative shares of the replicas but the last, padded with 1.0.
+        device_ranges: (device, first slot, end slot) of each device with slots, in device order.
+    """
+
+    def __init__(self, placement: Placement, log2phy: np.ndarray, layer: int) -> None:
+        """`log2phy`: int [E, W] slots of each expert of this layer, padded with -1."""
+        self.slot_expert = placement.phy2log[layer]
+        slot_device = placement.slot_device[layer]
+        width = log2phy.shape[1]
+        self.expert_slot = log2phy[:, 0]
+        self.replica_slots = self.replica_bounds = None
+        if width > 1:
+            count = placement.logcnt[layer]
+            last = log2phy[np.arange(len(count)), count - 1]
+            self.replica_slots = np.where(log2phy >= 0, log2phy, last[:, None])
+            share = np.where(log2phy >= 0, placement.replica_share[layer][log2phy], 0.0)
+            self.replica_bounds = np.where(np.arange(1, width) < count[:, None],
+                                           np.cumsum(share, axis=1)[:, :-1], 1.0)
+        devices, starts = np.unique(slot_device, return_index=True)
+        ends = np.append(starts[1:], len(slot_device))
+        self.device_ranges = [(int(g), int(s), int(e)) for g, s, e in zip(devices, starts, ends)]
+
+    def slots(self, experts: np.ndarray) -> np.ndarray:
+        """int [P]: the slot serving each (token, k) pair, given the pairs' experts [P] in eager order.
+
+        A replicated expert's pairs are split contiguously, in eager order, by cumulative share:
+        replica j takes the pairs ranked [round(n c_{j-1}), round(n c_j)) of the expert's n pairs.
+        """
+        if self.replica_slots is None:
+            return self.expert_slot[experts]
+        order = np.argsort(experts, kind="stable")
+        ranked = experts[order]
+        num_pairs = np.bincount(experts, minlength=len(self.expert_slot))
+        first = np.cumsum(num_pairs) - num_pairs
+        rank = np.arange(len(experts)) - first[ranked]
+        bounds = np.floor(self.replica_bounds[ranked] * num_pairs[ranked][:, None] + 0.5)
+        replica = np.count_nonzero(rank[:, None] >= bounds, axis=1)
+        slots = np.empty_like(experts)
+        slots[order] = self.replica_slots[ranked, replica]
+        return slots
+
+
+class _Routes:
+    """A placement with its per-layer lookups and the channels it is served through."""
+
+    def __init__(self, placement: Placement, channels: Mapping[int, DeviceChannel], workers_epoch: int) -> None:
+        missing = sorted(set(range(placement.num_devices)) - set(channels))
+        if missing:
+            raise ValueError(f"placement v{placement.version} needs devices {missing}, which have no channel")
+        self.placement = placement
+        self.channels = dict(channels)
+        self.workers_epoch = workers_epoch
+        log2phy = placement.log2phy
+        self.layers = [_LayerRoutes(placement, log2phy[layer], layer) for layer in range(placement.num_layers)]
+
+
+class _Step:
+    """One forward pass: its pinned routes and router counts int64 [L, E]."""
+
+    def __init__(self, routes: _Routes, implicit: bool) -> None:
+        self.routes = routes
+        self.implicit = implicit
+        self.counts = np.zeros((routes.placement.num_layers, routes.placement.num_experts), dtype=np.int64)
+
+
+class _SampleRing:
+    """The newest `capacity` (tokens, seconds) samples of one device."""
+
+    def __init__(self, capacity: int) -> None:
+        self._tokens = np.zeros(capacity, dtype=np.int64)
+        self._seconds = np.zeros(capacity)
+        self._size = self._next = 0
+
+    def extend(self, tokens: np.ndarray, seconds: np.ndarray) -> None:
+        capacity = len(self._tokens)
+        tokens, seconds = tokens[-capacity:], seconds[-capacity:]
+        index = (self._next + np.arange(len(tokens))) % capacity
+        self._tokens[index] = tokens
+        self._seconds[index] = seconds
+        self._next = (self._next + len(tokens)) % capacity
+        self._size = min(self._size + len(tokens), capacity)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int64 [N], seconds float64 [N]) oldest first, then empty."""
+        index = (self._next - self._size + np.arange(self._size)) % len(self._tokens)
+        out = self._tokens[index], self._seconds[index]
+        self._size = 0
+        return out
+
+
+class DispatchContext:
+    """What every DispatchingExperts of one engine shares: placement, channels, observations.
+
+    `set_placement` and `set_channels` may be called from any thread; they take effect when the next
+    step begins (`begin_step`), so all MoE layers of one forward use the same placement version. A
+    forward outside begin/end pins the newest placement for each call. Router counts (one [L, E] row
+    per step) and each device's per-expert (tokens, seconds) samples are kept, bounded, until
+    `drain_report`.
+    """
+
+    def __init__(self, placement: Placement, channels: Mapping[int, DeviceChannel], *,
+                 config: DispatchConfig = DispatchConfig(), workers_epoch: int = -1) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._routes = self._pending = _Routes(placement, channels, workers_epoch)
+        self._step: _Step | None = None
+        self._seq = itertools.count()
+        self._steps: deque[np.ndarray] = deque(maxlen=config.max_steps)
+        self._samples: dict[int, _SampleRing] = {}
+
+    # --- configuration (any thread) ----------------------------------------------------------------
+
+    def set_placement(self, placement: Placement) -> None:
+        """Serve `placement` from the next step on; ValueError if its shape or devices do not fit."""
+        with self._lock:
+            current = self._pending.placement
+            if (placement.num_layers, placement.num_experts) != (current.num_layers, current.num_experts):
+                raise ValueError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, "
+                                 f"the model {current.num_layers} x {current.num_experts}")
+            self._pending = _Routes(placement, self._pending.channels, self._pending.workers_epoch)
+
+    def set_channels(self, channels: Mapping[int, DeviceChannel], workers_epoch: int = -1) -> None:
+        """Use `channels` (device -> channel) from the next step on; ValueError if a placed device lacks one."""
+        with self._lock:
+            self._pending = _Routes(self._pending.placement, channels, workers_epoch)
+
+    @property
+    def placement(self) -> Placement:
+        """The newest placement set (served from the next step on)."""
+        return self._pending.placement
+
+    @property
+    def pinned_version(self) -> int:
+        """Placement version of the current step (of the last one when no step is open)."""
+        return self._routes.placement.version
+
+    @property
+    def channels(self) -> dict[int, DeviceChannel]:
+        """The channels of the current step (of the last one when no step is open)."""
+        return dict(self._routes.channels)
+
+    # --- steps (the engine's step loop) ------------------------------------------------------------
+
+    @property
+    def in_step(self) -> bool:
+        """Whether begin_step has been called and end_step not yet."""
+        return self._step is not None
+
+    def begin_step(self) -> None:
+        """Pin the newest placement and channels for every MoE layer of the coming forward."""
+        if self._step is not None:
+            raise RuntimeError("begin_step called while a step is open")
+        self._step = self._open(implicit=False)
+
+    def end_step(self) -> None:
+        """Close the step and keep its router counts."""
+        if self._step is None:
+            raise RuntimeError("end_step called without begin_step")
+        self._close(self._step)
+        self._step = None
+
+    def _open(self, implicit: bool) -> _Step:
+        with self._lock:
+            self._routes = self._pending
+        return _Step(self._routes, implicit)
+
+    def _close(self, step: _Step) -> None:
+        with self._lock:
+            self._steps.append(step.counts)
+
+    def _call_step(self) -> _Step:
+        """The open step, or one for this call alone (implicit)."""
+        return self._step if self._step is not None else self._open(implicit=True)
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def record_samples(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
+        with self._lock:
+            ring = self._samples.get(device)
+            if ring is None:
+                ring = self._samples[device] = _SampleRing(self.config.max_samples)
+            ring.extend(tokens, seconds)
+
+    # --- reporting (any thread) --------------------------------------------------------------------
+
+    def drain_report(self, engine_id: str) -> EngineReport:
+        """Everything observed since the last drain (router counts [S, L, E], device samples), then clear."""
+        with self._lock:
+            placement = self._routes.placement
+            counts = (np.stack(self._steps) if self._steps
+                      else np.zeros((0, placement.num_layers, placement.num_experts), dtype=np.int64))
+            self._steps.clear()
+            samples = tuple(LatencySamples(device, *ring.drain()) for device, ring in sorted(self._samples.items()))
+            return EngineReport(engine_id, placement.version, counts, samples, self._routes.workers_epoch)
+
+
+class DispatchingExperts(nn.Module):
+    """Drop-in for a MoE layer's `experts`: runs them on the workers under the pinned placement."""
+
+    def __init__(self, layer: int, num_experts: int, context: DispatchContext) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.context = context
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}"
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the selected experts' outputs per token.
+
+        Args:
+            hidden_states: [T, H] tokens of the layer.
+            top_k_index: int [T, k] selected experts of each token (distinct per token).
+            top_k_weights: [T, k] routing weights, in the dtype of `hidden_states`.
+
+        Returns:
+            [T, H]: sum over each token's experts, in ascending expert order, of weight * expert(token).
+        """
+        step = self.context._call_step()
+        num_tokens, top_k = top_k_index.shape
+        choices = top_k_index.detach().cpu().numpy()  # [T, k]
+        experts = choices.T.reshape(-1)  # [P], P = T * k, eager (k-major) order: p = j * T + t
+        step.counts[self.layer] += np.bincount(experts, minlength=self.num_experts)
+        if num_tokens == 0:
+            return torch.zeros_like(hidden_states)
+        routes = step.routes.layers[self.layer]
+        slots = routes.slots(experts)
+        order = np.argsort(slots, kind="stable")  # [P] pairs grouped by slot, hence by device
+        slot_pairs = np.bincount(slots, minlength=len(routes.slot_expert))
+        device = hidden_states.device
+        rows = hidden_states.index_select(0, torch.from_numpy(order % num_tokens).to(device))  # [P, H]
+        outputs = self._exchange(step, routes, slot_pairs, rows).to(device)  # [P, H] in row order
+        outputs.mul_(top_k_weights.t().reshape(-1)[torch.from_numpy(order).to(device)][:, None])
+        out = _sum_in_expert_order(choices, order, outputs)
+        if step.implicit:
+            self.context._close(step)
+        return out
+
+    def _exchange(self, step: _Step, routes: _LayerRoutes, slot_pairs: np.ndarray,
+                  rows: torch.Tensor) -> torch.Tensor:
+        """Send each device its rows (submit to all, then collect all); outputs [P, H] in row order."""
+        seq = self.context.next_seq()
+        sent, errors, row = [], [], 0
+        for device, first, end in routes.device_ranges:
+            counts = slot_pairs[first:end]
+            num_rows = int(counts.sum())
+            if num_rows == 0:
+                continue
+            held = counts > 0
+            experts = routes.slot_expert[first:end][held].astype(np.int32)
+            counts = counts[held].astype(np.int32)
+            try:
+                step.routes.channels[device].submit(seq, self.layer, experts, counts, rows[row:row + num_rows])
+                sent.append((device, counts))
+            except Exception as exc:  # the engine decides what fails; name the device and layer
+                errors.append(DispatchError(device, self.layer, exc))
+            row += num_rows
+        outputs = []
+        for device, counts in sent:  # collect every reply, even after a failure, to keep streams in step
+            try:
+                output, seconds = step.routes.channels[device].result()
+            except Exception as exc:
+                errors.append(DispatchError(device, self.layer, exc))
+                continue
+            outputs.append(output)
+            self.context.record_samples(device, counts, np.asarray(seconds, dtype=np.float64))
+        if errors:
+            raise errors[0]
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _sum_in_expert_order(choices: np.ndarray, order: np.ndarray, outputs: torch.Tensor) -> torch.Tensor:
+    """Per token, the sum of its weighted outputs in ascending expert order: [T, H].
+
+    Args:
+        choices: int [T, k] experts of each token.
+        order: int [P] the k-major pair index p = j * T + t of each row of `outputs`.
+        outputs: [P, H] weighted expert outputs.
+
+    Pair (t, j) lands in plane rank(t, j) of a [k, T, H] buffer, rank = position of its expert among
+    the token's sorted choices; the planes are then added in order, as the eager loop's index_add_
+    adds expert after expert.
+    """
+    num_tokens, top_k = choices.shape
+    rank = np.argsort(np.argsort(choices, axis=1, kind="stable"), axis=1)  # [T, k]
+    plane_row = (rank.T * num_tokens + np.arange(num_tokens)).reshape(-1)[order]  # [P]
+    planes = torch.empty((top_k * num_tokens, outputs.shape[1]), dtype=outputs.dtype, device=outputs.device)
+    planes.index_copy_(0, torch.from_numpy(plane_row).to(outputs.device), outputs)
+    planes = planes.view(top_k, num_tokens, -1)
+    out = planes[0].clone()
+    for plane in planes[1:]:
+        out += plane
+    return out

@@ -1,0 +1,101 @@
+"""The engine's model: a local transformers MoE checkpoint with its routed experts cut out.
+
+Owns loading (local folders only), replacing every MoE layer's `mlp.experts` with a DispatchingExperts
+bound to its MoE layer index, freeing the routed expert weights, and making a forward that runs outside
+an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
+routers, shared experts and lm_head stay as transformers built them. Ignores where experts live and
+how they get there (the workers read them with `service.checkpoint.read_experts`).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from service.checkpoint import ExpertLayout, load_layout
+from service.dispatch import DispatchContext, DispatchingExperts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """A causal LM whose MoE layers dispatch to expert workers, and where its experts are."""
+
+    model: PreTrainedModel
+    layout: ExpertLayout
+
+
+def load_engine_model(checkpoint_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
+                      context: DispatchContext) -> EngineModel:
+    """Load the dense part of a local checkpoint; its MoE layers dispatch through `context`.
+
+    Args:
+        checkpoint_dir: local folder of a supported MoE checkpoint (see service.checkpoint).
+        dtype: compute dtype name of the dense part, a key of DTYPES.
+        device: torch device of the dense part.
+        context: placement and channels shared by all MoE layers; its placement must be [L, E] of the
+            checkpoint's MoE layers and experts.
+
+    Raises:
+        ValueError: unknown dtype, missing folder, unsupported architecture, or a placement of the
+            wrong shape.
+    """
+    layout = load_layout(checkpoint_dir)
+    placement = context.placement
+    if (placement.num_layers, placement.num_experts) != (layout.num_moe_layers, layout.num_experts):
+        raise ValueError(f"placement is {placement.num_layers} layers x {placement.num_experts} experts, the "
+                         f"checkpoint has {layout.num_moe_layers} MoE layers x {layout.num_experts} experts")
+    model = _from_pretrained(checkpoint_dir, dtype, device)
+    _split_experts(model, layout, context)
+    _one_step_per_forward(model, context)
+    return EngineModel(model, layout)
+
+
+def load_reference_model(checkpoint_dir: str | Path, *, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """The unmodified model of a local checkpoint (eval mode), for tests and benchmarks."""
+    load_layout(checkpoint_dir)  # same checks as the engine model: local folder, supported architecture
+    return _from_pretrained(checkpoint_dir, dtype, device)
+
+
+def _from_pretrained(checkpoint_dir: str | Path, dtype: str, device: str) -> PreTrainedModel:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), dtype=DTYPES[dtype], local_files_only=True)
+    return model.to(torch.device(device)).eval()
+
+
+def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: DispatchContext) -> None:
+    """Replace each MoE layer's experts by a DispatchingExperts and free the routed expert weights."""
+    removed = []
+    for moe_layer, decoder_layer in enumerate(layout.moe_layers):
+        block = model.model.layers[decoder_layer].mlp
+        removed.append(weakref.ref(block.experts))
+        block.experts = DispatchingExperts(moe_layer, layout.num_experts, context)
+    gc.collect()
+    assert all(ref() is None for ref in removed), "routed expert weights are still referenced"
+    assert not any(".experts." in name for name, _ in model.named_parameters()), "routed expert weights remain"
+
+
+def _one_step_per_forward(model: PreTrainedModel, context: DispatchContext) -> None:
+    """A forward outside begin_step/end_step pins one placement for all its MoE layers."""
+    opened: list[bool] = []
+
+    def begin(module, args) -> None:
+        if not context.in_step:
+            context.begin_step()
+            opened.append(True)
+
+    def end(module, args, output) -> None:
+        if opened:
+            opened.pop()
+            context.end_step()
+
+    model.register_forward_pre_hook(begin)
+    model.register_forward_hook(end, always_call=True)

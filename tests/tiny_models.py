@@ -1,0 +1,69 @@
+"""Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
+
+Owns the configs of four small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE) and
+writing them, seeded, into a folder. Each config exercises a layout detail: Qwen3-MoE has a dense
+`mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2` (every other layer is
+MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than the others.
+Ignores tokenizers: the models read token ids only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+VOCAB_SIZE = 256
+# Larger than the default 0.02 so that random logits are well separated and greedy decoding does not
+# hinge on rounding-level differences between equivalent computations.
+INITIALIZER_RANGE = 0.1
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, initializer_range=INITIALIZER_RANGE, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0, tie_word_embeddings=False,
+)
+
+
+def tiny_config(architecture: str) -> PretrainedConfig:
+    """The tiny config of `architecture`: one of TINY_ARCHITECTURES."""
+    if architecture == "qwen3_moe":
+        return Qwen3MoeConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=3, num_experts=8, num_experts_per_tok=4, mlp_only_layers=[1])
+    if architecture == "qwen2_moe":
+        return Qwen2MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, num_hidden_layers=4, num_experts=8,
+                              num_experts_per_tok=2, decoder_sparse_step=2)
+    if architecture == "mixtral":
+        return MixtralConfig(**_COMMON, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                             num_experts_per_tok=2)
+    if architecture == "olmoe":
+        return OlmoeConfig(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=32, num_hidden_layers=2,
+                           num_experts=16, num_experts_per_tok=4)
+    raise ValueError(f"no tiny config for architecture {architecture!r}; known: {TINY_ARCHITECTURES}")
+
+
+TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny model (eval mode), the same for the same seed."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(architecture)).eval()
+
+
+def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fused: bool = False,
+                    max_shard_size: str | None = None) -> Path:
+    """Build the tiny model of `architecture` and `save_pretrained` it into `folder`; returns the folder.
+
+    Args:
+        fused: write the in-memory fused expert tensors (`mlp.experts.gate_up_proj` [E, 2I, H],
+            `mlp.experts.down_proj` [E, H, I]) instead of the default per-expert keys.
+        max_shard_size: e.g. "100KB" for a sharded checkpoint with `model.safetensors.index.json`.
+    """
+    folder = Path(folder)
+    kwargs = {"save_original_format": not fused}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    build_tiny_model(architecture, seed).save_pretrained(folder, **kwargs)
+    return folder

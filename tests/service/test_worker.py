@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from service.emulator import EmulationConfig
-from service.experts import checksum
 from service.messages import ExpertTensors
 from service.worker import ExpertWorker, WorkerConfig
 from tests.service.test_experts import HIDDEN, make_expert, reference_ffn

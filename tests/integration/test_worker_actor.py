@@ -1,0 +1,79 @@
+"""Two ExpertWorkerActors on a local Ray cluster: data plane over both transports, migration by ObjectRef."""
+
+import numpy as np
+import pytest
+import torch
+
+from service.emulator import EmulationConfig
+from service.messages import REPLY
+from service.transport import WorkerClient
+from service.worker import ExpertWorker, WorkerConfig
+from tests.service.test_experts import HIDDEN, make_expert
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def actors():
+    from service.worker_actor import ExpertWorkerActor
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="test-worker-actor")
+    try:
+        configs = [WorkerConfig(index=0, dtype="float32"),
+                   WorkerConfig(index=1, dtype="float32", emulation=EmulationConfig(jitter=0.0))]
+        handles = [ExpertWorkerActor.options(name=f"worker-{c.index}", num_cpus=0.5, max_concurrency=4).remote(c)
+                   for c in configs]
+        ray.get(handles[0].import_experts.remote([make_expert(0, 0), make_expert(0, 1)]))
+        yield handles
+        ray.get([h.shutdown.remote() for h in handles])
+    finally:
+        ray.shutdown()
+
+
+def reference_outputs(expert: int, tokens: torch.Tensor) -> torch.Tensor:
+    local = ExpertWorker(WorkerConfig(index=9, dtype="float32"))
+    local.import_experts([make_expert(0, expert)])
+    return local.forward(0, [expert], [tokens.shape[0]], tokens)[0]
+
+
+def forward(address: str, expert: int, tokens: torch.Tensor):
+    with WorkerClient(address, timeout_s=30.0) as client:
+        client.send_forward(1, 0, np.array([expert], np.int32), np.array([tokens.shape[0]], np.int32), tokens)
+        return client.recv_reply()
+
+
+def test_info_and_forward_over_both_transports(actors):
+    infos = ray.get([h.info.remote() for h in actors])
+    assert [i.index for i in infos] == [0, 1] and [i.actor_name for i in infos] == ["worker-0", "worker-1"]
+    assert [i.emulated for i in infos] == [False, True]
+    assert infos[0].node_id == ray.get_runtime_context().get_node_id()
+    tokens = torch.randn(6, HIDDEN)
+    for address in (infos[0].tcp_address, infos[0].unix_address):
+        reply = forward(address, 0, tokens)
+        assert reply.kind == REPLY
+        torch.testing.assert_close(reply.tensor, reference_outputs(0, tokens), rtol=0, atol=0)
+
+
+def test_expert_moves_actor_to_actor_through_an_object_ref(actors):
+    source, target = actors
+    exported = source.export_experts.remote([(0, 1)])  # an ObjectRef, never fetched by the driver
+    assert ray.get(target.import_experts.remote(exported)) == [(0, 1)]
+    ray.get(source.drop_experts.remote([(0, 1)]))
+    assert ray.get(source.held_experts.remote()) == [(0, 0)]
+    assert ray.get(target.held_experts.remote()) == [(0, 1)]
+    tokens = torch.randn(3, HIDDEN)
+    reply = forward(ray.get(target.info.remote()).unix_address, 1, tokens)
+    torch.testing.assert_close(reply.tensor, reference_outputs(1, tokens), rtol=0, atol=0)
+    assert reply.values[0] == pytest.approx(4e-4)  # the emulated curve of the target device
+    assert ray.get(target.stats.remote()).calls == 1
+
+
+def test_control_calls_pass_through(actors):
+    samples = ray.get(actors[1].profile.remote((1, 256), 1))
+    np.testing.assert_allclose(samples.seconds, [4e-4, 8e-4])
+    ray.get(actors[1].set_emulated_speed.remote(2.0))
+    assert not ray.get(actors[0].telemetry.remote()).available
+    with pytest.raises(ValueError, match="does not emulate"):
+        ray.get(actors[0].set_emulated_speed.remote(2.0))

@@ -1,0 +1,223 @@
+"""Attention over a flattened ragged batch, with a preallocated per-sequence KV cache.
+
+Owns the KV cache (one slot per running sequence, preallocated and bounded), the per-step metadata that
+says which sequence owns which token range of the flat batch, and the attention function that the
+model's own attention modules call (registered with transformers as ``"vibe_ragged"``). The modules
+still apply their projections, q/k norms and RoPE; this file only appends keys/values to the cache and
+computes causal attention over it.
+
+Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
+reading the cache in place; multi-token chunks (prefill) get one SDPA call each. Ignores dropout,
+attention sinks and logit soft-capping (no supported model uses them at inference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTN_IMPLEMENTATION = "vibe_ragged"
+
+
+class KVCache:
+    """Keys and values of every running sequence, one fixed slot each.
+
+    Per layer, ``keys[layer]`` and ``values[layer]`` are ``[num_slots, num_kv_heads, max_len, head_dim]``,
+    allocated once (zeros, so masked-out positions never hold NaN). Slot ``s`` position ``p`` holds the
+    key of token ``p`` of the sequence in slot ``s``.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype) -> None:
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.max_len = max_len
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of keys plus values that one token occupies over all layers."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """The new tokens of one sequence in a step.
+
+    Attributes:
+        slot: KV cache slot of the sequence.
+        start: position of the first new token (= tokens already in the cache).
+        num_tokens: new tokens (>= 1), at flat-batch offsets ``offset .. offset + num_tokens - 1``.
+        offset: where the chunk starts in the flat batch.
+    """
+
+    slot: int
+    start: int
+    num_tokens: int
+    offset: int
+
+
+@dataclass
+class StepBatch:
+    """Per-step metadata shared by every layer: which sequence owns which tokens of ``[1, T]``.
+
+    Built once per step by ``StepBatch.build``; the decode tensors are precomputed so that each layer
+    does no Python work per sequence for single-token chunks.
+    """
+
+    chunks: tuple[SeqChunk, ...]
+    prefills: tuple[SeqChunk, ...]
+    decode_index: torch.Tensor   # int64 [B]: flat-batch offsets of single-token chunks
+    decode_slots: torch.Tensor   # int64 [B]
+    decode_pos: torch.Tensor     # int64 [B]: position of the new token
+    slot_lo: int                 # decode attention reads slots slot_lo .. slot_hi - 1
+    slot_hi: int
+    decode_len: torch.Tensor     # int64 [slot_hi - slot_lo]: keys to attend per slot in range (>= 1)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def build(chunks: Sequence[SeqChunk]) -> StepBatch:
+        """Metadata for ``chunks`` (in flat-batch order, offsets contiguous from 0)."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = tuple(c for c in chunks if c.num_tokens > 1)
+        slots = [c.slot for c in decodes]
+        lo, hi = (min(slots), max(slots) + 1) if slots else (0, 0)
+        decode_len = torch.ones(hi - lo, dtype=torch.int64)  # slots in range without a decode token: 1 key
+        for c in decodes:
+            decode_len[c.slot - lo] = c.start + 1
+        return StepBatch(
+            chunks=tuple(chunks), prefills=prefills,
+            decode_index=torch.tensor([c.offset for c in decodes], dtype=torch.int64),
+            decode_slots=torch.tensor(slots, dtype=torch.int64),
+            decode_pos=torch.tensor([c.start for c in decodes], dtype=torch.int64),
+            slot_lo=lo, slot_hi=hi, decode_len=decode_len,
+        )
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Bool ``[slot_hi - slot_lo, 1, 1, max_len]``: True where a slot's decode query may attend."""
+        if sliding_window not in self._masks:
+            length = self.decode_len[:, None]
+            keys = torch.arange(int(self.decode_len.max()))[None, :]
+            allowed = keys < length
+            if sliding_window is not None:
+                allowed &= keys > length - 1 - sliding_window
+            self._masks[sliding_window] = allowed[:, None, None, :]
+        return self._masks[sliding_window]
+
+
+_CURRENT: contextvars.ContextVar[tuple[KVCache, StepBatch] | None] = contextvars.ContextVar(
+    "vibe_ragged_step", default=None)
+
+
+@contextlib.contextmanager
+def bind_step(cache: KVCache, batch: StepBatch) -> Iterator[None]:
+    """Make ``cache`` and ``batch`` the ones the attention function uses during one forward."""
+    token = _CURRENT.set((cache, batch))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls for each layer.
+
+    Args:
+        module: the model's attention module (``layer_idx``, optionally ``sliding_window``).
+        query: [1, Hq, T, d] after norms and RoPE; key, value: [1, Hkv, T, d] of the new tokens.
+        attention_mask: ignored (the model builds none); causality comes from the step metadata.
+        scaling: softmax scale (None: 1/sqrt(d)).
+        sliding_window: keys further back than this many positions are not attended (None: all).
+
+    Returns:
+        ([1, T, Hq, d], None).
+    """
+    bound = _CURRENT.get()
+    if bound is None:
+        raise RuntimeError("vibe_ragged attention called outside an engine step (no StepBatch bound)")
+    cache, batch = bound
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
+    _append(layer_keys, key[0], batch)
+    _append(layer_values, value[0], batch)
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, d]
+    if batch.decode_index.numel():
+        out[batch.decode_index] = _decode(query[0], layer_keys, layer_values, batch, window, scaling)
+    for chunk in batch.prefills:
+        out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
+            query[0], layer_keys, layer_values, chunk, window, scaling)
+    return out.unsqueeze(0), None
+
+
+def _append(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
+    """Write new keys (or values) ``new [Hkv, T, d]`` into their slots of ``pool``."""
+    if batch.decode_index.numel():
+        pool[batch.decode_slots, :, batch.decode_pos] = new[:, batch.decode_index].transpose(0, 1)
+    for c in batch.prefills:
+        pool[c.slot, :, c.start:c.start + c.num_tokens] = new[:, c.offset:c.offset + c.num_tokens]
+
+
+def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch,
+            window: int | None, scaling: float | None) -> torch.Tensor:
+    """Attention of every single-token query at once, over the slot range read in place.
+
+    ``query [Hq, T, d]``; returns ``[B, Hq, d]`` for the decode tokens in ``batch.decode_index`` order.
+    Query heads are grouped under their kv head (GQA without repeating keys): ``[S, Hkv, G, d]``.
+    """
+    num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
+    mask = batch.decode_mask(window)
+    q = query[:, batch.decode_index]                                   # [Hq, B, d]
+    q = q.view(num_kv_heads, -1, q.shape[1], head_dim).permute(2, 0, 1, 3)  # [B, Hkv, G, d]
+    rows = batch.decode_slots - batch.slot_lo
+    padded = q.new_zeros(batch.slot_hi - batch.slot_lo, *q.shape[1:])  # [S, Hkv, G, d]
+    padded[rows] = q
+    span = slice(batch.slot_lo, batch.slot_hi)
+    length = mask.shape[-1]
+    attn = F.scaled_dot_product_attention(
+        padded, keys[span, :, :length], values[span, :, :length], attn_mask=mask, scale=scaling)
+    return attn[rows].reshape(rows.numel(), -1, head_dim)              # [B, Hq, d]
+
+
+def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,
+             window: int | None, scaling: float | None) -> torch.Tensor:
+    """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, d]``."""
+    n, end = chunk.num_tokens, chunk.start + chunk.num_tokens
+    q = query[:, chunk.offset:chunk.offset + n]                        # [Hq, n, d]
+    k, v = keys[chunk.slot, :, :end], values[chunk.slot, :, :end]      # [Hkv, end, d]
+    if chunk.start == 0 and window is None:
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        q_pos = torch.arange(chunk.start, end)[:, None]
+        k_pos = torch.arange(end)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return attn.transpose(0, 1)
+
+
+def install(model: PreTrainedModel) -> None:
+    """Register ``"vibe_ragged"`` with transformers and switch ``model`` to it (no mask is built).
+
+    After this the model must be called inside ``bind_step`` with ``use_cache=False``.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, ragged_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to "
+                         f"{ATTN_IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None

@@ -1,0 +1,322 @@
+"""Continuous-batching engine: one model forward per step over a flattened ragged batch.
+
+Owns the request lifecycle (waiting queue, running batch, KV slots), the per-step schedule under a token
+budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling, stop
+conditions and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
+`AsyncEngine` shell and the HTTP app sit on top. The model runs as is; an optional dispatch context
+(``begin_step()`` / ``end_step()``) around each forward lets MoE layers send one message per device per
+layer per step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from service import attention
+from service.attention import KVCache, SeqChunk, StepBatch
+from service.sampling import SamplingParams, sample
+from service.text import TextStream
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class StepFailed(RuntimeError):
+    """A step's forward failed; the sequences it scheduled were finished and their slots freed.
+
+    Attributes:
+        request_ids: the requests that were in the failed step.
+    """
+
+    def __init__(self, request_ids: Sequence[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {type(cause).__name__}: {cause}")
+        self.request_ids = tuple(request_ids)
+
+
+class StepHooks(Protocol):
+    """Called around every forward (e.g. the dispatching experts' ``DispatchContext``)."""
+
+    def begin_step(self) -> None: ...
+
+    def end_step(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one engine.
+
+    Attributes:
+        max_num_seqs: running sequences at most (the decode batch size).
+        max_num_batched_tokens: tokens per forward at most (prefill is chunked to fit); >= max_num_seqs.
+        max_model_len: prompt plus completion tokens of one sequence at most.
+        max_queue: waiting requests at most; `add_request` raises `QueueFull` beyond.
+        kv_cache_bytes: memory for keys and values at most; each running sequence holds a slot of
+            ``max_model_len`` tokens, so fewer than ``max_num_seqs`` may run if this is small.
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 1024
+    max_queue: int = 256
+    kv_cache_bytes: int = 512 * 2**20
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}) so every running sequence decodes each step")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one request got in one step.
+
+    Attributes:
+        request_id: the request.
+        new_token_ids: the token sampled this step (empty for an abort).
+        text: new completion text ('' without a tokenizer; held back while a stop string may follow).
+        finished: whether the request is done.
+        finish_reason: "stop" (EOS, stop token or stop string), "length" or "abort"; None while running.
+        num_prompt_tokens, num_completion_tokens: token counts so far.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+
+
+class _Sequence:
+    """Mutable state of one request inside the engine."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 text: TextStream | None) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt_ids)       # prompt, then completion
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.generator = params.make_generator()
+        self.text = text
+        self.slot = -1
+        self.num_cached = 0                     # tokens whose keys/values are in the cache
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model (the whole prompt at first, then one per step)."""
+        return len(self.token_ids) - self.num_cached
+
+
+class Engine:
+    """Continuous batching over one causal LM (see the module docstring).
+
+    Args:
+        model: a transformers causal LM whose attention uses transformers' AttentionInterface; it is
+            switched to ragged attention, so it cannot be used with ``generate`` afterwards.
+        config: limits.
+        tokenizer: enables text outputs and stop strings (None: token ids only).
+        hooks: object with ``begin_step()`` / ``end_step()`` called around each forward.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: EngineConfig,
+                 tokenizer: PreTrainedTokenizerBase | None = None, hooks: StepHooks | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self._model = model.eval()
+        self._hooks = hooks
+        self._cache = _make_cache(model, config)
+        self._eos_ids = _eos_token_ids(model, tokenizer)
+        self._free_slots = list(range(self._cache.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._outputs: list[StepOutput] = []    # aborts, reported by the next step
+        attention.install(model)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Sequences the KV cache can hold at once."""
+        return self._cache.num_slots
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._outputs)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a request; it joins the running batch at a step boundary.
+
+        Raises:
+            ValueError: empty prompt, token id out of vocabulary, prompt + max_tokens > max_model_len,
+                duplicate request id, or stop strings without a tokenizer.
+            QueueFull: ``max_queue`` requests are already waiting.
+        """
+        prompt = [int(t) for t in prompt_token_ids]
+        self._validate(request_id, prompt, params)
+        if len(self._waiting) >= self.config.max_queue:
+            raise QueueFull(f"{len(self._waiting)} requests waiting (max_queue={self.config.max_queue})")
+        text = TextStream(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
+        self._waiting.append(_Sequence(request_id, prompt, params, text))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request (its slot is free at once); False if it is unknown."""
+        seq = self._find(request_id)
+        if seq is None:
+            return False
+        if seq in self._running:
+            self._release(seq)
+        else:
+            self._waiting.remove(seq)
+        self._outputs.append(_output(seq, (), "", "abort"))
+        return True
+
+    def step(self) -> list[StepOutput]:
+        """Schedule, run one forward over every scheduled token, sample, and report.
+
+        Raises:
+            StepFailed: the forward or sampling raised; the scheduled requests are finished and freed.
+        """
+        outputs, self._outputs = self._outputs, []
+        chunks = self._schedule()
+        if not chunks:
+            return outputs
+        sampled = [seq for seq, n in chunks if n == seq.num_pending]  # chunks that end their pending tokens
+        try:
+            logits = self._forward(chunks)
+            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        except Exception as exc:
+            for seq, _ in chunks:
+                self._release(seq)
+            raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
+        for seq, n in chunks:
+            seq.num_cached += n
+        return outputs + [self._append_token(seq, token) for seq, token in zip(sampled, tokens)]
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self._model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        total = len(prompt) + params.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                             f"max_model_len {self.config.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        if self._find(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
+    def _find(self, request_id: str) -> _Sequence | None:
+        return next((s for s in (*self._running, *self._waiting) if s.request_id == request_id), None)
+
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """(sequence, new tokens) of this step: decodes first, then prefill chunks, then admissions."""
+        budget = self.config.max_num_batched_tokens
+        decodes = [(s, 1) for s in self._running if s.num_pending == 1]
+        budget -= len(decodes)
+        prefills = []
+        for seq in (s for s in self._running if s.num_pending > 1):
+            if budget == 0:
+                break
+            prefills.append((seq, min(seq.num_pending, budget)))
+            budget -= prefills[-1][1]
+        while budget > 0 and self._waiting and self._free_slots and len(self._running) < self.config.max_num_seqs:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            self._running.append(seq)
+            prefills.append((seq, min(seq.num_pending, budget)))
+            budget -= prefills[-1][1]
+        return decodes + prefills
+
+    def _forward(self, chunks: list[tuple[_Sequence, int]]) -> torch.Tensor:
+        """Logits ``[N, V]`` at the last token of every chunk that completes its sequence's pending tokens."""
+        ids, positions, meta, keep = [], [], [], []
+        for seq, n in chunks:
+            meta.append(SeqChunk(seq.slot, seq.num_cached, n, len(ids)))
+            ids += seq.token_ids[seq.num_cached:seq.num_cached + n]
+            positions += range(seq.num_cached, seq.num_cached + n)
+            if n == seq.num_pending:
+                keep.append(len(ids) - 1)
+        if self._hooks is not None:
+            self._hooks.begin_step()
+        try:
+            with torch.inference_mode(), attention.bind_step(self._cache, StepBatch.build(meta)):
+                out = self._model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                                  use_cache=False, logits_to_keep=torch.tensor(keep, dtype=torch.int64))
+        finally:
+            if self._hooks is not None:
+                self._hooks.end_step()
+        return out.logits[0]
+
+    def _append_token(self, seq: _Sequence, token: int) -> StepOutput:
+        seq.token_ids.append(token)
+        reason: FinishReason | None = None
+        if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
+            reason = "stop"
+        elif seq.text is not None:
+            seq.text.push(token)
+            reason = "stop" if seq.text.stopped else None
+        if reason is None and seq.num_completion_tokens >= seq.params.max_tokens:
+            reason = "length"
+        text = seq.text.take(final=reason is not None) if seq.text is not None else ""
+        if reason is not None:
+            self._release(seq)
+        return _output(seq, (token,), text, reason)
+
+    def _release(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        self._free_slots.append(seq.slot)
+        self._free_slots.sort(reverse=True)
+
+
+def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None) -> StepOutput:
+    return StepOutput(seq.request_id, tokens, text, reason is not None, reason, seq.num_prompt_tokens,
+                      seq.num_completion_tokens)
+
+
+def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
+    """A KV cache with as many ``max_model_len`` slots as ``kv_cache_bytes`` allows (<= max_num_seqs)."""
+    mc = model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    per_token = KVCache.bytes_per_token(mc.num_hidden_layers, num_kv_heads, head_dim, model.dtype)
+    num_slots = min(config.max_num_seqs, config.kv_cache_bytes // (per_token * config.max_model_len))
+    if num_slots < 1:
+        raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
+                         f"{config.max_model_len} ({per_token * config.max_model_len} bytes)")
+    return KVCache(mc.num_hidden_layers, num_slots, num_kv_heads, config.max_model_len, head_dim, model.dtype)
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:
+    """EOS ids from the generation config (as ``generate`` uses them), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

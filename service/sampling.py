@@ -1,0 +1,100 @@
+"""Sampling parameters of one request and next-token selection from logits.
+
+Owns `SamplingParams` (validated, frozen) and `sample`, which turns the logits of a step into one token
+per sequence: exact argmax for temperature 0 (so greedy output equals ``generate(do_sample=False)``),
+otherwise temperature and nucleus (top-p) sampling from a per-request ``torch.Generator``. Ignores
+penalties, logit bias and log-probabilities (the HTTP layer accepts those only at neutral values).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_STRING_CHARS = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request.
+
+    Attributes:
+        max_tokens: completion tokens at most (>= 1).
+        temperature: 0 for greedy (argmax), else logits are divided by it (0 < t <= 100).
+        top_p: nucleus mass kept, in (0, 1]; 1 keeps every token.
+        seed: seeds the request's own generator so sampled output is reproducible (None: random).
+        stop: strings that end the completion (at most 4, non-empty); the text is cut before them.
+        stop_token_ids: token ids that end the completion, besides the model's EOS.
+        ignore_eos: keep generating past the model's EOS tokens (benchmarks).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for text in self.stop:
+            if not isinstance(text, str) or not 0 < len(text) <= MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters, got {text!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self) -> torch.Generator | None:
+        """The request's own generator (None when greedy: argmax needs no randomness)."""
+        if self.greedy:
+            return None
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        return torch.Generator().manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One next token per row.
+
+    Args:
+        logits: [N, V] float logits, row i for the sequence with ``params[i]`` and ``generators[i]``.
+
+    Returns:
+        N token ids.
+    """
+    assert logits.shape[0] == len(params) == len(generators)
+    tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows are overwritten
+    for i, (p, gen) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            tokens[i] = _sample_row(logits[i], p, gen)
+    return tokens
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Temperature then top-p sampling of one row ``[V]``."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(0) - sorted_probs
+        sorted_probs[mass_before >= params.top_p] = 0.0  # keeps at least the most likely token
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

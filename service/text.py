@@ -1,0 +1,130 @@
+"""Text around the engine: chat templates, incremental detokenisation and stop strings.
+
+Owns turning chat messages into prompt token ids with the tokenizer's own chat template, and turning a
+growing list of completion token ids into text deltas for streaming: a delta never ends in half a UTF-8
+character, and text that could still become a stop string is held back until it cannot. Ignores
+tokenisation of plain prompts (``tokenizer.encode``) and anything about the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+_PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first completion tokens (leading spaces)
+_INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Prompt token ids of a conversation, ending with the assistant's generation prompt.
+
+    Args:
+        messages: ``[{"role": ..., "content": ...}, ...]``, at least one.
+
+    Raises:
+        ValueError: no messages, no chat template, or the template rejects the conversation.
+    """
+    if not messages:
+        raise ValueError("messages must contain at least one message")
+    if not tokenizer.chat_template:
+        raise ValueError("the model's tokenizer has no chat template")
+    try:
+        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    except TemplateError as exc:
+        raise ValueError(f"chat template rejected the messages: {exc}") from exc
+    ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5
+    return list(ids)
+
+
+class IncrementalDetokenizer:
+    """Text of completion tokens, one token at a time, never splitting a UTF-8 character.
+
+    Decodes a short window of ids (the last emitted tokens plus the new ones) and emits what the new
+    tokens add, once it no longer ends in an incomplete character. Special tokens decode to nothing.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._prefix_offset = 0               # window start
+        self._read_offset = len(self._ids)    # ids before this are emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the new complete text ('' while a character is incomplete)."""
+        self._ids.append(token_id)
+        return self._take(allow_incomplete=False)
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character decodes to U+FFFD), at the end of a completion."""
+        return self._take(allow_incomplete=True)
+
+    def _take(self, allow_incomplete: bool) -> str:
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset:])
+        if len(text) <= len(prefix) or (text.endswith(_INCOMPLETE) and not allow_incomplete):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return text[len(prefix):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class StopStringMatcher:
+    """Completion text cut before the first stop string, released only once it cannot be cut any more.
+
+    ``text`` is everything accepted so far (already truncated if stopped); ``take`` returns the part not
+    yet released, minus the last ``max(len(stop)) - 1`` characters that could still begin a stop string.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = tuple(stop)
+        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        self._released = 0
+        self.text = ""
+        self.stopped = False
+
+    def add(self, delta: str) -> None:
+        """Append decoded text; sets ``stopped`` and truncates ``text`` at the first stop string."""
+        assert not self.stopped, "text added after a stop string"
+        search_from = max(0, len(self.text) - self._holdback)
+        self.text += delta
+        hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def take(self, final: bool) -> str:
+        """Text not released yet; all of it if ``final`` or stopped."""
+        end = len(self.text) if final or self.stopped else max(self._released, len(self.text) - self._holdback)
+        delta = self.text[self._released:end]
+        self._released = end
+        return delta
+
+
+class TextStream:
+    """Streaming text of one completion: detokeniser plus stop strings."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._matcher = StopStringMatcher(stop)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string has appeared (the completion must end)."""
+        return self._matcher.stopped
+
+    @property
+    def text(self) -> str:
+        return self._matcher.text
+
+    def push(self, token_id: int) -> None:
+        self._matcher.add(self._detokenizer.push(token_id))
+
+    def take(self, final: bool) -> str:
+        """Text to send now; ``final`` at the end of the completion flushes everything held back."""
+        if final and not self._matcher.stopped:
+            self._matcher.add(self._detokenizer.flush())
+        return self._matcher.take(final)

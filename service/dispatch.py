@@ -199,6 +199,9 @@ class _SampleRing:
         self._next = (self._next + len(tokens)) % capacity
         self._size = min(self._size + len(tokens), capacity)
 
+    def __len__(self) -> int:
+        return self._size
+
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int64 [N], seconds float64 [N]) oldest first, then empty."""
         index = (self._next - self._size + np.arange(self._size)) % len(self._tokens)
@@ -310,7 +313,8 @@ class DispatchContext:
             counts = (np.stack(self._steps) if self._steps
                       else np.zeros((0, placement.num_layers, placement.num_experts), dtype=np.int64))
             self._steps.clear()
-            samples = tuple(LatencySamples(device, *ring.drain()) for device, ring in sorted(self._samples.items()))
+            samples = tuple(LatencySamples(device, *ring.drain())
+                            for device, ring in sorted(self._samples.items()) if len(ring))
             return EngineReport(engine_id, placement.version, counts, samples, self._routes.workers_epoch)
 
 

@@ -1,0 +1,152 @@
+"""Expert layouts, reading selected experts from safetensors checkpoints, and model-path checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+import service.checkpoint as checkpoint
+from service.checkpoint import ExpertLayout, expert_layout, load_layout, read_experts, resolve_checkpoint
+from service.experts import checksum
+from tests.tiny_models import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model, tiny_config
+
+FORMATS = {"per_expert": {}, "per_expert_sharded": {"max_shard_size": "40KB"},
+           "fused_sharded": {"fused": True, "max_shard_size": "40KB"}, "fused": {"fused": True}}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {(arch, fmt): save_tiny_model(arch, root / f"{arch}-{fmt}", seed=3, **kwargs)
+            for arch in TINY_ARCHITECTURES for fmt, kwargs in FORMATS.items()}
+
+
+@pytest.mark.parametrize("architecture,moe_layers,num_experts,top_k,intermediate", [
+    ("qwen3_moe", (0, 2), 8, 4, 32),  # layer 1 is in mlp_only_layers
+    ("qwen2_moe", (1, 3), 8, 2, 32),  # decoder_sparse_step 2
+    ("mixtral", (0, 1), 8, 2, 32),
+    ("olmoe", (0, 1), 16, 4, 32),
+])
+def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
+    layout = expert_layout(tiny_config(architecture))
+    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, "silu", "float32")
+    model = build_tiny_model(architecture)
+    with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+    assert with_experts == moe_layers
+
+
+def test_layout_rejects_other_architectures_and_bad_values():
+    with pytest.raises(ValueError, match="'llama'"):
+        expert_layout(LlamaConfig())
+    with pytest.raises(ValueError, match="moe_layers"):
+        ExpertLayout("mixtral", (1, 0), 8, 2, 64, 32, "silu", "float32")
+    with pytest.raises(ValueError, match="top_k"):
+        ExpertLayout("mixtral", (0,), 2, 3, 64, 32, "silu", "float32")
+    with pytest.raises(ValueError, match="dtype"):
+        ExpertLayout("mixtral", (0,), 8, 2, 64, 32, "silu", "float99")
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, architecture, fmt):
+    folder = checkpoints[architecture, fmt]
+    layout = load_layout(folder)
+    model = build_tiny_model(architecture, seed=3)
+    keys = [(1, 5), (0, 0), (1, layout.num_experts - 1), (0, 3)]
+    items = read_experts(folder, keys)
+    assert [(item.layer, item.expert) for item in items] == keys
+    for item in items:
+        experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
+        assert torch.equal(item.tensors["gate_up"], experts.gate_up_proj[item.expert])
+        assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
+        assert item.tensors["gate_up"].is_contiguous() and item.tensors["down"].is_contiguous()
+        assert item.checksum == checksum(item.tensors)
+
+
+class RecordingFile:
+    """A safe_open handle that records the tensor names read from it."""
+
+    def __init__(self, handle, names: list[str]) -> None:
+        self._handle, self._names = handle, names
+
+    def __enter__(self):
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._handle.__exit__(*exc_info)
+
+    def keys(self):
+        return self._handle.keys()
+
+    def get_tensor(self, name):
+        self._names.append(name)
+        return self._handle.get_tensor(name)
+
+    def get_slice(self, name):
+        self._names.append(name)
+        return self._handle.get_slice(name)
+
+
+@pytest.mark.parametrize("fmt", ["per_expert", "fused"])
+def test_read_experts_reads_only_the_requested_experts(checkpoints, monkeypatch, fmt):
+    names: list[str] = []
+    monkeypatch.setattr(checkpoint, "safe_open", lambda path, framework: RecordingFile(safe_open(path, framework), names))
+    read_experts(checkpoints["mixtral", fmt], [(1, 6)])
+    if fmt == "per_expert":
+        assert sorted(names) == [f"model.layers.1.block_sparse_moe.experts.6.{w}.weight" for w in ("w1", "w2", "w3")]
+    else:
+        assert sorted(names) == ["model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]
+
+
+def test_read_experts_rejects_bad_keys_and_folders(checkpoints, tmp_path):
+    folder = checkpoints["olmoe", "per_expert"]
+    with pytest.raises(ValueError, match="layer 2, expert 0"):
+        read_experts(folder, [(2, 0)])
+    with pytest.raises(ValueError, match="expert 16"):
+        read_experts(folder, [(0, 16)])
+    with pytest.raises(ValueError, match="does not exist"):
+        read_experts(tmp_path / "nowhere", [(0, 0)])
+
+
+def test_read_experts_names_an_expert_missing_from_the_checkpoint(checkpoints, tmp_path):
+    source = checkpoints["qwen3_moe", "per_expert"]
+    with safe_open(source / "model.safetensors", framework="pt") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys() if ".experts.4." not in name}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    assert read_experts(tmp_path, [(0, 3)])[0].expert == 3
+    with pytest.raises(ValueError, match="expert 4 of decoder layer 2"):
+        read_experts(tmp_path, [(1, 4)])
+
+
+def test_read_experts_refuses_shards_outside_the_folder(checkpoints, tmp_path):
+    source = checkpoints["mixtral", "per_expert_sharded"]
+    for file in source.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {name: "../" + shard for name, shard in index["weight_map"].items()}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the folder"):
+        read_experts(tmp_path, [(0, 0)])
+
+
+def test_resolve_checkpoint_only_inside_allowed_roots(tmp_path):
+    root, other = tmp_path / "models", tmp_path / "elsewhere"
+    for folder in (root / "tiny", other / "secret"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (root / "escape").symlink_to(other / "secret")
+    assert resolve_checkpoint("tiny", [other, root]) == (root / "tiny").resolve()
+    assert resolve_checkpoint(root / "tiny", [root]) == (root / "tiny").resolve()
+    for bad in ("Qwen/Qwen3-30B-A3B", "../elsewhere/secret", "escape", str(other / "secret"), root, "missing"):
+        with pytest.raises(ValueError, match="not a checkpoint folder inside the allowed folders"):
+            resolve_checkpoint(bad, [root])
+    with pytest.raises(ValueError, match="no allowed model folders"):
+        resolve_checkpoint("tiny", [])

@@ -1,0 +1,113 @@
+"""The engine model: experts cut out and dispatched to in-process workers, outputs unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from placement import Placement
+from service.checkpoint import load_layout
+from service.dispatch import DispatchContext, DispatchingExperts, LocalChannel
+from service.model import load_engine_model, load_reference_model
+from service.worker import ExpertWorker, WorkerConfig
+from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES}
+
+
+def contiguous_placement(folder) -> Placement:
+    layout = load_layout(folder)
+    expert_device = np.arange(layout.num_experts) * G // layout.num_experts
+    return Placement.from_expert_devices(np.tile(expert_device, (layout.num_moe_layers, 1)), G)
+
+
+def local_context(folder, placement: Placement) -> DispatchContext:
+    channels = {}
+    for g in range(G):
+        worker = ExpertWorker(WorkerConfig(index=g, num_threads=torch.get_num_threads()))
+        worker.load_experts(str(folder), sorted(placement.experts_on(g)))
+        channels[g] = LocalChannel(worker)
+    return DispatchContext(placement, channels)
+
+
+def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(batch * length))
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_engine_model_computes_what_the_model_computes(checkpoints, architecture):
+    folder = checkpoints[architecture]
+    context = local_context(folder, contiguous_placement(folder))
+    engine = load_engine_model(folder, context=context)
+    reference = load_reference_model(folder)
+    layout = engine.layout
+    for decoder_layer, layer in enumerate(engine.model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if decoder_layer in layout.moe_layers:
+            assert isinstance(experts, DispatchingExperts)
+            assert experts.layer == layout.moe_layers.index(decoder_layer)
+        else:
+            assert experts is None and type(layer.mlp) is type(reference.model.layers[decoder_layer].mlp)
+    assert not any(".experts." in name for name, _ in engine.model.named_parameters())
+    routed = layout.num_moe_layers * layout.num_experts * 3 * layout.hidden_size * layout.intermediate_size
+    assert sum(p.numel() for p in reference.parameters()) - sum(p.numel() for p in engine.model.parameters()) == routed
+
+    ids = prompts()
+    with torch.no_grad():
+        logits = engine.model(ids).logits
+        reference.config._experts_implementation = "eager"
+        assert torch.equal(logits, reference(ids).logits)  # the eager loop's order, bit for bit
+        reference.config._experts_implementation = "grouped_mm"  # the default
+        torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=1e-5)
+    context.drain_report("e")
+    tokens = engine.model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, reference.generate(ids, max_new_tokens=6, do_sample=False))
+
+    # generate ran one forward per new token, each an implicit step covering every MoE layer
+    counts = context.drain_report("e").router_counts
+    assert counts.shape == (6, layout.num_moe_layers, layout.num_experts)
+    assert counts[0].sum(axis=1).tolist() == [ids.numel() * layout.top_k] * layout.num_moe_layers
+    assert counts[1:].sum(axis=2).tolist() == [[ids.shape[0] * layout.top_k] * layout.num_moe_layers] * 5
+
+
+def test_explicit_step_spans_forwards_and_pins_the_placement(checkpoints):
+    folder = checkpoints["mixtral"]
+    placement = contiguous_placement(folder)
+    context = local_context(folder, placement)
+    model = load_engine_model(folder, context=context).model
+    context.begin_step()
+    context.set_placement(placement.with_version(1))
+    with torch.no_grad():
+        model(prompts(1, 3))
+        model(prompts(1, 4))
+    assert context.pinned_version == 0
+    context.end_step()
+    counts = context.drain_report("e").router_counts
+    assert counts.shape == (1, 2, 8) and counts.sum() == (3 + 4) * 2 * 2
+    with torch.no_grad():
+        model(prompts(1, 3))
+    assert context.pinned_version == 1 and not context.in_step
+
+
+def test_load_rejects_bad_inputs(checkpoints, tmp_path):
+    folder = checkpoints["olmoe"]
+    context = local_context(folder, contiguous_placement(folder))
+    with pytest.raises(ValueError, match="dtype"):
+        load_engine_model(folder, dtype="float8", context=context)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_engine_model(tmp_path / "absent", context=context)
+    with pytest.raises(ValueError, match="4 experts"):
+        bad = Placement.from_expert_devices(np.zeros((2, 4), dtype=int), G)
+        load_engine_model(folder, context=DispatchContext(bad, context.channels))
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="'llama'"):
+        load_reference_model(tmp_path / "llama")

@@ -1,0 +1,351 @@
+"""The OpenAI-compatible FastAPI app over an `AsyncEngine` (no Ray: the Serve ingress wraps it).
+
+Owns the routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` with SSE streaming,
+``/health``, ``/metrics``), the request body size limit, client-disconnect handling (a request whose
+client is gone is aborted) and wiring every error through `openai_api.error_response`. Ignores
+authentication and admin routes (an extra router can be mounted), and the engine's internals.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.async_engine import AsyncEngine, EngineError
+from service.engine import QueueFull, StepOutput
+from service.metrics import RequestTimer, ServingMetrics
+from service.openai_api import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+    error_response,
+    sampling_params,
+)
+from service.text import apply_chat_template
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               extra_router: APIRouter | None = None) -> FastAPI:
+    """The app; the caller starts and shuts down ``engine``.
+
+    Args:
+        engine: must have a tokenizer (prompts and chat templates are tokenised here).
+        served_model_name: the only ``model`` value requests may name.
+        max_body_bytes: larger request bodies get 413.
+        extra_router: more routes (e.g. admin) mounted as is; their errors use the same JSON.
+    """
+    if engine.tokenizer is None:
+        raise ValueError("create_app needs an engine with a tokenizer")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    server = _Server(engine, served_model_name, ServingMetrics(engine))
+    app = FastAPI(title="vibe-serve", version="0.1.0")
+    app.state.metrics = server.metrics
+    # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
+    for exc_type in (APIError, ValueError, QueueFull, EngineError, HTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(exc_type, server.handle_error)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.include_router(_routes(server))
+    if extra_router is not None:
+        app.include_router(extra_router)
+    return app
+
+
+def _routes(server: _Server) -> APIRouter:
+    router = APIRouter()
+    router.add_api_route("/v1/models", server.list_models, methods=["GET"], response_model=ModelList)
+    router.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"], response_model=ModelCard)
+    router.add_api_route("/v1/completions", server.completions, methods=["POST"], response_model=None)
+    router.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], response_model=None)
+    router.add_api_route("/health", server.health, methods=["GET"])
+    router.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    return router
+
+
+@dataclass
+class _Server:
+    engine: AsyncEngine
+    model_name: str
+    metrics: ServingMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[self._card()])
+
+    async def get_model(self, model: str) -> ModelCard:
+        self._check_model(model)
+        return self._card()
+
+    async def health(self) -> Response:
+        if not self.engine.is_alive:
+            return error_response(APIError(503, "the engine is not running", type="service_unavailable_error"))
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer.encode(body.prompt)
+        return await self._generate(request, body, prompt, _CompletionFormat(self.model_name))
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
+        return await self._generate(request, body, prompt, _ChatFormat(self.model_name))
+
+    async def handle_error(self, request: Request, exc: Exception) -> Response:
+        response = error_response(exc)
+        if request.url.path in _GENERATION_PATHS and response.status_code < 500:
+            self.metrics.requests.labels(status="rejected").inc()
+        return response
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.config.max_model_len)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
+                        prompt: list[int], fmt: _Format) -> Response:
+        """Admit the request, wait for its first token (headers wait too), then stream or collect."""
+        params = sampling_params(body, len(prompt), self.engine.config.max_model_len)
+        timer = self.metrics.start_request()
+        outputs = self.engine.generate(fmt.id, prompt, params)
+        try:
+            first = await _unless_disconnected(request, anext(outputs))
+        except _ClientGone:
+            timer.finish("abort", len(prompt))
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except EngineError:
+            timer.finish("error", len(prompt))
+            raise
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_sse(first, outputs, fmt, timer, include_usage), media_type="text/event-stream")
+        try:
+            return await _unless_disconnected(request, _collect(first, outputs, fmt, timer))
+        except _ClientGone:
+            timer.finish("abort", len(prompt))
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _outputs(first: StepOutput, rest: AsyncIterator[StepOutput], timer: RequestTimer) -> AsyncIterator[StepOutput]:
+    """All outputs of a request, timed; an abort by anyone else is an engine error."""
+    out = first
+    while True:
+        if out.finish_reason == "abort":
+            raise EngineError("the request was aborted")
+        timer.on_tokens(len(out.new_token_ids))
+        yield out
+        if out.finished:
+            timer.finish(out.finish_reason, out.num_prompt_tokens)
+            return
+        out = await anext(rest)
+
+
+async def _collect(first: StepOutput, rest: AsyncIterator[StepOutput], fmt: _Format, timer: RequestTimer) -> Response:
+    texts, last = [], first
+    try:
+        async for out in _outputs(first, rest, timer):
+            texts.append(out.text)
+            last = out
+    except EngineError:
+        timer.finish("error", first.num_prompt_tokens)
+        raise
+    return JSONResponse(fmt.response("".join(texts), last).model_dump(mode="json"))
+
+
+async def _sse(first: StepOutput, rest: AsyncIterator[StepOutput], fmt: _Format, timer: RequestTimer,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: ``data: {chunk}`` per delta, a usage chunk if asked, then ``data: [DONE]``."""
+    try:
+        for chunk in fmt.start_chunks():
+            yield _event(chunk)
+        last = first
+        async for out in _outputs(first, rest, timer):
+            last = out
+            for chunk in fmt.chunks(out):
+                yield _event(chunk)
+        if include_usage:
+            yield _event(fmt.usage_chunk(last))
+    except EngineError as exc:
+        timer.finish("error", first.num_prompt_tokens)
+        yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
+    finally:
+        timer.finish("abort", first.num_prompt_tokens)  # no-op unless the client left mid-stream
+        await rest.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def _event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """Await ``awaitable``; if the client disconnects first, cancel it and raise `_ClientGone`."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work not in done:
+        raise _ClientGone
+    return work.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- response formats ------------------------------------------------------------------------------
+
+
+class _Format(abc.ABC):
+    """Builds the responses and stream chunks of one request of one endpoint."""
+
+    prefix = ""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+
+    def start_chunks(self) -> list[BaseModel]:
+        return []
+
+    @abc.abstractmethod
+    def response(self, text: str, last: StepOutput) -> BaseModel:
+        """The non-streaming response: all of ``text``, finish reason and usage from ``last``."""
+
+    @abc.abstractmethod
+    def chunks(self, out: StepOutput) -> list[BaseModel]:
+        """Stream chunks for one output (none while text is held back)."""
+
+    @abc.abstractmethod
+    def usage_chunk(self, last: StepOutput) -> BaseModel:
+        """The final chunk with usage and no choices."""
+
+
+def _usage(out: StepOutput) -> Usage:
+    return Usage.of(out.num_prompt_tokens, out.num_completion_tokens)
+
+
+class _CompletionFormat(_Format):
+    prefix = "cmpl"
+
+    def response(self, text: str, last: StepOutput) -> CompletionResponse:
+        return self._make([CompletionChoice(text=text, finish_reason=last.finish_reason)], _usage(last))
+
+    def chunks(self, out: StepOutput) -> list[CompletionResponse]:
+        if not out.text and not out.finished:
+            return []
+        return [self._make([CompletionChoice(text=out.text, finish_reason=out.finish_reason)])]
+
+    def usage_chunk(self, last: StepOutput) -> CompletionResponse:
+        return self._make([], _usage(last))
+
+    def _make(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+class _ChatFormat(_Format):
+    prefix = "chatcmpl"
+
+    def start_chunks(self) -> list[ChatCompletionChunk]:
+        return [self._make([ChatChunkChoice(delta=Delta(role="assistant", content=""))])]
+
+    def response(self, text: str, last: StepOutput) -> ChatCompletionResponse:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                      usage=_usage(last))
+
+    def chunks(self, out: StepOutput) -> list[ChatCompletionChunk]:
+        chunks = [self._make([ChatChunkChoice(delta=Delta(content=out.text))])] if out.text else []
+        if out.finished:
+            chunks.append(self._make([ChatChunkChoice(delta=Delta(), finish_reason=out.finish_reason)]))
+        return chunks
+
+    def usage_chunk(self, last: StepOutput) -> ChatCompletionChunk:
+        return self._make([], _usage(last))
+
+    def _make(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+# --- body size limit -------------------------------------------------------------------------------
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await error_response(self._error(declared.isdigit()))(scope, receive, send)
+            return
+        await self.app(scope, self._limited(receive), send)
+
+    def _limited(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, f"request body larger than {self.max_bytes} bytes")
+            return message
+
+        return limited_receive
+
+    def _error(self, too_large: bool) -> APIError:
+        if too_large:
+            return APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
+        return APIError(400, "invalid Content-Length header")

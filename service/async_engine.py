@@ -1,0 +1,215 @@
+"""Asyncio shell around `Engine`: a background step thread and per-request output queues.
+
+Owns the thread that runs ``Engine.step()`` while there is work, the hand-over of commands to it (every
+engine mutation runs on that thread, at a step boundary), and the delivery of step outputs to asyncio
+consumers with ``loop.call_soon_threadsafe``. A failed step fails only the requests it held; the loop
+keeps running. Ignores HTTP, tokenisation and metrics formats (listeners get raw `StepStats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from service.engine import Engine, EngineConfig, StepFailed, StepOutput
+from service.sampling import SamplingParams
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (its step raised)."""
+
+
+class EngineStopped(EngineError):
+    """The engine shut down before the request finished."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step as seen by listeners (called on the engine thread, after the step).
+
+    Attributes:
+        seconds: wall time of ``Engine.step()``.
+        num_outputs: outputs the step produced (sampled tokens and aborts).
+        num_running, num_waiting: batch size and queue depth after the step.
+        failed: whether the step raised.
+    """
+
+    seconds: float
+    num_outputs: int
+    num_running: int
+    num_waiting: int
+    failed: bool
+
+
+class AsyncEngine:
+    """Runs an `Engine` on its own thread and serves it to asyncio code.
+
+    Call ``start()`` once (``create_app`` does not), ``shutdown()`` at the end.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="vibe-engine", daemon=True)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._num_running = 0
+        self._num_waiting = 0
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._engine.config
+
+    @property
+    def tokenizer(self):
+        return self._engine.tokenizer
+
+    @property
+    def num_running(self) -> int:
+        """Running batch size after the last step."""
+        return self._num_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Queue depth after the last step boundary."""
+        return self._num_waiting
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call ``listener`` after every step, on the engine thread (keep it short; errors are logged)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the step thread; unfinished requests fail with `EngineError`."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        while self._commands:
+            _, future = self._commands.popleft()
+            future.cancel()
+        self._send([(rid, EngineStopped("the engine shut down")) for rid in list(self._streams)])
+
+    def run_at_step_boundary(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn()`` on the engine thread between two steps; the future holds its result or error."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._stopping:
+            future.set_exception(EngineStopped("the engine shut down"))
+            return future
+        self._commands.append((fn, future))
+        self._wake.set()
+        return future
+
+    async def call_at_step_boundary(self, fn: Callable[[], T]) -> T:
+        """Awaitable `run_at_step_boundary`."""
+        return await asyncio.wrap_future(self.run_at_step_boundary(fn))
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Outputs of one request as they come; the last one has ``finished`` set.
+
+        Raises ValueError / QueueFull from ``Engine.add_request`` and `EngineError` if the request fails.
+        Closing or cancelling the iterator early (client gone) aborts the request.
+        """
+        queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            prompt = list(prompt_token_ids)
+            await self.call_at_step_boundary(lambda: self._engine.add_request(request_id, prompt, params))
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.run_at_step_boundary(lambda: self._engine.abort(request_id))
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self._run_commands()
+            if self._stopping:
+                return
+            if self._engine.has_work:
+                self._step()
+            else:
+                self._wake.wait()
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, future = self._commands.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+        self._num_waiting = self._engine.num_waiting
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        outputs: list[StepOutput] = []
+        failed = True
+        try:
+            outputs = self._engine.step()
+        except StepFailed as exc:
+            log.exception("engine step failed")
+            self._send([(rid, EngineError(str(exc))) for rid in exc.request_ids])
+        except Exception as exc:  # a bug outside the forward: drop every request rather than the loop
+            log.exception("engine step raised unexpectedly")
+            request_ids = list(self._streams)  # a snapshot: consumers add and remove streams concurrently
+            for rid in request_ids:
+                self._engine.abort(rid)
+            self._send([(rid, EngineError(f"engine step failed: {type(exc).__name__}")) for rid in request_ids])
+        else:
+            failed = False
+            self._send([(out.request_id, out) for out in outputs])
+        self._num_running, self._num_waiting = self._engine.num_running, self._engine.num_waiting
+        stats = StepStats(time.perf_counter() - start, len(outputs), self._num_running, self._num_waiting, failed)
+        for listener in self._listeners:
+            try:
+                listener(stats)
+            except Exception:
+                log.exception("step listener failed")
+
+    def _send(self, items: list[tuple[str, StepOutput | BaseException]]) -> None:
+        """Hand items to their requests' consumers: one thread-safe call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -1,0 +1,89 @@
+"""Serving metrics in Prometheus format, one registry per app.
+
+Owns the metric definitions (TTFT, TPOT and end-to-end latency histograms, queue depth, running batch
+size, token and request counters, engine step time) and the per-request timer that feeds them. Ignores
+HTTP routing and placement metrics (the lead's admin routes export those).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.async_engine import AsyncEngine, StepStats
+
+RequestStatus = Literal["stop", "length", "abort", "error", "rejected"]
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+class ServingMetrics:
+    """Metrics of one app; queue depth and batch size are read from the engine at scrape time."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("vibe_time_to_first_token_seconds", "Time from request arrival to its first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("vibe_time_per_output_token_seconds",
+                              "Mean time between output tokens after the first, per request.",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("vibe_e2e_request_latency_seconds", "Time from request arrival to its last token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("vibe_engine_step_seconds", "Wall time of one engine step (one model forward).",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vibe_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("vibe_generation_tokens", "Generated tokens.", registry=r)
+        self.requests = Counter("vibe_requests", "Generation requests by final status.", ["status"], registry=r)
+        Gauge("vibe_num_requests_waiting", "Requests waiting for a slot.", registry=r).set_function(
+            lambda: engine.num_waiting)
+        Gauge("vibe_num_requests_running", "Sequences in the running batch.", registry=r).set_function(
+            lambda: engine.num_running)
+        engine.add_step_listener(self._on_step)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def start_request(self) -> RequestTimer:
+        return RequestTimer(self)
+
+    def _on_step(self, stats: StepStats) -> None:
+        self.step.observe(stats.seconds)
+
+
+class RequestTimer:
+    """Times one request from its arrival; call `on_tokens` per output and `finish` once."""
+
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self._metrics = metrics
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._last = self._start
+        self._num_tokens = 0
+        self._done = False
+
+    def on_tokens(self, num_tokens: int) -> None:
+        if num_tokens == 0:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+            self._metrics.ttft.observe(now - self._start)
+        self._last = now
+        self._num_tokens += num_tokens
+        self._metrics.generation_tokens.inc(num_tokens)
+
+    def finish(self, status: RequestStatus, num_prompt_tokens: int = 0) -> None:
+        """Record the request's end (only the first call counts)."""
+        if self._done:
+            return
+        self._done = True
+        self._metrics.requests.labels(status=status).inc()
+        self._metrics.prompt_tokens.inc(num_prompt_tokens)
+        if self._first is not None:
+            self._metrics.e2e.observe(self._last - self._start)
+        if self._first is not None and self._num_tokens > 1:
+            self._metrics.tpot.observe((self._last - self._first) / (self._num_tokens - 1))

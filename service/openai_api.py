@@ -1,0 +1,317 @@
+"""OpenAI wire format: request and response schemas, and the one place errors become OpenAI error JSON.
+
+Owns the pydantic v2 models of ``/v1/completions`` and ``/v1/chat/completions`` (requests, responses,
+stream chunks), their conversion to `SamplingParams`, and `error_response`, which maps every exception
+to ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. Unknown fields are
+rejected; known OpenAI fields this server does not implement are accepted only at their neutral
+values. Ignores routing, tokenisation and the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException
+
+from service.async_engine import EngineError, EngineStopped
+from service.engine import QueueFull
+from service.sampling import MAX_STOP_STRINGS, SamplingParams
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+# Accepted for compatibility only at these values (anything else is a 400 naming the field).
+_NEUTRAL: dict[str, tuple] = {
+    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
+    "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
+}
+
+
+class APIError(Exception):
+    """An error with its OpenAI type and HTTP status, raised by route code."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    user: str | None = None
+    n: Any = None
+    logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+        return stops
+
+    @field_validator(*_NEUTRAL, mode="before", check_fields=False)
+    @classmethod
+    def _check_neutral(cls, value: Any, info) -> Any:
+        if not any(value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+                   for neutral in _NEUTRAL[info.field_name]):
+            raise ValueError(f"{info.field_name}={value!r} is not supported by this server")
+        return value
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``; ``prompt`` is a string or a list of token ids (one prompt per request)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> str | list[int]:
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            if len(value) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+            value = value[0]
+        if isinstance(value, list) and any(t < 0 for t in value):
+            raise ValueError("prompt token ids must be non-negative")
+        return value
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: None = None
+    tool_calls: list[Any] | None = Field(default=None, max_length=0)
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    service_tier: Any = None
+    store: Any = None
+    metadata: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Messages as the chat template expects them (``developer`` is a system message)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
+                    max_model_len: int) -> SamplingParams:
+    """Engine sampling parameters; without a limit a completion may fill the rest of the context."""
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if num_prompt_tokens >= max_model_len:
+        raise APIError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is {max_model_len}",
+                       param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    if limit is not None and num_prompt_tokens + limit > max_model_len:
+        raise APIError(400, f"max_tokens {limit} plus the prompt's {num_prompt_tokens} tokens exceeds this "
+                       f"model's context of {max_model_len}", param="max_tokens", code="context_length_exceeded")
+    return SamplingParams(
+        max_tokens=limit if limit is not None else max_model_len - num_prompt_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed, stop=tuple(request.stop))
+
+
+# --- responses -----------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @staticmethod
+    def of(prompt_tokens: int, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the full response (``object="text_completion"``) and each stream chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vibe-serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    """HTTP status and OpenAI error JSON of any exception (internals of 5xx errors are never shown)."""
+    err = _as_api_error(exc)
+    return err.status, {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The JSON response for ``exc``; 429 carries ``Retry-After``."""
+    status, body = error_body(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return _validation_error(exc.errors())
+    if isinstance(exc, QueueFull):
+        return APIError(429, "the server is busy: too many requests are waiting; retry later",
+                        type="rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(exc, ValueError):  # by project convention, bad input that names the bad value
+        return APIError(400, str(exc))
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        return APIError(exc.status_code, str(exc.detail), type=_TYPES.get(exc.status_code, "invalid_request_error"))
+    if isinstance(exc, EngineStopped):
+        return APIError(503, "the engine is shutting down; retry later", type="service_unavailable_error")
+    if isinstance(exc, EngineError):
+        return APIError(500, "the model failed while generating this request", type="server_error")
+    log.error("internal error", exc_info=exc)
+    return APIError(500, "internal server error", type="server_error")
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    """400 for the first validation error, naming the field (``messages.0.role``)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown parameter {param!r}"
+    elif first.get("type") == "missing":
+        message = f"missing required parameter {param!r}"
+    elif param:
+        message = f"{param}: {message}"
+    return APIError(400, message, param=param)

@@ -1,0 +1,89 @@
+"""Ragged-batch attention against a naive per-token reference (service/attention.py)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from service.attention import KVCache, SeqChunk, StepBatch, bind_step, ragged_attention
+
+HQ, HKV, D, MAX_LEN, SLOTS = 4, 2, 8, 32, 6
+# (slot, start, new tokens): decodes in slots 0, 2 and 4 (slot 1 idle, slot 3 a prefill inside the
+# decode slot range), a first prefill, a continued prefill chunk, and a one-token prompt.
+LAYOUT = [(0, 5, 1), (3, 0, 7), (2, 9, 1), (5, 4, 3), (4, 0, 1)]
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int | None) -> torch.Tensor:
+    """Attention of one query ``q [Hq, d]`` at position ``pos`` over ``k, v [Hkv, L, d]``, one key at a time."""
+    out = torch.zeros(HQ, D, dtype=torch.float64)
+    for h in range(HQ):
+        kv = h // (HQ // HKV)
+        keys = [j for j in range(pos + 1) if window is None or j > pos - window]
+        scores = torch.tensor([float(q[h] @ k[kv, j]) / math.sqrt(D) for j in keys], dtype=torch.float64)
+        weights = torch.softmax(scores, 0)
+        out[h] = sum(w * v[kv, j].double() for w, j in zip(weights, keys))
+    return out
+
+
+def _scenario(seed: int = 0):
+    """A filled cache, the step's q/k/v and batch, and each sequence's full keys/values."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32)
+    total = sum(n for _, _, n in LAYOUT)
+    query, key, value = (torch.randn(1, h, total, D, generator=gen) for h in (HQ, HKV, HKV))
+    chunks, full, offset = [], {}, 0
+    for slot, start, n in LAYOUT:
+        history_k, history_v = torch.randn(2, HKV, start, D, generator=gen)
+        cache.keys[0][slot, :, :start], cache.values[0][slot, :, :start] = history_k, history_v
+        new = slice(offset, offset + n)
+        full[slot] = (torch.cat([history_k, key[0, :, new]], 1), torch.cat([history_v, value[0, :, new]], 1))
+        chunks.append(SeqChunk(slot, start, n, offset))
+        offset += n
+    return cache, StepBatch.build(chunks), query, key, value, full
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("via_module", [True, False])
+def test_matches_naive_reference(window, via_module):
+    cache, batch, query, key, value, full = _scenario()
+    module = SimpleNamespace(layer_idx=0, sliding_window=window if via_module else None)
+    with bind_step(cache, batch):
+        out, weights = ragged_attention(module, query, key, value, None, scaling=D ** -0.5,
+                                        sliding_window=None if via_module else window)
+    assert weights is None and out.shape == (1, query.shape[2], HQ, D)
+    for chunk in batch.chunks:
+        k, v = full[chunk.slot]
+        for i in range(chunk.num_tokens):
+            expected = _reference(query[0, :, chunk.offset + i], k, v, chunk.start + i, window)
+            torch.testing.assert_close(out[0, chunk.offset + i].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_new_keys_and_values_land_in_their_slots():
+    cache, batch, query, key, value, full = _scenario(seed=1)
+    with bind_step(cache, batch):
+        ragged_attention(SimpleNamespace(layer_idx=0), query, key, value, None)
+    for slot, start, n in LAYOUT:
+        torch.testing.assert_close(cache.keys[0][slot, :, :start + n], full[slot][0])
+        torch.testing.assert_close(cache.values[0][slot, :, :start + n], full[slot][1])
+
+
+def test_decode_range_covers_idle_slots_with_one_key():
+    batch = StepBatch.build([SeqChunk(0, 5, 1, 0), SeqChunk(3, 2, 1, 1)])
+    assert (batch.slot_lo, batch.slot_hi) == (0, 4)
+    assert batch.decode_len.tolist() == [6, 1, 1, 3]
+    assert batch.decode_mask(None)[:, 0, 0].sum(1).tolist() == [6, 1, 1, 3]
+    assert batch.decode_mask(2)[:, 0, 0].sum(1).tolist() == [2, 1, 1, 2]
+
+
+def test_called_outside_a_step_raises():
+    q = torch.zeros(1, HQ, 1, D)
+    with pytest.raises(RuntimeError, match="outside an engine step"):
+        ragged_attention(SimpleNamespace(layer_idx=0), q, q[:, :HKV], q[:, :HKV], None)
+
+
+def test_bytes_per_token_counts_keys_and_values_of_every_layer():
+    assert KVCache.bytes_per_token(3, 2, 16, torch.float32) == 2 * 3 * 2 * 16 * 4
+    assert KVCache.bytes_per_token(3, 2, 16, torch.bfloat16) == 2 * 3 * 2 * 16 * 2

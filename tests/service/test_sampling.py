@@ -1,0 +1,68 @@
+"""SamplingParams validation and next-token sampling (service/sampling.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.sampling import SamplingParams, sample
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    ({"max_tokens": 0}, "0"), ({"max_tokens": 2.5}, "2.5"), ({"temperature": -0.1}, "-0.1"),
+    ({"top_p": 0.0}, "0.0"), ({"top_p": 1.5}, "1.5"), ({"seed": -1}, "-1"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "5"), ({"stop": [""]}, "''"), ({"stop_token_ids": [-3]}, "-3"),
+])
+def test_bad_params_raise_value_error_naming_the_value(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        SamplingParams(**kwargs)
+
+
+def test_params_are_frozen_and_lists_become_tuples():
+    params = SamplingParams(stop=["x"], stop_token_ids=[5])
+    assert params.stop == ("x",) and params.stop_token_ids == (5,)
+    with pytest.raises(AttributeError):
+        params.max_tokens = 3
+
+
+def test_greedy_is_exact_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy] * 6, [None] * 6) == logits.argmax(-1).tolist()
+
+
+def _draws(params: SamplingParams, logits: torch.Tensor, n: int) -> list[int]:
+    gen = params.make_generator()
+    return [sample(logits[None], [params], [gen])[0] for _ in range(n)]
+
+
+def test_same_seed_reproduces_and_different_seeds_differ():
+    logits = torch.zeros(1000)
+    a = _draws(SamplingParams(seed=7), logits, 20)
+    assert a == _draws(SamplingParams(seed=7), logits, 20)
+    assert a != _draws(SamplingParams(seed=8), logits, 20)
+
+
+def test_sampling_follows_the_softmax():
+    logits = torch.log(torch.tensor([0.75, 0.25]))
+    draws = _draws(SamplingParams(seed=0), logits, 4000)
+    assert abs(draws.count(0) / 4000 - 0.75) < 0.03
+
+
+def test_temperature_sharpens():
+    logits = torch.log(torch.tensor([0.6, 0.4]))
+    draws = _draws(SamplingParams(temperature=0.1, seed=0), logits, 500)
+    assert draws.count(0) > 480  # p = 0.6^10 / (0.6^10 + 0.4^10) = 0.983
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert set(_draws(SamplingParams(top_p=0.7, seed=0), logits, 400)) == {0, 1}
+    assert set(_draws(SamplingParams(top_p=0.01, seed=0), logits, 50)) == {0}
+
+
+def test_mixed_batch_samples_each_row_with_its_own_params():
+    logits = torch.stack([torch.tensor([0.0, 5.0, 0.0]), torch.zeros(3)])
+    params = [SamplingParams(temperature=0.0), SamplingParams(seed=1)]
+    tokens = sample(logits, params, [p.make_generator() for p in params])
+    assert tokens[0] == 1 and 0 <= tokens[1] < 3

@@ -1,0 +1,147 @@
+"""Chat templates, incremental detokenisation and stop strings (service/text.py).
+
+Also home of the tiny byte-level tokenizer and matching tiny chat model that test_engine and test_app
+import (tests/tiny_models.py has models without tokenizers).
+"""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from service.text import IncrementalDetokenizer, StopStringMatcher, TextStream, apply_chat_template
+from tests.tiny_models import tiny_config
+
+CHAT_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (any text round-trips; multi-byte characters span tokens) with a chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:40], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def build_chat_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> torch.nn.Module:
+    """The tiny Qwen3-MoE of tests/tiny_models.py with the tokenizer's vocabulary and EOS."""
+    config = tiny_config("qwen3_moe")
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def test_chat_template_ids_match_the_rendered_text(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo €"}]
+    ids = apply_chat_template(tokenizer, messages)
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ids == tokenizer.encode(rendered) and all(isinstance(i, int) for i in ids)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_chat_template_rejects_empty_and_missing_templates(tokenizer):
+    with pytest.raises(ValueError, match="at least one"):
+        apply_chat_template(tokenizer, [])
+    bare = build_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        apply_chat_template(bare, [{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_errors_become_value_errors(tokenizer):
+    strict = build_tokenizer()
+    strict.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="roles must alternate"):
+        apply_chat_template(strict, [{"role": "user", "content": "hi"}])
+
+
+def _stream_deltas(tokenizer, text: str, prompt: str = "Q: ") -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt))
+    deltas = [detok.push(t) for t in tokenizer.encode(text)]
+    return [*deltas, detok.flush()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40))
+def test_detokenizer_deltas_concatenate_to_the_text_without_split_characters(tokenizer, text):
+    deltas = _stream_deltas(tokenizer, text)
+    assert "".join(deltas) == text
+    if "\ufffd" not in text:
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def test_detokenizer_waits_for_the_rest_of_a_multibyte_character(tokenizer):
+    euro = tokenizer.encode("€")  # 3 UTF-8 bytes, split over tokens by a small byte-level BPE
+    assert len(euro) > 1
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert [detok.push(t) for t in euro] == [""] * (len(euro) - 1) + ["€"]
+
+
+def test_detokenizer_flush_shows_an_incomplete_character_as_replacement(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert detok.push(tokenizer.encode("€")[0]) == ""
+    assert detok.flush() == "\ufffd"
+
+
+def test_detokenizer_drops_special_tokens(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, [])
+    ids = [*tokenizer.encode("ab"), tokenizer.eos_token_id]
+    assert "".join(detok.push(t) for t in ids) + detok.flush() == "ab"
+
+
+def test_stop_string_across_deltas_truncates_and_never_releases_part_of_it():
+    matcher = StopStringMatcher(["END"])
+    released = []
+    for delta in ["abc", "E", "N", "Dxyz"]:
+        matcher.add(delta)
+        released.append(matcher.take(final=False))
+    assert matcher.stopped and matcher.text == "abc"
+    assert "".join(released) == "abc" and "E" not in "".join(released)
+
+
+def test_stop_string_false_alarm_is_released():
+    matcher = StopStringMatcher(["END"])
+    out = ""
+    for delta in ["aE", "N", "x"]:
+        matcher.add(delta)
+        out += matcher.take(final=False)
+    out += matcher.take(final=True)
+    assert not matcher.stopped and out == "aENx"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    matcher = StopStringMatcher(["zz", "b"])
+    matcher.add("aazzb")
+    assert matcher.text == "aa" and matcher.stopped
+
+
+def test_text_stream_stops_inside_a_token(tokenizer):
+    text = "print('hello world') # done"
+    stream = TextStream(tokenizer, [], ["world"])
+    released = ""
+    for token in tokenizer.encode(text):
+        stream.push(token)
+        released += stream.take(final=stream.stopped)
+        if stream.stopped:
+            break
+    assert stream.stopped and released == "print('hello "

@@ -51,16 +51,12 @@ class DeviceChannel(Protocol):
 
 
 class SocketChannel:
-    """A worker's data plane over a socket (`service.transport.WorkerClient`)."""
+    """A worker's data plane over a socket: a `service.transport.WorkerClient` connected to `address`
+    ("tcp://host:port" or "unix:///path"); every receive waits at most `timeout_s`, so nothing hangs."""
 
-    def __init__(self, client: WorkerClient) -> None:
-        self._client = client
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self._client = WorkerClient(address, timeout_s)
         self._pending: deque[int] = deque()
-
-    @classmethod
-    def connect(cls, address: str, timeout_s: float = 30.0) -> SocketChannel:
-        """Connect to "tcp://host:port" or "unix:///path"; every later receive waits at most timeout_s."""
-        return cls(WorkerClient(address, timeout_s))
 
     def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
         self._client.send_forward(seq, layer, experts, counts, tokens)
@@ -354,18 +350,28 @@ class DispatchingExperts(nn.Module):
         slots = routes.slots(experts)
         order = np.argsort(slots, kind="stable")  # [P] pairs grouped by slot, hence by device
         slot_pairs = np.bincount(slots, minlength=len(routes.slot_expert))
-        device = hidden_states.device
-        rows = hidden_states.index_select(0, torch.from_numpy(order % num_tokens).to(device))  # [P, H]
-        outputs = self._exchange(step, routes, slot_pairs, rows).to(device)  # [P, H] in row order
-        outputs.mul_(top_k_weights.t().reshape(-1)[torch.from_numpy(order).to(device)][:, None])
-        out = _sum_in_expert_order(choices, order, outputs)
+        # plane j of the combine holds each token's j-th smallest expert, as the eager loop adds them
+        by_expert = np.argsort(choices, axis=1, kind="stable")  # [T, k]
+        rank = np.empty_like(by_expert)
+        np.put_along_axis(rank, by_expert, np.arange(top_k)[None, :], axis=1)
+        plane_row = (rank.T * num_tokens + np.arange(num_tokens)).reshape(-1)[order]  # [P]
+        rows = _take_rows(hidden_states.detach().cpu().contiguous(), order % num_tokens)  # [P, H]
+        planes = self._exchange(step, routes, slot_pairs, rows, plane_row)  # [k * T, H] unweighted
+        planes = planes.to(hidden_states.device).view(top_k, num_tokens, -1)
+        weights = torch.take_along_dim(top_k_weights, torch.from_numpy(by_expert).to(top_k_weights.device), dim=1)
+        out = planes[0] * weights[:, :1]
+        for j in range(1, top_k):
+            out += planes[j] * weights[:, j:j + 1]
         if step.implicit:
             self.context._close(step)
         return out
 
-    def _exchange(self, step: _Step, routes: _LayerRoutes, slot_pairs: np.ndarray,
-                  rows: torch.Tensor) -> torch.Tensor:
-        """Send each device its rows (submit to all, then collect all); outputs [P, H] in row order."""
+    def _exchange(self, step: _Step, routes: _LayerRoutes, slot_pairs: np.ndarray, rows: torch.Tensor,
+                  plane_row: np.ndarray) -> torch.Tensor:
+        """Send each device its rows (submit to all, then collect all).
+
+        Returns the unweighted outputs [k * T, H] (CPU), row i of `rows` answered in row plane_row[i].
+        """
         seq = self.context.next_seq()
         sent, errors, row = [], [], 0
         for device, first, end in routes.device_ranges:
@@ -378,43 +384,36 @@ class DispatchingExperts(nn.Module):
             counts = counts[held].astype(np.int32)
             try:
                 step.routes.channels[device].submit(seq, self.layer, experts, counts, rows[row:row + num_rows])
-                sent.append((device, counts))
+                sent.append((device, counts, plane_row[row:row + num_rows]))
             except Exception as exc:  # the engine decides what fails; name the device and layer
                 errors.append(DispatchError(device, self.layer, exc))
             row += num_rows
-        outputs = []
-        for device, counts in sent:  # collect every reply, even after a failure, to keep streams in step
+        planes = torch.empty_like(rows)
+        for device, counts, target in sent:  # collect every reply, even after a failure, to keep streams in step
             try:
                 output, seconds = step.routes.channels[device].result()
             except Exception as exc:
                 errors.append(DispatchError(device, self.layer, exc))
                 continue
-            outputs.append(output)
+            _put_rows(planes, target, output)
             self.context.record_samples(device, counts, np.asarray(seconds, dtype=np.float64))
         if errors:
             raise errors[0]
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return planes
 
 
-def _sum_in_expert_order(choices: np.ndarray, order: np.ndarray, outputs: torch.Tensor) -> torch.Tensor:
-    """Per token, the sum of its weighted outputs in ascending expert order: [T, H].
+# Row gathers and scatters run in NumPy on a same-width integer view: single-threaded, so they never
+# wait at an OpenMP barrier on a crowded CPU (torch's parallel index ops did, for 10+ ms), and valid for
+# any dtype, bfloat16 included, because they only move bytes.
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    Args:
-        choices: int [T, k] experts of each token.
-        order: int [P] the k-major pair index p = j * T + t of each row of `outputs`.
-        outputs: [P, H] weighted expert outputs.
 
-    Pair (t, j) lands in plane rank(t, j) of a [k, T, H] buffer, rank = position of its expert among
-    the token's sorted choices; the planes are then added in order, as the eager loop's index_add_
-    adds expert after expert.
-    """
-    num_tokens, top_k = choices.shape
-    rank = np.argsort(np.argsort(choices, axis=1, kind="stable"), axis=1)  # [T, k]
-    plane_row = (rank.T * num_tokens + np.arange(num_tokens)).reshape(-1)[order]  # [P]
-    planes = torch.empty((top_k * num_tokens, outputs.shape[1]), dtype=outputs.dtype, device=outputs.device)
-    planes.index_copy_(0, torch.from_numpy(plane_row).to(outputs.device), outputs)
-    planes = planes.view(top_k, num_tokens, -1)
-    out = planes[0].clone()
-    for plane in planes[1:]:
-        out += plane
-    return out
+def _take_rows(source: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """source[index] for a contiguous CPU tensor [N, H] and int [M] indices: [M, H]."""
+    raw = source.view(_RAW[source.element_size()]).numpy()
+    return torch.from_numpy(raw[index]).view(source.dtype)
+
+
+def _put_rows(target: torch.Tensor, index: np.ndarray, rows: torch.Tensor) -> None:
+    """target[index] = rows for contiguous CPU tensors of one dtype."""
+    target.view(_RAW[target.element_size()]).numpy()[index] = rows.contiguous().view(_RAW[rows.element_size()]).numpy()

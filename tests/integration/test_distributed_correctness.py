@@ -109,7 +109,7 @@ def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_fa
         np.tile(np.arange(layout.num_experts) * G // layout.num_experts, (layout.num_moe_layers, 1)), G)
     ray.get([actor.load_experts.remote(str(folder), sorted(placement.experts_on(g)))
              for g, actor in enumerate(actors)])
-    channels = {info.index: SocketChannel.connect(info.unix_address, timeout_s=30) for info in infos}
+    channels = {info.index: SocketChannel(info.unix_address, timeout_s=30) for info in infos}
     context = DispatchContext(placement, channels)
     engine = load_engine_model(folder, context=context).model
     reference = load_reference_model(folder)

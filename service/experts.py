@@ -141,15 +141,14 @@ def run_experts(
     x = tokens.to(store.device, dtype=store.dtype)
     outputs = torch.empty_like(x)
     timer = _CudaTimer(len(weights)) if store.device.type == "cuda" else _CpuTimer(len(weights))
-    bounds = np.concatenate([[0], np.cumsum(counts)])
+    start = 0
     with torch.no_grad():
-        for i, tensors in enumerate(weights):
-            start, end = int(bounds[i]), int(bounds[i + 1])
-            if start == end:
-                continue
-            timer.start(i)
-            outputs[start:end] = _expert_ffn(x[start:end], tensors["gate_up"], tensors["down"], act_fn)
-            timer.stop(i)
+        for i, (tensors, end) in enumerate(zip(weights, np.cumsum(counts).tolist())):
+            if end > start:
+                timer.start(i)
+                outputs[start:end] = _expert_ffn(x[start:end], tensors["gate_up"], tensors["down"], act_fn)
+                timer.stop(i)
+            start = end
     return outputs, timer.seconds()
 
 

@@ -1,0 +1,352 @@
+"""Continuous-batching Engine and its AsyncEngine shell, against transformers' own greedy `generate`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from service.async_engine import AsyncEngine, EngineError, EngineStopped
+from service.attention import KVCache
+from service.engine import Engine, EngineConfig, QueueFull, StepFailed
+from service.sampling import SamplingParams
+from tests.service.test_text import build_chat_model, build_tokenizer
+from tests.tiny_models import VOCAB_SIZE, build_tiny_model
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB_SIZE, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _engine(arch: str = "qwen3_moe", **config) -> Engine:
+    return Engine(build_tiny_model(arch), EngineConfig(**{"max_model_len": 256, **config}))
+
+
+def _run(engine: Engine, joins: dict[int, list[tuple[str, list[int], SamplingParams]]], max_steps: int = 500):
+    """Step until idle, adding requests at the given steps; returns tokens and finish reasons by id."""
+    tokens, reasons = {}, {}
+    for step in range(max_steps):
+        for request_id, prompt, params in joins.get(step, []):
+            engine.add_request(request_id, prompt, params)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        if not engine.has_work and step >= max(joins, default=0):
+            return tokens, reasons
+    raise AssertionError("engine did not finish")
+
+
+@pytest.fixture(scope="module")
+def reference_models():
+    return {arch: build_tiny_model(arch) for arch in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_single_greedy_requests_equal_generate(arch, reference_models):
+    prompts = [_prompt(1, 0), _prompt(37, 1)]
+    for i, prompt in enumerate(prompts):
+        tokens, reasons = _run(_engine(arch), {0: [(f"r{i}", prompt, GREEDY)]})
+        assert tokens[f"r{i}"] == _generate(reference_models[arch], prompt, 24)
+        assert reasons[f"r{i}"] in ("length", "stop")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_staggered_concurrent_requests_equal_generate(arch, reference_models):
+    lengths = {0: [5, 17], 3: [40], 5: [3, 64], 9: [9, 2]}
+    joins = {step: [(f"s{step}-{i}", _prompt(n, 10 * step + i), GREEDY) for i, n in enumerate(ns)]
+             for step, ns in lengths.items()}
+    engine = _engine(arch, max_num_seqs=4, max_num_batched_tokens=24)  # some wait; prefill shares steps
+    tokens, _ = _run(engine, joins)
+    for requests in joins.values():
+        for request_id, prompt, _ in requests:
+            assert tokens[request_id] == _generate(reference_models[arch], prompt, 24), request_id
+
+
+def test_chunked_prefill_equals_unchunked(reference_models):
+    prompt = _prompt(150, 3)
+    chunked, _ = _run(_engine(max_num_seqs=2, max_num_batched_tokens=16), {0: [("long", prompt, GREEDY)]})
+    whole, _ = _run(_engine(max_num_batched_tokens=512), {0: [("long", prompt, GREEDY)]})
+    assert chunked["long"] == whole["long"] == _generate(reference_models["qwen3_moe"], prompt, 24)
+
+
+def test_every_forward_respects_the_token_budget_and_batch_size():
+    engine = _engine(max_num_seqs=3, max_num_batched_tokens=20)
+    sizes, running = [], []
+    engine._model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    joins = {0: [(f"r{i}", _prompt(30 + i, i), GREEDY) for i in range(5)]}
+    for request_id, prompt, params in joins[0]:
+        engine.add_request(request_id, prompt, params)
+    while engine.has_work:
+        engine.step()
+        running.append(engine.num_running)
+    assert max(sizes) <= 20 and max(running) <= 3 and engine.num_waiting == 0
+
+
+def test_counts_and_length_finish():
+    tokens, reasons = _run(_engine(), {0: [("a", _prompt(7, 0), SamplingParams(max_tokens=5, temperature=0.0))]})
+    assert len(tokens["a"]) == 5 and reasons["a"] == "length"
+    engine = _engine()
+    engine.add_request("b", _prompt(7, 0), SamplingParams(max_tokens=3, temperature=0.0))
+    outs = [out for _ in range(3) for out in engine.step()]
+    assert [(o.num_prompt_tokens, o.num_completion_tokens, o.finished) for o in outs] == [
+        (7, 1, False), (7, 2, False), (7, 3, True)]
+
+
+def test_abort_frees_the_slot_for_the_next_request():
+    engine = _engine(max_num_seqs=1)
+    engine.add_request("a", _prompt(5, 0), GREEDY)
+    engine.add_request("b", _prompt(5, 1), GREEDY)
+    engine.step()
+    assert (engine.num_running, engine.num_waiting) == (1, 1)
+    assert engine.abort("a") and not engine.abort("missing")
+    assert (engine.num_running, engine.num_waiting) == (0, 1)
+    outs = engine.step()
+    assert outs[0].request_id == "a" and outs[0].finish_reason == "abort" and outs[0].finished
+    assert outs[1].request_id == "b" and engine.num_running == 1
+    assert engine.abort("b") and not engine.has_work or engine.step()[0].finish_reason == "abort"
+
+
+def test_abort_of_a_waiting_request():
+    engine = _engine(max_num_seqs=1)
+    engine.add_request("a", _prompt(5, 0), GREEDY)
+    engine.add_request("b", _prompt(5, 1), GREEDY)
+    assert engine.abort("b") and engine.num_waiting == 1
+    assert [o.request_id for o in engine.step() if o.finished] == ["b"]
+
+
+def test_kv_memory_cap_limits_the_running_batch(reference_models):
+    model = build_tiny_model("qwen3_moe")
+    cfg = model.config
+    slot_bytes = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                         torch.float32) * 64
+    engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=64, kv_cache_bytes=2 * slot_bytes + 1))
+    assert engine.num_kv_slots == 2
+    prompts = {f"r{i}": _prompt(10 + i, i) for i in range(4)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    tokens = {}
+    while engine.has_work:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        assert engine.num_running <= 2
+    for request_id, prompt in prompts.items():
+        assert tokens[request_id] == _generate(reference_models["qwen3_moe"], prompt, 12)
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64, kv_cache_bytes=slot_bytes - 1))
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], GREEDY, "at least one token"),
+    ([VOCAB_SIZE], GREEDY, "must be in"),
+    ([5] * 250, SamplingParams(max_tokens=7), "exceeds max_model_len 256"),
+    ([5], SamplingParams(stop=("x",)), "tokenizer"),
+])
+def test_bad_requests_raise_value_error(prompt, params, match):
+    with pytest.raises(ValueError, match=match):
+        _engine().add_request("r", prompt, params)
+
+
+def test_duplicate_ids_and_queue_bound():
+    engine = _engine(max_queue=2)
+    engine.add_request("a", [5], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", [5], GREEDY)
+    engine.add_request("b", [5], GREEDY)
+    with pytest.raises(QueueFull):
+        engine.add_request("c", [5], GREEDY)
+    engine.step()  # both admitted: the queue has room again
+    engine.add_request("c", [5], GREEDY)
+
+
+@pytest.mark.parametrize("bad", [{"max_num_seqs": 0}, {"max_queue": -1}, {"max_num_batched_tokens": 4, "max_num_seqs": 8},
+                                 {"kv_cache_bytes": 1.5}])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        EngineConfig(**bad)
+
+
+def test_seed_reproducible_whatever_the_batch():
+    params = SamplingParams(max_tokens=16, temperature=1.5, seed=5)
+    alone, _ = _run(_engine(), {0: [("x", _prompt(9, 0), params)]})
+    crowd, _ = _run(_engine(), {0: [(f"o{i}", _prompt(20, i + 1), GREEDY) for i in range(3)],
+                                2: [("x", _prompt(9, 0), params)]})
+    other, _ = _run(_engine(), {0: [("x", _prompt(9, 0), SamplingParams(max_tokens=16, temperature=1.5, seed=6))]})
+    assert alone["x"] == crowd["x"] and alone["x"] != other["x"]
+
+
+def test_stop_token_ids_and_eos(reference_models):
+    prompt = _prompt(11, 4)
+    expected = _generate(reference_models["qwen3_moe"], prompt, 24)
+    stop = expected[5]
+    stopped, reasons = _run(_engine(), {0: [("a", prompt, SamplingParams(max_tokens=24, temperature=0.0,
+                                                                              stop_token_ids=(stop,)))]})
+    assert stopped["a"] == expected[:expected.index(stop) + 1] and reasons["a"] == "stop"
+    model = build_tiny_model("qwen3_moe")
+    model.generation_config.eos_token_id = stop
+    engine = Engine(model, EngineConfig(max_model_len=256))
+    tokens, reasons = _run(engine, {0: [("eos", prompt, GREEDY),
+                                        ("ignore", prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))]})
+    assert tokens["eos"] == stopped["a"] and reasons["eos"] == "stop"
+    assert tokens["ignore"] == expected and reasons["ignore"] == "length"
+
+
+@pytest.fixture(scope="module")
+def chat_parts():
+    tokenizer = build_tokenizer()
+    return tokenizer, build_chat_model(tokenizer)
+
+
+def test_stop_strings_cut_the_text(chat_parts):
+    tokenizer, reference = chat_parts
+    prompt = tokenizer.encode("def main():")
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    full = tokenizer.decode(_generate(reference, prompt, 40))
+    stop = full[10:13]
+    engine = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=128), tokenizer=tokenizer)
+    engine.add_request("plain", prompt, params)
+    engine.add_request("stopped", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=(stop,)))
+    texts, reasons = {"plain": "", "stopped": ""}, {}
+    while engine.has_work:
+        for out in engine.step():
+            texts[out.request_id] += out.text
+            reasons[out.request_id] = out.finish_reason
+    assert texts["plain"] == full and reasons["plain"] == "length"
+    assert texts["stopped"] == full[:full.index(stop)] and reasons["stopped"] == "stop"
+
+
+class _Hooks:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.begun = self.ended = 0
+        self.fail_at = fail_at
+
+    def begin_step(self) -> None:
+        self.begun += 1
+        if self.begun == self.fail_at:
+            raise RuntimeError("device lost")
+
+    def end_step(self) -> None:
+        self.ended += 1
+
+
+def test_hooks_wrap_every_forward_and_a_failed_step_frees_its_requests():
+    hooks = _Hooks(fail_at=3)
+    engine = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64), hooks=hooks)
+    engine.add_request("a", [5, 6, 7], GREEDY)
+    engine.add_request("b", [8, 9], GREEDY)
+    engine.step()
+    engine.step()
+    with pytest.raises(StepFailed) as failure:
+        engine.step()
+    assert set(failure.value.request_ids) == {"a", "b"} and "device lost" in str(failure.value)
+    assert (engine.num_running, engine.has_work, hooks.begun, hooks.ended) == (0, False, 3, 2)  # no step opened
+    tokens, _ = _run(engine, {0: [("c", [5, 6, 7], GREEDY)]})
+    assert len(tokens["c"]) == 24 and hooks.begun == hooks.ended + 1
+
+
+# --- AsyncEngine -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def async_engine():
+    engine = AsyncEngine(_engine(max_num_seqs=4))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams = GREEDY):
+    return [out async for out in engine.generate(request_id, prompt, params)]
+
+
+def test_async_generate_matches_generate(async_engine, reference_models):
+    prompts = [_prompt(6 + 5 * i, i) for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*(_collect(async_engine, f"r{i}", p) for i, p in enumerate(prompts)))
+
+    for prompt, outs in zip(prompts, asyncio.run(main())):
+        assert [t for o in outs for t in o.new_token_ids] == _generate(reference_models["qwen3_moe"], prompt, 24)
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_closing_the_iterator_aborts_the_request(async_engine):
+    async def main():
+        stream = async_engine.generate("r", [5, 6], SamplingParams(max_tokens=200, temperature=0.0))
+        await anext(stream)
+        await stream.aclose()
+        return await async_engine.call_at_step_boundary(lambda: async_engine._engine.num_running)
+
+    assert asyncio.run(main()) == 0
+
+
+def test_cancelling_a_consumer_aborts_the_request(async_engine):
+    async def main():
+        task = asyncio.create_task(_collect(async_engine, "r", [5, 6], SamplingParams(max_tokens=200, temperature=0.0)))
+        while async_engine.num_running == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        return await async_engine.call_at_step_boundary(lambda: async_engine._engine.has_work and
+                                                        async_engine._engine.num_running)
+
+    assert not asyncio.run(main())
+
+
+def test_admission_errors_reach_the_caller(async_engine):
+    async def main():
+        with pytest.raises(ValueError, match="at least one token"):
+            await _collect(async_engine, "r", [])
+
+    asyncio.run(main())
+
+
+def test_a_failed_step_fails_its_requests_and_the_loop_goes_on():
+    hooks = _Hooks(fail_at=2)
+    engine = AsyncEngine(Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64), hooks=hooks))
+    failures = []
+    engine.add_step_listener(lambda stats: failures.append(stats.failed))
+    engine.start()
+    try:
+        async def main():
+            with pytest.raises(EngineError, match="device lost"):
+                await _collect(engine, "a", [5, 6, 7])
+            return await _collect(engine, "b", [5, 6, 7])
+
+        assert len(asyncio.run(main())) == 24 and engine.is_alive and failures.count(True) == 1
+    finally:
+        engine.shutdown()
+
+
+def test_functions_run_at_a_step_boundary(async_engine):
+    assert async_engine.run_at_step_boundary(lambda: 41 + 1).result(timeout=10) == 42
+    with pytest.raises(ZeroDivisionError):
+        async_engine.run_at_step_boundary(lambda: 1 / 0).result(timeout=10)
+
+
+def test_shutdown_fails_unfinished_requests():
+    engine = AsyncEngine(_engine())
+    engine.start()
+
+    async def main():
+        task = asyncio.create_task(_collect(engine, "r", [5], SamplingParams(max_tokens=200, temperature=0.0)))
+        while engine.num_running == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineStopped):
+            await task
+
+    asyncio.run(main())
+    assert not engine.is_alive
+    with pytest.raises(EngineStopped):
+        engine.run_at_step_boundary(lambda: None).result(timeout=1)

@@ -1,0 +1,121 @@
+"""OpenAI request schemas, sampling conversion and the exception-to-error-JSON mapping (service/openai_api.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from service.async_engine import EngineError, EngineStopped
+from service.engine import QueueFull
+from service.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    error_response,
+    sampling_params,
+)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _rejection(model, body: dict) -> tuple[int, dict]:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return error_body(info.value)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"foo": 1}, "foo"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 5}, "stop"),
+    ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
+    ({"max_tokens": "many"}, "max_tokens"),
+])
+def test_chat_rejections_name_the_parameter(extra, param):
+    status, body = _rejection(ChatCompletionRequest, {**CHAT, **extra})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] is not None and body["error"]["param"].startswith(param)
+    assert param.split(".")[0] in body["error"]["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "logit_bias": {},
+               "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
+               "user": "u", "seed": 3, "stream": True, "stream_options": {"include_usage": True}}
+    request = ChatCompletionRequest.model_validate({**CHAT, **neutral})
+    assert request.n == 1 and request.stream_options.include_usage
+
+
+def test_message_content_parts_and_developer_role():
+    request = ChatCompletionRequest.model_validate({**CHAT, "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert request.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+@pytest.mark.parametrize("prompt, expected", [("abc", "abc"), ([5, 6], [5, 6]), (["abc"], "abc"), ([[5, 6]], [5, 6])])
+def test_completion_prompt_forms(prompt, expected):
+    assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompt == expected
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], [[1], [2]], [-1], 5])
+def test_batched_or_bad_prompts_are_rejected(prompt):
+    status, body = _rejection(CompletionRequest, {"model": "m", "prompt": prompt})
+    assert status == 400 and body["error"]["param"].startswith("prompt")
+
+
+def test_sampling_params_defaults_fill_the_context():
+    params = sampling_params(ChatCompletionRequest.model_validate({**CHAT, "stop": "END"}), 10, 100)
+    assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (90, 1.0, 1.0, ("END",))
+
+
+def test_sampling_params_prefers_max_completion_tokens():
+    body = {**CHAT, "max_tokens": 50, "max_completion_tokens": 7, "temperature": 0, "seed": 4}
+    params = sampling_params(ChatCompletionRequest.model_validate(body), 10, 100)
+    assert (params.max_tokens, params.greedy, params.seed) == (7, True, 4)
+
+
+@pytest.mark.parametrize("body, prompt_tokens, param", [
+    ({"max_tokens": 95}, 10, "max_tokens"), ({}, 100, "prompt"), ({"stream_options": {"include_usage": True}}, 5,
+                                                                   "stream_options"),
+])
+def test_sampling_params_rejections(body, prompt_tokens, param):
+    with pytest.raises(APIError) as info:
+        sampling_params(CompletionRequest.model_validate({"model": "m", "prompt": "x", **body}), prompt_tokens, 100)
+    assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("exc, status, type_", [
+    (APIError(404, "no such model", param="model", code="model_not_found"), 404, "invalid_request_error"),
+    (ValueError("prompt must contain at least one token"), 400, "invalid_request_error"),
+    (QueueFull("busy"), 429, "rate_limit_error"),
+    (HTTPException(401, "bad key"), 401, "authentication_error"),
+    (HTTPException(403, "forbidden"), 403, "permission_error"),
+    (HTTPException(404, "Not Found"), 404, "not_found_error"),
+    (HTTPException(413, "too big"), 413, "invalid_request_error"),
+    (EngineStopped("stopping"), 503, "service_unavailable_error"),
+    (EngineError("step failed: CUDA error at /secret/path.py:12"), 500, "server_error"),
+    (KeyError("/secret/internal"), 500, "server_error"),
+])
+def test_error_mapping(exc, status, type_):
+    response = error_response(exc)
+    body = json.loads(response.body)
+    assert response.status_code == status and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == type_
+    assert ("Retry-After" in response.headers) == (status == 429)
+    if status >= 500:
+        assert "secret" not in body["error"]["message"]
+
+
+def test_invalid_json_is_a_400():
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json(b"{not json")
+    status, body = error_body(info.value)
+    assert status == 400 and "not valid JSON" in body["error"]["message"]

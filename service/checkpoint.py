@@ -16,7 +16,6 @@ On disk `save_pretrained` writes per-expert keys by default, and fused 3-D tenso
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass

@@ -350,18 +350,12 @@ class DispatchingExperts(nn.Module):
         slots = routes.slots(experts)
         order = np.argsort(slots, kind="stable")  # [P] pairs grouped by slot, hence by device
         slot_pairs = np.bincount(slots, minlength=len(routes.slot_expert))
-        # plane j of the combine holds each token's j-th smallest expert, as the eager loop adds them
-        by_expert = np.argsort(choices, axis=1, kind="stable")  # [T, k]
-        rank = np.empty_like(by_expert)
-        np.put_along_axis(rank, by_expert, np.arange(top_k)[None, :], axis=1)
-        plane_row = (rank.T * num_tokens + np.arange(num_tokens)).reshape(-1)[order]  # [P]
+        by_expert = np.argsort(choices, axis=1, kind="stable")  # [T, k] each token's choices, ascending
         rows = _take_rows(hidden_states.detach().cpu().contiguous(), order % num_tokens)  # [P, H]
-        planes = self._exchange(step, routes, slot_pairs, rows, plane_row)  # [k * T, H] unweighted
+        planes = self._exchange(step, routes, slot_pairs, rows, _plane_rows(by_expert, order))
         planes = planes.to(hidden_states.device).view(top_k, num_tokens, -1)
         weights = torch.take_along_dim(top_k_weights, torch.from_numpy(by_expert).to(top_k_weights.device), dim=1)
-        out = planes[0] * weights[:, :1]
-        for j in range(1, top_k):
-            out += planes[j] * weights[:, j:j + 1]
+        out = _weighted_sum(planes, weights, hidden_states.dtype)
         if step.implicit:
             self.context._close(step)
         return out
@@ -400,6 +394,36 @@ class DispatchingExperts(nn.Module):
         if errors:
             raise errors[0]
         return planes
+
+
+def _plane_rows(by_expert: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """int [P]: row of the [k * T, H] combine buffer for each grouped pair.
+
+    Plane j (rows j*T .. j*T+T-1) holds every token's j-th smallest expert, so that adding the planes
+    in order adds each token's experts in ascending order, as the eager loop's index_add_ does.
+
+    Args:
+        by_expert: int [T, k] argsort of each token's choices.
+        order: int [P] k-major pair index (p = j * T + t) of each grouped pair.
+    """
+    num_tokens, top_k = by_expert.shape
+    rank = np.empty_like(by_expert)  # [T, k] position of each choice among the token's sorted choices
+    np.put_along_axis(rank, by_expert, np.arange(top_k)[None, :], axis=1)
+    return (rank.T * num_tokens + np.arange(num_tokens)).reshape(-1)[order]
+
+
+def _weighted_sum(planes: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_j planes[j] * weights[:, j] in order j = 0, 1, ...: [T, H].
+
+    Args:
+        planes: [k, T, H] unweighted outputs, plane j = each token's j-th smallest expert.
+        weights: [T, k] routing weights in the same order.
+        dtype: of the result; each weighted output is cast to it before it is added (as eager does).
+    """
+    out = (planes[0] * weights[:, :1]).to(dtype)
+    for j in range(1, planes.shape[0]):
+        out += (planes[j] * weights[:, j:j + 1]).to(dtype)
+    return out
 
 
 # Row gathers and scatters run in NumPy on a same-width integer view: single-threaded, so they never

@@ -118,7 +118,7 @@ def test_read_experts_rejects_bad_keys_and_folders(checkpoints, tmp_path):
 def test_read_experts_names_an_expert_missing_from_the_checkpoint(checkpoints, tmp_path):
     source = checkpoints["qwen3_moe", "per_expert"]
     with safe_open(source / "model.safetensors", framework="pt") as file:
-        tensors = {name: file.get_tensor(name) for name in file.keys() if ".experts.4." not in name}
+        tensors = {name: file.get_tensor(name) for name in file.keys() if ".experts.4." not in name}  # noqa: SIM118
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((source / "config.json").read_text())
     assert read_experts(tmp_path, [(0, 3)])[0].expert == 3

@@ -22,13 +22,13 @@ from service.messages import ExpertTensors
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
 
-H, I, E, L, G = 16, 8, 8, 2, 4
+HIDDEN, INTER, E, L, G = 16, 8, 8, 2, 4
 
 
 @pytest.fixture(scope="module")
 def reference() -> list[Qwen3MoeExperts]:
     """Per MoE layer, transformers' experts module with random weights, running its eager loop."""
-    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, hidden_act="silu")
+    config = Qwen3MoeConfig(hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=E, hidden_act="silu")
     config._experts_implementation = "eager"
     torch.manual_seed(0)
     layers = []
@@ -87,7 +87,7 @@ def contiguous(version: int = 0) -> Placement:
 def routing(num_tokens: int, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [T, H], top_k_index [T, k] (distinct per token), top_k_weights [T, k]."""
     generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_tokens, H, generator=generator)
+    hidden = torch.randn(num_tokens, HIDDEN, generator=generator)
     logits = torch.randn(num_tokens, E, generator=generator)
     weights, index = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
     return hidden, index, weights / weights.sum(-1, keepdim=True)
@@ -228,8 +228,8 @@ def test_buffers_keep_only_the_newest(reference):
 def test_no_tokens_sends_nothing(reference):
     channels = full_channels(reference)
     context = DispatchContext(contiguous(), channels)
-    out = DispatchingExperts(0, E, context)(torch.zeros(0, H), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
-    assert out.shape == (0, H)
+    out = DispatchingExperts(0, E, context)(torch.zeros(0, HIDDEN), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert out.shape == (0, HIDDEN)
     assert all(not channel.requests for channel in channels.values())
 
 
@@ -269,7 +269,7 @@ def test_missing_expert_on_worker_is_a_dispatch_error(reference):
     channels = full_channels(reference)
     channels[1] = LocalChannel(make_worker(reference, 1, []))
     context = DispatchContext(contiguous(), channels)
-    hidden = torch.randn(4, H)
+    hidden = torch.randn(4, HIDDEN)
     index = torch.tensor([[2, 3]] * 4)
     with pytest.raises(DispatchError, match="device 1 failed at MoE layer 0"):
         DispatchingExperts(0, E, context)(hidden, index, torch.full((4, 2), 0.5))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -296,3 +299,36 @@ def test_socket_channels_match_local_and_fail_fast_when_a_worker_is_gone(referen
         run(module, reference, 0, 48, 4, seed=9)
     for channel in channels.values():
         channel.close()
+
+
+def test_placement_set_from_another_thread_never_splits_a_step(reference):
+    channels = full_channels(reference)
+    context = DispatchContext(contiguous(), channels)
+    modules = [DispatchingExperts(layer, E, context) for layer in range(L)]
+    on_device = [Placement.from_expert_devices(np.full((L, E), g), G) for g in (0, 3)]
+    stop = threading.Event()
+
+    def publish() -> None:
+        version = 1
+        while not stop.is_set():
+            context.set_placement(on_device[version % 2].with_version(version))
+            version += 1
+
+    publisher = threading.Thread(target=publish)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the publisher run between any two layers
+    publisher.start()
+    try:
+        hidden, index, weights = routing(6, 2, seed=4)
+        for _ in range(30):
+            before = {g: len(channels[g].requests) for g in (0, 3)}
+            context.begin_step()
+            for module in modules:
+                module(hidden, index, weights)
+            context.end_step()
+            sent = {g: len(channels[g].requests) - before[g] for g in (0, 3)}
+            assert sorted(sent.values()) == [0, L]  # every layer of the step on the same device
+    finally:
+        stop.set()
+        publisher.join()
+        sys.setswitchinterval(switch_interval)

@@ -7,6 +7,7 @@ import (tests/tiny_models.py has models without tokenizers).
 from __future__ import annotations
 
 import pydoc_data.topics
+
 import pytest
 import torch
 from hypothesis import given, settings

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible app served by uvicorn on an ephemeral port, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi import APIRouter
+
+from service.app import create_app
+from service.async_engine import AsyncEngine
+from service.engine import Engine, EngineConfig
+from service.openai_api import APIError
+from service.text import apply_chat_template
+from tests.service.test_text import build_chat_model, build_tokenizer
+
+MODEL = "vibe-test"
+MAX_MODEL_LEN = 256
+
+
+@contextlib.contextmanager
+def _serve(app):
+    """Run ``app`` with uvicorn on 127.0.0.1 and an ephemeral port, in a background thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _start_engine(tokenizer, **config) -> AsyncEngine:
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN, **config),
+                                tokenizer=tokenizer))
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    engine = _start_engine(tokenizer, max_num_seqs=16, max_num_batched_tokens=256)
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL, max_body_bytes=64 * 1024)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _reference_text(tokenizer, prompt: list[int], max_tokens: int) -> str:
+    model = build_chat_model(tokenizer)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+
+MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is a list?"}]
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_equals_greedy_generate_and_streaming_equals_non_streaming(client, tokenizer):
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    prompt = apply_chat_template(tokenizer, MESSAGES)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == _reference_text(tokenizer, prompt, 20)
+    assert response.usage.prompt_tokens == len(prompt)
+    assert response.usage.total_tokens == len(prompt) + response.usage.completion_tokens
+    assert (choice.finish_reason == "length") == (response.usage.completion_tokens == 20)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == response.usage
+
+
+def test_completions_with_text_and_token_prompts(client, tokenizer):
+    text = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=0)
+    ids = tokenizer.encode("def f(x):")
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert text.choices[0].text == by_ids.choices[0].text == _reference_text(tokenizer, ids, 12)
+    assert text.usage.prompt_tokens == len(ids)
+    streamed = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == text.choices[0].finish_reason
+
+
+def test_seeded_sampling_is_reproducible_over_http(client):
+    def ask(seed: int) -> str:
+        return client.completions.create(model=MODEL, prompt="x =", max_tokens=16, temperature=1.0, seed=seed
+                                         ).choices[0].text
+
+    assert ask(11) == ask(11) != ask(12)
+
+
+def test_stop_strings_over_http(client):
+    full = client.completions.create(model=MODEL, prompt="import os", max_tokens=30, temperature=0).choices[0].text
+    stop = full[8:11]
+    cut = client.completions.create(model=MODEL, prompt="import os", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenizer):
+    url, engine = server
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    conversations = [[{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}] for i in range(16)]
+
+    async def one(messages):
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(m) for m in conversations))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    for messages, (text, usage) in zip(conversations, results):
+        prompt = apply_chat_template(tokenizer, messages)
+        assert usage.prompt_tokens == len(prompt) and 1 <= usage.completion_tokens <= 24
+        assert text == _reference_text(tokenizer, prompt, 24)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "messages": MESSAGES}, 404, "model"),
+    ({"model": MODEL, "messages": MESSAGES, "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": MESSAGES, "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ({"model": MODEL, "messages": MESSAGES, "n": 3}, 400, "n"),
+    ({"model": MODEL, "messages": MESSAGES, "frequency_penalty": 1.0}, 400, "frequency_penalty"),
+    ({"model": MODEL, "messages": MESSAGES, "bogus": True}, 400, "bogus"),
+    ({"messages": MESSAGES}, 400, "model"),
+])
+def test_bad_chat_requests_get_openai_errors_and_the_server_stays_healthy(server, body, status, param):
+    response = httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=30)
+    error = response.json()["error"]
+    assert response.status_code == status and error["param"] == param and error["message"]
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("content, status", [(b"{not json", 400), (b"x" * (65 * 1024), 413), (b"[1, 2]", 400)])
+def test_malformed_and_oversized_bodies(server, content, status):
+    response = httpx.post(f"{server[0]}/v1/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_unknown_routes_and_methods_use_the_error_json(server):
+    assert httpx.get(f"{server[0]}/v1/nothing").json()["error"]["type"] == "not_found_error"
+    response = httpx.get(f"{server[0]}/v1/chat/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_openai_client_sees_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, presence_penalty=1.0)
+
+
+class _SlowSteps:
+    """Step hooks that make each forward take at least 10 ms, so a generation outlasts a disconnect."""
+
+    def begin_step(self) -> None:
+        time.sleep(0.01)
+
+    def end_step(self) -> None:
+        pass
+
+
+def test_client_disconnect_mid_stream_aborts_the_sequence(tokenizer):
+    core = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN), tokenizer=tokenizer,
+                  hooks=_SlowSteps())
+    aborted, abort = [], core.abort
+    core.abort = lambda request_id: aborted.append(request_id) or abort(request_id)
+    engine = AsyncEngine(core)
+    engine.start()
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "temperature": 0, "stream": True}
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL)) as url:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+                assert next(response.iter_lines()).startswith("data: ")
+            deadline = time.monotonic() + 20
+            while not aborted and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(aborted) == 1 and aborted[0].startswith("cmpl-")
+            assert engine.run_at_step_boundary(lambda: core.num_running).result(10) == 0
+            assert 'vibe_requests_total{status="abort"} 1.0' in httpx.get(f"{url}/metrics").text
+    finally:
+        engine.shutdown()
+
+
+def test_metrics_after_traffic(server, client):
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    text = httpx.get(f"{server[0]}/metrics").text
+    for name in ("vibe_time_to_first_token_seconds_count", "vibe_time_per_output_token_seconds_count",
+                 "vibe_e2e_request_latency_seconds_count", "vibe_num_requests_waiting", "vibe_num_requests_running",
+                 "vibe_generation_tokens_total", 'vibe_requests_total{status="length"}',
+                 'vibe_requests_total{status="rejected"}', "vibe_engine_step_seconds_count"):
+        assert name in text, name
+
+
+def test_queue_full_is_a_429_with_retry_after_and_extra_routes_share_the_error_json(tokenizer):
+    engine = _start_engine(tokenizer, max_num_seqs=1, max_num_batched_tokens=64, max_queue=1)
+    router = APIRouter()
+
+    @router.get("/admin/secret")
+    async def secret():
+        raise APIError(401, "missing bearer token", type="authentication_error")
+
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 8, "temperature": 0}
+    responses = []
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL, extra_router=router)) as url:
+            assert httpx.get(f"{url}/admin/secret").status_code == 401
+            # Hold the engine thread so both admissions run in one batch of commands: the first fills the
+            # queue (max_queue=1), the second finds it full.
+            release = threading.Event()
+            engine.run_at_step_boundary(release.wait)
+            senders = [threading.Thread(target=lambda: responses.append(
+                httpx.post(f"{url}/v1/completions", json=body, timeout=60))) for _ in range(2)]
+            for sender in senders:
+                sender.start()
+            while len(engine._commands) < 2:
+                time.sleep(0.02)
+            release.set()
+            for sender in senders:
+                sender.join(60)
+    finally:
+        engine.shutdown()
+    assert sorted(r.status_code for r in responses) == [200, 429]
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["code"] == "rate_limit_exceeded"

@@ -96,6 +96,9 @@ class _InstantChannel:
     def result(self) -> tuple[torch.Tensor, np.ndarray]:
         return self._replies.pop(0)
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 def contiguous_placement(layout: ExpertLayout, num_devices: int) -> Placement:
     expert_device = np.arange(layout.num_experts) * num_devices // layout.num_experts

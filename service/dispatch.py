@@ -49,6 +49,9 @@ class DeviceChannel(Protocol):
     def result(self) -> tuple[torch.Tensor, np.ndarray]:
         """Reply to the oldest unanswered request: unweighted outputs [n, H] and seconds float64 [k]."""
 
+    def close(self) -> None:
+        """Release the connection (called when the context stops using the channel)."""
+
 
 class SocketChannel:
     """A worker's data plane over a socket: a `service.transport.WorkerClient` connected to `address`
@@ -86,6 +89,9 @@ class LocalChannel:
 
     def result(self) -> tuple[torch.Tensor, np.ndarray]:
         return self._replies.popleft()
+
+    def close(self) -> None:
+        """Nothing to release: the worker lives in this process and belongs to the caller."""
 
 
 @dataclass(frozen=True)
@@ -278,8 +284,14 @@ class DispatchContext:
         self._step = None
 
     def _open(self, implicit: bool) -> _Step:
+        """Pin the newest routes; close channels the previous routes used and the new ones do not."""
         with self._lock:
-            self._routes = self._pending
+            previous, self._routes = self._routes, self._pending
+        if previous is not self._routes:
+            current = {id(channel) for channel in self._routes.channels.values()}
+            for channel in previous.channels.values():
+                if id(channel) not in current:
+                    channel.close()
         return _Step(self._routes, implicit)
 
     def _close(self, step: _Step) -> None:
@@ -290,10 +302,10 @@ class DispatchContext:
         """The open step, or one for this call alone (implicit)."""
         return self._step if self._step is not None else self._open(implicit=True)
 
-    def next_seq(self) -> int:
+    def _next_seq(self) -> int:
         return next(self._seq)
 
-    def record_samples(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
+    def _record_samples(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
         with self._lock:
             ring = self._samples.get(device)
             if ring is None:
@@ -366,7 +378,7 @@ class DispatchingExperts(nn.Module):
 
         Returns the unweighted outputs [k * T, H] (CPU), row i of `rows` answered in row plane_row[i].
         """
-        seq = self.context.next_seq()
+        seq = self.context._next_seq()
         sent, errors, row = [], [], 0
         for device, first, end in routes.device_ranges:
             counts = slot_pairs[first:end]
@@ -390,7 +402,7 @@ class DispatchingExperts(nn.Module):
                 errors.append(DispatchError(device, self.layer, exc))
                 continue
             _put_rows(planes, target, output)
-            self.context.record_samples(device, counts, np.asarray(seconds, dtype=np.float64))
+            self.context._record_samples(device, counts, np.asarray(seconds, dtype=np.float64))
         if errors:
             raise errors[0]
         return planes

@@ -65,6 +65,7 @@ class RecordingChannel:
     def __init__(self, worker: ExpertWorker) -> None:
         self.inner = LocalChannel(worker)
         self.requests: list[tuple[int, list[int], list[int]]] = []
+        self.closed = False
 
     def submit(self, seq, layer, experts, counts, tokens) -> None:
         self.requests.append((layer, experts.tolist(), counts.tolist()))
@@ -72,6 +73,9 @@ class RecordingChannel:
 
     def result(self):
         return self.inner.result()
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def all_keys() -> list[tuple[int, int]]:
@@ -173,9 +177,12 @@ def test_placement_and_channels_change_only_at_step_boundary(reference):
     assert len(channels[0].requests) == 1 and len(channels[3].requests) == 2
 
     replacement = {g: RecordingChannel(make_worker(reference, g, all_keys())) for g in range(G)}
+    replacement[0] = channels[0]  # kept across the change
     context.set_channels(replacement, workers_epoch=4)
+    assert not any(channel.closed for channel in channels.values())
     module(hidden, index, weights)  # outside a step: pins the newest for this call
     assert len(replacement[3].requests) == 1 and len(channels[3].requests) == 2
+    assert [channels[g].closed for g in range(G)] == [False, True, True, True]  # retired ones closed
     assert context.drain_report("engine").workers_epoch == 4
 
 

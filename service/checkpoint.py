@@ -143,35 +143,53 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[Expert
     folder = _local_dir(checkpoint_dir)
     layout = load_layout(folder)
     keys = layout.check_keys(keys)
-    weight_map = _weight_map(folder)
-    with ExitStack() as stack:
-        files = {}
-
-        def tensor_file(name: str):
-            if name not in files:
-                files[name] = stack.enter_context(safe_open(folder / weight_map[name], framework="pt"))
-            return files[name]
-
+    with _Shards(folder) as shards:
         out = []
         for layer, expert in keys:
-            gate_up, down = _read_expert(tensor_file, weight_map, layout.moe_layers[layer], expert)
+            gate_up, down = _read_expert(shards, layout.moe_layers[layer], expert)
             tensors = {"gate_up": gate_up, "down": down}
             out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
     return out
 
 
-def _read_expert(tensor_file, weight_map: dict[str, str], decoder_layer: int, expert: int):
+class _Shards:
+    """The safetensors files of a checkpoint folder, each opened on first use, closed on exit."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.weight_map = _weight_map(folder)
+        self._stack = ExitStack()
+        self._open: dict[str, object] = {}
+
+    def __enter__(self) -> _Shards:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file(self, name: str):
+        """The open file holding tensor `name`."""
+        shard = self.weight_map[name]
+        if shard not in self._open:
+            self._open[shard] = self._stack.enter_context(safe_open(self.folder / shard, framework="pt"))
+        return self._open[shard]
+
+
+def _read_expert(shards: _Shards, decoder_layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [2I, H], down [H, I]) of one expert from whichever key format the checkpoint uses."""
     prefix = f"model.layers.{decoder_layer}."
     for fmt in _PER_EXPERT_FORMATS:
         names = [prefix + suffix.format(e=expert) for suffix in fmt]
-        if all(name in weight_map for name in names):
-            gate, up, down = (tensor_file(name).get_tensor(name) for name in names)
+        if all(name in shards for name in names):
+            gate, up, down = (shards.file(name).get_tensor(name) for name in names)
             return torch.cat([gate, up], dim=0), down.contiguous()
     names = [prefix + suffix for suffix in _FUSED_FORMAT]
-    if all(name in weight_map for name in names):
+    if all(name in shards for name in names):
         # get_slice reads only this expert's rows of the fused tensors
-        gate_up, down = (tensor_file(name).get_slice(name)[expert].contiguous() for name in names)
+        gate_up, down = (shards.file(name).get_slice(name)[expert].contiguous() for name in names)
         return gate_up, down
     raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
 

@@ -30,15 +30,15 @@ class KVCache:
     """Keys and values of every running sequence, one fixed slot each.
 
     Per layer, ``keys[layer]`` and ``values[layer]`` are ``[num_slots, num_kv_heads, max_len, head_dim]``,
-    allocated once (zeros, so masked-out positions never hold NaN). Slot ``s`` position ``p`` holds the
-    key of token ``p`` of the sequence in slot ``s``.
+    allocated once on ``device`` (zeros, so masked-out positions never hold NaN). Slot ``s`` position ``p``
+    holds the key of token ``p`` of the sequence in slot ``s``.
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -81,11 +81,12 @@ class StepBatch:
     slot_lo: int                 # decode attention reads slots slot_lo .. slot_hi - 1
     slot_hi: int
     decode_len: torch.Tensor     # int64 [slot_hi - slot_lo]: keys to attend per slot in range (>= 1)
+    decode_max_len: int          # decode_len.max(), known without a device sync
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
-    def build(chunks: Sequence[SeqChunk]) -> StepBatch:
-        """Metadata for ``chunks`` (in flat-batch order, offsets contiguous from 0)."""
+    def build(chunks: Sequence[SeqChunk], device: torch.device | str = "cpu") -> StepBatch:
+        """Metadata for ``chunks`` (in flat-batch order, offsets contiguous from 0), tensors on ``device``."""
         decodes = [c for c in chunks if c.num_tokens == 1]
         prefills = tuple(c for c in chunks if c.num_tokens > 1)
         slots = [c.slot for c in decodes]
@@ -93,19 +94,19 @@ class StepBatch:
         decode_len = torch.ones(hi - lo, dtype=torch.int64)  # slots in range without a decode token: 1 key
         for c in decodes:
             decode_len[c.slot - lo] = c.start + 1
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         return StepBatch(
-            chunks=tuple(chunks), prefills=prefills,
-            decode_index=torch.tensor([c.offset for c in decodes], dtype=torch.int64),
-            decode_slots=torch.tensor(slots, dtype=torch.int64),
-            decode_pos=torch.tensor([c.start for c in decodes], dtype=torch.int64),
-            slot_lo=lo, slot_hi=hi, decode_len=decode_len,
+            chunks=tuple(chunks), prefills=prefills, decode_index=as_tensor([c.offset for c in decodes]),
+            decode_slots=as_tensor(slots), decode_pos=as_tensor([c.start for c in decodes]),
+            slot_lo=lo, slot_hi=hi, decode_len=decode_len.to(device),
+            decode_max_len=max((c.start + 1 for c in decodes), default=0),
         )
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
         """Bool ``[slot_hi - slot_lo, 1, 1, max_len]``: True where a slot's decode query may attend."""
         if sliding_window not in self._masks:
             length = self.decode_len[:, None]
-            keys = torch.arange(int(self.decode_len.max()))[None, :]
+            keys = torch.arange(self.decode_max_len, device=length.device)[None, :]
             allowed = keys < length
             if sliding_window is not None:
                 allowed &= keys > length - 1 - sliding_window
@@ -197,8 +198,8 @@ def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chun
     if chunk.start == 0 and window is None:
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     else:
-        q_pos = torch.arange(chunk.start, end)[:, None]
-        k_pos = torch.arange(end)[None, :]
+        q_pos = torch.arange(chunk.start, end, device=query.device)[:, None]
+        k_pos = torch.arange(end, device=query.device)[None, :]
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window

@@ -254,7 +254,7 @@ class Engine:
         return decodes + prefills
 
     def _forward(self, chunks: list[tuple[_Sequence, int]]) -> torch.Tensor:
-        """Logits ``[N, V]`` at the last token of every chunk that completes its sequence's pending tokens."""
+        """float32 CPU logits ``[N, V]`` at the last token of each chunk that completes its pending tokens."""
         ids, positions, meta, keep = [], [], [], []
         for seq, n in chunks:
             meta.append(SeqChunk(seq.slot, seq.num_cached, n, len(ids)))
@@ -262,16 +262,18 @@ class Engine:
             positions += range(seq.num_cached, seq.num_cached + n)
             if n == seq.num_pending:
                 keep.append(len(ids) - 1)
+        device = self._model.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         if self._hooks is not None:
             self._hooks.begin_step()
         try:
-            with torch.inference_mode(), attention.bind_step(self._cache, StepBatch.build(meta)):
-                out = self._model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
-                                  use_cache=False, logits_to_keep=torch.tensor(keep, dtype=torch.int64))
+            with torch.inference_mode(), attention.bind_step(self._cache, StepBatch.build(meta, device)):
+                out = self._model(input_ids=as_tensor([ids]), position_ids=as_tensor([positions]),
+                                  use_cache=False, logits_to_keep=as_tensor(keep))
         finally:
             if self._hooks is not None:
                 self._hooks.end_step()
-        return out.logits[0]
+        return out.logits[0].float().cpu()
 
     def _append_token(self, seq: _Sequence, token: int) -> StepOutput:
         seq.token_ids.append(token)
@@ -309,7 +311,8 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     if num_slots < 1:
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
                          f"{config.max_model_len} ({per_token * config.max_model_len} bytes)")
-    return KVCache(mc.num_hidden_layers, num_slots, num_kv_heads, config.max_model_len, head_dim, model.dtype)
+    return KVCache(mc.num_hidden_layers, num_slots, num_kv_heads, config.max_model_len, head_dim, model.dtype,
+                   model.device)
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:

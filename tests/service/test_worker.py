@@ -1,5 +1,7 @@
 """ExpertWorker without Ray: outputs, emulated holds, profiling, migration, controls, telemetry."""
 
+import ctypes
+import os
 import sys
 import threading
 import time
@@ -49,6 +51,26 @@ def test_forward_matches_reference_ffn_and_keeps_the_request_dtype():
     assert outputs.dtype == torch.float64 and seconds.shape == (2,) and (seconds > 0).all()
     half, _ = worker.forward(1, [4, 0], [2, 5], tokens.float())
     assert half.dtype == torch.float32
+
+
+GOMP = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+
+
+@pytest.mark.skipif(not os.path.exists(GOMP), reason="torch is not built with GNU OpenMP")
+def test_forward_from_a_new_thread_uses_the_configured_thread_count():
+    # torch.get_num_threads() reports the global setting; OpenMP's per-thread value is what ops use.
+    omp_max_threads = ctypes.CDLL(GOMP).omp_get_max_threads
+    worker = worker_with([(0, 0)])
+    seen = []
+
+    def call():
+        worker.forward(0, [0], [1], torch.randn(1, HIDDEN))
+        seen.append(omp_max_threads())
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+    assert seen == [1]
 
 
 def test_unknown_expert_is_a_key_error():

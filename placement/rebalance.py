@@ -1,0 +1,288 @@
+"""Swap local search over device times, and the incremental solver built on it (the paper's Algorithm 2).
+
+Owns a mutable working layout of slots over devices for all layers at once (`SwapSearch`), the search
+that repeatedly relieves each layer's slowest device by the best one-for-one swap (or, where devices
+have spare slots, the best move), and `rebalance`, which applies that search to a live placement under
+new loads and reports the expert moves. Knows nothing of how the first placement was made (see `vibe`,
+`eplb`) or of how weights move (see `migration`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from placement.device_model import DeviceModel
+from placement.metrics import curve_params, latency_matrix, latency_on
+from placement.placement import Placement
+
+# A swap must lower the slowest device's time by more than this share of it to count: far above float
+# rounding of the incremental time updates, so the search cannot cycle on rounding noise.
+_MIN_GAIN = 1e-12
+
+
+@dataclass(frozen=True)
+class Move:
+    """One replica of logical `expert` of `layer` moves from device `src_device` to `dst_device`."""
+
+    layer: int
+    expert: int
+    src_device: int
+    dst_device: int
+
+
+class SwapSearch:
+    """Slots of every layer over G devices, with device times kept up to date under swaps and moves.
+
+    Kept as [L, M, G] grids, position-major (M: most slots a device may need; empty positions hold
+    slot -1, 0 tokens and 0 seconds), so that every swap partner of a slot is a broadcast, not a gather,
+    along a contiguous device axis. Moving a slot to an empty position of a device with room is a swap
+    with that empty position.
+
+    Args:
+        expert: int [L, R], logical expert of each slot.
+        tokens: float [L, R], tokens each slot processes (its expert's load times its replica share).
+        device: int [L, R], device of each slot.
+        params: float [3, G], device curves (see `metrics.curve_params`).
+        capacity: int [G], most slots a device may hold, or None to keep every device's slot count (swaps
+            only, no moves).
+        distinct: forbid swaps and moves that would put two replicas of one expert on one device.
+    """
+
+    def __init__(self, expert: np.ndarray, tokens: np.ndarray, device: np.ndarray, params: np.ndarray,
+                 capacity: np.ndarray | None, distinct: bool) -> None:
+        num_layers, num_slots = expert.shape
+        num_devices = params.shape[1]
+        self.params, self.capacity = params, capacity
+        rows = np.arange(num_layers)[:, None]
+        self.counts = np.zeros((num_layers, num_devices), dtype=np.int64)
+        np.add.at(self.counts, (rows, device), 1)
+        width = int(self.counts.max())
+        if capacity is not None:  # one spare position where a device has room, for moves
+            width = max(width, min(int(capacity.max()), width + 1))
+        order = np.argsort(device, axis=1, kind="stable")
+        by_device = np.take_along_axis(device, order, axis=1)
+        start = np.cumsum(self.counts, axis=1) - self.counts
+        position = np.arange(num_slots) - np.take_along_axis(start, by_device, axis=1)
+        self.slot = np.full((num_layers, width, num_devices), -1, dtype=np.int64)  # [L, M, G]
+        self.slot[rows, position, by_device] = order
+        self.num_experts = int(expert.max()) + 1  # also the expert id of an empty position
+        self.expert = self._gathered(expert, self.num_experts)
+        self.tokens = self._gathered(tokens, 0.0)
+        self.own = latency_on(self.tokens, np.arange(num_devices), params)  # [L, M, G] seconds where it is
+        self.times = self.own.sum(axis=1)  # [L, G]
+        self.presence = None  # int [L, E + 1, G]: replicas of each expert on each device (last: empty, 0)
+        if distinct:
+            self.presence = np.zeros((num_layers, self.num_experts + 1, num_devices), dtype=np.int32)
+            np.add.at(self.presence, (rows[:, :, None], self.expert, np.arange(num_devices)), 1)
+            self.presence[:, -1] = 0
+        self._buffers()
+
+    def _gathered(self, per_slot: np.ndarray, empty) -> np.ndarray:
+        """[L, M, G] grid of a per-slot array [L, R], `empty` at empty positions."""
+        at = np.maximum(self.slot, 0).reshape(self.slot.shape[0], -1)
+        return np.where(self.slot >= 0, np.take_along_axis(per_slot, at, axis=1).reshape(self.slot.shape), empty)
+
+    def _buffers(self, rows: int = 0) -> None:
+        """Scratch space for `best_swaps`, kept between calls: fresh 4-D temporaries cost page faults."""
+        _, width, num_devices = self.slot.shape
+        rows = max(rows, self.slot.shape[0])
+        self._dst = np.empty((rows, width, width, num_devices))
+        self._src = np.empty_like(self._dst)
+
+    def slot_devices(self) -> np.ndarray:
+        """int [L, R]: the current device of every slot."""
+        layers, positions, devices = np.nonzero(self.slot >= 0)
+        out = np.empty((self.slot.shape[0], layers.size // self.slot.shape[0]), dtype=np.int64)
+        out[layers, self.slot[layers, positions, devices]] = devices
+        return out
+
+    def best_swaps(self, layers: np.ndarray, src: np.ndarray, movable: np.ndarray):
+        """Best exchange of a movable position on device `src` with a position on another device, per layer.
+
+        Args:
+            layers: int [N] layer indices; src: int [N] source device per layer;
+            movable: bool [N, M], positions on src that may leave (filled ones only).
+        Returns:
+            worst: float [N], the larger of the two devices' new times (inf when nothing is allowed);
+            pos_a: int [N] position on src; dst: int [N] other device; pos_b: int [N] position on dst
+            (an empty one for a move).
+        """
+        num, rows = layers.size, np.arange(layers.size)
+        if num > self._dst.shape[0]:
+            self._buffers(num)
+        tokens, own, expert = self.tokens[layers], self.own[layers], self.expert[layers]  # [N, M, G]
+        times = self.times[layers]  # [N, G]
+        # a leaves src for device g: g's time plus a's seconds there; barred on src, on a device holding
+        # a's expert, and for positions that may not leave
+        into = latency_matrix(tokens[rows, :, src], self.params)  # [N, M, G]
+        barred = ~movable[:, :, None] | (np.arange(times.shape[1]) == src[:, None])[:, None, :]
+        if self.presence is not None:
+            barred |= self.presence[layers[:, None], expert[rows, :, src]] > 0
+        np.copyto(into, np.inf, where=barred)
+        into += times[:, None, :]
+        # b comes to src: b's seconds on src; barred on src, where b's expert is on src, or empty w/o room
+        come = latency_on(tokens, src[:, None, None], self.params)  # [N, M, G]
+        empty = self.slot[layers] < 0
+        barred = empty if self.capacity is None else empty & (self.counts[layers] >= self.capacity)[:, None, :]
+        barred[rows, :, src] = True
+        if self.presence is not None:
+            on_src = self.presence[layers, :, src]  # [N, E + 1]
+            barred |= np.take(on_src, expert + (rows * on_src.shape[1])[:, None, None]) > 0
+        np.copyto(come, np.inf, where=barred)
+        leave = times[rows, src][:, None] - own[rows, :, src]  # [N, M]: src without a
+        worst = np.subtract(into[:, :, None, :], own[:, None, :, :], out=self._dst[:num])  # [N, Ma, Mb, G]
+        np.maximum(worst, np.add(leave[:, :, None, None], come[:, None, :, :], out=self._src[:num]), out=worst)
+        flat = worst.reshape(num, -1).argmin(axis=1)
+        pos_a, pos_b, dst = np.unravel_index(flat, worst.shape[1:])
+        return worst.reshape(num, -1)[rows, flat], pos_a, dst, pos_b
+
+    def exchange(self, layers: np.ndarray, src: np.ndarray, pos_a: np.ndarray, dst: np.ndarray,
+                 pos_b: np.ndarray) -> None:
+        """Exchange position pos_a of device src with position pos_b of device dst, one pair per layer."""
+        a, b = (layers, pos_a, src), (layers, pos_b, dst)
+        moved_a, moved_b = self.expert[a], self.expert[b]
+        for grid in (self.slot, self.expert, self.tokens):
+            grid[a], grid[b] = grid[b], grid[a].copy()
+        old_a, old_b = self.own[a], self.own[b]
+        self.own[a] = latency_on(self.tokens[a], src, self.params)
+        self.own[b] = latency_on(self.tokens[b], dst, self.params)
+        self.times[layers, src] += self.own[a] - old_a
+        self.times[layers, dst] += self.own[b] - old_b
+        into_empty = self.slot[a] < 0
+        self.counts[layers, src] -= into_empty
+        self.counts[layers, dst] += into_empty
+        if self.presence is not None:
+            self.presence[layers, moved_a, src] -= 1
+            self.presence[layers, moved_a, dst] += 1
+            self.presence[layers, moved_b, dst] -= 1
+            self.presence[layers, moved_b, src] += 1
+            self.presence[layers, -1] = 0
+        if self.capacity is not None:
+            self._keep_spare_position()
+
+    def _keep_spare_position(self) -> None:
+        """Widen the grids by one empty position when a device with room has none left."""
+        if np.any((self.counts == self.slot.shape[1]) & (self.counts < self.capacity)):
+            pad = ((0, 0), (0, 1), (0, 0))
+            self.slot = np.pad(self.slot, pad, constant_values=-1)
+            self.expert = np.pad(self.expert, pad, constant_values=self.num_experts)
+            self.tokens = np.pad(self.tokens, pad)
+            self.own = np.pad(self.own, pad)
+            self._buffers(self._dst.shape[0])
+
+    def separate_replicas(self) -> np.ndarray:
+        """Swap co-located replicas apart (one per layer per round, each by its best allowed exchange).
+
+        Returns bool [L]: the layers left with every expert's replicas on distinct devices.
+        """
+        valid = np.ones(self.slot.shape[0], dtype=bool)
+        while True:
+            dup = np.argwhere(self.presence > 1)  # (layer, expert, device), layer-major
+            dup = dup[valid[dup[:, 0]]]
+            if not dup.size:
+                return valid
+            layers, first = np.unique(dup[:, 0], return_index=True)
+            exp, src = dup[first, 1], dup[first, 2]
+            here = self.expert[layers, :, src] == exp[:, None]  # [N, M]
+            movable = np.arange(here.shape[1]) == here.argmax(axis=1)[:, None]
+            worst, pos_a, dst, pos_b = self.best_swaps(layers, src, movable)
+            done = np.isfinite(worst)
+            valid[layers[~done]] = False
+            self.exchange(layers[done], src[done], pos_a[done], dst[done], pos_b[done])
+
+    def relieve_slowest(self, eps: float, max_steps: np.ndarray | None = None) -> np.ndarray:
+        """Repeatedly apply the best swap (or move) that lowers the slowest device's time, per layer.
+
+        Among all exchanges of a slot on the slowest device with a slot (or, where a device has room, an
+        empty position) on any other device, take the one that minimises the larger of the two new device
+        times; apply it when that is below the slowest device's time. A layer stops when
+        max_g T_g <= (1 + eps) * mean_g T_g, when no exchange helps, or after max_steps[l] steps.
+        Every step strictly lowers the sorted vector of device times (lexicographically), so the search
+        ends; the default step cap only guards against a float surprise.
+
+        Returns:
+            int [L], steps applied in each layer.
+        """
+        num_layers = self.slot.shape[0]
+        steps = np.zeros(num_layers, dtype=np.int64)
+        limit = np.full(num_layers, 4 * self.slot.size) if max_steps is None else max_steps
+        active = np.arange(num_layers)
+        while active.size:
+            times = self.times[active]
+            unbalanced = times.max(axis=1) > (1.0 + eps) * times.mean(axis=1)
+            active = active[unbalanced & (steps[active] < limit[active])]
+            if not active.size:
+                break
+            src = self.times[active].argmax(axis=1)
+            worst, pos_a, dst, pos_b = self.best_swaps(active, src, self.slot[active, :, src] >= 0)
+            gain = worst < self.times[active, src] * (1.0 - _MIN_GAIN)
+            active, src = active[gain], src[gain]
+            self.exchange(active, src, pos_a[gain], dst[gain], pos_b[gain])
+            steps[active] += 1
+        return steps
+
+
+def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel], eps: float = 0.03,
+              *, max_swaps_per_layer: int | None = None) -> tuple[Placement, list[Move]]:
+    """Incrementally re-balance `placement` for new `loads` by one-for-one swaps (the paper's Algorithm 2).
+
+    Per layer, while the slowest device's predicted time exceeds (1 + eps) times the mean, apply the swap
+    between the slowest device and ANY other device (the paper uses the fastest) that most lowers the
+    larger of the two devices' new times; stop when no swap lowers it below the slowest device's time.
+    Swaps keep every device's slot count, every replica's token share, and replicas of one expert on
+    distinct devices (a swap that would co-locate two replicas is not considered).
+
+    Args:
+        placement: the live placement (L layers, R slots, G devices).
+        loads: float [L, E], tokens per logical expert in the new window.
+        devices: G device curves.
+        eps: tolerated imbalance, >= 0.
+        max_swaps_per_layer: cap on swaps per layer (None: no cap), >= 0.
+    Returns:
+        The new placement (version + 1) and the moves (two per swap, net of swaps that undo each other);
+        the same placement object and [] when nothing moved.
+    """
+    loads = _check_inputs(placement, loads, devices, eps, max_swaps_per_layer)
+    num_layers = placement.num_layers
+    params = curve_params(devices)
+    search = SwapSearch(placement.phy2log, placement.slot_tokens(loads), placement.slot_device, params,
+                        None, distinct=bool(placement.logcnt.max() > 1))
+    cap = None if max_swaps_per_layer is None else np.full(num_layers, max_swaps_per_layer)
+    search.relieve_slowest(eps, cap)
+    device = search.slot_devices()
+    moved = device != placement.slot_device
+    if not moved.any():
+        return placement, []
+    layers, slots = np.nonzero(moved)
+    moves = [Move(int(layer), int(placement.phy2log[layer, slot]), int(placement.slot_device[layer, slot]),
+                  int(device[layer, slot])) for layer, slot in zip(layers, slots)]
+    new = device_major(placement.phy2log, device, placement.replica_share, placement.num_experts,
+                       placement.num_devices, placement.version + 1)
+    return new, moves
+
+
+def device_major(expert: np.ndarray, device: np.ndarray, share: np.ndarray, num_experts: int,
+                 num_devices: int, version: int) -> Placement:
+    """The placement with slots [L, R] of `expert`, `device` and `share`, re-laid device-major (stable)."""
+    order = np.argsort(device, axis=1, kind="stable")
+    phy2log, slot_device, share = (np.take_along_axis(array, order, axis=1) for array in (expert, device, share))
+    return Placement(phy2log, slot_device, share, num_experts, num_devices, version)
+
+
+def _check_inputs(placement: Placement, loads, devices, eps, max_swaps_per_layer) -> np.ndarray:
+    loads = np.asarray(loads, dtype=np.float64)
+    if loads.shape != (placement.num_layers, placement.num_experts):
+        raise ValueError(f"loads must be [L, E] = {(placement.num_layers, placement.num_experts)}, "
+                         f"got {loads.shape}")
+    if not np.all(np.isfinite(loads)) or np.any(loads < 0):
+        raise ValueError("loads must be finite and >= 0")
+    if len(devices) != placement.num_devices:
+        raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    if max_swaps_per_layer is not None and max_swaps_per_layer < 0:
+        raise ValueError(f"max_swaps_per_layer must be >= 0, got {max_swaps_per_layer!r}")
+    return loads

@@ -1,0 +1,181 @@
+"""The ViBE policy: place experts by predicted execution time on each device's own latency curve.
+
+Owns the steps of one `vibe` plan, vectorised over layers: choosing replicas (`replica_counts`), a greedy
+first placement (`greedy_devices`), replica token shares by device speed (`speed_shares`), the swap/move
+local search (from `rebalance.SwapSearch`) started both from the greedy placement and from EPLB's, and the
+per-layer choice of the better result. Knows nothing of when it is called or of weight movement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from placement.device_model import DeviceModel
+from placement.eplb import eplb_placement
+from placement.metrics import curve_params, latency_matrix, latency_on, makespan
+from placement.placement import Placement
+from placement.rebalance import SwapSearch, device_major
+
+
+def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
+                   capacity: np.ndarray | None) -> Placement:
+    """The ViBE placement of `loads` [L, E] (inputs assumed validated by `policies.plan`).
+
+    Args:
+        num_redundant: extra slots, filled with replicas of hot experts on distinct devices.
+        capacity: int [G], most slots per device (uneven counts allowed), or None for exactly R / G each.
+    """
+    num_devices = len(devices)
+    num_slots = loads.shape[1] + num_redundant
+    params = curve_params(devices)
+    limit = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
+    counts = replica_counts(loads, num_slots, int(np.count_nonzero(limit)))
+    expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
+    expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
+    share = 1.0 / np.take_along_axis(counts, expert, axis=1)
+    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit)
+    share = speed_shares(loads, expert, device, counts, params)
+    best, valid = _searched(loads, expert, share, device, params, capacity, num_redundant > 0)
+    even = num_slots % num_devices == 0
+    if capacity is None or (even and np.all(capacity >= num_slots // num_devices)):
+        # never worse than EPLB: search from EPLB's placement too, in the layers where it is still better
+        start = eplb_placement(loads, num_devices, num_redundant)
+        behind = np.flatnonzero(makespan(best, loads, devices) > makespan(start, loads, devices))
+        if behind.size:
+            rows = [getattr(start, name)[behind] for name in ("phy2log", "replica_share", "slot_device")]
+            other, valid = _searched(loads[behind], *rows, params, capacity, num_redundant > 0)
+            best = _better_layers(best, other, behind, valid, loads, devices)
+    return best
+
+
+def replica_counts(loads: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
+    """int [L, E]: replicas per expert, adding one at a time to the expert with the most tokens per replica.
+
+    Because every device curve is non-decreasing in tokens, "most tokens per replica" is also "highest
+    predicted time per replica" on any one device, so this is EPLB's rule, capped at `max_replicas`
+    (the devices able to hold a replica: replicas of one expert must sit on distinct devices).
+    """
+    num_layers, num_experts = loads.shape
+    if max_replicas * num_experts < num_slots:
+        raise ValueError(f"{num_slots} slots cannot hold {num_experts} experts with replicas on distinct "
+                         f"devices over {max_replicas} devices")
+    counts = np.ones(loads.shape, dtype=np.int64)
+    rows = np.arange(num_layers)
+    for _ in range(num_slots - num_experts):
+        per_replica = np.where(counts < max_replicas, loads / counts, -1.0)
+        counts[rows, per_replica.argmax(axis=1)] += 1
+    return counts
+
+
+def greedy_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, capacity: np.ndarray
+                   ) -> np.ndarray:
+    """int [L, R]: a first device for every slot, LPT on unrelated machines.
+
+    Slots are taken by tokens descending; each goes to the device with a free slot (and no replica of
+    its expert yet) where it would finish earliest, on that device's own curve. Layers where this rule
+    runs out of devices for a replica are redone by `_feasible_devices`.
+
+    Args:
+        expert: int [L, R]; tokens: float [L, R]; params: [3, G]; capacity: int [G] slots per device.
+    """
+    num_layers, num_slots = expert.shape
+    rows = np.arange(num_layers)
+    order = np.argsort(-tokens, axis=1, kind="stable")
+    ordered = np.take_along_axis(tokens, order, axis=1)
+    times = np.zeros((num_layers, params.shape[1]))
+    room = np.broadcast_to(capacity, times.shape).copy()
+    held = None  # bool [L, E, G]: devices holding a replica of each expert, needed only with replicas
+    if num_slots > int(expert.max()) + 1:
+        held = np.zeros((num_layers, int(expert.max()) + 1, params.shape[1]), dtype=bool)
+    device = np.empty(expert.shape, dtype=np.int64)
+    stuck = np.zeros(num_layers, dtype=bool)
+    for step in range(num_slots):
+        slot, exp = order[:, step], expert[rows, order[:, step]]
+        barred = room == 0 if held is None else (room == 0) | held[rows, exp]
+        finish = times + latency_matrix(ordered[:, step], params)  # [L, G]
+        dev = np.where(barred, np.inf, finish).argmin(axis=1)
+        stuck |= barred[rows, dev]
+        device[rows, slot] = dev
+        times[rows, dev] = finish[rows, dev]
+        room[rows, dev] -= 1
+        if held is not None:
+            held[rows, exp, dev] = True
+    for layer in np.flatnonzero(stuck):
+        device[layer] = _feasible_devices(expert[layer], tokens[layer], params, capacity)
+    return device
+
+
+def _feasible_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, capacity: np.ndarray
+                      ) -> np.ndarray:
+    """int [R]: devices for the slots of one layer with every expert's replicas on distinct devices.
+
+    Experts with the most replicas go first, each replica to a device with the most free slots left
+    (earliest finish among equals); this succeeds whenever any such assignment exists (Ryser's
+    construction for 0-1 matrices with given row sums and column bounds). Single slots follow, LPT.
+    """
+    times = np.zeros(params.shape[1])
+    room = capacity.astype(np.int64).copy()
+    device = np.full(expert.shape, -1, dtype=np.int64)
+    replicas = np.bincount(expert)
+    for exp in np.argsort(-replicas, kind="stable"):
+        slots = np.flatnonzero(expert == exp)
+        slots = slots[np.argsort(-tokens[slots], kind="stable")]
+        cost = latency_matrix(tokens[slots], params)  # [c, G]
+        if slots.size == 1:
+            ranked = np.argsort(np.where(room > 0, times + cost[0], np.inf), kind="stable")
+        else:
+            ranked = np.lexsort((times + cost.max(axis=0), -room))
+        chosen = ranked[: slots.size]
+        if np.any(room[chosen] <= 0):
+            raise ValueError(f"slot_budget {capacity.tolist()} cannot hold {replicas[exp]} replicas of an "
+                             f"expert on distinct devices next to the others")
+        device[slots] = chosen
+        room[chosen] -= 1
+        times[chosen] += cost[np.arange(slots.size), chosen]
+    return device
+
+
+def speed_shares(loads: np.ndarray, expert: np.ndarray, device: np.ndarray, counts: np.ndarray,
+                 params: np.ndarray) -> np.ndarray:
+    """float [L, R]: each slot's share of its expert's tokens, proportional to its device's throughput.
+
+    Throughput is taken at an equal split (load / replicas tokens), so on identical devices the shares
+    are equal; experts without load keep equal shares.
+    """
+    equal = np.take_along_axis(loads / counts, expert, axis=1)  # [L, R] tokens per replica
+    seconds = latency_on(equal, device, params)
+    speed = np.divide(equal, seconds, out=np.zeros_like(equal), where=seconds > 0)
+    total = np.zeros(loads.shape)
+    np.add.at(total, (np.repeat(np.arange(loads.shape[0]), expert.shape[1]), expert.ravel()), speed.ravel())
+    total = np.take_along_axis(total, expert, axis=1)
+    return np.where(total > 0, speed / np.where(total > 0, total, 1.0),
+                    1.0 / np.take_along_axis(counts, expert, axis=1))
+
+
+def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: np.ndarray,
+              params: np.ndarray, capacity: np.ndarray | None, distinct: bool) -> tuple[Placement, np.ndarray]:
+    """The local search from the start `expert`, `share`, `device` (each [L, R]).
+
+    Returns the placement and bool [L], the layers where it keeps replicas on distinct devices (a start
+    from EPLB may co-locate two replicas; they are first swapped apart where some swap allows it).
+    """
+    tokens = np.take_along_axis(loads, expert, axis=1) * share
+    search = SwapSearch(expert, tokens, device, params, capacity, distinct)
+    valid = search.separate_replicas() if distinct else np.ones(loads.shape[0], dtype=bool)
+    search.relieve_slowest(0.0)
+    placement = device_major(expert, search.slot_devices(), share, loads.shape[1], params.shape[1], 0)
+    return placement, valid
+
+
+def _better_layers(best: Placement, other: Placement, layers: np.ndarray, valid: np.ndarray,
+                   loads: np.ndarray, devices: Sequence[DeviceModel]) -> Placement:
+    """`best` with its `layers` replaced by `other`'s rows (one per layer) where those are valid and faster."""
+    faster = valid & (makespan(other, loads[layers], devices) < makespan(best, loads, devices)[layers])
+    if not faster.any():
+        return best
+    arrays = [getattr(best, name).copy() for name in ("phy2log", "slot_device", "replica_share")]
+    for array, name in zip(arrays, ("phy2log", "slot_device", "replica_share")):
+        array[layers[faster]] = getattr(other, name)[faster]
+    return Placement(*arrays, best.num_experts, best.num_devices)

@@ -211,7 +211,8 @@ class DeviceDriftDetector:
             predicted_s: seconds the device model predicted for the call(s), > 0.
             observed_s: seconds measured, >= 0.
         """
-        device, predicted, observed = (np.ravel(x) for x in np.broadcast_arrays(device, predicted_s, observed_s))
+        arrays = np.broadcast_arrays(device, predicted_s, observed_s)
+        device, predicted, observed = (np.ravel(x) for x in arrays)
         device = _check_devices(device, self.num_devices)
         predicted = predicted.astype(np.float64)
         observed = observed.astype(np.float64)

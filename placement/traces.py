@@ -2,8 +2,8 @@
 
 Owns the `.npz` trace format of `../shared/traces/` (see its README.md: `counts` int64 [L, E] and a
 JSON `meta` string), the folder lookup (`VIBE_TRACES` or `../shared/traces` next to the repository)
-and two transformations the simulator applies: resampling a layer's load curve to another expert count
-and scaling it to a token level. Knows nothing of devices or placements.
+and the transformations the simulator applies: resampling a layer's load curve to another expert count,
+scaling it to a token level, picking a subset of layers. Knows nothing of devices or placements.
 """
 
 from __future__ import annotations
@@ -127,6 +127,16 @@ def scale_loads(counts: np.ndarray, tokens_per_expert: float) -> np.ndarray:
     means = counts.mean(axis=1)
     factor = np.divide(tokens_per_expert, means, out=np.zeros_like(means), where=means > 0)
     return counts * factor[:, None]
+
+
+def select_layers(counts: np.ndarray, num_layers: int | None) -> np.ndarray:
+    """Rows [num_layers, E] of `counts` [L, E], evenly spaced from first to last (all if None or >= L)."""
+    counts = np.asarray(counts)
+    if num_layers is None or num_layers >= counts.shape[0]:
+        return counts
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1 or None, got {num_layers}")
+    return counts[np.linspace(0, counts.shape[0] - 1, num_layers).round().astype(np.int64)]
 
 
 def _check_loads(counts: np.ndarray) -> np.ndarray:

@@ -91,8 +91,9 @@ def test_predicted_gain_and_worth_moving():
     # where the transfer takes half, or twice, that gain.
     gain = 100 * per_pass
     kwargs = {"passes": 100, "expert_bytes": 1000}
-    assert worth_moving(slow_hot, fast_hot, loads, DEVICES, bandwidth_bytes_per_s=4000 / (gain / 2), **kwargs)
-    assert not worth_moving(slow_hot, fast_hot, loads, DEVICES, bandwidth_bytes_per_s=4000 / (gain * 2), **kwargs)
+    fast, slow = 4000 / (gain / 2), 4000 / (gain * 2)
+    assert worth_moving(slow_hot, fast_hot, loads, DEVICES, bandwidth_bytes_per_s=fast, **kwargs)
+    assert not worth_moving(slow_hot, fast_hot, loads, DEVICES, bandwidth_bytes_per_s=slow, **kwargs)
     assert not worth_moving(fast_hot, slow_hot, loads, DEVICES, bandwidth_bytes_per_s=1e18, **kwargs)
 
 

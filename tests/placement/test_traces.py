@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from placement.traces import TRACES_ENV, load_trace, load_traces, resample_experts, scale_loads, trace_dir
+from placement.traces import (
+    TRACES_ENV,
+    load_trace,
+    load_traces,
+    resample_experts,
+    scale_loads,
+    select_layers,
+    trace_dir,
+)
 
 
 def _write_trace(path, counts, meta=None):
@@ -115,3 +123,12 @@ def test_resample_rejects_bad_input():
         resample_experts(np.ones((1, 4)), 0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="loads"):
         resample_experts(np.array([[1.0, -1.0]]), 4, np.random.default_rng(0))
+
+
+def test_select_layers_spans_first_to_last():
+    counts = np.arange(58)[:, None] * np.ones((1, 3))
+    assert select_layers(counts, 4)[:, 0].tolist() == [0, 19, 38, 57]
+    np.testing.assert_array_equal(select_layers(counts, None), counts)
+    assert select_layers(counts, 100).shape == (58, 3)
+    with pytest.raises(ValueError, match="num_layers"):
+        select_layers(counts, 0)

@@ -105,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = QUICK if args.quick else BenchConfig()
     try:
-        traces = _load(trace_dir(), config)
+        quality_traces, traces = _load(trace_dir(), config)
     except FileNotFoundError as err:
         print(f"placement bench skipped: {err}", file=sys.stderr)
         return 0
     started = time.perf_counter()
     result = {"config": asdict(config), "machine": _machine()}
-    result.update(run(traces, config))
+    result.update(run(quality_traces, traces, config))
     result["runtime_s"] = time.perf_counter() - started
     result["machine"]["loadavg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,18 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load(folder: Path, config: BenchConfig) -> dict[str, Trace]:
-    """Every trace the sections need, by name."""
-    names = list(config.traces or ())
-    names += [DEEPSEEK, *config.exact_traces, *(n for pair in DRIFT_PAIRS for n in pair)]
-    quality = load_traces(folder) if config.traces is None else []
-    return {t.name: t for t in quality} | {n: load_trace(folder / f"{n}.npz") for n in dict.fromkeys(names)}
+def _load(folder: Path, config: BenchConfig) -> tuple[list[Trace], dict[str, Trace]]:
+    """The traces of the quality section, and every trace the sections need by name."""
+    if config.traces is None:
+        quality_traces = load_traces(folder)
+    else:
+        quality_traces = [load_trace(folder / f"{name}.npz") for name in config.traces]
+    traces = {t.name: t for t in quality_traces}
+    for name in (DEEPSEEK, *config.exact_traces, *(n for pair in DRIFT_PAIRS for n in pair)):
+        if name not in traces:
+            traces[name] = load_trace(folder / f"{name}.npz")
+    return quality_traces, traces
 
 
-def run(traces: dict[str, Trace], config: BenchConfig) -> dict:
+def run(quality_traces: list[Trace], traces: dict[str, Trace], config: BenchConfig) -> dict:
     """Every section, printing its tables as it finishes; returns them JSON-ready."""
-    names = config.traces
-    result = {"quality": quality([t for n, t in traces.items() if names is None or n in names], config)}
+    result = {"quality": quality(quality_traces, config)}
     _print_summary("quality: sum_l makespan / sum_l lower bound (gain = 1 - T_vibe / T_eplb; captured = "
                    "(eplb - vibe) / (eplb - bound))", result["quality"], ("regime", "profile"))
     _print_summary("quality by G, heterogeneous profiles only", [r for r in result["quality"]

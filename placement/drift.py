@@ -128,9 +128,13 @@ class WorkloadDriftDetector:
         self._reference = reference
         self._quiet_until = self._num_passes + self.config.cooldown
 
-    def _check(self) -> DriftReport | None:
+    def window_mean(self) -> np.ndarray | None:
+        """float [L, E]: mean router counts per pass over the window (None before the first pass)."""
         filled = min(self._num_passes, self.config.window)
-        mean = self._window[:filled].mean(axis=0)
+        return self._window[:filled].mean(axis=0) if filled else None
+
+    def _check(self) -> DriftReport | None:
+        mean = self.window_mean()
         distances = cosine_distance(mean, self._reference)
         worst = int(np.argmax(distances))
         if distances[worst] <= self.config.threshold:

@@ -36,12 +36,14 @@ def test_reports_at_the_first_check_with_the_drifted_layer():
 
 def test_window_slides():
     detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=5, cooldown=0)
+    assert detector.window_mean() is None
     for _ in range(7):
         detector.observe(REFERENCE)
     report = None
     for _ in range(5):
         report = detector.observe(SHIFTED) or report
     np.testing.assert_allclose(report.window_mean, SHIFTED)  # the reference passes left the window
+    np.testing.assert_allclose(detector.window_mean(), SHIFTED)
     assert report.num_passes == 12
 
 

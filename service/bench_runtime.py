@@ -10,7 +10,9 @@ prints a table. Ignores placement quality (routing here is uniform random, every
 - Dispatch overhead per MoE-layer call = wall time of `DispatchingExperts.forward` minus the slowest
   worker's reported compute (the sum of its per-expert seconds) in that call. `engine_ms` is the same
   call with in-process channels that answer instantly with zeros: the engine's own Python and torch
-  work (grouping, gathering, combining), the rest is transport and the workers' handling.
+  work (grouping, gathering, combining), the rest is transport and the workers' handling. On a CPU
+  with fewer cores than workers the workers cannot compute in parallel as devices would, so part of
+  the others' compute (`compute_all_workers_median_ms`) shows up as overhead too.
 - Throughput: greedy decode steps with a KV cache after a prompt, tokens per second, for the model
   with its experts on the workers and for the unmodified model in this process.
 """
@@ -53,7 +55,9 @@ class BenchConfig:
         prompt_len: prompt tokens before the timed decode steps.
         decode_steps: timed decode steps per batch size.
         worker_cpus: Ray CPUs reserved per worker actor (all of them must fit in 2).
-        engine_threads: torch intra-op threads of this (engine) process; None keeps torch's default.
+        engine_threads: torch intra-op threads of this (engine) process. 1 by default: on a small CPU
+            the worker processes share the cores, and a second intra-op thread mostly waits at OpenMP
+            barriers for a descheduled peer (on 2 busy cores, 2 threads made every model 5-40x slower).
         seed: of prompts and routing.
     """
 
@@ -66,7 +70,7 @@ class BenchConfig:
     prompt_len: int = 16
     decode_steps: int = 32
     worker_cpus: float = 0.2
-    engine_threads: int | None = None
+    engine_threads: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,7 +82,7 @@ class BenchConfig:
         for name in ("calls", "warmup", "prompt_len", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.engine_threads is not None and self.engine_threads < 1:
+        if self.engine_threads < 1:
             raise ValueError(f"BenchConfig.engine_threads must be >= 1, got {self.engine_threads}")
         if not 0 < self.worker_cpus * max(self.workers) <= 2:
             raise ValueError(f"{max(self.workers)} workers x {self.worker_cpus} CPUs must fit in 2 CPUs")
@@ -123,10 +127,10 @@ def random_routing(layout: ExpertLayout, num_tokens: int, rng: np.random.Generat
 
 
 def time_calls(module: DispatchingExperts, layout: ExpertLayout, num_tokens: int, config: BenchConfig,
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Wall seconds [calls] of each timed call and the slowest worker's compute seconds [calls]."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per timed call [calls]: wall seconds, the slowest worker's compute seconds, all workers' compute."""
     rng = np.random.default_rng(config.seed + num_tokens)
-    wall, compute = [], []
+    wall, compute, total = [], [], []
     for i in range(config.warmup + config.calls):
         hidden, index, weights = random_routing(layout, num_tokens, rng)
         start = time.perf_counter()
@@ -136,7 +140,8 @@ def time_calls(module: DispatchingExperts, layout: ExpertLayout, num_tokens: int
         if i >= config.warmup:
             wall.append(elapsed)
             compute.append(max((float(s.seconds.sum()) for s in samples), default=0.0))
-    return np.array(wall), np.array(compute)
+            total.append(sum(float(s.seconds.sum()) for s in samples))
+    return np.array(wall), np.array(compute), np.array(total)
 
 
 def measure_overhead(actors, infos, config: BenchConfig, layout: ExpertLayout) -> list[dict]:
@@ -145,14 +150,16 @@ def measure_overhead(actors, infos, config: BenchConfig, layout: ExpertLayout) -
         context = serve_on(actors, infos, config, layout, num_devices)
         instant = DispatchContext(context.placement, {g: _InstantChannel() for g in range(num_devices)})
         for num_tokens in config.tokens:
-            wall, compute = time_calls(DispatchingExperts(0, layout.num_experts, context), layout, num_tokens, config)
-            engine, _ = time_calls(DispatchingExperts(0, layout.num_experts, instant), layout, num_tokens, config)
+            wall, compute, total = time_calls(DispatchingExperts(0, layout.num_experts, context), layout,
+                                              num_tokens, config)
+            engine, _, _ = time_calls(DispatchingExperts(0, layout.num_experts, instant), layout, num_tokens, config)
             overhead = (wall - compute) * 1e3
             rows.append({"workers": num_devices, "tokens": num_tokens,
                          "overhead_median_ms": float(np.median(overhead)),
                          "overhead_p90_ms": float(np.percentile(overhead, 90)),
                          "wall_median_ms": float(np.median(wall) * 1e3),
                          "compute_median_ms": float(np.median(compute) * 1e3),
+                         "compute_all_workers_median_ms": float(np.median(total) * 1e3),
                          "engine_median_ms": float(np.median(engine) * 1e3)})
             print(_format_overhead(rows[-1]), flush=True)
         for channel in context.channels.values():
@@ -196,14 +203,14 @@ def measure_throughput(actors, infos, config: BenchConfig, layout: ExpertLayout)
 def _format_overhead(row: dict) -> str:
     return (f"G={row['workers']} T={row['tokens']:4d}: overhead median {row['overhead_median_ms']:6.3f} ms, "
             f"p90 {row['overhead_p90_ms']:6.3f} ms (wall {row['wall_median_ms']:6.3f}, compute "
-            f"{row['compute_median_ms']:6.3f}, engine-only {row['engine_median_ms']:6.3f})")
+            f"{row['compute_median_ms']:6.3f}, all workers {row['compute_all_workers_median_ms']:6.3f}, "
+            f"engine-only {row['engine_median_ms']:6.3f})")
 
 
 def run(config: BenchConfig) -> dict:
     """Start a local 2-CPU Ray cluster and the workers, measure, shut everything down."""
     layout = load_layout(config.model)
-    if config.engine_threads is not None:
-        torch.set_num_threads(config.engine_threads)
+    torch.set_num_threads(config.engine_threads)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         actors = [ExpertWorkerActor.options(num_cpus=config.worker_cpus, max_concurrency=4).remote(
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="local checkpoint folder")
     parser.add_argument("--calls", type=int, default=BenchConfig.calls, help="timed calls per point")
     parser.add_argument("--decode-steps", type=int, default=BenchConfig.decode_steps)
-    parser.add_argument("--engine-threads", type=int, default=None, help="torch threads of the engine process")
+    parser.add_argument("--engine-threads", type=int, default=BenchConfig.engine_threads,
+                        help="torch intra-op threads of the engine process")
     args = parser.parse_args(argv)
     result = run(BenchConfig(model=args.model, calls=args.calls, decode_steps=args.decode_steps,
                              engine_threads=args.engine_threads))

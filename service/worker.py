@@ -26,6 +26,7 @@ from service.telemetry import read_telemetry
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 DEFAULT_PROFILE_TOKENS = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
+FAULTS = ("import",)  # operations a test can make fail once (inject_fault)
 _PROFILE_SEED = 0
 
 
@@ -110,6 +111,7 @@ class ExpertWorker:
         self._started = clock()
         self._calls = self._expert_calls = self._tokens = 0
         self._busy_s = 0.0
+        self._faults: set[str] = set()
 
     # --- experts ---------------------------------------------------------------------------------
 
@@ -122,6 +124,7 @@ class ExpertWorker:
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""
+        self._fail_if_armed("import")
         return self._store.add(items)
 
     def export_experts(self, keys: Iterable[Key]) -> list[ExpertTensors]:
@@ -224,6 +227,20 @@ class ExpertWorker:
         if self._emulator is None:
             raise ValueError(f"worker {self.config.index} does not emulate a device; cannot set its speed")
         self._emulator.set_speed(factor)
+
+    def inject_fault(self, operation: str) -> None:
+        """Test control (admin API, emulated clusters only): the next `operation` call raises, once."""
+        if operation not in FAULTS:
+            raise ValueError(f"operation must be one of {FAULTS}, got {operation!r}")
+        with self._lock:
+            self._faults.add(operation)
+
+    def _fail_if_armed(self, operation: str) -> None:
+        with self._lock:
+            armed = operation in self._faults
+            self._faults.discard(operation)
+        if armed:
+            raise RuntimeError(f"injected fault: {operation} on worker {self.config.index}")
 
     def stats(self) -> WorkerStats:
         uptime = self._clock() - self._started

@@ -33,6 +33,7 @@ class ExpertWorkerActor:
 
     def __init__(self, config: WorkerConfig) -> None:
         self._worker = ExpertWorker(config)
+        self._record: dict = {}  # the coordinator's latest placement record (for its recovery)
         self._socket_dir = tempfile.mkdtemp(prefix="vibe-serve-")
         self._server = WorkerServer(self._worker, host=ray.util.get_node_ip_address(),
                                     unix_path=os.path.join(self._socket_dir, "worker.sock"))
@@ -77,6 +78,19 @@ class ExpertWorkerActor:
 
     def stats(self) -> WorkerStats:
         return self._worker.stats()
+
+    def inject_fault(self, operation: str) -> None:
+        self._worker.inject_fault(operation)
+
+    def ping(self) -> bool:
+        return True
+
+    def set_record(self, record: dict) -> None:
+        """Keep the coordinator's latest placement record, so a restarted coordinator can recover it."""
+        self._record = dict(record)
+
+    def get_record(self) -> dict:
+        return self._record
 
     def shutdown(self) -> None:
         """Close the data plane and remove the socket folder (call before killing the actor)."""

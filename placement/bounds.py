@@ -20,6 +20,7 @@ from placement.policies import checked_budget, checked_devices, checked_loads
 
 MAX_EXACT_EXPERTS = 16
 MAX_EXACT_DEVICES = 4
+_MILP_OPTIONS = {"mip_rel_gap": 1e-9}
 
 
 def lower_bound(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_redundant: int = 0,
@@ -154,7 +155,9 @@ def exact_makespan(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_red
 
     Equal slots per device (R / G each). Without replicas the optimum is over all one-slot-per-expert
     placements; with `num_redundant` > 0 it is over placements whose replicas of one expert sit on
-    distinct devices with any token shares (the placements `vibe` makes).
+    distinct devices with any token shares (the placements `vibe` makes). The value is the makespan of
+    the solver's optimal placement evaluated exactly (the solver's own objective is only good to its
+    feasibility tolerance); the MILP runs in time units of the layer's slowest whole expert.
     """
     loads, params, slots = _checked(loads, devices, num_redundant, None)
     num_experts, num_devices = loads.shape[1], params.shape[1]
@@ -162,26 +165,30 @@ def exact_makespan(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_red
         raise ValueError(f"exact_makespan handles E <= {MAX_EXACT_EXPERTS} and G <= {MAX_EXACT_DEVICES}, "
                          f"got E={num_experts}, G={num_devices}")
     model = _replica_milp if num_redundant else _assignment_milp
-    return np.array([model(layer_loads, params, int(slots[0])) for layer_loads in loads])
+    return np.array([model(layer_loads, params, int(slots[0])) if layer_loads.any() else 0.0
+                     for layer_loads in loads])
 
 
 def _assignment_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> float:
     """Min T over binary x[e, g]: sum_g x = 1, sum_e x = per_device, sum_e f_g(W_e) x[e, g] <= T."""
     num_experts, num_devices = loads.size, params.shape[1]
-    cost = latency_matrix(loads, params)  # [E, G]
+    cost = latency_matrix(loads, params)  # [E, G] seconds
     num_x = num_experts * num_devices
     eye_e = np.kron(np.eye(num_experts), np.ones(num_devices))  # [E, E*G]
     eye_g = np.kron(np.ones(num_experts), np.eye(num_devices))  # [G, E*G]
     constraints = [
         LinearConstraint(np.hstack([eye_e, np.zeros((num_experts, 1))]), 1, 1),
         LinearConstraint(np.hstack([eye_g, np.zeros((num_devices, 1))]), per_device, per_device),
-        LinearConstraint(np.hstack([eye_g * cost.ravel(), -np.ones((num_devices, 1))]), -np.inf, 0),
+        LinearConstraint(np.hstack([eye_g * (cost / cost.max()).ravel(), -np.ones((num_devices, 1))]), -np.inf, 0),
     ]
     objective = np.zeros(num_x + 1)
     objective[-1] = 1.0
     integrality = np.concatenate([np.ones(num_x), [0]])
     bounds = Bounds(np.zeros(num_x + 1), np.concatenate([np.ones(num_x), [np.inf]]))
-    return _solved(milp(objective, integrality=integrality, bounds=bounds, constraints=constraints))
+    x = _solved(milp(objective, integrality=integrality, bounds=bounds, constraints=constraints,
+                     options=_MILP_OPTIONS))
+    chosen = np.round(x[:num_x]).reshape(num_experts, num_devices)
+    return float((cost * chosen).sum(axis=0).max())
 
 
 def _replica_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> float:
@@ -193,7 +200,8 @@ def _replica_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> flo
     expert without load costs nothing.
     """
     num_experts, num_devices = loads.size, params.shape[1]
-    fixed, knee, slope = params
+    unit = latency_matrix(loads, params).max()
+    fixed, knee, slope = params[0] / unit, params[1], params[2] / unit
     n = num_experts * num_devices
     eye_e = np.kron(np.eye(num_experts), np.ones(num_devices))  # [E, n]
     eye_g = np.kron(np.ones(num_experts), np.eye(num_devices))  # [G, n]
@@ -213,7 +221,13 @@ def _replica_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> flo
     objective[-1] = 1.0
     integrality = np.concatenate([np.ones(n), np.zeros(2 * n + 1)])
     bounds = Bounds(np.zeros(3 * n + 1), np.concatenate([np.ones(2 * n), np.full(n + 1, np.inf)]))
-    return _solved(milp(objective, integrality=integrality, bounds=bounds, constraints=constraints))
+    x = _solved(milp(objective, integrality=integrality, bounds=bounds, constraints=constraints,
+                     options=_MILP_OPTIONS))
+    held = np.round(x[:n]).reshape(num_experts, num_devices) > 0
+    share = np.where(held, np.maximum(x[n:2 * n].reshape(held.shape), 0.0), 0.0)
+    tokens = loads[:, None] * share / share.sum(axis=1, keepdims=True)
+    seconds = params[0] + params[2] * np.maximum(tokens - params[1], 0.0)  # a held replica costs >= fixed
+    return float(np.where(held & (loads[:, None] > 0), seconds, 0.0).sum(axis=0).max())
 
 
 def _columns(rows: int, n: int, y=None, s=None, z=None, t: float = 0.0) -> np.ndarray:
@@ -222,9 +236,9 @@ def _columns(rows: int, n: int, y=None, s=None, z=None, t: float = 0.0) -> np.nd
     return np.hstack(blocks + [np.full((rows, 1), t)])
 
 
-def _solved(result) -> float:
+def _solved(result) -> np.ndarray:
     assert result.status == 0, f"MILP failed: {result.message}"
-    return float(result.fun)
+    return result.x
 
 
 def _checked(loads, devices, num_redundant, slot_budget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -52,6 +52,8 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     num_layers, num_items = weight.shape
     assert num_items % num_packs == 0
     per_pack = num_items // num_packs
+    if per_pack == 1:  # as the original: one item per pack, in index order
+        return np.tile(np.arange(num_items), (num_layers, 1)), np.zeros(weight.shape, dtype=np.int64)
     rows = np.arange(num_layers)
     order = np.argsort(-weight, axis=1, kind="stable")
     pack_weight = np.zeros((num_layers, num_packs))

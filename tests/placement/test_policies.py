@@ -1,0 +1,278 @@
+"""plan(): input validation, the three policies' invariants, EPLB against a reference, ViBE's guarantees."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from placement.bounds import exact_makespan, lower_bound
+from placement.device_model import DeviceModel
+from placement.metrics import makespan
+from placement.placement import Placement
+from placement.policies import POLICIES, plan
+from placement.vibe import greedy_devices, greedy_search
+
+TRACES = sorted(Path("/work/shared/traces").glob("*.npz")) or sorted(
+    (Path(__file__).resolve().parents[3] / "shared" / "traces").glob("*.npz"))
+BASE = DeviceModel(fixed=2e-4, knee=128, slope=2e-4 / 128)
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def devices_of(speeds) -> list[DeviceModel]:
+    return [BASE.scaled(1.0 / s) for s in speeds]
+
+
+@st.composite
+def cases(draw, max_devices=6, max_per_device=5, redundant=True):
+    """(loads [L, E], devices, num_redundant) with E divisible by G."""
+    num_devices = draw(st.integers(1, max_devices))
+    num_experts = num_devices * draw(st.integers(1, max_per_device))
+    num_layers = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    scale = draw(st.sampled_from([1.0, 30.0, 400.0]))
+    loads = np.round(rng.lognormal(0.0, 1.2, (num_layers, num_experts)) * scale)
+    loads[rng.random(loads.shape) < 0.1] = 0.0  # some experts get nothing
+    speeds = rng.uniform(0.75, 1.0, num_devices)
+    most = min(2, num_experts * (num_devices - 1) // num_devices)  # vibe keeps replicas on distinct devices
+    num_redundant = num_devices * draw(st.integers(0, most)) if redundant else 0
+    return loads, devices_of(speeds), num_redundant
+
+
+def check_invariants(placement: Placement, loads, num_devices, num_redundant, capacity=None):
+    num_layers, num_experts = loads.shape
+    num_slots = num_experts + num_redundant
+    assert placement.version == 0
+    assert placement.phy2log.shape == (num_layers, num_slots)
+    assert np.all(placement.logcnt >= 1)  # every logical expert placed
+    share_sum = np.zeros(loads.shape)
+    np.add.at(share_sum, (np.repeat(np.arange(num_layers), num_slots), placement.phy2log.ravel()),
+              placement.replica_share.ravel())
+    np.testing.assert_allclose(share_sum, 1.0, atol=1e-9)
+    counts = placement.device_slot_counts()
+    if capacity is None:
+        assert np.all(counts == num_slots // num_devices)
+    else:
+        assert np.all(counts <= capacity)
+    np.testing.assert_allclose(placement.device_tokens(loads).sum(axis=1), loads.sum(axis=1), rtol=1e-9)
+
+
+def replicas_distinct(placement: Placement) -> bool:
+    for layer in range(placement.num_layers):
+        pairs = placement.phy2log[layer] * placement.num_devices + placement.slot_device[layer]
+        if np.unique(pairs).size != pairs.size:
+            return False
+    return True
+
+
+# --- reference EPLB, line by line after DeepSeek's eplb.py (global policy), in plain Python -----------
+
+def reference_eplb(weight: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
+    out = []
+    per_gpu = num_replicas // num_gpus
+    for row in weight.tolist():
+        num_log = len(row)
+        logcnt = [1] * num_log
+        phy2log = list(range(num_log))
+        for _ in range(num_log, num_replicas):
+            best = max(range(num_log), key=lambda e: row[e] / logcnt[e])
+            phy2log.append(best)
+            logcnt[best] += 1
+        tokens = [row[e] / logcnt[e] for e in phy2log]
+        slot_of = list(range(num_replicas))
+        if per_gpu > 1:
+            pack_weights, pack_items = [0.0] * num_gpus, [0] * num_gpus
+            for phy in sorted(range(num_replicas), key=lambda p: -tokens[p]):
+                pack = min((g for g in range(num_gpus) if pack_items[g] < per_gpu), key=pack_weights.__getitem__)
+                slot_of[phy] = pack * per_gpu + pack_items[pack]
+                pack_weights[pack] += tokens[phy]
+                pack_items[pack] += 1
+        layout = [0] * num_replicas
+        for phy, slot in enumerate(slot_of):
+            layout[slot] = phy2log[phy]
+        out.append(layout)
+    return np.array(out)
+
+
+@SETTINGS
+@given(cases())
+def test_eplb_matches_the_reference(case):
+    loads, devices, num_redundant = case
+    placement = plan(loads, devices, "eplb", num_redundant=num_redundant)
+    expected = reference_eplb(loads, loads.shape[1] + num_redundant, len(devices))
+    np.testing.assert_array_equal(placement.phy2log, expected)
+    np.testing.assert_allclose(placement.replica_share, 1.0 / np.take_along_axis(placement.logcnt, expected, 1))
+
+
+@SETTINGS
+@given(cases())
+def test_every_policy_keeps_the_invariants(case):
+    loads, devices, num_redundant = case
+    for policy in POLICIES:
+        redundant = 0 if policy == "contiguous" else num_redundant
+        placement = plan(loads, devices, policy, num_redundant=redundant)
+        check_invariants(placement, loads, len(devices), redundant)
+    assert replicas_distinct(plan(loads, devices, "vibe", num_redundant=num_redundant))
+
+
+@SETTINGS
+@given(cases())
+def test_vibe_is_never_worse_than_eplb(case):
+    loads, devices, num_redundant = case
+    eplb = plan(loads, devices, "eplb", num_redundant=num_redundant)
+    vibe = makespan(plan(loads, devices, "vibe", num_redundant=num_redundant), loads, devices)
+    # vibe keeps replicas apart; the guarantee is over EPLB layouts that do too (EPLB may co-locate)
+    distinct = np.array([replicas_distinct(Placement(eplb.phy2log[[layer]], eplb.slot_device[[layer]],
+                                                     eplb.replica_share[[layer]], eplb.num_experts,
+                                                     eplb.num_devices)) for layer in range(len(loads))])
+    reference = makespan(eplb, loads, devices)
+    assert np.all(vibe[distinct] <= reference[distinct] * (1 + 1e-12))
+
+
+def test_contiguous_is_vllm_default_layout():
+    loads = np.arange(24.0).reshape(2, 12)
+    placement = plan(loads, devices_of(np.ones(4)), "contiguous")
+    np.testing.assert_array_equal(placement.phy2log, np.tile(np.arange(12), (2, 1)))
+    np.testing.assert_array_equal(placement.slot_device[0], np.arange(12) // 3)
+
+
+@SETTINGS
+@given(cases(max_devices=4, max_per_device=4))
+def test_vibe_is_within_the_stated_factor_of_the_milp_optimum(case):
+    loads, devices, num_redundant = case
+    if loads.shape[1] + num_redundant > 16:
+        num_redundant = 0
+    vibe = makespan(plan(loads, devices, "vibe", num_redundant=num_redundant), loads, devices)
+    optimum = exact_makespan(loads, devices, num_redundant=num_redundant)
+    bound = lower_bound(loads, devices, num_redundant=num_redundant)
+    assert np.all(bound <= optimum * (1 + 1e-9))
+    assert np.all(optimum <= vibe * (1 + 1e-9))
+    # measured over 400 random cases: worst 1.03 without replicas (mean 1.0006); with replicas worst 1.14
+    # (mean 1.012), where the optimum also tunes the replicas' token shares, which vibe sets by speed
+    factor = 1.2 if num_redundant else 1.05
+    assert np.all(vibe <= factor * optimum + 1e-15)
+
+
+def real_traces():
+    for path in TRACES:
+        with np.load(path) as data:
+            yield path.stem, data["counts"].astype(np.float64)
+
+
+@pytest.mark.parametrize(("name", "loads"), list(real_traces()), ids=[p.stem for p in TRACES])
+def test_policies_on_every_real_trace(name, loads):
+    num_experts = loads.shape[1]
+    num_devices = 8 if num_experts % 8 == 0 else 4
+    devices = devices_of(np.linspace(0.8, 1.0, num_devices))
+    scaled = loads * (64.0 * 128 / loads.sum(axis=1, keepdims=True).clip(min=1))  # prefill-like volume
+    for num_redundant in (0, num_devices):
+        eplb = makespan(plan(scaled, devices, "eplb", num_redundant=num_redundant), scaled, devices)
+        placement = plan(scaled, devices, "vibe", num_redundant=num_redundant)
+        check_invariants(placement, scaled, num_devices, num_redundant)
+        assert replicas_distinct(placement)
+        vibe = makespan(placement, scaled, devices)
+        assert np.all(vibe <= eplb * (1 + 1e-12)), name
+        assert np.all(lower_bound(scaled, devices, num_redundant=num_redundant) <= vibe * (1 + 1e-12))
+    check_invariants(plan(scaled, devices, "contiguous"), scaled, num_devices, 0)
+
+
+def test_vibe_search_alone_is_within_half_a_percent_of_eplb_on_identical_devices():
+    """Without the EPLB guard and without speeds to exploit, ViBE's own search still matches EPLB per layer."""
+    devices = devices_of(np.ones(8))
+    for name, loads in real_traces():
+        if loads.shape[1] % 8:
+            continue
+        scaled = loads * (64.0 * 128 / loads.sum(axis=1, keepdims=True).clip(min=1))
+        eplb = makespan(plan(scaled, devices, "eplb"), scaled, devices)
+        own = makespan(greedy_search(scaled, devices, 0, None), scaled, devices)
+        assert np.all(own <= eplb * 1.005), name
+
+
+def test_vibe_puts_more_work_on_faster_devices():
+    rng = np.random.default_rng(3)
+    loads = rng.uniform(200, 2000, (4, 64))
+    devices = devices_of([1.0] * 4 + [0.7] * 4)
+    tokens = plan(loads, devices, "vibe").device_tokens(loads)
+    assert np.all(tokens[:, :4].sum(axis=1) > tokens[:, 4:].sum(axis=1) * 1.2)
+    eplb = makespan(plan(loads, devices, "eplb"), loads, devices)
+    assert makespan(plan(loads, devices, "vibe"), loads, devices).sum() < 0.95 * eplb.sum()
+
+
+def test_vibe_replicas_take_shares_by_device_speed():
+    loads = np.array([[5000.0, 100, 100, 100, 100, 100, 100, 100]])
+    devices = devices_of([1.0, 0.5, 1.0, 0.5])
+    placement = plan(loads, devices, "vibe", num_redundant=4)
+    hot = placement.phy2log[0] == 0
+    speeds = np.array([1.0, 0.5, 1.0, 0.5])[placement.slot_device[0, hot]]
+    np.testing.assert_allclose(placement.replica_share[0, hot], speeds / speeds.sum(), rtol=1e-9)
+
+
+@SETTINGS
+@given(cases(redundant=False), st.integers(0, 3), st.data())
+def test_vibe_respects_uneven_slot_budgets(case, spare, data):
+    loads, devices, _ = case
+    num_devices, num_experts = len(devices), loads.shape[1]
+    budget = [num_experts // num_devices + spare + data.draw(st.integers(0, 2)) for _ in range(num_devices)]
+    num_redundant = data.draw(st.integers(0, min(sum(budget), num_experts * num_devices) - num_experts))
+    placement = plan(loads, devices, "vibe", num_redundant=num_redundant, slot_budget=budget)
+    check_invariants(placement, loads, num_devices, num_redundant, capacity=np.array(budget))
+    assert replicas_distinct(placement)
+
+
+def test_slot_budget_lets_vibe_empty_a_slow_device_and_fill_the_fast_ones():
+    loads = np.full((2, 12), 300.0)
+    devices = devices_of([1.0, 1.0, 1.0, 0.2])
+    placement = plan(loads, devices, "vibe", slot_budget=[5, 5, 5, 3])
+    counts = placement.device_slot_counts()
+    assert np.all(counts[:, 3] < 3) and np.all(counts <= [5, 5, 5, 3])
+    even = plan(loads, devices, "vibe")
+    assert np.all(makespan(placement, loads, devices) < makespan(even, loads, devices))
+
+
+def test_a_device_with_budget_zero_gets_nothing():
+    loads = np.random.default_rng(0).uniform(0, 500, (3, 10))
+    placement = plan(loads, devices_of(np.ones(4)), "vibe", num_redundant=2, slot_budget=[4, 0, 4, 4])
+    assert np.all(placement.device_slot_counts()[:, 1] == 0)
+    assert replicas_distinct(placement)
+
+
+def test_greedy_falls_back_when_replicas_run_out_of_devices():
+    """Three experts with two replicas each on 3 devices of 2 slots: plain LPT puts the first two experts
+    on the two fast devices and is left with one device for the third; the fallback keeps them apart."""
+    expert = np.array([[0, 0, 1, 1, 2, 2]])
+    tokens = np.array([[300.0, 300.0, 200.0, 200.0, 100.0, 100.0]])
+    params = np.array([[2e-4, 2e-4, 2e-3], [128, 128, 128], [2e-6, 2e-6, 2e-5]])
+    device = greedy_devices(expert, tokens, params, np.array([2, 2, 2]))
+    assert np.all(np.bincount(device[0], minlength=3) == 2)
+    for exp in range(3):
+        assert np.unique(device[0, expert[0] == exp]).size == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"policy": "random"}, "unknown policy"),
+        ({"loads": np.ones(8)}, "2-D"),
+        ({"loads": -np.ones((1, 8))}, ">= 0"),
+        ({"loads": np.full((1, 8), np.nan)}, "finite"),
+        ({"loads": np.ones((1, 6))}, "divisible"),
+        ({"num_redundant": -4}, "num_redundant"),
+        ({"num_redundant": 2}, "multiple of G"),
+        ({"num_redundant": 2, "policy": "eplb", "slot_budget": 4}, "multiple of G"),
+        ({"policy": "contiguous", "num_redundant": 4}, "contiguous"),
+        ({"slot_budget": 1}, "slot_budget"),
+        ({"slot_budget": [3, 3, 3]}, "slot_budget"),
+        ({"slot_budget": [3, 3, -1, 3]}, "slot_budget"),
+        ({"policy": "eplb", "slot_budget": [4, 4, 1, 4]}, "slot_budget"),
+        ({"devices": []}, "devices"),
+        ({"loads": np.ones((2, 2)), "devices": devices_of(np.ones(2)), "num_redundant": 4}, "too many"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs, match):
+    args = {"loads": np.ones((2, 8)), "devices": devices_of(np.ones(4)), "policy": "vibe"}
+    args.update(kwargs)
+    options = {key: args.pop(key) for key in ("num_redundant", "slot_budget") if key in args}
+    with pytest.raises(ValueError, match=match):
+        plan(args["loads"], args["devices"], args["policy"], **options)

@@ -274,29 +274,33 @@ class DispatchContext:
         """Pin the newest placement and channels for every MoE layer of the coming forward."""
         if self._step is not None:
             raise RuntimeError("begin_step called while a step is open")
-        self._step = self._open(implicit=False)
+        self._open(implicit=False)
 
     def end_step(self) -> None:
         """Close the step and keep its router counts."""
         if self._step is None:
             raise RuntimeError("end_step called without begin_step")
         self._close(self._step)
-        self._step = None
 
     def _open(self, implicit: bool) -> _Step:
         """Pin the newest routes; close channels the previous routes used and the new ones do not."""
         with self._lock:
             previous, self._routes = self._routes, self._pending
+            step = _Step(self._routes, implicit)
+            if not implicit:
+                self._step = step  # under the lock: drain_report must never see the routes pinned but no step
         if previous is not self._routes:
             current = {id(channel) for channel in self._routes.channels.values()}
             for channel in previous.channels.values():
                 if id(channel) not in current:
                     channel.close()
-        return _Step(self._routes, implicit)
+        return step
 
     def _close(self, step: _Step) -> None:
         with self._lock:
             self._steps.append(step.counts)
+            if step is self._step:
+                self._step = None
 
     def _call_step(self) -> _Step:
         """The open step, or one for this call alone (implicit)."""
@@ -315,15 +319,21 @@ class DispatchContext:
     # --- reporting (any thread) --------------------------------------------------------------------
 
     def drain_report(self, engine_id: str) -> EngineReport:
-        """Everything observed since the last drain (router counts [S, L, E], device samples), then clear."""
+        """Everything observed since the last drain (router counts [S, L, E], device samples), then clear.
+
+        The version reported is the one the engine serves: the pinned one during a step; between steps
+        the newest one set, since no forward can still use an older one. An idle engine thus
+        acknowledges a new placement at once instead of holding up the drop of old copies.
+        """
         with self._lock:
-            placement = self._routes.placement
+            routes = self._routes if self._step is not None else self._pending
+            placement = routes.placement
             counts = (np.stack(self._steps) if self._steps
                       else np.zeros((0, placement.num_layers, placement.num_experts), dtype=np.int64))
             self._steps.clear()
             samples = tuple(LatencySamples(device, *ring.drain())
                             for device, ring in sorted(self._samples.items()) if len(ring))
-            return EngineReport(engine_id, placement.version, counts, samples, self._routes.workers_epoch)
+            return EngineReport(engine_id, placement.version, counts, samples, routes.workers_epoch)
 
 
 class DispatchingExperts(nn.Module):

@@ -181,7 +181,7 @@ class ExpertTensors:
     Attributes:
         layer, expert: which expert.
         tensors: name -> CPU tensor (e.g. "gate_up" [2I, H], "down" [H, I], any quantisation scales).
-        checksum: hex digest over names, dtypes, shapes and bytes (see service.checkpoint.checksum).
+        checksum: hex digest over names, dtypes, shapes and bytes (see service.experts.checksum).
     """
 
     layer: int

@@ -186,6 +186,20 @@ def test_placement_and_channels_change_only_at_step_boundary(reference):
     assert context.drain_report("engine").workers_epoch == 4
 
 
+def test_report_acknowledges_what_the_engine_serves(reference):
+    context = DispatchContext(contiguous(version=0), full_channels(reference))
+    module = DispatchingExperts(0, E, context)
+    hidden, index, weights = routing(4, 2, seed=3)
+    context.begin_step()
+    context.set_placement(contiguous(version=1))
+    module(hidden, index, weights)
+    assert context.drain_report("engine").placement_version == 0  # the open step still serves v0
+    context.end_step()
+    assert context.drain_report("engine").placement_version == 1  # idle: the next step can only use v1
+    context.set_placement(contiguous(version=2))
+    assert context.drain_report("engine").placement_version == 2
+
+
 def test_rejects_placement_of_wrong_shape_or_without_channels(reference):
     context = DispatchContext(contiguous(), full_channels(reference))
     with pytest.raises(ValueError, match="layers"):

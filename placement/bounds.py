@@ -55,9 +55,9 @@ def split_cost(loads: np.ndarray, params: np.ndarray) -> np.ndarray:
     """
     fixed, knee, slope = params
     tokens = np.asarray(loads, dtype=np.float64)[..., None]
-    whole = latency_matrix(loads, params)
-    at_knee = tokens * fixed / np.where(knee > 0, knee, 1.0)
-    return np.where((tokens > knee) & (fixed < slope * knee), at_knee, whole)
+    rising = fixed < slope * knee  # then knee > 0 and fixed / knee < slope: no overflow
+    per_token = np.divide(fixed, knee, out=np.zeros_like(fixed), where=rising)
+    return np.where((tokens > knee) & rising, tokens * per_token, latency_matrix(loads, params))
 
 
 def _lp_bound(loads: np.ndarray, params: np.ndarray, slots: np.ndarray, replicas: bool) -> np.ndarray:

@@ -1,0 +1,171 @@
+"""rebalance(): the incremental solver never slows a layer, reports its moves, and stops as specified."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from placement.device_model import DeviceModel
+from placement.metrics import device_times, makespan
+from placement.placement import Placement
+from placement.policies import plan
+from placement.rebalance import Move, rebalance
+
+TRACES = Path("/work/shared/traces")
+BASE = DeviceModel(fixed=2e-4, knee=128, slope=2e-4 / 128)
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def drifts(draw):
+    """(placement, new loads [L, E], devices) for a placement made for other loads."""
+    num_devices = draw(st.integers(2, 6))
+    num_experts = num_devices * draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1.0, 50.0, 500.0]))
+    old = np.round(rng.lognormal(0, 1.2, (draw(st.integers(1, 3)), num_experts)) * scale)
+    new = np.round(old * rng.lognormal(0, 0.6, old.shape))
+    devices = [BASE.scaled(f) for f in rng.uniform(1.0, 1.3, num_devices)]
+    policy = draw(st.sampled_from(["contiguous", "eplb", "vibe"]))
+    redundant = 0 if policy == "contiguous" else num_devices * draw(st.integers(0, 1))
+    placement = plan(old, devices, policy, num_redundant=redundant).with_version(draw(st.integers(0, 5)))
+    return placement, new, devices
+
+
+def layout(placement: Placement, layer: int) -> Counter:
+    """Multiset of (expert, device, share) of one layer."""
+    return Counter(zip(placement.phy2log[layer].tolist(), placement.slot_device[layer].tolist(),
+                       np.round(placement.replica_share[layer], 12).tolist()))
+
+
+def improving_swap_exists(placement: Placement, loads, devices, layer: int) -> bool:
+    """Brute force: does any swap of a slot on the slowest device with a slot elsewhere lower the pair's max?"""
+    times = device_times(placement, loads, devices)[layer]
+    slow = int(times.argmax())
+    tokens = placement.slot_tokens(loads)[layer]
+    on_device = placement.slot_device[layer]
+    experts = placement.phy2log[layer]
+    for a in np.flatnonzero(on_device == slow):
+        for b in np.flatnonzero(on_device != slow):
+            other = on_device[b]
+            if experts[a] in experts[on_device == other] or experts[b] in experts[on_device == slow]:
+                continue  # would put two replicas of one expert on one device
+            new_slow = times[slow] - devices[slow].latency(tokens[a]) + devices[slow].latency(tokens[b])
+            new_other = times[other] - devices[other].latency(tokens[b]) + devices[other].latency(tokens[a])
+            if max(new_slow, new_other) < times[slow] * (1 - 1e-9):
+                return True
+    return False
+
+
+@SETTINGS
+@given(drifts(), st.sampled_from([0.0, 0.03, 0.2]))
+def test_rebalance_never_slows_a_layer_and_stops_as_specified(case, eps):
+    placement, loads, devices = case
+    new, moves = rebalance(placement, loads, devices, eps)
+    before, after = makespan(placement, loads, devices), makespan(new, loads, devices)
+    assert np.all(after <= before * (1 + 1e-12))
+    times = device_times(new, loads, devices)
+    for layer in range(new.num_layers):
+        balanced = times[layer].max() <= (1 + eps) * times[layer].mean() * (1 + 1e-12)
+        assert balanced or not improving_swap_exists(new, loads, devices, layer)
+
+
+@SETTINGS
+@given(drifts())
+def test_moves_turn_the_old_placement_into_the_new_one(case):
+    placement, loads, devices = case
+    new, moves = rebalance(placement, loads, devices, 0.0)
+    if not moves:
+        assert new is placement
+        return
+    assert new.version == placement.version + 1
+    np.testing.assert_array_equal(new.device_slot_counts(), placement.device_slot_counts())
+    for layer in range(placement.num_layers):
+        slots = Counter(zip(placement.phy2log[layer].tolist(), placement.slot_device[layer].tolist()))
+        for move in (m for m in moves if m.layer == layer):
+            assert move.src_device != move.dst_device
+            assert slots[(move.expert, move.src_device)] > 0
+            slots[(move.expert, move.src_device)] -= 1
+            slots[(move.expert, move.dst_device)] += 1
+        assert +slots == Counter(zip(new.phy2log[layer].tolist(), new.slot_device[layer].tolist()))
+        # replicas keep their shares
+        shares = Counter(zip(placement.phy2log[layer].tolist(), np.round(placement.replica_share[layer], 12)))
+        assert shares == Counter(zip(new.phy2log[layer].tolist(), np.round(new.replica_share[layer], 12)))
+        pairs = new.phy2log[layer] * new.num_devices + new.slot_device[layer]
+        old_pairs = placement.phy2log[layer] * placement.num_devices + placement.slot_device[layer]
+        assert np.unique(pairs).size >= np.unique(old_pairs).size  # never co-locates replicas
+
+
+def test_nothing_to_do_returns_the_same_placement():
+    loads = np.full((2, 8), 300.0)
+    devices = [BASE] * 4
+    placement = plan(loads, devices, "contiguous").with_version(3)
+    new, moves = rebalance(placement, loads, devices)
+    assert new is placement and moves == []
+
+
+def test_one_swap_is_two_moves_and_bumps_the_version():
+    devices = [BASE] * 2
+    placement = Placement.from_expert_devices(np.array([[0, 0, 1, 1]]), 2, version=4)
+    loads = np.array([[1000.0, 1000.0, 200.0, 200.0]])
+    new, moves = rebalance(placement, loads, devices, 0.0)
+    assert new.version == 5
+    assert len(moves) == 2 and {m.src_device for m in moves} == {0, 1}
+    assert all(isinstance(m, Move) and m.layer == 0 for m in moves)
+    np.testing.assert_allclose(new.device_tokens(loads), [[1200.0, 1200.0]])
+
+
+def test_max_swaps_per_layer_caps_the_moves():
+    rng = np.random.default_rng(1)
+    loads = rng.uniform(0, 2000, (3, 32))
+    devices = [BASE.scaled(f) for f in np.linspace(1, 1.3, 4)]
+    placement = plan(loads, devices, "contiguous")
+    for cap in (0, 1, 2):
+        new, moves = rebalance(placement, loads, devices, 0.0, max_swaps_per_layer=cap)
+        assert all(sum(m.layer == layer for m in moves) <= 2 * cap for layer in range(3))
+    assert rebalance(placement, loads, devices, 0.0, max_swaps_per_layer=0)[0] is placement
+
+
+def test_larger_eps_moves_fewer_experts():
+    rng = np.random.default_rng(2)
+    loads = rng.lognormal(5, 1, (4, 64))
+    devices = [BASE.scaled(f) for f in np.linspace(1, 1.2, 8)]
+    placement = plan(rng.permutation(loads.T).T, devices, "vibe")
+    counts = [len(rebalance(placement, loads, devices, eps)[1]) for eps in (0.0, 0.03, 0.3)]
+    assert counts[0] >= counts[1] >= counts[2]
+
+
+@pytest.mark.parametrize(("before", "after", "num_devices"), [
+    ("olmoe1b7b_arxiv_L0-7-15", "olmoe1b7b_github_L0-7-15", 8),
+    ("esft_dsv2lite_law", "esft_dsv2lite_translation", 8),
+])
+def test_rebalance_on_real_drift_moves_few_slots_and_recovers_time(before, after, num_devices):
+    old, new = (np.load(TRACES / f"{name}.npz")["counts"].astype(np.float64) for name in (before, after))
+    devices = [BASE.scaled(f) for f in np.linspace(1.0, 1.22, num_devices)]
+    placement = plan(old, devices, "vibe")
+    rebalanced, moves = rebalance(placement, new, devices)
+    stale, fixed = makespan(placement, new, devices), makespan(rebalanced, new, devices)
+    assert np.all(fixed <= stale * (1 + 1e-12)) and fixed.sum() < stale.sum()
+    per_layer = np.bincount([m.layer for m in moves], minlength=old.shape[0])
+    assert per_layer.max() < old.shape[1]  # far from a full reshuffle
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loads": np.ones((2, 7))}, "loads must be"),
+        ({"loads": -np.ones((2, 8))}, ">= 0"),
+        ({"devices": [BASE] * 3}, "device models"),
+        ({"eps": -0.1}, "eps"),
+        ({"max_swaps_per_layer": -1}, "max_swaps_per_layer"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs, match):
+    args = {"loads": np.ones((2, 8)), "devices": [BASE] * 4}
+    args.update(kwargs)
+    placement = plan(np.ones((2, 8)), [BASE] * 4, "contiguous")
+    with pytest.raises(ValueError, match=match):
+        rebalance(placement, args.pop("loads"), args.pop("devices"), **args)

@@ -70,12 +70,16 @@ class StepBatch:
     """Per-step metadata shared by every layer: which sequence owns which tokens of ``[1, T]``.
 
     Built once per step by ``StepBatch.build``; the decode tensors are precomputed so that each layer
-    does no Python work per sequence for single-token chunks.
+    does no Python work per sequence for single-token chunks. The selectors are slices when the decode
+    tokens lead the flat batch (the scheduler puts them first) and fill their slot range in slot order,
+    so that the common all-decode step gathers and pads nothing.
     """
 
     chunks: tuple[SeqChunk, ...]
     prefills: tuple[SeqChunk, ...]
-    decode_index: torch.Tensor   # int64 [B]: flat-batch offsets of single-token chunks
+    num_decodes: int             # B: single-token chunks
+    decode_select: slice | torch.Tensor  # flat-batch offsets of the B single-token chunks
+    decode_rows: slice | torch.Tensor    # their rows in the slot range slot_lo .. slot_hi - 1
     decode_slots: torch.Tensor   # int64 [B]
     decode_pos: torch.Tensor     # int64 [B]: position of the new token
     slot_lo: int                 # decode attention reads slots slot_lo .. slot_hi - 1
@@ -95,8 +99,11 @@ class StepBatch:
         for c in decodes:
             decode_len[c.slot - lo] = c.start + 1
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+        offsets = [c.offset for c in decodes]
         return StepBatch(
-            chunks=tuple(chunks), prefills=prefills, decode_index=as_tensor([c.offset for c in decodes]),
+            chunks=tuple(chunks), prefills=prefills, num_decodes=len(decodes),
+            decode_select=slice(0, len(offsets)) if offsets == list(range(len(offsets))) else as_tensor(offsets),
+            decode_rows=slice(None) if slots == list(range(lo, hi)) else as_tensor([s - lo for s in slots]),
             decode_slots=as_tensor(slots), decode_pos=as_tensor([c.start for c in decodes]),
             slot_lo=lo, slot_hi=hi, decode_len=decode_len.to(device),
             decode_max_len=max((c.start + 1 for c in decodes), default=0),
@@ -152,8 +159,8 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     _append(layer_keys, key[0], batch)
     _append(layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, d]
-    if batch.decode_index.numel():
-        out[batch.decode_index] = _decode(query[0], layer_keys, layer_values, batch, window, scaling)
+    if batch.num_decodes:
+        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling)
     for chunk in batch.prefills:
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
             query[0], layer_keys, layer_values, chunk, window, scaling)
@@ -162,8 +169,8 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 def _append(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
     """Write new keys (or values) ``new [Hkv, T, d]`` into their slots of ``pool``."""
-    if batch.decode_index.numel():
-        pool[batch.decode_slots, :, batch.decode_pos] = new[:, batch.decode_index].transpose(0, 1)
+    if batch.num_decodes:
+        pool[batch.decode_slots, :, batch.decode_pos] = new[:, batch.decode_select].transpose(0, 1)
     for c in batch.prefills:
         pool[c.slot, :, c.start:c.start + c.num_tokens] = new[:, c.offset:c.offset + c.num_tokens]
 
@@ -172,21 +179,22 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
             window: int | None, scaling: float | None) -> torch.Tensor:
     """Attention of every single-token query at once, over the slot range read in place.
 
-    ``query [Hq, T, d]``; returns ``[B, Hq, d]`` for the decode tokens in ``batch.decode_index`` order.
+    ``query [Hq, T, d]``; returns ``[B, Hq, d]`` for the decode tokens in ``batch.decode_select`` order.
     Query heads are grouped under their kv head (GQA without repeating keys): ``[S, Hkv, G, d]``.
     """
     num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
     mask = batch.decode_mask(window)
-    q = query[:, batch.decode_index]                                   # [Hq, B, d]
-    q = q.view(num_kv_heads, -1, q.shape[1], head_dim).permute(2, 0, 1, 3)  # [B, Hkv, G, d]
-    rows = batch.decode_slots - batch.slot_lo
-    padded = q.new_zeros(batch.slot_hi - batch.slot_lo, *q.shape[1:])  # [S, Hkv, G, d]
-    padded[rows] = q
+    q = query[:, batch.decode_select]                                  # [Hq, B, d]
+    q = q.reshape(num_kv_heads, -1, batch.num_decodes, head_dim).permute(2, 0, 1, 3)  # [B, Hkv, G, d]
+    if isinstance(batch.decode_rows, torch.Tensor):  # holes in the slot range: pad with zero queries
+        padded = q.new_zeros(batch.slot_hi - batch.slot_lo, *q.shape[1:])  # [S, Hkv, G, d]
+        padded[batch.decode_rows] = q
+        q = padded
     span = slice(batch.slot_lo, batch.slot_hi)
     length = mask.shape[-1]
     attn = F.scaled_dot_product_attention(
-        padded, keys[span, :, :length], values[span, :, :length], attn_mask=mask, scale=scaling)
-    return attn[rows].reshape(rows.numel(), -1, head_dim)              # [B, Hq, d]
+        q, keys[span, :, :length], values[span, :, :length], attn_mask=mask, scale=scaling)
+    return attn[batch.decode_rows].reshape(batch.num_decodes, -1, head_dim)  # [B, Hq, d]
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,

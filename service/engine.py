@@ -237,7 +237,7 @@ class Engine:
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, new tokens) of this step: decodes first, then prefill chunks, then admissions."""
         budget = self.config.max_num_batched_tokens
-        decodes = [(s, 1) for s in self._running if s.num_pending == 1]
+        decodes = sorted(((s, 1) for s in self._running if s.num_pending == 1), key=lambda c: c[0].slot)
         budget -= len(decodes)
         prefills = []
         for seq in (s for s in self._running if s.num_pending > 1):

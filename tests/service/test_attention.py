@@ -11,9 +11,11 @@ import torch
 from service.attention import KVCache, SeqChunk, StepBatch, bind_step, ragged_attention
 
 HQ, HKV, D, MAX_LEN, SLOTS = 4, 2, 8, 32, 6
-# (slot, start, new tokens): decodes in slots 0, 2 and 4 (slot 1 idle, slot 3 a prefill inside the
-# decode slot range), a first prefill, a continued prefill chunk, and a one-token prompt.
-LAYOUT = [(0, 5, 1), (3, 0, 7), (2, 9, 1), (5, 4, 3), (4, 0, 1)]
+# (slot, start, new tokens) in flat-batch order. Padded: decodes in slots 0, 2 and 4 (slot 1 idle, slot 3
+# a prefill inside the decode slot range), a first prefill, a continued prefill chunk, a one-token prompt.
+PADDED = [(0, 5, 1), (3, 0, 7), (2, 9, 1), (5, 4, 3), (4, 0, 1)]
+# Dense: decodes lead the batch and fill slots 1..3 in order, as the engine schedules them.
+DENSE = [(1, 5, 1), (2, 9, 1), (3, 0, 1), (0, 0, 7)]
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int | None) -> torch.Tensor:
@@ -28,14 +30,14 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, wind
     return out
 
 
-def _scenario(seed: int = 0):
+def _scenario(layout, seed: int = 0):
     """A filled cache, the step's q/k/v and batch, and each sequence's full keys/values."""
     gen = torch.Generator().manual_seed(seed)
     cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32)
-    total = sum(n for _, _, n in LAYOUT)
+    total = sum(n for _, _, n in layout)
     query, key, value = (torch.randn(1, h, total, D, generator=gen) for h in (HQ, HKV, HKV))
     chunks, full, offset = [], {}, 0
-    for slot, start, n in LAYOUT:
+    for slot, start, n in layout:
         history_k, history_v = torch.randn(2, HKV, start, D, generator=gen)
         cache.keys[0][slot, :, :start], cache.values[0][slot, :, :start] = history_k, history_v
         new = slice(offset, offset + n)
@@ -47,8 +49,10 @@ def _scenario(seed: int = 0):
 
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("via_module", [True, False])
-def test_matches_naive_reference(window, via_module):
-    cache, batch, query, key, value, full = _scenario()
+@pytest.mark.parametrize("layout", [PADDED, DENSE], ids=["padded", "dense"])
+def test_matches_naive_reference(window, via_module, layout):
+    cache, batch, query, key, value, full = _scenario(layout)
+    assert isinstance(batch.decode_rows, slice) == (layout is DENSE)
     module = SimpleNamespace(layer_idx=0, sliding_window=window if via_module else None)
     with bind_step(cache, batch):
         out, weights = ragged_attention(module, query, key, value, None, scaling=D ** -0.5,
@@ -61,11 +65,12 @@ def test_matches_naive_reference(window, via_module):
             torch.testing.assert_close(out[0, chunk.offset + i].double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_new_keys_and_values_land_in_their_slots():
-    cache, batch, query, key, value, full = _scenario(seed=1)
+@pytest.mark.parametrize("layout", [PADDED, DENSE], ids=["padded", "dense"])
+def test_new_keys_and_values_land_in_their_slots(layout):
+    cache, batch, query, key, value, full = _scenario(layout, seed=1)
     with bind_step(cache, batch):
         ragged_attention(SimpleNamespace(layer_idx=0), query, key, value, None)
-    for slot, start, n in LAYOUT:
+    for slot, start, n in layout:
         torch.testing.assert_close(cache.keys[0][slot, :, :start + n], full[slot][0])
         torch.testing.assert_close(cache.values[0][slot, :, :start + n], full[slot][1])
 

@@ -89,7 +89,7 @@ class SwapSearch:
         """Scratch space for `best_swaps`, kept between calls: fresh 4-D temporaries cost page faults."""
         _, width, num_devices = self.slot.shape
         rows = max(rows, self.slot.shape[0])
-        self._dst = np.empty((rows, width, width, num_devices))
+        self._dst = np.empty((rows, width, width, num_devices), dtype=np.float32)
         self._src = np.empty_like(self._dst)
 
     def slot_devices(self) -> np.ndarray:
@@ -133,11 +133,12 @@ class SwapSearch:
             barred |= np.take(on_src, expert + (rows * on_src.shape[1])[:, None, None]) > 0
         np.copyto(come, np.inf, where=barred)
         leave = times[rows, src][:, None] - own[rows, :, src]  # [N, M]: src without a
-        worst = np.subtract(into[:, :, None, :], own[:, None, :, :], out=self._dst[:num])  # [N, Ma, Mb, G]
+        # all pairs [N, Ma, Mb, G] in float32 (half the memory traffic) to pick one; exact value below
+        worst = np.subtract(into[:, :, None, :], own[:, None, :, :], out=self._dst[:num])
         np.maximum(worst, np.add(leave[:, :, None, None], come[:, None, :, :], out=self._src[:num]), out=worst)
-        flat = worst.reshape(num, -1).argmin(axis=1)
-        pos_a, pos_b, dst = np.unravel_index(flat, worst.shape[1:])
-        return worst.reshape(num, -1)[rows, flat], pos_a, dst, pos_b
+        pos_a, pos_b, dst = np.unravel_index(worst.reshape(num, -1).argmin(axis=1), worst.shape[1:])
+        exact = np.maximum(into[rows, pos_a, dst] - own[rows, pos_b, dst], leave[rows, pos_a] + come[rows, pos_b, dst])
+        return exact, pos_a, dst, pos_b
 
     def exchange(self, layers: np.ndarray, src: np.ndarray, pos_a: np.ndarray, dst: np.ndarray,
                  pos_b: np.ndarray) -> None:

@@ -134,8 +134,9 @@ class SwapSearch:
         np.copyto(come, np.inf, where=barred)
         leave = times[rows, src][:, None] - own[rows, :, src]  # [N, M]: src without a
         # all pairs [N, Ma, Mb, G] in float32 (half the memory traffic) to pick one; exact value below
-        worst = np.subtract(into[:, :, None, :], own[:, None, :, :], out=self._dst[:num])
-        np.maximum(worst, np.add(leave[:, :, None, None], come[:, None, :, :], out=self._src[:num]), out=worst)
+        into32, own32, leave32, come32 = (x.astype(np.float32) for x in (into, own, leave, come))
+        worst = np.subtract(into32[:, :, None, :], own32[:, None, :, :], out=self._dst[:num])
+        np.maximum(worst, np.add(leave32[:, :, None, None], come32[:, None, :, :], out=self._src[:num]), out=worst)
         pos_a, pos_b, dst = np.unravel_index(worst.reshape(num, -1).argmin(axis=1), worst.shape[1:])
         exact = np.maximum(into[rows, pos_a, dst] - own[rows, pos_b, dst], leave[rows, pos_a] + come[rows, pos_b, dst])
         return exact, pos_a, dst, pos_b

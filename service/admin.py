@@ -1,0 +1,156 @@
+"""The admin API: placement, statistics, recalibration, profiling and emulation controls, behind a bearer token.
+
+Owns authentication (constant-time comparison of token digests; the token itself is never stored,
+logged or echoed) and the admin routes, which forward to the coordinator through a `CoordinatorClient`
+(a Serve deployment handle in production, an in-process coordinator in tests). Errors are raised as
+`APIError` so the app's single error handler answers in OpenAI's JSON format. Knows nothing of Ray.
+
+Without a configured token every admin route answers 404 (the admin API is disabled); a missing token
+gets 401, a wrong one 403. Emulation controls exist only when the workers emulate devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+from typing import Any, Literal, Protocol
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.openai_api import APIError
+
+
+class CoordinatorClient(Protocol):
+    """Awaitable calls into the coordinator, by method name."""
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex digest of an admin token (what the ingress keeps instead of the token)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class RecalibrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal["vibe", "eplb", "contiguous"] | None = None
+    mode: Literal["incremental", "full"] = "incremental"
+    dry_run: bool = False
+    force: bool = False
+
+
+class SpeedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: int = Field(ge=0)
+    speed: float = Field(gt=0, le=10)
+
+
+class FaultRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: int = Field(ge=0)
+    operation: Literal["import"] = "import"
+
+
+def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_devices: int,
+                 emulation: bool) -> APIRouter:
+    """Routes under /admin. `token_sha256`: digest of the configured token, or None (admin disabled)."""
+
+    def authorize(request: Request) -> None:
+        if token_sha256 is None:
+            raise APIError(404, "the admin API is disabled: start the service with VIBE_ADMIN_TOKEN set",
+                           type="not_found_error")
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise APIError(401, "missing admin bearer token (Authorization: Bearer <token>)",
+                           type="authentication_error")
+        if not hmac.compare_digest(token_digest(presented.strip()), token_sha256):
+            raise APIError(403, "the admin token is not valid", type="permission_error")
+
+    def check_device(device: int) -> None:
+        if device >= num_devices:
+            raise APIError(400, f"device {device} does not exist (devices 0..{num_devices - 1})", param="device")
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
+
+    @router.get("/placement")
+    async def placement() -> dict[str, Any]:
+        return await client.call("placement_view")
+
+    @router.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return await client.call("stats_view")
+
+    @router.post("/recalibrate")
+    async def recalibrate(body: RecalibrateRequest | None = None) -> dict[str, Any]:
+        body = body or RecalibrateRequest()
+        return await client.call("recalibrate", policy=body.policy, mode=body.mode, dry_run=body.dry_run,
+                                 force=body.force, reason="admin")
+
+    @router.post("/profile")
+    async def profile() -> dict[str, Any]:
+        return await client.call("profile_devices")
+
+    @router.get("/ui", response_class=HTMLResponse)
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(render_placement_page(await client.call("placement_view")))
+
+    if emulation:
+        @router.post("/emulation/speed")
+        async def set_speed(body: SpeedRequest) -> dict[str, Any]:
+            check_device(body.device)
+            await client.call("set_emulated_speed", body.device, body.speed)
+            return {"device": body.device, "speed": body.speed}
+
+        @router.post("/emulation/fault")
+        async def inject_fault(body: FaultRequest) -> dict[str, Any]:
+            check_device(body.device)
+            await client.call("inject_fault", body.device, body.operation)
+            return {"device": body.device, "operation": body.operation, "armed": True}
+
+    return router
+
+
+def render_placement_page(view: dict[str, Any]) -> str:
+    """A self-contained HTML page: heatmaps (layers x devices) of predicted time and tokens, and the slots."""
+    layers = view["layers"]
+    times = [layer["device_predicted_s"] for layer in layers]
+    tokens = [layer["device_tokens"] for layer in layers]
+    rows = "".join(
+        f"<tr><td>{layer['layer']}</td><td>{layer['imbalance']:.3f}</td><td>"
+        + " ".join(f"{s['expert']}@{s['device']}" + (f"({s['share']:.2f})" if s["share"] < 1 else "")
+                   for s in layer["slots"])
+        + "</td></tr>" for layer in layers)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>vibe-serve placement</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 6px;font-size:13px}"
+        "table{border-collapse:collapse}</style></head><body>"
+        f"<h1>Placement version {int(view['version'])} ({html.escape(str(view['policy']))})</h1>"
+        "<h2>Predicted device time per layer (ms)</h2>" + _heatmap(times, scale=1e3)
+        + "<h2>Tokens per device per layer (window mean per pass)</h2>" + _heatmap(tokens, scale=1.0)
+        + "<h2>Slots (expert@device(share))</h2><table><tr><th>layer</th><th>max/mean</th><th>slots</th></tr>"
+        + rows + "</table></body></html>")
+
+
+def _heatmap(values: list[list[float]], *, scale: float) -> str:
+    """An inline SVG heatmap, one row per layer and one column per device, cells labelled."""
+    cell_w, cell_h, left, top = 64, 26, 70, 22
+    num_layers, num_devices = len(values), len(values[0]) if values else 0
+    peak = max((v for row in values for v in row), default=0.0) or 1.0
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{left + cell_w * num_devices + 10}' "
+             f"height='{top + cell_h * num_layers + 10}' font-size='11'>"]
+    for d in range(num_devices):
+        parts.append(f"<text x='{left + d * cell_w + 8}' y='14'>device {d}</text>")
+    for layer, row in enumerate(values):
+        y = top + layer * cell_h
+        parts.append(f"<text x='4' y='{y + 17}'>layer {layer}</text>")
+        for d, value in enumerate(row):
+            heat = value / peak
+            color = f"rgb(255,{int(255 * (1 - heat))},{int(255 * (1 - heat))})"
+            parts.append(f"<rect x='{left + d * cell_w}' y='{y}' width='{cell_w - 2}' height='{cell_h - 2}' "
+                         f"fill='{color}'/><text x='{left + d * cell_w + 6}' y='{y + 17}'>{value * scale:.2f}</text>")
+    parts.append("</svg>")
+    return "".join(parts)

@@ -1,0 +1,536 @@
+"""The coordinator: versioned placement, statistics, device models, recalibration and live migration.
+
+Owns the one authoritative placement of the app and every decision to change it: it aggregates router
+statistics and device timings that engines report in batches, fits and refines device models, detects
+workload and device drift, plans recalibrations with `placement/`, and runs two-phase migrations
+worker to worker (copy, publish, drop after every engine acknowledged). Knows nothing of HTTP, Serve
+or torch; the Serve deployment (`service/deployments.py`) is a thin shell over this class, and tests
+drive it with a `LocalWorkerPool`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+import placement as pl
+from service.messages import EngineReport, SyncReply, WorkerInfo
+from service.worker_pool import WorkerCallError, WorkerPool, keys_by_device
+
+log = logging.getLogger(__name__)
+
+RECALIBRATION_MODES = ("incremental", "full")
+DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator decides with.
+
+    Attributes:
+        checkpoint: model folder the workers load their experts from.
+        policy: "vibe" (default), "eplb" (token balance, full re-plan on recalibration) or
+            "contiguous" (static, never recalibrated).
+        num_redundant: extra expert slots for replicas (a multiple of the device count).
+        auto_recalibrate: recalibrate on workload or device drift without being asked.
+        eps: the incremental solver stops at max <= (1 + eps) * mean device time.
+        drift_check_every, drift_window, drift_threshold, drift_cooldown: workload drift detector
+            (forward passes; cosine distance).
+        device_drift_threshold: observed / predicted device time beyond 1 +- this is device drift.
+        device_drift_min_samples: expert calls per device before its ratio is trusted.
+        profile_token_counts, profile_repeats: the device profiling grid.
+        gain_horizon_passes: a migration must save more over this many forward passes than moving
+            its bytes costs (unless forced).
+        bandwidth_bytes_per_s: initial estimate of worker-to-worker copy bandwidth, refined by every
+            migration.
+        ack_timeout_s: how long old copies wait for every live engine to acknowledge a new version.
+        engine_timeout_s: an engine silent this long is forgotten (it no longer holds up drops).
+        health_interval_s: how often workers are checked for liveness.
+    """
+
+    checkpoint: str
+    policy: str = "vibe"
+    num_redundant: int = 0
+    auto_recalibrate: bool = True
+    eps: float = 0.03
+    drift_check_every: int = 10
+    drift_window: int = 100
+    drift_threshold: float = 0.05
+    drift_cooldown: int = 10
+    device_drift_threshold: float = 0.10
+    device_drift_min_samples: int = 50
+    profile_token_counts: tuple[int, ...] = DEFAULT_PROFILE_TOKENS
+    profile_repeats: int = 3
+    gain_horizon_passes: int = 1000
+    bandwidth_bytes_per_s: float = 1e9
+    ack_timeout_s: float = 10.0
+    engine_timeout_s: float = 10.0
+    health_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in pl.POLICIES:
+            raise ValueError(f"policy must be one of {pl.POLICIES}, got {self.policy!r}")
+        if self.num_redundant < 0:
+            raise ValueError(f"num_redundant must be >= 0, got {self.num_redundant}")
+        if self.policy == "contiguous" and self.num_redundant:
+            raise ValueError("the contiguous policy has no redundant experts (num_redundant must be 0)")
+        for name in ("eps", "drift_threshold", "device_drift_threshold", "bandwidth_bytes_per_s",
+                     "ack_timeout_s", "engine_timeout_s", "health_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if min(self.drift_check_every, self.drift_window, self.profile_repeats, self.gain_horizon_passes) < 1:
+            raise ValueError("drift_check_every, drift_window, profile_repeats, gain_horizon_passes must be >= 1")
+        if not self.profile_token_counts or min(self.profile_token_counts) < 1:
+            raise ValueError(f"profile_token_counts must be positive, got {self.profile_token_counts}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the coordinator needs to know of the model: MoE layers, experts, bytes per expert."""
+
+    num_layers: int
+    num_experts: int
+    expert_bytes: int
+
+
+@dataclass
+class Recalibration:
+    """One recalibration decision, applied or not (kept in the history, shown by /admin/stats)."""
+
+    reason: str
+    policy: str
+    mode: str
+    status: str  # applied | dry_run | skipped | no_change | rolled_back | failed
+    from_version: int
+    to_version: int
+    started_at: float
+    duration_s: float = 0.0
+    experts_moved: int = 0
+    bytes_moved: int = 0
+    max_slot_fraction_moved: float = 0.0
+    predicted_makespan_before_s: float = 0.0
+    predicted_makespan_after_s: float = 0.0
+    predicted_gain_s: float = 0.0
+    migration_cost_s: float = 0.0
+    moves: list[dict[str, int]] = field(default_factory=list)
+    detail: str = ""
+
+
+@dataclass
+class _Engine:
+    version: int
+    workers_epoch: int
+    last_seen: float
+
+
+class Coordinator:
+    """The app's placement authority. Thread-safe; `start()` before anything else."""
+
+    def __init__(self, config: CoordinatorConfig, pool: WorkerPool, shape: ModelShape,
+                 clock=time.monotonic):
+        self.config = config
+        self.pool = pool
+        self.shape = shape
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._migration_lock = threading.Lock()
+        self._placement: pl.Placement | None = None
+        self._profiled: list[pl.DeviceModel] = []
+        self._scales = np.ones(pool.num_devices)
+        self._workers: list[WorkerInfo] = []
+        self._workers_epoch = 0
+        self._engines: dict[str, _Engine] = {}
+        # Holds the statistics window; its reference is the loads the placement was made for (uniform
+        # until the first calibration, when drift reports are not acted on).
+        self._workload_drift = pl.WorkloadDriftDetector(
+            np.ones((shape.num_layers, shape.num_experts)), check_every=config.drift_check_every,
+            window=config.drift_window, threshold=config.drift_threshold, cooldown=config.drift_cooldown)
+        self._device_drift = pl.DeviceDriftDetector(
+            pool.num_devices, threshold=config.device_drift_threshold,
+            min_samples=config.device_drift_min_samples)
+        self._last_drift: dict[str, Any] = {}
+        self._pending_trigger: str | None = None
+        self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
+        self._bandwidth = config.bandwidth_bytes_per_s
+        self._history: deque[Recalibration] = deque(maxlen=50)
+        self._calibrated = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- startup -----------------------------------------------------------------------------------
+
+    def start(self, *, background: bool = True) -> None:
+        """Create or adopt workers, profile them, then recover or compute and load the placement."""
+        self._workers = self.pool.start()
+        self._profile()
+        recovered = self._recover()
+        if recovered is None:
+            uniform = np.ones((self.shape.num_layers, self.shape.num_experts))
+            first = self._plan(uniform, self.config.policy).with_version(1)
+            self.pool.load(self.config.checkpoint, self._keys_per_device(first))
+            self._publish(first)
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
+            self._thread.start()
+
+    def _recover(self) -> pl.Placement | None:
+        """Adopt the newest placement recorded on the workers if the workers really hold it."""
+        try:
+            records = self.pool.load_records()
+            held = self.pool.held()
+        except WorkerCallError as exc:
+            log.warning("placement recovery skipped: %s", exc)
+            return None
+        for record in sorted(records, key=lambda r: r.get("version", 0), reverse=True):
+            candidate = pl.Placement.from_dict(record)
+            needed = self._keys_per_device(candidate)
+            if all(set(keys) <= held.get(d, set()) for d, keys in needed.items()):
+                log.info("recovered placement version %d from the workers", candidate.version)
+                with self._lock:
+                    self._placement = candidate
+                    self._calibrated = bool(record.get("calibrated", False))
+                return candidate
+        return None
+
+    def _profile(self) -> list[pl.DeviceModel]:
+        samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats)
+        models = [pl.DeviceModel.fit(s.tokens, s.seconds) for s in samples]
+        with self._lock:
+            self._profiled = models
+            self._scales = np.ones(len(models))
+            self._device_drift.reset()
+        return models
+
+    # --- what engines call -------------------------------------------------------------------------
+
+    def report(self, report: EngineReport) -> SyncReply:
+        """Ingest an engine's batched statistics; answer with what it must switch to."""
+        now = self._clock()
+        counts = np.asarray(report.router_counts, dtype=np.float64)
+        with self._lock:
+            self._engines[report.engine_id] = _Engine(report.placement_version, report.workers_epoch, now)
+            for step in counts.reshape(-1, self.shape.num_layers, self.shape.num_experts):
+                self._observe_pass(step)
+            for sample in report.device_samples:
+                self._observe_device(sample.device, np.asarray(sample.tokens), np.asarray(sample.seconds))
+            current = self._placement
+            newer = current is not None and report.placement_version < current.version
+            return SyncReply(
+                placement=current.to_dict() if newer else None,
+                workers=tuple(self._workers) if report.workers_epoch != self._workers_epoch else None,
+                workers_epoch=self._workers_epoch,
+            )
+
+    def _observe_pass(self, counts: np.ndarray) -> None:
+        if counts.sum() <= 0:
+            return
+        drift = self._workload_drift.observe(counts)
+        if drift is not None and self._calibrated:
+            self._last_drift = {"passes": drift.num_passes, "layer_distances": drift.distances.tolist(),
+                                "worst_layer": int(drift.worst_layer)}
+            if self.config.auto_recalibrate and self.config.policy != "contiguous":
+                self._pending_trigger = (f"workload drift: layer {drift.worst_layer} cosine distance "
+                                         f"{drift.distances.max():.3f}")
+
+    def _observe_device(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
+        if not self._profiled or tokens.size == 0:
+            return
+        predicted = self._profiled[device].latency(tokens) * self._scales[device]
+        keep = predicted > 0
+        self._device_drift.observe(np.full(int(keep.sum()), device), predicted[keep], seconds[keep])
+
+    def calibrate(self, counts: np.ndarray | None = None, reason: str = "startup profiling pass") -> dict[str, Any]:
+        """First calibration, from an engine's profiling pass: router counts [L, E] per pass, or the
+        statistics window when None. Runs once per app; later calls report that it is done."""
+        with self._lock:
+            if self._calibrated:
+                return {"status": "already_calibrated", "to_version": self._placement.version}
+        loads = None if counts is None else np.asarray(counts, dtype=np.float64)
+        self._calibrated = True  # recorded with the placement it publishes
+        try:
+            result = self.recalibrate(mode="full", force=True, reason=reason, loads=loads)
+        except Exception:
+            self._calibrated = False
+            raise
+        self._calibrated = result["status"] in ("applied", "no_change")
+        if result["status"] == "no_change":
+            self._publish(self.placement)  # record that the current placement is the calibrated one
+        return result
+
+    # --- recalibration -----------------------------------------------------------------------------
+
+    def recalibrate(self, *, policy: str | None = None, mode: str = "incremental", dry_run: bool = False,
+                    force: bool = False, reason: str = "admin", loads: np.ndarray | None = None) -> dict[str, Any]:
+        """Plan a new placement for the current statistics and, unless dry_run or not worth it, apply it.
+
+        Returns the Recalibration record as a dict (status, predicted gain, moves, duration...).
+        Raises ValueError for a bad policy or mode, or when there are no statistics yet.
+        """
+        policy = policy or self.config.policy
+        if policy not in pl.POLICIES:
+            raise ValueError(f"policy must be one of {pl.POLICIES}, got {policy!r}")
+        if mode not in RECALIBRATION_MODES:
+            raise ValueError(f"mode must be one of {RECALIBRATION_MODES}, got {mode!r}")
+        with self._migration_lock:
+            self._finish_drops(wait=True)
+            started = self._clock()
+            with self._lock:
+                old = self._placement
+                devices = self.device_models()
+                loads = self.window_loads() if loads is None else loads
+            if loads is None:
+                raise ValueError("no router statistics yet: serve some requests first")
+            if policy != self.config.policy or policy != "vibe":
+                mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
+            new = self._candidate(old, loads, devices, policy, mode)
+            record = self._judge(old, new, loads, devices, policy, mode, reason, started, dry_run, force)
+            if record.status == "pending":
+                record.status, record.detail = self._migrate(old, new)
+            record.duration_s = self._clock() - started
+            with self._lock:
+                self._history.append(record)
+                if record.status in ("applied", "no_change"):
+                    self._reset_drift(loads)
+            log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
+            return asdict(record)
+
+    def _candidate(self, old, loads, devices, policy, mode) -> pl.Placement:
+        if policy == "contiguous":
+            return self._plan(loads, "contiguous").with_version(old.version + 1)
+        if mode == "full":
+            return self._plan(loads, policy, devices).with_version(old.version + 1)
+        new, _moves = pl.rebalance(old, loads, devices, eps=self.config.eps)
+        return new.with_version(old.version + 1)
+
+    def _judge(self, old, new, loads, devices, policy, mode, reason, started, dry_run, force) -> Recalibration:
+        plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+        before = float(pl.makespan(old, loads, devices).sum())
+        after = float(pl.makespan(new, loads, devices).sum())
+        gain = pl.predicted_gain(old, new, loads, devices, self.config.gain_horizon_passes)
+        cost = plan.transfer_seconds(self._bandwidth)
+        record = Recalibration(
+            reason=reason, policy=policy, mode=mode, status="pending", from_version=old.version,
+            to_version=new.version, started_at=time.time(), experts_moved=plan.num_moves,
+            bytes_moved=plan.bytes_moved,
+            max_slot_fraction_moved=float(np.max(plan.moved_slot_fraction, initial=0.0)),
+            predicted_makespan_before_s=before, predicted_makespan_after_s=after, predicted_gain_s=gain,
+            migration_cost_s=cost,
+            moves=[{"layer": m.layer, "expert": m.expert, "src": m.src_device, "dst": m.dst_device}
+                   for m in plan.moves],
+        )
+        if plan.num_moves == 0 and new.same_layout(old):
+            record.status, record.to_version = "no_change", old.version
+        elif dry_run:
+            record.status = "dry_run"
+        elif not force and gain <= cost:
+            record.status = "skipped"
+            record.detail = (f"predicted gain {gain * 1e3:.1f} ms over {self.config.gain_horizon_passes} passes "
+                             f"does not exceed the migration cost {cost * 1e3:.1f} ms")
+        return record
+
+    def _migrate(self, old: pl.Placement, new: pl.Placement) -> tuple[str, str]:
+        """Two-phase migration. Phase 1 copies; phase 2 publishes; phase 3 (later) drops old copies."""
+        plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+        transfers: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for move in plan.moves:
+            transfers.setdefault((move.src_device, move.dst_device), []).append((move.layer, move.expert))
+        copy_started = self._clock()
+        try:
+            self.pool.copy([(src, dst, keys) for (src, dst), keys in transfers.items()])
+        except WorkerCallError as exc:
+            self._roll_back(old, transfers)
+            log.warning("migration to version %d rolled back: %s", new.version, exc)
+            return "rolled_back", f"copy phase failed, version {old.version} kept: {exc}"
+        elapsed = self._clock() - copy_started
+        if plan.bytes_moved and elapsed > 0:
+            self._bandwidth = 0.5 * self._bandwidth + 0.5 * plan.bytes_moved / elapsed
+        drops = keys_by_device((d.device, (d.layer, d.expert)) for d in plan.drops)
+        self._publish(new)
+        with self._lock:
+            self._pending_drops = (new.version, drops, self._clock())
+        return "applied", ""
+
+    def _roll_back(self, old: pl.Placement, transfers: dict[tuple[int, int], list[tuple[int, int]]]) -> None:
+        """Drop the copies a failed migration left behind; version `old` stays whole and served."""
+        try:
+            held = self.pool.held()
+            leftovers = keys_by_device((dst, key) for (_, dst), keys in transfers.items() for key in keys
+                                       if key in held[dst] and key not in old.experts_on(dst))
+            self.pool.drop(leftovers)
+        except WorkerCallError as cleanup:  # the copies are unused; the next migration overwrites them
+            log.warning("rollback cleanup incomplete: %s", cleanup)
+
+    def _publish(self, placement: pl.Placement) -> None:
+        with self._lock:
+            self._placement = placement
+        record = placement.to_dict() | {"calibrated": self._calibrated}
+        try:
+            self.pool.save_record(record)
+        except WorkerCallError as exc:  # recovery is best effort; serving is not affected
+            log.warning("could not record placement on workers: %s", exc)
+
+    def _finish_drops(self, *, wait: bool) -> None:
+        """Phase 3: drop old copies once every live engine acknowledged the new version (or timeout)."""
+        while True:
+            with self._lock:
+                if self._pending_drops is None:
+                    return
+                version, drops, published = self._pending_drops
+                now = self._clock()
+                live = [e for e in self._engines.values() if now - e.last_seen < self.config.engine_timeout_s]
+                acked = all(e.version >= version for e in live)
+                timed_out = now - published > self.config.ack_timeout_s
+                if acked or timed_out:
+                    self._pending_drops = None
+            if acked or timed_out:
+                if timed_out and not acked:
+                    log.warning("dropping old copies of version %d before every engine acknowledged", version)
+                try:
+                    self.pool.drop(drops)
+                except WorkerCallError as exc:
+                    log.warning("dropping old expert copies failed: %s", exc)
+                return
+            if not wait:
+                return
+            time.sleep(0.02)
+
+    def _reset_drift(self, loads: np.ndarray) -> None:
+        # A layer without load (no tokens seen yet) has no direction: make it uniform, not invalid.
+        reference = np.asarray(loads, dtype=np.float64)
+        reference = np.where(reference.sum(axis=1, keepdims=True) > 0, reference, 1.0)
+        self._workload_drift.reset(reference)
+        self._pending_trigger = None
+
+    # --- device models -----------------------------------------------------------------------------
+
+    def device_models(self) -> list[pl.DeviceModel]:
+        """Current models: profiled curves scaled by what serving observed since (online refinement)."""
+        with self._lock:
+            return [m.scaled(float(s)) for m, s in zip(self._profiled, self._scales)]
+
+    def profile_devices(self) -> dict[str, Any]:
+        """Re-profile every device (admin): new curves replace the refined ones."""
+        models = self._profile()
+        return {"devices": [asdict(m) for m in models]}
+
+    def _apply_device_drift(self) -> str | None:
+        with self._lock:
+            drifted = self._device_drift.drifted()
+            if not drifted:
+                return None
+            for device, ratio in drifted.items():
+                self._scales[device] *= ratio
+                self._device_drift.reset(device)
+        worst = max(drifted, key=lambda d: abs(np.log(drifted[d])))
+        return f"device drift: device {worst} observed/predicted {drifted[worst]:.2f}"
+
+    # --- background loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self._finish_drops(wait=False)
+                if not self.config.auto_recalibrate or self.config.policy == "contiguous":
+                    continue
+                reason = self._apply_device_drift()
+                with self._lock:
+                    reason = reason or self._pending_trigger
+                    self._pending_trigger = None
+                if reason and self._calibrated:
+                    self.recalibrate(reason=reason)
+            except Exception:  # the loop must survive anything; the history records what failed
+                log.exception("coordinator loop iteration failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def shutdown(self) -> None:
+        """Stop the loop and the workers (the app is going away)."""
+        self.stop()
+        self.pool.shutdown()
+
+    # --- views -------------------------------------------------------------------------------------
+
+    @property
+    def placement(self) -> pl.Placement:
+        with self._lock:
+            return self._placement
+
+    @property
+    def calibrated(self) -> bool:
+        return self._calibrated
+
+    @property
+    def loop_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def workers(self) -> tuple[list[WorkerInfo], int]:
+        with self._lock:
+            return list(self._workers), self._workers_epoch
+
+    def window_loads(self) -> np.ndarray | None:
+        """float [L, E]: mean router counts per forward pass over the statistics window."""
+        with self._lock:
+            return self._workload_drift.window_mean()
+
+    def placement_view(self) -> dict[str, Any]:
+        with self._lock:
+            current, loads, devices = self._placement, self.window_loads(), self.device_models()
+        if loads is None:
+            loads = np.zeros((self.shape.num_layers, self.shape.num_experts))
+        times = pl.device_times(current, loads, devices)
+        layers = []
+        for layer in range(current.num_layers):
+            slots = [{"slot": s, "expert": int(current.phy2log[layer, s]),
+                      "device": int(current.slot_device[layer, s]),
+                      "share": float(current.replica_share[layer, s])} for s in range(current.num_slots)]
+            layers.append({"layer": layer, "slots": slots,
+                           "device_predicted_s": times[layer].tolist(),
+                           "device_tokens": current.device_tokens(loads)[layer].tolist(),
+                           "imbalance": float(pl.imbalance(times[layer]))})
+        return {"version": current.version, "policy": self.config.policy, "num_devices": current.num_devices,
+                "num_experts": current.num_experts, "layers": layers}
+
+    def stats_view(self) -> dict[str, Any]:
+        with self._lock:
+            current, loads, devices = self._placement, self.window_loads(), self.device_models()
+            history = [asdict(r) for r in self._history]
+            engines = {k: asdict(v) for k, v in self._engines.items()}
+            drift = dict(self._last_drift)
+            passes = self._workload_drift.num_passes
+            device_ratios = self._device_drift.ratios().tolist()
+        imbalance = None
+        if loads is not None:
+            imbalance = pl.imbalance(pl.device_times(current, loads, devices)).tolist()
+        return {
+            "placement_version": current.version,
+            "policy": self.config.policy,
+            "passes_observed": passes,
+            "loads": None if loads is None else loads.tolist(),
+            "imbalance_per_layer": imbalance,
+            "devices": [{"device": i, "model": asdict(m),
+                         "observed_over_predicted": None if np.isnan(ratio) else ratio}
+                        for i, (m, ratio) in enumerate(zip(devices, device_ratios))],
+            "workload_drift": drift,
+            "migration_bandwidth_bytes_per_s": self._bandwidth,
+            "recalibrations": history,
+            "engines": engines,
+        }
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _plan(self, loads: np.ndarray, policy: str, devices: list[pl.DeviceModel] | None = None) -> pl.Placement:
+        devices = devices or self.device_models()
+        return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant if policy != "contiguous" else 0)
+
+    @staticmethod
+    def _keys_per_device(placement: pl.Placement) -> dict[int, list[tuple[int, int]]]:
+        return {d: sorted(placement.experts_on(d)) for d in range(placement.num_devices)}

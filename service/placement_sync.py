@@ -1,0 +1,78 @@
+"""Engine side of the coordinator protocol.
+
+A background thread that, every `interval_s`, hands the coordinator the statistics the dispatch
+context collected (router counts, device timings: batched, never per token) and applies the answer:
+a newer placement or new worker addresses, both taking effect at the engine's next step boundary.
+Its report carries the version the engine serves, which is the acknowledgement the coordinator waits
+for before dropping old expert copies. Knows nothing of Serve: it is given a `report` callable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from placement import Placement
+from service.dispatch import DispatchContext, SocketChannel
+from service.messages import EngineReport, SyncReply, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+def worker_channels(workers: Sequence[WorkerInfo], node_id: str | None) -> dict[int, SocketChannel]:
+    """One data-plane channel per worker: its Unix socket when on this node, else TCP."""
+    channels = {}
+    for info in workers:
+        local = info.unix_address is not None and info.node_id == node_id
+        channels[info.index] = SocketChannel(info.unix_address if local else info.tcp_address)
+    return channels
+
+
+class PlacementSync:
+    """Periodically report to the coordinator and apply its placement and worker updates."""
+
+    def __init__(self, engine_id: str, context: DispatchContext, report: Callable[[EngineReport], SyncReply],
+                 *, node_id: str | None, interval_s: float = 0.1):
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.engine_id = engine_id
+        self.context = context
+        self._report = report
+        self._node_id = node_id
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failures = 0  # consecutive failed reports (the coordinator may be restarting)
+
+    def sync_once(self) -> SyncReply:
+        """One report/answer round trip; applies the answer. Raises what the report call raises."""
+        reply = self._report(self.context.drain_report(self.engine_id))
+        if reply.workers is not None:
+            self.context.set_channels(worker_channels(reply.workers, self._node_id), reply.workers_epoch)
+        if reply.placement is not None:
+            self.context.set_placement(Placement.from_dict(reply.placement))
+        return reply
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"placement-sync-{self.engine_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.sync_once()
+                self.failures = 0
+            except Exception as exc:  # keep serving on the current placement; retry next interval
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    log.warning("coordinator report failed (%d in a row): %s", self.failures, exc)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

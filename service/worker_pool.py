@@ -1,0 +1,319 @@
+"""The coordinator's view of the expert workers: create or adopt them, and run control calls on all of them.
+
+Owns worker lifecycle (named, detached Ray actors that outlive a coordinator restart), concurrent
+control calls with timeouts, and worker-to-worker expert copies through the Ray object store. Knows
+nothing of placements: callers pass (layer, expert) keys per device. `LocalWorkerPool` does the same
+with in-process workers, for unit tests and single-process runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.messages import LatencySamples, Telemetry, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]  # (moe layer, expert)
+
+
+class WorkerCallError(RuntimeError):
+    """A control call failed or timed out on some workers; `devices` names them."""
+
+    def __init__(self, message: str, devices: Sequence[int]):
+        super().__init__(message)
+        self.devices = tuple(devices)
+
+
+class WorkerPool(Protocol):
+    """Control-plane operations on G workers, indexed 0..G-1 like placement devices."""
+
+    num_devices: int
+
+    def start(self) -> list[WorkerInfo]: ...
+    def infos(self) -> list[WorkerInfo]: ...
+    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None: ...
+    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int: ...
+    def drop(self, keys: Mapping[int, Sequence[Key]]) -> None: ...
+    def held(self) -> dict[int, set[Key]]: ...
+    def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]: ...
+    def telemetry(self) -> list[Telemetry]: ...
+    def set_emulated_speed(self, device: int, factor: float) -> None: ...
+    def inject_fault(self, device: int, operation: str) -> None: ...
+    def save_record(self, record: dict[str, Any]) -> None: ...
+    def load_records(self) -> list[dict[str, Any]]: ...
+    def alive(self) -> dict[int, bool]: ...
+    def restart(self, device: int) -> WorkerInfo: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RayPoolConfig:
+    """How the Ray worker actors are created.
+
+    Attributes:
+        name_prefix: actor name prefix; worker i is "<prefix>-<i>" in `namespace`.
+        namespace: Ray namespace of the worker actors.
+        num_cpus: CPUs reserved per worker (fractional on CPU machines).
+        num_gpus: GPUs per worker (1 on GPU clusters, 0 here).
+        call_timeout_s: timeout of one control call.
+        detached: detached actors survive a coordinator restart; the coordinator kills them on shutdown.
+    """
+
+    name_prefix: str = "vibe-worker"
+    namespace: str = "vibe"
+    num_cpus: float = 0.05
+    num_gpus: float = 0.0
+    call_timeout_s: float = 60.0
+    detached: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.call_timeout_s <= 0:
+            raise ValueError(f"invalid RayPoolConfig {self}")
+
+
+class RayWorkerPool:
+    """Workers as named Ray actors (`ExpertWorkerActor`), one per device."""
+
+    def __init__(self, worker_configs: Sequence[Any], config: RayPoolConfig = RayPoolConfig()):
+        """Args: worker_configs: one `service.worker.WorkerConfig` per device, index i at position i."""
+        self.config = config
+        self.worker_configs = list(worker_configs)
+        self.num_devices = len(self.worker_configs)
+        self._actors: list[Any] = []
+        self._infos: list[WorkerInfo] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> list[WorkerInfo]:
+        """Create the workers, or adopt the ones a previous coordinator left running."""
+        self._actors = [self._create(i) for i in range(self.num_devices)]
+        self._infos = self._all(lambda a: a.info.remote(), "info")
+        return list(self._infos)
+
+    def _create(self, index: int):
+        from service.worker_actor import ExpertWorkerActor
+
+        options: dict[str, Any] = {
+            "name": f"{self.config.name_prefix}-{index}",
+            "namespace": self.config.namespace,
+            "get_if_exists": True,
+            "num_cpus": self.config.num_cpus,
+            "num_gpus": self.config.num_gpus,
+            "max_concurrency": 4,
+            "max_restarts": -1,
+        }
+        if self.config.detached:
+            options["lifetime"] = "detached"
+        return ExpertWorkerActor.options(**options).remote(self.worker_configs[index])
+
+    def infos(self) -> list[WorkerInfo]:
+        return list(self._infos)
+
+    def restart(self, device: int) -> WorkerInfo:
+        """Replace a dead worker by a fresh one with no experts; returns its new address."""
+        import ray
+
+        try:
+            ray.kill(self._actors[device], no_restart=True)
+        except Exception:  # already gone
+            pass
+        deadline = time.monotonic() + self.config.call_timeout_s
+        while True:  # the name is released asynchronously after the kill
+            try:
+                self._actors[device] = self._create(device)
+                info = ray.get(self._actors[device].info.remote(), timeout=self.config.call_timeout_s)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self._infos[device] = info
+        return info
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # best effort at teardown
+                log.warning("could not kill worker actor: %s", exc)
+        self._actors = []
+
+    # --- control calls -----------------------------------------------------------------------------
+
+    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
+        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k)), "load_experts")
+
+    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
+        """Copy experts worker to worker (export ObjectRef passed straight to the importer).
+
+        Returns the number of experts confirmed. Raises WorkerCallError if any import fails.
+        """
+        import ray
+
+        refs, devices = [], []
+        for src, dst, keys in transfers:
+            exported = self._actors[src].export_experts.remote(list(keys))
+            refs.append(self._actors[dst].import_experts.remote(exported))
+            devices.append(dst)
+        confirmed = self._wait(refs, devices, "import_experts")
+        return sum(len(c) for c in confirmed)
+
+    def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:
+        self._on(keys, lambda a, k: a.drop_experts.remote(list(k)), "drop_experts")
+
+    def held(self) -> dict[int, set[Key]]:
+        held = self._all(lambda a: a.held_experts.remote(), "held_experts")
+        return {i: {tuple(k) for k in h} for i, h in enumerate(held)}
+
+    def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
+        return self._all(lambda a: a.profile.remote(list(token_counts), repeats), "profile")
+
+    def telemetry(self) -> list[Telemetry]:
+        return self._all(lambda a: a.telemetry.remote(), "telemetry")
+
+    def set_emulated_speed(self, device: int, factor: float) -> None:
+        self._on({device: [factor]}, lambda a, f: a.set_emulated_speed.remote(f[0]), "set_emulated_speed")
+
+    def inject_fault(self, device: int, operation: str) -> None:
+        self._on({device: [operation]}, lambda a, op: a.inject_fault.remote(op[0]), "inject_fault")
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        self._all(lambda a: a.set_record.remote(record), "set_record")
+
+    def load_records(self) -> list[dict[str, Any]]:
+        return [r for r in self._all(lambda a: a.get_record.remote(), "get_record") if r]
+
+    def alive(self) -> dict[int, bool]:
+        import ray
+
+        refs = [a.ping.remote() for a in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.config.call_timeout_s))
+        status = {}
+        for i, ref in enumerate(refs):
+            try:
+                status[i] = ref in ready and ray.get(ref, timeout=0) is True
+            except Exception:
+                status[i] = False
+        return status
+
+    def _on(self, per_device: Mapping[int, Sequence[Any]], call: Callable, what: str) -> list[Any]:
+        devices = [d for d, items in per_device.items() if len(items)]
+        refs = [call(self._actors[d], per_device[d]) for d in devices]
+        return self._wait(refs, devices, what)
+
+    def _all(self, call: Callable, what: str) -> list[Any]:
+        return self._wait([call(a) for a in self._actors], list(range(len(self._actors))), what)
+
+    def _wait(self, refs: list, devices: list[int], what: str) -> list[Any]:
+        import ray
+
+        results, failed, errors = [], [], []
+        deadline = time.monotonic() + self.config.call_timeout_s
+        for ref, device in zip(refs, devices):
+            try:
+                results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
+            except Exception as exc:
+                failed.append(device)
+                errors.append(f"device {device}: {type(exc).__name__}: {str(exc)[:300]}")
+                results.append(None)
+        if failed:
+            raise WorkerCallError(f"{what} failed on " + "; ".join(errors), failed)
+        return results
+
+
+class LocalWorkerPool:
+    """Workers as in-process `ExpertWorker` objects (unit tests, single-process runs). Same contract."""
+
+    def __init__(self, workers: Sequence[Any]):
+        self.workers = list(workers)
+        self.num_devices = len(self.workers)
+        self._records: list[dict[str, Any]] = [{} for _ in self.workers]
+        self._dead: set[int] = set()
+
+    def start(self) -> list[WorkerInfo]:
+        return self.infos()
+
+    def infos(self) -> list[WorkerInfo]:
+        return [WorkerInfo(i, f"local-{i}", "", None, "local", w.config.device, w.config.emulation is not None)
+                for i, w in enumerate(self.workers)]
+
+    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
+        for device, k in keys.items():
+            if k:
+                self._live(device).load_experts(checkpoint, list(k))
+
+    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
+        failed, count = [], 0
+        for src, dst, keys in transfers:
+            try:
+                count += len(self._live(dst).import_experts(self._live(src).export_experts(list(keys))))
+            except Exception as exc:
+                failed.append((dst, exc))
+        if failed:
+            raise WorkerCallError(f"import_experts failed on {[d for d, _ in failed]}: {failed[0][1]}",
+                                  [d for d, _ in failed])
+        return count
+
+    def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:
+        for device, k in keys.items():
+            if k:
+                self._live(device).drop_experts(list(k))
+
+    def held(self) -> dict[int, set[Key]]:
+        return {i: {tuple(k) for k in self._live(i).held_experts()} for i in range(self.num_devices)}
+
+    def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
+        return [self._live(i).profile(list(token_counts), repeats) for i in range(self.num_devices)]
+
+    def telemetry(self) -> list[Telemetry]:
+        return [self._live(i).telemetry() for i in range(self.num_devices)]
+
+    def set_emulated_speed(self, device: int, factor: float) -> None:
+        self._live(device).set_emulated_speed(factor)
+
+    def inject_fault(self, device: int, operation: str) -> None:
+        self._live(device).inject_fault(operation)
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        self._records = [dict(record) for _ in self.workers]
+
+    def load_records(self) -> list[dict[str, Any]]:
+        return [r for r in self._records if r]
+
+    def alive(self) -> dict[int, bool]:
+        return {i: i not in self._dead for i in range(self.num_devices)}
+
+    def kill(self, device: int) -> None:
+        """Test hook: the worker stops answering."""
+        self._dead.add(device)
+
+    def restart(self, device: int) -> WorkerInfo:
+        from service.worker import ExpertWorker
+
+        self.workers[device] = ExpertWorker(self.workers[device].config)
+        self._dead.discard(device)
+        self._records[device] = {}
+        return self.infos()[device]
+
+    def shutdown(self) -> None:
+        self.workers = []
+
+    def _live(self, device: int):
+        if device in self._dead:
+            raise WorkerCallError(f"device {device} is dead", [device])
+        return self.workers[device]
+
+
+def keys_by_device(pairs: Iterable[tuple[int, Key]]) -> dict[int, list[Key]]:
+    """Group (device, key) pairs into {device: [keys]}."""
+    out: dict[int, list[Key]] = {}
+    for device, key in pairs:
+        out.setdefault(device, []).append(key)
+    return out

@@ -1,0 +1,202 @@
+"""The coordinator without Ray: in-process emulated workers (LocalWorkerPool), a tiny Qwen3-MoE checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import placement as pl
+from service.checkpoint import load_layout
+from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
+from service.emulator import EmulationConfig
+from service.messages import EngineReport, LatencySamples
+from service.worker import ExpertWorker, WorkerConfig
+from service.worker_pool import LocalWorkerPool
+from tests.tiny_models import save_tiny_model
+
+SPEEDS = (1.0, 1.0, 1.0, 0.7)
+PROFILE_TOKENS = (1, 4, 16, 64, 128, 256, 512)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(save_tiny_model("qwen3_moe", tmp_path_factory.mktemp("ckpt")))
+
+
+def _pool(checkpoint: str) -> LocalWorkerPool:
+    layout = load_layout(checkpoint)
+    return LocalWorkerPool([
+        ExpertWorker(WorkerConfig(index=i, hidden_act=layout.hidden_act,
+                                  profile_shape=(layout.hidden_size, layout.intermediate_size),
+                                  emulation=EmulationConfig(speed=s, fixed_s=2e-5, knee_tokens=16, jitter=0.0)))
+        for i, s in enumerate(SPEEDS)])
+
+
+def _coordinator(checkpoint: str, pool: LocalWorkerPool | None = None, **overrides) -> Coordinator:
+    layout = load_layout(checkpoint)
+    shape = ModelShape(len(layout.moe_layers), layout.num_experts, 3 * layout.hidden_size * layout.intermediate_size * 4)
+    config = CoordinatorConfig(checkpoint=checkpoint, profile_token_counts=PROFILE_TOKENS, profile_repeats=2,
+                               ack_timeout_s=5.0, **overrides)
+    coordinator = Coordinator(config, pool or _pool(checkpoint), shape)
+    coordinator.start(background=False)
+    return coordinator
+
+
+def _skewed(shape: ModelShape, seed: int, tokens: int = 400) -> np.ndarray:
+    weights = np.random.default_rng(seed).pareto(1.5, (shape.num_layers, shape.num_experts)) + 0.05
+    return np.round(weights / weights.sum(1, keepdims=True) * tokens)
+
+
+def _held_matches(coordinator: Coordinator) -> bool:
+    held = coordinator.pool.held()
+    return all(held[d] == coordinator.placement.experts_on(d) for d in range(coordinator.pool.num_devices))
+
+
+def _report(coordinator: Coordinator, counts: np.ndarray, *, engine: str = "e0", version: int | None = None,
+            passes: int = 1, samples=()):
+    version = coordinator.placement.version if version is None else version
+    return coordinator.report(EngineReport(engine, version, np.repeat(counts[None], passes, 0), tuple(samples)))
+
+
+def test_start_places_and_loads_every_expert_once(checkpoint):
+    coordinator = _coordinator(checkpoint)
+    assert coordinator.placement.version == 1
+    assert _held_matches(coordinator)
+    models = coordinator.device_models()
+    # profiling sees the slow emulated device; nothing read the emulator's parameters
+    assert models[3].latency(8) > 1.3 * models[0].latency(8)
+
+
+def test_report_answers_newer_placement_and_worker_changes(checkpoint):
+    coordinator = _coordinator(checkpoint)
+    counts = _skewed(coordinator.shape, 0)
+    reply = _report(coordinator, counts, version=0)
+    assert reply.placement is not None and reply.placement["version"] == 1
+    assert reply.workers is not None and len(reply.workers) == len(SPEEDS)
+    reply = coordinator.report(EngineReport("e0", 1, counts[None], (), reply.workers_epoch))
+    assert reply.placement is None and reply.workers is None
+    assert np.allclose(coordinator.window_loads(), counts)
+
+
+def _hot_on_slow_device(coordinator: Coordinator) -> np.ndarray:
+    """Loads whose two hottest experts both sit on the slow device under the initial placement."""
+    counts = np.full((coordinator.shape.num_layers, coordinator.shape.num_experts), 20.0)
+    for layer in range(coordinator.shape.num_layers):
+        hot = sorted(e for (l, e) in coordinator.placement.experts_on(len(SPEEDS) - 1) if l == layer)
+        counts[layer, hot] = (200.0, 150.0)
+    return counts
+
+
+def test_calibration_migrates_in_two_phases(checkpoint):
+    coordinator = _coordinator(checkpoint)
+    counts = _hot_on_slow_device(coordinator)
+    _report(coordinator, counts, passes=5)
+    before = coordinator.placement
+    result = coordinator.calibrate()
+    assert result["status"] == "applied" and result["to_version"] == 2
+    assert coordinator.placement.version == 2 and result["experts_moved"] > 0
+    # old copies stay until the engine acknowledges the new version...
+    held = coordinator.pool.held()
+    for d in range(coordinator.pool.num_devices):
+        assert before.experts_on(d) <= held[d]
+    _report(coordinator, counts, version=2)
+    coordinator._finish_drops(wait=True)
+    assert _held_matches(coordinator)  # ...and are dropped after it
+    assert coordinator.calibrate()["status"] == "already_calibrated"
+    times = pl.device_times(coordinator.placement, counts, coordinator.device_models())
+    old_times = pl.device_times(before, counts, coordinator.device_models())
+    assert times.max(1).sum() < 0.9 * old_times.max(1).sum()
+
+
+def test_dry_run_and_cost_aware_skip(checkpoint):
+    coordinator = _coordinator(checkpoint, bandwidth_bytes_per_s=1.0, gain_horizon_passes=1)
+    _report(coordinator, _skewed(coordinator.shape, 2), passes=3)
+    dry = coordinator.recalibrate(mode="full", dry_run=True)
+    assert dry["status"] == "dry_run" and coordinator.placement.version == 1 and dry["moves"]
+    skipped = coordinator.recalibrate(mode="full")
+    assert skipped["status"] == "skipped" and "migration cost" in skipped["detail"]
+    forced = coordinator.recalibrate(mode="full", force=True)
+    assert forced["status"] == "applied" and coordinator.placement.version == 2
+
+
+def test_failed_import_rolls_back_whole(checkpoint):
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool)
+    _report(coordinator, _skewed(coordinator.shape, 3), passes=3)
+    for device in range(pool.num_devices):
+        pool.inject_fault(device, "import")
+    result = coordinator.recalibrate(mode="full", force=True)
+    assert result["status"] == "rolled_back"
+    assert coordinator.placement.version == 1
+    assert _held_matches(coordinator)  # nothing half-imported is left behind
+
+
+def test_slowed_device_is_detected_and_loses_load(checkpoint):
+    coordinator = _coordinator(checkpoint, device_drift_min_samples=20)
+    counts = _skewed(coordinator.shape, 4)
+    _report(coordinator, counts, passes=3)
+    coordinator.calibrate()
+    _report(coordinator, counts, version=coordinator.placement.version)
+    slow = 0
+    model = coordinator.device_models()[slow]
+    tokens = np.full(60, 8.0)
+    samples = [LatencySamples(slow, tokens, model.latency(tokens) * 1.6)]
+    _report(coordinator, counts, samples=samples)
+    reason = coordinator._apply_device_drift()
+    assert reason is not None and f"device {slow}" in reason
+    assert coordinator.device_models()[slow].latency(8) == pytest.approx(1.6 * model.latency(8), rel=0.05)
+    before = coordinator.placement
+    result = coordinator.recalibrate(mode="full", force=True, reason=reason)
+    assert result["status"] == "applied"
+    old_share = before.device_tokens(counts)[:, slow].sum()
+    assert coordinator.placement.device_tokens(counts)[:, slow].sum() < old_share
+
+
+def test_workload_drift_triggers_recalibration(checkpoint):
+    coordinator = _coordinator(checkpoint, drift_window=20, drift_check_every=5, drift_cooldown=5)
+    first, second = _skewed(coordinator.shape, 5), _skewed(coordinator.shape, 6)
+    _report(coordinator, first, passes=20)
+    coordinator.calibrate()
+    _report(coordinator, first, passes=10)
+    assert coordinator._pending_trigger is None
+    _report(coordinator, second, passes=20)
+    assert coordinator._pending_trigger is not None and "workload drift" in coordinator._pending_trigger
+    result = coordinator.recalibrate(reason=coordinator._pending_trigger)
+    assert result["status"] in ("applied", "skipped", "no_change")
+    assert result["mode"] == "incremental"
+
+
+def test_restarted_coordinator_recovers_placement_from_workers(checkpoint):
+    pool = _pool(checkpoint)
+    first = _coordinator(checkpoint, pool)
+    _report(first, _skewed(first.shape, 7), passes=3)
+    first.calibrate()
+    _report(first, _skewed(first.shape, 7), version=first.placement.version)
+    first._finish_drops(wait=True)
+    second = _coordinator(checkpoint, pool)  # same workers, new coordinator
+    assert second.placement.version == first.placement.version
+    assert second.placement.same_layout(first.placement)
+    assert second.calibrated
+
+
+def test_views_are_json_ready(checkpoint):
+    import json
+
+    coordinator = _coordinator(checkpoint)
+    _report(coordinator, _skewed(coordinator.shape, 8), passes=2)
+    view = coordinator.placement_view()
+    assert view["version"] == 1 and len(view["layers"]) == coordinator.shape.num_layers
+    stats = coordinator.stats_view()
+    assert stats["passes_observed"] == 2 and len(stats["devices"]) == len(SPEEDS)
+    json.dumps(view)
+    json.dumps(stats)
+
+
+def test_bad_recalibration_arguments(checkpoint):
+    coordinator = _coordinator(checkpoint)
+    with pytest.raises(ValueError, match="policy"):
+        coordinator.recalibrate(policy="random")
+    with pytest.raises(ValueError, match="mode"):
+        coordinator.recalibrate(mode="partial")
+    with pytest.raises(ValueError, match="no router statistics"):
+        coordinator.recalibrate()

@@ -57,11 +57,11 @@ def plan(loads: np.ndarray, devices: list[DeviceModel], policy: str = "vibe", *,
     if policy != "vibe" and capacity is not None and np.any(capacity < num_slots // num_devices):
         raise ValueError(f"slot_budget {slot_budget!r} is below the {num_slots // num_devices} slots per "
                          f"device that policy {policy!r} needs")
-    holders = num_devices if capacity is None else int(np.count_nonzero(capacity))
-    if policy == "vibe" and num_slots > num_experts * holders:
+    room = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
+    distinct_room = int(np.minimum(room, num_experts).sum())  # a device holds each expert at most once
+    if policy == "vibe" and num_slots > distinct_room:
         raise ValueError(f"num_redundant={num_redundant} is too many: 'vibe' keeps replicas of an expert on "
-                         f"distinct devices, so {num_experts} experts fill at most {num_experts * holders} slots "
-                         f"on {holders} devices")
+                         f"distinct devices, so {num_experts} experts fill at most {distinct_room} of these slots")
     if policy == "contiguous":
         if num_redundant:
             raise ValueError(f"policy 'contiguous' has no redundant experts, got num_redundant={num_redundant}")

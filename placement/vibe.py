@@ -71,24 +71,23 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
 
 
 def replica_counts(loads: np.ndarray, num_slots: int, max_replicas: int, knee: float) -> np.ndarray:
-    """int [L, E]: replicas per expert, adding one at a time where it shortens the longest replica most.
+    """int [L, E]: replicas per expert, adding one at a time to the expert with the longest replica.
 
     Each extra slot goes to the expert with the highest predicted time per replica, i.e. the most tokens
-    per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as that replica is above
-    `knee` tokens, so that splitting it does shorten it. Below every device's knee a split only adds
-    one more flat-cost call, so the slot goes to an expert without load if there is one (its replica
-    costs nothing), else by EPLB's rule. Counts are capped at `max_replicas` (the devices able to hold
-    one: replicas of one expert sit on distinct devices).
+    per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as the split replicas
+    keep at least `knee` tokens. Below every device's knee a split only adds one more flat-cost call,
+    so then the slot goes to an expert without load if there is one (its replica costs nothing), else
+    by EPLB's rule. Counts are capped at `max_replicas` (the devices able to hold one: replicas of one
+    expert sit on distinct devices).
     """
     num_layers, num_experts = loads.shape
-    assert max_replicas * num_experts >= num_slots, "validated by policies.plan"
     counts = np.ones(loads.shape, dtype=np.int64)
     rows = np.arange(num_layers)
     for _ in range(num_slots - num_experts):
         per_replica = np.where(counts < max_replicas, loads / counts, -np.inf)
         splits = per_replica.argmax(axis=1)
         free = np.where((loads == 0) & (counts < max_replicas), np.inf, per_replica).argmax(axis=1)
-        helps = per_replica[rows, splits] > knee
+        helps = loads[rows, splits] / (counts[rows, splits] + 1) >= knee
         counts[rows, np.where(helps | (loads[rows, free] > 0), splits, free)] += 1
     return counts
 

@@ -150,6 +150,7 @@ def small_case(seed: int):
     return loads, devices, num_redundant
 
 
+@pytest.mark.slow
 def test_vibe_is_within_the_stated_factor_of_the_milp_optimum():
     """Stated factors: 1.2 without replicas, 1.4 with (worst seen over 3,200 random small cases: 1.15 and
     1.35; 99th percentile 1.045 and 1.17). Small cases are where the flat part of the curve bites: a

@@ -227,8 +227,12 @@ class SwapSearch:
         return steps
 
 
+DEFAULT_MAX_MOVED_FRACTION = 0.10
+
+
 def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel], eps: float = 0.03,
-              *, max_swaps_per_layer: int | None = None) -> tuple[Placement, list[Move]]:
+              *, max_swaps_per_layer: int | None = None,
+              max_moved_fraction: float | None = DEFAULT_MAX_MOVED_FRACTION) -> tuple[Placement, list[Move]]:
     """Incrementally re-balance `placement` for new `loads` by one-for-one swaps (the paper's Algorithm 2).
 
     Per layer, while the slowest device's predicted time exceeds (1 + eps) times the mean, apply the swap
@@ -243,6 +247,10 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
         devices: G device curves.
         eps: tolerated imbalance, >= 0.
         max_swaps_per_layer: cap on swaps per layer (None: no cap), >= 0.
+        max_moved_fraction: cap on the slots a layer may move, as a fraction of its slots (each swap
+            moves two); the default 0.10 keeps an incremental recalibration cheap (on the real drift
+            pairs it recovers about 80% of a full re-plan's gain, against 95% for about 20% moved).
+            None: no cap. Both caps apply; the tighter wins.
     Returns:
         The new placement (version + 1) and the moves (two per swap, net of swaps that undo each other);
         the same placement object and [] when nothing moved.
@@ -252,7 +260,12 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     params = curve_params(devices)
     search = SwapSearch(placement.phy2log, placement.slot_tokens(loads), placement.slot_device, params,
                         None, distinct=bool(placement.logcnt.max() > 1))
-    cap = None if max_swaps_per_layer is None else np.full(num_layers, max_swaps_per_layer)
+    if max_moved_fraction is not None and not 0 <= max_moved_fraction <= 1:
+        raise ValueError(f"max_moved_fraction must lie in [0, 1], got {max_moved_fraction!r}")
+    caps = [c for c in (max_swaps_per_layer,
+                        None if max_moved_fraction is None else int(max_moved_fraction * placement.num_slots // 2))
+            if c is not None]
+    cap = np.full(num_layers, min(caps)) if caps else None
     search.relieve_slowest(eps, cap)
     device = search.slot_devices()
     moved = device != placement.slot_device

@@ -64,7 +64,7 @@ def improving_swap_exists(placement: Placement, loads, devices, layer: int) -> b
 @given(drifts(), st.sampled_from([0.0, 0.03, 0.2]))
 def test_rebalance_never_slows_a_layer_and_stops_as_specified(case, eps):
     placement, loads, devices = case
-    new, moves = rebalance(placement, loads, devices, eps)
+    new, moves = rebalance(placement, loads, devices, eps, max_moved_fraction=None)
     before, after = makespan(placement, loads, devices), makespan(new, loads, devices)
     assert np.all(after <= before * (1 + 1e-12))
     times = device_times(new, loads, devices)
@@ -77,7 +77,7 @@ def test_rebalance_never_slows_a_layer_and_stops_as_specified(case, eps):
 @given(drifts())
 def test_moves_turn_the_old_placement_into_the_new_one(case):
     placement, loads, devices = case
-    new, moves = rebalance(placement, loads, devices, 0.0)
+    new, moves = rebalance(placement, loads, devices, 0.0, max_moved_fraction=None)
     if not moves:
         assert new is placement
         return
@@ -111,7 +111,7 @@ def test_one_swap_is_two_moves_and_bumps_the_version():
     devices = [BASE] * 2
     placement = Placement.from_expert_devices(np.array([[0, 0, 1, 1]]), 2, version=4)
     loads = np.array([[1000.0, 1000.0, 200.0, 200.0]])
-    new, moves = rebalance(placement, loads, devices, 0.0)
+    new, moves = rebalance(placement, loads, devices, 0.0, max_moved_fraction=None)
     assert new.version == 5
     assert len(moves) == 2 and {m.src_device for m in moves} == {0, 1}
     assert all(isinstance(m, Move) and m.layer == 0 for m in moves)
@@ -124,9 +124,9 @@ def test_max_swaps_per_layer_caps_the_moves():
     devices = [BASE.scaled(f) for f in np.linspace(1, 1.3, 4)]
     placement = plan(loads, devices, "contiguous")
     for cap in (0, 1, 2):
-        new, moves = rebalance(placement, loads, devices, 0.0, max_swaps_per_layer=cap)
+        new, moves = rebalance(placement, loads, devices, 0.0, max_swaps_per_layer=cap, max_moved_fraction=None)
         assert all(sum(m.layer == layer for m in moves) <= 2 * cap for layer in range(3))
-    assert rebalance(placement, loads, devices, 0.0, max_swaps_per_layer=0)[0] is placement
+    assert rebalance(placement, loads, devices, 0.0, max_swaps_per_layer=0, max_moved_fraction=None)[0] is placement
 
 
 def test_larger_eps_moves_fewer_experts():
@@ -134,7 +134,7 @@ def test_larger_eps_moves_fewer_experts():
     loads = rng.lognormal(5, 1, (4, 64))
     devices = [BASE.scaled(f) for f in np.linspace(1, 1.2, 8)]
     placement = plan(rng.permutation(loads.T).T, devices, "vibe")
-    counts = [len(rebalance(placement, loads, devices, eps)[1]) for eps in (0.0, 0.03, 0.3)]
+    counts = [len(rebalance(placement, loads, devices, eps, max_moved_fraction=None)[1]) for eps in (0.0, 0.03, 0.3)]
     assert counts[0] >= counts[1] >= counts[2]
 
 
@@ -169,3 +169,20 @@ def test_bad_input_raises_value_error(kwargs, match):
     placement = plan(np.ones((2, 8)), [BASE] * 4, "contiguous")
     with pytest.raises(ValueError, match=match):
         rebalance(placement, args.pop("loads"), args.pop("devices"), **args)
+
+
+def test_default_cap_moves_at_most_a_tenth_of_each_layers_slots():
+    rng = np.random.default_rng(11)
+    num_layers, num_experts, num_devices = 6, 64, 8
+    devices = [DeviceModel(2e-4, 128, 2e-4 / 128).scaled(s) for s in np.linspace(1.0, 1.22, num_devices)]
+    old_loads = rng.lognormal(0, 1.0, (num_layers, num_experts)) * 300
+    placement = plan(old_loads, devices, "vibe")
+    new_loads = old_loads * rng.lognormal(0, 0.8, old_loads.shape)
+    new, moves = rebalance(placement, new_loads, devices)
+    per_layer = np.bincount([m.layer for m in moves], minlength=num_layers)
+    assert moves and per_layer.max() <= 0.10 * placement.num_slots
+    uncapped, more = rebalance(placement, new_loads, devices, max_moved_fraction=None)
+    assert len(more) >= len(moves)
+    assert makespan(new, new_loads, devices).sum() <= makespan(placement, new_loads, devices).sum()
+    with pytest.raises(ValueError, match="max_moved_fraction"):
+        rebalance(placement, new_loads, devices, max_moved_fraction=1.5)

@@ -2,7 +2,8 @@
 
 Runs closed-loop clients (1, 8 and 32 concurrent streams by default), each sending fixed-length prompts
 for a fixed number of output tokens, against the in-process `AsyncEngine` (or, with ``--http``, the
-OpenAI app served by uvicorn in this process; with ``--url``, any OpenAI-compatible server), and the
+OpenAI app served by uvicorn in this process; with ``--url``, any OpenAI-compatible server that accepts
+vLLM's ``ignore_eos``), and the
 same model's batched greedy ``generate`` with the same prompts. Reports output tokens/s and TTFT/TPOT
 p50/p90, prints a table and writes ``<out>/serving.json``. Emulated devices are not involved: the model
 runs whole, in this process.
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from pydoc_data import topics
 
+import httpx
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +73,7 @@ class RunResult:
 
 def make_prompts(tokenizer, num: int, length: int) -> list[list[int]]:
     """``num`` distinct prompts of exactly ``length`` tokens, cut from CPython's reference text."""
-    ids = tokenizer.encode(" ".join(topics.topics.values()))
+    ids = tokenizer.encode(" ".join(topics.topics.values()), verbose=False)
     if len(ids) < num * length:
         raise ValueError(f"the reference text has {len(ids)} tokens, fewer than {num} prompts of {length}")
     return [ids[i * length:(i + 1) * length] for i in range(num)]
@@ -112,26 +114,33 @@ def engine_sender(engine: AsyncEngine, params: SamplingParams) -> Callable[[list
 
 
 def http_sender(base_url: str, model: str, max_tokens: int) -> tuple[Callable, Callable[[], Awaitable[None]]]:
-    """A sender over the OpenAI API (streamed completions of token-id prompts) and its close function."""
-    import openai
+    """A sender of streamed completions (token-id prompts, ``ignore_eos``) over HTTP, and its close function.
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"),
-                                max_retries=0, timeout=600)
+    Parses the SSE stream with httpx and json rather than the `openai` client, whose per-chunk parsing
+    costs more CPU than the server's work on this machine and would be measured instead of the server.
+    """
+    client = httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=256),
+                               headers={"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'unused')}"})
 
     async def send(prompt: list[int]) -> RequestTiming:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
         start = time.perf_counter()
         first, n = None, 0
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text and first is None:
-                first = time.perf_counter()
-            if chunk.usage is not None:
-                n = chunk.usage.completion_tokens
+        async with client.stream("POST", "/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter()
+                n = chunk["usage"]["completion_tokens"] if chunk.get("usage") else n
         end = time.perf_counter()
         return RequestTiming((first or end) - start, end - start, n)
 
-    return send, client.close
+    return send, client.aclose
 
 
 @contextlib.contextmanager
@@ -171,27 +180,32 @@ def serve_levels(args, tokenizer, config: EngineConfig, prompts_by_level: dict[i
     """Every concurrency level against ``--url``, or against a fresh in-process engine (direct or ``--http``)."""
     if args.url:
         args.base_url = args.url
-        return [_level(args, None, c, prompts) for c, prompts in prompts_by_level.items()]
+        return _levels(args, None, prompts_by_level)
     engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(args.model), config, tokenizer=tokenizer))
     engine.start()
     try:
         with _in_process_http(args, engine):
-            first = next(iter(prompts_by_level.values()))[0]
-            asyncio.run(closed_loop(engine_sender(engine, SamplingParams(max_tokens=4, temperature=0.0)), [first], 1))
-            return [_level(args, engine, c, prompts) for c, prompts in prompts_by_level.items()]
+            return _levels(args, engine, prompts_by_level)
     finally:
         engine.shutdown()
 
 
-def _level(args, engine: AsyncEngine | None, concurrency: int, prompts: list[list[int]]) -> RunResult:
+def _levels(args, engine: AsyncEngine | None, prompts_by_level: dict[int, list[list[int]]]) -> list[RunResult]:
+    """One unreported request to warm up, then every level in turn."""
+    _measure(args, engine, 1, next(iter(prompts_by_level.values()))[:1])
+    results = []
+    for concurrency, prompts in prompts_by_level.items():
+        results.append(_measure(args, engine, concurrency, prompts))
+        print_row(results[-1])
+    return results
+
+
+def _measure(args, engine: AsyncEngine | None, concurrency: int, prompts: list[list[int]]) -> RunResult:
     if args.url or args.http:
-        result = asyncio.run(_http_level(args, concurrency, prompts))
-    else:
-        params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-        timings, seconds = asyncio.run(closed_loop(engine_sender(engine, params), prompts, concurrency))
-        result = summarise("engine", concurrency, timings, seconds)
-    print_row(result)
-    return result
+        return asyncio.run(_http_level(args, concurrency, prompts))
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    timings, seconds = asyncio.run(closed_loop(engine_sender(engine, params), prompts, concurrency))
+    return summarise("engine", concurrency, timings, seconds)
 
 
 async def _http_level(args, concurrency: int, prompts: list[list[int]]) -> RunResult:
@@ -279,7 +293,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared 2-core machine 2 threads spin and run slower)")
     parser.add_argument("--http", action="store_true", help="go through the OpenAI app under uvicorn in-process")
     parser.add_argument("--url", default=None, help="an OpenAI-compatible base URL (…/v1) to drive instead")
     parser.add_argument("--served-model-name", default="vibe-tiny-moe")

@@ -65,6 +65,7 @@ class _SamplingFields(_Strict):
     stop: str | list[str] | None = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate past EOS (benchmarks with fixed output lengths)
     n: Any = None
     logprobs: Any = None
     presence_penalty: Any = None
@@ -170,7 +171,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         max_tokens=limit if limit is not None else max_model_len - num_prompt_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        seed=request.seed, stop=tuple(request.stop))
+        seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos)
 
 
 # --- responses -----------------------------------------------------------------------------------------

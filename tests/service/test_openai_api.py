@@ -77,9 +77,9 @@ def test_sampling_params_defaults_fill_the_context():
 
 
 def test_sampling_params_prefers_max_completion_tokens():
-    body = {**CHAT, "max_tokens": 50, "max_completion_tokens": 7, "temperature": 0, "seed": 4}
+    body = {**CHAT, "max_tokens": 50, "max_completion_tokens": 7, "temperature": 0, "seed": 4, "ignore_eos": True}
     params = sampling_params(ChatCompletionRequest.model_validate(body), 10, 100)
-    assert (params.max_tokens, params.greedy, params.seed) == (7, True, 4)
+    assert (params.max_tokens, params.greedy, params.seed, params.ignore_eos) == (7, True, 4, True)
 
 
 @pytest.mark.parametrize("body, prompt_tokens, param", [

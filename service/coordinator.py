@@ -52,6 +52,7 @@ class CoordinatorConfig:
         ack_timeout_s: how long old copies wait for every live engine to acknowledge a new version.
         engine_timeout_s: an engine silent this long is forgotten (it no longer holds up drops).
         health_interval_s: how often workers are checked for liveness.
+        probe_timeout_s: a worker that does not answer a probe within this is lost.
     """
 
     checkpoint: str
@@ -72,6 +73,7 @@ class CoordinatorConfig:
     ack_timeout_s: float = 10.0
     engine_timeout_s: float = 10.0
     health_interval_s: float = 1.0
+    probe_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         if self.policy not in pl.POLICIES:
@@ -81,7 +83,7 @@ class CoordinatorConfig:
         if self.policy == "contiguous" and self.num_redundant:
             raise ValueError("the contiguous policy has no redundant experts (num_redundant must be 0)")
         for name in ("eps", "drift_threshold", "device_drift_threshold", "bandwidth_bytes_per_s",
-                     "ack_timeout_s", "engine_timeout_s", "health_interval_s"):
+                     "ack_timeout_s", "engine_timeout_s", "health_interval_s", "probe_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if min(self.drift_check_every, self.drift_window, self.profile_repeats, self.gain_horizon_passes) < 1:
@@ -160,6 +162,9 @@ class Coordinator:
         self._bandwidth = config.bandwidth_bytes_per_s
         self._history: deque[Recalibration] = deque(maxlen=50)
         self._calibrated = False
+        self._lost: set[int] = set()  # devices out of the placement (dead, or restarted and not yet back)
+        self._rejoin: set[int] = set()  # restarted devices waiting for the next recalibration
+        self._next_probe = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -430,12 +435,115 @@ class Coordinator:
         worst = max(drifted, key=lambda d: abs(np.log(drifted[d])))
         return f"device drift: device {worst} observed/predicted {drifted[worst]:.2f}"
 
+    # --- faults ------------------------------------------------------------------------------------
+
+    def check_workers(self) -> list[int]:
+        """Probe every worker; re-place the experts of any that died or restarted. Returns those lost."""
+        infos = self.pool.probe(self.config.probe_timeout_s)
+        with self._lock:
+            known = list(self._workers)
+        lost = [d for d, info in enumerate(infos)
+                if d not in self._lost and (info is None or _identity(info) != _identity(known[d]))]
+        if lost:
+            self.handle_lost_devices(lost)
+        return lost
+
+    def handle_lost_devices(self, lost: list[int], *, restart: bool = True) -> dict[str, Any]:
+        """Re-place the experts of `lost` devices on the survivors, publish, then restart the lost workers.
+
+        Experts the survivors hold are copied worker to worker; experts only a lost device held are
+        reloaded from the checkpoint. Restarted workers hold nothing and rejoin at the next recalibration.
+        """
+        reason = f"device{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} lost"
+        log.warning("%s: re-placing their experts on the survivors", reason)
+        with self._migration_lock:
+            started = self._clock()
+            with self._lock:
+                old = self._placement
+                self._lost |= set(lost)
+                loads = self.window_loads()
+            if len(self._lost) == self.pool.num_devices:
+                raise RuntimeError("every worker is lost; nothing can serve")
+            loads = np.ones((self.shape.num_layers, self.shape.num_experts)) if loads is None else loads
+            new = self._plan(loads, self.config.policy).with_version(old.version + 1)
+            record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",
+                                   from_version=old.version, to_version=new.version, started_at=time.time())
+            try:
+                copies, reloads = self._refill(old, new)
+                self.pool.copy(copies)
+                self.pool.load(self.config.checkpoint, reloads)
+            except WorkerCallError as exc:
+                with self._lock:
+                    self._lost -= set(lost)  # the next probe tries again
+                record.status, record.detail = "failed", str(exc)
+            else:
+                record.experts_moved = sum(len(k) for *_, k in copies) + sum(map(len, reloads.values()))
+                record.bytes_moved = record.experts_moved * self.shape.expert_bytes
+                self._publish(new)
+                self._replace_pending_drops(old, new)
+            record.duration_s = self._clock() - started
+            with self._lock:
+                self._history.append(record)
+        if restart and record.status == "applied":
+            for device in lost:
+                self._restart(device)
+        return asdict(record)
+
+    def _replace_pending_drops(self, old: pl.Placement, new: pl.Placement) -> None:
+        """Drops after `new` is acknowledged: old copies it does not use, plus any still pending from an
+        earlier migration that `new` does not use either (never a copy on a lost device: it is gone)."""
+        drops = [(d.device, (d.layer, d.expert)) for d in pl.migration_plan(old, new, self.shape.expert_bytes).drops]
+        with self._lock:
+            if self._pending_drops is not None:
+                drops += [(device, key) for device, keys in self._pending_drops[1].items() for key in keys
+                          if key not in new.experts_on(device)]
+            self._pending_drops = (new.version, keys_by_device(
+                (device, key) for device, key in set(drops) if device not in self._lost), self._clock())
+
+    def _refill(self, old: pl.Placement, new: pl.Placement):
+        """Copies (src, dst, keys) from surviving holders, and checkpoint reloads {dst: keys}."""
+        copies: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        reloads: dict[int, list[tuple[int, int]]] = {}
+        for move in pl.migration_plan(old, new, self.shape.expert_bytes).moves:
+            key = (move.layer, move.expert)
+            sources = [d for d in old.devices_of(*key).tolist() if d not in self._lost]
+            if sources:
+                copies.setdefault((sources[0], move.dst_device), []).append(key)
+            else:
+                reloads.setdefault(move.dst_device, []).append(key)
+        return [(src, dst, keys) for (src, dst), keys in copies.items()], reloads
+
+    def _restart(self, device: int) -> None:
+        try:
+            info = self.pool.restart(device)
+        except Exception as exc:  # the next probe finds it still lost and tries again
+            log.warning("could not restart worker %d: %s", device, exc)
+            return
+        with self._lock:
+            self._workers[device] = info
+            self._workers_epoch += 1
+            self._rejoin.add(device)
+
+    def _readmit(self) -> None:
+        """Give restarted devices their share again with a full re-plan (forced: they are idle)."""
+        with self._lock:
+            back = sorted(self._rejoin)
+            self._rejoin.clear()
+            self._lost -= set(back)
+        if back:
+            self.recalibrate(mode="full", force=True, reason=f"device {', '.join(map(str, back))} rejoined")
+
     # --- background loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.wait(0.1):
             try:
                 self._finish_drops(wait=False)
+                if self._clock() >= self._next_probe:
+                    self._next_probe = self._clock() + self.config.health_interval_s
+                    self.check_workers()
+                if self._rejoin:
+                    self._readmit()
                 if not self.config.auto_recalibrate or self.config.policy == "contiguous":
                     continue
                 reason = self._apply_device_drift()
@@ -529,8 +637,19 @@ class Coordinator:
 
     def _plan(self, loads: np.ndarray, policy: str, devices: list[pl.DeviceModel] | None = None) -> pl.Placement:
         devices = devices or self.device_models()
+        if self._lost:
+            # Uneven slot counts, none on lost devices: only vibe's budgeted packing places that.
+            alive = self.pool.num_devices - len(self._lost)
+            per_device = -(-(self.shape.num_experts + self.config.num_redundant) // alive)
+            budget = [0 if d in self._lost else per_device for d in range(self.pool.num_devices)]
+            return pl.plan(loads, devices, "vibe", num_redundant=self.config.num_redundant, slot_budget=budget)
         return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant if policy != "contiguous" else 0)
 
     @staticmethod
     def _keys_per_device(placement: pl.Placement) -> dict[int, list[tuple[int, int]]]:
         return {d: sorted(placement.experts_on(d)) for d in range(placement.num_devices)}
+
+
+def _identity(info: WorkerInfo) -> tuple:
+    """What changes when a worker process is replaced (its data-plane addresses, its actor name)."""
+    return info.actor_name, info.tcp_address, info.unix_address

@@ -8,6 +8,7 @@ with in-process workers, for unit tests and single-process runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ class WorkerPool(Protocol):
     def inject_fault(self, device: int, operation: str) -> None: ...
     def save_record(self, record: dict[str, Any]) -> None: ...
     def load_records(self) -> list[dict[str, Any]]: ...
-    def alive(self) -> dict[int, bool]: ...
+    def probe(self, timeout_s: float) -> list[WorkerInfo | None]: ...
     def restart(self, device: int) -> WorkerInfo: ...
     def shutdown(self) -> None: ...
 
@@ -118,10 +119,8 @@ class RayWorkerPool:
         """Replace a dead worker by a fresh one with no experts; returns its new address."""
         import ray
 
-        try:
+        with contextlib.suppress(Exception):  # already gone
             ray.kill(self._actors[device], no_restart=True)
-        except Exception:  # already gone
-            pass
         deadline = time.monotonic() + self.config.call_timeout_s
         while True:  # the name is released asynchronously after the kill
             try:
@@ -155,7 +154,6 @@ class RayWorkerPool:
 
         Returns the number of experts confirmed. Raises WorkerCallError if any import fails.
         """
-        import ray
 
         refs, devices = [], []
         for src, dst, keys in transfers:
@@ -190,18 +188,20 @@ class RayWorkerPool:
     def load_records(self) -> list[dict[str, Any]]:
         return [r for r in self._all(lambda a: a.get_record.remote(), "get_record") if r]
 
-    def alive(self) -> dict[int, bool]:
+    def probe(self, timeout_s: float) -> list[WorkerInfo | None]:
+        """Each worker's current info, or None when it does not answer within `timeout_s`. A worker that
+        Ray restarted answers with new addresses (and holds no experts)."""
         import ray
 
-        refs = [a.ping.remote() for a in self._actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.config.call_timeout_s))
-        status = {}
-        for i, ref in enumerate(refs):
+        refs = [a.info.remote() for a in self._actors]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        infos: list[WorkerInfo | None] = []
+        for ref in refs:
             try:
-                status[i] = ref in ready and ray.get(ref, timeout=0) is True
-            except Exception:
-                status[i] = False
-        return status
+                infos.append(ray.get(ref, timeout=0))
+            except Exception:  # not ready, dead or restarting: all mean "lost" to the caller
+                infos.append(None)
+        return infos
 
     def _on(self, per_device: Mapping[int, Sequence[Any]], call: Callable, what: str) -> list[Any]:
         devices = [d for d, items in per_device.items() if len(items)]
@@ -236,13 +236,14 @@ class LocalWorkerPool:
         self.num_devices = len(self.workers)
         self._records: list[dict[str, Any]] = [{} for _ in self.workers]
         self._dead: set[int] = set()
+        self._generation = [0] * len(self.workers)  # bumped by restart, like a new actor's address
 
     def start(self) -> list[WorkerInfo]:
         return self.infos()
 
     def infos(self) -> list[WorkerInfo]:
-        return [WorkerInfo(i, f"local-{i}", "", None, "local", w.config.device, w.config.emulation is not None)
-                for i, w in enumerate(self.workers)]
+        return [WorkerInfo(i, f"local-{i}-{self._generation[i]}", "", None, "local", w.config.device,
+                           w.config.emulation is not None) for i, w in enumerate(self.workers)]
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
         for device, k in keys.items():
@@ -287,8 +288,9 @@ class LocalWorkerPool:
     def load_records(self) -> list[dict[str, Any]]:
         return [r for r in self._records if r]
 
-    def alive(self) -> dict[int, bool]:
-        return {i: i not in self._dead for i in range(self.num_devices)}
+    def probe(self, timeout_s: float) -> list[WorkerInfo | None]:
+        infos = self.infos()
+        return [None if i in self._dead else info for i, info in enumerate(infos)]
 
     def kill(self, device: int) -> None:
         """Test hook: the worker stops answering."""
@@ -298,6 +300,7 @@ class LocalWorkerPool:
         from service.worker import ExpertWorker
 
         self.workers[device] = ExpertWorker(self.workers[device].config)
+        self._generation[device] += 1
         self._dead.discard(device)
         self._records[device] = {}
         return self.infos()[device]

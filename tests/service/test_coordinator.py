@@ -82,7 +82,7 @@ def _hot_on_slow_device(coordinator: Coordinator) -> np.ndarray:
     """Loads whose two hottest experts both sit on the slow device under the initial placement."""
     counts = np.full((coordinator.shape.num_layers, coordinator.shape.num_experts), 20.0)
     for layer in range(coordinator.shape.num_layers):
-        hot = sorted(e for (l, e) in coordinator.placement.experts_on(len(SPEEDS) - 1) if l == layer)
+        hot = sorted(e for (where, e) in coordinator.placement.experts_on(len(SPEEDS) - 1) if where == layer)
         counts[layer, hot] = (200.0, 150.0)
     return counts
 
@@ -200,3 +200,29 @@ def test_bad_recalibration_arguments(checkpoint):
         coordinator.recalibrate(mode="partial")
     with pytest.raises(ValueError, match="no router statistics"):
         coordinator.recalibrate()
+
+
+def test_dead_worker_is_replaced_on_survivors_restarted_and_readmitted(checkpoint):
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool)
+    counts = _skewed(coordinator.shape, 9)
+    _report(coordinator, counts, passes=3)
+    coordinator.calibrate()
+    _report(coordinator, counts, version=coordinator.placement.version)
+    coordinator._finish_drops(wait=True)
+    version, dead = coordinator.placement.version, 2
+    pool.kill(dead)
+    assert coordinator.check_workers() == [dead]
+    placement = coordinator.placement
+    assert placement.version == version + 1
+    assert not placement.experts_on(dead)  # every expert now lives on a survivor...
+    held = pool.held()
+    for device in range(len(SPEEDS)):
+        assert placement.experts_on(device) <= held[device]  # ...and is really held there
+    assert held[dead] == set()  # restarted: a new, empty worker
+    workers, epoch = coordinator.workers()
+    assert epoch == 1 and coordinator.report(EngineReport("e0", placement.version, counts[None])).workers is not None
+    assert coordinator.check_workers() == []  # the restarted worker is not lost again
+    coordinator._readmit()
+    assert coordinator.placement.experts_on(dead)  # back in the placement after the next recalibration
+    assert coordinator.stats_view()["recalibrations"][-1]["reason"] == f"device {dead} rejoined"

@@ -1,0 +1,172 @@
+"""The only place that wires the application: `build_app(args)` for `serve run` / `serve deploy`.
+
+    serve run deploy/config.yaml                       # the local default (8 emulated devices on CPU)
+    serve run deploy.app:build_app model=/models/x     # same, with arguments on the command line
+
+Arguments are validated here (pydantic, `AppArgs`) and turned into one frozen config per component.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEPLOY_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = DEPLOY_DIR / "models" / "vibe-tiny-moe"
+DEFAULT_PROFILE_PROMPTS = DEPLOY_DIR / "prompts" / "profile.jsonl"
+# A node with one degraded GPU (issue "OpenAI-compatible serving"): relative speeds of 8 devices.
+DEFAULT_SPEEDS = (1.00, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.87)
+
+
+class EmulationArgs(BaseModel):
+    """The emulated devices' shared latency curve and behaviour (per-device speeds are in `speeds`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    fixed_s: float = Field(default=4e-4, ge=0)
+    knee_tokens: float = Field(default=128.0, gt=0)
+    slope_s: float | None = Field(default=None, ge=0)
+    jitter: float = Field(default=0.02, ge=0, lt=1)
+    throttle_floor: float = Field(default=0.8, gt=0, le=1)
+    throttle_tau_s: float = Field(default=5.0, gt=0)
+    # {device: [[seconds_after_start, speed_multiplier], ...]}, e.g. {"2": [[60, 0.8]]}
+    drift: dict[int, list[tuple[float, float]]] = Field(default_factory=dict)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of a serve config, or key=value on the CLI)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = str(DEFAULT_MODEL)
+    model_roots: list[str] = Field(default_factory=list)
+    served_model_name: str | None = None
+    num_devices: int = Field(default=8, ge=1, le=1024)
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    emulate: bool = True
+    speeds: list[float] = Field(default_factory=lambda: list(DEFAULT_SPEEDS))
+    emulation: EmulationArgs = Field(default_factory=EmulationArgs)
+    policy: Literal["vibe", "eplb", "contiguous"] = "vibe"
+    num_redundant: int = Field(default=0, ge=0)
+    auto_recalibrate: bool = True
+    profile_prompts: str | None = str(DEFAULT_PROFILE_PROMPTS)
+    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=256, ge=1)
+    num_replicas: int = Field(default=1, ge=1)
+    ingress_num_cpus: float = Field(default=0.5, ge=0)
+    coordinator_num_cpus: float = Field(default=0.1, ge=0)
+    worker_num_cpus: float = Field(default=0.05, ge=0)
+    worker_threads: int = Field(default=1, ge=1)
+    admin_token: str | None = Field(default=None, min_length=16)
+    app_name: str = Field(default="vibe", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+
+    @field_validator("speeds")
+    @classmethod
+    def _positive_speeds(cls, speeds: list[float]) -> list[float]:
+        if not speeds or min(speeds) <= 0:
+            raise ValueError(f"speeds must be positive, got {speeds}")
+        return speeds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppArgs:
+        if self.emulate and len(self.speeds) != self.num_devices:
+            raise ValueError(f"speeds has {len(self.speeds)} entries for {self.num_devices} devices")
+        if self.device == "cuda" and self.emulate:
+            raise ValueError("emulate must be false on GPU workers (device: cuda)")
+        if bad := [d for d in self.emulation.drift if not 0 <= d < self.num_devices]:
+            raise ValueError(f"emulation.drift names devices {bad} outside 0..{self.num_devices - 1}")
+        return self
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The Serve application: coordinator (with its expert workers) and the OpenAI ingress."""
+    from service.checkpoint import load_layout, resolve_checkpoint
+    from service.coordinator import CoordinatorConfig, ModelShape
+    from service.deployments import IngressSettings, serve_deployments
+    from service.engine import EngineConfig
+    from service.worker_pool import RayPoolConfig
+
+    parsed = AppArgs.model_validate(args or {})
+    roots = [DEPLOY_DIR / "models", *parsed.model_roots, *_env_roots()]
+    checkpoint = str(resolve_checkpoint(parsed.model, roots))
+    layout = load_layout(checkpoint)
+    shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
+                       expert_bytes=_expert_bytes(layout, parsed.dtype))
+    worker_configs = _worker_configs(parsed, layout)
+    coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
+                                           num_redundant=parsed.num_redundant,
+                                           auto_recalibrate=parsed.auto_recalibrate)
+    pool_config = RayPoolConfig(name_prefix=f"vibe-worker-{parsed.app_name}-{_fingerprint(parsed, checkpoint)}",
+                                num_cpus=parsed.worker_num_cpus, num_gpus=1.0 if parsed.device == "cuda" else 0.0)
+    max_model_len = parsed.max_model_len or _model_max_len(checkpoint)
+    token = parsed.admin_token or os.environ.get("VIBE_ADMIN_TOKEN") or None
+    settings = IngressSettings(
+        checkpoint=checkpoint,
+        served_model_name=parsed.served_model_name or Path(checkpoint).name,
+        dtype=parsed.dtype,
+        engine_config=EngineConfig(max_num_seqs=parsed.max_num_seqs,
+                                   max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
+                                   max_model_len=max_model_len, max_queue=parsed.max_queue),
+        admin_token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
+        num_devices=parsed.num_devices,
+        emulation=parsed.emulate,
+        profile_prompts=parsed.profile_prompts,
+    )
+    coordinator_cls, ingress_cls = serve_deployments()
+    coordinator = coordinator_cls.options(
+        ray_actor_options={"num_cpus": parsed.coordinator_num_cpus}, max_ongoing_requests=64,
+        logging_config={"enable_access_log": False},  # engines report ten times a second
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
+    ).bind(coordinator_config, worker_configs, pool_config, shape)
+    return ingress_cls.options(
+        num_replicas=parsed.num_replicas, ray_actor_options={"num_cpus": parsed.ingress_num_cpus},
+        max_ongoing_requests=max(64, 2 * parsed.max_num_seqs + parsed.max_queue),
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
+    ).bind(coordinator, settings)
+
+
+def _worker_configs(args: AppArgs, layout) -> list:
+    from service.emulator import EmulationConfig
+    from service.worker import WorkerConfig
+
+    configs = []
+    for index in range(args.num_devices):
+        emulation = None
+        if args.emulate:
+            e = args.emulation
+            emulation = EmulationConfig(speed=args.speeds[index], fixed_s=e.fixed_s, knee_tokens=e.knee_tokens,
+                                        slope_s=e.slope_s, jitter=e.jitter,
+                                        drift=tuple(tuple(step) for step in e.drift.get(index, ())),
+                                        throttle_floor=e.throttle_floor, throttle_tau_s=e.throttle_tau_s,
+                                        seed=index)
+        configs.append(WorkerConfig(index=index, device=args.device, dtype=args.dtype,
+                                    hidden_act=layout.hidden_act, num_threads=args.worker_threads,
+                                    profile_shape=(layout.hidden_size, layout.intermediate_size),
+                                    emulation=emulation))
+    return configs
+
+
+def _expert_bytes(layout, dtype: str) -> int:
+    element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 3 * layout.hidden_size * layout.intermediate_size * element
+
+
+def _model_max_len(checkpoint: str) -> int:
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return int(config.get("max_position_embeddings", 2048))
+
+
+def _env_roots() -> list[str]:
+    return [p for p in os.environ.get("VIBE_MODEL_ROOTS", "").split(os.pathsep) if p]
+
+
+def _fingerprint(args: AppArgs, checkpoint: str) -> str:
+    """Short hash of what the workers are built from: adopting workers of another config is never right."""
+    keys = args.model_dump(include={"num_devices", "device", "dtype", "emulate", "speeds", "emulation", "worker_threads"})
+    return hashlib.sha256(json.dumps([keys, checkpoint], sort_keys=True, default=str).encode()).hexdigest()[:8]

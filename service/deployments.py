@@ -1,0 +1,194 @@
+"""Ray Serve shells: the coordinator deployment and the OpenAI ingress deployment.
+
+Both are thin: the coordinator shell owns a `Coordinator` over a `RayWorkerPool`; the ingress shell
+owns an `AsyncEngine` whose MoE layers dispatch to the workers, the `PlacementSync` thread that keeps
+it on the coordinator's placement, and the FastAPI app (`create_app` plus the admin router). Wiring
+(which deployments, with what options and arguments) lives in `deploy/app.py` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
+from service.messages import EngineReport, SyncReply
+from service.worker_pool import RayPoolConfig, RayWorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorDeployment:
+    """The app's one coordinator (a single replica). Sync methods run in Serve's thread pool."""
+
+    def __init__(self, config: CoordinatorConfig, worker_configs: list, pool_config: RayPoolConfig,
+                 shape: ModelShape) -> None:
+        self.core = Coordinator(config, RayWorkerPool(worker_configs, pool_config), shape)
+        self.core.start()
+
+    def bootstrap(self) -> dict[str, Any]:
+        """What a starting engine needs: the placement, the workers, whether the app is calibrated."""
+        workers, epoch = self.core.workers()
+        return {"placement": self.core.placement.to_dict(), "workers": workers, "workers_epoch": epoch,
+                "calibrated": self.core.calibrated}
+
+    def report(self, report: EngineReport) -> SyncReply:
+        return self.core.report(report)
+
+    def calibrate(self) -> dict[str, Any]:
+        return self.core.calibrate()
+
+    def recalibrate(self, **kwargs: Any) -> dict[str, Any]:
+        return self.core.recalibrate(**kwargs)
+
+    def profile_devices(self) -> dict[str, Any]:
+        return self.core.profile_devices()
+
+    def placement_view(self) -> dict[str, Any]:
+        return self.core.placement_view()
+
+    def stats_view(self) -> dict[str, Any]:
+        return self.core.stats_view()
+
+    def set_emulated_speed(self, device: int, speed: float) -> None:
+        self.core.pool.set_emulated_speed(device, speed)
+
+    def inject_fault(self, device: int, operation: str) -> None:
+        self.core.pool.inject_fault(device, operation)
+
+    def check_health(self) -> None:
+        if not self.core.loop_alive:
+            raise RuntimeError("the coordinator loop stopped")
+
+    def __del__(self) -> None:
+        # Graceful replica shutdown (serve shutdown, redeploy): the app's workers go with it. A crashed
+        # coordinator never gets here, so its detached workers survive and the next one adopts them.
+        self.core.shutdown()
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """What an ingress replica is built from (validated by deploy/app.py)."""
+
+    checkpoint: str
+    served_model_name: str
+    dtype: str
+    engine_config: Any  # service.engine.EngineConfig
+    admin_token_sha256: str | None
+    num_devices: int
+    emulation: bool
+    profile_prompts: str | None
+    profile_max_tokens: int = 8
+    sync_interval_s: float = 0.1
+
+
+class _HandleClient:
+    """`CoordinatorClient` over a Serve deployment handle."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(self._handle, method).remote(*args, **kwargs)
+
+
+class IngressDeployment:
+    """OpenAI HTTP ingress: one engine per replica, experts on the workers."""
+
+    async def __init__(self, coordinator, settings: IngressSettings) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from placement import Placement
+        from service.async_engine import AsyncEngine
+        from service.dispatch import DispatchContext
+        from service.engine import Engine
+        from service.model import load_engine_model
+        from service.placement_sync import PlacementSync, worker_channels
+
+        self.settings = settings
+        self.coordinator = coordinator
+        boot = await coordinator.bootstrap.remote()
+        node_id = ray.get_runtime_context().get_node_id()
+        self.context = DispatchContext(Placement.from_dict(boot["placement"]),
+                                       worker_channels(boot["workers"], node_id),
+                                       workers_epoch=boot["workers_epoch"])
+        model = load_engine_model(settings.checkpoint, dtype=settings.dtype, context=self.context).model
+        tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint, local_files_only=True)
+        self.engine = AsyncEngine(Engine(model, settings.engine_config, tokenizer, hooks=self.context))
+        self.engine.start()
+        engine_id = f"ingress-{uuid.uuid4().hex[:8]}"
+        self.sync = PlacementSync(engine_id, self.context,
+                                  lambda report: coordinator.report.remote(report).result(timeout_s=10),
+                                  node_id=node_id, interval_s=settings.sync_interval_s)
+        self.sync.start()
+        if not boot["calibrated"] and settings.profile_prompts:
+            await self._profiling_pass()
+
+    async def _profiling_pass(self) -> None:
+        """Run the representative prompt set, then have the coordinator place experts for its routing."""
+        from service.sampling import SamplingParams
+
+        started = time.monotonic()
+        prompts = _read_prompts(Path(self.settings.profile_prompts), self.engine.tokenizer)
+        params = SamplingParams(max_tokens=self.settings.profile_max_tokens, temperature=0.0)
+
+        async def run(i: int, ids: list[int]) -> None:
+            async for _ in self.engine.generate(f"profile-{i}", ids, params):
+                pass
+
+        await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
+        await asyncio.to_thread(self.sync.sync_once)  # hand over every router count of the pass
+        result = await self.coordinator.calibrate.remote()
+        deadline = time.monotonic() + 30
+        while self.context.placement.version < result.get("to_version", 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("profiling pass over %d prompts: %s in %.1f s", len(prompts), result.get("status"),
+                 time.monotonic() - started)
+
+    def __serve_build_asgi_app__(self):
+        from service.admin import admin_router
+        from service.app import create_app
+
+        admin = admin_router(_HandleClient(self.coordinator), token_sha256=self.settings.admin_token_sha256,
+                             num_devices=self.settings.num_devices, emulation=self.settings.emulation)
+        return create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin)
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive:
+            raise RuntimeError("the engine step loop stopped")
+
+    def __del__(self) -> None:
+        self.sync.stop()
+        self.engine.shutdown()
+
+
+def _read_prompts(path: Path, tokenizer) -> list[list[int]]:
+    """Token ids of every prompt in a JSON-lines file of {"messages": [...]} (chat) or {"prompt": str}."""
+    from service.text import apply_chat_template
+
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "messages" in item:
+            prompts.append(apply_chat_template(tokenizer, item["messages"]))
+        else:
+            prompts.append(tokenizer.encode(item["prompt"]))
+    return prompts
+
+
+def serve_deployments():
+    """The two deployment classes, decorated (done here so importing this module needs no Serve context)."""
+    coordinator = serve.deployment(name="Coordinator", num_replicas=1)(CoordinatorDeployment)
+    ingress = serve.deployment(name="OpenAIIngress")(serve.ingress()(IngressDeployment))
+    return coordinator, ingress

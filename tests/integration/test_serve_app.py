@@ -1,0 +1,216 @@
+"""The whole service through the real stack: `build_app` on Ray Serve, emulated expert workers, HTTP.
+
+One app for the module (4 emulated devices, one slow), driven with the official `openai` client and
+httpx: the OpenAI API, greedy equality with the single-process model, bad input, the admin API,
+recalibration and live migration under load, rollback of a failed migration, and device drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+import torch
+from ray import serve
+
+from deploy.app import DEFAULT_MODEL, build_app
+from service.model import load_reference_model
+from service.text import apply_chat_template
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+MODEL = DEFAULT_MODEL.name
+SLOW_DEVICE = 3
+PROMPTS = ["Explain what a dictionary is in Python.", "Write a short note about the weather."]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({
+        "num_devices": 4, "speeds": [1.0, 1.0, 1.0, 0.8], "app_name": "itest",
+        "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0},
+        "max_num_seqs": 16, "admin_token": TOKEN,
+    })
+    serve.run(app, name="vibe", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoTokenizer
+
+    return load_reference_model(str(DEFAULT_MODEL)), AutoTokenizer.from_pretrained(str(DEFAULT_MODEL))
+
+
+def _greedy(client, prompt: str, max_tokens: int = 24) -> str:
+    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=max_tokens, temperature=0)
+    return response.choices[0].message.content
+
+
+def _admin(url: str, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{url}{path}", headers=ADMIN, timeout=120, **kwargs)
+
+
+def test_openai_chat_and_completions(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+    chunks = list(client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True}, temperature=0))
+    usage = chunks[-1].usage
+    assert usage is not None and 1 <= usage.completion_tokens <= 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_greedy_output_equals_single_process_model(client, reference):
+    model, tokenizer = reference
+    for prompt in PROMPTS:
+        ids = apply_chat_template(tokenizer, [{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        assert _greedy(client, prompt) == expected
+
+
+def test_sixteen_concurrent_streams_complete_with_usage(url):
+    async def one(aclient, i: int) -> tuple[int, int]:
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Tell me about number {i}."}], max_tokens=16,
+            stream=True, stream_options={"include_usage": True}, temperature=0.7, seed=i)
+        pieces, usage = 0, None
+        async for chunk in stream:
+            pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        return pieces, usage.completion_tokens
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+        return await asyncio.gather(*(one(aclient, i) for i in range(16)))
+
+    results = asyncio.run(run())
+    assert len(results) == 16 and all(1 <= tokens <= 16 and pieces <= tokens for pieces, tokens in results)
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"model": "vibe-tiny-moe", "messages": "hi"}',
+    b'{"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "vibe-tiny-moe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}',
+    b'{"model": "vibe-tiny-moe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}',
+    b'{"model": "vibe-tiny-moe", "messages": []}',
+    b'{"model": "vibe-tiny-moe", "messages": [{"role": "user", "content": "' + b"word " * 3000 + b'"}]}',
+])
+def test_bad_requests_get_openai_errors_and_server_stays_up(url, body):
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
+                          headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_admin_requires_the_token(url):
+    assert httpx.get(f"{url}/admin/placement", timeout=30).status_code == 401
+    wrong = httpx.get(f"{url}/admin/placement", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 403 and wrong.json()["error"]["type"] == "permission_error"
+    view = _admin(url, "GET", "/admin/placement").json()
+    assert view["version"] >= 2  # the profiling pass calibrated the startup placement
+    assert len(view["layers"]) == 4 and view["num_devices"] == 4
+    assert "recalibrations" in _admin(url, "GET", "/admin/stats").json()
+    assert "<svg" in _admin(url, "GET", "/admin/ui").text
+
+
+def test_migration_under_load_fails_no_request_and_keeps_outputs(client, url):
+    before = [_greedy(client, p) for p in PROMPTS]
+    version = _admin(url, "GET", "/admin/placement").json()["version"]
+
+    async def stream(aclient, i):
+        response = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Story {i}:"}], max_tokens=48, temperature=0)
+        return response.choices[0].finish_reason
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+        streams = [asyncio.create_task(stream(aclient, i)) for i in range(8)]
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(timeout=120) as http:
+            moved = await http.post(f"{url}/admin/recalibrate", headers=ADMIN,
+                                    json={"policy": "contiguous", "mode": "full", "force": True})
+        return moved.json(), await asyncio.gather(*streams)
+
+    result, reasons = asyncio.run(run())
+    assert result["status"] == "applied" and result["experts_moved"] > 0, result
+    assert all(r in ("stop", "length") for r in reasons)
+    assert _admin(url, "GET", "/admin/placement").json()["version"] == version + 1
+    assert [_greedy(client, p) for p in PROMPTS] == before
+    back = _admin(url, "POST", "/admin/recalibrate", json={"mode": "full", "force": True}).json()
+    assert back["status"] == "applied"
+    assert [_greedy(client, p) for p in PROMPTS] == before
+
+
+def test_failed_migration_rolls_back(client, url):
+    before = _greedy(client, PROMPTS[0])
+    version = _admin(url, "GET", "/admin/placement").json()["version"]
+    request = {"policy": "contiguous", "mode": "full", "force": True}
+    plan = _admin(url, "POST", "/admin/recalibrate", json={**request, "dry_run": True}).json()
+    assert plan["status"] == "dry_run" and plan["moves"]
+    target = plan["moves"][-1]["dst"]  # a device that will import: its armed fault is sure to fire
+    assert _admin(url, "POST", "/admin/emulation/fault", json={"device": target}).status_code == 200
+    result = _admin(url, "POST", "/admin/recalibrate", json=request).json()
+    assert result["status"] == "rolled_back" and "injected fault" in result["detail"], result
+    assert _admin(url, "GET", "/admin/placement").json()["version"] == version
+    assert _greedy(client, PROMPTS[0]) == before  # still serving the old version, whole
+
+
+def test_slowed_device_is_detected_and_loses_load(client, url):
+    def device_tokens(view) -> float:
+        return sum(layer["device_tokens"][SLOW_DEVICE] for layer in view["layers"])
+
+    before = _admin(url, "GET", "/admin/placement").json()
+    assert _admin(url, "POST", "/admin/emulation/speed", json={"device": SLOW_DEVICE, "speed": 0.3}).status_code == 200
+    deadline = time.monotonic() + 120
+    drift = None
+    while time.monotonic() < deadline and drift is None:
+        _greedy(client, "Keep talking about anything at all.", max_tokens=32)
+        history = _admin(url, "GET", "/admin/stats").json()["recalibrations"]
+        drift = next((r for r in history if r["reason"].startswith(f"device drift: device {SLOW_DEVICE}")), None)
+    assert drift is not None, "the slowed device was not detected"
+    after = _admin(url, "GET", "/admin/placement").json()
+    assert drift["status"] == "applied", drift
+    assert device_tokens(after) < device_tokens(before)
+    assert _admin(url, "POST", "/admin/emulation/speed", json={"device": 4, "speed": 1.0}).status_code == 400

@@ -181,7 +181,8 @@ def serve_levels(args, tokenizer, config: EngineConfig, prompts_by_level: dict[i
     if args.url:
         args.base_url = args.url
         return _levels(args, None, prompts_by_level)
-    engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(args.model), config, tokenizer=tokenizer))
+    engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(args.model), config, tokenizer=tokenizer),
+                         num_threads=args.threads)
     engine.start()
     try:
         with _in_process_http(args, engine):

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
+
 from service.engine import Engine, EngineConfig, StepFailed, StepOutput
 from service.sampling import SamplingParams
 
@@ -56,10 +58,19 @@ class AsyncEngine:
     """Runs an `Engine` on its own thread and serves it to asyncio code.
 
     Call ``start()`` once (``create_app`` does not), ``shutdown()`` at the end.
+
+    Args:
+        engine: the engine; from now on only the step thread touches it.
+        num_threads: torch intra-op threads of the step thread (None: OpenMP's default, all cores).
+            ``torch.set_num_threads`` reaches OpenMP only in the calling thread, so a setting made in
+            the main thread does not apply here; on a busy 2-core machine 2 threads spin and run slower.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, num_threads: int | None = None) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self._engine = engine
+        self._num_threads = num_threads
         self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -151,6 +162,8 @@ class AsyncEngine:
                 self.run_at_step_boundary(lambda: self._engine.abort(request_id))
 
     def _run(self) -> None:
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
         while True:
             self._wake.clear()
             self._run_commands()

@@ -52,6 +52,7 @@ class AppArgs(BaseModel):
     emulation: EmulationArgs = Field(default_factory=EmulationArgs)
     policy: Literal["vibe", "eplb", "contiguous"] = "vibe"
     num_redundant: int = Field(default=0, ge=0)
+    slot_budget: int | None = Field(default=None, ge=1)
     auto_recalibrate: bool = True
     profile_prompts: str | None = str(DEFAULT_PROFILE_PROMPTS)
     max_num_seqs: int = Field(default=32, ge=1)
@@ -100,7 +101,7 @@ def build_app(args: dict[str, Any] | None = None):
                        expert_bytes=_expert_bytes(layout, parsed.dtype))
     worker_configs = _worker_configs(parsed, layout)
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
-                                           num_redundant=parsed.num_redundant,
+                                           num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
                                            auto_recalibrate=parsed.auto_recalibrate)
     pool_config = RayPoolConfig(name_prefix=f"vibe-worker-{parsed.app_name}-{_fingerprint(parsed, checkpoint)}",
                                 num_cpus=parsed.worker_num_cpus, num_gpus=1.0 if parsed.device == "cuda" else 0.0)

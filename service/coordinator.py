@@ -37,7 +37,10 @@ class CoordinatorConfig:
         checkpoint: model folder the workers load their experts from.
         policy: "vibe" (default), "eplb" (token balance, full re-plan on recalibration) or
             "contiguous" (static, never recalibrated).
-        num_redundant: extra expert slots for replicas (a multiple of the device count).
+        num_redundant: extra expert slots for replicas (a multiple of the device count unless
+            slot_budget is set).
+        slot_budget: most expert slots a device may hold per layer; with vibe, devices may then hold
+            different numbers of experts (fewer on slow devices). None: every device holds R / G.
         auto_recalibrate: recalibrate on workload or device drift without being asked.
         eps: the incremental solver stops at max <= (1 + eps) * mean device time.
         drift_check_every, drift_window, drift_threshold, drift_cooldown: workload drift detector
@@ -58,6 +61,7 @@ class CoordinatorConfig:
     checkpoint: str
     policy: str = "vibe"
     num_redundant: int = 0
+    slot_budget: int | None = None
     auto_recalibrate: bool = True
     eps: float = 0.03
     drift_check_every: int = 10
@@ -82,6 +86,8 @@ class CoordinatorConfig:
             raise ValueError(f"num_redundant must be >= 0, got {self.num_redundant}")
         if self.policy == "contiguous" and self.num_redundant:
             raise ValueError("the contiguous policy has no redundant experts (num_redundant must be 0)")
+        if self.slot_budget is not None and self.slot_budget < 1:
+            raise ValueError(f"slot_budget must be >= 1, got {self.slot_budget}")
         for name in ("eps", "drift_threshold", "device_drift_threshold", "bandwidth_bytes_per_s",
                      "ack_timeout_s", "engine_timeout_s", "health_interval_s", "probe_timeout_s"):
             if not getattr(self, name) > 0:
@@ -640,10 +646,14 @@ class Coordinator:
         if self._lost:
             # Uneven slot counts, none on lost devices: only vibe's budgeted packing places that.
             alive = self.pool.num_devices - len(self._lost)
-            per_device = -(-(self.shape.num_experts + self.config.num_redundant) // alive)
+            per_device = max(-(-(self.shape.num_experts + self.config.num_redundant) // alive),
+                             self.config.slot_budget or 0)
             budget = [0 if d in self._lost else per_device for d in range(self.pool.num_devices)]
             return pl.plan(loads, devices, "vibe", num_redundant=self.config.num_redundant, slot_budget=budget)
-        return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant if policy != "contiguous" else 0)
+        if policy == "contiguous":
+            return pl.plan(loads, devices, policy)
+        budget = self.config.slot_budget if policy == "vibe" else None
+        return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant, slot_budget=budget)
 
     @staticmethod
     def _keys_per_device(placement: pl.Placement) -> dict[int, list[tuple[int, int]]]:

@@ -227,6 +227,7 @@ def test_client_disconnect_mid_stream_aborts_the_sequence(tokenizer):
 
 def test_metrics_after_traffic(server, client):
     client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    assert httpx.post(f"{server[0]}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2}).status_code == 400
     text = httpx.get(f"{server[0]}/metrics").text
     for name in ("vibe_time_to_first_token_seconds_count", "vibe_time_per_output_token_seconds_count",
                  "vibe_e2e_request_latency_seconds_count", "vibe_num_requests_waiting", "vibe_num_requests_running",

@@ -59,6 +59,7 @@ def test_single_greedy_requests_equal_generate(arch, reference_models):
         assert reasons[f"r{i}"] in ("length", "stop")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_staggered_concurrent_requests_equal_generate(arch, reference_models):
     lengths = {0: [5, 17], 3: [40], 5: [3, 64], 9: [9, 2]}
@@ -327,6 +328,11 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on():
         assert len(asyncio.run(main())) == 24 and engine.is_alive and failures.count(True) == 1
     finally:
         engine.shutdown()
+
+
+def test_num_threads_must_be_positive():
+    with pytest.raises(ValueError, match="num_threads"):
+        AsyncEngine(_engine(), num_threads=0)
 
 
 def test_functions_run_at_a_step_boundary(async_engine):

@@ -72,6 +72,7 @@ class AsyncEngine:
         self._engine = engine
         self._num_threads = num_threads
         self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._commands_lock = threading.Lock()  # orders submissions against shutdown
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vibe-engine", daemon=True)
@@ -100,6 +101,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
+        """Whether the step thread runs (False before ``start()`` and after ``shutdown()``)."""
         return self._thread.is_alive() and not self._stopping
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
@@ -110,8 +112,9 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop the step thread; unfinished requests fail with `EngineError`."""
-        self._stopping = True
+        """Stop the step thread; unfinished requests fail with `EngineStopped`, pending calls are cancelled."""
+        with self._commands_lock:
+            self._stopping = True
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
@@ -123,10 +126,11 @@ class AsyncEngine:
     def run_at_step_boundary(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn()`` on the engine thread between two steps; the future holds its result or error."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        if self._stopping:
-            future.set_exception(EngineStopped("the engine shut down"))
-            return future
-        self._commands.append((fn, future))
+        with self._commands_lock:
+            if self._stopping:
+                future.set_exception(EngineStopped("the engine shut down"))
+                return future
+            self._commands.append((fn, future))
         self._wake.set()
         return future
 

@@ -114,14 +114,16 @@ class _Server:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer.encode(body.prompt)
-        return await self._generate(request, body, prompt, _CompletionFormat(self.model_name))
+        return await self._generate(request, body, prompt, _CompletionFormat(self.model_name), timer)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
-        return await self._generate(request, body, prompt, _ChatFormat(self.model_name))
+        return await self._generate(request, body, prompt, _ChatFormat(self.model_name), timer)
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)
@@ -138,10 +140,9 @@ class _Server:
                            param="model", code="model_not_found")
 
     async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
-                        prompt: list[int], fmt: _Format) -> Response:
+                        prompt: list[int], fmt: _Format, timer: RequestTimer) -> Response:
         """Admit the request, wait for its first token (headers wait too), then stream or collect."""
         params = sampling_params(body, len(prompt), self.engine.config.max_model_len)
-        timer = self.metrics.start_request()
         outputs = self.engine.generate(fmt.id, prompt, params)
         try:
             first = await _unless_disconnected(request, anext(outputs))

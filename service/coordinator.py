@@ -167,10 +167,12 @@ class Coordinator:
         self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
         self._bandwidth = config.bandwidth_bytes_per_s
         self._history: deque[Recalibration] = deque(maxlen=50)
+        self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
         self._lost: set[int] = set()  # devices out of the placement (dead, or restarted and not yet back)
         self._rejoin: set[int] = set()  # restarted devices waiting for the next recalibration
         self._next_probe = 0.0
+        self._telemetry: list = []  # latest Telemetry of every worker (refreshed with the health probe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -305,7 +307,7 @@ class Coordinator:
                 record.status, record.detail = self._migrate(old, new)
             record.duration_s = self._clock() - started
             with self._lock:
-                self._history.append(record)
+                self._remember(record)
                 if record.status in ("applied", "no_change"):
                     self._reset_drift(loads)
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
@@ -489,7 +491,7 @@ class Coordinator:
                 self._replace_pending_drops(old, new)
             record.duration_s = self._clock() - started
             with self._lock:
-                self._history.append(record)
+                self._remember(record)
         if restart and record.status == "applied":
             for device in lost:
                 self._restart(device)
@@ -519,6 +521,23 @@ class Coordinator:
                 reloads.setdefault(move.dst_device, []).append(key)
         return [(src, dst, keys) for (src, dst), keys in copies.items()], reloads
 
+    def _remember(self, record: Recalibration) -> None:
+        """Keep a decision in the recent history and in the running totals (call under the lock)."""
+        self._history.append(record)
+        self._totals[record.status] = self._totals.get(record.status, 0) + 1
+        if record.status == "applied":
+            self._totals["experts_moved"] = self._totals.get("experts_moved", 0) + record.experts_moved
+            self._totals["bytes_moved"] = self._totals.get("bytes_moved", 0) + record.bytes_moved
+
+    def _refresh_telemetry(self) -> None:
+        try:
+            telemetry = self.pool.telemetry()
+        except WorkerCallError as exc:  # a dying worker: the next probe handles it
+            log.debug("telemetry skipped: %s", exc)
+            return
+        with self._lock:
+            self._telemetry = telemetry
+
     def _restart(self, device: int) -> None:
         try:
             info = self.pool.restart(device)
@@ -547,7 +566,8 @@ class Coordinator:
                 self._finish_drops(wait=False)
                 if self._clock() >= self._next_probe:
                     self._next_probe = self._clock() + self.config.health_interval_s
-                    self.check_workers()
+                    if not self.check_workers():
+                        self._refresh_telemetry()
                 if self._rejoin:
                     self._readmit()
                 if not self.config.auto_recalibrate or self.config.policy == "contiguous":
@@ -613,6 +633,30 @@ class Coordinator:
         return {"version": current.version, "policy": self.config.policy, "num_devices": current.num_devices,
                 "num_experts": current.num_experts, "layers": layers}
 
+    def metrics_summary(self) -> dict[str, Any]:
+        """Numbers for Prometheus gauges and counters (service/placement_metrics.py renders them)."""
+        with self._lock:
+            current, loads, devices = self._placement, self.window_loads(), self.device_models()
+            totals = dict(self._totals)
+            last = next((r for r in reversed(self._history) if r.status == "applied"), None)
+            ratios = self._device_drift.ratios()
+            telemetry = list(self._telemetry)
+            lost = sorted(self._lost)
+        times = None if loads is None else pl.device_times(current, loads, devices)
+        moved = ("experts_moved", "bytes_moved")
+        return {
+            "placement_version": current.version,
+            "layer_imbalance": None if times is None else pl.imbalance(times).tolist(),
+            "device_predicted_s": None if times is None else times.sum(axis=0).tolist(),
+            "device_observed_over_predicted": [None if np.isnan(r) else float(r) for r in ratios],
+            "recalibrations": {k: v for k, v in totals.items() if k not in moved},
+            "last_recalibration_s": None if last is None else last.duration_s,
+            "experts_moved": totals.get("experts_moved", 0),
+            "bytes_moved": totals.get("bytes_moved", 0),
+            "lost_devices": lost,
+            "telemetry": [asdict(t) for t in telemetry],
+        }
+
     def stats_view(self) -> dict[str, Any]:
         with self._lock:
             current, loads, devices = self._placement, self.window_loads(), self.device_models()
@@ -621,6 +665,8 @@ class Coordinator:
             drift = dict(self._last_drift)
             passes = self._workload_drift.num_passes
             device_ratios = self._device_drift.ratios().tolist()
+            lost = sorted(self._lost)
+            telemetry = [asdict(t) for t in self._telemetry]
         imbalance = None
         if loads is not None:
             imbalance = pl.imbalance(pl.device_times(current, loads, devices)).tolist()
@@ -637,6 +683,8 @@ class Coordinator:
             "migration_bandwidth_bytes_per_s": self._bandwidth,
             "recalibrations": history,
             "engines": engines,
+            "lost_devices": lost,
+            "telemetry": telemetry,
         }
 
     # --- helpers -----------------------------------------------------------------------------------

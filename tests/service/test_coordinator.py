@@ -192,6 +192,25 @@ def test_views_are_json_ready(checkpoint):
     json.dumps(stats)
 
 
+def test_metrics_summary_renders_as_prometheus(checkpoint):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.placement_metrics import PlacementCollector
+
+    coordinator = _coordinator(checkpoint)
+    _report(coordinator, _skewed(coordinator.shape, 10), passes=3)
+    coordinator.calibrate()
+    second = coordinator.recalibrate(mode="full", dry_run=True)["status"]  # no_change: same loads
+    collector, registry = PlacementCollector(), CollectorRegistry()
+    registry.register(collector)
+    collector.refresh(coordinator.metrics_summary())
+    text = generate_latest(registry).decode()
+    assert "vibe_placement_version 2.0" in text
+    assert 'vibe_recalibrations_total{status="applied"} 1.0' in text
+    assert f'vibe_recalibrations_total{{status="{second}"}} 1.0' in text
+    assert 'vibe_layer_imbalance{layer="0"}' in text and "vibe_experts_moved_total" in text
+
+
 def test_bad_recalibration_arguments(checkpoint):
     coordinator = _coordinator(checkpoint)
     with pytest.raises(ValueError, match="policy"):

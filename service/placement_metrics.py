@@ -1,0 +1,69 @@
+"""Placement metrics in Prometheus format: what the coordinator decided and how the devices behave.
+
+Owns a prometheus_client collector that renders a snapshot of `Coordinator.metrics_summary()`: placement
+version, per-layer predicted imbalance, per-device predicted time and observed/predicted ratio,
+recalibration events by outcome with their duration, experts and bytes moved, lost devices, and GPU
+telemetry (SM clock, power, temperature) where the workers have it. The snapshot is refreshed off the
+request path (`refresh`, from a background thread), so a scrape never waits for the coordinator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+
+class PlacementCollector:
+    """Register with a CollectorRegistry; call `refresh(summary)` whenever a new summary arrives."""
+
+    def __init__(self) -> None:
+        self._summary: dict[str, Any] | None = None
+
+    def refresh(self, summary: dict[str, Any]) -> None:
+        self._summary = summary
+
+    def collect(self) -> Iterator[Metric]:
+        summary = self._summary
+        if summary is None:
+            return
+        yield _gauge("vibe_placement_version", "Version of the placement the coordinator publishes.",
+                     [((), summary["placement_version"])])
+        if summary["layer_imbalance"] is not None:
+            yield _gauge("vibe_layer_imbalance", "Predicted max/mean device time of each MoE layer.",
+                         [((str(layer),), value) for layer, value in enumerate(summary["layer_imbalance"])],
+                         ["layer"])
+            yield _gauge("vibe_device_predicted_seconds", "Predicted MoE time of each device per forward pass.",
+                         [((str(d),), value) for d, value in enumerate(summary["device_predicted_s"])], ["device"])
+        yield _gauge("vibe_device_observed_over_predicted",
+                     "Observed / predicted expert time of each device (drift when far from 1).",
+                     [((str(d),), value) for d, value in enumerate(summary["device_observed_over_predicted"])
+                      if value is not None], ["device"])
+        events = CounterMetricFamily("vibe_recalibrations", "Recalibration decisions by outcome.", labels=["status"])
+        for status, count in summary["recalibrations"].items():
+            events.add_metric([status], count)
+        yield events
+        last = summary["last_recalibration_s"]
+        yield _gauge("vibe_last_recalibration_seconds", "Trigger-to-live time of the last applied recalibration.",
+                     [((), last)] if last is not None else [])
+        yield CounterMetricFamily("vibe_experts_moved", "Expert copies moved by applied recalibrations.",
+                                  value=summary["experts_moved"])
+        yield CounterMetricFamily("vibe_bytes_moved", "Expert weight bytes moved by applied recalibrations.",
+                                  value=summary["bytes_moved"])
+        yield _gauge("vibe_lost_devices", "Devices out of the placement (dead or rejoining).",
+                     [((), len(summary["lost_devices"]))])
+        for name, field, help_text in (("vibe_gpu_sm_clock_mhz", "sm_clock_mhz", "SM clock of each GPU."),
+                                       ("vibe_gpu_power_watts", "power_w", "Power draw of each GPU."),
+                                       ("vibe_gpu_temperature_celsius", "temperature_c", "Temperature of each GPU.")):
+            samples = [((str(t["device"]),), t[field]) for t in summary["telemetry"]
+                       if t["available"] and t[field] is not None]
+            if samples:
+                yield _gauge(name, help_text, samples, ["device"])
+
+
+def _gauge(name: str, help_text: str, samples, labels: list[str] | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=labels or [])
+    for label_values, value in samples:
+        family.add_metric(list(label_values), float(value))
+    return family

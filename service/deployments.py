@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from ray import serve
 
 from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
 from service.messages import EngineReport, SyncReply
+from service.placement_metrics import PlacementCollector
 from service.worker_pool import RayPoolConfig, RayWorkerPool
 
 log = logging.getLogger(__name__)
+METRICS_REFRESH_S = 2.0
 
 
 class CoordinatorDeployment:
@@ -57,6 +60,9 @@ class CoordinatorDeployment:
 
     def stats_view(self) -> dict[str, Any]:
         return self.core.stats_view()
+
+    def metrics_summary(self) -> dict[str, Any]:
+        return self.core.metrics_summary()
 
     def set_emulated_speed(self, device: int, speed: float) -> None:
         self.core.pool.set_emulated_speed(device, speed)
@@ -130,6 +136,9 @@ class IngressDeployment:
                                   lambda report: coordinator.report.remote(report).result(timeout_s=10),
                                   node_id=node_id, interval_s=settings.sync_interval_s)
         self.sync.start()
+        self.placement_metrics = PlacementCollector()
+        self._stopping = threading.Event()
+        threading.Thread(target=self._refresh_metrics, name="placement-metrics", daemon=True).start()
         if not boot["calibrated"] and settings.profile_prompts:
             await self._profiling_pass()
 
@@ -154,19 +163,30 @@ class IngressDeployment:
         log.info("profiling pass over %d prompts: %s in %.1f s", len(prompts), result.get("status"),
                  time.monotonic() - started)
 
+    def _refresh_metrics(self) -> None:
+        """Keep a fresh coordinator summary for /metrics, off the request path."""
+        while not self._stopping.wait(METRICS_REFRESH_S):
+            try:
+                self.placement_metrics.refresh(self.coordinator.metrics_summary.remote().result(timeout_s=10))
+            except Exception as exc:  # the coordinator may be restarting; /metrics shows the last summary
+                log.debug("placement metrics refresh failed: %s", exc)
+
     def __serve_build_asgi_app__(self):
         from service.admin import admin_router
         from service.app import create_app
 
         admin = admin_router(_HandleClient(self.coordinator), token_sha256=self.settings.admin_token_sha256,
                              num_devices=self.settings.num_devices, emulation=self.settings.emulation)
-        return create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin)
+        app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin)
+        app.state.metrics.registry.register(self.placement_metrics)
+        return app
 
     def check_health(self) -> None:
         if not self.engine.is_alive:
             raise RuntimeError("the engine step loop stopped")
 
     def __del__(self) -> None:
+        self._stopping.set()
         self.sync.stop()
         self.engine.shutdown()
 

@@ -63,6 +63,9 @@ class AppArgs(BaseModel):
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     coordinator_num_cpus: float = Field(default=0.1, ge=0)
     worker_num_cpus: float = Field(default=0.05, ge=0)
+    worker_num_gpus: float | None = Field(default=None, gt=0, le=1)  # device cuda: 1, or a share of one GPU
+    worker_scheduling: Literal["default", "spread"] = "default"  # spread: workers over all nodes
+    ingress_num_gpus: float = Field(default=0.0, ge=0)
     worker_threads: int = Field(default=1, ge=1)
     admin_token: str | None = Field(default=None, min_length=16)
     app_name: str = Field(default="vibe", pattern=r"^[A-Za-z0-9_-]{1,40}$")
@@ -80,6 +83,8 @@ class AppArgs(BaseModel):
             raise ValueError(f"speeds has {len(self.speeds)} entries for {self.num_devices} devices")
         if self.device == "cuda" and self.emulate:
             raise ValueError("emulate must be false on GPU workers (device: cuda)")
+        if self.device == "cpu" and self.worker_num_gpus is not None:
+            raise ValueError(f"worker_num_gpus {self.worker_num_gpus} needs GPU workers (device: cuda)")
         if bad := [d for d in self.emulation.drift if not 0 <= d < self.num_devices]:
             raise ValueError(f"emulation.drift names devices {bad} outside 0..{self.num_devices - 1}")
         return self
@@ -104,7 +109,9 @@ def build_app(args: dict[str, Any] | None = None):
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
                                            auto_recalibrate=parsed.auto_recalibrate)
     pool_config = RayPoolConfig(name_prefix=f"vibe-worker-{parsed.app_name}-{_fingerprint(parsed, checkpoint)}",
-                                num_cpus=parsed.worker_num_cpus, num_gpus=1.0 if parsed.device == "cuda" else 0.0)
+                                num_cpus=parsed.worker_num_cpus,
+                                num_gpus=(parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
+                                scheduling_strategy=parsed.worker_scheduling.upper())
     max_model_len = parsed.max_model_len or _model_max_len(checkpoint)
     token = parsed.admin_token or os.environ.get("VIBE_ADMIN_TOKEN") or None
     settings = IngressSettings(
@@ -126,7 +133,8 @@ def build_app(args: dict[str, Any] | None = None):
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
     ).bind(coordinator_config, worker_configs, pool_config, shape)
     return ingress_cls.options(
-        num_replicas=parsed.num_replicas, ray_actor_options={"num_cpus": parsed.ingress_num_cpus},
+        num_replicas=parsed.num_replicas,
+        ray_actor_options={"num_cpus": parsed.ingress_num_cpus, "num_gpus": parsed.ingress_num_gpus},
         max_ongoing_requests=max(64, 2 * parsed.max_num_seqs + parsed.max_queue),
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
     ).bind(coordinator, settings)

@@ -63,6 +63,8 @@ class RayPoolConfig:
         num_gpus: GPUs per worker (1 on GPU clusters, 0 here).
         call_timeout_s: timeout of one control call.
         detached: detached actors survive a coordinator restart; the coordinator kills them on shutdown.
+        scheduling_strategy: Ray's "DEFAULT" (fill nodes where resources allow) or "SPREAD" (spread the
+            workers over the nodes; for CPU workers, which no GPU request pins to a node).
     """
 
     name_prefix: str = "vibe-worker"
@@ -71,10 +73,14 @@ class RayPoolConfig:
     num_gpus: float = 0.0
     call_timeout_s: float = 60.0
     detached: bool = True
+    scheduling_strategy: str = "DEFAULT"
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0 or self.call_timeout_s <= 0:
             raise ValueError(f"invalid RayPoolConfig {self}")
+        if self.scheduling_strategy not in ("DEFAULT", "SPREAD"):
+            raise ValueError(f"RayPoolConfig.scheduling_strategy must be 'DEFAULT' or 'SPREAD', "
+                             f"got {self.scheduling_strategy!r}")
 
 
 class RayWorkerPool:
@@ -107,6 +113,7 @@ class RayWorkerPool:
             "num_gpus": self.config.num_gpus,
             "max_concurrency": 4,
             "max_restarts": -1,
+            "scheduling_strategy": self.config.scheduling_strategy,
         }
         if self.config.detached:
             options["lifetime"] = "detached"

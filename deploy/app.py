@@ -67,6 +67,7 @@ class AppArgs(BaseModel):
     worker_scheduling: Literal["default", "spread"] = "default"  # spread: workers over all nodes
     ingress_num_gpus: float = Field(default=0.0, ge=0)
     worker_threads: int = Field(default=1, ge=1)
+    engine_threads: int = Field(default=1, ge=1)  # torch threads of the engine's dense compute
     admin_token: str | None = Field(default=None, min_length=16)
     app_name: str = Field(default="vibe", pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
@@ -125,6 +126,7 @@ def build_app(args: dict[str, Any] | None = None):
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,
         profile_prompts=parsed.profile_prompts,
+        engine_threads=parsed.engine_threads,
     )
     coordinator_cls, ingress_cls = serve_deployments()
     coordinator = coordinator_cls.options(

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, Request
@@ -54,7 +54,8 @@ _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               extra_router: APIRouter | None = None) -> FastAPI:
+               extra_router: APIRouter | None = None,
+               health_checks: Sequence[Callable[[], str | None]] = ()) -> FastAPI:
     """The app; the caller starts and shuts down ``engine``.
 
     Args:
@@ -62,12 +63,15 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         served_model_name: the only ``model`` value requests may name.
         max_body_bytes: larger request bodies get 413.
         extra_router: more routes (e.g. admin) mounted as is; their errors use the same JSON.
+        health_checks: each returns None when fine or a problem (e.g. "coordinator unreachable for 40 s");
+            /health then reports {"status": "degraded", "problems": [...]}, still 200 while the engine
+            serves (a 503 would take a replica that can answer out of rotation).
     """
     if engine.tokenizer is None:
         raise ValueError("create_app needs an engine with a tokenizer")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    server = _Server(engine, served_model_name, ServingMetrics(engine))
+    server = _Server(engine, served_model_name, ServingMetrics(engine), tuple(health_checks))
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -96,6 +100,7 @@ class _Server:
     engine: AsyncEngine
     model_name: str
     metrics: ServingMetrics
+    health_checks: tuple[Callable[[], str | None], ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def list_models(self) -> ModelList:
@@ -108,7 +113,8 @@ class _Server:
     async def health(self) -> Response:
         if not self.engine.is_alive:
             return error_response(APIError(503, "the engine is not running", type="service_unavailable_error"))
-        return JSONResponse({"status": "ok"})
+        problems = [p for p in (check() for check in self.health_checks) if p]
+        return JSONResponse({"status": "degraded", "problems": problems} if problems else {"status": "ok"})
 
     async def metrics_text(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)

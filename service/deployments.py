@@ -92,6 +92,7 @@ class IngressSettings:
     num_devices: int
     emulation: bool
     profile_prompts: str | None
+    engine_threads: int = 1
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
 
@@ -129,7 +130,8 @@ class IngressDeployment:
                                        workers_epoch=boot["workers_epoch"])
         model = load_engine_model(settings.checkpoint, dtype=settings.dtype, context=self.context).model
         tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint, local_files_only=True)
-        self.engine = AsyncEngine(Engine(model, settings.engine_config, tokenizer, hooks=self.context))
+        self.engine = AsyncEngine(Engine(model, settings.engine_config, tokenizer, hooks=self.context),
+                                  num_threads=settings.engine_threads)
         self.engine.start()
         engine_id = f"ingress-{uuid.uuid4().hex[:8]}"
         self.sync = PlacementSync(engine_id, self.context,
@@ -177,7 +179,8 @@ class IngressDeployment:
 
         admin = admin_router(_HandleClient(self.coordinator), token_sha256=self.settings.admin_token_sha256,
                              num_devices=self.settings.num_devices, emulation=self.settings.emulation)
-        app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin)
+        app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin,
+                         health_checks=[self.sync.problem])
         app.state.metrics.registry.register(self.placement_metrics)
         return app
 

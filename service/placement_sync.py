@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from placement import Placement
@@ -44,6 +45,7 @@ class PlacementSync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0  # consecutive failed reports (the coordinator may be restarting)
+        self._last_success = time.monotonic()
 
     def sync_once(self) -> SyncReply:
         """One report/answer round trip; applies the answer. Raises what the report call raises."""
@@ -63,10 +65,21 @@ class PlacementSync:
             try:
                 self.sync_once()
                 self.failures = 0
+                self._last_success = time.monotonic()
             except Exception as exc:  # keep serving on the current placement; retry next interval
                 self.failures += 1
                 if self.failures in (1, 10) or self.failures % 100 == 0:
                     log.warning("coordinator report failed (%d in a row): %s", self.failures, exc)
+
+    def problem(self, tolerance_s: float = 10.0) -> str | None:
+        """A health problem when the coordinator has not answered for `tolerance_s` (None otherwise)."""
+        silent = time.monotonic() - self._last_success
+        if not self.alive:
+            return "the placement sync thread stopped"
+        if silent > tolerance_s:
+            return (f"coordinator unreachable for {silent:.0f} s: serving placement version "
+                    f"{self.context.pinned_version} without recalibration")
+        return None
 
     @property
     def alive(self) -> bool:

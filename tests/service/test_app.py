@@ -267,3 +267,18 @@ def test_queue_full_is_a_429_with_retry_after_and_extra_routes_share_the_error_j
     assert sorted(r.status_code for r in responses) == [200, 429]
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_health_reports_degradation_without_leaving_rotation(tokenizer):
+    problems: list[str] = []
+    engine = _start_engine(tokenizer)
+    try:
+        app = create_app(engine, served_model_name=MODEL, health_checks=[lambda: problems[0] if problems else None])
+        with _serve(app) as url:
+            assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+            problems.append("coordinator unreachable for 42 s")
+            response = httpx.get(f"{url}/health")
+            assert response.status_code == 200
+            assert response.json() == {"status": "degraded", "problems": ["coordinator unreachable for 42 s"]}
+    finally:
+        engine.shutdown()

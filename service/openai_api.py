@@ -10,11 +10,11 @@ values. Ignores routing, tokenisation and the engine.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from service.async_engine import EngineError, EngineStopped
@@ -49,6 +49,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _utf8(text: str) -> str:
+    """`text`, if it is valid Unicode: JSON's "\\ud800" escapes decode to lone surrogates, which the
+    tokenizer and the UTF-8 response encoder refuse (a 500 instead of this 400)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode: lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -62,7 +75,7 @@ class _SamplingFields(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default_factory=list)
+    stop: Text | list[Text] | None = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate past EOS (benchmarks with fixed output lengths)
@@ -92,7 +105,7 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``; ``prompt`` is a string or a list of token ids (one prompt per request)."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     best_of: Any = None
     echo: Any = None
     suffix: Any = None
@@ -111,12 +124,12 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
     refusal: None = None
     tool_calls: list[Any] | None = Field(default=None, max_length=0)

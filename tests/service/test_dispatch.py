@@ -335,6 +335,7 @@ def test_placement_set_from_another_thread_never_splits_a_step(reference):
             context.set_placement(on_device[version % 2].with_version(version))
             version += 1
 
+    context.set_placement(on_device[0])  # no step may see the initial, spread-out placement
     publisher = threading.Thread(target=publish)
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # let the publisher run between any two layers

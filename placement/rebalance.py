@@ -248,9 +248,10 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
         eps: tolerated imbalance, >= 0.
         max_swaps_per_layer: cap on swaps per layer (None: no cap), >= 0.
         max_moved_fraction: cap on the slots a layer may move, as a fraction of its slots (each swap
-            moves two); the default 0.10 keeps an incremental recalibration cheap (on the real drift
-            pairs it recovers about 80% of a full re-plan's gain, against 95% for about 20% moved).
-            None: no cap. Both caps apply; the tighter wins.
+            moves two), but at least one swap when the fraction is > 0 (layers of few experts could
+            never be re-balanced otherwise); the default 0.10 keeps an incremental recalibration cheap
+            (on the real drift pairs it recovers about 80% of a full re-plan's gain, against 95% for
+            about 20% moved). None: no cap. Both caps apply; the tighter wins.
     Returns:
         The new placement (version + 1) and the moves (two per swap, net of swaps that undo each other);
         the same placement object and [] when nothing moved.
@@ -262,9 +263,10 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
                         None, distinct=bool(placement.logcnt.max() > 1))
     if max_moved_fraction is not None and not 0 <= max_moved_fraction <= 1:
         raise ValueError(f"max_moved_fraction must lie in [0, 1], got {max_moved_fraction!r}")
-    caps = [c for c in (max_swaps_per_layer,
-                        None if max_moved_fraction is None else int(max_moved_fraction * placement.num_slots // 2))
-            if c is not None]
+    fraction_cap = None
+    if max_moved_fraction is not None:  # at least one swap, or small layers could never be re-balanced
+        fraction_cap = max(1, int(max_moved_fraction * placement.num_slots // 2)) if max_moved_fraction else 0
+    caps = [c for c in (max_swaps_per_layer, fraction_cap) if c is not None]
     cap = np.full(num_layers, min(caps)) if caps else None
     search.relieve_slowest(eps, cap)
     device = search.slot_devices()

@@ -184,5 +184,8 @@ def test_default_cap_moves_at_most_a_tenth_of_each_layers_slots():
     uncapped, more = rebalance(placement, new_loads, devices, max_moved_fraction=None)
     assert len(more) >= len(moves)
     assert makespan(new, new_loads, devices).sum() <= makespan(placement, new_loads, devices).sum()
+    small = plan(old_loads[:, :8], devices[:4], "vibe")  # 8 slots: 10% is less than one swap...
+    _, few = rebalance(small, new_loads[:, :8] * np.array([8, 1, 1, 1, 1, 1, 1, 1.0]), devices[:4])
+    assert 0 < np.bincount([m.layer for m in few]).max() <= 2  # ...yet one swap per layer is allowed
     with pytest.raises(ValueError, match="max_moved_fraction"):
         rebalance(placement, new_loads, devices, max_moved_fraction=1.5)

@@ -29,6 +29,7 @@ MAGIC = b"VIBE"
 FORWARD, REPLY, ERROR = 1, 2, 3
 HEADER = struct.Struct("<4sBBxxIIIIQ")
 MAX_FRAME_BYTES = 1 << 31  # refuse absurd frames before allocating
+MAX_ERROR_BYTES = 1 << 16  # an ERROR frame's message at most
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -77,7 +78,7 @@ def encode_reply(seq: int, layer: int, experts: np.ndarray, seconds: np.ndarray,
 
 
 def encode_error(seq: int, layer: int, message: str) -> list:
-    data = message.encode("utf-8", errors="replace")[:65536]
+    data = message.encode("utf-8", errors="replace")[:MAX_ERROR_BYTES]
     return [HEADER.pack(MAGIC, ERROR, 0, layer, 0, len(data), 0, seq), data]
 
 
@@ -117,8 +118,10 @@ def recv_frame(sock: socket.socket) -> Frame:
     if magic != MAGIC or kind not in (FORWARD, REPLY, ERROR):
         raise ProtocolError(f"bad frame header (magic {magic!r}, kind {kind})")
     if kind == ERROR:
+        if num_tokens > MAX_ERROR_BYTES:
+            raise ProtocolError(f"error message too large ({num_tokens} bytes)")
         return Frame(kind, layer, seq, np.empty(0, np.int32), np.empty(0), None,
-                     _recv_exact(sock, num_tokens).decode("utf-8", errors="replace"))
+                     _recv_exact(sock, num_tokens).tobytes().decode("utf-8", errors="replace"))
     if dtype_code not in CODE_DTYPES:
         raise ProtocolError(f"unknown dtype code {dtype_code}")
     dtype = CODE_DTYPES[dtype_code]
@@ -136,8 +139,11 @@ def recv_frame(sock: socket.socket) -> Frame:
     return Frame(kind, layer, seq, experts, values, tensor)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buf = bytearray(size)
+def _recv_exact(sock: socket.socket, size: int) -> np.ndarray:
+    """Exactly `size` bytes, uint8 [size]. The buffer is left uninitialised (np.empty, not bytearray's
+    zero fill), so memory is committed only as bytes arrive: a header that merely claims a 2 GiB frame
+    costs nothing, and large frames skip a memset."""
+    buf = np.empty(size, dtype=np.uint8)
     view = memoryview(buf)
     got = 0
     while got < size:

@@ -59,6 +59,7 @@ class AppArgs(BaseModel):
     max_num_batched_tokens: int = Field(default=512, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=256, ge=1)
+    request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     num_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     coordinator_num_cpus: float = Field(default=0.1, ge=0)
@@ -121,7 +122,8 @@ def build_app(args: dict[str, Any] | None = None):
         dtype=parsed.dtype,
         engine_config=EngineConfig(max_num_seqs=parsed.max_num_seqs,
                                    max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
-                                   max_model_len=max_model_len, max_queue=parsed.max_queue),
+                                   max_model_len=max_model_len, max_queue=parsed.max_queue,
+                                   request_timeout_s=parsed.request_timeout_s),
         admin_token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,

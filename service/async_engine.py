@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +34,10 @@ class EngineError(RuntimeError):
 
 class EngineStopped(EngineError):
     """The engine shut down before the request finished."""
+
+
+class RequestTimeout(EngineError):
+    """The request did not finish within the engine's `request_timeout_s`; it was aborted."""
 
 
 @dataclass(frozen=True)
@@ -142,19 +146,25 @@ class AsyncEngine:
                        params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Outputs of one request as they come; the last one has ``finished`` set.
 
-        Raises ValueError / QueueFull from ``Engine.add_request`` and `EngineError` if the request fails.
-        Closing or cancelling the iterator early (client gone) aborts the request.
+        Raises ValueError / QueueFull from ``Engine.add_request``, `RequestTimeout` once the request has
+        taken ``config.request_timeout_s`` (time the consumer spends between outputs included), and
+        `EngineError` if the request fails. Closing or cancelling the iterator early (client gone), or a
+        timeout, aborts the request.
         """
         queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        loop = asyncio.get_running_loop()
+        self._streams[request_id] = (loop, queue)
+        timeout = self.config.request_timeout_s
+        deadline = None if timeout is None else loop.time() + timeout
         finished = False
         try:
             prompt = list(prompt_token_ids)
-            await self.call_at_step_boundary(lambda: self._engine.add_request(request_id, prompt, params))
+            admission = self.call_at_step_boundary(lambda: self._engine.add_request(request_id, prompt, params))
+            await _before(deadline, timeout, admission)
             while not finished:
-                item = await queue.get()
+                item = await _before(deadline, timeout, queue.get())
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -197,7 +207,7 @@ class AsyncEngine:
             outputs = self._engine.step()
         except StepFailed as exc:
             log.exception("engine step failed")
-            self._send([(rid, EngineError(str(exc))) for rid in exc.request_ids])
+            self._send([(rid, _step_error(exc)) for rid in exc.request_ids])
         except Exception as exc:  # a bug outside the forward: drop every request rather than the loop
             log.exception("engine step raised unexpectedly")
             request_ids = list(self._streams)  # a snapshot: consumers add and remove streams concurrently
@@ -230,3 +240,24 @@ class AsyncEngine:
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _step_error(failure: StepFailed) -> EngineError:
+    """One request's error for a failed step, caused by what the forward raised (the HTTP layer tells a
+    failed device, worth a retry, from a failed model by it)."""
+    error = EngineError(str(failure))
+    error.__cause__ = failure.__cause__
+    return error
+
+
+async def _before(deadline: float | None, timeout: float | None, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`; RequestTimeout if the loop's clock passes `deadline` (None: no deadline) first.
+    `timeout`: the request's limit in seconds, for the message."""
+    if deadline is None:
+        return await awaitable
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    except TimeoutError:
+        raise RequestTimeout(f"the request did not finish within the server's limit of {timeout:g} s and was "
+                             "aborted; retry later or ask for fewer tokens") from None

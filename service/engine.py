@@ -61,6 +61,8 @@ class EngineConfig:
         max_queue: waiting requests at most; `add_request` raises `QueueFull` beyond.
         kv_cache_bytes: memory for keys and values at most; each running sequence holds a slot of
             ``max_model_len`` tokens, so fewer than ``max_num_seqs`` may run if this is small.
+        request_timeout_s: seconds a request may take from admission to its last output, waiting
+            included; the `AsyncEngine` aborts it after that (None: no limit).
     """
 
     max_num_seqs: int = 32
@@ -68,6 +70,7 @@ class EngineConfig:
     max_model_len: int = 1024
     max_queue: int = 256
     kv_cache_bytes: int = 512 * 2**20
+    request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes"):
@@ -77,6 +80,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}) so every running sequence decodes each step")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
 
 @dataclass(frozen=True)

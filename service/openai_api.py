@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
-from service.async_engine import EngineError, EngineStopped
+from service.async_engine import EngineError, EngineStopped, RequestTimeout
+from service.dispatch import DispatchError
 from service.engine import QueueFull
 from service.sampling import MAX_STOP_STRINGS, SamplingParams
 
@@ -308,6 +309,12 @@ def _as_api_error(exc: BaseException) -> APIError:
         return APIError(exc.status_code, str(exc.detail), type=_TYPES.get(exc.status_code, "invalid_request_error"))
     if isinstance(exc, EngineStopped):
         return APIError(503, "the engine is shutting down; retry later", type="service_unavailable_error")
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), type="timeout_error", code="request_timeout")
+    if isinstance(exc, EngineError) and isinstance(exc.__cause__, DispatchError):
+        return APIError(503, f"expert device {exc.__cause__.device} failed while serving this request; its experts "
+                        "are being moved to the other devices: retry the request", type="service_unavailable_error",
+                        code="device_unavailable")
     if isinstance(exc, EngineError):
         return APIError(500, "the model failed while generating this request", type="server_error")
     log.error("internal error", exc_info=exc)

@@ -1,0 +1,197 @@
+"""Faults under load: a dead expert device, a request that cannot finish in time, and (Ray) a killed worker.
+
+The in-process tests run the real pieces without Ray: the OpenAI app over uvicorn, the engine, expert
+workers behind their socket servers (the real data plane), and a coordinator over a `LocalWorkerPool`
+of the same workers. "Killing" a device stops its control plane and closes its socket server. The one
+real-stack test kills an expert worker actor of the Serve app with `ray.kill` while streams run
+(`make chaos` measures the same and more).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.async_engine import AsyncEngine
+from service.checkpoint import load_layout
+from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
+from service.dispatch import DispatchContext, SocketChannel
+from service.emulator import EmulationConfig
+from service.engine import Engine, EngineConfig
+from service.model import load_engine_model
+from service.transport import WorkerServer
+from service.worker import ExpertWorker, WorkerConfig
+from service.worker_pool import LocalWorkerPool
+from tests.service.test_app import _serve
+from tests.service.test_text import build_chat_model, build_tokenizer
+
+MODEL = "vibe-test"
+NUM_DEVICES = 4
+DEAD = 2
+STREAM = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0,
+          "ignore_eos": True, "stream": True}
+SHORT = {"model": MODEL, "messages": [{"role": "user", "content": "What is a list?"}], "max_tokens": 12,
+         "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny chat model with its tokenizer, saved as a local checkpoint folder."""
+    folder = tmp_path_factory.mktemp("chat-model")
+    tokenizer = build_tokenizer()
+    build_chat_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Devices:
+    """NUM_DEVICES emulated expert workers, each behind its own socket server, and their control pool."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        layout = load_layout(checkpoint)
+        self._configs = [WorkerConfig(index=i, hidden_act=layout.hidden_act,
+                                      profile_shape=(layout.hidden_size, layout.intermediate_size),
+                                      emulation=EmulationConfig(fixed_s=1e-3, knee_tokens=16, jitter=0.0))
+                         for i in range(NUM_DEVICES)]
+        self.pool = LocalWorkerPool([ExpertWorker(config) for config in self._configs])
+        self.servers = [WorkerServer(worker) for worker in self.pool.workers]
+
+    def channels(self) -> dict[int, SocketChannel]:
+        return {d: SocketChannel(server.tcp_address, timeout_s=10) for d, server in enumerate(self.servers)}
+
+    def kill(self, device: int) -> None:
+        """The device's process is gone: control calls fail, its data-plane connections drop."""
+        self.pool.kill(device)
+        self.servers[device].close()
+
+    def serve_restarted(self, device: int) -> SocketChannel:
+        """A socket server for the worker the pool restarted in the dead one's place, and a channel to it."""
+        self.servers[device] = WorkerServer(self.pool.workers[device])
+        return SocketChannel(self.servers[device].tcp_address, timeout_s=10)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+def _coordinator(checkpoint: Path, devices: Devices) -> Coordinator:
+    layout = load_layout(checkpoint)
+    shape = ModelShape(len(layout.moe_layers), layout.num_experts, 3 * layout.hidden_size * layout.intermediate_size * 4)
+    config = CoordinatorConfig(checkpoint=str(checkpoint), profile_token_counts=(1, 8, 64), profile_repeats=1,
+                               ack_timeout_s=1.0)
+    coordinator = Coordinator(config, devices.pool, shape)
+    coordinator.start(background=False)
+    return coordinator
+
+
+def _engine(checkpoint: Path, context, **config) -> AsyncEngine:
+    from transformers import AutoTokenizer
+
+    model = load_engine_model(checkpoint, context=context).model
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    engine = AsyncEngine(Engine(model, EngineConfig(max_model_len=512, max_num_seqs=8, **config), tokenizer,
+                                hooks=context), num_threads=1)
+    engine.start()
+    return engine
+
+
+def _stream_events(url: str, started: threading.Event) -> list[dict]:
+    """Every SSE data event of one streaming completion (the last is an error event if it failed)."""
+    events = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=STREAM, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+                started.set()
+    return events
+
+
+def _short(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=SHORT, timeout=60)
+
+
+def test_a_dead_device_fails_in_flight_requests_fast_with_503_and_service_recovers_on_survivors(checkpoint):
+    devices = Devices(checkpoint)
+    coordinator = _coordinator(checkpoint, devices)
+    context = DispatchContext(coordinator.placement, devices.channels())
+    engine = _engine(checkpoint, context)
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL)) as url:
+            before = _short(url).json()["choices"][0]["message"]["content"]
+            started = [threading.Event() for _ in range(4)]
+            with ThreadPoolExecutor(4) as pool:
+                streams = [pool.submit(_stream_events, url, event) for event in started]
+                assert all(event.wait(30) for event in started)
+                killed = time.monotonic()
+                devices.kill(DEAD)
+                events = [stream.result(timeout=30) for stream in streams]  # none hangs
+            failed_after = time.monotonic() - killed
+            for stream in events:
+                error = stream[-1]["error"]
+                assert error["code"] == "device_unavailable" and f"expert device {DEAD} failed" in error["message"]
+            assert failed_after < 5, f"in-flight requests took {failed_after:.1f} s to fail"
+            # Until the coordinator re-places the dead device's experts, requests fail fast with a 503.
+            refused = _short(url)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "device_unavailable"
+
+            assert coordinator.check_workers() == [DEAD]
+            assert not coordinator.placement.experts_on(DEAD)
+            context.set_placement(coordinator.placement)  # what PlacementSync applies at its next report
+            assert _short(url).json()["choices"][0]["message"]["content"] == before
+
+            # The restarted (empty) worker rejoins at the next recalibration, outputs unchanged.
+            context.set_channels({**context.channels, DEAD: devices.serve_restarted(DEAD)})
+            coordinator.report(context.drain_report("engine"))  # the router statistics a re-plan needs
+            coordinator._readmit()
+            assert coordinator.placement.experts_on(DEAD)
+            context.set_placement(coordinator.placement)
+            assert _short(url).json()["choices"][0]["message"]["content"] == before
+            assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        engine.shutdown()
+        devices.close()
+
+
+class _SlowSteps:
+    """Step hooks that make each forward take at least 20 ms."""
+
+    def begin_step(self) -> None:
+        time.sleep(0.02)
+
+    def end_step(self) -> None:
+        pass
+
+
+def test_a_request_that_cannot_finish_in_time_is_aborted_with_a_504_and_never_hangs():
+    tokenizer = build_tokenizer()
+    core = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=512, request_timeout_s=0.5), tokenizer,
+                  hooks=_SlowSteps())
+    engine = AsyncEngine(core)
+    engine.start()
+    long = {"model": MODEL, "prompt": "a", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL)) as url:
+            started = time.monotonic()
+            response = httpx.post(f"{url}/v1/completions", json=long, timeout=30)
+            took = time.monotonic() - started
+            error = response.json()["error"]
+            assert response.status_code == 504 and error["code"] == "request_timeout" and "0.5 s" in error["message"]
+            assert took < 3
+            with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=30) as stream:
+                lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+            assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "request_timeout"
+            assert lines[-1] == "data: [DONE]"
+            # Both were aborted in the engine, and the engine serves on.
+            assert engine.run_at_step_boundary(lambda: core.num_running + core.num_waiting).result(10) == 0
+            short = httpx.post(f"{url}/v1/completions", json={**long, "max_tokens": 3}, timeout=30)
+            assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+    finally:
+        engine.shutdown()

@@ -1,0 +1,298 @@
+"""The open-loop load generator: seeded Poisson request traces, sent with the official `openai` client.
+
+Owns the request trace (arrival times, prompt choice and max_tokens, reproducible from a seed), sending
+it as streamed chat completions at the scheduled times, per-request timing (TTFT: first non-empty
+content chunk; E2E; output tokens from `stream_options.include_usage`; failures), and polling the admin
+API (`/admin/stats`) and `/metrics` while a trace runs. Ignores SLOs and summaries (see `slo`), plots and
+how the service was started.
+
+    trace = make_trace(TraceConfig(rate_rps=2.0, duration_s=60, seed=0), load_workloads(["sharegpt_like"]))
+    run = asyncio.run(run_trace(ClientConfig(base_url="http://127.0.0.1:8000", model="vibe-tiny-moe"), trace))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+import httpx
+import numpy as np
+import openai
+from tqdm import tqdm
+
+from load_tests.workloads import Prompt
+
+# Streams of the trace's random generator: arrivals and prompt choice never share draws, so one seed gives
+# the same prompts at every rate (arrivals are a unit-rate Poisson process scaled by 1 / rate).
+_ARRIVALS, _CHOICES = 0, 1
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """A Poisson request trace.
+
+    Attributes:
+        rate_rps: mean arrivals per second (> 0).
+        duration_s: arrivals fall in [0, duration_s) seconds (> 0).
+        phases: ((start_s, workload names), ...) with start_s strictly increasing from 0: a request
+            arriving at t draws its prompt uniformly from the sets of the last phase started by t.
+        seed: seeds arrivals and prompt choice.
+        max_tokens_cap: upper bound on each request's max_tokens (None: the workload's value).
+    """
+
+    rate_rps: float
+    duration_s: float
+    phases: tuple[tuple[float, tuple[str, ...]], ...] = ((0.0, ("sharegpt_like",)),)
+    seed: int = 0
+    max_tokens_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.rate_rps) and self.rate_rps > 0):
+            raise ValueError(f"rate_rps must be finite and > 0, got {self.rate_rps!r}")
+        if not (np.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration_s must be finite and > 0, got {self.duration_s!r}")
+        starts = [start for start, _ in self.phases]
+        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"phases must start at 0 with strictly increasing start times, got {starts}")
+        if any(not names for _, names in self.phases):
+            raise ValueError(f"every phase needs at least one workload, got {self.phases}")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap must be >= 1 or None, got {self.max_tokens_cap!r}")
+
+    @property
+    def workloads(self) -> tuple[str, ...]:
+        """Every workload name the phases use, in first-use order."""
+        return tuple(dict.fromkeys(name for _, names in self.phases for name in names))
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a trace: when it is sent (seconds after the trace starts), which prompt, how long."""
+
+    index: int
+    arrival_s: float
+    prompt: Prompt
+    max_tokens: int
+
+
+def make_trace(config: TraceConfig, prompts: dict[str, list[Prompt]]) -> list[RequestSpec]:
+    """The requests of `config`, in arrival order; `prompts` must hold every set the phases name."""
+    if missing := [name for name in config.workloads if not prompts.get(name)]:
+        raise ValueError(f"no prompts for workload(s) {missing}")
+    arrivals_rng, choices_rng = (np.random.default_rng([config.seed, stream]) for stream in (_ARRIVALS, _CHOICES))
+    expected = config.rate_rps * config.duration_s
+    unit = np.cumsum(arrivals_rng.exponential(1.0, int(expected + 10 * np.sqrt(expected) + 20)))
+    arrivals = unit[unit < expected] / config.rate_rps
+    starts = np.array([start for start, _ in config.phases])
+    trace = []
+    for index, arrival in enumerate(arrivals):
+        names = config.phases[int(np.searchsorted(starts, arrival, side="right")) - 1][1]
+        pool = [p for name in names for p in prompts[name]]
+        prompt = pool[int(choices_rng.integers(len(pool)))]
+        max_tokens = min(prompt.max_tokens, config.max_tokens_cap or prompt.max_tokens)
+        trace.append(RequestSpec(index, float(arrival), prompt, max_tokens))
+    return trace
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What one request measured; times in seconds, `sent_s` after the trace started.
+
+    `ttft_s`: first non-empty content chunk; `e2e_s`: end of the stream; `output_tokens`: from the usage
+    chunk (0 without one). `error` names the failure (None when the request completed).
+    """
+
+    index: int
+    workload: str
+    sent_s: float
+    ttft_s: float | None
+    e2e_s: float | None
+    prompt_tokens: int
+    output_tokens: int
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(E2E - TTFT) / (output tokens - 1); None for a failed request or one with a single token."""
+        if self.error is not None or self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How the trace is sent.
+
+    Attributes:
+        base_url: the service root, e.g. "http://127.0.0.1:8000" (the OpenAI API is under /v1).
+        model: served model name.
+        request_timeout_s: a request still running this long after it was sent fails ("timeout").
+        drain_s: after the last arrival, requests still running this much later are cancelled
+            ("cutoff"); bounds a run that overloads the service.
+        ignore_eos: vLLM's extension: generate exactly max_tokens tokens (the trace fixes the load).
+        temperature: 0 is greedy (same tokens, hence the same routing, under every placement).
+        admin_token: bearer token for /admin/stats polling (None: no polling).
+        poll_interval_s: seconds between /admin/stats polls.
+    """
+
+    base_url: str
+    model: str
+    request_timeout_s: float = 300.0
+    drain_s: float = 120.0
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    admin_token: str | None = None
+    poll_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("request_timeout_s", "drain_s", "poll_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ClientConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.temperature < 0:
+            raise ValueError(f"ClientConfig.temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass
+class RunRecord:
+    """One trace sent: per-request results, admin polls and the server's step-time counters.
+
+    Attributes:
+        started_wall: time.time() when the trace started (maps admin `started_at` stamps to run time).
+        duration_s: from the trace's start until the last request ended or was cut off.
+        results: one per request, in index order.
+        polls: {"t": seconds after start, "version", "imbalance_per_layer", "devices"} per /admin/stats poll.
+        recalibrations: every recalibration record seen by the polls (deduplicated), as the admin API gives them.
+        step_seconds: {"sum", "count"} of the engine step-time histogram over the run (from /metrics).
+    """
+
+    started_wall: float
+    duration_s: float = 0.0
+    results: list[RequestResult] = field(default_factory=list)
+    polls: list[dict] = field(default_factory=list)
+    recalibrations: list[dict] = field(default_factory=list)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+
+async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str = "requests",
+                    progress: bool = True) -> RunRecord:
+    """Send every request of `trace` at its arrival time, wait for all (or the cutoff), return the record."""
+    if not trace:
+        raise ValueError("the trace has no requests (raise the rate or the duration)")
+    client = openai.AsyncOpenAI(base_url=f"{config.base_url}/v1", api_key="unused", max_retries=0,
+                                timeout=config.request_timeout_s)
+    async with httpx.AsyncClient(base_url=config.base_url, timeout=30) as http:
+        await warm_up(client, config, trace[0])
+        steps_before = await scrape_step_seconds(http)
+        record = RunRecord(started_wall=time.time())
+        start = time.monotonic()
+        bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False)
+        poller = asyncio.create_task(_poll_admin(http, config, record, start))
+        tasks = [asyncio.create_task(_send_at(client, config, spec, start, bar)) for spec in trace]
+        done, pending = await asyncio.wait(tasks, timeout=trace[-1].arrival_s + config.drain_s)
+        for task in pending:
+            task.cancel()
+        results = [t.result() if t in done else None for t in tasks]
+        record.duration_s = time.monotonic() - start
+        record.results = [r if r is not None else _cut_off(spec) for r, spec in zip(results, trace)]
+        bar.close()
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        await _poll_once(http, config, record, start)
+        steps_after = await scrape_step_seconds(http)
+        record.step_seconds = {k: steps_after[k] - steps_before[k] for k in steps_after}
+    await client.close()
+    return record
+
+
+async def warm_up(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec) -> None:
+    """One untimed 2-token request: the client's first stream pays one-off costs (a connection, building
+    its response types) that would otherwise land on the first measured request's TTFT."""
+    await send_request(client, config, replace(spec, max_tokens=2), time.monotonic())
+
+
+def _cut_off(spec: RequestSpec) -> RequestResult:
+    return RequestResult(spec.index, spec.prompt.workload, spec.arrival_s, None, None, 0, 0, "cutoff")
+
+
+async def _send_at(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec, start: float,
+                   bar: tqdm) -> RequestResult:
+    await asyncio.sleep(max(0.0, start + spec.arrival_s - time.monotonic()))
+    result = await send_request(client, config, spec, start)
+    bar.update(1)
+    return result
+
+
+async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec,
+                       start: float) -> RequestResult:
+    """One streamed chat completion, timed from now; failures are recorded, never raised."""
+    sent = time.monotonic()
+    first = None
+    usage = None
+    try:
+        stream = await client.chat.completions.create(
+            model=config.model, messages=list(spec.prompt.messages), max_tokens=spec.max_tokens,
+            temperature=config.temperature, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": config.ignore_eos})
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.monotonic()
+            usage = chunk.usage or usage
+    except (openai.APIError, httpx.HTTPError) as exc:
+        return RequestResult(spec.index, spec.prompt.workload, sent - start, None, None, 0, 0, _describe(exc))
+    end = time.monotonic()
+    error = None if usage is not None and first is not None else "incomplete stream (no content or no usage)"
+    return RequestResult(spec.index, spec.prompt.workload, sent - start,
+                         None if first is None else first - sent, end - sent,
+                         usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, error)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return "timeout"
+    status = getattr(exc, "status_code", None)
+    return f"{type(exc).__name__}" + (f" {status}" if status else "") + f": {str(exc)[:160]}"
+
+
+# --- server-side observations ------------------------------------------------------------------------
+
+_STEP_SUM = re.compile(r"^vibe_engine_step_seconds_sum\s+(\S+)$", re.MULTILINE)
+_STEP_COUNT = re.compile(r"^vibe_engine_step_seconds_count\s+(\S+)$", re.MULTILINE)
+
+
+async def scrape_step_seconds(http: httpx.AsyncClient) -> dict[str, float]:
+    """{"sum": seconds, "count": steps} of the engine's step-time histogram, from /metrics (zeros if absent)."""
+    text = (await http.get("/metrics")).text
+    found = [pattern.search(text) for pattern in (_STEP_SUM, _STEP_COUNT)]
+    return {key: float(m.group(1)) if m else 0.0 for key, m in zip(("sum", "count"), found)}
+
+
+async def fetch_admin(http: httpx.AsyncClient, token: str, path: str) -> dict:
+    """GET an admin route as JSON; raises httpx.HTTPStatusError on a non-2xx answer."""
+    response = await http.get(path, headers={"Authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    return response.json()
+
+
+async def _poll_admin(http: httpx.AsyncClient, config: ClientConfig, record: RunRecord, start: float) -> None:
+    while config.admin_token is not None:
+        await _poll_once(http, config, record, start)
+        await asyncio.sleep(config.poll_interval_s)
+
+
+async def _poll_once(http: httpx.AsyncClient, config: ClientConfig, record: RunRecord, start: float) -> None:
+    if config.admin_token is None:
+        return
+    try:
+        stats = await fetch_admin(http, config.admin_token, "/admin/stats")
+    except httpx.HTTPError:  # a slow answer under load costs one sample, not the run
+        return
+    record.polls.append({"t": time.monotonic() - start, "version": stats["placement_version"],
+                         "imbalance_per_layer": stats["imbalance_per_layer"],
+                         "devices": [d["observed_over_predicted"] for d in stats["devices"]]})
+    seen = {(r["started_at"], r["reason"]) for r in record.recalibrations}
+    record.recalibrations += [{k: v for k, v in r.items() if k != "moves"} for r in stats["recalibrations"]
+                              if (r["started_at"], r["reason"]) not in seen]

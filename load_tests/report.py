@@ -1,0 +1,258 @@
+"""The benchmark report: headline numbers from `compare.json` (and drift and scale results), `report.md`.
+
+Owns what the headline means: per policy, the SLO frontier of its sweep; P50/P90/P99 TTFT and TPOT,
+mean predicted imbalance and barrier idle time (1 - mean / max device time per layer) at eplb's frontier
+rate, all policies measured at that same rate with the same trace; the targets checked against them;
+the step-time breakdown; and the one summary line per policy that `make bench` prints last. Ignores
+running anything (see `compare`, `drift`, `scale`); plots are drawn by `plots`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from load_tests.slo import SLO
+
+TARGETS = {"frontier_vs_eplb": 1.15, "frontier_vs_contiguous": 1.3, "p90_ttft_at_eplb_frontier": 0.6}
+
+
+def balance(polls: list[dict]) -> dict[str, float | None]:
+    """Mean over polls and layers of the predicted per-layer imbalance (max / mean device time) and of
+    the barrier idle share 1 - mean / max; None without polls that have loads."""
+    rows = [p["imbalance_per_layer"] for p in polls if p.get("imbalance_per_layer")]
+    if not rows:
+        return {"mean_imbalance": None, "barrier_idle": None}
+    imbalance = np.asarray(rows, dtype=np.float64)
+    return {"mean_imbalance": float(imbalance.mean()), "barrier_idle": float((1.0 - 1.0 / imbalance).mean())}
+
+
+def step_breakdown(run: dict) -> dict[str, float | None]:
+    """Mean engine step time (from /metrics) and the MoE layers' predicted critical path per pass
+    (sum over layers of the slowest device's predicted time on the window loads), in ms."""
+    steps = run.get("step_seconds") or {}
+    count = steps.get("count", 0)
+    step_ms = 1e3 * steps["sum"] / count if count else None
+    moe_ms = 1e3 * run["placement"]["moe_critical_path_s"] if run.get("placement") else None
+    rest = None if step_ms is None or moe_ms is None else step_ms - moe_ms
+    return {"steps": count, "step_ms": step_ms, "moe_predicted_ms": moe_ms, "rest_ms": rest}
+
+
+def headline(result: dict) -> dict[str, dict]:
+    """Per policy: frontier, latency percentiles, balance and step breakdown at eplb's frontier rate."""
+    rows = {}
+    for policy, entry in result["policies"].items():
+        point = entry.get("at_eplb_frontier")
+        summary = point["summary"] if point else {}
+        rows[policy] = {
+            "frontier_rps": entry["frontier"]["rate_rps"], "frontier_kind": entry["frontier"]["kind"],
+            "rate_rps": point["rate_rps"] if point else None,
+            **{f"{m}_{q}_ms": summary.get(f"{m}_{q}_ms") for m in ("ttft", "tpot") for q in ("p50", "p90", "p99")},
+            "attainment": summary.get("attainment"), "goodput_rps": summary.get("goodput_rps"),
+            "failed": summary.get("failed"),
+            **balance(point["polls"] if point else []),
+            **step_breakdown(point or {}),
+        }
+    return rows
+
+
+def targets(rows: dict[str, dict]) -> list[dict]:
+    """The issue's targets, measured: each with its value, threshold and whether it was met."""
+    checks = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    if {"vibe", "eplb"} <= rows.keys():
+        checks.append({"what": "vibe frontier / eplb frontier", "value": ratio(rows["vibe"]["frontier_rps"],
+                       rows["eplb"]["frontier_rps"]), "want": f">= {TARGETS['frontier_vs_eplb']}"})
+        checks.append({"what": "vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate",
+                       "value": ratio(rows["vibe"]["ttft_p90_ms"], rows["eplb"]["ttft_p90_ms"]),
+                       "want": f"<= {TARGETS['p90_ttft_at_eplb_frontier']}"})
+    if {"vibe", "contiguous"} <= rows.keys():
+        checks.append({"what": "vibe frontier / contiguous frontier", "value": ratio(
+            rows["vibe"]["frontier_rps"], rows["contiguous"]["frontier_rps"]),
+            "want": f">= {TARGETS['frontier_vs_contiguous']}"})
+    for check in checks:
+        op, threshold = check["want"].split()
+        value = check["value"]
+        check["met"] = value is not None and (value >= float(threshold) if op == ">=" else value <= float(threshold))
+    return checks
+
+
+def summary_lines(rows: dict[str, dict]) -> list[str]:
+    """`policy=<name> slo_frontier_rps=<x> p90_ttft_ms=<x> p90_tpot_ms=<x> mean_imbalance=<x>` per policy."""
+    return [f"policy={p} slo_frontier_rps={_num(r['frontier_rps'], 3)} p90_ttft_ms={_num(r['ttft_p90_ms'], 1)} "
+            f"p90_tpot_ms={_num(r['tpot_p90_ms'], 2)} mean_imbalance={_num(r['mean_imbalance'], 4)}"
+            for p, r in rows.items()]
+
+
+def write(out: Path, result: dict, drift: dict | None = None, scale: dict | None = None) -> list[str]:
+    """Draw the plots, write `<out>/report.md`; returns the summary lines."""
+    from load_tests import plots
+
+    rows = headline(result)
+    slo = SLO(**{k: result["slo"][k] for k in ("ttft_s", "tpot_s", "target")})
+    plots.slo_frontier(result, rows, out / "slo_frontier.png")
+    plots.latency(result, rows, slo, out / "latency.png")
+    plots.balance(result, rows, out / "balance.png")
+    sections = [_header(result, slo), _headline_table(rows), _targets(rows), _sweep(result),
+                _breakdown(rows), _knobs(result)]
+    if drift is not None:
+        sections.append(_drift(drift))
+    if scale is not None:
+        sections.append(_scale(scale))
+    (out / "report.md").write_text("\n\n".join(sections) + "\n")
+    return summary_lines(rows)
+
+
+# --- sections ----------------------------------------------------------------------------------------
+
+def _header(result: dict, slo: SLO) -> str:
+    cfg = result["config"]
+    command = "make bench  # = " + shlex.join([Path(sys.executable).name, "-m", "load_tests.compare",
+                                                  *result.get("argv", ["--out", "bench"])])
+    first = next(iter(result["policies"].values()))
+    args = first["app_args"]
+    unloaded = result["slo"]
+    return "\n".join([
+        "# vibe-serve: side-by-side benchmark (contiguous vs eplb vs vibe)",
+        "",
+        f"Reproduce: `{command}` (from the repository root; about {result.get('runtime_s', 0) / 60:.0f} min "
+        f"on this machine). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
+        f"load average {_loads(result['machine'])}; the machine was shared, so compare within this run only.",
+        "",
+        f"Emulated cluster (deploy/config.yaml): {args['num_devices']} devices, speeds {args['speeds']}, "
+        f"emulation {args['emulation']}. Model: {args.get('model', 'deploy/models/vibe-tiny-moe')}.",
+        f"Trace: Poisson arrivals, workloads {list(cfg['workloads'])}, seed {cfg['seed']}, "
+        f"{cfg['duration_s']:g} s of arrivals per rate, rates {list(cfg['rates'])} req/s, `ignore_eos` and "
+        f"temperature 0 (every policy serves the same tokens). Warm-up {cfg['warmup_s']:g} s at "
+        f"{cfg['warmup_rate']:g} req/s before measuring.",
+        f"SLOs: TTFT <= {slo.ttft_s * 1e3:.1f} ms ({cfg['ttft_factor']:g} x the unloaded median), TPOT <= "
+        f"{slo.tpot_s * 1e3:.1f} ms ({cfg['tpot_factor']:g} x the unloaded median); unloaded = "
+        f"{cfg['unloaded_requests']} requests sent one at a time (max_tokens <= {cfg['unloaded_max_tokens']}) "
+        f"to the {unloaded['set_by']} app before any load. SLO frontier: highest rate with >= "
+        f"{slo.target:.0%} of requests within both SLOs, interpolated linearly between the last swept rate "
+        "that meets it and the first that does not (scanning upwards; failed and cut-off requests count as "
+        f"misses). A policy stops sweeping after a rate below {cfg['stop_below']:.0%} attainment.",
+    ])
+
+
+def _headline_table(rows: dict[str, dict]) -> str:
+    rate = next((r["rate_rps"] for r in rows.values() if r["rate_rps"] is not None), None)
+    lines = [f"## Headline (latency, balance and step time at eplb's frontier rate, {_num(rate, 3)} req/s)", "",
+             "| policy | SLO frontier (req/s) | TTFT p50/p90/p99 (ms) | TPOT p50/p90/p99 (ms) | attainment | "
+             "mean imbalance | barrier idle | failed |", "|---|---|---|---|---|---|---|---|"]
+    for policy, r in rows.items():
+        ttft = "/".join(_num(r[f"ttft_{q}_ms"], 1) for q in ("p50", "p90", "p99"))
+        tpot = "/".join(_num(r[f"tpot_{q}_ms"], 2) for q in ("p50", "p90", "p99"))
+        lines.append(f"| {policy} | {_num(r['frontier_rps'], 3)} ({r['frontier_kind']}) | {ttft} | {tpot} | "
+                     f"{_num(r['attainment'], 3)} | {_num(r['mean_imbalance'], 4)} | "
+                     f"{_pct(r['barrier_idle'])} | {_num(r['failed'], 0)} |")
+    lines += ["", "Imbalance and barrier idle: predicted by the coordinator (its online-refined device models on "
+              "the window-mean router loads of /admin/stats), mean over layers and polls during the run."]
+    return "\n".join(lines)
+
+
+def _targets(rows: dict[str, dict]) -> str:
+    lines = ["## Targets (measured side by side in this run)", "", "| check | measured | target | met |",
+             "|---|---|---|---|"]
+    for check in targets(rows):
+        lines.append(f"| {check['what']} | {_num(check['value'], 3)} | {check['want']} | "
+                     f"{'yes' if check['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def _sweep(result: dict) -> str:
+    lines = ["## Rate sweep", "", "| policy | rate (req/s) | requests | attainment | goodput (req/s) | "
+             "output tok/s | TTFT p90 (ms) | TPOT p90 (ms) | E2E p90 (ms) | failed | placement version |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for policy, entry in result["policies"].items():
+        runs = entry["runs"] + ([entry["at_eplb_frontier"]] if entry.get("at_eplb_frontier") else [])
+        for run in runs:
+            s = run["summary"]
+            mark = " (eplb frontier)" if run["kind"] == "eplb_frontier" else ""
+            lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f} | "
+                         f"{s['goodput_rps']:.3f} | {s['output_tokens_per_s']:.0f} | {_num(s['ttft_p90_ms'], 1)} | "
+                         f"{_num(s['tpot_p90_ms'], 2)} | {_num(s['e2e_p90_ms'], 0)} | {s['failed']} | "
+                         f"{run['placement']['version']} |")
+    return "\n".join(lines)
+
+
+def _breakdown(rows: dict[str, dict]) -> str:
+    lines = ["## Where the step time goes (at eplb's frontier rate)", "",
+             "| policy | engine steps | mean step (ms) | MoE critical path, predicted (ms/pass) | rest (ms) |",
+             "|---|---|---|---|---|"]
+    for policy, r in rows.items():
+        lines.append(f"| {policy} | {_num(r['steps'], 0)} | {_num(r['step_ms'], 2)} | "
+                     f"{_num(r['moe_predicted_ms'], 2)} | {_num(r['rest_ms'], 2)} |")
+    lines += ["", "Mean step: the engine's step-time histogram on /metrics over the run. MoE critical path: "
+              "sum over MoE layers of the slowest device's predicted time for the window-mean loads of one "
+              "forward pass (/admin/placement), i.e. what placement can change. Rest: dense compute, "
+              "dispatch, scheduling and sampling on the shared CPUs."]
+    return "\n".join(lines)
+
+
+def _knobs(result: dict) -> str:
+    lines = ["## Service knobs per policy (build_app arguments)", ""]
+    keys = ("policy", "num_redundant", "slot_budget", "auto_recalibrate", "max_num_seqs", "max_num_batched_tokens")
+    lines += ["| " + " | ".join(keys) + " | startup (s) |", "|" + "---|" * (len(keys) + 1)]
+    for entry in result["policies"].values():
+        args = entry["app_args"]
+        lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + f" | {entry['startup_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _drift(drift: dict) -> str:
+    from load_tests.drift import verdicts
+
+    cfg = drift["config"]
+    lines = ["## Drift scenarios (policy vibe, static vs adaptive, same trace)", "",
+             f"Rate {cfg['rate_rps']:g} req/s, {cfg['duration_s']:g} s of arrivals; the drift starts "
+             f"{cfg['switch_s']:g} s in. Workload: prose (sharegpt_like, sonnet_like) -> code. Device: device "
+             f"{cfg['throttled_device']} throttles to {cfg['throttle_to']:g}x (emulation.drift). Numbers after "
+             "the drift (requests sent from the switch on); plot: drift.png.", "",
+             "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
+             "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations | adaptive wins |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for scenario, v in verdicts(drift).items():
+        lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
+                     f"{_num(v['static_ttft_p90_ms'], 1)} | {_num(v['adaptive_ttft_p90_ms'], 1)} | "
+                     f"{_num(v['static_tpot_p90_ms'], 2)} | {_num(v['adaptive_tpot_p90_ms'], 2)} | "
+                     f"{v['recalibrations_adaptive']} | {'yes' if v['adaptive_wins'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def _scale(scale: dict) -> str:
+    lines = ["## Scale study (placement simulator, DeepSeek-V3 trace, 256 experts)", "",
+             "sum_l makespan / proven lower bound (1.0 = optimal); gain = 1 - T / T(eplb, no redundant "
+             "experts). Plot: scale.png.", "",
+             "| profile | tokens/expert | G | eplb even | vibe even | eplb redundant | vibe redundant | "
+             "vibe uneven | vibe redundant+uneven | vibe redundant+uneven gain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    cases = dict.fromkeys((r["profile"], r["tokens_per_expert"], r["num_devices"]) for r in scale["rows"])
+    for profile, tokens, g in cases:
+        pick = {(r["policy"], r["variant"]): r for r in scale["rows"]
+                if (r["profile"], r["tokens_per_expert"], r["num_devices"]) == (profile, tokens, g)}
+        cells = [_num(pick[k]["bound_ratio"], 3) if k in pick else "-" for k in (
+            ("eplb", "even"), ("vibe", "even"), ("eplb", "redundant"), ("vibe", "redundant"), ("vibe", "uneven"),
+            ("vibe", "redundant_uneven"))]
+        gain = pick.get(("vibe", "redundant_uneven"), {}).get("gain_vs_eplb_even")
+        lines.append(f"| {profile} | {tokens:g} | {g} | " + " | ".join(cells) + f" | {_pct(gain)} |")
+    return "\n".join(lines)
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _loads(machine: dict) -> str:
+    start, end = machine.get("loadavg_start"), machine.get("loadavg_end")
+    fmt = lambda la: "/".join(f"{x:.1f}" for x in la) if la else "?"  # noqa: E731
+    return f"{fmt(start)} at the start, {fmt(end)} at the end"

@@ -1,0 +1,136 @@
+"""SLOs and the numbers a load test reports: percentiles, SLO attainment, goodput and the SLO frontier.
+
+Owns the definitions of DESIGN.md §4 as pure functions over `RequestResult`s: a request meets the SLO
+when it completed, its TTFT is within the TTFT SLO and its TPOT within the TPOT SLO (a one-token output
+has no TPOT and is judged on TTFT alone); failed and cut-off requests never meet it. Ignores HTTP,
+plotting and how requests were sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from load_tests.generator import RequestResult
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Per-request latency objectives (seconds) and the attainment the frontier asks for.
+
+    Attributes:
+        ttft_s: time to first token at most this.
+        tpot_s: time per output token after the first at most this.
+        target: share of requests that must meet both, for a rate to be within the frontier (0, 1].
+    """
+
+    ttft_s: float
+    tpot_s: float
+    target: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"SLO.{name} must be finite and > 0, got {value!r}")
+        if not 0 < self.target <= 1:
+            raise ValueError(f"SLO.target must be in (0, 1], got {self.target!r}")
+
+    @classmethod
+    def from_unloaded(cls, results: Sequence[RequestResult], ttft_factor: float, tpot_factor: float,
+                      target: float = 0.9) -> SLO:
+        """SLOs as multiples of the median TTFT and TPOT of requests sent one at a time to an idle service."""
+        if ttft_factor <= 0 or tpot_factor <= 0:
+            raise ValueError(f"SLO factors must be > 0, got {ttft_factor!r} and {tpot_factor!r}")
+        ttft = [r.ttft_s for r in results if r.error is None and r.ttft_s is not None]
+        tpot = [r.tpot_s for r in results if r.tpot_s is not None]
+        if not ttft or not tpot:
+            raise ValueError(f"need completed unloaded requests with >= 2 tokens, got {len(results)} results "
+                             f"({len(ttft)} with TTFT, {len(tpot)} with TPOT)")
+        return cls(ttft_factor * float(np.median(ttft)), tpot_factor * float(np.median(tpot)), target)
+
+
+def meets(result: RequestResult, slo: SLO) -> bool:
+    """Whether one request completed within both SLOs."""
+    if result.error is not None or result.ttft_s is None or result.ttft_s > slo.ttft_s:
+        return False
+    tpot = result.tpot_s
+    return tpot is None or tpot <= slo.tpot_s
+
+
+def attainment(results: Sequence[RequestResult], slo: SLO) -> float:
+    """Share of all requests (failures included) that meet the SLO; ValueError for no requests."""
+    if not results:
+        raise ValueError("attainment of an empty run is undefined")
+    return sum(meets(r, slo) for r in results) / len(results)
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = PERCENTILES) -> dict[str, float | None]:
+    """{"p50": ..., ...} of `values` (None for each when there are none)."""
+    array = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    return {f"p{q:g}": float(np.percentile(array, q)) if array.size else None for q in qs}
+
+
+def summarize(results: Sequence[RequestResult], slo: SLO, duration_s: float) -> dict:
+    """A run's numbers: counts, attainment, goodput (SLO-meeting requests per second of run), throughput
+    (output tokens per second) and TTFT / TPOT / E2E percentiles in ms (completed requests only)."""
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    done = [r for r in results if r.error is None]
+    met = sum(meets(r, slo) for r in results)
+    summary = {
+        "requests": len(results), "completed": len(done), "failed": len(results) - len(done),
+        "attainment": attainment(results, slo), "goodput_rps": met / duration_s,
+        "output_tokens_per_s": sum(r.output_tokens for r in done) / duration_s,
+    }
+    for name, values in (("ttft", [r.ttft_s for r in done]), ("tpot", [r.tpot_s for r in done]),
+                         ("e2e", [r.e2e_s for r in done])):
+        for key, value in percentiles(values).items():
+            summary[f"{name}_{key}_ms"] = None if value is None else 1e3 * value
+    return summary
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """The highest request rate with at least `target` attainment.
+
+    kind: "interpolated" (linear between the last swept rate at or above the target and the first one
+    below it, scanning rates upwards), "at_least" (every swept rate met it: the value is the highest rate
+    swept), or "below_sweep" (the lowest rate already missed it: interpolated between rate 0, taken as
+    full attainment, and the lowest rate).
+    """
+
+    rate_rps: float
+    kind: str
+
+
+def frontier(rates: Sequence[float], attainments: Sequence[float], target: float = 0.9) -> Frontier:
+    """SLO frontier of a rate sweep (any order). The first crossing counts: a rate below the target is not
+    redeemed by a higher rate that meets it again (noise), so the result is conservative."""
+    if len(rates) != len(attainments) or not rates:
+        raise ValueError(f"need as many attainments as rates (>= 1), got {len(rates)} and {len(attainments)}")
+    order = np.argsort(rates)
+    r = np.asarray(rates, dtype=np.float64)[order]
+    a = np.asarray(attainments, dtype=np.float64)[order]
+    below = np.flatnonzero(a < target)
+    if below.size == 0:
+        return Frontier(float(r[-1]), "at_least")
+    i = int(below[0])
+    lo_rate, lo_att = (0.0, 1.0) if i == 0 else (float(r[i - 1]), float(a[i - 1]))
+    share = (lo_att - target) / (lo_att - a[i]) if lo_att > a[i] else 0.0
+    return Frontier(lo_rate + share * (float(r[i]) - lo_rate), "below_sweep" if i == 0 else "interpolated")
+
+
+def interpolate_at(rates: Sequence[float], values: Sequence[float | None], rate: float) -> float | None:
+    """`values` (e.g. P90 TTFT per swept rate) linearly interpolated at `rate`; None outside the sweep or
+    where a bracketing value is None."""
+    points = sorted((float(x), y) for x, y in zip(rates, values))
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= rate <= x1 and y0 is not None and y1 is not None:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (rate - x0) / (x1 - x0)
+    exact = [y for x, y in points if x == rate]
+    return exact[0] if exact else None

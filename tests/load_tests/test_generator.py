@@ -1,0 +1,185 @@
+"""Trace generation, and sending traces with the `openai` client to a scripted fake and to the real app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from load_tests.generator import ClientConfig, RequestSpec, TraceConfig, make_trace, run_trace
+from load_tests.workloads import Prompt
+
+
+def _prompts(name: str, count: int, max_tokens: int = 8) -> list[Prompt]:
+    return [Prompt(name, i, ({"role": "user", "content": f"{name} {i}"},), max_tokens) for i in range(count)]
+
+
+PROMPTS = {"prose": _prompts("prose", 20, 50), "code": _prompts("code", 10, 300)}
+
+
+def test_trace_is_seeded_and_poisson():
+    config = TraceConfig(rate_rps=4.0, duration_s=500.0, phases=((0.0, ("prose",)),), seed=3)
+    trace = make_trace(config, PROMPTS)
+    again = make_trace(config, PROMPTS)
+    assert [(r.arrival_s, r.prompt.index) for r in trace] == [(r.arrival_s, r.prompt.index) for r in again]
+    gaps = np.diff([0.0] + [r.arrival_s for r in trace])
+    assert abs(len(trace) - 2000) < 4 * np.sqrt(2000)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.1) and gaps.std() == pytest.approx(0.25, rel=0.1)
+    assert all(0 <= r.arrival_s < 500 for r in trace) and [r.index for r in trace] == list(range(len(trace)))
+    other = make_trace(TraceConfig(4.0, 500.0, ((0.0, ("prose",)),), seed=4), PROMPTS)
+    assert [r.arrival_s for r in other[:5]] != [r.arrival_s for r in trace[:5]]
+
+
+def test_same_seed_gives_the_same_prompts_at_every_rate():
+    slow = make_trace(TraceConfig(1.0, 200.0, ((0.0, ("prose",)),), seed=0), PROMPTS)
+    fast = make_trace(TraceConfig(2.0, 100.0, ((0.0, ("prose",)),), seed=0), PROMPTS)
+    assert [r.prompt.index for r in slow] == [r.prompt.index for r in fast]
+    np.testing.assert_allclose([r.arrival_s for r in slow], [2 * r.arrival_s for r in fast])
+
+
+def test_phases_switch_the_prompt_sets_and_cap_max_tokens():
+    config = TraceConfig(5.0, 60.0, ((0.0, ("prose",)), (30.0, ("code",))), seed=1, max_tokens_cap=100)
+    trace = make_trace(config, PROMPTS)
+    assert {r.prompt.workload for r in trace if r.arrival_s < 30} == {"prose"}
+    assert {r.prompt.workload for r in trace if r.arrival_s >= 30} == {"code"}
+    assert {r.max_tokens for r in trace} == {50, 100}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rate_rps": 0, "duration_s": 1}, "rate_rps"),
+    ({"rate_rps": 1, "duration_s": float("inf")}, "duration_s"),
+    ({"rate_rps": 1, "duration_s": 1, "phases": ((5.0, ("prose",)),)}, "phases"),
+    ({"rate_rps": 1, "duration_s": 1, "phases": ((0.0, ("a",)), (0.0, ("b",)))}, "phases"),
+    ({"rate_rps": 1, "duration_s": 1, "phases": ((0.0, ()),)}, "workload"),
+    ({"rate_rps": 1, "duration_s": 1, "max_tokens_cap": 0}, "max_tokens_cap"),
+])
+def test_trace_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TraceConfig(**kwargs)
+
+
+def test_trace_needs_the_named_prompts():
+    with pytest.raises(ValueError, match="missing"):
+        make_trace(TraceConfig(1.0, 10.0, ((0.0, ("missing",)),)), PROMPTS)
+
+
+# --- a scripted OpenAI-compatible server -----------------------------------------------------------
+
+FIRST_TOKEN_S, GAP_S = 0.15, 0.02
+
+
+def _fake_app() -> FastAPI:
+    """Streams `max_tokens` one-token chunks: role chunk at once, first content after FIRST_TOKEN_S, then one
+    per GAP_S, then usage. Model "missing" is a 404; a prompt "hang" never sends content."""
+    app = FastAPI()
+    app.state.polls = 0
+
+    def chunk(delta: dict | None, usage: dict | None = None) -> str:
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": None}],
+                "usage": usage}
+        return f"data: {json.dumps(body)}\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        if body["model"] != "fake":
+            return JSONResponse({"error": {"message": "no such model", "type": "not_found_error"}}, status_code=404)
+        assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            if body["messages"][-1]["content"] == "hang":
+                await asyncio.sleep(60)
+            await asyncio.sleep(FIRST_TOKEN_S)
+            for i in range(body["max_tokens"]):
+                if i:
+                    await asyncio.sleep(GAP_S)
+                yield chunk({"content": "x"})
+            yield chunk(None, {"prompt_tokens": 7, "completion_tokens": body["max_tokens"], "total_tokens": 0})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/metrics")
+    async def metrics():
+        app.state.polls += 1
+        return PlainTextResponse(f"vibe_engine_step_seconds_sum {0.5 * app.state.polls}\n"
+                                 f"vibe_engine_step_seconds_count {10 * app.state.polls}\n")
+
+    @app.get("/admin/stats")
+    async def stats(request: Request):
+        assert request.headers["authorization"] == "Bearer secret"
+        return {"placement_version": 3, "imbalance_per_layer": [1.1, 1.2], "devices": [{"observed_over_predicted": 1.0}],
+                "recalibrations": [{"started_at": 5.0, "reason": "drift", "status": "applied", "moves": [1, 2]}]}
+
+    return app
+
+
+@contextlib.contextmanager
+def _serve(app):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def fake_url():
+    with _serve(_fake_app()) as url:
+        yield url
+
+
+def _spec(index: int, arrival: float, content: str, max_tokens: int) -> RequestSpec:
+    return RequestSpec(index, arrival, Prompt("w", index, ({"role": "user", "content": content},), max_tokens),
+                       max_tokens)
+
+
+def test_run_trace_times_first_content_tpot_usage_and_failures(fake_url):
+    trace = [_spec(0, 0.0, "a", 6), _spec(1, 0.3, "b", 1), _spec(2, 0.35, "hang", 3)]
+    config = ClientConfig(base_url=fake_url, model="fake", drain_s=1.0, admin_token="secret", poll_interval_s=0.2)
+    record = asyncio.run(run_trace(config, trace, progress=False))
+    first, single, hung = record.results
+    assert first.error is None and first.output_tokens == 6 and first.prompt_tokens == 7
+    assert FIRST_TOKEN_S <= first.ttft_s < FIRST_TOKEN_S + 0.1  # the empty role chunk does not count
+    assert GAP_S <= first.tpot_s < GAP_S + 0.03
+    assert single.error is None and single.tpot_s is None and single.sent_s >= 0.3
+    assert hung.error == "cutoff" and hung.ttft_s is None
+    assert 1.3 <= record.duration_s < 2.5  # last arrival 0.35 s + 1 s of drain
+    assert record.step_seconds == {"sum": 0.5, "count": 10.0}
+    assert len(record.polls) >= 3 and record.polls[0]["imbalance_per_layer"] == [1.1, 1.2]
+    assert record.recalibrations == [{"started_at": 5.0, "reason": "drift", "status": "applied"}]
+
+
+def test_http_errors_are_recorded_not_raised(fake_url):
+    record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="other"), [_spec(0, 0.0, "a", 2)],
+                                   progress=False))
+    (result,) = record.results
+    assert result.error.startswith("NotFoundError 404") and result.output_tokens == 0
+    assert record.polls == []
+    with pytest.raises(ValueError, match="no requests"):
+        asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), [], progress=False))
+
+
+def test_client_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="drain_s"):
+        ClientConfig(base_url="http://x", model="m", drain_s=0)

@@ -1,0 +1,102 @@
+"""The headline numbers, targets, summary lines and report files, from a hand-made side-by-side result."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+
+import pytest
+
+from load_tests import report
+from load_tests.compare import record_json, results_from_json
+from load_tests.generator import RequestResult, RunRecord
+from load_tests.slo import SLO, frontier, summarize
+
+SLO_1 = SLO(ttft_s=0.1, tpot_s=0.01)
+
+
+def _run(rate: float, ttft: float, kind: str = "sweep", imbalance: float = 1.2) -> dict:
+    """Ten requests at `rate`: TTFT `ttft`, TPOT 5 ms, one timeout; polls with a constant imbalance."""
+    results = [RequestResult(i, "w", i / rate, ttft, ttft + 0.045, 12, 10) for i in range(9)]
+    results.append(RequestResult(9, "w", 9 / rate, None, None, 0, 0, "timeout"))
+    record = RunRecord(started_wall=1000.0, duration_s=10.0, results=results,
+                       polls=[{"t": 1.0, "version": 2, "imbalance_per_layer": [imbalance, imbalance]},
+                              {"t": 2.0, "version": 2, "imbalance_per_layer": None}],
+                       step_seconds={"sum": 2.0, "count": 100.0})
+    placement = {"version": 2, "moe_critical_path_s": 0.008, "device_predicted_s": [[0.004, 0.002]] * 2,
+                 "slots_per_device": [[1, 1]] * 2}
+    return record_json(record, rate_rps=rate, kind=kind, summary=summarize(results, SLO_1, 10.0),
+                       placement=placement)
+
+
+def _policy(ttfts: dict[float, float], extra_ttft: float, imbalance: float) -> dict:
+    runs = [_run(rate, ttft, imbalance=imbalance) for rate, ttft in ttfts.items()]
+    found = frontier([r["rate_rps"] for r in runs], [r["summary"]["attainment"] for r in runs])
+    return {"app_args": {"policy": "x", "num_devices": 2, "speeds": [1.0, 0.9], "emulation": {}},
+            "startup_s": 30.0, "runs": runs, "frontier": asdict(found),
+            "at_eplb_frontier": _run(1.5, extra_ttft, "eplb_frontier", imbalance)}
+
+
+@pytest.fixture
+def result() -> dict:
+    # attainment is 0.9 when TTFT is within the SLO (one timeout in ten) and 0 otherwise
+    return {
+        "config": {"workloads": ["w"], "seed": 0, "duration_s": 10.0, "rates": [1.0, 2.0, 3.0], "warmup_s": 5.0,
+                   "warmup_rate": 1.0, "ttft_factor": 5.0, "tpot_factor": 3.0, "unloaded_requests": 4,
+                   "unloaded_max_tokens": 8, "stop_below": 0.5},
+        "machine": {"cpus": 2, "platform": "test", "loadavg_start": [1.0, 1.0, 1.0]},
+        "slo": asdict(SLO_1) | {"set_by": "eplb"},
+        "policies": {
+            "eplb": _policy({1.0: 0.05, 2.0: 0.5}, 0.08, 1.3),
+            "contiguous": _policy({1.0: 0.5, 2.0: 0.5}, 0.2, 1.5),
+            "vibe": _policy({1.0: 0.05, 2.0: 0.05, 3.0: 0.5}, 0.04, 1.1),
+        },
+    }
+
+
+def test_headline_takes_latency_and_balance_at_eplbs_frontier_rate(result):
+    rows = report.headline(result)
+    assert rows["eplb"]["frontier_rps"] == 1.0 and rows["vibe"]["frontier_rps"] == 2.0
+    assert rows["contiguous"]["frontier_kind"] == "below_sweep"
+    assert rows["vibe"]["ttft_p90_ms"] == pytest.approx(40.0) and rows["vibe"]["tpot_p50_ms"] == pytest.approx(5.0)
+    assert rows["eplb"]["mean_imbalance"] == pytest.approx(1.3)
+    assert rows["eplb"]["barrier_idle"] == pytest.approx(1 - 1 / 1.3)
+    assert rows["vibe"]["step_ms"] == pytest.approx(20.0) and rows["vibe"]["moe_predicted_ms"] == pytest.approx(8.0)
+    assert rows["vibe"]["rest_ms"] == pytest.approx(12.0) and rows["vibe"]["failed"] == 1
+
+
+def test_targets_compare_vibe_with_both_baselines(result):
+    checks = {c["what"]: c for c in report.targets(report.headline(result))}
+    assert checks["vibe frontier / eplb frontier"]["value"] == pytest.approx(2.0)
+    assert checks["vibe frontier / eplb frontier"]["met"]
+    assert checks["vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"]["value"] == pytest.approx(0.5)
+    assert checks["vibe frontier / contiguous frontier"]["met"]
+    result["policies"]["vibe"]["at_eplb_frontier"] = _run(1.5, 0.07, "eplb_frontier")
+    slower = {c["what"]: c for c in report.targets(report.headline(result))}
+    assert not slower["vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"]["met"]
+
+
+def test_summary_lines_have_the_documented_form(result):
+    lines = report.summary_lines(report.headline(result))
+    pattern = r"policy=(\w+) slo_frontier_rps=[\d.]+ p90_ttft_ms=[\d.]+ p90_tpot_ms=[\d.]+ mean_imbalance=[\d.]+"
+    assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["eplb", "contiguous", "vibe"]
+
+
+def test_balance_without_polls_is_unknown():
+    assert report.balance([]) == {"mean_imbalance": None, "barrier_idle": None}
+
+
+def test_write_makes_the_report_and_plots(tmp_path, result):
+    lines = report.write(tmp_path, result)
+    text = (tmp_path / "report.md").read_text()
+    assert "make bench" in text and "| vibe | 2.000 (interpolated)" in text
+    assert "TTFT <= 100.0 ms" in text and len(lines) == 3
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in ("slo_frontier.png", "latency.png",
+                                                                        "balance.png"))
+
+
+def test_run_json_round_trip():
+    run = _run(2.0, 0.05)
+    results = results_from_json(run)
+    assert len(results) == 10 and results[0] == RequestResult(0, "w", 0.0, 0.05, 0.095, 12, 10)
+    assert results[-1].error == "timeout"

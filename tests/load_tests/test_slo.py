@@ -1,0 +1,89 @@
+"""SLO checks, attainment, percentiles and the SLO frontier on hand-made request results."""
+
+from __future__ import annotations
+
+import pytest
+
+from load_tests.generator import RequestResult
+from load_tests.slo import SLO, attainment, frontier, interpolate_at, meets, percentiles, summarize
+
+
+def _result(ttft: float | None, e2e: float | None, tokens: int, error: str | None = None) -> RequestResult:
+    return RequestResult(0, "w", 0.0, ttft, e2e, 10, tokens, error)
+
+
+SLO_1 = SLO(ttft_s=0.1, tpot_s=0.01)
+
+
+def test_tpot_is_the_mean_gap_after_the_first_token():
+    assert _result(0.05, 0.15, 11).tpot_s == pytest.approx(0.01)
+    assert _result(0.05, 0.05, 1).tpot_s is None
+    assert _result(None, None, 0, "timeout").tpot_s is None
+
+
+@pytest.mark.parametrize(("result", "ok"), [
+    (_result(0.1, 0.2, 11), True),            # both exactly at the SLO
+    (_result(0.11, 0.2, 11), False),          # TTFT over
+    (_result(0.05, 0.2, 11), False),          # TPOT 0.015 over
+    (_result(0.05, 0.05, 1), True),           # one token: judged on TTFT alone
+    (_result(0.01, 0.02, 5, "cutoff"), False),  # failures never meet it
+])
+def test_meets_requires_completion_and_both_slos(result, ok):
+    assert meets(result, SLO_1) is ok
+
+
+def test_attainment_counts_failures_as_misses():
+    results = [_result(0.05, 0.1, 6), _result(0.05, 0.1, 6), _result(None, None, 0, "timeout"),
+               _result(0.5, 0.6, 6)]
+    assert attainment(results, SLO_1) == 0.5
+    with pytest.raises(ValueError, match="empty"):
+        attainment([], SLO_1)
+
+
+def test_slo_from_unloaded_medians():
+    results = [_result(0.02, 0.12, 11), _result(0.04, 0.24, 11), _result(0.03, 0.33, 11),
+               _result(None, None, 0, "timeout")]
+    slo = SLO.from_unloaded(results, ttft_factor=5, tpot_factor=2, target=0.8)
+    assert (slo.ttft_s, slo.tpot_s, slo.target) == (pytest.approx(0.15), pytest.approx(0.04), 0.8)
+    with pytest.raises(ValueError, match="need completed unloaded requests"):
+        SLO.from_unloaded([_result(None, None, 0, "x")], 5, 2)
+
+
+@pytest.mark.parametrize("bad", [{"ttft_s": 0, "tpot_s": 1}, {"ttft_s": 1, "tpot_s": float("nan")},
+                                 {"ttft_s": 1, "tpot_s": 1, "target": 1.5}])
+def test_slo_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="SLO"):
+        SLO(**bad)
+
+
+def test_percentiles_and_summary():
+    assert percentiles([1.0, 2.0, 3.0, None], (50,)) == {"p50": 2.0}
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    results = [_result(0.05, 0.1, 6), _result(None, None, 0, "timeout")]
+    summary = summarize(results, SLO_1, duration_s=2.0)
+    assert summary["requests"] == 2 and summary["failed"] == 1 and summary["completed"] == 1
+    assert summary["goodput_rps"] == 0.5 and summary["output_tokens_per_s"] == 3.0
+    assert summary["ttft_p50_ms"] == pytest.approx(50.0) and summary["tpot_p90_ms"] == pytest.approx(10.0)
+
+
+def test_frontier_interpolates_the_first_crossing():
+    found = frontier([1, 2, 3, 4], [1.0, 0.95, 0.85, 0.95])
+    assert found.kind == "interpolated"
+    assert found.rate_rps == pytest.approx(2.5)  # 0.95 -> 0.85 crosses 0.9 halfway; 4's rebound is ignored
+
+
+def test_frontier_at_the_edges_of_the_sweep():
+    assert frontier([3, 1, 2], [0.91, 1.0, 0.99]) == frontier([1, 2, 3], [1.0, 0.99, 0.91])
+    assert frontier([1, 2, 3], [1.0, 0.99, 0.91]).kind == "at_least"
+    assert frontier([1, 2, 3], [1.0, 0.99, 0.91]).rate_rps == 3
+    below = frontier([2, 4], [0.8, 0.1])
+    assert below.kind == "below_sweep" and below.rate_rps == pytest.approx(1.0)  # (0, 100%) to (2, 80%)
+    with pytest.raises(ValueError, match="as many"):
+        frontier([1, 2], [0.5])
+
+
+def test_interpolate_at_swept_and_between_rates():
+    assert interpolate_at([1, 2, 4], [10.0, 20.0, 60.0], 3) == pytest.approx(40.0)
+    assert interpolate_at([1, 2], [10.0, 20.0], 2) == 20.0
+    assert interpolate_at([1, 2], [10.0, None], 1.5) is None
+    assert interpolate_at([1, 2], [10.0, 20.0], 5) is None

@@ -1,0 +1,555 @@
+"""Fault scenarios against the real Serve app: what breaks, how fast it is noticed, how fast service is back.
+
+Starts the app in this process's own Ray cluster (`build_app`, emulated devices, an ephemeral HTTP port,
+a random admin token), drives it with streaming clients over HTTP, and runs, in order:
+
+- **fuzz**: the hostile corpus of `load_tests.fuzz_cases` while good streams run;
+- **overload**: a burst of more clients than the engine admits: 429 with Retry-After, nothing hangs,
+  and a request too long for the per-request timeout is aborted with a 504;
+- **worker_death**: `ray.kill` of an expert worker actor while streams run: the coordinator's detection
+  and re-placement, the requests that fail (fast, 503) and when service is whole again (the restarted
+  worker readmitted);
+- **coordinator_restart**: `ray.kill` of the coordinator's Serve replica; Serve restarts it, it recovers
+  the placement from the workers, and the engines serve throughout.
+
+Prints one row per scenario and ends with ``chaos scenarios=<n> hung=<n> failed_5xx=<n> max_recovery_s=<x>``;
+writes ``<out>/chaos.json`` and ``<out>/chaos.png``. Uses the embedded model when it is built, else a
+random-weights model of the same shape (faults do not depend on what the model says), and says which.
+
+    python -m load_tests.chaos --out bench        # `make chaos`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from load_tests.fuzz_cases import cases, send
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
+HUNG_AFTER_S = 90.0  # a request without an answer for this long is hung (the server's own limit is lower)
+REQUEST_TIMEOUT_S = 20.0  # the app's per-request limit here: far above any scenario request but the probe
+
+
+# --- the app ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class App:
+    """A running Serve app: its URL, admin token, served model name and app arguments."""
+
+    url: str
+    token: str
+    model: str
+    args: dict[str, Any]
+    model_note: str
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def random_checkpoint(folder: Path) -> Path:
+    """A random-weights chat checkpoint shaped like the embedded model (Qwen3-MoE, 4 MoE layers of 32
+    experts, top-4, hidden 128), with a byte-level BPE tokenizer trained on CPython's reference text."""
+    from pydoc_data import topics
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    template = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(topics.topics.values()), trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=template)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=192, moe_intermediate_size=48, num_experts=32,
+        num_experts_per_tok=4, norm_topk_prob=True, mlp_only_layers=[], max_position_embeddings=1024,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def start_app(num_devices: int, *, model: Path | None, workdir: Path, **overrides: Any) -> App:
+    """Start Ray, Serve on an ephemeral port and the app; return once /health answers 200."""
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+
+    note = "embedded vibe-tiny-moe"
+    if model is None and (EMBEDDED_MODEL / "config.json").is_file():
+        model = EMBEDDED_MODEL
+    if model is None:
+        model = random_checkpoint(workdir / "random-tiny-moe")
+        note = "random-weights model of the embedded model's shape (the embedded model is not built)"
+    profile = EMBEDDED_MODEL.parents[1] / "prompts" / "profile.jsonl"
+    token = secrets.token_urlsafe(24)
+    args = {"model": str(model), "model_roots": [str(model.parent)], "num_devices": num_devices,
+            "speeds": [1.0 - 0.04 * i for i in range(num_devices)], "app_name": "chaos", "admin_token": token,
+            "emulation": {"fixed_s": 4e-4, "knee_tokens": 128, "jitter": 0.02, "throttle_floor": 1.0},
+            "max_num_seqs": 16, "max_queue": 32, "request_timeout_s": REQUEST_TIMEOUT_S,
+            "profile_prompts": str(profile) if model == EMBEDDED_MODEL and profile.is_file() else None,
+            **overrides}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="vibe", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 300)
+    public = {k: v for k, v in args.items() if k != "admin_token"}
+    return App(url, token, model.name, public, note)
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float) -> float:
+    """Seconds until /health answers 200 (TimeoutError after `timeout_s`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+def admin(app: App, method: str, path: str, timeout_s: float = 30, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{app.url}{path}", headers=app.admin_headers, timeout=timeout_s, **kwargs)
+
+
+# --- traffic ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    """One request: monotonic start and end, outcome ('ok', 'http_<status>', 'stream_<code>', 'hung',
+    'transport_<error>'), whether it failed with a server-side (5xx-class) error, and tokens received."""
+
+    started: float
+    ended: float
+    outcome: str
+    server_error: bool = False
+    tokens: int = 0
+    retry_after: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+_STREAM_5XX_TYPES = ("server_error", "service_unavailable_error", "timeout_error")
+
+
+def stream_request(url: str, body: dict) -> RequestRecord:
+    """One streaming chat completion; never raises."""
+    started = time.monotonic()
+    record = RequestRecord(started, started, "ok")
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                          timeout=httpx.Timeout(HUNG_AFTER_S, connect=10)) as response:
+            if response.status_code != 200:
+                response.read()
+                record.outcome, record.server_error = f"http_{response.status_code}", response.status_code >= 500
+                record.retry_after = response.headers.get("retry-after")
+            else:
+                _read_stream(response, record)
+    except httpx.TimeoutException:
+        record.outcome = "hung"
+    except httpx.HTTPError as exc:
+        record.outcome, record.server_error = f"transport_{type(exc).__name__}", True
+    record.ended = time.monotonic()
+    if record.ended - started > HUNG_AFTER_S:
+        record.outcome = "hung"
+    return record
+
+
+def _read_stream(response: httpx.Response, record: RequestRecord) -> None:
+    for line in response.iter_lines():
+        if not line.startswith("data: {"):
+            continue
+        chunk = json.loads(line[len("data: "):])
+        if "error" in chunk:
+            error = chunk["error"]
+            record.outcome = f"stream_{error.get('code') or error.get('type')}"
+            record.server_error = error.get("type") in _STREAM_5XX_TYPES
+            return
+        record.tokens += sum(bool(c.get("delta", {}).get("content")) for c in chunk.get("choices", []))
+
+
+def chat_body(model: str, i: int, max_tokens: int) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": f"Tell me about topic number {i}."}],
+            "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": True}
+
+
+class HealthWatch:
+    """Polls /health every `interval_s` while open; counts answers ("ok", "degraded", "http_<status>", ...)."""
+
+    def __init__(self, url: str, interval_s: float = 0.5) -> None:
+        self.url, self.interval_s = url, interval_s
+        self.answers: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                response = httpx.get(f"{self.url}/health", timeout=10)
+                answer = response.json().get("status", "?") if response.status_code == 200 else \
+                    f"http_{response.status_code}"
+            except (httpx.HTTPError, ValueError) as exc:
+                answer = type(exc).__name__
+            self.answers.append(answer)
+
+
+class Traffic:
+    """`concurrency` closed-loop clients, each sending the next request when its last one ends."""
+
+    def __init__(self, url: str, model: str, concurrency: int, max_tokens: int,
+                 send: Callable[[str, dict], RequestRecord] = stream_request) -> None:
+        self.url, self.model, self.max_tokens, self._send = url, model, max_tokens, send
+        self.records: list[RequestRecord] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(concurrency)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(HUNG_AFTER_S + 30)
+
+    def _client(self, index: int) -> None:
+        i = index
+        while not self._stop.is_set():
+            record = self._send(self.url, chat_body(self.model, i, self.max_tokens))
+            with self._lock:
+                self.records.append(record)
+            i += len(self._threads)
+
+
+# --- scenarios -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScenarioResult:
+    """One fault: detection and recovery seconds after it (None where it does not apply), the requests
+    sent meanwhile, those that failed (of which with a 5xx-class error) and those that hung."""
+
+    fault: str
+    detection_s: float | None
+    recovery_s: float | None
+    requests: int
+    failed: int
+    failed_5xx: int
+    hung: int
+    detail: dict[str, Any] = field(default_factory=dict)
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+def _summary(fault: str, records: list[RequestRecord], t0: float, detection_s, recovery_s, **detail) -> ScenarioResult:
+    failed = [r for r in records if not r.ok]
+    return ScenarioResult(fault, detection_s, recovery_s, len(records), len(failed),
+                          sum(r.server_error for r in failed), sum(r.outcome == "hung" for r in records),
+                          {"outcomes": _count(r.outcome for r in records), **detail},
+                          [(round(r.started - t0, 3), round(r.ended - t0, 3), r.outcome) for r in records])
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def run_fuzz(app: App) -> ScenarioResult:
+    """The hostile corpus, sequentially, while three good streams run."""
+    corpus = cases(app.model)
+    t0 = time.monotonic()
+    with Traffic(app.url, app.model, 3, 24) as good:
+        outcomes = [send(app.url, case, timeout_s=HUNG_AFTER_S) for case in corpus]
+    healthy = httpx.get(f"{app.url}/health", timeout=10).status_code == 200
+    result = _summary("fuzz", good.records, t0, None, None, cases=len(corpus), healthy_after=healthy,
+                      case_problems={o.case: o.problem for o in outcomes if not o.ok},
+                      case_statuses=_count(str(o.status) for o in outcomes))
+    result.failed += sum(not o.ok for o in outcomes)
+    result.failed_5xx += sum(o.server_error for o in outcomes)
+    result.hung += sum(o.hung for o in outcomes)
+    return result
+
+
+def run_overload(app: App, clients: int = 96, seconds: float = 30.0) -> ScenarioResult:
+    """More closed-loop clients than max_num_seqs + max_queue, plus one request too long for the timeout."""
+    t0 = time.monotonic()
+    long_body = {**chat_body(app.model, 0, 900), "stream": False}
+    with HealthWatch(app.url) as health, Traffic(app.url, app.model, clients, 32) as burst:
+        time.sleep(2)
+        too_long = _timed_post(app.url, long_body)
+        time.sleep(max(seconds - (time.monotonic() - t0), 0))
+    records = burst.records
+    rejected = [r for r in records if r.outcome == "http_429"]
+    latencies = sorted(r.ended - r.started for r in records if r.ok)
+    result = _summary("overload", records, t0, None, None, clients=clients,
+                      rejected_429=len(rejected),
+                      rejected_with_retry_after=sum(r.retry_after is not None for r in rejected),
+                      accepted=len(latencies), accepted_latency_p50_s=_quantile(latencies, 0.5),
+                      accepted_latency_p99_s=_quantile(latencies, 0.99),
+                      slowest_429_s=max((r.ended - r.started for r in rejected), default=None),
+                      long_request=too_long, health=_count(health.answers))
+    # A 429 is the bounded admission working, not a failure.
+    result.failed -= len(rejected)
+    return result
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return round(values[min(int(q * len(values)), len(values) - 1)], 3) if values else None
+
+
+def _timed_post(url: str, body: dict) -> dict:
+    started = time.monotonic()
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=HUNG_AFTER_S)
+        error = response.json().get("error", {}) if response.status_code != 200 else {}
+        return {"status": response.status_code, "code": error.get("code"), "message": error.get("message"),
+                "seconds": round(time.monotonic() - started, 2)}
+    except httpx.HTTPError as exc:
+        return {"status": None, "error": repr(exc), "seconds": round(time.monotonic() - started, 2)}
+
+
+def run_worker_death(app: App, device: int = 1, concurrency: int = 8) -> ScenarioResult:
+    """Kill an expert worker actor under load; follow the coordinator until the restarted one rejoins."""
+    import ray
+
+    before = admin(app, "GET", "/admin/placement").json()["version"]
+    with HealthWatch(app.url) as health, Traffic(app.url, app.model, concurrency, 64) as traffic:
+        time.sleep(5)
+        actor = _worker_actor(device)
+        t0, wall0 = time.monotonic(), time.time()
+        ray.kill(actor)
+        lost, rejoined = _wait_history(app, f"device {device} lost", f"device {device} rejoined", 90)
+        time.sleep(5)
+    records = [r for r in traffic.records if r.ended >= t0]
+    detection = None if lost is None else lost["started_at"] - wall0
+    rejoin = None if rejoined is None else rejoined["started_at"] + rejoined["duration_s"] - wall0
+    failed = [r for r in records if not r.ok]
+    return _summary("worker_death", records, t0, detection, rejoin,
+                    device=device, placement_version_before=before, health=_count(health.answers),
+                    replaced_s=None if lost is None else lost["started_at"] + lost["duration_s"] - wall0,
+                    replace_status=None if lost is None else lost["status"],
+                    rejoin_status=None if rejoined is None else rejoined["status"],
+                    answering_again_s=_answering_again(records, t0),
+                    last_failure_s=max((r.ended - t0 for r in failed), default=None),
+                    slowest_failure_s=max((r.ended - r.started for r in failed), default=None))
+
+
+def _worker_actor(device: int):
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "vibe" and a["name"].startswith("vibe-worker-chaos-")
+             and a["name"].endswith(f"-{device}")]
+    if len(names) != 1:
+        raise RuntimeError(f"expected one worker actor for device {device}, found {names}")
+    return ray.get_actor(names[0]["name"], namespace="vibe")
+
+
+def _wait_history(app: App, first: str, second: str, timeout_s: float) -> tuple[dict | None, dict | None]:
+    """The coordinator's recalibration records whose reasons are `first` then `second` (None if absent)."""
+    found: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and second not in found:
+        try:
+            history = admin(app, "GET", "/admin/stats", timeout_s=10).json()["recalibrations"]
+        except (httpx.HTTPError, KeyError, ValueError):
+            history = []
+        for record in history:
+            if record["reason"] in (first, second) and record["status"] != "failed":
+                found.setdefault(record["reason"], record)
+        time.sleep(0.25)
+    return found.get(first), found.get(second)
+
+
+def _answering_again(records: list[RequestRecord], t0: float) -> float | None:
+    """Seconds after t0 from which every request started succeeded (None if the last one failed)."""
+    last_failed = max((r.started for r in records if not r.ok), default=None)
+    if last_failed is None:
+        return 0.0
+    later = [r.started for r in records if r.started > last_failed]
+    return round(min(later) - t0, 3) if later else None
+
+
+def run_coordinator_restart(app: App, concurrency: int = 8) -> ScenarioResult:
+    """Kill the coordinator's replica actor; Serve restarts it; engines must serve throughout."""
+    import ray
+
+    before = admin(app, "GET", "/admin/placement").json()["version"]
+    with HealthWatch(app.url) as health, Traffic(app.url, app.model, concurrency, 64) as traffic:
+        time.sleep(5)
+        old = _coordinator_replica()
+        t0 = time.monotonic()
+        ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+        replaced = _wait_for(lambda: (_coordinator_replica() or old) != old, 120)
+        recovered, version = _wait_admin_answers(app, 180)
+        time.sleep(5)
+    records = [r for r in traffic.records if r.ended >= t0]
+    return _summary("coordinator_restart", records, t0, None if replaced is None else replaced - t0,
+                    None if recovered is None else recovered - t0, placement_version_before=before,
+                    placement_version_after=version, recovered_from_workers=version == before,
+                    health=_count(health.answers))
+
+
+def _coordinator_replica() -> str | None:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "#Coordinator#" in a["name"]]
+    return names[0] if len(names) == 1 else None
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> float | None:
+    """Monotonic time at which `condition()` first held (polled every 0.2 s), None after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return time.monotonic()
+        time.sleep(0.2)
+    return None
+
+
+def _wait_admin_answers(app: App, timeout_s: float) -> tuple[float | None, int | None]:
+    """When the coordinator answers /admin/placement again, and the version it serves."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            response = admin(app, "GET", "/admin/placement", timeout_s=5)
+            if response.status_code == 200:
+                return time.monotonic(), response.json()["version"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return None, None
+
+
+SCENARIOS: dict[str, Callable[[App], ScenarioResult]] = {
+    "fuzz": run_fuzz, "overload": run_overload, "worker_death": run_worker_death,
+    "coordinator_restart": run_coordinator_restart,
+}
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_table(results: list[ScenarioResult]) -> str:
+    header = f"{'fault':<22}{'detection_s':>12}{'recovery_s':>12}{'requests':>10}{'failed':>8}{'of_5xx':>8}{'hung':>6}"
+    rows = [header] + [f"{r.fault:<22}{_fmt(r.detection_s):>12}{_fmt(r.recovery_s):>12}{r.requests:>10}"
+                       f"{r.failed:>8}{r.failed_5xx:>8}{r.hung:>6}" for r in results]
+    recoveries = [r.recovery_s for r in results if r.recovery_s is not None]
+    rows.append(f"chaos scenarios={len(results)} hung={sum(r.hung for r in results)} "
+                f"failed_5xx={sum(r.failed_5xx for r in results)} "
+                f"max_recovery_s={max(recoveries) if recoveries else 0.0:.2f}")
+    text = "\n".join(rows)
+    print(text)
+    return text
+
+
+def plot(results: list[ScenarioResult], path: Path) -> None:
+    """Request latency against start time (seconds after the fault) per scenario, coloured by outcome."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        for outcome in sorted({o for *_, o in result.timeline}):
+            points = [(s, e - s) for s, e, o in result.timeline if o == outcome]
+            ax.scatter(*zip(*points), s=6, label=outcome)
+        ax.set_title(result.fault)
+        ax.set_xlabel("request start (s after the fault)")
+        ax.set_ylabel("latency (s)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: embedded model)")
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vibe-chaos-") as workdir:
+        started = time.monotonic()
+        app = start_app(args.devices, model=args.model, workdir=Path(workdir))
+        startup_s = time.monotonic() - started
+        print(f"app up in {startup_s:.1f} s at {app.url} ({app.model_note})", flush=True)
+        results = []
+        try:
+            for name in args.scenarios:
+                results.append(SCENARIOS[name](app))
+                print(f"{name}: {asdict(results[-1])['detail']}", flush=True)
+                wait_healthy(app.url, 120)
+        finally:
+            stop_app()
+    table = print_table(results)
+    report = {"app": app.args, "model": app.model_note, "startup_s": round(startup_s, 1), "table": table,
+              "scenarios": [asdict(r) for r in results]}
+    (args.out / "chaos.json").write_text(json.dumps(report, indent=1, default=str))
+    plot(results, args.out / "chaos.png")
+
+
+if __name__ == "__main__":
+    main()

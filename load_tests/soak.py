@@ -1,0 +1,231 @@
+"""Soak: the real Serve app under steady load near 70% of its capacity, watching every process's memory.
+
+Starts the app as `load_tests.chaos` does, measures its capacity (completed requests per second with
+`max_num_seqs` closed-loop clients), then sends Poisson arrivals at `--load` of that rate for
+`--minutes`, sampling the resident memory (RSS, psutil) of every process of the service (Ray's
+processes, the Serve controller and proxy, the ingress, the coordinator, each expert worker) every
+`--sample-s` seconds. Reports every error, latency percentiles, and each process's RSS at start and end
+with its growth rate over the second half; prints a summary and writes ``<out>/soak.json`` and
+``<out>/soak.png``. Nothing is asserted: the numbers are the result.
+
+    python -m load_tests.soak --out bench                # 10 minutes at 70%
+    python -m load_tests.soak --minutes 1 --out /tmp/s   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from load_tests.chaos import (
+    HealthWatch,
+    RequestRecord,
+    Traffic,
+    chat_body,
+    start_app,
+    stop_app,
+    stream_request,
+)
+
+OUTPUT_TOKENS = 64
+
+
+def service_processes() -> dict[int, str]:
+    """pid -> label of every process this driver's Ray cluster runs (its descendants), by process title."""
+    import psutil  # ships with Ray (ray/thirdparty_files), on sys.path once ray is imported
+
+    labels = {}
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            labels[proc.pid] = _label(proc.cmdline() or [proc.name()])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return labels
+
+
+def _label(argv: list[str]) -> str:
+    """A short, stable name: the Ray actor or replica class of a worker process ("ray::ExpertWorkerActor",
+    without the method it runs now), the script of a Python process, else the executable."""
+    title = " ".join(argv)
+    if title.startswith("ray::"):
+        return title.split()[0].removeprefix("ray::").split(".")[0]
+    scripts = [Path(arg).name for arg in argv[1:] if arg.endswith(".py")]
+    return scripts[0] if scripts else Path(argv[0]).name
+
+
+class MemorySampler:
+    """Samples the RSS (MiB) of every service process every `interval_s` while open."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.monotonic()
+
+    def __enter__(self) -> MemorySampler:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def elapsed(self) -> float:
+        """Seconds since sampling started (the time axis of `samples`)."""
+        return time.monotonic() - self._t0
+
+    def _run(self) -> None:
+        import psutil
+
+        labels: dict[int, str] = {}  # one label per pid: titles change with the method running
+        while True:
+            rss = {}
+            for pid, label in service_processes().items():
+                if labels.get(pid, "IDLE") == "IDLE":  # an idle Ray worker may become an actor later
+                    labels[pid] = label
+                label = labels[pid]
+                try:
+                    rss[f"{label}[{pid}]"] = psutil.Process(pid).memory_info().rss / 2**20
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.samples.append((round(time.monotonic() - self._t0, 1), rss))
+            if self._stop.wait(self.interval_s):
+                return
+
+
+def measure_capacity(url: str, model: str, concurrency: int, seconds: float) -> dict:
+    """Completed requests per second with `concurrency` closed-loop clients (after a 5 s warm-up)."""
+    with Traffic(url, model, concurrency, OUTPUT_TOKENS) as traffic:
+        time.sleep(5)
+        start = time.monotonic()
+        time.sleep(seconds)
+        end = time.monotonic()
+    done = [r for r in traffic.records if r.ok and start <= r.ended <= end]
+    return {"concurrency": concurrency, "seconds": seconds, "completed": len(done),
+            "requests_per_s": len(done) / seconds,
+            "errors": sum(not r.ok for r in traffic.records)}
+
+
+def poisson_load(url: str, model: str, rate: float, seconds: float, seed: int = 0) -> list[RequestRecord]:
+    """Open-loop Poisson arrivals at `rate` per second for `seconds`; every request's record."""
+    rng = random.Random(seed)
+    records: list[RequestRecord] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        record = stream_request(url, chat_body(model, i, OUTPUT_TOKENS))
+        with lock:
+            records.append(record)
+
+    start, next_at, i = time.monotonic(), 0.0, 0
+    with ThreadPoolExecutor(max_workers=256) as pool:
+        while next_at < seconds:
+            delay = start + next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i)
+            i += 1
+            next_at += rng.expovariate(rate)
+    return records
+
+
+def memory_report(samples: list[tuple[float, dict[str, float]]]) -> dict:
+    """Per process: RSS at the first and last sample, peak, and growth rate (MiB/min, least squares)
+    over the second half of the run; the same for the total."""
+    names = sorted({name for _, rss in samples for name in rss})
+    half = samples[len(samples) // 2:]
+    out = {}
+    for name in names + ["total"]:
+        series = [(t, rss.get(name) if name != "total" else sum(rss.values())) for t, rss in samples]
+        series = [(t, v) for t, v in series if v is not None]
+        tail = [(t, v) for t, v in series if t >= half[0][0]] if half else []
+        slope = float(np.polyfit(*zip(*tail), 1)[0]) * 60 if len(tail) >= 3 else None
+        out[name] = {"start_mib": round(series[0][1], 1), "end_mib": round(series[-1][1], 1),
+                     "peak_mib": round(max(v for _, v in series), 1),
+                     "growth_mib_per_min_second_half": None if slope is None else round(slope, 2)}
+    return out
+
+
+def latency_report(records: list[RequestRecord]) -> dict:
+    ok = sorted(r.ended - r.started for r in records if r.ok)
+    pick = (lambda q: round(ok[min(int(q * len(ok)), len(ok) - 1)], 3)) if ok else (lambda q: None)
+    return {"p50_s": pick(0.5), "p90_s": pick(0.9), "p99_s": pick(0.99), "max_s": round(ok[-1], 3) if ok else None}
+
+
+def plot(samples: list[tuple[float, dict[str, float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for _, rss in samples for name in rss})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for name in names:
+        points = [(t, rss[name]) for t, rss in samples if name in rss]
+        top.plot(*zip(*points), label=name, lw=1)
+    bottom.plot([t for t, _ in samples], [sum(rss.values()) for _, rss in samples], color="black")
+    top.set_ylabel("RSS (MiB)")
+    top.set_title(title, fontsize=9)
+    top.legend(fontsize=5, ncol=3)
+    bottom.set_ylabel("total RSS (MiB)")
+    bottom.set_xlabel("seconds since the app was up")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: embedded model)")
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--load", type=float, default=0.7, help="share of the measured capacity")
+    parser.add_argument("--capacity-s", type=float, default=40.0)
+    parser.add_argument("--sample-s", type=float, default=5.0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vibe-soak-") as workdir:
+        app = start_app(args.devices, model=args.model, workdir=Path(workdir), max_queue=256,
+                        request_timeout_s=120.0)
+        try:
+            with MemorySampler(args.sample_s) as memory:
+                capacity = measure_capacity(app.url, app.model, app.args["max_num_seqs"], args.capacity_s)
+                rate = args.load * capacity["requests_per_s"]
+                print(f"capacity {capacity['requests_per_s']:.2f} req/s; soaking at {rate:.2f} req/s "
+                      f"for {args.minutes} min ({app.model_note})", flush=True)
+                soak_started = memory.elapsed()
+                with HealthWatch(app.url, interval_s=5.0) as health:
+                    records = poisson_load(app.url, app.model, rate, args.minutes * 60)
+        finally:
+            stop_app()
+    errors = [asdict(r) for r in records if not r.ok]
+    soak_samples = [(t, rss) for t, rss in memory.samples if t >= soak_started]
+    report = {"app": app.args, "model": app.model_note, "capacity": capacity, "load": args.load,
+              "rate_per_s": rate, "minutes": args.minutes, "output_tokens": OUTPUT_TOKENS,
+              "requests": len(records), "errors": len(errors), "error_records": errors[:50],
+              "outcomes": {o: sum(r.outcome == o for r in records) for o in {r.outcome for r in records}},
+              "latency": latency_report(records), "health": {a: health.answers.count(a) for a in set(health.answers)},
+              "memory_during_soak": memory_report(soak_samples), "rss_samples_mib": memory.samples}
+    (args.out / "soak.json").write_text(json.dumps(report, indent=1))
+    plot(memory.samples, args.out / "soak.png",
+         f"soak: {len(records)} requests at {rate:.2f} req/s ({args.load:.0%} of capacity), {len(errors)} errors")
+    total = report["memory_during_soak"]["total"]
+    print(f"soak minutes={args.minutes} rate={rate:.2f}/s requests={len(records)} errors={len(errors)} "
+          f"latency_p99_s={report['latency']['p99_s']} rss_total_mib={total['start_mib']}->{total['end_mib']} "
+          f"growth_mib_per_min={total['growth_mib_per_min_second_half']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,13 +14,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DEPLOY_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = DEPLOY_DIR / "models" / "vibe-tiny-moe"
 DEFAULT_PROFILE_PROMPTS = DEPLOY_DIR / "prompts" / "profile.jsonl"
 # A node with one degraded GPU (issue "OpenAI-compatible serving"): relative speeds of 8 devices.
 DEFAULT_SPEEDS = (1.00, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.87)
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 class EmulationArgs(BaseModel):
@@ -40,7 +41,8 @@ class EmulationArgs(BaseModel):
 class AppArgs(BaseModel):
     """Arguments of `build_app` (the `args:` of a serve config, or key=value on the CLI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the argument but never echo values: Serve logs them, and one may be the admin token.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     model: str = str(DEFAULT_MODEL)
     model_roots: list[str] = Field(default_factory=list)
     served_model_name: str | None = None
@@ -69,8 +71,15 @@ class AppArgs(BaseModel):
     ingress_num_gpus: float = Field(default=0.0, ge=0)
     worker_threads: int = Field(default=1, ge=1)
     engine_threads: int = Field(default=1, ge=1)  # torch threads of the engine's dense compute
-    admin_token: str | None = Field(default=None, min_length=16)
+    admin_token: SecretStr | None = None  # else VIBE_ADMIN_TOKEN; masked in reprs
     app_name: str = Field(default="vibe", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _valid_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            check_admin_token(token.get_secret_value())
+        return token
 
     @field_validator("speeds")
     @classmethod
@@ -115,7 +124,7 @@ def build_app(args: dict[str, Any] | None = None):
                                 num_gpus=(parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
                                 scheduling_strategy=parsed.worker_scheduling.upper())
     max_model_len = parsed.max_model_len or _model_max_len(checkpoint)
-    token = parsed.admin_token or os.environ.get("VIBE_ADMIN_TOKEN") or None
+    token = parsed.admin_token.get_secret_value() if parsed.admin_token else _env_token()
     settings = IngressSettings(
         checkpoint=checkpoint,
         served_model_name=parsed.served_model_name or Path(checkpoint).name,
@@ -173,6 +182,21 @@ def _expert_bytes(layout, dtype: str) -> int:
 def _model_max_len(checkpoint: str) -> int:
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     return int(config.get("max_position_embeddings", 2048))
+
+
+def check_admin_token(token: str) -> str:
+    """`token` if it is at least MIN_ADMIN_TOKEN_CHARS printable ASCII characters without surrounding spaces
+    (HTTP headers arrive as latin-1, so any other token could never match); the error never shows it."""
+    if not (len(token) >= MIN_ADMIN_TOKEN_CHARS and token.isascii() and token.isprintable()
+            and token.strip() == token):
+        raise ValueError(f"admin_token must be at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII characters "
+                         "without surrounding spaces (the token is not shown)")
+    return token
+
+
+def _env_token() -> str | None:
+    token = os.environ.get("VIBE_ADMIN_TOKEN") or None
+    return None if token is None else check_admin_token(token)
 
 
 def _env_roots() -> list[str]:

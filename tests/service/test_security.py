@@ -309,3 +309,23 @@ def test_build_app_loads_models_only_from_configured_folders(tmp_path):
     for model in (str(outside), "../../../../etc", "/etc", "Qwen/Qwen3-30B-A3B", "deploy/models/../../service"):
         with pytest.raises(ValueError, match="not a checkpoint folder inside the allowed folders"):
             build_app({"model": model, "profile_prompts": None})
+
+
+@pytest.mark.parametrize("token", ["shortsecret", "\u00e9" * 20, " padded-token-0123456789 "])
+def test_bad_admin_tokens_are_refused_without_being_echoed(token, monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    from deploy.app import AppArgs, build_app
+    from tests.tiny_models import save_tiny_model
+
+    with pytest.raises(ValidationError) as info:
+        AppArgs.model_validate({"admin_token": token})
+    assert "admin_token" in str(info.value) and token.strip() not in str(info.value)
+    model = save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    monkeypatch.setenv("VIBE_ADMIN_TOKEN", token)
+    with pytest.raises(ValueError, match="admin_token") as env_info:
+        build_app({"model": str(model), "model_roots": [str(tmp_path)], "profile_prompts": None, "num_devices": 4,
+                   "speeds": [1.0] * 4})
+    assert token.strip() not in str(env_info.value)
+    good = AppArgs.model_validate({"admin_token": TOKEN})
+    assert TOKEN not in repr(good) and TOKEN not in str(good.model_dump())

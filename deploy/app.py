@@ -119,7 +119,8 @@ def build_app(args: dict[str, Any] | None = None):
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
                                            auto_recalibrate=parsed.auto_recalibrate)
-    pool_config = RayPoolConfig(name_prefix=f"vibe-worker-{parsed.app_name}-{_fingerprint(parsed, checkpoint)}",
+    family = f"vibe-worker-{parsed.app_name}-"
+    pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(parsed, checkpoint)}", family_prefix=family,
                                 num_cpus=parsed.worker_num_cpus,
                                 num_gpus=(parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
                                 scheduling_strategy=parsed.worker_scheduling.upper())
@@ -205,5 +206,6 @@ def _env_roots() -> list[str]:
 
 def _fingerprint(args: AppArgs, checkpoint: str) -> str:
     """Short hash of what the workers are built from: adopting workers of another config is never right."""
-    keys = args.model_dump(include={"num_devices", "device", "dtype", "emulate", "speeds", "emulation", "worker_threads"})
+    keys = args.model_dump(include={"num_devices", "device", "dtype", "emulate", "speeds", "emulation", "worker_threads",
+                                    "worker_num_gpus", "worker_scheduling"})
     return hashlib.sha256(json.dumps([keys, checkpoint], sort_keys=True, default=str).encode()).hexdigest()[:8]

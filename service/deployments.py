@@ -75,9 +75,22 @@ class CoordinatorDeployment:
             raise RuntimeError("the coordinator loop stopped")
 
     def __del__(self) -> None:
-        # Graceful replica shutdown (serve shutdown, redeploy): the app's workers go with it. A crashed
-        # coordinator never gets here, so its detached workers survive and the next one adopts them.
-        self.core.shutdown()
+        # Graceful replica shutdown. When the app is going away (serve shutdown, delete) its workers go
+        # with it; when it is being redeployed they stay, and the next coordinator adopts them (same
+        # worker configuration) or kills them (another one). A crashed coordinator never gets here, so
+        # its detached workers survive and the restarted one adopts them with their experts.
+        self.core.stop()
+        if not _app_redeploying():
+            self.core.pool.shutdown()
+
+
+def _app_redeploying() -> bool:
+    try:
+        app = serve.get_replica_context().app_name
+        status = serve.status().applications.get(app)
+        return status is not None and status.status == "DEPLOYING"
+    except Exception:  # no controller to ask: treat as going away
+        return False
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,9 @@ class IngressDeployment:
         self.context = DispatchContext(Placement.from_dict(boot["placement"]),
                                        worker_channels(boot["workers"], node_id),
                                        workers_epoch=boot["workers_epoch"])
-        model = load_engine_model(settings.checkpoint, dtype=settings.dtype, context=self.context).model
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # the dense part goes where the replica has a GPU
+        model = load_engine_model(settings.checkpoint, dtype=settings.dtype, device=device,
+                                  context=self.context).model
         tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint, local_files_only=True)
         self.engine = AsyncEngine(Engine(model, settings.engine_config, tokenizer, hooks=self.context),
                                   num_threads=settings.engine_threads)

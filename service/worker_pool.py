@@ -65,6 +65,8 @@ class RayPoolConfig:
         detached: detached actors survive a coordinator restart; the coordinator kills them on shutdown.
         scheduling_strategy: Ray's "DEFAULT" (fill nodes where resources allow) or "SPREAD" (spread the
             workers over the nodes; for CPU workers, which no GPU request pins to a node).
+        family_prefix: names of this app's workers under any configuration; workers named with it but
+            not with `name_prefix` belong to an earlier configuration and are killed at start.
     """
 
     name_prefix: str = "vibe-worker"
@@ -74,6 +76,7 @@ class RayPoolConfig:
     call_timeout_s: float = 60.0
     detached: bool = True
     scheduling_strategy: str = "DEFAULT"
+    family_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0 or self.call_timeout_s <= 0:
@@ -98,6 +101,7 @@ class RayWorkerPool:
 
     def start(self) -> list[WorkerInfo]:
         """Create the workers, or adopt the ones a previous coordinator left running."""
+        self._retire_strays()
         self._actors = [self._create(i) for i in range(self.num_devices)]
         self._infos = self._all(lambda a: a.info.remote(), "info")
         return list(self._infos)
@@ -121,6 +125,20 @@ class RayWorkerPool:
 
     def infos(self) -> list[WorkerInfo]:
         return list(self._infos)
+
+    def _retire_strays(self) -> None:
+        """Kill workers an earlier configuration of this app left behind (e.g. before a redeploy)."""
+        import ray
+
+        if not self.config.family_prefix:
+            return
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if (entry["namespace"] == self.config.namespace and name.startswith(self.config.family_prefix)
+                    and not name.startswith(f"{self.config.name_prefix}-")):
+                with contextlib.suppress(Exception):  # gone meanwhile
+                    ray.kill(ray.get_actor(name, namespace=self.config.namespace), no_restart=True)
+                    log.info("killed worker %s of an earlier configuration", name)
 
     def restart(self, device: int) -> WorkerInfo:
         """Replace a dead worker by a fresh one with no experts; returns its new address."""

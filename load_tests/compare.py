@@ -1,16 +1,19 @@
 """The side-by-side benchmark: `python -m load_tests.compare --out bench` (`make bench`).
 
-Owns the experiment: one local Ray cluster and one app start per policy (`contiguous`, `eplb`, `vibe`),
-the emulated cluster of `deploy/config.yaml`, the same seeded request traces against each, the SLOs
-(multiples of the unloaded latency measured at the start of the run), the rate sweep, the run at
-`eplb`'s SLO frontier, `<out>/compare.json`, the plots, `<out>/report.md` and the one-line-per-policy
-summary printed last. Also owns starting an app for a load test (`serve_app`), which `drift` reuses.
-Ignores how requests are sent (`generator`) and how numbers are defined (`slo`).
+Owns the experiment: one app per policy (`contiguous`, `eplb`, `vibe`), all started once in one local
+Ray cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request traces against
+each; the SLOs (multiples of the unloaded latency measured in the same run); the rate sweep; the run at
+`eplb`'s SLO frontier; `<out>/compare.json`, the plots, `<out>/report.md` and the one line per policy
+printed last. Also owns starting apps for a load test (`serve_apps`), which `drift` reuses. Ignores how
+requests are sent (`generator`) and how numbers are defined (`slo`).
 
-Order: eplb first (its unloaded latency sets the SLOs; its frontier sets the extra rate), then
-contiguous, then vibe. Each app: start and calibrate, a warm-up trace, unloaded requests one at a time,
-the sweep from low to high rate (a policy stops sweeping once a rate's attainment falls below
-`stop_below`), then the trace at eplb's frontier rate.
+The apps are up together but loaded one at a time, interleaved: at each rate every policy runs the
+same trace in turn (the order rotates from rate to rate), so that the other tenants of a shared machine
+weigh on every policy alike instead of on whichever ran during a busy spell. Sequence: start and
+calibrate every app; a warm-up trace against all at once (lets the adaptive policies re-place for the
+workload after the startup profiling pass); unloaded requests one at a time per app (their pooled
+medians set the SLOs); the sweep from low to high rate (a policy leaves the sweep after a rate whose
+attainment is below `stop_below`); then every policy at eplb's frontier rate.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
+import platform
 import socket
 import sys
 import time
@@ -35,18 +40,20 @@ from load_tests.generator import (
     RequestResult,
     RunRecord,
     TraceConfig,
+    fetch_admin,
     make_trace,
     run_trace,
     send_request,
     warm_up,
 )
-from load_tests.slo import SLO, Frontier, frontier, summarize
+from load_tests.slo import SLO, Frontier, frontier, single_stream_rate, summarize
 from load_tests.workloads import load_workloads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONFIG = REPO_ROOT / "deploy" / "config.yaml"
 ADMIN_TOKEN = "load-test-admin-token-0123456789"  # a local, per-run cluster: the token guards nothing else
 POLICY_ORDER = ("eplb", "contiguous", "vibe")
+_RESULT_FIELDS = ("index", "workload", "sent_s", "ttft_s", "e2e_s", "prompt_tokens", "output_tokens", "error")
 
 
 @dataclass(frozen=True)
@@ -54,44 +61,50 @@ class CompareConfig:
     """Everything the side-by-side benchmark decides with (every knob is recorded in the JSON).
 
     Attributes:
-        policies: run in this order; the first sets the SLOs and, if it is eplb, the extra rate.
-        rates: swept request rates (req/s), ascending.
+        policies: the apps; the sweep's first rate runs them in this order, later rates rotate it.
+        rates: swept request rates (req/s), ascending; None: `rate_multipliers` x the single-stream rate
+            (`slo.single_stream_rate` of the pooled unloaded latency), so the sweep fits the machine.
+        rate_multipliers: ascending, > 0; used when `rates` is None.
         duration_s: arrivals per swept rate span this many seconds.
         workloads: prompt sets the traces draw from (uniformly over their union).
+        max_tokens_cap: upper bound on every request's max_tokens (None: the workload's own).
         seed: seed of every trace (the same trace per rate for every policy).
-        warmup_rate, warmup_s: a warm-up trace (another seed) before measuring; lets the adaptive
-            policies re-place for the workload after the startup profiling pass.
-        unloaded_requests, unloaded_max_tokens: requests sent one at a time to the idle app.
-        ttft_factor, tpot_factor: SLO = factor x unloaded median (TTFT, TPOT) of the first app.
+        warmup_rate, warmup_s: the warm-up trace (another seed), sent to every app at once.
+        unloaded_requests, unloaded_max_tokens: requests sent one at a time to each idle app.
+        ttft_factor, tpot_factor: SLO = factor x the median unloaded TTFT / TPOT, pooled over the apps.
         target: attainment the frontier asks for.
-        stop_below: a policy stops its sweep after a rate whose attainment is below this.
+        stop_below: a policy leaves the sweep after a rate whose attainment is below this.
         drain_s: requests still running this long after a trace's last arrival are cut off (misses).
-        app_args: build_app arguments shared by every policy (over deploy/config.yaml's).
-        policy_args: per-policy build_app arguments (redundant slots, slot budget).
+        app_args: build_app arguments of every app (over deploy/config.yaml's).
+        policy_args: per-policy build_app arguments (e.g. redundant slots, slot budget).
     """
 
     policies: tuple[str, ...] = POLICY_ORDER
-    rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
-    duration_s: float = 40.0
+    rates: tuple[float, ...] | None = None
+    rate_multipliers: tuple[float, ...] = (1.5, 2.5, 3.5, 4.5)
+    duration_s: float = 30.0
     workloads: tuple[str, ...] = ("sharegpt_like",)
+    max_tokens_cap: int | None = 128
     seed: int = 0
-    warmup_rate: float = 1.0
+    warmup_rate: float = 0.5
     warmup_s: float = 20.0
-    unloaded_requests: int = 12
+    unloaded_requests: int = 8
     unloaded_max_tokens: int = 32
     ttft_factor: float = 5.0
     tpot_factor: float = 3.0
     target: float = 0.9
     stop_below: float = 0.5
-    drain_s: float = 60.0
+    drain_s: float = 45.0
     app_args: dict = field(default_factory=dict)
     policy_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.policies or len(set(self.policies)) != len(self.policies):
             raise ValueError(f"policies must be distinct and non-empty, got {self.policies}")
-        if not self.rates or list(self.rates) != sorted(set(self.rates)) or self.rates[0] <= 0:
-            raise ValueError(f"rates must be positive and strictly ascending, got {self.rates}")
+        for name in ("rates", "rate_multipliers"):
+            values = getattr(self, name)
+            if values is not None and (not values or list(values) != sorted(set(values)) or values[0] <= 0):
+                raise ValueError(f"{name} must be positive and strictly ascending, got {values}")
         for name in ("duration_s", "warmup_rate", "warmup_s", "ttft_factor", "tpot_factor", "drain_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CompareConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -116,32 +129,42 @@ def app_args_for(policy: str, config: CompareConfig, name: str) -> dict:
 
 
 @contextlib.contextmanager
-def serve_app(args: dict, *, ready_timeout_s: float = 600.0) -> Iterator[tuple[str, float]]:
-    """A fresh local Ray cluster serving `build_app(args)` on a free port; yields (base URL, startup s).
+def serve_apps(apps: dict[str, dict], *, ready_timeout_s: float = 900.0) -> Iterator[tuple[dict[str, str], float]]:
+    """A fresh local Ray cluster serving `build_app(args)` for each name -> args, at `/<name>` on a free
+    port; yields ({name: base URL}, startup seconds from `ray.init` until every /health answers). Apps
+    start one after another (each calibrated before the next begins).
 
-    Startup counts from `ray.init` until /health answers (profiling pass and calibration included). The
-    cluster (and every worker of the app) is shut down on exit.
+    Ray's logical CPUs are set to what the apps reserve (at least 2): reservations only order placement,
+    the cores are shared either way. The cluster, with every worker of every app, is shut down on exit.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
-    from deploy.app import build_app
+    from deploy.app import AppArgs, build_app
 
+    built = {name: build_app(args) for name, args in apps.items()}  # validates every app before starting
     started = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(2, math.ceil(sum(_reserved_cpus(AppArgs.model_validate(a)) for a in apps.values()))),
+             include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=args.get("app_name", "vibe"), route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, started + ready_timeout_s)
-        yield base, time.monotonic() - started
+        for name, app in built.items():  # one at a time: 16+ workers starting at once time out on 2 cores
+            serve.run(app, name=name, route_prefix=f"/{name}")
+        bases = {name: f"http://127.0.0.1:{port}/{name}" for name in apps}
+        for base in bases.values():
+            _wait_healthy(base, started + ready_timeout_s)
+        yield bases, time.monotonic() - started
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+
+
+def _reserved_cpus(args) -> float:
+    return args.ingress_num_cpus * args.num_replicas + args.coordinator_num_cpus + args.worker_num_cpus * args.num_devices
 
 
 def _free_port() -> int:
@@ -173,9 +196,11 @@ async def wait_idle(base: str, timeout_s: float = 120.0) -> None:
             await asyncio.sleep(0.5)
 
 
-async def model_name(base: str) -> str:
+async def client_for(base: str, **kwargs) -> ClientConfig:
+    """A ClientConfig for the app at `base`, its served model name asked from /v1/models."""
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-        return (await http.get("/v1/models")).json()["data"][0]["id"]
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+    return ClientConfig(base_url=base, model=model, admin_token=ADMIN_TOKEN, **kwargs)
 
 
 async def unloaded_latency(client: ClientConfig, trace, num: int, max_tokens: int) -> list[RequestResult]:
@@ -192,107 +217,9 @@ async def unloaded_latency(client: ClientConfig, trace, num: int, max_tokens: in
         await aclient.close()
 
 
-# --- the experiment --------------------------------------------------------------------------------
-
-def record_json(record: RunRecord, **extra) -> dict:
-    """A run as JSON: request results as columns (compact), polls, recalibrations, step-time counters."""
-    columns = {name: [getattr(r, name) for r in record.results]
-               for name in ("index", "workload", "sent_s", "ttft_s", "e2e_s", "prompt_tokens", "output_tokens",
-                            "error")}
-    return {**extra, "started_wall": record.started_wall, "duration_s": record.duration_s, "results": columns,
-            "polls": record.polls, "recalibrations": record.recalibrations, "step_seconds": record.step_seconds}
-
-
-def results_from_json(run: dict) -> list[RequestResult]:
-    """The RequestResults of a run written by `record_json`."""
-    columns = run["results"]
-    return [RequestResult(*row) for row in zip(*(columns[name] for name in (
-        "index", "workload", "sent_s", "ttft_s", "e2e_s", "prompt_tokens", "output_tokens", "error")))]
-
-
-class Experiment:
-    """The state of one side-by-side run: config, prompts, the SLO once known, results so far."""
-
-    def __init__(self, config: CompareConfig, out: Path, *, progress: bool = True) -> None:
-        self.config = config
-        self.out = out
-        self.progress = progress
-        self.prompts = load_workloads(config.workloads)
-        self.slo: SLO | None = None
-        self.extra_rate: Frontier | None = None
-        self.result: dict = {"config": asdict(config), "machine": machine_info(), "policies": {}}
-
-    def trace(self, rate: float, seed: int | None = None, duration_s: float | None = None):
-        phases = ((0.0, self.config.workloads),)
-        return make_trace(TraceConfig(rate, duration_s or self.config.duration_s, phases,
-                                      self.config.seed if seed is None else seed), self.prompts)
-
-    def run_policy(self, policy: str) -> dict:
-        """Start the policy's app, measure it, write the JSON so far; returns the policy's record."""
-        args = app_args_for(policy, self.config, f"bench-{policy}")
-        with serve_app(args) as (base, startup_s):
-            entry = asyncio.run(self._measure(base, policy))
-        entry = {"app_args": {k: v for k, v in args.items() if k != "admin_token"}, "startup_s": startup_s,
-                 **entry}
-        self.result["policies"][policy] = entry
-        self.save()
-        return entry
-
-    async def _measure(self, base: str, policy: str) -> dict:
-        cfg = self.config
-        client = ClientConfig(base_url=base, model=await model_name(base), drain_s=cfg.drain_s,
-                              admin_token=ADMIN_TOKEN)
-        warm = await run_trace(client, self.trace(cfg.warmup_rate, cfg.seed + 1000, cfg.warmup_s),
-                               desc=f"{policy} warm-up", progress=self.progress)
-        await wait_idle(base)
-        unloaded = await unloaded_latency(client, self.trace(cfg.rates[0]), cfg.unloaded_requests,
-                                          cfg.unloaded_max_tokens)
-        if self.slo is None:
-            self.slo = SLO.from_unloaded(unloaded, cfg.ttft_factor, cfg.tpot_factor, cfg.target)
-            self.result["slo"] = asdict(self.slo) | {"set_by": policy}
-        runs = []
-        for rate in cfg.rates:
-            runs.append(await self._run_rate(client, policy, rate, "sweep"))
-            if runs[-1]["summary"]["attainment"] < cfg.stop_below:
-                break
-        entry = {"warmup": record_json(warm), "unloaded": record_json(_unloaded_record(unloaded)),
-                 "runs": runs}
-        entry["frontier"] = asdict(self._frontier(runs))
-        if policy == "eplb" and self.extra_rate is None:
-            self.extra_rate = self._frontier(runs)
-        if self.extra_rate is not None:
-            entry["at_eplb_frontier"] = await self._run_rate(client, policy, self.extra_rate.rate_rps, "eplb_frontier")
-        return entry
-
-    async def _run_rate(self, client: ClientConfig, policy: str, rate: float, kind: str) -> dict:
-        record = await run_trace(client, self.trace(rate), desc=f"{policy} {rate:.2f} req/s",
-                                 progress=self.progress)
-        await wait_idle(client.base_url)
-        placement = await _placement_summary(client)
-        summary = summarize(record.results, self.slo, record.duration_s)
-        print(f"  {policy:>10} {kind:>13} rate={rate:5.2f} attainment={summary['attainment']:.3f} "
-              f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
-              f"failed={summary['failed']}", flush=True)
-        return record_json(record, rate_rps=rate, kind=kind, summary=summary, placement=placement)
-
-    def _frontier(self, runs: list[dict]) -> Frontier:
-        return frontier([r["rate_rps"] for r in runs], [r["summary"]["attainment"] for r in runs],
-                        self.config.target)
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "compare.json").write_text(json.dumps(self.result, indent=None, separators=(",", ":")))
-
-
-def _unloaded_record(results: list[RequestResult]) -> RunRecord:
-    return RunRecord(started_wall=time.time(), duration_s=sum(r.e2e_s or 0.0 for r in results), results=results)
-
-
-async def _placement_summary(client: ClientConfig) -> dict:
-    """Predicted per-layer device times of the current placement on the window loads (from /admin/placement):
-    the MoE layers' predicted critical path per forward pass, sum_l max_g, and the version."""
-    from load_tests.generator import fetch_admin
-
+async def placement_summary(client: ClientConfig) -> dict:
+    """From /admin/placement: the version, slots per device per layer, predicted device times per layer on
+    the window loads, and the MoE layers' predicted critical path per forward pass (sum_l max_g)."""
     async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
         view = await fetch_admin(http, client.admin_token, "/admin/placement")
     times = [layer["device_predicted_s"] for layer in view["layers"]]
@@ -302,15 +229,145 @@ async def _placement_summary(client: ClientConfig) -> dict:
             "moe_critical_path_s": sum(max(row) for row in times)}
 
 
+# --- results as JSON -------------------------------------------------------------------------------
+
+def record_json(record: RunRecord, **extra) -> dict:
+    """A run as JSON: request results as columns (compact), polls, recalibrations, step-time counters."""
+    columns = {name: [getattr(r, name) for r in record.results] for name in _RESULT_FIELDS}
+    return {**extra, "started_wall": record.started_wall, "duration_s": record.duration_s, "results": columns,
+            "polls": record.polls, "recalibrations": record.recalibrations, "step_seconds": record.step_seconds}
+
+
+def results_from_json(run: dict) -> list[RequestResult]:
+    """The RequestResults of a run written by `record_json`."""
+    columns = run["results"]
+    return [RequestResult(*row) for row in zip(*(columns[name] for name in _RESULT_FIELDS))]
+
+
+def machine_info() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg()}
+
+
+# --- the experiment --------------------------------------------------------------------------------
+
+class Experiment:
+    """One side-by-side run: config, prompts, the SLO once known, and the result written as it grows."""
+
+    def __init__(self, config: CompareConfig, out: Path, *, progress: bool = True) -> None:
+        self.config = config
+        self.out = out
+        self.progress = progress
+        self.prompts = load_workloads(config.workloads)
+        self.slo: SLO | None = None
+        self.result: dict = {"config": asdict(config), "machine": machine_info(), "policies": {}}
+
+    def trace(self, rate: float, seed: int | None = None, duration_s: float | None = None):
+        cfg = self.config
+        return make_trace(TraceConfig(rate, duration_s or cfg.duration_s, ((0.0, cfg.workloads),),
+                                      cfg.seed if seed is None else seed, cfg.max_tokens_cap), self.prompts)
+
+    def run(self) -> dict:
+        """Start every app, measure, write `<out>/compare.json`; returns the result."""
+        apps = {p: app_args_for(p, self.config, f"bench-{p}") for p in self.config.policies}
+        with serve_apps(apps) as (bases, startup_s):
+            self.result["startup_s"] = startup_s
+            for policy, args in apps.items():
+                self.result["policies"][policy] = {"app_args": {k: v for k, v in args.items() if k != "admin_token"},
+                                                   "runs": []}
+            asyncio.run(self._measure(bases))
+        self.result["machine"]["loadavg_end"] = os.getloadavg()
+        self.save()
+        return self.result
+
+    async def _measure(self, bases: dict[str, str]) -> None:
+        cfg = self.config
+        clients = {p: await client_for(base, drain_s=cfg.drain_s) for p, base in bases.items()}
+        warm = self.trace(cfg.warmup_rate, cfg.seed + 1000, cfg.warmup_s)
+        await asyncio.gather(*(run_trace(c, warm, desc=f"{p} warm-up", progress=False) for p, c in clients.items()))
+        for client in clients.values():
+            await wait_idle(client.base_url)
+        await self._unloaded(clients)
+        active = list(cfg.policies)
+        for i, rate in enumerate(self.result["rates"]):
+            for policy in _rotated(active, i):
+                await self._run(clients[policy], policy, rate, "sweep")
+            active = [p for p in active if self._entry(p)["runs"][-1]["summary"]["attainment"] >= cfg.stop_below]
+            if not active:
+                break
+        for policy in cfg.policies:
+            self._entry(policy)["frontier"] = asdict(self._frontier(policy))
+        if "eplb" in cfg.policies:
+            rate = self._frontier("eplb").rate_rps
+            for policy in _rotated(list(cfg.policies), len(self.result["rates"])):
+                await self._run(clients[policy], policy, rate, "eplb_frontier")
+        self.save()
+
+    async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
+        """Unloaded latency of every app; sets the SLO and, unless given, the swept rates."""
+        cfg = self.config
+        pooled = []
+        for policy, client in clients.items():
+            results = await unloaded_latency(client, self.trace(cfg.warmup_rate), cfg.unloaded_requests,
+                                             cfg.unloaded_max_tokens)
+            self._entry(policy)["unloaded"] = record_json(RunRecord(time.time(), results=results))
+            pooled += results
+        self.slo = SLO.from_unloaded(pooled, cfg.ttft_factor, cfg.tpot_factor, cfg.target)
+        self.result["slo"] = asdict(self.slo) | {"set_by": "all apps, pooled"}
+        single = single_stream_rate(pooled, self.mean_output_tokens())
+        self.result["single_stream_rps"] = single
+        self.result["rates"] = list(cfg.rates or (round(m * single, 3) for m in cfg.rate_multipliers))
+
+    def mean_output_tokens(self) -> float:
+        """Mean output tokens of a request drawn from the workloads (max_tokens after the cap; ignore_eos)."""
+        cap = self.config.max_tokens_cap
+        tokens = [min(p.max_tokens, cap or p.max_tokens) for name in self.config.workloads for p in self.prompts[name]]
+        return sum(tokens) / len(tokens)
+
+    async def _run(self, client: ClientConfig, policy: str, rate: float, kind: str) -> None:
+        trace = self.trace(rate)
+        if not trace:  # a rate so low that no request arrives in duration_s: nothing to measure
+            print(f"  {policy:>10} {kind:>13} rate={rate:5.2f}: no request in {self.config.duration_s:g} s, skipped")
+            return
+        load_before = os.getloadavg()
+        record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress)
+        await wait_idle(client.base_url)
+        summary = summarize(record.results, self.slo, record.duration_s)
+        run = record_json(record, rate_rps=rate, kind=kind, summary=summary,
+                          placement=await placement_summary(client), loadavg=[load_before, os.getloadavg()])
+        if kind == "sweep":
+            self._entry(policy)["runs"].append(run)
+        else:
+            self._entry(policy)["at_eplb_frontier"] = run
+        self.save()
+        print(f"  {policy:>10} {kind:>13} rate={rate:5.2f} attainment={summary['attainment']:.3f} "
+              f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
+              f"failed={summary['failed']} load={load_before[0]:.1f}", flush=True)
+
+    def _entry(self, policy: str) -> dict:
+        return self.result["policies"][policy]
+
+    def _frontier(self, policy: str) -> Frontier:
+        runs = self._entry(policy)["runs"]
+        return frontier([r["rate_rps"] for r in runs], [r["summary"]["attainment"] for r in runs], self.config.target)
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "compare.json").write_text(json.dumps(self.result, separators=(",", ":")))
+
+
+def _rotated(items: list[str], shift: int) -> list[str]:
+    shift %= max(len(items), 1)
+    return items[shift:] + items[:shift]
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def machine_info() -> dict:
-    import platform
+# --- command line ----------------------------------------------------------------------------------
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "loadavg_start": os.getloadavg()}
+DEFAULT = CompareConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,41 +377,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds of arrivals per swept rate")
     parser.add_argument("--policies", nargs="+", choices=POLICY_ORDER)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--no-drift", action="store_true", help="skip the drift scenarios")
+    parser.add_argument("--drift", action="store_true", help="also run the drift scenarios (about 10 minutes)")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale study")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
                                    ("policies", tuple(args.policies or ())), ("seed", args.seed)) if v}
-    config = replace(DEFAULT, **overrides)
     started = time.monotonic()
-    experiment = Experiment(config, args.out, progress=not args.no_progress)
-    for policy in config.policies:
-        print(f"== {policy}", flush=True)
-        experiment.run_policy(policy)
-    experiment.result["runtime_s"] = time.monotonic() - started
-    experiment.result["machine"]["loadavg_end"] = os.getloadavg()
+    experiment = Experiment(replace(DEFAULT, **overrides), args.out, progress=not args.no_progress)
+    experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)
+    result = experiment.run()
+    extras = _extras(args, experiment.slo)
+    result["runtime_s"] = time.monotonic() - started
     experiment.save()
-    return finish(args, experiment.result)
+    from load_tests import report
 
-
-def finish(args: argparse.Namespace, result: dict) -> int:
-    """Drift scenarios and scale study (unless skipped), plots, report, and the summary lines."""
-    from load_tests import drift, report, scale
-
-    extras = {}
-    if not args.no_drift:
-        extras["drift"] = drift.run_all(args.out, progress=not args.no_progress)
-    if not args.no_scale:
-        extras["scale"] = scale.run(args.out)
-    lines = report.write(args.out, result, **extras)
-    for line in lines:
+    for line in report.write(args.out, result, **extras):
         print(line)
     return 0
 
 
-# Service knobs of the comparison (see the report): deploy/config.yaml, at equal expert memory per device.
-DEFAULT = CompareConfig()
+def _extras(args: argparse.Namespace, slo: SLO) -> dict:
+    """The drift scenarios (with the same SLO) and the scale study, as asked on the command line."""
+    from load_tests import drift, scale
+
+    extras = {}
+    if args.drift:
+        extras["drift"] = drift.run_all(args.out, slo=slo, progress=not args.no_progress)
+    if not args.no_scale:
+        extras["scale"] = scale.run(args.out)
+    return extras
 
 
 if __name__ == "__main__":

@@ -110,29 +110,32 @@ def balance(result: dict, rows: dict[str, dict], path: Path) -> None:
 
 
 def drift_timeline(result: dict, path: Path) -> None:
-    """Per scenario: TTFT of every request by send time (static and adaptive), a rolling P90, the switch,
-    and the adaptive app's recalibrations (solid: applied, dotted: other outcomes)."""
+    """Per scenario: TTFT of every request by send time (static and adaptive), a rolling P90, the drift's
+    onset, and each app's recalibrations (solid: applied, dotted: other outcomes)."""
     scenarios = result["scenarios"]
+    duration = result["config"]["duration_s"]
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(14, 4.5 * len(scenarios)), squeeze=False)
-    switch = result["config"]["switch_s"]
-    for ax, (scenario, modes) in zip(axes[:, 0], scenarios.items()):
-        for mode, run in modes.items():
+    for ax, (scenario, entry) in zip(axes[:, 0], scenarios.items()):
+        for mode in ("static", "adaptive"):
+            run = entry[mode]
             done = [r for r in results_from_json(run) if r.ttft_s is not None]
             sent = np.array([r.sent_s for r in done])
             ttft = np.array([r.ttft_s for r in done]) * 1e3
             color = COLORS.get(mode)
             ax.scatter(sent, ttft, s=6, alpha=0.35, color=color)
-            centers, p90 = _rolling_p90(sent, ttft, result["config"]["duration_s"])
+            centers, p90 = _rolling_p90(sent, ttft, duration)
             ax.plot(centers, p90, color=color, label=f"{mode}: rolling P90 (10 s)")
             for event in run["recalibrations"]:
                 at = event["started_at"] - run["started_wall"]
                 if 0 <= at <= run["duration_s"]:
                     ax.axvline(at, color=color, linewidth=0.8, linestyle="-" if event["status"] == "applied" else ":")
-        ax.axvline(switch, color="black", linewidth=1.5, label="drift starts")
+        onset = entry.get("onset_s")
+        if onset is not None:
+            ax.axvline(onset, color="black", linewidth=1.5, label="drift onset")
         if "slo" in result:
             ax.axhline(result["slo"]["ttft_s"] * 1e3, color="green", linewidth=0.8, label="TTFT SLO")
         ax.set(yscale="log", xlabel="seconds into the trace (send time)", ylabel="TTFT (ms)",
-               title=f"{scenario} drift: TTFT over time (vertical lines: recalibrations)")
+               title=f"{scenario} drift: TTFT over time (thin lines: recalibrations of the app of that colour)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)

@@ -48,7 +48,8 @@ def headline(result: dict) -> dict[str, dict]:
         point = entry.get("at_eplb_frontier")
         summary = point["summary"] if point else {}
         rows[policy] = {
-            "frontier_rps": entry["frontier"]["rate_rps"], "frontier_kind": entry["frontier"]["kind"],
+            "frontier_rps": entry["frontier"]["rate_rps"], "frontier_kind": entry["frontier"]["kind"]
+            + ("" if entry["frontier"].get("monotonic", True) else ", non-monotonic"),
             "rate_rps": point["rate_rps"] if point else None,
             **{f"{m}_{q}_ms": summary.get(f"{m}_{q}_ms") for m in ("ttft", "tpot") for q in ("p50", "p90", "p99")},
             "attainment": summary.get("attainment"), "goodput_rps": summary.get("goodput_rps"),
@@ -128,16 +129,20 @@ def _header(result: dict, slo: SLO) -> str:
         f"Emulated cluster (deploy/config.yaml): {args['num_devices']} devices, speeds {args['speeds']}, "
         f"emulation {args['emulation']}. Model: {args.get('model', 'deploy/models/vibe-tiny-moe')}.",
         f"Trace: Poisson arrivals, workloads {list(cfg['workloads'])}, seed {cfg['seed']}, "
-        f"{cfg['duration_s']:g} s of arrivals per rate, rates {list(cfg['rates'])} req/s, `ignore_eos` and "
-        f"temperature 0 (every policy serves the same tokens). Warm-up {cfg['warmup_s']:g} s at "
-        f"{cfg['warmup_rate']:g} req/s before measuring.",
+        f"max_tokens capped at {cfg['max_tokens_cap']}, {cfg['duration_s']:g} s of arrivals per rate, `ignore_eos` "
+        "and temperature 0 (every policy serves the same tokens). Rates "
+        f"{[round(r, 3) for r in result['rates']]} req/s" + (
+            f" = {list(cfg['rate_multipliers'])} x the single-stream rate {result['single_stream_rps']:.3f} req/s "
+            "(1 / (median unloaded TTFT + mean output tokens x median unloaded TPOT))" if cfg["rates"] is None
+            else "") + f". Warm-up {cfg['warmup_s']:g} s at {cfg['warmup_rate']:g} req/s before measuring.",
         f"SLOs: TTFT <= {slo.ttft_s * 1e3:.1f} ms ({cfg['ttft_factor']:g} x the unloaded median), TPOT <= "
         f"{slo.tpot_s * 1e3:.1f} ms ({cfg['tpot_factor']:g} x the unloaded median); unloaded = "
         f"{cfg['unloaded_requests']} requests sent one at a time (max_tokens <= {cfg['unloaded_max_tokens']}) "
         f"to the {unloaded['set_by']} app before any load. SLO frontier: highest rate with >= "
-        f"{slo.target:.0%} of requests within both SLOs, interpolated linearly between the last swept rate "
-        "that meets it and the first that does not (scanning upwards; failed and cut-off requests count as "
-        f"misses). A policy stops sweeping after a rate below {cfg['stop_below']:.0%} attainment.",
+        f"{slo.target:.0%} of requests within both SLOs: the highest swept rate that meets it, interpolated "
+        "linearly towards the next swept rate (failed and cut-off requests count as misses; 'non-monotonic': "
+        f"a lower rate missed the target). A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} "
+        "attainment.",
     ])
 
 
@@ -199,10 +204,12 @@ def _breakdown(rows: dict[str, dict]) -> str:
 def _knobs(result: dict) -> str:
     lines = ["## Service knobs per policy (build_app arguments)", ""]
     keys = ("policy", "num_redundant", "slot_budget", "auto_recalibrate", "max_num_seqs", "max_num_batched_tokens")
-    lines += ["| " + " | ".join(keys) + " | startup (s) |", "|" + "---|" * (len(keys) + 1)]
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for entry in result["policies"].values():
         args = entry["app_args"]
-        lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + f" | {entry['startup_s']:.0f} |")
+        lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + " |")
+    lines += ["", f"All apps started together in one Ray cluster in {result.get('startup_s', 0):.0f} s (profiling "
+              "pass and calibration included), then were loaded one at a time, interleaved by rate."]
     return "\n".join(lines)
 
 
@@ -211,15 +218,16 @@ def _drift(drift: dict) -> str:
 
     cfg = drift["config"]
     lines = ["## Drift scenarios (policy vibe, static vs adaptive, same trace)", "",
-             f"Rate {cfg['rate_rps']:g} req/s, {cfg['duration_s']:g} s of arrivals; the drift starts "
-             f"{cfg['switch_s']:g} s in. Workload: prose (sharegpt_like, sonnet_like) -> code. Device: device "
-             f"{cfg['throttled_device']} throttles to {cfg['throttle_to']:g}x (emulation.drift). Numbers after "
-             "the drift (requests sent from the switch on); plot: drift.png.", "",
-             "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
+             f"Static and adaptive apps loaded at the same time with the same trace, {cfg['rate_rps']:g} req/s "
+             f"each, {cfg['duration_s']:g} s of arrivals. Workload: prose (sharegpt_like, sonnet_like) -> code "
+             f"at {cfg['switch_s']:g} s. Device: device {cfg['throttled_device']} throttles to "
+             f"{cfg['throttle_to']:g}x (emulation.drift; onset read from the static app's device ratios). "
+             "Numbers for requests sent from the onset on; plot: drift.png.", "",
+             "| scenario | onset (s) | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
              "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations | adaptive wins |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, v in verdicts(drift).items():
-        lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
+        lines.append(f"| {scenario} | {_num(v['onset_s'], 0)} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
                      f"{_num(v['static_ttft_p90_ms'], 1)} | {_num(v['adaptive_ttft_p90_ms'], 1)} | "
                      f"{_num(v['static_tpot_p90_ms'], 2)} | {_num(v['adaptive_tpot_p90_ms'], 2)} | "
                      f"{v['recalibrations_adaptive']} | {'yes' if v['adaptive_wins'] else 'no'} |")

@@ -98,31 +98,48 @@ def summarize(results: Sequence[RequestResult], slo: SLO, duration_s: float) -> 
 class Frontier:
     """The highest request rate with at least `target` attainment.
 
-    kind: "interpolated" (linear between the last swept rate at or above the target and the first one
-    below it, scanning rates upwards), "at_least" (every swept rate met it: the value is the highest rate
-    swept), or "below_sweep" (the lowest rate already missed it: interpolated between rate 0, taken as
-    full attainment, and the lowest rate).
+    kind: "interpolated" (linear between the highest swept rate at or above the target and the next
+    higher swept rate, which is below it), "at_least" (the highest swept rate met it: the value is that
+    rate), or "below_sweep" (no swept rate met it: interpolated between rate 0, taken as full attainment,
+    and the lowest rate). `monotonic` is False when a rate below the frontier missed the target (noise,
+    or a disturbance during that run): the frontier then overstates what the lower rates showed.
     """
 
     rate_rps: float
     kind: str
+    monotonic: bool = True
 
 
 def frontier(rates: Sequence[float], attainments: Sequence[float], target: float = 0.9) -> Frontier:
-    """SLO frontier of a rate sweep (any order). The first crossing counts: a rate below the target is not
-    redeemed by a higher rate that meets it again (noise), so the result is conservative."""
+    """SLO frontier of a rate sweep (any order), as DESIGN.md §4 defines it: the highest rate that meets
+    the target, refined by linear interpolation towards the next swept rate."""
     if len(rates) != len(attainments) or not rates:
         raise ValueError(f"need as many attainments as rates (>= 1), got {len(rates)} and {len(attainments)}")
     order = np.argsort(rates)
     r = np.asarray(rates, dtype=np.float64)[order]
     a = np.asarray(attainments, dtype=np.float64)[order]
-    below = np.flatnonzero(a < target)
-    if below.size == 0:
-        return Frontier(float(r[-1]), "at_least")
-    i = int(below[0])
-    lo_rate, lo_att = (0.0, 1.0) if i == 0 else (float(r[i - 1]), float(a[i - 1]))
-    share = (lo_att - target) / (lo_att - a[i]) if lo_att > a[i] else 0.0
-    return Frontier(lo_rate + share * (float(r[i]) - lo_rate), "below_sweep" if i == 0 else "interpolated")
+    met = np.flatnonzero(a >= target)
+    if met.size == 0:
+        share = (1.0 - target) / (1.0 - a[0])
+        return Frontier(float(share * r[0]), "below_sweep")
+    i = int(met[-1])
+    monotonic = bool(np.all(a[:i] >= target))
+    if i == r.size - 1:
+        return Frontier(float(r[i]), "at_least", monotonic)
+    share = (a[i] - target) / (a[i] - a[i + 1])
+    return Frontier(float(r[i] + share * (r[i + 1] - r[i])), "interpolated", monotonic)
+
+
+def single_stream_rate(unloaded: Sequence[RequestResult], mean_output_tokens: float) -> float:
+    """Requests per second one client sending requests back to back would get: 1 / (median unloaded TTFT
+    + mean_output_tokens x median unloaded TPOT). A machine-independent unit for a rate sweep."""
+    if mean_output_tokens < 1:
+        raise ValueError(f"mean_output_tokens must be >= 1, got {mean_output_tokens!r}")
+    ttft = [r.ttft_s for r in unloaded if r.error is None and r.ttft_s is not None]
+    tpot = [r.tpot_s for r in unloaded if r.tpot_s is not None]
+    if not ttft or not tpot:
+        raise ValueError("need completed unloaded requests with >= 2 tokens")
+    return 1.0 / (float(np.median(ttft)) + mean_output_tokens * float(np.median(tpot)))
 
 
 def interpolate_at(rates: Sequence[float], values: Sequence[float | None], rate: float) -> float | None:

@@ -160,11 +160,12 @@ def test_run_trace_times_first_content_tpot_usage_and_failures(fake_url):
     record = asyncio.run(run_trace(config, trace, progress=False))
     first, single, hung = record.results
     assert first.error is None and first.output_tokens == 6 and first.prompt_tokens == 7
-    assert FIRST_TOKEN_S <= first.ttft_s < FIRST_TOKEN_S + 0.1  # the empty role chunk does not count
-    assert GAP_S <= first.tpot_s < GAP_S + 0.03
+    # lower bounds only (the server's sleeps guarantee them): the empty role chunk, sent at once, is no TTFT
+    assert first.ttft_s >= FIRST_TOKEN_S and first.tpot_s >= GAP_S
+    assert first.tpot_s == pytest.approx((first.e2e_s - first.ttft_s) / 5)
     assert single.error is None and single.tpot_s is None and single.sent_s >= 0.3
     assert hung.error == "cutoff" and hung.ttft_s is None
-    assert 1.3 <= record.duration_s < 2.5  # last arrival 0.35 s + 1 s of drain
+    assert record.duration_s >= 0.35 + 1.0  # the last arrival plus the drain
     assert record.step_seconds == {"sum": 0.5, "count": 10.0}
     assert len(record.polls) >= 3 and record.polls[0]["imbalance_per_layer"] == [1.1, 1.2]
     assert record.recalibrations == [{"started_at": 5.0, "reason": "drift", "status": "applied"}]

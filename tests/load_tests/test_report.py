@@ -33,7 +33,7 @@ def _policy(ttfts: dict[float, float], extra_ttft: float, imbalance: float) -> d
     runs = [_run(rate, ttft, imbalance=imbalance) for rate, ttft in ttfts.items()]
     found = frontier([r["rate_rps"] for r in runs], [r["summary"]["attainment"] for r in runs])
     return {"app_args": {"policy": "x", "num_devices": 2, "speeds": [1.0, 0.9], "emulation": {}},
-            "startup_s": 30.0, "runs": runs, "frontier": asdict(found),
+            "runs": runs, "frontier": asdict(found),
             "at_eplb_frontier": _run(1.5, extra_ttft, "eplb_frontier", imbalance)}
 
 
@@ -41,11 +41,12 @@ def _policy(ttfts: dict[float, float], extra_ttft: float, imbalance: float) -> d
 def result() -> dict:
     # attainment is 0.9 when TTFT is within the SLO (one timeout in ten) and 0 otherwise
     return {
-        "config": {"workloads": ["w"], "seed": 0, "duration_s": 10.0, "rates": [1.0, 2.0, 3.0], "warmup_s": 5.0,
+        "config": {"workloads": ["w"], "seed": 0, "duration_s": 10.0, "rates": None, "rate_multipliers": [1, 2, 3],
+                   "max_tokens_cap": 64, "warmup_s": 5.0,
                    "warmup_rate": 1.0, "ttft_factor": 5.0, "tpot_factor": 3.0, "unloaded_requests": 4,
                    "unloaded_max_tokens": 8, "stop_below": 0.5},
         "machine": {"cpus": 2, "platform": "test", "loadavg_start": [1.0, 1.0, 1.0]},
-        "slo": asdict(SLO_1) | {"set_by": "eplb"},
+        "slo": asdict(SLO_1) | {"set_by": "eplb"}, "rates": [1.0, 2.0, 3.0], "single_stream_rps": 1.0,
         "policies": {
             "eplb": _policy({1.0: 0.05, 2.0: 0.5}, 0.08, 1.3),
             "contiguous": _policy({1.0: 0.5, 2.0: 0.5}, 0.2, 1.5),

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from load_tests.generator import RequestResult
-from load_tests.slo import SLO, attainment, frontier, interpolate_at, meets, percentiles, summarize
+from load_tests.slo import (
+    SLO,
+    Frontier,
+    attainment,
+    frontier,
+    interpolate_at,
+    meets,
+    percentiles,
+    single_stream_rate,
+    summarize,
+)
 
 
 def _result(ttft: float | None, e2e: float | None, tokens: int, error: str | None = None) -> RequestResult:
@@ -66,20 +76,27 @@ def test_percentiles_and_summary():
     assert summary["ttft_p50_ms"] == pytest.approx(50.0) and summary["tpot_p90_ms"] == pytest.approx(10.0)
 
 
-def test_frontier_interpolates_the_first_crossing():
-    found = frontier([1, 2, 3, 4], [1.0, 0.95, 0.85, 0.95])
-    assert found.kind == "interpolated"
-    assert found.rate_rps == pytest.approx(2.5)  # 0.95 -> 0.85 crosses 0.9 halfway; 4's rebound is ignored
+def test_frontier_interpolates_above_the_highest_rate_that_meets_the_target():
+    found = frontier([1, 2, 3, 4], [1.0, 0.95, 0.85, 0.5])
+    assert found == Frontier(pytest.approx(2.5), "interpolated", True)  # 0.95 -> 0.85 crosses 0.9 halfway
+    noisy = frontier([1, 2, 3, 4], [1.0, 0.85, 0.95, 0.5])
+    assert noisy.rate_rps == pytest.approx(3 + 1 / 9) and not noisy.monotonic  # 0.95 -> 0.5
 
 
 def test_frontier_at_the_edges_of_the_sweep():
     assert frontier([3, 1, 2], [0.91, 1.0, 0.99]) == frontier([1, 2, 3], [1.0, 0.99, 0.91])
-    assert frontier([1, 2, 3], [1.0, 0.99, 0.91]).kind == "at_least"
-    assert frontier([1, 2, 3], [1.0, 0.99, 0.91]).rate_rps == 3
+    assert frontier([1, 2, 3], [1.0, 0.99, 0.91]) == Frontier(3.0, "at_least", True)
     below = frontier([2, 4], [0.8, 0.1])
     assert below.kind == "below_sweep" and below.rate_rps == pytest.approx(1.0)  # (0, 100%) to (2, 80%)
     with pytest.raises(ValueError, match="as many"):
         frontier([1, 2], [0.5])
+
+
+def test_single_stream_rate():
+    unloaded = [_result(0.1, 0.5, 11), _result(0.3, 0.7, 11), _result(None, None, 0, "timeout")]
+    assert single_stream_rate(unloaded, mean_output_tokens=50) == pytest.approx(1 / (0.2 + 50 * 0.04))
+    with pytest.raises(ValueError, match="mean_output_tokens"):
+        single_stream_rate(unloaded, 0)
 
 
 def test_interpolate_at_swept_and_between_rates():

@@ -182,24 +182,28 @@ class Coordinator:
         """Create or adopt workers, profile them, then recover or compute and load the placement."""
         self._workers = self.pool.start()
         self._profile()
-        recovered = self._recover()
+        recovered, newest = self._recover()
         if recovered is None:
             uniform = np.ones((self.shape.num_layers, self.shape.num_experts))
-            first = self._plan(uniform, self.config.policy).with_version(1)
+            # Above every recorded version: engines may still serve one, and they only switch to newer ones.
+            first = self._plan(uniform, self.config.policy).with_version(newest + 1)
             self.pool.load(self.config.checkpoint, self._keys_per_device(first))
             self._publish(first)
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
 
-    def _recover(self) -> pl.Placement | None:
-        """Adopt the newest placement recorded on the workers if the workers really hold it."""
+    def _recover(self) -> tuple[pl.Placement | None, int]:
+        """Adopt the newest placement recorded on the workers if the workers really hold it.
+
+        Returns it (None if there is none to adopt) and the newest version recorded (0 if none)."""
         try:
             records = self.pool.load_records()
             held = self.pool.held()
         except WorkerCallError as exc:
             log.warning("placement recovery skipped: %s", exc)
-            return None
+            return None, 0
+        newest = max((int(r.get("version", 0)) for r in records), default=0)
         for record in sorted(records, key=lambda r: r.get("version", 0), reverse=True):
             candidate = pl.Placement.from_dict(record)
             needed = self._keys_per_device(candidate)
@@ -208,8 +212,8 @@ class Coordinator:
                 with self._lock:
                     self._placement = candidate
                     self._calibrated = bool(record.get("calibrated", False))
-                return candidate
-        return None
+                return candidate, newest
+        return None, newest
 
     def _profile(self) -> list[pl.DeviceModel]:
         samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from service.app import create_app
@@ -25,6 +26,7 @@ from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
 from service.dispatch import DispatchContext, SocketChannel
 from service.emulator import EmulationConfig
 from service.engine import Engine, EngineConfig
+from service.messages import EngineReport
 from service.model import load_engine_model
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
@@ -157,6 +159,27 @@ def test_a_dead_device_fails_in_flight_requests_fast_with_503_and_service_recove
             assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
     finally:
         engine.shutdown()
+        devices.close()
+
+
+def test_a_restarted_coordinator_that_cannot_recover_publishes_above_what_engines_serve(checkpoint):
+    """Coordinator and a worker lost together (a node): the restarted worker holds nothing, so no record
+    can be recovered. The new placement must still be newer than the engines' version, or they would
+    never switch to it and keep sending tokens to experts that are gone."""
+    devices = Devices(checkpoint)
+    try:
+        first = _coordinator(checkpoint, devices)
+        first.report(EngineReport("engine", 1, np.ones((1, first.shape.num_layers, first.shape.num_experts), dtype=np.int64)))
+        assert first.recalibrate(policy="contiguous", mode="full", force=True)["status"] == "applied"
+        served = first.placement.version
+        devices.pool.restart(DEAD)  # Ray restarts the lost worker actor: empty, without the record
+        second = _coordinator(checkpoint, devices)
+        assert second.placement.version > served
+        reply = second.report(EngineReport("engine", served, np.zeros((0, first.shape.num_layers, first.shape.num_experts), dtype=np.int64)))
+        assert reply.placement is not None and reply.placement["version"] == second.placement.version
+        held = devices.pool.held()
+        assert all(second.placement.experts_on(d) <= held[d] for d in range(NUM_DEVICES))
+    finally:
         devices.close()
 
 

@@ -235,7 +235,8 @@ def record_json(record: RunRecord, **extra) -> dict:
     """A run as JSON: request results as columns (compact), polls, recalibrations, step-time counters."""
     columns = {name: [getattr(r, name) for r in record.results] for name in _RESULT_FIELDS}
     return {**extra, "started_wall": record.started_wall, "duration_s": record.duration_s, "results": columns,
-            "polls": record.polls, "recalibrations": record.recalibrations, "step_seconds": record.step_seconds}
+            "polls": record.polls, "recalibrations": record.recalibrations, "step_seconds": record.step_seconds,
+            "events": record.events}
 
 
 def results_from_json(run: dict) -> list[RequestResult]:

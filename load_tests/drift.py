@@ -1,22 +1,20 @@
 """Drift scenarios: `python -m load_tests.drift --out bench` (or `python -m load_tests.compare --drift`).
 
 Owns two scenarios on the emulated cluster of `deploy/config.yaml` with the `vibe` policy. Each starts
-two apps together, static (`auto_recalibrate: false`) and adaptive (`true`), and sends both the same
-trace at the same time, so both see the same machine:
+two apps, static (`auto_recalibrate: false`) and adaptive (`true`), and sends both the same trace at the
+same time, so that both see the same machine:
 
 - workload drift: the prompts switch from prose (sharegpt_like, sonnet_like) to code `switch_s` into the
   trace;
-- device drift: one emulated device throttles to 0.8x (`emulation.drift`). Its step is scheduled in
-  seconds after the device's worker started, which a client cannot see, so the trace starts
-  `device_drift_at_s - switch_s` after the cluster was asked to start (the step falls at `switch_s` plus
-  the workers' start-up delay) and the onset is then read from the static app's polls: the first poll
-  where the device's observed/predicted time ratio, relative to the other devices', has risen halfway to
-  the throttle.
+- device drift: one emulated device throttles to 0.8x of its speed `switch_s` into the trace, in both
+  apps at once, through the emulator's speed control (POST /admin/emulation/speed). `emulation.drift`
+  cannot place the step there: it counts from each worker's start, which a client cannot observe and
+  which differs by the minute or more it takes to start one app after the other on this machine.
 
-"After" numbers count requests sent from the onset on (workload: `switch_s`). Writes `<out>/drift.json`
-and `<out>/drift.png` (TTFT over time with the onset and the recalibrations marked, from /admin/stats
-`recalibrations` and their `started_at`). Ignores the side-by-side comparison (see `compare`), whose app
-start and SLO it reuses.
+"After" numbers count requests sent from the switch on. Writes `<out>/drift.json` and `<out>/drift.png`
+(TTFT over time with the switch and the recalibrations marked, from /admin/stats `recalibrations` and
+their `started_at`). Ignores the side-by-side comparison (see `compare`), whose app start and SLO it
+reuses.
 """
 
 from __future__ import annotations
@@ -25,12 +23,11 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
+import httpx
 
 from load_tests.compare import (
     DEFAULT,
@@ -41,7 +38,7 @@ from load_tests.compare import (
     unloaded_latency,
     wait_idle,
 )
-from load_tests.generator import RequestResult, TraceConfig, make_trace, run_trace
+from load_tests.generator import ClientConfig, Event, RequestResult, TraceConfig, make_trace, run_trace
 from load_tests.slo import SLO, summarize
 from load_tests.workloads import CODE, PROSE, load_workloads
 
@@ -59,8 +56,6 @@ class DriftConfig:
         duration_s: arrivals span this many seconds.
         switch_s: seconds into the trace when the prompts switch (workload) or the throttle is due (device).
         throttled_device, throttle_to: the device drift: device index and its speed multiplier.
-        device_drift_at_s: when the device throttles, in seconds after its worker started; must leave
-            room for the apps' start-up and warm-up before `switch_s` into the trace.
         warmup_s: a warm-up trace of prose prompts before the measured trace.
         max_tokens_cap: as in the side-by-side run.
         seed: trace seed (the same trace for static and adaptive).
@@ -73,7 +68,6 @@ class DriftConfig:
     switch_s: float = 40.0
     throttled_device: int = 0
     throttle_to: float = 0.8
-    device_drift_at_s: float = 240.0
     warmup_s: float = 20.0
     max_tokens_cap: int | None = DEFAULT.max_tokens_cap
     seed: int = 7
@@ -82,49 +76,37 @@ class DriftConfig:
     def __post_init__(self) -> None:
         if not 0 < self.switch_s < self.duration_s:
             raise ValueError(f"switch_s must lie in (0, duration_s={self.duration_s}), got {self.switch_s}")
-        for name in ("rate_rps", "throttle_to", "warmup_s"):
+        for name in ("rate_rps", "warmup_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DriftConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.device_drift_at_s <= self.switch_s:
-            raise ValueError(f"device_drift_at_s must exceed switch_s, got {self.device_drift_at_s}")
+        if not 0 < self.throttle_to <= 1:
+            raise ValueError(f"DriftConfig.throttle_to must be in (0, 1], got {self.throttle_to!r}")
 
 
 def scenario_args(scenario: str, mode: str, config: DriftConfig) -> dict:
     """build_app arguments of one (scenario, mode) app."""
     args = app_args_for(config.policy, DEFAULT, f"drift-{scenario}-{mode}")
     args["auto_recalibrate"] = mode == "adaptive"
-    if scenario == "device":
-        emulation = dict(args.get("emulation", {}))
-        emulation["drift"] = {config.throttled_device: [[config.device_drift_at_s, config.throttle_to]]}
-        args["emulation"] = emulation
     return args
 
 
-def throttle_onset(polls: list[dict], device: int, planned_s: float, throttle_to: float) -> float | None:
-    """Seconds into the run when `device` was first seen throttled, from /admin/stats polls.
+def throttle_event(client: ClientConfig, args: dict, config: DriftConfig) -> Event:
+    """The device drift: the throttled device's emulated speed set to throttle_to x its configured speed."""
+    speed = args["speeds"][config.throttled_device] * config.throttle_to
 
-    The signal is the device's observed/predicted time ratio over the median of the other devices' (the
-    shared load-dependent throttling cancels). Its baseline is the median before `planned_s`; the onset is
-    the first poll from `planned_s` on where it exceeds the baseline by half the throttle's slowdown.
-    None when there is no baseline or no such poll.
-    """
-    signal = []
-    for poll in polls:
-        ratios = np.array([np.nan if r is None else r for r in poll["devices"]], dtype=np.float64)
-        others = np.delete(ratios, device)
-        if np.isfinite(ratios[device]) and np.any(np.isfinite(others)):
-            signal.append((poll["t"], ratios[device] / np.nanmedian(others)))
-    baseline = [value for t, value in signal if t < planned_s]
-    if not baseline:
-        return None
-    threshold = float(np.median(baseline)) * (1.0 + 0.5 * (1.0 / throttle_to - 1.0))
-    return next((t for t, value in signal if t >= planned_s and value >= threshold), None)
+    async def throttle() -> None:
+        async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
+            response = await http.post("/admin/emulation/speed", json={"device": config.throttled_device,
+                                       "speed": speed}, headers={"Authorization": f"Bearer {client.admin_token}"})
+            response.raise_for_status()
+
+    return Event(f"device {config.throttled_device} speed -> {speed:.3f}", config.switch_s, throttle)
 
 
-def segments(results: list[RequestResult], slo: SLO, split_s: float, onset_s: float, duration_s: float) -> dict:
-    """Summaries of requests sent before `split_s` and from `onset_s` on (None for an empty segment)."""
-    parts = {"before": ([r for r in results if r.sent_s < split_s], split_s),
-             "after": ([r for r in results if r.sent_s >= onset_s], max(duration_s - onset_s, 1e-9))}
+def segments(results: list[RequestResult], slo: SLO, switch_s: float, duration_s: float) -> dict:
+    """Summaries of requests sent before and from `switch_s` on (None for an empty segment)."""
+    parts = {"before": ([r for r in results if r.sent_s < switch_s], switch_s),
+             "after": ([r for r in results if r.sent_s >= switch_s], duration_s - switch_s)}
     return {name: summarize(rs, slo, span) if rs else None for name, (rs, span) in parts.items()}
 
 
@@ -151,15 +133,14 @@ class DriftRun:
 
     def run(self, scenario: str) -> dict:
         """Both modes of one scenario, loaded at the same time; returns {mode: run}."""
-        apps = {f"drift-{scenario}-{mode}": scenario_args(scenario, mode, self.config) for mode in MODES}
-        asked = time.monotonic()
-        with serve_apps(apps) as (bases, startup_s):
-            modes = asyncio.run(self._measure(scenario, dict(zip(MODES, bases.values())), asked))
+        apps = {mode: scenario_args(scenario, mode, self.config) for mode in MODES}
+        with serve_apps({args["app_name"]: args for args in apps.values()}) as (bases, startup_s):
+            modes = asyncio.run(self._measure(scenario, apps, dict(zip(MODES, bases.values()))))
         self.result["scenarios"][scenario] = {"startup_s": startup_s, **modes}
         self.save()
         return modes
 
-    async def _measure(self, scenario: str, bases: dict[str, str], asked: float) -> dict:
+    async def _measure(self, scenario: str, apps: dict[str, dict], bases: dict[str, str]) -> dict:
         cfg = self.config
         clients = {mode: await client_for(base) for mode, base in bases.items()}
         warm = make_trace(self.trace_config(scenario, warmup=True), self.prompts)
@@ -171,28 +152,16 @@ class DriftRun:
         await asyncio.gather(*(run_trace(c, warm, progress=False) for c in clients.values()))
         for client in clients.values():
             await wait_idle(client.base_url)
-        lead_s = None
-        if scenario == "device":  # start so that the scheduled throttle falls switch_s (plus start-up) in
-            await asyncio.sleep(max(0.0, asked + cfg.device_drift_at_s - cfg.switch_s - time.monotonic()))
-            lead_s = time.monotonic() - asked
         trace = make_trace(self.trace_config(scenario), self.prompts)
-        records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress)
-                                         for m, c in clients.items()))
-        return self._entries(scenario, dict(zip(clients, records)), lead_s)
-
-    def _entries(self, scenario: str, records: dict, lead_s: float | None) -> dict:
-        cfg = self.config
-        onset = cfg.switch_s
-        if scenario == "device":
-            onset = throttle_onset(records["static"].polls, cfg.throttled_device, cfg.switch_s, cfg.throttle_to)
-        entries = {"trace_start_after_asked_s": lead_s, "onset_s": onset}
-        for mode, record in records.items():
-            split = cfg.switch_s if onset is None else onset
+        events = {m: [throttle_event(c, apps[m], cfg)] if scenario == "device" else [] for m, c in clients.items()}
+        records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress,
+                                                   events=events[m]) for m, c in clients.items()))
+        entries = {}
+        for mode, record in zip(clients, records):
             entries[mode] = record_json(record, summary=summarize(record.results, self.slo, record.duration_s),
-                                        segments=segments(record.results, self.slo, cfg.switch_s, split,
-                                                          cfg.duration_s))
+                                        segments=segments(record.results, self.slo, cfg.switch_s, cfg.duration_s))
             after = entries[mode]["segments"]["after"] or {}
-            print(f"  {scenario:>8} {mode:>8} onset={onset} after: attainment={after.get('attainment')} "
+            print(f"  {scenario:>8} {mode:>8} after the switch: attainment={after.get('attainment')} "
                   f"p90_ttft_ms={after.get('ttft_p90_ms')} recalibrations={len(record.recalibrations)}", flush=True)
         return entries
 
@@ -217,7 +186,7 @@ def run_all(out: Path, config: DriftConfig = DriftConfig(), *, slo: SLO | None =
 
 
 def verdicts(result: dict) -> dict[str, dict]:
-    """Per scenario: after-onset attainment and P90 TTFT / TPOT, static vs adaptive, and whether adaptive
+    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and whether adaptive
     won (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT)."""
     out = {}
     for scenario, entry in result["scenarios"].items():
@@ -227,7 +196,7 @@ def verdicts(result: dict) -> dict[str, dict]:
         key = {m: (round(a["attainment"], 3), -(a["ttft_p90_ms"] or float("inf"))) for m, a in after.items()}
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
-                         "adaptive_wins": key["adaptive"] > key["static"], "onset_s": entry.get("onset_s"),
+                         "adaptive_wins": key["adaptive"] > key["static"],
                          "recalibrations_adaptive": len(entry["adaptive"]["recalibrations"])}
     return out
 

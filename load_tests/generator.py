@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -164,8 +165,9 @@ class RunRecord:
         duration_s: from the trace's start until the last request ended or was cut off.
         results: one per request, in index order.
         polls: {"t": seconds after start, "version", "imbalance_per_layer", "devices"} per /admin/stats poll.
-        recalibrations: every recalibration record seen by the polls (deduplicated), as the admin API gives them.
+        recalibrations: every recalibration record seen by the polls (deduplicated), without its moves.
         step_seconds: {"sum", "count"} of the engine step-time histogram over the run (from /metrics).
+        events: {"name", "t"} of every scheduled event, `t` when it completed (seconds after start).
     """
 
     started_wall: float
@@ -174,11 +176,14 @@ class RunRecord:
     polls: list[dict] = field(default_factory=list)
     recalibrations: list[dict] = field(default_factory=list)
     step_seconds: dict[str, float] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
 
 
 async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str = "requests",
-                    progress: bool = True) -> RunRecord:
-    """Send every request of `trace` at its arrival time, wait for all (or the cutoff), return the record."""
+                    progress: bool = True, events: Sequence[Event] = ()) -> RunRecord:
+    """Send every request of `trace` at its arrival time, wait for all (or the cutoff), return the record.
+
+    `events` run at their times during the trace (e.g. an admin call that throttles a device)."""
     if not trace:
         raise ValueError("the trace has no requests (raise the rate or the duration)")
     client = openai.AsyncOpenAI(base_url=f"{config.base_url}/v1", api_key="unused", max_retries=0,
@@ -191,6 +196,7 @@ async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str
         bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False)
         poller = asyncio.create_task(_poll_admin(http, config, record, start))
         tasks = [asyncio.create_task(_send_at(client, config, spec, start, bar)) for spec in trace]
+        scheduled = [asyncio.create_task(_run_event(event, start, record)) for event in events]
         done, pending = await asyncio.wait(tasks, timeout=trace[-1].arrival_s + config.drain_s)
         for task in pending:
             task.cancel()
@@ -198,6 +204,7 @@ async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str
         record.duration_s = time.monotonic() - start
         record.results = [r if r is not None else _cut_off(spec) for r, spec in zip(results, trace)]
         bar.close()
+        await asyncio.gather(*scheduled)
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await poller
@@ -212,6 +219,21 @@ async def warm_up(client: openai.AsyncOpenAI, config: ClientConfig, spec: Reques
     """One untimed 2-token request: the client's first stream pays one-off costs (a connection, building
     its response types) that would otherwise land on the first measured request's TTFT."""
     await send_request(client, config, replace(spec, max_tokens=2), time.monotonic())
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something to do `at_s` seconds into a trace: `action()` is awaited then, its end time recorded."""
+
+    name: str
+    at_s: float
+    action: Callable[[], Awaitable[object]]
+
+
+async def _run_event(event: Event, start: float, record: RunRecord) -> None:
+    await asyncio.sleep(max(0.0, start + event.at_s - time.monotonic()))
+    await event.action()
+    record.events.append({"name": event.name, "t": time.monotonic() - start})
 
 
 def _cut_off(spec: RequestSpec) -> RequestResult:

@@ -110,8 +110,8 @@ def balance(result: dict, rows: dict[str, dict], path: Path) -> None:
 
 
 def drift_timeline(result: dict, path: Path) -> None:
-    """Per scenario: TTFT of every request by send time (static and adaptive), a rolling P90, the drift's
-    onset, and each app's recalibrations (solid: applied, dotted: other outcomes)."""
+    """Per scenario: TTFT of every request by send time (static and adaptive), a rolling P90, the switch,
+    and each app's recalibrations (solid: applied, dotted: other outcomes)."""
     scenarios = result["scenarios"]
     duration = result["config"]["duration_s"]
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(14, 4.5 * len(scenarios)), squeeze=False)
@@ -129,9 +129,7 @@ def drift_timeline(result: dict, path: Path) -> None:
                 at = event["started_at"] - run["started_wall"]
                 if 0 <= at <= run["duration_s"]:
                     ax.axvline(at, color=color, linewidth=0.8, linestyle="-" if event["status"] == "applied" else ":")
-        onset = entry.get("onset_s")
-        if onset is not None:
-            ax.axvline(onset, color="black", linewidth=1.5, label="drift onset")
+        ax.axvline(result["config"]["switch_s"], color="black", linewidth=1.5, label="drift starts")
         if "slo" in result:
             ax.axhline(result["slo"]["ttft_s"] * 1e3, color="green", linewidth=0.8, label="TTFT SLO")
         ax.set(yscale="log", xlabel="seconds into the trace (send time)", ylabel="TTFT (ms)",

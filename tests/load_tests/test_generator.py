@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from load_tests.generator import ClientConfig, RequestSpec, TraceConfig, make_trace, run_trace
+from load_tests.generator import ClientConfig, Event, RequestSpec, TraceConfig, make_trace, run_trace
 from load_tests.workloads import Prompt
 
 
@@ -169,6 +169,17 @@ def test_run_trace_times_first_content_tpot_usage_and_failures(fake_url):
     assert record.step_seconds == {"sum": 0.5, "count": 10.0}
     assert len(record.polls) >= 3 and record.polls[0]["imbalance_per_layer"] == [1.1, 1.2]
     assert record.recalibrations == [{"started_at": 5.0, "reason": "drift", "status": "applied"}]
+
+
+def test_events_run_at_their_time_and_are_recorded(fake_url):
+    done = []
+
+    async def action() -> None:
+        done.append(True)
+
+    record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), [_spec(0, 0.0, "a", 2)],
+                                   progress=False, events=[Event("throttle", 0.2, action)]))
+    assert done == [True] and record.events[0]["name"] == "throttle" and record.events[0]["t"] >= 0.2
 
 
 def test_http_errors_are_recorded_not_raised(fake_url):

@@ -219,14 +219,16 @@ async def unloaded_latency(client: ClientConfig, trace, num: int, max_tokens: in
 
 async def placement_summary(client: ClientConfig) -> dict:
     """From /admin/placement: the version, slots per device per layer, predicted device times per layer on
-    the window loads, and the MoE layers' predicted critical path per forward pass (sum_l max_g)."""
+    the window loads, the MoE layers' predicted critical path per forward pass (sum_l max_g) and what it
+    would be with the same device work perfectly balanced (sum_l mean_g)."""
     async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
         view = await fetch_admin(http, client.admin_token, "/admin/placement")
     times = [layer["device_predicted_s"] for layer in view["layers"]]
     slots = [[sum(1 for s in layer["slots"] if s["device"] == d) for d in range(view["num_devices"])]
              for layer in view["layers"]]
     return {"version": view["version"], "device_predicted_s": times, "slots_per_device": slots,
-            "moe_critical_path_s": sum(max(row) for row in times)}
+            "moe_critical_path_s": sum(max(row) for row in times),
+            "moe_balanced_path_s": sum(sum(row) / len(row) for row in times)}
 
 
 # --- results as JSON -------------------------------------------------------------------------------

@@ -31,14 +31,21 @@ def balance(polls: list[dict]) -> dict[str, float | None]:
 
 
 def step_breakdown(run: dict) -> dict[str, float | None]:
-    """Mean engine step time (from /metrics) and the MoE layers' predicted critical path per pass
-    (sum over layers of the slowest device's predicted time on the window loads), in ms."""
+    """Mean engine step time (from /metrics), the MoE layers' predicted critical path per pass (sum over
+    layers of the slowest device's predicted time on the window loads) and its perfectly balanced value
+    (sum of the mean device times), in ms; their difference is all that any placement could remove from
+    a step (the balance headroom), also as a share of the step."""
     steps = run.get("step_seconds") or {}
     count = steps.get("count", 0)
     step_ms = 1e3 * steps["sum"] / count if count else None
-    moe_ms = 1e3 * run["placement"]["moe_critical_path_s"] if run.get("placement") else None
+    placement = run.get("placement") or {}
+    moe_ms = 1e3 * placement["moe_critical_path_s"] if placement else None
+    balanced_ms = 1e3 * placement["moe_balanced_path_s"] if "moe_balanced_path_s" in placement else None
     rest = None if step_ms is None or moe_ms is None else step_ms - moe_ms
-    return {"steps": count, "step_ms": step_ms, "moe_predicted_ms": moe_ms, "rest_ms": rest}
+    headroom = None if moe_ms is None or balanced_ms is None else moe_ms - balanced_ms
+    return {"steps": count, "step_ms": step_ms, "moe_predicted_ms": moe_ms, "moe_balanced_ms": balanced_ms,
+            "rest_ms": rest, "balance_headroom_ms": headroom,
+            "headroom_share": None if headroom is None or not step_ms else headroom / step_ms}
 
 
 def headline(result: dict) -> dict[str, dict]:
@@ -189,15 +196,19 @@ def _sweep(result: dict) -> str:
 
 def _breakdown(rows: dict[str, dict]) -> str:
     lines = ["## Where the step time goes (at eplb's frontier rate)", "",
-             "| policy | engine steps | mean step (ms) | MoE critical path, predicted (ms/pass) | rest (ms) |",
-             "|---|---|---|---|---|"]
+             "| policy | engine steps | mean step (ms) | MoE critical path (ms/pass) | MoE perfectly balanced "
+             "(ms/pass) | balance headroom (ms, share of step) | rest of the step (ms) |", "|---|---|---|---|---|---|---|"]
     for policy, r in rows.items():
-        lines.append(f"| {policy} | {_num(r['steps'], 0)} | {_num(r['step_ms'], 2)} | "
-                     f"{_num(r['moe_predicted_ms'], 2)} | {_num(r['rest_ms'], 2)} |")
-    lines += ["", "Mean step: the engine's step-time histogram on /metrics over the run. MoE critical path: "
-              "sum over MoE layers of the slowest device's predicted time for the window-mean loads of one "
-              "forward pass (/admin/placement), i.e. what placement can change. Rest: dense compute, "
-              "dispatch, scheduling and sampling on the shared CPUs."]
+        lines.append(f"| {policy} | {_num(r['steps'], 0)} | {_num(r['step_ms'], 2)} | {_num(r['moe_predicted_ms'], 2)} | "
+                     f"{_num(r['moe_balanced_ms'], 2)} | {_num(r['balance_headroom_ms'], 2)} "
+                     f"({_pct(r['headroom_share'])}) | {_num(r['rest_ms'], 2)} |")
+    lines += ["", "Mean step: the engine's step-time histogram on /metrics over the run. MoE critical path: sum over "
+              "MoE layers of the slowest device's predicted time for the window-mean loads of one forward pass "
+              "(/admin/placement; predicted by the coordinator's online-refined device models). Perfectly "
+              "balanced: the same device work spread evenly (sum of the mean device times). Their difference, "
+              "the balance headroom, bounds what any placement can save per step; the rest of the step (dense "
+              "layers, dispatch to the workers, scheduling, sampling, all on the shared CPUs) no placement "
+              "changes."]
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ def _run(rate: float, ttft: float, kind: str = "sweep", imbalance: float = 1.2) 
                        polls=[{"t": 1.0, "version": 2, "imbalance_per_layer": [imbalance, imbalance]},
                               {"t": 2.0, "version": 2, "imbalance_per_layer": None}],
                        step_seconds={"sum": 2.0, "count": 100.0})
-    placement = {"version": 2, "moe_critical_path_s": 0.008, "device_predicted_s": [[0.004, 0.002]] * 2,
+    placement = {"version": 2, "moe_critical_path_s": 0.008, "moe_balanced_path_s": 0.006,
+                 "device_predicted_s": [[0.004, 0.002]] * 2,
                  "slots_per_device": [[1, 1]] * 2}
     return record_json(record, rate_rps=rate, kind=kind, summary=summarize(results, SLO_1, 10.0),
                        placement=placement)
@@ -64,6 +65,7 @@ def test_headline_takes_latency_and_balance_at_eplbs_frontier_rate(result):
     assert rows["eplb"]["barrier_idle"] == pytest.approx(1 - 1 / 1.3)
     assert rows["vibe"]["step_ms"] == pytest.approx(20.0) and rows["vibe"]["moe_predicted_ms"] == pytest.approx(8.0)
     assert rows["vibe"]["rest_ms"] == pytest.approx(12.0) and rows["vibe"]["failed"] == 1
+    assert rows["vibe"]["balance_headroom_ms"] == pytest.approx(2.0) and rows["vibe"]["headroom_share"] == 0.1
 
 
 def test_targets_compare_vibe_with_both_baselines(result):

@@ -62,6 +62,7 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=256, ge=1)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
+    worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     num_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     coordinator_num_cpus: float = Field(default=0.1, ge=0)
@@ -118,7 +119,8 @@ def build_app(args: dict[str, Any] | None = None):
     worker_configs = _worker_configs(parsed, layout)
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
-                                           auto_recalibrate=parsed.auto_recalibrate)
+                                           auto_recalibrate=parsed.auto_recalibrate,
+                                           probe_misses=parsed.worker_probe_misses)
     family = f"vibe-worker-{parsed.app_name}-"
     pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(parsed, checkpoint)}", family_prefix=family,
                                 num_cpus=parsed.worker_num_cpus,

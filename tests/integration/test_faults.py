@@ -83,12 +83,12 @@ class Devices:
             server.close()
 
 
-def _coordinator(checkpoint: Path, devices: Devices) -> Coordinator:
+def _coordinator(checkpoint: Path, pool: LocalWorkerPool, **overrides) -> Coordinator:
     layout = load_layout(checkpoint)
     shape = ModelShape(len(layout.moe_layers), layout.num_experts, 3 * layout.hidden_size * layout.intermediate_size * 4)
     config = CoordinatorConfig(checkpoint=str(checkpoint), profile_token_counts=(1, 8, 64), profile_repeats=1,
-                               ack_timeout_s=1.0)
-    coordinator = Coordinator(config, devices.pool, shape)
+                               ack_timeout_s=1.0, **overrides)
+    coordinator = Coordinator(config, pool, shape)
     coordinator.start(background=False)
     return coordinator
 
@@ -122,7 +122,7 @@ def _short(url: str) -> httpx.Response:
 
 def test_a_dead_device_fails_in_flight_requests_fast_with_503_and_service_recovers_on_survivors(checkpoint):
     devices = Devices(checkpoint)
-    coordinator = _coordinator(checkpoint, devices)
+    coordinator = _coordinator(checkpoint, devices.pool)
     context = DispatchContext(coordinator.placement, devices.channels())
     engine = _engine(checkpoint, context)
     try:
@@ -168,17 +168,50 @@ def test_a_restarted_coordinator_that_cannot_recover_publishes_above_what_engine
     never switch to it and keep sending tokens to experts that are gone."""
     devices = Devices(checkpoint)
     try:
-        first = _coordinator(checkpoint, devices)
+        first = _coordinator(checkpoint, devices.pool)
         first.report(EngineReport("engine", 1, np.ones((1, first.shape.num_layers, first.shape.num_experts), dtype=np.int64)))
         assert first.recalibrate(policy="contiguous", mode="full", force=True)["status"] == "applied"
         served = first.placement.version
         devices.pool.restart(DEAD)  # Ray restarts the lost worker actor: empty, without the record
-        second = _coordinator(checkpoint, devices)
+        second = _coordinator(checkpoint, devices.pool)
         assert second.placement.version > served
         reply = second.report(EngineReport("engine", served, np.zeros((0, first.shape.num_layers, first.shape.num_experts), dtype=np.int64)))
         assert reply.placement is not None and reply.placement["version"] == second.placement.version
         held = devices.pool.held()
         assert all(second.placement.experts_on(d) <= held[d] for d in range(NUM_DEVICES))
+    finally:
+        devices.close()
+
+
+class _StarvedPool(LocalWorkerPool):
+    """Workers whose probes of one device go unanswered `unanswered` more times (a CPU-starved worker)."""
+
+    def __init__(self, workers, device: int) -> None:
+        super().__init__(workers)
+        self.device, self.unanswered = device, 0
+
+    def probe(self, timeout_s: float):
+        infos = super().probe(timeout_s)
+        if self.unanswered:
+            self.unanswered -= 1
+            infos[self.device] = None
+        return infos
+
+
+def test_a_starved_worker_is_lost_only_after_probe_misses_in_a_row_a_restarted_one_at_once(checkpoint):
+    devices = Devices(checkpoint)
+    pool = _StarvedPool(devices.pool.workers, DEAD)
+    try:
+        coordinator = _coordinator(checkpoint, pool, probe_misses=3)
+        version = coordinator.placement.version
+        pool.unanswered = 2
+        assert [coordinator.check_workers() for _ in range(3)] == [[], [], []]  # missed twice, then answered
+        assert coordinator.placement.version == version and pool.infos()[DEAD].actor_name.endswith("-0")
+        pool.unanswered = 3
+        assert [coordinator.check_workers() for _ in range(3)] == [[], [], [DEAD]]
+        assert not coordinator.placement.experts_on(DEAD) and pool.infos()[DEAD].actor_name.endswith("-1")
+        pool.restart(0)  # Ray restarted another one: a new process answers, lost without waiting for misses
+        assert coordinator.check_workers() == [0]
     finally:
         devices.close()
 

@@ -198,7 +198,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vibe-soak-") as workdir:
         app = start_app(args.devices, model=args.model, workdir=Path(workdir), max_queue=256,
-                        request_timeout_s=120.0)
+                        request_timeout_s=60.0)  # below HUNG_AFTER_S: the server answers first
         try:
             with MemorySampler(args.sample_s) as memory:
                 capacity = measure_capacity(app.url, app.model, app.args["max_num_seqs"], args.capacity_s)

@@ -1,19 +1,23 @@
 """The side-by-side benchmark: `python -m load_tests.compare --out bench` (`make bench`).
 
-Owns the experiment: one app per policy (`contiguous`, `eplb`, `vibe`), all started once in one local
-Ray cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request traces against
-each; the SLOs (multiples of the unloaded latency measured in the same run); the rate sweep; the run at
-`eplb`'s SLO frontier; `<out>/compare.json`, the plots, `<out>/report.md` and the one line per policy
-printed last. Also owns starting apps for a load test (`serve_apps`), which `drift` reuses. Ignores how
-requests are sent (`generator`) and how numbers are defined (`slo`).
+Owns the experiment: one app per policy (`contiguous`, `eplb`, `vibe`), all started in one local Ray
+cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request trace sent to every app
+at the same time, rate by rate; the SLOs (multiples of the unloaded latency measured in the same run);
+the rate sweep; the run at `eplb`'s SLO frontier; `<out>/compare.json`, the plots, `<out>/report.md` and
+the one line per policy printed last. Also owns starting apps for a load test (`serve_apps`), which
+`drift` reuses. Ignores how requests are sent (`generator`) and how numbers are defined (`slo`).
 
-The apps are up together but loaded one at a time, interleaved: at each rate every policy runs the
-same trace in turn (the order rotates from rate to rate), so that the other tenants of a shared machine
-weigh on every policy alike instead of on whichever ran during a busy spell. Sequence: start and
-calibrate every app; a warm-up trace against all at once (lets the adaptive policies re-place for the
-workload after the startup profiling pass); unloaded requests one at a time per app (their pooled
-medians set the SLOs); the sweep from low to high rate (a policy leaves the sweep after a rate whose
-attainment is below `stop_below`); then every policy at eplb's frontier rate.
+Why at the same time: on a shared machine the other tenants' load swings within a minute (a load average
+of 10 to 34 on 2 cores was seen between consecutive runs), so policies measured one after another are
+compared across different machines. Loaded together, the apps see the same background and share the
+host CPUs symmetrically, as three tenants of one host; their emulated devices are separate. Frontiers are
+then those of an app sharing its host with two others, the same condition for every policy.
+
+Sequence: start the apps one after another (each calibrates with its profiling pass); a warm-up trace to
+all (lets the adaptive policies re-place for the workload); unloaded requests one at a time per app (the
+pooled medians set the SLOs and the rate unit); the sweep from low to high rate, every app at every rate
+until all fall below `stop_below` (so the contention stays the same for all); then every app at eplb's
+frontier rate.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class CompareConfig:
     """Everything the side-by-side benchmark decides with (every knob is recorded in the JSON).
 
     Attributes:
-        policies: the apps; the sweep's first rate runs them in this order, later rates rotate it.
+        policies: the apps (the first is started first).
         rates: swept request rates (req/s), ascending; None: `rate_multipliers` x the single-stream rate
             (`slo.single_stream_rate` of the pooled unloaded latency), so the sweep fits the machine.
         rate_multipliers: ascending, > 0; used when `rates` is None.
@@ -73,7 +77,7 @@ class CompareConfig:
         unloaded_requests, unloaded_max_tokens: requests sent one at a time to each idle app.
         ttft_factor, tpot_factor: SLO = factor x the median unloaded TTFT / TPOT, pooled over the apps.
         target: attainment the frontier asks for.
-        stop_below: a policy leaves the sweep after a rate whose attainment is below this.
+        stop_below: the sweep ends after a rate at which every policy's attainment is below this.
         drain_s: requests still running this long after a trace's last arrival are cut off (misses).
         app_args: build_app arguments of every app (over deploy/config.yaml's).
         policy_args: per-policy build_app arguments (e.g. redundant slots, slot budget).
@@ -81,10 +85,10 @@ class CompareConfig:
 
     policies: tuple[str, ...] = POLICY_ORDER
     rates: tuple[float, ...] | None = None
-    rate_multipliers: tuple[float, ...] = (1.5, 2.5, 3.5, 4.5)
-    duration_s: float = 30.0
+    rate_multipliers: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
+    duration_s: float = 90.0
     workloads: tuple[str, ...] = ("sharegpt_like",)
-    max_tokens_cap: int | None = 128
+    max_tokens_cap: int | None = 64
     seed: int = 0
     warmup_rate: float = 0.5
     warmup_s: float = 20.0
@@ -291,19 +295,14 @@ class Experiment:
         for client in clients.values():
             await wait_idle(client.base_url)
         await self._unloaded(clients)
-        active = list(cfg.policies)
-        for i, rate in enumerate(self.result["rates"]):
-            for policy in _rotated(active, i):
-                await self._run(clients[policy], policy, rate, "sweep")
-            active = [p for p in active if self._entry(p)["runs"][-1]["summary"]["attainment"] >= cfg.stop_below]
-            if not active:
+        for rate in self.result["rates"]:
+            await self._run_all(clients, rate, "sweep")
+            if all(self._entry(p)["runs"][-1]["summary"]["attainment"] < cfg.stop_below for p in clients):
                 break
         for policy in cfg.policies:
             self._entry(policy)["frontier"] = asdict(self._frontier(policy))
         if "eplb" in cfg.policies:
-            rate = self._frontier("eplb").rate_rps
-            for policy in _rotated(list(cfg.policies), len(self.result["rates"])):
-                await self._run(clients[policy], policy, rate, "eplb_frontier")
+            await self._run_all(clients, self._frontier("eplb").rate_rps, "eplb_frontier")
         self.save()
 
     async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
@@ -316,7 +315,7 @@ class Experiment:
             self._entry(policy)["unloaded"] = record_json(RunRecord(time.time(), results=results))
             pooled += results
         self.slo = SLO.from_unloaded(pooled, cfg.ttft_factor, cfg.tpot_factor, cfg.target)
-        self.result["slo"] = asdict(self.slo) | {"set_by": "all apps, pooled"}
+        self.result["slo"] = asdict(self.slo) | {"set_by": "every app (pooled)"}
         single = single_stream_rate(pooled, self.mean_output_tokens())
         self.result["single_stream_rps"] = single
         self.result["rates"] = list(cfg.rates or (round(m * single, 3) for m in cfg.rate_multipliers))
@@ -327,25 +326,28 @@ class Experiment:
         tokens = [min(p.max_tokens, cap or p.max_tokens) for name in self.config.workloads for p in self.prompts[name]]
         return sum(tokens) / len(tokens)
 
-    async def _run(self, client: ClientConfig, policy: str, rate: float, kind: str) -> None:
+    async def _run_all(self, clients: dict[str, ClientConfig], rate: float, kind: str) -> None:
+        """The trace at `rate` to every app at once; each app's run recorded under its policy."""
         trace = self.trace(rate)
         if not trace:  # a rate so low that no request arrives in duration_s: nothing to measure
-            print(f"  {policy:>10} {kind:>13} rate={rate:5.2f}: no request in {self.config.duration_s:g} s, skipped")
+            print(f"  {kind} rate={rate:.3f}: no request in {self.config.duration_s:g} s, skipped")
             return
         load_before = os.getloadavg()
-        record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress)
-        await wait_idle(client.base_url)
-        summary = summarize(record.results, self.slo, record.duration_s)
-        run = record_json(record, rate_rps=rate, kind=kind, summary=summary,
-                          placement=await placement_summary(client), loadavg=[load_before, os.getloadavg()])
-        if kind == "sweep":
-            self._entry(policy)["runs"].append(run)
-        else:
-            self._entry(policy)["at_eplb_frontier"] = run
+        records = await asyncio.gather(*(run_trace(c, trace, desc=f"{p} {rate:.2f} req/s", progress=self.progress)
+                                         for p, c in clients.items()))
+        for (policy, client), record in zip(clients.items(), records):
+            await wait_idle(client.base_url)
+            summary = summarize(record.results, self.slo, record.duration_s)
+            run = record_json(record, rate_rps=rate, kind=kind, summary=summary,
+                              placement=await placement_summary(client), loadavg=[load_before, os.getloadavg()])
+            if kind == "sweep":
+                self._entry(policy)["runs"].append(run)
+            else:
+                self._entry(policy)["at_eplb_frontier"] = run
+            print(f"  {policy:>10} {kind:>13} rate={rate:5.3f} attainment={summary['attainment']:.3f} "
+                  f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
+                  f"failed={summary['failed']} load={load_before[0]:.1f}", flush=True)
         self.save()
-        print(f"  {policy:>10} {kind:>13} rate={rate:5.2f} attainment={summary['attainment']:.3f} "
-              f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
-              f"failed={summary['failed']} load={load_before[0]:.1f}", flush=True)
 
     def _entry(self, policy: str) -> dict:
         return self.result["policies"][policy]
@@ -357,11 +359,6 @@ class Experiment:
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "compare.json").write_text(json.dumps(self.result, separators=(",", ":")))
-
-
-def _rotated(items: list[str], shift: int) -> list[str]:
-    shift %= max(len(items), 1)
-    return items[shift:] + items[:shift]
 
 
 def _ms(value: float | None) -> str:
@@ -390,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = Experiment(replace(DEFAULT, **overrides), args.out, progress=not args.no_progress)
     experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)
     result = experiment.run()
-    extras = _extras(args, experiment.slo)
+    extras = _extras(args, experiment.slo, result["single_stream_rps"])
     result["runtime_s"] = time.monotonic() - started
     experiment.save()
     from load_tests import report
@@ -400,13 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _extras(args: argparse.Namespace, slo: SLO) -> dict:
+def _extras(args: argparse.Namespace, slo: SLO, single_stream_rps: float) -> dict:
     """The drift scenarios (with the same SLO) and the scale study, as asked on the command line."""
     from load_tests import drift, scale
 
     extras = {}
     if args.drift:
-        extras["drift"] = drift.run_all(args.out, slo=slo, progress=not args.no_progress)
+        extras["drift"] = drift.run_all(args.out, slo=slo, single_stream_rps=single_stream_rps,
+                                        progress=not args.no_progress)
     if not args.no_scale:
         extras["scale"] = scale.run(args.out)
     return extras

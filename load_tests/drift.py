@@ -39,7 +39,7 @@ from load_tests.compare import (
     wait_idle,
 )
 from load_tests.generator import ClientConfig, Event, RequestResult, TraceConfig, make_trace, run_trace
-from load_tests.slo import SLO, summarize
+from load_tests.slo import SLO, single_stream_rate, summarize
 from load_tests.workloads import CODE, PROSE, load_workloads
 
 SCENARIOS = ("workload", "device")
@@ -52,7 +52,8 @@ class DriftConfig:
 
     Attributes:
         policy: placement policy of every app.
-        rate_rps: request rate of each app's trace (both apps of a scenario are loaded at once).
+        rate_rps: request rate of each app's trace (both apps of a scenario are loaded at once); None:
+            `rate_multiplier` x the single-stream rate (of the side-by-side run, or measured here).
         duration_s: arrivals span this many seconds.
         switch_s: seconds into the trace when the prompts switch (workload) or the throttle is due (device).
         throttled_device, throttle_to: the device drift: device index and its speed multiplier.
@@ -63,7 +64,8 @@ class DriftConfig:
     """
 
     policy: str = "vibe"
-    rate_rps: float = 0.5
+    rate_rps: float | None = None
+    rate_multiplier: float = 1.25
     duration_s: float = 100.0
     switch_s: float = 40.0
     throttled_device: int = 0
@@ -76,9 +78,11 @@ class DriftConfig:
     def __post_init__(self) -> None:
         if not 0 < self.switch_s < self.duration_s:
             raise ValueError(f"switch_s must lie in (0, duration_s={self.duration_s}), got {self.switch_s}")
-        for name in ("rate_rps", "warmup_s"):
+        for name in ("rate_multiplier", "warmup_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DriftConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.rate_rps is not None and not self.rate_rps > 0:
+            raise ValueError(f"DriftConfig.rate_rps must be > 0 or None, got {self.rate_rps!r}")
         if not 0 < self.throttle_to <= 1:
             raise ValueError(f"DriftConfig.throttle_to must be in (0, 1], got {self.throttle_to!r}")
 
@@ -113,23 +117,28 @@ def segments(results: list[RequestResult], slo: SLO, switch_s: float, duration_s
 class DriftRun:
     """Runs the scenarios; keeps the SLO (passed in, or set by the first apps' unloaded latency)."""
 
-    def __init__(self, config: DriftConfig, out: Path, slo: SLO | None, progress: bool) -> None:
+    def __init__(self, config: DriftConfig, out: Path, slo: SLO | None, progress: bool,
+                 single_stream_rps: float | None = None) -> None:
         self.config = config
         self.out = out
         self.slo = slo
         self.progress = progress
         self.result: dict = {"config": asdict(config), "scenarios": {}}
+        self.rate = config.rate_rps or (None if single_stream_rps is None else config.rate_multiplier * single_stream_rps)
+        self.result["rate_rps"] = self.rate
+        if slo is not None:
+            self.result["slo"] = asdict(slo) | {"set_by": "the side-by-side run"}
 
     @cached_property
     def prompts(self) -> dict:
         return load_workloads((*PROSE, *CODE))
 
-    def trace_config(self, scenario: str, warmup: bool = False) -> TraceConfig:
+    def trace_config(self, scenario: str, rate: float, warmup: bool = False) -> TraceConfig:
         cfg = self.config
         if warmup:
-            return TraceConfig(cfg.rate_rps, cfg.warmup_s, ((0.0, PROSE),), cfg.seed + 1000, cfg.max_tokens_cap)
+            return TraceConfig(rate, cfg.warmup_s, ((0.0, PROSE),), cfg.seed + 1000, cfg.max_tokens_cap)
         phases = ((0.0, PROSE),) if scenario == "device" else ((0.0, PROSE), (cfg.switch_s, CODE))
-        return TraceConfig(cfg.rate_rps, cfg.duration_s, phases, cfg.seed, cfg.max_tokens_cap)
+        return TraceConfig(rate, cfg.duration_s, phases, cfg.seed, cfg.max_tokens_cap)
 
     def run(self, scenario: str) -> dict:
         """Both modes of one scenario, loaded at the same time; returns {mode: run}."""
@@ -143,16 +152,13 @@ class DriftRun:
     async def _measure(self, scenario: str, apps: dict[str, dict], bases: dict[str, str]) -> dict:
         cfg = self.config
         clients = {mode: await client_for(base) for mode, base in bases.items()}
-        warm = make_trace(self.trace_config(scenario, warmup=True), self.prompts)
-        if self.slo is None:
-            unloaded = [r for c in clients.values() for r in await unloaded_latency(
-                c, warm, DEFAULT.unloaded_requests, DEFAULT.unloaded_max_tokens)]
-            self.slo = SLO.from_unloaded(unloaded, *cfg.slo_factors, DEFAULT.target)
-            self.result["slo"] = asdict(self.slo) | {"set_by": f"{scenario} apps, unloaded, pooled"}
+        if self.slo is None or self.rate is None:
+            await self._unloaded(scenario, clients)
+        warm = make_trace(self.trace_config(scenario, self.rate, warmup=True), self.prompts)
         await asyncio.gather(*(run_trace(c, warm, progress=False) for c in clients.values()))
         for client in clients.values():
             await wait_idle(client.base_url)
-        trace = make_trace(self.trace_config(scenario), self.prompts)
+        trace = make_trace(self.trace_config(scenario, self.rate), self.prompts)
         events = {m: [throttle_event(c, apps[m], cfg)] if scenario == "device" else [] for m, c in clients.items()}
         records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress,
                                                    events=events[m]) for m, c in clients.items()))
@@ -165,19 +171,31 @@ class DriftRun:
                   f"p90_ttft_ms={after.get('ttft_p90_ms')} recalibrations={len(record.recalibrations)}", flush=True)
         return entries
 
+    async def _unloaded(self, scenario: str, clients: dict[str, ClientConfig]) -> None:
+        """Unloaded latency of the apps (pooled): sets the SLO and the rate where not given."""
+        cfg = self.config
+        probe = make_trace(TraceConfig(1.0, 60.0, ((0.0, PROSE),), cfg.seed + 2000, cfg.max_tokens_cap), self.prompts)
+        unloaded = [r for c in clients.values()
+                    for r in await unloaded_latency(c, probe, DEFAULT.unloaded_requests, DEFAULT.unloaded_max_tokens)]
+        if self.slo is None:
+            self.slo = SLO.from_unloaded(unloaded, *cfg.slo_factors, DEFAULT.target)
+            self.result["slo"] = asdict(self.slo) | {"set_by": f"{scenario} apps, unloaded, pooled"}
+        if self.rate is None:
+            outputs = [min(p.max_tokens, cfg.max_tokens_cap or p.max_tokens) for n in PROSE for p in self.prompts[n]]
+            self.rate = cfg.rate_multiplier * single_stream_rate(unloaded, sum(outputs) / len(outputs))
+        self.result["rate_rps"] = self.rate
+
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "drift.json").write_text(json.dumps(self.result, separators=(",", ":")))
 
 
 def run_all(out: Path, config: DriftConfig = DriftConfig(), *, slo: SLO | None = None,
-            progress: bool = True) -> dict:
+            single_stream_rps: float | None = None, progress: bool = True) -> dict:
     """Both scenarios; writes drift.json and drift.png; returns the result."""
     from load_tests import plots
 
-    runner = DriftRun(config, out, slo, progress)
-    if slo is not None:
-        runner.result["slo"] = asdict(slo) | {"set_by": "the side-by-side run"}
+    runner = DriftRun(config, out, slo, progress, single_stream_rps)
     for scenario in SCENARIOS:
         print(f"== drift: {scenario}", flush=True)
         runner.run(scenario)
@@ -204,23 +222,25 @@ def verdicts(result: dict) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests.drift", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench"))
-    parser.add_argument("--rate", type=float, help="request rate per app, req/s")
+    parser.add_argument("--rate", type=float, help="request rate per app, req/s (default: from the single-stream rate)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = DriftConfig() if args.rate is None else replace(DriftConfig(), rate_rps=args.rate)
-    result = run_all(args.out, config, slo=_slo_from(args.out / "compare.json"), progress=not args.no_progress)
+    earlier = _side_by_side(args.out / "compare.json")
+    slo = None if "slo" not in earlier else SLO(*(earlier["slo"][k] for k in ("ttft_s", "tpot_s", "target")))
+    result = run_all(args.out, config, slo=slo, single_stream_rps=earlier.get("single_stream_rps"),
+                     progress=not args.no_progress)
     for scenario, verdict in verdicts(result).items():
         print(f"drift={scenario} " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in verdict.items()))
     return 0
 
 
-def _slo_from(path: Path) -> SLO | None:
-    """The SLO of an earlier side-by-side run in the same folder, so drift numbers use the same bar."""
-    if not path.is_file():
-        return None
-    slo = json.loads(path.read_text()).get("slo")
-    return None if slo is None else SLO(slo["ttft_s"], slo["tpot_s"], slo["target"])
+def _side_by_side(path: Path) -> dict:
+    """An earlier side-by-side run in the same folder (its SLO and single-stream rate), or {}: the drift
+    numbers then use the same bar and the same rate unit."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
 
 if __name__ == "__main__":
     sys.exit(main())

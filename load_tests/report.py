@@ -10,7 +10,6 @@ running anything (see `compare`, `drift`, `scale`); plots are drawn by `plots`.
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,16 +120,15 @@ def write(out: Path, result: dict, drift: dict | None = None, scale: dict | None
 
 def _header(result: dict, slo: SLO) -> str:
     cfg = result["config"]
-    command = "make bench  # = " + shlex.join([Path(sys.executable).name, "-m", "load_tests.compare",
-                                                  *result.get("argv", ["--out", "bench"])])
+    command = shlex.join(["python", "-m", "load_tests.compare", *result.get("argv", ["--out", "bench"])])
     first = next(iter(result["policies"].values()))
     args = first["app_args"]
     unloaded = result["slo"]
     return "\n".join([
         "# vibe-serve: side-by-side benchmark (contiguous vs eplb vs vibe)",
         "",
-        f"Reproduce: `{command}` (from the repository root; about {result.get('runtime_s', 0) / 60:.0f} min "
-        f"on this machine). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
+        f"Reproduce: `{command}` from the repository root (`make bench` runs it with `--out bench`; this run "
+        f"took {result.get('runtime_s', 0) / 60:.0f} min). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
         f"load average {_loads(result['machine'])}; the machine was shared, so compare within this run only.",
         "",
         f"Emulated cluster (deploy/config.yaml): {args['num_devices']} devices, speeds {args['speeds']}, "
@@ -145,7 +143,7 @@ def _header(result: dict, slo: SLO) -> str:
         f"SLOs: TTFT <= {slo.ttft_s * 1e3:.1f} ms ({cfg['ttft_factor']:g} x the unloaded median), TPOT <= "
         f"{slo.tpot_s * 1e3:.1f} ms ({cfg['tpot_factor']:g} x the unloaded median); unloaded = "
         f"{cfg['unloaded_requests']} requests sent one at a time (max_tokens <= {cfg['unloaded_max_tokens']}) "
-        f"to the {unloaded['set_by']} app before any load. SLO frontier: highest rate with >= "
+        f"to each app, medians over {unloaded['set_by']}, before any load. SLO frontier: highest rate with >= "
         f"{slo.target:.0%} of requests within both SLOs: the highest swept rate that meets it, interpolated "
         "linearly towards the next swept rate (failed and cut-off requests count as misses; 'non-monotonic': "
         f"a lower rate missed the target). A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} "
@@ -229,7 +227,7 @@ def _drift(drift: dict) -> str:
 
     cfg = drift["config"]
     lines = ["## Drift scenarios (policy vibe, static vs adaptive, same trace)", "",
-             f"Static and adaptive apps loaded at the same time with the same trace, {cfg['rate_rps']:g} req/s "
+             f"Static and adaptive apps loaded at the same time with the same trace, {drift.get('rate_rps', 0):.3f} req/s "
              f"each, {cfg['duration_s']:g} s of arrivals. Workload: prose (sharegpt_like, sonnet_like) -> code "
              f"at {cfg['switch_s']:g} s. Device: device {cfg['throttled_device']} throttles to "
              f"{cfg['throttle_to']:g}x of its speed at {cfg['switch_s']:g} s (emulator speed control, both apps "

@@ -44,11 +44,13 @@ def test_throttle_event_slows_the_device_relative_to_its_own_speed():
 
 
 def test_workload_trace_switches_from_prose_to_code(tmp_path):
-    runner = DriftRun(DriftConfig(), tmp_path, SLO(1.0, 1.0), progress=False)
-    workload = runner.trace_config("workload")
+    runner = DriftRun(DriftConfig(), tmp_path, SLO(1.0, 1.0), progress=False, single_stream_rps=0.4)
+    assert runner.rate == pytest.approx(0.5) and runner.result["slo"]["set_by"] == "the side-by-side run"
+    workload = runner.trace_config("workload", runner.rate)
     assert workload.phases[0][1] == ("sharegpt_like", "sonnet_like") and workload.phases[1] == (40.0, ("code",))
-    assert runner.trace_config("device").phases == ((0.0, ("sharegpt_like", "sonnet_like")),)
-    assert runner.trace_config("device").seed == workload.seed  # the same arrivals in every app
+    device = runner.trace_config("device", runner.rate)
+    assert device.phases == ((0.0, ("sharegpt_like", "sonnet_like")),) and device.rate_rps == 0.5
+    assert device.seed == workload.seed and runner.trace_config("device", 0.5, warmup=True).seed != device.seed
 
 
 def test_segments_split_at_the_switch():
@@ -78,7 +80,7 @@ def test_verdicts_prefer_attainment_then_ttft():
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"switch_s": 0.0}, "switch_s"), ({"switch_s": 200.0}, "switch_s"), ({"rate_rps": 0}, "rate_rps"),
+    ({"switch_s": 0.0}, "switch_s"), ({"switch_s": 200.0}, "switch_s"), ({"rate_rps": -1.0}, "rate_rps"),
     ({"throttle_to": 1.5}, "throttle_to"),
 ])
 def test_drift_config_rejects_bad_values(change, message):

@@ -391,6 +391,8 @@ def run_worker_death(app: App, device: int = 1, concurrency: int = 8) -> Scenari
                     replaced_s=None if lost is None else lost["started_at"] + lost["duration_s"] - wall0,
                     replace_status=None if lost is None else lost["status"],
                     rejoin_status=None if rejoined is None else rejoined["status"],
+                    restarted_worker_ready_s=None if rejoined is None else rejoined["started_at"] - wall0,
+                    rejoin_migration_s=None if rejoined is None else rejoined["duration_s"],
                     answering_again_s=_answering_again(records, t0),
                     last_failure_s=max((r.ended - t0 for r in failed), default=None),
                     slowest_failure_s=max((r.ended - r.started for r in failed), default=None))

@@ -245,8 +245,9 @@ class RayWorkerPool:
             try:
                 results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
             except Exception as exc:
+                cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's own error
                 failed.append(device)
-                errors.append(f"device {device}: {type(exc).__name__}: {str(exc)[:300]}")
+                errors.append(f"device {device}: {type(cause).__name__}: {str(cause)[:300]}")
                 results.append(None)
         if failed:
             raise WorkerCallError(f"{what} failed on " + "; ".join(errors), failed)

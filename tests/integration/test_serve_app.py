@@ -119,8 +119,8 @@ def test_sixteen_concurrent_streams_complete_with_usage(url):
         return pieces, usage.completion_tokens
 
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
-        return await asyncio.gather(*(one(aclient, i) for i in range(16)))
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(16)))
 
     results = asyncio.run(run())
     assert len(results) == 16 and all(1 <= tokens <= 16 and pieces <= tokens for pieces, tokens in results)
@@ -165,18 +165,18 @@ def test_migration_under_load_fails_no_request_and_keeps_outputs(client, url):
         return response.choices[0].finish_reason
 
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
-        streams = [asyncio.create_task(stream(aclient, i)) for i in range(8)]
-        await asyncio.sleep(0.5)
-        async with httpx.AsyncClient(timeout=120) as http:
-            moved = await http.post(f"{url}/admin/recalibrate", headers=ADMIN,
-                                    json={"policy": "contiguous", "mode": "full", "force": True})
-        return moved.json(), await asyncio.gather(*streams)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0) as aclient:
+            streams = [asyncio.create_task(stream(aclient, i)) for i in range(8)]
+            await asyncio.sleep(0.5)
+            async with httpx.AsyncClient(timeout=120) as http:
+                moved = await http.post(f"{url}/admin/recalibrate", headers=ADMIN,
+                                        json={"policy": "contiguous", "mode": "full", "force": True})
+            return moved.json(), await asyncio.gather(*streams)
 
     result, reasons = asyncio.run(run())
     assert result["status"] == "applied" and result["experts_moved"] > 0, result
     assert all(r in ("stop", "length") for r in reasons)
-    assert _admin(url, "GET", "/admin/placement").json()["version"] == version + 1
+    assert result["to_version"] == version + 1  # (automatic recalibration may have followed since)
     assert [_greedy(client, p) for p in PROMPTS] == before
     back = _admin(url, "POST", "/admin/recalibrate", json={"mode": "full", "force": True}).json()
     assert back["status"] == "applied"

@@ -14,8 +14,8 @@ host CPUs symmetrically, as three tenants of one host; their emulated devices ar
 then those of an app sharing its host with two others, the same condition for every policy.
 
 Sequence: start the apps one after another (each calibrates with its profiling pass); a warm-up trace to
-all (lets the adaptive policies re-place for the workload); unloaded requests one at a time per app (the
-pooled medians set the SLOs and the rate unit); the sweep from low to high rate, every app at every rate
+all (lets the adaptive policies re-place for the workload); unloaded requests, one at a time per app and
+all apps at once (the pooled medians set the SLOs and the rate unit); the sweep from low to high rate, every app at every rate
 until all fall below `stop_below` (so the contention stays the same for all); then every app at eplb's
 frontier rate.
 """
@@ -74,7 +74,7 @@ class CompareConfig:
         max_tokens_cap: upper bound on every request's max_tokens (None: the workload's own).
         seed: seed of every trace (the same trace per rate for every policy).
         warmup_rate, warmup_s: the warm-up trace (another seed), sent to every app at once.
-        unloaded_requests, unloaded_max_tokens: requests sent one at a time to each idle app.
+        unloaded_requests, unloaded_max_tokens: requests sent one at a time to each app (all apps at once).
         ttft_factor, tpot_factor: SLO = factor x the median unloaded TTFT / TPOT, pooled over the apps.
         target: attainment the frontier asks for.
         stop_below: the sweep ends after a rate at which every policy's attainment is below this.
@@ -85,7 +85,7 @@ class CompareConfig:
 
     policies: tuple[str, ...] = POLICY_ORDER
     rates: tuple[float, ...] | None = None
-    rate_multipliers: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
+    rate_multipliers: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
     duration_s: float = 90.0
     workloads: tuple[str, ...] = ("sharegpt_like",)
     max_tokens_cap: int | None = 64
@@ -306,12 +306,14 @@ class Experiment:
         self.save()
 
     async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
-        """Unloaded latency of every app; sets the SLO and, unless given, the swept rates."""
+        """Unloaded latency: one request at a time to each app, all apps at once (the condition of the sweep,
+        where the apps share the host); sets the SLO and, unless given, the swept rates."""
         cfg = self.config
+        probe = self.trace(cfg.warmup_rate)
+        found = await asyncio.gather(*(unloaded_latency(c, probe, cfg.unloaded_requests, cfg.unloaded_max_tokens)
+                                       for c in clients.values()))
         pooled = []
-        for policy, client in clients.items():
-            results = await unloaded_latency(client, self.trace(cfg.warmup_rate), cfg.unloaded_requests,
-                                             cfg.unloaded_max_tokens)
+        for policy, results in zip(clients, found):
             self._entry(policy)["unloaded"] = record_json(RunRecord(time.time(), results=results))
             pooled += results
         self.slo = SLO.from_unloaded(pooled, cfg.ttft_factor, cfg.tpot_factor, cfg.target)
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = Experiment(replace(DEFAULT, **overrides), args.out, progress=not args.no_progress)
     experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)
     result = experiment.run()
-    extras = _extras(args, experiment.slo, result["single_stream_rps"])
+    extras = _extras(args)
     result["runtime_s"] = time.monotonic() - started
     experiment.save()
     from load_tests import report
@@ -397,14 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _extras(args: argparse.Namespace, slo: SLO, single_stream_rps: float) -> dict:
-    """The drift scenarios (with the same SLO) and the scale study, as asked on the command line."""
+def _extras(args: argparse.Namespace) -> dict:
+    """The drift scenarios and the scale study, as asked on the command line."""
     from load_tests import drift, scale
 
     extras = {}
     if args.drift:
-        extras["drift"] = drift.run_all(args.out, slo=slo, single_stream_rps=single_stream_rps,
-                                        progress=not args.no_progress)
+        extras["drift"] = drift.run_all(args.out, progress=not args.no_progress)
     if not args.no_scale:
         extras["scale"] = scale.run(args.out)
     return extras

@@ -13,8 +13,7 @@ same time, so that both see the same machine:
 
 "After" numbers count requests sent from the switch on. Writes `<out>/drift.json` and `<out>/drift.png`
 (TTFT over time with the switch and the recalibrations marked, from /admin/stats `recalibrations` and
-their `started_at`). Ignores the side-by-side comparison (see `compare`), whose app start and SLO it
-reuses.
+their `started_at`). Ignores the side-by-side comparison (see `compare`), whose app start it reuses.
 """
 
 from __future__ import annotations
@@ -53,14 +52,14 @@ class DriftConfig:
     Attributes:
         policy: placement policy of every app.
         rate_rps: request rate of each app's trace (both apps of a scenario are loaded at once); None:
-            `rate_multiplier` x the single-stream rate (of the side-by-side run, or measured here).
+            `rate_multiplier` x the single-stream rate of the unloaded latency measured here.
         duration_s: arrivals span this many seconds.
         switch_s: seconds into the trace when the prompts switch (workload) or the throttle is due (device).
         throttled_device, throttle_to: the device drift: device index and its speed multiplier.
         warmup_s: a warm-up trace of prose prompts before the measured trace.
         max_tokens_cap: as in the side-by-side run.
         seed: trace seed (the same trace for static and adaptive).
-        slo_factors: (TTFT, TPOT) multiples of the unloaded medians when no SLO is passed in.
+        slo_factors: (TTFT, TPOT) SLOs as multiples of the unloaded medians.
     """
 
     policy: str = "vibe"
@@ -115,19 +114,16 @@ def segments(results: list[RequestResult], slo: SLO, switch_s: float, duration_s
 
 
 class DriftRun:
-    """Runs the scenarios; keeps the SLO (passed in, or set by the first apps' unloaded latency)."""
+    """Runs the scenarios; the first scenario's apps set the SLO and the rate (two apps loaded at once,
+    the condition of every drift run), the second reuses them."""
 
-    def __init__(self, config: DriftConfig, out: Path, slo: SLO | None, progress: bool,
-                 single_stream_rps: float | None = None) -> None:
+    def __init__(self, config: DriftConfig, out: Path, progress: bool) -> None:
         self.config = config
         self.out = out
-        self.slo = slo
         self.progress = progress
+        self.slo: SLO | None = None
+        self.rate = config.rate_rps
         self.result: dict = {"config": asdict(config), "scenarios": {}}
-        self.rate = config.rate_rps or (None if single_stream_rps is None else config.rate_multiplier * single_stream_rps)
-        self.result["rate_rps"] = self.rate
-        if slo is not None:
-            self.result["slo"] = asdict(slo) | {"set_by": "the side-by-side run"}
 
     @cached_property
     def prompts(self) -> dict:
@@ -172,11 +168,13 @@ class DriftRun:
         return entries
 
     async def _unloaded(self, scenario: str, clients: dict[str, ClientConfig]) -> None:
-        """Unloaded latency of the apps (pooled): sets the SLO and the rate where not given."""
+        """Unloaded latency of the apps (one request at a time each, both at once; pooled): sets the SLO and
+        the rate where not given."""
         cfg = self.config
         probe = make_trace(TraceConfig(1.0, 60.0, ((0.0, PROSE),), cfg.seed + 2000, cfg.max_tokens_cap), self.prompts)
-        unloaded = [r for c in clients.values()
-                    for r in await unloaded_latency(c, probe, DEFAULT.unloaded_requests, DEFAULT.unloaded_max_tokens)]
+        found = await asyncio.gather(*(unloaded_latency(c, probe, DEFAULT.unloaded_requests, DEFAULT.unloaded_max_tokens)
+                                       for c in clients.values()))
+        unloaded = [r for results in found for r in results]
         if self.slo is None:
             self.slo = SLO.from_unloaded(unloaded, *cfg.slo_factors, DEFAULT.target)
             self.result["slo"] = asdict(self.slo) | {"set_by": f"{scenario} apps, unloaded, pooled"}
@@ -190,12 +188,11 @@ class DriftRun:
         (self.out / "drift.json").write_text(json.dumps(self.result, separators=(",", ":")))
 
 
-def run_all(out: Path, config: DriftConfig = DriftConfig(), *, slo: SLO | None = None,
-            single_stream_rps: float | None = None, progress: bool = True) -> dict:
+def run_all(out: Path, config: DriftConfig = DriftConfig(), *, progress: bool = True) -> dict:
     """Both scenarios; writes drift.json and drift.png; returns the result."""
     from load_tests import plots
 
-    runner = DriftRun(config, out, slo, progress, single_stream_rps)
+    runner = DriftRun(config, out, progress)
     for scenario in SCENARIOS:
         print(f"== drift: {scenario}", flush=True)
         runner.run(scenario)
@@ -226,20 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = DriftConfig() if args.rate is None else replace(DriftConfig(), rate_rps=args.rate)
-    earlier = _side_by_side(args.out / "compare.json")
-    slo = None if "slo" not in earlier else SLO(*(earlier["slo"][k] for k in ("ttft_s", "tpot_s", "target")))
-    result = run_all(args.out, config, slo=slo, single_stream_rps=earlier.get("single_stream_rps"),
-                     progress=not args.no_progress)
+    result = run_all(args.out, config, progress=not args.no_progress)
     for scenario, verdict in verdicts(result).items():
         print(f"drift={scenario} " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in verdict.items()))
     return 0
-
-
-def _side_by_side(path: Path) -> dict:
-    """An earlier side-by-side run in the same folder (its SLO and single-stream rate), or {}: the drift
-    numbers then use the same bar and the same rate unit."""
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 if __name__ == "__main__":

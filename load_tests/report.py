@@ -228,7 +228,9 @@ def _drift(drift: dict) -> str:
     cfg = drift["config"]
     lines = ["## Drift scenarios (policy vibe, static vs adaptive, same trace)", "",
              f"Static and adaptive apps loaded at the same time with the same trace, {drift.get('rate_rps', 0):.3f} req/s "
-             f"each, {cfg['duration_s']:g} s of arrivals. Workload: prose (sharegpt_like, sonnet_like) -> code "
+             f"each ({cfg['rate_multiplier']:g} x the single-stream rate unless set), {cfg['duration_s']:g} s of "
+             f"arrivals; SLOs TTFT <= {drift['slo']['ttft_s'] * 1e3:.0f} ms, TPOT <= {drift['slo']['tpot_s'] * 1e3:.0f} "
+             "ms from the drift apps' own unloaded latency (two apps at once). Workload: prose (sharegpt_like, sonnet_like) -> code "
              f"at {cfg['switch_s']:g} s. Device: device {cfg['throttled_device']} throttles to "
              f"{cfg['throttle_to']:g}x of its speed at {cfg['switch_s']:g} s (emulator speed control, both apps "
              "at once). Numbers for requests sent from the switch on; plot: drift.png.", "",

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from load_tests import report
+from load_tests import plots, report
 from load_tests.compare import record_json, results_from_json
 from load_tests.generator import RequestResult, RunRecord
 from load_tests.slo import SLO, frontier, summarize
@@ -103,3 +103,24 @@ def test_run_json_round_trip():
     results = results_from_json(run)
     assert len(results) == 10 and results[0] == RequestResult(0, "w", 0.0, 0.05, 0.095, 12, 10)
     assert results[-1].error == "timeout"
+
+
+def test_write_adds_drift_and_scale_sections(tmp_path, result):
+    from load_tests.drift import DriftConfig
+
+    def mode(ttft: float) -> dict:
+        run = _run(1.0, ttft)
+        run["segments"] = {"before": run["summary"], "after": run["summary"]}
+        return run
+
+    drift = {"config": asdict(DriftConfig()), "slo": asdict(SLO_1), "rate_rps": 0.4,
+             "scenarios": {"workload": {"startup_s": 1.0, "static": mode(0.5), "adaptive": mode(0.05)}}}
+    rows = [{"profile": "spread7", "tokens_per_expert": 1024.0, "num_devices": g, "policy": p, "variant": v,
+             "bound_ratio": 1.0 + 0.01 * g / 8 + (p == "eplb") * 0.02, "gain_vs_eplb": 0.01, "gain_vs_eplb_even": 0.02}
+            for g in (8, 16) for p, v in (("eplb", "even"), ("vibe", "even"), ("vibe", "redundant_uneven"))]
+    report.write(tmp_path, result, drift=drift, scale={"rows": rows})
+    text = (tmp_path / "report.md").read_text()
+    assert "| workload | 0.000 | 0.900 |" in text and "| yes |" in text
+    assert "| spread7 | 1024 | 16 | 1.040 | 1.020 | - | - | - | 1.020 | 2.0% |" in text
+    plots.drift_timeline(drift, tmp_path / "drift.png")
+    assert (tmp_path / "drift.png").stat().st_size > 10_000

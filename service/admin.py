@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.openai_api import APIError
 
@@ -85,8 +85,8 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
         return await client.call("stats_view")
 
     @router.post("/recalibrate")
-    async def recalibrate(body: RecalibrateRequest | None = None) -> dict[str, Any]:
-        body = body or RecalibrateRequest()
+    async def recalibrate(request: Request) -> dict[str, Any]:
+        body = await _json_body(request, RecalibrateRequest)
         return await client.call("recalibrate", policy=body.policy, mode=body.mode, dry_run=body.dry_run,
                                  force=body.force, reason="admin")
 
@@ -100,18 +100,32 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
 
     if emulation:
         @router.post("/emulation/speed")
-        async def set_speed(body: SpeedRequest) -> dict[str, Any]:
+        async def set_speed(request: Request) -> dict[str, Any]:
+            body = await _json_body(request, SpeedRequest)
             check_device(body.device)
             await client.call("set_emulated_speed", body.device, body.speed)
             return {"device": body.device, "speed": body.speed}
 
         @router.post("/emulation/fault")
-        async def inject_fault(body: FaultRequest) -> dict[str, Any]:
+        async def inject_fault(request: Request) -> dict[str, Any]:
+            body = await _json_body(request, FaultRequest)
             check_device(body.device)
             await client.call("inject_fault", body.device, body.operation)
             return {"device": body.device, "operation": body.operation, "armed": True}
 
     return router
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`, read as JSON whatever the Content-Type (plain `curl -d '{...}'` sends a form
+    type); an empty body means the defaults. Bad JSON or fields are a 400 naming the problem."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or None
+        raise APIError(400, f"invalid admin request body: {problem['msg']}", param=where) from None
 
 
 def render_placement_page(view: dict[str, Any]) -> str:

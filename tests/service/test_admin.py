@@ -1,0 +1,83 @@
+"""The admin routes' behaviour behind a valid token (auth itself is in test_security.py): bodies, errors,
+emulation-only routes, the placement page. The coordinator is a recording fake."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.admin import admin_router, render_placement_page, token_digest
+from service.openai_api import APIError, error_response
+
+TOKEN = "admin-token-for-tests-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+VIEW = {"version": 3, "policy": "vibe", "num_devices": 2, "num_experts": 2, "layers": [
+    {"layer": 0, "imbalance": 1.25, "device_predicted_s": [0.002, 0.0015], "device_tokens": [30.0, 10.0],
+     "slots": [{"slot": 0, "expert": 1, "device": 0, "share": 1.0}, {"slot": 1, "expert": 0, "device": 1, "share": 0.5},
+               {"slot": 2, "expert": 0, "device": 1, "share": 0.5}]}]}
+
+
+class Coordinator:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    async def call(self, method: str, *args, **kwargs):
+        self.calls.append((method, args, kwargs))
+        return VIEW if method == "placement_view" else {"status": "dry_run"}
+
+
+def _client(emulation: bool) -> tuple[TestClient, Coordinator]:
+    coordinator = Coordinator()
+    app = FastAPI()
+    app.add_exception_handler(APIError, lambda request, exc: error_response(exc))
+    app.include_router(admin_router(coordinator, token_sha256=token_digest(TOKEN), num_devices=2,
+                                    emulation=emulation))
+    return TestClient(app), coordinator
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "application/json"},
+                                     {"Content-Type": "application/x-www-form-urlencoded"}])
+def test_recalibrate_reads_json_whatever_the_content_type(headers):
+    client, coordinator = _client(emulation=False)
+    response = client.post("/admin/recalibrate", headers={**AUTH, **headers},
+                           content=b'{"mode": "full", "dry_run": true, "policy": "eplb"}')
+    assert response.status_code == 200
+    assert coordinator.calls[-1] == ("recalibrate", (), {"policy": "eplb", "mode": "full", "dry_run": True,
+                                                         "force": False, "reason": "admin"})
+
+
+def test_empty_recalibrate_body_means_defaults():
+    client, coordinator = _client(emulation=False)
+    assert client.post("/admin/recalibrate", headers=AUTH).status_code == 200
+    assert coordinator.calls[-1][2]["mode"] == "incremental" and not coordinator.calls[-1][2]["dry_run"]
+
+
+@pytest.mark.parametrize("body,param", [(b"{nope", None), (b'{"mode": "partial"}', "mode"),
+                                        (b'{"surprise": 1}', "surprise"), (b'[1, 2]', None)])
+def test_bad_admin_bodies_are_400_naming_the_field(body, param):
+    client, coordinator = _client(emulation=False)
+    response = client.post("/admin/recalibrate", headers=AUTH, content=body)
+    assert response.status_code == 400 and not coordinator.calls
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_emulation_routes_exist_only_with_emulation():
+    real, _ = _client(emulation=False)
+    assert real.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 0, "speed": 0.5}').status_code == 404
+    emulated, coordinator = _client(emulation=True)
+    assert emulated.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 1, "speed": 0.5}').status_code == 200
+    assert coordinator.calls[-1] == ("set_emulated_speed", (1, 0.5), {})
+    out_of_range = emulated.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 2, "speed": 0.5}')
+    assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "device"
+    bad_speed = emulated.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 1, "speed": 0}')
+    assert bad_speed.status_code == 400
+
+
+def test_placement_page_shows_heatmaps_and_replicas():
+    client, _ = _client(emulation=False)
+    page = client.get("/admin/ui", headers=AUTH)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count("<svg") == 2 and "0@1(0.50)" in page.text and "Placement version 3" in page.text
+    assert "<script" not in render_placement_page(VIEW)

@@ -166,10 +166,13 @@ class IngressDeployment:
         started = time.monotonic()
         prompts = _read_prompts(Path(self.settings.profile_prompts), self.engine.tokenizer)
         params = SamplingParams(max_tokens=self.settings.profile_max_tokens, temperature=0.0)
+        # At most max_queue at once: more would be refused (QueueFull) and fail the replica's start.
+        admitted = asyncio.Semaphore(self.engine.config.max_queue)
 
         async def run(i: int, ids: list[int]) -> None:
-            async for _ in self.engine.generate(f"profile-{i}", ids, params):
-                pass
+            async with admitted:
+                async for _ in self.engine.generate(f"profile-{i}", ids, params):
+                    pass
 
         await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
         await asyncio.to_thread(self.sync.sync_once)  # hand over every router count of the pass

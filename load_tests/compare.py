@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -251,6 +252,16 @@ def results_from_json(run: dict) -> list[RequestResult]:
     return [RequestResult(*row) for row in zip(*(columns[name] for name in _RESULT_FIELDS))]
 
 
+def model_fingerprint(args: dict) -> dict:
+    """The served checkpoint folder and the SHA-256 of its weights (which model produced the numbers)."""
+    from deploy.app import DEFAULT_MODEL
+
+    folder = Path(args.get("model", DEFAULT_MODEL))
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"path": str(folder), "weights_sha256": digest}
+
+
 def machine_info() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "loadavg_start": os.getloadavg()}
@@ -277,6 +288,7 @@ class Experiment:
     def run(self) -> dict:
         """Start every app, measure, write `<out>/compare.json`; returns the result."""
         apps = {p: app_args_for(p, self.config, f"bench-{p}") for p in self.config.policies}
+        self.result["model"] = model_fingerprint(next(iter(apps.values())))
         with serve_apps(apps) as (bases, startup_s):
             self.result["startup_s"] = startup_s
             for policy, args in apps.items():

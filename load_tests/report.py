@@ -132,7 +132,8 @@ def _header(result: dict, slo: SLO) -> str:
         f"load average {_loads(result['machine'])}; the machine was shared, so compare within this run only.",
         "",
         f"Emulated cluster (deploy/config.yaml): {args['num_devices']} devices, speeds {args['speeds']}, "
-        f"emulation {args['emulation']}. Model: {args.get('model', 'deploy/models/vibe-tiny-moe')}.",
+        f"emulation {args['emulation']}. Model: {result['model']['path']} (weights sha256 "
+        f"{(result['model']['weights_sha256'] or '?')[:12]}).",
         f"Trace: Poisson arrivals, workloads {list(cfg['workloads'])}, seed {cfg['seed']}, "
         f"max_tokens capped at {cfg['max_tokens_cap']}, {cfg['duration_s']:g} s of arrivals per rate, `ignore_eos` "
         "and temperature 0 (every policy serves the same tokens). Rates "

@@ -47,6 +47,7 @@ def result() -> dict:
                    "warmup_rate": 1.0, "ttft_factor": 5.0, "tpot_factor": 3.0, "unloaded_requests": 4,
                    "unloaded_max_tokens": 8, "stop_below": 0.5},
         "machine": {"cpus": 2, "platform": "test", "loadavg_start": [1.0, 1.0, 1.0]},
+        "model": {"path": "deploy/models/vibe-tiny-moe", "weights_sha256": "ab" * 32},
         "slo": asdict(SLO_1) | {"set_by": "eplb"}, "rates": [1.0, 2.0, 3.0], "single_stream_rps": 1.0,
         "policies": {
             "eplb": _policy({1.0: 0.05, 2.0: 0.5}, 0.08, 1.3),

@@ -29,12 +29,14 @@ EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "deploy" / "models" / "vi
 def workers():
     """G expert-worker actors on a fresh 2-CPU cluster, shared by every model of this module."""
     ray.init(num_cpus=2, include_dashboard=False)
-    actors = [ExpertWorkerActor.options(num_cpus=0.25, max_concurrency=4).remote(WorkerConfig(index=g))
-              for g in range(G)]
-    infos = ray.get([actor.info.remote() for actor in actors])
-    yield actors, infos
-    ray.get([actor.shutdown.remote() for actor in actors])
-    ray.shutdown()
+    try:
+        actors = [ExpertWorkerActor.options(num_cpus=0.25, max_concurrency=4).remote(WorkerConfig(index=g))
+                  for g in range(G)]
+        infos = ray.get([actor.info.remote() for actor in actors])
+        yield actors, infos
+        ray.get([actor.shutdown.remote() for actor in actors])
+    finally:
+        ray.shutdown()
 
 
 def checkpoint(name: str, tmp_path_factory) -> Path:

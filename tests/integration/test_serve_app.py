@@ -40,26 +40,30 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def url():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({
-        "num_devices": 4, "speeds": [1.0, 1.0, 1.0, 0.8], "app_name": "itest",
-        "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0},
-        "max_num_seqs": 16, "admin_token": TOKEN,
-    })
-    serve.run(app, name="vibe", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    try:  # whatever fails in setup, the next module must find Ray shut down
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({
+            "num_devices": 4, "speeds": [1.0, 1.0, 1.0, 0.8], "app_name": "itest",
+            "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0},
+            "max_num_seqs": 16, "admin_token": TOKEN,
+        })
+        serve.run(app, name="vibe", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield base
+    finally:
         try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ test-multinode: $(STAMP)
 	bash scripts/test_multinode.sh
 
 lint: $(STAMP)
-	$(PY) -m ruff check placement service deploy load_tests tests scripts
+	$(PY) -m ruff check placement service deploy load_tests tests scripts examples
 
 run: $(STAMP)
 	$(VENV)/bin/serve run deploy/config.yaml

@@ -1,4 +1,5 @@
 import numpy as np
+
 import placement as pl
 
 # Per-expert latency curves, fitted from profiling samples (here: synthetic). Device 3 is 13% slower.

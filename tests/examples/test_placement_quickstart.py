@@ -16,4 +16,7 @@ def test_placement_quickstart_runs_and_vibe_beats_token_balance():
     assert bound <= makespans["vibe"] < makespans["eplb"] < makespans["contiguous"]
     before, after, moves = re.search(r"after drift ([\d.]+) ms -> ([\d.]+) ms with (\d+) expert moves", out).groups()
     assert float(after) < float(before) and int(moves) > 0
-    assert out in (ROOT / "README.md").read_text(), "README shows stale output of the example"
+    readme = (ROOT / "README.md").read_text()
+    assert out in readme, "README shows stale output of the example"
+    code = (ROOT / "examples" / "placement_quickstart.py").read_text()
+    assert code in readme, "README shows other code than examples/placement_quickstart.py"

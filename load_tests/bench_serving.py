@@ -20,8 +20,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -143,26 +141,6 @@ def http_sender(base_url: str, model: str, max_tokens: int) -> tuple[Callable, C
     return send, client.aclose
 
 
-@contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """The app under uvicorn on 127.0.0.1 and an ephemeral port; yields its ``/v1`` base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def bench_generate(model, prompts: list[list[int]], batch: int, output_tokens: int) -> RunResult:
     """Batched greedy ``generate`` (all prompts the same length, so no padding), batch after batch."""
     start = time.perf_counter()
@@ -250,9 +228,10 @@ def _in_process_http(args, engine: AsyncEngine) -> Iterator[None]:
     if not args.http:
         yield
         return
-    from service.app import create_app
+    from service.app import create_app, serve_locally
 
-    with serve_in_thread(create_app(engine, served_model_name=args.served_model_name)) as url:
+    with serve_locally(create_app(engine, served_model_name=args.served_model_name)) as base:
+        url = f"{base}/v1"
         args.base_url = url
         yield
 

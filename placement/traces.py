@@ -1,7 +1,7 @@
 """Real expert-load traces: where they live, loading them, and reshaping them for simulation.
 
-Owns the `.npz` trace format of `../shared/traces/` (see its README.md: `counts` int64 [L, E] and a
-JSON `meta` string), the folder lookup (`VIBE_TRACES` or `../shared/traces` next to the repository)
+Owns the `.npz` trace format (see `placement/data/traces/README.md`: `counts` int64 [L, E] and a
+JSON `meta` string), the folder lookup (`VIBE_TRACES` or the shipped copies in `placement/data/traces`)
 and the transformations the simulator applies: resampling a layer's load curve to another expert count,
 scaling it to a token level, picking a subset of layers. Knows nothing of devices or placements.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 TRACES_ENV = "VIBE_TRACES"
-_DEFAULT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+_DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "traces"  # copies of ../shared/traces (356 KB)
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,10 +36,9 @@ class Trace:
 
 
 def trace_dir() -> Path:
-    """The trace folder: `$VIBE_TRACES` if set, else `../shared/traces` relative to the repository.
+    """The trace folder: `$VIBE_TRACES` if set, else the copies shipped in `placement/data/traces`.
 
-    Raises FileNotFoundError, naming the path and the variable, when the folder does not exist (CI may
-    not have it; callers skip on this error).
+    Raises FileNotFoundError, naming the path and the variable, when the folder does not exist.
     """
     raw = os.environ.get(TRACES_ENV)
     path = Path(raw) if raw else _DEFAULT_DIR

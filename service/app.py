@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, Request
@@ -356,3 +357,35 @@ class BodySizeLimit:
         if too_large:
             return APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
         return APIError(400, "invalid Content-Length header")
+
+
+@contextlib.contextmanager
+def serve_locally(app: ASGIApp, *, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run `app` under uvicorn on 127.0.0.1 and an ephemeral port in a daemon thread; yields the base URL.
+
+    For tests and in-process benchmarks (a deployment runs the app under Ray Serve instead).
+
+    Raises:
+        RuntimeError: if the server has not started within `start_timeout_s`.
+    """
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start within {start_timeout_s:g} s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

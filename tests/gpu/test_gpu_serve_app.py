@@ -5,7 +5,6 @@ one GPU (`worker_num_gpus: 0.25`), the ingress takes a share too. Skipped, start
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
@@ -23,38 +22,14 @@ TOKEN = "gpu-test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url():
-    import ray
-    from ray import serve
+    from tests.serve_app import serve_app
 
-    from deploy.app import build_app
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"device": "cuda", "emulate": False, "num_devices": 2, "worker_num_gpus": 0.25,
-                     "ingress_num_gpus": 0.25, "dtype": "bfloat16", "app_name": "gputest",
-                     "max_num_seqs": 8, "admin_token": TOKEN})
-    serve.run(app, name="vibe", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app({"device": "cuda", "emulate": False, "num_devices": 2, "worker_num_gpus": 0.25,
+                    "ingress_num_gpus": 0.25, "dtype": "bfloat16", "app_name": "gputest",
+                    "max_num_seqs": 8, "admin_token": TOKEN}, num_cpus=8, ready_timeout_s=300) as base:
+        yield base
 
 
 def test_chat_request_is_answered_by_gpu_workers(url):

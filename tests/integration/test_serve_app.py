@@ -8,19 +8,17 @@ recalibration and live migration under load, rollback of a failed migration, and
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
 import openai
 import pytest
-import ray
 import torch
-from ray import serve
 
-from deploy.app import DEFAULT_MODEL, build_app
+from deploy.app import DEFAULT_MODEL
 from service.model import load_reference_model
 from service.text import apply_chat_template
+from tests.serve_app import serve_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -31,39 +29,14 @@ SLOW_DEVICE = 3
 PROMPTS = ["Explain what a dictionary is in Python.", "Write a short note about the weather."]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:  # whatever fails in setup, the next module must find Ray shut down
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({
-            "num_devices": 4, "speeds": [1.0, 1.0, 1.0, 0.8], "app_name": "itest",
-            "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0},
-            "max_num_seqs": 16, "admin_token": TOKEN,
-        })
-        serve.run(app, name="vibe", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with serve_app({
+        "num_devices": 4, "speeds": [1.0, 1.0, 1.0, 0.8], "app_name": "itest",
+        "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0},
+        "max_num_seqs": 16, "admin_token": TOKEN,
+    }, num_cpus=2) as base:
         yield base
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

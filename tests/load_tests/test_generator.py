@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from load_tests.generator import ClientConfig, Event, RequestSpec, TraceConfig, make_trace, run_trace
 from load_tests.workloads import Prompt
+from service.app import serve_locally
 
 
 def _prompts(name: str, count: int, max_tokens: int = 8) -> list[Prompt]:
@@ -125,27 +121,9 @@ def _fake_app() -> FastAPI:
     return app
 
 
-@contextlib.contextmanager
-def _serve(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def fake_url():
-    with _serve(_fake_app()) as url:
+    with serve_locally(_fake_app()) as url:
         yield url
 
 

@@ -1,6 +1,5 @@
 """plan(): input validation, the three policies' invariants, EPLB against a reference, ViBE's guarantees."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +11,10 @@ from placement.device_model import DeviceModel
 from placement.metrics import makespan
 from placement.placement import Placement
 from placement.policies import POLICIES, plan
+from placement.traces import trace_dir
 from placement.vibe import greedy_devices, greedy_search
 
-TRACES = sorted(Path("/work/shared/traces").glob("*.npz")) or sorted(
-    (Path(__file__).resolve().parents[3] / "shared" / "traces").glob("*.npz"))
+TRACES = sorted(trace_dir().glob("*.npz"))
 BASE = DeviceModel(fixed=2e-4, knee=128, slope=2e-4 / 128)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,7 +1,6 @@
 """rebalance(): the incremental solver never slows a layer, reports its moves, and stops as specified."""
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ from placement.metrics import device_times, makespan
 from placement.placement import Placement
 from placement.policies import plan
 from placement.rebalance import Move, rebalance
+from placement.traces import trace_dir
 
-TRACES = Path("/work/shared/traces")
+TRACES = trace_dir()
 BASE = DeviceModel(fixed=2e-4, knee=128, slope=2e-4 / 128)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import threading
 import time
 
@@ -12,10 +10,9 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi import APIRouter
 
-from service.app import create_app
+from service.app import create_app, serve_locally
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.openai_api import APIError
@@ -26,23 +23,7 @@ MODEL = "vibe-test"
 MAX_MODEL_LEN = 256
 
 
-@contextlib.contextmanager
-def _serve(app):
-    """Run ``app`` with uvicorn on 127.0.0.1 and an ephemeral port, in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+_serve = serve_locally  # modules of other tests import it by this name
 
 
 def _start_engine(tokenizer, **config) -> AsyncEngine:

@@ -1,0 +1,63 @@
+"""The migration benchmark runs end to end (one quick trial) and writes a complete, sane result.
+
+No timing thresholds: the numbers are what a busy CPU gives; the benchmark reports them, targets and all.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service import bench_migration
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_run_writes_every_field_with_sane_values(tmp_path, capsys):
+    result = bench_migration.main(["--quick", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "migration.json").read_text())
+    assert written["summary"] == json.loads(json.dumps(result["summary"]))
+
+    assert {"config", "machine", "definitions", "calibration", "trials", "summary", "targets"} <= set(written)
+    assert written["machine"]["cpus"] >= 1 and len(written["machine"]["load_average_before"]) == 3
+    assert written["calibration"]["applied"]
+
+    (trial,) = written["trials"]
+    assert trial["mode"] == "incremental" and trial["status"] == "applied" and trial["experts_moved"] > 0
+    assert trial["to_version"] == trial["from_version"] + 1 == written["final_versions"]["engine"]
+    assert not trial["stream_errors"] and trial["streams_finished_early"] == 0
+    # The instants are ordered: published, then applied by the sync thread, then the first step on it.
+    assert 0 < trial["trigger_to_published_s"] <= trial["trigger_to_applied_s"] <= trial["trigger_to_live_s"]
+    assert trial["coordinator_duration_s"] > 0
+    assert trial["steps_outside_window"] > 0 and trial["median_step_ms"] > 0
+    assert trial["steps_in_window"] >= 1 and len(trial["window_step_ms"]) == trial["steps_in_window"]
+    assert trial["max_step_in_migration_ms"] == pytest.approx(max(trial["window_step_ms"]), abs=1e-3)
+    assert 0 <= trial["stalled_steps"] <= trial["steps_in_window"]
+
+    summary = written["summary"]
+    assert summary["trials"] == summary["trials_run"] == 1 and not summary["trials_not_live"]
+    assert summary["trigger_to_live_s"]["median"] == summary["trigger_to_live_s"]["max"] == trial["trigger_to_live_s"]
+    assert summary["trigger_to_published_s"]["max"] == trial["trigger_to_published_s"]
+    assert summary["median_step_ms"] == trial["median_step_ms"]
+    assert summary["stalled_steps"]["max"] == trial["stalled_steps"]
+    assert set(summary["by_mode"]) == {"incremental"}
+
+    targets = written["targets"]
+    assert targets["trigger_to_live"]["met"] == (trial["trigger_to_live_s"] <= 2.0)
+    assert targets["step_stall"]["met"] == (trial["stalled_steps"] <= 1)
+
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'migration.json'}" in out
+    last = out.strip().splitlines()[-1]
+    assert last == (f"migration trigger_to_live_s_median={trial['trigger_to_live_s']:.3f} "
+                    f"max_stalled_steps={trial['stalled_steps']}")
+
+
+def test_config_refuses_what_cannot_be_measured(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        bench_migration.BenchConfig(model=tmp_path)
+    with pytest.raises(ValueError, match="modes"):
+        bench_migration.BenchConfig(modes=("sideways",))
+    with pytest.raises(ValueError, match="max_model_len"):
+        bench_migration.BenchConfig(prompt_tokens=64, max_model_len=64)

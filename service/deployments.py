@@ -25,7 +25,7 @@ from service.messages import EngineReport, SyncReply
 from service.placement_metrics import PlacementCollector
 from service.worker_pool import RayPoolConfig, RayWorkerPool
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # Serve prints this logger of a replica in `serve run`'s console
 METRICS_REFRESH_S = 2.0
 
 
@@ -158,6 +158,10 @@ class IngressDeployment:
         threading.Thread(target=self._refresh_metrics, name="placement-metrics", daemon=True).start()
         if not boot["calibrated"] and settings.profile_prompts:
             await self._profiling_pass()
+        log.info("vibe-serve ready: model %r, %d %s, dense part on %s, placement version %d",
+                 settings.served_model_name, settings.num_devices,
+                 "emulated devices" if settings.emulation else "expert workers", device,
+                 self.context.placement.version)
 
     async def _profiling_pass(self) -> None:
         """Run the representative prompt set, then have the coordinator place experts for its routing."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from load_tests.workloads import WORKLOADS_DIR, load_workload, load_workloads, parse_prompt
+from load_tests.workloads import load_workload, load_workloads, parse_prompt
 
 
 def _write(path, entries) -> None:
@@ -48,7 +48,6 @@ def test_missing_and_empty_sets(tmp_path):
         load_workload("empty", tmp_path)
 
 
-@pytest.mark.skipif(not (WORKLOADS_DIR / "code.jsonl").is_file(), reason="workload sets not built")
 def test_shipped_sets_are_valid():
     sets = load_workloads(["sharegpt_like", "sonnet_like", "code"])
     assert all(len(prompts) >= 50 for prompts in sets.values())

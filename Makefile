@@ -50,7 +50,7 @@ run: $(STAMP)
 	$(VENV)/bin/serve run deploy/config.yaml
 
 bench: $(STAMP)
-	$(PY) -m load_tests.compare --out bench
+	$(PY) -m load_tests.compare --out bench --drift
 
 bench-placement: $(STAMP)
 	$(PY) -m placement.bench --out bench

@@ -79,6 +79,9 @@ class CompareConfig:
         ttft_factor, tpot_factor: SLO = factor x the median unloaded TTFT / TPOT, pooled over the apps.
         target: attainment the frontier asks for.
         stop_below: the sweep ends after a rate at which every policy's attainment is below this.
+        extend_factor, max_rates: while some policy still meets the target at the highest swept rate (its
+            frontier would only be a lower bound), the sweep goes on at that rate x `extend_factor`, up to
+            `max_rates` rates in all.
         drain_s: requests still running this long after a trace's last arrival are cut off (misses).
         app_args: build_app arguments of every app (over deploy/config.yaml's).
         policy_args: per-policy build_app arguments (e.g. redundant slots, slot budget).
@@ -86,7 +89,9 @@ class CompareConfig:
 
     policies: tuple[str, ...] = POLICY_ORDER
     rates: tuple[float, ...] | None = None
-    rate_multipliers: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    rate_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
+    extend_factor: float = 1.3
+    max_rates: int = 10
     duration_s: float = 90.0
     workloads: tuple[str, ...] = ("sharegpt_like",)
     max_tokens_cap: int | None = 64
@@ -115,6 +120,8 @@ class CompareConfig:
                 raise ValueError(f"CompareConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.unloaded_requests < 1 or self.unloaded_max_tokens < 2:
             raise ValueError("unloaded_requests must be >= 1 and unloaded_max_tokens >= 2")
+        if not self.extend_factor > 1 or self.max_rates < 1:
+            raise ValueError(f"need extend_factor > 1 and max_rates >= 1, got {self.extend_factor}, {self.max_rates}")
         if not 0 <= self.stop_below <= self.target <= 1:
             raise ValueError(f"need 0 <= stop_below <= target <= 1, got {self.stop_below}, {self.target}")
 
@@ -307,15 +314,28 @@ class Experiment:
         for client in clients.values():
             await wait_idle(client.base_url)
         await self._unloaded(clients)
-        for rate in self.result["rates"]:
-            await self._run_all(clients, rate, "sweep")
-            if all(self._entry(p)["runs"][-1]["summary"]["attainment"] < cfg.stop_below for p in clients):
-                break
+        await self._sweep(clients)
         for policy in cfg.policies:
             self._entry(policy)["frontier"] = asdict(self._frontier(policy))
         if "eplb" in cfg.policies:
             await self._run_all(clients, self._frontier("eplb").rate_rps, "eplb_frontier")
         self.save()
+
+    async def _sweep(self, clients: dict[str, ClientConfig]) -> None:
+        """Every app at every rate of `result["rates"]`, low to high, until all fall below `stop_below`;
+        extended upwards while some policy still meets the target at the highest rate."""
+        cfg = self.config
+        rates = list(self.result["rates"])
+        i = 0
+        while i < len(rates):
+            await self._run_all(clients, rates[i], "sweep")
+            last = [self._entry(p)["runs"][-1]["summary"]["attainment"] for p in clients]
+            i += 1
+            if all(a < cfg.stop_below for a in last):
+                break
+            if i == len(rates) and i < cfg.max_rates and any(a >= cfg.target for a in last):
+                rates.append(round(rates[-1] * cfg.extend_factor, 3))  # a frontier is still above the sweep
+        self.result["rates"] = rates[:i]
 
     async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
         """Unloaded latency: one request at a time to each app, all apps at once (the condition of the sweep,

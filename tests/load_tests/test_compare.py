@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
 
 from deploy.app import AppArgs
-from load_tests.compare import ADMIN_TOKEN, DEFAULT, CompareConfig, app_args_for, deploy_args
+from load_tests.compare import ADMIN_TOKEN, DEFAULT, CompareConfig, Experiment, app_args_for, deploy_args
 
 
 def test_every_policy_runs_the_deploy_cluster_with_its_own_knobs():
@@ -48,3 +49,41 @@ def test_compare_config_rejects_bad_values(change, message):
 
 def test_default_is_valid():
     assert isinstance(DEFAULT, CompareConfig) and DEFAULT.policies[0] == "eplb"
+
+
+class _ScriptedSweep(Experiment):
+    """The sweep logic alone: each policy's attainment at a rate comes from `attainment(policy, rate)`."""
+
+    def __init__(self, config: CompareConfig, attainment, rates: list[float]) -> None:
+        self.config = config
+        self.attainment = attainment
+        self.result = {"rates": rates, "policies": {p: {"runs": []} for p in config.policies}}
+
+    async def _run_all(self, clients, rate, kind):
+        for policy in clients:
+            self._entry(policy)["runs"].append({"rate_rps": rate, "kind": kind,
+                                                "summary": {"attainment": self.attainment(policy, rate)}})
+
+
+def _swept(config: CompareConfig, attainment, rates: list[float]) -> list[float]:
+    experiment = _ScriptedSweep(config, attainment, rates)
+    asyncio.run(experiment._sweep({p: None for p in config.policies}))
+    assert [r["rate_rps"] for r in experiment._entry(config.policies[0])["runs"]] == experiment.result["rates"]
+    return experiment.result["rates"]
+
+
+def test_sweep_goes_on_above_the_listed_rates_while_a_policy_still_meets_the_target():
+    config = CompareConfig(policies=("eplb", "vibe"))
+    capacity = {"eplb": 1.5, "vibe": 2.5}  # attainment 1 up to the capacity, 0 beyond
+
+    rates = _swept(config, lambda p, r: 1.0 if r <= capacity[p] else 0.0, [0.5, 1.0])
+    assert rates == [0.5, 1.0, 1.3, 1.69, 2.197, 2.856]  # x1.3 until vibe falls below too
+    assert _swept(config, lambda p, r: 1.0, [0.5])[-1] == pytest.approx(0.5 * 1.3 ** 9, rel=1e-2)  # max_rates
+    assert len(_swept(config, lambda p, r: 1.0, [0.5])) == config.max_rates
+
+
+def test_sweep_stops_early_once_every_policy_is_below_stop_below():
+    config = CompareConfig(policies=("eplb", "vibe"))
+    assert _swept(config, lambda p, r: 1.0 if r < 1 else 0.2, [0.5, 1.0, 2.0, 3.0]) == [0.5, 1.0]
+    # Between stop_below and the target nobody meets the target: no extension beyond the list.
+    assert _swept(config, lambda p, r: 0.7, [0.5, 1.0]) == [0.5, 1.0]

@@ -83,11 +83,30 @@ def targets(rows: dict[str, dict]) -> list[dict]:
         checks.append({"what": "vibe frontier / contiguous frontier", "value": ratio(
             rows["vibe"]["frontier_rps"], rows["contiguous"]["frontier_rps"]),
             "want": f">= {TARGETS['frontier_vs_contiguous']}"})
+    shares = [r["headroom_share"] for r in rows.values() if r.get("headroom_share") is not None]
+    headroom = max(shares) if shares else None
     for check in checks:
         op, threshold = check["want"].split()
         value = check["value"]
         check["met"] = value is not None and (value >= float(threshold) if op == ">=" else value <= float(threshold))
+        check["caveat"] = _caveat(check, rows, headroom)
     return checks
+
+
+def _caveat(check: dict, rows: dict[str, dict], headroom: float | None) -> str:
+    """Why a measured ratio may not be the placement's doing: an unbounded or non-monotonic frontier, or a
+    difference larger than the balance headroom (the most any placement can change a step)."""
+    notes = []
+    if check["what"].startswith("vibe frontier"):  # a ratio of two frontiers
+        for policy in [p for p in ("vibe", "eplb", "contiguous") if f"{p} frontier" in check["what"]]:
+            kind = rows[policy]["frontier_kind"]
+            if kind != "interpolated":
+                notes.append(f"{policy} frontier {kind}")
+    value = check["value"]
+    if value is not None and headroom is not None and abs(value - 1.0) > headroom:
+        notes.append(f"differs from 1 by more than the balance headroom ({headroom:.1%} of a step): "
+                     "not explained by placement")
+    return "; ".join(notes)
 
 
 def summary_lines(rows: dict[str, dict]) -> list[str]:
@@ -169,11 +188,11 @@ def _headline_table(rows: dict[str, dict]) -> str:
 
 
 def _targets(rows: dict[str, dict]) -> str:
-    lines = ["## Targets (measured side by side in this run)", "", "| check | measured | target | met |",
-             "|---|---|---|---|"]
+    lines = ["## Targets (measured side by side in this run)", "", "| check | measured | target | met | caveat |",
+             "|---|---|---|---|---|"]
     for check in targets(rows):
         lines.append(f"| {check['what']} | {_num(check['value'], 3)} | {check['want']} | "
-                     f"{'yes' if check['met'] else 'no'} |")
+                     f"{'yes' if check['met'] else 'no'} | {check['caveat'] or '-'} |")
     return "\n".join(lines)
 
 

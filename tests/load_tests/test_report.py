@@ -125,3 +125,18 @@ def test_write_adds_drift_and_scale_sections(tmp_path, result):
     assert "| spread7 | 1024 | 16 | 1.040 | 1.020 | - | - | - | 1.020 | 2.0% |" in text
     plots.drift_timeline(drift, tmp_path / "drift.png")
     assert (tmp_path / "drift.png").stat().st_size > 10_000
+
+
+def test_targets_say_when_a_ratio_cannot_be_the_placements_doing(result):
+    checks = {c["what"]: c for c in report.targets(report.headline(result))}
+    # headroom is 10% of a step in the fixture; vibe / eplb = 2.0 exceeds it, and contiguous never met the SLO
+    assert "balance headroom (10.0% of a step)" in checks["vibe frontier / eplb frontier"]["caveat"]
+    assert "contiguous frontier below_sweep" in checks["vibe frontier / contiguous frontier"]["caveat"]
+    vibe = result["policies"]["vibe"]
+    vibe["runs"] = [_run(1.0, 0.05), _run(2.0, 0.5), _run(3.0, 0.05), _run(4.0, 0.5)]  # misses, then meets
+    vibe["frontier"] = asdict(frontier([1.0, 2.0, 3.0, 4.0], [r["summary"]["attainment"] for r in vibe["runs"]]))
+    checks = {c["what"]: c for c in report.targets(report.headline(result))}
+    assert "vibe frontier interpolated, non-monotonic" in checks["vibe frontier / eplb frontier"]["caveat"]
+    result["policies"]["vibe"]["at_eplb_frontier"] = _run(1.5, 0.081, "eplb_frontier")
+    close = {c["what"]: c for c in report.targets(report.headline(result))}
+    assert close["vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"]["caveat"] == ""

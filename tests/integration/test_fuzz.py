@@ -17,11 +17,9 @@ import pytest
 from load_tests.fuzz_cases import cases, send
 from service.admin import admin_router
 from service.app import create_app
-from service.async_engine import AsyncEngine
-from service.engine import Engine, EngineConfig
-from tests.service.test_app import _serve
+from tests.service.test_app import _serve, _start_engine
 from tests.service.test_security import RecordingCoordinator
-from tests.service.test_text import build_chat_model, build_tokenizer
+from tests.service.test_text import build_tokenizer
 
 MODEL = "vibe-test"
 CASES = cases(MODEL)
@@ -31,10 +29,7 @@ GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "Say something 
 
 @pytest.fixture(scope="module")
 def server():
-    tokenizer = build_tokenizer()
-    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=256, max_num_seqs=8,
-                                                                         max_num_batched_tokens=256), tokenizer))
-    engine.start()
+    engine = _start_engine(build_tokenizer(), max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256)
     coordinator = RecordingCoordinator()
     admin = admin_router(coordinator, token_sha256=hashlib.sha256(b"a-token-nobody-guesses").hexdigest(),
                          num_devices=4, emulation=True)

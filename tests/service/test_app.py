@@ -26,8 +26,9 @@ MAX_MODEL_LEN = 256
 _serve = serve_locally  # modules of other tests import it by this name
 
 
-def _start_engine(tokenizer, **config) -> AsyncEngine:
-    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN, **config),
+def _start_engine(tokenizer, *, max_model_len: int = MAX_MODEL_LEN, **config) -> AsyncEngine:
+    """A started AsyncEngine over the tiny random chat model (callers shut it down)."""
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=max_model_len, **config),
                                 tokenizer=tokenizer))
     engine.start()
     return engine

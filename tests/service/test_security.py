@@ -26,8 +26,6 @@ from starlette.routing import Route
 from service import admin as admin_module
 from service.admin import admin_router, token_digest
 from service.app import create_app
-from service.async_engine import AsyncEngine
-from service.engine import Engine, EngineConfig
 from service.messages import (
     ERROR,
     FORWARD,
@@ -42,7 +40,8 @@ from service.messages import (
 )
 from service.transport import WorkerClient, WorkerServer, WorkerUnavailable
 from service.worker import ExpertWorker, WorkerConfig
-from tests.service.test_text import build_chat_model, build_tokenizer
+from tests.service.test_app import _start_engine
+from tests.service.test_text import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-admin-token-4f9a1c2b7e"
@@ -68,10 +67,7 @@ class RecordingCoordinator:
 
 @pytest.fixture(scope="module")
 def engine():
-    tokenizer = build_tokenizer()
-    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=128, max_num_seqs=2,
-                                                                         max_num_batched_tokens=64), tokenizer))
-    engine.start()
+    engine = _start_engine(build_tokenizer(), max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64)
     yield engine
     engine.shutdown()
 

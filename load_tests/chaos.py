@@ -22,22 +22,25 @@ random-weights model of the same shape (faults do not depend on what the model s
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import secrets
-import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from deploy.app import DEFAULT_MODEL, DEFAULT_PROFILE_PROMPTS
+from load_tests.compare import serve_apps
 from load_tests.fuzz_cases import cases, send
+from load_tests.slo import percentiles
 
-EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 HUNG_AFTER_S = 90.0  # a request without an answer for this long is hung (the server's own limit is lower)
 REQUEST_TIMEOUT_S = 30.0  # the app's per-request limit here: above every scenario request but the probe
 
@@ -91,49 +94,26 @@ def random_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def start_app(num_devices: int, *, model: Path | None, workdir: Path, **overrides: Any) -> App:
-    """Start Ray, Serve on an ephemeral port and the app; return once /health answers 200."""
-    import ray
-    from ray import serve
-
-    from deploy.app import build_app
-
+@contextlib.contextmanager
+def running_app(num_devices: int, *, model: Path | None, workdir: Path, **overrides: Any) -> Iterator[App]:
+    """The app on a fresh local Ray cluster (Serve app "vibe" at `/`, ephemeral port), once /health answers
+    200; Serve and Ray are shut down on exit, also when the start fails."""
     note = "embedded vibe-tiny-moe"
-    if model is None and (EMBEDDED_MODEL / "config.json").is_file():
-        model = EMBEDDED_MODEL
+    if model is None and (DEFAULT_MODEL / "config.json").is_file():
+        model = DEFAULT_MODEL
     if model is None:
         model = random_checkpoint(workdir / "random-tiny-moe")
         note = "random-weights model of the embedded model's shape (the embedded model is not built)"
-    profile = EMBEDDED_MODEL.parents[1] / "prompts" / "profile.jsonl"
     token = secrets.token_urlsafe(24)
     args = {"model": str(model), "model_roots": [str(model.parent)], "num_devices": num_devices,
             "speeds": [1.0 - 0.04 * i for i in range(num_devices)], "app_name": "chaos", "admin_token": token,
             "emulation": {"fixed_s": 4e-4, "knee_tokens": 128, "jitter": 0.02, "throttle_floor": 1.0},
             "max_num_seqs": 16, "max_queue": 32, "request_timeout_s": REQUEST_TIMEOUT_S,
-            "profile_prompts": str(profile) if model == EMBEDDED_MODEL and profile.is_file() else None,
+            "profile_prompts": str(DEFAULT_PROFILE_PROMPTS) if model == DEFAULT_MODEL else None,
             **overrides}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="vibe", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, 300)
-    public = {k: v for k, v in args.items() if k != "admin_token"}
-    return App(url, token, model.name, public, note)
-
-
-def stop_app() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with serve_apps({"vibe": args}, at_root=True, ready_timeout_s=300) as (bases, _):
+        public = {k: v for k, v in args.items() if k != "admin_token"}
+        yield App(bases["vibe"], token, model.name, public, note)
 
 
 def wait_healthy(url: str, timeout_s: float) -> float:
@@ -189,6 +169,8 @@ def stream_request(url: str, body: dict) -> RequestRecord:
                 record.retry_after = response.headers.get("retry-after")
             else:
                 _read_stream(response, record)
+    except httpx.ConnectTimeout:
+        record.outcome, record.server_error = "transport_ConnectTimeout", True
     except httpx.TimeoutException:
         record.outcome = "hung"
     except httpx.HTTPError as exc:
@@ -200,16 +182,25 @@ def stream_request(url: str, body: dict) -> RequestRecord:
 
 
 def _read_stream(response: httpx.Response, record: RequestRecord) -> None:
+    """Reads the SSE stream into `record`: an error event, a malformed chunk, or an end without
+    `data: [DONE]` is a failure (server-side), never "ok"."""
     for line in response.iter_lines():
+        if line == "data: [DONE]":
+            return
         if not line.startswith("data: {"):
             continue
-        chunk = json.loads(line[len("data: "):])
+        try:
+            chunk = json.loads(line[len("data: "):])
+        except ValueError:
+            record.outcome, record.server_error = "stream_malformed", True
+            return
         if "error" in chunk:
             error = chunk["error"]
             record.outcome = f"stream_{error.get('code') or error.get('type')}"
             record.server_error = error.get("type") in _STREAM_5XX_TYPES
             return
         record.tokens += sum(bool(c.get("delta", {}).get("content")) for c in chunk.get("choices", []))
+    record.outcome, record.server_error = "stream_truncated", True
 
 
 def chat_body(model: str, i: int, max_tokens: int) -> dict:
@@ -305,10 +296,7 @@ def _summary(fault: str, records: list[RequestRecord], t0: float, detection_s, r
 
 
 def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
+    return dict(collections.Counter(items))
 
 
 def run_fuzz(app: App) -> ScenarioResult:
@@ -346,8 +334,7 @@ def run_overload(app: App, clients: int = 96, seconds: float = 45.0) -> Scenario
     result = _summary("overload", records, t0, None, None, clients=clients,
                       rejected_429=len(rejected),
                       rejected_with_retry_after=sum(r.retry_after is not None for r in rejected),
-                      accepted=len(latencies), accepted_latency_p50_s=_quantile(latencies, 0.5),
-                      accepted_latency_p99_s=_quantile(latencies, 0.99),
+                      accepted=len(latencies), **_seconds(percentiles(latencies, (50, 99)), "accepted_latency"),
                       slowest_429_s=max((r.ended - r.started for r in rejected), default=None),
                       long_request=too_long, health=_count(health.answers))
     # A 429 is the bounded admission working, not a failure.
@@ -355,8 +342,9 @@ def run_overload(app: App, clients: int = 96, seconds: float = 45.0) -> Scenario
     return result
 
 
-def _quantile(values: list[float], q: float) -> float | None:
-    return round(values[min(int(q * len(values)), len(values) - 1)], 3) if values else None
+def _seconds(quantiles: dict[str, float | None], prefix: str) -> dict[str, float | None]:
+    """{"p50": x} from `slo.percentiles` -> {"<prefix>_p50_s": x rounded to ms}."""
+    return {f"{prefix}_{q}_s": None if v is None else round(v, 3) for q, v in quantiles.items()}
 
 
 def _timed_post(url: str, body: dict) -> dict:
@@ -542,17 +530,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vibe-chaos-") as workdir:
         started = time.monotonic()
-        app = start_app(args.devices, model=args.model, workdir=Path(workdir))
-        startup_s = time.monotonic() - started
-        print(f"app up in {startup_s:.1f} s at {app.url} ({app.model_note})", flush=True)
         results = []
-        try:
+        with running_app(args.devices, model=args.model, workdir=Path(workdir)) as app:
+            startup_s = time.monotonic() - started
+            print(f"app up in {startup_s:.1f} s at {app.url} ({app.model_note})", flush=True)
             for name in args.scenarios:
                 results.append(SCENARIOS[name](app))
-                print(f"{name}: {asdict(results[-1])['detail']}", flush=True)
+                print(f"{name}: {results[-1].detail}", flush=True)
                 wait_healthy(app.url, 120)
-        finally:
-            stop_app()
     table = print_table(results)
     report = {"app": app.args, "model": app.model_note, "startup_s": round(startup_s, 1), "table": table,
               "scenarios": [asdict(r) for r in results]}

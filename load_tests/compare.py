@@ -141,10 +141,11 @@ def app_args_for(policy: str, config: CompareConfig, name: str) -> dict:
 
 
 @contextlib.contextmanager
-def serve_apps(apps: dict[str, dict], *, ready_timeout_s: float = 900.0) -> Iterator[tuple[dict[str, str], float]]:
+def serve_apps(apps: dict[str, dict], *, at_root: bool = False,
+               ready_timeout_s: float = 900.0) -> Iterator[tuple[dict[str, str], float]]:
     """A fresh local Ray cluster serving `build_app(args)` for each name -> args, at `/<name>` on a free
-    port; yields ({name: base URL}, startup seconds from `ray.init` until every /health answers). Apps
-    start one after another (each calibrated before the next begins).
+    port (`at_root`: the only app at `/`); yields ({name: base URL}, startup seconds from `ray.init` until
+    every /health answers). Apps start one after another (each calibrated before the next begins).
 
     Ray's logical CPUs are set to what the apps reserve (at least 2): reservations only order placement,
     the cores are shared either way. The cluster, with every worker of every app, is shut down on exit.
@@ -156,6 +157,8 @@ def serve_apps(apps: dict[str, dict], *, ready_timeout_s: float = 900.0) -> Iter
 
     from deploy.app import AppArgs, build_app
 
+    if at_root and len(apps) != 1:
+        raise ValueError(f"at_root serves exactly one app, got {len(apps)}")
     built = {name: build_app(args) for name, args in apps.items()}  # validates every app before starting
     started = time.monotonic()
     ray.init(num_cpus=max(2, math.ceil(sum(_reserved_cpus(AppArgs.model_validate(a)) for a in apps.values()))),
@@ -163,9 +166,10 @@ def serve_apps(apps: dict[str, dict], *, ready_timeout_s: float = 900.0) -> Iter
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        prefixes = {name: "/" if at_root else f"/{name}" for name in apps}
         for name, app in built.items():  # one at a time: 16+ workers starting at once time out on 2 cores
-            serve.run(app, name=name, route_prefix=f"/{name}")
-        bases = {name: f"http://127.0.0.1:{port}/{name}" for name in apps}
+            serve.run(app, name=name, route_prefix=prefixes[name])
+        bases = {name: f"http://127.0.0.1:{port}{prefix.rstrip('/')}" for name, prefix in prefixes.items()}
         for base in bases.values():
             _wait_healthy(base, started + ready_timeout_s)
         yield bases, time.monotonic() - started
@@ -325,17 +329,18 @@ class Experiment:
         """Every app at every rate of `result["rates"]`, low to high, until all fall below `stop_below`;
         extended upwards while some policy still meets the target at the highest rate."""
         cfg = self.config
-        rates = list(self.result["rates"])
-        i = 0
-        while i < len(rates):
-            await self._run_all(clients, rates[i], "sweep")
-            last = [self._entry(p)["runs"][-1]["summary"]["attainment"] for p in clients]
-            i += 1
+        rates, swept = list(self.result["rates"]), []
+        for rate in rates:  # `rates` grows while a frontier is still above it
+            runs = await self._run_all(clients, rate, "sweep")
+            if runs is None:  # no request arrived at this rate: nothing to judge by
+                continue
+            swept.append(rate)
+            last = [run["summary"]["attainment"] for run in runs.values()]
             if all(a < cfg.stop_below for a in last):
                 break
-            if i == len(rates) and i < cfg.max_rates and any(a >= cfg.target for a in last):
-                rates.append(round(rates[-1] * cfg.extend_factor, 3))  # a frontier is still above the sweep
-        self.result["rates"] = rates[:i]
+            if rate == rates[-1] and len(rates) < cfg.max_rates and any(a >= cfg.target for a in last):
+                rates.append(round(rate * cfg.extend_factor, 3))
+        self.result["rates"] = swept
 
     async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
         """Unloaded latency: one request at a time to each app, all apps at once (the condition of the sweep,
@@ -360,12 +365,14 @@ class Experiment:
         tokens = [min(p.max_tokens, cap or p.max_tokens) for name in self.config.workloads for p in self.prompts[name]]
         return sum(tokens) / len(tokens)
 
-    async def _run_all(self, clients: dict[str, ClientConfig], rate: float, kind: str) -> None:
-        """The trace at `rate` to every app at once; each app's run recorded under its policy."""
+    async def _run_all(self, clients: dict[str, ClientConfig], rate: float, kind: str) -> dict[str, dict] | None:
+        """The trace at `rate` to every app at once; each app's run recorded under its policy and returned
+        ({policy: run}); None when no request arrives at this rate (nothing run)."""
         trace = self.trace(rate)
         if not trace:  # a rate so low that no request arrives in duration_s: nothing to measure
             print(f"  {kind} rate={rate:.3f}: no request in {self.config.duration_s:g} s, skipped")
-            return
+            return None
+        runs = {}
         load_before = os.getloadavg()
         records = await asyncio.gather(*(run_trace(c, trace, desc=f"{p} {rate:.2f} req/s", progress=self.progress)
                                          for p, c in clients.items()))
@@ -374,6 +381,7 @@ class Experiment:
             summary = summarize(record.results, self.slo, record.duration_s)
             run = record_json(record, rate_rps=rate, kind=kind, summary=summary,
                               placement=await placement_summary(client), loadavg=[load_before, os.getloadavg()])
+            runs[policy] = run
             if kind == "sweep":
                 self._entry(policy)["runs"].append(run)
             else:
@@ -382,6 +390,7 @@ class Experiment:
                   f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
                   f"failed={summary['failed']} load={load_before[0]:.1f}", flush=True)
         self.save()
+        return runs
 
     def _entry(self, policy: str) -> dict:
         return self.result["policies"][policy]
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
-                                   ("policies", tuple(args.policies or ())), ("seed", args.seed)) if v}
+                                   ("policies", tuple(args.policies or ())), ("seed", args.seed)) if v not in (None, ())}
     started = time.monotonic()
     experiment = Experiment(replace(DEFAULT, **overrides), args.out, progress=not args.no_progress)
     experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)

@@ -31,11 +31,12 @@ from load_tests.chaos import (
     HealthWatch,
     RequestRecord,
     Traffic,
+    _count,
     chat_body,
-    start_app,
-    stop_app,
+    running_app,
     stream_request,
 )
+from load_tests.slo import percentiles
 
 OUTPUT_TOKENS = 64
 
@@ -124,8 +125,9 @@ def poisson_load(url: str, model: str, rate: float, seconds: float, seed: int = 
     records: list[RequestRecord] = []
     lock = threading.Lock()
 
-    def one(i: int) -> None:
+    def one(i: int, arrival: float) -> None:
         record = stream_request(url, chat_body(model, i, OUTPUT_TOKENS))
+        record.started = arrival  # latency counts from the arrival, waiting for a free thread included
         with lock:
             records.append(record)
 
@@ -135,7 +137,7 @@ def poisson_load(url: str, model: str, rate: float, seconds: float, seed: int = 
             delay = start + next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            pool.submit(one, i)
+            pool.submit(one, i, start + next_at)
             i += 1
             next_at += rng.expovariate(rate)
     return records
@@ -159,9 +161,10 @@ def memory_report(samples: list[tuple[float, dict[str, float]]]) -> dict:
 
 
 def latency_report(records: list[RequestRecord]) -> dict:
-    ok = sorted(r.ended - r.started for r in records if r.ok)
-    pick = (lambda q: round(ok[min(int(q * len(ok)), len(ok) - 1)], 3)) if ok else (lambda q: None)
-    return {"p50_s": pick(0.5), "p90_s": pick(0.9), "p99_s": pick(0.99), "max_s": round(ok[-1], 3) if ok else None}
+    """Seconds from each completed request's scheduled arrival to its end: p50, p90, p99 and max."""
+    ok = [r.ended - r.started for r in records if r.ok]
+    report = {f"{q}_s": None if v is None else round(v, 3) for q, v in percentiles(ok).items()}
+    return report | {"max_s": round(max(ok), 3) if ok else None}
 
 
 def plot(samples: list[tuple[float, dict[str, float]]], path: Path, title: str) -> None:
@@ -196,27 +199,24 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=5.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vibe-soak-") as workdir:
-        app = start_app(args.devices, model=args.model, workdir=Path(workdir), max_queue=256,
-                        request_timeout_s=60.0)  # below HUNG_AFTER_S: the server answers first
-        try:
-            with MemorySampler(args.sample_s) as memory:
-                capacity = measure_capacity(app.url, app.model, app.args["max_num_seqs"], args.capacity_s)
-                rate = args.load * capacity["requests_per_s"]
-                print(f"capacity {capacity['requests_per_s']:.2f} req/s; soaking at {rate:.2f} req/s "
-                      f"for {args.minutes} min ({app.model_note})", flush=True)
-                soak_started = memory.elapsed()
-                with HealthWatch(app.url, interval_s=5.0) as health:
-                    records = poisson_load(app.url, app.model, rate, args.minutes * 60)
-        finally:
-            stop_app()
+    with (tempfile.TemporaryDirectory(prefix="vibe-soak-") as workdir,
+          running_app(args.devices, model=args.model, workdir=Path(workdir), max_queue=256,
+                      request_timeout_s=60.0) as app,  # below HUNG_AFTER_S: the server answers first
+          MemorySampler(args.sample_s) as memory):
+        capacity = measure_capacity(app.url, app.model, app.args["max_num_seqs"], args.capacity_s)
+        rate = args.load * capacity["requests_per_s"]
+        print(f"capacity {capacity['requests_per_s']:.2f} req/s; soaking at {rate:.2f} req/s "
+              f"for {args.minutes} min ({app.model_note})", flush=True)
+        soak_started = memory.elapsed()
+        with HealthWatch(app.url, interval_s=5.0) as health:
+            records = poisson_load(app.url, app.model, rate, args.minutes * 60)
     errors = [asdict(r) for r in records if not r.ok]
     soak_samples = [(t, rss) for t, rss in memory.samples if t >= soak_started]
     report = {"app": app.args, "model": app.model_note, "capacity": capacity, "load": args.load,
               "rate_per_s": rate, "minutes": args.minutes, "output_tokens": OUTPUT_TOKENS,
               "requests": len(records), "errors": len(errors), "error_records": errors[:50],
-              "outcomes": {o: sum(r.outcome == o for r in records) for o in {r.outcome for r in records}},
-              "latency": latency_report(records), "health": {a: health.answers.count(a) for a in set(health.answers)},
+              "outcomes": _count(r.outcome for r in records),
+              "latency": latency_report(records), "health": _count(health.answers),
               "memory_during_soak": memory_report(soak_samples), "rss_samples_mib": memory.samples}
     (args.out / "soak.json").write_text(json.dumps(report, indent=1))
     plot(memory.samples, args.out / "soak.png",

@@ -28,7 +28,7 @@ def url():
 
     with serve_app({"device": "cuda", "emulate": False, "num_devices": 2, "worker_num_gpus": 0.25,
                     "ingress_num_gpus": 0.25, "dtype": "bfloat16", "app_name": "gputest",
-                    "max_num_seqs": 8, "admin_token": TOKEN}, num_cpus=8, ready_timeout_s=300) as base:
+                    "max_num_seqs": 8, "admin_token": TOKEN}, ready_timeout_s=300) as base:
         yield base
 
 

@@ -257,15 +257,12 @@ def test_a_request_that_cannot_finish_in_time_is_aborted_with_a_504_and_never_ha
 @pytest.mark.ray
 @pytest.mark.slow
 def test_serve_app_survives_a_killed_worker_actor(tmp_path):
-    from load_tests.chaos import run_worker_death, start_app, stop_app, wait_healthy
+    from load_tests.chaos import run_worker_death, running_app, wait_healthy
 
-    app = start_app(4, model=None, workdir=tmp_path)
-    try:
+    with running_app(4, model=None, workdir=tmp_path) as app:
         result = run_worker_death(app, device=1, concurrency=6)
         wait_healthy(app.url, 60)
         after = httpx.post(f"{app.url}/v1/chat/completions", timeout=60, json={**SHORT, "model": app.model})
-    finally:
-        stop_app()
     detail = result.detail
     assert result.hung == 0 and after.status_code == 200, detail
     assert detail["replace_status"] == "applied" and detail["rejoin_status"] == "applied", detail

@@ -60,9 +60,13 @@ class _ScriptedSweep(Experiment):
         self.result = {"rates": rates, "policies": {p: {"runs": []} for p in config.policies}}
 
     async def _run_all(self, clients, rate, kind):
-        for policy in clients:
-            self._entry(policy)["runs"].append({"rate_rps": rate, "kind": kind,
-                                                "summary": {"attainment": self.attainment(policy, rate)}})
+        if self.attainment(None, rate) is None:  # no request arrives at this rate
+            return None
+        runs = {p: {"rate_rps": rate, "kind": kind, "summary": {"attainment": self.attainment(p, rate)}}
+                for p in clients}
+        for policy, run in runs.items():
+            self._entry(policy)["runs"].append(run)
+        return runs
 
 
 def _swept(config: CompareConfig, attainment, rates: list[float]) -> list[float]:
@@ -76,7 +80,7 @@ def test_sweep_goes_on_above_the_listed_rates_while_a_policy_still_meets_the_tar
     config = CompareConfig(policies=("eplb", "vibe"))
     capacity = {"eplb": 1.5, "vibe": 2.5}  # attainment 1 up to the capacity, 0 beyond
 
-    rates = _swept(config, lambda p, r: 1.0 if r <= capacity[p] else 0.0, [0.5, 1.0])
+    rates = _swept(config, lambda p, r: 1.0 if p is None or r <= capacity[p] else 0.0, [0.5, 1.0])
     assert rates == [0.5, 1.0, 1.3, 1.69, 2.197, 2.856]  # x1.3 until vibe falls below too
     assert _swept(config, lambda p, r: 1.0, [0.5])[-1] == pytest.approx(0.5 * 1.3 ** 9, rel=1e-2)  # max_rates
     assert len(_swept(config, lambda p, r: 1.0, [0.5])) == config.max_rates
@@ -85,5 +89,12 @@ def test_sweep_goes_on_above_the_listed_rates_while_a_policy_still_meets_the_tar
 def test_sweep_stops_early_once_every_policy_is_below_stop_below():
     config = CompareConfig(policies=("eplb", "vibe"))
     assert _swept(config, lambda p, r: 1.0 if r < 1 else 0.2, [0.5, 1.0, 2.0, 3.0]) == [0.5, 1.0]
+
+
+def test_a_rate_without_requests_is_left_out_and_the_sweep_goes_on():
+    config = CompareConfig(policies=("eplb", "vibe"))
+    empty = {0.01}
+    assert _swept(config, lambda p, r: None if r in empty else (1.0 if r < 1 else 0.2),
+                  [0.01, 0.5, 2.0]) == [0.5, 2.0]
     # Between stop_below and the target nobody meets the target: no extension beyond the list.
     assert _swept(config, lambda p, r: 0.7, [0.5, 1.0]) == [0.5, 1.0]

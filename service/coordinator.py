@@ -321,6 +321,8 @@ class Coordinator:
                 self._remember(record)
                 if record.status in ("applied", "no_change"):
                     self._reset_drift(loads)
+                elif record.status == "skipped":  # not worth moving now: cool down, keep the reference
+                    self._workload_drift.reset(self._workload_drift.reference)
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
             return asdict(record)
 
@@ -575,7 +577,11 @@ class Coordinator:
     def _loop(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                self._finish_drops(wait=False)
+                if self._migration_lock.acquire(blocking=False):  # never drop while a migration copies
+                    try:
+                        self._finish_drops(wait=False)
+                    finally:
+                        self._migration_lock.release()
                 if self._clock() >= self._next_probe:
                     self._next_probe = self._clock() + self.config.health_interval_s
                     if not self.check_workers():
@@ -633,6 +639,7 @@ class Coordinator:
         if loads is None:
             loads = np.zeros((self.shape.num_layers, self.shape.num_experts))
         times = pl.device_times(current, loads, devices)
+        tokens = current.device_tokens(loads)
         layers = []
         for layer in range(current.num_layers):
             slots = [{"slot": s, "expert": int(current.phy2log[layer, s]),
@@ -640,7 +647,7 @@ class Coordinator:
                       "share": float(current.replica_share[layer, s])} for s in range(current.num_slots)]
             layers.append({"layer": layer, "slots": slots,
                            "device_predicted_s": times[layer].tolist(),
-                           "device_tokens": current.device_tokens(loads)[layer].tolist(),
+                           "device_tokens": tokens[layer].tolist(),
                            "imbalance": float(pl.imbalance(times[layer]))})
         return {"version": current.version, "policy": self.config.policy, "num_devices": current.num_devices,
                 "num_experts": current.num_experts, "layers": layers}

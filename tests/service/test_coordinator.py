@@ -113,8 +113,13 @@ def test_dry_run_and_cost_aware_skip(checkpoint):
     _report(coordinator, _skewed(coordinator.shape, 2), passes=3)
     dry = coordinator.recalibrate(mode="full", dry_run=True)
     assert dry["status"] == "dry_run" and coordinator.placement.version == 1 and dry["moves"]
+    reference = coordinator._workload_drift.reference.copy()
     skipped = coordinator.recalibrate(mode="full")
     assert skipped["status"] == "skipped" and "migration cost" in skipped["detail"]
+    # Not re-planned again at every check: the detector cools down and keeps its reference.
+    detector = coordinator._workload_drift
+    assert np.array_equal(detector.reference, reference)
+    assert detector._quiet_until == detector.num_passes + detector.config.cooldown
     forced = coordinator.recalibrate(mode="full", force=True)
     assert forced["status"] == "applied" and coordinator.placement.version == 2
 
@@ -200,7 +205,8 @@ def test_metrics_summary_renders_as_prometheus(checkpoint):
     coordinator = _coordinator(checkpoint)
     _report(coordinator, _skewed(coordinator.shape, 10), passes=3)
     coordinator.calibrate()
-    second = coordinator.recalibrate(mode="full", dry_run=True)["status"]  # no_change: same loads
+    second = coordinator.recalibrate(mode="full", dry_run=True)["status"]
+    assert second == "no_change"  # the same loads again: nothing to move
     collector, registry = PlacementCollector(), CollectorRegistry()
     registry.register(collector)
     collector.refresh(coordinator.metrics_summary())

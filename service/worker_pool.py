@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,15 @@ class RayPoolConfig:
                              f"got {self.scheduling_strategy!r}")
 
 
+def is_stray(name: str, config: RayPoolConfig) -> bool:
+    """Whether actor `name` is a worker of this app under another configuration: exactly
+    <family_prefix><8 hex fingerprint>-<index> (app "vibe"'s family prefix also begins app "vibe-2"'s
+    names) and not named with the current `name_prefix`."""
+    if not config.family_prefix or name.startswith(f"{config.name_prefix}-"):
+        return False
+    return re.fullmatch(re.escape(config.family_prefix) + r"[0-9a-f]{8}-\d+", name) is not None
+
+
 class RayWorkerPool:
     """Workers as named Ray actors (`ExpertWorkerActor`), one per device."""
 
@@ -134,8 +144,7 @@ class RayWorkerPool:
             return
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name = entry["name"]
-            if (entry["namespace"] == self.config.namespace and name.startswith(self.config.family_prefix)
-                    and not name.startswith(f"{self.config.name_prefix}-")):
+            if entry["namespace"] == self.config.namespace and is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
                     ray.kill(ray.get_actor(name, namespace=self.config.namespace), no_restart=True)
                     log.info("killed worker %s of an earlier configuration", name)

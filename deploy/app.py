@@ -104,6 +104,7 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict[str, Any] | None = None):
     """The Serve application: coordinator (with its expert workers) and the OpenAI ingress."""
+    from service.admin import token_digest
     from service.checkpoint import load_layout, resolve_checkpoint
     from service.coordinator import CoordinatorConfig, ModelShape
     from service.deployments import IngressSettings, serve_deployments
@@ -136,7 +137,7 @@ def build_app(args: dict[str, Any] | None = None):
                                    max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
                                    request_timeout_s=parsed.request_timeout_s),
-        admin_token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
+        admin_token_sha256=token_digest(token) if token else None,
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,
         profile_prompts=parsed.profile_prompts,

@@ -125,7 +125,7 @@ def recv_frame(sock: socket.socket) -> Frame:
     if dtype_code not in CODE_DTYPES:
         raise ProtocolError(f"unknown dtype code {dtype_code}")
     dtype = CODE_DTYPES[dtype_code]
-    nbytes = num_tokens * hidden * torch.empty(0, dtype=dtype).element_size()
+    nbytes = num_tokens * hidden * dtype.itemsize
     if nbytes > MAX_FRAME_BYTES or num_experts > (1 << 20):
         raise ProtocolError(f"frame too large ({num_experts} experts, {nbytes} bytes)")
     experts = np.frombuffer(_recv_exact(sock, 4 * num_experts), dtype=np.int32)

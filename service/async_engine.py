@@ -116,15 +116,16 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop the step thread; unfinished requests fail with `EngineStopped`, pending calls are cancelled."""
+        """Stop the step thread; unfinished requests and pending calls fail with `EngineStopped`."""
         with self._commands_lock:
             self._stopping = True
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        while self._commands:
+        while self._commands:  # a cancelled future would reach an awaiting request as CancelledError
             _, future = self._commands.popleft()
-            future.cancel()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped("the engine shut down"))
         self._send([(rid, EngineStopped("the engine shut down")) for rid in list(self._streams)])
 
     def run_at_step_boundary(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:

@@ -357,3 +357,12 @@ def test_shutdown_fails_unfinished_requests():
     assert not engine.is_alive
     with pytest.raises(EngineStopped):
         engine.run_at_step_boundary(lambda: None).result(timeout=1)
+
+
+def test_calls_still_queued_at_shutdown_fail_with_engine_stopped_not_cancelled():
+    engine = AsyncEngine(_engine())  # never started: the call stays queued until shutdown
+    pending = engine.run_at_step_boundary(lambda: None)
+    engine.shutdown()
+    assert not pending.cancelled()
+    with pytest.raises(EngineStopped):
+        pending.result(timeout=1)

@@ -160,18 +160,23 @@ class AsyncEngine:
         timeout = self.config.request_timeout_s
         deadline = None if timeout is None else loop.time() + timeout
         finished = False
+        timer = None
         try:
             prompt = list(prompt_token_ids)
             admission = self.call_at_step_boundary(lambda: self._engine.add_request(request_id, prompt, params))
             await _before(deadline, timeout, admission)
+            if deadline is not None:  # one timer per request, not one per output token
+                timer = loop.call_at(deadline, queue.put_nowait, _timed_out(timeout))
             while not finished:
-                item = await _before(deadline, timeout, queue.get())
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
                 finished = item.finished
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             self._streams.pop(request_id, None)
             if not finished:
                 self.run_at_step_boundary(lambda: self._engine.abort(request_id))
@@ -260,5 +265,9 @@ async def _before(deadline: float | None, timeout: float | None, awaitable: Awai
         async with asyncio.timeout_at(deadline):
             return await awaitable
     except TimeoutError:
-        raise RequestTimeout(f"the request did not finish within the server's limit of {timeout:g} s and was "
-                             "aborted; retry later or ask for fewer tokens") from None
+        raise _timed_out(timeout) from None
+
+
+def _timed_out(timeout: float) -> RequestTimeout:
+    return RequestTimeout(f"the request did not finish within the server's limit of {timeout:g} s and was "
+                          "aborted; retry later or ask for fewer tokens")

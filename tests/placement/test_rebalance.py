@@ -181,8 +181,8 @@ def test_default_cap_moves_at_most_a_tenth_of_each_layers_slots():
     new, moves = rebalance(placement, new_loads, devices)
     per_layer = np.bincount([m.layer for m in moves], minlength=num_layers)
     assert moves and per_layer.max() <= 0.10 * placement.num_slots
-    uncapped, more = rebalance(placement, new_loads, devices, max_moved_fraction=None)
-    assert len(more) >= len(moves)
+    _, more = rebalance(placement, new_loads, devices, max_moved_fraction=None)
+    assert np.bincount([m.layer for m in more]).max() > 0.10 * placement.num_slots  # so the cap did bind
     assert makespan(new, new_loads, devices).sum() <= makespan(placement, new_loads, devices).sum()
     small = plan(old_loads[:, :8], devices[:4], "vibe")  # 8 slots: 10% is less than one swap...
     _, few = rebalance(small, new_loads[:, :8] * np.array([8, 1, 1, 1, 1, 1, 1, 1.0]), devices[:4])

@@ -95,6 +95,10 @@ def _admin_requests(app) -> list[tuple[str, str, dict | None]]:
             if path.startswith("/admin") for method in methods]
 
 
+ADMIN_PATHS = {"/admin/placement", "/admin/stats", "/admin/recalibrate", "/admin/profile", "/admin/ui",
+               "/admin/emulation/speed", "/admin/emulation/fault"}
+
+
 @pytest.mark.parametrize("headers, status, error_type", [
     ({}, 401, "authentication_error"),
     ({"Authorization": "Bearer"}, 401, "authentication_error"),
@@ -107,9 +111,7 @@ def test_every_admin_route_refuses_missing_and_wrong_tokens_before_reaching_the_
         engine, headers, status, error_type):
     app, coordinator = _app(engine)
     requests = _admin_requests(app)
-    assert {path for _, path, _ in requests} >= {"/admin/placement", "/admin/stats", "/admin/recalibrate",
-                                                  "/admin/profile", "/admin/ui", "/admin/emulation/speed",
-                                                  "/admin/emulation/fault"}
+    assert {path for _, path, _ in requests} >= ADMIN_PATHS
     with TestClient(app) as client:
         for method, path, body in requests:
             response = client.request(method, path, headers=headers, json=body)
@@ -128,8 +130,10 @@ def test_the_right_token_reaches_the_coordinator_and_scheme_case_and_spaces_do_n
 
 def test_admin_disabled_without_a_token_and_emulation_controls_only_on_emulated_devices(engine):
     disabled, coordinator = _app(engine, token=None)
+    requests = _admin_requests(disabled)
+    assert {path for _, path, _ in requests} >= ADMIN_PATHS  # disabled means 404, not absent
     with TestClient(disabled) as client:
-        for method, path, body in _admin_requests(disabled):
+        for method, path, body in requests:
             response = client.request(method, path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
             assert response.status_code == 404 and "disabled" in response.json()["error"]["message"]
     assert coordinator.calls == []

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import torch
 
+from service.dispatch import DispatchError
 from service.engine import Engine, EngineConfig, StepFailed, StepOutput
 from service.sampling import SamplingParams
 
@@ -38,6 +39,15 @@ class EngineStopped(EngineError):
 
 class RequestTimeout(EngineError):
     """The request did not finish within the engine's `request_timeout_s`; it was aborted."""
+
+
+class DeviceUnavailable(EngineError):
+    """The request's step failed because expert device `device` failed or could not be reached (worth a
+    retry: the coordinator moves its experts to the other devices)."""
+
+    def __init__(self, message: str, device: int) -> None:
+        super().__init__(message)
+        self.device = device
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,9 @@ class AsyncEngine:
                 timer = loop.call_at(deadline, queue.put_nowait, _timed_out(timeout))
             while not finished:
                 item = await queue.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, RequestTimeout):  # our own timer: the engine still runs it (aborted below)
+                    raise item
+                if isinstance(item, BaseException):  # the engine ended the request with an error
                     finished = True
                     raise item
                 finished = item.finished
@@ -249,10 +261,11 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 def _step_error(failure: StepFailed) -> EngineError:
-    """One request's error for a failed step, caused by what the forward raised (the HTTP layer tells a
-    failed device, worth a retry, from a failed model by it)."""
-    error = EngineError(str(failure))
-    error.__cause__ = failure.__cause__
+    """One request's error for a failed step: `DeviceUnavailable` when a device failed, else EngineError."""
+    cause = failure.__cause__
+    error = (DeviceUnavailable(str(failure), cause.device) if isinstance(cause, DispatchError)
+             else EngineError(str(failure)))
+    error.__cause__ = cause
     return error
 
 

@@ -17,8 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
-from service.async_engine import EngineError, EngineStopped, RequestTimeout
-from service.dispatch import DispatchError
+from service.async_engine import DeviceUnavailable, EngineError, EngineStopped, RequestTimeout
 from service.engine import QueueFull
 from service.sampling import MAX_STOP_STRINGS, SamplingParams
 
@@ -311,8 +310,8 @@ def _as_api_error(exc: BaseException) -> APIError:
         return APIError(503, "the engine is shutting down; retry later", type="service_unavailable_error")
     if isinstance(exc, RequestTimeout):
         return APIError(504, str(exc), type="timeout_error", code="request_timeout")
-    if isinstance(exc, EngineError) and isinstance(exc.__cause__, DispatchError):
-        return APIError(503, f"expert device {exc.__cause__.device} failed while serving this request; its experts "
+    if isinstance(exc, DeviceUnavailable):
+        return APIError(503, f"expert device {exc.device} failed while serving this request; its experts "
                         "are being moved to the other devices: retry the request", type="service_unavailable_error",
                         code="device_unavailable")
     if isinstance(exc, EngineError):

@@ -176,6 +176,7 @@ class Coordinator:
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
         self._lost: set[int] = set()  # devices out of the placement (dead, or restarted and not yet back)
+        self._readmit_after = 0.0  # clock time of the next try after a failed readmission
         self._rejoin: set[int] = set()  # restarted devices waiting for the next recalibration
         self._next_probe = 0.0
         self._misses = [0] * pool.num_devices  # consecutive unanswered probes per device
@@ -564,13 +565,27 @@ class Coordinator:
             self._rejoin.add(device)
 
     def _readmit(self) -> None:
-        """Give restarted devices their share again with a full re-plan (forced: they are idle)."""
+        """Give restarted devices their share again with a full re-plan (forced: they are idle). Until that
+        re-plan is applied they stay out of the placement and in `_rejoin`, retried at the next probe:
+        readmitted without slots, later incremental re-plans (which keep slot counts) would never fill them."""
         with self._lock:
-            back = sorted(self._rejoin)
-            self._rejoin.clear()
-            self._lost -= set(back)
-        if back:
-            self.recalibrate(mode="full", force=True, reason=f"device {', '.join(map(str, back))} rejoined")
+            back = set(self._rejoin)
+            if not back or self._clock() < self._readmit_after:
+                return
+            self._lost -= back
+        loads = self.window_loads()  # before any traffic: uniform, as at startup
+        try:
+            result = self.recalibrate(mode="full", force=True, reason=f"device {', '.join(map(str, sorted(back)))} "
+                                      "rejoined", loads=np.ones((self.shape.num_layers, self.shape.num_experts)) if loads is None else None)
+        except Exception as exc:
+            log.warning("readmitting devices %s failed: %s", sorted(back), exc)
+            result = {"status": "failed"}
+        with self._lock:
+            if result["status"] == "applied":
+                self._rejoin -= back
+            else:
+                self._lost |= back
+                self._readmit_after = self._clock() + self.config.health_interval_s
 
     # --- background loop ---------------------------------------------------------------------------
 

@@ -46,15 +46,19 @@ class PlacementSync:
         self._thread: threading.Thread | None = None
         self.failures = 0  # consecutive failed reports (the coordinator may be restarting)
         self._last_success = time.monotonic()
+        # One round trip at a time (the thread and the ingress's profiling pass both sync): a late answer
+        # must never put back an older placement after a newer one was applied and acknowledged.
+        self._sync_lock = threading.Lock()
 
     def sync_once(self) -> SyncReply:
         """One report/answer round trip; applies the answer. Raises what the report call raises."""
-        reply = self._report(self.context.drain_report(self.engine_id))
-        if reply.workers is not None:
-            self.context.set_channels(worker_channels(reply.workers, self._node_id), reply.workers_epoch)
-        if reply.placement is not None:
-            self.context.set_placement(Placement.from_dict(reply.placement))
-        return reply
+        with self._sync_lock:
+            reply = self._report(self.context.drain_report(self.engine_id))
+            if reply.workers is not None:
+                self.context.set_channels(worker_channels(reply.workers, self._node_id), reply.workers_epoch)
+            if reply.placement is not None:
+                self.context.set_placement(Placement.from_dict(reply.placement))
+            return reply
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"placement-sync-{self.engine_id}", daemon=True)

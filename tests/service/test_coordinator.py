@@ -248,6 +248,12 @@ def test_dead_worker_is_replaced_on_survivors_restarted_and_readmitted(checkpoin
     workers, epoch = coordinator.workers()
     assert epoch == 1 and coordinator.report(EngineReport("e0", placement.version, counts[None])).workers is not None
     assert coordinator.check_workers() == []  # the restarted worker is not lost again
+    pool.inject_fault(dead, "import")  # the readmitting migration fails: the device stays out, to retry
+    coordinator._readmit()
+    assert coordinator.stats_view()["recalibrations"][-1]["status"] == "rolled_back"
+    assert not coordinator.placement.experts_on(dead) and coordinator.stats_view()["lost_devices"] == [dead]
+    coordinator._readmit_after = 0.0  # the next probe interval
     coordinator._readmit()
     assert coordinator.placement.experts_on(dead)  # back in the placement after the next recalibration
+    assert coordinator.stats_view()["lost_devices"] == []
     assert coordinator.stats_view()["recalibrations"][-1]["reason"] == f"device {dead} rejoined"

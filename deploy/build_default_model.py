@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from placement.drift import cosine_distance
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO_ROOT / "deploy" / "models" / "vibe-tiny-moe"
 PROMPTS_DIR = REPO_ROOT / "deploy" / "prompts"
@@ -343,12 +345,6 @@ def routing_summary(loads: np.ndarray) -> dict:
         "min_share": (loads.min(axis=1) / loads.sum(axis=1)).round(6).tolist(),
         "dead_experts": [int(n) for n in (loads == 0).sum(axis=1)],
     }
-
-
-def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float [L]: 1 - cosine similarity of the per-layer load vectors of a and b, both [L, E]."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return 1.0 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 # --- prompt sets ---------------------------------------------------------------------------------

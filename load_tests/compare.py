@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import httpx
@@ -58,7 +58,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONFIG = REPO_ROOT / "deploy" / "config.yaml"
 ADMIN_TOKEN = "load-test-admin-token-0123456789"  # a local, per-run cluster: the token guards nothing else
 POLICY_ORDER = ("eplb", "contiguous", "vibe")
-_RESULT_FIELDS = ("index", "workload", "sent_s", "ttft_s", "e2e_s", "prompt_tokens", "output_tokens", "error")
+_RESULT_FIELDS = tuple(f.name for f in fields(RequestResult))
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def record_json(record: RunRecord, **extra) -> dict:
 def results_from_json(run: dict) -> list[RequestResult]:
     """The RequestResults of a run written by `record_json`."""
     columns = run["results"]
-    return [RequestResult(*row) for row in zip(*(columns[name] for name in _RESULT_FIELDS))]
+    return [RequestResult(**dict(zip(_RESULT_FIELDS, row))) for row in zip(*(columns[name] for name in _RESULT_FIELDS))]
 
 
 def model_fingerprint(args: dict) -> dict:

@@ -13,8 +13,8 @@ a random admin token), drives it with streaming clients over HTTP, and runs, in 
   the placement from the workers, and the engines serve throughout.
 
 Prints one row per scenario and ends with ``chaos scenarios=<n> hung=<n> failed_5xx=<n> max_recovery_s=<x>``;
-writes ``<out>/chaos.json`` and ``<out>/chaos.png``. Uses the embedded model when it is built, else a
-random-weights model of the same shape (faults do not depend on what the model says), and says which.
+writes ``<out>/chaos.json`` and ``<out>/chaos.png``. Serves the embedded model (``--model``: another
+local checkpoint folder).
 
     python -m load_tests.chaos --out bench        # `make chaos`
 """
@@ -26,7 +26,6 @@ import collections
 import contextlib
 import json
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -63,47 +62,13 @@ class App:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-def random_checkpoint(folder: Path) -> Path:
-    """A random-weights chat checkpoint shaped like the embedded model (Qwen3-MoE, 4 MoE layers of 32
-    experts, top-4, hidden 128), with a byte-level BPE tokenizer trained on CPython's reference text."""
-    from pydoc_data import topics
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    template = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(list(topics.topics.values()), trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=template)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, intermediate_size=192, moe_intermediate_size=48, num_experts=32,
-        num_experts_per_tok=4, norm_topk_prob=True, mlp_only_layers=[], max_position_embeddings=1024,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @contextlib.contextmanager
-def running_app(num_devices: int, *, model: Path | None, workdir: Path, **overrides: Any) -> Iterator[App]:
+def running_app(num_devices: int, *, model: Path | None = None, **overrides: Any) -> Iterator[App]:
     """The app on a fresh local Ray cluster (Serve app "vibe" at `/`, ephemeral port), once /health answers
-    200; Serve and Ray are shut down on exit, also when the start fails."""
-    note = "embedded vibe-tiny-moe"
-    if model is None and (DEFAULT_MODEL / "config.json").is_file():
-        model = DEFAULT_MODEL
-    if model is None:
-        model = random_checkpoint(workdir / "random-tiny-moe")
-        note = "random-weights model of the embedded model's shape (the embedded model is not built)"
+    200; Serve and Ray are shut down on exit, also when the start fails. `model`: a checkpoint folder
+    (default: the embedded model, calibrated with its profile prompts)."""
+    model = Path(model) if model is not None else DEFAULT_MODEL
+    note = "embedded vibe-tiny-moe" if model == DEFAULT_MODEL else str(model)
     token = secrets.token_urlsafe(24)
     args = {"model": str(model), "model_roots": [str(model.parent)], "num_devices": num_devices,
             "speeds": [1.0 - 0.04 * i for i in range(num_devices)], "app_name": "chaos", "admin_token": token,
@@ -528,16 +493,15 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vibe-chaos-") as workdir:
-        started = time.monotonic()
-        results = []
-        with running_app(args.devices, model=args.model, workdir=Path(workdir)) as app:
-            startup_s = time.monotonic() - started
-            print(f"app up in {startup_s:.1f} s at {app.url} ({app.model_note})", flush=True)
-            for name in args.scenarios:
-                results.append(SCENARIOS[name](app))
-                print(f"{name}: {results[-1].detail}", flush=True)
-                wait_healthy(app.url, 120)
+    started = time.monotonic()
+    results = []
+    with running_app(args.devices, model=args.model) as app:
+        startup_s = time.monotonic() - started
+        print(f"app up in {startup_s:.1f} s at {app.url} ({app.model_note})", flush=True)
+        for name in args.scenarios:
+            results.append(SCENARIOS[name](app))
+            print(f"{name}: {results[-1].detail}", flush=True)
+            wait_healthy(app.url, 120)
     table = print_table(results)
     report = {"app": app.args, "model": app.model_note, "startup_s": round(startup_s, 1), "table": table,
               "scenarios": [asdict(r) for r in results]}

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -199,8 +198,7 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=5.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with (tempfile.TemporaryDirectory(prefix="vibe-soak-") as workdir,
-          running_app(args.devices, model=args.model, workdir=Path(workdir), max_queue=256,
+    with (running_app(args.devices, model=args.model, max_queue=256,
                       request_timeout_s=60.0) as app,  # below HUNG_AFTER_S: the server answers first
           MemorySampler(args.sample_s) as memory):
         capacity = measure_capacity(app.url, app.model, app.args["max_num_seqs"], args.capacity_s)

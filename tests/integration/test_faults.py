@@ -259,7 +259,7 @@ def test_a_request_that_cannot_finish_in_time_is_aborted_with_a_504_and_never_ha
 def test_serve_app_survives_a_killed_worker_actor(tmp_path):
     from load_tests.chaos import run_worker_death, running_app, wait_healthy
 
-    with running_app(4, model=None, workdir=tmp_path) as app:
+    with running_app(4) as app:
         result = run_worker_death(app, device=1, concurrency=6)
         wait_healthy(app.url, 60)
         after = httpx.post(f"{app.url}/v1/chat/completions", timeout=60, json={**SHORT, "model": app.model})

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import platform
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,8 @@ class StreamDriver:
         self.finished_early = 0
         self.errors: list[str] = []
 
-    def start(self, prompts: list[list[int]], max_tokens: list[int], tag: str) -> None:
+    def start(self, prompts: list[list[int]], max_tokens: list[int], tag: str) -> list[concurrent.futures.Future]:
+        """Start one decode stream per prompt; returns their futures (also kept for `stop`)."""
         from service.sampling import SamplingParams
 
         self.first_tokens = [threading.Event() for _ in prompts]
@@ -240,6 +242,7 @@ class StreamDriver:
                 self.first_tokens[i].set()
 
         self._futures = [asyncio.run_coroutine_threadsafe(stream(i), self.loop) for i in range(len(prompts))]
+        return self._futures
 
     def wait_first_tokens(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -340,16 +343,14 @@ class Stack:
 
     def calibrate(self) -> dict[str, Any]:
         """The ingress replica's startup: a profiling pass, its router counts reported, calibrate()."""
-        from service.text import apply_chat_template
+        from service.deployments import read_prompts
 
         started = time.perf_counter()
-        lines = [line for line in PROFILE_PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
-        prompts = [apply_chat_template(self.tokenizer, json.loads(line)["messages"])[-self.config.prompt_tokens:]
-                   for line in lines[:self.config.profile_prompts]]
+        prompts = [ids[-self.config.prompt_tokens:]
+                   for ids in read_prompts(PROFILE_PROMPTS, self.tokenizer)[:self.config.profile_prompts]]
         for first in range(0, len(prompts), self.config.streams):
             batch = prompts[first:first + self.config.streams]
-            self.driver.start(batch, [8] * len(batch), tag=f"profile-{first}")
-            for future in self.driver._futures:
+            for future in self.driver.start(batch, [8] * len(batch), tag=f"profile-{first}"):
                 future.result(timeout=120)
         self.sync.sync_once()  # hand over every router count of the pass
         result = self.coordinator.calibrate()
@@ -503,7 +504,7 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def targets(summary: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
     live_max = summary["trigger_to_live_s"]["max"]
     stalled_max = summary["stalled_steps"]["max"]
     every_live = not summary["trials_not_live"]
@@ -562,7 +563,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "final_versions": {"coordinator": placement_version, "engine": served_version},
         "trials": trials,
         "summary": summary,
-        "targets": targets(summary, trials),
+        "targets": targets(summary),
         "seconds": time.perf_counter() - started,
     }
 
@@ -612,8 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     config = BenchConfig(model=args.model, speeds=tuple(args.speeds), modes=tuple(args.modes))
     if args.quick:
-        config = BenchConfig(model=args.model, speeds=tuple(args.speeds), modes=("incremental",),
-                             profile_prompts=8, baseline_s=1.0, after_s=0.5)
+        config = replace(config, modes=("incremental",), profile_prompts=8, baseline_s=1.0, after_s=0.5)
     result = run(config)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "migration.json"

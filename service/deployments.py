@@ -168,7 +168,7 @@ class IngressDeployment:
         from service.sampling import SamplingParams
 
         started = time.monotonic()
-        prompts = _read_prompts(Path(self.settings.profile_prompts), self.engine.tokenizer)
+        prompts = read_prompts(Path(self.settings.profile_prompts), self.engine.tokenizer)
         params = SamplingParams(max_tokens=self.settings.profile_max_tokens, temperature=0.0)
         # At most max_queue at once: more would be refused (QueueFull) and fail the replica's start.
         admitted = asyncio.Semaphore(self.engine.config.max_queue)
@@ -216,7 +216,7 @@ class IngressDeployment:
         self.engine.shutdown()
 
 
-def _read_prompts(path: Path, tokenizer) -> list[list[int]]:
+def read_prompts(path: Path, tokenizer) -> list[list[int]]:
     """Token ids of every prompt in a JSON-lines file of {"messages": [...]} (chat) or {"prompt": str}."""
     from service.text import apply_chat_template
 

@@ -11,6 +11,7 @@ drive it with a `LocalWorkerPool`.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -158,7 +159,9 @@ class Coordinator:
         self._profiled: list[pl.DeviceModel] = []
         self._scales = np.ones(pool.num_devices)
         self._workers: list[WorkerInfo] = []
-        self._workers_epoch = 0
+        # Engines outlive a coordinator and compare epochs for equality: a restarted coordinator must not
+        # count from the same start as the one before, or an engine could keep stale worker addresses.
+        self._workers_epoch = secrets.randbelow(1 << 31)
         self._engines: dict[str, _Engine] = {}
         # Holds the statistics window; its reference is the loads the placement was made for (uniform
         # until the first calibration, when drift reports are not acted on).

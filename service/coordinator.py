@@ -472,6 +472,10 @@ class Coordinator:
             self._misses[d] >= self.config.probe_misses if info is None else _identity(info) != _identity(known[d]))]
         if lost:
             self.handle_lost_devices(lost)
+        with self._lock:  # lost earlier, their experts re-placed, but their restart failed: try again
+            unrestarted = sorted(self._lost - self._rejoin - set(lost))
+        for device in unrestarted:
+            self._restart(device)
         return lost
 
     def handle_lost_devices(self, lost: list[int], *, restart: bool = True) -> dict[str, Any]:
@@ -485,11 +489,11 @@ class Coordinator:
         with self._migration_lock:
             started = self._clock()
             with self._lock:
+                if len(self._lost | set(lost)) == self.pool.num_devices:  # left as it was: probes go on
+                    raise RuntimeError("every worker is lost; nothing can serve")
                 old = self._placement
                 self._lost |= set(lost)
                 loads = self.window_loads()
-            if len(self._lost) == self.pool.num_devices:
-                raise RuntimeError("every worker is lost; nothing can serve")
             loads = np.ones((self.shape.num_layers, self.shape.num_experts)) if loads is None else loads
             new = self._plan(loads, self.config.policy).with_version(old.version + 1)
             record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",

@@ -258,3 +258,25 @@ def test_dead_worker_is_replaced_on_survivors_restarted_and_readmitted(checkpoin
     assert coordinator.placement.experts_on(dead)  # back in the placement after the next recalibration
     assert coordinator.stats_view()["lost_devices"] == []
     assert coordinator.stats_view()["recalibrations"][-1]["reason"] == f"device {dead} rejoined"
+
+
+def test_a_worker_whose_restart_failed_is_restarted_at_a_later_probe(checkpoint):
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool)
+    _report(coordinator, _skewed(coordinator.shape, 4), passes=3)
+    coordinator.calibrate()
+    restart, dead = pool.restart, 1
+
+    def failing(device):
+        raise RuntimeError("no resources for the new actor")
+
+    pool.restart = failing
+    pool.kill(dead)
+    assert coordinator.check_workers() == [dead]
+    assert not coordinator.placement.experts_on(dead)  # re-placed on the survivors, but not restarted
+    assert coordinator.stats_view()["lost_devices"] == [dead] and not coordinator._rejoin
+    pool.restart = restart
+    assert coordinator.check_workers() == []  # the next probe restarts it...
+    assert coordinator._rejoin == {dead}  # ...and it rejoins at the next recalibration
+    coordinator._readmit()
+    assert coordinator.placement.experts_on(dead)

@@ -1,23 +1,27 @@
 """The side-by-side benchmark: `python -m load_tests.compare --out bench` (`make bench`).
 
 Owns the experiment: one app per policy (`contiguous`, `eplb`, `vibe`), all started in one local Ray
-cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request trace sent to every app
-at the same time, rate by rate; the SLOs (multiples of the unloaded latency measured in the same run);
-the rate sweep; the run at `eplb`'s SLO frontier; `<out>/compare.json`, the plots, `<out>/report.md` and
-the one line per policy printed last. Also owns starting apps for a load test (`serve_apps`), which
-`drift` reuses. Ignores how requests are sent (`generator`) and how numbers are defined (`slo`).
+cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request trace sent to every app,
+rate by rate; the SLOs (multiples of the unloaded latency measured in the same run); the rate sweep; the
+run at `eplb`'s SLO frontier; `<out>/compare.json`, the plots, `<out>/report.md` and the one line per
+policy printed last. Also owns starting apps for a load test (`serve_apps`), which `drift` reuses.
+Ignores how requests are sent (`generator`) and how numbers are defined (`slo`).
 
-Why at the same time: on a shared machine the other tenants' load swings within a minute (a load average
-of 10 to 34 on 2 cores was seen between consecutive runs), so policies measured one after another are
-compared across different machines. Loaded together, the apps see the same background and share the
-host CPUs symmetrically, as three tenants of one host; their emulated devices are separate. Frontiers are
-then those of an app sharing its host with two others, the same condition for every policy.
+One app loaded at a time (the default): at each rate every app gets the trace in turn, the order rotated
+from rate to rate so that no policy always runs first or last; the apps not under load are idle (their
+engines and workers wait on sockets and cost no CPU). Each policy then has the host's cores to itself, as
+a deployment would. Loading the three apps at the same time (`together`, `--together`) puts three engines
+and 24 emulated devices on two cores: the CPU side of a step grows several times over (the last run
+loaded together had a 170 ms mean step at eplb's frontier; one app alone and idle steps in about 23 ms), and
+the MoE layers, the only part a placement changes, shrink to a few percent of it. What `together` buys is the same background load for every policy; one at a time, the other tenants'
+load may differ between an app's turn and the next one's, so every run records the load average before
+and after it and the report shows them.
 
 Sequence: start the apps one after another (each calibrates with its profiling pass); a warm-up trace to
-all (lets the adaptive policies re-place for the workload); unloaded requests, one at a time per app and
-all apps at once (the pooled medians set the SLOs and the rate unit); the sweep from low to high rate, every app at every rate
-until all fall below `stop_below` (so the contention stays the same for all); then every app at eplb's
-frontier rate.
+every app (lets the adaptive policies re-place for the workload); unloaded requests, one at a time per app
+(the pooled medians set the SLOs and the rate unit); the sweep from low to high rate; then every app at
+eplb's frontier rate. One at a time, a policy leaves the sweep after a rate below `stop_below`; together,
+every app stays until all are below it (so the contention stays the same for all).
 """
 
 from __future__ import annotations
@@ -75,10 +79,14 @@ class CompareConfig:
         max_tokens_cap: upper bound on every request's max_tokens (None: the workload's own).
         seed: seed of every trace (the same trace per rate for every policy).
         warmup_rate, warmup_s: the warm-up trace (another seed), sent to every app at once.
-        unloaded_requests, unloaded_max_tokens: requests sent one at a time to each app (all apps at once).
+        unloaded_requests, unloaded_max_tokens: requests sent one at a time to each app (to every app at
+            once when `together`).
         ttft_factor, tpot_factor: SLO = factor x the median unloaded TTFT / TPOT, pooled over the apps.
         target: attainment the frontier asks for.
-        stop_below: the sweep ends after a rate at which every policy's attainment is below this.
+        together: load every app at the same time (True) or one app at a time, in an order rotated per
+            rate (False; see the module docstring).
+        stop_below: a policy leaves the sweep after a rate at which its attainment is below this (when
+            `together`: the sweep ends once every policy's is).
         extend_factor, max_rates: while some policy still meets the target at the highest swept rate (its
             frontier would only be a lower bound), the sweep goes on at that rate x `extend_factor`, up to
             `max_rates` rates in all.
@@ -92,7 +100,7 @@ class CompareConfig:
     rate_multipliers: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
     extend_factor: float = 1.3
     max_rates: int = 10
-    duration_s: float = 90.0
+    duration_s: float = 60.0
     workloads: tuple[str, ...] = ("sharegpt_like",)
     max_tokens_cap: int | None = 64
     seed: int = 0
@@ -103,6 +111,7 @@ class CompareConfig:
     ttft_factor: float = 5.0
     tpot_factor: float = 3.0
     target: float = 0.9
+    together: bool = False
     stop_below: float = 0.5
     drain_s: float = 45.0
     app_args: dict = field(default_factory=dict)
@@ -290,6 +299,7 @@ class Experiment:
         self.prompts = load_workloads(config.workloads)
         self.slo: SLO | None = None
         self.result: dict = {"config": asdict(config), "machine": machine_info(), "policies": {}}
+        self._turn = -1  # rates loaded so far, minus one: rotates the order of the apps
 
     def trace(self, rate: float, seed: int | None = None, duration_s: float | None = None):
         cfg = self.config
@@ -326,29 +336,37 @@ class Experiment:
         self.save()
 
     async def _sweep(self, clients: dict[str, ClientConfig]) -> None:
-        """Every app at every rate of `result["rates"]`, low to high, until all fall below `stop_below`;
+        """The apps at every rate of `result["rates"]`, low to high, while some policy is still in the sweep;
         extended upwards while some policy still meets the target at the highest rate."""
         cfg = self.config
-        rates, swept = list(self.result["rates"]), []
+        rates, swept, active = list(self.result["rates"]), [], dict(clients)
         for rate in rates:  # `rates` grows while a frontier is still above it
-            runs = await self._run_all(clients, rate, "sweep")
+            runs = await self._run_all(active, rate, "sweep")
             if runs is None:  # no request arrived at this rate: nothing to judge by
                 continue
             swept.append(rate)
-            last = [run["summary"]["attainment"] for run in runs.values()]
-            if all(a < cfg.stop_below for a in last):
+            last = {policy: run["summary"]["attainment"] for policy, run in runs.items()}
+            if all(a < cfg.stop_below for a in last.values()):
                 break
-            if rate == rates[-1] and len(rates) < cfg.max_rates and any(a >= cfg.target for a in last):
+            if not cfg.together:  # alone on the host, a policy past its capacity has nothing more to show
+                active = {p: c for p, c in active.items() if last[p] >= cfg.stop_below}
+            if rate == rates[-1] and len(rates) < cfg.max_rates and any(a >= cfg.target for a in last.values()):
                 rates.append(round(rate * cfg.extend_factor, 3))
         self.result["rates"] = swept
 
     async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
-        """Unloaded latency: one request at a time to each app, all apps at once (the condition of the sweep,
-        where the apps share the host); sets the SLO and, unless given, the swept rates."""
+        """Unloaded latency: one request at a time to each app, under the condition of the sweep (the apps
+        one after another, or all at once when `together`); sets the SLO and, unless given, the rates."""
         cfg = self.config
         probe = self.trace(cfg.warmup_rate)
-        found = await asyncio.gather(*(unloaded_latency(c, probe, cfg.unloaded_requests, cfg.unloaded_max_tokens)
-                                       for c in clients.values()))
+
+        def measure(client: ClientConfig):
+            return unloaded_latency(client, probe, cfg.unloaded_requests, cfg.unloaded_max_tokens)
+
+        if cfg.together:
+            found = await asyncio.gather(*(measure(c) for c in clients.values()))
+        else:
+            found = [await measure(c) for c in clients.values()]
         pooled = []
         for policy, results in zip(clients, found):
             self._entry(policy)["unloaded"] = record_json(RunRecord(time.time(), results=results))
@@ -366,21 +384,33 @@ class Experiment:
         return sum(tokens) / len(tokens)
 
     async def _run_all(self, clients: dict[str, ClientConfig], rate: float, kind: str) -> dict[str, dict] | None:
-        """The trace at `rate` to every app at once; each app's run recorded under its policy and returned
-        ({policy: run}); None when no request arrives at this rate (nothing run)."""
+        """The trace at `rate` to every app in `clients` (all at once when `together`, else one after another
+        in `run_order`); each app's run recorded under its policy and returned ({policy: run}); None when no
+        request arrives at this rate (nothing run)."""
         trace = self.trace(rate)
         if not trace:  # a rate so low that no request arrives in duration_s: nothing to measure
             print(f"  {kind} rate={rate:.3f}: no request in {self.config.duration_s:g} s, skipped")
             return None
-        runs = {}
-        load_before = os.getloadavg()
-        records = await asyncio.gather(*(run_trace(c, trace, desc=f"{p} {rate:.2f} req/s", progress=self.progress)
-                                         for p, c in clients.items()))
-        for (policy, client), record in zip(clients.items(), records):
+
+        async def load(policy: str, client: ClientConfig) -> tuple[RunRecord, tuple[float, ...], tuple[float, ...]]:
+            before = os.getloadavg()
+            record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress)
             await wait_idle(client.base_url)
+            return record, before, os.getloadavg()
+
+        if self.config.together:
+            loaded = dict(zip(clients, await asyncio.gather(*(load(p, c) for p, c in clients.items()))))
+        else:
+            self._turn += 1
+            loaded = {}
+            for policy in run_order(list(clients), self._turn):
+                loaded[policy] = await load(policy, clients[policy])
+        runs = {}
+        for policy in clients:
+            record, before, after = loaded[policy]
             summary = summarize(record.results, self.slo, record.duration_s)
             run = record_json(record, rate_rps=rate, kind=kind, summary=summary,
-                              placement=await placement_summary(client), loadavg=[load_before, os.getloadavg()])
+                              placement=await placement_summary(clients[policy]), loadavg=[before, after])
             runs[policy] = run
             if kind == "sweep":
                 self._entry(policy)["runs"].append(run)
@@ -388,7 +418,7 @@ class Experiment:
                 self._entry(policy)["at_eplb_frontier"] = run
             print(f"  {policy:>10} {kind:>13} rate={rate:5.3f} attainment={summary['attainment']:.3f} "
                   f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
-                  f"failed={summary['failed']} load={load_before[0]:.1f}", flush=True)
+                  f"failed={summary['failed']} load={before[0]:.1f}", flush=True)
         self.save()
         return runs
 
@@ -402,6 +432,12 @@ class Experiment:
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "compare.json").write_text(json.dumps(self.result, separators=(",", ":")))
+
+
+def run_order(policies: list[str], turn: int) -> list[str]:
+    """`policies` rotated left by `turn`: over consecutive turns each policy takes each position."""
+    shift = turn % len(policies)
+    return policies[shift:] + policies[:shift]
 
 
 def _ms(value: float | None) -> str:
@@ -420,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds of arrivals per swept rate")
     parser.add_argument("--policies", nargs="+", choices=POLICY_ORDER)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--together", action="store_true",
+                        help="load every app at the same time instead of one at a time")
     parser.add_argument("--drift", action="store_true", help="also run the drift scenarios (about 10 minutes)")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale study")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
-                                   ("policies", tuple(args.policies or ())), ("seed", args.seed)) if v not in (None, ())}
+                                   ("policies", tuple(args.policies or ())), ("seed", args.seed),
+                                   ("together", args.together or None)) if v not in (None, ())}
     started = time.monotonic()
     experiment = Experiment(replace(DEFAULT, **overrides), args.out, progress=not args.no_progress)
     experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)

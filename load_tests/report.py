@@ -166,8 +166,10 @@ def _header(result: dict, slo: SLO) -> str:
         f"to each app, medians over {unloaded['set_by']}, before any load. SLO frontier: highest rate with >= "
         f"{slo.target:.0%} of requests within both SLOs: the highest swept rate that meets it, interpolated "
         "linearly towards the next swept rate (failed and cut-off requests count as misses; 'non-monotonic': "
-        f"a lower rate missed the target). A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} "
-        "attainment.",
+        f"a lower rate missed the target). " + (
+            f"The sweep ends after a rate at which every policy is below {cfg['stop_below']:.0%} attainment."
+            if cfg.get("together") else
+            f"A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} attainment."),
     ])
 
 
@@ -237,8 +239,12 @@ def _knobs(result: dict) -> str:
     for entry in result["policies"].values():
         args = entry["app_args"]
         lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + " |")
+    loading = ("then were loaded at the same time with the same trace, sharing the host's cores"
+               if result["config"].get("together") else
+               "then were loaded one at a time with the same trace, the order rotated from rate to rate; the load "
+               "average before and after each app's turn is in compare.json (`loadavg`)")
     lines += ["", f"All apps started together in one Ray cluster in {result.get('startup_s', 0):.0f} s (profiling "
-              "pass and calibration included), then were loaded one at a time, interleaved by rate."]
+              f"pass and calibration included), {loading}."]
     return "\n".join(lines)
 
 

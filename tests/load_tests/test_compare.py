@@ -8,7 +8,15 @@ from dataclasses import replace
 import pytest
 
 from deploy.app import AppArgs
-from load_tests.compare import ADMIN_TOKEN, DEFAULT, CompareConfig, Experiment, app_args_for, deploy_args
+from load_tests.compare import (
+    ADMIN_TOKEN,
+    DEFAULT,
+    CompareConfig,
+    Experiment,
+    app_args_for,
+    deploy_args,
+    run_order,
+)
 
 
 def test_every_policy_runs_the_deploy_cluster_with_its_own_knobs():
@@ -72,8 +80,17 @@ class _ScriptedSweep(Experiment):
 def _swept(config: CompareConfig, attainment, rates: list[float]) -> list[float]:
     experiment = _ScriptedSweep(config, attainment, rates)
     asyncio.run(experiment._sweep({p: None for p in config.policies}))
-    assert [r["rate_rps"] for r in experiment._entry(config.policies[0])["runs"]] == experiment.result["rates"]
-    return experiment.result["rates"]
+    swept = experiment.result["rates"]
+    for policy in config.policies:  # each policy ran a prefix of the swept rates (all of them when together)
+        own = [r["rate_rps"] for r in experiment._entry(policy)["runs"]]
+        assert own == swept[:len(own)] and (own == swept or not config.together)
+    return swept
+
+
+def _rates_of(config: CompareConfig, attainment, rates: list[float]) -> dict[str, list[float]]:
+    experiment = _ScriptedSweep(config, attainment, rates)
+    asyncio.run(experiment._sweep({p: None for p in config.policies}))
+    return {p: [r["rate_rps"] for r in experiment._entry(p)["runs"]] for p in config.policies}
 
 
 def test_sweep_goes_on_above_the_listed_rates_while_a_policy_still_meets_the_target():
@@ -84,6 +101,27 @@ def test_sweep_goes_on_above_the_listed_rates_while_a_policy_still_meets_the_tar
     assert rates == [0.5, 1.0, 1.3, 1.69, 2.197, 2.856]  # x1.3 until vibe falls below too
     assert _swept(config, lambda p, r: 1.0, [0.5])[-1] == pytest.approx(0.5 * 1.3 ** 9, rel=1e-2)  # max_rates
     assert len(_swept(config, lambda p, r: 1.0, [0.5])) == config.max_rates
+
+
+def test_one_at_a_time_a_policy_leaves_the_sweep_below_stop_below_together_it_stays():
+    capacity = {"eplb": 1.5, "vibe": 2.5}
+
+    def attainment(p, r):
+        return 1.0 if p is None or r <= capacity[p] else 0.2
+
+    alone = _rates_of(CompareConfig(policies=("eplb", "vibe")), attainment, [0.5, 1.0, 2.0, 3.0])
+    assert alone == {"eplb": [0.5, 1.0, 2.0], "vibe": [0.5, 1.0, 2.0, 3.0]}
+    together = _rates_of(CompareConfig(policies=("eplb", "vibe"), together=True), attainment, [0.5, 1.0, 2.0, 3.0])
+    assert together == {"eplb": [0.5, 1.0, 2.0, 3.0], "vibe": [0.5, 1.0, 2.0, 3.0]}
+
+
+def test_run_order_rotates_so_each_policy_takes_each_position():
+    policies = ["eplb", "contiguous", "vibe"]
+    orders = [run_order(policies, turn) for turn in range(3)]
+    assert orders == [["eplb", "contiguous", "vibe"], ["contiguous", "vibe", "eplb"], ["vibe", "eplb", "contiguous"]]
+    assert run_order(policies, 3) == policies and policies == ["eplb", "contiguous", "vibe"]
+    for position in range(3):
+        assert sorted(order[position] for order in orders) == sorted(policies)
 
 
 def test_sweep_stops_early_once_every_policy_is_below_stop_below():

@@ -480,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extras(args: argparse.Namespace) -> dict:
-    """The drift scenarios and the scale study, as asked on the command line."""
-    from load_tests import drift, scale
+    """The drift scenarios, the scale study and the placement headroom, as asked on the command line."""
+    from load_tests import drift, headroom, scale
 
-    extras = {}
+    extras = {"headroom": headroom.run(args.out)}
     if args.drift:
         extras["drift"] = drift.run_all(args.out, progress=not args.no_progress)
     if not args.no_scale:

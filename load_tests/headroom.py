@@ -1,0 +1,185 @@
+"""What a placement can gain at most on the emulated cluster: `python -m load_tests.headroom --out bench`.
+
+Owns the what-if behind the side-by-side benchmark's targets: engine steps of the shapes the service runs
+(decode batches of 1 to 32 sequences, a prefill chunk of `max_num_batched_tokens` tokens) with router loads
+drawn step by step from the served model's own profile (deploy/models/<model>/routing_stats.json: tokens per
+expert per layer over the profile prompts; each token picks `top_k` distinct experts with probability
+following those shares, Gumbel top-k), on the devices of deploy/config.yaml at their sustained-load speed
+(speed x throttle floor: the regime near the SLO frontier), and the MoE critical path of a step (sum over
+layers of the slowest device's time) under each policy's placement. Placements are planned on the profile
+loads with the devices' true curves: the best case for vibe, which in the service learns the curves by
+profiling. The same for DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the
+paper's setting of 32 experts per device, for comparison. Writes `<out>/headroom.json`.
+
+Ignores the dense layers, the dispatch to the workers and queueing: the ratio it reports, vibe's MoE time
+against another policy's, bounds how much shorter vibe can make a step even if MoE were the whole step, and
+so (with the SLOs unchanged) about how much more load vibe can carry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from placement import DeviceModel, device_times, load_trace, plan, trace_dir
+
+DEEPSEEK_TRACE = "deepseek_v3_L3-60_calib_normalized4096"
+
+
+@dataclass(frozen=True)
+class HeadroomConfig:
+    """The cases of the what-if.
+
+    Attributes:
+        decode_batches: sequences per decode step (one token each).
+        steps: steps drawn per case.
+        num_redundant: extra slots (0 or a multiple of the device count) for eplb and vibe in the
+            "redundant" variant.
+        deepseek_layers: the first this many MoE layers of the DeepSeek-V3 trace (the trace has 58).
+        deepseek_prefill_tokens: tokens of the DeepSeek-V3 prefill step (its decode steps reuse
+            `decode_batches` x 8, a batch per device as in expert-parallel serving).
+        seed: seed of the drawn steps.
+    """
+
+    decode_batches: tuple[int, ...] = (1, 8, 16, 32)
+    steps: int = 200
+    num_redundant: int = 8
+    deepseek_layers: int = 8
+    deepseek_prefill_tokens: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ValueError(f"decode_batches must be >= 1, got {self.decode_batches}")
+        for name in ("steps", "deepseek_layers", "deepseek_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HeadroomConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.num_redundant < 0:
+            raise ValueError(f"num_redundant must be >= 0, got {self.num_redundant}")
+
+
+def cluster_devices(app_args: dict) -> list[DeviceModel]:
+    """The emulated devices of a build_app config at their sustained-load speed (speed x throttle floor)."""
+    emulation = app_args.get("emulation") or {}
+    fixed = float(emulation.get("fixed_s", 4e-4))
+    knee = float(emulation.get("knee_tokens", 128.0))
+    slope = emulation.get("slope_s")
+    slope = fixed / knee if slope is None else float(slope)
+    floor = float(emulation.get("throttle_floor", 1.0))
+    return [DeviceModel(fixed, knee, slope).scaled(1.0 / (speed * floor)) for speed in app_args["speeds"]]
+
+
+def draw_steps(shares: np.ndarray, tokens: int, top_k: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """float [steps, L, E]: tokens per expert of `steps` engine steps of `tokens` tokens each; every token
+    picks `top_k` distinct experts per layer, weighted by `shares` [L, E] (Gumbel top-k)."""
+    num_layers, num_experts = shares.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    logits = np.log(np.maximum(shares, 1e-12))
+    out = np.zeros((steps, num_layers, num_experts))
+    for step in range(steps):
+        keys = logits + rng.gumbel(size=(tokens, num_layers, num_experts))
+        chosen = np.argpartition(-keys, top_k - 1, axis=2)[:, :, :top_k]  # [tokens, L, k]
+        layer = np.broadcast_to(np.arange(num_layers)[None, :, None], chosen.shape)
+        np.add.at(out[step], (layer.ravel(), chosen.ravel()), 1.0)
+    return out
+
+
+def critical_paths(loads: np.ndarray, steps: np.ndarray, devices: list[DeviceModel],
+                   num_redundant: int) -> dict[str, float]:
+    """Mean over `steps` of the MoE critical path (seconds, sum over layers of the slowest device) of each
+    policy's placement planned on `loads`; "redundant" variants with `num_redundant` extra slots."""
+    variants = {"contiguous": ("contiguous", 0), "eplb": ("eplb", 0), "vibe": ("vibe", 0)}
+    if num_redundant:
+        variants |= {"eplb+redundant": ("eplb", num_redundant), "vibe+redundant": ("vibe", num_redundant)}
+    out = {}
+    for name, (policy, redundant) in variants.items():
+        placement = plan(loads, devices, policy, num_redundant=redundant)
+        out[name] = float(np.mean([device_times(placement, step, devices).max(axis=1).sum() for step in steps]))
+    return out
+
+
+def case_rows(name: str, loads: np.ndarray, top_k: int, shapes: list[tuple[str, int]], devices: list[DeviceModel],
+              config: HeadroomConfig, rng: np.random.Generator) -> list[dict]:
+    """One row per step shape: each variant's mean MoE critical path (ms) and vibe's gain over the others."""
+    shares = loads / loads.sum(axis=1, keepdims=True)
+    rows = []
+    for shape, tokens in shapes:
+        steps = draw_steps(shares, tokens, top_k, config.steps, rng)
+        paths = critical_paths(loads, steps, devices, config.num_redundant)
+        row = {"model": name, "step": shape, "tokens": tokens, "experts_per_device": loads.shape[1] / len(devices),
+               "mean_tokens_per_expert": tokens * top_k / loads.shape[1],
+               "moe_ms": {k: v * 1e3 for k, v in paths.items()},
+               "eplb_over_vibe": paths["eplb"] / paths["vibe"],
+               "contiguous_over_vibe": paths["contiguous"] / paths["vibe"]}
+        if "vibe+redundant" in paths:
+            row["eplb_over_vibe_redundant"] = paths["eplb+redundant"] / paths["vibe+redundant"]
+        rows.append(row)
+    return rows
+
+
+def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: dict | None = None) -> dict:
+    """The what-if for the served model (and DeepSeek-V3 when its trace is present); writes
+    `<out>/headroom.json` unless `out` is None; returns the result."""
+    from deploy.app import AppArgs
+    from load_tests.compare import deploy_args
+
+    app_args = deploy_args() if app_args is None else app_args
+    args = AppArgs.model_validate(app_args)
+    model_dir = Path(args.model)
+    stats = json.loads((model_dir / "routing_stats.json").read_text())
+    top_k = int(json.loads((model_dir / "config.json").read_text())["num_experts_per_tok"])
+    devices = cluster_devices(app_args)
+    rng = np.random.default_rng(config.seed)
+    started = time.perf_counter()
+    shapes = [(f"decode {b}", b) for b in config.decode_batches] + [("prefill", args.max_num_batched_tokens)]
+    rows = case_rows(model_dir.name, np.asarray(stats["loads"], dtype=np.float64), top_k, shapes, devices, config, rng)
+    try:
+        trace = load_trace(trace_dir() / f"{DEEPSEEK_TRACE}.npz")
+    except FileNotFoundError as err:
+        print(f"headroom: DeepSeek-V3 case skipped: {err}", file=sys.stderr)
+    else:
+        counts = trace.counts[:config.deepseek_layers].astype(np.float64) + 1e-3  # no expert with zero share
+        per_device = len(devices)
+        ds_shapes = [(f"decode {b}/device", b * per_device) for b in config.decode_batches] + [
+            ("prefill", config.deepseek_prefill_tokens)]
+        rows += case_rows("DeepSeek-V3", counts, int(trace.meta.get("top_k", 8)), ds_shapes, devices, config, rng)
+    result = {"config": asdict(config), "devices": [asdict(d) for d in devices], "app_args": {
+        k: app_args.get(k) for k in ("speeds", "emulation", "num_devices", "max_num_batched_tokens")},
+        "rows": rows, "runtime_s": time.perf_counter() - started}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "headroom.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def best_gain(result: dict, model: str | None = None) -> float:
+    """vibe's largest MoE-time gain over eplb (eplb / vibe), over the step shapes of `model` (default: the
+    served model, the first row's)."""
+    model = model or result["rows"][0]["model"]
+    return max(max(r["eplb_over_vibe"], r.get("eplb_over_vibe_redundant", 0.0))
+               for r in result["rows"] if r["model"] == model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m load_tests.headroom", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--steps", type=int, default=HeadroomConfig.steps)
+    args = parser.parse_args(argv)
+    result = run(args.out, HeadroomConfig(steps=args.steps))
+    for row in result["rows"]:
+        paths = " ".join(f"{k}={v:.2f}" for k, v in row["moe_ms"].items())
+        print(f"{row['model']:>14} {row['step']:>18} tokens/expert={row['mean_tokens_per_expert']:7.1f} "
+              f"moe_ms: {paths}  eplb/vibe={row['eplb_over_vibe']:.3f} contiguous/vibe={row['contiguous_over_vibe']:.3f}")
+    print(f"wrote {args.out}/headroom.json in {result['runtime_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The placement what-if behind the benchmark's targets: drawn steps, the cluster's devices, the report rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from load_tests.headroom import HeadroomConfig, best_gain, cluster_devices, critical_paths, draw_steps, run
+from load_tests.report import _headroom
+from placement import DeviceModel
+
+
+def test_every_token_picks_top_k_distinct_experts_weighted_by_the_shares():
+    rng = np.random.default_rng(0)
+    shares = np.array([[0.7, 0.1, 0.1, 0.1, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    steps = draw_steps(shares, tokens=50, top_k=2, steps=20, rng=rng)
+    assert steps.shape == (20, 2, 5)
+    assert np.all(steps.sum(axis=2) == 100)  # 50 tokens x 2 experts per layer
+    assert np.all(steps <= 50)  # distinct experts: at most one pick per token
+    assert steps[:, 0, 0].mean() > 42  # the dominant expert is in nearly every token's top 2
+    assert steps[:, 0, 4].sum() == 0  # a zero share is never picked while others remain
+    assert abs(steps[:, 1].mean() - 20) < 2  # uniform shares: 100 picks over 5 experts
+    with pytest.raises(ValueError, match="top_k"):
+        draw_steps(shares, 4, 6, 1, rng)
+
+
+def test_cluster_devices_run_at_speed_times_throttle_floor():
+    devices = cluster_devices({"speeds": [1.0, 0.5],
+                               "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "throttle_floor": 0.8}})
+    assert devices[0] == pytest.approx(DeviceModel(1e-3 / 0.8, 10, 1e-4 / 0.8))
+    assert devices[1].fixed == pytest.approx(1e-3 / 0.4) and devices[1].slope == pytest.approx(1e-4 / 0.4)
+    explicit = cluster_devices({"speeds": [1.0], "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "slope_s": 0.0}})
+    assert explicit[0].slope == 0.0 and explicit[0].fixed == pytest.approx(1e-3)
+
+
+def test_critical_paths_charge_contiguous_for_hot_neighbours_and_eplb_for_a_slow_device():
+    # 2 devices x 2 experts, linear curves (knee 0): time = tokens x slope.
+    same = [DeviceModel(0.0, 0.0, 1.0), DeviceModel(0.0, 0.0, 1.0)]
+    hot_neighbours = np.array([[10.0, 10.0, 1.0, 1.0]])
+    paths = critical_paths(hot_neighbours, hot_neighbours[None], same, num_redundant=0)
+    assert paths == pytest.approx({"contiguous": 20.0, "eplb": 11.0, "vibe": 11.0})
+    # The second device half as fast: token balance (hot + cold on each) puts 11 tokens x 2 on it; the
+    # predicted-time optimum is both hot experts on the fast device (20) and both cold ones on the slow (4).
+    slow = [DeviceModel(0.0, 0.0, 1.0), DeviceModel(0.0, 0.0, 2.0)]
+    spread = np.array([[10.0, 1.0, 10.0, 1.0]])
+    paths = critical_paths(spread, spread[None], slow, num_redundant=2)
+    assert paths["contiguous"] == pytest.approx(22.0) and paths["eplb"] == pytest.approx(22.0)
+    assert paths["vibe"] == pytest.approx(20.0)
+    assert set(paths) == {"contiguous", "eplb", "vibe", "eplb+redundant", "vibe+redundant"}
+
+
+def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path):
+    result = run(tmp_path, HeadroomConfig(decode_batches=(4,), steps=3, deepseek_layers=2,
+                                          deepseek_prefill_tokens=64))
+    saved = json.loads((tmp_path / "headroom.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    served = [r for r in result["rows"] if r["model"] == "vibe-tiny-moe"]
+    assert [r["step"] for r in served] == ["decode 4", "prefill"]
+    assert served[1]["mean_tokens_per_expert"] == pytest.approx(512 * 4 / 32)
+    for row in result["rows"]:
+        assert all(v > 0 and np.isfinite(v) for v in row["moe_ms"].values())
+        assert row["eplb_over_vibe"] == pytest.approx(row["moe_ms"]["eplb"] / row["moe_ms"]["vibe"])
+    assert best_gain(result) == max(max(r["eplb_over_vibe"], r["eplb_over_vibe_redundant"]) for r in served)
+    section = _headroom(result)
+    assert "| vibe-tiny-moe | prefill | 64.0 |" in section and f"at most {best_gain(result):.3f}x" in section

@@ -6,9 +6,9 @@ drawn step by step from the served model's own profile (deploy/models/<model>/ro
 expert per layer over the profile prompts; each token picks `top_k` distinct experts with probability
 following those shares, Gumbel top-k), on the devices of deploy/config.yaml at their sustained-load speed
 (speed x throttle floor: the regime near the SLO frontier), and the MoE critical path of a step (sum over
-layers of the slowest device's time) under each policy's placement. Placements are planned on the profile
-loads with the devices' true curves: the best case for vibe, which in the service learns the curves by
-profiling. The same for DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the
+layers of the slowest device's time) under each policy's placement. Placements are planned, as the
+coordinator plans them, on the mean loads of a step of that shape (its window's mean router counts per
+forward pass), with the devices' true curves where the service learns them by profiling. The same for DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the
 paper's setting of 32 experts per device, for comparison. Writes `<out>/headroom.json`.
 
 Ignores the dense layers, the dispatch to the workers and queueing: the ratio it reports, vibe's MoE time
@@ -94,7 +94,7 @@ def draw_steps(shares: np.ndarray, tokens: int, top_k: int, steps: int, rng: np.
 def critical_paths(loads: np.ndarray, steps: np.ndarray, devices: list[DeviceModel],
                    num_redundant: int) -> dict[str, float]:
     """Mean over `steps` of the MoE critical path (seconds, sum over layers of the slowest device) of each
-    policy's placement planned on `loads`; "redundant" variants with `num_redundant` extra slots."""
+    policy's placement planned on `loads` [L, E]; "redundant" variants with `num_redundant` extra slots."""
     variants = {"contiguous": ("contiguous", 0), "eplb": ("eplb", 0), "vibe": ("vibe", 0)}
     if num_redundant:
         variants |= {"eplb+redundant": ("eplb", num_redundant), "vibe+redundant": ("vibe", num_redundant)}
@@ -112,7 +112,7 @@ def case_rows(name: str, loads: np.ndarray, top_k: int, shapes: list[tuple[str, 
     rows = []
     for shape, tokens in shapes:
         steps = draw_steps(shares, tokens, top_k, config.steps, rng)
-        paths = critical_paths(loads, steps, devices, config.num_redundant)
+        paths = critical_paths(tokens * top_k * shares, steps, devices, config.num_redundant)
         row = {"model": name, "step": shape, "tokens": tokens, "experts_per_device": loads.shape[1] / len(devices),
                "mean_tokens_per_expert": tokens * top_k / loads.shape[1],
                "moe_ms": {k: v * 1e3 for k, v in paths.items()},

@@ -281,8 +281,8 @@ def _headroom(headroom: dict) -> str:
     served = rows[0]["model"]
     lines = ["## What placement can gain at most here (placement simulator, `python -m load_tests.headroom`)", "",
              f"Engine steps of the served model ({served}) with router loads drawn step by step from its profile, on "
-             "this cluster's devices at their sustained-load speed (speed x throttle floor), each policy placed with "
-             "the devices' true curves; MoE critical path per step (sum over layers of the slowest device), mean "
+             "this cluster's devices at their sustained-load speed (speed x throttle floor), each policy placed on "
+             "the mean loads of such a step (as the coordinator does) with the devices' true curves; MoE critical path per step (sum over layers of the slowest device), mean "
              f"of {headroom['config']['steps']} steps. Dense layers, dispatch and queueing left out, so eplb / vibe "
              "bounds the step-time ratio even if MoE were the whole step. DeepSeek-V3 (real routing trace, 256 "
              "experts, top-8, first 8 MoE layers) on the same 8 devices, 32 experts per device as in the paper, "

@@ -171,7 +171,7 @@ def _header(result: dict, slo: SLO) -> str:
         "linearly towards the next swept rate (failed and cut-off requests count as misses; 'non-monotonic': "
         f"a lower rate missed the target). " + (
             f"The sweep ends after a rate at which every policy is below {cfg['stop_below']:.0%} attainment."
-            if cfg.get("together") else
+            if cfg.get("together", True) else
             f"A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} attainment."),
     ])
 
@@ -203,17 +203,24 @@ def _targets(rows: dict[str, dict]) -> str:
 
 def _sweep(result: dict) -> str:
     lines = ["## Rate sweep", "", "| policy | rate (req/s) | requests | attainment | goodput (req/s) | "
-             "output tok/s | TTFT p90 (ms) | TPOT p90 (ms) | E2E p90 (ms) | failed | placement version |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "output tok/s | TTFT p90 (ms) | TPOT p90 (ms) | E2E p90 (ms) | failed | placement version | "
+             "mean step (ms) | MoE critical path (ms/pass) | load average before, after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for policy, entry in result["policies"].items():
         runs = entry["runs"] + ([entry["at_eplb_frontier"]] if entry.get("at_eplb_frontier") else [])
         for run in runs:
-            s = run["summary"]
+            s, step = run["summary"], step_breakdown(run)
+            loads = ", ".join(f"{la[0]:.1f}" for la in run.get("loadavg") or []) or "-"
             mark = " (eplb frontier)" if run["kind"] == "eplb_frontier" else ""
             lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f} | "
                          f"{s['goodput_rps']:.3f} | {s['output_tokens_per_s']:.0f} | {_num(s['ttft_p90_ms'], 1)} | "
                          f"{_num(s['tpot_p90_ms'], 2)} | {_num(s['e2e_p90_ms'], 0)} | {s['failed']} | "
-                         f"{run['placement']['version']} |")
+                         f"{run['placement']['version']} | {_num(step['step_ms'], 1)} | "
+                         f"{_num(step['moe_predicted_ms'], 2)} | {loads} |")
+    lines += ["", "Mean step: the engine's step-time histogram over the run; MoE critical path: as predicted by the "
+              "coordinator on its window loads (see below). At one rate the MoE part is nearly the same for every "
+              "policy; differences in the mean step beyond it are the host's (the load average is the whole "
+              "machine's one-minute average, this benchmark's processes included)."]
     return "\n".join(lines)
 
 
@@ -243,7 +250,7 @@ def _knobs(result: dict) -> str:
         args = entry["app_args"]
         lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + " |")
     loading = ("then were loaded at the same time with the same trace, sharing the host's cores"
-               if result["config"].get("together") else
+               if result["config"].get("together", True) else
                "then were loaded one at a time with the same trace, the order rotated from rate to rate; the load "
                "average before and after each app's turn is in compare.json (`loadavg`)")
     lines += ["", f"All apps started together in one Ray cluster in {result.get('startup_s', 0):.0f} s (profiling "

@@ -109,9 +109,9 @@ def test_one_at_a_time_a_policy_leaves_the_sweep_below_stop_below_together_it_st
     def attainment(p, r):
         return 1.0 if p is None or r <= capacity[p] else 0.2
 
-    alone = _rates_of(CompareConfig(policies=("eplb", "vibe")), attainment, [0.5, 1.0, 2.0, 3.0])
+    alone = _rates_of(CompareConfig(policies=("eplb", "vibe"), together=False), attainment, [0.5, 1.0, 2.0, 3.0])
     assert alone == {"eplb": [0.5, 1.0, 2.0], "vibe": [0.5, 1.0, 2.0, 3.0]}
-    together = _rates_of(CompareConfig(policies=("eplb", "vibe"), together=True), attainment, [0.5, 1.0, 2.0, 3.0])
+    together = _rates_of(CompareConfig(policies=("eplb", "vibe")), attainment, [0.5, 1.0, 2.0, 3.0])
     assert together == {"eplb": [0.5, 1.0, 2.0, 3.0], "vibe": [0.5, 1.0, 2.0, 3.0]}
 
 

@@ -95,6 +95,9 @@ def test_write_makes_the_report_and_plots(tmp_path, result):
     text = (tmp_path / "report.md").read_text()
     assert "make bench" in text and "| vibe | 2.000 (interpolated)" in text
     assert "TTFT <= 100.0 ms" in text and len(lines) == 3
+    # each swept run's mean step (2 s / 100 steps) and predicted MoE critical path (8 ms) in the sweep table
+    assert "| 2 | 20.0 | 8.00 | - |" in text
+    assert "loaded at the same time" in text  # a run from before the option was added: together
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("slo_frontier.png", "latency.png",
                                                                         "balance.png"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests.slo import SLO
+from load_tests.slo import SLO, wilson_interval
 
 TARGETS = {"frontier_vs_eplb": 1.15, "frontier_vs_contiguous": 1.3, "p90_ttft_at_eplb_frontier": 0.6}
 
@@ -160,7 +160,7 @@ def _header(result: dict, slo: SLO) -> str:
         f"max_tokens capped at {cfg['max_tokens_cap']}, {cfg['duration_s']:g} s of arrivals per rate, `ignore_eos` "
         "and temperature 0 (every policy serves the same tokens). Rates "
         f"{[round(r, 3) for r in result['rates']]} req/s" + (
-            f" = {list(cfg['rate_multipliers'])} x the single-stream rate {result['single_stream_rps']:.3f} req/s "
+            f" swept from {list(cfg['rate_multipliers'])} x the single-stream rate {result['single_stream_rps']:.3f} req/s "
             "(1 / (median unloaded TTFT + mean output tokens x median unloaded TPOT))" if cfg["rates"] is None
             else "") + f". Warm-up {cfg['warmup_s']:g} s at {cfg['warmup_rate']:g} req/s before measuring.",
         f"SLOs: TTFT <= {slo.ttft_s * 1e3:.1f} ms ({cfg['ttft_factor']:g} x the unloaded median), TPOT <= "
@@ -202,7 +202,7 @@ def _targets(rows: dict[str, dict]) -> str:
 
 
 def _sweep(result: dict) -> str:
-    lines = ["## Rate sweep", "", "| policy | rate (req/s) | requests | attainment | goodput (req/s) | "
+    lines = ["## Rate sweep", "", "| policy | rate (req/s) | requests | attainment (95% interval) | goodput (req/s) | "
              "output tok/s | TTFT p90 (ms) | TPOT p90 (ms) | E2E p90 (ms) | failed | placement version | "
              "mean step (ms) | MoE critical path (ms/pass) | load average before, after |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -212,12 +212,15 @@ def _sweep(result: dict) -> str:
             s, step = run["summary"], step_breakdown(run)
             loads = ", ".join(f"{la[0]:.1f}" for la in run.get("loadavg") or []) or "-"
             mark = " (eplb frontier)" if run["kind"] == "eplb_frontier" else ""
-            lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f} | "
+            interval = wilson_interval(round(s["attainment"] * s["requests"]), s["requests"])
+            spread = "" if interval is None else f" ({interval[0]:.2f}-{interval[1]:.2f})"
+            lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f}{spread} | "
                          f"{s['goodput_rps']:.3f} | {s['output_tokens_per_s']:.0f} | {_num(s['ttft_p90_ms'], 1)} | "
                          f"{_num(s['tpot_p90_ms'], 2)} | {_num(s['e2e_p90_ms'], 0)} | {s['failed']} | "
                          f"{run['placement']['version']} | {_num(step['step_ms'], 1)} | "
                          f"{_num(step['moe_predicted_ms'], 2)} | {loads} |")
-    lines += ["", "Mean step: the engine's step-time histogram over the run; MoE critical path: as predicted by the "
+    lines += ["", "Attainment interval: Wilson 95% interval over the run's requests (the run's own sampling "
+              "uncertainty only, not the host's noise between runs). Mean step: the engine's step-time histogram over the run; MoE critical path: as predicted by the "
               "coordinator on its window loads (see below). At one rate the MoE part is nearly the same for every "
               "policy; differences in the mean step beyond it are the host's (the load average is the whole "
               "machine's one-minute average, this benchmark's processes included)."]

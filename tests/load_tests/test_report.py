@@ -97,6 +97,7 @@ def test_write_makes_the_report_and_plots(tmp_path, result):
     assert "TTFT <= 100.0 ms" in text and len(lines) == 3
     # each swept run's mean step (2 s / 100 steps) and predicted MoE critical path (8 ms) in the sweep table
     assert "| 2 | 20.0 | 8.00 | - |" in text
+    assert "| 10 | 0.900 (0.60-0.98) |" in text  # 9 of 10 within SLO, with its Wilson 95% interval
     assert "loaded at the same time" in text  # a run from before the option was added: together
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("slo_frontier.png", "latency.png",
                                                                         "balance.png"))

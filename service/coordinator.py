@@ -317,9 +317,10 @@ class Coordinator:
             if policy != self.config.policy or policy != "vibe":
                 mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
             new = self._candidate(old, loads, devices, policy, mode)
-            record = self._judge(old, new, loads, devices, policy, mode, reason, started, dry_run, force)
+            plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+            record = self._judge(old, new, plan, loads, devices, policy, mode, reason, dry_run, force)
             if record.status == "pending":
-                record.status, record.detail = self._migrate(old, new)
+                record.status, record.detail = self._migrate(old, new, plan)
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
@@ -338,8 +339,7 @@ class Coordinator:
         new, _moves = pl.rebalance(old, loads, devices, eps=self.config.eps)
         return new.with_version(old.version + 1)
 
-    def _judge(self, old, new, loads, devices, policy, mode, reason, started, dry_run, force) -> Recalibration:
-        plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+    def _judge(self, old, new, plan, loads, devices, policy, mode, reason, dry_run, force) -> Recalibration:
         before = float(pl.makespan(old, loads, devices).sum())
         after = float(pl.makespan(new, loads, devices).sum())
         gain = pl.predicted_gain(old, new, loads, devices, self.config.gain_horizon_passes)
@@ -364,9 +364,9 @@ class Coordinator:
                              f"does not exceed the migration cost {cost * 1e3:.1f} ms")
         return record
 
-    def _migrate(self, old: pl.Placement, new: pl.Placement) -> tuple[str, str]:
-        """Two-phase migration. Phase 1 copies; phase 2 publishes; phase 3 (later) drops old copies."""
-        plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan) -> tuple[str, str]:
+        """Two-phase migration from `old` to `new` by `plan`. Phase 1 copies; phase 2 publishes; phase 3
+        (later) drops old copies."""
         transfers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for move in plan.moves:
             transfers.setdefault((move.src_device, move.dst_device), []).append((move.layer, move.expert))

@@ -7,11 +7,14 @@ behind it is a recording fake, so a test sees whether an unauthorised request re
 
 from __future__ import annotations
 
+import array
 import ast
 import dataclasses
+import fcntl
 import logging
 import re
 import socket
+import termios
 import threading
 import time
 from pathlib import Path
@@ -195,6 +198,12 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 
 
+def _unread_bytes(sock: socket.socket) -> int:
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
 def test_a_header_claiming_a_huge_frame_commits_no_memory_until_bytes_arrive():
     left, right = socket.socketpair()
     num_tokens, hidden = MAX_FRAME_BYTES // (4 * 4096), 4096  # float32: exactly the 2 GiB limit
@@ -211,7 +220,10 @@ def test_a_header_claiming_a_huge_frame_commits_no_memory_until_bytes_arrive():
     reader = threading.Thread(target=receive)
     reader.start()
     left.sendall(header + np.array([0], np.int32).tobytes() + np.array([num_tokens], np.int32).tobytes() + b"x" * 1000)
-    time.sleep(0.3)  # the reader now waits for the rest of the claimed 2 GiB
+    deadline = time.monotonic() + 10
+    while _unread_bytes(right) and time.monotonic() < deadline:  # until the reader took all that was sent
+        time.sleep(0.01)
+    assert _unread_bytes(right) == 0 and reader.is_alive()  # it now waits for the rest of the claimed 2 GiB
     grown = _rss_bytes() - before
     left.close()
     reader.join(10)

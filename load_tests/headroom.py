@@ -9,7 +9,9 @@ following those shares, Gumbel top-k), on the devices of deploy/config.yaml at t
 layers of the slowest device's time) under each policy's placement. Placements are planned, as the
 coordinator plans them, on the mean loads of a step of that shape (its window's mean router counts per
 forward pass), with the devices' true curves where the service learns them by profiling. The same for DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the
-paper's setting of 32 experts per device, for comparison. Writes `<out>/headroom.json`.
+paper's setting of 32 experts per device, for comparison; and the served model on the "edge" cluster: the
+same devices with the slowest one throttling to `edge_floor` (0.7, the lowest the issue allows) instead of
+the config's floor. Writes `<out>/headroom.json`.
 
 Ignores the dense layers, the dispatch to the workers and queueing: the ratio it reports, vibe's MoE time
 against another policy's, bounds how much shorter vibe can make a step even if MoE were the whole step, and
@@ -41,6 +43,7 @@ class HeadroomConfig:
         steps: steps drawn per case.
         num_redundant: extra slots (0 or a multiple of the device count) for eplb and vibe in the
             "redundant" variant.
+        edge_floor: throttle floor of the slowest device in the "edge" cluster.
         deepseek_layers: the first this many MoE layers of the DeepSeek-V3 trace (the trace has 58).
         deepseek_prefill_tokens: tokens of the DeepSeek-V3 prefill step (its decode steps reuse
             `decode_batches` x 8, a batch per device as in expert-parallel serving).
@@ -50,6 +53,7 @@ class HeadroomConfig:
     decode_batches: tuple[int, ...] = (1, 8, 16, 32)
     steps: int = 200
     num_redundant: int = 8
+    edge_floor: float = 0.7
     deepseek_layers: int = 8
     deepseek_prefill_tokens: int = 4096
     seed: int = 0
@@ -62,6 +66,8 @@ class HeadroomConfig:
                 raise ValueError(f"HeadroomConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.num_redundant < 0:
             raise ValueError(f"num_redundant must be >= 0, got {self.num_redundant}")
+        if not 0 < self.edge_floor <= 1:
+            raise ValueError(f"edge_floor must be in (0, 1], got {self.edge_floor}")
 
 
 def cluster_devices(app_args: dict) -> list[DeviceModel]:
@@ -73,6 +79,16 @@ def cluster_devices(app_args: dict) -> list[DeviceModel]:
     slope = fixed / knee if slope is None else float(slope)
     floor = float(emulation.get("throttle_floor", 1.0))
     return [DeviceModel(fixed, knee, slope).scaled(1.0 / (speed * floor)) for speed in app_args["speeds"]]
+
+
+def edge_devices(app_args: dict, floor: float) -> list[DeviceModel]:
+    """`cluster_devices`, with the slowest device throttling to `floor` of its speed instead of the config's
+    throttle floor."""
+    devices = cluster_devices(app_args)
+    slowest = int(np.argmin(app_args["speeds"]))
+    configured = float((app_args.get("emulation") or {}).get("throttle_floor", 1.0))
+    devices[slowest] = devices[slowest].scaled(configured / floor)
+    return devices
 
 
 def draw_steps(shares: np.ndarray, tokens: int, top_k: int, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -92,34 +108,40 @@ def draw_steps(shares: np.ndarray, tokens: int, top_k: int, steps: int, rng: np.
 
 
 def critical_paths(loads: np.ndarray, steps: np.ndarray, devices: list[DeviceModel],
-                   num_redundant: int) -> dict[str, float]:
+                   num_redundant: int, slot_budget: int | None = None) -> dict[str, float]:
     """Mean over `steps` of the MoE critical path (seconds, sum over layers of the slowest device) of each
-    policy's placement planned on `loads` [L, E]; "redundant" variants with `num_redundant` extra slots."""
-    variants = {"contiguous": ("contiguous", 0), "eplb": ("eplb", 0), "vibe": ("vibe", 0)}
+    policy's placement planned on `loads` [L, E]; "redundant" variants with `num_redundant` extra slots,
+    "vibe+budget" with at most `slot_budget` slots per device (uneven counts)."""
+    variants = {"contiguous": ("contiguous", 0, None), "eplb": ("eplb", 0, None), "vibe": ("vibe", 0, None)}
     if num_redundant:
-        variants |= {"eplb+redundant": ("eplb", num_redundant), "vibe+redundant": ("vibe", num_redundant)}
+        variants |= {"eplb+redundant": ("eplb", num_redundant, None), "vibe+redundant": ("vibe", num_redundant, None)}
+    if slot_budget is not None:
+        variants["vibe+budget"] = ("vibe", 0, slot_budget)
     out = {}
-    for name, (policy, redundant) in variants.items():
-        placement = plan(loads, devices, policy, num_redundant=redundant)
+    for name, (policy, redundant, budget) in variants.items():
+        placement = plan(loads, devices, policy, num_redundant=redundant, slot_budget=budget)
         out[name] = float(np.mean([device_times(placement, step, devices).max(axis=1).sum() for step in steps]))
     return out
 
 
-def case_rows(name: str, loads: np.ndarray, top_k: int, shapes: list[tuple[str, int]], devices: list[DeviceModel],
-              config: HeadroomConfig, rng: np.random.Generator) -> list[dict]:
+def case_rows(name: str, cluster: str, loads: np.ndarray, top_k: int, shapes: list[tuple[str, int]],
+              devices: list[DeviceModel], config: HeadroomConfig, rng: np.random.Generator) -> list[dict]:
     """One row per step shape: each variant's mean MoE critical path (ms) and vibe's gain over the others."""
     shares = loads / loads.sum(axis=1, keepdims=True)
     rows = []
     for shape, tokens in shapes:
         steps = draw_steps(shares, tokens, top_k, config.steps, rng)
-        paths = critical_paths(tokens * top_k * shares, steps, devices, config.num_redundant)
-        row = {"model": name, "step": shape, "tokens": tokens, "experts_per_device": loads.shape[1] / len(devices),
+        budget = (loads.shape[1] + config.num_redundant) // len(devices)  # eplb's slots per device with replicas
+        paths = critical_paths(tokens * top_k * shares, steps, devices, config.num_redundant, budget)
+        row = {"model": name, "cluster": cluster, "step": shape, "tokens": tokens, "experts_per_device": loads.shape[1] / len(devices),
                "mean_tokens_per_expert": tokens * top_k / loads.shape[1],
                "moe_ms": {k: v * 1e3 for k, v in paths.items()},
                "eplb_over_vibe": paths["eplb"] / paths["vibe"],
                "contiguous_over_vibe": paths["contiguous"] / paths["vibe"]}
         if "vibe+redundant" in paths:
             row["eplb_over_vibe_redundant"] = paths["eplb+redundant"] / paths["vibe+redundant"]
+        # equal memory: vibe with at most eplb+redundant's slots per device against eplb's better layout
+        row["eplb_over_vibe_budget"] = min(paths["eplb"], paths.get("eplb+redundant", np.inf)) / paths["vibe+budget"]
         rows.append(row)
     return rows
 
@@ -139,7 +161,10 @@ def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: d
     rng = np.random.default_rng(config.seed)
     started = time.perf_counter()
     shapes = [(f"decode {b}", b) for b in config.decode_batches] + [("prefill", args.max_num_batched_tokens)]
-    rows = case_rows(model_dir.name, np.asarray(stats["loads"], dtype=np.float64), top_k, shapes, devices, config, rng)
+    loads = np.asarray(stats["loads"], dtype=np.float64)
+    rows = case_rows(model_dir.name, "deploy", loads, top_k, shapes, devices, config, rng)
+    rows += case_rows(model_dir.name, "edge", loads, top_k, shapes, edge_devices(app_args, config.edge_floor),
+                      config, rng)
     try:
         trace = load_trace(trace_dir() / f"{DEEPSEEK_TRACE}.npz")
     except FileNotFoundError as err:
@@ -149,7 +174,7 @@ def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: d
         per_device = len(devices)
         ds_shapes = [(f"decode {b}/device", b * per_device) for b in config.decode_batches] + [
             ("prefill", config.deepseek_prefill_tokens)]
-        rows += case_rows("DeepSeek-V3", counts, int(trace.meta.get("top_k", 8)), ds_shapes, devices, config, rng)
+        rows += case_rows("DeepSeek-V3", "deploy", counts, int(trace.meta.get("top_k", 8)), ds_shapes, devices, config, rng)
     result = {"config": asdict(config), "devices": [asdict(d) for d in devices], "app_args": {
         k: app_args.get(k) for k in ("speeds", "emulation", "num_devices", "max_num_batched_tokens")},
         "rows": rows, "runtime_s": time.perf_counter() - started}
@@ -159,12 +184,13 @@ def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: d
     return result
 
 
-def best_gain(result: dict, model: str | None = None) -> float:
-    """vibe's largest MoE-time gain over eplb (eplb / vibe), over the step shapes of `model` (default: the
-    served model, the first row's)."""
+def best_gain(result: dict, model: str | None = None, cluster: str = "deploy") -> float:
+    """vibe's largest MoE-time gain over eplb (eplb / vibe, each vibe variant against eplb with at least
+    as many slots per device), over the step shapes of `model` (default: the served model, the first row's) on
+    `cluster` ("deploy" or "edge")."""
     model = model or result["rows"][0]["model"]
-    return max(max(r["eplb_over_vibe"], r.get("eplb_over_vibe_redundant", 0.0))
-               for r in result["rows"] if r["model"] == model)
+    return max(max(r["eplb_over_vibe"], r.get("eplb_over_vibe_redundant", 0.0), r.get("eplb_over_vibe_budget", 0.0))
+               for r in result["rows"] if r["model"] == model and r.get("cluster", "deploy") == cluster)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.out, HeadroomConfig(steps=args.steps))
     for row in result["rows"]:
         paths = " ".join(f"{k}={v:.2f}" for k, v in row["moe_ms"].items())
-        print(f"{row['model']:>14} {row['step']:>18} tokens/expert={row['mean_tokens_per_expert']:7.1f} "
+        print(f"{row['model']:>14} {row['cluster']:>6} {row['step']:>18} tokens/expert={row['mean_tokens_per_expert']:7.1f} "
               f"moe_ms: {paths}  eplb/vibe={row['eplb_over_vibe']:.3f} contiguous/vibe={row['contiguous_over_vibe']:.3f}")
     print(f"wrote {args.out}/headroom.json in {result['runtime_s']:.0f} s")
     return 0

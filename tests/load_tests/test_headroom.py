@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from load_tests.headroom import HeadroomConfig, best_gain, cluster_devices, critical_paths, draw_steps, run
+from load_tests.headroom import (
+    HeadroomConfig,
+    best_gain,
+    cluster_devices,
+    critical_paths,
+    draw_steps,
+    edge_devices,
+    run,
+)
 from load_tests.report import _headroom
 from placement import DeviceModel
 
@@ -35,6 +43,13 @@ def test_cluster_devices_run_at_speed_times_throttle_floor():
     assert explicit[0].slope == 0.0 and explicit[0].fixed == pytest.approx(1e-3)
 
 
+def test_edge_devices_throttle_only_the_slowest_device_further():
+    args = {"speeds": [1.0, 0.5, 0.9], "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "throttle_floor": 0.8}}
+    base, edge = cluster_devices(args), edge_devices(args, 0.7)
+    assert edge[0] == base[0] and edge[2] == base[2]
+    assert edge[1].fixed == pytest.approx(1e-3 / (0.5 * 0.7))
+
+
 def test_critical_paths_charge_contiguous_for_hot_neighbours_and_eplb_for_a_slow_device():
     # 2 devices x 2 experts, linear curves (knee 0): time = tokens x slope.
     same = [DeviceModel(0.0, 0.0, 1.0), DeviceModel(0.0, 0.0, 1.0)]
@@ -56,12 +71,20 @@ def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path):
                                           deepseek_prefill_tokens=64))
     saved = json.loads((tmp_path / "headroom.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
-    served = [r for r in result["rows"] if r["model"] == "vibe-tiny-moe"]
-    assert [r["step"] for r in served] == ["decode 4", "prefill"]
+    served = [r for r in result["rows"] if r["model"] == "vibe-tiny-moe" and r["cluster"] == "deploy"]
+    edge = [r for r in result["rows"] if r["model"] == "vibe-tiny-moe" and r["cluster"] == "edge"]
+    assert [r["step"] for r in served] == [r["step"] for r in edge] == ["decode 4", "prefill"]
+    # the edge cluster's slowest device is slower still: eplb (blind to speed) pays for it
+    assert edge[0]["moe_ms"]["eplb"] > served[0]["moe_ms"]["eplb"]
     assert served[1]["mean_tokens_per_expert"] == pytest.approx(512 * 4 / 32)
     for row in result["rows"]:
         assert all(v > 0 and np.isfinite(v) for v in row["moe_ms"].values())
         assert row["eplb_over_vibe"] == pytest.approx(row["moe_ms"]["eplb"] / row["moe_ms"]["vibe"])
-    assert best_gain(result) == max(max(r["eplb_over_vibe"], r["eplb_over_vibe_redundant"]) for r in served)
+    assert best_gain(result) == max(max(r["eplb_over_vibe"], r["eplb_over_vibe_redundant"], r["eplb_over_vibe_budget"])
+                                    for r in served)
+    for r in served + edge:
+        ms = r["moe_ms"]
+        assert r["eplb_over_vibe_budget"] == pytest.approx(min(ms["eplb"], ms["eplb+redundant"]) / ms["vibe+budget"])
     section = _headroom(result)
-    assert "| vibe-tiny-moe | prefill | 64.0 |" in section and f"at most {best_gain(result):.3f}x" in section
+    assert "| vibe-tiny-moe | deploy | prefill | 64.0 |" in section and f"at most {best_gain(result):.3f}x" in section
+    assert f"{best_gain(result, cluster='edge'):.3f}x on the edge cluster" in section

@@ -449,7 +449,8 @@ def _ms(value: float | None) -> str:
 DEFAULT = CompareConfig()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.Namespace]:
+    """The command line as the experiment's configuration (DEFAULT with what was given) and the rest."""
     parser = argparse.ArgumentParser(prog="python -m load_tests.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--rates", type=float, nargs="+", help="swept request rates, req/s")
@@ -465,8 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
                                    ("policies", tuple(args.policies or ())), ("seed", args.seed),
                                    ("together", False if args.one_at_a_time else None)) if v not in (None, ())}
+    return replace(DEFAULT, **overrides), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_args(argv)
     started = time.monotonic()
-    experiment = Experiment(replace(DEFAULT, **overrides), args.out, progress=not args.no_progress)
+    experiment = Experiment(config, args.out, progress=not args.no_progress)
     experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)
     result = experiment.run()
     extras = _extras(args)

@@ -15,6 +15,7 @@ from load_tests.compare import (
     Experiment,
     app_args_for,
     deploy_args,
+    parse_args,
     run_order,
 )
 
@@ -136,3 +137,14 @@ def test_a_rate_without_requests_is_left_out_and_the_sweep_goes_on():
                   [0.01, 0.5, 2.0]) == [0.5, 2.0]
     # Between stop_below and the target nobody meets the target: no extension beyond the list.
     assert _swept(config, lambda p, r: 0.7, [0.5, 1.0]) == [0.5, 1.0]
+
+
+def test_command_line_overrides_only_what_it_names():
+    config, args = parse_args([])
+    assert config == DEFAULT and config.together and not args.drift
+    config, args = parse_args(["--one-at-a-time", "--seed", "0", "--rates", "0.5", "1", "--policies", "eplb", "vibe",
+                               "--duration", "30", "--drift"])
+    assert not config.together and config.seed == 0 and config.rates == (0.5, 1.0)
+    assert config.policies == ("eplb", "vibe") and config.duration_s == 30 and args.drift
+    assert replace(config, together=True, seed=DEFAULT.seed, rates=None, policies=DEFAULT.policies,
+                   duration_s=DEFAULT.duration_s) == DEFAULT

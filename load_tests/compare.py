@@ -279,7 +279,9 @@ def model_fingerprint(args: dict) -> dict:
     folder = Path(args.get("model", DEFAULT_MODEL))
     weights = folder / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {"path": str(folder), "weights_sha256": digest}
+    resolved = folder.resolve()
+    shown = resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved  # repo: clone-neutral
+    return {"path": str(shown), "weights_sha256": digest}
 
 
 def machine_info() -> dict:

@@ -148,3 +148,11 @@ def test_command_line_overrides_only_what_it_names():
     assert config.policies == ("eplb", "vibe") and config.duration_s == 30 and args.drift
     assert replace(config, together=True, seed=DEFAULT.seed, rates=None, policies=DEFAULT.policies,
                    duration_s=DEFAULT.duration_s) == DEFAULT
+
+
+def test_model_fingerprint_names_the_embedded_model_relative_to_the_repository():
+    from load_tests.compare import model_fingerprint
+
+    found = model_fingerprint(deploy_args())
+    assert found["path"] == "deploy/models/vibe-tiny-moe"
+    assert found["weights_sha256"] is not None and len(found["weights_sha256"]) == 64

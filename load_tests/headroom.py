@@ -11,7 +11,11 @@ coordinator plans them, on the mean loads of a step of that shape (its window's 
 forward pass), with the devices' true curves where the service learns them by profiling. The same for DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the
 paper's setting of 32 experts per device, for comparison; and the served model on the "edge" cluster: the
 same devices with the slowest one throttling to `edge_floor` (0.7, the lowest the issue allows) instead of
-the config's floor. Writes `<out>/headroom.json`.
+the config's floor. And the same bound for the drift scenarios of `make bench` (`drift_rows`): after the
+prompts switch from prose to code, or after a device throttles to 0.8x, how much shorter the MoE time of
+vibe re-planned for the new state is than that of the placement made for the old one (static). Router
+loads per workload come from the served model's own prefill of the shipped workload prompts.
+Writes `<out>/headroom.json`.
 
 Ignores the dense layers, the dispatch to the workers and queueing: the ratio it reports, vibe's MoE time
 against another policy's, bounds how much shorter vibe can make a step even if MoE were the whole step, and
@@ -146,6 +150,47 @@ def case_rows(name: str, cluster: str, loads: np.ndarray, top_k: int, shapes: li
     return rows
 
 
+def workload_loads(model_dir: Path, workloads: tuple[str, ...], limit: int | None = None) -> np.ndarray:
+    """float [L, E]: the served model's router assignments over the prefill of the prompts of `workloads`
+    (the first `limit` of each; None: all)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from deploy.build_default_model import router_loads
+    from load_tests.workloads import load_workloads
+    from service.model import load_reference_model
+
+    model = load_reference_model(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    conversations = [list(p.messages) for prompts in load_workloads(workloads).values() for p in prompts[:limit]]
+    with torch.no_grad():
+        return router_loads(model, tokenizer, conversations).astype(np.float64)
+
+
+def drift_rows(before: np.ndarray, after: np.ndarray, top_k: int, decode_batches: tuple[int, ...],
+               devices: list[DeviceModel], throttled: int, throttle_to: float, steps: int,
+               rng: np.random.Generator) -> list[dict]:
+    """Static against re-planned vibe for the two drift scenarios, per decode batch size: MoE critical path
+    (ms) on steps drawn from the new state. Workload: planned for `before`'s shares, run on `after`'s.
+    Device: planned for `devices`, run with device `throttled` at `throttle_to` of its speed (on `before`)."""
+    slowed = list(devices)
+    slowed[throttled] = devices[throttled].scaled(1.0 / throttle_to)
+    cases = {"workload": (before, after, devices, devices), "device": (before, before, devices, slowed)}
+    rows = []
+    for scenario, (planned_for, runs_on, planned_devices, run_devices) in cases.items():
+        old_shares = planned_for / planned_for.sum(axis=1, keepdims=True)
+        new_shares = runs_on / runs_on.sum(axis=1, keepdims=True)
+        for batch in decode_batches:
+            drawn = draw_steps(new_shares, batch, top_k, steps, rng)
+            static = plan(batch * top_k * old_shares, planned_devices, "vibe")
+            adaptive = plan(batch * top_k * new_shares, run_devices, "vibe")
+            ms = {name: 1e3 * float(np.mean([device_times(p, step, run_devices).max(axis=1).sum() for step in drawn]))
+                  for name, p in (("static", static), ("adaptive", adaptive))}
+            rows.append({"scenario": scenario, "step": f"decode {batch}", "static_ms": ms["static"],
+                         "adaptive_ms": ms["adaptive"], "static_over_adaptive": ms["static"] / ms["adaptive"]})
+    return rows
+
+
 def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: dict | None = None) -> dict:
     """The what-if for the served model (and DeepSeek-V3 when its trace is present); writes
     `<out>/headroom.json` unless `out` is None; returns the result."""
@@ -175,9 +220,11 @@ def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: d
         ds_shapes = [(f"decode {b}/device", b * per_device) for b in config.decode_batches] + [
             ("prefill", config.deepseek_prefill_tokens)]
         rows += case_rows("DeepSeek-V3", "deploy", counts, int(trace.meta.get("top_k", 8)), ds_shapes, devices, config, rng)
+    drift = drift_rows(workload_loads(model_dir, ("sharegpt_like", "sonnet_like")), workload_loads(model_dir, ("code",)),
+                       top_k, config.decode_batches, devices, 0, 0.8, config.steps, rng)
     result = {"config": asdict(config), "devices": [asdict(d) for d in devices], "app_args": {
         k: app_args.get(k) for k in ("speeds", "emulation", "num_devices", "max_num_batched_tokens")},
-        "rows": rows, "runtime_s": time.perf_counter() - started}
+        "rows": rows, "drift": drift, "runtime_s": time.perf_counter() - started}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "headroom.json").write_text(json.dumps(result, indent=1))
@@ -203,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = " ".join(f"{k}={v:.2f}" for k, v in row["moe_ms"].items())
         print(f"{row['model']:>14} {row['cluster']:>6} {row['step']:>18} tokens/expert={row['mean_tokens_per_expert']:7.1f} "
               f"moe_ms: {paths}  eplb/vibe={row['eplb_over_vibe']:.3f} contiguous/vibe={row['contiguous_over_vibe']:.3f}")
+    for row in result["drift"]:
+        print(f"drift {row['scenario']:>8} {row['step']:>10} static={row['static_ms']:.2f} ms "
+              f"adaptive={row['adaptive_ms']:.2f} ms static/adaptive={row['static_over_adaptive']:.3f}")
     print(f"wrote {args.out}/headroom.json in {result['runtime_s']:.0f} s")
     return 0
 

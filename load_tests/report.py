@@ -318,6 +318,15 @@ def _headroom(headroom: dict) -> str:
               "cluster over these step shapes" + (f" ({'; '.join(others)})" if others else "")
               + ". A frontier ratio well beyond that is not the placement's doing; the 1.15x target needs a cluster "
               "or model where placement has more to act on (more experts per device, more variability)."]
+    if headroom.get("drift"):
+        lines += ["", "Drift scenarios, the same way: vibe planned for the state before the drift (static) against "
+                  "vibe planned for the state after it (what an adaptive recalibration can reach), MoE critical "
+                  "path on steps of the state after it. Workload: prose prompts (sharegpt_like, sonnet_like) -> "
+                  "code, router loads from the served model's prefill of the shipped prompts; device: device 0 "
+                  "throttled to 0.8x.", "",
+                  "| scenario | step | static (ms) | re-planned (ms) | static / re-planned |", "|---|---|---|---|---|"]
+        lines += [f"| {r['scenario']} | {r['step']} | {r['static_ms']:.2f} | {r['adaptive_ms']:.2f} | "
+                  f"{r['static_over_adaptive']:.3f} |" for r in headroom["drift"]]
     return "\n".join(lines)
 
 

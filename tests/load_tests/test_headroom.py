@@ -13,8 +13,10 @@ from load_tests.headroom import (
     cluster_devices,
     critical_paths,
     draw_steps,
+    drift_rows,
     edge_devices,
     run,
+    workload_loads,
 )
 from load_tests.report import _headroom
 from placement import DeviceModel
@@ -66,7 +68,31 @@ def test_critical_paths_charge_contiguous_for_hot_neighbours_and_eplb_for_a_slow
     assert set(paths) == {"contiguous", "eplb", "vibe", "eplb+redundant", "vibe+redundant"}
 
 
-def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path):
+def test_re_planning_for_a_throttled_device_beats_the_old_placement():
+    devices = [DeviceModel(0.0, 0.0, 1.0)] * 4  # linear curves: time = tokens
+    loads = np.array([[8.0, 4.0, 2.0, 1.0, 1.0, 2.0, 4.0, 8.0]])
+    rows = drift_rows(loads, loads, 2, (16,), devices, throttled=0, throttle_to=0.25, steps=20,
+                      rng=np.random.default_rng(0))
+    assert [(r["scenario"], r["step"]) for r in rows] == [("workload", "decode 16"), ("device", "decode 16")]
+    workload, device = rows
+    assert workload["static_over_adaptive"] == pytest.approx(1.0)  # same loads: the same plan
+    assert device["static_over_adaptive"] > 1.5  # the old plan keeps a hot expert on the 4x slower device
+
+
+def test_workload_loads_count_top_k_assignments_of_every_prompt_token():
+    from deploy.app import DEFAULT_MODEL
+
+    loads = workload_loads(DEFAULT_MODEL, ("code",), limit=2)
+    assert loads.shape == (4, 32) and np.all(loads >= 0)
+    assert len(set(loads.sum(axis=1))) == 1 and loads.sum() % 4 == 0  # every layer: tokens x top-4
+
+
+def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path, monkeypatch):
+    from load_tests import headroom
+
+    profile = np.arange(1.0, 129.0).reshape(4, 32)
+    monkeypatch.setattr(headroom, "workload_loads", lambda _dir, names, limit=None: profile[:, ::-1].copy()
+                        if names == ("code",) else profile)
     result = run(tmp_path, HeadroomConfig(decode_batches=(4,), steps=3, deepseek_layers=2,
                                           deepseek_prefill_tokens=64))
     saved = json.loads((tmp_path / "headroom.json").read_text())
@@ -88,3 +114,5 @@ def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path):
     section = _headroom(result)
     assert "| vibe-tiny-moe | deploy | prefill | 64.0 |" in section and f"at most {best_gain(result):.3f}x" in section
     assert f"{best_gain(result, cluster='edge'):.3f}x on the edge cluster" in section
+    assert [(r["scenario"], r["step"]) for r in result["drift"]] == [("workload", "decode 4"), ("device", "decode 4")]
+    assert "| device | decode 4 |" in section

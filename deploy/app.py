@@ -157,25 +157,26 @@ def build_app(args: dict[str, Any] | None = None):
     ).bind(coordinator, settings)
 
 
-def _worker_configs(args: AppArgs, layout) -> list:
+def emulation_configs(args: AppArgs) -> list:
+    """The EmulationConfig of every emulated device (device i: speeds[i], its drift steps, seed i)."""
     from service.emulator import EmulationConfig
+
+    e = args.emulation
+    return [EmulationConfig(speed=args.speeds[index], fixed_s=e.fixed_s, knee_tokens=e.knee_tokens,
+                            slope_s=e.slope_s, jitter=e.jitter,
+                            drift=tuple(tuple(step) for step in e.drift.get(index, ())),
+                            throttle_floor=e.throttle_floor, throttle_tau_s=e.throttle_tau_s, seed=index)
+            for index in range(args.num_devices)]
+
+
+def _worker_configs(args: AppArgs, layout) -> list:
     from service.worker import WorkerConfig
 
-    configs = []
-    for index in range(args.num_devices):
-        emulation = None
-        if args.emulate:
-            e = args.emulation
-            emulation = EmulationConfig(speed=args.speeds[index], fixed_s=e.fixed_s, knee_tokens=e.knee_tokens,
-                                        slope_s=e.slope_s, jitter=e.jitter,
-                                        drift=tuple(tuple(step) for step in e.drift.get(index, ())),
-                                        throttle_floor=e.throttle_floor, throttle_tau_s=e.throttle_tau_s,
-                                        seed=index)
-        configs.append(WorkerConfig(index=index, device=args.device, dtype=args.dtype,
-                                    hidden_act=layout.hidden_act, num_threads=args.worker_threads,
-                                    profile_shape=(layout.hidden_size, layout.intermediate_size),
-                                    emulation=emulation))
-    return configs
+    emulations = emulation_configs(args) if args.emulate else [None] * args.num_devices
+    return [WorkerConfig(index=index, device=args.device, dtype=args.dtype, hidden_act=layout.hidden_act,
+                         num_threads=args.worker_threads,
+                         profile_shape=(layout.hidden_size, layout.intermediate_size), emulation=emulation)
+            for index, emulation in enumerate(emulations)]
 
 
 def _expert_bytes(layout, dtype: str) -> int:

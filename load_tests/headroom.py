@@ -8,8 +8,9 @@ following those shares, Gumbel top-k), on the devices of deploy/config.yaml at t
 (speed x throttle floor: the regime near the SLO frontier), and the MoE critical path of a step (sum over
 layers of the slowest device's time) under each policy's placement. Placements are planned, as the
 coordinator plans them, on the mean loads of a step of that shape (its window's mean router counts per
-forward pass), with the devices' true curves where the service learns them by profiling. The same for DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the
-paper's setting of 32 experts per device, for comparison; and the served model on the "edge" cluster: the
+forward pass), with the devices' true curves where the service learns them by profiling. The same for
+DeepSeek-V3's real routing trace (256 experts, top-8) on the same 8 devices, the paper's setting of 32
+experts per device, for comparison; and the served model on the "edge" cluster: the
 same devices with the slowest one throttling to `edge_floor` (0.7, the lowest the issue allows) instead of
 the config's floor. And the same bound for the drift scenarios of `make bench` (`drift_rows`): after the
 prompts switch from prose to code, or after a device throttles to 0.8x, how much shorter the MoE time of
@@ -75,23 +76,23 @@ class HeadroomConfig:
 
 
 def cluster_devices(app_args: dict) -> list[DeviceModel]:
-    """The emulated devices of a build_app config at their sustained-load speed (speed x throttle floor)."""
-    emulation = app_args.get("emulation") or {}
-    fixed = float(emulation.get("fixed_s", 4e-4))
-    knee = float(emulation.get("knee_tokens", 128.0))
-    slope = emulation.get("slope_s")
-    slope = fixed / knee if slope is None else float(slope)
-    floor = float(emulation.get("throttle_floor", 1.0))
-    return [DeviceModel(fixed, knee, slope).scaled(1.0 / (speed * floor)) for speed in app_args["speeds"]]
+    """The emulated devices of a build_app config (as its workers emulate them) at their sustained-load
+    speed: the emulator's curve scaled by 1 / (speed x throttle floor)."""
+    from deploy.app import AppArgs, emulation_configs
+
+    return [e.curve().scaled(1.0 / (e.speed * e.throttle_floor))
+            for e in emulation_configs(AppArgs.model_validate(app_args))]
 
 
 def edge_devices(app_args: dict, floor: float) -> list[DeviceModel]:
     """`cluster_devices`, with the slowest device throttling to `floor` of its speed instead of the config's
     throttle floor."""
+    from deploy.app import AppArgs, emulation_configs
+
+    configs = emulation_configs(AppArgs.model_validate(app_args))
+    slowest = min(range(len(configs)), key=lambda d: configs[d].speed)
     devices = cluster_devices(app_args)
-    slowest = int(np.argmin(app_args["speeds"]))
-    configured = float((app_args.get("emulation") or {}).get("throttle_floor", 1.0))
-    devices[slowest] = devices[slowest].scaled(configured / floor)
+    devices[slowest] = devices[slowest].scaled(configs[slowest].throttle_floor / floor)
     return devices
 
 

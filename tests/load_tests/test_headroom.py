@@ -37,16 +37,18 @@ def test_every_token_picks_top_k_distinct_experts_weighted_by_the_shares():
 
 
 def test_cluster_devices_run_at_speed_times_throttle_floor():
-    devices = cluster_devices({"speeds": [1.0, 0.5],
+    devices = cluster_devices({"num_devices": 2, "speeds": [1.0, 0.5],
                                "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "throttle_floor": 0.8}})
     assert devices[0] == pytest.approx(DeviceModel(1e-3 / 0.8, 10, 1e-4 / 0.8))
     assert devices[1].fixed == pytest.approx(1e-3 / 0.4) and devices[1].slope == pytest.approx(1e-4 / 0.4)
-    explicit = cluster_devices({"speeds": [1.0], "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "slope_s": 0.0}})
+    explicit = cluster_devices({"num_devices": 1, "speeds": [1.0], "emulation": {
+        "fixed_s": 1e-3, "knee_tokens": 10, "slope_s": 0.0, "throttle_floor": 1.0}})
     assert explicit[0].slope == 0.0 and explicit[0].fixed == pytest.approx(1e-3)
 
 
 def test_edge_devices_throttle_only_the_slowest_device_further():
-    args = {"speeds": [1.0, 0.5, 0.9], "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "throttle_floor": 0.8}}
+    args = {"num_devices": 3, "speeds": [1.0, 0.5, 0.9],
+            "emulation": {"fixed_s": 1e-3, "knee_tokens": 10, "throttle_floor": 0.8}}
     base, edge = cluster_devices(args), edge_devices(args, 0.7)
     assert edge[0] == base[0] and edge[2] == base[2]
     assert edge[1].fixed == pytest.approx(1e-3 / (0.5 * 0.7))

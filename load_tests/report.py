@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests.slo import SLO, wilson_interval
+from load_tests.slo import SLO
 
 TARGETS = {"frontier_vs_eplb": 1.15, "frontier_vs_contiguous": 1.3, "p90_ttft_at_eplb_frontier": 0.6}
 
@@ -212,8 +212,7 @@ def _sweep(result: dict) -> str:
             s, step = run["summary"], step_breakdown(run)
             loads = ", ".join(f"{la[0]:.1f}" for la in run.get("loadavg") or []) or "-"
             mark = " (eplb frontier)" if run["kind"] == "eplb_frontier" else ""
-            interval = wilson_interval(round(s["attainment"] * s["requests"]), s["requests"])
-            spread = "" if interval is None else f" ({interval[0]:.2f}-{interval[1]:.2f})"
+            spread = _interval(round(s["attainment"] * s["requests"]), s["requests"])
             lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f}{spread} | "
                          f"{s['goodput_rps']:.3f} | {s['output_tokens_per_s']:.0f} | {_num(s['ttft_p90_ms'], 1)} | "
                          f"{_num(s['tpot_p90_ms'], 2)} | {_num(s['e2e_p90_ms'], 0)} | {s['failed']} | "
@@ -346,6 +345,16 @@ def _scale(scale: dict) -> str:
         gain = pick.get(("vibe", "redundant_uneven"), {}).get("gain_vs_eplb_even")
         lines.append(f"| {profile} | {tokens:g} | {g} | " + " | ".join(cells) + f" | {_pct(gain)} |")
     return "\n".join(lines)
+
+
+def _interval(met: int, requests: int) -> str:
+    """' (low-high)': the Wilson 95% interval of an attainment of met / requests; '' without requests."""
+    from scipy.stats import binomtest
+
+    if not requests:
+        return ""
+    ci = binomtest(met, requests).proportion_ci(confidence_level=0.95, method="wilson")
+    return f" ({ci.low:.2f}-{ci.high:.2f})"
 
 
 def _num(value, digits: int) -> str:

@@ -8,7 +8,6 @@ plotting and how requests were sent.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,20 +92,6 @@ def summarize(results: Sequence[RequestResult], slo: SLO, duration_s: float) -> 
         for key, value in percentiles(values).items():
             summary[f"{name}_{key}_ms"] = None if value is None else 1e3 * value
     return summary
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float] | None:
-    """Wilson score interval of a proportion (95% for z=1.96); None without trials. Attainment over a few
-    dozen requests is uncertain by +-10% or more: compare policies with it in view."""
-    if trials <= 0:
-        return None
-    if not 0 <= successes <= trials:
-        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)

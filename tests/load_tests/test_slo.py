@@ -105,15 +105,3 @@ def test_interpolate_at_swept_and_between_rates():
     assert interpolate_at([1, 2], [10.0, None], 1.5) is None
     assert interpolate_at([1, 2], [10.0, 20.0], 5) is None
 
-
-def test_wilson_interval_brackets_the_proportion_and_narrows_with_more_trials():
-    from load_tests.slo import wilson_interval
-
-    low, high = wilson_interval(9, 10)
-    assert low == pytest.approx(0.5958, abs=1e-3) and high == pytest.approx(0.9821, abs=1e-3)
-    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
-    wide, narrow = wilson_interval(45, 50), wilson_interval(450, 500)
-    assert narrow[0] > wide[0] and narrow[1] < wide[1] and narrow[0] < 0.9 < narrow[1]
-    assert wilson_interval(0, 0) is None
-    with pytest.raises(ValueError, match="successes"):
-        wilson_interval(6, 5)

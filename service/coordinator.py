@@ -195,7 +195,7 @@ class Coordinator:
         self._profile()
         recovered, newest = self._recover()
         if recovered is None:
-            uniform = np.ones((self.shape.num_layers, self.shape.num_experts))
+            uniform = self._uniform_loads()
             # Above every recorded version: engines may still serve one, and they only switch to newer ones.
             first = self._plan(uniform, self.config.policy).with_version(newest + 1)
             self.pool.load(self.config.checkpoint, self._keys_per_device(first))
@@ -494,7 +494,7 @@ class Coordinator:
                 old = self._placement
                 self._lost |= set(lost)
                 loads = self.window_loads()
-            loads = np.ones((self.shape.num_layers, self.shape.num_experts)) if loads is None else loads
+            loads = self._uniform_loads() if loads is None else loads
             new = self._plan(loads, self.config.policy).with_version(old.version + 1)
             record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",
                                    from_version=old.version, to_version=new.version, started_at=time.time())
@@ -580,10 +580,10 @@ class Coordinator:
             if not back or self._clock() < self._readmit_after:
                 return
             self._lost -= back
-        loads = self.window_loads()  # before any traffic: uniform, as at startup
+        uniform = self._uniform_loads() if self.window_loads() is None else None  # no traffic yet: as at startup
         try:
-            result = self.recalibrate(mode="full", force=True, reason=f"device {', '.join(map(str, sorted(back)))} "
-                                      "rejoined", loads=np.ones((self.shape.num_layers, self.shape.num_experts)) if loads is None else None)
+            result = self.recalibrate(mode="full", force=True, loads=uniform,
+                                      reason=f"device {', '.join(map(str, sorted(back)))} rejoined")
         except Exception as exc:
             log.warning("readmitting devices %s failed: %s", sorted(back), exc)
             result = {"status": "failed"}
@@ -743,6 +743,10 @@ class Coordinator:
             return pl.plan(loads, devices, policy)
         budget = self.config.slot_budget if policy == "vibe" else None
         return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant, slot_budget=budget)
+
+    def _uniform_loads(self) -> np.ndarray:
+        """float [L, E]: every expert equally loaded, what placements start from before any traffic."""
+        return np.ones((self.shape.num_layers, self.shape.num_experts))
 
     @staticmethod
     def _keys_per_device(placement: pl.Placement) -> dict[int, list[tuple[int, int]]]:

@@ -290,8 +290,10 @@ def _headroom(headroom: dict) -> str:
     served = rows[0]["model"]
     lines = ["## What placement can gain at most here (placement simulator, `python -m load_tests.headroom`)", "",
              f"Engine steps of the served model ({served}) with router loads drawn step by step from its profile, on "
-             "this cluster's devices at their sustained-load speed (speed x throttle floor), each policy placed on "
-             "the mean loads of such a step (as the coordinator does) with the devices' true curves; MoE critical "
+             "this cluster's devices at their sustained-load speed (speed x throttle floor), each policy placed as "
+             f"the coordinator places it, on a statistics window of {cfg.get('window', 100)} other steps of that "
+             "shape (their mean loads; vibe also weighs each expert's share of steps with tokens), with the devices' "
+             "true curves; 'vibe, mean loads': vibe planned on the mean loads alone. MoE critical "
              f"path per step (sum over layers of the slowest device), mean of {cfg['steps']} steps. Dense layers, "
              "dispatch and queueing left out, so eplb / vibe bounds the step-time ratio even if MoE were the whole "
              f"step. Cluster 'edge': the same devices with the slowest throttling to {cfg.get('edge_floor', 0.7):g} "
@@ -299,16 +301,18 @@ def _headroom(headroom: dict) -> str:
              f"{cfg['deepseek_layers']} MoE layers) on the same 8 devices, 32 experts per device as in the paper, "
              f"for comparison. Redundant: {cfg['num_redundant']} extra slots for both; budget: vibe with uneven "
              "counts, at most as many slots per device as eplb with the redundant slots, against eplb's better "
-             "layout (with or without them).", "",
+             "layout (with or without them); best: each policy's best of its layouts.", "",
              "| model | cluster | step | tokens per expert | contiguous (ms) | eplb (ms) | vibe (ms) | eplb / vibe | "
-             "contiguous / vibe | eplb / vibe, redundant | eplb / vibe, budget |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "eplb / vibe, mean loads | contiguous / vibe | eplb / vibe, redundant | eplb / vibe, budget | "
+             "best eplb / best vibe |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["moe_ms"]
         lines.append(f"| {r['model']} | {r.get('cluster', 'deploy')} | {r['step']} | {r['mean_tokens_per_expert']:.1f} | "
                      f"{ms['contiguous']:.2f} | {ms['eplb']:.2f} | {ms['vibe']:.2f} | {r['eplb_over_vibe']:.3f} | "
+                     f"{_num(r.get('eplb_over_vibe_mean'), 3)} | "
                      f"{r['contiguous_over_vibe']:.3f} | {_num(r.get('eplb_over_vibe_redundant'), 3)} | "
-                     f"{_num(r.get('eplb_over_vibe_budget'), 3)} |")
+                     f"{_num(r.get('eplb_over_vibe_budget'), 3)} | {_num(r.get('best_eplb_over_best_vibe'), 3)} |")
     clusters = {r.get("cluster", "deploy") for r in rows if r["model"] == served}
     others = [f"{best_gain(headroom, served, 'edge'):.3f}x on the edge cluster"] if "edge" in clusters else []
     if any(r["model"] == "DeepSeek-V3" for r in rows):

@@ -133,6 +133,12 @@ class WorkloadDriftDetector:
         filled = min(self._num_passes, self.config.window)
         return self._window[:filled].mean(axis=0) if filled else None
 
+    def window_activity(self) -> np.ndarray | None:
+        """float [L, E]: share of the window's passes that routed tokens to each expert (None before the
+        first pass)."""
+        filled = min(self._num_passes, self.config.window)
+        return (self._window[:filled] > 0).mean(axis=0) if filled else None
+
     def _check(self) -> DriftReport | None:
         mean = self.window_mean()
         distances = cosine_distance(mean, self._reference)

@@ -39,25 +39,78 @@ def latency_matrix(tokens: np.ndarray, params: np.ndarray) -> np.ndarray:
     return np.where(tokens > 0, t, 0.0)
 
 
-def device_times(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel]) -> np.ndarray:
+def slot_calls(tokens: np.ndarray, activity: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(calls, tokens per call), each float like `tokens`: the pass-aware form of slots' mean loads.
+
+    A slot with `tokens` mean tokens per forward pass, whose expert is routed tokens in a share
+    `activity` of the passes, is called in `calls = min(activity, tokens)` of them (a call has at least
+    one token) with `tokens / calls` tokens each, so its expected seconds per pass are
+    `calls * latency(tokens / calls)`. Below a device's knee that is `calls * fixed`: an expert that few
+    passes route to costs little, where its curve at the mean load would charge the full flat cost.
+    `activity` None: every slot is called in every pass it has load (calls = 1 where tokens > 0), the
+    mean-load cost `latency(tokens)`.
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if activity is None:
+        return (tokens > 0).astype(np.float64), tokens
+    calls = np.minimum(np.asarray(activity, dtype=np.float64), tokens)
+    return calls, np.divide(tokens, calls, out=np.zeros_like(tokens), where=calls > 0)
+
+
+def device_times(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel],
+                 activity: np.ndarray | None = None) -> np.ndarray:
     """float [L, G]: predicted seconds of each device in each layer (sum of its slots' expert latencies).
 
     Args:
-        loads: [L, E] tokens routed to each logical expert.
+        loads: [L, E] tokens routed to each logical expert (mean per forward pass).
+        activity: [L, E] share of passes that route tokens to each expert, for the expected seconds per
+            pass (`slot_calls`); None: the seconds at the mean loads.
     """
     if len(devices) != placement.num_devices:
         raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
     params = curve_params(devices)
-    per_slot = latency_on(placement.slot_tokens(loads), placement.slot_device, params)
+    calls, per_call = slot_calls(placement.slot_tokens(loads), slot_activity(placement, activity))
+    per_slot = calls * latency_on(per_call, placement.slot_device, params)
     out = np.zeros((placement.num_layers, placement.num_devices))
     rows = np.repeat(np.arange(placement.num_layers), placement.num_slots)
     np.add.at(out, (rows, placement.slot_device.ravel()), per_slot.ravel())
     return out
 
 
-def makespan(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel]) -> np.ndarray:
-    """float [L]: predicted layer time, the slowest device's time (the MoE barrier)."""
-    return device_times(placement, loads, devices).max(axis=1)
+def checked_activity(activity, loads: np.ndarray) -> np.ndarray | None:
+    """`activity` as float [L, E] after checking it against `loads` [L, E] (None stays None).
+
+    Raises ValueError unless it has the loads' shape, lies in [0, 1], and is > 0 wherever loads are (an
+    expert with tokens is routed some of them in some pass).
+    """
+    if activity is None:
+        return None
+    array = np.asarray(activity, dtype=np.float64)
+    if array.shape != np.shape(loads):
+        raise ValueError(f"activity must have the shape of loads {np.shape(loads)}, got {array.shape}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0) or np.any(array > 1):
+        raise ValueError("activity must be a share of passes in [0, 1]")
+    if np.any((array == 0) & (np.asarray(loads) > 0)):
+        raise ValueError("activity must be > 0 wherever loads are > 0")
+    return array
+
+
+def slot_activity(placement: Placement, activity: np.ndarray | None) -> np.ndarray | None:
+    """float [L, R]: each slot's expert's activity [L, E] (None stays None)."""
+    if activity is None:
+        return None
+    activity = np.asarray(activity, dtype=np.float64)
+    if activity.shape != (placement.num_layers, placement.num_experts):
+        raise ValueError(f"activity must be [L, E] = {(placement.num_layers, placement.num_experts)}, "
+                         f"got {activity.shape}")
+    return np.take_along_axis(activity, placement.phy2log, axis=1)
+
+
+def makespan(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel],
+             activity: np.ndarray | None = None) -> np.ndarray:
+    """float [L]: predicted layer time, the slowest device's time (the MoE barrier); `activity` as in
+    `device_times`."""
+    return device_times(placement, loads, devices, activity).max(axis=1)
 
 
 def imbalance(times: np.ndarray) -> np.ndarray:

@@ -91,7 +91,8 @@ def migration_plan(old: Placement, new: Placement, expert_bytes: int) -> Migrati
 
 
 def predicted_gain(
-    old: Placement, new: Placement, loads: np.ndarray, devices: Sequence[DeviceModel], passes: float
+    old: Placement, new: Placement, loads: np.ndarray, devices: Sequence[DeviceModel], passes: float,
+    activity: np.ndarray | None = None,
 ) -> float:
     """Seconds saved by serving `passes` forward passes with `new` instead of `old`.
 
@@ -101,11 +102,13 @@ def predicted_gain(
     Args:
         loads: [L, E] tokens per expert in one pass (e.g. the window mean of router counts).
         passes: forward passes the placement is expected to serve, >= 0.
+        activity: [L, E] share of passes with tokens per expert, for expected seconds per pass (see
+            `metrics.device_times`), or None.
     """
     if not np.isfinite(passes) or passes < 0:
         raise ValueError(f"passes must be finite and >= 0, got {passes!r}")
     _check_compatible(old, new)
-    return float(np.sum(makespan(old, loads, devices) - makespan(new, loads, devices)) * passes)
+    return float(np.sum(makespan(old, loads, devices, activity) - makespan(new, loads, devices, activity)) * passes)
 
 
 def worth_moving(
@@ -117,6 +120,7 @@ def worth_moving(
     passes: float,
     bandwidth_bytes_per_s: float,
     expert_bytes: int,
+    activity: np.ndarray | None = None,
 ) -> bool:
     """True when the predicted gain over the next `passes` exceeds the time to move the bytes.
 
@@ -124,7 +128,7 @@ def worth_moving(
     moves nothing is worth adopting exactly when it is faster.
     """
     plan = migration_plan(old, new, expert_bytes)
-    gain = predicted_gain(old, new, loads, devices, passes)
+    gain = predicted_gain(old, new, loads, devices, passes, activity)
     return gain > plan.transfer_seconds(bandwidth_bytes_per_s)
 
 

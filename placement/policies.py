@@ -12,6 +12,7 @@ import numpy as np
 
 from placement.device_model import DeviceModel
 from placement.eplb import eplb_placement
+from placement.metrics import checked_activity
 from placement.placement import Placement
 from placement.vibe import vibe_placement
 
@@ -19,7 +20,7 @@ POLICIES = ("contiguous", "eplb", "vibe")
 
 
 def plan(loads: np.ndarray, devices: list[DeviceModel], policy: str = "vibe", *, num_redundant: int = 0,
-         slot_budget: int | Sequence[int] | None = None) -> Placement:
+         slot_budget: int | Sequence[int] | None = None, activity: np.ndarray | None = None) -> Placement:
     """Place the experts of every layer on `devices` (version 0).
 
     Args:
@@ -35,12 +36,16 @@ def plan(loads: np.ndarray, devices: list[DeviceModel], policy: str = "vibe", *,
         slot_budget: most slots per device, one int for all or G ints. "vibe" may then hold uneven slot
             counts per device (total E + num_redundant); the other policies need every budget >= R / G
             and keep R / G slots per device. None: exactly R / G slots per device.
+        activity: float [L, E] in [0, 1], the share of forward passes that route tokens to each expert
+            (> 0 where loads are). "vibe" then compares expected seconds per pass (`metrics.slot_calls`)
+            instead of seconds at the mean loads; the others count tokens and ignore it.
     Raises:
         ValueError naming the bad value for bad input.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
     loads = checked_loads(loads)
+    activity = checked_activity(activity, loads)
     num_devices = checked_devices(devices)
     num_experts = loads.shape[1]
     if not isinstance(num_redundant, int | np.integer) or num_redundant < 0:
@@ -68,7 +73,7 @@ def plan(loads: np.ndarray, devices: list[DeviceModel], policy: str = "vibe", *,
         return contiguous_placement(loads.shape[0], num_experts, num_devices)
     if policy == "eplb":
         return eplb_placement(loads, num_devices, num_redundant)
-    return vibe_placement(loads, devices, num_redundant, capacity)
+    return vibe_placement(loads, devices, num_redundant, capacity, activity)
 
 
 def contiguous_placement(num_layers: int, num_experts: int, num_devices: int) -> Placement:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from placement.device_model import DeviceModel
-from placement.metrics import curve_params, latency_matrix, latency_on
+from placement.metrics import checked_activity, curve_params, latency_matrix, latency_on, slot_activity, slot_calls
 from placement.placement import Placement
 
 # A swap must lower the slowest device's time by more than this share of it to count: far above float
@@ -45,6 +45,8 @@ class SwapSearch:
         expert: int [L, R], logical expert of each slot.
         tokens: float [L, R], tokens each slot processes (its expert's load times its replica share).
         device: int [L, R], device of each slot.
+        activity: float [L, R], share of passes that route tokens to each slot's expert, for expected
+            seconds per pass (`metrics.slot_calls`), or None for the seconds at the mean loads.
         params: float [3, G], device curves (see `metrics.curve_params`).
         capacity: int [G], most slots a device may hold, or None to keep every device's slot count (swaps
             only, no moves).
@@ -52,7 +54,7 @@ class SwapSearch:
     """
 
     def __init__(self, expert: np.ndarray, tokens: np.ndarray, device: np.ndarray, params: np.ndarray,
-                 capacity: np.ndarray | None, distinct: bool) -> None:
+                 capacity: np.ndarray | None, distinct: bool, activity: np.ndarray | None = None) -> None:
         num_layers, num_slots = expert.shape
         num_devices = params.shape[1]
         self.params, self.capacity = params, capacity
@@ -70,8 +72,10 @@ class SwapSearch:
         self.slot[rows, position, by_device] = order
         self.num_experts = int(expert.max()) + 1  # also the expert id of an empty position
         self.expert = self._gathered(expert, self.num_experts)
-        self.tokens = self._gathered(tokens, 0.0)
-        self.own = latency_on(self.tokens, np.arange(num_devices), params)  # [L, M, G] seconds where it is
+        calls, per_call = slot_calls(tokens, activity)
+        self.calls = self._gathered(calls, 0.0)  # expected calls per pass
+        self.tokens = self._gathered(per_call, 0.0)  # tokens per call
+        self.own = self._seconds(self.tokens, self.calls, np.arange(num_devices))  # [L, M, G] where it is
         self.times = self.own.sum(axis=1)  # [L, G]
         self.presence = None  # int [L, E + 1, G]: replicas of each expert on each device (last: empty, 0)
         if distinct:
@@ -84,6 +88,10 @@ class SwapSearch:
         """[L, M, G] grid of a per-slot array [L, R], `empty` at empty positions."""
         at = np.maximum(self.slot, 0).reshape(self.slot.shape[0], -1)
         return np.where(self.slot >= 0, np.take_along_axis(per_slot, at, axis=1).reshape(self.slot.shape), empty)
+
+    def _seconds(self, tokens: np.ndarray, calls: np.ndarray, device) -> np.ndarray:
+        """Expected seconds per pass of slots with `tokens` per call and `calls` per pass on `device`."""
+        return calls * latency_on(tokens, device, self.params)
 
     def _buffers(self, rows: int = 0) -> None:
         """Scratch space for `best_swaps`, kept between calls: fresh 4-D temporaries cost page faults."""
@@ -113,18 +121,18 @@ class SwapSearch:
         num, rows = layers.size, np.arange(layers.size)
         if num > self._dst.shape[0]:
             self._buffers(num)
-        tokens, own, expert = self.tokens[layers], self.own[layers], self.expert[layers]  # [N, M, G]
+        tokens, calls, own, expert = self.tokens[layers], self.calls[layers], self.own[layers], self.expert[layers]
         times = self.times[layers]  # [N, G]
         # a leaves src for device g: g's time plus a's seconds there; barred on src, on a device holding
         # a's expert, and for positions that may not leave
-        into = latency_matrix(tokens[rows, :, src], self.params)  # [N, M, G]
+        into = calls[rows, :, src][:, :, None] * latency_matrix(tokens[rows, :, src], self.params)  # [N, M, G]
         barred = ~movable[:, :, None] | (np.arange(times.shape[1]) == src[:, None])[:, None, :]
         if self.presence is not None:
             barred |= self.presence[layers[:, None], expert[rows, :, src]] > 0
         np.copyto(into, np.inf, where=barred)
         into += times[:, None, :]
         # b comes to src: b's seconds on src; barred on src, where b's expert is on src, or empty w/o room
-        come = latency_on(tokens, src[:, None, None], self.params)  # [N, M, G]
+        come = self._seconds(tokens, calls, src[:, None, None])  # [N, M, G]
         empty = self.slot[layers] < 0
         barred = empty if self.capacity is None else empty & (self.counts[layers] >= self.capacity)[:, None, :]
         barred[rows, :, src] = True
@@ -146,11 +154,11 @@ class SwapSearch:
         """Exchange position pos_a of device src with position pos_b of device dst, one pair per layer."""
         a, b = (layers, pos_a, src), (layers, pos_b, dst)
         moved_a, moved_b = self.expert[a], self.expert[b]
-        for grid in (self.slot, self.expert, self.tokens):
+        for grid in (self.slot, self.expert, self.tokens, self.calls):
             grid[a], grid[b] = grid[b], grid[a].copy()
         old_a, old_b = self.own[a], self.own[b]
-        self.own[a] = latency_on(self.tokens[a], src, self.params)
-        self.own[b] = latency_on(self.tokens[b], dst, self.params)
+        self.own[a] = self._seconds(self.tokens[a], self.calls[a], src)
+        self.own[b] = self._seconds(self.tokens[b], self.calls[b], dst)
         self.times[layers, src] += self.own[a] - old_a
         self.times[layers, dst] += self.own[b] - old_b
         into_empty = self.slot[a] < 0
@@ -172,6 +180,7 @@ class SwapSearch:
             self.slot = np.pad(self.slot, pad, constant_values=-1)
             self.expert = np.pad(self.expert, pad, constant_values=self.num_experts)
             self.tokens = np.pad(self.tokens, pad)
+            self.calls = np.pad(self.calls, pad)
             self.own = np.pad(self.own, pad)
             self._buffers(self._dst.shape[0])
 
@@ -232,7 +241,8 @@ DEFAULT_MAX_MOVED_FRACTION = 0.10
 
 def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel], eps: float = 0.03,
               *, max_swaps_per_layer: int | None = None,
-              max_moved_fraction: float | None = DEFAULT_MAX_MOVED_FRACTION) -> tuple[Placement, list[Move]]:
+              max_moved_fraction: float | None = DEFAULT_MAX_MOVED_FRACTION,
+              activity: np.ndarray | None = None) -> tuple[Placement, list[Move]]:
     """Incrementally re-balance `placement` for new `loads` by one-for-one swaps (the paper's Algorithm 2).
 
     Per layer, while the slowest device's predicted time exceeds (1 + eps) times the mean, apply the swap
@@ -252,15 +262,19 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
             never be re-balanced otherwise); the default 0.10 keeps an incremental recalibration cheap
             (on the real drift pairs it recovers about 80% of a full re-plan's gain, against 95% for
             about 20% moved). None: no cap. Both caps apply; the tighter wins.
+        activity: float [L, E], share of passes that route tokens to each expert: device times are then
+            the expected seconds per pass (`metrics.slot_calls`); None: the seconds at the mean loads.
     Returns:
         The new placement (version + 1) and the moves (two per swap, net of swaps that undo each other);
         the same placement object and [] when nothing moved.
     """
     loads = _check_inputs(placement, loads, devices, eps, max_swaps_per_layer)
+    activity = checked_activity(activity, loads)
     num_layers = placement.num_layers
     params = curve_params(devices)
     search = SwapSearch(placement.phy2log, placement.slot_tokens(loads), placement.slot_device, params,
-                        None, distinct=bool(placement.logcnt.max() > 1))
+                        None, distinct=bool(placement.logcnt.max() > 1),
+                        activity=slot_activity(placement, activity))
     if max_moved_fraction is not None and not 0 <= max_moved_fraction <= 1:
         raise ValueError(f"max_moved_fraction must lie in [0, 1], got {max_moved_fraction!r}")
     fraction_cap = None

@@ -20,13 +20,13 @@ import numpy as np
 
 from placement.device_model import DeviceModel
 from placement.eplb import eplb_placement
-from placement.metrics import curve_params, latency_matrix, latency_on, makespan
+from placement.metrics import curve_params, latency_matrix, latency_on, makespan, slot_calls
 from placement.placement import Placement
 from placement.rebalance import SwapSearch, device_major
 
 
 def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
-                   capacity: np.ndarray | None) -> Placement:
+                   capacity: np.ndarray | None, activity: np.ndarray | None = None) -> Placement:
     """The ViBE placement of `loads` [L, E] (inputs assumed validated by `policies.plan`).
 
     `greedy_search`, then, so that no layer is worse than EPLB's: in the layers where EPLB's placement
@@ -37,22 +37,27 @@ def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redund
     Args:
         num_redundant: extra slots, filled with replicas of hot experts on distinct devices.
         capacity: int [G], most slots per device (uneven counts allowed), or None for exactly R / G each.
+        activity: float [L, E], share of forward passes that route tokens to each expert; every time
+            compared is then the expected seconds per pass (`metrics.slot_calls`), which at decode loads
+            below the knee tells hot experts from cold ones where the curve at the mean load cannot.
+            None: the seconds at the mean loads.
     """
     num_devices = len(devices)
     num_slots = loads.shape[1] + num_redundant
-    best = greedy_search(loads, devices, num_redundant, capacity)
+    best = greedy_search(loads, devices, num_redundant, capacity, activity)
     if capacity is None or (num_slots % num_devices == 0 and np.all(capacity >= num_slots // num_devices)):
         start = eplb_placement(loads, num_devices, num_redundant)
-        behind = np.flatnonzero(makespan(best, loads, devices) > makespan(start, loads, devices))
+        behind = np.flatnonzero(makespan(best, loads, devices, activity) > makespan(start, loads, devices, activity))
         if behind.size:
             rows = [getattr(start, name)[behind] for name in ("phy2log", "replica_share", "slot_device")]
-            other, valid = _searched(loads[behind], *rows, curve_params(devices), capacity, num_redundant > 0)
-            best = _better_layers(best, other, behind, valid, loads, devices)
+            other, valid = _searched(loads[behind], *rows, curve_params(devices), capacity, num_redundant > 0,
+                                     None if activity is None else activity[behind])
+            best = _better_layers(best, other, behind, valid, loads, devices, activity)
     return best
 
 
 def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
-                  capacity: np.ndarray | None) -> Placement:
+                  capacity: np.ndarray | None, activity: np.ndarray | None = None) -> Placement:
     """ViBE's own placement: replicas (`replica_counts`), LPT (`greedy_devices`), shares by speed
     (`speed_shares`), then the swap/move local search (`rebalance.SwapSearch.relieve_slowest`)."""
     num_devices = len(devices)
@@ -63,9 +68,10 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
-    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit)
-    share = speed_shares(loads, expert, device, counts, params)
-    placement, valid = _searched(loads, expert, share, device, params, capacity, num_redundant > 0)
+    slot_activity = None if activity is None else np.take_along_axis(activity, expert, axis=1)
+    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit, slot_activity)
+    share = speed_shares(loads, expert, device, counts, params, slot_activity)
+    placement, valid = _searched(loads, expert, share, device, params, capacity, num_redundant > 0, activity)
     assert valid.all()  # the greedy keeps replicas apart, and the search never joins them
     return placement
 
@@ -92,21 +98,26 @@ def replica_counts(loads: np.ndarray, num_slots: int, max_replicas: int, knee: f
     return counts
 
 
-def greedy_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, capacity: np.ndarray
-                   ) -> np.ndarray:
+def greedy_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, capacity: np.ndarray,
+                   activity: np.ndarray | None = None) -> np.ndarray:
     """int [L, R]: a first device for every slot, LPT on unrelated machines.
 
-    Slots are taken by tokens descending; each goes to the device with a free slot (and no replica of
-    its expert yet) where it would finish earliest, on that device's own curve. Layers where this rule
-    runs out of devices for a replica are redone by `_feasible_devices`.
+    Slots are taken by expected seconds descending (mean over the devices; tokens break ties); each goes
+    to the device with a free slot (and no replica of its expert yet) where it would finish earliest, on
+    that device's own curve. Layers where this rule runs out of devices for a replica are redone by
+    `_feasible_devices`.
 
     Args:
-        expert: int [L, R]; tokens: float [L, R]; params: [3, G]; capacity: int [G] slots per device.
+        expert: int [L, R]; tokens: float [L, R]; params: [3, G]; capacity: int [G] slots per device;
+        activity: float [L, R], each slot's expert's share of passes with tokens (`metrics.slot_calls`),
+        or None.
     """
     num_layers, num_slots = expert.shape
     rows = np.arange(num_layers)
-    order = np.argsort(-tokens, axis=1, kind="stable")
-    ordered = np.take_along_axis(tokens, order, axis=1)
+    calls, per_call = slot_calls(tokens, activity)
+    seconds = calls * latency_matrix(per_call, params).mean(axis=2)
+    order = np.lexsort((-tokens, -seconds), axis=1)
+    ordered, ordered_calls = (np.take_along_axis(x, order, axis=1) for x in (per_call, calls))
     times = np.zeros((num_layers, params.shape[1]))
     room = np.broadcast_to(capacity, times.shape).copy()
     held = None  # bool [L, E, G]: devices holding a replica of each expert, needed only with replicas
@@ -117,7 +128,7 @@ def greedy_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, c
     for step in range(num_slots):
         slot, exp = order[:, step], expert[rows, order[:, step]]
         barred = room == 0 if held is None else (room == 0) | held[rows, exp]
-        finish = times + latency_matrix(ordered[:, step], params)  # [L, G]
+        finish = times + ordered_calls[:, step, None] * latency_matrix(ordered[:, step], params)  # [L, G]
         dev = np.where(barred, np.inf, finish).argmin(axis=1)
         stuck |= barred[rows, dev]
         device[rows, slot] = dev
@@ -126,17 +137,18 @@ def greedy_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, c
         if held is not None:
             held[rows, exp, dev] = True
     for layer in np.flatnonzero(stuck):
-        device[layer] = _feasible_devices(expert[layer], tokens[layer], params, capacity)
+        device[layer] = _feasible_devices(expert[layer], per_call[layer], calls[layer], params, capacity)
     return device
 
 
-def _feasible_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, capacity: np.ndarray
-                      ) -> np.ndarray:
+def _feasible_devices(expert: np.ndarray, tokens: np.ndarray, calls: np.ndarray, params: np.ndarray,
+                      capacity: np.ndarray) -> np.ndarray:
     """int [R]: devices for the slots of one layer with every expert's replicas on distinct devices.
 
     Experts with the most replicas go first, each replica to a device with the most free slots left
     (earliest finish among equals); this succeeds whenever any such assignment exists (Ryser's
     construction for 0-1 matrices with given row sums and column bounds). Single slots follow, LPT.
+    `tokens` [R] are per call, `calls` [R] per pass (`metrics.slot_calls`).
     """
     times = np.zeros(params.shape[1])
     room = capacity.astype(np.int64).copy()
@@ -144,8 +156,8 @@ def _feasible_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray
     replicas = np.bincount(expert)
     for exp in np.argsort(-replicas, kind="stable"):
         slots = np.flatnonzero(expert == exp)
-        slots = slots[np.argsort(-tokens[slots], kind="stable")]
-        cost = latency_matrix(tokens[slots], params)  # [c, G]
+        slots = slots[np.argsort(-tokens[slots] * calls[slots], kind="stable")]
+        cost = calls[slots, None] * latency_matrix(tokens[slots], params)  # [c, G]
         if slots.size == 1:
             ranked = np.argsort(np.where(room > 0, times + cost[0], np.inf), kind="stable")
         else:
@@ -161,15 +173,17 @@ def _feasible_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray
 
 
 def speed_shares(loads: np.ndarray, expert: np.ndarray, device: np.ndarray, counts: np.ndarray,
-                 params: np.ndarray) -> np.ndarray:
+                 params: np.ndarray, activity: np.ndarray | None = None) -> np.ndarray:
     """float [L, R]: each slot's share of its expert's tokens, proportional to its device's throughput.
 
-    Throughput is taken at an equal split (load / replicas tokens), so on identical devices the shares
-    are equal; experts without load keep equal shares.
+    Throughput is taken at an equal split (load / replicas tokens; per call, with `activity` [L, R] as in
+    `greedy_devices`), so on identical devices the shares are equal; experts without load keep equal
+    shares.
     """
     equal = np.take_along_axis(loads / counts, expert, axis=1)  # [L, R] tokens per replica
-    seconds = latency_on(equal, device, params)
-    speed = np.divide(equal, seconds, out=np.zeros_like(equal), where=seconds > 0)
+    _, per_call = slot_calls(equal, activity)
+    seconds = latency_on(per_call, device, params)
+    speed = np.divide(per_call, seconds, out=np.zeros_like(per_call), where=seconds > 0)
     total = np.zeros(loads.shape)
     np.add.at(total, (np.repeat(np.arange(loads.shape[0]), expert.shape[1]), expert.ravel()), speed.ravel())
     total = np.take_along_axis(total, expert, axis=1)
@@ -178,14 +192,16 @@ def speed_shares(loads: np.ndarray, expert: np.ndarray, device: np.ndarray, coun
 
 
 def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: np.ndarray,
-              params: np.ndarray, capacity: np.ndarray | None, distinct: bool) -> tuple[Placement, np.ndarray]:
-    """The local search from the start `expert`, `share`, `device` (each [L, R]).
+              params: np.ndarray, capacity: np.ndarray | None, distinct: bool,
+              activity: np.ndarray | None = None) -> tuple[Placement, np.ndarray]:
+    """The local search from the start `expert`, `share`, `device` (each [L, R]); `activity` [L, E] or None.
 
     Returns the placement and bool [L], the layers where it keeps replicas on distinct devices (a start
     from EPLB may co-locate two replicas; they are first swapped apart where some swap allows it).
     """
     tokens = np.take_along_axis(loads, expert, axis=1) * share
-    search = SwapSearch(expert, tokens, device, params, capacity, distinct)
+    slot_activity = None if activity is None else np.take_along_axis(activity, expert, axis=1)
+    search = SwapSearch(expert, tokens, device, params, capacity, distinct, slot_activity)
     valid = search.separate_replicas() if distinct else np.ones(loads.shape[0], dtype=bool)
     search.relieve_slowest(0.0)
     placement = device_major(expert, search.slot_devices(), share, loads.shape[1], params.shape[1], 0)
@@ -193,9 +209,11 @@ def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: 
 
 
 def _better_layers(best: Placement, other: Placement, layers: np.ndarray, valid: np.ndarray,
-                   loads: np.ndarray, devices: Sequence[DeviceModel]) -> Placement:
+                   loads: np.ndarray, devices: Sequence[DeviceModel], activity: np.ndarray | None) -> Placement:
     """`best` with its `layers` replaced by `other`'s rows (one per layer) where those are valid and faster."""
-    faster = valid & (makespan(other, loads[layers], devices) < makespan(best, loads, devices)[layers])
+    other_activity = None if activity is None else activity[layers]
+    faster = valid & (makespan(other, loads[layers], devices, other_activity)
+                      < makespan(best, loads, devices, activity)[layers])
     if not faster.any():
         return best
     arrays = [getattr(best, name).copy() for name in ("phy2log", "slot_device", "replica_share")]

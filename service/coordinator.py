@@ -311,14 +311,14 @@ class Coordinator:
             with self._lock:
                 old = self._placement
                 devices = self.device_models()
-                loads = self.window_loads() if loads is None else loads
+                loads, activity = self._window() if loads is None else (loads, None)
             if loads is None:
                 raise ValueError("no router statistics yet: serve some requests first")
             if policy != self.config.policy or policy != "vibe":
                 mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
-            new = self._candidate(old, loads, devices, policy, mode)
+            new = self._candidate(old, loads, activity, devices, policy, mode)
             plan = pl.migration_plan(old, new, self.shape.expert_bytes)
-            record = self._judge(old, new, plan, loads, devices, policy, mode, reason, dry_run, force)
+            record = self._judge(old, new, plan, loads, activity, devices, policy, mode, reason, dry_run, force)
             if record.status == "pending":
                 record.status, record.detail = self._migrate(old, new, plan)
             record.duration_s = self._clock() - started
@@ -331,18 +331,18 @@ class Coordinator:
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
             return asdict(record)
 
-    def _candidate(self, old, loads, devices, policy, mode) -> pl.Placement:
+    def _candidate(self, old, loads, activity, devices, policy, mode) -> pl.Placement:
         if policy == "contiguous":
             return self._plan(loads, "contiguous").with_version(old.version + 1)
         if mode == "full":
-            return self._plan(loads, policy, devices).with_version(old.version + 1)
-        new, _moves = pl.rebalance(old, loads, devices, eps=self.config.eps)
+            return self._plan(loads, policy, devices, activity).with_version(old.version + 1)
+        new, _moves = pl.rebalance(old, loads, devices, eps=self.config.eps, activity=activity)
         return new.with_version(old.version + 1)
 
-    def _judge(self, old, new, plan, loads, devices, policy, mode, reason, dry_run, force) -> Recalibration:
-        before = float(pl.makespan(old, loads, devices).sum())
-        after = float(pl.makespan(new, loads, devices).sum())
-        gain = pl.predicted_gain(old, new, loads, devices, self.config.gain_horizon_passes)
+    def _judge(self, old, new, plan, loads, activity, devices, policy, mode, reason, dry_run, force) -> Recalibration:
+        before = float(pl.makespan(old, loads, devices, activity).sum())
+        after = float(pl.makespan(new, loads, devices, activity).sum())
+        gain = pl.predicted_gain(old, new, loads, devices, self.config.gain_horizon_passes, activity)
         cost = plan.transfer_seconds(self._bandwidth)
         record = Recalibration(
             reason=reason, policy=policy, mode=mode, status="pending", from_version=old.version,
@@ -493,9 +493,9 @@ class Coordinator:
                     raise RuntimeError("every worker is lost; nothing can serve")
                 old = self._placement
                 self._lost |= set(lost)
-                loads = self.window_loads()
+                loads, activity = self._window()
             loads = self._uniform_loads() if loads is None else loads
-            new = self._plan(loads, self.config.policy).with_version(old.version + 1)
+            new = self._plan(loads, self.config.policy, activity=activity).with_version(old.version + 1)
             record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",
                                    from_version=old.version, to_version=new.version, started_at=time.time())
             try:
@@ -655,12 +655,18 @@ class Coordinator:
         with self._lock:
             return self._workload_drift.window_mean()
 
+    def _window(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The window's mean router counts per pass and each expert's share of passes with tokens (both
+        [L, E], None before any pass): vibe plans and judges on the expected seconds per pass they give."""
+        with self._lock:
+            return self._workload_drift.window_mean(), self._workload_drift.window_activity()
+
     def placement_view(self) -> dict[str, Any]:
         with self._lock:
-            current, loads, devices = self._placement, self.window_loads(), self.device_models()
+            current, (loads, activity), devices = self._placement, self._window(), self.device_models()
         if loads is None:
             loads = np.zeros((self.shape.num_layers, self.shape.num_experts))
-        times = pl.device_times(current, loads, devices)
+        times = pl.device_times(current, loads, devices, activity)
         tokens = current.device_tokens(loads)
         layers = []
         for layer in range(current.num_layers):
@@ -677,13 +683,13 @@ class Coordinator:
     def metrics_summary(self) -> dict[str, Any]:
         """Numbers for Prometheus gauges and counters (service/placement_metrics.py renders them)."""
         with self._lock:
-            current, loads, devices = self._placement, self.window_loads(), self.device_models()
+            current, (loads, activity), devices = self._placement, self._window(), self.device_models()
             totals = dict(self._totals)
             last = next((r for r in reversed(self._history) if r.status == "applied"), None)
             ratios = self._device_drift.ratios()
             telemetry = list(self._telemetry)
             lost = sorted(self._lost)
-        times = None if loads is None else pl.device_times(current, loads, devices)
+        times = None if loads is None else pl.device_times(current, loads, devices, activity)
         moved = ("experts_moved", "bytes_moved")
         return {
             "placement_version": current.version,
@@ -700,7 +706,7 @@ class Coordinator:
 
     def stats_view(self) -> dict[str, Any]:
         with self._lock:
-            current, loads, devices = self._placement, self.window_loads(), self.device_models()
+            current, (loads, activity), devices = self._placement, self._window(), self.device_models()
             history = [asdict(r) for r in self._history]
             engines = {k: asdict(v) for k, v in self._engines.items()}
             drift = dict(self._last_drift)
@@ -710,12 +716,13 @@ class Coordinator:
             telemetry = [asdict(t) for t in self._telemetry]
         imbalance = None
         if loads is not None:
-            imbalance = pl.imbalance(pl.device_times(current, loads, devices)).tolist()
+            imbalance = pl.imbalance(pl.device_times(current, loads, devices, activity)).tolist()
         return {
             "placement_version": current.version,
             "policy": self.config.policy,
             "passes_observed": passes,
             "loads": None if loads is None else loads.tolist(),
+            "activity": None if activity is None else activity.tolist(),
             "imbalance_per_layer": imbalance,
             "devices": [{"device": i, "model": asdict(m),
                          "observed_over_predicted": None if np.isnan(ratio) else ratio}
@@ -730,7 +737,10 @@ class Coordinator:
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    def _plan(self, loads: np.ndarray, policy: str, devices: list[pl.DeviceModel] | None = None) -> pl.Placement:
+    def _plan(self, loads: np.ndarray, policy: str, devices: list[pl.DeviceModel] | None = None,
+              activity: np.ndarray | None = None) -> pl.Placement:
+        """`policy`'s placement for `loads` (vibe also weighs `activity`, see `placement.plan`); vibe with a
+        slot budget that leaves lost devices empty while any are lost."""
         devices = devices or self.device_models()
         if self._lost:
             # Uneven slot counts, none on lost devices: only vibe's budgeted packing places that.
@@ -738,11 +748,13 @@ class Coordinator:
             per_device = max(-(-(self.shape.num_experts + self.config.num_redundant) // alive),
                              self.config.slot_budget or 0)
             budget = [0 if d in self._lost else per_device for d in range(self.pool.num_devices)]
-            return pl.plan(loads, devices, "vibe", num_redundant=self.config.num_redundant, slot_budget=budget)
+            return pl.plan(loads, devices, "vibe", num_redundant=self.config.num_redundant, slot_budget=budget,
+                           activity=activity)
         if policy == "contiguous":
             return pl.plan(loads, devices, policy)
         budget = self.config.slot_budget if policy == "vibe" else None
-        return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant, slot_budget=budget)
+        return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant, slot_budget=budget,
+                       activity=activity)
 
     def _uniform_loads(self) -> np.ndarray:
         """float [L, E]: every expert equally loaded, what placements start from before any traffic."""

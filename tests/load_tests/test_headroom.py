@@ -70,6 +70,23 @@ def test_critical_paths_charge_contiguous_for_hot_neighbours_and_eplb_for_a_slow
     assert set(paths) == {"contiguous", "eplb", "vibe", "eplb+redundant", "vibe+redundant"}
 
 
+def test_critical_paths_with_activity_keep_a_rarely_called_expert_off_the_fast_device():
+    # Flat curves (every count below the knee), the second device twice as slow. Expert 0 gets a burst of 20
+    # tokens in one step of ten; experts 1-3 a token each in three steps of ten, never together.
+    fast, slow = DeviceModel(1.0, 100.0, 0.0), DeviceModel(2.0, 100.0, 0.0)
+    steps = np.zeros((10, 1, 4))
+    steps[0, 0, 0] = 20.0
+    for expert, first in ((1, 1), (2, 4), (3, 7)):
+        steps[first:first + 3, 0, expert] = 1.0
+    paths = critical_paths(steps.mean(axis=0), steps, [fast, slow], num_redundant=0,
+                           activity=(steps > 0).mean(axis=0))
+    # at the mean loads every layout costs two calls per device and LPT puts the burst on the fast device
+    # next to a steady expert: 1 s in 4 steps, 2 s in the 6 steps of the two on the slow device (1.6 s per
+    # step); weighing the calls puts the burst on the slow device next to one steady expert (1.4 s)
+    assert paths["vibe/mean"] == pytest.approx(1.6) and paths["vibe"] == pytest.approx(1.4)
+    assert paths["eplb"] == pytest.approx(1.6)
+
+
 def test_re_planning_for_a_throttled_device_beats_the_old_placement():
     devices = [DeviceModel(0.0, 0.0, 1.0)] * 4  # linear curves: time = tokens
     loads = np.array([[8.0, 4.0, 2.0, 1.0, 1.0, 2.0, 4.0, 8.0]])
@@ -108,8 +125,12 @@ def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path, m
     for row in result["rows"]:
         assert all(v > 0 and np.isfinite(v) for v in row["moe_ms"].values())
         assert row["eplb_over_vibe"] == pytest.approx(row["moe_ms"]["eplb"] / row["moe_ms"]["vibe"])
-    assert best_gain(result) == max(max(r["eplb_over_vibe"], r["eplb_over_vibe_redundant"], r["eplb_over_vibe_budget"])
-                                    for r in served)
+        assert row["eplb_over_vibe_mean"] == pytest.approx(row["moe_ms"]["eplb"] / row["moe_ms"]["vibe/mean"])
+    for r in served:
+        ms = r["moe_ms"]
+        best_vibe = min(ms["vibe"], ms["vibe+redundant"], ms["vibe+budget"])
+        assert r["best_eplb_over_best_vibe"] == pytest.approx(min(ms["eplb"], ms["eplb+redundant"]) / best_vibe)
+    assert best_gain(result) == max(r["best_eplb_over_best_vibe"] for r in served)
     for r in served + edge:
         ms = r["moe_ms"]
         assert r["eplb_over_vibe_budget"] == pytest.approx(min(ms["eplb"], ms["eplb+redundant"]) / ms["vibe+budget"])

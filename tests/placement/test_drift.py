@@ -47,6 +47,20 @@ def test_window_slides():
     assert report.num_passes == 12
 
 
+def test_window_activity_is_the_share_of_passes_with_tokens():
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=4, cooldown=0)
+    assert detector.window_activity() is None
+    counts = np.zeros_like(REFERENCE)
+    counts[0, 0] = 3.0
+    detector.observe(counts)
+    detector.observe(REFERENCE)
+    expected = ((counts > 0).astype(float) + (REFERENCE > 0)) / 2
+    np.testing.assert_allclose(detector.window_activity(), expected)
+    for _ in range(4):  # the window slides past both
+        detector.observe(SHIFTED)
+    np.testing.assert_allclose(detector.window_activity(), (SHIFTED > 0).astype(float))
+
+
 def test_partial_drift_needs_enough_of_the_window():
     # Window of 10: a few shifted passes dilute in the mean and are not yet drift.
     detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=10)

@@ -295,3 +295,70 @@ def test_bad_input_raises_value_error(kwargs, match):
     options = {key: args.pop(key) for key in ("num_redundant", "slot_budget") if key in args}
     with pytest.raises(ValueError, match=match):
         plan(args["loads"], args["devices"], args["policy"], **options)
+
+
+# --- activity: expected seconds per pass ------------------------------------------------------------
+
+def activity_for(loads: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A share of passes in (0, 1] for every loaded expert (0 where it has no load), at most its load."""
+    return np.where(loads > 0, np.minimum(rng.uniform(0.05, 1.0, loads.shape), np.maximum(loads, 0.05)), 0.0)
+
+
+@SETTINGS
+@given(cases(), st.integers(0, 2**32 - 1), st.sampled_from([1e-2, 1.0]))
+def test_vibe_with_activity_is_never_worse_than_eplb_in_expected_seconds(case, seed, scale):
+    loads, devices, num_redundant = case
+    loads = loads * scale  # 1e-2: decode-like loads, far below the knee
+    activity = activity_for(loads, np.random.default_rng(seed))
+    eplb = plan(loads, devices, "eplb", num_redundant=num_redundant, activity=activity)
+    vibe = plan(loads, devices, "vibe", num_redundant=num_redundant, activity=activity)
+    check_invariants(vibe, loads, len(devices), num_redundant)
+    assert replicas_distinct(vibe)
+    distinct = np.array([replicas_distinct(Placement(eplb.phy2log[[layer]], eplb.slot_device[[layer]],
+                                                     eplb.replica_share[[layer]], eplb.num_experts,
+                                                     eplb.num_devices)) for layer in range(len(loads))])
+    ours, reference = makespan(vibe, loads, devices, activity), makespan(eplb, loads, devices, activity)
+    assert np.all(ours[distinct] <= reference[distinct] * (1 + 1e-12))
+
+
+def test_activity_weighs_how_often_an_expert_is_called_below_the_knee():
+    # Every expert on the flat part of the curve, where a call costs the same for 1 or 20 tokens. Expert 0
+    # has the most tokens but in a tenth of the passes (a burst); experts 1-3 are called in 0.3 of them.
+    # At the mean loads every layout costs two flat calls per device, and LPT puts expert 0 first, on the
+    # device twice as fast. Per pass the fast device should take two of the steady experts (0.6 calls)
+    # and the slow one expert 0 and the third (0.4 calls at twice the cost: 0.8).
+    fast, slow = BASE, BASE.scaled(2.0)
+    loads = np.array([[2.0, 0.3, 0.3, 0.3]])
+    activity = np.array([[0.1, 0.3, 0.3, 0.3]])
+    placement = plan(loads, [fast, slow], "vibe", activity=activity)
+    assert 0 in placement.phy2log[0][placement.slot_device[0] == 1]
+    assert makespan(placement, loads, [fast, slow], activity)[0] == pytest.approx(0.8 * BASE.fixed)
+    for blind in (plan(loads, [fast, slow], "vibe"), plan(loads, [fast, slow], "eplb")):
+        assert makespan(blind, loads, [fast, slow], activity)[0] == pytest.approx(1.2 * BASE.fixed)
+
+
+def test_without_activity_vibe_is_unchanged_by_activity_one_where_loaded():
+    rng = np.random.default_rng(3)
+    loads = np.round(rng.lognormal(3.0, 1.0, (3, 12)))
+    loads[0, :2] = 0.0
+    devices = devices_of(rng.uniform(0.75, 1.0, 4))
+    # activity 1 where loaded is every pass's cost at the mean load: the same plan as without activity
+    with_activity = plan(loads, devices, "vibe", num_redundant=4, activity=(loads > 0).astype(float))
+    without = plan(loads, devices, "vibe", num_redundant=4)
+    np.testing.assert_array_equal(with_activity.phy2log, without.phy2log)
+    np.testing.assert_array_equal(with_activity.slot_device, without.slot_device)
+    np.testing.assert_allclose(with_activity.replica_share, without.replica_share)
+
+
+@pytest.mark.parametrize(
+    ("activity", "match"),
+    [
+        (np.ones((2, 7)), "shape"),
+        (np.full((2, 8), 1.5), r"\[0, 1\]"),
+        (np.full((2, 8), np.nan), r"\[0, 1\]"),
+        (np.zeros((2, 8)), "> 0 wherever loads"),
+    ],
+)
+def test_bad_activity_raises_value_error(activity, match):
+    with pytest.raises(ValueError, match=match):
+        plan(np.ones((2, 8)), devices_of(np.ones(4)), "vibe", activity=activity)

@@ -161,6 +161,8 @@ def test_rebalance_on_real_drift_moves_few_slots_and_recovers_time(before, after
         ({"devices": [BASE] * 3}, "device models"),
         ({"eps": -0.1}, "eps"),
         ({"max_swaps_per_layer": -1}, "max_swaps_per_layer"),
+        ({"activity": np.ones((2, 7))}, "shape of loads"),
+        ({"activity": np.full((2, 8), -0.5)}, r"\[0, 1\]"),
     ],
 )
 def test_bad_input_raises_value_error(kwargs, match):
@@ -189,3 +191,40 @@ def test_default_cap_moves_at_most_a_tenth_of_each_layers_slots():
     assert 0 < np.bincount([m.layer for m in few]).max() <= 2  # ...yet one swap per layer is allowed
     with pytest.raises(ValueError, match="max_moved_fraction"):
         rebalance(placement, new_loads, devices, max_moved_fraction=1.5)
+
+
+# --- activity: expected seconds per pass ------------------------------------------------------------
+
+def test_expected_seconds_count_calls_per_pass():
+    curve = DeviceModel(fixed=1.0, knee=2.0, slope=0.5)
+    # expert 0: 4 tokens per pass, every pass; expert 1: 0.5 mean, in a quarter of the passes (2 per call);
+    # expert 2: 1.0 mean in 0.8 of the passes, split over two replicas on devices 0 and 1
+    placement = Placement(np.array([[0, 2, 1, 2]]), np.array([[0, 0, 1, 1]]), np.array([[1.0, 0.5, 1.0, 0.5]]), 3, 2)
+    loads, activity = np.array([[4.0, 0.5, 1.0]]), np.array([[1.0, 0.25, 0.8]])
+    times = device_times(placement, loads, [curve, curve], activity)[0]
+    # a replica with 0.5 tokens per pass is called in at most half the passes
+    assert times[0] == pytest.approx(curve.latency(4.0) + 0.5 * curve.latency(1.0))
+    assert times[1] == pytest.approx(0.25 * curve.latency(2.0) + 0.5 * curve.latency(1.0))
+    # without activity: every loaded slot costs its curve at its mean load
+    assert device_times(placement, loads, [curve, curve])[0] == pytest.approx(
+        [curve.latency(4.0) + curve.latency(0.5), curve.latency(0.5) + curve.latency(0.5)])
+
+
+@SETTINGS
+@given(drifts(), st.integers(0, 2**32 - 1))
+def test_rebalance_on_expected_seconds_never_slows_a_layer(case, seed):
+    placement, loads, devices = case
+    activity = np.where(loads > 0, np.random.default_rng(seed).uniform(0.05, 1.0, loads.shape), 0.0)
+    new, moves = rebalance(placement, loads, devices, 0.0, max_moved_fraction=None, activity=activity)
+    assert np.all(makespan(new, loads, devices, activity) <= makespan(placement, loads, devices, activity) * (1 + 1e-12))
+    assert (new is placement) == (not moves)
+
+
+def test_rebalance_moves_a_rarely_called_expert_off_the_fast_device():
+    fast, slow = BASE, BASE.scaled(2.0)
+    loads, activity = np.array([[2.0, 0.3, 0.3, 0.3]]), np.array([[0.1, 0.3, 0.3, 0.3]])
+    placement = Placement.from_expert_devices(np.array([[0, 0, 1, 1]]), 2)  # the burst on the fast device
+    assert rebalance(placement, loads, [fast, slow], 0.0)[1] == []  # at the mean loads nothing helps
+    new, moves = rebalance(placement, loads, [fast, slow], 0.0, activity=activity)
+    assert len(moves) == 2 and new.slot_device[0][new.phy2log[0] == 0] == [1]
+    assert makespan(new, loads, [fast, slow], activity)[0] == pytest.approx(0.8 * BASE.fixed)

@@ -124,6 +124,32 @@ def test_dry_run_and_cost_aware_skip(checkpoint):
     assert forced["status"] == "applied" and coordinator.placement.version == 2
 
 
+def test_vibe_plans_and_judges_on_expected_seconds_per_pass(checkpoint):
+    # Decode-like passes (a token or two per routed expert, below the knee) and one expert per layer that
+    # gets a burst in one pass in ten: the window's activity, not only its mean, is what vibe weighs.
+    coordinator = _coordinator(checkpoint)
+    rng = np.random.default_rng(5)
+    shape = (coordinator.shape.num_layers, coordinator.shape.num_experts)
+    passes = (rng.random((20, *shape)) < 0.4) * rng.integers(1, 3, (20, *shape)).astype(float)
+    passes[::10, :, 0] = 60.0
+    for counts in passes:
+        _report(coordinator, counts)
+    loads, activity = passes.mean(axis=0), (passes > 0).mean(axis=0)
+    np.testing.assert_allclose(coordinator._window()[1], activity)
+    devices = coordinator.device_models()
+    result = coordinator.recalibrate(mode="full", dry_run=True)
+    before = pl.makespan(coordinator.placement, loads, devices, activity).sum()
+    assert result["predicted_makespan_before_s"] == pytest.approx(before)
+    planned = pl.plan(loads, devices, "vibe", activity=activity)
+    assert result["predicted_makespan_after_s"] == pytest.approx(pl.makespan(planned, loads, devices, activity).sum())
+    blind = pl.plan(loads, devices, "vibe")
+    assert result["predicted_makespan_after_s"] <= pl.makespan(blind, loads, devices, activity).sum() * (1 + 1e-12)
+    stats = coordinator.stats_view()
+    expected = pl.imbalance(pl.device_times(coordinator.placement, loads, devices, activity))
+    np.testing.assert_allclose(stats["imbalance_per_layer"], expected)
+    np.testing.assert_allclose(stats["activity"], activity)
+
+
 def test_failed_import_rolls_back_whole(checkpoint):
     pool = _pool(checkpoint)
     coordinator = _coordinator(checkpoint, pool)

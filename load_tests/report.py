@@ -187,8 +187,9 @@ def _headline_table(rows: dict[str, dict]) -> str:
         lines.append(f"| {policy} | {_num(r['frontier_rps'], 3)} ({r['frontier_kind']}) | {ttft} | {tpot} | "
                      f"{_num(r['attainment'], 3)} | {_num(r['mean_imbalance'], 4)} | "
                      f"{_pct(r['barrier_idle'])} | {_num(r['failed'], 0)} |")
-    lines += ["", "Imbalance and barrier idle: predicted by the coordinator (its online-refined device models on "
-              "the window-mean router loads of /admin/stats), mean over layers and polls during the run."]
+    lines += ["", "Imbalance and barrier idle: predicted by the coordinator (its online-refined device models, "
+              "expected seconds per forward pass from its statistics window: mean router loads and each expert's "
+              "share of passes with tokens, /admin/stats), mean over layers and polls during the run."]
     return "\n".join(lines)
 
 
@@ -220,8 +221,8 @@ def _sweep(result: dict) -> str:
                          f"{_num(step['moe_predicted_ms'], 2)} | {loads} |")
     lines += ["", "Attainment interval: Wilson 95% interval over the run's requests (the run's own sampling "
               "uncertainty only, not the host's noise between runs). Mean step: the engine's step-time histogram over the run; MoE critical path: as predicted by the "
-              "coordinator on its window loads (see below). At one rate the MoE part is nearly the same for every "
-              "policy; differences in the mean step beyond it are the host's (the load average is the whole "
+              "coordinator from its statistics window (see below). Differences in the mean step beyond the "
+              "differences in the MoE critical path are the host's (the load average is the whole "
               "machine's one-minute average, this benchmark's processes included)."]
     return "\n".join(lines)
 
@@ -235,8 +236,9 @@ def _breakdown(rows: dict[str, dict]) -> str:
                      f"{_num(r['moe_balanced_ms'], 2)} | {_num(r['balance_headroom_ms'], 2)} "
                      f"({_pct(r['headroom_share'])}) | {_num(r['rest_ms'], 2)} |")
     lines += ["", "Mean step: the engine's step-time histogram on /metrics over the run. MoE critical path: sum over "
-              "MoE layers of the slowest device's predicted time for the window-mean loads of one forward pass "
-              "(/admin/placement; predicted by the coordinator's online-refined device models). Perfectly "
+              "MoE layers of the slowest device's expected time per forward pass, from the statistics window's "
+              "mean loads and each expert's share of passes with tokens (/admin/placement; predicted by the "
+              "coordinator's online-refined device models). Perfectly "
               "balanced: the same device work spread evenly (sum of the mean device times). Their difference, "
               "the balance headroom, bounds what any placement can save per step; the rest of the step (dense "
               "layers, dispatch to the workers, scheduling, sampling, all on the shared CPUs) no placement "

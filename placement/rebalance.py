@@ -45,12 +45,12 @@ class SwapSearch:
         expert: int [L, R], logical expert of each slot.
         tokens: float [L, R], tokens each slot processes (its expert's load times its replica share).
         device: int [L, R], device of each slot.
-        activity: float [L, R], share of passes that route tokens to each slot's expert, for expected
-            seconds per pass (`metrics.slot_calls`), or None for the seconds at the mean loads.
         params: float [3, G], device curves (see `metrics.curve_params`).
         capacity: int [G], most slots a device may hold, or None to keep every device's slot count (swaps
             only, no moves).
         distinct: forbid swaps and moves that would put two replicas of one expert on one device.
+        activity: float [L, R], share of passes that route tokens to each slot's expert, for expected
+            seconds per pass (`metrics.slot_calls`), or None for the seconds at the mean loads.
     """
 
     def __init__(self, expert: np.ndarray, tokens: np.ndarray, device: np.ndarray, params: np.ndarray,

@@ -5,6 +5,10 @@ first placement (`greedy_devices`, LPT on each device's own curve), replica toke
 (`speed_shares`), the swap/move local search (from `rebalance.SwapSearch`), and the guard that keeps every
 layer at least as fast as EPLB's. Knows nothing of when it is called or of weight movement.
 
+Every time it compares is a slot's seconds on a device's curve at the slot's mean tokens per pass or, given
+each expert's activity (the share of passes that route tokens to it), the expected seconds per pass
+(`metrics.slot_calls`): below the knee, in decode, how often an expert is called is what it costs.
+
 The paper's greedy (targets tau_g from speeds at N / E tokens, each expert to the device furthest below
 its target) was tried against LPT on DeepSeek-V3 loads (58 x 256 at 256 tokens per expert, G = 32 without
 replicas and G = 64 with 64, five variability profiles): after the local search LPT ended lower in 5 of

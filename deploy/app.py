@@ -56,6 +56,7 @@ class AppArgs(BaseModel):
     num_redundant: int = Field(default=0, ge=0)
     slot_budget: int | None = Field(default=None, ge=1)
     auto_recalibrate: bool = True
+    recalibration_mode: Literal["auto", "incremental", "full"] = "auto"
     profile_prompts: str | None = str(DEFAULT_PROFILE_PROMPTS)
     max_num_seqs: int = Field(default=32, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)
@@ -121,6 +122,7 @@ def build_app(args: dict[str, Any] | None = None):
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
                                            auto_recalibrate=parsed.auto_recalibrate,
+                                           recalibration_mode=parsed.recalibration_mode,
                                            probe_misses=parsed.worker_probe_misses)
     family = f"vibe-worker-{parsed.app_name}-"
     pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(parsed, checkpoint)}", family_prefix=family,

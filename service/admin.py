@@ -37,7 +37,7 @@ def token_digest(token: str) -> str:
 class RecalibrateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     policy: Literal["vibe", "eplb", "contiguous"] | None = None
-    mode: Literal["incremental", "full"] = "incremental"
+    mode: Literal["auto", "incremental", "full"] = "incremental"
     dry_run: bool = False
     force: bool = False
 

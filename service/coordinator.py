@@ -26,7 +26,7 @@ from service.worker_pool import WorkerCallError, WorkerPool, keys_by_device
 
 log = logging.getLogger(__name__)
 
-RECALIBRATION_MODES = ("incremental", "full")
+RECALIBRATION_MODES = ("auto", "incremental", "full")
 DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -43,6 +43,9 @@ class CoordinatorConfig:
         slot_budget: most expert slots a device may hold per layer; with vibe, devices may then hold
             different numbers of experts (fewer on slow devices). None: every device holds R / G.
         auto_recalibrate: recalibrate on workload or device drift without being asked.
+        recalibration_mode: how those recalibrations re-plan vibe: "auto" (the incremental solver's
+            candidate or a full re-plan, whichever saves more over the gain horizon net of its migration
+            cost), "incremental" (the paper's Algorithm 2 only) or "full".
         eps: the incremental solver stops at max <= (1 + eps) * mean device time.
         drift_check_every, drift_window, drift_threshold, drift_cooldown: workload drift detector
             (forward passes; cosine distance).
@@ -67,6 +70,7 @@ class CoordinatorConfig:
     num_redundant: int = 0
     slot_budget: int | None = None
     auto_recalibrate: bool = True
+    recalibration_mode: str = "auto"
     eps: float = 0.03
     drift_check_every: int = 10
     drift_window: int = 100
@@ -91,6 +95,9 @@ class CoordinatorConfig:
             raise ValueError(f"num_redundant must be >= 0, got {self.num_redundant}")
         if self.policy == "contiguous" and self.num_redundant:
             raise ValueError("the contiguous policy has no redundant experts (num_redundant must be 0)")
+        if self.recalibration_mode not in RECALIBRATION_MODES:
+            raise ValueError(f"recalibration_mode must be one of {RECALIBRATION_MODES}, "
+                             f"got {self.recalibration_mode!r}")
         if self.slot_budget is not None and self.slot_budget < 1:
             raise ValueError(f"slot_budget must be >= 1, got {self.slot_budget}")
         for name in ("eps", "drift_threshold", "device_drift_threshold", "bandwidth_bytes_per_s",
@@ -297,6 +304,10 @@ class Coordinator:
                     force: bool = False, reason: str = "admin", loads: np.ndarray | None = None) -> dict[str, Any]:
         """Plan a new placement for the current statistics and, unless dry_run or not worth it, apply it.
 
+        mode: "incremental" (swaps from the live placement, a capped share of slots moved), "full" (a new
+        plan) or "auto" (both candidates judged; the one whose predicted gain over the gain horizon, net
+        of its migration cost, is larger; incremental on a tie). Policies other than the configured vibe
+        always re-plan in full.
         Returns the Recalibration record as a dict (status, predicted gain, moves, duration...).
         Raises ValueError for a bad policy or mode, or when there are no statistics yet.
         """
@@ -316,11 +327,20 @@ class Coordinator:
                 raise ValueError("no router statistics yet: serve some requests first")
             if policy != self.config.policy or policy != "vibe":
                 mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
-            new = self._candidate(old, loads, activity, devices, policy, mode)
-            plan = pl.migration_plan(old, new, self.shape.expert_bytes)
-            record = self._judge(old, new, plan, loads, activity, devices, policy, mode, reason, dry_run, force)
+            judged = []
+            for candidate_mode in ("incremental", "full") if mode == "auto" else (mode,):
+                new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
+                plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+                judged.append((self._judge(old, new, plan, loads, activity, devices, policy, candidate_mode,
+                                           reason, dry_run, force), new, plan))
+            record, new, plan = max(judged, key=lambda j: j[0].predicted_gain_s - j[0].migration_cost_s)
+            if len(judged) > 1:
+                nets = ", ".join(f"{r.mode} {1e3 * (r.predicted_gain_s - r.migration_cost_s):.1f} ms"
+                                 for r, _, _ in judged)
+                record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
             if record.status == "pending":
-                record.status, record.detail = self._migrate(old, new, plan)
+                record.status, outcome = self._migrate(old, new, plan)
+                record.detail = "; ".join(filter(None, (outcome, record.detail)))
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
@@ -617,7 +637,7 @@ class Coordinator:
                     reason = reason or self._pending_trigger
                     self._pending_trigger = None
                 if reason and self._calibrated:
-                    self.recalibrate(reason=reason)
+                    self.recalibrate(reason=reason, mode=self.config.recalibration_mode)
             except Exception:  # the loop must survive anything; the history records what failed
                 log.exception("coordinator loop iteration failed")
 

@@ -226,5 +226,6 @@ def test_slowed_device_is_detected_and_loses_load(client, url):
     assert drift is not None, "the slowed device was not detected"
     after = _admin(url, "GET", "/admin/placement").json()
     assert drift["status"] == "applied", drift
+    assert "auto: net predicted gain" in drift["detail"]  # the app's default: the better of both candidates
     assert device_tokens(after) < device_tokens(before)
     assert _admin(url, "POST", "/admin/emulation/speed", json={"device": 4, "speed": 1.0}).status_code == 400

@@ -51,6 +51,8 @@ def test_empty_recalibrate_body_means_defaults():
     client, coordinator = _client(emulation=False)
     assert client.post("/admin/recalibrate", headers=AUTH).status_code == 200
     assert coordinator.calls[-1][2]["mode"] == "incremental" and not coordinator.calls[-1][2]["dry_run"]
+    assert client.post("/admin/recalibrate", headers=AUTH, json={"mode": "auto"}).status_code == 200
+    assert coordinator.calls[-1][2]["mode"] == "auto"
 
 
 @pytest.mark.parametrize("body,param", [(b"{nope", None), (b'{"mode": "partial"}', "mode"),

@@ -150,6 +150,37 @@ def test_vibe_plans_and_judges_on_expected_seconds_per_pass(checkpoint):
     np.testing.assert_allclose(stats["activity"], activity)
 
 
+def _two_hot_pairs(coordinator: Coordinator) -> np.ndarray:
+    """Loads with both experts of the slow device and both of device 0 hot: one swap per layer (the
+    incremental cap with 8 slots) relieves one of the two devices, a full re-plan both."""
+    counts = np.full((coordinator.shape.num_layers, coordinator.shape.num_experts), 20.0)
+    for layer in range(coordinator.shape.num_layers):
+        for device in (0, len(SPEEDS) - 1):
+            counts[layer, [e for (where, e) in coordinator.placement.experts_on(device) if where == layer]] = 200.0
+    return counts
+
+
+def test_auto_mode_takes_the_candidate_with_the_larger_net_gain(checkpoint):
+    chosen = {}
+    for bandwidth in (1e12, 5e5):  # moving is free / a full re-plan's extra moves cost more than they save
+        coordinator = _coordinator(checkpoint)
+        _report(coordinator, _skewed(coordinator.shape, 11), passes=5)
+        coordinator.calibrate()
+        _report(coordinator, _two_hot_pairs(coordinator), passes=100)
+        coordinator._bandwidth = bandwidth  # instead of the one measured by the calibration's migration
+        nets = {}
+        for mode in ("incremental", "full"):
+            record = coordinator.recalibrate(mode=mode, dry_run=True)
+            assert record["mode"] == mode
+            nets[mode] = record["predicted_gain_s"] - record["migration_cost_s"]
+        auto = coordinator.recalibrate(mode="auto", dry_run=True)
+        best = max(nets, key=lambda m: (nets[m], m == "incremental"))
+        assert auto["mode"] == best and "auto: net predicted gain incremental" in auto["detail"]
+        assert auto["predicted_gain_s"] - auto["migration_cost_s"] == pytest.approx(nets[best])
+        chosen[bandwidth] = best
+    assert chosen == {1e12: "full", 5e5: "incremental"}
+
+
 def test_failed_import_rolls_back_whole(checkpoint):
     pool = _pool(checkpoint)
     coordinator = _coordinator(checkpoint, pool)
@@ -249,6 +280,8 @@ def test_bad_recalibration_arguments(checkpoint):
         coordinator.recalibrate(policy="random")
     with pytest.raises(ValueError, match="mode"):
         coordinator.recalibrate(mode="partial")
+    with pytest.raises(ValueError, match="recalibration_mode"):
+        CoordinatorConfig(checkpoint=checkpoint, recalibration_mode="partial")
     with pytest.raises(ValueError, match="no router statistics"):
         coordinator.recalibrate()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement import DeviceModel, device_times, load_trace, plan, trace_dir
+from placement import DeviceModel, Placement, device_times, load_trace, plan, trace_dir
 
 DEEPSEEK_TRACE = "deepseek_v3_L3-60_calib_normalized4096"
 
@@ -124,19 +124,25 @@ def critical_paths(loads: np.ndarray, steps: np.ndarray, devices: list[DeviceMod
     policy's placement planned on `loads` [L, E] (and, for vibe, `activity` [L, E]: each expert's share of
     passes with tokens); "redundant" variants with `num_redundant` extra slots, "vibe+budget" with at most
     `slot_budget` slots per device (uneven counts), "vibe/mean" (with activity only) vibe without it."""
-    variants = {"contiguous": ("contiguous", 0, None), "eplb": ("eplb", 0, None), "vibe": ("vibe", 0, None)}
+    # name: (policy, redundant slots, slot budget, activity it plans on)
+    variants = {"contiguous": ("contiguous", 0, None, None), "eplb": ("eplb", 0, None, None),
+                "vibe": ("vibe", 0, None, activity)}
     if activity is not None:
-        variants["vibe/mean"] = ("vibe", 0, None)
+        variants["vibe/mean"] = ("vibe", 0, None, None)
     if num_redundant:
-        variants |= {"eplb+redundant": ("eplb", num_redundant, None), "vibe+redundant": ("vibe", num_redundant, None)}
+        variants |= {"eplb+redundant": ("eplb", num_redundant, None, None),
+                     "vibe+redundant": ("vibe", num_redundant, None, activity)}
     if slot_budget is not None:
-        variants["vibe+budget"] = ("vibe", 0, slot_budget)
-    out = {}
-    for name, (policy, redundant, budget) in variants.items():
-        weighs = None if name == "vibe/mean" else activity
-        placement = plan(loads, devices, policy, num_redundant=redundant, slot_budget=budget, activity=weighs)
-        out[name] = float(np.mean([device_times(placement, step, devices).max(axis=1).sum() for step in steps]))
-    return out
+        variants["vibe+budget"] = ("vibe", 0, slot_budget, activity)
+    return {name: mean_critical_path(plan(loads, devices, policy, num_redundant=redundant, slot_budget=budget,
+                                          activity=weighs), steps, devices)
+            for name, (policy, redundant, budget, weighs) in variants.items()}
+
+
+def mean_critical_path(placement: Placement, steps: np.ndarray, devices: list[DeviceModel]) -> float:
+    """Seconds: the MoE critical path (sum over layers of the slowest device) of `placement`, mean over
+    `steps` [S, L, E]."""
+    return float(np.mean([device_times(placement, step, devices).max(axis=1).sum() for step in steps]))
 
 
 def window_statistics(shares: np.ndarray, tokens: int, top_k: int, window: int, rng: np.random.Generator
@@ -169,8 +175,8 @@ def case_rows(name: str, cluster: str, loads: np.ndarray, top_k: int, shapes: li
         best_eplb = min(paths["eplb"], paths.get("eplb+redundant", np.inf))
         row["eplb_over_vibe_budget"] = best_eplb / paths["vibe+budget"]
         # each policy's best layout within eplb+redundant's slots per device
-        row["best_eplb_over_best_vibe"] = best_eplb / min(v for k, v in paths.items() if k.startswith("vibe")
-                                                          and k != "vibe/mean")
+        row["best_eplb_over_best_vibe"] = best_eplb / min(paths[k] for k in ("vibe", "vibe+redundant", "vibe+budget")
+                                                          if k in paths)
         rows.append(row)
     return rows
 
@@ -216,7 +222,7 @@ def drift_rows(before: np.ndarray, after: np.ndarray, top_k: int, decode_batches
             new_mean, new_activity = windows[runs_on, batch]
             static = plan(old_mean, planned_devices, "vibe", activity=old_activity)
             adaptive = plan(new_mean, run_devices, "vibe", activity=new_activity)
-            ms = {name: 1e3 * float(np.mean([device_times(p, step, run_devices).max(axis=1).sum() for step in drawn]))
+            ms = {name: 1e3 * mean_critical_path(p, drawn, run_devices)
                   for name, p in (("static", static), ("adaptive", adaptive))}
             rows.append({"scenario": scenario, "step": f"decode {batch}", "static_ms": ms["static"],
                          "adaptive_ms": ms["adaptive"], "static_over_adaptive": ms["static"] / ms["adaptive"]})

@@ -24,7 +24,7 @@ import numpy as np
 
 from placement.device_model import DeviceModel
 from placement.eplb import eplb_placement
-from placement.metrics import curve_params, latency_matrix, latency_on, makespan, slot_calls
+from placement.metrics import curve_params, latency_matrix, latency_on, makespan, slot_activity, slot_calls
 from placement.placement import Placement
 from placement.rebalance import SwapSearch, device_major
 
@@ -54,8 +54,9 @@ def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redund
         behind = np.flatnonzero(makespan(best, loads, devices, activity) > makespan(start, loads, devices, activity))
         if behind.size:
             rows = [getattr(start, name)[behind] for name in ("phy2log", "replica_share", "slot_device")]
+            start_activity = slot_activity(start, activity)
             other, valid = _searched(loads[behind], *rows, curve_params(devices), capacity, num_redundant > 0,
-                                     None if activity is None else activity[behind])
+                                     None if start_activity is None else start_activity[behind])
             best = _better_layers(best, other, behind, valid, loads, devices, activity)
     return best
 
@@ -72,9 +73,9 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
-    slot_activity = None if activity is None else np.take_along_axis(activity, expert, axis=1)
-    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit, slot_activity)
-    share = speed_shares(loads, expert, device, counts, params, slot_activity)
+    activity = None if activity is None else np.take_along_axis(activity, expert, axis=1)  # per slot
+    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit, activity)
+    share = speed_shares(loads, expert, device, counts, params, activity)
     placement, valid = _searched(loads, expert, share, device, params, capacity, num_redundant > 0, activity)
     assert valid.all()  # the greedy keeps replicas apart, and the search never joins them
     return placement
@@ -198,14 +199,14 @@ def speed_shares(loads: np.ndarray, expert: np.ndarray, device: np.ndarray, coun
 def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: np.ndarray,
               params: np.ndarray, capacity: np.ndarray | None, distinct: bool,
               activity: np.ndarray | None = None) -> tuple[Placement, np.ndarray]:
-    """The local search from the start `expert`, `share`, `device` (each [L, R]); `activity` [L, E] or None.
+    """The local search from the start `expert`, `share`, `device` (each [L, R]); `activity` [L, R] (each
+    slot's expert's share of passes with tokens) or None.
 
     Returns the placement and bool [L], the layers where it keeps replicas on distinct devices (a start
     from EPLB may co-locate two replicas; they are first swapped apart where some swap allows it).
     """
     tokens = np.take_along_axis(loads, expert, axis=1) * share
-    slot_activity = None if activity is None else np.take_along_axis(activity, expert, axis=1)
-    search = SwapSearch(expert, tokens, device, params, capacity, distinct, slot_activity)
+    search = SwapSearch(expert, tokens, device, params, capacity, distinct, activity)
     valid = search.separate_replicas() if distinct else np.ones(loads.shape[0], dtype=bool)
     search.relieve_slowest(0.0)
     placement = device_major(expert, search.slot_devices(), share, loads.shape[1], params.shape[1], 0)

@@ -78,20 +78,23 @@ class _ScriptedSweep(Experiment):
         return runs
 
 
-def _swept(config: CompareConfig, attainment, rates: list[float]) -> list[float]:
+def _sweep(config: CompareConfig, attainment, rates: list[float]) -> tuple[list[float], dict[str, list[float]]]:
+    """The scripted sweep's swept rates and the rates each policy ran."""
     experiment = _ScriptedSweep(config, attainment, rates)
     asyncio.run(experiment._sweep({p: None for p in config.policies}))
-    swept = experiment.result["rates"]
-    for policy in config.policies:  # each policy ran a prefix of the swept rates (all of them when together)
-        own = [r["rate_rps"] for r in experiment._entry(policy)["runs"]]
-        assert own == swept[:len(own)] and (own == swept or not config.together)
+    own = {p: [r["rate_rps"] for r in experiment._entry(p)["runs"]] for p in config.policies}
+    return experiment.result["rates"], own
+
+
+def _swept(config: CompareConfig, attainment, rates: list[float]) -> list[float]:
+    swept, own = _sweep(config, attainment, rates)
+    for ran in own.values():  # each policy ran a prefix of the swept rates (all of them when together)
+        assert ran == swept[:len(ran)] and (ran == swept or not config.together)
     return swept
 
 
 def _rates_of(config: CompareConfig, attainment, rates: list[float]) -> dict[str, list[float]]:
-    experiment = _ScriptedSweep(config, attainment, rates)
-    asyncio.run(experiment._sweep({p: None for p in config.policies}))
-    return {p: [r["rate_rps"] for r in experiment._entry(p)["runs"]] for p in config.policies}
+    return _sweep(config, attainment, rates)[1]
 
 
 def test_sweep_goes_on_above_the_listed_rates_while_a_policy_still_meets_the_target():

@@ -104,4 +104,3 @@ def test_interpolate_at_swept_and_between_rates():
     assert interpolate_at([1, 2], [10.0, 20.0], 2) == 20.0
     assert interpolate_at([1, 2], [10.0, None], 1.5) is None
     assert interpolate_at([1, 2], [10.0, 20.0], 5) is None
-

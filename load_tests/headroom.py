@@ -16,7 +16,9 @@ experts per device, for comparison; and the served model on the "edge" cluster: 
 same devices with the slowest one throttling to `edge_floor` (0.7, the lowest the issue allows) instead of
 the config's floor. And the same bound for the drift scenarios of `make bench` (`drift_rows`): after the
 prompts switch from prose to code, or after a device throttles to 0.8x, how much shorter the MoE time of
-vibe re-planned for the new state is than that of the placement made for the old one (static). Router
+vibe re-planned for the new state is than that of the placement made for the old one (static); and for a
+change of batch size (planned at one sequence per step, run at more), which the coordinator's volume
+trigger catches. Router
 loads per workload come from the served model's own prefill of the shipped workload prompts.
 Writes `<out>/headroom.json`.
 
@@ -200,31 +202,40 @@ def workload_loads(model_dir: Path, workloads: tuple[str, ...], limit: int | Non
 
 def drift_rows(before: np.ndarray, after: np.ndarray, top_k: int, decode_batches: tuple[int, ...],
                devices: list[DeviceModel], throttled: int, throttle_to: float, steps: int,
-               rng: np.random.Generator, window: int = HeadroomConfig.window) -> list[dict]:
-    """Static against re-planned vibe for the two drift scenarios, per decode batch size: MoE critical path
+               rng: np.random.Generator, window: int = HeadroomConfig.window, load_from: int = 1) -> list[dict]:
+    """Static against re-planned vibe for three drift scenarios, per decode batch size: MoE critical path
     (ms) on steps drawn from the new state. Workload: planned for `before`'s shares, run on `after`'s.
     Device: planned for `devices`, run with device `throttled` at `throttle_to` of its speed (on `before`).
-    Each plan is made on a statistics window of `window` steps of its routing (`window_statistics`), one
-    window per routing state and batch size."""
+    Load: planned for decode steps of `load_from` sequences, run at each other batch size (on `before`):
+    the same shares, so no cosine drift, only the router load per pass changes. Each plan is made on a
+    statistics window of `window` steps of its routing and batch size (`window_statistics`), one window per
+    routing state and batch size."""
     slowed = list(devices)
     slowed[throttled] = devices[throttled].scaled(1.0 / throttle_to)
     states = {"before": before / before.sum(axis=1, keepdims=True), "after": after / after.sum(axis=1, keepdims=True)}
+    batches = tuple(dict.fromkeys((*decode_batches, load_from)))
     windows = {(state, batch): window_statistics(shares, batch, top_k, window, rng)
-               for state, shares in states.items() for batch in decode_batches}
+               for state, shares in states.items() for batch in batches}
     if np.array_equal(states["before"], states["after"]):  # one routing state: one window
-        windows |= {("after", batch): windows["before", batch] for batch in decode_batches}
-    cases = {"workload": ("before", "after", devices, devices), "device": ("before", "before", devices, slowed)}
+        windows |= {("after", batch): windows["before", batch] for batch in batches}
+    # scenario: (routing planned for, routing run on, devices planned for, devices run on, batch planned for)
+    cases = {"workload": ("before", "after", devices, devices, None),
+             "device": ("before", "before", devices, slowed, None),
+             "load": ("before", "before", devices, devices, load_from)}
     rows = []
-    for scenario, (planned_for, runs_on, planned_devices, run_devices) in cases.items():
+    for scenario, (planned_for, runs_on, planned_devices, run_devices, planned_batch) in cases.items():
         for batch in decode_batches:
+            if batch == planned_batch:
+                continue
             drawn = draw_steps(states[runs_on], batch, top_k, steps, rng)
-            old_mean, old_activity = windows[planned_for, batch]
+            old_mean, old_activity = windows[planned_for, planned_batch or batch]
             new_mean, new_activity = windows[runs_on, batch]
             static = plan(old_mean, planned_devices, "vibe", activity=old_activity)
             adaptive = plan(new_mean, run_devices, "vibe", activity=new_activity)
             ms = {name: 1e3 * mean_critical_path(p, drawn, run_devices)
                   for name, p in (("static", static), ("adaptive", adaptive))}
-            rows.append({"scenario": scenario, "step": f"decode {batch}", "static_ms": ms["static"],
+            rows.append({"scenario": scenario, "step": f"decode {batch}",
+                         "planned_for": f"decode {planned_batch or batch}", "static_ms": ms["static"],
                          "adaptive_ms": ms["adaptive"], "static_over_adaptive": ms["static"] / ms["adaptive"]})
     return rows
 
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
               f"moe_ms: {paths}  eplb/vibe={row['eplb_over_vibe']:.3f} (vibe/mean: {row['eplb_over_vibe_mean']:.3f}) "
               f"contiguous/vibe={row['contiguous_over_vibe']:.3f}")
     for row in result["drift"]:
-        print(f"drift {row['scenario']:>8} {row['step']:>10} static={row['static_ms']:.2f} ms "
+        print(f"drift {row['scenario']:>8} {row['step']:>10} (planned for {row['planned_for']}) static={row['static_ms']:.2f} ms "
               f"adaptive={row['adaptive_ms']:.2f} ms static/adaptive={row['static_over_adaptive']:.3f}")
     print(f"wrote {args.out}/headroom.json in {result['runtime_s']:.0f} s")
     return 0

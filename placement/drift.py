@@ -1,10 +1,11 @@
 """Drift detection: when the workload or the devices no longer match what the placement was made for.
 
 Owns two detectors (DESIGN.md §2): workload drift, the paper's Algorithm 2 trigger (cosine distance
-between a sliding window of router counts and the reference loads), and device drift, ours (observed
-vs predicted expert time per device). Plain classes with no clocks or threads: callers feed them
-forward passes and timing samples and act on what they report. Knows nothing of placements or of how
-recalibration is done.
+between a sliding window of router counts and the reference loads) and ours next to it (the router load
+of a typical pass rising or falling by a factor: the batch size, which the cosine cannot see), and
+device drift, ours (observed vs predicted expert time per device). Plain classes with no clocks or
+threads: callers feed them forward passes and timing samples and act on what they report. Knows nothing
+of placements or of how recalibration is done.
 """
 
 from __future__ import annotations
@@ -37,16 +38,32 @@ class DriftReport:
         worst_layer: index of the largest distance.
         window_mean: float [L, E]; mean router counts per pass over the window (the new reference).
         num_passes: passes observed when the check ran.
+        volume_ratio: the window's volume (median router load per pass, `WorkloadDriftDetector.volume`)
+            over the reference's; 1.0 when the reference has none.
+        causes: what was found: "routing" (a layer's distance beyond the threshold) and/or "volume" (the
+            volume ratio beyond the volume factor, either way).
     """
 
     distances: np.ndarray
     worst_layer: int
     window_mean: np.ndarray
     num_passes: int
+    volume_ratio: float = 1.0
+    causes: tuple[str, ...] = ("routing",)
 
     @property
     def worst_distance(self) -> float:
         return float(self.distances[self.worst_layer])
+
+    def summary(self) -> str:
+        """What drifted, in words: "layer 2 cosine distance 0.081; median router load per pass 3.90x the
+        reference's"."""
+        parts = []
+        if "routing" in self.causes:
+            parts.append(f"layer {self.worst_layer} cosine distance {self.worst_distance:.3f}")
+        if "volume" in self.causes:
+            parts.append(f"median router load per pass {self.volume_ratio:.2f}x the reference's")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -57,13 +74,19 @@ class WorkloadDriftConfig:
         check_every: passes between checks (H), >= 1.
         window: passes in the sliding window of router counts, >= 1.
         threshold: cosine distance in (0, 1) above which a layer has drifted.
-        cooldown: passes after a `reset` before a report can be made again, >= 0.
+        cooldown: passes after a `reset` or `cool_down` before a report can be made again, >= 0.
+        volume_factor: the window's volume (median router load per pass) more than this factor above or
+            below the reference's is drift too (> 1; inf: never). Ours, not the paper's: the cosine of the
+            mean loads does not change with the batch size, but which experts are called in a pass, and so
+            the best placement, does. The median, not the mean: one prefill pass of a few hundred tokens
+            among a hundred one-token decode passes would otherwise double the volume.
     """
 
     check_every: int = 10
     window: int = 100
     threshold: float = 0.05
     cooldown: int = 10
+    volume_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.check_every < 1 or self.window < 1 or self.cooldown < 0:
@@ -73,14 +96,18 @@ class WorkloadDriftConfig:
             )
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold!r}")
+        if not self.volume_factor > 1.0:  # also rejects NaN
+            raise ValueError(f"volume_factor must be > 1 (inf: off), got {self.volume_factor!r}")
 
 
 class WorkloadDriftDetector:
     """Sliding-window router statistics compared to the loads the placement was made for.
 
     Every `check_every` passes, unless cooling down after a `reset`, the window mean is compared to
-    the reference layer by layer; any layer beyond `threshold` gives a DriftReport. The window is kept
-    across `reset`: the loads it holds stay valid whatever the placement.
+    the reference layer by layer; any layer beyond `threshold`, or a window whose volume (`volume`: the
+    median router load per pass) differs from the reference volume by more than `volume_factor` either way,
+    gives a DriftReport. The window is kept across `reset`: the loads it holds stay valid whatever the
+    placement. There is no reference volume until a `reset` gives one (no volume check before).
     """
 
     def __init__(
@@ -91,10 +118,12 @@ class WorkloadDriftDetector:
         window: int = WorkloadDriftConfig.window,
         threshold: float = WorkloadDriftConfig.threshold,
         cooldown: int = WorkloadDriftConfig.cooldown,
+        volume_factor: float = WorkloadDriftConfig.volume_factor,
     ) -> None:
-        self.config = WorkloadDriftConfig(check_every, window, threshold, cooldown)
+        self.config = WorkloadDriftConfig(check_every, window, threshold, cooldown, volume_factor)
         self._reference = _check_reference(reference)
         self._window = np.zeros((window, *self._reference.shape))  # ring buffer [window, L, E]
+        self._reference_volume: float | None = None
         self._num_passes = 0
         self._quiet_until = 0  # no report before this pass count
 
@@ -120,12 +149,30 @@ class WorkloadDriftDetector:
             return None
         return self._check()
 
-    def reset(self, reference: np.ndarray) -> None:
-        """Adopt the loads of a new placement and cool down for `cooldown` passes."""
+    @property
+    def reference_volume(self) -> float | None:
+        """The volume (median router load per pass) the current placement was made for, if known."""
+        return self._reference_volume
+
+    def reset(self, reference: np.ndarray, volume: float | None = None) -> None:
+        """Adopt the loads of a new placement and cool down for `cooldown` passes.
+
+        Args:
+            reference: float [L, E], the loads the placement was made for.
+            volume: the median router load per pass of the passes it was made for; None: the window's
+                now (a placement planned on the window), or none while the window is empty.
+        """
         reference = _check_reference(reference)
         if reference.shape != self._reference.shape:
             raise ValueError(f"reference must be [L, E] = {self._reference.shape}, got {reference.shape}")
+        if volume is not None and not (np.isfinite(volume) and volume > 0):
+            raise ValueError(f"volume must be finite and > 0, got {volume!r}")
         self._reference = reference
+        self._reference_volume = self.volume() if volume is None else float(volume)
+        self.cool_down()
+
+    def cool_down(self) -> None:
+        """Keep the references (the placement did not change) and report nothing for `cooldown` passes."""
         self._quiet_until = self._num_passes + self.config.cooldown
 
     def window_mean(self) -> np.ndarray | None:
@@ -139,13 +186,32 @@ class WorkloadDriftDetector:
         filled = min(self._num_passes, self.config.window)
         return (self._window[:filled] > 0).mean(axis=0) if filled else None
 
+    def volume(self) -> float | None:
+        """Median over the window's passes of the router load per pass (expert assignments per layer, top-k
+        per token: about top-k x the batch size in decode); None before a pass with load."""
+        filled = min(self._num_passes, self.config.window)
+        per_pass = self._window[:filled].sum(axis=(1, 2)) / self._reference.shape[0]
+        median = float(np.median(per_pass)) if filled else 0.0
+        return median if median > 0 else None
+
+    def volume_ratio(self) -> float | None:
+        """The window's volume over the reference volume (None while either is unknown)."""
+        volume = self.volume()
+        if volume is None or self._reference_volume is None:
+            return None
+        return volume / self._reference_volume
+
     def _check(self) -> DriftReport | None:
         mean = self.window_mean()
         distances = cosine_distance(mean, self._reference)
         worst = int(np.argmax(distances))
-        if distances[worst] <= self.config.threshold:
+        ratio = self.volume_ratio()
+        causes = tuple(cause for cause, found in (
+            ("routing", distances[worst] > self.config.threshold),
+            ("volume", ratio is not None and max(ratio, 1.0 / ratio) > self.config.volume_factor)) if found)
+        if not causes:
             return None
-        return DriftReport(distances, worst, mean, self._num_passes)
+        return DriftReport(distances, worst, mean, self._num_passes, 1.0 if ratio is None else ratio, causes)
 
 
 def _check_reference(reference: np.ndarray) -> np.ndarray:

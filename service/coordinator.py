@@ -49,6 +49,9 @@ class CoordinatorConfig:
         eps: the incremental solver stops at max <= (1 + eps) * mean device time.
         drift_check_every, drift_window, drift_threshold, drift_cooldown: workload drift detector
             (forward passes; cosine distance).
+        drift_volume_factor: the window's median router load per pass more than this factor above or below
+            that of the window the placement was made on is workload drift too (the batch size changed;
+            > 1, inf: never; see `placement.drift.WorkloadDriftConfig`).
         device_drift_threshold: observed / predicted device time beyond 1 +- this is device drift.
         device_drift_min_samples: expert calls per device before its ratio is trusted.
         profile_token_counts, profile_repeats: the device profiling grid.
@@ -76,6 +79,7 @@ class CoordinatorConfig:
     drift_window: int = 100
     drift_threshold: float = 0.05
     drift_cooldown: int = 10
+    drift_volume_factor: float = 2.0
     device_drift_threshold: float = 0.10
     device_drift_min_samples: int = 50
     profile_token_counts: tuple[int, ...] = DEFAULT_PROFILE_TOKENS
@@ -106,6 +110,8 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if min(self.drift_check_every, self.drift_window, self.profile_repeats, self.gain_horizon_passes) < 1:
             raise ValueError("drift_check_every, drift_window, profile_repeats, gain_horizon_passes must be >= 1")
+        if not self.drift_volume_factor > 1:
+            raise ValueError(f"drift_volume_factor must be > 1 (inf: off), got {self.drift_volume_factor!r}")
         if self.probe_misses < 1:
             raise ValueError(f"probe_misses must be >= 1, got {self.probe_misses!r}")
         if not self.profile_token_counts or min(self.profile_token_counts) < 1:
@@ -174,7 +180,8 @@ class Coordinator:
         # until the first calibration, when drift reports are not acted on).
         self._workload_drift = pl.WorkloadDriftDetector(
             np.ones((shape.num_layers, shape.num_experts)), check_every=config.drift_check_every,
-            window=config.drift_window, threshold=config.drift_threshold, cooldown=config.drift_cooldown)
+            window=config.drift_window, threshold=config.drift_threshold, cooldown=config.drift_cooldown,
+            volume_factor=config.drift_volume_factor)
         self._device_drift = pl.DeviceDriftDetector(
             pool.num_devices, threshold=config.device_drift_threshold,
             min_samples=config.device_drift_min_samples)
@@ -268,10 +275,10 @@ class Coordinator:
         drift = self._workload_drift.observe(counts)
         if drift is not None and self._calibrated:
             self._last_drift = {"passes": drift.num_passes, "layer_distances": drift.distances.tolist(),
-                                "worst_layer": int(drift.worst_layer)}
+                                "worst_layer": int(drift.worst_layer), "volume_ratio": drift.volume_ratio,
+                                "causes": list(drift.causes)}
             if self.config.auto_recalibrate and self.config.policy != "contiguous":
-                self._pending_trigger = (f"workload drift: layer {drift.worst_layer} cosine distance "
-                                         f"{drift.distances.max():.3f}")
+                self._pending_trigger = f"workload drift: {drift.summary()}"
 
     def _observe_device(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
         if not self._profiled or tokens.size == 0:
@@ -322,6 +329,7 @@ class Coordinator:
             with self._lock:
                 old = self._placement
                 devices = self.device_models()
+                volume = self._workload_drift.volume()  # of the passes planned on (None: no load yet)
                 loads, activity = self._window() if loads is None else (loads, None)
             if loads is None:
                 raise ValueError("no router statistics yet: serve some requests first")
@@ -345,9 +353,9 @@ class Coordinator:
             with self._lock:
                 self._remember(record)
                 if record.status in ("applied", "no_change"):
-                    self._reset_drift(loads)
+                    self._reset_drift(loads, volume)
                 elif record.status == "skipped":  # not worth moving now: cool down, keep the reference
-                    self._workload_drift.reset(self._workload_drift.reference)
+                    self._workload_drift.cool_down()
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
             return asdict(record)
 
@@ -450,11 +458,11 @@ class Coordinator:
                 return
             time.sleep(0.02)
 
-    def _reset_drift(self, loads: np.ndarray) -> None:
+    def _reset_drift(self, loads: np.ndarray, volume: float | None) -> None:
         # A layer without load (no tokens seen yet) has no direction: make it uniform, not invalid.
         reference = np.asarray(loads, dtype=np.float64)
         reference = np.where(reference.sum(axis=1, keepdims=True) > 0, reference, 1.0)
-        self._workload_drift.reset(reference)
+        self._workload_drift.reset(reference, volume)
         self._pending_trigger = None
 
     # --- device models -----------------------------------------------------------------------------
@@ -731,6 +739,7 @@ class Coordinator:
             engines = {k: asdict(v) for k, v in self._engines.items()}
             drift = dict(self._last_drift)
             passes = self._workload_drift.num_passes
+            volume = self._workload_drift.volume_ratio() if self._calibrated else None
             device_ratios = self._device_drift.ratios().tolist()
             lost = sorted(self._lost)
             telemetry = [asdict(t) for t in self._telemetry]
@@ -748,6 +757,7 @@ class Coordinator:
                          "observed_over_predicted": None if np.isnan(ratio) else ratio}
                         for i, (m, ratio) in enumerate(zip(devices, device_ratios))],
             "workload_drift": drift,
+            "volume_ratio": volume,
             "migration_bandwidth_bytes_per_s": self._bandwidth,
             "recalibrations": history,
             "engines": engines,

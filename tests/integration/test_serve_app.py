@@ -156,6 +156,32 @@ def test_the_coordinator_predicts_expected_seconds_from_its_windows_activity(cli
     assert plan["predicted_makespan_before_s"] == pytest.approx(shown, rel=1e-9)
 
 
+def test_a_jump_in_concurrency_recalibrates_for_the_new_batch_size(client, url):
+    # One stream, then sixteen at once: the median router load per pass grows about sixteenfold, which
+    # the cosine of the mean loads need not show; the coordinator recalibrates by itself for it.
+    async def burst():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0) as aclient:
+            await asyncio.gather(*(aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Tell me about number {i}."}], max_tokens=48,
+                temperature=0) for i in range(16)))
+
+    for _ in range(3):  # a window of one-sequence passes
+        _greedy(client, "Keep talking about anything at all.", max_tokens=40)
+    planned = _admin(url, "POST", "/admin/recalibrate", json={"mode": "full", "force": True}).json()
+    assert planned["status"] in ("applied", "no_change"), planned
+    deadline, found, history = time.monotonic() + 150, None, []
+    while found is None and time.monotonic() < deadline:
+        asyncio.run(burst())
+        history = _admin(url, "GET", "/admin/stats").json()["recalibrations"]
+        found = next((r for r in history if r["from_version"] >= planned["to_version"]
+                      and "median router load per pass" in r["reason"]), None)
+    assert found is not None, [r["reason"] for r in history]
+    assert found["reason"].startswith("workload drift") and "auto: net predicted gain" in found["detail"]
+    assert found["status"] in ("applied", "skipped", "no_change"), found
+    ratio = float(re.search(r"median router load per pass ([0-9.]+)x", found["reason"]).group(1))
+    assert ratio > 2  # more sequences per pass, not fewer
+
+
 def test_migration_under_load_fails_no_request_and_keeps_outputs(client, url):
     before = [_greedy(client, p) for p in PROMPTS]
     version = _admin(url, "GET", "/admin/placement").json()["version"]

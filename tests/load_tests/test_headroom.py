@@ -92,10 +92,27 @@ def test_re_planning_for_a_throttled_device_beats_the_old_placement():
     loads = np.array([[8.0, 4.0, 2.0, 1.0, 1.0, 2.0, 4.0, 8.0]])
     rows = drift_rows(loads, loads, 2, (16,), devices, throttled=0, throttle_to=0.25, steps=20,
                       rng=np.random.default_rng(0))
-    assert [(r["scenario"], r["step"]) for r in rows] == [("workload", "decode 16"), ("device", "decode 16")]
-    workload, device = rows
+    assert [(r["scenario"], r["step"], r["planned_for"]) for r in rows] == [
+        ("workload", "decode 16", "decode 16"), ("device", "decode 16", "decode 16"), ("load", "decode 16", "decode 1")]
+    workload, device, _load = rows
     assert workload["static_over_adaptive"] == pytest.approx(1.0)  # same loads: the same plan
     assert device["static_over_adaptive"] > 1.5  # the old plan keeps a hot expert on the 4x slower device
+
+
+def test_a_plan_for_one_sequence_per_step_is_slower_at_thirty_two():
+    # the served model's routing on this cluster: planned on steps of one sequence (4 of 32 experts called
+    # per layer), vibe puts the most often called experts on the fastest devices; at 32 sequences every
+    # device is busy and the plan made for that batch size is faster
+    from deploy.app import DEFAULT_MODEL
+    from load_tests.compare import deploy_args
+
+    loads = np.asarray(json.loads((DEFAULT_MODEL / "routing_stats.json").read_text())["loads"], dtype=np.float64)
+    rows = drift_rows(loads, loads, 4, (1, 32), cluster_devices(deploy_args()), throttled=0, throttle_to=0.8,
+                      steps=100, rng=np.random.default_rng(0))
+    load = [r for r in rows if r["scenario"] == "load"]
+    assert [(r["step"], r["planned_for"]) for r in load] == [("decode 32", "decode 1")]  # not at its own size
+    assert load[0]["static_over_adaptive"] > 1.02
+    assert all(r["static_over_adaptive"] == 1.0 for r in rows if r["scenario"] == "workload")  # one routing
 
 
 def test_workload_loads_count_top_k_assignments_of_every_prompt_token():
@@ -137,5 +154,6 @@ def test_run_writes_rows_for_the_served_model_and_the_report_section(tmp_path, m
     section = _headroom(result)
     assert "| vibe-tiny-moe | deploy | prefill | 64.0 |" in section and f"at most {best_gain(result):.3f}x" in section
     assert f"{best_gain(result, cluster='edge'):.3f}x on the edge cluster" in section
-    assert [(r["scenario"], r["step"]) for r in result["drift"]] == [("workload", "decode 4"), ("device", "decode 4")]
-    assert "| device | decode 4 |" in section
+    assert [(r["scenario"], r["step"]) for r in result["drift"]] == [("workload", "decode 4"), ("device", "decode 4"),
+                                                                     ("load", "decode 4")]
+    assert "| device | decode 4 | decode 4 |" in section and "| load | decode 4 | decode 1 |" in section

@@ -87,8 +87,68 @@ def test_reset_to_the_new_loads_stops_reports():
     np.testing.assert_allclose(detector.reference, SHIFTED)
 
 
+def _volume(counts: np.ndarray) -> float:
+    return float(counts.sum() / counts.shape[0])  # router assignments per layer
+
+
+def test_a_change_in_router_load_per_pass_is_drift_though_the_shares_stay():
+    # the batch size grew 4x: the same shares, so the cosine distance is 0, but 4x the calls per pass
+    detector = WorkloadDriftDetector(REFERENCE, check_every=5, window=5, cooldown=0)
+    assert detector.volume() is None and detector.volume_ratio() is None
+    assert all(detector.observe(4 * REFERENCE) is None for _ in range(10))  # no reference volume yet
+    for _ in range(5):
+        detector.observe(REFERENCE)
+    detector.reset(REFERENCE)  # planned on the window: its volume is the reference
+    assert detector.reference_volume == pytest.approx(_volume(REFERENCE))
+    reports = [detector.observe(4 * REFERENCE) for _ in range(5)]
+    report = reports[-1]
+    assert reports[:4] == [None] * 4 and report is not None
+    assert report.causes == ("volume",) and report.volume_ratio == pytest.approx(4.0)
+    np.testing.assert_allclose(report.distances, 0.0, atol=1e-12)
+    assert report.summary() == "median router load per pass 4.00x the reference's"
+    detector.cool_down()  # not re-planned: the references stay, and so does the drift
+    assert [detector.observe(4 * REFERENCE) is not None for _ in range(5)][-1]
+    detector.reset(report.window_mean)  # re-planned for it: no more reports
+    assert all(detector.observe(4 * REFERENCE) is None for _ in range(20))
+    assert detector.volume_ratio() == pytest.approx(1.0)
+
+
+def test_volume_is_the_median_pass_so_a_prefill_among_decodes_is_no_drift():
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=10, cooldown=0)
+    detector.reset(REFERENCE, volume=_volume(REFERENCE))
+    reports = [detector.observe(50 * REFERENCE if i == 3 else REFERENCE) for i in range(10)]
+    assert reports == [None] * 10  # the window mean grew 5.9x, its median pass not at all
+    assert detector.volume() == pytest.approx(_volume(REFERENCE))
+
+
+def test_volume_drift_either_way_and_only_beyond_the_factor():
+    for scale, drifted in ((0.25, True), (0.6, False), (1.9, False), (2.1, True)):
+        detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=1, cooldown=0)
+        detector.reset(REFERENCE, volume=_volume(REFERENCE))
+        report = detector.observe(scale * REFERENCE)
+        assert (report is not None) == drifted, scale
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=1, volume_factor=np.inf)
+    detector.reset(REFERENCE, volume=_volume(REFERENCE))
+    assert detector.observe(100 * REFERENCE) is None  # off
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=1, cooldown=0)
+    detector.reset(REFERENCE, volume=_volume(REFERENCE))
+    assert detector.observe(np.zeros_like(REFERENCE)) is None  # a window without load has nothing to plan on
+    with pytest.raises(ValueError, match="volume"):
+        detector.reset(REFERENCE, volume=0.0)
+
+
+def test_routing_and_volume_drift_together_name_both():
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=1, cooldown=0)
+    detector.reset(REFERENCE, volume=_volume(REFERENCE))
+    report = detector.observe(3 * SHIFTED)
+    assert report.causes == ("routing", "volume")
+    assert report.summary() == (f"layer 0 cosine distance {report.distances[0]:.3f}; "
+                                "median router load per pass 3.00x the reference's")
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"check_every": 0}, {"window": 0}, {"threshold": 0.0}, {"threshold": 1.5}, {"cooldown": -1}]
+    "kwargs", [{"check_every": 0}, {"window": 0}, {"threshold": 0.0}, {"threshold": 1.5}, {"cooldown": -1},
+               {"volume_factor": 1.0}, {"volume_factor": 0.5}, {"volume_factor": float("nan")}]
 )
 def test_workload_config_is_validated(kwargs):
     with pytest.raises(ValueError):

@@ -228,6 +228,29 @@ def test_workload_drift_triggers_recalibration(checkpoint):
     assert result["mode"] == "incremental"
 
 
+def test_a_change_of_batch_size_triggers_recalibration(checkpoint):
+    # the same routing shares at 8x the tokens per pass: no cosine drift, but the batch size changed
+    coordinator = _coordinator(checkpoint, drift_window=20, drift_check_every=5, drift_cooldown=5)
+    few = _skewed(coordinator.shape, 5, tokens=40)
+    assert coordinator.stats_view()["volume_ratio"] is None  # nothing to compare before calibration
+    _report(coordinator, few, passes=20)
+    coordinator.calibrate()
+    assert coordinator.stats_view()["volume_ratio"] == pytest.approx(1.0)
+    _report(coordinator, few, passes=5)
+    assert coordinator._pending_trigger is None
+    _report(coordinator, 8 * few, passes=10)
+    trigger = coordinator._pending_trigger
+    assert trigger is not None and trigger.startswith("workload drift: median router load per pass"), trigger
+    stats = coordinator.stats_view()
+    assert stats["workload_drift"]["causes"] == ["volume"] and stats["workload_drift"]["volume_ratio"] > 2
+    result = coordinator.recalibrate(reason=trigger, mode="auto", force=True)
+    assert result["status"] in ("applied", "no_change") and result["reason"] == trigger
+    assert coordinator.stats_view()["volume_ratio"] == pytest.approx(1.0)  # planned for the new window
+    coordinator._pending_trigger = None
+    _report(coordinator, 8 * few, passes=20)
+    assert coordinator._pending_trigger is None
+
+
 def test_restarted_coordinator_recovers_placement_from_workers(checkpoint):
     pool = _pool(checkpoint)
     first = _coordinator(checkpoint, pool)
@@ -282,6 +305,8 @@ def test_bad_recalibration_arguments(checkpoint):
         coordinator.recalibrate(mode="partial")
     with pytest.raises(ValueError, match="recalibration_mode"):
         CoordinatorConfig(checkpoint=checkpoint, recalibration_mode="partial")
+    with pytest.raises(ValueError, match="drift_volume_factor"):
+        CoordinatorConfig(checkpoint=checkpoint, drift_volume_factor=1.0)
     with pytest.raises(ValueError, match="no router statistics"):
         coordinator.recalibrate()
 

@@ -48,7 +48,9 @@ class CoordinatorConfig:
             cost), "incremental" (the paper's Algorithm 2 only) or "full".
         eps: the incremental solver stops at max <= (1 + eps) * mean device time.
         drift_check_every, drift_window, drift_threshold, drift_cooldown: workload drift detector
-            (forward passes; cosine distance).
+            (forward passes; cosine distance). After a recalibration is skipped (not worth moving), the
+            cooldown doubles with each skip in a row, up to drift_window passes: a drift that does not pay
+            is judged again as the window moves on, not at every check.
         drift_volume_factor: the window's median router load per pass more than this factor above or below
             that of the window the placement was made on is workload drift too (the batch size changed;
             > 1, inf: never; see `placement.drift.WorkloadDriftConfig`).
@@ -79,7 +81,7 @@ class CoordinatorConfig:
     drift_window: int = 100
     drift_threshold: float = 0.05
     drift_cooldown: int = 10
-    drift_volume_factor: float = 2.0
+    drift_volume_factor: float = 3.0
     device_drift_threshold: float = 0.10
     device_drift_min_samples: int = 50
     profile_token_counts: tuple[int, ...] = DEFAULT_PROFILE_TOKENS
@@ -187,6 +189,7 @@ class Coordinator:
             min_samples=config.device_drift_min_samples)
         self._last_drift: dict[str, Any] = {}
         self._pending_trigger: str | None = None
+        self._skips = 0  # recalibrations skipped in a row (not worth moving): each doubles the cooldown
         self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
         self._bandwidth = config.bandwidth_bytes_per_s
         self._history: deque[Recalibration] = deque(maxlen=50)
@@ -354,8 +357,12 @@ class Coordinator:
                 self._remember(record)
                 if record.status in ("applied", "no_change"):
                     self._reset_drift(loads, volume)
+                    self._skips = 0
                 elif record.status == "skipped":  # not worth moving now: cool down, keep the reference
-                    self._workload_drift.cool_down()
+                    cfg = self.config
+                    self._workload_drift.cool_down(min(cfg.drift_cooldown << min(self._skips, 30),
+                                                       max(cfg.drift_cooldown, cfg.drift_window)))
+                    self._skips += 1
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
             return asdict(record)
 

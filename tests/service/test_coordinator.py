@@ -116,10 +116,14 @@ def test_dry_run_and_cost_aware_skip(checkpoint):
     reference = coordinator._workload_drift.reference.copy()
     skipped = coordinator.recalibrate(mode="full")
     assert skipped["status"] == "skipped" and "migration cost" in skipped["detail"]
-    # Not re-planned again at every check: the detector cools down and keeps its reference.
+    # Not re-planned again at every check: the detector cools down and keeps its reference, longer with
+    # every skip in a row (10, 20, 40, 80 passes, then the window's 100)
     detector = coordinator._workload_drift
     assert np.array_equal(detector.reference, reference)
     assert detector._quiet_until == detector.num_passes + detector.config.cooldown
+    for cooldown in (20, 40, 80, 100, 100):
+        assert coordinator.recalibrate(mode="full")["status"] == "skipped"
+        assert detector._quiet_until == detector.num_passes + cooldown
     forced = coordinator.recalibrate(mode="full", force=True)
     assert forced["status"] == "applied" and coordinator.placement.version == 2
 

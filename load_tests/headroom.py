@@ -18,8 +18,8 @@ the config's floor. And the same bound for the drift scenarios of `make bench` (
 prompts switch from prose to code, or after a device throttles to 0.8x, how much shorter the MoE time of
 vibe re-planned for the new state is than that of the placement made for the old one (static); and for a
 change of batch size (planned at one sequence per step, run at more), which the coordinator's volume
-trigger catches. Router
-loads per workload come from the served model's own prefill of the shipped workload prompts.
+trigger catches. Router loads per workload come from the served model's own prefill of the shipped
+workload prompts.
 Writes `<out>/headroom.json`.
 
 Ignores the dense layers, the dispatch to the workers and queueing: the ratio it reports, vibe's MoE time

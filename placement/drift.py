@@ -78,11 +78,11 @@ class WorkloadDriftConfig:
         volume_factor: the window's volume (median router load per pass) more than this factor above or
             below the reference's is drift too (> 1; inf: never). Ours, not the paper's: the cosine of the
             mean loads does not change with the batch size, but which experts are called in a pass, and so
-            the best placement, does. Placement simulator, served model on the default cluster: vibe planned
-            for one batch size and run at 3x to 32x of it has a 1-4% longer MoE time than re-planned; at 2x,
-            0-1.3%, much of it within the +-1% noise of the estimate; hence 3. The median, not the mean:
-            one prefill pass of a few hundred tokens among a hundred one-token decode passes would
-            otherwise double the volume.
+            the best placement, does. Placement simulator, served model on the default cluster, vibe planned
+            for one batch size and run at another, MoE time against re-planned: batch grown 8x or more
+            2.0-3.7% longer, 3-6x up or down up to 2.5%, 2x -0.8 to +1.3% (the estimate's noise is about
+            1%); hence 3. The median, not the mean: one prefill pass of a few hundred tokens among a
+            hundred one-token decode passes would otherwise double the volume.
     """
 
     check_every: int = 10

@@ -195,10 +195,12 @@ class WorkloadDriftDetector:
 
     def volume(self) -> float | None:
         """Median over the window's passes of the router load per pass (expert assignments per layer, top-k
-        per token: about top-k x the batch size in decode); None before a pass with load."""
+        per token: about top-k x the batch size in decode); None before a pass with load. The lower median
+        of an even count, always one pass's own load: a window half prefill, half decode passes has the
+        volume of one of the two, not their mean."""
         filled = min(self._num_passes, self.config.window)
         per_pass = self._window[:filled].sum(axis=(1, 2)) / self._reference.shape[0]
-        median = float(np.median(per_pass)) if filled else 0.0
+        median = float(np.quantile(per_pass, 0.5, method="inverted_cdf")) if filled else 0.0
         return median if median > 0 else None
 
     def volume_ratio(self) -> float | None:

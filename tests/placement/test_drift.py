@@ -119,6 +119,9 @@ def test_volume_is_the_median_pass_so_a_prefill_among_decodes_is_no_drift():
     reports = [detector.observe(50 * REFERENCE if i == 3 else REFERENCE) for i in range(10)]
     assert reports == [None] * 10  # the window mean grew 5.9x, its median pass not at all
     assert detector.volume() == pytest.approx(_volume(REFERENCE))
+    for _ in range(5):  # half the window prefill-sized: the volume is one kind of pass, not their mean
+        detector.observe(50 * REFERENCE)
+    assert detector.volume() in (pytest.approx(_volume(REFERENCE)), pytest.approx(50 * _volume(REFERENCE)))
 
 
 def test_volume_drift_either_way_and_only_beyond_the_factor():

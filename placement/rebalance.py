@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from placement.device_model import DeviceModel
-from placement.metrics import checked_activity, curve_params, latency_matrix, latency_on, slot_activity, slot_calls
+from placement.metrics import (
+    checked_activity,
+    curve_params,
+    latency_matrix,
+    latency_on,
+    slot_activity,
+    slot_calls,
+)
 from placement.placement import Placement
 
 # A swap must lower the slowest device's time by more than this share of it to count: far above float

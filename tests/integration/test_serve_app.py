@@ -146,9 +146,9 @@ def test_the_coordinator_predicts_expected_seconds_from_its_windows_activity(cli
     else:
         pytest.fail("the statistics window kept changing")
     loads, activity = stats["loads"], stats["activity"]
-    assert len(activity) == len(loads) == 4 and all(len(a) == len(l) for a, l in zip(activity, loads))
-    pairs = [(a, l) for row_a, row_l in zip(activity, loads) for a, l in zip(row_a, row_l)]
-    assert all(0 <= a <= 1 and (a > 0) == (l > 0) for a, l in pairs)
+    assert len(activity) == len(loads) == 4 and all(len(a) == len(n) for a, n in zip(activity, loads))
+    pairs = [(a, n) for row_a, row_n in zip(activity, loads) for a, n in zip(row_a, row_n)]
+    assert all(0 <= a <= 1 and (a > 0) == (n > 0) for a, n in pairs)
     assert any(0 < a < 1 for a, _ in pairs)  # decode: some experts are called in some passes only
     # the dry run judges the live placement on the same expected seconds /admin/placement shows
     shown = sum(max(layer["device_predicted_s"]) for layer in view["layers"])

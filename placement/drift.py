@@ -39,7 +39,7 @@ class DriftReport:
         window_mean: float [L, E]; mean router counts per pass over the window (the new reference).
         num_passes: passes observed when the check ran.
         volume_ratio: the window's volume (median router load per pass, `WorkloadDriftDetector.volume`)
-            over the reference's; 1.0 when the reference has none.
+            over the reference's; None while either is unknown.
         causes: what was found: "routing" (a layer's distance beyond the threshold) and/or "volume" (the
             volume ratio beyond the volume factor, either way).
     """
@@ -48,8 +48,8 @@ class DriftReport:
     worst_layer: int
     window_mean: np.ndarray
     num_passes: int
-    volume_ratio: float = 1.0
-    causes: tuple[str, ...] = ("routing",)
+    volume_ratio: float | None
+    causes: tuple[str, ...]
 
     @property
     def worst_distance(self) -> float:
@@ -74,7 +74,8 @@ class WorkloadDriftConfig:
         check_every: passes between checks (H), >= 1.
         window: passes in the sliding window of router counts, >= 1.
         threshold: cosine distance in (0, 1) above which a layer has drifted.
-        cooldown: passes after a `reset` or `cool_down` before a report can be made again, >= 0.
+        cooldown: passes after a `reset` before a report can be made again, >= 0; after a `cool_down`,
+            doubled with each cool-down since the last reset, up to `window` passes.
         volume_factor: the window's volume (median router load per pass) more than this factor above or
             below the reference's is drift too (> 1; inf: never). Ours, not the paper's: the cosine of the
             mean loads does not change with the batch size, but which experts are called in a pass, and so
@@ -127,6 +128,7 @@ class WorkloadDriftDetector:
         self._reference = _check_reference(reference)
         self._window = np.zeros((window, *self._reference.shape))  # ring buffer [window, L, E]
         self._reference_volume: float | None = None
+        self._cool_downs = 0  # since the last reset: each doubles the next quiet spell
         self._num_passes = 0
         self._quiet_until = 0  # no report before this pass count
 
@@ -172,15 +174,16 @@ class WorkloadDriftDetector:
             raise ValueError(f"volume must be finite and > 0, got {volume!r}")
         self._reference = reference
         self._reference_volume = self.volume() if volume is None else float(volume)
-        self.cool_down()
+        self._cool_downs = 0
+        self._quiet_until = self._num_passes + self.config.cooldown
 
-    def cool_down(self, passes: int | None = None) -> None:
-        """Keep the references (the placement did not change) and report nothing for `passes` passes
-        (default: `cooldown`)."""
-        passes = self.config.cooldown if passes is None else passes
-        if passes < 0:
-            raise ValueError(f"passes must be >= 0, got {passes}")
-        self._quiet_until = self._num_passes + passes
+    def cool_down(self) -> None:
+        """Keep the references (the placement did not change: a drift that did not pay to act on) and
+        report nothing for `cooldown` passes, doubled with each cool-down since the last `reset`, at most
+        the window: the drift is judged again as the window moves on, not at every check."""
+        quiet = min(self.config.cooldown << min(self._cool_downs, 30), max(self.config.cooldown, self.config.window))
+        self._quiet_until = self._num_passes + quiet
+        self._cool_downs += 1
 
     def window_mean(self) -> np.ndarray | None:
         """float [L, E]: mean router counts per pass over the window (None before the first pass)."""
@@ -220,7 +223,7 @@ class WorkloadDriftDetector:
             ("volume", ratio is not None and max(ratio, 1.0 / ratio) > self.config.volume_factor)) if found)
         if not causes:
             return None
-        return DriftReport(distances, worst, mean, self._num_passes, 1.0 if ratio is None else ratio, causes)
+        return DriftReport(distances, worst, mean, self._num_passes, ratio, causes)
 
 
 def _check_reference(reference: np.ndarray) -> np.ndarray:

@@ -189,7 +189,6 @@ class Coordinator:
             min_samples=config.device_drift_min_samples)
         self._last_drift: dict[str, Any] = {}
         self._pending_trigger: str | None = None
-        self._skips = 0  # recalibrations skipped in a row (not worth moving): each doubles the cooldown
         self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
         self._bandwidth = config.bandwidth_bytes_per_s
         self._history: deque[Recalibration] = deque(maxlen=50)
@@ -357,12 +356,8 @@ class Coordinator:
                 self._remember(record)
                 if record.status in ("applied", "no_change"):
                     self._reset_drift(loads, volume)
-                    self._skips = 0
-                elif record.status == "skipped":  # not worth moving now: cool down, keep the reference
-                    cfg = self.config
-                    self._workload_drift.cool_down(min(cfg.drift_cooldown << min(self._skips, 30),
-                                                       max(cfg.drift_cooldown, cfg.drift_window)))
-                    self._skips += 1
+                elif record.status == "skipped":  # not worth moving now: keep the reference, back off
+                    self._workload_drift.cool_down()
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
             return asdict(record)
 

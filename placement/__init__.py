@@ -5,7 +5,13 @@ No Ray, torch or HTTP here; the service calls this package and nothing in it cal
 
 from placement.bounds import exact_makespan, lower_bound
 from placement.device_model import DeviceModel
-from placement.drift import DeviceDriftDetector, DriftReport, WorkloadDriftDetector, cosine_distance
+from placement.drift import (
+    DeviceDriftDetector,
+    DeviceDriftTracker,
+    DriftReport,
+    WorkloadDriftDetector,
+    cosine_distance,
+)
 from placement.metrics import balancedness, device_times, imbalance, makespan
 from placement.migration import Drop, MigrationPlan, migration_plan, predicted_gain, worth_moving
 from placement.placement import Placement
@@ -16,7 +22,7 @@ from placement.traces import Trace, load_trace, load_traces, resample_experts, s
 
 __all__ = ["DeviceModel", "Placement", "balancedness", "device_times", "imbalance", "makespan"]
 __all__ += ["POLICIES", "Move", "exact_makespan", "lower_bound", "plan", "rebalance"]
-__all__ += ["DeviceDriftDetector", "DriftReport", "WorkloadDriftDetector", "cosine_distance"]
+__all__ += ["DeviceDriftDetector", "DeviceDriftTracker", "DriftReport", "WorkloadDriftDetector", "cosine_distance"]
 __all__ += ["Drop", "MigrationPlan", "migration_plan", "predicted_gain", "worth_moving"]
 __all__ += ["PROFILES", "ScaleStudyConfig", "evaluate", "sample_devices", "scale_study"]
 __all__ += ["Trace", "load_trace", "load_traces", "resample_experts", "scale_loads", "trace_dir"]

@@ -10,6 +10,7 @@ of placements or of how recalibration is done.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,6 +240,9 @@ def _check_reference(reference: np.ndarray) -> np.ndarray:
     return reference
 
 
+_CHUNK = 256  # samples per step of DeviceDriftDetector.observe (its work grows with the square)
+
+
 @dataclass(frozen=True)
 class DeviceDriftConfig:
     """Settings of the device drift detector.
@@ -246,7 +250,8 @@ class DeviceDriftConfig:
     Attributes:
         threshold: relative deviation of observed/predicted from 1 that counts as drift, > 0.
         min_samples: samples a device needs before it can be reported, >= 1.
-        halflife: samples after which a sample's weight has halved, > 0.
+        halflife: samples after which a sample's weight has halved, > 0; also how many samples the
+            ratio must stay beyond the threshold before the device is reported.
     """
 
     threshold: float = 0.10
@@ -263,12 +268,25 @@ class DeviceDriftConfig:
 
 
 class DeviceDriftDetector:
-    """Exponentially weighted observed/predicted time ratio per device.
+    """Exponentially weighted observed/predicted time ratio per device, reported with the level it settled at.
 
     The ratio is that of exponentially weighted sums, sum w_i observed_i / sum w_i predicted_i, with
     w_i = 2^(-age_i / halflife) and age counted in samples of that device. Long calls thus weigh more
     than short ones, whose timing noise is relatively larger. A ratio of 1.25 means the device runs
     25% slower than its model predicts (e.g. thermal throttling); 0.8, faster.
+
+    The weighted ratio detects a drift but lags it: after a step in the device's speed it passes the
+    threshold while still on its way, at a fraction of the step, and a model refitted to it is left a
+    second drift to report (two re-plans and two migrations for one change). So a device is reported
+    only once its weighted ratio has stayed beyond the threshold for `halflife` samples, and with its
+    *level*: the plain ratio sum observed / sum predicted over the samples since the weighted ratio
+    went beyond (after a step, all of them come after it; at most the latest 8 halflives). The level
+    of the latest half of those samples must lie beyond the threshold on the same side too, so a
+    spike the weighted ratio is still decaying from is not reported; and the level must be known: its
+    standard error (delta method) at most a quarter of the threshold, relative to the level, unless
+    8 halflives of samples are in, and the level beyond the threshold by two standard errors. With
+    noisy timings a device is thus reported later but once, not refitted to noise again and again
+    (`python -m load_tests.device_tracking`).
     """
 
     def __init__(
@@ -286,6 +304,9 @@ class DeviceDriftDetector:
         self._observed = np.zeros(num_devices)  # weighted sums, seconds
         self._predicted = np.zeros(num_devices)
         self._samples = np.zeros(num_devices, dtype=np.int64)
+        # per device, [2, n]: (observed, predicted) of the samples since the weighted ratio went beyond
+        self._run_cap = max(1, math.ceil(8 * halflife))
+        self._runs = [np.zeros((2, 0)) for _ in range(num_devices)]
 
     @property
     def num_devices(self) -> int:
@@ -309,25 +330,58 @@ class DeviceDriftDetector:
         if not np.all(np.isfinite(observed)) or np.any(observed < 0):
             raise ValueError("observed_s must be finite and >= 0")
         for g in np.unique(device):
-            mine = device == g
-            k = int(mine.sum())
-            weights = self._decay ** np.arange(k - 1, -1, -1)  # the newest sample weighs 1
-            self._observed[g] = self._decay**k * self._observed[g] + weights @ observed[mine]
-            self._predicted[g] = self._decay**k * self._predicted[g] + weights @ predicted[mine]
-            self._samples[g] += k
+            mine_predicted, mine_observed = predicted[device == g], observed[device == g]
+            for start in range(0, mine_predicted.size, _CHUNK):
+                self._observe_chunk(int(g), mine_predicted[start:start + _CHUNK],
+                                    mine_observed[start:start + _CHUNK])
+
+    def _observe_chunk(self, g: int, predicted: np.ndarray, observed: np.ndarray) -> None:
+        k = predicted.size
+        # the weighted sums after each of the k samples (the newest sample weighs 1), to tell when the
+        # ratio went beyond the threshold
+        weights = np.tril(self._decay ** np.subtract.outer(np.arange(k), np.arange(k)))
+        carried = self._decay ** np.arange(1, k + 1)
+        sums_observed = carried * self._observed[g] + weights @ observed
+        sums_predicted = carried * self._predicted[g] + weights @ predicted
+        beyond = np.abs(sums_observed / sums_predicted - 1.0) > self.config.threshold
+        within = np.flatnonzero(~beyond)
+        start = within[-1] + 1 if within.size else 0  # the run of samples beyond that reaches the newest
+        run = self._runs[g] if start == 0 else np.zeros((2, 0))
+        self._runs[g] = np.concatenate([run, np.stack([observed[start:], predicted[start:]])],
+                                       axis=1)[:, -self._run_cap:]
+        self._observed[g], self._predicted[g] = sums_observed[-1], sums_predicted[-1]
+        self._samples[g] += k
 
     def ratios(self) -> np.ndarray:
-        """float [G]: current observed/predicted ratio per device (NaN for devices without samples)."""
+        """float [G]: current weighted observed/predicted ratio per device (NaN for devices without samples)."""
         out = np.full(self.num_devices, np.nan)
         np.divide(self._observed, self._predicted, out=out, where=self._samples > 0)
         return out
 
     def drifted(self) -> dict[int, float]:
-        """{device: ratio} for devices with >= min_samples whose ratio lies beyond 1 +- threshold."""
+        """{device: level} for devices with >= min_samples whose weighted ratio has been beyond 1 +- threshold
+        for the last `halflife` samples or more, and whose level and that of the latest half of those
+        samples lie beyond it on the same side (class docstring)."""
+        threshold = self.config.threshold
         ratios = self.ratios()
-        enough = self._samples >= self.config.min_samples
-        beyond = np.abs(np.where(enough, ratios, 1.0) - 1.0) > self.config.threshold
-        return {int(g): float(ratios[g]) for g in np.flatnonzero(beyond)}
+        report = {}
+        for g in np.flatnonzero(self._samples >= self.config.min_samples):
+            run = self._runs[g]
+            if run.shape[1] < self.config.halflife:
+                continue
+            level = run[0].sum() / run[1].sum()
+            # standard error of the level (delta method): it must lie beyond the threshold by two of them,
+            # and be within a quarter of the threshold (relative) unless the run is as long as is kept
+            error = np.sqrt(np.sum((run[0] - level * run[1]) ** 2)) / run[1].sum()
+            if abs(level - 1.0) - threshold <= 2 * error or (
+                    error > threshold / 4 * level and run.shape[1] < self._run_cap):
+                continue
+            recent = run[:, run.shape[1] // 2:]
+            latest = recent[0].sum() / recent[1].sum()
+            side = ratios[g] > 1.0
+            if all(abs(x - 1.0) > threshold and (x > 1.0) == side for x in (level, latest)):
+                report[int(g)] = float(level)
+        return report
 
     def reset(self, device: int | None = None) -> None:
         """Forget the samples of `device` (after its model was refitted), or of all devices."""
@@ -338,6 +392,74 @@ class DeviceDriftDetector:
         self._observed[selected] = 0.0
         self._predicted[selected] = 0.0
         self._samples[selected] = 0
+        for g in range(self.num_devices) if device is None else [selected]:
+            self._runs[g] = np.zeros((2, 0))
+
+
+class DeviceDriftTracker:
+    """The device side of recalibration: scales of each device's profiled model, refined from serving
+    timings, and the drift that is worth a re-plan.
+
+    Refitting a model is cheap and a re-plan moves expert weights, so the two are separate: a device's
+    scale follows its observed / predicted ratio once that settles beyond threshold / 2
+    (`DeviceDriftDetector`, whose level it takes), and a re-plan is due once a scale is beyond
+    1 +- threshold times the one the current placement was planned with. A slow ramp is followed in
+    small refits and re-planned once it has moved far enough; a step is refitted and re-planned once.
+    """
+
+    def __init__(
+        self,
+        num_devices: int,
+        *,
+        threshold: float = 0.10,
+        min_samples: int = DeviceDriftConfig.min_samples,
+        halflife: float = DeviceDriftConfig.halflife,
+    ) -> None:
+        self.threshold = float(threshold)
+        self.detector = DeviceDriftDetector(num_devices, threshold=self.threshold / 2, min_samples=min_samples,
+                                            halflife=halflife)
+        self._scales = np.ones(num_devices)
+        self._planned = np.ones(num_devices)
+
+    @property
+    def scales(self) -> np.ndarray:
+        """float [G]: each device's time over its profiled model's (a copy)."""
+        return self._scales.copy()
+
+    def since_planned(self) -> np.ndarray:
+        """float [G]: each scale over the one the current placement was planned with."""
+        return self._scales / self._planned
+
+    def observe(self, device, predicted_s, observed_s) -> None:
+        """Timing samples, `predicted_s` by the current (scaled) models (`DeviceDriftDetector.observe`)."""
+        self.detector.observe(device, predicted_s, observed_s)
+
+    def refit(self) -> dict[int, float]:
+        """Rescale the devices whose ratio settled away from their model; {device: factor applied}."""
+        levels = self.detector.drifted()
+        for device, level in levels.items():
+            self._scales[device] *= level
+            self.detector.reset(device)
+        return levels
+
+    def due(self) -> dict[int, float]:
+        """{device: scale over planned} beyond 1 +- threshold, or {}. Given once: the current scales count
+        as planned with from here (a re-plan that then fails is not asked for again and again)."""
+        moved = self.since_planned()
+        drifted = {int(g): float(moved[g]) for g in np.flatnonzero(np.abs(moved - 1.0) > self.threshold)}
+        if drifted:
+            self.planned_with(self._scales)
+        return drifted
+
+    def planned_with(self, scales: np.ndarray) -> None:
+        """A placement was planned (or judged not worth moving to) with these scales."""
+        self._planned = np.array(scales, dtype=np.float64)
+
+    def reset(self) -> None:
+        """New profiled models: every scale back to 1, samples forgotten."""
+        self._scales[:] = 1.0
+        self._planned[:] = 1.0
+        self.detector.reset()
 
 
 def _check_devices(device: np.ndarray, num_devices: int) -> np.ndarray:

@@ -54,7 +54,10 @@ class CoordinatorConfig:
         drift_volume_factor: the window's median router load per pass more than this factor above or below
             that of the window the placement was made on is workload drift too (the batch size changed;
             > 1, inf: never; see `placement.drift.WorkloadDriftConfig`).
-        device_drift_threshold: observed / predicted device time beyond 1 +- this is device drift.
+        device_drift_threshold: a device whose refined model predicts beyond 1 +- this times the
+            time of the model the placement was planned with has drifted (a recalibration). Models are
+            refined on their own, without a recalibration, once a device's observed / predicted time
+            settles beyond 1 +- half of this (`placement.drift.DeviceDriftDetector`).
         device_drift_min_samples: expert calls per device before its ratio is trusted.
         profile_token_counts, profile_repeats: the device profiling grid.
         gain_horizon_passes: a migration must save more over this many forward passes than moving
@@ -172,7 +175,6 @@ class Coordinator:
         self._migration_lock = threading.Lock()
         self._placement: pl.Placement | None = None
         self._profiled: list[pl.DeviceModel] = []
-        self._scales = np.ones(pool.num_devices)
         self._workers: list[WorkerInfo] = []
         # Engines outlive a coordinator and compare epochs for equality: a restarted coordinator must not
         # count from the same start as the one before, or an engine could keep stale worker addresses.
@@ -184,9 +186,8 @@ class Coordinator:
             np.ones((shape.num_layers, shape.num_experts)), check_every=config.drift_check_every,
             window=config.drift_window, threshold=config.drift_threshold, cooldown=config.drift_cooldown,
             volume_factor=config.drift_volume_factor)
-        self._device_drift = pl.DeviceDriftDetector(
-            pool.num_devices, threshold=config.device_drift_threshold,
-            min_samples=config.device_drift_min_samples)
+        self._devices = pl.DeviceDriftTracker(pool.num_devices, threshold=config.device_drift_threshold,
+                                              min_samples=config.device_drift_min_samples)
         self._last_drift: dict[str, Any] = {}
         self._pending_trigger: str | None = None
         self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
@@ -247,8 +248,7 @@ class Coordinator:
         models = [pl.DeviceModel.fit(s.tokens, s.seconds) for s in samples]
         with self._lock:
             self._profiled = models
-            self._scales = np.ones(len(models))
-            self._device_drift.reset()
+            self._devices.reset()
         return models
 
     # --- what engines call -------------------------------------------------------------------------
@@ -285,9 +285,9 @@ class Coordinator:
     def _observe_device(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
         if not self._profiled or tokens.size == 0:
             return
-        predicted = self._profiled[device].latency(tokens) * self._scales[device]
+        predicted = self._profiled[device].latency(tokens) * self._devices.scales[device]
         keep = predicted > 0
-        self._device_drift.observe(np.full(int(keep.sum()), device), predicted[keep], seconds[keep])
+        self._devices.observe(np.full(int(keep.sum()), device), predicted[keep], seconds[keep])
 
     def calibrate(self, counts: np.ndarray | None = None, reason: str = "startup profiling pass") -> dict[str, Any]:
         """First calibration, from an engine's profiling pass: router counts [L, E] per pass, or the
@@ -330,7 +330,7 @@ class Coordinator:
             started = self._clock()
             with self._lock:
                 old = self._placement
-                devices = self.device_models()
+                devices, scales = self.device_models(), self._devices.scales
                 volume = self._workload_drift.volume()  # of the passes planned on (None: no load yet)
                 loads, activity = self._window() if loads is None else (loads, None)
             if loads is None:
@@ -358,6 +358,8 @@ class Coordinator:
                     self._reset_drift(loads, volume)
                 elif record.status == "skipped":  # not worth moving now: keep the reference, back off
                     self._workload_drift.cool_down()
+                if record.status in ("applied", "no_change", "skipped"):
+                    self._devices.planned_with(scales)  # judged on these models: drift starts from here
             log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
             return asdict(record)
 
@@ -472,7 +474,7 @@ class Coordinator:
     def device_models(self) -> list[pl.DeviceModel]:
         """Current models: profiled curves scaled by what serving observed since (online refinement)."""
         with self._lock:
-            return [m.scaled(float(s)) for m, s in zip(self._profiled, self._scales)]
+            return [m.scaled(float(s)) for m, s in zip(self._profiled, self._devices.scales)]
 
     def profile_devices(self) -> dict[str, Any]:
         """Re-profile every device (admin): new curves replace the refined ones."""
@@ -480,15 +482,17 @@ class Coordinator:
         return {"devices": [asdict(m) for m in models]}
 
     def _apply_device_drift(self) -> str | None:
+        """Refit the model of each device whose observed / predicted time settled away from 1 (no
+        migration); the reason for a recalibration when a model now predicts beyond 1 +-
+        device_drift_threshold times the time of the one the placement was planned with, else None. A
+        reason is given once: a recalibration that then fails is not retried at every loop."""
         with self._lock:
-            drifted = self._device_drift.drifted()
-            if not drifted:
-                return None
-            for device, ratio in drifted.items():
-                self._scales[device] *= ratio
-                self._device_drift.reset(device)
+            self._devices.refit()
+            drifted = self._devices.due()
+        if not drifted:
+            return None
         worst = max(drifted, key=lambda d: abs(np.log(drifted[d])))
-        return f"device drift: device {worst} observed/predicted {drifted[worst]:.2f}"
+        return f"device drift: device {worst} at {drifted[worst]:.2f}x the time the placement was planned for"
 
     # --- faults ------------------------------------------------------------------------------------
 
@@ -640,9 +644,9 @@ class Coordinator:
                         self._refresh_telemetry()
                 if self._rejoin:
                     self._readmit()
+                reason = self._apply_device_drift()  # models are refined whether or not they re-plan
                 if not self.config.auto_recalibrate or self.config.policy == "contiguous":
                     continue
-                reason = self._apply_device_drift()
                 with self._lock:
                     reason = reason or self._pending_trigger
                     self._pending_trigger = None
@@ -716,7 +720,7 @@ class Coordinator:
             current, (loads, activity), devices = self._placement, self._window(), self.device_models()
             totals = dict(self._totals)
             last = next((r for r in reversed(self._history) if r.status == "applied"), None)
-            ratios = self._device_drift.ratios()
+            ratios = self._devices.detector.ratios()
             telemetry = list(self._telemetry)
             lost = sorted(self._lost)
         times = None if loads is None else pl.device_times(current, loads, devices, activity)
@@ -742,7 +746,8 @@ class Coordinator:
             drift = dict(self._last_drift)
             passes = self._workload_drift.num_passes
             volume = self._workload_drift.volume_ratio() if self._calibrated else None
-            device_ratios = self._device_drift.ratios().tolist()
+            device_ratios = self._devices.detector.ratios().tolist()
+            since_planned = self._devices.since_planned().tolist()
             lost = sorted(self._lost)
             telemetry = [asdict(t) for t in self._telemetry]
         imbalance = None
@@ -756,8 +761,9 @@ class Coordinator:
             "activity": None if activity is None else activity.tolist(),
             "imbalance_per_layer": imbalance,
             "devices": [{"device": i, "model": asdict(m),
-                         "observed_over_predicted": None if np.isnan(ratio) else ratio}
-                        for i, (m, ratio) in enumerate(zip(devices, device_ratios))],
+                         "observed_over_predicted": None if np.isnan(ratio) else ratio,
+                         "model_over_planned": moved}
+                        for i, (m, ratio, moved) in enumerate(zip(devices, device_ratios, since_planned))],
             "workload_drift": drift,
             "volume_ratio": volume,
             "migration_bandwidth_bytes_per_s": self._bandwidth,

@@ -254,4 +254,12 @@ def test_slowed_device_is_detected_and_loses_load(client, url):
     assert drift["status"] == "applied", drift
     assert "auto: net predicted gain" in drift["detail"]  # the app's default: the better of both candidates
     assert device_tokens(after) < device_tokens(before)
+    # One change, one re-plan: the model was refitted to the settled ratio, not to the weighted ratio
+    # on its way up (which left a second drift to report a second later).
+    for _ in range(6):
+        _greedy(client, "Keep talking about anything at all.", max_tokens=32)
+    stats = _admin(url, "GET", "/admin/stats").json()
+    drifts = [r["reason"] for r in stats["recalibrations"] if r["reason"].startswith(f"device drift: device {SLOW_DEVICE}")]
+    assert len(drifts) == 1, drifts
+    assert abs(stats["devices"][SLOW_DEVICE]["model_over_planned"] - 1.0) < 0.1
     assert _admin(url, "POST", "/admin/emulation/speed", json={"device": 4, "speed": 1.0}).status_code == 400

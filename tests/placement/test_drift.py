@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from placement.drift import DeviceDriftDetector, WorkloadDriftDetector, cosine_distance
+from placement.drift import DeviceDriftDetector, DeviceDriftTracker, WorkloadDriftDetector, cosine_distance
 
 REFERENCE = np.array([[400.0, 200, 100, 50, 25, 25], [100, 100, 100, 100, 100, 100]])  # [L=2, E=6]
 SHIFTED = np.array([[25.0, 25, 50, 100, 200, 400], [100, 100, 100, 100, 100, 100]])  # layer 0 reversed
@@ -207,14 +207,78 @@ def test_device_ratio_matches_a_naive_reference_and_batches_match_single_calls()
 
 
 def test_slow_device_is_reported_only_with_enough_samples():
-    detector = DeviceDriftDetector(4, min_samples=20)
-    for _ in range(19):
+    detector = DeviceDriftDetector(4, min_samples=30, halflife=20)
+    for _ in range(29):
         detector.observe([0, 1, 2, 3], 1e-3, [1e-3, 1.25e-3, 1.05e-3, 0.85e-3])
-    assert detector.drifted() == {}
+    assert detector.drifted() == {}  # beyond for more than a halflife, but too few samples
     detector.observe([0, 1, 2, 3], 1e-3, [1e-3, 1.25e-3, 1.05e-3, 0.85e-3])
     drifted = detector.drifted()
     assert sorted(drifted) == [1, 3]
     assert drifted[1] == pytest.approx(1.25) and drifted[3] == pytest.approx(0.85)
+
+
+def _step(detector, before, after, *, rng, batch=10, jitter=0.02):
+    """1000 samples of device 0 at ratio `before`, then batches at `after`; the first report after the
+    step, with the number of samples after the step it took (None: no report within 1000 samples)."""
+    def feed(ratio, n):
+        detector.observe(np.zeros(n, dtype=int), 1e-3, 1e-3 * ratio * rng.lognormal(0, jitter, n))
+    feed(before, 1000)
+    assert detector.drifted() == {}
+    for taken in range(batch, 1001, batch):
+        feed(after, batch)
+        if drifted := detector.drifted():
+            return drifted, taken
+    return None, None
+
+
+def test_a_step_is_reported_once_settled_with_its_whole_size():
+    # The weighted ratio passes 1.05 about 10 samples after a step to 1.4, when it is about 1.1: the old
+    # detector reported that, and a model refitted to it had another 1.27x left to report.
+    rng = np.random.default_rng(0)
+    for after in (1.4, 1.25, 0.8):
+        detector = DeviceDriftDetector(1, threshold=0.05, min_samples=50, halflife=50)
+        drifted, taken = _step(detector, 1.0, after, rng=rng)
+        assert set(drifted) == {0}
+        assert drifted[0] == pytest.approx(after, rel=0.02)  # the level: the samples since the crossing
+        assert 50 <= taken <= 80  # a halflife after the weighted ratio went beyond
+        assert abs(detector.ratios()[0] - after) > 0.05 * after  # the weighted ratio still lagging
+
+
+def test_a_short_spike_is_not_reported():
+    detector = DeviceDriftDetector(1, threshold=0.05, min_samples=50, halflife=50)
+    detector.observe(np.zeros(500, dtype=int), 1e-3, 1e-3)
+    for ratio, n in ((1.5, 15), (1.0, 300)):
+        for _ in range(n):
+            detector.observe(0, 1e-3, 1e-3 * ratio)
+            assert detector.drifted() == {}
+
+
+def test_a_device_back_within_the_threshold_starts_its_count_again():
+    detector = DeviceDriftDetector(1, threshold=0.1, min_samples=1, halflife=20)
+    detector.observe(np.zeros(15, dtype=int), 1e-3, 1.5e-3)
+    detector.observe(np.zeros(300, dtype=int), 1e-3, 1e-3)  # back to its model
+    taken = 0
+    while not detector.drifted() and taken < 40:
+        detector.observe(0, 1e-3, 2e-3)
+        taken += 1
+    assert 20 < taken < 40  # a halflife of samples beyond, counted from the second run's crossing
+    assert detector.drifted() == {0: pytest.approx(2.0)}  # the level of the second run only
+
+
+def test_large_batches_match_one_sample_at_a_time():
+    rng = np.random.default_rng(5)
+    device = rng.integers(0, 2, 1500)
+    predicted = rng.uniform(1e-4, 1e-3, 1500)
+    observed = predicted * np.where(np.arange(1500) < 600, 1.0, 1.3) * rng.uniform(0.95, 1.05, 1500)
+    one_by_one = DeviceDriftDetector(2, threshold=0.1, min_samples=10, halflife=40)
+    for g, p, o in zip(device, predicted, observed):
+        one_by_one.observe(int(g), p, o)
+    batched = DeviceDriftDetector(2, threshold=0.1, min_samples=10, halflife=40)
+    batched.observe(device, predicted, observed)  # 1500 samples: several chunks per device
+    np.testing.assert_allclose(batched.ratios(), one_by_one.ratios(), rtol=1e-9)
+    assert set(batched.drifted()) == set(one_by_one.drifted()) == {0, 1}
+    for g, level in one_by_one.drifted().items():
+        assert batched.drifted()[g] == pytest.approx(level, rel=1e-9)
 
 
 def test_old_samples_fade_with_the_halflife():
@@ -227,7 +291,7 @@ def test_old_samples_fade_with_the_halflife():
 
 
 def test_device_reset():
-    detector = DeviceDriftDetector(2, min_samples=1)
+    detector = DeviceDriftDetector(2, min_samples=1, halflife=1)
     detector.observe([0, 1], 1.0, 2.0)
     detector.reset(0)
     assert np.isnan(detector.ratios()[0]) and detector.drifted() == {1: 2.0}
@@ -252,3 +316,41 @@ def test_device_input_is_validated():
             DeviceDriftDetector(2, **kwargs)
     with pytest.raises(ValueError, match="num_devices"):
         DeviceDriftDetector(0)
+
+
+def _follow(tracker, ratio_at, steps, *, per_step=10, seed=0):
+    """Feed device 0's timings, `ratio_at(step)` x its profiled time, predicted by the tracker's current
+    scale; refit and ask for a re-plan at each step, as the coordinator's loop does. The steps that
+    asked for one."""
+    rng = np.random.default_rng(seed)
+    asked = []
+    for step in range(steps):
+        predicted = np.full(per_step, 1e-3 * tracker.scales[0])
+        tracker.observe(np.zeros(per_step, dtype=int), predicted, 1e-3 * ratio_at(step) * rng.lognormal(0, 0.02, per_step))
+        tracker.refit()
+        if tracker.due():
+            asked.append(step)
+    return asked
+
+
+def test_tracker_re_plans_a_step_once_and_follows_a_ramp_in_refits():
+    step = DeviceDriftTracker(2, threshold=0.1, min_samples=50, halflife=50)
+    assert len(_follow(step, lambda t: 1.0 if t < 100 else 1.4, 400)) == 1
+    assert step.scales[0] == pytest.approx(1.4, rel=0.02) and step.since_planned()[0] == pytest.approx(1.0, rel=0.05)
+    ramp = DeviceDriftTracker(2, threshold=0.1, min_samples=50, halflife=50)
+    asked = _follow(ramp, lambda t: 1.0 + 0.25 * min(max(t - 100, 0) / 50, 1), 500)  # 1 -> 1.25 over 500 calls
+    assert len(asked) == 1
+    assert ramp.scales[0] == pytest.approx(1.25, rel=0.05)  # refitted on past the re-plan, within 5%
+    assert ramp.scales[1] == 1.0  # a device without samples keeps its model
+
+
+def test_tracker_due_is_given_once_and_planned_with_moves_its_origin():
+    tracker = DeviceDriftTracker(1, threshold=0.1, min_samples=1, halflife=1)
+    tracker.observe(np.zeros(3, dtype=int), 1e-3, 1.2e-3)
+    assert tracker.refit() == {0: pytest.approx(1.2)}
+    assert tracker.due() == {0: pytest.approx(1.2)}
+    assert tracker.due() == {}  # given once
+    tracker.planned_with(np.array([1.0]))  # e.g. a recalibration planned on older models
+    assert tracker.since_planned()[0] == pytest.approx(1.2)
+    tracker.reset()
+    assert tracker.scales[0] == 1.0 and tracker.due() == {} and np.isnan(tracker.detector.ratios()[0])

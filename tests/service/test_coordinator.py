@@ -218,6 +218,33 @@ def test_slowed_device_is_detected_and_loses_load(checkpoint):
     assert coordinator.placement.device_tokens(counts)[:, slow].sum() < old_share
 
 
+def test_small_device_drift_refits_the_model_and_a_large_one_re_plans_once(checkpoint):
+    coordinator = _coordinator(checkpoint, device_drift_min_samples=20)
+    counts = _skewed(coordinator.shape, 4)
+    _report(coordinator, counts, passes=3)
+    coordinator.calibrate()
+    device, tokens = 1, np.full(60, 8.0)
+    model = coordinator.device_models()[device]
+
+    def slow_down(factor: float) -> str | None:
+        current = coordinator.device_models()[device]
+        samples = [LatencySamples(device, tokens, current.latency(tokens) * factor)]
+        _report(coordinator, counts, samples=samples)
+        return coordinator._apply_device_drift()
+
+    # 7%: beyond half the threshold (0.05), so the model follows, but not worth a re-plan
+    assert slow_down(1.07) is None
+    assert coordinator.device_models()[device].latency(8) == pytest.approx(1.07 * model.latency(8), rel=1e-6)
+    stats = coordinator.stats_view()["devices"][device]
+    assert stats["model_over_planned"] == pytest.approx(1.07)
+    # 6% more: 1.13x the model the placement was planned with, one re-plan named by that ratio
+    reason = slow_down(1.06)
+    assert reason == f"device drift: device {device} at 1.13x the time the placement was planned for"
+    assert slow_down(1.0) is None  # given once
+    assert coordinator.recalibrate(mode="full", force=True, reason=reason)["status"] in ("applied", "no_change")
+    assert coordinator.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.0)
+
+
 def test_workload_drift_triggers_recalibration(checkpoint):
     coordinator = _coordinator(checkpoint, drift_window=20, drift_check_every=5, drift_cooldown=5)
     first, second = _skewed(coordinator.shape, 5), _skewed(coordinator.shape, 6)

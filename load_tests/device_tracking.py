@@ -31,6 +31,7 @@ THRESHOLD = 0.10  # the coordinator's device_drift_threshold
 MIN_SAMPLES = 50  # its device_drift_min_samples
 HALFLIFE = 50.0
 CHANGE_AT = 100  # the check at which every scenario's device changes
+CALLS_PER_CHECK = 10  # mean expert calls of the device between two checks (Poisson)
 
 SCENARIOS: dict[str, Callable[[int], float]] = {
     "step to 1.4x": lambda t: 1.0 if t < CHANGE_AT else 1.4,
@@ -89,13 +90,12 @@ class TrackerRule:
 RULES = {"tracker": TrackerRule, "weighted ratio (before)": WeightedRatioRule}
 
 
-def follow(rule, ratio_at: Callable[[int], float], noise: float, *, checks: int = 600, calls_per_check: float = 10,
-           seed: int = 0) -> tuple[int, np.ndarray]:
+def follow(rule, ratio_at: Callable[[int], float], noise: float, *, checks: int = 600, seed: int = 0) -> tuple[int, np.ndarray]:
     """Run one rule on one device; its number of re-plans and |log(true ratio / model scale)| per check."""
     rng = np.random.default_rng(seed)
     replans, errors = 0, np.empty(checks)
     for t in range(checks):
-        n = int(rng.poisson(calls_per_check))
+        n = int(rng.poisson(CALLS_PER_CHECK))
         if n:
             predicted = np.full(n, 1e-3 * rule.scale)
             rule.observe(predicted, 1e-3 * ratio_at(t) * rng.lognormal(-noise**2 / 2, noise, n))
@@ -121,7 +121,7 @@ def run(out: Path, *, noises=(0.02, 0.10, 0.25), seeds: int = 20, checks: int = 
                              "checks_to_within_5pct_median": float(np.median(settle)),
                              "mean_abs_log_error": float(np.mean(error))})
     result = {"config": {"threshold": THRESHOLD, "min_samples": MIN_SAMPLES, "halflife": HALFLIFE,
-                         "calls_per_check": 10, "checks": checks, "change_at": CHANGE_AT, "seeds": seeds},
+                         "calls_per_check": CALLS_PER_CHECK, "checks": checks, "change_at": CHANGE_AT, "seeds": seeds},
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_tracking.json").write_text(json.dumps(result, indent=1))

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.signal import lfilter
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -240,9 +241,6 @@ def _check_reference(reference: np.ndarray) -> np.ndarray:
     return reference
 
 
-_CHUNK = 256  # samples per step of DeviceDriftDetector.observe (its work grows with the square)
-
-
 @dataclass(frozen=True)
 class DeviceDriftConfig:
     """Settings of the device drift detector.
@@ -330,19 +328,15 @@ class DeviceDriftDetector:
         if not np.all(np.isfinite(observed)) or np.any(observed < 0):
             raise ValueError("observed_s must be finite and >= 0")
         for g in np.unique(device):
-            mine_predicted, mine_observed = predicted[device == g], observed[device == g]
-            for start in range(0, mine_predicted.size, _CHUNK):
-                self._observe_chunk(int(g), mine_predicted[start:start + _CHUNK],
-                                    mine_observed[start:start + _CHUNK])
+            self._observe_one(int(g), predicted[device == g], observed[device == g])
 
-    def _observe_chunk(self, g: int, predicted: np.ndarray, observed: np.ndarray) -> None:
-        k = predicted.size
-        # the weighted sums after each of the k samples (the newest sample weighs 1), to tell when the
-        # ratio went beyond the threshold
-        weights = np.tril(self._decay ** np.subtract.outer(np.arange(k), np.arange(k)))
-        carried = self._decay ** np.arange(1, k + 1)
-        sums_observed = carried * self._observed[g] + weights @ observed
-        sums_predicted = carried * self._predicted[g] + weights @ predicted
+    def _observe_one(self, g: int, predicted: np.ndarray, observed: np.ndarray) -> None:
+        # the weighted sums after each sample, s_i = decay * s_(i-1) + x_i (the newest sample weighs 1),
+        # to tell when the ratio went beyond the threshold
+        def sums(x: np.ndarray, before: float) -> np.ndarray:
+            return lfilter([1.0], [1.0, -self._decay], x, zi=[self._decay * before])[0]
+
+        sums_observed, sums_predicted = sums(observed, self._observed[g]), sums(predicted, self._predicted[g])
         beyond = np.abs(sums_observed / sums_predicted - 1.0) > self.config.threshold
         within = np.flatnonzero(~beyond)
         start = within[-1] + 1 if within.size else 0  # the run of samples beyond that reaches the newest
@@ -350,7 +344,7 @@ class DeviceDriftDetector:
         self._runs[g] = np.concatenate([run, np.stack([observed[start:], predicted[start:]])],
                                        axis=1)[:, -self._run_cap:]
         self._observed[g], self._predicted[g] = sums_observed[-1], sums_predicted[-1]
-        self._samples[g] += k
+        self._samples[g] += predicted.size
 
     def ratios(self) -> np.ndarray:
         """float [G]: current weighted observed/predicted ratio per device (NaN for devices without samples)."""
@@ -363,7 +357,6 @@ class DeviceDriftDetector:
         for the last `halflife` samples or more, and whose level and that of the latest half of those
         samples lie beyond it on the same side (class docstring)."""
         threshold = self.config.threshold
-        ratios = self.ratios()
         report = {}
         for g in np.flatnonzero(self._samples >= self.config.min_samples):
             run = self._runs[g]
@@ -373,13 +366,11 @@ class DeviceDriftDetector:
             # standard error of the level (delta method): it must lie beyond the threshold by two of them,
             # and be within a quarter of the threshold (relative) unless the run is as long as is kept
             error = np.sqrt(np.sum((run[0] - level * run[1]) ** 2)) / run[1].sum()
-            if abs(level - 1.0) - threshold <= 2 * error or (
-                    error > threshold / 4 * level and run.shape[1] < self._run_cap):
-                continue
+            known = error <= threshold / 4 * level or run.shape[1] >= self._run_cap
             recent = run[:, run.shape[1] // 2:]
-            latest = recent[0].sum() / recent[1].sum()
-            side = ratios[g] > 1.0
-            if all(abs(x - 1.0) > threshold and (x > 1.0) == side for x in (level, latest)):
+            latest = recent[0].sum() / recent[1].sum() - 1.0
+            latest_agrees = abs(latest) > threshold and (latest > 0) == (level > 1.0)
+            if known and abs(level - 1.0) - threshold > 2 * error and latest_agrees:
                 report[int(g)] = float(level)
         return report
 

@@ -274,7 +274,7 @@ def test_large_batches_match_one_sample_at_a_time():
     for g, p, o in zip(device, predicted, observed):
         one_by_one.observe(int(g), p, o)
     batched = DeviceDriftDetector(2, threshold=0.1, min_samples=10, halflife=40)
-    batched.observe(device, predicted, observed)  # 1500 samples: several chunks per device
+    batched.observe(device, predicted, observed)  # 1500 samples in one call
     np.testing.assert_allclose(batched.ratios(), one_by_one.ratios(), rtol=1e-9)
     assert set(batched.drifted()) == set(one_by_one.drifted()) == {0, 1}
     for g, level in one_by_one.drifted().items():

@@ -12,17 +12,17 @@ from placement.drift import (
     WorkloadDriftDetector,
     cosine_distance,
 )
-from placement.metrics import balancedness, device_times, imbalance, makespan
-from placement.migration import Drop, MigrationPlan, migration_plan, predicted_gain, worth_moving
+from placement.metrics import balancedness, device_times, imbalance, makespan, pass_critical_paths
+from placement.migration import Drop, HeldOutGain, MigrationPlan, held_out_gain, migration_plan, predicted_gain, worth_moving
 from placement.placement import Placement
 from placement.policies import POLICIES, plan
 from placement.rebalance import Move, rebalance
 from placement.simulate import PROFILES, ScaleStudyConfig, evaluate, sample_devices, scale_study
 from placement.traces import Trace, load_trace, load_traces, resample_experts, scale_loads, trace_dir
 
-__all__ = ["DeviceModel", "Placement", "balancedness", "device_times", "imbalance", "makespan"]
+__all__ = ["DeviceModel", "Placement", "balancedness", "device_times", "imbalance", "makespan", "pass_critical_paths"]
 __all__ += ["POLICIES", "Move", "exact_makespan", "lower_bound", "plan", "rebalance"]
 __all__ += ["DeviceDriftDetector", "DeviceDriftTracker", "DriftReport", "WorkloadDriftDetector", "cosine_distance"]
-__all__ += ["Drop", "MigrationPlan", "migration_plan", "predicted_gain", "worth_moving"]
+__all__ += ["Drop", "HeldOutGain", "MigrationPlan", "held_out_gain", "migration_plan", "predicted_gain", "worth_moving"]
 __all__ += ["PROFILES", "ScaleStudyConfig", "evaluate", "sample_devices", "scale_study"]
 __all__ += ["Trace", "load_trace", "load_traces", "resample_experts", "scale_loads", "trace_dir"]

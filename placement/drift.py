@@ -198,6 +198,13 @@ class WorkloadDriftDetector:
         filled = min(self._num_passes, self.config.window)
         return (self._window[:filled] > 0).mean(axis=0) if filled else None
 
+    def window_passes(self) -> np.ndarray:
+        """float [n, L, E]: router counts of the window's passes, oldest first (a copy; n = 0 before the
+        first pass)."""
+        filled = min(self._num_passes, self.config.window)
+        start = self._num_passes % self.config.window if self._num_passes > self.config.window else 0
+        return np.roll(self._window[:filled], -start, axis=0)
+
     def volume(self) -> float | None:
         """Median over the window's passes of the router load per pass (expert assignments per layer, top-k
         per token: about top-k x the batch size in decode); None before a pass with load. The lower median

@@ -62,6 +62,13 @@ class CoordinatorConfig:
         profile_token_counts, profile_repeats: the device profiling grid.
         gain_horizon_passes: a migration must save more over this many forward passes than moving
             its bytes costs (unless forced).
+        gain_confidence_z: the gain a migration is judged on is measured on passes of the window that
+            the new placement was not planned on (`placement.held_out_gain`: the MoE critical path of
+            each held-out pass under the placement in service and under the new one), and taken this
+            many standard errors below its mean. A plan judged on the passes it was fitted to always
+            looks faster, and on unchanged traffic re-plans on sampling noise. 0: the mean.
+        min_held_out_passes: passes with load the window needs for that; with fewer (or loads given
+            to `recalibrate`), the gain is predicted on the loads themselves (in-sample).
         bandwidth_bytes_per_s: initial estimate of worker-to-worker copy bandwidth, refined by every
             migration.
         ack_timeout_s: how long old copies wait for every live engine to acknowledge a new version.
@@ -90,6 +97,8 @@ class CoordinatorConfig:
     profile_token_counts: tuple[int, ...] = DEFAULT_PROFILE_TOKENS
     profile_repeats: int = 3
     gain_horizon_passes: int = 1000
+    gain_confidence_z: float = 2.0
+    min_held_out_passes: int = 20
     bandwidth_bytes_per_s: float = 1e9
     ack_timeout_s: float = 10.0
     engine_timeout_s: float = 10.0
@@ -117,6 +126,10 @@ class CoordinatorConfig:
             raise ValueError("drift_check_every, drift_window, profile_repeats, gain_horizon_passes must be >= 1")
         if not self.drift_volume_factor > 1:
             raise ValueError(f"drift_volume_factor must be > 1 (inf: off), got {self.drift_volume_factor!r}")
+        if not (np.isfinite(self.gain_confidence_z) and self.gain_confidence_z >= 0):
+            raise ValueError(f"gain_confidence_z must be finite and >= 0, got {self.gain_confidence_z!r}")
+        if self.min_held_out_passes < 2:
+            raise ValueError(f"min_held_out_passes must be >= 2, got {self.min_held_out_passes!r}")
         if self.probe_misses < 1:
             raise ValueError(f"probe_misses must be >= 1, got {self.probe_misses!r}")
         if not self.profile_token_counts or min(self.profile_token_counts) < 1:
@@ -150,6 +163,8 @@ class Recalibration:
     predicted_makespan_before_s: float = 0.0
     predicted_makespan_after_s: float = 0.0
     predicted_gain_s: float = 0.0
+    predicted_gain_stderr_s: float | None = None
+    gain_judged_on: str = ""
     migration_cost_s: float = 0.0
     moves: list[dict[str, int]] = field(default_factory=list)
     detail: str = ""
@@ -332,6 +347,7 @@ class Coordinator:
                 old = self._placement
                 devices, scales = self.device_models(), self._devices.scales
                 volume = self._workload_drift.volume()  # of the passes planned on (None: no load yet)
+                passes = self._workload_drift.window_passes() if loads is None else None
                 loads, activity = self._window() if loads is None else (loads, None)
             if loads is None:
                 raise ValueError("no router statistics yet: serve some requests first")
@@ -341,12 +357,11 @@ class Coordinator:
             for candidate_mode in ("incremental", "full") if mode == "auto" else (mode,):
                 new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
                 plan = pl.migration_plan(old, new, self.shape.expert_bytes)
-                judged.append((self._judge(old, new, plan, loads, activity, devices, policy, candidate_mode,
-                                           reason, dry_run, force), new, plan))
-            record, new, plan = max(judged, key=lambda j: j[0].predicted_gain_s - j[0].migration_cost_s)
+                judged.append((self._judge(old, new, plan, loads, activity, passes, devices, policy,
+                                           candidate_mode, reason, dry_run, force), new, plan))
+            record, new, plan = max(judged, key=lambda j: self._net_gain(j[0]))
             if len(judged) > 1:
-                nets = ", ".join(f"{r.mode} {1e3 * (r.predicted_gain_s - r.migration_cost_s):.1f} ms"
-                                 for r, _, _ in judged)
+                nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
                 record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
             if record.status == "pending":
                 record.status, outcome = self._migrate(old, new, plan)
@@ -371,30 +386,49 @@ class Coordinator:
         new, _moves = pl.rebalance(old, loads, devices, eps=self.config.eps, activity=activity)
         return new.with_version(old.version + 1)
 
-    def _judge(self, old, new, plan, loads, activity, devices, policy, mode, reason, dry_run, force) -> Recalibration:
+    def _judge(self, old, new, plan, loads, activity, passes, devices, policy, mode, reason, dry_run,
+               force) -> Recalibration:
+        horizon = self.config.gain_horizon_passes
         before = float(pl.makespan(old, loads, devices, activity).sum())
         after = float(pl.makespan(new, loads, devices, activity).sum())
-        gain = pl.predicted_gain(old, new, loads, devices, self.config.gain_horizon_passes, activity)
         cost = plan.transfer_seconds(self._bandwidth)
+        unchanged = plan.num_moves == 0 and new.same_layout(old)
+        if not unchanged and passes is not None and np.count_nonzero(passes.sum(axis=(1, 2))) >= self.config.min_held_out_passes:
+            held_out = pl.held_out_gain(
+                old, lambda half, half_activity: self._candidate(old, half, half_activity, devices, policy, mode),
+                passes, devices)
+            gain, stderr = held_out.per_pass_s * horizon, held_out.stderr_s * horizon
+            judged_on = f"held out ({held_out.passes} passes)"
+        else:
+            gain, stderr = pl.predicted_gain(old, new, loads, devices, horizon, activity), None
+            judged_on = "in sample"
         record = Recalibration(
             reason=reason, policy=policy, mode=mode, status="pending", from_version=old.version,
             to_version=new.version, started_at=time.time(), experts_moved=plan.num_moves,
             bytes_moved=plan.bytes_moved,
             max_slot_fraction_moved=float(np.max(plan.moved_slot_fraction, initial=0.0)),
             predicted_makespan_before_s=before, predicted_makespan_after_s=after, predicted_gain_s=gain,
-            migration_cost_s=cost,
+            predicted_gain_stderr_s=stderr, gain_judged_on=judged_on, migration_cost_s=cost,
             moves=[{"layer": m.layer, "expert": m.expert, "src": m.src_device, "dst": m.dst_device}
                    for m in plan.moves],
         )
-        if plan.num_moves == 0 and new.same_layout(old):
+        if unchanged:
             record.status, record.to_version = "no_change", old.version
         elif dry_run:
             record.status = "dry_run"
-        elif not force and gain <= cost:
+        elif not force and self._net_gain(record) <= 0:
             record.status = "skipped"
-            record.detail = (f"predicted gain {gain * 1e3:.1f} ms over {self.config.gain_horizon_passes} passes "
-                             f"does not exceed the migration cost {cost * 1e3:.1f} ms")
+            spread = f" +- {stderr * 1e3:.1f}" if stderr is not None else ""
+            record.detail = (f"predicted gain {gain * 1e3:.1f}{spread} ms over {horizon} passes ({judged_on}) "
+                             f"does not exceed the migration cost {cost * 1e3:.1f} ms"
+                             + (f" by {self.config.gain_confidence_z:g} standard errors" if stderr is not None else ""))
         return record
+
+    def _net_gain(self, record: Recalibration) -> float:
+        """Seconds the record's migration saves over the gain horizon at least (its gain
+        `gain_confidence_z` standard errors below the mean, when it has one), net of its cost."""
+        stderr = record.predicted_gain_stderr_s or 0.0
+        return record.predicted_gain_s - self.config.gain_confidence_z * stderr - record.migration_cost_s
 
     def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan) -> tuple[str, str]:
         """Two-phase migration from `old` to `new` by `plan`. Phase 1 copies; phase 2 publishes; phase 3

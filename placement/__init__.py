@@ -13,7 +13,15 @@ from placement.drift import (
     cosine_distance,
 )
 from placement.metrics import balancedness, device_times, imbalance, makespan, pass_critical_paths
-from placement.migration import Drop, HeldOutGain, MigrationPlan, held_out_gain, migration_plan, predicted_gain, worth_moving
+from placement.migration import (
+    Drop,
+    HeldOutGain,
+    MigrationPlan,
+    held_out_gain,
+    migration_plan,
+    predicted_gain,
+    worth_moving,
+)
 from placement.placement import Placement
 from placement.policies import POLICIES, plan
 from placement.rebalance import Move, rebalance

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement import DeviceModel, Placement, device_times, load_trace, plan, trace_dir
+from placement import DeviceModel, Placement, load_trace, pass_critical_paths, plan, trace_dir
 
 DEEPSEEK_TRACE = "deepseek_v3_L3-60_calib_normalized4096"
 
@@ -144,7 +144,7 @@ def critical_paths(loads: np.ndarray, steps: np.ndarray, devices: list[DeviceMod
 def mean_critical_path(placement: Placement, steps: np.ndarray, devices: list[DeviceModel]) -> float:
     """Seconds: the MoE critical path (sum over layers of the slowest device) of `placement`, mean over
     `steps` [S, L, E]."""
-    return float(np.mean([device_times(placement, step, devices).max(axis=1).sum() for step in steps]))
+    return float(np.mean(pass_critical_paths(placement, steps, devices)))
 
 
 def window_statistics(shares: np.ndarray, tokens: int, top_k: int, window: int, rng: np.random.Generator

@@ -91,6 +91,8 @@ def pass_critical_paths(placement: Placement, passes: np.ndarray, devices: Seque
         raise ValueError(f"passes must be [N, L, E] with (L, E) = {shape}, got {passes.shape}")
     if len(devices) != placement.num_devices:
         raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
+    if len(passes) == 0:
+        return np.zeros(0)
     index = np.broadcast_to(placement.phy2log, (passes.shape[0], *placement.phy2log.shape))
     tokens = np.take_along_axis(passes, index, axis=2) * placement.replica_share  # [N, L, R]
     per_slot = latency_on(tokens, placement.slot_device, curve_params(devices))

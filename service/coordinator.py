@@ -67,8 +67,10 @@ class CoordinatorConfig:
             each held-out pass under the placement in service and under the new one), and taken this
             many standard errors below its mean. A plan judged on the passes it was fitted to always
             looks faster, and on unchanged traffic re-plans on sampling noise. 0: the mean.
-        min_held_out_passes: passes with load the window needs for that; with fewer (or loads given
-            to `recalibrate`), the gain is predicted on the loads themselves (in-sample).
+        min_held_out_passes: passes with load the window needs for that; with fewer, a recalibration
+            is skipped unless forced (the placement simulator: re-plans on the first 10 decode passes,
+            judged in sample, left the served model's MoE time longer than the startup plan's). With
+            loads given to `recalibrate`, the gain is predicted on those loads (in sample).
         bandwidth_bytes_per_s: initial estimate of worker-to-worker copy bandwidth, refined by every
             migration.
         ack_timeout_s: how long old copies wait for every live engine to acknowledge a new version.
@@ -393,7 +395,9 @@ class Coordinator:
         after = float(pl.makespan(new, loads, devices, activity).sum())
         cost = plan.transfer_seconds(self._bandwidth)
         unchanged = plan.num_moves == 0 and new.same_layout(old)
-        if not unchanged and passes is not None and np.count_nonzero(passes.sum(axis=(1, 2))) >= self.config.min_held_out_passes:
+        loaded = None if passes is None else int(np.count_nonzero(passes.sum(axis=(1, 2))))
+        too_few = loaded is not None and loaded < self.config.min_held_out_passes
+        if not unchanged and loaded is not None and not too_few:
             held_out = pl.held_out_gain(
                 old, lambda half, half_activity: self._candidate(old, half, half_activity, devices, policy, mode),
                 passes, devices)
@@ -401,7 +405,7 @@ class Coordinator:
             judged_on = f"held out ({held_out.passes} passes)"
         else:
             gain, stderr = pl.predicted_gain(old, new, loads, devices, horizon, activity), None
-            judged_on = "in sample"
+            judged_on = f"in sample ({loaded} passes, too few to hold out)" if too_few else "in sample"
         record = Recalibration(
             reason=reason, policy=policy, mode=mode, status="pending", from_version=old.version,
             to_version=new.version, started_at=time.time(), experts_moved=plan.num_moves,
@@ -416,6 +420,10 @@ class Coordinator:
             record.status, record.to_version = "no_change", old.version
         elif dry_run:
             record.status = "dry_run"
+        elif not force and too_few:  # a plan fitted to a few passes looks fast on them, whatever they are
+            record.status = "skipped"
+            record.detail = (f"{loaded} passes with load in the window: {self.config.min_held_out_passes} are needed "
+                             f"to judge a re-plan on passes it was not planned on")
         elif not force and self._net_gain(record) <= 0:
             record.status = "skipped"
             spread = f" +- {stderr * 1e3:.1f}" if stderr is not None else ""

@@ -47,6 +47,17 @@ def test_window_slides():
     assert report.num_passes == 12
 
 
+def test_window_passes_are_the_last_passes_oldest_first():
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=4, cooldown=0)
+    assert detector.window_passes().shape == (0, *REFERENCE.shape)
+    passes = [REFERENCE * (n + 1) for n in range(7)]
+    for n, counts in enumerate(passes):
+        detector.observe(counts)
+        np.testing.assert_array_equal(detector.window_passes(), passes[max(0, n - 3):n + 1])
+    detector.window_passes()[0] += 1.0  # a copy
+    np.testing.assert_array_equal(detector.window_passes()[0], passes[3])
+
+
 def test_window_activity_is_the_share_of_passes_with_tokens():
     detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=4, cooldown=0)
     assert detector.window_activity() is None

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 
 from placement.device_model import DeviceModel
-from placement.metrics import makespan
-from placement.migration import Drop, migration_plan, predicted_gain, worth_moving
+from placement.metrics import device_times, makespan, pass_critical_paths
+from placement.migration import Drop, held_out_gain, migration_plan, predicted_gain, worth_moving
 from placement.placement import Placement
+from placement.policies import plan
 from placement.rebalance import Move
 
 DEVICES = [DeviceModel(1e-3, 0.0, 1e-5), DeviceModel(1e-3, 0.0, 2e-5)]  # device 1 twice as slow per token
@@ -108,3 +109,84 @@ def test_bad_input():
         predicted_gain(two, two, np.ones((1, 2)), DEVICES, -1)
     with pytest.raises(ValueError, match="bandwidth"):
         worth_moving(two, two, np.ones((1, 2)), DEVICES, passes=1, bandwidth_bytes_per_s=0, expert_bytes=1)
+
+
+def _routed(rng, shares, tokens, passes, top_k=2):
+    """[passes, L, E] router counts: `tokens` tokens per pass, each to `top_k` distinct experts per layer
+    drawn by `shares` [L, E]."""
+    num_layers, num_experts = shares.shape
+    out = np.zeros((passes, num_layers, num_experts))
+    for n in range(passes):
+        keys = np.log(shares) + rng.gumbel(size=(tokens, num_layers, num_experts))
+        chosen = np.argpartition(-keys, top_k - 1, axis=2)[:, :, :top_k]
+        for layer in range(num_layers):
+            np.add.at(out[n, layer], chosen[:, layer].ravel(), 1.0)
+    return out
+
+
+CURVED = [DeviceModel(2e-4, 4.0, 2e-5 * (1 + 0.1 * g)) for g in range(4)]  # flat up to 4 tokens, then linear
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_pass_critical_paths_match_device_times_pass_by_pass(replicas):
+    rng = np.random.default_rng(replicas)
+    placement = _random_placement(rng, 3, 8, 4, replicas)
+    passes = rng.poisson(rng.gamma(0.5, 4.0, size=(7, 3, 8))).astype(float)
+    expected = [device_times(placement, counts, CURVED).max(axis=1).sum() for counts in passes]
+    np.testing.assert_allclose(pass_critical_paths(placement, passes, CURVED), expected, rtol=1e-12)
+    assert pass_critical_paths(placement, passes[:0], CURVED).shape == (0,)
+    with pytest.raises(ValueError, match=r"\[N, L, E\]"):
+        pass_critical_paths(placement, passes[0], CURVED)
+
+
+def _vibe(loads, activity):
+    return plan(loads, CURVED, "vibe", activity=activity)
+
+
+def test_held_out_gain_sees_no_gain_in_resampled_traffic_that_in_sample_judging_sees():
+    """The window is drawn from the routing the placement in service was planned for: a plan fitted to the
+    window looks faster on it every time, measured on passes it did not see it is not."""
+    rng = np.random.default_rng(0)
+    shares = rng.dirichlet(np.full(16, 2.0), size=3)
+    old = _vibe(*(lambda big: (big.mean(axis=0), (big > 0).mean(axis=0)))(_routed(rng, shares, 4, 2000)))
+    in_sample, held_out = [], []
+    for _ in range(10):
+        window = _routed(rng, shares, 4, 100)
+        loads, activity = window.mean(axis=0), (window > 0).mean(axis=0)
+        in_sample.append(predicted_gain(old, _vibe(loads, activity), loads, CURVED, 1, activity))
+        held_out.append(held_out_gain(old, _vibe, window, CURVED))
+    assert min(in_sample) > 0
+    assert sum(g.lower(2.0) > 0 for g in held_out) <= 1
+    assert np.mean([g.per_pass_s for g in held_out]) < 0.2 * np.mean(in_sample)
+    assert all(g.passes == 100 and g.stderr_s > 0 for g in held_out)
+
+
+def test_held_out_gain_finds_a_real_change_of_routing():
+    rng = np.random.default_rng(1)
+    before, after = rng.dirichlet(np.full(16, 0.5), size=(2, 3))
+    old = _vibe(*(lambda big: (big.mean(axis=0), (big > 0).mean(axis=0)))(_routed(rng, before, 4, 500)))
+    for _ in range(3):
+        gain = held_out_gain(old, _vibe, _routed(rng, after, 4, 100), CURVED)
+        assert gain.lower(2.0) > 0
+        assert gain.per_pass_s > 0.05 * pass_critical_paths(old, _routed(rng, after, 4, 100), CURVED).mean()
+
+
+def test_held_out_gain_plans_on_each_half_and_times_the_other():
+    rng = np.random.default_rng(2)
+    window = _routed(rng, rng.dirichlet(np.ones(16), size=3), 4, 11)
+    window = np.insert(window, 3, 0.0, axis=0)  # a pass without load is left out
+    old = _vibe(window.mean(axis=0), (window > 0).mean(axis=0))
+    planned_on = []
+
+    def replan(loads, activity):
+        planned_on.append(loads)
+        return old
+
+    gain = held_out_gain(old, replan, window, CURVED)
+    loaded = np.delete(window, 3, axis=0)
+    np.testing.assert_allclose(planned_on, [loaded[0::2].mean(axis=0), loaded[1::2].mean(axis=0)])
+    assert (gain.per_pass_s, gain.stderr_s, gain.passes) == (0.0, 0.0, 11)
+    with pytest.raises(ValueError, match="two passes with load"):
+        held_out_gain(old, replan, window[:1], CURVED)
+    with pytest.raises(ValueError, match=r"\[N, L, E\]"):
+        held_out_gain(old, replan, window[0], CURVED)

@@ -110,7 +110,7 @@ def test_calibration_migrates_in_two_phases(checkpoint):
 
 def test_dry_run_and_cost_aware_skip(checkpoint):
     coordinator = _coordinator(checkpoint, bandwidth_bytes_per_s=1.0, gain_horizon_passes=1)
-    _report(coordinator, _skewed(coordinator.shape, 2), passes=3)
+    _report(coordinator, _skewed(coordinator.shape, 2), passes=30)
     dry = coordinator.recalibrate(mode="full", dry_run=True)
     assert dry["status"] == "dry_run" and coordinator.placement.version == 1 and dry["moves"]
     reference = coordinator._workload_drift.reference.copy()
@@ -126,6 +126,18 @@ def test_dry_run_and_cost_aware_skip(checkpoint):
         assert detector._quiet_until == detector.num_passes + cooldown
     forced = coordinator.recalibrate(mode="full", force=True)
     assert forced["status"] == "applied" and coordinator.placement.version == 2
+
+
+def test_a_window_too_short_to_hold_out_passes_is_not_re_planned_on_unless_forced(checkpoint):
+    coordinator = _coordinator(checkpoint)
+    _report(coordinator, _skewed(coordinator.shape, 2), passes=5)
+    dry = coordinator.recalibrate(mode="full", dry_run=True)
+    assert dry["status"] == "dry_run" and dry["moves"] and dry["predicted_gain_s"] > 0
+    assert dry["gain_judged_on"] == "in sample (5 passes, too few to hold out)"
+    skipped = coordinator.recalibrate(mode="auto")
+    assert skipped["status"] == "skipped" and "20 are needed" in skipped["detail"], skipped
+    assert coordinator.placement.version == 1
+    assert coordinator.recalibrate(mode="full", force=True)["status"] == "applied"
 
 
 def test_vibe_plans_and_judges_on_expected_seconds_per_pass(checkpoint):
@@ -162,6 +174,43 @@ def _two_hot_pairs(coordinator: Coordinator) -> np.ndarray:
         for device in (0, len(SPEEDS) - 1):
             counts[layer, [e for (where, e) in coordinator.placement.experts_on(device) if where == layer]] = 200.0
     return counts
+
+
+def _routed(shares: np.ndarray, passes: int, rng: np.random.Generator, tokens: int = 128, top_k: int = 2) -> np.ndarray:
+    """[passes, L, E] router counts of passes of `tokens` tokens, each routed to `top_k` distinct
+    experts per layer drawn by `shares` [L, E]."""
+    out = np.zeros((passes, *shares.shape))
+    for n in range(passes):
+        keys = np.log(shares)[None] + rng.gumbel(size=(tokens, *shares.shape))
+        for layer, chosen in enumerate(np.argpartition(-keys, top_k - 1, axis=2)[:, :, :top_k].transpose(1, 0, 2)):
+            np.add.at(out[n, layer], chosen.ravel(), 1.0)
+    return out
+
+
+def test_a_re_plan_is_judged_on_passes_it_was_not_planned_on(checkpoint):
+    coordinator = _coordinator(checkpoint)
+    rng = np.random.default_rng(5)
+    shape = coordinator.shape
+    routing = rng.dirichlet(np.full(shape.num_experts, 0.7), size=shape.num_layers)
+    coordinator.report(EngineReport("e0", coordinator.placement.version, _routed(routing, 100, rng)))
+    coordinator.calibrate()
+    # The same routing sampled again: nothing moves (placement.held_out_gain's tests show what in-sample
+    # judging would have moved on models with more experts per device than this one's two).
+    coordinator.report(EngineReport("e0", coordinator.placement.version, _routed(routing, 100, rng)))
+    version = coordinator.placement.version
+    resampled = coordinator.recalibrate(mode="auto", reason="test: resampled")
+    assert resampled["status"] in ("skipped", "no_change"), resampled
+    assert coordinator.placement.version == version
+    # Another routing: the re-plan pays on held-out passes too.
+    changed = rng.dirichlet(np.full(shape.num_experts, 0.7), size=shape.num_layers)
+    coordinator.report(EngineReport("e0", version, _routed(changed, 100, rng)))
+    moved = coordinator.recalibrate(mode="auto", reason="test: changed")
+    assert moved["status"] == "applied", moved
+    assert moved["gain_judged_on"] == "held out (100 passes)"
+    assert moved["predicted_gain_s"] - 2 * moved["predicted_gain_stderr_s"] > moved["migration_cost_s"]
+    # Loads given by the caller have no passes to hold out: judged in sample.
+    given = coordinator.recalibrate(mode="full", dry_run=True, loads=changed * 12)
+    assert given["gain_judged_on"] == "in sample" and given["predicted_gain_stderr_s"] is None
 
 
 def test_auto_mode_takes_the_candidate_with_the_larger_net_gain(checkpoint):

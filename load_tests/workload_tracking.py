@@ -14,8 +14,11 @@ Judges (the rule that decides whether a re-plan pays; migration cost as the coor
 - "in sample": the predicted gain on the window the candidate was planned on (vibe-serve up to commit
   c51c8a7);
 - "held out": `placement.held_out_gain` (plan on one interleaved half of the window, time every pass
-  of the other under both placements), its mean;
-- "held out, 2 SE": that mean less two standard errors (the coordinator's `gain_confidence_z` default).
+  of the other under both placements), its mean; a window with fewer than 20 passes is not judged;
+- "held out, 2 SE": that mean less two standard errors;
+- "held out, 2 SE; device drift at the mean": two standard errors on workload drift, the mean on a
+  re-plan device drift asks for (the coordinator's defaults, `gain_confidence_z` and
+  `device_drift_confidence_z`).
 
 Scenarios (the change at pass `CHANGE_AT`): unchanged prose at 2, 4 and 16 sequences on average; prose
 switching to code at 4 and 16 (the workload drift of `make bench`); the batch growing from 1 to 16
@@ -81,8 +84,11 @@ SCENARIOS: dict[str, Scenario] = {
     "device 7 to 0.8x, 4 sequences": Scenario(4, 4, slowed=(7, 0.8)),
     "device 7 to 0.8x, 16 sequences": Scenario(16, 16, slowed=(7, 0.8)),
 }
-# name: standard errors below the held-out mean (None: judged in sample)
-JUDGES: dict[str, float | None] = {"in sample": None, "held out": 0.0, "held out, 1 SE": 1.0, "held out, 2 SE": 2.0}
+# name: standard errors below the held-out mean a re-plan is judged at, on workload drift and on device drift
+# (None: judged in sample)
+COORDINATOR = "held out, 2 SE; device drift at the mean"  # its defaults now
+JUDGES: dict[str, tuple[float | None, float | None]] = {
+    "in sample": (None, None), "held out": (0.0, 0.0), "held out, 2 SE": (2.0, 2.0), COORDINATOR: (2.0, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -112,13 +118,15 @@ def engine_passes(rng: np.random.Generator, setting: Setting, scenario: Scenario
 
 
 def judge_gain(judge: str, old: pl.Placement, new: pl.Placement, replan: Callable, window: np.ndarray,
-               devices: list[pl.DeviceModel]) -> float:
-    """Seconds over the horizon the judge credits `new` with (before the migration cost)."""
-    if JUDGES[judge] is None:
+               devices: list[pl.DeviceModel], device_drift: bool) -> float:
+    """Seconds over the horizon the judge credits `new` with (before the migration cost), on a workload
+    drift or (`device_drift`) a device's."""
+    z = JUDGES[judge][device_drift]
+    if z is None:
         return pl.predicted_gain(old, new, window.mean(axis=0), devices, HORIZON, (window > 0).mean(axis=0))
     if len(window) < MIN_HELD_OUT:
         return -np.inf  # too few passes to judge on: as the coordinator, skip
-    return HORIZON * pl.held_out_gain(old, replan, window, devices).lower(JUDGES[judge])
+    return HORIZON * pl.held_out_gain(old, replan, window, devices).lower(z)
 
 
 def devices_of(setting: Setting, scenario: Scenario) -> tuple[list[pl.DeviceModel], list[pl.DeviceModel]]:
@@ -140,9 +148,9 @@ def follow(judge: str, passes: np.ndarray, profile: np.ndarray, setting: Setting
     applied = moved = 0
     served = [(0, placement)]  # (first pass, placement in service from it)
     for t, counts in enumerate(passes):
-        reported = detector.observe(counts) is not None
+        reported, device_drift = detector.observe(counts) is not None, False
         if t + 1 == change_at and scenario.slowed is not None:
-            devices, reported = slowed, True  # the device's model is refitted and a re-plan is due
+            devices, reported, device_drift = slowed, True, True  # the model is refitted, a re-plan due
         if not reported:
             continue
         window = detector.window_passes()
@@ -154,7 +162,8 @@ def follow(judge: str, passes: np.ndarray, profile: np.ndarray, setting: Setting
             new = replan(loads, activity)
             plan = pl.migration_plan(placement, new, setting.expert_bytes)
             net = (0.0 if plan.num_moves == 0 else  # no change: as the coordinator, nothing to judge
-                   judge_gain(judge, placement, new, replan, window, devices) - plan.transfer_seconds(BANDWIDTH))
+                   judge_gain(judge, placement, new, replan, window, devices, device_drift)
+                   - plan.transfer_seconds(BANDWIDTH))
             if best is None or net > best[0]:
                 best = (net, new, plan)
         net, new, plan = best

@@ -10,6 +10,7 @@ import pytest
 import placement as pl
 from load_tests.headroom import draw_steps
 from load_tests.workload_tracking import (
+    COORDINATOR,
     JUDGES,
     PROFILE_TOKENS,
     Scenario,
@@ -57,16 +58,16 @@ def test_judging_on_held_out_passes_moves_fewer_experts(setting):
     for scenario in (Scenario(4, 4), Scenario(4, 4, routing_after="code")):
         runs = _runs(setting, scenario)
         in_sample = sum(r["in sample"]["moved"] for r in runs)
-        held_out = sum(r["held out, 2 SE"]["moved"] for r in runs)
+        held_out = sum(r[COORDINATOR]["moved"] for r in runs)
         assert in_sample > 1.3 * held_out > 0
 
 
 def test_a_switch_of_routing_is_followed(setting):
     for runs in _runs(setting, Scenario(4, 4, routing_after="code")):
         after = {rule: r["critical_s"][500:].mean() for rule, r in runs.items()}
-        assert runs["held out, 2 SE"]["applied"] >= 1
-        assert after["held out, 2 SE"] < after["static"]
-        assert len(runs["static"]["critical_s"]) == len(runs["held out, 2 SE"]["critical_s"]) == 1000
+        assert runs[COORDINATOR]["applied"] >= 1
+        assert after[COORDINATOR] < after["static"]
+        assert len(runs["static"]["critical_s"]) == len(runs[COORDINATOR]["critical_s"]) == 1000
 
 
 def test_run_writes_a_row_per_scenario_and_rule(tmp_path, setting):
@@ -82,5 +83,6 @@ def test_a_slowed_device_is_re_planned_for(setting):
         static = runs["static"]["critical_s"]
         assert static[500:].mean() > 1.2 * static[:500].mean()  # timed on the slowed device from the change
         after = {rule: r["critical_s"][500:].mean() for rule, r in runs.items()}
-        assert after["re-planned once"] < after["static"] and after["held out, 2 SE"] < after["static"]
-        assert runs["held out, 2 SE"]["applied"] >= 1
+        assert after["re-planned once"] < after["static"] and after[COORDINATOR] < after["static"]
+        assert runs[COORDINATOR]["applied"] >= 1
+        assert after[COORDINATOR] <= after["held out, 2 SE"]  # a device's re-plan is judged at the mean

@@ -297,6 +297,29 @@ def test_small_device_drift_refits_the_model_and_a_large_one_re_plans_once(check
     assert coordinator.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.0)
 
 
+def test_the_loop_judges_device_drift_at_the_mean_and_workload_drift_two_standard_errors_low(checkpoint):
+    coordinator = _coordinator(checkpoint, device_drift_min_samples=20, drift_window=40, drift_check_every=5,
+                               drift_cooldown=5)
+    rng = np.random.default_rng(3)
+    routing = rng.dirichlet(np.full(coordinator.shape.num_experts, 0.7), size=coordinator.shape.num_layers)
+    coordinator.report(EngineReport("e0", coordinator.placement.version, _routed(routing, 40, rng)))
+    coordinator.calibrate()
+    device, tokens = 1, np.full(60, 8.0)
+    model = coordinator.device_models()[device]
+    samples = (LatencySamples(device, tokens, model.latency(tokens) * 1.5),)
+    coordinator.report(EngineReport("e0", coordinator.placement.version, _routed(routing, 5, rng), samples))
+    coordinator._tick()
+    record = coordinator.stats_view()["recalibrations"][-1]
+    assert record["reason"].startswith(f"device drift: device {device}"), record
+    assert record["gain_confidence_z"] == 0.0 and record["gain_judged_on"].startswith("held out")
+    changed = rng.dirichlet(np.full(coordinator.shape.num_experts, 0.7), size=coordinator.shape.num_layers)
+    coordinator.report(EngineReport("e0", coordinator.placement.version, _routed(changed, 40, rng)))
+    coordinator._tick()
+    record = coordinator.stats_view()["recalibrations"][-1]
+    assert record["reason"].startswith("workload drift"), record
+    assert record["gain_confidence_z"] == 2.0
+
+
 def test_workload_drift_triggers_recalibration(checkpoint):
     coordinator = _coordinator(checkpoint, drift_window=20, drift_check_every=5, drift_cooldown=5)
     first, second = _skewed(coordinator.shape, 5), _skewed(coordinator.shape, 6)

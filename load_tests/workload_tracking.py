@@ -61,7 +61,6 @@ EPS = 0.03  # its eps
 MIN_HELD_OUT = 20  # its min_held_out_passes
 
 
-
 @dataclass(frozen=True)
 class Scenario:
     """Mean sequences in flight and routing ("prose" or "code") before and after the change; `slowed`:
@@ -85,9 +84,9 @@ SCENARIOS: dict[str, Scenario] = {
     "device 7 to 0.8x, 4 sequences": Scenario(4, 4, slowed=(7, 0.8)),
     "device 7 to 0.8x, 16 sequences": Scenario(16, 16, slowed=(7, 0.8)),
 }
+COORDINATOR = "held out, 2 SE; device drift at the mean"  # the coordinator's defaults now
 # name: standard errors below the held-out mean a re-plan is judged at, on workload drift and on device drift
 # (None: judged in sample)
-COORDINATOR = "held out, 2 SE; device drift at the mean"  # its defaults now
 JUDGES: dict[str, tuple[float | None, float | None]] = {
     "in sample": (None, None), "held out": (0.0, 0.0), "held out, 2 SE": (2.0, 2.0), COORDINATOR: (2.0, 0.0)}
 
@@ -164,8 +163,8 @@ def follow(judge: str, passes: np.ndarray, profile: np.ndarray, setting: Setting
             new = replan(loads, activity)
             plan = pl.migration_plan(placement, new, setting.expert_bytes)
             gain = 0.0 if plan.num_moves == 0 else judge_gain(judge, placement, new, replan, window, devices,
-                                                              device_drift)
-            net = gain - plan.transfer_seconds(BANDWIDTH)  # no change: as the coordinator, nothing to judge
+                                                              device_drift)  # no change: nothing to judge
+            net = gain - plan.transfer_seconds(BANDWIDTH)
             if best is None or net > best[0]:
                 best = (net, new, plan, gain)
         net, new, plan, gain = best

@@ -164,7 +164,8 @@ class DriftRun:
                                         segments=segments(record.results, self.slo, cfg.switch_s, cfg.duration_s))
             after = entries[mode]["segments"]["after"] or {}
             print(f"  {scenario:>8} {mode:>8} after the switch: attainment={after.get('attainment')} "
-                  f"p90_ttft_ms={after.get('ttft_p90_ms')} recalibrations={len(record.recalibrations)}", flush=True)
+                  f"p90_ttft_ms={after.get('ttft_p90_ms')} recalibrations={len(record.recalibrations)} "
+                  f"applied={sum(r.get('status') == 'applied' for r in record.recalibrations)}", flush=True)
         return entries
 
     async def _unloaded(self, scenario: str, clients: dict[str, ClientConfig]) -> None:
@@ -201,8 +202,9 @@ def run_all(out: Path, config: DriftConfig = DriftConfig(), *, progress: bool = 
 
 
 def verdicts(result: dict) -> dict[str, dict]:
-    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and whether adaptive
-    won (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT)."""
+    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, whether adaptive won
+    (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT), and the adaptive app's
+    recalibrations: all it judged and those it applied (the startup calibration is one of each)."""
     out = {}
     for scenario, entry in result["scenarios"].items():
         if not all(entry.get(mode, {}).get("segments", {}).get("after") for mode in MODES):
@@ -212,7 +214,9 @@ def verdicts(result: dict) -> dict[str, dict]:
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
                          "adaptive_wins": key["adaptive"] > key["static"],
-                         "recalibrations_adaptive": len(entry["adaptive"]["recalibrations"])}
+                         "recalibrations_adaptive": len(entry["adaptive"]["recalibrations"]),
+                         "recalibrations_applied_adaptive": sum(r.get("status") == "applied"
+                                                                for r in entry["adaptive"]["recalibrations"])}
     return out
 
 

@@ -275,13 +275,14 @@ def _drift(drift: dict) -> str:
              f"{cfg['throttle_to']:g}x of its speed at {cfg['switch_s']:g} s (emulator speed control, both apps "
              "at once). Numbers for requests sent from the switch on; plot: drift.png.", "",
              "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
-             "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations | adaptive wins |",
+             "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations (applied / judged) | adaptive wins |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scenario, v in verdicts(drift).items():
         lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
                      f"{_num(v['static_ttft_p90_ms'], 1)} | {_num(v['adaptive_ttft_p90_ms'], 1)} | "
                      f"{_num(v['static_tpot_p90_ms'], 2)} | {_num(v['adaptive_tpot_p90_ms'], 2)} | "
-                     f"{v['recalibrations_adaptive']} | {'yes' if v['adaptive_wins'] else 'no'} |")
+                     f"{v['recalibrations_applied_adaptive']} / {v['recalibrations_adaptive']} | "
+                     f"{'yes' if v['adaptive_wins'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -65,7 +65,7 @@ def test_segments_split_at_the_switch():
 
 def _mode(attainment: float, p90: float) -> dict:
     return {"segments": {"after": {"attainment": attainment, "ttft_p90_ms": p90, "tpot_p90_ms": 9.0}},
-            "recalibrations": [{"status": "applied"}]}
+            "recalibrations": [{"status": "applied"}, {"status": "skipped"}]}
 
 
 def test_verdicts_prefer_attainment_then_ttft():
@@ -76,7 +76,8 @@ def test_verdicts_prefer_attainment_then_ttft():
     }}
     found = verdicts(result)
     assert found["workload"]["adaptive_wins"] and not found["device"]["adaptive_wins"]
-    assert "partial" not in found and found["device"]["recalibrations_adaptive"] == 1
+    assert "partial" not in found and found["device"]["recalibrations_adaptive"] == 2
+    assert found["device"]["recalibrations_applied_adaptive"] == 1
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -70,6 +70,8 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     params = curve_params(devices)
     limit = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
     counts = replica_counts(loads, num_slots, int(np.count_nonzero(limit)), float(params[1].min()))
+    if capacity is not None:  # uneven budgets: not every count vector fits on distinct devices
+        counts = fitting_counts(counts, loads, capacity)
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
@@ -100,6 +102,38 @@ def replica_counts(loads: np.ndarray, num_slots: int, max_replicas: int, knee: f
         free = np.where((loads == 0) & (counts < max_replicas), np.inf, per_replica).argmax(axis=1)
         helps = loads[rows, splits] / (counts[rows, splits] + 1) >= knee
         counts[rows, np.where(helps | (loads[rows, free] > 0), splits, free)] += 1
+    return counts
+
+
+def fitting_counts(counts: np.ndarray, loads: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """int [L, E]: `counts` (replicas per expert, each layer summing to the slots) changed as little as
+    needed so that every layer's replicas fit on distinct devices with at most `capacity` [G] slots each.
+
+    They fit exactly when, for every k, the k largest counts sum to at most sum_g min(capacity_g, k) (the
+    Gale-Ryser condition for a 0-1 expert x device matrix with these row sums and column bounds). Even
+    budgets always satisfy it; uneven ones may not: budgets [2, 2, 4, 4] with 12 slots over 4 experts cannot
+    hold [4, 4, 3, 1] replicas (two experts on all four devices fill the two small ones, and a third needs
+    three distinct devices of the other two). While a layer violates it, one replica moves from the expert
+    with the most replicas (the least loaded of those) to the one with the fewest (the most loaded of those),
+    which lowers every partial sum; the most even counts fit whenever the slots fit at all.
+    """
+    counts = counts.copy()
+    ranks = np.arange(1, counts.shape[1] + 1)
+    bound = np.minimum(np.asarray(capacity)[None, :], ranks[:, None]).sum(axis=1)  # [E] for k = 1..E
+
+    def violated(row: np.ndarray) -> bool:
+        return bool(np.any(np.cumsum(np.sort(row)[::-1]) > bound))
+
+    for layer in (layer for layer in range(counts.shape[0]) if violated(counts[layer])):
+        row, load = counts[layer], loads[layer]
+        while violated(row):
+            if row.max() - row.min() <= 1:  # `policies.plan` checks the slots fit: cannot happen
+                raise ValueError(f"slot_budget {np.asarray(capacity).tolist()} cannot hold {int(row.sum())} "
+                                 f"replicas of {row.size} experts on distinct devices")
+            most = np.flatnonzero(row == row.max())
+            fewest = np.flatnonzero(row == row.min())
+            row[most[np.argmin(load[most])]] -= 1
+            row[fewest[np.argmax(load[fewest])]] += 1
     return counts
 
 

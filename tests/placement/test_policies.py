@@ -12,7 +12,7 @@ from placement.metrics import makespan
 from placement.placement import Placement
 from placement.policies import POLICIES, plan
 from placement.traces import trace_dir
-from placement.vibe import greedy_devices, greedy_search
+from placement.vibe import fitting_counts, greedy_devices, greedy_search
 
 TRACES = sorted(trace_dir().glob("*.npz"))
 assert TRACES, f"no .npz traces in {trace_dir()}"
@@ -236,6 +236,19 @@ def test_vibe_respects_uneven_slot_budgets(case, spare, data):
     placement = plan(loads, devices, "vibe", num_redundant=num_redundant, slot_budget=budget)
     check_invariants(placement, loads, num_devices, num_redundant, capacity=np.array(budget))
     assert replicas_distinct(placement)
+
+
+def test_uneven_budgets_get_replica_counts_that_fit_on_distinct_devices():
+    """Found by the property test above: 12 slots over 4 experts on budgets [2, 2, 4, 4]. By load the
+    replicas would be [4, 4, 3, 1]: the two 4s fill both small devices, and the 3 has only two devices left."""
+    loads = np.array([[2.0, 3.0, 1.0, 0.0]])
+    placement = plan(loads, devices_of([1.0, 0.85, 1.05, 1.0]), "vibe", num_redundant=8, slot_budget=[2, 2, 4, 4])
+    check_invariants(placement, loads, 4, 8, capacity=np.array([2, 2, 4, 4]))
+    assert replicas_distinct(placement)
+    counts = fitting_counts(np.array([[4, 4, 3, 1]]), loads, np.array([2, 2, 4, 4]))
+    np.testing.assert_array_equal(counts, [[3, 4, 3, 2]])  # one replica from the lighter 4 to the 1
+    even = np.array([[3, 3, 3, 3]])
+    np.testing.assert_array_equal(fitting_counts(even, loads, np.array([2, 2, 4, 4])), even)  # fits: kept
 
 
 def test_slot_budget_lets_vibe_empty_a_slow_device_and_fill_the_fast_ones():

@@ -69,9 +69,7 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     num_slots = loads.shape[1] + num_redundant
     params = curve_params(devices)
     limit = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
-    counts = replica_counts(loads, num_slots, int(np.count_nonzero(limit)), float(params[1].min()))
-    if capacity is not None:  # uneven budgets: not every count vector fits on distinct devices
-        counts = fitting_counts(counts, loads, capacity)
+    counts = replica_counts(loads, num_slots, limit, float(params[1].min()))
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
@@ -83,58 +81,53 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     return placement
 
 
-def replica_counts(loads: np.ndarray, num_slots: int, max_replicas: int, knee: float) -> np.ndarray:
+def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee: float) -> np.ndarray:
     """int [L, E]: replicas per expert, adding one at a time to the expert with the longest replica.
 
     Each extra slot goes to the expert with the highest predicted time per replica, i.e. the most tokens
     per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as the split replicas
     keep at least `knee` tokens. Below every device's knee a split only adds one more flat-cost call,
     so then the slot goes to an expert without load if there is one (its replica costs nothing), else
-    by EPLB's rule. Counts are capped at `max_replicas` (the devices able to hold one: replicas of one
-    expert sit on distinct devices).
+    by EPLB's rule. Only experts whose extra replica still fits are candidates: replicas of one expert sit
+    on distinct devices with at most `capacity` [G] slots each (`_room_for_one_more`).
     """
     num_layers, num_experts = loads.shape
     counts = np.ones(loads.shape, dtype=np.int64)
     rows = np.arange(num_layers)
+    capacity = np.asarray(capacity)
+    # sum_g min(capacity_g, k) for k = 1..E: the most slots k experts' replicas can fill on distinct devices
+    bound = np.minimum(capacity[None, :], np.arange(1, num_experts + 1)[:, None]).sum(axis=1)
+    # equal budgets (those above 0): the condition is one replica per device at most, no sorting needed
+    equal = np.unique(capacity[capacity > 0]).size <= 1
     for _ in range(num_slots - num_experts):
-        per_replica = np.where(counts < max_replicas, loads / counts, -np.inf)
+        room = counts < np.count_nonzero(capacity) if equal else _room_for_one_more(counts, bound)
+        per_replica = np.where(room, loads / counts, -np.inf)
         splits = per_replica.argmax(axis=1)
-        free = np.where((loads == 0) & (counts < max_replicas), np.inf, per_replica).argmax(axis=1)
+        free = np.where((loads == 0) & room, np.inf, per_replica).argmax(axis=1)
         helps = loads[rows, splits] / (counts[rows, splits] + 1) >= knee
         counts[rows, np.where(helps | (loads[rows, free] > 0), splits, free)] += 1
     return counts
 
 
-def fitting_counts(counts: np.ndarray, loads: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """int [L, E]: `counts` (replicas per expert, each layer summing to the slots) changed as little as
-    needed so that every layer's replicas fit on distinct devices with at most `capacity` [G] slots each.
+def _room_for_one_more(counts: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """bool [L, E]: the experts that can take one more replica with the layer's counts [L, E] still
+    placeable on distinct devices.
 
-    They fit exactly when, for every k, the k largest counts sum to at most sum_g min(capacity_g, k) (the
-    Gale-Ryser condition for a 0-1 expert x device matrix with these row sums and column bounds). Even
-    budgets always satisfy it; uneven ones may not: budgets [2, 2, 4, 4] with 12 slots over 4 experts cannot
-    hold [4, 4, 3, 1] replicas (two experts on all four devices fill the two small ones, and a third needs
-    three distinct devices of the other two). While a layer violates it, one replica moves from the expert
-    with the most replicas (the least loaded of those) to the one with the fewest (the most loaded of those),
-    which lowers every partial sum; the most even counts fit whenever the slots fit at all.
+    Counts are placeable exactly when, for every k, the k largest sum to at most `bound`[k - 1] (the
+    Gale-Ryser condition for a 0-1 expert x device matrix with these row sums and column bounds). One more
+    replica for an expert with count c raises the sum of the k largest by one for every k beyond the
+    experts counted above c, so it fits when the slack there is at least one everywhere. With even budgets
+    that is a replica per device at most; uneven ones also bar, e.g., [4, 4, 3, 1] on budgets [2, 2, 4, 4].
     """
-    counts = counts.copy()
-    ranks = np.arange(1, counts.shape[1] + 1)
-    bound = np.minimum(np.asarray(capacity)[None, :], ranks[:, None]).sum(axis=1)  # [E] for k = 1..E
-
-    def violated(row: np.ndarray) -> bool:
-        return bool(np.any(np.cumsum(np.sort(row)[::-1]) > bound))
-
-    for layer in (layer for layer in range(counts.shape[0]) if violated(counts[layer])):
-        row, load = counts[layer], loads[layer]
-        while violated(row):
-            if row.max() - row.min() <= 1:  # `policies.plan` checks the slots fit: cannot happen
-                raise ValueError(f"slot_budget {np.asarray(capacity).tolist()} cannot hold {int(row.sum())} "
-                                 f"replicas of {row.size} experts on distinct devices")
-            most = np.flatnonzero(row == row.max())
-            fewest = np.flatnonzero(row == row.min())
-            row[most[np.argmin(load[most])]] -= 1
-            row[fewest[np.argmax(load[fewest])]] += 1
-    return counts
+    ordered = -np.sort(-counts, axis=1)
+    slack = bound[None, :] - np.cumsum(ordered, axis=1)  # [L, E], k = 1..E
+    slack_from = np.minimum.accumulate(slack[:, ::-1], axis=1)[:, ::-1]  # min over k' >= k
+    num_layers, num_experts = counts.shape
+    width = int(counts.max()) + 1
+    index = (np.arange(num_layers)[:, None] * width + counts).ravel()
+    at_most = np.cumsum(np.bincount(index, minlength=num_layers * width).reshape(num_layers, width), axis=1)
+    above = num_experts - np.take_along_axis(at_most, counts, axis=1)  # [L, E]: experts with more replicas
+    return np.take_along_axis(slack_from, above, axis=1) >= 1
 
 
 def greedy_devices(expert: np.ndarray, tokens: np.ndarray, params: np.ndarray, capacity: np.ndarray,

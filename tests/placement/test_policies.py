@@ -12,7 +12,7 @@ from placement.metrics import makespan
 from placement.placement import Placement
 from placement.policies import POLICIES, plan
 from placement.traces import trace_dir
-from placement.vibe import fitting_counts, greedy_devices, greedy_search
+from placement.vibe import greedy_devices, greedy_search, replica_counts
 
 TRACES = sorted(trace_dir().glob("*.npz"))
 assert TRACES, f"no .npz traces in {trace_dir()}"
@@ -245,10 +245,12 @@ def test_uneven_budgets_get_replica_counts_that_fit_on_distinct_devices():
     placement = plan(loads, devices_of([1.0, 0.85, 1.05, 1.0]), "vibe", num_redundant=8, slot_budget=[2, 2, 4, 4])
     check_invariants(placement, loads, 4, 8, capacity=np.array([2, 2, 4, 4]))
     assert replicas_distinct(placement)
-    counts = fitting_counts(np.array([[4, 4, 3, 1]]), loads, np.array([2, 2, 4, 4]))
-    np.testing.assert_array_equal(counts, [[3, 4, 3, 2]])  # one replica from the lighter 4 to the 1
-    even = np.array([[3, 3, 3, 3]])
-    np.testing.assert_array_equal(fitting_counts(even, loads, np.array([2, 2, 4, 4])), even)  # fits: kept
+    for budget in ([2, 2, 4, 4], [3, 3, 3, 3], [0, 4, 4, 4]):
+        counts = replica_counts(loads, 12, np.array(budget), knee=0.0)[0]
+        largest = np.cumsum(np.sort(counts)[::-1])  # Gale-Ryser: the k largest fit on distinct devices
+        assert counts.sum() == 12 and np.all(largest <= [np.minimum(budget, k).sum() for k in range(1, 5)])
+    # even budgets: the cap is one replica per device, as EPLB's rule alone would give: [4, 4, 3, 1]
+    np.testing.assert_array_equal(replica_counts(loads, 12, np.array([3, 3, 3, 3]), knee=0.0), [[4, 4, 3, 1]])
 
 
 def test_slot_budget_lets_vibe_empty_a_slow_device_and_fill_the_fast_ones():

@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"credited={row['credited_ms_per_pass']:.3f}")
         print(f"{row['scenario']:>28} {row['rule']:>16}{counts:>30} moe_ms={row['moe_ms']:.3f} "
               f"after={row['moe_ms_after']:.3f}")
+    print(f"wrote {args.out}/workload_tracking.json in {result['runtime_s']:.0f} s")
     return 0
 
 

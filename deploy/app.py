@@ -8,6 +8,7 @@ Arguments are validated here (pydantic, `AppArgs`) and turned into one frozen co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,15 +22,34 @@ DEFAULT_MODEL = DEPLOY_DIR / "models" / "vibe-tiny-moe"
 DEFAULT_PROFILE_PROMPTS = DEPLOY_DIR / "prompts" / "profile.jsonl"
 # A node with one degraded GPU (issue "OpenAI-compatible serving"): relative speeds of 8 devices.
 DEFAULT_SPEEDS = (1.00, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.87)
+# One expert's latency curve measured on a GPU (scripts/measure_gpu_curve.py): the emulated curve's shape.
+GPU_CURVE = DEPLOY_DIR / "data" / "gpu_expert_curve.json"
 MIN_ADMIN_TOKEN_CHARS = 16
 
 
+@functools.cache
+def gpu_curve_shape(path: Path = GPU_CURVE) -> tuple[float, float]:
+    """(knee tokens, slope per token beyond the knee as a fraction of the flat cost) of a measured curve.
+
+    The emulated devices take this shape by default and `fixed_s` as their scale: an expert of
+    Qwen3-30B-A3B's size on an NVIDIA H200, bfloat16, kernel time (deploy/data/gpu_expert_curve.json).
+    """
+    fit = json.loads(Path(path).read_text())["fit"]
+    return float(fit["knee"]), float(fit["slope"]) / float(fit["fixed"])
+
+
 class EmulationArgs(BaseModel):
-    """The emulated devices' shared latency curve and behaviour (per-device speeds are in `speeds`)."""
+    """The emulated devices' shared latency curve and behaviour (per-device speeds are in `speeds`).
+
+    `fixed_s` is the scale (seconds of one expert call up to the knee). With `knee_tokens` and `slope_s`
+    both left out the curve takes the measured GPU curve's shape (`gpu_curve_shape`): its knee, and its
+    slope relative to its flat cost, times `fixed_s`. With `knee_tokens` given and `slope_s` left out,
+    the slope is `fixed_s / knee_tokens` (the emulator's own rule).
+    """
 
     model_config = ConfigDict(extra="forbid")
     fixed_s: float = Field(default=4e-4, ge=0)
-    knee_tokens: float = Field(default=128.0, gt=0)
+    knee_tokens: float | None = Field(default=None, gt=0)
     slope_s: float | None = Field(default=None, ge=0)
     jitter: float = Field(default=0.02, ge=0, lt=1)
     throttle_floor: float = Field(default=0.8, gt=0, le=1)
@@ -164,8 +184,12 @@ def emulation_configs(args: AppArgs) -> list:
     from service.emulator import EmulationConfig
 
     e = args.emulation
-    return [EmulationConfig(speed=args.speeds[index], fixed_s=e.fixed_s, knee_tokens=e.knee_tokens,
-                            slope_s=e.slope_s, jitter=e.jitter,
+    knee_tokens, slope_s = e.knee_tokens, e.slope_s
+    if knee_tokens is None:
+        knee_tokens, relative_slope = gpu_curve_shape()
+        slope_s = e.fixed_s * relative_slope if slope_s is None else slope_s
+    return [EmulationConfig(speed=args.speeds[index], fixed_s=e.fixed_s, knee_tokens=knee_tokens,
+                            slope_s=slope_s, jitter=e.jitter,
                             drift=tuple(tuple(step) for step in e.drift.get(index, ())),
                             throttle_floor=e.throttle_floor, throttle_tau_s=e.throttle_tau_s, seed=index)
             for index in range(args.num_devices)]

@@ -146,13 +146,14 @@ def run_experts(
         for i, (tensors, end) in enumerate(zip(weights, np.cumsum(counts).tolist())):
             if end > start:
                 timer.start(i)
-                outputs[start:end] = _expert_ffn(x[start:end], tensors["gate_up"], tensors["down"], act_fn)
+                outputs[start:end] = expert_ffn(x[start:end], tensors["gate_up"], tensors["down"], act_fn)
                 timer.stop(i)
             start = end
     return outputs, timer.seconds()
 
 
-def _expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+    """One expert's SwiGLU FFN on x [n, H]: gate_up [2I, H], down [H, I]."""
     # Exactly the expression of transformers' eager experts loop (e.g. Qwen3MoeExperts.forward).
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(act_fn(gate) * up, down)

@@ -3,13 +3,15 @@ validate; GPU and scheduling arguments reach the actors' options (build_app with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from deploy.app import AppArgs, build_app
+from deploy.app import GPU_CURVE, AppArgs, build_app, emulation_configs, gpu_curve_shape
 from tests.tiny_models import save_tiny_model
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -52,6 +54,38 @@ def test_shipped_serve_configs_validate(config):
     app = yaml.safe_load((DEPLOY / config).read_text())["applications"][0]
     assert app["import_path"] == "deploy.app:build_app"
     AppArgs.model_validate(app["args"])
+
+
+def test_shipped_gpu_curve_is_a_kernel_time_measurement_of_a_realistic_expert():
+    record = json.loads(GPU_CURVE.read_text())
+    assert record["device_name"] != "cpu" and record["config"]["device"].startswith("cuda")
+    assert record["config"]["timing"] == "graph" and record["config"]["dtype"] == "bfloat16"
+    assert (record["config"]["hidden"], record["config"]["intermediate"]) == (2048, 768)
+    assert record["tokens"][0] == 1 and record["tokens"][-1] == 4096
+    fit = record["fit"]
+    assert 1 < fit["knee"] < 4096 and fit["fixed"] > 0 and fit["slope"] > 0
+    # the fit follows the medians it was made from
+    assert record["fit_max_rel_error"] < 0.25
+
+
+def test_emulated_devices_take_the_measured_curve_shape_unless_told_otherwise():
+    knee, relative_slope = gpu_curve_shape()
+    fit = json.loads(GPU_CURVE.read_text())["fit"]
+    assert (knee, relative_slope) == (fit["knee"], pytest.approx(fit["slope"] / fit["fixed"]))
+    default = emulation_configs(AppArgs(speeds=[1.0, 0.5], num_devices=2))
+    assert all(e.knee_tokens == knee and e.slope_s == pytest.approx(4e-4 * relative_slope) for e in default)
+    assert default[1].speed == 0.5 and default[0].fixed_s == 4e-4
+    # the curve's shape scales with fixed_s: the emulated time is the measured curve times a constant
+    scaled = emulation_configs(AppArgs.model_validate({"num_devices": 1, "speeds": [1.0],
+                                                       "emulation": {"fixed_s": 2e-3}}))[0]
+    tokens = [1, 64, 1024, 4096]
+    ratio = scaled.curve().latency(tokens) / (fit["fixed"] + fit["slope"] * np.maximum(0, np.array(tokens) - knee))
+    assert ratio == pytest.approx(np.full(4, 2e-3 / fit["fixed"]))
+    # a knee given without a slope keeps the emulator's rule (slope = fixed_s / knee); both given are kept
+    own = AppArgs.model_validate({"emulation": {"knee_tokens": 128}})
+    assert emulation_configs(own)[0].slope_s == pytest.approx(4e-4 / 128)
+    both = AppArgs.model_validate({"emulation": {"knee_tokens": 64, "slope_s": 0.0}})
+    assert (emulation_configs(both)[0].knee_tokens, emulation_configs(both)[0].slope_s) == (64, 0.0)
 
 
 def test_gpu_config_puts_workers_on_gpus_without_emulation():

@@ -60,3 +60,27 @@ def test_gpu_run_times_with_cuda_events_and_reads_telemetry(script, tmp_path):
     assert record["config"]["dtype"] == "bfloat16" and record["device_name"] != "cpu"
     assert record["telemetry"]["after"]["available"], record["telemetry"]["after"]["reason"]
     assert record["median_s"][-1] > record["median_s"][0]
+
+
+def test_timing_defaults_to_the_kernels_on_a_gpu_and_the_service_path_on_a_cpu(script):
+    assert script.CurveConfig(device="cpu").timing == "service"
+    if torch.cuda.is_available():
+        assert script.CurveConfig(device="cuda").timing == "graph"
+
+
+def test_graph_timing_needs_cuda(script, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main(["--device", "cpu", "--timing", "graph", *QUICK, "--out", str(tmp_path / "curve.json")])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_timing_measures_kernels_without_launch_overhead(script, tmp_path):
+    args = ["--hidden", "2048", "--intermediate", "768", "--max-tokens", "4096", "--repeats", "3", "--warmup-s", "1"]
+    service = script.main([*args, "--timing", "service", "--out", str(tmp_path / "service.json")])
+    graph = script.main([*args, "--out", str(tmp_path / "graph.json")])  # graph: the default on a GPU
+    check_record(graph, tmp_path / "graph.json")
+    assert graph["config"]["timing"] == "graph" and "CUDA graph" in graph["what"]
+    # one token: a few microseconds of kernels, against the host launching them one by one
+    assert graph["median_s"][0] < service["median_s"][0]
+    assert graph["median_s"][-1] > graph["median_s"][0]

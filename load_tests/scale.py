@@ -3,7 +3,8 @@
 Owns the question "does ViBE's gain survive at 64-128 devices when redundant experts and uneven expert
 counts are allowed?" asked of `placement.simulate.scale_study` on a real trace (DeepSeek-V3's 58 MoE
 layers, 256 experts) with per-device curves sampled from variability profiles within the published
-range, `<out>/scale.json` and `<out>/scale.png` (sum_l makespan over the proven bound per policy and
+range around the curve of one DeepSeek-V3 expert measured on an H200 (`deploy/data/gpu_expert_curve_dsv3.json`,
+kernel time: 43.9 us flat up to 150 tokens, then 139 ns per token), `<out>/scale.json` and `<out>/scale.png` (sum_l makespan over the proven bound per policy and
 variant, and the gain over EPLB without redundant experts). Without the trace folder it says so and
 skips (CI may lack it). Ignores serving: this is the placement simulator only.
 """
@@ -17,9 +18,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from placement import ScaleStudyConfig, load_trace, scale_study, trace_dir
+from placement import DeviceModel, ScaleStudyConfig, load_trace, scale_study, trace_dir
 
 TRACE = "deepseek_v3_L3-60_calib_normalized4096"
+MEASURED_CURVE = Path(__file__).resolve().parents[1] / "deploy" / "data" / "gpu_expert_curve_dsv3.json"
+
+
+def measured_device(path: Path = MEASURED_CURVE) -> DeviceModel:
+    """The fitted curve of a measured expert (scripts/measure_gpu_curve.py's JSON)."""
+    return DeviceModel(**json.loads(path.read_text())["fit"])
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,8 @@ class ScaleConfig:
 
     Attributes:
         trace: trace name in the trace folder.
-        cases: (variability profile, mean tokens per expert) pairs; 1024 is prefill-like (above the base
-            curve's 128-token knee), 32 decode-like. Profiles: "spread7" (speeds uniform in 1 +- 3.5%),
+        cases: (variability profile, mean tokens per expert) pairs; 1024 is prefill-like (above the
+            measured curve's 150-token knee), 32 decode-like. Profiles: "spread7" (speeds uniform in 1 +- 3.5%),
             "one_slow13" (one device 13% slower), "two_throttled" (two devices at 0.8x): all within the
             published 13% static spread and 70% throttling floor.
         study: the simulator's settings shared by every case (profile and tokens are set per case).
@@ -39,7 +46,7 @@ class ScaleConfig:
     cases: tuple[tuple[str, float], ...] = (("spread7", 1024.0), ("one_slow13", 1024.0),
                                             ("two_throttled", 1024.0), ("spread7", 32.0))
     study: ScaleStudyConfig = ScaleStudyConfig(device_counts=(8, 16, 32, 64, 128), num_experts=256,
-                                               num_layers=8)
+                                               num_layers=8, base_device=measured_device())
 
     def __post_init__(self) -> None:
         if not self.cases:

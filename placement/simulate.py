@@ -141,10 +141,11 @@ class ScaleStudyConfig:
         num_experts: E after resampling.
         num_layers: layers used, evenly spaced over the trace's (None: all).
         profile: variability profile of `device_speeds`.
-        tokens_per_expert: mean load per expert (above BASE_DEVICE's knee: prefill-like).
+        tokens_per_expert: mean load per expert (above the base curve's knee: prefill-like).
         redundant_per_device, spare_slots_per_device: >= 1.
         policies: policies run in every variant (EPLB only where counts are even).
         seed: seeds the loads' resampling and the device sampling.
+        base_device: the nominal device's per-expert curve, which `sample_devices` scales per device.
     """
 
     device_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
@@ -156,6 +157,7 @@ class ScaleStudyConfig:
     spare_slots_per_device: int = 1
     policies: tuple[str, ...] = ("eplb", "vibe")
     seed: int = 0
+    base_device: DeviceModel = BASE_DEVICE
 
     def __post_init__(self) -> None:
         bad = [g for g in self.device_counts if g < 1 or self.num_experts % g]
@@ -191,7 +193,7 @@ def scale_study(counts: np.ndarray, config: ScaleStudyConfig) -> list[dict]:
                         config.tokens_per_expert)
     rows = []
     for num_devices in config.device_counts:
-        devices = sample_devices(num_devices, config.profile, rng)
+        devices = sample_devices(num_devices, config.profile, rng, config.base_device)
         loosest_redundant, loosest_budget = _variant_slots("redundant_uneven", config, num_devices)
         bound_s = float(np.sum(lower_bound(loads, devices, num_redundant=loosest_redundant,
                                            slot_budget=loosest_budget)))

@@ -50,3 +50,18 @@ def test_config_rejects_unknown_profiles_and_empty_cases():
         replace(SMALL, cases=(("wobbly", 1024.0),))
     with pytest.raises(ValueError, match="at least one case"):
         replace(SMALL, cases=())
+
+
+def test_study_runs_on_the_measured_deepseek_v3_expert_curve():
+    base = scale.ScaleConfig().study.base_device
+    record = json.loads(scale.MEASURED_CURVE.read_text())
+    assert (record["config"]["hidden"], record["config"]["intermediate"]) == (7168, 2048)
+    assert record["config"]["timing"] == "graph" and record["device_name"] != "cpu"
+    assert (base.fixed, base.knee, base.slope) == tuple(record["fit"][k] for k in ("fixed", "knee", "slope"))
+    # the makespans scale with the base curve: twice as slow a base, twice every makespan, same ratios
+    counts = np.random.default_rng(2).integers(1, 500, size=(4, 32))
+    slow = replace(SMALL, study=replace(SMALL.study, base_device=SMALL.study.base_device.scaled(2.0)))
+    rows, slow_rows = scale.study_rows(counts, SMALL), scale.study_rows(counts, slow)
+    for row, slow_row in zip(rows, slow_rows, strict=True):
+        assert slow_row["makespan_s"] == pytest.approx(2 * row["makespan_s"])
+        assert slow_row["bound_ratio"] == pytest.approx(row["bound_ratio"], rel=1e-6)

@@ -1,5 +1,5 @@
 """The whole app on GPU workers (`device: cuda`, `emulate: false`): `build_app` on Ray Serve answers a
-chat request over HTTP, and the admin API shows NVML telemetry of every worker. Two workers share the
+chat request over HTTP, and the admin API and /metrics show NVML telemetry of every worker. Two workers share the
 one GPU (`worker_num_gpus: 0.25`), the ingress takes a share too. Skipped, starting nothing, without CUDA.
 """
 
@@ -51,3 +51,16 @@ def test_admin_stats_show_telemetry_of_every_gpu_worker(url):
     assert [t["device"] for t in telemetry] == [0, 1]
     assert all(t["available"] for t in telemetry), [t["reason"] for t in telemetry]
     assert all(0 < t["sm_clock_mhz"] <= t["max_sm_clock_mhz"] and t["power_w"] > 0 for t in telemetry)
+
+
+def test_prometheus_metrics_export_the_gpu_telemetry(url):
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline and 'vibe_gpu_sm_clock_mhz{device="1"}' not in text:
+        text = httpx.get(f"{url}/metrics", timeout=30).text  # refreshed from the coordinator off the request path
+        time.sleep(1)
+    for device in (0, 1):
+        for name in ("vibe_gpu_sm_clock_mhz", "vibe_gpu_power_watts", "vibe_gpu_temperature_celsius"):
+            line = next((x for x in text.splitlines() if x.startswith(f'{name}{{device="{device}"}}')), None)
+            assert line is not None, f"{name} of device {device} missing from /metrics"
+            assert float(line.split()[-1]) > 0

@@ -403,6 +403,30 @@ def test_metrics_summary_renders_as_prometheus(checkpoint):
     assert 'vibe_layer_imbalance{layer="0"}' in text and "vibe_experts_moved_total" in text
 
 
+def test_gpu_telemetry_is_exported_as_gauges_per_device():
+    from dataclasses import asdict
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.messages import Telemetry
+    from service.placement_metrics import PlacementCollector
+
+    summary = {"placement_version": 1, "layer_imbalance": None, "device_observed_over_predicted": [],
+               "recalibrations": {}, "last_recalibration_s": None, "experts_moved": 0, "bytes_moved": 0,
+               "lost_devices": [],
+               "telemetry": [asdict(Telemetry(0, True, sm_clock_mhz=1980.0, max_sm_clock_mhz=1980.0, power_w=362.0,
+                                              power_limit_w=700.0, temperature_c=42.0)),
+                             asdict(Telemetry(1, False, reason="no NVIDIA GPU: worker runs on cpu"))]}
+    collector, registry = PlacementCollector(), CollectorRegistry()
+    registry.register(collector)
+    collector.refresh(summary)
+    text = generate_latest(registry).decode()
+    assert 'vibe_gpu_sm_clock_mhz{device="0"} 1980.0' in text
+    assert 'vibe_gpu_power_watts{device="0"} 362.0' in text
+    assert 'vibe_gpu_temperature_celsius{device="0"} 42.0' in text
+    assert 'device="1"' not in text  # a worker without telemetry has no samples, not zeros
+
+
 def test_bad_recalibration_arguments(checkpoint):
     coordinator = _coordinator(checkpoint)
     with pytest.raises(ValueError, match="policy"):

@@ -3,8 +3,9 @@
 Owns the question "does ViBE's gain survive at 64-128 devices when redundant experts and uneven expert
 counts are allowed?" asked of `placement.simulate.scale_study` on a real trace (DeepSeek-V3's 58 MoE
 layers, 256 experts) with per-device curves sampled from variability profiles within the published
-range around the curve of one DeepSeek-V3 expert measured on an H200 (`deploy/data/gpu_expert_curve_dsv3.json`,
-kernel time: 43.9 us flat up to 150 tokens, then 139 ns per token), `<out>/scale.json` and `<out>/scale.png` (sum_l makespan over the proven bound per policy and
+range around the curve of one DeepSeek-V3 expert measured on an H200
+(`deploy/data/gpu_expert_curve_dsv3.json`, kernel time: 43.9 us flat up to 150 tokens, then 139 ns per
+token), `<out>/scale.json` and `<out>/scale.png` (sum_l makespan over the proven bound per policy and
 variant, and the gain over EPLB without redundant experts). Without the trace folder it says so and
 skips (CI may lack it). Ignores serving: this is the placement simulator only.
 """
@@ -36,8 +37,8 @@ class ScaleConfig:
     Attributes:
         trace: trace name in the trace folder.
         cases: (variability profile, mean tokens per expert) pairs; 1024 is prefill-like (above the
-            measured curve's 150-token knee), 32 decode-like. Profiles: "spread7" (speeds uniform in 1 +- 3.5%),
-            "one_slow13" (one device 13% slower), "two_throttled" (two devices at 0.8x): all within the
+            measured curve's 150-token knee), 32 decode-like. Profiles: "spread7" (speeds uniform in
+            1 +- 3.5%), "one_slow13" (one device 13% slower), "two_throttled" (two devices at 0.8x): all within the
             published 13% static spread and 70% throttling floor.
         study: the simulator's settings shared by every case (profile and tokens are set per case).
     """

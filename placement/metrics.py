@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import sparse
 
 from placement.device_model import DeviceModel
 from placement.placement import Placement
@@ -71,11 +70,7 @@ def device_times(placement: Placement, loads: np.ndarray, devices: Sequence[Devi
         raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
     params = curve_params(devices)
     calls, per_call = slot_calls(placement.slot_tokens(loads), slot_activity(placement, activity))
-    per_slot = calls * latency_on(per_call, placement.slot_device, params)
-    out = np.zeros((placement.num_layers, placement.num_devices))
-    rows = np.repeat(np.arange(placement.num_layers), placement.num_slots)
-    np.add.at(out, (rows, placement.slot_device.ravel()), per_slot.ravel())
-    return out
+    return placement.per_device(calls * latency_on(per_call, placement.slot_device, params))
 
 
 def pass_critical_paths(placement: Placement, passes: np.ndarray, devices: Sequence[DeviceModel]) -> np.ndarray:
@@ -86,23 +81,12 @@ def pass_critical_paths(placement: Placement, passes: np.ndarray, devices: Seque
         passes: [N, L, E] tokens routed to each logical expert in each pass (router counts).
     """
     passes = np.asarray(passes, dtype=np.float64)
-    shape = (placement.num_layers, placement.num_experts)
-    if passes.ndim != 3 or passes.shape[1:] != shape:
-        raise ValueError(f"passes must be [N, L, E] with (L, E) = {shape}, got {passes.shape}")
+    if passes.ndim != 3:
+        raise ValueError(f"passes must be [N, L, E], got shape {passes.shape}")
     if len(devices) != placement.num_devices:
         raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
-    if len(passes) == 0:
-        return np.zeros(0)
-    index = np.broadcast_to(placement.phy2log, (passes.shape[0], *placement.phy2log.shape))
-    tokens = np.take_along_axis(passes, index, axis=2) * placement.replica_share  # [N, L, R]
-    per_slot = latency_on(tokens, placement.slot_device, curve_params(devices))
-    num_layers, num_slots, num_devices = placement.num_layers, placement.num_slots, placement.num_devices
-    # one-hot [L * G, L * R]: slot (l, r) adds to row (l, its device)
-    rows = (np.arange(num_layers)[:, None] * num_devices + placement.slot_device).ravel()
-    on_device = sparse.csr_array((np.ones(rows.size), (rows, np.arange(rows.size))),
-                                 shape=(num_layers * num_devices, num_layers * num_slots))
-    times = (on_device @ per_slot.reshape(len(passes), -1).T).T.reshape(len(passes), num_layers, num_devices)
-    return times.max(axis=2).sum(axis=1)
+    per_slot = latency_on(placement.slot_tokens(passes), placement.slot_device, curve_params(devices))
+    return placement.per_device(per_slot).max(axis=2).sum(axis=1)
 
 
 def checked_activity(activity, loads: np.ndarray) -> np.ndarray | None:

@@ -110,29 +110,38 @@ class Placement:
 
     def device_slot_counts(self) -> np.ndarray:
         """int [L, G]: slots on each device in each layer."""
-        counts = np.zeros((self.num_layers, self.num_devices), dtype=np.int64)
-        rows = np.repeat(np.arange(self.num_layers), self.num_slots)
-        np.add.at(counts, (rows, self.slot_device.ravel()), 1)
-        return counts
+        return self.per_device(np.ones(self.slot_device.shape)).astype(np.int64)
+
+    def per_device(self, slot_values: np.ndarray) -> np.ndarray:
+        """float [..., L, G]: per layer, the sum of `slot_values` [..., L, R] over each device's slots
+        (leading axes, e.g. forward passes, are kept)."""
+        values = np.asarray(slot_values, dtype=np.float64)
+        shape = (self.num_layers, self.num_slots)
+        if values.shape[-2:] != shape:
+            raise ValueError(f"slot values must be [..., L, R] with (L, R) = {shape}, got {values.shape}")
+        lead = values.shape[:-2]
+        cells = self.num_layers * self.num_devices
+        column = (np.arange(self.num_layers)[:, None] * self.num_devices + self.slot_device).ravel()
+        index = (np.arange(int(np.prod(lead)))[:, None] * cells + column).ravel()
+        summed = np.bincount(index, weights=values.ravel(), minlength=int(np.prod(lead)) * cells)
+        return summed.reshape(*lead, self.num_layers, self.num_devices)
 
     # --- loads -------------------------------------------------------------------------------------
 
     def slot_tokens(self, loads: np.ndarray) -> np.ndarray:
-        """float [L, R]: tokens each slot processes, given logical loads [L, E]."""
+        """float [..., L, R]: tokens each slot processes, given logical loads [..., L, E] (leading axes,
+        e.g. forward passes, are kept)."""
         loads = self._check_loads(loads)
-        return np.take_along_axis(loads, self.phy2log, axis=1) * self.replica_share
+        index = np.broadcast_to(self.phy2log, (*loads.shape[:-2], *self.phy2log.shape))
+        return np.take_along_axis(loads, index, axis=-1) * self.replica_share
 
     def device_tokens(self, loads: np.ndarray) -> np.ndarray:
         """float [L, G]: tokens each device processes in each layer, given logical loads [L, E]."""
-        tokens = self.slot_tokens(loads)
-        out = np.zeros((self.num_layers, self.num_devices))
-        rows = np.repeat(np.arange(self.num_layers), self.num_slots)
-        np.add.at(out, (rows, self.slot_device.ravel()), tokens.ravel())
-        return out
+        return self.per_device(self.slot_tokens(loads))
 
     def _check_loads(self, loads: np.ndarray) -> np.ndarray:
         loads = np.asarray(loads, dtype=np.float64)
-        if loads.shape != (self.num_layers, self.num_experts):
+        if loads.ndim < 2 or loads.shape[-2:] != (self.num_layers, self.num_experts):
             raise ValueError(f"loads must be [L, E] = {(self.num_layers, self.num_experts)}, got {loads.shape}")
         return loads
 

@@ -36,6 +36,19 @@ def test_slot_and_device_tokens_apply_the_shares():
     np.testing.assert_allclose(placement.device_tokens(loads).sum(axis=1), loads.sum(axis=1))
 
 
+def test_slot_tokens_and_per_device_sums_keep_leading_axes():
+    placement = _replicated()
+    passes = np.array([[[10.0, 40.0, 6.0], [8.0, 2.0, 30.0]], [[0.0, 4.0, 1.0], [2.0, 0.0, 0.0]]])  # [2, L, E]
+    np.testing.assert_allclose(placement.slot_tokens(passes)[1], [[0, 1, 3, 1], [0, 2, 0, 0]])
+    np.testing.assert_allclose(placement.per_device(placement.slot_tokens(passes)),
+                               [[[20, 36], [23, 17]], [[1, 4], [2, 0]]])
+    assert placement.per_device(np.zeros((0, 2, 4))).shape == (0, 2, 2)
+    with pytest.raises(ValueError, match=r"\[\.\.\., L, R\]"):
+        placement.per_device(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="loads must be"):
+        placement.slot_tokens(np.zeros((2, 2, 4)))
+
+
 def test_lookups_and_slot_counts():
     placement = _replicated()
     np.testing.assert_array_equal(placement.devices_of(0, 1), [0, 1])

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from load_tests.headroom import draw_steps
 from placement.device_model import DeviceModel
 from placement.metrics import device_times, makespan, pass_critical_paths
 from placement.migration import Drop, held_out_gain, migration_plan, predicted_gain, worth_moving
@@ -111,17 +112,15 @@ def test_bad_input():
         worth_moving(two, two, np.ones((1, 2)), DEVICES, passes=1, bandwidth_bytes_per_s=0, expert_bytes=1)
 
 
-def _routed(rng, shares, tokens, passes, top_k=2):
-    """[passes, L, E] router counts: `tokens` tokens per pass, each to `top_k` distinct experts per layer
-    drawn by `shares` [L, E]."""
-    num_layers, num_experts = shares.shape
-    out = np.zeros((passes, num_layers, num_experts))
-    for n in range(passes):
-        keys = np.log(shares) + rng.gumbel(size=(tokens, num_layers, num_experts))
-        chosen = np.argpartition(-keys, top_k - 1, axis=2)[:, :, :top_k]
-        for layer in range(num_layers):
-            np.add.at(out[n, layer], chosen[:, layer].ravel(), 1.0)
-    return out
+def _routed(rng, shares, tokens, passes):
+    """[passes, L, E] router counts: `tokens` tokens per pass, each to 2 distinct experts per layer drawn
+    by `shares` [L, E] (the benchmarks' routing simulator)."""
+    return draw_steps(shares, tokens, 2, passes, rng)
+
+
+def _statistics(passes):
+    """(mean router counts per pass, share of passes with tokens), as the coordinator's window gives them."""
+    return passes.mean(axis=0), (passes > 0).mean(axis=0)
 
 
 CURVED = [DeviceModel(2e-4, 4.0, 2e-5 * (1 + 0.1 * g)) for g in range(4)]  # flat up to 4 tokens, then linear
@@ -148,11 +147,11 @@ def test_held_out_gain_sees_no_gain_in_resampled_traffic_that_in_sample_judging_
     window looks faster on it every time, measured on passes it did not see it is not."""
     rng = np.random.default_rng(0)
     shares = rng.dirichlet(np.full(16, 2.0), size=3)
-    old = _vibe(*(lambda big: (big.mean(axis=0), (big > 0).mean(axis=0)))(_routed(rng, shares, 4, 2000)))
+    old = _vibe(*_statistics(_routed(rng, shares, 4, 2000)))
     in_sample, held_out = [], []
     for _ in range(10):
         window = _routed(rng, shares, 4, 100)
-        loads, activity = window.mean(axis=0), (window > 0).mean(axis=0)
+        loads, activity = _statistics(window)
         in_sample.append(predicted_gain(old, _vibe(loads, activity), loads, CURVED, 1, activity))
         held_out.append(held_out_gain(old, _vibe, window, CURVED))
     assert min(in_sample) > 0
@@ -164,7 +163,7 @@ def test_held_out_gain_sees_no_gain_in_resampled_traffic_that_in_sample_judging_
 def test_held_out_gain_finds_a_real_change_of_routing():
     rng = np.random.default_rng(1)
     before, after = rng.dirichlet(np.full(16, 0.5), size=(2, 3))
-    old = _vibe(*(lambda big: (big.mean(axis=0), (big > 0).mean(axis=0)))(_routed(rng, before, 4, 500)))
+    old = _vibe(*_statistics(_routed(rng, before, 4, 500)))
     for _ in range(3):
         gain = held_out_gain(old, _vibe, _routed(rng, after, 4, 100), CURVED)
         assert gain.lower(2.0) > 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import placement as pl
+from load_tests.headroom import draw_steps
 from service.checkpoint import load_layout
 from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
 from service.emulator import EmulationConfig
@@ -176,15 +177,10 @@ def _two_hot_pairs(coordinator: Coordinator) -> np.ndarray:
     return counts
 
 
-def _routed(shares: np.ndarray, passes: int, rng: np.random.Generator, tokens: int = 128, top_k: int = 2) -> np.ndarray:
-    """[passes, L, E] router counts of passes of `tokens` tokens, each routed to `top_k` distinct
-    experts per layer drawn by `shares` [L, E]."""
-    out = np.zeros((passes, *shares.shape))
-    for n in range(passes):
-        keys = np.log(shares)[None] + rng.gumbel(size=(tokens, *shares.shape))
-        for layer, chosen in enumerate(np.argpartition(-keys, top_k - 1, axis=2)[:, :, :top_k].transpose(1, 0, 2)):
-            np.add.at(out[n, layer], chosen.ravel(), 1.0)
-    return out
+def _routed(shares: np.ndarray, passes: int, rng: np.random.Generator) -> np.ndarray:
+    """[passes, L, E] router counts of passes of 128 tokens, each routed to 2 distinct experts per layer
+    drawn by `shares` [L, E] (the benchmarks' routing simulator)."""
+    return draw_steps(shares, 128, 2, passes, rng)
 
 
 def test_a_re_plan_is_judged_on_passes_it_was_not_planned_on(checkpoint):

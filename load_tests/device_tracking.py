@@ -80,7 +80,7 @@ class TrackerRule:
         return float(self.tracker.scales[0])
 
     def observe(self, predicted: np.ndarray, observed: np.ndarray) -> None:
-        self.tracker.observe(np.zeros(predicted.size, dtype=int), predicted, observed)
+        self.tracker.detector.observe(np.zeros(predicted.size, dtype=int), predicted, observed)
 
     def check(self) -> bool:
         self.tracker.refit()

@@ -165,7 +165,7 @@ class DriftRun:
             after = entries[mode]["segments"]["after"] or {}
             print(f"  {scenario:>8} {mode:>8} after the switch: attainment={after.get('attainment')} "
                   f"p90_ttft_ms={after.get('ttft_p90_ms')} recalibrations={len(record.recalibrations)} "
-                  f"applied={sum(r.get('status') == 'applied' for r in record.recalibrations)}", flush=True)
+                  f"applied={applied(record.recalibrations)}", flush=True)
         return entries
 
     async def _unloaded(self, scenario: str, clients: dict[str, ClientConfig]) -> None:
@@ -201,6 +201,11 @@ def run_all(out: Path, config: DriftConfig = DriftConfig(), *, progress: bool = 
     return runner.result
 
 
+def applied(recalibrations: list[dict]) -> int:
+    """How many of an app's recalibration records were applied (the others were judged and skipped)."""
+    return sum(r.get("status") == "applied" for r in recalibrations)
+
+
 def verdicts(result: dict) -> dict[str, dict]:
     """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, whether adaptive won
     (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT), and the adaptive app's
@@ -215,8 +220,7 @@ def verdicts(result: dict) -> dict[str, dict]:
                                                                              "tpot_p90_ms")},
                          "adaptive_wins": key["adaptive"] > key["static"],
                          "recalibrations_adaptive": len(entry["adaptive"]["recalibrations"]),
-                         "recalibrations_applied_adaptive": sum(r.get("status") == "applied"
-                                                                for r in entry["adaptive"]["recalibrations"])}
+                         "recalibrations_applied_adaptive": applied(entry["adaptive"]["recalibrations"])}
     return out
 
 

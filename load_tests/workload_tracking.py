@@ -49,16 +49,16 @@ import numpy as np
 
 import placement as pl
 from load_tests.headroom import cluster_devices, draw_steps, workload_loads
+from service.coordinator import CoordinatorConfig
 
 CHANGE_AT = 1500  # passes with load before the change
 PASSES = 3000
 DECODE_TOKENS = 64
 PROMPT_TOKENS = (50, 300)  # prefill tokens per request, uniform
 PROFILE_TOKENS = 512  # the startup profiling pass the first placement is planned on
-BANDWIDTH = 1e9  # the coordinator's default copy bandwidth
-HORIZON = 1000  # its gain_horizon_passes
-EPS = 0.03  # its eps
-MIN_HELD_OUT = 20  # its min_held_out_passes
+DEFAULTS = CoordinatorConfig(checkpoint="")  # the coordinator's settings this what-if runs with
+BANDWIDTH = DEFAULTS.bandwidth_bytes_per_s
+HORIZON = DEFAULTS.gain_horizon_passes
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ COORDINATOR = "held out, 2 SE; device drift at the mean"  # the coordinator's de
 # name: standard errors below the held-out mean a re-plan is judged at, on workload drift and on device drift
 # (None: judged in sample)
 JUDGES: dict[str, tuple[float | None, float | None]] = {
-    "in sample": (None, None), "held out": (0.0, 0.0), "held out, 2 SE": (2.0, 2.0), COORDINATOR: (2.0, 0.0)}
+    "in sample": (None, None), "held out": (0.0, 0.0), "held out, 2 SE": (2.0, 2.0),
+    COORDINATOR: (DEFAULTS.gain_confidence_z, DEFAULTS.device_drift_confidence_z)}
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def judge_gain(judge: str, old: pl.Placement, new: pl.Placement, replan: Callabl
     z = JUDGES[judge][device_drift]
     if z is None:
         return pl.predicted_gain(old, new, window.mean(axis=0), devices, HORIZON, (window > 0).mean(axis=0))
-    if len(window) < MIN_HELD_OUT:
+    if len(window) < DEFAULTS.min_held_out_passes:
         return -np.inf  # too few passes to judge on: as the coordinator, skip
     return HORIZON * pl.held_out_gain(old, replan, window, devices).lower(z)
 
@@ -143,7 +144,9 @@ def follow(judge: str, passes: np.ndarray, profile: np.ndarray, setting: Setting
     """Serve `passes` under `judge`: re-plans, experts moved, MoE critical path per pass (seconds)."""
     devices, slowed = devices_of(setting, scenario)
     placement = pl.plan(profile, devices, "vibe")
-    detector = pl.WorkloadDriftDetector(np.ones_like(profile))
+    detector = pl.WorkloadDriftDetector(  # as the coordinator builds it
+        np.ones_like(profile), check_every=DEFAULTS.drift_check_every, window=DEFAULTS.drift_window,
+        threshold=DEFAULTS.drift_threshold, cooldown=DEFAULTS.drift_cooldown, volume_factor=DEFAULTS.drift_volume_factor)
     detector.reset(profile, volume=float(profile.sum()) / profile.shape[0])
     applied = moved = 0
     credited = []  # seconds per pass the judge credited each applied re-plan with
@@ -157,9 +160,13 @@ def follow(judge: str, passes: np.ndarray, profile: np.ndarray, setting: Setting
         window = detector.window_passes()
         loads, activity = window.mean(axis=0), (window > 0).mean(axis=0)
         best = None
-        for replan in (lambda ld, act, old=placement, models=devices: pl.rebalance(old, ld, models, eps=EPS,
-                                                                                   activity=act)[0],
-                       lambda ld, act, models=devices: pl.plan(ld, models, "vibe", activity=act)):
+        def incremental(ld, act, old=placement, models=devices):
+            return pl.rebalance(old, ld, models, eps=DEFAULTS.eps, activity=act)[0]
+
+        def full(ld, act, models=devices):
+            return pl.plan(ld, models, "vibe", activity=act)
+
+        for replan in (incremental, full):
             new = replan(loads, activity)
             plan = pl.migration_plan(placement, new, setting.expert_bytes)
             gain = 0.0 if plan.num_moves == 0 else judge_gain(judge, placement, new, replan, window, devices,

@@ -398,6 +398,7 @@ class DeviceDriftTracker:
     """The device side of recalibration: scales of each device's profiled model, refined from serving
     timings, and the drift that is worth a re-plan.
 
+    Timings go to `detector` (`DeviceDriftDetector.observe`, predicted by the current scaled models).
     Refitting a model is cheap and a re-plan moves expert weights, so the two are separate: a device's
     scale follows its observed / predicted ratio once that settles beyond threshold / 2
     (`DeviceDriftDetector`, whose level it takes), and a re-plan is due once a scale is beyond
@@ -427,10 +428,6 @@ class DeviceDriftTracker:
     def since_planned(self) -> np.ndarray:
         """float [G]: each scale over the one the current placement was planned with."""
         return self._scales / self._planned
-
-    def observe(self, device, predicted_s, observed_s) -> None:
-        """Timing samples, `predicted_s` by the current (scaled) models (`DeviceDriftDetector.observe`)."""
-        self.detector.observe(device, predicted_s, observed_s)
 
     def refit(self) -> dict[int, float]:
         """Rescale the devices whose ratio settled away from their model; {device: factor applied}."""

@@ -140,8 +140,8 @@ def held_out_gain(
 
     A placement planned on a window and judged on that same window looks better than the one in service
     even when the workload has not changed: it was fitted to the window's sampling noise too, and a
-    coordinator that believes it re-plans on noise (`load_tests.workload_tracking`: on the served model's
-    unchanged traffic, re-plans credited in sample with 8-10% of the MoE time left it up to 1.3% slower). Here the window is split into two interleaved halves (every other
+    coordinator that believes it re-plans on noise (`load_tests.workload_tracking` measures how much).
+    Here the window is split into two interleaved halves (every other
     pass, so both hold the same mix of prefill and decode passes); each half plans with `replan(mean
     loads, activity)` and that plan and `old` are timed on every pass of the other half (the MoE critical
     path of the pass, `metrics.pass_critical_paths`: the barrier the layer waits at, not an expectation).

@@ -312,7 +312,7 @@ class Coordinator:
             return
         predicted = self._profiled[device].latency(tokens) * self._devices.scales[device]
         keep = predicted > 0
-        self._devices.observe(np.full(int(keep.sum()), device), predicted[keep], seconds[keep])
+        self._devices.detector.observe(np.full(int(keep.sum()), device), predicted[keep], seconds[keep])
 
     def calibrate(self, counts: np.ndarray | None = None, reason: str = "startup profiling pass") -> dict[str, Any]:
         """First calibration, from an engine's profiling pass: router counts [L, E] per pass, or the

@@ -337,7 +337,7 @@ def _follow(tracker, ratio_at, steps, *, per_step=10, seed=0):
     asked = []
     for step in range(steps):
         predicted = np.full(per_step, 1e-3 * tracker.scales[0])
-        tracker.observe(np.zeros(per_step, dtype=int), predicted, 1e-3 * ratio_at(step) * rng.lognormal(0, 0.02, per_step))
+        tracker.detector.observe(np.zeros(per_step, dtype=int), predicted, 1e-3 * ratio_at(step) * rng.lognormal(0, 0.02, per_step))
         tracker.refit()
         if tracker.due():
             asked.append(step)
@@ -357,7 +357,7 @@ def test_tracker_re_plans_a_step_once_and_follows_a_ramp_in_refits():
 
 def test_tracker_due_is_given_once_and_planned_with_moves_its_origin():
     tracker = DeviceDriftTracker(1, threshold=0.1, min_samples=1, halflife=1)
-    tracker.observe(np.zeros(3, dtype=int), 1e-3, 1.2e-3)
+    tracker.detector.observe(np.zeros(3, dtype=int), 1e-3, 1.2e-3)
     assert tracker.refit() == {0: pytest.approx(1.2)}
     assert tracker.due() == {0: pytest.approx(1.2)}
     assert tracker.due() == {}  # given once

@@ -36,22 +36,28 @@ from service.openai_api import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Delta,
     ModelCard,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     error_body,
     error_response,
     sampling_params,
 )
-from service.text import apply_chat_template
+from service.sampling import TokenLogprobs
+from service.text import TokenPieces, apply_chat_template
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -72,7 +78,8 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         raise ValueError("create_app needs an engine with a tokenizer")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    server = _Server(engine, served_model_name, ServingMetrics(engine), tuple(health_checks))
+    server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
+                     tuple(health_checks))
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -101,6 +108,7 @@ class _Server:
     engine: AsyncEngine
     model_name: str
     metrics: ServingMetrics
+    pieces: TokenPieces
     health_checks: tuple[Callable[[], str | None], ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -124,13 +132,15 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer.encode(body.prompt)
-        return await self._generate(request, body, prompt, _CompletionFormat(self.model_name), timer)
+        fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None)
+        return await self._generate(request, body, prompt, fmt, timer)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
-        return await self._generate(request, body, prompt, _ChatFormat(self.model_name), timer)
+        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None)
+        return await self._generate(request, body, prompt, fmt, timer)
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)
@@ -184,15 +194,16 @@ async def _outputs(first: StepOutput, rest: AsyncIterator[StepOutput], timer: Re
 
 
 async def _collect(first: StepOutput, rest: AsyncIterator[StepOutput], fmt: _Format, timer: RequestTimer) -> Response:
-    texts, last = [], first
+    texts, logprobs, last = [], [], first
     try:
         async for out in _outputs(first, rest, timer):
             texts.append(out.text)
+            logprobs += out.logprobs
             last = out
     except EngineError:
         timer.finish("error", first.num_prompt_tokens)
         raise
-    return JSONResponse(fmt.response("".join(texts), last).model_dump(mode="json"))
+    return JSONResponse(fmt.response("".join(texts), last, logprobs).model_dump(mode="json"))
 
 
 async def _sse(first: StepOutput, rest: AsyncIterator[StepOutput], fmt: _Format, timer: RequestTimer,
@@ -249,21 +260,29 @@ async def _disconnect(request: Request) -> None:
 
 
 class _Format(abc.ABC):
-    """Builds the responses and stream chunks of one request of one endpoint."""
+    """Builds the responses and stream chunks of one request of one endpoint.
+
+    With ``pieces`` (the request asked for log-probabilities), every response and chunk carries the
+    log-probabilities of its tokens; a stream holds them back with the text they belong to (tokens of a
+    possible stop string, half a character) and sends them with the next chunk that has text, or with
+    the last one, so every completion token's entry is sent exactly once, in order.
+    """
 
     prefix = ""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, pieces: TokenPieces | None = None) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
+        self.pieces = pieces
+        self._pending: list[TokenLogprobs] = []
 
     def start_chunks(self) -> list[BaseModel]:
         return []
 
     @abc.abstractmethod
-    def response(self, text: str, last: StepOutput) -> BaseModel:
-        """The non-streaming response: all of ``text``, finish reason and usage from ``last``."""
+    def response(self, text: str, last: StepOutput, logprobs: Sequence[TokenLogprobs]) -> BaseModel:
+        """The non-streaming response: all of ``text`` and ``logprobs``, finish reason and usage from ``last``."""
 
     @abc.abstractmethod
     def chunks(self, out: StepOutput) -> list[BaseModel]:
@@ -273,24 +292,61 @@ class _Format(abc.ABC):
     def usage_chunk(self, last: StepOutput) -> BaseModel:
         """The final chunk with usage and no choices."""
 
+    def _take_pending(self, out: StepOutput) -> list[TokenLogprobs]:
+        """The entries to send with a chunk for ``out``: those held back so far and its own."""
+        taken, self._pending = [*self._pending, *out.logprobs], []
+        return taken
+
+    def _hold(self, out: StepOutput) -> None:
+        self._pending += out.logprobs
+
 
 def _usage(out: StepOutput) -> Usage:
     return Usage.of(out.num_prompt_tokens, out.num_completion_tokens)
 
 
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 class _CompletionFormat(_Format):
     prefix = "cmpl"
 
-    def response(self, text: str, last: StepOutput) -> CompletionResponse:
-        return self._make([CompletionChoice(text=text, finish_reason=last.finish_reason)], _usage(last))
+    def __init__(self, model: str, pieces: TokenPieces | None = None) -> None:
+        super().__init__(model, pieces)
+        self._text_offset = 0  # characters of the token texts sent so far
+
+    def response(self, text: str, last: StepOutput, logprobs: Sequence[TokenLogprobs]) -> CompletionResponse:
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=self._logprobs(logprobs))
+        return self._make([choice], _usage(last))
 
     def chunks(self, out: StepOutput) -> list[CompletionResponse]:
         if not out.text and not out.finished:
+            self._hold(out)
             return []
-        return [self._make([CompletionChoice(text=out.text, finish_reason=out.finish_reason)])]
+        logprobs = self._logprobs(self._take_pending(out))
+        return [self._make([CompletionChoice(text=out.text, finish_reason=out.finish_reason, logprobs=logprobs)])]
 
     def usage_chunk(self, last: StepOutput) -> CompletionResponse:
         return self._make([], _usage(last))
+
+    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
+        """The legacy format: token texts, their log-probabilities, the top tokens (the chosen one
+        included), and each token's character offset in the concatenated token texts."""
+        if self.pieces is None:
+            return None
+        result = CompletionLogprobs()
+        for entry in entries:
+            token = self.pieces.text(entry.token_id)
+            top = {self.pieces.text(t): _finite(lp) for t, lp in entry.top}
+            if all(t != entry.token_id for t, _ in entry.top):
+                top[token] = _finite(entry.logprob)
+            result.tokens.append(token)
+            result.token_logprobs.append(_finite(entry.logprob))
+            result.top_logprobs.append(top)
+            result.text_offset.append(self._text_offset)
+            self._text_offset += len(token)
+        return result
 
     def _make(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -302,19 +358,41 @@ class _ChatFormat(_Format):
     def start_chunks(self) -> list[ChatCompletionChunk]:
         return [self._make([ChatChunkChoice(delta=Delta(role="assistant", content=""))])]
 
-    def response(self, text: str, last: StepOutput) -> ChatCompletionResponse:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+    def response(self, text: str, last: StepOutput, logprobs: Sequence[TokenLogprobs]) -> ChatCompletionResponse:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason,
+                            logprobs=self._logprobs(logprobs))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                       usage=_usage(last))
 
     def chunks(self, out: StepOutput) -> list[ChatCompletionChunk]:
-        chunks = [self._make([ChatChunkChoice(delta=Delta(content=out.text))])] if out.text else []
+        if not out.text and not out.finished:
+            self._hold(out)
+            return []
+        logprobs = self._logprobs(self._take_pending(out))
+        if out.text:
+            choice = ChatChunkChoice(delta=Delta(content=out.text), logprobs=logprobs)
+            chunks = [self._make([choice])]
+            logprobs = None
+        else:
+            chunks = []
         if out.finished:
-            chunks.append(self._make([ChatChunkChoice(delta=Delta(), finish_reason=out.finish_reason)]))
+            chunks.append(self._make([ChatChunkChoice(delta=Delta(), finish_reason=out.finish_reason,
+                                                      logprobs=logprobs)]))
         return chunks
 
     def usage_chunk(self, last: StepOutput) -> ChatCompletionChunk:
         return self._make([], _usage(last))
+
+    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> ChatLogprobs | None:
+        if self.pieces is None:
+            return None
+        return ChatLogprobs(content=[
+            TokenLogprob(**self._top(entry.token_id, entry.logprob).model_dump(),
+                         top_logprobs=[self._top(t, lp) for t, lp in entry.top])
+            for entry in entries])
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        return TopLogprob(token=self.pieces.text(token_id), logprob=_finite(logprob), bytes=self.pieces.bytes(token_id))
 
     def _make(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch
-from service.sampling import SamplingParams, sample
+from service.sampling import SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.text import TextStream
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -95,6 +95,7 @@ class StepOutput:
         finished: whether the request is done.
         finish_reason: "stop" (EOS, stop token or stop string), "length" or "abort"; None while running.
         num_prompt_tokens, num_completion_tokens: token counts so far.
+        logprobs: one entry per new token when the request asked for log-probabilities, else empty.
     """
 
     request_id: str
@@ -104,6 +105,7 @@ class StepOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_completion_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 class _Sequence:
@@ -213,13 +215,14 @@ class Engine:
         try:
             logits = self._forward(chunks)
             tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+            logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             for seq, _ in chunks:
                 self._release(seq)
             raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
         for seq, n in chunks:
             seq.num_cached += n
-        return outputs + [self._append_token(seq, token) for seq, token in zip(sampled, tokens)]
+        return outputs + [self._append_token(*args) for args in zip(sampled, tokens, logprobs)]
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -280,7 +283,7 @@ class Engine:
                 self._hooks.end_step()
         return out.logits[0].float().cpu()
 
-    def _append_token(self, seq: _Sequence, token: int) -> StepOutput:
+    def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         seq.token_ids.append(token)
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
@@ -293,7 +296,7 @@ class Engine:
         text = seq.text.take(final=reason is not None) if seq.text is not None else ""
         if reason is not None:
             self._release(seq)
-        return _output(seq, (token,), text, reason)
+        return _output(seq, (token,), text, reason, (logprobs,) if logprobs is not None else ())
 
     def _release(self, seq: _Sequence) -> None:
         self._running.remove(seq)
@@ -301,9 +304,21 @@ class Engine:
         self._free_slots.sort(reverse=True)
 
 
-def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None) -> StepOutput:
+def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None,
+            logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
     return StepOutput(seq.request_id, tokens, text, reason is not None, reason, seq.num_prompt_tokens,
-                      seq.num_completion_tokens)
+                      seq.num_completion_tokens, logprobs)
+
+
+def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
+    """Per sampled row, its token's log-probabilities if the request asked for them, else None."""
+    rows = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
+    found: list[TokenLogprobs | None] = [None] * len(sampled)
+    if rows:
+        computed = token_logprobs(logits[rows], [tokens[i] for i in rows], [sampled[i].params.logprobs for i in rows])
+        for i, entry in zip(rows, computed):
+            found[i] = entry
+    return found
 
 
 def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:

@@ -1,7 +1,7 @@
 """OpenAI wire format: request and response schemas, and the one place errors become OpenAI error JSON.
 
 Owns the pydantic v2 models of ``/v1/completions`` and ``/v1/chat/completions`` (requests, responses,
-stream chunks), their conversion to `SamplingParams`, and `error_response`, which maps every exception
+stream chunks, log-probabilities), their conversion to `SamplingParams`, and `error_response`, which maps every exception
 to ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. Unknown fields are
 rejected; known OpenAI fields this server does not implement are accepted only at their neutral
 values. Ignores routing, tokenisation and the engine.
@@ -14,12 +14,20 @@ from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+)
 from starlette.exceptions import HTTPException
 
 from service.async_engine import DeviceUnavailable, EngineError, EngineStopped, RequestTimeout
 from service.engine import QueueFull
-from service.sampling import MAX_STOP_STRINGS, SamplingParams
+from service.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +35,7 @@ RETRY_AFTER_S = 1
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
@@ -80,7 +88,6 @@ class _SamplingFields(_Strict):
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate past EOS (benchmarks with fixed output lengths)
     n: Any = None
-    logprobs: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
@@ -103,9 +110,14 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions``; ``prompt`` is a string or a list of token ids (one prompt per request)."""
+    """``POST /v1/completions``; ``prompt`` is a string or a list of token ids (one prompt per request).
+
+    ``logprobs``: k reports each completion token's log-probability and the k most likely tokens at its
+    position (the chosen one added when it is not among them, as OpenAI's legacy endpoint does).
+    """
 
     prompt: Text | list[int] | list[Text] | list[list[int]]
+    logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
     echo: Any = None
     suffix: Any = None
@@ -145,7 +157,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -161,6 +174,13 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Any = None
     web_search_options: Any = None
     verbosity: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs: true")
+        return value
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template expects them (``developer`` is a system message)."""
@@ -184,7 +204,14 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         max_tokens=limit if limit is not None else max_model_len - num_prompt_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos)
+        seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=_logprobs(request))
+
+
+def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """How many alternatives per token the request wants (None: no log-probabilities)."""
+    if isinstance(request, ChatCompletionRequest):
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs
 
 
 # --- responses -----------------------------------------------------------------------------------------
@@ -201,11 +228,20 @@ class Usage(BaseModel):
                      total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy endpoint's log-probabilities: parallel lists, one entry per completion token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -224,11 +260,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -249,7 +300,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

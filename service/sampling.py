@@ -16,6 +16,7 @@ import torch
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's chat limit)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class SamplingParams:
         stop: strings that end the completion (at most 4, non-empty); the text is cut before them.
         stop_token_ids: token ids that end the completion, besides the model's EOS.
         ignore_eos: keep generating past the model's EOS tokens (benchmarks).
+        logprobs: None for none; k >= 0 to report each completion token's log-probability and the k
+            most likely tokens at its position (0 <= k <= MAX_LOGPROBS).
     """
 
     max_tokens: int = 16
@@ -39,6 +42,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -58,6 +62,9 @@ class SamplingParams:
                 raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters, got {text!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +94,43 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if not p.greedy:
             tokens[i] = _sample_row(logits[i], p, gen)
     return tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one completion position.
+
+    Attributes:
+        token_id: the token chosen there.
+        logprob: its log-probability.
+        top: the most likely tokens there, (token id, log-probability), most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprobs]:
+    """The chosen tokens' log-probabilities and the ``top[i]`` most likely tokens of each row.
+
+    Log-probabilities are the model's own (log-softmax of the raw logits), before temperature and top-p
+    change the distribution tokens are drawn from, as vLLM reports them by default: greedy and sampled
+    requests report the same numbers for the same prefix.
+
+    Args:
+        logits: [N, V] float logits.
+        tokens: N chosen token ids.
+        top: N counts of alternatives (0 <= top[i] <= MAX_LOGPROBS).
+    """
+    assert logits.shape[0] == len(tokens) == len(top)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.int64).unsqueeze(1)).squeeze(1).tolist()
+    k = min(max(top, default=0), logprobs.shape[-1])
+    best_values, best_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    best_values, best_ids = best_values.tolist(), best_ids.tolist()
+    return [TokenLogprobs(token, value, tuple(zip(best_ids[i][:n], best_values[i][:n])))
+            for i, (token, value, n) in enumerate(zip(tokens, chosen, top))]
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

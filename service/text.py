@@ -1,13 +1,16 @@
-"""Text around the engine: chat templates, incremental detokenisation and stop strings.
+"""Text around the engine: chat templates, incremental detokenisation, stop strings and token pieces.
 
-Owns turning chat messages into prompt token ids with the tokenizer's own chat template, and turning a
-growing list of completion token ids into text deltas for streaming: a delta never ends in half a UTF-8
-character, and text that could still become a stop string is held back until it cannot. Ignores
-tokenisation of plain prompts (``tokenizer.encode``) and anything about the model.
+Owns turning chat messages into prompt token ids with the tokenizer's own chat template, turning a
+growing list of completion token ids into text deltas for streaming (a delta never ends in half a UTF-8
+character, and text that could still become a stop string is held back until it cannot), and each
+token's own text and bytes for log-probability entries. Ignores tokenisation of plain prompts
+(``tokenizer.encode``) and anything about the model.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Mapping, Sequence
 
 from jinja2 import TemplateError
@@ -128,3 +131,54 @@ class TextStream:
         if final and not self._matcher.stopped:
             self._matcher.add(self._detokenizer.flush())
         return self._matcher.take(final)
+
+
+class TokenPieces:
+    """Each token's own text and UTF-8 bytes, as OpenAI's log-probability entries show them.
+
+    The bytes are the token's exact bytes for byte-level BPE vocabularies (GPT-2 style: Qwen, DeepSeek,
+    Llama 3, OLMoE) and SentencePiece byte-fallback pieces (``<0x0A>``), so a character split over two
+    tokens can be rebuilt from the entries; otherwise the UTF-8 of the token's decoded text. The text is
+    the token decoded alone (special tokens included; half a character decodes to U+FFFD).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def text(self, token_id: int) -> str:
+        return self._piece(token_id)[0]
+
+    def bytes(self, token_id: int) -> list[int]:
+        return list(self._piece(token_id)[1])
+
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
+        found = self._cache.get(token_id)
+        if found is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            found = self._cache[token_id] = (text, self._raw_bytes(token_id, text))
+        return found
+
+    def _raw_bytes(self, token_id: int, text: str) -> bytes:
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if self._byte_level and token_id not in self._tokenizer.all_special_ids:
+                to_byte = _unicode_to_byte()
+                if all(char in to_byte for char in piece):
+                    return bytes(to_byte[char] for char in piece)
+            if match := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+                return bytes([int(match[1], 16)])
+        return text.encode("utf-8")
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for
+    the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {char: b for b, char in chars.items()}

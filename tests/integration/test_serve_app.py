@@ -1,8 +1,9 @@
 """The whole service through the real stack: `build_app` on Ray Serve, emulated expert workers, HTTP.
 
 One app for the module (4 emulated devices, one slow), driven with the official `openai` client and
-httpx: the OpenAI API, greedy equality with the single-process model, bad input, the admin API,
-recalibration and live migration under load, rollback of a failed migration, and device drift.
+httpx: the OpenAI API, greedy equality with the single-process model (tokens and log-probabilities),
+bad input, the admin API, recalibration and live migration under load, rollback of a failed migration,
+and device drift.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def test_greedy_output_equals_single_process_model(client, reference):
             out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
         expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
         assert _greedy(client, prompt) == expected
+
+
+def test_logprobs_through_the_expert_workers_match_the_single_process_model(client, reference):
+    model, tokenizer = reference
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    prompt = apply_chat_template(tokenizer, messages)
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        expected = torch.log_softmax(model(out).logits[0].double(), dim=-1)[len(prompt) - 1:-1]
+    completion = out[0, len(prompt):].tolist()
+    content = response.choices[0].logprobs.content
+    assert [e.token for e in content] == [tokenizer.decode([i]) for i in completion]
+    for row, token, entry in zip(expected, completion, content):
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-3)
 
 
 def test_sixteen_concurrent_streams_complete_with_usage(url):

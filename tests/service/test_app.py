@@ -112,6 +112,70 @@ def test_stop_strings_over_http(client):
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def _greedy_logprobs(tokenizer, prompt: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The reference model's greedy completion and its log-softmax at each completion position."""
+    model = build_chat_model(tokenizer)
+    with torch.inference_mode():
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[0]
+        logits = model(ids.unsqueeze(0)).logits[0].double()
+    return ids[len(prompt):].tolist(), torch.log_softmax(logits, dim=-1)[len(prompt) - 1:-1]
+
+
+def test_chat_logprobs_match_the_model_streamed_or_not(client, tokenizer):
+    ask = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    response = client.chat.completions.create(**ask)
+    content = response.choices[0].logprobs.content
+    ids, reference = _greedy_logprobs(tokenizer, apply_chat_template(tokenizer, MESSAGES), 12)
+    assert len(content) == response.usage.completion_tokens == len(ids)
+    assert [e.token for e in content] == [tokenizer.decode([i]) for i in ids]
+    # the entries' bytes rebuild the completion exactly, also where a token holds half a character
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == tokenizer.decode(ids)
+    for row, entry in zip(reference, content):
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the top one
+        assert entry.logprob == pytest.approx(float(row.max()), abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_format_streamed_or_not(client, tokenizer):
+    prompt = tokenizer.encode("def f(x):")
+    ask = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, logprobs=2)
+    lp = client.completions.create(**ask).choices[0].logprobs
+    ids, reference = _greedy_logprobs(tokenizer, prompt, 10)
+    assert lp.tokens == [tokenizer.decode([i]) for i in ids]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    for row, token, logprob, top in zip(reference, lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob == pytest.approx(float(row.max()), abs=1e-4) and top[token] == logprob
+        assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(len(top)).values.tolist(), abs=1e-4)
+    streamed = list(client.completions.create(**ask, stream=True))
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+    sampled = client.completions.create(**{**ask, "temperature": 1.0, "seed": 3, "logprobs": 0}).choices[0].logprobs
+    assert all(top == {token: logprob} for token, logprob, top in
+               zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs))  # the drawn token is listed
+
+
+def test_logprobs_cover_every_token_when_a_stop_string_cuts_the_text(client):
+    ask = dict(model=MODEL, prompt="import os", max_tokens=30, temperature=0, logprobs=0)
+    full = client.completions.create(**ask).choices[0]
+    stop = full.text[8:11]
+    cut = client.completions.create(**ask, stop=[stop])
+    tokens = cut.choices[0].logprobs.tokens
+    assert "".join(tokens).startswith(cut.choices[0].text) and stop in "".join(tokens)  # the stop string's tokens too
+    assert tokens == full.logprobs.tokens[:len(tokens)] and cut.usage.completion_tokens == len(tokens)
+    streamed = list(client.completions.create(**ask, stop=[stop], stream=True))
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == tokens
+
+
 def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenizer):
     url, engine = server
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -366,3 +366,27 @@ def test_calls_still_queued_at_shutdown_fail_with_engine_stopped_not_cancelled()
     assert not pending.cancelled()
     with pytest.raises(EngineStopped):
         pending.result(timeout=1)
+
+
+def test_logprobs_of_every_token_match_the_model_and_only_when_asked(reference_models):
+    prompt = _prompt(9, 3)
+    engine = _engine(max_num_seqs=2, max_num_batched_tokens=4)  # the prompts are prefilled in chunks
+    engine.add_request("lp", prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=3))
+    engine.add_request("plain", prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    entries, tokens = [], []
+    while engine.has_work:
+        for out in engine.step():
+            if out.request_id == "plain":
+                assert out.logprobs == ()
+                continue
+            assert len(out.logprobs) == len(out.new_token_ids) == 1
+            entries += out.logprobs
+            tokens += out.new_token_ids
+    assert tokens == _generate(reference_models["qwen3_moe"], prompt, 6)
+    with torch.inference_mode():
+        logits = reference_models["qwen3_moe"](torch.tensor([prompt + tokens])).logits[0].double()
+    reference = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:-1]
+    for row, entry, token in zip(reference, entries, tokens):
+        assert entry.token_id == token and entry.top[0][0] == token  # greedy: the most likely token
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()

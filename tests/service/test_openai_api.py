@@ -30,7 +30,8 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("extra, param", [
     ({"foo": 1}, "foo"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": True}, "top_logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
     ({"logit_bias": {"5": 1}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 5}, "stop"),
@@ -69,6 +70,22 @@ def test_completion_prompt_forms(prompt, expected):
 def test_batched_or_bad_prompts_are_rejected(prompt):
     status, body = _rejection(CompletionRequest, {"model": "m", "prompt": prompt})
     assert status == 400 and body["error"]["param"].startswith("prompt")
+
+
+@pytest.mark.parametrize("logprobs", [True, -1, 21, "2"])
+def test_completion_logprobs_must_be_a_count(logprobs):
+    status, body = _rejection(CompletionRequest, {"model": "m", "prompt": "a", "logprobs": logprobs})
+    assert status == 400 and body["error"]["param"] == "logprobs"
+
+
+@pytest.mark.parametrize("endpoint, fields, expected", [
+    (ChatCompletionRequest, {}, None), (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 0}, None),
+    (ChatCompletionRequest, {"logprobs": True}, 0), (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 20}, 20),
+    (CompletionRequest, {}, None), (CompletionRequest, {"logprobs": 0}, 0), (CompletionRequest, {"logprobs": 5}, 5),
+])
+def test_sampling_params_carry_the_logprobs_count(endpoint, fields, expected):
+    base = CHAT if endpoint is ChatCompletionRequest else {"model": "m", "prompt": "a"}
+    assert sampling_params(endpoint.model_validate({**base, **fields}), 3, 100).logprobs == expected
 
 
 def test_sampling_params_defaults_fill_the_context():

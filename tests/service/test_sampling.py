@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.sampling import SamplingParams, sample
+from service.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs, sample, token_logprobs
 
 
 @pytest.mark.parametrize("kwargs, bad", [
     ({"max_tokens": 0}, "0"), ({"max_tokens": 2.5}, "2.5"), ({"temperature": -0.1}, "-0.1"),
     ({"top_p": 0.0}, "0.0"), ({"top_p": 1.5}, "1.5"), ({"seed": -1}, "-1"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "5"), ({"stop": [""]}, "''"), ({"stop_token_ids": [-3]}, "-3"),
+    ({"logprobs": -1}, "-1"), ({"logprobs": MAX_LOGPROBS + 1}, str(MAX_LOGPROBS + 1)), ({"logprobs": True}, "True"),
 ])
 def test_bad_params_raise_value_error_naming_the_value(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
@@ -66,3 +67,24 @@ def test_mixed_batch_samples_each_row_with_its_own_params():
     params = [SamplingParams(temperature=0.0), SamplingParams(seed=1)]
     tokens = sample(logits, params, [p.make_generator() for p in params])
     assert tokens[0] == 1 and 0 <= tokens[1] < 3
+
+
+def test_token_logprobs_are_the_raw_log_softmax_with_the_top_tokens_in_order():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    logits[2, 7] = float("-inf")  # a token the model rules out
+    entries = token_logprobs(logits, [5, 0, 7], [3, 0, MAX_LOGPROBS])
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    for row, (entry, token, k) in enumerate(zip(entries, [5, 0, 7], [3, 0, MAX_LOGPROBS])):
+        assert isinstance(entry, TokenLogprobs) and entry.token_id == token
+        assert entry.logprob == pytest.approx(float(reference[row, token]), abs=1e-5)
+        assert [t for t, _ in entry.top] == reference[row].topk(k).indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(reference[row].topk(k).values.tolist(), abs=1e-5)
+    assert entries[1].top == () and entries[2].logprob == float("-inf")
+
+
+def test_token_logprobs_ignore_temperature_and_top_p():
+    """The model's distribution, whatever a request samples from: the same numbers greedy or not."""
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(2))
+    token = sample(logits, [SamplingParams(temperature=0.3, top_p=0.5, seed=1)], [torch.Generator().manual_seed(1)])
+    assert token_logprobs(logits, token, [2]) == token_logprobs(logits.clone(), token, [2])
+    assert token_logprobs(logits, token, [2])[0].logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0, token[0]]))

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from service.text import IncrementalDetokenizer, StopStringMatcher, TextStream, apply_chat_template
+from service.text import (
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    TextStream,
+    TokenPieces,
+    apply_chat_template,
+)
 from tests.tiny_models import tiny_config
 
 CHAT_TEMPLATE = (
@@ -146,3 +152,23 @@ def test_text_stream_stops_inside_a_token(tokenizer):
         if stream.stopped:
             break
     assert stream.stopped and released == "print('hello "
+
+
+def test_token_pieces_bytes_rebuild_text_split_inside_characters(tokenizer):
+    text = "héllo wörld \U0001f600 – 中文"
+    ids = tokenizer.encode(text)
+    pieces = TokenPieces(tokenizer)
+    assert any(pieces.text(i) == "\ufffd" for i in ids)  # some tokens hold half a character
+    assert b"".join(bytes(pieces.bytes(i)) for i in ids).decode("utf-8") == text
+    eos = tokenizer.eos_token_id
+    assert pieces.text(eos) == "<|im_end|>" and bytes(pieces.bytes(eos)) == b"<|im_end|>"
+
+
+def test_token_pieces_of_a_sentencepiece_byte_fallback_vocabulary():
+    """A vocabulary without the byte-level alphabet: ``<0xNN>`` pieces are their byte, others their text."""
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "\u2581hi": 3, "a": 4}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    pieces = TokenPieces(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>"))
+    assert bytes(pieces.bytes(1)) + bytes(pieces.bytes(2)) == "é".encode()
+    assert (pieces.text(3), bytes(pieces.bytes(3))) == (" hi", b" hi")

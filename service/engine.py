@@ -214,7 +214,8 @@ class Engine:
         sampled = [seq for seq, n in chunks if n == seq.num_pending]  # chunks that end their pending tokens
         try:
             logits = self._forward(chunks)
-            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+            completions = [s.token_ids[s.num_prompt_tokens:] if s.params.penalized else () for s in sampled]
+            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], completions)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             for seq, _ in chunks:
@@ -234,6 +235,9 @@ class Engine:
         if total > self.config.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                              f"max_model_len {self.config.max_model_len}")
+        if params.logit_bias and max(token for token, _ in params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got "
+                             f"{max(token for token, _ in params.logit_bias)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         if self._find(request_id) is not None:

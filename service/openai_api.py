@@ -27,7 +27,14 @@ from starlette.exceptions import HTTPException
 
 from service.async_engine import DeviceUnavailable, EngineError, EngineStopped, RequestTimeout
 from service.engine import QueueFull
-from service.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams
+from service.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,7 @@ RETRY_AFTER_S = 1
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
@@ -88,9 +94,9 @@ class _SamplingFields(_Strict):
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate past EOS (benchmarks with fixed output lengths)
     n: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -99,6 +105,20 @@ class _SamplingFields(_Strict):
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(value)}")
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")
+        return value
 
     @field_validator(*_NEUTRAL, mode="before", check_fields=False)
     @classmethod
@@ -179,7 +199,7 @@ class ChatCompletionRequest(_SamplingFields):
     @classmethod
     def _top_logprobs_need_logprobs(cls, value: int | None, info) -> int | None:
         if value and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs requires logprobs: true")
+            raise ValueError("only allowed with logprobs: true")
         return value
 
     def template_messages(self) -> list[dict[str, str]]:
@@ -204,7 +224,9 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         max_tokens=limit if limit is not None else max_model_len - num_prompt_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=_logprobs(request))
+        seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=_logprobs(request),
+        presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()))
 
 
 def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:

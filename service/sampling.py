@@ -2,8 +2,9 @@
 
 Owns `SamplingParams` (validated, frozen) and `sample`, which turns the logits of a step into one token
 per sequence: exact argmax for temperature 0 (so greedy output equals ``generate(do_sample=False)``),
-otherwise temperature and nucleus (top-p) sampling from a per-request ``torch.Generator``. Ignores
-penalties, logit bias and log-probabilities (the HTTP layer accepts those only at neutral values).
+otherwise temperature and nucleus (top-p) sampling from a per-request ``torch.Generator``, after
+OpenAI's presence and frequency penalties and logit bias; and `token_logprobs`, the log-probabilities of
+the chosen tokens and their most likely alternatives (the model's own, before any of those).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 MAX_STOP_STRINGS = 4
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's chat limit)
+MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties: [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a token's logit bias: [-100, 100]
+MAX_LOGIT_BIAS_TOKENS = 300
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,10 @@ class SamplingParams:
         ignore_eos: keep generating past the model's EOS tokens (benchmarks).
         logprobs: None for none; k >= 0 to report each completion token's log-probability and the k
             most likely tokens at its position (0 <= k <= MAX_LOGPROBS).
+        presence_penalty: subtracted from the logit of every token already in the completion.
+        frequency_penalty: subtracted from a token's logit once per time it is in the completion.
+        logit_bias: (token id, bias) pairs (or a dict) added to those tokens' logits (-100 bans, 100
+            forces).
     """
 
     max_tokens: int = 16
@@ -43,6 +51,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -65,10 +76,27 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)!r}")
+        bias = tuple((token, float(value)) for token, value in dict(self.logit_bias).items())
+        object.__setattr__(self, "logit_bias", bias)
+        if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
+        for token, value in bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {value!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens already generated change the next token's logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def make_generator(self) -> torch.Generator | None:
         """The request's own generator (None when greedy: argmax needs no randomness)."""
@@ -78,17 +106,20 @@ class SamplingParams:
         return torch.Generator().manual_seed(seed)
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           completions: Sequence[Sequence[int]] | None = None) -> list[int]:
     """One next token per row.
 
     Args:
         logits: [N, V] float logits, row i for the sequence with ``params[i]`` and ``generators[i]``.
+        completions: the tokens each sequence has generated so far (read for rows whose params are
+            `penalized`; may be None when no row is).
 
     Returns:
         N token ids.
     """
     assert logits.shape[0] == len(params) == len(generators)
+    logits = _adjusted(logits, params, completions)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows are overwritten
     for i, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
@@ -131,6 +162,27 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[in
     best_values, best_ids = best_values.tolist(), best_ids.tolist()
     return [TokenLogprobs(token, value, tuple(zip(best_ids[i][:n], best_values[i][:n])))
             for i, (token, value, n) in enumerate(zip(tokens, chosen, top))]
+
+
+def _adjusted(logits: torch.Tensor, params: Sequence[SamplingParams],
+              completions: Sequence[Sequence[int]] | None) -> torch.Tensor:
+    """``logits`` with each row's logit bias and penalties applied (the same tensor when no row has any)."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias or p.penalized]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = params[i]
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias)
+            logits[i, list(ids)] += torch.tensor(values)
+        if p.penalized:
+            assert completions is not None, "penalized rows need their completions"
+            if len(completions[i]):
+                counts = torch.bincount(torch.as_tensor(completions[i], dtype=torch.int64), minlength=vocab)[:vocab]
+                logits[i] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
+    return logits
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -86,7 +86,7 @@ def test_greedy_output_equals_single_process_model(client, reference):
         assert _greedy(client, prompt) == expected
 
 
-def test_logprobs_through_the_expert_workers_match_the_single_process_model(client, reference):
+def test_logprobs_and_logit_bias_through_the_expert_workers(client, reference):
     model, tokenizer = reference
     messages = [{"role": "user", "content": PROMPTS[1]}]
     prompt = apply_chat_template(tokenizer, messages)
@@ -101,6 +101,10 @@ def test_logprobs_through_the_expert_workers_match_the_single_process_model(clie
     for row, token, entry in zip(expected, completion, content):
         assert entry.logprob == pytest.approx(float(row[token]), abs=1e-3)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-3)
+    forced = tokenizer.encode(" dictionary")[-1]
+    biased = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
+                                            logit_bias={str(forced): 100}, presence_penalty=-2)
+    assert biased.choices[0].message.content == tokenizer.decode([forced] * 2)
 
 
 def test_sixteen_concurrent_streams_complete_with_usage(url):

@@ -176,6 +176,19 @@ def test_logprobs_cover_every_token_when_a_stop_string_cuts_the_text(client):
     assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == tokens
 
 
+def test_logit_bias_and_penalties_over_http(client, tokenizer):
+    forced = tokenizer.encode(" list")[-1]
+    biased = client.completions.create(model=MODEL, prompt="x =", max_tokens=3, temperature=0,
+                                       logit_bias={str(forced): 100})
+    assert biased.choices[0].text == tokenizer.decode([forced] * 3)
+    ask = dict(model=MODEL, prompt="import os", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}, logprobs=0)
+    plain = client.completions.create(**ask).choices[0].logprobs.tokens
+    penalized = client.completions.create(**ask, presence_penalty=2, frequency_penalty=2).choices[0].logprobs.tokens
+    assert len(set(penalized)) > len(set(plain))  # no token repeated while an unused one is close
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"100000": 5})
+
+
 def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenizer):
     url, engine = server
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -208,7 +221,7 @@ def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenize
     ({"model": MODEL, "messages": []}, 400, "messages"),
     ({"model": MODEL, "messages": "hello"}, 400, "messages"),
     ({"model": MODEL, "messages": MESSAGES, "n": 3}, 400, "n"),
-    ({"model": MODEL, "messages": MESSAGES, "frequency_penalty": 1.0}, 400, "frequency_penalty"),
+    ({"model": MODEL, "messages": MESSAGES, "frequency_penalty": 3.0}, 400, "frequency_penalty"),
     ({"model": MODEL, "messages": MESSAGES, "bogus": True}, 400, "bogus"),
     ({"messages": MESSAGES}, 400, "model"),
 ])
@@ -236,7 +249,7 @@ def test_openai_client_sees_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, presence_penalty=1.0)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, presence_penalty=-2.5)
 
 
 class _SlowSteps:

@@ -390,3 +390,39 @@ def test_logprobs_of_every_token_match_the_model_and_only_when_asked(reference_m
         assert entry.token_id == token and entry.top[0][0] == token  # greedy: the most likely token
         assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
         assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
+
+
+class _OpenAIPenalties:
+    """transformers logits processor with OpenAI's penalties on the completion: the reference."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float, bias: dict[int, float]) -> None:
+        self.prompt_len, self.presence, self.frequency, self.bias = prompt_len, presence, frequency, bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        for token, value in self.bias.items():
+            scores[:, token] += value
+        completion = input_ids[0, self.prompt_len:]
+        counts = torch.bincount(completion, minlength=scores.shape[-1]).float() if len(completion) else 0.0
+        return scores - counts * self.frequency - (torch.as_tensor(counts) > 0) * self.presence
+
+
+def test_penalties_and_logit_bias_equal_generate_with_the_same_rules(reference_models):
+    from transformers import LogitsProcessorList
+
+    model, prompt = reference_models["qwen3_moe"], _prompt(7, 4)
+    plain = _generate(model, prompt, 16)
+    bias = {plain[0]: -100.0, 5: 1.5}
+    params = SamplingParams(max_tokens=16, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7,
+                            logit_bias=bias)
+    processor = LogitsProcessorList([_OpenAIPenalties(len(prompt), 1.5, 0.7, bias)])
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                              logits_processor=processor)[0, len(prompt):].tolist()
+    tokens, _ = _run(_engine(), {0: [("p", prompt, params)], 2: [("q", _prompt(5, 5), GREEDY)]})
+    assert tokens["p"] == expected != plain
+    assert len(set(expected)) > len(set(plain))  # the penalties spread the output over more tokens
+
+
+def test_logit_bias_beyond_the_vocabulary_is_refused_at_admission():
+    with pytest.raises(ValueError, match="logit_bias"):
+        _engine().add_request("r", _prompt(3, 0), SamplingParams(logit_bias={VOCAB_SIZE: 1.0}))

@@ -29,10 +29,12 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"foo": 1}, "foo"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"foo": 1}, "foo"), ({"n": 2}, "n"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": True}, "top_logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 5}, "stop"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -86,6 +88,15 @@ def test_completion_logprobs_must_be_a_count(logprobs):
 def test_sampling_params_carry_the_logprobs_count(endpoint, fields, expected):
     base = CHAT if endpoint is ChatCompletionRequest else {"model": "m", "prompt": "a"}
     assert sampling_params(endpoint.model_validate({**base, **fields}), 3, 100).logprobs == expected
+
+
+def test_sampling_params_carry_penalties_and_logit_bias():
+    body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"7": -100, "12": 2.5}}
+    params = sampling_params(ChatCompletionRequest.model_validate(body), 3, 100)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.logit_bias == ((7, -100.0), (12, 2.5)) and params.penalized
+    plain = sampling_params(ChatCompletionRequest.model_validate(CHAT), 3, 100)
+    assert (plain.presence_penalty, plain.frequency_penalty, plain.logit_bias, plain.penalized) == (0, 0, (), False)
 
 
 def test_sampling_params_defaults_fill_the_context():

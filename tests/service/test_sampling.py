@@ -88,3 +88,34 @@ def test_token_logprobs_ignore_temperature_and_top_p():
     token = sample(logits, [SamplingParams(temperature=0.3, top_p=0.5, seed=1)], [torch.Generator().manual_seed(1)])
     assert token_logprobs(logits, token, [2]) == token_logprobs(logits.clone(), token, [2])
     assert token_logprobs(logits, token, [2])[0].logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0, token[0]]))
+
+
+def test_logit_bias_bans_and_forces_tokens():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(3))
+    best = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0.0, logit_bias={best[0]: -100}),
+              SamplingParams(temperature=0.0, logit_bias=((17, 100.0),))]
+    banned, forced = sample(logits, params, [None, None])
+    assert banned == logits[0].topk(2).indices[1] and forced == 17
+    seeded = SamplingParams(temperature=1.0, seed=0, logit_bias={4: 100})
+    assert sample(logits[:1], [seeded], [seeded.make_generator()]) == [4]
+
+
+def test_penalties_subtract_per_occurrence_and_per_presence():
+    logits = torch.zeros(1, 8)
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
+    completion = [3, 3, 5]
+    # token 3: 2 x 0.25 + 0.5 = 1.0 lower; token 5: 0.25 + 0.5 = 0.75 lower; greedy takes an unseen token
+    assert sample(logits, [params], [None], [completion]) == [0]
+    negative = SamplingParams(temperature=0.0, frequency_penalty=-1.0)  # a negative penalty favours repeats
+    assert sample(logits, [negative], [None], [completion]) == [3]
+    assert sample(logits, [params], [None], [[]]) == [0]  # nothing generated yet: nothing to penalise
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    ({"presence_penalty": 2.5}, "2.5"), ({"frequency_penalty": float("nan")}, "nan"),
+    ({"logit_bias": {-1: 1.0}}, "-1"), ({"logit_bias": {1: 101}}, "101"), ({"logit_bias": {i: 1 for i in range(301)}}, "301"),
+])
+def test_bad_penalties_and_bias_raise_value_error(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        SamplingParams(**kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -51,7 +52,7 @@ from service.openai_api import (
     error_response,
     sampling_params,
 )
-from service.sampling import TokenLogprobs
+from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -132,14 +133,14 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer.encode(body.prompt)
-        fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None)
+        fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None, body.n or 1)
         return await self._generate(request, body, prompt, fmt, timer)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
-        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None)
+        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1)
         return await self._generate(request, body, prompt, fmt, timer)
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
@@ -158,73 +159,117 @@ class _Server:
 
     async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
                         prompt: list[int], fmt: _Format, timer: RequestTimer) -> Response:
-        """Admit the request, wait for its first token (headers wait too), then stream or collect."""
+        """Admit the request's choices, wait for their first tokens (headers wait too), then stream or
+        collect. ``n`` choices are ``n`` engine requests (seeds ``seed + i``); a failure of any fails all."""
         params = sampling_params(body, len(prompt), self.engine.config.max_model_len)
-        outputs = self.engine.generate(fmt.id, prompt, params)
+        n = body.n or 1
+        streams = [self.engine.generate(fmt.id if n == 1 else f"{fmt.id}-{i}", prompt, _choice_params(params, i))
+                   for i in range(n)]
         try:
-            first = await _unless_disconnected(request, anext(outputs))
+            firsts = await _unless_disconnected(request, _first_outputs(streams))
         except _ClientGone:
             timer.finish("abort", len(prompt))
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except EngineError:
             timer.finish("error", len(prompt))
             raise
+        outputs = _merged(firsts, streams, timer)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_sse(first, outputs, fmt, timer, include_usage), media_type="text/event-stream")
+            return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
         try:
-            return await _unless_disconnected(request, _collect(first, outputs, fmt, timer))
+            return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer))
         except _ClientGone:
             timer.finish("abort", len(prompt))
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-async def _outputs(first: StepOutput, rest: AsyncIterator[StepOutput], timer: RequestTimer) -> AsyncIterator[StepOutput]:
-    """All outputs of a request, timed; an abort by anyone else is an engine error."""
-    out = first
-    while True:
-        if out.finish_reason == "abort":
-            raise EngineError("the request was aborted")
-        timer.on_tokens(len(out.new_token_ids))
-        yield out
-        if out.finished:
-            timer.finish(out.finish_reason, out.num_prompt_tokens)
-            return
-        out = await anext(rest)
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index``'s parameters: its own seed (``seed + index``) when the request has one."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
 
 
-async def _collect(first: StepOutput, rest: AsyncIterator[StepOutput], fmt: _Format, timer: RequestTimer) -> Response:
-    texts, logprobs, last = [], [], first
+async def _first_outputs(streams: list[AsyncIterator[StepOutput]]) -> list[StepOutput]:
+    """Each stream's first output; if any fails (or this is cancelled), every stream is closed (aborted)."""
+    tasks = [asyncio.ensure_future(anext(stream)) for stream in streams]
     try:
-        async for out in _outputs(first, rest, timer):
-            texts.append(out.text)
-            logprobs += out.logprobs
-            last = out
-    except EngineError:
-        timer.finish("error", first.num_prompt_tokens)
+        return [await task for task in tasks]
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
         raise
-    return JSONResponse(fmt.response("".join(texts), last, logprobs).model_dump(mode="json"))
 
 
-async def _sse(first: StepOutput, rest: AsyncIterator[StepOutput], fmt: _Format, timer: RequestTimer,
-               include_usage: bool) -> AsyncIterator[str]:
+async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutput]],
+                  timer: RequestTimer) -> AsyncIterator[tuple[int, StepOutput]]:
+    """(choice index, output) of every choice as they come, timed, firsts first; the request is finished
+    on the timer once every choice is. An abort by anyone else is an engine error; leaving early (or an
+    error) closes every stream, which aborts the choices still running."""
+    pending: dict[asyncio.Future, int] = {}
+    try:
+        outs = list(enumerate(firsts))
+        while outs:
+            for index, out in outs:
+                if out.finish_reason == "abort":
+                    raise EngineError("the request was aborted")
+                timer.on_tokens(len(out.new_token_ids), choice=index)
+                yield index, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(anext(streams[index]))] = index
+            if not pending:
+                timer.finish(out.finish_reason, out.num_prompt_tokens)
+                return
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            outs = sorted((pending.pop(task), task.result()) for task in done)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+
+
+async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
+                   timer: RequestTimer) -> Response:
+    texts = [[] for _ in firsts]
+    logprobs = [[] for _ in firsts]
+    lasts = list(firsts)
+    try:
+        async for index, out in outputs:
+            texts[index].append(out.text)
+            logprobs[index] += out.logprobs
+            lasts[index] = out
+    except EngineError:
+        timer.finish("error", firsts[0].num_prompt_tokens)
+        raise
+    finally:
+        await outputs.aclose()
+    results = [("".join(t), last, lp) for t, last, lp in zip(texts, lasts, logprobs)]
+    return JSONResponse(fmt.response(results).model_dump(mode="json"))
+
+
+async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
+               timer: RequestTimer, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: ``data: {chunk}`` per delta, a usage chunk if asked, then ``data: [DONE]``."""
     try:
         for chunk in fmt.start_chunks():
             yield _event(chunk)
-        last = first
-        async for out in _outputs(first, rest, timer):
-            last = out
-            for chunk in fmt.chunks(out):
+        lasts = list(firsts)
+        async for index, out in outputs:
+            lasts[index] = out
+            for chunk in fmt.chunks(index, out):
                 yield _event(chunk)
         if include_usage:
-            yield _event(fmt.usage_chunk(last))
+            yield _event(fmt.usage_chunk(lasts))
     except EngineError as exc:
-        timer.finish("error", first.num_prompt_tokens)
+        timer.finish("error", firsts[0].num_prompt_tokens)
         yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
     finally:
-        timer.finish("abort", first.num_prompt_tokens)  # no-op unless the client left mid-stream
-        await rest.aclose()
+        timer.finish("abort", firsts[0].num_prompt_tokens)  # no-op unless the client left mid-stream
+        await outputs.aclose()
     yield "data: [DONE]\n\n"
 
 
@@ -260,49 +305,51 @@ async def _disconnect(request: Request) -> None:
 
 
 class _Format(abc.ABC):
-    """Builds the responses and stream chunks of one request of one endpoint.
+    """Builds the responses and stream chunks of one request of one endpoint, for its ``n`` choices.
 
     With ``pieces`` (the request asked for log-probabilities), every response and chunk carries the
     log-probabilities of its tokens; a stream holds them back with the text they belong to (tokens of a
-    possible stop string, half a character) and sends them with the next chunk that has text, or with
-    the last one, so every completion token's entry is sent exactly once, in order.
+    possible stop string, half a character) and sends them with the choice's next chunk that has text,
+    or with its last one, so every completion token's entry is sent exactly once, in order.
     """
 
     prefix = ""
 
-    def __init__(self, model: str, pieces: TokenPieces | None = None) -> None:
+    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.pieces = pieces
-        self._pending: list[TokenLogprobs] = []
+        self.n = n
+        self._pending: list[list[TokenLogprobs]] = [[] for _ in range(n)]
 
     def start_chunks(self) -> list[BaseModel]:
         return []
 
     @abc.abstractmethod
-    def response(self, text: str, last: StepOutput, logprobs: Sequence[TokenLogprobs]) -> BaseModel:
-        """The non-streaming response: all of ``text`` and ``logprobs``, finish reason and usage from ``last``."""
+    def response(self, results: Sequence[tuple[str, StepOutput, Sequence[TokenLogprobs]]]) -> BaseModel:
+        """The non-streaming response: per choice all its text and log-probabilities and its last output."""
 
     @abc.abstractmethod
-    def chunks(self, out: StepOutput) -> list[BaseModel]:
-        """Stream chunks for one output (none while text is held back)."""
+    def chunks(self, index: int, out: StepOutput) -> list[BaseModel]:
+        """Stream chunks for one output of choice ``index`` (none while its text is held back)."""
 
     @abc.abstractmethod
-    def usage_chunk(self, last: StepOutput) -> BaseModel:
+    def usage_chunk(self, lasts: Sequence[StepOutput]) -> BaseModel:
         """The final chunk with usage and no choices."""
 
-    def _take_pending(self, out: StepOutput) -> list[TokenLogprobs]:
+    def _take_pending(self, index: int, out: StepOutput) -> list[TokenLogprobs]:
         """The entries to send with a chunk for ``out``: those held back so far and its own."""
-        taken, self._pending = [*self._pending, *out.logprobs], []
+        taken, self._pending[index] = [*self._pending[index], *out.logprobs], []
         return taken
 
-    def _hold(self, out: StepOutput) -> None:
-        self._pending += out.logprobs
+    def _hold(self, index: int, out: StepOutput) -> None:
+        self._pending[index] += out.logprobs
 
 
-def _usage(out: StepOutput) -> Usage:
-    return Usage.of(out.num_prompt_tokens, out.num_completion_tokens)
+def _usage(lasts: Sequence[StepOutput]) -> Usage:
+    """The prompt once, the completion tokens of every choice."""
+    return Usage.of(lasts[0].num_prompt_tokens, sum(out.num_completion_tokens for out in lasts))
 
 
 def _finite(logprob: float) -> float:
@@ -312,27 +359,30 @@ def _finite(logprob: float) -> float:
 class _CompletionFormat(_Format):
     prefix = "cmpl"
 
-    def __init__(self, model: str, pieces: TokenPieces | None = None) -> None:
-        super().__init__(model, pieces)
-        self._text_offset = 0  # characters of the token texts sent so far
+    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1) -> None:
+        super().__init__(model, pieces, n)
+        self._text_offset = [0] * n  # per choice, characters of the token texts sent so far
 
-    def response(self, text: str, last: StepOutput, logprobs: Sequence[TokenLogprobs]) -> CompletionResponse:
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, logprobs=self._logprobs(logprobs))
-        return self._make([choice], _usage(last))
+    def response(self, results: Sequence[tuple[str, StepOutput, Sequence[TokenLogprobs]]]) -> CompletionResponse:
+        choices = [CompletionChoice(index=i, text=text, finish_reason=last.finish_reason,
+                                    logprobs=self._logprobs(i, logprobs))
+                   for i, (text, last, logprobs) in enumerate(results)]
+        return self._make(choices, _usage([last for _, last, _ in results]))
 
-    def chunks(self, out: StepOutput) -> list[CompletionResponse]:
+    def chunks(self, index: int, out: StepOutput) -> list[CompletionResponse]:
         if not out.text and not out.finished:
-            self._hold(out)
+            self._hold(index, out)
             return []
-        logprobs = self._logprobs(self._take_pending(out))
-        return [self._make([CompletionChoice(text=out.text, finish_reason=out.finish_reason, logprobs=logprobs)])]
+        logprobs = self._logprobs(index, self._take_pending(index, out))
+        return [self._make([CompletionChoice(index=index, text=out.text, finish_reason=out.finish_reason,
+                                             logprobs=logprobs)])]
 
-    def usage_chunk(self, last: StepOutput) -> CompletionResponse:
-        return self._make([], _usage(last))
+    def usage_chunk(self, lasts: Sequence[StepOutput]) -> CompletionResponse:
+        return self._make([], _usage(lasts))
 
-    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
+    def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
         """The legacy format: token texts, their log-probabilities, the top tokens (the chosen one
-        included), and each token's character offset in the concatenated token texts."""
+        included), and each token's character offset in the choice's concatenated token texts."""
         if self.pieces is None:
             return None
         result = CompletionLogprobs()
@@ -344,8 +394,8 @@ class _CompletionFormat(_Format):
             result.tokens.append(token)
             result.token_logprobs.append(_finite(entry.logprob))
             result.top_logprobs.append(top)
-            result.text_offset.append(self._text_offset)
-            self._text_offset += len(token)
+            result.text_offset.append(self._text_offset[index])
+            self._text_offset[index] += len(token)
         return result
 
     def _make(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
@@ -356,32 +406,32 @@ class _ChatFormat(_Format):
     prefix = "chatcmpl"
 
     def start_chunks(self) -> list[ChatCompletionChunk]:
-        return [self._make([ChatChunkChoice(delta=Delta(role="assistant", content=""))])]
+        return [self._make([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+                for i in range(self.n)]
 
-    def response(self, text: str, last: StepOutput, logprobs: Sequence[TokenLogprobs]) -> ChatCompletionResponse:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason,
-                            logprobs=self._logprobs(logprobs))
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                      usage=_usage(last))
+    def response(self, results: Sequence[tuple[str, StepOutput, Sequence[TokenLogprobs]]]) -> ChatCompletionResponse:
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=last.finish_reason,
+                              logprobs=self._logprobs(logprobs))
+                   for i, (text, last, logprobs) in enumerate(results)]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                      usage=_usage([last for _, last, _ in results]))
 
-    def chunks(self, out: StepOutput) -> list[ChatCompletionChunk]:
+    def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
         if not out.text and not out.finished:
-            self._hold(out)
+            self._hold(index, out)
             return []
-        logprobs = self._logprobs(self._take_pending(out))
+        logprobs = self._logprobs(self._take_pending(index, out))
+        chunks = []
         if out.text:
-            choice = ChatChunkChoice(delta=Delta(content=out.text), logprobs=logprobs)
-            chunks = [self._make([choice])]
+            chunks.append(self._make([ChatChunkChoice(index=index, delta=Delta(content=out.text), logprobs=logprobs)]))
             logprobs = None
-        else:
-            chunks = []
         if out.finished:
-            chunks.append(self._make([ChatChunkChoice(delta=Delta(), finish_reason=out.finish_reason,
+            chunks.append(self._make([ChatChunkChoice(index=index, delta=Delta(), finish_reason=out.finish_reason,
                                                       logprobs=logprobs)]))
         return chunks
 
-    def usage_chunk(self, last: StepOutput) -> ChatCompletionChunk:
-        return self._make([], _usage(last))
+    def usage_chunk(self, lasts: Sequence[StepOutput]) -> ChatCompletionChunk:
+        return self._make([], _usage(lasts))
 
     def _logprobs(self, entries: Sequence[TokenLogprobs]) -> ChatLogprobs | None:
         if self.pieces is None:

@@ -55,17 +55,17 @@ class ServingMetrics:
 
 
 class RequestTimer:
-    """Times one request from its arrival; call `on_tokens` per output and `finish` once."""
+    """Times one request from its arrival; call `on_tokens` per output (of each choice) and `finish` once."""
 
     def __init__(self, metrics: ServingMetrics) -> None:
         self._metrics = metrics
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last = self._start
-        self._num_tokens = 0
+        self._num_tokens: dict[int, int] = {}  # per choice
         self._done = False
 
-    def on_tokens(self, num_tokens: int) -> None:
+    def on_tokens(self, num_tokens: int, choice: int = 0) -> None:
         if num_tokens == 0:
             return
         now = time.perf_counter()
@@ -73,7 +73,7 @@ class RequestTimer:
             self._first = now
             self._metrics.ttft.observe(now - self._start)
         self._last = now
-        self._num_tokens += num_tokens
+        self._num_tokens[choice] = self._num_tokens.get(choice, 0) + num_tokens
         self._metrics.generation_tokens.inc(num_tokens)
 
     def finish(self, status: RequestStatus, num_prompt_tokens: int = 0) -> None:
@@ -85,5 +85,6 @@ class RequestTimer:
         self._metrics.prompt_tokens.inc(num_prompt_tokens)
         if self._first is not None:
             self._metrics.e2e.observe(self._last - self._start)
-        if self._first is not None and self._num_tokens > 1:
-            self._metrics.tpot.observe((self._last - self._first) / (self._num_tokens - 1))
+        longest = max(self._num_tokens.values(), default=0)  # choices decode side by side: the longest one's pace
+        if self._first is not None and longest > 1:
+            self._metrics.tpot.observe((self._last - self._first) / (longest - 1))

@@ -39,9 +39,10 @@ from service.sampling import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+MAX_N = 16  # choices per request (each is its own engine request: the prompt is prefilled n times)
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
@@ -93,7 +94,7 @@ class _SamplingFields(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate past EOS (benchmarks with fixed output lengths)
-    n: Any = None
+    n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None

@@ -220,7 +220,7 @@ def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenize
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ({"model": MODEL, "messages": []}, 400, "messages"),
     ({"model": MODEL, "messages": "hello"}, 400, "messages"),
-    ({"model": MODEL, "messages": MESSAGES, "n": 3}, 400, "n"),
+    ({"model": MODEL, "messages": MESSAGES, "n": 17}, 400, "n"),
     ({"model": MODEL, "messages": MESSAGES, "frequency_penalty": 3.0}, 400, "frequency_penalty"),
     ({"model": MODEL, "messages": MESSAGES, "bogus": True}, 400, "bogus"),
     ({"messages": MESSAGES}, 400, "model"),
@@ -262,31 +262,66 @@ class _SlowSteps:
         pass
 
 
-def test_client_disconnect_mid_stream_aborts_the_sequence(tokenizer):
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_mid_stream_aborts_the_sequence(tokenizer, n):
     core = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN), tokenizer=tokenizer,
                   hooks=_SlowSteps())
     aborted, abort = [], core.abort
     core.abort = lambda request_id: aborted.append(request_id) or abort(request_id)
     engine = AsyncEngine(core)
     engine.start()
-    body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "temperature": 0, "stream": True, "n": n}
     try:
         with _serve(create_app(engine, served_model_name=MODEL)) as url:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
                 assert next(response.iter_lines()).startswith("data: ")
             deadline = time.monotonic() + 20
-            while not aborted and time.monotonic() < deadline:
+            while len(aborted) < n and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert len(aborted) == 1 and aborted[0].startswith("cmpl-")
+            assert len(aborted) == n and all(a.startswith("cmpl-") for a in aborted)  # every choice
             assert engine.run_at_step_boundary(lambda: core.num_running).result(10) == 0
             assert 'vibe_requests_total{status="abort"} 1.0' in httpx.get(f"{url}/metrics").text
     finally:
         engine.shutdown()
 
 
+def test_n_choices_are_the_seeded_single_requests_with_one_usage(client):
+    ask = dict(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=1.0, seed=7)
+    response = client.chat.completions.create(**ask, n=3)
+    singles = [client.chat.completions.create(**{**ask, "seed": 7 + i}).choices[0] for i in range(3)]
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.message.content for c in response.choices] == [c.message.content for c in singles]
+    assert [c.finish_reason for c in response.choices] == [c.finish_reason for c in singles]
+    assert len({c.message.content for c in response.choices}) > 1  # three draws, not one
+    one = client.chat.completions.create(**ask)
+    assert response.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert response.usage.completion_tokens == sum(
+        client.chat.completions.create(**{**ask, "seed": 7 + i}).usage.completion_tokens for i in range(3))
+
+    chunks = list(client.chat.completions.create(**ask, n=3, stream=True, stream_options={"include_usage": True}))
+    for i, choice in enumerate(response.choices):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+    assert all(len(c.choices) <= 1 for c in chunks) and chunks[-1].usage == response.usage
+
+
+def test_n_completions_with_logprobs_keep_each_choices_offsets(client):
+    ask = dict(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=0.9, seed=1, logprobs=1, n=2)
+    choices = client.completions.create(**ask).choices
+    for choice in choices:
+        assert choice.logprobs.text_offset[0] == 0 and len(choice.logprobs.tokens) == 6
+    streamed = list(client.completions.create(**ask, stream=True))
+    for choice in choices:
+        mine = [c.choices[0] for c in streamed if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [t for c in mine if c.logprobs for t in c.logprobs.tokens] == choice.logprobs.tokens
+        assert [o for c in mine if c.logprobs for o in c.logprobs.text_offset] == choice.logprobs.text_offset
+
+
 def test_metrics_after_traffic(server, client):
     client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
-    assert httpx.post(f"{server[0]}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2}).status_code == 400
+    assert httpx.post(f"{server[0]}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 0}).status_code == 400
     text = httpx.get(f"{server[0]}/metrics").text
     for name in ("vibe_time_to_first_token_seconds_count", "vibe_time_per_output_token_seconds_count",
                  "vibe_e2e_request_latency_seconds_count", "vibe_num_requests_waiting", "vibe_num_requests_running",
@@ -326,6 +361,36 @@ def test_queue_full_is_a_429_with_retry_after_and_extra_routes_share_the_error_j
     assert sorted(r.status_code for r in responses) == [200, 429]
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_choice_refused_at_admission_fails_the_request_and_frees_the_others(tokenizer):
+    engine = _start_engine(tokenizer, max_num_seqs=1, max_num_batched_tokens=64, max_queue=1)
+    core = engine._engine
+    aborted, abort = [], core.abort
+    core.abort = lambda request_id: aborted.append(request_id) or abort(request_id)
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 200, "temperature": 0, "n": 3}
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL)) as url:
+            release = threading.Event()
+            engine.run_at_step_boundary(release.wait)  # the three admissions then run back to back
+            responses = []
+            sender = threading.Thread(target=lambda: responses.append(
+                httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+            sender.start()
+            while len(engine._commands) < 3:
+                time.sleep(0.02)
+            release.set()
+            sender.join(60)
+            assert responses[0].status_code == 429  # the second choice found the queue (1) full
+            deadline = time.monotonic() + 20
+            while engine.run_at_step_boundary(lambda: core.num_waiting + core.num_running).result(10):
+                assert time.monotonic() < deadline, "the admitted choice was not aborted"
+                time.sleep(0.02)
+            assert "0" in [a.rsplit("-", 1)[1] for a in aborted]  # the admitted choice, not run to its end
+            ok = httpx.post(f"{url}/v1/completions", json={**body, "n": 1, "max_tokens": 8}, timeout=60)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+    finally:
+        engine.shutdown()
 
 
 def test_health_reports_degradation_without_leaving_rotation(tokenizer):

@@ -29,7 +29,7 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"foo": 1}, "foo"), ({"n": 2}, "n"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"foo": 1}, "foo"), ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": True}, "n"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"), ({"logit_bias": {"-5": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -74,6 +74,9 @@ def test_openai_chat_and_completions(client):
     assert usage is not None and 1 <= usage.completion_tokens <= 8
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert "".join(c.choices[0].text for c in chunks if c.choices)
+    several = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                             max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in several.choices] == [0, 1, 2] and all(c.message.content for c in several.choices)
 
 
 def test_greedy_output_equals_single_process_model(client, reference):

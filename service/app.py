@@ -12,11 +12,13 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -133,7 +135,9 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer.encode(body.prompt)
-        fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None, body.n or 1)
+        echo = _Echo(prompt, body.prompt if isinstance(body.prompt, str) else None, self.engine.tokenizer.decode)
+        fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None, body.n or 1,
+                                echo if body.echo else None)
         return await self._generate(request, body, prompt, fmt, timer)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -247,7 +251,8 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
         raise
     finally:
         await outputs.aclose()
-    results = [("".join(t), last, lp) for t, last, lp in zip(texts, lasts, logprobs)]
+    results = [_Choice("".join(t), last, lp, first.prompt_logprobs)
+               for t, last, lp, first in zip(texts, lasts, logprobs, firsts)]
     return JSONResponse(fmt.response(results).model_dump(mode="json"))
 
 
@@ -304,6 +309,15 @@ async def _disconnect(request: Request) -> None:
 # --- response formats ------------------------------------------------------------------------------
 
 
+class _Choice(NamedTuple):
+    """One choice of a finished request: its text, last output and log-probabilities."""
+
+    text: str
+    last: StepOutput
+    logprobs: Sequence[TokenLogprobs]
+    prompt_logprobs: Sequence[TokenLogprobs] = ()
+
+
 class _Format(abc.ABC):
     """Builds the responses and stream chunks of one request of one endpoint, for its ``n`` choices.
 
@@ -327,7 +341,7 @@ class _Format(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def response(self, results: Sequence[tuple[str, StepOutput, Sequence[TokenLogprobs]]]) -> BaseModel:
+    def response(self, results: Sequence[_Choice]) -> BaseModel:
         """The non-streaming response: per choice all its text and log-probabilities and its last output."""
 
     @abc.abstractmethod
@@ -356,29 +370,71 @@ def _finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
+@dataclass
+class _Echo:
+    """The prompt a completion echoes: its ids, and its text as sent or (for token ids) decoded once
+    asked, after the engine admitted the ids."""
+
+    ids: Sequence[int]
+    sent_text: str | None
+    decode: Callable[[Sequence[int]], str]
+
+    @functools.cached_property
+    def text(self) -> str:
+        return self.sent_text if self.sent_text is not None else self.decode(self.ids)
+
+
 class _CompletionFormat(_Format):
+    """The legacy endpoint; with ``echo`` each choice starts with the prompt, and its log-probabilities
+    with the prompt tokens' (the first one has none: null)."""
+
     prefix = "cmpl"
 
-    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1) -> None:
+    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1,
+                 echo: _Echo | None = None) -> None:
         super().__init__(model, pieces, n)
+        self.echo = echo
+        self._echoed = [echo is None] * n
         self._text_offset = [0] * n  # per choice, characters of the token texts sent so far
 
-    def response(self, results: Sequence[tuple[str, StepOutput, Sequence[TokenLogprobs]]]) -> CompletionResponse:
-        choices = [CompletionChoice(index=i, text=text, finish_reason=last.finish_reason,
-                                    logprobs=self._logprobs(i, logprobs))
-                   for i, (text, last, logprobs) in enumerate(results)]
-        return self._make(choices, _usage([last for _, last, _ in results]))
+    def response(self, results: Sequence[_Choice]) -> CompletionResponse:
+        choices = []
+        for i, r in enumerate(results):
+            prefix, logprobs = self._echo(i, r.prompt_logprobs)
+            logprobs = _joined(logprobs, self._logprobs(i, r.logprobs))
+            choices.append(CompletionChoice(index=i, text=prefix + r.text, finish_reason=r.last.finish_reason,
+                                            logprobs=logprobs))
+        return self._make(choices, _usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[CompletionResponse]:
+        chunks = []
+        if not self._echoed[index]:
+            prefix, logprobs = self._echo(index, out.prompt_logprobs)
+            chunks.append(self._make([CompletionChoice(index=index, text=prefix, logprobs=logprobs)]))
         if not out.text and not out.finished:
             self._hold(index, out)
-            return []
+            return chunks
         logprobs = self._logprobs(index, self._take_pending(index, out))
-        return [self._make([CompletionChoice(index=index, text=out.text, finish_reason=out.finish_reason,
-                                             logprobs=logprobs)])]
+        chunks.append(self._make([CompletionChoice(index=index, text=out.text, finish_reason=out.finish_reason,
+                                                   logprobs=logprobs)]))
+        return chunks
 
     def usage_chunk(self, lasts: Sequence[StepOutput]) -> CompletionResponse:
         return self._make([], _usage(lasts))
+
+    def _echo(self, index: int, prompt_logprobs: Sequence[TokenLogprobs]) -> tuple[str, CompletionLogprobs | None]:
+        """Choice ``index``'s prompt text and its tokens' log-probabilities ('' and None without echo)."""
+        self._echoed[index] = True
+        if self.echo is None:
+            return "", None
+        text = self.echo.text
+        if self.pieces is None:
+            return text, None
+        first = self.pieces.text(self.echo.ids[0])
+        result = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None],
+                                    text_offset=[self._text_offset[index]])
+        self._text_offset[index] += len(first)
+        return text, _joined(result, self._logprobs(index, prompt_logprobs))
 
     def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
         """The legacy format: token texts, their log-probabilities, the top tokens (the chosen one
@@ -402,6 +458,14 @@ class _CompletionFormat(_Format):
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
 
+def _joined(head: CompletionLogprobs | None, tail: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    if head is None or tail is None:
+        return tail if head is None else head
+    return CompletionLogprobs(tokens=head.tokens + tail.tokens, token_logprobs=head.token_logprobs + tail.token_logprobs,
+                              top_logprobs=head.top_logprobs + tail.top_logprobs,
+                              text_offset=head.text_offset + tail.text_offset)
+
+
 class _ChatFormat(_Format):
     prefix = "chatcmpl"
 
@@ -409,12 +473,12 @@ class _ChatFormat(_Format):
         return [self._make([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
                 for i in range(self.n)]
 
-    def response(self, results: Sequence[tuple[str, StepOutput, Sequence[TokenLogprobs]]]) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=last.finish_reason,
-                              logprobs=self._logprobs(logprobs))
-                   for i, (text, last, logprobs) in enumerate(results)]
+    def response(self, results: Sequence[_Choice]) -> ChatCompletionResponse:
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.last.finish_reason,
+                              logprobs=self._logprobs(r.logprobs))
+                   for i, r in enumerate(results)]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=_usage([last for _, last, _ in results]))
+                                      usage=_usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
         if not out.text and not out.finished:

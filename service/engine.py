@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -96,6 +96,8 @@ class StepOutput:
         finish_reason: "stop" (EOS, stop token or stop string), "length" or "abort"; None while running.
         num_prompt_tokens, num_completion_tokens: token counts so far.
         logprobs: one entry per new token when the request asked for log-probabilities, else empty.
+        prompt_logprobs: with the first completion token of a request that asked for its prompt's
+            log-probabilities, one entry per prompt token after the first (the first has no context).
     """
 
     request_id: str
@@ -106,6 +108,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_completion_tokens: int
     logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 class _Sequence:
@@ -121,6 +124,7 @@ class _Sequence:
         self.text = text
         self.slot = -1
         self.num_cached = 0                     # tokens whose keys/values are in the cache
+        self.prompt_logprobs: list[TokenLogprobs] = []  # filled chunk by chunk while prefilling
 
     @property
     def num_completion_tokens(self) -> int:
@@ -213,7 +217,12 @@ class Engine:
             return outputs
         sampled = [seq for seq, n in chunks if n == seq.num_pending]  # chunks that end their pending tokens
         try:
-            logits = self._forward(chunks)
+            logits, prompt_rows = self._forward(chunks)
+            for seq, rows in prompt_rows:
+                begin = seq.num_cached + 1  # each row predicts the prompt token after its position
+                targets = seq.token_ids[begin:begin + len(rows)]
+                seq.prompt_logprobs += token_logprobs(logits[rows], targets, [seq.params.prompt_logprobs] * len(rows))
+            logits = logits[len(logits) - len(sampled):]  # the sampling rows
             completions = [s.token_ids[s.num_prompt_tokens:] if s.params.penalized else () for s in sampled]
             tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], completions)
             logprobs = _logprobs(logits, sampled, tokens)
@@ -265,15 +274,26 @@ class Engine:
             budget -= prefills[-1][1]
         return decodes + prefills
 
-    def _forward(self, chunks: list[tuple[_Sequence, int]]) -> torch.Tensor:
-        """float32 CPU logits ``[N, V]`` at the last token of each chunk that completes its pending tokens."""
-        ids, positions, meta, keep = [], [], [], []
+    def _forward(self, chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, list[tuple[_Sequence, list[int]]]]:
+        """float32 CPU logits ``[K, V]`` and where the prompt log-probability rows are.
+
+        The logits end with one row per chunk that completes its pending tokens (its last token, in
+        chunk order); before them, for sequences that asked for prompt log-probabilities, a row per
+        position of the chunk that predicts a prompt token, listed as (sequence, rows).
+        """
+        ids, positions, meta, prompt_keep, keep = [], [], [], [], []
+        prompt_rows: list[tuple[_Sequence, list[int]]] = []
         for seq, n in chunks:
             meta.append(SeqChunk(seq.slot, seq.num_cached, n, len(ids)))
+            predicting = min(n, seq.num_prompt_tokens - 1 - seq.num_cached)  # positions before the prompt's last
+            if seq.params.prompt_logprobs is not None and predicting > 0:
+                prompt_rows.append((seq, list(range(len(prompt_keep), len(prompt_keep) + predicting))))
+                prompt_keep += range(len(ids), len(ids) + predicting)
             ids += seq.token_ids[seq.num_cached:seq.num_cached + n]
             positions += range(seq.num_cached, seq.num_cached + n)
             if n == seq.num_pending:
                 keep.append(len(ids) - 1)
+        keep = prompt_keep + keep
         device = self._model.device
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         if self._hooks is not None:
@@ -285,7 +305,7 @@ class Engine:
         finally:
             if self._hooks is not None:
                 self._hooks.end_step()
-        return out.logits[0].float().cpu()
+        return out.logits[0].float().cpu(), prompt_rows
 
     def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         seq.token_ids.append(token)
@@ -300,7 +320,11 @@ class Engine:
         text = seq.text.take(final=reason is not None) if seq.text is not None else ""
         if reason is not None:
             self._release(seq)
-        return _output(seq, (token,), text, reason, (logprobs,) if logprobs is not None else ())
+        out = _output(seq, (token,), text, reason, (logprobs,) if logprobs is not None else ())
+        if seq.num_completion_tokens == 1 and seq.params.prompt_logprobs is not None:
+            out = replace(out, prompt_logprobs=tuple(seq.prompt_logprobs))
+            seq.prompt_logprobs = []
+        return out
 
     def _release(self, seq: _Sequence) -> None:
         self._running.remove(seq)

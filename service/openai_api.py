@@ -42,7 +42,7 @@ RETRY_AFTER_S = 1
 MAX_N = 16  # choices per request (each is its own engine request: the prompt is prefilled n times)
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
@@ -140,7 +140,7 @@ class CompletionRequest(_SamplingFields):
     prompt: Text | list[int] | list[Text] | list[list[int]]
     logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
-    echo: Any = None
+    echo: bool | None = None
     suffix: Any = None
 
     @field_validator("prompt")
@@ -226,6 +226,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=_logprobs(request),
+        prompt_logprobs=_prompt_logprobs(request),
         presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()))
 
@@ -235,6 +236,11 @@ def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:
     if isinstance(request, ChatCompletionRequest):
         return (request.top_logprobs or 0) if request.logprobs else None
     return request.logprobs
+
+
+def _prompt_logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Alternatives per prompt token: a completion that echoes its prompt with log-probabilities."""
+    return request.logprobs if isinstance(request, CompletionRequest) and request.echo else None
 
 
 # --- responses -----------------------------------------------------------------------------------------
@@ -255,8 +261,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy endpoint's log-probabilities: parallel lists, one entry per completion token."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None for the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 

@@ -37,6 +37,8 @@ class SamplingParams:
         ignore_eos: keep generating past the model's EOS tokens (benchmarks).
         logprobs: None for none; k >= 0 to report each completion token's log-probability and the k
             most likely tokens at its position (0 <= k <= MAX_LOGPROBS).
+        prompt_logprobs: None for none; k >= 0 to report each prompt token's log-probability (after the
+            first) and the k most likely tokens at its position.
         presence_penalty: subtracted from the logit of every token already in the completion.
         frequency_penalty: subtracted from a token's logit once per time it is in the completion.
         logit_bias: (token id, bias) pairs (or a dict) added to those tokens' logits (-100 bans, 100
@@ -51,6 +53,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -73,9 +76,11 @@ class SamplingParams:
                 raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters, got {text!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)!r}")

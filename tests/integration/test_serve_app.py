@@ -104,6 +104,12 @@ def test_logprobs_and_logit_bias_through_the_expert_workers(client, reference):
     for row, token, entry in zip(expected, completion, content):
         assert entry.logprob == pytest.approx(float(row[token]), abs=1e-3)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-3)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                       logprobs=1).choices[0].logprobs  # lm-evaluation-harness's loglikelihood
+    with torch.no_grad():
+        scored = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), dim=-1)
+    assert echoed.token_logprobs[1:len(prompt)] == pytest.approx(
+        [float(scored[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-3)
     forced = tokenizer.encode(" dictionary")[-1]
     biased = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
                                             logit_bias={str(forced): 100}, presence_penalty=-2)

@@ -164,6 +164,37 @@ def test_completion_logprobs_in_the_legacy_format_streamed_or_not(client, tokeni
                zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs))  # the drawn token is listed
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_lm_eval_asks(client, tokenizer):
+    """lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs=1, max_tokens=1."""
+    context, continuation = tokenizer.encode("def add(a, b):"), tokenizer.encode(" return a + b")
+    prompt = context + continuation
+    ask = dict(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    choice = client.completions.create(**ask).choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(tokenizer.decode(prompt)) and len(lp.tokens) == len(prompt) + 1
+    assert lp.tokens[:len(prompt)] == [tokenizer.decode([i]) for i in prompt]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    with torch.inference_mode():
+        reference = torch.log_softmax(build_chat_model(tokenizer)(torch.tensor([prompt])).logits[0].double(), -1)
+    expected = [float(reference[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+    assert lp.token_logprobs[1:len(prompt)] == pytest.approx(expected, abs=1e-4)
+    for i in range(1, len(prompt)):  # the prompt token is listed with the most likely one
+        top = lp.top_logprobs[i]
+        assert top[lp.tokens[i]] == lp.token_logprobs[i] and max(top.values()) == pytest.approx(
+            float(reference[i - 1].max()), abs=1e-4)
+    continuation_logprob = sum(lp.token_logprobs[len(context):len(prompt)])
+    assert continuation_logprob == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-3)
+
+    streamed = list(client.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+        lp.token_logprobs)
+    plain = client.completions.create(model=MODEL, prompt="x = 1", max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith("x = 1") and plain.choices[0].logprobs is None
+
+
 def test_logprobs_cover_every_token_when_a_stop_string_cuts_the_text(client):
     ask = dict(model=MODEL, prompt="import os", max_tokens=30, temperature=0, logprobs=0)
     full = client.completions.create(**ask).choices[0]

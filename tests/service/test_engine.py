@@ -426,3 +426,25 @@ def test_penalties_and_logit_bias_equal_generate_with_the_same_rules(reference_m
 def test_logit_bias_beyond_the_vocabulary_is_refused_at_admission():
     with pytest.raises(ValueError, match="logit_bias"):
         _engine().add_request("r", _prompt(3, 0), SamplingParams(logit_bias={VOCAB_SIZE: 1.0}))
+
+
+def test_prompt_logprobs_over_chunked_prefill_match_the_model(reference_models):
+    prompt, other = _prompt(11, 6), _prompt(6, 7)
+    engine = _engine(max_num_seqs=2, max_num_batched_tokens=4)  # prefill chunks of 4, 4 and 3 tokens
+    engine.add_request("other", other, SamplingParams(max_tokens=3, temperature=0.0, logprobs=1))
+    engine.add_request("echo", prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2))
+    outputs = {"echo": [], "other": []}
+    while engine.has_work:
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    first, *rest = outputs["echo"]
+    assert len(first.prompt_logprobs) == len(prompt) - 1 and all(not o.prompt_logprobs for o in rest)
+    assert all(not o.prompt_logprobs for o in outputs["other"])
+    with torch.inference_mode():
+        reference = torch.log_softmax(reference_models["qwen3_moe"](torch.tensor([prompt])).logits[0].double(), -1)
+    for position, entry in enumerate(first.prompt_logprobs):
+        assert entry.token_id == prompt[position + 1]
+        assert entry.logprob == pytest.approx(float(reference[position, prompt[position + 1]]), abs=1e-4)
+        assert [t for t, _ in entry.top] == reference[position].topk(2).indices.tolist()
+    assert [o.new_token_ids[0] for o in outputs["echo"]] == _generate(reference_models["qwen3_moe"], prompt, 3)
+    assert [o.new_token_ids[0] for o in outputs["other"]] == _generate(reference_models["qwen3_moe"], other, 3)

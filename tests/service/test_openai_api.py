@@ -90,6 +90,14 @@ def test_sampling_params_carry_the_logprobs_count(endpoint, fields, expected):
     assert sampling_params(endpoint.model_validate({**base, **fields}), 3, 100).logprobs == expected
 
 
+def test_echo_with_logprobs_asks_for_the_prompts_logprobs():
+    base = {"model": "m", "prompt": "a"}
+    assert sampling_params(CompletionRequest.model_validate({**base, "echo": True, "logprobs": 2}), 3, 100
+                           ).prompt_logprobs == 2
+    assert sampling_params(CompletionRequest.model_validate({**base, "echo": True}), 3, 100).prompt_logprobs is None
+    assert sampling_params(CompletionRequest.model_validate({**base, "logprobs": 2}), 3, 100).prompt_logprobs is None
+
+
 def test_sampling_params_carry_penalties_and_logit_bias():
     body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"7": -100, "12": 2.5}}
     params = sampling_params(ChatCompletionRequest.model_validate(body), 3, 100)

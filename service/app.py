@@ -134,18 +134,20 @@ class _Server:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
-        prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer.encode(body.prompt)
-        echo = _Echo(prompt, body.prompt if isinstance(body.prompt, str) else None, self.engine.tokenizer.decode)
+        tokenizer = self.engine.tokenizer
+        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompt]
+        echoes = [_Echo(ids, sent if isinstance(sent, str) else None, tokenizer.decode)
+                  for ids, sent in zip(prompts, body.prompt)] if body.echo else None
         fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None, body.n or 1,
-                                echo if body.echo else None)
-        return await self._generate(request, body, prompt, fmt, timer)
+                                len(prompts), echoes)
+        return await self._generate(request, body, prompts, fmt, timer)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1)
-        return await self._generate(request, body, prompt, fmt, timer)
+        return await self._generate(request, body, [prompt], fmt, timer)
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)
@@ -162,29 +164,31 @@ class _Server:
                            param="model", code="model_not_found")
 
     async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
-                        prompt: list[int], fmt: _Format, timer: RequestTimer) -> Response:
+                        prompts: list[list[int]], fmt: _Format, timer: RequestTimer) -> Response:
         """Admit the request's choices, wait for their first tokens (headers wait too), then stream or
-        collect. ``n`` choices are ``n`` engine requests (seeds ``seed + i``); a failure of any fails all."""
-        params = sampling_params(body, len(prompt), self.engine.config.max_model_len)
+        collect. Prompt ``p``'s ``n`` choices are ``n`` engine requests (seeds ``seed + i``), choice
+        indexes ``p * n + i``; a failure of any fails all."""
+        params = [sampling_params(body, len(prompt), self.engine.config.max_model_len) for prompt in prompts]
         n = body.n or 1
-        streams = [self.engine.generate(fmt.id if n == 1 else f"{fmt.id}-{i}", prompt, _choice_params(params, i))
-                   for i in range(n)]
+        fmt.prompt_tokens = sum(len(prompt) for prompt in prompts)
+        streams = [self.engine.generate(fmt.id if len(prompts) * n == 1 else f"{fmt.id}-{k}", prompts[k // n],
+                                        _choice_params(params[k // n], k % n)) for k in range(len(prompts) * n)]
         try:
             firsts = await _unless_disconnected(request, _first_outputs(streams))
         except _ClientGone:
-            timer.finish("abort", len(prompt))
+            timer.finish("abort", fmt.prompt_tokens)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except EngineError:
-            timer.finish("error", len(prompt))
+            timer.finish("error", fmt.prompt_tokens)
             raise
-        outputs = _merged(firsts, streams, timer)
+        outputs = _merged(firsts, streams, timer, fmt.prompt_tokens)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
         try:
             return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer))
         except _ClientGone:
-            timer.finish("abort", len(prompt))
+            timer.finish("abort", fmt.prompt_tokens)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
@@ -208,8 +212,8 @@ async def _first_outputs(streams: list[AsyncIterator[StepOutput]]) -> list[StepO
         raise
 
 
-async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutput]],
-                  timer: RequestTimer) -> AsyncIterator[tuple[int, StepOutput]]:
+async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutput]], timer: RequestTimer,
+                  prompt_tokens: int) -> AsyncIterator[tuple[int, StepOutput]]:
     """(choice index, output) of every choice as they come, timed, firsts first; the request is finished
     on the timer once every choice is. An abort by anyone else is an engine error; leaving early (or an
     error) closes every stream, which aborts the choices still running."""
@@ -225,7 +229,7 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
                 if not out.finished:
                     pending[asyncio.ensure_future(anext(streams[index]))] = index
             if not pending:
-                timer.finish(out.finish_reason, out.num_prompt_tokens)
+                timer.finish(out.finish_reason, prompt_tokens)
                 return
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             outs = sorted((pending.pop(task), task.result()) for task in done)
@@ -247,7 +251,7 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
             logprobs[index] += out.logprobs
             lasts[index] = out
     except EngineError:
-        timer.finish("error", firsts[0].num_prompt_tokens)
+        timer.finish("error", fmt.prompt_tokens)
         raise
     finally:
         await outputs.aclose()
@@ -270,10 +274,10 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
         if include_usage:
             yield _event(fmt.usage_chunk(lasts))
     except EngineError as exc:
-        timer.finish("error", firsts[0].num_prompt_tokens)
+        timer.finish("error", fmt.prompt_tokens)
         yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
     finally:
-        timer.finish("abort", firsts[0].num_prompt_tokens)  # no-op unless the client left mid-stream
+        timer.finish("abort", fmt.prompt_tokens)  # no-op unless the client left mid-stream
         await outputs.aclose()
     yield "data: [DONE]\n\n"
 
@@ -329,13 +333,15 @@ class _Format(abc.ABC):
 
     prefix = ""
 
-    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1) -> None:
+    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, num_prompts: int = 1) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.pieces = pieces
         self.n = n
-        self._pending: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        self.num_choices = n * num_prompts
+        self.prompt_tokens = 0  # of every prompt, set once tokenised
+        self._pending: list[list[TokenLogprobs]] = [[] for _ in range(self.num_choices)]
 
     def start_chunks(self) -> list[BaseModel]:
         return []
@@ -360,10 +366,9 @@ class _Format(abc.ABC):
     def _hold(self, index: int, out: StepOutput) -> None:
         self._pending[index] += out.logprobs
 
-
-def _usage(lasts: Sequence[StepOutput]) -> Usage:
-    """The prompt once, the completion tokens of every choice."""
-    return Usage.of(lasts[0].num_prompt_tokens, sum(out.num_completion_tokens for out in lasts))
+    def _usage(self, lasts: Sequence[StepOutput]) -> Usage:
+        """Each prompt once, the completion tokens of every choice."""
+        return Usage.of(self.prompt_tokens, sum(out.num_completion_tokens for out in lasts))
 
 
 def _finite(logprob: float) -> float:
@@ -390,12 +395,12 @@ class _CompletionFormat(_Format):
 
     prefix = "cmpl"
 
-    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1,
-                 echo: _Echo | None = None) -> None:
-        super().__init__(model, pieces, n)
-        self.echo = echo
-        self._echoed = [echo is None] * n
-        self._text_offset = [0] * n  # per choice, characters of the token texts sent so far
+    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, num_prompts: int = 1,
+                 echoes: Sequence[_Echo] | None = None) -> None:
+        super().__init__(model, pieces, n, num_prompts)
+        self.echoes = echoes
+        self._echoed = [echoes is None] * self.num_choices
+        self._text_offset = [0] * self.num_choices  # per choice, characters of the token texts sent so far
 
     def response(self, results: Sequence[_Choice]) -> CompletionResponse:
         choices = []
@@ -404,7 +409,7 @@ class _CompletionFormat(_Format):
             logprobs = _joined(logprobs, self._logprobs(i, r.logprobs))
             choices.append(CompletionChoice(index=i, text=prefix + r.text, finish_reason=r.last.finish_reason,
                                             logprobs=logprobs))
-        return self._make(choices, _usage([r.last for r in results]))
+        return self._make(choices, self._usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[CompletionResponse]:
         chunks = []
@@ -420,21 +425,21 @@ class _CompletionFormat(_Format):
         return chunks
 
     def usage_chunk(self, lasts: Sequence[StepOutput]) -> CompletionResponse:
-        return self._make([], _usage(lasts))
+        return self._make([], self._usage(lasts))
 
     def _echo(self, index: int, prompt_logprobs: Sequence[TokenLogprobs]) -> tuple[str, CompletionLogprobs | None]:
         """Choice ``index``'s prompt text and its tokens' log-probabilities ('' and None without echo)."""
         self._echoed[index] = True
-        if self.echo is None:
+        if self.echoes is None:
             return "", None
-        text = self.echo.text
+        echo = self.echoes[index // self.n]
         if self.pieces is None:
-            return text, None
-        first = self.pieces.text(self.echo.ids[0])
+            return echo.text, None
+        first = self.pieces.text(echo.ids[0])
         result = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None],
                                     text_offset=[self._text_offset[index]])
         self._text_offset[index] += len(first)
-        return text, _joined(result, self._logprobs(index, prompt_logprobs))
+        return echo.text, _joined(result, self._logprobs(index, prompt_logprobs))
 
     def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
         """The legacy format: token texts, their log-probabilities, the top tokens (the chosen one
@@ -471,14 +476,14 @@ class _ChatFormat(_Format):
 
     def start_chunks(self) -> list[ChatCompletionChunk]:
         return [self._make([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-                for i in range(self.n)]
+                for i in range(self.num_choices)]
 
     def response(self, results: Sequence[_Choice]) -> ChatCompletionResponse:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.last.finish_reason,
                               logprobs=self._logprobs(r.logprobs))
                    for i, r in enumerate(results)]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=_usage([r.last for r in results]))
+                                      usage=self._usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
         if not out.text and not out.finished:
@@ -495,7 +500,7 @@ class _ChatFormat(_Format):
         return chunks
 
     def usage_chunk(self, lasts: Sequence[StepOutput]) -> ChatCompletionChunk:
-        return self._make([], _usage(lasts))
+        return self._make([], self._usage(lasts))
 
     def _logprobs(self, entries: Sequence[TokenLogprobs]) -> ChatLogprobs | None:
         if self.pieces is None:

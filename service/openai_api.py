@@ -22,6 +22,7 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from starlette.exceptions import HTTPException
 
@@ -39,7 +40,9 @@ from service.sampling import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
-MAX_N = 16  # choices per request (each is its own engine request: the prompt is prefilled n times)
+MAX_N = 16  # choices per prompt (each is its own engine request: the prompt is prefilled n times)
+MAX_PROMPTS = 32  # prompts in one completions request
+MAX_CHOICES = 64  # prompts x n: engine requests one HTTP request may start
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
     "best_of": (None, 1), "suffix": (None, ""),
@@ -131,7 +134,8 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions``; ``prompt`` is a string or a list of token ids (one prompt per request).
+    """``POST /v1/completions``; ``prompt`` is a string, a list of token ids, or a list of either (a
+    batch: ``n`` choices per prompt, indexed ``prompt * n + choice``); validated into a list of prompts.
 
     ``logprobs``: k reports each completion token's log-probability and the k most likely tokens at its
     position (the chosen one added when it is not among them, as OpenAI's legacy endpoint does).
@@ -145,14 +149,20 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str | list):
-            if len(value) != 1:
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-            value = value[0]
-        if isinstance(value, list) and any(t < 0 for t in value):
+    def _prompts(cls, value: Any) -> list[str | list[int]]:
+        batch = isinstance(value, list) and bool(value) and isinstance(value[0], str | list)
+        prompts = list(value) if batch else [value]
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        if any(isinstance(p, list) and any(t < 0 for t in p) for p in prompts):
             raise ValueError("prompt token ids must be non-negative")
-        return value
+        return prompts
+
+    @model_validator(mode="after")
+    def _choices_in_bounds(self) -> CompletionRequest:
+        if len(self.prompt) * (self.n or 1) > MAX_CHOICES:
+            raise ValueError(f"prompts x n = {len(self.prompt)} x {self.n} exceeds {MAX_CHOICES} choices per request")
+        return self
 
 
 class TextPart(_Strict):

@@ -77,6 +77,8 @@ def test_openai_chat_and_completions(client):
     several = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
                                              max_tokens=6, temperature=1.0, seed=3, n=3)
     assert [c.index for c in several.choices] == [0, 1, 2] and all(c.message.content for c in several.choices)
+    batch = client.completions.create(model=MODEL, prompt=["def add(a, b):", "import os"], max_tokens=4, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3] and batch.usage.completion_tokens <= 16
 
 
 def test_greedy_output_equals_single_process_model(client, reference):

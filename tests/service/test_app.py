@@ -337,6 +337,24 @@ def test_n_choices_are_the_seeded_single_requests_with_one_usage(client):
     assert all(len(c.choices) <= 1 for c in chunks) and chunks[-1].usage == response.usage
 
 
+def test_batched_prompts_are_indexed_prompt_times_n_plus_choice(client, tokenizer):
+    prompts = ["def f(x):", "import os"]
+    ask = dict(model=MODEL, max_tokens=6, temperature=1.0, seed=3)
+    batch = client.completions.create(**ask, prompt=prompts, n=2)
+    singles = [client.completions.create(**{**ask, "seed": 3 + i}, prompt=p) for p in prompts for i in range(2)]
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles]
+    assert batch.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)  # each prompt once
+    assert batch.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    streamed = list(client.completions.create(**ask, prompt=prompts, n=2, stream=True))
+    for choice in batch.choices:
+        assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index) == choice.text
+    echoed = client.completions.create(**ask, prompt=[tokenizer.encode(p) for p in prompts], echo=True, logprobs=0)
+    for prompt, choice in zip(prompts, echoed.choices):
+        assert choice.text.startswith(prompt) and choice.logprobs.token_logprobs[0] is None
+        assert len(choice.logprobs.tokens) == len(tokenizer.encode(prompt)) + 6
+
+
 def test_n_completions_with_logprobs_keep_each_choices_offsets(client):
     ask = dict(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=0.9, seed=1, logprobs=1, n=2)
     choices = client.completions.create(**ask).choices

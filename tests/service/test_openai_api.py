@@ -63,15 +63,24 @@ def test_message_content_parts_and_developer_role():
     assert request.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
 
 
-@pytest.mark.parametrize("prompt, expected", [("abc", "abc"), ([5, 6], [5, 6]), (["abc"], "abc"), ([[5, 6]], [5, 6])])
+@pytest.mark.parametrize("prompt, expected", [
+    ("abc", ["abc"]), ([5, 6], [[5, 6]]), (["abc"], ["abc"]), ([[5, 6]], [[5, 6]]), (["a", "b"], ["a", "b"]),
+    ([[1], [2, 3]], [[1], [2, 3]]),
+])
 def test_completion_prompt_forms(prompt, expected):
     assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompt == expected
 
 
-@pytest.mark.parametrize("prompt", [["a", "b"], [[1], [2]], [-1], 5])
-def test_batched_or_bad_prompts_are_rejected(prompt):
+@pytest.mark.parametrize("prompt", [["a"] * 33, [[1], [-2]], [-1], 5])
+def test_too_many_or_bad_prompts_are_rejected(prompt):
     status, body = _rejection(CompletionRequest, {"model": "m", "prompt": prompt})
     assert status == 400 and body["error"]["param"].startswith("prompt")
+
+
+def test_prompts_times_n_is_bounded():
+    CompletionRequest.model_validate({"model": "m", "prompt": ["a"] * 4, "n": 16})
+    status, body = _rejection(CompletionRequest, {"model": "m", "prompt": ["a"] * 5, "n": 13})
+    assert status == 400 and "65" not in body["error"]["message"] and "64" in body["error"]["message"]
 
 
 @pytest.mark.parametrize("logprobs", [True, -1, 21, "2"])

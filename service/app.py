@@ -1,9 +1,11 @@
 """The OpenAI-compatible FastAPI app over an `AsyncEngine` (no Ray: the Serve ingress wraps it).
 
 Owns the routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` with SSE streaming,
-``/health``, ``/metrics``), the request body size limit, client-disconnect handling (a request whose
-client is gone is aborted) and wiring every error through `openai_api.error_response`. Ignores
-authentication and admin routes (an extra router can be mounted), and the engine's internals.
+``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``), fanning a request's prompts and choices out
+to engine requests and merging them back, the response formats (log-probabilities, echo), the request
+body size limit, client-disconnect handling (a request whose client is gone is aborted, every choice of
+it) and wiring every error through `openai_api.error_response`. Ignores authentication and admin routes
+(an extra router can be mounted), and the engine's internals.
 """
 
 from __future__ import annotations
@@ -45,8 +47,12 @@ from service.openai_api import (
     CompletionRequest,
     CompletionResponse,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -101,6 +107,8 @@ def _routes(server: _Server) -> APIRouter:
     router.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"], response_model=ModelCard)
     router.add_api_route("/v1/completions", server.completions, methods=["POST"], response_model=None)
     router.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], response_model=None)
+    router.add_api_route("/tokenize", server.tokenize, methods=["POST"], response_model=TokenizeResponse)
+    router.add_api_route("/detokenize", server.detokenize, methods=["POST"], response_model=DetokenizeResponse)
     router.add_api_route("/health", server.health, methods=["GET"])
     router.add_api_route("/metrics", server.metrics_text, methods=["GET"])
     return router
@@ -148,6 +156,26 @@ class _Server:
         prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1)
         return await self._generate(request, body, [prompt], fmt, timer)
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        if body.model is not None:
+            self._check_model(body.model)
+        tokenizer = self.engine.tokenizer
+        if body.messages is not None:
+            ids = apply_chat_template(tokenizer, body.template_messages(),
+                                      add_generation_prompt=body.add_generation_prompt)
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.config.max_model_len, tokens=ids,
+                                token_strs=tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            self._check_model(body.model)
+        vocab = len(self.engine.tokenizer)
+        if any(t >= vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab}), got {max(body.tokens)}", param="tokens")
+        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)

@@ -214,8 +214,12 @@ class ChatCompletionRequest(_SamplingFields):
         return value
 
     def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them (``developer`` is a system message)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return _template_messages(self.messages)
+
+
+def _template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them (``developer`` is a system message)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
@@ -349,6 +353,48 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+# --- tokenizer endpoints (vLLM's /tokenize and /detokenize) -----------------------------------------
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize``: a ``prompt`` (with the tokenizer's special tokens unless turned off) or chat
+    ``messages`` (through the chat template, with the generation prompt unless turned off)."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return _template_messages(self.messages or [])
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize``: token ids back to text (special tokens included)."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

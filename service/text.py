@@ -20,8 +20,9 @@ _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first completion to
 _INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Prompt token ids of a conversation, ending with the assistant's generation prompt.
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], *,
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Prompt token ids of a conversation, by default ending with the assistant's generation prompt.
 
     Args:
         messages: ``[{"role": ..., "content": ...}, ...]``, at least one.
@@ -34,7 +35,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     if not tokenizer.chat_template:
         raise ValueError("the model's tokenizer has no chat template")
     try:
-        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                tokenize=True)
     except TemplateError as exc:
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5

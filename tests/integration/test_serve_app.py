@@ -79,6 +79,9 @@ def test_openai_chat_and_completions(client):
     assert [c.index for c in several.choices] == [0, 1, 2] and all(c.message.content for c in several.choices)
     batch = client.completions.create(model=MODEL, prompt=["def add(a, b):", "import os"], max_tokens=4, n=2)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3] and batch.usage.completion_tokens <= 16
+    url = str(client.base_url).removesuffix("/v1/")
+    tokens = httpx.post(f"{url}/tokenize", json={"prompt": "import os"}, timeout=30).json()["tokens"]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": tokens}, timeout=30).json() == {"prompt": "import os"}
 
 
 def test_greedy_output_equals_single_process_model(client, reference):

@@ -455,3 +455,25 @@ def test_health_reports_degradation_without_leaving_rotation(tokenizer):
             assert response.json() == {"status": "degraded", "problems": ["coordinator unreachable for 42 s"]}
     finally:
         engine.shutdown()
+
+
+def test_tokenize_and_detokenize_round_trip_the_prompts_the_endpoints_see(server, tokenizer, client):
+    url = server[0]
+    text = "def f(x): return x  # héllo"
+    got = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    assert got["tokens"] == tokenizer.encode(text) and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == MAX_MODEL_LEN and got["token_strs"] == tokenizer.convert_ids_to_tokens(got["tokens"])
+    chat = httpx.post(f"{url}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == apply_chat_template(tokenizer, MESSAGES) and chat.get("token_strs") is None
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0)
+    assert reply.usage.prompt_tokens == chat["count"]  # the count the chat endpoint bills
+    bare = httpx.post(f"{url}/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert chat["tokens"][:bare["count"]] == bare["tokens"] and bare["count"] < chat["count"]
+    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": got["tokens"]}).json()
+    assert back == {"prompt": text}
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": MESSAGES}, None),
+                              ("/tokenize", {}, None), ("/detokenize", {"tokens": [10**6]}, "tokens"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens.0"), ("/tokenize", {"prompt": "a", "x": 1}, "x")]:
+        response = httpx.post(f"{url}{path}", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (path, body)
+    assert httpx.post(f"{url}/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404

@@ -192,6 +192,7 @@ def cases(model: str) -> list[FuzzCase]:
         completion_with("prompt-empty-list", prompt=[]),
         completion_with("prompt-nested", prompt=[[[1]]]),
         completion_with("echo-not-bool", echo="both"),
+        completion_with("max-tokens-zero-without-echo", max_tokens=0),
         completion_with("echo-with-prompt-ids-overflow", echo=True, logprobs=1, prompt=[2**70]),
         completion_with("echo-with-prompt-ids-beyond-vocabulary", echo=True, logprobs=1, prompt=[10**9, 3]),
         completion_with("best-of-two", best_of=2),

@@ -215,7 +215,9 @@ class Engine:
         chunks = self._schedule()
         if not chunks:
             return outputs
-        sampled = [seq for seq, n in chunks if n == seq.num_pending]  # chunks that end their pending tokens
+        done = [seq for seq, n in chunks if n == seq.num_pending]  # chunks that end their pending tokens
+        sampled = [seq for seq in done if seq.params.max_tokens > 0]
+        scored = [seq for seq in done if seq.params.max_tokens == 0]  # prompt only: finished, nothing sampled
         try:
             logits, prompt_rows = self._forward(chunks)
             for seq, rows in prompt_rows:
@@ -232,7 +234,11 @@ class Engine:
             raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
         for seq, n in chunks:
             seq.num_cached += n
-        return outputs + [self._append_token(*args) for args in zip(sampled, tokens, logprobs)]
+        outputs += [self._append_token(*args) for args in zip(sampled, tokens, logprobs)]
+        for seq in scored:
+            self._release(seq)
+            outputs.append(replace(_output(seq, (), "", "length"), prompt_logprobs=tuple(seq.prompt_logprobs)))
+        return outputs
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -278,7 +284,7 @@ class Engine:
         """float32 CPU logits ``[K, V]`` and where the prompt log-probability rows are.
 
         The logits end with one row per chunk that completes its pending tokens (its last token, in
-        chunk order); before them, for sequences that asked for prompt log-probabilities, a row per
+        chunk order; none for prompt-only requests, ``max_tokens`` 0); before them, for sequences that asked for prompt log-probabilities, a row per
         position of the chunk that predicts a prompt token, listed as (sequence, rows).
         """
         ids, positions, meta, prompt_keep, keep = [], [], [], [], []
@@ -291,7 +297,7 @@ class Engine:
                 prompt_keep += range(len(ids), len(ids) + predicting)
             ids += seq.token_ids[seq.num_cached:seq.num_cached + n]
             positions += range(seq.num_cached, seq.num_cached + n)
-            if n == seq.num_pending:
+            if n == seq.num_pending and seq.params.max_tokens > 0:
                 keep.append(len(ids) - 1)
         keep = prompt_keep + keep
         device = self._model.device

@@ -142,6 +142,7 @@ class CompletionRequest(_SamplingFields):
     """
 
     prompt: Text | list[int] | list[Text] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo scores the prompt, generating nothing
     logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
     echo: bool | None = None
@@ -232,6 +233,8 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
                        param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
     limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    if limit == 0 and not getattr(request, "echo", False):
+        raise APIError(400, "max_tokens 0 is only allowed with echo: true (to score the prompt)", param="max_tokens")
     if limit is not None and num_prompt_tokens + limit > max_model_len:
         raise APIError(400, f"max_tokens {limit} plus the prompt's {num_prompt_tokens} tokens exceeds this "
                        f"model's context of {max_model_len}", param="max_tokens", code="context_length_exceeded")

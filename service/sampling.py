@@ -28,7 +28,8 @@ class SamplingParams:
     """How to pick the tokens of one request.
 
     Attributes:
-        max_tokens: completion tokens at most (>= 1).
+        max_tokens: completion tokens at most (>= 0; 0 only runs the prompt through the model, to
+            score it with ``prompt_logprobs``).
         temperature: 0 for greedy (argmax), else logits are divided by it (0 < t <= 100).
         top_p: nucleus mass kept, in (0, 1]; 1 keeps every token.
         seed: seeds the request's own generator so sampled output is reproducible (None: random).
@@ -59,8 +60,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:

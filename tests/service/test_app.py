@@ -191,6 +191,14 @@ def test_echo_with_logprobs_scores_the_prompt_like_lm_eval_asks(client, tokenize
     assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
     assert [v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == pytest.approx(
         lp.token_logprobs)
+    scored = client.completions.create(**{**ask, "max_tokens": 0})  # OpenAI's way to score a prompt
+    assert scored.choices[0].text == tokenizer.decode(prompt) and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(prompt)], abs=1e-5)
+    assert scored.choices[0].finish_reason == "length"
+    streamed_score = list(client.completions.create(**{**ask, "max_tokens": 0}, stream=True))
+    assert "".join(c.choices[0].text for c in streamed_score) == scored.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
     plain = client.completions.create(model=MODEL, prompt="x = 1", max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text.startswith("x = 1") and plain.choices[0].logprobs is None
 

@@ -448,3 +448,30 @@ def test_prompt_logprobs_over_chunked_prefill_match_the_model(reference_models):
         assert [t for t, _ in entry.top] == reference[position].topk(2).indices.tolist()
     assert [o.new_token_ids[0] for o in outputs["echo"]] == _generate(reference_models["qwen3_moe"], prompt, 3)
     assert [o.new_token_ids[0] for o in outputs["other"]] == _generate(reference_models["qwen3_moe"], other, 3)
+
+
+def test_prompt_only_requests_score_the_prompt_and_sample_nothing(reference_models):
+    prompt = _prompt(9, 8)
+    engine = _engine(max_num_seqs=3, max_num_batched_tokens=4)
+    engine.add_request("score", prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    engine.add_request("one", _prompt(1, 9), SamplingParams(max_tokens=0, prompt_logprobs=1))  # nothing to score
+    engine.add_request("gen", _prompt(4, 10), GREEDY)
+    outputs = {}
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    (score,), (one,) = outputs["score"], outputs["one"]
+    assert score.finished and score.finish_reason == "length" and score.new_token_ids == ()
+    assert score.num_completion_tokens == 0 and len(score.prompt_logprobs) == len(prompt) - 1
+    with torch.inference_mode():
+        reference = torch.log_softmax(reference_models["qwen3_moe"](torch.tensor([prompt])).logits[0].double(), -1)
+    assert [e.logprob for e in score.prompt_logprobs] == pytest.approx(
+        [float(reference[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4)
+    assert one.finished and one.prompt_logprobs == () and one.new_token_ids == ()
+    assert [t for o in outputs["gen"] for t in o.new_token_ids] == _generate(reference_models["qwen3_moe"],
+                                                                             _prompt(4, 10), 24)
+    assert engine.num_kv_slots == len(engine._free_slots)  # every slot is free again
+    alone = _engine()  # a step whose forward keeps no logits at all
+    alone.add_request("one", [5], SamplingParams(max_tokens=0))
+    (out,) = alone.step()
+    assert out.finished and out.new_token_ids == () and not alone.has_work

@@ -9,7 +9,7 @@ from service.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs, sample
 
 
 @pytest.mark.parametrize("kwargs, bad", [
-    ({"max_tokens": 0}, "0"), ({"max_tokens": 2.5}, "2.5"), ({"temperature": -0.1}, "-0.1"),
+    ({"max_tokens": -1}, "-1"), ({"max_tokens": 2.5}, "2.5"), ({"temperature": -0.1}, "-0.1"),
     ({"top_p": 0.0}, "0.0"), ({"top_p": 1.5}, "1.5"), ({"seed": -1}, "-1"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "5"), ({"stop": [""]}, "''"), ({"stop_token_ids": [-3]}, "-3"),
     ({"logprobs": -1}, "-1"), ({"logprobs": MAX_LOGPROBS + 1}, str(MAX_LOGPROBS + 1)), ({"logprobs": True}, "True"),

@@ -119,6 +119,11 @@ def cases(model: str) -> list[FuzzCase]:
         # --- wrong types and values ---------------------------------------------------------------
         chat_with("max-tokens-negative", max_tokens=-3),
         chat_with("max-tokens-zero", max_tokens=0),
+        chat_with("top-k-string", top_k="ten"),
+        chat_with("min-tokens-beyond-max-tokens", min_tokens=10**6),
+        chat_with("stop-token-ids-beyond-vocabulary", stop_token_ids=[10**9]),
+        chat_with("stop-token-ids-too-many", stop_token_ids=list(range(1000))),
+        chat_with("repetition-penalty-negative", repetition_penalty=-1),
         chat_with("max-tokens-huge", max_tokens=10**30),
         chat_with("max-tokens-float", max_tokens=2.5),
         chat_with("max-tokens-word", max_tokens="ten"),

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch
-from service.sampling import SamplingParams, TokenLogprobs, sample, token_logprobs
+from service.sampling import History, SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.text import TextStream
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -225,8 +225,8 @@ class Engine:
                 targets = seq.token_ids[begin:begin + len(rows)]
                 seq.prompt_logprobs += token_logprobs(logits[rows], targets, [seq.params.prompt_logprobs] * len(rows))
             logits = logits[len(logits) - len(sampled):]  # the sampling rows
-            completions = [s.token_ids[s.num_prompt_tokens:] if s.params.penalized else () for s in sampled]
-            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], completions)
+            histories = [self._history(s) if s.params.penalized else None for s in sampled]
+            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], histories)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             for seq, _ in chunks:
@@ -240,6 +240,10 @@ class Engine:
             outputs.append(replace(_output(seq, (), "", "length"), prompt_logprobs=tuple(seq.prompt_logprobs)))
         return outputs
 
+    def _history(self, seq: _Sequence) -> History:
+        stop_ids = seq.params.stop_token_ids if seq.params.ignore_eos else (*seq.params.stop_token_ids, *self._eos_ids)
+        return History(seq.token_ids, seq.num_prompt_tokens, stop_ids)
+
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise ValueError("prompt must contain at least one token")
@@ -250,6 +254,8 @@ class Engine:
         if total > self.config.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                              f"max_model_len {self.config.max_model_len}")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {max(params.stop_token_ids)}")
         if params.logit_bias and max(token for token, _ in params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got "
                              f"{max(token for token, _ in params.logit_bias)}")

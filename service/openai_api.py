@@ -33,6 +33,7 @@ from service.sampling import (
     MAX_LOGIT_BIAS_TOKENS,
     MAX_LOGPROBS,
     MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
     MAX_STOP_STRINGS,
     SamplingParams,
 )
@@ -96,7 +97,13 @@ class _SamplingFields(_Strict):
     stop: Text | list[Text] | None = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     user: str | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate past EOS (benchmarks with fixed output lengths)
+    # vLLM's extensions: generate past EOS (benchmarks with fixed output lengths), more sampling controls
+    ignore_eos: bool = False
+    top_k: Annotated[int, Strict()] | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_tokens: Annotated[int, Strict()] | None = Field(default=None, ge=0)
+    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(default=None, max_length=64)
     n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -238,14 +245,19 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
     if limit is not None and num_prompt_tokens + limit > max_model_len:
         raise APIError(400, f"max_tokens {limit} plus the prompt's {num_prompt_tokens} tokens exceeds this "
                        f"model's context of {max_model_len}", param="max_tokens", code="context_length_exceeded")
+    max_tokens = limit if limit is not None else max_model_len - num_prompt_tokens
+    if (request.min_tokens or 0) > max_tokens:
+        raise APIError(400, f"min_tokens {request.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
     return SamplingParams(
-        max_tokens=limit if limit is not None else max_model_len - num_prompt_tokens,
+        max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=_logprobs(request),
         prompt_logprobs=_prompt_logprobs(request),
         presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
-        logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()))
+        logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
+        top_k=request.top_k or 0, min_p=request.min_p or 0.0, repetition_penalty=request.repetition_penalty or 1.0,
+        min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()))
 
 
 def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:

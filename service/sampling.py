@@ -2,9 +2,10 @@
 
 Owns `SamplingParams` (validated, frozen) and `sample`, which turns the logits of a step into one token
 per sequence: exact argmax for temperature 0 (so greedy output equals ``generate(do_sample=False)``),
-otherwise temperature and nucleus (top-p) sampling from a per-request ``torch.Generator``, after
-OpenAI's presence and frequency penalties and logit bias; and `token_logprobs`, the log-probabilities of
-the chosen tokens and their most likely alternatives (the model's own, before any of those).
+otherwise temperature, top-k, top-p and min-p sampling from a per-request ``torch.Generator``, after
+OpenAI's presence and frequency penalties and logit bias and vLLM's repetition penalty and minimum
+length; and `token_logprobs`, the log-probabilities of the chosen tokens and their most likely
+alternatives (the model's own, before any of those).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (O
 MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a token's logit bias: [-100, 100]
 MAX_LOGIT_BIAS_TOKENS = 300
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class SamplingParams:
         frequency_penalty: subtracted from a token's logit once per time it is in the completion.
         logit_bias: (token id, bias) pairs (or a dict) added to those tokens' logits (-100 bans, 100
             forces).
+        top_k: sample among the k most likely tokens only (0 or -1: all).
+        min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
+        repetition_penalty: vLLM's (and transformers'): a token already in the prompt or completion has
+            its logit divided by it if positive, multiplied if negative (> 0; 1 is none).
+        min_tokens: EOS and ``stop_token_ids`` cannot end the completion before this many tokens.
     """
 
     max_tokens: int = 16
@@ -58,6 +65,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -82,6 +93,13 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        for name, ok in (("top_k", lambda v: _is_int(v) and v >= 0), ("min_p", lambda v: 0.0 <= v <= 1.0),
+                         ("repetition_penalty", lambda v: 0.0 < v <= MAX_REPETITION_PENALTY),
+                         ("min_tokens", lambda v: _is_int(v) and 0 <= v <= self.max_tokens)):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)!r}")
@@ -101,8 +119,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether the tokens already generated change the next token's logits."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Whether the tokens already seen (`History`) change the next token's logits."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or self.min_tokens > 0)
 
     def make_generator(self) -> torch.Generator | None:
         """The request's own generator (None when greedy: argmax needs no randomness)."""
@@ -112,20 +131,36 @@ class SamplingParams:
         return torch.Generator().manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class History:
+    """What a `penalized` row's logits depend on besides the model.
+
+    Attributes:
+        token_ids: the prompt, then the completion so far.
+        num_prompt_tokens: how many of them are the prompt.
+        stop_ids: the ids that would end the completion (EOS, stop token ids), banned before
+            ``min_tokens``.
+    """
+
+    token_ids: Sequence[int]
+    num_prompt_tokens: int
+    stop_ids: Sequence[int] = ()
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           completions: Sequence[Sequence[int]] | None = None) -> list[int]:
+           histories: Sequence[History | None] | None = None) -> list[int]:
     """One next token per row.
 
     Args:
         logits: [N, V] float logits, row i for the sequence with ``params[i]`` and ``generators[i]``.
-        completions: the tokens each sequence has generated so far (read for rows whose params are
-            `penalized`; may be None when no row is).
+        histories: per row, its `History` (needed for rows whose params are `penalized`; may be None
+            when no row is).
 
     Returns:
         N token ids.
     """
     assert logits.shape[0] == len(params) == len(generators)
-    logits = _adjusted(logits, params, completions)
+    logits = _adjusted(logits, params, histories)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows are overwritten
     for i, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
@@ -171,29 +206,53 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[in
 
 
 def _adjusted(logits: torch.Tensor, params: Sequence[SamplingParams],
-              completions: Sequence[Sequence[int]] | None) -> torch.Tensor:
-    """``logits`` with each row's logit bias and penalties applied (the same tensor when no row has any)."""
+              histories: Sequence[History | None] | None) -> torch.Tensor:
+    """``logits`` with each row's logit bias, penalties and minimum length applied (the same tensor when
+    no row has any)."""
     rows = [i for i, p in enumerate(params) if p.logit_bias or p.penalized]
     if not rows:
         return logits
     logits = logits.float().clone()
-    vocab = logits.shape[-1]
     for i in rows:
         p = params[i]
         if p.logit_bias:
             ids, values = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(values)
         if p.penalized:
-            assert completions is not None, "penalized rows need their completions"
-            if len(completions[i]):
-                counts = torch.bincount(torch.as_tensor(completions[i], dtype=torch.int64), minlength=vocab)[:vocab]
-                logits[i] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
+            assert histories is not None and histories[i] is not None, "penalized rows need their history"
+            _penalize(logits[i], p, histories[i])
     return logits
 
 
+def _penalize(row: torch.Tensor, p: SamplingParams, history: History) -> None:
+    """Apply ``p``'s history-dependent rules to one row of logits, in place (vLLM's order)."""
+    vocab = row.shape[-1]
+    ids = torch.as_tensor(history.token_ids, dtype=torch.int64)
+    completion = ids[history.num_prompt_tokens:]
+    if p.repetition_penalty != 1.0 and len(ids):
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[ids] = True
+        row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty, row[seen] * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and len(completion):
+        counts = torch.bincount(completion, minlength=vocab)[:vocab]
+        row -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
+    if len(completion) < p.min_tokens and history.stop_ids:
+        row[list(history.stop_ids)] = float("-inf")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Temperature then top-p sampling of one row ``[V]``."""
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    """Temperature, then top-k, min-p and top-p, then a draw, on one row ``[V]``."""
+    logits = logits.float() / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         mass_before = sorted_probs.cumsum(0) - sorted_probs

@@ -228,6 +228,25 @@ def test_logit_bias_and_penalties_over_http(client, tokenizer):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"100000": 5})
 
 
+def test_vllm_sampling_extensions_over_http(client, tokenizer):
+    prompt = tokenizer.encode("def f(x):")
+    ask = dict(model=MODEL, prompt=prompt, max_tokens=8, logprobs=0)
+    greedy = client.completions.create(**ask, temperature=0).choices[0].logprobs.tokens
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):  # sampling that can only pick the most likely token
+        sampled = client.completions.create(**ask, temperature=1.0, seed=5, extra_body=extra)
+        assert sampled.choices[0].logprobs.tokens == greedy, extra
+    ids, _ = _greedy_logprobs(tokenizer, prompt, 8)
+    cut = client.completions.create(**ask, temperature=0, extra_body={"stop_token_ids": [ids[2]]}).choices[0]
+    assert cut.finish_reason == "stop" and cut.logprobs.tokens == greedy[:ids.index(ids[2]) + 1]
+    penalized = client.completions.create(**ask, temperature=0, extra_body={"repetition_penalty": 5.0, "min_tokens": 8})
+    assert len(penalized.choices[0].logprobs.tokens) == 8
+    for extra, param in [({"top_k": -2}, "top_k"), ({"min_tokens": 9}, "min_tokens"), ({"min_p": 2}, "min_p"),
+                         ({"repetition_penalty": 0}, "repetition_penalty"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(**ask, extra_body=extra)
+        assert info.value.body["param"].startswith(param), extra
+
+
 def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenizer):
     url, engine = server
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

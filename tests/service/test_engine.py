@@ -475,3 +475,27 @@ def test_prompt_only_requests_score_the_prompt_and_sample_nothing(reference_mode
     alone.add_request("one", [5], SamplingParams(max_tokens=0))
     (out,) = alone.step()
     assert out.finished and out.new_token_ids == () and not alone.has_work
+
+
+def test_repetition_penalty_and_min_tokens_equal_generate_with_transformers_processors(reference_models):
+    from transformers import LogitsProcessorList
+
+    model, prompt = reference_models["qwen3_moe"], _prompt(6, 11)
+    eos = model.config.eos_token_id
+    favour_eos = {eos: 6.0}  # EOS would end the completion at once without min_tokens
+    processor = LogitsProcessorList([_OpenAIPenalties(len(prompt), 0.0, 0.0, favour_eos)])
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              repetition_penalty=1.8, min_new_tokens=5, eos_token_id=eos,
+                              logits_processor=processor)[0, len(prompt):].tolist()
+    params = SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.8, min_tokens=5,
+                            logit_bias=favour_eos)
+    tokens, reasons = _run(_engine(), {0: [("r", prompt, params)]})
+    assert tokens["r"] == expected and len(expected) == 6 and expected[-1] == eos  # EOS right after the 5th
+    assert reasons["r"] == "stop"
+    plain, _ = _run(_engine(), {0: [("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, logit_bias=favour_eos))]})
+    assert plain["r"] == [eos]
+
+
+def test_stop_token_ids_beyond_the_vocabulary_are_refused_at_admission():
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        _engine().add_request("r", _prompt(3, 0), SamplingParams(stop_token_ids=[VOCAB_SIZE]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs, sample, token_logprobs
+from service.sampling import MAX_LOGPROBS, History, SamplingParams, TokenLogprobs, sample, token_logprobs
 
 
 @pytest.mark.parametrize("kwargs, bad", [
@@ -106,15 +106,46 @@ def test_penalties_subtract_per_occurrence_and_per_presence():
     params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
     completion = [3, 3, 5]
     # token 3: 2 x 0.25 + 0.5 = 1.0 lower; token 5: 0.25 + 0.5 = 0.75 lower; greedy takes an unseen token
-    assert sample(logits, [params], [None], [completion]) == [0]
+    assert sample(logits, [params], [None], [History(completion, 0)]) == [0]
     negative = SamplingParams(temperature=0.0, frequency_penalty=-1.0)  # a negative penalty favours repeats
-    assert sample(logits, [negative], [None], [completion]) == [3]
-    assert sample(logits, [params], [None], [[]]) == [0]  # nothing generated yet: nothing to penalise
+    assert sample(logits, [negative], [None], [History(completion, 0)]) == [3]
+    # the prompt's tokens are not penalised, only the completion's
+    assert sample(logits, [negative], [None], [History([3, 3, 5, 6], 3)]) == [6]
+    assert sample(logits, [params], [None], [History([], 0)]) == [0]  # nothing generated yet: nothing to penalise
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.2]])
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    # token 0 (seen in the prompt) drops to 1.0 below token 1; a seen negative token gets more negative
+    assert sample(logits, [params], [None], [History([0], 1)]) == [1]
+    given = logits.clone()
+    biased = SamplingParams(temperature=0.0, repetition_penalty=2.0, logit_bias={3: 10.0})
+    # bias first (-1.2 + 10 = 8.8), then the penalty divides it (4.4): still above token 0's 2.0
+    assert sample(given, [biased], [None], [History([2, 3], 2)]) == [3]
+    assert torch.equal(given, logits)  # the caller's logits are left alone
+
+
+def test_min_tokens_bans_the_stop_ids_until_reached():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])  # token 1 is EOS and the most likely
+    params = SamplingParams(temperature=0.0, min_tokens=2, max_tokens=4)
+    assert sample(logits, [params], [None], [History([7, 2], 1, stop_ids=(1,))]) == [2]  # 1 generated < 2
+    assert sample(logits, [params], [None], [History([7, 2, 2], 1, stop_ids=(1,))]) == [1]  # 2 generated
+
+
+def test_top_k_and_min_p_cut_the_tail():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = lambda **kw: {sample(logits, [p := SamplingParams(temperature=1.0, seed=s, **kw)],  # noqa: E731
+                                 [p.make_generator()])[0] for s in range(200)}
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=2) == {0, 1} and draws(top_k=-1) == {0, 1, 2, 3}
+    assert draws(min_p=0.5) == {0, 1}  # 0.15 and 0.05 are under half of 0.5
 
 
 @pytest.mark.parametrize("kwargs, bad", [
     ({"presence_penalty": 2.5}, "2.5"), ({"frequency_penalty": float("nan")}, "nan"),
-    ({"logit_bias": {-1: 1.0}}, "-1"), ({"logit_bias": {1: 101}}, "101"), ({"logit_bias": {i: 1 for i in range(301)}}, "301"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"logit_bias": {-1: 1.0}}, "-1"), ({"logit_bias": {1: 101}}, "101"), ({"logit_bias": {i: 1 for i in range(301)}}, "301"),
 ])
 def test_bad_penalties_and_bias_raise_value_error(kwargs, bad):
     with pytest.raises(ValueError, match=bad):

@@ -1,8 +1,9 @@
 """Continuous-batching engine: one model forward per step over a flattened ragged batch.
 
 Owns the request lifecycle (waiting queue, running batch, KV slots), the per-step schedule under a token
-budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling, stop
-conditions and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
+budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling (with the
+token log-probabilities a request asks for, of its completion and of its prompt, and prompt-only
+requests that score a prompt), stop conditions and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
 `AsyncEngine` shell and the HTTP app sit on top. The model runs as is; an optional dispatch context
 (``begin_step()`` / ``end_step()``) around each forward lets MoE layers send one message per device per
 layer per step.

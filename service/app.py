@@ -195,12 +195,14 @@ class _Server:
                         prompts: list[list[int]], fmt: _Format, timer: RequestTimer) -> Response:
         """Admit the request's choices, wait for their first tokens (headers wait too), then stream or
         collect. Prompt ``p``'s ``n`` choices are ``n`` engine requests (seeds ``seed + i``), choice
-        indexes ``p * n + i``; a failure of any fails all."""
+        indexes ``p * n + i``, the others sharing the first one's prefill; a failure of any fails all."""
         params = [sampling_params(body, len(prompt), self.engine.config.max_model_len) for prompt in prompts]
         n = body.n or 1
         fmt.prompt_tokens = sum(len(prompt) for prompt in prompts)
-        streams = [self.engine.generate(fmt.id if len(prompts) * n == 1 else f"{fmt.id}-{k}", prompts[k // n],
-                                        _choice_params(params[k // n], k % n)) for k in range(len(prompts) * n)]
+        ids = [fmt.id] if len(prompts) * n == 1 else [f"{fmt.id}-{k}" for k in range(len(prompts) * n)]
+        streams = [self.engine.generate(ids[k], prompts[k // n], _choice_params(params[k // n], k % n),
+                                        share_prefill_with=ids[k - k % n] if k % n else None)
+                   for k in range(len(prompts) * n)]
         try:
             firsts = await _unless_disconnected(request, _first_outputs(streams))
         except _ClientGone:

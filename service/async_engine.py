@@ -153,9 +153,10 @@ class AsyncEngine:
         """Awaitable `run_at_step_boundary`."""
         return await asyncio.wrap_future(self.run_at_step_boundary(fn))
 
-    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                       params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Outputs of one request as they come; the last one has ``finished`` set.
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                       share_prefill_with: str | None = None) -> AsyncIterator[StepOutput]:
+        """Outputs of one request as they come; the last one has ``finished`` set (``share_prefill_with``:
+        see `Engine.add_request`).
 
         Raises ValueError / QueueFull from ``Engine.add_request``, `RequestTimeout` once the request has
         taken ``config.request_timeout_s`` (time the consumer spends between outputs included), and
@@ -173,7 +174,8 @@ class AsyncEngine:
         timer = None
         try:
             prompt = list(prompt_token_ids)
-            admission = self.call_at_step_boundary(lambda: self._engine.add_request(request_id, prompt, params))
+            admission = self.call_at_step_boundary(lambda: self._engine.add_request(
+                request_id, prompt, params, share_prefill_with=share_prefill_with))
             await _before(deadline, timeout, admission)
             if deadline is not None:  # one timer per request, not one per output token
                 timer = loop.call_at(deadline, queue.put_nowait, _timed_out(timeout))

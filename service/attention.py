@@ -42,6 +42,12 @@ class KVCache:
         self.num_slots = num_slots
         self.max_len = max_len
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions."""
+        for keys, values in zip(self.keys, self.values):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of keys plus values that one token occupies over all layers."""

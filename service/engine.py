@@ -160,11 +160,12 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._outputs: list[StepOutput] = []    # aborts, reported by the next step
+        self._forks: dict[str, list[_Sequence]] = {}  # parent id -> requests waiting to share its prefill
         attention.install(model)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + sum(len(children) for children in self._forks.values())
 
     @property
     def num_running(self) -> int:
@@ -179,8 +180,16 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._outputs)
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                    share_prefill_with: str | None = None) -> None:
         """Queue a request; it joins the running batch at a step boundary.
+
+        Args:
+            share_prefill_with: a queued or running request with the same prompt whose prefill has not
+                finished (another choice of the same HTTP request): this one then skips its own prefill.
+                When that request finishes its prefill, this one gets a copy of its keys and values and
+                samples its first token from the same logits, if a KV slot is free then; otherwise (or
+                if that request is gone or does not qualify) it is prefilled as any other request.
 
         Raises:
             ValueError: empty prompt, token id out of vocabulary, prompt + max_tokens > max_model_len,
@@ -189,10 +198,17 @@ class Engine:
         """
         prompt = [int(t) for t in prompt_token_ids]
         self._validate(request_id, prompt, params)
-        if len(self._waiting) >= self.config.max_queue:
-            raise QueueFull(f"{len(self._waiting)} requests waiting (max_queue={self.config.max_queue})")
+        if self.num_waiting >= self.config.max_queue:
+            raise QueueFull(f"{self.num_waiting} requests waiting (max_queue={self.config.max_queue})")
         text = TextStream(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
-        self._waiting.append(_Sequence(request_id, prompt, params, text))
+        seq = _Sequence(request_id, prompt, params, text)
+        parent = next((s for s in (*self._running, *self._waiting) if s.request_id == share_prefill_with), None)
+        if (parent is not None and parent.token_ids == prompt and parent.num_cached < len(prompt)
+                and parent.params.max_tokens > 0 and params.max_tokens > 0
+                and parent.params.prompt_logprobs == params.prompt_logprobs):
+            self._forks.setdefault(parent.request_id, []).append(seq)
+        else:
+            self._waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request (its slot is free at once); False if it is unknown."""
@@ -201,10 +217,40 @@ class Engine:
             return False
         if seq in self._running:
             self._release(seq)
-        else:
+        elif seq in self._waiting:
             self._waiting.remove(seq)
+        else:
+            for children in self._forks.values():
+                if seq in children:
+                    children.remove(seq)
+        self._unfork(seq)
         self._outputs.append(_output(seq, (), "", "abort"))
         return True
+
+    def _unfork(self, parent: _Sequence) -> None:
+        """``parent`` will not share its prefill (any more): the requests waiting for it are prefilled alone,
+        first in the queue."""
+        self._waiting.extendleft(reversed(self._forks.pop(parent.request_id, [])))
+
+    def _forkable(self, sampled: list[_Sequence]) -> list[tuple[_Sequence, int]]:
+        """The requests waiting to share a prefill finishing in this step that get a KV slot now, each
+        with its parent's index in ``sampled`` (no state changes: `_adopt` does them)."""
+        room = min(len(self._free_slots), self.config.max_num_seqs - len(self._running))
+        forked = []
+        for row, parent in enumerate(sampled):
+            if parent.num_completion_tokens == 0:  # its prompt ends in this step
+                for child in self._forks.get(parent.request_id, [])[:room - len(forked)]:
+                    forked.append((child, row))
+        return forked
+
+    def _adopt(self, child: _Sequence, parent: _Sequence) -> None:
+        """``child`` joins the running batch with a copy of ``parent``'s prompt keys and values."""
+        self._forks[parent.request_id].remove(child)
+        child.slot = self._free_slots.pop()
+        self._cache.copy_prefix(parent.slot, child.slot, parent.num_prompt_tokens)
+        child.num_cached = parent.num_prompt_tokens
+        child.prompt_logprobs = list(parent.prompt_logprobs)
+        self._running.append(child)
 
     def step(self) -> list[StepOutput]:
         """Schedule, run one forward over every scheduled token, sample, and report.
@@ -226,15 +272,23 @@ class Engine:
                 targets = seq.token_ids[begin:begin + len(rows)]
                 seq.prompt_logprobs += token_logprobs(logits[rows], targets, [seq.params.prompt_logprobs] * len(rows))
             logits = logits[len(logits) - len(sampled):]  # the sampling rows
+            forked = self._forkable(sampled)  # (request sharing a prefill, its parent's row), first tokens too
+            logits = torch.cat([logits, logits[[row for _, row in forked]]]) if forked else logits
+            sampled += [child for child, _ in forked]
             histories = [self._history(s) if s.params.penalized else None for s in sampled]
             tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], histories)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             for seq, _ in chunks:
                 self._release(seq)
+                self._unfork(seq)
             raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
         for seq, n in chunks:
             seq.num_cached += n
+        for child, row in forked:  # before any parent's slot is freed below
+            self._adopt(child, sampled[row])
+        for seq in done:  # requests still waiting to share a finished prefill: there was no slot for them
+            self._unfork(seq)
         outputs += [self._append_token(*args) for args in zip(sampled, tokens, logprobs)]
         for seq in scored:
             self._release(seq)
@@ -266,7 +320,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
 
     def _find(self, request_id: str) -> _Sequence | None:
-        return next((s for s in (*self._running, *self._waiting) if s.request_id == request_id), None)
+        forks = (child for children in self._forks.values() for child in children)
+        return next((s for s in (*self._running, *self._waiting, *forks) if s.request_id == request_id), None)
 
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, new tokens) of this step: decodes first, then prefill chunks, then admissions."""

@@ -42,7 +42,7 @@ from service.sampling import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
-MAX_N = 16  # choices per prompt (each is its own engine request: the prompt is prefilled n times)
+MAX_N = 16  # choices per prompt (each its own engine request, sharing the first one's prefill)
 MAX_PROMPTS = 32  # prompts in one completions request
 MAX_CHOICES = 64  # prompts x n: engine requests one HTTP request may start
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).

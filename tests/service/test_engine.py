@@ -499,3 +499,66 @@ def test_repetition_penalty_and_min_tokens_equal_generate_with_transformers_proc
 def test_stop_token_ids_beyond_the_vocabulary_are_refused_at_admission():
     with pytest.raises(ValueError, match="stop_token_ids"):
         _engine().add_request("r", _prompt(3, 0), SamplingParams(stop_token_ids=[VOCAB_SIZE]))
+
+
+def _counting(engine: Engine) -> list[int]:
+    """Record the tokens each step's forward runs (prefill chunks and decodes)."""
+    counted, schedule = [], engine._schedule
+
+    def wrapped():
+        chunks = schedule()
+        counted.append(sum(n for _, n in chunks))
+        return chunks
+
+    engine._schedule = wrapped
+    return counted
+
+
+@pytest.mark.parametrize("max_num_seqs", [4, 1])  # room for the sharers, or none: they prefill alone
+def test_requests_sharing_a_prefill_equal_separate_requests(max_num_seqs):
+    prompt = _prompt(20, 12)
+    params = [SamplingParams(max_tokens=6, temperature=0.9, seed=s, logprobs=1, prompt_logprobs=1) for s in (3, 4, 5)]
+    separate = {}
+    for i, p in enumerate(params):
+        tokens, _ = _run(_engine(), {0: [(f"c{i}", prompt, p)]})
+        separate.update(tokens)
+    engine = _engine(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_seqs, 8))
+    counted = _counting(engine)
+    engine.add_request("c0", prompt, params[0])
+    for i in (1, 2):
+        engine.add_request(f"c{i}", prompt, params[i], share_prefill_with="c0")
+    assert engine.num_waiting == 3
+    outputs = {}
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in outputs.items()} == separate
+    firsts = [outputs[f"c{i}"][0].prompt_logprobs for i in range(3)]
+    assert len(firsts[0]) == len(prompt) - 1 and firsts[1] == firsts[0] == firsts[2]
+    prefilled = sum(counted) - 3 * 5  # every forward token beyond the decodes after each first token
+    assert prefilled == (len(prompt) if max_num_seqs == 4 else 3 * len(prompt))
+    assert engine.num_kv_slots == len(engine._free_slots)
+
+
+def test_a_request_waiting_to_share_a_prefill_survives_its_parents_abort_and_can_be_aborted():
+    prompt = _prompt(12, 13)
+    engine = _engine(max_num_seqs=4, max_num_batched_tokens=4)  # the parent's prefill takes three steps
+    engine.add_request("p", prompt, GREEDY)
+    engine.add_request("c", prompt, GREEDY, share_prefill_with="p")
+    engine.add_request("d", prompt, GREEDY, share_prefill_with="p")
+    engine.step()
+    assert engine.abort("d") and engine.abort("p")
+    tokens, reasons = _run(engine, {})
+    assert reasons == {"p": "abort", "d": "abort", "c": reasons["c"]} and reasons["c"] in ("length", "stop")
+    expected, _ = _run(_engine(), {0: [("c", prompt, GREEDY)]})
+    assert tokens["c"] == expected["c"]
+
+
+def test_sharing_needs_a_queued_parent_with_the_same_prompt():
+    engine = _engine()
+    engine.add_request("p", _prompt(5, 1), GREEDY)
+    engine.add_request("other-prompt", _prompt(6, 2), GREEDY, share_prefill_with="p")
+    engine.add_request("no-parent", _prompt(5, 1), GREEDY, share_prefill_with="missing")
+    assert engine._forks == {} and engine.num_waiting == 3
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("no-parent", _prompt(5, 1), GREEDY)

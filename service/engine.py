@@ -64,6 +64,9 @@ class EngineConfig:
             ``max_model_len`` tokens, so fewer than ``max_num_seqs`` may run if this is small.
         request_timeout_s: seconds a request may take from admission to its last output, waiting
             included; the `AsyncEngine` aborts it after that (None: no limit).
+        max_prompt_logprob_tokens: prompt tokens per step of requests that asked for their prompt's
+            log-probabilities (their prefill is chunked to fit): bounds the ``[tokens, vocabulary]``
+            float32 logits a step keeps for them (128 x 152k: 78 MB).
     """
 
     max_num_seqs: int = 32
@@ -72,9 +75,11 @@ class EngineConfig:
     max_queue: int = 256
     kv_cache_bytes: int = 512 * 2**20
     request_timeout_s: float | None = None
+    max_prompt_logprob_tokens: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes",
+                     "max_prompt_logprob_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -326,20 +331,30 @@ class Engine:
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, new tokens) of this step: decodes first, then prefill chunks, then admissions."""
         budget = self.config.max_num_batched_tokens
+        scored = self.config.max_prompt_logprob_tokens  # prompt tokens with log-probabilities left this step
         decodes = sorted(((s, 1) for s in self._running if s.num_pending == 1), key=lambda c: c[0].slot)
         budget -= len(decodes)
         prefills = []
+
+        def chunk(seq: _Sequence) -> int:
+            limit = budget if seq.params.prompt_logprobs is None else min(budget, scored)
+            return min(seq.num_pending, limit)
+
         for seq in (s for s in self._running if s.num_pending > 1):
             if budget == 0:
                 break
-            prefills.append((seq, min(seq.num_pending, budget)))
-            budget -= prefills[-1][1]
-        while budget > 0 and self._waiting and self._free_slots and len(self._running) < self.config.max_num_seqs:
+            if chunk(seq):
+                prefills.append((seq, chunk(seq)))
+                budget -= prefills[-1][1]
+                scored -= prefills[-1][1] if seq.params.prompt_logprobs is not None else 0
+        while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
+               and len(self._running) < self.config.max_num_seqs):
             seq = self._waiting.popleft()
             seq.slot = self._free_slots.pop()
             self._running.append(seq)
-            prefills.append((seq, min(seq.num_pending, budget)))
+            prefills.append((seq, chunk(seq)))
             budget -= prefills[-1][1]
+            scored -= prefills[-1][1] if seq.params.prompt_logprobs is not None else 0
         return decodes + prefills
 
     def _forward(self, chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, list[tuple[_Sequence, list[int]]]]:

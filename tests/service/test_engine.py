@@ -562,3 +562,28 @@ def test_sharing_needs_a_queued_parent_with_the_same_prompt():
     assert engine._forks == {} and engine.num_waiting == 3
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("no-parent", _prompt(5, 1), GREEDY)
+
+
+def test_prompt_logprob_prefill_is_chunked_to_bound_the_kept_logits(reference_models):
+    prompt, other = _prompt(30, 14), _prompt(30, 15)
+    engine = _engine(max_num_seqs=2, max_num_batched_tokens=64, max_prompt_logprob_tokens=8)
+    recorded, schedule = [], engine._schedule
+
+    def recording():
+        chunks = schedule()
+        recorded.append({seq.request_id: n for seq, n in chunks})
+        return chunks
+
+    engine._schedule = recording
+    engine.add_request("scored", prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=0))
+    engine.add_request("plain", other, SamplingParams(max_tokens=2, temperature=0.0))
+    outputs = {}
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert [r.get("scored") for r in recorded[:4]] == [8, 8, 8, 6]  # chunks of at most 8 prompt tokens
+    assert recorded[0]["plain"] == 30  # other prefills are not held back
+    with torch.inference_mode():
+        reference = torch.log_softmax(reference_models["qwen3_moe"](torch.tensor([prompt])).logits[0].double(), -1)
+    assert [e.logprob for e in outputs["scored"][0].prompt_logprobs] == pytest.approx(
+        [float(reference[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4)

@@ -3,7 +3,8 @@
 Owns the request lifecycle (waiting queue, running batch, KV slots), the per-step schedule under a token
 budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling (with the
 token log-probabilities a request asks for, of its completion and of its prompt, and prompt-only
-requests that score a prompt), stop conditions and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
+requests that score a prompt), requests sharing another's prefill, stop conditions and per-step
+outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
 `AsyncEngine` shell and the HTTP app sit on top. The model runs as is; an optional dispatch context
 (``begin_step()`` / ``end_step()``) around each forward lets MoE layers send one message per device per
 layer per step.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -240,6 +241,8 @@ class Engine:
     def _forkable(self, sampled: list[_Sequence]) -> list[tuple[_Sequence, int]]:
         """The requests waiting to share a prefill finishing in this step that get a KV slot now, each
         with its parent's index in ``sampled`` (no state changes: `_adopt` does them)."""
+        if not self._forks:
+            return []
         room = min(len(self._free_slots), self.config.max_num_seqs - len(self._running))
         forked = []
         for row, parent in enumerate(sampled):
@@ -280,7 +283,7 @@ class Engine:
             forked = self._forkable(sampled)  # (request sharing a prefill, its parent's row), first tokens too
             logits = torch.cat([logits, logits[[row for _, row in forked]]]) if forked else logits
             sampled += [child for child, _ in forked]
-            histories = [self._history(s) if s.params.penalized else None for s in sampled]
+            histories = [self._history(s) if s.params.uses_history else None for s in sampled]
             tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], histories)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
@@ -297,7 +300,7 @@ class Engine:
         outputs += [self._append_token(*args) for args in zip(sampled, tokens, logprobs)]
         for seq in scored:
             self._release(seq)
-            outputs.append(replace(_output(seq, (), "", "length"), prompt_logprobs=tuple(seq.prompt_logprobs)))
+            outputs.append(_output(seq, (), "", "length"))
         return outputs
 
     def _history(self, seq: _Sequence) -> History:
@@ -314,11 +317,10 @@ class Engine:
         if total > self.config.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                              f"max_model_len {self.config.max_model_len}")
-        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {max(params.stop_token_ids)}")
-        if params.logit_bias and max(token for token, _ in params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got "
-                             f"{max(token for token, _ in params.logit_bias)}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias token ids", [token for token, _ in params.logit_bias])):
+            if ids and max(ids) >= vocab:
+                raise ValueError(f"{name} must be in [0, {vocab}), got {max(ids)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         if self._find(request_id) is not None:
@@ -340,29 +342,33 @@ class Engine:
             limit = budget if seq.params.prompt_logprobs is None else min(budget, scored)
             return min(seq.num_pending, limit)
 
+        def take(seq: _Sequence) -> None:
+            nonlocal budget, scored
+            n = chunk(seq)
+            prefills.append((seq, n))
+            budget -= n
+            scored -= n if seq.params.prompt_logprobs is not None else 0
+
         for seq in (s for s in self._running if s.num_pending > 1):
             if budget == 0:
                 break
             if chunk(seq):
-                prefills.append((seq, chunk(seq)))
-                budget -= prefills[-1][1]
-                scored -= prefills[-1][1] if seq.params.prompt_logprobs is not None else 0
+                take(seq)
         while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
                and len(self._running) < self.config.max_num_seqs):
             seq = self._waiting.popleft()
             seq.slot = self._free_slots.pop()
             self._running.append(seq)
-            prefills.append((seq, chunk(seq)))
-            budget -= prefills[-1][1]
-            scored -= prefills[-1][1] if seq.params.prompt_logprobs is not None else 0
+            take(seq)
         return decodes + prefills
 
     def _forward(self, chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, list[tuple[_Sequence, list[int]]]]:
         """float32 CPU logits ``[K, V]`` and where the prompt log-probability rows are.
 
         The logits end with one row per chunk that completes its pending tokens (its last token, in
-        chunk order; none for prompt-only requests, ``max_tokens`` 0); before them, for sequences that asked for prompt log-probabilities, a row per
-        position of the chunk that predicts a prompt token, listed as (sequence, rows).
+        chunk order; none for prompt-only requests, ``max_tokens`` 0); before them, for sequences that
+        asked for prompt log-probabilities, a row per position of the chunk that predicts a prompt
+        token, listed as (sequence, rows).
         """
         ids, positions, meta, prompt_keep, keep = [], [], [], [], []
         prompt_rows: list[tuple[_Sequence, list[int]]] = []
@@ -403,11 +409,7 @@ class Engine:
         text = seq.text.take(final=reason is not None) if seq.text is not None else ""
         if reason is not None:
             self._release(seq)
-        out = _output(seq, (token,), text, reason, (logprobs,) if logprobs is not None else ())
-        if seq.num_completion_tokens == 1 and seq.params.prompt_logprobs is not None:
-            out = replace(out, prompt_logprobs=tuple(seq.prompt_logprobs))
-            seq.prompt_logprobs = []
-        return out
+        return _output(seq, (token,), text, reason, (logprobs,) if logprobs is not None else ())
 
     def _release(self, seq: _Sequence) -> None:
         self._running.remove(seq)
@@ -417,8 +419,10 @@ class Engine:
 
 def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None,
             logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
+    """The request's output; the first one carries (and takes) its prompt's log-probabilities."""
+    prompt_logprobs, seq.prompt_logprobs = tuple(seq.prompt_logprobs), []
     return StepOutput(seq.request_id, tokens, text, reason is not None, reason, seq.num_prompt_tokens,
-                      seq.num_completion_tokens, logprobs)
+                      seq.num_completion_tokens, logprobs, prompt_logprobs)
 
 
 def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:

@@ -71,7 +71,7 @@ class SamplingParams:
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
@@ -86,12 +86,11 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not 0 < len(text) <= MAX_STOP_STRING_CHARS:
                 raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters, got {text!r}")
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
@@ -108,7 +107,7 @@ class SamplingParams:
         if len(bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
         for token, value in bias:
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            if not _is_int(token) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
             if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {value!r}")
@@ -118,7 +117,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def penalized(self) -> bool:
+    def uses_history(self) -> bool:
         """Whether the tokens already seen (`History`) change the next token's logits."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
                 or self.min_tokens > 0)
@@ -133,7 +132,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class History:
-    """What a `penalized` row's logits depend on besides the model.
+    """What a `uses_history` row's logits depend on besides the model.
 
     Attributes:
         token_ids: the prompt, then the completion so far.
@@ -153,7 +152,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
 
     Args:
         logits: [N, V] float logits, row i for the sequence with ``params[i]`` and ``generators[i]``.
-        histories: per row, its `History` (needed for rows whose params are `penalized`; may be None
+        histories: per row, its `History` (needed for rows whose params `uses_history`; may be None
             when no row is).
 
     Returns:
@@ -209,7 +208,7 @@ def _adjusted(logits: torch.Tensor, params: Sequence[SamplingParams],
               histories: Sequence[History | None] | None) -> torch.Tensor:
     """``logits`` with each row's logit bias, penalties and minimum length applied (the same tensor when
     no row has any)."""
-    rows = [i for i, p in enumerate(params) if p.logit_bias or p.penalized]
+    rows = [i for i, p in enumerate(params) if p.logit_bias or p.uses_history]
     if not rows:
         return logits
     logits = logits.float().clone()
@@ -218,8 +217,8 @@ def _adjusted(logits: torch.Tensor, params: Sequence[SamplingParams],
         if p.logit_bias:
             ids, values = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(values)
-        if p.penalized:
-            assert histories is not None and histories[i] is not None, "penalized rows need their history"
+        if p.uses_history:
+            assert histories is not None and histories[i] is not None, "rows using their history need it"
             _penalize(logits[i], p, histories[i])
     return logits
 

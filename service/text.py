@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first completion tokens (leading spaces)
 _INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
@@ -177,10 +178,5 @@ class TokenPieces:
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for
-    the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    chars = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(256 + n)
-    return {char: b for b, char in chars.items()}
+    """The inverse of GPT-2's byte-level alphabet (transformers' `bytes_to_unicode`)."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}

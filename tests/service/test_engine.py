@@ -587,3 +587,17 @@ def test_prompt_logprob_prefill_is_chunked_to_bound_the_kept_logits(reference_mo
         reference = torch.log_softmax(reference_models["qwen3_moe"](torch.tensor([prompt])).logits[0].double(), -1)
     assert [e.logprob for e in outputs["scored"][0].prompt_logprobs] == pytest.approx(
         [float(reference[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4)
+
+
+def test_logprobs_are_the_models_whatever_the_request_samples_from():
+    """Greedy and sampled (temperature, top-p, penalties, bias) requests report the same numbers at the
+    same prefix: the model's log-softmax, before anything reshapes the distribution tokens are drawn from."""
+    prompt = _prompt(7, 16)
+    engine = _engine()
+    engine.add_request("greedy", prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=3))
+    engine.add_request("sampled", prompt, SamplingParams(max_tokens=1, temperature=0.3, top_p=0.5, seed=1,
+                                                         repetition_penalty=1.5, logit_bias={5: 3.0}, logprobs=3))
+    entries = {out.request_id: out.logprobs[0] for out in engine.step()}
+    greedy, sampled = entries["greedy"].top, entries["sampled"].top
+    assert [t for t, _ in greedy] == [t for t, _ in sampled]
+    assert [lp for _, lp in greedy] == pytest.approx([lp for _, lp in sampled], abs=1e-6)

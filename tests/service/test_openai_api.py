@@ -111,9 +111,9 @@ def test_sampling_params_carry_penalties_and_logit_bias():
     body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"7": -100, "12": 2.5}}
     params = sampling_params(ChatCompletionRequest.model_validate(body), 3, 100)
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
-    assert params.logit_bias == ((7, -100.0), (12, 2.5)) and params.penalized
+    assert params.logit_bias == ((7, -100.0), (12, 2.5)) and params.uses_history
     plain = sampling_params(ChatCompletionRequest.model_validate(CHAT), 3, 100)
-    assert (plain.presence_penalty, plain.frequency_penalty, plain.logit_bias, plain.penalized) == (0, 0, (), False)
+    assert (plain.presence_penalty, plain.frequency_penalty, plain.logit_bias, plain.uses_history) == (0, 0, (), False)
 
 
 def test_sampling_params_defaults_fill_the_context():

@@ -82,14 +82,6 @@ def test_token_logprobs_are_the_raw_log_softmax_with_the_top_tokens_in_order():
     assert entries[1].top == () and entries[2].logprob == float("-inf")
 
 
-def test_token_logprobs_ignore_temperature_and_top_p():
-    """The model's distribution, whatever a request samples from: the same numbers greedy or not."""
-    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(2))
-    token = sample(logits, [SamplingParams(temperature=0.3, top_p=0.5, seed=1)], [torch.Generator().manual_seed(1)])
-    assert token_logprobs(logits, token, [2]) == token_logprobs(logits.clone(), token, [2])
-    assert token_logprobs(logits, token, [2])[0].logprob == pytest.approx(float(torch.log_softmax(logits, -1)[0, token[0]]))
-
-
 def test_logit_bias_bans_and_forces_tokens():
     logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(3))
     best = logits.argmax(-1).tolist()

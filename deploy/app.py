@@ -83,6 +83,7 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=256, ge=1)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
+    enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     num_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
@@ -158,7 +159,8 @@ def build_app(args: dict[str, Any] | None = None):
         engine_config=EngineConfig(max_num_seqs=parsed.max_num_seqs,
                                    max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
-                                   request_timeout_s=parsed.request_timeout_s),
+                                   request_timeout_s=parsed.request_timeout_s,
+                                   enable_prefix_caching=parsed.enable_prefix_caching),
         admin_token_sha256=token_digest(token) if token else None,
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,

@@ -211,6 +211,8 @@ class _Server:
         except EngineError:
             timer.finish("error", fmt.prompt_tokens)
             raise
+        fmt.cached_tokens = sum(out.num_cached_tokens for out in firsts[::n])  # choices share a prompt's cache
+        timer.on_cached(fmt.cached_tokens)
         outputs = _merged(firsts, streams, timer, fmt.prompt_tokens)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -371,6 +373,7 @@ class _Format(abc.ABC):
         self.n = n
         self.num_choices = n * num_prompts
         self.prompt_tokens = 0  # of every prompt, set once tokenised
+        self.cached_tokens = 0  # of them, from the prefix cache; set with the first outputs
         self._pending: list[list[TokenLogprobs]] = [[] for _ in range(self.num_choices)]
 
     def start_chunks(self) -> list[BaseModel]:
@@ -398,7 +401,7 @@ class _Format(abc.ABC):
 
     def _usage(self, lasts: Sequence[StepOutput]) -> Usage:
         """Each prompt once, the completion tokens of every choice."""
-        return Usage.of(self.prompt_tokens, sum(out.num_completion_tokens for out in lasts))
+        return Usage.of(self.prompt_tokens, sum(out.num_completion_tokens for out in lasts), self.cached_tokens)
 
 
 def _finite(logprob: float) -> float:

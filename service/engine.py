@@ -3,8 +3,9 @@
 Owns the request lifecycle (waiting queue, running batch, KV slots), the per-step schedule under a token
 budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling (with the
 token log-probabilities a request asks for, of its completion and of its prompt, and prompt-only
-requests that score a prompt), requests sharing another's prefill, stop conditions and per-step
-outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
+requests that score a prompt), requests sharing another's prefill, prefix caching (a new request starts
+from the keys and values of the longest prefix of its prompt that a slot already holds), stop conditions
+and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
 `AsyncEngine` shell and the HTTP app sit on top. The model runs as is; an optional dispatch context
 (``begin_step()`` / ``end_step()``) around each forward lets MoE layers send one message per device per
 layer per step.
@@ -68,6 +69,10 @@ class EngineConfig:
         max_prompt_logprob_tokens: prompt tokens per step of requests that asked for their prompt's
             log-probabilities (their prefill is chunked to fit): bounds the ``[tokens, vocabulary]``
             float32 logits a step keeps for them (128 x 152k: 78 MB).
+        enable_prefix_caching: a finished request's slot keeps its keys and values until the slot is
+            reused; a new request takes the slot (free, or copied from a running request's) holding the
+            longest prefix of its prompt and prefills only the rest. Free slots are reused least recently
+            released first. Requests that ask for their prompt's log-probabilities are prefilled whole.
     """
 
     max_num_seqs: int = 32
@@ -77,6 +82,7 @@ class EngineConfig:
     kv_cache_bytes: int = 512 * 2**20
     request_timeout_s: float | None = None
     max_prompt_logprob_tokens: int = 128
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes",
@@ -102,6 +108,7 @@ class StepOutput:
         finished: whether the request is done.
         finish_reason: "stop" (EOS, stop token or stop string), "length" or "abort"; None while running.
         num_prompt_tokens, num_completion_tokens: token counts so far.
+        num_cached_tokens: prompt tokens whose keys and values came from the prefix cache (not prefilled).
         logprobs: one entry per new token when the request asked for log-probabilities, else empty.
         prompt_logprobs: with the first completion token of a request that asked for its prompt's
             log-probabilities, one entry per prompt token after the first (the first has no context).
@@ -116,6 +123,7 @@ class StepOutput:
     num_completion_tokens: int
     logprobs: tuple[TokenLogprobs, ...] = ()
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    num_cached_tokens: int = 0
 
 
 class _Sequence:
@@ -131,6 +139,7 @@ class _Sequence:
         self.text = text
         self.slot = -1
         self.num_cached = 0                     # tokens whose keys/values are in the cache
+        self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
         self.prompt_logprobs: list[TokenLogprobs] = []  # filled chunk by chunk while prefilling
 
     @property
@@ -162,11 +171,14 @@ class Engine:
         self._hooks = hooks
         self._cache = _make_cache(model, config)
         self._eos_ids = _eos_token_ids(model, tokenizer)
-        self._free_slots = list(range(self._cache.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self._free_slots = list(range(self._cache.num_slots))  # least recently released first
+        self._slot_tokens: dict[int, list[int]] = {}  # free slot -> the tokens whose keys/values it holds
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._outputs: list[StepOutput] = []    # aborts, reported by the next step
         self._forks: dict[str, list[_Sequence]] = {}  # parent id -> requests waiting to share its prefill
+        self.prefix_cache_queries = 0  # prompt tokens of admitted requests that may use the prefix cache
+        self.prefix_cache_hits = 0     # of them, tokens taken from it
         attention.install(model)
 
     @property
@@ -254,7 +266,7 @@ class Engine:
     def _adopt(self, child: _Sequence, parent: _Sequence) -> None:
         """``child`` joins the running batch with a copy of ``parent``'s prompt keys and values."""
         self._forks[parent.request_id].remove(child)
-        child.slot = self._free_slots.pop()
+        child.slot = self._take_free_slot(self._victim())
         self._cache.copy_prefix(parent.slot, child.slot, parent.num_prompt_tokens)
         child.num_cached = parent.num_prompt_tokens
         child.prompt_logprobs = list(parent.prompt_logprobs)
@@ -288,7 +300,7 @@ class Engine:
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             for seq, _ in chunks:
-                self._release(seq)
+                self._release(seq, keep_cache=False)  # a failed forward may have written part of a chunk
                 self._unfork(seq)
             raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
         for seq, n in chunks:
@@ -357,10 +369,49 @@ class Engine:
         while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
                and len(self._running) < self.config.max_num_seqs):
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            self._assign_slot(seq)
             self._running.append(seq)
             take(seq)
         return decodes + prefills
+
+    def _assign_slot(self, seq: _Sequence) -> None:
+        """Give a newly admitted ``seq`` a free slot, holding the longest cached prefix of its prompt.
+
+        The prefix may come from a free slot or a running request. It is copied into the slot to overwrite
+        (one holding nothing, else the least recently released), unless it is a free slot's whole content or
+        that slot is the one to overwrite: then that slot is taken as is. So a short match (a chat
+        template's first tokens) never destroys a longer cached conversation. At least the prompt's last
+        token is always prefilled, for its logits.
+        """
+        reusable = (self.config.enable_prefix_caching and seq.params.prompt_logprobs is None
+                    and seq.num_prompt_tokens > 1)
+        best, source = 0, None
+        if reusable:
+            prompt, limit = seq.token_ids, seq.num_prompt_tokens - 1
+            candidates = [(slot, self._slot_tokens[slot]) for slot in self._free_slots if slot in self._slot_tokens]
+            candidates += [(s.slot, s.token_ids[:s.num_cached]) for s in self._running if s.num_cached]
+            for slot, tokens in candidates:
+                if tokens[0] == prompt[0] and (n := _common_prefix(prompt, tokens, limit)) > best:
+                    best, source = n, slot
+            self.prefix_cache_queries += seq.num_prompt_tokens
+            self.prefix_cache_hits += best
+        victim = self._victim()
+        if source is not None and (source == victim or best == len(self._slot_tokens.get(source, ()))):
+            seq.slot = self._take_free_slot(source)  # in place: nothing else of that slot was worth keeping
+        else:
+            seq.slot = self._take_free_slot(victim)
+            if source is not None:
+                self._cache.copy_prefix(source, seq.slot, best)
+        seq.num_cached = seq.num_reused = best
+
+    def _victim(self) -> int:
+        """The free slot to overwrite: one holding nothing reusable, else the least recently released."""
+        return next((slot for slot in self._free_slots if slot not in self._slot_tokens), self._free_slots[0])
+
+    def _take_free_slot(self, slot: int) -> int:
+        self._free_slots.remove(slot)
+        self._slot_tokens.pop(slot, None)
+        return slot
 
     def _forward(self, chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, list[tuple[_Sequence, list[int]]]]:
         """float32 CPU logits ``[K, V]`` and where the prompt log-probability rows are.
@@ -411,10 +462,12 @@ class Engine:
             self._release(seq)
         return _output(seq, (token,), text, reason, (logprobs,) if logprobs is not None else ())
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, keep_cache: bool = True) -> None:
+        """Free ``seq``'s slot; with ``keep_cache`` its keys and values stay reusable until the slot is taken."""
         self._running.remove(seq)
         self._free_slots.append(seq.slot)
-        self._free_slots.sort(reverse=True)
+        if keep_cache and self.config.enable_prefix_caching and seq.num_cached:
+            self._slot_tokens[seq.slot] = seq.token_ids[:seq.num_cached]
 
 
 def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None,
@@ -422,7 +475,22 @@ def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishRe
     """The request's output; the first one carries (and takes) its prompt's log-probabilities."""
     prompt_logprobs, seq.prompt_logprobs = tuple(seq.prompt_logprobs), []
     return StepOutput(seq.request_id, tokens, text, reason is not None, reason, seq.num_prompt_tokens,
-                      seq.num_completion_tokens, logprobs, prompt_logprobs)
+                      seq.num_completion_tokens, logprobs, prompt_logprobs, seq.num_reused)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, at most ``limit`` (slice compares: C speed)."""
+    hi = min(len(a), len(b), limit)
+    if a[:hi] == b[:hi]:
+        return hi
+    lo = 0  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:

@@ -35,6 +35,9 @@ class ServingMetrics:
         self.step = Histogram("vibe_engine_step_seconds", "Wall time of one engine step (one model forward).",
                               buckets=_TOKEN_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vibe_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.cached_prompt_tokens = Counter("vibe_prefix_cache_hit_tokens",
+                                            "Prompt tokens served from the prefix cache instead of prefilled.",
+                                            registry=r)
         self.generation_tokens = Counter("vibe_generation_tokens", "Generated tokens.", registry=r)
         self.requests = Counter("vibe_requests", "Generation requests by final status.", ["status"], registry=r)
         Gauge("vibe_num_requests_waiting", "Requests waiting for a slot.", registry=r).set_function(
@@ -75,6 +78,10 @@ class RequestTimer:
         self._last = now
         self._num_tokens[choice] = self._num_tokens.get(choice, 0) + num_tokens
         self._metrics.generation_tokens.inc(num_tokens)
+
+    def on_cached(self, num_tokens: int) -> None:
+        """Prompt tokens of the request that the prefix cache held (counted at its first token)."""
+        self._metrics.cached_prompt_tokens.inc(num_tokens)
 
     def finish(self, status: RequestStatus, num_prompt_tokens: int = 0) -> None:
         """Record the request's end (only the first call counts)."""

@@ -276,15 +276,21 @@ def _prompt_logprobs(request: CompletionRequest | ChatCompletionRequest) -> int 
 # --- responses -----------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache, not prefilled
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
     @staticmethod
-    def of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class CompletionLogprobs(BaseModel):

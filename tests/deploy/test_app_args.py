@@ -107,3 +107,13 @@ def test_gpu_and_scheduling_arguments_reach_the_actor_options(tmp_path):
     default = build_app({"model": "tiny", "model_roots": [str(tmp_path)], "device": "cuda", "emulate": False,
                          "num_devices": 2, "profile_prompts": None})
     assert default._bound_deployment.init_args[0]._bound_deployment.init_args[2].num_gpus == 1.0
+
+
+def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+    settings = build_app(base)._bound_deployment.init_args[1]
+    assert settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 32
+    settings = build_app({**base, "enable_prefix_caching": False, "max_num_seqs": 4})._bound_deployment.init_args[1]
+    assert not settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 4

@@ -121,6 +121,20 @@ def test_logprobs_and_logit_bias_through_the_expert_workers(client, reference):
     assert biased.choices[0].message.content == tokenizer.decode([forced] * 2)
 
 
+def test_a_next_turn_from_the_prefix_cache_equals_the_single_process_model(client, reference):
+    model, tokenizer = reference
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": PROMPTS[0]}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    ids = apply_chat_template(tokenizer, messages)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    assert second.choices[0].message.content == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
 def test_sixteen_concurrent_streams_complete_with_usage(url):
     async def one(aclient, i: int) -> tuple[int, int]:
         stream = await aclient.chat.completions.create(

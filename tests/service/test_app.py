@@ -83,7 +83,9 @@ def test_chat_equals_greedy_generate_and_streaming_equals_non_streaming(client, 
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         choice.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == response.usage
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+    assert chunks[-1].usage.model_dump(exclude={"prompt_tokens_details"}) == response.usage.model_dump(
+        exclude={"prompt_tokens_details"})  # the second request found the first's prompt in the cache
 
 
 def test_completions_with_text_and_token_prompts(client, tokenizer):
@@ -361,7 +363,11 @@ def test_n_choices_are_the_seeded_single_requests_with_one_usage(client):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
         assert mine[0].delta.role == "assistant" and "".join(c.delta.content or "" for c in mine) == choice.message.content
         assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
-    assert all(len(c.choices) <= 1 for c in chunks) and chunks[-1].usage == response.usage
+    assert all(len(c.choices) <= 1 for c in chunks)
+    usage = chunks[-1].usage
+    assert usage.model_dump(exclude={"prompt_tokens_details"}) == response.usage.model_dump(
+        exclude={"prompt_tokens_details"})
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # once, not once per choice
 
 
 def test_batched_prompts_are_indexed_prompt_times_n_plus_choice(client, tokenizer):
@@ -404,6 +410,24 @@ def test_metrics_after_traffic(server, client):
                  "vibe_generation_tokens_total", 'vibe_requests_total{status="length"}',
                  'vibe_requests_total{status="rejected"}', "vibe_engine_step_seconds_count"):
         assert name in text, name
+
+
+def test_a_conversations_next_turn_is_served_from_the_prefix_cache(server, client, tokenizer):
+    messages = [{"role": "system", "content": "You answer in one line."}, {"role": "user", "content": "Name a fruit."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    before = _counter(httpx.get(f"{server[0]}/metrics").text, "vibe_prefix_cache_hit_tokens_total")
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And a vegetable?"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    prompt = apply_chat_template(tokenizer, messages)
+    assert second.choices[0].message.content == _reference_text(tokenizer, prompt, 12)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens  # the first turn's prompt at least
+    assert _counter(httpx.get(f"{server[0]}/metrics").text, "vibe_prefix_cache_hit_tokens_total") == before + cached
+
+
+def _counter(text: str, name: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_queue_full_is_a_429_with_retry_after_and_extra_routes_share_the_error_json(tokenizer):

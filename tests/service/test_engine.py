@@ -601,3 +601,105 @@ def test_logprobs_are_the_models_whatever_the_request_samples_from():
     greedy, sampled = entries["greedy"].top, entries["sampled"].top
     assert [t for t, _ in greedy] == [t for t, _ in sampled]
     assert [lp for _, lp in greedy] == pytest.approx([lp for _, lp in sampled], abs=1e-6)
+
+
+# --- prefix caching ---------------------------------------------------------------------------------------
+
+
+def _finish(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams = GREEDY):
+    """Run one request to its end alone; its tokens and its first output."""
+    engine.add_request(request_id, prompt, params)
+    outputs = []
+    while engine.has_work:
+        outputs += [out for out in engine.step() if out.request_id == request_id]
+    return [t for out in outputs for t in out.new_token_ids], outputs[0]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_next_turn_prefills_only_what_the_cache_does_not_hold_and_equals_generate(arch, reference_models):
+    first = _prompt(30, 20)
+    engine = _engine(arch, max_num_seqs=2)
+    answer, out = _finish(engine, "turn1", first)
+    assert out.num_cached_tokens == 0
+    second = first + answer + _prompt(9, 21)  # the conversation so far, then the user's next message
+    counted = _counting(engine)
+    tokens, out = _finish(engine, "turn2", second)
+    cached = len(first) + len(answer) - 1  # the last sampled token never ran through the model
+    assert out.num_cached_tokens == cached and counted[0] == len(second) - cached
+    assert tokens == _generate(reference_models[arch], second, 24)
+    assert (engine.prefix_cache_queries, engine.prefix_cache_hits) == (len(first) + len(second), cached)
+
+
+def test_prefix_cached_outputs_equal_uncached_ones_log_probabilities_included():
+    system = _prompt(40, 22)
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=7, logprobs=2)
+    runs = {}
+    for enabled in (True, False):
+        engine = _engine(max_num_seqs=2, enable_prefix_caching=enabled)
+        _finish(engine, "warm", system + _prompt(5, 23), params)
+        outputs = []
+        engine.add_request("user", system + _prompt(6, 24), params)
+        while engine.has_work:
+            outputs += engine.step()
+        runs[enabled] = outputs
+    assert runs[True][0].num_cached_tokens == 40 and runs[False][0].num_cached_tokens == 0
+    assert [o.new_token_ids for o in runs[True]] == [o.new_token_ids for o in runs[False]]
+    for cached, uncached in zip(runs[True], runs[False]):
+        assert [e.logprob for e in cached.logprobs] == pytest.approx([e.logprob for e in uncached.logprobs], abs=1e-4)
+
+
+def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefills_its_last_token(reference_models):
+    system, prompt = _prompt(25, 25), _prompt(25, 25) + _prompt(4, 26)
+    engine = _engine(max_num_seqs=3)
+    engine.add_request("long", system + _prompt(3, 27), SamplingParams(max_tokens=40, temperature=0.0))
+    engine.step()
+    engine.add_request("joins", prompt, GREEDY)
+    engine.add_request("same", system + _prompt(3, 27), GREEDY)
+    outputs = {}
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert outputs["joins"][0].num_cached_tokens == 25  # copied from the running request's slot
+    assert outputs["same"][0].num_cached_tokens == 27  # all but the last prompt token
+    model = reference_models["qwen3_moe"]
+    assert [t for o in outputs["joins"] for t in o.new_token_ids] == _generate(model, prompt, 24)
+    assert [t for o in outputs["same"] for t in o.new_token_ids] == _generate(model, system + _prompt(3, 27), 24)
+
+
+def test_free_slots_are_overwritten_empty_first_then_least_recently_released():
+    a, b, c = _prompt(12, 30), _prompt(12, 31), _prompt(12, 32)
+    engine = _engine(max_num_seqs=2)
+    _finish(engine, "a", a)
+    _finish(engine, "b", b)  # takes the empty slot: a's stays cached
+    assert _finish(engine, "a2", a + [5])[1].num_cached_tokens == 12
+    _finish(engine, "c", c)  # overwrites b's slot (a's was released after it)
+    assert _finish(engine, "b2", b + [5])[1].num_cached_tokens == 0  # overwrites a2's, released before c's
+    assert _finish(engine, "c2", c + [5])[1].num_cached_tokens == 12
+    assert _finish(engine, "a3", a + [5])[1].num_cached_tokens == 0
+
+
+def test_no_prefix_reuse_for_prompt_log_probabilities_when_disabled_or_after_a_failed_step():
+    prompt = _prompt(16, 33)
+    engine = _engine(max_num_seqs=1)
+    _finish(engine, "warm", prompt)
+    _, out = _finish(engine, "scored", prompt, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+    assert out.num_cached_tokens == 0 and len(out.prompt_logprobs) == len(prompt) - 1
+    disabled = _engine(max_num_seqs=1, enable_prefix_caching=False)
+    _finish(disabled, "warm", prompt)
+    assert _finish(disabled, "again", prompt)[1].num_cached_tokens == 0 and disabled.prefix_cache_queries == 0
+    hooks = _Hooks(fail_at=3)
+    failing = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64, max_num_seqs=1), hooks=hooks)
+    failing.add_request("a", prompt, GREEDY)
+    failing.step()
+    failing.step()
+    with pytest.raises(StepFailed):
+        failing.step()
+    assert _finish(failing, "b", prompt)[1].num_cached_tokens == 0  # the failed forward may have half-written it
+
+
+def test_a_short_match_is_copied_and_leaves_a_longer_cached_sequence_whole():
+    long, other = _prompt(30, 34), _prompt(30, 34)[:3] + _prompt(10, 35)
+    engine = _engine(max_num_seqs=2)
+    _finish(engine, "long", long)
+    assert _finish(engine, "other", other)[1].num_cached_tokens == 3  # copied into the empty slot
+    assert _finish(engine, "long2", long + [5])[1].num_cached_tokens == 30

@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: install test test-unit test-gpu test-multinode lint run bench bench-placement bench-runtime \
-        bench-serving bench-migration chaos model clean
+        bench-serving bench-prefix bench-migration chaos model clean
 
 install: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-runtime: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(PY) -m load_tests.bench_serving --out bench
+
+bench-prefix: $(STAMP)
+	$(PY) -m load_tests.prefix_cache --out bench
 
 bench-migration: $(STAMP)
 	$(PY) -m service.bench_migration --out bench

@@ -1,0 +1,294 @@
+"""Prefix-caching benchmark: the service with and without it, side by side, on the shipped workload sets.
+
+Two scenarios, each run with caching off and on in alternation (``--repeats`` times each):
+
+- ``multi_turn``: the ShareGPT-like set's conversations with two or three user turns, played as a chat
+  client plays them: each turn sends the conversation so far (the recorded user messages, the model's own
+  answers), chat template applied; ``--concurrency`` clients each play one conversation at a time;
+- ``long_context``: the Sonnet-like set's long prompts (about 580 tokens: more than one step's prefill
+  budget) each followed by two short follow-up questions (the ShareGPT-like set's later user messages),
+  played the same way;
+- ``shared_system``: the code set (every request has the same system prompt), closed loop.
+
+Two backends: by default the engine in this process over the embedded model run whole (a fresh engine
+per run); with ``--serve``, the default emulated cluster of ``deploy/config.yaml`` through Ray Serve
+(experts on the workers, OpenAI API, the official ``openai`` client), two apps in one Ray cluster, one
+with ``enable_prefix_caching: false``, loaded one after the other. Greedy decoding with ``ignore_eos``
+and the recorded ``max_tokens`` (at most ``--max-tokens``), so both modes serve the same number of
+tokens. Reports TTFT medians (turns after the first separately), the scenario's wall time, the prompt
+tokens prefilled and taken from the cache, and how many answers were the same in both modes; prints a
+table and writes ``<out>/prefix_cache.json`` (``prefix_cache_serve.json`` with ``--serve``).
+
+    python -m load_tests.prefix_cache --out bench            # `make bench-prefix`, about 1 minute
+    python -m load_tests.prefix_cache --serve --out bench    # through Ray Serve, about 15 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from load_tests.workloads import Prompt, load_workload
+from service.async_engine import AsyncEngine
+from service.engine import Engine, EngineConfig
+from service.sampling import SamplingParams
+from service.text import apply_chat_template
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """The user side of one conversation: its system prompt (or None), user messages and answer length."""
+
+    index: int
+    system: str | None
+    users: tuple[str, ...]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Served:
+    """One turn as served: seconds to its first and last token, prompt and cached prompt tokens, answer."""
+
+    conversation: int
+    turn: int
+    ttft: float
+    e2e: float
+    prompt_tokens: int
+    cached: int
+    text: str
+
+
+# send(request id, messages, max_tokens) -> (ttft, e2e, prompt tokens, cached tokens, answer text)
+Send = Callable[[str, list[dict], int], Awaitable[tuple[float, float, int, int, str]]]
+
+
+def conversations(prompts: list[Prompt], *, multi_turn: bool, max_tokens: int) -> list[Conversation]:
+    """The set's conversations with at least two user turns (``multi_turn``), else every prompt's last one."""
+    found = []
+    for prompt in prompts:
+        system = prompt.messages[0]["content"] if prompt.messages[0]["role"] == "system" else None
+        users = tuple(m["content"] for m in prompt.messages if m["role"] == "user")
+        if multi_turn and len(users) < 2:
+            continue
+        found.append(Conversation(len(found), system, users if multi_turn else users[-1:],
+                                  min(prompt.max_tokens, max_tokens)))
+    return found
+
+
+def with_follow_ups(prompts: list[Prompt], follow_ups: list[str], *, turns: int, max_tokens: int) -> list[Conversation]:
+    """Each prompt's last user message, then ``turns - 1`` follow-up questions taken in turn from ``follow_ups``."""
+    return [Conversation(i, c.system, (*c.users, *(follow_ups[(i * (turns - 1) + k) % len(follow_ups)]
+                                                   for k in range(turns - 1))), c.max_tokens)
+            for i, c in enumerate(conversations(prompts, multi_turn=False, max_tokens=max_tokens))]
+
+
+def short_follow_ups(prompts: list[Prompt], max_chars: int = 80) -> list[str]:
+    """The user messages after the first of the set's conversations, those of at most ``max_chars``."""
+    return [m["content"] for p in prompts for k, m in enumerate(p.messages)
+            if m["role"] == "user" and k > 0 and len(m["content"]) <= max_chars]
+
+
+async def play(send: Send, items: list[Conversation], concurrency: int, tag: str, session: int,
+               max_model_len: int, count: Callable[[list[dict]], int]) -> list[Served]:
+    """``concurrency`` clients, each playing one conversation at a time, turn by turn, with the answers it
+    got as history; a turn that would not fit the context ends its conversation. Every conversation's
+    first message starts with ``(session <session>)``, so that a run cannot find an earlier run's
+    prompts in a cache that outlives it (a served app's)."""
+    queue = list(reversed(items))
+    served: list[Served] = []
+
+    async def client() -> None:
+        while queue:
+            item = queue.pop()
+            messages = [{"role": "system", "content": item.system}] if item.system is not None else []
+            for turn, user in enumerate(item.users, start=1):
+                messages.append({"role": "user", "content": user})
+                messages[0] = {**messages[0], "content": f"(session {session}) {messages[0]['content']}"} \
+                    if turn == 1 else messages[0]
+                if count(messages) + item.max_tokens > max_model_len:
+                    break
+                ttft, e2e, prompt_tokens, cached, text = await send(f"{tag}-{item.index}-{turn}", messages,
+                                                                    item.max_tokens)
+                served.append(Served(item.index, turn, ttft, e2e, prompt_tokens, cached, text))
+                messages.append({"role": "assistant", "content": text})
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return served
+
+
+def engine_sender(engine: AsyncEngine, tokenizer) -> Send:
+    async def send(request_id: str, messages: list[dict], max_tokens: int):
+        prompt = apply_chat_template(tokenizer, messages)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start, first, cached, tokens = time.perf_counter(), None, 0, []
+        async for out in engine.generate(request_id, prompt, params):
+            if first is None:
+                first, cached = time.perf_counter() - start, out.num_cached_tokens
+            tokens += out.new_token_ids
+        return first, time.perf_counter() - start, len(prompt), cached, tokenizer.decode(tokens,
+                                                                                          skip_special_tokens=True)
+    return send
+
+
+def openai_sender(client, model: str) -> Send:
+    async def send(request_id: str, messages: list[dict], max_tokens: int):
+        start, first, text, usage = time.perf_counter(), None, [], None
+        stream = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.perf_counter() - start
+                text.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        return (first, time.perf_counter() - start, usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens,
+                "".join(text))
+    return send
+
+
+def summarise(served: list[Served], seconds: float) -> dict:
+    def ms(values: list[float]) -> float | None:
+        return round(1000 * statistics.median(values), 1) if values else None
+
+    prompt_tokens = sum(s.prompt_tokens for s in served)
+    cached = sum(s.cached for s in served)
+    return {"requests": len(served), "wall_s": round(seconds, 2), "ttft_p50_ms": ms([s.ttft for s in served]),
+            "ttft_p50_ms_first_turns": ms([s.ttft for s in served if s.turn == 1]),
+            "ttft_p50_ms_later_turns": ms([s.ttft for s in served if s.turn > 1]),
+            "e2e_p50_ms": ms([s.e2e for s in served]),
+            "prompt_tokens": prompt_tokens, "cached_tokens": cached, "prefilled_tokens": prompt_tokens - cached}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--serve", action="store_true", help="through Ray Serve on the default emulated cluster")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--conversations", type=int, default=24,
+                        help="conversations played in each multi-turn scenario")
+    parser.add_argument("--requests", type=int, default=32, help="requests of the shared-system-prompt scenario")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    max_model_len = AutoModelForCausalLM.from_pretrained(args.model).config.max_position_embeddings
+    scenarios = {
+        "multi_turn": conversations(load_workload("sharegpt_like"), multi_turn=True,
+                                    max_tokens=args.max_tokens)[:args.conversations],
+        "long_context": with_follow_ups(load_workload("sonnet_like"), short_follow_ups(load_workload("sharegpt_like")),
+                                        turns=3, max_tokens=args.max_tokens)[:args.conversations],
+        "shared_system": conversations(load_workload("code"), multi_turn=False,
+                                       max_tokens=args.max_tokens)[:args.requests],
+    }
+    count = lambda messages: len(apply_chat_template(tokenizer, messages))  # noqa: E731
+    results = {"backend": "serve" if args.serve else "engine",
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "load_average_start": [round(x, 1) for x in os.getloadavg()]},
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "scenarios": {}}
+    if args.serve:
+        from load_tests.compare import deploy_args, serve_apps
+
+        apps = {f"cache_{mode}": {**deploy_args(), "app_name": f"cache_{mode}", "enable_prefix_caching": mode == "on"}
+                for mode in ("off", "on")}
+        with serve_apps(apps) as (bases, _):
+            asyncio.run(_measure(args, scenarios, count, max_model_len, _openai_senders(bases), results))
+    else:
+        asyncio.run(_measure(args, scenarios, count, max_model_len,
+                             _engine_senders(args.model, tokenizer, max_model_len), results))
+    results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / ("prefix_cache_serve.json" if args.serve else "prefix_cache.json")
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+async def _measure(args, scenarios: dict[str, list[Conversation]], count, max_model_len: int, backend,
+                   results: dict) -> None:
+    """Warm up, then every scenario, caching off then on, ``args.repeats`` times; fills ``results``."""
+    async with backend as senders:
+        await play(senders["off"](), scenarios["multi_turn"][:2], args.concurrency, "warm-up", -1, max_model_len,
+                   count)
+        print(f"{'scenario':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} "
+              f"{'later turns':>11} {'prefilled':>9} {'cached':>7}")
+        for name, items in scenarios.items():
+            runs, texts = {"off": [], "on": []}, {}
+            for repeat in range(args.repeats):
+                for mode in ("off", "on"):
+                    start = time.perf_counter()
+                    served = await play(senders[mode](), items, args.concurrency, f"{name}-{mode}-{repeat}",
+                                        repeat, max_model_len, count)
+                    summary = summarise(served, time.perf_counter() - start)
+                    runs[mode].append(summary)
+                    texts.setdefault(mode, {(s.conversation, s.turn): s.text for s in served})
+                    print(f"{name:<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
+                          f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
+                          f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
+            same = sum(texts["on"].get(key) == text for key, text in texts["off"].items())
+            keys = ("wall_s", "ttft_p50_ms", *(("ttft_p50_ms_later_turns",) if name != "shared_system" else ()))
+            results["scenarios"][name] = {"runs": runs, "same_answers": f"{same}/{len(texts['off'])}",
+                                          "off_over_on": {key: _ratio(runs, key) for key in keys}}
+            print(f"{name}: off / on (medians of {args.repeats}) {results['scenarios'][name]['off_over_on']}, "
+                  f"same answers {same}/{len(texts['off'])}")
+
+
+def _ratio(runs: dict[str, list[dict]], key: str) -> float:
+    """Median over the runs with caching off over the median with it on."""
+    return round(statistics.median(r[key] for r in runs["off"]) / statistics.median(r[key] for r in runs["on"]), 3)
+
+
+@contextlib.asynccontextmanager
+async def _engine_senders(model_path: Path, tokenizer, max_model_len: int):
+    """Per mode, a factory of a sender over a fresh in-process engine (the previous one is shut down)."""
+    engines: list[AsyncEngine] = []
+
+    def factory(caching: bool) -> Callable[[], Send]:
+        def make() -> Send:
+            while engines:
+                engines.pop().shutdown()
+            config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=max_model_len,
+                                  enable_prefix_caching=caching)
+            engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(model_path), config))
+            engine.start()
+            engines.append(engine)
+            return engine_sender(engine, tokenizer)
+        return make
+
+    try:
+        yield {"off": factory(False), "on": factory(True)}
+    finally:
+        while engines:
+            engines.pop().shutdown()
+
+
+@contextlib.asynccontextmanager
+async def _openai_senders(bases: dict[str, str]):
+    """Per mode, a sender to its app (``cache_off``, ``cache_on``) with the official ``openai`` client."""
+    import openai
+
+    clients = {mode: openai.AsyncOpenAI(base_url=f"{bases[f'cache_{mode}']}/v1", api_key="unused", max_retries=0,
+                                        timeout=300) for mode in ("off", "on")}
+    try:
+        model = (await clients["on"].models.list()).data[0].id
+        yield {mode: (lambda client=client: openai_sender(client, model)) for mode, client in clients.items()}
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -71,8 +71,9 @@ class EngineConfig:
             float32 logits a step keeps for them (128 x 152k: 78 MB).
         enable_prefix_caching: a finished request's slot keeps its keys and values until the slot is
             reused; a new request takes the slot (free, or copied from a running request's) holding the
-            longest prefix of its prompt and prefills only the rest. Free slots are reused least recently
-            released first. Requests that ask for their prompt's log-probabilities are prefilled whole.
+            longest prefix of its prompt and prefills only the rest. The slot a request overwrites is an
+            empty one if any, else the least recently released. Requests that ask for their prompt's
+            log-probabilities are prefilled whole.
     """
 
     max_num_seqs: int = 32

@@ -155,7 +155,20 @@ def cases(model: str) -> list[FuzzCase]:
         FuzzCase("presence-penalty-nan", body=_json(chat).replace(b'"max_tokens": 4',
                                                                   b'"max_tokens": 4, "presence_penalty": NaN')),
         chat_with("tools", tools=[{"type": "function", "function": {"name": "rm", "parameters": {}}}]),
-        chat_with("response-format-json", response_format={"type": "json_object"}),
+        chat_with("response-format-unknown-type", response_format={"type": "xml"}),
+        chat_with("response-format-schema-missing", response_format={"type": "json_schema"}),
+        chat_with("response-format-schema-invalid", response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}),
+        chat_with("response-format-schema-not-an-object", response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}),
+        chat_with("structured-outputs-two-kinds", structured_outputs={"regex": "a+", "choice": ["a"]}),
+        chat_with("structured-outputs-bad-regex", structured_outputs={"regex": "[unclosed"}),
+        chat_with("structured-outputs-bad-grammar", structured_outputs={"grammar": "start: ?? bad"}),
+        chat_with("structured-outputs-json-not-json", structured_outputs={"json": "{not json"}),
+        chat_with("structured-outputs-empty-choice", structured_outputs={"choice": []}),
+        chat_with("structured-outputs-with-min-tokens", structured_outputs={"regex": "a+"}, min_tokens=2),
+        chat_with("structured-outputs-and-response-format", structured_outputs={"regex": "a+"},
+                  response_format={"type": "json_object"}),
         chat_with("unknown-field", frobnicate=True),
         chat_with("proto-pollution-field", __proto__={"admin": True}),
         # --- model names ---------------------------------------------------------------------------

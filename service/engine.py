@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import History, SamplingParams, TokenLogprobs, sample, token_logprobs
+from service.structured import Grammars, advance
 from service.text import TextStream
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -141,6 +142,7 @@ class _Sequence:
         self.slot = -1
         self.num_cached = 0                     # tokens whose keys/values are in the cache
         self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
+        self.matcher = None                     # the structured output's grammar state, if any
         self.prompt_logprobs: list[TokenLogprobs] = []  # filled chunk by chunk while prefilling
 
     @property
@@ -172,6 +174,8 @@ class Engine:
         self._hooks = hooks
         self._cache = _make_cache(model, config)
         self._eos_ids = _eos_token_ids(model, tokenizer)
+        self._grammars = (Grammars(tokenizer, model.config.vocab_size, self._eos_ids)
+                          if tokenizer is not None else None)
         self._free_slots = list(range(self._cache.num_slots))  # least recently released first
         self._slot_tokens: dict[int, list[int]] = {}  # free slot -> the tokens whose keys/values it holds
         self._waiting: deque[_Sequence] = deque()
@@ -221,6 +225,8 @@ class Engine:
             raise QueueFull(f"{self.num_waiting} requests waiting (max_queue={self.config.max_queue})")
         text = TextStream(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
         seq = _Sequence(request_id, prompt, params, text)
+        if params.grammar is not None:
+            seq.matcher = self._grammars.matcher(params.grammar)  # ValueError for a grammar it cannot follow
         parent = next((s for s in (*self._running, *self._waiting) if s.request_id == share_prefill_with), None)
         if (parent is not None and parent.token_ids == prompt and parent.num_cached < len(prompt)
                 and parent.params.max_tokens > 0 and params.max_tokens > 0
@@ -297,7 +303,8 @@ class Engine:
             logits = torch.cat([logits, logits[[row for _, row in forked]]]) if forked else logits
             sampled += [child for child, _ in forked]
             histories = [self._history(s) if s.params.uses_history else None for s in sampled]
-            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled], histories)
+            tokens = sample(self._masked(logits, sampled), [s.params for s in sampled], [s.generator for s in sampled],
+                            histories)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             for seq, _ in chunks:
@@ -315,6 +322,16 @@ class Engine:
             self._release(seq)
             outputs.append(_output(seq, (), "", "length"))
         return outputs
+
+    def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
+        """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
+        reported log-probabilities stay the model's own)."""
+        rows = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
+        if not rows:
+            return logits
+        masked = logits.clone()
+        self._grammars.mask(masked, rows, [sampled[i].matcher for i in rows])
+        return masked
 
     def _history(self, seq: _Sequence) -> History:
         stop_ids = seq.params.stop_token_ids if seq.params.ignore_eos else (*seq.params.stop_token_ids, *self._eos_ids)
@@ -336,6 +353,8 @@ class Engine:
                 raise ValueError(f"{name} must be in [0, {vocab}), got {max(ids)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        if params.grammar is not None and self._grammars is None:
+            raise ValueError("structured outputs need an engine with a tokenizer")
         if self._find(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
 
@@ -450,12 +469,13 @@ class Engine:
 
     def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         seq.token_ids.append(token)
+        complete = seq.matcher is not None and advance(seq.matcher, token)  # the structured output is whole
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             reason = "stop"
         elif seq.text is not None:
             seq.text.push(token)
-            reason = "stop" if seq.text.stopped else None
+            reason = "stop" if seq.text.stopped or complete else None
         if reason is None and seq.num_completion_tokens >= seq.params.max_tokens:
             reason = "length"
         text = seq.text.take(final=reason is not None) if seq.text is not None else ""

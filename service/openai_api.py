@@ -38,6 +38,7 @@ from service.sampling import (
     MAX_STOP_STRINGS,
     SamplingParams,
 )
+from service.structured import grammar_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ _NEUTRAL: dict[str, tuple] = {
     "best_of": (None, 1), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
+    "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
 }
@@ -86,6 +87,55 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's named schema (``strict`` is always honoured: the output
+    is constrained to the schema whatever it says)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed only with it")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of a JSON schema, a regular expression the whole output
+    matches, a list of choices, or a Lark (or GBNF) grammar."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of json, regex, choice, grammar is needed, got {len(given)}")
+        return self
+
+    def spec(self) -> tuple[str, Any]:
+        """(kind, value) as `service.structured.grammar_from_spec` takes them."""
+        for name, kind in (("json_schema", "json"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
+            if getattr(self, name) is not None:
+                return kind, getattr(self, name)
+        raise AssertionError("validated: exactly one is set")
+
+
 class _SamplingFields(_Strict):
     """Fields shared by both endpoints."""
 
@@ -109,6 +159,9 @@ class _SamplingFields(_Strict):
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None
+    # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -204,7 +257,6 @@ class ChatCompletionRequest(_SamplingFields):
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
-    response_format: Any = None
     service_tier: Any = None
     store: Any = None
     metadata: Any = None
@@ -258,7 +310,29 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
         top_k=request.top_k or 0, min_p=request.min_p or 0.0, repetition_penalty=request.repetition_penalty or 1.0,
-        min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()))
+        min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()),
+        grammar=_grammar(request))
+
+
+def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The request's structured output as grammar text (None: free text)."""
+    fmt, structured = request.response_format, request.structured_outputs
+    if fmt is not None and fmt.type != "text" and structured is not None:
+        raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
+    if structured is not None:
+        kind, value = structured.spec()
+        param = "structured_outputs"
+    elif fmt is not None and fmt.type != "text":
+        kind, value = "json", fmt.json_schema.json_schema if fmt.json_schema is not None else {"type": "object"}
+        param = "response_format"
+    else:
+        return None
+    if request.min_tokens:
+        raise APIError(400, f"min_tokens cannot be combined with {param}", param="min_tokens")
+    try:
+        return grammar_from_spec(kind, value)
+    except ValueError as exc:
+        raise APIError(400, f"{param}: {exc}", param=param) from None
 
 
 def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:

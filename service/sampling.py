@@ -51,6 +51,8 @@ class SamplingParams:
         repetition_penalty: vLLM's (and transformers'): a token already in the prompt or completion has
             its logit divided by it if positive, multiplied if negative (> 0; 1 is none).
         min_tokens: EOS and ``stop_token_ids`` cannot end the completion before this many tokens.
+        grammar: a structured output (llguidance grammar text, see `service.structured`): only tokens
+            that keep the completion inside it are sampled, and it ends when the grammar is complete.
     """
 
     max_tokens: int = 16
@@ -69,6 +71,7 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 0:
@@ -99,6 +102,10 @@ class SamplingParams:
                          ("min_tokens", lambda v: _is_int(v) and 0 <= v <= self.max_tokens)):
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
+            raise ValueError(f"grammar must be None or a non-empty string, got {self.grammar!r}")
+        if self.grammar is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with a structured output (it ends when its grammar does)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)!r}")

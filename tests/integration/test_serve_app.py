@@ -9,6 +9,7 @@ and device drift.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -133,6 +134,18 @@ def test_a_next_turn_from_the_prefix_cache_equals_the_single_process_model(clien
         out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     assert second.choices[0].message.content == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_a_json_schema_response_format_through_the_expert_workers(client):
+    schema = {"type": "object", "properties": {"keyword": {"enum": ["def", "class", "with"]},
+                                               "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["keyword", "count"], "additionalProperties": False}
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=40, temperature=1.0, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    answer = json.loads(response.choices[0].message.content)
+    assert answer["keyword"] in ("def", "class", "with") and 1 <= answer["count"] <= 9
+    assert response.choices[0].finish_reason == "stop"
 
 
 def test_sixteen_concurrent_streams_complete_with_usage(url):

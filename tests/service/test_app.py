@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 import time
 
@@ -424,6 +426,50 @@ def test_a_conversations_next_turn_is_served_from_the_prefix_cache(server, clien
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens  # the first turn's prompt at least
     assert _counter(httpx.get(f"{server[0]}/metrics").text, "vibe_prefix_cache_hit_tokens_total") == before + cached
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_response_format_and_structured_outputs_constrain_the_completion(client):
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=80, temperature=1.0, seed=3,
+                                              response_format=schema_format, n=3)
+    for choice in response.choices:
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 12
+        assert choice.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=80, temperature=1.0,
+                                                 seed=3, response_format=schema_format, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == response.choices[0].message.content
+    anything = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=120, temperature=0,
+                                              response_format={"type": "json_object"}).choices[0]
+    assert anything.message.content.startswith("{")  # a random model may write one endless string value
+    assert anything.finish_reason == "length" or isinstance(json.loads(anything.message.content), dict)
+    regex = client.completions.create(model=MODEL, prompt="Call me at", max_tokens=20, temperature=1.0, seed=1,
+                                      extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}})
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
+    choice = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=1.0,
+                                            extra_body={"structured_outputs": {"choice": ["list", "tuple"]}})
+    assert choice.choices[0].message.content in ("list", "tuple")
+
+
+@pytest.mark.parametrize("extra, param, match", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     None, "invalid structured output"),
+    ({"structured_outputs": {"regex": "[unclosed"}}, None, "invalid structured output"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs", "structured_outputs"),
+    ({"structured_outputs": {"regex": "a+"}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "not both"),
+    ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1}, "min_tokens", "min_tokens"),
+])
+def test_bad_structured_outputs_are_400s_naming_the_problem(server, extra, param, match):
+    response = httpx.post(f"{server[0]}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, **extra})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["type"] == "invalid_request_error" and match in error["message"]
+    assert param is None or error["param"] == param
 
 
 def _counter(text: str, name: str) -> float:

@@ -1,0 +1,122 @@
+"""Structured outputs: completions constrained to a JSON schema, a regular expression, a list of choices
+or a Lark grammar, by masking every token that would leave the grammar before sampling.
+
+Owns the grammar text of a request (`grammar_from_spec`: llguidance's grammar format, built from what the
+OpenAI API's ``response_format`` or vLLM's ``structured_outputs`` names) and the per-engine `Grammars`,
+which checks a grammar against the model's tokenizer, makes one matcher per request and masks a step's
+logits rows. llguidance (the backend vLLM, SGLang and llama.cpp offer too) does the parsing and the
+token masks. Ignores HTTP (the app maps its ValueErrors to 400s) and sampling itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("json", "regex", "choice", "grammar")
+# Compact JSON: with flexible whitespace a weak model may emit whitespace until max_tokens.
+_JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+def grammar_from_spec(kind: str, value: Any) -> str:
+    """llguidance grammar text for a ``kind`` in KINDS: ``json`` (a JSON schema, as a dict or its JSON
+    text; ``{"type": "object"}`` is any object), ``regex`` (a regular expression the whole output
+    matches), ``choice`` (a list of strings, the output is one of them) or ``grammar`` (Lark syntax, as
+    llguidance reads it; GBNF is converted).
+
+    Raises:
+        ValueError: unknown kind or a value of the wrong shape (the grammar itself is checked by
+            `Grammars.check`, against a tokenizer).
+    """
+    import llguidance
+
+    if kind == "json":
+        schema = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(schema, dict):
+            raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_DEFAULTS)
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise ValueError("regex must be a non-empty string")
+        return llguidance.grammar_from("regex", value)
+    if kind == "choice":
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        return llguidance.grammar_from("choice", json.dumps(value))
+    if kind == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("grammar must be a non-empty string")
+        return llguidance.grammar_from("grammar", value)
+    raise ValueError(f"unknown structured output kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+class Grammars:
+    """One engine's grammar backend over its tokenizer (built on first use: about a second for a 152k
+    vocabulary).
+
+    Args:
+        tokenizer: the model's fast (Rust-backed) Hugging Face tokenizer.
+        vocab_size: the width of the model's logits (may exceed the tokenizer's length).
+        eos_token_ids: the ids that end a completion; a grammar allows them once it is complete.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
+        self._hf = tokenizer
+        self._vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._tokenizer = None
+
+    def _ll(self):
+        if self._tokenizer is None:
+            import llguidance.hf
+
+            if not getattr(self._hf, "is_fast", False):
+                raise ValueError("structured outputs need a fast (tokenizers-backed) tokenizer")
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size,
+                                                           eos_token=self._eos or None)
+        return self._tokenizer
+
+    def check(self, grammar: str) -> None:
+        """Raises ValueError naming the problem if ``grammar`` is not valid for this tokenizer."""
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._ll())
+        if error:
+            raise ValueError(f"invalid structured output: {error.strip()}")
+
+    def matcher(self, grammar: str):
+        """A fresh matcher of ``grammar`` (checked first) at the start of a completion."""
+        import llguidance
+
+        self.check(grammar)
+        matcher = llguidance.LLMatcher(self._ll(), grammar)
+        if matcher.is_error():
+            raise ValueError(f"invalid structured output: {matcher.get_error()}")
+        return matcher
+
+    def mask(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence) -> None:
+        """Set, in place, the logits of every token that ``matchers[i]`` does not allow next in row
+        ``rows[i]`` to -inf."""
+        import llguidance.torch as llt
+
+        bitmask = llt.allocate_token_bitmask(len(rows), self._vocab_size)
+        for i, matcher in enumerate(matchers):
+            llt.fill_next_token_bitmask(matcher, bitmask, i)
+        selected = logits[list(rows)]
+        llt.apply_token_bitmask_inplace(selected, bitmask)
+        logits[list(rows)] = selected
+
+
+def advance(matcher, token: int) -> bool:
+    """Feed the sampled ``token`` to ``matcher``; True when the completion must end here (the grammar is
+    complete, or, which masking prevents, the token was refused)."""
+    if not matcher.consume_token(token):
+        log.warning("structured output refused token %d: %s", token, matcher.get_error())
+        return True
+    return matcher.is_stopped()

@@ -1,0 +1,116 @@
+"""Structured outputs (service/structured.py) and the engine following them, on a random tiny chat model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from service.engine import Engine, EngineConfig
+from service.sampling import SamplingParams
+from service.structured import Grammars, grammar_from_spec
+from service.text import apply_chat_template
+from tests.service.test_text import build_chat_model, build_tokenizer
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _engine(tokenizer, **config) -> Engine:
+    """An engine over a fresh copy of the chat model (an engine switches its model to ragged attention)."""
+    return Engine(build_chat_model(tokenizer), EngineConfig(**{"max_model_len": 256, **config}), tokenizer=tokenizer)
+
+
+def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]):
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    outputs: dict[str, list] = {}
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def _text(outs) -> str:
+    return "".join(o.text for o in outs)
+
+
+def _is_person(value) -> bool:
+    return (isinstance(value, dict) and set(value) <= {"name", "age", "tags"} and {"name", "age"} <= set(value)
+            and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and isinstance(value["age"], int) and 0 <= value["age"] <= 120
+            and all(t in ("a", "b") for t in value.get("tags", [])) and len(value.get("tags", [])) <= 3)
+
+
+def test_specs_become_grammars_and_bad_shapes_are_value_errors(tokenizer):
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    for kind, value in (("json", PERSON), ("json", json.dumps(PERSON)), ("regex", r"\d+"), ("choice", ["x", "y"]),
+                        ("grammar", 'start: "yes" | "no"')):
+        grammars.check(grammar_from_spec(kind, value))
+    for kind, value, match in (("json", [1], "must be an object"), ("json", "{not json", "Expecting"),
+                               ("regex", "", "non-empty"), ("choice", [], "non-empty"), ("choice", ["a", 1], "non-empty"),
+                               ("grammar", " ", "non-empty"), ("xml", "<a/>", "unknown structured output kind")):
+        with pytest.raises(ValueError, match=match):
+            grammar_from_spec(kind, value)
+    for kind, value in (("regex", "[unclosed"), ("grammar", "start: ?? bad"), ("json", {"type": "strin"})):
+        with pytest.raises(ValueError, match="invalid structured output"):
+            grammars.check(grammar_from_spec(kind, value))
+
+
+def test_outputs_follow_a_json_schema_a_regex_and_choices_greedy_and_sampled(tokenizer):
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person."}])
+    grammars = {"json": grammar_from_spec("json", PERSON), "regex": grammar_from_spec("regex", r"[0-9]{3}-[a-z]{2,5}"),
+                "choice": grammar_from_spec("choice", ["yes", "no", "maybe so"])}
+    requests = {f"{kind}-{seed}": (prompt, SamplingParams(max_tokens=120, temperature=0.0 if seed < 0 else 1.0,
+                                                          seed=seed if seed >= 0 else None, grammar=grammar))
+                for kind, grammar in grammars.items() for seed in (-1, 1, 2, 3)}
+    outputs = _run(_engine(tokenizer), requests)
+    for request_id, outs in outputs.items():
+        kind, text = request_id.split("-")[0], _text(outs)
+        assert outs[-1].finish_reason == "stop", (request_id, text)  # ended by the grammar, not max_tokens
+        if kind == "json":
+            assert _is_person(json.loads(text)), text
+        elif kind == "regex":
+            assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", text), text
+        else:
+            assert text in ("yes", "no", "maybe so")
+    free = _run(_engine(tokenizer), {"free": (prompt, SamplingParams(max_tokens=30, temperature=0.0))})
+    with pytest.raises(json.JSONDecodeError):  # the random model does not write JSON by itself
+        json.loads(_text(free["free"]))
+
+
+def test_reported_logprobs_are_the_models_own_and_choices_each_follow_the_grammar(tokenizer):
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Yes or no?"}])
+    grammar = grammar_from_spec("json", PERSON)
+    engine = _engine(tokenizer)
+    engine.add_request("c0", prompt, SamplingParams(max_tokens=80, temperature=1.0, seed=5, logprobs=0, grammar=grammar))
+    for i in (1, 2):
+        engine.add_request(f"c{i}", prompt, SamplingParams(max_tokens=80, temperature=1.0, seed=5 + i, grammar=grammar),
+                           share_prefill_with="c0")
+    outputs = _run(engine, {})
+    assert all(_is_person(json.loads(_text(outputs[f"c{i}"]))) for i in range(3))
+    tokens = [t for o in outputs["c0"] for t in o.new_token_ids]
+    with torch.inference_mode():
+        reference = torch.log_softmax(build_chat_model(tokenizer)(torch.tensor([prompt + tokens])).logits[0].double(), -1)
+    reported = [e.logprob for o in outputs["c0"] for e in o.logprobs]
+    assert reported == pytest.approx([float(reference[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)], abs=1e-4)
+
+
+def test_a_grammar_needs_a_tokenizer_and_excludes_min_tokens(tokenizer):
+    grammar = grammar_from_spec("regex", "a+")
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=64)).add_request(
+            "r", [5, 6], SamplingParams(grammar=grammar))
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=2, grammar=grammar)
+    with pytest.raises(ValueError, match="invalid structured output"):
+        _engine(tokenizer).add_request("r", [5, 6], SamplingParams(grammar=grammar_from_spec("regex", "(")))

@@ -113,11 +113,15 @@ async def play(send: Send, items: list[Conversation], concurrency: int, tag: str
     async def client() -> None:
         while queue:
             item = queue.pop()
-            messages = [{"role": "system", "content": item.system}] if item.system is not None else []
-            for turn, user in enumerate(item.users, start=1):
+            marker = f"(session {session}) "
+            system, users = item.system, list(item.users)
+            if system is not None:
+                system = marker + system
+            else:
+                users[0] = marker + users[0]
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            for turn, user in enumerate(users, start=1):
                 messages.append({"role": "user", "content": user})
-                messages[0] = {**messages[0], "content": f"(session {session}) {messages[0]['content']}"} \
-                    if turn == 1 else messages[0]
                 if count(messages) + item.max_tokens > max_model_len:
                     break
                 ttft, e2e, prompt_tokens, cached, text = await send(f"{tag}-{item.index}-{turn}", messages,

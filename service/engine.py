@@ -326,11 +326,10 @@ class Engine:
     def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
         reported log-probabilities stay the model's own)."""
-        rows = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
-        if not rows:
+        if all(seq.matcher is None for seq in sampled):
             return logits
         masked = logits.clone()
-        self._grammars.mask(masked, rows, [sampled[i].matcher for i in rows])
+        self._grammars.mask(masked, [seq.matcher for seq in sampled])
         return masked
 
     def _history(self, seq: _Sequence) -> History:
@@ -408,10 +407,10 @@ class Engine:
         best, source = 0, None
         if reusable:
             prompt, limit = seq.token_ids, seq.num_prompt_tokens - 1
-            candidates = [(slot, self._slot_tokens[slot]) for slot in self._free_slots if slot in self._slot_tokens]
-            candidates += [(s.slot, s.token_ids[:s.num_cached]) for s in self._running if s.num_cached]
-            for slot, tokens in candidates:
-                if tokens[0] == prompt[0] and (n := _common_prefix(prompt, tokens, limit)) > best:
+            candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
+            candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
+            for slot, tokens, cached in candidates:
+                if tokens[0] == prompt[0] and (n := _common_prefix(prompt, tokens, min(limit, cached))) > best:
                     best, source = n, slot
             self.prefix_cache_queries += seq.num_prompt_tokens
             self.prefix_cache_hits += best

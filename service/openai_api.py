@@ -123,17 +123,18 @@ class StructuredOutputs(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"exactly one of json, regex, choice, grammar is needed, got {len(given)}")
+        if len(self._given()) != 1:
+            raise ValueError(f"exactly one of json, regex, choice, grammar is needed, got {len(self._given())}")
         return self
 
+    def _given(self) -> list[tuple[str, Any]]:
+        """(kind, value) of every field set, kinds as `service.structured.grammar_from_spec` takes them."""
+        values = (("json", self.json_schema), ("regex", self.regex), ("choice", self.choice), ("grammar", self.grammar))
+        return [(kind, value) for kind, value in values if value is not None]
+
     def spec(self) -> tuple[str, Any]:
-        """(kind, value) as `service.structured.grammar_from_spec` takes them."""
-        for name, kind in (("json_schema", "json"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
-            if getattr(self, name) is not None:
-                return kind, getattr(self, name)
-        raise AssertionError("validated: exactly one is set")
+        """(kind, value) of the one field set."""
+        return self._given()[0]
 
 
 class _SamplingFields(_Strict):

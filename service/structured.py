@@ -3,7 +3,7 @@ or a Lark grammar, by masking every token that would leave the grammar before sa
 
 Owns the grammar text of a request (`grammar_from_spec`: llguidance's grammar format, built from what the
 OpenAI API's ``response_format`` or vLLM's ``structured_outputs`` names) and the per-engine `Grammars`,
-which checks a grammar against the model's tokenizer, makes one matcher per request and masks a step's
+which makes one matcher per request (refusing a grammar its tokenizer cannot follow) and masks a step's
 logits rows. llguidance (the backend vLLM, SGLang and llama.cpp offer too) does the parsing and the
 token masks. Ignores HTTP (the app maps its ValueErrors to 400s) and sampling itself.
 """
@@ -32,7 +32,7 @@ def grammar_from_spec(kind: str, value: Any) -> str:
 
     Raises:
         ValueError: unknown kind or a value of the wrong shape (the grammar itself is checked by
-            `Grammars.check`, against a tokenizer).
+            `Grammars.matcher`, against a tokenizer).
     """
     import llguidance
 
@@ -82,35 +82,29 @@ class Grammars:
                                                            eos_token=self._eos or None)
         return self._tokenizer
 
-    def check(self, grammar: str) -> None:
-        """Raises ValueError naming the problem if ``grammar`` is not valid for this tokenizer."""
-        import llguidance
-
-        error = llguidance.LLMatcher.validate_grammar(grammar, self._ll())
-        if error:
-            raise ValueError(f"invalid structured output: {error.strip()}")
-
     def matcher(self, grammar: str):
-        """A fresh matcher of ``grammar`` (checked first) at the start of a completion."""
+        """A fresh matcher of ``grammar`` at the start of a completion.
+
+        Raises:
+            ValueError: naming the problem, if ``grammar`` is not valid for this tokenizer.
+        """
         import llguidance
 
-        self.check(grammar)
         matcher = llguidance.LLMatcher(self._ll(), grammar)
         if matcher.is_error():
-            raise ValueError(f"invalid structured output: {matcher.get_error()}")
+            raise ValueError(f"invalid structured output: {matcher.get_error().strip()}")
         return matcher
 
-    def mask(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence) -> None:
-        """Set, in place, the logits of every token that ``matchers[i]`` does not allow next in row
-        ``rows[i]`` to -inf."""
+    def mask(self, logits: torch.Tensor, matchers: Sequence) -> None:
+        """Set, in place, the logits of row i's tokens that ``matchers[i]`` does not allow next to -inf
+        (rows whose matcher is None keep every token)."""
         import llguidance.torch as llt
 
-        bitmask = llt.allocate_token_bitmask(len(rows), self._vocab_size)
+        bitmask = llt.allocate_token_bitmask(len(matchers), self._vocab_size)  # every token allowed
         for i, matcher in enumerate(matchers):
-            llt.fill_next_token_bitmask(matcher, bitmask, i)
-        selected = logits[list(rows)]
-        llt.apply_token_bitmask_inplace(selected, bitmask)
-        logits[list(rows)] = selected
+            if matcher is not None:
+                llt.fill_next_token_bitmask(matcher, bitmask, i)
+        llt.apply_token_bitmask_inplace(logits, bitmask)
 
 
 def advance(matcher, token: int) -> bool:

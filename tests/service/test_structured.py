@@ -55,7 +55,7 @@ def test_specs_become_grammars_and_bad_shapes_are_value_errors(tokenizer):
     grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
     for kind, value in (("json", PERSON), ("json", json.dumps(PERSON)), ("regex", r"\d+"), ("choice", ["x", "y"]),
                         ("grammar", 'start: "yes" | "no"')):
-        grammars.check(grammar_from_spec(kind, value))
+        grammars.matcher(grammar_from_spec(kind, value))
     for kind, value, match in (("json", [1], "must be an object"), ("json", "{not json", "Expecting"),
                                ("regex", "", "non-empty"), ("choice", [], "non-empty"), ("choice", ["a", 1], "non-empty"),
                                ("grammar", " ", "non-empty"), ("xml", "<a/>", "unknown structured output kind")):
@@ -63,7 +63,7 @@ def test_specs_become_grammars_and_bad_shapes_are_value_errors(tokenizer):
             grammar_from_spec(kind, value)
     for kind, value in (("regex", "[unclosed"), ("grammar", "start: ?? bad"), ("json", {"type": "strin"})):
         with pytest.raises(ValueError, match="invalid structured output"):
-            grammars.check(grammar_from_spec(kind, value))
+            grammars.matcher(grammar_from_spec(kind, value))
 
 
 def test_outputs_follow_a_json_schema_a_regex_and_choices_greedy_and_sampled(tokenizer):

@@ -45,12 +45,34 @@ WORKLOADS_DIR = REPO_ROOT / "load_tests" / "workloads"
 MAX_FOLDER_BYTES = 16 * 2**20
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# ChatML; with tools, Qwen2.5's Hermes tool format (the tool calls service.tools parses). A conversation
+# without tools renders as plain ChatML, as the model was trained.
+CHAT_TEMPLATE = r"""
+{%- if tools %}
+{{- '<|im_start|>system\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}
+{{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}
+{{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message['role'] == 'system' and loop.first and tools %}
+{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}
+{{- '<|im_start|>assistant\n' + (message['content'] or '') }}
+{%- for call in message['tool_calls'] %}
+{%- set fn = call['function'] if call['function'] is defined else call %}
+{%- if message['content'] or not loop.first %}{{- '\n' }}{%- endif %}
+{{- '<tool_call>\n{"name": ' + (fn['name'] | tojson) + ', "arguments": ' + (fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson)) + '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif message['role'] == 'tool' %}
+{{- '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}
+{%- else %}
+{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+""".strip()
 # Pure-Python CPython modules whose source feeds the code prompts (never the training corpus).
 STDLIB_CODE_MODULES = (
     "textwrap", "heapq", "bisect", "fnmatch", "colorsys", "shlex", "string", "queue", "graphlib",

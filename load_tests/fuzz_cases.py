@@ -154,7 +154,18 @@ def cases(model: str) -> list[FuzzCase]:
         chat_with("logit-bias-beyond-the-vocabulary", logit_bias={str(10**9): 1}),
         FuzzCase("presence-penalty-nan", body=_json(chat).replace(b'"max_tokens": 4',
                                                                   b'"max_tokens": 4, "presence_penalty": NaN')),
-        chat_with("tools", tools=[{"type": "function", "function": {"name": "rm", "parameters": {}}}]),
+        chat_with("tools-not-functions", tools=[{"type": "code_interpreter"}]),
+        chat_with("tools-bad-name", tools=[{"type": "function", "function": {"name": "rm -rf /"}}]),
+        chat_with("tools-duplicate-names", tools=[{"type": "function", "function": {"name": "rm"}}] * 2),
+        chat_with("tools-too-many", tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]),
+        chat_with("tool-choice-required-without-tools", tool_choice="required"),
+        chat_with("tool-choice-unknown-function", tools=[{"type": "function", "function": {"name": "rm"}}],
+                  tool_choice={"type": "function", "function": {"name": "sudo"}}),
+        chat_with("tool-choice-bad-schema", tool_choice="required", tools=[
+            {"type": "function", "function": {"name": "rm", "parameters": {"type": "strin"}}}]),
+        chat_with("tools-and-response-format", tools=[{"type": "function", "function": {"name": "rm"}}],
+                  response_format={"type": "json_object"}),
+        chat_with("functions-legacy", functions=[{"name": "rm"}]),
         chat_with("response-format-unknown-type", response_format={"type": "xml"}),
         chat_with("response-format-schema-missing", response_format={"type": "json_schema"}),
         chat_with("response-format-schema-invalid", response_format={
@@ -188,7 +199,12 @@ def cases(model: str) -> list[FuzzCase]:
         chat_with("messages-empty", messages=[]),
         chat_with("messages-null-item", messages=[None]),
         chat_with("role-unknown", messages=[{"role": "root", "content": "hi"}]),
-        chat_with("role-tool", messages=[{"role": "tool", "content": "hi", "tool_call_id": "1"}]),
+        chat_with("role-tool-without-call-id", messages=[{"role": "tool", "content": "hi"}]),
+        chat_with("role-function", messages=[{"role": "function", "name": "f", "content": "hi"}]),
+        chat_with("tool-calls-on-a-user-message", messages=[{"role": "user", "content": "hi", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+        chat_with("tool-call-without-arguments", messages=[{"role": "assistant", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f"}}]}, {"role": "user", "content": "hi"}]),
         chat_with("content-number", messages=[{"role": "user", "content": 123}]),
         chat_with("content-object", messages=[{"role": "user", "content": {"text": "hi"}}]),
         chat_with("content-image-part", messages=[{"role": "user", "content": [

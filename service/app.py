@@ -2,9 +2,9 @@
 
 Owns the routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` with SSE streaming,
 ``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``), fanning a request's prompts and choices out
-to engine requests and merging them back, the response formats (log-probabilities, echo), the request
-body size limit, client-disconnect handling (a request whose client is gone is aborted, every choice of
-it) and wiring every error through `openai_api.error_response`. Ignores authentication and admin routes
+to engine requests and merging them back, the response formats (log-probabilities, echo, tool calls),
+the request body size limit, client-disconnect handling (a request whose client is gone is aborted,
+every choice of it) and wiring every error through `openai_api.error_response`. Ignores authentication and admin routes
 (an extra router can be mounted), and the engine's internals.
 """
 
@@ -47,6 +47,8 @@ from service.openai_api import (
     CompletionRequest,
     CompletionResponse,
     Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -54,6 +56,7 @@ from service.openai_api import (
     TokenizeRequest,
     TokenizeResponse,
     TokenLogprob,
+    ToolCallOut,
     TopLogprob,
     Usage,
     error_body,
@@ -62,6 +65,7 @@ from service.openai_api import (
 )
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
+from service.tools import ToolCall, ToolSetup
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
@@ -153,8 +157,9 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
-        prompt = apply_chat_template(self.engine.tokenizer, body.template_messages())
-        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1)
+        prompt = apply_chat_template(self.engine.tokenizer, body.template_messages(), tools=body.template_tools())
+        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
+                          tools=body.tool_setup())
         return await self._generate(request, body, [prompt], fmt, timer)
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -162,7 +167,7 @@ class _Server:
             self._check_model(body.model)
         tokenizer = self.engine.tokenizer
         if body.messages is not None:
-            ids = apply_chat_template(tokenizer, body.template_messages(),
+            ids = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
                                       add_generation_prompt=body.add_generation_prompt)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -505,32 +510,71 @@ def _joined(head: CompletionLogprobs | None, tail: CompletionLogprobs | None) ->
 
 
 class _ChatFormat(_Format):
+    """The chat endpoint. With ``tools``, each choice's text is split into content and tool calls (a
+    stream sends a call once its block is complete; a named call's arguments as they come), and a
+    choice that called a tool of its own accord ends with ``finish_reason: "tool_calls"``."""
+
     prefix = "chatcmpl"
+
+    def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, *,
+                 tools: ToolSetup | None = None) -> None:
+        super().__init__(model, pieces, n)
+        self.tools = tools
+        self._parsers = [tools.stream() for _ in range(self.num_choices)] if tools is not None else None
+        self._announced: list[dict[str, int]] = [{} for _ in range(self.num_choices)]  # call id -> delta index
 
     def start_chunks(self) -> list[ChatCompletionChunk]:
         return [self._make([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
                 for i in range(self.num_choices)]
 
     def response(self, results: Sequence[_Choice]) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.last.finish_reason,
-                              logprobs=self._logprobs(r.logprobs))
-                   for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            content, _ = self._split(i, r.text, final=True)
+            calls = self._parsers[i].calls if self._parsers is not None else []
+            message = AssistantMessage(content=content if content or not calls else None,
+                                       tool_calls=[ToolCallOut.of(call) for call in calls] or None)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=self._finish_reason(i, r.last),
+                                      logprobs=self._logprobs(r.logprobs)))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=self._usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
-        if not out.text and not out.finished:
+        content, calls = self._split(index, out.text, final=out.finished)
+        if not content and not calls and not out.finished:
             self._hold(index, out)
             return []
         logprobs = self._logprobs(self._take_pending(index, out))
         chunks = []
-        if out.text:
-            chunks.append(self._make([ChatChunkChoice(index=index, delta=Delta(content=out.text), logprobs=logprobs)]))
+        if content or calls:
+            delta = Delta(content=content or None, tool_calls=[self._delta(index, call) for call in calls] or None)
+            chunks.append(self._make([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)]))
             logprobs = None
         if out.finished:
-            chunks.append(self._make([ChatChunkChoice(index=index, delta=Delta(), finish_reason=out.finish_reason,
+            chunks.append(self._make([ChatChunkChoice(index=index, delta=Delta(),
+                                                      finish_reason=self._finish_reason(index, out),
                                                       logprobs=logprobs)]))
         return chunks
+
+    def _split(self, index: int, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        """Choice ``index``'s next text as (content, tool calls completed or continued by it)."""
+        if self._parsers is None:
+            return text, []
+        return self._parsers[index].push(text, final)
+
+    def _delta(self, index: int, call: ToolCall) -> DeltaToolCall:
+        announced = self._announced[index]
+        if call.id in announced:
+            return DeltaToolCall(index=announced[call.id], function=DeltaFunctionCall(arguments=call.arguments))
+        announced[call.id] = len(announced)
+        return DeltaToolCall(index=announced[call.id], id=call.id, type="function",
+                             function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+
+    def _finish_reason(self, index: int, last: StepOutput) -> str | None:
+        """The choice's finish reason: "tool_calls" when it ended of its own accord after calling a tool (a
+        forced call of a named function ends with "stop", as OpenAI's does)."""
+        called = self._parsers is not None and self.tools.choice != "named" and self._parsers[index].calls
+        return "tool_calls" if called and last.finish_reason == "stop" else last.finish_reason
 
     def usage_chunk(self, lasts: Sequence[StepOutput]) -> ChatCompletionChunk:
         return self._make([], self._usage(lasts))

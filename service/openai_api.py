@@ -10,6 +10,7 @@ neutral values. Ignores routing, tokenisation and the engine.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any, Literal
 
@@ -39,6 +40,7 @@ from service.sampling import (
     SamplingParams,
 )
 from service.structured import grammar_from_spec
+from service.tools import ToolCall, ToolSetup
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,11 @@ RETRY_AFTER_S = 1
 MAX_N = 16  # choices per prompt (each its own engine request, sharing the first one's prefill)
 MAX_PROMPTS = 32  # prompts in one completions request
 MAX_CHOICES = 64  # prompts x n: engine requests one HTTP request may start
+MAX_TOOLS = 128  # functions one request may offer (OpenAI's limit)
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
     "best_of": (None, 1), "suffix": (None, ""),
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none", "auto"),
     "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
@@ -233,17 +235,86 @@ class TextPart(_Strict):
     text: Text
 
 
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallIn(_Strict):
+    """A tool call of an earlier assistant message, sent back as conversation history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    """One message; ``tool_calls`` only on an assistant message (whose content may then be null), and a
+    ``tool`` message (a call's result) names its call in ``tool_call_id``."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: str | None = None
     refusal: None = None
-    tool_calls: list[Any] | None = Field(default=None, max_length=0)
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls are only allowed on assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message may have one")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates expect it (``developer`` is a system message; a tool call's
+        arguments a dict when they are a JSON object, as Hugging Face templates render them)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": _json_object_or_text(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_object_or_text(text: str) -> dict | str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none (or {}) takes no arguments
+    strict: bool | None = None  # always honoured when the call is forced (tool_choice required or named)
+
+    def schema(self) -> dict[str, Any]:
+        return self.parameters or {"type": "object", "properties": {}}
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -253,11 +324,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
     service_tier: Any = None
     store: Any = None
     metadata: Any = None
@@ -275,13 +346,44 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("only allowed with logprobs: true")
         return value
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return _template_messages(self.messages)
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
+        return tools
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: str | NamedToolChoice | None, info) -> str | NamedToolChoice | None:
+        if "tools" not in info.data:  # tools failed validation: that error is reported
+            return choice
+        names = [tool.function.name for tool in info.data["tools"] or ()]
+        if choice == "required" and not names:
+            raise ValueError("'required' needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names the function {choice.function.name!r}, which is not in tools")
+        return choice
 
-def _template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template expects them (``developer`` is a system message)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The offered functions for the chat template (none when the model may not call them)."""
+        if self.tool_setup() is None:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def tool_setup(self) -> ToolSetup | None:
+        """What the model may call (None: no tools, or ``tool_choice: "none"``)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        parameters = {tool.function.name: tool.function.schema() for tool in self.tools}
+        parallel = self.parallel_tool_calls is not False
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ToolSetup(parameters, "named", self.tool_choice.function.name, parallel)
+        return ToolSetup(parameters, self.tool_choice or "auto", parallel=parallel)
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
@@ -316,10 +418,18 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
-    """The request's structured output as grammar text (None: free text)."""
+    """The request's structured output, or its forced tool call, as grammar text (None: free text)."""
     fmt, structured = request.response_format, request.structured_outputs
     if fmt is not None and fmt.type != "text" and structured is not None:
         raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
+    tools = request.tool_setup() if isinstance(request, ChatCompletionRequest) else None
+    if tools is not None and (structured is not None or (fmt is not None and fmt.type != "text")):
+        raise APIError(400, "tools cannot be combined with response_format or structured_outputs (unless "
+                       "tool_choice is 'none')", param="tools")
+    if tools is not None and tools.choice != "auto":
+        if request.min_tokens:
+            raise APIError(400, "min_tokens cannot be combined with a forced tool call", param="min_tokens")
+        return tools.grammar()
     if structured is not None:
         kind, value = structured.spec()
         param = "structured_outputs"
@@ -395,9 +505,30 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @staticmethod
+    def of(call: ToolCall) -> ToolCallOut:
+        return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _unless_none(default=None, **kwargs):
+    """A field left out of the JSON when None (OpenAI leaves out what does not apply)."""
+    return Field(default=default, exclude_if=lambda value: value is None, **kwargs)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = _unless_none()
 
 
 class TopLogprob(BaseModel):
@@ -418,7 +549,7 @@ class ChatLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: ChatLogprobs | None = None
 
 
@@ -431,15 +562,30 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = _unless_none()  # in a call's first delta only
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of one tool call; the first one of a call carries its id, type and name."""
+
+    index: int
+    id: str | None = _unless_none()
+    type: Literal["function"] | None = _unless_none()
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = _unless_none()
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 
@@ -472,8 +618,13 @@ class TokenizeRequest(_Strict):
             raise ValueError("give exactly one of prompt and messages")
         return self
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return _template_messages(self.messages or [])
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages or ()]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
 
 
 class TokenizeResponse(BaseModel):

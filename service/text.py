@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -21,12 +22,16 @@ _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first completion to
 _INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], *,
-                        add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *,
+                        add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
+                        ) -> list[int]:
     """Prompt token ids of a conversation, by default ending with the assistant's generation prompt.
 
     Args:
-        messages: ``[{"role": ..., "content": ...}, ...]``, at least one.
+        messages: ``[{"role": ..., "content": ...}, ...]``, at least one (assistant messages may carry
+            ``tool_calls``, tool messages ``tool_call_id``).
+        tools: the functions the model may call, OpenAI's ``tools`` entries; the template renders them
+            (a template without tool support ignores them).
 
     Raises:
         ValueError: no messages, no chat template, or the template rejects the conversation.
@@ -37,7 +42,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
         raise ValueError("the model's tokenizer has no chat template")
     try:
         encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                tokenize=True)
+                                                tokenize=True, tools=list(tools) if tools else None)
     except TemplateError as exc:
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5

@@ -148,6 +148,38 @@ def test_a_json_schema_response_format_through_the_expert_workers(client):
     assert response.choices[0].finish_reason == "stop"
 
 
+def test_tool_calls_and_their_results_through_the_expert_workers(client, reference):
+    model, tokenizer = reference
+    weather = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {
+        "type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "forecast", "description": "Weather forecast",
+                                               "parameters": weather}}]
+    messages = [{"role": "user", "content": "Will it rain in Oslo this week?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=60, temperature=0)
+    (call,) = first.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "forecast"
+    assert arguments["city"] in ("Paris", "Oslo") and 1 <= arguments["days"] <= 7
+    forced = {"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 60, "temperature": 0,
+              "tool_choice": {"type": "function", "function": {"name": "forecast"}}}
+    named = client.chat.completions.create(**forced).choices[0]
+    assert named.finish_reason == "stop" and named.message.tool_calls[0].function.name == "forecast"
+    chunks = list(client.chat.completions.create(**forced, stream=True))
+    streamed = "".join(c.choices[0].delta.tool_calls[0].function.arguments for c in chunks
+                       if c.choices and c.choices[0].delta.tool_calls)
+    assert streamed == named.message.tool_calls[0].function.arguments and json.loads(streamed)["days"] in range(1, 8)
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Rain on Tuesday."}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=12, temperature=0)
+    messages[1]["tool_calls"][0]["function"]["arguments"] = arguments  # as the server hands the template
+    ids = apply_chat_template(tokenizer, messages, tools=tools)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert second.choices[0].message.content == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert second.usage.prompt_tokens == len(ids)
+
+
 def test_sixteen_concurrent_streams_complete_with_usage(url):
     async def one(aclient, i: int) -> tuple[int, int]:
         stream = await aclient.chat.completions.create(

@@ -22,6 +22,10 @@ from service.openai_api import (
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def _tool(name: str, parameters: dict | None = None) -> dict:
+    return {"type": "function", "function": {"name": name, **({"parameters": parameters} if parameters else {})}}
+
+
 def _rejection(model, body: dict) -> tuple[int, dict]:
     with pytest.raises(ValidationError) as info:
         model.model_validate(body)
@@ -43,7 +47,18 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
     ({"structured_outputs": {"yaml": "a: 1"}}, "structured_outputs"),
     ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 5}, "stop"),
-    ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
+    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f"}}]}]}, "messages.0"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"), ({"tools": [_tool("f"), _tool("f")]}, "tools"),
+    ({"tools": [_tool(f"f{i}") for i in range(129)]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "sometimes"}, "tool_choice"), ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
+    ({"tools": [_tool("f")], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
     ({"max_tokens": "many"}, "max_tokens"),
 ])
@@ -170,3 +185,56 @@ def test_invalid_json_is_a_400():
         ChatCompletionRequest.model_validate_json(b"{not json")
     status, body = error_body(info.value)
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+# --- tools -----------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_tool_history_reaches_the_template_with_dict_arguments():
+    request = ChatCompletionRequest.model_validate({**CHAT, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "w", "arguments": "not json"}}]},
+        {"role": "tool", "content": "-3 C", "tool_call_id": "c1"}]})
+    assert request.template_messages()[1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": {"city": "Oslo"}}},
+            {"id": "c2", "type": "function", "function": {"name": "w", "arguments": "not json"}}]},
+        {"role": "tool", "content": "-3 C", "tool_call_id": "c1"}]
+
+
+@pytest.mark.parametrize("choice, parallel, expected", [
+    (None, None, ("auto", None, True)), ("auto", False, ("auto", None, False)), ("required", None, ("required", None, True)),
+    ({"type": "function", "function": {"name": "w"}}, None, ("named", "w", True)),
+])
+def test_tool_setup_of_each_choice(choice, parallel, expected):
+    body = {**CHAT, "tools": [_tool("w", WEATHER), _tool("now")], "tool_choice": choice, "parallel_tool_calls": parallel}
+    request = ChatCompletionRequest.model_validate(body)
+    setup = request.tool_setup()
+    assert (setup.choice, setup.name, setup.parallel) == expected
+    assert setup.parameters == {"w": WEATHER, "now": {"type": "object", "properties": {}}}
+    assert [t["function"]["name"] for t in request.template_tools()] == ["w", "now"]
+    grammar = sampling_params(request, 3, 100).grammar
+    assert (grammar is None) == (expected[0] == "auto")
+
+
+@pytest.mark.parametrize("body", [{}, {"tools": []}, {"tools": [_tool("w")], "tool_choice": "none"}])
+def test_no_tool_setup_without_callable_tools(body):
+    request = ChatCompletionRequest.model_validate({**CHAT, **body})
+    assert request.tool_setup() is None and request.template_tools() is None
+    assert sampling_params(request, 3, 100).grammar is None
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tools"),
+    ({"structured_outputs": {"regex": "a"}}, "tools"),
+    ({"tool_choice": "required", "min_tokens": 2}, "min_tokens"),
+])
+def test_tool_rejections_at_sampling(body, param):
+    request = ChatCompletionRequest.model_validate({**CHAT, "tools": [_tool("w", WEATHER)], **body})
+    with pytest.raises(APIError) as info:
+        sampling_params(request, 3, 100)
+    assert info.value.status == 400 and info.value.param == param

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from deploy.build_default_model import CHAT_TEMPLATE  # ChatML, with Hermes tool calls
 from service.text import (
     IncrementalDetokenizer,
     StopStringMatcher,
@@ -23,11 +24,6 @@ from service.text import (
     apply_chat_template,
 )
 from tests.tiny_models import tiny_config
-
-CHAT_TEMPLATE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:

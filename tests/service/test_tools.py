@@ -1,0 +1,317 @@
+"""Tool calling (service/tools.py): the Hermes parser, forced calls on the engine, and the chat endpoint
+over HTTP with the official `openai` client, on a random tiny chat model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.app import _ChatFormat, create_app, serve_locally
+from service.engine import StepOutput
+from service.sampling import SamplingParams
+from service.text import apply_chat_template
+from service.tools import NamedCallStream, ToolCallStream, ToolSetup
+from tests.service.test_app import _start_engine
+from tests.service.test_structured import _engine, _run, _text
+from tests.service.test_text import build_tokenizer
+
+MODEL = "vibe-test"
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+CLOCK = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+         "required": ["zone"], "additionalProperties": False}
+SCHEMAS = {"get_weather": WEATHER, "now": CLOCK}
+TOOLS = [{"type": "function", "function": {"name": name, "description": f"the {name} function", "parameters": schema}}
+         for name, schema in SCHEMAS.items()]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+MIXED = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
+         '</tool_call>\n<tool_call>\n{"name": "now", "arguments": {"zone": 1}}\n</tool_call>\n')
+
+
+def _feed(parser, pieces: list[str]) -> tuple[str, list]:
+    content, calls = [], []
+    for i, piece in enumerate(pieces):
+        text, new = parser.push(piece, final=i == len(pieces) - 1)
+        content.append(text)
+        calls += new
+    return "".join(content), calls
+
+
+def _calls(text: str, names=tuple(SCHEMAS), parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
+    content, calls = _feed(ToolCallStream(names, parallel), [text])
+    return content, [(call.name, json.loads(call.arguments)) for call in calls]
+
+
+# --- the parser ----------------------------------------------------------------------------------------
+
+
+def test_content_and_calls_of_a_hermes_completion():
+    content, calls = _calls(MIXED)
+    assert content == "Let me check."
+    assert calls == [("get_weather", {"city": "Paris", "unit": "C"}), ("now", {"zone": 1})]
+    assert _calls("no call at all, <tool> or <tool_call") == ("no call at all, <tool> or <tool_call", [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, len(MIXED) + 40), max_size=12))
+def test_any_chunking_gives_what_the_whole_text_gives(cuts):
+    text = MIXED + 'And <tool_call>{"name": "nope"}</tool_call> done. <tool_call>{"name"'
+    bounds = [0, *sorted(min(c, len(text)) for c in cuts), len(text)]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    whole_content, whole_calls = _feed(ToolCallStream(SCHEMAS), [text])
+    content, calls = _feed(ToolCallStream(SCHEMAS), pieces)
+    assert content == whole_content == ('Let me check.And <tool_call>{"name": "nope"}</tool_call> done. '
+                                        '<tool_call>{"name"')
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
+    assert len({c.id for c in calls}) == 2
+
+
+@pytest.mark.parametrize("block", [
+    "not json", '["get_weather", {}]', '{"name": "rm", "arguments": {}}', '{"name": "now", "arguments": "zone=1"}',
+])
+def test_blocks_that_are_not_calls_of_offered_functions_stay_content(block):
+    text = f"a <tool_call>{block}</tool_call> b"
+    assert _calls(text) == (text, [])
+
+
+def test_a_partial_tag_is_held_back_until_it_cannot_be_a_call():
+    parser = ToolCallStream(SCHEMAS)
+    assert parser.push("It is <tool") == ("It is", [])  # the space too: a call would drop it
+    assert parser.push("s here") == (" <tools here", [])
+    assert parser.push(" <tool_c") == ("", [])
+    assert parser.push("", final=True) == (" <tool_c", [])
+
+
+def test_parameters_key_and_one_call_without_parallel_calls():
+    text = '<tool_call>{"name": "now", "parameters": {"zone": 3}}</tool_call>' + MIXED
+    assert _calls(text, parallel=False) == ("Let me check.", [("now", {"zone": 3})])
+
+
+def test_a_named_call_streams_its_arguments():
+    parser = NamedCallStream("now")
+    assert [c.arguments for c in _feed(parser, ['{"zo', 'ne":', "", "2}"])[1]] == ['{"zo', 'ne":', "2}"]
+    assert parser.calls[0].arguments == '{"zone":2}' and parser.calls[0].name == "now"
+
+
+# --- forced calls on the engine -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_forced_calls_follow_the_schemas_greedy_and_sampled(tokenizer):
+    prompt = apply_chat_template(tokenizer, ASK)
+    setups = {"required": ToolSetup(SCHEMAS, "required"), "single": ToolSetup(SCHEMAS, "required", parallel=False),
+              "named": ToolSetup(SCHEMAS, "named", "now")}
+    requests = {f"{kind}-{seed}": (prompt, SamplingParams(max_tokens=200, temperature=0.0 if seed < 0 else 1.0,
+                                                          seed=seed if seed >= 0 else None, grammar=setup.grammar()))
+                for kind, setup in setups.items() for seed in (-1, 1, 2, 3)}
+    outputs = _run(_engine(tokenizer), requests)
+    for request_id, outs in outputs.items():
+        kind, text = request_id.split("-")[0], _text(outs)
+        if kind == "required" and outs[-1].finish_reason == "length":
+            # parallel calls: the random model may go on calling until max_tokens; every finished call counts
+            text = text[:text.rindex("</tool_call>") + len("</tool_call>")]
+        else:
+            assert outs[-1].finish_reason == "stop", (request_id, text)  # complete: ended by the grammar
+        if kind == "named":
+            jsonschema.validate(json.loads(text), CLOCK)
+            continue
+        content, calls = _calls(text)
+        assert content == "" and calls and (kind == "required" or len(calls) == 1), text
+        for name, arguments in calls:
+            jsonschema.validate(arguments, SCHEMAS[name])
+    assert any(outs[-1].finish_reason == "stop" and _text(outs).count("<tool_call>") > 1
+               for request_id, outs in outputs.items() if request_id.startswith("required")), "no parallel calls"
+
+
+ADDRESS = {"$defs": {"Address": {"type": "object", "properties": {
+    "zip": {"type": "integer", "minimum": 1000, "maximum": 9999},
+    "next": {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}]}}, "required": ["zip", "next"],
+    "additionalProperties": False}}, "type": "object", "properties": {"home": {"$ref": "#/$defs/Address"}},
+    "required": ["home"], "additionalProperties": False}
+TREE = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"},
+                                                                              "maxItems": 2}},
+        "required": ["v", "kids"], "additionalProperties": False}
+
+
+def test_required_calls_keep_each_schemas_references(tokenizer):
+    """Pydantic's schemas keep nested models in $defs: each function's move into the one call schema."""
+    from service.structured import Grammars
+
+    grammars, schemas = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id]), {"move": ADDRESS, "tree": TREE}
+    grammar = ToolSetup(schemas, "required", parallel=False).grammar()
+    called = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        matcher, ids = grammars.matcher(grammar), []
+        while not matcher.is_stopped() and len(ids) < 400:
+            logits = torch.randn(1, len(tokenizer))
+            logits[0, tokenizer.eos_token_id] += 3.0  # end nested lists and objects early
+            grammars.mask(logits, [matcher])
+            ids.append(int(logits.argmax()))
+            assert matcher.consume_token(ids[-1])
+        if not matcher.is_stopped():
+            continue
+        content, calls = _feed(ToolCallStream(schemas), [tokenizer.decode(ids, skip_special_tokens=True)])
+        assert content == "" and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])
+        called.add(calls[0].name)
+    assert called == {"move", "tree"}
+
+
+def test_a_forced_call_needs_a_compilable_schema(tokenizer):
+    from service.structured import Grammars
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    for setup in (ToolSetup({"f": {"type": "strin"}}, "required"), ToolSetup({"f": {"type": "strin"}}, "named", "f")):
+        with pytest.raises(ValueError, match="invalid structured output"):
+            grammars.matcher(setup.grammar())
+
+
+# --- the chat format -----------------------------------------------------------------------------------
+
+
+def _outputs(pieces: list[str], reason: str) -> list[StepOutput]:
+    return [StepOutput("r", (i,), piece, i == len(pieces) - 1, reason if i == len(pieces) - 1 else None, 5, i + 1)
+            for i, piece in enumerate(pieces)]
+
+
+@pytest.mark.parametrize("reason, expected", [("stop", "tool_calls"), ("length", "length")])
+def test_chat_format_splits_calls_from_content_in_responses_and_chunks(reason, expected):
+    from service.app import _Choice
+
+    pieces = [MIXED[i:i + 7] for i in range(0, len(MIXED), 7)]
+    outs = _outputs(pieces, reason)
+    response = _ChatFormat(MODEL, tools=ToolSetup(SCHEMAS, "auto")).response([_Choice(MIXED, outs[-1], ())])
+    message = response.choices[0].message
+    assert (message.content, response.choices[0].finish_reason) == ("Let me check.", expected)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == _calls(MIXED)[1]
+    stream_format = _ChatFormat(MODEL, tools=ToolSetup(SCHEMAS, "auto"))
+    chunks = [chunk.model_dump(mode="json") for out in outs for chunk in stream_format.chunks(0, out)]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d["content"] or "" for d in deltas) == "Let me check."
+    calls = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"], c["id"] == m.id) for c, m in zip(calls, message.tool_calls)] == [
+        (0, "get_weather", False), (1, "now", False)]  # fresh ids per format, each call announced once, whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected
+    plain = _ChatFormat(MODEL).response([_Choice(MIXED, outs[-1], ())])
+    assert plain.choices[0].message.content == MIXED and "tool_calls" not in plain.model_dump(mode="json")["choices"][0]
+
+
+# --- over HTTP -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    engine = _start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
+    try:
+        with serve_locally(create_app(engine, served_model_name=MODEL)) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client, **kwargs):
+    return client.chat.completions.create(**{"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 200,
+                                             "temperature": 0, **kwargs})
+
+
+def _streamed(client, **kwargs) -> tuple[str | None, list[tuple[str, str]], str]:
+    """Content, calls (name, arguments) and finish reason of a streamed request, assembled from deltas."""
+    content, calls, finish = [], {}, None
+    for chunk in _chat(client, stream=True, **kwargs):
+        choice = chunk.choices[0]
+        content.append(choice.delta.content or "")
+        for delta in choice.delta.tool_calls or ():
+            name, arguments = calls.get(delta.index, (None, ""))
+            calls[delta.index] = (delta.function.name or name, arguments + (delta.function.arguments or ""))
+        finish = choice.finish_reason or finish
+    return "".join(content) or None, [calls[i] for i in sorted(calls)], finish
+
+
+def test_required_calls_over_http_streamed_and_not(client):
+    reply = _chat(client, tool_choice="required", parallel_tool_calls=False)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None and choice.message.tool_calls
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    for (name, arguments), call in zip(calls, choice.message.tool_calls):
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        assert call.id.startswith("call_") and call.type == "function"
+    assert _streamed(client, tool_choice="required", parallel_tool_calls=False) == (None, calls, "tool_calls")
+    several = _chat(client, tool_choice="required", n=3, temperature=1.0, seed=7, parallel_tool_calls=False)
+    assert [len(c.message.tool_calls) for c in several.choices] == [1, 1, 1]
+    assert all(c.finish_reason == "tool_calls" for c in several.choices)
+
+
+def test_a_named_call_over_http_streams_its_arguments(client):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    reply = _chat(client, tool_choice=choice).choices[0]
+    (call,) = reply.message.tool_calls
+    assert reply.finish_reason == "stop" and reply.message.content is None and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert _streamed(client, tool_choice=choice) == (None, [("get_weather", call.function.arguments)], "stop")
+
+
+def test_auto_passes_text_through_when_the_model_calls_nothing(client, server):
+    tokens = httpx.post(f"{server}/tokenize", json={"messages": ASK, "tools": TOOLS}).json()["tokens"]
+    plain = client.completions.create(model=MODEL, prompt=tokens, max_tokens=40, temperature=0).choices[0]
+    reply = _chat(client, max_tokens=40).choices[0]  # tool_choice defaults to auto with tools
+    assert "<tool_call>" not in plain.text  # the random model writes no call of its own accord
+    assert (reply.message.content, reply.message.tool_calls, reply.finish_reason) == (plain.text, None,
+                                                                                     plain.finish_reason)
+
+
+def test_a_conversation_sends_calls_and_results_back(client, server):
+    response = _chat(client, tool_choice="required", parallel_tool_calls=False)
+    first, first_usage = response.choices[0].message, response.usage
+    history = [*ASK, first, {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "22 C, sunny"}]
+    reply = _chat(client, messages=history, max_tokens=5)
+    sent = [*ASK, first.model_dump(exclude_none=True), history[-1]]
+    tokenized = httpx.post(f"{server}/tokenize", json={"messages": sent, "tools": TOOLS}).json()
+    assert reply.usage.prompt_tokens == tokenized["count"]
+    rendered = httpx.post(f"{server}/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]
+    call = first.tool_calls[0].function
+    arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)  # the template renders the dict
+    assert f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>' in rendered
+    assert "<tool_response>\n22 C, sunny\n</tool_response>" in rendered
+    # the first turn's prompt and the start of its call come from the prefix cache: the template renders the
+    # call's text as it was generated (the random model's forced tokens are not always BPE's own, so the
+    # re-tokenised call parts from them somewhere)
+    assert reply.usage.prompt_tokens_details.cached_tokens > first_usage.prompt_tokens
+
+
+def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client):
+    without = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0)
+    assert _chat(client, tool_choice="none", max_tokens=3).usage.prompt_tokens == without.usage.prompt_tokens
+    assert _chat(client, max_tokens=3).usage.prompt_tokens > without.usage.prompt_tokens + 100
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"tool_choice": {"type": "function", "function": {"name": "rm"}}}, "tool_choice", "not in tools"),
+    ({"tools": TOOLS * 2}, "tools", "unique"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tools", "cannot be combined"),
+    ({"tool_choice": "required", "min_tokens": 3}, "min_tokens", "forced tool call"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+      "tool_choice": "required"}, None, "invalid structured output"),
+    ({"messages": [{"role": "tool", "content": "22 C"}]}, "messages.0", "tool_call_id"),
+])
+def test_bad_tool_requests_are_400s_naming_the_problem(server, body, param, message):
+    response = httpx.post(f"{server}/v1/chat/completions",
+                          json={"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 5, **body})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param and message in error["message"], error

@@ -255,9 +255,13 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: str | None = None
-    refusal: None = None
     tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = None
+    # null in a response message sent back whole (the openai client's ``message.model_dump()``)
+    refusal: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: None = None
 
     @model_validator(mode="after")
     def _tool_fields_by_role(self) -> ChatMessage:

@@ -281,7 +281,7 @@ def test_a_conversation_sends_calls_and_results_back(client, server):
     first, first_usage = response.choices[0].message, response.usage
     history = [*ASK, first, {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "22 C, sunny"}]
     reply = _chat(client, messages=history, max_tokens=5)
-    sent = [*ASK, first.model_dump(exclude_none=True), history[-1]]
+    sent = [*ASK, first.model_dump(), history[-1]]  # every field of the response message, nulls too
     tokenized = httpx.post(f"{server}/tokenize", json={"messages": sent, "tools": TOOLS}).json()
     assert reply.usage.prompt_tokens == tokenized["count"]
     rendered = httpx.post(f"{server}/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]

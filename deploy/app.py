@@ -84,6 +84,7 @@ class AppArgs(BaseModel):
     max_queue: int = Field(default=256, ge=1)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None  # a thinking model's <think> block -> reasoning
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     num_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
@@ -166,6 +167,7 @@ def build_app(args: dict[str, Any] | None = None):
         emulation=parsed.emulate,
         profile_prompts=parsed.profile_prompts,
         engine_threads=parsed.engine_threads,
+        reasoning_parser=parsed.reasoning_parser,
     )
     coordinator_cls, ingress_cls = serve_deployments()
     coordinator = coordinator_cls.options(

@@ -63,6 +63,8 @@ from service.openai_api import (
     error_response,
     sampling_params,
 )
+from service.reasoning import PARSERS as REASONING_PARSERS
+from service.reasoning import ReasoningStream, opens_reasoning
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
 from service.tools import ToolCall, ToolSetup
@@ -71,11 +73,12 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
+_THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               extra_router: APIRouter | None = None,
-               health_checks: Sequence[Callable[[], str | None]] = ()) -> FastAPI:
+               extra_router: APIRouter | None = None, health_checks: Sequence[Callable[[], str | None]] = (),
+               reasoning_parser: str | None = None) -> FastAPI:
     """The app; the caller starts and shuts down ``engine``.
 
     Args:
@@ -86,13 +89,17 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         health_checks: each returns None when fine or a problem (e.g. "coordinator unreachable for 40 s");
             /health then reports {"status": "degraded", "problems": [...]}, still 200 while the engine
             serves (a 503 would take a replica that can answer out of rotation).
+        reasoning_parser: one of `service.reasoning.PARSERS` for a thinking model: chat completions then
+            return its ``<think>`` block as ``reasoning``, apart from ``content``.
     """
     if engine.tokenizer is None:
         raise ValueError("create_app needs an engine with a tokenizer")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; expected one of {', '.join(REASONING_PARSERS)}")
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
-                     tuple(health_checks))
+                     tuple(health_checks), reasoning=reasoning_parser is not None)
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -125,6 +132,7 @@ class _Server:
     metrics: ServingMetrics
     pieces: TokenPieces
     health_checks: tuple[Callable[[], str | None], ...] = ()
+    reasoning: bool = False  # split a <think> block from the answer
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def list_models(self) -> ModelList:
@@ -157,9 +165,15 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
-        prompt = apply_chat_template(self.engine.tokenizer, body.template_messages(), tools=body.template_tools())
+        tokenizer = self.engine.tokenizer
+        prompt = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
+                                     template_kwargs=body.chat_template_kwargs)
+        reasoning = None
+        if self.reasoning and not body.constrained():  # a grammar leaves no room for thinking
+            reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
+                                   body.include_reasoning)
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
-                          tools=body.tool_setup())
+                          tools=body.tool_setup(), reasoning=reasoning)
         return await self._generate(request, body, [prompt], fmt, timer)
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -168,7 +182,8 @@ class _Server:
         tokenizer = self.engine.tokenizer
         if body.messages is not None:
             ids = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
-                                      add_generation_prompt=body.add_generation_prompt)
+                                      add_generation_prompt=body.add_generation_prompt,
+                                      template_kwargs=body.chat_template_kwargs)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.engine.config.max_model_len, tokens=ids,
@@ -509,18 +524,29 @@ def _joined(head: CompletionLogprobs | None, tail: CompletionLogprobs | None) ->
                               text_offset=head.text_offset + tail.text_offset)
 
 
+class _Reasoning(NamedTuple):
+    """How a request's choices split reasoning from the answer."""
+
+    in_block: bool  # the prompt opened a <think> block
+    include: bool   # the response carries the reasoning (else it is dropped)
+
+
 class _ChatFormat(_Format):
-    """The chat endpoint. With ``tools``, each choice's text is split into content and tool calls (a
-    stream sends a call once its block is complete; a named call's arguments as they come), and a
-    choice that called a tool of its own accord ends with ``finish_reason: "tool_calls"``."""
+    """The chat endpoint. With ``reasoning``, a thinking model's ``<think>`` block becomes ``reasoning``.
+    With ``tools``, the rest of each choice's text is split into content and tool calls (a stream sends a
+    call once its block is complete; a named call's arguments as they come), and a choice that called a
+    tool of its own accord ends with ``finish_reason: "tool_calls"``."""
 
     prefix = "chatcmpl"
 
     def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, *,
-                 tools: ToolSetup | None = None) -> None:
+                 tools: ToolSetup | None = None, reasoning: _Reasoning | None = None) -> None:
         super().__init__(model, pieces, n)
         self.tools = tools
+        self.reasoning = reasoning
         self._parsers = [tools.stream() for _ in range(self.num_choices)] if tools is not None else None
+        self._thinking = ([ReasoningStream(reasoning.in_block) for _ in range(self.num_choices)]
+                          if reasoning is not None else None)
         self._announced: list[dict[str, int]] = [{} for _ in range(self.num_choices)]  # call id -> delta index
 
     def start_chunks(self) -> list[ChatCompletionChunk]:
@@ -530,9 +556,11 @@ class _ChatFormat(_Format):
     def response(self, results: Sequence[_Choice]) -> ChatCompletionResponse:
         choices = []
         for i, r in enumerate(results):
-            content, _ = self._split(i, r.text, final=True)
+            reasoning, content, _ = self._split(i, r.text, final=True)
             calls = self._parsers[i].calls if self._parsers is not None else []
-            message = AssistantMessage(content=content if content or not calls else None,
+            thought = self._thinking is not None and self._thinking[i].reasoned
+            message = AssistantMessage(content=content if content or not (calls or thought) else None,
+                                       reasoning=reasoning if thought and self.reasoning.include else None,
                                        tool_calls=[ToolCallOut.of(call) for call in calls] or None)
             choices.append(ChatChoice(index=i, message=message, finish_reason=self._finish_reason(i, r.last),
                                       logprobs=self._logprobs(r.logprobs)))
@@ -540,14 +568,17 @@ class _ChatFormat(_Format):
                                       usage=self._usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
-        content, calls = self._split(index, out.text, final=out.finished)
-        if not content and not calls and not out.finished:
+        reasoning, content, calls = self._split(index, out.text, final=out.finished)
+        if not self.reasoning or not self.reasoning.include:
+            reasoning = ""
+        if not reasoning and not content and not calls and not out.finished:
             self._hold(index, out)
             return []
         logprobs = self._logprobs(self._take_pending(index, out))
         chunks = []
-        if content or calls:
-            delta = Delta(content=content or None, tool_calls=[self._delta(index, call) for call in calls] or None)
+        if reasoning or content or calls:
+            delta = Delta(content=content or None, reasoning=reasoning or None,
+                          tool_calls=[self._delta(index, call) for call in calls] or None)
             chunks.append(self._make([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)]))
             logprobs = None
         if out.finished:
@@ -556,11 +587,14 @@ class _ChatFormat(_Format):
                                                       logprobs=logprobs)]))
         return chunks
 
-    def _split(self, index: int, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        """Choice ``index``'s next text as (content, tool calls completed or continued by it)."""
+    def _split(self, index: int, text: str, final: bool) -> tuple[str, str, list[ToolCall]]:
+        """Choice ``index``'s next text as (reasoning, content, tool calls completed or continued by it)."""
+        reasoning = ""
+        if self._thinking is not None:
+            reasoning, text = self._thinking[index].push(text, final)
         if self._parsers is None:
-            return text, []
-        return self._parsers[index].push(text, final)
+            return reasoning, text, []
+        return reasoning, *self._parsers[index].push(text, final)
 
     def _delta(self, index: int, call: ToolCall) -> DeltaToolCall:
         announced = self._announced[index]

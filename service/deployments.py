@@ -106,6 +106,7 @@ class IngressSettings:
     emulation: bool
     profile_prompts: str | None
     engine_threads: int = 1
+    reasoning_parser: str | None = None  # service.reasoning.PARSERS
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
 
@@ -202,7 +203,7 @@ class IngressDeployment:
         admin = admin_router(_HandleClient(self.coordinator), token_sha256=self.settings.admin_token_sha256,
                              num_devices=self.settings.num_devices, emulation=self.settings.emulation)
         app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin,
-                         health_checks=[self.sync.problem])
+                         health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser)
         app.state.metrics.registry.register(self.placement_metrics)
         return app
 

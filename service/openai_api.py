@@ -49,6 +49,23 @@ MAX_N = 16  # choices per prompt (each its own engine request, sharing the first
 MAX_PROMPTS = 32  # prompts in one completions request
 MAX_CHOICES = 64  # prompts x n: engine requests one HTTP request may start
 MAX_TOOLS = 128  # functions one request may offer (OpenAI's limit)
+# apply_chat_template's own arguments, which chat_template_kwargs may not set
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def _template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """vLLM's ``chat_template_kwargs``: variables for the chat template (``enable_thinking``, ...)."""
+    for key in value or {}:
+        if not key.isidentifier() or key in _RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"{key!r} cannot be set: keys are template variables, not apply_chat_template's "
+                             "own arguments")
+    return value
+
+
+TemplateKwargs = Annotated[dict[str, Any] | None, Field(max_length=32), AfterValidator(_template_kwargs)]
 # Accepted for compatibility only at these values (anything else is a 400 naming the field).
 _NEUTRAL: dict[str, tuple] = {
     "best_of": (None, 1), "suffix": (None, ""),
@@ -331,6 +348,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: TemplateKwargs = None
+    include_reasoning: bool = True  # with a reasoning parser: False leaves the reasoning out
     functions: Any = None
     function_call: Any = None
     service_tier: Any = None
@@ -372,6 +391,13 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages]
+
+    def constrained(self) -> bool:
+        """Whether a grammar constrains the completion from its first token (structured outputs, a forced
+        tool call)."""
+        tools = self.tool_setup()
+        return ((self.response_format is not None and self.response_format.type != "text")
+                or self.structured_outputs is not None or (tools is not None and tools.choice != "auto"))
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The offered functions for the chat template (none when the model may not call them)."""
@@ -532,6 +558,7 @@ def _unless_none(default=None, **kwargs):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning: str | None = _unless_none()  # vLLM's field (formerly reasoning_content)
     tool_calls: list[ToolCallOut] | None = _unless_none()
 
 
@@ -583,6 +610,7 @@ class DeltaToolCall(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = _unless_none()
     tool_calls: list[DeltaToolCall] | None = _unless_none()
 
 
@@ -623,6 +651,7 @@ class TokenizeRequest(_Strict):
         return self
 
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    chat_template_kwargs: TemplateKwargs = None
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages or ()]

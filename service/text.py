@@ -24,7 +24,7 @@ _INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *,
                         add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
-                        ) -> list[int]:
+                        template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """Prompt token ids of a conversation, by default ending with the assistant's generation prompt.
 
     Args:
@@ -32,6 +32,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
             ``tool_calls``, tool messages ``tool_call_id``).
         tools: the functions the model may call, OpenAI's ``tools`` entries; the template renders them
             (a template without tool support ignores them).
+        template_kwargs: more variables for the template (``enable_thinking``, ...).
 
     Raises:
         ValueError: no messages, no chat template, or the template rejects the conversation.
@@ -42,7 +43,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
         raise ValueError("the model's tokenizer has no chat template")
     try:
         encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                tokenize=True, tools=list(tools) if tools else None)
+                                                tokenize=True, tools=list(tools) if tools else None,
+                                                **(template_kwargs or {}))
     except TemplateError as exc:
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5
@@ -81,6 +83,15 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def partial_tag(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag`` (text to hold back
+    while it may still become ``tag``)."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
 
 
 class StopStringMatcher:

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.text import partial_tag
+
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 # Forced calls are written as chat templates render calls (Jinja's tojson is json.dumps: ", " and ": "):
 # what Hermes-trained models saw, and a conversation's next turn re-renders the call token for token (the
@@ -139,7 +141,7 @@ class ToolCallStream:
                 content.append(self._content(self._buffer[:start], False))
                 self._buffer, self._in_call = self._buffer[start + len(TOOL_CALL_START):], True
                 continue
-            keep = 0 if final else _partial_tag(self._buffer)
+            keep = 0 if final else partial_tag(self._buffer, TOOL_CALL_START)
             content.append(self._content(self._buffer[:len(self._buffer) - keep], final))
             self._buffer = self._buffer[len(self._buffer) - keep:]
             break
@@ -210,10 +212,3 @@ def _hoisted(function: str, schema: dict, defs: dict[str, Any]) -> dict:
         defs[function] = body
     return body
 
-
-def _partial_tag(text: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``<tool_call>``."""
-    for size in range(min(len(text), len(TOOL_CALL_START) - 1), 0, -1):
-        if TOOL_CALL_START.startswith(text[-size:]):
-            return size
-    return 0

@@ -117,3 +117,19 @@ def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
     assert settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 32
     settings = build_app({**base, "enable_prefix_caching": False, "max_num_seqs": 4})._bound_deployment.init_args[1]
     assert not settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 4
+
+
+def test_the_reasoning_parser_reaches_the_ingress_and_names_a_known_parser(tmp_path):
+    import typing
+
+    from service.reasoning import PARSERS
+
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+    assert build_app(base)._bound_deployment.init_args[1].reasoning_parser is None
+    assert build_app({**base, "reasoning_parser": "qwen3"})._bound_deployment.init_args[1].reasoning_parser == "qwen3"
+    with pytest.raises(ValidationError, match="reasoning_parser"):
+        build_app({**base, "reasoning_parser": "gpt"})
+    allowed = typing.get_args(typing.get_args(AppArgs.model_fields["reasoning_parser"].annotation)[0])
+    assert allowed == PARSERS

@@ -1,0 +1,78 @@
+"""Reasoning outputs: a thinking model's ``<think> ... </think>`` block, split from its answer.
+
+Owns `ReasoningStream`, which splits one completion's text, as it streams, into reasoning and content,
+and `opens_reasoning`, which tells from the end of a prompt whether the chat template already opened the
+block (DeepSeek-R1 and Qwen3's thinking-only models put ``<think>`` in the generation prompt; Qwen3's
+hybrid models write it themselves, or get an empty block in the prompt with ``enable_thinking: false``).
+Ignores HTTP, tools (the content goes on to `service.tools`) and the chat template itself.
+"""
+
+from __future__ import annotations
+
+from service.text import partial_tag
+
+THINK_START, THINK_END = "<think>", "</think>"
+PARSERS = ("qwen3", "deepseek_r1")  # vLLM's names for the <think> format; both are this module's parser
+
+
+def opens_reasoning(prompt_tail: str) -> bool:
+    """Whether a prompt ending in ``prompt_tail`` leaves a ``<think>`` block open for the model."""
+    return prompt_tail.rfind(THINK_START) > prompt_tail.rfind(THINK_END)
+
+
+class ReasoningStream:
+    """Reasoning and content of one completion, fed its text as it streams.
+
+    Outside a block, the completion is reasoning only if it opens with ``<think>`` (after whitespace);
+    inside one (``in_reasoning``: the prompt opened it), everything up to ``</think>`` is reasoning, all
+    of it if the block never closes. Whitespace at both ends of the reasoning and at the start of the
+    answer after it is dropped; text that could still be a tag is held back, so feeding the whole text at
+    once gives what the pieces give.
+    """
+
+    def __init__(self, in_reasoning: bool = False) -> None:
+        self._state = "reasoning" if in_reasoning else "start"
+        self._buffer = ""
+        self._space = ""           # trailing whitespace of the reasoning, held back
+        self._started = False      # the reasoning has had a non-whitespace character
+        self.reasoned = in_reasoning  # a block was opened (reasoning may still be empty)
+
+    def push(self, text: str, final: bool = False) -> tuple[str, str]:
+        """Add ``text``; returns (reasoning, content) to send now. ``final`` flushes."""
+        self._buffer += text
+        reasoning, content = "", ""
+        if self._state == "start":
+            head = self._buffer.lstrip()
+            if head.startswith(THINK_START):
+                self._buffer, self._state, self.reasoned = head[len(THINK_START):], "reasoning", True
+            elif final or not THINK_START.startswith(head):
+                self._state = "content"
+            else:
+                return "", ""  # whitespace or the start of "<think>": wait
+        if self._state == "reasoning":
+            end = self._buffer.find(THINK_END)
+            if end >= 0:
+                reasoning = self._reasoning(self._buffer[:end], closing=True)
+                self._buffer, self._state = self._buffer[end + len(THINK_END):], "answer"
+            else:
+                keep = 0 if final else partial_tag(self._buffer, THINK_END)
+                reasoning = self._reasoning(self._buffer[:len(self._buffer) - keep], closing=final)
+                self._buffer = self._buffer[len(self._buffer) - keep:]
+                return reasoning, ""
+        if self._state == "answer":
+            self._buffer = self._buffer.lstrip()
+            if not self._buffer:
+                return reasoning, ""
+            self._state = "content"
+        content, self._buffer = self._buffer, ""
+        return reasoning, content
+
+    def _reasoning(self, text: str, closing: bool) -> str:
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        text = self._space + text
+        body = text.rstrip()
+        self._space = "" if closing else text[len(body):]
+        return body
+

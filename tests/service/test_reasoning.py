@@ -1,0 +1,178 @@
+"""Reasoning outputs (service/reasoning.py): the <think> parser, the chat format, and the chat endpoint over
+HTTP with `chat_template_kwargs`, on a random tiny chat model whose template can open a <think> block."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.app import _ChatFormat, _Choice, _Reasoning, create_app, serve_locally
+from service.engine import StepOutput
+from service.reasoning import ReasoningStream, opens_reasoning
+from service.tools import ToolSetup
+from tests.service.test_app import _start_engine
+from tests.service.test_text import CHAT_TEMPLATE, build_tokenizer
+
+MODEL = "vibe-test"
+# The test template, plus what thinking models' templates do: DeepSeek-R1 opens the block in the
+# generation prompt ("think"), Qwen3 with enable_thinking false gives an empty one ("no_think").
+THINKING_TEMPLATE = CHAT_TEMPLATE + (
+    "{%- if add_generation_prompt and think is defined and think %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt and no_think is defined and no_think %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+ASK = [{"role": "user", "content": "Which is larger, 9.11 or 9.8?"}]
+
+
+def _feed(stream: ReasoningStream, pieces: list[str]) -> tuple[str, str]:
+    reasoning, content = [], []
+    for i, piece in enumerate(pieces):
+        r, c = stream.push(piece, final=i == len(pieces) - 1)
+        reasoning.append(r)
+        content.append(c)
+    return "".join(reasoning), "".join(content)
+
+
+@pytest.mark.parametrize("text, in_block, expected", [
+    ("<think>\nCompare 9.11 and 9.80.\n</think>\n\n9.8 is larger.", False, ("Compare 9.11 and 9.80.", "9.8 is larger.")),
+    ("\n<think></think>answer", False, ("", "answer")),
+    ("plain <think>x</think>", False, ("", "plain <think>x</think>")),  # a block that does not open the output
+    ("<thin", False, ("", "<thin")),
+    ("<think>cut off by max_tokens", False, ("cut off by max_tokens", "")),
+    ("Compare.\n</think>\n\n9.8", True, ("Compare.", "9.8")),
+    ("never closed", True, ("never closed", "")),
+    ("", True, ("", "")),
+])
+def test_reasoning_and_content(text, in_block, expected):
+    assert _feed(ReasoningStream(in_block), [text]) == expected
+
+
+TEXT = "  <think>\n a < b </thin </think> \n\n and <think> again </think>"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, len(TEXT)), max_size=10), st.booleans())
+def test_any_chunking_gives_what_the_whole_text_gives(cuts, in_block):
+    bounds = [0, *sorted(cuts), len(TEXT)]
+    pieces = [TEXT[a:b] for a, b in zip(bounds, bounds[1:])]
+    whole = _feed(ReasoningStream(in_block), [TEXT])
+    assert _feed(ReasoningStream(in_block), pieces) == whole
+    assert whole == (("<think>\n a < b </thin", "and <think> again </think>") if in_block
+                     else ("a < b </thin", "and <think> again </think>"))
+
+
+def test_the_prompt_tells_whether_a_block_is_open():
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not opens_reasoning("<|im_start|>assistant\n")
+
+
+def _outputs(pieces: list[str], reason: str) -> list[StepOutput]:
+    return [StepOutput("r", (i,), piece, i == len(pieces) - 1, reason if i == len(pieces) - 1 else None, 5, i + 1)
+            for i, piece in enumerate(pieces)]
+
+
+@pytest.mark.parametrize("include", [True, False])
+def test_chat_format_sends_reasoning_apart_then_tool_calls(include):
+    text = ('<think>\nThe user wants the weather.\n</think>\n\n<tool_call>\n{"name": "w", "arguments": {"c": 1}}\n'
+            "</tool_call>")
+    outs = _outputs([text[i:i + 5] for i in range(0, len(text), 5)], "stop")
+
+    def fmt():
+        return _ChatFormat(MODEL, tools=ToolSetup({"w": {}}, "auto"), reasoning=_Reasoning(False, include))
+
+    message = fmt().response([_Choice(text, outs[-1], ())]).choices[0].message
+    assert message.reasoning == ("The user wants the weather." if include else None) and message.content is None
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("w", '{"c": 1}')]
+    streaming = fmt()
+    chunks = [chunk.model_dump(mode="json") for out in outs for chunk in streaming.chunks(0, out)]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning") or "" for d in deltas) == (message.reasoning or "")
+    assert not any(d["content"] for d in deltas) and any("reasoning" in d for d in deltas) == include
+    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == ["w"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# --- over HTTP -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    engine = _start_engine(tokenizer, max_num_seqs=8)
+    try:
+        with serve_locally(create_app(engine, served_model_name=MODEL, reasoning_parser="qwen3")) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, **kwargs):
+    return client.chat.completions.create(**{"model": MODEL, "messages": ASK, "max_tokens": 24, "temperature": 0,
+                                             **kwargs})
+
+
+def _streamed(client, **kwargs) -> tuple[str, str, str]:
+    reasoning, content, finish = [], [], None
+    for chunk in _chat(client, stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        reasoning.append(getattr(delta, "reasoning", None) or "")
+        content.append(delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(reasoning), "".join(content), finish
+
+
+def test_a_block_the_template_opened_is_reasoning(client, server):
+    plain = _chat(client).choices[0]
+    assert plain.message.content and getattr(plain.message, "reasoning", None) is None  # no block: all content
+    thinking = _chat(client, extra_body={"chat_template_kwargs": {"think": True}}).choices[0]
+    # the random model never writes </think>: everything it wrote is reasoning, cut by max_tokens
+    assert thinking.message.reasoning and thinking.message.content is None and thinking.finish_reason == "length"
+    tokens = httpx.post(f"{server}/tokenize", json={"messages": ASK, "chat_template_kwargs": {"think": True}}
+                        ).json()["tokens"]
+    raw = client.completions.create(model=MODEL, prompt=tokens, max_tokens=24, temperature=0).choices[0].text
+    assert thinking.message.reasoning == raw.strip()
+    assert _streamed(client, extra_body={"chat_template_kwargs": {"think": True}}) == (
+        thinking.message.reasoning, "", "length")
+    hidden = _chat(client, extra_body={"chat_template_kwargs": {"think": True}, "include_reasoning": False})
+    assert getattr(hidden.choices[0].message, "reasoning", None) is None and hidden.choices[0].message.content is None
+
+
+def test_an_empty_block_in_the_prompt_leaves_the_answer_as_content(client, server):
+    reply = _chat(client, extra_body={"chat_template_kwargs": {"no_think": True}}).choices[0]
+    tokens = httpx.post(f"{server}/tokenize", json={"messages": ASK, "chat_template_kwargs": {"no_think": True}}
+                        ).json()["tokens"]
+    raw = client.completions.create(model=MODEL, prompt=tokens, max_tokens=24, temperature=0).choices[0].text
+    assert reply.message.content == raw and getattr(reply.message, "reasoning", None) is None
+
+
+def test_a_constrained_completion_is_content_even_in_a_block(client):
+    reply = _chat(client, max_tokens=60, extra_body={"chat_template_kwargs": {"think": True},
+                                                     "structured_outputs": {"json": {"type": "object", "properties": {
+                                                         "n": {"type": "integer"}}, "required": ["n"]}}}).choices[0]
+    assert isinstance(json.loads(reply.message.content)["n"], int) and getattr(reply.message, "reasoning", None) is None
+
+
+@pytest.mark.parametrize("kwargs", [{"tokenize": False}, {"messages": []}, {"not-an-identifier": 1}])
+def test_template_kwargs_cannot_set_apply_chat_templates_own_arguments(server, kwargs):
+    response = httpx.post(f"{server}/v1/chat/completions",
+                          json={"model": MODEL, "messages": ASK, "max_tokens": 2, "chat_template_kwargs": kwargs})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "chat_template_kwargs", error
+
+
+def test_an_unknown_reasoning_parser_is_refused():
+    class _Engine:
+        tokenizer = build_tokenizer()
+
+    with pytest.raises(ValueError, match="unknown reasoning parser"):
+        create_app(_Engine(), served_model_name=MODEL, reasoning_parser="gpt")

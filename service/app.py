@@ -558,9 +558,9 @@ class _ChatFormat(_Format):
         for i, r in enumerate(results):
             reasoning, content, _ = self._split(i, r.text, final=True)
             calls = self._parsers[i].calls if self._parsers is not None else []
-            thought = self._thinking is not None and self._thinking[i].reasoned
+            thought = self._thinking is not None and self._thinking[i].reasoned  # a block was opened
             message = AssistantMessage(content=content if content or not (calls or thought) else None,
-                                       reasoning=reasoning if thought and self.reasoning.include else None,
+                                       reasoning=(reasoning or None) if self.reasoning and self.reasoning.include else None,
                                        tool_calls=[ToolCallOut.of(call) for call in calls] or None)
             choices.append(ChatChoice(index=i, message=message, finish_reason=self._finish_reason(i, r.last),
                                       logprobs=self._logprobs(r.logprobs)))

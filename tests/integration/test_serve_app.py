@@ -38,6 +38,7 @@ def url():
         "num_devices": 4, "speeds": [1.0, 1.0, 1.0, 0.8], "app_name": "itest",
         "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0},
         "max_num_seqs": 16, "admin_token": TOKEN,
+        "reasoning_parser": "qwen3",  # the embedded model never thinks: its answers must stay whole content
     }) as base:
         yield base
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -36,6 +37,16 @@ def _start_engine(tokenizer, *, max_model_len: int = MAX_MODEL_LEN, **config) ->
     return engine
 
 
+@contextlib.contextmanager
+def served(engine: AsyncEngine, **app_args):
+    """The app over a started ``engine`` on an ephemeral port (its URL); the engine is shut down after."""
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL, **app_args)) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
@@ -44,11 +55,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def server(tokenizer):
     engine = _start_engine(tokenizer, max_num_seqs=16, max_num_batched_tokens=256)
-    try:
-        with _serve(create_app(engine, served_model_name=MODEL, max_body_bytes=64 * 1024)) as url:
-            yield url, engine
-    finally:
-        engine.shutdown()
+    with served(engine, max_body_bytes=64 * 1024) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")

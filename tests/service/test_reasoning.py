@@ -11,14 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import _ChatFormat, _Choice, _Reasoning, create_app, serve_locally
+from service.app import _ChatFormat, _Choice, _Reasoning, create_app
 from service.engine import StepOutput
 from service.reasoning import ReasoningStream, opens_reasoning
 from service.tools import ToolSetup
-from tests.service.test_app import _start_engine
+from tests.service.test_app import MODEL, _start_engine, served
 from tests.service.test_text import CHAT_TEMPLATE, build_tokenizer
 
-MODEL = "vibe-test"
 # The test template, plus what thinking models' templates do: DeepSeek-R1 opens the block in the
 # generation prompt ("think"), Qwen3 with enable_thinking false gives an empty one ("no_think").
 THINKING_TEMPLATE = CHAT_TEMPLATE + (
@@ -103,12 +102,8 @@ def test_chat_format_sends_reasoning_apart_then_tool_calls(include):
 def server():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = THINKING_TEMPLATE
-    engine = _start_engine(tokenizer, max_num_seqs=8)
-    try:
-        with serve_locally(create_app(engine, served_model_name=MODEL, reasoning_parser="qwen3")) as url:
-            yield url
-    finally:
-        engine.shutdown()
+    with served(_start_engine(tokenizer, max_num_seqs=8), reasoning_parser="qwen3") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import _ChatFormat, create_app, serve_locally
+from service.app import _ChatFormat
 from service.engine import StepOutput
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
 from service.tools import NamedCallStream, ToolCallStream, ToolSetup
-from tests.service.test_app import _start_engine
+from tests.service.test_app import MODEL, _start_engine, served
 from tests.service.test_structured import _engine, _run, _text
 from tests.service.test_text import build_tokenizer
 
-MODEL = "vibe-test"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
            "required": ["city", "unit"], "additionalProperties": False}
 CLOCK = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
@@ -213,12 +212,8 @@ def test_chat_format_splits_calls_from_content_in_responses_and_chunks(reason, e
 
 @pytest.fixture(scope="module")
 def server(tokenizer):
-    engine = _start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
-    try:
-        with serve_locally(create_app(engine, served_model_name=MODEL)) as url:
-            yield url
-    finally:
-        engine.shutdown()
+    with served(_start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

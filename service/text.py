@@ -45,7 +45,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
         encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                                 tokenize=True, tools=list(tools) if tools else None,
                                                 **(template_kwargs or {}))
-    except TemplateError as exc:
+    except (TemplateError, TypeError) as exc:  # TypeError: a value of the wrong type for the template
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5
     return list(ids)

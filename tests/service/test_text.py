@@ -76,6 +76,25 @@ def test_chat_template_errors_become_value_errors(tokenizer):
     strict.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ValueError, match="roles must alternate"):
         apply_chat_template(strict, [{"role": "user", "content": "hi"}])
+    strict.chat_template = "{{ 'depth ' + depth }}"  # a request's template variable of the wrong type
+    with pytest.raises(ValueError, match="can only concatenate"):
+        apply_chat_template(strict, [{"role": "user", "content": "hi"}], template_kwargs={"depth": 3})
+    assert apply_chat_template(strict, [{"role": "user", "content": "hi"}], template_kwargs={"depth": "3"})
+
+
+def test_tools_and_tool_history_render_in_the_hermes_format(tokenizer):
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function",
+                                                                      "function": {"name": "w", "arguments": {"c": 1}}}]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "1"}]
+    text = tokenizer.decode(apply_chat_template(tokenizer, messages, tools=tools))
+    assert text.startswith("<|im_start|>system\n# Tools\n") and '\n{"type": "function", "function": {"name": "w"' in text
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "w", "arguments": {"c": 1}}\n</tool_call><|im_end|>\n'
+            '<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n') in text
+    plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    assert tokenizer.decode(apply_chat_template(tokenizer, plain)) == (
+        "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")  # plain ChatML
 
 
 def _stream_deltas(tokenizer, text: str, prompt: str = "Q: ") -> list[str]:

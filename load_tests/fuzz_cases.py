@@ -200,6 +200,11 @@ def cases(model: str) -> list[FuzzCase]:
         chat_with("messages-null-item", messages=[None]),
         chat_with("role-unknown", messages=[{"role": "root", "content": "hi"}]),
         chat_with("role-tool-without-call-id", messages=[{"role": "tool", "content": "hi"}]),
+        chat_with("continue-final-message-of-a-user", continue_final_message=True, add_generation_prompt=False),
+        chat_with("continue-final-message-with-generation-prompt", continue_final_message=True, messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well"}]),
+        chat_with("chat-template-kwargs-tokenize", chat_template_kwargs={"tokenize": False}),
+        chat_with("chat-template-kwargs-not-a-dict", chat_template_kwargs=["enable_thinking"]),
         chat_with("role-function", messages=[{"role": "function", "name": "f", "content": "hi"}]),
         chat_with("tool-calls-on-a-user-message", messages=[{"role": "user", "content": "hi", "tool_calls": [
             {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),

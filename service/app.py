@@ -167,7 +167,9 @@ class _Server:
         self._check_model(body.model)
         tokenizer = self.engine.tokenizer
         prompt = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
-                                     template_kwargs=body.chat_template_kwargs)
+                                     template_kwargs=body.chat_template_kwargs,
+                                     add_generation_prompt=body.add_generation_prompt,
+                                     continue_final_message=body.continue_final_message)
         reasoning = None
         if self.reasoning and not body.constrained():  # a grammar leaves no room for thinking
             reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
@@ -183,7 +185,8 @@ class _Server:
         if body.messages is not None:
             ids = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
                                       add_generation_prompt=body.add_generation_prompt,
-                                      template_kwargs=body.chat_template_kwargs)
+                                      template_kwargs=body.chat_template_kwargs,
+                                      continue_final_message=body.continue_final_message)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.engine.config.max_model_len, tokens=ids,

@@ -306,6 +306,16 @@ class ChatMessage(_Strict):
         return message
 
 
+def _check_continuation(messages: list[ChatMessage], add_generation_prompt: bool, continue_final: bool) -> None:
+    if not continue_final:
+        return
+    if add_generation_prompt:
+        raise ValueError("continue_final_message needs add_generation_prompt: false (the prompt ends inside the "
+                         "last message, not after a new assistant turn)")
+    if not messages or messages[-1].role != "assistant" or not messages[-1].text():
+        raise ValueError("continue_final_message needs a last message from the assistant with text to continue")
+
+
 def _json_object_or_text(text: str) -> dict | str:
     try:
         value = json.loads(text)
@@ -350,6 +360,9 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: TemplateKwargs = None
     include_reasoning: bool = True  # with a reasoning parser: False leaves the reasoning out
+    # vLLM's: end the prompt inside the last (assistant) message, which the completion continues
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     functions: Any = None
     function_call: Any = None
     service_tier: Any = None
@@ -368,6 +381,11 @@ class ChatCompletionRequest(_SamplingFields):
         if value and not info.data.get("logprobs"):
             raise ValueError("only allowed with logprobs: true")
         return value
+
+    @model_validator(mode="after")
+    def _continue_an_assistant_message(self) -> ChatCompletionRequest:
+        _check_continuation(self.messages, self.add_generation_prompt, self.continue_final_message)
+        return self
 
     @field_validator("tools")
     @classmethod
@@ -652,6 +670,12 @@ class TokenizeRequest(_Strict):
 
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     chat_template_kwargs: TemplateKwargs = None
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continue_an_assistant_message(self) -> TokenizeRequest:
+        _check_continuation(self.messages or [], self.add_generation_prompt, self.continue_final_message)
+        return self
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages or ()]

@@ -24,7 +24,8 @@ _INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *,
                         add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
-                        template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+                        template_kwargs: Mapping[str, Any] | None = None,
+                        continue_final_message: bool = False) -> list[int]:
     """Prompt token ids of a conversation, by default ending with the assistant's generation prompt.
 
     Args:
@@ -33,6 +34,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
         tools: the functions the model may call, OpenAI's ``tools`` entries; the template renders them
             (a template without tool support ignores them).
         template_kwargs: more variables for the template (``enable_thinking``, ...).
+        continue_final_message: end the prompt inside the last message (its end-of-turn left out), for
+            the completion to continue it; needs ``add_generation_prompt`` false.
 
     Raises:
         ValueError: no messages, no chat template, or the template rejects the conversation.
@@ -44,6 +47,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     try:
         encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                                 tokenize=True, tools=list(tools) if tools else None,
+                                                continue_final_message=continue_final_message,
                                                 **(template_kwargs or {}))
     except (TemplateError, TypeError) as exc:  # TypeError: a value of the wrong type for the template
         raise ValueError(f"chat template rejected the messages: {exc}") from exc

@@ -98,6 +98,24 @@ def test_chat_equals_greedy_generate_and_streaming_equals_non_streaming(client, 
         exclude={"prompt_tokens_details"})  # the second request found the first's prompt in the cache
 
 
+def test_continue_final_message_continues_the_assistants_text(client, server, tokenizer):
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My colour is"}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                           extra_body=extra)
+    ids = apply_chat_template(tokenizer, messages, add_generation_prompt=False, continue_final_message=True)
+    assert tokenizer.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\nMy colour is")
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == _reference_text(tokenizer, ids, 8)
+    tokenized = httpx.post(f"{server[0]}/tokenize", json={"messages": messages, **extra}).json()
+    assert tokenized["tokens"] == ids
+    for body, message in (({"continue_final_message": True}, "add_generation_prompt: false"),
+                          ({**extra, "messages": messages[:1]}, "last message from the assistant")):
+        response = httpx.post(f"{server[0]}/v1/chat/completions",
+                              json={"model": MODEL, "messages": messages, "max_tokens": 2, **body})
+        assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
 def test_completions_with_text_and_token_prompts(client, tokenizer):
     text = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=0)
     ids = tokenizer.encode("def f(x):")

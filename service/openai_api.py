@@ -1,11 +1,12 @@
 """OpenAI wire format: request and response schemas, and the one place errors become OpenAI error JSON.
 
-Owns the pydantic v2 models of ``/v1/completions``, ``/v1/chat/completions`` (requests, responses,
-stream chunks, log-probabilities), ``/tokenize`` and ``/detokenize``, their conversion to
-`SamplingParams` (OpenAI's fields and vLLM's sampling extensions), and `error_response`, which maps
-every exception to ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. Unknown
-fields are rejected; known OpenAI fields this server does not implement are accepted only at their
-neutral values. Ignores routing, tokenisation and the engine.
+Owns the pydantic v2 models of ``/v1/completions``, ``/v1/chat/completions`` (requests with their
+messages, tools and tool history, responses, stream chunks, log-probabilities, tool calls, reasoning),
+``/tokenize`` and ``/detokenize``, their conversion to `SamplingParams` (OpenAI's fields, vLLM's
+sampling extensions, and the grammar of a structured output or a forced tool call), and
+`error_response`, which maps every exception to ``{"error": {"message", "type", "param", "code"}}`` with
+its HTTP status. Unknown fields are rejected; known OpenAI fields this server does not implement are
+accepted only at their neutral values. Ignores routing, tokenisation and the engine.
 """
 
 from __future__ import annotations

@@ -275,6 +275,9 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = None
+    # an assistant's thinking, sent back (vLLM's current and former names); templates read reasoning_content
+    reasoning: Text | None = None
+    reasoning_content: Text | None = None
     # null in a response message sent back whole (the openai client's ``message.model_dump()``)
     refusal: None = None
     function_call: None = None
@@ -285,6 +288,8 @@ class ChatMessage(_Strict):
     def _tool_fields_by_role(self) -> ChatMessage:
         if self.tool_calls and self.role != "assistant":
             raise ValueError("tool_calls are only allowed on assistant messages")
+        if (self.reasoning or self.reasoning_content) and self.role != "assistant":
+            raise ValueError("reasoning is only allowed on assistant messages")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("a tool message needs tool_call_id, and only a tool message may have one")
         return self
@@ -304,6 +309,8 @@ class ChatMessage(_Strict):
                 for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning or self.reasoning_content:
+            message["reasoning_content"] = self.reasoning or self.reasoning_content
         return message
 
 

@@ -206,6 +206,18 @@ def test_tool_history_reaches_the_template_with_dict_arguments():
         {"role": "tool", "content": "-3 C", "tool_call_id": "c1"}]
 
 
+def test_an_assistants_reasoning_sent_back_reaches_the_template_as_reasoning_content():
+    request = ChatCompletionRequest.model_validate({**CHAT, "messages": [
+        {"role": "user", "content": "9.11 or 9.8?"},
+        {"role": "assistant", "content": "9.8", "reasoning": "Compare the tenths.", "tool_calls": None},
+        {"role": "user", "content": "Sure?"}]})
+    assert request.template_messages()[1] == {"role": "assistant", "content": "9.8",
+                                              "reasoning_content": "Compare the tenths."}
+    status, body = _rejection(ChatCompletionRequest, {**CHAT, "messages": [
+        {"role": "user", "content": "x", "reasoning_content": "y"}]})
+    assert status == 400 and "only allowed on assistant" in body["error"]["message"]
+
+
 @pytest.mark.parametrize("choice, parallel, expected", [
     (None, None, ("auto", None, True)), ("auto", False, ("auto", None, False)), ("required", None, ("required", None, True)),
     ({"type": "function", "function": {"name": "w"}}, None, ("named", "w", True)),

@@ -138,6 +138,8 @@ def test_a_block_the_template_opened_is_reasoning(client, server):
     assert thinking.message.reasoning == raw.strip()
     assert _streamed(client, extra_body={"chat_template_kwargs": {"think": True}}) == (
         thinking.message.reasoning, "", "length")
+    history = [*ASK, thinking.message.model_dump(), {"role": "user", "content": "Sure?"}]  # reasoning included
+    assert _chat(client, messages=history, max_tokens=2).usage.prompt_tokens > len(tokens)
     hidden = _chat(client, extra_body={"chat_template_kwargs": {"think": True}, "include_reasoning": False})
     assert getattr(hidden.choices[0].message, "reasoning", None) is None and hidden.choices[0].message.content is None
 

@@ -109,6 +109,7 @@ class ToolCallStream:
         self._parallel = parallel
         self._buffer = ""          # text not decided yet
         self._in_call = False      # the buffer is inside a <tool_call> block (without the tag)
+        self._searched = 0         # inside a block: where the search for its end resumes
         self._space = ""           # whitespace held back: dropped if a call follows
         self._after_call = False   # drop leading whitespace after a call
         self.calls: list[ToolCall] = []
@@ -119,11 +120,13 @@ class ToolCallStream:
         content, calls = [], []
         while True:
             if self._in_call:
-                end = self._buffer.find(TOOL_CALL_END)
+                end = self._buffer.find(TOOL_CALL_END, self._searched)
                 if end < 0:
                     if final:  # unterminated: the block is content
                         content.append(self._content(TOOL_CALL_START + self._buffer, final))
                         self._buffer, self._in_call = "", False
+                    else:  # a long block is searched once, not once per piece
+                        self._searched = max(0, len(self._buffer) - len(TOOL_CALL_END) + 1)
                     break
                 block, self._buffer = self._buffer[:end], self._buffer[end + len(TOOL_CALL_END):]
                 self._in_call = False
@@ -140,6 +143,7 @@ class ToolCallStream:
             if start >= 0:
                 content.append(self._content(self._buffer[:start], False))
                 self._buffer, self._in_call = self._buffer[start + len(TOOL_CALL_START):], True
+                self._searched = 0
                 continue
             keep = 0 if final else partial_tag(self._buffer, TOOL_CALL_START)
             content.append(self._content(self._buffer[:len(self._buffer) - keep], final))
@@ -162,7 +166,7 @@ class ToolCallStream:
             call = json.loads(block)
         except ValueError:
             return None
-        if not isinstance(call, dict) or call.get("name") not in self._functions:
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in self._functions):
             return None
         arguments = call.get("arguments", call.get("parameters", {}))
         if not isinstance(arguments, dict):

@@ -74,6 +74,7 @@ def test_any_chunking_gives_what_the_whole_text_gives(cuts):
 
 @pytest.mark.parametrize("block", [
     "not json", '["get_weather", {}]', '{"name": "rm", "arguments": {}}', '{"name": "now", "arguments": "zone=1"}',
+    '{"name": ["now"], "arguments": {}}', '{"arguments": {}}',
 ])
 def test_blocks_that_are_not_calls_of_offered_functions_stay_content(block):
     text = f"a <tool_call>{block}</tool_call> b"

@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: install test test-unit test-gpu test-multinode lint run bench bench-placement bench-runtime \
-        bench-serving bench-prefix bench-migration chaos model clean
+        bench-serving bench-prefix bench-structured bench-migration chaos model clean
 
 install: $(STAMP)
 
@@ -63,6 +63,9 @@ bench-serving: $(STAMP)
 
 bench-prefix: $(STAMP)
 	$(PY) -m load_tests.prefix_cache --out bench
+
+bench-structured: $(STAMP)
+	$(PY) -m load_tests.structured_overhead --out bench
 
 bench-migration: $(STAMP)
 	$(PY) -m service.bench_migration --out bench

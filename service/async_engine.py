@@ -174,8 +174,11 @@ class AsyncEngine:
         timer = None
         try:
             prompt = list(prompt_token_ids)
+            matcher = None
+            if params.grammar is not None:  # compiled on a worker thread: seconds for a large schema
+                matcher = await _before(deadline, timeout, asyncio.to_thread(self._engine.make_matcher, params.grammar))
             admission = self.call_at_step_boundary(lambda: self._engine.add_request(
-                request_id, prompt, params, share_prefill_with=share_prefill_with))
+                request_id, prompt, params, share_prefill_with=share_prefill_with, matcher=matcher))
             await _before(deadline, timeout, admission)
             if deadline is not None:  # one timer per request, not one per output token
                 timer = loop.call_at(deadline, queue.put_nowait, _timed_out(timeout))

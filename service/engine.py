@@ -204,7 +204,7 @@ class Engine:
         return bool(self._waiting or self._running or self._outputs)
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
-                    share_prefill_with: str | None = None) -> None:
+                    share_prefill_with: str | None = None, matcher=None) -> None:
         """Queue a request; it joins the running batch at a step boundary.
 
         Args:
@@ -213,6 +213,8 @@ class Engine:
                 When that request finishes its prefill, this one gets a copy of its keys and values and
                 samples its first token from the same logits, if a KV slot is free then; otherwise (or
                 if that request is gone or does not qualify) it is prefilled as any other request.
+            matcher: ``params.grammar``'s matcher, made beforehand with `make_matcher` (off the step loop);
+                without it the grammar is compiled here.
 
         Raises:
             ValueError: empty prompt, token id out of vocabulary, prompt + max_tokens > max_model_len,
@@ -225,8 +227,8 @@ class Engine:
             raise QueueFull(f"{self.num_waiting} requests waiting (max_queue={self.config.max_queue})")
         text = TextStream(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
         seq = _Sequence(request_id, prompt, params, text)
-        if params.grammar is not None:
-            seq.matcher = self._grammars.matcher(params.grammar)  # ValueError for a grammar it cannot follow
+        if params.grammar is not None:  # ValueError for a grammar it cannot follow
+            seq.matcher = matcher if matcher is not None else self._grammars.matcher(params.grammar)
         parent = next((s for s in (*self._running, *self._waiting) if s.request_id == share_prefill_with), None)
         if (parent is not None and parent.token_ids == prompt and parent.num_cached < len(prompt)
                 and parent.params.max_tokens > 0 and params.max_tokens > 0
@@ -234,6 +236,17 @@ class Engine:
             self._forks.setdefault(parent.request_id, []).append(seq)
         else:
             self._waiting.append(seq)
+
+    def make_matcher(self, grammar: str):
+        """A ready matcher of ``grammar`` for `add_request`; thread-safe, touches no engine state, so it can
+        run on any thread while the engine steps (its first mask included, which is the costly part).
+
+        Raises:
+            ValueError: an engine without a tokenizer, or a grammar its tokenizer cannot follow.
+        """
+        if self._grammars is None:
+            raise ValueError("structured outputs need an engine with a tokenizer")
+        return self._grammars.warmed_matcher(grammar)
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request (its slot is free at once); False if it is unknown."""

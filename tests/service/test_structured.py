@@ -114,3 +114,84 @@ def test_a_grammar_needs_a_tokenizer_and_excludes_min_tokens(tokenizer):
         SamplingParams(min_tokens=2, grammar=grammar)
     with pytest.raises(ValueError, match="invalid structured output"):
         _engine(tokenizer).add_request("r", [5, 6], SamplingParams(grammar=grammar_from_spec("regex", "(")))
+
+
+def test_a_grammar_is_compiled_off_the_step_loop_while_other_requests_run(tokenizer, monkeypatch):
+    """A large schema's first mask takes seconds; AsyncEngine builds the matcher on a worker thread, so the
+    requests already running keep stepping (here: finish) while it is built."""
+    import asyncio
+    import threading
+
+    from service.async_engine import AsyncEngine
+
+    release, started = threading.Event(), threading.Event()
+    warmed = Grammars.warmed_matcher
+
+    def slow(self, grammar):
+        started.set()
+        assert release.wait(60)
+        return warmed(self, grammar)
+
+    monkeypatch.setattr(Grammars, "warmed_matcher", slow)
+    engine = AsyncEngine(_engine(tokenizer))
+    engine.start()
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person."}])
+
+    async def collect(request_id, params):
+        return [out async for out in engine.generate(request_id, prompt, params)]
+
+    async def main():
+        constrained = asyncio.ensure_future(collect("json", SamplingParams(
+            max_tokens=120, temperature=0.0, grammar=grammar_from_spec("json", PERSON))))
+        await asyncio.to_thread(started.wait, 60)  # the matcher is being built, blocked
+        free = await collect("free", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        assert not constrained.done()
+        release.set()
+        return free, await constrained
+
+    try:
+        free, constrained = asyncio.run(main())
+    finally:
+        release.set()
+        engine.shutdown()
+    assert len(free) == 12 and free[-1].finish_reason == "length"
+    assert _is_person(json.loads(_text(constrained))) and constrained[-1].finish_reason == "stop"
+    with pytest.raises(ValueError, match="invalid structured output"):  # still a ValueError for the app's 400
+        asyncio.run(_first(AsyncEngine(_engine(tokenizer)), prompt))
+
+
+async def _first(engine, prompt):
+    engine.start()
+    try:
+        async for _ in engine.generate("bad", prompt, SamplingParams(grammar=grammar_from_spec("regex", "("))):
+            pass
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("vocab", [64, 100, 4096])
+def test_bitmask_application_follows_llguidances_layout(vocab):
+    from service.structured import apply_bitmask
+
+    generator = torch.Generator().manual_seed(vocab)
+    words = torch.randint(-2**31, 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
+    logits = torch.randn(3, vocab, generator=generator)
+    expected = logits.clone()
+    for row in range(3):
+        for token in range(vocab):
+            if not (int(words[row, token // 32]) >> (token % 32)) & 1:
+                expected[row, token] = float("-inf")
+    apply_bitmask(logits, words)
+    assert torch.equal(logits, expected)
+
+
+def test_masking_touches_only_the_constrained_rows(tokenizer):
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    matcher = grammars.matcher(grammar_from_spec("choice", ["yes", "no"]))
+    logits = torch.randn(3, len(tokenizer))
+    masked = logits.clone()
+    grammars.mask(masked, [None, matcher, None])
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed and all(tokenizer.decode([t]) and ("yes".startswith(tokenizer.decode([t]))
+                                                      or "no".startswith(tokenizer.decode([t]))) for t in allowed)

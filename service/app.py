@@ -4,8 +4,8 @@ Owns the routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` w
 ``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``), fanning a request's prompts and choices out
 to engine requests and merging them back, the response formats (log-probabilities, echo, tool calls),
 the request body size limit, client-disconnect handling (a request whose client is gone is aborted,
-every choice of it) and wiring every error through `openai_api.error_response`. Ignores authentication and admin routes
-(an extra router can be mounted), and the engine's internals.
+every choice of it) and wiring every error through `openai_api.error_response`. Ignores authentication
+and admin routes (an extra router can be mounted), and the engine's internals.
 """
 
 from __future__ import annotations
@@ -171,11 +171,11 @@ class _Server:
                                      add_generation_prompt=body.add_generation_prompt,
                                      continue_final_message=body.continue_final_message)
         reasoning = None
-        if self.reasoning and not body.constrained():  # a grammar leaves no room for thinking
+        if self.reasoning and body.grammar is None:  # a grammar leaves no room for thinking
             reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
                                    body.include_reasoning)
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
-                          tools=body.tool_setup(), reasoning=reasoning)
+                          tools=body.tool_setup, reasoning=reasoning)
         return await self._generate(request, body, [prompt], fmt, timer)
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -563,7 +563,7 @@ class _ChatFormat(_Format):
             calls = self._parsers[i].calls if self._parsers is not None else []
             thought = self._thinking is not None and self._thinking[i].reasoned  # a block was opened
             message = AssistantMessage(content=content if content or not (calls or thought) else None,
-                                       reasoning=(reasoning or None) if self.reasoning and self.reasoning.include else None,
+                                       reasoning=reasoning or None,
                                        tool_calls=[ToolCallOut.of(call) for call in calls] or None)
             choices.append(ChatChoice(index=i, message=message, finish_reason=self._finish_reason(i, r.last),
                                       logprobs=self._logprobs(r.logprobs)))
@@ -572,8 +572,6 @@ class _ChatFormat(_Format):
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
         reasoning, content, calls = self._split(index, out.text, final=out.finished)
-        if not self.reasoning or not self.reasoning.include:
-            reasoning = ""
         if not reasoning and not content and not calls and not out.finished:
             self._hold(index, out)
             return []
@@ -591,10 +589,12 @@ class _ChatFormat(_Format):
         return chunks
 
     def _split(self, index: int, text: str, final: bool) -> tuple[str, str, list[ToolCall]]:
-        """Choice ``index``'s next text as (reasoning, content, tool calls completed or continued by it)."""
+        """Choice ``index``'s next text as (reasoning, unless it is left out; content; tool calls completed or
+        continued by it)."""
         reasoning = ""
         if self._thinking is not None:
             reasoning, text = self._thinking[index].push(text, final)
+            reasoning = reasoning if self.reasoning.include else ""
         if self._parsers is None:
             return reasoning, text, []
         return reasoning, *self._parsers[index].push(text, final)

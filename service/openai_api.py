@@ -11,6 +11,7 @@ accepted only at their neutral values. Ignores routing, tokenisation and the eng
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Annotated, Any, Literal
@@ -183,6 +184,16 @@ class _SamplingFields(_Strict):
     # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+
+    @functools.cached_property
+    def grammar(self) -> str | None:
+        """The structured output, or forced tool call, as grammar text (None: free text); built once per
+        request, whatever its number of prompts.
+
+        Raises:
+            APIError: 400 for a grammar that cannot be built or a combination that is not allowed.
+        """
+        return _grammar(self)
 
     @field_validator("stop")
     @classmethod
@@ -418,19 +429,13 @@ class ChatCompletionRequest(_SamplingFields):
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages]
 
-    def constrained(self) -> bool:
-        """Whether a grammar constrains the completion from its first token (structured outputs, a forced
-        tool call)."""
-        tools = self.tool_setup()
-        return ((self.response_format is not None and self.response_format.type != "text")
-                or self.structured_outputs is not None or (tools is not None and tools.choice != "auto"))
-
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The offered functions for the chat template (none when the model may not call them)."""
-        if self.tool_setup() is None:
+        if self.tool_setup is None:
             return None
         return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
+    @functools.cached_property
     def tool_setup(self) -> ToolSetup | None:
         """What the model may call (None: no tools, or ``tool_choice: "none"``)."""
         if not self.tools or self.tool_choice == "none":
@@ -470,7 +475,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
         top_k=request.top_k or 0, min_p=request.min_p or 0.0, repetition_penalty=request.repetition_penalty or 1.0,
         min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()),
-        grammar=_grammar(request))
+        grammar=request.grammar)
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
@@ -478,7 +483,7 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
     fmt, structured = request.response_format, request.structured_outputs
     if fmt is not None and fmt.type != "text" and structured is not None:
         raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
-    tools = request.tool_setup() if isinstance(request, ChatCompletionRequest) else None
+    tools = request.tool_setup if isinstance(request, ChatCompletionRequest) else None
     if tools is not None and (structured is not None or (fmt is not None and fmt.type != "text")):
         raise APIError(400, "tools cannot be combined with response_format or structured_outputs (unless "
                        "tool_choice is 'none')", param="tools")

@@ -76,17 +76,14 @@ class Grammars:
 
     def _ll(self):
         with self._lock:
-            return self._ll_locked()
+            if self._tokenizer is None:
+                import llguidance.hf
 
-    def _ll_locked(self):
-        if self._tokenizer is None:
-            import llguidance.hf
-
-            if not getattr(self._hf, "is_fast", False):
-                raise ValueError("structured outputs need a fast (tokenizers-backed) tokenizer")
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size,
-                                                           eos_token=self._eos or None)
-        return self._tokenizer
+                if not getattr(self._hf, "is_fast", False):
+                    raise ValueError("structured outputs need a fast (tokenizers-backed) tokenizer")
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size,
+                                                               eos_token=self._eos or None)
+            return self._tokenizer
 
     def matcher(self, grammar: str):
         """A fresh matcher of ``grammar`` at the start of a completion.
@@ -112,8 +109,13 @@ class Grammars:
         import llguidance.torch as llt
 
         matcher = self.matcher(grammar)
-        llt.fill_next_token_bitmask(matcher, llt.allocate_token_bitmask(1, self._vocab_size), 0)
+        llt.fill_next_token_bitmask(matcher, self._bitmask(1), 0)
         return matcher
+
+    def _bitmask(self, rows: int) -> torch.Tensor:
+        import llguidance.torch as llt
+
+        return torch.empty(llt.get_bitmask_shape(rows, self._vocab_size), dtype=torch.int32)
 
     def mask(self, logits: torch.Tensor, matchers: Sequence) -> None:
         """Set, in place, the logits of row i's tokens that ``matchers[i]`` does not allow next to -inf
@@ -121,7 +123,7 @@ class Grammars:
         import llguidance.torch as llt
 
         rows = [i for i, matcher in enumerate(matchers) if matcher is not None]
-        bitmask = torch.empty(llt.get_bitmask_shape(len(rows), self._vocab_size), dtype=torch.int32)
+        bitmask = self._bitmask(len(rows))
         for k, i in enumerate(rows):
             llt.fill_next_token_bitmask(matchers[i], bitmask, k)
         if len(rows) == len(matchers):

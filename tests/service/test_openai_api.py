@@ -225,7 +225,7 @@ def test_an_assistants_reasoning_sent_back_reaches_the_template_as_reasoning_con
 def test_tool_setup_of_each_choice(choice, parallel, expected):
     body = {**CHAT, "tools": [_tool("w", WEATHER), _tool("now")], "tool_choice": choice, "parallel_tool_calls": parallel}
     request = ChatCompletionRequest.model_validate(body)
-    setup = request.tool_setup()
+    setup = request.tool_setup
     assert (setup.choice, setup.name, setup.parallel) == expected
     assert setup.parameters == {"w": WEATHER, "now": {"type": "object", "properties": {}}}
     assert [t["function"]["name"] for t in request.template_tools()] == ["w", "now"]
@@ -236,7 +236,7 @@ def test_tool_setup_of_each_choice(choice, parallel, expected):
 @pytest.mark.parametrize("body", [{}, {"tools": []}, {"tools": [_tool("w")], "tool_choice": "none"}])
 def test_no_tool_setup_without_callable_tools(body):
     request = ChatCompletionRequest.model_validate({**CHAT, **body})
-    assert request.tool_setup() is None and request.template_tools() is None
+    assert request.tool_setup is None and request.template_tools() is None
     assert sampling_params(request, 3, 100).grammar is None
 
 
@@ -250,3 +250,14 @@ def test_tool_rejections_at_sampling(body, param):
     with pytest.raises(APIError) as info:
         sampling_params(request, 3, 100)
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_a_batched_requests_grammar_is_built_once(monkeypatch):
+    import service.openai_api as api
+
+    built = []
+    monkeypatch.setattr(api, "grammar_from_spec", lambda kind, value: built.append(kind) or f"grammar of {kind}")
+    request = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b", "c"],
+                                                "structured_outputs": {"regex": "[0-9]+"}})
+    assert [sampling_params(request, 3, 100).grammar for _ in request.prompt] == ["grammar of regex"] * 3
+    assert built == ["regex"]

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 JSON = ((b"content-type", b"application/json"),)
 CHAT = b"/v1/chat/completions"
 COMPLETIONS = b"/v1/completions"
+RESPONSES = b"/v1/responses"
 ONE_MIB = 1 << 20
 _SEND_PIECE = 64 * 1024
 _MAX_RESPONSE_BYTES = 1 << 20
@@ -95,6 +96,10 @@ def cases(model: str) -> list[FuzzCase]:
     def completion_with(name: str, **fields) -> FuzzCase:
         return FuzzCase(name, target=COMPLETIONS, body=_json({**completion, **fields}))
 
+    def responses_with(name: str, **fields) -> FuzzCase:
+        return FuzzCase(name, target=RESPONSES, body=_json({"model": model, "input": "hi", "max_output_tokens": 4,
+                                                            **fields}))
+
     def model_named(name: str, value) -> FuzzCase:
         return FuzzCase(name, body=_json({**chat, "model": value}), statuses=(400, 404))
 
@@ -163,8 +168,8 @@ def cases(model: str) -> list[FuzzCase]:
                   tool_choice={"type": "function", "function": {"name": "sudo"}}),
         chat_with("tool-choice-bad-schema", tool_choice="required", tools=[
             {"type": "function", "function": {"name": "rm", "parameters": {"type": "strin"}}}]),
-        chat_with("tools-and-response-format", tools=[{"type": "function", "function": {"name": "rm"}}],
-                  response_format={"type": "json_object"}),
+        chat_with("tools-and-structured-outputs", tools=[{"type": "function", "function": {"name": "rm"}}],
+                  structured_outputs={"regex": "a+"}),
         chat_with("functions-legacy", functions=[{"name": "rm"}]),
         chat_with("response-format-unknown-type", response_format={"type": "xml"}),
         chat_with("response-format-schema-missing", response_format={"type": "json_schema"}),
@@ -182,6 +187,25 @@ def cases(model: str) -> list[FuzzCase]:
                   response_format={"type": "json_object"}),
         chat_with("unknown-field", frobnicate=True),
         chat_with("proto-pollution-field", __proto__={"admin": True}),
+        # --- the Responses API ------------------------------------------------------------------------
+        responses_with("responses-previous-response-id", previous_response_id="resp_0"),
+        responses_with("responses-conversation", conversation="conv_0"),
+        responses_with("responses-background", background=True),
+        responses_with("responses-input-empty", input=[]),
+        responses_with("responses-input-null-item", input=[None]),
+        responses_with("responses-input-image", input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "file:///etc/passwd"}]}]),
+        responses_with("responses-item-reference", input=[{"type": "item_reference", "id": "msg_0"}]),
+        responses_with("responses-call-output-without-call-id", input=[{"type": "function_call_output", "output": "x"}]),
+        responses_with("responses-hosted-tool", tools=[{"type": "web_search"}]),
+        responses_with("responses-tool-choice-unknown-function", tools=[{"type": "function", "name": "rm"}],
+                       tool_choice={"type": "function", "name": "sudo"}),
+        responses_with("responses-format-schema-invalid", text={"format": {"type": "json_schema", "name": "x",
+                                                                           "schema": {"type": "strin"}}}),
+        responses_with("responses-max-output-tokens-huge", max_output_tokens=10**30),
+        responses_with("responses-truncation-auto", truncation="auto"),
+        responses_with("responses-unknown-field", frobnicate=True),
+        FuzzCase("responses-retrieve", method=b"GET", target=RESPONSES + b"/resp_0", statuses=(404,)),
         # --- model names ---------------------------------------------------------------------------
         FuzzCase("model-missing", body=_json({"messages": user})),
         model_named("model-null", None),

@@ -65,13 +65,14 @@ from service.openai_api import (
 )
 from service.reasoning import PARSERS as REASONING_PARSERS
 from service.reasoning import ReasoningStream, opens_reasoning
+from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
 from service.tools import ToolCall, ToolSetup
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
-_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
 _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block
 
@@ -118,6 +119,8 @@ def _routes(server: _Server) -> APIRouter:
     router.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"], response_model=ModelCard)
     router.add_api_route("/v1/completions", server.completions, methods=["POST"], response_model=None)
     router.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], response_model=None)
+    router.add_api_route("/v1/responses", server.responses, methods=["POST"], response_model=None)
+    router.add_api_route("/v1/responses/{response_id}", server.get_response, methods=["GET", "DELETE"])
     router.add_api_route("/tokenize", server.tokenize, methods=["POST"], response_model=TokenizeResponse)
     router.add_api_route("/detokenize", server.detokenize, methods=["POST"], response_model=DetokenizeResponse)
     router.add_api_route("/health", server.health, methods=["GET"])
@@ -165,6 +168,31 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
+        prompt, reasoning = self._chat_prompt(body)
+        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
+                          tools=body.tool_setup, reasoning=reasoning)
+        return await self._generate(request, body, [prompt], fmt, timer)
+
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API: the request runs as the chat completion it converts to, and errors name
+        the responses parameter at fault."""
+        timer = self.metrics.start_request()
+        self._check_model(body.model)
+        try:
+            chat = body.chat_request()
+            prompt, reasoning = self._chat_prompt(chat)
+            fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
+                                   tools=chat.tool_setup, reasoning=reasoning)
+            return await self._generate(request, chat, [prompt], fmt, timer)
+        except APIError as exc:
+            raise renamed(exc) from None
+
+    async def get_response(self, response_id: str) -> Response:
+        raise APIError(404, f"no response {response_id!r}: this server stores no responses (store is always "
+                       "false); send earlier output items back in input", param="response_id", code="not_found")
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], _Reasoning | None]:
+        """A chat request's prompt, and how its completion's reasoning is split off (None: it is not)."""
         tokenizer = self.engine.tokenizer
         prompt = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
                                      template_kwargs=body.chat_template_kwargs,
@@ -174,9 +202,7 @@ class _Server:
         if self.reasoning and body.grammar is None:  # a grammar leaves no room for thinking
             reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
                                    body.include_reasoning)
-        fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
-                          tools=body.tool_setup, reasoning=reasoning)
-        return await self._generate(request, body, [prompt], fmt, timer)
+        return prompt, reasoning
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
@@ -297,48 +323,45 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
 
 async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
                    timer: RequestTimer) -> Response:
-    texts = [[] for _ in firsts]
-    logprobs = [[] for _ in firsts]
-    lasts = list(firsts)
+    outs: list[list[StepOutput]] = [[] for _ in firsts]
     try:
         async for index, out in outputs:
-            texts[index].append(out.text)
-            logprobs[index] += out.logprobs
-            lasts[index] = out
+            outs[index].append(out)
     except EngineError:
         timer.finish("error", fmt.prompt_tokens)
         raise
     finally:
         await outputs.aclose()
-    results = [_Choice("".join(t), last, lp, first.prompt_logprobs)
-               for t, last, lp, first in zip(texts, lasts, logprobs, firsts)]
-    return JSONResponse(fmt.response(results).model_dump(mode="json"))
+    results = [_Choice("".join(o.text for o in choice), choice[-1], [lp for o in choice for lp in o.logprobs],
+                       choice[0].prompt_logprobs, choice) for choice in outs]
+    body = fmt.response(results)
+    return JSONResponse(body if isinstance(body, dict) else body.model_dump(mode="json"))
 
 
 async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
                timer: RequestTimer, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: ``data: {chunk}`` per delta, a usage chunk if asked, then ``data: [DONE]``."""
+    """Server-sent events: the format's start chunks, a chunk per delta, its end chunks (chat and
+    completions: a usage chunk if asked, then ``data: [DONE]``); an engine error ends the stream with
+    the format's error chunks."""
     try:
         for chunk in fmt.start_chunks():
-            yield _event(chunk)
+            yield fmt.sse(chunk)
         lasts = list(firsts)
         async for index, out in outputs:
             lasts[index] = out
             for chunk in fmt.chunks(index, out):
-                yield _event(chunk)
-        if include_usage:
-            yield _event(fmt.usage_chunk(lasts))
+                yield fmt.sse(chunk)
+        for chunk in fmt.end_chunks(lasts, include_usage):
+            yield fmt.sse(chunk)
     except EngineError as exc:
         timer.finish("error", fmt.prompt_tokens)
-        yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
+        for chunk in fmt.error_chunks(exc):
+            yield fmt.sse(chunk)
     finally:
         timer.finish("abort", fmt.prompt_tokens)  # no-op unless the client left mid-stream
         await outputs.aclose()
-    yield "data: [DONE]\n\n"
-
-
-def _event(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"
+    if fmt.done:
+        yield fmt.done
 
 
 class _ClientGone(Exception):
@@ -369,12 +392,13 @@ async def _disconnect(request: Request) -> None:
 
 
 class _Choice(NamedTuple):
-    """One choice of a finished request: its text, last output and log-probabilities."""
+    """One choice of a finished request: its text, last output, log-probabilities and every output."""
 
     text: str
     last: StepOutput
     logprobs: Sequence[TokenLogprobs]
     prompt_logprobs: Sequence[TokenLogprobs] = ()
+    outputs: Sequence[StepOutput] = ()
 
 
 class _Format(abc.ABC):
@@ -399,11 +423,25 @@ class _Format(abc.ABC):
         self.cached_tokens = 0  # of them, from the prefix cache; set with the first outputs
         self._pending: list[list[TokenLogprobs]] = [[] for _ in range(self.num_choices)]
 
+    done = "data: [DONE]\n\n"  # the stream's last event
+
     def start_chunks(self) -> list[BaseModel]:
         return []
 
+    def end_chunks(self, lasts: Sequence[StepOutput], include_usage: bool) -> list[BaseModel]:
+        """Chunks after every choice's last: the usage chunk, if asked for."""
+        return [self.usage_chunk(lasts)] if include_usage else []
+
+    def error_chunks(self, exc: EngineError) -> list[dict]:
+        """What ends a stream that failed: the error's JSON."""
+        return [error_body(exc)[1]]
+
+    def sse(self, chunk: BaseModel | dict) -> str:
+        """One server-sent event."""
+        return f"data: {chunk.model_dump_json() if isinstance(chunk, BaseModel) else json.dumps(chunk)}\n\n"
+
     @abc.abstractmethod
-    def response(self, results: Sequence[_Choice]) -> BaseModel:
+    def response(self, results: Sequence[_Choice]) -> BaseModel | dict:
         """The non-streaming response: per choice all its text and log-probabilities and its last output."""
 
     @abc.abstractmethod
@@ -629,6 +667,63 @@ class _ChatFormat(_Format):
 
     def _make(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+class _ResponsesFormat(_ChatFormat):
+    """The Responses API over one chat choice, split as the chat endpoint splits it (reasoning, text,
+    tool calls): typed stream events (`ResponseBuilder`), and as the response the last event's, the
+    outputs replayed (so a response is its stream's, item for item). The text's log-probabilities
+    cover every generated token, as the chat endpoint's do, when there is text. Reasoning tokens are
+    the tokens generated inside the thinking block (its tags included)."""
+
+    done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
+
+    def __init__(self, model: str, pieces: TokenPieces | None, settings: dict, *, tools: ToolSetup | None = None,
+                 reasoning: _Reasoning | None = None) -> None:
+        super().__init__(model, pieces, 1, tools=tools, reasoning=reasoning)
+        self.builder = ResponseBuilder(model, settings)
+        self.id = self.builder.id
+        self._named = tools is not None and tools.choice == "named"
+        self._reasoning_tokens = 0
+
+    def sse(self, event: dict) -> str:
+        return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    def start_chunks(self) -> list[dict]:
+        return self.builder.start()
+
+    def chunks(self, index: int, out: StepOutput) -> list[dict]:
+        thinking = self._thinking[index] if self._thinking is not None else None
+        was_thinking = thinking is not None and thinking.in_block
+        reasoning, text, calls = self._split(index, out.text, final=out.finished)
+        if was_thinking or (thinking is not None and thinking.in_block):
+            self._reasoning_tokens += len(out.new_token_ids)
+        logprobs = ()
+        if text:
+            logprobs = self._entries(self._take_pending(index, out))
+        else:
+            self._hold(index, out)
+        return self.builder.push(reasoning, text, calls, logprobs, named=self._named)
+
+    def end_chunks(self, lasts: Sequence[StepOutput], include_usage: bool) -> list[dict]:
+        (last,) = lasts
+        spent = usage(self.prompt_tokens, self.cached_tokens, last.num_completion_tokens, self._reasoning_tokens)
+        incomplete = "max_output_tokens" if last.finish_reason == "length" else None
+        return self.builder.finish(spent, incomplete, self._entries(self._pending[0]))
+
+    def error_chunks(self, exc: EngineError) -> list[dict]:
+        error = error_body(exc)[1]["error"]
+        return self.builder.failed(error["code"] or error["type"], error["message"])
+
+    def response(self, results: Sequence[_Choice]) -> dict:
+        (result,) = results
+        for out in result.outputs:
+            self.chunks(0, out)
+        return self.end_chunks([result.last], False)[-1]["response"]
+
+    def _entries(self, entries: Sequence[TokenLogprobs]) -> list[TokenLogprob]:
+        logprobs = self._logprobs(entries)
+        return logprobs.content if logprobs is not None else []
 
 
 # --- body size limit -------------------------------------------------------------------------------

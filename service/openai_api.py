@@ -479,24 +479,29 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
-    """The request's structured output, or its forced tool call, as grammar text (None: free text)."""
+    """The request's structured output, or its forced tool call, as grammar text (None: free text). With
+    tools that the model may call or not, a JSON response format constrains the answer it gives instead
+    of a call (OpenAI's tools with ``response_format``)."""
     fmt, structured = request.response_format, request.structured_outputs
     if fmt is not None and fmt.type != "text" and structured is not None:
         raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
     tools = request.tool_setup if isinstance(request, ChatCompletionRequest) else None
-    if tools is not None and (structured is not None or (fmt is not None and fmt.type != "text")):
-        raise APIError(400, "tools cannot be combined with response_format or structured_outputs (unless "
-                       "tool_choice is 'none')", param="tools")
-    if tools is not None and tools.choice != "auto":
+    if tools is not None and structured is not None:
+        raise APIError(400, "tools cannot be combined with structured_outputs (unless tool_choice is 'none'); "
+                       "response_format can constrain an answer given instead of a call", param="tools")
+    answer = None
+    if fmt is not None and fmt.type != "text":
+        answer = fmt.json_schema.json_schema if fmt.json_schema is not None else {"type": "object"}
+    if tools is not None and (tools.choice != "auto" or answer is not None):
         if request.min_tokens:
-            raise APIError(400, "min_tokens cannot be combined with a forced tool call", param="min_tokens")
-        return tools.grammar()
+            raise APIError(400, "min_tokens cannot be combined with a forced tool call or tools with a response "
+                           "format", param="min_tokens")
+        return tools.grammar(answer if tools.choice == "auto" else None)
     if structured is not None:
         kind, value = structured.spec()
         param = "structured_outputs"
-    elif fmt is not None and fmt.type != "text":
-        kind, value = "json", fmt.json_schema.json_schema if fmt.json_schema is not None else {"type": "object"}
-        param = "response_format"
+    elif answer is not None:
+        kind, value, param = "json", answer, "response_format"
     else:
         return None
     if request.min_tokens:
@@ -752,7 +757,7 @@ def _as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestValidationError | ValidationError):
-        return _validation_error(exc.errors())
+        return validation_error(exc.errors())
     if isinstance(exc, QueueFull):
         return APIError(429, "the server is busy: too many requests are waiting; retry later",
                         type="rate_limit_error", code="rate_limit_exceeded")
@@ -774,7 +779,7 @@ def _as_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", type="server_error")
 
 
-def _validation_error(errors: list[dict]) -> APIError:
+def validation_error(errors: list[dict]) -> APIError:
     """400 for the first validation error, naming the field (``messages.0.role``)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":

@@ -37,6 +37,11 @@ class ReasoningStream:
         self._started = False      # the reasoning has had a non-whitespace character
         self.reasoned = in_reasoning  # a block was opened (reasoning may still be empty)
 
+    @property
+    def in_block(self) -> bool:
+        """Inside the reasoning block (its closing tag not yet seen)."""
+        return self._state == "reasoning"
+
     def push(self, text: str, final: bool = False) -> tuple[str, str]:
         """Add ``text``; returns (reasoning, content) to send now. ``final`` flushes."""
         self._buffer += text

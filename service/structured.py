@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("json", "regex", "choice", "grammar")
 # Compact JSON: with flexible whitespace a weak model may emit whitespace until max_tokens.
-_JSON_DEFAULTS = {"whitespace_flexible": False}
+JSON_DEFAULTS = {"whitespace_flexible": False}
 
 
 def grammar_from_spec(kind: str, value: Any) -> str:
@@ -41,7 +41,7 @@ def grammar_from_spec(kind: str, value: Any) -> str:
         schema = json.loads(value) if isinstance(value, str) else value
         if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_DEFAULTS)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_DEFAULTS)
     if kind == "regex":
         if not isinstance(value, str) or not value:
             raise ValueError("regex must be a non-empty string")

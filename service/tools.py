@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.structured import JSON_DEFAULTS
 from service.text import partial_tag
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
@@ -63,15 +64,19 @@ class ToolSetup:
     name: str | None = None
     parallel: bool = True
 
-    def grammar(self) -> str | None:
-        """llguidance grammar text that forces the call(s) (None for "auto").
+    def grammar(self, answer: dict | None = None) -> str | None:
+        """llguidance grammar text that forces the call(s); None for "auto" without ``answer``.
+
+        With ``answer`` (the JSON schema of the request's response format), "auto" lets the model either
+        call (one or more Hermes blocks, as with "required") or answer with JSON following the schema,
+        nothing else (OpenAI's tools together with a JSON response format). A forced call ignores it.
 
         A schema llguidance cannot compile shows when the grammar is compiled for a tokenizer
         (`service.structured.Grammars.matcher` raises ValueError).
         """
         import llguidance
 
-        if self.choice == "auto":
+        if self.choice == "auto" and answer is None:
             return None
         if self.choice == "named":
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(self.parameters[self.name]),
@@ -83,8 +88,11 @@ class ToolSetup:
         root = {"anyOf": calls} if len(calls) > 1 else calls[0]
         call = json.dumps({**root, **({"$defs": defs} if defs else {}), "x-guidance": CALL_JSON})
         body = 'call ("\\n" call)*' if self.parallel else "call"
-        lark = f'start: {body}\ncall: "{TOOL_CALL_START}\\n" %json {call} "\\n{TOOL_CALL_END}"\n'
-        return llguidance.grammar_from("grammar", lark)
+        lark = f'calls: {body}\ncall: "{TOOL_CALL_START}\\n" %json {call} "\\n{TOOL_CALL_END}"\n'
+        if self.choice == "auto":  # a JSON answer is written as structured outputs write one
+            answer_json = json.dumps({**answer, "x-guidance": JSON_DEFAULTS})
+            return llguidance.grammar_from("grammar", f"start: calls | answer\n{lark}answer: %json {answer_json}\n")
+        return llguidance.grammar_from("grammar", f"start: calls\n{lark}")
 
     def stream(self) -> ToolCallStream | NamedCallStream:
         """A fresh parser for one choice's text."""

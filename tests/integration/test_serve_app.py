@@ -181,6 +181,45 @@ def test_tool_calls_and_their_results_through_the_expert_workers(client, referen
     assert second.usage.prompt_tokens == len(ids)
 
 
+def test_the_responses_api_through_the_expert_workers(client, reference):
+    """OpenAI's Responses API on the same pipeline: the answer is the single-process model's greedy
+    output, streamed or not, and a call's output sent back as input items renders the chat history."""
+    model, tokenizer = reference
+
+    def greedy(messages, tools=None, n=12) -> tuple[str, int]:
+        ids = apply_chat_template(tokenizer, messages, tools=tools)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True), len(ids)
+
+    ask = "Name three rivers in Europe."
+    reply = client.responses.create(model=MODEL, instructions="Be brief.", input=ask, max_output_tokens=12,
+                                    temperature=0)
+    expected, prompt_tokens = greedy([{"role": "system", "content": "Be brief."}, {"role": "user", "content": ask}])
+    assert reply.output_text == expected and reply.usage.input_tokens == prompt_tokens
+    events = list(client.responses.create(model=MODEL, instructions="Be brief.", input=ask, max_output_tokens=12,
+                                          temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == expected
+    assert events[-1].type == f"response.{reply.status}" and events[-1].response.output_text == expected
+    tools = [{"type": "function", "name": "length", "description": "A river's length in km",
+              "parameters": {"type": "object", "properties": {"river": {"enum": ["Rhine", "Danube"]}},
+                             "required": ["river"], "additionalProperties": False}}]
+    first = client.responses.create(model=MODEL, input=ask, tools=tools, tool_choice="required",
+                                    parallel_tool_calls=False, max_output_tokens=40, temperature=0)
+    (call,) = first.output
+    assert call.type == "function_call" and json.loads(call.arguments)["river"] in ("Rhine", "Danube")
+    second = client.responses.create(model=MODEL, tools=tools, max_output_tokens=12, temperature=0, input=[
+        {"role": "user", "content": ask}, *first.output,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "1233 km"}])
+    chat_tools = [{"type": "function", "function": {k: v for k, v in tools[0].items() if k != "type"}}]
+    expected, prompt_tokens = greedy([
+        {"role": "user", "content": ask},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+            "name": "length", "arguments": json.loads(call.arguments)}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "1233 km"}], chat_tools)
+    assert second.output_text == expected and second.usage.input_tokens == prompt_tokens
+
+
 def test_sixteen_concurrent_streams_complete_with_usage(url):
     async def one(aclient, i: int) -> tuple[int, int]:
         stream = await aclient.chat.completions.create(

@@ -240,8 +240,22 @@ def test_no_tool_setup_without_callable_tools(body):
     assert sampling_params(request, 3, 100).grammar is None
 
 
+def test_tools_with_a_response_format_constrain_the_answer_unless_a_call_is_forced():
+    def grammar(**body):
+        request = ChatCompletionRequest.model_validate({**CHAT, "tools": [_tool("w", WEATHER)], **body})
+        return sampling_params(request, 3, 100).grammar
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "properties": {
+        "n": {"type": "integer"}}, "required": ["n"]}}}
+    assert grammar() is None and "answer" in grammar(response_format=fmt)
+    assert grammar(response_format={"type": "json_object"}) != grammar(response_format=fmt)
+    assert grammar(tool_choice="required", response_format=fmt) == grammar(tool_choice="required")
+    assert grammar(tool_choice="none", response_format=fmt) == sampling_params(
+        ChatCompletionRequest.model_validate({**CHAT, "response_format": fmt}), 3, 100).grammar
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tools"),
+    ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
     ({"structured_outputs": {"regex": "a"}}, "tools"),
     ({"tool_choice": "required", "min_tokens": 2}, "min_tokens"),
 ])

@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-admin-token-4f9a1c2b7e"
 MODEL = "vibe-test"
 # Routes anyone may call; everything else must sit behind the admin token.
-PUBLIC_ROUTES = {"/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions", "/tokenize",
+PUBLIC_ROUTES = {"/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions", "/v1/responses",
+                 "/v1/responses/{response_id}", "/tokenize",
                  "/detokenize", "/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 CONTROL_WORDS = ("admin", "emulation", "profile", "recalibrate", "fault", "speed", "placement", "stats")
 

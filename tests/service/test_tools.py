@@ -178,6 +178,40 @@ def test_a_forced_call_needs_a_compilable_schema(tokenizer):
             grammars.matcher(setup.grammar())
 
 
+def test_auto_with_a_response_format_calls_or_answers_in_the_format(tokenizer):
+    """OpenAI's tools with a JSON response format: the model either calls (Hermes blocks) or answers with
+    JSON following the format, nothing else; a forced call ignores the format."""
+    from service.structured import Grammars
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    answer = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no"]}}, "required": ["verdict"],
+              "additionalProperties": False}
+    grammar = ToolSetup(SCHEMAS, "auto", parallel=False).grammar(answer)
+    kinds = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        matcher, ids = grammars.matcher(grammar), []
+        while not matcher.is_stopped() and len(ids) < 300:
+            logits = torch.randn(1, len(tokenizer))
+            logits[0, tokenizer.eos_token_id] += 3.0
+            grammars.mask(logits, [matcher])
+            ids.append(int(logits.argmax()))
+            assert matcher.consume_token(ids[-1])
+        if not matcher.is_stopped():
+            continue
+        content, calls = _feed(ToolCallStream(SCHEMAS, parallel=False), [tokenizer.decode(ids, skip_special_tokens=True)])
+        if calls:
+            assert content == "" and len(calls) == 1
+            jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])
+            kinds.add("call")
+        else:
+            jsonschema.validate(json.loads(content), answer)
+            kinds.add("answer")
+    assert kinds == {"call", "answer"}
+    assert ToolSetup(SCHEMAS, "auto").grammar() is None
+    assert ToolSetup(SCHEMAS, "required").grammar(answer) == ToolSetup(SCHEMAS, "required").grammar()
+
+
 # --- the chat format -----------------------------------------------------------------------------------
 
 
@@ -300,7 +334,7 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client):
 @pytest.mark.parametrize("body, param, message", [
     ({"tool_choice": {"type": "function", "function": {"name": "rm"}}}, "tool_choice", "not in tools"),
     ({"tools": TOOLS * 2}, "tools", "unique"),
-    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tools", "cannot be combined"),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "tools", "cannot be combined"),
     ({"tool_choice": "required", "min_tokens": 3}, "min_tokens", "forced tool call"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
       "tool_choice": "required"}, None, "invalid structured output"),

@@ -1,0 +1,573 @@
+"""OpenAI's Responses API (``POST /v1/responses``) on the chat pipeline: the request schema, its
+conversion to a chat completion request, and the response object and stream events built from a
+completion's reasoning, answer text and tool calls.
+
+Stateless, as OpenAI's ``store: false``: no response is kept (``store`` is reported false), so
+``previous_response_id`` and ``conversation`` are 400s and a client sends the earlier output items back
+in ``input`` (the official client: ``input=[*history, *response.output, ...]``). Text input only;
+function tools only. A response's output is, in this order: the reasoning (one ``reasoning`` item, with
+a reasoning parser), the text (one ``message`` item) and the calls (one ``function_call`` item each);
+streamed or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
+runs the converted request and feeds `ResponseBuilder`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from service.openai_api import (
+    MAX_LOGPROBS,
+    MAX_TOOLS,
+    APIError,
+    ChatCompletionRequest,
+    TemplateKwargs,
+    Text,
+    TokenLogprob,
+    validation_error,
+)
+from service.tools import ToolCall
+
+MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata
+# vLLM's sampling extensions, passed to the chat request as they are (validated there)
+_EXTENSIONS = ("seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+               "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids")
+# where a chat request's parameter came from in a responses request (errors name what the client sent)
+_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+           "response_format": "text.format", "logprobs": "include"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- the request -------------------------------------------------------------------------------------------
+
+
+class TextPart(_Strict):
+    """Text of an input message; ``output_text`` is an earlier response's, sent back."""
+
+    type: Literal["input_text", "output_text"]
+    text: Text
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+def _parts(value: Any) -> Any:
+    """Text given as a string is one text part (a validation error then names the part at fault, not
+    the string alternative)."""
+    return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
+
+
+Parts = Annotated[list[TextPart], BeforeValidator(_parts)]
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Parts
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+    def text(self) -> str:
+        return "".join(part.text for part in self.content)
+
+
+class FunctionCallInput(_Strict):
+    """A call of an earlier response, sent back."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(_Strict):
+    """A call's result."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: Parts
+    id: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        return "".join(part.text for part in self.output)
+
+
+class ReasoningPart(_Strict):
+    type: Literal["reasoning_text", "summary_text"]
+    text: Text
+
+
+class ReasoningInput(_Strict):
+    """An earlier response's reasoning, sent back: it goes with the assistant turn that follows it."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[ReasoningPart] = []
+    content: list[ReasoningPart] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        return "".join(part.text for part in (self.content if self.content is not None else self.summary))
+
+
+def _item_type(item: Any) -> str | None:
+    """An input item's kind; a message may leave out ``type`` (OpenAI's "easy" input message)."""
+    if isinstance(item, dict):
+        return item.get("type", "message")
+    return getattr(item, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutput, Tag("function_call_output")] | Annotated[ReasoningInput, Tag("reasoning")],
+    Discriminator(_item_type)]
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # always honoured when the call is forced
+
+
+class FunctionChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    """``text.format``: plain text, any JSON object, or JSON following a named schema."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> TextFormat:
+        named = self.name is not None and self.json_schema is not None
+        if self.type == "json_schema" and not named:
+            raise ValueError("type 'json_schema' needs name and schema")
+        if self.type != "json_schema" and (self.name, self.json_schema, self.description) != (None, None, None):
+            raise ValueError("name, schema and description are only allowed with type 'json_schema'")
+        return self
+
+    def response_format(self) -> dict[str, Any]:
+        """The chat request's ``response_format``."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {"type": "json_schema", "json_schema": {"name": self.name, "description": self.description,
+                                                       "schema": self.json_schema, "strict": self.strict}}
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # a hint for OpenAI's models; not used here
+
+
+class ReasoningConfig(_Strict):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None  # no summaries are written: summary is []
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class StreamOptions(_Strict):
+    include_obfuscation: bool | None = None  # nothing is obfuscated
+
+
+class ResponsesRequest(_Strict):
+    """``POST /v1/responses``: OpenAI's fields that a stateless text server can honour, and vLLM's
+    sampling extensions (``seed``, ``stop``, ``top_k``, ...) and ``chat_template_kwargs``.
+
+    ``reasoning.effort`` reaches the chat template as the variable ``reasoning_effort`` (as vLLM passes
+    it; templates that do not read it ignore it). Log-probabilities are returned with
+    ``include: ["message.output_text.logprobs"]`` or ``top_logprobs``.
+    """
+
+    model: str
+    input: Annotated[list[InputItem], BeforeValidator(lambda v: [{"role": "user", "content": v}] if isinstance(v, str)
+                                                      else v)]
+    instructions: Text | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    include: list[Literal["message.output_text.logprobs", "reasoning.encrypted_content"]] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None,
+                                                                             max_length=MAX_METADATA_KEYS)
+    store: bool | None = None  # nothing is stored, whatever it says: the response reports false
+    truncation: Literal["disabled", "auto"] | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    background: bool | None = None
+    max_tool_calls: int | None = None
+    prompt: Any = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+    chat_template_kwargs: TemplateKwargs = None
+    seed: Any = None
+    stop: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    repetition_penalty: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    ignore_eos: Any = None
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+
+    def check_supported(self) -> None:
+        """What needs stored state, or a feature this server does not have, is refused by name.
+
+        Raises:
+            APIError: 400 naming the parameter.
+        """
+        stored = "this server stores no responses or conversations: send the earlier output items in input"
+        refused = {
+            "previous_response_id": (self.previous_response_id is not None, stored),
+            "conversation": (self.conversation is not None, stored),
+            "background": (bool(self.background), "background responses are not supported (no response is stored)"),
+            "prompt": (self.prompt is not None, "stored prompt templates are not supported"),
+            "max_tool_calls": (self.max_tool_calls is not None, "not supported (parallel_tool_calls: false allows "
+                               "one call)"),
+            "truncation": (self.truncation == "auto", "'auto' is not supported: an input longer than the context "
+                           "is a 400"),
+        }
+        for name, (bad, why) in refused.items():
+            if bad:
+                raise APIError(400, f"{name}: {why}", param=name)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.top_logprobs is not None or "message.output_text.logprobs" in (self.include or ())
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages: ``instructions`` as the first system message; an assistant
+        message and the calls after it as one assistant turn (with the reasoning item before it); a call's
+        output as a tool message."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions is not None:
+            messages.append({"role": "system", "content": self.instructions})
+        reasoning, turn = None, None  # the reasoning waiting for its turn; the assistant turn calls join
+        for item in self.input:
+            if isinstance(item, ReasoningInput):
+                reasoning, turn = item.text() or None, None
+            elif isinstance(item, InputMessage) and item.role == "assistant" or isinstance(item, FunctionCallInput):
+                if turn is None:
+                    turn = {"role": "assistant", "content": None, "reasoning": reasoning}
+                    messages.append(turn)
+                    reasoning = None
+                if isinstance(item, InputMessage):
+                    turn["content"] = (turn["content"] or "") + item.text()
+                else:
+                    turn.setdefault("tool_calls", []).append({"id": item.call_id, "type": "function", "function": {
+                        "name": item.name, "arguments": item.arguments}})
+            elif isinstance(item, FunctionCallOutput):
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+                turn = None
+            else:
+                messages.append({"role": item.role, "content": item.text()})
+                turn = None
+        if not messages:
+            raise APIError(400, "input has no messages", param="input")
+        return messages
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The same request on the chat endpoint.
+
+        Raises:
+            APIError: 400 naming the responses parameter at fault.
+        """
+        self.check_supported()
+        fields: dict[str, Any] = {
+            "model": self.model, "messages": self.chat_messages(), "stream": self.stream,
+            "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            **{name: getattr(self, name) for name in _EXTENSIONS if getattr(self, name) is not None}}
+        if self.tools:
+            fields["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+                               for tool in self.tools]
+        if isinstance(self.tool_choice, FunctionChoice):
+            fields["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            fields["tool_choice"] = self.tool_choice
+        if self.text is not None and self.text.format is not None:
+            fields["response_format"] = self.text.format.response_format()
+        if self.wants_logprobs:
+            fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning.effort)
+        if kwargs:
+            fields["chat_template_kwargs"] = kwargs
+        try:
+            return ChatCompletionRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise renamed(validation_error(exc.errors())) from None
+
+    def echo(self) -> dict[str, Any]:
+        """The request's settings as a response object repeats them."""
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, FunctionChoice) else self.tool_choice
+        fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat(type="text")
+        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+                "metadata": self.metadata or {}, "parallel_tool_calls": self.parallel_tool_calls is not False,
+                "temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p, "tools": tools,
+                "tool_choice": choice or "auto", "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)},
+                "reasoning": self.reasoning.model_dump() if self.reasoning is not None else None,
+                "top_logprobs": self.top_logprobs, "truncation": "disabled", "store": False, "background": False,
+                "user": self.user, "safety_identifier": self.safety_identifier,
+                "prompt_cache_key": self.prompt_cache_key, "service_tier": "default"}
+
+
+def renamed(error: APIError) -> APIError:
+    """``error`` of the converted chat request, naming the responses parameter it came from."""
+    if error.param is None:
+        return error
+    head, _, rest = error.param.partition(".")
+    if head not in _PARAMS:
+        return error
+    param = _PARAMS[head] + (f".{rest}" if rest and head != "messages" else "")
+    return APIError(error.status, error.message.replace(error.param, param, 1), type=error.type, param=param,
+                    code=error.code)
+
+
+# --- the response ------------------------------------------------------------------------------------------
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponseBuilder:
+    """One response: its output items, built as the completion's pieces arrive, and the stream events
+    that tell them (each a dict with ``type`` and ``sequence_number``).
+
+    Reasoning and text stream as they come; the calls' items follow the text, once it has ended (with
+    the completion, unless the text is empty: then as each call completes), so the output has the same
+    order streamed or not; a named call's arguments stream as they are generated.
+    """
+
+    def __init__(self, model: str, settings: dict[str, Any]) -> None:
+        self.id = _new_id("resp")
+        self.model = model
+        self.settings = settings
+        self.created_at = int(time.time())
+        self.output: list[dict[str, Any]] = []
+        self._sequence = 0
+        self._open: dict[str, Any] | None = None  # the item being streamed: reasoning, message or a named call
+        self._text_done = False  # the message has ended (no text may follow), or no text came before a call
+        self._calls: dict[str, dict[str, Any]] = {}  # call id -> its function_call item
+        self._waiting: list[ToolCall] = []  # calls whose items wait for the text to end
+
+    def snapshot(self, status: str, usage: dict[str, Any] | None = None, *,
+                 incomplete: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response object with the output so far."""
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+                "completed_at": int(time.time()) if status == "completed" else None,
+                "error": error, "incomplete_details": {"reason": incomplete} if incomplete else None,
+                "model": self.model, "output": _copy(self.output), "usage": usage, "previous_response_id": None,
+                **self.settings}
+
+    def start(self) -> list[dict[str, Any]]:
+        snapshot = self.snapshot("in_progress")
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def push(self, reasoning: str, text: str, calls: Sequence[ToolCall], logprobs: Sequence[TokenLogprob] = (),
+             *, named: bool = False) -> list[dict[str, Any]]:
+        """Events for the completion's next reasoning, text (with the log-probabilities of the tokens
+        generated since the last text: they go with the text) and calls completed (a named call: its next
+        arguments)."""
+        events = []
+        if reasoning:
+            events += self._reasoning(reasoning)
+        if text:
+            events += self._text(text, logprobs)
+        for call in calls:
+            if named:
+                events += self._named(call)
+            elif self._text_done or not self._has("message"):
+                self._text_done = True
+                events += self._close() + self._call(call)
+            else:
+                self._waiting.append(call)
+        return events
+
+    def finish(self, usage: dict[str, Any], incomplete: str | None = None,
+               logprobs: Sequence[TokenLogprob] = ()) -> list[dict[str, Any]]:
+        """Events that end the response: the last tokens' log-probabilities (if there is text), the open
+        item, calls waiting for the text, an empty message if there is no output at all, then
+        ``response.completed`` (or ``response.incomplete``, with ``incomplete`` the reason)."""
+        events = []
+        if logprobs and self._open is not None and self._open["type"] == "message":
+            events += self._text("", logprobs)
+        if not self.output:
+            events += self._text("", ())
+        events += self._close(incomplete is not None)
+        for call in self._waiting:
+            events += self._call(call)
+        self._waiting = []
+        status = "incomplete" if incomplete else "completed"
+        return [*events, self._event(f"response.{status}", response=self.snapshot(status, usage, incomplete=incomplete))]
+
+    def failed(self, code: str, message: str) -> list[dict[str, Any]]:
+        error = {"code": code, "message": message}
+        return [self._event("error", code=code, message=message, param=None),
+                self._event("response.failed", response=self.snapshot("failed", error=error))]
+
+    # --- items ---
+
+    def _has(self, kind: str) -> bool:
+        return any(item["type"] == kind for item in self.output)
+
+    def _reasoning(self, delta: str) -> list[dict[str, Any]]:
+        events = []
+        if self._open is None or self._open["type"] != "reasoning":
+            events += self._close()
+            item = self._add({"type": "reasoning", "id": _new_id("rs"), "summary": [], "content": [],
+                              "encrypted_content": None, "status": "in_progress"})
+            events += [self._event("response.output_item.added", output_index=self._index(), item=_copy(item)),
+                       *self._part({"type": "reasoning_text", "text": ""})]
+        self._open["content"][0]["text"] += delta
+        return [*events, self._event("response.reasoning_text.delta", item_id=self._open["id"],
+                                     output_index=self._index(), content_index=0, delta=delta)]
+
+    def _text(self, delta: str, logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+        """Events for the next text and its tokens' log-probabilities (a message opened if none is)."""
+        events = []
+        if self._open is None or self._open["type"] != "message":
+            events += self._close()
+            item = self._add({"type": "message", "id": _new_id("msg"), "role": "assistant", "status": "in_progress",
+                              "content": []})
+            events += [self._event("response.output_item.added", output_index=self._index(), item=_copy(item)),
+                       *self._part({"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+        part = self._open["content"][0]
+        entries = [entry.model_dump(mode="json") for entry in logprobs]
+        part["text"] += delta
+        part["logprobs"] += entries
+        if not delta and not entries:
+            return events
+        return [*events, self._event("response.output_text.delta", item_id=self._open["id"],
+                                     output_index=self._index(), content_index=0, delta=delta, logprobs=entries)]
+
+    def _call(self, call: ToolCall) -> list[dict[str, Any]]:
+        item = self._add({"type": "function_call", "id": _new_id("fc"), "call_id": call.id, "name": call.name,
+                          "arguments": call.arguments, "status": "in_progress"})
+        self._open = None
+        index = len(self.output) - 1
+        item["status"] = "completed"
+        added = {**item, "arguments": "", "status": "in_progress"}
+        return [self._event("response.output_item.added", output_index=index, item=added),
+                self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=call.arguments),
+                self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            arguments=call.arguments, name=call.name),
+                self._event("response.output_item.done", output_index=index, item=_copy(item))]
+
+    def _named(self, call: ToolCall) -> list[dict[str, Any]]:
+        """The next piece of a named call's arguments (its item opened on the first)."""
+        events = []
+        if call.id not in self._calls:
+            events += self._close()
+            self._calls[call.id] = self._add({"type": "function_call", "id": _new_id("fc"), "call_id": call.id,
+                                              "name": call.name, "arguments": "", "status": "in_progress"})
+            events.append(self._event("response.output_item.added", output_index=self._index(),
+                                      item=_copy(self._open)))
+        self._open["arguments"] += call.arguments
+        return [*events, self._event("response.function_call_arguments.delta", item_id=self._open["id"],
+                                     output_index=self._index(), delta=call.arguments)]
+
+    def _add(self, item: dict[str, Any]) -> dict[str, Any]:
+        self.output.append(item)
+        self._open = item
+        return item
+
+    def _index(self) -> int:
+        return self.output.index(self._open)
+
+    def _part(self, part: dict[str, Any]) -> list[dict[str, Any]]:
+        self._open["content"].append(part)
+        return [self._event("response.content_part.added", item_id=self._open["id"], output_index=self._index(),
+                            content_index=0, part=_copy(part))]
+
+    def _close(self, incomplete: bool = False) -> list[dict[str, Any]]:
+        """Events that end the open item, if any."""
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        index = self.output.index(item)
+        item["status"] = "incomplete" if incomplete else "completed"
+        events = []
+        if item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            events += [self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=text),
+                       self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=_copy(item["content"][0]))]
+        elif item["type"] == "message":
+            self._text_done = True
+            part = item["content"][0]
+            events += [self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=part["text"], logprobs=part["logprobs"]),
+                       self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=_copy(part))]
+        else:
+            events.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                      output_index=index, arguments=item["arguments"], name=item["name"]))
+        return [*events, self._event("response.output_item.done", output_index=index, item=_copy(item))]
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON data (an event must not change as the item it shows grows)."""
+    if isinstance(value, dict):
+        return {key: _copy(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def usage(input_tokens: int, cached_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            "total_tokens": input_tokens + output_tokens}

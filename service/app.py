@@ -65,7 +65,7 @@ from service.openai_api import (
 )
 from service.reasoning import PARSERS as REASONING_PARSERS
 from service.reasoning import ReasoningStream, opens_reasoning
-from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, usage
+from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
 from service.tools import ToolCall, ToolSetup
@@ -707,7 +707,7 @@ class _ResponsesFormat(_ChatFormat):
 
     def end_chunks(self, lasts: Sequence[StepOutput], include_usage: bool) -> list[dict]:
         (last,) = lasts
-        spent = usage(self.prompt_tokens, self.cached_tokens, last.num_completion_tokens, self._reasoning_tokens)
+        spent = response_usage(self.prompt_tokens, self.cached_tokens, last.num_completion_tokens, self._reasoning_tokens)
         incomplete = "max_output_tokens" if last.finish_reason == "length" else None
         return self.builder.finish(spent, incomplete, self._entries(self._pending[0]))
 

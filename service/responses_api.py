@@ -5,9 +5,10 @@ completion's reasoning, answer text and tool calls.
 Stateless, as OpenAI's ``store: false``: no response is kept (``store`` is reported false), so
 ``previous_response_id`` and ``conversation`` are 400s and a client sends the earlier output items back
 in ``input`` (the official client: ``input=[*history, *response.output, ...]``). Text input only;
-function tools only. A response's output is, in this order: the reasoning (one ``reasoning`` item, with
-a reasoning parser), the text (one ``message`` item) and the calls (one ``function_call`` item each);
-streamed or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
+function tools only. A response's output is the reasoning (one ``reasoning`` item, with a reasoning
+parser), the text (one ``message`` item) and the calls (one ``function_call`` item each), in this order
+(text written after a call, which Hermes models do not write, gets a message item after it); streamed
+or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
 runs the converted request and feeds `ResponseBuilder`).
 """
 
@@ -567,7 +568,7 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def usage(input_tokens: int, cached_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
+def response_usage(input_tokens: int, cached_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
     return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}

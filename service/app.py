@@ -64,7 +64,7 @@ from service.openai_api import (
     sampling_params,
 )
 from service.reasoning import PARSERS as REASONING_PARSERS
-from service.reasoning import ReasoningStream, opens_reasoning
+from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
@@ -100,7 +100,8 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; expected one of {', '.join(REASONING_PARSERS)}")
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
-                     tuple(health_checks), reasoning=reasoning_parser is not None)
+                     tuple(health_checks), reasoning=reasoning_parser is not None,
+                     think_ids=_think_ids(engine.tokenizer) if reasoning_parser is not None else None)
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -136,6 +137,7 @@ class _Server:
     pieces: TokenPieces
     health_checks: tuple[Callable[[], str | None], ...] = ()
     reasoning: bool = False  # split a <think> block from the answer
+    think_ids: tuple[int, int] | None = None  # <think> and </think>, when each is one token: a grammar can wait
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def list_models(self) -> ModelList:
@@ -171,7 +173,7 @@ class _Server:
         prompt, reasoning = self._chat_prompt(body)
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
                           tools=body.tool_setup, reasoning=reasoning)
-        return await self._generate(request, body, [prompt], fmt, timer)
+        return await self._generate(request, body, [prompt], fmt, timer, reasoning)
 
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
         """OpenAI's Responses API: the request runs as the chat completion it converts to, and errors name
@@ -183,7 +185,7 @@ class _Server:
             prompt, reasoning = self._chat_prompt(chat)
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning)
-            return await self._generate(request, chat, [prompt], fmt, timer)
+            return await self._generate(request, chat, [prompt], fmt, timer, reasoning)
         except APIError as exc:
             raise renamed(exc) from None
 
@@ -199,7 +201,8 @@ class _Server:
                                      add_generation_prompt=body.add_generation_prompt,
                                      continue_final_message=body.continue_final_message)
         reasoning = None
-        if self.reasoning and body.grammar is None:  # a grammar leaves no room for thinking
+        # a grammar leaves room for thinking only when the engine can tell the block's tags by token
+        if self.reasoning and (body.grammar is None or self.think_ids is not None):
             reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
                                    body.include_reasoning)
         return prompt, reasoning
@@ -241,11 +244,16 @@ class _Server:
                            param="model", code="model_not_found")
 
     async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
-                        prompts: list[list[int]], fmt: _Format, timer: RequestTimer) -> Response:
+                        prompts: list[list[int]], fmt: _Format, timer: RequestTimer,
+                        reasoning: _Reasoning | None = None) -> Response:
         """Admit the request's choices, wait for their first tokens (headers wait too), then stream or
         collect. Prompt ``p``'s ``n`` choices are ``n`` engine requests (seeds ``seed + i``), choice
-        indexes ``p * n + i``, the others sharing the first one's prefill; a failure of any fails all."""
+        indexes ``p * n + i``, the others sharing the first one's prefill; a failure of any fails all.
+        With ``reasoning``, a grammar waits for the thinking block to close."""
         params = [sampling_params(body, len(prompt), self.engine.config.max_model_len) for prompt in prompts]
+        if reasoning is not None and body.grammar is not None:
+            params = [dataclasses.replace(p, reasoning_tokens=self.think_ids, in_reasoning=reasoning.in_block)
+                      for p in params]
         n = body.n or 1
         fmt.prompt_tokens = sum(len(prompt) for prompt in prompts)
         ids = [fmt.id] if len(prompts) * n == 1 else [f"{fmt.id}-{k}" for k in range(len(prompts) * n)]
@@ -271,6 +279,12 @@ class _Server:
         except _ClientGone:
             timer.finish("abort", fmt.prompt_tokens)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def _think_ids(tokenizer) -> tuple[int, int] | None:
+    """The ids of ``<think>`` and ``</think>`` when the tokenizer has each as one token (Qwen3, DeepSeek-R1)."""
+    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (THINK_START, THINK_END)]
+    return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:

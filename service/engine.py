@@ -143,6 +143,9 @@ class _Sequence:
         self.num_cached = 0                     # tokens whose keys/values are in the cache
         self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
         self.matcher = None                     # the structured output's grammar state, if any
+        # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
+        # one: no grammar yet), None (the grammar applies)
+        self.thinking: str | None = None
         self.prompt_logprobs: list[TokenLogprobs] = []  # filled chunk by chunk while prefilling
 
     @property
@@ -229,6 +232,8 @@ class Engine:
         seq = _Sequence(request_id, prompt, params, text)
         if params.grammar is not None:  # ValueError for a grammar it cannot follow
             seq.matcher = matcher if matcher is not None else self._grammars.matcher(params.grammar)
+            if params.reasoning_tokens is not None:
+                seq.thinking = "in" if params.in_reasoning else "maybe"
         parent = next((s for s in (*self._running, *self._waiting) if s.request_id == share_prefill_with), None)
         if (parent is not None and parent.token_ids == prompt and parent.num_cached < len(prompt)
                 and parent.params.max_tokens > 0 and params.max_tokens > 0
@@ -338,11 +343,17 @@ class Engine:
 
     def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
-        reported log-probabilities stay the model's own)."""
-        if all(seq.matcher is None for seq in sampled):
+        reported log-probabilities stay the model's own). Inside a thinking block nothing is forbidden; a
+        first token may also open one."""
+        matchers = [None if seq.thinking == "in" else seq.matcher for seq in sampled]
+        if all(matcher is None for matcher in matchers):
             return logits
         masked = logits.clone()
-        self._grammars.mask(masked, [seq.matcher for seq in sampled])
+        self._grammars.mask(masked, matchers)
+        for row, seq in enumerate(sampled):
+            if seq.thinking == "maybe":
+                opener = seq.params.reasoning_tokens[0]
+                masked[row, opener] = logits[row, opener]
         return masked
 
     def _history(self, seq: _Sequence) -> History:
@@ -481,7 +492,15 @@ class Engine:
 
     def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
         seq.token_ids.append(token)
-        complete = seq.matcher is not None and advance(seq.matcher, token)  # the structured output is whole
+        constrained = seq.matcher is not None
+        if seq.thinking is not None:
+            opener, closer = seq.params.reasoning_tokens
+            if seq.thinking == "maybe" and token != opener:
+                seq.thinking = None  # no thinking block: this token is the answer's first
+            else:
+                constrained = False  # a token of the block, its tags included
+                seq.thinking = None if seq.thinking == "in" and token == closer else "in"
+        complete = constrained and advance(seq.matcher, token)  # the structured output is whole
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             reason = "stop"

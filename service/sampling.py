@@ -53,6 +53,11 @@ class SamplingParams:
         min_tokens: EOS and ``stop_token_ids`` cannot end the completion before this many tokens.
         grammar: a structured output (llguidance grammar text, see `service.structured`): only tokens
             that keep the completion inside it are sampled, and it ends when the grammar is complete.
+        reasoning_tokens: with a grammar, the ids of a thinking block's opening and closing tags (each
+            one token, as Qwen3's and DeepSeek-R1's ``<think>`` and ``</think>``): the completion may
+            open a block with its first token (or is in one from the start: ``in_reasoning``, the prompt
+            opened it), thinks freely inside it, and the grammar applies from the token after its close.
+        in_reasoning: the prompt ends inside a thinking block.
     """
 
     max_tokens: int = 16
@@ -72,6 +77,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     grammar: str | None = None
+    reasoning_tokens: tuple[int, int] | None = None
+    in_reasoning: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 0:
@@ -106,6 +113,11 @@ class SamplingParams:
             raise ValueError(f"grammar must be None or a non-empty string, got {self.grammar!r}")
         if self.grammar is not None and self.min_tokens:
             raise ValueError("min_tokens cannot be combined with a structured output (it ends when its grammar does)")
+        if self.reasoning_tokens is not None:
+            object.__setattr__(self, "reasoning_tokens", tuple(self.reasoning_tokens))
+            tags = self.reasoning_tokens
+            if len(tags) != 2 or not all(_is_int(t) and t >= 0 for t in tags) or tags[0] == tags[1]:
+                raise ValueError(f"reasoning_tokens must be two different token ids, got {tags!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)!r}")

@@ -4,6 +4,7 @@ HTTP with `chat_template_kwargs`, on a random tiny chat model whose template can
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -11,12 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import _ChatFormat, _Choice, _Reasoning, create_app
-from service.engine import StepOutput
-from service.reasoning import ReasoningStream, opens_reasoning
+from service.app import _ChatFormat, _Choice, _Reasoning, _think_ids, create_app
+from service.engine import Engine, EngineConfig, StepOutput
+from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
+from service.sampling import SamplingParams
+from service.structured import grammar_from_spec
+from service.text import apply_chat_template
 from service.tools import ToolSetup
 from tests.service.test_app import MODEL, _start_engine, served
-from tests.service.test_text import CHAT_TEMPLATE, build_tokenizer
+from tests.service.test_structured import _run, _text
+from tests.service.test_text import CHAT_TEMPLATE, build_chat_model, build_tokenizer
 
 # The test template, plus what thinking models' templates do: DeepSeek-R1 opens the block in the
 # generation prompt ("think"), Qwen3 with enable_thinking false gives an empty one ("no_think").
@@ -173,3 +178,83 @@ def test_an_unknown_reasoning_parser_is_refused():
 
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         create_app(_Engine(), served_model_name=MODEL, reasoning_parser="gpt")
+
+
+# --- thinking before a grammar: <think> and </think> as single tokens (Qwen3, DeepSeek-R1) ---------------
+
+
+def _think_tokenizer():
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([THINK_START, THINK_END])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    return tokenizer
+
+
+DIGITS = "[0-9]{2,4}"
+
+
+def test_a_grammar_waits_for_the_thinking_block_to_close():
+    """The completion thinks freely (its block opened by the prompt, or by its first token), and the
+    grammar holds from the token after </think>; a completion that does not open a block follows the
+    grammar from its first token."""
+    tokenizer = _think_tokenizer()
+    opener, closer = _think_ids(tokenizer)
+    engine = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=256), tokenizer=tokenizer)
+    grammar = grammar_from_spec("regex", DIGITS)
+    prompt = apply_chat_template(tokenizer, ASK)
+    bias = {"in": ((closer, 3.0),), "maybe": ((opener, 4.0), (closer, 3.0)), "no": ()}
+    requests = {f"{kind}-{seed}": (prompt, SamplingParams(
+        max_tokens=120, temperature=1.0, seed=seed, grammar=grammar, reasoning_tokens=(opener, closer),
+        in_reasoning=kind == "in", logit_bias=bias[kind])) for kind in bias for seed in range(6)}
+    outputs = _run(engine, requests)
+    closed = {kind: 0 for kind in bias}
+    for request_id, outs in outputs.items():
+        kind, text = request_id.split("-")[0], _text(outs)
+        _, tag, answer = text.partition(THINK_END)
+        opened = kind == "in" or text.startswith(THINK_START)
+        if not opened:  # no block: the grammar from the first token
+            assert re.fullmatch(DIGITS, text) and outs[-1].finish_reason == "stop", (request_id, text)
+        elif tag:
+            assert re.fullmatch(DIGITS, answer) and outs[-1].finish_reason == "stop", (request_id, text)
+            closed[kind] += 1
+    assert closed["in"] >= 4 and closed["maybe"] >= 3, closed  # most blocks closed, then followed the grammar
+
+
+@pytest.fixture(scope="module")
+def think_server():
+    with served(_start_engine(_think_tokenizer(), max_num_seqs=8), reasoning_parser="qwen3") as url:
+        yield url
+
+
+def test_a_thinking_model_thinks_then_answers_in_the_format(think_server):
+    client = openai.OpenAI(base_url=f"{think_server}/v1", api_key="unused", max_retries=0, timeout=60)
+    closer = httpx.post(f"{think_server}/tokenize", json={"prompt": THINK_END, "add_special_tokens": False}
+                        ).json()["tokens"][0]
+    eos = httpx.post(f"{think_server}/tokenize", json={"prompt": "<|im_end|>", "add_special_tokens": False}
+                     ).json()["tokens"][0]
+    # the closing tag made likely; no end of text while thinking (once the answer is complete, the grammar
+    # allows nothing else, so it still ends there)
+    bias = {str(closer): 5.0, str(eos): -100}
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"],
+              "additionalProperties": False}
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 60, "temperature": 1.0, "seed": 5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+            "extra_body": {"chat_template_kwargs": {"think": True}, "logit_bias": bias}}
+    reply = client.chat.completions.create(**body).choices[0]
+    assert reply.message.reasoning and reply.finish_reason == "stop", reply
+    assert 0 <= json.loads(reply.message.content)["n"] <= 99
+    reasoning, content = [], []
+    for chunk in client.chat.completions.create(**body, stream=True):
+        reasoning.append(getattr(chunk.choices[0].delta, "reasoning", None) or "")
+        content.append(chunk.choices[0].delta.content or "")
+    assert ("".join(reasoning), "".join(content)) == (reply.message.reasoning, reply.message.content)
+    # the Responses API on the same pipeline: a reasoning item, then the answer
+    response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=60, temperature=1.0,
+                                       text={"format": {"type": "json_schema", "name": "n", "schema": schema}},
+                                       extra_body={"seed": 5, "chat_template_kwargs": {"think": True},
+                                                   "logit_bias": bias})
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output_text == reply.message.content
+    assert response.usage.output_tokens_details.reasoning_tokens == response.usage.output_tokens - len(
+        httpx.post(f"{think_server}/tokenize", json={"prompt": reply.message.content, "add_special_tokens": False}
+                   ).json()["tokens"])

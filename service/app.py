@@ -68,6 +68,7 @@ from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_rea
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
+from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -79,7 +80,7 @@ _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template ope
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                extra_router: APIRouter | None = None, health_checks: Sequence[Callable[[], str | None]] = (),
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, tool_call_parser: str = "hermes") -> FastAPI:
     """The app; the caller starts and shuts down ``engine``.
 
     Args:
@@ -92,6 +93,8 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
             serves (a 503 would take a replica that can answer out of rotation).
         reasoning_parser: one of `service.reasoning.PARSERS` for a thinking model: chat completions then
             return its ``<think>`` block as ``reasoning``, apart from ``content``.
+        tool_call_parser: how the model writes tool calls, one of `service.tools.FORMATS` (vLLM's names):
+            calls are read, and forced, in that format.
     """
     if engine.tokenizer is None:
         raise ValueError("create_app needs an engine with a tokenizer")
@@ -99,9 +102,12 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; expected one of {', '.join(REASONING_PARSERS)}")
+    if tool_call_parser not in TOOL_FORMATS:
+        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; expected one of {', '.join(TOOL_FORMATS)}")
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
                      tuple(health_checks), reasoning=reasoning_parser is not None,
-                     think_ids=_think_ids(engine.tokenizer) if reasoning_parser is not None else None)
+                     think_ids=_think_ids(engine.tokenizer) if reasoning_parser is not None else None,
+                     tool_format=tool_call_parser)
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -138,6 +144,7 @@ class _Server:
     health_checks: tuple[Callable[[], str | None], ...] = ()
     reasoning: bool = False  # split a <think> block from the answer
     think_ids: tuple[int, int] | None = None  # <think> and </think>, when each is one token: a grammar can wait
+    tool_format: str = "hermes"  # how the model writes tool calls
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def list_models(self) -> ModelList:
@@ -170,6 +177,7 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
+        body.use_tool_format(self.tool_format)
         prompt, reasoning = self._chat_prompt(body)
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
                           tools=body.tool_setup, reasoning=reasoning)
@@ -181,7 +189,7 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         try:
-            chat = body.chat_request()
+            chat = body.chat_request().use_tool_format(self.tool_format)
             prompt, reasoning = self._chat_prompt(chat)
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning)

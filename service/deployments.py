@@ -107,6 +107,7 @@ class IngressSettings:
     profile_prompts: str | None
     engine_threads: int = 1
     reasoning_parser: str | None = None  # service.reasoning.PARSERS
+    tool_call_parser: str = "hermes"  # service.tools.FORMATS
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
 
@@ -203,7 +204,8 @@ class IngressDeployment:
         admin = admin_router(_HandleClient(self.coordinator), token_sha256=self.settings.admin_token_sha256,
                              num_devices=self.settings.num_devices, emulation=self.settings.emulation)
         app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin,
-                         health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser)
+                         health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser,
+                         tool_call_parser=self.settings.tool_call_parser)
         app.state.metrics.registry.register(self.placement_metrics)
         return app
 

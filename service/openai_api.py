@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     ValidationError,
     field_validator,
@@ -393,6 +394,15 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Any = None
     web_search_options: Any = None
     verbosity: Any = None
+    # how the served model writes tool calls (`service.tools.FORMATS`): the server's, set before first use
+    _tool_format: str = PrivateAttr(default="hermes")
+
+    def use_tool_format(self, name: str) -> ChatCompletionRequest:
+        """Read and force calls in the format ``name``; before the tool setup is first used."""
+        if "tool_setup" in self.__dict__:
+            raise RuntimeError("the tool format must be set before the tool setup is used")
+        self._tool_format = name
+        return self
 
     @field_validator("top_logprobs")
     @classmethod
@@ -443,8 +453,8 @@ class ChatCompletionRequest(_SamplingFields):
         parameters = {tool.function.name: tool.function.schema() for tool in self.tools}
         parallel = self.parallel_tool_calls is not False
         if isinstance(self.tool_choice, NamedToolChoice):
-            return ToolSetup(parameters, "named", self.tool_choice.function.name, parallel)
-        return ToolSetup(parameters, self.tool_choice or "auto", parallel=parallel)
+            return ToolSetup(parameters, "named", self.tool_choice.function.name, parallel, self._tool_format)
+        return ToolSetup(parameters, self.tool_choice or "auto", parallel=parallel, format=self._tool_format)
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,

@@ -2,16 +2,34 @@
 model's text.
 
 Owns the request's tool setup (`ToolSetup`: the functions offered and ``tool_choice``), the grammar of a
-forced call (``required``: one or more calls in the Hermes format; a named function: its arguments
+forced call (``required``: one or more calls in the model's format; a named function: its arguments
 alone, as vLLM does), and `ToolCallStream`, which splits a completion's text, as it streams, into
-content and tool calls. Calls use the Hermes format that Qwen2.5 and Qwen3 (and this repo's default
-model's chat template) are trained on::
+content and tool calls. The formats (`FORMATS`, vLLM's parser names) are the Hermes format that Qwen2.5
+and Qwen3 (and this repo's default model's chat template) are trained on::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-A block that is not valid JSON naming an offered function stays content, as does an unterminated one.
+Qwen3-Coder's (``qwen3_coder``: parameters as XML, their values as text converted by the schema's types)::
+
+    <tool_call>
+    <function=get_weather>
+    <parameter=city>
+    Paris
+    </parameter>
+    </function>
+    </tool_call>
+
+and DeepSeek-V3's (``deepseek_v3``: every call in one section; V3.1's form, without ``function`` and the
+fenced JSON, is read too)::
+
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather
+    ```json
+    {"city": "Paris"}
+    ```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+
+A block that does not parse as calls of offered functions stays content, as does an unterminated one.
 Ignores HTTP and the response schemas (`service.openai_api` builds them from `ToolCall`s) and the chat
 template (the model's own renders the tools).
 """
@@ -19,8 +37,9 @@ template (the model's own renders the tools).
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +76,14 @@ class ToolSetup:
         choice: "auto" (the model decides), "required" (at least one call) or "named" (exactly ``name``).
         name: the forced function, when ``choice`` is "named".
         parallel: whether more than one call is allowed.
+        format: how the model writes calls, one of `FORMATS`.
     """
 
     parameters: Mapping[str, dict]
     choice: str
     name: str | None = None
     parallel: bool = True
+    format: str = "hermes"
 
     def grammar(self, answer: dict | None = None) -> str | None:
         """llguidance grammar text that forces the call(s); None for "auto" without ``answer``.
@@ -81,14 +102,7 @@ class ToolSetup:
         if self.choice == "named":
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(self.parameters[self.name]),
                                                                  defaults=CALL_JSON)
-        defs: dict[str, Any] = {}
-        calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _hoisted(name, schema, defs)},
-                  "required": ["name", "arguments"], "additionalProperties": False}
-                 for name, schema in self.parameters.items()]
-        root = {"anyOf": calls} if len(calls) > 1 else calls[0]
-        call = json.dumps({**root, **({"$defs": defs} if defs else {}), "x-guidance": CALL_JSON})
-        body = 'call ("\\n" call)*' if self.parallel else "call"
-        lark = f'calls: {body}\ncall: "{TOOL_CALL_START}\\n" %json {call} "\\n{TOOL_CALL_END}"\n'
+        lark = FORMATS[self.format].grammar(self.parameters, self.parallel)
         if self.choice == "auto":  # a JSON answer is written as structured outputs write one
             answer_json = json.dumps({**answer, "x-guidance": JSON_DEFAULTS})
             return llguidance.grammar_from("grammar", f"start: calls | answer\n{lark}answer: %json {answer_json}\n")
@@ -98,25 +112,30 @@ class ToolSetup:
         """A fresh parser for one choice's text."""
         if self.choice == "named":
             return NamedCallStream(self.name)
-        return ToolCallStream(self.parameters, self.parallel)
+        return ToolCallStream(self.parameters, self.parallel, FORMATS[self.format])
 
 
 class ToolCallStream:
-    """Content and Hermes tool calls of one completion, fed its text as it streams.
+    """Content and tool calls of one completion, fed its text as it streams.
 
-    Text that could still begin ``<tool_call>`` is held back, a call is returned once its block closes,
-    and whitespace next to a call is dropped; feeding the whole text at once gives what the pieces give.
+    Text that could still begin a block of calls is held back, calls are returned once their block
+    closes, and whitespace next to a block is dropped; feeding the whole text at once gives what the
+    pieces give.
 
     Args:
-        functions: the names the model may call (a block naming another stays content).
-        parallel: False keeps only the first call (later blocks are dropped).
+        functions: the functions the model may call, by name: their parameters' JSON schemas (a block
+            naming another stays content).
+        parallel: False keeps only the first call (later ones are dropped).
+        fmt: how the model writes calls (Hermes by default).
     """
 
-    def __init__(self, functions: Sequence[str], parallel: bool = True) -> None:
-        self._functions = frozenset(functions)
+    def __init__(self, functions: Mapping[str, dict] | Sequence[str], parallel: bool = True,
+                 fmt: ToolFormat | None = None) -> None:
+        self._functions = functions if isinstance(functions, Mapping) else dict.fromkeys(functions, {})
         self._parallel = parallel
+        self._format = fmt if fmt is not None else FORMATS["hermes"]
         self._buffer = ""          # text not decided yet
-        self._in_call = False      # the buffer is inside a <tool_call> block (without the tag)
+        self._in_call = False      # the buffer is inside a block of calls (without its opening tag)
         self._searched = 0         # inside a block: where the search for its end resumes
         self._space = ""           # whitespace held back: dropped if a call follows
         self._after_call = False   # drop leading whitespace after a call
@@ -126,34 +145,36 @@ class ToolCallStream:
         """Add ``text``; returns (content to send now, calls completed now). ``final`` flushes."""
         self._buffer += text
         content, calls = [], []
+        start_tag, end_tag = self._format.start, self._format.end
         while True:
             if self._in_call:
-                end = self._buffer.find(TOOL_CALL_END, self._searched)
+                end = self._buffer.find(end_tag, self._searched)
                 if end < 0:
                     if final:  # unterminated: the block is content
-                        content.append(self._content(TOOL_CALL_START + self._buffer, final))
+                        content.append(self._content(start_tag + self._buffer, final))
                         self._buffer, self._in_call = "", False
                     else:  # a long block is searched once, not once per piece
-                        self._searched = max(0, len(self._buffer) - len(TOOL_CALL_END) + 1)
+                        self._searched = max(0, len(self._buffer) - len(end_tag) + 1)
                     break
-                block, self._buffer = self._buffer[:end], self._buffer[end + len(TOOL_CALL_END):]
+                block, self._buffer = self._buffer[:end], self._buffer[end + len(end_tag):]
                 self._in_call = False
-                call = self._parse(block)
-                if call is None:
-                    content.append(self._content(TOOL_CALL_START + block + TOOL_CALL_END, False))
-                else:  # whitespace around a call is dropped
+                parsed = self._parse(block)
+                if parsed is None:
+                    content.append(self._content(start_tag + block + end_tag, False))
+                else:  # whitespace around a block is dropped
                     self._space, self._after_call = "", True
-                    if self._parallel or not self.calls:
-                        self.calls.append(call)
-                        calls.append(call)
+                    for call in parsed:
+                        if self._parallel or not self.calls:
+                            self.calls.append(call)
+                            calls.append(call)
                 continue
-            start = self._buffer.find(TOOL_CALL_START)
+            start = self._buffer.find(start_tag)
             if start >= 0:
                 content.append(self._content(self._buffer[:start], False))
-                self._buffer, self._in_call = self._buffer[start + len(TOOL_CALL_START):], True
+                self._buffer, self._in_call = self._buffer[start + len(start_tag):], True
                 self._searched = 0
                 continue
-            keep = 0 if final else partial_tag(self._buffer, TOOL_CALL_START)
+            keep = 0 if final else partial_tag(self._buffer, start_tag)
             content.append(self._content(self._buffer[:len(self._buffer) - keep], final))
             self._buffer = self._buffer[len(self._buffer) - keep:]
             break
@@ -169,17 +190,12 @@ class ToolCallStream:
         self._space = "" if final else text[len(body):]
         return text if final else body
 
-    def _parse(self, block: str) -> ToolCall | None:
-        try:
-            call = json.loads(block)
-        except ValueError:
+    def _parse(self, block: str) -> list[ToolCall] | None:
+        """The calls of one block, or None if it is not calls of offered functions."""
+        calls = self._format.parse(block, self._functions)
+        if not calls or any(name not in self._functions or not isinstance(arguments, dict) for name, arguments in calls):
             return None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] in self._functions):
-            return None
-        arguments = call.get("arguments", call.get("parameters", {}))
-        if not isinstance(arguments, dict):
-            return None
-        return ToolCall.new(call["name"], json.dumps(arguments, ensure_ascii=False))
+        return [ToolCall.new(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
 
 
 class NamedCallStream:
@@ -224,3 +240,149 @@ def _hoisted(function: str, schema: dict, defs: dict[str, Any]) -> dict:
         defs[function] = body
     return body
 
+
+
+# --- formats -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How one model family writes calls: a block of calls between ``start`` and ``end``; ``parse`` reads a
+    block's text (without the tags) as (name, arguments) pairs, or None; ``grammar`` gives the Lark rules
+    of ``calls``, one or more calls of the functions (one unless parallel) as the model writes them."""
+
+    start: str
+    end: str
+    parse: Callable[[str, Mapping[str, dict]], list[tuple[str, Any]] | None]
+    grammar: Callable[[Mapping[str, dict], bool], str]
+
+
+def _lark(text: str) -> str:
+    """``text`` as a Lark string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    try:
+        call = json.loads(block)
+    except ValueError:
+        return None
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+        return None
+    return [(call["name"], call.get("arguments", call.get("parameters", {})))]
+
+
+def _hermes_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+    """One %json of every function (``anyOf`` over them, each schema's references moved into it)."""
+    defs: dict[str, Any] = {}
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _hoisted(name, schema, defs)},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for name, schema in parameters.items()]
+    root = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    call = json.dumps({**root, **({"$defs": defs} if defs else {}), "x-guidance": CALL_JSON})
+    body = 'call ("\\n" call)*' if parallel else "call"
+    return f'calls: {body}\ncall: "{TOOL_CALL_START}\\n" %json {call} "\\n{TOOL_CALL_END}"\n'
+
+
+_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+
+
+def _qwen3_coder_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    match = _FUNCTION.fullmatch(block)
+    if match is None:
+        return None
+    name, body = match.group(1).strip(), match.group(2)
+    properties = functions.get(name, {}).get("properties", {})
+    return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {}))
+                    for key, value in _PARAMETER.findall(body)})]
+
+
+def _typed(value: str, schema: dict) -> Any:
+    """A Qwen3-Coder parameter's text as its schema's type says (text when it does not parse as that)."""
+    kind = schema.get("type")
+    if kind == "string" or kind is None and "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+        return value
+    if kind == "boolean" and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if kind == "null" and value.strip() == "null":
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    if kind == "integer" and isinstance(parsed, float) and parsed.is_integer():
+        return int(parsed)
+    return parsed
+
+
+def _qwen3_coder_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+    """Each function's parameters in its schema's order (the required ones always, the others optional);
+    a value following its schema: a string as text (one line without ``<``, within its length bounds; an
+    enum: one of its strings), anything else as JSON (a number's or a boolean's JSON is its text)."""
+    newline = _lark("\n")
+    rules = [f"calls: call ({newline} call)*" if parallel else "calls: call",
+             "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
+    for i, (name, schema) in enumerate(parameters.items()):
+        required = set(schema.get("required", ()))
+        params = []
+        for j, (key, sub) in enumerate(schema.get("properties", {}).items()):
+            if "enum" in sub and all(isinstance(v, str) and "\n" not in v and "<" not in v for v in sub["enum"]):
+                value = "(" + " | ".join(_lark(v) for v in sub["enum"]) + ")"
+            elif sub.get("type") == "string" and "enum" not in sub and "const" not in sub:
+                value = f"/[^<\\n]{{{int(sub.get('minLength', 0))},{int(sub['maxLength'])}}}/" if "maxLength" in sub else (
+                    f"/[^<\\n]{{{int(sub.get('minLength', 0))},}}/")
+            else:
+                value = f"%json {json.dumps({**sub, 'x-guidance': CALL_JSON})}"
+            opening, closing = _lark(f"<parameter={key}>\n"), _lark("\n</parameter>\n")
+            rules.append(f"p{i}_{j}: {opening} {value} {closing}")
+            params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
+        head, tail = _lark(f"{TOOL_CALL_START}\n<function={name}>\n"), _lark(f"</function>\n{TOOL_CALL_END}")
+        rules.append(f"call{i}: {head} {' '.join(params)} {tail}")
+    return "\n".join(rules) + "\n"
+
+
+DSV3_CALLS_BEGIN, DSV3_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DSV3_CALL_BEGIN, DSV3_CALL_END, DSV3_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+_DSV3_CALL = re.compile(re.escape(DSV3_CALL_BEGIN) + "(.*?)" + re.escape(DSV3_CALL_END), re.DOTALL)
+_DSV3_FENCED = re.compile(r"([^\n]+)\n```(?:json)?\n(.*)\n```", re.DOTALL)
+
+
+def _deepseek_v3_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    found = _DSV3_CALL.findall(block)
+    if not found or _DSV3_CALL.sub("", block).strip():
+        return None
+    calls = []
+    for call in found:
+        head, sep, rest = call.partition(DSV3_SEP)
+        if not sep:
+            return None
+        if head.strip() == "function":  # V3: name, then the arguments fenced as JSON
+            fenced = _DSV3_FENCED.fullmatch(rest.strip())
+            if fenced is None:
+                return None
+            name, arguments = fenced.group(1).strip(), fenced.group(2)
+        else:  # V3.1: name<sep>arguments
+            name, arguments = head.strip(), rest
+        try:
+            calls.append((name, json.loads(arguments)))
+        except ValueError:
+            return None
+    return calls
+
+
+def _deepseek_v3_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+    rules = [f"calls: {_lark(DSV3_CALLS_BEGIN)} call{'+' if parallel else ''} {_lark(DSV3_CALLS_END)}",
+             "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
+    for i, (name, schema) in enumerate(parameters.items()):
+        head, tail = _lark(f"{DSV3_CALL_BEGIN}function{DSV3_SEP}{name}\n```json\n"), _lark(f"\n```{DSV3_CALL_END}")
+        arguments = json.dumps({**schema, "x-guidance": CALL_JSON})
+        rules.append(f"call{i}: {head} %json {arguments} {tail}")
+    return "\n".join(rules) + "\n"
+
+
+FORMATS: dict[str, ToolFormat] = {
+    "hermes": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _hermes_parse, _hermes_grammar),
+    "qwen3_coder": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _qwen3_coder_parse, _qwen3_coder_grammar),
+    "deepseek_v3": ToolFormat(DSV3_CALLS_BEGIN, DSV3_CALLS_END, _deepseek_v3_parse, _deepseek_v3_grammar),
+}

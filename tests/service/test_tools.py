@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import _ChatFormat
+from service.app import _ChatFormat, create_app
 from service.engine import StepOutput
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
-from service.tools import NamedCallStream, ToolCallStream, ToolSetup
+from service.tools import FORMATS, NamedCallStream, ToolCallStream, ToolSetup
 from tests.service.test_app import MODEL, _start_engine, served
 from tests.service.test_structured import _engine, _run, _text
 from tests.service.test_text import build_tokenizer
@@ -212,6 +212,101 @@ def test_auto_with_a_response_format_calls_or_answers_in_the_format(tokenizer):
     assert ToolSetup(SCHEMAS, "required").grammar(answer) == ToolSetup(SCHEMAS, "required").grammar()
 
 
+# --- other models' formats ------------------------------------------------------------------------------
+
+
+QWEN3_CODER = ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+               "<parameter=unit>\nC\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=now>\n"
+               "<parameter=zone>\n1\n</parameter>\n</function>\n</tool_call>\n")
+DSV3 = ("Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Paris", "unit": "C"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n'
+        '```json\n{"zone": 1}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+DSV31 = ('Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", "unit": "C"}'
+         '<｜tool▁call▁end｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>{"zone": 1}<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+FORMAT_TEXTS = {"hermes": MIXED, "qwen3_coder": QWEN3_CODER, "deepseek_v3": DSV3, "deepseek_v3.1": DSV31}
+
+
+def _format_calls(fmt: str, pieces: list[str], parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
+    content, calls = _feed(ToolCallStream(SCHEMAS, parallel, FORMATS[fmt.split(".")[0]]), pieces)
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(sorted(FORMAT_TEXTS)), st.lists(st.floats(0, 1), max_size=10))
+def test_every_format_gives_content_and_calls_in_any_chunking(fmt, fractions):
+    text = FORMAT_TEXTS[fmt]
+    cuts = sorted({0, len(text), *(int(f * len(text)) for f in fractions)})
+    expected = ("Let me check.", [("get_weather", {"city": "Paris", "unit": "C"}), ("now", {"zone": 1})])
+    assert _format_calls(fmt, [text]) == expected
+    assert _format_calls(fmt, [text[a:b] for a, b in zip(cuts, cuts[1:])]) == expected
+    assert _format_calls(fmt, [text], parallel=False) == (expected[0], expected[1][:1])
+
+
+@pytest.mark.parametrize("fmt, block", [
+    ("qwen3_coder", "<tool_call>\n<function=rm>\n</function>\n</tool_call>"),  # not offered
+    ("qwen3_coder", "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"),  # Hermes, not XML
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{bad\n```"
+                    "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜>prose<｜tool▁calls▁end｜>"),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>{}<｜tool▁call▁end｜>"),  # unterminated
+])
+def test_blocks_that_are_not_calls_stay_content_in_every_format(fmt, block):
+    assert _format_calls(fmt, ["Hi " + block]) == ("Hi " + block, [])
+
+
+def test_qwen3_coder_values_take_their_schemas_types():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"},
+                                               "ok": {"type": "boolean"}, "s": {"type": "string"},
+                                               "tags": {"type": "array"}, "o": {"type": "object"}}}
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in [
+        ("n", "3"), ("x", "2.5"), ("ok", "True"), ("s", "42"), ("tags", '["a", "b"]'), ("o", '{"k": 1}'),
+        ("other", "free text"), ("bad", "[unclosed")])
+    (call,) = _feed(ToolCallStream({"f": schema}, fmt=FORMATS["qwen3_coder"]),
+                    [f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>"])[1]
+    assert json.loads(call.arguments) == {"n": 3, "x": 2.5, "ok": True, "s": "42", "tags": ["a", "b"], "o": {"k": 1},
+                                          "other": "free text", "bad": "[unclosed"}
+
+
+CODER_SCHEMAS = {
+    "get_weather": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}, "days": {"type": "integer", "minimum": 1},
+        "hourly": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["rain", "sun"]}, "maxItems": 2}},
+        "required": ["city", "unit"], "additionalProperties": False},
+    "now": CLOCK}
+
+
+@pytest.mark.parametrize("fmt, schemas", [("qwen3_coder", CODER_SCHEMAS), ("deepseek_v3", SCHEMAS)])
+def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, fmt, schemas):
+    """``required`` in the model's own format: random logits through the grammar give calls that the
+    format's parser reads, valid against their schemas, single and parallel."""
+    from service.structured import Grammars
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    called, parallel_seen = set(), False
+    for parallel in (False, True):
+        grammar = ToolSetup(schemas, "required", parallel=parallel, format=fmt).grammar()
+        for seed in range(8):
+            torch.manual_seed(seed)
+            matcher, ids = grammars.matcher(grammar), []
+            while not matcher.is_stopped() and len(ids) < 500:
+                logits = torch.randn(1, len(tokenizer))
+                logits[0, tokenizer.eos_token_id] += 3.0
+                logits[0, tokenizer.encode("\n")[0]] += 2.0  # end a free string soon
+                grammars.mask(logits, [matcher])
+                ids.append(int(logits.argmax()))
+                assert matcher.consume_token(ids[-1])
+            if not matcher.is_stopped():
+                continue
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            content, calls = _feed(ToolCallStream(schemas, parallel, FORMATS[fmt]), [text])
+            assert content == "" and calls and (parallel or len(calls) == 1), text
+            for call in calls:
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+                called.add(call.name)
+            parallel_seen |= len(calls) > 1
+    assert called == set(schemas) and parallel_seen
+
+
 # --- the chat format -----------------------------------------------------------------------------------
 
 
@@ -329,6 +424,34 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client):
     without = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0)
     assert _chat(client, tool_choice="none", max_tokens=3).usage.prompt_tokens == without.usage.prompt_tokens
     assert _chat(client, max_tokens=3).usage.prompt_tokens > without.usage.prompt_tokens + 100
+
+
+@pytest.mark.parametrize("fmt", ["qwen3_coder", "deepseek_v3"])
+def test_the_servers_tool_call_parser_reads_and_forces_its_format(tokenizer, fmt):
+    engine = _start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
+    with served(engine, tool_call_parser=fmt) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        # (a free string can run to max_tokens with a random model: the city's is bounded)
+        reply = _chat(client, tool_choice="required", parallel_tool_calls=False).choices[0]
+        (call,) = reply.message.tool_calls
+        assert reply.finish_reason == "tool_calls" and reply.message.content is None
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        streamed = _streamed(client, tool_choice="required", parallel_tool_calls=False)
+        assert streamed == (None, [(call.function.name, call.function.arguments)], "tool_calls")
+        response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=200, temperature=0,
+                                           tools=[{"type": "function", "name": t["function"]["name"],
+                                                   "parameters": t["function"]["parameters"]} for t in TOOLS],
+                                           tool_choice="required", parallel_tool_calls=False)
+        assert [(o.name, o.arguments) for o in response.output] == [(call.function.name, call.function.arguments)]
+
+
+def test_an_unknown_tool_call_parser_is_refused(tokenizer):
+    class _Engine:
+        pass
+
+    _Engine.tokenizer = tokenizer
+    with pytest.raises(ValueError, match="unknown tool call parser"):
+        create_app(_Engine(), served_model_name=MODEL, tool_call_parser="pythonic")
 
 
 @pytest.mark.parametrize("body, param, message", [

@@ -133,3 +133,19 @@ def test_the_reasoning_parser_reaches_the_ingress_and_names_a_known_parser(tmp_p
         build_app({**base, "reasoning_parser": "gpt"})
     allowed = typing.get_args(typing.get_args(AppArgs.model_fields["reasoning_parser"].annotation)[0])
     assert allowed == PARSERS
+
+
+def test_the_tool_call_parser_reaches_the_ingress_and_names_a_known_format(tmp_path):
+    import typing
+
+    from service.tools import FORMATS
+
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+    assert build_app(base)._bound_deployment.init_args[1].tool_call_parser == "hermes"
+    settings = build_app({**base, "tool_call_parser": "deepseek_v3"})._bound_deployment.init_args[1]
+    assert settings.tool_call_parser == "deepseek_v3"
+    with pytest.raises(ValidationError, match="tool_call_parser"):
+        build_app({**base, "tool_call_parser": "pythonic"})
+    assert set(typing.get_args(AppArgs.model_fields["tool_call_parser"].annotation)) == set(FORMATS)

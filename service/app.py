@@ -1,8 +1,10 @@
 """The OpenAI-compatible FastAPI app over an `AsyncEngine` (no Ray: the Serve ingress wraps it).
 
 Owns the routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` with SSE streaming,
-``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``), fanning a request's prompts and choices out
-to engine requests and merging them back, the response formats (log-probabilities, echo, tool calls),
+OpenAI's Responses API ``/v1/responses`` (run as the chat request it converts to, see
+`service.responses_api`), ``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``), fanning a request's
+prompts and choices out to engine requests and merging them back, the response formats
+(log-probabilities, echo, tool calls, reasoning, the Responses API's items and typed events),
 the request body size limit, client-disconnect handling (a request whose client is gone is aborted,
 every choice of it) and wiring every error through `openai_api.error_response`. Ignores authentication
 and admin routes (an extra router can be mounted), and the engine's internals.

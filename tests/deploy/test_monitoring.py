@@ -1,0 +1,136 @@
+"""The Grafana dashboard and the Prometheus alerting rules (deploy/monitoring): every query parses as
+PromQL and names only metrics, and labels of them, that an app's ``/metrics`` exposes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import promql_parser
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.messages import Telemetry
+from service.metrics import ServingMetrics
+from service.placement_metrics import PlacementCollector
+
+MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+DASHBOARD = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+RULES = yaml.safe_load((MONITORING / "alerts.yaml").read_text())["groups"][0]["rules"]
+GRAFANA_MACROS = {"$__rate_interval": "5m", "$__interval": "1m"}
+
+
+class _Engine:
+    num_waiting = 0
+    num_running = 0
+
+    def add_step_listener(self, listener) -> None:
+        pass
+
+
+def _exposed() -> dict[str, set[str]]:
+    """Sample name -> its label names, in the /metrics text of an app that has seen every kind of event."""
+    metrics = ServingMetrics(_Engine())
+    for status in ("stop", "length", "abort", "error", "rejected"):
+        timer = metrics.start_request()
+        timer.on_cached(2)
+        timer.on_tokens(1)
+        timer.on_tokens(1)
+        timer.finish(status, 3)
+    metrics.step.observe(0.01)
+    collector = PlacementCollector()
+    collector.refresh({
+        "placement_version": 3, "layer_imbalance": [1.2, 1.1], "device_predicted_s": [0.01, 0.02],
+        "device_observed_over_predicted": [1.0, 1.3], "last_recalibration_s": 0.4, "experts_moved": 4,
+        "recalibrations": {"applied": 2, "rolled_back": 1, "failed": 1, "skipped": 3}, "bytes_moved": 1 << 20,
+        "lost_devices": [1],
+        "telemetry": [asdict(Telemetry(0, True, sm_clock_mhz=1980.0, max_sm_clock_mhz=1980.0, power_w=362.0,
+                                       power_limit_w=700.0, temperature_c=42.0))]})
+    metrics.registry.register(collector)
+    exposed: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            exposed.setdefault(sample.name, set()).update(sample.labels)
+    return exposed
+
+
+def _queries() -> list[tuple[str, str]]:
+    """(where, PromQL) of every dashboard target and alert rule, Grafana's macros replaced."""
+    queries = [(f"panel {panel['title']!r}", target["expr"]) for panel in DASHBOARD["panels"]
+               for target in panel.get("targets", ())]
+    queries += [(f"alert {rule['alert']}", rule["expr"]) for rule in RULES]
+    for macro, value in GRAFANA_MACROS.items():
+        queries = [(where, expr.replace(macro, value)) for where, expr in queries]
+    return queries
+
+
+def _selectors(node) -> list:
+    """Every vector selector in a parsed expression."""
+    if isinstance(node, promql_parser.VectorSelector):
+        return [node]
+    found = []
+    for name in ("expr", "lhs", "rhs", "vector_selector", "param"):
+        child = getattr(node, name, None)
+        if child is not None and not isinstance(child, (int, float, str)):
+            found += _selectors(child)
+    for child in getattr(node, "args", None) or ():
+        found += _selectors(child)
+    return found
+
+
+def _labels_used(node) -> set[str]:
+    """Label names an expression groups by or matches on."""
+    used = set()
+    modifier = getattr(node, "modifier", None)
+    if modifier is not None and getattr(modifier, "labels", None):
+        used |= set(modifier.labels)
+    for name in ("expr", "lhs", "rhs", "param"):
+        child = getattr(node, name, None)
+        if child is not None and not isinstance(child, (int, float, str)):
+            used |= _labels_used(child)
+    for child in getattr(node, "args", None) or ():
+        used |= _labels_used(child)
+    return used
+
+
+QUERIES = _queries()
+
+
+def test_there_is_a_query_per_panel_and_rule():
+    panels = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15 and all(p.get("targets") for p in panels)
+    assert len(RULES) >= 8 and len(QUERIES) >= len(panels) + len(RULES)
+
+
+@pytest.mark.parametrize("where, expr", QUERIES, ids=[where for where, _ in QUERIES])
+def test_every_query_parses_and_names_exposed_metrics_and_labels(where, expr):
+    exposed = _exposed()
+    parsed = promql_parser.parse(expr)
+    selectors = _selectors(parsed)
+    assert selectors, f"{where}: no metric in {expr}"
+    labels = set()
+    for selector in selectors:
+        assert selector.name in exposed, f"{where}: {selector.name} is not in /metrics"
+        labels |= exposed[selector.name]
+        for matcher in selector.matchers.matchers:
+            assert matcher.name in exposed[selector.name], f"{where}: {selector.name} has no label {matcher.name}"
+    assert _labels_used(parsed) - {"le"} <= labels, f"{where}: groups by a label its metrics do not have"
+
+
+def test_alerts_say_what_and_how_bad():
+    names = [rule["alert"] for rule in RULES]
+    assert len(set(names)) == len(names)
+    for rule in RULES:
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+
+
+def test_the_dashboard_imports_with_a_datasource_variable():
+    assert DASHBOARD["uid"] == "vibe-serve" and DASHBOARD["templating"]["list"][0]["type"] == "datasource"
+    ids = [panel["id"] for panel in DASHBOARD["panels"]]
+    assert len(set(ids)) == len(ids)
+    for panel in DASHBOARD["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}" and panel["description"], panel["title"]

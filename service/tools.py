@@ -29,6 +29,18 @@ fenced JSON, is read too)::
     {"city": "Paris"}
     ```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
 
+Kimi-K2's (``kimi_k2``)::
+
+    <|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>
+    {"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>
+
+and GLM-4.5's (``glm45``: values as Qwen3-Coder's)::
+
+    <tool_call>get_weather
+    <arg_key>city</arg_key>
+    <arg_value>Paris</arg_value>
+    </tool_call>
+
 A block that does not parse as calls of offered functions stays content, as does an unterminated one.
 Ignores HTTP and the response schemas (`service.openai_api` builds them from `ToolCall`s) and the chat
 template (the model's own renders the tools).
@@ -317,9 +329,16 @@ def _typed(value: str, schema: dict) -> Any:
 
 
 def _qwen3_coder_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
-    """Each function's parameters in its schema's order (the required ones always, the others optional);
-    a value following its schema: a string as text (one line without ``<``, within its length bounds; an
-    enum: one of its strings), anything else as JSON (a number's or a boolean's JSON is its text)."""
+    return _xml_grammar(parameters, parallel, lambda name: f"{TOOL_CALL_START}\n<function={name}>\n",
+                        f"</function>\n{TOOL_CALL_END}", lambda key: (f"<parameter={key}>\n", "\n</parameter>\n"))
+
+
+def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[[str], str], tail: str,
+                 tags: Callable[[str], tuple[str, str]]) -> str:
+    """Calls whose parameters are tagged text (Qwen3-Coder's, GLM-4.5's): each function's parameters in its
+    schema's order (the required ones always, the others optional); a value following its schema: a
+    string as text (one line without ``<``, within its length bounds; an enum: one of its strings),
+    anything else as JSON (a number's or a boolean's JSON is its text)."""
     newline = _lark("\n")
     rules = [f"calls: call ({newline} call)*" if parallel else "calls: call",
              "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
@@ -330,15 +349,14 @@ def _qwen3_coder_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
             if "enum" in sub and all(isinstance(v, str) and "\n" not in v and "<" not in v for v in sub["enum"]):
                 value = "(" + " | ".join(_lark(v) for v in sub["enum"]) + ")"
             elif sub.get("type") == "string" and "enum" not in sub and "const" not in sub:
-                value = f"/[^<\\n]{{{int(sub.get('minLength', 0))},{int(sub['maxLength'])}}}/" if "maxLength" in sub else (
-                    f"/[^<\\n]{{{int(sub.get('minLength', 0))},}}/")
+                low = int(sub.get("minLength", 0))
+                value = f"/[^<\\n]{{{low},{int(sub['maxLength'])}}}/" if "maxLength" in sub else f"/[^<\\n]{{{low},}}/"
             else:
                 value = f"%json {json.dumps({**sub, 'x-guidance': CALL_JSON})}"
-            opening, closing = _lark(f"<parameter={key}>\n"), _lark("\n</parameter>\n")
-            rules.append(f"p{i}_{j}: {opening} {value} {closing}")
+            opening, closing = tags(key)
+            rules.append(f"p{i}_{j}: {_lark(opening)} {value} {_lark(closing)}")
             params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
-        head, tail = _lark(f"{TOOL_CALL_START}\n<function={name}>\n"), _lark(f"</function>\n{TOOL_CALL_END}")
-        rules.append(f"call{i}: {head} {' '.join(params)} {tail}")
+        rules.append(f"call{i}: {_lark(head(name))} {' '.join(params)} {_lark(tail)}")
     return "\n".join(rules) + "\n"
 
 
@@ -381,8 +399,57 @@ def _deepseek_v3_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
     return "\n".join(rules) + "\n"
 
 
+KIMI_CALLS_BEGIN, KIMI_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+_KIMI_CALL = re.compile(re.escape(KIMI_CALL_BEGIN) + r"\s*functions\.([^:\s]+):\d+\s*" + re.escape(KIMI_ARGUMENTS)
+                        + "(.*?)" + re.escape(KIMI_CALL_END), re.DOTALL)
+
+
+def _kimi_k2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    found = _KIMI_CALL.findall(block)
+    if not found or _KIMI_CALL.sub("", block).strip():
+        return None
+    try:
+        return [(name, json.loads(arguments)) for name, arguments in found]
+    except ValueError:
+        return None
+
+
+def _kimi_k2_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+    """Calls numbered as Kimi-K2 numbers them (``functions.NAME:INDEX``; any index is accepted)."""
+    rules = [f"calls: {_lark(KIMI_CALLS_BEGIN)} call{'+' if parallel else ''} {_lark(KIMI_CALLS_END)}",
+             "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
+    for i, (name, schema) in enumerate(parameters.items()):
+        arguments = json.dumps({**schema, "x-guidance": CALL_JSON})
+        rules.append(f"call{i}: {_lark(f'{KIMI_CALL_BEGIN}functions.{name}:')} /[0-9]{{1,2}}/ {_lark(KIMI_ARGUMENTS)} "
+                     f"%json {arguments} {_lark(KIMI_CALL_END)}")
+    return "\n".join(rules) + "\n"
+
+
+_GLM_CALL = re.compile(r"\s*([^\n<]+?)\s*\n(.*)", re.DOTALL)
+_GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+
+def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    match = _GLM_CALL.fullmatch(block + "\n")
+    if match is None or _GLM_ARGUMENT.sub("", match.group(2)).strip():
+        return None
+    name = match.group(1)
+    properties = functions.get(name, {}).get("properties", {})
+    return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {}))
+                    for key, value in _GLM_ARGUMENT.findall(match.group(2))})]
+
+
+def _glm45_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+    """As Qwen3-Coder's, with GLM-4.5's tags: ``<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>``."""
+    return _xml_grammar(parameters, parallel, lambda name: f"{TOOL_CALL_START}{name}\n", f"{TOOL_CALL_END}",
+                        lambda key: (f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"))
+
+
 FORMATS: dict[str, ToolFormat] = {
     "hermes": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _hermes_parse, _hermes_grammar),
     "qwen3_coder": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _qwen3_coder_parse, _qwen3_coder_grammar),
     "deepseek_v3": ToolFormat(DSV3_CALLS_BEGIN, DSV3_CALLS_END, _deepseek_v3_parse, _deepseek_v3_grammar),
+    "kimi_k2": ToolFormat(KIMI_CALLS_BEGIN, KIMI_CALLS_END, _kimi_k2_parse, _kimi_k2_grammar),
+    "glm45": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm45_grammar),
 }

@@ -25,6 +25,8 @@ DEFAULT_SPEEDS = (1.00, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.87)
 # One expert's latency curve measured on a GPU (scripts/measure_gpu_curve.py): the emulated curve's shape.
 GPU_CURVE = DEPLOY_DIR / "data" / "gpu_expert_curve.json"
 MIN_ADMIN_TOKEN_CHARS = 16
+# a request body may hold a whole context of text: 32 bytes per token leaves room for JSON escapes
+_BODY_BYTES_PER_TOKEN = 32
 
 
 @functools.cache
@@ -82,6 +84,8 @@ class AppArgs(BaseModel):
     max_num_batched_tokens: int = Field(default=512, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=256, ge=1)
+    # largest request body (413 beyond); default: 1 MiB, or 32 bytes per token of context when that is more
+    max_body_bytes: int | None = Field(default=None, ge=1024)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None  # a thinking model's <think> block -> reasoning
@@ -130,6 +134,7 @@ class AppArgs(BaseModel):
 def build_app(args: dict[str, Any] | None = None):
     """The Serve application: coordinator (with its expert workers) and the OpenAI ingress."""
     from service.admin import token_digest
+    from service.app import DEFAULT_MAX_BODY_BYTES
     from service.checkpoint import load_layout, resolve_checkpoint
     from service.coordinator import CoordinatorConfig, ModelShape
     from service.deployments import IngressSettings, serve_deployments
@@ -171,6 +176,7 @@ def build_app(args: dict[str, Any] | None = None):
         engine_threads=parsed.engine_threads,
         reasoning_parser=parsed.reasoning_parser,
         tool_call_parser=parsed.tool_call_parser,
+        max_body_bytes=parsed.max_body_bytes or max(DEFAULT_MAX_BODY_BYTES, _BODY_BYTES_PER_TOKEN * max_model_len),
     )
     coordinator_cls, ingress_cls = serve_deployments()
     coordinator = coordinator_cls.options(

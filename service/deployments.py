@@ -108,6 +108,7 @@ class IngressSettings:
     engine_threads: int = 1
     reasoning_parser: str | None = None  # service.reasoning.PARSERS
     tool_call_parser: str = "hermes"  # service.tools.FORMATS
+    max_body_bytes: int = 1 << 20  # request bodies over it get 413
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
 
@@ -205,7 +206,8 @@ class IngressDeployment:
                              num_devices=self.settings.num_devices, emulation=self.settings.emulation)
         app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin,
                          health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser,
-                         tool_call_parser=self.settings.tool_call_parser)
+                         tool_call_parser=self.settings.tool_call_parser,
+                         max_body_bytes=self.settings.max_body_bytes)
         app.state.metrics.registry.register(self.placement_metrics)
         return app
 

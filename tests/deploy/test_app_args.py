@@ -149,3 +149,15 @@ def test_the_tool_call_parser_reaches_the_ingress_and_names_a_known_format(tmp_p
     with pytest.raises(ValidationError, match="tool_call_parser"):
         build_app({**base, "tool_call_parser": "pythonic"})
     assert set(typing.get_args(AppArgs.model_fields["tool_call_parser"].annotation)) == set(FORMATS)
+
+
+def test_the_body_limit_follows_the_context_unless_set(tmp_path):
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+    assert build_app(base)._bound_deployment.init_args[1].max_body_bytes == 1 << 20  # a short context: 1 MiB
+    long = build_app({**base, "max_model_len": 131072})._bound_deployment.init_args[1]
+    assert long.max_body_bytes == 32 * 131072
+    assert build_app({**base, "max_body_bytes": 5000})._bound_deployment.init_args[1].max_body_bytes == 5000
+    with pytest.raises(ValidationError, match="max_body_bytes"):
+        build_app({**base, "max_body_bytes": 10})

@@ -72,6 +72,7 @@ from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
 from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup
+from service.tools import detect_format as detect_tool_format
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
@@ -82,7 +83,7 @@ _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template ope
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                extra_router: APIRouter | None = None, health_checks: Sequence[Callable[[], str | None]] = (),
-               reasoning_parser: str | None = None, tool_call_parser: str = "hermes") -> FastAPI:
+               reasoning_parser: str | None = None, tool_call_parser: str = "auto") -> FastAPI:
     """The app; the caller starts and shuts down ``engine``.
 
     Args:
@@ -95,8 +96,9 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
             serves (a 503 would take a replica that can answer out of rotation).
         reasoning_parser: one of `service.reasoning.PARSERS` for a thinking model: chat completions then
             return its ``<think>`` block as ``reasoning``, apart from ``content``.
-        tool_call_parser: how the model writes tool calls, one of `service.tools.FORMATS` (vLLM's names):
-            calls are read, and forced, in that format.
+        tool_call_parser: how the model writes tool calls, one of `service.tools.FORMATS` (vLLM's names),
+            or "auto": the format its chat template renders calls in (`service.tools.detect_format`).
+            Calls are read, and forced, in that format.
     """
     if engine.tokenizer is None:
         raise ValueError("create_app needs an engine with a tokenizer")
@@ -104,8 +106,11 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; expected one of {', '.join(REASONING_PARSERS)}")
+    if tool_call_parser == "auto":
+        tool_call_parser = detect_tool_format(engine.tokenizer.chat_template)
     if tool_call_parser not in TOOL_FORMATS:
-        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; expected one of {', '.join(TOOL_FORMATS)}")
+        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; expected auto or one of "
+                         f"{', '.join(TOOL_FORMATS)}")
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
                      tuple(health_checks), reasoning=reasoning_parser is not None,
                      think_ids=_think_ids(engine.tokenizer) if reasoning_parser is not None else None,

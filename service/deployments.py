@@ -107,7 +107,7 @@ class IngressSettings:
     profile_prompts: str | None
     engine_threads: int = 1
     reasoning_parser: str | None = None  # service.reasoning.PARSERS
-    tool_call_parser: str = "hermes"  # service.tools.FORMATS
+    tool_call_parser: str = "auto"  # service.tools.FORMATS, or auto (from the chat template)
     max_body_bytes: int = 1 << 20  # request bodies over it get 413
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1

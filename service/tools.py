@@ -446,6 +446,19 @@ def _glm45_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
                         lambda key: (f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"))
 
 
+# what a chat template that renders calls in each format contains (the specific ones first: Qwen3-Coder's
+# and GLM-4.5's templates also write <tool_call>)
+_MARKERS = (("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)), ("glm45", ("<arg_key>",)),
+            ("qwen3_coder", ("<function=", "<parameter=")), ("hermes", (TOOL_CALL_START,)))
+
+
+def detect_format(chat_template: str | dict | None) -> str:
+    """The format a model's chat template renders tool calls in (a name in `FORMATS`); Hermes when the
+    template shows none of them (or has no tool support)."""
+    text = "\n".join(chat_template.values()) if isinstance(chat_template, dict) else chat_template or ""
+    return next((name for name, markers in _MARKERS if all(marker in text for marker in markers)), "hermes")
+
+
 FORMATS: dict[str, ToolFormat] = {
     "hermes": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _hermes_parse, _hermes_grammar),
     "qwen3_coder": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _qwen3_coder_parse, _qwen3_coder_grammar),

@@ -143,12 +143,12 @@ def test_the_tool_call_parser_reaches_the_ingress_and_names_a_known_format(tmp_p
     save_tiny_model("qwen3_moe", tmp_path / "tiny")
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
-    assert build_app(base)._bound_deployment.init_args[1].tool_call_parser == "hermes"
+    assert build_app(base)._bound_deployment.init_args[1].tool_call_parser == "auto"  # from the chat template
     settings = build_app({**base, "tool_call_parser": "deepseek_v3"})._bound_deployment.init_args[1]
     assert settings.tool_call_parser == "deepseek_v3"
     with pytest.raises(ValidationError, match="tool_call_parser"):
         build_app({**base, "tool_call_parser": "pythonic"})
-    assert set(typing.get_args(AppArgs.model_fields["tool_call_parser"].annotation)) == set(FORMATS)
+    assert set(typing.get_args(AppArgs.model_fields["tool_call_parser"].annotation)) == {"auto", *FORMATS}
 
 
 def test_the_body_limit_follows_the_context_unless_set(tmp_path):

@@ -462,6 +462,23 @@ def test_the_servers_tool_call_parser_reads_and_forces_its_format(tokenizer, fmt
         jsonschema.validate(json.loads(item.arguments), SCHEMAS[item.name])
 
 
+def test_auto_takes_the_format_the_chat_template_renders_calls_in(tokenizer):
+    from deploy.build_default_model import CHAT_TEMPLATE as DEFAULT_TEMPLATE
+    from service.tools import detect_format
+
+    templates = {  # the lines of each family's template that render a call
+        "deepseek_v3": "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name']}}",
+        "kimi_k2": "<|tool_calls_section_begin|>{%- for tc in message.tool_calls %}<|tool_call_begin|>{{ tc.id }}",
+        "glm45": "<tool_call>{{ tc.name }}\n{% for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key>",
+        "qwen3_coder": "<tool_call>\n<function={{ tool_call.name }}>\n<parameter={{ args_name }}>\n",
+        "hermes": DEFAULT_TEMPLATE,
+    }
+    assert {name: detect_format(template) for name, template in templates.items()} == {n: n for n in templates}
+    assert detect_format(None) == detect_format("{{ messages }}") == "hermes"  # no tools: the default
+    assert detect_format({"default": "x", "tool_use": templates["glm45"]}) == "glm45"
+    # (every served app in these tests runs with auto: the test template is Hermes')
+
+
 def test_an_unknown_tool_call_parser_is_refused(tokenizer):
     class _Engine:
         pass

@@ -212,7 +212,7 @@ class _Server:
         """A chat request's prompt, and how its completion's reasoning is split off (None: it is not)."""
         tokenizer = self.engine.tokenizer
         prompt = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
-                                     template_kwargs=body.chat_template_kwargs,
+                                     template_kwargs=body.template_variables(),
                                      add_generation_prompt=body.add_generation_prompt,
                                      continue_final_message=body.continue_final_message)
         reasoning = None

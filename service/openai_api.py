@@ -75,7 +75,7 @@ _NEUTRAL: dict[str, tuple] = {
     "functions": (None, []), "function_call": (None, "none", "auto"),
     "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
-    "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
+    "web_search_options": (None,), "verbosity": (None,),
 }
 
 
@@ -391,7 +391,9 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
-    reasoning_effort: Any = None
+    # OpenAI's; the chat template's variable reasoning_effort, as vLLM passes it (templates that read it:
+    # GPT-OSS's, some Qwen3 and DeepSeek variants; the others ignore it)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     web_search_options: Any = None
     verbosity: Any = None
     # how the served model writes tool calls (`service.tools.FORMATS`): the server's, set before first use
@@ -438,6 +440,13 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages]
+
+    def template_variables(self) -> dict[str, Any] | None:
+        """Variables for the chat template: ``chat_template_kwargs``, and ``reasoning_effort`` unless they
+        set it."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The offered functions for the chat template (none when the model may not call them)."""

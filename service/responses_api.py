@@ -330,11 +330,10 @@ class ResponsesRequest(_Strict):
             fields["response_format"] = self.text.format.response_format()
         if self.wants_logprobs:
             fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
-        kwargs = dict(self.chat_template_kwargs or {})
+        if self.chat_template_kwargs:
+            fields["chat_template_kwargs"] = self.chat_template_kwargs
         if self.reasoning is not None and self.reasoning.effort is not None:
-            kwargs.setdefault("reasoning_effort", self.reasoning.effort)
-        if kwargs:
-            fields["chat_template_kwargs"] = kwargs
+            fields["reasoning_effort"] = self.reasoning.effort
         try:
             return ChatCompletionRequest.model_validate(fields)
         except ValidationError as exc:

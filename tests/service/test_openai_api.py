@@ -275,3 +275,14 @@ def test_a_batched_requests_grammar_is_built_once(monkeypatch):
                                                 "structured_outputs": {"regex": "[0-9]+"}})
     assert [sampling_params(request, 3, 100).grammar for _ in request.prompt] == ["grammar of regex"] * 3
     assert built == ["regex"]
+
+
+def test_reasoning_effort_is_a_template_variable_unless_the_kwargs_set_it():
+    request = ChatCompletionRequest.model_validate({**CHAT, "reasoning_effort": "high"})
+    assert request.template_variables() == {"reasoning_effort": "high"}
+    both = ChatCompletionRequest.model_validate({**CHAT, "reasoning_effort": "high",
+                                                 "chat_template_kwargs": {"reasoning_effort": "low", "x": 1}})
+    assert both.template_variables() == {"reasoning_effort": "low", "x": 1}
+    assert ChatCompletionRequest.model_validate(CHAT).template_variables() is None
+    with pytest.raises(ValidationError, match="reasoning_effort"):
+        ChatCompletionRequest.model_validate({**CHAT, "reasoning_effort": "extreme"})

@@ -25,7 +25,7 @@ from tests.service.test_text import CHAT_TEMPLATE, build_chat_model, build_token
 
 # The test template, plus what thinking models' templates do: DeepSeek-R1 opens the block in the
 # generation prompt ("think"), Qwen3 with enable_thinking false gives an empty one ("no_think").
-THINKING_TEMPLATE = CHAT_TEMPLATE + (
+THINKING_TEMPLATE = "{%- if reasoning_effort is defined %}{{- 'Reasoning: ' + reasoning_effort }}{%- endif %}" + CHAT_TEMPLATE + (
     "{%- if add_generation_prompt and think is defined and think %}{{- '<think>\\n' }}{%- endif %}"
     "{%- if add_generation_prompt and no_think is defined and no_think %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
 ASK = [{"role": "user", "content": "Which is larger, 9.11 or 9.8?"}]
@@ -162,6 +162,16 @@ def test_a_constrained_completion_is_content_even_in_a_block(client):
                                                      "structured_outputs": {"json": {"type": "object", "properties": {
                                                          "n": {"type": "integer"}}, "required": ["n"]}}}).choices[0]
     assert isinstance(json.loads(reply.message.content)["n"], int) and getattr(reply.message, "reasoning", None) is None
+
+
+def test_reasoning_effort_reaches_the_template(client, server):
+    plain = _chat(client, max_tokens=1).usage.prompt_tokens
+    low = _chat(client, max_tokens=1, reasoning_effort="low").usage.prompt_tokens
+    said = httpx.post(f"{server}/tokenize", json={"messages": ASK, "chat_template_kwargs": {"reasoning_effort": "low"}})
+    assert low == said.json()["count"] > plain
+    response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=1,
+                                       reasoning={"effort": "low"})
+    assert response.usage.input_tokens == low
 
 
 @pytest.mark.parametrize("kwargs", [{"tokenize": False}, {"messages": []}, {"not-an-identifier": 1}])

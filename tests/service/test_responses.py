@@ -82,7 +82,7 @@ def test_the_request_converts_to_the_chat_request_it_means():
     assert chat.tool_choice.function.name == "now" and chat.parallel_tool_calls is False
     assert (chat.max_completion_tokens, chat.temperature, chat.logprobs, chat.top_logprobs) == (7, 0.5, True, 2)
     assert chat.response_format.json_schema.json_schema == WEATHER and chat.seed == 3 and chat.stop == ["x"]
-    assert chat.chat_template_kwargs == {"think": True, "reasoning_effort": "low"}
+    assert chat.reasoning_effort == "low" and chat.template_variables() == {"think": True, "reasoning_effort": "low"}
 
 
 @pytest.mark.parametrize("body, param, message", [

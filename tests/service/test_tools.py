@@ -108,6 +108,30 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def grammars(tokenizer):
+    from service.structured import Grammars
+
+    return Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+
+
+def _random_walk(grammars, tokenizer, grammar: str, seed: int, max_tokens: int, ends: tuple[str, ...] = ()) -> str | None:
+    """A completion drawn by argmax of random logits through ``grammar`` (the end token made likely, to end
+    nested lists and objects early, and ``ends`` too, to end free strings), or None if it did not finish
+    within ``max_tokens``."""
+    torch.manual_seed(seed)
+    matcher, ids = grammars.matcher(grammar), []
+    while not matcher.is_stopped() and len(ids) < max_tokens:
+        logits = torch.randn(1, len(tokenizer))
+        logits[0, tokenizer.eos_token_id] += 3.0
+        for end in ends:
+            logits[0, tokenizer.encode(end)[0]] += 2.0
+        grammars.mask(logits, [matcher])
+        ids.append(int(logits.argmax()))
+        assert matcher.consume_token(ids[-1])
+    return tokenizer.decode(ids, skip_special_tokens=True) if matcher.is_stopped() else None
+
+
 def test_forced_calls_follow_the_schemas_greedy_and_sampled(tokenizer):
     prompt = apply_chat_template(tokenizer, ASK)
     setups = {"required": ToolSetup(SCHEMAS, "required"), "single": ToolSetup(SCHEMAS, "required", parallel=False),
@@ -144,62 +168,40 @@ TREE = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"typ
         "required": ["v", "kids"], "additionalProperties": False}
 
 
-def test_required_calls_keep_each_schemas_references(tokenizer):
+def test_required_calls_keep_each_schemas_references(tokenizer, grammars):
     """Pydantic's schemas keep nested models in $defs: each function's move into the one call schema."""
-    from service.structured import Grammars
-
-    grammars, schemas = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id]), {"move": ADDRESS, "tree": TREE}
+    schemas = {"move": ADDRESS, "tree": TREE}
     grammar = ToolSetup(schemas, "required", parallel=False).grammar()
     called = set()
     for seed in range(8):
-        torch.manual_seed(seed)
-        matcher, ids = grammars.matcher(grammar), []
-        while not matcher.is_stopped() and len(ids) < 400:
-            logits = torch.randn(1, len(tokenizer))
-            logits[0, tokenizer.eos_token_id] += 3.0  # end nested lists and objects early
-            grammars.mask(logits, [matcher])
-            ids.append(int(logits.argmax()))
-            assert matcher.consume_token(ids[-1])
-        if not matcher.is_stopped():
+        text = _random_walk(grammars, tokenizer, grammar, seed, 400)
+        if text is None:
             continue
-        content, calls = _feed(ToolCallStream(schemas), [tokenizer.decode(ids, skip_special_tokens=True)])
+        content, calls = _feed(ToolCallStream(schemas), [text])
         assert content == "" and len(calls) == 1
         jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])
         called.add(calls[0].name)
     assert called == {"move", "tree"}
 
 
-def test_a_forced_call_needs_a_compilable_schema(tokenizer):
-    from service.structured import Grammars
-
-    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+def test_a_forced_call_needs_a_compilable_schema(grammars):
     for setup in (ToolSetup({"f": {"type": "strin"}}, "required"), ToolSetup({"f": {"type": "strin"}}, "named", "f")):
         with pytest.raises(ValueError, match="invalid structured output"):
             grammars.matcher(setup.grammar())
 
 
-def test_auto_with_a_response_format_calls_or_answers_in_the_format(tokenizer):
+def test_auto_with_a_response_format_calls_or_answers_in_the_format(tokenizer, grammars):
     """OpenAI's tools with a JSON response format: the model either calls (Hermes blocks) or answers with
     JSON following the format, nothing else; a forced call ignores the format."""
-    from service.structured import Grammars
-
-    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
     answer = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no"]}}, "required": ["verdict"],
               "additionalProperties": False}
     grammar = ToolSetup(SCHEMAS, "auto", parallel=False).grammar(answer)
     kinds = set()
     for seed in range(12):
-        torch.manual_seed(seed)
-        matcher, ids = grammars.matcher(grammar), []
-        while not matcher.is_stopped() and len(ids) < 300:
-            logits = torch.randn(1, len(tokenizer))
-            logits[0, tokenizer.eos_token_id] += 3.0
-            grammars.mask(logits, [matcher])
-            ids.append(int(logits.argmax()))
-            assert matcher.consume_token(ids[-1])
-        if not matcher.is_stopped():
+        text = _random_walk(grammars, tokenizer, grammar, seed, 300)
+        if text is None:
             continue
-        content, calls = _feed(ToolCallStream(SCHEMAS, parallel=False), [tokenizer.decode(ids, skip_special_tokens=True)])
+        content, calls = _feed(ToolCallStream(SCHEMAS, parallel=False), [text])
         if calls:
             assert content == "" and len(calls) == 1
             jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])
@@ -287,29 +289,17 @@ CODER_SCHEMAS = {
 
 @pytest.mark.parametrize("fmt, schemas", [("qwen3_coder", CODER_SCHEMAS), ("deepseek_v3", SCHEMAS),
                                           ("kimi_k2", SCHEMAS), ("glm45", CODER_SCHEMAS)])
-def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, fmt, schemas):
+def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, grammars, fmt, schemas):
     """``required`` in the model's own format: random logits through the grammar give calls that the
     format's parser reads, valid against their schemas, single and parallel."""
-    from service.structured import Grammars
-
-    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
     called, parallel_seen = set(), False
     for parallel in (False, True):
         grammar = ToolSetup(schemas, "required", parallel=parallel, format=fmt).grammar()
         for seed in range(8):
-            torch.manual_seed(seed + 100 * parallel)
-            matcher, ids = grammars.matcher(grammar), []
-            while not matcher.is_stopped() and len(ids) < 500:
-                logits = torch.randn(1, len(tokenizer))
-                logits[0, tokenizer.eos_token_id] += 3.0
-                for end in ("\n", "<"):  # end a free string soon (Qwen3-Coder: a newline; GLM-4.5: a tag)
-                    logits[0, tokenizer.encode(end)[0]] += 2.0
-                grammars.mask(logits, [matcher])
-                ids.append(int(logits.argmax()))
-                assert matcher.consume_token(ids[-1])
-            if not matcher.is_stopped():
+            # free strings end at a newline (Qwen3-Coder) or a tag (GLM-4.5)
+            text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=("\n", "<"))
+            if text is None:
                 continue
-            text = tokenizer.decode(ids, skip_special_tokens=True)
             content, calls = _feed(ToolCallStream(schemas, parallel, FORMATS[fmt]), [text])
             assert content == "" and calls and (parallel or len(calls) == 1), text
             for call in calls:

@@ -313,7 +313,7 @@ def _qwen3_coder_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[
 def _typed(value: str, schema: dict) -> Any:
     """A Qwen3-Coder parameter's text as its schema's type says (text when it does not parse as that)."""
     kind = schema.get("type")
-    if kind == "string" or kind is None and "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+    if kind == "string" or (kind is None and "enum" in schema and all(isinstance(v, str) for v in schema["enum"])):
         return value
     if kind == "boolean" and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"

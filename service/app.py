@@ -361,9 +361,7 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
         raise
     finally:
         await outputs.aclose()
-    results = [_Choice("".join(o.text for o in choice), choice[-1], [lp for o in choice for lp in o.logprobs],
-                       choice[0].prompt_logprobs, choice) for choice in outs]
-    body = fmt.response(results)
+    body = fmt.response([_Choice(choice) for choice in outs])
     return JSONResponse(body if isinstance(body, dict) else body.model_dump(mode="json"))
 
 
@@ -421,13 +419,25 @@ async def _disconnect(request: Request) -> None:
 
 
 class _Choice(NamedTuple):
-    """One choice of a finished request: its text, last output, log-probabilities and every output."""
+    """One choice of a finished request: every output it got, in order."""
 
-    text: str
-    last: StepOutput
-    logprobs: Sequence[TokenLogprobs]
-    prompt_logprobs: Sequence[TokenLogprobs] = ()
-    outputs: Sequence[StepOutput] = ()
+    outputs: Sequence[StepOutput]
+
+    @property
+    def text(self) -> str:
+        return "".join(out.text for out in self.outputs)
+
+    @property
+    def last(self) -> StepOutput:
+        return self.outputs[-1]
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs]:
+        return [entry for out in self.outputs for entry in out.logprobs]
+
+    @property
+    def prompt_logprobs(self) -> Sequence[TokenLogprobs]:
+        return self.outputs[0].prompt_logprobs  # sent with the first output
 
 
 class _Format(abc.ABC):

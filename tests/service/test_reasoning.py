@@ -88,7 +88,7 @@ def test_chat_format_sends_reasoning_apart_then_tool_calls(include):
     def fmt():
         return _ChatFormat(MODEL, tools=ToolSetup({"w": {}}, "auto"), reasoning=_Reasoning(False, include))
 
-    message = fmt().response([_Choice(text, outs[-1], ())]).choices[0].message
+    message = fmt().response([_Choice(outs)]).choices[0].message
     assert message.reasoning == ("The user wants the weather." if include else None) and message.content is None
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("w", '{"c": 1}')]
     streaming = fmt()

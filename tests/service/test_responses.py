@@ -173,7 +173,7 @@ def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
         events += streamed.chunks(0, out)
     events += streamed.end_chunks(outs[-1:], False)
     (one,) = _outputs([THOUGHT_AND_CALLS], "stop")
-    whole = _format(setup, _Reasoning(True, True)).response([_Choice(THOUGHT_AND_CALLS, one, (), (), [one])])
+    whole = _format(setup, _Reasoning(True, True)).response([_Choice([one])])
     final = events[-1]["response"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
@@ -206,7 +206,7 @@ def test_a_named_call_streams_its_arguments_and_an_empty_completion_is_an_empty_
     assert events[-1]["type"] == "response.incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert final["output"][0]["arguments"] == '{"zone": 3}' and final["output"][0]["status"] == "incomplete"
     (out,) = _outputs([""], "stop")
-    empty = _format().response([_Choice("", out, (), (), [out])])
+    empty = _format().response([_Choice([out])])
     assert [(i["type"], i["content"][0]["text"]) for i in empty["output"]] == [("message", "")]
 
 

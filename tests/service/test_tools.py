@@ -323,7 +323,7 @@ def test_chat_format_splits_calls_from_content_in_responses_and_chunks(reason, e
 
     pieces = [MIXED[i:i + 7] for i in range(0, len(MIXED), 7)]
     outs = _outputs(pieces, reason)
-    response = _ChatFormat(MODEL, tools=ToolSetup(SCHEMAS, "auto")).response([_Choice(MIXED, outs[-1], ())])
+    response = _ChatFormat(MODEL, tools=ToolSetup(SCHEMAS, "auto")).response([_Choice(outs)])
     message = response.choices[0].message
     assert (message.content, response.choices[0].finish_reason) == ("Let me check.", expected)
     assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == _calls(MIXED)[1]
@@ -335,7 +335,7 @@ def test_chat_format_splits_calls_from_content_in_responses_and_chunks(reason, e
     assert [(c["index"], c["function"]["name"], c["id"] == m.id) for c, m in zip(calls, message.tool_calls)] == [
         (0, "get_weather", False), (1, "now", False)]  # fresh ids per format, each call announced once, whole
     assert chunks[-1]["choices"][0]["finish_reason"] == expected
-    plain = _ChatFormat(MODEL).response([_Choice(MIXED, outs[-1], ())])
+    plain = _ChatFormat(MODEL).response([_Choice(outs)])
     assert plain.choices[0].message.content == MIXED and "tool_calls" not in plain.model_dump(mode="json")["choices"][0]
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,6 @@ TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 # what Hermes-trained models saw, and a conversation's next turn re-renders the call token for token (the
 # prefix cache covers it). No free whitespace, which a weak model could emit until max_tokens.
 CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CHOICES = ("none", "auto", "required")  # tool_choice's string values; a dict names one function
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class ToolSetup:
         """llguidance grammar text that forces the call(s); None for "auto" without ``answer``.
 
         With ``answer`` (the JSON schema of the request's response format), "auto" lets the model either
-        call (one or more Hermes blocks, as with "required") or answer with JSON following the schema,
+        call (one or more calls in its format, as with "required") or answer with JSON following the schema,
         nothing else (OpenAI's tools together with a JSON response format). A forced call ignores it.
 
         A schema llguidance cannot compile shows when the grammar is compiled for a tokenizer
@@ -124,7 +123,7 @@ class ToolSetup:
         """A fresh parser for one choice's text."""
         if self.choice == "named":
             return NamedCallStream(self.name)
-        return ToolCallStream(self.parameters, self.parallel, FORMATS[self.format])
+        return ToolCallStream(self.parameters, self.parallel, self.format)
 
 
 class ToolCallStream:
@@ -138,14 +137,13 @@ class ToolCallStream:
         functions: the functions the model may call, by name: their parameters' JSON schemas (a block
             naming another stays content).
         parallel: False keeps only the first call (later ones are dropped).
-        fmt: how the model writes calls (Hermes by default).
+        fmt: how the model writes calls, a name in `FORMATS`.
     """
 
-    def __init__(self, functions: Mapping[str, dict] | Sequence[str], parallel: bool = True,
-                 fmt: ToolFormat | None = None) -> None:
-        self._functions = functions if isinstance(functions, Mapping) else dict.fromkeys(functions, {})
+    def __init__(self, functions: Mapping[str, dict], parallel: bool = True, fmt: str = "hermes") -> None:
+        self._functions = functions
         self._parallel = parallel
-        self._format = fmt if fmt is not None else FORMATS["hermes"]
+        self._format = FORMATS[fmt]
         self._buffer = ""          # text not decided yet
         self._in_call = False      # the buffer is inside a block of calls (without its opening tag)
         self._searched = 0         # inside a block: where the search for its end resumes

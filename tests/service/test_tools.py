@@ -17,7 +17,7 @@ from service.app import _ChatFormat, create_app
 from service.engine import StepOutput
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
-from service.tools import FORMATS, NamedCallStream, ToolCallStream, ToolSetup
+from service.tools import NamedCallStream, ToolCallStream, ToolSetup
 from tests.service.test_app import MODEL, _start_engine, served
 from tests.service.test_structured import _engine, _run, _text
 from tests.service.test_text import build_tokenizer
@@ -44,7 +44,7 @@ def _feed(parser, pieces: list[str]) -> tuple[str, list]:
 
 
 def _calls(text: str, names=tuple(SCHEMAS), parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
-    content, calls = _feed(ToolCallStream(names, parallel), [text])
+    content, calls = _feed(ToolCallStream(dict.fromkeys(names, {}), parallel), [text])
     return content, [(call.name, json.loads(call.arguments)) for call in calls]
 
 
@@ -236,7 +236,7 @@ FORMAT_TEXTS = {"hermes": MIXED, "qwen3_coder": QWEN3_CODER, "deepseek_v3": DSV3
 
 
 def _format_calls(fmt: str, pieces: list[str], parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
-    content, calls = _feed(ToolCallStream(SCHEMAS, parallel, FORMATS[fmt.split(".")[0]]), pieces)
+    content, calls = _feed(ToolCallStream(SCHEMAS, parallel, fmt.split(".")[0]), pieces)
     return content, [(c.name, json.loads(c.arguments)) for c in calls]
 
 
@@ -273,7 +273,7 @@ def test_qwen3_coder_values_take_their_schemas_types():
     body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in [
         ("n", "3"), ("x", "2.5"), ("ok", "True"), ("s", "42"), ("tags", '["a", "b"]'), ("o", '{"k": 1}'),
         ("other", "free text"), ("bad", "[unclosed")])
-    (call,) = _feed(ToolCallStream({"f": schema}, fmt=FORMATS["qwen3_coder"]),
+    (call,) = _feed(ToolCallStream({"f": schema}, fmt="qwen3_coder"),
                     [f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>"])[1]
     assert json.loads(call.arguments) == {"n": 3, "x": 2.5, "ok": True, "s": "42", "tags": ["a", "b"], "o": {"k": 1},
                                           "other": "free text", "bad": "[unclosed"}
@@ -300,7 +300,7 @@ def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, g
             text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=("\n", "<"))
             if text is None:
                 continue
-            content, calls = _feed(ToolCallStream(schemas, parallel, FORMATS[fmt]), [text])
+            content, calls = _feed(ToolCallStream(schemas, parallel, fmt), [text])
             assert content == "" and calls and (parallel or len(calls) == 1), text
             for call in calls:
                 jsonschema.validate(json.loads(call.arguments), schemas[call.name])

@@ -88,7 +88,9 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A request model: unknown fields are rejected."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -105,11 +107,11 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(_Strict):
+class JSONSchemaFormat(StrictModel):
     """``response_format.json_schema``: OpenAI's named schema (``strict`` is always honoured: the output
     is constrained to the schema whatever it says)."""
 
@@ -120,7 +122,7 @@ class JSONSchemaFormat(_Strict):
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     """OpenAI's ``response_format``: plain text, any JSON object, or JSON following a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -133,7 +135,7 @@ class ResponseFormat(_Strict):
         return self
 
 
-class StructuredOutputs(_Strict):
+class StructuredOutputs(StrictModel):
     """vLLM's ``structured_outputs``: exactly one of a JSON schema, a regular expression the whole output
     matches, a list of choices, or a Lark (or GBNF) grammar."""
 
@@ -159,18 +161,15 @@ class StructuredOutputs(_Strict):
         return self._given()[0]
 
 
-class _SamplingFields(_Strict):
-    """Fields shared by both endpoints."""
+class SamplingControls(StrictModel):
+    """Sampling controls beyond temperature and top-p, which every generation endpoint takes (the Responses
+    API as vLLM's extensions): OpenAI's stop, seed and penalties, and vLLM's own."""
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, float] | None = None
     # vLLM's extensions: generate past EOS (benchmarks with fixed output lengths), more sampling controls
     ignore_eos: bool = False
     top_k: Annotated[int, Strict()] | None = Field(default=None, ge=-1)
@@ -178,23 +177,6 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     min_tokens: Annotated[int, Strict()] | None = Field(default=None, ge=0)
     stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(default=None, max_length=64)
-    n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    logit_bias: dict[str, float] | None = None
-    # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
-
-    @functools.cached_property
-    def grammar(self) -> str | None:
-        """The structured output, or forced tool call, as grammar text (None: free text); built once per
-        request, whatever its number of prompts.
-
-        Raises:
-            APIError: 400 for a grammar that cannot be built or a combination that is not allowed.
-        """
-        return _grammar(self)
 
     @field_validator("stop")
     @classmethod
@@ -217,6 +199,32 @@ class _SamplingFields(_Strict):
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")
         return value
+
+
+class _SamplingFields(SamplingControls):
+    """Fields shared by the completions and chat endpoints."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
+    # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @functools.cached_property
+    def grammar(self) -> str | None:
+        """The structured output, or forced tool call, as grammar text (None: free text); built once per
+        request, whatever its number of prompts.
+
+        Raises:
+            APIError: 400 for a grammar that cannot be built or a combination that is not allowed.
+        """
+        return _grammar(self)
 
     @field_validator(*_NEUTRAL, mode="before", check_fields=False)
     @classmethod
@@ -260,17 +268,17 @@ class CompletionRequest(_SamplingFields):
         return self
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: Text
 
 
-class FunctionCallIn(_Strict):
+class FunctionCallIn(StrictModel):
     name: str
     arguments: str  # JSON text, as the model wrote it
 
 
-class ToolCallIn(_Strict):
+class ToolCallIn(StrictModel):
     """A tool call of an earlier assistant message, sent back as conversation history."""
 
     id: str
@@ -278,7 +286,7 @@ class ToolCallIn(_Strict):
     function: FunctionCallIn
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     """One message; ``tool_calls`` only on an assistant message (whose content may then be null), and a
     ``tool`` message (a call's result) names its call in ``tool_call_id``."""
 
@@ -344,8 +352,11 @@ def _json_object_or_text(text: str) -> dict | str:
     return value if isinstance(value, dict) else text
 
 
-class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionDefinition(StrictModel):
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none (or {}) takes no arguments
     strict: bool | None = None  # always honoured when the call is forced (tool_choice required or named)
@@ -354,16 +365,16 @@ class FunctionDefinition(_Strict):
         return self.parameters or {"type": "object", "properties": {}}
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 
@@ -688,7 +699,7 @@ class ChatCompletionChunk(BaseModel):
 # --- tokenizer endpoints (vLLM's /tokenize and /detokenize) -----------------------------------------
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictModel):
     """``POST /tokenize``: a ``prompt`` (with the tokenizer's special tokens unless turned off) or chat
     ``messages`` (through the chat template, with the generation prompt unless turned off)."""
 
@@ -728,7 +739,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     """``POST /detokenize``: token ids back to text (special tokens included)."""
 
     model: str | None = None

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
@@ -35,6 +34,9 @@ from service.openai_api import (
     MAX_TOOLS,
     APIError,
     ChatCompletionRequest,
+    FunctionName,
+    SamplingControls,
+    StrictModel,
     TemplateKwargs,
     Text,
     TokenLogprob,
@@ -43,22 +45,15 @@ from service.openai_api import (
 from service.tools import ToolCall
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata
-# vLLM's sampling extensions, passed to the chat request as they are (validated there)
-_EXTENSIONS = ("seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids")
 # where a chat request's parameter came from in a responses request (errors name what the client sent)
 _PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
            "response_format": "text.format", "logprobs": "include"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 # --- the request -------------------------------------------------------------------------------------------
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     """Text of an input message; ``output_text`` is an earlier response's, sent back."""
 
     type: Literal["input_text", "output_text"]
@@ -76,7 +71,7 @@ def _parts(value: Any) -> Any:
 Parts = Annotated[list[TextPart], BeforeValidator(_parts)]
 
 
-class InputMessage(_Strict):
+class InputMessage(StrictModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: Parts
@@ -88,7 +83,7 @@ class InputMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class FunctionCallInput(_Strict):
+class FunctionCallInput(StrictModel):
     """A call of an earlier response, sent back."""
 
     type: Literal["function_call"]
@@ -99,7 +94,7 @@ class FunctionCallInput(_Strict):
     status: str | None = None
 
 
-class FunctionCallOutput(_Strict):
+class FunctionCallOutput(StrictModel):
     """A call's result."""
 
     type: Literal["function_call_output"]
@@ -112,12 +107,12 @@ class FunctionCallOutput(_Strict):
         return "".join(part.text for part in self.output)
 
 
-class ReasoningPart(_Strict):
+class ReasoningPart(StrictModel):
     type: Literal["reasoning_text", "summary_text"]
     text: Text
 
 
-class ReasoningInput(_Strict):
+class ReasoningInput(StrictModel):
     """An earlier response's reasoning, sent back: it goes with the assistant turn that follows it."""
 
     type: Literal["reasoning"]
@@ -144,20 +139,23 @@ InputItem = Annotated[
     Discriminator(_item_type)]
 
 
-class FunctionTool(_Strict):
+class FunctionTool(StrictModel):
+    """A function tool in the Responses API's flat form (the chat endpoint's ``function`` with ``type``;
+    ``type`` first, so that a hosted tool's error names it)."""
+
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # always honoured when the call is forced
 
 
-class FunctionChoice(_Strict):
+class FunctionChoice(StrictModel):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictModel):
     """``text.format``: plain text, any JSON object, or JSON following a named schema."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -184,22 +182,22 @@ class TextFormat(_Strict):
                                                        "schema": self.json_schema, "strict": self.strict}}
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None  # a hint for OpenAI's models; not used here
 
 
-class ReasoningConfig(_Strict):
+class ReasoningConfig(StrictModel):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None  # no summaries are written: summary is []
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_obfuscation: bool | None = None  # nothing is obfuscated
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(SamplingControls):
     """``POST /v1/responses``: OpenAI's fields that a stateless text server can honour, and vLLM's
     sampling extensions (``seed``, ``stop``, ``top_k``, ...) and ``chat_template_kwargs``.
 
@@ -239,17 +237,6 @@ class ResponsesRequest(_Strict):
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
     chat_template_kwargs: TemplateKwargs = None
-    seed: Any = None
-    stop: Any = None
-    top_k: Any = None
-    min_p: Any = None
-    repetition_penalty: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
-    ignore_eos: Any = None
-    min_tokens: Any = None
-    stop_token_ids: Any = None
 
     def check_supported(self) -> None:
         """What needs stored state, or a feature this server does not have, is refused by name.
@@ -318,7 +305,7 @@ class ResponsesRequest(_Strict):
             "model": self.model, "messages": self.chat_messages(), "stream": self.stream,
             "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls,
-            **{name: getattr(self, name) for name in _EXTENSIONS if getattr(self, name) is not None}}
+            **self.model_dump(include=set(SamplingControls.model_fields), exclude_unset=True)}
         if self.tools:
             fields["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
                                for tool in self.tools]

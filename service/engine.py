@@ -345,6 +345,8 @@ class Engine:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
         reported log-probabilities stay the model's own). Inside a thinking block nothing is forbidden; a
         first token may also open one."""
+        if all(seq.matcher is None for seq in sampled):  # most steps: nothing to build
+            return logits
         matchers = [None if seq.thinking == "in" else seq.matcher for seq in sampled]
         if all(matcher is None for matcher in matchers):
             return logits

@@ -111,12 +111,15 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+SchemaName = Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]  # a response format's name
+
+
 class JSONSchemaFormat(StrictModel):
     """``response_format.json_schema``: OpenAI's named schema (``strict`` is always honoured: the output
     is constrained to the schema whatever it says)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: SchemaName
     description: str | None = None
     json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None

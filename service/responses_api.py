@@ -36,6 +36,7 @@ from service.openai_api import (
     ChatCompletionRequest,
     FunctionName,
     SamplingControls,
+    SchemaName,
     StrictModel,
     TemplateKwargs,
     Text,
@@ -160,7 +161,7 @@ class TextFormat(StrictModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: SchemaName | None = None
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None

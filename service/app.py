@@ -113,7 +113,7 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
                          f"{', '.join(TOOL_FORMATS)}")
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
                      tuple(health_checks), reasoning=reasoning_parser is not None,
-                     think_ids=_think_ids(engine.tokenizer) if reasoning_parser is not None else None,
+                     think_tokens=_think_tokens(engine.tokenizer) if reasoning_parser is not None else None,
                      tool_format=tool_call_parser)
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
@@ -150,7 +150,7 @@ class _Server:
     pieces: TokenPieces
     health_checks: tuple[Callable[[], str | None], ...] = ()
     reasoning: bool = False  # split a <think> block from the answer
-    think_ids: tuple[int, int] | None = None  # <think> and </think>, when each is one token: a grammar can wait
+    think_tokens: _ThinkTokens | None = None  # when <think> and </think> are one token each: a grammar can wait
     tool_format: str = "hermes"  # how the model writes tool calls
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -217,7 +217,7 @@ class _Server:
                                      continue_final_message=body.continue_final_message)
         reasoning = None
         # a grammar leaves room for thinking only when the engine can tell the block's tags by token
-        if self.reasoning and (body.grammar is None or self.think_ids is not None):
+        if self.reasoning and (body.grammar is None or self.think_tokens is not None):
             reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
                                    body.include_reasoning)
         return prompt, reasoning
@@ -267,8 +267,8 @@ class _Server:
         With ``reasoning``, a grammar waits for the thinking block to close."""
         params = [sampling_params(body, len(prompt), self.engine.config.max_model_len) for prompt in prompts]
         if reasoning is not None and body.grammar is not None:
-            params = [dataclasses.replace(p, reasoning_tokens=self.think_ids, in_reasoning=reasoning.in_block)
-                      for p in params]
+            params = [dataclasses.replace(p, reasoning_tokens=self.think_tokens.tags, reasoning_gap=self.think_tokens.gap,
+                                          in_reasoning=reasoning.in_block) for p in params]
         n = body.n or 1
         fmt.prompt_tokens = sum(len(prompt) for prompt in prompts)
         ids = [fmt.id] if len(prompts) * n == 1 else [f"{fmt.id}-{k}" for k in range(len(prompts) * n)]
@@ -296,10 +296,21 @@ class _Server:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-def _think_ids(tokenizer) -> tuple[int, int] | None:
-    """The ids of ``<think>`` and ``</think>`` when the tokenizer has each as one token (Qwen3, DeepSeek-R1)."""
-    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (THINK_START, THINK_END)]
-    return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
+class _ThinkTokens(NamedTuple):
+    """The tokens a grammar waits through: a thinking block's tags, then the whitespace after it."""
+
+    tags: tuple[int, int]  # <think>, </think>
+    gap: tuple[int, ...]   # the tokens of a newline, two newlines and a space, those that are one token
+
+
+def _think_tokens(tokenizer) -> _ThinkTokens | None:
+    """The thinking tokens when the tokenizer has ``<think>`` and ``</think>`` as one token each (Qwen3,
+    DeepSeek-R1); None otherwise."""
+    tags = [tokenizer.encode(tag, add_special_tokens=False) for tag in (THINK_START, THINK_END)]
+    if not all(len(ids) == 1 for ids in tags):
+        return None
+    gap = [tokenizer.encode(space, add_special_tokens=False) for space in ("\n", "\n\n", " ")]
+    return _ThinkTokens((tags[0][0], tags[1][0]), tuple(dict.fromkeys(ids[0] for ids in gap if len(ids) == 1)))
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -713,7 +724,7 @@ class _ResponsesFormat(_ChatFormat):
     tool calls): typed stream events (`ResponseBuilder`), and as the response the last event's, the
     outputs replayed (so a response is its stream's, item for item). The text's log-probabilities
     cover every generated token, as the chat endpoint's do, when there is text. Reasoning tokens are
-    the tokens generated inside the thinking block (its tags included)."""
+    the tokens generated inside the thinking block, its tags and the whitespace after it included."""
 
     done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
 
@@ -735,7 +746,7 @@ class _ResponsesFormat(_ChatFormat):
         thinking = self._thinking[index] if self._thinking is not None else None
         was_thinking = thinking is not None and thinking.in_block
         reasoning, text, calls = self._split(index, out.text, final=out.finished)
-        if was_thinking or (thinking is not None and thinking.in_block):
+        if was_thinking or (thinking is not None and thinking.before_answer):
             self._reasoning_tokens += len(out.new_token_ids)
         logprobs = ()
         if text:

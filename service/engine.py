@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch
-from service.sampling import History, SamplingParams, TokenLogprobs, sample, token_logprobs
+from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.structured import Grammars, advance
 from service.text import TextStream
 
@@ -144,8 +144,10 @@ class _Sequence:
         self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
         self.matcher = None                     # the structured output's grammar state, if any
         # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
-        # one: no grammar yet), None (the grammar applies)
+        # one: no grammar yet), "gap" (just closed: whitespace may come before the grammar), None (the
+        # grammar applies)
         self.thinking: str | None = None
+        self.gap_left = 0                       # whitespace tokens still allowed in the gap
         self.prompt_logprobs: list[TokenLogprobs] = []  # filled chunk by chunk while prefilling
 
     @property
@@ -344,7 +346,7 @@ class Engine:
     def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
         reported log-probabilities stay the model's own). Inside a thinking block nothing is forbidden; a
-        first token may also open one."""
+        first token may also open one, and the gap's whitespace may follow its close."""
         if all(seq.matcher is None for seq in sampled):  # most steps: nothing to build
             return logits
         matchers = [None if seq.thinking == "in" else seq.matcher for seq in sampled]
@@ -356,6 +358,9 @@ class Engine:
             if seq.thinking == "maybe":
                 opener = seq.params.reasoning_tokens[0]
                 masked[row, opener] = logits[row, opener]
+            elif seq.thinking == "gap":
+                gap = list(seq.params.reasoning_gap)
+                masked[row, gap] = logits[row, gap]
         return masked
 
     def _history(self, seq: _Sequence) -> History:
@@ -373,7 +378,8 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                              f"max_model_len {self.config.max_model_len}")
         for name, ids in (("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias token ids", [token for token, _ in params.logit_bias])):
+                          ("logit_bias token ids", [token for token, _ in params.logit_bias]),
+                          ("reasoning_tokens", params.reasoning_tokens), ("reasoning_gap", params.reasoning_gap)):
             if ids and max(ids) >= vocab:
                 raise ValueError(f"{name} must be in [0, {vocab}), got {max(ids)}")
         if params.stop and self.tokenizer is None:
@@ -497,11 +503,19 @@ class Engine:
         constrained = seq.matcher is not None
         if seq.thinking is not None:
             opener, closer = seq.params.reasoning_tokens
-            if seq.thinking == "maybe" and token != opener:
-                seq.thinking = None  # no thinking block: this token is the answer's first
+            if seq.thinking == "gap" and token in seq.params.reasoning_gap:
+                constrained = False  # whitespace between the block and the answer
+                seq.gap_left -= 1
+                seq.thinking = "gap" if seq.gap_left else None
+            elif seq.thinking == "gap" or (seq.thinking == "maybe" and token != opener):
+                seq.thinking = None  # no (more) block or gap: this token is the answer's first
             else:
                 constrained = False  # a token of the block, its tags included
-                seq.thinking = None if seq.thinking == "in" and token == closer else "in"
+                if seq.thinking == "in" and token == closer:
+                    seq.thinking = "gap" if seq.params.reasoning_gap else None
+                    seq.gap_left = MAX_REASONING_GAP
+                else:
+                    seq.thinking = "in"
         complete = constrained and advance(seq.matcher, token)  # the structured output is whole
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):

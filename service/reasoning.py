@@ -42,6 +42,11 @@ class ReasoningStream:
         """Inside the reasoning block (its closing tag not yet seen)."""
         return self._state == "reasoning"
 
+    @property
+    def before_answer(self) -> bool:
+        """Inside the reasoning block, or after it with only whitespace since (the answer not begun)."""
+        return self._state in ("reasoning", "answer")
+
     def push(self, text: str, final: bool = False) -> tuple[str, str]:
         """Add ``text``; returns (reasoning, content) to send now. ``final`` flushes."""
         self._buffer += text

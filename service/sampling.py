@@ -23,6 +23,7 @@ MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties: [-2, 2
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a token's logit bias: [-100, 100]
 MAX_LOGIT_BIAS_TOKENS = 300
 MAX_REPETITION_PENALTY = 10.0
+MAX_REASONING_GAP = 2  # whitespace tokens a completion may write between a thinking block and its grammar
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class SamplingParams:
             open a block with its first token (or is in one from the start: ``in_reasoning``, the prompt
             opened it), thinks freely inside it, and the grammar applies from the token after its close.
         in_reasoning: the prompt ends inside a thinking block.
+        reasoning_gap: with ``reasoning_tokens``, the ids of whitespace tokens (a newline, two) the completion
+            may write between the block's close and the grammar, at most `MAX_REASONING_GAP` of them, as
+            thinking models write ``</think>\\n\\n`` before their answer.
     """
 
     max_tokens: int = 16
@@ -79,6 +83,7 @@ class SamplingParams:
     grammar: str | None = None
     reasoning_tokens: tuple[int, int] | None = None
     in_reasoning: bool = False
+    reasoning_gap: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 0:
@@ -118,6 +123,9 @@ class SamplingParams:
             tags = self.reasoning_tokens
             if len(tags) != 2 or not all(_is_int(t) and t >= 0 for t in tags) or tags[0] == tags[1]:
                 raise ValueError(f"reasoning_tokens must be two different token ids, got {tags!r}")
+        object.__setattr__(self, "reasoning_gap", tuple(self.reasoning_gap))
+        if any(not _is_int(t) or t < 0 or t in (self.reasoning_tokens or ()) for t in self.reasoning_gap):
+            raise ValueError(f"reasoning_gap must be token ids other than the block's tags, got {self.reasoning_gap!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)!r}")

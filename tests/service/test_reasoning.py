@@ -3,6 +3,7 @@ HTTP with `chat_template_kwargs`, on a random tiny chat model whose template can
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import _ChatFormat, _Choice, _Reasoning, _think_ids, create_app
+from service.app import _ChatFormat, _Choice, _Reasoning, _think_tokens, create_app
 from service.engine import Engine, EngineConfig, StepOutput
 from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.sampling import SamplingParams
@@ -208,7 +209,7 @@ def test_a_grammar_waits_for_the_thinking_block_to_close():
     grammar holds from the token after </think>; a completion that does not open a block follows the
     grammar from its first token."""
     tokenizer = _think_tokenizer()
-    opener, closer = _think_ids(tokenizer)
+    opener, closer = _think_tokens(tokenizer).tags
     engine = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=256), tokenizer=tokenizer)
     grammar = grammar_from_spec("regex", DIGITS)
     prompt = apply_chat_template(tokenizer, ASK)
@@ -228,6 +229,38 @@ def test_a_grammar_waits_for_the_thinking_block_to_close():
             assert re.fullmatch(DIGITS, answer) and outs[-1].finish_reason == "stop", (request_id, text)
             closed[kind] += 1
     assert closed["in"] >= 4 and closed["maybe"] >= 3, closed  # most blocks closed, then followed the grammar
+
+
+def test_whitespace_may_come_between_the_thinking_block_and_the_grammar():
+    """After </think> the completion may write up to two gap tokens (a newline, a space) before the grammar
+    holds, as thinking models write "</think>\\n\\n" before answering; none before an answer that opened no
+    block, and none once the answer began."""
+    tokenizer = _think_tokenizer()
+    (opener, closer), gap = _think_tokens(tokenizer)
+    engine = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=256), tokenizer=tokenizer)
+    grammar = grammar_from_spec("regex", DIGITS)
+    prompt = apply_chat_template(tokenizer, ASK)
+    spaces = tuple((token, 8.0) for token in gap)  # whitespace made likely wherever it is allowed
+    bias = {"in": ((closer, 8.0), *spaces), "maybe": ((opener, 4.0), (closer, 8.0), *spaces), "no": spaces}
+    requests = {f"{kind}-{seed}": (prompt, SamplingParams(
+        max_tokens=120, temperature=1.0, seed=seed, grammar=grammar, reasoning_tokens=(opener, closer),
+        reasoning_gap=gap, in_reasoning=kind == "in", logit_bias=bias[kind])) for kind in bias for seed in range(6)}
+    outputs = _run(engine, requests)
+    gaps = []
+    for request_id, outs in outputs.items():
+        kind, tokens = request_id.split("-")[0], [t for out in outs for t in out.new_token_ids]
+        text = _text(outs)
+        if kind != "in" and tokens[0] != opener:  # no block: the grammar from the first token
+            assert re.fullmatch(DIGITS, text) and outs[-1].finish_reason == "stop", (request_id, text)
+            continue
+        if closer not in tokens:
+            continue
+        after = tokens[tokens.index(closer) + 1:]
+        spaced = len(list(itertools.takewhile(lambda t: t in gap, after)))
+        assert spaced <= 2 and re.fullmatch(DIGITS, tokenizer.decode(after[spaced:], skip_special_tokens=True)), (request_id, text)
+        assert outs[-1].finish_reason == "stop", (request_id, text)
+        gaps.append(spaced)
+    assert len(gaps) >= 6 and gaps.count(2) >= len(gaps) // 2, gaps  # the likely whitespace was written
 
 
 @pytest.fixture(scope="module")

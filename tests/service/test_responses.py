@@ -4,6 +4,7 @@ client on a random tiny chat model, checked against the chat endpoint's answers 
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import httpx
@@ -11,7 +12,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from service.app import _Choice, _Reasoning, _ResponsesFormat
@@ -158,8 +159,12 @@ def _strip_ids(output: list[dict]) -> list[dict]:
 THOUGHT_AND_CALLS = "I should call.</think>\n\n" + MIXED
 
 
+_CLOSED = THOUGHT_AND_CALLS.index("</think>") + len("</think>")
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, len(THOUGHT_AND_CALLS)), max_size=12))
+@example([_CLOSED, _CLOSED + 1, _CLOSED + 2])  # the close, then one newline at a time
 def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
     """Reasoning, text and calls in any chunking: the events tell the items in order, each delta adds to
     its item, and the last event's response equals the non-streamed one."""
@@ -183,8 +188,10 @@ def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
     assert reasoning["content"][0]["text"] == "I should call." and message["content"][0]["text"] == "Let me check."
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         ("get_weather", {"city": "Paris", "unit": "C"}), ("now", {"zone": 1})]
-    # the outputs up to the one that closes the block (one token each here) are reasoning
+    # the outputs up to the one that closes the block (one token each here), and those of whitespace alone
+    # after it, are reasoning
     thought = next(k for k, piece in enumerate(pieces) if "</think>" in "".join(pieces[:k + 1])) + 1
+    thought += len(list(itertools.takewhile(lambda piece: not piece.strip(), pieces[thought:])))
     assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == thought
     # every delta adds up to its item, and every item is added before and done after its deltas
     texts: dict[int, str] = {}

@@ -13,6 +13,8 @@ from service.sampling import MAX_LOGPROBS, History, SamplingParams, TokenLogprob
     ({"top_p": 0.0}, "0.0"), ({"top_p": 1.5}, "1.5"), ({"seed": -1}, "-1"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "5"), ({"stop": [""]}, "''"), ({"stop_token_ids": [-3]}, "-3"),
     ({"logprobs": -1}, "-1"), ({"logprobs": MAX_LOGPROBS + 1}, str(MAX_LOGPROBS + 1)), ({"logprobs": True}, "True"),
+    ({"reasoning_tokens": (5, 5)}, "two different"), ({"reasoning_tokens": (5, 6), "reasoning_gap": (6,)}, "reasoning_gap"),
+    ({"reasoning_gap": (-2,)}, "-2"),
 ])
 def test_bad_params_raise_value_error_naming_the_value(kwargs, bad):
     with pytest.raises(ValueError, match=bad):

@@ -71,7 +71,7 @@ from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, re
 from service.sampling import SamplingParams, TokenLogprobs
 from service.text import TokenPieces, apply_chat_template
 from service.tools import FORMATS as TOOL_FORMATS
-from service.tools import ToolCall, ToolSetup
+from service.tools import ToolCall, ToolSetup, special_tags
 from service.tools import detect_format as detect_tool_format
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -96,7 +96,8 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
             serves (a 503 would take a replica that can answer out of rotation).
         reasoning_parser: one of `service.reasoning.PARSERS` for a thinking model: chat completions then
             return its ``<think>`` block as ``reasoning``, apart from ``content``.
-        tool_call_parser: how the model writes tool calls, one of `service.tools.FORMATS` (vLLM's names),
+        tool_call_parser: how the model writes tool calls, one of `service.tools.FORMATS` (vLLM's names;
+            `mistral_v11` is vLLM's `mistral` for tokenizers from v11 on),
             or "auto": the format its chat template renders calls in (`service.tools.detect_format`).
             Calls are read, and forced, in that format.
     """
@@ -114,7 +115,7 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
                      tuple(health_checks), reasoning=reasoning_parser is not None,
                      think_tokens=_think_tokens(engine.tokenizer) if reasoning_parser is not None else None,
-                     tool_format=tool_call_parser)
+                     tool_format=tool_call_parser, tool_tags=special_tags(tool_call_parser, engine.tokenizer))
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -152,6 +153,7 @@ class _Server:
     reasoning: bool = False  # split a <think> block from the answer
     think_tokens: _ThinkTokens | None = None  # when <think> and </think> are one token each: a grammar can wait
     tool_format: str = "hermes"  # how the model writes tool calls
+    tool_tags: dict[str, int] = field(default_factory=dict)  # the format's tags that are special tokens
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def list_models(self) -> ModelList:
@@ -184,7 +186,7 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
-        body.use_tool_format(self.tool_format)
+        body.use_tool_format(self.tool_format, self.tool_tags)
         prompt, reasoning = self._chat_prompt(body)
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
                           tools=body.tool_setup, reasoning=reasoning)
@@ -196,7 +198,7 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         try:
-            chat = body.chat_request().use_tool_format(self.tool_format)
+            chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags)
             prompt, reasoning = self._chat_prompt(chat)
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning)
@@ -227,7 +229,7 @@ class _Server:
             self._check_model(body.model)
         tokenizer = self.engine.tokenizer
         if body.messages is not None:
-            ids = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
+            ids = apply_chat_template(tokenizer, body.template_messages(self.tool_format), tools=body.template_tools(),
                                       add_generation_prompt=body.add_generation_prompt,
                                       template_kwargs=body.chat_template_kwargs,
                                       continue_final_message=body.continue_final_message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +44,7 @@ from service.sampling import (
     SamplingParams,
 )
 from service.structured import grammar_from_spec
+from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ class SamplingControls(StrictModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     min_tokens: Annotated[int, Strict()] | None = Field(default=None, ge=0)
     stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(default=None, max_length=64)
+    skip_special_tokens: bool = True  # special tokens decode to no text
 
     @field_validator("stop")
     @classmethod
@@ -410,14 +413,17 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     web_search_options: Any = None
     verbosity: Any = None
-    # how the served model writes tool calls (`service.tools.FORMATS`): the server's, set before first use
+    # how the served model writes tool calls (`service.tools.FORMATS`), and which of the format's tags are
+    # special tokens of its tokenizer: the server's, set before first use
     _tool_format: str = PrivateAttr(default="hermes")
+    _special_tags: Mapping[str, int] = PrivateAttr(default_factory=dict)
 
-    def use_tool_format(self, name: str) -> ChatCompletionRequest:
-        """Read and force calls in the format ``name``; before the tool setup is first used."""
+    def use_tool_format(self, name: str, special: Mapping[str, int] | None = None) -> ChatCompletionRequest:
+        """Read and force calls in the format ``name``, whose tags ``special`` are special tokens (with their
+        ids, `service.tools.special_tags`); before the tool setup is first used."""
         if "tool_setup" in self.__dict__:
             raise RuntimeError("the tool format must be set before the tool setup is used")
-        self._tool_format = name
+        self._tool_format, self._special_tags = name, dict(special or {})
         return self
 
     @field_validator("top_logprobs")
@@ -453,7 +459,7 @@ class ChatCompletionRequest(_SamplingFields):
         return choice
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.template_message() for m in self.messages]
+        return template_messages(self.messages, self._tool_format)
 
     def template_variables(self) -> dict[str, Any] | None:
         """Variables for the chat template: ``chat_template_kwargs``, and ``reasoning_effort`` unless they
@@ -476,8 +482,10 @@ class ChatCompletionRequest(_SamplingFields):
         parameters = {tool.function.name: tool.function.schema() for tool in self.tools}
         parallel = self.parallel_tool_calls is not False
         if isinstance(self.tool_choice, NamedToolChoice):
-            return ToolSetup(parameters, "named", self.tool_choice.function.name, parallel, self._tool_format)
-        return ToolSetup(parameters, self.tool_choice or "auto", parallel=parallel, format=self._tool_format)
+            return ToolSetup(parameters, "named", self.tool_choice.function.name, parallel, self._tool_format,
+                             self._special_tags)
+        return ToolSetup(parameters, self.tool_choice or "auto", parallel=parallel, format=self._tool_format,
+                         special=self._special_tags)
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
@@ -508,7 +516,14 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
         top_k=request.top_k or 0, min_p=request.min_p or 0.0, repetition_penalty=request.repetition_penalty or 1.0,
         min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()),
-        grammar=request.grammar)
+        grammar=request.grammar, skip_special_tokens=request.skip_special_tokens and not _keeps_tags(request))
+
+
+def _keeps_tags(request: CompletionRequest | ChatCompletionRequest) -> bool:
+    """Whether the completion's text must keep special tokens: the model may call a tool in a format whose
+    tags are special tokens (Mistral's ``[TOOL_CALLS]``), as vLLM's Mistral parser asks."""
+    tools = request.tool_setup if isinstance(request, ChatCompletionRequest) else None
+    return tools is not None and bool(tools.special)
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
@@ -728,11 +743,25 @@ class TokenizeRequest(StrictModel):
         _check_continuation(self.messages or [], self.add_generation_prompt, self.continue_final_message)
         return self
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        return [m.template_message() for m in self.messages or ()]
+    def template_messages(self, tool_format: str = "hermes") -> list[dict[str, Any]]:
+        return template_messages(self.messages or (), tool_format)
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+
+def template_messages(messages: Sequence[ChatMessage], tool_format: str) -> list[dict[str, Any]]:
+    """``messages`` as the chat template reads them, call ids as the tool format's template wants them
+    (Mistral's: nine letters and digits, the same for a call and its result)."""
+    rendered = [m.template_message() for m in messages]
+    rename = TOOL_FORMATS[tool_format].template_id
+    if rename is not None:
+        for message in rendered:
+            for call in message.get("tool_calls", ()):
+                call["id"] = rename(call["id"])
+            if "tool_call_id" in message:
+                message["tool_call_id"] = rename(message["tool_call_id"])
+    return rendered
 
 
 class TokenizeResponse(BaseModel):

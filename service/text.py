@@ -59,11 +59,14 @@ class IncrementalDetokenizer:
     """Text of completion tokens, one token at a time, never splitting a UTF-8 character.
 
     Decodes a short window of ids (the last emitted tokens plus the new ones) and emits what the new
-    tokens add, once it no longer ends in an incomplete character. Special tokens decode to nothing.
+    tokens add, once it no longer ends in an incomplete character. Special tokens decode to nothing,
+    unless ``skip_special_tokens`` is False.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int],
+                 skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
         self._ids = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0               # window start
         self._read_offset = len(self._ids)    # ids before this are emitted
@@ -86,7 +89,7 @@ class IncrementalDetokenizer:
         return text[len(prefix):]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False)
 
 
 def partial_tag(text: str, tag: str) -> int:
@@ -133,8 +136,9 @@ class StopStringMatcher:
 class TextStream:
     """Streaming text of one completion: detokeniser plus stop strings."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], stop: Sequence[str],
+                 skip_special_tokens: bool = True) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self._matcher = StopStringMatcher(stop)
 
     @property

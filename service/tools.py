@@ -34,12 +34,21 @@ Kimi-K2's (``kimi_k2``)::
     <|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>
     {"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>
 
-and GLM-4.5's (``glm45``: values as Qwen3-Coder's)::
+GLM-4.5's (``glm45``: values as Qwen3-Coder's)::
 
     <tool_call>get_weather
     <arg_key>city</arg_key>
     <arg_value>Paris</arg_value>
     </tool_call>
+
+and Mixtral's (``mistral``: to the end of the completion; ids of nine letters and digits, which Mistral's
+templates require) and later Mistral models' (``mistral_v11``), each reading both::
+
+    [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}
+
+A tag that is a special token of the served tokenizer (`special_tags`) is forced by its id, which is how
+llguidance matches special tokens.
 
 A block that does not parse as calls of offered functions stays content, as does an unterminated one.
 Ignores HTTP and the response schemas (`service.openai_api` builds them from `ToolCall`s) and the chat
@@ -48,11 +57,14 @@ template (the model's own renders the tools).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
+import string
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.structured import JSON_DEFAULTS
@@ -74,8 +86,9 @@ class ToolCall:
     id: str = ""
 
     @staticmethod
-    def new(name: str, arguments: str) -> ToolCall:
-        return ToolCall(name, arguments, f"call_{uuid.uuid4().hex[:24]}")
+    def new(name: str, arguments: str, make_id: Callable[[], str] | None = None) -> ToolCall:
+        """A call with a fresh id: OpenAI's form (``call_`` and 24 hex digits) unless ``make_id`` gives one."""
+        return ToolCall(name, arguments, make_id() if make_id is not None else f"call_{uuid.uuid4().hex[:24]}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,8 @@ class ToolSetup:
         name: the forced function, when ``choice`` is "named".
         parallel: whether more than one call is allowed.
         format: how the model writes calls, one of `FORMATS`.
+        special: the format's tags that are special tokens of the served tokenizer, with their ids
+            (`special_tags`): a grammar names them by id, and the completion's text must keep them.
     """
 
     parameters: Mapping[str, dict]
@@ -95,6 +110,7 @@ class ToolSetup:
     name: str | None = None
     parallel: bool = True
     format: str = "hermes"
+    special: Mapping[str, int] = field(default_factory=dict)
 
     def grammar(self, answer: dict | None = None) -> str | None:
         """llguidance grammar text that forces the call(s); None for "auto" without ``answer``.
@@ -113,7 +129,7 @@ class ToolSetup:
         if self.choice == "named":
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(self.parameters[self.name]),
                                                                  defaults=CALL_JSON)
-        lark = FORMATS[self.format].grammar(self.parameters, self.parallel)
+        lark = FORMATS[self.format].grammar(self.parameters, self.parallel, _Literals(self.special))
         if self.choice == "auto":  # a JSON answer is written as structured outputs write one
             answer_json = json.dumps({**answer, "x-guidance": JSON_DEFAULTS})
             return llguidance.grammar_from("grammar", f"start: calls | answer\n{lark}answer: %json {answer_json}\n")
@@ -122,7 +138,7 @@ class ToolSetup:
     def stream(self) -> ToolCallStream | NamedCallStream:
         """A fresh parser for one choice's text."""
         if self.choice == "named":
-            return NamedCallStream(self.name)
+            return NamedCallStream(self.name, FORMATS[self.format].call_id)
         return ToolCallStream(self.parameters, self.parallel, self.format)
 
 
@@ -158,7 +174,10 @@ class ToolCallStream:
         start_tag, end_tag = self._format.start, self._format.end
         while True:
             if self._in_call:
-                end = self._buffer.find(end_tag, self._searched)
+                if end_tag:
+                    end = self._buffer.find(end_tag, self._searched)
+                else:  # the block runs to the end of the completion
+                    end = len(self._buffer) if final else -1
                 if end < 0:
                     if final:  # unterminated: the block is content
                         content.append(self._content(start_tag + self._buffer, final))
@@ -205,14 +224,15 @@ class ToolCallStream:
         calls = self._format.parse(block, self._functions)
         if not calls or any(name not in self._functions or not isinstance(arguments, dict) for name, arguments in calls):
             return None
-        return [ToolCall.new(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
+        return [ToolCall.new(name, json.dumps(arguments, ensure_ascii=False), self._format.call_id)
+                for name, arguments in calls]
 
 
 class NamedCallStream:
     """The forced call of a named ``tool_choice``: the whole completion is the function's arguments."""
 
-    def __init__(self, name: str) -> None:
-        self.calls = [ToolCall.new(name, "")]
+    def __init__(self, name: str, make_id: Callable[[], str] | None = None) -> None:
+        self.calls = [ToolCall.new(name, "", make_id)]
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         """No content; the text is the next piece of the call's arguments."""
@@ -255,21 +275,52 @@ def _hoisted(function: str, schema: dict, defs: dict[str, Any]) -> dict:
 # --- formats -----------------------------------------------------------------------------------------------
 
 
+class _Literals:
+    """Lark literals for one tokenizer: a tag that is one of its special tokens is named by id (``<[5]>``),
+    since llguidance matches special tokens only that way; the rest of the text is a string literal."""
+
+    def __init__(self, special: Mapping[str, int]) -> None:
+        self._special = dict(special)
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")") if special else None
+
+    def __call__(self, text: str) -> str:
+        pieces = self._split.split(text) if self._split is not None else [text]
+        return " ".join(f"<[{self._special[piece]}]>" if piece in self._special else _lark(piece)
+                        for piece in pieces if piece)
+
+
 @dataclass(frozen=True)
 class ToolFormat:
-    """How one model family writes calls: a block of calls between ``start`` and ``end``; ``parse`` reads a
-    block's text (without the tags) as (name, arguments) pairs, or None; ``grammar`` gives the Lark rules
-    of ``calls``, one or more calls of the functions (one unless parallel) as the model writes them."""
+    """How one model family writes calls: a block of calls between ``start`` and ``end`` (an empty ``end``:
+    the block runs to the end of the completion); ``parse`` reads a block's text (without the tags) as
+    (name, arguments) pairs, or None; ``grammar`` gives the Lark rules of ``calls``, one or more calls of
+    the functions (one unless parallel) as the model writes them, its tags written by the literal maker it
+    is given. ``tags`` are the texts that may be single special tokens; ``call_id`` makes a call's id
+    (None: OpenAI's form), and ``template_id`` the id a call in the history is rendered with (None: its own)."""
 
     start: str
     end: str
     parse: Callable[[str, Mapping[str, dict]], list[tuple[str, Any]] | None]
-    grammar: Callable[[Mapping[str, dict], bool], str]
+    grammar: Callable[[Mapping[str, dict], bool, Callable[[str], str]], str]
+    tags: tuple[str, ...] = ()
+    call_id: Callable[[], str] | None = None
+    template_id: Callable[[str], str] | None = None
 
 
 def _lark(text: str) -> str:
     """``text`` as a Lark string literal."""
     return json.dumps(text, ensure_ascii=False)
+
+
+def special_tags(fmt: str, tokenizer) -> dict[str, int]:
+    """The tags of format ``fmt`` that are special tokens of ``tokenizer`` (one token each, which decoding
+    drops unless told to keep special tokens), with their ids."""
+    found = {}
+    for tag in FORMATS[fmt].tags:
+        ids = tokenizer.encode(tag, add_special_tokens=False)
+        if len(ids) == 1 and not tokenizer.decode(ids, skip_special_tokens=True):
+            found[tag] = ids[0]
+    return found
 
 
 def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
@@ -282,16 +333,22 @@ def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, 
     return [(call["name"], call.get("arguments", call.get("parameters", {})))]
 
 
-def _hermes_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
-    """One %json of every function (``anyOf`` over them, each schema's references moved into it)."""
+def _call_json(parameters: Mapping[str, dict]) -> str:
+    """The JSON schema of ``{"name": ..., "arguments": ...}`` for every function (``anyOf`` over them, each
+    schema's references moved into it), with the call's JSON settings."""
     defs: dict[str, Any] = {}
     calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _hoisted(name, schema, defs)},
               "required": ["name", "arguments"], "additionalProperties": False}
              for name, schema in parameters.items()]
     root = {"anyOf": calls} if len(calls) > 1 else calls[0]
-    call = json.dumps({**root, **({"$defs": defs} if defs else {}), "x-guidance": CALL_JSON})
+    return json.dumps({**root, **({"$defs": defs} if defs else {}), "x-guidance": CALL_JSON})
+
+
+def _hermes_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    """One %json of every function."""
+    call = _call_json(parameters)
     body = 'call ("\\n" call)*' if parallel else "call"
-    return f'calls: {body}\ncall: "{TOOL_CALL_START}\\n" %json {call} "\\n{TOOL_CALL_END}"\n'
+    return f'calls: {body}\ncall: {lit(TOOL_CALL_START + chr(10))} %json {call} {lit(chr(10) + TOOL_CALL_END)}\n'
 
 
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
@@ -326,13 +383,13 @@ def _typed(value: str, schema: dict) -> Any:
     return parsed
 
 
-def _qwen3_coder_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+def _qwen3_coder_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
     return _xml_grammar(parameters, parallel, lambda name: f"{TOOL_CALL_START}\n<function={name}>\n",
-                        f"</function>\n{TOOL_CALL_END}", lambda key: (f"<parameter={key}>\n", "\n</parameter>\n"))
+                        f"</function>\n{TOOL_CALL_END}", lambda key: (f"<parameter={key}>\n", "\n</parameter>\n"), lit)
 
 
 def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[[str], str], tail: str,
-                 tags: Callable[[str], tuple[str, str]]) -> str:
+                 tags: Callable[[str], tuple[str, str]], lit: Callable[[str], str] = _lark) -> str:
     """Calls whose parameters are tagged text (Qwen3-Coder's, GLM-4.5's): each function's parameters in its
     schema's order (the required ones always, the others optional); a value following its schema: a
     string as text (one line without ``<``, within its length bounds; an enum: one of its strings),
@@ -352,9 +409,9 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
             else:
                 value = f"%json {json.dumps({**sub, 'x-guidance': CALL_JSON})}"
             opening, closing = tags(key)
-            rules.append(f"p{i}_{j}: {_lark(opening)} {value} {_lark(closing)}")
+            rules.append(f"p{i}_{j}: {lit(opening)} {value} {lit(closing)}")
             params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
-        rules.append(f"call{i}: {_lark(head(name))} {' '.join(params)} {_lark(tail)}")
+        rules.append(f"call{i}: {lit(head(name))} {' '.join(params)} {lit(tail)}")
     return "\n".join(rules) + "\n"
 
 
@@ -387,11 +444,11 @@ def _deepseek_v3_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[
     return calls
 
 
-def _deepseek_v3_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
-    rules = [f"calls: {_lark(DSV3_CALLS_BEGIN)} call{'+' if parallel else ''} {_lark(DSV3_CALLS_END)}",
+def _deepseek_v3_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    rules = [f"calls: {lit(DSV3_CALLS_BEGIN)} call{'+' if parallel else ''} {lit(DSV3_CALLS_END)}",
              "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
     for i, (name, schema) in enumerate(parameters.items()):
-        head, tail = _lark(f"{DSV3_CALL_BEGIN}function{DSV3_SEP}{name}\n```json\n"), _lark(f"\n```{DSV3_CALL_END}")
+        head, tail = lit(f"{DSV3_CALL_BEGIN}function{DSV3_SEP}{name}\n```json\n"), lit(f"\n```{DSV3_CALL_END}")
         arguments = json.dumps({**schema, "x-guidance": CALL_JSON})
         rules.append(f"call{i}: {head} %json {arguments} {tail}")
     return "\n".join(rules) + "\n"
@@ -413,14 +470,14 @@ def _kimi_k2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str,
         return None
 
 
-def _kimi_k2_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+def _kimi_k2_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
     """Calls numbered as Kimi-K2 numbers them (``functions.NAME:INDEX``; any index is accepted)."""
-    rules = [f"calls: {_lark(KIMI_CALLS_BEGIN)} call{'+' if parallel else ''} {_lark(KIMI_CALLS_END)}",
+    rules = [f"calls: {lit(KIMI_CALLS_BEGIN)} call{'+' if parallel else ''} {lit(KIMI_CALLS_END)}",
              "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
     for i, (name, schema) in enumerate(parameters.items()):
         arguments = json.dumps({**schema, "x-guidance": CALL_JSON})
-        rules.append(f"call{i}: {_lark(f'{KIMI_CALL_BEGIN}functions.{name}:')} /[0-9]{{1,2}}/ {_lark(KIMI_ARGUMENTS)} "
-                     f"%json {arguments} {_lark(KIMI_CALL_END)}")
+        rules.append(f"call{i}: {lit(f'{KIMI_CALL_BEGIN}functions.{name}:')} /[0-9]{{1,2}}/ {lit(KIMI_ARGUMENTS)} "
+                     f"%json {arguments} {lit(KIMI_CALL_END)}")
     return "\n".join(rules) + "\n"
 
 
@@ -438,16 +495,71 @@ def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, A
                     for key, value in _GLM_ARGUMENT.findall(match.group(2))})]
 
 
-def _glm45_grammar(parameters: Mapping[str, dict], parallel: bool) -> str:
+def _glm45_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
     """As Qwen3-Coder's, with GLM-4.5's tags: ``<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>``."""
     return _xml_grammar(parameters, parallel, lambda name: f"{TOOL_CALL_START}{name}\n", f"{TOOL_CALL_END}",
-                        lambda key: (f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"))
+                        lambda key: (f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"), lit)
+
+
+MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+_MISTRAL_CALL = re.compile(r"\s*([^\s\[\]{}]+)\s*(?:\[CALL_ID\]\s*[A-Za-z0-9]+\s*)?(?:\[ARGS\])?\s*(\{.*\})\s*", re.DOTALL)
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def _mistral_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    """Mistral's calls after ``[TOOL_CALLS]``: Mixtral's JSON list of ``{"name", "arguments"}`` (an ``id`` is
+    ignored), or the later form, ``NAME[ARGS]{...}`` calls separated by ``[TOOL_CALLS]``."""
+    text = block.strip()
+    try:
+        if text.startswith("["):
+            calls = json.loads(text)
+            if not (isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls)):
+                return None
+            found = [(c["name"], c.get("arguments", {})) for c in calls]
+        else:
+            matches = [_MISTRAL_CALL.fullmatch(part) for part in text.split(MISTRAL_CALLS)]
+            if not all(matches):
+                return None
+            found = [(match.group(1), json.loads(match.group(2))) for match in matches]
+        # arguments written as a JSON string (as an OpenAI message carries them) are that JSON
+        return [(name, json.loads(args) if isinstance(args, str) else args) for name, args in found]
+    except ValueError:
+        return None
+
+
+def _mistral_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    """Mixtral's form, as its chat template renders calls: ``[TOOL_CALLS] [{"name": ..., "arguments": ...}]``."""
+    more = ' (", " call)*' if parallel else ""
+    return f'calls: {lit(MISTRAL_CALLS + " [")} call{more} "]"\ncall: %json {_call_json(parameters)}\n'
+
+
+def _mistral_v11_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    """The later Mistral form (tokenizer v11 on): ``[TOOL_CALLS]NAME[ARGS]{...}`` per call."""
+    rules = [f"calls: call{'+' if parallel else ''}", "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
+    for i, (name, schema) in enumerate(parameters.items()):
+        arguments = json.dumps({**schema, "x-guidance": CALL_JSON})
+        rules.append(f"call{i}: {lit(f'{MISTRAL_CALLS}{name}{MISTRAL_ARGS}')} %json {arguments}")
+    return "\n".join(rules) + "\n"
+
+
+def _mistral_id() -> str:
+    """Nine letters and digits: Mistral's chat templates refuse any other call id."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
+def _mistral_template_id(call_id: str) -> str:
+    """The id a call of the history is rendered with for Mistral's templates: its own when it is nine letters
+    and digits, else nine hex digits of its hash (the same for the call and its result)."""
+    if len(call_id) == 9 and call_id.isascii() and call_id.isalnum():
+        return call_id
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
 # what a chat template that renders calls in each format contains (the specific ones first: Qwen3-Coder's
 # and GLM-4.5's templates also write <tool_call>)
 _MARKERS = (("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)), ("glm45", ("<arg_key>",)),
-            ("qwen3_coder", ("<function=", "<parameter=")), ("hermes", (TOOL_CALL_START,)))
+            ("qwen3_coder", ("<function=", "<parameter=")), ("mistral_v11", (MISTRAL_CALLS, MISTRAL_ARGS)),
+            ("mistral", (MISTRAL_CALLS,)), ("hermes", (TOOL_CALL_START,)))
 
 
 def detect_format(chat_template: str | dict | None) -> str:
@@ -457,10 +569,19 @@ def detect_format(chat_template: str | dict | None) -> str:
     return next((name for name, markers in _MARKERS if all(marker in text for marker in markers)), "hermes")
 
 
+_HERMES_TAGS = (TOOL_CALL_START, TOOL_CALL_END)
+_MISTRAL_TAGS = (MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID)
 FORMATS: dict[str, ToolFormat] = {
-    "hermes": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _hermes_parse, _hermes_grammar),
-    "qwen3_coder": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _qwen3_coder_parse, _qwen3_coder_grammar),
-    "deepseek_v3": ToolFormat(DSV3_CALLS_BEGIN, DSV3_CALLS_END, _deepseek_v3_parse, _deepseek_v3_grammar),
-    "kimi_k2": ToolFormat(KIMI_CALLS_BEGIN, KIMI_CALLS_END, _kimi_k2_parse, _kimi_k2_grammar),
-    "glm45": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm45_grammar),
+    "hermes": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _hermes_parse, _hermes_grammar, _HERMES_TAGS),
+    "qwen3_coder": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _qwen3_coder_parse, _qwen3_coder_grammar, _HERMES_TAGS),
+    "deepseek_v3": ToolFormat(DSV3_CALLS_BEGIN, DSV3_CALLS_END, _deepseek_v3_parse, _deepseek_v3_grammar,
+                              (DSV3_CALLS_BEGIN, DSV3_CALLS_END, DSV3_CALL_BEGIN, DSV3_CALL_END, DSV3_SEP)),
+    "kimi_k2": ToolFormat(KIMI_CALLS_BEGIN, KIMI_CALLS_END, _kimi_k2_parse, _kimi_k2_grammar,
+                          (KIMI_CALLS_BEGIN, KIMI_CALLS_END, KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END)),
+    "glm45": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm45_grammar, _HERMES_TAGS),
+    # Mistral's calls run to the end of the completion (the model ends it there)
+    "mistral": ToolFormat(MISTRAL_CALLS, "", _mistral_parse, _mistral_grammar, _MISTRAL_TAGS, _mistral_id,
+                          _mistral_template_id),
+    "mistral_v11": ToolFormat(MISTRAL_CALLS, "", _mistral_parse, _mistral_v11_grammar, _MISTRAL_TAGS, _mistral_id,
+                              _mistral_template_id),
 }

@@ -115,21 +115,26 @@ def grammars(tokenizer):
     return Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
 
 
-def _random_walk(grammars, tokenizer, grammar: str, seed: int, max_tokens: int, ends: tuple[str, ...] = ()) -> str | None:
-    """A completion drawn by argmax of random logits through ``grammar`` (the end token made likely, to end
-    nested lists and objects early, and ``ends`` too, to end free strings), or None if it did not finish
-    within ``max_tokens``."""
+def _random_walk(grammars, tokenizer, grammar: str, seed: int, max_tokens: int, ends: tuple[str, ...] = (),
+                 skip_special_tokens: bool = True, eos_bonus: float = 3.0) -> str | None:
+    """A completion drawn by argmax of random logits through ``grammar`` (the end token made likely by
+    ``eos_bonus``, to end nested lists and objects early, and ``ends`` too, to end free strings), or None if
+    it did not finish within ``max_tokens``."""
     torch.manual_seed(seed)
     matcher, ids = grammars.matcher(grammar), []
     while not matcher.is_stopped() and len(ids) < max_tokens:
         logits = torch.randn(1, len(tokenizer))
-        logits[0, tokenizer.eos_token_id] += 3.0
+        logits[0, tokenizer.eos_token_id] += eos_bonus
         for end in ends:
             logits[0, tokenizer.encode(end)[0]] += 2.0
         grammars.mask(logits, [matcher])
         ids.append(int(logits.argmax()))
         assert matcher.consume_token(ids[-1])
-    return tokenizer.decode(ids, skip_special_tokens=True) if matcher.is_stopped() else None
+    if not matcher.is_stopped():
+        return None
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids.pop()
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def test_forced_calls_follow_the_schemas_greedy_and_sampled(tokenizer):
@@ -231,8 +236,11 @@ KIMI = ('Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.g
 GLM = ("Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>unit"
        "</arg_key>\n<arg_value>C</arg_value>\n</tool_call>\n<tool_call>now\n<arg_key>zone</arg_key>\n<arg_value>1"
        "</arg_value>\n</tool_call>")
+MIXTRAL = ('Let me check.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}, '
+           '"id": "a1B2c3D4e"}, {"name": "now", "arguments": "{\\"zone\\": 1}"}]')  # arguments as a JSON string too
+MISTRAL_V11 = 'Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "C"}[TOOL_CALLS]now[ARGS]{"zone": 1}'
 FORMAT_TEXTS = {"hermes": MIXED, "qwen3_coder": QWEN3_CODER, "deepseek_v3": DSV3, "deepseek_v3.1": DSV31,
-                "kimi_k2": KIMI, "glm45": GLM}
+                "kimi_k2": KIMI, "glm45": GLM, "mistral": MIXTRAL, "mistral_v11": MISTRAL_V11}
 
 
 def _format_calls(fmt: str, pieces: list[str], parallel: bool = True) -> tuple[str, list[tuple[str, dict]]]:
@@ -261,6 +269,9 @@ def test_every_format_gives_content_and_calls_in_any_chunking(fmt, fractions):
     ("kimi_k2", "<|tool_calls_section_begin|><|tool_call_begin|>get_weather<|tool_call_argument_begin|>{}"
                 "<|tool_call_end|><|tool_calls_section_end|>"),  # no functions.NAME:INDEX
     ("glm45", "<tool_call>now\n<arg_key>zone</arg_key>\n</tool_call>"),  # a key without its value
+    ("mistral", '[TOOL_CALLS] [{"name": "rm", "arguments": {}}]'),  # not offered
+    ("mistral", "[TOOL_CALLS] [not a call] and more"),
+    ("mistral_v11", '[TOOL_CALLS]now[ARGS]{"zone": 1'),  # cut off
 ])
 def test_blocks_that_are_not_calls_stay_content_in_every_format(fmt, block):
     assert _format_calls(fmt, ["Hi " + block]) == ("Hi " + block, [])
@@ -288,7 +299,8 @@ CODER_SCHEMAS = {
 
 
 @pytest.mark.parametrize("fmt, schemas", [("qwen3_coder", CODER_SCHEMAS), ("deepseek_v3", SCHEMAS),
-                                          ("kimi_k2", SCHEMAS), ("glm45", CODER_SCHEMAS)])
+                                          ("kimi_k2", SCHEMAS), ("glm45", CODER_SCHEMAS), ("mistral", SCHEMAS),
+                                          ("mistral_v11", SCHEMAS)])
 def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, grammars, fmt, schemas):
     """``required`` in the model's own format: random logits through the grammar give calls that the
     format's parser reads, valid against their schemas, single and parallel."""
@@ -297,7 +309,10 @@ def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, g
         grammar = ToolSetup(schemas, "required", parallel=parallel, format=fmt).grammar()
         for seed in range(8):
             # free strings end at a newline (Qwen3-Coder) or a tag (GLM-4.5)
-            text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=("\n", "<"))
+            # (Mistral's later form ends its calls with the end of text: made likely, it would end every walk
+            # after one call)
+            text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=("\n", "<"),
+                                eos_bonus=0.0 if fmt == "mistral_v11" else 3.0)
             if text is None:
                 continue
             content, calls = _feed(ToolCallStream(schemas, parallel, fmt), [text])
@@ -461,6 +476,8 @@ def test_auto_takes_the_format_the_chat_template_renders_calls_in(tokenizer):
         "kimi_k2": "<|tool_calls_section_begin|>{%- for tc in message.tool_calls %}<|tool_call_begin|>{{ tc.id }}",
         "glm45": "<tool_call>{{ tc.name }}\n{% for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key>",
         "qwen3_coder": "<tool_call>\n<function={{ tool_call.name }}>\n<parameter={{ args_name }}>\n",
+        "mistral": MISTRAL_TEMPLATE,
+        "mistral_v11": "{{- '[TOOL_CALLS]' + tool.function.name + '[ARGS]' + arguments }}",
         "hermes": DEFAULT_TEMPLATE,
     }
     assert {name: detect_format(template) for name, template in templates.items()} == {n: n for n in templates}
@@ -492,3 +509,119 @@ def test_bad_tool_requests_are_400s_naming_the_problem(server, body, param, mess
                           json={"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 5, **body})
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == param and message in error["message"], error
+
+
+# --- Mistral: tags that are special tokens, nine-character call ids ----------------------------------------
+
+# Mixtral-8x22B's way of rendering calls and results (its template refuses call ids that are not nine long)
+_NINE = "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS] {{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}[INST] {{ m.content }}[/INST]"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS] ["
+    "{%- for tc in m.tool_calls %}{%- if tc.id|length != 9 %}" + _NINE + "{%- endif %}"
+    "{{ (tc.function|tojson)[:-1] }}, \"id\": \"{{ tc.id }}\"}{{ ', ' if not loop.last }}{%- endfor %}]{{ eos_token }}"
+    "{%- elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}"
+    "{%- elif m.role == 'tool' %}{%- if m.tool_call_id|length != 9 %}" + _NINE + "{%- endif %}"
+    "[TOOL_RESULTS] {\"content\": {{ m.content|tojson }}, \"call_id\": \"{{ m.tool_call_id }}\"}[/TOOL_RESULTS]"
+    "{%- endif %}{%- endfor %}")
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer():
+    """The test tokenizer with Mistral's control tokens as special tokens (as Mixtral's has them)."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]", "[ARGS]", "[CALL_ID]"]})
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    return tokenizer
+
+
+def test_tags_that_are_special_tokens_are_forced_by_id_and_kept_in_the_text(mistral_tokenizer, tokenizer):
+    """A special token matches no text literal in a grammar and decodes to nothing by default: the grammar
+    names Mistral's tags by id, and the completion's text keeps them, so its calls parse."""
+    from service.structured import Grammars
+    from service.tools import special_tags
+
+    special = special_tags("mistral", mistral_tokenizer)
+    assert set(special) == {"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"}
+    assert special_tags("mistral", tokenizer) == {} and special_tags("hermes", mistral_tokenizer) == {}
+    grammars = Grammars(mistral_tokenizer, len(mistral_tokenizer), [mistral_tokenizer.eos_token_id])
+    for fmt in ("mistral", "mistral_v11"):
+        grammar = ToolSetup(SCHEMAS, "required", format=fmt, special=special).grammar()
+        assert f"<[{special['[TOOL_CALLS]']}]>" in grammar
+        walked = 0
+        for seed in range(6):
+            text = _random_walk(grammars, mistral_tokenizer, grammar, seed, 400, skip_special_tokens=False,
+                                eos_bonus=0.0 if fmt == "mistral_v11" else 3.0)
+            if text is None:
+                continue
+            walked += 1
+            content, calls = _feed(ToolCallStream(SCHEMAS, True, fmt), [text])
+            assert content == "" and calls, text
+            for call in calls:
+                jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+                assert len(call.id) == 9 and call.id.isalnum()  # as Mistral's templates want them
+            # decoded the default way, the tag is gone and so are the calls
+            dropped = text.replace("[TOOL_CALLS]", "").replace("[ARGS]", "")
+            assert _feed(ToolCallStream(SCHEMAS, True, fmt), [dropped])[1] == []
+        assert walked >= 3, fmt
+
+
+def test_call_ids_are_rendered_as_mistrals_templates_want_them():
+    from service.openai_api import ChatCompletionRequest
+
+    call = {"id": "call_0123456789abcdef01234567", "type": "function",
+            "function": {"name": "now", "arguments": '{"zone": 1}'}}
+    messages = [*ASK, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "noon"},
+                {"role": "assistant", "tool_calls": [{**call, "id": "a1B2c3D4e"}]},
+                {"role": "tool", "tool_call_id": "a1B2c3D4e", "content": "noon"}]
+    request = ChatCompletionRequest(model=MODEL, messages=messages, tools=TOOLS)
+    mistral = ChatCompletionRequest(model=MODEL, messages=messages, tools=TOOLS).use_tool_format("mistral")
+    assert request.template_messages()[1]["tool_calls"][0]["id"] == call["id"]  # other formats: as sent
+    rendered = mistral.template_messages()
+    first, second = rendered[1]["tool_calls"][0]["id"], rendered[3]["tool_calls"][0]["id"]
+    assert len(first) == 9 and first.isalnum() and rendered[2]["tool_call_id"] == first  # the call and its result
+    assert second == rendered[4]["tool_call_id"] == "a1B2c3D4e"  # already Mistral's: kept
+
+
+def test_a_mistral_model_calls_and_gets_its_results_over_http(mistral_tokenizer):
+    """Served with a Mixtral-style template and tokenizer (the format taken from the template): forced calls
+    in Mixtral's form, streamed and not and through the Responses API, with nine-character ids; the call
+    and its result sent back render (the template refuses other ids), billed as /tokenize bills them."""
+    engine = _start_engine(mistral_tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
+    with served(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = _chat(client, tool_choice="required", parallel_tool_calls=False).choices[0]
+        (call,) = reply.message.tool_calls
+        assert reply.finish_reason == "tool_calls" and reply.message.content is None
+        assert len(call.id) == 9 and call.id.isalnum()
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        content, calls, finish = _streamed(client, tool_choice="required", parallel_tool_calls=False)
+        assert content is None and len(calls) == 1 and finish == "tool_calls"
+        jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[calls[0][0]])
+        response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=200, temperature=0,
+                                           tools=[{"type": "function", "name": t["function"]["name"],
+                                                   "parameters": t["function"]["parameters"]} for t in TOOLS],
+                                           tool_choice="required", parallel_tool_calls=False)
+        (item,) = response.output
+        assert item.type == "function_call" and len(item.call_id) == 9
+        jsonschema.validate(json.loads(item.arguments), SCHEMAS[item.name])
+        # the next turn, with this server's id and with another client's
+        for call_id in (call.id, "call_from_elsewhere"):
+            sent = {**reply.message.model_dump(), "tool_calls": [{**call.model_dump(), "id": call_id}]}
+            history = [*ASK, sent, {"role": "tool", "tool_call_id": call_id, "content": "22 C, sunny"}]
+            answer = _chat(client, messages=history, max_tokens=3)
+            tokenized = httpx.post(f"{url}/tokenize", json={"messages": history, "tools": TOOLS}).json()
+            assert answer.usage.prompt_tokens == tokenized["count"]
+            rendered = httpx.post(f"{url}/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]
+            assert f'"id": "{call_id if len(call_id) == 9 else ""}' in rendered and "[TOOL_RESULTS]" in rendered
+        # vLLM's skip_special_tokens on any request: special tokens in the text, or not (the default)
+        inst = mistral_tokenizer.convert_tokens_to_ids("[INST]")
+        texts = [client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0,
+                                           extra_body={"logit_bias": {str(inst): 100}, **extra}).choices[0].text
+                 for extra in ({}, {"skip_special_tokens": False})]
+        assert texts == ["", "[INST][INST]"]

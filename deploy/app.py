@@ -146,6 +146,7 @@ def build_app(args: dict[str, Any] | None = None):
     roots = [DEPLOY_DIR / "models", *parsed.model_roots, *_env_roots()]
     checkpoint = str(resolve_checkpoint(parsed.model, roots))
     layout = load_layout(checkpoint)
+    _check_plannable(parsed, layout.num_experts)
     shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
                        expert_bytes=_expert_bytes(layout, parsed.dtype))
     worker_configs = _worker_configs(parsed, layout)
@@ -191,6 +192,21 @@ def build_app(args: dict[str, Any] | None = None):
         max_ongoing_requests=max(64, 2 * parsed.max_num_seqs + parsed.max_queue),
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
     ).bind(coordinator, settings)
+
+
+def _check_plannable(args: AppArgs, num_experts: int) -> None:
+    """Raise ValueError, as the coordinator would at its start (where it only shows in Serve's logs), if the
+    policy cannot place ``num_experts`` experts per layer on the devices with these settings."""
+    import numpy as np
+
+    from placement import DeviceModel, plan
+
+    try:
+        plan(np.ones((1, num_experts)), [DeviceModel(1e-4, 8.0, 1e-5)] * args.num_devices, args.policy,
+             num_redundant=args.num_redundant, slot_budget=args.slot_budget)
+    except ValueError as exc:
+        raise ValueError(f"the model's {num_experts} experts per layer cannot be placed on {args.num_devices} "
+                         f"devices: {exc}") from exc
 
 
 def emulation_configs(args: AppArgs) -> list:

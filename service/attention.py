@@ -29,16 +29,18 @@ ATTN_IMPLEMENTATION = "vibe_ragged"
 class KVCache:
     """Keys and values of every running sequence, one fixed slot each.
 
-    Per layer, ``keys[layer]`` and ``values[layer]`` are ``[num_slots, num_kv_heads, max_len, head_dim]``,
+    Per layer, ``keys[layer]`` is ``[num_slots, num_kv_heads, max_len, head_dim]`` and ``values[layer]`` the
+    same with ``value_head_dim`` (DeepSeek-V3's attention has values narrower than its keys; None: as wide),
     allocated once on ``device`` (zeros, so masked-out positions never hold NaN). Slot ``s`` position ``p``
     holds the key of token ``p`` of the sequence in slot ``s``.
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", value_head_dim: int | None = None) -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
+        value_shape = (*shape[:3], value_head_dim or head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(value_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -49,9 +51,11 @@ class KVCache:
             values[target, :, :length] = values[source, :, :length]
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        value_head_dim: int | None = None) -> int:
         """Bytes of keys plus values that one token occupies over all layers."""
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        width = head_dim + (value_head_dim or head_dim)
+        return num_layers * num_kv_heads * width * torch.empty(0, dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -148,13 +152,14 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     Args:
         module: the model's attention module (``layer_idx``, optionally ``sliding_window``).
-        query: [1, Hq, T, d] after norms and RoPE; key, value: [1, Hkv, T, d] of the new tokens.
+        query: [1, Hq, T, d] after norms and RoPE; key: [1, Hkv, T, d], value: [1, Hkv, T, dv] of the new
+            tokens (dv = d but for DeepSeek-V3's attention).
         attention_mask: ignored (the model builds none); causality comes from the step metadata.
         scaling: softmax scale (None: 1/sqrt(d)).
         sliding_window: keys further back than this many positions are not attended (None: all).
 
     Returns:
-        ([1, T, Hq, d], None).
+        ([1, T, Hq, dv], None).
     """
     bound = _CURRENT.get()
     if bound is None:
@@ -164,7 +169,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
     _append(layer_keys, key[0], batch)
     _append(layer_values, value[0], batch)
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, d]
+    out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
         out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling)
     for chunk in batch.prefills:
@@ -185,7 +190,7 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
             window: int | None, scaling: float | None) -> torch.Tensor:
     """Attention of every single-token query at once, over the slot range read in place.
 
-    ``query [Hq, T, d]``; returns ``[B, Hq, d]`` for the decode tokens in ``batch.decode_select`` order.
+    ``query [Hq, T, d]``; returns ``[B, Hq, dv]`` for the decode tokens in ``batch.decode_select`` order.
     Query heads are grouped under their kv head (GQA without repeating keys): ``[S, Hkv, G, d]``.
     """
     num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
@@ -200,12 +205,12 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
     length = mask.shape[-1]
     attn = F.scaled_dot_product_attention(
         q, keys[span, :, :length], values[span, :, :length], attn_mask=mask, scale=scaling)
-    return attn[batch.decode_rows].reshape(batch.num_decodes, -1, head_dim)  # [B, Hq, d]
+    return attn[batch.decode_rows].reshape(batch.num_decodes, -1, values.shape[3])  # [B, Hq, dv]
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,
              window: int | None, scaling: float | None) -> torch.Tensor:
-    """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, d]``."""
+    """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, dv]``."""
     n, end = chunk.num_tokens, chunk.start + chunk.num_tokens
     q = query[:, chunk.offset:chunk.offset + n]                        # [Hq, n, d]
     k, v = keys[chunk.slot, :, :end], values[chunk.slot, :, :end]      # [Hkv, end, d]

@@ -578,13 +578,17 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     mc = model.config
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-    per_token = KVCache.bytes_per_token(mc.num_hidden_layers, num_kv_heads, head_dim, model.dtype)
+    value_head_dim = None
+    if getattr(mc, "kv_lora_rank", None):  # DeepSeek-V3's attention: every head's keys and values, expanded
+        num_kv_heads = mc.num_attention_heads  # from a latent (the cache holds them expanded, as transformers')
+        head_dim, value_head_dim = mc.qk_nope_head_dim + mc.qk_rope_head_dim, mc.v_head_dim
+    per_token = KVCache.bytes_per_token(mc.num_hidden_layers, num_kv_heads, head_dim, model.dtype, value_head_dim)
     num_slots = min(config.max_num_seqs, config.kv_cache_bytes // (per_token * config.max_model_len))
     if num_slots < 1:
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
                          f"{config.max_model_len} ({per_token * config.max_model_len} bytes)")
     return KVCache(mc.num_hidden_layers, num_slots, num_kv_heads, config.max_model_len, head_dim, model.dtype,
-                   model.device)
+                   model.device, value_head_dim)
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:

@@ -1,9 +1,12 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of four small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE) and
-writing them, seeded, into a folder. Each config exercises a layout detail: Qwen3-MoE has a dense
-`mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2` (every other layer is
-MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than the others.
+Owns the configs of six small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+DeepSeek-V3, GLM-4.5) and writing them, seeded, into a folder. Each config exercises a layout detail:
+Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
+(every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
+the others, DeepSeek-V3 has a dense first layer, a shared expert, group-limited sigmoid routing and
+multi-head latent attention (values narrower than keys), GLM-4.5 the same routing with partial rotary
+GQA attention.
 Ignores tokenizers: the models read token ids only.
 """
 
@@ -14,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    Glm4MoeConfig,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
@@ -47,10 +52,19 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "olmoe":
         return OlmoeConfig(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=32, num_hidden_layers=2,
                            num_experts=16, num_experts_per_tok=4)
+    routing = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                   intermediate_size=96, first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5)
+    if architecture == "deepseek_v3":
+        return DeepseekV3Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
+                                q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                v_head_dim=12)
+    if architecture == "glm4_moe":
+        return Glm4MoeConfig(**_COMMON, **routing, head_dim=16, n_group=1, topk_group=1, use_qk_norm=True,
+                             partial_rotary_factor=0.5)
     raise ValueError(f"no tiny config for architecture {architecture!r}; known: {TINY_ARCHITECTURES}")
 
 
-TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

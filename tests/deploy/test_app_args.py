@@ -161,3 +161,15 @@ def test_the_body_limit_follows_the_context_unless_set(tmp_path):
     assert build_app({**base, "max_body_bytes": 5000})._bound_deployment.init_args[1].max_body_bytes == 5000
     with pytest.raises(ValidationError, match="max_body_bytes"):
         build_app({**base, "max_body_bytes": 10})
+
+
+def test_a_model_the_policy_cannot_place_is_refused_when_the_app_is_built(tmp_path):
+    """8 experts on 3 devices: vibe needs a slot budget for uneven counts, eplb cannot; refused by build_app
+    (where `serve run` shows it) instead of by the coordinator at its start."""
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")  # 8 experts per layer
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 3, "speeds": [1.0, 0.9, 0.8],
+            "profile_prompts": None}
+    for policy in ("vibe", "eplb"):
+        with pytest.raises(ValueError, match="8 experts per layer cannot be placed on 3 devices.*divisible"):
+            build_app({**base, "policy": policy})
+    build_app({**base, "slot_budget": 3})  # vibe with uneven counts places them

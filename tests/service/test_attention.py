@@ -20,7 +20,7 @@ DENSE = [(1, 5, 1), (2, 9, 1), (3, 0, 1), (0, 0, 7)]
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int | None) -> torch.Tensor:
     """Attention of one query ``q [Hq, d]`` at position ``pos`` over ``k, v [Hkv, L, d]``, one key at a time."""
-    out = torch.zeros(HQ, D, dtype=torch.float64)
+    out = torch.zeros(HQ, v.shape[-1], dtype=torch.float64)
     for h in range(HQ):
         kv = h // (HQ // HKV)
         keys = [j for j in range(pos + 1) if window is None or j > pos - window]
@@ -30,15 +30,15 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, wind
     return out
 
 
-def _scenario(layout, seed: int = 0):
-    """A filled cache, the step's q/k/v and batch, and each sequence's full keys/values."""
+def _scenario(layout, seed: int = 0, dv: int = D):
+    """A filled cache, the step's q/k/v and batch, and each sequence's full keys/values (values ``dv`` wide)."""
     gen = torch.Generator().manual_seed(seed)
-    cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32)
+    cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32, value_head_dim=dv)
     total = sum(n for _, _, n in layout)
-    query, key, value = (torch.randn(1, h, total, D, generator=gen) for h in (HQ, HKV, HKV))
+    query, key, value = (torch.randn(1, h, total, d, generator=gen) for h, d in ((HQ, D), (HKV, D), (HKV, dv)))
     chunks, full, offset = [], {}, 0
     for slot, start, n in layout:
-        history_k, history_v = torch.randn(2, HKV, start, D, generator=gen)
+        history_k, history_v = torch.randn(HKV, start, D, generator=gen), torch.randn(HKV, start, dv, generator=gen)
         cache.keys[0][slot, :, :start], cache.values[0][slot, :, :start] = history_k, history_v
         new = slice(offset, offset + n)
         full[slot] = (torch.cat([history_k, key[0, :, new]], 1), torch.cat([history_v, value[0, :, new]], 1))
@@ -50,14 +50,15 @@ def _scenario(layout, seed: int = 0):
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("via_module", [True, False])
 @pytest.mark.parametrize("layout", [PADDED, DENSE], ids=["padded", "dense"])
-def test_matches_naive_reference(window, via_module, layout):
-    cache, batch, query, key, value, full = _scenario(layout)
+@pytest.mark.parametrize("dv", [D, 6], ids=["dv=d", "narrower values"])  # 6: DeepSeek-V3's latent attention
+def test_matches_naive_reference(window, via_module, layout, dv):
+    cache, batch, query, key, value, full = _scenario(layout, dv=dv)
     assert isinstance(batch.decode_rows, slice) == (layout is DENSE)
     module = SimpleNamespace(layer_idx=0, sliding_window=window if via_module else None)
     with bind_step(cache, batch):
         out, weights = ragged_attention(module, query, key, value, None, scaling=D ** -0.5,
                                         sliding_window=None if via_module else window)
-    assert weights is None and out.shape == (1, query.shape[2], HQ, D)
+    assert weights is None and out.shape == (1, query.shape[2], HQ, dv)
     for chunk in batch.chunks:
         k, v = full[chunk.slot]
         for i in range(chunk.num_tokens):
@@ -92,3 +93,4 @@ def test_called_outside_a_step_raises():
 def test_bytes_per_token_counts_keys_and_values_of_every_layer():
     assert KVCache.bytes_per_token(3, 2, 16, torch.float32) == 2 * 3 * 2 * 16 * 4
     assert KVCache.bytes_per_token(3, 2, 16, torch.bfloat16) == 2 * 3 * 2 * 16 * 2
+    assert KVCache.bytes_per_token(3, 2, 16, torch.float32, value_head_dim=8) == 3 * 2 * (16 + 8) * 4

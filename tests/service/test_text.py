@@ -38,9 +38,9 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
                                    chat_template=CHAT_TEMPLATE)
 
 
-def build_chat_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> torch.nn.Module:
-    """The tiny Qwen3-MoE of tests/tiny_models.py with the tokenizer's vocabulary and EOS."""
-    config = tiny_config("qwen3_moe")
+def build_chat_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, architecture: str = "qwen3_moe") -> torch.nn.Module:
+    """The tiny model of ``architecture`` (tests/tiny_models.py) with the tokenizer's vocabulary and EOS."""
+    config = tiny_config(architecture)
     config.vocab_size = len(tokenizer)
     config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
     torch.manual_seed(seed)

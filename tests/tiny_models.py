@@ -1,7 +1,7 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of six small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
-DeepSeek-V3, GLM-4.5) and writing them, seeded, into a folder. Each config exercises a layout detail:
+Owns the configs of seven small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5) and writing them, seeded, into a folder. Each config exercises a layout detail:
 Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
 (every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
 the others, DeepSeek-V3 has a dense first layer, a shared expert, group-limited sigmoid routing and
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
     DeepseekV3Config,
     Glm4MoeConfig,
     MixtralConfig,
@@ -54,6 +55,10 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                            num_experts=16, num_experts_per_tok=4)
     routing = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
                    intermediate_size=96, first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5)
+    if architecture == "deepseek_v2":  # as DeepSeek-V2-Lite: no query compression, greedy top-k
+        return DeepseekV2Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, q_lora_rank=None,
+                                kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                topk_method="greedy")
     if architecture == "deepseek_v3":
         return DeepseekV3Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
                                 q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
@@ -64,7 +69,7 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     raise ValueError(f"no tiny config for architecture {architecture!r}; known: {TINY_ARCHITECTURES}")
 
 
-TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe")
+TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

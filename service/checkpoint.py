@@ -1,7 +1,7 @@
 """Where the routed experts of a transformers MoE checkpoint are, and reading just the ones a worker needs.
 
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
-DeepSeek-V3 (and Kimi-K2, which is DeepSeek-V3's), GLM-4.5), reading
+DeepSeek-V3 (and Kimi-K2, which is DeepSeek-V3's), GLM-4.5, MiniMax-M2), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -31,7 +31,8 @@ from service.messages import ExpertTensors
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
-SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                           "minimax_m2")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -106,7 +107,7 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         moe_layers = [d for d in range(num_layers)
                       if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
-    elif architecture in ("mixtral", "olmoe"):
+    elif architecture in ("mixtral", "olmoe", "minimax_m2"):
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
     elif architecture in ("deepseek_v2", "deepseek_v3", "glm4_moe"):

@@ -41,6 +41,14 @@ GLM-4.5's (``glm45``: values as Qwen3-Coder's)::
     <arg_value>Paris</arg_value>
     </tool_call>
 
+MiniMax-M2's (``minimax_m2``: values as Qwen3-Coder's)::
+
+    <minimax:tool_call>
+    <invoke name="get_weather">
+    <parameter name="city">Paris</parameter>
+    </invoke>
+    </minimax:tool_call>
+
 and Mixtral's (``mistral``: to the end of the completion; ids of nine letters and digits, which Mistral's
 templates require) and later Mistral models' (``mistral_v11``), each reading both::
 
@@ -389,13 +397,21 @@ def _qwen3_coder_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Ca
 
 
 def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[[str], str], tail: str,
-                 tags: Callable[[str], tuple[str, str]], lit: Callable[[str], str] = _lark) -> str:
-    """Calls whose parameters are tagged text (Qwen3-Coder's, GLM-4.5's): each function's parameters in its
-    schema's order (the required ones always, the others optional); a value following its schema: a
-    string as text (one line without ``<``, within its length bounds; an enum: one of its strings),
-    anything else as JSON (a number's or a boolean's JSON is its text)."""
+                 tags: Callable[[str], tuple[str, str]], lit: Callable[[str], str] = _lark,
+                 block: tuple[str, str] = ("", "")) -> str:
+    """Calls whose parameters are tagged text (Qwen3-Coder's, GLM-4.5's, MiniMax-M2's): each function's
+    parameters in its schema's order (the required ones always, the others optional); a value following
+    its schema: a string as text (one line without ``<``, within its length bounds; an enum: one of its
+    strings), anything else as JSON (a number's or a boolean's JSON is its text). Without ``block`` the
+    calls are one per line; with it they follow each other between its opening and closing text (a
+    separator is the head's: a literal of its own would end where the closing text begins, since the
+    lexer takes the longest literal)."""
     newline = _lark("\n")
-    rules = [f"calls: call ({newline} call)*" if parallel else "calls: call",
+    if block != ("", ""):
+        calls = f"{lit(block[0])} call{'+' if parallel else ''} {lit(block[1])}"
+    else:
+        calls = f"call ({newline} call)*" if parallel else "call"
+    rules = [f"calls: {calls}",
              "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
     for i, (name, schema) in enumerate(parameters.items()):
         required = set(schema.get("required", ()))
@@ -555,9 +571,36 @@ def _mistral_template_id(call_id: str) -> str:
     return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
+MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END = "<minimax:tool_call>", "</minimax:tool_call>"
+_MINIMAX_INVOKE = re.compile(r'<invoke name="([^"\n]+)">(.*?)</invoke>', re.DOTALL)
+_MINIMAX_PARAMETER = re.compile(r'<parameter name="([^"\n]+)">(.*?)</parameter>', re.DOTALL)
+
+
+def _minimax_m2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    found = _MINIMAX_INVOKE.findall(block)
+    if not found or _MINIMAX_INVOKE.sub("", block).strip():
+        return None
+    calls = []
+    for name, body in found:
+        if _MINIMAX_PARAMETER.sub("", body).strip():
+            return None
+        properties = functions.get(name, {}).get("properties", {})
+        calls.append((name, {key: _typed(value.strip("\n"), properties.get(key, {}))
+                             for key, value in _MINIMAX_PARAMETER.findall(body)}))
+    return calls
+
+
+def _minimax_m2_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    """One block of ``<invoke name="NAME">`` calls, values as Qwen3-Coder's."""
+    return _xml_grammar(parameters, parallel, lambda name: f'\n<invoke name="{name}">\n', "</invoke>",
+                        lambda key: (f'<parameter name="{key}">', "</parameter>\n"), lit,
+                        (MINIMAX_CALLS_BEGIN, "\n" + MINIMAX_CALLS_END))
+
+
 # what a chat template that renders calls in each format contains (the specific ones first: Qwen3-Coder's
 # and GLM-4.5's templates also write <tool_call>)
 _MARKERS = (("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)), ("glm45", ("<arg_key>",)),
+            ("minimax_m2", (MINIMAX_CALLS_BEGIN,)),
             ("qwen3_coder", ("<function=", "<parameter=")), ("mistral_v11", (MISTRAL_CALLS, MISTRAL_ARGS)),
             ("mistral", (MISTRAL_CALLS,)), ("hermes", (TOOL_CALL_START,)))
 
@@ -579,6 +622,8 @@ FORMATS: dict[str, ToolFormat] = {
     "kimi_k2": ToolFormat(KIMI_CALLS_BEGIN, KIMI_CALLS_END, _kimi_k2_parse, _kimi_k2_grammar,
                           (KIMI_CALLS_BEGIN, KIMI_CALLS_END, KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END)),
     "glm45": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm45_grammar, _HERMES_TAGS),
+    "minimax_m2": ToolFormat(MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END, _minimax_m2_parse, _minimax_m2_grammar,
+                             (MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END)),
     # Mistral's calls run to the end of the completion (the model ends it there)
     "mistral": ToolFormat(MISTRAL_CALLS, "", _mistral_parse, _mistral_grammar, _MISTRAL_TAGS, _mistral_id,
                           _mistral_template_id),

@@ -9,6 +9,13 @@ computes causal attention over it.
 Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
 reading the cache in place; multi-token chunks (prefill) get one SDPA call each. Ignores dropout,
 attention sinks and logit soft-capping (no supported model uses them at inference).
+
+Multi-head latent attention (DeepSeek-V2 and V3, Kimi-K2) is computed on its latent, as vLLM and SGLang
+do: the cache holds each token's compressed key-value latent and rotary key (one "head" of
+``kv_lora_rank + qk_rope_head_dim``, the values being its first ``kv_lora_rank`` dimensions), each query
+head's non-rotary part is multiplied into the latent space by its slice of ``kv_b_proj`` before the
+scores, and each head's output is multiplied out of it after. The scores and outputs are those of the
+expanded keys and values (up to rounding), at about 1/70 of their cache for DeepSeek-V3.
 """
 
 from __future__ import annotations
@@ -30,17 +37,22 @@ class KVCache:
     """Keys and values of every running sequence, one fixed slot each.
 
     Per layer, ``keys[layer]`` is ``[num_slots, num_kv_heads, max_len, head_dim]`` and ``values[layer]`` the
-    same with ``value_head_dim`` (DeepSeek-V3's attention has values narrower than its keys; None: as wide),
-    allocated once on ``device`` (zeros, so masked-out positions never hold NaN). Slot ``s`` position ``p``
-    holds the key of token ``p`` of the sequence in slot ``s``.
+    same with ``value_head_dim`` (None: as wide), allocated once on ``device`` (zeros, so masked-out
+    positions never hold NaN). Slot ``s`` position ``p`` holds the key of token ``p`` of the sequence in slot
+    ``s``. With ``values_in_keys`` the values are the keys' first ``value_head_dim`` dimensions (a view: the
+    latent of multi-head latent attention is both), and take no memory of their own.
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", value_head_dim: int | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", value_head_dim: int | None = None,
+                 values_in_keys: bool = False) -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         value_shape = (*shape[:3], value_head_dim or head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(value_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if values_in_keys:
+            self.values = [keys[..., :value_shape[3]] for keys in self.keys]
+        else:
+            self.values = [torch.zeros(value_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -52,10 +64,21 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                        value_head_dim: int | None = None) -> int:
+                        value_head_dim: int | None = None, values_in_keys: bool = False) -> int:
         """Bytes of keys plus values that one token occupies over all layers."""
-        width = head_dim + (value_head_dim or head_dim)
+        width = head_dim + (0 if values_in_keys else value_head_dim or head_dim)
         return num_layers * num_kv_heads * width * torch.empty(0, dtype=dtype).element_size()
+
+    @staticmethod
+    def for_model(config) -> dict[str, int | bool | None]:
+        """The cache's head layout for a transformers config (`KVCache` keyword arguments): its attention's
+        heads, or the latent of multi-head latent attention (see the module's docstring)."""
+        if getattr(config, "kv_lora_rank", None):
+            return {"num_kv_heads": 1, "head_dim": config.kv_lora_rank + config.qk_rope_head_dim,
+                    "value_head_dim": config.kv_lora_rank, "values_in_keys": True}
+        return {"num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                "value_head_dim": None, "values_in_keys": False}
 
 
 @dataclass(frozen=True)
@@ -167,14 +190,22 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     cache, batch = bound
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
+    latent = getattr(module, _LATENT, None)
+    if latent is not None:  # key: [latent, rotary key] of one head; queries into the latent space
+        rotary = query.shape[3] - latent.nope
+        q_nope, q_rot = query.split([latent.nope, rotary], dim=-1)
+        query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, latent.up_keys), q_rot), dim=-1)
     _append(layer_keys, key[0], batch)
-    _append(layer_values, value[0], batch)
+    if layer_values.data_ptr() != layer_keys.data_ptr():  # (the latent's values are its keys)
+        _append(layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
         out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling)
     for chunk in batch.prefills:
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
             query[0], layer_keys, layer_values, chunk, window, scaling)
+    if latent is not None:  # each head's output out of the latent space
+        out = torch.einsum("thr,hvr->thv", out, latent.up_values)
     return out.unsqueeze(0), None
 
 
@@ -237,6 +268,34 @@ def install(model: PreTrainedModel) -> None:
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to "
                          f"{ATTN_IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
+    latent = KVCache.for_model(model.config)["values_in_keys"]
+    for module in model.modules():
+        if hasattr(module, "kv_b_proj"):
+            if not latent or module.kv_b_proj.bias is not None or not hasattr(module, "expand_kv"):
+                raise ValueError(f"{type(module).__name__}: latent attention this engine cannot cache")
+            _on_latent(module)
+
+
+_LATENT = "_vibe_latent"
+
+
+@dataclass(frozen=True)
+class _Latent:
+    """One latent attention module's up-projection, split per head: ``up_keys [H, nope, r]`` (the
+    non-rotary keys') and ``up_values [H, v, r]``."""
+
+    nope: int
+    up_keys: torch.Tensor
+    up_values: torch.Tensor
+
+
+def _on_latent(module: torch.nn.Module) -> None:
+    """Make a multi-head latent attention module hand the attention function its latent: ``expand_kv``
+    returns ([latent, rotary key], latent) for one head instead of every head's keys and values."""
+    nope, v, rank = module.qk_nope_head_dim, module.v_head_dim, module.kv_lora_rank
+    up = module.kv_b_proj.weight.detach().view(-1, nope + v, rank)  # [H, nope + v, r]
+    setattr(module, _LATENT, _Latent(nope, up[:, :nope], up[:, nope:]))
+    module.expand_kv = lambda kv_nope, k_rot: (torch.cat((kv_nope, k_rot), dim=-1), kv_nope)
 
 
 def _no_mask(*args, **kwargs) -> None:

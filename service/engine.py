@@ -576,19 +576,14 @@ def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int])
 def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     """A KV cache with as many ``max_model_len`` slots as ``kv_cache_bytes`` allows (<= max_num_seqs)."""
     mc = model.config
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-    value_head_dim = None
-    if getattr(mc, "kv_lora_rank", None):  # DeepSeek-V3's attention: every head's keys and values, expanded
-        num_kv_heads = mc.num_attention_heads  # from a latent (the cache holds them expanded, as transformers')
-        head_dim, value_head_dim = mc.qk_nope_head_dim + mc.qk_rope_head_dim, mc.v_head_dim
-    per_token = KVCache.bytes_per_token(mc.num_hidden_layers, num_kv_heads, head_dim, model.dtype, value_head_dim)
+    heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
+    per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
     num_slots = min(config.max_num_seqs, config.kv_cache_bytes // (per_token * config.max_model_len))
     if num_slots < 1:
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
                          f"{config.max_model_len} ({per_token * config.max_model_len} bytes)")
-    return KVCache(mc.num_hidden_layers, num_slots, num_kv_heads, config.max_model_len, head_dim, model.dtype,
-                   model.device, value_head_dim)
+    return KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
+                   device=model.device, **heads)
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:

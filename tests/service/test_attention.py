@@ -94,3 +94,23 @@ def test_bytes_per_token_counts_keys_and_values_of_every_layer():
     assert KVCache.bytes_per_token(3, 2, 16, torch.float32) == 2 * 3 * 2 * 16 * 4
     assert KVCache.bytes_per_token(3, 2, 16, torch.bfloat16) == 2 * 3 * 2 * 16 * 2
     assert KVCache.bytes_per_token(3, 2, 16, torch.float32, value_head_dim=8) == 3 * 2 * (16 + 8) * 4
+
+
+def test_latent_attention_caches_its_latent_once_for_every_head():
+    """Multi-head latent attention (DeepSeek-V2/V3): one head of latent + rotary key per token, the values
+    a view of the keys; DeepSeek-V3's cache is then 1/71 of every head's expanded keys and values."""
+    from transformers import DeepseekV3Config
+
+    from service.engine import Engine, EngineConfig
+    from tests.tiny_models import build_tiny_model, tiny_config
+
+    engine = Engine(build_tiny_model("deepseek_v3"), EngineConfig(max_model_len=64))
+    config = tiny_config("deepseek_v3")
+    keys, values = engine._cache.keys[0], engine._cache.values[0]
+    assert keys.shape[1:] == (1, 64, config.kv_lora_rank + config.qk_rope_head_dim)
+    assert values.shape[3] == config.kv_lora_rank and values.data_ptr() == keys.data_ptr()
+    real = DeepseekV3Config()  # DeepSeek-V3's own sizes: 61 layers, 128 heads, latent 512 + 64
+    latent = KVCache.bytes_per_token(real.num_hidden_layers, dtype=torch.bfloat16, **KVCache.for_model(real))
+    expanded = KVCache.bytes_per_token(real.num_hidden_layers, real.num_attention_heads,
+                                       real.qk_nope_head_dim + real.qk_rope_head_dim, torch.bfloat16, real.v_head_dim)
+    assert latent == 61 * (512 + 64) * 2 and expanded / latent > 70

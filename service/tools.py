@@ -331,6 +331,13 @@ def special_tags(fmt: str, tokenizer) -> dict[str, int]:
     return found
 
 
+def _only(pattern: re.Pattern, text: str, empty_ok: bool = False) -> list | None:
+    """``pattern``'s matches in ``text`` (their groups) when the text is nothing else but whitespace; None when
+    anything else is there, or when nothing matched (unless ``empty_ok``)."""
+    found = pattern.findall(text)
+    return found if (found or empty_ok) and not pattern.sub("", text).strip() else None
+
+
 def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     try:
         call = json.loads(block)
@@ -438,8 +445,8 @@ _DSV3_FENCED = re.compile(r"([^\n]+)\n```(?:json)?\n(.*)\n```", re.DOTALL)
 
 
 def _deepseek_v3_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    found = _DSV3_CALL.findall(block)
-    if not found or _DSV3_CALL.sub("", block).strip():
+    found = _only(_DSV3_CALL, block)
+    if found is None:
         return None
     calls = []
     for call in found:
@@ -477,8 +484,8 @@ _KIMI_CALL = re.compile(re.escape(KIMI_CALL_BEGIN) + r"\s*functions\.([^:\s]+):\
 
 
 def _kimi_k2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    found = _KIMI_CALL.findall(block)
-    if not found or _KIMI_CALL.sub("", block).strip():
+    found = _only(_KIMI_CALL, block)
+    if found is None:
         return None
     try:
         return [(name, json.loads(arguments)) for name, arguments in found]
@@ -503,12 +510,12 @@ _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_va
 
 def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     match = _GLM_CALL.fullmatch(block + "\n")
-    if match is None or _GLM_ARGUMENT.sub("", match.group(2)).strip():
+    arguments = None if match is None else _only(_GLM_ARGUMENT, match.group(2), empty_ok=True)
+    if arguments is None:
         return None
     name = match.group(1)
     properties = functions.get(name, {}).get("properties", {})
-    return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {}))
-                    for key, value in _GLM_ARGUMENT.findall(match.group(2))})]
+    return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {})) for key, value in arguments})]
 
 
 def _glm45_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
@@ -577,16 +584,16 @@ _MINIMAX_PARAMETER = re.compile(r'<parameter name="([^"\n]+)">(.*?)</parameter>'
 
 
 def _minimax_m2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    found = _MINIMAX_INVOKE.findall(block)
-    if not found or _MINIMAX_INVOKE.sub("", block).strip():
+    found = _only(_MINIMAX_INVOKE, block)
+    if found is None:
         return None
     calls = []
     for name, body in found:
-        if _MINIMAX_PARAMETER.sub("", body).strip():
+        arguments = _only(_MINIMAX_PARAMETER, body, empty_ok=True)
+        if arguments is None:
             return None
         properties = functions.get(name, {}).get("properties", {})
-        calls.append((name, {key: _typed(value.strip("\n"), properties.get(key, {}))
-                             for key, value in _MINIMAX_PARAMETER.findall(body)}))
+        calls.append((name, {key: _typed(value.strip("\n"), properties.get(key, {})) for key, value in arguments}))
     return calls
 
 

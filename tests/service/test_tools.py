@@ -453,24 +453,30 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client):
 def test_the_servers_tool_call_parser_reads_and_forces_its_format(tokenizer, fmt):
     engine = _start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
     with served(engine, tool_call_parser=fmt) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        # (a free string can run to max_tokens with a random model: the city's is bounded)
-        reply = _chat(client, tool_choice="required", parallel_tool_calls=False).choices[0]
-        (call,) = reply.message.tool_calls
-        assert reply.finish_reason == "tool_calls" and reply.message.content is None
-        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-        # streamed, and through the Responses API (valid calls: a repeated prompt comes from the prefix cache,
-        # whose logits differ in the last bits, and the random model's near-ties can then break the other way)
-        content, calls, finish = _streamed(client, tool_choice="required", parallel_tool_calls=False)
-        assert content is None and len(calls) == 1 and finish == "tool_calls"
-        jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[calls[0][0]])
-        response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=200, temperature=0,
-                                           tools=[{"type": "function", "name": t["function"]["name"],
-                                                   "parameters": t["function"]["parameters"]} for t in TOOLS],
-                                           tool_choice="required", parallel_tool_calls=False)
-        (item,) = response.output
-        assert item.type == "function_call" and response.status == "completed"
-        jsonschema.validate(json.loads(item.arguments), SCHEMAS[item.name])
+        _forced_calls_are_valid(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120))
+
+
+def _forced_calls_are_valid(client):
+    """A required single call, plain, streamed and through the Responses API, follows its schema; returns
+    the plain reply's message and the Responses API's call item. (Valid calls, not equal ones: a repeated
+    prompt comes from the prefix cache, whose logits differ in the last bits, and the random model's
+    near-ties can then break the other way.)"""
+    # (a free string can run to max_tokens with a random model: the city's is bounded)
+    reply = _chat(client, tool_choice="required", parallel_tool_calls=False).choices[0]
+    (call,) = reply.message.tool_calls
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    content, calls, finish = _streamed(client, tool_choice="required", parallel_tool_calls=False)
+    assert content is None and len(calls) == 1 and finish == "tool_calls"
+    jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[calls[0][0]])
+    response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=200, temperature=0,
+                                       tools=[{"type": "function", "name": t["function"]["name"],
+                                               "parameters": t["function"]["parameters"]} for t in TOOLS],
+                                       tool_choice="required", parallel_tool_calls=False)
+    (item,) = response.output
+    assert item.type == "function_call" and response.status == "completed"
+    jsonschema.validate(json.loads(item.arguments), SCHEMAS[item.name])
+    return reply.message, item
 
 
 def test_auto_takes_the_format_the_chat_template_renders_calls_in(tokenizer):
@@ -602,24 +608,12 @@ def test_a_mistral_model_calls_and_gets_its_results_over_http(mistral_tokenizer)
     engine = _start_engine(mistral_tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
     with served(engine) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = _chat(client, tool_choice="required", parallel_tool_calls=False).choices[0]
-        (call,) = reply.message.tool_calls
-        assert reply.finish_reason == "tool_calls" and reply.message.content is None
-        assert len(call.id) == 9 and call.id.isalnum()
-        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-        content, calls, finish = _streamed(client, tool_choice="required", parallel_tool_calls=False)
-        assert content is None and len(calls) == 1 and finish == "tool_calls"
-        jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[calls[0][0]])
-        response = client.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=200, temperature=0,
-                                           tools=[{"type": "function", "name": t["function"]["name"],
-                                                   "parameters": t["function"]["parameters"]} for t in TOOLS],
-                                           tool_choice="required", parallel_tool_calls=False)
-        (item,) = response.output
-        assert item.type == "function_call" and len(item.call_id) == 9
-        jsonschema.validate(json.loads(item.arguments), SCHEMAS[item.name])
+        message, item = _forced_calls_are_valid(client)
+        (call,) = message.tool_calls
+        assert len(call.id) == 9 and call.id.isalnum() and len(item.call_id) == 9
         # the next turn, with this server's id and with another client's
         for call_id in (call.id, "call_from_elsewhere"):
-            sent = {**reply.message.model_dump(), "tool_calls": [{**call.model_dump(), "id": call_id}]}
+            sent = {**message.model_dump(), "tool_calls": [{**call.model_dump(), "id": call_id}]}
             history = [*ASK, sent, {"role": "tool", "tool_call_id": call_id, "content": "22 C, sunny"}]
             answer = _chat(client, messages=history, max_tokens=3)
             tokenized = httpx.post(f"{url}/tokenize", json={"messages": history, "tools": TOOLS}).json()

@@ -1,21 +1,26 @@
 """The engine's model: a local transformers MoE checkpoint with its routed experts cut out.
 
-Owns loading (local folders only), replacing every MoE layer's `mlp.experts` with a DispatchingExperts
-bound to its MoE layer index, freeing the routed expert weights, and making a forward that runs outside
-an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
+Owns loading (local folders only) without ever reading the routed experts' weights (transformers builds
+their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
+ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
+`mlp.experts` with a DispatchingExperts bound to its MoE layer index, and making a forward that runs
+outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
 routers, shared experts and lm_head stay as transformers built them. Ignores where experts live and
 how they get there (the workers read them with `service.checkpoint.read_experts`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from service.checkpoint import ExpertLayout, load_layout
 from service.dispatch import DispatchContext, DispatchingExperts
@@ -52,7 +57,8 @@ def load_engine_model(checkpoint_dir: str | Path, *, dtype: str = "float32", dev
     if (placement.num_layers, placement.num_experts) != (layout.num_moe_layers, layout.num_experts):
         raise ValueError(f"placement is {placement.num_layers} layers x {placement.num_experts} experts, the "
                          f"checkpoint has {layout.num_moe_layers} MoE layers x {layout.num_experts} experts")
-    model = _from_pretrained(checkpoint_dir, dtype, device)
+    with _without_routed_experts(checkpoint_dir, layout):
+        model = _from_pretrained(checkpoint_dir, dtype, device)
     _split_experts(model, layout, context)
     _one_step_per_forward(model, context)
     return EngineModel(model, layout)
@@ -71,8 +77,48 @@ def _from_pretrained(checkpoint_dir: str | Path, dtype: str, device: str) -> Pre
     return model.to(torch.device(device)).eval()
 
 
+_PATCHING = threading.Lock()  # class patches are process-wide: one load at a time patches
+
+
+@contextlib.contextmanager
+def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) -> Iterator[None]:
+    """While inside, the routed experts' modules of this checkpoint's architecture have no parameters (their
+    fused weights are meta-device placeholders that weight initialisation may touch), and the model class
+    expects no expert keys, so `from_pretrained` reads none of the experts' tensors and says nothing of them."""
+    config = AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)
+    with torch.device("meta"):
+        probe = AutoModelForCausalLM.from_config(config)
+    classes = {type(probe.model.layers[d].mlp.experts) for d in layout.moe_layers}
+
+    def empty(self, *args, **kwargs) -> None:
+        torch.nn.Module.__init__(self)
+        self.gate_up_proj = torch.empty(0, device="meta")
+        self.down_proj = torch.empty(0, device="meta")
+
+    model_class = type(probe)
+    with _PATCHING:
+        saved = {cls: cls.__dict__.get("__init__") for cls in classes}  # None: inherited
+        own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected")
+        inherited = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or ()
+        try:
+            for cls in classes:
+                cls.__init__ = empty
+            model_class._keys_to_ignore_on_load_unexpected = [*inherited, r"\.experts\."]
+            yield
+        finally:
+            for cls, init in saved.items():
+                if init is None:
+                    del cls.__init__
+                else:
+                    cls.__init__ = init
+            if own is None:
+                del model_class._keys_to_ignore_on_load_unexpected
+            else:
+                model_class._keys_to_ignore_on_load_unexpected = own
+
+
 def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: DispatchContext) -> None:
-    """Replace each MoE layer's experts by a DispatchingExperts and free the routed expert weights."""
+    """Replace each MoE layer's experts (modules without weights) by a DispatchingExperts."""
     removed = []
     for moe_layer, decoder_layer in enumerate(layout.moe_layers):
         block = model.model.layers[decoder_layer].mlp

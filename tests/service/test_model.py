@@ -111,3 +111,40 @@ def test_load_rejects_bad_inputs(checkpoints, tmp_path):
                                  num_attention_heads=2)).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="'llama'"):
         load_reference_model(tmp_path / "llama")
+
+
+_PEAK = """
+import re, sys
+sys.path.insert(0, {root!r})
+from service.model import load_engine_model, load_reference_model
+from tests.service.test_model import contiguous_placement
+from service.dispatch import DispatchContext
+if sys.argv[1] == "engine":
+    channels = dict.fromkeys(range(4))  # the model is loaded, not run: no worker is needed
+    load_engine_model({folder!r}, context=DispatchContext(contiguous_placement({folder!r}), channels))
+else:
+    load_reference_model({folder!r})
+# the peak resident memory of this program (ru_maxrss would include its parent's at the fork)
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)
+"""
+
+
+def test_the_engine_model_never_reads_the_routed_experts(tmp_path):
+    """Loading the engine's model reads no expert tensor: the whole model's load (per-expert keys, as hub
+    checkpoints store them) peaks higher by more than the experts' size, in processes that differ in
+    nothing else."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=256, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                            intermediate_size=256, moe_intermediate_size=512, num_hidden_layers=2, num_experts=64,
+                            num_experts_per_tok=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    expert_bytes = 2 * 64 * 3 * 256 * 512 * 4  # 201 MB of the checkpoint's 205
+    script = _PEAK.format(root=str(Path(__file__).resolve().parents[2]), folder=str(tmp_path / "m"))
+    peak = {kind: int(subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for kind in ("engine", "reference")}
+    assert peak["reference"] - peak["engine"] > expert_bytes, peak

@@ -98,8 +98,16 @@ class ExpertLayout:
 
 
 def expert_layout(config: PretrainedConfig) -> ExpertLayout:
-    """The expert layout of a transformers config; ValueError naming the architecture if unsupported."""
+    """The expert layout of a transformers config; ValueError naming the architecture if unsupported, or
+    the quantisation of a quantized checkpoint (the workers compute experts in the checkpoint's dtype and
+    would read quantized weights without their scales)."""
     architecture = getattr(config, "model_type", None)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+            quantization, "quant_method", quantization)
+        raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first "
+                         f"(for DeepSeek-V3 and R1, DeepSeek's inference/fp8_cast_bf16.py does)")
     num_layers = config.num_hidden_layers
     if architecture in ("qwen3_moe", "qwen2_moe"):
         # the rule of Qwen{2,3}MoeDecoderLayer.__init__

@@ -32,6 +32,10 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("qwen2_moe", (1, 3), 8, 2, 32),  # decoder_sparse_step 2
     ("mixtral", (0, 1), 8, 2, 32),
     ("olmoe", (0, 1), 16, 4, 32),
+    ("deepseek_v2", (1, 2), 8, 2, 32),  # first_k_dense_replace 1
+    ("deepseek_v3", (1, 2), 8, 2, 32),
+    ("glm4_moe", (1, 2), 8, 2, 32),
+    ("minimax_m2", (0, 1), 8, 2, 32),
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     layout = expert_layout(tiny_config(architecture))
@@ -50,6 +54,10 @@ def test_layout_rejects_other_architectures_and_bad_values():
         ExpertLayout("mixtral", (0,), 2, 3, 64, 32, "silu", "float32")
     with pytest.raises(ValueError, match="dtype"):
         ExpertLayout("mixtral", (0,), 8, 2, 64, 32, "silu", "float99")
+    fp8 = tiny_config("deepseek_v3")  # as DeepSeek-V3's own checkpoint: FP8 weights with block scales
+    fp8.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    with pytest.raises(ValueError, match="quantized checkpoints \\(fp8\\) are not supported.*bf16"):
+        expert_layout(fp8)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

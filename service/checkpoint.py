@@ -1,7 +1,7 @@
 """Where the routed experts of a transformers MoE checkpoint are, and reading just the ones a worker needs.
 
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
-DeepSeek-V3 (and Kimi-K2, which is DeepSeek-V3's), GLM-4.5, MiniMax-M2), reading
+DeepSeek-V3, GLM-4.5, MiniMax-M2), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.

@@ -10,7 +10,7 @@ Single-token queries (decode steps) of all sequences are batched into one padded
 reading the cache in place; multi-token chunks (prefill) get one SDPA call each. Ignores dropout,
 attention sinks and logit soft-capping (no supported model uses them at inference).
 
-Multi-head latent attention (DeepSeek-V2 and V3) is computed on its latent, as vLLM and SGLang
+Multi-head latent attention (DeepSeek-V2 and V3, GLM-4.7-Flash) is computed on its latent, as vLLM and SGLang
 do: the cache holds each token's compressed key-value latent and rotary key (one "head" of
 ``kv_lora_rank + qk_rope_head_dim``, the values being its first ``kv_lora_rank`` dimensions), each query
 head's non-rotary part is multiplied into the latent space by its slice of ``kv_b_proj`` before the

@@ -1,7 +1,7 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of nine small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
-DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2) and writing them, seeded, into a folder. Each config exercises a layout detail:
+Owns the configs of ten small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5) and writing them, seeded, into a folder. Each config exercises a layout detail:
 Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
 (every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
 the others, DeepSeek-V3 has a dense first layer, a shared expert, group-limited sigmoid routing and
@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    Ernie4_5_MoeConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
     MiniMaxM2Config,
@@ -58,6 +59,10 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "minimax_m2":  # every layer MoE, sigmoid routing with a score bias, q/k norms
         return MiniMaxM2Config(**_COMMON, head_dim=16, intermediate_size=32, num_hidden_layers=2,
                                num_local_experts=8, num_experts_per_tok=2)
+    if architecture == "ernie4_5_moe":  # MoE from layer 1 every other layer (start index and interval)
+        return Ernie4_5_MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                                  moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                  moe_layer_interval=2)
     routing = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
                    intermediate_size=96, first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5)
     if architecture == "deepseek_v2":  # as DeepSeek-V2-Lite: no query compression, greedy top-k
@@ -80,7 +85,7 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 
 
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                      "glm4_moe_lite", "minimax_m2")
+                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

@@ -90,7 +90,7 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None  # a thinking model's <think> block -> reasoning
     # how the model writes tool calls (service.tools.FORMATS; auto: as its chat template renders them)
-    tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "minimax_m2",
+    tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2",
                               "mistral", "mistral_v11"] = "auto"
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     num_replicas: int = Field(default=1, ge=1)

@@ -41,7 +41,8 @@ GLM-4.5's (``glm45``: values as Qwen3-Coder's)::
     <arg_value>Paris</arg_value>
     </tool_call>
 
-MiniMax-M2's (``minimax_m2``: values as Qwen3-Coder's)::
+GLM-4.7's (``glm47``) is GLM-4.5's without the newlines (each reads both). MiniMax-M2's (``minimax_m2``:
+values as Qwen3-Coder's)::
 
     <minimax:tool_call>
     <invoke name="get_weather">
@@ -504,12 +505,12 @@ def _kimi_k2_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callab
     return "\n".join(rules) + "\n"
 
 
-_GLM_CALL = re.compile(r"\s*([^\n<]+?)\s*\n(.*)", re.DOTALL)
+_GLM_CALL = re.compile(r"\s*([^\n<]+?)\s*((?:<arg_key>.*)?)", re.DOTALL)  # GLM-4.5 writes a newline, 4.7 none
 _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
 def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    match = _GLM_CALL.fullmatch(block + "\n")
+    match = _GLM_CALL.fullmatch(block)
     arguments = None if match is None else _only(_GLM_ARGUMENT, match.group(2), empty_ok=True)
     if arguments is None:
         return None
@@ -604,9 +605,16 @@ def _minimax_m2_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Cal
                         (MINIMAX_CALLS_BEGIN, "\n" + MINIMAX_CALLS_END))
 
 
+def _glm47_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    """GLM-4.7's: GLM-4.5's without the newlines, ``<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>``."""
+    return _xml_grammar(parameters, parallel, lambda name: f"{TOOL_CALL_START}{name}", f"{TOOL_CALL_END}",
+                        lambda key: (f"<arg_key>{key}</arg_key><arg_value>", "</arg_value>"), lit)
+
+
 # what a chat template that renders calls in each format contains (the specific ones first: Qwen3-Coder's
 # and GLM-4.5's templates also write <tool_call>)
-_MARKERS = (("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)), ("glm45", ("<arg_key>",)),
+_MARKERS = (("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)),
+            ("glm47", ("</arg_key><arg_value>",)), ("glm45", ("<arg_key>",)),
             ("minimax_m2", (MINIMAX_CALLS_BEGIN,)),
             ("qwen3_coder", ("<function=", "<parameter=")), ("mistral_v11", (MISTRAL_CALLS, MISTRAL_ARGS)),
             ("mistral", (MISTRAL_CALLS,)), ("hermes", (TOOL_CALL_START,)))
@@ -629,6 +637,7 @@ FORMATS: dict[str, ToolFormat] = {
     "kimi_k2": ToolFormat(KIMI_CALLS_BEGIN, KIMI_CALLS_END, _kimi_k2_parse, _kimi_k2_grammar,
                           (KIMI_CALLS_BEGIN, KIMI_CALLS_END, KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END)),
     "glm45": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm45_grammar, _HERMES_TAGS),
+    "glm47": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm47_grammar, _HERMES_TAGS),
     "minimax_m2": ToolFormat(MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END, _minimax_m2_parse, _minimax_m2_grammar,
                              (MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END)),
     # Mistral's calls run to the end of the completion (the model ends it there)

@@ -242,7 +242,9 @@ MISTRAL_V11 = 'Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit
 MINIMAX = ('Let me check.\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n'
            '<parameter name="unit">C</parameter>\n</invoke>\n<invoke name="now">\n<parameter name="zone">1</parameter>\n'
            '</invoke>\n</minimax:tool_call>')
-FORMAT_TEXTS = {"hermes": MIXED, "minimax_m2": MINIMAX, "qwen3_coder": QWEN3_CODER, "deepseek_v3": DSV3, "deepseek_v3.1": DSV31,
+GLM47 = ("Let me check.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>unit</arg_key>"
+         "<arg_value>C</arg_value></tool_call><tool_call>now<arg_key>zone</arg_key><arg_value>1</arg_value></tool_call>")
+FORMAT_TEXTS = {"hermes": MIXED, "minimax_m2": MINIMAX, "glm47": GLM47, "glm45.4.7": GLM47, "qwen3_coder": QWEN3_CODER, "deepseek_v3": DSV3, "deepseek_v3.1": DSV31,
                 "kimi_k2": KIMI, "glm45": GLM, "mistral": MIXTRAL, "mistral_v11": MISTRAL_V11}
 
 
@@ -304,7 +306,8 @@ CODER_SCHEMAS = {
 
 
 @pytest.mark.parametrize("fmt, schemas", [("qwen3_coder", CODER_SCHEMAS), ("deepseek_v3", SCHEMAS),
-                                          ("kimi_k2", SCHEMAS), ("glm45", CODER_SCHEMAS), ("minimax_m2", CODER_SCHEMAS),
+                                          ("kimi_k2", SCHEMAS), ("glm45", CODER_SCHEMAS), ("glm47", CODER_SCHEMAS),
+                                          ("minimax_m2", CODER_SCHEMAS),
                                           ("mistral", SCHEMAS),
                                           ("mistral_v11", SCHEMAS)])
 def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, grammars, fmt, schemas):
@@ -449,7 +452,7 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client):
     assert _chat(client, max_tokens=3).usage.prompt_tokens > without.usage.prompt_tokens + 100
 
 
-@pytest.mark.parametrize("fmt", ["qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "minimax_m2"])
+@pytest.mark.parametrize("fmt", ["qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2"])
 def test_the_servers_tool_call_parser_reads_and_forces_its_format(tokenizer, fmt):
     engine = _start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
     with served(engine, tool_call_parser=fmt) as url:
@@ -488,6 +491,7 @@ def test_auto_takes_the_format_the_chat_template_renders_calls_in(tokenizer):
         "kimi_k2": "<|tool_calls_section_begin|>{%- for tc in message.tool_calls %}<|tool_call_begin|>{{ tc.id }}",
         "glm45": "<tool_call>{{ tc.name }}\n{% for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key>",
         "qwen3_coder": "<tool_call>\n<function={{ tool_call.name }}>\n<parameter={{ args_name }}>\n",
+        "glm47": "<tool_call>{{ tc.name }}{% for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key><arg_value>",
         "minimax_m2": '<minimax:tool_call>\n{%- for tc in message.tool_calls %}<invoke name="{{ tc.name }}">',
         "mistral": MISTRAL_TEMPLATE,
         "mistral_v11": "{{- '[TOOL_CALLS]' + tool.function.name + '[ARGS]' + arguments }}",

@@ -1,7 +1,7 @@
 """Where the routed experts of a transformers MoE checkpoint are, and reading just the ones a worker needs.
 
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
-DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5), reading
+DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -32,7 +32,7 @@ from service.messages import ExpertTensors
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                           "glm4_moe_lite", "minimax_m2", "ernie4_5_moe")
+                           "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -125,8 +125,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture == "glm4_moe_lite":  # the rule of Glm4MoeLiteDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
-    elif architecture in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
-        # the rule of DeepseekV{2,3}DecoderLayer and Glm4MoeDecoderLayer: dense layers first, then MoE
+    elif architecture in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"):
+        # the rule of DeepseekV{2,3}DecoderLayer, Glm4MoeDecoderLayer and Dots1DecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     else:

@@ -1,7 +1,7 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of ten small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
-DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5) and writing them, seeded, into a folder. Each config exercises a layout detail:
+Owns the configs of eleven small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1) and writing them, seeded, into a folder. Each config exercises a layout detail:
 Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
 (every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
 the others, DeepSeek-V3 has a dense first layer, a shared expert, group-limited sigmoid routing and
@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    Dots1Config,
     Ernie4_5_MoeConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
@@ -78,6 +79,9 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
                                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                  v_head_dim=12, mlp_layer_types=["dense", "sparse", "sparse"])
+    if architecture == "dots1":  # DeepSeek-V3's routing, standard attention with a sliding window on layer 2
+        return Dots1Config(**_COMMON, **routing, head_dim=16, n_group=1, topk_group=1, sliding_window=4,
+                           layer_types=["full_attention", "full_attention", "sliding_attention"])
     if architecture == "glm4_moe":
         return Glm4MoeConfig(**_COMMON, **routing, head_dim=16, n_group=1, topk_group=1, use_qk_norm=True,
                              partial_rotary_factor=0.5)
@@ -85,7 +89,7 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 
 
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe")
+                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

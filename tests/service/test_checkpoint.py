@@ -38,6 +38,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("glm4_moe_lite", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("minimax_m2", (0, 1), 8, 2, 32),
     ("ernie4_5_moe", (1, 3), 8, 2, 32),  # from layer 1, every other layer
+    ("dots1", (1, 2), 8, 2, 32),
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     layout = expert_layout(tiny_config(architecture))

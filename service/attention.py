@@ -49,6 +49,7 @@ class KVCache:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         value_shape = (*shape[:3], value_head_dim or head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values_in_keys = values_in_keys
         if values_in_keys:
             self.values = [keys[..., :value_shape[3]] for keys in self.keys]
         else:
@@ -60,7 +61,8 @@ class KVCache:
         """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions."""
         for keys, values in zip(self.keys, self.values):
             keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]
+            if not self.values_in_keys:  # (else the keys' copy was theirs)
+                values[target, :, :length] = values[source, :, :length]
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -196,7 +198,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         q_nope, q_rot = query.split([latent.nope, rotary], dim=-1)
         query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, latent.up_keys), q_rot), dim=-1)
     _append(layer_keys, key[0], batch)
-    if layer_values.data_ptr() != layer_keys.data_ptr():  # (the latent's values are its keys)
+    if not cache.values_in_keys:  # (else appending the keys appended them)
         _append(layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:

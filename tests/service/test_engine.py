@@ -648,9 +648,10 @@ def test_prefix_cached_outputs_equal_uncached_ones_log_probabilities_included():
         assert [e.logprob for e in cached.logprobs] == pytest.approx([e.logprob for e in uncached.logprobs], abs=1e-4)
 
 
-def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefills_its_last_token(reference_models):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])  # DeepSeek-V3: the latent cache's slots are copied
+def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefills_its_last_token(arch, reference_models):
     system, prompt = _prompt(25, 25), _prompt(25, 25) + _prompt(4, 26)
-    engine = _engine(max_num_seqs=3)
+    engine = _engine(arch, max_num_seqs=3)
     engine.add_request("long", system + _prompt(3, 27), SamplingParams(max_tokens=40, temperature=0.0))
     engine.step()
     engine.add_request("joins", prompt, GREEDY)
@@ -661,7 +662,7 @@ def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefi
             outputs.setdefault(out.request_id, []).append(out)
     assert outputs["joins"][0].num_cached_tokens == 25  # copied from the running request's slot
     assert outputs["same"][0].num_cached_tokens == 27  # all but the last prompt token
-    model = reference_models["qwen3_moe"]
+    model = reference_models[arch]
     assert [t for o in outputs["joins"] for t in o.new_token_ids] == _generate(model, prompt, 24)
     assert [t for o in outputs["same"] for t in o.new_token_ids] == _generate(model, system + _prompt(3, 27), 24)
 

@@ -10,9 +10,10 @@ Owns the measurement of two targets of the recalibration issue on the embedded m
    - published: the coordinator made the new version its placement (it records it on the workers
      right after, `WorkerPool.save_record`; that call is timestamped here);
    - applied: the engine's `PlacementSync` thread got it in a report reply and set it on the
-     `DispatchContext` (`set_placement`, timestamped);
-   - live: the first engine step whose pinned placement version is the new one begins. This is the
-     "trigger to live" figure: the engine is serving with the new version.
+     `DispatchContext` (`set_placement`, timestamped as it is called);
+   - live: the first engine step whose pinned placement version is the new one begins (timestamped once
+     the step has pinned it, so that applied <= live whatever the two threads' interleaving). This is
+     the "trigger to live" figure: the engine is serving with the new version.
 2. The step loop stalls at most one step during a migration. Every engine forward is timed through the
    engine's step hooks (`begin_step()` / `end_step()`, wrapping the `DispatchContext`'s). The migration
    window of a trial is [trigger, end of the first step on the new version]: the steps overlapping it
@@ -142,9 +143,10 @@ class StepTimer:
         self._tokens = 0
 
     def begin_step(self) -> None:
+        self.context.begin_step()
+        # timed once the step's placement is pinned: a step that serves a version begins after it was applied
         self._begin = time.perf_counter()
         self._tokens = 0
-        self.context.begin_step()
 
     def end_step(self) -> None:
         version = self.context.pinned_version
@@ -197,8 +199,10 @@ def _instrumented_classes():
             self.applied: dict[int, float] = {}
 
         def set_placement(self, placement) -> None:
+            # timed before the placement is handed over: a step may pin it at once, on the step thread
+            handed = time.perf_counter()
             super().set_placement(placement)
-            self.applied.setdefault(placement.version, time.perf_counter())
+            self.applied.setdefault(placement.version, handed)
 
     return TimedPool, TimedContext
 

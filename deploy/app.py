@@ -88,10 +88,12 @@ class AppArgs(BaseModel):
     max_body_bytes: int | None = Field(default=None, ge=1024)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
-    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None  # a thinking model's <think> block -> reasoning
+    # a thinking model's <think> block -> reasoning (openai_gptoss: GPT-OSS's analysis channel, read with its
+    # harmony tool calls)
+    reasoning_parser: Literal["qwen3", "deepseek_r1", "openai_gptoss"] | None = None
     # how the model writes tool calls (service.tools.FORMATS; auto: as its chat template renders them)
     tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2",
-                              "mistral", "mistral_v11"] = "auto"
+                              "mistral", "mistral_v11", "openai"] = "auto"
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     num_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.5, ge=0)

@@ -34,6 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.async_engine import AsyncEngine, EngineError
 from service.engine import QueueFull, StepOutput
+from service.harmony import TAGS as HARMONY_TAGS
+from service.harmony import HarmonyStream
 from service.metrics import RequestTimer, ServingMetrics
 from service.openai_api import (
     APIError,
@@ -65,6 +67,7 @@ from service.openai_api import (
     error_response,
     sampling_params,
 )
+from service.reasoning import HARMONY as HARMONY_REASONING
 from service.reasoning import PARSERS as REASONING_PARSERS
 from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
@@ -99,7 +102,9 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         tool_call_parser: how the model writes tool calls, one of `service.tools.FORMATS` (vLLM's names;
             `mistral_v11` is vLLM's `mistral` for tokenizers from v11 on),
             or "auto": the format its chat template renders calls in (`service.tools.detect_format`).
-            Calls are read, and forced, in that format.
+            Calls are read, and forced, in that format. ``openai`` is GPT-OSS's harmony format: every
+            chat completion is then read as harmony messages (`service.harmony`), its analysis channel
+            as ``reasoning`` (``reasoning_parser`` unset or ``openai_gptoss``, which implies it).
     """
     if engine.tokenizer is None:
         raise ValueError("create_app needs an engine with a tokenizer")
@@ -108,14 +113,21 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; expected one of {', '.join(REASONING_PARSERS)}")
     if tool_call_parser == "auto":
-        tool_call_parser = detect_tool_format(engine.tokenizer.chat_template)
+        tool_call_parser = ("openai" if reasoning_parser == HARMONY_REASONING
+                            else detect_tool_format(engine.tokenizer.chat_template))
     if tool_call_parser not in TOOL_FORMATS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; expected auto or one of "
                          f"{', '.join(TOOL_FORMATS)}")
+    harmony = tool_call_parser == "openai"  # GPT-OSS: reasoning, answer and calls all in harmony
+    if reasoning_parser == HARMONY_REASONING and not harmony:
+        raise ValueError(f"the reasoning parser {HARMONY_REASONING} reads GPT-OSS's harmony format, whose tool calls "
+                         f"are the openai tool call parser's, not {tool_call_parser}'s")
+    thinks = reasoning_parser is not None and not harmony
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
-                     tuple(health_checks), reasoning=reasoning_parser is not None,
-                     think_tokens=_think_tokens(engine.tokenizer) if reasoning_parser is not None else None,
-                     tool_format=tool_call_parser, tool_tags=special_tags(tool_call_parser, engine.tokenizer))
+                     tuple(health_checks), reasoning=thinks,
+                     think_tokens=_think_tokens(engine.tokenizer) if thinks else None,
+                     tool_format=tool_call_parser, tool_tags=special_tags(tool_call_parser, engine.tokenizer),
+                     harmony=_other_special_tokens(engine.tokenizer) if harmony else None)
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
@@ -154,6 +166,7 @@ class _Server:
     think_tokens: _ThinkTokens | None = None  # when <think> and </think> are one token each: a grammar can wait
     tool_format: str = "hermes"  # how the model writes tool calls
     tool_tags: dict[str, int] = field(default_factory=dict)  # the format's tags that are special tokens
+    harmony: frozenset[str] | None = None  # harmony (GPT-OSS): the tokenizer's other special tokens, dropped
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def list_models(self) -> ModelList:
@@ -189,7 +202,7 @@ class _Server:
         body.use_tool_format(self.tool_format, self.tool_tags)
         prompt, reasoning = self._chat_prompt(body)
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
-                          tools=body.tool_setup, reasoning=reasoning)
+                          tools=body.tool_setup, reasoning=reasoning, harmony=self._harmony(body))
         return await self._generate(request, body, [prompt], fmt, timer, reasoning)
 
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
@@ -201,7 +214,7 @@ class _Server:
             chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags)
             prompt, reasoning = self._chat_prompt(chat)
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
-                                   tools=chat.tool_setup, reasoning=reasoning)
+                                   tools=chat.tool_setup, reasoning=reasoning, harmony=self._harmony(chat))
             return await self._generate(request, chat, [prompt], fmt, timer, reasoning)
         except APIError as exc:
             raise renamed(exc) from None
@@ -209,6 +222,9 @@ class _Server:
     async def get_response(self, response_id: str) -> Response:
         raise APIError(404, f"no response {response_id!r}: this server stores no responses (store is always "
                        "false); send earlier output items back in input", param="response_id", code="not_found")
+
+    def _harmony(self, body: ChatCompletionRequest) -> _Harmony | None:
+        return _Harmony(self.harmony, body.include_reasoning) if self.harmony is not None else None
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], _Reasoning | None]:
         """A chat request's prompt, and how its completion's reasoning is split off (None: it is not)."""
@@ -313,6 +329,14 @@ def _think_tokens(tokenizer) -> _ThinkTokens | None:
         return None
     gap = [tokenizer.encode(space, add_special_tokens=False) for space in ("\n", "\n\n", " ")]
     return _ThinkTokens((tags[0][0], tags[1][0]), tuple(dict.fromkeys(ids[0] for ids in gap if len(ids) == 1)))
+
+
+def _other_special_tokens(tokenizer) -> frozenset[str]:
+    """The texts of the tokenizer's special tokens that are not harmony's tags (decoded with special tokens
+    kept, which harmony needs, they would show in the text)."""
+    special = {*tokenizer.all_special_tokens,
+               *(token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special)}
+    return frozenset(special - set(HARMONY_TAGS))
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -624,22 +648,42 @@ class _Reasoning(NamedTuple):
     include: bool   # the response carries the reasoning (else it is dropped)
 
 
+class _Harmony(NamedTuple):
+    """A request's choices are GPT-OSS's harmony messages."""
+
+    drop: frozenset[str]  # the tokenizer's other special tokens, left out of the text
+    include: bool         # the response carries the reasoning (else it is dropped)
+
+
 class _ChatFormat(_Format):
     """The chat endpoint. With ``reasoning``, a thinking model's ``<think>`` block becomes ``reasoning``.
     With ``tools``, the rest of each choice's text is split into content and tool calls (a stream sends a
     call once its block is complete; a named call's arguments as they come), and a choice that called a
-    tool of its own accord ends with ``finish_reason: "tool_calls"``."""
+    tool of its own accord ends with ``finish_reason: "tool_calls"``. With ``harmony`` (GPT-OSS), one
+    harmony parser per choice does both (``reasoning`` is then not used): analysis is reasoning, final
+    messages content, and a call comes whole once its message ends, a named one too."""
 
     prefix = "chatcmpl"
 
     def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, *,
-                 tools: ToolSetup | None = None, reasoning: _Reasoning | None = None) -> None:
+                 tools: ToolSetup | None = None, reasoning: _Reasoning | None = None,
+                 harmony: _Harmony | None = None) -> None:
         super().__init__(model, pieces, n)
         self.tools = tools
-        self.reasoning = reasoning
-        self._parsers = [tools.stream() for _ in range(self.num_choices)] if tools is not None else None
-        self._thinking = ([ReasoningStream(reasoning.in_block) for _ in range(self.num_choices)]
-                          if reasoning is not None else None)
+        self.reasoning = reasoning if harmony is None else _Reasoning(False, harmony.include)
+        if harmony is not None:
+            functions = {} if tools is None else (
+                {tools.name: tools.parameters[tools.name]} if tools.choice == "named" else tools.parameters)
+            parallel = tools is None or tools.parallel
+            make_id = TOOL_FORMATS[tools.format].call_id if tools is not None else None
+            self._harmony = [HarmonyStream(functions, parallel, harmony.drop, make_id) for _ in range(self.num_choices)]
+            self._parsers = self._harmony if tools is not None else None
+            self._thinking = self._harmony
+        else:
+            self._harmony = None
+            self._parsers = [tools.stream() for _ in range(self.num_choices)] if tools is not None else None
+            self._thinking = ([ReasoningStream(reasoning.in_block) for _ in range(self.num_choices)]
+                              if reasoning is not None else None)
         self._announced: list[dict[str, int]] = [{} for _ in range(self.num_choices)]  # call id -> delta index
 
     def start_chunks(self) -> list[ChatCompletionChunk]:
@@ -649,7 +693,7 @@ class _ChatFormat(_Format):
     def response(self, results: Sequence[_Choice]) -> ChatCompletionResponse:
         choices = []
         for i, r in enumerate(results):
-            reasoning, content, _ = self._split(i, r.text, final=True)
+            reasoning, content, _ = self._split(i, r.text, final=True, truncated=r.last.finish_reason == "length")
             calls = self._parsers[i].calls if self._parsers is not None else []
             thought = self._thinking is not None and self._thinking[i].reasoned  # a block was opened
             message = AssistantMessage(content=content if content or not (calls or thought) else None,
@@ -661,7 +705,8 @@ class _ChatFormat(_Format):
                                       usage=self._usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
-        reasoning, content, calls = self._split(index, out.text, final=out.finished)
+        reasoning, content, calls = self._split(index, out.text, final=out.finished,
+                                                truncated=out.finish_reason == "length")
         if not reasoning and not content and not calls and not out.finished:
             self._hold(index, out)
             return []
@@ -678,9 +723,12 @@ class _ChatFormat(_Format):
                                                       logprobs=logprobs)]))
         return chunks
 
-    def _split(self, index: int, text: str, final: bool) -> tuple[str, str, list[ToolCall]]:
+    def _split(self, index: int, text: str, final: bool, truncated: bool = False) -> tuple[str, str, list[ToolCall]]:
         """Choice ``index``'s next text as (reasoning, unless it is left out; content; tool calls completed or
-        continued by it)."""
+        continued by it). ``truncated``: with ``final``, the completion was cut off by its length limit."""
+        if self._harmony is not None:
+            reasoning, content, calls = self._harmony[index].push(text, final, truncated)
+            return (reasoning if self.reasoning.include else ""), content, calls
         reasoning = ""
         if self._thinking is not None:
             reasoning, text = self._thinking[index].push(text, final)
@@ -731,11 +779,12 @@ class _ResponsesFormat(_ChatFormat):
     done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
 
     def __init__(self, model: str, pieces: TokenPieces | None, settings: dict, *, tools: ToolSetup | None = None,
-                 reasoning: _Reasoning | None = None) -> None:
-        super().__init__(model, pieces, 1, tools=tools, reasoning=reasoning)
+                 reasoning: _Reasoning | None = None, harmony: _Harmony | None = None) -> None:
+        super().__init__(model, pieces, 1, tools=tools, reasoning=reasoning, harmony=harmony)
         self.builder = ResponseBuilder(model, settings)
         self.id = self.builder.id
-        self._named = tools is not None and tools.choice == "named"
+        # a named call's arguments stream as they come, unless harmony's parser sends the call whole
+        self._named = tools is not None and tools.choice == "named" and harmony is None
         self._reasoning_tokens = 0
 
     def sse(self, event: dict) -> str:
@@ -747,7 +796,8 @@ class _ResponsesFormat(_ChatFormat):
     def chunks(self, index: int, out: StepOutput) -> list[dict]:
         thinking = self._thinking[index] if self._thinking is not None else None
         was_thinking = thinking is not None and thinking.in_block
-        reasoning, text, calls = self._split(index, out.text, final=out.finished)
+        reasoning, text, calls = self._split(index, out.text, final=out.finished,
+                                             truncated=out.finish_reason == "length")
         if was_thinking or (thinking is not None and thinking.before_answer):
             self._reasoning_tokens += len(out.new_token_ids)
         logprobs = ()

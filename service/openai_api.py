@@ -45,7 +45,7 @@ from service.sampling import (
 )
 from service.structured import grammar_from_spec
 from service.tools import FORMATS as TOOL_FORMATS
-from service.tools import ToolCall, ToolSetup
+from service.tools import ToolCall, ToolSetup, answer_grammar
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,11 @@ class ChatCompletionRequest(_SamplingFields):
     def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.messages, self._tool_format)
 
+    @property
+    def harmony(self) -> bool:
+        """Whether the served model writes GPT-OSS's harmony format (reasoning, answer and calls in it)."""
+        return self._tool_format == "openai"
+
     def template_variables(self) -> dict[str, Any] | None:
         """Variables for the chat template: ``chat_template_kwargs``, and ``reasoning_effort`` unless they
         set it."""
@@ -521,9 +526,12 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
 
 def _keeps_tags(request: CompletionRequest | ChatCompletionRequest) -> bool:
     """Whether the completion's text must keep special tokens: the model may call a tool in a format whose
-    tags are special tokens (Mistral's ``[TOOL_CALLS]``), as vLLM's Mistral parser asks."""
-    tools = request.tool_setup if isinstance(request, ChatCompletionRequest) else None
-    return tools is not None and bool(tools.special)
+    tags are special tokens (Mistral's ``[TOOL_CALLS]``), as vLLM's Mistral parser asks, or writes harmony
+    (GPT-OSS: its messages' headers are special tokens, tools or not)."""
+    if not isinstance(request, ChatCompletionRequest):
+        return False
+    tools = request.tool_setup
+    return (tools is not None and bool(tools.special)) or (request.harmony and bool(request._special_tags))
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
@@ -555,6 +563,11 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
     if request.min_tokens:
         raise APIError(400, f"min_tokens cannot be combined with {param}", param="min_tokens")
     try:
+        if kind == "json" and isinstance(request, ChatCompletionRequest) and request.harmony:
+            # harmony: the JSON is the final message's, after the model's analysis (other kinds stay bare)
+            schema = json.loads(value) if isinstance(value, str) else value
+            if isinstance(schema, dict):
+                return answer_grammar(request._tool_format, schema, request._special_tags)
         return grammar_from_spec(kind, value)
     except ValueError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from None
@@ -761,7 +774,8 @@ def template_messages(messages: Sequence[ChatMessage], tool_format: str) -> list
                 call["id"] = rename(call["id"])
             if "tool_call_id" in message:
                 message["tool_call_id"] = rename(message["tool_call_id"])
-    return rendered
+    history = TOOL_FORMATS[tool_format].history  # (harmony's: thinking, one call per message)
+    return history(rendered) if history is not None else rendered
 
 
 class TokenizeResponse(BaseModel):

@@ -4,7 +4,8 @@ Owns `ReasoningStream`, which splits one completion's text, as it streams, into 
 and `opens_reasoning`, which tells from the end of a prompt whether the chat template already opened the
 block (DeepSeek-R1 and Qwen3's thinking-only models put ``<think>`` in the generation prompt; Qwen3's
 hybrid models write it themselves, or get an empty block in the prompt with ``enable_thinking: false``).
-Ignores HTTP, tools (the content goes on to `service.tools`) and the chat template itself.
+Ignores HTTP, tools (the content goes on to `service.tools`) and the chat template itself; GPT-OSS's
+reasoning (``openai_gptoss``) comes with its answer and calls in the harmony format (`service.harmony`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from service.text import partial_tag
 
 THINK_START, THINK_END = "<think>", "</think>"
-PARSERS = ("qwen3", "deepseek_r1")  # vLLM's names for the <think> format; both are this module's parser
+HARMONY = "openai_gptoss"  # vLLM's name for GPT-OSS's: its analysis channel, read by `service.harmony`
+PARSERS = ("qwen3", "deepseek_r1", HARMONY)  # vLLM's names; the <think> ones are this module's parser
 
 
 def opens_reasoning(prompt_tail: str) -> bool:

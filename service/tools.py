@@ -76,6 +76,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import harmony
 from service.structured import JSON_DEFAULTS
 from service.text import partial_tag
 
@@ -135,18 +136,24 @@ class ToolSetup:
 
         if self.choice == "auto" and answer is None:
             return None
+        fmt, lit = FORMATS[self.format], _Literals(self.special)
         if self.choice == "named":
-            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(self.parameters[self.name]),
-                                                                 defaults=CALL_JSON)
-        lark = FORMATS[self.format].grammar(self.parameters, self.parallel, _Literals(self.special))
+            if not fmt.whole_named:
+                return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(self.parameters[self.name]),
+                                                                     defaults=CALL_JSON)
+            lark = fmt.grammar({self.name: self.parameters[self.name]}, False, lit)
+            return llguidance.grammar_from("grammar", f"start: calls\n{lark}")
+        lark = fmt.grammar(self.parameters, self.parallel, lit)
         if self.choice == "auto":  # a JSON answer is written as structured outputs write one
             answer_json = json.dumps({**answer, "x-guidance": JSON_DEFAULTS})
-            return llguidance.grammar_from("grammar", f"start: calls | answer\n{lark}answer: %json {answer_json}\n")
+            prefix = fmt.answer_prefix(lit) + " " if fmt.answer_prefix is not None else ""
+            return llguidance.grammar_from("grammar", f"start: calls | answer\n{lark}answer: {prefix}%json {answer_json}\n")
         return llguidance.grammar_from("grammar", f"start: calls\n{lark}")
 
     def stream(self) -> ToolCallStream | NamedCallStream:
-        """A fresh parser for one choice's text."""
-        if self.choice == "named":
+        """A fresh parser for one choice's text (harmony's, ``openai``, is `service.harmony.HarmonyStream`,
+        which the chat endpoint makes itself: it splits reasoning off too)."""
+        if self.choice == "named" and not FORMATS[self.format].whole_named:
             return NamedCallStream(self.name, FORMATS[self.format].call_id)
         return ToolCallStream(self.parameters, self.parallel, self.format)
 
@@ -314,11 +321,30 @@ class ToolFormat:
     tags: tuple[str, ...] = ()
     call_id: Callable[[], str] | None = None
     template_id: Callable[[str], str] | None = None
+    # harmony's: a named call is forced in the format's own form (not as its arguments alone), a JSON answer
+    # comes after this Lark text, and the history's messages are rewritten for the format's template
+    whole_named: bool = False
+    answer_prefix: Callable[[Callable[[str], str]], str] | None = None
+    history: Callable[[list[dict]], list[dict]] | None = None
 
 
 def _lark(text: str) -> str:
     """``text`` as a Lark string literal."""
     return json.dumps(text, ensure_ascii=False)
+
+
+def answer_grammar(fmt: str, schema: dict, special: Mapping[str, int]) -> str | None:
+    """llguidance grammar text of a JSON answer following ``schema`` in format ``fmt``'s form (harmony's: an
+    optional analysis message, then the final channel's), or None when the format writes it bare."""
+    import llguidance
+
+    form = FORMATS[fmt]
+    if form.answer_prefix is None:
+        return None
+    lit = _Literals(special)
+    rules = form.grammar({}, False, lit)  # (the analysis rule the prefix names)
+    answer = json.dumps({**schema, "x-guidance": JSON_DEFAULTS})
+    return llguidance.grammar_from("grammar", f"start: {form.answer_prefix(lit)} %json {answer}\n{rules}")
 
 
 def special_tags(fmt: str, tokenizer) -> dict[str, int]:
@@ -613,7 +639,7 @@ def _glm47_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable
 
 # what a chat template that renders calls in each format contains (the specific ones first: Qwen3-Coder's
 # and GLM-4.5's templates also write <tool_call>)
-_MARKERS = (("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)),
+_MARKERS = (("openai", (harmony.CHANNEL, harmony.MESSAGE)), ("deepseek_v3", (DSV3_CALLS_BEGIN,)), ("kimi_k2", (KIMI_CALLS_BEGIN,)),
             ("glm47", ("</arg_key><arg_value>",)), ("glm45", ("<arg_key>",)),
             ("minimax_m2", (MINIMAX_CALLS_BEGIN,)),
             ("qwen3_coder", ("<function=", "<parameter=")), ("mistral_v11", (MISTRAL_CALLS, MISTRAL_ARGS)),
@@ -645,4 +671,8 @@ FORMATS: dict[str, ToolFormat] = {
                           _mistral_template_id),
     "mistral_v11": ToolFormat(MISTRAL_CALLS, "", _mistral_parse, _mistral_v11_grammar, _MISTRAL_TAGS, _mistral_id,
                               _mistral_template_id),
+    # GPT-OSS's harmony: calls, reasoning and answer in one format, read by `service.harmony.HarmonyStream`
+    # (this parse reads the text from the first <|channel|> on, for `ToolCallStream`)
+    "openai": ToolFormat(harmony.CHANNEL, "", harmony.parse, harmony.call_grammar, harmony.TAGS,
+                         whole_named=True, answer_prefix=harmony.answer_prefix, history=harmony.history),
 }

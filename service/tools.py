@@ -56,6 +56,12 @@ templates require) and later Mistral models' (``mistral_v11``), each reading bot
     [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}
 
+and GPT-OSS's harmony (``openai``: reasoning, answer and calls in one format, read by
+`service.harmony.HarmonyStream`; a forced call, named too, is written whole, after an optional analysis
+message)::
+
+    <|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>
+
 A tag that is a special token of the served tokenizer (`special_tags`) is forced by its id, which is how
 llguidance matches special tokens.
 

@@ -232,14 +232,14 @@ def _worker_configs(args: AppArgs, layout) -> list:
 
     emulations = emulation_configs(args) if args.emulate else [None] * args.num_devices
     return [WorkerConfig(index=index, device=args.device, dtype=args.dtype, hidden_act=layout.hidden_act,
-                         num_threads=args.worker_threads,
+                         clamped_swiglu=layout.clamped_swiglu, num_threads=args.worker_threads,
                          profile_shape=(layout.hidden_size, layout.intermediate_size), emulation=emulation)
             for index, emulation in enumerate(emulations)]
 
 
 def _expert_bytes(layout, dtype: str) -> int:
     element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    return 3 * layout.hidden_size * layout.intermediate_size * element
+    return layout.params_per_expert * element
 
 
 def _model_max_len(checkpoint: str) -> int:

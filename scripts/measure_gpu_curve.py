@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a file (`python scripts/...`), not only under `make`
 
 from placement import DeviceModel  # noqa: E402
-from service.experts import ExpertStore, checksum, expert_ffn, run_experts  # noqa: E402
+from service.experts import ExpertFFN, ExpertStore, checksum, run_experts  # noqa: E402
 from service.messages import ExpertTensors  # noqa: E402
 from service.telemetry import read_telemetry  # noqa: E402
 
@@ -125,14 +125,14 @@ def measure(config: CurveConfig) -> tuple[np.ndarray, np.ndarray]:
         tokens int64 [R * K], seconds float64 [R * K]: every timed call (K token counts, R repeats).
     """
     store = synthetic_expert(config)
-    act_fn = ACT2FN[config.hidden_act]
+    ffn = ExpertFFN(config.hidden_act)
     generator = torch.Generator().manual_seed(config.seed)
     tokens = torch.randn(config.max_tokens, config.hidden, generator=generator).to(store.device, store.dtype)
     grid = token_grid(config.max_tokens)
     if config.timing == "graph":
-        call = _graph_calls(store, tokens, grid, act_fn)
+        call = _graph_calls(store, tokens, grid, ffn)
     else:
-        call = lambda n: run_experts(store, 0, [0], [n], tokens[:n], act_fn)[1][0]  # noqa: E731
+        call = lambda n: run_experts(store, 0, [0], [n], tokens[:n], ffn)[1][0]  # noqa: E731
     for n in grid:  # first calls pay for kernel selection and allocation
         call(n)
     deadline = time.monotonic() + config.warmup_s
@@ -147,7 +147,7 @@ def measure(config: CurveConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.array(counts, dtype=np.int64), np.array(seconds, dtype=np.float64)
 
 
-def _graph_calls(store: ExpertStore, tokens: torch.Tensor, grid: list[int], act_fn):
+def _graph_calls(store: ExpertStore, tokens: torch.Tensor, grid: list[int], ffn: ExpertFFN):
     """A function n -> seconds of one replay of the expert FFN on n tokens, captured in a CUDA graph."""
     weights = store.get(0, 0)
     graphs = {}
@@ -156,12 +156,12 @@ def _graph_calls(store: ExpertStore, tokens: torch.Tensor, grid: list[int], act_
     with torch.no_grad():
         with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graph capture requires
             for n in grid:
-                expert_ffn(tokens[:n], weights["gate_up"], weights["down"], act_fn)
+                ffn(tokens[:n], weights)
         torch.cuda.current_stream().wait_stream(side)
         for n in grid:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                expert_ffn(tokens[:n], weights["gate_up"], weights["down"], act_fn)
+                ffn(tokens[:n], weights)
             graphs[n] = graph
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -185,7 +185,7 @@ def summarize(config: CurveConfig, tokens: np.ndarray, seconds: np.ndarray, tele
     return {
         "what": ("seconds of one expert FFN call (SwiGLU) per token count, "
                  + ("through service.experts.run_experts" if config.timing == "service"
-                    else "one CUDA graph replay of service.experts.expert_ffn (kernel time, no launch overhead)")),
+                    else "one CUDA graph replay of service.experts.ExpertFFN (kernel time, no launch overhead)")),
         "config": asdict(config),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

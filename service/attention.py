@@ -4,11 +4,13 @@ Owns the KV cache (one slot per running sequence, preallocated and bounded), the
 says which sequence owns which token range of the flat batch, and the attention function that the
 model's own attention modules call (registered with transformers as ``"vibe_ragged"``). The modules
 still apply their projections, q/k norms and RoPE; this file only appends keys/values to the cache and
-computes causal attention over it.
+computes causal attention over it, with GPT-OSS's attention sinks (a learned logit per head that takes
+its share of the softmax and adds nothing to the output) where the module passes them.
 
 Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
-reading the cache in place; multi-token chunks (prefill) get one SDPA call each. Ignores dropout,
-attention sinks and logit soft-capping (no supported model uses them at inference).
+reading the cache in place; multi-token chunks (prefill) get one SDPA call each (with sinks, the same
+attention written out: SDPA has no sink). Ignores dropout and logit soft-capping (no supported model uses
+them at inference).
 
 Multi-head latent attention (DeepSeek-V2 and V3, GLM-4.7-Flash) is computed on its latent, as vLLM and SGLang
 do: the cache holds each token's compressed key-value latent and rotary key (one "head" of
@@ -182,6 +184,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         attention_mask: ignored (the model builds none); causality comes from the step metadata.
         scaling: softmax scale (None: 1/sqrt(d)).
         sliding_window: keys further back than this many positions are not attended (None: all).
+        s_aux: GPT-OSS's attention sinks, one logit per query head [Hq] (None: no sink).
 
     Returns:
         ([1, T, Hq, dv], None).
@@ -190,6 +193,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if bound is None:
         raise RuntimeError("vibe_ragged attention called outside an engine step (no StepBatch bound)")
     cache, batch = bound
+    sinks = kwargs.get("s_aux")
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
     latent = getattr(module, _LATENT, None)
@@ -202,10 +206,10 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         _append(layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
-        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling)
+        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling, sinks)
     for chunk in batch.prefills:
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
-            query[0], layer_keys, layer_values, chunk, window, scaling)
+            query[0], layer_keys, layer_values, chunk, window, scaling, sinks)
     if latent is not None:  # each head's output out of the latent space
         out = torch.einsum("thr,hvr->thv", out, latent.up_values)
     return out.unsqueeze(0), None
@@ -220,7 +224,7 @@ def _append(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
 
 
 def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch,
-            window: int | None, scaling: float | None) -> torch.Tensor:
+            window: int | None, scaling: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """Attention of every single-token query at once, over the slot range read in place.
 
     ``query [Hq, T, d]``; returns ``[B, Hq, dv]`` for the decode tokens in ``batch.decode_select`` order.
@@ -236,27 +240,58 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
         q = padded
     span = slice(batch.slot_lo, batch.slot_hi)
     length = mask.shape[-1]
-    attn = F.scaled_dot_product_attention(
-        q, keys[span, :, :length], values[span, :, :length], attn_mask=mask, scale=scaling)
+    if sinks is not None:
+        sinks = sinks.reshape(num_kv_heads, -1, 1)                     # [Hkv, G, 1] against [S, Hkv, G, L]
+    attn = _attend(q, keys[span, :, :length], values[span, :, :length], mask, scaling, sinks)
     return attn[batch.decode_rows].reshape(batch.num_decodes, -1, values.shape[3])  # [B, Hq, dv]
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,
-             window: int | None, scaling: float | None) -> torch.Tensor:
+             window: int | None, scaling: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, dv]``."""
     n, end = chunk.num_tokens, chunk.start + chunk.num_tokens
     q = query[:, chunk.offset:chunk.offset + n]                        # [Hq, n, d]
     k, v = keys[chunk.slot, :, :end], values[chunk.slot, :, :end]      # [Hkv, end, d]
+    if sinks is not None:  # query heads grouped under their kv head, as _decode has them
+        num_kv_heads = k.shape[0]
+        grouped = q.reshape(num_kv_heads, -1, n, q.shape[-1])           # [Hkv, G, n, d]
+        attn = _attend(grouped, k[:, None], v[:, None], _causal(chunk, window, query.device), scaling,
+                       sinks.reshape(num_kv_heads, -1, 1, 1))          # against [Hkv, G, n, end]
+        return attn.reshape(-1, n, v.shape[-1]).transpose(0, 1)
     if chunk.start == 0 and window is None:
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     else:
-        q_pos = torch.arange(chunk.start, end, device=query.device)[:, None]
-        k_pos = torch.arange(end, device=query.device)[None, :]
-        mask = k_pos <= q_pos
-        if window is not None:
-            mask &= k_pos > q_pos - window
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(chunk, window, query.device),
+                                              scale=scaling, enable_gqa=True)
     return attn.transpose(0, 1)
+
+
+def _causal(chunk: SeqChunk, window: int | None, device: torch.device) -> torch.Tensor:
+    """Bool ``[n, start + n]``: True where a new token of ``chunk`` may attend a key of its sequence."""
+    q_pos = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=device)[:, None]
+    k_pos = torch.arange(chunk.start + chunk.num_tokens, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None,
+            sinks: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention of ``q`` over ``k``, ``v`` (batched and broadcast as matmul does), allowed
+    where the bool ``mask`` (broadcast to the scores) is True. ``sinks``, shaped by the caller to broadcast
+    against the scores but for their key dimension (1), adds one logit per query head to each softmax and
+    nothing to the output, as GPT-OSS's eager attention does."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def install(model: PreTrainedModel) -> None:

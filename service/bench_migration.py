@@ -292,7 +292,7 @@ class Stack:
         TimedPool, TimedContext = _instrumented_classes()
         self.config = config
         layout = self.layout = load_layout(config.model)
-        configs = [WorkerConfig(index=i, hidden_act=layout.hidden_act,
+        configs = [WorkerConfig(index=i, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu,
                                 profile_shape=(layout.hidden_size, layout.intermediate_size),
                                 emulation=EmulationConfig(speed=speed, fixed_s=config.fixed_s,
                                                           knee_tokens=config.knee_tokens, slope_s=config.slope_s,
@@ -303,7 +303,7 @@ class Stack:
         self._closers: list = [lambda: [server.close() for server in self.servers]]
         element = torch.tensor([], dtype=getattr(torch, layout.dtype)).element_size()
         shape = ModelShape(len(layout.moe_layers), layout.num_experts,
-                           3 * layout.hidden_size * layout.intermediate_size * element)
+                           layout.params_per_expert * element)
         self.coordinator = Coordinator(CoordinatorConfig(checkpoint=str(config.model), auto_recalibrate=False),
                                        self.pool, shape)
         self.coordinator.start(background=True)

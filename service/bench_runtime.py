@@ -214,7 +214,7 @@ def run(config: BenchConfig) -> dict:
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         actors = [ExpertWorkerActor.options(num_cpus=config.worker_cpus, max_concurrency=4).remote(
-            WorkerConfig(index=g, hidden_act=layout.hidden_act)) for g in range(max(config.workers))]
+            WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu)) for g in range(max(config.workers))]
         infos = ray.get([actor.info.remote() for actor in actors])
         overhead = measure_overhead(actors, infos, config, layout)
         throughput = measure_throughput(actors, infos, config, layout)

@@ -1,7 +1,7 @@
 """Where the routed experts of a transformers MoE checkpoint are, and reading just the ones a worker needs.
 
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
-DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1), reading
+DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -12,6 +12,11 @@ On disk `save_pretrained` writes per-expert keys by default, and fused 3-D tenso
     per expert  model.layers.{d}.mlp.experts.{e}.{gate,up,down}_proj.weight   [I, H], [I, H], [H, I]
     Mixtral     model.layers.{d}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight
     fused       model.layers.{d}.mlp.experts.{gate_up,down}_proj              [E, 2I, H], [E, H, I]
+
+GPT-OSS stores its experts fused and transposed, with biases (`mlp.experts.gate_up_proj` [E, H, 2I],
+`gate_up_proj_bias` [E, 2I], `down_proj` [E, I, H], `down_proj_bias` [E, H]), or, as OpenAI released it,
+in MXFP4 (`gate_up_proj_blocks` [E, 2I, H/32, 16] and `gate_up_proj_scales` [E, 2I, H/32], the same for
+`down_proj`): those are dequantized here, per expert, exactly as transformers dequantizes them.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from service.messages import ExpertTensors
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                           "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1")
+                           "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -42,6 +47,8 @@ _PER_EXPERT_FORMATS = (
      "block_sparse_moe.experts.{e}.w2.weight"),
 )
 _FUSED_FORMAT = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# The values of an FP4 (e2m1) nibble, as transformers' MXFP4 integration lists them
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class ExpertLayout:
         intermediate_size: I of one routed expert ("gate_up" is [2I, H], "down" is [H, I]).
         hidden_act: activation name of the gate projection (a key of transformers' ACT2FN).
         dtype: torch dtype name of the checkpoint's weights, e.g. "float32", "bfloat16".
+        clamped_swiglu: GPT-OSS's (alpha, limit): its experts are a clamped SwiGLU with biases (see
+            `service.experts.ExpertFFN`); None for the SwiGLU experts of the other architectures.
     """
 
     architecture: str
@@ -67,6 +76,7 @@ class ExpertLayout:
     intermediate_size: int
     hidden_act: str
     dtype: str
+    clamped_swiglu: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -87,6 +97,12 @@ class ExpertLayout:
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
 
+    @property
+    def params_per_expert(self) -> int:
+        """Weights of one routed expert: three H x I matrices, and GPT-OSS's biases (2I + H)."""
+        biases = 2 * self.intermediate_size + self.hidden_size if self.clamped_swiglu is not None else 0
+        return 3 * self.hidden_size * self.intermediate_size + biases
+
     def check_keys(self, keys: Iterable[Key]) -> list[Key]:
         """The keys as int pairs; ValueError naming the first one outside [0, L) x [0, E)."""
         checked = [(int(layer), int(expert)) for layer, expert in keys]
@@ -100,21 +116,25 @@ class ExpertLayout:
 def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     """The expert layout of a transformers config; ValueError naming the architecture if unsupported, or
     the quantisation of a quantized checkpoint (the workers compute experts in the checkpoint's dtype and
-    would read quantized weights without their scales)."""
+    would read quantized weights without their scales). GPT-OSS's MXFP4 experts are the exception: the
+    workers dequantize them (`read_experts`), and nothing else of the model is quantized."""
     architecture = getattr(config, "model_type", None)
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
-            quantization, "quant_method", quantization)
+    method = quantization_method(config)
+    if method is not None and (method, architecture) != ("mxfp4", "gpt_oss"):
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first "
                          f"(for DeepSeek-V3 and R1, DeepSeek's inference/fp8_cast_bf16.py does)")
     num_layers = config.num_hidden_layers
+    clamped_swiglu = None
     if architecture in ("qwen3_moe", "qwen2_moe"):
         # the rule of Qwen{2,3}MoeDecoderLayer.__init__
         step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
         moe_layers = [d for d in range(num_layers)
                       if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+    elif architecture == "gpt_oss":
+        moe_layers = list(range(num_layers))
+        num_experts, intermediate = config.num_local_experts, config.intermediate_size
+        clamped_swiglu = (float(config.swiglu_alpha), float(config.swiglu_limit))
     elif architecture in ("mixtral", "olmoe", "minimax_m2"):
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
@@ -132,7 +152,17 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
     return ExpertLayout(architecture, tuple(moe_layers), num_experts, config.num_experts_per_tok,
-                        config.hidden_size, intermediate, config.hidden_act, _dtype_name(config))
+                        config.hidden_size, intermediate, config.hidden_act, _dtype_name(config), clamped_swiglu)
+
+
+def quantization_method(config: PretrainedConfig) -> str | None:
+    """The `quant_method` of a quantized checkpoint's config ("mxfp4", "fp8", ...), or None."""
+    quantization = getattr(config, "quantization_config", None)
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+        quantization, "quant_method", quantization)
+    return str(getattr(method, "value", method))
 
 
 def _dtype_name(config: PretrainedConfig) -> str:
@@ -156,7 +186,9 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[Expert
     Returns:
         One ExpertTensors per key, in order: "gate_up" [2I, H] = cat(gate, up) and "down" [H, I], in the
         checkpoint's dtype, bit-identical to `gate_up_proj[e]` / `down_proj[e]` of the loaded model,
-        with their checksum.
+        with their checksum. GPT-OSS's: `gate_up_proj[e]`, `gate_up_proj_bias[e]`, `down_proj[e]` and
+        `down_proj_bias[e]` as "gate_up", "gate_up_bias", "down" and "down_bias", MXFP4 weights
+        dequantized to the checkpoint's dtype as transformers dequantizes them.
 
     Raises:
         ValueError: a key is out of range, or the checkpoint lacks an expert's tensors.
@@ -167,8 +199,11 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[Expert
     with _Shards(folder) as shards:
         out = []
         for layer, expert in keys:
-            gate_up, down = _read_expert(shards, layout.moe_layers[layer], expert)
-            tensors = {"gate_up": gate_up, "down": down}
+            if layout.architecture == "gpt_oss":
+                tensors = _read_gpt_oss_expert(shards, layout.moe_layers[layer], expert, getattr(torch, layout.dtype))
+            else:
+                gate_up, down = _read_expert(shards, layout.moe_layers[layer], expert)
+                tensors = {"gate_up": gate_up, "down": down}
             out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
     return out
 
@@ -213,6 +248,41 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int) -> tuple[torc
         gate_up, down = (shards.file(name).get_slice(name)[expert].contiguous() for name in names)
         return gate_up, down
     raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
+
+
+def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int,
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One GPT-OSS expert's tensors, in transformers' layout ([H, 2I] and [I, H]), dequantizing MXFP4."""
+    prefix = f"model.layers.{decoder_layer}.mlp.experts."
+    tensors = {}
+    for proj, name in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+        for key, suffix in ((name, ""), (f"{name}_bias", "_bias")):
+            full = prefix + proj + suffix
+            if full in shards:  # get_slice reads only this expert's rows of the fused tensor
+                tensors[key] = shards.file(full).get_slice(full)[expert].contiguous()
+        blocks, scales = prefix + proj + "_blocks", prefix + proj + "_scales"
+        if name not in tensors and blocks in shards and scales in shards:
+            tensors[name] = _dequantize_mxfp4(shards.file(blocks).get_slice(blocks)[expert],
+                                              shards.file(scales).get_slice(scales)[expert], dtype)
+        if name not in tensors or f"{name}_bias" not in tensors:
+            raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
+    return tensors
+
+
+def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's MXFP4 weight: ``blocks`` uint8 [N, K/32, 16] (two FP4 values a byte, the low nibble
+    first) and ``scales`` uint8 [N, K/32] (a power of two per 32 values, biased by 127) -> [K, N] in
+    ``dtype``, the expression of transformers' `convert_moe_packed_tensors` (bit-identical)."""
+    if blocks.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales {tuple(scales.shape)}")
+    rows, groups, width = blocks.shape
+    lut = torch.tensor(_FP4_VALUES, dtype=dtype)
+    flat = blocks.reshape(rows * groups, width)
+    out = torch.empty(rows * groups, 2 * width, dtype=dtype)
+    out[:, 0::2] = lut[(flat & 0x0F).to(torch.int)]
+    out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
+    torch.ldexp(out, scales.reshape(rows * groups, 1).to(torch.int32) - 127, out=out)
+    return out.reshape(rows, groups * 2 * width).T.contiguous()
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

@@ -1,12 +1,14 @@
 """Expert weights held on one torch device, and the single-device expert FFN.
 
 Owns the checksum that travels with every expert (`ExpertTensors`), a thread-safe store of experts by
-(layer, expert), and `run_experts`, the SwiGLU expert computation of transformers' eager experts loop.
-Ignores where experts come from (checkpoints, migrations), routing weights (the engine applies them),
-placement and Ray.
+(layer, expert), `ExpertFFN` (the computation of one routed expert, as transformers' eager experts loop
+writes it) and `run_experts`. Ignores where experts come from (checkpoints, migrations), routing weights
+(the engine applies them), placement and Ray.
 
-Tensor names of one expert: "gate_up" [2I, H] (gate rows first, then up) and "down" [H, I]; any other
-tensors (e.g. quantisation scales) are stored, moved and checksummed with it but not used here.
+Tensor names of one expert: "gate_up" [2I, H] (gate rows first, then up) and "down" [H, I] (SwiGLU
+experts: Qwen, Mixtral, DeepSeek, ...); GPT-OSS's clamped SwiGLU experts keep transformers' own layout,
+"gate_up" [H, 2I] (gate and up columns interleaved), "gate_up_bias" [2I], "down" [I, H], "down_bias" [H].
+Any other tensors are stored, moved and checksummed with an expert but not used here.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 from service.messages import ExpertTensors
 
@@ -33,8 +37,8 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=32)
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
-        for field in (name, str(tensor.dtype), repr(tuple(tensor.shape))):
-            _update(digest, field.encode("utf-8"))
+        for part in (name, str(tensor.dtype), repr(tuple(tensor.shape))):
+            _update(digest, part.encode("utf-8"))
         _update(digest, tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
@@ -110,13 +114,66 @@ class ExpertStore:
                 for name, t in tensors.items()}
 
 
+@dataclass(frozen=True)
+class ExpertFFN:
+    """The computation of one routed expert of a model, on its tensors (see the module docstring).
+
+    Attributes:
+        hidden_act: activation of the gate of SwiGLU experts (a key of transformers' ACT2FN).
+        clamped_swiglu: GPT-OSS's (alpha, limit): the experts are its clamped SwiGLU with biases,
+            ``(up + 1) * gate * sigmoid(alpha * gate)`` with gate <= limit and |up| <= limit.
+    """
+
+    hidden_act: str = "silu"
+    clamped_swiglu: tuple[float, float] | None = None
+    _act: Callable[[torch.Tensor], torch.Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be a transformers activation, got {self.hidden_act!r}")
+        if self.clamped_swiglu is not None:
+            alpha, limit = (float(value) for value in self.clamped_swiglu)
+            if not (alpha > 0 and limit > 0):
+                raise ValueError(f"clamped_swiglu must be (alpha, limit) > 0, got {self.clamped_swiglu!r}")
+            object.__setattr__(self, "clamped_swiglu", (alpha, limit))
+        object.__setattr__(self, "_act", ACT2FN[self.hidden_act])
+
+    def __call__(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The expert's output for x [n, H], unweighted: exactly the expression of transformers' eager
+        experts loop (e.g. Qwen3MoeExperts.forward, GptOssExperts.forward), so outputs are bit-identical."""
+        if self.clamped_swiglu is None:
+            gate, up = F.linear(x, tensors["gate_up"]).chunk(2, dim=-1)
+            return F.linear(self._act(gate) * up, tensors["down"])
+        alpha, limit = self.clamped_swiglu
+        gate_up = x @ tensors["gate_up"] + tensors["gate_up_bias"]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(min=None, max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        glu = gate * torch.sigmoid(gate * alpha)
+        return ((up + 1) * glu) @ tensors["down"] + tensors["down_bias"]
+
+    def hidden_size(self, tensors: dict[str, torch.Tensor]) -> int:
+        """H of an expert's tensors."""
+        down = tensors["down"]
+        return down.shape[1] if self.clamped_swiglu is not None else down.shape[0]
+
+    def synthetic(self, hidden: int, intermediate: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random tensors of one expert of this form (for profiling a worker that holds none)."""
+        gate_up = torch.randn(2 * intermediate, hidden, generator=generator) / hidden**0.5
+        down = torch.randn(hidden, intermediate, generator=generator) / intermediate**0.5
+        if self.clamped_swiglu is None:
+            return {"gate_up": gate_up, "down": down}
+        return {"gate_up": gate_up.T.contiguous(), "gate_up_bias": torch.zeros(2 * intermediate),
+                "down": down.T.contiguous(), "down_bias": torch.zeros(hidden)}
+
+
 def run_experts(
     store: ExpertStore,
     layer: int,
     experts: np.ndarray,
     counts: np.ndarray,
     tokens: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    ffn: ExpertFFN,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Run each expert's FFN on its rows of `tokens`, unweighted.
 
@@ -125,7 +182,7 @@ def run_experts(
         experts: int [k] logical expert ids.
         counts: int [k] rows of `tokens` per expert; rows are grouped by expert in the order of `experts`.
         tokens: [n, H] with n == sum(counts), any device and float dtype.
-        act_fn: activation of the gate projection (transformers' `ACT2FN[hidden_act]`).
+        ffn: the computation of the model's experts.
 
     Returns:
         outputs: [n, H] on the store's device in the store's dtype, rows in the order of `tokens`.
@@ -146,17 +203,10 @@ def run_experts(
         for i, (tensors, end) in enumerate(zip(weights, np.cumsum(counts).tolist())):
             if end > start:
                 timer.start(i)
-                outputs[start:end] = expert_ffn(x[start:end], tensors["gate_up"], tensors["down"], act_fn)
+                outputs[start:end] = ffn(x[start:end], tensors)
                 timer.stop(i)
             start = end
     return outputs, timer.seconds()
-
-
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
-    """One expert's SwiGLU FFN on x [n, H]: gate_up [2I, H], down [H, I]."""
-    # Exactly the expression of transformers' eager experts loop (e.g. Qwen3MoeExperts.forward).
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(act_fn(gate) * up, down)
 
 
 def _check_request(experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:

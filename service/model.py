@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from service.checkpoint import ExpertLayout, load_layout
+from service.checkpoint import ExpertLayout, load_layout, quantization_method
 from service.dispatch import DispatchContext, DispatchingExperts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -57,8 +57,14 @@ def load_engine_model(checkpoint_dir: str | Path, *, dtype: str = "float32", dev
     if (placement.num_layers, placement.num_experts) != (layout.num_moe_layers, layout.num_experts):
         raise ValueError(f"placement is {placement.num_layers} layers x {placement.num_experts} experts, the "
                          f"checkpoint has {layout.num_moe_layers} MoE layers x {layout.num_experts} experts")
-    with _without_routed_experts(checkpoint_dir, layout):
-        model = _from_pretrained(checkpoint_dir, dtype, device)
+    with _without_routed_experts(checkpoint_dir, layout) as config:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            Path(checkpoint_dir), config=config, dtype=_dtype(dtype), local_files_only=True,
+            output_loading_info=True)
+    if info["missing_keys"]:  # transformers would have initialised them at random
+        raise ValueError(f"checkpoint {str(checkpoint_dir)!r} lacks weights of the model's dense part: "
+                         f"{sorted(info['missing_keys'])[:8]}")
+    model = model.to(torch.device(device)).eval()
     _split_experts(model, layout, context)
     _one_step_per_forward(model, context)
     return EngineModel(model, layout)
@@ -71,29 +77,43 @@ def load_reference_model(checkpoint_dir: str | Path, *, dtype: str = "float32", 
 
 
 def _from_pretrained(checkpoint_dir: str | Path, dtype: str, device: str) -> PreTrainedModel:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), dtype=DTYPES[dtype], local_files_only=True)
+    kwargs = {}
+    if quantization_method(AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)) == "mxfp4":
+        from transformers import Mxfp4Config  # (GPT-OSS) transformers dequantizes on a CPU without kernels
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), dtype=_dtype(dtype), local_files_only=True,
+                                                 **kwargs)
     return model.to(torch.device(device)).eval()
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 _PATCHING = threading.Lock()  # class patches are process-wide: one load at a time patches
 
 
 @contextlib.contextmanager
-def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) -> Iterator[None]:
+def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) -> Iterator[PretrainedConfig]:
     """While inside, the routed experts' modules of this checkpoint's architecture have no parameters (their
     fused weights are meta-device placeholders that weight initialisation may touch), and the model class
-    expects no expert keys, so `from_pretrained` reads none of the experts' tensors and says nothing of them."""
+    expects no expert keys, so `from_pretrained` reads none of the experts' tensors and says nothing of them.
+    Yields the config to load with: the checkpoint's, without the quantization of GPT-OSS's MXFP4 experts
+    (only the experts are quantized, and they are skipped)."""
     config = AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)
+    if quantization_method(config) is not None:
+        del config.quantization_config  # (expert_layout refused every other quantization)
     with torch.device("meta"):
         probe = AutoModelForCausalLM.from_config(config)
     classes = {type(probe.model.layers[d].mlp.experts) for d in layout.moe_layers}
 
     def empty(self, *args, **kwargs) -> None:
         torch.nn.Module.__init__(self)
-        self.gate_up_proj = torch.empty(0, device="meta")
-        self.down_proj = torch.empty(0, device="meta")
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):  # (biases: GPT-OSS)
+            setattr(self, name, torch.empty(0, device="meta"))
 
     model_class = type(probe)
     with _PATCHING:
@@ -104,7 +124,7 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
             for cls in classes:
                 cls.__init__ = empty
             model_class._keys_to_ignore_on_load_unexpected = [*inherited, r"\.experts\."]
-            yield
+            yield config
         finally:
             for cls, init in saved.items():
                 if init is None:

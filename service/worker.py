@@ -19,7 +19,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from service.emulator import DeviceEmulator, EmulationConfig
-from service.experts import ExpertStore, Key, checksum, run_experts
+from service.experts import ExpertFFN, ExpertStore, Key, checksum, run_experts
 from service.messages import ExpertTensors, LatencySamples, Telemetry
 from service.telemetry import read_telemetry
 
@@ -39,6 +39,8 @@ class WorkerConfig:
         device: torch device of the experts: "cpu", "cuda" or "cuda:N".
         dtype: name of the compute dtype, one of DTYPES.
         hidden_act: activation of the expert gate, a key of transformers' ACT2FN.
+        clamped_swiglu: GPT-OSS's (alpha, limit) when the experts are its clamped SwiGLU with biases
+            (`service.experts.ExpertFFN`; `ExpertLayout.clamped_swiglu` of the model), else None.
         num_threads: torch intra-op threads of this process (torch.set_num_threads).
         profile_shape: (hidden, intermediate) of the synthetic expert profiled when none is held.
         emulation: emulated device parameters, or None to report measured compute time.
@@ -48,6 +50,7 @@ class WorkerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     hidden_act: str = "silu"
+    clamped_swiglu: tuple[float, float] | None = None
     num_threads: int = 1
     profile_shape: tuple[int, int] = (128, 256)
     emulation: EmulationConfig | None = None
@@ -61,6 +64,10 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"WorkerConfig.hidden_act must be a transformers activation, got {self.hidden_act!r}")
+        try:
+            ExpertFFN(self.hidden_act, self.clamped_swiglu)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"WorkerConfig.clamped_swiglu: {exc}") from None
         if self.num_threads < 1:
             raise ValueError(f"WorkerConfig.num_threads must be >= 1, got {self.num_threads!r}")
         if len(self.profile_shape) != 2 or min(self.profile_shape) < 1:
@@ -104,7 +111,7 @@ class ExpertWorker:
         self._configure_thread()
         self._clock = clock
         self._sleep = sleep
-        self._act_fn = ACT2FN[config.hidden_act]
+        self._ffn = ExpertFFN(config.hidden_act, config.clamped_swiglu)
         self._store = ExpertStore(config.device, DTYPES[config.dtype])
         self._emulator = DeviceEmulator(config.emulation, clock) if config.emulation else None
         self._lock = threading.Lock()
@@ -171,11 +178,11 @@ class ExpertWorker:
             raise ValueError(f"profile needs token counts >= 1 and repeats >= 1, got {token_counts}, {repeats}")
         self._configure_thread()
         store, (layer, expert) = self._profile_target()
-        hidden = store.get(layer, expert)["down"].shape[0]
+        hidden = self._ffn.hidden_size(store.get(layer, expert))
         generator = torch.Generator().manual_seed(_PROFILE_SEED)
         tokens = torch.randn(max(token_counts), hidden, generator=generator)
         for n in token_counts:
-            run_experts(store, layer, [expert], [n], tokens[:n], self._act_fn)
+            run_experts(store, layer, [expert], [n], tokens[:n], self._ffn)
         samples = [(n, self._call(store, layer, [expert], [n], tokens[:n])[1][0])
                    for _ in range(repeats) for n in token_counts]
         counts, seconds = zip(*samples, strict=True)
@@ -184,7 +191,7 @@ class ExpertWorker:
     def _call(self, store: ExpertStore, layer: int, experts, counts, tokens) -> tuple[torch.Tensor, np.ndarray]:
         """The one path of every timed expert call: compute, then hold until the emulated end."""
         arrived = self._clock()
-        outputs, seconds = run_experts(store, layer, experts, counts, tokens, self._act_fn)
+        outputs, seconds = run_experts(store, layer, experts, counts, tokens, self._ffn)
         if self._emulator is None:
             return outputs, seconds
         seconds = self._emulator.expert_seconds(counts, arrived)
@@ -211,8 +218,7 @@ class ExpertWorker:
             return self._store, held[0]
         hidden, intermediate = self.config.profile_shape
         generator = torch.Generator().manual_seed(_PROFILE_SEED)
-        tensors = {"gate_up": torch.randn(2 * intermediate, hidden, generator=generator) / hidden**0.5,
-                   "down": torch.randn(hidden, intermediate, generator=generator) / intermediate**0.5}
+        tensors = self._ffn.synthetic(hidden, intermediate, generator)
         store = ExpertStore(self._store.device, self._store.dtype)
         store.add([ExpertTensors(0, 0, tensors, checksum(tensors))])
         return store, (0, 0)

@@ -1,12 +1,14 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of eleven small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
-DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1) and writing them, seeded, into a folder. Each config exercises a layout detail:
+Owns the configs of twelve small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS)
+and writing them, seeded, into a folder (GPT-OSS's also with MXFP4 experts, as OpenAI released it). Each config exercises a layout detail:
 Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
 (every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
 the others, DeepSeek-V3 has a dense first layer, a shared expert, group-limited sigmoid routing and
 multi-head latent attention (values narrower than keys), GLM-4.5 the same routing with partial rotary
-GQA attention.
+GQA attention, GPT-OSS clamped SwiGLU experts with biases, attention sinks and alternating sliding-window
+layers.
 Ignores tokenizers: the models read token ids only.
 """
 
@@ -23,6 +25,7 @@ from transformers import (
     Ernie4_5_MoeConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
+    GptOssConfig,
     MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
@@ -82,6 +85,12 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "dots1":  # DeepSeek-V3's routing, standard attention with a sliding window on layer 2
         return Dots1Config(**_COMMON, **routing, head_dim=16, n_group=1, topk_group=1, sliding_window=4,
                            layer_types=["full_attention", "full_attention", "sliding_attention"])
+    if architecture == "gpt_oss":  # clamped SwiGLU experts with biases, sinks, sliding window on layer 0
+        return GptOssConfig(**_COMMON, head_dim=16, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                            num_experts_per_tok=2, sliding_window=4,
+                            rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                             "truncate": False, "original_max_position_embeddings": 8,
+                                             "rope_theta": 150000.0})
     if architecture == "glm4_moe":
         return Glm4MoeConfig(**_COMMON, **routing, head_dim=16, n_group=1, topk_group=1, use_qk_norm=True,
                              partial_rotary_factor=0.5)
@@ -89,7 +98,7 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 
 
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1")
+                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
@@ -112,4 +121,32 @@ def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fus
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     build_tiny_model(architecture, seed).save_pretrained(folder, **kwargs)
+    return folder
+
+
+MXFP4_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                 "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+
+
+def save_tiny_mxfp4_model(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny GPT-OSS with its experts' weights in MXFP4, as OpenAI released gpt-oss (blocks of 32 FP4
+    values with a power-of-two scale each, `quantization_config` naming what is not quantized). The blocks
+    and scales are random (the weights are what they dequantize to); every other tensor is the bf16-free
+    tiny model's."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_model("gpt_oss", folder, seed)
+    tensors = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name in [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, rows, columns = tensors.pop(name).shape  # [E, in, out]: 32-value blocks along `in`
+        tensors[name + "_blocks"] = torch.randint(0, 256, (experts, columns, rows // 32, 16), dtype=torch.uint8,
+                                                  generator=generator)
+        tensors[name + "_scales"] = torch.randint(122, 127, (experts, columns, rows // 32), dtype=torch.uint8,
+                                                  generator=generator)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": MXFP4_QUANTIZATION}, indent=2))
     return folder

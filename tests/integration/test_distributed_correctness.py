@@ -16,7 +16,7 @@ from service.dispatch import DispatchContext, SocketChannel
 from service.model import load_engine_model, load_reference_model
 from service.worker import WorkerConfig
 from service.worker_actor import ExpertWorkerActor
-from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model
+from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model, save_tiny_mxfp4_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -27,19 +27,30 @@ EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "deploy" / "models" / "vi
 
 @pytest.fixture(scope="module")
 def workers():
-    """G expert-worker actors on a fresh 2-CPU cluster, shared by every model of this module."""
+    """G expert-worker actors for a model's expert layout, on a fresh 2-CPU cluster: the actors of one kind of
+    expert (SwiGLU with SiLU: every model but GPT-OSS) are shared by the models of this module."""
     ray.init(num_cpus=2, include_dashboard=False)
+    started = {}
+
+    def for_layout(layout):
+        kind = (layout.hidden_act, layout.clamped_swiglu)
+        if kind not in started:
+            actors = [ExpertWorkerActor.options(num_cpus=0.25, max_concurrency=4).remote(
+                WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu))
+                for g in range(G)]
+            started[kind] = actors, ray.get([actor.info.remote() for actor in actors])
+        return started[kind]
+
     try:
-        actors = [ExpertWorkerActor.options(num_cpus=0.25, max_concurrency=4).remote(WorkerConfig(index=g))
-                  for g in range(G)]
-        infos = ray.get([actor.info.remote() for actor in actors])
-        yield actors, infos
-        ray.get([actor.shutdown.remote() for actor in actors])
+        yield for_layout
+        ray.get([actor.shutdown.remote() for actors, _ in started.values() for actor in actors])
     finally:
         ray.shutdown()
 
 
 def checkpoint(name: str, tmp_path_factory) -> Path:
+    if name == "gpt_oss-mxfp4":  # as OpenAI released gpt-oss: the workers dequantize the experts
+        return save_tiny_mxfp4_model(tmp_path_factory.mktemp(name), seed=2)
     if name != "vibe-tiny-moe":
         return save_tiny_model(name, tmp_path_factory.mktemp(name), seed=2)
     assert (EMBEDDED_MODEL / "config.json").is_file(), f"{EMBEDDED_MODEL} is committed; it must be there"
@@ -99,11 +110,11 @@ def with_replica(placement: Placement, router_counts: np.ndarray) -> Placement:
     return Placement(take(phy2log), take(device), take(share), placement.num_experts, G, placement.version + 1)
 
 
-@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "vibe-tiny-moe"])
+@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", "vibe-tiny-moe"])
 def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_factory, name):
-    actors, infos = workers
     folder = checkpoint(name, tmp_path_factory)
     layout = load_layout(folder)
+    actors, infos = workers(layout)
     # the actors are shared by the models of this module, and keys do not name the model
     ray.get([actor.drop_experts.remote(ray.get(actor.held_experts.remote())) for actor in actors])
     placement = Placement.from_expert_devices(

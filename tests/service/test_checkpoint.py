@@ -14,7 +14,14 @@ from transformers import LlamaConfig
 import service.checkpoint as checkpoint
 from service.checkpoint import ExpertLayout, expert_layout, load_layout, read_experts, resolve_checkpoint
 from service.experts import checksum
-from tests.tiny_models import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model, tiny_config
+from tests.tiny_models import (
+    MXFP4_QUANTIZATION,
+    TINY_ARCHITECTURES,
+    build_tiny_model,
+    save_tiny_model,
+    save_tiny_mxfp4_model,
+    tiny_config,
+)
 
 FORMATS = {"per_expert": {}, "per_expert_sharded": {"max_shard_size": "40KB"},
            "fused_sharded": {"fused": True, "max_shard_size": "40KB"}, "fused": {"fused": True}}
@@ -39,10 +46,14 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("minimax_m2", (0, 1), 8, 2, 32),
     ("ernie4_5_moe", (1, 3), 8, 2, 32),  # from layer 1, every other layer
     ("dots1", (1, 2), 8, 2, 32),
+    ("gpt_oss", (0, 1), 8, 2, 32),
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     layout = expert_layout(tiny_config(architecture))
-    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, "silu", "float32")
+    clamped = (1.702, 7.0) if architecture == "gpt_oss" else None  # GPT-OSS's clamped SwiGLU
+    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, "silu", "float32",
+                                  clamped)
+    assert layout.params_per_expert == 3 * 64 * intermediate + (2 * intermediate + 64 if clamped else 0)
     model = build_tiny_model(architecture)
     with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
     assert with_experts == moe_layers
@@ -61,6 +72,14 @@ def test_layout_rejects_other_architectures_and_bad_values():
     fp8.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     with pytest.raises(ValueError, match="quantized checkpoints \\(fp8\\) are not supported.*bf16"):
         expert_layout(fp8)
+    mxfp4 = tiny_config("mixtral")  # MXFP4 is read for GPT-OSS's experts only
+    mxfp4.quantization_config = dict(MXFP4_QUANTIZATION)
+    with pytest.raises(ValueError, match="quantized checkpoints \\(mxfp4\\) are not supported"):
+        expert_layout(mxfp4)
+    gpt_oss = tiny_config("gpt_oss")
+    gpt_oss.quantization_config = {**MXFP4_QUANTIZATION, "quant_method": "fp8"}
+    with pytest.raises(ValueError, match="quantized checkpoints \\(fp8\\) are not supported"):
+        expert_layout(gpt_oss)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -78,6 +97,35 @@ def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, archite
         assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
         assert item.tensors["gate_up"].is_contiguous() and item.tensors["down"].is_contiguous()
         assert item.checksum == checksum(item.tensors)
+        if layout.clamped_swiglu is not None:  # GPT-OSS: and the biases
+            assert sorted(item.tensors) == ["down", "down_bias", "gate_up", "gate_up_bias"]
+            assert torch.equal(item.tensors["gate_up_bias"], experts.gate_up_proj_bias[item.expert])
+            assert torch.equal(item.tensors["down_bias"], experts.down_proj_bias[item.expert])
+
+
+def test_read_experts_dequantizes_mxfp4_as_transformers_does(tmp_path):
+    """GPT-OSS as OpenAI released it: the experts' MXFP4 blocks and scales read per expert and dequantized
+    equal the weights transformers dequantizes them to, bit for bit, in the checkpoint's dtype and in bf16."""
+    from service.model import load_reference_model
+
+    folder = save_tiny_mxfp4_model(tmp_path / "mxfp4", seed=4)
+    layout = load_layout(folder)
+    assert layout.architecture == "gpt_oss" and layout.clamped_swiglu == (1.702, 7.0)
+    model = load_reference_model(folder)
+    keys = [(0, 0), (1, 7), (0, 5)]
+    for item in read_experts(folder, keys):
+        experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
+        for name, param in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj),
+                            ("gate_up_bias", experts.gate_up_proj_bias), ("down_bias", experts.down_proj_bias)):
+            assert item.tensors[name].dtype == torch.float32 and torch.equal(item.tensors[name], param[item.expert])
+        assert len(item.tensors["gate_up"].unique()) > 16  # FP4 values times several scales
+    from service.checkpoint import _dequantize_mxfp4
+    blocks = torch.randint(0, 256, (6, 2, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    scales = torch.full((6, 2), 127 - 3, dtype=torch.uint8)
+    as_bf16 = _dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    assert as_bf16.shape == (64, 6) and torch.equal(as_bf16.float(), _dequantize_mxfp4(blocks, scales, torch.float32))
+    low = blocks[0, 0, 0] & 0x0F  # the first value of row 0 is its first byte's low nibble, scaled by 2**-3
+    assert as_bf16[0, 0].item() == [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6][low] / 8
 
 
 class RecordingFile:

@@ -60,7 +60,7 @@ def test_single_greedy_requests_equal_generate(arch, reference_models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])  # DeepSeek-V3: values narrower than keys
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])  # DeepSeek-V3: latent; GPT-OSS: sinks
 def test_staggered_concurrent_requests_equal_generate(arch, reference_models):
     lengths = {0: [5, 17], 3: [40], 5: [3, 64], 9: [9, 2]}
     joins = {step: [(f"s{step}-{i}", _prompt(n, 10 * step + i), GREEDY) for i, n in enumerate(ns)]

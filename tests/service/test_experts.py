@@ -1,16 +1,16 @@
-"""ExpertStore and run_experts against a hand-written reference FFN."""
+"""ExpertStore and run_experts against a hand-written reference FFN, and ExpertFFN against transformers' experts."""
 
 import threading
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from service.experts import ExpertStore, checksum, run_experts
+from service.experts import ExpertFFN, ExpertStore, checksum, run_experts
 from service.messages import ExpertTensors
 
 HIDDEN, INTERMEDIATE = 16, 24
+SILU = ExpertFFN("silu")
 
 
 def make_expert(layer: int, expert: int, seed: int = 0, scale: bool = False) -> ExpertTensors:
@@ -44,7 +44,7 @@ def test_outputs_match_reference_ffn_per_expert_group():
     store.add(items)
     counts = np.array([3, 0, 5])
     tokens = torch.randn(8, HIDDEN, dtype=torch.float64)
-    outputs, seconds = run_experts(store, 2, np.array([2, 1, 0]), counts, tokens, F.silu)
+    outputs, seconds = run_experts(store, 2, np.array([2, 1, 0]), counts, tokens, SILU)
     expected = torch.cat([reference_ffn(tokens[:3], items[2].tensors), reference_ffn(tokens[3:], items[0].tensors)])
     torch.testing.assert_close(outputs, expected, rtol=0, atol=1e-6)
     assert seconds.shape == (3,) and seconds[0] > 0 and seconds[1] == 0 and seconds[2] > 0
@@ -79,7 +79,7 @@ def test_unknown_expert_raises_key_error_before_computing():
     store = ExpertStore("cpu", torch.float32)
     store.add([make_expert(0, 0)])
     with pytest.raises(KeyError, match=r"layer 3, expert 0"):
-        run_experts(store, 3, [0], [1], torch.zeros(1, HIDDEN), F.silu)
+        run_experts(store, 3, [0], [1], torch.zeros(1, HIDDEN), SILU)
     with pytest.raises(KeyError, match=r"\(0, 5\)"):
         store.drop([(0, 0), (0, 5)])
     assert store.keys() == [(0, 0)]
@@ -92,7 +92,7 @@ def test_inconsistent_requests_raise_value_error(experts, counts, rows):
     store = ExpertStore("cpu", torch.float32)
     store.add([make_expert(0, 0), make_expert(0, 1)])
     with pytest.raises(ValueError):
-        run_experts(store, 0, experts, counts, torch.zeros(rows, HIDDEN), F.silu)
+        run_experts(store, 0, experts, counts, torch.zeros(rows, HIDDEN), SILU)
 
 
 def test_forward_runs_while_another_thread_imports_and_drops():
@@ -109,10 +109,38 @@ def test_forward_runs_while_another_thread_imports_and_drops():
     thread.start()
     try:
         tokens = torch.randn(4, HIDDEN)
-        first, _ = run_experts(store, 0, [0], [4], tokens, F.silu)
+        first, _ = run_experts(store, 0, [0], [4], tokens, SILU)
         for _ in range(50):
-            again, _ = run_experts(store, 0, [0], [4], tokens, F.silu)
+            again, _ = run_experts(store, 0, [0], [4], tokens, SILU)
             torch.testing.assert_close(again, first, rtol=0, atol=0)
     finally:
         stop.set()
         thread.join()
+
+
+def test_gpt_oss_ffn_is_transformers_clamped_swiglu_bit_for_bit():
+    """GPT-OSS's experts (biases, interleaved gate and up, clamped SwiGLU) computed from one expert's tensors as
+    read from a checkpoint equal transformers' eager loop's output for that expert."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    config = GptOssConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=2,
+                          swiglu_limit=1.5)  # a limit the random gates and ups cross
+    module = GptOssExperts(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    tokens = torch.randn(5, HIDDEN, generator=generator)
+    tensors = {"gate_up": module.gate_up_proj[1], "gate_up_bias": module.gate_up_proj_bias[1],
+               "down": module.down_proj[1], "down_bias": module.down_proj_bias[1]}
+    ffn = ExpertFFN("silu", (config.swiglu_alpha, config.swiglu_limit))
+    with torch.no_grad():
+        expected = module(tokens, torch.ones(5, 1, dtype=torch.long), torch.ones(5, 1))
+        assert torch.equal(ffn(tokens, tensors), expected)
+        gate_up = tokens @ tensors["gate_up"] + tensors["gate_up_bias"]
+        assert (gate_up.abs() > 1.5).any()  # the clamps were active
+        assert not torch.equal(ExpertFFN("silu", (config.swiglu_alpha, 100.0))(tokens, tensors), expected)
+    assert ffn.hidden_size(tensors) == HIDDEN == ffn.hidden_size(ffn.synthetic(HIDDEN, 8, generator))
+    with pytest.raises(ValueError, match="alpha, limit"):
+        ExpertFFN("silu", (1.702, 0.0))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from placement import Placement
@@ -12,7 +15,7 @@ from service.checkpoint import load_layout
 from service.dispatch import DispatchContext, DispatchingExperts, LocalChannel
 from service.model import load_engine_model, load_reference_model
 from service.worker import ExpertWorker, WorkerConfig
-from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model
+from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model, save_tiny_mxfp4_model
 
 G = 4
 
@@ -20,7 +23,8 @@ G = 4
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES}
+    return {**{arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES},
+            "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1)}
 
 
 def contiguous_placement(folder) -> Placement:
@@ -30,9 +34,10 @@ def contiguous_placement(folder) -> Placement:
 
 
 def local_context(folder, placement: Placement) -> DispatchContext:
-    channels = {}
+    channels, layout = {}, load_layout(folder)
     for g in range(G):
-        worker = ExpertWorker(WorkerConfig(index=g, num_threads=torch.get_num_threads()))
+        worker = ExpertWorker(WorkerConfig(index=g, num_threads=torch.get_num_threads(), hidden_act=layout.hidden_act,
+                                           clamped_swiglu=layout.clamped_swiglu))
         worker.load_experts(str(folder), sorted(placement.experts_on(g)))
         channels[g] = LocalChannel(worker)
     return DispatchContext(placement, channels)
@@ -42,7 +47,7 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(batch * length))
 
 
-@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4"])  # (transformers dequantizes)
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture):
     folder = checkpoints[architecture]
     context = local_context(folder, contiguous_placement(folder))
@@ -57,7 +62,7 @@ def test_engine_model_computes_what_the_model_computes(checkpoints, architecture
         else:
             assert experts is None and type(layer.mlp) is type(reference.model.layers[decoder_layer].mlp)
     assert not any(".experts." in name for name, _ in engine.model.named_parameters())
-    routed = layout.num_moe_layers * layout.num_experts * 3 * layout.hidden_size * layout.intermediate_size
+    routed = layout.num_moe_layers * layout.num_experts * layout.params_per_expert
     assert sum(p.numel() for p in reference.parameters()) - sum(p.numel() for p in engine.model.parameters()) == routed
 
     ids = prompts()
@@ -107,6 +112,13 @@ def test_load_rejects_bad_inputs(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="4 experts"):
         bad = Placement.from_expert_devices(np.zeros((2, 4), dtype=int), G)
         load_engine_model(folder, context=DispatchContext(bad, context.channels))
+    lacking = tmp_path / "lacking"  # a dense weight missing: refused, not initialised at random
+    shutil.copytree(folder, lacking)
+    tensors = load_file(lacking / "model.safetensors")
+    del tensors["model.layers.1.self_attn.o_proj.weight"]
+    save_file(tensors, lacking / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks weights.*layers.1.self_attn.o_proj.weight"):
+        load_engine_model(lacking, context=context)
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2)).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="'llama'"):

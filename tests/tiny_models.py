@@ -129,15 +129,19 @@ MXFP4_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "mo
 
 
 def save_tiny_mxfp4_model(folder: str | Path, seed: int = 0) -> Path:
-    """The tiny GPT-OSS with its experts' weights in MXFP4, as OpenAI released gpt-oss (blocks of 32 FP4
-    values with a power-of-two scale each, `quantization_config` naming what is not quantized). The blocks
-    and scales are random (the weights are what they dequantize to); every other tensor is the bf16-free
-    tiny model's."""
+    """The tiny GPT-OSS with its experts' weights in MXFP4, as OpenAI released gpt-oss (`as_mxfp4`)."""
+    return as_mxfp4(save_tiny_model("gpt_oss", folder, seed), seed)
+
+
+def as_mxfp4(folder: str | Path, seed: int = 0) -> Path:
+    """Rewrite a saved GPT-OSS checkpoint's experts in MXFP4, as OpenAI released gpt-oss: blocks of 32 FP4
+    values with a power-of-two scale each, and a `quantization_config` naming what is not quantized. The
+    blocks and scales are random (the weights are what they dequantize to); every other tensor stays."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    folder = save_tiny_model("gpt_oss", folder, seed)
+    folder = Path(folder)
     tensors = load_file(folder / "model.safetensors")
     generator = torch.Generator().manual_seed(seed)
     for name in [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:

@@ -1,7 +1,8 @@
 """Where the routed experts of a transformers MoE checkpoint are, and reading just the ones a worker needs.
 
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
-DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS), reading
+DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
+Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -10,7 +11,7 @@ On disk `save_pretrained` writes per-expert keys by default, and fused 3-D tenso
 `save_original_format=False`; both are accepted, for every layer independently:
 
     per expert  model.layers.{d}.mlp.experts.{e}.{gate,up,down}_proj.weight   [I, H], [I, H], [H, I]
-    Mixtral     model.layers.{d}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight
+    Mixtral     model.layers.{d}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight   (and Phi-3.5-MoE)
     fused       model.layers.{d}.mlp.experts.{gate_up,down}_proj              [E, 2I, H], [E, H, I]
 
 GPT-OSS stores its experts fused and transposed, with biases (`mlp.experts.gate_up_proj` [E, H, 2I],
@@ -37,7 +38,8 @@ from service.messages import ExpertTensors
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                           "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss")
+                           "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
+                           "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -135,9 +137,23 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
         clamped_swiglu = (float(config.swiglu_alpha), float(config.swiglu_limit))
-    elif architecture in ("mixtral", "olmoe", "minimax_m2"):
+    elif architecture in ("mixtral", "olmoe", "minimax_m2", "flex_olmo", "hunyuan_v1_moe", "phimoe"):
+        if architecture == "phimoe":
+            _check_phimoe_window(config)
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
+    elif architecture == "solar_open":  # every layer MoE
+        moe_layers = list(range(num_layers))
+        num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+    elif architecture == "afmoe":  # the rule of AfmoeDecoderLayer: dense layers first
+        moe_layers = list(range(config.num_dense_layers, num_layers))
+        num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+    elif architecture == "laguna":  # the rule of LagunaDecoderLayer
+        moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+        num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+    elif architecture == "cohere2_moe":  # the rule of Cohere2MoeDecoderLayer: anything but "dense" is sparse
+        moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind != "dense"]
+        num_experts, intermediate = config.num_experts, config.intermediate_size
     elif architecture == "ernie4_5_moe":  # the rule of Ernie4_5_MoeDecoderLayer
         moe_layers = [d for d in range(num_layers) if (d + 1) % config.moe_layer_interval == 0
                       and config.moe_layer_start_index <= d <= config.moe_layer_end_index]
@@ -151,8 +167,31 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
-    return ExpertLayout(architecture, tuple(moe_layers), num_experts, config.num_experts_per_tok,
+    return ExpertLayout(architecture, tuple(moe_layers), num_experts, _top_k(config, moe_layers),
                         config.hidden_size, intermediate, config.hidden_act, _dtype_name(config), clamped_swiglu)
+
+
+def _top_k(config: PretrainedConfig, moe_layers: Sequence[int]) -> int:
+    """Experts per token: `num_experts_per_tok` (or the field a config maps it to, e.g. Hunyuan's `moe_topk`,
+    ERNIE's `moe_k`), which Hunyuan may give per layer; ValueError if its MoE layers differ."""
+    top_k = config.num_experts_per_tok
+    if isinstance(top_k, (list, tuple)):
+        per_layer = {int(top_k[d]) for d in moe_layers}
+        if len(per_layer) != 1:
+            raise ValueError(f"{config.model_type}: experts per token differ between MoE layers ({top_k}); "
+                             f"one top_k for all layers is supported")
+        top_k = per_layer.pop()
+    return int(top_k)
+
+
+def _check_phimoe_window(config: PretrainedConfig) -> None:
+    """Phi-MoE's attention gets its sliding window from the mask alone (its attention module passes none to the
+    attention function), which the engine's attention does not read: refuse a window that limits anything."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise ValueError(f"phimoe: a sliding window ({window}) shorter than max_position_embeddings "
+                         f"({config.max_position_embeddings}) is not supported (its attention module does not "
+                         f"pass the window to the attention function)")
 
 
 def quantization_method(config: PretrainedConfig) -> str | None:

@@ -1,14 +1,18 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of twelve small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
-DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS)
-and writing them, seeded, into a folder (GPT-OSS's also with MXFP4 experts, as OpenAI released it). Each config exercises a layout detail:
+Owns the configs of nineteen small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS,
+Hunyuan-A13B, Phi-3.5-MoE, Solar Open, AFMoE, Laguna, Cohere2-MoE, FlexOlmo) and writing them, seeded, into a folder (GPT-OSS's also with MXFP4 experts, as OpenAI released it). Each config exercises a layout detail:
 Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
 (every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
 the others, DeepSeek-V3 has a dense first layer, a shared expert, group-limited sigmoid routing and
 multi-head latent attention (values narrower than keys), GLM-4.5 the same routing with partial rotary
 GQA attention, GPT-OSS clamped SwiGLU experts with biases, attention sinks and alternating sliding-window
-layers.
+layers, Hunyuan a shared MLP and its top_k given per layer, Phi-3.5-MoE sparsemixer routing, biases and its
+`block_sparse_moe` keys on disk, Solar Open group-limited routing in every layer, AFMoE a dense first layer,
+muP input scaling and gated attention with a NoPE full-attention layer between sliding ones, Laguna a
+different number of query heads per layer, Cohere2-MoE attention and MoE in parallel with sliding and NoPE
+layers after a dense one, FlexOlmo q/k norms over all heads.
 Ignores tokenizers: the models read token ids only.
 """
 
@@ -18,20 +22,27 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AfmoeConfig,
     AutoModelForCausalLM,
+    Cohere2MoeConfig,
     DeepseekV2Config,
     DeepseekV3Config,
     Dots1Config,
     Ernie4_5_MoeConfig,
+    FlexOlmoConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
     GptOssConfig,
+    HunYuanMoEV1Config,
+    LagunaConfig,
     MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
+    PhimoeConfig,
     PretrainedConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
+    SolarOpenConfig,
 )
 
 VOCAB_SIZE = 256
@@ -94,11 +105,39 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "glm4_moe":
         return Glm4MoeConfig(**_COMMON, **routing, head_dim=16, n_group=1, topk_group=1, use_qk_norm=True,
                              partial_rotary_factor=0.5)
+    if architecture == "hunyuan_v1_moe":  # a shared MLP, q/k norms after RoPE, an fp32 router, top_k per layer
+        return HunYuanMoEV1Config(**_COMMON, head_dim=16, intermediate_size=32, num_hidden_layers=2, num_experts=8,
+                                  moe_topk=[2, 2])
+    if architecture == "phimoe":  # sparsemixer routing, LayerNorms, biases; block_sparse_moe keys on disk
+        return PhimoeConfig(**_COMMON, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                            num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)
+    if architecture == "solar_open":  # every layer MoE, group-limited sigmoid routing, a shared expert
+        return SolarOpenConfig(**_COMMON, head_dim=16, moe_intermediate_size=32, num_hidden_layers=2,
+                               n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2,
+                               routed_scaling_factor=2.5)
+    if architecture == "afmoe":  # a dense first layer, muP input scaling, gated attention, NoPE full layer 1
+        return AfmoeConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                           num_dense_layers=1, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                           route_scale=2.5, sliding_window=4, global_attn_every_n_layers=2, mup_enabled=True)
+    if architecture == "laguna":  # per-layer query heads, per-head softplus gates, a sliding layer, dense first
+        return LagunaConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8,
+                            num_experts_per_tok=2, sliding_window=4, num_attention_heads_per_layer=[4, 8, 4],
+                            layer_types=["full_attention", "sliding_attention", "full_attention"],
+                            moe_routed_scaling_factor=2.5)
+    if architecture == "cohere2_moe":  # parallel attention and MoE, a dense first layer, sliding and NoPE layers
+        return Cohere2MoeConfig(**_COMMON, head_dim=16, intermediate_size=32, prefix_dense_intermediate_size=96,
+                                num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                                sliding_window=4, sliding_window_pattern=2, first_k_dense_replace=1)
+    if architecture == "flex_olmo":  # every layer MoE, q/k norms over all heads
+        return FlexOlmoConfig(**_COMMON, intermediate_size=32, num_hidden_layers=2, num_experts=8,
+                              num_experts_per_tok=2)
     raise ValueError(f"no tiny config for architecture {architecture!r}; known: {TINY_ARCHITECTURES}")
 
 
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss")
+                      "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
+                      "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

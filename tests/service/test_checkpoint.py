@@ -47,6 +47,13 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("ernie4_5_moe", (1, 3), 8, 2, 32),  # from layer 1, every other layer
     ("dots1", (1, 2), 8, 2, 32),
     ("gpt_oss", (0, 1), 8, 2, 32),
+    ("hunyuan_v1_moe", (0, 1), 8, 2, 32),  # moe_topk given per layer
+    ("phimoe", (0, 1), 8, 2, 32),
+    ("solar_open", (0, 1), 8, 2, 32),
+    ("afmoe", (1, 2), 8, 2, 32),  # num_dense_layers 1
+    ("laguna", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
+    ("cohere2_moe", (1, 2), 8, 2, 32),  # first_k_dense_replace 1, as mlp_layer_types
+    ("flex_olmo", (0, 1), 8, 2, 32),
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     layout = expert_layout(tiny_config(architecture))
@@ -57,6 +64,21 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
     model = build_tiny_model(architecture)
     with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
     assert with_experts == moe_layers
+
+
+def test_layout_refuses_per_layer_top_k_that_differ_and_a_phimoe_window_its_attention_does_not_pass():
+    hunyuan = tiny_config("hunyuan_v1_moe")
+    hunyuan.moe_topk = [2, 4]  # HunYuanMoEV1Gate reads it per layer; the layout has one top_k
+    with pytest.raises(ValueError, match="experts per token differ"):
+        expert_layout(hunyuan)
+    hunyuan.moe_topk = 3
+    assert expert_layout(hunyuan).top_k == 3
+    phimoe = tiny_config("phimoe")  # its window lives in the mask only, which the engine's attention ignores
+    phimoe.sliding_window = 16
+    with pytest.raises(ValueError, match="phimoe: a sliding window \\(16\\)"):
+        expert_layout(phimoe)
+    phimoe.sliding_window = phimoe.max_position_embeddings  # as Phi-3.5-MoE: a window that limits nothing
+    assert expert_layout(phimoe).moe_layers == (0, 1)
 
 
 def test_layout_rejects_other_architectures_and_bad_values():

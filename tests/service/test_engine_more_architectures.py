@@ -1,0 +1,28 @@
+"""The engine's continuous batching on the architectures whose attention differs from the ones
+`test_engine.test_staggered_concurrent_requests_equal_generate` covers: staggered requests (decodes of several
+slots batched with prefills) give transformers' own greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.test_engine import GREEDY, _engine, _generate, _prompt, _run
+from tests.tiny_models import build_tiny_model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [
+    "laguna",  # a different number of query heads per layer, per-head gates, a sliding layer
+    "afmoe",  # sliding layers with RoPE around a NoPE full-attention layer, gated attention
+    "cohere2_moe",  # a dense full-attention first layer with RoPE, then sliding and NoPE layers, in parallel
+    "hunyuan_v1_moe",  # q/k norms after RoPE
+])
+def test_staggered_concurrent_requests_equal_generate(arch):
+    reference = build_tiny_model(arch)
+    lengths = {0: [5, 17], 3: [40], 5: [3, 64], 9: [9, 2]}
+    joins = {step: [(f"s{step}-{i}", _prompt(n, 10 * step + i), GREEDY) for i, n in enumerate(ns)]
+             for step, ns in lengths.items()}
+    tokens, _ = _run(_engine(arch, max_num_seqs=4, max_num_batched_tokens=24), joins)  # some wait; shared steps
+    for requests in joins.values():
+        for request_id, prompt, _ in requests:
+            assert tokens[request_id] == _generate(reference, prompt, 24), request_id

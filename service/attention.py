@@ -194,7 +194,9 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise RuntimeError("vibe_ragged attention called outside an engine step (no StepBatch bound)")
     cache, batch = bound
     sinks = kwargs.get("s_aux")
-    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    window = getattr(module, _WINDOW, _UNSET)  # the layer's type decides, as transformers' masks do
+    if window is _UNSET:
+        window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
     latent = getattr(module, _LATENT, None)
     if latent is not None:  # key: [latent, rotary key] of one head; queries into the latent space
@@ -306,7 +308,10 @@ def install(model: PreTrainedModel) -> None:
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to "
                          f"{ATTN_IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
     latent = KVCache.for_model(model.config)["values_in_keys"]
+    windows = _layer_windows(model.config)
     for module in model.modules():
+        if windows is not None and isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "o_proj"):
+            setattr(module, _WINDOW, windows[module.layer_idx])
         if hasattr(module, "kv_b_proj"):
             if not latent or module.kv_b_proj.bias is not None or not hasattr(module, "expand_kv"):
                 raise ValueError(f"{type(module).__name__}: latent attention this engine cannot cache")
@@ -314,6 +319,22 @@ def install(model: PreTrainedModel) -> None:
 
 
 _LATENT = "_vibe_latent"
+_WINDOW, _UNSET = "_vibe_window", object()
+
+
+def _layer_windows(config) -> list[int | None] | None:
+    """Each layer's sliding window from the config's ``layer_types`` (None: full attention), as transformers
+    builds each layer's mask (a ``sliding_attention`` layer gets ``config.sliding_window``); None when the
+    config names no layer types (the attention module's ``sliding_window`` argument or attribute decides).
+    The layer types decide even where an attention module holds the window but uses it only on sliding
+    layers (EXAONE-MoE's full-attention layers keep ``sliding_window`` as an attribute)."""
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return None
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported by this engine's attention")
+    return [config.sliding_window if kind == "sliding_attention" else None for kind in types]
 
 
 @dataclass(frozen=True)

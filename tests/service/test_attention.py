@@ -114,3 +114,20 @@ def test_latent_attention_caches_its_latent_once_for_every_head():
     expanded = KVCache.bytes_per_token(real.num_hidden_layers, real.num_attention_heads,
                                        real.qk_nope_head_dim + real.qk_rope_head_dim, torch.bfloat16, real.v_head_dim)
     assert latent == 61 * (512 + 64) * 2 and expanded / latent > 70
+
+
+def test_layer_types_decide_each_layers_window_and_other_types_are_refused():
+    """As transformers builds each layer's mask: a sliding layer gets the config's window, a full one none, even
+    where the full layer's module holds the window (EXAONE-MoE); layer types this attention cannot compute
+    (linear attention, chunked) are refused when the model is installed."""
+    from service.attention import _layer_windows
+    from tests.tiny_models import build_tiny_model, tiny_config
+
+    assert _layer_windows(tiny_config("exaone_moe")) == [4, None, 4, None]
+    model = build_tiny_model("exaone_moe")
+    assert model.model.layers[1].self_attn.sliding_window == 4  # held, unused by a full-attention layer
+    assert all(window is None for window in _layer_windows(tiny_config("qwen3_moe")) or [None])
+    config = tiny_config("gpt_oss")
+    config.layer_types = ["sliding_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        _layer_windows(config)

@@ -38,24 +38,25 @@ ATTN_IMPLEMENTATION = "vibe_ragged"
 class KVCache:
     """Keys and values of every running sequence, one fixed slot each.
 
-    Per layer, ``keys[layer]`` is ``[num_slots, num_kv_heads, max_len, head_dim]`` and ``values[layer]`` the
-    same with ``value_head_dim`` (None: as wide), allocated once on ``device`` (zeros, so masked-out
+    Per layer, ``keys[layer]`` is ``[num_slots, num_kv_heads, max_len, head_dim]`` (``num_kv_heads`` may be
+    given per layer) and ``values[layer]`` the same with ``value_head_dim`` (None: as wide), allocated once on ``device`` (zeros, so masked-out
     positions never hold NaN). Slot ``s`` position ``p`` holds the key of token ``p`` of the sequence in slot
     ``s``. With ``values_in_keys`` the values are the keys' first ``value_head_dim`` dimensions (a view: the
     latent of multi-head latent attention is both), and take no memory of their own.
     """
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", value_head_dim: int | None = None,
-                 values_in_keys: bool = False) -> None:
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
-        value_shape = (*shape[:3], value_head_dim or head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int | Sequence[int], max_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 value_head_dim: int | None = None, values_in_keys: bool = False) -> None:
+        heads = _per_layer(num_kv_heads, num_layers)
+        shapes = [(num_slots, layer_heads, max_len, head_dim) for layer_heads in heads]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.values_in_keys = values_in_keys
+        width = value_head_dim or head_dim
         if values_in_keys:
-            self.values = [keys[..., :value_shape[3]] for keys in self.keys]
+            self.values = [keys[..., :width] for keys in self.keys]
         else:
-            self.values = [torch.zeros(value_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.zeros((*shape[:3], width), dtype=dtype, device=device) for shape in shapes]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -67,11 +68,11 @@ class KVCache:
                 values[target, :, :length] = values[source, :, :length]
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    def bytes_per_token(num_layers: int, num_kv_heads: int | Sequence[int], head_dim: int, dtype: torch.dtype,
                         value_head_dim: int | None = None, values_in_keys: bool = False) -> int:
         """Bytes of keys plus values that one token occupies over all layers."""
         width = head_dim + (0 if values_in_keys else value_head_dim or head_dim)
-        return num_layers * num_kv_heads * width * torch.empty(0, dtype=dtype).element_size()
+        return sum(_per_layer(num_kv_heads, num_layers)) * width * torch.empty(0, dtype=dtype).element_size()
 
     @staticmethod
     def for_model(config) -> dict[str, int | bool | None]:
@@ -80,9 +81,22 @@ class KVCache:
         if getattr(config, "kv_lora_rank", None):
             return {"num_kv_heads": 1, "head_dim": config.kv_lora_rank + config.qk_rope_head_dim,
                     "value_head_dim": config.kv_lora_rank, "values_in_keys": True}
-        return {"num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if getattr(config, "model_type", None) == "mimo_v2_flash":  # its sliding layers have twice the kv heads
+            heads = [heads * 2 if kind == "sliding_attention" else heads for kind in config.layer_types]
+        return {"num_kv_heads": heads,
                 "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-                "value_head_dim": None, "values_in_keys": False}
+                "value_head_dim": getattr(config, "v_head_dim", None), "values_in_keys": False}
+
+
+def _per_layer(num_kv_heads: int | Sequence[int], num_layers: int) -> list[int]:
+    """KV heads of each layer, from one count for all or one per layer."""
+    if isinstance(num_kv_heads, int):
+        return [num_kv_heads] * num_layers
+    heads = [int(count) for count in num_kv_heads]
+    if len(heads) != num_layers:
+        raise ValueError(f"{len(heads)} kv head counts for {num_layers} layers")
+    return heads
 
 
 @dataclass(frozen=True)

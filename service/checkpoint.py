@@ -2,7 +2,8 @@
 
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
-Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE), reading
+Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
+MiMo-V2-Flash), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -40,7 +41,7 @@ Key = tuple[int, int]  # (moe layer index, logical expert id)
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                           "exaone_moe")
+                           "exaone_moe", "mimo_v2_flash")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -149,9 +150,11 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture == "afmoe":  # the rule of AfmoeDecoderLayer: dense layers first
         moe_layers = list(range(config.num_dense_layers, num_layers))
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
-    elif architecture == "exaone_moe" or architecture == "laguna":  # the rule of ExaoneMoeDecoderLayer
+    elif architecture in ("laguna", "exaone_moe", "mimo_v2_flash"):
+        # the rule of LagunaDecoderLayer, ExaoneMoeDecoderLayer and MiMoV2FlashDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
-        num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+        num_experts = config.n_routed_experts if architecture == "mimo_v2_flash" else config.num_experts
+        intermediate = config.moe_intermediate_size
     elif architecture == "cohere2_moe":  # the rule of Cohere2MoeDecoderLayer: anything but "dense" is sparse
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind != "dense"]
         num_experts, intermediate = config.num_experts, config.intermediate_size

@@ -1,8 +1,8 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of twenty small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+Owns the configs of twenty-one small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
 DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS,
-Hunyuan-A13B, Phi-3.5-MoE, Solar Open, AFMoE, Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE) and writing them,
+Hunyuan-A13B, Phi-3.5-MoE, Solar Open, AFMoE, Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE, MiMo-V2-Flash) and writing them,
 seeded, into a folder (GPT-OSS's also with MXFP4 experts, as OpenAI released it). Each config exercises a layout detail:
 Qwen3-MoE has a dense `mlp_only_layers` layer and top-4 routing, Qwen2-MoE has `decoder_sparse_step=2`
 (every other layer is MoE), Mixtral keeps its `block_sparse_moe` keys on disk, OLMoE has more experts than
@@ -14,7 +14,8 @@ layers, Hunyuan a shared MLP and its top_k given per layer, Phi-3.5-MoE sparsemi
 muP input scaling and gated attention with a NoPE full-attention layer between sliding ones, Laguna a
 different number of query heads per layer, Cohere2-MoE attention and MoE in parallel with sliding and NoPE
 layers after a dense one, FlexOlmo q/k norms over all heads, EXAONE-MoE full-attention layers that keep the
-sliding window as an attribute they do not use.
+sliding window as an attribute they do not use, MiMo-V2-Flash sliding layers with twice the kv heads and
+sinks, values narrower than keys.
 Ignores tokenizers: the models read token ids only.
 """
 
@@ -38,6 +39,7 @@ from transformers import (
     GptOssConfig,
     HunYuanMoEV1Config,
     LagunaConfig,
+    MiMoV2FlashConfig,
     MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
@@ -126,6 +128,10 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return ExaoneMoeConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
                                num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, sliding_window=4,
                                sliding_window_pattern=2, first_k_dense_replace=1)
+    if architecture == "mimo_v2_flash":  # sliding layers with twice the kv heads and sinks, values narrower
+        return MiMoV2FlashConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=16, v_head_dim=12,
+                                 intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                                 n_routed_experts=8, num_experts_per_tok=2, sliding_window=4)
     if architecture == "laguna":  # per-layer query heads, per-head softplus gates, a sliding layer, dense first
         return LagunaConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
                             shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8,
@@ -145,7 +151,7 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                      "exaone_moe")
+                      "exaone_moe", "mimo_v2_flash")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

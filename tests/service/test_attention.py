@@ -131,3 +131,17 @@ def test_layer_types_decide_each_layers_window_and_other_types_are_refused():
     config.layer_types = ["sliding_attention", "linear_attention"]
     with pytest.raises(ValueError, match="linear_attention"):
         _layer_windows(config)
+
+
+def test_kv_heads_may_differ_between_layers():
+    """MiMo-V2-Flash's sliding layers have twice the kv heads of its full ones, and values narrower than keys:
+    the cache gives each layer its own heads, and counts them."""
+    from tests.tiny_models import tiny_config
+
+    heads = KVCache.for_model(tiny_config("mimo_v2_flash"))
+    assert heads == {"num_kv_heads": [1, 2, 2], "head_dim": 16, "value_head_dim": 12, "values_in_keys": False}
+    cache = KVCache(3, 2, max_len=8, dtype=torch.float32, **heads)
+    assert [k.shape[1] for k in cache.keys] == [1, 2, 2] and [v.shape[3] for v in cache.values] == [12] * 3
+    assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (1 + 2 + 2) * (16 + 12) * 4
+    with pytest.raises(ValueError, match="2 kv head counts for 3 layers"):
+        KVCache(3, 2, [1, 2], 8, 16, torch.float32)

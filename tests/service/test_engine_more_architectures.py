@@ -16,6 +16,7 @@ from tests.tiny_models import build_tiny_model
     "afmoe",  # sliding layers with RoPE around a NoPE full-attention layer, gated attention
     "cohere2_moe",  # a dense full-attention first layer with RoPE, then sliding and NoPE layers, in parallel
     "hunyuan_v1_moe",  # q/k norms after RoPE
+    "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
 ])
 def test_staggered_concurrent_requests_equal_generate(arch):

@@ -119,14 +119,15 @@ class ExpertLayout:
 
 def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     """The expert layout of a transformers config; ValueError naming the architecture if unsupported, or
-    the quantisation of a quantized checkpoint (the workers compute experts in the checkpoint's dtype and
-    would read quantized weights without their scales). GPT-OSS's MXFP4 experts are the exception: the
-    workers dequantize them (`read_experts`), and nothing else of the model is quantized."""
+    the quantisation of a quantized checkpoint the workers cannot read (they compute experts in the
+    checkpoint's dtype). Two are read: FP8 with block scales (DeepSeek-V3's, MiniMax-M2's, Qwen3's FP8
+    releases: `read_experts` dequantizes each expert, the engine's dense part is dequantized by
+    transformers) and GPT-OSS's MXFP4 experts."""
     architecture = getattr(config, "model_type", None)
     method = quantization_method(config)
-    if method is not None and (method, architecture) != ("mxfp4", "gpt_oss"):
-        raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first "
-                         f"(for DeepSeek-V3 and R1, DeepSeek's inference/fp8_cast_bf16.py does)")
+    if method is not None and method != "fp8" and (method, architecture) != ("mxfp4", "gpt_oss"):
+        raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
+                         f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
     if architecture in ("qwen3_moe", "qwen2_moe"):
@@ -245,7 +246,7 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[Expert
             if layout.architecture == "gpt_oss":
                 tensors = _read_gpt_oss_expert(shards, layout.moe_layers[layer], expert, getattr(torch, layout.dtype))
             else:
-                gate_up, down = _read_expert(shards, layout.moe_layers[layer], expert)
+                gate_up, down = _read_expert(shards, layout.moe_layers[layer], expert, getattr(torch, layout.dtype))
                 tensors = {"gate_up": gate_up, "down": down}
             out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
     return out
@@ -277,20 +278,47 @@ class _Shards:
         return self._open[shard]
 
 
-def _read_expert(shards: _Shards, decoder_layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up [2I, H], down [H, I]) of one expert from whichever key format the checkpoint uses."""
+def _read_expert(shards: _Shards, decoder_layer: int, expert: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [2I, H], down [H, I]) of one expert from whichever key format the checkpoint uses; FP8
+    weights (with their block scales) dequantized to ``dtype``."""
     prefix = f"model.layers.{decoder_layer}."
     for fmt in _PER_EXPERT_FORMATS:
         names = [prefix + suffix.format(e=expert) for suffix in fmt]
         if all(name in shards for name in names):
-            gate, up, down = (shards.file(name).get_tensor(name) for name in names)
+            gate, up, down = (_weight(shards, name, dtype) for name in names)
             return torch.cat([gate, up], dim=0), down.contiguous()
     names = [prefix + suffix for suffix in _FUSED_FORMAT]
     if all(name in shards for name in names):
         # get_slice reads only this expert's rows of the fused tensors
         gate_up, down = (shards.file(name).get_slice(name)[expert].contiguous() for name in names)
+        if gate_up.dtype in _FP8 or down.dtype in _FP8:
+            raise ValueError(f"fused FP8 experts (decoder layer {decoder_layer}) are not supported: FP8 checkpoints "
+                             f"are read with per-expert weights and their weight_scale_inv")
         return gate_up, down
     raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _weight(shards: _Shards, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor ``name``; an FP8 one multiplied by its per-block ``weight_scale_inv`` into ``dtype``, the
+    expression of transformers' `Fp8Dequantize` (bit-identical to the weights it loads)."""
+    tensor = shards.file(name).get_tensor(name)
+    if tensor.dtype not in _FP8:
+        return tensor
+    scale_name = name + "_scale_inv"
+    if scale_name not in shards:
+        raise ValueError(f"FP8 weight {name} has no {scale_name}")
+    scales = shards.file(scale_name).get_tensor(scale_name).to(torch.float32)
+    rows, cols = tensor.shape
+    scale_rows, scale_cols = scales.shape if scales.dim() == 2 else (1, 1)
+    if rows % scale_rows or cols % scale_cols:
+        raise ValueError(f"FP8 weight {name} {tuple(tensor.shape)} is not divisible by its scale grid "
+                         f"({scale_rows}, {scale_cols})")
+    blocks = tensor.to(torch.float32).reshape(scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
+    return (blocks * scales.reshape(scale_rows, 1, scale_cols, 1)).to(dtype).reshape(rows, cols)
 
 
 def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int,

@@ -77,14 +77,20 @@ def load_reference_model(checkpoint_dir: str | Path, *, dtype: str = "float32", 
 
 
 def _from_pretrained(checkpoint_dir: str | Path, dtype: str, device: str) -> PreTrainedModel:
-    kwargs = {}
-    if quantization_method(AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)) == "mxfp4":
-        from transformers import Mxfp4Config  # (GPT-OSS) transformers dequantizes on a CPU without kernels
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), dtype=_dtype(dtype), local_files_only=True,
-                                                 **kwargs)
+    config = _dequantizing(AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True))
+    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), config=config, dtype=_dtype(dtype),
+                                                 local_files_only=True)
     return model.to(torch.device(device)).eval()
+
+
+def _dequantizing(config: PretrainedConfig) -> PretrainedConfig:
+    """``config``, telling transformers to dequantize a quantized checkpoint's weights as it loads them (FP8,
+    MXFP4: the dense part computes in the model's dtype, as the workers compute the experts)."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization_method(config) is not None:
+        settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        config.quantization_config = {**settings, "dequantize": True}
+    return config
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -102,10 +108,12 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
     fused weights are meta-device placeholders that weight initialisation may touch), and the model class
     expects no expert keys, so `from_pretrained` reads none of the experts' tensors and says nothing of them.
     Yields the config to load with: the checkpoint's, without the quantization of GPT-OSS's MXFP4 experts
-    (only the experts are quantized, and they are skipped)."""
+    (only the experts are quantized, and they are skipped), an FP8 checkpoint's dense part dequantized."""
     config = AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)
-    if quantization_method(config) is not None:
-        del config.quantization_config  # (expert_layout refused every other quantization)
+    if quantization_method(config) == "mxfp4":
+        del config.quantization_config  # GPT-OSS: only the experts are quantized, and they are skipped
+    else:
+        config = _dequantizing(config)  # FP8: the dense part too
     with torch.device("meta"):
         probe = AutoModelForCausalLM.from_config(config)
     classes = {type(probe.model.layers[d].mlp.experts) for d in layout.moe_layers}

@@ -207,3 +207,39 @@ def as_mxfp4(folder: str | Path, seed: int = 0) -> Path:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": MXFP4_QUANTIZATION}, indent=2))
     return folder
+
+
+def save_tiny_fp8_model(architecture: str, folder: str | Path, seed: int = 0, block: int = 8) -> Path:
+    """The tiny model of `architecture` with its weights in FP8 with block scales (`as_fp8`)."""
+    return as_fp8(save_tiny_model(architecture, folder, seed), build_tiny_model(architecture, seed), block)
+
+
+def as_fp8(folder: str | Path, model: torch.nn.Module, block: int = 8) -> Path:
+    """Rewrite the checkpoint of `model` saved in `folder` with its linear layers' and experts' weights in FP8
+    with block scales, as DeepSeek-V3, MiniMax-M2 and Qwen3's FP8 releases store theirs (`weight` in
+    float8_e4m3fn and `weight_scale_inv` in float32, one per `block` x `block` block; per-expert keys;
+    `quantization_config` naming the method and the block size). What transformers would not convert
+    (embeddings, norms, routers, lm_head) stays as it was; the weights are what they dequantize to."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    linear = {f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    tensors = load_file(folder / "model.safetensors")
+    for name in list(tensors):
+        expert = ".experts." in name and name.endswith(".weight")  # per-expert keys on disk
+        if name in linear or expert:
+            weight = tensors[name].to(torch.float32)
+            rows, cols = weight.shape
+            blocks = weight.reshape(rows // block, block, cols // block, block)
+            scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
+            tensors[name] = (blocks / scale).to(torch.float8_e4m3fn).reshape(rows, cols)
+            tensors[name + "_scale_inv"] = scale.reshape(rows // block, cols // block)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [block, block]}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}, indent=2))
+    return folder

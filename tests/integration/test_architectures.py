@@ -1,6 +1,7 @@
 """MoE architectures beyond the embedded model's, through the whole stack: a tiny random DeepSeek-V3 (a
 dense first layer, a shared expert, group-limited sigmoid routing, multi-head latent attention whose
-values are narrower than its keys; Kimi-K2 is this architecture) served by `build_app` on Ray Serve with
+values are narrower than its keys; Kimi-K2 is this architecture), in FP8 with block scales as DeepSeek
+released it, served by `build_app` on Ray Serve with
 emulated expert workers, over HTTP with the official `openai` client: greedy answers equal the
 single-process model's before and after a live re-placement, and forced calls come in DeepSeek's format.
 """
@@ -19,6 +20,7 @@ from service.model import load_reference_model
 from service.text import apply_chat_template
 from tests.serve_app import serve_app
 from tests.service.test_text import build_chat_model, build_tokenizer
+from tests.tiny_models import as_fp8
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,14 +34,15 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A DeepSeek-V3 checkpoint with a chat tokenizer, as a model folder of a configured root."""
+    """A DeepSeek-V3 checkpoint in FP8 with block scales and a chat tokenizer, as a model folder of a
+    configured root."""
     tokenizer = build_tokenizer()
     path = tmp_path_factory.mktemp("models") / MODEL
     model = build_chat_model(tokenizer, seed=3, architecture="deepseek_v3")
     model.config.max_position_embeddings = 1024  # room for the tools' prompt
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+    return as_fp8(path, model)  # as DeepSeek released V3 and R1: the ingress and the workers dequantize
 
 
 @pytest.fixture(scope="module")

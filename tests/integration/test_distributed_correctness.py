@@ -16,7 +16,7 @@ from service.dispatch import DispatchContext, SocketChannel
 from service.model import load_engine_model, load_reference_model
 from service.worker import WorkerConfig
 from service.worker_actor import ExpertWorkerActor
-from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model, save_tiny_mxfp4_model
+from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_fp8_model, save_tiny_model, save_tiny_mxfp4_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -51,6 +51,8 @@ def workers():
 def checkpoint(name: str, tmp_path_factory) -> Path:
     if name == "gpt_oss-mxfp4":  # as OpenAI released gpt-oss: the workers dequantize the experts
         return save_tiny_mxfp4_model(tmp_path_factory.mktemp(name), seed=2)
+    if name == "deepseek_v3-fp8":  # as DeepSeek released V3 and R1: FP8 with block scales
+        return save_tiny_fp8_model("deepseek_v3", tmp_path_factory.mktemp(name), seed=2)
     if name != "vibe-tiny-moe":
         return save_tiny_model(name, tmp_path_factory.mktemp(name), seed=2)
     assert (EMBEDDED_MODEL / "config.json").is_file(), f"{EMBEDDED_MODEL} is committed; it must be there"
@@ -110,7 +112,7 @@ def with_replica(placement: Placement, router_counts: np.ndarray) -> Placement:
     return Placement(take(phy2log), take(device), take(share), placement.num_experts, G, placement.version + 1)
 
 
-@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", "vibe-tiny-moe"])
+@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", "deepseek_v3-fp8", "vibe-tiny-moe"])
 def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_factory, name):
     folder = checkpoint(name, tmp_path_factory)
     layout = load_layout(folder)

@@ -18,6 +18,7 @@ from tests.tiny_models import (
     MXFP4_QUANTIZATION,
     TINY_ARCHITECTURES,
     build_tiny_model,
+    save_tiny_fp8_model,
     save_tiny_model,
     save_tiny_mxfp4_model,
     tiny_config,
@@ -92,17 +93,17 @@ def test_layout_rejects_other_architectures_and_bad_values():
         ExpertLayout("mixtral", (0,), 2, 3, 64, 32, "silu", "float32")
     with pytest.raises(ValueError, match="dtype"):
         ExpertLayout("mixtral", (0,), 8, 2, 64, 32, "silu", "float99")
-    fp8 = tiny_config("deepseek_v3")  # as DeepSeek-V3's own checkpoint: FP8 weights with block scales
-    fp8.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    with pytest.raises(ValueError, match="quantized checkpoints \\(fp8\\) are not supported.*bf16"):
-        expert_layout(fp8)
+    awq = tiny_config("deepseek_v3")  # quantizations the workers cannot read are refused, naming the method
+    awq.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    with pytest.raises(ValueError, match="quantized checkpoints \\(awq\\) are not supported.*bf16"):
+        expert_layout(awq)
     mxfp4 = tiny_config("mixtral")  # MXFP4 is read for GPT-OSS's experts only
     mxfp4.quantization_config = dict(MXFP4_QUANTIZATION)
     with pytest.raises(ValueError, match="quantized checkpoints \\(mxfp4\\) are not supported"):
         expert_layout(mxfp4)
     gpt_oss = tiny_config("gpt_oss")
-    gpt_oss.quantization_config = {**MXFP4_QUANTIZATION, "quant_method": "fp8"}
-    with pytest.raises(ValueError, match="quantized checkpoints \\(fp8\\) are not supported"):
+    gpt_oss.quantization_config = {**MXFP4_QUANTIZATION, "quant_method": "bitsandbytes_4bit"}
+    with pytest.raises(ValueError, match="quantized checkpoints \\(bitsandbytes_4bit\\) are not supported"):
         expert_layout(gpt_oss)
 
 
@@ -125,6 +126,31 @@ def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, archite
             assert sorted(item.tensors) == ["down", "down_bias", "gate_up", "gate_up_bias"]
             assert torch.equal(item.tensors["gate_up_bias"], experts.gate_up_proj_bias[item.expert])
             assert torch.equal(item.tensors["down_bias"], experts.down_proj_bias[item.expert])
+
+
+@pytest.mark.parametrize("architecture", ["deepseek_v3", "minimax_m2"])
+def test_read_experts_dequantizes_fp8_as_transformers_does(tmp_path, architecture):
+    """DeepSeek-V3's and MiniMax-M2's FP8 releases: per-expert FP8 weights with a float32 scale per block, read
+    and dequantized per expert, equal the weights transformers dequantizes them to, bit for bit; an FP8 weight
+    without its scale is named."""
+    from service.model import load_reference_model
+
+    folder = save_tiny_fp8_model(architecture, tmp_path / architecture, seed=5)
+    layout = load_layout(folder)
+    model = load_reference_model(folder)
+    for item in read_experts(folder, [(0, 0), (1, 7), (0, 5)]):
+        experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
+        assert torch.equal(item.tensors["gate_up"], experts.gate_up_proj[item.expert])
+        assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
+        assert not torch.equal(item.tensors["gate_up"], build_tiny_model(architecture, seed=5).model.layers[
+            layout.moe_layers[item.layer]].mlp.experts.gate_up_proj[item.expert])  # (FP8 rounded them)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    scale = next(name for name in tensors if name.endswith("_scale_inv") and ".experts.0." in name)
+    del tensors[scale]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"FP8 weight {scale.removesuffix('_scale_inv')} has no"):
+        read_experts(folder, [(layout.moe_layers.index(int(scale.split(".")[2])), 0)])
 
 
 def test_read_experts_dequantizes_mxfp4_as_transformers_does(tmp_path):

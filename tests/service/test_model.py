@@ -15,16 +15,18 @@ from service.checkpoint import load_layout
 from service.dispatch import DispatchContext, DispatchingExperts, LocalChannel
 from service.model import load_engine_model, load_reference_model
 from service.worker import ExpertWorker, WorkerConfig
-from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_model, save_tiny_mxfp4_model
+from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_fp8_model, save_tiny_model, save_tiny_mxfp4_model
 
 G = 4
+FP8 = ("deepseek_v3", "minimax_m2", "qwen3_moe")  # as their FP8 releases: DeepSeek-V3/R1, MiniMax-M2, Qwen3-FP8
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {**{arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES},
-            "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1)}
+            "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1),
+            **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8}}
 
 
 def contiguous_placement(folder) -> Placement:
@@ -47,7 +49,8 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(batch * length))
 
 
-@pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4"])  # (transformers dequantizes)
+# quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts
+@pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8)])
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture):
     folder = checkpoints[architecture]
     context = local_context(folder, contiguous_placement(folder))

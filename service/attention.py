@@ -59,6 +59,7 @@ class KVCache:
             self.values = [torch.zeros((*shape[:3], width), dtype=dtype, device=device) for shape in shapes]
         self.num_slots = num_slots
         self.max_len = max_len
+        self.linear = None  # the states of linear-attention layers (service.linear_attention), if any
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions."""
@@ -66,6 +67,8 @@ class KVCache:
             keys[target, :, :length] = keys[source, :, :length]
             if not self.values_in_keys:  # (else the keys' copy was theirs)
                 values[target, :, :length] = values[source, :, :length]
+        if self.linear is not None:  # (a state holds one position: a fork copies its parent's whole prompt)
+            self.linear.copy_slot(source, target)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int | Sequence[int], head_dim: int, dtype: torch.dtype,
@@ -84,6 +87,8 @@ class KVCache:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if getattr(config, "model_type", None) == "mimo_v2_flash":  # its sliding layers have twice the kv heads
             heads = [heads * 2 if kind == "sliding_attention" else heads for kind in config.layer_types]
+        elif "linear_attention" in (getattr(config, "layer_types", None) or ()):  # they keep states instead
+            heads = [0 if kind == "linear_attention" else heads for kind in config.layer_types]
         return {"num_kv_heads": heads,
                 "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
                 "value_head_dim": getattr(config, "v_head_dim", None), "values_in_keys": False}
@@ -186,6 +191,14 @@ def bind_step(cache: KVCache, batch: StepBatch) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+def bound_step() -> tuple[KVCache, StepBatch]:
+    """The cache and step metadata of the forward running now (`bind_step`)."""
+    bound = _CURRENT.get()
+    if bound is None:
+        raise RuntimeError("vibe_ragged attention called outside an engine step (no StepBatch bound)")
+    return bound
+
+
 def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -203,10 +216,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     Returns:
         ([1, T, Hq, dv], None).
     """
-    bound = _CURRENT.get()
-    if bound is None:
-        raise RuntimeError("vibe_ragged attention called outside an engine step (no StepBatch bound)")
-    cache, batch = bound
+    cache, batch = bound_step()
     sinks = kwargs.get("s_aux")
     window = getattr(module, _WINDOW, _UNSET)  # the layer's type decides, as transformers' masks do
     if window is _UNSET:
@@ -340,12 +350,13 @@ def _layer_windows(config) -> list[int | None] | None:
     """Each layer's sliding window from the config's ``layer_types`` (None: full attention), as transformers
     builds each layer's mask (a ``sliding_attention`` layer gets ``config.sliding_window``); None when the
     config names no layer types (the attention module's ``sliding_window`` argument or attribute decides).
+    Linear-attention layers (`service.linear_attention`) never call the attention function.
     The layer types decide even where an attention module holds the window but uses it only on sliding
     layers (EXAONE-MoE's full-attention layers keep ``sliding_window`` as an attribute)."""
     types = getattr(config, "layer_types", None)
     if not types:
         return None
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention"})
     if unknown:
         raise ValueError(f"layer types {unknown} are not supported by this engine's attention")
     return [config.sliding_window if kind == "sliding_attention" else None for kind in types]

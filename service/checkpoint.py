@@ -3,7 +3,7 @@
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
-MiMo-V2-Flash), reading
+MiMo-V2-Flash, Qwen3-Next), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -41,7 +41,7 @@ Key = tuple[int, int]  # (moe layer index, logical expert id)
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                           "exaone_moe", "mimo_v2_flash")
+                           "exaone_moe", "mimo_v2_flash", "qwen3_next")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -130,8 +130,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
                          f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
-    if architecture in ("qwen3_moe", "qwen2_moe"):
-        # the rule of Qwen{2,3}MoeDecoderLayer.__init__
+    if architecture in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
+        # the rule of Qwen{2,3}MoeDecoderLayer.__init__ (and Qwen3NextDecoderLayer's)
         step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
         moe_layers = [d for d in range(num_layers)
                       if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service import attention
+from service import attention, linear_attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.structured import Grammars, advance
@@ -190,6 +190,10 @@ class Engine:
         self.prefix_cache_queries = 0  # prompt tokens of admitted requests that may use the prefix cache
         self.prefix_cache_hits = 0     # of them, tokens taken from it
         attention.install(model)
+        linear_attention.install(model)
+        if linear_attention.linear_layers(model.config) and config.enable_prefix_caching:
+            # a linear-attention state holds one position: no prefix of another sequence can be reused
+            self.config = config = replace(config, enable_prefix_caching=False)
 
     @property
     def num_waiting(self) -> int:
@@ -578,12 +582,18 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
     per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
-    num_slots = min(config.max_num_seqs, config.kv_cache_bytes // (per_token * config.max_model_len))
+    linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
+    shape = linear_attention.LinearShape.of(mc) if linear else None
+    per_slot = per_token * config.max_model_len + (len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0)
+    num_slots = min(config.max_num_seqs, config.kv_cache_bytes // per_slot)
     if num_slots < 1:
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
-                         f"{config.max_model_len} ({per_token * config.max_model_len} bytes)")
-    return KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
-                   device=model.device, **heads)
+                         f"{config.max_model_len} ({per_slot} bytes)")
+    cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
+                    device=model.device, **heads)
+    if linear:
+        cache.linear = linear_attention.LinearStates(linear, num_slots, shape, model.dtype, model.device)
+    return cache
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:

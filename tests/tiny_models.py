@@ -47,6 +47,7 @@ from transformers import (
     PretrainedConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
     SolarOpenConfig,
 )
 
@@ -132,6 +133,11 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return MiMoV2FlashConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=16, v_head_dim=12,
                                  intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                                  n_routed_experts=8, num_experts_per_tok=2, sliding_window=4)
+    if architecture == "qwen3_next":  # gated DeltaNet linear attention in 3 of 4 layers, gated full attention
+        return Qwen3NextConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=48, num_hidden_layers=4, num_experts=8,
+                               num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                               linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4)
     if architecture == "laguna":  # per-layer query heads, per-head softplus gates, a sliding layer, dense first
         return LagunaConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
                             shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8,
@@ -151,7 +157,7 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                      "exaone_moe", "mimo_v2_flash")
+                      "exaone_moe", "mimo_v2_flash", "qwen3_next")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

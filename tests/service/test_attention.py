@@ -118,8 +118,9 @@ def test_latent_attention_caches_its_latent_once_for_every_head():
 
 def test_layer_types_decide_each_layers_window_and_other_types_are_refused():
     """As transformers builds each layer's mask: a sliding layer gets the config's window, a full one none, even
-    where the full layer's module holds the window (EXAONE-MoE); layer types this attention cannot compute
-    (linear attention, chunked) are refused when the model is installed."""
+    where the full layer's module holds the window (EXAONE-MoE), a linear-attention one none (it never calls
+    the attention function); layer types this attention cannot compute (Llama 4's chunked attention) are
+    refused when the model is installed."""
     from service.attention import _layer_windows
     from tests.tiny_models import build_tiny_model, tiny_config
 
@@ -128,8 +129,9 @@ def test_layer_types_decide_each_layers_window_and_other_types_are_refused():
     assert model.model.layers[1].self_attn.sliding_window == 4  # held, unused by a full-attention layer
     assert all(window is None for window in _layer_windows(tiny_config("qwen3_moe")) or [None])
     config = tiny_config("gpt_oss")
-    config.layer_types = ["sliding_attention", "linear_attention"]
-    with pytest.raises(ValueError, match="linear_attention"):
+    assert _layer_windows(tiny_config("qwen3_next")) == [None] * 4
+    config.layer_types = ["sliding_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
         _layer_windows(config)
 
 

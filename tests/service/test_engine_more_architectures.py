@@ -16,6 +16,7 @@ from tests.tiny_models import build_tiny_model
     "afmoe",  # sliding layers with RoPE around a NoPE full-attention layer, gated attention
     "cohere2_moe",  # a dense full-attention first layer with RoPE, then sliding and NoPE layers, in parallel
     "hunyuan_v1_moe",  # q/k norms after RoPE
+    "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
 ])
@@ -28,3 +29,23 @@ def test_staggered_concurrent_requests_equal_generate(arch):
     for requests in joins.values():
         for request_id, prompt, _ in requests:
             assert tokens[request_id] == _generate(reference, prompt, 24), request_id
+
+
+def test_linear_attention_states_follow_forks_and_no_prefix_is_reused():
+    """Qwen3-Next's linear-attention states hold one position: the engine turns prefix caching off (a later
+    request with the same prompt is prefilled again, not resumed from another sequence's state), and a choice
+    sharing its parent's prefill gets a copy of the parent's states with its keys and values."""
+    from service.engine import Engine, EngineConfig
+
+    reference = build_tiny_model("qwen3_next")
+    engine = Engine(build_tiny_model("qwen3_next"), EngineConfig(max_model_len=256, max_num_seqs=4))
+    assert not engine.config.enable_prefix_caching and engine._cache.linear is not None
+    prompt, expected = _prompt(30, 7), None
+    expected = _generate(reference, prompt, 24)
+    engine.add_request("parent", prompt, GREEDY)
+    engine.add_request("child", prompt, GREEDY, share_prefill_with="parent")
+    tokens, _ = _run(engine, {})
+    assert tokens["parent"] == tokens["child"] == expected
+    assert engine.prefix_cache_hits == 0
+    again, _ = _run(engine, {0: [("again", prompt, GREEDY)]})  # the same prompt, prefilled again
+    assert again["again"] == expected and engine.prefix_cache_hits == 0

@@ -244,6 +244,7 @@ def _expert_bytes(layout, dtype: str) -> int:
 
 def _model_max_len(checkpoint: str) -> int:
     config = json.loads((Path(checkpoint) / "config.json").read_text())
+    config = config.get("text_config") or config  # a vision-language model's language model (Qwen3.5)
     return int(config.get("max_position_embeddings", 2048))
 
 

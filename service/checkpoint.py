@@ -3,7 +3,7 @@
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
-MiMo-V2-Flash, Qwen3-Next), reading
+MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -41,7 +41,7 @@ Key = tuple[int, int]  # (moe layer index, logical expert id)
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                           "exaone_moe", "mimo_v2_flash", "qwen3_next")
+                           "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -51,6 +51,7 @@ _PER_EXPERT_FORMATS = (
      "block_sparse_moe.experts.{e}.w2.weight"),
 )
 _FUSED_FORMAT = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_VLM_LAYERS = "model.language_model.layers."
 # The values of an FP4 (e2m1) nibble, as transformers' MXFP4 integration lists them
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -128,6 +129,9 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     if method is not None and method != "fp8" and (method, architecture) != ("mxfp4", "gpt_oss"):
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
                          f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
+    dtype = _dtype_name(config)
+    if architecture == "qwen3_5_moe" and getattr(config, "text_config", None) is not None:
+        config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
     if architecture in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
@@ -135,6 +139,9 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
         moe_layers = [d for d in range(num_layers)
                       if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]
+        num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+    elif architecture == "qwen3_5_moe":  # the rule of Qwen3_5MoeDecoderLayer: every layer MoE
+        moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
     elif architecture == "gpt_oss":
         moe_layers = list(range(num_layers))
@@ -173,7 +180,7 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
     return ExpertLayout(architecture, tuple(moe_layers), num_experts, _top_k(config, moe_layers),
-                        config.hidden_size, intermediate, config.hidden_act, _dtype_name(config), clamped_swiglu)
+                        config.hidden_size, intermediate, config.hidden_act, dtype, clamped_swiglu)
 
 
 def _top_k(config: PretrainedConfig, moe_layers: Sequence[int]) -> int:
@@ -258,6 +265,9 @@ class _Shards:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.weight_map = _weight_map(folder)
+        # where the decoder layers are: a vision-language model's (Qwen3.5) are its language model's
+        vlm = any(name.startswith(_VLM_LAYERS) for name in self.weight_map)
+        self.layers = _VLM_LAYERS if vlm else "model.layers."
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
 
@@ -282,7 +292,7 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [2I, H], down [H, I]) of one expert from whichever key format the checkpoint uses; FP8
     weights (with their block scales) dequantized to ``dtype``."""
-    prefix = f"model.layers.{decoder_layer}."
+    prefix = f"{shards.layers}{decoder_layer}."
     for fmt in _PER_EXPERT_FORMATS:
         names = [prefix + suffix.format(e=expert) for suffix in fmt]
         if all(name in shards for name in names):
@@ -324,7 +334,7 @@ def _weight(shards: _Shards, name: str, dtype: torch.dtype) -> torch.Tensor:
 def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int,
                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One GPT-OSS expert's tensors, in transformers' layout ([H, 2I] and [I, H]), dequantizing MXFP4."""
-    prefix = f"model.layers.{decoder_layer}.mlp.experts."
+    prefix = f"{shards.layers}{decoder_layer}.mlp.experts."
     tensors = {}
     for proj, name in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
         for key, suffix in ((name, ""), (f"{name}_bias", "_bias")):

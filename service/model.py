@@ -114,8 +114,8 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
         del config.quantization_config  # GPT-OSS: only the experts are quantized, and they are skipped
     else:
         config = _dequantizing(config)  # FP8: the dense part too
-    with torch.device("meta"):
-        probe = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # (a vision-language model's causal LM is its language model)
+        probe = AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config)
     classes = {type(probe.model.layers[d].mlp.experts) for d in layout.moe_layers}
 
     def empty(self, *args, **kwargs) -> None:

@@ -46,6 +46,7 @@ from transformers import (
     PhimoeConfig,
     PretrainedConfig,
     Qwen2MoeConfig,
+    Qwen3_5MoeConfig,
     Qwen3MoeConfig,
     Qwen3NextConfig,
     SolarOpenConfig,
@@ -138,6 +139,15 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                                shared_expert_intermediate_size=48, num_hidden_layers=4, num_experts=8,
                                num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
                                linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4)
+    if architecture == "qwen3_5_moe":  # Qwen3-Next's layers (all MoE) inside a vision-language model
+        text = dict(vocab_size=VOCAB_SIZE, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=256, initializer_range=INITIALIZER_RANGE, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                    num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_conv_kernel_dim=4)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if architecture == "laguna":  # per-layer query heads, per-head softplus gates, a sliding layer, dense first
         return LagunaConfig(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
                             shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8,
@@ -157,13 +167,16 @@ def tiny_config(architecture: str) -> PretrainedConfig:
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                      "exaone_moe", "mimo_v2_flash", "qwen3_next")
+                      "exaone_moe", "mimo_v2_flash", "qwen3_next",
+                      "qwen3_5_moe")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised tiny model (eval mode), the same for the same seed."""
+    """A randomly initialised tiny model (eval mode), the same for the same seed; of a vision-language model
+    (Qwen3.5), its language model, which is what `AutoModelForCausalLM` loads from its checkpoint."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(architecture)).eval()
+    config = tiny_config(architecture)
+    return AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config).eval()
 
 
 def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fused: bool = False,
@@ -179,8 +192,22 @@ def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fus
     kwargs = {"save_original_format": not fused}
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
-    build_tiny_model(architecture, seed).save_pretrained(folder, **kwargs)
+    model = build_tiny_model(architecture, seed)
+    if architecture == "qwen3_5_moe":  # saved as the vision-language model its releases are
+        model = as_vlm(model, tiny_config(architecture))
+    model.save_pretrained(folder, **kwargs)
     return folder
+
+
+def as_vlm(language_model: torch.nn.Module, config: PretrainedConfig) -> torch.nn.Module:
+    """The Qwen3.5 vision-language model of `config` (random vision tower) around `language_model` (a
+    `Qwen3_5MoeForCausalLM` of `config.text_config`), as Qwen3.5's checkpoints hold their language model."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    vlm = Qwen3_5MoeForConditionalGeneration(config).eval()
+    vlm.model.language_model.load_state_dict(language_model.model.state_dict())
+    vlm.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    return vlm
 
 
 MXFP4_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",

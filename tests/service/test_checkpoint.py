@@ -54,7 +54,8 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("afmoe", (1, 2), 8, 2, 32),  # num_dense_layers 1
     ("exaone_moe", (1, 2, 3), 8, 2, 32),  # first_k_dense_replace 1
     ("mimo_v2_flash", (1, 2), 8, 2, 32),
-    ("qwen3_next", (0, 1, 2, 3), 8, 2, 32),  # decoder_sparse_step 1  # mlp_layer_types dense, sparse, sparse
+    ("qwen3_next", (0, 1, 2, 3), 8, 2, 32),  # decoder_sparse_step 1
+    ("qwen3_5_moe", (0, 1, 2, 3), 8, 2, 32),  # the language model of a vision-language config  # mlp_layer_types dense, sparse, sparse
     ("laguna", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("cohere2_moe", (1, 2), 8, 2, 32),  # first_k_dense_replace 1, as mlp_layer_types
     ("flex_olmo", (0, 1), 8, 2, 32),

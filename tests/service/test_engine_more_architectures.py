@@ -17,6 +17,7 @@ from tests.tiny_models import build_tiny_model
     "cohere2_moe",  # a dense full-attention first layer with RoPE, then sliding and NoPE layers, in parallel
     "hunyuan_v1_moe",  # q/k norms after RoPE
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
+    "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
 ])

@@ -97,10 +97,10 @@ class _SlotCache:
             full = conv_states
             if full.shape[-1] < conv_kernel_size:
                 full = torch.nn.functional.pad(full, (conv_kernel_size - full.shape[-1], 0), value=0)
-            self.conv = full[..., -conv_kernel_size:].clone()
+            self.conv = full[:, :, -conv_kernel_size:].clone()
         else:
             full = torch.cat([self.conv, conv_states], dim=-1)
-            self.conv = full[..., -self.conv.shape[-1]:].clone()
+            self.conv = full[:, :, -self.conv.shape[-1]:].clone()
         return full
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, **kwargs) -> torch.Tensor:

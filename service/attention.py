@@ -60,6 +60,7 @@ class KVCache:
         self.num_slots = num_slots
         self.max_len = max_len
         self.linear = None  # the states of linear-attention layers (service.linear_attention), if any
+        self.index_keys: list[torch.Tensor] = []  # a DSA indexer's keys per layer (service.sparse_attention)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions."""
@@ -67,6 +68,8 @@ class KVCache:
             keys[target, :, :length] = keys[source, :, :length]
             if not self.values_in_keys:  # (else the keys' copy was theirs)
                 values[target, :, :length] = values[source, :, :length]
+        for keys in self.index_keys:
+            keys[target, :, :length] = keys[source, :, :length]
         if self.linear is not None:  # (a state holds one position: a fork copies its parent's whole prompt)
             self.linear.copy_slot(source, target)
 
@@ -218,6 +221,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """
     cache, batch = bound_step()
     sinks = kwargs.get("s_aux")
+    selection = kwargs.get("indices")  # a DSA indexer's choice of keys (service.sparse_attention)
     window = getattr(module, _WINDOW, _UNSET)  # the layer's type decides, as transformers' masks do
     if window is _UNSET:
         window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
@@ -227,21 +231,23 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         rotary = query.shape[3] - latent.nope
         q_nope, q_rot = query.split([latent.nope, rotary], dim=-1)
         query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, latent.up_keys), q_rot), dim=-1)
-    _append(layer_keys, key[0], batch)
+    append_keys(layer_keys, key[0], batch)
     if not cache.values_in_keys:  # (else appending the keys appended them)
-        _append(layer_values, value[0], batch)
+        append_keys(layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
-        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling, sinks)
+        chosen = selection.decode if selection is not None else None
+        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling, sinks, chosen)
     for chunk in batch.prefills:
+        chosen = selection.prefill.get(chunk.offset) if selection is not None else None
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
-            query[0], layer_keys, layer_values, chunk, window, scaling, sinks)
+            query[0], layer_keys, layer_values, chunk, window, scaling, sinks, chosen)
     if latent is not None:  # each head's output out of the latent space
         out = torch.einsum("thr,hvr->thv", out, latent.up_values)
     return out.unsqueeze(0), None
 
 
-def _append(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
+def append_keys(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
     """Write new keys (or values) ``new [Hkv, T, d]`` into their slots of ``pool``."""
     if batch.num_decodes:
         pool[batch.decode_slots, :, batch.decode_pos] = new[:, batch.decode_select].transpose(0, 1)
@@ -250,7 +256,8 @@ def _append(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
 
 
 def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch,
-            window: int | None, scaling: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+            window: int | None, scaling: float | None, sinks: torch.Tensor | None,
+            chosen: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of every single-token query at once, over the slot range read in place.
 
     ``query [Hq, T, d]``; returns ``[B, Hq, dv]`` for the decode tokens in ``batch.decode_select`` order.
@@ -258,6 +265,8 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
     """
     num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
     mask = batch.decode_mask(window)
+    if chosen is not None:  # [slot range, L]: the keys an indexer chose
+        mask = mask & chosen[:, None, None, :]
     q = query[:, batch.decode_select]                                  # [Hq, B, d]
     q = q.reshape(num_kv_heads, -1, batch.num_decodes, head_dim).permute(2, 0, 1, 3)  # [B, Hkv, G, d]
     if isinstance(batch.decode_rows, torch.Tensor):  # holes in the slot range: pad with zero queries
@@ -273,7 +282,8 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,
-             window: int | None, scaling: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+             window: int | None, scaling: float | None, sinks: torch.Tensor | None,
+             chosen: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, dv]``."""
     n, end = chunk.num_tokens, chunk.start + chunk.num_tokens
     q = query[:, chunk.offset:chunk.offset + n]                        # [Hq, n, d]
@@ -281,18 +291,20 @@ def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chun
     if sinks is not None:  # query heads grouped under their kv head, as _decode has them
         num_kv_heads = k.shape[0]
         grouped = q.reshape(num_kv_heads, -1, n, q.shape[-1])           # [Hkv, G, n, d]
-        attn = _attend(grouped, k[:, None], v[:, None], _causal(chunk, window, query.device), scaling,
+        mask = causal_mask(chunk, window, query.device)
+        attn = _attend(grouped, k[:, None], v[:, None], mask if chosen is None else mask & chosen, scaling,
                        sinks.reshape(num_kv_heads, -1, 1, 1))          # against [Hkv, G, n, end]
         return attn.reshape(-1, n, v.shape[-1]).transpose(0, 1)
-    if chunk.start == 0 and window is None:
+    if chunk.start == 0 and window is None and chosen is None:
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     else:
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(chunk, window, query.device),
+        mask = causal_mask(chunk, window, query.device)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if chosen is None else mask & chosen,
                                               scale=scaling, enable_gqa=True)
     return attn.transpose(0, 1)
 
 
-def _causal(chunk: SeqChunk, window: int | None, device: torch.device) -> torch.Tensor:
+def causal_mask(chunk: SeqChunk, window: int | None, device: torch.device) -> torch.Tensor:
     """Bool ``[n, start + n]``: True where a new token of ``chunk`` may attend a key of its sequence."""
     q_pos = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=device)[:, None]
     k_pos = torch.arange(chunk.start + chunk.num_tokens, device=device)[None, :]
@@ -350,13 +362,14 @@ def _layer_windows(config) -> list[int | None] | None:
     """Each layer's sliding window from the config's ``layer_types`` (None: full attention), as transformers
     builds each layer's mask (a ``sliding_attention`` layer gets ``config.sliding_window``); None when the
     config names no layer types (the attention module's ``sliding_window`` argument or attribute decides).
-    Linear-attention layers (`service.linear_attention`) never call the attention function.
+    Linear-attention layers (`service.linear_attention`) never call the attention function; indexed ones
+    (`service.sparse_attention`) attend their indexer's choice of all earlier keys.
     The layer types decide even where an attention module holds the window but uses it only on sliding
     layers (EXAONE-MoE's full-attention layers keep ``sliding_window`` as an attribute)."""
     types = getattr(config, "layer_types", None)
     if not types:
         return None
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention"})
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention", "indexed_attention"})
     if unknown:
         raise ValueError(f"layer types {unknown} are not supported by this engine's attention")
     return [config.sliding_window if kind == "sliding_attention" else None for kind in types]
@@ -381,5 +394,12 @@ def _on_latent(module: torch.nn.Module) -> None:
     module.expand_kv = lambda kv_nope, k_rot: (torch.cat((kv_nope, k_rot), dim=-1), kv_nope)
 
 
-def _no_mask(*args, **kwargs) -> None:
+def _no_mask(*args, config=None, **kwargs) -> torch.Tensor | None:
+    """No mask (the step metadata gives causality), but for indexed (DSA) attention, whose modules slice the
+    mask to hand it to their indexer: a one-element placeholder then, which `RaggedIndexer` ignores."""
+    if config is not None and getattr(config, "index_topk", None) is not None:
+        return _PLACEHOLDER_MASK
     return None
+
+
+_PLACEHOLDER_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)

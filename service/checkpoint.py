@@ -3,7 +3,7 @@
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
-MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model), reading
+MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -41,7 +41,8 @@ Key = tuple[int, int]  # (moe layer index, logical expert id)
 SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
-                           "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe")
+                           "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
+                           "deepseek_v32")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -173,8 +174,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture == "glm4_moe_lite":  # the rule of Glm4MoeLiteDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
-    elif architecture in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"):
-        # the rule of DeepseekV{2,3}DecoderLayer, Glm4MoeDecoderLayer and Dots1DecoderLayer: dense layers first
+    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1"):
+        # the rule of DeepseekV{2,3,32}DecoderLayer, Glm4MoeDecoderLayer and Dots1DecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     else:

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service import attention, linear_attention
+from service import attention, linear_attention, sparse_attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.structured import Grammars, advance
@@ -191,6 +191,7 @@ class Engine:
         self.prefix_cache_hits = 0     # of them, tokens taken from it
         attention.install(model)
         linear_attention.install(model)
+        sparse_attention.install(model)
         if linear_attention.linear_layers(model.config) and config.enable_prefix_caching:
             # a linear-attention state holds one position: no prefix of another sequence can be reused
             self.config = config = replace(config, enable_prefix_caching=False)
@@ -582,6 +583,8 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
     per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
+    if sparse_attention.is_indexed(mc):
+        per_token += mc.num_hidden_layers * mc.index_head_dim * torch.empty(0, dtype=model.dtype).element_size()
     linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
     shape = linear_attention.LinearShape.of(mc) if linear else None
     per_slot = per_token * config.max_model_len + (len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0)
@@ -591,6 +594,9 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
                          f"{config.max_model_len} ({per_slot} bytes)")
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, **heads)
+    if sparse_attention.is_indexed(mc):  # a DSA indexer's keys: one more "head" per layer
+        cache.index_keys = [torch.zeros(num_slots, 1, config.max_model_len, mc.index_head_dim, dtype=model.dtype,
+                                        device=model.device) for _ in range(mc.num_hidden_layers)]
     if linear:
         cache.linear = linear_attention.LinearStates(linear, num_slots, shape, model.dtype, model.device)
     return cache

@@ -30,6 +30,7 @@ from transformers import (
     Cohere2MoeConfig,
     DeepseekV2Config,
     DeepseekV3Config,
+    DeepseekV32Config,
     Dots1Config,
     Ernie4_5_MoeConfig,
     ExaoneMoeConfig,
@@ -95,6 +96,10 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return DeepseekV3Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
                                 q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                 v_head_dim=12)
+    if architecture == "deepseek_v32":  # DeepSeek-V3's, with a DSA indexer keeping the 6 best keys per query
+        return DeepseekV32Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
+                                 q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                 v_head_dim=12, index_n_heads=16, index_head_dim=16, index_topk=6)
     if architecture == "glm4_moe_lite":  # GLM-4.7-Flash: latent attention, dense and sparse layers by type
         lite = {k: v for k, v in routing.items() if k != "first_k_dense_replace"}
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
@@ -168,7 +173,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
-                      "qwen3_5_moe")
+                      "qwen3_5_moe", "deepseek_v32")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:

@@ -16,6 +16,7 @@ from tests.tiny_models import build_tiny_model
     "afmoe",  # sliding layers with RoPE around a NoPE full-attention layer, gated attention
     "cohere2_moe",  # a dense full-attention first layer with RoPE, then sliding and NoPE layers, in parallel
     "hunyuan_v1_moe",  # q/k norms after RoPE
+    "deepseek_v32",  # a DSA indexer choosing 6 keys per query: decodes of several lengths, chunked prefills
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys

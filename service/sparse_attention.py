@@ -1,0 +1,116 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2's lightning indexer) over the engine's flat ragged batch.
+
+Each attention layer of DeepSeek-V3.2 has an indexer: small projections that score every earlier token of
+the sequence for each query (``relu(q . k)`` per indexer head, weighted and summed), and the query then
+attends only the ``index_topk`` best (2048 in the release; all of them while the sequence is shorter).
+Owns `install`, which replaces each layer's indexer by `RaggedIndexer`: it appends the new tokens' indexer
+keys to the KV cache (``KVCache.index_keys``, one ``[slots, 1, max_len, index_head_dim]`` tensor per layer)
+and returns a `Selection` (which keys each query of the step may attend), which the module hands to the
+attention function (``indices``) and `service.attention` applies on top of causality. The indexer's
+arithmetic is transformers' (`DeepseekV32Indexer.forward`), per sequence.
+
+Ignores the reference implementation's Hadamard rotation and FP8 scoring, as transformers does (the
+rotation preserves dot products; FP8 is a precision shortcut).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from service import attention
+
+# transformers' attention modules that call an indexer and pass its result as ``indices``
+_INDEXED_ATTENTION = ("DeepseekV32Attention",)
+
+
+def is_indexed(config) -> bool:
+    """Whether ``config``'s attention layers select their keys with a DSA indexer."""
+    return getattr(config, "index_topk", None) is not None and getattr(config, "index_head_dim", None) is not None
+
+
+@dataclass
+class Selection:
+    """The keys each query of one step may attend, beyond causality (None: all of them).
+
+    Attributes:
+        decode: bool ``[slot_hi - slot_lo, L]`` for the single-token queries, by row of the step's slot range
+            (``L`` = the longest of their sequences); None when no sequence is longer than ``index_topk``.
+        prefill: by chunk offset, bool ``[n, start + n]`` for the chunk's queries (absent: all keys).
+    """
+
+    decode: torch.Tensor | None = None
+    prefill: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class RaggedIndexer(torch.nn.Module):
+    """A layer's DSA indexer over the bound step's sequences (its weights are the original indexer's)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, q_resid: torch.Tensor, position_embeddings, attention_mask=None,
+                position_ids=None, cache=None) -> Selection:
+        from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+        ix = self.inner
+        cache_, batch = attention.bound_step()
+        pool = cache_.index_keys[ix.layer_idx]                                 # [slots, 1, max_len, D]
+        _, tokens, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        q = ix.wq_b(q_resid).view(1, tokens, ix.n_heads, ix.head_dim)
+        q_rot, q_pass = torch.split(q, [ix.qk_rope_head_dim, ix.head_dim - ix.qk_rope_head_dim], dim=-1)
+        k = ix.k_norm(ix.wk(hidden_states)).unsqueeze(2)
+        k_rot, k_pass = torch.split(k, [ix.qk_rope_head_dim, ix.head_dim - ix.qk_rope_head_dim], dim=-1)
+        q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+        q = torch.cat([q_rot, q_pass], dim=-1)[0]                              # [T, H, D]
+        k = torch.cat([k_rot, k_pass], dim=-1)[0, :, 0]                        # [T, D]
+        attention.append_keys(pool, k.unsqueeze(0), batch)                   # as one "head" [1, T, D]
+        weights = ix.weights_proj(hidden_states.to(ix.weights_proj.weight.dtype)).float()[0] * (ix.n_heads**-0.5)
+        topk = ix.index_topk
+        selection = Selection()
+        if batch.num_decodes and batch.decode_max_len > topk:
+            length = batch.decode_max_len
+            keys = pool[batch.slot_lo:batch.slot_hi, 0, :length][batch.decode_rows]  # [B, L, D]
+            rows = batch.decode_select
+            scores = F.relu(torch.matmul(q[rows].float(), keys.float().transpose(-1, -2)) * ix.softmax_scale)
+            index = torch.matmul(weights[rows].unsqueeze(-2), scores).squeeze(-2)  # [B, L]
+            valid = torch.arange(length, device=index.device)[None, :] < batch.decode_len[batch.decode_rows][:, None]
+            chosen = _top(index.masked_fill(~valid, float("-inf")), topk) & valid
+            selection.decode = torch.ones(batch.slot_hi - batch.slot_lo, length, dtype=torch.bool,
+                                          device=index.device)
+            selection.decode[batch.decode_rows] = chosen
+        for chunk in batch.prefills:
+            end = chunk.start + chunk.num_tokens
+            if end <= topk:
+                continue
+            span = slice(chunk.offset, chunk.offset + chunk.num_tokens)
+            keys = pool[chunk.slot, 0, :end]                                   # [end, D]
+            scores = F.relu(torch.matmul(q[span].float(), keys.float().T.unsqueeze(0)) * ix.softmax_scale)
+            index = torch.matmul(weights[span].unsqueeze(-2), scores).squeeze(-2)  # [n, end]
+            causal = attention.causal_mask(chunk, None, index.device)
+            selection.prefill[chunk.offset] = _top(index.masked_fill(~causal, float("-inf")), topk) & causal
+        return selection
+
+
+def _top(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Bool, True at each row's ``topk`` highest scores (transformers' ``topk(min(topk, L))``)."""
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    return chosen.scatter(-1, scores.topk(min(topk, scores.shape[-1]), dim=-1).indices, True)
+
+
+def install(model: PreTrainedModel) -> None:
+    """Replace the indexer of each DSA attention module of ``model`` by a `RaggedIndexer`; ValueError if
+    the model's config says its attention is indexed but no module could be."""
+    found = 0
+    for module in model.modules():
+        if type(module).__name__ in _INDEXED_ATTENTION and not isinstance(module.indexer, RaggedIndexer):
+            module.indexer = RaggedIndexer(module.indexer)
+            found += 1
+    if is_indexed(model.config) and not found:
+        raise ValueError(f"{type(model).__name__}: indexed (DSA) attention this engine cannot run")

@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
-import openai
 import pytest
-import torch
 
 from service.harmony import TAGS, HarmonyStream
-from service.model import load_reference_model
-from service.text import apply_chat_template
-from tests.serve_app import serve_app
+from tests.integration.architecture_app import (
+    PROMPTS,
+    WEATHER,
+    answers,
+    client,
+    expected_answers,
+    re_place,
+    served,
+)
 from tests.service.test_harmony import HARMONY_TEMPLATE
 from tests.service.test_text import build_chat_model, build_tokenizer
 from tests.tiny_models import as_mxfp4
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TOKEN = "test-admin-token-0123456789"
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 MODEL = "tiny-gpt-oss"
-PROMPTS = ["Explain what a dictionary is in Python.", "Write a short note about the weather."]
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -51,51 +49,30 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(folder):
-    with serve_app({"model": MODEL, "model_roots": [str(folder.parent)], "num_devices": 4,
-                    "speeds": [1.0, 0.95, 0.9, 0.85], "app_name": "gptoss", "profile_prompts": None,
-                    "emulation": {"fixed_s": 1e-4, "jitter": 0.0, "throttle_floor": 1.0}, "dtype": "float32",
-                    "max_num_seqs": 8, "admin_token": TOKEN, "reasoning_parser": "openai_gptoss"}) as base:
-        yield base
+def openai_client(folder):
+    with served(folder, "gptoss", dtype="float32", reasoning_parser="openai_gptoss") as url:
+        yield client(url), url
 
 
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
-
-
-def _greedy(client, prompt: str) -> str:
-    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                              max_tokens=24, temperature=0)
-    return response.choices[0].message.content
-
-
-def test_gpt_oss_in_mxfp4_answers_as_the_single_process_model_before_and_after_a_re_placement(client, url, folder):
-    from transformers import AutoTokenizer
-
-    model, tokenizer = load_reference_model(folder), AutoTokenizer.from_pretrained(folder)
+def _content(tokenizer, new_tokens) -> str:
+    """The random model writes no harmony: its text is the content, without the end token and other specials."""
     drop = {*tokenizer.all_special_tokens} - set(TAGS)
-    expected = []
-    for prompt in PROMPTS:
-        ids = apply_chat_template(tokenizer, [{"role": "user", "content": prompt}])
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-        text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
-        # the random model writes no harmony: its text is the content, without the end token and other specials
-        expected.append(HarmonyStream({}, drop=drop).push(text, final=True)[1])
-    assert all(expected) and [_greedy(client, p) for p in PROMPTS] == expected
-    placement = httpx.get(f"{url}/admin/placement", headers=ADMIN, timeout=30).json()
-    assert len(placement["layers"]) == 2 and placement["num_experts"] == 8
-    moved = httpx.post(f"{url}/admin/recalibrate", headers=ADMIN, timeout=120,
-                       json={"policy": "contiguous", "mode": "full", "force": True}).json()
-    assert moved["status"] == "applied" and moved["experts_moved"] > 0, moved
-    assert [_greedy(client, p) for p in PROMPTS] == expected
+    return HarmonyStream({}, drop=drop).push(tokenizer.decode(new_tokens, skip_special_tokens=False), final=True)[1]
 
 
-def test_forced_calls_come_as_harmony_calls(client):
+def test_gpt_oss_in_mxfp4_answers_as_the_single_process_model_before_and_after_a_re_placement(openai_client, folder):
+    api, url = openai_client
+    expected = expected_answers(folder, _content)
+    assert all(expected) and [answers(api, MODEL, p)[0] for p in PROMPTS] == expected
+    re_place(url, num_moe_layers=2)
+    assert [answers(api, MODEL, p)[0] for p in PROMPTS] == expected
+
+
+def test_forced_calls_come_as_harmony_calls(openai_client):
+    api, _ = openai_client
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                           tools=tools, tool_choice="required", max_tokens=400, temperature=0)
+    reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                        tools=tools, tool_choice="required", max_tokens=400, temperature=0)
     (call,) = reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)

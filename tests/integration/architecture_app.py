@@ -35,6 +35,22 @@ def served(folder: Path, app_name: str, **args: Any) -> Iterator[str]:
         yield base
 
 
+def chat_model(architecture: str, tokenizer, seed: int = 3) -> torch.nn.Module:
+    """The tiny model of ``architecture`` with ``tokenizer``'s vocabulary and room for a tools' prompt."""
+    from tests.service.test_text import build_chat_model
+
+    model = build_chat_model(tokenizer, seed=seed, architecture=architecture)
+    model.config.max_position_embeddings = 1024
+    return model
+
+
+def save_folder(root: Path, name: str, model: torch.nn.Module, tokenizer) -> Path:
+    """``model`` and ``tokenizer`` saved as the model folder ``name`` under ``root`` (a configured root)."""
+    model.save_pretrained(root / name)
+    tokenizer.save_pretrained(root / name)
+    return root / name
+
+
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
 

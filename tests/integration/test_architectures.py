@@ -17,12 +17,14 @@ from tests.integration.architecture_app import (
     PROMPTS,
     WEATHER,
     answers,
+    chat_model,
     client,
     expected_answers,
     re_place,
+    save_folder,
     served,
 )
-from tests.service.test_text import build_chat_model, build_tokenizer
+from tests.service.test_text import build_tokenizer
 from tests.tiny_models import as_fp8
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -35,11 +37,8 @@ def folder(tmp_path_factory):
     """A DeepSeek-V3 checkpoint in FP8 with block scales and a chat tokenizer, as a model folder of a
     configured root."""
     tokenizer = build_tokenizer()
-    path = tmp_path_factory.mktemp("models") / MODEL
-    model = build_chat_model(tokenizer, seed=3, architecture="deepseek_v3")
-    model.config.max_position_embeddings = 1024  # room for the tools' prompt
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    model = chat_model("deepseek_v3", tokenizer)
+    path = save_folder(tmp_path_factory.mktemp("models"), MODEL, model, tokenizer)
     return as_fp8(path, model)  # as DeepSeek released V3 and R1: the ingress and the workers dequantize
 
 

@@ -18,13 +18,15 @@ from tests.integration.architecture_app import (
     PROMPTS,
     WEATHER,
     answers,
+    chat_model,
     client,
     expected_answers,
     re_place,
+    save_folder,
     served,
 )
 from tests.service.test_harmony import HARMONY_TEMPLATE
-from tests.service.test_text import build_chat_model, build_tokenizer
+from tests.service.test_text import build_tokenizer
 from tests.tiny_models import as_mxfp4
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,14 +40,10 @@ def folder(tmp_path_factory):
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS)})
     tokenizer.chat_template = HARMONY_TEMPLATE
-    path = tmp_path_factory.mktemp("models") / MODEL
-    model = build_chat_model(tokenizer, seed=3, architecture="gpt_oss")
-    model.config.max_position_embeddings = 1024  # room for the tools' prompt
+    model = chat_model("gpt_oss", tokenizer)
     model.config.rope_parameters["original_max_position_embeddings"] = 32  # (YaRN's factor 32)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(tag) for tag in ("<|return|>", "<|call|>")]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return as_mxfp4(path, seed=3)
+    return as_mxfp4(save_folder(tmp_path_factory.mktemp("models"), MODEL, model, tokenizer), seed=3)
 
 
 @pytest.fixture(scope="module")

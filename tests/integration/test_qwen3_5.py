@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.integration.architecture_app import PROMPTS, answers, client, expected_answers, re_place, served
+from tests.integration.architecture_app import (
+    PROMPTS,
+    answers,
+    client,
+    expected_answers,
+    re_place,
+    save_folder,
+    served,
+)
 from tests.service.test_text import build_tokenizer
 from tests.tiny_models import as_vlm, tiny_config
 
@@ -32,12 +40,9 @@ def folder(tmp_path_factory):
     text.eos_token_id, text.pad_token_id, text.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
     torch.manual_seed(3)
     language_model = AutoModelForCausalLM.from_config(text).eval()
-    path = tmp_path_factory.mktemp("models") / MODEL
     vlm = as_vlm(language_model, config)
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
-    vlm.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_folder(tmp_path_factory.mktemp("models"), MODEL, vlm, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ layer per step.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.structured import Grammars, advance
 from service.text import TextStream
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -194,6 +197,7 @@ class Engine:
         sparse_attention.install(model)
         if linear_attention.linear_layers(model.config) and config.enable_prefix_caching:
             # a linear-attention state holds one position: no prefix of another sequence can be reused
+            log.info("prefix caching is off: %s has linear-attention layers", type(model).__name__)
             self.config = config = replace(config, enable_prefix_caching=False)
 
     @property

@@ -195,7 +195,7 @@ class Engine:
         attention.install(model)
         linear_attention.install(model)
         sparse_attention.install(model)
-        if linear_attention.linear_layers(model.config) and config.enable_prefix_caching:
+        if self._cache.linear is not None and config.enable_prefix_caching:
             # a linear-attention state holds one position: no prefix of another sequence can be reused
             log.info("prefix caching is off: %s has linear-attention layers", type(model).__name__)
             self.config = config = replace(config, enable_prefix_caching=False)
@@ -587,7 +587,8 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
     per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
-    if sparse_attention.is_indexed(mc):
+    indexed = sparse_attention.is_indexed(mc)
+    if indexed:
         per_token += mc.num_hidden_layers * mc.index_head_dim * torch.empty(0, dtype=model.dtype).element_size()
     linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
     shape = linear_attention.LinearShape.of(mc) if linear else None
@@ -598,7 +599,7 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
                          f"{config.max_model_len} ({per_slot} bytes)")
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, **heads)
-    if sparse_attention.is_indexed(mc):  # a DSA indexer's keys: one more "head" per layer
+    if indexed:  # a DSA indexer's keys: one more "head" per layer
         cache.index_keys = [torch.zeros(num_slots, 1, config.max_model_len, mc.index_head_dim, dtype=model.dtype,
                                         device=model.device) for _ in range(mc.num_hidden_layers)]
     if linear:

@@ -71,6 +71,8 @@ class AppArgs(BaseModel):
     num_devices: int = Field(default=8, ge=1, le=1024)
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # workers hold an FP8 or MXFP4 checkpoint's experts as stored, dequantizing each at each call
+    keep_quantized_experts: bool = False
     emulate: bool = True
     speeds: list[float] = Field(default_factory=lambda: list(DEFAULT_SPEEDS))
     emulation: EmulationArgs = Field(default_factory=EmulationArgs)
@@ -150,7 +152,7 @@ def build_app(args: dict[str, Any] | None = None):
     layout = load_layout(checkpoint)
     _check_plannable(parsed, layout.num_experts)
     shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
-                       expert_bytes=_expert_bytes(layout, parsed.dtype))
+                       expert_bytes=_expert_bytes(checkpoint, parsed.dtype, parsed.keep_quantized_experts))
     worker_configs = _worker_configs(parsed, layout)
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
@@ -232,14 +234,22 @@ def _worker_configs(args: AppArgs, layout) -> list:
 
     emulations = emulation_configs(args) if args.emulate else [None] * args.num_devices
     return [WorkerConfig(index=index, device=args.device, dtype=args.dtype, hidden_act=layout.hidden_act,
-                         clamped_swiglu=layout.clamped_swiglu, num_threads=args.worker_threads,
+                         clamped_swiglu=layout.clamped_swiglu, keep_quantized=args.keep_quantized_experts,
+                         num_threads=args.worker_threads,
                          profile_shape=(layout.hidden_size, layout.intermediate_size), emulation=emulation)
             for index, emulation in enumerate(emulations)]
 
 
-def _expert_bytes(layout, dtype: str) -> int:
-    element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    return layout.params_per_expert * element
+def _expert_bytes(checkpoint: str, dtype: str, keep_quantized: bool) -> int:
+    """Bytes of one expert as the workers hold it (quantized or not), which a migration moves: its first
+    expert read and held as a worker would (all experts of a model have the same shapes)."""
+    from service.checkpoint import read_experts
+    from service.experts import ExpertStore
+    from service.worker import DTYPES
+
+    store = ExpertStore("cpu", DTYPES[dtype])
+    store.add(read_experts(checkpoint, [(0, 0)], quantized=keep_quantized))
+    return store.held_bytes()
 
 
 def _model_max_len(checkpoint: str) -> int:

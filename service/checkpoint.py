@@ -18,7 +18,9 @@ On disk `save_pretrained` writes per-expert keys by default, and fused 3-D tenso
 GPT-OSS stores its experts fused and transposed, with biases (`mlp.experts.gate_up_proj` [E, H, 2I],
 `gate_up_proj_bias` [E, 2I], `down_proj` [E, I, H], `down_proj_bias` [E, H]), or, as OpenAI released it,
 in MXFP4 (`gate_up_proj_blocks` [E, 2I, H/32, 16] and `gate_up_proj_scales` [E, 2I, H/32], the same for
-`down_proj`): those are dequantized here, per expert, exactly as transformers dequantizes them.
+`down_proj`). Quantized experts (those, and FP8 ones with block scales) are dequantized here, per expert,
+exactly as transformers dequantizes them, or read as stored (`read_experts(..., quantized=True)`) for
+workers that hold them quantized (service.quantization).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from service.experts import checksum
 from service.messages import ExpertTensors
+from service.quantization import FP8_DTYPES, check_fp8_blocks, dequantize_fp8, dequantize_mxfp4
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
@@ -53,8 +56,6 @@ _PER_EXPERT_FORMATS = (
 )
 _FUSED_FORMAT = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _VLM_LAYERS = "model.language_model.layers."
-# The values of an FP4 (e2m1) nibble, as transformers' MXFP4 integration lists them
-_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclass(frozen=True)
@@ -227,20 +228,25 @@ def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
     return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
 
 
-def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[ExpertTensors]:
+def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: bool = False) -> list[ExpertTensors]:
     """Read the given experts, and nothing else, from a local checkpoint folder.
 
     Args:
         checkpoint_dir: folder with config.json and `model.safetensors` or a sharded checkpoint
             (`model.safetensors.index.json`).
         keys: (moe layer index, expert) pairs; moe layer i is decoder layer `layout.moe_layers[i]`.
+        quantized: keep quantized experts as stored (for workers that hold them quantized, see
+            `service.experts.ExpertFFN`) instead of dequantizing them; no effect on other checkpoints.
 
     Returns:
         One ExpertTensors per key, in order: "gate_up" [2I, H] = cat(gate, up) and "down" [H, I], in the
         checkpoint's dtype, bit-identical to `gate_up_proj[e]` / `down_proj[e]` of the loaded model,
         with their checksum. GPT-OSS's: `gate_up_proj[e]`, `gate_up_proj_bias[e]`, `down_proj[e]` and
-        `down_proj_bias[e]` as "gate_up", "gate_up_bias", "down" and "down_bias", MXFP4 weights
-        dequantized to the checkpoint's dtype as transformers dequantizes them.
+        `down_proj_bias[e]` as "gate_up", "gate_up_bias", "down" and "down_bias". Quantized weights are
+        dequantized to the checkpoint's dtype as transformers dequantizes them; with ``quantized``, an FP8
+        weight stays FP8 beside its float32 block scales ("gate_up_scale_inv": gate's and up's grids
+        stacked as their rows are, "down_scale_inv"), and GPT-OSS's MXFP4 weights stay
+        "gate_up_blocks", "gate_up_scales", "down_blocks" and "down_scales" (uint8, as stored).
 
     Raises:
         ValueError: a key is out of range, or the checkpoint lacks an expert's tensors.
@@ -248,14 +254,12 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key]) -> list[Expert
     folder = _local_dir(checkpoint_dir)
     layout = load_layout(folder)
     keys = layout.check_keys(keys)
+    dtype = getattr(torch, layout.dtype)
     with _Shards(folder) as shards:
         out = []
         for layer, expert in keys:
-            if layout.architecture == "gpt_oss":
-                tensors = _read_gpt_oss_expert(shards, layout.moe_layers[layer], expert, getattr(torch, layout.dtype))
-            else:
-                gate_up, down = _read_expert(shards, layout.moe_layers[layer], expert, getattr(torch, layout.dtype))
-                tensors = {"gate_up": gate_up, "down": down}
+            read = _read_gpt_oss_expert if layout.architecture == "gpt_oss" else _read_expert
+            tensors = read(shards, layout.moe_layers[layer], expert, dtype, quantized)
             out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
     return out
 
@@ -289,52 +293,58 @@ class _Shards:
         return self._open[shard]
 
 
-def _read_expert(shards: _Shards, decoder_layer: int, expert: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up [2I, H], down [H, I]) of one expert from whichever key format the checkpoint uses; FP8
-    weights (with their block scales) dequantized to ``dtype``."""
+def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype,
+                 quantized: bool) -> dict[str, torch.Tensor]:
+    """"gate_up" [2I, H] and "down" [H, I] of one expert from whichever key format the checkpoint uses; FP8
+    weights (with their block scales) dequantized to ``dtype``, or kept with their scales if ``quantized``."""
     prefix = f"{shards.layers}{decoder_layer}."
     for fmt in _PER_EXPERT_FORMATS:
         names = [prefix + suffix.format(e=expert) for suffix in fmt]
         if all(name in shards for name in names):
-            gate, up, down = (_weight(shards, name, dtype) for name in names)
-            return torch.cat([gate, up], dim=0), down.contiguous()
+            (gate, gate_scale), (up, up_scale), (down, down_scale) = (
+                _weight(shards, name, dtype, quantized) for name in names)
+            tensors = {"gate_up": torch.cat([gate, up], dim=0), "down": down.contiguous()}
+            if (gate_scale is None) != (up_scale is None) or (gate_scale is not None and (
+                    gate.shape != up.shape or gate_scale.shape != up_scale.shape)):
+                raise ValueError(f"expert {expert} of decoder layer {decoder_layer}: its gate and up projections "
+                                 f"must be quantized alike to be held quantized")
+            if gate_scale is not None:  # the grids stack as the rows do (each divides its weight)
+                tensors["gate_up_scale_inv"] = torch.cat([gate_scale, up_scale], dim=0)
+            if down_scale is not None:
+                tensors["down_scale_inv"] = down_scale
+            return tensors
     names = [prefix + suffix for suffix in _FUSED_FORMAT]
     if all(name in shards for name in names):
         # get_slice reads only this expert's rows of the fused tensors
         gate_up, down = (shards.file(name).get_slice(name)[expert].contiguous() for name in names)
-        if gate_up.dtype in _FP8 or down.dtype in _FP8:
+        if gate_up.dtype in FP8_DTYPES or down.dtype in FP8_DTYPES:
             raise ValueError(f"fused FP8 experts (decoder layer {decoder_layer}) are not supported: FP8 checkpoints "
                              f"are read with per-expert weights and their weight_scale_inv")
-        return gate_up, down
+        return {"gate_up": gate_up, "down": down}
     raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
 
 
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def _weight(shards: _Shards, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """Tensor ``name``; an FP8 one multiplied by its per-block ``weight_scale_inv`` into ``dtype``, the
-    expression of transformers' `Fp8Dequantize` (bit-identical to the weights it loads)."""
+def _weight(shards: _Shards, name: str, dtype: torch.dtype,
+            quantized: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor ``name``, None); an FP8 one multiplied by its per-block ``weight_scale_inv`` into ``dtype``
+    (bit-identical to the weights transformers loads), or with ``quantized`` kept FP8 beside its scale
+    grid (float32, 2-D: a single scale is a 1 x 1 grid)."""
     tensor = shards.file(name).get_tensor(name)
-    if tensor.dtype not in _FP8:
-        return tensor
+    if tensor.dtype not in FP8_DTYPES:
+        return tensor, None
     scale_name = name + "_scale_inv"
     if scale_name not in shards:
         raise ValueError(f"FP8 weight {name} has no {scale_name}")
     scales = shards.file(scale_name).get_tensor(scale_name).to(torch.float32)
-    rows, cols = tensor.shape
-    scale_rows, scale_cols = scales.shape if scales.dim() == 2 else (1, 1)
-    if rows % scale_rows or cols % scale_cols:
-        raise ValueError(f"FP8 weight {name} {tuple(tensor.shape)} is not divisible by its scale grid "
-                         f"({scale_rows}, {scale_cols})")
-    blocks = tensor.to(torch.float32).reshape(scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
-    return (blocks * scales.reshape(scale_rows, 1, scale_cols, 1)).to(dtype).reshape(rows, cols)
+    scales = scales if scales.dim() == 2 else scales.reshape(1, 1)
+    check_fp8_blocks(tensor, scales, name)
+    return (tensor, scales) if quantized else (dequantize_fp8(tensor, scales, dtype), None)
 
 
-def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int,
-                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One GPT-OSS expert's tensors, in transformers' layout ([H, 2I] and [I, H]), dequantizing MXFP4."""
+def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype,
+                         quantized: bool) -> dict[str, torch.Tensor]:
+    """One GPT-OSS expert's tensors, in transformers' layout ([H, 2I] and [I, H]); MXFP4 weights dequantized,
+    or kept as their blocks and scales if ``quantized``."""
     prefix = f"{shards.layers}{decoder_layer}.mlp.experts."
     tensors = {}
     for proj, name in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
@@ -344,27 +354,15 @@ def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int,
                 tensors[key] = shards.file(full).get_slice(full)[expert].contiguous()
         blocks, scales = prefix + proj + "_blocks", prefix + proj + "_scales"
         if name not in tensors and blocks in shards and scales in shards:
-            tensors[name] = _dequantize_mxfp4(shards.file(blocks).get_slice(blocks)[expert],
-                                              shards.file(scales).get_slice(scales)[expert], dtype)
-        if name not in tensors or f"{name}_bias" not in tensors:
+            blocks, scales = (shards.file(full).get_slice(full)[expert].contiguous() for full in (blocks, scales))
+            if quantized:
+                dequantize_mxfp4(blocks[:1], scales[:1], dtype)  # checks the shapes now, not at the first call
+                tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+            else:
+                tensors[name] = dequantize_mxfp4(blocks, scales, dtype)
+        if not ({name, f"{name}_blocks"} & tensors.keys()) or f"{name}_bias" not in tensors:
             raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
     return tensors
-
-
-def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One expert's MXFP4 weight: ``blocks`` uint8 [N, K/32, 16] (two FP4 values a byte, the low nibble
-    first) and ``scales`` uint8 [N, K/32] (a power of two per 32 values, biased by 127) -> [K, N] in
-    ``dtype``, the expression of transformers' `convert_moe_packed_tensors` (bit-identical)."""
-    if blocks.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales {tuple(scales.shape)}")
-    rows, groups, width = blocks.shape
-    lut = torch.tensor(_FP4_VALUES, dtype=dtype)
-    flat = blocks.reshape(rows * groups, width)
-    out = torch.empty(rows * groups, 2 * width, dtype=dtype)
-    out[:, 0::2] = lut[(flat & 0x0F).to(torch.int)]
-    out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
-    torch.ldexp(out, scales.reshape(rows * groups, 1).to(torch.int32) - 127, out=out)
-    return out.reshape(rows, groups * 2 * width).T.contiguous()
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

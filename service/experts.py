@@ -8,7 +8,12 @@ writes it) and `run_experts`. Ignores where experts come from (checkpoints, migr
 Tensor names of one expert: "gate_up" [2I, H] (gate rows first, then up) and "down" [H, I] (SwiGLU
 experts: Qwen, Mixtral, DeepSeek, ...); GPT-OSS's clamped SwiGLU experts keep transformers' own layout,
 "gate_up" [H, 2I] (gate and up columns interleaved), "gate_up_bias" [2I], "down" [I, H], "down_bias" [H].
-Any other tensors are stored, moved and checksummed with an expert but not used here.
+A worker may hold quantized weights as checkpoints store them (`read_experts(..., quantized=True)`): an
+FP8 "gate_up" or "down" beside its float32 block scales ("gate_up_scale_inv", "down_scale_inv"), or
+GPT-OSS's MXFP4 "gate_up_blocks" / "gate_up_scales" and "down_blocks" / "down_scales" in place of the
+weight; `ExpertFFN` dequantizes such a weight at each call, to the compute dtype, as transformers does
+on loading (service.quantization). Any other tensors are stored, moved and checksummed with an expert but
+not used here.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from service.messages import ExpertTensors
+from service.quantization import FP8_DTYPES, dequantize_fp8, dequantize_mxfp4
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
@@ -51,7 +57,8 @@ def _update(digest, data) -> None:
 class ExpertStore:
     """Experts of one worker on one torch device, by (layer, expert); safe to use from several threads.
 
-    Floating-point tensors are cast to `dtype` on arrival; integer tensors keep their dtype. An
+    Floating-point weights are cast to `dtype` on arrival; quantized ones (FP8, integer) and block scales
+    ("*_scale_inv") keep their dtype (see the module docstring). An
     expert's tensors are replaced as a whole, never modified in place, so a reader may use a dict it
     got from `get` while another thread adds or drops experts.
     """
@@ -110,8 +117,19 @@ class ExpertStore:
         return tensors
 
     def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: t.detach().to(self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+        return {name: t.detach().to(self.device, dtype=self.dtype if _compute_weight(name, t) else t.dtype)
                 for name, t in tensors.items()}
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor of the held experts."""
+        with self._lock:
+            held = list(self._experts.values())
+        return sum(t.numel() * t.element_size() for tensors in held for t in tensors.values())
+
+
+def _compute_weight(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a tensor is held in the compute dtype: floating point, neither FP8 nor a block scale."""
+    return tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not name.endswith("_scale_inv")
 
 
 @dataclass(frozen=True)
@@ -142,18 +160,20 @@ class ExpertFFN:
         """The expert's output for x [n, H], unweighted: exactly the expression of transformers' eager
         experts loop (e.g. Qwen3MoeExperts.forward, GptOssExperts.forward), so outputs are bit-identical."""
         if self.clamped_swiglu is None:
-            gate, up = F.linear(x, tensors["gate_up"]).chunk(2, dim=-1)
-            return F.linear(self._act(gate) * up, tensors["down"])
+            gate, up = F.linear(x, _weight(tensors, "gate_up", x.dtype)).chunk(2, dim=-1)
+            return F.linear(self._act(gate) * up, _weight(tensors, "down", x.dtype))
         alpha, limit = self.clamped_swiglu
-        gate_up = x @ tensors["gate_up"] + tensors["gate_up_bias"]
+        gate_up = x @ _weight(tensors, "gate_up", x.dtype) + tensors["gate_up_bias"]
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         gate = gate.clamp(min=None, max=limit)
         up = up.clamp(min=-limit, max=limit)
         glu = gate * torch.sigmoid(gate * alpha)
-        return ((up + 1) * glu) @ tensors["down"] + tensors["down_bias"]
+        return ((up + 1) * glu) @ _weight(tensors, "down", x.dtype) + tensors["down_bias"]
 
     def hidden_size(self, tensors: dict[str, torch.Tensor]) -> int:
         """H of an expert's tensors."""
+        if "down_blocks" in tensors:  # MXFP4 [H, I/32, 16]
+            return tensors["down_blocks"].shape[0]
         down = tensors["down"]
         return down.shape[1] if self.clamped_swiglu is not None else down.shape[0]
 
@@ -165,6 +185,16 @@ class ExpertFFN:
             return {"gate_up": gate_up, "down": down}
         return {"gate_up": gate_up.T.contiguous(), "gate_up_bias": torch.zeros(2 * intermediate),
                 "down": down.T.contiguous(), "down_bias": torch.zeros(hidden)}
+
+
+def _weight(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Weight ``name`` of an expert, dequantized to ``dtype`` if it is held quantized."""
+    weight = tensors.get(name)
+    if weight is None:  # GPT-OSS's MXFP4, held as stored
+        return dequantize_mxfp4(tensors[f"{name}_blocks"], tensors[f"{name}_scales"], dtype)
+    if weight.dtype in FP8_DTYPES:
+        return dequantize_fp8(weight, tensors[f"{name}_scale_inv"], dtype)
+    return weight
 
 
 def run_experts(

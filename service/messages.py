@@ -195,6 +195,19 @@ class ExpertTensors:
     tensors: dict[str, torch.Tensor]
     checksum: str
 
+    def __reduce__(self):
+        """Pickled with every tensor as its raw bytes, dtype and shape: torch 2.13 pickles an FP8 tensor but
+        cannot unpickle it, and experts held quantized travel as FP8 between workers."""
+        raw = {name: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                      t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
+               for name, t in self.tensors.items()}
+        return _unpickle_expert, (self.layer, self.expert, raw, self.checksum)
+
+
+def _unpickle_expert(layer: int, expert: int, raw: dict, checksum: str) -> ExpertTensors:
+    tensors = {name: data.view(getattr(torch, dtype)).reshape(shape) for name, (dtype, shape, data) in raw.items()}
+    return ExpertTensors(layer, expert, tensors, checksum)
+
 
 @dataclass(frozen=True)
 class LatencySamples:

@@ -41,6 +41,10 @@ class WorkerConfig:
         hidden_act: activation of the expert gate, a key of transformers' ACT2FN.
         clamped_swiglu: GPT-OSS's (alpha, limit) when the experts are its clamped SwiGLU with biases
             (`service.experts.ExpertFFN`; `ExpertLayout.clamped_swiglu` of the model), else None.
+        keep_quantized: hold a quantized checkpoint's experts as stored (FP8 with block scales, MXFP4),
+            dequantizing each weight at each call: half (FP8) or about a quarter (MXFP4) of the memory and
+            of the bytes a migration moves, for a dequantization per expert call. False: dequantize on
+            loading. No effect on other checkpoints.
         num_threads: torch intra-op threads of this process (torch.set_num_threads).
         profile_shape: (hidden, intermediate) of the synthetic expert profiled when none is held.
         emulation: emulated device parameters, or None to report measured compute time.
@@ -51,6 +55,7 @@ class WorkerConfig:
     dtype: str = "float32"
     hidden_act: str = "silu"
     clamped_swiglu: tuple[float, float] | None = None
+    keep_quantized: bool = False
     num_threads: int = 1
     profile_shape: tuple[int, int] = (128, 256)
     emulation: EmulationConfig | None = None
@@ -86,6 +91,7 @@ class WorkerStats:
         busy_s: device seconds reported for them (emulated, or measured without emulation).
         uptime_s: seconds since the worker started.
         duty_cycle: busy_s / uptime_s.
+        held_bytes: bytes of the experts held now (all their tensors).
 
     Deliberately no emulation parameters: the placement side learns devices only from timings.
     """
@@ -96,6 +102,7 @@ class WorkerStats:
     busy_s: float
     uptime_s: float
     duty_cycle: float
+    held_bytes: int = 0
 
 
 class ExpertWorker:
@@ -127,7 +134,7 @@ class ExpertWorker:
         # Imported here so the worker (and its tests) do not depend on the checkpoint reader's imports.
         from service.checkpoint import read_experts
 
-        return self._store.add(read_experts(checkpoint_dir, list(keys)))
+        return self._store.add(read_experts(checkpoint_dir, list(keys), quantized=self.config.keep_quantized))
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""
@@ -252,4 +259,5 @@ class ExpertWorker:
         uptime = self._clock() - self._started
         with self._lock:
             duty = self._busy_s / uptime if uptime > 0 else 0.0
-            return WorkerStats(self._calls, self._expert_calls, self._tokens, self._busy_s, uptime, duty)
+            stats = (self._calls, self._expert_calls, self._tokens, self._busy_s, uptime, duty)
+        return WorkerStats(*stats, self._store.held_bytes())

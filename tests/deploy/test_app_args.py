@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from deploy.app import GPU_CURVE, AppArgs, build_app, emulation_configs, gpu_curve_shape
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import save_tiny_fp8_model, save_tiny_model
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -117,6 +117,25 @@ def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
     assert settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 32
     settings = build_app({**base, "enable_prefix_caching": False, "max_num_seqs": 4})._bound_deployment.init_args[1]
     assert not settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 4
+
+
+def test_keeping_quantized_experts_reaches_the_workers_and_the_migration_cost(tmp_path):
+    """The coordinator prices a migration at the bytes of an expert as the workers hold it: FP8 weights and
+    their scales when they keep them, the weights in `dtype` when they dequantize."""
+    save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8")
+    base = {"model": "fp8", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None, "dtype": "bfloat16"}
+
+    def built(args: dict):
+        coordinator = build_app(args)._bound_deployment.init_args[0]._bound_deployment
+        return coordinator.init_args[1], coordinator.init_args[3]  # worker configs, model shape
+
+    hidden, intermediate = 64, 32  # the tiny Qwen3-MoE's expert: 3 H x I weights, FP8 scales per 8 x 8 block
+    workers, shape = built(base)
+    assert not any(c.keep_quantized for c in workers) and shape.expert_bytes == 3 * hidden * intermediate * 2
+    workers, shape = built({**base, "keep_quantized_experts": True})
+    assert all(c.keep_quantized for c in workers)
+    assert shape.expert_bytes == 3 * hidden * intermediate + 3 * hidden * intermediate // 64 * 4
 
 
 def test_the_reasoning_parser_reaches_the_ingress_and_names_a_known_parser(tmp_path):

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from placement import Placement
-from service.checkpoint import load_layout
+from service.checkpoint import load_layout, read_experts
 from service.dispatch import DispatchContext, SocketChannel
 from service.model import load_engine_model, load_reference_model
 from service.worker import WorkerConfig
@@ -32,11 +32,12 @@ def workers():
     ray.init(num_cpus=2, include_dashboard=False)
     started = {}
 
-    def for_layout(layout):
-        kind = (layout.hidden_act, layout.clamped_swiglu)
+    def for_layout(layout, keep_quantized: bool = False):
+        kind = (layout.hidden_act, layout.clamped_swiglu, keep_quantized)
         if kind not in started:
             actors = [ExpertWorkerActor.options(num_cpus=0.25, max_concurrency=4).remote(
-                WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu))
+                WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu,
+                             keep_quantized=keep_quantized))
                 for g in range(G)]
             started[kind] = actors, ray.get([actor.info.remote() for actor in actors])
         return started[kind]
@@ -112,17 +113,25 @@ def with_replica(placement: Placement, router_counts: np.ndarray) -> Placement:
     return Placement(take(phy2log), take(device), take(share), placement.num_experts, G, placement.version + 1)
 
 
-@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", "deepseek_v3-fp8", "vibe-tiny-moe"])
+# "-held": the workers keep the FP8 experts as stored, and the migrations move them so
+@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", "deepseek_v3-fp8", "deepseek_v3-fp8-held",
+                                  "vibe-tiny-moe"])
 def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_factory, name):
-    folder = checkpoint(name, tmp_path_factory)
+    folder = checkpoint(name.removesuffix("-held"), tmp_path_factory)
     layout = load_layout(folder)
-    actors, infos = workers(layout)
+    actors, infos = workers(layout, keep_quantized=name.endswith("-held"))
+
     # the actors are shared by the models of this module, and keys do not name the model
     ray.get([actor.drop_experts.remote(ray.get(actor.held_experts.remote())) for actor in actors])
     placement = Placement.from_expert_devices(
         np.tile(np.arange(layout.num_experts) * G // layout.num_experts, (layout.num_moe_layers, 1)), G)
     ray.get([actor.load_experts.remote(str(folder), sorted(placement.experts_on(g)))
              for g, actor in enumerate(actors)])
+    if name.endswith("-held"):  # the workers hold, and the migrations below move, FP8 weights and their scales
+        stored = read_experts(folder, [(layer, e) for layer in range(layout.num_moe_layers)
+                                       for e in range(layout.num_experts)], quantized=True)
+        assert sum(ray.get(actor.stats.remote()).held_bytes for actor in actors) == sum(
+            t.numel() * t.element_size() for item in stored for t in item.tensors.values())
     channels = {info.index: SocketChannel(info.unix_address, timeout_s=30) for info in infos}
     context = DispatchContext(placement, channels)
     engine = load_engine_model(folder, context=context).model

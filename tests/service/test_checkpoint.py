@@ -156,6 +156,43 @@ def test_read_experts_dequantizes_fp8_as_transformers_does(tmp_path, architectur
         read_experts(folder, [(layout.moe_layers.index(int(scale.split(".")[2])), 0)])
 
 
+@pytest.mark.parametrize("name", ["deepseek_v3-fp8", "minimax_m2-fp8", "gpt_oss-mxfp4"])
+def test_read_experts_keeps_quantized_experts_as_stored(tmp_path, name):
+    """With quantized=True an expert comes as the checkpoint stores it (FP8 with its block scales, MXFP4 blocks
+    and scales), a quarter to a half of its dequantized bytes, and dequantizes, at any compute dtype, to the
+    weights transformers loads at that dtype, bit for bit; other checkpoints read the same either way."""
+    from service.experts import _weight
+    from service.model import load_reference_model
+
+    architecture, method = name.split("-")
+    folder = (save_tiny_mxfp4_model(tmp_path / name, seed=5) if method == "mxfp4"
+              else save_tiny_fp8_model(architecture, tmp_path / name, seed=5))
+    layout = load_layout(folder)
+    keys = [(0, 0), (1, 7), (0, 5)]
+    held, plain = read_experts(folder, keys, quantized=True), read_experts(folder, keys)
+    stored = {"gate_up", "gate_up_scale_inv", "down", "down_scale_inv"} if method == "fp8" else {
+        "gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales", "gate_up_bias", "down_bias"}
+    for dtype in ("float32", "bfloat16"):
+        model = load_reference_model(folder, dtype=dtype)
+        for item, whole in zip(held, plain, strict=True):
+            assert set(item.tensors) == stored and item.checksum == checksum(item.tensors)
+            if method == "fp8":
+                assert item.tensors["gate_up"].dtype == torch.float8_e4m3fn
+                assert item.tensors["gate_up_scale_inv"].shape == (2 * layout.intermediate_size // 8,
+                                                                   layout.hidden_size // 8)
+            nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors.values())  # noqa: E731
+            assert nbytes(item.tensors) < 0.3 * nbytes(whole.tensors)  # float32 experts: FP8 a quarter and scales
+            experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
+            for weight, param in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
+                dequantized = _weight(item.tensors, weight, getattr(torch, dtype))
+                assert dequantized.dtype == param.dtype and torch.equal(dequantized, param[item.expert])
+                if dtype == "float32":
+                    assert torch.equal(dequantized, whole.tensors[weight])
+    unquantized = save_tiny_model("qwen3_moe", tmp_path / "plain", seed=5)
+    assert [item.checksum for item in read_experts(unquantized, keys, quantized=True)] == [
+        item.checksum for item in read_experts(unquantized, keys)]
+
+
 def test_read_experts_dequantizes_mxfp4_as_transformers_does(tmp_path):
     """GPT-OSS as OpenAI released it: the experts' MXFP4 blocks and scales read per expert and dequantized
     equal the weights transformers dequantizes them to, bit for bit, in the checkpoint's dtype and in bf16."""
@@ -172,11 +209,11 @@ def test_read_experts_dequantizes_mxfp4_as_transformers_does(tmp_path):
                             ("gate_up_bias", experts.gate_up_proj_bias), ("down_bias", experts.down_proj_bias)):
             assert item.tensors[name].dtype == torch.float32 and torch.equal(item.tensors[name], param[item.expert])
         assert len(item.tensors["gate_up"].unique()) > 16  # FP4 values times several scales
-    from service.checkpoint import _dequantize_mxfp4
+    from service.quantization import dequantize_mxfp4
     blocks = torch.randint(0, 256, (6, 2, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     scales = torch.full((6, 2), 127 - 3, dtype=torch.uint8)
-    as_bf16 = _dequantize_mxfp4(blocks, scales, torch.bfloat16)
-    assert as_bf16.shape == (64, 6) and torch.equal(as_bf16.float(), _dequantize_mxfp4(blocks, scales, torch.float32))
+    as_bf16 = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    assert as_bf16.shape == (64, 6) and torch.equal(as_bf16.float(), dequantize_mxfp4(blocks, scales, torch.float32))
     low = blocks[0, 0, 0] & 0x0F  # the first value of row 0 is its first byte's low nibble, scaled by 2**-3
     assert as_bf16[0, 0].item() == [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6][low] / 8
 

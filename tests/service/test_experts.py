@@ -144,3 +144,52 @@ def test_gpt_oss_ffn_is_transformers_clamped_swiglu_bit_for_bit():
     assert ffn.hidden_size(tensors) == HIDDEN == ffn.hidden_size(ffn.synthetic(HIDDEN, 8, generator))
     with pytest.raises(ValueError, match="alpha, limit"):
         ExpertFFN("silu", (1.702, 0.0))
+
+
+def quantized_expert(layer: int, expert: int, block: int = 8) -> tuple[ExpertTensors, ExpertTensors]:
+    """An expert held quantized (FP8 weights with float32 block scales) and the same expert dequantized."""
+    gen = torch.Generator().manual_seed(layer * 100 + expert)
+    held, whole = {}, {}
+    for name, (rows, cols) in (("gate_up", (2 * INTERMEDIATE, HIDDEN)), ("down", (HIDDEN, INTERMEDIATE))):
+        weight = torch.randn(rows, cols, generator=gen).to(torch.float8_e4m3fn)
+        scale = torch.rand(rows // block, cols // block, generator=gen) + 0.5
+        held[name], held[f"{name}_scale_inv"] = weight, scale
+        whole[name] = (weight.float().reshape(rows // block, block, cols // block, block)
+                       * scale[:, None, :, None]).reshape(rows, cols)
+    return (ExpertTensors(layer, expert, held, checksum(held)), ExpertTensors(layer, expert, whole, checksum(whole)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_held_quantized_compute_what_their_dequantized_weights_compute(dtype):
+    """FP8 weights and their scales keep their dtypes in the store (moved and checksummed as they are), a
+    quarter of float32's bytes plus the scales, and the FFN dequantizes them at each call to the compute
+    dtype: outputs equal those of the same weights held dequantized, bit for bit."""
+    pairs = [quantized_expert(0, e) for e in range(3)]
+    held, whole = ExpertStore("cpu", dtype), ExpertStore("cpu", dtype)
+    held.add([q for q, _ in pairs])
+    whole.add([w for _, w in pairs])
+    stored = held.get(0, 1)
+    assert stored["gate_up"].dtype == torch.float8_e4m3fn and stored["gate_up_scale_inv"].dtype == torch.float32
+    assert held.export([(0, 1)])[0].checksum == pairs[1][0].checksum  # moved as they arrived
+    fp8_bytes = 3 * (3 * HIDDEN * INTERMEDIATE + 3 * HIDDEN * INTERMEDIATE // 64 * 4)
+    assert held.held_bytes() == fp8_bytes and whole.held_bytes() == 3 * 3 * HIDDEN * INTERMEDIATE * dtype.itemsize
+    tokens = torch.randn(9, HIDDEN, generator=torch.Generator().manual_seed(1))
+    got, _ = run_experts(held, 0, np.array([2, 0, 1]), np.array([4, 0, 5]), tokens, SILU)
+    want, _ = run_experts(whole, 0, np.array([2, 0, 1]), np.array([4, 0, 5]), tokens, SILU)
+    assert got.dtype == dtype and torch.equal(got, want)
+    broken = dict(stored, gate_up_scale_inv=stored["gate_up_scale_inv"] * 2)  # the scales are applied
+    assert not torch.equal(SILU(tokens[:2].to(dtype), broken), SILU(tokens[:2].to(dtype), stored))
+
+
+def test_experts_pickle_with_fp8_tensors_as_they_are():
+    """Experts cross processes pickled (Ray): torch 2.13 pickles an FP8 tensor but cannot unpickle it, so an
+    expert's tensors travel as bytes, dtype and shape, and arrive equal, non-contiguous and 0-d ones too."""
+    import pickle
+
+    held, _ = quantized_expert(0, 3)
+    tensors = {**held.tensors, "view": torch.arange(12.0).reshape(3, 4)[:, 1:3], "scalar": torch.tensor(2.5)}
+    item = ExpertTensors(0, 3, tensors, checksum(tensors))
+    back = pickle.loads(pickle.dumps(item))
+    assert (back.layer, back.expert, back.checksum) == (0, 3, item.checksum)
+    assert checksum(back.tensors) == item.checksum  # names, dtypes, shapes and bytes
+    assert back.tensors["gate_up"].dtype == torch.float8_e4m3fn and back.tensors["view"].shape == (3, 2)

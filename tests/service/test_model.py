@@ -35,11 +35,11 @@ def contiguous_placement(folder) -> Placement:
     return Placement.from_expert_devices(np.tile(expert_device, (layout.num_moe_layers, 1)), G)
 
 
-def local_context(folder, placement: Placement) -> DispatchContext:
+def local_context(folder, placement: Placement, keep_quantized: bool = False) -> DispatchContext:
     channels, layout = {}, load_layout(folder)
     for g in range(G):
         worker = ExpertWorker(WorkerConfig(index=g, num_threads=torch.get_num_threads(), hidden_act=layout.hidden_act,
-                                           clamped_swiglu=layout.clamped_swiglu))
+                                           clamped_swiglu=layout.clamped_swiglu, keep_quantized=keep_quantized))
         worker.load_experts(str(folder), sorted(placement.experts_on(g)))
         channels[g] = LocalChannel(worker)
     return DispatchContext(placement, channels)
@@ -49,11 +49,13 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(batch * length))
 
 
-# quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts
-@pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8)])
+# quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts (as
+# they read them, or "held" quantized and dequantized at each call)
+@pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8),
+                                          "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held"])
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture):
-    folder = checkpoints[architecture]
-    context = local_context(folder, contiguous_placement(folder))
+    folder = checkpoints[architecture.removesuffix("-held")]
+    context = local_context(folder, contiguous_placement(folder), keep_quantized=architecture.endswith("-held"))
     engine = load_engine_model(folder, context=context)
     reference = load_reference_model(folder)
     layout = engine.layout

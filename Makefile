@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: install test test-unit test-gpu test-multinode lint run bench bench-placement bench-runtime \
-        bench-serving bench-prefix bench-structured bench-migration chaos model clean
+        bench-serving bench-prefix bench-structured bench-migration bench-quantized chaos model clean
 
 install: $(STAMP)
 
@@ -69,6 +69,9 @@ bench-structured: $(STAMP)
 
 bench-migration: $(STAMP)
 	$(PY) -m service.bench_migration --out bench
+
+bench-quantized: $(STAMP)
+	$(PY) -m service.bench_quantized --out bench
 
 chaos: $(STAMP)
 	$(PY) -m load_tests.chaos --out bench

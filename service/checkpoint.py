@@ -3,7 +3,7 @@
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
-MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2), reading
+MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -45,7 +45,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
-                           "deepseek_v32")
+                           "deepseek_v32", "llama4_text", "llama4")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -132,7 +132,7 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
                          f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
     dtype = _dtype_name(config)
-    if architecture == "qwen3_5_moe" and getattr(config, "text_config", None) is not None:
+    if architecture in ("qwen3_5_moe", "llama4") and getattr(config, "text_config", None) is not None:
         config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
@@ -172,6 +172,10 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         moe_layers = [d for d in range(num_layers) if (d + 1) % config.moe_layer_interval == 0
                       and config.moe_layer_start_index <= d <= config.moe_layer_end_index]
         num_experts, intermediate = config.moe_num_experts, config.moe_intermediate_size
+    elif architecture in ("llama4_text", "llama4"):  # the rule of Llama4TextDecoderLayer
+        _check_llama4(config, method)
+        moe_layers = list(config.moe_layers)
+        num_experts, intermediate = config.num_local_experts, config.intermediate_size
     elif architecture == "glm4_moe_lite":  # the rule of Glm4MoeLiteDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
@@ -208,6 +212,17 @@ def _check_phimoe_window(config: PretrainedConfig) -> None:
                          f"pass the window to the attention function)")
 
 
+def _check_llama4(config: PretrainedConfig, method: str | None) -> None:
+    """Llama 4 scales each token's expert input by its router score (see `service.model`), so top-k > 1 would
+    need an input row per (token, expert) pair, which dispatch does not send: refuse it (both releases route
+    top-1), and quantized checkpoints (its experts are read as fused bf16 tensors)."""
+    if config.num_experts_per_tok != 1:
+        raise ValueError(f"llama4: num_experts_per_tok {config.num_experts_per_tok} is not supported (only 1: Llama 4 "
+                         f"scales each expert's input by its router score, one input per token)")
+    if method is not None:
+        raise ValueError(f"llama4: quantized checkpoints ({method}) are not supported: convert the weights to bf16")
+
+
 def quantization_method(config: PretrainedConfig) -> str | None:
     """The `quant_method` of a quantized checkpoint's config ("mxfp4", "fp8", ...), or None."""
     quantization = getattr(config, "quantization_config", None)
@@ -228,7 +243,8 @@ def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
     return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
 
 
-def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: bool = False) -> list[ExpertTensors]:
+def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: bool = False,
+                 dtype: torch.dtype | None = None) -> list[ExpertTensors]:
     """Read the given experts, and nothing else, from a local checkpoint folder.
 
     Args:
@@ -237,13 +253,15 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
         keys: (moe layer index, expert) pairs; moe layer i is decoder layer `layout.moe_layers[i]`.
         quantized: keep quantized experts as stored (for workers that hold them quantized, see
             `service.experts.ExpertFFN`) instead of dequantizing them; no effect on other checkpoints.
+        dtype: what quantized weights are dequantized to (a worker's compute dtype, as transformers
+            dequantizes to the dtype it loads with); None: the checkpoint's dtype.
 
     Returns:
         One ExpertTensors per key, in order: "gate_up" [2I, H] = cat(gate, up) and "down" [H, I], in the
         checkpoint's dtype, bit-identical to `gate_up_proj[e]` / `down_proj[e]` of the loaded model,
         with their checksum. GPT-OSS's: `gate_up_proj[e]`, `gate_up_proj_bias[e]`, `down_proj[e]` and
         `down_proj_bias[e]` as "gate_up", "gate_up_bias", "down" and "down_bias". Quantized weights are
-        dequantized to the checkpoint's dtype as transformers dequantizes them; with ``quantized``, an FP8
+        dequantized to ``dtype`` as transformers dequantizes them; with ``quantized``, an FP8
         weight stays FP8 beside its float32 block scales ("gate_up_scale_inv": gate's and up's grids
         stacked as their rows are, "down_scale_inv"), and GPT-OSS's MXFP4 weights stay
         "gate_up_blocks", "gate_up_scales", "down_blocks" and "down_scales" (uint8, as stored).
@@ -254,11 +272,12 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
     folder = _local_dir(checkpoint_dir)
     layout = load_layout(folder)
     keys = layout.check_keys(keys)
-    dtype = getattr(torch, layout.dtype)
+    dtype = dtype or getattr(torch, layout.dtype)
     with _Shards(folder) as shards:
         out = []
         for layer, expert in keys:
             read = _read_gpt_oss_expert if layout.architecture == "gpt_oss" else _read_expert
+            read = _read_llama4_expert if layout.architecture in ("llama4_text", "llama4") else read
             tensors = read(shards, layout.moe_layers[layer], expert, dtype, quantized)
             out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
     return out
@@ -363,6 +382,24 @@ def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int, dtype
         if not ({name, f"{name}_blocks"} & tensors.keys()) or f"{name}_bias" not in tensors:
             raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
     return tensors
+
+
+# where a Llama 4 checkpoint's decoder layers are: Llama4ForConditionalGeneration's, Llama4ForCausalLM's
+_LLAMA4_LAYERS = ("language_model.model.layers.", "model.layers.")
+
+
+def _read_llama4_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype | None = None,
+                        quantized: bool = False) -> dict[str, torch.Tensor]:
+    """One Llama 4 expert in the workers' SwiGLU format, "gate_up" [2I, H] (gate rows, then up) and "down"
+    [H, I]: this expert's rows of the fused, transposed `feed_forward.experts.gate_up_proj` [E, H, 2I] (gate
+    columns, then up) and `down_proj` [E, I, H], transposed. (`expert_layout` refuses quantized Llama 4
+    checkpoints: ``dtype`` and ``quantized`` change nothing.)"""
+    for layers in _LLAMA4_LAYERS:
+        names = [f"{layers}{decoder_layer}.feed_forward.experts.{proj}" for proj in ("gate_up_proj", "down_proj")]
+        if all(name in shards for name in names):  # get_slice reads only this expert's rows
+            gate_up, down = (shards.file(name).get_slice(name)[expert].T.contiguous() for name in names)
+            return {"gate_up": gate_up, "down": down}
+    raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

@@ -134,7 +134,8 @@ class ExpertWorker:
         # Imported here so the worker (and its tests) do not depend on the checkpoint reader's imports.
         from service.checkpoint import read_experts
 
-        return self._store.add(read_experts(checkpoint_dir, list(keys), quantized=self.config.keep_quantized))
+        return self._store.add(read_experts(checkpoint_dir, list(keys), quantized=self.config.keep_quantized,
+                                            dtype=self._store.dtype))
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""

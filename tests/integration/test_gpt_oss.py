@@ -1,7 +1,7 @@
 """GPT-OSS as OpenAI released it, through the whole stack: a tiny random GPT-OSS (clamped SwiGLU experts with
 biases, attention sinks, alternating sliding-window layers) with its experts in MXFP4 and a tokenizer and
 chat template that write harmony, served by `build_app` on Ray Serve with emulated expert workers that
-dequantize the experts they load. Over HTTP with the official `openai` client: greedy answers equal the
+hold the experts in MXFP4 as released (`keep_quantized_experts`), dequantizing them at each call. Over HTTP with the official `openai` client: greedy answers equal the
 single-process model's (transformers dequantizing the same checkpoint) before and after a live re-placement
 that moved experts between workers, and a forced call comes as a harmony call.
 """
@@ -48,7 +48,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def openai_client(folder):
-    with served(folder, "gptoss", dtype="float32", reasoning_parser="openai_gptoss") as url:
+    with served(folder, "gptoss", dtype="float32", reasoning_parser="openai_gptoss", keep_quantized_experts=True) as url:
         yield client(url), url
 
 

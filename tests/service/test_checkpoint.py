@@ -193,6 +193,22 @@ def test_read_experts_keeps_quantized_experts_as_stored(tmp_path, name):
         item.checksum for item in read_experts(unquantized, keys)]
 
 
+def test_quantized_experts_dequantize_to_the_compute_dtype_not_the_checkpoints(tmp_path):
+    """A bf16 FP8 release (DeepSeek-V3's config says bfloat16) served in float32: its experts dequantize
+    straight to float32, as transformers loads them at float32, not rounded to bf16 on the way."""
+    from service.model import load_reference_model
+
+    folder = save_tiny_fp8_model("deepseek_v3", tmp_path / "fp8", seed=5)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    layout = load_layout(folder)
+    experts = load_reference_model(folder, dtype="float32").model.layers[layout.moe_layers[1]].mlp.experts
+    (as_float32,), (as_bf16,) = read_experts(folder, [(1, 7)], dtype=torch.float32), read_experts(folder, [(1, 7)])
+    assert torch.equal(as_float32.tensors["gate_up"], experts.gate_up_proj[7])
+    assert as_bf16.tensors["gate_up"].dtype == torch.bfloat16
+    assert not torch.equal(as_bf16.tensors["gate_up"].float(), experts.gate_up_proj[7])
+
+
 def test_read_experts_dequantizes_mxfp4_as_transformers_does(tmp_path):
     """GPT-OSS as OpenAI released it: the experts' MXFP4 blocks and scales read per expert and dequantized
     equal the weights transformers dequantizes them to, bit for bit, in the checkpoint's dtype and in bf16."""

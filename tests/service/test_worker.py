@@ -147,19 +147,19 @@ def test_import_rejects_a_corrupted_expert():
 def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     calls = []
 
-    def read_experts(checkpoint_dir, keys, *, quantized):
-        calls.append((checkpoint_dir, keys, quantized))
+    def read_experts(checkpoint_dir, keys, *, quantized, dtype):
+        calls.append((checkpoint_dir, keys, quantized, dtype))
         return [make_expert(layer, expert) for layer, expert in keys]
 
     monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
     worker = worker_with([])
     assert worker.load_experts("/ckpt", [(0, 2), (1, 3)]) == [(0, 2), (1, 3)]
-    assert calls == [("/ckpt", [(0, 2), (1, 3)], False)] and worker.held_experts() == [(0, 2), (1, 3)]
+    assert calls == [("/ckpt", [(0, 2), (1, 3)], False, torch.float64)] and worker.held_experts() == [(0, 2), (1, 3)]
     assert worker.stats().held_bytes == sum(t.numel() * t.element_size() for key in [(0, 2), (1, 3)]
                                             for t in make_expert(*key).tensors.values())
-    keeping = ExpertWorker(WorkerConfig(index=1, keep_quantized=True))
+    keeping = ExpertWorker(WorkerConfig(index=1, keep_quantized=True, dtype="bfloat16"))
     keeping.load_experts("/ckpt", [(0, 1)])
-    assert calls[-1] == ("/ckpt", [(0, 1)], True)
+    assert calls[-1] == ("/ckpt", [(0, 1)], True, torch.bfloat16)
 
 
 def test_profile_with_emulation_samples_the_emulated_curve():

@@ -220,7 +220,8 @@ class LatencySamples:
 
 @dataclass(frozen=True)
 class Telemetry:
-    """Hardware telemetry of one worker's device; `available` False with a reason when there is none."""
+    """Hardware telemetry of one worker's device; `available` False with a reason when there is none.
+    `expert_bytes`: bytes of the experts the worker holds (every worker reports it, GPU or not)."""
 
     device: int
     available: bool
@@ -231,6 +232,7 @@ class Telemetry:
     power_limit_w: float | None = None
     temperature_c: float | None = None
     throttle_reasons: tuple[str, ...] = ()
+    expert_bytes: int | None = None
 
 
 @dataclass(frozen=True)

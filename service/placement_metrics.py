@@ -60,6 +60,10 @@ class PlacementCollector:
                        if t["available"] and t[field] is not None]
             if samples:
                 yield _gauge(name, help_text, samples, ["device"])
+        samples = [((str(t["device"]),), t["expert_bytes"]) for t in summary["telemetry"]
+                   if t.get("expert_bytes") is not None]
+        yield _gauge("vibe_worker_expert_bytes", "Bytes of the experts each worker holds (as held: quantized or not).",
+                     samples, ["device"])
 
 
 def _gauge(name: str, help_text: str, samples, labels: list[str] | None = None) -> GaugeMetricFamily:

@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -234,7 +234,8 @@ class ExpertWorker:
     # --- device ----------------------------------------------------------------------------------
 
     def telemetry(self) -> Telemetry:
-        return read_telemetry(self.config.index, self.config.device)
+        """The device's telemetry, with the bytes of the experts held."""
+        return replace(read_telemetry(self.config.index, self.config.device), expert_bytes=self._store.held_bytes())
 
     def set_emulated_speed(self, factor: float) -> None:
         """Emulation control: change the emulated device's base speed; ValueError without emulation."""

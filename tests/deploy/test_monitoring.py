@@ -47,7 +47,7 @@ def _exposed() -> dict[str, set[str]]:
         "recalibrations": {"applied": 2, "rolled_back": 1, "failed": 1, "skipped": 3}, "bytes_moved": 1 << 20,
         "lost_devices": [1],
         "telemetry": [asdict(Telemetry(0, True, sm_clock_mhz=1980.0, max_sm_clock_mhz=1980.0, power_w=362.0,
-                                       power_limit_w=700.0, temperature_c=42.0))]})
+                                       power_limit_w=700.0, temperature_c=42.0, expert_bytes=1 << 30))]})
     metrics.registry.register(collector)
     exposed: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(metrics.render().decode()):

@@ -412,7 +412,8 @@ def test_gpu_telemetry_is_exported_as_gauges_per_device():
                "lost_devices": [],
                "telemetry": [asdict(Telemetry(0, True, sm_clock_mhz=1980.0, max_sm_clock_mhz=1980.0, power_w=362.0,
                                               power_limit_w=700.0, temperature_c=42.0)),
-                             asdict(Telemetry(1, False, reason="no NVIDIA GPU: worker runs on cpu"))]}
+                             asdict(Telemetry(1, False, reason="no NVIDIA GPU: worker runs on cpu",
+                                              expert_bytes=4096))]}
     collector, registry = PlacementCollector(), CollectorRegistry()
     registry.register(collector)
     collector.refresh(summary)
@@ -420,7 +421,8 @@ def test_gpu_telemetry_is_exported_as_gauges_per_device():
     assert 'vibe_gpu_sm_clock_mhz{device="0"} 1980.0' in text
     assert 'vibe_gpu_power_watts{device="0"} 362.0' in text
     assert 'vibe_gpu_temperature_celsius{device="0"} 42.0' in text
-    assert 'device="1"' not in text  # a worker without telemetry has no samples, not zeros
+    assert 'vibe_worker_expert_bytes{device="1"} 4096.0' in text  # every worker says what it holds
+    assert 'device="1"' not in text.replace('vibe_worker_expert_bytes{device="1"}', "")  # no GPU: no zeros
 
 
 def test_bad_recalibration_arguments(checkpoint):

@@ -193,8 +193,10 @@ def test_stats_count_calls_tokens_and_busy_time():
 
 def test_telemetry_on_cpu_says_why_it_is_unavailable():
     telemetry = worker_with([]).telemetry()
-    assert telemetry.device == 3 and not telemetry.available
+    assert telemetry.device == 3 and not telemetry.available and telemetry.expert_bytes == 0
     assert telemetry.reason == "no NVIDIA GPU: worker runs on cpu"
+    holding = worker_with([(0, 1), (2, 0)])
+    assert holding.telemetry().expert_bytes == holding.stats().held_bytes == 2 * 3 * 16 * 24 * 8  # two float64 experts
 
 
 @pytest.mark.parametrize("bad", [dict(index=-1), dict(index=0, device="gpu"), dict(index=0, dtype="int8"),

@@ -5,7 +5,10 @@ says which sequence owns which token range of the flat batch, and the attention 
 model's own attention modules call (registered with transformers as ``"vibe_ragged"``). The modules
 still apply their projections, q/k norms and RoPE; this file only appends keys/values to the cache and
 computes causal attention over it, with GPT-OSS's attention sinks (a learned logit per head that takes
-its share of the softmax and adds nothing to the output) where the module passes them.
+its share of the softmax and adds nothing to the output) where the module passes them, sliding windows, and
+Llama 4's chunked attention (a query attends the keys of its own ``attention_chunk_size`` chunk of positions
+only, causally) and its attention temperature tuning on NoPE layers (applied here at each token's position:
+the module would take positions 0.. of the flat batch, having no cache to count earlier tokens).
 
 Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
 reading the cache in place; multi-token chunks (prefill) get one SDPA call each (with sinks, the same
@@ -145,7 +148,7 @@ class StepBatch:
     slot_hi: int
     decode_len: torch.Tensor     # int64 [slot_hi - slot_lo]: keys to attend per slot in range (>= 1)
     decode_max_len: int          # decode_len.max(), known without a device sync
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple[int | None, int | None], torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def build(chunks: Sequence[SeqChunk], device: torch.device | str = "cpu") -> StepBatch:
@@ -168,16 +171,24 @@ class StepBatch:
             decode_max_len=max((c.start + 1 for c in decodes), default=0),
         )
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Bool ``[slot_hi - slot_lo, 1, 1, max_len]``: True where a slot's decode query may attend."""
-        if sliding_window not in self._masks:
+    def decode_mask(self, sliding_window: int | None, chunk_size: int | None = None) -> torch.Tensor:
+        """Bool ``[slot_hi - slot_lo, 1, 1, max_len]``: True where a slot's decode query may attend (within
+        its sliding window, and its chunk of ``chunk_size`` positions, where given)."""
+        kind = (sliding_window, chunk_size)
+        if kind not in self._masks:
             length = self.decode_len[:, None]
             keys = torch.arange(self.decode_max_len, device=length.device)[None, :]
             allowed = keys < length
             if sliding_window is not None:
                 allowed &= keys > length - 1 - sliding_window
-            self._masks[sliding_window] = allowed[:, None, None, :]
-        return self._masks[sliding_window]
+            if chunk_size is not None:  # the query is at position length - 1
+                allowed &= keys >= (length - 1) // chunk_size * chunk_size
+            self._masks[kind] = allowed[:, None, None, :]
+        return self._masks[kind]
+
+    def positions(self, device: torch.device | str) -> torch.Tensor:
+        """int64 ``[T]``: the position of each token of the flat batch in its sequence."""
+        return torch.cat([torch.arange(c.start, c.start + c.num_tokens, device=device) for c in self.chunks])
 
 
 _CURRENT: contextvars.ContextVar[tuple[KVCache, StepBatch] | None] = contextvars.ContextVar(
@@ -214,6 +225,8 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         attention_mask: ignored (the model builds none); causality comes from the step metadata.
         scaling: softmax scale (None: 1/sqrt(d)).
         sliding_window: keys further back than this many positions are not attended (None: all).
+            A layer's type decides instead where the config names layer types (see `install`), and a
+            chunked-attention layer attends its query's chunk only.
         s_aux: GPT-OSS's attention sinks, one logit per query head [Hq] (None: no sink).
 
     Returns:
@@ -225,6 +238,10 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     window = getattr(module, _WINDOW, _UNSET)  # the layer's type decides, as transformers' masks do
     if window is _UNSET:
         window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    chunk_size = getattr(module, _CHUNK, None)
+    tuning = getattr(module, _TEMPERATURE, None)
+    if tuning is not None:
+        query = _tuned(query, batch.positions(query.device), *tuning)
     layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
     latent = getattr(module, _LATENT, None)
     if latent is not None:  # key: [latent, rotary key] of one head; queries into the latent space
@@ -237,11 +254,12 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
         chosen = selection.decode if selection is not None else None
-        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling, sinks, chosen)
+        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling, sinks, chosen,
+                                           chunk_size)
     for chunk in batch.prefills:
         chosen = selection.prefill.get(chunk.offset) if selection is not None else None
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
-            query[0], layer_keys, layer_values, chunk, window, scaling, sinks, chosen)
+            query[0], layer_keys, layer_values, chunk, window, scaling, sinks, chosen, chunk_size)
     if latent is not None:  # each head's output out of the latent space
         out = torch.einsum("thr,hvr->thv", out, latent.up_values)
     return out.unsqueeze(0), None
@@ -257,14 +275,14 @@ def append_keys(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None
 
 def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch,
             window: int | None, scaling: float | None, sinks: torch.Tensor | None,
-            chosen: torch.Tensor | None = None) -> torch.Tensor:
+            chosen: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Attention of every single-token query at once, over the slot range read in place.
 
     ``query [Hq, T, d]``; returns ``[B, Hq, dv]`` for the decode tokens in ``batch.decode_select`` order.
     Query heads are grouped under their kv head (GQA without repeating keys): ``[S, Hkv, G, d]``.
     """
     num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
-    mask = batch.decode_mask(window)
+    mask = batch.decode_mask(window, chunk_size)
     if chosen is not None:  # [slot range, L]: the keys an indexer chose
         mask = mask & chosen[:, None, None, :]
     q = query[:, batch.decode_select]                                  # [Hq, B, d]
@@ -283,7 +301,7 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,
              window: int | None, scaling: float | None, sinks: torch.Tensor | None,
-             chosen: torch.Tensor | None = None) -> torch.Tensor:
+             chosen: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, dv]``."""
     n, end = chunk.num_tokens, chunk.start + chunk.num_tokens
     q = query[:, chunk.offset:chunk.offset + n]                        # [Hq, n, d]
@@ -291,27 +309,38 @@ def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chun
     if sinks is not None:  # query heads grouped under their kv head, as _decode has them
         num_kv_heads = k.shape[0]
         grouped = q.reshape(num_kv_heads, -1, n, q.shape[-1])           # [Hkv, G, n, d]
-        mask = causal_mask(chunk, window, query.device)
+        mask = causal_mask(chunk, window, query.device, chunk_size)
         attn = _attend(grouped, k[:, None], v[:, None], mask if chosen is None else mask & chosen, scaling,
                        sinks.reshape(num_kv_heads, -1, 1, 1))          # against [Hkv, G, n, end]
         return attn.reshape(-1, n, v.shape[-1]).transpose(0, 1)
-    if chunk.start == 0 and window is None and chosen is None:
+    if chunk.start == 0 and window is None and chosen is None and chunk_size is None:
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     else:
-        mask = causal_mask(chunk, window, query.device)
+        mask = causal_mask(chunk, window, query.device, chunk_size)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if chosen is None else mask & chosen,
                                               scale=scaling, enable_gqa=True)
     return attn.transpose(0, 1)
 
 
-def causal_mask(chunk: SeqChunk, window: int | None, device: torch.device) -> torch.Tensor:
-    """Bool ``[n, start + n]``: True where a new token of ``chunk`` may attend a key of its sequence."""
+def causal_mask(chunk: SeqChunk, window: int | None, device: torch.device,
+                chunk_size: int | None = None) -> torch.Tensor:
+    """Bool ``[n, start + n]``: True where a new token of ``chunk`` may attend a key of its sequence (within
+    the sliding ``window``, and the token's chunk of ``chunk_size`` positions, where given)."""
     q_pos = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=device)[:, None]
     k_pos = torch.arange(chunk.start + chunk.num_tokens, device=device)[None, :]
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
+    if chunk_size is not None:
+        mask &= k_pos >= q_pos // chunk_size * chunk_size
     return mask
+
+
+def _tuned(query: torch.Tensor, positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama 4's attention temperature tuning of ``query [1, Hq, T, d]`` at each token's position ``[T]``: the
+    expression of `Llama4TextAttention.forward` (its scales in float32, the product cast back)."""
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (query * scales.view(1, 1, -1, 1)).to(query.dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None,
@@ -348,6 +377,11 @@ def install(model: PreTrainedModel) -> None:
     for module in model.modules():
         if windows is not None and isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "o_proj"):
             setattr(module, _WINDOW, windows[module.layer_idx])
+            if model.config.layer_types[module.layer_idx] == "chunked_attention":
+                setattr(module, _CHUNK, model.config.attention_chunk_size)
+        if getattr(module, "attn_temperature_tuning", False) and not module.use_rope:  # Llama 4's NoPE layers
+            module.attn_temperature_tuning = False  # (it would read positions from a cache): applied here instead
+            setattr(module, _TEMPERATURE, (module.floor_scale, module.attn_scale))
         if hasattr(module, "kv_b_proj"):
             if not latent or module.kv_b_proj.bias is not None or not hasattr(module, "expand_kv"):
                 raise ValueError(f"{type(module).__name__}: latent attention this engine cannot cache")
@@ -356,6 +390,7 @@ def install(model: PreTrainedModel) -> None:
 
 _LATENT = "_vibe_latent"
 _WINDOW, _UNSET = "_vibe_window", object()
+_CHUNK, _TEMPERATURE = "_vibe_chunk", "_vibe_temperature"
 
 
 def _layer_windows(config) -> list[int | None] | None:
@@ -363,13 +398,15 @@ def _layer_windows(config) -> list[int | None] | None:
     builds each layer's mask (a ``sliding_attention`` layer gets ``config.sliding_window``); None when the
     config names no layer types (the attention module's ``sliding_window`` argument or attribute decides).
     Linear-attention layers (`service.linear_attention`) never call the attention function; indexed ones
-    (`service.sparse_attention`) attend their indexer's choice of all earlier keys.
+    (`service.sparse_attention`) attend their indexer's choice of all earlier keys; chunked ones (Llama 4) have
+    no window but attend their own chunk only (`install` marks them).
     The layer types decide even where an attention module holds the window but uses it only on sliding
     layers (EXAONE-MoE's full-attention layers keep ``sliding_window`` as an attribute)."""
     types = getattr(config, "layer_types", None)
     if not types:
         return None
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention", "indexed_attention"})
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention", "indexed_attention",
+                                   "chunked_attention"})
     if unknown:
         raise ValueError(f"layer types {unknown} are not supported by this engine's attention")
     return [config.sliding_window if kind == "sliding_attention" else None for kind in types]

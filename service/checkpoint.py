@@ -21,6 +21,10 @@ in MXFP4 (`gate_up_proj_blocks` [E, 2I, H/32, 16] and `gate_up_proj_scales` [E, 
 `down_proj`). Quantized experts (those, and FP8 ones with block scales) are dequantized here, per expert,
 exactly as transformers dequantizes them, or read as stored (`read_experts(..., quantized=True)`) for
 workers that hold them quantized (service.quantization).
+
+Llama 4 stores its experts fused and transposed, without biases, always (`feed_forward.experts.gate_up_proj`
+[E, H, 2I], gate columns then up, and `down_proj` [E, I, H]; its vision-language releases under
+`language_model.model.layers`): each expert is read and transposed into the per-expert layout above.
 """
 
 from __future__ import annotations
@@ -215,12 +219,13 @@ def _check_phimoe_window(config: PretrainedConfig) -> None:
 def _check_llama4(config: PretrainedConfig, method: str | None) -> None:
     """Llama 4 scales each token's expert input by its router score (see `service.model`), so top-k > 1 would
     need an input row per (token, expert) pair, which dispatch does not send: refuse it (both releases route
-    top-1), and quantized checkpoints (its experts are read as fused bf16 tensors)."""
+    top-1), and quantized checkpoints (`_read_llama4_expert` reads the fused tensors as stored)."""
     if config.num_experts_per_tok != 1:
         raise ValueError(f"llama4: num_experts_per_tok {config.num_experts_per_tok} is not supported (only 1: Llama 4 "
                          f"scales each expert's input by its router score, one input per token)")
     if method is not None:
-        raise ValueError(f"llama4: quantized checkpoints ({method}) are not supported: convert the weights to bf16")
+        raise ValueError(f"llama4: quantized checkpoints ({method}) are not supported: convert the weights to bf16 "
+                         f"first")
 
 
 def quantization_method(config: PretrainedConfig) -> str | None:

@@ -3,8 +3,10 @@
 Owns loading (local folders only) without ever reading the routed experts' weights (transformers builds
 their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
 ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
-`mlp.experts` with a DispatchingExperts bound to its MoE layer index, and making a forward that runs
-outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
+`mlp.experts` (Llama 4's `feed_forward.experts`) with a DispatchingExperts bound to its MoE layer index (and
+Llama 4's MoE forward with one that scales each token's expert input by its router score, as Llama 4 does, and
+dispatches it with weight 1, where the other architectures weight the experts' outputs), and making a forward
+that runs outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
 routers, shared experts and lm_head stay as transformers built them. Ignores where experts live and
 how they get there (the workers read them with `service.checkpoint.read_experts`).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
+import types
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,7 +119,7 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
         config = _dequantizing(config)  # FP8: the dense part too
     with torch.device("meta"):  # (a vision-language model's causal LM is its language model)
         probe = AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config)
-    classes = {type(probe.model.layers[d].mlp.experts) for d in layout.moe_layers}
+    classes = {type(ffn_block(probe.model.layers[d]).experts) for d in layout.moe_layers}
 
     def empty(self, *args, **kwargs) -> None:
         torch.nn.Module.__init__(self)
@@ -149,12 +152,35 @@ def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: Dispat
     """Replace each MoE layer's experts (modules without weights) by a DispatchingExperts."""
     removed = []
     for moe_layer, decoder_layer in enumerate(layout.moe_layers):
-        block = model.model.layers[decoder_layer].mlp
+        block = ffn_block(model.model.layers[decoder_layer])
         removed.append(weakref.ref(block.experts))
         block.experts = DispatchingExperts(moe_layer, layout.num_experts, context)
+        if layout.architecture in ("llama4", "llama4_text"):
+            block.forward = types.MethodType(_llama4_moe_forward, block)
     gc.collect()
     assert all(ref() is None for ref in removed), "routed expert weights are still referenced"
     assert not any(".experts." in name for name, _ in model.named_parameters()), "routed expert weights remain"
+
+
+def ffn_block(decoder_layer: torch.nn.Module) -> torch.nn.Module:
+    """The feed-forward block of a decoder layer: its `mlp`, or Llama 4's `feed_forward`."""
+    return decoder_layer.feed_forward if hasattr(decoder_layer, "feed_forward") else decoder_layer.mlp
+
+
+def _llama4_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Llama4TextMoe.forward` with its experts dispatched: the router's top-1 expert of each token gets the
+    token scaled by its sigmoid score and its output is added unweighted to the shared expert's, as there.
+    (Transformers runs every expert on every token, the unchosen ones on zeros, which add nothing; top-k > 1
+    would need a scaled input per (token, expert) pair, and `expert_layout` refuses it.) Returns the layer's
+    output [T, H] and router logits [T, E]."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # [T, H]
+    scores, logits = self.router(hidden_states)  # [T, E]: sigmoid of the top-k logits, 0 elsewhere
+    assert self.top_k == 1, "expert_layout refuses Llama 4 with top_k > 1"
+    chosen = torch.topk(logits, self.top_k, dim=1).indices  # [T, 1]: the router's own choice
+    routed_in = hidden_states * scores.gather(1, chosen)
+    out = self.shared_expert(hidden_states)
+    out.add_(self.experts(routed_in, chosen, torch.ones_like(chosen, dtype=hidden_states.dtype)))
+    return out, logits
 
 
 def _one_step_per_forward(model: PreTrainedModel, context: DispatchContext) -> None:

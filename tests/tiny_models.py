@@ -15,7 +15,11 @@ muP input scaling and gated attention with a NoPE full-attention layer between s
 different number of query heads per layer, Cohere2-MoE attention and MoE in parallel with sliding and NoPE
 layers after a dense one, FlexOlmo q/k norms over all heads, EXAONE-MoE full-attention layers that keep the
 sliding window as an attribute they do not use, MiMo-V2-Flash sliding layers with twice the kv heads and
-sinks, values narrower than keys.
+sinks, values narrower than keys. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+`llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
+the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
+norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
+in LLAMA4_ARCHITECTURES, not TINY_ARCHITECTURES (whose checkpoint tests read `mlp.experts` untransposed).
 Ignores tokenizers: the models read token ids only.
 """
 
@@ -40,6 +44,8 @@ from transformers import (
     GptOssConfig,
     HunYuanMoEV1Config,
     LagunaConfig,
+    Llama4Config,
+    Llama4TextConfig,
     MiMoV2FlashConfig,
     MiniMaxM2Config,
     MixtralConfig,
@@ -166,7 +172,18 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "flex_olmo":  # every layer MoE, q/k norms over all heads
         return FlexOlmoConfig(**_COMMON, intermediate_size=32, num_hidden_layers=2, num_experts=8,
                               num_experts_per_tok=2)
-    raise ValueError(f"no tiny config for architecture {architecture!r}; known: {TINY_ARCHITECTURES}")
+    if architecture in LLAMA4_ARCHITECTURES:  # MoE layers 1 and 3; RoPE layers chunked, layer 3 NoPE and full
+        text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
+                    intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, num_local_experts=8,
+                    num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
+                    attn_scale=0.25)
+        if architecture == "llama4_text":
+            return Llama4TextConfig(**text)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+        return Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    raise ValueError(f"no tiny config for architecture {architecture!r}; known: "
+                     f"{TINY_ARCHITECTURES + LLAMA4_ARCHITECTURES}")
 
 
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
@@ -174,11 +191,12 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32")
+LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny model (eval mode), the same for the same seed; of a vision-language model
-    (Qwen3.5), its language model, which is what `AutoModelForCausalLM` loads from its checkpoint."""
+    (Qwen3.5, Llama 4), its language model, which is what `AutoModelForCausalLM` loads from its checkpoint."""
     torch.manual_seed(seed)
     config = tiny_config(architecture)
     return AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config).eval()
@@ -198,17 +216,22 @@ def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fus
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model = build_tiny_model(architecture, seed)
-    if architecture == "qwen3_5_moe":  # saved as the vision-language model its releases are
+    if architecture in ("qwen3_5_moe", "llama4"):  # saved as the vision-language model their releases are
         model = as_vlm(model, tiny_config(architecture))
     model.save_pretrained(folder, **kwargs)
     return folder
 
 
 def as_vlm(language_model: torch.nn.Module, config: PretrainedConfig) -> torch.nn.Module:
-    """The Qwen3.5 vision-language model of `config` (random vision tower) around `language_model` (a
-    `Qwen3_5MoeForCausalLM` of `config.text_config`), as Qwen3.5's checkpoints hold their language model."""
-    from transformers import Qwen3_5MoeForConditionalGeneration
+    """The Qwen3.5 or Llama 4 vision-language model of `config` (random vision tower) around `language_model` (a
+    `Qwen3_5MoeForCausalLM` or `Llama4ForCausalLM` of `config.text_config`), as their checkpoints hold their
+    language model (Llama 4's under `language_model.model`, Qwen3.5's under `model.language_model`)."""
+    from transformers import Llama4ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
+    if config.model_type == "llama4":
+        vlm = Llama4ForConditionalGeneration(config).eval()
+        vlm.language_model.load_state_dict(language_model.state_dict())
+        return vlm
     vlm = Qwen3_5MoeForConditionalGeneration(config).eval()
     vlm.model.language_model.load_state_dict(language_model.model.state_dict())
     vlm.lm_head.load_state_dict(language_model.lm_head.state_dict())

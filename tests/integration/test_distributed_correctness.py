@@ -16,7 +16,13 @@ from service.dispatch import DispatchContext, SocketChannel
 from service.model import load_engine_model, load_reference_model
 from service.worker import WorkerConfig
 from service.worker_actor import ExpertWorkerActor
-from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_fp8_model, save_tiny_model, save_tiny_mxfp4_model
+from tests.tiny_models import (
+    LLAMA4_ARCHITECTURES,
+    TINY_ARCHITECTURES,
+    save_tiny_fp8_model,
+    save_tiny_model,
+    save_tiny_mxfp4_model,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -114,8 +120,8 @@ def with_replica(placement: Placement, router_counts: np.ndarray) -> Placement:
 
 
 # "-held": the workers keep the FP8 experts as stored, and the migrations move them so
-@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", "deepseek_v3-fp8", "deepseek_v3-fp8-held",
-                                  "vibe-tiny-moe"])
+@pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, *LLAMA4_ARCHITECTURES, "gpt_oss-mxfp4", "deepseek_v3-fp8",
+                                  "deepseek_v3-fp8-held", "vibe-tiny-moe"])
 def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_factory, name):
     folder = checkpoint(name.removesuffix("-held"), tmp_path_factory)
     layout = load_layout(folder)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch, bind_step, ragged_attention
 
 HQ, HKV, D, MAX_LEN, SLOTS = 4, 2, 8, 32, 6
@@ -67,6 +68,32 @@ def test_matches_naive_reference(window, via_module, layout, dv):
 
 
 @pytest.mark.parametrize("layout", [PADDED, DENSE], ids=["padded", "dense"])
+def test_chunked_attention_matches_naive_reference(layout):
+    """Llama 4's chunked layers: a query attends its own chunk of positions only, causally (for chunks of 4, the
+    query at position 9 attends keys 8 and 9), in decodes and in prefills that start mid-chunk."""
+    cache, batch, query, key, value, full = _scenario(layout, seed=2)
+    module = SimpleNamespace(layer_idx=0, **{attention._CHUNK: 4})
+    with bind_step(cache, batch):
+        out, _ = ragged_attention(module, query, key, value, None, scaling=D ** -0.5)
+    for chunk in batch.chunks:
+        k, v = full[chunk.slot]
+        for i in range(chunk.num_tokens):
+            pos = chunk.start + i  # its chunk's keys are the last pos % 4 + 1 positions
+            expected = _reference(query[0, :, chunk.offset + i], k, v, pos, window=pos % 4 + 1)
+            torch.testing.assert_close(out[0, chunk.offset + i].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_and_prefill_masks_keep_a_query_in_its_chunk():
+    batch = StepBatch.build([SeqChunk(0, 9, 1, 0), SeqChunk(1, 3, 1, 1), SeqChunk(2, 6, 4, 2)])
+    assert batch.decode_mask(None, 4)[:, 0, 0].tolist() == [[False] * 8 + [True, True],
+                                                            [True] * 4 + [False] * 6]
+    assert attention.causal_mask(batch.chunks[2], None, "cpu", 4).int().tolist() == [
+        [0, 0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]]
+    assert batch.positions("cpu").tolist() == [9, 3, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("layout", [PADDED, DENSE], ids=["padded", "dense"])
 def test_new_keys_and_values_land_in_their_slots(layout):
     cache, batch, query, key, value, full = _scenario(layout, seed=1)
     with bind_step(cache, batch):
@@ -119,8 +146,8 @@ def test_latent_attention_caches_its_latent_once_for_every_head():
 def test_layer_types_decide_each_layers_window_and_other_types_are_refused():
     """As transformers builds each layer's mask: a sliding layer gets the config's window, a full one none, even
     where the full layer's module holds the window (EXAONE-MoE), a linear-attention one none (it never calls
-    the attention function); layer types this attention cannot compute (Llama 4's chunked attention) are
-    refused when the model is installed."""
+    the attention function), a chunked one (Llama 4) none (`install` gives it its chunk size); layer types this
+    attention cannot compute are refused when the model is installed."""
     from service.attention import _layer_windows
     from tests.tiny_models import build_tiny_model, tiny_config
 
@@ -130,9 +157,24 @@ def test_layer_types_decide_each_layers_window_and_other_types_are_refused():
     assert _layer_windows(tiny_config("qwen3_moe")) is None  # no layer types: the module's own window decides
     config = tiny_config("gpt_oss")
     assert _layer_windows(tiny_config("qwen3_next")) == [None] * 4
-    config.layer_types = ["sliding_attention", "chunked_attention"]
-    with pytest.raises(ValueError, match="chunked_attention"):
+    assert _layer_windows(tiny_config("llama4_text")) == [None] * 4
+    config.layer_types = ["sliding_attention", "hybrid_attention"]
+    with pytest.raises(ValueError, match="hybrid_attention"):
         _layer_windows(config)
+
+
+def test_install_marks_llama4s_chunked_layers_and_moves_temperature_tuning_here():
+    """Llama 4's RoPE layers are chunked; its NoPE layer's temperature tuning is applied by the attention
+    function at each token's position (the module would count positions from 0 in the flat batch)."""
+    from service.engine import Engine, EngineConfig
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama4_text")
+    Engine(model, EngineConfig(max_model_len=64))
+    modules = [layer.self_attn for layer in model.model.layers]
+    assert [getattr(m, attention._CHUNK, None) for m in modules] == [8, 8, 8, None]
+    assert [getattr(m, attention._TEMPERATURE, None) for m in modules] == [None, None, None, (4, 0.25)]
+    assert not modules[3].attn_temperature_tuning  # (the RoPE layers never tune)
 
 
 def test_kv_heads_may_differ_between_layers():

@@ -14,6 +14,7 @@ from service.sampling import SamplingParams
 from tests.service.test_text import build_chat_model, build_tokenizer
 from tests.tiny_models import TINY_ARCHITECTURES, VOCAB_SIZE, build_tiny_model
 
+ARCHITECTURES = (*TINY_ARCHITECTURES, "llama4")  # (Llama 4's language model; its checkpoint tests are its own)
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
 
@@ -47,10 +48,10 @@ def _run(engine: Engine, joins: dict[int, list[tuple[str, list[int], SamplingPar
 
 @pytest.fixture(scope="module")
 def reference_models():
-    return {arch: build_tiny_model(arch) for arch in TINY_ARCHITECTURES}
+    return {arch: build_tiny_model(arch) for arch in ARCHITECTURES}
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_single_greedy_requests_equal_generate(arch, reference_models):
     prompts = [_prompt(1, 0), _prompt(37, 1)]
     for i, prompt in enumerate(prompts):

@@ -21,6 +21,7 @@ from tests.tiny_models import build_tiny_model
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
+    "llama4",  # chunked attention (8 positions), a NoPE layer with temperature tuning by position, q/k L2 norms
 ])
 def test_staggered_concurrent_requests_equal_generate(arch):
     reference = build_tiny_model(arch)

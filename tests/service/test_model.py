@@ -7,15 +7,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from placement import Placement
 from service.checkpoint import load_layout
 from service.dispatch import DispatchContext, DispatchingExperts, LocalChannel
-from service.model import load_engine_model, load_reference_model
+from service.model import ffn_block, load_engine_model, load_reference_model
 from service.worker import ExpertWorker, WorkerConfig
-from tests.tiny_models import TINY_ARCHITECTURES, save_tiny_fp8_model, save_tiny_model, save_tiny_mxfp4_model
+from tests.tiny_models import (
+    LLAMA4_ARCHITECTURES,
+    TINY_ARCHITECTURES,
+    save_tiny_fp8_model,
+    save_tiny_model,
+    save_tiny_mxfp4_model,
+)
 
 G = 4
 FP8 = ("deepseek_v3", "minimax_m2", "qwen3_moe")  # as their FP8 releases: DeepSeek-V3/R1, MiniMax-M2, Qwen3-FP8
@@ -24,7 +31,7 @@ FP8 = ("deepseek_v3", "minimax_m2", "qwen3_moe")  # as their FP8 releases: DeepS
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {**{arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES},
+    return {**{arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES + LLAMA4_ARCHITECTURES},
             "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1),
             **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8}}
 
@@ -52,31 +59,34 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
 # quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts (as
 # they read them, or "held" quantized and dequantized at each call)
 @pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8),
-                                          "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held"])
-def test_engine_model_computes_what_the_model_computes(checkpoints, architecture):
+                                          "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held", *LLAMA4_ARCHITECTURES])
+def test_engine_model_computes_what_the_model_computes(checkpoints, architecture, monkeypatch):
     folder = checkpoints[architecture.removesuffix("-held")]
     context = local_context(folder, contiguous_placement(folder), keep_quantized=architecture.endswith("-held"))
     engine = load_engine_model(folder, context=context)
     reference = load_reference_model(folder)
     layout = engine.layout
     for decoder_layer, layer in enumerate(engine.model.model.layers):
-        experts = getattr(layer.mlp, "experts", None)
+        experts = getattr(ffn_block(layer), "experts", None)
         if decoder_layer in layout.moe_layers:
             assert isinstance(experts, DispatchingExperts)
             assert experts.layer == layout.moe_layers.index(decoder_layer)
         else:
-            assert experts is None and type(layer.mlp) is type(reference.model.layers[decoder_layer].mlp)
+            assert experts is None and type(ffn_block(layer)) is type(ffn_block(reference.model.layers[decoder_layer]))
     assert not any(".experts." in name for name, _ in engine.model.named_parameters())
     routed = layout.num_moe_layers * layout.num_experts * layout.params_per_expert
     assert sum(p.numel() for p in reference.parameters()) - sum(p.numel() for p in engine.model.parameters()) == routed
 
     ids = prompts()
-    with torch.no_grad():
-        logits = engine.model(ids).logits
-        reference.config._experts_implementation = "eager"
-        assert torch.equal(logits, reference(ids).logits)  # the eager loop's order, bit for bit
-        reference.config._experts_implementation = "grouped_mm"  # the default
-        torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=1e-5)
+    if architecture in LLAMA4_ARCHITECTURES:  # transformers runs its experts on every token, the unchosen on zeros
+        _check_llama4_logits(engine.model, reference, ids, monkeypatch)
+    else:
+        with torch.no_grad():
+            logits = engine.model(ids).logits
+            reference.config._experts_implementation = "eager"
+            assert torch.equal(logits, reference(ids).logits)  # the eager loop's order, bit for bit
+            reference.config._experts_implementation = "grouped_mm"  # the default
+            torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=1e-5)
     context.drain_report("e")
     tokens = engine.model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens, reference.generate(ids, max_new_tokens=6, do_sample=False))
@@ -86,6 +96,28 @@ def test_engine_model_computes_what_the_model_computes(checkpoints, architecture
     assert counts.shape == (6, layout.num_moe_layers, layout.num_experts)
     assert counts[0].sum(axis=1).tolist() == [ids.numel() * layout.top_k] * layout.num_moe_layers
     assert counts[1:].sum(axis=2).tolist() == [[ids.shape[0] * layout.top_k] * layout.num_moe_layers] * 5
+
+
+def _check_llama4_logits(engine, reference, ids: torch.Tensor, monkeypatch) -> None:
+    """Llama 4's logits equal transformers' up to rounding (a matmul's rounding depends on its number of rows),
+    and bit for bit when its experts run on their own tokens only (nonzero rows), as the workers run them."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    def on_their_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.view(self.num_experts, -1, self.hidden_size)  # [E, T, H]
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = x[e].abs().sum(dim=-1).nonzero()[:, 0]
+            gate, up = F.linear(x[e, rows], self.gate_up_proj[e].T.contiguous()).chunk(2, dim=-1)
+            out[e, rows] = F.linear(F.silu(gate) * up, self.down_proj[e].T.contiguous())
+        return out.view(-1, self.hidden_size)
+
+    with torch.no_grad():
+        logits = engine(ids).logits
+        torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=1e-5)
+        with monkeypatch.context() as patch:
+            patch.setattr(Llama4TextExperts, "forward", on_their_tokens)
+            assert torch.equal(logits, reference(ids).logits)
 
 
 def test_explicit_step_spans_forwards_and_pins_the_placement(checkpoints):

@@ -1,0 +1,63 @@
+"""Llama 4 through the whole stack: a tiny random Llama 4 (a vision-language checkpoint, as Scout and Maverick are
+released, whose language model interleaves dense and top-1 MoE layers with the expert's input scaled by its router
+score, chunked attention with 8-position chunks and a NoPE layer with temperature tuning) served by `build_app` on
+Ray Serve with emulated expert workers. Over HTTP with the official `openai` client: greedy answers (prompts of
+several chunks) equal the single-process language model's before and after a live re-placement that moved experts
+between workers, and the choices of one request (`n`, sharing its prefill) are each that answer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.integration.architecture_app import (
+    PROMPTS,
+    answers,
+    client,
+    expected_answers,
+    re_place,
+    save_folder,
+    served,
+)
+from tests.service.test_text import build_tokenizer
+from tests.tiny_models import as_vlm, tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MODEL = "tiny-llama4"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A Llama 4 vision-language checkpoint with a chat tokenizer, as a model folder of a configured root."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = tiny_config("llama4")
+    text = config.text_config
+    text.vocab_size, text.max_position_embeddings = len(tokenizer), 1024
+    text.eos_token_id, text.pad_token_id, text.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    torch.manual_seed(3)
+    language_model = AutoModelForCausalLM.from_config(text).eval()
+    vlm = as_vlm(language_model, config)
+    vlm.generation_config.eos_token_id = tokenizer.eos_token_id
+    return save_folder(tmp_path_factory.mktemp("models"), MODEL, vlm, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def openai_client(folder):
+    with served(folder, "llama4") as url:
+        yield client(url), url
+
+
+def test_llama4_answers_as_the_single_process_model_before_and_after_a_re_placement(openai_client, folder):
+    from service.model import load_reference_model
+
+    api, url = openai_client
+    assert type(load_reference_model(folder)).__name__ == "Llama4ForCausalLM"  # the checkpoint's language model
+    expected = expected_answers(folder)
+    assert [answers(api, MODEL, p)[0] for p in PROMPTS] == expected
+    assert answers(api, MODEL, PROMPTS[0], n=3) == [expected[0]] * 3  # one prefill, its keys and values copied
+    re_place(url, num_moe_layers=2)
+    assert [answers(api, MODEL, p)[0] for p in PROMPTS] == expected

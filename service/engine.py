@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -77,7 +77,9 @@ class EngineConfig:
             reused; a new request takes the slot (free, or copied from a running request's) holding the
             longest prefix of its prompt and prefills only the rest. The slot a request overwrites is an
             empty one if any, else the least recently released. Requests that ask for their prompt's
-            log-probabilities are prefilled whole.
+            log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5),
+            whose states hold one position, only a whole cached sequence is a reusable prefix (a new turn
+            of a conversation, or an agent's next call, whose prompt extends a finished request's tokens).
     """
 
     max_num_seqs: int = 32
@@ -196,9 +198,8 @@ class Engine:
         linear_attention.install(model)
         sparse_attention.install(model)
         if self._cache.linear is not None and config.enable_prefix_caching:
-            # a linear-attention state holds one position: no prefix of another sequence can be reused
-            log.info("prefix caching is off: %s has linear-attention layers", type(model).__name__)
-            self.config = config = replace(config, enable_prefix_caching=False)
+            log.info("prefix caching of %s reuses whole cached sequences only: its linear-attention states hold "
+                     "one position", type(model).__name__)
 
     @property
     def num_waiting(self) -> int:
@@ -442,7 +443,9 @@ class Engine:
         (one holding nothing, else the least recently released), unless it is a free slot's whole content or
         that slot is the one to overwrite: then that slot is taken as is. So a short match (a chat
         template's first tokens) never destroys a longer cached conversation. At least the prompt's last
-        token is always prefilled, for its logits.
+        token is always prefilled, for its logits. With linear-attention states (one position per slot) a
+        candidate counts only if all it holds is a prefix of the prompt: its states are then the prompt's
+        at that position.
         """
         reusable = (self.config.enable_prefix_caching and seq.params.prompt_logprobs is None
                     and seq.num_prompt_tokens > 1)
@@ -451,8 +454,10 @@ class Engine:
             prompt, limit = seq.token_ids, seq.num_prompt_tokens - 1
             candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
             candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
+            whole = self._cache.linear is not None
             for slot, tokens, cached in candidates:
-                if tokens[0] == prompt[0] and (n := _common_prefix(prompt, tokens, min(limit, cached))) > best:
+                n = _common_prefix(prompt, tokens, min(limit, cached)) if tokens[0] == prompt[0] else 0
+                if n > best and (not whole or n == cached):
                     best, source = n, slot
             self.prefix_cache_queries += seq.num_prompt_tokens
             self.prefix_cache_hits += best

@@ -9,8 +9,9 @@ single-token decodes together, each through transformers' cache interface (`_Slo
 states of the sequences of that call. So the module's projections, convolution and delta rule are
 transformers' own, and a sequence's tokens give what ``generate`` gives them.
 
-Ignores the prefix cache: a state holds one position only, so a prefix of another sequence cannot be
-reused (the engine turns prefix caching off for these models); forks copy a whole prompt's state.
+Ignores the prefix cache: a state holds one position only, so the engine reuses a slot for a prompt only
+when the prompt extends all the slot holds (a chunk starting past 0 continues the slot's states); forks
+copy a whole prompt's state.
 """
 
 from __future__ import annotations

@@ -34,21 +34,30 @@ def test_staggered_concurrent_requests_equal_generate(arch):
             assert tokens[request_id] == _generate(reference, prompt, 24), request_id
 
 
-def test_linear_attention_states_follow_forks_and_no_prefix_is_reused():
-    """Qwen3-Next's linear-attention states hold one position: the engine turns prefix caching off (a later
-    request with the same prompt is prefilled again, not resumed from another sequence's state), and a choice
-    sharing its parent's prefill gets a copy of the parent's states with its keys and values."""
+def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused():
+    """Qwen3-Next's linear-attention states hold one position: a choice sharing its parent's prefill gets a copy
+    of the parent's states with its keys and values; a finished request's slot is reused only by a prompt that
+    extends all it holds (the next turn of its conversation: resumed from its states), never for a shorter
+    shared prefix (prefilled again, not resumed from states of a later position)."""
     from service.engine import Engine, EngineConfig
 
     reference = build_tiny_model("qwen3_next")
     engine = Engine(build_tiny_model("qwen3_next"), EngineConfig(max_model_len=256, max_num_seqs=4))
-    assert not engine.config.enable_prefix_caching and engine._cache.linear is not None
-    prompt, expected = _prompt(30, 7), None
+    assert engine.config.enable_prefix_caching and engine._cache.linear is not None
+    prompt = _prompt(30, 7)
     expected = _generate(reference, prompt, 24)
     engine.add_request("parent", prompt, GREEDY)
     engine.add_request("child", prompt, GREEDY, share_prefill_with="parent")
     tokens, _ = _run(engine, {})
     assert tokens["parent"] == tokens["child"] == expected
     assert engine.prefix_cache_hits == 0
-    again, _ = _run(engine, {0: [("again", prompt, GREEDY)]})  # the same prompt, prefilled again
+    again, _ = _run(engine, {0: [("again", prompt, GREEDY)]})  # a prefix of what the slots hold: prefilled again
     assert again["again"] == expected and engine.prefix_cache_hits == 0
+    next_turn = prompt + expected + _prompt(9, 8)  # extends a slot's tokens: the prompt and all but the last output
+    tokens, _ = _run(engine, {0: [("turn", next_turn, GREEDY)]})
+    assert tokens["turn"] == _generate(reference, next_turn, 24)
+    assert engine.prefix_cache_hits == len(prompt) + len(expected) - 1
+    shared = next_turn[:40] + _prompt(6, 9)  # shares 40 tokens with a slot holding more: not reusable
+    tokens, _ = _run(engine, {0: [("shared", shared, GREEDY)]})
+    assert tokens["shared"] == _generate(reference, shared, 24)
+    assert engine.prefix_cache_hits == len(prompt) + len(expected) - 1

@@ -44,6 +44,25 @@ def chat_model(architecture: str, tokenizer, seed: int = 3) -> torch.nn.Module:
     return model
 
 
+def vlm_chat_folder(root: Path, name: str, architecture: str) -> Path:
+    """A tiny random vision-language checkpoint of ``architecture`` (as Qwen3.5 and Llama 4 are released: the
+    served language model under `model.language_model`) with a chat tokenizer, as the model folder ``name``."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.service.test_text import build_tokenizer
+    from tests.tiny_models import as_vlm, tiny_config
+
+    tokenizer = build_tokenizer()
+    config = tiny_config(architecture)
+    text = config.text_config
+    text.vocab_size, text.max_position_embeddings = len(tokenizer), 1024
+    text.eos_token_id, text.pad_token_id, text.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    torch.manual_seed(3)
+    vlm = as_vlm(AutoModelForCausalLM.from_config(text).eval(), config)
+    vlm.generation_config.eos_token_id = tokenizer.eos_token_id
+    return save_folder(root, name, vlm, tokenizer)
+
+
 def save_folder(root: Path, name: str, model: torch.nn.Module, tokenizer) -> Path:
     """``model`` and ``tokenizer`` saved as the model folder ``name`` under ``root`` (a configured root)."""
     model.save_pretrained(root / name)

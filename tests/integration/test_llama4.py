@@ -9,7 +9,6 @@ between workers, and the choices of one request (`n`, sharing its prefill) are e
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.integration.architecture_app import (
     PROMPTS,
@@ -17,11 +16,9 @@ from tests.integration.architecture_app import (
     client,
     expected_answers,
     re_place,
-    save_folder,
     served,
+    vlm_chat_folder,
 )
-from tests.service.test_text import build_tokenizer
-from tests.tiny_models import as_vlm, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -31,18 +28,7 @@ MODEL = "tiny-llama4"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A Llama 4 vision-language checkpoint with a chat tokenizer, as a model folder of a configured root."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = build_tokenizer()
-    config = tiny_config("llama4")
-    text = config.text_config
-    text.vocab_size, text.max_position_embeddings = len(tokenizer), 1024
-    text.eos_token_id, text.pad_token_id, text.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
-    torch.manual_seed(3)
-    language_model = AutoModelForCausalLM.from_config(text).eval()
-    vlm = as_vlm(language_model, config)
-    vlm.generation_config.eos_token_id = tokenizer.eos_token_id
-    return save_folder(tmp_path_factory.mktemp("models"), MODEL, vlm, tokenizer)
+    return vlm_chat_folder(tmp_path_factory.mktemp("models"), MODEL, "llama4")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,9 @@ from tests.integration.architecture_app import (
     client,
     expected_answers,
     re_place,
-    save_folder,
     served,
+    vlm_chat_folder,
 )
-from tests.service.test_text import build_tokenizer
-from tests.tiny_models import as_vlm, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -31,18 +29,7 @@ MODEL = "tiny-qwen3.5"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A Qwen3.5 vision-language checkpoint with a chat tokenizer, as a model folder of a configured root."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = build_tokenizer()
-    config = tiny_config("qwen3_5_moe")
-    text = config.text_config
-    text.vocab_size, text.max_position_embeddings = len(tokenizer), 1024
-    text.eos_token_id, text.pad_token_id, text.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
-    torch.manual_seed(3)
-    language_model = AutoModelForCausalLM.from_config(text).eval()
-    vlm = as_vlm(language_model, config)
-    vlm.generation_config.eos_token_id = tokenizer.eos_token_id
-    return save_folder(tmp_path_factory.mktemp("models"), MODEL, vlm, tokenizer)
+    return vlm_chat_folder(tmp_path_factory.mktemp("models"), MODEL, "qwen3_5_moe")
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def workers():
     def for_layout(layout, keep_quantized: bool = False):
         kind = (layout.hidden_act, layout.clamped_swiglu, keep_quantized)
         if kind not in started:
-            actors = [ExpertWorkerActor.options(num_cpus=0.25, max_concurrency=4).remote(
+            # three kinds of G actors (SiLU, GPT-OSS, held FP8) must fit the 2 CPUs: a kind more would wait forever
+            actors = [ExpertWorkerActor.options(num_cpus=0.1, max_concurrency=4).remote(
                 WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu,
                              keep_quantized=keep_quantized))
                 for g in range(G)]

@@ -153,7 +153,7 @@ def build_app(args: dict[str, Any] | None = None):
     _check_plannable(parsed, layout.num_experts)
     shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
                        expert_bytes=_expert_bytes(checkpoint, parsed.dtype, parsed.keep_quantized_experts))
-    worker_configs = _worker_configs(parsed, layout)
+    worker_configs = _worker_configs(parsed, layout, checkpoint)
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
                                            auto_recalibrate=parsed.auto_recalibrate,
@@ -229,14 +229,15 @@ def emulation_configs(args: AppArgs) -> list:
             for index in range(args.num_devices)]
 
 
-def _worker_configs(args: AppArgs, layout) -> list:
+def _worker_configs(args: AppArgs, layout, checkpoint: str) -> list:
     from service.worker import WorkerConfig
 
     emulations = emulation_configs(args) if args.emulate else [None] * args.num_devices
     return [WorkerConfig(index=index, device=args.device, dtype=args.dtype, hidden_act=layout.hidden_act,
                          clamped_swiglu=layout.clamped_swiglu, keep_quantized=args.keep_quantized_experts,
                          num_threads=args.worker_threads,
-                         profile_shape=(layout.hidden_size, layout.intermediate_size), emulation=emulation)
+                         profile_shape=(layout.hidden_size, layout.intermediate_size),
+                         profile_checkpoint=checkpoint, emulation=emulation)
             for index, emulation in enumerate(emulations)]
 
 

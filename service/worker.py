@@ -46,7 +46,11 @@ class WorkerConfig:
             of the bytes a migration moves, for a dequantization per expert call. False: dequantize on
             loading. No effect on other checkpoints.
         num_threads: torch intra-op threads of this process (torch.set_num_threads).
-        profile_shape: (hidden, intermediate) of the synthetic expert profiled when none is held.
+        profile_shape: (hidden, intermediate) of the synthetic expert profiled when none is held and no
+            `profile_checkpoint` is given.
+        profile_checkpoint: checkpoint folder whose first expert (MoE layer 0, expert 0) is profiled when none
+            is held, read as this worker holds experts (so a worker keeping them quantized profiles the
+            dequantization its calls will pay); None: a synthetic expert of `profile_shape`.
         emulation: emulated device parameters, or None to report measured compute time.
     """
 
@@ -58,6 +62,7 @@ class WorkerConfig:
     keep_quantized: bool = False
     num_threads: int = 1
     profile_shape: tuple[int, int] = (128, 256)
+    profile_checkpoint: str | None = None
     emulation: EmulationConfig | None = None
 
     def __post_init__(self) -> None:
@@ -178,8 +183,9 @@ class ExpertWorker:
 
     def profile(self, token_counts: Sequence[int] = DEFAULT_PROFILE_TOKENS, repeats: int = 3) -> LatencySamples:
         """Latency samples of one expert call per token count, `repeats` times each, through the
-        forward path (emulated when emulation is on). Uses the first held expert, or a synthetic one of
-        shape `profile_shape` when none is held. Each token count is run once untimed first (warm-up).
+        forward path (emulated when emulation is on). Uses the first held expert; when none is held, the
+        first expert of `profile_checkpoint` held as the worker would hold it, else a synthetic one of
+        shape `profile_shape`. Each token count is run once untimed first (warm-up).
         """
         token_counts = [int(n) for n in token_counts]
         if not token_counts or min(token_counts) < 1 or repeats < 1:
@@ -224,10 +230,16 @@ class ExpertWorker:
         held = self._store.keys()
         if held:
             return self._store, held[0]
+        store = ExpertStore(self._store.device, self._store.dtype)
+        if self.config.profile_checkpoint is not None:
+            from service.checkpoint import read_experts
+
+            store.add(read_experts(self.config.profile_checkpoint, [(0, 0)], quantized=self.config.keep_quantized,
+                                   dtype=store.dtype))
+            return store, (0, 0)
         hidden, intermediate = self.config.profile_shape
         generator = torch.Generator().manual_seed(_PROFILE_SEED)
         tensors = self._ffn.synthetic(hidden, intermediate, generator)
-        store = ExpertStore(self._store.device, self._store.dtype)
         store.add([ExpertTensors(0, 0, tensors, checksum(tensors))])
         return store, (0, 0)
 

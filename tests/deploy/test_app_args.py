@@ -134,7 +134,7 @@ def test_keeping_quantized_experts_reaches_the_workers_and_the_migration_cost(tm
     workers, shape = built(base)
     assert not any(c.keep_quantized for c in workers) and shape.expert_bytes == 3 * hidden * intermediate * 2
     workers, shape = built({**base, "keep_quantized_experts": True})
-    assert all(c.keep_quantized for c in workers)
+    assert all(c.keep_quantized and c.profile_checkpoint == str((tmp_path / "fp8").resolve()) for c in workers)
     assert shape.expert_bytes == 3 * hidden * intermediate + 3 * hidden * intermediate // 64 * 4
 
 

@@ -179,6 +179,29 @@ def test_profile_without_experts_uses_a_synthetic_expert_and_measures():
     assert (samples.seconds > 0).all()
 
 
+@pytest.mark.parametrize("keep_quantized", [False, True])
+def test_profile_without_experts_runs_the_checkpoints_first_expert_as_it_would_be_held(tmp_path, monkeypatch,
+                                                                                      keep_quantized):
+    """Given a checkpoint, a worker holding nothing profiles its expert (0, 0) held as the worker holds experts:
+    FP8 with its scales when it keeps them quantized (its calls then pay the dequantization), else dequantized."""
+    import service.worker as worker_module
+    from tests.tiny_models import save_tiny_fp8_model
+
+    folder = save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8")
+    profiled = []
+
+    def spy(store, layer, experts, counts, tokens, ffn):
+        profiled.append(store.get(layer, int(experts[0]))["gate_up"].dtype)
+        return run_experts(store, layer, experts, counts, tokens, ffn)
+
+    run_experts = worker_module.run_experts
+    monkeypatch.setattr(worker_module, "run_experts", spy)
+    worker = ExpertWorker(WorkerConfig(index=0, keep_quantized=keep_quantized, profile_checkpoint=str(folder)))
+    samples = worker.profile(token_counts=(1, 8), repeats=1)
+    assert list(samples.tokens) == [1, 8] and worker.held_experts() == []  # profiled, not held
+    assert set(profiled) == {torch.float8_e4m3fn if keep_quantized else torch.float32}
+
+
 def test_stats_count_calls_tokens_and_busy_time():
     fake = FakeTime()
     worker = worker_with([(0, 0), (0, 1)], emulation=EmulationConfig(**CURVE), fake=fake)

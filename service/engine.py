@@ -592,9 +592,9 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
     per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
-    indexed = sparse_attention.is_indexed(mc)
+    indexed = sparse_attention.indexed_layers(mc)  # the layers whose DSA indexer caches keys
     if indexed:
-        per_token += mc.num_hidden_layers * mc.index_head_dim * torch.empty(0, dtype=model.dtype).element_size()
+        per_token += len(indexed) * mc.index_head_dim * torch.empty(0, dtype=model.dtype).element_size()
     linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
     shape = linear_attention.LinearShape.of(mc) if linear else None
     per_slot = per_token * config.max_model_len + (len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0)
@@ -604,9 +604,10 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
                          f"{config.max_model_len} ({per_slot} bytes)")
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, **heads)
-    if indexed:  # a DSA indexer's keys: one more "head" per layer
-        cache.index_keys = [torch.zeros(num_slots, 1, config.max_model_len, mc.index_head_dim, dtype=model.dtype,
-                                        device=model.device) for _ in range(mc.num_hidden_layers)]
+    if indexed:  # a DSA indexer's keys: one more "head" per layer that runs one (none on GLM-5's shared layers)
+        cache.index_keys = [torch.zeros(num_slots, 1, config.max_model_len if layer in indexed else 0,
+                                        mc.index_head_dim, dtype=model.dtype, device=model.device)
+                            for layer in range(mc.num_hidden_layers)]
     if linear:
         cache.linear = linear_attention.LinearStates(linear, num_slots, shape, model.dtype, model.device)
     return cache

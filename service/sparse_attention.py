@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention (DeepSeek-V3.2's lightning indexer) over the engine's flat ragged batch.
+"""DeepSeek Sparse Attention (DeepSeek-V3.2's and GLM-5's lightning indexer) over the engine's flat ragged batch.
 
 Each attention layer of DeepSeek-V3.2 has an indexer: small projections that score every earlier token of
 the sequence for each query (``relu(q . k)`` per indexer head, weighted and summed), and the query then
@@ -9,12 +9,18 @@ and returns a `Selection` (which keys each query of the step may attend), which 
 attention function (``indices``) and `service.attention` applies on top of causality. The indexer's
 arithmetic is transformers' (`DeepseekV32Indexer.forward`), per sequence.
 
+GLM-5 (`glm_moe_dsa`) differs in two ways, both followed: its indexer rotates with interleaved RoPE
+(`GlmMoeDsaIndexer`), and only the layers its config's ``indexer_types`` calls "full" have one; a "shared"
+layer attends the choice of the full layer before it (transformers hands the module's returned choice, here
+the `Selection`, to the next layer). Only full layers cache indexer keys (`indexed_layers`).
+
 Ignores the reference implementation's Hadamard rotation and FP8 scoring, as transformers does (the
 rotation preserves dot products; FP8 is a precision shortcut).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,13 +29,25 @@ from transformers import PreTrainedModel
 
 from service import attention
 
-# transformers' attention modules that call an indexer and pass its result as ``indices``
-_INDEXED_ATTENTION = ("DeepseekV32Attention",)
+# transformers' attention modules that call an indexer (or, on GLM-5's shared layers, take the previous layer's
+# choice) and pass the result as ``indices``
+_INDEXED_ATTENTION = ("DeepseekV32Attention", "GlmMoeDsaAttention")
+# each indexer class the engine can run, and the RoPE function (in its modeling module) it rotates with
+_INDEXER_ROTARY = {"DeepseekV32Indexer": "apply_rotary_pos_emb", "GlmMoeDsaIndexer": "apply_rotary_pos_emb_interleave"}
 
 
 def is_indexed(config) -> bool:
     """Whether ``config``'s attention layers select their keys with a DSA indexer."""
     return getattr(config, "index_topk", None) is not None and getattr(config, "index_head_dim", None) is not None
+
+
+def indexed_layers(config) -> list[int]:
+    """The layers of ``config`` that run a DSA indexer (and cache its keys): none if its attention is not indexed,
+    else all but GLM-5's "shared" ``indexer_types``, which reuse the previous full layer's choice."""
+    if not is_indexed(config):
+        return []
+    kinds = getattr(config, "indexer_types", None) or ["full"] * config.num_hidden_layers
+    return [layer for layer, kind in enumerate(kinds) if kind == "full"]
 
 
 @dataclass
@@ -52,12 +70,14 @@ class RaggedIndexer(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner
+        name = type(inner).__name__
+        if name not in _INDEXER_ROTARY:
+            raise ValueError(f"{name}: a DSA indexer this engine cannot run; known: {sorted(_INDEXER_ROTARY)}")
+        self.rotate = getattr(sys.modules[type(inner).__module__], _INDEXER_ROTARY[name])
 
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, q_resid: torch.Tensor, position_embeddings, attention_mask=None,
                 position_ids=None, cache=None) -> Selection:
-        from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
-
         ix = self.inner
         cache_, batch = attention.bound_step()
         pool = cache_.index_keys[ix.layer_idx]                                 # [slots, 1, max_len, D]
@@ -67,7 +87,7 @@ class RaggedIndexer(torch.nn.Module):
         q_rot, q_pass = torch.split(q, [ix.qk_rope_head_dim, ix.head_dim - ix.qk_rope_head_dim], dim=-1)
         k = ix.k_norm(ix.wk(hidden_states)).unsqueeze(2)
         k_rot, k_pass = torch.split(k, [ix.qk_rope_head_dim, ix.head_dim - ix.qk_rope_head_dim], dim=-1)
-        q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+        q_rot, k_rot = self.rotate(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
         q = torch.cat([q_rot, q_pass], dim=-1)[0]                              # [T, H, D]
         k = torch.cat([k_rot, k_pass], dim=-1)[0, :, 0]                        # [T, D]
         attention.append_keys(pool, k.unsqueeze(0), batch)                   # as one "head" [1, T, D]
@@ -105,12 +125,13 @@ def _top(scores: torch.Tensor, topk: int) -> torch.Tensor:
 
 
 def install(model: PreTrainedModel) -> None:
-    """Replace the indexer of each DSA attention module of ``model`` by a `RaggedIndexer`; ValueError if
-    the model's config says its attention is indexed but no module could be."""
+    """Replace the indexer of each DSA attention module of ``model`` by a `RaggedIndexer` (GLM-5's shared layers
+    have none); ValueError if the model's config says its attention is indexed but no module could be."""
     found = 0
     for module in model.modules():
-        if type(module).__name__ in _INDEXED_ATTENTION and not isinstance(module.indexer, RaggedIndexer):
-            module.indexer = RaggedIndexer(module.indexer)
+        if type(module).__name__ in _INDEXED_ATTENTION and module.indexer is not None:
+            if not isinstance(module.indexer, RaggedIndexer):
+                module.indexer = RaggedIndexer(module.indexer)
             found += 1
     if is_indexed(model.config) and not found:
         raise ValueError(f"{type(model).__name__}: indexed (DSA) attention this engine cannot run")

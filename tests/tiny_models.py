@@ -15,7 +15,8 @@ muP input scaling and gated attention with a NoPE full-attention layer between s
 different number of query heads per layer, Cohere2-MoE attention and MoE in parallel with sliding and NoPE
 layers after a dense one, FlexOlmo q/k norms over all heads, EXAONE-MoE full-attention layers that keep the
 sliding window as an attribute they do not use, MiMo-V2-Flash sliding layers with twice the kv heads and
-sinks, values narrower than keys. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+sinks, values narrower than keys, GLM-5 (`glm_moe_dsa`) DeepSeek-V3.2's indexer with interleaved RoPE in two
+layers and two "shared" layers attending the choice of the layer before. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -41,6 +42,7 @@ from transformers import (
     FlexOlmoConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
+    GlmMoeDsaConfig,
     GptOssConfig,
     HunYuanMoEV1Config,
     LagunaConfig,
@@ -106,6 +108,11 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return DeepseekV32Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
                                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                  v_head_dim=12, index_n_heads=16, index_head_dim=16, index_topk=6)
+    if architecture == "glm_moe_dsa":  # GLM-5: V3.2's indexer with interleaved RoPE; layers 1 and 3 reuse 0's and 2's
+        return GlmMoeDsaConfig(**{**_COMMON, "num_key_value_heads": 4}, **{**routing, "num_hidden_layers": 4},
+                               n_group=4, topk_group=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                               qk_rope_head_dim=8, v_head_dim=12, index_n_heads=16, index_head_dim=16, index_topk=6,
+                               indexer_types=["full", "shared", "full", "shared"])
     if architecture == "glm4_moe_lite":  # GLM-4.7-Flash: latent attention, dense and sparse layers by type
         lite = {k: v for k, v in routing.items() if k != "first_k_dense_replace"}
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
@@ -190,7 +197,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
-                      "qwen3_5_moe", "deepseek_v32")
+                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 

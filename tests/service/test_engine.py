@@ -649,7 +649,7 @@ def test_prefix_cached_outputs_equal_uncached_ones_log_probabilities_included():
         assert [e.logprob for e in cached.logprobs] == pytest.approx([e.logprob for e in uncached.logprobs], abs=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "deepseek_v32"])  # latent slots; V3.2: indexer keys
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"])  # latent slots; DSA keys
 def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefills_its_last_token(arch, reference_models):
     system, prompt = _prompt(25, 25), _prompt(25, 25) + _prompt(4, 26)
     engine = _engine(arch, max_num_seqs=3)

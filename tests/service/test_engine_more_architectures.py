@@ -17,6 +17,7 @@ from tests.tiny_models import build_tiny_model
     "cohere2_moe",  # a dense full-attention first layer with RoPE, then sliding and NoPE layers, in parallel
     "hunyuan_v1_moe",  # q/k norms after RoPE
     "deepseek_v32",  # a DSA indexer choosing 6 keys per query: decodes of several lengths, chunked prefills
+    "glm_moe_dsa",  # the same with interleaved RoPE in the indexer, and shared layers reusing the previous choice
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
@@ -32,6 +33,15 @@ def test_staggered_concurrent_requests_equal_generate(arch):
     for requests in joins.values():
         for request_id, prompt, _ in requests:
             assert tokens[request_id] == _generate(reference, prompt, 24), request_id
+
+
+def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
+    """GLM-5's "shared" layers attend the choice of the full layer before them: no indexer, no keys of one to cache
+    (their attention applying that choice is what the staggered test checks)."""
+    from service.engine import Engine, EngineConfig
+
+    engine = Engine(build_tiny_model("glm_moe_dsa"), EngineConfig(max_model_len=64, max_num_seqs=2))
+    assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
 
 
 def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused():

@@ -3,7 +3,8 @@
 Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2,
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
-MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5), reading
+MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
+Mistral 4), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -49,7 +50,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
-                           "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa")
+                           "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -131,6 +132,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     releases: `read_experts` dequantizes each expert, the engine's dense part is dequantized by
     transformers) and GPT-OSS's MXFP4 experts."""
     architecture = getattr(config, "model_type", None)
+    if architecture in _NOT_SERVED:
+        raise ValueError(f"{architecture}: not supported ({_NOT_SERVED[architecture]})")
     method = quantization_method(config)
     if method is not None and method != "fp8" and (method, architecture) != ("mxfp4", "gpt_oss"):
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
@@ -183,14 +186,21 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture in ("glm4_moe_lite", "glm_moe_dsa"):  # the rule of Glm4MoeLite- and GlmMoeDsaDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
-    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1"):
-        # the rule of DeepseekV{2,3,32}DecoderLayer, Glm4MoeDecoderLayer and Dots1DecoderLayer: dense layers first
+    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4"):
+        # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1- and Mistral4DecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
     return ExpertLayout(architecture, tuple(moe_layers), num_experts, _top_k(config, moe_layers),
                         config.hidden_size, intermediate, config.hidden_act, dtype, clamped_swiglu)
+
+
+# MoE architectures of transformers 5.24 that are not served, and why (a clearer refusal than "unsupported")
+_NOT_SERVED = {
+    "mistral3": "Mistral 3's vision-language checkpoints (Mistral Small 4's among them): transformers loads no causal "
+                "LM from them; a folder of Mistral Small 4's language model alone (model_type mistral4) is served",
+}
 
 
 def _top_k(config: PretrainedConfig, moe_layers: Sequence[int]) -> int:

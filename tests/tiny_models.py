@@ -16,7 +16,8 @@ different number of query heads per layer, Cohere2-MoE attention and MoE in para
 layers after a dense one, FlexOlmo q/k norms over all heads, EXAONE-MoE full-attention layers that keep the
 sliding window as an attribute they do not use, MiMo-V2-Flash sliding layers with twice the kv heads and
 sinks, values narrower than keys, GLM-5 (`glm_moe_dsa`) DeepSeek-V3.2's indexer with interleaved RoPE in two
-layers and two "shared" layers attending the choice of the layer before. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+layers and two "shared" layers attending the choice of the layer before, Mistral 4 DeepSeek-V3's latent attention
+with its queries scaled by position (Llama 4's beta over 8-position spans). Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -50,6 +51,7 @@ from transformers import (
     Llama4TextConfig,
     MiMoV2FlashConfig,
     MiniMaxM2Config,
+    Mistral4Config,
     MixtralConfig,
     OlmoeConfig,
     PhimoeConfig,
@@ -60,6 +62,8 @@ from transformers import (
     Qwen3NextConfig,
     SolarOpenConfig,
 )
+
+import service.model  # noqa: F401  (maps mistral4 to Mistral4ForCausalLM for AutoModelForCausalLM)
 
 VOCAB_SIZE = 256
 # Larger than the default 0.02 so that random logits are well separated and greedy decoding does not
@@ -113,6 +117,12 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                                n_group=4, topk_group=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
                                qk_rope_head_dim=8, v_head_dim=12, index_n_heads=16, index_head_dim=16, index_topk=6,
                                indexer_types=["full", "shared", "full", "shared"])
+    if architecture == "mistral4":  # DeepSeek-V3's latent attention and routing; queries scaled every 8 positions
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0, "original_max_position_embeddings": 8,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+        return Mistral4Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
+                              q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                              rope_parameters=rope)
     if architecture == "glm4_moe_lite":  # GLM-4.7-Flash: latent attention, dense and sparse layers by type
         lite = {k: v for k, v in routing.items() if k != "first_k_dense_replace"}
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
@@ -197,7 +207,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
-                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa")
+                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 

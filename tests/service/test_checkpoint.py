@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
 import service.checkpoint as checkpoint
 from service.checkpoint import ExpertLayout, expert_layout, load_layout, read_experts, resolve_checkpoint
@@ -44,6 +44,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("deepseek_v3", (1, 2), 8, 2, 32),
     ("deepseek_v32", (1, 2), 8, 2, 32),
     ("glm_moe_dsa", (1, 2, 3), 8, 2, 32),  # mlp_layer_types from first_k_dense_replace 1
+    ("mistral4", (1, 2), 8, 2, 32),  # first_k_dense_replace 1
     ("glm4_moe", (1, 2), 8, 2, 32),
     ("glm4_moe_lite", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("minimax_m2", (0, 1), 8, 2, 32),
@@ -71,6 +72,12 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
     model = build_tiny_model(architecture)
     with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
     assert with_experts == moe_layers
+
+
+@pytest.mark.parametrize("architecture", ["mistral3"])
+def test_layout_refuses_the_moe_architectures_it_cannot_serve_exactly_saying_why(architecture):
+    with pytest.raises(ValueError, match=f"^{architecture}: not supported \\(.+\\)$"):
+        expert_layout(AutoConfig.for_model(architecture))
 
 
 def test_layout_refuses_per_layer_top_k_that_differ_and_a_phimoe_window_its_attention_does_not_pass():

@@ -198,6 +198,9 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
 
 # MoE architectures of transformers 5.24 that are not served, and why (a clearer refusal than "unsupported")
 _NOT_SERVED = {
+    "mistral_large4": "Mistral Large 4's language model needs a causal LM that transformers does not define, "
+                      "NoPE layers with narrower latent keys, cross-layer KV sharing and its own DSA indexer "
+                      "(queries from the hidden states, scaled by position, no RoPE on NoPE layers)",
     "mistral3": "Mistral 3's vision-language checkpoints (Mistral Small 4's among them): transformers loads no causal "
                 "LM from them; a folder of Mistral Small 4's language model alone (model_type mistral4) is served",
 }

@@ -4,7 +4,7 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4), reading
+Mistral 4, Hy3), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -50,7 +50,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
-                           "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4")
+                           "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -167,8 +167,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture == "afmoe":  # the rule of AfmoeDecoderLayer: dense layers first
         moe_layers = list(range(config.num_dense_layers, num_layers))
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
-    elif architecture in ("laguna", "exaone_moe", "mimo_v2_flash"):
-        # the rule of LagunaDecoderLayer, ExaoneMoeDecoderLayer and MiMoV2FlashDecoderLayer
+    elif architecture in ("laguna", "exaone_moe", "mimo_v2_flash", "hy_v3"):
+        # the rule of LagunaDecoderLayer, ExaoneMoeDecoderLayer, MiMoV2FlashDecoderLayer and HYV3DecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts = config.n_routed_experts if architecture == "mimo_v2_flash" else config.num_experts
         intermediate = config.moe_intermediate_size

@@ -17,7 +17,8 @@ layers after a dense one, FlexOlmo q/k norms over all heads, EXAONE-MoE full-att
 sliding window as an attribute they do not use, MiMo-V2-Flash sliding layers with twice the kv heads and
 sinks, values narrower than keys, GLM-5 (`glm_moe_dsa`) DeepSeek-V3.2's indexer with interleaved RoPE in two
 layers and two "shared" layers attending the choice of the layer before, Mistral 4 DeepSeek-V3's latent attention
-with its queries scaled by position (Llama 4's beta over 8-position spans). Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+with its queries scaled by position (Llama 4's beta over 8-position spans), Hy3 (`hy_v3`) a dense first layer,
+sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/k norms. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -46,6 +47,7 @@ from transformers import (
     GlmMoeDsaConfig,
     GptOssConfig,
     HunYuanMoEV1Config,
+    HYV3Config,
     LagunaConfig,
     Llama4Config,
     Llama4TextConfig,
@@ -123,6 +125,9 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return Mistral4Config(**{**_COMMON, "num_key_value_heads": 4}, **routing, n_group=4, topk_group=2,
                               q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                               rope_parameters=rope)
+    if architecture == "hy_v3":  # a dense first layer, sigmoid routing scaled in fp32, a shared expert, q/k norms
+        return HYV3Config(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                          num_experts=8, num_experts_per_tok=2, num_shared_experts=1, router_scaling_factor=2.5)
     if architecture == "glm4_moe_lite":  # GLM-4.7-Flash: latent attention, dense and sparse layers by type
         lite = {k: v for k, v in routing.items() if k != "first_k_dense_replace"}
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
@@ -207,7 +212,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
-                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4")
+                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 

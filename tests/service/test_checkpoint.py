@@ -45,6 +45,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("deepseek_v32", (1, 2), 8, 2, 32),
     ("glm_moe_dsa", (1, 2, 3), 8, 2, 32),  # mlp_layer_types from first_k_dense_replace 1
     ("mistral4", (1, 2), 8, 2, 32),  # first_k_dense_replace 1
+    ("hy_v3", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("glm4_moe", (1, 2), 8, 2, 32),
     ("glm4_moe_lite", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("minimax_m2", (0, 1), 8, 2, 32),

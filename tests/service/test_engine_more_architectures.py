@@ -19,6 +19,7 @@ from tests.tiny_models import build_tiny_model
     "deepseek_v32",  # a DSA indexer choosing 6 keys per query: decodes of several lengths, chunked prefills
     "glm_moe_dsa",  # the same with interleaved RoPE in the indexer, and shared layers reusing the previous choice
     "mistral4",  # latent attention with queries scaled by position (Llama 4's beta, every 8 positions)
+    "hy_v3",  # q/k norms before RoPE, a dense first layer
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys

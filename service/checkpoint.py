@@ -201,6 +201,10 @@ _NOT_SERVED = {
     "mistral_large4": "Mistral Large 4's language model needs a causal LM that transformers does not define, "
                       "NoPE layers with narrower latent keys, cross-layer KV sharing and its own DSA indexer "
                       "(queries from the hidden states, scaled by position, no RoPE on NoPE layers)",
+    "qwen3_vl_moe": "the engine loads a causal LM, and transformers defines none for Qwen3-VL-MoE's language model (its "
+                    "text model exists only inside Qwen3VLMoeForConditionalGeneration)",
+    "glm4v_moe": "the engine loads a causal LM, and transformers defines none for GLM-4.5V's language model (its text "
+                 "model exists only inside Glm4vMoeForConditionalGeneration)",
     "mistral3": "Mistral 3's vision-language checkpoints (Mistral Small 4's among them): transformers loads no causal "
                 "LM from them; a folder of Mistral Small 4's language model alone (model_type mistral4) is served",
 }

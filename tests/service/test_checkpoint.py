@@ -75,7 +75,7 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
     assert with_experts == moe_layers
 
 
-@pytest.mark.parametrize("architecture", ["mistral3", "mistral_large4"])
+@pytest.mark.parametrize("architecture", ["mistral3", "mistral_large4", "qwen3_vl_moe", "glm4v_moe"])
 def test_layout_refuses_the_moe_architectures_it_cannot_serve_exactly_saying_why(architecture):
     with pytest.raises(ValueError, match=f"^{architecture}: not supported \\(.+\\)$"):
         expert_layout(AutoConfig.for_model(architecture))

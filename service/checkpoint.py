@@ -4,7 +4,7 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4, Hy3), reading
+Mistral 4, Hy3, GLM-4.5V's language model), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -50,7 +50,8 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe",
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
-                           "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3")
+                           "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
+                           "glm4v_moe")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -139,7 +140,7 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
                          f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
     dtype = _dtype_name(config)
-    if architecture in ("qwen3_5_moe", "llama4") and getattr(config, "text_config", None) is not None:
+    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe") and getattr(config, "text_config", None) is not None:
         config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
@@ -186,8 +187,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture in ("glm4_moe_lite", "glm_moe_dsa"):  # the rule of Glm4MoeLite- and GlmMoeDsaDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
-    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4"):
-        # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1- and Mistral4DecoderLayer: dense layers first
+    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4", "glm4v_moe"):
+        # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     else:
@@ -203,8 +204,6 @@ _NOT_SERVED = {
                       "(queries from the hidden states, scaled by position, no RoPE on NoPE layers)",
     "qwen3_vl_moe": "the engine loads a causal LM, and transformers defines none for Qwen3-VL-MoE's language model (its "
                     "text model exists only inside Qwen3VLMoeForConditionalGeneration)",
-    "glm4v_moe": "the engine loads a causal LM, and transformers defines none for GLM-4.5V's language model (its text "
-                 "model exists only inside Glm4vMoeForConditionalGeneration)",
     "mistral3": "Mistral 3's vision-language checkpoints (Mistral Small 4's among them): transformers loads no causal "
                 "LM from them; a folder of Mistral Small 4's language model alone (model_type mistral4) is served",
 }

@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from service import text_models  # noqa: F401  (registers the causal LMs transformers lacks)
 from service.checkpoint import ExpertLayout, load_layout, quantization_method
 from service.dispatch import DispatchContext, DispatchingExperts
 

@@ -18,7 +18,8 @@ sliding window as an attribute they do not use, MiMo-V2-Flash sliding layers wit
 sinks, values narrower than keys, GLM-5 (`glm_moe_dsa`) DeepSeek-V3.2's indexer with interleaved RoPE in two
 layers and two "shared" layers attending the choice of the layer before, Mistral 4 DeepSeek-V3's latent attention
 with its queries scaled by position (Llama 4's beta over 8-position spans), Hy3 (`hy_v3`) a dense first layer,
-sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/k norms. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/k norms, GLM-4.5V (`glm4v_moe`, saved
+as the vision-language model its releases are) GLM-4.5's layers with multimodal RoPE on half of each head. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -44,6 +45,7 @@ from transformers import (
     FlexOlmoConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
+    Glm4vMoeConfig,
     GlmMoeDsaConfig,
     GptOssConfig,
     HunYuanMoEV1Config,
@@ -128,6 +130,12 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "hy_v3":  # a dense first layer, sigmoid routing scaled in fp32, a shared expert, q/k norms
         return HYV3Config(**_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                           num_experts=8, num_experts_per_tok=2, num_shared_experts=1, router_scaling_factor=2.5)
+    if architecture == "glm4v_moe":  # GLM-4.5's layers (multimodal RoPE on half the head) in a vision-language model
+        text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, **routing, n_group=1,
+                    topk_group=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        return Glm4vMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if architecture == "glm4_moe_lite":  # GLM-4.7-Flash: latent attention, dense and sparse layers by type
         lite = {k: v for k, v in routing.items() if k != "first_k_dense_replace"}
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
@@ -212,7 +220,8 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "dots1", "gpt_oss", "hunyuan_v1_moe", "phimoe",
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
-                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3")
+                      "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
+                      "glm4v_moe")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 
@@ -238,7 +247,7 @@ def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fus
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model = build_tiny_model(architecture, seed)
-    if architecture in ("qwen3_5_moe", "llama4"):  # saved as the vision-language model their releases are
+    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe"):  # saved as the vision-language model their releases are
         model = as_vlm(model, tiny_config(architecture))
     model.save_pretrained(folder, **kwargs)
     return folder
@@ -248,13 +257,18 @@ def as_vlm(language_model: torch.nn.Module, config: PretrainedConfig) -> torch.n
     """The Qwen3.5 or Llama 4 vision-language model of `config` (random vision tower) around `language_model` (a
     `Qwen3_5MoeForCausalLM` or `Llama4ForCausalLM` of `config.text_config`), as their checkpoints hold their
     language model (Llama 4's under `language_model.model`, Qwen3.5's under `model.language_model`)."""
-    from transformers import Llama4ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+    from transformers import (
+        Glm4vMoeForConditionalGeneration,
+        Llama4ForConditionalGeneration,
+        Qwen3_5MoeForConditionalGeneration,
+    )
 
     if config.model_type == "llama4":
         vlm = Llama4ForConditionalGeneration(config).eval()
         vlm.language_model.load_state_dict(language_model.state_dict())
         return vlm
-    vlm = Qwen3_5MoeForConditionalGeneration(config).eval()
+    vlm_class = Glm4vMoeForConditionalGeneration if config.model_type == "glm4v_moe" else Qwen3_5MoeForConditionalGeneration
+    vlm = vlm_class(config).eval()
     vlm.model.language_model.load_state_dict(language_model.model.state_dict())
     vlm.lm_head.load_state_dict(language_model.lm_head.state_dict())
     return vlm

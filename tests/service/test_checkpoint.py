@@ -46,6 +46,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("glm_moe_dsa", (1, 2, 3), 8, 2, 32),  # mlp_layer_types from first_k_dense_replace 1
     ("mistral4", (1, 2), 8, 2, 32),  # first_k_dense_replace 1
     ("hy_v3", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
+    ("glm4v_moe", (1, 2), 8, 2, 32),  # the language model of a vision-language config, first_k_dense_replace 1
     ("glm4_moe", (1, 2), 8, 2, 32),
     ("glm4_moe_lite", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("minimax_m2", (0, 1), 8, 2, 32),
@@ -75,7 +76,7 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
     assert with_experts == moe_layers
 
 
-@pytest.mark.parametrize("architecture", ["mistral3", "mistral_large4", "qwen3_vl_moe", "glm4v_moe"])
+@pytest.mark.parametrize("architecture", ["mistral3", "mistral_large4", "qwen3_vl_moe"])
 def test_layout_refuses_the_moe_architectures_it_cannot_serve_exactly_saying_why(architecture):
     with pytest.raises(ValueError, match=f"^{architecture}: not supported \\(.+\\)$"):
         expert_layout(AutoConfig.for_model(architecture))

@@ -4,7 +4,7 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4, Hy3, GLM-4.5V's language model), reading
+Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -22,6 +22,10 @@ in MXFP4 (`gate_up_proj_blocks` [E, 2I, H/32, 16] and `gate_up_proj_scales` [E, 
 `down_proj`). Quantized experts (those, and FP8 ones with block scales) are dequantized here, per expert,
 exactly as transformers dequantizes them, or read as stored (`read_experts(..., quantized=True)`) for
 workers that hold them quantized (service.quantization).
+
+Qwen3-VL-MoE's `save_pretrained` writes its experts fused and transposed by default (`mlp.experts.gate_up_proj`
+[E, H, 2I], `down_proj` [E, I, H], as its releases store them): a fused expert whose gate_up has as many rows as
+its down has columns (H) is read transposed.
 
 Llama 4 stores its experts fused and transposed, without biases, always (`feed_forward.experts.gate_up_proj`
 [E, H, 2I], gate columns then up, and `down_proj` [E, I, H]; its vision-language releases under
@@ -51,7 +55,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
-                           "glm4v_moe")
+                           "glm4v_moe", "qwen3_vl_moe")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -140,12 +144,13 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
                          f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
     dtype = _dtype_name(config)
-    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe") and getattr(config, "text_config", None) is not None:
+    vlm = ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe")
+    if architecture in vlm and getattr(config, "text_config", None) is not None:
         config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
-    if architecture in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
-        # the rule of Qwen{2,3}MoeDecoderLayer.__init__ (and Qwen3NextDecoderLayer's)
+    if architecture in ("qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_vl_moe"):
+        # the rule of Qwen{2,3}MoeDecoderLayer.__init__ (and Qwen3NextDecoderLayer's, Qwen3VLMoeTextDecoderLayer's)
         step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
         moe_layers = [d for d in range(num_layers)
                       if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]
@@ -202,8 +207,6 @@ _NOT_SERVED = {
     "mistral_large4": "Mistral Large 4's language model needs a causal LM that transformers does not define, "
                       "NoPE layers with narrower latent keys, cross-layer KV sharing and its own DSA indexer "
                       "(queries from the hidden states, scaled by position, no RoPE on NoPE layers)",
-    "qwen3_vl_moe": "the engine loads a causal LM, and transformers defines none for Qwen3-VL-MoE's language model (its "
-                    "text model exists only inside Qwen3VLMoeForConditionalGeneration)",
     "mistral3": "Mistral 3's vision-language checkpoints (Mistral Small 4's among them): transformers loads no causal "
                 "LM from them; a folder of Mistral Small 4's language model alone (model_type mistral4) is served",
 }
@@ -356,7 +359,10 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.
     names = [prefix + suffix for suffix in _FUSED_FORMAT]
     if all(name in shards for name in names):
         # get_slice reads only this expert's rows of the fused tensors
-        gate_up, down = (shards.file(name).get_slice(name)[expert].contiguous() for name in names)
+        gate_up, down = (shards.file(name).get_slice(name)[expert] for name in names)
+        if gate_up.shape[0] == down.shape[1]:  # [H, 2I] and [I, H] (Qwen3-VL-MoE's), not [2I, H] and [H, I]
+            gate_up, down = gate_up.T, down.T
+        gate_up, down = gate_up.contiguous(), down.contiguous()
         if gate_up.dtype in FP8_DTYPES or down.dtype in FP8_DTYPES:
             raise ValueError(f"fused FP8 experts (decoder layer {decoder_layer}) are not supported: FP8 checkpoints "
                              f"are read with per-expert weights and their weight_scale_inv")

@@ -19,7 +19,9 @@ sinks, values narrower than keys, GLM-5 (`glm_moe_dsa`) DeepSeek-V3.2's indexer 
 layers and two "shared" layers attending the choice of the layer before, Mistral 4 DeepSeek-V3's latent attention
 with its queries scaled by position (Llama 4's beta over 8-position spans), Hy3 (`hy_v3`) a dense first layer,
 sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/k norms, GLM-4.5V (`glm4v_moe`, saved
-as the vision-language model its releases are) GLM-4.5's layers with multimodal RoPE on half of each head. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+as the vision-language model its releases are) GLM-4.5's layers with multimodal RoPE on half of each head, Qwen3-VL-MoE
+(`qwen3_vl_moe`, the same) Qwen3-MoE's layers with interleaved multimodal RoPE, its experts fused and transposed on
+disk. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -64,6 +66,7 @@ from transformers import (
     Qwen3_5MoeConfig,
     Qwen3MoeConfig,
     Qwen3NextConfig,
+    Qwen3VLMoeConfig,
     SolarOpenConfig,
 )
 
@@ -136,6 +139,16 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                                                    "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
         return Glm4vMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    if architecture == "qwen3_vl_moe":  # Qwen3-MoE's layers (a dense first one) with interleaved multimodal RoPE;
+        # 2I != H: transformers tells its releases' transposed experts apart by shape (check_dims)
+        text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
+                    intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3, num_experts=8,
+                    num_experts_per_tok=2, mlp_only_layers=[0], tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                     "mrope_interleaved": True})
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      deepstack_visual_indexes=[0])
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if architecture == "glm4_moe_lite":  # GLM-4.7-Flash: latent attention, dense and sparse layers by type
         lite = {k: v for k, v in routing.items() if k != "first_k_dense_replace"}
         return Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **lite, n_group=1, topk_group=1,
@@ -221,7 +234,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
-                      "glm4v_moe")
+                      "glm4v_moe", "qwen3_vl_moe")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 
@@ -247,7 +260,7 @@ def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fus
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model = build_tiny_model(architecture, seed)
-    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe"):  # saved as the vision-language model their releases are
+    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe"):  # saved as their releases' VLMs
         model = as_vlm(model, tiny_config(architecture))
     model.save_pretrained(folder, **kwargs)
     return folder
@@ -261,13 +274,15 @@ def as_vlm(language_model: torch.nn.Module, config: PretrainedConfig) -> torch.n
         Glm4vMoeForConditionalGeneration,
         Llama4ForConditionalGeneration,
         Qwen3_5MoeForConditionalGeneration,
+        Qwen3VLMoeForConditionalGeneration,
     )
 
     if config.model_type == "llama4":
         vlm = Llama4ForConditionalGeneration(config).eval()
         vlm.language_model.load_state_dict(language_model.state_dict())
         return vlm
-    vlm_class = Glm4vMoeForConditionalGeneration if config.model_type == "glm4v_moe" else Qwen3_5MoeForConditionalGeneration
+    vlm_class = {"glm4v_moe": Glm4vMoeForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}.get(
+        config.model_type, Qwen3_5MoeForConditionalGeneration)
     vlm = vlm_class(config).eval()
     vlm.model.language_model.load_state_dict(language_model.model.state_dict())
     vlm.lm_head.load_state_dict(language_model.lm_head.state_dict())

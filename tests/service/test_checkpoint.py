@@ -47,6 +47,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("mistral4", (1, 2), 8, 2, 32),  # first_k_dense_replace 1
     ("hy_v3", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("glm4v_moe", (1, 2), 8, 2, 32),  # the language model of a vision-language config, first_k_dense_replace 1
+    ("qwen3_vl_moe", (1, 2), 8, 2, 24),  # the same, layer 0 in mlp_only_layers
     ("glm4_moe", (1, 2), 8, 2, 32),
     ("glm4_moe_lite", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("minimax_m2", (0, 1), 8, 2, 32),
@@ -76,7 +77,7 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
     assert with_experts == moe_layers
 
 
-@pytest.mark.parametrize("architecture", ["mistral3", "mistral_large4", "qwen3_vl_moe"])
+@pytest.mark.parametrize("architecture", ["mistral3", "mistral_large4"])
 def test_layout_refuses_the_moe_architectures_it_cannot_serve_exactly_saying_why(architecture):
     with pytest.raises(ValueError, match=f"^{architecture}: not supported \\(.+\\)$"):
         expert_layout(AutoConfig.for_model(architecture))
@@ -139,6 +140,27 @@ def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, archite
             assert sorted(item.tensors) == ["down", "down_bias", "gate_up", "gate_up_bias"]
             assert torch.equal(item.tensors["gate_up_bias"], experts.gate_up_proj_bias[item.expert])
             assert torch.equal(item.tensors["down_bias"], experts.down_proj_bias[item.expert])
+
+
+def test_read_experts_reads_qwen3_vl_moe_experts_transposed_as_its_releases_store_them(tmp_path):
+    """Qwen3-VL-MoE's releases store each layer's experts fused and transposed (`gate_up_proj` [E, H, 2I],
+    `down_proj` [E, I, H]; transformers transposes them as it loads, save_pretrained writes them untransposed):
+    read_experts transposes them back, bit-identical to the model's and to what transformers loads."""
+    from safetensors.torch import load_file
+
+    from service.model import load_reference_model
+
+    folder = save_tiny_model("qwen3_vl_moe", tmp_path / "m", seed=3)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[name] = tensors[name].transpose(1, 2).contiguous()  # as released
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    layout, model, loaded = load_layout(folder), build_tiny_model("qwen3_vl_moe", seed=3), load_reference_model(folder)
+    for item in read_experts(folder, [(0, 1), (1, 7)]):
+        for experts in (model.model.layers[layout.moe_layers[item.layer]].mlp.experts,
+                        loaded.model.layers[layout.moe_layers[item.layer]].mlp.experts):
+            assert torch.equal(item.tensors["gate_up"], experts.gate_up_proj[item.expert])
+            assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
 
 
 @pytest.mark.parametrize("architecture", ["deepseek_v3", "minimax_m2"])

@@ -21,6 +21,7 @@ from tests.tiny_models import build_tiny_model
     "mistral4",  # latent attention with queries scaled by position (Llama 4's beta, every 8 positions)
     "hy_v3",  # q/k norms before RoPE, a dense first layer
     "glm4v_moe",  # a vision-language model's language model: multimodal RoPE on text positions, partial rotary
+    "qwen3_vl_moe",  # the same with interleaved multimodal RoPE
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -9,13 +10,16 @@ from service.model import load_reference_model
 from tests.tiny_models import save_tiny_model
 
 
-def test_glm4v_moe_language_model_alone_equals_the_vision_language_model_on_text(tmp_path):
-    """Loaded text only from GLM-4.5V's checkpoint, its logits and greedy tokens are transformers' own
-    Glm4vMoeForConditionalGeneration's for a prompt without images (multimodal RoPE on text positions)."""
-    folder = save_tiny_model("glm4v_moe", tmp_path / "glm4v_moe", seed=2)
+@pytest.mark.parametrize("architecture,causal_lm", [("glm4v_moe", "Glm4vMoeTextForCausalLM"),
+                                                    ("qwen3_vl_moe", "Qwen3VLMoeTextForCausalLM")])
+def test_language_model_alone_equals_the_vision_language_model_on_text(tmp_path, architecture, causal_lm):
+    """Loaded text only from a vision-language checkpoint (GLM-4.5V's, Qwen3-VL-MoE's: its experts fused and
+    transposed on disk), its logits and greedy tokens are transformers' own vision-language model's for a prompt
+    without images (multimodal RoPE on text positions)."""
+    folder = save_tiny_model(architecture, tmp_path / architecture, seed=2)
     text_only = load_reference_model(folder)
     vlm = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
-    assert type(text_only).__name__ == "Glm4vMoeTextForCausalLM"
+    assert type(text_only).__name__ == causal_lm
     ids = torch.randint(3, 256, (2, 21), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(text_only(ids).logits, vlm(input_ids=ids).logits)

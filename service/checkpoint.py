@@ -29,7 +29,7 @@ its down has columns (H) is read transposed.
 
 Llama 4 stores its experts fused and transposed, without biases, always (`feed_forward.experts.gate_up_proj`
 [E, H, 2I], gate columns then up, and `down_proj` [E, I, H]; its vision-language releases under
-`language_model.model.layers`): each expert is read and transposed into the per-expert layout above.
+`language_model.model.layers`): read as Qwen3-VL-MoE's are.
 """
 
 from __future__ import annotations
@@ -64,8 +64,12 @@ _PER_EXPERT_FORMATS = (
     ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
      "block_sparse_moe.experts.{e}.w2.weight"),
 )
-_FUSED_FORMAT = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-_VLM_LAYERS = "model.language_model.layers."
+# (gate_up, down) fused key suffixes, tried in order (Llama 4's under `feed_forward`)
+_FUSED_FORMATS = (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+                  ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"))
+# where the decoder layers are, tried in order: a vision-language model's language model's (Qwen3.5 and the
+# others' `model.language_model`, Llama 4's `language_model.model`), else a causal LM's
+_LAYER_PREFIXES = ("model.language_model.layers.", "language_model.model.layers.", "model.layers.")
 
 
 @dataclass(frozen=True)
@@ -238,7 +242,7 @@ def _check_phimoe_window(config: PretrainedConfig) -> None:
 def _check_llama4(config: PretrainedConfig, method: str | None) -> None:
     """Llama 4 scales each token's expert input by its router score (see `service.model`), so top-k > 1 would
     need an input row per (token, expert) pair, which dispatch does not send: refuse it (both releases route
-    top-1), and quantized checkpoints (`_read_llama4_expert` reads the fused tensors as stored)."""
+    top-1), and quantized checkpoints (its experts are read from the fused tensors as stored)."""
     if config.num_experts_per_tok != 1:
         raise ValueError(f"llama4: num_experts_per_tok {config.num_experts_per_tok} is not supported (only 1: Llama 4 "
                          f"scales each expert's input by its router score, one input per token)")
@@ -301,7 +305,6 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
         out = []
         for layer, expert in keys:
             read = _read_gpt_oss_expert if layout.architecture == "gpt_oss" else _read_expert
-            read = _read_llama4_expert if layout.architecture in ("llama4_text", "llama4") else read
             tensors = read(shards, layout.moe_layers[layer], expert, dtype, quantized)
             out.append(ExpertTensors(layer, expert, tensors, checksum(tensors)))
     return out
@@ -313,9 +316,8 @@ class _Shards:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.weight_map = _weight_map(folder)
-        # where the decoder layers are: a vision-language model's (Qwen3.5) are its language model's
-        vlm = any(name.startswith(_VLM_LAYERS) for name in self.weight_map)
-        self.layers = _VLM_LAYERS if vlm else "model.layers."
+        self.layers = next((prefix for prefix in _LAYER_PREFIXES
+                            if any(name.startswith(prefix) for name in self.weight_map)), _LAYER_PREFIXES[-1])
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
 
@@ -356,11 +358,13 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.
             if down_scale is not None:
                 tensors["down_scale_inv"] = down_scale
             return tensors
-    names = [prefix + suffix for suffix in _FUSED_FORMAT]
-    if all(name in shards for name in names):
+    for fmt in _FUSED_FORMATS:
+        names = [prefix + suffix for suffix in fmt]
+        if not all(name in shards for name in names):
+            continue
         # get_slice reads only this expert's rows of the fused tensors
         gate_up, down = (shards.file(name).get_slice(name)[expert] for name in names)
-        if gate_up.shape[0] == down.shape[1]:  # [H, 2I] and [I, H] (Qwen3-VL-MoE's), not [2I, H] and [H, I]
+        if gate_up.shape[0] == down.shape[1]:  # [H, 2I] and [I, H] (Qwen3-VL-MoE's, Llama 4's): transposed
             gate_up, down = gate_up.T, down.T
         gate_up, down = gate_up.contiguous(), down.contiguous()
         if gate_up.dtype in FP8_DTYPES or down.dtype in FP8_DTYPES:
@@ -409,24 +413,6 @@ def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int, dtype
         if not ({name, f"{name}_blocks"} & tensors.keys()) or f"{name}_bias" not in tensors:
             raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
     return tensors
-
-
-# where a Llama 4 checkpoint's decoder layers are: Llama4ForConditionalGeneration's, Llama4ForCausalLM's
-_LLAMA4_LAYERS = ("language_model.model.layers.", "model.layers.")
-
-
-def _read_llama4_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype | None = None,
-                        quantized: bool = False) -> dict[str, torch.Tensor]:
-    """One Llama 4 expert in the workers' SwiGLU format, "gate_up" [2I, H] (gate rows, then up) and "down"
-    [H, I]: this expert's rows of the fused, transposed `feed_forward.experts.gate_up_proj` [E, H, 2I] (gate
-    columns, then up) and `down_proj` [E, I, H], transposed. (`expert_layout` refuses quantized Llama 4
-    checkpoints: ``dtype`` and ``quantized`` change nothing.)"""
-    for layers in _LLAMA4_LAYERS:
-        names = [f"{layers}{decoder_layer}.feed_forward.experts.{proj}" for proj in ("gate_up_proj", "down_proj")]
-        if all(name in shards for name in names):  # get_slice reads only this expert's rows
-            gate_up, down = (shards.file(name).get_slice(name)[expert].T.contiguous() for name in names)
-            return {"gate_up": gate_up, "down": down}
-    raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

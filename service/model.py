@@ -23,22 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    Mistral4Config,
-    Mistral4ForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from service import text_models  # noqa: F401  (registers the causal LMs transformers lacks)
 from service.checkpoint import ExpertLayout, load_layout, quantization_method
 from service.dispatch import DispatchContext, DispatchingExperts
-
-# transformers 5.24 has Mistral4ForCausalLM but maps `mistral4` to it only for pretraining and image-text-to-text,
-# not for AutoModelForCausalLM, which loads every checkpoint here (and its tests' references): map it there too
-AutoModelForCausalLM.register(Mistral4Config, Mistral4ForCausalLM, exist_ok=True)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}

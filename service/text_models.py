@@ -4,7 +4,9 @@ Owns `Glm4vMoeTextForCausalLM` (GLM-4.5V) and `Qwen3VLMoeTextForCausalLM` (Qwen3
 vision-language model's text model and lm_head, loaded text only from the vision-language checkpoint (its
 `model.language_model.*` keys read as `model.*`, as transformers reads Qwen3.5's, with the experts converted
 as transformers converts them for the vision-language model; the vision tower's keys skipped), and registered
-with AutoModelForCausalLM for the vision-language config and its text config. Their multimodal RoPE runs on
+with AutoModelForCausalLM for the vision-language config and its text config; and maps `mistral4` to
+transformers' own `Mistral4ForCausalLM`, which AutoModelForCausalLM lacks (5.24 maps it for pretraining and
+image-text-to-text only). Their multimodal RoPE runs on
 text positions, one position for every section, which is what the vision-language model computes for a prompt
 without images (`get_rope_index`). Ignores images and videos (Qwen3-VL's deepstack features included).
 """
@@ -18,6 +20,8 @@ from transformers import (
     GenerationMixin,
     Glm4vMoeConfig,
     Glm4vMoeTextConfig,
+    Mistral4Config,
+    Mistral4ForCausalLM,
     Qwen3VLMoeConfig,
     Qwen3VLMoeTextConfig,
 )
@@ -89,3 +93,4 @@ for _causal_lm, _vlm_config, _model_type in ((Glm4vMoeTextForCausalLM, Glm4vMoeC
     # the vision-language config too, as transformers maps Qwen3.5's (its `register` insists on the class's own
     # config; `from_pretrained` then builds the class from the text config)
     AutoModelForCausalLM._model_mapping.register(_vlm_config, _causal_lm, exist_ok=True)
+AutoModelForCausalLM.register(Mistral4Config, Mistral4ForCausalLM, exist_ok=True)

@@ -46,7 +46,13 @@ from transformers import AutoConfig, PretrainedConfig
 
 from service.experts import checksum
 from service.messages import ExpertTensors
-from service.quantization import FP8_DTYPES, check_fp8_blocks, dequantize_fp8, dequantize_mxfp4
+from service.quantization import (
+    FP8_DTYPES,
+    check_fp8_blocks,
+    check_mxfp4_blocks,
+    dequantize_fp8,
+    dequantize_mxfp4,
+)
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
@@ -406,7 +412,7 @@ def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int, dtype
         if name not in tensors and blocks in shards and scales in shards:
             blocks, scales = (shards.file(full).get_slice(full)[expert].contiguous() for full in (blocks, scales))
             if quantized:
-                dequantize_mxfp4(blocks[:1], scales[:1], dtype)  # checks the shapes now, not at the first call
+                check_mxfp4_blocks(blocks, scales)  # now, not at the first call
                 tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
             else:
                 tensors[name] = dequantize_mxfp4(blocks, scales, dtype)

@@ -36,12 +36,17 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     return blocks.mul_(scales).to(dtype).reshape(rows, cols)  # in place: one float32 copy, not two
 
 
+def check_mxfp4_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """ValueError unless ``blocks`` is uint8 [N, K/32, 16] and ``scales`` [N, K/32]."""
+    if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales {tuple(scales.shape)}")
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One expert's MXFP4 weight: ``blocks`` uint8 [N, K/32, 16] (two FP4 values a byte, the low nibble
     first) and ``scales`` uint8 [N, K/32] (a power of two per 32 values, biased by 127) -> [K, N] in
     ``dtype`` on their device, the expression of transformers' `convert_moe_packed_tensors` (bit-identical)."""
-    if blocks.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales {tuple(scales.shape)}")
+    check_mxfp4_blocks(blocks, scales)
     rows, groups, width = blocks.shape
     lut = torch.tensor(_FP4_VALUES, dtype=dtype, device=blocks.device)
     flat = blocks.reshape(rows * groups, width)

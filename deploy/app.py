@@ -144,6 +144,7 @@ def build_app(args: dict[str, Any] | None = None):
     from service.coordinator import CoordinatorConfig, ModelShape
     from service.deployments import IngressSettings, serve_deployments
     from service.engine import EngineConfig
+    from service.worker import held_expert_bytes
     from service.worker_pool import RayPoolConfig
 
     parsed = AppArgs.model_validate(args or {})
@@ -151,9 +152,9 @@ def build_app(args: dict[str, Any] | None = None):
     checkpoint = str(resolve_checkpoint(parsed.model, roots))
     layout = load_layout(checkpoint)
     _check_plannable(parsed, layout.num_experts)
-    shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
-                       expert_bytes=_expert_bytes(checkpoint, parsed.dtype, parsed.keep_quantized_experts))
     worker_configs = _worker_configs(parsed, layout, checkpoint)
+    shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
+                       expert_bytes=held_expert_bytes(worker_configs[0], checkpoint))
     coordinator_config = CoordinatorConfig(checkpoint=checkpoint, policy=parsed.policy,
                                            num_redundant=parsed.num_redundant, slot_budget=parsed.slot_budget,
                                            auto_recalibrate=parsed.auto_recalibrate,
@@ -239,18 +240,6 @@ def _worker_configs(args: AppArgs, layout, checkpoint: str) -> list:
                          profile_shape=(layout.hidden_size, layout.intermediate_size),
                          profile_checkpoint=checkpoint, emulation=emulation)
             for index, emulation in enumerate(emulations)]
-
-
-def _expert_bytes(checkpoint: str, dtype: str, keep_quantized: bool) -> int:
-    """Bytes of one expert as the workers hold it (quantized or not), which a migration moves: its first
-    expert read and held as a worker would (all experts of a model have the same shapes)."""
-    from service.checkpoint import read_experts
-    from service.experts import ExpertStore
-    from service.worker import DTYPES
-
-    store = ExpertStore("cpu", DTYPES[dtype])
-    store.add(read_experts(checkpoint, [(0, 0)], quantized=keep_quantized))
-    return store.held_bytes()
 
 
 def _model_max_len(checkpoint: str) -> int:

@@ -85,6 +85,23 @@ class WorkerConfig:
                              f"got {self.profile_shape!r}")
 
 
+def read_held(config: WorkerConfig, checkpoint_dir: str, keys: Iterable[Key]) -> list[ExpertTensors]:
+    """Experts of a checkpoint read as a worker of ``config`` holds them: quantized ones kept as stored
+    (`keep_quantized`) or dequantized to its compute dtype."""
+    # Imported here so the worker (and its tests) do not depend on the checkpoint reader's imports.
+    from service.checkpoint import read_experts
+
+    return read_experts(checkpoint_dir, list(keys), quantized=config.keep_quantized, dtype=DTYPES[config.dtype])
+
+
+def held_expert_bytes(config: WorkerConfig, checkpoint_dir: str) -> int:
+    """Bytes of one expert of a checkpoint (its first: a model's experts have one shape) as a worker of
+    ``config`` holds it: what a migration moves."""
+    store = ExpertStore("cpu", DTYPES[config.dtype])
+    store.add(read_held(config, checkpoint_dir, [(0, 0)]))
+    return store.held_bytes()
+
+
 @dataclass(frozen=True)
 class WorkerStats:
     """Counters of one worker since it started.
@@ -96,7 +113,6 @@ class WorkerStats:
         busy_s: device seconds reported for them (emulated, or measured without emulation).
         uptime_s: seconds since the worker started.
         duty_cycle: busy_s / uptime_s.
-        held_bytes: bytes of the experts held now (all their tensors).
 
     Deliberately no emulation parameters: the placement side learns devices only from timings.
     """
@@ -107,7 +123,6 @@ class WorkerStats:
     busy_s: float
     uptime_s: float
     duty_cycle: float
-    held_bytes: int = 0
 
 
 class ExpertWorker:
@@ -136,11 +151,7 @@ class ExpertWorker:
 
     def load_experts(self, checkpoint_dir: str, keys: Iterable[Key]) -> list[Key]:
         """Read the given (moe layer, expert) experts from a checkpoint folder and hold them."""
-        # Imported here so the worker (and its tests) do not depend on the checkpoint reader's imports.
-        from service.checkpoint import read_experts
-
-        return self._store.add(read_experts(checkpoint_dir, list(keys), quantized=self.config.keep_quantized,
-                                            dtype=self._store.dtype))
+        return self._store.add(read_held(self.config, checkpoint_dir, keys))
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""
@@ -232,10 +243,7 @@ class ExpertWorker:
             return self._store, held[0]
         store = ExpertStore(self._store.device, self._store.dtype)
         if self.config.profile_checkpoint is not None:
-            from service.checkpoint import read_experts
-
-            store.add(read_experts(self.config.profile_checkpoint, [(0, 0)], quantized=self.config.keep_quantized,
-                                   dtype=store.dtype))
+            store.add(read_held(self.config, self.config.profile_checkpoint, [(0, 0)]))
             return store, (0, 0)
         hidden, intermediate = self.config.profile_shape
         generator = torch.Generator().manual_seed(_PROFILE_SEED)
@@ -273,5 +281,4 @@ class ExpertWorker:
         uptime = self._clock() - self._started
         with self._lock:
             duty = self._busy_s / uptime if uptime > 0 else 0.0
-            stats = (self._calls, self._expert_calls, self._tokens, self._busy_s, uptime, duty)
-        return WorkerStats(*stats, self._store.held_bytes())
+            return WorkerStats(self._calls, self._expert_calls, self._tokens, self._busy_s, uptime, duty)

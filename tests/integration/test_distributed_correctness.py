@@ -137,7 +137,7 @@ def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_fa
     if name.endswith("-held"):  # the workers hold, and the migrations below move, FP8 weights and their scales
         stored = read_experts(folder, [(layer, e) for layer in range(layout.num_moe_layers)
                                        for e in range(layout.num_experts)], quantized=True)
-        assert sum(ray.get(actor.stats.remote()).held_bytes for actor in actors) == sum(
+        assert sum(ray.get(actor.telemetry.remote()).expert_bytes for actor in actors) == sum(
             t.numel() * t.element_size() for item in stored for t in item.tensors.values())
     channels = {info.index: SocketChannel(info.unix_address, timeout_s=30) for info in infos}
     context = DispatchContext(placement, channels)

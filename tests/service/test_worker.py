@@ -155,8 +155,8 @@ def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     worker = worker_with([])
     assert worker.load_experts("/ckpt", [(0, 2), (1, 3)]) == [(0, 2), (1, 3)]
     assert calls == [("/ckpt", [(0, 2), (1, 3)], False, torch.float64)] and worker.held_experts() == [(0, 2), (1, 3)]
-    assert worker.stats().held_bytes == sum(t.numel() * t.element_size() for key in [(0, 2), (1, 3)]
-                                            for t in make_expert(*key).tensors.values())
+    assert worker.telemetry().expert_bytes == sum(t.numel() * t.element_size() for key in [(0, 2), (1, 3)]
+                                                 for t in make_expert(*key).tensors.values())
     keeping = ExpertWorker(WorkerConfig(index=1, keep_quantized=True, dtype="bfloat16"))
     keeping.load_experts("/ckpt", [(0, 1)])
     assert calls[-1] == ("/ckpt", [(0, 1)], True, torch.bfloat16)
@@ -219,7 +219,7 @@ def test_telemetry_on_cpu_says_why_it_is_unavailable():
     assert telemetry.device == 3 and not telemetry.available and telemetry.expert_bytes == 0
     assert telemetry.reason == "no NVIDIA GPU: worker runs on cpu"
     holding = worker_with([(0, 1), (2, 0)])
-    assert holding.telemetry().expert_bytes == holding.stats().held_bytes == 2 * 3 * 16 * 24 * 8  # two float64 experts
+    assert holding.telemetry().expert_bytes == 2 * 3 * 16 * 24 * 8  # two float64 experts
 
 
 @pytest.mark.parametrize("bad", [dict(index=-1), dict(index=0, device="gpu"), dict(index=0, dtype="int8"),

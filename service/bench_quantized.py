@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.experts import ExpertFFN, ExpertStore, checksum, run_experts
+from service.experts import ExpertFFN, ExpertStore, checksum, expert_weight, run_experts
 from service.messages import ExpertTensors
-from service.quantization import dequantize_fp8, dequantize_mxfp4
 
 # (name, hidden, intermediate, format): routed experts of released checkpoints
 SHAPES = (("Qwen3-30B-A3B", 2048, 768, "fp8"), ("DeepSeek-V3", 7168, 2048, "fp8"),
@@ -52,13 +51,9 @@ def mxfp4_expert(hidden: int, intermediate: int, generator: torch.Generator) -> 
 
 
 def dequantized(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out = {name: t for name, t in tensors.items() if name.endswith("_bias")}
-    for name in ("gate_up", "down"):
-        if f"{name}_blocks" in tensors:
-            out[name] = dequantize_mxfp4(tensors[f"{name}_blocks"], tensors[f"{name}_scales"], dtype)
-        else:
-            out[name] = dequantize_fp8(tensors[name], tensors[f"{name}_scale_inv"], dtype)
-    return out
+    """The expert's tensors with its weights dequantized as the workers' FFN dequantizes them."""
+    biases = {name: t for name, t in tensors.items() if name.endswith("_bias")}
+    return {**biases, **{name: expert_weight(tensors, name, dtype) for name in ("gate_up", "down")}}
 
 
 def time_calls(store: ExpertStore, ffn: ExpertFFN, hidden: int, tokens: int, repeats: int) -> float:

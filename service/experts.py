@@ -160,15 +160,15 @@ class ExpertFFN:
         """The expert's output for x [n, H], unweighted: exactly the expression of transformers' eager
         experts loop (e.g. Qwen3MoeExperts.forward, GptOssExperts.forward), so outputs are bit-identical."""
         if self.clamped_swiglu is None:
-            gate, up = F.linear(x, _weight(tensors, "gate_up", x.dtype)).chunk(2, dim=-1)
-            return F.linear(self._act(gate) * up, _weight(tensors, "down", x.dtype))
+            gate, up = F.linear(x, expert_weight(tensors, "gate_up", x.dtype)).chunk(2, dim=-1)
+            return F.linear(self._act(gate) * up, expert_weight(tensors, "down", x.dtype))
         alpha, limit = self.clamped_swiglu
-        gate_up = x @ _weight(tensors, "gate_up", x.dtype) + tensors["gate_up_bias"]
+        gate_up = x @ expert_weight(tensors, "gate_up", x.dtype) + tensors["gate_up_bias"]
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         gate = gate.clamp(min=None, max=limit)
         up = up.clamp(min=-limit, max=limit)
         glu = gate * torch.sigmoid(gate * alpha)
-        return ((up + 1) * glu) @ _weight(tensors, "down", x.dtype) + tensors["down_bias"]
+        return ((up + 1) * glu) @ expert_weight(tensors, "down", x.dtype) + tensors["down_bias"]
 
     def hidden_size(self, tensors: dict[str, torch.Tensor]) -> int:
         """H of an expert's tensors."""
@@ -187,7 +187,7 @@ class ExpertFFN:
                 "down": down.T.contiguous(), "down_bias": torch.zeros(hidden)}
 
 
-def _weight(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+def expert_weight(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
     """Weight ``name`` of an expert, dequantized to ``dtype`` if it is held quantized."""
     weight = tensors.get(name)
     if weight is None:  # GPT-OSS's MXFP4, held as stored

@@ -193,7 +193,7 @@ def test_read_experts_keeps_quantized_experts_as_stored(tmp_path, name):
     """With quantized=True an expert comes as the checkpoint stores it (FP8 with its block scales, MXFP4 blocks
     and scales), a quarter to a half of its dequantized bytes, and dequantizes, at any compute dtype, to the
     weights transformers loads at that dtype, bit for bit; other checkpoints read the same either way."""
-    from service.experts import _weight
+    from service.experts import expert_weight
     from service.model import load_reference_model
 
     architecture, method = name.split("-")
@@ -216,7 +216,7 @@ def test_read_experts_keeps_quantized_experts_as_stored(tmp_path, name):
             assert nbytes(item.tensors) < 0.3 * nbytes(whole.tensors)  # float32 experts: FP8 a quarter and scales
             experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
             for weight, param in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
-                dequantized = _weight(item.tensors, weight, getattr(torch, dtype))
+                dequantized = expert_weight(item.tensors, weight, getattr(torch, dtype))
                 assert dequantized.dtype == param.dtype and torch.equal(dequantized, param[item.expert])
                 if dtype == "float32":
                     assert torch.equal(dequantized, whole.tensors[weight])

@@ -29,11 +29,12 @@ from pydoc_data import topics
 import httpx
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
+from service.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 TARGET_THROUGHPUT_RATIO_AT_32 = 0.5
@@ -205,7 +206,7 @@ def print_row(r: RunResult) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     levels = sorted(set(args.concurrency))
     prompts_by_level = {c: make_prompts(tokenizer, c * args.requests_per_stream, args.prompt_tokens) for c in levels}
     config = EngineConfig(max_num_seqs=max(levels), max_num_batched_tokens=max(args.max_num_batched_tokens, max(levels)),

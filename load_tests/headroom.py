@@ -187,14 +187,14 @@ def workload_loads(model_dir: Path, workloads: tuple[str, ...], limit: int | Non
     """float [L, E]: the served model's router assignments over the prefill of the prompts of `workloads`
     (the first `limit` of each; None: all)."""
     import torch
-    from transformers import AutoTokenizer
 
     from deploy.build_default_model import router_loads
     from load_tests.workloads import load_workloads
     from service.model import load_reference_model
+    from service.tokenizer import load_tokenizer
 
     model = load_reference_model(str(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     conversations = [list(p.messages) for prompts in load_workloads(workloads).values() for p in prompts[:limit]]
     with torch.no_grad():
         return router_loads(model, tokenizer, conversations).astype(np.float64)

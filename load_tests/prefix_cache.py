@@ -37,13 +37,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from load_tests.workloads import Prompt, load_workload
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
+from service.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     max_model_len = AutoModelForCausalLM.from_pretrained(args.model).config.max_position_embeddings
     scenarios = {
         "multi_turn": conversations(load_workload("sharegpt_like"), multi_turn=True,

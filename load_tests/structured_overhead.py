@@ -27,13 +27,14 @@ import statistics
 import time
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from load_tests.workloads import load_workload
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.structured import grammar_from_spec
 from service.text import apply_chat_template
+from service.tokenizer import load_tokenizer
 from service.tools import ToolSetup
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     prompts = [apply_chat_template(tokenizer, list(p.messages)) for p in load_workload("code")[:args.requests]]
     model = AutoModelForCausalLM.from_pretrained(args.model)
     config = EngineConfig(max_num_seqs=args.requests, max_num_batched_tokens=4096, enable_prefix_caching=False,

@@ -276,8 +276,6 @@ class Stack:
     """Emulated workers on sockets, coordinator, dispatch context, engine and PlacementSync, in process."""
 
     def __init__(self, config: BenchConfig) -> None:
-        from transformers import AutoTokenizer
-
         from service.async_engine import AsyncEngine
         from service.checkpoint import load_layout
         from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
@@ -286,6 +284,7 @@ class Stack:
         from service.engine import Engine, EngineConfig
         from service.model import load_engine_model
         from service.placement_sync import PlacementSync
+        from service.tokenizer import load_tokenizer
         from service.transport import WorkerServer
         from service.worker import ExpertWorker, WorkerConfig
 
@@ -315,7 +314,7 @@ class Stack:
         self.timer = StepTimer(self.context)
         model = load_engine_model(config.model, context=self.context).model
         model.register_forward_pre_hook(self.timer.count_tokens, with_kwargs=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
+        self.tokenizer = load_tokenizer(config.model)
         core = Engine(model, EngineConfig(max_model_len=config.max_model_len, max_num_seqs=config.streams),
                       self.tokenizer, hooks=self.timer)
         self.engine = AsyncEngine(core, num_threads=1)

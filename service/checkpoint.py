@@ -4,7 +4,8 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models), reading
+Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Kimi-K2: DeepSeek-V3's under its own
+`model_type`, `KimiK2Config`), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, DeepseekV3Config, PretrainedConfig
 
 from service.experts import checksum
 from service.messages import ExpertTensors
@@ -61,7 +62,19 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
-                           "glm4v_moe", "qwen3_vl_moe")
+                           "glm4v_moe", "qwen3_vl_moe", "kimi_k2")
+
+
+class KimiK2Config(DeepseekV3Config):
+    """Kimi-K2's config (K2, K2-Instruct, K2-Thinking): DeepSeek-V3's architecture, which its releases' remote code
+    is, under the `model_type` its folders declare (``kimi_k2``); registered with `AutoConfig` so that its folders
+    load without their remote code (`service.text_models` maps it to DeepSeek-V3's causal LM)."""
+
+    model_type = "kimi_k2"
+
+
+AutoConfig.register(KimiK2Config.model_type, KimiK2Config, exist_ok=True)
+
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -202,7 +215,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture in ("glm4_moe_lite", "glm_moe_dsa"):  # the rule of Glm4MoeLite- and GlmMoeDsaDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
-    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4", "glm4v_moe"):
+    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4", "glm4v_moe",
+                          "kimi_k2"):
         # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size

@@ -128,7 +128,6 @@ class IngressDeployment:
 
     async def __init__(self, coordinator, settings: IngressSettings) -> None:
         import ray
-        from transformers import AutoTokenizer
 
         from placement import Placement
         from service.async_engine import AsyncEngine
@@ -136,6 +135,7 @@ class IngressDeployment:
         from service.engine import Engine
         from service.model import load_engine_model
         from service.placement_sync import PlacementSync, worker_channels
+        from service.tokenizer import load_tokenizer
 
         self.settings = settings
         self.coordinator = coordinator
@@ -147,7 +147,7 @@ class IngressDeployment:
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # the dense part goes where the replica has a GPU
         model = load_engine_model(settings.checkpoint, dtype=settings.dtype, device=device,
                                   context=self.context).model
-        tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint, local_files_only=True)
+        tokenizer = load_tokenizer(settings.checkpoint)
         self.engine = AsyncEngine(Engine(model, settings.engine_config, tokenizer, hooks=self.context),
                                   num_threads=settings.engine_threads)
         self.engine.start()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3ForCausalLM,
     GenerationMixin,
     Glm4vMoeConfig,
     Glm4vMoeTextConfig,
@@ -37,6 +38,8 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoePreTrainedModel,
     Qwen3VLMoeTextModel,
 )
+
+from service.checkpoint import KimiK2Config
 
 
 class _LanguageModelOnly:
@@ -94,3 +97,14 @@ for _causal_lm, _vlm_config, _model_type in ((Glm4vMoeTextForCausalLM, Glm4vMoeC
     # config; `from_pretrained` then builds the class from the text config)
     AutoModelForCausalLM._model_mapping.register(_vlm_config, _causal_lm, exist_ok=True)
 AutoModelForCausalLM.register(Mistral4Config, Mistral4ForCausalLM, exist_ok=True)
+
+
+class KimiK2ForCausalLM(DeepseekV3ForCausalLM):
+    """DeepSeek-V3's causal LM for Kimi-K2's config (its checkpoints keep DeepSeek-V3's keys)."""
+
+    config_class = KimiK2Config
+
+
+AutoModelForCausalLM.register(KimiK2Config, KimiK2ForCausalLM, exist_ok=True)
+register_checkpoint_conversion_mapping(KimiK2Config.model_type, get_checkpoint_conversion_mapping("deepseek_v3"),
+                                       overwrite=True)

@@ -537,6 +537,25 @@ def _kimi_k2_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callab
     return "\n".join(rules) + "\n"
 
 
+_KIMI_ID = re.compile(r"functions\.[^:\s]+:\d+")
+
+
+def _kimi_k2_history(messages: list[dict]) -> list[dict]:
+    """The history's call ids in Kimi-K2's form, ``functions.NAME:INDEX`` with the calls numbered through the
+    conversation from 0 (its template renders a call's and a result's id as they are: the model was trained on
+    that form, not OpenAI's ``call_...``); a result gets its call's; ids already in that form are kept."""
+    renamed: dict[str, str] = {}
+    calls = (call for message in messages for call in message.get("tool_calls", ()))
+    for index, call in enumerate(calls):
+        if not _KIMI_ID.fullmatch(call["id"]):
+            kimi_id = f"functions.{call['function']['name']}:{index}"
+            renamed[call["id"]], call["id"] = kimi_id, kimi_id
+    for message in messages:
+        if "tool_call_id" in message:
+            message["tool_call_id"] = renamed.get(message["tool_call_id"], message["tool_call_id"])
+    return messages
+
+
 _GLM_CALL = re.compile(r"\s*([^\n<]+?)\s*((?:<arg_key>.*)?)", re.DOTALL)  # GLM-4.5 writes a newline, 4.7 none
 _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
@@ -667,7 +686,8 @@ FORMATS: dict[str, ToolFormat] = {
     "deepseek_v3": ToolFormat(DSV3_CALLS_BEGIN, DSV3_CALLS_END, _deepseek_v3_parse, _deepseek_v3_grammar,
                               (DSV3_CALLS_BEGIN, DSV3_CALLS_END, DSV3_CALL_BEGIN, DSV3_CALL_END, DSV3_SEP)),
     "kimi_k2": ToolFormat(KIMI_CALLS_BEGIN, KIMI_CALLS_END, _kimi_k2_parse, _kimi_k2_grammar,
-                          (KIMI_CALLS_BEGIN, KIMI_CALLS_END, KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END)),
+                          (KIMI_CALLS_BEGIN, KIMI_CALLS_END, KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END),
+                          history=_kimi_k2_history),
     "glm45": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm45_grammar, _HERMES_TAGS),
     "glm47": ToolFormat(TOOL_CALL_START, TOOL_CALL_END, _glm45_parse, _glm47_grammar, _HERMES_TAGS),
     "minimax_m2": ToolFormat(MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END, _minimax_m2_parse, _minimax_m2_grammar,

@@ -15,6 +15,7 @@ import torch
 
 from service.model import load_reference_model
 from service.text import apply_chat_template
+from service.tokenizer import load_tokenizer
 from tests.serve_app import serve_app
 
 TOKEN = "test-admin-token-0123456789"
@@ -85,9 +86,7 @@ def expected_answers(folder: Path, content: Callable[[Any, torch.Tensor], str] |
     """The single-process model's greedy answers to `PROMPTS` (transformers' `generate` on the checkpoint as
     transformers loads it), as ``content(tokenizer, new_token_ids)`` renders them (default: decoded without
     special tokens)."""
-    from transformers import AutoTokenizer
-
-    model, tokenizer = load_reference_model(folder), AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_reference_model(folder), load_tokenizer(folder)
     content = content or (lambda tok, new: tok.decode(new, skip_special_tokens=True))
     expected = []
     for prompt in PROMPTS:

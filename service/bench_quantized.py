@@ -6,7 +6,8 @@
 Owns the measurement behind `keep_quantized_experts`: for the expert shapes of released models, the
 bytes one expert takes in a worker and the median time of one expert call (`run_experts`, the workers'
 own path) at several token counts, with the expert held in the compute dtype (bfloat16) and held as the
-checkpoint stores it (FP8 with 128 x 128 block scales; GPT-OSS's MXFP4). Weights are random, in the
+checkpoint stores it (FP8 with 128 x 128 block scales; GPT-OSS's MXFP4; Kimi-K2-Thinking's INT4 with a bf16
+scale per 32 columns). Weights are random, in the
 formats' ranges; what is measured is the arithmetic, not the values. Runs on CUDA when asked and
 available (kernel time by CUDA events, as the workers time calls), else on the CPU with one thread.
 Writes `quantized_experts.json` to --out and prints one line per shape, format and token count.
@@ -28,9 +29,10 @@ from service.messages import ExpertTensors
 
 # (name, hidden, intermediate, format): routed experts of released checkpoints
 SHAPES = (("Qwen3-30B-A3B", 2048, 768, "fp8"), ("DeepSeek-V3", 7168, 2048, "fp8"),
-          ("gpt-oss-20b", 2880, 2880, "mxfp4"))
+          ("gpt-oss-20b", 2880, 2880, "mxfp4"), ("Kimi-K2-Thinking", 7168, 2048, "int4"))
 TOKENS = (1, 16, 128)
 BLOCK = 128
+INT4_GROUP = 32
 
 
 def fp8_expert(hidden: int, intermediate: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -48,6 +50,20 @@ def mxfp4_expert(hidden: int, intermediate: int, generator: torch.Generator) -> 
                                                   generator=generator)
         tensors[f"{name}_scales"] = torch.randint(118, 124, (rows, cols // 32), dtype=torch.uint8, generator=generator)
     return tensors
+
+
+def int4_expert(hidden: int, intermediate: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Kimi-K2-Thinking's format: INT4 packed eight to an int32, a bf16 scale per 32 columns."""
+    tensors = {}
+    for name, (rows, cols) in (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate))):
+        tensors[f"{name}_packed"] = torch.randint(-2**31, 2**31 - 1, (rows, cols // 8), dtype=torch.int32,
+                                                  generator=generator)
+        tensors[f"{name}_scale"] = (torch.rand(rows, cols // INT4_GROUP, generator=generator) * 1e-2).to(torch.bfloat16)
+        tensors[f"{name}_shape"] = torch.tensor([rows, cols])
+    return tensors
+
+
+EXPERTS = {"fp8": fp8_expert, "mxfp4": mxfp4_expert, "int4": int4_expert}
 
 
 def dequantized(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -70,7 +86,7 @@ def measure(device: str, quick: bool) -> list[dict]:
     repeats = 3 if quick else 7
     for model, hidden, intermediate, fmt in shapes:
         generator = torch.Generator().manual_seed(0)
-        held = (fp8_expert if fmt == "fp8" else mxfp4_expert)(hidden, intermediate, generator)
+        held = EXPERTS[fmt](hidden, intermediate, generator)
         ffn = ExpertFFN("silu", (1.702, 7.0) if fmt == "mxfp4" else None)
         stores = {}
         for kind, tensors in (("bfloat16", dequantized(held, torch.float32)), (fmt, held)):
@@ -105,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "torch": torch.__version__, "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
-            "compute_dtype": "bfloat16", "fp8_block": BLOCK, "statistic": "median seconds of one expert call"}
+            "compute_dtype": "bfloat16", "fp8_block": BLOCK, "int4_group": INT4_GROUP, "statistic": "median seconds of one expert call"}
     (out / "quantized_experts.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out / 'quantized_experts.json'}")
 

@@ -20,9 +20,10 @@ On disk `save_pretrained` writes per-expert keys by default, and fused 3-D tenso
 GPT-OSS stores its experts fused and transposed, with biases (`mlp.experts.gate_up_proj` [E, H, 2I],
 `gate_up_proj_bias` [E, 2I], `down_proj` [E, I, H], `down_proj_bias` [E, H]), or, as OpenAI released it,
 in MXFP4 (`gate_up_proj_blocks` [E, 2I, H/32, 16] and `gate_up_proj_scales` [E, 2I, H/32], the same for
-`down_proj`). Quantized experts (those, and FP8 ones with block scales) are dequantized here, per expert,
-exactly as transformers dequantizes them, or read as stored (`read_experts(..., quantized=True)`) for
-workers that hold them quantized (service.quantization).
+`down_proj`). Quantized experts (those, FP8 ones with block scales, and compressed-tensors' pack-quantized
+integers: `weight_packed` int32, `weight_scale`, `weight_shape` per expert weight, Kimi-K2-Thinking's) are
+dequantized here, per expert, exactly as their library dequantizes them, or read as stored
+(`read_experts(..., quantized=True)`) for workers that hold them quantized (service.quantization).
 
 Qwen3-VL-MoE's `save_pretrained` writes its experts fused and transposed by default (`mlp.experts.gate_up_proj`
 [E, H, 2I], `down_proj` [E, I, H], as its releases store them): a fused expert whose gate_up has as many rows as
@@ -49,10 +50,13 @@ from service.experts import checksum
 from service.messages import ExpertTensors
 from service.quantization import (
     FP8_DTYPES,
+    INT_PACKED_BITS,
     check_fp8_blocks,
     check_mxfp4_blocks,
     dequantize_fp8,
+    dequantize_int_packed,
     dequantize_mxfp4,
+    int_packed_bits,
 )
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
@@ -156,16 +160,20 @@ class ExpertLayout:
 def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     """The expert layout of a transformers config; ValueError naming the architecture if unsupported, or
     the quantisation of a quantized checkpoint the workers cannot read (they compute experts in the
-    checkpoint's dtype). Two are read: FP8 with block scales (DeepSeek-V3's, MiniMax-M2's, Qwen3's FP8
+    checkpoint's dtype). Three are read: FP8 with block scales (DeepSeek-V3's, MiniMax-M2's, Qwen3's FP8
     releases: `read_experts` dequantizes each expert, the engine's dense part is dequantized by
-    transformers) and GPT-OSS's MXFP4 experts."""
+    transformers), GPT-OSS's MXFP4 experts and compressed-tensors' pack-quantized INT4/INT8 experts
+    (Kimi-K2-Thinking's; `load_layout` checks that nothing else is quantized)."""
     architecture = getattr(config, "model_type", None)
     if architecture in _NOT_SERVED:
         raise ValueError(f"{architecture}: not supported ({_NOT_SERVED[architecture]})")
     method = quantization_method(config)
-    if method is not None and method != "fp8" and (method, architecture) != ("mxfp4", "gpt_oss"):
+    if method == COMPRESSED_TENSORS:
+        _check_pack_quantized(config.quantization_config)
+    elif method is not None and method != "fp8" and (method, architecture) != ("mxfp4", "gpt_oss"):
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
-                         f"FP8 with block scales (fp8) and GPT-OSS's MXFP4 are read")
+                         f"FP8 with block scales (fp8), GPT-OSS's MXFP4 and compressed-tensors' pack-quantized "
+                         f"INT4/INT8 experts are read")
     dtype = _dtype_name(config)
     vlm = ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe")
     if architecture in vlm and getattr(config, "text_config", None) is not None:
@@ -271,6 +279,9 @@ def _check_llama4(config: PretrainedConfig, method: str | None) -> None:
                          f"first")
 
 
+COMPRESSED_TENSORS = "compressed-tensors"
+
+
 def quantization_method(config: PretrainedConfig) -> str | None:
     """The `quant_method` of a quantized checkpoint's config ("mxfp4", "fp8", ...), or None."""
     quantization = getattr(config, "quantization_config", None)
@@ -287,8 +298,43 @@ def _dtype_name(config: PretrainedConfig) -> str:
 
 
 def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
-    """The expert layout of the checkpoint in a local folder (reads its config.json only)."""
-    return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
+    """The expert layout of the checkpoint in a local folder (reads its config.json; for a compressed-tensors
+    checkpoint, the names of its tensors too: ValueError if anything but routed experts is quantized)."""
+    folder = _local_dir(checkpoint_dir)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    layout = expert_layout(config)
+    if quantization_method(config) == COMPRESSED_TENSORS:
+        dense = sorted(name for name in _weight_map(folder) if name.endswith(".weight_packed") and ".experts." not in name)
+        if dense:
+            raise ValueError(f"{folder}: only routed experts may be quantized (compressed-tensors), as in "
+                             f"Kimi-K2-Thinking's release; the dense part's {dense[:3]} ({len(dense)} weights) is "
+                             f"too: the ingress computes it unquantized, convert it to bf16 first")
+    return layout
+
+
+def _check_pack_quantized(quantization) -> None:
+    """ValueError naming what is not read unless a compressed-tensors quantization is weight-only symmetric
+    INT4 or INT8 in its `pack-quantized` format, a scale per group of columns or per row, without activation
+    ordering by group (`g_idx`), transforms or a quantized KV cache (vLLM's W4A16 / W8A16)."""
+    settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    problems = [f"{key} is set" for key in ("kv_cache_scheme", "transform_config") if settings.get(key)]
+    for name, group in (settings.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        if (group.get("format") or settings.get("format")) != "pack-quantized":
+            problems.append(f"{name}: format {group.get('format') or settings.get('format')!r}, not 'pack-quantized'")
+        if group.get("input_activations") or group.get("output_activations"):
+            problems.append(f"{name}: activations are quantized (only weights may be)")
+        if weights.get("type") != "int" or weights.get("num_bits") not in INT_PACKED_BITS:
+            problems.append(f"{name}: {weights.get('num_bits')}-bit {weights.get('type')} weights, not INT4 or INT8")
+        if not weights.get("symmetric", True):
+            problems.append(f"{name}: asymmetric weights (zero points)")
+        if weights.get("strategy") not in ("group", "channel"):
+            problems.append(f"{name}: strategy {weights.get('strategy')!r}, not 'group' or 'channel'")
+        if weights.get("actorder") == "group":
+            problems.append(f"{name}: activation ordering by group (g_idx)")
+    if problems:
+        raise ValueError("compressed-tensors checkpoints are read when their experts are symmetric INT4 or INT8 "
+                         "weights in the pack-quantized format; this one: " + "; ".join(problems))
 
 
 def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: bool = False,
@@ -365,19 +411,15 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.
     prefix = f"{shards.layers}{decoder_layer}."
     for fmt in _PER_EXPERT_FORMATS:
         names = [prefix + suffix.format(e=expert) for suffix in fmt]
-        if all(name in shards for name in names):
-            (gate, gate_scale), (up, up_scale), (down, down_scale) = (
-                _weight(shards, name, dtype, quantized) for name in names)
-            tensors = {"gate_up": torch.cat([gate, up], dim=0), "down": down.contiguous()}
-            if (gate_scale is None) != (up_scale is None) or (gate_scale is not None and (
-                    gate.shape != up.shape or gate_scale.shape != up_scale.shape)):
+        if all(_stored(shards, name) for name in names):
+            gate, up, down = (_weight(shards, name, dtype, quantized) for name in names)
+            if gate.keys() != up.keys() or any(gate[k].shape != up[k].shape for k in gate):
                 raise ValueError(f"expert {expert} of decoder layer {decoder_layer}: its gate and up projections "
                                  f"must be quantized alike to be held quantized")
-            if gate_scale is not None:  # the grids stack as the rows do (each divides its weight)
-                tensors["gate_up_scale_inv"] = torch.cat([gate_scale, up_scale], dim=0)
-            if down_scale is not None:
-                tensors["down_scale_inv"] = down_scale
-            return tensors
+            # each of gate's and up's tensors (scales too) stacks as their rows do
+            tensors = {"gate_up" + k: (torch.cat([gate[k], up[k]], dim=0) if k != "_shape"  # [rows, cols]
+                                       else torch.stack([gate[k][0] + up[k][0], gate[k][1]])) for k in gate}
+            return {**tensors, **{"down" + k: t.contiguous() for k, t in down.items()}}
     for fmt in _FUSED_FORMATS:
         names = [prefix + suffix for suffix in fmt]
         if not all(name in shards for name in names):
@@ -394,21 +436,36 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.
     raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
 
 
-def _weight(shards: _Shards, name: str, dtype: torch.dtype,
-            quantized: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tensor ``name``, None); an FP8 one multiplied by its per-block ``weight_scale_inv`` into ``dtype``
-    (bit-identical to the weights transformers loads), or with ``quantized`` kept FP8 beside its scale
-    grid (float32, 2-D: a single scale is a 1 x 1 grid)."""
+def _stored(shards: _Shards, name: str) -> bool:
+    """Whether weight ``name`` is in the checkpoint, as itself or packed (compressed-tensors' ``weight_packed``)."""
+    return name in shards or name.removesuffix("weight") + "weight_packed" in shards
+
+
+def _weight(shards: _Shards, name: str, dtype: torch.dtype, quantized: bool) -> dict[str, torch.Tensor]:
+    """Weight ``name`` as ``{"": tensor}``; a quantized one dequantized to ``dtype`` bit for bit as its library
+    loads it, or with ``quantized`` held as stored: an FP8 one beside its per-block ``weight_scale_inv``
+    (``"_scale_inv"``, float32, 2-D: a single scale is a 1 x 1 grid), a pack-quantized integer one as
+    ``"_packed"`` (int32), ``"_scale"`` (its dtype) and ``"_shape"`` (the weight's [rows, cols])."""
+    packed_name = name.removesuffix("weight") + "weight_packed"
+    if packed_name in shards:
+        base = name.removesuffix("weight")
+        packed, scale, shape = (shards.file(n).get_tensor(n) for n in (packed_name, base + "weight_scale",
+                                                                        base + "weight_shape"))
+        shape = shape.to(torch.int64).reshape(2)
+        int_packed_bits(packed, scale, tuple(shape.tolist()), name)
+        if quantized:
+            return {"_packed": packed, "_scale": scale, "_shape": shape}
+        return {"": dequantize_int_packed(packed, scale, tuple(shape.tolist()), dtype)}
     tensor = shards.file(name).get_tensor(name)
     if tensor.dtype not in FP8_DTYPES:
-        return tensor, None
+        return {"": tensor}
     scale_name = name + "_scale_inv"
     if scale_name not in shards:
         raise ValueError(f"FP8 weight {name} has no {scale_name}")
     scales = shards.file(scale_name).get_tensor(scale_name).to(torch.float32)
     scales = scales if scales.dim() == 2 else scales.reshape(1, 1)
     check_fp8_blocks(tensor, scales, name)
-    return (tensor, scales) if quantized else (dequantize_fp8(tensor, scales, dtype), None)
+    return {"": tensor, "_scale_inv": scales} if quantized else {"": dequantize_fp8(tensor, scales, dtype)}
 
 
 def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype,

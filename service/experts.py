@@ -9,9 +9,10 @@ Tensor names of one expert: "gate_up" [2I, H] (gate rows first, then up) and "do
 experts: Qwen, Mixtral, DeepSeek, ...); GPT-OSS's clamped SwiGLU experts keep transformers' own layout,
 "gate_up" [H, 2I] (gate and up columns interleaved), "gate_up_bias" [2I], "down" [I, H], "down_bias" [H].
 A worker may hold quantized weights as checkpoints store them (`read_experts(..., quantized=True)`): an
-FP8 "gate_up" or "down" beside its float32 block scales ("gate_up_scale_inv", "down_scale_inv"), or
+FP8 "gate_up" or "down" beside its float32 block scales ("gate_up_scale_inv", "down_scale_inv"),
 GPT-OSS's MXFP4 "gate_up_blocks" / "gate_up_scales" and "down_blocks" / "down_scales" in place of the
-weight; `ExpertFFN` dequantizes such a weight at each call, to the compute dtype, as transformers does
+weight, or pack-quantized integers "gate_up_packed" / "gate_up_scale" / "gate_up_shape" (int32, the scale's
+dtype, the weight's [rows, cols]) and the same for "down"; `ExpertFFN` dequantizes such a weight at each call, to the compute dtype, as transformers does
 on loading (service.quantization). Any other tensors are stored, moved and checksummed with an expert but
 not used here.
 """
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from service.messages import ExpertTensors
-from service.quantization import FP8_DTYPES, dequantize_fp8, dequantize_mxfp4
+from service.quantization import FP8_DTYPES, dequantize_fp8, dequantize_int_packed, dequantize_mxfp4
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
@@ -128,8 +129,10 @@ class ExpertStore:
 
 
 def _compute_weight(name: str, tensor: torch.Tensor) -> bool:
-    """Whether a tensor is held in the compute dtype: floating point, neither FP8 nor a block scale."""
-    return tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not name.endswith("_scale_inv")
+    """Whether a tensor is held in the compute dtype: floating point, neither FP8 nor a scale (an integer
+    weight's scale keeps its dtype: its dequantization computes in it)."""
+    return tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not name.endswith(("_scale_inv",
+                                                                                                "_scale"))
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,8 @@ class ExpertFFN:
         """H of an expert's tensors."""
         if "down_blocks" in tensors:  # MXFP4 [H, I/32, 16]
             return tensors["down_blocks"].shape[0]
+        if "down_packed" in tensors:  # pack-quantized integers, the weight's shape beside them
+            return int(tensors["down_shape"][0])
         down = tensors["down"]
         return down.shape[1] if self.clamped_swiglu is not None else down.shape[0]
 
@@ -190,7 +195,11 @@ class ExpertFFN:
 def expert_weight(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
     """Weight ``name`` of an expert, dequantized to ``dtype`` if it is held quantized."""
     weight = tensors.get(name)
-    if weight is None:  # GPT-OSS's MXFP4, held as stored
+    if weight is None:  # held as stored: pack-quantized integers, or GPT-OSS's MXFP4
+        if f"{name}_packed" in tensors:
+            shape = tensors[f"{name}_shape"]
+            return dequantize_int_packed(tensors[f"{name}_packed"], tensors[f"{name}_scale"],
+                                         (int(shape[0]), int(shape[1])), dtype)
         return dequantize_mxfp4(tensors[f"{name}_blocks"], tensors[f"{name}_scales"], dtype)
     if weight.dtype in FP8_DTYPES:
         return dequantize_fp8(weight, tensors[f"{name}_scale_inv"], dtype)

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from service import text_models  # noqa: F401  (registers the causal LMs transformers lacks)
-from service.checkpoint import ExpertLayout, load_layout, quantization_method
+from service.checkpoint import COMPRESSED_TENSORS, ExpertLayout, load_layout, quantization_method
 from service.dispatch import DispatchContext, DispatchingExperts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -112,10 +112,13 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
     fused weights are meta-device placeholders that weight initialisation may touch), and the model class
     expects no expert keys, so `from_pretrained` reads none of the experts' tensors and says nothing of them.
     Yields the config to load with: the checkpoint's, without the quantization of GPT-OSS's MXFP4 experts
-    (only the experts are quantized, and they are skipped), an FP8 checkpoint's dense part dequantized."""
+    or of pack-quantized integer experts (only the experts are quantized, and they are skipped), an FP8
+    checkpoint's dense part dequantized."""
     config = AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)
-    if quantization_method(config) == "mxfp4":
-        del config.quantization_config  # GPT-OSS: only the experts are quantized, and they are skipped
+    if quantization_method(config) in ("mxfp4", COMPRESSED_TENSORS):
+        # GPT-OSS, pack-quantized releases: only the experts are quantized (load_layout checked it), and they
+        # are skipped
+        del config.quantization_config
     else:
         config = _dequantizing(config)  # FP8: the dense part too
     with torch.device("meta"):  # (a vision-language model's causal LM is its language model)

@@ -1,17 +1,22 @@
-"""Dequantizing the two quantized expert formats vibe-serve reads: FP8 with block scales and MXFP4.
+"""Dequantizing the quantized expert formats vibe-serve reads: FP8 with block scales, MXFP4 and packed integers.
 
-Owns the arithmetic only, each the expression transformers dequantizes with (so the weights are
-bit-identical to the ones `from_pretrained(..., dequantize=True)` builds): `dequantize_fp8` as its
-`Fp8Dequantize`, `dequantize_mxfp4` as its `convert_moe_packed_tensors`. Ignores where the tensors
+Owns the arithmetic only, each the expression of the library that loads such checkpoints (so the weights are
+bit-identical to the ones it builds): `dequantize_fp8` as transformers' `Fp8Dequantize`, `dequantize_mxfp4` as
+its `convert_moe_packed_tensors`, `dequantize_int_packed` as compressed-tensors' `pack-quantized` decompression
+(symmetric INT4 or INT8 weights, 32 / bits a little-endian int32 word, times a scale per group of columns or
+per row, computed in the scale's dtype: Kimi-K2-Thinking's experts, W4A16 releases). Ignores where the tensors
 come from (service.checkpoint reads them) and when they are dequantized (on reading, or by
 `service.experts.ExpertFFN` at each call when the workers hold experts quantized).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+INT_PACKED_BITS = (4, 8)  # the widths of compressed-tensors' pack-quantized integers read here
 # The values of an FP4 (e2m1) nibble, as transformers' MXFP4 integration lists them
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -55,3 +60,36 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
     torch.ldexp(out, scales.reshape(rows * groups, 1).to(torch.int32) - 127, out=out)
     return out.reshape(rows, groups * 2 * width).T.contiguous()
+
+
+def int_packed_bits(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], name: str) -> int:
+    """The width (4 or 8) of the integers ``packed`` (int32 [rows, ceil(cols * bits / 32)]) holds for a weight of
+    ``shape`` [rows, cols] with ``scale`` [rows, groups]; ValueError naming ``name`` if they do not fit."""
+    rows, cols = shape
+    bits = next((b for b in INT_PACKED_BITS if packed.shape[-1] == -(-cols * b // 32)), None)
+    if (packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[0] != rows or bits is None
+            or scale.dim() != 2 or scale.shape[0] != rows or cols % scale.shape[1] or not scale.is_floating_point()):
+        raise ValueError(f"packed integer weight {name}: {tuple(packed.shape)} {packed.dtype} with scale "
+                         f"{tuple(scale.shape)} {scale.dtype} is not a pack-quantized {INT_PACKED_BITS}-bit weight "
+                         f"of shape {tuple(shape)}")
+    return bits
+
+
+def dequantize_int_packed(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
+                          dtype: torch.dtype) -> torch.Tensor:
+    """A symmetric pack-quantized weight [rows, cols] (``packed`` int32, element i of a row at bits i * b of
+    its words, stored plus 2^(b-1); ``scale`` [rows, groups], one per cols / groups columns) -> ``dtype``:
+    compressed-tensors' `unpack_from_int32` and `dequantize` (the integers in the scale's dtype times their
+    group's scale, in that dtype), then cast to ``dtype`` as transformers casts what it loads."""
+    rows, cols = shape
+    bits = int_packed_bits(packed, scale, shape, "weight")
+    data = packed.contiguous().view(torch.uint8)  # little-endian words: element i's bits lie in byte i * b / 8
+    if sys.byteorder == "big":
+        data = data.view(rows, -1, 4).flip(-1)
+    if bits == 4:
+        values = torch.stack((data & 0xF, data >> 4), dim=-1).reshape(rows, -1)[:, :cols].to(torch.int8) - 8
+    else:
+        values = (data.reshape(rows, -1)[:, :cols].to(torch.int16) - 128).to(torch.int8)
+    groups = scale.shape[1]
+    weight = values.to(scale.dtype).unflatten(-1, (groups, cols // groups)) * scale.unsqueeze(-1)
+    return weight.flatten(start_dim=-2).to(dtype)

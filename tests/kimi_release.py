@@ -1,5 +1,6 @@
 """A tiny model folder laid out as Moonshot releases Kimi-K2: DeepSeek-V3's architecture under ``model_type:
-kimi_k2`` with remote code named in ``auto_map`` (never run here), FP8 weights with block scales, and a tiktoken
+kimi_k2`` with remote code named in ``auto_map`` (never run here), FP8 weights with block scales (K2's) or INT4
+experts (K2-Thinking's), and a tiktoken
 tokenizer (``tiktoken.model``: base64 token bytes and rank per line; ``tokenizer_config.json`` naming the
 remote-code ``TikTokenTokenizer`` and the special tokens by id; a Kimi-style chat template in
 ``chat_template.jinja``). The ranks are a byte-level BPE trained here on multilingual text (the 256 bytes, then
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from tests.tiny_models import as_fp8, tiny_config
+from tests.tiny_models import as_fp8, as_int_packed, tiny_config
 
 MULTILINGUAL = ["我们构建最好的专家放置服务。混合专家模型的每一层都是一道屏障。你好，世界！",
                 "Привет, мир! Каждый слой смеси экспертов — это барьер.",
@@ -92,8 +93,10 @@ def write_kimi_tokenizer(folder: Path, ranks: dict[bytes, int]) -> dict[str, int
     return ids
 
 
-def save_kimi_k2(folder: str | Path, seed: int = 3) -> Path:
-    """The tiny Kimi-K2 release (see the module) in ``folder``; its vocabulary is the tokenizer's."""
+def save_kimi_k2(folder: str | Path, seed: int = 3, quantization: str = "fp8") -> Path:
+    """The tiny Kimi-K2 release (see the module) in ``folder``; its vocabulary is the tokenizer's. ``quantization``:
+    "fp8" (K2, K2-Instruct: every linear layer's weights in FP8 with block scales) or "int4" (K2-Thinking: the
+    routed experts' weights INT4 in compressed-tensors' pack-quantized format, the rest unquantized)."""
     folder = Path(folder)
     ranks = train_ranks()
     ids = write_kimi_tokenizer(folder, ranks)
@@ -104,7 +107,7 @@ def save_kimi_k2(folder: str | Path, seed: int = 3) -> Path:
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]  # as Kimi-K2's generation_config: the end of a turn
     model.save_pretrained(folder)
-    as_fp8(folder, model)
+    as_fp8(folder, model) if quantization == "fp8" else as_int_packed(folder)
     saved = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**saved, "model_type": "kimi_k2", "auto_map": REMOTE_CODE,
                                                     "architectures": ["DeepseekV3ForCausalLM"]}, indent=2))

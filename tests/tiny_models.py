@@ -326,6 +326,52 @@ def save_tiny_fp8_model(architecture: str, folder: str | Path, seed: int = 0, bl
     return as_fp8(save_tiny_model(architecture, folder, seed), build_tiny_model(architecture, seed), block)
 
 
+def int_packed_quantization(bits: int = 4, group_size: int | None = 16) -> dict:
+    """A compressed-tensors `quantization_config` as Kimi-K2-Thinking's: symmetric ``bits``-bit integer weights of
+    every Linear packed into int32, a scale per ``group_size`` columns (None: per row), everything but the routed
+    experts ignored."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False, "observer": "minmax",
+               "strategy": "group" if group_size else "channel", "group_size": group_size}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*",
+                       "re:.*mlp\\.gate$"], "kv_cache_scheme": None}
+
+
+def as_int_packed(folder: str | Path, bits: int = 4, group_size: int | None = 16,
+                  scale_dtype: torch.dtype = torch.float32) -> Path:
+    """Rewrite the checkpoint saved in `folder` with its routed experts' weights quantized as Kimi-K2-Thinking
+    stores them (compressed-tensors' pack-quantized format, written with its own `pack_to_int32`): per-expert
+    `weight_packed` (int32), `weight_scale` (``scale_dtype``, one per ``group_size`` columns or per row) and
+    `weight_shape`, and `int_packed_quantization`'s config. Everything else stays as it was. The scales are in the
+    tiny models' dtype (float32), as a release's are in its own (bf16): transformers leaves the experts it
+    decompresses in the scales' dtype."""
+    import json
+
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    tensors = load_file(folder / "model.safetensors")
+    qmax = 2 ** (bits - 1) - 1
+    for name in [name for name in tensors if ".experts." in name and name.endswith(".weight")]:
+        weight = tensors.pop(name).to(torch.float32)
+        rows, cols = weight.shape
+        groups = weight.reshape(rows, cols // group_size if group_size else 1, -1)
+        scale = (groups.abs().amax(dim=-1) / qmax).clamp(min=1e-8).to(scale_dtype)
+        values = (groups / scale.to(torch.float32).unsqueeze(-1)).round().clamp(-qmax - 1, qmax)
+        base = name.removesuffix("weight")
+        tensors[base + "weight_packed"] = pack_to_int32(values.reshape(rows, cols).to(torch.int8), bits)
+        tensors[base + "weight_scale"] = scale
+        tensors[base + "weight_shape"] = torch.tensor([rows, cols])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    quantization = int_packed_quantization(bits, group_size)
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}, indent=2))
+    return folder
+
+
 def as_fp8(folder: str | Path, model: torch.nn.Module, block: int = 8) -> Path:
     """Rewrite the checkpoint of `model` saved in `folder` with its linear layers' and experts' weights in FP8
     with block scales, as DeepSeek-V3, MiniMax-M2 and Qwen3's FP8 releases store theirs (`weight` in

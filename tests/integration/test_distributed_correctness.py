@@ -19,6 +19,7 @@ from service.worker_actor import ExpertWorkerActor
 from tests.tiny_models import (
     LLAMA4_ARCHITECTURES,
     TINY_ARCHITECTURES,
+    as_int_packed,
     save_tiny_fp8_model,
     save_tiny_model,
     save_tiny_mxfp4_model,
@@ -61,6 +62,8 @@ def checkpoint(name: str, tmp_path_factory) -> Path:
         return save_tiny_mxfp4_model(tmp_path_factory.mktemp(name), seed=2)
     if name == "deepseek_v3-fp8":  # as DeepSeek released V3 and R1: FP8 with block scales
         return save_tiny_fp8_model("deepseek_v3", tmp_path_factory.mktemp(name), seed=2)
+    if name == "deepseek_v3-int4":  # as Kimi-K2-Thinking's release: INT4 experts, compressed-tensors' format
+        return as_int_packed(save_tiny_model("deepseek_v3", tmp_path_factory.mktemp(name), seed=2))
     if name != "vibe-tiny-moe":
         return save_tiny_model(name, tmp_path_factory.mktemp(name), seed=2)
     assert (EMBEDDED_MODEL / "config.json").is_file(), f"{EMBEDDED_MODEL} is committed; it must be there"
@@ -120,9 +123,9 @@ def with_replica(placement: Placement, router_counts: np.ndarray) -> Placement:
     return Placement(take(phy2log), take(device), take(share), placement.num_experts, G, placement.version + 1)
 
 
-# "-held": the workers keep the FP8 experts as stored, and the migrations move them so
+# "-held": the workers keep the FP8 or INT4 experts as stored, and the migrations move them so
 @pytest.mark.parametrize("name", [*TINY_ARCHITECTURES, *LLAMA4_ARCHITECTURES, "gpt_oss-mxfp4", "deepseek_v3-fp8",
-                                  "deepseek_v3-fp8-held", "vibe-tiny-moe"])
+                                  "deepseek_v3-fp8-held", "deepseek_v3-int4-held", "vibe-tiny-moe"])
 def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_factory, name):
     folder = checkpoint(name.removesuffix("-held"), tmp_path_factory)
     layout = load_layout(folder)
@@ -134,7 +137,7 @@ def test_greedy_tokens_match_through_migration_and_replicas(workers, tmp_path_fa
         np.tile(np.arange(layout.num_experts) * G // layout.num_experts, (layout.num_moe_layers, 1)), G)
     ray.get([actor.load_experts.remote(str(folder), sorted(placement.experts_on(g)))
              for g, actor in enumerate(actors)])
-    if name.endswith("-held"):  # the workers hold, and the migrations below move, FP8 weights and their scales
+    if name.endswith("-held"):  # the workers hold, and the migrations below move, quantized weights and their scales
         stored = read_experts(folder, [(layer, e) for layer in range(layout.num_moe_layers)
                                        for e in range(layout.num_experts)], quantized=True)
         assert sum(ray.get(actor.telemetry.remote()).expert_bytes for actor in actors) == sum(

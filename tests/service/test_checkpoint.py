@@ -17,7 +17,9 @@ from service.experts import checksum
 from tests.tiny_models import (
     MXFP4_QUANTIZATION,
     TINY_ARCHITECTURES,
+    as_int_packed,
     build_tiny_model,
+    int_packed_quantization,
     save_tiny_fp8_model,
     save_tiny_model,
     save_tiny_mxfp4_model,
@@ -264,6 +266,91 @@ def test_read_experts_dequantizes_mxfp4_as_transformers_does(tmp_path):
     assert as_bf16.shape == (64, 6) and torch.equal(as_bf16.float(), dequantize_mxfp4(blocks, scales, torch.float32))
     low = blocks[0, 0, 0] & 0x0F  # the first value of row 0 is its first byte's low nibble, scaled by 2**-3
     assert as_bf16[0, 0].item() == [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6][low] / 8
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 16), (8, None)])
+def test_read_experts_reads_pack_quantized_experts_as_compressed_tensors_does(tmp_path, bits, group_size):
+    """Kimi-K2-Thinking's release format (compressed-tensors' pack-quantized INT4 experts, a scale per 32 columns;
+    here also INT8 with a scale per row): experts read dequantized, and held as stored then dequantized at a call,
+    equal the weights transformers loads through compressed-tensors, bit for bit, in an eighth (a quarter) of
+    the float32 bytes plus the scales."""
+    from service.experts import expert_weight
+    from service.model import load_reference_model
+
+    folder = as_int_packed(save_tiny_model("deepseek_v3", tmp_path / "int", seed=5), bits, group_size)
+    layout = load_layout(folder)
+    model = load_reference_model(folder)
+    keys = [(0, 0), (1, 7), (0, 5)]
+    for held, whole in zip(read_experts(folder, keys, quantized=True), read_experts(folder, keys), strict=True):
+        assert set(held.tensors) == {f"{w}_{part}" for w in ("gate_up", "down") for part in ("packed", "scale", "shape")}
+        assert held.tensors["gate_up_packed"].dtype == torch.int32 and held.checksum == checksum(held.tensors)
+        assert held.tensors["gate_up_shape"].tolist() == [2 * layout.intermediate_size, layout.hidden_size]
+        assert held.tensors["down_scale"].shape == (layout.hidden_size, layout.intermediate_size // group_size
+                                                    if group_size else 1)
+        nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors.values())  # noqa: E731
+        assert nbytes(held.tensors) < (0.2 if bits == 4 else 0.3) * nbytes(whole.tensors)
+        experts = model.model.layers[layout.moe_layers[held.layer]].mlp.experts
+        for weight, param in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
+            assert torch.equal(whole.tensors[weight], param[held.expert])
+            assert torch.equal(expert_weight(held.tensors, weight, torch.float32), param[held.expert])
+        assert len(whole.tensors["down"].unique()) > 2 ** bits  # integers times several scales
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits, group_size, cols", [(4, 32, 64), (8, 16, 64), (4, None, 40), (8, None, 36)])
+def test_pack_quantized_weights_dequantize_as_compressed_tensors_decompresses_them(scale_dtype, bits, group_size,
+                                                                                     cols):
+    """`dequantize_int_packed` against compressed-tensors' own decompression of weights its `pack_to_int32`
+    packed, columns padded to a word or not, bf16 (Kimi-K2-Thinking's) or float32 scales: bit for bit in the
+    scale's dtype, then cast to the compute dtype; a misfit scale is named."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from service.quantization import dequantize_int_packed
+
+    gen, rows = torch.Generator().manual_seed(bits + cols), 24
+    values = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (rows, cols), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(rows, cols // group_size if group_size else 1, generator=gen) / 7).to(scale_dtype)
+    packed = pack_to_int32(values, bits)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group" if group_size else "channel",
+                            group_size=group_size)
+    expected = PackedQuantizationCompressor.decompress(
+        {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([rows, cols])},
+        QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_int_packed(packed, scale, (rows, cols), dtype), expected.to(dtype))
+    with pytest.raises(ValueError, match="is not a pack-quantized"):
+        dequantize_int_packed(packed, scale[:-1], (rows, cols), torch.float32)
+
+
+def test_compressed_tensors_checkpoints_other_than_weight_only_symmetric_int_experts_are_refused(tmp_path):
+    """What the workers would not dequantize as compressed-tensors does is refused by name: asymmetric or
+    3-bit weights, quantized activations, another format; and a checkpoint whose dense part is quantized
+    too (the ingress computes it unquantized)."""
+    config = tiny_config("deepseek_v3")
+    for change, message in ((dict(symmetric=False), "asymmetric"), (dict(num_bits=3), "3-bit int weights"),
+                            (dict(strategy="tensor"), "strategy 'tensor'")):
+        quantization = int_packed_quantization()
+        quantization["config_groups"]["group_0"]["weights"].update(change)
+        config.quantization_config = quantization
+        with pytest.raises(ValueError, match=message):
+            expert_layout(config)
+    quantization = int_packed_quantization()
+    quantization["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"},
+                                                    format="int-quantized")
+    config.quantization_config = quantization
+    with pytest.raises(ValueError, match="format 'int-quantized', not 'pack-quantized'; group_0: activations are"):
+        expert_layout(config)
+    folder = as_int_packed(save_tiny_model("deepseek_v3", tmp_path / "int4", seed=5))
+    assert load_layout(folder).num_experts == 8
+    from safetensors.torch import load_file
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name.removesuffix("weight") + "weight_packed"] = tensors.pop(name).to(torch.int32)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"only routed experts may be quantized.*self_attn\.o_proj\.weight_packed"):
+        load_layout(folder)
 
 
 class RecordingFile:

@@ -181,6 +181,34 @@ def test_experts_held_quantized_compute_what_their_dequantized_weights_compute(d
     assert not torch.equal(SILU(tokens[:2].to(dtype), broken), SILU(tokens[:2].to(dtype), stored))
 
 
+def test_experts_held_as_packed_integers_keep_their_scales_dtype_and_compute_what_they_dequantize_to():
+    """Pack-quantized INT4 experts (Kimi-K2-Thinking's) with bf16 scales in a float32 store: the integers, scales
+    and shapes keep their dtypes (the dequantization computes in the scale's dtype, as compressed-tensors does),
+    and the FFN's outputs equal those of the dequantized weights, bit for bit; the scales are applied."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from service.quantization import dequantize_int_packed
+
+    gen = torch.Generator().manual_seed(7)
+    held, whole = {}, {}
+    for name, (rows, cols) in (("gate_up", (2 * INTERMEDIATE, HIDDEN)), ("down", (HIDDEN, INTERMEDIATE))):
+        values = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=gen)
+        scale = (torch.rand(rows, cols // 8, generator=gen) / 7).to(torch.bfloat16)
+        held.update({f"{name}_packed": pack_to_int32(values, 4), f"{name}_scale": scale,
+                     f"{name}_shape": torch.tensor([rows, cols])})
+        whole[name] = dequantize_int_packed(held[f"{name}_packed"], scale, (rows, cols), torch.float32)
+    store, plain = ExpertStore("cpu", torch.float32), ExpertStore("cpu", torch.float32)
+    store.add([ExpertTensors(0, 0, held, checksum(held))])
+    plain.add([ExpertTensors(0, 0, whole, checksum(whole))])
+    stored = store.get(0, 0)
+    assert (stored["gate_up_packed"].dtype, stored["gate_up_scale"].dtype, stored["down_shape"].dtype) == (
+        torch.int32, torch.bfloat16, torch.int64)
+    assert SILU.hidden_size(stored) == HIDDEN
+    tokens = torch.randn(5, HIDDEN, generator=gen)
+    assert torch.equal(SILU(tokens, stored), SILU(tokens, plain.get(0, 0)))
+    assert not torch.equal(SILU(tokens, dict(stored, down_scale=stored["down_scale"] * 2)), SILU(tokens, stored))
+
+
 def test_experts_pickle_with_fp8_tensors_as_they_are():
     """Experts cross processes pickled (Ray): torch 2.13 pickles an FP8 tensor but cannot unpickle it, so an
     expert's tensors travel as bytes, dtype and shape, and arrive equal, non-contiguous and 0-d ones too."""

@@ -19,6 +19,7 @@ from service.worker import ExpertWorker, WorkerConfig
 from tests.tiny_models import (
     LLAMA4_ARCHITECTURES,
     TINY_ARCHITECTURES,
+    as_int_packed,
     save_tiny_fp8_model,
     save_tiny_model,
     save_tiny_mxfp4_model,
@@ -33,7 +34,9 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {**{arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES + LLAMA4_ARCHITECTURES},
             "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1),
-            **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8}}
+            **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8},
+            # as Kimi-K2-Thinking's release: INT4 experts in compressed-tensors' pack-quantized format
+            "deepseek_v3-int4": as_int_packed(save_tiny_model("deepseek_v3", root / "deepseek_v3-int4", seed=1))}
 
 
 def contiguous_placement(folder) -> Placement:
@@ -59,7 +62,8 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
 # quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts (as
 # they read them, or "held" quantized and dequantized at each call)
 @pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8),
-                                          "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held", *LLAMA4_ARCHITECTURES])
+                                          "deepseek_v3-int4", "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held",
+                                          "deepseek_v3-int4-held", *LLAMA4_ARCHITECTURES])
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture, monkeypatch):
     folder = checkpoints[architecture.removesuffix("-held")]
     context = local_context(folder, contiguous_placement(folder), keep_quantized=architecture.endswith("-held"))

@@ -197,3 +197,21 @@ def test_the_engine_model_never_reads_the_routed_experts(tmp_path):
     peak = {kind: int(subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for kind in ("engine", "reference")}
     assert peak["reference"] - peak["engine"] > expert_bytes, peak
+
+
+def test_nemotron_h_sums_its_experts_in_float32_as_transformers_does(checkpoints):
+    """NemotronHExperts adds each token's weighted expert outputs in the routing weights' dtype (float32: its router
+    runs in float32) and casts the sum to the model's dtype once, where the other architectures' experts cast each
+    weighted output before adding it: in bfloat16 the engine's logits equal transformers' bit for bit only so."""
+    folder = checkpoints["nemotron_h"]
+    placement = contiguous_placement(folder)
+    channels = {}
+    for g in range(G):
+        worker = ExpertWorker(WorkerConfig(index=g, dtype="bfloat16", hidden_act="relu2"))
+        worker.load_experts(str(folder), sorted(placement.experts_on(g)))
+        channels[g] = LocalChannel(worker)
+    engine = load_engine_model(folder, dtype="bfloat16", context=DispatchContext(placement, channels))
+    reference = load_reference_model(folder, dtype="bfloat16")
+    reference.config._experts_implementation = "eager"
+    with torch.no_grad():
+        assert torch.equal(engine.model(prompts()).logits, reference(prompts()).logits)

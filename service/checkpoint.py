@@ -4,7 +4,7 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Nemotron-H), reading
+Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Nemotron-H, Granite 4.0's hybrid models), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -30,6 +30,10 @@ its down has columns (H) is read transposed.
 Nemotron-H's experts are not gated (``down(relu2(up x))``): per expert under `backbone.` as its releases store
 them, `backbone.layers.{d}.mixer.experts.{e}.{up,down}_proj.weight` [I, H], [H, I], or fused
 `model.layers.{d}.mixer.experts.{up,down}_proj` [E, I, H], [E, H, I]; read as "up" and "down".
+
+Granite's MoE models store each layer's experts fused, `model.layers.{d}.block_sparse_moe.input_linear.weight`
+[E, 2I, H] (gate rows first, then up) and `output_linear.weight` [E, H, I], as released and as `save_pretrained`
+writes them by default (`block_sparse_moe.experts.{gate_up,down}_proj` with `save_original_format=False`).
 
 Llama 4 stores its experts fused and transposed, without biases, always (`feed_forward.experts.gate_up_proj`
 [E, H, 2I], gate columns then up, and `down_proj` [E, I, H]; its vision-language releases under
@@ -65,7 +69,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
-                           "glm4v_moe", "qwen3_vl_moe", "nemotron_h")
+                           "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -74,9 +78,12 @@ _PER_EXPERT_FORMATS = (
     ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
      "block_sparse_moe.experts.{e}.w2.weight"),
 )
-# (gate_up, down) fused key suffixes, tried in order (Llama 4's under `feed_forward`)
+# (gate_up, down) fused key suffixes, tried in order (Llama 4's under `feed_forward`; Granite's under
+# `block_sparse_moe`, as released and as transformers names them)
 _FUSED_FORMATS = (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-                  ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"))
+                  ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+                  ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+                  ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"))
 # experts without a gate (Nemotron-H's): (up, down) per expert, then fused
 _UNGATED_PER_EXPERT = ("mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight")
 _UNGATED_FUSED = ("mixer.experts.up_proj", "mixer.experts.down_proj")
@@ -220,6 +227,11 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+    elif architecture == "granitemoehybrid":  # GraniteMoeHybridDecoderLayer: every layer MoE if it has experts
+        if not config.num_local_experts:
+            raise ValueError(f"{architecture}: num_local_experts 0 is a dense model, not served (no routed experts)")
+        moe_layers = list(range(num_layers))
+        num_experts, intermediate = config.num_local_experts, config.intermediate_size
     elif architecture == "nemotron_h":  # the rule of NemotronHBlock: one mixer per layer, "moe" ones are MoE
         moe_layers = [d for d, kind in enumerate(config.layer_types) if kind == "moe"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size

@@ -3,7 +3,8 @@
 Owns loading (local folders only) without ever reading the routed experts' weights (transformers builds
 their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
 ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
-`mlp.experts` (Llama 4's `feed_forward.experts`, Nemotron-H's `mixer.experts`) with a DispatchingExperts bound to its MoE layer index (and
+`mlp.experts` (Llama 4's `feed_forward.experts`, Granite's `block_sparse_moe.experts`, Nemotron-H's
+`mixer.experts`) with a DispatchingExperts bound to its MoE layer index (and
 Llama 4's MoE forward with one that scales each token's expert input by its router score, as Llama 4 does, and
 dispatches it with weight 1, where the other architectures weight the experts' outputs), and making a forward
 that runs outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
@@ -166,9 +167,10 @@ def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: Dispat
 
 
 def ffn_block(decoder_layer: torch.nn.Module) -> torch.nn.Module:
-    """The feed-forward block of a decoder layer: its `mlp`, Llama 4's `feed_forward`, or Nemotron-H's `mixer` (its
-    layers hold one mixer each: Mamba2, attention, MLP or MoE)."""
-    for name in ("feed_forward", "mixer"):
+    """The feed-forward block of a decoder layer: its `mlp`, Llama 4's `feed_forward`, Granite's `block_sparse_moe`
+    (beside its dense `shared_mlp`) or Nemotron-H's `mixer` (its layers hold one mixer each: Mamba2, attention, MLP
+    or MoE)."""
+    for name in ("feed_forward", "block_sparse_moe", "mixer"):
         if hasattr(decoder_layer, name):
             return getattr(decoder_layer, name)
     return decoder_layer.mlp

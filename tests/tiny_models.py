@@ -23,7 +23,9 @@ as the vision-language model its releases are) GLM-4.5's layers with multimodal 
 (`qwen3_vl_moe`, the same) Qwen3-MoE's layers with interleaved multimodal RoPE, its experts fused and transposed on
 disk, Nemotron-H (`nemotron_h`) a Mamba2 layer, an attention layer without RoPE and two MoE layers of experts
 without a gate (relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
-under `backbone.` as its releases are. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+under `backbone.` as its releases are, Granite 4.0's hybrid (`granitemoehybrid`) Mamba2 layers around a NoPE
+attention layer, each with MoE and a shared MLP, its muP-style multipliers, and its experts fused on disk
+(`block_sparse_moe.input_linear`) as its releases store them. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -52,6 +54,7 @@ from transformers import (
     Glm4vMoeConfig,
     GlmMoeDsaConfig,
     GptOssConfig,
+    GraniteMoeHybridConfig,
     HunYuanMoEV1Config,
     HYV3Config,
     LagunaConfig,
@@ -226,6 +229,14 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                                chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                moe_shared_expert_intermediate_size=48, intermediate_size=96, n_group=4, topk_group=2,
                                routed_scaling_factor=2.5)
+    if architecture == "granitemoehybrid":  # Mamba2, NoPE attention, Mamba2, each with MoE and a shared MLP;
+        # Granite's embedding, attention, residual and logits multipliers
+        return GraniteMoeHybridConfig(**_COMMON, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+                                      mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=2,
+                                      mamba_d_conv=4, mamba_chunk_size=8, num_local_experts=8, num_experts_per_tok=2,
+                                      intermediate_size=32, shared_intermediate_size=48, embedding_multiplier=12.0,
+                                      attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=4.0,
+                                      position_embedding_type="nope")
     if architecture in LLAMA4_ARCHITECTURES:  # MoE layers 1 and 3; RoPE layers chunked, layer 3 NoPE and full
         text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
                     intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, num_local_experts=8,
@@ -245,7 +256,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
-                      "glm4v_moe", "qwen3_vl_moe", "nemotron_h")
+                      "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 

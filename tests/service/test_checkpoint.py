@@ -66,6 +66,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("cohere2_moe", (1, 2), 8, 2, 32),  # first_k_dense_replace 1, as mlp_layer_types
     ("flex_olmo", (0, 1), 8, 2, 32),
     ("nemotron_h", (1, 3), 8, 2, 32),  # layer types mamba, moe, attention, moe; relu2 experts without a gate
+    ("granitemoehybrid", (0, 1, 2), 8, 2, 32),  # every layer MoE, Mamba2 or attention
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     from service.model import ffn_block
@@ -119,6 +120,10 @@ def test_layout_rejects_other_architectures_and_bad_values():
     mxfp4.quantization_config = dict(MXFP4_QUANTIZATION)
     with pytest.raises(ValueError, match="quantized checkpoints \\(mxfp4\\) are not supported"):
         expert_layout(mxfp4)
+    dense = tiny_config("granitemoehybrid")  # Granite 4.0's hybrid models without experts are dense ones
+    dense.num_local_experts = 0
+    with pytest.raises(ValueError, match="granitemoehybrid: num_local_experts 0 is a dense model"):
+        expert_layout(dense)
     gpt_oss = tiny_config("gpt_oss")
     gpt_oss.quantization_config = {**MXFP4_QUANTIZATION, "quant_method": "bitsandbytes_4bit"}
     with pytest.raises(ValueError, match="quantized checkpoints \\(bitsandbytes_4bit\\) are not supported"):

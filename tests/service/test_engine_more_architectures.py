@@ -25,6 +25,7 @@ from tests.tiny_models import build_tiny_model
     "qwen3_vl_moe",  # the same with interleaved multimodal RoPE
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "nemotron_h",  # Mamba2 mixers: per-slot conv and SSM states (chunked scans resumed), attention without RoPE
+    "granitemoehybrid",  # Mamba2 around NoPE attention, each layer MoE with a shared MLP, Granite's multipliers
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
@@ -50,7 +51,7 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h"])  # gated DeltaNet, Mamba2
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2
 def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused(arch):
     """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its parent's prefill gets a copy
     of the parent's states with its keys and values; a finished request's slot is reused only by a prompt that

@@ -4,7 +4,7 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Nemotron-H, Granite 4.0's hybrid models), reading
+Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Nemotron-H, Granite's MoE models: 4.0's hybrids, 3.x's, with a shared expert), reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -31,7 +31,7 @@ Nemotron-H's experts are not gated (``down(relu2(up x))``): per expert under `ba
 them, `backbone.layers.{d}.mixer.experts.{e}.{up,down}_proj.weight` [I, H], [H, I], or fused
 `model.layers.{d}.mixer.experts.{up,down}_proj` [E, I, H], [E, H, I]; read as "up" and "down".
 
-Granite's MoE models store each layer's experts fused, `model.layers.{d}.block_sparse_moe.input_linear.weight`
+Granite's MoE models (4.0's hybrids, 3.x's, those with a shared expert) store each layer's experts fused, `model.layers.{d}.block_sparse_moe.input_linear.weight`
 [E, 2I, H] (gate rows first, then up) and `output_linear.weight` [E, H, I], as released and as `save_pretrained`
 writes them by default (`block_sparse_moe.experts.{gate_up,down}_proj` with `save_original_format=False`).
 
@@ -69,7 +69,8 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
-                           "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid")
+                           "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid", "granitemoe",
+                           "granitemoeshared")
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # (gate, up, down) per-expert key suffixes, tried in order
@@ -227,7 +228,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
-    elif architecture == "granitemoehybrid":  # GraniteMoeHybridDecoderLayer: every layer MoE if it has experts
+    elif architecture in ("granitemoehybrid", "granitemoe", "granitemoeshared"):
+        # GraniteMoe{Hybrid,Shared,}DecoderLayer: every layer MoE if the model has experts
         if not config.num_local_experts:
             raise ValueError(f"{architecture}: num_local_experts 0 is a dense model, not served (no routed experts)")
         moe_layers = list(range(num_layers))

@@ -25,7 +25,8 @@ disk, Nemotron-H (`nemotron_h`) a Mamba2 layer, an attention layer without RoPE 
 without a gate (relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
 under `backbone.` as its releases are, Granite 4.0's hybrid (`granitemoehybrid`) Mamba2 layers around a NoPE
 attention layer, each with MoE and a shared MLP, its muP-style multipliers, and its experts fused on disk
-(`block_sparse_moe.input_linear`) as its releases store them. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+(`block_sparse_moe.input_linear`) as its releases store them, Granite 3's MoE (`granitemoe`) and IBM's MoE with a
+shared expert (`granitemoeshared`, a dense shared MLP) RoPE attention and MoE in every layer with the same multipliers. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -54,7 +55,9 @@ from transformers import (
     Glm4vMoeConfig,
     GlmMoeDsaConfig,
     GptOssConfig,
+    GraniteMoeConfig,
     GraniteMoeHybridConfig,
+    GraniteMoeSharedConfig,
     HunYuanMoEV1Config,
     HYV3Config,
     LagunaConfig,
@@ -237,6 +240,12 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                                       intermediate_size=32, shared_intermediate_size=48, embedding_multiplier=12.0,
                                       attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=4.0,
                                       position_embedding_type="nope")
+    granite = dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                   embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=4.0)
+    if architecture == "granitemoe":  # attention with RoPE and MoE in every layer, Granite's multipliers
+        return GraniteMoeConfig(**_COMMON, **granite)
+    if architecture == "granitemoeshared":  # the same with a dense shared MLP beside the experts
+        return GraniteMoeSharedConfig(**_COMMON, **granite, shared_intermediate_size=48)
     if architecture in LLAMA4_ARCHITECTURES:  # MoE layers 1 and 3; RoPE layers chunked, layer 3 NoPE and full
         text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
                     intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, num_local_experts=8,
@@ -256,7 +265,8 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
-                      "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid")
+                      "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid",
+                      "granitemoe", "granitemoeshared")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 

@@ -67,6 +67,8 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("flex_olmo", (0, 1), 8, 2, 32),
     ("nemotron_h", (1, 3), 8, 2, 32),  # layer types mamba, moe, attention, moe; relu2 experts without a gate
     ("granitemoehybrid", (0, 1, 2), 8, 2, 32),  # every layer MoE, Mamba2 or attention
+    ("granitemoe", (0, 1), 8, 2, 32),
+    ("granitemoeshared", (0, 1), 8, 2, 32),
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     from service.model import ffn_block

@@ -26,6 +26,7 @@ from tests.tiny_models import build_tiny_model
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "nemotron_h",  # Mamba2 mixers: per-slot conv and SSM states (chunked scans resumed), attention without RoPE
     "granitemoehybrid",  # Mamba2 around NoPE attention, each layer MoE with a shared MLP, Granite's multipliers
+    "granitemoeshared",  # RoPE attention scaled by Granite's attention multiplier, MoE and a shared MLP
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)

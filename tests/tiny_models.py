@@ -21,8 +21,8 @@ with its queries scaled by position (Llama 4's beta over 8-position spans), Hy3 
 sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/k norms, GLM-4.5V (`glm4v_moe`, saved
 as the vision-language model its releases are) GLM-4.5's layers with multimodal RoPE on half of each head, Qwen3-VL-MoE
 (`qwen3_vl_moe`, the same) Qwen3-MoE's layers with interleaved multimodal RoPE, its experts fused and transposed on
-disk, Nemotron-H (`nemotron_h`) a Mamba2 layer, an attention layer without RoPE and two MoE layers of experts
-without a gate (relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
+disk, Nemotron-H (`nemotron_h`, its layers given as its releases give them, by `hybrid_override_pattern`) a
+Mamba2 layer, an attention layer without RoPE, a dense MLP layer and two MoE layers of experts without a gate (relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
 under `backbone.` as its releases are, Granite 4.0's hybrid (`granitemoehybrid`) Mamba2 layers around a NoPE
 attention layer, each with MoE and a shared MLP, its muP-style multipliers, and its experts fused on disk
 (`block_sparse_moe.input_linear`) as its releases store them, Granite 3's MoE (`granitemoe`) and IBM's MoE with a
@@ -224,10 +224,10 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "flex_olmo":  # every layer MoE, q/k norms over all heads
         return FlexOlmoConfig(**_COMMON, intermediate_size=32, num_hidden_layers=2, num_experts=8,
                               num_experts_per_tok=2)
-    if architecture == "nemotron_h":  # Mamba2, MoE (relu2 experts without a gate), attention without RoPE, MoE;
-        # sigmoid group-limited routing with a score bias and a scale, a shared expert; Mamba2 chunks of 8 positions
-        return NemotronHConfig(**_COMMON, head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention",
-                                                                          "moe"],
+    if architecture == "nemotron_h":  # Mamba2, MoE (relu2 experts without a gate), attention without RoPE, a dense
+        # MLP, MoE ("ME*-E"); sigmoid group-limited routing with a score bias and a scale, a shared expert; Mamba2
+        # chunks of 8 positions
+        return NemotronHConfig(**_COMMON, head_dim=16, hybrid_override_pattern="ME*-E",
                                mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
                                chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                moe_shared_expert_intermediate_size=48, intermediate_size=96, n_group=4, topk_group=2,

@@ -65,7 +65,7 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("laguna", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("cohere2_moe", (1, 2), 8, 2, 32),  # first_k_dense_replace 1, as mlp_layer_types
     ("flex_olmo", (0, 1), 8, 2, 32),
-    ("nemotron_h", (1, 3), 8, 2, 32),  # layer types mamba, moe, attention, moe; relu2 experts without a gate
+    ("nemotron_h", (1, 4), 8, 2, 32),  # "ME*-E": mamba, moe, attention, mlp, moe; relu2 experts without a gate
     ("granitemoehybrid", (0, 1, 2), 8, 2, 32),  # every layer MoE, Mamba2 or attention
     ("granitemoe", (0, 1), 8, 2, 32),
     ("granitemoeshared", (0, 1), 8, 2, 32),

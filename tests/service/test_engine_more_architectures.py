@@ -88,13 +88,13 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
     kv_cache_bytes pays for both; a mixer whose convolution differs from the states its config gives is refused."""
     from service.engine import Engine, EngineConfig
 
-    model = build_tiny_model("nemotron_h")  # layers: mamba, moe, attention, moe; 2 kv heads of 16
+    model = build_tiny_model("nemotron_h")  # layers: mamba, moe, attention, mlp, moe; 2 kv heads of 16
     conv_dim = 4 * 16 + 2 * 2 * 16  # mamba heads x head_dim + 2 x groups x state
     per_slot = 64 * 2 * 2 * 16 * 4 + conv_dim * 4 * 4 + 4 * 16 * 16 * 4  # 64 positions; conv state; SSM state
     engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
     assert engine.num_kv_slots == 3
     assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 16), (3, 0, 64, 16), (3, 2, 64, 16),
-                                                                   (3, 0, 64, 16)]
+                                                                   (3, 0, 64, 16), (3, 0, 64, 16)]
     states = engine._cache.linear
     assert tuple(states.conv[0].shape) == (3, conv_dim, 4) and tuple(states.recurrent[0].shape) == (3, 4, 16, 16)
     assert list(states.conv) == [0] and states.recurrent[0].dtype == torch.float32

@@ -36,6 +36,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 ATTN_IMPLEMENTATION = "vibe_ragged"
+# layer types that never call the attention function, so hold no keys and values: linear attention (its states
+# instead, `service.linear_attention`) and Nemotron-H's MoE and MLP layers (a layer is one mixer there)
+NO_ATTENTION = frozenset({"linear_attention", "moe", "mlp"})
 
 
 class KVCache:
@@ -93,8 +96,8 @@ class KVCache:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if getattr(config, "model_type", None) == "mimo_v2_flash":  # its sliding layers have twice the kv heads
             heads = [heads * 2 if kind == "sliding_attention" else heads for kind in config.layer_types]
-        elif "linear_attention" in (getattr(config, "layer_types", None) or ()):  # they keep states instead
-            heads = [0 if kind == "linear_attention" else heads for kind in config.layer_types]
+        elif set(getattr(config, "layer_types", None) or ()) & NO_ATTENTION:  # layers without keys and values
+            heads = [0 if kind in NO_ATTENTION else heads for kind in config.layer_types]
         return {"num_kv_heads": heads,
                 "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
                 "value_head_dim": getattr(config, "v_head_dim", None), "values_in_keys": False}
@@ -397,7 +400,8 @@ def _layer_windows(config) -> list[int | None] | None:
     """Each layer's sliding window from the config's ``layer_types`` (None: full attention), as transformers
     builds each layer's mask (a ``sliding_attention`` layer gets ``config.sliding_window``); None when the
     config names no layer types (the attention module's ``sliding_window`` argument or attribute decides).
-    Linear-attention layers (`service.linear_attention`) never call the attention function; indexed ones
+    Layers without attention (`NO_ATTENTION`: linear attention, Nemotron-H's MoE and MLP layers) never call the
+    attention function; indexed ones
     (`service.sparse_attention`) attend their indexer's choice of all earlier keys; chunked ones (Llama 4) have
     no window but attend their own chunk only (`install` marks them).
     The layer types decide even where an attention module holds the window but uses it only on sliding
@@ -405,8 +409,8 @@ def _layer_windows(config) -> list[int | None] | None:
     types = getattr(config, "layer_types", None)
     if not types:
         return None
-    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention", "indexed_attention",
-                                   "chunked_attention"})
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention", "indexed_attention", "chunked_attention"}
+                     - NO_ATTENTION)
     if unknown:
         raise ValueError(f"layer types {unknown} are not supported by this engine's attention")
     return [config.sliding_window if kind == "sliding_attention" else None for kind in types]

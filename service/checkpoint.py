@@ -5,7 +5,8 @@ DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, 
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
 Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Kimi-K2: DeepSeek-V3's under its own
-`model_type`, `KimiK2Config`), reading
+`model_type`, `KimiK2Config`; Nemotron-H, Granite's MoE models: 4.0's hybrids, 3.x's, with a shared expert),
+reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
 experts and routers (the engine loads those with `from_pretrained`) and the hub: paths are local only.
@@ -28,6 +29,14 @@ dequantized here, per expert, exactly as their library dequantizes them, or read
 Qwen3-VL-MoE's `save_pretrained` writes its experts fused and transposed by default (`mlp.experts.gate_up_proj`
 [E, H, 2I], `down_proj` [E, I, H], as its releases store them): a fused expert whose gate_up has as many rows as
 its down has columns (H) is read transposed.
+
+Nemotron-H's experts are not gated (``down(relu2(up x))``): per expert under `backbone.` as its releases store
+them, `backbone.layers.{d}.mixer.experts.{e}.{up,down}_proj.weight` [I, H], [H, I], or fused
+`model.layers.{d}.mixer.experts.{up,down}_proj` [E, I, H], [E, H, I]; read as "up" and "down".
+
+Granite's MoE models (4.0's hybrids, 3.x's, those with a shared expert) store each layer's experts fused, `model.layers.{d}.block_sparse_moe.input_linear.weight`
+[E, 2I, H] (gate rows first, then up) and `output_linear.weight` [E, H, I], as released and as `save_pretrained`
+writes them by default (`block_sparse_moe.experts.{gate_up,down}_proj` with `save_original_format=False`).
 
 Llama 4 stores its experts fused and transposed, without biases, always (`feed_forward.experts.gate_up_proj`
 [E, H, 2I], gate columns then up, and `down_proj` [E, I, H]; its vision-language releases under
@@ -66,7 +75,8 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "phimoe", "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
-                           "glm4v_moe", "qwen3_vl_moe", "kimi_k2")
+                           "glm4v_moe", "qwen3_vl_moe", "kimi_k2", "nemotron_h", "granitemoehybrid", "granitemoe",
+                           "granitemoeshared")
 
 
 class KimiK2Config(DeepseekV3Config):
@@ -87,12 +97,19 @@ _PER_EXPERT_FORMATS = (
     ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
      "block_sparse_moe.experts.{e}.w2.weight"),
 )
-# (gate_up, down) fused key suffixes, tried in order (Llama 4's under `feed_forward`)
+# (gate_up, down) fused key suffixes, tried in order (Llama 4's under `feed_forward`; Granite's under
+# `block_sparse_moe`, as released and as transformers names them)
 _FUSED_FORMATS = (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-                  ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"))
+                  ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+                  ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+                  ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"))
+# experts without a gate (Nemotron-H's): (up, down) per expert, then fused
+_UNGATED_PER_EXPERT = ("mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight")
+_UNGATED_FUSED = ("mixer.experts.up_proj", "mixer.experts.down_proj")
 # where the decoder layers are, tried in order: a vision-language model's language model's (Qwen3.5 and the
 # others' `model.language_model`, Llama 4's `language_model.model`), else a causal LM's
-_LAYER_PREFIXES = ("model.language_model.layers.", "language_model.model.layers.", "model.layers.")
+_LAYER_PREFIXES = ("model.language_model.layers.", "language_model.model.layers.", "backbone.layers.",
+                   "model.layers.")  # (Nemotron-H's releases: `backbone.`)
 
 
 @dataclass(frozen=True)
@@ -105,11 +122,15 @@ class ExpertLayout:
         num_experts: E, routed experts per MoE layer.
         top_k: experts selected per token.
         hidden_size: H.
+        hidden_size: H, the width of the experts' input and output (Nemotron-H's latent width where its MoE
+            projects into one).
         intermediate_size: I of one routed expert ("gate_up" is [2I, H], "down" is [H, I]).
-        hidden_act: activation name of the gate projection (a key of transformers' ACT2FN).
+        hidden_act: activation name of the gate projection (a key of transformers' ACT2FN); of the up
+            projection for experts without a gate.
         dtype: torch dtype name of the checkpoint's weights, e.g. "float32", "bfloat16".
         clamped_swiglu: GPT-OSS's (alpha, limit): its experts are a clamped SwiGLU with biases (see
             `service.experts.ExpertFFN`); None for the SwiGLU experts of the other architectures.
+        gated: False for experts without a gate (Nemotron-H's ``down(act(up x))``: "up" [I, H] and "down").
     """
 
     architecture: str
@@ -121,6 +142,7 @@ class ExpertLayout:
     hidden_act: str
     dtype: str
     clamped_swiglu: tuple[float, float] | None = None
+    gated: bool = True
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -143,9 +165,9 @@ class ExpertLayout:
 
     @property
     def params_per_expert(self) -> int:
-        """Weights of one routed expert: three H x I matrices, and GPT-OSS's biases (2I + H)."""
+        """Weights of one routed expert: three H x I matrices (two without a gate), and GPT-OSS's biases (2I + H)."""
         biases = 2 * self.intermediate_size + self.hidden_size if self.clamped_swiglu is not None else 0
-        return 3 * self.hidden_size * self.intermediate_size + biases
+        return (3 if self.gated else 2) * self.hidden_size * self.intermediate_size + biases
 
     def check_keys(self, keys: Iterable[Key]) -> list[Key]:
         """The keys as int pairs; ValueError naming the first one outside [0, L) x [0, E)."""
@@ -179,7 +201,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     if architecture in vlm and getattr(config, "text_config", None) is not None:
         config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
-    clamped_swiglu = None
+    clamped_swiglu, gated = None, True
+    hidden, act = config.hidden_size, getattr(config, "hidden_act", None)
     if architecture in ("qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_vl_moe"):
         # the rule of Qwen{2,3}MoeDecoderLayer.__init__ (and Qwen3NextDecoderLayer's, Qwen3VLMoeTextDecoderLayer's)
         step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
@@ -228,10 +251,21 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+    elif architecture in ("granitemoehybrid", "granitemoe", "granitemoeshared"):
+        # GraniteMoe{Hybrid,Shared,}DecoderLayer: every layer MoE if the model has experts
+        if not config.num_local_experts:
+            raise ValueError(f"{architecture}: num_local_experts 0 is a dense model, not served (no routed experts)")
+        moe_layers = list(range(num_layers))
+        num_experts, intermediate = config.num_local_experts, config.intermediate_size
+    elif architecture == "nemotron_h":  # the rule of NemotronHBlock: one mixer per layer, "moe" ones are MoE
+        moe_layers = [d for d, kind in enumerate(config.layer_types) if kind == "moe"]
+        num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+        # NemotronHExperts: down(relu2(up x)), on the latent projection of the hidden states where there is one
+        hidden, act, gated = config.moe_latent_size or config.hidden_size, config.mlp_hidden_act, False
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
     return ExpertLayout(architecture, tuple(moe_layers), num_experts, _top_k(config, moe_layers),
-                        config.hidden_size, intermediate, config.hidden_act, dtype, clamped_swiglu)
+                        hidden, intermediate, act, dtype, clamped_swiglu, gated)
 
 
 # MoE architectures of transformers 5.24 that are not served, and why (a clearer refusal than "unsupported")
@@ -406,33 +440,39 @@ class _Shards:
 
 def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype,
                  quantized: bool) -> dict[str, torch.Tensor]:
-    """"gate_up" [2I, H] and "down" [H, I] of one expert from whichever key format the checkpoint uses; FP8
-    weights (with their block scales) dequantized to ``dtype``, or kept with their scales if ``quantized``."""
+    """"gate_up" [2I, H] and "down" [H, I] of one expert ("up" [I, H] and "down" without a gate) from whichever
+    key format the checkpoint uses; FP8 weights (with their block scales) dequantized to ``dtype``, or kept
+    with their scales if ``quantized``."""
     prefix = f"{shards.layers}{decoder_layer}."
-    for fmt in _PER_EXPERT_FORMATS:
+    for fmt in (*_PER_EXPERT_FORMATS, _UNGATED_PER_EXPERT):
         names = [prefix + suffix.format(e=expert) for suffix in fmt]
         if all(_stored(shards, name) for name in names):
-            gate, up, down = (_weight(shards, name, dtype, quantized) for name in names)
+            *inputs, down = (_weight(shards, name, dtype, quantized) for name in names)
+            tensors = {"down" + k: t.contiguous() for k, t in down.items()}
+            if len(inputs) == 1:  # no gate
+                return {**{"up" + k: t for k, t in inputs[0].items()}, **tensors}
+            gate, up = inputs
             if gate.keys() != up.keys() or any(gate[k].shape != up[k].shape for k in gate):
                 raise ValueError(f"expert {expert} of decoder layer {decoder_layer}: its gate and up projections "
                                  f"must be quantized alike to be held quantized")
             # each of gate's and up's tensors (scales too) stacks as their rows do
-            tensors = {"gate_up" + k: (torch.cat([gate[k], up[k]], dim=0) if k != "_shape"  # [rows, cols]
-                                       else torch.stack([gate[k][0] + up[k][0], gate[k][1]])) for k in gate}
-            return {**tensors, **{"down" + k: t.contiguous() for k, t in down.items()}}
-    for fmt in _FUSED_FORMATS:
+            return {**{"gate_up" + k: (torch.cat([gate[k], up[k]], dim=0) if k != "_shape"  # [rows, cols]
+                                       else torch.stack([gate[k][0] + up[k][0], gate[k][1]])) for k in gate},
+                    **tensors}
+    for fmt in (*_FUSED_FORMATS, _UNGATED_FUSED):
         names = [prefix + suffix for suffix in fmt]
         if not all(name in shards for name in names):
             continue
         # get_slice reads only this expert's rows of the fused tensors
-        gate_up, down = (shards.file(name).get_slice(name)[expert] for name in names)
-        if gate_up.shape[0] == down.shape[1]:  # [H, 2I] and [I, H] (Qwen3-VL-MoE's, Llama 4's): transposed
-            gate_up, down = gate_up.T, down.T
-        gate_up, down = gate_up.contiguous(), down.contiguous()
-        if gate_up.dtype in FP8_DTYPES or down.dtype in FP8_DTYPES:
+        first, down = (shards.file(name).get_slice(name)[expert] for name in names)
+        ungated = fmt == _UNGATED_FUSED  # (up [I, H] has as many rows as down [H, I] has columns: never transposed)
+        if not ungated and first.shape[0] == down.shape[1]:  # [H, 2I], [I, H] (Qwen3-VL-MoE's, Llama 4's): transposed
+            first, down = first.T, down.T
+        first, down = first.contiguous(), down.contiguous()
+        if first.dtype in FP8_DTYPES or down.dtype in FP8_DTYPES:
             raise ValueError(f"fused FP8 experts (decoder layer {decoder_layer}) are not supported: FP8 checkpoints "
                              f"are read with per-expert weights and their weight_scale_inv")
-        return {"gate_up": gate_up, "down": down}
+        return {"up" if ungated else "gate_up": first, "down": down}
     raise ValueError(f"checkpoint has no tensors for expert {expert} of decoder layer {decoder_layer}")
 
 

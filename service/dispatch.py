@@ -339,11 +339,15 @@ class DispatchContext:
 class DispatchingExperts(nn.Module):
     """Drop-in for a MoE layer's `experts`: runs them on the workers under the pinned placement."""
 
-    def __init__(self, layer: int, num_experts: int, context: DispatchContext) -> None:
+    def __init__(self, layer: int, num_experts: int, context: DispatchContext, *,
+                 sum_in_weights_dtype: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
         self.context = context
+        # add the weighted outputs in the routing weights' dtype and cast the sum once (NemotronHExperts' order: its
+        # float32 router weights), instead of casting each weighted output to the hidden states' dtype first
+        self.sum_in_weights_dtype = sum_in_weights_dtype
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}"
@@ -356,7 +360,8 @@ class DispatchingExperts(nn.Module):
         Args:
             hidden_states: [T, H] tokens of the layer.
             top_k_index: int [T, k] selected experts of each token (distinct per token).
-            top_k_weights: [T, k] routing weights, in the dtype of `hidden_states`.
+            top_k_weights: [T, k] routing weights, in the dtype of `hidden_states` (or, with
+                ``sum_in_weights_dtype``, the dtype the sum is taken in).
 
         Returns:
             [T, H]: sum over each token's experts, in ascending expert order, of weight * expert(token).
@@ -377,7 +382,10 @@ class DispatchingExperts(nn.Module):
         planes = self._exchange(step, routes, slot_pairs, rows, _plane_rows(by_expert, order))
         planes = planes.to(hidden_states.device).view(top_k, num_tokens, -1)
         weights = torch.take_along_dim(top_k_weights, torch.from_numpy(by_expert).to(top_k_weights.device), dim=1)
-        out = _weighted_sum(planes, weights, hidden_states.dtype)
+        if self.sum_in_weights_dtype:
+            out = _weighted_sum(planes, weights, weights.dtype).to(hidden_states.dtype)
+        else:
+            out = _weighted_sum(planes, weights, hidden_states.dtype)
         if step.implicit:
             self.context._close(step)
         return out

@@ -6,7 +6,8 @@ writes it) and `run_experts`. Ignores where experts come from (checkpoints, migr
 (the engine applies them), placement and Ray.
 
 Tensor names of one expert: "gate_up" [2I, H] (gate rows first, then up) and "down" [H, I] (SwiGLU
-experts: Qwen, Mixtral, DeepSeek, ...); GPT-OSS's clamped SwiGLU experts keep transformers' own layout,
+experts: Qwen, Mixtral, DeepSeek, ...), or "up" [I, H] and "down" for experts without a gate (Nemotron-H's
+``down(act(up x))``: the names say which); GPT-OSS's clamped SwiGLU experts keep transformers' own layout,
 "gate_up" [H, 2I] (gate and up columns interleaved), "gate_up_bias" [2I], "down" [I, H], "down_bias" [H].
 A worker may hold quantized weights as checkpoints store them (`read_experts(..., quantized=True)`): an
 FP8 "gate_up" or "down" beside its float32 block scales ("gate_up_scale_inv", "down_scale_inv"),
@@ -140,7 +141,8 @@ class ExpertFFN:
     """The computation of one routed expert of a model, on its tensors (see the module docstring).
 
     Attributes:
-        hidden_act: activation of the gate of SwiGLU experts (a key of transformers' ACT2FN).
+        hidden_act: activation of the gate of SwiGLU experts, of the up projection of experts without a gate
+            (a key of transformers' ACT2FN).
         clamped_swiglu: GPT-OSS's (alpha, limit): the experts are its clamped SwiGLU with biases,
             ``(up + 1) * gate * sigmoid(alpha * gate)`` with gate <= limit and |up| <= limit.
     """
@@ -161,7 +163,11 @@ class ExpertFFN:
 
     def __call__(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The expert's output for x [n, H], unweighted: exactly the expression of transformers' eager
-        experts loop (e.g. Qwen3MoeExperts.forward, GptOssExperts.forward), so outputs are bit-identical."""
+        experts loop (e.g. Qwen3MoeExperts.forward, GptOssExperts.forward, NemotronHExperts.forward without a
+        gate), so outputs are bit-identical."""
+        if "up" in tensors or "up_packed" in tensors:  # no gate
+            return F.linear(self._act(F.linear(x, expert_weight(tensors, "up", x.dtype))),
+                            expert_weight(tensors, "down", x.dtype))
         if self.clamped_swiglu is None:
             gate, up = F.linear(x, expert_weight(tensors, "gate_up", x.dtype)).chunk(2, dim=-1)
             return F.linear(self._act(gate) * up, expert_weight(tensors, "down", x.dtype))

@@ -1,13 +1,16 @@
-"""Linear attention (Qwen3-Next's gated DeltaNet layers) over the engine's flat ragged batch.
+"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Nemotron-H's and Granite 4.0's Mamba2
+mixers) over the engine's flat ragged batch.
 
-A linear-attention layer carries two states per sequence instead of keys and values: the last
-``conv_kernel_size`` inputs of its causal convolution and its recurrent state (``[heads, key_dim,
-value_dim]``, float32). Owns `LinearStates`, those states for every KV cache slot (allocated once, like the
-keys and values), and `install`, which makes each linear-attention module of a model run its own forward
-once per sequence of the step: a prefill chunk alone (from empty states when it starts the sequence), all
-single-token decodes together, each through transformers' cache interface (`_SlotCache`) holding the
-states of the sequences of that call. So the module's projections, convolution and delta rule are
-transformers' own, and a sequence's tokens give what ``generate`` gives them.
+Such a layer carries two states per sequence instead of keys and values: the last ``conv_kernel_size`` inputs
+of its causal convolution and its recurrent state (DeltaNet: ``[heads, key_dim, value_dim]``; Mamba2: ``[heads,
+head_dim, ssm_state_size]``; float32 both, as transformers' cache holds them). transformers names both kinds
+``linear_attention`` in the config's ``layer_types`` and drives both through one cache interface. Owns
+`LinearStates`, those states for every KV cache slot (allocated once, like the keys and values), and `install`,
+which makes each such module of a model run its own forward once per sequence of the step: a prefill chunk
+alone (from empty states when it starts the sequence), all single-token decodes together, each through
+transformers' cache interface (`_SlotCache`) holding the states of the sequences of that call. So the module's
+projections, convolution and recurrence (delta rule, selective scan) are transformers' own, and a sequence's
+tokens give what ``generate`` gives them.
 
 Ignores the prefix cache: a state holds one position only, so the engine reuses a slot for a prompt only
 when the prompt extends all the slot holds (a chunk starting past 0 continues the slot's states); forks
@@ -16,6 +19,7 @@ copy a whole prompt's state.
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 
@@ -29,30 +33,41 @@ LINEAR_ATTENTION = "linear_attention"
 
 @dataclass(frozen=True)
 class LinearShape:
-    """One linear-attention layer's states: ``conv [slots, conv_dim, kernel]`` (the model's dtype) and
-    ``recurrent [slots, heads, key_dim, value_dim]`` (float32, as transformers' delta rule returns it)."""
+    """One recurrent layer's states per slot: ``conv [conv_dim, kernel]`` (the model's dtype) and ``recurrent``
+    (float32, as transformers' delta rule and selective scan return it)."""
 
     conv_dim: int
     kernel: int
-    heads: int
-    key_dim: int
-    value_dim: int
+    recurrent: tuple[int, ...]
 
     @staticmethod
     def of(config) -> LinearShape:
-        return LinearShape(
-            conv_dim=2 * config.linear_num_key_heads * config.linear_key_head_dim
-            + config.linear_num_value_heads * config.linear_value_head_dim,
-            kernel=config.linear_conv_kernel_dim, heads=config.linear_num_value_heads,
-            key_dim=config.linear_key_head_dim, value_dim=config.linear_value_head_dim)
+        """The states of ``config``'s linear-attention layers (each its mixer's ``conv_dim``, ``conv_kernel_size``
+        and recurrent state, as the mixer's ``__init__`` computes them); ValueError for a config of another kind."""
+        if hasattr(config, "linear_num_key_heads"):  # Qwen3-Next's gated DeltaNet
+            return LinearShape(
+                conv_dim=2 * config.linear_num_key_heads * config.linear_key_head_dim
+                + config.linear_num_value_heads * config.linear_value_head_dim,
+                kernel=config.linear_conv_kernel_dim,
+                recurrent=(config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim))
+        if hasattr(config, "mamba_num_heads"):  # Nemotron-H's Mamba2 mixer
+            heads, head_dim, state, groups = (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
+                                              config.n_groups)
+            return LinearShape(heads * head_dim + 2 * groups * state, config.conv_kernel, (heads, head_dim, state))
+        if hasattr(config, "mamba_n_heads"):  # Granite 4.0's (Bamba's) Mamba2 mixer
+            heads, head_dim, state, groups = (config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state,
+                                              config.mamba_n_groups)
+            return LinearShape(int(config.mamba_expand * config.hidden_size) + 2 * groups * state, config.mamba_d_conv,
+                               (heads, head_dim, state))
+        raise ValueError(f"{getattr(config, 'model_type', config)}: linear-attention layers of an unknown kind")
 
     def bytes_per_slot(self, dtype: torch.dtype) -> int:
         element = torch.empty(0, dtype=dtype).element_size()
-        return self.conv_dim * self.kernel * element + self.heads * self.key_dim * self.value_dim * 4
+        return self.conv_dim * self.kernel * element + math.prod(self.recurrent) * 4
 
 
 def linear_layers(config) -> list[int]:
-    """The decoder layers of ``config`` that are linear attention."""
+    """The decoder layers of ``config`` that are linear attention (DeltaNet or Mamba2)."""
     return [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind == LINEAR_ATTENTION]
 
 
@@ -64,8 +79,8 @@ class LinearStates:
         self.shape = shape
         self.conv = {layer: torch.zeros(num_slots, shape.conv_dim, shape.kernel, dtype=dtype, device=device)
                      for layer in layers}
-        self.recurrent = {layer: torch.zeros(num_slots, shape.heads, shape.key_dim, shape.value_dim,
-                                             dtype=torch.float32, device=device) for layer in layers}
+        self.recurrent = {layer: torch.zeros(num_slots, *shape.recurrent, dtype=torch.float32, device=device)
+                          for layer in layers}
 
     def copy_slot(self, source: int, target: int) -> None:
         """Give slot ``target`` the states of slot ``source`` (a fork: the whole prompt's)."""
@@ -76,8 +91,8 @@ class LinearStates:
 
 class _SlotCache:
     """transformers' linear-attention cache interface over the states of the sequences of one call (a batch
-    of ``b``): ``conv [b, conv_dim, kernel]`` and ``recurrent [b, heads, key_dim, value_dim]``, None for a
-    sequence that starts here. Mirrors `transformers.cache_utils`' linear-attention layer: the convolution
+    of ``b``): ``conv [b, conv_dim, kernel]`` and ``recurrent [b, *LinearShape.recurrent]``, None for a
+    sequence that starts here (a Mamba2 decode updates both in place, as its kernels update transformers' cache). Mirrors `transformers.cache_utils`' linear-attention layer: the convolution
     keeps the last ``kernel`` inputs, a first chunk shorter than that is padded with zeros."""
 
     def __init__(self, conv: torch.Tensor | None, recurrent: torch.Tensor | None) -> None:
@@ -110,13 +125,20 @@ class _SlotCache:
 
 
 def install(model: PreTrainedModel) -> None:
-    """Make each linear-attention module of ``model`` compute over the bound step's sequences with their
-    slots' states (`service.attention.bind_step` binds them); ValueError if the model has such layers of a
-    kind this cannot drive."""
+    """Make each linear-attention module of ``model`` (a DeltaNet or Mamba2 mixer: its ``conv1d`` and ``layer_idx``
+    on a ``linear_attention`` layer) compute over the bound step's sequences with their slots' states
+    (`service.attention.bind_step` binds them); ValueError if the model has such layers of a kind this cannot
+    drive, or whose convolution is not the one `LinearShape.of` its config allocates states for."""
     layers = set(linear_layers(model.config))
-    found = set()
+    if not layers:
+        return
+    shape, found = LinearShape.of(model.config), set()
     for module in model.modules():
-        if getattr(module, "layer_type", None) == LINEAR_ATTENTION and hasattr(module, "conv1d"):
+        if getattr(module, "layer_idx", None) in layers and isinstance(getattr(module, "conv1d", None), torch.nn.Conv1d):
+            conv = tuple(module.conv1d.weight.shape)
+            if conv != (shape.conv_dim, 1, shape.kernel):
+                raise ValueError(f"linear-attention layer {module.layer_idx}: convolution {conv}, states allocated "
+                                 f"for {(shape.conv_dim, 1, shape.kernel)}")
             module.forward = types.MethodType(_ragged(type(module).forward), module)
             found.add(module.layer_idx)
     if found != layers:

@@ -3,7 +3,8 @@
 Owns loading (local folders only) without ever reading the routed experts' weights (transformers builds
 their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
 ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
-`mlp.experts` (Llama 4's `feed_forward.experts`) with a DispatchingExperts bound to its MoE layer index (and
+`mlp.experts` (Llama 4's `feed_forward.experts`, Granite's `block_sparse_moe.experts`, Nemotron-H's
+`mixer.experts`) with a DispatchingExperts bound to its MoE layer index (and
 Llama 4's MoE forward with one that scales each token's expert input by its router score, as Llama 4 does, and
 dispatches it with weight 1, where the other architectures weight the experts' outputs), and making a forward
 that runs outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
@@ -127,7 +128,8 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
 
     def empty(self, *args, **kwargs) -> None:
         torch.nn.Module.__init__(self)
-        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):  # (biases: GPT-OSS)
+        for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):  # (biases:
+            # GPT-OSS; up_proj: Nemotron-H's experts without a gate)
             setattr(self, name, torch.empty(0, device="meta"))
 
     model_class = type(probe)
@@ -158,7 +160,8 @@ def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: Dispat
     for moe_layer, decoder_layer in enumerate(layout.moe_layers):
         block = ffn_block(model.model.layers[decoder_layer])
         removed.append(weakref.ref(block.experts))
-        block.experts = DispatchingExperts(moe_layer, layout.num_experts, context)
+        block.experts = DispatchingExperts(moe_layer, layout.num_experts, context,
+                                           sum_in_weights_dtype=layout.architecture == "nemotron_h")
         if layout.architecture in ("llama4", "llama4_text"):
             block.forward = types.MethodType(_llama4_moe_forward, block)
     gc.collect()
@@ -167,8 +170,13 @@ def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: Dispat
 
 
 def ffn_block(decoder_layer: torch.nn.Module) -> torch.nn.Module:
-    """The feed-forward block of a decoder layer: its `mlp`, or Llama 4's `feed_forward`."""
-    return decoder_layer.feed_forward if hasattr(decoder_layer, "feed_forward") else decoder_layer.mlp
+    """The feed-forward block of a decoder layer: its `mlp`, Llama 4's `feed_forward`, Granite's `block_sparse_moe`
+    (beside its dense `shared_mlp`) or Nemotron-H's `mixer` (its layers hold one mixer each: Mamba2, attention, MLP
+    or MoE)."""
+    for name in ("feed_forward", "block_sparse_moe", "mixer"):
+        if hasattr(decoder_layer, name):
+            return getattr(decoder_layer, name)
+    return decoder_layer.mlp
 
 
 def _llama4_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

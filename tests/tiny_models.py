@@ -1,6 +1,6 @@
 """Tiny random Mixture-of-Experts checkpoints for tests and benchmarks, saved with `save_pretrained`.
 
-Owns the configs of twenty-one small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
+Owns the configs of the small models (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral, OLMoE,
 DeepSeek-V2 (as V2-Lite), DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS,
 Hunyuan-A13B, Phi-3.5-MoE, Solar Open, AFMoE, Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE, MiMo-V2-Flash) and writing them,
 seeded, into a folder (GPT-OSS's also with MXFP4 experts, as OpenAI released it). Each config exercises a layout detail:
@@ -21,7 +21,12 @@ with its queries scaled by position (Llama 4's beta over 8-position spans), Hy3 
 sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/k norms, GLM-4.5V (`glm4v_moe`, saved
 as the vision-language model its releases are) GLM-4.5's layers with multimodal RoPE on half of each head, Qwen3-VL-MoE
 (`qwen3_vl_moe`, the same) Qwen3-MoE's layers with interleaved multimodal RoPE, its experts fused and transposed on
-disk. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
+disk, Nemotron-H (`nemotron_h`, its layers given as its releases give them, by `hybrid_override_pattern`) a
+Mamba2 layer, an attention layer without RoPE, a dense MLP layer and two MoE layers of experts without a gate (relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
+under `backbone.` as its releases are, Granite 4.0's hybrid (`granitemoehybrid`) Mamba2 layers around a NoPE
+attention layer, each with MoE and a shared MLP, its muP-style multipliers, and its experts fused on disk
+(`block_sparse_moe.input_linear`) as its releases store them, Granite 3's MoE (`granitemoe`) and IBM's MoE with a
+shared expert (`granitemoeshared`, a dense shared MLP) RoPE attention and MoE in every layer with the same multipliers. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
 `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -50,6 +55,9 @@ from transformers import (
     Glm4vMoeConfig,
     GlmMoeDsaConfig,
     GptOssConfig,
+    GraniteMoeConfig,
+    GraniteMoeHybridConfig,
+    GraniteMoeSharedConfig,
     HunYuanMoEV1Config,
     HYV3Config,
     LagunaConfig,
@@ -59,6 +67,7 @@ from transformers import (
     MiniMaxM2Config,
     Mistral4Config,
     MixtralConfig,
+    NemotronHConfig,
     OlmoeConfig,
     PhimoeConfig,
     PretrainedConfig,
@@ -215,6 +224,28 @@ def tiny_config(architecture: str) -> PretrainedConfig:
     if architecture == "flex_olmo":  # every layer MoE, q/k norms over all heads
         return FlexOlmoConfig(**_COMMON, intermediate_size=32, num_hidden_layers=2, num_experts=8,
                               num_experts_per_tok=2)
+    if architecture == "nemotron_h":  # Mamba2, MoE (relu2 experts without a gate), attention without RoPE, a dense
+        # MLP, MoE ("ME*-E"); sigmoid group-limited routing with a score bias and a scale, a shared expert; Mamba2
+        # chunks of 8 positions
+        return NemotronHConfig(**_COMMON, head_dim=16, hybrid_override_pattern="ME*-E",
+                               mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
+                               chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                               moe_shared_expert_intermediate_size=48, intermediate_size=96, n_group=4, topk_group=2,
+                               routed_scaling_factor=2.5)
+    if architecture == "granitemoehybrid":  # Mamba2, NoPE attention, Mamba2, each with MoE and a shared MLP;
+        # Granite's embedding, attention, residual and logits multipliers
+        return GraniteMoeHybridConfig(**_COMMON, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+                                      mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=2,
+                                      mamba_d_conv=4, mamba_chunk_size=8, num_local_experts=8, num_experts_per_tok=2,
+                                      intermediate_size=32, shared_intermediate_size=48, embedding_multiplier=12.0,
+                                      attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=4.0,
+                                      position_embedding_type="nope")
+    granite = dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                   embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22, logits_scaling=4.0)
+    if architecture == "granitemoe":  # attention with RoPE and MoE in every layer, Granite's multipliers
+        return GraniteMoeConfig(**_COMMON, **granite)
+    if architecture == "granitemoeshared":  # the same with a dense shared MLP beside the experts
+        return GraniteMoeSharedConfig(**_COMMON, **granite, shared_intermediate_size=48)
     if architecture in LLAMA4_ARCHITECTURES:  # MoE layers 1 and 3; RoPE layers chunked, layer 3 NoPE and full
         text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
                     intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, num_local_experts=8,
@@ -234,7 +265,8 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "solar_open", "afmoe", "laguna", "cohere2_moe", "flex_olmo",
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
-                      "glm4v_moe", "qwen3_vl_moe")
+                      "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid",
+                      "granitemoe", "granitemoeshared")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 
 

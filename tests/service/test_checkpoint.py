@@ -67,15 +67,22 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("laguna", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("cohere2_moe", (1, 2), 8, 2, 32),  # first_k_dense_replace 1, as mlp_layer_types
     ("flex_olmo", (0, 1), 8, 2, 32),
+    ("nemotron_h", (1, 4), 8, 2, 32),  # "ME*-E": mamba, moe, attention, mlp, moe; relu2 experts without a gate
+    ("granitemoehybrid", (0, 1, 2), 8, 2, 32),  # every layer MoE, Mamba2 or attention
+    ("granitemoe", (0, 1), 8, 2, 32),
+    ("granitemoeshared", (0, 1), 8, 2, 32),
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
+    from service.model import ffn_block
+
     layout = expert_layout(tiny_config(architecture))
     clamped = (1.702, 7.0) if architecture == "gpt_oss" else None  # GPT-OSS's clamped SwiGLU
-    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, "silu", "float32",
-                                  clamped)
-    assert layout.params_per_expert == 3 * 64 * intermediate + (2 * intermediate + 64 if clamped else 0)
+    gated = architecture != "nemotron_h"
+    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate,
+                                  "silu" if gated else "relu2", "float32", clamped, gated)
+    assert layout.params_per_expert == (3 if gated else 2) * 64 * intermediate + (2 * intermediate + 64 if clamped else 0)
     model = build_tiny_model(architecture)
-    with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+    with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(ffn_block(layer), "experts"))
     assert with_experts == moe_layers
 
 
@@ -117,6 +124,10 @@ def test_layout_rejects_other_architectures_and_bad_values():
     mxfp4.quantization_config = dict(MXFP4_QUANTIZATION)
     with pytest.raises(ValueError, match="quantized checkpoints \\(mxfp4\\) are not supported"):
         expert_layout(mxfp4)
+    dense = tiny_config("granitemoehybrid")  # Granite 4.0's hybrid models without experts are dense ones
+    dense.num_local_experts = 0
+    with pytest.raises(ValueError, match="granitemoehybrid: num_local_experts 0 is a dense model"):
+        expert_layout(dense)
     gpt_oss = tiny_config("gpt_oss")
     gpt_oss.quantization_config = {**MXFP4_QUANTIZATION, "quant_method": "bitsandbytes_4bit"}
     with pytest.raises(ValueError, match="quantized checkpoints \\(bitsandbytes_4bit\\) are not supported"):
@@ -126,6 +137,8 @@ def test_layout_rejects_other_architectures_and_bad_values():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, architecture, fmt):
+    from service.model import ffn_block
+
     folder = checkpoints[architecture, fmt]
     layout = load_layout(folder)
     model = build_tiny_model(architecture, seed=3)
@@ -133,7 +146,12 @@ def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, archite
     items = read_experts(folder, keys)
     assert [(item.layer, item.expert) for item in items] == keys
     for item in items:
-        experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
+        experts = ffn_block(model.model.layers[layout.moe_layers[item.layer]]).experts
+        if not layout.gated:  # Nemotron-H: up and down
+            assert sorted(item.tensors) == ["down", "up"]
+            assert torch.equal(item.tensors["up"], experts.up_proj[item.expert])
+            assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
+            continue
         assert torch.equal(item.tensors["gate_up"], experts.gate_up_proj[item.expert])
         assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
         assert item.tensors["gate_up"].is_contiguous() and item.tensors["down"].is_contiguous()

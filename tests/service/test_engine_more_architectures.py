@@ -5,6 +5,7 @@ slots batched with prefills) give transformers' own greedy tokens."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.service.test_engine import GREEDY, _engine, _generate, _prompt, _run
 from tests.tiny_models import build_tiny_model
@@ -23,6 +24,9 @@ from tests.tiny_models import build_tiny_model
     "glm4v_moe",  # a vision-language model's language model: multimodal RoPE on text positions, partial rotary
     "qwen3_vl_moe",  # the same with interleaved multimodal RoPE
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
+    "nemotron_h",  # Mamba2 mixers: per-slot conv and SSM states (chunked scans resumed), attention without RoPE
+    "granitemoehybrid",  # Mamba2 around NoPE attention, each layer MoE with a shared MLP, Granite's multipliers
+    "granitemoeshared",  # RoPE attention scaled by Granite's attention multiplier, MoE and a shared MLP
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
@@ -48,15 +52,16 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
 
 
-def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused():
-    """Qwen3-Next's linear-attention states hold one position: a choice sharing its parent's prefill gets a copy
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2
+def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused(arch):
+    """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its parent's prefill gets a copy
     of the parent's states with its keys and values; a finished request's slot is reused only by a prompt that
     extends all it holds (the next turn of its conversation: resumed from its states), never for a shorter
     shared prefix (prefilled again, not resumed from states of a later position)."""
     from service.engine import Engine, EngineConfig
 
-    reference = build_tiny_model("qwen3_next")
-    engine = Engine(build_tiny_model("qwen3_next"), EngineConfig(max_model_len=256, max_num_seqs=4))
+    reference = build_tiny_model(arch)
+    engine = Engine(build_tiny_model(arch), EngineConfig(max_model_len=256, max_num_seqs=4))
     assert engine.config.enable_prefix_caching and engine._cache.linear is not None
     prompt = _prompt(30, 7)
     expected = _generate(reference, prompt, 24)
@@ -75,3 +80,27 @@ def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reu
     tokens, _ = _run(engine, {0: [("shared", shared, GREEDY)]})
     assert tokens["shared"] == _generate(reference, shared, 24)
     assert engine.prefix_cache_hits == len(prompt) + len(expected) - 1
+
+
+def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_values():
+    """Nemotron-H: only its attention layer holds keys and values (its Mamba2, MoE and MLP layers none); each slot
+    holds its Mamba2 layer's conv state [conv_dim, kernel] and SSM state [heads, head_dim, state] (float32), and
+    kv_cache_bytes pays for both; a mixer whose convolution differs from the states its config gives is refused."""
+    from service.engine import Engine, EngineConfig
+
+    model = build_tiny_model("nemotron_h")  # layers: mamba, moe, attention, mlp, moe; 2 kv heads of 16
+    conv_dim = 4 * 16 + 2 * 2 * 16  # mamba heads x head_dim + 2 x groups x state
+    per_slot = 64 * 2 * 2 * 16 * 4 + conv_dim * 4 * 4 + 4 * 16 * 16 * 4  # 64 positions; conv state; SSM state
+    engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
+    assert engine.num_kv_slots == 3
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 16), (3, 0, 64, 16), (3, 2, 64, 16),
+                                                                   (3, 0, 64, 16), (3, 0, 64, 16)]
+    states = engine._cache.linear
+    assert tuple(states.conv[0].shape) == (3, conv_dim, 4) and tuple(states.recurrent[0].shape) == (3, 4, 16, 16)
+    assert list(states.conv) == [0] and states.recurrent[0].dtype == torch.float32
+    assert Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                               kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
+    other = build_tiny_model("nemotron_h")
+    other.config.ssm_state_size = 8
+    with pytest.raises(ValueError, match="linear-attention layer 0: convolution"):
+        Engine(other, EngineConfig(max_model_len=64))

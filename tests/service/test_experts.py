@@ -146,6 +146,30 @@ def test_gpt_oss_ffn_is_transformers_clamped_swiglu_bit_for_bit():
         ExpertFFN("silu", (1.702, 0.0))
 
 
+def test_experts_without_a_gate_are_transformers_nemotron_h_experts_bit_for_bit():
+    """Nemotron-H's experts ("up" and "down", no gate: down(relu2(up x))) computed from one expert's tensors equal
+    transformers' eager loop's output for that expert; the tensor names decide the form (the same tensors read
+    as a gated expert's would not even have its shapes)."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    config = NemotronHConfig(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE, n_routed_experts=2)
+    config._experts_implementation = "eager"
+    module = NemotronHExperts(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    tokens = torch.randn(5, HIDDEN, generator=generator)
+    tensors = {"up": module.up_proj[1], "down": module.down_proj[1]}
+    ffn = ExpertFFN(config.mlp_hidden_act)
+    with torch.no_grad():
+        expected = module(tokens, torch.ones(5, 1, dtype=torch.long), torch.ones(5, 1))
+        assert torch.equal(ffn(tokens, tensors), expected)
+        assert not torch.equal(ExpertFFN("silu")(tokens, tensors), expected)  # relu2, not the default
+    assert ffn.hidden_size(tensors) == HIDDEN
+
+
 def quantized_expert(layer: int, expert: int, block: int = 8) -> tuple[ExpertTensors, ExpertTensors]:
     """An expert held quantized (FP8 weights with float32 block scales) and the same expert dequantized."""
     gen = torch.Generator().manual_seed(layer * 100 + expert)

@@ -201,3 +201,44 @@ def test_the_engine_model_never_reads_the_routed_experts(tmp_path):
     peak = {kind: int(subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for kind in ("engine", "reference")}
     assert peak["reference"] - peak["engine"] > expert_bytes, peak
+
+
+def test_nemotron_h_sums_its_experts_in_float32_as_transformers_does(checkpoints):
+    """NemotronHExperts adds each token's weighted expert outputs in the routing weights' dtype (float32: its router
+    runs in float32) and casts the sum to the model's dtype once, where the other architectures' experts cast each
+    weighted output before adding it: in bfloat16 the engine's logits equal transformers' bit for bit only so."""
+    folder = checkpoints["nemotron_h"]
+    placement = contiguous_placement(folder)
+    channels = {}
+    for g in range(G):
+        worker = ExpertWorker(WorkerConfig(index=g, dtype="bfloat16", hidden_act="relu2"))
+        worker.load_experts(str(folder), sorted(placement.experts_on(g)))
+        channels[g] = LocalChannel(worker)
+    engine = load_engine_model(folder, dtype="bfloat16", context=DispatchContext(placement, channels))
+    reference = load_reference_model(folder, dtype="bfloat16")
+    reference.config._experts_implementation = "eager"
+    with torch.no_grad():
+        assert torch.equal(engine.model(prompts()).logits, reference(prompts()).logits)
+
+
+def test_nemotron_h_latent_moe_sends_its_experts_the_latent_projection(tmp_path):
+    """Nemotron-H with a latent MoE (moe_latent_size, as Nemotron 3 Super): the engine projects the hidden states
+    into the latent width before the experts and back after (fc1/fc2_latent_proj stay in the engine), so the
+    experts' width, the layout's hidden_size, is the latent one; the logits equal transformers' bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config("nemotron_h")
+    config.moe_latent_size = 24
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    layout = load_layout(tmp_path)
+    assert (layout.hidden_size, layout.params_per_expert) == (24, 2 * 24 * 32)
+    engine = load_engine_model(tmp_path, context=local_context(tmp_path, contiguous_placement(tmp_path)))
+    reference = load_reference_model(tmp_path)
+    routed = layout.num_moe_layers * layout.num_experts * layout.params_per_expert
+    assert sum(p.numel() for p in reference.parameters()) - sum(p.numel() for p in engine.model.parameters()) == routed
+    reference.config._experts_implementation = "eager"
+    with torch.no_grad():
+        assert torch.equal(engine.model(prompts()).logits, reference(prompts()).logits)

@@ -3,7 +3,7 @@
 Owns loading (local folders only) without ever reading the routed experts' weights (transformers builds
 their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
 ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
-`mlp.experts` (Llama 4's `feed_forward.experts`) with a DispatchingExperts bound to its MoE layer index (and
+`mlp.experts` (Llama 4's `feed_forward.experts`, Gemma 4's decoder layer's `experts`) with a DispatchingExperts bound to its MoE layer index (and
 Llama 4's MoE forward with one that scales each token's expert input by its router score, as Llama 4 does, and
 dispatches it with weight 1, where the other architectures weight the experts' outputs), and making a forward
 that runs outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.auto_factory import _get_model_class
 
 from service import text_models  # noqa: F401  (registers the causal LMs transformers lacks)
 from service.checkpoint import ExpertLayout, load_layout, quantization_method
@@ -121,13 +122,14 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
     with torch.device("meta"):  # (a vision-language model's causal LM is its language model)
         probe = AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config)
     classes = {type(ffn_block(probe.model.layers[d]).experts) for d in layout.moe_layers}
+    # the class that loads the checkpoint: the probe's, or a subclass for the vision-language config (Gemma 4's)
+    model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
 
     def empty(self, *args, **kwargs) -> None:
         torch.nn.Module.__init__(self)
         for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):  # (biases: GPT-OSS)
             setattr(self, name, torch.empty(0, device="meta"))
 
-    model_class = type(probe)
     with _PATCHING:
         saved = {cls: cls.__dict__.get("__init__") for cls in classes}  # None: inherited
         own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected")
@@ -164,8 +166,13 @@ def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: Dispat
 
 
 def ffn_block(decoder_layer: torch.nn.Module) -> torch.nn.Module:
-    """The feed-forward block of a decoder layer: its `mlp`, or Llama 4's `feed_forward`."""
-    return decoder_layer.feed_forward if hasattr(decoder_layer, "feed_forward") else decoder_layer.mlp
+    """The module holding a decoder layer's routed experts (or its dense feed-forward block): its `mlp`, Llama 4's
+    `feed_forward`, or Gemma 4's decoder layer itself (its `experts` and `router` beside its dense `mlp`)."""
+    if hasattr(decoder_layer, "feed_forward"):
+        return decoder_layer.feed_forward
+    if hasattr(decoder_layer, "enable_moe_block"):  # Gemma 4
+        return decoder_layer
+    return decoder_layer.mlp
 
 
 def _llama4_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

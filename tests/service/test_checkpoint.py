@@ -14,6 +14,7 @@ from transformers import AutoConfig, LlamaConfig
 import service.checkpoint as checkpoint
 from service.checkpoint import ExpertLayout, expert_layout, load_layout, read_experts, resolve_checkpoint
 from service.experts import checksum
+from service.model import ffn_block
 from tests.tiny_models import (
     MXFP4_QUANTIZATION,
     TINY_ARCHITECTURES,
@@ -65,15 +66,17 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("laguna", (1, 2), 8, 2, 32),  # mlp_layer_types dense, sparse, sparse
     ("cohere2_moe", (1, 2), 8, 2, 32),  # first_k_dense_replace 1, as mlp_layer_types
     ("flex_olmo", (0, 1), 8, 2, 32),
+    ("gemma4", (0, 1, 2), 8, 2, 32),  # the language model of a vision-language config, every layer MoE
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
     layout = expert_layout(tiny_config(architecture))
     clamped = (1.702, 7.0) if architecture == "gpt_oss" else None  # GPT-OSS's clamped SwiGLU
-    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, "silu", "float32",
+    act = "gelu_pytorch_tanh" if architecture == "gemma4" else "silu"  # (Gemma 4's experts: GeGLU)
+    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, act, "float32",
                                   clamped)
     assert layout.params_per_expert == 3 * 64 * intermediate + (2 * intermediate + 64 if clamped else 0)
     model = build_tiny_model(architecture)
-    with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+    with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(ffn_block(layer), "experts"))
     assert with_experts == moe_layers
 
 
@@ -81,6 +84,25 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
 def test_layout_refuses_the_moe_architectures_it_cannot_serve_exactly_saying_why(architecture):
     with pytest.raises(ValueError, match=f"^{architecture}: not supported \\(.+\\)$"):
         expert_layout(AutoConfig.for_model(architecture))
+
+
+def test_layout_of_gemma4_refuses_its_dense_releases_and_what_is_not_a_causal_lm():
+    """Gemma 4: a folder of the language model alone reads as the vision-language release does (its experts' GeGLU
+    activation, `top_k_experts`); a dense Gemma 4 (no MoE block) has nothing to place, a model whose every layer
+    shares another's keys and values (an assistant) and text attending both ways are refused by name."""
+    from transformers import Gemma4TextConfig
+
+    from tests.tiny_models import gemma4_text_config
+
+    text = expert_layout(tiny_config("gemma4_text"))
+    assert text == ExpertLayout("gemma4_text", (0, 1, 2), 8, 2, 64, 32, "gelu_pytorch_tanh", "float32")
+    with pytest.raises(ValueError, match="^gemma4: a dense Gemma 4 \\(enable_moe_block false: no routed experts\\) has "
+                                         "nothing to place"):
+        expert_layout(Gemma4TextConfig(**gemma4_text_config(enable_moe_block=False)))
+    with pytest.raises(ValueError, match="^gemma4: num_kv_shared_layers 3 of 3 layers is not supported"):
+        expert_layout(Gemma4TextConfig(**gemma4_text_config(num_kv_shared_layers=3)))
+    with pytest.raises(ValueError, match="^gemma4: use_bidirectional_attention 'all' is not supported"):
+        expert_layout(Gemma4TextConfig(**gemma4_text_config(use_bidirectional_attention="all")))
 
 
 def test_layout_refuses_per_layer_top_k_that_differ_and_a_phimoe_window_its_attention_does_not_pass():
@@ -131,7 +153,7 @@ def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, archite
     items = read_experts(folder, keys)
     assert [(item.layer, item.expert) for item in items] == keys
     for item in items:
-        experts = model.model.layers[layout.moe_layers[item.layer]].mlp.experts
+        experts = ffn_block(model.model.layers[layout.moe_layers[item.layer]]).experts
         assert torch.equal(item.tensors["gate_up"], experts.gate_up_proj[item.expert])
         assert torch.equal(item.tensors["down"], experts.down_proj[item.expert])
         assert item.tensors["gate_up"].is_contiguous() and item.tensors["down"].is_contiguous()

@@ -34,14 +34,15 @@ EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "deploy" / "models" / "vi
 @pytest.fixture(scope="module")
 def workers():
     """G expert-worker actors for a model's expert layout, on a fresh 2-CPU cluster: the actors of one kind of
-    expert (SwiGLU with SiLU: every model but GPT-OSS) are shared by the models of this module."""
+    expert (SwiGLU with SiLU: every model but GPT-OSS and Gemma 4) are shared by the models of this module."""
     ray.init(num_cpus=2, include_dashboard=False)
     started = {}
 
     def for_layout(layout, keep_quantized: bool = False):
         kind = (layout.hidden_act, layout.clamped_swiglu, keep_quantized)
         if kind not in started:
-            # three kinds of G actors (SiLU, GPT-OSS, held FP8) must fit the 2 CPUs: a kind more would wait forever
+            # four kinds of G actors (SiLU, Gemma 4's GELU, GPT-OSS, held FP8) at 0.1 CPU must fit the 2 CPUs (1.6):
+            # a sixth kind would wait forever
             actors = [ExpertWorkerActor.options(num_cpus=0.1, max_concurrency=4).remote(
                 WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu,
                              keep_quantized=keep_quantized))

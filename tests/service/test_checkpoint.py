@@ -369,3 +369,25 @@ def test_resolve_checkpoint_only_inside_allowed_roots(tmp_path):
             resolve_checkpoint(bad, [root])
     with pytest.raises(ValueError, match="no allowed model folders"):
         resolve_checkpoint("tiny", [])
+
+
+def test_layout_and_cache_of_a_config_shaped_as_gemma_4_26b_a4b():
+    """Gemma 4's MoE release (gemma-4-26B-A4B, a vision-language config): 30 layers, each with 128 experts of 704
+    (top-8) beside its dense MLP; five sliding layers (8 kv heads of 256) for each full one (2 kv heads of 512, keys
+    as values): 220 KiB of keys and values a token in bf16."""
+    from transformers import Gemma4Config
+
+    from service.attention import KVCache
+
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 5
+    config = Gemma4Config(text_config=dict(
+        hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
+        layer_types=layer_types, final_logit_softcapping=30.0, enable_moe_block=True, num_experts=128,
+        top_k_experts=8, moe_intermediate_size=704, hidden_size_per_layer_input=0, vocab_size=262144,
+        use_bidirectional_attention="vision", dtype="bfloat16"), vision_config={}, dtype="bfloat16")
+    assert expert_layout(config) == ExpertLayout("gemma4", tuple(range(30)), 128, 8, 2816, 704, "gelu_pytorch_tanh",
+                                                 "bfloat16")
+    heads = KVCache.for_model(config.text_config)
+    assert heads["num_kv_heads"] == [8, 8, 8, 8, 8, 2] * 5 and heads["head_dim"] == [256, 256, 256, 256, 256, 512] * 5
+    assert KVCache.bytes_per_token(30, dtype=torch.bfloat16, **heads) == 220 * 1024

@@ -7,9 +7,10 @@ still apply their projections, q/k norms and RoPE; this file only appends keys/v
 computes causal attention over it, with GPT-OSS's attention sinks (a learned logit per head that takes
 its share of the softmax and adds nothing to the output) where the module passes them, sliding windows, and
 Llama 4's chunked attention (a query attends the keys of its own ``attention_chunk_size`` chunk of positions
-only, causally), heads whose number and width differ per layer (Gemma 4's full-attention layers: wider, fewer),
-Gemma 4's layers sharing an earlier layer's keys and values (they read its cache and hold none) and its attention temperature tuning on NoPE layers (applied here at each token's position:
-the module would take positions 0.. of the flat batch, having no cache to count earlier tokens).
+only, causally) and its attention temperature tuning on NoPE layers (applied here at each token's position:
+the module would take positions 0.. of the flat batch, having no cache to count earlier tokens), kv heads whose
+number and width differ per layer (Gemma 4's full-attention layers: fewer and wider), and Gemma 4's layers that
+share an earlier layer's keys and values (they attend that layer's cache and hold none).
 
 Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
 reading the cache in place; multi-token chunks (prefill) get one SDPA call each (with sinks, the same

@@ -164,7 +164,6 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
     clamped_swiglu = None
-    hidden_act = getattr(config, "hidden_act", None)
     if architecture in ("qwen3_moe", "qwen2_moe", "qwen3_next", "qwen3_vl_moe"):
         # the rule of Qwen{2,3}MoeDecoderLayer.__init__ (and Qwen3NextDecoderLayer's, Qwen3VLMoeTextDecoderLayer's)
         step, dense = config.decoder_sparse_step, set(config.mlp_only_layers or ())
@@ -178,7 +177,6 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         _check_gemma4(config)
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
-        hidden_act = config.hidden_activation  # (its experts' gate activation: GELU, tanh-approximated)
     elif architecture == "gpt_oss":
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
@@ -219,6 +217,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    # (Gemma 4 names its activation, its experts' too, hidden_activation: GELU, tanh-approximated)
+    hidden_act = config.hidden_activation if architecture in ("gemma4", "gemma4_text") else config.hidden_act
     return ExpertLayout(architecture, tuple(moe_layers), num_experts, _top_k(config, moe_layers),
                         config.hidden_size, intermediate, hidden_act, dtype, clamped_swiglu)
 

@@ -3,9 +3,10 @@
 Owns loading (local folders only) without ever reading the routed experts' weights (transformers builds
 their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
 ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
-`mlp.experts` (Llama 4's `feed_forward.experts`, Gemma 4's decoder layer's `experts`) with a DispatchingExperts bound to its MoE layer index (and
-Llama 4's MoE forward with one that scales each token's expert input by its router score, as Llama 4 does, and
-dispatches it with weight 1, where the other architectures weight the experts' outputs), and making a forward
+`mlp.experts` (Llama 4's `feed_forward.experts`, Gemma 4's decoder layer's `experts`) with a DispatchingExperts
+bound to its MoE layer index (and Llama 4's MoE forward with one that scales each token's expert input by its
+router score, as Llama 4 does, and dispatches it with weight 1, where the other architectures weight the experts'
+outputs), and making a forward
 that runs outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
 routers, shared experts and lm_head stay as transformers built them. Ignores where experts live and
 how they get there (the workers read them with `service.checkpoint.read_experts`).

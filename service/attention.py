@@ -8,7 +8,9 @@ computes causal attention over it, with GPT-OSS's attention sinks (a learned log
 its share of the softmax and adds nothing to the output) where the module passes them, sliding windows, and
 Llama 4's chunked attention (a query attends the keys of its own ``attention_chunk_size`` chunk of positions
 only, causally) and its attention temperature tuning on NoPE layers (applied here at each token's position:
-the module would take positions 0.. of the flat batch, having no cache to count earlier tokens).
+the module would take positions 0.. of the flat batch, having no cache to count earlier tokens), kv heads whose
+number and width differ per layer (Gemma 4's full-attention layers: fewer and wider), and Gemma 4's layers that
+share an earlier layer's keys and values (they attend that layer's cache and hold none).
 
 Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
 reading the cache in place; multi-token chunks (prefill) get one SDPA call each (with sinks, the same
@@ -52,17 +54,17 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int | Sequence[int], max_len: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 head_dim: int | Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu",
                  value_head_dim: int | None = None, values_in_keys: bool = False) -> None:
-        heads = _per_layer(num_kv_heads, num_layers)
-        shapes = [(num_slots, layer_heads, max_len, head_dim) for layer_heads in heads]
+        heads, dims = _per_layer(num_kv_heads, num_layers), _per_layer(head_dim, num_layers, "head dims")
+        shapes = [(num_slots, layer_heads, max_len, dim) for layer_heads, dim in zip(heads, dims)]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.values_in_keys = values_in_keys
-        width = value_head_dim or head_dim
         if values_in_keys:
-            self.values = [keys[..., :width] for keys in self.keys]
+            self.values = [keys[..., :value_head_dim or keys.shape[3]] for keys in self.keys]
         else:
-            self.values = [torch.zeros((*shape[:3], width), dtype=dtype, device=device) for shape in shapes]
+            self.values = [torch.zeros((*shape[:3], value_head_dim or shape[3]), dtype=dtype, device=device)
+                           for shape in shapes]
         self.num_slots = num_slots
         self.max_len = max_len
         self.linear = None  # the states of linear-attention layers (service.linear_attention), if any
@@ -80,11 +82,12 @@ class KVCache:
             self.linear.copy_slot(source, target)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int | Sequence[int], head_dim: int, dtype: torch.dtype,
-                        value_head_dim: int | None = None, values_in_keys: bool = False) -> int:
+    def bytes_per_token(num_layers: int, num_kv_heads: int | Sequence[int], head_dim: int | Sequence[int],
+                        dtype: torch.dtype, value_head_dim: int | None = None, values_in_keys: bool = False) -> int:
         """Bytes of keys plus values that one token occupies over all layers."""
-        width = head_dim + (0 if values_in_keys else value_head_dim or head_dim)
-        return sum(_per_layer(num_kv_heads, num_layers)) * width * torch.empty(0, dtype=dtype).element_size()
+        heads, dims = _per_layer(num_kv_heads, num_layers), _per_layer(head_dim, num_layers, "head dims")
+        widths = [dim + (0 if values_in_keys else value_head_dim or dim) for dim in dims]
+        return sum(h * w for h, w in zip(heads, widths)) * torch.empty(0, dtype=dtype).element_size()
 
     @staticmethod
     def for_model(config) -> dict[str, int | bool | None]:
@@ -93,6 +96,12 @@ class KVCache:
         if getattr(config, "kv_lora_rank", None):
             return {"num_kv_heads": 1, "head_dim": config.kv_lora_rank + config.qk_rope_head_dim,
                     "value_head_dim": config.kv_lora_rank, "values_in_keys": True}
+        if getattr(config, "model_type", None) == "gemma4_text":  # its full-attention layers: wider heads, fewer;
+            # layers sharing an earlier layer's keys and values (num_kv_shared_layers) read that layer's: none of theirs
+            layers = [config.per_layer_config[layer] for layer in range(config.num_hidden_layers)]
+            return {"num_kv_heads": [0 if mode == "reuse" else layer.num_key_value_heads
+                                     for layer, mode in zip(layers, config.kv_sharing_modes)],
+                    "head_dim": [layer.head_dim for layer in layers], "value_head_dim": None, "values_in_keys": False}
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if getattr(config, "model_type", None) == "mimo_v2_flash":  # its sliding layers have twice the kv heads
             heads = [heads * 2 if kind == "sliding_attention" else heads for kind in config.layer_types]
@@ -103,14 +112,14 @@ class KVCache:
                 "value_head_dim": getattr(config, "v_head_dim", None), "values_in_keys": False}
 
 
-def _per_layer(num_kv_heads: int | Sequence[int], num_layers: int) -> list[int]:
-    """KV heads of each layer, from one count for all or one per layer."""
-    if isinstance(num_kv_heads, int):
-        return [num_kv_heads] * num_layers
-    heads = [int(count) for count in num_kv_heads]
-    if len(heads) != num_layers:
-        raise ValueError(f"{len(heads)} kv head counts for {num_layers} layers")
-    return heads
+def _per_layer(counts: int | Sequence[int], num_layers: int, what: str = "kv head counts") -> list[int]:
+    """KV heads (or head dims) of each layer, from one count for all or one per layer."""
+    if isinstance(counts, int):
+        return [counts] * num_layers
+    per_layer = [int(count) for count in counts]
+    if len(per_layer) != num_layers:
+        raise ValueError(f"{len(per_layer)} {what} for {num_layers} layers")
+    return per_layer
 
 
 @dataclass(frozen=True)
@@ -245,15 +254,18 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     tuning = getattr(module, _TEMPERATURE, None)
     if tuning is not None:
         query = _tuned(query, batch.positions(query.device), *tuning)
-    layer_keys, layer_values = cache.keys[module.layer_idx], cache.values[module.layer_idx]
+    source = getattr(module, _KV_SOURCE, None)  # Gemma 4's KV-shared layers: the keys and values of an earlier layer
+    layer = module.layer_idx if source is None else source
+    layer_keys, layer_values = cache.keys[layer], cache.values[layer]
     latent = getattr(module, _LATENT, None)
     if latent is not None:  # key: [latent, rotary key] of one head; queries into the latent space
         rotary = query.shape[3] - latent.nope
         q_nope, q_rot = query.split([latent.nope, rotary], dim=-1)
         query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, latent.up_keys), q_rot), dim=-1)
-    append_keys(layer_keys, key[0], batch)
-    if not cache.values_in_keys:  # (else appending the keys appended them)
-        append_keys(layer_values, value[0], batch)
+    if source is None:  # (a shared layer's key and value are its source's, which that layer appended this step)
+        append_keys(layer_keys, key[0], batch)
+        if not cache.values_in_keys:  # (else appending the keys appended them)
+            append_keys(layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
         chosen = selection.decode if selection is not None else None
@@ -377,6 +389,7 @@ def install(model: PreTrainedModel) -> None:
                          f"{ATTN_IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
     latent = KVCache.for_model(model.config)["values_in_keys"]
     windows = _layer_windows(model.config)
+    sources = _kv_sources(model.config)
     for module in model.modules():
         if windows is not None and isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "o_proj"):
             setattr(module, _WINDOW, windows[module.layer_idx])
@@ -385,6 +398,8 @@ def install(model: PreTrainedModel) -> None:
         if getattr(module, "attn_temperature_tuning", False) and not module.use_rope:  # Llama 4's NoPE layers
             module.attn_temperature_tuning = False  # (it would read positions from a cache): applied here instead
             setattr(module, _TEMPERATURE, (module.floor_scale, module.attn_scale))
+        if getattr(module, "is_kv_shared_layer", False):  # Gemma 4's
+            setattr(module, _KV_SOURCE, sources[module.layer_idx])
         if hasattr(module, "kv_b_proj"):
             if not latent or module.kv_b_proj.bias is not None or not hasattr(module, "expand_kv"):
                 raise ValueError(f"{type(module).__name__}: latent attention this engine cannot cache")
@@ -394,6 +409,18 @@ def install(model: PreTrainedModel) -> None:
 _LATENT = "_vibe_latent"
 _WINDOW, _UNSET = "_vibe_window", object()
 _CHUNK, _TEMPERATURE = "_vibe_chunk", "_vibe_temperature"
+_KV_SOURCE = "_vibe_kv_source"
+
+
+def _kv_sources(config) -> dict[int, int]:
+    """Gemma 4's layers that share keys and values (its last ``num_kv_shared_layers``), each with the layer whose
+    cache they read: the last earlier layer of its type that computes its own ("store", as transformers has them
+    hand theirs to ``shared_kv_states``, which these layers read)."""
+    modes = getattr(config, "kv_sharing_modes", None) if getattr(config, "num_kv_shared_layers", 0) else None
+    if not modes:
+        return {}
+    stores = {config.layer_types[layer]: layer for layer, mode in enumerate(modes) if mode == "store"}
+    return {layer: stores[config.layer_types[layer]] for layer, mode in enumerate(modes) if mode == "reuse"}
 
 
 def _layer_windows(config) -> list[int | None] | None:

@@ -4,8 +4,8 @@ Owns the expert layout of the supported architectures (Qwen3-MoE, Qwen2-MoE, Mix
 DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, MiniMax-M2, ERNIE-4.5, dots.llm1, GPT-OSS, Hunyuan-A13B, Phi-3.5-MoE,
 Solar Open, AFMoE (Trinity), Laguna, Cohere2-MoE, FlexOlmo, EXAONE-MoE,
 MiMo-V2-Flash, Qwen3-Next, Qwen3.5-MoE's language model, DeepSeek-V3.2, Llama 4's language model, GLM-5,
-Mistral 4, Hy3, GLM-4.5V's and Qwen3-VL-MoE's language models, Kimi-K2: DeepSeek-V3's under its own
-`model_type`, `KimiK2Config`; Nemotron-H, Granite's MoE models: 4.0's hybrids, 3.x's, with a shared expert),
+Mistral 4, Hy3, GLM-4.5V's, Qwen3-VL-MoE's and Gemma 4's language models, Kimi-K2: DeepSeek-V3's under its
+own `model_type`, `KimiK2Config`; Nemotron-H, Granite's MoE models: 4.0's hybrids, 3.x's, with a shared expert),
 reading
 selected experts from a local folder's safetensors (single file or sharded with an index) without loading
 the rest, and the check that a model path lies in a configured folder. Ignores dense weights, shared
@@ -41,6 +41,10 @@ writes them by default (`block_sparse_moe.experts.{gate_up,down}_proj` with `sav
 Llama 4 stores its experts fused and transposed, without biases, always (`feed_forward.experts.gate_up_proj`
 [E, H, 2I], gate columns then up, and `down_proj` [E, I, H]; its vision-language releases under
 `language_model.model.layers`): read as Qwen3-VL-MoE's are.
+
+Gemma 4 keeps its experts on the decoder layer, beside its dense `mlp`, fused and untransposed, always
+(`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]; its vision-language release under
+`model.language_model.layers`).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
                            "glm4v_moe", "qwen3_vl_moe", "kimi_k2", "nemotron_h", "granitemoehybrid", "granitemoe",
-                           "granitemoeshared")
+                           "granitemoeshared", "gemma4", "gemma4_text")
 
 
 class KimiK2Config(DeepseekV3Config):
@@ -98,11 +102,12 @@ _PER_EXPERT_FORMATS = (
      "block_sparse_moe.experts.{e}.w2.weight"),
 )
 # (gate_up, down) fused key suffixes, tried in order (Llama 4's under `feed_forward`; Granite's under
-# `block_sparse_moe`, as released and as transformers names them)
+# `block_sparse_moe`, as released and as transformers names them; Gemma 4's on the decoder layer)
 _FUSED_FORMATS = (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                   ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
                   ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
-                  ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"))
+                  ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+                  ("experts.gate_up_proj", "experts.down_proj"))
 # experts without a gate (Nemotron-H's): (up, down) per expert, then fused
 _UNGATED_PER_EXPERT = ("mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight")
 _UNGATED_FUSED = ("mixer.experts.up_proj", "mixer.experts.down_proj")
@@ -197,7 +202,7 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
                          f"FP8 with block scales (fp8), GPT-OSS's MXFP4 and compressed-tensors' pack-quantized "
                          f"INT4/INT8 experts are read")
     dtype = _dtype_name(config)
-    vlm = ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe")
+    vlm = ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe", "gemma4")
     if architecture in vlm and getattr(config, "text_config", None) is not None:
         config = config.text_config  # a vision-language model: its language model is the one served
     num_layers = config.num_hidden_layers
@@ -210,6 +215,10 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
                       if d not in dense and config.num_experts > 0 and (d + 1) % step == 0]
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
     elif architecture == "qwen3_5_moe":  # the rule of Qwen3_5MoeDecoderLayer: every layer MoE
+        moe_layers = list(range(num_layers))
+        num_experts, intermediate = config.num_experts, config.moe_intermediate_size
+    elif architecture in ("gemma4", "gemma4_text"):  # the rule of Gemma4TextDecoderLayer: all layers or none
+        _check_gemma4(config)
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_experts, config.moe_intermediate_size
     elif architecture == "gpt_oss":
@@ -264,6 +273,8 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         hidden, act, gated = config.moe_latent_size or config.hidden_size, config.mlp_hidden_act, False
     else:
         raise ValueError(f"unsupported MoE architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    if architecture in ("gemma4", "gemma4_text"):  # (its activation, its experts' too: GELU, tanh-approximated)
+        act = config.hidden_activation
     return ExpertLayout(architecture, tuple(moe_layers), num_experts, _top_k(config, moe_layers),
                         hidden, intermediate, act, dtype, clamped_swiglu, gated)
 
@@ -281,7 +292,7 @@ _NOT_SERVED = {
 def _top_k(config: PretrainedConfig, moe_layers: Sequence[int]) -> int:
     """Experts per token: `num_experts_per_tok` (or the field a config maps it to, e.g. Hunyuan's `moe_topk`,
     ERNIE's `moe_k`), which Hunyuan may give per layer; ValueError if its MoE layers differ."""
-    top_k = config.num_experts_per_tok
+    top_k = config.top_k_experts if config.model_type == "gemma4_text" else config.num_experts_per_tok
     if isinstance(top_k, (list, tuple)):
         per_layer = {int(top_k[d]) for d in moe_layers}
         if len(per_layer) != 1:
@@ -299,6 +310,23 @@ def _check_phimoe_window(config: PretrainedConfig) -> None:
         raise ValueError(f"phimoe: a sliding window ({window}) shorter than max_position_embeddings "
                          f"({config.max_position_embeddings}) is not supported (its attention module does not "
                          f"pass the window to the attention function)")
+
+
+def _check_gemma4(config: PretrainedConfig) -> None:
+    """Gemma 4's dense releases (E2B, E4B, 31B: `enable_moe_block` false) have no routed experts to place; a language
+    model whose every layer shares keys and values has none of its own (an assistant's, fed by another model); and
+    one whose text attends both ways (`use_bidirectional_attention` "all") is no causal LM for the engine's causal
+    attention ("vision", the releases' setting, changes nothing for text)."""
+    if not config.enable_moe_block:
+        raise ValueError("gemma4: a dense Gemma 4 (enable_moe_block false: no routed experts) has nothing to place on "
+                         "expert workers; only its MoE releases (e.g. gemma-4-26B-A4B) are served")
+    if config.num_kv_shared_layers >= config.num_hidden_layers:
+        raise ValueError(f"gemma4: num_kv_shared_layers {config.num_kv_shared_layers} of {config.num_hidden_layers} "
+                         f"layers is not supported (every layer reading another model's keys and values: an assistant "
+                         f"model, not a causal LM of its own)")
+    if config.use_bidirectional_attention == "all":
+        raise ValueError("gemma4: use_bidirectional_attention 'all' is not supported (text attending both ways is "
+                         "not causal; the engine's attention is)")
 
 
 def _check_llama4(config: PretrainedConfig, method: str | None) -> None:

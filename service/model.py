@@ -4,7 +4,7 @@ Owns loading (local folders only) without ever reading the routed experts' weigh
 their modules without parameters, so the checkpoint's expert tensors are skipped as unexpected: the
 ingress holds the dense part only, not the whole model at its peak), replacing every MoE layer's
 `mlp.experts` (Llama 4's `feed_forward.experts`, Granite's `block_sparse_moe.experts`, Nemotron-H's
-`mixer.experts`) with a DispatchingExperts bound to its MoE layer index (and
+`mixer.experts`, Gemma 4's decoder layer's `experts`) with a DispatchingExperts bound to its MoE layer index (and
 Llama 4's MoE forward with one that scales each token's expert input by its router score, as Llama 4 does, and
 dispatches it with weight 1, where the other architectures weight the experts' outputs), and making a forward
 that runs outside an explicit step (e.g. inside `model.generate`) one step of its own. Embeddings, attention, norms,
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.auto_factory import _get_model_class
 
 from service import text_models  # noqa: F401  (registers the causal LMs transformers lacks)
 from service.checkpoint import COMPRESSED_TENSORS, ExpertLayout, load_layout, quantization_method
@@ -125,6 +126,8 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
     with torch.device("meta"):  # (a vision-language model's causal LM is its language model)
         probe = AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config)
     classes = {type(ffn_block(probe.model.layers[d]).experts) for d in layout.moe_layers}
+    # the class that loads the checkpoint: the probe's, or a subclass for the vision-language config (Gemma 4's)
+    model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
 
     def empty(self, *args, **kwargs) -> None:
         torch.nn.Module.__init__(self)
@@ -132,7 +135,6 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
             # GPT-OSS; up_proj: Nemotron-H's experts without a gate)
             setattr(self, name, torch.empty(0, device="meta"))
 
-    model_class = type(probe)
     with _PATCHING:
         saved = {cls: cls.__dict__.get("__init__") for cls in classes}  # None: inherited
         own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected")
@@ -170,12 +172,15 @@ def _split_experts(model: PreTrainedModel, layout: ExpertLayout, context: Dispat
 
 
 def ffn_block(decoder_layer: torch.nn.Module) -> torch.nn.Module:
-    """The feed-forward block of a decoder layer: its `mlp`, Llama 4's `feed_forward`, Granite's `block_sparse_moe`
-    (beside its dense `shared_mlp`) or Nemotron-H's `mixer` (its layers hold one mixer each: Mamba2, attention, MLP
-    or MoE)."""
+    """The module holding a decoder layer's routed experts (or its dense feed-forward block): its `mlp`, Llama 4's
+    `feed_forward`, Granite's `block_sparse_moe` (beside its dense `shared_mlp`), Nemotron-H's `mixer` (its layers
+    hold one mixer each: Mamba2, attention, MLP or MoE), or Gemma 4's decoder layer itself (its `experts` and
+    `router` beside its dense `mlp`)."""
     for name in ("feed_forward", "block_sparse_moe", "mixer"):
         if hasattr(decoder_layer, name):
             return getattr(decoder_layer, name)
+    if hasattr(decoder_layer, "enable_moe_block"):  # Gemma 4
+        return decoder_layer
     return decoder_layer.mlp
 
 

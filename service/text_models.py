@@ -6,7 +6,9 @@ vision-language model's text model and lm_head, loaded text only from the vision
 as transformers converts them for the vision-language model; the vision tower's keys skipped), and registered
 with AutoModelForCausalLM for the vision-language config and its text config; and maps `mistral4` to
 transformers' own `Mistral4ForCausalLM`, which AutoModelForCausalLM lacks (5.24 maps it for pretraining and
-image-text-to-text only). Their multimodal RoPE runs on
+image-text-to-text only); and `Gemma4TextOnlyForCausalLM`, transformers' `Gemma4ForCausalLM` loaded text only from
+Gemma 4's vision-language checkpoint (AutoModelForCausalLM maps that config to the vision-language model),
+registered for the vision-language config only. Their multimodal RoPE runs on
 text positions, one position for every section, which is what the vision-language model computes for a prompt
 without images (`get_rope_index`). Ignores images and videos (Qwen3-VL's deepstack features included).
 """
@@ -18,6 +20,9 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3ForCausalLM,
+    Gemma4Config,
+    Gemma4ForCausalLM,
+    Gemma4TextConfig,
     GenerationMixin,
     Glm4vMoeConfig,
     Glm4vMoeTextConfig,
@@ -86,13 +91,28 @@ class Qwen3VLMoeTextForCausalLM(_LanguageModelOnly, Qwen3VLMoePreTrainedModel, G
         self.post_init()
 
 
+class Gemma4TextOnlyForCausalLM(Gemma4ForCausalLM):
+    """Gemma 4's language model alone, from its vision-language checkpoint (`Gemma4ForConditionalGeneration`, as the
+    releases are saved): transformers' own `Gemma4ForCausalLM` (the text model and the lm_head tied to its
+    embeddings, the final logits soft-capped as the vision-language model does), its `model.language_model.*` keys
+    read as `model.*`, the vision and audio towers and their embedders skipped. (AutoModelForCausalLM maps the
+    vision-language config to `Gemma4ForConditionalGeneration`, whose text model is not at `model`.)"""
+
+    config: Gemma4TextConfig
+    config_class = Gemma4TextConfig
+    _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_tower|embed_vision|audio_tower|embed_audio)\."]
+
+
 for _causal_lm, _vlm_config, _model_type in ((Glm4vMoeTextForCausalLM, Glm4vMoeConfig, "glm4v_moe"),
-                                              (Qwen3VLMoeTextForCausalLM, Qwen3VLMoeConfig, "qwen3_vl_moe")):
+                                              (Qwen3VLMoeTextForCausalLM, Qwen3VLMoeConfig, "qwen3_vl_moe"),
+                                              (Gemma4TextOnlyForCausalLM, Gemma4Config, "gemma4")):
     # the checkpoint's language model under `model.language_model`, its experts as transformers converts them
+    # (Gemma 4's: no conversion, its experts are stored fused as the model holds them)
     register_checkpoint_conversion_mapping(
         _causal_lm.__name__, [PrefixChange(prefix_to_remove="language_model", model_prefix="model"),
-                              *get_checkpoint_conversion_mapping(_model_type)], overwrite=True)
-    AutoModelForCausalLM.register(_causal_lm.config_class, _causal_lm, exist_ok=True)
+                              *(get_checkpoint_conversion_mapping(_model_type) or ())], overwrite=True)
+    if _causal_lm is not Gemma4TextOnlyForCausalLM:  # (a text-only Gemma 4 folder loads as transformers' Gemma4ForCausalLM)
+        AutoModelForCausalLM.register(_causal_lm.config_class, _causal_lm, exist_ok=True)
     # the vision-language config too, as transformers maps Qwen3.5's (its `register` insists on the class's own
     # config; `from_pretrained` then builds the class from the text config)
     AutoModelForCausalLM._model_mapping.register(_vlm_config, _causal_lm, exist_ok=True)

@@ -22,12 +22,16 @@ sigmoid routing with a score bias and a scale, a shared expert added in fp32, q/
 as the vision-language model its releases are) GLM-4.5's layers with multimodal RoPE on half of each head, Qwen3-VL-MoE
 (`qwen3_vl_moe`, the same) Qwen3-MoE's layers with interleaved multimodal RoPE, its experts fused and transposed on
 disk, Nemotron-H (`nemotron_h`, its layers given as its releases give them, by `hybrid_override_pattern`) a
-Mamba2 layer, an attention layer without RoPE, a dense MLP layer and two MoE layers of experts without a gate (relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
+Mamba2 layer, an attention layer without RoPE, a dense MLP layer and two MoE layers of experts without a gate
+(relu2), group-limited sigmoid routing with a score bias and a scale and a shared expert, saved
 under `backbone.` as its releases are, Granite 4.0's hybrid (`granitemoehybrid`) Mamba2 layers around a NoPE
 attention layer, each with MoE and a shared MLP, its muP-style multipliers, and its experts fused on disk
 (`block_sparse_moe.input_linear`) as its releases store them, Granite 3's MoE (`granitemoe`) and IBM's MoE with a
-shared expert (`granitemoeshared`, a dense shared MLP) RoPE attention and MoE in every layer with the same multipliers. Llama 4 (`llama4`, saved as the vision-language model its releases are, and
-`llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
+shared expert (`granitemoeshared`, a dense shared MLP) RoPE attention and MoE in every layer with the same
+multipliers, Gemma 4 (`gemma4`, saved as the vision-language model its release is, and `gemma4_text`, its
+language model alone, in GEMMA4_ARCHITECTURES) a dense MLP beside the MoE block in every layer, sliding layers and
+a wider full-attention layer whose keys are its values, soft-capped final logits (`gemma4_text_config`). Llama 4
+(`llama4`, saved as the vision-language model its releases are, and `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
 in LLAMA4_ARCHITECTURES, not TINY_ARCHITECTURES (whose checkpoint tests read `mlp.experts` untransposed).
@@ -50,6 +54,8 @@ from transformers import (
     Ernie4_5_MoeConfig,
     ExaoneMoeConfig,
     FlexOlmoConfig,
+    Gemma4Config,
+    Gemma4TextConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
     Glm4vMoeConfig,
@@ -246,6 +252,13 @@ def tiny_config(architecture: str) -> PretrainedConfig:
         return GraniteMoeConfig(**_COMMON, **granite)
     if architecture == "granitemoeshared":  # the same with a dense shared MLP beside the experts
         return GraniteMoeSharedConfig(**_COMMON, **granite, shared_intermediate_size=48)
+    if architecture in GEMMA4_ARCHITECTURES:
+        text = gemma4_text_config()
+        if architecture == "gemma4_text":
+            return Gemma4TextConfig(**text)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16)
+        return Gemma4Config(text_config=text, vision_config=vision)
     if architecture in LLAMA4_ARCHITECTURES:  # MoE layers 1 and 3; RoPE layers chunked, layer 3 NoPE and full
         text = dict(**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, head_dim=16,
                     intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, num_local_experts=8,
@@ -257,7 +270,20 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                       patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
         return Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
     raise ValueError(f"no tiny config for architecture {architecture!r}; known: "
-                     f"{TINY_ARCHITECTURES + LLAMA4_ARCHITECTURES}")
+                     f"{TINY_ARCHITECTURES + LLAMA4_ARCHITECTURES + GEMMA4_ARCHITECTURES}")
+
+
+def gemma4_text_config(**overrides) -> dict:
+    """The tiny Gemma 4 language model's config (`Gemma4TextConfig` arguments), with ``overrides``: a dense MLP beside
+    the MoE block in every layer; sliding layers 0 and 1 (4 positions) and a full layer 2 with wider heads (32) and
+    one kv head whose keys are its values, partial proportional RoPE; embeddings scaled and tied, final logits
+    soft-capped (the 26B-A4B's features, smaller)."""
+    return {**{k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}, "head_dim": 16, "global_head_dim": 32,
+            "num_global_key_value_heads": 1, "attention_k_eq_v": True, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "num_hidden_layers": 3, "enable_moe_block": True, "num_experts": 8,
+            "top_k_experts": 2, "sliding_window": 4, "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0,
+            "vocab_size_per_layer_input": VOCAB_SIZE, "use_bidirectional_attention": "vision",
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], **overrides}
 
 
 TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
@@ -266,8 +292,9 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
                       "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid",
-                      "granitemoe", "granitemoeshared")
+                      "granitemoe", "granitemoeshared", "gemma4")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
+GEMMA4_ARCHITECTURES = ("gemma4", "gemma4_text")  # (gemma4_text: the language model alone, tests of its own)
 
 
 def build_tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
@@ -292,7 +319,7 @@ def save_tiny_model(architecture: str, folder: str | Path, seed: int = 0, *, fus
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model = build_tiny_model(architecture, seed)
-    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe"):  # saved as their releases' VLMs
+    if architecture in ("qwen3_5_moe", "llama4", "glm4v_moe", "qwen3_vl_moe", "gemma4"):  # as their releases' VLMs
         model = as_vlm(model, tiny_config(architecture))
     model.save_pretrained(folder, **kwargs)
     return folder
@@ -303,6 +330,7 @@ def as_vlm(language_model: torch.nn.Module, config: PretrainedConfig) -> torch.n
     `Qwen3_5MoeForCausalLM` or `Llama4ForCausalLM` of `config.text_config`), as their checkpoints hold their
     language model (Llama 4's under `language_model.model`, Qwen3.5's under `model.language_model`)."""
     from transformers import (
+        Gemma4ForConditionalGeneration,
         Glm4vMoeForConditionalGeneration,
         Llama4ForConditionalGeneration,
         Qwen3_5MoeForConditionalGeneration,
@@ -313,8 +341,8 @@ def as_vlm(language_model: torch.nn.Module, config: PretrainedConfig) -> torch.n
         vlm = Llama4ForConditionalGeneration(config).eval()
         vlm.language_model.load_state_dict(language_model.state_dict())
         return vlm
-    vlm_class = {"glm4v_moe": Glm4vMoeForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}.get(
-        config.model_type, Qwen3_5MoeForConditionalGeneration)
+    vlm_class = {"glm4v_moe": Glm4vMoeForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
+                 "gemma4": Gemma4ForConditionalGeneration}.get(config.model_type, Qwen3_5MoeForConditionalGeneration)
     vlm = vlm_class(config).eval()
     vlm.model.language_model.load_state_dict(language_model.model.state_dict())
     vlm.lm_head.load_state_dict(language_model.lm_head.state_dict())

@@ -35,16 +35,17 @@ EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "deploy" / "models" / "vi
 @pytest.fixture(scope="module")
 def workers():
     """G expert-worker actors for a model's expert layout, on a fresh 2-CPU cluster: the actors of one kind of
-    expert (SwiGLU with SiLU: every model but GPT-OSS and Nemotron-H) are shared by the models of this module."""
+    expert (SwiGLU with SiLU: every model but GPT-OSS, Nemotron-H and Gemma 4) are shared by the models of this
+    module."""
     ray.init(num_cpus=2, include_dashboard=False)
     started = {}
 
     def for_layout(layout, keep_quantized: bool = False):
         kind = (layout.hidden_act, layout.clamped_swiglu, keep_quantized)
         if kind not in started:
-            # four kinds of G actors (SiLU, GPT-OSS, Nemotron-H's relu2, held FP8) must fit the 2 CPUs (1.6 of them):
-            # a kind more would wait forever
-            actors = [ExpertWorkerActor.options(num_cpus=0.1, max_concurrency=4).remote(
+            # five kinds of G actors (SiLU, Gemma 4's GELU, GPT-OSS, Nemotron-H's relu2, held quantized) at 0.05 CPU
+            # take 1.0 of the 2 CPUs: the actors of one more kind would wait forever if they did not fit
+            actors = [ExpertWorkerActor.options(num_cpus=0.05, max_concurrency=4).remote(
                 WorkerConfig(index=g, hidden_act=layout.hidden_act, clamped_swiglu=layout.clamped_swiglu,
                              keep_quantized=keep_quantized))
                 for g in range(G)]

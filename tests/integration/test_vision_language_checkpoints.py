@@ -1,7 +1,8 @@
 """Models released as vision-language checkpoints, served for text through the whole stack: a tiny random
 Qwen3.5 (gated DeltaNet linear attention in three layers of four, MoE in every layer) and a tiny random Llama 4
 (dense and top-1 MoE layers interleaved, the expert's input scaled by its router score, chunked attention with
-8-position chunks, a NoPE layer with temperature tuning), each served by `build_app` on Ray Serve with emulated
+8-position chunks, a NoPE layer with temperature tuning) and a tiny random Gemma 4 (GELU experts beside a dense
+MLP in every layer, sliding layers and a wider full-attention layer whose keys are its values), each served by `build_app` on Ray Serve with emulated
 expert workers. Over HTTP with the official `openai` client: greedy answers equal the single-process language
 model's before and after a live re-placement that moved experts between workers; the choices of one request
 (`n`, sharing its prefill: Qwen3.5's linear-attention states are copied) are each that answer; and a next turn
@@ -26,7 +27,8 @@ from tests.integration.architecture_app import (
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # architecture -> (served model name, its language model's class, MoE layers)
-MODELS = {"qwen3_5_moe": ("tiny-qwen3.5", "Qwen3_5MoeForCausalLM", 4), "llama4": ("tiny-llama4", "Llama4ForCausalLM", 2)}
+MODELS = {"qwen3_5_moe": ("tiny-qwen3.5", "Qwen3_5MoeForCausalLM", 4), "llama4": ("tiny-llama4", "Llama4ForCausalLM", 2),
+          "gemma4": ("tiny-gemma4", "Gemma4TextOnlyForCausalLM", 3)}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

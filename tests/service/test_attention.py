@@ -189,3 +189,27 @@ def test_kv_heads_may_differ_between_layers():
     assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (1 + 2 + 2) * (16 + 12) * 4
     with pytest.raises(ValueError, match="2 kv head counts for 3 layers"):
         KVCache(3, 2, [1, 2], 8, 16, torch.float32)
+
+
+def test_head_widths_may_differ_between_layers_and_shared_layers_hold_no_keys():
+    """Gemma 4's full-attention layers have wider heads (``global_head_dim``) and fewer kv heads than its sliding
+    ones: the cache gives each layer its own width, and counts it. Its last ``num_kv_shared_layers`` layers attend
+    the keys and values of the last earlier layer of their type: they hold none of their own."""
+    from transformers import Gemma4TextConfig
+
+    from tests.tiny_models import gemma4_text_config, tiny_config
+
+    heads = KVCache.for_model(tiny_config("gemma4_text"))
+    assert heads == {"num_kv_heads": [2, 2, 1], "head_dim": [16, 16, 32], "value_head_dim": None,
+                     "values_in_keys": False}
+    cache = KVCache(3, 2, max_len=8, dtype=torch.float32, **heads)
+    assert [tuple(k.shape) for k in cache.keys] == [tuple(v.shape) for v in cache.values] == [
+        (2, 2, 8, 16), (2, 2, 8, 16), (2, 1, 8, 32)]
+    assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (2 * 16 + 2 * 16 + 1 * 32) * 2 * 4
+    with pytest.raises(ValueError, match="2 head dims for 3 layers"):
+        KVCache(3, 2, 1, 8, [16, 32], torch.float32)
+    shared = Gemma4TextConfig(**gemma4_text_config(num_hidden_layers=5, num_kv_shared_layers=2, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]))
+    assert KVCache.for_model(shared)["num_kv_heads"] == [2, 1, 2, 0, 0]
+    assert attention._kv_sources(shared) == {3: 2, 4: 1}  # the last sliding and full layers before the shared ones
+    assert attention._kv_sources(tiny_config("gemma4_text")) == {}

@@ -14,6 +14,7 @@ from transformers import AutoConfig, LlamaConfig
 import service.checkpoint as checkpoint
 from service.checkpoint import ExpertLayout, expert_layout, load_layout, read_experts, resolve_checkpoint
 from service.experts import checksum
+from service.model import ffn_block
 from tests.tiny_models import (
     MXFP4_QUANTIZATION,
     TINY_ARCHITECTURES,
@@ -71,15 +72,16 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("granitemoehybrid", (0, 1, 2), 8, 2, 32),  # every layer MoE, Mamba2 or attention
     ("granitemoe", (0, 1), 8, 2, 32),
     ("granitemoeshared", (0, 1), 8, 2, 32),
+    ("gemma4", (0, 1, 2), 8, 2, 32),  # the language model of a vision-language config, every layer MoE
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
-    from service.model import ffn_block
 
     layout = expert_layout(tiny_config(architecture))
     clamped = (1.702, 7.0) if architecture == "gpt_oss" else None  # GPT-OSS's clamped SwiGLU
     gated = architecture != "nemotron_h"
-    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate,
-                                  "silu" if gated else "relu2", "float32", clamped, gated)
+    act = {"gemma4": "gelu_pytorch_tanh", "nemotron_h": "relu2"}.get(architecture, "silu")  # (Gemma 4's: GeGLU)
+    assert layout == ExpertLayout(architecture, moe_layers, num_experts, top_k, 64, intermediate, act, "float32",
+                                  clamped, gated)
     assert layout.params_per_expert == (3 if gated else 2) * 64 * intermediate + (2 * intermediate + 64 if clamped else 0)
     model = build_tiny_model(architecture)
     with_experts = tuple(i for i, layer in enumerate(model.model.layers) if hasattr(ffn_block(layer), "experts"))
@@ -90,6 +92,25 @@ def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_
 def test_layout_refuses_the_moe_architectures_it_cannot_serve_exactly_saying_why(architecture):
     with pytest.raises(ValueError, match=f"^{architecture}: not supported \\(.+\\)$"):
         expert_layout(AutoConfig.for_model(architecture))
+
+
+def test_layout_of_gemma4_refuses_its_dense_releases_and_what_is_not_a_causal_lm():
+    """Gemma 4: a folder of the language model alone reads as the vision-language release does (its experts' GeGLU
+    activation, `top_k_experts`); a dense Gemma 4 (no MoE block) has nothing to place, a model whose every layer
+    shares another's keys and values (an assistant) and text attending both ways are refused by name."""
+    from transformers import Gemma4TextConfig
+
+    from tests.tiny_models import gemma4_text_config
+
+    text = expert_layout(tiny_config("gemma4_text"))
+    assert text == ExpertLayout("gemma4_text", (0, 1, 2), 8, 2, 64, 32, "gelu_pytorch_tanh", "float32")
+    with pytest.raises(ValueError, match="^gemma4: a dense Gemma 4 \\(enable_moe_block false: no routed experts\\) has "
+                                         "nothing to place"):
+        expert_layout(Gemma4TextConfig(**gemma4_text_config(enable_moe_block=False)))
+    with pytest.raises(ValueError, match="^gemma4: num_kv_shared_layers 3 of 3 layers is not supported"):
+        expert_layout(Gemma4TextConfig(**gemma4_text_config(num_kv_shared_layers=3)))
+    with pytest.raises(ValueError, match="^gemma4: use_bidirectional_attention 'all' is not supported"):
+        expert_layout(Gemma4TextConfig(**gemma4_text_config(use_bidirectional_attention="all")))
 
 
 def test_layout_refuses_per_layer_top_k_that_differ_and_a_phimoe_window_its_attention_does_not_pass():
@@ -137,7 +158,6 @@ def test_layout_rejects_other_architectures_and_bad_values():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_read_experts_is_bit_identical_to_the_fused_tensors(checkpoints, architecture, fmt):
-    from service.model import ffn_block
 
     folder = checkpoints[architecture, fmt]
     layout = load_layout(folder)
@@ -452,3 +472,25 @@ def test_resolve_checkpoint_only_inside_allowed_roots(tmp_path):
             resolve_checkpoint(bad, [root])
     with pytest.raises(ValueError, match="no allowed model folders"):
         resolve_checkpoint("tiny", [])
+
+
+def test_layout_and_cache_of_a_config_shaped_as_gemma_4_26b_a4b():
+    """Gemma 4's MoE release (gemma-4-26B-A4B, a vision-language config): 30 layers, each with 128 experts of 704
+    (top-8) beside its dense MLP; five sliding layers (8 kv heads of 256) for each full one (2 kv heads of 512, keys
+    as values): 220 KiB of keys and values a token in bf16."""
+    from transformers import Gemma4Config
+
+    from service.attention import KVCache
+
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 5
+    config = Gemma4Config(text_config=dict(
+        hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
+        layer_types=layer_types, final_logit_softcapping=30.0, enable_moe_block=True, num_experts=128,
+        top_k_experts=8, moe_intermediate_size=704, hidden_size_per_layer_input=0, vocab_size=262144,
+        use_bidirectional_attention="vision", dtype="bfloat16"), vision_config={}, dtype="bfloat16")
+    assert expert_layout(config) == ExpertLayout("gemma4", tuple(range(30)), 128, 8, 2816, 704, "gelu_pytorch_tanh",
+                                                 "bfloat16")
+    heads = KVCache.for_model(config.text_config)
+    assert heads["num_kv_heads"] == [8, 8, 8, 8, 8, 2] * 5 and heads["head_dim"] == [256, 256, 256, 256, 256, 512] * 5
+    assert KVCache.bytes_per_token(30, dtype=torch.bfloat16, **heads) == 220 * 1024

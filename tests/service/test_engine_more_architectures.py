@@ -30,6 +30,7 @@ from tests.tiny_models import build_tiny_model
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
     "exaone_moe",  # full-attention layers holding a sliding window they do not use (the layer types decide)
+    "gemma4",  # sliding (4 positions) and full layers of different head widths and kv heads, keys as values, no scale
     "llama4",  # chunked attention (8 positions), a NoPE layer with temperature tuning by position, q/k L2 norms
 ])
 def test_staggered_concurrent_requests_equal_generate(arch):
@@ -104,3 +105,42 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
     other.config.ssm_state_size = 8
     with pytest.raises(ValueError, match="linear-attention layer 0: convolution"):
         Engine(other, EngineConfig(max_model_len=64))
+
+
+@pytest.mark.slow
+def test_gemma4_layers_sharing_keys_and_values_attend_their_source_layers_cache():
+    """Gemma 4's last ``num_kv_shared_layers`` layers attend the keys and values of the last earlier layer of their
+    type (`shared_kv_states` in transformers): the engine's attention reads that layer's cache, the shared layers hold
+    none. With per-layer embeddings and the double-wide MLPs of the shared layers (the E2B's and E4B's features, which
+    are dense releases: here beside an MoE block): staggered requests, and a next turn resumed from the prefix cache,
+    give transformers' greedy tokens."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma4TextConfig
+
+    from service.engine import Engine, EngineConfig
+    from tests.tiny_models import gemma4_text_config
+
+    config = Gemma4TextConfig(**gemma4_text_config(
+        num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8, use_double_wide_mlp=True))
+
+    def build():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config)).eval()
+
+    reference = build()
+    engine = Engine(build(), EngineConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=24))
+    assert [keys.shape[1] for keys in engine._cache.keys] == [2, 1, 0, 0]
+    lengths = {0: [5, 17], 3: [40], 5: [3, 64]}
+    joins = {step: [(f"s{step}-{i}", _prompt(n, 10 * step + i), GREEDY) for i, n in enumerate(ns)]
+             for step, ns in lengths.items()}
+    tokens, _ = _run(engine, joins)
+    for requests in joins.values():
+        for request_id, prompt, _ in requests:
+            assert tokens[request_id] == _generate(reference, prompt, 24), request_id
+    first = joins[3][0][1]
+    next_turn = first + tokens["s3-0"] + _prompt(7, 99)
+    again, _ = _run(engine, {0: [("turn", next_turn, GREEDY)]})
+    assert again["turn"] == _generate(reference, next_turn, 24) and engine.prefix_cache_hits >= len(first)

@@ -32,7 +32,8 @@ FP8 = ("deepseek_v3", "minimax_m2", "qwen3_moe")  # as their FP8 releases: DeepS
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {**{arch: save_tiny_model(arch, root / arch, seed=1) for arch in TINY_ARCHITECTURES + LLAMA4_ARCHITECTURES},
+    return {**{arch: save_tiny_model(arch, root / arch, seed=1)
+               for arch in (*TINY_ARCHITECTURES, *LLAMA4_ARCHITECTURES, "gemma4_text")},
             "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1),
             **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8},
             # as Kimi-K2-Thinking's release: INT4 experts in compressed-tensors' pack-quantized format
@@ -63,7 +64,7 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
 # they read them, or "held" quantized and dequantized at each call)
 @pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8),
                                           "deepseek_v3-int4", "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held",
-                                          "deepseek_v3-int4-held", *LLAMA4_ARCHITECTURES])
+                                          "deepseek_v3-int4-held", *LLAMA4_ARCHITECTURES, "gemma4_text"])
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture, monkeypatch):
     folder = checkpoints[architecture.removesuffix("-held")]
     context = local_context(folder, contiguous_placement(folder), keep_quantized=architecture.endswith("-held"))
@@ -100,6 +101,20 @@ def test_engine_model_computes_what_the_model_computes(checkpoints, architecture
     assert counts.shape == (6, layout.num_moe_layers, layout.num_experts)
     assert counts[0].sum(axis=1).tolist() == [ids.numel() * layout.top_k] * layout.num_moe_layers
     assert counts[1:].sum(axis=2).tolist() == [[ids.shape[0] * layout.top_k] * layout.num_moe_layers] * 5
+
+
+def test_gemma4_engine_model_reads_no_expert_of_its_vision_language_checkpoint(checkpoints, caplog, monkeypatch):
+    """Gemma 4's release is a vision-language checkpoint, loaded by a causal LM of its own (a subclass of
+    transformers' Gemma4ForCausalLM, `service.text_models`): it is that class that must expect no expert keys, so
+    that transformers skips the experts' tensors without reading or reporting them (as unexpected)."""
+    from transformers.utils import logging as transformers_logging
+
+    folder = checkpoints["gemma4"]
+    monkeypatch.setattr(transformers_logging.get_logger(), "propagate", True)  # (to caplog)
+    with caplog.at_level("WARNING"):
+        engine = load_engine_model(folder, context=local_context(folder, contiguous_placement(folder)))
+    assert type(engine.model).__name__ == "Gemma4TextOnlyForCausalLM"
+    assert "experts" not in caplog.text
 
 
 def _check_llama4_logits(engine, reference, ids: torch.Tensor, monkeypatch) -> None:

@@ -11,11 +11,13 @@ from tests.tiny_models import save_tiny_model
 
 
 @pytest.mark.parametrize("architecture,causal_lm", [("glm4v_moe", "Glm4vMoeTextForCausalLM"),
-                                                    ("qwen3_vl_moe", "Qwen3VLMoeTextForCausalLM")])
+                                                    ("qwen3_vl_moe", "Qwen3VLMoeTextForCausalLM"),
+                                                    ("gemma4", "Gemma4TextOnlyForCausalLM")])
 def test_language_model_alone_equals_the_vision_language_model_on_text(tmp_path, architecture, causal_lm):
     """Loaded text only from a vision-language checkpoint (GLM-4.5V's, Qwen3-VL-MoE's: its experts fused and
-    transposed on disk), its logits and greedy tokens are transformers' own vision-language model's for a prompt
-    without images (multimodal RoPE on text positions)."""
+    transposed on disk; Gemma 4's: its lm_head tied to the embeddings, its final logits soft-capped), its logits and
+    greedy tokens are transformers' own vision-language model's for a prompt without images (multimodal RoPE on text
+    positions)."""
     folder = save_tiny_model(architecture, tmp_path / architecture, seed=2)
     text_only = load_reference_model(folder)
     vlm = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()

@@ -92,7 +92,7 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     # a thinking model's <think> block -> reasoning (openai_gptoss: GPT-OSS's analysis channel, read with its
     # harmony tool calls)
-    reasoning_parser: Literal["qwen3", "deepseek_r1", "openai_gptoss"] | None = None
+    reasoning_parser: Literal["qwen3", "deepseek_r1", "kimi_k2", "openai_gptoss"] | None = None
     # how the model writes tool calls (service.tools.FORMATS; auto: as its chat template renders them)
     tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2",
                               "mistral", "mistral_v11", "openai"] = "auto"

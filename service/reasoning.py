@@ -14,7 +14,7 @@ from service.text import partial_tag
 
 THINK_START, THINK_END = "<think>", "</think>"
 HARMONY = "openai_gptoss"  # vLLM's name for GPT-OSS's: its analysis channel, read by `service.harmony`
-PARSERS = ("qwen3", "deepseek_r1", HARMONY)  # vLLM's names; the <think> ones are this module's parser
+PARSERS = ("qwen3", "deepseek_r1", "kimi_k2", HARMONY)  # vLLM's names; the <think> ones are this module's parser
 
 
 def opens_reasoning(prompt_tail: str) -> bool:

@@ -4,12 +4,14 @@ model's greedy answers to compare with, and a live re-placement that must move e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import torch
 
@@ -95,6 +97,18 @@ def expected_answers(folder: Path, content: Callable[[Any, torch.Tensor], str] |
             out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
         expected.append(content(tokenizer, out[0, len(ids):]))
     return expected
+
+
+def assert_forced_weather_call(client_: openai.OpenAI, model: str, **options: Any) -> None:
+    """A required call (``tool_choice: required``) of the one function offered, `WEATHER`'s, comes back parsed from
+    the model's own call format: ``finish_reason`` tool_calls, the function named, arguments valid JSON of it."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    reply = client_.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                            tools=tools, tool_choice="required", max_tokens=400, temperature=0,
+                                            **options)
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
 def re_place(url: str, num_moe_layers: int) -> None:

@@ -8,15 +8,12 @@ single-process model's before and after a live re-placement, and forced calls co
 
 from __future__ import annotations
 
-import json
-
-import jsonschema
 import pytest
 
 from tests.integration.architecture_app import (
     PROMPTS,
-    WEATHER,
     answers,
+    assert_forced_weather_call,
     chat_model,
     client,
     expected_answers,
@@ -57,11 +54,4 @@ def test_deepseek_v3_answers_as_the_single_process_model_before_and_after_a_re_p
 
 
 def test_forced_calls_come_in_deepseeks_format(openai_client):
-    api, _ = openai_client
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
-    reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                        tools=tools, tool_choice="required", parallel_tool_calls=False,
-                                        max_tokens=400, temperature=0)
-    (call,) = reply.choices[0].message.tool_calls
-    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert_forced_weather_call(openai_client[0], MODEL, parallel_tool_calls=False)

@@ -8,16 +8,13 @@ that moved experts between workers, and a forced call comes as a harmony call.
 
 from __future__ import annotations
 
-import json
-
-import jsonschema
 import pytest
 
 from service.harmony import TAGS, HarmonyStream
 from tests.integration.architecture_app import (
     PROMPTS,
-    WEATHER,
     answers,
+    assert_forced_weather_call,
     chat_model,
     client,
     expected_answers,
@@ -67,10 +64,4 @@ def test_gpt_oss_in_mxfp4_answers_as_the_single_process_model_before_and_after_a
 
 
 def test_forced_calls_come_as_harmony_calls(openai_client):
-    api, _ = openai_client
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
-    reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                        tools=tools, tool_choice="required", max_tokens=400, temperature=0)
-    (call,) = reply.choices[0].message.tool_calls
-    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert_forced_weather_call(openai_client[0], MODEL)

@@ -9,17 +9,14 @@ DeepSeek-V3's path, tested whole in test_architectures.py.)"""
 
 from __future__ import annotations
 
-import json
-
-import jsonschema
 import pytest
 
 from service.text import apply_chat_template
 from service.tokenizer import load_tokenizer
 from tests.integration.architecture_app import (
     PROMPTS,
-    WEATHER,
     answers,
+    assert_forced_weather_call,
     client,
     expected_answers,
     re_place,
@@ -60,11 +57,4 @@ def test_prompts_are_counted_in_the_rebuilt_tokenizers_ids(api, folder):
 
 
 def test_forced_calls_come_in_kimis_format(api):
-    api, _ = api
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
-    reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                        tools=tools, tool_choice="required", parallel_tool_calls=False,
-                                        max_tokens=400, temperature=0)
-    (call,) = reply.choices[0].message.tool_calls
-    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert_forced_weather_call(api[0], MODEL, parallel_tool_calls=False)

@@ -118,6 +118,15 @@ def test_forward_runs_while_another_thread_imports_and_drops():
         thread.join()
 
 
+def randomized(module: torch.nn.Module) -> torch.Generator:
+    """Give ``module``'s parameters standard normal values (seed 0); returns the generator for more draws."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    return generator
+
+
 def test_gpt_oss_ffn_is_transformers_clamped_swiglu_bit_for_bit():
     """GPT-OSS's experts (biases, interleaved gate and up, clamped SwiGLU) computed from one expert's tensors as
     read from a checkpoint equal transformers' eager loop's output for that expert."""
@@ -127,10 +136,7 @@ def test_gpt_oss_ffn_is_transformers_clamped_swiglu_bit_for_bit():
     config = GptOssConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=2,
                           swiglu_limit=1.5)  # a limit the random gates and ups cross
     module = GptOssExperts(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator))
+    generator = randomized(module)
     tokens = torch.randn(5, HIDDEN, generator=generator)
     tensors = {"gate_up": module.gate_up_proj[1], "gate_up_bias": module.gate_up_proj_bias[1],
                "down": module.down_proj[1], "down_bias": module.down_proj_bias[1]}
@@ -156,10 +162,7 @@ def test_experts_without_a_gate_are_transformers_nemotron_h_experts_bit_for_bit(
     config = NemotronHConfig(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE, n_routed_experts=2)
     config._experts_implementation = "eager"
     module = NemotronHExperts(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator))
+    generator = randomized(module)
     tokens = torch.randn(5, HIDDEN, generator=generator)
     tensors = {"up": module.up_proj[1], "down": module.down_proj[1]}
     ffn = ExpertFFN(config.mlp_hidden_act)

@@ -506,7 +506,7 @@ def _read_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.
 
 def _stored(shards: _Shards, name: str) -> bool:
     """Whether weight ``name`` is in the checkpoint, as itself or packed (compressed-tensors' ``weight_packed``)."""
-    return name in shards or name.removesuffix("weight") + "weight_packed" in shards
+    return name in shards or name + "_packed" in shards
 
 
 def _weight(shards: _Shards, name: str, dtype: torch.dtype, quantized: bool) -> dict[str, torch.Tensor]:
@@ -514,11 +514,9 @@ def _weight(shards: _Shards, name: str, dtype: torch.dtype, quantized: bool) -> 
     loads it, or with ``quantized`` held as stored: an FP8 one beside its per-block ``weight_scale_inv``
     (``"_scale_inv"``, float32, 2-D: a single scale is a 1 x 1 grid), a pack-quantized integer one as
     ``"_packed"`` (int32), ``"_scale"`` (its dtype) and ``"_shape"`` (the weight's [rows, cols])."""
-    packed_name = name.removesuffix("weight") + "weight_packed"
-    if packed_name in shards:
-        base = name.removesuffix("weight")
-        packed, scale, shape = (shards.file(n).get_tensor(n) for n in (packed_name, base + "weight_scale",
-                                                                        base + "weight_shape"))
+    if name + "_packed" in shards:  # name: "....weight"; compressed-tensors' weight_packed, _scale, _shape
+        packed, scale, shape = (shards.file(name + suffix).get_tensor(name + suffix)
+                                for suffix in ("_packed", "_scale", "_shape"))
         shape = shape.to(torch.int64).reshape(2)
         int_packed_bits(packed, scale, tuple(shape.tolist()), name)
         if quantized:

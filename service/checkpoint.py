@@ -190,7 +190,7 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     checkpoint's dtype). Three are read: FP8 with block scales (DeepSeek-V3's, MiniMax-M2's, Qwen3's FP8
     releases: `read_experts` dequantizes each expert, the engine's dense part is dequantized by
     transformers), GPT-OSS's MXFP4 experts and compressed-tensors' pack-quantized INT4/INT8 experts
-    (Kimi-K2-Thinking's; `load_layout` checks that nothing else is quantized)."""
+    (Kimi-K2-Thinking's; a dense part quantized too is dequantized by transformers in the ingress)."""
     architecture = getattr(config, "model_type", None)
     if architecture in _NOT_SERVED:
         raise ValueError(f"{architecture}: not supported ({_NOT_SERVED[architecture]})")
@@ -360,18 +360,15 @@ def _dtype_name(config: PretrainedConfig) -> str:
 
 
 def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
-    """The expert layout of the checkpoint in a local folder (reads its config.json; for a compressed-tensors
-    checkpoint, the names of its tensors too: ValueError if anything but routed experts is quantized)."""
-    folder = _local_dir(checkpoint_dir)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    layout = expert_layout(config)
-    if quantization_method(config) == COMPRESSED_TENSORS:
-        dense = sorted(name for name in _weight_map(folder) if name.endswith(".weight_packed") and ".experts." not in name)
-        if dense:
-            raise ValueError(f"{folder}: only routed experts may be quantized (compressed-tensors), as in "
-                             f"Kimi-K2-Thinking's release; the dense part's {dense[:3]} ({len(dense)} weights) is "
-                             f"too: the ingress computes it unquantized, convert it to bf16 first")
-    return layout
+    """The expert layout of the checkpoint in a local folder (reads its config.json only)."""
+    return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
+
+
+def packed_dense_weights(checkpoint_dir: str | Path) -> list[str]:
+    """The weights outside the routed experts that a compressed-tensors checkpoint stores packed (W4A16 releases
+    quantize attention and dense MLPs too; Kimi-K2-Thinking's only its experts), by their `weight_packed` names."""
+    return sorted(name for name in _weight_map(_local_dir(checkpoint_dir))
+                  if name.endswith(".weight_packed") and ".experts." not in name)
 
 
 def _check_pack_quantized(quantization) -> None:

@@ -28,7 +28,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.models.auto.auto_factory import _get_model_class
 
 from service import text_models  # noqa: F401  (registers the causal LMs transformers lacks)
-from service.checkpoint import COMPRESSED_TENSORS, ExpertLayout, load_layout, quantization_method
+from service.checkpoint import (
+    COMPRESSED_TENSORS,
+    ExpertLayout,
+    load_layout,
+    packed_dense_weights,
+    quantization_method,
+)
 from service.dispatch import DispatchContext, DispatchingExperts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -114,15 +120,15 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
     fused weights are meta-device placeholders that weight initialisation may touch), and the model class
     expects no expert keys, so `from_pretrained` reads none of the experts' tensors and says nothing of them.
     Yields the config to load with: the checkpoint's, without the quantization of GPT-OSS's MXFP4 experts
-    or of pack-quantized integer experts (only the experts are quantized, and they are skipped), an FP8
-    checkpoint's dense part dequantized."""
+    or of pack-quantized integer experts when nothing else is quantized (they are skipped), the dense part
+    of an FP8 or a W4A16 checkpoint dequantized (the latter by compressed-tensors, a dependency)."""
     config = AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)
-    if quantization_method(config) in ("mxfp4", COMPRESSED_TENSORS):
-        # GPT-OSS, pack-quantized releases: only the experts are quantized (load_layout checked it), and they
-        # are skipped
+    method = quantization_method(config)
+    if method == "mxfp4" or (method == COMPRESSED_TENSORS and not packed_dense_weights(checkpoint_dir)):
+        # GPT-OSS, Kimi-K2-Thinking: only the experts are quantized, and they are skipped
         del config.quantization_config
     else:
-        config = _dequantizing(config)  # FP8: the dense part too
+        config = _dequantizing(config)  # FP8, W4A16 releases (through compressed-tensors): the dense part too
     with torch.device("meta"):  # (a vision-language model's causal LM is its language model)
         probe = AutoModelForCausalLM.from_config(getattr(config, "text_config", None) or config)
     classes = {type(ffn_block(probe.model.layers[d]).experts) for d in layout.moe_layers}

@@ -400,13 +400,14 @@ def int_packed_quantization(bits: int = 4, group_size: int | None = 16) -> dict:
 
 
 def as_int_packed(folder: str | Path, bits: int = 4, group_size: int | None = 16,
-                  scale_dtype: torch.dtype = torch.float32) -> Path:
+                  scale_dtype: torch.dtype = torch.float32, dense: torch.nn.Module | None = None) -> Path:
     """Rewrite the checkpoint saved in `folder` with its routed experts' weights quantized as Kimi-K2-Thinking
     stores them (compressed-tensors' pack-quantized format, written with its own `pack_to_int32`): per-expert
     `weight_packed` (int32), `weight_scale` (``scale_dtype``, one per ``group_size`` columns or per row) and
     `weight_shape`, and `int_packed_quantization`'s config. Everything else stays as it was. The scales are in the
     tiny models' dtype (float32), as a release's are in its own (bf16): transformers leaves the experts it
-    decompresses in the scales' dtype."""
+    decompresses in the scales' dtype. With ``dense``, the model saved in `folder`, its linear layers but the
+    lm_head are quantized too, as W4A16 releases (RedHat's, llm-compressor's) quantize them."""
     import json
 
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -415,7 +416,9 @@ def as_int_packed(folder: str | Path, bits: int = 4, group_size: int | None = 16
     folder = Path(folder)
     tensors = load_file(folder / "model.safetensors")
     qmax = 2 ** (bits - 1) - 1
-    for name in [name for name in tensors if ".experts." in name and name.endswith(".weight")]:
+    linear = set() if dense is None else {f"{name}.weight" for name, module in dense.named_modules()
+                                          if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    for name in [name for name in tensors if ".experts." in name and name.endswith(".weight") or name in linear]:
         weight = tensors.pop(name).to(torch.float32)
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // group_size if group_size else 1, -1)
@@ -428,6 +431,8 @@ def as_int_packed(folder: str | Path, bits: int = 4, group_size: int | None = 16
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     quantization = int_packed_quantization(bits, group_size)
+    if dense is not None:
+        quantization["ignore"] = ["lm_head"]
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}, indent=2))
     return folder
 

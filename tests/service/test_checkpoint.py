@@ -362,10 +362,9 @@ def test_pack_quantized_weights_dequantize_as_compressed_tensors_decompresses_th
         dequantize_int_packed(packed, scale[:-1], (rows, cols), torch.float32)
 
 
-def test_compressed_tensors_checkpoints_other_than_weight_only_symmetric_int_experts_are_refused(tmp_path):
+def test_compressed_tensors_checkpoints_other_than_weight_only_symmetric_int_experts_are_refused():
     """What the workers would not dequantize as compressed-tensors does is refused by name: asymmetric or
-    3-bit weights, quantized activations, another format; and a checkpoint whose dense part is quantized
-    too (the ingress computes it unquantized)."""
+    3-bit weights, quantized activations, another format."""
     config = tiny_config("deepseek_v3")
     for change, message in ((dict(symmetric=False), "asymmetric"), (dict(num_bits=3), "3-bit int weights"),
                             (dict(strategy="tensor"), "strategy 'tensor'")):
@@ -380,15 +379,6 @@ def test_compressed_tensors_checkpoints_other_than_weight_only_symmetric_int_exp
     config.quantization_config = quantization
     with pytest.raises(ValueError, match="format 'int-quantized', not 'pack-quantized'; group_0: activations are"):
         expert_layout(config)
-    folder = as_int_packed(save_tiny_model("deepseek_v3", tmp_path / "int4", seed=5))
-    assert load_layout(folder).num_experts == 8
-    from safetensors.torch import load_file
-    tensors = load_file(folder / "model.safetensors")
-    name = "model.layers.0.self_attn.o_proj.weight"
-    tensors[name.removesuffix("weight") + "weight_packed"] = tensors.pop(name).to(torch.int32)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"only routed experts may be quantized.*self_attn\.o_proj\.weight_packed"):
-        load_layout(folder)
 
 
 class RecordingFile:

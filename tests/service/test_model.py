@@ -20,6 +20,7 @@ from tests.tiny_models import (
     LLAMA4_ARCHITECTURES,
     TINY_ARCHITECTURES,
     as_int_packed,
+    build_tiny_model,
     save_tiny_fp8_model,
     save_tiny_model,
     save_tiny_mxfp4_model,
@@ -37,7 +38,10 @@ def checkpoints(tmp_path_factory):
             "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1),
             **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8},
             # as Kimi-K2-Thinking's release: INT4 experts in compressed-tensors' pack-quantized format
-            "deepseek_v3-int4": as_int_packed(save_tiny_model("deepseek_v3", root / "deepseek_v3-int4", seed=1))}
+            "deepseek_v3-int4": as_int_packed(save_tiny_model("deepseek_v3", root / "deepseek_v3-int4", seed=1)),
+            # as W4A16 releases: the attention and dense MLPs INT4 too (the ingress has transformers dequantize them)
+            "qwen3_moe-w4a16": as_int_packed(save_tiny_model("qwen3_moe", root / "qwen3_moe-w4a16", seed=1),
+                                             dense=build_tiny_model("qwen3_moe", seed=1))}
 
 
 def contiguous_placement(folder) -> Placement:
@@ -63,7 +67,7 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
 # quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts (as
 # they read them, or "held" quantized and dequantized at each call)
 @pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8),
-                                          "deepseek_v3-int4", "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held",
+                                          "deepseek_v3-int4", "qwen3_moe-w4a16", "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held",
                                           "deepseek_v3-int4-held", *LLAMA4_ARCHITECTURES, "gemma4_text"])
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture, monkeypatch):
     folder = checkpoints[architecture.removesuffix("-held")]

@@ -90,6 +90,10 @@ class AppArgs(BaseModel):
     max_body_bytes: int | None = Field(default=None, ge=1024)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
+    # linear-attention models: their states copied every this many prefilled positions, in this share of the KV
+    # cache's memory (EngineConfig's docstring), so that a shorter shared prefix (a system prompt) resumes too
+    prefix_state_interval: int = Field(default=256, ge=1)
+    prefix_state_memory: float = Field(default=0.125, ge=0, lt=1)
     # a thinking model's <think> block -> reasoning (openai_gptoss: GPT-OSS's analysis channel, read with its
     # harmony tool calls)
     reasoning_parser: Literal["qwen3", "deepseek_r1", "kimi_k2", "openai_gptoss"] | None = None
@@ -175,7 +179,9 @@ def build_app(args: dict[str, Any] | None = None):
                                    max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
                                    request_timeout_s=parsed.request_timeout_s,
-                                   enable_prefix_caching=parsed.enable_prefix_caching),
+                                   enable_prefix_caching=parsed.enable_prefix_caching,
+                                   prefix_state_interval=parsed.prefix_state_interval,
+                                   prefix_state_memory=parsed.prefix_state_memory),
         admin_token_sha256=token_digest(token) if token else None,
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,

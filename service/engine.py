@@ -4,7 +4,8 @@ Owns the request lifecycle (waiting queue, running batch, KV slots), the per-ste
 budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling (with the
 token log-probabilities a request asks for, of its completion and of its prompt, and prompt-only
 requests that score a prompt), requests sharing another's prefill, prefix caching (a new request starts
-from the keys and values of the longest prefix of its prompt that a slot already holds), stop conditions
+from the keys and values of the longest prefix of its prompt that a slot already holds; with linear attention,
+from copies of its states too), stop conditions
 and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
 `AsyncEngine` shell and the HTTP app sit on top. The model runs as is; an optional dispatch context
 (``begin_step()`` / ``end_step()``) around each forward lets MoE layers send one message per device per
@@ -66,8 +67,9 @@ class EngineConfig:
         max_num_batched_tokens: tokens per forward at most (prefill is chunked to fit); >= max_num_seqs.
         max_model_len: prompt plus completion tokens of one sequence at most.
         max_queue: waiting requests at most; `add_request` raises `QueueFull` beyond.
-        kv_cache_bytes: memory for keys and values at most; each running sequence holds a slot of
-            ``max_model_len`` tokens, so fewer than ``max_num_seqs`` may run if this is small.
+        kv_cache_bytes: memory for keys and values at most (and linear-attention states, with their snapshots
+            for the prefix cache); each running sequence holds a slot of ``max_model_len`` tokens, so fewer
+            than ``max_num_seqs`` may run if this is small.
         request_timeout_s: seconds a request may take from admission to its last output, waiting
             included; the `AsyncEngine` aborts it after that (None: no limit).
         max_prompt_logprob_tokens: prompt tokens per step of requests that asked for their prompt's
@@ -77,9 +79,27 @@ class EngineConfig:
             reused; a new request takes the slot (free, or copied from a running request's) holding the
             longest prefix of its prompt and prefills only the rest. The slot a request overwrites is an
             empty one if any, else the least recently released. Requests that ask for their prompt's
-            log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5, Nemotron-H's and Granite's Mamba2),
-            whose states hold one position, only a whole cached sequence is a reusable prefix (a new turn
-            of a conversation, or an agent's next call, whose prompt extends a finished request's tokens).
+            log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
+            Nemotron-H's and Granite's Mamba2), whose states hold one position, a cached sequence is reusable
+            whole (a new turn of a conversation, or an agent's next call, whose prompt extends a finished
+            request's tokens) or up to a position its states were copied at (``prefix_state_interval``).
+        prefix_state_interval: with linear-attention layers, a slot's states are copied (snapshots, for the
+            prefix cache) at the multiples of this many positions that its prefills reach, at the end of its
+            prompt, and at the position where its prompt left the longest cached sequence it shared tokens
+            with (a branch point: where the next prompt with that prefix will likely leave too); never at a
+            position below it. A prompt sharing ``s`` tokens with a cached sequence resumes from its latest
+            snapshot <= ``s`` and prefills the rest (fewer than this many shared tokens again, none at a
+            known branch point). Fixed multiples, not the ends of prefill chunks: those depend on each step's
+            token budget and on the other requests, so two prompts would rarely have one at the same place.
+            Smaller: fewer shared tokens prefilled again, but more copies made and held per prompt. 256:
+            under half a default chunk (512) prefilled again, at most 128 copies for a 32k prompt, and a
+            multiple of DeltaNet's chunks of 64 and Mamba2's of 128 or 256 (the split falls between chunks).
+        prefix_state_memory: share of ``kv_cache_bytes`` held for those snapshots (models with linear-attention
+            layers and prefix caching only; 0: none, only whole cached sequences are reused). A snapshot takes
+            a slot's states' bytes (Qwen3-Next-80B: 36 layers x 2.06 MiB, 74 MiB in bf16); the slots get the
+            rest. At most ``max_num_seqs`` x (``max_model_len`` // interval + 2) snapshots (as many as positions
+            of ``max_num_seqs`` slots), made when a prefill reaches their position, evicted with their slot's
+            keys and values or by the segmented LRU of `linear_attention.StateSnapshots`.
     """
 
     max_num_seqs: int = 32
@@ -90,10 +110,12 @@ class EngineConfig:
     request_timeout_s: float | None = None
     max_prompt_logprob_tokens: int = 128
     enable_prefix_caching: bool = True
+    prefix_state_interval: int = 256
+    prefix_state_memory: float = 0.125
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes",
-                     "max_prompt_logprob_tokens"):
+                     "max_prompt_logprob_tokens", "prefix_state_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -102,6 +124,8 @@ class EngineConfig:
                              f"({self.max_num_seqs}) so every running sequence decodes each step")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
+        if isinstance(self.prefix_state_memory, bool) or not 0 <= self.prefix_state_memory < 1:
+            raise ValueError(f"prefix_state_memory must be in [0, 1), got {self.prefix_state_memory!r}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +171,7 @@ class _Sequence:
         self.slot = -1
         self.num_cached = 0                     # tokens whose keys/values are in the cache
         self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
+        self.branch = 0                         # linear attention: a position to snapshot the states at (0: none)
         self.matcher = None                     # the structured output's grammar state, if any
         # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
         # one: no grammar yet), "gap" (just closed: whitespace may come before the grammar), None (the
@@ -197,9 +222,11 @@ class Engine:
         attention.install(model)
         linear_attention.install(model)
         sparse_attention.install(model)
+        self._snapshots = self._cache.linear.snapshots if self._cache.linear is not None else None
         if self._cache.linear is not None and config.enable_prefix_caching:
-            log.info("prefix caching of %s reuses whole cached sequences only: its linear-attention states hold "
-                     "one position", type(model).__name__)
+            log.info("prefix caching of %s: %d snapshots of its linear-attention states (every %d positions)",
+                     type(model).__name__, self._snapshots.capacity if self._snapshots else 0,
+                     config.prefix_state_interval)
 
     @property
     def num_waiting(self) -> int:
@@ -305,6 +332,7 @@ class Engine:
         """``child`` joins the running batch with a copy of ``parent``'s prompt keys and values."""
         self._forks[parent.request_id].remove(child)
         child.slot = self._take_free_slot(self._victim())
+        self._drop_snapshots(child.slot)
         self._cache.copy_prefix(parent.slot, child.slot, parent.num_prompt_tokens)
         child.num_cached = parent.num_prompt_tokens
         child.prompt_logprobs = list(parent.prompt_logprobs)
@@ -324,6 +352,7 @@ class Engine:
         sampled = [seq for seq in done if seq.params.max_tokens > 0]
         scored = [seq for seq in done if seq.params.max_tokens == 0]  # prompt only: finished, nothing sampled
         try:
+            self._plan_snapshots(chunks)
             logits, prompt_rows = self._forward(chunks)
             for seq, rows in prompt_rows:
                 begin = seq.num_cached + 1  # each row predicts the prompt token after its position
@@ -338,10 +367,12 @@ class Engine:
                             histories)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
+            self._end_snapshots()
             for seq, _ in chunks:
                 self._release(seq, keep_cache=False)  # a failed forward may have written part of a chunk
                 self._unfork(seq)
             raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
+        self._end_snapshots()
         for seq, n in chunks:
             seq.num_cached += n
         for child, row in forked:  # before any parent's slot is freed below
@@ -444,23 +475,32 @@ class Engine:
         that slot is the one to overwrite: then that slot is taken as is. So a short match (a chat
         template's first tokens) never destroys a longer cached conversation. At least the prompt's last
         token is always prefilled, for its logits. With linear-attention states (one position per slot) a
-        candidate counts only if all it holds is a prefix of the prompt: its states are then the prompt's
-        at that position.
+        candidate's reusable prefix is all it holds, if that is a prefix of the prompt (its states are then
+        the prompt's at that position), else its latest state snapshot within the shared tokens (restored into
+        the slot after the keys and values are copied, and from then on belonging to it: a shared prefix's
+        snapshot goes from slot to slot with the requests that use it, never overwritten while they come); the
+        shared length itself becomes a branch point to snapshot at while this prompt is prefilled.
         """
         reusable = (self.config.enable_prefix_caching and seq.params.prompt_logprobs is None
                     and seq.num_prompt_tokens > 1)
-        best, source = 0, None
+        best, source, snapshot, shared = 0, None, False, 0
         if reusable:
             prompt, limit = seq.token_ids, seq.num_prompt_tokens - 1
             candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
             candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
-            whole = self._cache.linear is not None
+            linear = self._cache.linear is not None
             for slot, tokens, cached in candidates:
                 n = _common_prefix(prompt, tokens, min(limit, cached)) if tokens[0] == prompt[0] else 0
-                if n > best and (not whole or n == cached):
-                    best, source = n, slot
+                shared = max(shared, n)
+                from_snapshot = linear and n < cached
+                if from_snapshot:  # the states are the slot's at ``cached``: a snapshot's, if any, at or before n
+                    n = self._snapshots.latest(slot, n) if self._snapshots is not None else 0
+                if n > best:
+                    best, source, snapshot = n, slot, from_snapshot
             self.prefix_cache_queries += seq.num_prompt_tokens
             self.prefix_cache_hits += best
+            if self._snapshots is not None and shared > max(best, self.config.prefix_state_interval - 1):
+                seq.branch = shared
         victim = self._victim()
         if source is not None and (source == victim or best == len(self._slot_tokens.get(source, ()))):
             seq.slot = self._take_free_slot(source)  # in place: nothing else of that slot was worth keeping
@@ -468,7 +508,39 @@ class Engine:
             seq.slot = self._take_free_slot(victim)
             if source is not None:
                 self._cache.copy_prefix(source, seq.slot, best)
+        self._drop_snapshots(seq.slot, keep=best if seq.slot == source else 0)
+        if snapshot:
+            self._snapshots.restore(source, best, self._cache.linear, seq.slot)
+            if seq.slot != source:  # the copy goes with the newest slot holding its tokens, the last to be overwritten
+                self._snapshots.move(source, best, seq.slot)
         seq.num_cached = seq.num_reused = best
+
+    def _drop_snapshots(self, slot: int, keep: int = 0) -> None:
+        """``slot``'s keys and values past ``keep`` are overwritten: its state snapshots past it are void."""
+        if self._snapshots is not None:
+            self._snapshots.drop(slot, keep)
+
+    def _plan_snapshots(self, chunks: list[tuple[_Sequence, int]]) -> None:
+        """Choose where this step's prefill chunks copy their linear-attention states (see
+        ``EngineConfig.prefix_state_interval``) and reserve the snapshots; the forward fills them."""
+        if self._snapshots is None:
+            return
+        interval, plan = self.config.prefix_state_interval, self._cache.linear.plan
+        for seq, n in chunks:
+            start, end = seq.num_cached, seq.num_cached + n
+            if (n == 1 and start > 0) or end < interval:  # a decode (or a last prompt token run with them)
+                continue
+            positions = set(range((start // interval + 1) * interval, end + 1, interval))
+            positions |= {p for p in (seq.branch, seq.num_prompt_tokens) if start < p <= end and p >= interval}
+            for position in sorted(positions):
+                buffer = self._snapshots.reserve(seq.slot, position, protected=position == seq.branch)
+                if buffer is not None:
+                    plan.setdefault(seq.slot, []).append((position, buffer))
+
+    def _end_snapshots(self) -> None:
+        if self._snapshots is not None:
+            self._cache.linear.plan = {}
+            self._snapshots.release_pins()
 
     def _victim(self) -> int:
         """The free slot to overwrite: one holding nothing reusable, else the least recently released."""
@@ -551,6 +623,8 @@ class Engine:
         self._free_slots.append(seq.slot)
         if keep_cache and self.config.enable_prefix_caching and seq.num_cached:
             self._slot_tokens[seq.slot] = seq.token_ids[:seq.num_cached]
+        else:
+            self._drop_snapshots(seq.slot)
 
 
 def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None,
@@ -597,11 +671,17 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
         per_token += len(indexed) * mc.index_head_dim * torch.empty(0, dtype=model.dtype).element_size()
     linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
     shape = linear_attention.LinearShape.of(mc) if linear else None
-    per_slot = per_token * config.max_model_len + (len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0)
-    num_slots = min(config.max_num_seqs, config.kv_cache_bytes // per_slot)
+    states = len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0
+    per_slot = per_token * config.max_model_len + states
+    num_snapshots = 0  # copies of the states for the prefix cache, from their share of the budget
+    if linear and config.enable_prefix_caching:
+        num_snapshots = min(int(config.kv_cache_bytes * config.prefix_state_memory) // states,
+                            config.max_num_seqs * (config.max_model_len // config.prefix_state_interval + 2))
+    num_slots = min(config.max_num_seqs, (config.kv_cache_bytes - num_snapshots * states) // per_slot)
     if num_slots < 1:
+        snapshots = f" after {num_snapshots} state snapshots (prefix_state_memory)" if num_snapshots else ""
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
-                         f"{config.max_model_len} ({per_slot} bytes)")
+                         f"{config.max_model_len} ({per_slot} bytes){snapshots}")
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, **heads)
     if indexed:  # a DSA indexer's keys: one more "head" per layer that runs one (none on GLM-5's shared layers)
@@ -610,6 +690,9 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
                             for layer in range(mc.num_hidden_layers)]
     if linear:
         cache.linear = linear_attention.LinearStates(linear, num_slots, shape, model.dtype, model.device)
+        if num_snapshots:
+            cache.linear.snapshots = linear_attention.StateSnapshots(num_snapshots, linear, shape, model.dtype,
+                                                                     model.device)
     return cache
 
 

@@ -12,15 +12,19 @@ transformers' cache interface (`_SlotCache`) holding the states of the sequences
 projections, convolution and recurrence (delta rule, selective scan) are transformers' own, and a sequence's
 tokens give what ``generate`` gives them.
 
-Ignores the prefix cache: a state holds one position only, so the engine reuses a slot for a prompt only
-when the prompt extends all the slot holds (a chunk starting past 0 continues the slot's states); forks
-copy a whole prompt's state.
+A state holds one position only: the one after the last token the slot ran. For the prefix cache, `StateSnapshots`
+keeps copies of a slot's states at chosen positions of its prefills (the engine picks them, see
+`service.engine.Engine._plan_snapshots`): a prefill chunk crossing such a position is run in two parts, the states
+copied between them, so a later prompt sharing at least that many tokens with the slot resumes from the copy (a
+chunk starting past 0 continues the slot's states, whichever way they got there); forks copy a whole prompt's
+state.
 """
 
 from __future__ import annotations
 
 import math
 import types
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -81,12 +85,129 @@ class LinearStates:
                      for layer in layers}
         self.recurrent = {layer: torch.zeros(num_slots, *shape.recurrent, dtype=torch.float32, device=device)
                           for layer in layers}
+        self.snapshots: StateSnapshots | None = None  # the prefix cache's copies at earlier positions, if any
+        self.plan: dict[int, list[tuple[int, int]]] = {}  # this step: slot -> (position, snapshot buffer), ascending
 
     def copy_slot(self, source: int, target: int) -> None:
         """Give slot ``target`` the states of slot ``source`` (a fork: the whole prompt's)."""
         for layer in self.conv:
             self.conv[layer][target] = self.conv[layer][source]
             self.recurrent[layer][target] = self.recurrent[layer][source]
+
+
+class StateSnapshots:
+    """A bounded pool of copies of one slot's linear-attention states at one position each (``capacity`` buffers
+    allocated once, like the slots' states), for the prefix cache.
+
+    An entry ``(slot, position)`` holds the states after the first ``position`` tokens of the sequence whose keys
+    and values slot ``slot`` holds: it is usable with those keys and values only, so the engine drops a slot's
+    entries past what it keeps when the slot is overwritten (`drop`), and hands an entry to the slot a request
+    resuming from it copied those keys and values to (`move`). When the pool is full, a new entry takes the buffer
+    of a segmented LRU: entries never restored (probation) go first, least recently made first; entries restored at
+    least once (protected: a prefix that another prompt shared; at most half the pool, the least recently used
+    demoted to probation beyond that; a branch point, where two prompts were seen to part, starts there) only when
+    probation is empty. So one long prompt's many snapshots, most of which no other prompt will share, evict each
+    other rather than the shared system prompt's.
+    """
+
+    def __init__(self, capacity: int, layers: list[int], shape: LinearShape, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.capacity = capacity
+        self.conv = {layer: torch.zeros(capacity, shape.conv_dim, shape.kernel, dtype=dtype, device=device)
+                     for layer in layers}
+        self.recurrent = {layer: torch.zeros(capacity, *shape.recurrent, dtype=torch.float32, device=device)
+                          for layer in layers}
+        self._free = list(range(capacity))
+        self._probation: OrderedDict[tuple[int, int], int] = OrderedDict()  # (slot, position) -> buffer, LRU first
+        self._protected: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._positions: dict[int, set[int]] = {}  # slot -> the positions it has entries at
+        self._pinned: set[tuple[int, int]] = set()  # entries to be written by the step being planned
+
+    def __len__(self) -> int:
+        return len(self._probation) + len(self._protected)
+
+    def positions(self, slot: int) -> set[int]:
+        """The positions slot ``slot`` has snapshots at."""
+        return self._positions.get(slot, set())
+
+    def latest(self, slot: int, limit: int) -> int:
+        """The largest position <= ``limit`` that slot ``slot`` has a snapshot at (0: none)."""
+        return max((p for p in self._positions.get(slot, ()) if p <= limit), default=0)
+
+    def restore(self, slot: int, position: int, states: LinearStates, target: int) -> None:
+        """Give slot ``target``'s states the snapshot of ``slot`` at ``position`` (which then counts as used)."""
+        buffer = self._protect((slot, position))
+        for layer in self.conv:
+            states.conv[layer][target] = self.conv[layer][buffer]
+            states.recurrent[layer][target] = self.recurrent[layer][buffer]
+
+    def move(self, slot: int, position: int, target: int) -> None:
+        """The snapshot of ``slot`` at ``position`` belongs to slot ``target`` now (which holds the same first
+        ``position`` keys and values: it was copied them), as its most recently used entry (it was just restored)."""
+        segment = self._probation if (slot, position) in self._probation else self._protected
+        segment[(target, position)] = segment.pop((slot, position))
+        positions = self._positions[slot]
+        positions.discard(position)
+        if not positions:
+            del self._positions[slot]
+        self._positions.setdefault(target, set()).add(position)
+
+    def reserve(self, slot: int, position: int, protected: bool = False) -> int | None:
+        """A buffer for a new snapshot of ``slot`` at ``position``, which the step being planned writes (its entry
+        is made now, protected if so asked: a known branch point; `release_pins` after the step). Evicts an entry
+        if the pool is full; None if every entry is one this step writes."""
+        key = (slot, position)
+        if key in self._probation or key in self._protected:  # (a slot holding it already: rewritten alike)
+            self._drop(key)
+        if self._free:
+            buffer = self._free.pop()
+        else:
+            victim = next((k for segment in (self._probation, self._protected) for k in segment
+                           if k not in self._pinned), None)
+            if victim is None:
+                return None
+            self._drop(victim)
+            buffer = self._free.pop()
+        self._probation[key] = buffer
+        self._positions.setdefault(slot, set()).add(position)
+        self._pinned.add(key)
+        if protected:
+            self._protect(key)
+        return buffer
+
+    def release_pins(self) -> None:
+        self._pinned.clear()
+
+    def drop(self, slot: int, keep: int = 0) -> None:
+        """Forget slot ``slot``'s snapshots past position ``keep`` (its keys and values past it are overwritten)."""
+        for position in [p for p in self._positions.get(slot, ()) if p > keep]:
+            self._drop((slot, position))
+
+    def _protect(self, key: tuple[int, int]) -> int:
+        """Make ``key`` the most recently used protected entry (demoting the least recently used beyond half the
+        pool); its buffer."""
+        buffer = self._probation.pop(key, None)
+        if buffer is None:
+            buffer = self._protected.pop(key)
+        self._protected[key] = buffer
+        if len(self._protected) > max(1, self.capacity // 2):
+            old, old_buffer = self._protected.popitem(last=False)
+            self._probation[old] = old_buffer
+        return buffer
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        buffer = self._probation.pop(key, None)
+        if buffer is None:
+            buffer = self._protected.pop(key)
+        positions = self._positions[key[0]]
+        positions.discard(key[1])
+        if not positions:
+            del self._positions[key[0]]
+        self._free.append(buffer)
+
+    def save(self, buffer: int, layer: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        self.conv[layer][buffer] = conv
+        self.recurrent[layer][buffer] = recurrent
 
 
 class _SlotCache:
@@ -163,11 +284,18 @@ def _ragged(forward):
         for chunk in batch.chunks:
             if chunk.num_tokens == 1 and chunk.start > 0:
                 continue
-            span = slice(chunk.offset, chunk.offset + chunk.num_tokens)
             fresh = chunk.start == 0
             held = _SlotCache(None if fresh else conv[chunk.slot:chunk.slot + 1],
                               None if fresh else recurrent[chunk.slot:chunk.slot + 1])
-            out[:, span] = forward(self, hidden_states[:, span], cache=held)
+            done = 0  # run up to each snapshot's position, copy the states there, then on to the chunk's end
+            for end, buffer in [(p - chunk.start, b) for p, b in states.plan.get(chunk.slot, ())] + [
+                    (chunk.num_tokens, None)]:
+                if end > done:
+                    span = slice(chunk.offset + done, chunk.offset + end)
+                    out[:, span] = forward(self, hidden_states[:, span], cache=held)
+                    done = end
+                if buffer is not None:
+                    states.snapshots.save(buffer, self.layer_idx, held.conv[0], held.recurrent[0])
             conv[chunk.slot], recurrent[chunk.slot] = held.conv[0], held.recurrent[0]
         return out
 

@@ -115,8 +115,11 @@ def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
             "profile_prompts": None}
     settings = build_app(base)._bound_deployment.init_args[1]
     assert settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 32
-    settings = build_app({**base, "enable_prefix_caching": False, "max_num_seqs": 4})._bound_deployment.init_args[1]
+    assert (settings.engine_config.prefix_state_interval, settings.engine_config.prefix_state_memory) == (256, 0.125)
+    settings = build_app({**base, "enable_prefix_caching": False, "max_num_seqs": 4, "prefix_state_interval": 64,
+                          "prefix_state_memory": 0.25})._bound_deployment.init_args[1]
     assert not settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 4
+    assert (settings.engine_config.prefix_state_interval, settings.engine_config.prefix_state_memory) == (64, 0.25)
 
 
 def test_keeping_quantized_experts_reaches_the_workers_and_the_migration_cost(tmp_path):

@@ -600,3 +600,30 @@ def test_tokenize_and_detokenize_round_trip_the_prompts_the_endpoints_see(server
         response = httpx.post(f"{url}{path}", json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (path, body)
     assert httpx.post(f"{url}/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404
+
+
+def test_requests_sharing_a_system_prompt_report_the_linear_attention_state_snapshots_they_resume_from(tokenizer):
+    """Qwen3-Next (gated DeltaNet) over HTTP: two chats with the same system prompt and different questions; the
+    second resumes from the snapshot of the linear-attention states at the last multiple of
+    ``prefix_state_interval`` (16) within the shared tokens, and `usage.prompt_tokens_details.cached_tokens` and
+    `vibe_prefix_cache_hit_tokens_total` count those tokens; its answer is `generate`'s."""
+    model = build_chat_model(tokenizer, architecture="qwen3_next")
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer, architecture="qwen3_next"),
+                                EngineConfig(max_model_len=MAX_MODEL_LEN, prefix_state_interval=16), tokenizer=tokenizer))
+    engine.start()
+    system = {"role": "system", "content": "You are a terse assistant for a shipping company. Answer in one line, "
+                                           "name the port, and never invent a schedule or a price."}
+    chats = [[system, {"role": "user", "content": question}] for question in ("Where is Rotterdam?", "Why fog?")]
+    prompts = [apply_chat_template(tokenizer, messages) for messages in chats]
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts)) if a != b)
+    assert shared >= 32
+    with served(engine) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        api.chat.completions.create(model=MODEL, messages=chats[0], max_tokens=4, temperature=0)
+        before = _counter(httpx.get(f"{url}/metrics").text, "vibe_prefix_cache_hit_tokens_total")
+        second = api.chat.completions.create(model=MODEL, messages=chats[1], max_tokens=8, temperature=0)
+        assert second.usage.prompt_tokens_details.cached_tokens == shared // 16 * 16
+        assert _counter(httpx.get(f"{url}/metrics").text, "vibe_prefix_cache_hit_tokens_total") == before + shared // 16 * 16
+    out = model.generate(torch.tensor([prompts[1]]), max_new_tokens=8, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    assert second.choices[0].message.content == tokenizer.decode(out[0, len(prompts[1]):], skip_special_tokens=True)

@@ -55,10 +55,11 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2
 def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused(arch):
-    """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its parent's prefill gets a copy
-    of the parent's states with its keys and values; a finished request's slot is reused only by a prompt that
-    extends all it holds (the next turn of its conversation: resumed from its states), never for a shorter
-    shared prefix (prefilled again, not resumed from states of a later position)."""
+    """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its
+    parent's prefill gets a copy of the parent's states with its keys and values; without a snapshot of the states
+    within the shared tokens (prompts shorter than ``prefix_state_interval``, 256), a finished request's slot is
+    reused only by a prompt that extends all it holds (the next turn of its conversation: resumed from its states),
+    not for a shorter shared prefix (prefilled again, not resumed from states of a later position)."""
     from service.engine import Engine, EngineConfig
 
     reference = build_tiny_model(arch)
@@ -83,6 +84,99 @@ def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reu
     assert engine.prefix_cache_hits == len(prompt) + len(expected) - 1
 
 
+def _snapshot(engine, slot: int, position: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    snapshots = engine._cache.linear.snapshots
+    buffer = {**snapshots._probation, **snapshots._protected}[(slot, position)]
+    return {layer: (snapshots.conv[layer][buffer], snapshots.recurrent[layer][buffer]) for layer in snapshots.conv}
+
+
+def _states_after(model, tokens: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """transformers' own linear-attention states after ``tokens`` (its cache of one forward over them)."""
+    with torch.no_grad():
+        cache = model(torch.tensor([tokens]), use_cache=True).past_key_values
+    return {layer: (cache.layers[layer].conv_states[0][0], cache.layers[layer].recurrent_states[0][0])
+            for layer in range(len(cache.layers)) if type(cache.layers[layer]).__name__ == "LinearAttentionLayer"}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2 (two mixers)
+def test_prompts_sharing_a_system_prompt_resume_from_snapshots_of_the_linear_attention_states(arch):
+    """Prefix caching with linear attention for a shared prefix shorter than a cached sequence (a common system
+    prompt, then different user messages): a prefill copies its states at each multiple of
+    ``prefix_state_interval`` it reaches (16 here; the prompt in chunks of 20, so some copies fall inside chunks) and
+    at its prompt's end; a later prompt sharing 50 tokens resumes from the copy at 48 (keys and values copied, states
+    restored) and copies its states at 50, where it left the first, so a third resumes from there. The copies are
+    transformers' own states at their positions, the tokens `generate`'s: a copy taken elsewhere, or left
+    unrestored (the cached slot's final states), fails both."""
+    from service.engine import Engine, EngineConfig
+    from service.sampling import SamplingParams
+
+    reference = build_tiny_model(arch)
+    engine = Engine(build_tiny_model(arch), EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=20,
+                                                         prefix_state_interval=16))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    system = _prompt(50, 1)
+    prompts = {"first": system + _prompt(7, 2), "second": system + _prompt(9, 3), "third": system + _prompt(5, 4)}
+    assert len({p[50] for p in prompts.values()}) == 3  # they part at position 50
+    cached = {}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+        tokens = []
+        while engine.has_work:
+            for out in engine.step():
+                tokens += out.new_token_ids
+                cached[request_id] = out.num_cached_tokens
+        assert tokens == _generate(reference, prompt, 8), request_id
+        if request_id == "first":
+            snapshots = engine._cache.linear.snapshots
+            assert snapshots.positions(0) == {16, 32, 48, 57}  # the multiples of 16 and the prompt's end
+            for position in (16, 48, 57):
+                expected, got = _states_after(reference, prompt[:position]), _snapshot(engine, 0, position)
+                assert list(got) == list(expected)
+                for layer, (conv, recurrent) in expected.items():
+                    torch.testing.assert_close(got[layer][0], conv, rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(got[layer][1], recurrent, rtol=1e-4, atol=1e-5)
+    assert cached == {"first": 0, "second": 48, "third": 50}
+    assert engine.prefix_cache_hits == 98
+    snapshots = engine._cache.linear.snapshots  # the branch point, taken by the second prompt in its slot (1), then
+    assert 50 not in snapshots.positions(1) and 50 in snapshots.positions(2)  # handed to the third's with its keys
+    for slot, tokens in engine._slot_tokens.items():  # a slot's copies lie within the keys and values it holds
+        assert max(engine._cache.linear.snapshots.positions(slot), default=0) <= len(tokens)
+
+
+def test_state_snapshots_are_bounded_and_keep_the_shared_ones_over_a_long_prompts():
+    """The pool of state snapshots: a full pool evicts the entries never restored first (least recently made
+    first), so a long prompt's many copies do not push out a shared prefix's copy that another prompt restored;
+    restored entries hold at most half the pool; a slot's entries past what it keeps are dropped with it; entries
+    the step being planned writes are never evicted by it."""
+    from service.linear_attention import LinearShape, LinearStates, StateSnapshots
+
+    shape = LinearShape(conv_dim=2, kernel=2, recurrent=(1, 2, 2))
+    states = LinearStates([0], 4, shape, torch.float32)
+    pool = StateSnapshots(4, [0], shape, torch.float32)
+    for position in (16, 32, 48):
+        buffer = pool.reserve(0, position)
+        pool.save(buffer, 0, torch.full((2, 2), position), torch.full((1, 2, 2), position))
+    pool.release_pins()
+    pool.restore(0, 32, states, target=3)  # a second prompt shares 32 tokens
+    assert states.recurrent[0][3].eq(32).all() and states.conv[0][3].eq(32).all()
+    for position in (64, 80, 96, 112):  # a long prompt's copies, one step each
+        assert pool.reserve(1, position) is not None
+        pool.release_pins()
+    assert pool.positions(0) == {32} and pool.positions(1) == {80, 96, 112} and len(pool) == 4
+    pool.restore(1, 80, states, target=2)
+    pool.restore(1, 96, states, target=2)  # three restored: the least recently used goes back to probation
+    assert list(pool._protected) == [(1, 80), (1, 96)]
+    assert pool.reserve(2, 16) is not None and pool.positions(1) == {80, 96}  # (1, 112): oldest in probation
+    pool.release_pins()
+    pool.drop(1, keep=80)  # slot 1 overwritten past position 80
+    assert pool.positions(0) == {32} and pool.positions(1) == {80} and len(pool) == 3
+    pool.move(0, 32, target=2)  # a request resuming from it copied slot 0's first 32 keys and values to slot 2
+    assert pool.positions(0) == set() and pool.positions(2) == {16, 32} and pool.latest(2, 40) == 32
+    assert [pool.reserve(3, position) for position in (16, 32, 48, 64, 80)][-1] is None  # all pinned by then
+    assert pool.positions(2) == set() and pool.positions(1) == set()  # (2, 32) and (2, 16), then protected (1, 80)
+    assert pool.positions(3) == {16, 32, 48, 64} and pool.latest(3, 50) == 48 and pool.latest(3, 15) == 0
+
+
 def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_values():
     """Nemotron-H: only its attention layer holds keys and values (its Mamba2, MoE and MLP layers none); each slot
     holds its Mamba2 layer's conv state [conv_dim, kernel] and SSM state [heads, head_dim, state] (float32), and
@@ -92,15 +186,29 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
     model = build_tiny_model("nemotron_h")  # layers: mamba, moe, attention, mlp, moe; 2 kv heads of 16
     conv_dim = 4 * 16 + 2 * 2 * 16  # mamba heads x head_dim + 2 x groups x state
     per_slot = 64 * 2 * 2 * 16 * 4 + conv_dim * 4 * 4 + 4 * 16 * 16 * 4  # 64 positions; conv state; SSM state
-    engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
-    assert engine.num_kv_slots == 3
+    engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot,
+                                        prefix_state_memory=0))
+    assert engine.num_kv_slots == 3 and engine._cache.linear.snapshots is None
     assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 16), (3, 0, 64, 16), (3, 2, 64, 16),
                                                                    (3, 0, 64, 16), (3, 0, 64, 16)]
     states = engine._cache.linear
     assert tuple(states.conv[0].shape) == (3, conv_dim, 4) and tuple(states.recurrent[0].shape) == (3, 4, 16, 16)
     assert list(states.conv) == [0] and states.recurrent[0].dtype == torch.float32
-    assert Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4,
+    assert Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
                                                                kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
+    # the prefix cache's state snapshots (a slot's states each) take their share of the budget before the slots:
+    # an eighth of 3 slots is one snapshot (3 x 22528 / 8 = 8448 >= 6144 bytes), leaving room for 2 slots
+    states = conv_dim * 4 * 4 + 4 * 16 * 16 * 4
+    engine = Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                                 kv_cache_bytes=3 * per_slot))
+    assert engine._cache.linear.snapshots.capacity == 1 and engine.num_kv_slots == 2
+    engine = Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                                 kv_cache_bytes=3 * per_slot, prefix_state_memory=0.5))
+    assert engine._cache.linear.snapshots.capacity == 5 and engine.num_kv_slots == 1  # 5 x 6144 + 22528 <= 67584
+    with pytest.raises(ValueError, match="after 2 state snapshots"):  # (2 x 6144 + 22528 > 34000)
+        Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, kv_cache_bytes=34000,
+                                                            prefix_state_memory=0.4))
+    assert states * 2 + per_slot > 34000 >= per_slot
     other = build_tiny_model("nemotron_h")
     other.config.ssm_state_size = 8
     with pytest.raises(ValueError, match="linear-attention layer 0: convolution"):

@@ -90,6 +90,10 @@ class AppArgs(BaseModel):
     max_body_bytes: int | None = Field(default=None, ge=1024)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
+    # memory of each ingress replica's KV cache (slots of max_model_len tokens; linear-attention states too);
+    # None: 512 MiB on a CPU replica, kv_cache_memory_fraction of what its GPU has free after the dense part loads
+    kv_cache_bytes: int | None = Field(default=None, ge=1 << 20)
+    kv_cache_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     # linear-attention models: their states copied every this many prefilled positions, in this share of the KV
     # cache's memory (EngineConfig's docstring), so that a shorter shared prefix (a system prompt) resumes too
     prefix_state_interval: int = Field(default=256, ge=1)
@@ -180,6 +184,7 @@ def build_app(args: dict[str, Any] | None = None):
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
                                    request_timeout_s=parsed.request_timeout_s,
                                    enable_prefix_caching=parsed.enable_prefix_caching,
+                                   kv_cache_bytes=parsed.kv_cache_bytes or EngineConfig.kv_cache_bytes,
                                    prefix_state_interval=parsed.prefix_state_interval,
                                    prefix_state_memory=parsed.prefix_state_memory),
         admin_token_sha256=token_digest(token) if token else None,
@@ -190,6 +195,7 @@ def build_app(args: dict[str, Any] | None = None):
         reasoning_parser=parsed.reasoning_parser,
         tool_call_parser=parsed.tool_call_parser,
         max_body_bytes=parsed.max_body_bytes or max(DEFAULT_MAX_BODY_BYTES, _BODY_BYTES_PER_TOKEN * max_model_len),
+        gpu_kv_cache_fraction=None if parsed.kv_cache_bytes else parsed.kv_cache_memory_fraction,
     )
     coordinator_cls, ingress_cls = serve_deployments()
     coordinator = coordinator_cls.options(

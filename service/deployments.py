@@ -9,11 +9,13 @@ it on the coordinator's placement, and the FastAPI app (`create_app` plus the ad
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +111,22 @@ class IngressSettings:
     reasoning_parser: str | None = None  # service.reasoning.PARSERS
     tool_call_parser: str = "auto"  # service.tools.FORMATS, or auto (from the chat template)
     max_body_bytes: int = 1 << 20  # request bodies over it get 413
+    # on a GPU replica: the KV cache takes this share of the memory free once the dense part is loaded (None:
+    # engine_config.kv_cache_bytes, as on a CPU replica)
+    gpu_kv_cache_fraction: float | None = None
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
+
+
+def gpu_kv_cache_bytes(fraction: float, mem_get_info: Callable[[], tuple[int, int]] | None = None) -> int:
+    """The KV cache budget of a GPU replica: ``fraction`` of the memory its GPU has free now (the dense part
+    loaded; what is left over holds a step's activations and logits). ``mem_get_info``: torch.cuda's."""
+    if mem_get_info is None:
+        import torch
+
+        mem_get_info = torch.cuda.mem_get_info
+    free, _total = mem_get_info()
+    return max(1, int(free * fraction))
 
 
 class _HandleClient:
@@ -148,7 +164,11 @@ class IngressDeployment:
         model = load_engine_model(settings.checkpoint, dtype=settings.dtype, device=device,
                                   context=self.context).model
         tokenizer = load_tokenizer(settings.checkpoint)
-        self.engine = AsyncEngine(Engine(model, settings.engine_config, tokenizer, hooks=self.context),
+        engine_config = settings.engine_config
+        if device == "cuda" and settings.gpu_kv_cache_fraction is not None:
+            engine_config = dataclasses.replace(engine_config, kv_cache_bytes=gpu_kv_cache_bytes(
+                settings.gpu_kv_cache_fraction))
+        self.engine = AsyncEngine(Engine(model, engine_config, tokenizer, hooks=self.context),
                                   num_threads=settings.engine_threads)
         self.engine.start()
         engine_id = f"ingress-{uuid.uuid4().hex[:8]}"

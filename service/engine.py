@@ -681,7 +681,8 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     if num_slots < 1:
         snapshots = f" after {num_snapshots} state snapshots (prefix_state_memory)" if num_snapshots else ""
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
-                         f"{config.max_model_len} ({per_slot} bytes){snapshots}")
+                         f"{config.max_model_len} ({per_slot} bytes){snapshots}: give the app a larger "
+                         f"kv_cache_bytes or a smaller max_model_len")
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, **heads)
     if indexed:  # a DSA indexer's keys: one more "head" per layer that runs one (none on GLM-5's shared layers)

@@ -122,6 +122,26 @@ def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
     assert (settings.engine_config.prefix_state_interval, settings.engine_config.prefix_state_memory) == (64, 0.25)
 
 
+def test_the_kv_cache_budget_is_the_argument_or_a_share_of_the_gpu_memory_left(tmp_path):
+    """kv_cache_bytes reaches the engine; without it a CPU replica takes 512 MiB and a GPU replica the given share
+    of what its GPU has free once the dense part is loaded (torch.cuda.mem_get_info, here a stand-in)."""
+    from service.deployments import gpu_kv_cache_bytes
+
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+    settings = build_app(base)._bound_deployment.init_args[1]
+    assert settings.engine_config.kv_cache_bytes == 512 * 2**20 and settings.gpu_kv_cache_fraction == 0.9
+    settings = build_app({**base, "kv_cache_bytes": 40 * 2**30})._bound_deployment.init_args[1]
+    assert settings.engine_config.kv_cache_bytes == 40 * 2**30 and settings.gpu_kv_cache_fraction is None
+    settings = build_app({**base, "kv_cache_memory_fraction": 0.5})._bound_deployment.init_args[1]
+    assert settings.gpu_kv_cache_fraction == 0.5
+    assert gpu_kv_cache_bytes(0.9, lambda: (60 * 2**30, 141 * 2**30)) == int(0.9 * 60 * 2**30)
+    for bad in ({"kv_cache_bytes": 1000}, {"kv_cache_memory_fraction": 0}, {"kv_cache_memory_fraction": 1.5}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            build_app({**base, **bad})
+
+
 def test_keeping_quantized_experts_reaches_the_workers_and_the_migration_cost(tmp_path):
     """The coordinator prices a migration at the bytes of an expert as the workers hold it: FP8 weights and
     their scales when they keep them, the weights in `dtype` when they dequantize."""

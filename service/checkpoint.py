@@ -66,9 +66,11 @@ from service.quantization import (
     INT_PACKED_BITS,
     check_fp8_blocks,
     check_mxfp4_blocks,
+    check_nvfp4,
     dequantize_fp8,
     dequantize_int_packed,
     dequantize_mxfp4,
+    dequantize_nvfp4,
     int_packed_bits,
 )
 
@@ -374,26 +376,33 @@ def packed_dense_weights(checkpoint_dir: str | Path) -> list[str]:
 def _check_pack_quantized(quantization) -> None:
     """ValueError naming what is not read unless a compressed-tensors quantization is weight-only symmetric
     INT4 or INT8 in its `pack-quantized` format, a scale per group of columns or per row, without activation
-    ordering by group (`g_idx`), transforms or a quantized KV cache (vLLM's W4A16 / W8A16)."""
+    ordering by group (`g_idx`) (vLLM's W4A16 / W8A16), or NVFP4 (`nvfp4-pack-quantized`: FP4 weights in groups
+    of 16, their activations, if quantized too, computed unquantized, as vLLM does on GPUs without FP4 matrix
+    units); no transforms or quantized KV cache."""
     settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
     problems = [f"{key} is set" for key in ("kv_cache_scheme", "transform_config") if settings.get(key)]
     for name, group in (settings.get("config_groups") or {}).items():
-        weights = group.get("weights") or {}
-        if (group.get("format") or settings.get("format")) != "pack-quantized":
-            problems.append(f"{name}: format {group.get('format') or settings.get('format')!r}, not 'pack-quantized'")
-        if group.get("input_activations") or group.get("output_activations"):
-            problems.append(f"{name}: activations are quantized (only weights may be)")
-        if weights.get("type") != "int" or weights.get("num_bits") not in INT_PACKED_BITS:
-            problems.append(f"{name}: {weights.get('num_bits')}-bit {weights.get('type')} weights, not INT4 or INT8")
+        weights, fmt = group.get("weights") or {}, group.get("format") or settings.get("format")
+        if fmt == "nvfp4-pack-quantized":  # (activations quantized to FP4 too, "NVFP4", are computed unquantized)
+            if (weights.get("type"), weights.get("num_bits"), weights.get("group_size")) != ("float", 4, 16):
+                problems.append(f"{name}: NVFP4 weights must be 4-bit floats in groups of 16")
+        else:
+            if fmt != "pack-quantized":
+                problems.append(f"{name}: format {fmt!r}, not 'pack-quantized' or 'nvfp4-pack-quantized'")
+            if group.get("input_activations") or group.get("output_activations"):
+                problems.append(f"{name}: activations are quantized (only weights may be)")
+            if weights.get("type") != "int" or weights.get("num_bits") not in INT_PACKED_BITS:
+                problems.append(f"{name}: {weights.get('num_bits')}-bit {weights.get('type')} weights, not INT4 or "
+                                f"INT8")
+            if weights.get("strategy") not in ("group", "channel"):
+                problems.append(f"{name}: strategy {weights.get('strategy')!r}, not 'group' or 'channel'")
         if not weights.get("symmetric", True):
             problems.append(f"{name}: asymmetric weights (zero points)")
-        if weights.get("strategy") not in ("group", "channel"):
-            problems.append(f"{name}: strategy {weights.get('strategy')!r}, not 'group' or 'channel'")
         if weights.get("actorder") == "group":
             problems.append(f"{name}: activation ordering by group (g_idx)")
     if problems:
-        raise ValueError("compressed-tensors checkpoints are read when their experts are symmetric INT4 or INT8 "
-                         "weights in the pack-quantized format; this one: " + "; ".join(problems))
+        raise ValueError("compressed-tensors checkpoints are read when their weights are symmetric INT4 or INT8 in "
+                         "the pack-quantized format or NVFP4; this one: " + "; ".join(problems))
 
 
 def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: bool = False,
@@ -510,7 +519,16 @@ def _weight(shards: _Shards, name: str, dtype: torch.dtype, quantized: bool) -> 
     """Weight ``name`` as ``{"": tensor}``; a quantized one dequantized to ``dtype`` bit for bit as its library
     loads it, or with ``quantized`` held as stored: an FP8 one beside its per-block ``weight_scale_inv``
     (``"_scale_inv"``, float32, 2-D: a single scale is a 1 x 1 grid), a pack-quantized integer one as
-    ``"_packed"`` (int32), ``"_scale"`` (its dtype) and ``"_shape"`` (the weight's [rows, cols])."""
+    ``"_packed"`` (int32), ``"_scale"`` (its dtype) and ``"_shape"`` (the weight's [rows, cols]), an NVFP4 one as
+    ``"_packed"`` (uint8), ``"_scale"`` (FP8) and ``"_global_scale"`` (float32, one per row)."""
+    if name + "_global_scale" in shards:  # compressed-tensors' NVFP4: weight_packed, _scale, _global_scale
+        packed, scale, global_scale = (shards.file(name + suffix).get_tensor(name + suffix)
+                                       for suffix in ("_packed", "_scale", "_global_scale"))
+        global_scale = global_scale.reshape(1) if global_scale.numel() == 1 else global_scale
+        check_nvfp4(packed, scale, global_scale, name)
+        if quantized:  # (a [rows] global scale: gate's and up's stack as their rows do)
+            return {"_packed": packed, "_scale": scale, "_global_scale": global_scale.expand(packed.shape[0]).clone()}
+        return {"": dequantize_nvfp4(packed, scale, global_scale, dtype)}
     if name + "_packed" in shards:  # name: "....weight"; compressed-tensors' weight_packed, _scale, _shape
         packed, scale, shape = (shards.file(name + suffix).get_tensor(name + suffix)
                                 for suffix in ("_packed", "_scale", "_shape"))

@@ -13,7 +13,8 @@ A worker may hold quantized weights as checkpoints store them (`read_experts(...
 FP8 "gate_up" or "down" beside its float32 block scales ("gate_up_scale_inv", "down_scale_inv"),
 GPT-OSS's MXFP4 "gate_up_blocks" / "gate_up_scales" and "down_blocks" / "down_scales" in place of the
 weight, or pack-quantized integers "gate_up_packed" / "gate_up_scale" / "gate_up_shape" (int32, the scale's
-dtype, the weight's [rows, cols]) and the same for "down"; `ExpertFFN` dequantizes such a weight at each call, to the compute dtype, as transformers does
+dtype, the weight's [rows, cols]) or NVFP4 "gate_up_packed" / "gate_up_scale" / "gate_up_global_scale" (uint8,
+FP8, float32 per row), and the same for "down"; `ExpertFFN` dequantizes such a weight at each call, to the compute dtype, as transformers does
 on loading (service.quantization). Any other tensors are stored, moved and checksummed with an expert but
 not used here.
 """
@@ -32,7 +33,13 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from service.messages import ExpertTensors
-from service.quantization import FP8_DTYPES, dequantize_fp8, dequantize_int_packed, dequantize_mxfp4
+from service.quantization import (
+    FP8_DTYPES,
+    dequantize_fp8,
+    dequantize_int_packed,
+    dequantize_mxfp4,
+    dequantize_nvfp4,
+)
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 
@@ -183,8 +190,8 @@ class ExpertFFN:
         """H of an expert's tensors."""
         if "down_blocks" in tensors:  # MXFP4 [H, I/32, 16]
             return tensors["down_blocks"].shape[0]
-        if "down_packed" in tensors:  # pack-quantized integers, the weight's shape beside them
-            return int(tensors["down_shape"][0])
+        if "down_packed" in tensors:  # NVFP4 (two a byte) or pack-quantized integers (the weight's shape beside)
+            return tensors["down_packed"].shape[0] if "down_global_scale" in tensors else int(tensors["down_shape"][0])
         down = tensors["down"]
         return down.shape[1] if self.clamped_swiglu is not None else down.shape[0]
 
@@ -202,6 +209,9 @@ def expert_weight(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
     """Weight ``name`` of an expert, dequantized to ``dtype`` if it is held quantized."""
     weight = tensors.get(name)
     if weight is None:  # held as stored: pack-quantized integers, or GPT-OSS's MXFP4
+        if f"{name}_global_scale" in tensors:
+            return dequantize_nvfp4(tensors[f"{name}_packed"], tensors[f"{name}_scale"],
+                                    tensors[f"{name}_global_scale"], dtype)
         if f"{name}_packed" in tensors:
             shape = tensors[f"{name}_shape"]
             return dequantize_int_packed(tensors[f"{name}_packed"], tensors[f"{name}_scale"],

@@ -4,7 +4,9 @@ Owns the arithmetic only, each the expression of the library that loads such che
 bit-identical to the ones it builds): `dequantize_fp8` as transformers' `Fp8Dequantize`, `dequantize_mxfp4` as
 its `convert_moe_packed_tensors`, `dequantize_int_packed` as compressed-tensors' `pack-quantized` decompression
 (symmetric INT4 or INT8 weights, 32 / bits a little-endian int32 word, times a scale per group of columns or
-per row, computed in the scale's dtype: Kimi-K2-Thinking's experts, W4A16 releases). Ignores where the tensors
+per row, computed in the scale's dtype: Kimi-K2-Thinking's experts, W4A16 releases), `dequantize_nvfp4` as its
+`nvfp4-pack-quantized` decompression (FP4 values two a byte, times an FP8 scale per 16 columns divided by a
+float32 global scale). Ignores where the tensors
 come from (service.checkpoint reads them) and when they are dequantized (on reading, or by
 `service.experts.ExpertFFN` at each call when the workers hold experts quantized).
 """
@@ -93,3 +95,33 @@ def dequantize_int_packed(packed: torch.Tensor, scale: torch.Tensor, shape: tupl
     groups = scale.shape[1]
     weight = values.to(scale.dtype).unflatten(-1, (groups, cols // groups)) * scale.unsqueeze(-1)
     return weight.flatten(start_dim=-2).to(dtype)
+
+
+def check_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` unless ``packed`` is uint8 [rows, cols / 2], ``scale`` FP8 [rows, cols / 16] and
+    ``global_scale`` float32 [1] (compressed-tensors' per-weight scale) or [rows] (gate's and up's, stacked)."""
+    rows = packed.shape[0] if packed.dim() == 2 else -1
+    if (packed.dtype != torch.uint8 or packed.dim() != 2 or scale.dtype not in FP8_DTYPES or scale.dim() != 2
+            or scale.shape != (rows, packed.shape[1] * 2 // 16) or packed.shape[1] % 8
+            or global_scale.dtype != torch.float32 or global_scale.shape not in ((1,), (rows,))):
+        raise ValueError(f"NVFP4 weight {name}: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)} "
+                         f"{scale.dtype}, global scale {tuple(global_scale.shape)} {global_scale.dtype} are not "
+                         f"uint8 [rows, cols/2], FP8 [rows, cols/16] and float32 [1]")
+
+
+def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """An NVFP4 weight [rows, cols]: FP4 (e2m1) values two a byte, the low nibble first, times their FP8 scale
+    per 16 columns divided by the weight's float32 global scale -> ``dtype``. compressed-tensors' expression
+    (`unpack_fp4_from_uint8` to bf16, the scale cast to bf16 and divided by the global scale in float32, the
+    product in float32 rounded to bf16), then cast to ``dtype``; bit for bit. A [rows] global scale gives each
+    row its own (a stacked gate and up)."""
+    check_nvfp4(packed, scale, global_scale, "weight")
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, cols)
+    magnitudes = torch.tensor(_FP4_VALUES[:8], dtype=torch.float32, device=packed.device)[(nibbles & 0x07).long()]
+    values = (magnitudes * torch.where((nibbles & 0x08).bool(), -1.0, 1.0)).to(torch.bfloat16)
+    divisor = global_scale.reshape(-1, 1, 1) if global_scale.shape[0] == rows and rows > 1 else global_scale
+    scales = scale.to(torch.bfloat16).unsqueeze(-1) / divisor  # [rows, cols / 16, 1], float32 as the library's
+    weight = values.unflatten(-1, (cols // 16, 16)).to(scales.dtype) * scales
+    return weight.flatten(start_dim=-2).to(torch.bfloat16).to(dtype)

@@ -437,6 +437,70 @@ def as_int_packed(folder: str | Path, bits: int = 4, group_size: int | None = 16
     return folder
 
 
+def as_nvfp4(folder: str | Path) -> Path:
+    """Rewrite the checkpoint saved in `folder` with its routed experts' weights in NVFP4 as compressed-tensors
+    stores them (`nvfp4-pack-quantized`, packed with its own `pack_fp4_to_uint8`): per-expert `weight_packed`
+    (uint8, two FP4 values a byte), `weight_scale` (FP8, one per 16 columns) and `weight_global_scale` (float32
+    [1]: 448 x 6 over the weight's largest magnitude), each value the FP4 nearest the weight over its scale;
+    activations quantized to FP4 too in the config (RedHat's "NVFP4" scheme), everything but the experts ignored."""
+    import json
+
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    tensors = load_file(folder / "model.safetensors")
+    fp4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    fp4 = torch.cat([-fp4.flip(0), fp4])
+    for name in [name for name in tensors if ".experts." in name and name.endswith(".weight")]:
+        weight = tensors.pop(name).to(torch.float32)
+        rows, cols = weight.shape
+        global_scale = 448.0 * 6.0 / weight.abs().amax().clamp(min=1e-8)
+        groups = weight.reshape(rows, cols // 16, 16)
+        scale = (groups.abs().amax(dim=-1) / 6.0 * global_scale).clamp(min=2**-9).to(torch.float8_e4m3fn)
+        scaled = groups / (scale.to(torch.float32) / global_scale).unsqueeze(-1)
+        values = fp4[(scaled.unsqueeze(-1) - fp4).abs().argmin(dim=-1)].reshape(rows, cols)
+        tensors[name + "_packed"] = pack_fp4_to_uint8(values)
+        tensors[name + "_scale"] = scale
+        tensors[name + "_global_scale"] = global_scale.reshape(1)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    fp4_args = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+                "dynamic": False, "observer": "static_minmax"}
+    quantization = {**int_packed_quantization(), "format": "nvfp4-pack-quantized"}
+    quantization["config_groups"]["group_0"].update(
+        weights=fp4_args, input_activations={**fp4_args, "dynamic": "local", "observer": "static_minmax"},
+        format="nvfp4-pack-quantized")
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}, indent=2))
+    return folder
+
+
+def nvfp4_decompressed(folder: str | Path, target: str | Path) -> Path:
+    """A copy of the NVFP4 checkpoint in `folder` at `target` with each packed weight replaced by what
+    compressed-tensors' own `NVFP4PackedCompressor.decompress` gives (bf16) and no quantization: the reference
+    model of an NVFP4 checkpoint (transformers 5.24 loads fused MoE experts of one wrongly)."""
+    import json
+    import shutil
+
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file, save_file
+
+    folder, target = Path(folder), Path(target)
+    shutil.copytree(folder, target)
+    tensors = load_file(folder / "model.safetensors")
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16))
+    for name in [name.removesuffix("_packed") for name in tensors if name.endswith(".weight_packed")]:
+        parts = {suffix: tensors.pop(name + suffix) for suffix in ("_packed", "_scale", "_global_scale")}
+        tensors[name] = NVFP4PackedCompressor.decompress({f"weight{k}": v for k, v in parts.items()}, scheme)["weight"]
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    del config["quantization_config"]
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
 def as_fp8(folder: str | Path, model: torch.nn.Module, block: int = 8) -> Path:
     """Rewrite the checkpoint of `model` saved in `folder` with its linear layers' and experts' weights in FP8
     with block scales, as DeepSeek-V3, MiniMax-M2 and Qwen3's FP8 releases store theirs (`weight` in

@@ -362,9 +362,64 @@ def test_pack_quantized_weights_dequantize_as_compressed_tensors_decompresses_th
         dequantize_int_packed(packed, scale[:-1], (rows, cols), torch.float32)
 
 
+def test_read_experts_reads_nvfp4_experts_as_compressed_tensors_decompresses_them(tmp_path):
+    """compressed-tensors' NVFP4 experts (FP4 values, an FP8 scale per 16 columns, a float32 global scale per
+    weight): read dequantized, and held as stored (a quarter of bf16's bytes and their scales) then dequantized at
+    a call, they equal compressed-tensors' own decompression bit for bit (and are near the weights they came from;
+    transformers 5.24's load of them is not, which is why the reference is the library's decompression)."""
+    from safetensors.torch import load_file
+
+    from service.experts import expert_weight
+    from tests.tiny_models import as_nvfp4, nvfp4_decompressed
+
+    folder = as_nvfp4(save_tiny_model("qwen3_moe", tmp_path / "nvfp4", seed=5))
+    layout = load_layout(folder)
+    reference = load_file(nvfp4_decompressed(folder, tmp_path / "reference") / "model.safetensors")
+    original = build_tiny_model("qwen3_moe", seed=5)
+    keys = [(0, 0), (1, 7), (0, 5)]
+    for held, whole in zip(read_experts(folder, keys, quantized=True), read_experts(folder, keys), strict=True):
+        assert set(held.tensors) == {f"{w}_{part}" for w in ("gate_up", "down") for part in ("packed", "scale",
+                                                                                           "global_scale")}
+        assert held.tensors["gate_up_packed"].dtype == torch.uint8 and held.tensors["down_scale"].dtype == torch.float8_e4m3fn
+        nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors.values())  # noqa: E731
+        assert nbytes(held.tensors) < 0.2 * nbytes(whole.tensors)  # float32 experts: FP4 an eighth, and scales
+        prefix = f"model.layers.{layout.moe_layers[held.layer]}.mlp.experts.{held.expert}."
+        gate_up = torch.cat([reference[prefix + "gate_proj.weight"], reference[prefix + "up_proj.weight"]]).float()
+        for weight, expected in (("gate_up", gate_up), ("down", reference[prefix + "down_proj.weight"].float())):
+            assert torch.equal(whole.tensors[weight], expected)
+            assert torch.equal(expert_weight(held.tensors, weight, torch.float32), expected)
+        experts = original.model.layers[layout.moe_layers[held.layer]].mlp.experts
+        torch.testing.assert_close(whole.tensors["down"], experts.down_proj[held.expert], atol=0.1, rtol=0)
+
+
+@pytest.mark.parametrize("global_scale", [torch.tensor([123.4]), torch.linspace(50.0, 900.0, 24)])
+def test_nvfp4_weights_dequantize_as_compressed_tensors_decompresses_them(global_scale):
+    """`dequantize_nvfp4` against `NVFP4PackedCompressor.decompress` of random packed values and FP8 scales: bit
+    for bit at float32 and bf16, with one global scale or one per row (a stacked gate and up: each row as its
+    own weight's); a misfit scale is named."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from service.quantization import dequantize_nvfp4
+
+    gen, rows, cols = torch.Generator().manual_seed(0), 24, 64
+    packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(rows, cols // 16, generator=gen) * 3 + 0.1).to(torch.float8_e4m3fn)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16))
+    rows_of = [slice(r, r + 1) for r in range(rows)] if global_scale.numel() > 1 else [slice(0, rows)]
+    expected = torch.cat([NVFP4PackedCompressor.decompress(
+        {"weight_packed": packed[r], "weight_scale": scale[r], "weight_global_scale": global_scale[r][:1]
+         if global_scale.numel() > 1 else global_scale}, scheme)["weight"] for r in rows_of])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_nvfp4(packed, scale, global_scale, dtype), expected.to(dtype))
+    with pytest.raises(ValueError, match="NVFP4 weight"):
+        dequantize_nvfp4(packed, scale[:, :-1], global_scale, torch.float32)
+
+
 def test_compressed_tensors_checkpoints_other_than_weight_only_symmetric_int_experts_are_refused():
     """What the workers would not dequantize as compressed-tensors does is refused by name: asymmetric or
-    3-bit weights, quantized activations, another format."""
+    3-bit weights, quantized activations (but NVFP4's), another format, NVFP4 in groups other than 16."""
     config = tiny_config("deepseek_v3")
     for change, message in ((dict(symmetric=False), "asymmetric"), (dict(num_bits=3), "3-bit int weights"),
                             (dict(strategy="tensor"), "strategy 'tensor'")):
@@ -377,7 +432,14 @@ def test_compressed_tensors_checkpoints_other_than_weight_only_symmetric_int_exp
     quantization["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"},
                                                     format="int-quantized")
     config.quantization_config = quantization
-    with pytest.raises(ValueError, match="format 'int-quantized', not 'pack-quantized'; group_0: activations are"):
+    with pytest.raises(ValueError, match="format 'int-quantized', not 'pack-quantized' or 'nvfp4-pack-quantized'; "
+                                         "group_0: activations are"):
+        expert_layout(config)
+    quantization = int_packed_quantization()
+    quantization["config_groups"]["group_0"].update(format="nvfp4-pack-quantized", weights={
+        "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 32})
+    config.quantization_config = quantization
+    with pytest.raises(ValueError, match="NVFP4 weights must be 4-bit floats in groups of 16"):
         expert_layout(config)
 
 

@@ -80,7 +80,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
                            "glm4v_moe", "qwen3_vl_moe", "kimi_k2", "nemotron_h", "granitemoehybrid", "granitemoe",
-                           "granitemoeshared", "gemma4", "gemma4_text")
+                           "granitemoeshared", "gemma4", "gemma4_text", "kimi_linear")
 
 
 class KimiK2Config(DeepseekV3Config):
@@ -255,6 +255,10 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture in ("glm4_moe_lite", "glm_moe_dsa"):  # the rule of Glm4MoeLite- and GlmMoeDsaDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+    elif architecture == "kimi_linear":  # the rule of KimiLinearDecoderLayer (mlp_layer_types from the release's
+        # first_k_dense_replace)
+        moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+        num_experts, intermediate = config.num_local_experts, config.moe_intermediate_size
     elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4", "glm4v_moe",
                           "kimi_k2"):
         # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first

@@ -1,9 +1,11 @@
-"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Nemotron-H's and Granite 4.0's Mamba2
-mixers) over the engine's flat ragged batch.
+"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Kimi-Linear's Kimi Delta Attention, Nemotron-H's
+and Granite 4.0's Mamba2 mixers) over the engine's flat ragged batch.
 
 Such a layer carries two states per sequence instead of keys and values: the last ``conv_kernel_size`` inputs
-of its causal convolution and its recurrent state (DeltaNet: ``[heads, key_dim, value_dim]``; Mamba2: ``[heads,
-head_dim, ssm_state_size]``; float32 both, as transformers' cache holds them). transformers names both kinds
+of its causal convolution and its recurrent state (DeltaNet: ``[heads, key_dim, value_dim]``; KDA: ``[heads,
+head_dim, head_dim]``, its short convolutions of q, k and v being one over their concatenation, as transformers
+stacks the releases' three; Mamba2: ``[heads, head_dim, ssm_state_size]``; float32 all, as transformers' cache
+holds them). transformers names both kinds
 ``linear_attention`` in the config's ``layer_types`` and drives both through one cache interface. Owns
 `LinearStates`, those states for every KV cache slot (allocated once, like the keys and values), and `install`,
 which makes each such module of a model run its own forward once per sequence of the step: a prefill chunk
@@ -50,6 +52,10 @@ class LinearShape:
                 + config.linear_num_value_heads * config.linear_value_head_dim,
                 kernel=config.linear_conv_kernel_dim,
                 recurrent=(config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim))
+        if getattr(config, "model_type", None) == "kimi_linear":  # Kimi Delta Attention: one convolution over the
+            # concatenated q, k and v (KimiLinearDeltaAttention stacks the releases' q_conv1d, k_conv1d, v_conv1d)
+            heads, head_dim = config.linear_num_heads, config.linear_head_dim
+            return LinearShape(3 * heads * head_dim, config.linear_conv_kernel_dim, (heads, head_dim, head_dim))
         if hasattr(config, "mamba_num_heads"):  # Nemotron-H's Mamba2 mixer
             heads, head_dim, state, groups = (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
                                               config.n_groups)
@@ -67,7 +73,7 @@ class LinearShape:
 
 
 def linear_layers(config) -> list[int]:
-    """The decoder layers of ``config`` that are linear attention (DeltaNet or Mamba2)."""
+    """The decoder layers of ``config`` that are linear attention (DeltaNet, KDA or Mamba2)."""
     return [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind == LINEAR_ATTENTION]
 
 
@@ -125,7 +131,7 @@ class _SlotCache:
 
 
 def install(model: PreTrainedModel) -> None:
-    """Make each linear-attention module of ``model`` (a DeltaNet or Mamba2 mixer: its ``conv1d`` and ``layer_idx``
+    """Make each linear-attention module of ``model`` (a DeltaNet, KDA or Mamba2 mixer: its ``conv1d`` and ``layer_idx``
     on a ``linear_attention`` layer) compute over the bound step's sequences with their slots' states
     (`service.attention.bind_step` binds them); ValueError if the model has such layers of a kind this cannot
     drive, or whose convolution is not the one `LinearShape.of` its config allocates states for."""

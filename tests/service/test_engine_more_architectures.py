@@ -26,6 +26,7 @@ from tests.tiny_models import build_tiny_model
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "nemotron_h",  # Mamba2 mixers: per-slot conv and SSM states (chunked scans resumed), attention without RoPE
     "granitemoehybrid",  # Mamba2 around NoPE attention, each layer MoE with a shared MLP, Granite's multipliers
+    "kimi_linear",  # KDA: per-slot conv and recurrent states (per-channel decay) around latent attention without RoPE
     "granitemoeshared",  # RoPE attention scaled by Granite's attention multiplier, MoE and a shared MLP
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
@@ -53,7 +54,7 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear"])  # DeltaNet, Mamba2, KDA
 def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused(arch):
     """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its parent's prefill gets a copy
     of the parent's states with its keys and values; a finished request's slot is reused only by a prompt that
@@ -105,6 +106,25 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
     other.config.ssm_state_size = 8
     with pytest.raises(ValueError, match="linear-attention layer 0: convolution"):
         Engine(other, EngineConfig(max_model_len=64))
+
+
+def test_kimi_linear_kda_states_are_allocated_per_slot_and_only_its_latent_attention_holds_keys():
+    """Kimi-Linear: its KDA layers (0 and 2) hold no keys and values, each slot holds their conv state over the
+    concatenated q, k and v [3 x heads x head_dim, kernel] and recurrent state [heads, head_dim, head_dim] (float32);
+    its MLA layer (1) holds the latent and rotary key of one "head"; kv_cache_bytes pays for exactly these."""
+    from service.engine import Engine, EngineConfig
+
+    model = build_tiny_model("kimi_linear")  # KDA, MLA, KDA: 4 KDA heads of 16; latent 16 + rotary key 8
+    conv_dim = 3 * 4 * 16
+    per_slot = 64 * (16 + 8) * 4 + 2 * (conv_dim * 4 * 4 + 4 * 16 * 16 * 4)  # 64 positions of latent; 2 KDA layers
+    engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
+    assert engine.num_kv_slots == 3
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 24), (3, 1, 64, 24), (3, 0, 64, 24)]
+    states = engine._cache.linear
+    assert list(states.conv) == [0, 2] and tuple(states.conv[2].shape) == (3, conv_dim, 4)
+    assert tuple(states.recurrent[2].shape) == (3, 4, 16, 16) and states.recurrent[2].dtype == torch.float32
+    assert Engine(build_tiny_model("kimi_linear"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                                kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
 
 
 @pytest.mark.slow

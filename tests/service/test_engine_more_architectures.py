@@ -26,6 +26,7 @@ from tests.tiny_models import build_tiny_model
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "nemotron_h",  # Mamba2 mixers: per-slot conv and SSM states (chunked scans resumed), attention without RoPE
     "granitemoehybrid",  # Mamba2 around NoPE attention, each layer MoE with a shared MLP, Granite's multipliers
+    "minimax",  # lightning attention: a per-slot decayed state, no convolution; prefills in blocks, resumed per token
     "kimi_linear",  # KDA: per-slot conv and recurrent states (per-channel decay) around latent attention without RoPE
     "granitemoeshared",  # RoPE attention scaled by Granite's attention multiplier, MoE and a shared MLP
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
@@ -54,7 +55,7 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear"])  # DeltaNet, Mamba2, KDA
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear", "minimax"])
 def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused(arch):
     """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its parent's prefill gets a copy
     of the parent's states with its keys and values; a finished request's slot is reused only by a prompt that
@@ -164,3 +165,42 @@ def test_gemma4_layers_sharing_keys_and_values_attend_their_source_layers_cache(
     next_turn = first + tokens["s3-0"] + _prompt(7, 99)
     again, _ = _run(engine, {0: [("turn", next_turn, GREEDY)]})
     assert again["turn"] == _generate(reference, next_turn, 24) and engine.prefix_cache_hits >= len(first)
+
+
+def test_minimax_lightning_attention_keeps_its_state_per_slot_in_the_models_dtype():
+    """MiniMax's lightning attention has no convolution and keeps its decayed sum of key-value products [heads, d, d]
+    in the model's dtype (MiniMaxCache holds what its forward returns): driven on a slot's states, a layer in bfloat16
+    gives its own forward's outputs bit for bit over a prefill in blocks and decodes (a float32 state would round its
+    sums otherwise); kv_cache_bytes pays for the state and the softmax layer's keys and values only."""
+    import copy
+
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    from service import attention, linear_attention
+    from service.engine import Engine, EngineConfig
+
+    reference = build_tiny_model("minimax").to(torch.bfloat16)  # lightning, softmax, lightning: 4 heads of 16
+    model = copy.deepcopy(reference)
+    linear_attention.install(model)
+    cache = attention.KVCache(3, 2, 0, 32, 16, torch.bfloat16)
+    shape = linear_attention.LinearShape.of(model.config)
+    cache.linear = linear_attention.LinearStates([0, 2], 2, shape, torch.bfloat16)
+    assert cache.linear.conv[0].numel() == 0 and cache.linear.recurrent[2].dtype == torch.bfloat16
+    hidden = torch.randn(1, 14, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    layer, own = model.model.layers[2].self_attn, reference.model.layers[2].self_attn
+    held = MiniMaxCache()
+    with torch.no_grad():
+        expected = [own(hidden[:, :10], None, None, cache=held)[0]]  # two blocks of 8
+        expected += [own(hidden[:, t:t + 1], None, None, cache=held)[0] for t in range(10, 14)]
+        chunks = [attention.SeqChunk(1, 0, 10, 0)] + [attention.SeqChunk(1, t, 1, 0) for t in range(10, 14)]
+        for chunk, want in zip(chunks, expected):
+            with attention.bind_step(cache, attention.StepBatch.build([chunk])):
+                span = hidden[:, chunk.start:chunk.start + chunk.num_tokens]
+                assert torch.equal(layer(span, None, None)[0], want), chunk
+    assert torch.equal(cache.linear.recurrent[2][1], held.get_linear_cache(2)[0])
+    per_slot = 64 * 2 * 2 * 16 * 4 + 2 * 4 * 16 * 16 * 4  # the softmax layer's keys and values; 2 float32 states
+    engine = Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                              kv_cache_bytes=3 * per_slot))
+    assert engine.num_kv_slots == 3 and [keys.shape[1] for keys in engine._cache.keys] == [0, 2, 0]
+    assert Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                            kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2

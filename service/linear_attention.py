@@ -1,18 +1,20 @@
-"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Kimi-Linear's Kimi Delta Attention, Nemotron-H's
-and Granite 4.0's Mamba2 mixers) over the engine's flat ragged batch.
+"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Kimi-Linear's Kimi Delta Attention, MiniMax's
+lightning attention, Nemotron-H's and Granite 4.0's Mamba2 mixers) over the engine's flat ragged batch.
 
-Such a layer carries two states per sequence instead of keys and values: the last ``conv_kernel_size`` inputs
+Such a layer carries states per sequence instead of keys and values: the last ``conv_kernel_size`` inputs
 of its causal convolution and its recurrent state (DeltaNet: ``[heads, key_dim, value_dim]``; KDA: ``[heads,
 head_dim, head_dim]``, its short convolutions of q, k and v being one over their concatenation, as transformers
 stacks the releases' three; Mamba2: ``[heads, head_dim, ssm_state_size]``; float32 all, as transformers' cache
-holds them). transformers names both kinds
-``linear_attention`` in the config's ``layer_types`` and drives both through one cache interface. Owns
+holds them), or, for MiniMax's lightning attention, no convolution and a decayed sum of key-value products
+``[heads, head_dim, head_dim]`` in the model's dtype (`MiniMaxCache` holds it so). transformers names all of them
+``linear_attention`` in the config's ``layer_types`` and drives them through its linear-attention cache interface
+(MiniMax through its own cache's). Owns
 `LinearStates`, those states for every KV cache slot (allocated once, like the keys and values), and `install`,
 which makes each such module of a model run its own forward once per sequence of the step: a prefill chunk
 alone (from empty states when it starts the sequence), all single-token decodes together, each through
 transformers' cache interface (`_SlotCache`) holding the states of the sequences of that call. So the module's
-projections, convolution and recurrence (delta rule, selective scan) are transformers' own, and a sequence's
-tokens give what ``generate`` gives them.
+projections, convolution and recurrence (delta rule, selective scan, lightning attention's blocks and decayed
+sums) are transformers' own, and a sequence's tokens give what ``generate`` gives them.
 
 Ignores the prefix cache: a state holds one position only, so the engine reuses a slot for a prompt only
 when the prompt extends all the slot holds (a chunk starting past 0 continues the slot's states); forks

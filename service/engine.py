@@ -77,8 +77,9 @@ class EngineConfig:
             reused; a new request takes the slot (free, or copied from a running request's) holding the
             longest prefix of its prompt and prefills only the rest. The slot a request overwrites is an
             empty one if any, else the least recently released. Requests that ask for their prompt's
-            log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5, Nemotron-H's and Granite's Mamba2),
-            whose states hold one position, only a whole cached sequence is a reusable prefix (a new turn
+            log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
+            Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
+            hold one position, only a whole cached sequence is a reusable prefix (a new turn
             of a conversation, or an agent's next call, whose prompt extends a finished request's tokens).
     """
 

@@ -93,8 +93,9 @@ class KVCache:
     def for_model(config) -> dict[str, int | bool | None]:
         """The cache's head layout for a transformers config (`KVCache` keyword arguments): its attention's
         heads, or the latent of multi-head latent attention (see the module's docstring)."""
-        if getattr(config, "kv_lora_rank", None):
-            return {"num_kv_heads": 1, "head_dim": config.kv_lora_rank + config.qk_rope_head_dim,
+        if getattr(config, "kv_lora_rank", None):  # (Kimi-Linear's linear-attention layers: none)
+            return {"num_kv_heads": _without_attention(config, 1),
+                    "head_dim": config.kv_lora_rank + config.qk_rope_head_dim,
                     "value_head_dim": config.kv_lora_rank, "values_in_keys": True}
         if getattr(config, "model_type", None) == "gemma4_text":  # its full-attention layers: wider heads, fewer;
             # layers sharing an earlier layer's keys and values (num_kv_shared_layers) read that layer's: none of theirs
@@ -105,11 +106,19 @@ class KVCache:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if getattr(config, "model_type", None) == "mimo_v2_flash":  # its sliding layers have twice the kv heads
             heads = [heads * 2 if kind == "sliding_attention" else heads for kind in config.layer_types]
-        elif set(getattr(config, "layer_types", None) or ()) & NO_ATTENTION:  # layers without keys and values
-            heads = [0 if kind in NO_ATTENTION else heads for kind in config.layer_types]
+        else:
+            heads = _without_attention(config, heads)
         return {"num_kv_heads": heads,
                 "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
                 "value_head_dim": getattr(config, "v_head_dim", None), "values_in_keys": False}
+
+
+def _without_attention(config, heads: int) -> int | list[int]:
+    """``heads`` kv heads, or per layer where the config has layers without keys and values (`NO_ATTENTION`): none
+    on those."""
+    if set(getattr(config, "layer_types", None) or ()) & NO_ATTENTION:
+        return [0 if kind in NO_ATTENTION else heads for kind in config.layer_types]
+    return heads
 
 
 def _per_layer(counts: int | Sequence[int], num_layers: int, what: str = "kv head counts") -> list[int]:

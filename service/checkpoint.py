@@ -82,7 +82,7 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "exaone_moe", "mimo_v2_flash", "qwen3_next", "qwen3_5_moe",
                            "deepseek_v32", "llama4_text", "llama4", "glm_moe_dsa", "mistral4", "hy_v3",
                            "glm4v_moe", "qwen3_vl_moe", "kimi_k2", "nemotron_h", "granitemoehybrid", "granitemoe",
-                           "granitemoeshared", "gemma4", "gemma4_text")
+                           "granitemoeshared", "gemma4", "gemma4_text", "kimi_linear", "minimax")
 
 
 class KimiK2Config(DeepseekV3Config):
@@ -227,9 +227,11 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
         clamped_swiglu = (float(config.swiglu_alpha), float(config.swiglu_limit))
-    elif architecture in ("mixtral", "olmoe", "minimax_m2", "flex_olmo", "hunyuan_v1_moe", "phimoe"):
+    elif architecture in ("mixtral", "olmoe", "minimax_m2", "flex_olmo", "hunyuan_v1_moe", "phimoe", "minimax"):
         if architecture == "phimoe":
             _check_phimoe_window(config)
+        if architecture == "minimax":
+            _check_minimax_window(config)
         moe_layers = list(range(num_layers))
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
     elif architecture == "solar_open":  # every layer MoE
@@ -257,6 +259,10 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     elif architecture in ("glm4_moe_lite", "glm_moe_dsa"):  # the rule of Glm4MoeLite- and GlmMoeDsaDecoderLayer
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
+    elif architecture == "kimi_linear":  # the rule of KimiLinearDecoderLayer (mlp_layer_types from the release's
+        # first_k_dense_replace)
+        moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+        num_experts, intermediate = config.num_local_experts, config.moe_intermediate_size
     elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4", "glm4v_moe",
                           "kimi_k2"):
         # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
@@ -312,6 +318,16 @@ def _check_phimoe_window(config: PretrainedConfig) -> None:
         raise ValueError(f"phimoe: a sliding window ({window}) shorter than max_position_embeddings "
                          f"({config.max_position_embeddings}) is not supported (its attention module does not "
                          f"pass the window to the attention function)")
+
+
+def _check_minimax_window(config: PretrainedConfig) -> None:
+    """MiniMax's softmax-attention layers slide over ``sliding_window`` when it is set (transformers builds their mask
+    with it), though their layer type says ``full_attention``, which the engine's attention reads as no window:
+    refuse a window that limits anything (MiniMax-Text-01's and M1's configs set none)."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise ValueError(f"minimax: a sliding window ({window}) on its full_attention layers is not supported (their "
+                         f"layer type says full attention; transformers slides them)")
 
 
 def _check_gemma4(config: PretrainedConfig) -> None:

@@ -80,9 +80,10 @@ class EngineConfig:
             longest prefix of its prompt and prefills only the rest. The slot a request overwrites is an
             empty one if any, else the least recently released. Requests that ask for their prompt's
             log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
-            Nemotron-H's and Granite's Mamba2), whose states hold one position, a cached sequence is reusable
-            whole (a new turn of a conversation, or an agent's next call, whose prompt extends a finished
-            request's tokens) or up to a position its states were copied at (``prefix_state_interval``).
+            Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
+            hold one position, a cached sequence is reusable whole (a new turn of a conversation, or an agent's
+            next call, whose prompt extends a finished request's tokens) or up to a position its states were
+            copied at (``prefix_state_interval``).
         prefix_state_interval: with linear-attention layers, a slot's states are copied (snapshots, for the
             prefix cache) at the multiples of this many positions that its prefills reach, at the end of its
             prompt, and at the position where its prompt left the longest cached sequence it shared tokens

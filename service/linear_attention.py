@@ -1,16 +1,20 @@
-"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Nemotron-H's and Granite 4.0's Mamba2
-mixers) over the engine's flat ragged batch.
+"""Recurrent layers (Qwen3-Next's gated DeltaNet linear attention, Kimi-Linear's Kimi Delta Attention, MiniMax's
+lightning attention, Nemotron-H's and Granite 4.0's Mamba2 mixers) over the engine's flat ragged batch.
 
-Such a layer carries two states per sequence instead of keys and values: the last ``conv_kernel_size`` inputs
-of its causal convolution and its recurrent state (DeltaNet: ``[heads, key_dim, value_dim]``; Mamba2: ``[heads,
-head_dim, ssm_state_size]``; float32 both, as transformers' cache holds them). transformers names both kinds
-``linear_attention`` in the config's ``layer_types`` and drives both through one cache interface. Owns
+Such a layer carries states per sequence instead of keys and values: the last ``conv_kernel_size`` inputs
+of its causal convolution and its recurrent state (DeltaNet: ``[heads, key_dim, value_dim]``; KDA: ``[heads,
+head_dim, head_dim]``, its short convolutions of q, k and v being one over their concatenation, as transformers
+stacks the releases' three; Mamba2: ``[heads, head_dim, ssm_state_size]``; float32 all, as transformers' cache
+holds them), or, for MiniMax's lightning attention, no convolution and a decayed sum of key-value products
+``[heads, head_dim, head_dim]`` in the model's dtype (`MiniMaxCache` holds it so). transformers names all of them
+``linear_attention`` in the config's ``layer_types`` and drives them through its linear-attention cache interface
+(MiniMax through its own cache's). Owns
 `LinearStates`, those states for every KV cache slot (allocated once, like the keys and values), and `install`,
 which makes each such module of a model run its own forward once per sequence of the step: a prefill chunk
 alone (from empty states when it starts the sequence), all single-token decodes together, each through
 transformers' cache interface (`_SlotCache`) holding the states of the sequences of that call. So the module's
-projections, convolution and recurrence (delta rule, selective scan) are transformers' own, and a sequence's
-tokens give what ``generate`` gives them.
+projections, convolution and recurrence (delta rule, selective scan, lightning attention's blocks and decayed
+sums) are transformers' own, and a sequence's tokens give what ``generate`` gives them.
 
 A state holds one position only: the one after the last token the slot ran. For the prefix cache, `StateSnapshots`
 keeps copies of a slot's states at chosen positions of its prefills (the engine picks them, see
@@ -37,12 +41,15 @@ LINEAR_ATTENTION = "linear_attention"
 
 @dataclass(frozen=True)
 class LinearShape:
-    """One recurrent layer's states per slot: ``conv [conv_dim, kernel]`` (the model's dtype) and ``recurrent``
-    (float32, as transformers' delta rule and selective scan return it)."""
+    """One recurrent layer's states per slot: ``conv [conv_dim, kernel]`` (the model's dtype; none where
+    ``conv_dim`` is 0: MiniMax's lightning attention has no convolution) and ``recurrent`` (float32, as transformers'
+    delta rule and selective scan return it; in the model's dtype with ``recurrent_in_model_dtype``, as MiniMax's
+    lightning attention keeps its decayed sum of key-value products)."""
 
     conv_dim: int
     kernel: int
     recurrent: tuple[int, ...]
+    recurrent_in_model_dtype: bool = False
 
     @staticmethod
     def of(config) -> LinearShape:
@@ -54,6 +61,15 @@ class LinearShape:
                 + config.linear_num_value_heads * config.linear_value_head_dim,
                 kernel=config.linear_conv_kernel_dim,
                 recurrent=(config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim))
+        if getattr(config, "model_type", None) == "kimi_linear":  # Kimi Delta Attention: one convolution over the
+            # concatenated q, k and v (KimiLinearDeltaAttention stacks the releases' q_conv1d, k_conv1d, v_conv1d)
+            heads, head_dim = config.linear_num_heads, config.linear_head_dim
+            return LinearShape(3 * heads * head_dim, config.linear_conv_kernel_dim, (heads, head_dim, head_dim))
+        if getattr(config, "model_type", None) == "minimax":  # lightning attention: no convolution, a [heads, d, d]
+            # state in the model's dtype
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            return LinearShape(0, 0, (heads, head_dim, head_dim), recurrent_in_model_dtype=True)
         if hasattr(config, "mamba_num_heads"):  # Nemotron-H's Mamba2 mixer
             heads, head_dim, state, groups = (config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
                                               config.n_groups)
@@ -65,13 +81,18 @@ class LinearShape:
                                (heads, head_dim, state))
         raise ValueError(f"{getattr(config, 'model_type', config)}: linear-attention layers of an unknown kind")
 
+    def recurrent_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The recurrent state's dtype in a model of ``dtype``."""
+        return dtype if self.recurrent_in_model_dtype else torch.float32
+
     def bytes_per_slot(self, dtype: torch.dtype) -> int:
         element = torch.empty(0, dtype=dtype).element_size()
-        return self.conv_dim * self.kernel * element + math.prod(self.recurrent) * 4
+        recurrent = torch.empty(0, dtype=self.recurrent_dtype(dtype)).element_size()
+        return self.conv_dim * self.kernel * element + math.prod(self.recurrent) * recurrent
 
 
 def linear_layers(config) -> list[int]:
-    """The decoder layers of ``config`` that are linear attention (DeltaNet or Mamba2)."""
+    """The decoder layers of ``config`` that are linear attention (DeltaNet, KDA or Mamba2)."""
     return [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind == LINEAR_ATTENTION]
 
 
@@ -83,8 +104,8 @@ class LinearStates:
         self.shape = shape
         self.conv = {layer: torch.zeros(num_slots, shape.conv_dim, shape.kernel, dtype=dtype, device=device)
                      for layer in layers}
-        self.recurrent = {layer: torch.zeros(num_slots, *shape.recurrent, dtype=torch.float32, device=device)
-                          for layer in layers}
+        self.recurrent = {layer: torch.zeros(num_slots, *shape.recurrent, dtype=shape.recurrent_dtype(dtype),
+                                             device=device) for layer in layers}
         self.snapshots: StateSnapshots | None = None  # the prefix cache's copies at earlier positions, if any
         self.plan: dict[int, list[tuple[int, int]]] = {}  # this step: slot -> (position, snapshot buffer), ascending
 
@@ -115,7 +136,8 @@ class StateSnapshots:
         self.capacity = capacity
         self.conv = {layer: torch.zeros(capacity, shape.conv_dim, shape.kernel, dtype=dtype, device=device)
                      for layer in layers}
-        self.recurrent = {layer: torch.zeros(capacity, *shape.recurrent, dtype=torch.float32, device=device)
+        self.recurrent = {layer: torch.zeros(capacity, *shape.recurrent, dtype=shape.recurrent_dtype(dtype),
+                                             device=device)
                           for layer in layers}
         self._free = list(range(capacity))
         self._probation: OrderedDict[tuple[int, int], int] = OrderedDict()  # (slot, position) -> buffer, LRU first
@@ -205,16 +227,20 @@ class StateSnapshots:
             del self._positions[key[0]]
         self._free.append(buffer)
 
-    def save(self, buffer: int, layer: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
-        self.conv[layer][buffer] = conv
+    def save(self, buffer: int, layer: int, conv: torch.Tensor | None, recurrent: torch.Tensor) -> None:
+        """Copy one layer's states into snapshot ``buffer`` (``conv`` None: a layer without a convolution)."""
+        if conv is not None:
+            self.conv[layer][buffer] = conv
         self.recurrent[layer][buffer] = recurrent
 
 
 class _SlotCache:
     """transformers' linear-attention cache interface over the states of the sequences of one call (a batch
     of ``b``): ``conv [b, conv_dim, kernel]`` and ``recurrent [b, *LinearShape.recurrent]``, None for a
-    sequence that starts here (a Mamba2 decode updates both in place, as its kernels update transformers' cache). Mirrors `transformers.cache_utils`' linear-attention layer: the convolution
-    keeps the last ``kernel`` inputs, a first chunk shorter than that is padded with zeros."""
+    sequence that starts here (a Mamba2 decode updates both in place, as its kernels update transformers' cache).
+    Mirrors `transformers.cache_utils`' linear-attention layer: the convolution keeps the last ``kernel`` inputs, a
+    first chunk shorter than that is padded with zeros; and `MiniMaxCache`'s linear cache (``get_linear_cache``,
+    ``set_linear_cache``: the recurrent state alone)."""
 
     def __init__(self, conv: torch.Tensor | None, recurrent: torch.Tensor | None) -> None:
         self.conv, self.recurrent = conv, recurrent
@@ -244,32 +270,55 @@ class _SlotCache:
         self.recurrent = recurrent_states
         return recurrent_states
 
+    def get_linear_cache(self, layer_idx: int) -> torch.Tensor | None:
+        return self.recurrent
+
+    def set_linear_cache(self, layer_idx: int, linear_cache: torch.Tensor) -> None:
+        self.recurrent = linear_cache
+
 
 def install(model: PreTrainedModel) -> None:
-    """Make each linear-attention module of ``model`` (a DeltaNet or Mamba2 mixer: its ``conv1d`` and ``layer_idx``
-    on a ``linear_attention`` layer) compute over the bound step's sequences with their slots' states
-    (`service.attention.bind_step` binds them); ValueError if the model has such layers of a kind this cannot
-    drive, or whose convolution is not the one `LinearShape.of` its config allocates states for."""
+    """Make each linear-attention module of ``model`` (a DeltaNet, KDA or Mamba2 mixer: its ``conv1d`` and ``layer_idx``
+    on a ``linear_attention`` layer; or MiniMax's lightning attention: its ``slope_rate`` decays and no convolution)
+    compute over the bound step's sequences with their slots' states (`service.attention.bind_step` binds them);
+    ValueError if the model has such layers of a kind this cannot drive, or whose convolution (or lightning
+    attention's heads) is not the one `LinearShape.of` its config allocates states for."""
     layers = set(linear_layers(model.config))
     if not layers:
         return
     shape, found = LinearShape.of(model.config), set()
     for module in model.modules():
-        if getattr(module, "layer_idx", None) in layers and isinstance(getattr(module, "conv1d", None), torch.nn.Conv1d):
+        if getattr(module, "layer_idx", None) not in layers:
+            continue
+        if isinstance(getattr(module, "conv1d", None), torch.nn.Conv1d) and shape.conv_dim:
             conv = tuple(module.conv1d.weight.shape)
             if conv != (shape.conv_dim, 1, shape.kernel):
                 raise ValueError(f"linear-attention layer {module.layer_idx}: convolution {conv}, states allocated "
                                  f"for {(shape.conv_dim, 1, shape.kernel)}")
             module.forward = types.MethodType(_ragged(type(module).forward), module)
             found.add(module.layer_idx)
+        elif hasattr(module, "slope_rate") and hasattr(module, "qkv_proj") and not shape.conv_dim:  # MiniMax's
+            state = (module.num_attention_heads, module.head_dim, module.head_dim)
+            if state != shape.recurrent:
+                raise ValueError(f"linear-attention layer {module.layer_idx}: lightning attention's state {state}, "
+                                 f"states allocated for {shape.recurrent}")
+            module.forward = types.MethodType(_ragged(type(module).forward, lightning=True), module)
+            found.add(module.layer_idx)
     if found != layers:
         raise ValueError(f"linear-attention layers {sorted(layers - found)} are of a kind this engine cannot run")
 
 
-def _ragged(forward):
-    """The linear-attention ``forward`` run once per prefill chunk and once for all decodes of the step."""
+def _ragged(forward, lightning: bool = False):
+    """The linear-attention ``forward`` run once per prefill chunk and once for all decodes of the step. MiniMax's
+    lightning attention (``lightning``) takes rotary embeddings and a mask it does not use, returns its output with
+    its state, and has no convolution state."""
+    unused = {"position_embeddings": None, "attention_mask": None} if lightning else {}
 
-    def ragged_forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs) -> torch.Tensor:
+    def run(self, hidden_states: torch.Tensor, held: _SlotCache) -> torch.Tensor:
+        out = forward(self, hidden_states, cache=held, **unused)
+        return out[0] if lightning else out
+
+    def ragged_forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs):
         cache_, batch = attention.bound_step()
         states = cache_.linear
         conv, recurrent = states.conv[self.layer_idx], states.recurrent[self.layer_idx]
@@ -279,8 +328,10 @@ def _ragged(forward):
             rows = [c.offset for c in decodes]
             slots = torch.tensor([c.slot for c in decodes], device=hidden_states.device)
             held = _SlotCache(conv[slots], recurrent[slots])
-            out[0, rows] = forward(self, hidden_states[0, rows].unsqueeze(1), cache=held)[:, 0]
-            conv[slots], recurrent[slots] = held.conv, held.recurrent.to(recurrent.dtype)
+            out[0, rows] = run(self, hidden_states[0, rows].unsqueeze(1), held)[:, 0]
+            if not lightning:
+                conv[slots] = held.conv
+            recurrent[slots] = held.recurrent.to(recurrent.dtype)
         for chunk in batch.chunks:
             if chunk.num_tokens == 1 and chunk.start > 0:
                 continue
@@ -292,11 +343,14 @@ def _ragged(forward):
                     (chunk.num_tokens, None)]:
                 if end > done:
                     span = slice(chunk.offset + done, chunk.offset + end)
-                    out[:, span] = forward(self, hidden_states[:, span], cache=held)
+                    out[:, span] = run(self, hidden_states[:, span], held)
                     done = end
                 if buffer is not None:
-                    states.snapshots.save(buffer, self.layer_idx, held.conv[0], held.recurrent[0])
-            conv[chunk.slot], recurrent[chunk.slot] = held.conv[0], held.recurrent[0]
-        return out
+                    states.snapshots.save(buffer, self.layer_idx, None if lightning else held.conv[0],
+                                          held.recurrent[0])
+            if not lightning:
+                conv[chunk.slot] = held.conv[0]
+            recurrent[chunk.slot] = held.recurrent[0]
+        return (out, None) if lightning else out
 
     return ragged_forward

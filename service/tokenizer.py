@@ -6,7 +6,8 @@ releases (Kimi-K2, K2-Thinking, Kimi-Linear) ship a `tiktoken.model` and a remot
 is never run here (`trust_remote_code` is off): their tokenizer is rebuilt as a `tokenizers` byte-level BPE from
 the same ranks, split by the same pre-tokenization pattern (Kimi's, which keeps runs of Han characters apart
 from other letters), with the same special tokens at the same ids (the folder's `added_tokens_decoder`, the
-rest of the reserved range as ``<|reserved_token_{id}|>``, as the remote code names them). Encoding equals
+rest of the reserved range as ``<|reserved_token_{id}|>``, as the remote code names them: 256 ids for Kimi-K2,
+258 for Kimi-Linear, whose code reserves two more). Encoding equals
 tiktoken's with that pattern (tests compare them); the chat template, BOS/EOS/pad and the context length come
 from the folder's `tokenizer_config.json` (and `chat_template.jinja`).
 
@@ -40,6 +41,8 @@ KIMI_PATTERN = "|".join([
     r"""\s+""",
 ])
 KIMI_RESERVED_SPECIAL_TOKENS = 256  # the ids after the ranks' that the remote code reserves for special tokens
+# Kimi-Linear's remote code (its `tokenization_kimi.py`) reserves two more: ``num_reserved_special_tokens + 2``
+KIMI_LINEAR_RESERVED_SPECIAL_TOKENS = KIMI_RESERVED_SPECIAL_TOKENS + 2
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
@@ -60,7 +63,7 @@ def kimi_tokenizer(folder: Path, config: dict | None = None) -> PreTrainedTokeni
     config = _tokenizer_config(folder) if config is None else config
     ranks = read_tiktoken_ranks(folder / TIKTOKEN_FILE)
     named = {int(i): _content(token) for i, token in (config.get("added_tokens_decoder") or {}).items()}
-    end = max(len(ranks) + KIMI_RESERVED_SPECIAL_TOKENS, max(named, default=0) + 1)
+    end = max(len(ranks) + _reserved_special_tokens(folder, config), max(named, default=0) + 1)
     specials = [named.get(i, f"<|reserved_token_{i}|>") for i in range(len(ranks), end)]
     backend = _RanksConverter(ranks, pattern=KIMI_PATTERN).converted()
     backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in specials])
@@ -71,6 +74,21 @@ def kimi_tokenizer(folder: Path, config: dict | None = None) -> PreTrainedTokeni
         tokenizer_object=backend, **kwargs, name_or_path=str(folder),
         model_max_length=config.get("model_max_length", int(1e30)),
         chat_template=template.read_text() if template.is_file() else config.get("chat_template"))
+
+
+def _reserved_special_tokens(folder: Path, config: dict) -> int:
+    """The ids after the ranks' that the folder's remote code reserves: Kimi-Linear's (a ``kimi_linear`` model, or
+    remote code reserving ``num_reserved_special_tokens + 2``) 258, Kimi-K2's 256. The remote code is read as text,
+    never run."""
+    model = folder / "config.json"
+    if model.is_file() and json.loads(model.read_text()).get("model_type") == "kimi_linear":
+        return KIMI_LINEAR_RESERVED_SPECIAL_TOKENS
+    auto = (config.get("auto_map") or {}).get("AutoTokenizer") or [None]
+    module = (auto[0] if isinstance(auto, list) else auto) or ""
+    source = folder / (module.split("--")[-1].rsplit(".", 1)[0] + ".py") if "." in module else None
+    if source is not None and source.is_file() and "num_reserved_special_tokens + 2" in source.read_text():
+        return KIMI_LINEAR_RESERVED_SPECIAL_TOKENS
+    return KIMI_RESERVED_SPECIAL_TOKENS
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:

@@ -30,7 +30,11 @@ attention layer, each with MoE and a shared MLP, its muP-style multipliers, and 
 shared expert (`granitemoeshared`, a dense shared MLP) RoPE attention and MoE in every layer with the same
 multipliers, Gemma 4 (`gemma4`, saved as the vision-language model its release is, and `gemma4_text`, its
 language model alone, in GEMMA4_ARCHITECTURES) a dense MLP beside the MoE block in every layer, sliding layers and
-a wider full-attention layer whose keys are its values, soft-capped final logits (`gemma4_text_config`). Llama 4
+a wider full-attention layer whose keys are its values, soft-capped final logits (`gemma4_text_config`), Kimi-Linear (`kimi_linear`, its layers and KDA heads given as its release's config gives
+them) KDA linear-attention layers around a latent-attention layer without RoPE, a dense first layer, then MoE with
+group-limited sigmoid routing, a score bias, a scale and a shared expert, MiniMax-Text-01 (`minimax`) lightning
+attention layers (blocks of 8 positions) around a softmax-attention layer with RoPE, MoE in every layer and its
+residual weights. Llama 4
 (`llama4`, saved as the vision-language model its releases are, and `llama4_text`, its language model alone) has dense and MoE layers interleaved, top-1 sigmoid routing that scales
 the expert's input, a shared expert, chunked attention with 8-position chunks on its RoPE layers (with q/k L2
 norms) and a NoPE full-attention layer with attention temperature tuning that grows every 4 positions; it is
@@ -66,10 +70,12 @@ from transformers import (
     GraniteMoeSharedConfig,
     HunYuanMoEV1Config,
     HYV3Config,
+    KimiLinearConfig,
     LagunaConfig,
     Llama4Config,
     Llama4TextConfig,
     MiMoV2FlashConfig,
+    MiniMaxConfig,
     MiniMaxM2Config,
     Mistral4Config,
     MixtralConfig,
@@ -238,6 +244,23 @@ def tiny_config(architecture: str) -> PretrainedConfig:
                                chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                moe_shared_expert_intermediate_size=48, intermediate_size=96, n_group=4, topk_group=2,
                                routed_scaling_factor=2.5)
+    if architecture == "kimi_linear":  # KDA linear attention, MLA without RoPE, KDA; a dense first layer, then MoE
+        # with group-limited sigmoid routing, a score bias, a scale and a shared expert
+        # (layer types and KDA heads given as its release's config gives them: 1-indexed layers)
+        kda = dict(kda_layers=[1, 3], full_attn_layers=[2], num_heads=4, head_dim=16, short_conv_kernel_size=4)
+        return KimiLinearConfig(**{**_COMMON, "num_key_value_heads": 4}, num_hidden_layers=3, linear_attn_config=kda,
+                                first_k_dense_replace=1, num_local_experts=8,
+                                num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                                intermediate_size=96, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                v_head_dim=12)
+    if architecture == "minimax":  # lightning attention (blocks of 8 positions), softmax attention with RoPE, lightning;
+        # MoE in every layer, MiniMax's residual weights (alpha, beta) after each attention and MoE
+        return MiniMaxConfig(**_COMMON, head_dim=16, intermediate_size=32, num_hidden_layers=3, num_local_experts=8,
+                             num_experts_per_tok=2, block_size=8,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"],
+                             linear_attn_alpha_factor=1.5, linear_attn_beta_factor=0.8, full_attn_alpha_factor=1.2,
+                             full_attn_beta_factor=0.9, mlp_alpha_factor=1.1, mlp_beta_factor=0.7)
     if architecture == "granitemoehybrid":  # Mamba2, NoPE attention, Mamba2, each with MoE and a shared MLP;
         # Granite's embedding, attention, residual and logits multipliers
         return GraniteMoeHybridConfig(**_COMMON, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
@@ -292,7 +315,7 @@ TINY_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2
                       "exaone_moe", "mimo_v2_flash", "qwen3_next",
                       "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "mistral4", "hy_v3",
                       "glm4v_moe", "qwen3_vl_moe", "nemotron_h", "granitemoehybrid",
-                      "granitemoe", "granitemoeshared", "gemma4")
+                      "granitemoe", "granitemoeshared", "gemma4", "kimi_linear", "minimax")
 LLAMA4_ARCHITECTURES = ("llama4", "llama4_text")
 GEMMA4_ARCHITECTURES = ("gemma4", "gemma4_text")  # (gemma4_text: the language model alone, tests of its own)
 

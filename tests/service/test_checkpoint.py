@@ -73,6 +73,8 @@ def checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
     ("granitemoe", (0, 1), 8, 2, 32),
     ("granitemoeshared", (0, 1), 8, 2, 32),
     ("gemma4", (0, 1, 2), 8, 2, 32),  # the language model of a vision-language config, every layer MoE
+    ("kimi_linear", (1, 2), 8, 2, 32),  # mlp_layer_types from first_k_dense_replace 1 (KDA, MLA, KDA)
+    ("minimax", (0, 1, 2), 8, 2, 32),  # every layer MoE (lightning, softmax, lightning)
 ])
 def test_layout_of_each_architecture(architecture, moe_layers, num_experts, top_k, intermediate):
 
@@ -546,3 +548,54 @@ def test_layout_and_cache_of_a_config_shaped_as_gemma_4_26b_a4b():
     heads = KVCache.for_model(config.text_config)
     assert heads["num_kv_heads"] == [8, 8, 8, 8, 8, 2] * 5 and heads["head_dim"] == [256, 256, 256, 256, 256, 512] * 5
     assert KVCache.bytes_per_token(30, dtype=torch.bfloat16, **heads) == 220 * 1024
+
+
+def test_layout_and_cache_of_a_config_shaped_as_kimi_linear_48b_a3b():
+    """Kimi-Linear-48B-A3B, its config given as its release gives it (layers 1-indexed in `linear_attn_config`, dense
+    first layer by first_k_dense_replace): 27 layers, of which 7 latent attention (every fourth and the last, latent
+    512 + rotary key 64: 7.9 KiB a token in bf16) and 20 KDA (32 heads of 128: a conv state over q, k and v and a
+    float32 recurrent state, 2.1 MiB a sequence each); 26 MoE layers of 256 experts of 1024 (top-8)."""
+    from service.attention import KVCache
+    from service.linear_attention import LinearShape, linear_layers
+
+    full = [4, 8, 12, 16, 20, 24, 27]
+    kda = dict(full_attn_layers=full, kda_layers=[n for n in range(1, 28) if n not in full], num_heads=32,
+               head_dim=128, short_conv_kernel_size=4)
+    config = AutoConfig.for_model("kimi_linear", linear_attn_config=kda, first_k_dense_replace=1, hidden_size=2304,
+                                  num_hidden_layers=27, num_experts=256, num_experts_per_token=8,
+                                  moe_intermediate_size=1024, kv_lora_rank=512, qk_rope_head_dim=64, q_lora_rank=None,
+                                  dtype="bfloat16")
+    assert expert_layout(config) == ExpertLayout("kimi_linear", tuple(range(1, 27)), 256, 8, 2304, 1024, "silu",
+                                                 "bfloat16")
+    heads = KVCache.for_model(config)
+    assert heads["num_kv_heads"] == [int(n in full) for n in range(1, 28)] and heads["head_dim"] == 576
+    assert KVCache.bytes_per_token(27, dtype=torch.bfloat16, **heads) == 7 * 576 * 2
+    assert len(linear_layers(config)) == 20
+    shape = LinearShape.of(config)
+    assert shape == LinearShape(3 * 32 * 128, 4, (32, 128, 128))
+    assert shape.bytes_per_slot(torch.bfloat16) == 3 * 32 * 128 * 4 * 2 + 32 * 128 * 128 * 4
+
+
+def test_layout_and_cache_of_a_config_shaped_as_minimax_text_01_and_its_window_refused():
+    """MiniMax-Text-01 (its transformers-format conversion): 80 layers, lightning attention in seven of eight (64
+    heads of 128: a state of 2 MiB a sequence each in bf16, the model's dtype, no convolution), softmax attention in
+    the others (8 kv heads of 128: 40 KiB of keys and values a token); 32 experts of 9216 (top-2) in every layer. A
+    sliding window on its softmax layers (transformers slides them by it; their layer type says full) is refused."""
+    from service.attention import KVCache
+    from service.linear_attention import LinearShape, linear_layers
+
+    kinds = (["linear_attention"] * 7 + ["full_attention"]) * 10
+    config = AutoConfig.for_model("minimax", hidden_size=6144, num_attention_heads=64, head_dim=128,
+                                  num_key_value_heads=8, num_hidden_layers=80, layer_types=kinds, num_local_experts=32,
+                                  num_experts_per_tok=2, intermediate_size=9216, vocab_size=200064, dtype="bfloat16")
+    assert expert_layout(config) == ExpertLayout("minimax", tuple(range(80)), 32, 2, 6144, 9216, "silu", "bfloat16")
+    heads = KVCache.for_model(config)
+    assert KVCache.bytes_per_token(80, dtype=torch.bfloat16, **heads) == 40 * 1024
+    shape = LinearShape.of(config)
+    assert len(linear_layers(config)) == 70 and shape == LinearShape(0, 0, (64, 128, 128), True)
+    assert shape.bytes_per_slot(torch.bfloat16) == 2 * 1024 * 1024 and shape.recurrent_dtype(torch.bfloat16) == \
+        torch.bfloat16
+    windowed = tiny_config("minimax")
+    windowed.sliding_window = 16
+    with pytest.raises(ValueError, match="^minimax: a sliding window \\(16\\) on its full_attention layers is not"):
+        expert_layout(windowed)

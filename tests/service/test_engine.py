@@ -23,7 +23,11 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 
 def _generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    # every token attended, as the engine attends them: without a mask generate would infer one that hides the prompt's
+    # tokens equal to pad_token_id (0: a next turn's prompt may hold an earlier reply's 0)
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 

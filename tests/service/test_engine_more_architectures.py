@@ -26,6 +26,8 @@ from tests.tiny_models import build_tiny_model
     "qwen3_next",  # linear attention: per-slot conv and recurrent states, decodes batched, prefills chunked
     "nemotron_h",  # Mamba2 mixers: per-slot conv and SSM states (chunked scans resumed), attention without RoPE
     "granitemoehybrid",  # Mamba2 around NoPE attention, each layer MoE with a shared MLP, Granite's multipliers
+    "minimax",  # lightning attention: a per-slot decayed state, no convolution; prefills in blocks, resumed per token
+    "kimi_linear",  # KDA: per-slot conv and recurrent states (per-channel decay) around latent attention without RoPE
     "granitemoeshared",  # RoPE attention scaled by Granite's attention multiplier, MoE and a shared MLP
     "qwen3_5_moe",  # the same layers in a vision-language model's language model, with multimodal RoPE
     "mimo_v2_flash",  # kv heads per layer (twice on sliding layers, with sinks), values narrower than keys
@@ -53,7 +55,7 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear", "minimax"])
 def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reused(arch):
     """Qwen3-Next's linear-attention states (and Nemotron-H's Mamba2 states) hold one position: a choice sharing its
     parent's prefill gets a copy of the parent's states with its keys and values; without a snapshot of the states
@@ -91,14 +93,19 @@ def _snapshot(engine, slot: int, position: int) -> dict[int, tuple[torch.Tensor,
 
 
 def _states_after(model, tokens: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """transformers' own linear-attention states after ``tokens`` (its cache of one forward over them)."""
+    """transformers' own linear-attention states after ``tokens`` (its cache of one forward over them; MiniMax's
+    lightning attention keeps no convolution state: an empty one, as the engine's)."""
     with torch.no_grad():
         cache = model(torch.tensor([tokens]), use_cache=True).past_key_values
+    if hasattr(cache, "linear_cache"):  # MiniMaxCache
+        return {layer: (torch.empty(0, 0), state[0]) for layer, state in enumerate(cache.linear_cache)
+                if isinstance(state, torch.Tensor)}
     return {layer: (cache.layers[layer].conv_states[0][0], cache.layers[layer].recurrent_states[0][0])
             for layer in range(len(cache.layers)) if type(cache.layers[layer]).__name__ == "LinearAttentionLayer"}
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid"])  # gated DeltaNet, Mamba2 (two mixers)
+@pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear", "minimax"])  # DeltaNet,
+# Mamba2 (two mixers), KDA, lightning attention
 def test_prompts_sharing_a_system_prompt_resume_from_snapshots_of_the_linear_attention_states(arch):
     """Prefix caching with linear attention for a shared prefix shorter than a cached sequence (a common system
     prompt, then different user messages): a prefill copies its states at each multiple of
@@ -215,6 +222,25 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
         Engine(other, EngineConfig(max_model_len=64))
 
 
+def test_kimi_linear_kda_states_are_allocated_per_slot_and_only_its_latent_attention_holds_keys():
+    """Kimi-Linear: its KDA layers (0 and 2) hold no keys and values, each slot holds their conv state over the
+    concatenated q, k and v [3 x heads x head_dim, kernel] and recurrent state [heads, head_dim, head_dim] (float32);
+    its MLA layer (1) holds the latent and rotary key of one "head"; kv_cache_bytes pays for exactly these."""
+    from service.engine import Engine, EngineConfig
+
+    model = build_tiny_model("kimi_linear")  # KDA, MLA, KDA: 4 KDA heads of 16; latent 16 + rotary key 8
+    conv_dim = 3 * 4 * 16
+    per_slot = 64 * (16 + 8) * 4 + 2 * (conv_dim * 4 * 4 + 4 * 16 * 16 * 4)  # 64 positions of latent; 2 KDA layers
+    engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
+    assert engine.num_kv_slots == 3
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 24), (3, 1, 64, 24), (3, 0, 64, 24)]
+    states = engine._cache.linear
+    assert list(states.conv) == [0, 2] and tuple(states.conv[2].shape) == (3, conv_dim, 4)
+    assert tuple(states.recurrent[2].shape) == (3, 4, 16, 16) and states.recurrent[2].dtype == torch.float32
+    assert Engine(build_tiny_model("kimi_linear"), EngineConfig(max_model_len=64, max_num_seqs=4,
+                                                                kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
+
+
 @pytest.mark.slow
 def test_gemma4_layers_sharing_keys_and_values_attend_their_source_layers_cache():
     """Gemma 4's last ``num_kv_shared_layers`` layers attend the keys and values of the last earlier layer of their
@@ -252,3 +278,42 @@ def test_gemma4_layers_sharing_keys_and_values_attend_their_source_layers_cache(
     next_turn = first + tokens["s3-0"] + _prompt(7, 99)
     again, _ = _run(engine, {0: [("turn", next_turn, GREEDY)]})
     assert again["turn"] == _generate(reference, next_turn, 24) and engine.prefix_cache_hits >= len(first)
+
+
+def test_minimax_lightning_attention_keeps_its_state_per_slot_in_the_models_dtype():
+    """MiniMax's lightning attention has no convolution and keeps its decayed sum of key-value products [heads, d, d]
+    in the model's dtype (MiniMaxCache holds what its forward returns): driven on a slot's states, a layer in bfloat16
+    gives its own forward's outputs bit for bit over a prefill in blocks and decodes (a float32 state would round its
+    sums otherwise); kv_cache_bytes pays for the state and the softmax layer's keys and values only."""
+    import copy
+
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    from service import attention, linear_attention
+    from service.engine import Engine, EngineConfig
+
+    reference = build_tiny_model("minimax").to(torch.bfloat16)  # lightning, softmax, lightning: 4 heads of 16
+    model = copy.deepcopy(reference)
+    linear_attention.install(model)
+    cache = attention.KVCache(3, 2, 0, 32, 16, torch.bfloat16)
+    shape = linear_attention.LinearShape.of(model.config)
+    cache.linear = linear_attention.LinearStates([0, 2], 2, shape, torch.bfloat16)
+    assert cache.linear.conv[0].numel() == 0 and cache.linear.recurrent[2].dtype == torch.bfloat16
+    hidden = torch.randn(1, 14, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    layer, own = model.model.layers[2].self_attn, reference.model.layers[2].self_attn
+    held = MiniMaxCache()
+    with torch.no_grad():
+        expected = [own(hidden[:, :10], None, None, cache=held)[0]]  # two blocks of 8
+        expected += [own(hidden[:, t:t + 1], None, None, cache=held)[0] for t in range(10, 14)]
+        chunks = [attention.SeqChunk(1, 0, 10, 0)] + [attention.SeqChunk(1, t, 1, 0) for t in range(10, 14)]
+        for chunk, want in zip(chunks, expected):
+            with attention.bind_step(cache, attention.StepBatch.build([chunk])):
+                span = hidden[:, chunk.start:chunk.start + chunk.num_tokens]
+                assert torch.equal(layer(span, None, None)[0], want), chunk
+    assert torch.equal(cache.linear.recurrent[2][1], held.get_linear_cache(2)[0])
+    per_slot = 64 * 2 * 2 * 16 * 4 + 2 * 4 * 16 * 16 * 4  # the softmax layer's keys and values; 2 float32 states
+    engine = Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
+                                                              kv_cache_bytes=3 * per_slot))  # (no state snapshots)
+    assert engine.num_kv_slots == 3 and [keys.shape[1] for keys in engine._cache.keys] == [0, 2, 0]
+    assert Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
+                                                            kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2

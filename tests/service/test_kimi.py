@@ -130,3 +130,28 @@ def test_the_historys_call_ids_are_rendered_in_kimis_form(folder):
     assert "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>" in text
     assert "## Return of functions.get_weather:0\n18 C" in text
     assert template_messages(messages, "hermes")[1]["tool_calls"][0]["id"] == "call_a"  # other formats keep them
+
+
+@pytest.mark.parametrize("marker", ["config", "remote code"])
+def test_kimi_linear_folders_reserve_two_more_special_ids(tmp_path, marker):
+    """Kimi-Linear's remote code reserves ``num_reserved_special_tokens + 2`` ids after the ranks (Kimi-K2's 256): the
+    two more are special tokens too, named as its code names them, told by the folder's ``kimi_linear`` config or by
+    its remote code's text (never run); encoding equals tiktoken's over those 258 specials."""
+    ranks = train_ranks(300)
+    write_kimi_tokenizer(tmp_path, ranks)
+    if marker == "config":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "kimi_linear"}))
+    else:
+        (tmp_path / "tokenization_kimi.py").write_text(
+            "for i in range(num_base_tokens, num_base_tokens + self.num_reserved_special_tokens + 2):\n    pass\n")
+    tokenizer, base = load_tokenizer(tmp_path), len(ranks)
+    assert len(tokenizer) == base + 258
+    last = f"<|reserved_token_{base + 257}|>"
+    assert tokenizer.convert_ids_to_tokens(base + 257) == last
+    names = {base + offset: token for token, offset in SPECIAL_OFFSETS.items()}
+    specials = {names.get(i, f"<|reserved_token_{i}|>"): i for i in range(base, base + 258)}
+    encoding = tiktoken.Encoding("kimi", pat_str=KIMI_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    text = f"a{last}b<|im_end|>"
+    assert tokenizer.encode(text, add_special_tokens=False) == encoding.encode(text, allowed_special="all")
+    write_kimi_tokenizer(tmp_path / "k2", ranks)  # neither: Kimi-K2's 256
+    assert len(load_tokenizer(tmp_path / "k2")) == base + 256

@@ -48,7 +48,18 @@ from service.checkpoint import KimiK2Config
 
 
 class _LanguageModelOnly:
-    """The forward of a text model (`self.model`) and its lm_head (`self.lm_head`), as transformers' causal LMs."""
+    """A vision-language model's text model (``text_model``, at `self.model`) and lm_head (`self.lm_head`, tied to
+    the embeddings), the vision tower's keys skipped, and their forward, as transformers' causal LMs."""
+
+    text_model: type[nn.Module]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"^model\.visual\."]
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.model = self.text_model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
@@ -65,14 +76,7 @@ class Glm4vMoeTextForCausalLM(_LanguageModelOnly, Glm4vMoePreTrainedModel, Gener
 
     config: Glm4vMoeTextConfig
     config_class = Glm4vMoeTextConfig
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _keys_to_ignore_on_load_unexpected = [r"^model\.visual\."]
-
-    def __init__(self, config: Glm4vMoeTextConfig) -> None:
-        super().__init__(config)
-        self.model = Glm4vMoeTextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    text_model = Glm4vMoeTextModel
 
 
 class Qwen3VLMoeTextForCausalLM(_LanguageModelOnly, Qwen3VLMoePreTrainedModel, GenerationMixin):
@@ -81,14 +85,7 @@ class Qwen3VLMoeTextForCausalLM(_LanguageModelOnly, Qwen3VLMoePreTrainedModel, G
 
     config: Qwen3VLMoeTextConfig
     config_class = Qwen3VLMoeTextConfig
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _keys_to_ignore_on_load_unexpected = [r"^model\.visual\."]
-
-    def __init__(self, config: Qwen3VLMoeTextConfig) -> None:
-        super().__init__(config)
-        self.model = Qwen3VLMoeTextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    text_model = Qwen3VLMoeTextModel
 
 
 class Gemma4TextOnlyForCausalLM(Gemma4ForCausalLM):

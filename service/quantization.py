@@ -43,6 +43,12 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     return blocks.mul_(scales).to(dtype).reshape(rows, cols)  # in place: one float32 copy, not two
 
 
+def _nibbles(data: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., n]`` -> ``[..., 2n]``: each byte's low nibble, then its high one (the order every 4-bit format
+    read here packs them in)."""
+    return torch.stack((data & 0x0F, data >> 4), dim=-1).flatten(start_dim=-2)
+
+
 def check_mxfp4_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> None:
     """ValueError unless ``blocks`` is uint8 [N, K/32, 16] and ``scales`` [N, K/32]."""
     if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[:-1] != scales.shape:
@@ -56,10 +62,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     check_mxfp4_blocks(blocks, scales)
     rows, groups, width = blocks.shape
     lut = torch.tensor(_FP4_VALUES, dtype=dtype, device=blocks.device)
-    flat = blocks.reshape(rows * groups, width)
-    out = torch.empty(rows * groups, 2 * width, dtype=dtype, device=blocks.device)
-    out[:, 0::2] = lut[(flat & 0x0F).to(torch.int)]
-    out[:, 1::2] = lut[(flat >> 4).to(torch.int)]
+    out = lut[_nibbles(blocks.reshape(rows * groups, width)).to(torch.int)]  # [rows * groups, 2 * width]
     torch.ldexp(out, scales.reshape(rows * groups, 1).to(torch.int32) - 127, out=out)
     return out.reshape(rows, groups * 2 * width).T.contiguous()
 
@@ -89,7 +92,7 @@ def dequantize_int_packed(packed: torch.Tensor, scale: torch.Tensor, shape: tupl
     if sys.byteorder == "big":
         data = data.view(rows, -1, 4).flip(-1)
     if bits == 4:
-        values = torch.stack((data & 0xF, data >> 4), dim=-1).reshape(rows, -1)[:, :cols].to(torch.int8) - 8
+        values = _nibbles(data.reshape(rows, -1))[:, :cols].to(torch.int8) - 8
     else:
         values = (data.reshape(rows, -1)[:, :cols].to(torch.int16) - 128).to(torch.int8)
     groups = scale.shape[1]
@@ -118,7 +121,7 @@ def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: to
     row its own (a stacked gate and up)."""
     check_nvfp4(packed, scale, global_scale, "weight")
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, cols)
+    nibbles = _nibbles(packed)
     magnitudes = torch.tensor(_FP4_VALUES[:8], dtype=torch.float32, device=packed.device)[(nibbles & 0x07).long()]
     values = (magnitudes * torch.where((nibbles & 0x08).bool(), -1.0, 1.0)).to(torch.bfloat16)
     divisor = global_scale.reshape(-1, 1, 1) if global_scale.shape[0] == rows and rows > 1 else global_scale

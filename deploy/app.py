@@ -90,10 +90,12 @@ class AppArgs(BaseModel):
     max_body_bytes: int | None = Field(default=None, ge=1024)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
-    # memory of each ingress replica's KV cache (slots of max_model_len tokens; linear-attention states too);
-    # None: 512 MiB on a CPU replica, kv_cache_memory_fraction of what its GPU has free after the dense part loads
+    # memory of each ingress replica's KV cache (blocks that sequences take as they grow; linear-attention states
+    # too); None: 512 MiB on a CPU replica, kv_cache_memory_fraction of what its GPU has free after the dense part
+    # loads
     kv_cache_bytes: int | None = Field(default=None, ge=1 << 20)
     kv_cache_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    kv_block_size: int = Field(default=16, ge=1, le=1024)  # positions per KV cache block
     # linear-attention models: their states copied every this many prefilled positions, in this share of the KV
     # cache's memory (EngineConfig's docstring), so that a shorter shared prefix (a system prompt) resumes too
     prefix_state_interval: int = Field(default=256, ge=1)
@@ -185,6 +187,7 @@ def build_app(args: dict[str, Any] | None = None):
                                    request_timeout_s=parsed.request_timeout_s,
                                    enable_prefix_caching=parsed.enable_prefix_caching,
                                    kv_cache_bytes=parsed.kv_cache_bytes or EngineConfig.kv_cache_bytes,
+                                   kv_block_size=parsed.kv_block_size,
                                    prefix_state_interval=parsed.prefix_state_interval,
                                    prefix_state_memory=parsed.prefix_state_memory),
         admin_token_sha256=token_digest(token) if token else None,

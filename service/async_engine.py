@@ -94,6 +94,8 @@ class AsyncEngine:
         self._listeners: list[Callable[[StepStats], None]] = []
         self._num_running = 0
         self._num_waiting = 0
+        self._kv_cache_usage = 0.0
+        self._num_preemptions = 0
 
     @property
     def config(self) -> EngineConfig:
@@ -112,6 +114,16 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Queue depth after the last step boundary."""
         return self._num_waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache's blocks held by running sequences after the last step."""
+        return self._kv_cache_usage
+
+    @property
+    def num_preemptions(self) -> int:
+        """Running sequences preempted so far for want of KV blocks (`EngineConfig.kv_cache_bytes`)."""
+        return self._num_preemptions
 
     @property
     def is_alive(self) -> bool:
@@ -241,6 +253,7 @@ class AsyncEngine:
             failed = False
             self._send([(out.request_id, out) for out in outputs])
         self._num_running, self._num_waiting = self._engine.num_running, self._engine.num_waiting
+        self._kv_cache_usage, self._num_preemptions = self._engine.kv_cache_usage, self._engine.num_preemptions
         stats = StepStats(time.perf_counter() - start, len(outputs), self._num_running, self._num_waiting, failed)
         for listener in self._listeners:
             try:

@@ -44,20 +44,35 @@ NO_ATTENTION = frozenset({"linear_attention", "moe", "mlp"})
 
 
 class KVCache:
-    """Keys and values of every running sequence, one fixed slot each.
+    """Keys and values of every sequence, in fixed-size blocks that a per-slot block table maps positions to.
 
-    Per layer, ``keys[layer]`` is ``[num_slots, num_kv_heads, max_len, head_dim]`` (``num_kv_heads`` may be
-    given per layer) and ``values[layer]`` the same with ``value_head_dim`` (None: as wide), allocated once on ``device`` (zeros, so masked-out
-    positions never hold NaN). Slot ``s`` position ``p`` holds the key of token ``p`` of the sequence in slot
-    ``s``. With ``values_in_keys`` the values are the keys' first ``value_head_dim`` dimensions (a view: the
-    latent of multi-head latent attention is both), and take no memory of their own.
+    Per layer, ``keys[layer]`` is ``[num_blocks, num_kv_heads, block_size, head_dim]`` (``num_kv_heads`` may be
+    given per layer) and ``values[layer]`` the same with ``value_head_dim`` (None: as wide), allocated once on
+    ``device`` (zeros, so masked-out positions never hold NaN). A slot is one sequence's row of the block table
+    ``tables [num_slots, ceil(max_len / block_size)]``: position ``p`` of the sequence in slot ``s`` lies in block
+    ``tables[s, p // block_size]`` at offset ``p % block_size``. With ``values_in_keys`` the values are the keys'
+    first ``value_head_dim`` dimensions (a view: the latent of multi-head latent attention is both), and take no
+    memory of their own.
+
+    Blocks are handed to slots on demand (`grow`) and back (`trim`, `release`), as vLLM's paged attention does,
+    so a sequence holds memory for the tokens it has, not for ``max_len``. Without ``num_blocks`` every slot is
+    given its whole ``max_len`` up front (a contiguous cache: for tests and single sequences). Attention reads a
+    slot's blocks by gathering them in position order (`gather_decode`, `gather_prefill`): PyTorch has no paged
+    attention kernel on CPU, so each layer's read copies the keys it attends once.
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int | Sequence[int], max_len: int,
                  head_dim: int | Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu",
-                 value_head_dim: int | None = None, values_in_keys: bool = False) -> None:
+                 value_head_dim: int | None = None, values_in_keys: bool = False, block_size: int = 16,
+                 num_blocks: int | None = None) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
         heads, dims = _per_layer(num_kv_heads, num_layers), _per_layer(head_dim, num_layers, "head dims")
-        shapes = [(num_slots, layer_heads, max_len, dim) for layer_heads, dim in zip(heads, dims)]
+        self.block_size = block_size
+        self.max_blocks = -(-max_len // block_size)  # blocks of one max_len sequence
+        static = num_blocks is None
+        self.num_blocks = num_slots * self.max_blocks if static else int(num_blocks)
+        shapes = [(self.num_blocks, layer_heads, block_size, dim) for layer_heads, dim in zip(heads, dims)]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.values_in_keys = values_in_keys
         if values_in_keys:
@@ -67,17 +82,83 @@ class KVCache:
                            for shape in shapes]
         self.num_slots = num_slots
         self.max_len = max_len
+        self.tables = torch.zeros(num_slots, self.max_blocks, dtype=torch.int64, device=device)
+        self.blocks: list[list[int]] = [[] for _ in range(num_slots)]  # each slot's blocks, in position order
+        self.free_blocks: list[int] = list(range(self.num_blocks))
+        self._dirty: list[int] = []  # slots whose table row changed since `sync_tables`
+        if static:
+            for slot in range(num_slots):
+                self.grow(slot, max_len)
         self.linear = None  # the states of linear-attention layers (service.linear_attention), if any
         self.index_keys: list[torch.Tensor] = []  # a DSA indexer's keys per layer (service.sparse_attention)
 
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold ``num_tokens`` positions."""
+        return -(-num_tokens // self.block_size)
+
+    def capacity(self, slot: int) -> int:
+        """Positions ``slot``'s blocks hold."""
+        return len(self.blocks[slot]) * self.block_size
+
+    def grow(self, slot: int, num_tokens: int) -> bool:
+        """Give ``slot`` blocks for its first ``num_tokens`` positions; False (and nothing taken) if too few
+        blocks are free."""
+        missing = self.blocks_for(num_tokens) - len(self.blocks[slot])
+        if missing <= 0:
+            return True
+        if missing > len(self.free_blocks):
+            return False
+        self.blocks[slot] += self.free_blocks[:missing]
+        del self.free_blocks[:missing]
+        self._dirty.append(slot)
+        return True
+
+    def trim(self, slot: int, num_tokens: int) -> None:
+        """Free ``slot``'s blocks past its first ``num_tokens`` positions (all of them for 0)."""
+        keep = self.blocks_for(num_tokens)
+        if len(self.blocks[slot]) > keep:
+            self.free_blocks += self.blocks[slot][keep:]
+            del self.blocks[slot][keep:]
+
+    def release(self, slot: int) -> None:
+        """Free all of ``slot``'s blocks."""
+        self.trim(slot, 0)
+
+    def sync_tables(self) -> None:
+        """Write the block lists of slots that changed into ``tables`` (one copy per slot, before a forward)."""
+        for slot in dict.fromkeys(self._dirty):
+            blocks = self.blocks[slot]
+            if blocks:
+                self.tables[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        self._dirty.clear()
+
+    def gather_decode(self, pool: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """``pool``'s keys (or values) of the step's decode slot range, ``[S, H, decode_max_len, d]``."""
+        blocks = self.blocks_for(batch.decode_max_len)
+        gathered = pool[self.tables[batch.slot_lo:batch.slot_hi, :blocks]]  # [S, nb, H, B, d]
+        span, _, heads, size, dim = gathered.shape
+        return gathered.transpose(1, 2).reshape(span, heads, blocks * size, dim)[:, :, :batch.decode_max_len]
+
+    def gather_prefill(self, pool: torch.Tensor, chunk: SeqChunk) -> torch.Tensor:
+        """``pool``'s keys (or values) of ``chunk``'s sequence up to the chunk's end, ``[H, end, d]``."""
+        end = chunk.start + chunk.num_tokens
+        gathered = pool[self.tables[chunk.slot, :self.blocks_for(end)]]  # [nb, H, B, d]
+        blocks, heads, size, dim = gathered.shape
+        return gathered.transpose(0, 1).reshape(heads, blocks * size, dim)[:, :end]
+
     def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions."""
-        for keys, values in zip(self.keys, self.values):
-            keys[target, :, :length] = keys[source, :, :length]
-            if not self.values_in_keys:  # (else the keys' copy was theirs)
-                values[target, :, :length] = values[source, :, :length]
-        for keys in self.index_keys:
-            keys[target, :, :length] = keys[source, :, :length]
+        """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions (``target``
+        must hold blocks for them; the last block is copied whole, its positions past ``length`` are not read)."""
+        count = self.blocks_for(length)
+        if count:
+            src = torch.tensor(self.blocks[source][:count], dtype=torch.int64, device=self.tables.device)
+            dst = torch.tensor(self.blocks[target][:count], dtype=torch.int64, device=self.tables.device)
+            for keys, values in zip(self.keys, self.values):
+                keys[dst] = keys[src]
+                if not self.values_in_keys:  # (else the keys' copy was theirs)
+                    values[dst] = values[src]
+            for keys in self.index_keys:
+                keys[dst] = keys[src]
         if self.linear is not None:  # (a state holds one position: a fork copies its parent's whole prompt)
             self.linear.copy_slot(source, target)
 
@@ -155,7 +236,7 @@ class StepBatch:
     Built once per step by ``StepBatch.build``; the decode tensors are precomputed so that each layer
     does no Python work per sequence for single-token chunks. The selectors are slices when the decode
     tokens lead the flat batch (the scheduler puts them first) and fill their slot range in slot order,
-    so that the common all-decode step gathers and pads nothing.
+    so that the common all-decode step pads no queries.
     """
 
     chunks: tuple[SeqChunk, ...]
@@ -163,13 +244,12 @@ class StepBatch:
     num_decodes: int             # B: single-token chunks
     decode_select: slice | torch.Tensor  # flat-batch offsets of the B single-token chunks
     decode_rows: slice | torch.Tensor    # their rows in the slot range slot_lo .. slot_hi - 1
-    decode_slots: torch.Tensor   # int64 [B]
-    decode_pos: torch.Tensor     # int64 [B]: position of the new token
     slot_lo: int                 # decode attention reads slots slot_lo .. slot_hi - 1
     slot_hi: int
     decode_len: torch.Tensor     # int64 [slot_hi - slot_lo]: keys to attend per slot in range (>= 1)
     decode_max_len: int          # decode_len.max(), known without a device sync
     _masks: dict[tuple[int | None, int | None], torch.Tensor] = field(default_factory=dict)
+    _index: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @staticmethod
     def build(chunks: Sequence[SeqChunk], device: torch.device | str = "cpu") -> StepBatch:
@@ -187,7 +267,6 @@ class StepBatch:
             chunks=tuple(chunks), prefills=prefills, num_decodes=len(decodes),
             decode_select=slice(0, len(offsets)) if offsets == list(range(len(offsets))) else as_tensor(offsets),
             decode_rows=slice(None) if slots == list(range(lo, hi)) else as_tensor([s - lo for s in slots]),
-            decode_slots=as_tensor(slots), decode_pos=as_tensor([c.start for c in decodes]),
             slot_lo=lo, slot_hi=hi, decode_len=decode_len.to(device),
             decode_max_len=max((c.start + 1 for c in decodes), default=0),
         )
@@ -207,6 +286,18 @@ class StepBatch:
             self._masks[kind] = allowed[:, None, None, :]
         return self._masks[kind]
 
+    def write_index(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) int64 ``[T]`` of each token of the flat batch in ``cache`` (from its block tables)."""
+        if "write" not in self._index:
+            counts = torch.tensor([c.num_tokens for c in self.chunks])
+            slots = torch.tensor([c.slot for c in self.chunks]).repeat_interleave(counts)
+            # token t of chunk c (offset o, start s) is at position t - (o - s): the offsets are contiguous from 0
+            shift = torch.tensor([c.offset - c.start for c in self.chunks]).repeat_interleave(counts)
+            positions = (torch.arange(len(slots)) - shift).to(cache.tables.device)
+            self._index["write"] = (cache.tables[slots.to(cache.tables.device), positions // cache.block_size],
+                                    positions % cache.block_size)
+        return self._index["write"]
+
     def positions(self, device: torch.device | str) -> torch.Tensor:
         """int64 ``[T]``: the position of each token of the flat batch in its sequence."""
         return torch.cat([torch.arange(c.start, c.start + c.num_tokens, device=device) for c in self.chunks])
@@ -219,6 +310,7 @@ _CURRENT: contextvars.ContextVar[tuple[KVCache, StepBatch] | None] = contextvars
 @contextlib.contextmanager
 def bind_step(cache: KVCache, batch: StepBatch) -> Iterator[None]:
     """Make ``cache`` and ``batch`` the ones the attention function uses during one forward."""
+    cache.sync_tables()
     token = _CURRENT.set((cache, batch))
     try:
         yield
@@ -272,35 +364,37 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         q_nope, q_rot = query.split([latent.nope, rotary], dim=-1)
         query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, latent.up_keys), q_rot), dim=-1)
     if source is None:  # (a shared layer's key and value are its source's, which that layer appended this step)
-        append_keys(layer_keys, key[0], batch)
+        append_keys(cache, layer_keys, key[0], batch)
         if not cache.values_in_keys:  # (else appending the keys appended them)
-            append_keys(layer_values, value[0], batch)
+            append_keys(cache, layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
         chosen = selection.decode if selection is not None else None
-        out[batch.decode_select] = _decode(query[0], layer_keys, layer_values, batch, window, scaling, sinks, chosen,
-                                           chunk_size)
+        out[batch.decode_select] = _decode(query[0], cache.gather_decode(layer_keys, batch),
+                                           cache.gather_decode(layer_values, batch), batch, window, scaling, sinks,
+                                           chosen, chunk_size)
     for chunk in batch.prefills:
         chosen = selection.prefill.get(chunk.offset) if selection is not None else None
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
-            query[0], layer_keys, layer_values, chunk, window, scaling, sinks, chosen, chunk_size)
+            query[0], cache.gather_prefill(layer_keys, chunk), cache.gather_prefill(layer_values, chunk), chunk,
+            window, scaling, sinks, chosen, chunk_size)
     if latent is not None:  # each head's output out of the latent space
         out = torch.einsum("thr,hvr->thv", out, latent.up_values)
     return out.unsqueeze(0), None
 
 
-def append_keys(pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
-    """Write new keys (or values) ``new [Hkv, T, d]`` into their slots of ``pool``."""
-    if batch.num_decodes:
-        pool[batch.decode_slots, :, batch.decode_pos] = new[:, batch.decode_select].transpose(0, 1)
-    for c in batch.prefills:
-        pool[c.slot, :, c.start:c.start + c.num_tokens] = new[:, c.offset:c.offset + c.num_tokens]
+def append_keys(cache: KVCache, pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:
+    """Write new keys (or values) ``new [Hkv, T, d]`` into their sequences' blocks of ``pool`` (a pool of
+    ``cache``, whose block tables say where each position lies)."""
+    blocks, offsets = batch.write_index(cache)
+    pool[blocks, :, offsets] = new.transpose(0, 1)
 
 
 def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch,
             window: int | None, scaling: float | None, sinks: torch.Tensor | None,
             chosen: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Attention of every single-token query at once, over the slot range read in place.
+    """Attention of every single-token query at once, over the slot range's keys and values ``[S, Hkv, L, d]``
+    (gathered from the cache's blocks, `KVCache.gather_decode`).
 
     ``query [Hq, T, d]``; returns ``[B, Hq, dv]`` for the decode tokens in ``batch.decode_select`` order.
     Query heads are grouped under their kv head (GQA without repeating keys): ``[S, Hkv, G, d]``.
@@ -315,21 +409,20 @@ def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch
         padded = q.new_zeros(batch.slot_hi - batch.slot_lo, *q.shape[1:])  # [S, Hkv, G, d]
         padded[batch.decode_rows] = q
         q = padded
-    span = slice(batch.slot_lo, batch.slot_hi)
-    length = mask.shape[-1]
     if sinks is not None:
         sinks = sinks.reshape(num_kv_heads, -1, 1)                     # [Hkv, G, 1] against [S, Hkv, G, L]
-    attn = _attend(q, keys[span, :, :length], values[span, :, :length], mask, scaling, sinks)
+    attn = _attend(q, keys, values, mask, scaling, sinks)
     return attn[batch.decode_rows].reshape(batch.num_decodes, -1, values.shape[3])  # [B, Hq, dv]
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,
              window: int | None, scaling: float | None, sinks: torch.Tensor | None,
              chosen: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Causal attention of one multi-token chunk over its sequence's cache; returns ``[n, Hq, dv]``."""
-    n, end = chunk.num_tokens, chunk.start + chunk.num_tokens
+    """Causal attention of one multi-token chunk over its sequence's keys and values ``[Hkv, end, d]`` (gathered
+    from the cache's blocks, `KVCache.gather_prefill`); returns ``[n, Hq, dv]``."""
+    n = chunk.num_tokens
     q = query[:, chunk.offset:chunk.offset + n]                        # [Hq, n, d]
-    k, v = keys[chunk.slot, :, :end], values[chunk.slot, :, :end]      # [Hkv, end, d]
+    k, v = keys, values
     if sinks is not None:  # query heads grouped under their kv head, as _decode has them
         num_kv_heads = k.shape[0]
         grouped = q.reshape(num_kv_heads, -1, n, q.shape[-1])           # [Hkv, G, n, d]

@@ -1,6 +1,6 @@
 """Continuous-batching engine: one model forward per step over a flattened ragged batch.
 
-Owns the request lifecycle (waiting queue, running batch, KV slots), the per-step schedule under a token
+Owns the request lifecycle (waiting queue, running batch, paged KV cache, preemption), the per-step schedule under a token
 budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling (with the
 token log-probabilities a request asks for, of its completion and of its prompt, and prompt-only
 requests that score a prompt), requests sharing another's prefill, prefix caching (a new request starts
@@ -68,8 +68,14 @@ class EngineConfig:
         max_model_len: prompt plus completion tokens of one sequence at most.
         max_queue: waiting requests at most; `add_request` raises `QueueFull` beyond.
         kv_cache_bytes: memory for keys and values at most (and linear-attention states, with their snapshots
-            for the prefix cache); each running sequence holds a slot of ``max_model_len`` tokens, so fewer
-            than ``max_num_seqs`` may run if this is small.
+            for the prefix cache). Keys and values are held in blocks of ``kv_block_size`` positions that a
+            sequence takes as it grows (paged, as vLLM's), so a sequence holds memory for its tokens, not for
+            ``max_model_len``; at least one ``max_model_len`` sequence must fit. When a running sequence needs a
+            block and none is free (nor held by a finished request's cached prefix), the most recently admitted
+            running sequence is preempted: its blocks are freed and it waits at the head of the queue, to be
+            prefilled again (its prompt and the tokens it generated) when blocks are free; its client sees only
+            the delay.
+        kv_block_size: positions per block of the KV cache (16, vLLM's default).
         request_timeout_s: seconds a request may take from admission to its last output, waiting
             included; the `AsyncEngine` aborts it after that (None: no limit).
         max_prompt_logprob_tokens: prompt tokens per step of requests that asked for their prompt's
@@ -108,6 +114,7 @@ class EngineConfig:
     max_model_len: int = 1024
     max_queue: int = 256
     kv_cache_bytes: int = 512 * 2**20
+    kv_block_size: int = 16
     request_timeout_s: float | None = None
     max_prompt_logprob_tokens: int = 128
     enable_prefix_caching: bool = True
@@ -116,7 +123,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes",
-                     "max_prompt_logprob_tokens", "prefix_state_interval"):
+                     "kv_block_size", "max_prompt_logprob_tokens", "prefix_state_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -173,6 +180,7 @@ class _Sequence:
         self.num_cached = 0                     # tokens whose keys/values are in the cache
         self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
         self.branch = 0                         # linear attention: a position to snapshot the states at (0: none)
+        self.preemptions = 0                    # times its blocks were taken back for other sequences
         self.matcher = None                     # the structured output's grammar state, if any
         # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
         # one: no grammar yet), "gap" (just closed: whitespace may come before the grammar), None (the
@@ -220,6 +228,9 @@ class Engine:
         self._forks: dict[str, list[_Sequence]] = {}  # parent id -> requests waiting to share its prefill
         self.prefix_cache_queries = 0  # prompt tokens of admitted requests that may use the prefix cache
         self.prefix_cache_hits = 0     # of them, tokens taken from it
+        self.num_preemptions = 0       # running sequences whose blocks were taken back (prefilled again later)
+        # blocks kept free when admitting beside running sequences, for their next decode steps
+        self._watermark = max(1, self._cache.num_blocks // 100)
         attention.install(model)
         linear_attention.install(model)
         sparse_attention.install(model)
@@ -239,8 +250,20 @@ class Engine:
 
     @property
     def num_kv_slots(self) -> int:
-        """Sequences the KV cache can hold at once."""
+        """Sequences (running, or finished and cached for their prefix) the KV cache can hold at once."""
         return self._cache.num_slots
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Blocks of ``kv_block_size`` positions in the KV cache."""
+        return self._cache.num_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache's blocks that running sequences hold (the rest is free or holds cached
+        prefixes, which are given up when needed)."""
+        held = sum(len(self._cache.blocks[seq.slot]) for seq in self._running)
+        return held / self._cache.num_blocks
 
     @property
     def has_work(self) -> bool:
@@ -322,10 +345,15 @@ class Engine:
         if not self._forks:
             return []
         room = min(len(self._free_slots), self.config.max_num_seqs - len(self._running))
+        spare = self._spare_blocks()
         forked = []
         for row, parent in enumerate(sampled):
             if parent.num_completion_tokens == 0:  # its prompt ends in this step
+                need = self._cache.blocks_for(parent.num_prompt_tokens)
                 for child in self._forks.get(parent.request_id, [])[:room - len(forked)]:
+                    if need > spare:
+                        return forked
+                    spare -= need
                     forked.append((child, row))
         return forked
 
@@ -334,6 +362,8 @@ class Engine:
         self._forks[parent.request_id].remove(child)
         child.slot = self._take_free_slot(self._victim())
         self._drop_snapshots(child.slot)
+        self._cache.release(child.slot)
+        self._make_room(child.slot, parent.num_prompt_tokens, required=True)
         self._cache.copy_prefix(parent.slot, child.slot, parent.num_prompt_tokens)
         child.num_cached = parent.num_prompt_tokens
         child.prompt_logprobs = list(parent.prompt_logprobs)
@@ -438,6 +468,7 @@ class Engine:
 
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, new tokens) of this step: decodes first, then prefill chunks, then admissions."""
+        self._grow_running()
         budget = self.config.max_num_batched_tokens
         scored = self.config.max_prompt_logprob_tokens  # prompt tokens with log-probabilities left this step
         decodes = sorted(((s, 1) for s in self._running if s.num_pending == 1), key=lambda c: c[0].slot)
@@ -461,12 +492,61 @@ class Engine:
             if chunk(seq):
                 take(seq)
         while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
-               and len(self._running) < self.config.max_num_seqs):
+               and len(self._running) < self.config.max_num_seqs and self._fits(self._waiting[0])):
             seq = self._waiting.popleft()
             self._assign_slot(seq)
             self._running.append(seq)
             take(seq)
         return decodes + prefills
+
+    def _grow_running(self) -> None:
+        """Give each running sequence blocks for the tokens this step may write (a decode's next position; a
+        prompt's blocks were all taken at admission), oldest first, taking cached prefixes' blocks and then
+        preempting the newest running sequences when too few are free."""
+        for seq in list(self._running):
+            while seq in self._running and not self._make_room(seq.slot, len(seq.token_ids)):
+                self._preempt(self._running[-1])
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Take ``seq``'s blocks back: it waits first in the queue, to be prefilled again (prompt and generated
+        tokens) once blocks are free; what it streamed stays streamed, its sampling state is kept."""
+        log.info("preempting request %s (%d tokens): the KV cache is full", seq.request_id, len(seq.token_ids))
+        self._running.remove(seq)
+        self._drop_snapshots(seq.slot)
+        self._cache.release(seq.slot)
+        self._free_slots.append(seq.slot)
+        seq.slot, seq.num_cached, seq.branch = -1, 0, 0
+        if seq.num_completion_tokens == 0:  # its prompt's log-probabilities are computed again
+            seq.prompt_logprobs = []
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self._unfork(seq)
+        self._waiting.appendleft(seq)
+
+    def _spare_blocks(self, keep: int | None = None) -> int:
+        """Blocks free or held by cached prefixes (free slots), but for free slot ``keep``'s."""
+        cache = self._cache
+        return len(cache.free_blocks) + sum(len(cache.blocks[slot]) for slot in self._free_slots if slot != keep)
+
+    def _fits(self, seq: _Sequence) -> bool:
+        """Whether ``seq``'s tokens fit in the blocks free or cached, leaving the watermark to running ones."""
+        watermark = self._watermark if self._running else 0
+        return self._cache.blocks_for(len(seq.token_ids)) + watermark <= self._spare_blocks()
+
+    def _make_room(self, slot: int, num_tokens: int, keep: int | None = None, required: bool = False) -> bool:
+        """Grow ``slot`` to ``num_tokens`` positions, giving up cached prefixes (least recently released first,
+        but free slot ``keep``'s) for their blocks as needed; False if that is not enough (RuntimeError with
+        ``required``: the caller counted the blocks)."""
+        while not self._cache.grow(slot, num_tokens):
+            cached = next((free for free in self._free_slots if free != keep and self._cache.blocks[free]), None)
+            if cached is None:
+                if required:
+                    raise RuntimeError(f"no KV blocks for {num_tokens} positions of slot {slot}")
+                return False
+            self._slot_tokens.pop(cached, None)
+            self._drop_snapshots(cached)
+            self._cache.release(cached)
+        return True
 
     def _assign_slot(self, seq: _Sequence) -> None:
         """Give a newly admitted ``seq`` a free slot, holding the longest cached prefix of its prompt.
@@ -483,10 +563,10 @@ class Engine:
         shared length itself becomes a branch point to snapshot at while this prompt is prefilled.
         """
         reusable = (self.config.enable_prefix_caching and seq.params.prompt_logprobs is None
-                    and seq.num_prompt_tokens > 1)
+                    and len(seq.token_ids) > 1)
         best, source, snapshot, shared = 0, None, False, 0
-        if reusable:
-            prompt, limit = seq.token_ids, seq.num_prompt_tokens - 1
+        if reusable:  # (a preempted sequence's tokens: its prompt and what it generated)
+            prompt, limit = seq.token_ids, len(seq.token_ids) - 1
             candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
             candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
             linear = self._cache.linear is not None
@@ -498,15 +578,23 @@ class Engine:
                     n = self._snapshots.latest(slot, n) if self._snapshots is not None else 0
                 if n > best:
                     best, source, snapshot = n, slot, from_snapshot
-            self.prefix_cache_queries += seq.num_prompt_tokens
-            self.prefix_cache_hits += best
+            if not seq.preemptions:
+                self.prefix_cache_queries += seq.num_prompt_tokens
+                self.prefix_cache_hits += best
             if self._snapshots is not None and shared > max(best, self.config.prefix_state_interval - 1):
                 seq.branch = shared
-        victim = self._victim()
-        if source is not None and (source == victim or best == len(self._slot_tokens.get(source, ()))):
+        victim, need = self._victim(), len(seq.token_ids)
+        in_place = source is not None and (source == victim or best == len(self._slot_tokens.get(source, ())))
+        if (source is not None and not in_place and source in self._slot_tokens
+                and self._cache.blocks_for(need) > self._spare_blocks(keep=source)):
+            in_place = True  # no room for a copy beside the cached prefix: it is taken itself
+        if in_place:
             seq.slot = self._take_free_slot(source)  # in place: nothing else of that slot was worth keeping
+            self._make_room(seq.slot, need, required=True)
         else:
             seq.slot = self._take_free_slot(victim)
+            self._cache.release(seq.slot)
+            self._make_room(seq.slot, need, keep=source, required=True)
             if source is not None:
                 self._cache.copy_prefix(source, seq.slot, best)
         self._drop_snapshots(seq.slot, keep=best if seq.slot == source else 0)
@@ -514,7 +602,9 @@ class Engine:
             self._snapshots.restore(source, best, self._cache.linear, seq.slot)
             if seq.slot != source:  # the copy goes with the newest slot holding its tokens, the last to be overwritten
                 self._snapshots.move(source, best, seq.slot)
-        seq.num_cached = seq.num_reused = best
+        seq.num_cached = best
+        if not seq.preemptions:  # (what the client is told its prompt took from the cache)
+            seq.num_reused = best
 
     def _drop_snapshots(self, slot: int, keep: int = 0) -> None:
         """``slot``'s keys and values past ``keep`` are overwritten: its state snapshots past it are void."""
@@ -565,7 +655,7 @@ class Engine:
         for seq, n in chunks:
             meta.append(SeqChunk(seq.slot, seq.num_cached, n, len(ids)))
             predicting = min(n, seq.num_prompt_tokens - 1 - seq.num_cached)  # positions before the prompt's last
-            if seq.params.prompt_logprobs is not None and predicting > 0:
+            if seq.params.prompt_logprobs is not None and predicting > 0 and seq.num_completion_tokens == 0:
                 prompt_rows.append((seq, list(range(len(prompt_keep), len(prompt_keep) + predicting))))
                 prompt_keep += range(len(ids), len(ids) + predicting)
             ids += seq.token_ids[seq.num_cached:seq.num_cached + n]
@@ -624,8 +714,10 @@ class Engine:
         self._free_slots.append(seq.slot)
         if keep_cache and self.config.enable_prefix_caching and seq.num_cached:
             self._slot_tokens[seq.slot] = seq.token_ids[:seq.num_cached]
+            self._cache.trim(seq.slot, seq.num_cached)
         else:
             self._drop_snapshots(seq.slot)
+            self._cache.release(seq.slot)
 
 
 def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None,
@@ -663,7 +755,14 @@ def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int])
 
 
 def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
-    """A KV cache with as many ``max_model_len`` slots as ``kv_cache_bytes`` allows (<= max_num_seqs)."""
+    """A paged KV cache of as many blocks as ``kv_cache_bytes`` holds once the slots' linear-attention states and
+    their snapshots are paid for, up to what ``max_num_seqs`` sequences of ``max_model_len`` fill.
+
+    Slots (a sequence's block table row, and its states where the model has linear layers): ``max_num_seqs``
+    for the running sequences, as many again with prefix caching to hold finished requests' prefixes, since a row
+    costs nothing; with linear layers, whose states a slot holds, ``max_num_seqs`` in all, or as many as fit beside
+    one ``max_model_len`` sequence's blocks.
+    """
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
     per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
@@ -673,22 +772,31 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
     shape = linear_attention.LinearShape.of(mc) if linear else None
     states = len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0
-    per_slot = per_token * config.max_model_len + states
+    block = config.kv_block_size
+    per_block = per_token * block
+    full_blocks = -(-config.max_model_len // block)  # one max_model_len sequence
     num_snapshots = 0  # copies of the states for the prefix cache, from their share of the budget
     if linear and config.enable_prefix_caching:
         num_snapshots = min(int(config.kv_cache_bytes * config.prefix_state_memory) // states,
                             config.max_num_seqs * (config.max_model_len // config.prefix_state_interval + 2))
-    num_slots = min(config.max_num_seqs, (config.kv_cache_bytes - num_snapshots * states) // per_slot)
-    if num_slots < 1:
+    budget = config.kv_cache_bytes - num_snapshots * states
+    num_slots = config.max_num_seqs * (2 if config.enable_prefix_caching and not states else 1)
+    if states:  # as many slots as fit beside one max_model_len sequence's blocks
+        num_slots = min(num_slots, max(0, budget - full_blocks * per_block) // states)
+    # (never more than max_num_seqs sequences of max_model_len can use: what the budget holds beyond is not taken)
+    most = config.max_num_seqs * full_blocks
+    num_blocks = min((budget - num_slots * states) // per_block, most) if per_block else most
+    if num_slots < 1 or num_blocks < full_blocks:
         snapshots = f" after {num_snapshots} state snapshots (prefix_state_memory)" if num_snapshots else ""
+        one = full_blocks * per_block + states
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
-                         f"{config.max_model_len} ({per_slot} bytes){snapshots}: give the app a larger "
+                         f"{config.max_model_len} ({one} bytes){snapshots}: give the app a larger "
                          f"kv_cache_bytes or a smaller max_model_len")
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
-                    device=model.device, **heads)
+                    device=model.device, block_size=block, num_blocks=num_blocks, **heads)
     if indexed:  # a DSA indexer's keys: one more "head" per layer that runs one (none on GLM-5's shared layers)
-        cache.index_keys = [torch.zeros(num_slots, 1, config.max_model_len if layer in indexed else 0,
-                                        mc.index_head_dim, dtype=model.dtype, device=model.device)
+        cache.index_keys = [torch.zeros(num_blocks, 1, block if layer in indexed else 0, mc.index_head_dim,
+                                        dtype=model.dtype, device=model.device)
                             for layer in range(mc.num_hidden_layers)]
     if linear:
         cache.linear = linear_attention.LinearStates(linear, num_slots, shape, model.dtype, model.device)

@@ -1,8 +1,8 @@
 """Serving metrics in Prometheus format, one registry per app.
 
 Owns the metric definitions (TTFT, TPOT and end-to-end latency histograms, queue depth, running batch
-size, token and request counters, engine step time) and the per-request timer that feeds them. Ignores
-HTTP routing and placement metrics (the lead's admin routes export those).
+size, KV cache usage and preemptions, token and request counters, engine step time) and the per-request timer
+that feeds them. Ignores HTTP routing and placement metrics (the lead's admin routes export those).
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ class ServingMetrics:
             lambda: engine.num_waiting)
         Gauge("vibe_num_requests_running", "Sequences in the running batch.", registry=r).set_function(
             lambda: engine.num_running)
+        Gauge("vibe_kv_cache_usage_perc", "Share of the KV cache's blocks held by running sequences (0-1).",
+              registry=r).set_function(lambda: engine.kv_cache_usage)
+        Gauge("vibe_num_preemptions", "Running sequences preempted so far for want of KV cache blocks (prefilled "
+              "again later).", registry=r).set_function(lambda: engine.num_preemptions)
         engine.add_step_listener(self._on_step)
 
     def render(self) -> bytes:

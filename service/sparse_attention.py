@@ -4,7 +4,7 @@ Each attention layer of DeepSeek-V3.2 has an indexer: small projections that sco
 the sequence for each query (``relu(q . k)`` per indexer head, weighted and summed), and the query then
 attends only the ``index_topk`` best (2048 in the release; all of them while the sequence is shorter).
 Owns `install`, which replaces each layer's indexer by `RaggedIndexer`: it appends the new tokens' indexer
-keys to the KV cache (``KVCache.index_keys``, one ``[slots, 1, max_len, index_head_dim]`` tensor per layer)
+keys to the KV cache (``KVCache.index_keys``, one ``[blocks, 1, block_size, index_head_dim]`` pool per layer)
 and returns a `Selection` (which keys each query of the step may attend), which the module hands to the
 attention function (``indices``) and `service.attention` applies on top of causality. The indexer's
 arithmetic is transformers' (`DeepseekV32Indexer.forward`), per sequence.
@@ -80,7 +80,7 @@ class RaggedIndexer(torch.nn.Module):
                 position_ids=None, cache=None) -> Selection:
         ix = self.inner
         cache_, batch = attention.bound_step()
-        pool = cache_.index_keys[ix.layer_idx]                                 # [slots, 1, max_len, D]
+        pool = cache_.index_keys[ix.layer_idx]                                 # [blocks, 1, block_size, D]
         _, tokens, _ = hidden_states.shape
         cos, sin = position_embeddings
         q = ix.wq_b(q_resid).view(1, tokens, ix.n_heads, ix.head_dim)
@@ -90,13 +90,13 @@ class RaggedIndexer(torch.nn.Module):
         q_rot, k_rot = self.rotate(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
         q = torch.cat([q_rot, q_pass], dim=-1)[0]                              # [T, H, D]
         k = torch.cat([k_rot, k_pass], dim=-1)[0, :, 0]                        # [T, D]
-        attention.append_keys(pool, k.unsqueeze(0), batch)                   # as one "head" [1, T, D]
+        attention.append_keys(cache_, pool, k.unsqueeze(0), batch)           # as one "head" [1, T, D]
         weights = ix.weights_proj(hidden_states.to(ix.weights_proj.weight.dtype)).float()[0] * (ix.n_heads**-0.5)
         topk = ix.index_topk
         selection = Selection()
         if batch.num_decodes and batch.decode_max_len > topk:
             length = batch.decode_max_len
-            keys = pool[batch.slot_lo:batch.slot_hi, 0, :length][batch.decode_rows]  # [B, L, D]
+            keys = cache_.gather_decode(pool, batch)[:, 0][batch.decode_rows]  # [B, L, D]
             rows = batch.decode_select
             scores = F.relu(torch.matmul(q[rows].float(), keys.float().transpose(-1, -2)) * ix.softmax_scale)
             index = torch.matmul(weights[rows].unsqueeze(-2), scores).squeeze(-2)  # [B, L]
@@ -110,7 +110,7 @@ class RaggedIndexer(torch.nn.Module):
             if end <= topk:
                 continue
             span = slice(chunk.offset, chunk.offset + chunk.num_tokens)
-            keys = pool[chunk.slot, 0, :end]                                   # [end, D]
+            keys = cache_.gather_prefill(pool, chunk)[0]                       # [end, D]
             scores = F.relu(torch.matmul(q[span].float(), keys.float().T.unsqueeze(0)) * ix.softmax_scale)
             index = torch.matmul(weights[span].unsqueeze(-2), scores).squeeze(-2)  # [n, end]
             causal = attention.causal_mask(chunk, None, index.device)

@@ -11,7 +11,7 @@ import torch
 from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch, bind_step, ragged_attention
 
-HQ, HKV, D, MAX_LEN, SLOTS = 4, 2, 8, 32, 6
+HQ, HKV, D, MAX_LEN, SLOTS, BLOCK = 4, 2, 8, 32, 6, 4
 # (slot, start, new tokens) in flat-batch order. Padded: decodes in slots 0, 2 and 4 (slot 1 idle, slot 3
 # a prefill inside the decode slot range), a first prefill, a continued prefill chunk, a one-token prompt.
 PADDED = [(0, 5, 1), (3, 0, 7), (2, 9, 1), (5, 4, 3), (4, 0, 1)]
@@ -31,16 +31,40 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, wind
     return out
 
 
+def _paged_cache(dv: int = D) -> KVCache:
+    """A cache of blocks of 4 positions whose slots got theirs one at a time in turn, from a shuffled free list:
+    no slot's blocks are contiguous or in order."""
+    cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32, value_head_dim=dv, block_size=BLOCK,
+                    num_blocks=SLOTS * MAX_LEN // BLOCK + 3)
+    cache.free_blocks = torch.randperm(cache.num_blocks, generator=torch.Generator().manual_seed(7)).tolist()
+    for length in range(BLOCK, MAX_LEN + 1, BLOCK):
+        assert all(cache.grow(slot, length) for slot in range(SLOTS))
+    assert cache.blocks[0][:3] != sorted(cache.blocks[0][:3]) or cache.blocks[0][1] != cache.blocks[0][0] + 1
+    return cache
+
+
+def _put(cache: KVCache, pool: torch.Tensor, slot: int, history: torch.Tensor) -> None:
+    """Write ``history [H, n, d]`` at positions 0 .. n - 1 of ``slot``."""
+    for pos in range(history.shape[1]):
+        pool[cache.blocks[slot][pos // BLOCK], :, pos % BLOCK] = history[:, pos]
+
+
+def _held(cache: KVCache, pool: torch.Tensor, slot: int, length: int) -> torch.Tensor:
+    """Positions 0 .. length - 1 of ``slot``, ``[H, length, d]``."""
+    return cache.gather_prefill(pool, SeqChunk(slot, 0, length, 0))
+
+
 def _scenario(layout, seed: int = 0, dv: int = D):
     """A filled cache, the step's q/k/v and batch, and each sequence's full keys/values (values ``dv`` wide)."""
     gen = torch.Generator().manual_seed(seed)
-    cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32, value_head_dim=dv)
+    cache = _paged_cache(dv)
     total = sum(n for _, _, n in layout)
     query, key, value = (torch.randn(1, h, total, d, generator=gen) for h, d in ((HQ, D), (HKV, D), (HKV, dv)))
     chunks, full, offset = [], {}, 0
     for slot, start, n in layout:
         history_k, history_v = torch.randn(HKV, start, D, generator=gen), torch.randn(HKV, start, dv, generator=gen)
-        cache.keys[0][slot, :, :start], cache.values[0][slot, :, :start] = history_k, history_v
+        _put(cache, cache.keys[0], slot, history_k)
+        _put(cache, cache.values[0], slot, history_v)
         new = slice(offset, offset + n)
         full[slot] = (torch.cat([history_k, key[0, :, new]], 1), torch.cat([history_v, value[0, :, new]], 1))
         chunks.append(SeqChunk(slot, start, n, offset))
@@ -99,8 +123,8 @@ def test_new_keys_and_values_land_in_their_slots(layout):
     with bind_step(cache, batch):
         ragged_attention(SimpleNamespace(layer_idx=0), query, key, value, None)
     for slot, start, n in layout:
-        torch.testing.assert_close(cache.keys[0][slot, :, :start + n], full[slot][0])
-        torch.testing.assert_close(cache.values[0][slot, :, :start + n], full[slot][1])
+        torch.testing.assert_close(_held(cache, cache.keys[0], slot, start + n), full[slot][0])
+        torch.testing.assert_close(_held(cache, cache.values[0], slot, start + n), full[slot][1])
 
 
 def test_decode_range_covers_idle_slots_with_one_key():
@@ -115,6 +139,30 @@ def test_called_outside_a_step_raises():
     q = torch.zeros(1, HQ, 1, D)
     with pytest.raises(RuntimeError, match="outside an engine step"):
         ragged_attention(SimpleNamespace(layer_idx=0), q, q[:, :HKV], q[:, :HKV], None)
+
+
+def test_blocks_are_given_on_demand_and_taken_back():
+    """A slot holds blocks for the positions it was grown to, never more; `grow` takes nothing when too few are
+    free; trimmed and released blocks are free again; a prefix copy reaches the target's own blocks only."""
+    cache = KVCache(1, 3, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK, num_blocks=10)
+    assert cache.max_blocks == 8 and cache.tables.shape == (3, 8) and cache.blocks == [[], [], []]
+    assert cache.grow(0, 5) and cache.blocks[0] == [0, 1] and cache.capacity(0) == 8
+    assert cache.grow(0, 8) and cache.blocks[0] == [0, 1]  # (already held)
+    assert cache.grow(1, 32) and len(cache.free_blocks) == 0
+    assert not cache.grow(2, 1) and cache.blocks[2] == []
+    cache.trim(1, 9)
+    assert cache.blocks[1] == [2, 3, 4] and sorted(cache.free_blocks) == [5, 6, 7, 8, 9]
+    history = torch.randn(HKV, 7, D)
+    _put(cache, cache.keys[0], 0, history)
+    assert cache.grow(2, 7)
+    cache.copy_prefix(0, 2, 7)
+    cache.sync_tables()
+    torch.testing.assert_close(_held(cache, cache.keys[0], 2, 7), history)
+    assert set(cache.blocks[2]).isdisjoint(cache.blocks[0])
+    cache.release(0)
+    assert cache.blocks[0] == [] and sorted(cache.free_blocks) == [0, 1, 7, 8, 9]
+    contiguous = KVCache(1, 2, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK)  # no num_blocks: all up front
+    assert contiguous.blocks == [list(range(8)), list(range(8, 16))] and not contiguous.free_blocks
 
 
 def test_bytes_per_token_counts_keys_and_values_of_every_layer():
@@ -134,7 +182,7 @@ def test_latent_attention_caches_its_latent_once_for_every_head():
     engine = Engine(build_tiny_model("deepseek_v3"), EngineConfig(max_model_len=64))
     config = tiny_config("deepseek_v3")
     keys, values = engine._cache.keys[0], engine._cache.values[0]
-    assert keys.shape[1:] == (1, 64, config.kv_lora_rank + config.qk_rope_head_dim)
+    assert keys.shape[1:] == (1, 16, config.kv_lora_rank + config.qk_rope_head_dim)  # (blocks of 16 positions)
     assert values.shape[3] == config.kv_lora_rank and values.data_ptr() == keys.data_ptr()
     real = DeepseekV3Config()  # DeepSeek-V3's own sizes: 61 layers, 128 heads, latent 512 + 64
     latent = KVCache.bytes_per_token(real.num_hidden_layers, dtype=torch.bfloat16, **KVCache.for_model(real))
@@ -184,7 +232,7 @@ def test_kv_heads_may_differ_between_layers():
 
     heads = KVCache.for_model(tiny_config("mimo_v2_flash"))
     assert heads == {"num_kv_heads": [1, 2, 2], "head_dim": 16, "value_head_dim": 12, "values_in_keys": False}
-    cache = KVCache(3, 2, max_len=8, dtype=torch.float32, **heads)
+    cache = KVCache(3, 2, max_len=8, dtype=torch.float32, block_size=8, **heads)
     assert [k.shape[1] for k in cache.keys] == [1, 2, 2] and [v.shape[3] for v in cache.values] == [12] * 3
     assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (1 + 2 + 2) * (16 + 12) * 4
     with pytest.raises(ValueError, match="2 kv head counts for 3 layers"):
@@ -204,7 +252,7 @@ def test_head_widths_may_differ_between_layers_and_shared_layers_hold_no_keys():
                      "values_in_keys": False}
     cache = KVCache(3, 2, max_len=8, dtype=torch.float32, **heads)
     assert [tuple(k.shape) for k in cache.keys] == [tuple(v.shape) for v in cache.values] == [
-        (2, 2, 8, 16), (2, 2, 8, 16), (2, 1, 8, 32)]
+        (2, 2, 16, 16), (2, 2, 16, 16), (2, 1, 16, 32)]  # (one block of 16 positions per slot)
     assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (2 * 16 + 2 * 16 + 1 * 32) * 2 * 4
     with pytest.raises(ValueError, match="2 head dims for 3 layers"):
         KVCache(3, 2, 1, 8, [16, 32], torch.float32)

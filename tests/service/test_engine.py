@@ -130,25 +130,74 @@ def test_abort_of_a_waiting_request():
     assert [o.request_id for o in engine.step() if o.finished] == ["b"]
 
 
-def test_kv_memory_cap_limits_the_running_batch(reference_models):
-    model = build_tiny_model("qwen3_moe")
+def _token_bytes(model) -> int:
     cfg = model.config
-    slot_bytes = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                         torch.float32) * 64
-    engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=64, kv_cache_bytes=2 * slot_bytes + 1))
-    assert engine.num_kv_slots == 2
-    prompts = {f"r{i}": _prompt(10 + i, i) for i in range(4)}
+    return KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+
+
+def _run_all(engine: Engine, prompts: dict, params: SamplingParams, watch=None) -> dict[str, list[int]]:
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, SamplingParams(max_tokens=12, temperature=0.0))
+        engine.add_request(request_id, prompt, params)
     tokens = {}
     while engine.has_work:
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        assert engine.num_running <= 2
+        if watch is not None:
+            watch(engine)
+    return tokens
+
+
+def test_paged_kv_cache_runs_more_sequences_than_it_has_max_model_len_slots_for(reference_models):
+    """Memory for two sequences of max_model_len (8 blocks of 16) runs four short ones at once (one block each
+    at admission, two at the end: all 8 blocks), each holding blocks for the tokens it wrote only, with the tokens
+    of `generate`; a cache too small for one max_model_len sequence is refused."""
+    model = build_tiny_model("qwen3_moe")
+    engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=64, kv_cache_bytes=2 * 64 * _token_bytes(model)))
+    assert engine.num_kv_blocks == 8 and engine.num_kv_slots == 16
+    prompts = {f"r{i}": _prompt(10 + i, i) for i in range(4)}
+    running, usage = [], []
+
+    def watch(e: Engine) -> None:
+        running.append(e.num_running)
+        usage.append(e.kv_cache_usage)
+        held = [len(e._cache.blocks[seq.slot]) for seq in e._running]
+        assert held == [e._cache.blocks_for(seq.num_cached) for seq in e._running]  # (the tokens written so far)
+
+    tokens = _run_all(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0), watch)
+    assert max(running) == 4 and max(usage) == 1.0 and engine.num_preemptions == 0
     for request_id, prompt in prompts.items():
         assert tokens[request_id] == _generate(reference_models["qwen3_moe"], prompt, 12)
     with pytest.raises(ValueError, match="kv_cache_bytes"):
-        Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64, kv_cache_bytes=slot_bytes - 1))
+        Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64, kv_cache_bytes=64 * _token_bytes(model) - 1))
+
+
+def test_a_full_cache_preempts_the_newest_sequence_which_resumes_with_the_same_tokens(reference_models):
+    """Memory for one max_model_len sequence (4 blocks) and three that each grow to 4 blocks: the newest running
+    sequences are preempted as the others grow, prefilled again later (prompt and generated tokens) and end
+    with the tokens `generate` gives, greedy; sampled ones (seeded) equal those of an engine with room for all,
+    so preemption keeps each request's sampling state; their prompt log-probabilities are reported once."""
+    model = build_tiny_model("qwen3_moe")
+    one = 64 * _token_bytes(model)
+    prompts = {f"r{i}": _prompt(12, i) for i in range(3)}
+    engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, kv_cache_bytes=one))
+    tokens = _run_all(engine, prompts, SamplingParams(max_tokens=50, temperature=0.0))
+    assert engine.num_preemptions >= 2 and engine.num_running == 0 and engine.num_waiting == 0
+    for request_id, prompt in prompts.items():
+        assert tokens[request_id] == _generate(reference_models["qwen3_moe"], prompt, 50)
+    sampled = SamplingParams(max_tokens=50, temperature=1.0, seed=3, prompt_logprobs=1)
+    roomy = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_num_seqs=4, max_model_len=64, kv_cache_bytes=4 * one))
+    expected = _run_all(roomy, prompts, sampled)
+    tight = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_num_seqs=4, max_model_len=64, kv_cache_bytes=one))
+    prompt_logprobs = {}
+    for request_id, prompt in prompts.items():
+        tight.add_request(request_id, prompt, sampled)
+    got = {}
+    while tight.has_work:
+        for out in tight.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            prompt_logprobs.setdefault(out.request_id, []).extend(out.prompt_logprobs)
+    assert tight.num_preemptions >= 2 and roomy.num_preemptions == 0 and got == expected
+    assert all(len(entries) == 11 for entries in prompt_logprobs.values())  # positions 1..11, once each
 
 
 @pytest.mark.parametrize("prompt, params, match", [
@@ -675,7 +724,8 @@ def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefi
 
 def test_free_slots_are_overwritten_empty_first_then_least_recently_released():
     a, b, c = _prompt(12, 30), _prompt(12, 31), _prompt(12, 32)
-    engine = _engine(max_num_seqs=2)
+    engine = _engine(max_num_seqs=1)  # two slots: one to run in, as many again for cached prefixes
+    assert engine.num_kv_slots == 2
     _finish(engine, "a", a)
     _finish(engine, "b", b)  # takes the empty slot: a's stays cached
     assert _finish(engine, "a2", a + [5])[1].num_cached_tokens == 12
@@ -710,3 +760,24 @@ def test_a_short_match_is_copied_and_leaves_a_longer_cached_sequence_whole():
     _finish(engine, "long", long)
     assert _finish(engine, "other", other)[1].num_cached_tokens == 3  # copied into the empty slot
     assert _finish(engine, "long2", long + [5])[1].num_cached_tokens == 30
+
+
+def test_cached_prefixes_give_their_blocks_up_when_a_prompt_needs_them(reference_models):
+    """Four blocks of 16 positions: a finished 40-token request keeps three as its cached prefix; a 50-token
+    prompt sharing its first 20 tokens has no room for a copy beside them, so it takes that slot in place (20
+    tokens from the cache); a 60-token prompt sharing nothing then takes the cached blocks back. Greedy tokens
+    equal `generate` throughout."""
+    model = build_tiny_model("qwen3_moe")
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=64, kv_cache_bytes=64 * _token_bytes(model)))
+    assert engine.num_kv_blocks == 4
+    first = _prompt(40, 40)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    _finish(engine, "first", first, params)
+    assert engine._spare_blocks() == 4 and len(engine._cache.free_blocks) == 1  # 41 positions cached: 3 blocks
+    shares = first[:20] + _prompt(30, 41)
+    tokens, out = _finish(engine, "shares", shares, params)
+    assert out.num_cached_tokens == 20 and tokens == _generate(reference_models["qwen3_moe"], shares, 2)
+    other = _prompt(60, 42)
+    tokens, out = _finish(engine, "other", other, params)
+    assert out.num_cached_tokens == 0 and tokens == _generate(reference_models["qwen3_moe"], other, 2)
+    assert list(engine._slot_tokens.values()) == [other + tokens[:1]]  # the only prefix cached now

@@ -52,7 +52,7 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     from service.engine import Engine, EngineConfig
 
     engine = Engine(build_tiny_model("glm_moe_dsa"), EngineConfig(max_model_len=64, max_num_seqs=2))
-    assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(2, 1, 64, 16), (2, 1, 0, 16)] * 2
+    assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(8, 1, 16, 16), (8, 1, 0, 16)] * 2  # 2 x 4 blocks
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear", "minimax"])
@@ -187,31 +187,39 @@ def test_state_snapshots_are_bounded_and_keep_the_shared_ones_over_a_long_prompt
 def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_values():
     """Nemotron-H: only its attention layer holds keys and values (its Mamba2, MoE and MLP layers none); each slot
     holds its Mamba2 layer's conv state [conv_dim, kernel] and SSM state [heads, head_dim, state] (float32), and
-    kv_cache_bytes pays for both; a mixer whose convolution differs from the states its config gives is refused."""
+    kv_cache_bytes pays for both: max_num_seqs slots' states (or as many as fit beside one max_model_len sequence's
+    blocks), the blocks get the rest; a mixer whose convolution differs from the states its config gives is
+    refused."""
     from service.engine import Engine, EngineConfig
 
     model = build_tiny_model("nemotron_h")  # layers: mamba, moe, attention, mlp, moe; 2 kv heads of 16
     conv_dim = 4 * 16 + 2 * 2 * 16  # mamba heads x head_dim + 2 x groups x state
-    per_slot = 64 * 2 * 2 * 16 * 4 + conv_dim * 4 * 4 + 4 * 16 * 16 * 4  # 64 positions; conv state; SSM state
+    states = conv_dim * 4 * 4 + 4 * 16 * 16 * 4  # conv state; SSM state: 6144 bytes
+    per_slot = 64 * 2 * 2 * 16 * 4 + states  # 64 positions (4 blocks of 4096 bytes) and a slot's states
     engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot,
                                         prefix_state_memory=0))
-    assert engine.num_kv_slots == 3 and engine._cache.linear.snapshots is None
-    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 16), (3, 0, 64, 16), (3, 2, 64, 16),
-                                                                   (3, 0, 64, 16), (3, 0, 64, 16)]
-    states = engine._cache.linear
-    assert tuple(states.conv[0].shape) == (3, conv_dim, 4) and tuple(states.recurrent[0].shape) == (3, 4, 16, 16)
-    assert list(states.conv) == [0] and states.recurrent[0].dtype == torch.float32
-    assert Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
-                                                               kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
+    assert engine.num_kv_slots == 4 and engine._cache.linear.snapshots is None
+    assert engine.num_kv_blocks == 10  # (3 x 22528 - 4 x 6144) // 4096
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(10, 0, 16, 16), (10, 0, 16, 16), (10, 2, 16, 16),
+                                                                   (10, 0, 16, 16), (10, 0, 16, 16)]
+    linear = engine._cache.linear
+    assert tuple(linear.conv[0].shape) == (4, conv_dim, 4) and tuple(linear.recurrent[0].shape) == (4, 4, 16, 16)
+    assert list(linear.conv) == [0] and linear.recurrent[0].dtype == torch.float32
+    one = Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
+                                                              kv_cache_bytes=per_slot))
+    assert one.num_kv_slots == 1 and one.num_kv_blocks == 4  # one slot's states, one max_model_len sequence
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, prefix_state_memory=0,
+                                                            kv_cache_bytes=per_slot - 1))
     # the prefix cache's state snapshots (a slot's states each) take their share of the budget before the slots:
-    # an eighth of 3 slots is one snapshot (3 x 22528 / 8 = 8448 >= 6144 bytes), leaving room for 2 slots
-    states = conv_dim * 4 * 4 + 4 * 16 * 16 * 4
+    # an eighth of 3 x 22528 is one snapshot (8448 >= 6144 bytes), leaving 9 blocks beside 4 slots
     engine = Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4,
                                                                  kv_cache_bytes=3 * per_slot))
-    assert engine._cache.linear.snapshots.capacity == 1 and engine.num_kv_slots == 2
+    assert engine._cache.linear.snapshots.capacity == 1 and (engine.num_kv_slots, engine.num_kv_blocks) == (4, 9)
     engine = Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, max_num_seqs=4,
                                                                  kv_cache_bytes=3 * per_slot, prefix_state_memory=0.5))
-    assert engine._cache.linear.snapshots.capacity == 5 and engine.num_kv_slots == 1  # 5 x 6144 + 22528 <= 67584
+    assert engine._cache.linear.snapshots.capacity == 5  # 5 x 6144 <= 33792: 3 slots' states beside 4 blocks fit
+    assert (engine.num_kv_slots, engine.num_kv_blocks) == (3, 4)
     with pytest.raises(ValueError, match="after 2 state snapshots"):  # (2 x 6144 + 22528 > 34000)
         Engine(build_tiny_model("nemotron_h"), EngineConfig(max_model_len=64, kv_cache_bytes=34000,
                                                             prefix_state_memory=0.4))
@@ -225,20 +233,23 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
 def test_kimi_linear_kda_states_are_allocated_per_slot_and_only_its_latent_attention_holds_keys():
     """Kimi-Linear: its KDA layers (0 and 2) hold no keys and values, each slot holds their conv state over the
     concatenated q, k and v [3 x heads x head_dim, kernel] and recurrent state [heads, head_dim, head_dim] (float32);
-    its MLA layer (1) holds the latent and rotary key of one "head"; kv_cache_bytes pays for exactly these."""
+    its MLA layer (1) holds the latent and rotary key of one "head"; kv_cache_bytes pays for exactly these (one
+    slot's states and one max_model_len sequence's blocks at least)."""
     from service.engine import Engine, EngineConfig
 
     model = build_tiny_model("kimi_linear")  # KDA, MLA, KDA: 4 KDA heads of 16; latent 16 + rotary key 8
     conv_dim = 3 * 4 * 16
     per_slot = 64 * (16 + 8) * 4 + 2 * (conv_dim * 4 * 4 + 4 * 16 * 16 * 4)  # 64 positions of latent; 2 KDA layers
     engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
-    assert engine.num_kv_slots == 3
-    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(3, 0, 64, 24), (3, 1, 64, 24), (3, 0, 64, 24)]
+    assert engine.num_kv_slots == 3 and engine.num_kv_blocks == 12  # 3 slots' states (14336) beside one sequence
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(12, 0, 16, 24), (12, 1, 16, 24), (12, 0, 16, 24)]
     states = engine._cache.linear
     assert list(states.conv) == [0, 2] and tuple(states.conv[2].shape) == (3, conv_dim, 4)
     assert tuple(states.recurrent[2].shape) == (3, 4, 16, 16) and states.recurrent[2].dtype == torch.float32
-    assert Engine(build_tiny_model("kimi_linear"), EngineConfig(max_model_len=64, max_num_seqs=4,
-                                                                kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
+    one = Engine(build_tiny_model("kimi_linear"), EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=per_slot))
+    assert (one.num_kv_slots, one.num_kv_blocks) == (1, 4)
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(build_tiny_model("kimi_linear"), EngineConfig(max_model_len=64, kv_cache_bytes=per_slot - 1))
 
 
 @pytest.mark.slow
@@ -314,6 +325,11 @@ def test_minimax_lightning_attention_keeps_its_state_per_slot_in_the_models_dtyp
     per_slot = 64 * 2 * 2 * 16 * 4 + 2 * 4 * 16 * 16 * 4  # the softmax layer's keys and values; 2 float32 states
     engine = Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
                                                               kv_cache_bytes=3 * per_slot))  # (no state snapshots)
-    assert engine.num_kv_slots == 3 and [keys.shape[1] for keys in engine._cache.keys] == [0, 2, 0]
-    assert Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
-                                                            kv_cache_bytes=3 * per_slot - 1)).num_kv_slots == 2
+    assert (engine.num_kv_slots, engine.num_kv_blocks) == (4, 10)  # (3 x 24576 - 4 x 8192) // 4096
+    assert [keys.shape[1] for keys in engine._cache.keys] == [0, 2, 0]
+    one = Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
+                                                           kv_cache_bytes=per_slot))
+    assert (one.num_kv_slots, one.num_kv_blocks) == (1, 4)
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, prefix_state_memory=0,
+                                                         kv_cache_bytes=per_slot - 1))

@@ -224,7 +224,8 @@ def test_duplicate_ids_and_queue_bound():
 
 
 @pytest.mark.parametrize("bad", [{"max_num_seqs": 0}, {"max_queue": -1}, {"max_num_batched_tokens": 4, "max_num_seqs": 8},
-                                 {"kv_cache_bytes": 1.5}, {"prefix_state_interval": 0}, {"prefix_state_memory": 1.0},
+                                 {"kv_cache_bytes": 1.5}, {"kv_block_size": 0}, {"prefix_state_interval": 0},
+                                 {"prefix_state_memory": 1.0},
                                  {"prefix_state_memory": -0.1}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):

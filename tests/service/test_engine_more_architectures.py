@@ -46,6 +46,40 @@ def test_staggered_concurrent_requests_equal_generate(arch):
             assert tokens[request_id] == _generate(reference, prompt, 24), request_id
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [
+    "deepseek_v3",  # latent attention: the latent and rotary key in blocks, values a view of them
+    "gpt_oss",  # sliding layers and sinks
+    "deepseek_v32",  # a DSA indexer's keys in blocks too
+    "qwen3_next",  # linear attention: a preempted sequence's states are computed again from its tokens
+    "gemma4",  # KV-shared layers reading their source layer's blocks
+])
+def test_preempted_sequences_resume_with_the_tokens_of_generate(arch):
+    """A KV cache of 6 blocks (one max_model_len sequence of 96) for staggered requests that need 2 to 6 each, up
+    to 4 running: the newest running ones are preempted and prefilled again (prompt and generated tokens), and every request still gets the
+    greedy tokens of `generate`."""
+    from service.engine import Engine, EngineConfig
+
+    reference = build_tiny_model(arch)
+    roomy = _engine(arch, max_num_seqs=4, prefix_state_memory=0)
+    cache = roomy._cache
+    pools = [*cache.keys, *([] if cache.values_in_keys else cache.values), *cache.index_keys]
+    block = sum(pool[0].nbytes for pool in pools)
+    linear = cache.linear
+    states = sum(t[0].nbytes for t in (*linear.conv.values(), *linear.recurrent.values())) if linear else 0
+    engine = Engine(build_tiny_model(arch), EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=24,
+                                                         kv_cache_bytes=6 * block + 4 * states, prefix_state_memory=0))
+    assert engine.num_kv_blocks == 6
+    lengths = {0: [5, 17], 3: [40], 5: [3, 64], 9: [9, 2]}
+    joins = {step: [(f"s{step}-{i}", _prompt(n, 10 * step + i), GREEDY) for i, n in enumerate(ns)]
+             for step, ns in lengths.items()}
+    tokens, _ = _run(engine, joins)
+    assert engine.num_preemptions > 0
+    for requests in joins.values():
+        for request_id, prompt, _ in requests:
+            assert tokens[request_id] == _generate(reference, prompt, 24), request_id
+
+
 def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     """GLM-5's "shared" layers attend the choice of the full layer before them: no indexer, no keys of one to cache
     (their attention applying that choice is what the staggered test checks)."""

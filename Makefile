@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: install test test-unit test-gpu test-multinode lint run bench bench-placement bench-runtime \
-        bench-serving bench-prefix bench-structured bench-migration bench-quantized chaos model clean
+        bench-serving bench-kv bench-prefix bench-structured bench-migration bench-quantized chaos model clean
 
 install: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-runtime: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(PY) -m load_tests.bench_serving --out bench
+
+bench-kv: $(STAMP)
+	$(PY) -m load_tests.kv_paging --out bench
 
 bench-prefix: $(STAMP)
 	$(PY) -m load_tests.prefix_cache --out bench

@@ -229,8 +229,8 @@ class Engine:
         self.prefix_cache_queries = 0  # prompt tokens of admitted requests that may use the prefix cache
         self.prefix_cache_hits = 0     # of them, tokens taken from it
         self.num_preemptions = 0       # running sequences whose blocks were taken back (prefilled again later)
-        # blocks kept free when admitting beside running sequences, for their next decode steps
-        self._watermark = max(1, self._cache.num_blocks // 100)
+        # blocks kept free when admitting beside running sequences, for their next decode steps (1%, as vLLM)
+        self._watermark = self._cache.num_blocks // 100
         attention.install(model)
         linear_attention.install(model)
         sparse_attention.install(model)

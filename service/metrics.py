@@ -46,8 +46,9 @@ class ServingMetrics:
             lambda: engine.num_running)
         Gauge("vibe_kv_cache_usage_perc", "Share of the KV cache's blocks held by running sequences (0-1).",
               registry=r).set_function(lambda: engine.kv_cache_usage)
-        Gauge("vibe_num_preemptions", "Running sequences preempted so far for want of KV cache blocks (prefilled "
-              "again later).", registry=r).set_function(lambda: engine.num_preemptions)
+        self.preemptions = Counter("vibe_num_preemptions", "Running sequences preempted for want of KV cache blocks "
+                                   "(prefilled again later).", registry=r)
+        self._engine, self._preempted = engine, 0
         engine.add_step_listener(self._on_step)
 
     def render(self) -> bytes:
@@ -59,6 +60,10 @@ class ServingMetrics:
 
     def _on_step(self, stats: StepStats) -> None:
         self.step.observe(stats.seconds)
+        preempted = self._engine.num_preemptions
+        if preempted > self._preempted:
+            self.preemptions.inc(preempted - self._preempted)
+            self._preempted = preempted
 
 
 class RequestTimer:

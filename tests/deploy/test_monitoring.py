@@ -25,6 +25,8 @@ GRAFANA_MACROS = {"$__rate_interval": "5m", "$__interval": "1m"}
 class _Engine:
     num_waiting = 0
     num_running = 0
+    kv_cache_usage = 0.0
+    num_preemptions = 0
 
     def add_step_listener(self, listener) -> None:
         pass

@@ -435,7 +435,7 @@ def test_metrics_after_traffic(server, client):
     text = httpx.get(f"{server[0]}/metrics").text
     for name in ("vibe_time_to_first_token_seconds_count", "vibe_time_per_output_token_seconds_count",
                  "vibe_e2e_request_latency_seconds_count", "vibe_num_requests_waiting", "vibe_num_requests_running",
-                 "vibe_kv_cache_usage_perc", "vibe_num_preemptions",
+                 "vibe_kv_cache_usage_perc", "vibe_num_preemptions_total",
                  "vibe_generation_tokens_total", 'vibe_requests_total{status="length"}',
                  'vibe_requests_total{status="rejected"}', "vibe_engine_step_seconds_count"):
         assert name in text, name

@@ -301,6 +301,41 @@ def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenize
         assert text == _reference_text(tokenizer, prompt, 24)
 
 
+def test_streams_beyond_what_the_kv_cache_holds_are_preempted_and_still_complete(tokenizer):
+    """An app whose KV cache holds one max_model_len sequence (16 blocks) and 8 concurrent streams of up to 5 blocks:
+    running streams are preempted and resumed; each answer still equals the single-process model's greedy text,
+    usage is whole, and /metrics counts the preemptions."""
+    from service.attention import KVCache
+
+    config = build_chat_model(tokenizer).config
+    per_token = KVCache.bytes_per_token(config.num_hidden_layers, dtype=torch.float32, **KVCache.for_model(config))
+    engine = _start_engine(tokenizer, max_num_seqs=8, kv_cache_bytes=MAX_MODEL_LEN * per_token)
+    conversations = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
+    with served(engine) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(messages):
+            stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=56, temperature=0,
+                                                          stream=True, stream_options={"include_usage": True})
+            chunks = [chunk async for chunk in stream]
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+        async def main():
+            try:
+                return await asyncio.gather(*(one(m) for m in conversations))
+            finally:
+                await client.close()
+
+        results = asyncio.run(main())
+        metrics = httpx.get(f"{url}/metrics").text
+    preempted = float(re.search(r"^vibe_num_preemptions_total (\S+)$", metrics, re.M).group(1))
+    assert preempted > 0 and engine.num_preemptions == preempted
+    for messages, (text, usage) in zip(conversations, results):
+        prompt = apply_chat_template(tokenizer, messages)
+        assert usage.prompt_tokens == len(prompt) and 1 <= usage.completion_tokens <= 56
+        assert text == _reference_text(tokenizer, prompt, 56)
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "messages": MESSAGES}, 404, "model"),
     ({"model": MODEL, "messages": MESSAGES, "max_tokens": -5}, 400, "max_tokens"),

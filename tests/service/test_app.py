@@ -277,14 +277,14 @@ def test_vllm_sampling_extensions_over_http(client, tokenizer):
         assert info.value.body["param"].startswith(param), extra
 
 
-def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenizer):
-    url, engine = server
+def _concurrent_streams(url: str, conversations: list, max_tokens: int) -> list[tuple[str, object]]:
+    """Stream a greedy chat completion of each conversation at once; (text, usage) of each."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    conversations = [[{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}] for i in range(16)]
 
     async def one(messages):
-        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
-                                                      stream=True, stream_options={"include_usage": True})
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True})
         chunks = [chunk async for chunk in stream]
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
 
@@ -294,7 +294,13 @@ def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenize
         finally:
             await client.close()
 
-    results = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenizer):
+    url, engine = server
+    conversations = [[{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}] for i in range(16)]
+    results = _concurrent_streams(url, conversations, 24)
     for messages, (text, usage) in zip(conversations, results):
         prompt = apply_chat_template(tokenizer, messages)
         assert usage.prompt_tokens == len(prompt) and 1 <= usage.completion_tokens <= 24
@@ -312,21 +318,7 @@ def test_streams_beyond_what_the_kv_cache_holds_are_preempted_and_still_complete
     engine = _start_engine(tokenizer, max_num_seqs=8, kv_cache_bytes=MAX_MODEL_LEN * per_token)
     conversations = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
     with served(engine) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-        async def one(messages):
-            stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=56, temperature=0,
-                                                          stream=True, stream_options={"include_usage": True})
-            chunks = [chunk async for chunk in stream]
-            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
-
-        async def main():
-            try:
-                return await asyncio.gather(*(one(m) for m in conversations))
-            finally:
-                await client.close()
-
-        results = asyncio.run(main())
+        results = _concurrent_streams(url, conversations, 56)
         metrics = httpx.get(f"{url}/metrics").text
     preempted = float(re.search(r"^vibe_num_preemptions_total (\S+)$", metrics, re.M).group(1))
     assert preempted > 0 and engine.num_preemptions == preempted

@@ -135,13 +135,17 @@ def _token_bytes(model) -> int:
     return KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
 
 
-def _run_all(engine: Engine, prompts: dict, params: SamplingParams, watch=None) -> dict[str, list[int]]:
+def _run_all(engine: Engine, prompts: dict, params: SamplingParams, watch=None, prompt_logprobs=None) -> dict[str, list[int]]:
+    """Queue every prompt, step until idle (calling ``watch(engine)`` after each step); tokens by request id (and
+    their prompt log-probability entries added to ``prompt_logprobs``, if given)."""
     for request_id, prompt in prompts.items():
         engine.add_request(request_id, prompt, params)
     tokens = {}
     while engine.has_work:
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if prompt_logprobs is not None:
+                prompt_logprobs.setdefault(out.request_id, []).extend(out.prompt_logprobs)
         if watch is not None:
             watch(engine)
     return tokens
@@ -189,13 +193,7 @@ def test_a_full_cache_preempts_the_newest_sequence_which_resumes_with_the_same_t
     expected = _run_all(roomy, prompts, sampled)
     tight = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_num_seqs=4, max_model_len=64, kv_cache_bytes=one))
     prompt_logprobs = {}
-    for request_id, prompt in prompts.items():
-        tight.add_request(request_id, prompt, sampled)
-    got = {}
-    while tight.has_work:
-        for out in tight.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-            prompt_logprobs.setdefault(out.request_id, []).extend(out.prompt_logprobs)
+    got = _run_all(tight, prompts, sampled, prompt_logprobs=prompt_logprobs)
     assert tight.num_preemptions >= 2 and roomy.num_preemptions == 0 and got == expected
     assert all(len(entries) == 11 for entries in prompt_logprobs.values())  # positions 1..11, once each
 

@@ -795,7 +795,7 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, block_size=block, num_blocks=num_blocks, **heads)
     if indexed:  # a DSA indexer's keys: one more "head" per layer that runs one (none on GLM-5's shared layers)
-        cache.index_keys = [torch.zeros(num_blocks, 1, block if layer in indexed else 0, mc.index_head_dim,
+        cache.index_keys = [torch.zeros(num_blocks, block if layer in indexed else 0, 1, mc.index_head_dim,
                                         dtype=model.dtype, device=model.device)
                             for layer in range(mc.num_hidden_layers)]
     if linear:

@@ -4,7 +4,7 @@ Each attention layer of DeepSeek-V3.2 has an indexer: small projections that sco
 the sequence for each query (``relu(q . k)`` per indexer head, weighted and summed), and the query then
 attends only the ``index_topk`` best (2048 in the release; all of them while the sequence is shorter).
 Owns `install`, which replaces each layer's indexer by `RaggedIndexer`: it appends the new tokens' indexer
-keys to the KV cache (``KVCache.index_keys``, one ``[blocks, 1, block_size, index_head_dim]`` pool per layer)
+keys to the KV cache (``KVCache.index_keys``, one ``[blocks, block_size, 1, index_head_dim]`` pool per layer)
 and returns a `Selection` (which keys each query of the step may attend), which the module hands to the
 attention function (``indices``) and `service.attention` applies on top of causality. The indexer's
 arithmetic is transformers' (`DeepseekV32Indexer.forward`), per sequence.
@@ -80,7 +80,7 @@ class RaggedIndexer(torch.nn.Module):
                 position_ids=None, cache=None) -> Selection:
         ix = self.inner
         cache_, batch = attention.bound_step()
-        pool = cache_.index_keys[ix.layer_idx]                                 # [blocks, 1, block_size, D]
+        pool = cache_.index_keys[ix.layer_idx]                                 # [blocks, block_size, 1, D]
         _, tokens, _ = hidden_states.shape
         cos, sin = position_embeddings
         q = ix.wq_b(q_resid).view(1, tokens, ix.n_heads, ix.head_dim)

@@ -46,7 +46,7 @@ def _paged_cache(dv: int = D) -> KVCache:
 def _put(cache: KVCache, pool: torch.Tensor, slot: int, history: torch.Tensor) -> None:
     """Write ``history [H, n, d]`` at positions 0 .. n - 1 of ``slot``."""
     for pos in range(history.shape[1]):
-        pool[cache.blocks[slot][pos // BLOCK], :, pos % BLOCK] = history[:, pos]
+        pool[cache.blocks[slot][pos // BLOCK], pos % BLOCK] = history[:, pos]
 
 
 def _held(cache: KVCache, pool: torch.Tensor, slot: int, length: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ def test_latent_attention_caches_its_latent_once_for_every_head():
     engine = Engine(build_tiny_model("deepseek_v3"), EngineConfig(max_model_len=64))
     config = tiny_config("deepseek_v3")
     keys, values = engine._cache.keys[0], engine._cache.values[0]
-    assert keys.shape[1:] == (1, 16, config.kv_lora_rank + config.qk_rope_head_dim)  # (blocks of 16 positions)
+    assert keys.shape[1:] == (16, 1, config.kv_lora_rank + config.qk_rope_head_dim)  # (blocks of 16 positions)
     assert values.shape[3] == config.kv_lora_rank and values.data_ptr() == keys.data_ptr()
     real = DeepseekV3Config()  # DeepSeek-V3's own sizes: 61 layers, 128 heads, latent 512 + 64
     latent = KVCache.bytes_per_token(real.num_hidden_layers, dtype=torch.bfloat16, **KVCache.for_model(real))
@@ -233,7 +233,7 @@ def test_kv_heads_may_differ_between_layers():
     heads = KVCache.for_model(tiny_config("mimo_v2_flash"))
     assert heads == {"num_kv_heads": [1, 2, 2], "head_dim": 16, "value_head_dim": 12, "values_in_keys": False}
     cache = KVCache(3, 2, max_len=8, dtype=torch.float32, block_size=8, **heads)
-    assert [k.shape[1] for k in cache.keys] == [1, 2, 2] and [v.shape[3] for v in cache.values] == [12] * 3
+    assert [k.shape[2] for k in cache.keys] == [1, 2, 2] and [v.shape[3] for v in cache.values] == [12] * 3
     assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (1 + 2 + 2) * (16 + 12) * 4
     with pytest.raises(ValueError, match="2 kv head counts for 3 layers"):
         KVCache(3, 2, [1, 2], 8, 16, torch.float32)
@@ -252,7 +252,7 @@ def test_head_widths_may_differ_between_layers_and_shared_layers_hold_no_keys():
                      "values_in_keys": False}
     cache = KVCache(3, 2, max_len=8, dtype=torch.float32, **heads)
     assert [tuple(k.shape) for k in cache.keys] == [tuple(v.shape) for v in cache.values] == [
-        (2, 2, 16, 16), (2, 2, 16, 16), (2, 1, 16, 32)]  # (one block of 16 positions per slot)
+        (2, 16, 2, 16), (2, 16, 2, 16), (2, 16, 1, 32)]  # (one block of 16 positions per slot)
     assert KVCache.bytes_per_token(3, dtype=torch.float32, **heads) == (2 * 16 + 2 * 16 + 1 * 32) * 2 * 4
     with pytest.raises(ValueError, match="2 head dims for 3 layers"):
         KVCache(3, 2, 1, 8, [16, 32], torch.float32)

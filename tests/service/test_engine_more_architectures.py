@@ -86,7 +86,7 @@ def test_glm5_caches_indexer_keys_only_on_the_layers_that_run_an_indexer():
     from service.engine import Engine, EngineConfig
 
     engine = Engine(build_tiny_model("glm_moe_dsa"), EngineConfig(max_model_len=64, max_num_seqs=2))
-    assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(8, 1, 16, 16), (8, 1, 0, 16)] * 2  # 2 x 4 blocks
+    assert [tuple(keys.shape) for keys in engine._cache.index_keys] == [(8, 16, 1, 16), (8, 0, 1, 16)] * 2  # 2 x 4 blocks
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "nemotron_h", "granitemoehybrid", "kimi_linear", "minimax"])
@@ -234,8 +234,8 @@ def test_mamba2_states_are_allocated_per_slot_and_counted_with_the_keys_and_valu
                                         prefix_state_memory=0))
     assert engine.num_kv_slots == 4 and engine._cache.linear.snapshots is None
     assert engine.num_kv_blocks == 10  # (3 x 22528 - 4 x 6144) // 4096
-    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(10, 0, 16, 16), (10, 0, 16, 16), (10, 2, 16, 16),
-                                                                   (10, 0, 16, 16), (10, 0, 16, 16)]
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(10, 16, 0, 16), (10, 16, 0, 16), (10, 16, 2, 16),
+                                                                   (10, 16, 0, 16), (10, 16, 0, 16)]
     linear = engine._cache.linear
     assert tuple(linear.conv[0].shape) == (4, conv_dim, 4) and tuple(linear.recurrent[0].shape) == (4, 4, 16, 16)
     assert list(linear.conv) == [0] and linear.recurrent[0].dtype == torch.float32
@@ -276,7 +276,7 @@ def test_kimi_linear_kda_states_are_allocated_per_slot_and_only_its_latent_atten
     per_slot = 64 * (16 + 8) * 4 + 2 * (conv_dim * 4 * 4 + 4 * 16 * 16 * 4)  # 64 positions of latent; 2 KDA layers
     engine = Engine(model, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_bytes=3 * per_slot))
     assert engine.num_kv_slots == 3 and engine.num_kv_blocks == 12  # 3 slots' states (14336) beside one sequence
-    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(12, 0, 16, 24), (12, 1, 16, 24), (12, 0, 16, 24)]
+    assert [tuple(keys.shape) for keys in engine._cache.keys] == [(12, 16, 0, 24), (12, 16, 1, 24), (12, 16, 0, 24)]
     states = engine._cache.linear
     assert list(states.conv) == [0, 2] and tuple(states.conv[2].shape) == (3, conv_dim, 4)
     assert tuple(states.recurrent[2].shape) == (3, 4, 16, 16) and states.recurrent[2].dtype == torch.float32
@@ -311,7 +311,7 @@ def test_gemma4_layers_sharing_keys_and_values_attend_their_source_layers_cache(
 
     reference = build()
     engine = Engine(build(), EngineConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=24))
-    assert [keys.shape[1] for keys in engine._cache.keys] == [2, 1, 0, 0]
+    assert [keys.shape[2] for keys in engine._cache.keys] == [2, 1, 0, 0]
     lengths = {0: [5, 17], 3: [40], 5: [3, 64]}
     joins = {step: [(f"s{step}-{i}", _prompt(n, 10 * step + i), GREEDY) for i, n in enumerate(ns)]
              for step, ns in lengths.items()}
@@ -360,7 +360,7 @@ def test_minimax_lightning_attention_keeps_its_state_per_slot_in_the_models_dtyp
     engine = Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
                                                               kv_cache_bytes=3 * per_slot))  # (no state snapshots)
     assert (engine.num_kv_slots, engine.num_kv_blocks) == (4, 10)  # (3 x 24576 - 4 x 8192) // 4096
-    assert [keys.shape[1] for keys in engine._cache.keys] == [0, 2, 0]
+    assert [keys.shape[2] for keys in engine._cache.keys] == [0, 2, 0]
     one = Engine(build_tiny_model("minimax"), EngineConfig(max_model_len=64, max_num_seqs=4, prefix_state_memory=0,
                                                            kv_cache_bytes=per_slot))
     assert (one.num_kv_slots, one.num_kv_blocks) == (1, 4)

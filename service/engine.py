@@ -590,6 +590,7 @@ class Engine:
             in_place = True  # no room for a copy beside the cached prefix: it is taken itself
         if in_place:
             seq.slot = self._take_free_slot(source)  # in place: nothing else of that slot was worth keeping
+            self._cache.trim(seq.slot, need)  # (blocks past the prompt held a longer cached sequence's tokens)
             self._make_room(seq.slot, need, required=True)
         else:
             seq.slot = self._take_free_slot(victim)

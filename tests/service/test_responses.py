@@ -165,6 +165,7 @@ _CLOSED = THOUGHT_AND_CALLS.index("</think>") + len("</think>")
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, len(THOUGHT_AND_CALLS)), max_size=12))
 @example([_CLOSED, _CLOSED + 1, _CLOSED + 2])  # the close, then one newline at a time
+@example([len(THOUGHT_AND_CALLS) - 1])  # the close and the answer in one output, then a newline alone: not the gap
 def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
     """Reasoning, text and calls in any chunking: the events tell the items in order, each delta adds to
     its item, and the last event's response equals the non-streamed one."""
@@ -189,9 +190,10 @@ def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         ("get_weather", {"city": "Paris", "unit": "C"}), ("now", {"zone": 1})]
     # the outputs up to the one that closes the block (one token each here), and those of whitespace alone
-    # after it, are reasoning
+    # after it while no answer text came (the gap), are reasoning
     thought = next(k for k, piece in enumerate(pieces) if "</think>" in "".join(pieces[:k + 1])) + 1
-    thought += len(list(itertools.takewhile(lambda piece: not piece.strip(), pieces[thought:])))
+    if not "".join(pieces[:thought]).split("</think>", 1)[1].strip():
+        thought += len(list(itertools.takewhile(lambda piece: not piece.strip(), pieces[thought:])))
     assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == thought
     # every delta adds up to its item, and every item is added before and done after its deltas
     texts: dict[int, str] = {}

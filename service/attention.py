@@ -97,10 +97,6 @@ class KVCache:
         """Blocks that hold ``num_tokens`` positions."""
         return -(-num_tokens // self.block_size)
 
-    def capacity(self, slot: int) -> int:
-        """Positions ``slot``'s blocks hold."""
-        return len(self.blocks[slot]) * self.block_size
-
     def grow(self, slot: int, num_tokens: int) -> bool:
         """Give ``slot`` blocks for its first ``num_tokens`` positions; False (and nothing taken) if too few
         blocks are free."""
@@ -135,10 +131,9 @@ class KVCache:
 
     def gather_decode(self, pool: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """``pool``'s keys (or values) of the step's decode slot range, ``[S, H, decode_max_len, d]``."""
-        blocks = self.blocks_for(batch.decode_max_len)
-        index = self.tables[batch.slot_lo:batch.slot_hi, :blocks]
-        gathered = pool.index_select(0, index.reshape(-1))  # [S * nb, B, H, d] (2.6x faster than pool[index] here)
-        span, (_, size, heads, dim) = index.shape[0], gathered.shape
+        blocks, span = self.blocks_for(batch.decode_max_len), batch.slot_hi - batch.slot_lo
+        gathered = pool.index_select(0, batch.read_index(self))  # [S * nb, B, H, d] (2.6x faster than pool[index])
+        _, size, heads, dim = gathered.shape
         return gathered.view(span, blocks * size, heads, dim)[:, :batch.decode_max_len].transpose(1, 2)
 
     def gather_prefill(self, pool: torch.Tensor, chunk: SeqChunk) -> torch.Tensor:
@@ -290,16 +285,23 @@ class StepBatch:
 
     def write_index(self, cache: KVCache) -> torch.Tensor:
         """int64 ``[T]``: the row of each token of the flat batch in ``cache``'s pools seen as ``[blocks x
-        block_size, H, d]`` (from its block tables)."""
+        block_size, H, d]`` (from its block tables; once per step)."""
         if "write" not in self._index:
-            counts = torch.tensor([c.num_tokens for c in self.chunks])
-            slots = torch.tensor([c.slot for c in self.chunks]).repeat_interleave(counts)
-            # token t of chunk c (offset o, start s) is at position t - (o - s): the offsets are contiguous from 0
-            shift = torch.tensor([c.offset - c.start for c in self.chunks]).repeat_interleave(counts)
-            positions = (torch.arange(len(slots)) - shift).to(cache.tables.device)
-            blocks = cache.tables[slots.to(cache.tables.device), positions // cache.block_size]
+            device = cache.tables.device
+            counts = torch.tensor([c.num_tokens for c in self.chunks], device=device)
+            slots = torch.tensor([c.slot for c in self.chunks], device=device).repeat_interleave(counts)
+            positions = self.positions(device)
+            blocks = cache.tables[slots, positions // cache.block_size]
             self._index["write"] = blocks * cache.block_size + positions % cache.block_size
         return self._index["write"]
+
+    def read_index(self, cache: KVCache) -> torch.Tensor:
+        """int64 ``[S x nb]``: the blocks of the decode slot range, each slot's first ``nb`` (as many as
+        ``decode_max_len`` positions fill) in position order, slot after slot (once per step)."""
+        if "read" not in self._index:
+            blocks = cache.blocks_for(self.decode_max_len)
+            self._index["read"] = cache.tables[self.slot_lo:self.slot_hi, :blocks].reshape(-1)
+        return self._index["read"]
 
     def positions(self, device: torch.device | str) -> torch.Tensor:
         """int64 ``[T]``: the position of each token of the flat batch in its sequence."""
@@ -373,17 +375,26 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
     if batch.num_decodes:
         chosen = selection.decode if selection is not None else None
-        out[batch.decode_select] = _decode(query[0], cache.gather_decode(layer_keys, batch),
-                                           cache.gather_decode(layer_values, batch), batch, window, scaling, sinks,
-                                           chosen, chunk_size)
+        keys, values = _gathered(cache, layer_keys, layer_values, cache.gather_decode, batch)
+        out[batch.decode_select] = _decode(query[0], keys, values, batch, window, scaling, sinks, chosen, chunk_size)
     for chunk in batch.prefills:
         chosen = selection.prefill.get(chunk.offset) if selection is not None else None
+        keys, values = _gathered(cache, layer_keys, layer_values, cache.gather_prefill, chunk)
         out[chunk.offset:chunk.offset + chunk.num_tokens] = _prefill(
-            query[0], cache.gather_prefill(layer_keys, chunk), cache.gather_prefill(layer_values, chunk), chunk,
-            window, scaling, sinks, chosen, chunk_size)
+            query[0], keys, values, chunk, window, scaling, sinks, chosen, chunk_size)
     if latent is not None:  # each head's output out of the latent space
         out = torch.einsum("thr,hvr->thv", out, latent.up_values)
     return out.unsqueeze(0), None
+
+
+def _gathered(cache: KVCache, keys: torch.Tensor, values: torch.Tensor, gather, where) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """A layer's keys and values read by ``gather`` (`KVCache.gather_decode` or `gather_prefill`) for ``where``;
+    values that are the keys' first dimensions (latent attention) are sliced from the keys read, not read again."""
+    gathered = gather(keys, where)
+    if cache.values_in_keys:
+        return gathered, gathered[..., :values.shape[-1]]
+    return gathered, gather(values, where)
 
 
 def append_keys(cache: KVCache, pool: torch.Tensor, new: torch.Tensor, batch: StepBatch) -> None:

@@ -361,8 +361,7 @@ class Engine:
         """``child`` joins the running batch with a copy of ``parent``'s prompt keys and values."""
         self._forks[parent.request_id].remove(child)
         child.slot = self._take_free_slot(self._victim())
-        self._drop_snapshots(child.slot)
-        self._cache.release(child.slot)
+        self._clear_slot(child.slot)
         self._make_room(child.slot, parent.num_prompt_tokens, required=True)
         self._cache.copy_prefix(parent.slot, child.slot, parent.num_prompt_tokens)
         child.num_cached = parent.num_prompt_tokens
@@ -504,7 +503,7 @@ class Engine:
         prompt's blocks were all taken at admission), oldest first, taking cached prefixes' blocks and then
         preempting the newest running sequences when too few are free."""
         for seq in list(self._running):
-            while seq in self._running and not self._make_room(seq.slot, len(seq.token_ids)):
+            while seq.slot >= 0 and not self._make_room(seq.slot, len(seq.token_ids)):  # (-1: it was preempted)
                 self._preempt(self._running[-1])
 
     def _preempt(self, seq: _Sequence) -> None:
@@ -512,8 +511,7 @@ class Engine:
         tokens) once blocks are free; what it streamed stays streamed, its sampling state is kept."""
         log.info("preempting request %s (%d tokens): the KV cache is full", seq.request_id, len(seq.token_ids))
         self._running.remove(seq)
-        self._drop_snapshots(seq.slot)
-        self._cache.release(seq.slot)
+        self._clear_slot(seq.slot)
         self._free_slots.append(seq.slot)
         seq.slot, seq.num_cached, seq.branch = -1, 0, 0
         if seq.num_completion_tokens == 0:  # its prompt's log-probabilities are computed again
@@ -543,10 +541,14 @@ class Engine:
                 if required:
                     raise RuntimeError(f"no KV blocks for {num_tokens} positions of slot {slot}")
                 return False
-            self._slot_tokens.pop(cached, None)
-            self._drop_snapshots(cached)
-            self._cache.release(cached)
+            self._clear_slot(cached)
         return True
+
+    def _clear_slot(self, slot: int) -> None:
+        """``slot`` holds nothing reusable any more: its cached tokens, state snapshots and blocks go."""
+        self._slot_tokens.pop(slot, None)
+        self._drop_snapshots(slot)
+        self._cache.release(slot)
 
     def _assign_slot(self, seq: _Sequence) -> None:
         """Give a newly admitted ``seq`` a free slot, holding the longest cached prefix of its prompt.
@@ -594,7 +596,7 @@ class Engine:
             self._make_room(seq.slot, need, required=True)
         else:
             seq.slot = self._take_free_slot(victim)
-            self._cache.release(seq.slot)
+            self._clear_slot(seq.slot)
             self._make_room(seq.slot, need, keep=source, required=True)
             if source is not None:
                 self._cache.copy_prefix(source, seq.slot, best)
@@ -717,8 +719,7 @@ class Engine:
             self._slot_tokens[seq.slot] = seq.token_ids[:seq.num_cached]
             self._cache.trim(seq.slot, seq.num_cached)
         else:
-            self._drop_snapshots(seq.slot)
-            self._cache.release(seq.slot)
+            self._clear_slot(seq.slot)
 
 
 def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishReason | None,

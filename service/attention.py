@@ -55,7 +55,12 @@ class KVCache:
     memory of their own.
 
     Blocks are handed to slots on demand (`grow`) and back (`trim`, `release`), as vLLM's paged attention does,
-    so a sequence holds memory for the tokens it has, not for ``max_len``. Without ``num_blocks`` every slot is
+    so a sequence holds memory for the tokens it has, not for ``max_len``. Slots share blocks by reference count:
+    a sequence starting with another's tokens takes that sequence's blocks of them (`share_prefix`), and a block is
+    copied only when a slot sharing it is about to write into it (`grow`'s ``write_from``: copy on write), so a
+    system prompt that a hundred requests share is held once. A slot is *live* while a running sequence owns it
+    (`set_live`); blocks no live slot holds are free or hold cached prefixes, which can be given up
+    (`spare_blocks`). Without ``num_blocks`` every slot is
     given its whole ``max_len`` up front (a contiguous cache: for tests and single sequences). Attention reads a
     slot's blocks by gathering them in position order (`gather_decode`, `gather_prefill`): PyTorch has no paged
     attention kernel on CPU, so each layer's read copies the keys it attends once (positions before heads in a
@@ -86,6 +91,10 @@ class KVCache:
         self.tables = torch.zeros(num_slots, self.max_blocks, dtype=torch.int64, device=device)
         self.blocks: list[list[int]] = [[] for _ in range(num_slots)]  # each slot's blocks, in position order
         self.free_blocks: list[int] = list(range(self.num_blocks))
+        self.refs = [0] * self.num_blocks       # slots holding each block
+        self.live_refs = [0] * self.num_blocks  # live slots holding each block
+        self.live = [False] * num_slots
+        self.num_live = 0                       # blocks some live slot holds
         self._dirty: list[int] = []  # slots whose table row changed since `sync_tables`
         if static:
             for slot in range(num_slots):
@@ -97,29 +106,113 @@ class KVCache:
         """Blocks that hold ``num_tokens`` positions."""
         return -(-num_tokens // self.block_size)
 
-    def grow(self, slot: int, num_tokens: int) -> bool:
-        """Give ``slot`` blocks for its first ``num_tokens`` positions; False (and nothing taken) if too few
-        blocks are free."""
-        missing = self.blocks_for(num_tokens) - len(self.blocks[slot])
-        if missing <= 0:
-            return True
-        if missing > len(self.free_blocks):
+    def grow(self, slot: int, num_tokens: int, write_from: int | None = None) -> bool:
+        """Give ``slot`` blocks for its first ``num_tokens`` positions, and with ``write_from`` make the blocks
+        holding positions from there on its own (a block another slot shares is replaced by a copy: the slot is
+        about to write there); False (and nothing changed) if too few blocks are free."""
+        blocks = self.blocks[slot]
+        missing = max(0, self.blocks_for(num_tokens) - len(blocks))
+        first = len(blocks) if write_from is None else write_from // self.block_size
+        shared = [index for index in range(first, len(blocks)) if self.refs[blocks[index]] > 1]
+        if missing + len(shared) > len(self.free_blocks):
             return False
-        self.blocks[slot] += self.free_blocks[:missing]
-        del self.free_blocks[:missing]
-        self._dirty.append(slot)
+        if shared:
+            fresh = self._take(slot, len(shared))
+            if shared[0] == first and write_from % self.block_size:  # positions before write_from are kept
+                self._copy_blocks([blocks[first]], fresh[:1])
+            self._drop(slot, [blocks[index] for index in shared])
+            for index, block in zip(shared, fresh):
+                blocks[index] = block
+        if missing:
+            blocks += self._take(slot, missing)
+        if missing or shared:
+            self._dirty.append(slot)
         return True
 
     def trim(self, slot: int, num_tokens: int) -> None:
-        """Free ``slot``'s blocks past its first ``num_tokens`` positions (all of them for 0)."""
+        """Drop ``slot``'s blocks past its first ``num_tokens`` positions (all of them for 0); a block no other
+        slot holds is free again."""
         keep = self.blocks_for(num_tokens)
         if len(self.blocks[slot]) > keep:
-            self.free_blocks += self.blocks[slot][keep:]
+            self._drop(slot, self.blocks[slot][keep:])
             del self.blocks[slot][keep:]
 
     def release(self, slot: int) -> None:
-        """Free all of ``slot``'s blocks."""
+        """Drop all of ``slot``'s blocks."""
         self.trim(slot, 0)
+
+    def share_prefix(self, source: int, target: int, length: int) -> None:
+        """Give slot ``target`` (holding nothing) the blocks of slot ``source``'s first ``length`` positions, by
+        reference: the last one, if ``length`` ends inside it, is copied when ``target`` grows to write there
+        (``grow(target, ..., write_from=length)``)."""
+        if self.blocks[target]:
+            raise ValueError(f"slot {target} holds blocks: release it before it shares another's")
+        shared = self.blocks[source][:self.blocks_for(length)]
+        self._hold(target, shared)
+        self.blocks[target] = list(shared)
+        self._dirty.append(target)
+
+    def copy_states(self, source: int, target: int) -> None:
+        """Give slot ``target`` slot ``source``'s linear-attention states, if the model has any (a state holds
+        one position: a fork takes its parent's after the whole prompt)."""
+        if self.linear is not None:
+            self.linear.copy_slot(source, target)
+
+    def set_live(self, slot: int, live: bool) -> None:
+        """Mark ``slot`` as owned by a running sequence (``live``) or not (free, or holding a cached prefix)."""
+        if self.live[slot] == live:
+            return
+        step, edge = (1, 1) if live else (-1, 0)
+        for block in self.blocks[slot]:
+            self.live_refs[block] += step
+            if self.live_refs[block] == edge:
+                self.num_live += step
+        self.live[slot] = live
+
+    def spare_blocks(self, keep: int | None = None) -> int:
+        """Blocks free, or free once the slots not live give theirs up (but slot ``keep``)."""
+        spare = self.num_blocks - self.num_live
+        if keep is not None and not self.live[keep]:
+            spare -= sum(1 for block in self.blocks[keep] if not self.live_refs[block])
+        return spare
+
+    def live_blocks(self, slot: int, count: int) -> int:
+        """How many of ``slot``'s first ``count`` blocks a live slot holds."""
+        return sum(1 for block in self.blocks[slot][:count] if self.live_refs[block])
+
+    def _take(self, slot: int, count: int) -> list[int]:
+        taken = self.free_blocks[:count]
+        del self.free_blocks[:count]
+        self._hold(slot, taken)
+        return taken
+
+    def _hold(self, slot: int, blocks: list[int]) -> None:
+        live = self.live[slot]
+        for block in blocks:
+            self.refs[block] += 1
+            if live:
+                self.live_refs[block] += 1
+                self.num_live += self.live_refs[block] == 1
+
+    def _drop(self, slot: int, blocks: list[int]) -> None:
+        live = self.live[slot]
+        for block in blocks:
+            self.refs[block] -= 1
+            if live:
+                self.live_refs[block] -= 1
+                self.num_live -= self.live_refs[block] == 0
+            if not self.refs[block]:
+                self.free_blocks.append(block)
+
+    def _copy_blocks(self, source: list[int], target: list[int]) -> None:
+        src = torch.tensor(source, dtype=torch.int64, device=self.tables.device)
+        dst = torch.tensor(target, dtype=torch.int64, device=self.tables.device)
+        for keys, values in zip(self.keys, self.values):
+            keys[dst] = keys[src]
+            if not self.values_in_keys:  # (else the keys' copy was theirs)
+                values[dst] = values[src]
+        for keys in self.index_keys:
+            keys[dst] = keys[src]
 
     def sync_tables(self) -> None:
         """Write the block lists of slots that changed into ``tables`` (one copy per slot, before a forward)."""
@@ -130,11 +223,11 @@ class KVCache:
         self._dirty.clear()
 
     def gather_decode(self, pool: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        """``pool``'s keys (or values) of the step's decode slot range, ``[S, H, decode_max_len, d]``."""
-        blocks, span = self.blocks_for(batch.decode_max_len), batch.slot_hi - batch.slot_lo
-        gathered = pool.index_select(0, batch.read_index(self))  # [S * nb, B, H, d] (2.6x faster than pool[index])
+        """``pool``'s keys (or values) of the step's decode sequences, ``[B, H, decode_max_len, d]``."""
+        blocks = self.blocks_for(batch.decode_max_len)
+        gathered = pool.index_select(0, batch.read_index(self))  # [B * nb, size, H, d] (2.6x faster than pool[index])
         _, size, heads, dim = gathered.shape
-        return gathered.view(span, blocks * size, heads, dim)[:, :batch.decode_max_len].transpose(1, 2)
+        return gathered.view(batch.num_decodes, blocks * size, heads, dim)[:, :batch.decode_max_len].transpose(1, 2)
 
     def gather_prefill(self, pool: torch.Tensor, chunk: SeqChunk) -> torch.Tensor:
         """``pool``'s keys (or values) of ``chunk``'s sequence up to the chunk's end, ``[H, end, d]``."""
@@ -142,22 +235,6 @@ class KVCache:
         gathered = pool.index_select(0, self.tables[chunk.slot, :self.blocks_for(end)])  # [nb, B, H, d]
         blocks, size, heads, dim = gathered.shape
         return gathered.view(blocks * size, heads, dim)[:end].transpose(0, 1)
-
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Give slot ``target`` the keys and values of slot ``source``'s first ``length`` positions (``target``
-        must hold blocks for them; the last block is copied whole, its positions past ``length`` are not read)."""
-        count = self.blocks_for(length)
-        if count:
-            src = torch.tensor(self.blocks[source][:count], dtype=torch.int64, device=self.tables.device)
-            dst = torch.tensor(self.blocks[target][:count], dtype=torch.int64, device=self.tables.device)
-            for keys, values in zip(self.keys, self.values):
-                keys[dst] = keys[src]
-                if not self.values_in_keys:  # (else the keys' copy was theirs)
-                    values[dst] = values[src]
-            for keys in self.index_keys:
-                keys[dst] = keys[src]
-        if self.linear is not None:  # (a state holds one position: a fork copies its parent's whole prompt)
-            self.linear.copy_slot(source, target)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int | Sequence[int], head_dim: int | Sequence[int],
@@ -231,19 +308,18 @@ class StepBatch:
     """Per-step metadata shared by every layer: which sequence owns which tokens of ``[1, T]``.
 
     Built once per step by ``StepBatch.build``; the decode tensors are precomputed so that each layer
-    does no Python work per sequence for single-token chunks. The selectors are slices when the decode
-    tokens lead the flat batch (the scheduler puts them first) and fill their slot range in slot order,
-    so that the common all-decode step pads no queries.
+    does no Python work per sequence for single-token chunks. Decode attention reads the decode tokens'
+    sequences only, one row each in ``decode_select`` order (not the slots between them: a slot range would
+    gather the blocks of idle and cached slots too). The selector is a slice when the decode tokens lead the
+    flat batch (the scheduler puts them first).
     """
 
     chunks: tuple[SeqChunk, ...]
     prefills: tuple[SeqChunk, ...]
     num_decodes: int             # B: single-token chunks
     decode_select: slice | torch.Tensor  # flat-batch offsets of the B single-token chunks
-    decode_rows: slice | torch.Tensor    # their rows in the slot range slot_lo .. slot_hi - 1
-    slot_lo: int                 # decode attention reads slots slot_lo .. slot_hi - 1
-    slot_hi: int
-    decode_len: torch.Tensor     # int64 [slot_hi - slot_lo]: keys to attend per slot in range (>= 1)
+    decode_slots: torch.Tensor   # int64 [B]: their slots
+    decode_len: torch.Tensor     # int64 [B]: keys each attends (its position + 1)
     decode_max_len: int          # decode_len.max(), known without a device sync
     _masks: dict[tuple[int | None, int | None], torch.Tensor] = field(default_factory=dict)
     _index: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -253,24 +329,18 @@ class StepBatch:
         """Metadata for ``chunks`` (in flat-batch order, offsets contiguous from 0), tensors on ``device``."""
         decodes = [c for c in chunks if c.num_tokens == 1]
         prefills = tuple(c for c in chunks if c.num_tokens > 1)
-        slots = [c.slot for c in decodes]
-        lo, hi = (min(slots), max(slots) + 1) if slots else (0, 0)
-        decode_len = torch.ones(hi - lo, dtype=torch.int64)  # slots in range without a decode token: 1 key
-        for c in decodes:
-            decode_len[c.slot - lo] = c.start + 1
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         offsets = [c.offset for c in decodes]
         return StepBatch(
             chunks=tuple(chunks), prefills=prefills, num_decodes=len(decodes),
             decode_select=slice(0, len(offsets)) if offsets == list(range(len(offsets))) else as_tensor(offsets),
-            decode_rows=slice(None) if slots == list(range(lo, hi)) else as_tensor([s - lo for s in slots]),
-            slot_lo=lo, slot_hi=hi, decode_len=decode_len.to(device),
+            decode_slots=as_tensor([c.slot for c in decodes]), decode_len=as_tensor([c.start + 1 for c in decodes]),
             decode_max_len=max((c.start + 1 for c in decodes), default=0),
         )
 
     def decode_mask(self, sliding_window: int | None, chunk_size: int | None = None) -> torch.Tensor:
-        """Bool ``[slot_hi - slot_lo, 1, 1, max_len]``: True where a slot's decode query may attend (within
-        its sliding window, and its chunk of ``chunk_size`` positions, where given)."""
+        """Bool ``[B, 1, 1, max_len]``: True where each decode query may attend (within its sliding window, and
+        its chunk of ``chunk_size`` positions, where given)."""
         kind = (sliding_window, chunk_size)
         if kind not in self._masks:
             length = self.decode_len[:, None]
@@ -296,11 +366,11 @@ class StepBatch:
         return self._index["write"]
 
     def read_index(self, cache: KVCache) -> torch.Tensor:
-        """int64 ``[S x nb]``: the blocks of the decode slot range, each slot's first ``nb`` (as many as
-        ``decode_max_len`` positions fill) in position order, slot after slot (once per step)."""
+        """int64 ``[B x nb]``: the blocks of the decode tokens' sequences, each one's first ``nb`` (as many as
+        ``decode_max_len`` positions fill) in position order, sequence after sequence (once per step)."""
         if "read" not in self._index:
             blocks = cache.blocks_for(self.decode_max_len)
-            self._index["read"] = cache.tables[self.slot_lo:self.slot_hi, :blocks].reshape(-1)
+            self._index["read"] = cache.tables[self.decode_slots, :blocks].reshape(-1)
         return self._index["read"]
 
     def positions(self, device: torch.device | str) -> torch.Tensor:
@@ -406,26 +476,22 @@ def append_keys(cache: KVCache, pool: torch.Tensor, new: torch.Tensor, batch: St
 def _decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch,
             window: int | None, scaling: float | None, sinks: torch.Tensor | None,
             chosen: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Attention of every single-token query at once, over the slot range's keys and values ``[S, Hkv, L, d]``
+    """Attention of every single-token query at once, over its sequence's keys and values ``[B, Hkv, L, d]``
     (gathered from the cache's blocks, `KVCache.gather_decode`).
 
     ``query [Hq, T, d]``; returns ``[B, Hq, dv]`` for the decode tokens in ``batch.decode_select`` order.
-    Query heads are grouped under their kv head (GQA without repeating keys): ``[S, Hkv, G, d]``.
+    Query heads are grouped under their kv head (GQA without repeating keys): ``[B, Hkv, G, d]``.
     """
     num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
     mask = batch.decode_mask(window, chunk_size)
-    if chosen is not None:  # [slot range, L]: the keys an indexer chose
+    if chosen is not None:  # [B, L]: the keys an indexer chose
         mask = mask & chosen[:, None, None, :]
     q = query[:, batch.decode_select]                                  # [Hq, B, d]
     q = q.reshape(num_kv_heads, -1, batch.num_decodes, head_dim).permute(2, 0, 1, 3)  # [B, Hkv, G, d]
-    if isinstance(batch.decode_rows, torch.Tensor):  # holes in the slot range: pad with zero queries
-        padded = q.new_zeros(batch.slot_hi - batch.slot_lo, *q.shape[1:])  # [S, Hkv, G, d]
-        padded[batch.decode_rows] = q
-        q = padded
     if sinks is not None:
-        sinks = sinks.reshape(num_kv_heads, -1, 1)                     # [Hkv, G, 1] against [S, Hkv, G, L]
+        sinks = sinks.reshape(num_kv_heads, -1, 1)                     # [Hkv, G, 1] against [B, Hkv, G, L]
     attn = _attend(q, keys, values, mask, scaling, sinks)
-    return attn[batch.decode_rows].reshape(batch.num_decodes, -1, values.shape[3])  # [B, Hq, dv]
+    return attn.reshape(batch.num_decodes, -1, values.shape[3])       # [B, Hq, dv]
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: SeqChunk,

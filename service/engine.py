@@ -4,8 +4,8 @@ Owns the request lifecycle (waiting queue, running batch, paged KV cache, preemp
 budget (decode tokens of running sequences first, then prefill chunks of new ones), sampling (with the
 token log-probabilities a request asks for, of its completion and of its prompt, and prompt-only
 requests that score a prompt), requests sharing another's prefill, prefix caching (a new request starts
-from the keys and values of the longest prefix of its prompt that a slot already holds; with linear attention,
-from copies of its states too), stop conditions
+from the keys and values of the longest prefix of its prompt that a slot already holds, sharing its blocks;
+with linear attention, from copies of its states too), stop conditions
 and per-step outputs. Plain Python and torch: no threads, no asyncio, no Ray; the
 `AsyncEngine` shell and the HTTP app sit on top. The model runs as is; an optional dispatch context
 (``begin_step()`` / ``end_step()``) around each forward lets MoE layers send one message per device per
@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -82,8 +82,8 @@ class EngineConfig:
             log-probabilities (their prefill is chunked to fit): bounds the ``[tokens, vocabulary]``
             float32 logits a step keeps for them (128 x 152k: 78 MB).
         enable_prefix_caching: a finished request's slot keeps its keys and values until the slot is
-            reused; a new request takes the slot (free, or copied from a running request's) holding the
-            longest prefix of its prompt and prefills only the rest. The slot a request overwrites is an
+            reused; a new request shares the blocks of the slot (free, or a running request's) holding the
+            longest prefix of its prompt (or takes that free slot) and prefills only the rest. The slot a request overwrites is an
             empty one if any, else the least recently released. Requests that ask for their prompt's
             log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
             Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
@@ -199,6 +199,15 @@ class _Sequence:
         return len(self.token_ids) - self.num_cached
 
 
+class _Match(NamedTuple):
+    """A prefix of a sequence's tokens held in the KV cache (`Engine._match`)."""
+
+    length: int = 0             # tokens
+    source: int | None = None   # the slot holding them
+    snapshot: bool = False      # its linear-attention states at ``length`` come from a snapshot
+    shared: int = 0             # the longest prefix any slot shares with the tokens (a branch point)
+
+
 class Engine:
     """Continuous batching over one causal LM (see the module docstring).
 
@@ -260,10 +269,9 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        """Share of the KV cache's blocks that running sequences hold (the rest is free or holds cached
-        prefixes, which are given up when needed)."""
-        held = sum(len(self._cache.blocks[seq.slot]) for seq in self._running)
-        return held / self._cache.num_blocks
+        """Share of the KV cache's blocks that running sequences hold (a block they share counts once; the rest
+        is free or holds cached prefixes, which are given up when needed)."""
+        return self._cache.num_live / self._cache.num_blocks
 
     @property
     def has_work(self) -> bool:
@@ -276,8 +284,8 @@ class Engine:
         Args:
             share_prefill_with: a queued or running request with the same prompt whose prefill has not
                 finished (another choice of the same HTTP request): this one then skips its own prefill.
-                When that request finishes its prefill, this one gets a copy of its keys and values and
-                samples its first token from the same logits, if a KV slot is free then; otherwise (or
+                When that request finishes its prefill, this one shares its keys and values and samples
+                its first token from the same logits, if a KV slot (and a block) is free then; otherwise (or
                 if that request is gone or does not qualify) it is prefilled as any other request.
             matcher: ``params.grammar``'s matcher, made beforehand with `make_matcher` (off the step loop);
                 without it the grammar is compiled here.
@@ -345,11 +353,12 @@ class Engine:
         if not self._forks:
             return []
         room = min(len(self._free_slots), self.config.max_num_seqs - len(self._running))
-        spare = self._spare_blocks()
+        spare = self._cache.spare_blocks()
         forked = []
         for row, parent in enumerate(sampled):
             if parent.num_completion_tokens == 0:  # its prompt ends in this step
-                need = self._cache.blocks_for(parent.num_prompt_tokens)
+                # the parent's prompt blocks are shared, its last one copied if the prompt ends inside it
+                need = self._cache.blocks_for(parent.num_prompt_tokens) - parent.num_prompt_tokens // self._cache.block_size
                 for child in self._forks.get(parent.request_id, [])[:room - len(forked)]:
                     if need > spare:
                         return forked
@@ -358,13 +367,15 @@ class Engine:
         return forked
 
     def _adopt(self, child: _Sequence, parent: _Sequence) -> None:
-        """``child`` joins the running batch with a copy of ``parent``'s prompt keys and values."""
+        """``child`` joins the running batch sharing ``parent``'s prompt keys and values."""
         self._forks[parent.request_id].remove(child)
         child.slot = self._take_free_slot(self._victim())
         self._clear_slot(child.slot)
-        self._make_room(child.slot, parent.num_prompt_tokens, required=True)
-        self._cache.copy_prefix(parent.slot, child.slot, parent.num_prompt_tokens)
-        child.num_cached = parent.num_prompt_tokens
+        length = parent.num_prompt_tokens
+        self._cache.share_prefix(parent.slot, child.slot, length)
+        self._cache.copy_states(parent.slot, child.slot)
+        self._make_room(child.slot, length, write_from=length, required=True)
+        child.num_cached = length
         child.prompt_logprobs = list(parent.prompt_logprobs)
         self._running.append(child)
 
@@ -491,9 +502,12 @@ class Engine:
             if chunk(seq):
                 take(seq)
         while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
-               and len(self._running) < self.config.max_num_seqs and self._fits(self._waiting[0])):
+               and len(self._running) < self.config.max_num_seqs):
+            match = self._match(self._waiting[0])
+            if not self._fits(self._waiting[0], match):
+                break
             seq = self._waiting.popleft()
-            self._assign_slot(seq)
+            self._assign_slot(seq, match)
             self._running.append(seq)
             take(seq)
         return decodes + prefills
@@ -512,7 +526,7 @@ class Engine:
         log.info("preempting request %s (%d tokens): the KV cache is full", seq.request_id, len(seq.token_ids))
         self._running.remove(seq)
         self._clear_slot(seq.slot)
-        self._free_slots.append(seq.slot)
+        self._free_slot(seq.slot)
         seq.slot, seq.num_cached, seq.branch = -1, 0, 0
         if seq.num_completion_tokens == 0:  # its prompt's log-probabilities are computed again
             seq.prompt_logprobs = []
@@ -521,21 +535,25 @@ class Engine:
         self._unfork(seq)
         self._waiting.appendleft(seq)
 
-    def _spare_blocks(self, keep: int | None = None) -> int:
-        """Blocks free or held by cached prefixes (free slots), but for free slot ``keep``'s."""
-        cache = self._cache
-        return len(cache.free_blocks) + sum(len(cache.blocks[slot]) for slot in self._free_slots if slot != keep)
-
-    def _fits(self, seq: _Sequence) -> bool:
-        """Whether ``seq``'s tokens fit in the blocks free or cached, leaving the watermark to running ones."""
+    def _fits(self, seq: _Sequence, match: _Match) -> bool:
+        """Whether ``seq``'s tokens fit in the blocks free or cached, leaving the watermark to running ones: the
+        blocks it adds to those running sequences hold (its prefix's blocks that they hold are shared)."""
         watermark = self._watermark if self._running else 0
-        return self._cache.blocks_for(len(seq.token_ids)) + watermark <= self._spare_blocks()
+        return self._added_blocks(seq, match) + watermark <= self._cache.spare_blocks()
 
-    def _make_room(self, slot: int, num_tokens: int, keep: int | None = None, required: bool = False) -> bool:
-        """Grow ``slot`` to ``num_tokens`` positions, giving up cached prefixes (least recently released first,
-        but free slot ``keep``'s) for their blocks as needed; False if that is not enough (RuntimeError with
-        ``required``: the caller counted the blocks)."""
-        while not self._cache.grow(slot, num_tokens):
+    def _added_blocks(self, seq: _Sequence, match: _Match) -> int:
+        """Blocks that running sequences will hold once ``seq`` runs with ``match``'s prefix, beyond theirs."""
+        need = self._cache.blocks_for(len(seq.token_ids))
+        if match.source is None:
+            return need
+        return need - self._cache.live_blocks(match.source, match.length // self._cache.block_size)
+
+    def _make_room(self, slot: int, num_tokens: int, keep: int | None = None, required: bool = False,
+                   write_from: int | None = None) -> bool:
+        """Grow ``slot`` to ``num_tokens`` positions (its own blocks from ``write_from`` on: see `KVCache.grow`),
+        giving up cached prefixes (least recently released first, but free slot ``keep``'s) for their blocks as
+        needed; False if that is not enough (RuntimeError with ``required``: the caller counted the blocks)."""
+        while not self._cache.grow(slot, num_tokens, write_from):
             cached = next((free for free in self._free_slots if free != keep and self._cache.blocks[free]), None)
             if cached is None:
                 if required:
@@ -550,56 +568,69 @@ class Engine:
         self._drop_snapshots(slot)
         self._cache.release(slot)
 
-    def _assign_slot(self, seq: _Sequence) -> None:
-        """Give a newly admitted ``seq`` a free slot, holding the longest cached prefix of its prompt.
+    def _match(self, seq: _Sequence) -> _Match:
+        """The longest prefix of ``seq``'s tokens (a preempted sequence's: its prompt and what it generated) that
+        a slot holds, free (a cached prefix) or running; at least the last token is always prefilled, for its
+        logits. With linear-attention states (one position per slot) a candidate's reusable prefix is all it holds,
+        if that is a prefix of the tokens (its states are then theirs at that position), else its latest state
+        snapshot within the shared tokens."""
+        if not self._reusable(seq):
+            return _Match()
+        best, source, snapshot, shared = 0, None, False, 0
+        prompt, limit = seq.token_ids, len(seq.token_ids) - 1
+        candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
+        candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
+        linear = self._cache.linear is not None
+        for slot, tokens, cached in candidates:
+            n = _common_prefix(prompt, tokens, min(limit, cached)) if tokens[0] == prompt[0] else 0
+            shared = max(shared, n)
+            from_snapshot = linear and n < cached
+            if from_snapshot:  # the states are the slot's at ``cached``: a snapshot's, if any, at or before n
+                n = self._snapshots.latest(slot, n) if self._snapshots is not None else 0
+            if n > best:
+                best, source, snapshot = n, slot, from_snapshot
+        return _Match(best, source, snapshot, shared)
 
-        The prefix may come from a free slot or a running request. It is copied into the slot to overwrite
-        (one holding nothing, else the least recently released), unless it is a free slot's whole content or
-        that slot is the one to overwrite: then that slot is taken as is. So a short match (a chat
-        template's first tokens) never destroys a longer cached conversation. At least the prompt's last
-        token is always prefilled, for its logits. With linear-attention states (one position per slot) a
-        candidate's reusable prefix is all it holds, if that is a prefix of the prompt (its states are then
-        the prompt's at that position), else its latest state snapshot within the shared tokens (restored into
-        the slot after the keys and values are copied, and from then on belonging to it: a shared prefix's
+    def _reusable(self, seq: _Sequence) -> bool:
+        """Whether ``seq`` may start from a cached prefix (not when it wants every prompt position scored)."""
+        return self.config.enable_prefix_caching and seq.params.prompt_logprobs is None and len(seq.token_ids) > 1
+
+    def _assign_slot(self, seq: _Sequence, match: _Match) -> None:
+        """Give a newly admitted ``seq`` a free slot, holding ``match``'s prefix (`_match`).
+
+        The slot to overwrite (one holding nothing, else the least recently released) shares the blocks of the
+        prefix with the slot holding it (the block the prefix ends inside is copied before it is written: see
+        `KVCache.share_prefix`), unless the prefix is a free slot's whole content or that slot is the one to
+        overwrite: then that slot is taken as is. So a short match (a chat template's first tokens) never
+        destroys a longer cached conversation. A free slot is also taken as is when its blocks past the prefix
+        leave too few for the new sequence beside them. With linear-attention states, a prefix from a snapshot
+        is restored into the slot after the blocks are shared, and from then on belongs to it (a shared prefix's
         snapshot goes from slot to slot with the requests that use it, never overwritten while they come); the
         shared length itself becomes a branch point to snapshot at while this prompt is prefilled.
         """
-        reusable = (self.config.enable_prefix_caching and seq.params.prompt_logprobs is None
-                    and len(seq.token_ids) > 1)
-        best, source, snapshot, shared = 0, None, False, 0
-        if reusable:  # (a preempted sequence's tokens: its prompt and what it generated)
-            prompt, limit = seq.token_ids, len(seq.token_ids) - 1
-            candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
-            candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
-            linear = self._cache.linear is not None
-            for slot, tokens, cached in candidates:
-                n = _common_prefix(prompt, tokens, min(limit, cached)) if tokens[0] == prompt[0] else 0
-                shared = max(shared, n)
-                from_snapshot = linear and n < cached
-                if from_snapshot:  # the states are the slot's at ``cached``: a snapshot's, if any, at or before n
-                    n = self._snapshots.latest(slot, n) if self._snapshots is not None else 0
-                if n > best:
-                    best, source, snapshot = n, slot, from_snapshot
-            if not seq.preemptions:
-                self.prefix_cache_queries += seq.num_prompt_tokens
-                self.prefix_cache_hits += best
-            if self._snapshots is not None and shared > max(best, self.config.prefix_state_interval - 1):
-                seq.branch = shared
+        best, source, snapshot = match.length, match.source, match.snapshot
+        if not seq.preemptions and self._reusable(seq):
+            self.prefix_cache_queries += seq.num_prompt_tokens
+            self.prefix_cache_hits += best
+        if self._snapshots is not None and match.shared > max(best, self.config.prefix_state_interval - 1):
+            seq.branch = match.shared
         victim, need = self._victim(), len(seq.token_ids)
         in_place = source is not None and (source == victim or best == len(self._slot_tokens.get(source, ())))
         if (source is not None and not in_place and source in self._slot_tokens
-                and self._cache.blocks_for(need) > self._spare_blocks(keep=source)):
-            in_place = True  # no room for a copy beside the cached prefix: it is taken itself
+                and self._cache.blocks_for(need) - best // self._cache.block_size
+                > self._cache.spare_blocks(keep=source)):
+            in_place = True  # no room beside the cached prefix's other blocks: it is taken itself
         if in_place:
             seq.slot = self._take_free_slot(source)  # in place: nothing else of that slot was worth keeping
             self._cache.trim(seq.slot, need)  # (blocks past the prompt held a longer cached sequence's tokens)
-            self._make_room(seq.slot, need, required=True)
+            self._make_room(seq.slot, need, write_from=best, required=True)
         else:
             seq.slot = self._take_free_slot(victim)
             self._clear_slot(seq.slot)
-            self._make_room(seq.slot, need, keep=source, required=True)
             if source is not None:
-                self._cache.copy_prefix(source, seq.slot, best)
+                self._cache.share_prefix(source, seq.slot, best)
+                self._cache.copy_states(source, seq.slot)
+            self._make_room(seq.slot, need, keep=source, write_from=best, required=True)
         self._drop_snapshots(seq.slot, keep=best if seq.slot == source else 0)
         if snapshot:
             self._snapshots.restore(source, best, self._cache.linear, seq.slot)
@@ -643,7 +674,12 @@ class Engine:
     def _take_free_slot(self, slot: int) -> int:
         self._free_slots.remove(slot)
         self._slot_tokens.pop(slot, None)
+        self._cache.set_live(slot, True)
         return slot
+
+    def _free_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+        self._cache.set_live(slot, False)
 
     def _forward(self, chunks: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, list[tuple[_Sequence, list[int]]]]:
         """float32 CPU logits ``[K, V]`` and where the prompt log-probability rows are.
@@ -714,7 +750,7 @@ class Engine:
     def _release(self, seq: _Sequence, keep_cache: bool = True) -> None:
         """Free ``seq``'s slot; with ``keep_cache`` its keys and values stay reusable until the slot is taken."""
         self._running.remove(seq)
-        self._free_slots.append(seq.slot)
+        self._free_slot(seq.slot)
         if keep_cache and self.config.enable_prefix_caching and seq.num_cached:
             self._slot_tokens[seq.slot] = seq.token_ids[:seq.num_cached]
             self._cache.trim(seq.slot, seq.num_cached)

@@ -55,8 +55,8 @@ class Selection:
     """The keys each query of one step may attend, beyond causality (None: all of them).
 
     Attributes:
-        decode: bool ``[slot_hi - slot_lo, L]`` for the single-token queries, by row of the step's slot range
-            (``L`` = the longest of their sequences); None when no sequence is longer than ``index_topk``.
+        decode: bool ``[B, L]`` for the step's single-token queries, in ``decode_select`` order (``L`` = the
+            longest of their sequences); None when no sequence is longer than ``index_topk``.
         prefill: by chunk offset, bool ``[n, start + n]`` for the chunk's queries (absent: all keys).
     """
 
@@ -96,15 +96,12 @@ class RaggedIndexer(torch.nn.Module):
         selection = Selection()
         if batch.num_decodes and batch.decode_max_len > topk:
             length = batch.decode_max_len
-            keys = cache_.gather_decode(pool, batch)[:, 0][batch.decode_rows]  # [B, L, D]
+            keys = cache_.gather_decode(pool, batch)[:, 0]                     # [B, L, D]
             rows = batch.decode_select
             scores = F.relu(torch.matmul(q[rows].float(), keys.float().transpose(-1, -2)) * ix.softmax_scale)
             index = torch.matmul(weights[rows].unsqueeze(-2), scores).squeeze(-2)  # [B, L]
-            valid = torch.arange(length, device=index.device)[None, :] < batch.decode_len[batch.decode_rows][:, None]
-            chosen = _top(index.masked_fill(~valid, float("-inf")), topk) & valid
-            selection.decode = torch.ones(batch.slot_hi - batch.slot_lo, length, dtype=torch.bool,
-                                          device=index.device)
-            selection.decode[batch.decode_rows] = chosen
+            valid = torch.arange(length, device=index.device)[None, :] < batch.decode_len[:, None]
+            selection.decode = _top(index.masked_fill(~valid, float("-inf")), topk) & valid
         for chunk in batch.prefills:
             end = chunk.start + chunk.num_tokens
             if end <= topk:

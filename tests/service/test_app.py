@@ -308,15 +308,17 @@ def test_sixteen_concurrent_streams_complete_with_correct_usage(server, tokenize
 
 
 def test_streams_beyond_what_the_kv_cache_holds_are_preempted_and_still_complete(tokenizer):
-    """An app whose KV cache holds one max_model_len sequence (16 blocks) and 8 concurrent streams of up to 5 blocks:
-    running streams are preempted and resumed; each answer still equals the single-process model's greedy text,
-    usage is whole, and /metrics counts the preemptions."""
+    """An app whose KV cache holds one max_model_len sequence (16 blocks) and 8 concurrent streams of up to 6 blocks
+    sharing a system prompt: running streams are preempted and resumed (sharing the prompt's blocks with those still
+    running); each answer still equals the single-process model's greedy text, usage is whole, and /metrics counts
+    the preemptions."""
     from service.attention import KVCache
 
     config = build_chat_model(tokenizer).config
     per_token = KVCache.bytes_per_token(config.num_hidden_layers, dtype=torch.float32, **KVCache.for_model(config))
     engine = _start_engine(tokenizer, max_num_seqs=8, kv_cache_bytes=MAX_MODEL_LEN * per_token)
-    conversations = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
+    system = {"role": "system", "content": "You are a patient teacher of arithmetic."}
+    conversations = [[system, {"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
     with served(engine) as url:
         results = _concurrent_streams(url, conversations, 56)
         metrics = httpx.get(f"{url}/metrics").text

@@ -12,8 +12,8 @@ from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch, bind_step, ragged_attention
 
 HQ, HKV, D, MAX_LEN, SLOTS, BLOCK = 4, 2, 8, 32, 6, 4
-# (slot, start, new tokens) in flat-batch order. Padded: decodes in slots 0, 2 and 4 (slot 1 idle, slot 3
-# a prefill inside the decode slot range), a first prefill, a continued prefill chunk, a one-token prompt.
+# (slot, start, new tokens) in flat-batch order. Padded: decodes in slots 0, 2 and 4 among prefills in the flat
+# batch (slot 1 idle, slot 3 a prefill between them), a first prefill, a continued prefill chunk, a one-token prompt.
 PADDED = [(0, 5, 1), (3, 0, 7), (2, 9, 1), (5, 4, 3), (4, 0, 1)]
 # Dense: decodes lead the batch and fill slots 1..3 in order, as the engine schedules them.
 DENSE = [(1, 5, 1), (2, 9, 1), (3, 0, 1), (0, 0, 7)]
@@ -78,7 +78,7 @@ def _scenario(layout, seed: int = 0, dv: int = D):
 @pytest.mark.parametrize("dv", [D, 6], ids=["dv=d", "narrower values"])  # 6: DeepSeek-V3's latent attention
 def test_matches_naive_reference(window, via_module, layout, dv):
     cache, batch, query, key, value, full = _scenario(layout, dv=dv)
-    assert isinstance(batch.decode_rows, slice) == (layout is DENSE)
+    assert isinstance(batch.decode_select, slice) == (layout is DENSE)
     module = SimpleNamespace(layer_idx=0, sliding_window=window if via_module else None)
     with bind_step(cache, batch):
         out, weights = ragged_attention(module, query, key, value, None, scaling=D ** -0.5,
@@ -127,12 +127,17 @@ def test_new_keys_and_values_land_in_their_slots(layout):
         torch.testing.assert_close(_held(cache, cache.values[0], slot, start + n), full[slot][1])
 
 
-def test_decode_range_covers_idle_slots_with_one_key():
-    batch = StepBatch.build([SeqChunk(0, 5, 1, 0), SeqChunk(3, 2, 1, 1)])
-    assert (batch.slot_lo, batch.slot_hi) == (0, 4)
-    assert batch.decode_len.tolist() == [6, 1, 1, 3]
-    assert batch.decode_mask(None)[:, 0, 0].sum(1).tolist() == [6, 1, 1, 3]
-    assert batch.decode_mask(2)[:, 0, 0].sum(1).tolist() == [2, 1, 1, 2]
+def test_decode_reads_the_decoding_sequences_only():
+    """Decode attention gathers the blocks of the decode tokens' slots, in their order, none of the slots
+    between them (idle, or holding cached prefixes)."""
+    cache = _paged_cache(D)
+    batch = StepBatch.build([SeqChunk(5, 5, 1, 0), SeqChunk(0, 2, 1, 1)])
+    assert batch.decode_slots.tolist() == [5, 0] and batch.decode_len.tolist() == [6, 3]
+    assert batch.decode_mask(None)[:, 0, 0].sum(1).tolist() == [6, 3]
+    assert batch.decode_mask(2)[:, 0, 0].sum(1).tolist() == [2, 2]
+    cache.sync_tables()
+    blocks = cache.blocks_for(6)
+    assert batch.read_index(cache).tolist() == cache.blocks[5][:blocks] + cache.blocks[0][:blocks]
 
 
 def test_called_outside_a_step_raises():
@@ -143,7 +148,8 @@ def test_called_outside_a_step_raises():
 
 def test_blocks_are_given_on_demand_and_taken_back():
     """A slot holds blocks for the positions it was grown to, never more; `grow` takes nothing when too few are
-    free; trimmed and released blocks are free again; a prefix copy reaches the target's own blocks only."""
+    free; trimmed and released blocks are free again once no slot holds them; a shared prefix is the source's
+    own blocks, and the block it ends inside is copied when the sharer is about to write there."""
     cache = KVCache(1, 3, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK, num_blocks=10)
     assert cache.max_blocks == 8 and cache.tables.shape == (3, 8) and cache.blocks == [[], [], []]
     assert cache.grow(0, 5) and cache.blocks[0] == [0, 1]  # (8 positions)
@@ -154,15 +160,43 @@ def test_blocks_are_given_on_demand_and_taken_back():
     assert cache.blocks[1] == [2, 3, 4] and sorted(cache.free_blocks) == [5, 6, 7, 8, 9]
     history = torch.randn(HKV, 7, D)
     _put(cache, cache.keys[0], 0, history)
-    assert cache.grow(2, 7)
-    cache.copy_prefix(0, 2, 7)
+    cache.share_prefix(0, 2, 7)
+    assert cache.blocks[2] == [0, 1] and cache.refs[:2] == [2, 2] and len(cache.free_blocks) == 5
+    with pytest.raises(ValueError, match="holds blocks"):
+        cache.share_prefix(1, 2, 4)
+    assert cache.grow(2, 9, write_from=7)  # block 1 (positions 4..7) is copied before position 7 is written
+    assert cache.blocks[2][0] == 0 and not set(cache.blocks[2][1:]) & set(cache.blocks[0] + cache.blocks[1])
+    assert cache.refs[:2] == [2, 1] and len(cache.free_blocks) == 3
     cache.sync_tables()
     torch.testing.assert_close(_held(cache, cache.keys[0], 2, 7), history)
-    assert set(cache.blocks[2]).isdisjoint(cache.blocks[0])
+    assert cache.grow(0, 8, write_from=4) and cache.blocks[0] == [0, 1]  # (block 1 is its own now)
     cache.release(0)
-    assert cache.blocks[0] == [] and sorted(cache.free_blocks) == [0, 1, 7, 8, 9]
+    assert cache.blocks[0] == [] and cache.refs[0] == 1 and 1 in cache.free_blocks and 0 not in cache.free_blocks
     contiguous = KVCache(1, 2, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK)  # no num_blocks: all up front
     assert contiguous.blocks == [list(range(8)), list(range(8, 16))] and not contiguous.free_blocks
+
+
+def test_live_slots_count_shared_blocks_once():
+    """`num_live` counts the blocks live slots hold, a shared one once; `spare_blocks` is what giving up every
+    slot not live frees (but ``keep``'s)."""
+    cache = KVCache(1, 3, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK, num_blocks=10)
+    cache.grow(0, 12)  # blocks 0-2, a cached prefix (not live)
+    assert cache.num_live == 0 and cache.spare_blocks() == 10 and cache.spare_blocks(keep=0) == 7
+    cache.set_live(1, True)
+    cache.share_prefix(0, 1, 8)
+    assert cache.grow(1, 10, write_from=8)  # a third block of its own
+    assert cache.num_live == 3 and cache.spare_blocks() == 7 and cache.spare_blocks(keep=0) == 6
+    assert cache.live_blocks(0, 3) == 2
+    cache.set_live(2, True)
+    cache.share_prefix(1, 2, 10)  # two running sequences share three blocks
+    assert cache.num_live == 3 and cache.live_blocks(1, 3) == 3
+    assert cache.grow(2, 11, write_from=10)  # (the third is copied)
+    assert cache.num_live == 4
+    cache.set_live(1, False)
+    assert cache.num_live == 3  # blocks 0, 1 (slot 2 holds them) and slot 2's copy
+    cache.release(1)
+    cache.release(2)
+    assert cache.num_live == 0 and cache.spare_blocks() == 10 and sorted(cache.free_blocks) == list(range(3, 10))
 
 
 def test_bytes_per_token_counts_keys_and_values_of_every_layer():

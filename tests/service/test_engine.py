@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -721,6 +723,81 @@ def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefi
     assert [t for o in outputs["same"] for t in o.new_token_ids] == _generate(model, system + _prompt(3, 27), 24)
 
 
+def _check_blocks(engine: Engine) -> None:
+    """The KV cache's reference counts are the slots holding each block, live ones those of running sequences,
+    free blocks those no slot holds; no running sequence shares a block it will write."""
+    cache = engine._cache
+    held = Counter(block for blocks in cache.blocks for block in blocks)
+    live = Counter(block for slot, blocks in enumerate(cache.blocks) if cache.live[slot] for block in blocks)
+    assert cache.refs == [held[block] for block in range(cache.num_blocks)]
+    assert cache.live_refs == [live[block] for block in range(cache.num_blocks)] and cache.num_live == len(live)
+    assert sorted(cache.free_blocks) == [block for block in range(cache.num_blocks) if not held[block]]
+    assert {seq.slot for seq in engine._running} == {slot for slot in range(cache.num_slots) if cache.live[slot]}
+    for seq in engine._running:
+        assert all(cache.refs[block] == 1 for block in cache.blocks[seq.slot][seq.num_cached // cache.block_size:])
+
+
+def test_requests_sharing_a_system_prompt_hold_its_blocks_once(reference_models):
+    """Memory for two sequences of max_model_len (16 blocks of 16) runs six requests sharing a 96-token system
+    prompt at once: they hold its six blocks together and one block each of their own (12 blocks; copies would
+    take 42), each answer equal to `generate`."""
+    model = build_tiny_model("qwen3_moe")
+    engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=128, kv_cache_bytes=2 * 128 * _token_bytes(model)))
+    assert engine.num_kv_blocks == 16
+    system = _prompt(96, 60)
+    _finish(engine, "warm", system + [7], SamplingParams(max_tokens=1, temperature=0.0))
+    prompts = {f"r{i}": system + _prompt(5, 61 + i) for i in range(6)}
+    running, usage, outputs = [], [], {}
+
+    def watch(e: Engine) -> None:
+        _check_blocks(e)
+        running.append(e.num_running)
+        usage.append(e.kv_cache_usage)
+        if e.num_running == 6:  # the system prompt's blocks, the same for all
+            assert len({tuple(e._cache.blocks[seq.slot][:6]) for seq in e._running}) == 1
+
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        watch(engine)
+    assert max(running) == 6 and max(usage) == 12 / 16 and engine.num_preemptions == 0
+    for request_id, prompt in prompts.items():
+        assert outputs[request_id][0].num_cached_tokens == 96
+        tokens = [t for out in outputs[request_id] for t in out.new_token_ids]
+        assert tokens == _generate(reference_models["qwen3_moe"], prompt, 8), request_id
+
+
+def test_shared_blocks_under_memory_pressure_keep_every_answer_equal_to_generate(reference_models):
+    """Requests branching off three roots at random points, arriving over time into memory for three sequences
+    of max_model_len: prefixes are shared from running and cached sequences, copied on write, taken in place,
+    given up, and sequences preempted; the block accounting holds after every step and every answer equals
+    `generate`."""
+    rng = random.Random(7)  # (a seed whose run takes a cached prefix in place while others share its blocks)
+    model = build_tiny_model("qwen3_moe")
+    engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48,
+                                        kv_cache_bytes=3 * 64 * _token_bytes(model)))
+    roots = [_prompt(40, 70 + i) for i in range(3)]
+    requests = {}
+    for i in range(18):
+        root = rng.choice(roots)
+        prompt = root[:rng.randint(1, 40)] + _prompt(rng.randint(1, 12), 80 + i)
+        requests[f"q{i}"] = (rng.randint(0, 30), prompt, rng.randint(2, 64 - len(prompt)))
+    outputs, step = {}, 0
+    while step <= 30 or engine.has_work:
+        for request_id, (arrival, prompt, max_tokens) in requests.items():
+            if arrival == step:
+                engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        _check_blocks(engine)
+        step += 1
+    assert engine.num_preemptions > 0 and engine.prefix_cache_hits > 0
+    for request_id, (_, prompt, max_tokens) in requests.items():
+        assert outputs[request_id] == _generate(reference_models["qwen3_moe"], prompt, max_tokens), request_id
+
+
 def test_free_slots_are_overwritten_empty_first_then_least_recently_released():
     a, b, c = _prompt(12, 30), _prompt(12, 31), _prompt(12, 32)
     engine = _engine(max_num_seqs=1)  # two slots: one to run in, as many again for cached prefixes
@@ -772,7 +849,7 @@ def test_cached_prefixes_give_their_blocks_up_when_a_prompt_needs_them(reference
     first = _prompt(40, 40)
     params = SamplingParams(max_tokens=2, temperature=0.0)
     _finish(engine, "first", first, params)
-    assert engine._spare_blocks() == 4 and len(engine._cache.free_blocks) == 1  # 41 positions cached: 3 blocks
+    assert engine._cache.spare_blocks() == 4 and len(engine._cache.free_blocks) == 1  # 41 positions cached: 3 blocks
     shares = first[:20] + _prompt(30, 41)
     tokens, out = _finish(engine, "shares", shares, params)
     assert out.num_cached_tokens == 20 and tokens == _generate(reference_models["qwen3_moe"], shares, 2)

@@ -106,6 +106,11 @@ class KVCache:
         """Blocks that hold ``num_tokens`` positions."""
         return -(-num_tokens // self.block_size)
 
+    def own_blocks(self, num_tokens: int, shared: int) -> int:
+        """Blocks a sequence of ``num_tokens`` positions takes for itself when its first ``shared`` are another's
+        (`share_prefix`: their full blocks are shared, the one they end inside is copied)."""
+        return self.blocks_for(num_tokens) - shared // self.block_size
+
     def grow(self, slot: int, num_tokens: int, write_from: int | None = None) -> bool:
         """Give ``slot`` blocks for its first ``num_tokens`` positions, and with ``write_from`` make the blocks
         holding positions from there on its own (a block another slot shares is replaced by a copy: the slot is

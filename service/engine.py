@@ -83,8 +83,8 @@ class EngineConfig:
             float32 logits a step keeps for them (128 x 152k: 78 MB).
         enable_prefix_caching: a finished request's slot keeps its keys and values until the slot is
             reused; a new request shares the blocks of the slot (free, or a running request's) holding the
-            longest prefix of its prompt (or takes that free slot) and prefills only the rest. The slot a request overwrites is an
-            empty one if any, else the least recently released. Requests that ask for their prompt's
+            longest prefix of its prompt (or takes that free slot) and prefills only the rest. The slot a
+            request overwrites is an empty one if any, else the least recently released. Requests that ask for their prompt's
             log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
             Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
             hold one position, a cached sequence is reusable whole (a new turn of a conversation, or an agent's
@@ -357,8 +357,7 @@ class Engine:
         forked = []
         for row, parent in enumerate(sampled):
             if parent.num_completion_tokens == 0:  # its prompt ends in this step
-                # the parent's prompt blocks are shared, its last one copied if the prompt ends inside it
-                need = self._cache.blocks_for(parent.num_prompt_tokens) - parent.num_prompt_tokens // self._cache.block_size
+                need = self._cache.own_blocks(parent.num_prompt_tokens, shared=parent.num_prompt_tokens)
                 for child in self._forks.get(parent.request_id, [])[:room - len(forked)]:
                     if need > spare:
                         return forked
@@ -617,8 +616,7 @@ class Engine:
         victim, need = self._victim(), len(seq.token_ids)
         in_place = source is not None and (source == victim or best == len(self._slot_tokens.get(source, ())))
         if (source is not None and not in_place and source in self._slot_tokens
-                and self._cache.blocks_for(need) - best // self._cache.block_size
-                > self._cache.spare_blocks(keep=source)):
+                and self._cache.own_blocks(need, shared=best) > self._cache.spare_blocks(keep=source)):
             in_place = True  # no room beside the cached prefix's other blocks: it is taken itself
         if in_place:
             seq.slot = self._take_free_slot(source)  # in place: nothing else of that slot was worth keeping

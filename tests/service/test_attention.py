@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service import attention
 from service.attention import KVCache, SeqChunk, StepBatch, bind_step, ragged_attention
@@ -197,6 +200,55 @@ def test_live_slots_count_shared_blocks_once():
     cache.release(1)
     cache.release(2)
     assert cache.num_live == 0 and cache.spare_blocks() == 10 and sorted(cache.free_blocks) == list(range(3, 10))
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["write", "trim", "share", "live", "release"]), st.integers(0, 3),
+                          st.integers(0, 3), st.integers(0, MAX_LEN), st.integers(0, MAX_LEN)), min_size=30, max_size=80)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=_OPS)
+def test_shared_blocks_keep_every_slots_tokens_under_any_sequence_of_operations(ops):
+    """Random grows with writes, trims, shares, live marks and releases over 4 slots and 12 blocks: every slot
+    reads back the tokens written to it (or shared into it), whatever other slots write (copy on write), and the
+    reference counts, live counts and free list always say which slots hold which blocks."""
+    cache = KVCache(1, 4, 1, MAX_LEN, 1, torch.float32, block_size=BLOCK, num_blocks=12)
+    written: list[list[float]] = [[] for _ in range(4)]  # what each slot's positions hold
+    stamp = 0.0
+    for op, slot, other, a, b in ops:
+        if op == "write":  # positions start .. end - 1 (from near its end), after a grow making their blocks its own
+            start = max(0, len(written[slot]) - a % (2 * BLOCK))
+            end = min(MAX_LEN, start + 1 + b % (3 * BLOCK))
+            if cache.grow(slot, end, write_from=start):
+                values = [stamp + i for i in range(end - start)]
+                stamp += MAX_LEN
+                for position, value in zip(range(start, end), values):
+                    block = cache.blocks[slot][position // BLOCK]
+                    cache.keys[0][block, position % BLOCK] = value
+                written[slot][start:] = values
+        elif op == "trim":
+            cache.trim(slot, a)
+            del written[slot][a:]
+        elif op == "share" and slot != other:  # (into a slot emptied first)
+            cache.release(other)
+            length = min(a, len(written[slot]))
+            cache.share_prefix(slot, other, length)
+            written[other] = written[slot][:length]
+        elif op == "live":
+            cache.set_live(slot, bool(a % 2))
+        elif op == "release":
+            cache.release(slot)
+            written[slot] = []
+        held = Counter(block for blocks in cache.blocks for block in blocks)
+        live = Counter(block for s, blocks in enumerate(cache.blocks) if cache.live[s] for block in blocks)
+        assert cache.refs == [held[block] for block in range(12)]
+        assert cache.live_refs == [live[block] for block in range(12)] and cache.num_live == len(live)
+        assert sorted(cache.free_blocks) == [block for block in range(12) if not held[block]]
+        assert cache.spare_blocks() == 12 - len(live)
+        for s in range(4):
+            assert len(cache.blocks[s]) >= cache.blocks_for(len(written[s]))
+            got = [cache.keys[0][cache.blocks[s][p // BLOCK], p % BLOCK, 0, 0].item() for p in range(len(written[s]))]
+            assert got == written[s]
 
 
 def test_bytes_per_token_counts_keys_and_values_of_every_layer():

@@ -82,9 +82,10 @@ class EngineConfig:
             log-probabilities (their prefill is chunked to fit): bounds the ``[tokens, vocabulary]``
             float32 logits a step keeps for them (128 x 152k: 78 MB).
         enable_prefix_caching: a finished request's slot keeps its keys and values until the slot is
-            reused; a new request shares the blocks of the slot (free, or a running request's) holding the
-            longest prefix of its prompt (or takes that free slot) and prefills only the rest. The slot a
-            request overwrites is an empty one if any, else the least recently released. Requests that ask for their prompt's
+            reused or its blocks are needed (the least recently released slot's last blocks first); a new
+            request shares the blocks of the slot (free, or a running request's) holding the longest prefix
+            of its prompt (or takes that free slot) and prefills only the rest. The slot a request overwrites
+            is an empty one if any, else the least recently released. Requests that ask for their prompt's
             log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
             Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
             hold one position, a cached sequence is reusable whole (a new turn of a conversation, or an agent's
@@ -550,16 +551,30 @@ class Engine:
     def _make_room(self, slot: int, num_tokens: int, keep: int | None = None, required: bool = False,
                    write_from: int | None = None) -> bool:
         """Grow ``slot`` to ``num_tokens`` positions (its own blocks from ``write_from`` on: see `KVCache.grow`),
-        giving up cached prefixes (least recently released first, but free slot ``keep``'s) for their blocks as
-        needed; False if that is not enough (RuntimeError with ``required``: the caller counted the blocks)."""
-        while not self._cache.grow(slot, num_tokens, write_from):
-            cached = next((free for free in self._free_slots if free != keep and self._cache.blocks[free]), None)
-            if cached is None:
+        giving up cached prefixes' blocks as needed (`_evict`; not free slot ``keep``'s); False if that is not
+        enough (RuntimeError with ``required``: the caller counted the blocks)."""
+        cache = self._cache
+        while not cache.grow(slot, num_tokens, write_from):
+            cached = [free for free in self._free_slots if free != keep and cache.blocks[free]]
+            if not cached:
                 if required:
                     raise RuntimeError(f"no KV blocks for {num_tokens} positions of slot {slot}")
                 return False
-            self._clear_slot(cached)
+            # the least recently released whose last block nothing else holds (giving it up frees it)
+            self._evict(next((free for free in cached if cache.refs[cache.blocks[free][-1]] == 1), cached[0]))
         return True
+
+    def _evict(self, slot: int) -> None:
+        """Give up free slot ``slot``'s last block (the least recently released slot is passed first), so a
+        cached prefix keeps its first tokens (a system prompt) longest, as vLLM evicts a freed sequence's
+        blocks tail first; a slot with linear-attention states (theirs at its end) is given up whole."""
+        tokens = self._slot_tokens.get(slot, ())
+        keep = (len(self._cache.blocks[slot]) - 1) * self._cache.block_size
+        if self._cache.linear is not None or keep <= 0 or keep >= len(tokens):
+            self._clear_slot(slot)
+            return
+        self._slot_tokens[slot] = tokens[:keep]
+        self._cache.trim(slot, keep)
 
     def _clear_slot(self, slot: int) -> None:
         """``slot`` holds nothing reusable any more: its cached tokens, state snapshots and blocks go."""

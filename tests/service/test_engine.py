@@ -769,6 +769,24 @@ def test_requests_sharing_a_system_prompt_hold_its_blocks_once(reference_models)
         assert tokens == _generate(reference_models["qwen3_moe"], prompt, 8), request_id
 
 
+def test_a_cached_prefix_gives_up_its_last_blocks_first(reference_models):
+    """Four blocks of 16: a finished 40-token request caches three; an unrelated 20-token prompt needs two with
+    one free, so the cached prefix gives up its last block only and keeps its first 32 tokens, which the next
+    prompt starting with them takes from the cache (taking its one more block from the second's tail)."""
+    model = build_tiny_model("qwen3_moe")
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=64, kv_cache_bytes=64 * _token_bytes(model)))
+    first = _prompt(40, 40)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    _finish(engine, "first", first, params)
+    _finish(engine, "other", _prompt(20, 43), params)
+    assert sorted(map(len, engine._slot_tokens.values())) == [21, 32] and not engine._cache.free_blocks
+    again = first[:32] + _prompt(10, 44)
+    tokens, out = _finish(engine, "again", again, params)
+    assert out.num_cached_tokens == 32 and tokens == _generate(reference_models["qwen3_moe"], again, 2)
+    assert sorted(map(len, engine._slot_tokens.values())) == [16, 43]
+    _check_blocks(engine)
+
+
 def test_shared_blocks_under_memory_pressure_keep_every_answer_equal_to_generate(reference_models):
     """Requests branching off three roots at random points, arriving over time into memory for three sequences
     of max_model_len: prefixes are shared from running and cached sequences, copied on write, taken in place,

@@ -82,10 +82,10 @@ class EngineConfig:
             log-probabilities (their prefill is chunked to fit): bounds the ``[tokens, vocabulary]``
             float32 logits a step keeps for them (128 x 152k: 78 MB).
         enable_prefix_caching: a finished request's slot keeps its keys and values until the slot is
-            reused or its blocks are needed (the least recently released slot's last blocks first); a new
+            reused or its blocks are needed (the least recently used slot's last blocks first); a new
             request shares the blocks of the slot (free, or a running request's) holding the longest prefix
             of its prompt (or takes that free slot) and prefills only the rest. The slot a request overwrites
-            is an empty one if any, else the least recently released. Requests that ask for their prompt's
+            is an empty one if any, else the least recently used. Requests that ask for their prompt's
             log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
             Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
             hold one position, a cached sequence is reusable whole (a new turn of a conversation, or an agent's
@@ -230,7 +230,7 @@ class Engine:
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self._grammars = (Grammars(tokenizer, model.config.vocab_size, self._eos_ids)
                           if tokenizer is not None else None)
-        self._free_slots = list(range(self._cache.num_slots))  # least recently released first
+        self._free_slots = list(range(self._cache.num_slots))  # least recently used (released or shared) first
         self._slot_tokens: dict[int, list[int]] = {}  # free slot -> the tokens whose keys/values it holds
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -560,12 +560,12 @@ class Engine:
                 if required:
                     raise RuntimeError(f"no KV blocks for {num_tokens} positions of slot {slot}")
                 return False
-            # the least recently released whose last block nothing else holds (giving it up frees it)
+            # the least recently used whose last block nothing else holds (giving it up frees it)
             self._evict(next((free for free in cached if cache.refs[cache.blocks[free][-1]] == 1), cached[0]))
         return True
 
     def _evict(self, slot: int) -> None:
-        """Give up free slot ``slot``'s last block (the least recently released slot is passed first), so a
+        """Give up free slot ``slot``'s last block (the least recently used slot is passed first), so a
         cached prefix keeps its first tokens (a system prompt) longest, as vLLM evicts a freed sequence's
         blocks tail first; a slot with linear-attention states (theirs at its end) is given up whole."""
         tokens = self._slot_tokens.get(slot, ())
@@ -612,7 +612,7 @@ class Engine:
     def _assign_slot(self, seq: _Sequence, match: _Match) -> None:
         """Give a newly admitted ``seq`` a free slot, holding ``match``'s prefix (`_match`).
 
-        The slot to overwrite (one holding nothing, else the least recently released) shares the blocks of the
+        The slot to overwrite (one holding nothing, else the least recently used) shares the blocks of the
         prefix with the slot holding it (the block the prefix ends inside is copied before it is written: see
         `KVCache.share_prefix`), unless the prefix is a free slot's whole content or that slot is the one to
         overwrite: then that slot is taken as is. So a short match (a chat template's first tokens) never
@@ -643,6 +643,9 @@ class Engine:
             if source is not None:
                 self._cache.share_prefix(source, seq.slot, best)
                 self._cache.copy_states(source, seq.slot)
+                if source in self._slot_tokens:  # a cached prefix just used: the last to overwrite or trim now
+                    self._free_slots.remove(source)
+                    self._free_slots.append(source)
             self._make_room(seq.slot, need, keep=source, write_from=best, required=True)
         self._drop_snapshots(seq.slot, keep=best if seq.slot == source else 0)
         if snapshot:
@@ -681,7 +684,8 @@ class Engine:
             self._snapshots.release_pins()
 
     def _victim(self) -> int:
-        """The free slot to overwrite: one holding nothing reusable, else the least recently released."""
+        """The free slot to overwrite: one holding nothing reusable, else the least recently used (released, or
+        its prefix shared)."""
         return next((slot for slot in self._free_slots if slot not in self._slot_tokens), self._free_slots[0])
 
     def _take_free_slot(self, slot: int) -> int:

@@ -829,6 +829,20 @@ def test_free_slots_are_overwritten_empty_first_then_least_recently_released():
     assert _finish(engine, "a3", a + [5])[1].num_cached_tokens == 0
 
 
+def test_a_cached_prefix_shared_again_is_overwritten_after_one_released_later():
+    """Overwriting goes by last use: a cached prefix that a newer request shared outlives one released after it
+    and not used since."""
+    a, b = _prompt(20, 36), _prompt(20, 37)
+    engine = _engine(max_num_seqs=2)  # four slots
+    _finish(engine, "a", a)
+    _finish(engine, "b", b)
+    assert _finish(engine, "x", a[:16] + _prompt(4, 38))[1].num_cached_tokens == 16  # shares a's blocks
+    _finish(engine, "c", _prompt(20, 39))  # the last empty slot
+    _finish(engine, "d", _prompt(20, 40))  # overwrites b's slot, not a's
+    assert _finish(engine, "a2", a + [5])[1].num_cached_tokens == 20
+    assert _finish(engine, "b2", b + [5])[1].num_cached_tokens == 0
+
+
 def test_no_prefix_reuse_for_prompt_log_probabilities_when_disabled_or_after_a_failed_step():
     prompt = _prompt(16, 33)
     engine = _engine(max_num_seqs=1)

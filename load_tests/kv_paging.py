@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"TTFT p50 {ratio['ttft_p50']:.2f}x, mean running batch {ratio['mean_running']:.2f}x")
     if args.system_tokens:
         shared = _prompts(tokenizer, args.requests, args.max_tokens, args.system_tokens)
-        system = len(_common(shared))
+        system = len(os.path.commonprefix([ids for ids, _ in shared]))
         result = compare(model, {"prefix caching off": config(args.block_size, False),
                                  "prefix caching on (shared)": config(args.block_size, True)}, shared, args.rounds)
         on, off = result["medians"]["prefix caching on (shared)"], result["medians"]["prefix caching off"]
@@ -180,15 +180,6 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {path}")
     return report
-
-
-def _common(requests: list[tuple[list[int], int]]) -> list[int]:
-    """The prompt tokens every request starts with."""
-    first = requests[0][0]
-    length = min(len(ids) for ids, _ in requests)
-    for ids, _ in requests[1:]:
-        length = next((i for i in range(length) if ids[i] != first[i]), length)
-    return first[:length]
 
 
 if __name__ == "__main__":

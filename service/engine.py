@@ -369,12 +369,8 @@ class Engine:
     def _adopt(self, child: _Sequence, parent: _Sequence) -> None:
         """``child`` joins the running batch sharing ``parent``'s prompt keys and values."""
         self._forks[parent.request_id].remove(child)
-        child.slot = self._take_free_slot(self._victim())
-        self._clear_slot(child.slot)
         length = parent.num_prompt_tokens
-        self._cache.share_prefix(parent.slot, child.slot, length)
-        self._cache.copy_states(parent.slot, child.slot)
-        self._make_room(child.slot, length, write_from=length, required=True)
+        child.slot = self._share_into(self._victim(), parent.slot, length, length)
         child.num_cached = length
         child.prompt_logprobs = list(parent.prompt_logprobs)
         self._running.append(child)
@@ -503,8 +499,8 @@ class Engine:
                 take(seq)
         while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
                and len(self._running) < self.config.max_num_seqs):
-            match = self._match(self._waiting[0])
-            if not self._fits(self._waiting[0], match):
+            match = self._admit(self._waiting[0])
+            if match is None:
                 break
             seq = self._waiting.popleft()
             self._assign_slot(seq, match)
@@ -535,18 +531,21 @@ class Engine:
         self._unfork(seq)
         self._waiting.appendleft(seq)
 
-    def _fits(self, seq: _Sequence, match: _Match) -> bool:
-        """Whether ``seq``'s tokens fit in the blocks free or cached, leaving the watermark to running ones: the
-        blocks it adds to those running sequences hold (its prefix's blocks that they hold are shared)."""
-        watermark = self._watermark if self._running else 0
-        return self._added_blocks(seq, match) + watermark <= self._cache.spare_blocks()
-
-    def _added_blocks(self, seq: _Sequence, match: _Match) -> int:
-        """Blocks that running sequences will hold once ``seq`` runs with ``match``'s prefix, beyond theirs."""
-        need = self._cache.blocks_for(len(seq.token_ids))
-        if match.source is None:
-            return need
-        return need - self._cache.live_blocks(match.source, match.length // self._cache.block_size)
+    def _admit(self, seq: _Sequence) -> _Match | None:
+        """``seq``'s cached prefix (`_match`) if its tokens fit in the blocks free or cached, leaving the watermark
+        to running ones, else None. It needs the blocks it adds to those running sequences hold: its prefix's
+        blocks that they hold are shared. The prefix is looked for only if sharing all it could would make it fit
+        (the search compares the tokens with every cached and running sequence's, and a queue's head may wait
+        for blocks many steps)."""
+        cache = self._cache
+        room = cache.spare_blocks() - (self._watermark if self._running else 0)
+        need = cache.blocks_for(len(seq.token_ids))
+        if need - min(cache.num_live, (len(seq.token_ids) - 1) // cache.block_size) > room:
+            return None
+        match = self._match(seq)
+        if match.source is not None:
+            need -= cache.live_blocks(match.source, match.length // cache.block_size)
+        return match if need <= room else None
 
     def _make_room(self, slot: int, num_tokens: int, keep: int | None = None, required: bool = False,
                    write_from: int | None = None) -> bool:
@@ -568,12 +567,11 @@ class Engine:
         """Give up free slot ``slot``'s last block (the least recently used slot is passed first), so a
         cached prefix keeps its first tokens (a system prompt) longest, as vLLM evicts a freed sequence's
         blocks tail first; a slot with linear-attention states (theirs at its end) is given up whole."""
-        tokens = self._slot_tokens.get(slot, ())
         keep = (len(self._cache.blocks[slot]) - 1) * self._cache.block_size
-        if self._cache.linear is not None or keep <= 0 or keep >= len(tokens):
+        if self._cache.linear is not None or keep <= 0:
             self._clear_slot(slot)
             return
-        self._slot_tokens[slot] = tokens[:keep]
+        del self._slot_tokens[slot][keep:]
         self._cache.trim(slot, keep)
 
     def _clear_slot(self, slot: int) -> None:
@@ -638,15 +636,7 @@ class Engine:
             self._cache.trim(seq.slot, need)  # (blocks past the prompt held a longer cached sequence's tokens)
             self._make_room(seq.slot, need, write_from=best, required=True)
         else:
-            seq.slot = self._take_free_slot(victim)
-            self._clear_slot(seq.slot)
-            if source is not None:
-                self._cache.share_prefix(source, seq.slot, best)
-                self._cache.copy_states(source, seq.slot)
-                if source in self._slot_tokens:  # a cached prefix just used: the last to overwrite or trim now
-                    self._free_slots.remove(source)
-                    self._free_slots.append(source)
-            self._make_room(seq.slot, need, keep=source, write_from=best, required=True)
+            seq.slot = self._share_into(victim, source, best, need)
         self._drop_snapshots(seq.slot, keep=best if seq.slot == source else 0)
         if snapshot:
             self._snapshots.restore(source, best, self._cache.linear, seq.slot)
@@ -655,6 +645,22 @@ class Engine:
         seq.num_cached = best
         if not seq.preemptions:  # (what the client is told its prompt took from the cache)
             seq.num_reused = best
+
+    def _share_into(self, slot: int, source: int | None, length: int, num_tokens: int) -> int:
+        """Take free slot ``slot`` for a sequence of ``num_tokens`` positions whose first ``length`` are slot
+        ``source``'s (None: nothing): whatever it held goes, it shares ``source``'s blocks of them (and takes its
+        linear-attention states) and grows, the block ``length`` ends inside copied for it to write in. A cached
+        ``source`` is kept (`_make_room` gives up others first) and counts as just used."""
+        self._take_free_slot(slot)
+        self._clear_slot(slot)
+        if source is not None:
+            self._cache.share_prefix(source, slot, length)
+            self._cache.copy_states(source, slot)
+            if source in self._slot_tokens:  # a cached prefix just used: the last to overwrite or trim now
+                self._free_slots.remove(source)
+                self._free_slots.append(source)
+        self._make_room(slot, num_tokens, keep=source, write_from=length, required=True)
+        return slot
 
     def _drop_snapshots(self, slot: int, keep: int = 0) -> None:
         """``slot``'s keys and values past ``keep`` are overwritten: its state snapshots past it are void."""

@@ -95,12 +95,11 @@ class RaggedIndexer(torch.nn.Module):
         topk = ix.index_topk
         selection = Selection()
         if batch.num_decodes and batch.decode_max_len > topk:
-            length = batch.decode_max_len
             keys = cache_.gather_decode(pool, batch)[:, 0]                     # [B, L, D]
             rows = batch.decode_select
             scores = F.relu(torch.matmul(q[rows].float(), keys.float().transpose(-1, -2)) * ix.softmax_scale)
             index = torch.matmul(weights[rows].unsqueeze(-2), scores).squeeze(-2)  # [B, L]
-            valid = torch.arange(length, device=index.device)[None, :] < batch.decode_len[:, None]
+            valid = batch.decode_mask(None)[:, 0, 0]                           # [B, L]: causal (shared per step)
             selection.decode = _top(index.masked_fill(~valid, float("-inf")), topk) & valid
         for chunk in batch.prefills:
             end = chunk.start + chunk.num_tokens

@@ -202,6 +202,17 @@ def test_live_slots_count_shared_blocks_once():
     assert cache.num_live == 0 and cache.spare_blocks() == 10 and sorted(cache.free_blocks) == list(range(3, 10))
 
 
+def assert_block_counts(cache: KVCache) -> None:
+    """``cache``'s reference counts are the slots holding each block, its live counts those of live slots, its
+    free blocks those no slot holds, and its spare blocks those no live slot holds."""
+    held = Counter(block for blocks in cache.blocks for block in blocks)
+    live = Counter(block for slot, blocks in enumerate(cache.blocks) if cache.live[slot] for block in blocks)
+    assert cache.refs == [held[block] for block in range(cache.num_blocks)]
+    assert cache.live_refs == [live[block] for block in range(cache.num_blocks)] and cache.num_live == len(live)
+    assert sorted(cache.free_blocks) == [block for block in range(cache.num_blocks) if not held[block]]
+    assert cache.spare_blocks() == cache.num_blocks - len(live)
+
+
 _OPS = st.lists(st.tuples(st.sampled_from(["write", "trim", "share", "live", "release"]), st.integers(0, 3),
                           st.integers(0, 3), st.integers(0, MAX_LEN), st.integers(0, MAX_LEN)), min_size=30, max_size=80)
 
@@ -239,12 +250,7 @@ def test_shared_blocks_keep_every_slots_tokens_under_any_sequence_of_operations(
         elif op == "release":
             cache.release(slot)
             written[slot] = []
-        held = Counter(block for blocks in cache.blocks for block in blocks)
-        live = Counter(block for s, blocks in enumerate(cache.blocks) if cache.live[s] for block in blocks)
-        assert cache.refs == [held[block] for block in range(12)]
-        assert cache.live_refs == [live[block] for block in range(12)] and cache.num_live == len(live)
-        assert sorted(cache.free_blocks) == [block for block in range(12) if not held[block]]
-        assert cache.spare_blocks() == 12 - len(live)
+        assert_block_counts(cache)
         for s in range(4):
             assert len(cache.blocks[s]) >= cache.blocks_for(len(written[s]))
             got = [cache.keys[0][cache.blocks[s][p // BLOCK], p % BLOCK, 0, 0].item() for p in range(len(written[s]))]

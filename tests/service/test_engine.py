@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from service.async_engine import AsyncEngine, EngineError, EngineStopped
 from service.attention import KVCache
 from service.engine import Engine, EngineConfig, QueueFull, StepFailed
 from service.sampling import SamplingParams
+from tests.service.test_attention import assert_block_counts
 from tests.service.test_text import build_chat_model, build_tokenizer
 from tests.tiny_models import TINY_ARCHITECTURES, VOCAB_SIZE, build_tiny_model
 
@@ -705,7 +705,7 @@ def test_prefix_cached_outputs_equal_uncached_ones_log_probabilities_included():
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"])  # latent slots; DSA keys
-def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefills_its_last_token(arch, reference_models):
+def test_a_running_requests_prefix_is_shared_and_an_identical_prompt_still_prefills_its_last_token(arch, reference_models):
     system, prompt = _prompt(25, 25), _prompt(25, 25) + _prompt(4, 26)
     engine = _engine(arch, max_num_seqs=3)
     engine.add_request("long", system + _prompt(3, 27), SamplingParams(max_tokens=40, temperature=0.0))
@@ -716,7 +716,7 @@ def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefi
     while engine.has_work:
         for out in engine.step():
             outputs.setdefault(out.request_id, []).append(out)
-    assert outputs["joins"][0].num_cached_tokens == 25  # copied from the running request's slot
+    assert outputs["joins"][0].num_cached_tokens == 25  # shared from the running request's slot
     assert outputs["same"][0].num_cached_tokens == 27  # all but the last prompt token
     model = reference_models[arch]
     assert [t for o in outputs["joins"] for t in o.new_token_ids] == _generate(model, prompt, 24)
@@ -724,14 +724,10 @@ def test_a_running_requests_prefix_is_copied_and_an_identical_prompt_still_prefi
 
 
 def _check_blocks(engine: Engine) -> None:
-    """The KV cache's reference counts are the slots holding each block, live ones those of running sequences,
-    free blocks those no slot holds; no running sequence shares a block it will write."""
+    """The KV cache's block counts hold (`assert_block_counts`), its live slots are the running sequences', and
+    no running sequence shares a block it will write."""
     cache = engine._cache
-    held = Counter(block for blocks in cache.blocks for block in blocks)
-    live = Counter(block for slot, blocks in enumerate(cache.blocks) if cache.live[slot] for block in blocks)
-    assert cache.refs == [held[block] for block in range(cache.num_blocks)]
-    assert cache.live_refs == [live[block] for block in range(cache.num_blocks)] and cache.num_live == len(live)
-    assert sorted(cache.free_blocks) == [block for block in range(cache.num_blocks) if not held[block]]
+    assert_block_counts(cache)
     assert {seq.slot for seq in engine._running} == {slot for slot in range(cache.num_slots) if cache.live[slot]}
     for seq in engine._running:
         assert all(cache.refs[block] == 1 for block in cache.blocks[seq.slot][seq.num_cached // cache.block_size:])
@@ -862,11 +858,11 @@ def test_no_prefix_reuse_for_prompt_log_probabilities_when_disabled_or_after_a_f
     assert _finish(failing, "b", prompt)[1].num_cached_tokens == 0  # the failed forward may have half-written it
 
 
-def test_a_short_match_is_copied_and_leaves_a_longer_cached_sequence_whole():
+def test_a_short_match_is_shared_and_leaves_a_longer_cached_sequence_whole():
     long, other = _prompt(30, 34), _prompt(30, 34)[:3] + _prompt(10, 35)
     engine = _engine(max_num_seqs=2)
     _finish(engine, "long", long)
-    assert _finish(engine, "other", other)[1].num_cached_tokens == 3  # copied into the empty slot
+    assert _finish(engine, "other", other)[1].num_cached_tokens == 3  # shared into the empty slot
     assert _finish(engine, "long2", long + [5])[1].num_cached_tokens == 30
 
 

@@ -27,7 +27,7 @@ def _prompt(length: int, seed: int) -> list[int]:
 def _generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     # every token attended, as the engine attends them: without a mask generate would infer one that hides the prompt's
     # tokens equal to pad_token_id (0: a next turn's prompt may hold an earlier reply's 0)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=0)
     return out[0, len(prompt):].tolist()

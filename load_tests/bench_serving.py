@@ -10,6 +10,7 @@ runs whole, in this process.
 
     python -m load_tests.bench_serving --out bench                 # `make bench-serving`
     python -m load_tests.bench_serving --concurrency 1 8 --output-tokens 32 --http
+    python -m load_tests.bench_serving --device cuda --dtype bfloat16 --model /tmp/wide-moe  # on a GPU
 """
 
 from __future__ import annotations
@@ -146,10 +147,12 @@ def bench_generate(model, prompts: list[list[int]], batch: int, output_tokens: i
     """Batched greedy ``generate`` (all prompts the same length, so no padding), batch after batch."""
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        ids = torch.tensor(prompts[i:i + batch])
+        ids = torch.tensor(prompts[i:i + batch], device=model.device)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_tokens,
                            min_new_tokens=output_tokens, do_sample=False, pad_token_id=0)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
     return RunResult("generate", batch, len(prompts), len(prompts) * output_tokens, seconds,
                      len(prompts) * output_tokens / seconds)
@@ -160,8 +163,7 @@ def serve_levels(args, tokenizer, config: EngineConfig, prompts_by_level: dict[i
     if args.url:
         args.base_url = args.url
         return _levels(args, None, prompts_by_level)
-    engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(args.model), config, tokenizer=tokenizer),
-                         num_threads=args.threads)
+    engine = AsyncEngine(Engine(load_model(args), config, tokenizer=tokenizer), num_threads=args.threads)
     engine.start()
     try:
         with _in_process_http(args, engine):
@@ -214,13 +216,19 @@ def main() -> None:
     print(f"{'system':>9} {'conc':>4} {'reqs':>5} {'out tok/s':>10} {'TTFT p50':>8} {'TTFT p90':>8} "
           f"{'TPOT p50':>8} {'TPOT p90':>8}   (ms)")
     served = serve_levels(args, tokenizer, config, prompts_by_level)
-    reference = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    reference = load_model(args)
     bench_generate(reference, prompts_by_level[levels[0]][:1], 1, 4)  # warm-up
     baseline = []
     for c in levels:
         baseline.append(bench_generate(reference, prompts_by_level[c], c, args.output_tokens))
         print_row(baseline[-1])
     write_report(args, config, served, baseline)
+
+
+def load_model(args) -> torch.nn.Module:
+    """The model of ``--model`` in ``--dtype`` (the checkpoint's if not given) on ``--device``, in eval mode."""
+    dtype = getattr(torch, args.dtype) if args.dtype else "auto"
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
 
 
 @contextlib.contextmanager
@@ -253,7 +261,9 @@ def write_report(args, config: EngineConfig, served: list[RunResult], baseline: 
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "requests_per_stream": args.requests_per_stream, "engine_config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "load_average_1m": os.getloadavg()[0]},
+                    "python": platform.python_version(), "load_average_1m": os.getloadavg()[0],
+                    "device": args.device, "dtype": args.dtype,
+                    "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "served": [asdict(r) for r in served], "generate": [asdict(r) for r in baseline],
         "throughput_ratio": {str(c): r for c, r in ratios.items()}, "targets": checks,
     }
@@ -276,12 +286,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared 2-core machine 2 threads spin and run slower)")
+    parser.add_argument("--device", default="cpu", help="torch device of both models (cpu, cuda)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="both models' dtype (default: the checkpoint's)")
     parser.add_argument("--http", action="store_true", help="go through the OpenAI app under uvicorn in-process")
     parser.add_argument("--url", default=None, help="an OpenAI-compatible base URL (…/v1) to drive instead")
     parser.add_argument("--served-model-name", default="vibe-tiny-moe")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         parser.error(f"no model at {args.model}: build it with `make model` or pass --model")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
     if min(args.concurrency) < 1 or args.requests_per_stream < 1:
         parser.error("--concurrency and --requests-per-stream must be >= 1")
     return args

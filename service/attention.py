@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -389,13 +390,24 @@ _CURRENT: contextvars.ContextVar[tuple[KVCache, StepBatch] | None] = contextvars
 
 @contextlib.contextmanager
 def bind_step(cache: KVCache, batch: StepBatch) -> Iterator[None]:
-    """Make ``cache`` and ``batch`` the ones the attention function uses during one forward."""
+    """Make ``cache`` and ``batch`` the ones the attention function uses during one forward, whose
+    scaled-dot-product attention takes any backend but cuDNN's (`SDPA_BACKENDS`)."""
     cache.sync_tables()
     token = _CURRENT.set((cache, batch))
     try:
-        yield
+        with sdpa_kernel(SDPA_BACKENDS):
+            yield
     finally:
         _CURRENT.reset(token)
+
+
+# PyTorch's scaled_dot_product_attention backends for the engine's steps: not cuDNN's, which torch picks first
+# for half precision on Hopper and which builds an execution plan for every new shape; an engine step's shapes
+# (the decoding sequences' lengths, the prefill chunks) are new at almost every step. Measured on an H200
+# (scripts/profile_engine.py, bfloat16, Qwen3-30B-A3B's layer width): 12.4 ms of host time per attention call,
+# 10 us of it on the GPU, so 4 layers took 54 ms a decode step; FlashAttention and the memory-efficient kernel
+# need no plan. (On a CPU only FlashAttention's CPU kernel and the math path exist; nothing changes there.)
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def bound_step() -> tuple[KVCache, StepBatch]:

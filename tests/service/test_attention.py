@@ -149,6 +149,19 @@ def test_called_outside_a_step_raises():
         ragged_attention(SimpleNamespace(layer_idx=0), q, q[:, :HKV], q[:, :HKV], None)
 
 
+def test_a_step_runs_sdpa_with_every_backend_but_cudnns_and_restores_them_after():
+    """cuDNN's attention plans each new shape (12 ms of host time per call on an H200), and step shapes are new at
+    almost every step: the engine's steps leave it out (`attention.SDPA_BACKENDS`)."""
+    cuda = torch.backends.cuda
+    flags = lambda: (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),  # noqa: E731
+                     cuda.math_sdp_enabled())
+    before = flags()
+    cache = KVCache(1, 1, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK)
+    with bind_step(cache, StepBatch.build([SeqChunk(0, 0, 1, 0)])):
+        assert flags() == (False, True, True, True)
+    assert flags() == before
+
+
 def test_blocks_are_given_on_demand_and_taken_back():
     """A slot holds blocks for the positions it was grown to, never more; `grow` takes nothing when too few are
     free; trimmed and released blocks are free again once no slot holds them; a shared prefix is the source's

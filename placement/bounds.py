@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, linprog, milp
-from scipy.sparse import csr_array
 
 from placement.device_model import DeviceModel
 from placement.metrics import curve_params, latency_matrix
@@ -24,6 +22,8 @@ _MILP_OPTIONS = {"mip_rel_gap": 1e-9}
 # The bounds sum the same seconds as `metrics.device_times` in other orders; this much below them
 # covers the float rounding (measured up to 1.2e-14 relative).
 _ROUNDING = 1e-12
+# scipy's solvers are imported where they are used: scipy.optimize takes about 0.5 s to import, and every worker
+# process imports `placement` (for its latency curves) without ever bounding a placement.
 
 
 def lower_bound(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_redundant: int = 0,
@@ -103,6 +103,8 @@ class _ClassLP:
         num_classes = count.size
         n = num_experts * num_classes
         x = np.arange(n)
+        from scipy.sparse import csr_array
+
         self.count, self.slots = count, slots
         self.a_eq = csr_array((np.ones(n), (x // num_classes, x)), shape=(num_experts, n + 1))
         self.rows = np.concatenate([x % num_classes, num_classes + x % num_classes,
@@ -114,6 +116,9 @@ class _ClassLP:
 
     def bound(self, cost: np.ndarray) -> float:
         """The certified LP optimum for cost [E, C]."""
+        from scipy.optimize import linprog
+        from scipy.sparse import csr_array
+
         num_experts, num_classes = cost.shape
         values = np.concatenate([np.ones(cost.size), cost.ravel(), -self.count])
         a_ub = csr_array((values, (self.rows, self.cols)), shape=(2 * num_classes, cost.size + 1))
@@ -199,6 +204,8 @@ def exact_makespan(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_red
 
 def _assignment_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> float:
     """Min T over binary x[e, g]: sum_g x = 1, sum_e x = per_device, sum_e f_g(W_e) x[e, g] <= T."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     num_experts, num_devices = loads.size, params.shape[1]
     cost = latency_matrix(loads, params)  # [E, G] seconds
     num_x = num_experts * num_devices
@@ -227,6 +234,8 @@ def _replica_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> flo
     sum_e y = per_device. A replica with share 0 costs `fixed`, as any tiny positive share does; an
     expert without load costs nothing.
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     num_experts, num_devices = loads.size, params.shape[1]
     unit = latency_matrix(loads, params).max()
     fixed, knee, slope = params[0] / unit, params[1], params[2] / unit

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import lfilter
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -340,6 +339,9 @@ class DeviceDriftDetector:
     def _observe_one(self, g: int, predicted: np.ndarray, observed: np.ndarray) -> None:
         # the weighted sums after each sample, s_i = decay * s_(i-1) + x_i (the newest sample weighs 1),
         # to tell when the ratio went beyond the threshold
+        # (imported here: scipy.signal takes about 0.9 s to import, and the workers importing placement never run this)
+        from scipy.signal import lfilter
+
         def sums(x: np.ndarray, before: float) -> np.ndarray:
             return lfilter([1.0], [1.0, -self._decay], x, zi=[self._decay * before])[0]
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, Request
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.openai_api import APIError
 
+log = logging.getLogger(__name__)
 
 class CoordinatorClient(Protocol):
     """Awaitable calls into the coordinator, by method name."""
@@ -55,8 +58,14 @@ class FaultRequest(BaseModel):
 
 
 def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_devices: int,
-                 emulation: bool) -> APIRouter:
-    """Routes under /admin. `token_sha256`: digest of the configured token, or None (admin disabled)."""
+                 emulation: bool, flush_statistics: Callable[[], Awaitable[None]] | None = None) -> APIRouter:
+    """Routes under /admin. `token_sha256`: digest of the configured token, or None (admin disabled).
+
+    `flush_statistics` (the ingress's: hand the coordinator the router statistics not yet reported) runs before
+    a recalibration, so that it plans on every pass this replica served before the call, not only on those its
+    periodic report has sent (a recalibration right after the first requests found no statistics). If it
+    fails, the recalibration goes on with what the coordinator has.
+    """
 
     def authorize(request: Request) -> None:
         if token_sha256 is None:
@@ -87,6 +96,11 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
     @router.post("/recalibrate")
     async def recalibrate(request: Request) -> dict[str, Any]:
         body = await _json_body(request, RecalibrateRequest)
+        if flush_statistics is not None:
+            try:
+                await flush_statistics()
+            except Exception as exc:  # the coordinator's own answer below says what is wrong
+                log.warning("could not hand over router statistics before a recalibration: %s", exc)
         return await client.call("recalibrate", policy=body.policy, mode=body.mode, dry_run=body.dry_run,
                                  force=body.force, reason="admin")
 

@@ -223,7 +223,8 @@ class IngressDeployment:
         from service.app import create_app
 
         admin = admin_router(_HandleClient(self.coordinator), token_sha256=self.settings.admin_token_sha256,
-                             num_devices=self.settings.num_devices, emulation=self.settings.emulation)
+                             num_devices=self.settings.num_devices, emulation=self.settings.emulation,
+                             flush_statistics=lambda: asyncio.to_thread(self.sync.sync_once))
         app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin,
                          health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser,
                          tool_call_parser=self.settings.tool_call_parser,

@@ -118,4 +118,4 @@ def re_place(url: str, num_moe_layers: int) -> None:
     assert len(placement["layers"]) == num_moe_layers and placement["num_experts"] == 8, placement
     moved = httpx.post(f"{url}/admin/recalibrate", headers=ADMIN, timeout=120,
                        json={"policy": "contiguous", "mode": "full", "force": True}).json()
-    assert moved["status"] == "applied" and moved["experts_moved"] > 0, moved
+    assert moved.get("status") == "applied" and moved.get("experts_moved", 0) > 0, moved  # (an error body shown whole)

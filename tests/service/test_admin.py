@@ -55,6 +55,37 @@ def test_empty_recalibrate_body_means_defaults():
     assert coordinator.calls[-1][2]["mode"] == "auto"
 
 
+def test_a_recalibration_hands_over_the_ingress_statistics_first_and_goes_on_if_that_fails():
+    """The ingress reports its router statistics every 100 ms; a recalibration asked for right after the first
+    requests must plan on them, so the route flushes them before calling the coordinator. A flush that fails
+    (coordinator unreachable) does not stop the call: the coordinator's own answer says what is wrong."""
+    coordinator, order = Coordinator(), []
+    failing = False
+
+    async def flush() -> None:
+        order.append("flush")
+        if failing:
+            raise TimeoutError("coordinator did not answer")
+
+    app = FastAPI()
+    app.add_exception_handler(APIError, lambda request, exc: error_response(exc))
+    app.include_router(admin_router(coordinator, token_sha256=token_digest(TOKEN), num_devices=2, emulation=False,
+                                    flush_statistics=flush))
+    client = TestClient(app)
+    original = coordinator.call
+
+    async def call(method, *args, **kwargs):
+        order.append(method)
+        return await original(method, *args, **kwargs)
+
+    coordinator.call = call
+    assert client.post("/admin/recalibrate", headers=AUTH).status_code == 200
+    assert client.get("/admin/placement", headers=AUTH).status_code == 200
+    failing = True
+    assert client.post("/admin/recalibrate", headers=AUTH).status_code == 200
+    assert order == ["flush", "recalibrate", "placement_view", "flush", "recalibrate"]
+
+
 @pytest.mark.parametrize("body,param", [(b"{nope", None), (b'{"mode": "partial"}', "mode"),
                                         (b'{"surprise": 1}', "surprise"), (b'[1, 2]', None)])
 def test_bad_admin_bodies_are_400_naming_the_field(body, param):

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from deploy.app import DEFAULT_MODEL
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.tokenizer import load_tokenizer
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 TARGET_THROUGHPUT_RATIO_AT_32 = 0.5
 TARGET_TTFT_P50_MS_AT_1 = 300.0
 

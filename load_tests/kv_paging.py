@@ -32,13 +32,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from deploy.app import DEFAULT_MODEL
 from load_tests.workloads import load_workload
 from service.attention import KVCache
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.tokenizer import load_tokenizer
-
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 
 
 def _prompts(tokenizer, count: int, max_tokens: int, system_tokens: int = 0) -> list[tuple[list[int], int]]:

@@ -39,14 +39,13 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from deploy.app import DEFAULT_MODEL
 from load_tests.workloads import Prompt, load_workload
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
 from service.tokenizer import load_tokenizer
-
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from deploy.app import DEFAULT_MODEL
 from load_tests.workloads import load_workload
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
@@ -37,7 +38,6 @@ from service.text import apply_chat_template
 from service.tokenizer import load_tokenizer
 from service.tools import ToolSetup
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "deploy" / "models" / "vibe-tiny-moe"
 _LONG_TEXT = {"type": "string", "minLength": 4000}  # keeps every call incomplete within the benchmark
 _FUNCTIONS = {
     "run_tests": {"type": "object", "properties": {"path": {"type": "string"}, "verbose": {"type": "boolean"},

@@ -303,6 +303,11 @@ class DeviceDriftDetector:
     ) -> None:
         if num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+        # scipy.signal takes about 0.9 s to import: imported by the detector (the coordinator's, built at its
+        # start), not by `placement` itself, which every worker process imports for its latency curves
+        from scipy.signal import lfilter
+
+        self._lfilter = lfilter
         self.config = DeviceDriftConfig(threshold, min_samples, halflife)
         self._decay = 0.5 ** (1.0 / halflife)
         self._observed = np.zeros(num_devices)  # weighted sums, seconds
@@ -339,11 +344,8 @@ class DeviceDriftDetector:
     def _observe_one(self, g: int, predicted: np.ndarray, observed: np.ndarray) -> None:
         # the weighted sums after each sample, s_i = decay * s_(i-1) + x_i (the newest sample weighs 1),
         # to tell when the ratio went beyond the threshold
-        # (imported here: scipy.signal takes about 0.9 s to import, and the workers importing placement never run this)
-        from scipy.signal import lfilter
-
         def sums(x: np.ndarray, before: float) -> np.ndarray:
-            return lfilter([1.0], [1.0, -self._decay], x, zi=[self._decay * before])[0]
+            return self._lfilter([1.0], [1.0, -self._decay], x, zi=[self._decay * before])[0]
 
         sums_observed, sums_predicted = sums(observed, self._observed[g]), sums(predicted, self._predicted[g])
         beyond = np.abs(sums_observed / sums_predicted - 1.0) > self.config.threshold

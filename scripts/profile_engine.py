@@ -21,20 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from deploy.app import DEFAULT_MODEL  # noqa: E402
+from load_tests.bench_serving import load_model  # noqa: E402
 from service.engine import Engine, EngineConfig  # noqa: E402
 from service.sampling import SamplingParams  # noqa: E402
-
-DEFAULT_MODEL = REPO_ROOT / "deploy" / "models" / "vibe-tiny-moe"
-
-
-def load(args) -> torch.nn.Module:
-    dtype = getattr(torch, args.dtype) if args.dtype else "auto"
-    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
 
 
 def sync(device: str) -> None:
@@ -44,7 +38,7 @@ def sync(device: str) -> None:
 
 def decoding_engine(args, streams: int) -> Engine:
     """An engine with `streams` sequences past their prefill, decoding."""
-    engine = Engine(load(args), EngineConfig(max_num_seqs=max(streams, 1), max_model_len=args.prompt + 4 * args.steps + 8))
+    engine = Engine(load_model(args), EngineConfig(max_num_seqs=max(streams, 1), max_model_len=args.prompt + 4 * args.steps + 8))
     for i in range(streams):
         prompt = [(7 * i + j) % 4000 + 3 for j in range(args.prompt)]
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4 * args.steps, temperature=0.0, ignore_eos=True))
@@ -67,7 +61,7 @@ def timed(fn, steps: int, device: str) -> float:
 def profile(args, streams: int) -> str:
     engine = decoding_engine(args, streams)
     step_s = timed(engine.step, args.steps, args.device)
-    reference = load(args)
+    reference = load_model(args)
     ids = torch.tensor([[5] * args.prompt] * streams, device=args.device)
     with torch.inference_mode():
         cache = reference(ids, use_cache=True).past_key_values

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = REPO_ROOT / "deploy" / "models" / "vibe-tiny-moe"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, not only under `make`
+
+from deploy.app import DEFAULT_MODEL as EMBEDDED  # noqa: E402
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 

@@ -27,12 +27,12 @@ class Coordinator:
         return VIEW if method == "placement_view" else {"status": "dry_run"}
 
 
-def _client(emulation: bool) -> tuple[TestClient, Coordinator]:
+def _client(emulation: bool, **router_args) -> tuple[TestClient, Coordinator]:
     coordinator = Coordinator()
     app = FastAPI()
     app.add_exception_handler(APIError, lambda request, exc: error_response(exc))
     app.include_router(admin_router(coordinator, token_sha256=token_digest(TOKEN), num_devices=2,
-                                    emulation=emulation))
+                                    emulation=emulation, **router_args))
     return TestClient(app), coordinator
 
 
@@ -59,19 +59,14 @@ def test_a_recalibration_hands_over_the_ingress_statistics_first_and_goes_on_if_
     """The ingress reports its router statistics every 100 ms; a recalibration asked for right after the first
     requests must plan on them, so the route flushes them before calling the coordinator. A flush that fails
     (coordinator unreachable) does not stop the call: the coordinator's own answer says what is wrong."""
-    coordinator, order = Coordinator(), []
-    failing = False
+    order, failing = [], False
 
     async def flush() -> None:
         order.append("flush")
         if failing:
             raise TimeoutError("coordinator did not answer")
 
-    app = FastAPI()
-    app.add_exception_handler(APIError, lambda request, exc: error_response(exc))
-    app.include_router(admin_router(coordinator, token_sha256=token_digest(TOKEN), num_devices=2, emulation=False,
-                                    flush_statistics=flush))
-    client = TestClient(app)
+    client, coordinator = _client(emulation=False, flush_statistics=flush)
     original = coordinator.call
 
     async def call(method, *args, **kwargs):

@@ -89,6 +89,9 @@ class AppArgs(BaseModel):
     # largest request body (413 beyond); default: 1 MiB, or 32 bytes per token of context when that is more
     max_body_bytes: int | None = Field(default=None, ge=1024)
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
+    # a request whose engine step failed on an expert device is kept and run again (the coordinator moves the
+    # device's experts away) for this long after that first failure, then fails with a 503; 0: fails at once
+    step_retry_s: float = Field(default=20.0, ge=0)
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     # memory of each ingress replica's KV cache (blocks that sequences take as they grow; linear-attention states
     # too); None: 512 MiB on a CPU replica, kv_cache_memory_fraction of what its GPU has free after the dense part
@@ -184,7 +187,7 @@ def build_app(args: dict[str, Any] | None = None):
         engine_config=EngineConfig(max_num_seqs=parsed.max_num_seqs,
                                    max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
-                                   request_timeout_s=parsed.request_timeout_s,
+                                   request_timeout_s=parsed.request_timeout_s, step_retry_s=parsed.step_retry_s,
                                    enable_prefix_caching=parsed.enable_prefix_caching,
                                    kv_cache_bytes=parsed.kv_cache_bytes or EngineConfig.kv_cache_bytes,
                                    kv_block_size=parsed.kv_block_size,

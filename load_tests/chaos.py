@@ -7,8 +7,9 @@ a random admin token), drives it with streaming clients over HTTP, and runs, in 
 - **overload**: a burst of more clients than the engine admits: 429 with Retry-After, nothing hangs,
   and a request too long for the per-request timeout is aborted with a 504;
 - **worker_death**: `ray.kill` of an expert worker actor while streams run: the coordinator's detection
-  and re-placement, the requests that fail (fast, 503) and when service is whole again (the restarted
-  worker readmitted);
+  and re-placement, the requests that fail (the engines retry steps that failed on the dead device for
+  `step_retry_s`, so none should: their streams stall), the longest stall, and when service is whole again
+  (the restarted worker readmitted);
 - **coordinator_restart**: `ray.kill` of the coordinator's Serve replica; Serve restarts it, it recovers
   the placement from the workers, and the engines serve throughout.
 
@@ -104,7 +105,8 @@ def admin(app: App, method: str, path: str, timeout_s: float = 30, **kwargs) -> 
 @dataclass
 class RequestRecord:
     """One request: monotonic start and end, outcome ('ok', 'http_<status>', 'stream_<code>', 'hung',
-    'transport_<error>'), whether it failed with a server-side (5xx-class) error, and tokens received."""
+    'transport_<error>'), whether it failed with a server-side (5xx-class) error, tokens received, and the
+    longest wait for the next data event (the first one's from the start: a stall a client saw)."""
 
     started: float
     ended: float
@@ -112,6 +114,7 @@ class RequestRecord:
     server_error: bool = False
     tokens: int = 0
     retry_after: str | None = None
+    longest_wait_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -149,7 +152,10 @@ def stream_request(url: str, body: dict) -> RequestRecord:
 def _read_stream(response: httpx.Response, record: RequestRecord) -> None:
     """Reads the SSE stream into `record`: an error event, a malformed chunk, or an end without
     `data: [DONE]` is a failure (server-side), never "ok"."""
+    last = record.started
     for line in response.iter_lines():
+        now = time.monotonic()
+        record.longest_wait_s, last = max(record.longest_wait_s, now - last), now
         if line == "data: [DONE]":
             return
         if not line.startswith("data: {"):
@@ -348,7 +354,8 @@ def run_worker_death(app: App, device: int = 1, concurrency: int = 8) -> Scenari
                     rejoin_migration_s=None if rejoined is None else rejoined["duration_s"],
                     answering_again_s=_answering_again(records, t0),
                     last_failure_s=max((r.ended - t0 for r in failed), default=None),
-                    slowest_failure_s=max((r.ended - r.started for r in failed), default=None))
+                    slowest_failure_s=max((r.ended - r.started for r in failed), default=None),
+                    longest_stall_s=round(max((r.longest_wait_s for r in records), default=0.0), 3))
 
 
 def _worker_actor(device: int):

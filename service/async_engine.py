@@ -2,8 +2,10 @@
 
 Owns the thread that runs ``Engine.step()`` while there is work, the hand-over of commands to it (every
 engine mutation runs on that thread, at a step boundary), and the delivery of step outputs to asyncio
-consumers with ``loop.call_soon_threadsafe``. A failed step fails only the requests it held; the loop
-keeps running. Ignores HTTP, tokenisation and metrics formats (listeners get raw `StepStats`).
+consumers with ``loop.call_soon_threadsafe``. A failed step fails only the requests it held, or none when the
+engine keeps them to retry (a transient failure: `EngineConfig.step_retry_s`): the loop then waits a little
+longer after each such step (`RETRY_PAUSES_S`), so a dead expert device is not called in a tight loop while
+the coordinator moves its experts away; the loop keeps running either way. Ignores HTTP, tokenisation and metrics formats (listeners get raw `StepStats`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from service.sampling import SamplingParams
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+# Pauses before the next step after the first, second, ... step in a row whose requests the engine kept to retry
+# (the last one repeats): a dead worker's first calls fail at once, and the coordinator takes about 1-3 s to
+# find it lost and publish a placement without it, which each replica applies within its sync interval.
+RETRY_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.5)
 
 
 class EngineError(RuntimeError):
@@ -96,6 +103,9 @@ class AsyncEngine:
         self._num_waiting = 0
         self._kv_cache_usage = 0.0
         self._num_preemptions = 0
+        self._num_step_retries = 0
+        self._failed_in_a_row = 0  # steps whose requests were kept to retry, since the last that ran
+        self._resume_at = 0.0      # time.monotonic() before which no step starts (after such a step)
 
     @property
     def config(self) -> EngineConfig:
@@ -124,6 +134,11 @@ class AsyncEngine:
     def num_preemptions(self) -> int:
         """Running sequences preempted so far for want of KV blocks (`EngineConfig.kv_cache_bytes`)."""
         return self._num_preemptions
+
+    @property
+    def num_step_retries(self) -> int:
+        """Requests kept to run again after a step failed on a transient error (`EngineConfig.step_retry_s`)."""
+        return self._num_step_retries
 
     @property
     def is_alive(self) -> bool:
@@ -218,10 +233,12 @@ class AsyncEngine:
             self._run_commands()
             if self._stopping:
                 return
-            if self._engine.has_work:
-                self._step()
-            else:
+            if not self._engine.has_work:
                 self._wake.wait()
+            elif (pause := self._resume_at - time.monotonic()) > 0:  # retrying: commands still run meanwhile
+                self._wake.wait(pause)
+            else:
+                self._step()
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -241,7 +258,13 @@ class AsyncEngine:
         try:
             outputs = self._engine.step()
         except StepFailed as exc:
-            log.exception("engine step failed")
+            if exc.retried:
+                pause = RETRY_PAUSES_S[min(self._failed_in_a_row, len(RETRY_PAUSES_S) - 1)]
+                self._failed_in_a_row += 1
+                self._resume_at = time.monotonic() + pause
+                log.warning("%s; retrying in %.2f s", exc, pause)
+            else:
+                log.exception("engine step failed")
             self._send([(rid, _step_error(exc)) for rid in exc.request_ids])
         except Exception as exc:  # a bug outside the forward: drop every request rather than the loop
             log.exception("engine step raised unexpectedly")
@@ -251,9 +274,11 @@ class AsyncEngine:
             self._send([(rid, EngineError(f"engine step failed: {type(exc).__name__}")) for rid in request_ids])
         else:
             failed = False
+            self._failed_in_a_row = 0
             self._send([(out.request_id, out) for out in outputs])
         self._num_running, self._num_waiting = self._engine.num_running, self._engine.num_waiting
         self._kv_cache_usage, self._num_preemptions = self._engine.kv_cache_usage, self._engine.num_preemptions
+        self._num_step_retries = self._engine.num_step_retries
         stats = StepStats(time.perf_counter() - start, len(outputs), self._num_running, self._num_waiting, failed)
         for listener in self._listeners:
             try:

@@ -147,7 +147,7 @@ class IngressDeployment:
 
         from placement import Placement
         from service.async_engine import AsyncEngine
-        from service.dispatch import DispatchContext
+        from service.dispatch import DispatchContext, device_failed
         from service.engine import Engine
         from service.model import load_engine_model
         from service.placement_sync import PlacementSync, worker_channels
@@ -168,7 +168,8 @@ class IngressDeployment:
         if device == "cuda" and settings.gpu_kv_cache_fraction is not None:
             engine_config = dataclasses.replace(engine_config, kv_cache_bytes=gpu_kv_cache_bytes(
                 settings.gpu_kv_cache_fraction))
-        self.engine = AsyncEngine(Engine(model, engine_config, tokenizer, hooks=self.context),
+        self.engine = AsyncEngine(Engine(model, engine_config, tokenizer, hooks=self.context,
+                                         retryable=device_failed),
                                   num_threads=settings.engine_threads)
         self.engine.start()
         engine_id = f"ingress-{uuid.uuid4().hex[:8]}"

@@ -40,6 +40,12 @@ class DispatchError(RuntimeError):
         self.layer = layer
 
 
+def device_failed(error: BaseException) -> bool:
+    """Whether an engine step's error is an expert device's failure (`DispatchError`): transient, as the
+    coordinator moves a lost device's experts to the others (the engine's ``retryable``)."""
+    return isinstance(error, DispatchError)
+
+
 class DeviceChannel(Protocol):
     """Request-reply channel to one device's expert worker; requests are answered in order."""
 

@@ -15,8 +15,9 @@ layer per step.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -39,15 +40,19 @@ class QueueFull(RuntimeError):
 
 
 class StepFailed(RuntimeError):
-    """A step's forward failed; the sequences it scheduled were finished and their slots freed.
+    """A step's forward failed; the sequences it scheduled were finished and their slots freed, except those
+    kept to be retried (a transient failure: see ``EngineConfig.step_retry_s``).
 
     Attributes:
-        request_ids: the requests that were in the failed step.
+        request_ids: the requests that failed (finished).
+        retried: the requests that were in the step too and wait at the head of the queue to be run again.
     """
 
-    def __init__(self, request_ids: Sequence[str], cause: BaseException) -> None:
-        super().__init__(f"engine step failed for {len(request_ids)} request(s): {type(cause).__name__}: {cause}")
+    def __init__(self, request_ids: Sequence[str], cause: BaseException, retried: Sequence[str] = ()) -> None:
+        kept = f" ({len(retried)} more kept to retry)" if retried else ""
+        super().__init__(f"engine step failed for {len(request_ids)} request(s){kept}: {type(cause).__name__}: {cause}")
         self.request_ids = tuple(request_ids)
+        self.retried = tuple(retried)
 
 
 class StepHooks(Protocol):
@@ -108,6 +113,13 @@ class EngineConfig:
             rest. At most ``max_num_seqs`` x (``max_model_len`` // interval + 2) snapshots (as many as positions
             of ``max_num_seqs`` slots), made when a prefill reaches their position, evicted with their slot's
             keys and values or by the segmented LRU of `linear_attention.StateSnapshots`.
+        step_retry_s: a step whose forward fails with an error the engine's ``retryable`` calls transient (the
+            serving app's: an expert device failed or could not be reached, while the coordinator moves its
+            experts to the other devices) does not fail its requests: each is preempted as for want of blocks
+            (it keeps the keys and values it had before the step, unless the model has linear-attention
+            states, which a failed forward may have advanced) and waits at the head of the queue to run again,
+            its client seeing only the delay. A request whose steps still fail this many seconds after the
+            first of these failures fails then (0: at once); a step that runs clears its count.
     """
 
     max_num_seqs: int = 32
@@ -121,6 +133,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_state_interval: int = 256
     prefix_state_memory: float = 0.125
+    step_retry_s: float = 20.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue", "kv_cache_bytes",
@@ -135,6 +148,8 @@ class EngineConfig:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
         if isinstance(self.prefix_state_memory, bool) or not 0 <= self.prefix_state_memory < 1:
             raise ValueError(f"prefix_state_memory must be in [0, 1), got {self.prefix_state_memory!r}")
+        if isinstance(self.step_retry_s, bool) or not self.step_retry_s >= 0:
+            raise ValueError(f"step_retry_s must be >= 0, got {self.step_retry_s!r}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +197,7 @@ class _Sequence:
         self.num_reused = 0                     # of them, prompt tokens taken from the prefix cache
         self.branch = 0                         # linear attention: a position to snapshot the states at (0: none)
         self.preemptions = 0                    # times its blocks were taken back for other sequences
+        self.retry_until: float | None = None   # a transient step failure: retried until then (monotonic clock)
         self.matcher = None                     # the structured output's grammar state, if any
         # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
         # one: no grammar yet), "gap" (just closed: whitespace may come before the grammar), None (the
@@ -218,11 +234,15 @@ class Engine:
         config: limits.
         tokenizer: enables text outputs and stop strings (None: token ids only).
         hooks: object with ``begin_step()`` / ``end_step()`` called around each forward.
+        retryable: whether a failed forward's error is transient, its requests to be retried (see
+            ``EngineConfig.step_retry_s``; None: none is).
     """
 
     def __init__(self, model: PreTrainedModel, config: EngineConfig,
-                 tokenizer: PreTrainedTokenizerBase | None = None, hooks: StepHooks | None = None) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None = None, hooks: StepHooks | None = None,
+                 retryable: Callable[[BaseException], bool] | None = None) -> None:
         self.config = config
+        self._retryable = retryable
         self.tokenizer = tokenizer
         self._model = model.eval()
         self._hooks = hooks
@@ -239,6 +259,7 @@ class Engine:
         self.prefix_cache_queries = 0  # prompt tokens of admitted requests that may use the prefix cache
         self.prefix_cache_hits = 0     # of them, tokens taken from it
         self.num_preemptions = 0       # running sequences whose blocks were taken back (prefilled again later)
+        self.num_step_retries = 0      # requests kept to run again after a transient step failure
         # blocks kept free when admitting beside running sequences, for their next decode steps (1%, as vLLM)
         self._watermark = self._cache.num_blocks // 100
         attention.install(model)
@@ -405,13 +426,11 @@ class Engine:
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             self._end_snapshots()
-            for seq, _ in chunks:
-                self._release(seq, keep_cache=False)  # a failed forward may have written part of a chunk
-                self._unfork(seq)
-            raise StepFailed([seq.request_id for seq, _ in chunks], exc) from exc
+            raise self._failed(chunks, exc) from exc
         self._end_snapshots()
         for seq, n in chunks:
             seq.num_cached += n
+            seq.retry_until = None
         for child, row in forked:  # before any parent's slot is freed below
             self._adopt(child, sampled[row])
         for seq in done:  # requests still waiting to share a finished prefill: there was no slot for them
@@ -421,6 +440,37 @@ class Engine:
             self._release(seq)
             outputs.append(_output(seq, (), "", "length"))
         return outputs
+
+    def _failed(self, chunks: list[tuple[_Sequence, int]], exc: Exception) -> StepFailed:
+        """The step's forward raised ``exc``: its requests are retried (a transient failure, within their
+        ``step_retry_s``) or finished, their slots freed either way; the error to raise."""
+        now = time.monotonic()
+        transient = self.config.step_retry_s > 0 and self._retryable is not None and self._retryable(exc)
+        failed, retried = [], []
+        for seq, _ in reversed(chunks):  # requeued at the head in reverse: they keep their order
+            if transient and (seq.retry_until is None or now < seq.retry_until):
+                if seq.retry_until is None:
+                    seq.retry_until = now + self.config.step_retry_s
+                self._requeue(seq)
+                retried.append(seq.request_id)
+            else:
+                self._release(seq, keep_cache=False)  # a failed forward may have written part of a chunk
+                self._unfork(seq)
+                failed.append(seq.request_id)
+        self.num_step_retries += len(retried)
+        return StepFailed(failed[::-1], exc, retried[::-1])
+
+    def _requeue(self, seq: _Sequence) -> None:
+        """Run ``seq`` again from the head of the queue after its step failed: as a preemption, but its keys
+        and values before the step stay cached for it (the step wrote only past them), unless linear-attention
+        states, which the forward updates in place, may have moved on."""
+        self._release(seq, keep_cache=self._cache.linear is None)
+        self._unfork(seq)
+        seq.slot, seq.num_cached, seq.branch = -1, 0, 0
+        if seq.num_completion_tokens == 0:  # its prompt's log-probabilities are computed again
+            seq.prompt_logprobs = []
+        seq.preemptions += 1
+        self._waiting.appendleft(seq)
 
     def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the

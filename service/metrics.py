@@ -48,7 +48,9 @@ class ServingMetrics:
               registry=r).set_function(lambda: engine.kv_cache_usage)
         self.preemptions = Counter("vibe_num_preemptions", "Running sequences preempted for want of KV cache blocks "
                                    "(prefilled again later).", registry=r)
-        self._engine, self._preempted = engine, 0
+        self.step_retries = Counter("vibe_num_step_retries", "Requests kept to run again after their step failed on "
+                                    "an expert device (retried, not failed).", registry=r)
+        self._engine, self._preempted, self._retried = engine, 0, 0
         engine.add_step_listener(self._on_step)
 
     def render(self) -> bytes:
@@ -64,6 +66,10 @@ class ServingMetrics:
         if preempted > self._preempted:
             self.preemptions.inc(preempted - self._preempted)
             self._preempted = preempted
+        retried = self._engine.num_step_retries
+        if retried > self._retried:
+            self.step_retries.inc(retried - self._retried)
+            self._retried = retried
 
 
 class RequestTimer:

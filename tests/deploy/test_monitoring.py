@@ -27,6 +27,7 @@ class _Engine:
     num_running = 0
     kv_cache_usage = 0.0
     num_preemptions = 0
+    num_step_retries = 0
 
     def add_step_listener(self, listener) -> None:
         pass

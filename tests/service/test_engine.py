@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
 
-from service.async_engine import AsyncEngine, EngineError, EngineStopped
+from service.async_engine import RETRY_PAUSES_S, AsyncEngine, EngineError, EngineStopped
 from service.attention import KVCache
 from service.engine import Engine, EngineConfig, QueueFull, StepFailed
 from service.sampling import SamplingParams
@@ -226,7 +227,8 @@ def test_duplicate_ids_and_queue_bound():
 @pytest.mark.parametrize("bad", [{"max_num_seqs": 0}, {"max_queue": -1}, {"max_num_batched_tokens": 4, "max_num_seqs": 8},
                                  {"kv_cache_bytes": 1.5}, {"kv_block_size": 0}, {"prefix_state_interval": 0},
                                  {"prefix_state_memory": 1.0},
-                                 {"prefix_state_memory": -0.1}])
+                                 {"prefix_state_memory": -0.1}, {"step_retry_s": -1.0},
+                                 {"step_retry_s": float("nan")}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         EngineConfig(**bad)
@@ -282,13 +284,15 @@ def test_stop_strings_cut_the_text(chat_parts):
 
 
 class _Hooks:
-    def __init__(self, fail_at: int | None = None) -> None:
+    """Counts forwards; the forwards numbered ``fail_at`` (one number or several, from 1) raise."""
+
+    def __init__(self, fail_at: int | range | set[int] | None = None) -> None:
         self.begun = self.ended = 0
-        self.fail_at = fail_at
+        self.fail_at = {fail_at} if isinstance(fail_at, int) else set(fail_at or ())
 
     def begin_step(self) -> None:
         self.begun += 1
-        if self.begun == self.fail_at:
+        if self.begun in self.fail_at:
             raise RuntimeError("device lost")
 
     def end_step(self) -> None:
@@ -308,6 +312,63 @@ def test_hooks_wrap_every_forward_and_a_failed_step_frees_its_requests():
     assert (engine.num_running, engine.has_work, hooks.begun, hooks.ended) == (0, False, 3, 2)  # no step opened
     tokens, _ = _run(engine, {0: [("c", [5, 6, 7], GREEDY)]})
     assert len(tokens["c"]) == 24 and hooks.begun == hooks.ended + 1
+
+
+def _lost_device(error: BaseException) -> bool:
+    return "device lost" in str(error)
+
+
+def _step_through_failures(engine: Engine) -> tuple[dict[str, list[int]], list[StepFailed]]:
+    """Step until idle; the tokens by request and the failures raised on the way."""
+    tokens, failures = {}, []
+    while engine.has_work:
+        try:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        except StepFailed as failure:
+            failures.append(failure)
+    return tokens, failures
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_next"])  # Qwen3-Next: linear-attention states, prefilled again
+def test_transiently_failed_steps_retry_their_requests_which_answer_as_if_nothing_failed(arch, reference_models):
+    hooks = _Hooks(fail_at={3, 4})  # a decode step fails, then its first retry
+    engine = Engine(build_tiny_model(arch), EngineConfig(max_model_len=64), hooks=hooks, retryable=_lost_device)
+    counted = _counting(engine)
+    prompts = {"a": _prompt(9, 1), "b": _prompt(20, 2)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, GREEDY)
+    tokens, failures = _step_through_failures(engine)
+    assert [(failure.request_ids, failure.retried) for failure in failures] == [((), ("a", "b"))] * 2
+    for request_id, prompt in prompts.items():
+        assert tokens[request_id] == _generate(reference_models[arch], prompt, 24), request_id
+    assert engine.num_step_retries == 4 and engine.num_preemptions == 0
+    # Retried decodes run one token each: their keys and values before the failed step were kept. Linear-attention
+    # states may have moved on in the failed forward: those sequences are prefilled again (prompt + 2 tokens each).
+    assert counted[2:5] == ([2, 2, 2] if arch == "qwen3_moe" else [2, 33, 33])
+    assert_block_counts(engine._cache)
+
+
+@pytest.mark.parametrize("retry_s, retryable, retries", [(0.05, _lost_device, True), (0.0, _lost_device, False),
+                                                          (20.0, lambda error: False, False)])
+def test_a_request_fails_once_its_steps_failed_for_step_retry_s_or_at_once_when_not_retried(retry_s, retryable, retries):
+    hooks = _Hooks(fail_at=range(2, 10_000))  # the device never comes back
+    engine = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64, step_retry_s=retry_s), hooks=hooks,
+                    retryable=retryable)
+    engine.add_request("a", [5, 6, 7], GREEDY)
+    engine.step()
+    failures, first = [], time.monotonic()
+    while not failures or failures[-1].retried:
+        with pytest.raises(StepFailed) as failure:
+            engine.step()
+        failures.append(failure.value)
+        time.sleep(0.005)
+    assert [failure.request_ids for failure in failures] == [()] * (len(failures) - 1) + [("a",)]
+    assert (len(failures) > 1) == retries and not engine.has_work and engine.num_running == 0
+    if retries:
+        assert time.monotonic() - first >= retry_s and "1 more kept to retry" in str(failures[0])
+    hooks.fail_at = set()
+    assert _run(engine, {0: [("b", [5, 6, 7], GREEDY)]})[0]["b"] == _run(_engine(), {0: [("b", [5, 6, 7], GREEDY)]})[0]["b"]
 
 
 # --- AsyncEngine -----------------------------------------------------------------------------------
@@ -384,6 +445,23 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on():
         assert len(asyncio.run(main())) == 24 and engine.is_alive and failures.count(True) == 1
     finally:
         engine.shutdown()
+
+
+def test_async_retries_pause_longer_after_each_failed_step_and_the_client_sees_no_error(reference_models):
+    hooks = _Hooks(fail_at={2, 3, 4})
+    engine = AsyncEngine(Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64), hooks=hooks,
+                                retryable=_lost_device))
+    steps = []
+    engine.add_step_listener(lambda stats: steps.append((time.monotonic(), stats.failed)))
+    engine.start()
+    try:
+        tokens = [out.new_token_ids[0] for out in asyncio.run(_collect(engine, "a", [5, 6, 7]))]
+    finally:
+        engine.shutdown()
+    assert tokens == _generate(reference_models["qwen3_moe"], [5, 6, 7], 24) and engine.num_step_retries == 3
+    assert [failed for _, failed in steps[:5]] == [False, True, True, True, False]
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(steps[1:4], steps[2:5])]
+    assert all(gap >= pause for gap, pause in zip(gaps, RETRY_PAUSES_S)), gaps
 
 
 def test_num_threads_must_be_positive():

@@ -8,7 +8,11 @@ Two scenarios, each run with caching off and on in alternation (``--repeats`` ti
 - ``long_context``: the Sonnet-like set's long prompts (about 580 tokens: more than one step's prefill
   budget) each followed by two short follow-up questions (the ShareGPT-like set's later user messages),
   played the same way;
-- ``shared_system``: the code set (every request has the same system prompt), closed loop.
+- ``shared_system``: the code set (every request has the same system prompt), closed loop;
+- ``burst`` (engine backend only): ``--burst`` requests sent at once that share a long system prompt no
+  cache holds yet (a Sonnet-like prompt, about 600 tokens, before a short question each), with the engine's
+  deferral of requests whose uncached prefix a running prefill already computes (`Engine._deferred`) and
+  without it (switched off on that engine), prefix caching on in both.
 
 Two backends: by default the engine in this process over the embedded model run whole (a fresh engine
 per run); with ``--serve``, the default emulated cluster of ``deploy/config.yaml`` through Ray Serve
@@ -21,6 +25,7 @@ table and writes ``<out>/prefix_cache.json`` (``prefix_cache_serve.json`` with `
 
     python -m load_tests.prefix_cache --out bench            # `make bench-prefix`, about 1 minute
     python -m load_tests.prefix_cache --serve --out bench    # through Ray Serve, about 15 minutes
+    python -m load_tests.prefix_cache --only-burst --repeats 8 --out bench  # the burst alone, prefix_burst.json
 """
 
 from __future__ import annotations
@@ -185,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", type=int, default=24,
                         help="conversations played in each multi-turn scenario")
     parser.add_argument("--requests", type=int, default=32, help="requests of the shared-system-prompt scenario")
+    parser.add_argument("--burst", type=int, default=16, help="requests of the burst scenario (0: none)")
+    parser.add_argument("--only-burst", action="store_true", help="the burst scenario alone (engine backend)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
@@ -198,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         "shared_system": conversations(load_workload("code"), multi_turn=False,
                                        max_tokens=args.max_tokens)[:args.requests],
     }
+    if args.only_burst:
+        if args.serve or not args.burst:
+            parser.error("--only-burst runs on the engine backend, with --burst > 0")
+        scenarios = {}
     count = lambda messages: len(apply_chat_template(tokenizer, messages))  # noqa: E731
     results = {"backend": "serve" if args.serve else "engine",
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -213,10 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         asyncio.run(_measure(args, scenarios, count, max_model_len,
                              _engine_senders(args.model, tokenizer, max_model_len), results))
+        if args.burst:
+            results["burst"] = asyncio.run(_measure_burst(args, tokenizer, max_model_len))
     results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / ("prefix_cache_serve.json" if args.serve else "prefix_cache.json")
+        path = args.out / ("prefix_cache_serve.json" if args.serve else
+                           "prefix_burst.json" if args.only_burst else "prefix_cache.json")
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
 
@@ -224,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
 async def _measure(args, scenarios: dict[str, list[Conversation]], count, max_model_len: int, backend,
                    results: dict) -> None:
     """Warm up, then every scenario, caching off then on, ``args.repeats`` times; fills ``results``."""
+    if not scenarios:
+        return
     async with backend as senders:
         await play(senders["off"](), scenarios["multi_turn"][:2], args.concurrency, "warm-up", -1, max_model_len,
                    count)
@@ -248,6 +264,48 @@ async def _measure(args, scenarios: dict[str, list[Conversation]], count, max_mo
                                           "off_over_on": {key: _ratio(runs, key) for key in keys}}
             print(f"{name}: off / on (medians of {args.repeats}) {results['scenarios'][name]['off_over_on']}, "
                   f"same answers {same}/{len(texts['off'])}")
+
+
+async def _measure_burst(args, tokenizer, max_model_len: int) -> dict:
+    """The burst scenario, deferral off then on, ``args.repeats`` times, each on a fresh engine."""
+    system = load_workload("sonnet_like")[0].messages[-1]["content"]
+    users = short_follow_ups(load_workload("sharegpt_like"))[:args.burst]
+    runs, texts = {"off": [], "on": []}, {}
+    print(f"{'burst':<14} {'deferral':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} {'TTFT max':>9} "
+          f"{'prefilled':>9} {'cached':>7}")
+    for repeat in range(-1, args.repeats):  # -1: a warm-up, not recorded
+        for mode in ("off", "on"):
+            config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=max_model_len)
+            core = Engine(AutoModelForCausalLM.from_pretrained(args.model), config)
+            if mode == "off":
+                core._deferred = lambda seq, match: False  # the engine before it deferred anything
+            engine = AsyncEngine(core)
+            engine.start()
+            try:
+                send = engine_sender(engine, tokenizer)
+                start = time.perf_counter()
+                answers = await asyncio.gather(*(
+                    send(f"burst-{mode}-{repeat}-{i}", [{"role": "system", "content": f"(session {repeat}) {system}"},
+                                                        {"role": "user", "content": user}], args.max_tokens)
+                    for i, user in enumerate(users)))
+                wall = time.perf_counter() - start
+            finally:
+                engine.shutdown()
+            if repeat < 0:
+                continue
+            served = [Served(i, 1, *answer) for i, answer in enumerate(answers)]
+            summary = {**summarise(served, wall), "ttft_max_ms": round(1000 * max(s.ttft for s in served), 1),
+                       "deferrals": core.num_prefill_deferrals}
+            runs[mode].append(summary)
+            texts.setdefault(mode, [s.text for s in served])
+            print(f"{'burst':<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
+                  f"{summary['ttft_p50_ms']:>9} {summary['ttft_max_ms']:>9} {summary['prefilled_tokens']:>9} "
+                  f"{summary['cached_tokens']:>7}", flush=True)
+    same = sum(a == b for a, b in zip(texts["off"], texts["on"]))
+    ratios = {key: _ratio(runs, key) for key in ("wall_s", "ttft_p50_ms", "ttft_max_ms", "prefilled_tokens")}
+    print(f"burst: without / with deferral (medians of {args.repeats}) {ratios}, same answers {same}/{len(users)}")
+    return {"requests": len(users), "system_prompt_chars": len(system), "runs": runs,
+            "same_answers": f"{same}/{len(users)}", "off_over_on": ratios}
 
 
 def _ratio(runs: dict[str, list[dict]], key: str) -> float:

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# A waiting request whose prompt shares at least this many tokens, beyond what the cache holds, with one a running
+# sequence is prefilling waits for that prefill to share them (`Engine._deferred`; SGLang's in-batch prefix caching
+# threshold: under it, waiting a step costs more than prefilling them again).
+DEFER_SHARED_TOKENS = 32
+
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later."""
@@ -90,8 +95,10 @@ class EngineConfig:
             reused or its blocks are needed (the least recently used slot's last blocks first); a new
             request shares the blocks of the slot (free, or a running request's) holding the longest prefix
             of its prompt (or takes that free slot) and prefills only the rest. The slot a request overwrites
-            is an empty one if any, else the least recently used. Requests that ask for their prompt's
-            log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
+            is an empty one if any, else the least recently used. A request whose prompt shares 32 or more
+            uncached tokens with one a running sequence is still prefilling waits for that prefill instead of
+            prefilling them too (requests behind it may be admitted first). Requests that ask for their
+            prompt's log-probabilities are prefilled whole. With linear-attention layers (Qwen3-Next, Qwen3.5,
             Kimi-Linear's KDA, MiniMax's lightning attention, Nemotron-H's and Granite's Mamba2), whose states
             hold one position, a cached sequence is reusable whole (a new turn of a conversation, or an agent's
             next call, whose prompt extends a finished request's tokens) or up to a position its states were
@@ -260,6 +267,7 @@ class Engine:
         self.prefix_cache_hits = 0     # of them, tokens taken from it
         self.num_preemptions = 0       # running sequences whose blocks were taken back (prefilled again later)
         self.num_step_retries = 0      # requests kept to run again after a transient step failure
+        self.num_prefill_deferrals = 0  # admissions put off for a running prefill of the same prompt prefix
         # blocks kept free when admitting beside running sequences, for their next decode steps (1%, as vLLM)
         self._watermark = self._cache.num_blocks // 100
         attention.install(model)
@@ -547,16 +555,39 @@ class Engine:
                 break
             if chunk(seq):
                 take(seq)
-        while (budget > 0 and self._waiting and chunk(self._waiting[0]) and self._free_slots
-               and len(self._running) < self.config.max_num_seqs):
-            match = self._admit(self._waiting[0])
+        index = 0  # requests deferred in this step (`_deferred`), at most max_num_seqs: each costs a prefix search
+        while (budget > 0 and index < min(len(self._waiting), self.config.max_num_seqs)
+               and chunk(self._waiting[index]) and self._free_slots and len(self._running) < self.config.max_num_seqs):
+            seq = self._waiting[index]
+            match = self._admit(seq)
             if match is None:
                 break
-            seq = self._waiting.popleft()
+            if self._deferred(seq, match):
+                index += 1
+                continue
+            del self._waiting[index]
             self._assign_slot(seq, match)
             self._running.append(seq)
             take(seq)
         return decodes + prefills
+
+    def _deferred(self, seq: _Sequence, match: _Match) -> bool:
+        """Whether ``seq`` waits (the requests behind it may go first) because a running sequence is still
+        prefilling at least `DEFER_SHARED_TOKENS` tokens of ``seq``'s prompt beyond its cached ``match``: admitted
+        now, ``seq`` would prefill them too (a burst of requests with one uncached system prompt would each
+        prefill it, in the same step or in a leader's last chunk); a step or so later it shares them. SGLang's
+        in-batch prefix caching does the same. Not with linear-attention states (a running sequence's are
+        shared only whole or from a snapshot), nor when ``seq`` may not use the prefix cache."""
+        if self._cache.linear is not None or not self._reusable(seq):
+            return False
+        tokens, limit = seq.token_ids, len(seq.token_ids) - 1
+        for other in self._running:
+            if other.num_pending > 1 and other.token_ids[0] == tokens[0]:
+                shared = _common_prefix(tokens, other.token_ids, min(limit, len(other.token_ids) - 1))
+                if shared - match.length >= DEFER_SHARED_TOKENS:
+                    self.num_prefill_deferrals += 1
+                    return True
+        return False
 
     def _grow_running(self) -> None:
         """Give each running sequence blocks for the tokens this step may write (a decode's next position; a

@@ -31,10 +31,16 @@ def test_summary_counts_prefilled_and_cached_tokens_and_later_turns_apart():
 
 
 def test_a_small_run_on_the_engine_serves_later_turns_from_the_cache(tmp_path):
-    main(["--conversations", "2", "--requests", "2", "--repeats", "1", "--max-tokens", "4", "--out", str(tmp_path)])
+    main(["--conversations", "2", "--requests", "2", "--burst", "4", "--repeats", "1", "--max-tokens", "4",
+          "--out", str(tmp_path)])
     result = json.loads((tmp_path / "prefix_cache.json").read_text())
     multi = result["scenarios"]["multi_turn"]
     off, on = multi["runs"]["off"][0], multi["runs"]["on"][0]
     assert off["cached_tokens"] == 0 and on["cached_tokens"] > 0 and off["requests"] == on["requests"] >= 4
     assert on["prefilled_tokens"] + on["cached_tokens"] == off["prefilled_tokens"]  # the same prompts
     assert multi["same_answers"] == f"{on['requests']}/{on['requests']}"
+    # The burst: the followers wait for the leader's prefill of the shared system prompt instead of prefilling it
+    burst = result["burst"]
+    off, on = burst["runs"]["off"][0], burst["runs"]["on"][0]
+    assert off["deferrals"] == 0 and on["deferrals"] > 0 and on["prefilled_tokens"] < off["prefilled_tokens"]
+    assert on["prompt_tokens"] == off["prompt_tokens"] and burst["same_answers"] == "4/4"

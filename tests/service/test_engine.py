@@ -801,6 +801,59 @@ def test_a_running_requests_prefix_is_shared_and_an_identical_prompt_still_prefi
     assert [t for o in outputs["same"] for t in o.new_token_ids] == _generate(model, system + _prompt(3, 27), 24)
 
 
+def _recording(engine: Engine) -> list[dict[str, int]]:
+    """Record each step's schedule: tokens by request."""
+    recorded, schedule = [], engine._schedule
+
+    def wrapped():
+        chunks = schedule()
+        recorded.append({seq.request_id: n for seq, n in chunks})
+        return chunks
+
+    engine._schedule = wrapped
+    return recorded
+
+
+def test_a_burst_with_one_uncached_system_prompt_prefills_it_once_and_others_go_ahead_meanwhile(reference_models):
+    system = _prompt(100, 40)
+    prompts = {f"user{i}": system + _prompt(10, 41 + i) for i in range(3)}
+    prompts["other"] = _prompt(50, 45)  # behind them in the queue, nothing in common: not held back
+    engine = _engine(max_num_seqs=8)
+    recorded = _recording(engine)
+    tokens, _ = _run(engine, {0: [(request_id, prompt, GREEDY) for request_id, prompt in prompts.items()]})
+    # user1 and user2 wait one step for user0's prefill of the system prompt, then prefill only their 10 tokens
+    assert recorded[:2] == [{"user0": 110, "other": 50}, {"user0": 1, "other": 1, "user1": 10, "user2": 10}]
+    assert engine.num_prefill_deferrals == 2 and engine.prefix_cache_hits == 200
+    for request_id, prompt in prompts.items():
+        assert tokens[request_id] == _generate(reference_models["qwen3_moe"], prompt, 24), request_id
+    assert_block_counts(engine._cache)
+
+
+def test_a_long_shared_prompt_chunked_over_steps_is_prefilled_once():
+    system = _prompt(100, 46)
+    engine = _engine(max_num_seqs=4, max_num_batched_tokens=64)
+    recorded = _recording(engine)
+    _run(engine, {0: [("first", system + [7, 8], GREEDY), ("second", system + [9], GREEDY)]})
+    # The leader's last chunk leaves budget; admitted beside it, the follower would prefill its 36 system prompt
+    # tokens too (37 tokens, only 64 of them cached): it waits a step and prefills one.
+    assert recorded[:3] == [{"first": 64}, {"first": 38}, {"first": 1, "second": 1}]
+    assert engine.num_prefill_deferrals == 1 and engine.prefix_cache_hits == 100
+
+
+@pytest.mark.parametrize("case", ["short", "scored", "linear", "uncached"])
+def test_no_deferral_for_a_short_shared_prefix_scored_prompts_linear_attention_or_without_prefix_caching(case):
+    shared = 20 if case == "short" else 60
+    system = _prompt(shared, 47)
+    arch = "qwen3_next" if case == "linear" else "qwen3_moe"
+    engine = _engine(arch, max_num_seqs=4, enable_prefix_caching=case != "uncached")
+    recorded = _recording(engine)
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=0 if case == "scored" else None)
+    engine.add_request("first", system + [7, 8], GREEDY)
+    engine.add_request("second", system + [9], params)
+    engine.step()
+    assert recorded[0] == {"first": shared + 2, "second": shared + 1} and engine.num_prefill_deferrals == 0
+
+
 def _check_blocks(engine: Engine) -> None:
     """The KV cache's block counts hold (`assert_block_counts`), its live slots are the running sequences', and
     no running sequence shares a block it will write."""

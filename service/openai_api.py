@@ -76,9 +76,15 @@ _NEUTRAL: dict[str, tuple] = {
     "best_of": (None, 1), "suffix": (None, ""),
     "functions": (None, []), "function_call": (None, "none", "auto"),
     "service_tier": (None, "auto", "default"), "store": (None, False),
-    "metadata": (None, {}), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "web_search_options": (None,), "verbosity": (None,),
 }
+
+
+MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512
+# OpenAI's ``metadata`` tags: checked against its limits, echoed where the API echoes them (responses), not stored
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
+                     Field(max_length=MAX_METADATA_KEYS)]
 
 
 class APIError(Exception):
@@ -217,6 +223,9 @@ class _SamplingFields(SamplingControls):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI's identifiers of an end user and of a prompt cache: accepted; prefix caching needs no key
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
     n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
     # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
     response_format: ResponseFormat | None = None
@@ -404,7 +413,7 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Any = None
     service_tier: Any = None
     store: Any = None
-    metadata: Any = None
+    metadata: Metadata = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None

@@ -35,6 +35,7 @@ from service.openai_api import (
     APIError,
     ChatCompletionRequest,
     FunctionName,
+    Metadata,
     SamplingControls,
     SchemaName,
     StrictModel,
@@ -45,7 +46,6 @@ from service.openai_api import (
 )
 from service.tools import ToolCall
 
-MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata
 # where a chat request's parameter came from in a responses request (errors name what the client sent)
 _PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
            "response_format": "text.format", "logprobs": "include"}
@@ -223,8 +223,7 @@ class ResponsesRequest(SamplingControls):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None,
-                                                                             max_length=MAX_METADATA_KEYS)
+    metadata: Metadata = None
     store: bool | None = None  # nothing is stored, whatever it says: the response reports false
     truncation: Literal["disabled", "auto"] | None = None
     previous_response_id: str | None = None

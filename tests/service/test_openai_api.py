@@ -61,6 +61,12 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
     ({"max_tokens": "many"}, "max_tokens"),
+    ({"store": True}, "store"), ({"service_tier": "flex"}, "service_tier"), ({"verbosity": "low"}, "verbosity"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"), ({"audio": {"voice": "alloy"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"), ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"), ({"metadata": {"k" * 65: "v"}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata"), ({"metadata": {"k": 1}}, "metadata"),
+    ({"safety_identifier": "s" * 65}, "safety_identifier"),
 ])
 def test_chat_rejections_name_the_parameter(extra, param):
     status, body = _rejection(ChatCompletionRequest, {**CHAT, **extra})
@@ -72,9 +78,11 @@ def test_chat_rejections_name_the_parameter(extra, param):
 def test_neutral_values_of_unsupported_fields_are_accepted():
     neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "logit_bias": {},
                "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
-               "user": "u", "seed": 3, "stream": True, "stream_options": {"include_usage": True}}
+               "user": "u", "seed": 3, "stream": True, "stream_options": {"include_usage": True},
+               "service_tier": "auto", "modalities": ["text"], "metadata": {f"k{i}": "v" * 512 for i in range(16)},
+               "safety_identifier": "user-1234", "prompt_cache_key": "agent-7"}
     request = ChatCompletionRequest.model_validate({**CHAT, **neutral})
-    assert request.n == 1 and request.stream_options.include_usage
+    assert request.n == 1 and request.stream_options.include_usage and len(request.metadata) == 16
 
 
 def test_message_content_parts_and_developer_role():

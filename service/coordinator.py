@@ -85,6 +85,8 @@ class CoordinatorConfig:
         probe_misses: consecutive missed probes after which a worker is lost (one that answers as a new
             process, restarted, is lost at once). More than 1 keeps a busy or CPU-starved worker from
             being killed and restarted: measured on 2 shared cores at load 30, 3 s probes were missed.
+            A worker an engine reported it could not reach (its data plane: connection lost or refused, no
+            reply within the channel's timeout) is probed at once and lost at its first missed probe.
     """
 
     checkpoint: str
@@ -225,6 +227,7 @@ class Coordinator:
         self._rejoin: set[int] = set()  # restarted devices waiting for the next recalibration
         self._next_probe = 0.0
         self._misses = [0] * pool.num_devices  # consecutive unanswered probes per device
+        self._suspects: set[int] = set()  # devices an engine could not reach: probed at once, lost at one miss
         self._telemetry: list = []  # latest Telemetry of every worker (refreshed with the health probe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -284,6 +287,12 @@ class Coordinator:
         counts = np.asarray(report.router_counts, dtype=np.float64)
         with self._lock:
             self._engines[report.engine_id] = _Engine(report.placement_version, report.workers_epoch, now)
+            # (an engine on an older worker epoch may be calling a worker since replaced)
+            suspects = set(report.unreachable) - self._lost - self._suspects
+            if suspects and report.workers_epoch == self._workers_epoch:
+                log.warning("engine %s cannot reach device(s) %s: probing now", report.engine_id, sorted(suspects))
+                self._suspects |= suspects
+                self._next_probe = 0.0  # the loop's next tick (within 0.1 s) probes every worker
             for step in counts.reshape(-1, self.shape.num_layers, self.shape.num_experts):
                 self._observe_pass(step)
             for sample in report.device_samples:
@@ -551,12 +560,15 @@ class Coordinator:
 
     def check_workers(self) -> list[int]:
         """Probe every worker; re-place the experts of any that died or restarted. Returns those lost."""
+        with self._lock:
+            suspects, self._suspects = self._suspects, set()
         infos = self.pool.probe(self.config.probe_timeout_s)
         with self._lock:
             known = list(self._workers)
         self._misses = [misses + 1 if info is None else 0 for misses, info in zip(self._misses, infos)]
+        misses = [1 if d in suspects else self.config.probe_misses for d in range(len(infos))]
         lost = [d for d, info in enumerate(infos) if d not in self._lost and (
-            self._misses[d] >= self.config.probe_misses if info is None else _identity(info) != _identity(known[d]))]
+            self._misses[d] >= misses[d] if info is None else _identity(info) != _identity(known[d]))]
         if lost:
             self.handle_lost_devices(lost)
         with self._lock:  # lost earlier, their experts re-placed, but their restart failed: try again

@@ -28,7 +28,7 @@ from torch import nn
 
 from placement import Placement
 from service.messages import EngineReport, LatencySamples, ProtocolError
-from service.transport import WorkerClient
+from service.transport import WorkerClient, WorkerUnavailable
 
 
 class DispatchError(RuntimeError):
@@ -237,6 +237,7 @@ class DispatchContext:
         self._seq = itertools.count()
         self._steps: deque[np.ndarray] = deque(maxlen=config.max_steps)
         self._samples: dict[int, _SampleRing] = {}
+        self._unreachable: set[int] = set()  # devices whose calls failed as unreachable since the last report
 
     # --- configuration (any thread) ----------------------------------------------------------------
 
@@ -322,6 +323,13 @@ class DispatchContext:
                 ring = self._samples[device] = _SampleRing(self.config.max_samples)
             ring.extend(tokens, seconds)
 
+    def _failed(self, device: int, layer: int, exc: Exception) -> DispatchError:
+        """The error of a device's failed call; a device that cannot be reached is reported (`drain_report`)."""
+        if isinstance(exc, WorkerUnavailable):
+            with self._lock:
+                self._unreachable.add(device)
+        return DispatchError(device, layer, exc)
+
     # --- reporting (any thread) --------------------------------------------------------------------
 
     def drain_report(self, engine_id: str) -> EngineReport:
@@ -339,7 +347,8 @@ class DispatchContext:
             self._steps.clear()
             samples = tuple(LatencySamples(device, *ring.drain())
                             for device, ring in sorted(self._samples.items()) if len(ring))
-            return EngineReport(engine_id, placement.version, counts, samples, routes.workers_epoch)
+            unreachable, self._unreachable = tuple(sorted(self._unreachable)), set()
+            return EngineReport(engine_id, placement.version, counts, samples, routes.workers_epoch, unreachable)
 
 
 class DispatchingExperts(nn.Module):
@@ -416,14 +425,14 @@ class DispatchingExperts(nn.Module):
                 step.routes.channels[device].submit(seq, self.layer, experts, counts, rows[row:row + num_rows])
                 sent.append((device, counts, plane_row[row:row + num_rows]))
             except Exception as exc:  # the engine decides what fails; name the device and layer
-                errors.append(DispatchError(device, self.layer, exc))
+                errors.append(self.context._failed(device, self.layer, exc))
             row += num_rows
         planes = torch.empty_like(rows)
         for device, counts, target in sent:  # collect every reply, even after a failure, to keep streams in step
             try:
                 output, seconds = step.routes.channels[device].result()
             except Exception as exc:
-                errors.append(DispatchError(device, self.layer, exc))
+                errors.append(self.context._failed(device, self.layer, exc))
                 continue
             _put_rows(planes, target, output)
             self.context._record_samples(device, counts, np.asarray(seconds, dtype=np.float64))

@@ -245,6 +245,8 @@ class EngineReport:
         workers_epoch: the worker-address epoch the engine is connected to (-1: none yet).
         router_counts: int64 [S, L, E]: tokens routed to each logical expert in each of S forward passes.
         device_samples: per device, per-expert-call (tokens, seconds) observed while serving.
+        unreachable: devices whose data plane failed since the last report (connection lost or refused, no
+            reply in time): the coordinator probes them at once rather than at its next health check.
     """
 
     engine_id: str
@@ -252,6 +254,7 @@ class EngineReport:
     router_counts: np.ndarray
     device_samples: tuple[LatencySamples, ...] = field(default_factory=tuple)
     workers_epoch: int = -1
+    unreachable: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ class DispatchError(RuntimeError):
         self.layer = layer
 
 
+# Longest wait to connect to a worker again after a failed call (a live worker's accept takes well under a
+# millisecond; a node that is gone never answers, and the step, retried, would wait this long each time).
+RECONNECT_TIMEOUT_S = 2.0
+
+
 def device_failed(error: BaseException) -> bool:
     """Whether an engine step's error is an expert device's failure (`DispatchError`): transient, as the
     coordinator moves a lost device's experts to the others (the engine's ``retryable``)."""
@@ -61,13 +66,24 @@ class DeviceChannel(Protocol):
 
 class SocketChannel:
     """A worker's data plane over a socket: a `service.transport.WorkerClient` connected to `address`
-    ("tcp://host:port" or "unix:///path"); every receive waits at most `timeout_s`, so nothing hangs."""
+    ("tcp://host:port" or "unix:///path"); every receive waits at most `timeout_s`, so nothing hangs.
+
+    A failed call closes the connection (a late reply would put the stream out of step); the next submit
+    connects again (waiting at most `RECONNECT_TIMEOUT_S`), so a worker that was only slow or briefly
+    unreachable serves again, and a dead one fails fast (connection refused, or no answer from a node that
+    is gone) until the coordinator has moved its experts away.
+    """
 
     def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self._address, self._timeout_s = address, timeout_s
         self._client = WorkerClient(address, timeout_s)
         self._pending: deque[int] = deque()
 
     def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
+        if self._client.closed:
+            self._pending.clear()  # (requests of the closed connection: never answered)
+            self._client = WorkerClient(self._address, self._timeout_s,
+                                        connect_timeout_s=min(self._timeout_s, RECONNECT_TIMEOUT_S))
         self._client.send_forward(seq, layer, experts, counts, tokens)
         self._pending.append(seq)
 

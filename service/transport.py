@@ -136,23 +136,25 @@ class WorkerServer:
 class WorkerClient:
     """One engine's connection to one worker's data plane ("tcp://host:port" or "unix:///path").
 
-    Every socket operation is bounded by `timeout_s`. After any transport failure the client is
-    closed and every later call raises WorkerUnavailable (a late reply would desynchronise the stream).
+    Every socket operation is bounded by `timeout_s` (connecting by `connect_timeout_s`, default the same).
+    After any transport failure the client is closed and every later call raises WorkerUnavailable (a late
+    reply would desynchronise the stream).
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    def __init__(self, address: str, timeout_s: float = 30.0, connect_timeout_s: float | None = None) -> None:
+        if not timeout_s > 0 or not (connect_timeout_s is None or connect_timeout_s > 0):
+            raise ValueError(f"timeouts must be > 0, got {timeout_s!r}, {connect_timeout_s!r}")
         self.address = address
         self._sock: socket.socket | None = None
         family, target = _parse_address(address)
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout_s)
+        sock.settimeout(timeout_s if connect_timeout_s is None else connect_timeout_s)
         try:
             sock.connect(target)
         except OSError as exc:
             sock.close()
             raise WorkerUnavailable(f"cannot connect to worker at {address}: {exc}") from exc
+        sock.settimeout(timeout_s)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
@@ -185,6 +187,11 @@ class WorkerClient:
             self.close()
             raise WorkerUnavailable(f"worker at {self.address} sent frame kind {frame.kind}, not a reply")
         return frame
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (by `close`, or by a failed call)."""
+        return self._sock is None
 
     def close(self) -> None:
         if self._sock is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from service.dispatch import (
     LocalChannel,
     SocketChannel,
 )
+from service.emulator import EmulationConfig
 from service.experts import checksum
 from service.messages import ExpertTensors
 from service.transport import WorkerServer
@@ -52,9 +54,9 @@ def expert_items(reference, keys) -> list[ExpertTensors]:
     return items
 
 
-def make_worker(reference, index: int, keys) -> ExpertWorker:
+def make_worker(reference, index: int, keys, emulation: EmulationConfig | None = None) -> ExpertWorker:
     # keep this process's torch thread count: the worker sets it for its own process
-    worker = ExpertWorker(WorkerConfig(index=index, num_threads=torch.get_num_threads()))
+    worker = ExpertWorker(WorkerConfig(index=index, num_threads=torch.get_num_threads(), emulation=emulation))
     worker.import_experts(expert_items(reference, keys))
     return worker
 
@@ -320,6 +322,29 @@ def test_socket_channels_match_local_and_fail_fast_when_a_worker_is_gone(referen
         run(module, reference, 0, 48, 4, seed=9)
     for channel in channels.values():
         channel.close()
+
+
+def test_a_socket_channel_connects_again_after_a_worker_was_too_slow_once(reference, servers):
+    """A receive that timed out closes the connection; the worker was only slow, so the next step serves
+    (the channel used to stay closed: every later step failed until the worker was replaced)."""
+    slow = make_worker(reference, 0, all_keys(), emulation=EmulationConfig(fixed_s=0.5, jitter=0.0))
+    slow_server = WorkerServer(slow)
+    channels = {g: SocketChannel(server.unix_address, timeout_s=5.0) for g, server in enumerate(servers)}
+    channels[0] = SocketChannel(slow_server.tcp_address, timeout_s=0.2)
+    module = DispatchingExperts(0, E, DispatchContext(contiguous(), channels))
+    try:
+        with pytest.raises(DispatchError, match="device 0 failed at MoE layer 0.*timed out"):
+            run(module, reference, 0, 8, 4, seed=3)
+        slow.set_emulated_speed(100.0)  # 5 ms calls from now on
+        deadline = time.monotonic() + 10
+        while slow.stats().calls < 1 and time.monotonic() < deadline:  # the call that timed out finishes
+            time.sleep(0.05)                                           # (its late reply goes nowhere)
+        got, want = run(module, reference, 0, 8, 4, seed=3)
+        assert torch.equal(got, want)
+    finally:
+        for channel in channels.values():
+            channel.close()
+        slow_server.close()
 
 
 def test_placement_set_from_another_thread_never_splits_a_step(reference):

@@ -92,6 +92,9 @@ class AppArgs(BaseModel):
     # a request whose engine step failed on an expert device is kept and run again (the coordinator moves the
     # device's experts away) for this long after that first failure, then fails with a 503; 0: fails at once
     step_retry_s: float = Field(default=20.0, ge=0)
+    # an engine waits this long for a worker's reply to one MoE layer's call; then the step fails (and is
+    # retried) and the coordinator checks the worker (a hung one, answering probes but not computing, is lost)
+    data_plane_timeout_s: float = Field(default=10.0, gt=0)
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     # memory of each ingress replica's KV cache (blocks that sequences take as they grow; linear-attention states
     # too); None: 512 MiB on a CPU replica, kv_cache_memory_fraction of what its GPU has free after the dense part
@@ -202,6 +205,7 @@ def build_app(args: dict[str, Any] | None = None):
         tool_call_parser=parsed.tool_call_parser,
         max_body_bytes=parsed.max_body_bytes or max(DEFAULT_MAX_BODY_BYTES, _BODY_BYTES_PER_TOKEN * max_model_len),
         gpu_kv_cache_fraction=None if parsed.kv_cache_bytes else parsed.kv_cache_memory_fraction,
+        data_plane_timeout_s=parsed.data_plane_timeout_s,
     )
     coordinator_cls, ingress_cls = serve_deployments()
     coordinator = coordinator_cls.options(

@@ -10,6 +10,10 @@ a random admin token), drives it with streaming clients over HTTP, and runs, in 
   and re-placement, the requests that fail (the engines retry steps that failed on the dead device for
   `step_retry_s`, so none should: their streams stall), the longest stall, and when service is whole again
   (the restarted worker readmitted);
+- **worker_hang**: the admin fault "hang" on an expert worker while streams run (its expert calls block,
+  its process answers probes: a hung GPU): the engines' data-plane timeout, their report, the coordinator's
+  one-token call that finds it hung, the re-placement, the stall clients see and the restarted worker's
+  return;
 - **coordinator_restart**: `ray.kill` of the coordinator's Serve replica; Serve restarts it, it recovers
   the placement from the workers, and the engines serve throughout.
 
@@ -358,6 +362,30 @@ def run_worker_death(app: App, device: int = 1, concurrency: int = 8) -> Scenari
                     longest_stall_s=round(max((r.longest_wait_s for r in records), default=0.0), 3))
 
 
+def run_worker_hang(app: App, device: int = 2, concurrency: int = 8) -> ScenarioResult:
+    """Hang an expert worker under load (admin fault "hang": its expert calls block while its process answers
+    probes, as a hung GPU); follow the coordinator until the restarted one rejoins."""
+    before = admin(app, "GET", "/admin/placement").json()["version"]
+    with HealthWatch(app.url) as health, Traffic(app.url, app.model, concurrency, 64) as traffic:
+        time.sleep(5)
+        t0, wall0 = time.monotonic(), time.time()
+        admin(app, "POST", "/admin/emulation/fault", json={"device": device, "operation": "hang"}).raise_for_status()
+        lost, rejoined = _wait_history(app, f"device {device} lost", f"device {device} rejoined", 120)
+        time.sleep(5)
+    records = [r for r in traffic.records if r.ended >= t0]
+    detection = None if lost is None else lost["started_at"] - wall0
+    rejoin = None if rejoined is None else rejoined["started_at"] + rejoined["duration_s"] - wall0
+    failed = [r for r in records if not r.ok]
+    return _summary("worker_hang", records, t0, detection, rejoin,
+                    device=device, placement_version_before=before, health=_count(health.answers),
+                    replaced_s=None if lost is None else lost["started_at"] + lost["duration_s"] - wall0,
+                    replace_status=None if lost is None else lost["status"],
+                    rejoin_status=None if rejoined is None else rejoined["status"],
+                    answering_again_s=_answering_again(records, t0),
+                    slowest_failure_s=max((r.ended - r.started for r in failed), default=None),
+                    longest_stall_s=round(max((r.longest_wait_s for r in records), default=0.0), 3))
+
+
 def _worker_actor(device: int):
     import ray
 
@@ -447,7 +475,7 @@ def _wait_admin_answers(app: App, timeout_s: float) -> tuple[float | None, int |
 
 
 SCENARIOS: dict[str, Callable[[App], ScenarioResult]] = {
-    "fuzz": run_fuzz, "overload": run_overload, "worker_death": run_worker_death,
+    "fuzz": run_fuzz, "overload": run_overload, "worker_death": run_worker_death, "worker_hang": run_worker_hang,
     "coordinator_restart": run_coordinator_restart,
 }
 

@@ -54,7 +54,7 @@ class SpeedRequest(BaseModel):
 class FaultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: int = Field(ge=0)
-    operation: Literal["import"] = "import"
+    operation: Literal["import", "hang"] = "import"
 
 
 def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_devices: int,

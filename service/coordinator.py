@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 import placement as pl
 from service.messages import EngineReport, SyncReply, WorkerInfo
@@ -86,7 +87,8 @@ class CoordinatorConfig:
             process, restarted, is lost at once). More than 1 keeps a busy or CPU-starved worker from
             being killed and restarted: measured on 2 shared cores at load 30, 3 s probes were missed.
             A worker an engine reported it could not reach (its data plane: connection lost or refused, no
-            reply within the channel's timeout) is probed at once and lost at its first missed probe.
+            reply within the channel's timeout) is probed at once and lost at its first missed probe, or if
+            it answers that probe but not a one-token call on its data plane within probe_timeout_s.
     """
 
     checkpoint: str
@@ -228,6 +230,7 @@ class Coordinator:
         self._next_probe = 0.0
         self._misses = [0] * pool.num_devices  # consecutive unanswered probes per device
         self._suspects: set[int] = set()  # devices an engine could not reach: probed at once, lost at one miss
+        self._hidden_size: int | None = None  # of the model's experts, read from the checkpoint when first needed
         self._telemetry: list = []  # latest Telemetry of every worker (refreshed with the health probe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -569,6 +572,9 @@ class Coordinator:
         misses = [1 if d in suspects else self.config.probe_misses for d in range(len(infos))]
         lost = [d for d, info in enumerate(infos) if d not in self._lost and (
             self._misses[d] >= misses[d] if info is None else _identity(info) != _identity(known[d]))]
+        # A suspect that answers its control probe may still not compute (a hung GPU): call its data plane.
+        lost += [d for d in sorted(suspects) if d not in lost and d not in self._lost and infos[d] is not None
+                 and not self._computes(d, infos[d])]
         if lost:
             self.handle_lost_devices(lost)
         with self._lock:  # lost earlier, their experts re-placed, but their restart failed: try again
@@ -576,6 +582,30 @@ class Coordinator:
         for device in unrestarted:
             self._restart(device)
         return lost
+
+    def _computes(self, device: int, info: WorkerInfo) -> bool:
+        """Whether `device` answers one token for one of its experts on its data plane within probe_timeout_s
+        (an error answer counts: it is alive). A device holding no expert is not called by engines: True."""
+        from service.checkpoint import load_layout
+        from service.transport import WorkerClient, WorkerError, WorkerUnavailable
+
+        held = sorted(self.placement.experts_on(device))
+        if not held or not info.tcp_address:  # (a pool of in-process workers has no data plane to call)
+            return True
+        if self._hidden_size is None:
+            self._hidden_size = load_layout(self.config.checkpoint).hidden_size
+        layer, expert = held[0]
+        try:
+            with WorkerClient(info.tcp_address, timeout_s=self.config.probe_timeout_s) as client:
+                client.send_forward(0, layer, np.array([expert], np.int32), np.array([1], np.int32),
+                                    torch.zeros(1, self._hidden_size))
+                client.recv_reply()
+        except WorkerError:
+            return True
+        except WorkerUnavailable as exc:
+            log.warning("device %d answers its probe but not on its data plane: %s", device, exc)
+            return False
+        return True
 
     def handle_lost_devices(self, lost: list[int], *, restart: bool = True) -> dict[str, Any]:
         """Re-place the experts of `lost` devices on the survivors, publish, then restart the lost workers.

@@ -116,6 +116,7 @@ class IngressSettings:
     gpu_kv_cache_fraction: float | None = None
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
+    data_plane_timeout_s: float = 10.0  # service.placement_sync.DATA_PLANE_TIMEOUT_S
 
 
 def gpu_kv_cache_bytes(fraction: float, mem_get_info: Callable[[], tuple[int, int]] | None = None) -> int:
@@ -158,7 +159,7 @@ class IngressDeployment:
         boot = await coordinator.bootstrap.remote()
         node_id = ray.get_runtime_context().get_node_id()
         self.context = DispatchContext(Placement.from_dict(boot["placement"]),
-                                       worker_channels(boot["workers"], node_id),
+                                       worker_channels(boot["workers"], node_id, settings.data_plane_timeout_s),
                                        workers_epoch=boot["workers_epoch"])
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # the dense part goes where the replica has a GPU
         model = load_engine_model(settings.checkpoint, dtype=settings.dtype, device=device,
@@ -175,7 +176,8 @@ class IngressDeployment:
         engine_id = f"ingress-{uuid.uuid4().hex[:8]}"
         self.sync = PlacementSync(engine_id, self.context,
                                   lambda report: coordinator.report.remote(report).result(timeout_s=10),
-                                  node_id=node_id, interval_s=settings.sync_interval_s)
+                                  node_id=node_id, interval_s=settings.sync_interval_s,
+                                  data_plane_timeout_s=settings.data_plane_timeout_s)
         self.sync.start()
         self.placement_metrics = PlacementCollector()
         self._stopping = threading.Event()

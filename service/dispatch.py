@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,8 +41,12 @@ class DispatchError(RuntimeError):
         self.layer = layer
 
 
-# Longest wait to connect to a worker again after a failed call (a live worker's accept takes well under a
-# millisecond; a node that is gone never answers, and the step, retried, would wait this long each time).
+# After a failed call, a channel fails at once for this long before it connects again: longer than the
+# coordinator takes to check a worker an engine reported and publish a placement without it (report 0.1 s,
+# its loop 0.1 s, probe and one-token call up to 3 s each, re-placement), so a hung worker is not called again.
+RECONNECT_AFTER_S = 5.0
+# Longest wait to connect to a worker again (a live worker's accept takes well under a millisecond; a node
+# that is gone never answers).
 RECONNECT_TIMEOUT_S = 2.0
 
 
@@ -68,30 +73,45 @@ class SocketChannel:
     """A worker's data plane over a socket: a `service.transport.WorkerClient` connected to `address`
     ("tcp://host:port" or "unix:///path"); every receive waits at most `timeout_s`, so nothing hangs.
 
-    A failed call closes the connection (a late reply would put the stream out of step); the next submit
-    connects again (waiting at most `RECONNECT_TIMEOUT_S`), so a worker that was only slow or briefly
-    unreachable serves again, and a dead one fails fast (connection refused, or no answer from a node that
-    is gone) until the coordinator has moved its experts away.
+    A failed call closes the connection (a late reply would put the stream out of step). For the next
+    `reconnect_after_s` calls fail at once (the engine retries its step meanwhile, and the coordinator,
+    told by the engine's report, checks the worker and moves its experts away if it is lost: a hung worker
+    is not waited on again before that); then the channel connects again (waiting at most
+    `RECONNECT_TIMEOUT_S`), so a worker that was only slow or briefly unreachable serves again.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        self._address, self._timeout_s = address, timeout_s
+    def __init__(self, address: str, timeout_s: float = 30.0, reconnect_after_s: float = RECONNECT_AFTER_S) -> None:
+        self._address, self._timeout_s, self._reconnect_after_s = address, timeout_s, reconnect_after_s
         self._client = WorkerClient(address, timeout_s)
         self._pending: deque[int] = deque()
+        self._failed_at = -float("inf")  # time.monotonic() of the last failed call
 
     def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
-        if self._client.closed:
-            self._pending.clear()  # (requests of the closed connection: never answered)
-            self._client = WorkerClient(self._address, self._timeout_s,
-                                        connect_timeout_s=min(self._timeout_s, RECONNECT_TIMEOUT_S))
-        self._client.send_forward(seq, layer, experts, counts, tokens)
+        try:
+            if self._client.closed:
+                since = time.monotonic() - self._failed_at
+                if since < self._reconnect_after_s:
+                    raise WorkerUnavailable(f"worker at {self._address} failed {since:.1f} s ago; connecting "
+                                            f"again {self._reconnect_after_s:g} s after that")
+                self._pending.clear()  # (requests of the closed connection: never answered)
+                self._client = WorkerClient(self._address, self._timeout_s,
+                                            connect_timeout_s=min(self._timeout_s, RECONNECT_TIMEOUT_S))
+            self._client.send_forward(seq, layer, experts, counts, tokens)
+        except WorkerUnavailable:
+            self._failed_at = time.monotonic()
+            raise
         self._pending.append(seq)
 
     def result(self) -> tuple[torch.Tensor, np.ndarray]:
         seq = self._pending.popleft()
-        frame = self._client.recv_reply()
+        try:
+            frame = self._client.recv_reply()
+        except WorkerUnavailable:
+            self._failed_at = time.monotonic()
+            raise
         if frame.seq != seq:
             self._client.close()  # the stream is out of step; nothing later on it can be trusted
+            self._failed_at = time.monotonic()
             raise ProtocolError(f"worker at {self._client.address} answered seq {frame.seq}, expected {seq}")
         return frame.tensor, frame.values
 

@@ -20,13 +20,20 @@ from service.messages import EngineReport, SyncReply, WorkerInfo
 
 log = logging.getLogger(__name__)
 
+# How long an engine waits for a worker's reply to one MoE layer's call before the step fails (and is retried,
+# the worker reported as unreachable, and the coordinator checks it): a GPU answers in milliseconds, so a long
+# silence is a hung or lost worker; the margin is wide for emulated workers on a small, loaded CPU.
+DATA_PLANE_TIMEOUT_S = 10.0
 
-def worker_channels(workers: Sequence[WorkerInfo], node_id: str | None) -> dict[int, SocketChannel]:
-    """One data-plane channel per worker: its Unix socket when on this node, else TCP."""
+
+def worker_channels(workers: Sequence[WorkerInfo], node_id: str | None,
+                    timeout_s: float = DATA_PLANE_TIMEOUT_S) -> dict[int, SocketChannel]:
+    """One data-plane channel per worker: its Unix socket when on this node, else TCP; a call waits for its
+    reply at most ``timeout_s``."""
     channels = {}
     for info in workers:
         local = info.unix_address is not None and info.node_id == node_id
-        channels[info.index] = SocketChannel(info.unix_address if local else info.tcp_address)
+        channels[info.index] = SocketChannel(info.unix_address if local else info.tcp_address, timeout_s)
     return channels
 
 
@@ -34,7 +41,7 @@ class PlacementSync:
     """Periodically report to the coordinator and apply its placement and worker updates."""
 
     def __init__(self, engine_id: str, context: DispatchContext, report: Callable[[EngineReport], SyncReply],
-                 *, node_id: str | None, interval_s: float = 0.1):
+                 *, node_id: str | None, interval_s: float = 0.1, data_plane_timeout_s: float = DATA_PLANE_TIMEOUT_S):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.engine_id = engine_id
@@ -42,6 +49,7 @@ class PlacementSync:
         self._report = report
         self._node_id = node_id
         self._interval = interval_s
+        self._data_plane_timeout_s = data_plane_timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0  # consecutive failed reports (the coordinator may be restarting)
@@ -55,7 +63,8 @@ class PlacementSync:
         with self._sync_lock:
             reply = self._report(self.context.drain_report(self.engine_id))
             if reply.workers is not None:
-                self.context.set_channels(worker_channels(reply.workers, self._node_id), reply.workers_epoch)
+                self.context.set_channels(worker_channels(reply.workers, self._node_id, self._data_plane_timeout_s),
+                                          reply.workers_epoch)
             if reply.placement is not None:
                 self.context.set_placement(Placement.from_dict(reply.placement))
             return reply

@@ -26,7 +26,9 @@ from service.telemetry import read_telemetry
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 DEFAULT_PROFILE_TOKENS = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
-FAULTS = ("import",)  # operations a test can make fail once (inject_fault)
+# faults a test can inject (inject_fault): "import" fails the next expert import once; "hang" makes every later
+# forward block for good, as a hung GPU would (the process, its control calls and its listener still answer)
+FAULTS = ("import", "hang")
 _PROFILE_SEED = 0
 
 
@@ -146,6 +148,7 @@ class ExpertWorker:
         self._calls = self._expert_calls = self._tokens = 0
         self._busy_s = 0.0
         self._faults: set[str] = set()
+        self._unhung = threading.Event()  # set by clear_faults: hung forwards go on
 
     # --- experts ---------------------------------------------------------------------------------
 
@@ -182,6 +185,8 @@ class ExpertWorker:
             outputs [n, H] in the dtype and on the device of `tokens`; seconds float64 [k] per expert:
             emulated (and the call returns at the emulated end time) or measured.
         """
+        if "hang" in self._faults:
+            self._unhung.wait()
         self._configure_thread()
         outputs, seconds = self._call(self._store, layer, experts, counts, tokens)
         counts = np.asarray(counts).reshape(-1)
@@ -264,11 +269,20 @@ class ExpertWorker:
         self._emulator.set_speed(factor)
 
     def inject_fault(self, operation: str) -> None:
-        """Test control (admin API, emulated clusters only): the next `operation` call raises, once."""
+        """Test control (admin API, emulated clusters only): the next `operation` call raises, once; "hang":
+        every forward from now on blocks for good."""
         if operation not in FAULTS:
             raise ValueError(f"operation must be one of {FAULTS}, got {operation!r}")
         with self._lock:
             self._faults.add(operation)
+            if operation == "hang":
+                self._unhung.clear()
+
+    def clear_faults(self) -> None:
+        """Test control: disarm every injected fault; forwards that hang return."""
+        with self._lock:
+            self._faults.clear()
+        self._unhung.set()
 
     def _fail_if_armed(self, operation: str) -> None:
         with self._lock:

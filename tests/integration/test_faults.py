@@ -1,15 +1,18 @@
-"""Faults under load: a dead expert device, a request that cannot finish in time, and (Ray) a killed worker.
+"""Faults under load: a dead or hung expert device, a request that cannot finish in time, and (Ray) a killed
+and a hung worker.
 
 The in-process tests run the real pieces without Ray: the OpenAI app over uvicorn, the engine, expert
 workers behind their socket servers (the real data plane), and a coordinator over a `LocalWorkerPool`
-of the same workers. "Killing" a device stops its control plane and closes its socket server. The one
-real-stack test kills an expert worker actor of the Serve app with `ray.kill` while streams run: they stall
-and finish (`make chaos` measures the same and more).
+of the same workers. "Killing" a device stops its control plane and closes its socket server; "hanging" one
+makes its expert calls block while it answers probes. The one real-stack test kills an expert worker actor
+of the Serve app with `ray.kill`, then hangs another, while streams run: they stall and finish (`make chaos`
+measures the same and more).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import threading
@@ -288,6 +291,54 @@ def test_a_worker_an_engine_cannot_reach_is_probed_at_once_and_lost_at_its_first
         devices.close()
 
 
+class _ServedPool(LocalWorkerPool):
+    """In-process workers whose infos carry their socket servers' TCP addresses (the coordinator calls a
+    suspect's data plane there)."""
+
+    def __init__(self, workers, servers) -> None:
+        super().__init__(workers)
+        self.servers = servers
+
+    def infos(self):
+        return [dataclasses.replace(info, tcp_address=server.tcp_address)
+                for info, server in zip(super().infos(), self.servers)]
+
+
+def test_a_hung_worker_that_still_answers_probes_is_lost_once_an_engine_reports_it_and_requests_finish(checkpoint):
+    devices = Devices(checkpoint)
+    pool = _ServedPool(devices.pool.workers, devices.servers)
+    coordinator = _coordinator(checkpoint, pool, probe_misses=3, probe_timeout_s=0.5)
+    channels = {d: SocketChannel(server.tcp_address, timeout_s=1.0) for d, server in enumerate(devices.servers)}
+    context = DispatchContext(coordinator.placement, channels, workers_epoch=coordinator._workers_epoch)
+    engine = _engine(checkpoint, context)
+    hung = pool.workers[DEAD]
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL)) as url:
+            before = _short(url).json()["choices"][0]["message"]["content"]
+            pool.inject_fault(DEAD, "hang")  # its expert calls block; its process answers probes
+            assert coordinator.check_workers() == []  # nothing tells it apart yet
+            with ThreadPoolExecutor(1) as executor:
+                answer = executor.submit(_short, url)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:  # PlacementSync's reports, by hand
+                    report = context.drain_report("engine")
+                    coordinator.report(report)
+                    if report.unreachable:
+                        break
+                    time.sleep(0.1)
+                assert report.unreachable == (DEAD,), "the engine never reported the hung device"
+                assert coordinator.check_workers() == [DEAD]  # answered its probe, not a one-token call
+                assert not coordinator.placement.experts_on(DEAD)
+                context.set_placement(coordinator.placement)
+                response = answer.result(timeout=60)
+            assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == before
+            assert engine.num_step_retries >= 1
+    finally:
+        hung.clear_faults()
+        engine.shutdown()
+        devices.close()
+
+
 class _SlowSteps:
     """Step hooks that make each forward take at least 20 ms."""
 
@@ -327,11 +378,13 @@ def test_a_request_that_cannot_finish_in_time_is_aborted_with_a_504_and_never_ha
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_serve_app_survives_a_killed_worker_actor(tmp_path):
-    from load_tests.chaos import run_worker_death, running_app, wait_healthy
+def test_serve_app_survives_a_killed_and_a_hung_worker_actor(tmp_path):
+    from load_tests.chaos import run_worker_death, run_worker_hang, running_app, wait_healthy
 
     with running_app(4) as app:
         result = run_worker_death(app, device=1, concurrency=6)
+        wait_healthy(app.url, 60)
+        hang = run_worker_hang(app, device=2, concurrency=6)
         wait_healthy(app.url, 60)
         after = httpx.post(f"{app.url}/v1/chat/completions", timeout=60, json={**SHORT, "model": app.model})
     detail = result.detail
@@ -342,6 +395,12 @@ def test_serve_app_survives_a_killed_worker_actor(tmp_path):
     # Nothing failed: the steps that failed on the dead device were retried once its experts had moved.
     assert set(detail["outcomes"]) == {"ok"} and detail["answering_again_s"] == 0.0, detail
     assert detail["longest_stall_s"] < 20, detail  # the engine's step_retry_s
+    # The hung worker answered its probes throughout; the engines' data-plane timeout (10 s) and the
+    # coordinator's one-token call found it, and no request failed meanwhile.
+    detail = hang.detail
+    assert hang.hung == 0 and set(detail["outcomes"]) == {"ok"}, detail
+    assert detail["replace_status"] == "applied" and detail["rejoin_status"] == "applied", detail
+    assert hang.detection_s < 30 and detail["longest_stall_s"] < 30, (hang.detection_s, detail)
 
 
 def test_the_startup_profiling_pass_fits_a_queue_smaller_than_its_prompt_set(tmp_path):

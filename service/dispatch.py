@@ -87,12 +87,11 @@ class SocketChannel:
         self._failed_at = -float("inf")  # time.monotonic() of the last failed call
 
     def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
+        if self._client.closed and (since := time.monotonic() - self._failed_at) < self._reconnect_after_s:
+            raise WorkerUnavailable(f"worker at {self._address} failed {since:.1f} s ago; connecting again "
+                                    f"{self._reconnect_after_s:g} s after that")
         try:
             if self._client.closed:
-                since = time.monotonic() - self._failed_at
-                if since < self._reconnect_after_s:
-                    raise WorkerUnavailable(f"worker at {self._address} failed {since:.1f} s ago; connecting "
-                                            f"again {self._reconnect_after_s:g} s after that")
                 self._pending.clear()  # (requests of the closed connection: never answered)
                 self._client = WorkerClient(self._address, self._timeout_s,
                                             connect_timeout_s=min(self._timeout_s, RECONNECT_TIMEOUT_S))

@@ -325,9 +325,9 @@ def test_socket_channels_match_local_and_fail_fast_when_a_worker_is_gone(referen
 
 
 def test_a_socket_channel_connects_again_after_a_worker_was_too_slow_once(reference, servers):
-    """A receive that timed out closes the connection; calls fail at once for reconnect_after_s, then the
-    channel connects again and, the worker having been only slow, serves (it used to stay closed: every later
-    step failed until the worker was replaced)."""
+    """A receive that timed out closes the connection; calls fail at once for reconnect_after_s, however often
+    the step is retried meanwhile, then the channel connects again and, the worker having been only slow,
+    serves (it used to stay closed: every later step failed until the worker was replaced)."""
     slow = make_worker(reference, 0, all_keys(), emulation=EmulationConfig(fixed_s=0.5, jitter=0.0))
     slow_server = WorkerServer(slow)
     channels = {g: SocketChannel(server.unix_address, timeout_s=5.0) for g, server in enumerate(servers)}
@@ -336,15 +336,18 @@ def test_a_socket_channel_connects_again_after_a_worker_was_too_slow_once(refere
     try:
         with pytest.raises(DispatchError, match="device 0 failed at MoE layer 0.*timed out"):
             run(module, reference, 0, 8, 4, seed=3)
-        with pytest.raises(DispatchError, match=r"failed [0-9.]+ s ago; connecting again 0.5 s after that"):
-            run(module, reference, 0, 8, 4, seed=3)  # at once: the worker is not waited on again yet
-        slow.set_emulated_speed(100.0)  # 5 ms calls from now on
-        deadline = time.monotonic() + 10
-        while slow.stats().calls < 1 and time.monotonic() < deadline:  # the call that timed out finishes
-            time.sleep(0.05)                                           # (its late reply goes nowhere)
-        time.sleep(0.5)
-        got, want = run(module, reference, 0, 8, 4, seed=3)
-        assert torch.equal(got, want)
+        failed = time.monotonic()
+        slow.set_emulated_speed(100.0)  # 5 ms calls once the one that timed out is done (its reply goes nowhere)
+        deadline, fast_failures = failed + 10, 0
+        while True:  # retried every 50 ms, as the engine retries a step
+            try:
+                got, want = run(module, reference, 0, 8, 4, seed=3)
+                break
+            except DispatchError as exc:  # at once, or a call queued behind the slow one timing out again
+                assert time.monotonic() < deadline, f"never connected again: {exc}"
+                fast_failures += "connecting again 0.5 s after that" in str(exc)
+                time.sleep(0.05)
+        assert torch.equal(got, want) and fast_failures >= 5 and time.monotonic() - failed >= 0.5
     finally:
         for channel in channels.values():
             channel.close()

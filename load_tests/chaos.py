@@ -337,19 +337,34 @@ def run_worker_death(app: App, device: int = 1, concurrency: int = 8) -> Scenari
     """Kill an expert worker actor under load; follow the coordinator until the restarted one rejoins."""
     import ray
 
+    actor = _worker_actor(device)
+    return _worker_fault(app, "worker_death", device, concurrency, lambda: ray.kill(actor), 90)
+
+
+def run_worker_hang(app: App, device: int = 2, concurrency: int = 8) -> ScenarioResult:
+    """Hang an expert worker under load (admin fault "hang": its expert calls block while its process answers
+    probes, as a hung GPU); follow the coordinator until the restarted one rejoins."""
+    fault = {"device": device, "operation": "hang"}
+    return _worker_fault(app, "worker_hang", device, concurrency,
+                         lambda: admin(app, "POST", "/admin/emulation/fault", json=fault).raise_for_status(), 120)
+
+
+def _worker_fault(app: App, name: str, device: int, concurrency: int, inject: Callable[[], object],
+                  timeout_s: float) -> ScenarioResult:
+    """``inject()`` a fault into ``device`` while streams run; follow the coordinator's records of the device
+    lost and rejoined (at most ``timeout_s``)."""
     before = admin(app, "GET", "/admin/placement").json()["version"]
     with HealthWatch(app.url) as health, Traffic(app.url, app.model, concurrency, 64) as traffic:
         time.sleep(5)
-        actor = _worker_actor(device)
         t0, wall0 = time.monotonic(), time.time()
-        ray.kill(actor)
-        lost, rejoined = _wait_history(app, f"device {device} lost", f"device {device} rejoined", 90)
+        inject()
+        lost, rejoined = _wait_history(app, f"device {device} lost", f"device {device} rejoined", timeout_s)
         time.sleep(5)
     records = [r for r in traffic.records if r.ended >= t0]
     detection = None if lost is None else lost["started_at"] - wall0
     rejoin = None if rejoined is None else rejoined["started_at"] + rejoined["duration_s"] - wall0
     failed = [r for r in records if not r.ok]
-    return _summary("worker_death", records, t0, detection, rejoin,
+    return _summary(name, records, t0, detection, rejoin,
                     device=device, placement_version_before=before, health=_count(health.answers),
                     replaced_s=None if lost is None else lost["started_at"] + lost["duration_s"] - wall0,
                     replace_status=None if lost is None else lost["status"],
@@ -358,30 +373,6 @@ def run_worker_death(app: App, device: int = 1, concurrency: int = 8) -> Scenari
                     rejoin_migration_s=None if rejoined is None else rejoined["duration_s"],
                     answering_again_s=_answering_again(records, t0),
                     last_failure_s=max((r.ended - t0 for r in failed), default=None),
-                    slowest_failure_s=max((r.ended - r.started for r in failed), default=None),
-                    longest_stall_s=round(max((r.longest_wait_s for r in records), default=0.0), 3))
-
-
-def run_worker_hang(app: App, device: int = 2, concurrency: int = 8) -> ScenarioResult:
-    """Hang an expert worker under load (admin fault "hang": its expert calls block while its process answers
-    probes, as a hung GPU); follow the coordinator until the restarted one rejoins."""
-    before = admin(app, "GET", "/admin/placement").json()["version"]
-    with HealthWatch(app.url) as health, Traffic(app.url, app.model, concurrency, 64) as traffic:
-        time.sleep(5)
-        t0, wall0 = time.monotonic(), time.time()
-        admin(app, "POST", "/admin/emulation/fault", json={"device": device, "operation": "hang"}).raise_for_status()
-        lost, rejoined = _wait_history(app, f"device {device} lost", f"device {device} rejoined", 120)
-        time.sleep(5)
-    records = [r for r in traffic.records if r.ended >= t0]
-    detection = None if lost is None else lost["started_at"] - wall0
-    rejoin = None if rejoined is None else rejoined["started_at"] + rejoined["duration_s"] - wall0
-    failed = [r for r in records if not r.ok]
-    return _summary("worker_hang", records, t0, detection, rejoin,
-                    device=device, placement_version_before=before, health=_count(health.answers),
-                    replaced_s=None if lost is None else lost["started_at"] + lost["duration_s"] - wall0,
-                    replace_status=None if lost is None else lost["status"],
-                    rejoin_status=None if rejoined is None else rejoined["status"],
-                    answering_again_s=_answering_again(records, t0),
                     slowest_failure_s=max((r.ended - r.started for r in failed), default=None),
                     longest_stall_s=round(max((r.longest_wait_s for r in records), default=0.0), 3))
 

@@ -701,14 +701,7 @@ def test_sharing_needs_a_queued_parent_with_the_same_prompt():
 def test_prompt_logprob_prefill_is_chunked_to_bound_the_kept_logits(reference_models):
     prompt, other = _prompt(30, 14), _prompt(30, 15)
     engine = _engine(max_num_seqs=2, max_num_batched_tokens=64, max_prompt_logprob_tokens=8)
-    recorded, schedule = [], engine._schedule
-
-    def recording():
-        chunks = schedule()
-        recorded.append({seq.request_id: n for seq, n in chunks})
-        return chunks
-
-    engine._schedule = recording
+    recorded = _recording(engine)
     engine.add_request("scored", prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=0))
     engine.add_request("plain", other, SamplingParams(max_tokens=2, temperature=0.0))
     outputs = {}

@@ -459,7 +459,9 @@ class Engine:
             if transient and (seq.retry_until is None or now < seq.retry_until):
                 if seq.retry_until is None:
                     seq.retry_until = now + self.config.step_retry_s
-                self._requeue(seq)
+                # its keys and values before the step stay (the step wrote only past them), unless linear-attention
+                # states, which the forward updates in place, may have moved on
+                self._requeue(seq, keep_cache=self._cache.linear is None)
                 retried.append(seq.request_id)
             else:
                 self._release(seq, keep_cache=False)  # a failed forward may have written part of a chunk
@@ -468,11 +470,11 @@ class Engine:
         self.num_step_retries += len(retried)
         return StepFailed(failed[::-1], exc, retried[::-1])
 
-    def _requeue(self, seq: _Sequence) -> None:
-        """Run ``seq`` again from the head of the queue after its step failed: as a preemption, but its keys
-        and values before the step stay cached for it (the step wrote only past them), unless linear-attention
-        states, which the forward updates in place, may have moved on."""
-        self._release(seq, keep_cache=self._cache.linear is None)
+    def _requeue(self, seq: _Sequence, keep_cache: bool) -> None:
+        """``seq`` leaves the running batch for the head of the queue, to be prefilled again (prompt and generated
+        tokens) when admitted; what it streamed stays streamed, its sampling state is kept. With ``keep_cache``
+        its keys and values stay cached (reused at its admission, unless given up for blocks meanwhile)."""
+        self._release(seq, keep_cache)
         self._unfork(seq)
         seq.slot, seq.num_cached, seq.branch = -1, 0, 0
         if seq.num_completion_tokens == 0:  # its prompt's log-probabilities are computed again
@@ -598,19 +600,10 @@ class Engine:
                 self._preempt(self._running[-1])
 
     def _preempt(self, seq: _Sequence) -> None:
-        """Take ``seq``'s blocks back: it waits first in the queue, to be prefilled again (prompt and generated
-        tokens) once blocks are free; what it streamed stays streamed, its sampling state is kept."""
+        """Take ``seq``'s blocks back (`_requeue`, nothing kept) for the running sequences before it."""
         log.info("preempting request %s (%d tokens): the KV cache is full", seq.request_id, len(seq.token_ids))
-        self._running.remove(seq)
-        self._clear_slot(seq.slot)
-        self._free_slot(seq.slot)
-        seq.slot, seq.num_cached, seq.branch = -1, 0, 0
-        if seq.num_completion_tokens == 0:  # its prompt's log-probabilities are computed again
-            seq.prompt_logprobs = []
-        seq.preemptions += 1
         self.num_preemptions += 1
-        self._unfork(seq)
-        self._waiting.appendleft(seq)
+        self._requeue(seq, keep_cache=False)
 
     def _admit(self, seq: _Sequence) -> _Match | None:
         """``seq``'s cached prefix (`_match`) if its tokens fit in the blocks free or cached, leaving the watermark

@@ -50,7 +50,9 @@ class ServingMetrics:
                                    "(prefilled again later).", registry=r)
         self.step_retries = Counter("vibe_num_step_retries", "Requests kept to run again after their step failed on "
                                     "an expert device (retried, not failed).", registry=r)
-        self._engine, self._preempted, self._retried = engine, 0, 0
+        self._engine = engine
+        # counters that follow the engine's own totals: (counter, the total's attribute, the total counted so far)
+        self._totals = [[self.preemptions, "num_preemptions", 0], [self.step_retries, "num_step_retries", 0]]
         engine.add_step_listener(self._on_step)
 
     def render(self) -> bytes:
@@ -62,14 +64,12 @@ class ServingMetrics:
 
     def _on_step(self, stats: StepStats) -> None:
         self.step.observe(stats.seconds)
-        preempted = self._engine.num_preemptions
-        if preempted > self._preempted:
-            self.preemptions.inc(preempted - self._preempted)
-            self._preempted = preempted
-        retried = self._engine.num_step_retries
-        if retried > self._retried:
-            self.step_retries.inc(retried - self._retried)
-            self._retried = retried
+        for total in self._totals:
+            counter, name, counted = total
+            value = getattr(self._engine, name)
+            if value > counted:
+                counter.inc(value - counted)
+                total[2] = value
 
 
 class RequestTimer:

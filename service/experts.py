@@ -42,6 +42,7 @@ from service.quantization import (
 )
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
+CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator aligns to (one cache line, an AVX-512 register)
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -126,7 +127,7 @@ class ExpertStore:
         return tensors
 
     def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: t.detach().to(self.device, dtype=self.dtype if _compute_weight(name, t) else t.dtype)
+        return {name: aligned(t.detach().to(self.device, dtype=self.dtype if _compute_weight(name, t) else t.dtype))
                 for name, t in tensors.items()}
 
     def held_bytes(self) -> int:
@@ -134,6 +135,16 @@ class ExpertStore:
         with self._lock:
             held = list(self._experts.values())
         return sum(t.numel() * t.element_size() for tensors in held for t in tensors.values())
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it in memory of its own, if it starts off a `CPU_ALIGNMENT`-byte boundary (a view into a
+    checkpoint file's or a message's buffer, or a parameter transformers loaded as one): on some CPUs (an AMD EPYC
+    here) a matrix-vector product with such a matrix sums in another order, so one token's output would differ in its
+    last bits from the same product with the matrix aligned; and aligned loads are the fast ones."""
+    if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % CPU_ALIGNMENT:
+        return tensor.clone()
+    return tensor
 
 
 def _compute_weight(name: str, tensor: torch.Tensor) -> bool:

@@ -36,6 +36,7 @@ from service.checkpoint import (
     quantization_method,
 )
 from service.dispatch import DispatchContext, DispatchingExperts
+from service.experts import aligned
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -76,7 +77,7 @@ def load_engine_model(checkpoint_dir: str | Path, *, dtype: str = "float32", dev
     if info["missing_keys"]:  # transformers would have initialised them at random
         raise ValueError(f"checkpoint {str(checkpoint_dir)!r} lacks weights of the model's dense part: "
                          f"{sorted(info['missing_keys'])[:8]}")
-    model = model.to(torch.device(device)).eval()
+    model = _aligned_weights(model.to(torch.device(device))).eval()
     _split_experts(model, layout, context)
     _one_step_per_forward(model, context)
     return EngineModel(model, layout)
@@ -92,7 +93,16 @@ def _from_pretrained(checkpoint_dir: str | Path, dtype: str, device: str) -> Pre
     config = _dequantizing(AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True))
     model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), config=config, dtype=_dtype(dtype),
                                                  local_files_only=True)
-    return model.to(torch.device(device)).eval()
+    return _aligned_weights(model.to(torch.device(device))).eval()
+
+
+def _aligned_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """``model``, each of its CPU parameters and buffers that transformers left as a view into the checkpoint file at an
+    unaligned offset copied into memory of its own (`experts.aligned`: the engine's dense part and the reference model
+    then compute alike, bit for bit, as the workers, which hold their experts aligned)."""
+    for tensor in (*model.parameters(), *model.buffers()):  # (each once: tied weights stay tied)
+        tensor.data = aligned(tensor.data)
+    return model
 
 
 def _dequantizing(config: PretrainedConfig) -> PretrainedConfig:

@@ -96,6 +96,9 @@ class AppArgs(BaseModel):
     # retried) and the coordinator checks the worker (a hung one, answering probes but not computing, is lost)
     data_plane_timeout_s: float = Field(default=10.0, gt=0)
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
+    # finished requests whose keys/values the prefix cache holds at once (each a row of the block table); None:
+    # 16 x max_num_seqs (at most one per block); blocks, not this, bound it: the least recently used give theirs up
+    max_cached_sequences: int | None = Field(default=None, ge=1)
     # memory of each ingress replica's KV cache (blocks that sequences take as they grow; linear-attention states
     # too); None: 512 MiB on a CPU replica, kv_cache_memory_fraction of what its GPU has free after the dense part
     # loads
@@ -192,6 +195,7 @@ def build_app(args: dict[str, Any] | None = None):
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
                                    request_timeout_s=parsed.request_timeout_s, step_retry_s=parsed.step_retry_s,
                                    enable_prefix_caching=parsed.enable_prefix_caching,
+                                   max_cached_sequences=parsed.max_cached_sequences,
                                    kv_cache_bytes=parsed.kv_cache_bytes or EngineConfig.kv_cache_bytes,
                                    kv_block_size=parsed.kv_block_size,
                                    prefix_state_interval=parsed.prefix_state_interval,

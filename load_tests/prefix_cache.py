@@ -1,6 +1,6 @@
 """Prefix-caching benchmark: the service with and without it, side by side, on the shipped workload sets.
 
-Two scenarios, each run with caching off and on in alternation (``--repeats`` times each):
+Three scenarios, each run with caching off and on in alternation (``--repeats`` times each), and two more:
 
 - ``multi_turn``: the ShareGPT-like set's conversations with two or three user turns, played as a chat
   client plays them: each turn sends the conversation so far (the recorded user messages, the model's own
@@ -9,6 +9,9 @@ Two scenarios, each run with caching off and on in alternation (``--repeats`` ti
   budget) each followed by two short follow-up questions (the ShareGPT-like set's later user messages),
   played the same way;
 - ``shared_system``: the code set (every request has the same system prompt), closed loop;
+- ``users`` (engine backend only): ``--users`` of the multi-turn conversations taking turns (each user's next
+  turn comes after every other user's: `play`'s ``interleave``), with caching off, with as many cached
+  sequences as running ones (``max_cached_sequences`` = ``max_num_seqs``, 16) and with the engine's default;
 - ``burst`` (engine backend only): ``--burst`` requests sent at once that share a long system prompt no
   cache holds yet (a Sonnet-like prompt, about 600 tokens, before a short question each), with the engine's
   deferral of requests whose uncached prefix a running prefill already computes (`Engine._deferred`) and
@@ -23,9 +26,10 @@ tokens. Reports TTFT medians (turns after the first separately), the scenario's 
 tokens prefilled and taken from the cache, and how many answers were the same in both modes; prints a
 table and writes ``<out>/prefix_cache.json`` (``prefix_cache_serve.json`` with ``--serve``).
 
-    python -m load_tests.prefix_cache --out bench            # `make bench-prefix`, about 1 minute
+    python -m load_tests.prefix_cache --out bench            # `make bench-prefix`, about 4 minutes
     python -m load_tests.prefix_cache --serve --out bench    # through Ray Serve, about 15 minutes
     python -m load_tests.prefix_cache --only-burst --repeats 8 --out bench  # the burst alone, prefix_burst.json
+    python -m load_tests.prefix_cache --only-users --out bench  # the users alone, prefix_users.json
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import os
 import platform
 import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,32 +112,37 @@ def short_follow_ups(prompts: list[Prompt], max_chars: int = 80) -> list[str]:
 
 
 async def play(send: Send, items: list[Conversation], concurrency: int, tag: str, session: int,
-               max_model_len: int, count: Callable[[list[dict]], int]) -> list[Served]:
+               max_model_len: int, count: Callable[[list[dict]], int], interleave: bool = False) -> list[Served]:
     """``concurrency`` clients, each playing one conversation at a time, turn by turn, with the answers it
-    got as history; a turn that would not fit the context ends its conversation. Every conversation's
+    got as history; a turn that would not fit the context ends its conversation. With ``interleave`` a client
+    plays one turn and puts the conversation at the back of the line (as users who read an answer and reply
+    later: every other conversation's next turn is served before its next one). Every conversation's
     first message starts with ``(session <session>)``, so that a run cannot find an earlier run's
     prompts in a cache that outlives it (a served app's)."""
-    queue = list(reversed(items))
+    marker = f"(session {session}) "
+    line: deque[tuple[Conversation, list[dict], list[str]]] = deque()
+    for item in items:
+        system, users = item.system, list(item.users)
+        if system is not None:
+            system = marker + system
+        else:
+            users[0] = marker + users[0]
+        line.append((item, [{"role": "system", "content": system}] if system is not None else [], users))
     served: list[Served] = []
 
     async def client() -> None:
-        while queue:
-            item = queue.pop()
-            marker = f"(session {session}) "
-            system, users = item.system, list(item.users)
-            if system is not None:
-                system = marker + system
-            else:
-                users[0] = marker + users[0]
-            messages = [{"role": "system", "content": system}] if system is not None else []
-            for turn, user in enumerate(users, start=1):
-                messages.append({"role": "user", "content": user})
-                if count(messages) + item.max_tokens > max_model_len:
-                    break
-                ttft, e2e, prompt_tokens, cached, text = await send(f"{tag}-{item.index}-{turn}", messages,
-                                                                    item.max_tokens)
-                served.append(Served(item.index, turn, ttft, e2e, prompt_tokens, cached, text))
-                messages.append({"role": "assistant", "content": text})
+        while line:
+            item, messages, users = conversation = line.popleft()
+            messages.append({"role": "user", "content": users[0]})
+            if count(messages) + item.max_tokens > max_model_len:
+                continue
+            turn = len(item.users) - len(users) + 1
+            ttft, e2e, prompt_tokens, cached, text = await send(f"{tag}-{item.index}-{turn}", messages, item.max_tokens)
+            served.append(Served(item.index, turn, ttft, e2e, prompt_tokens, cached, text))
+            messages.append({"role": "assistant", "content": text})
+            del users[0]
+            if users:  # (without interleave this client takes it again at once: nothing runs in between)
+                line.append(conversation) if interleave else line.appendleft(conversation)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return served
@@ -192,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests of the shared-system-prompt scenario")
     parser.add_argument("--burst", type=int, default=16, help="requests of the burst scenario (0: none)")
     parser.add_argument("--only-burst", action="store_true", help="the burst scenario alone (engine backend)")
+    parser.add_argument("--users", type=int, default=64,
+                        help="conversations of the users scenario, taking turns (engine backend; 0: none)")
+    parser.add_argument("--only-users", action="store_true", help="the users scenario alone (engine backend)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
@@ -205,10 +218,16 @@ def main(argv: list[str] | None = None) -> None:
         "shared_system": conversations(load_workload("code"), multi_turn=False,
                                        max_tokens=args.max_tokens)[:args.requests],
     }
+    if args.only_burst and args.only_users:
+        parser.error("--only-burst and --only-users: pick one")
     if args.only_burst:
         if args.serve or not args.burst:
             parser.error("--only-burst runs on the engine backend, with --burst > 0")
-        scenarios = {}
+        scenarios, args.users = {}, 0
+    if args.only_users:
+        if args.serve or not args.users:
+            parser.error("--only-users runs on the engine backend, with --users > 0")
+        scenarios, args.burst = {}, 0
     count = lambda messages: len(apply_chat_template(tokenizer, messages))  # noqa: E731
     results = {"backend": "serve" if args.serve else "engine",
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -226,11 +245,13 @@ def main(argv: list[str] | None = None) -> None:
                              _engine_senders(args.model, tokenizer, max_model_len), results))
         if args.burst:
             results["burst"] = asyncio.run(_measure_burst(args, tokenizer, max_model_len))
+        if args.users:
+            results["users"] = asyncio.run(_measure_users(args, tokenizer, max_model_len))
     results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / ("prefix_cache_serve.json" if args.serve else
-                           "prefix_burst.json" if args.only_burst else "prefix_cache.json")
+        path = args.out / ("prefix_cache_serve.json" if args.serve else "prefix_burst.json" if args.only_burst else
+                           "prefix_users.json" if args.only_users else "prefix_cache.json")
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
 
@@ -308,9 +329,53 @@ async def _measure_burst(args, tokenizer, max_model_len: int) -> dict:
             "same_answers": f"{same}/{len(users)}", "off_over_on": ratios}
 
 
-def _ratio(runs: dict[str, list[dict]], key: str) -> float:
-    """Median over the runs with caching off over the median with it on."""
-    return round(statistics.median(r[key] for r in runs["off"]) / statistics.median(r[key] for r in runs["on"]), 3)
+USERS_MODES = ("off", "running", "default")  # caching off; as many cached sequences as running ones; the default
+
+
+async def _measure_users(args, tokenizer, max_model_len: int) -> dict:
+    """The users scenario: ``args.users`` conversations taking turns (`play` with ``interleave``), with caching
+    off, with as many cached sequences as running ones (``max_cached_sequences=max_num_seqs``: the engine's layout
+    before it had more), and with the default, ``args.repeats`` times each on a fresh engine."""
+    items = conversations(load_workload("sharegpt_like"), multi_turn=True, max_tokens=args.max_tokens)[:args.users]
+    count = lambda messages: len(apply_chat_template(tokenizer, messages))  # noqa: E731
+    runs: dict[str, list[dict]] = {mode: [] for mode in USERS_MODES}
+    texts: dict[str, dict] = {}
+    print(f"{'users':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} {'later turns':>11} "
+          f"{'prefilled':>9} {'cached':>7}")
+    for repeat in range(args.repeats):
+        for mode in USERS_MODES:
+            config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=max_model_len,
+                                  enable_prefix_caching=mode != "off",
+                                  max_cached_sequences=16 if mode == "running" else None)
+            core = Engine(AutoModelForCausalLM.from_pretrained(args.model), config)
+            engine = AsyncEngine(core)
+            engine.start()
+            try:
+                start = time.perf_counter()
+                served = await play(engine_sender(engine, tokenizer), items, args.concurrency, f"users-{mode}-{repeat}",
+                                    repeat, max_model_len, count, interleave=True)
+                summary = {**summarise(served, time.perf_counter() - start), "kv_slots": core.num_kv_slots,
+                           "kv_blocks": core.num_kv_blocks}
+            finally:
+                engine.shutdown()
+            runs[mode].append(summary)
+            texts.setdefault(mode, {(x.conversation, x.turn): x.text for x in served})
+            print(f"{'users':<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
+                  f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
+                  f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
+    same = sum(texts[mode].get(key) == text for mode in USERS_MODES[1:] for key, text in texts["off"].items())
+    keys = ("wall_s", "ttft_p50_ms", "ttft_p50_ms_later_turns", "prefilled_tokens")
+    ratios = {f"{mode}_over_default": {key: _ratio(runs, key, mode, "default") for key in keys}
+              for mode in USERS_MODES[:2]}
+    print(f"users: over the default (medians of {args.repeats}) {ratios}, "
+          f"same answers {same}/{2 * len(texts['off'])}")
+    return {"conversations": len(items), "concurrency": args.concurrency, "runs": runs,
+            "same_answers": f"{same}/{2 * len(texts['off'])}", **ratios}
+
+
+def _ratio(runs: dict[str, list[dict]], key: str, over: str = "off", under: str = "on") -> float:
+    """Median over the runs of mode ``over`` (caching off) over the median of ``under`` (on)."""
+    return round(statistics.median(r[key] for r in runs[over]) / statistics.median(r[key] for r in runs[under]), 3)
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ layer per step.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
@@ -38,6 +39,9 @@ FinishReason = Literal["stop", "length", "abort"]
 # sequence is prefilling waits for that prefill to share them (`Engine._deferred`; SGLang's in-batch prefix caching
 # threshold: under it, waiting a step costs more than prefilling them again).
 DEFER_SHARED_TOKENS = 32
+
+# Slots for finished requests' cached prefixes per running sequence, when `EngineConfig.max_cached_sequences` is None.
+CACHED_SEQUENCES_PER_SEQ = 16
 
 
 class QueueFull(RuntimeError):
@@ -103,6 +107,15 @@ class EngineConfig:
             hold one position, a cached sequence is reusable whole (a new turn of a conversation, or an agent's
             next call, whose prompt extends a finished request's tokens) or up to a position its states were
             copied at (``prefix_state_interval``).
+        max_cached_sequences: finished requests whose keys and values the prefix cache holds at once, at most
+            (models without linear-attention states; each takes a slot: a row of the block table, of
+            ``max_model_len / kv_block_size`` entries), beside the ``max_num_seqs`` running ones. None: 16 x
+            ``max_num_seqs``, at most one per block. Memory is what bounds the cache: when blocks run short the
+            least recently used sequences give theirs up, tail first; this only caps the table (and the slots a
+            new request's prefix is looked up among: two sorted neighbours, not one comparison each). A chat
+            service whose users reply after others have been answered needs one per user in conversation:
+            with as many slots as running sequences, 64 users taking turns found none of their conversations
+            cached (`load_tests.prefix_cache --interleave`).
         prefix_state_interval: with linear-attention layers, a slot's states are copied (snapshots, for the
             prefix cache) at the multiples of this many positions that its prefills reach, at the end of its
             prompt, and at the position where its prompt left the longest cached sequence it shared tokens
@@ -140,6 +153,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_state_interval: int = 256
     prefix_state_memory: float = 0.125
+    max_cached_sequences: int | None = None
     step_retry_s: float = 20.0
 
     def __post_init__(self) -> None:
@@ -153,6 +167,9 @@ class EngineConfig:
                              f"({self.max_num_seqs}) so every running sequence decodes each step")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
+        if self.max_cached_sequences is not None and (isinstance(self.max_cached_sequences, bool) or not isinstance(
+                self.max_cached_sequences, int) or self.max_cached_sequences < 1):
+            raise ValueError(f"max_cached_sequences must be a positive integer or None, got {self.max_cached_sequences!r}")
         if isinstance(self.prefix_state_memory, bool) or not 0 <= self.prefix_state_memory < 1:
             raise ValueError(f"prefix_state_memory must be in [0, 1), got {self.prefix_state_memory!r}")
         if isinstance(self.step_retry_s, bool) or not self.step_retry_s >= 0:
@@ -258,7 +275,7 @@ class Engine:
         self._grammars = (Grammars(tokenizer, model.config.vocab_size, self._eos_ids)
                           if tokenizer is not None else None)
         self._free_slots = list(range(self._cache.num_slots))  # least recently used (released or shared) first
-        self._slot_tokens: dict[int, list[int]] = {}  # free slot -> the tokens whose keys/values it holds
+        self._slot_tokens = _CachedPrefixes()  # free slot -> the tokens whose keys/values it holds
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._outputs: list[StepOutput] = []    # aborts, reported by the next step
@@ -628,13 +645,16 @@ class Engine:
         enough (RuntimeError with ``required``: the caller counted the blocks)."""
         cache = self._cache
         while not cache.grow(slot, num_tokens, write_from):
-            cached = [free for free in self._free_slots if free != keep and cache.blocks[free]]
-            if not cached:
+            # the least recently used whose last block nothing else holds (giving it up frees it), else the first
+            cached = (free for free in self._free_slots if free != keep and cache.blocks[free])
+            first = next(cached, None)
+            if first is None:
                 if required:
                     raise RuntimeError(f"no KV blocks for {num_tokens} positions of slot {slot}")
                 return False
-            # the least recently used whose last block nothing else holds (giving it up frees it)
-            self._evict(next((free for free in cached if cache.refs[cache.blocks[free][-1]] == 1), cached[0]))
+            alone = first if cache.refs[cache.blocks[first][-1]] == 1 else next(
+                (free for free in cached if cache.refs[cache.blocks[free][-1]] == 1), first)
+            self._evict(alone)
         return True
 
     def _evict(self, slot: int) -> None:
@@ -645,12 +665,12 @@ class Engine:
         if self._cache.linear is not None or keep <= 0:
             self._clear_slot(slot)
             return
-        del self._slot_tokens[slot][keep:]
+        self._slot_tokens.trim(slot, keep)
         self._cache.trim(slot, keep)
 
     def _clear_slot(self, slot: int) -> None:
         """``slot`` holds nothing reusable any more: its cached tokens, state snapshots and blocks go."""
-        self._slot_tokens.pop(slot, None)
+        self._slot_tokens.pop(slot)
         self._drop_snapshots(slot)
         self._cache.release(slot)
 
@@ -664,9 +684,13 @@ class Engine:
             return _Match()
         best, source, snapshot, shared = 0, None, False, 0
         prompt, limit = seq.token_ids, len(seq.token_ids) - 1
-        candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
-        candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
         linear = self._cache.linear is not None
+        if linear:  # (a prefix's use depends on the slot's snapshots: each is looked at; there are max_num_seqs slots)
+            candidates = [(slot, tokens, len(tokens)) for slot, tokens in self._slot_tokens.items()]
+        else:
+            source, best = self._slot_tokens.longest(prompt, limit)
+            shared, candidates = best, []
+        candidates += [(s.slot, s.token_ids, s.num_cached) for s in self._running if s.num_cached]
         for slot, tokens, cached in candidates:
             n = _common_prefix(prompt, tokens, min(limit, cached)) if tokens[0] == prompt[0] else 0
             shared = max(shared, n)
@@ -770,7 +794,7 @@ class Engine:
 
     def _take_free_slot(self, slot: int) -> int:
         self._free_slots.remove(slot)
-        self._slot_tokens.pop(slot, None)
+        self._slot_tokens.pop(slot)
         self._cache.set_live(slot, True)
         return slot
 
@@ -849,7 +873,7 @@ class Engine:
         self._running.remove(seq)
         self._free_slot(seq.slot)
         if keep_cache and self.config.enable_prefix_caching and seq.num_cached:
-            self._slot_tokens[seq.slot] = seq.token_ids[:seq.num_cached]
+            self._slot_tokens.put(seq.slot, seq.token_ids[:seq.num_cached])
             self._cache.trim(seq.slot, seq.num_cached)
         else:
             self._clear_slot(seq.slot)
@@ -863,7 +887,60 @@ def _output(seq: _Sequence, tokens: tuple[int, ...], text: str, reason: FinishRe
                       seq.num_completion_tokens, logprobs, prompt_logprobs, seq.num_reused)
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+class _CachedPrefixes:
+    """Free slots' cached tokens (slot -> the tokens whose keys and values it holds), also kept sorted, so that the
+    slot sharing the longest prefix with a prompt is one of the two where the prompt would sort (of sequences in
+    lexicographic order, the one sharing the longest prefix with another lies next to where that one sorts): two
+    comparisons per lookup, not one per cached sequence (hundreds, with ``max_cached_sequences``)."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[int, list[int]] = {}
+        self._sorted: list[tuple[tuple[int, ...], int]] = []  # (tokens, slot), ascending
+
+    def __contains__(self, slot: int) -> bool:
+        return slot in self._tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def get(self, slot: int, default=()) -> list[int] | tuple:
+        return self._tokens.get(slot, default)
+
+    def items(self):
+        return self._tokens.items()
+
+    def values(self):
+        return self._tokens.values()
+
+    def put(self, slot: int, tokens: list[int]) -> None:
+        """``slot`` holds ``tokens`` (at least one) from now on."""
+        self.pop(slot)
+        self._tokens[slot] = tokens
+        bisect.insort(self._sorted, (tuple(tokens), slot))
+
+    def trim(self, slot: int, length: int) -> None:
+        """``slot`` keeps its first ``length`` tokens."""
+        self.put(slot, self._tokens[slot][:length])
+
+    def pop(self, slot: int) -> None:
+        tokens = self._tokens.pop(slot, None)
+        if tokens is not None:
+            del self._sorted[bisect.bisect_left(self._sorted, (tuple(tokens), slot))]
+
+    def longest(self, tokens: list[int], limit: int) -> tuple[int | None, int]:
+        """The slot sharing the longest prefix with ``tokens`` and that prefix's length, at most ``limit`` (None, 0:
+        none shares a token)."""
+        key = tuple(tokens)
+        at = bisect.bisect_left(self._sorted, (key,))
+        best, source = 0, None
+        for cached, slot in self._sorted[max(at - 1, 0):at + 1]:
+            n = _common_prefix(key, cached, limit) if cached[0] == key[0] else 0
+            if n > best:
+                best, source = n, slot
+        return source, best
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """Length of the longest common prefix of ``a`` and ``b``, at most ``limit`` (slice compares: C speed)."""
     hi = min(len(a), len(b), limit)
     if a[:hi] == b[:hi]:
@@ -894,9 +971,10 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     their snapshots are paid for, up to what ``max_num_seqs`` sequences of ``max_model_len`` fill.
 
     Slots (a sequence's block table row, and its states where the model has linear layers): ``max_num_seqs``
-    for the running sequences, as many again with prefix caching to hold finished requests' prefixes, since a row
-    costs nothing; with linear layers, whose states a slot holds, ``max_num_seqs`` in all, or as many as fit beside
-    one ``max_model_len`` sequence's blocks.
+    for the running sequences, and with prefix caching ``max_cached_sequences`` more to hold finished requests'
+    prefixes, since a row costs no KV memory (at most one per block: a cached prefix holds one at least); with
+    linear layers, whose states a slot holds, ``max_num_seqs`` in all, or as many as fit beside one
+    ``max_model_len`` sequence's blocks.
     """
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
@@ -915,12 +993,14 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
         num_snapshots = min(int(config.kv_cache_bytes * config.prefix_state_memory) // states,
                             config.max_num_seqs * (config.max_model_len // config.prefix_state_interval + 2))
     budget = config.kv_cache_bytes - num_snapshots * states
-    num_slots = config.max_num_seqs * (2 if config.enable_prefix_caching and not states else 1)
+    num_slots = config.max_num_seqs
     if states:  # as many slots as fit beside one max_model_len sequence's blocks
         num_slots = min(num_slots, max(0, budget - full_blocks * per_block) // states)
     # (never more than max_num_seqs sequences of max_model_len can use: what the budget holds beyond is not taken)
     most = config.max_num_seqs * full_blocks
     num_blocks = min((budget - num_slots * states) // per_block, most) if per_block else most
+    if config.enable_prefix_caching and not states:  # rows for finished requests' prefixes (each holds a block)
+        num_slots += min(config.max_cached_sequences or CACHED_SEQUENCES_PER_SEQ * config.max_num_seqs, num_blocks)
     if num_slots < 1 or num_blocks < full_blocks:
         snapshots = f" after {num_snapshots} state snapshots (prefix_state_memory)" if num_snapshots else ""
         one = full_blocks * per_block + states

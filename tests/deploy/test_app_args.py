@@ -116,10 +116,14 @@ def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
     settings = build_app(base)._bound_deployment.init_args[1]
     assert settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 32
     assert (settings.engine_config.prefix_state_interval, settings.engine_config.prefix_state_memory) == (256, 0.125)
+    assert settings.engine_config.max_cached_sequences is None
     settings = build_app({**base, "enable_prefix_caching": False, "max_num_seqs": 4, "prefix_state_interval": 64,
-                          "prefix_state_memory": 0.25})._bound_deployment.init_args[1]
+                          "prefix_state_memory": 0.25, "max_cached_sequences": 100})._bound_deployment.init_args[1]
     assert not settings.engine_config.enable_prefix_caching and settings.engine_config.max_num_seqs == 4
     assert (settings.engine_config.prefix_state_interval, settings.engine_config.prefix_state_memory) == (64, 0.25)
+    assert settings.engine_config.max_cached_sequences == 100
+    with pytest.raises(ValueError, match="max_cached_sequences"):
+        build_app({**base, "max_cached_sequences": 0})
 
 
 def test_the_kv_cache_budget_is_the_argument_or_a_share_of_the_gpu_memory_left(tmp_path):

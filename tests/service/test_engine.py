@@ -11,7 +11,15 @@ import torch
 
 from service.async_engine import RETRY_PAUSES_S, AsyncEngine, EngineError, EngineStopped
 from service.attention import KVCache
-from service.engine import Engine, EngineConfig, QueueFull, StepFailed
+from service.engine import (
+    CACHED_SEQUENCES_PER_SEQ,
+    Engine,
+    EngineConfig,
+    QueueFull,
+    StepFailed,
+    _CachedPrefixes,
+    _common_prefix,
+)
 from service.sampling import SamplingParams
 from tests.service.test_attention import assert_block_counts
 from tests.service.test_text import build_chat_model, build_tokenizer
@@ -938,7 +946,7 @@ def test_shared_blocks_under_memory_pressure_keep_every_answer_equal_to_generate
 
 def test_free_slots_are_overwritten_empty_first_then_least_recently_released():
     a, b, c = _prompt(12, 30), _prompt(12, 31), _prompt(12, 32)
-    engine = _engine(max_num_seqs=1)  # two slots: one to run in, as many again for cached prefixes
+    engine = _engine(max_num_seqs=1, max_cached_sequences=1)  # two slots: one to run in, one for a cached prefix
     assert engine.num_kv_slots == 2
     _finish(engine, "a", a)
     _finish(engine, "b", b)  # takes the empty slot: a's stays cached
@@ -949,11 +957,59 @@ def test_free_slots_are_overwritten_empty_first_then_least_recently_released():
     assert _finish(engine, "a3", a + [5])[1].num_cached_tokens == 0
 
 
+def test_cached_prefix_lookup_finds_the_longest_shared_prefix_among_many():
+    """The sorted lookup (two neighbours of where a prompt sorts) finds as long a prefix as comparing every cached
+    sequence, through puts, trims and pops, for prompts that extend, branch from, or share nothing with them."""
+    rng = random.Random(0)
+    stems = [[rng.randrange(3, 9) for _ in range(rng.randrange(1, 40))] for _ in range(6)]  # few tokens: many ties
+    cache, slots = _CachedPrefixes(), {}
+    for step in range(3000):
+        slot, action = rng.randrange(60), rng.random()
+        if action < 0.5:
+            tokens = rng.choice(stems)[:rng.randrange(1, 40)] + [rng.randrange(3, 9) for _ in range(rng.randrange(0, 9))]
+            cache.put(slot, tokens)
+            slots[slot] = tokens
+        elif action < 0.7 and slot in slots:
+            keep = rng.randrange(1, len(slots[slot]) + 1)
+            cache.trim(slot, keep)
+            slots[slot] = slots[slot][:keep]
+        elif action < 0.8:
+            cache.pop(slot)
+            slots.pop(slot, None)
+        prompt = rng.choice(stems)[:rng.randrange(1, 40)] + [rng.randrange(3, 9) for _ in range(rng.randrange(0, 9))]
+        limit = rng.randrange(0, len(prompt) + 2)
+        brute = max((_common_prefix(prompt, tokens, limit) for tokens in slots.values()), default=0)
+        source, length = cache.longest(prompt, limit)
+        assert length == brute and (source is None) == (brute == 0), step
+        if source is not None:
+            assert _common_prefix(prompt, slots[source], limit) == length
+    assert dict(cache.items()) == slots and len(cache) == len(slots)
+
+
+def test_the_prefix_cache_keeps_more_finished_requests_than_running_ones():
+    """With the default max_cached_sequences, a finished request's prefix is still found after many more requests
+    than max_num_seqs have finished since (as in a chat service whose users take turns); with as many cached
+    sequences as running ones it is overwritten. The cached prefixes hold blocks, not slots, of the KV memory."""
+    prompts, one = [_prompt(20, 100 + i) for i in range(12)], SamplingParams(max_tokens=1, temperature=0.0)
+    roomy = _engine(max_num_seqs=4)  # 64 blocks: each prompt holds 2
+    assert roomy.num_kv_slots == 4 + min(CACHED_SEQUENCES_PER_SEQ * 4, roomy.num_kv_blocks) == 68
+    few = _engine(max_num_seqs=4, max_cached_sequences=4)
+    assert few.num_kv_slots == 8
+    for engine in (roomy, few):
+        for i, prompt in enumerate(prompts):
+            _finish(engine, f"first-{i}", prompt, one)
+    found = [_finish(roomy, f"again-{i}", prompt + [5], one)[1].num_cached_tokens for i, prompt in enumerate(prompts)]
+    assert found == [20] * len(prompts)
+    assert _finish(few, "again-0", prompts[0] + [5], one)[1].num_cached_tokens == 0
+    with pytest.raises(ValueError, match="max_cached_sequences"):
+        EngineConfig(max_cached_sequences=0)
+
+
 def test_a_cached_prefix_shared_again_is_overwritten_after_one_released_later():
     """Overwriting goes by last use: a cached prefix that a newer request shared outlives one released after it
     and not used since."""
     a, b = _prompt(20, 36), _prompt(20, 37)
-    engine = _engine(max_num_seqs=2)  # four slots
+    engine = _engine(max_num_seqs=2, max_cached_sequences=2)  # four slots
     _finish(engine, "a", a)
     _finish(engine, "b", b)
     assert _finish(engine, "x", a[:16] + _prompt(4, 38))[1].num_cached_tokens == 16  # shares a's blocks

@@ -114,8 +114,8 @@ class EngineConfig:
             least recently used sequences give theirs up, tail first; this only caps the table (and the slots a
             new request's prefix is looked up among: two sorted neighbours, not one comparison each). A chat
             service whose users reply after others have been answered needs one per user in conversation:
-            with as many slots as running sequences, 64 users taking turns found none of their conversations
-            cached (`load_tests.prefix_cache --interleave`).
+            with as many as running sequences, 64 users taking turns found almost none of their conversations
+            still cached (`load_tests.prefix_cache --only-users`).
         prefix_state_interval: with linear-attention layers, a slot's states are copied (snapshots, for the
             prefix cache) at the multiples of this many positions that its prefills reach, at the end of its
             prompt, and at the position where its prompt left the longest cached sequence it shared tokens

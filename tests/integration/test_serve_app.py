@@ -2,7 +2,7 @@
 
 One app for the module (4 emulated devices, one slow), driven with the official `openai` client and
 httpx: the OpenAI API, greedy equality with the single-process model (tokens and log-probabilities),
-bad input, the admin API, recalibration and live migration under load, rollback of a failed migration,
+users' conversations kept in the prefix cache, bad input, the admin API, recalibration and live migration under load, rollback of a failed migration,
 and device drift.
 """
 
@@ -135,6 +135,21 @@ def test_a_next_turn_from_the_prefix_cache_equals_the_single_process_model(clien
         out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     assert second.choices[0].message.content == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_users_taking_turns_find_their_conversations_cached(client):
+    """40 users' first turns, then their second turns, through HTTP: each second turn finds its whole first turn in
+    the prefix cache, though 40 requests ran in between (the app's 16 running sequences; the engine used to keep as
+    many finished ones beside them, so the first users' conversations were overwritten: `max_cached_sequences`)."""
+    users = [[{"role": "user", "content": f"User {i} asks: what is {i} plus {i + 1}?"}] for i in range(40)]
+    firsts = []
+    for messages in users:
+        firsts.append(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0))
+        messages += [{"role": "assistant", "content": firsts[-1].choices[0].message.content},
+                     {"role": "user", "content": "And times two?"}]
+    cached = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+              .usage.prompt_tokens_details.cached_tokens for messages in users]
+    assert all(got >= first.usage.prompt_tokens for got, first in zip(cached, firsts)), cached
 
 
 def test_a_json_schema_response_format_through_the_expert_workers(client):

@@ -9,9 +9,10 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
   budget) each followed by two short follow-up questions (the ShareGPT-like set's later user messages),
   played the same way;
 - ``shared_system``: the code set (every request has the same system prompt), closed loop;
-- ``users`` (engine backend only): ``--users`` of the multi-turn conversations taking turns (each user's next
-  turn comes after every other user's: `play`'s ``interleave``), with caching off, with as many cached
-  sequences as running ones (``max_cached_sequences`` = ``max_num_seqs``, 16) and with the engine's default;
+- ``users``: ``--users`` of the multi-turn conversations taking turns (each user's next turn comes after every
+  other user's: `play`'s ``interleave``), with caching off, with as many cached sequences as running ones
+  (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) and with the engine's default;
+  through Serve with ``--serve --only-users`` (three apps);
 - ``burst`` (engine backend only): ``--burst`` requests sent at once that share a long system prompt no
   cache holds yet (a Sonnet-like prompt, about 600 tokens, before a short question each), with the engine's
   deferral of requests whose uncached prefix a running prefill already computes (`Engine._deferred`) and
@@ -30,6 +31,7 @@ table and writes ``<out>/prefix_cache.json`` (``prefix_cache_serve.json`` with `
     python -m load_tests.prefix_cache --serve --out bench    # through Ray Serve, about 15 minutes
     python -m load_tests.prefix_cache --only-burst --repeats 8 --out bench  # the burst alone, prefix_burst.json
     python -m load_tests.prefix_cache --only-users --out bench  # the users alone, prefix_users.json
+    python -m load_tests.prefix_cache --serve --only-users --users 127 --out bench  # through Serve, 10 minutes
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import platform
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-burst", action="store_true", help="the burst scenario alone (engine backend)")
     parser.add_argument("--users", type=int, default=64,
                         help="conversations of the users scenario, taking turns (engine backend; 0: none)")
-    parser.add_argument("--only-users", action="store_true", help="the users scenario alone (engine backend)")
+    parser.add_argument("--only-users", action="store_true",
+                        help="the users scenario alone (the engine's; with --serve, three apps')")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
@@ -225,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--only-burst runs on the engine backend, with --burst > 0")
         scenarios, args.users = {}, 0
     if args.only_users:
-        if args.serve or not args.users:
-            parser.error("--only-users runs on the engine backend, with --users > 0")
+        if not args.users:
+            parser.error("--only-users needs --users > 0")
         scenarios, args.burst = {}, 0
     count = lambda messages: len(apply_chat_template(tokenizer, messages))  # noqa: E731
     results = {"backend": "serve" if args.serve else "engine",
@@ -236,22 +239,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         from load_tests.compare import deploy_args, serve_apps
 
-        apps = {f"cache_{mode}": {**deploy_args(), "app_name": f"cache_{mode}", "enable_prefix_caching": mode == "on"}
-                for mode in ("off", "on")}
-        with serve_apps(apps) as (bases, _):
-            asyncio.run(_measure(args, scenarios, count, max_model_len, _openai_senders(bases), results))
+        if args.only_users:  # as many running sequences as deploy/config.yaml's apps run
+            apps = {f"users_{mode}": {**deploy_args(), "app_name": f"users_{mode}",
+                                      **_users_config(mode, deploy_args()["max_num_seqs"])} for mode in USERS_MODES}
+            with serve_apps(apps) as (bases, _):
+                results["users"] = asyncio.run(_measure_users(args, count, max_model_len,
+                                                              _openai_senders(bases, "users", USERS_MODES)))
+        else:
+            apps = {f"cache_{mode}": {**deploy_args(), "app_name": f"cache_{mode}",
+                                      "enable_prefix_caching": mode == "on"} for mode in ("off", "on")}
+            with serve_apps(apps) as (bases, _):
+                asyncio.run(_measure(args, scenarios, count, max_model_len, _openai_senders(bases), results))
     else:
         asyncio.run(_measure(args, scenarios, count, max_model_len,
                              _engine_senders(args.model, tokenizer, max_model_len), results))
         if args.burst:
             results["burst"] = asyncio.run(_measure_burst(args, tokenizer, max_model_len))
         if args.users:
-            results["users"] = asyncio.run(_measure_users(args, tokenizer, max_model_len))
+            results["users"] = asyncio.run(_measure_users(
+                args, count, max_model_len, _users_engine_senders(args.model, tokenizer, max_model_len)))
     results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / ("prefix_cache_serve.json" if args.serve else "prefix_burst.json" if args.only_burst else
-                           "prefix_users.json" if args.only_users else "prefix_cache.json")
+        name = "prefix_burst" if args.only_burst else "prefix_users" if args.only_users else "prefix_cache"
+        path = args.out / f"{name}{'_serve' if args.serve else ''}.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
 
@@ -330,39 +341,37 @@ async def _measure_burst(args, tokenizer, max_model_len: int) -> dict:
 
 
 USERS_MODES = ("off", "running", "default")  # caching off; as many cached sequences as running ones; the default
+USERS_MAX_NUM_SEQS = 16  # the users scenario's engine's running sequences (the Serve apps': deploy/config.yaml's)
 
 
-async def _measure_users(args, tokenizer, max_model_len: int) -> dict:
+def _users_config(mode: str, max_num_seqs: int) -> dict:
+    """Engine settings of a users-scenario mode (`USERS_MODES`), as EngineConfig and app arguments share them."""
+    return {"enable_prefix_caching": mode != "off",
+            "max_cached_sequences": max_num_seqs if mode == "running" else None}
+
+
+async def _measure_users(args, count, max_model_len: int, backend) -> dict:
     """The users scenario: ``args.users`` conversations taking turns (`play` with ``interleave``), with caching
     off, with as many cached sequences as running ones (``max_cached_sequences=max_num_seqs``: the engine's layout
-    before it had more), and with the default, ``args.repeats`` times each on a fresh engine."""
+    before it had more), and with the default, ``args.repeats`` times each; ``backend`` gives per mode a factory of
+    a sender (a fresh engine's, or an app's)."""
     items = conversations(load_workload("sharegpt_like"), multi_turn=True, max_tokens=args.max_tokens)[:args.users]
-    count = lambda messages: len(apply_chat_template(tokenizer, messages))  # noqa: E731
     runs: dict[str, list[dict]] = {mode: [] for mode in USERS_MODES}
     texts: dict[str, dict] = {}
     print(f"{'users':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} {'later turns':>11} "
           f"{'prefilled':>9} {'cached':>7}")
-    for repeat in range(args.repeats):
-        for mode in USERS_MODES:
-            config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=max_model_len,
-                                  enable_prefix_caching=mode != "off",
-                                  max_cached_sequences=16 if mode == "running" else None)
-            core = Engine(AutoModelForCausalLM.from_pretrained(args.model), config)
-            engine = AsyncEngine(core)
-            engine.start()
-            try:
+    async with backend as senders:
+        for repeat in range(args.repeats):
+            for mode in USERS_MODES:
                 start = time.perf_counter()
-                served = await play(engine_sender(engine, tokenizer), items, args.concurrency, f"users-{mode}-{repeat}",
-                                    repeat, max_model_len, count, interleave=True)
-                summary = {**summarise(served, time.perf_counter() - start), "kv_slots": core.num_kv_slots,
-                           "kv_blocks": core.num_kv_blocks}
-            finally:
-                engine.shutdown()
-            runs[mode].append(summary)
-            texts.setdefault(mode, {(x.conversation, x.turn): x.text for x in served})
-            print(f"{'users':<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
-                  f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
-                  f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
+                served = await play(senders[mode](), items, args.concurrency, f"users-{mode}-{repeat}", repeat,
+                                    max_model_len, count, interleave=True)
+                summary = summarise(served, time.perf_counter() - start)
+                runs[mode].append(summary)
+                texts.setdefault(mode, {(x.conversation, x.turn): x.text for x in served})
+                print(f"{'users':<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
+                      f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
+                      f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
     same = sum(texts[mode].get(key) == text for mode in USERS_MODES[1:] for key, text in texts["off"].items())
     keys = ("wall_s", "ttft_p50_ms", "ttft_p50_ms_later_turns", "prefilled_tokens")
     ratios = {f"{mode}_over_default": {key: _ratio(runs, key, mode, "default") for key in keys}
@@ -371,6 +380,30 @@ async def _measure_users(args, tokenizer, max_model_len: int) -> dict:
           f"same answers {same}/{2 * len(texts['off'])}")
     return {"conversations": len(items), "concurrency": args.concurrency, "runs": runs,
             "same_answers": f"{same}/{2 * len(texts['off'])}", **ratios}
+
+
+@contextlib.asynccontextmanager
+async def _users_engine_senders(model_path: Path, tokenizer, max_model_len: int):
+    """Per users mode, a factory of a sender over a fresh in-process engine (the previous one is shut down)."""
+    engines: list[AsyncEngine] = []
+
+    def factory(mode: str) -> Callable[[], Send]:
+        def make() -> Send:
+            while engines:
+                engines.pop().shutdown()
+            config = EngineConfig(max_num_seqs=USERS_MAX_NUM_SEQS, max_num_batched_tokens=512,
+                                  max_model_len=max_model_len, **_users_config(mode, USERS_MAX_NUM_SEQS))
+            engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(model_path), config))
+            engine.start()
+            engines.append(engine)
+            return engine_sender(engine, tokenizer)
+        return make
+
+    try:
+        yield {mode: factory(mode) for mode in USERS_MODES}
+    finally:
+        while engines:
+            engines.pop().shutdown()
 
 
 def _ratio(runs: dict[str, list[dict]], key: str, over: str = "off", under: str = "on") -> float:
@@ -403,14 +436,15 @@ async def _engine_senders(model_path: Path, tokenizer, max_model_len: int):
 
 
 @contextlib.asynccontextmanager
-async def _openai_senders(bases: dict[str, str]):
-    """Per mode, a sender to its app (``cache_off``, ``cache_on``) with the official ``openai`` client."""
+async def _openai_senders(bases: dict[str, str], prefix: str = "cache", modes: Sequence[str] = ("off", "on")):
+    """Per mode, a sender to its app (``<prefix>_<mode>``: ``cache_off``, ``cache_on``) with the official ``openai``
+    client."""
     import openai
 
-    clients = {mode: openai.AsyncOpenAI(base_url=f"{bases[f'cache_{mode}']}/v1", api_key="unused", max_retries=0,
-                                        timeout=300) for mode in ("off", "on")}
+    clients = {mode: openai.AsyncOpenAI(base_url=f"{bases[f'{prefix}_{mode}']}/v1", api_key="unused", max_retries=0,
+                                        timeout=300) for mode in modes}
     try:
-        model = (await clients["on"].models.list()).data[0].id
+        model = (await clients[modes[-1]].models.list()).data[0].id
         yield {mode: (lambda client=client: openai_sender(client, model)) for mode, client in clients.items()}
     finally:
         for client in clients.values():

@@ -80,7 +80,7 @@ def test_a_small_run_on_the_engine_serves_later_turns_from_the_cache(tmp_path):
     # that 4 clients leave free (a history is overwritten before its next turn), they do in the default's
     users = result["users"]
     off, few, default = (users["runs"][mode][0] for mode in ("off", "running", "default"))
-    assert off["cached_tokens"] == 0 and off["kv_slots"] == 16 and few["kv_slots"] == 32 and default["kv_slots"] > 64
+    assert off["cached_tokens"] == 0
     assert default["prefilled_tokens"] < few["prefilled_tokens"] < off["prefilled_tokens"]
     assert off["prompt_tokens"] == few["prompt_tokens"] == default["prompt_tokens"]
     assert users["same_answers"] == f"{2 * off['requests']}/{2 * off['requests']}"

@@ -251,13 +251,15 @@ def main(argv: list[str] | None = None) -> None:
             with serve_apps(apps) as (bases, _):
                 asyncio.run(_measure(args, scenarios, count, max_model_len, _openai_senders(bases), results))
     else:
+        caching = {"off": {"enable_prefix_caching": False}, "on": {}}
         asyncio.run(_measure(args, scenarios, count, max_model_len,
-                             _engine_senders(args.model, tokenizer, max_model_len), results))
+                             _engine_senders(args.model, tokenizer, max_model_len, caching), results))
         if args.burst:
             results["burst"] = asyncio.run(_measure_burst(args, tokenizer, max_model_len))
         if args.users:
+            modes = {mode: _users_config(mode, ENGINE_MAX_NUM_SEQS) for mode in USERS_MODES}
             results["users"] = asyncio.run(_measure_users(
-                args, count, max_model_len, _users_engine_senders(args.model, tokenizer, max_model_len)))
+                args, count, max_model_len, _engine_senders(args.model, tokenizer, max_model_len, modes)))
     results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -278,18 +280,7 @@ async def _measure(args, scenarios: dict[str, list[Conversation]], count, max_mo
         print(f"{'scenario':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} "
               f"{'later turns':>11} {'prefilled':>9} {'cached':>7}")
         for name, items in scenarios.items():
-            runs, texts = {"off": [], "on": []}, {}
-            for repeat in range(args.repeats):
-                for mode in ("off", "on"):
-                    start = time.perf_counter()
-                    served = await play(senders[mode](), items, args.concurrency, f"{name}-{mode}-{repeat}",
-                                        repeat, max_model_len, count)
-                    summary = summarise(served, time.perf_counter() - start)
-                    runs[mode].append(summary)
-                    texts.setdefault(mode, {(s.conversation, s.turn): s.text for s in served})
-                    print(f"{name:<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
-                          f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
-                          f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
+            runs, texts = await _rounds(args, name, senders, items, max_model_len, count)
             same = sum(texts["on"].get(key) == text for key, text in texts["off"].items())
             keys = ("wall_s", "ttft_p50_ms", *(("ttft_p50_ms_later_turns",) if name != "shared_system" else ()))
             results["scenarios"][name] = {"runs": runs, "same_answers": f"{same}/{len(texts['off'])}",
@@ -341,7 +332,7 @@ async def _measure_burst(args, tokenizer, max_model_len: int) -> dict:
 
 
 USERS_MODES = ("off", "running", "default")  # caching off; as many cached sequences as running ones; the default
-USERS_MAX_NUM_SEQS = 16  # the users scenario's engine's running sequences (the Serve apps': deploy/config.yaml's)
+ENGINE_MAX_NUM_SEQS = 16  # the engine backend's running sequences (the Serve apps': deploy/config.yaml's)
 
 
 def _users_config(mode: str, max_num_seqs: int) -> dict:
@@ -356,22 +347,10 @@ async def _measure_users(args, count, max_model_len: int, backend) -> dict:
     before it had more), and with the default, ``args.repeats`` times each; ``backend`` gives per mode a factory of
     a sender (a fresh engine's, or an app's)."""
     items = conversations(load_workload("sharegpt_like"), multi_turn=True, max_tokens=args.max_tokens)[:args.users]
-    runs: dict[str, list[dict]] = {mode: [] for mode in USERS_MODES}
-    texts: dict[str, dict] = {}
     print(f"{'users':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} {'later turns':>11} "
           f"{'prefilled':>9} {'cached':>7}")
     async with backend as senders:
-        for repeat in range(args.repeats):
-            for mode in USERS_MODES:
-                start = time.perf_counter()
-                served = await play(senders[mode](), items, args.concurrency, f"users-{mode}-{repeat}", repeat,
-                                    max_model_len, count, interleave=True)
-                summary = summarise(served, time.perf_counter() - start)
-                runs[mode].append(summary)
-                texts.setdefault(mode, {(x.conversation, x.turn): x.text for x in served})
-                print(f"{'users':<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
-                      f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
-                      f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
+        runs, texts = await _rounds(args, "users", senders, items, max_model_len, count, interleave=True)
     same = sum(texts[mode].get(key) == text for mode in USERS_MODES[1:] for key, text in texts["off"].items())
     keys = ("wall_s", "ttft_p50_ms", "ttft_p50_ms_later_turns", "prefilled_tokens")
     ratios = {f"{mode}_over_default": {key: _ratio(runs, key, mode, "default") for key in keys}
@@ -382,28 +361,24 @@ async def _measure_users(args, count, max_model_len: int, backend) -> dict:
             "same_answers": f"{same}/{2 * len(texts['off'])}", **ratios}
 
 
-@contextlib.asynccontextmanager
-async def _users_engine_senders(model_path: Path, tokenizer, max_model_len: int):
-    """Per users mode, a factory of a sender over a fresh in-process engine (the previous one is shut down)."""
-    engines: list[AsyncEngine] = []
-
-    def factory(mode: str) -> Callable[[], Send]:
-        def make() -> Send:
-            while engines:
-                engines.pop().shutdown()
-            config = EngineConfig(max_num_seqs=USERS_MAX_NUM_SEQS, max_num_batched_tokens=512,
-                                  max_model_len=max_model_len, **_users_config(mode, USERS_MAX_NUM_SEQS))
-            engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(model_path), config))
-            engine.start()
-            engines.append(engine)
-            return engine_sender(engine, tokenizer)
-        return make
-
-    try:
-        yield {mode: factory(mode) for mode in USERS_MODES}
-    finally:
-        while engines:
-            engines.pop().shutdown()
+async def _rounds(args, name: str, senders: dict[str, Callable[[], Send]], items: list[Conversation],
+                  max_model_len: int, count, interleave: bool = False) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """``items`` played (`play`) ``args.repeats`` times in every mode of ``senders``, in turn; per mode the rounds'
+    summaries and the first round's answers by (conversation, turn). Prints a row per round."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in senders}
+    texts: dict[str, dict] = {}
+    for repeat in range(args.repeats):
+        for mode, make in senders.items():
+            start = time.perf_counter()
+            served = await play(make(), items, args.concurrency, f"{name}-{mode}-{repeat}", repeat, max_model_len,
+                                count, interleave)
+            summary = summarise(served, time.perf_counter() - start)
+            runs[mode].append(summary)
+            texts.setdefault(mode, {(x.conversation, x.turn): x.text for x in served})
+            print(f"{name:<14} {mode:<8} {repeat:>3} {summary['requests']:>8} {summary['wall_s']:>7} "
+                  f"{summary['ttft_p50_ms']:>9} {summary['ttft_p50_ms_later_turns'] or '-':>11} "
+                  f"{summary['prefilled_tokens']:>9} {summary['cached_tokens']:>7}", flush=True)
+    return runs, texts
 
 
 def _ratio(runs: dict[str, list[dict]], key: str, over: str = "off", under: str = "on") -> float:
@@ -412,16 +387,17 @@ def _ratio(runs: dict[str, list[dict]], key: str, over: str = "off", under: str 
 
 
 @contextlib.asynccontextmanager
-async def _engine_senders(model_path: Path, tokenizer, max_model_len: int):
-    """Per mode, a factory of a sender over a fresh in-process engine (the previous one is shut down)."""
+async def _engine_senders(model_path: Path, tokenizer, max_model_len: int, modes: dict[str, dict]):
+    """Per mode (its EngineConfig settings beyond the shared ones), a factory of a sender over a fresh in-process
+    engine (the previous one is shut down)."""
     engines: list[AsyncEngine] = []
 
-    def factory(caching: bool) -> Callable[[], Send]:
+    def factory(settings: dict) -> Callable[[], Send]:
         def make() -> Send:
             while engines:
                 engines.pop().shutdown()
-            config = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=max_model_len,
-                                  enable_prefix_caching=caching)
+            config = EngineConfig(max_num_seqs=ENGINE_MAX_NUM_SEQS, max_num_batched_tokens=512,
+                                  max_model_len=max_model_len, **settings)
             engine = AsyncEngine(Engine(AutoModelForCausalLM.from_pretrained(model_path), config))
             engine.start()
             engines.append(engine)
@@ -429,7 +405,7 @@ async def _engine_senders(model_path: Path, tokenizer, max_model_len: int):
         return make
 
     try:
-        yield {"off": factory(False), "on": factory(True)}
+        yield {mode: factory(settings) for mode, settings in modes.items()}
     finally:
         while engines:
             engines.pop().shutdown()

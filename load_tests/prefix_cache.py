@@ -11,8 +11,8 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
 - ``shared_system``: the code set (every request has the same system prompt), closed loop;
 - ``users``: ``--users`` of the multi-turn conversations taking turns (each user's next turn comes after every
   other user's: `play`'s ``interleave``), with caching off, with as many cached sequences as running ones
-  (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) and with the engine's default;
-  through Serve with ``--serve --only-users`` (three apps);
+  (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) and with the engine's default
+  (with ``--serve``, three more apps, in a Ray cluster of their own);
 - ``burst`` (engine backend only): ``--burst`` requests sent at once that share a long system prompt no
   cache holds yet (a Sonnet-like prompt, about 600 tokens, before a short question each), with the engine's
   deferral of requests whose uncached prefix a running prefill already computes (`Engine._deferred`) and
@@ -21,14 +21,14 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
 Two backends: by default the engine in this process over the embedded model run whole (a fresh engine
 per run); with ``--serve``, the default emulated cluster of ``deploy/config.yaml`` through Ray Serve
 (experts on the workers, OpenAI API, the official ``openai`` client), two apps in one Ray cluster, one
-with ``enable_prefix_caching: false``, loaded one after the other. Greedy decoding with ``ignore_eos``
-and the recorded ``max_tokens`` (at most ``--max-tokens``), so both modes serve the same number of
-tokens. Reports TTFT medians (turns after the first separately), the scenario's wall time, the prompt
+with ``enable_prefix_caching: false``, loaded one after the other (the users scenario: three apps, in a
+cluster of their own). Greedy decoding with ``ignore_eos`` and the recorded ``max_tokens`` (at most
+``--max-tokens``), so every mode serves the same number of tokens. Reports TTFT medians (turns after the first separately), the scenario's wall time, the prompt
 tokens prefilled and taken from the cache, and how many answers were the same in both modes; prints a
 table and writes ``<out>/prefix_cache.json`` (``prefix_cache_serve.json`` with ``--serve``).
 
     python -m load_tests.prefix_cache --out bench            # `make bench-prefix`, about 4 minutes
-    python -m load_tests.prefix_cache --serve --out bench    # through Ray Serve, about 15 minutes
+    python -m load_tests.prefix_cache --serve --users 0 --out bench    # through Ray Serve, about 15 minutes
     python -m load_tests.prefix_cache --only-burst --repeats 8 --out bench  # the burst alone, prefix_burst.json
     python -m load_tests.prefix_cache --only-users --out bench  # the users alone, prefix_users.json
     python -m load_tests.prefix_cache --serve --only-users --users 127 --out bench  # through Serve, 10 minutes
@@ -205,9 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", type=int, default=16, help="requests of the burst scenario (0: none)")
     parser.add_argument("--only-burst", action="store_true", help="the burst scenario alone (engine backend)")
     parser.add_argument("--users", type=int, default=64,
-                        help="conversations of the users scenario, taking turns (engine backend; 0: none)")
-    parser.add_argument("--only-users", action="store_true",
-                        help="the users scenario alone (the engine's; with --serve, three apps')")
+                        help="conversations of the users scenario, taking turns (0: none)")
+    parser.add_argument("--only-users", action="store_true", help="the users scenario alone")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
@@ -236,30 +235,22 @@ def main(argv: list[str] | None = None) -> None:
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "load_average_start": [round(x, 1) for x in os.getloadavg()]},
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "scenarios": {}}
+    caching = {"off": {"enable_prefix_caching": False}, "on": {}}
     if args.serve:
-        from load_tests.compare import deploy_args, serve_apps
+        from load_tests.compare import deploy_args
 
-        if args.only_users:  # as many running sequences as deploy/config.yaml's apps run
-            apps = {f"users_{mode}": {**deploy_args(), "app_name": f"users_{mode}",
-                                      **_users_config(mode, deploy_args()["max_num_seqs"])} for mode in USERS_MODES}
-            with serve_apps(apps) as (bases, _):
-                results["users"] = asyncio.run(_measure_users(args, count, max_model_len,
-                                                              _openai_senders(bases, "users", USERS_MODES)))
-        else:
-            apps = {f"cache_{mode}": {**deploy_args(), "app_name": f"cache_{mode}",
-                                      "enable_prefix_caching": mode == "on"} for mode in ("off", "on")}
-            with serve_apps(apps) as (bases, _):
-                asyncio.run(_measure(args, scenarios, count, max_model_len, _openai_senders(bases), results))
+        users = {mode: _users_config(mode, deploy_args()["max_num_seqs"]) for mode in USERS_MODES}
+        run = _serve_run
     else:
-        caching = {"off": {"enable_prefix_caching": False}, "on": {}}
-        asyncio.run(_measure(args, scenarios, count, max_model_len,
-                             _engine_senders(args.model, tokenizer, max_model_len, caching), results))
-        if args.burst:
-            results["burst"] = asyncio.run(_measure_burst(args, tokenizer, max_model_len))
-        if args.users:
-            modes = {mode: _users_config(mode, ENGINE_MAX_NUM_SEQS) for mode in USERS_MODES}
-            results["users"] = asyncio.run(_measure_users(
-                args, count, max_model_len, _engine_senders(args.model, tokenizer, max_model_len, modes)))
+        users = {mode: _users_config(mode, ENGINE_MAX_NUM_SEQS) for mode in USERS_MODES}
+        run = lambda prefix, modes, measure: asyncio.run(  # noqa: E731
+            measure(_engine_senders(args.model, tokenizer, max_model_len, modes)))
+    if scenarios:
+        run("cache", caching, lambda backend: _measure(args, scenarios, count, max_model_len, backend, results))
+    if args.burst and not args.serve:
+        results["burst"] = asyncio.run(_measure_burst(args, tokenizer, max_model_len))
+    if args.users:
+        results["users"] = run("users", users, lambda backend: _measure_users(args, count, max_model_len, backend))
     results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -272,8 +263,6 @@ def main(argv: list[str] | None = None) -> None:
 async def _measure(args, scenarios: dict[str, list[Conversation]], count, max_model_len: int, backend,
                    results: dict) -> None:
     """Warm up, then every scenario, caching off then on, ``args.repeats`` times; fills ``results``."""
-    if not scenarios:
-        return
     async with backend as senders:
         await play(senders["off"](), scenarios["multi_turn"][:2], args.concurrency, "warm-up", -1, max_model_len,
                    count)
@@ -411,10 +400,20 @@ async def _engine_senders(model_path: Path, tokenizer, max_model_len: int, modes
             engines.pop().shutdown()
 
 
+def _serve_run(prefix: str, modes: dict[str, dict], measure: Callable[[object], Awaitable]):
+    """``measure(backend)`` against one app per mode (``<prefix>_<mode>``: the default emulated cluster of
+    ``deploy/config.yaml`` with that mode's settings), in a fresh local Ray cluster shut down after it."""
+    from load_tests.compare import deploy_args, serve_apps
+
+    apps = {f"{prefix}_{mode}": {**deploy_args(), "app_name": f"{prefix}_{mode}", **settings}
+            for mode, settings in modes.items()}
+    with serve_apps(apps) as (bases, _):
+        return asyncio.run(measure(_openai_senders(bases, prefix, tuple(modes))))
+
+
 @contextlib.asynccontextmanager
-async def _openai_senders(bases: dict[str, str], prefix: str = "cache", modes: Sequence[str] = ("off", "on")):
-    """Per mode, a sender to its app (``<prefix>_<mode>``: ``cache_off``, ``cache_on``) with the official ``openai``
-    client."""
+async def _openai_senders(bases: dict[str, str], prefix: str, modes: Sequence[str]):
+    """Per mode, a sender to its app (``<prefix>_<mode>``) with the official ``openai`` client."""
     import openai
 
     clients = {mode: openai.AsyncOpenAI(base_url=f"{bases[f'{prefix}_{mode}']}/v1", api_key="unused", max_retries=0,

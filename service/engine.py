@@ -643,19 +643,26 @@ class Engine:
         """Grow ``slot`` to ``num_tokens`` positions (its own blocks from ``write_from`` on: see `KVCache.grow`),
         giving up cached prefixes' blocks as needed (`_evict`; not free slot ``keep``'s); False if that is not
         enough (RuntimeError with ``required``: the caller counted the blocks)."""
-        cache = self._cache
-        while not cache.grow(slot, num_tokens, write_from):
-            # the least recently used whose last block nothing else holds (giving it up frees it), else the first
-            cached = (free for free in self._free_slots if free != keep and cache.blocks[free])
-            first = next(cached, None)
-            if first is None:
+        while not self._cache.grow(slot, num_tokens, write_from):
+            victim = self._to_evict(keep)
+            if victim is None:
                 if required:
                     raise RuntimeError(f"no KV blocks for {num_tokens} positions of slot {slot}")
                 return False
-            alone = first if cache.refs[cache.blocks[first][-1]] == 1 else next(
-                (free for free in cached if cache.refs[cache.blocks[free][-1]] == 1), first)
-            self._evict(alone)
+            self._evict(victim)
         return True
+
+    def _to_evict(self, keep: int | None) -> int | None:
+        """The free slot (not ``keep``) to give a block up: of those holding blocks, the least recently used whose
+        last block nothing else holds (giving it up frees it), else the least recently used; None if none holds any.
+        (Stops at the first such slot: there may be hundreds of cached prefixes, and one block is evicted at a time.)"""
+        cache, first = self._cache, None
+        for free in self._free_slots:
+            if free != keep and cache.blocks[free]:
+                if cache.refs[cache.blocks[free][-1]] == 1:
+                    return free
+                first = free if first is None else first
+        return first
 
     def _evict(self, slot: int) -> None:
         """Give up free slot ``slot``'s last block (the least recently used slot is passed first), so a
@@ -900,17 +907,11 @@ class _CachedPrefixes:
     def __contains__(self, slot: int) -> bool:
         return slot in self._tokens
 
-    def __len__(self) -> int:
-        return len(self._tokens)
-
     def get(self, slot: int, default=()) -> list[int] | tuple:
         return self._tokens.get(slot, default)
 
     def items(self):
         return self._tokens.items()
-
-    def values(self):
-        return self._tokens.values()
 
     def put(self, slot: int, tokens: list[int]) -> None:
         """``slot`` holds ``tokens`` (at least one) from now on."""

@@ -51,8 +51,9 @@ class ServingMetrics:
         self.step_retries = Counter("vibe_num_step_retries", "Requests kept to run again after their step failed on "
                                     "an expert device (retried, not failed).", registry=r)
         self._engine = engine
-        # counters that follow the engine's own totals: (counter, the total's attribute, the total counted so far)
-        self._totals = [[self.preemptions, "num_preemptions", 0], [self.step_retries, "num_step_retries", 0]]
+        # counters that follow the engine's own totals (its attribute), and how much of each they have counted
+        self._follows = {"num_preemptions": self.preemptions, "num_step_retries": self.step_retries}
+        self._counted = dict.fromkeys(self._follows, 0)
         engine.add_step_listener(self._on_step)
 
     def render(self) -> bytes:
@@ -64,12 +65,11 @@ class ServingMetrics:
 
     def _on_step(self, stats: StepStats) -> None:
         self.step.observe(stats.seconds)
-        for total in self._totals:
-            counter, name, counted = total
+        for name, counter in self._follows.items():
             value = getattr(self._engine, name)
-            if value > counted:
-                counter.inc(value - counted)
-                total[2] = value
+            if value > self._counted[name]:
+                counter.inc(value - self._counted[name])
+                self._counted[name] = value
 
 
 class RequestTimer:

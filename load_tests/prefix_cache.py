@@ -11,8 +11,10 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
 - ``shared_system``: the code set (every request has the same system prompt), closed loop;
 - ``users``: ``--users`` of the multi-turn conversations taking turns (each user's next turn comes after every
   other user's: `play`'s ``interleave``), with caching off, with as many cached sequences as running ones
-  (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) and with the engine's default
-  (with ``--serve``, three more apps, in a Ray cluster of their own);
+  (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) in the KV memory those running
+  ones fill (``kv_cache_bytes``: the cache before it had more), with the default cached sequences in that memory
+  (the cache before it took all of ``kv_cache_bytes``), and with the engine's defaults (with ``--serve``, four
+  more apps, in a Ray cluster of their own);
 - ``burst`` (engine backend only): ``--burst`` requests sent at once that share a long system prompt no
   cache holds yet (a Sonnet-like prompt, about 600 tokens, before a short question each), with the engine's
   deferral of requests whose uncached prefix a running prefill already computes (`Engine._deferred`) and
@@ -49,11 +51,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from deploy.app import DEFAULT_MODEL
 from load_tests.workloads import Prompt, load_workload
 from service.async_engine import AsyncEngine
+from service.attention import KVCache
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.model)
-    max_model_len = AutoModelForCausalLM.from_pretrained(args.model).config.max_position_embeddings
+    model_config = AutoConfig.from_pretrained(args.model)
+    max_model_len = model_config.max_position_embeddings
     scenarios = {
         "multi_turn": conversations(load_workload("sharegpt_like"), multi_turn=True,
                                     max_tokens=args.max_tokens)[:args.conversations],
@@ -239,10 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         from load_tests.compare import deploy_args
 
-        users = {mode: _users_config(mode, deploy_args()["max_num_seqs"]) for mode in USERS_MODES}
+        served = deploy_args()
+        running = _running_bytes(model_config, served["max_num_seqs"], served.get("max_model_len") or max_model_len,
+                                 getattr(torch, served.get("dtype", "float32")))
+        users = {mode: _users_config(mode, served["max_num_seqs"], running) for mode in USERS_MODES}
         run = _serve_run
     else:
-        users = {mode: _users_config(mode, ENGINE_MAX_NUM_SEQS) for mode in USERS_MODES}
+        running = _running_bytes(model_config, ENGINE_MAX_NUM_SEQS, max_model_len, torch.float32)
+        users = {mode: _users_config(mode, ENGINE_MAX_NUM_SEQS, running) for mode in USERS_MODES}
         run = lambda prefix, modes, measure: asyncio.run(  # noqa: E731
             measure(_engine_senders(args.model, tokenizer, max_model_len, modes)))
     if scenarios:
@@ -320,14 +329,28 @@ async def _measure_burst(args, tokenizer, max_model_len: int) -> dict:
             "same_answers": f"{same}/{len(users)}", "off_over_on": ratios}
 
 
-USERS_MODES = ("off", "running", "default")  # caching off; as many cached sequences as running ones; the default
+# caching off; as many cached sequences as running ones and KV blocks for the running ones only (the engine before
+# max_cached_sequences); the default cached sequences in those blocks (before the cache took all the KV memory); the
+# default
+USERS_MODES = ("off", "running", "capped", "default")
 ENGINE_MAX_NUM_SEQS = 16  # the engine backend's running sequences (the Serve apps': deploy/config.yaml's)
 
 
-def _users_config(mode: str, max_num_seqs: int) -> dict:
-    """Engine settings of a users-scenario mode (`USERS_MODES`), as EngineConfig and app arguments share them."""
+def _users_config(mode: str, max_num_seqs: int, running_bytes: int) -> dict:
+    """Engine settings of a users-scenario mode (`USERS_MODES`), as EngineConfig and app arguments share them;
+    ``running_bytes``: the KV memory ``max_num_seqs`` sequences of ``max_model_len`` fill (what the cache took of
+    any budget before it gave the rest to finished requests' prefixes)."""
     return {"enable_prefix_caching": mode != "off",
-            "max_cached_sequences": max_num_seqs if mode == "running" else None}
+            "max_cached_sequences": max_num_seqs if mode == "running" else None,
+            **({"kv_cache_bytes": running_bytes} if mode in ("running", "capped") else {})}
+
+
+def _running_bytes(model_config, max_num_seqs: int, max_model_len: int, dtype: torch.dtype) -> int:
+    """KV memory of ``max_num_seqs`` sequences of ``max_model_len`` (whole blocks) of a model without linear
+    attention."""
+    per_token = KVCache.bytes_per_token(model_config.num_hidden_layers, dtype=dtype, **KVCache.for_model(model_config))
+    block = EngineConfig.kv_block_size
+    return max_num_seqs * -(-max_model_len // block) * block * per_token
 
 
 async def _measure_users(args, count, max_model_len: int, backend) -> dict:
@@ -343,11 +366,11 @@ async def _measure_users(args, count, max_model_len: int, backend) -> dict:
     same = sum(texts[mode].get(key) == text for mode in USERS_MODES[1:] for key, text in texts["off"].items())
     keys = ("wall_s", "ttft_p50_ms", "ttft_p50_ms_later_turns", "prefilled_tokens")
     ratios = {f"{mode}_over_default": {key: _ratio(runs, key, mode, "default") for key in keys}
-              for mode in USERS_MODES[:2]}
-    print(f"users: over the default (medians of {args.repeats}) {ratios}, "
-          f"same answers {same}/{2 * len(texts['off'])}")
+              for mode in USERS_MODES[:-1]}
+    compared = (len(USERS_MODES) - 1) * len(texts["off"])
+    print(f"users: over the default (medians of {args.repeats}) {ratios}, same answers {same}/{compared}")
     return {"conversations": len(items), "concurrency": args.concurrency, "runs": runs,
-            "same_answers": f"{same}/{2 * len(texts['off'])}", **ratios}
+            "same_answers": f"{same}/{compared}", **ratios}
 
 
 async def _rounds(args, name: str, senders: dict[str, Callable[[], Send]], items: list[Conversation],

@@ -49,7 +49,9 @@ class KVCache:
 
     Per layer, ``keys[layer]`` is ``[num_blocks, block_size, num_kv_heads, head_dim]`` (``num_kv_heads`` may be
     given per layer) and ``values[layer]`` the same with ``value_head_dim`` (None: as wide), allocated once on
-    ``device`` (zeros, so masked-out positions never hold NaN). A slot is one sequence's row of the block table
+    ``device`` and left unwritten: a block is zeroed the first time it is handed out (so masked-out positions
+    never hold NaN), and freed blocks are handed out again before blocks never used, so a CPU cache's memory is
+    committed as it fills, not all at start-up. A slot is one sequence's row of the block table
     ``tables [num_slots, ceil(max_len / block_size)]``: position ``p`` of the sequence in slot ``s`` lies in block
     ``tables[s, p // block_size]`` at offset ``p % block_size``. With ``values_in_keys`` the values are the keys'
     first ``value_head_dim`` dimensions (a view: the latent of multi-head latent attention is both), and take no
@@ -80,18 +82,23 @@ class KVCache:
         static = num_blocks is None
         self.num_blocks = num_slots * self.max_blocks if static else int(num_blocks)
         shapes = [(self.num_blocks, block_size, layer_heads, dim) for layer_heads, dim in zip(heads, dims)]
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
         self.values_in_keys = values_in_keys
         if values_in_keys:
             self.values = [keys[..., :value_head_dim or keys.shape[3]] for keys in self.keys]
         else:
-            self.values = [torch.zeros((*shape[:3], value_head_dim or shape[3]), dtype=dtype, device=device)
+            self.values = [torch.empty((*shape[:3], value_head_dim or shape[3]), dtype=dtype, device=device)
                            for shape in shapes]
+        self.index_keys: list[torch.Tensor] = []  # a DSA indexer's keys per layer (`set_index_keys`)
         self.num_slots = num_slots
         self.max_len = max_len
+        # (a table entry past a slot's blocks is 0 or a block it held once: block 0 is zeroed now, the others were
+        # when first handed out, so a padded read of such an entry reads no NaN)
         self.tables = torch.zeros(num_slots, self.max_blocks, dtype=torch.int64, device=device)
         self.blocks: list[list[int]] = [[] for _ in range(num_slots)]  # each slot's blocks, in position order
-        self.free_blocks: list[int] = list(range(self.num_blocks))
+        self._recycled: list[int] = []  # free blocks that were used, the last freed taken first
+        self._fresh = 0  # blocks from here on were never handed out (unwritten): taken in order, after the recycled
+        self._zero(0, 1)
         self.refs = [0] * self.num_blocks       # slots holding each block
         self.live_refs = [0] * self.num_blocks  # live slots holding each block
         self.live = [False] * num_slots
@@ -101,7 +108,11 @@ class KVCache:
             for slot in range(num_slots):
                 self.grow(slot, max_len)
         self.linear = None  # the states of linear-attention layers (service.linear_attention), if any
-        self.index_keys: list[torch.Tensor] = []  # a DSA indexer's keys per layer (service.sparse_attention)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks no slot holds."""
+        return len(self._recycled) + self.num_blocks - self._fresh
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold ``num_tokens`` positions."""
@@ -120,7 +131,7 @@ class KVCache:
         missing = max(0, self.blocks_for(num_tokens) - len(blocks))
         first = len(blocks) if write_from is None else write_from // self.block_size
         shared = [index for index in range(first, len(blocks)) if self.refs[blocks[index]] > 1]
-        if missing + len(shared) > len(self.free_blocks):
+        if missing + len(shared) > self.num_free:
             return False
         if shared:
             fresh = self._take(slot, len(shared))
@@ -186,11 +197,31 @@ class KVCache:
         """How many of ``slot``'s first ``count`` blocks a live slot holds."""
         return sum(1 for block in self.blocks[slot][:count] if self.live_refs[block])
 
+    def set_index_keys(self, pools: list[torch.Tensor]) -> None:
+        """Give the cache a DSA indexer's key pools (service.sparse_attention: ``[num_blocks, block_size, 1, d]``
+        per layer, unwritten like the keys), zeroing the blocks handed out so far."""
+        self.index_keys = pools
+        for pool in pools:
+            pool[:max(self._fresh, 1)] = 0
+
     def _take(self, slot: int, count: int) -> list[int]:
-        taken = self.free_blocks[:count]
-        del self.free_blocks[:count]
+        if not count:
+            return []
+        recycled = min(count, len(self._recycled))
+        taken = self._recycled[len(self._recycled) - recycled:][::-1]
+        del self._recycled[len(self._recycled) - recycled:]
+        if count > recycled:
+            fresh = self._fresh
+            self._fresh += count - recycled
+            self._zero(fresh, self._fresh)
+            taken += range(fresh, self._fresh)
         self._hold(slot, taken)
         return taken
+
+    def _zero(self, begin: int, end: int) -> None:
+        """Zero blocks ``begin`` .. ``end - 1`` in every pool (their first use)."""
+        for pool in (*self.keys, *([] if self.values_in_keys else self.values), *self.index_keys):
+            pool[begin:end] = 0
 
     def _hold(self, slot: int, blocks: list[int]) -> None:
         live = self.live[slot]
@@ -208,7 +239,7 @@ class KVCache:
                 self.live_refs[block] -= 1
                 self.num_live -= self.live_refs[block] == 0
             if not self.refs[block]:
-                self.free_blocks.append(block)
+                self._recycled.append(block)
 
     def _copy_blocks(self, source: list[int], target: list[int]) -> None:
         src = torch.tensor(source, dtype=torch.int64, device=self.tables.device)

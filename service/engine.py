@@ -88,7 +88,10 @@ class EngineConfig:
             block and none is free (nor held by a finished request's cached prefix), the most recently admitted
             running sequence is preempted: its blocks are freed and it waits at the head of the queue, to be
             prefilled again (its prompt and the tokens it generated) when blocks are free; its client sees only
-            the delay.
+            the delay. With prefix caching (and no linear-attention states) all of it holds blocks, the ones
+            running sequences do not fill holding finished requests' prefixes, as vLLM gives its cache all the
+            memory; without, no more than ``max_num_seqs`` sequences of ``max_model_len`` fill. A block's memory
+            is committed when it is first used (on CPU: resident as the cache fills, not at start-up).
         kv_block_size: positions per block of the KV cache (16, vLLM's default).
         request_timeout_s: seconds a request may take from admission to its last output, waiting
             included; the `AsyncEngine` aborts it after that (None: no limit).
@@ -969,7 +972,9 @@ def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int])
 
 def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     """A paged KV cache of as many blocks as ``kv_cache_bytes`` holds once the slots' linear-attention states and
-    their snapshots are paid for, up to what ``max_num_seqs`` sequences of ``max_model_len`` fill.
+    their snapshots are paid for; without prefix caching (or with linear-attention states), no more than
+    ``max_num_seqs`` sequences of ``max_model_len`` fill (the blocks beyond would hold nothing). The blocks'
+    memory is committed as they are first used (`KVCache`).
 
     Slots (a sequence's block table row, and its states where the model has linear layers): ``max_num_seqs``
     for the running sequences, and with prefix caching ``max_cached_sequences`` more to hold finished requests'
@@ -997,10 +1002,16 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     num_slots = config.max_num_seqs
     if states:  # as many slots as fit beside one max_model_len sequence's blocks
         num_slots = min(num_slots, max(0, budget - full_blocks * per_block) // states)
-    # (never more than max_num_seqs sequences of max_model_len can use: what the budget holds beyond is not taken)
+    # never more than max_num_seqs sequences of max_model_len can use, but for the prefix cache: what the budget
+    # holds beyond is taken only with it (and no linear-attention states: its slots, max_num_seqs, hold those)
+    cached = config.enable_prefix_caching and not states
     most = config.max_num_seqs * full_blocks
-    num_blocks = min((budget - num_slots * states) // per_block, most) if per_block else most
-    if config.enable_prefix_caching and not states:  # rows for finished requests' prefixes (each holds a block)
+    if per_block:
+        num_blocks = (budget - num_slots * states) // per_block
+        num_blocks = num_blocks if cached else min(num_blocks, most)
+    else:
+        num_blocks = most
+    if cached:  # rows for finished requests' prefixes (each holds a block)
         num_slots += min(config.max_cached_sequences or CACHED_SEQUENCES_PER_SEQ * config.max_num_seqs, num_blocks)
     if num_slots < 1 or num_blocks < full_blocks:
         snapshots = f" after {num_snapshots} state snapshots (prefix_state_memory)" if num_snapshots else ""
@@ -1011,9 +1022,9 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     cache = KVCache(mc.num_hidden_layers, num_slots, max_len=config.max_model_len, dtype=model.dtype,
                     device=model.device, block_size=block, num_blocks=num_blocks, **heads)
     if indexed:  # a DSA indexer's keys: one more "head" per layer that runs one (none on GLM-5's shared layers)
-        cache.index_keys = [torch.zeros(num_blocks, block if layer in indexed else 0, 1, mc.index_head_dim,
-                                        dtype=model.dtype, device=model.device)
-                            for layer in range(mc.num_hidden_layers)]
+        cache.set_index_keys([torch.empty(num_blocks, block if layer in indexed else 0, 1, mc.index_head_dim,
+                                          dtype=model.dtype, device=model.device)
+                              for layer in range(mc.num_hidden_layers)])
     if linear:
         cache.linear = linear_attention.LinearStates(linear, num_slots, shape, model.dtype, model.device)
         if num_snapshots:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import random
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,15 +38,30 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, wind
 
 
 def _paged_cache(dv: int = D) -> KVCache:
-    """A cache of blocks of 4 positions whose slots got theirs one at a time in turn, from a shuffled free list:
-    no slot's blocks are contiguous or in order."""
+    """A cache of blocks of 4 positions whose slots got theirs one at a time in turn, from blocks freed in a
+    shuffled order (taken last freed first): no slot's blocks are contiguous or in order. Unwritten blocks hold
+    NaN (`_poison`) until first handed out."""
     cache = KVCache(1, SLOTS, HKV, MAX_LEN, D, torch.float32, value_head_dim=dv, block_size=BLOCK,
                     num_blocks=SLOTS * MAX_LEN // BLOCK + 3)
-    cache.free_blocks = torch.randperm(cache.num_blocks, generator=torch.Generator().manual_seed(7)).tolist()
+    _poison(cache)
+    for slot in range(SLOTS):
+        assert cache.grow(slot, MAX_LEN)
+    rng = random.Random(7)
+    while held := [slot for slot in range(SLOTS) if cache.blocks[slot]]:
+        slot = rng.choice(held)
+        cache.trim(slot, (len(cache.blocks[slot]) - 1) * BLOCK)  # its last block
     for length in range(BLOCK, MAX_LEN + 1, BLOCK):
         assert all(cache.grow(slot, length) for slot in range(SLOTS))
     assert cache.blocks[0][:3] != sorted(cache.blocks[0][:3]) or cache.blocks[0][1] != cache.blocks[0][0] + 1
     return cache
+
+
+def _poison(cache: KVCache) -> None:
+    """NaN in every block not handed out yet but block 0 (the pools are allocated unwritten and may hold anything;
+    a block is zeroed when first handed out, block 0 at once): a masked-out position read from a block that was
+    not zeroed would turn the output NaN."""
+    for pool in (*cache.keys, *cache.values):
+        pool[1:] = float("nan")
 
 
 def _put(cache: KVCache, pool: torch.Tensor, slot: int, history: torch.Tensor) -> None:
@@ -170,26 +188,58 @@ def test_blocks_are_given_on_demand_and_taken_back():
     assert cache.max_blocks == 8 and cache.tables.shape == (3, 8) and cache.blocks == [[], [], []]
     assert cache.grow(0, 5) and cache.blocks[0] == [0, 1]  # (8 positions)
     assert cache.grow(0, 8) and cache.blocks[0] == [0, 1]  # (already held)
-    assert cache.grow(1, 32) and len(cache.free_blocks) == 0
+    assert cache.grow(1, 32) and cache.num_free == 0
     assert not cache.grow(2, 1) and cache.blocks[2] == []
     cache.trim(1, 9)
-    assert cache.blocks[1] == [2, 3, 4] and sorted(cache.free_blocks) == [5, 6, 7, 8, 9]
+    assert cache.blocks[1] == [2, 3, 4] and cache.num_free == 5 and cache.refs[5:] == [0] * 5
     history = torch.randn(HKV, 7, D)
     _put(cache, cache.keys[0], 0, history)
     cache.share_prefix(0, 2, 7)
-    assert cache.blocks[2] == [0, 1] and cache.refs[:2] == [2, 2] and len(cache.free_blocks) == 5
+    assert cache.blocks[2] == [0, 1] and cache.refs[:2] == [2, 2] and cache.num_free == 5
     with pytest.raises(ValueError, match="holds blocks"):
         cache.share_prefix(1, 2, 4)
     assert cache.grow(2, 9, write_from=7)  # block 1 (positions 4..7) is copied before position 7 is written
     assert cache.blocks[2][0] == 0 and not set(cache.blocks[2][1:]) & set(cache.blocks[0] + cache.blocks[1])
-    assert cache.refs[:2] == [2, 1] and len(cache.free_blocks) == 3
+    assert cache.refs[:2] == [2, 1] and cache.num_free == 3
     cache.sync_tables()
     torch.testing.assert_close(_held(cache, cache.keys[0], 2, 7), history)
     assert cache.grow(0, 8, write_from=4) and cache.blocks[0] == [0, 1]  # (block 1 is its own now)
     cache.release(0)
-    assert cache.blocks[0] == [] and cache.refs[0] == 1 and 1 in cache.free_blocks and 0 not in cache.free_blocks
+    assert cache.blocks[0] == [] and cache.refs[:2] == [1, 0] and cache.num_free == 4
     contiguous = KVCache(1, 2, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK)  # no num_blocks: all up front
-    assert contiguous.blocks == [list(range(8)), list(range(8, 16))] and not contiguous.free_blocks
+    assert contiguous.blocks == [list(range(8)), list(range(8, 16))] and not contiguous.num_free
+
+
+def test_blocks_are_zeroed_when_first_handed_out_and_freed_ones_are_taken_first():
+    """Unwritten pools (anything in them, NaN here) read as zeros in every block a slot gets; blocks freed are
+    handed out again before blocks never used, so the blocks touched (on CPU: the memory committed) are as
+    many as were ever held at once."""
+    cache = KVCache(2, 3, HKV, MAX_LEN, D, torch.float32, block_size=BLOCK, num_blocks=20)
+    _poison(cache)
+    assert cache.grow(0, 12) and cache.blocks[0] == [0, 1, 2]
+    assert cache.grow(1, 8) and cache.blocks[1] == [3, 4]
+    for pool in (*cache.keys, *cache.values):
+        assert not pool[:5].any() and pool[5:].isnan().all()
+    cache.keys[0][:5] = 1.0
+    cache.release(0)
+    assert cache.grow(2, 16) and sorted(cache.blocks[2]) == [0, 1, 2, 5]  # the freed three, then one never used
+    assert not cache.keys[0][5].any() and cache.keys[0][6:].isnan().all()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_a_large_cache_commits_memory_as_blocks_are_used():
+    """A 512 MiB cache takes a few MiB of resident memory until its blocks are used (a CPU replica's default
+    ``kv_cache_bytes``, with the prefix cache given all of it)."""
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident()
+    cache = KVCache(4, 40, 2, 1024, 32, torch.float32, block_size=16, num_blocks=16384)  # 32 KiB a block
+    assert sum(pool.nbytes for pool in (*cache.keys, *cache.values)) == 512 * 2**20
+    assert resident() - before < 32 * 2**20
+    for slot in range(8):
+        cache.grow(slot, 1024)  # 512 blocks: 16 MiB
+    assert 8 * 2**20 < resident() - before < 64 * 2**20
 
 
 def test_live_slots_count_shared_blocks_once():
@@ -212,7 +262,7 @@ def test_live_slots_count_shared_blocks_once():
     assert cache.num_live == 3  # blocks 0, 1 (slot 2 holds them) and slot 2's copy
     cache.release(1)
     cache.release(2)
-    assert cache.num_live == 0 and cache.spare_blocks() == 10 and sorted(cache.free_blocks) == list(range(3, 10))
+    assert cache.num_live == 0 and cache.spare_blocks() == 10 and cache.refs == [1] * 3 + [0] * 7 and cache.num_free == 7
 
 
 def assert_block_counts(cache: KVCache) -> None:
@@ -222,7 +272,7 @@ def assert_block_counts(cache: KVCache) -> None:
     live = Counter(block for slot, blocks in enumerate(cache.blocks) if cache.live[slot] for block in blocks)
     assert cache.refs == [held[block] for block in range(cache.num_blocks)]
     assert cache.live_refs == [live[block] for block in range(cache.num_blocks)] and cache.num_live == len(live)
-    assert sorted(cache.free_blocks) == [block for block in range(cache.num_blocks) if not held[block]]
+    assert cache.num_free == sum(1 for block in range(cache.num_blocks) if not held[block])
     assert cache.spare_blocks() == cache.num_blocks - len(live)
 
 

@@ -907,7 +907,7 @@ def test_a_cached_prefix_gives_up_its_last_blocks_first(reference_models):
     params = SamplingParams(max_tokens=2, temperature=0.0)
     _finish(engine, "first", first, params)
     _finish(engine, "other", _prompt(20, 43), params)
-    assert sorted(map(len, dict(engine._slot_tokens.items()).values())) == [21, 32] and not engine._cache.free_blocks
+    assert sorted(map(len, dict(engine._slot_tokens.items()).values())) == [21, 32] and not engine._cache.num_free
     again = first[:32] + _prompt(10, 44)
     tokens, out = _finish(engine, "again", again, params)
     assert out.num_cached_tokens == 32 and tokens == _generate(reference_models["qwen3_moe"], again, 2)
@@ -1005,6 +1005,32 @@ def test_the_prefix_cache_keeps_more_finished_requests_than_running_ones():
         EngineConfig(max_cached_sequences=0)
 
 
+def test_the_prefix_cache_holds_what_the_kv_memory_holds_beyond_the_running_sequences(reference_models):
+    """Two running sequences of at most 64 positions fill 8 blocks. With prefix caching a budget of 40 blocks is
+    all taken (as vLLM gives its cache all the memory): 12 finished 40-token requests (3 blocks each) are all
+    found again, their greedy tokens those of `generate`. With 8 (what the cache took of any budget before) two
+    are held, and asking for them in turn finds none. Without prefix caching 8 of the 40 are taken (the rest
+    would hold nothing)."""
+    model = build_tiny_model("qwen3_moe")
+    config = {"max_num_seqs": 2, "max_model_len": 64}
+    roomy = Engine(model, EngineConfig(**config, kv_cache_bytes=40 * 16 * _token_bytes(model)))
+    tight = Engine(build_tiny_model("qwen3_moe"), EngineConfig(**config, kv_cache_bytes=8 * 16 * _token_bytes(model)))
+    off = Engine(build_tiny_model("qwen3_moe"), EngineConfig(**config, kv_cache_bytes=40 * 16 * _token_bytes(model),
+                                                             enable_prefix_caching=False))
+    assert (roomy.num_kv_blocks, tight.num_kv_blocks, off.num_kv_blocks) == (40, 8, 8)
+    prompts, one = [_prompt(40, 300 + i) for i in range(12)], SamplingParams(max_tokens=1, temperature=0.0)
+    for engine in (roomy, tight):
+        for i, prompt in enumerate(prompts):
+            _finish(engine, f"first-{i}", prompt, one)
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    again = [_finish(roomy, f"again-{i}", prompt + [5], params) for i, prompt in enumerate(prompts)]
+    assert [out.num_cached_tokens for _, out in again] == [40] * len(prompts)
+    for (tokens, _), prompt in zip(again, prompts):
+        assert tokens == _generate(reference_models["qwen3_moe"], prompt + [5], 3)
+    found = [_finish(tight, f"again-{i}", prompt + [5], one)[1].num_cached_tokens for i, prompt in enumerate(prompts)]
+    assert found == [0] * len(prompts)  # two held, each the next to go as the one asked for is prefilled again
+
+
 def test_a_cached_prefix_shared_again_is_overwritten_after_one_released_later():
     """Overwriting goes by last use: a cached prefix that a newer request shared outlives one released after it
     and not used since."""
@@ -1057,7 +1083,7 @@ def test_cached_prefixes_give_their_blocks_up_when_a_prompt_needs_them(reference
     first = _prompt(40, 40)
     params = SamplingParams(max_tokens=2, temperature=0.0)
     _finish(engine, "first", first, params)
-    assert engine._cache.spare_blocks() == 4 and len(engine._cache.free_blocks) == 1  # 41 positions cached: 3 blocks
+    assert engine._cache.spare_blocks() == 4 and engine._cache.num_free == 1  # 41 positions cached: 3 blocks
     shares = first[:20] + _prompt(30, 41)
     tokens, out = _finish(engine, "shares", shares, params)
     assert out.num_cached_tokens == 20 and tokens == _generate(reference_models["qwen3_moe"], shares, 2)

@@ -9,8 +9,8 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
   budget) each followed by two short follow-up questions (the ShareGPT-like set's later user messages),
   played the same way;
 - ``shared_system``: the code set (every request has the same system prompt), closed loop;
-- ``users``: ``--users`` of the multi-turn conversations taking turns (each user's next turn comes after every
-  other user's: `play`'s ``interleave``), with caching off, with as many cached sequences as running ones
+- ``users``: ``--users`` of the multi-turn conversations (``--users-set sonnet_like``: long_context's) taking
+  turns (each user's next turn comes after every other user's: `play`'s ``interleave``), with caching off, with as many cached sequences as running ones
   (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) in the KV memory those running
   ones fill (``kv_cache_bytes``: the cache before it had more), with the default cached sequences in that memory
   (the cache before it took all of ``kv_cache_bytes``), and with the engine's defaults (with ``--serve``, four
@@ -34,6 +34,7 @@ table and writes ``<out>/prefix_cache.json`` (``prefix_cache_serve.json`` with `
     python -m load_tests.prefix_cache --only-burst --repeats 8 --out bench  # the burst alone, prefix_burst.json
     python -m load_tests.prefix_cache --only-users --out bench  # the users alone, prefix_users.json
     python -m load_tests.prefix_cache --serve --only-users --users 127 --out bench  # through Serve, 10 minutes
+    python -m load_tests.prefix_cache --only-users --users-set sonnet_like --out bench  # prefix_users_sonnet.json
 """
 
 from __future__ import annotations
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-burst", action="store_true", help="the burst scenario alone (engine backend)")
     parser.add_argument("--users", type=int, default=64,
                         help="conversations of the users scenario, taking turns (0: none)")
+    parser.add_argument("--users-set", choices=("sharegpt_like", "sonnet_like"), default="sharegpt_like",
+                        help="the users' conversations: the ShareGPT-like multi-turn ones, or the Sonnet-like long "
+                             "prompts with two follow-ups (as long_context)")
     parser.add_argument("--only-users", action="store_true", help="the users scenario alone")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     results["machine"]["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = "prefix_burst" if args.only_burst else "prefix_users" if args.only_users else "prefix_cache"
+        users = f"prefix_users{'_sonnet' if args.users_set == 'sonnet_like' else ''}"
+        name = "prefix_burst" if args.only_burst else users if args.only_users else "prefix_cache"
         path = args.out / f"{name}{'_serve' if args.serve else ''}.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
@@ -358,7 +363,11 @@ async def _measure_users(args, count, max_model_len: int, backend) -> dict:
     off, with as many cached sequences as running ones (``max_cached_sequences=max_num_seqs``: the engine's layout
     before it had more), and with the default, ``args.repeats`` times each; ``backend`` gives per mode a factory of
     a sender (a fresh engine's, or an app's)."""
-    items = conversations(load_workload("sharegpt_like"), multi_turn=True, max_tokens=args.max_tokens)[:args.users]
+    if args.users_set == "sonnet_like":
+        items = with_follow_ups(load_workload("sonnet_like"), short_follow_ups(load_workload("sharegpt_like")),
+                                turns=3, max_tokens=args.max_tokens)[:args.users]
+    else:
+        items = conversations(load_workload("sharegpt_like"), multi_turn=True, max_tokens=args.max_tokens)[:args.users]
     print(f"{'users':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} {'later turns':>11} "
           f"{'prefilled':>9} {'cached':>7}")
     async with backend as senders:

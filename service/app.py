@@ -340,10 +340,11 @@ def _other_special_tokens(tokenizer) -> frozenset[str]:
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice ``index``'s parameters: its own seed (``seed + index``) when the request has one."""
+    """Choice ``index``'s parameters: its own seed (``seed + index``, wrapped to a signed 64-bit integer) when the
+    request has one."""
     if index == 0 or params.seed is None:
         return params
-    return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+    return dataclasses.replace(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)
 
 
 async def _first_outputs(streams: list[AsyncIterator[StepOutput]]) -> list[StepOutput]:

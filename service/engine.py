@@ -869,7 +869,7 @@ class Engine:
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             reason = "stop"
         elif seq.text is not None:
-            seq.text.push(token)
+            seq.text.push(token, search=seq.num_completion_tokens > seq.params.min_tokens)  # (as vLLM)
             reason = "stop" if seq.text.stopped or complete else None
         if reason is None and seq.num_completion_tokens >= seq.params.max_tokens:
             reason = "length"

@@ -177,7 +177,7 @@ class SamplingControls(StrictModel):
     API as vLLM's extensions): OpenAI's stop, seed and penalties, and vLLM's own."""
 
     stop: Text | list[Text] | None = Field(default_factory=list)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**63)  # a signed 64-bit integer, as vLLM takes
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None
@@ -259,7 +259,9 @@ class CompletionRequest(_SamplingFields):
     """
 
     prompt: Text | list[int] | list[Text] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo scores the prompt, generating nothing
+    # OpenAI's legacy endpoint's default (and vLLM's): 16; null: the rest of the context, as chat's default. 0 with
+    # echo scores the prompt, generating nothing
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
     echo: bool | None = None
@@ -377,7 +379,9 @@ class FunctionDefinition(StrictModel):
     strict: bool | None = None  # always honoured when the call is forced (tool_choice required or named)
 
     def schema(self) -> dict[str, Any]:
-        return self.parameters or {"type": "object", "properties": {}}
+        """The arguments' JSON schema; without ``parameters``, an empty parameter list (OpenAI's rule): the
+        object ``{}`` alone (an object schema without ``additionalProperties`` would take any keys)."""
+        return self.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 class Tool(StrictModel):
@@ -865,17 +869,39 @@ def _as_api_error(exc: BaseException) -> APIError:
 
 
 def validation_error(errors: list[dict]) -> APIError:
-    """400 for the first validation error, naming the field (``messages.0.role``)."""
+    """400 for the first validation error, naming the field (``messages.0.role``). A field that may take one of
+    several types (``content``: a string or a list of parts) reports an error for each, under a tag naming the
+    type (``list[TextPart]``): of those, the one that got furthest into the input (the list's part that is not a
+    text part, not "should be a string"), with the tags left out of the name."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    field = _field(first.get("loc", ()))
+    alternatives = [error for error in errors if _field(error.get("loc", ())) == field]
+    first = max(alternatives, key=lambda error: len(error.get("loc", ())))  # (the first of the deepest)
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body" and not _type_tag(part)) or None
     message = first["msg"].removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         message = f"unknown parameter {param!r}"
     elif first.get("type") == "missing":
-        message = f"missing required parameter {param!r}"
+        message = f"missing required parameter {param!r}" if param else "the request body is missing: send a JSON object"
     elif param:
         message = f"{param}: {message}"
     return APIError(400, message, param=param)
+
+
+def _type_tag(part: Any) -> bool:
+    """Whether a part of a validation error's location is pydantic's tag of one type of a union (``str``,
+    ``list[int]``, ``function-after[_utf8(), str]``, a model's class name), not a field name or an index."""
+    return isinstance(part, str) and (any(c in part for c in "[(") or part[:1].isupper()
+                                      or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
+def _field(loc: Sequence[Any]) -> tuple:
+    """A validation error's location up to its first type tag (the field whose alternatives it is one of)."""
+    parts = []
+    for part in loc:
+        if _type_tag(part):
+            break
+        parts.append(part)
+    return tuple(parts)

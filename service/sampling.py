@@ -51,7 +51,9 @@ class SamplingParams:
         min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
         repetition_penalty: vLLM's (and transformers'): a token already in the prompt or completion has
             its logit divided by it if positive, multiplied if negative (> 0; 1 is none).
-        min_tokens: EOS and ``stop_token_ids`` cannot end the completion before this many tokens.
+        min_tokens: EOS and ``stop_token_ids`` cannot end the completion before this many tokens, nor stop
+            strings (as vLLM: text is searched for them once the completion has more than this many tokens; a
+            stop string that ends earlier is not found).
         grammar: a structured output (llguidance grammar text, see `service.structured`): only tokens
             that keep the completion inside it are sampled, and it ends when the grammar is complete.
         reasoning_tokens: with a grammar, the ids of a thinking block's opening and closing tags (each
@@ -95,8 +97,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a signed 64-bit integer, got {self.seed!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -115,11 +115,14 @@ class StopStringMatcher:
         self.text = ""
         self.stopped = False
 
-    def add(self, delta: str) -> None:
-        """Append decoded text; sets ``stopped`` and truncates ``text`` at the first stop string."""
+    def add(self, delta: str, search: bool = True) -> None:
+        """Append decoded text; sets ``stopped`` and truncates ``text`` at the first stop string that ends in
+        ``delta`` (without ``search``: none; a stop string begun in it may still end in a later one)."""
         assert not self.stopped, "text added after a stop string"
         search_from = max(0, len(self.text) - self._holdback)
         self.text += delta
+        if not search:
+            return
         hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
@@ -150,8 +153,9 @@ class TextStream:
     def text(self) -> str:
         return self._matcher.text
 
-    def push(self, token_id: int) -> None:
-        self._matcher.add(self._detokenizer.push(token_id))
+    def push(self, token_id: int, search: bool = True) -> None:
+        """Add a token's text; without ``search`` no stop string can end in it (``min_tokens``)."""
+        self._matcher.add(self._detokenizer.push(token_id), search)
 
     def take(self, final: bool) -> str:
         """Text to send now; ``final`` at the end of the completion flushes everything held back."""

@@ -81,6 +81,8 @@ def test_openai_chat_and_completions(client):
     assert [c.index for c in several.choices] == [0, 1, 2] and all(c.message.content for c in several.choices)
     batch = client.completions.create(model=MODEL, prompt=["def add(a, b):", "import os"], max_tokens=4, n=2)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3] and batch.usage.completion_tokens <= 16
+    legacy = client.completions.create(model=MODEL, prompt="import os", temperature=0, extra_body={"ignore_eos": True})
+    assert legacy.usage.completion_tokens == 16 and legacy.choices[0].finish_reason == "length"  # OpenAI's default
     url = str(client.base_url).removesuffix("/v1/")
     tokens = httpx.post(f"{url}/tokenize", json={"prompt": "import os"}, timeout=30).json()["tokens"]
     assert httpx.post(f"{url}/detokenize", json={"tokens": tokens}, timeout=30).json() == {"prompt": "import os"}
@@ -185,6 +187,10 @@ def test_tool_calls_and_their_results_through_the_expert_workers(client, referen
     streamed = "".join(c.choices[0].delta.tool_calls[0].function.arguments for c in chunks
                        if c.choices and c.choices[0].delta.tool_calls)
     assert streamed == named.message.tool_calls[0].function.arguments and json.loads(streamed)["days"] in range(1, 8)
+    bare = [{"type": "function", "function": {"name": "now"}}]  # no parameters: it takes none
+    clock = client.chat.completions.create(model=MODEL, messages=messages, tools=bare, max_tokens=30, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "now"}})
+    assert json.loads(clock.choices[0].message.tool_calls[0].function.arguments) == {}
     messages += [first.choices[0].message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": "Rain on Tuesday."}]
     second = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=12, temperature=0)

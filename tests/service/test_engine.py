@@ -291,6 +291,34 @@ def test_stop_strings_cut_the_text(chat_parts):
     assert texts["stopped"] == full[:full.index(stop)] and reasons["stopped"] == "stop"
 
 
+def test_min_tokens_holds_stop_strings_back_as_it_holds_eos(chat_parts):
+    """A stop string ends the completion only once it has more than ``min_tokens`` tokens (as vLLM's): one that
+    ended earlier is text like any other; one begun before and ending after stops it."""
+    tokenizer, reference = chat_parts
+    prompt = tokenizer.encode("def main():")
+    pieces = [tokenizer.decode(_generate(reference, prompt, 10)[:i + 1]) for i in range(10)]
+    # two characters ending in token k's text, nowhere else in the ten tokens' (k >= 2: the first token's text may
+    # hold one); and two that straddle tokens k and k + 1
+    k, stop = next((k, pieces[k][-2:]) for k in range(2, 8) if len(pieces[k]) - len(pieces[k - 1]) >= 2
+                   and pieces[9].count(pieces[k][-2:]) == 1)
+    straddle = pieces[k + 1][len(pieces[k]) - 1:len(pieces[k]) + 1]
+    assert pieces[9].count(straddle) == 1 and len(pieces[k + 1]) > len(pieces[k])
+    engine = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=128), tokenizer=tokenizer)
+    cases = {"free": (stop, 0), "searched": (stop, k), "held": (stop, k + 1), "straddle": (straddle, k + 1)}
+    for name, (text, min_tokens) in cases.items():  # (token k is the (k + 1)-th)
+        engine.add_request(name, prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                                        stop=(text,), min_tokens=min_tokens))
+    texts, reasons, counts = dict.fromkeys(cases, ""), {}, {}
+    while engine.has_work:
+        for out in engine.step():
+            texts[out.request_id] += out.text
+            reasons[out.request_id], counts[out.request_id] = out.finish_reason, out.num_completion_tokens
+    assert texts["free"] == texts["searched"] == pieces[k][:-2] and counts["free"] == counts["searched"] == k + 1
+    assert reasons["free"] == reasons["searched"] == "stop"
+    assert texts["held"] == pieces[9] and reasons["held"] == "length" and counts["held"] == 10
+    assert texts["straddle"] == pieces[k][:-1] and reasons["straddle"] == "stop" and counts["straddle"] == k + 2
+
+
 class _Hooks:
     """Counts forwards; the forwards numbered ``fail_at`` (one number or several, from 1) raise."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -150,6 +151,23 @@ def test_sampling_params_defaults_fill_the_context():
     assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (90, 1.0, 1.0, ("END",))
 
 
+def test_completions_default_to_16_tokens_as_openai_and_vllm():
+    """The legacy endpoint's max_tokens defaults to 16 (OpenAI's reference, vLLM); null asks for the rest of the
+    context, as chat's default does."""
+    request = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+    assert sampling_params(request, 10, 100).max_tokens == 16
+    request = CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": None})
+    assert sampling_params(request, 10, 100).max_tokens == 90
+
+
+@pytest.mark.parametrize("seed", [-1, -2**63, 2**63 - 1])
+def test_a_seed_is_any_signed_64_bit_integer(seed):
+    params = sampling_params(ChatCompletionRequest.model_validate({**CHAT, "seed": seed, "temperature": 1}), 10, 100)
+    assert params.seed == seed and params.make_generator() is not None
+    status, body = _rejection(ChatCompletionRequest, {**CHAT, "seed": 2**63})
+    assert status == 400 and body["error"]["param"] == "seed"
+
+
 def test_sampling_params_prefers_max_completion_tokens():
     body = {**CHAT, "max_tokens": 50, "max_completion_tokens": 7, "temperature": 0, "seed": 4, "ignore_eos": True}
     params = sampling_params(ChatCompletionRequest.model_validate(body), 10, 100)
@@ -186,6 +204,26 @@ def test_error_mapping(exc, status, type_):
     assert ("Retry-After" in response.headers) == (status == 429)
     if status >= 500:
         assert "secret" not in body["error"]["message"]
+
+
+@pytest.mark.parametrize("model, body, param, message", [
+    # content: a string or a list of text parts; a list with an image part is wrong in that part, not "not a string"
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "messages.0.content.0", "text"),
+    (CompletionRequest, {"model": "m", "prompt": ["a", [1, 2]]}, "prompt.", "prompt."),
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content",
+     "messages.0.content"),
+])
+def test_errors_under_a_union_name_the_field_not_the_type_tags(model, body, param, message):
+    status, error = _rejection(model, body)
+    assert status == 400 and error["error"]["param"].startswith(param) and message in error["error"]["message"]
+    assert not any(c in error["error"]["param"] + error["error"]["message"].split(":")[0] for c in "[(")
+
+
+def test_a_missing_body_is_named_so():
+    error = error_body(RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required",
+                                                "input": None}]))[1]["error"]
+    assert error["param"] is None and error["message"] == "the request body is missing: send a JSON object"
 
 
 def test_invalid_json_is_a_400():
@@ -235,7 +273,7 @@ def test_tool_setup_of_each_choice(choice, parallel, expected):
     request = ChatCompletionRequest.model_validate(body)
     setup = request.tool_setup
     assert (setup.choice, setup.name, setup.parallel) == expected
-    assert setup.parameters == {"w": WEATHER, "now": {"type": "object", "properties": {}}}
+    assert setup.parameters == {"w": WEATHER, "now": {"type": "object", "properties": {}, "additionalProperties": False}}
     assert [t["function"]["name"] for t in request.template_tools()] == ["w", "now"]
     grammar = sampling_params(request, 3, 100).grammar
     assert (grammar is None) == (expected[0] == "auto")

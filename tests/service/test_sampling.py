@@ -10,7 +10,7 @@ from service.sampling import MAX_LOGPROBS, History, SamplingParams, TokenLogprob
 
 @pytest.mark.parametrize("kwargs, bad", [
     ({"max_tokens": -1}, "-1"), ({"max_tokens": 2.5}, "2.5"), ({"temperature": -0.1}, "-0.1"),
-    ({"top_p": 0.0}, "0.0"), ({"top_p": 1.5}, "1.5"), ({"seed": -1}, "-1"),
+    ({"top_p": 0.0}, "0.0"), ({"top_p": 1.5}, "1.5"), ({"seed": -2**63 - 1}, str(-2**63 - 1)), ({"seed": 2**63}, str(2**63)),
     ({"stop": ["a", "b", "c", "d", "e"]}, "5"), ({"stop": [""]}, "''"), ({"stop_token_ids": [-3]}, "-3"),
     ({"logprobs": -1}, "-1"), ({"logprobs": MAX_LOGPROBS + 1}, str(MAX_LOGPROBS + 1)), ({"logprobs": True}, "True"),
     ({"reasoning_tokens": (5, 5)}, "two different"), ({"reasoning_tokens": (5, 6), "reasoning_gap": (6,)}, "reasoning_gap"),

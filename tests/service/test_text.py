@@ -152,6 +152,14 @@ def test_stop_string_false_alarm_is_released():
     assert not matcher.stopped and out == "aENx"
 
 
+def test_text_added_without_search_ends_no_stop_string_but_may_begin_one():
+    matcher = StopStringMatcher(["END"])
+    matcher.add("aEND", search=False)  # (min_tokens not reached)
+    matcher.add("xE", search=False)
+    matcher.add("ND!")
+    assert matcher.stopped and matcher.text == "aENDx"
+
+
 def test_earliest_of_several_stop_strings_wins():
     matcher = StopStringMatcher(["zz", "b"])
     matcher.add("aazzb")

@@ -140,7 +140,7 @@ def cases(model: str) -> list[FuzzCase]:
         chat_with("temperature-too-high", temperature=1e308),
         chat_with("top-p-zero", top_p=0),
         chat_with("top-p-above-one", top_p=1.5),
-        chat_with("seed-negative", seed=-1),
+        chat_with("seed-below-int64", seed=-2**63 - 1),
         chat_with("seed-overflow", seed=2**64),
         chat_with("stop-too-many", stop=["a", "b", "c", "d", "e"]),
         chat_with("stop-empty-string", stop=[""]),

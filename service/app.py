@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -79,6 +80,7 @@ from service.tools import detect_format as detect_tool_format
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+T = TypeVar("T")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
 _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block
@@ -168,6 +170,15 @@ class _Server:
     tool_tags: dict[str, int] = field(default_factory=dict)  # the format's tags that are special tokens
     harmony: frozenset[str] | None = None  # harmony (GPT-OSS): the tokenizer's other special tokens, dropped
     created: int = field(default_factory=lambda: int(time.time()))
+    # tokenizing and chat templates run here, off the event loop (a 1 MiB prompt takes 0.5 s: every stream of
+    # the replica would stall meanwhile); one thread, as vLLM's, since a fast tokenizer's encode mutates its
+    # padding and truncation state ("Already borrowed" when two threads call it)
+    tokenizing: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
+
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the tokenizing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[self._card()])
@@ -189,7 +200,7 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         tokenizer = self.engine.tokenizer
-        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompt]
+        prompts = await self._off_loop(lambda: [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompt])
         echoes = [_Echo(ids, sent if isinstance(sent, str) else None, tokenizer.decode)
                   for ids, sent in zip(prompts, body.prompt)] if body.echo else None
         fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None, body.n or 1,
@@ -200,7 +211,7 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         body.use_tool_format(self.tool_format, self.tool_tags)
-        prompt, reasoning = self._chat_prompt(body)
+        prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(body))
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
                           tools=body.tool_setup, reasoning=reasoning, harmony=self._harmony(body))
         return await self._generate(request, body, [prompt], fmt, timer, reasoning)
@@ -212,7 +223,7 @@ class _Server:
         self._check_model(body.model)
         try:
             chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags)
-            prompt, reasoning = self._chat_prompt(chat)
+            prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(chat))
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning, harmony=self._harmony(chat))
             return await self._generate(request, chat, [prompt], fmt, timer, reasoning)
@@ -243,6 +254,9 @@ class _Server:
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
             self._check_model(body.model)
+        return await self._off_loop(lambda: self._tokenize(body))
+
+    def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         tokenizer = self.engine.tokenizer
         if body.messages is not None:
             ids = apply_chat_template(tokenizer, body.template_messages(self.tool_format), tools=body.template_tools(),
@@ -260,7 +274,8 @@ class _Server:
         vocab = len(self.engine.tokenizer)
         if any(t >= vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab}), got {max(body.tokens)}", param="tokens")
-        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        text = await self._off_loop(lambda: self.engine.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        return DetokenizeResponse(prompt=text)
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)
@@ -288,6 +303,9 @@ class _Server:
             params = [dataclasses.replace(p, reasoning_tokens=self.think_tokens.tags, reasoning_gap=self.think_tokens.gap,
                                           in_reasoning=reasoning.in_block) for p in params]
         n = body.n or 1
+        if len(prompts) * n > self.engine.config.max_queue:  # each choice takes a place: it could never be admitted
+            raise APIError(400, f"this request asks for {len(prompts) * n} completions (prompts x n); this server "
+                           f"queues at most {self.engine.config.max_queue} at once", param="n")
         fmt.prompt_tokens = sum(len(prompt) for prompt in prompts)
         ids = [fmt.id] if len(prompts) * n == 1 else [f"{fmt.id}-{k}" for k in range(len(prompts) * n)]
         streams = [self.engine.generate(ids[k], prompts[k // n], _choice_params(params[k // n], k % n),
@@ -348,10 +366,16 @@ def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 async def _first_outputs(streams: list[AsyncIterator[StepOutput]]) -> list[StepOutput]:
-    """Each stream's first output; if any fails (or this is cancelled), every stream is closed (aborted)."""
+    """Each stream's first output; if any fails (the first choice to, by index, of those failed when one does: a
+    later choice's 400 or 429 is not held back until the earlier ones have a token), or this is cancelled, every
+    stream is closed (aborted)."""
     tasks = [asyncio.ensure_future(anext(stream)) for stream in streams]
     try:
-        return [await task for task in tasks]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((task for task in tasks if task.done() and not task.cancelled() and task.exception()), None)
+        if failed is not None:
+            raise failed.exception()
+        return [task.result() for task in tasks]
     except BaseException:
         for task in tasks:
             task.cancel()

@@ -188,7 +188,8 @@ class AsyncEngine:
         see `Engine.add_request`).
 
         Raises ValueError / QueueFull from ``Engine.add_request``, `RequestTimeout` once the request has
-        taken ``config.request_timeout_s`` (time the consumer spends between outputs included), and
+        taken ``config.request_timeout_s`` (time the consumer spends between outputs included: at that deadline
+        the engine aborts it whether or not the consumer reads, and outputs not read yet are dropped), and
         `EngineError` if the request fails. Closing or cancelling the iterator early (client gone), or a
         timeout, aborts the request.
         """
@@ -201,6 +202,18 @@ class AsyncEngine:
         deadline = None if timeout is None else loop.time() + timeout
         finished = False
         timer = None
+        expired = False
+
+        def on_aborted(abort: concurrent.futures.Future[bool]) -> None:  # on the loop
+            nonlocal expired
+            if not abort.cancelled() and abort.exception() is None and abort.result():
+                expired = True  # aborted at the deadline, still running: end the stream, unread outputs dropped
+                queue.put_nowait(_timed_out(timeout))
+
+        def expire() -> None:  # at the deadline, read or not: a client that stops reading holds no KV blocks
+            abort = self.run_at_step_boundary(lambda: self._engine.abort(request_id))
+            abort.add_done_callback(lambda done: loop.call_soon_threadsafe(on_aborted, done))
+
         try:
             prompt = list(prompt_token_ids)
             matcher = None
@@ -210,10 +223,12 @@ class AsyncEngine:
                 request_id, prompt, params, share_prefill_with=share_prefill_with, matcher=matcher))
             await _before(deadline, timeout, admission)
             if deadline is not None:  # one timer per request, not one per output token
-                timer = loop.call_at(deadline, queue.put_nowait, _timed_out(timeout))
+                timer = loop.call_at(deadline, expire)
             while not finished:
+                if expired:
+                    raise _timed_out(timeout)
                 item = await queue.get()
-                if isinstance(item, RequestTimeout):  # our own timer: the engine still runs it (aborted below)
+                if isinstance(item, RequestTimeout):  # our own timer's, the request aborted
                     raise item
                 if isinstance(item, BaseException):  # the engine ended the request with an error
                     finished = True

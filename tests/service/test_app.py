@@ -565,34 +565,84 @@ def test_queue_full_is_a_429_with_retry_after_and_extra_routes_share_the_error_j
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["code"] == "rate_limit_exceeded"
 
 
-def test_a_choice_refused_at_admission_fails_the_request_and_frees_the_others(tokenizer):
-    engine = _start_engine(tokenizer, max_num_seqs=1, max_num_batched_tokens=64, max_queue=1)
+class _SlowSteps:
+    """Step hooks that make each forward take at least 20 ms."""
+
+    def begin_step(self) -> None:
+        time.sleep(0.02)
+
+    def end_step(self) -> None:
+        pass
+
+
+def test_a_choice_refused_at_admission_fails_the_request_at_once_and_frees_the_others(tokenizer):
+    """A request of two choices whose second finds the queue full gets its 429 at once, while a long request
+    holds the one running place (not when its first choice has a token, after that one), and its first choice
+    is aborted; a request of more choices than the queue holds is a 400 (it could never be admitted)."""
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(
+        max_model_len=MAX_MODEL_LEN, max_num_seqs=1, max_num_batched_tokens=64, max_queue=2), tokenizer=tokenizer,
+        hooks=_SlowSteps()))
+    engine.start()
     core = engine._engine
     aborted, abort = [], core.abort
     core.abort = lambda request_id: aborted.append(request_id) or abort(request_id)
-    body = {"model": MODEL, "prompt": "a", "max_tokens": 200, "temperature": 0, "n": 3}
+    long = {"model": MODEL, "prompt": "a", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "b", "max_tokens": 8, "temperature": 0, "n": 2}
     try:
         with _serve(create_app(engine, served_model_name=MODEL)) as url:
-            release = threading.Event()
-            engine.run_at_step_boundary(release.wait)  # the three admissions then run back to back
-            responses = []
+            responses, others = [], []
+            busy = [threading.Thread(target=lambda: others.append(
+                httpx.post(f"{url}/v1/completions", json=long, timeout=60))) for _ in range(2)]
+            for thread in busy:  # one running (4 s), one waiting
+                thread.start()
+            while engine.run_at_step_boundary(lambda: (core.num_running, core.num_waiting)).result(10) != (1, 1):
+                time.sleep(0.02)
             sender = threading.Thread(target=lambda: responses.append(
                 httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
             sender.start()
-            while len(engine._commands) < 3:
-                time.sleep(0.02)
-            release.set()
             sender.join(60)
-            assert responses[0].status_code == 429  # the second choice found the queue (1) full
-            deadline = time.monotonic() + 20
-            while engine.run_at_step_boundary(lambda: core.num_waiting + core.num_running).result(10):
-                assert time.monotonic() < deadline, "the admitted choice was not aborted"
-                time.sleep(0.02)
-            assert "0" in [a.rsplit("-", 1)[1] for a in aborted]  # the admitted choice, not run to its end
-            ok = httpx.post(f"{url}/v1/completions", json={**body, "n": 1, "max_tokens": 8}, timeout=60)
+            assert responses[0].status_code == 429  # the second choice found the queue (2) full
+            # at once: the long requests still run and wait, and the admitted choice is gone
+            assert engine.run_at_step_boundary(lambda: (core.num_running, core.num_waiting)).result(10) == (1, 1)
+            assert "0" in [a.rsplit("-", 1)[1] for a in aborted]
+            many = httpx.post(f"{url}/v1/completions", json={**body, "n": 3}, timeout=60)
+            assert many.status_code == 400 and many.json()["error"]["param"] == "n"
+            assert "at most 2" in many.json()["error"]["message"]
+            for thread in busy:
+                thread.join(60)
+            assert [r.status_code for r in others] == [200, 200]
+            ok = httpx.post(f"{url}/v1/completions", json={**body, "n": 1}, timeout=60)
             assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
     finally:
         engine.shutdown()
+
+
+def test_prompts_are_tokenized_off_the_event_loop():
+    """Tokenizing and chat templates (0.5 s for a 1 MiB prompt) run on the app's tokenizing thread, not on the
+    event loop every stream of the replica shares: completions, chat, responses, /tokenize, /detokenize."""
+    tokenizer = build_tokenizer()
+    threads: dict[str, set[str]] = {"encode": set(), "apply_chat_template": set(), "decode": set()}
+    for name in threads:
+        method = getattr(tokenizer, name)
+
+        def recorded(*args, _name=name, _method=method, **kwargs):
+            threads[_name].add(threading.current_thread().name)
+            return _method(*args, **kwargs)
+
+        setattr(tokenizer, name, recorded)
+    engine = _start_engine(tokenizer)
+    with served(engine) as url:
+        for names in threads.values():  # (the app's start-up encodes its tags)
+            names.clear()
+        for path, body in (("/v1/completions", {"model": MODEL, "prompt": "def f", "max_tokens": 1}),
+                           ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}),
+                           ("/v1/responses", {"model": MODEL, "input": "hello", "max_output_tokens": 16}),
+                           ("/tokenize", {"prompt": "def f"}), ("/tokenize", {"messages": MESSAGES}),
+                           ("/detokenize", {"tokens": [5, 6]})):
+            response = httpx.post(f"{url}{path}", json=body, timeout=60)
+            assert response.status_code == 200, (path, response.text)
+    assert threads["encode"] and threads["apply_chat_template"] and "tokenize_0" in threads["decode"]
+    assert {name for names in (threads["encode"], threads["apply_chat_template"]) for name in names} == {"tokenize_0"}
 
 
 def test_health_reports_degradation_without_leaving_rotation(tokenizer):

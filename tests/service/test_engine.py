@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from service.async_engine import RETRY_PAUSES_S, AsyncEngine, EngineError, EngineStopped
+from service.async_engine import RETRY_PAUSES_S, AsyncEngine, EngineError, EngineStopped, RequestTimeout
 from service.attention import KVCache
 from service.engine import (
     CACHED_SEQUENCES_PER_SEQ,
@@ -456,6 +456,34 @@ def test_cancelling_a_consumer_aborts_the_request(async_engine):
                                                         async_engine._engine.num_running)
 
     assert not asyncio.run(main())
+
+
+def test_a_request_whose_consumer_stops_reading_is_aborted_at_its_deadline():
+    """The deadline aborts the request in the engine whether or not its consumer reads (a client that stalls
+    without closing holds no KV blocks past it); the consumer's next read is the timeout, not the outputs
+    left unread. One that finished in time is not timed out after, however late it is read."""
+    engine = AsyncEngine(Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=1024,
+                                                                             request_timeout_s=1.0)))
+    engine.start()
+
+    async def main():
+        stream = engine.generate("slow", [5, 6], SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True))
+        await anext(stream)  # then nothing read for 1.5 s
+        short = engine.generate("done", [5, 6], SamplingParams(max_tokens=2, temperature=0.0))
+        first = await anext(short)
+        await asyncio.sleep(1.5)
+        running = await engine.call_at_step_boundary(lambda: (engine._engine.num_running, engine._engine.num_waiting))
+        with pytest.raises(RequestTimeout):
+            await anext(stream)
+        rest = [out async for out in short]
+        return running, first, rest
+
+    try:
+        running, first, rest = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert running == (0, 0)
+    assert not first.finished and rest[-1].finished and rest[-1].finish_reason == "length"
 
 
 def test_admission_errors_reach_the_caller(async_engine):

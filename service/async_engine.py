@@ -161,11 +161,15 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        self._fail_pending("the engine shut down")
+
+    def _fail_pending(self, message: str) -> None:
+        """Fail the calls not run and the requests not finished with `EngineStopped` (``_stopping`` set)."""
         while self._commands:  # a cancelled future would reach an awaiting request as CancelledError
             _, future = self._commands.popleft()
             if future.set_running_or_notify_cancel():
-                future.set_exception(EngineStopped("the engine shut down"))
-        self._send([(rid, EngineStopped("the engine shut down")) for rid in list(self._streams)])
+                future.set_exception(EngineStopped(message))
+        self._send([(rid, EngineStopped(message)) for rid in list(self._streams)])
 
     def run_at_step_boundary(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn()`` on the engine thread between two steps; the future holds its result or error."""
@@ -243,6 +247,17 @@ class AsyncEngine:
                 self.run_at_step_boundary(lambda: self._engine.abort(request_id))
 
     def _run(self) -> None:
+        """The step loop; should it ever raise (each step's errors are caught in `_step`), the engine stops as at
+        shutdown, failing what is pending, rather than leave requests and calls waiting on a dead thread."""
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the engine's step thread failed; the engine is stopped")
+            with self._commands_lock:
+                self._stopping = True
+            self._fail_pending("the engine stopped after an internal error")
+
+    def _loop(self) -> None:
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
         while True:

@@ -486,6 +486,32 @@ def test_a_request_whose_consumer_stops_reading_is_aborted_at_its_deadline():
     assert not first.finished and rest[-1].finished and rest[-1].finish_reason == "length"
 
 
+class _Fatal(BaseException):
+    """Escapes a step's error handling (which catches Exception)."""
+
+
+def test_a_step_thread_that_dies_stops_the_engine_and_fails_what_waits_on_it():
+    engine = AsyncEngine(_engine(max_num_seqs=2))
+    engine.start()
+
+    async def main():
+        stream = engine.generate("r", [5, 6], SamplingParams(max_tokens=200, temperature=0.0))
+        await anext(stream)
+        engine._engine.step = lambda: (_ for _ in ()).throw(_Fatal())
+        async with asyncio.timeout(30):  # (not waiting on a dead thread)
+            with pytest.raises(EngineStopped, match="internal error"):
+                async for _ in stream:
+                    pass
+            with pytest.raises(EngineStopped):
+                await _collect(engine, "late", [5, 6])
+
+    try:
+        asyncio.run(main())
+        assert not engine.is_alive
+    finally:
+        engine.shutdown()
+
+
 def test_admission_errors_reach_the_caller(async_engine):
     async def main():
         with pytest.raises(ValueError, match="at least one token"):

@@ -216,7 +216,7 @@ class AsyncEngine:
 
         def expire() -> None:  # at the deadline, read or not: a client that stops reading holds no KV blocks
             abort = self.run_at_step_boundary(lambda: self._engine.abort(request_id))
-            abort.add_done_callback(lambda done: loop.call_soon_threadsafe(on_aborted, done))
+            abort.add_done_callback(lambda done: _call_soon(loop, on_aborted, done))
 
         try:
             prompt = list(prompt_token_ids)
@@ -326,8 +326,13 @@ class AsyncEngine:
             if stream is not None:
                 by_loop.setdefault(stream[0], []).append((stream[1], item))
         for loop, batch in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
-                loop.call_soon_threadsafe(_put_all, batch)
+            _call_soon(loop, _put_all, batch)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
+    """``fn(*args)`` on ``loop`` from another thread, unless the loop is closed (nobody listens any more)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -802,7 +802,7 @@ class DetokenizeRequest(StrictModel):
     """``POST /detokenize``: token ids back to text (special tokens included)."""
 
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[Annotated[int, Strict(), Field(ge=0)]]  # ids, not "1" or true
 
 
 class DetokenizeResponse(BaseModel):

@@ -676,7 +676,8 @@ def test_tokenize_and_detokenize_round_trip_the_prompts_the_endpoints_see(server
     assert back == {"prompt": text}
     for path, body, param in [("/tokenize", {"prompt": "a", "messages": MESSAGES}, None),
                               ("/tokenize", {}, None), ("/detokenize", {"tokens": [10**6]}, "tokens"),
-                              ("/detokenize", {"tokens": [-1]}, "tokens.0"), ("/tokenize", {"prompt": "a", "x": 1}, "x")]:
+                              ("/detokenize", {"tokens": [-1]}, "tokens.0"), ("/detokenize", {"tokens": ["1"]}, "tokens.0"),
+                              ("/detokenize", {"tokens": [True]}, "tokens.0"), ("/tokenize", {"prompt": "a", "x": 1}, "x")]:
         response = httpx.post(f"{url}{path}", json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (path, body)
     assert httpx.post(f"{url}/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404

@@ -10,11 +10,11 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
   played the same way;
 - ``shared_system``: the code set (every request has the same system prompt), closed loop;
 - ``users``: ``--users`` of the multi-turn conversations (``--users-set sonnet_like``: long_context's) taking
-  turns (each user's next turn comes after every other user's: `play`'s ``interleave``), with caching off, with as many cached sequences as running ones
-  (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32 in the apps) in the KV memory those running
-  ones fill (``kv_cache_bytes``: the cache before it had more), with the default cached sequences in that memory
-  (the cache before it took all of ``kv_cache_bytes``), and with the engine's defaults (with ``--serve``, four
-  more apps, in a Ray cluster of their own);
+  turns (each user's next turn comes after every other user's: `play`'s ``interleave``), with caching off, with
+  as many cached sequences as running ones (``max_cached_sequences`` = ``max_num_seqs``: 16 on the engine, 32
+  in the apps) in the KV memory those running ones fill (``kv_cache_bytes``: the cache before it had more),
+  with the default cached sequences in that memory (the cache before it took all of ``kv_cache_bytes``), and
+  with the engine's defaults (with ``--serve``, four more apps, in a Ray cluster of their own);
 - ``burst`` (engine backend only): ``--burst`` requests sent at once that share a long system prompt no
   cache holds yet (a Sonnet-like prompt, about 600 tokens, before a short question each), with the engine's
   deferral of requests whose uncached prefix a running prefill already computes (`Engine._deferred`) and
@@ -23,7 +23,7 @@ Three scenarios, each run with caching off and on in alternation (``--repeats`` 
 Two backends: by default the engine in this process over the embedded model run whole (a fresh engine
 per run); with ``--serve``, the default emulated cluster of ``deploy/config.yaml`` through Ray Serve
 (experts on the workers, OpenAI API, the official ``openai`` client), two apps in one Ray cluster, one
-with ``enable_prefix_caching: false``, loaded one after the other (the users scenario: three apps, in a
+with ``enable_prefix_caching: false``, loaded one after the other (the users scenario: four apps, in a
 cluster of their own). Greedy decoding with ``ignore_eos`` and the recorded ``max_tokens`` (at most
 ``--max-tokens``), so every mode serves the same number of tokens. Reports TTFT medians (turns after the first separately), the scenario's wall time, the prompt
 tokens prefilled and taken from the cache, and how many answers were the same in both modes; prints a
@@ -58,8 +58,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from deploy.app import DEFAULT_MODEL
 from load_tests.workloads import Prompt, load_workload
 from service.async_engine import AsyncEngine
-from service.attention import KVCache
-from service.engine import Engine, EngineConfig
+from service.engine import Engine, EngineConfig, kv_bytes_per_token
 from service.sampling import SamplingParams
 from service.text import apply_chat_template
 from service.tokenizer import load_tokenizer
@@ -116,6 +115,16 @@ def short_follow_ups(prompts: list[Prompt], max_chars: int = 80) -> list[str]:
     """The user messages after the first of the set's conversations, those of at most ``max_chars``."""
     return [m["content"] for p in prompts for k, m in enumerate(p.messages)
             if m["role"] == "user" and k > 0 and len(m["content"]) <= max_chars]
+
+
+# the conversation sets of the scenarios, by name: max_tokens -> conversations
+CONVERSATION_SETS: dict[str, Callable[[int], list[Conversation]]] = {
+    "sharegpt_like": lambda max_tokens: conversations(load_workload("sharegpt_like"), multi_turn=True,
+                                                      max_tokens=max_tokens),
+    "sonnet_like": lambda max_tokens: with_follow_ups(load_workload("sonnet_like"),
+                                                      short_follow_ups(load_workload("sharegpt_like")), turns=3,
+                                                      max_tokens=max_tokens),
+}
 
 
 async def play(send: Send, items: list[Conversation], concurrency: int, tag: str, session: int,
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-burst", action="store_true", help="the burst scenario alone (engine backend)")
     parser.add_argument("--users", type=int, default=64,
                         help="conversations of the users scenario, taking turns (0: none)")
-    parser.add_argument("--users-set", choices=("sharegpt_like", "sonnet_like"), default="sharegpt_like",
+    parser.add_argument("--users-set", choices=tuple(CONVERSATION_SETS), default="sharegpt_like",
                         help="the users' conversations: the ShareGPT-like multi-turn ones, or the Sonnet-like long "
                              "prompts with two follow-ups (as long_context)")
     parser.add_argument("--only-users", action="store_true", help="the users scenario alone")
@@ -222,10 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     model_config = AutoConfig.from_pretrained(args.model)
     max_model_len = model_config.max_position_embeddings
     scenarios = {
-        "multi_turn": conversations(load_workload("sharegpt_like"), multi_turn=True,
-                                    max_tokens=args.max_tokens)[:args.conversations],
-        "long_context": with_follow_ups(load_workload("sonnet_like"), short_follow_ups(load_workload("sharegpt_like")),
-                                        turns=3, max_tokens=args.max_tokens)[:args.conversations],
+        "multi_turn": CONVERSATION_SETS["sharegpt_like"](args.max_tokens)[:args.conversations],
+        "long_context": CONVERSATION_SETS["sonnet_like"](args.max_tokens)[:args.conversations],
         "shared_system": conversations(load_workload("code"), multi_turn=False,
                                        max_tokens=args.max_tokens)[:args.requests],
     }
@@ -353,7 +360,7 @@ def _users_config(mode: str, max_num_seqs: int, running_bytes: int) -> dict:
 def _running_bytes(model_config, max_num_seqs: int, max_model_len: int, dtype: torch.dtype) -> int:
     """KV memory of ``max_num_seqs`` sequences of ``max_model_len`` (whole blocks) of a model without linear
     attention."""
-    per_token = KVCache.bytes_per_token(model_config.num_hidden_layers, dtype=dtype, **KVCache.for_model(model_config))
+    per_token = kv_bytes_per_token(model_config, dtype)
     block = EngineConfig.kv_block_size
     return max_num_seqs * -(-max_model_len // block) * block * per_token
 
@@ -363,11 +370,7 @@ async def _measure_users(args, count, max_model_len: int, backend) -> dict:
     off, with as many cached sequences as running ones (``max_cached_sequences=max_num_seqs``: the engine's layout
     before it had more), and with the default, ``args.repeats`` times each; ``backend`` gives per mode a factory of
     a sender (a fresh engine's, or an app's)."""
-    if args.users_set == "sonnet_like":
-        items = with_follow_ups(load_workload("sonnet_like"), short_follow_ups(load_workload("sharegpt_like")),
-                                turns=3, max_tokens=args.max_tokens)[:args.users]
-    else:
-        items = conversations(load_workload("sharegpt_like"), multi_turn=True, max_tokens=args.max_tokens)[:args.users]
+    items = CONVERSATION_SETS[args.users_set](args.max_tokens)[:args.users]
     print(f"{'users':<14} {'caching':<8} {'run':>3} {'requests':>8} {'wall s':>7} {'TTFT p50':>9} {'later turns':>11} "
           f"{'prefilled':>9} {'cached':>7}")
     async with backend as senders:

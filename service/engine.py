@@ -970,6 +970,16 @@ def _logprobs(logits: torch.Tensor, sampled: list[_Sequence], tokens: list[int])
     return found
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes over all layers of a model (its transformers config): keys and values (multi-head
+    latent attention's latent), and a DSA indexer's keys; linear-attention states are per sequence, not counted."""
+    per_token = KVCache.bytes_per_token(config.num_hidden_layers, dtype=dtype, **KVCache.for_model(config))
+    indexed = sparse_attention.indexed_layers(config)
+    if indexed:
+        per_token += len(indexed) * config.index_head_dim * torch.empty(0, dtype=dtype).element_size()
+    return per_token
+
+
 def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     """A paged KV cache of as many blocks as ``kv_cache_bytes`` holds once the slots' linear-attention states and
     their snapshots are paid for; without prefix caching (or with linear-attention states), no more than
@@ -984,10 +994,8 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     """
     mc = model.config
     heads = KVCache.for_model(mc)  # multi-head latent attention: its latent (service.attention)
-    per_token = KVCache.bytes_per_token(mc.num_hidden_layers, dtype=model.dtype, **heads)
+    per_token = kv_bytes_per_token(mc, model.dtype)
     indexed = sparse_attention.indexed_layers(mc)  # the layers whose DSA indexer caches keys
-    if indexed:
-        per_token += len(indexed) * mc.index_head_dim * torch.empty(0, dtype=model.dtype).element_size()
     linear = linear_attention.linear_layers(mc)  # their states: a fixed size per slot
     shape = linear_attention.LinearShape.of(mc) if linear else None
     states = len(linear) * shape.bytes_per_slot(model.dtype) if linear else 0
@@ -1006,11 +1014,9 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     # holds beyond is taken only with it (and no linear-attention states: its slots, max_num_seqs, hold those)
     cached = config.enable_prefix_caching and not states
     most = config.max_num_seqs * full_blocks
-    if per_block:
-        num_blocks = (budget - num_slots * states) // per_block
-        num_blocks = num_blocks if cached else min(num_blocks, most)
-    else:
-        num_blocks = most
+    num_blocks = (budget - num_slots * states) // per_block if per_block else most
+    if not cached:
+        num_blocks = min(num_blocks, most)
     if cached:  # rows for finished requests' prefixes (each holds a block)
         num_slots += min(config.max_cached_sequences or CACHED_SEQUENCES_PER_SEQ * config.max_num_seqs, num_blocks)
     if num_slots < 1 or num_blocks < full_blocks:

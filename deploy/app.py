@@ -8,6 +8,7 @@ Arguments are validated here (pydantic, `AppArgs`) and turned into one frozen co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -71,7 +72,7 @@ class AppArgs(BaseModel):
     num_devices: int = Field(default=8, ge=1, le=1024)
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # workers hold an FP8 or MXFP4 checkpoint's experts as stored, dequantizing each at each call
+    # workers hold an FP8, MXFP4, packed INT4/INT8 or NVFP4 checkpoint's experts as stored, dequantizing each call
     keep_quantized_experts: bool = False
     emulate: bool = True
     speeds: list[float] = Field(default_factory=lambda: list(DEFAULT_SPEEDS))
@@ -152,6 +153,9 @@ class AppArgs(BaseModel):
             raise ValueError(f"worker_num_gpus {self.worker_num_gpus} needs GPU workers (device: cuda)")
         if bad := [d for d in self.emulation.drift if not 0 <= d < self.num_devices]:
             raise ValueError(f"emulation.drift names devices {bad} outside 0..{self.num_devices - 1}")
+        if self.reasoning_parser == "openai_gptoss" and self.tool_call_parser not in ("auto", "openai"):
+            raise ValueError(f"reasoning_parser openai_gptoss reads GPT-OSS's harmony format, whose tool calls are "
+                             f"tool_call_parser openai's (or auto), not {self.tool_call_parser}'s")
         return self
 
 
@@ -180,10 +184,11 @@ def build_app(args: dict[str, Any] | None = None):
                                            recalibration_mode=parsed.recalibration_mode,
                                            probe_misses=parsed.worker_probe_misses)
     family = f"vibe-worker-{parsed.app_name}-"
-    pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(parsed, checkpoint)}", family_prefix=family,
-                                num_cpus=parsed.worker_num_cpus,
-                                num_gpus=(parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
-                                scheduling_strategy=parsed.worker_scheduling.upper())
+    resources = {"num_cpus": parsed.worker_num_cpus,
+                 "num_gpus": (parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
+                 "scheduling_strategy": parsed.worker_scheduling.upper()}
+    pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(worker_configs, checkpoint, **resources)}",
+                                family_prefix=family, **resources)
     max_model_len = parsed.max_model_len or _model_max_len(checkpoint)
     token = parsed.admin_token.get_secret_value() if parsed.admin_token else _env_token()
     settings = IngressSettings(
@@ -293,8 +298,8 @@ def _env_roots() -> list[str]:
     return [p for p in os.environ.get("VIBE_MODEL_ROOTS", "").split(os.pathsep) if p]
 
 
-def _fingerprint(args: AppArgs, checkpoint: str) -> str:
-    """Short hash of what the workers are built from: adopting workers of another config is never right."""
-    keys = args.model_dump(include={"num_devices", "device", "dtype", "emulate", "speeds", "emulation", "worker_threads",
-                                    "worker_num_gpus", "worker_scheduling"})
-    return hashlib.sha256(json.dumps([keys, checkpoint], sort_keys=True, default=str).encode()).hexdigest()[:8]
+def _fingerprint(worker_configs: list, checkpoint: str, **resources: Any) -> str:
+    """Short hash of what the workers are built from (every worker's config, the checkpoint) and the resources their
+    actors hold: adopting workers of another config is never right, so any change to either names new workers."""
+    described = [[dataclasses.asdict(config) for config in worker_configs], checkpoint, resources]
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:8]

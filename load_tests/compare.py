@@ -1,4 +1,4 @@
-"""The side-by-side benchmark: `python -m load_tests.compare --out bench` (`make bench`).
+"""The side-by-side benchmark: `python -m load_tests.compare --out bench --drift` (`make bench`).
 
 Owns the experiment: one app per policy (`contiguous`, `eplb`, `vibe`), all started in one local Ray
 cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request trace sent to every app,

@@ -149,7 +149,7 @@ def _header(result: dict, slo: SLO) -> str:
     return "\n".join([
         "# vibe-serve: side-by-side benchmark (contiguous vs eplb vs vibe)",
         "",
-        f"Reproduce: `{command}` from the repository root (`make bench` runs it with `--out bench`; this run "
+        f"Reproduce: `{command}` from the repository root (`make bench` runs it with `--out bench --drift`; this run "
         f"took {result.get('runtime_s', 0) / 60:.0f} min). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
         f"load average {_loads(result['machine'])}; the machine was shared, so compare within this run only.",
         "",

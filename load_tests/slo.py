@@ -1,9 +1,9 @@
 """SLOs and the numbers a load test reports: percentiles, SLO attainment, goodput and the SLO frontier.
 
-Owns the definitions of DESIGN.md §4 as pure functions over `RequestResult`s: a request meets the SLO
-when it completed, its TTFT is within the TTFT SLO and its TPOT within the TPOT SLO (a one-token output
-has no TPOT and is judged on TTFT alone); failed and cut-off requests never meet it. Ignores HTTP,
-plotting and how requests were sent.
+Owns the definitions (README, Design: "Definitions") as pure functions over `RequestResult`s: a request
+meets the SLO when it completed, its TTFT is within the TTFT SLO and its TPOT within the TPOT SLO (a
+one-token output has no TPOT and is judged on TTFT alone); failed and cut-off requests never meet it.
+Ignores HTTP, plotting and how requests were sent.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Frontier:
 
 
 def frontier(rates: Sequence[float], attainments: Sequence[float], target: float = 0.9) -> Frontier:
-    """SLO frontier of a rate sweep (any order), as DESIGN.md §4 defines it: the highest rate that meets
+    """SLO frontier of a rate sweep (any order), as README's Design section defines it: the highest rate that meets
     the target, refined by linear interpolation towards the next swept rate."""
     if len(rates) != len(attainments) or not rates:
         raise ValueError(f"need as many attainments as rates (>= 1), got {len(rates)} and {len(attainments)}")

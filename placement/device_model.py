@@ -8,8 +8,8 @@ experts, placements or where the samples came from (profiling or online timings)
                = fixed + slope * (n - knee)         n > knee
 
 Below the knee an expert kernel is bound by loading its weights, so its time barely depends on the
-token count; above it the kernel is compute bound and grows linearly (TEMPO's observation, DESIGN.md
-§2). A device's time in a layer is the sum of this curve over the experts it holds.
+token count; above it the kernel is compute bound and grows linearly (TEMPO's observation). A device's
+time in a layer is the sum of this curve over the experts it holds.
 """
 
 from __future__ import annotations

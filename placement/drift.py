@@ -1,6 +1,6 @@
 """Drift detection: when the workload or the devices no longer match what the placement was made for.
 
-Owns two detectors (DESIGN.md §2): workload drift, the paper's Algorithm 2 trigger (cosine distance
+Owns two detectors (README, Design: "Recalibration"): workload drift, the paper's Algorithm 2 trigger (cosine distance
 between a sliding window of router counts and the reference loads) and ours next to it (the router load
 of a typical pass rising or falling by a factor: the batch size, which the cosine cannot see), and
 device drift, ours (observed vs predicted expert time per device). Plain classes with no clocks or

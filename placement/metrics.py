@@ -1,4 +1,4 @@
-"""Predicted device times and the balance metrics of DESIGN.md §4.
+"""Predicted device times and the balance metrics (README, Design: "Definitions").
 
 Owns the vectorised evaluation of many device curves at once and the per-layer metrics built on it.
 Knows nothing of how placements are chosen.

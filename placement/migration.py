@@ -1,8 +1,8 @@
 """Migration plans: which expert copies must travel, and whether a new placement is worth the trip.
 
 Owns the diff between two placements in weight copies (what each destination device lacks and where
-to fetch it; what each device may drop afterwards) and the migration-cost-aware decision of DESIGN.md
-§2 (move only if the predicted gain over the next window exceeds the time to move the bytes). Knows
+to fetch it; what each device may drop afterwards) and the migration-cost-aware decision of the
+method (move only if the predicted gain over the next window exceeds the time to move the bytes). Knows
 nothing of how weights are sent or of the two-phase protocol that sends them (the coordinator's job).
 """
 

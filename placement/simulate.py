@@ -1,6 +1,6 @@
 """Scale simulator: placement quality on sampled devices and real loads, from a handful to hundreds of GPUs.
 
-Owns the device variability profiles (DESIGN.md §1: identical; 7% spread; one device 13% slower; 22%
+Owns the device variability profiles (published measurements: identical; 7% spread; one device 13% slower; 22%
 spread; two devices throttled to 0.8x), the evaluation of policies on one case against the proven
 lower bound, and the scale study "do redundant experts and uneven expert counts keep ViBE's gain at
 large G". Knows nothing of timing, printing or files (see `bench`); placements come from `plan`.

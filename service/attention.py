@@ -1,10 +1,11 @@
-"""Attention over a flattened ragged batch, with a preallocated per-sequence KV cache.
+"""Attention over a flattened ragged batch, with a paged KV cache.
 
-Owns the KV cache (one slot per running sequence, preallocated and bounded), the per-step metadata that
-says which sequence owns which token range of the flat batch, and the attention function that the
-model's own attention modules call (registered with transformers as ``"vibe_ragged"``). The modules
-still apply their projections, q/k norms and RoPE; this file only appends keys/values to the cache and
-computes causal attention over it, with GPT-OSS's attention sinks (a learned logit per head that takes
+Owns the KV cache (`KVCache`: blocks of positions handed to sequences as they grow, a block table per slot,
+blocks shared between sequences by reference count and copied on write, finished sequences' blocks kept as
+a prefix cache until they are needed), the per-step metadata that says which sequence owns which token
+range of the flat batch, and the attention function that the model's own attention modules call (registered
+with transformers as ``"vibe_ragged"``). The modules still apply their projections, q/k norms and RoPE; this
+file only appends keys/values to the cache and computes causal attention over it, with GPT-OSS's attention sinks (a learned logit per head that takes
 its share of the softmax and adds nothing to the output) where the module passes them, sliding windows, and
 Llama 4's chunked attention (a query attends the keys of its own ``attention_chunk_size`` chunk of positions
 only, causally) and its attention temperature tuning on NoPE layers (applied here at each token's position:
@@ -12,10 +13,10 @@ the module would take positions 0.. of the flat batch, having no cache to count 
 number and width differ per layer (Gemma 4's full-attention layers: fewer and wider), and Gemma 4's layers that
 share an earlier layer's keys and values (they attend that layer's cache and hold none).
 
-Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer,
-reading the cache in place; multi-token chunks (prefill) get one SDPA call each (with sinks, the same
-attention written out: SDPA has no sink). Ignores dropout and logit soft-capping (no supported model uses
-them at inference).
+Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer over
+their blocks gathered in position order (PyTorch has no paged attention kernel on CPU); multi-token chunks
+(prefill) get one SDPA call each over their gathered blocks (with sinks, the same attention written out:
+SDPA has no sink). Ignores dropout and logit soft-capping (no supported model uses them at inference).
 
 Multi-head latent attention (DeepSeek-V2 and V3, GLM-4.7-Flash) is computed on its latent, as vLLM and SGLang
 do: the cache holds each token's compressed key-value latent and rotary key (one "head" of

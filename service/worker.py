@@ -43,10 +43,11 @@ class WorkerConfig:
         hidden_act: activation of the expert gate, a key of transformers' ACT2FN.
         clamped_swiglu: GPT-OSS's (alpha, limit) when the experts are its clamped SwiGLU with biases
             (`service.experts.ExpertFFN`; `ExpertLayout.clamped_swiglu` of the model), else None.
-        keep_quantized: hold a quantized checkpoint's experts as stored (FP8 with block scales, MXFP4),
-            dequantizing each weight at each call: half (FP8) or about a quarter (MXFP4) of the memory and
-            of the bytes a migration moves, for a dequantization per expert call. False: dequantize on
-            loading. No effect on other checkpoints.
+        keep_quantized: hold a quantized checkpoint's experts as stored (FP8 with block scales, MXFP4,
+            compressed-tensors' packed INT4/INT8 and NVFP4), dequantizing each weight at each call: half
+            (FP8) or about a quarter (the 4-bit formats) of the memory and of the bytes a migration moves,
+            for a dequantization per expert call. False: dequantize on loading. No effect on other
+            checkpoints.
         num_threads: torch intra-op threads of this process (torch.set_num_threads).
         profile_shape: (hidden, intermediate) of the synthetic expert profiled when none is held and no
             `profile_checkpoint` is given.

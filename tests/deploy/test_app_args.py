@@ -34,6 +34,8 @@ def error_of(args: dict) -> str:
     ({"emulation": {"drift": {"9": [[60, 0.8]]}}}, "emulation.drift names devices [9] outside 0..7"),
     ({"num_devices": 0}, "num_devices"),
     ({"admin_token": "short"}, "admin_token"),
+    ({"reasoning_parser": "openai_gptoss", "tool_call_parser": "hermes"},
+     "reasoning_parser openai_gptoss reads GPT-OSS's harmony format"),
 ])
 def test_bad_arguments_are_refused_naming_the_argument(args, expected):
     assert expected in error_of(args)
@@ -222,3 +224,23 @@ def test_a_model_the_policy_cannot_place_is_refused_when_the_app_is_built(tmp_pa
         with pytest.raises(ValueError, match="8 experts per layer cannot be placed on 3 devices.*divisible"):
             build_app({**base, "policy": policy})
     build_app({**base, "slot_budget": 3})  # vibe with uneven counts places them
+
+
+def test_workers_of_another_configuration_are_never_adopted(tmp_path):
+    """Workers are detached actors named after a fingerprint of their configuration and resources (a redeploy adopts
+    workers of the same name): every worker setting changes the name, engine-only settings do not."""
+    save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8")
+    base = {"model": "fp8", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+
+    def name_prefix(args: dict) -> str:
+        return build_app(args)._bound_deployment.init_args[0]._bound_deployment.init_args[2].name_prefix
+
+    first = name_prefix(base)
+    assert first.startswith("vibe-worker-vibe-") and name_prefix(base) == first
+    assert name_prefix({**base, "max_num_seqs": 4, "policy": "eplb"}) == first
+    changed = [{"keep_quantized_experts": True}, {"worker_num_cpus": 0.5}, {"worker_threads": 2},
+               {"speeds": [1.0, 0.8]}, {"emulation": {"jitter": 0.05}}, {"dtype": "bfloat16"},
+               {"worker_scheduling": "spread"}]
+    prefixes = [name_prefix({**base, **change}) for change in changed]
+    assert first not in prefixes and len(set(prefixes)) == len(changed)

@@ -51,7 +51,7 @@ class EmulationArgs(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    fixed_s: float = Field(default=4e-4, ge=0)
+    fixed_s: float = Field(default=4e-4, gt=0)  # 0 would emulate calls that take no time: nothing to fit
     knee_tokens: float | None = Field(default=None, gt=0)
     slope_s: float | None = Field(default=None, ge=0)
     jitter: float = Field(default=0.02, ge=0, lt=1)
@@ -139,8 +139,10 @@ class AppArgs(BaseModel):
     @field_validator("speeds")
     @classmethod
     def _positive_speeds(cls, speeds: list[float]) -> list[float]:
-        if not speeds or min(speeds) <= 0:
-            raise ValueError(f"speeds must be positive, got {speeds}")
+        from service.emulator import MIN_SPEED
+
+        if not speeds or min(speeds) < MIN_SPEED:
+            raise ValueError(f"speeds must be at least {MIN_SPEED} (a hundredth of the reference device), got {speeds}")
         return speeds
 
     @model_validator(mode="after")
@@ -153,6 +155,12 @@ class AppArgs(BaseModel):
             raise ValueError(f"worker_num_gpus {self.worker_num_gpus} needs GPU workers (device: cuda)")
         if bad := [d for d in self.emulation.drift if not 0 <= d < self.num_devices]:
             raise ValueError(f"emulation.drift names devices {bad} outside 0..{self.num_devices - 1}")
+        if "max_num_batched_tokens" in self.model_fields_set and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({self.max_num_seqs}): a step must fit a token of every running sequence")
+        if self.profile_prompts is not None and not Path(self.profile_prompts).is_file():
+            raise ValueError(f"profile_prompts: no file at {self.profile_prompts} (a JSONL of chat requests; null: "
+                             "no profiling pass)")
         if self.reasoning_parser == "openai_gptoss" and self.tool_call_parser not in ("auto", "openai"):
             raise ValueError(f"reasoning_parser openai_gptoss reads GPT-OSS's harmony format, whose tool calls are "
                              f"tool_call_parser openai's (or auto), not {self.tool_call_parser}'s")
@@ -189,14 +197,19 @@ def build_app(args: dict[str, Any] | None = None):
                  "scheduling_strategy": parsed.worker_scheduling.upper()}
     pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(worker_configs, checkpoint, **resources)}",
                                 family_prefix=family, **resources)
-    max_model_len = parsed.max_model_len or _model_max_len(checkpoint)
+    default_len, longest = _model_context(checkpoint)
+    if parsed.max_model_len is not None and parsed.max_model_len > longest:
+        raise ValueError(f"max_model_len {parsed.max_model_len} is beyond the {longest} positions the model at "
+                         f"{checkpoint} was trained for (config.json's max_position_embeddings, with its RoPE "
+                         "scaling): its output past them would be wrong")
+    max_model_len = parsed.max_model_len or default_len
     token = parsed.admin_token.get_secret_value() if parsed.admin_token else _env_token()
     settings = IngressSettings(
         checkpoint=checkpoint,
         served_model_name=parsed.served_model_name or Path(checkpoint).name,
         dtype=parsed.dtype,
         engine_config=EngineConfig(max_num_seqs=parsed.max_num_seqs,
-                                   max_num_batched_tokens=max(parsed.max_num_batched_tokens, parsed.max_num_seqs),
+                                   max_num_batched_tokens=_batched_tokens(parsed),
                                    max_model_len=max_model_len, max_queue=parsed.max_queue,
                                    request_timeout_s=parsed.request_timeout_s, step_retry_s=parsed.step_retry_s,
                                    enable_prefix_caching=parsed.enable_prefix_caching,
@@ -208,7 +221,7 @@ def build_app(args: dict[str, Any] | None = None):
         admin_token_sha256=token_digest(token) if token else None,
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,
-        profile_prompts=parsed.profile_prompts,
+        profile_prompts=str(Path(parsed.profile_prompts).resolve()) if parsed.profile_prompts else None,
         engine_threads=parsed.engine_threads,
         reasoning_parser=parsed.reasoning_parser,
         tool_call_parser=parsed.tool_call_parser,
@@ -273,10 +286,26 @@ def _worker_configs(args: AppArgs, layout, checkpoint: str) -> list:
             for index, emulation in enumerate(emulations)]
 
 
-def _model_max_len(checkpoint: str) -> int:
+def _model_context(checkpoint: str) -> tuple[int, int]:
+    """(default, longest) max_model_len of a checkpoint: its max_position_embeddings (2048 when missing), and the
+    context its RoPE scaling extends it to, as vLLM derives it (a YaRN model's original length times the factor,
+    another scaling's max_position_embeddings times the factor; Llama 3's and LongRoPE's already count it)."""
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     config = config.get("text_config") or config  # a vision-language model's language model (Qwen3.5)
-    return int(config.get("max_position_embeddings", 2048))
+    default = int(config.get("max_position_embeddings", 2048))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if kind in ("default", "llama3", "longrope", "su") or not isinstance(factor, int | float) or factor <= 1:
+        return default, default
+    base = int(rope.get("original_max_position_embeddings") or default) if kind == "yarn" else default
+    return default, max(default, int(base * factor))
+
+
+def _batched_tokens(args: AppArgs) -> int:
+    """max_num_batched_tokens: as given (AppArgs refuses one below max_num_seqs), or, left at its default, at least
+    max_num_seqs (a step must fit a token of every running sequence)."""
+    return max(args.max_num_batched_tokens, args.max_num_seqs)
 
 
 def check_admin_token(token: str) -> str:

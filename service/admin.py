@@ -22,7 +22,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.emulator import MIN_SPEED
 from service.openai_api import APIError
+from service.worker_pool import WorkerCallError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,9 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+# Strict: true, "1" and 1.0 are not device 1, nor "0.5" a speed (a typo should fail, not act on a device).
 class RecalibrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     policy: Literal["vibe", "eplb", "contiguous"] | None = None
     mode: Literal["auto", "incremental", "full"] = "incremental"
     dry_run: bool = False
@@ -46,15 +49,15 @@ class RecalibrateRequest(BaseModel):
 
 
 class SpeedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     device: int = Field(ge=0)
-    speed: float = Field(gt=0, le=10)
+    speed: float = Field(ge=MIN_SPEED, le=10)
 
 
 class FaultRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     device: int = Field(ge=0)
-    operation: Literal["import", "hang"] = "import"
+    operation: Literal["import", "hang", "error"] = "import"
 
 
 def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_devices: int,
@@ -83,15 +86,23 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
         if device >= num_devices:
             raise APIError(400, f"device {device} does not exist (devices 0..{num_devices - 1})", param="device")
 
+    async def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        """The coordinator's answer; a worker that did not answer the coordinator's call is a 503 naming it."""
+        try:
+            return await client.call(method, *args, **kwargs)
+        except WorkerCallError as exc:
+            raise APIError(503, f"{exc} (GET /admin/stats shows lost devices; retry once it is back)",
+                           type="service_unavailable_error", code="device_unavailable") from exc
+
     router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
 
     @router.get("/placement")
     async def placement() -> dict[str, Any]:
-        return await client.call("placement_view")
+        return await call("placement_view")
 
     @router.get("/stats")
     async def stats() -> dict[str, Any]:
-        return await client.call("stats_view")
+        return await call("stats_view")
 
     @router.post("/recalibrate")
     async def recalibrate(request: Request) -> dict[str, Any]:
@@ -101,30 +112,30 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
                 await flush_statistics()
             except Exception as exc:  # the coordinator's own answer below says what is wrong
                 log.warning("could not hand over router statistics before a recalibration: %s", exc)
-        return await client.call("recalibrate", policy=body.policy, mode=body.mode, dry_run=body.dry_run,
+        return await call("recalibrate", policy=body.policy, mode=body.mode, dry_run=body.dry_run,
                                  force=body.force, reason="admin")
 
     @router.post("/profile")
     async def profile() -> dict[str, Any]:
-        return await client.call("profile_devices")
+        return await call("profile_devices")
 
     @router.get("/ui", response_class=HTMLResponse)
     async def ui() -> HTMLResponse:
-        return HTMLResponse(render_placement_page(await client.call("placement_view")))
+        return HTMLResponse(render_placement_page(await call("placement_view")))
 
     if emulation:
         @router.post("/emulation/speed")
         async def set_speed(request: Request) -> dict[str, Any]:
             body = await _json_body(request, SpeedRequest)
             check_device(body.device)
-            await client.call("set_emulated_speed", body.device, body.speed)
+            await call("set_emulated_speed", body.device, body.speed)
             return {"device": body.device, "speed": body.speed}
 
         @router.post("/emulation/fault")
         async def inject_fault(request: Request) -> dict[str, Any]:
             body = await _json_body(request, FaultRequest)
             check_device(body.device)
-            await client.call("inject_fault", body.device, body.operation)
+            await call("inject_fault", body.device, body.operation)
             return {"device": body.device, "operation": body.operation, "armed": True}
 
     return router

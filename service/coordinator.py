@@ -542,8 +542,11 @@ class Coordinator:
             return [m.scaled(float(s)) for m, s in zip(self._profiled, self._devices.scales)]
 
     def profile_devices(self) -> dict[str, Any]:
-        """Re-profile every device (admin): new curves replace the refined ones."""
-        models = self._profile()
+        """Re-profile every device (admin): new curves replace the refined ones. Waits for a recalibration in
+        progress: one planned on the refined models would otherwise record them as the models it was planned
+        with after profiling reset them, which reads as device drift and re-plans for nothing."""
+        with self._migration_lock:
+            models = self._profile()
         return {"devices": [asdict(m) for m in models]}
 
     def _apply_device_drift(self) -> str | None:
@@ -584,8 +587,9 @@ class Coordinator:
         return lost
 
     def _computes(self, device: int, info: WorkerInfo) -> bool:
-        """Whether `device` answers one token for one of its experts on its data plane within probe_timeout_s
-        (an error answer counts: it is alive). A device holding no expert is not called by engines: True."""
+        """Whether `device` answers one token for one of its experts on its data plane within probe_timeout_s.
+        An error answer does not count: a worker whose GPU fails every call (a sticky CUDA error) is alive but
+        serves nothing until it is restarted. A device holding no expert is not called by engines: True."""
         from service.checkpoint import load_layout
         from service.transport import WorkerClient, WorkerError, WorkerUnavailable
 
@@ -600,10 +604,8 @@ class Coordinator:
                 client.send_forward(0, layer, np.array([expert], np.int32), np.array([1], np.int32),
                                     torch.zeros(1, self._hidden_size))
                 client.recv_reply()
-        except WorkerError:
-            return True
-        except WorkerUnavailable as exc:
-            log.warning("device %d answers its probe but not on its data plane: %s", device, exc)
+        except (WorkerError, WorkerUnavailable) as exc:
+            log.warning("device %d answers its probe but does not compute on its data plane: %s", device, exc)
             return False
         return True
 

@@ -131,13 +131,22 @@ def gpu_kv_cache_bytes(fraction: float, mem_get_info: Callable[[], tuple[int, in
 
 
 class _HandleClient:
-    """`CoordinatorClient` over a Serve deployment handle."""
+    """`CoordinatorClient` over a Serve deployment handle. The coordinator's own errors are raised as it raised
+    them: Serve hands them over as a `RayTaskError` that is also an instance of the cause, whose text is the whole
+    remote traceback (pid, node address, paths), which error replies would otherwise quote."""
 
     def __init__(self, handle) -> None:
         self._handle = handle
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await getattr(self._handle, method).remote(*args, **kwargs)
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await getattr(self._handle, method).remote(*args, **kwargs)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from exc  # (the remote traceback stays on the chain, for the logs)
+            raise
 
 
 class IngressDeployment:

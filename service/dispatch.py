@@ -29,7 +29,7 @@ from torch import nn
 
 from placement import Placement
 from service.messages import EngineReport, LatencySamples, ProtocolError
-from service.transport import WorkerClient, WorkerUnavailable
+from service.transport import WorkerClient, WorkerError, WorkerUnavailable
 
 
 class DispatchError(RuntimeError):
@@ -272,7 +272,7 @@ class DispatchContext:
         self._seq = itertools.count()
         self._steps: deque[np.ndarray] = deque(maxlen=config.max_steps)
         self._samples: dict[int, _SampleRing] = {}
-        self._unreachable: set[int] = set()  # devices whose calls failed as unreachable since the last report
+        self._unreachable: set[int] = set()  # devices whose calls failed since the last report
 
     # --- configuration (any thread) ----------------------------------------------------------------
 
@@ -359,8 +359,10 @@ class DispatchContext:
             ring.extend(tokens, seconds)
 
     def _failed(self, device: int, layer: int, exc: Exception) -> DispatchError:
-        """The error of a device's failed call; a device that cannot be reached is reported (`drain_report`)."""
-        if isinstance(exc, WorkerUnavailable):
+        """The error of a device's failed call; the device is reported (`drain_report`) when it cannot be reached
+        or answered with an error (a GPU after a sticky CUDA error answers every call so): the coordinator's
+        one-token probe then tells a broken device from a passing failure."""
+        if isinstance(exc, WorkerUnavailable | WorkerError):
             with self._lock:
                 self._unreachable.add(device)
         return DispatchError(device, layer, exc)

@@ -8,7 +8,7 @@ emulated end time. Nothing outside the worker may read these parameters (the pla
 device only by profiling and observed timings); the only way in from outside is an explicit
 emulation control (`ExpertWorker.set_emulated_speed`).
 
-    seconds(n) = curve(n) / (speed * drift(t) * throttle(duty)) * jitter
+    seconds(n) = curve(n) / max(speed * drift(t) * throttle(duty), MIN_SPEED) * jitter
     curve(n)   = 0 (n == 0), fixed_s (0 < n <= knee_tokens), fixed_s + slope_s * (n - knee_tokens) beyond
     throttle   = 1 - (1 - throttle_floor) * duty,   duty in [0, 1]
 """
@@ -26,13 +26,19 @@ import numpy as np
 
 from placement.device_model import DeviceModel
 
+# The slowest an emulated device runs: a hundredth of the reference curve (a base speed or `set_speed` below it is
+# refused; drift and throttling never take the effective speed below it). Slower would make one expert call take
+# seconds to years, beyond every timeout, where no real GPU goes.
+MIN_SPEED = 0.01
+
 
 @dataclass(frozen=True)
 class EmulationConfig:
     """Parameters of one emulated device.
 
     Attributes:
-        speed: relative speed, 1.0 = the reference curve below; 0.8 = every call takes 1/0.8 as long.
+        speed: relative speed, 1.0 = the reference curve below; 0.8 = every call takes 1/0.8 as long; at
+            least MIN_SPEED.
         fixed_s: seconds of one expert call up to the knee, at speed 1.0.
         knee_tokens: tokens per expert call where the curve turns linear.
         slope_s: seconds per token beyond the knee at speed 1.0; None = fixed_s / knee_tokens.
@@ -55,7 +61,7 @@ class EmulationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.speed > 0, "speed", self.speed, "> 0")
+        _require(self.speed >= MIN_SPEED, "speed", self.speed, f">= {MIN_SPEED}")
         _require(self.fixed_s >= 0, "fixed_s", self.fixed_s, ">= 0")
         _require(self.knee_tokens >= 0, "knee_tokens", self.knee_tokens, ">= 0")
         if self.slope_s is None:
@@ -126,13 +132,13 @@ class DeviceEmulator:
 
     def set_speed(self, factor: float) -> None:
         """Replace the base speed (EmulationConfig.speed) from now on; drift and throttling still apply."""
-        if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"emulated speed must be finite and > 0, got {factor!r}")
+        if not (math.isfinite(factor) and factor >= MIN_SPEED):
+            raise ValueError(f"emulated speed must be finite and >= {MIN_SPEED}, got {factor!r}")
         with self._lock:
             self._speed = float(factor)
 
     def effective_speed(self, now: float | None = None) -> float:
-        """Base speed x drift step x throttle at `now` (1.0 = the reference curve)."""
+        """Base speed x drift step x throttle at `now` (1.0 = the reference curve), at least MIN_SPEED."""
         with self._lock:
             return self._effective_speed(self._now(now))
 
@@ -146,7 +152,7 @@ class DeviceEmulator:
 
     def _effective_speed(self, now: float) -> float:
         throttle = 1.0 - (1.0 - self.config.throttle_floor) * self._advance_duty(now)
-        return self._speed * self._drift(now - self._start) * throttle
+        return max(self._speed * self._drift(now - self._start) * throttle, MIN_SPEED)
 
     def _drift(self, elapsed: float) -> float:
         multiplier = 1.0

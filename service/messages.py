@@ -246,7 +246,8 @@ class EngineReport:
         router_counts: int64 [S, L, E]: tokens routed to each logical expert in each of S forward passes.
         device_samples: per device, per-expert-call (tokens, seconds) observed while serving.
         unreachable: devices whose data plane failed since the last report (connection lost or refused, no
-            reply in time): the coordinator probes them at once rather than at its next health check.
+            reply in time, or an error answered): the coordinator probes them at once rather than at its next
+            health check.
     """
 
     engine_id: str

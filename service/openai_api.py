@@ -836,9 +836,11 @@ def error_body(exc: BaseException) -> tuple[int, dict]:
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """The JSON response for ``exc``; 429 carries ``Retry-After``."""
+    """The JSON response for ``exc``; 429 carries ``Retry-After``, 401 the scheme to authenticate with
+    (``WWW-Authenticate: Bearer``, which RFC 7235 requires of a 401)."""
     status, body = error_body(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    headers = ({"Retry-After": str(RETRY_AFTER_S)} if status == 429
+               else {"WWW-Authenticate": 'Bearer realm="vibe-admin"'} if status == 401 else None)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

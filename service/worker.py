@@ -27,8 +27,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 DEFAULT_PROFILE_TOKENS = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
 # faults a test can inject (inject_fault): "import" fails the next expert import once; "hang" makes every later
-# forward block for good, as a hung GPU would (the process, its control calls and its listener still answer)
-FAULTS = ("import", "hang")
+# forward block for good, as a hung GPU would (the process, its control calls and its listener still answer);
+# "error" makes every later forward fail, as a GPU after a sticky CUDA error (an illegal memory access) would
+FAULTS = ("import", "hang", "error")
 _PROFILE_SEED = 0
 
 
@@ -188,6 +189,8 @@ class ExpertWorker:
         """
         if "hang" in self._faults:
             self._unhung.wait()
+        if "error" in self._faults:
+            raise RuntimeError(f"injected fault: every expert call fails on worker {self.config.index}")
         self._configure_thread()
         outputs, seconds = self._call(self._store, layer, experts, counts, tokens)
         counts = np.asarray(counts).reshape(-1)
@@ -271,7 +274,7 @@ class ExpertWorker:
 
     def inject_fault(self, operation: str) -> None:
         """Test control (admin API, emulated clusters only): the next `operation` call raises, once; "hang":
-        every forward from now on blocks for good."""
+        every forward from now on blocks for good; "error": every forward from now on raises."""
         if operation not in FAULTS:
             raise ValueError(f"operation must be one of {FAULTS}, got {operation!r}")
         with self._lock:

@@ -25,7 +25,11 @@ def error_of(args: dict) -> str:
 
 @pytest.mark.parametrize("args, expected", [
     ({"num_devices": 4, "speeds": [1.0, 1.0, 1.0]}, "speeds has 3 entries for 4 devices"),
-    ({"speeds": [1.0] * 7 + [0.0]}, "speeds must be positive"),
+    ({"speeds": [1.0] * 7 + [0.0]}, "speeds must be at least 0.01"),
+    ({"speeds": [1.0] * 7 + [1e-300]}, "speeds must be at least 0.01"),  # one call would emulate years
+    ({"emulation": {"fixed_s": 0}}, "emulation.fixed_s"),  # calls of no time: the coordinator has nothing to fit
+    ({"max_num_seqs": 64, "max_num_batched_tokens": 16}, "max_num_batched_tokens (16) must be at least max_num_seqs"),
+    ({"profile_prompts": "/nonexistent/profile.jsonl"}, "profile_prompts: no file at /nonexistent/profile.jsonl"),
     ({"device": "cuda"}, "emulate must be false on GPU workers (device: cuda)"),
     ({"worker_num_gpus": 0.5}, "worker_num_gpus 0.5 needs GPU workers (device: cuda)"),
     ({"device": "cuda", "emulate": False, "worker_num_gpus": 2}, "worker_num_gpus"),
@@ -202,11 +206,18 @@ def test_the_tool_call_parser_reaches_the_ingress_and_names_a_known_format(tmp_p
     assert set(typing.get_args(AppArgs.model_fields["tool_call_parser"].annotation)) == {"auto", *FORMATS}
 
 
+def _with_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 def test_the_body_limit_follows_the_context_unless_set(tmp_path):
     save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    _with_config(tmp_path / "tiny", max_position_embeddings=131072)
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
-    assert build_app(base)._bound_deployment.init_args[1].max_body_bytes == 1 << 20  # a short context: 1 MiB
+    short = build_app({**base, "max_model_len": 1024})._bound_deployment.init_args[1]
+    assert short.max_body_bytes == 1 << 20  # a short context: 1 MiB
     long = build_app({**base, "max_model_len": 131072})._bound_deployment.init_args[1]
     assert long.max_body_bytes == 32 * 131072
     assert build_app({**base, "max_body_bytes": 5000})._bound_deployment.init_args[1].max_body_bytes == 5000
@@ -244,3 +255,31 @@ def test_workers_of_another_configuration_are_never_adopted(tmp_path):
                {"worker_scheduling": "spread"}]
     prefixes = [name_prefix({**base, **change}) for change in changed]
     assert first not in prefixes and len(set(prefixes)) == len(changed)
+
+
+def test_max_model_len_defaults_to_the_models_context_and_may_not_pass_what_rope_scaling_extends_it_to(tmp_path):
+    """vLLM's rule: a context beyond the positions the model was trained for (max_position_embeddings, times a
+    RoPE scaling factor: a YaRN model's original length times it) is refused; a left-out max_model_len takes
+    max_position_embeddings; max_num_batched_tokens left out rises to max_num_seqs."""
+    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    _with_config(tmp_path / "tiny", max_position_embeddings=4096)
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
+            "profile_prompts": None}
+
+    def engine_config(args: dict):
+        return build_app({**base, **args})._bound_deployment.init_args[1].engine_config
+
+    assert engine_config({}).max_model_len == 4096 and engine_config({"max_model_len": 4096}).max_model_len == 4096
+    with pytest.raises(ValueError, match="max_model_len 4097 is beyond the 4096 positions"):
+        build_app({**base, "max_model_len": 4097})
+    _with_config(tmp_path / "tiny", max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                                  "rope_theta": 10000.0})
+    assert engine_config({}).max_model_len == 4096 and engine_config({"max_model_len": 8192}).max_model_len == 8192
+    with pytest.raises(ValueError, match="max_model_len 8193 is beyond the 8192 positions"):
+        build_app({**base, "max_model_len": 8193})
+    _with_config(tmp_path / "tiny", max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert engine_config({"max_model_len": 8192}).max_model_len == 8192
+    assert engine_config({"max_num_seqs": 600}).max_num_batched_tokens == 600  # default 512 raised to fit
+    assert engine_config({"max_num_seqs": 8, "max_num_batched_tokens": 8}).max_num_batched_tokens == 8

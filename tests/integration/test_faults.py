@@ -304,7 +304,12 @@ class _ServedPool(LocalWorkerPool):
                 for info, server in zip(super().infos(), self.servers)]
 
 
-def test_a_hung_worker_that_still_answers_probes_is_lost_once_an_engine_reports_it_and_requests_finish(checkpoint):
+@pytest.mark.parametrize("fault", ["hang", "error"])
+def test_a_hung_or_failing_worker_that_still_answers_probes_is_lost_once_an_engine_reports_it_and_requests_finish(
+        checkpoint, fault):
+    """A worker whose expert calls block ("hang": a hung GPU) or fail ("error": a GPU after a sticky CUDA error)
+    while its process answers probes: the engine reports it, the coordinator's one-token call finds it broken,
+    its experts move, and the request in flight finishes with the same answer."""
     devices = Devices(checkpoint)
     pool = _ServedPool(devices.pool.workers, devices.servers)
     coordinator = _coordinator(checkpoint, pool, probe_misses=3, probe_timeout_s=0.5)
@@ -315,7 +320,7 @@ def test_a_hung_worker_that_still_answers_probes_is_lost_once_an_engine_reports_
     try:
         with _serve(create_app(engine, served_model_name=MODEL)) as url:
             before = _short(url).json()["choices"][0]["message"]["content"]
-            pool.inject_fault(DEAD, "hang")  # its expert calls block; its process answers probes
+            pool.inject_fault(DEAD, fault)  # its expert calls block or fail; its process answers probes
             assert coordinator.check_workers() == []  # nothing tells it apart yet
             with ThreadPoolExecutor(1) as executor:
                 answer = executor.submit(_short, url)
@@ -326,7 +331,7 @@ def test_a_hung_worker_that_still_answers_probes_is_lost_once_an_engine_reports_
                     if report.unreachable:
                         break
                     time.sleep(0.1)
-                assert report.unreachable == (DEAD,), "the engine never reported the hung device"
+                assert report.unreachable == (DEAD,), f"the engine never reported the device ({fault})"
                 assert coordinator.check_workers() == [DEAD]  # answered its probe, not a one-token call
                 assert not coordinator.placement.experts_on(DEAD)
                 context.set_placement(coordinator.placement)

@@ -289,6 +289,19 @@ def test_admin_requires_the_token(url):
     assert "<svg" in _admin(url, "GET", "/admin/ui").text
 
 
+def test_a_coordinator_refusal_reaches_the_ingress_as_raised_not_as_a_remote_traceback(url):
+    """Serve hands a deployment's error over as a RayTaskError that is also a ValueError, whose text is the remote
+    traceback (pid, node address, paths): admin replies quoted it whole. The ingress's client raises the cause."""
+    from ray import serve
+
+    from service.deployments import _HandleClient
+
+    coordinator = _HandleClient(serve.get_deployment_handle("Coordinator", app_name="vibe"))
+    with pytest.raises(ValueError) as info:
+        asyncio.run(coordinator.call("recalibrate", policy="bogus"))
+    assert str(info.value).startswith("policy must be one of") and "Traceback" not in str(info.value)
+
+
 def test_the_coordinator_predicts_expected_seconds_from_its_windows_activity(client, url):
     _greedy(client, PROMPTS[1], max_tokens=16)  # decode passes: a few experts per layer each
     for _ in range(5):  # engine reports may still arrive: compare only across an unchanged window

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.admin import admin_router, render_placement_page, token_digest
 from service.openai_api import APIError, error_response
+from service.worker_pool import WorkerCallError
 
 TOKEN = "admin-token-for-tests-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -101,6 +102,40 @@ def test_emulation_routes_exist_only_with_emulation():
     assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "device"
     bad_speed = emulated.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 1, "speed": 0}')
     assert bad_speed.status_code == 400
+
+
+@pytest.mark.parametrize("body,param", [
+    (b'{"device": 1, "speed": 1e-300}', "speed"),  # accepted once: one expert call then emulated 1e296 s
+    (b'{"device": 1, "speed": 0.009}', "speed"),
+    (b'{"device": true, "speed": 0.5}', "device"),  # strict: not device 1
+    (b'{"device": "1", "speed": 0.5}', "device"),
+    (b'{"device": 1.0, "speed": 0.5}', "device"),
+    (b'{"device": 1, "speed": "0.5"}', "speed"),
+])
+def test_emulation_bodies_are_strict_and_speeds_emulable(body, param):
+    client, coordinator = _client(emulation=True)
+    response = client.post("/admin/emulation/speed", headers=AUTH, content=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param and not coordinator.calls
+    assert client.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 1, "speed": 1}').status_code == 200
+    assert client.post("/admin/emulation/speed", headers=AUTH, content=b'{"device": 1, "speed": 0.01}').status_code == 200
+    assert client.post("/admin/recalibrate", headers=AUTH, content=b'{"force": 1}').status_code == 400
+    assert client.post("/admin/emulation/fault", headers=AUTH, content=b'{"device": 0, "operation": "error"}').json() == {
+        "device": 0, "operation": "error", "armed": True}
+
+
+def test_a_worker_that_does_not_answer_the_coordinator_is_a_503_naming_it():
+    client, coordinator = _client(emulation=True)
+
+    async def call(method, *args, **kwargs):
+        raise WorkerCallError("device 1 is dead", [1])
+
+    coordinator.call = call
+    for method, path, body in [("POST", "/admin/profile", None), ("POST", "/admin/emulation/speed",
+                                                                  {"device": 1, "speed": 0.5})]:
+        response = client.request(method, path, headers=AUTH, json=body)
+        error = response.json()["error"]
+        assert response.status_code == 503 and error["code"] == "device_unavailable", response.text
+        assert error["message"].startswith("device 1 is dead")
 
 
 def test_placement_page_shows_heatmaps_and_replicas():

@@ -492,3 +492,29 @@ def test_a_worker_whose_restart_failed_is_restarted_at_a_later_probe(checkpoint)
     assert coordinator._rejoin == {dead}  # ...and it rejoins at the next recalibration
     coordinator._readmit()
     assert coordinator.placement.experts_on(dead)
+
+
+def test_profiling_waits_for_a_recalibration_and_leaves_no_drift_behind(checkpoint):
+    """POST /admin/profile while a recalibration copies experts: profiling waits for it (Serve runs both at once on
+    its thread pool). Interleaved, the recalibration recorded the refined models it planned with after profiling
+    had reset them, which read as device drift and re-planned for nothing (found by an audit)."""
+    import threading
+
+    coordinator = _coordinator(checkpoint)
+    _report(coordinator, _skewed(coordinator.shape, 2), passes=30)
+    coordinator._devices._scales[3] = 1.25  # as if serving had refined device 3 slower
+    copy, profiled = coordinator.pool.copy, []
+    profiling = threading.Thread(target=lambda: profiled.append(coordinator.profile_devices()))
+
+    def copy_while_profiling(transfers):
+        profiling.start()
+        profiling.join(timeout=0.5)
+        assert profiling.is_alive(), "profiling ran while the recalibration copied experts"
+        return copy(transfers)
+
+    coordinator.pool.copy = copy_while_profiling
+    result = coordinator.recalibrate(mode="full", force=True, policy="eplb")
+    profiling.join(timeout=30)
+    assert result["status"] == "applied" and profiled and not profiling.is_alive()
+    assert np.allclose(coordinator._devices.since_planned(), 1.0)
+    assert coordinator._apply_device_drift() is None

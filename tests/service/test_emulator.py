@@ -92,3 +92,22 @@ def test_no_throttling_by_default():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         EmulationConfig(**bad)
+
+
+def test_speeds_below_the_floor_are_refused_and_drift_never_takes_a_device_below_it():
+    """A speed of 1e-300 was accepted (admin API, serve config): one expert call then emulated 1e296 s, the worker's
+    sleep overflowed, and every call failed for good. Now speeds start at MIN_SPEED, and drift and throttling never
+    take the effective speed below it."""
+    from service.emulator import MIN_SPEED
+
+    with pytest.raises(ValueError, match="speed"):
+        EmulationConfig(speed=1e-300)
+    emu = DeviceEmulator(EmulationConfig(speed=MIN_SPEED, jitter=0.0, throttle_floor=0.5,
+                                         drift=((0.0, 1e-12),)), clock=lambda: 0.0)
+    with pytest.raises(ValueError, match="speed"):
+        emu.set_speed(1e-300)
+    with pytest.raises(ValueError, match="speed"):
+        emu.set_speed(MIN_SPEED / 2)
+    assert emu.effective_speed() == MIN_SPEED
+    seconds = emu.expert_seconds(np.array([1, 4096]))
+    assert np.all(np.isfinite(seconds)) and seconds.max() < 5.0

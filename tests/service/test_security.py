@@ -121,6 +121,8 @@ def test_every_admin_route_refuses_missing_and_wrong_tokens_before_reaching_the_
             response = client.request(method, path, headers=headers, json=body)
             assert response.status_code == status, (method, path)
             assert response.json()["error"]["type"] == error_type
+            if status == 401:  # RFC 7235: a 401 names the scheme to authenticate with
+                assert response.headers["WWW-Authenticate"].startswith("Bearer"), (method, path)
     assert coordinator.calls == []
 
 

@@ -14,6 +14,9 @@ a random admin token), drives it with streaming clients over HTTP, and runs, in 
   its process answers probes: a hung GPU): the engines' data-plane timeout, their report, the coordinator's
   one-token call that finds it hung, the re-placement, the stall clients see and the restarted worker's
   return;
+- **worker_error**: the admin fault "error" on an expert worker while streams run (every expert call answers
+  with an error, its process answers probes: a GPU after a sticky CUDA error): the engines' report of the
+  failing device, the coordinator's one-token call that finds it broken, the re-placement and the restart;
 - **coordinator_restart**: `ray.kill` of the coordinator's Serve replica; Serve restarts it, it recovers
   the placement from the workers, and the engines serve throughout.
 
@@ -349,6 +352,14 @@ def run_worker_hang(app: App, device: int = 2, concurrency: int = 8) -> Scenario
                          lambda: admin(app, "POST", "/admin/emulation/fault", json=fault).raise_for_status(), 120)
 
 
+def run_worker_error(app: App, device: int = 3, concurrency: int = 8) -> ScenarioResult:
+    """Make every expert call of a worker fail under load (admin fault "error", as a GPU after a sticky CUDA error:
+    its process answers probes); follow the coordinator until the restarted one rejoins."""
+    fault = {"device": device, "operation": "error"}
+    return _worker_fault(app, "worker_error", device, concurrency,
+                         lambda: admin(app, "POST", "/admin/emulation/fault", json=fault).raise_for_status(), 120)
+
+
 def _worker_fault(app: App, name: str, device: int, concurrency: int, inject: Callable[[], object],
                   timeout_s: float) -> ScenarioResult:
     """``inject()`` a fault into ``device`` while streams run; follow the coordinator's records of the device
@@ -467,7 +478,7 @@ def _wait_admin_answers(app: App, timeout_s: float) -> tuple[float | None, int |
 
 SCENARIOS: dict[str, Callable[[App], ScenarioResult]] = {
     "fuzz": run_fuzz, "overload": run_overload, "worker_death": run_worker_death, "worker_hang": run_worker_hang,
-    "coordinator_restart": run_coordinator_restart,
+    "worker_error": run_worker_error, "coordinator_restart": run_coordinator_restart,
 }
 
 

@@ -79,6 +79,8 @@ class DeviceModel:
         y = np.asarray(seconds, dtype=np.float64).ravel()
         if n.shape != y.shape:
             raise ValueError(f"tokens and seconds must have the same length, got {n.shape} and {y.shape}")
+        if not (np.all(np.isfinite(n)) and np.all(n >= 0)):
+            raise ValueError("tokens must be finite counts >= 0")
         keep = n > 0
         n, y = n[keep], y[keep]
         if n.size < 2:

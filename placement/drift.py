@@ -94,6 +94,9 @@ class WorkloadDriftConfig:
     volume_factor: float = 3.0
 
     def __post_init__(self) -> None:
+        counts = (self.check_every, self.window, self.cooldown)
+        if not all(isinstance(n, int | np.integer) and not isinstance(n, bool) for n in counts):
+            raise ValueError(f"check_every, window and cooldown count passes (integers); got {counts}")
         if self.check_every < 1 or self.window < 1 or self.cooldown < 0:
             raise ValueError(
                 f"need check_every >= 1, window >= 1, cooldown >= 0; got {self.check_every}, "
@@ -381,7 +384,8 @@ class DeviceDriftDetector:
             recent = run[:, run.shape[1] // 2:]
             latest = recent[0].sum() / recent[1].sum() - 1.0
             latest_agrees = abs(latest) > threshold and (latest > 0) == (level > 1.0)
-            if known and abs(level - 1.0) - threshold > 2 * error and latest_agrees:
+            # (a level of 0, from calls timed at 0 s, would scale the device's model to nothing)
+            if level > 0 and known and abs(level - 1.0) - threshold > 2 * error and latest_agrees:
                 report[int(g)] = float(level)
         return report
 

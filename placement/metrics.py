@@ -69,7 +69,9 @@ def device_times(placement: Placement, loads: np.ndarray, devices: Sequence[Devi
     if len(devices) != placement.num_devices:
         raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
     params = curve_params(devices)
-    calls, per_call = slot_calls(placement.slot_tokens(loads), slot_activity(placement, activity))
+    tokens = placement.slot_tokens(loads)
+    activity = checked_activity(activity, np.asarray(loads, dtype=np.float64))
+    calls, per_call = slot_calls(tokens, slot_activity(placement, activity))
     return placement.per_device(calls * latency_on(per_call, placement.slot_device, params))
 
 

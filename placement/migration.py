@@ -74,8 +74,8 @@ def migration_plan(old: Placement, new: Placement, expert_bytes: int) -> Migrati
         expert_bytes: bytes of one expert's weights, >= 0.
     """
     _check_compatible(old, new)
-    if expert_bytes < 0:
-        raise ValueError(f"expert_bytes must be >= 0, got {expert_bytes}")
+    if not (np.isfinite(expert_bytes) and expert_bytes >= 0 and float(expert_bytes).is_integer()):
+        raise ValueError(f"expert_bytes must be a whole number of bytes >= 0, got {expert_bytes}")
     old_held, new_held = _held(old), _held(new)  # bool [L, E, G]
     needed = np.argwhere(new_held & ~old_held)  # [M, 3] (layer, expert, device), lexicographic
     traffic = np.bincount(needed[:, 2], minlength=old.num_devices).tolist()  # receives, then + sends

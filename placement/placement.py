@@ -46,8 +46,14 @@ class Placement:
         if phy2log.ndim != 2:
             raise ValueError(f"phy2log must be [L, R], got shape {phy2log.shape}")
         num_layers, num_slots = phy2log.shape
+        if num_layers == 0 or num_slots == 0:
+            raise ValueError(f"phy2log must have at least one layer and one slot, got shape {phy2log.shape}")
         slot_device = np.asarray(self.slot_device)
+        if not (np.issubdtype(phy2log.dtype, np.integer) and np.issubdtype(slot_device.dtype, np.integer)):
+            raise ValueError(f"phy2log and slot_device must hold integers, got {phy2log.dtype} and {slot_device.dtype}")
         if slot_device.ndim == 1:
+            if slot_device.shape != (num_slots,):
+                raise ValueError(f"a 1-D slot_device must have one entry per slot ({num_slots}), got {slot_device.shape}")
             slot_device = np.broadcast_to(slot_device, (num_layers, num_slots))
         share = np.asarray(self.replica_share, dtype=np.float64)
         if slot_device.shape != phy2log.shape or share.shape != phy2log.shape:
@@ -143,6 +149,8 @@ class Placement:
         loads = np.asarray(loads, dtype=np.float64)
         if loads.ndim < 2 or loads.shape[-2:] != (self.num_layers, self.num_experts):
             raise ValueError(f"loads must be [L, E] = {(self.num_layers, self.num_experts)}, got {loads.shape}")
+        if loads.size and not (np.isfinite(loads).all() and loads.min() >= 0):  # (a NaN would cost nothing)
+            raise ValueError("loads must be finite token counts >= 0")
         return loads
 
     # --- lookup ------------------------------------------------------------------------------------

@@ -81,8 +81,9 @@ class CaseResult:
     policies: dict[str, PolicyResult]
 
     def gain(self, policy: str = "vibe", baseline: str = "eplb") -> float:
-        """1 - T(policy) / T(baseline): share of the baseline's time that `policy` saves."""
-        return 1.0 - self.policies[policy].makespan_s / self.policies[baseline].makespan_s
+        """1 - T(policy) / T(baseline): share of the baseline's time that `policy` saves; NaN when the baseline
+        takes no time (no load)."""
+        return _gain(self.policies[policy].makespan_s, self.policies[baseline].makespan_s)
 
     def captured_gain(self, policy: str = "vibe", baseline: str = "eplb") -> float:
         """(T(baseline) - T(policy)) / (T(baseline) - bound); NaN when the baseline is at the bound."""
@@ -90,6 +91,10 @@ class CaseResult:
         if room <= 1e-9 * self.bound_s:
             return float("nan")
         return (self.policies[baseline].makespan_s - self.policies[policy].makespan_s) / room
+
+
+def _gain(seconds: float, baseline: float) -> float:
+    return 1.0 - seconds / baseline if baseline > 0 else float("nan")
 
 
 def evaluate(
@@ -160,7 +165,7 @@ class ScaleStudyConfig:
     base_device: DeviceModel = BASE_DEVICE
 
     def __post_init__(self) -> None:
-        bad = [g for g in self.device_counts if g < 1 or self.num_experts % g]
+        bad = [g for g in self.device_counts if g < 2 or self.num_experts % g]  # (one device: nothing to place)
         if not self.device_counts or bad:
             raise ValueError(
                 f"device_counts must be non-empty divisors of num_experts={self.num_experts}, bad: {bad}"
@@ -211,8 +216,8 @@ def scale_study(counts: np.ndarray, config: ScaleStudyConfig) -> list[dict]:
                 rows.append({
                     "num_devices": num_devices, "variant": variant, "policy": policy,
                     "num_redundant": num_redundant, "slot_budget": slot_budget, **asdict(result),
-                    "gain_vs_eplb": None if baseline is None else 1.0 - result.makespan_s / baseline,
-                    "gain_vs_eplb_even": None if even is None else 1.0 - result.makespan_s / even,
+                    "gain_vs_eplb": None if baseline is None else _gain(result.makespan_s, baseline),
+                    "gain_vs_eplb_even": None if even is None else _gain(result.makespan_s, even),
                 })
     return rows
 

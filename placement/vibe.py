@@ -28,6 +28,10 @@ from placement.metrics import curve_params, latency_matrix, latency_on, makespan
 from placement.placement import Placement
 from placement.rebalance import SwapSearch, device_major
 
+# The smallest share of an expert's tokens a replica is given (shares must be positive; a replica on a device
+# far slower than its expert's other replicas would otherwise get 0, or underflow to it).
+MIN_SHARE = 1e-6
+
 
 def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
                    capacity: np.ndarray | None, activity: np.ndarray | None = None) -> Placement:
@@ -85,10 +89,11 @@ def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee
     """int [L, E]: replicas per expert, adding one at a time to the expert with the longest replica.
 
     Each extra slot goes to the expert with the highest predicted time per replica, i.e. the most tokens
-    per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as the split replicas
-    keep at least `knee` tokens. Below every device's knee a split only adds one more flat-cost call,
-    so then the slot goes to an expert without load if there is one (its replica costs nothing), else
-    by EPLB's rule. Only experts whose extra replica still fits are candidates: replicas of one expert sit
+    per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as its replicas hold more
+    than `knee` tokens each, so that a split shortens them (250 tokens past a knee of 128 split into two
+    flat-cost calls of 125). At or below every device's knee a split only adds one more flat-cost call, so
+    then the slot goes to an expert without load if there is one (its replica costs nothing), else by
+    EPLB's rule. Only experts whose extra replica still fits are candidates: replicas of one expert sit
     on distinct devices with at most `capacity` [G] slots each (`_room_for_one_more`).
     """
     num_layers, num_experts = loads.shape
@@ -104,7 +109,7 @@ def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee
         per_replica = np.where(room, loads / counts, -np.inf)
         splits = per_replica.argmax(axis=1)
         free = np.where((loads == 0) & room, np.inf, per_replica).argmax(axis=1)
-        helps = loads[rows, splits] / (counts[rows, splits] + 1) >= knee
+        helps = loads[rows, splits] / counts[rows, splits] > knee  # its replicas are past the flat part
         counts[rows, np.where(helps | (loads[rows, free] > 0), splits, free)] += 1
     return counts
 
@@ -210,17 +215,31 @@ def speed_shares(loads: np.ndarray, expert: np.ndarray, device: np.ndarray, coun
 
     Throughput is taken at an equal split (load / replicas tokens; per call, with `activity` [L, R] as in
     `greedy_devices`), so on identical devices the shares are equal; experts without load keep equal
-    shares.
+    shares. A replica whose device predicts no time for its tokens (a curve with a zero cost, or a speed
+    beyond float range) is infinitely fast: such replicas share the expert's tokens equally. Every share is
+    at least MIN_SHARE (a placement's shares are positive), the others scaled down to make room.
     """
     equal = np.take_along_axis(loads / counts, expert, axis=1)  # [L, R] tokens per replica
     _, per_call = slot_calls(equal, activity)
     seconds = latency_on(per_call, device, params)
-    speed = np.divide(per_call, seconds, out=np.zeros_like(per_call), where=seconds > 0)
-    total = np.zeros(loads.shape)
-    np.add.at(total, (np.repeat(np.arange(loads.shape[0]), expert.shape[1]), expert.ravel()), speed.ravel())
-    total = np.take_along_axis(total, expert, axis=1)
-    return np.where(total > 0, speed / np.where(total > 0, total, 1.0),
-                    1.0 / np.take_along_axis(counts, expert, axis=1))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        speed = np.where(per_call > 0, np.divide(per_call, seconds, out=np.full_like(per_call, np.inf),
+                                                 where=seconds > 0), 0.0)
+    infinite = ~np.isfinite(speed)
+    speed = np.where(infinite, 0.0, speed)
+    total, fastest = _per_expert(speed, expert, loads.shape), _per_expert(infinite.astype(float), expert, loads.shape)
+    replicas = np.take_along_axis(counts, expert, axis=1)
+    share = np.where(fastest > 0, infinite / np.where(fastest > 0, fastest, 1.0),
+                     np.where(total > 0, speed / np.where(total > 0, total, 1.0), 1.0 / replicas))
+    floored = np.maximum(share, MIN_SHARE)
+    return floored / _per_expert(floored, expert, loads.shape)
+
+
+def _per_expert(values: np.ndarray, expert: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """float [L, R]: the sum of `values` [L, R] over the slots of each slot's expert."""
+    total = np.zeros(shape)
+    np.add.at(total, (np.repeat(np.arange(shape[0]), expert.shape[1]), expert.ravel()), values.ravel())
+    return np.take_along_axis(total, expert, axis=1)
 
 
 def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: np.ndarray,

@@ -84,3 +84,10 @@ def test_fit_ignores_zero_token_samples():
 def test_fit_rejects_bad_samples(tokens, seconds, match):
     with pytest.raises(ValueError, match=match):
         DeviceModel.fit(np.array(tokens), np.array(seconds))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -4.0])
+def test_fit_refuses_token_counts_that_are_not_counts(bad):
+    """A NaN token count was dropped silently and an infinite one blamed `fixed`."""
+    with pytest.raises(ValueError, match="tokens must be finite counts"):
+        DeviceModel.fit(np.array([1.0, 8.0, bad]), np.array([1e-4, 1e-4, 2e-4]))

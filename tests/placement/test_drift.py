@@ -365,3 +365,19 @@ def test_tracker_due_is_given_once_and_planned_with_moves_its_origin():
     assert tracker.since_planned()[0] == pytest.approx(1.2)
     tracker.reset()
     assert tracker.scales[0] == 1.0 and tracker.due() == {} and np.isnan(tracker.detector.ratios()[0])
+
+
+def test_calls_timed_at_zero_seconds_never_scale_a_device_to_nothing():
+    """Observed seconds of 0 are allowed; their level of 0 was applied, the scale became 0, and the coordinator's
+    next `model.scaled(0.0)` and predictions at 0 s raised (an audit's repro)."""
+    tracker = DeviceDriftTracker(2, threshold=0.1, min_samples=1, halflife=1)
+    tracker.detector.observe(np.zeros(5, dtype=int), 1e-3, 0.0)
+    assert tracker.refit() == {} and tracker.scales.tolist() == [1.0, 1.0] and tracker.due() == {}
+
+
+@pytest.mark.parametrize("field", ["check_every", "window", "cooldown"])
+def test_workload_drift_counts_of_passes_must_be_integers(field):
+    from placement.drift import WorkloadDriftConfig
+
+    with pytest.raises(ValueError, match="integers"):
+        WorkloadDriftConfig(**{field: 10.0})

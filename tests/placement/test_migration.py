@@ -189,3 +189,10 @@ def test_held_out_gain_plans_on_each_half_and_times_the_other():
         held_out_gain(old, replan, window[:1], CURVED)
     with pytest.raises(ValueError, match=r"\[N, L, E\]"):
         held_out_gain(old, replan, window[0], CURVED)
+
+
+@pytest.mark.parametrize("expert_bytes", [float("nan"), 1.5, -1])
+def test_migration_plans_take_whole_bytes(expert_bytes):
+    placement = plan(np.ones((1, 4)), [DeviceModel(2e-4, 128, 1e-6)] * 2, "eplb")
+    with pytest.raises(ValueError, match="expert_bytes"):
+        migration_plan(placement, placement, expert_bytes)

@@ -109,3 +109,33 @@ def test_invalid_placements_raise(changes, match):
 def test_loads_of_the_wrong_shape_raise():
     with pytest.raises(ValueError, match="loads must be"):
         _replicated().slot_tokens(np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("loads", [[[np.nan, 1.0, 1.0, 1.0]], [[-500.0, 1.0, 1.0, 1.0]], [[np.inf, 1.0, 1.0, 1.0]]])
+def test_predicted_times_refuse_loads_that_are_not_token_counts(loads):
+    """A NaN load cost nothing and a negative one less than none: the metrics took them silently (plan and
+    lower_bound refused them)."""
+    from placement.device_model import DeviceModel
+    from placement.metrics import device_times, makespan, pass_critical_paths
+
+    placement = Placement(np.array([[0, 1, 2, 3]]), np.array([0, 0, 1, 1]), np.ones((1, 4)), 4, 2)
+    devices = [DeviceModel(2e-4, 128, 1e-6)] * 2
+    for call in (lambda: makespan(placement, np.array(loads), devices),
+                 lambda: pass_critical_paths(placement, np.array([loads]), devices)):
+        with pytest.raises(ValueError, match="loads must be finite token counts >= 0"):
+            call()
+    with pytest.raises(ValueError, match="activity"):
+        device_times(placement, np.array([[500.0, 1, 1, 1]]), devices, activity=np.array([[0.0, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"phy2log": np.zeros((1, 0), dtype=int), "slot_device": np.zeros((1, 0), dtype=int),
+      "replica_share": np.ones((1, 0))}, "at least one layer and one slot"),
+    ({"phy2log": np.array([[0.0, 1.0]]), "slot_device": np.array([0, 1]), "replica_share": np.ones((1, 2))},
+     "must hold integers"),
+    ({"phy2log": np.array([[0, 1]]), "slot_device": np.array([0, 1, 1]), "replica_share": np.ones((1, 2))},
+     "one entry per slot"),
+])
+def test_malformed_placements_are_refused_naming_the_problem(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Placement(**kwargs, num_experts=2, num_devices=2)

@@ -377,3 +377,30 @@ def test_without_activity_vibe_is_unchanged_by_activity_one_where_loaded():
 def test_bad_activity_raises_value_error(activity, match):
     with pytest.raises(ValueError, match=match):
         plan(np.ones((2, 8)), devices_of(np.ones(4)), "vibe", activity=activity)
+
+
+def test_a_hot_expert_just_below_twice_the_knee_is_split():
+    """250 tokens past a knee of 128 cost the flat part plus 122 tokens of slope; split in two, each replica
+    costs the flat part only. The split rule asked whether the replicas after the split stay past the knee
+    (125 < 128: no), so both spare slots went to idle experts and 250 tokens took twice as long as 258 (an audit's
+    property check)."""
+    device = DeviceModel(2e-4, 128, 2e-4 / 128)
+    times = {n: makespan(plan(np.array([[n, 0, 0, 0]], dtype=float), [device, device], "vibe", num_redundant=2),
+                         np.array([[n, 0, 0, 0]], dtype=float), [device, device])[0] for n in (250.0, 258.0)}
+    assert times[250.0] == pytest.approx(2e-4) and times[250.0] <= times[258.0]
+    assert replica_counts(np.array([[250.0, 0, 0, 0]]), 6, np.array([3, 3]), 128.0).tolist() == [[2, 2, 1, 1]]
+    assert replica_counts(np.array([[120.0, 0, 0, 0]]), 6, np.array([3, 3]), 128.0)[0, 0] == 1  # flat: no split
+
+
+@pytest.mark.parametrize("devices", [
+    [DeviceModel(0.0, 100, 1e-6), DeviceModel(1e-4, 100, 1e-6)],  # a device that predicts no time
+    [DeviceModel(1e-300, 1, 1e-300), DeviceModel(1e300, 1, 1e300)],  # speeds beyond float range apart
+])
+def test_replica_shares_stay_positive_whatever_the_devices(devices):
+    """A replica whose device predicts 0 s got a share of 0 (ValueError: replica_share entries must lie in (0, 1]);
+    it is infinitely fast, so it takes the tokens, the other replica keeping a sliver."""
+    loads = np.array([[100.0, 10, 10, 10]])
+    placement = plan(loads, devices, "vibe", num_redundant=2)
+    shares = placement.replica_share[placement.phy2log == 0]
+    assert shares.size == 2 and shares.min() > 0 and shares.sum() == pytest.approx(1.0)
+    assert np.isfinite(makespan(placement, loads, devices)).all()

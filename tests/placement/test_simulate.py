@@ -129,3 +129,12 @@ def test_bench_quick_writes_json_and_plot(tmp_path):
     assert {r["what"] for r in result["speed"]} >= {"plan vibe", "plan eplb", "rebalance", "lower_bound"}
     for row in result["moves"]:
         assert row["rebalanced"] <= row["stale"] + 1e-9
+
+
+def test_gains_over_no_load_are_nan_not_a_division_by_zero():
+    device = BASE_DEVICE
+    assert np.isnan(evaluate(np.zeros((1, 4)), [device, device]).gain())
+    rows = scale_study(np.zeros((2, 8)), ScaleStudyConfig(device_counts=(2,), num_experts=8, num_layers=None))
+    assert rows and all(row["gain_vs_eplb"] is None or np.isnan(row["gain_vs_eplb"]) for row in rows)
+    with pytest.raises(ValueError, match="device_counts"):
+        ScaleStudyConfig(device_counts=(2, 1), num_experts=8)

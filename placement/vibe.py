@@ -73,7 +73,8 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     num_slots = loads.shape[1] + num_redundant
     params = curve_params(devices)
     limit = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
-    counts = replica_counts(loads, num_slots, limit, float(params[1].min()))
+    counts = replica_counts(loads, num_slots, limit, float(params[1].min()), fixed=float(np.median(params[0])),
+                            slope=float(np.median(params[2])))
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
@@ -85,21 +86,27 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     return placement
 
 
-def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee: float) -> np.ndarray:
+def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee: float, *, fixed: float = 0.0,
+                   slope: float = 0.0) -> np.ndarray:
     """int [L, E]: replicas per expert, adding one at a time to the expert with the longest replica.
 
     Each extra slot goes to the expert with the highest predicted time per replica, i.e. the most tokens
-    per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as its replicas hold more
-    than `knee` tokens each, so that a split shortens them (250 tokens past a knee of 128 split into two
-    flat-cost calls of 125). At or below every device's knee a split only adds one more flat-cost call, so
-    then the slot goes to an expert without load if there is one (its replica costs nothing), else by
-    EPLB's rule. Only experts whose extra replica still fits are candidates: replicas of one expert sit
-    on distinct devices with at most `capacity` [G] slots each (`_room_for_one_more`).
+    per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as the split replicas
+    keep at least `knee` tokens. At or below every device's knee a split only adds one more flat-cost call,
+    so then the slot goes to an expert without load if there is one (its replica costs nothing), else
+    by EPLB's rule. Between the two (replicas past the knee whose halves would not be) a split shortens the
+    replica to the flat cost for one more flat-cost call elsewhere: it is made when it lowers the layer's
+    makespan bound max(work / devices, longest replica) on the reference curve (`fixed`, `knee`, `slope`:
+    one hot expert of 250 tokens past a knee of 128 split into two calls of 125 takes half the time; many
+    experts just past the knee split would only add work). Only experts whose extra replica still fits are
+    candidates: replicas of one expert sit on distinct devices with at most `capacity` [G] slots each
+    (`_room_for_one_more`).
     """
     num_layers, num_experts = loads.shape
     counts = np.ones(loads.shape, dtype=np.int64)
     rows = np.arange(num_layers)
     capacity = np.asarray(capacity)
+    num_devices = max(int(np.count_nonzero(capacity)), 1)
     # sum_g min(capacity_g, k) for k = 1..E: the most slots k experts' replicas can fill on distinct devices
     bound = np.minimum(capacity[None, :], np.arange(1, num_experts + 1)[:, None]).sum(axis=1)
     # equal budgets (those above 0): the condition is one replica per device at most, no sorting needed
@@ -109,9 +116,40 @@ def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee
         per_replica = np.where(room, loads / counts, -np.inf)
         splits = per_replica.argmax(axis=1)
         free = np.where((loads == 0) & room, np.inf, per_replica).argmax(axis=1)
-        helps = loads[rows, splits] / counts[rows, splits] > knee  # its replicas are past the flat part
+        load, count = loads[rows, splits], counts[rows, splits]
+        helps = load / (count + 1) >= knee
+        window = ~helps & (load / count > knee)
+        if fixed > 0 and window.any():
+            helps |= window & _split_lowers_bound(loads, counts, splits, num_devices, fixed, knee, slope)
         counts[rows, np.where(helps | (loads[rows, free] > 0), splits, free)] += 1
     return counts
+
+
+def _split_lowers_bound(loads: np.ndarray, counts: np.ndarray, splits: np.ndarray, num_devices: int, fixed: float,
+                        knee: float, slope: float) -> np.ndarray:
+    """bool [L]: whether one more replica of each layer's `splits` expert lowers the layer's makespan bound: the
+    largest of the work per device, the longest replica, and the k shortest loaded replicas together (k = loaded
+    replicas over devices, rounded up: some device holds that many), every replica timed on the flat-then-linear
+    curve (fixed, knee, slope). The last term keeps a split from stacking a second call on devices that each
+    hold one already."""
+    rows = np.arange(loads.shape[0])
+
+    def seconds(tokens: np.ndarray) -> np.ndarray:
+        return np.where(tokens > 0, fixed + slope * np.maximum(tokens - knee, 0.0), 0.0)
+
+    def bound(counts: np.ndarray) -> np.ndarray:
+        times = seconds(loads / counts)  # [L, E] per replica
+        loaded = np.where(times > 0, counts, 0)
+        order = np.argsort(times, axis=1)
+        ordered, copies = np.take_along_axis(times, order, axis=1), np.take_along_axis(loaded, order, axis=1)
+        stacked = -(-loaded.sum(axis=1) // num_devices)  # ceil: loaded replicas on the busiest device, at least
+        taken = np.clip(stacked[:, None] - (np.cumsum(copies, axis=1) - copies), 0, copies)
+        return np.maximum.reduce([(counts * times).sum(axis=1) / num_devices, times.max(axis=1),
+                                  (taken * ordered).sum(axis=1)])
+
+    after = counts.copy()
+    after[rows, splits] += 1
+    return bound(after) < bound(counts)
 
 
 def _room_for_one_more(counts: np.ndarray, bound: np.ndarray) -> np.ndarray:

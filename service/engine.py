@@ -454,6 +454,7 @@ class Engine:
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
             self._end_snapshots()
+            self._outputs = outputs + self._outputs  # (aborts' final outputs, queued before: the next step reports them)
             raise self._failed(chunks, exc) from exc
         self._end_snapshots()
         for seq, n in chunks:

@@ -366,6 +366,23 @@ def _step_through_failures(engine: Engine) -> tuple[dict[str, list[int]], list[S
     return tokens, failures
 
 
+def test_an_aborts_final_output_survives_a_failed_step():
+    """An abort's final output waits for the next step; a step that failed dropped it, so whoever drives the engine
+    waited for it for ever (an audit's stress test)."""
+    hooks = _Hooks(fail_at={2})
+    engine = Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64), hooks=hooks, retryable=_lost_device)
+    engine.add_request("a", [5, 6, 7], GREEDY)
+    engine.add_request("b", [8, 9, 10], GREEDY)
+    engine.step()
+    assert engine.abort("b")
+    with pytest.raises(StepFailed):
+        engine.step()
+    finished = []
+    while engine.has_work or not finished:
+        finished += [(out.request_id, out.finish_reason) for out in engine.step() if out.finished]
+    assert sorted(finished) == [("a", "length"), ("b", "abort")]
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_next"])  # Qwen3-Next: linear-attention states, prefilled again
 def test_transiently_failed_steps_retry_their_requests_which_answer_as_if_nothing_failed(arch, reference_models):
     hooks = _Hooks(fail_at={3, 4})  # a decode step fails, then its first retry

@@ -208,19 +208,29 @@ def applied(recalibrations: list[dict]) -> int:
 
 def verdicts(result: dict) -> dict[str, dict]:
     """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, whether adaptive won
-    (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT), and the adaptive app's
-    recalibrations: all it judged and those it applied (the startup calibration is one of each)."""
+    (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT with a P90 TPOT no higher: a
+    shorter TTFT bought with a longer TPOT is not a win), and the adaptive app's recalibrations from the switch on:
+    those it judged and those it applied (`..._whole_run`: all of them, startup calibration and warm-up included)."""
     out = {}
+    switch_s = result.get("config", {}).get("switch_s", 0.0)
     for scenario, entry in result["scenarios"].items():
         if not all(entry.get(mode, {}).get("segments", {}).get("after") for mode in MODES):
             continue
         after = {mode: entry[mode]["segments"]["after"] for mode in MODES}
-        key = {m: (round(a["attainment"], 3), -(a["ttft_p90_ms"] or float("inf"))) for m, a in after.items()}
+        attainment = {m: round(a["attainment"], 3) for m, a in after.items()}
+        slower = {m: (a["ttft_p90_ms"] or float("inf"), a["tpot_p90_ms"] or float("inf")) for m, a in after.items()}
+        wins = attainment["adaptive"] > attainment["static"] or (
+            attainment["adaptive"] == attainment["static"] and slower["adaptive"][0] < slower["static"][0]
+            and slower["adaptive"][1] <= slower["static"][1])
+        records = entry["adaptive"]["recalibrations"]
+        since = entry["adaptive"].get("started_wall", float("-inf")) + switch_s
+        later = [r for r in records if r.get("started_at", float("inf")) >= since]
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
-                         "adaptive_wins": key["adaptive"] > key["static"],
-                         "recalibrations_adaptive": len(entry["adaptive"]["recalibrations"]),
-                         "recalibrations_applied_adaptive": applied(entry["adaptive"]["recalibrations"])}
+                         "adaptive_wins": wins,
+                         "recalibrations_adaptive": len(later), "recalibrations_applied_adaptive": applied(later),
+                         "recalibrations_adaptive_whole_run": len(records),
+                         "recalibrations_applied_adaptive_whole_run": applied(records)}
     return out
 
 

@@ -84,9 +84,12 @@ def make_trace(config: TraceConfig, prompts: dict[str, list[Prompt]]) -> list[Re
     if missing := [name for name in config.workloads if not prompts.get(name)]:
         raise ValueError(f"no prompts for workload(s) {missing}")
     arrivals_rng, choices_rng = (np.random.default_rng([config.seed, stream]) for stream in (_ARRIVALS, _CHOICES))
-    expected = config.rate_rps * config.duration_s
-    unit = np.cumsum(arrivals_rng.exponential(1.0, int(expected + 10 * np.sqrt(expected) + 20)))
-    arrivals = unit[unit < expected] / config.rate_rps
+    # A Poisson process given its count: round(rate x duration) arrivals, spread as the first N points of a unit
+    # Poisson process over the (N + 1)-th (the order statistics of N uniforms on the run). Scaling one unbounded
+    # pattern to each rate instead sent, for seed 0, 11-13% fewer requests than every rate's label at once.
+    count = int(round(config.rate_rps * config.duration_s))
+    unit = np.cumsum(arrivals_rng.exponential(1.0, count + 1))
+    arrivals = unit[:count] / unit[count] * config.duration_s
     starts = np.array([start for start, _ in config.phases])
     trace = []
     for index, arrival in enumerate(arrivals):

@@ -95,7 +95,8 @@ def balance(result: dict, rows: dict[str, dict], path: Path) -> None:
             axes[0].axvline(offset, color="lightgray", linewidth=0.6)
             offset += run["duration_s"]
         axes[0].plot(times, values, color=COLORS.get(policy), label=policy, linewidth=1)
-    axes[0].set(xlabel="seconds of load (runs back to back, grey lines: run starts, rates ascending)",
+    axes[0].set(xlabel="seconds of load (runs back to back, grey lines: run starts; the swept rates ascending, "
+                       "then the run at eplb's frontier rate)",
                 ylabel="mean over layers of max/mean", title="predicted per-layer imbalance (/admin/stats)")
     names = list(rows)
     for ax, key, title in ((axes[1], "mean_imbalance", "mean imbalance at eplb's frontier rate"),

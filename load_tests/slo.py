@@ -132,14 +132,15 @@ def frontier(rates: Sequence[float], attainments: Sequence[float], target: float
 
 def single_stream_rate(unloaded: Sequence[RequestResult], mean_output_tokens: float) -> float:
     """Requests per second one client sending requests back to back would get: 1 / (median unloaded TTFT
-    + mean_output_tokens x median unloaded TPOT). A machine-independent unit for a rate sweep."""
+    + (mean_output_tokens - 1) x median unloaded TPOT), TPOT being the time per token after the first. A
+    machine-independent unit for a rate sweep."""
     if mean_output_tokens < 1:
         raise ValueError(f"mean_output_tokens must be >= 1, got {mean_output_tokens!r}")
     ttft = [r.ttft_s for r in unloaded if r.error is None and r.ttft_s is not None]
     tpot = [r.tpot_s for r in unloaded if r.tpot_s is not None]
     if not ttft or not tpot:
         raise ValueError("need completed unloaded requests with >= 2 tokens")
-    return 1.0 / (float(np.median(ttft)) + mean_output_tokens * float(np.median(tpot)))
+    return 1.0 / (float(np.median(ttft)) + (mean_output_tokens - 1) * float(np.median(tpot)))
 
 
 def interpolate_at(rates: Sequence[float], values: Sequence[float | None], rate: float) -> float | None:

@@ -80,6 +80,25 @@ def test_verdicts_prefer_attainment_then_ttft():
     assert found["device"]["recalibrations_applied_adaptive"] == 1
 
 
+def test_a_shorter_ttft_bought_with_a_longer_tpot_is_no_win_and_recalibrations_count_from_the_switch():
+    """The committed device scenario: attainment tied, adaptive's P90 TTFT 6% shorter and its P90 TPOT 6% longer was
+    called a win; its recalibration counts took in startup and warm-up (an audit)."""
+    def mode(ttft: float, tpot: float) -> dict:
+        return {"segments": {"after": {"attainment": 1.0, "ttft_p90_ms": ttft, "tpot_p90_ms": tpot}},
+                "started_wall": 1000.0,
+                "recalibrations": [{"status": "applied", "started_at": 990.0}, {"status": "skipped", "started_at": 1010.0},
+                                   {"status": "applied", "started_at": 1045.0}, {"status": "skipped", "started_at": 1050.0}]}
+
+    result = {"config": {"switch_s": 40.0}, "scenarios": {"device": {"static": mode(267.0, 67.9),
+                                                                     "adaptive": mode(251.0, 72.2)},
+                                                          "workload": {"static": mode(267.0, 67.9),
+                                                                       "adaptive": mode(251.0, 67.9)}}}
+    found = verdicts(result)
+    assert not found["device"]["adaptive_wins"] and found["workload"]["adaptive_wins"]
+    assert (found["device"]["recalibrations_applied_adaptive"], found["device"]["recalibrations_adaptive"]) == (1, 2)
+    assert found["device"]["recalibrations_adaptive_whole_run"] == 4
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"switch_s": 0.0}, "switch_s"), ({"switch_s": 200.0}, "switch_s"), ({"rate_rps": -1.0}, "rate_rps"),
     ({"throttle_to": 1.5}, "throttle_to"),

@@ -144,3 +144,22 @@ def test_targets_say_when_a_ratio_cannot_be_the_placements_doing(result):
     result["policies"]["vibe"]["at_eplb_frontier"] = _run(1.5, 0.081, "eplb_frontier")
     close = {c["what"]: c for c in report.targets(report.headline(result))}
     assert close["vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"]["caveat"] == ""
+
+
+def test_a_targets_caveats_use_the_compared_policies_and_eplbs_own_run_at_its_frontier():
+    """The headroom test took the largest headroom of all three policies (contiguous's, for vibe / eplb), and eplb's
+    run at its interpolated frontier rate missing the target was not said (an audit of the committed report)."""
+    def row(frontier: float, ttft: float, attainment: float, headroom: float) -> dict:
+        return {"frontier_rps": frontier, "frontier_kind": "interpolated", "ttft_p90_ms": ttft,
+                "attainment": attainment, "headroom_share": headroom}
+
+    rows = {"eplb": row(1.0, 100.0, 0.95, 0.005), "vibe": row(1.02, 99.0, 0.95, 0.002),
+            "contiguous": row(1.0, 120.0, 0.9, 0.5)}
+    checks = {c["what"]: c for c in report.targets(rows)}
+    assert "balance headroom (0.5% of a step)" in checks["vibe frontier / eplb frontier"]["caveat"]
+    assert checks["vibe frontier / contiguous frontier"]["caveat"] == ""  # 2% is within contiguous's 50%
+    rows["eplb"]["attainment"] = 0.855
+    checks = {c["what"]: c for c in report.targets(rows, target=0.9)}
+    for what in ("vibe frontier / eplb frontier", "vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"):
+        assert "eplb's own run at its frontier rate reached attainment 0.855, below 0.9" in checks[what]["caveat"]
+    assert "eplb's own run" not in checks["vibe frontier / contiguous frontier"]["caveat"]

@@ -94,7 +94,8 @@ def test_frontier_at_the_edges_of_the_sweep():
 
 def test_single_stream_rate():
     unloaded = [_result(0.1, 0.5, 11), _result(0.3, 0.7, 11), _result(None, None, 0, "timeout")]
-    assert single_stream_rate(unloaded, mean_output_tokens=50) == pytest.approx(1 / (0.2 + 50 * 0.04))
+    # TPOT is per token after the first: a 50-token answer takes TTFT + 49 TPOT (it counted 50)
+    assert single_stream_rate(unloaded, mean_output_tokens=50) == pytest.approx(1 / (0.2 + 49 * 0.04))
     with pytest.raises(ValueError, match="mean_output_tokens"):
         single_stream_rate(unloaded, 0)
 

@@ -73,7 +73,7 @@ from service.reasoning import PARSERS as REASONING_PARSERS
 from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
-from service.text import TokenPieces, apply_chat_template
+from service.text import TokenPieces, apply_chat_template, text_after_history
 from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup, special_tags
 from service.tools import detect_format as detect_tool_format
@@ -83,7 +83,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 T = TypeVar("T")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
-_THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block
+_THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block, when the
+# text it adds after the history cannot be told apart (text_after_history)
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -247,8 +248,13 @@ class _Server:
         reasoning = None
         # a grammar leaves room for thinking only when the engine can tell the block's tags by token
         if self.reasoning and (body.grammar is None or self.think_tokens is not None):
-            reasoning = _Reasoning(opens_reasoning(tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])),
-                                   body.include_reasoning)
+            # whether the template opened a block: in what it added after the history, not the messages' own text
+            added = text_after_history(tokenizer, body.template_messages(), tools=body.template_tools(),
+                                       template_kwargs=body.template_variables(),
+                                       add_generation_prompt=body.add_generation_prompt,
+                                       continue_final_message=body.continue_final_message)
+            tail = added if added is not None else tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])
+            reasoning = _Reasoning(opens_reasoning(tail), body.include_reasoning)
         return prompt, reasoning
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:

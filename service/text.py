@@ -55,6 +55,33 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     return list(ids)
 
 
+def text_after_history(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *,
+                       add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
+                       template_kwargs: Mapping[str, Any] | None = None,
+                       continue_final_message: bool = False) -> str | None:
+    """The text the chat template renders after the conversation's history: the generation prompt ("" without
+    one), or, continuing the final message, that message's turn. Whether a completion starts inside a thinking
+    block is read there, not in the messages' own text (a user asking what ``<think>`` does opens no block). None
+    when the template does not render the history as a prefix of the whole (or refuses it alone).
+
+    Args: as `apply_chat_template`'s.
+    """
+    history = list(messages[:-1] if continue_final_message else messages)
+
+    def render(conversation: list, generation_prompt: bool, continued: bool) -> str:
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False,
+                                             tools=list(tools) if tools else None, continue_final_message=continued,
+                                             **(template_kwargs or {}))
+
+    try:
+        whole = render(list(messages), add_generation_prompt, continue_final_message)
+        before = render(history, False, False) if history else ""
+    except Exception:  # a template that will not render the history alone (it must end with a user turn, ...)
+        return None
+    return whole[len(before):] if isinstance(whole, str) and isinstance(before, str) and whole.startswith(before) \
+        else None
+
+
 class IncrementalDetokenizer:
     """Text of completion tokens, one token at a time, never splitting a UTF-8 character.
 

@@ -251,16 +251,23 @@ class ToolCallStream:
 
 
 class NamedCallStream:
-    """The forced call of a named ``tool_choice``: the whole completion is the function's arguments."""
+    """The forced call of a named ``tool_choice``: the whole completion is the function's arguments. The call
+    exists from its first piece of arguments on: a completion cut off before any (inside a thinking block) has no
+    call, streamed or not (it had one with arguments "", not JSON, where the stream had none)."""
 
     def __init__(self, name: str, make_id: Callable[[], str] | None = None) -> None:
-        self.calls = [ToolCall.new(name, "", make_id)]
+        self._name, self._make_id = name, make_id
+        self.calls: list[ToolCall] = []
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         """No content; the text is the next piece of the call's arguments."""
+        if not text:
+            return "", []
+        if not self.calls:
+            self.calls = [ToolCall.new(self._name, "", self._make_id)]
         call = self.calls[0]
         self.calls[0] = ToolCall(call.name, call.arguments + text, call.id)
-        return "", [ToolCall(call.name, text, call.id)] if text else []
+        return "", [ToolCall(call.name, text, call.id)]
 
 
 def _hoisted(function: str, schema: dict, defs: dict[str, Any]) -> dict:

@@ -150,6 +150,32 @@ def test_a_block_the_template_opened_is_reasoning(client, server):
     assert getattr(hidden.choices[0].message, "reasoning", None) is None and hidden.choices[0].message.content is None
 
 
+@pytest.mark.parametrize("question", ["What does the tag <think> do?", "Explain </think> and <think>"])
+def test_a_user_who_writes_a_think_tag_opens_no_block(client, question):
+    """Whether the template opened a block was read in the prompt's last 16 tokens, the end of the user's message
+    included: a question about <think> turned the whole answer into reasoning (and lifted a structured output's
+    constraint: the engine waited for a </think> that never came; an audit)."""
+    reply = _chat(client, messages=[{"role": "user", "content": question}]).choices[0]
+    assert reply.message.content and getattr(reply.message, "reasoning", None) is None
+    thinking = _chat(client, messages=[{"role": "user", "content": question}],
+                     extra_body={"chat_template_kwargs": {"think": True}}).choices[0]
+    assert thinking.message.reasoning and thinking.message.content is None  # the template's own block still counts
+
+
+def test_the_text_after_the_history_is_what_the_template_adds():
+    from service.text import text_after_history
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    ask = [{"role": "user", "content": "What does <think> do?"}]
+    assert "<think>" not in text_after_history(tokenizer, ask)
+    assert text_after_history(tokenizer, ask, template_kwargs={"think": True}).endswith("<think>\n")
+    assert text_after_history(tokenizer, ask, add_generation_prompt=False) == ""
+    prefilled = [*ask, {"role": "assistant", "content": "<think>\nHmm"}]
+    assert text_after_history(tokenizer, prefilled, add_generation_prompt=False,
+                              continue_final_message=True).endswith("<think>\nHmm")
+
+
 def test_an_empty_block_in_the_prompt_leaves_the_answer_as_content(client, server):
     reply = _chat(client, extra_body={"chat_template_kwargs": {"no_think": True}}).choices[0]
     tokens = httpx.post(f"{server}/tokenize", json={"messages": ASK, "chat_template_kwargs": {"no_think": True}}
@@ -301,3 +327,21 @@ def test_a_thinking_model_thinks_then_answers_in_the_format(think_server):
     assert response.usage.output_tokens_details.reasoning_tokens == response.usage.output_tokens - len(
         httpx.post(f"{think_server}/tokenize", json={"prompt": reply.message.content, "add_special_tokens": False}
                    ).json()["tokens"])
+
+
+def test_a_named_call_cut_off_while_thinking_has_no_call_streamed_or_not():
+    """max_tokens ran out inside the thinking block of a request forcing a named call: the reply had the call with
+    arguments "" (not JSON: client code's json.loads raised) while the stream had no call (an audit)."""
+    setup = ToolSetup({"now": {"type": "object", "properties": {"zone": {"type": "integer"}}}}, "named", "now")
+    outs = [StepOutput("r", (0,), "<think>\nLet me", False, None, 5, 1),
+            StepOutput("r", (1,), " think", True, "length", 5, 2)]
+
+    def fmt() -> _ChatFormat:
+        return _ChatFormat(MODEL, None, 1, tools=setup, reasoning=_Reasoning(False, True))
+
+    whole = fmt().response([_Choice(outs)]).choices[0]
+    assert whole.message.tool_calls is None and whole.message.reasoning == "Let me think"
+    assert whole.finish_reason == "length"
+    streamed = fmt()
+    deltas = [chunk.choices[0].delta for out in outs for chunk in streamed.chunks(0, out)]
+    assert not any(delta.tool_calls for delta in deltas)

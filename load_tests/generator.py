@@ -253,20 +253,23 @@ async def _send_at(client: openai.AsyncOpenAI, config: ClientConfig, spec: Reque
 
 async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec,
                        start: float) -> RequestResult:
-    """One streamed chat completion, timed from now; failures are recorded, never raised."""
+    """One streamed chat completion, timed from now; failures are recorded, never raised. The whole request is
+    bounded by `config.request_timeout_s` (the client's own timeout bounds each read only: a stream that keeps
+    sending ran past it)."""
     sent = time.monotonic()
     first = None
     usage = None
     try:
-        stream = await client.chat.completions.create(
-            model=config.model, messages=list(spec.prompt.messages), max_tokens=spec.max_tokens,
-            temperature=config.temperature, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": config.ignore_eos})
-        async for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.monotonic()
-            usage = chunk.usage or usage
-    except (openai.APIError, httpx.HTTPError) as exc:
+        async with asyncio.timeout(config.request_timeout_s):
+            stream = await client.chat.completions.create(
+                model=config.model, messages=list(spec.prompt.messages), max_tokens=spec.max_tokens,
+                temperature=config.temperature, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": config.ignore_eos})
+            async for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.monotonic()
+                usage = chunk.usage or usage
+    except (openai.APIError, httpx.HTTPError, TimeoutError) as exc:
         return RequestResult(spec.index, spec.prompt.workload, sent - start, None, None, 0, 0, _describe(exc))
     end = time.monotonic()
     error = None if usage is not None and first is not None else "incomplete stream (no content or no usage)"
@@ -276,7 +279,7 @@ async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: R
 
 
 def _describe(exc: Exception) -> str:
-    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | TimeoutError):
         return "timeout"
     status = getattr(exc, "status_code", None)
     return f"{type(exc).__name__}" + (f" {status}" if status else "") + f": {str(exc)[:160]}"

@@ -178,6 +178,14 @@ def test_http_errors_are_recorded_not_raised(fake_url):
         asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), [], progress=False))
 
 
+def test_a_request_that_runs_past_its_timeout_fails_though_every_read_is_quick(fake_url):
+    """The client's timeout bounded each read: a 40-token stream (about 0.9 s, a chunk every 20 ms) finished under a
+    0.5 s request timeout (an audit)."""
+    record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake", request_timeout_s=0.5),
+                                   [_spec(0, 0.0, "a", 40)], progress=False))
+    assert record.results[0].error == "timeout"
+
+
 def test_client_config_rejects_bad_values():
     with pytest.raises(ValueError, match="drain_s"):
         ClientConfig(base_url="http://x", model="m", drain_s=0)

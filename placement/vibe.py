@@ -73,8 +73,9 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     num_slots = loads.shape[1] + num_redundant
     params = curve_params(devices)
     limit = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
-    counts = replica_counts(loads, num_slots, limit, float(params[1].min()), fixed=float(np.median(params[0])),
-                            slope=float(np.median(params[2])))
+    knee = float(params[1].min())
+    counts = replica_counts(loads, num_slots, limit, knee,
+                            curve=DeviceModel(float(np.median(params[0])), knee, float(np.median(params[2]))))
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
@@ -86,8 +87,8 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     return placement
 
 
-def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee: float, *, fixed: float = 0.0,
-                   slope: float = 0.0) -> np.ndarray:
+def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee: float, *,
+                   curve: DeviceModel | None = None) -> np.ndarray:
     """int [L, E]: replicas per expert, adding one at a time to the expert with the longest replica.
 
     Each extra slot goes to the expert with the highest predicted time per replica, i.e. the most tokens
@@ -96,9 +97,9 @@ def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee
     so then the slot goes to an expert without load if there is one (its replica costs nothing), else
     by EPLB's rule. Between the two (replicas past the knee whose halves would not be) a split shortens the
     replica to the flat cost for one more flat-cost call elsewhere: it is made when it lowers the layer's
-    makespan bound max(work / devices, longest replica) on the reference curve (`fixed`, `knee`, `slope`:
-    one hot expert of 250 tokens past a knee of 128 split into two calls of 125 takes half the time; many
-    experts just past the knee split would only add work). Only experts whose extra replica still fits are
+    makespan bound on the reference `curve` (`_split_lowers_bound`; None: never: one hot expert of 250 tokens
+    past a knee of 128 split into two calls of 125 takes half the time; many experts just past the knee split
+    would only add work). Only experts whose extra replica still fits are
     candidates: replicas of one expert sit on distinct devices with at most `capacity` [G] slots each
     (`_room_for_one_more`).
     """
@@ -119,26 +120,22 @@ def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee
         load, count = loads[rows, splits], counts[rows, splits]
         helps = load / (count + 1) >= knee
         window = ~helps & (load / count > knee)
-        if fixed > 0 and window.any():
-            helps |= window & _split_lowers_bound(loads, counts, splits, num_devices, fixed, knee, slope)
+        if curve is not None and window.any():
+            helps |= window & _split_lowers_bound(loads, counts, splits, num_devices, curve)
         counts[rows, np.where(helps | (loads[rows, free] > 0), splits, free)] += 1
     return counts
 
 
-def _split_lowers_bound(loads: np.ndarray, counts: np.ndarray, splits: np.ndarray, num_devices: int, fixed: float,
-                        knee: float, slope: float) -> np.ndarray:
+def _split_lowers_bound(loads: np.ndarray, counts: np.ndarray, splits: np.ndarray, num_devices: int,
+                        curve: DeviceModel) -> np.ndarray:
     """bool [L]: whether one more replica of each layer's `splits` expert lowers the layer's makespan bound: the
     largest of the work per device, the longest replica, and the k shortest loaded replicas together (k = loaded
-    replicas over devices, rounded up: some device holds that many), every replica timed on the flat-then-linear
-    curve (fixed, knee, slope). The last term keeps a split from stacking a second call on devices that each
-    hold one already."""
+    replicas over devices, rounded up: some device holds that many), every replica timed on `curve`. The last
+    term keeps a split from stacking a second call on devices that each hold one already."""
     rows = np.arange(loads.shape[0])
 
-    def seconds(tokens: np.ndarray) -> np.ndarray:
-        return np.where(tokens > 0, fixed + slope * np.maximum(tokens - knee, 0.0), 0.0)
-
     def bound(counts: np.ndarray) -> np.ndarray:
-        times = seconds(loads / counts)  # [L, E] per replica
+        times = curve.latency(loads / counts)  # [L, E] per replica
         loaded = np.where(times > 0, counts, 0)
         order = np.argsort(times, axis=1)
         ordered, copies = np.take_along_axis(times, order, axis=1), np.take_along_axis(loaded, order, axis=1)

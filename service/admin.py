@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.emulator import MIN_SPEED
 from service.openai_api import APIError
+from service.worker import FAULTS
 from service.worker_pool import WorkerCallError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class SpeedRequest(BaseModel):
 class FaultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     device: int = Field(ge=0)
-    operation: Literal["import", "hang", "error"] = "import"
+    operation: Literal[FAULTS] = "import"  # (Literal of a tuple: one of its values)
 
 
 def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_devices: int,

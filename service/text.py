@@ -45,14 +45,21 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     if not tokenizer.chat_template:
         raise ValueError("the model's tokenizer has no chat template")
     try:
-        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                tokenize=True, tools=list(tools) if tools else None,
-                                                continue_final_message=continue_final_message,
-                                                **(template_kwargs or {}))
+        encoded = _render(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt, tools=tools,
+                          template_kwargs=template_kwargs, continue_final_message=continue_final_message)
     except (TemplateError, TypeError) as exc:  # TypeError: a value of the wrong type for the template
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5
     return list(ids)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *, tokenize: bool,
+            add_generation_prompt: bool, tools: Sequence[Mapping[str, Any]] | None,
+            template_kwargs: Mapping[str, Any] | None, continue_final_message: bool):
+    """The chat template applied to `messages`: its text, or (``tokenize``) its token ids."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=tokenize,
+                                         tools=list(tools) if tools else None,
+                                         continue_final_message=continue_final_message, **(template_kwargs or {}))
 
 
 def text_after_history(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *,
@@ -66,16 +73,13 @@ def text_after_history(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Ma
 
     Args: as `apply_chat_template`'s.
     """
-    history = list(messages[:-1] if continue_final_message else messages)
-
-    def render(conversation: list, generation_prompt: bool, continued: bool) -> str:
-        return tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False,
-                                             tools=list(tools) if tools else None, continue_final_message=continued,
-                                             **(template_kwargs or {}))
-
+    history = messages[:-1] if continue_final_message else messages
+    common = {"tokenize": False, "tools": tools, "template_kwargs": template_kwargs}
     try:
-        whole = render(list(messages), add_generation_prompt, continue_final_message)
-        before = render(history, False, False) if history else ""
+        whole = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                        continue_final_message=continue_final_message, **common)
+        before = _render(tokenizer, history, add_generation_prompt=False, continue_final_message=False,
+                         **common) if history else ""
     except Exception:  # a template that will not render the history alone (it must end with a user turn, ...)
         return None
     return whole[len(before):] if isinstance(whole, str) and isinstance(before, str) and whole.startswith(before) \

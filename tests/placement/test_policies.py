@@ -388,7 +388,7 @@ def test_a_hot_expert_just_below_twice_the_knee_is_split():
     times = {n: makespan(plan(np.array([[n, 0, 0, 0]], dtype=float), [device, device], "vibe", num_redundant=2),
                          np.array([[n, 0, 0, 0]], dtype=float), [device, device])[0] for n in (250.0, 258.0)}
     assert times[250.0] == pytest.approx(2e-4) and times[250.0] <= times[258.0]
-    curve = {"fixed": 2e-4, "slope": 2e-4 / 128}
+    curve = {"curve": device}
     assert replica_counts(np.array([[250.0, 0, 0, 0]]), 6, np.array([3, 3]), 128.0, **curve).tolist() == [[2, 2, 1, 1]]
     assert replica_counts(np.array([[120.0, 0, 0, 0]]), 6, np.array([3, 3]), 128.0, **curve)[0, 0] == 1  # flat
     # two devices each busy with a hot expert past the knee: a split would stack a second call on one of them

@@ -64,13 +64,13 @@ from service.messages import ExpertTensors
 from service.quantization import (
     FP8_DTYPES,
     INT_PACKED_BITS,
-    check_fp8_blocks,
     check_mxfp4_blocks,
     check_nvfp4,
     dequantize_fp8,
     dequantize_int_packed,
     dequantize_mxfp4,
     dequantize_nvfp4,
+    fp8_grid,
     int_packed_bits,
 )
 
@@ -382,6 +382,19 @@ def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
     return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
 
 
+def fp8_block_size(checkpoint_dir: str | Path) -> tuple[int, int] | None:
+    """The [rows, cols] of the FP8 scale blocks an FP8 checkpoint's config gives (`weight_block_size`), or None."""
+    config = json.loads((_local_dir(checkpoint_dir) / "config.json").read_text())
+    quantization = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    block = (quantization or {}).get("weight_block_size") if isinstance(quantization, dict) else None
+    if block is None:
+        return None
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return block[0], block[1]
+
+
 def packed_dense_weights(checkpoint_dir: str | Path) -> list[str]:
     """The weights outside the routed experts that a compressed-tensors checkpoint stores packed (W4A16 releases
     quantize attention and dense MLPs too; Kimi-K2-Thinking's only its experts), by their `weight_packed` names."""
@@ -468,6 +481,7 @@ class _Shards:
         self.weight_map = _weight_map(folder)
         self.layers = next((prefix for prefix in _LAYER_PREFIXES
                             if any(name.startswith(prefix) for name in self.weight_map)), _LAYER_PREFIXES[-1])
+        self.fp8_block = fp8_block_size(folder)
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
 
@@ -560,9 +574,14 @@ def _weight(shards: _Shards, name: str, dtype: torch.dtype, quantized: bool) -> 
     if scale_name not in shards:
         raise ValueError(f"FP8 weight {name} has no {scale_name}")
     scales = shards.file(scale_name).get_tensor(scale_name).to(torch.float32)
+    bm, bn = fp8_grid(tensor, scales, name, shards.fp8_block)
     scales = scales if scales.dim() == 2 else scales.reshape(1, 1)
-    check_fp8_blocks(tensor, scales, name)
-    return {"": tensor, "_scale_inv": scales} if quantized else {"": dequantize_fp8(tensor, scales, dtype)}
+    if not quantized:
+        return {"": dequantize_fp8(tensor, scales, dtype, shards.fp8_block)}
+    if tensor.shape[0] % bm or tensor.shape[1] % bn:  # held, each call infers its blocks from the grid
+        raise ValueError(f"FP8 weight {name} {tuple(tensor.shape)} ends in partial blocks of {bm} x {bn}: experts held "
+                         f"quantized need whole blocks (serve it with keep_quantized_experts: false)")
+    return {"": tensor, "_scale_inv": scales}
 
 
 def _read_gpt_oss_expert(shards: _Shards, decoder_layer: int, expert: int, dtype: torch.dtype,

@@ -31,12 +31,14 @@ from service import text_models  # noqa: F401  (registers the causal LMs transfo
 from service.checkpoint import (
     COMPRESSED_TENSORS,
     ExpertLayout,
+    fp8_block_size,
     load_layout,
     packed_dense_weights,
     quantization_method,
 )
 from service.dispatch import DispatchContext, DispatchingExperts
 from service.experts import aligned
+from service.quantization import FP8_DTYPES, dequantize_fp8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -91,8 +93,9 @@ def load_reference_model(checkpoint_dir: str | Path, *, dtype: str = "float32", 
 
 def _from_pretrained(checkpoint_dir: str | Path, dtype: str, device: str) -> PreTrainedModel:
     config = _dequantizing(AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True))
-    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), config=config, dtype=_dtype(dtype),
-                                                 local_files_only=True)
+    with _PATCHING, _fp8_partial_blocks(checkpoint_dir):
+        model = AutoModelForCausalLM.from_pretrained(Path(checkpoint_dir), config=config, dtype=_dtype(dtype),
+                                                     local_files_only=True)
     return _aligned_weights(model.to(torch.device(device))).eval()
 
 
@@ -113,6 +116,34 @@ def _dequantizing(config: PretrainedConfig) -> PretrainedConfig:
         settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
         config.quantization_config = {**settings, "dequantize": True}
     return config
+
+
+@contextlib.contextmanager
+def _fp8_partial_blocks(checkpoint_dir: str | Path) -> Iterator[None]:
+    """While inside (holding ``_PATCHING``), transformers dequantizes an FP8 checkpoint's weights with the blocks of its
+    config's `weight_block_size`, the last ones partial (`service.quantization.dequantize_fp8`): its `Fp8Dequantize`
+    infers the blocks from the scale grid and refuses a grid that does not divide the weight, as DeepSeek-V3's
+    `kv_a_proj_with_mqa` ([576, 7168], a [5, 56] grid of 128 x 128 blocks) and Kimi-K2's do not."""
+    block = fp8_block_size(checkpoint_dir)
+    if block is None:
+        yield
+        return
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    original = Fp8Dequantize.__dict__["_dequantize_one"]
+
+    def dequantize_one(self, quantized: torch.Tensor, scales: torch.Tensor, output_dtype=None) -> torch.Tensor:
+        if quantized.dtype not in FP8_DTYPES or not scales.is_floating_point() or quantized.dim() != 2:
+            return original(self, quantized, scales, output_dtype=output_dtype)
+        if output_dtype is None:  # transformers' default
+            output_dtype = scales.dtype if scales.element_size() >= 2 else torch.bfloat16
+        return dequantize_fp8(quantized, scales, output_dtype, block)
+
+    Fp8Dequantize._dequantize_one = dequantize_one
+    try:
+        yield
+    finally:
+        Fp8Dequantize._dequantize_one = original
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -151,7 +182,7 @@ def _without_routed_experts(checkpoint_dir: str | Path, layout: ExpertLayout) ->
             # GPT-OSS; up_proj: Nemotron-H's experts without a gate)
             setattr(self, name, torch.empty(0, device="meta"))
 
-    with _PATCHING:
+    with _PATCHING, _fp8_partial_blocks(checkpoint_dir):
         saved = {cls: cls.__dict__.get("__init__") for cls in classes}  # None: inherited
         own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected")
         inherited = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or ()

@@ -23,24 +23,52 @@ INT_PACKED_BITS = (4, 8)  # the widths of compressed-tensors' pack-quantized int
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def check_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, name: str) -> None:
-    """ValueError naming ``name`` unless ``weight`` [rows, cols] divides into the grid of ``scale_inv``."""
+def fp8_grid(weight: torch.Tensor, scale_inv: torch.Tensor, name: str,
+             block: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The block [bm, bn] of the scale grid ``scale_inv`` of the FP8 weight ``weight`` [rows, cols] (one scale: the
+    whole weight); ValueError naming ``name`` unless they fit. With the checkpoint's ``block`` (its config's
+    `weight_block_size`) the grid must be ``ceil(rows / bm) x ceil(cols / bn)``, the last blocks partial (DeepSeek-V3's
+    `kv_a_proj_with_mqa` is [576, 7168] with a [5, 56] grid), as DeepSeek's quantizer and vLLM have it; without one,
+    the grid must divide the weight."""
     rows, cols = weight.shape
+    if scale_inv.dim() not in (0, 2) and scale_inv.numel() != 1:
+        raise ValueError(f"FP8 weight {name} {tuple(weight.shape)}: its scale must be one value or a 2-D grid, got "
+                         f"{tuple(scale_inv.shape)}")
     scale_rows, scale_cols = scale_inv.shape if scale_inv.dim() == 2 else (1, 1)
+    if scale_rows == scale_cols == 1:
+        return rows, cols
+    if block is not None:
+        bm, bn = block
+        if (scale_rows, scale_cols) != (-(-rows // bm), -(-cols // bn)):
+            raise ValueError(f"FP8 weight {name} {tuple(weight.shape)} does not match its scale grid ({scale_rows}, "
+                             f"{scale_cols}) for blocks of {bm} x {bn} (weight_block_size): expected "
+                             f"({-(-rows // bm)}, {-(-cols // bn)})")
+        return bm, bn
     if rows % scale_rows or cols % scale_cols:
         raise ValueError(f"FP8 weight {name} {tuple(weight.shape)} is not divisible by its scale grid "
-                         f"({scale_rows}, {scale_cols})")
+                         f"({scale_rows}, {scale_cols}) and the checkpoint's config gives no weight_block_size")
+    return rows // scale_rows, cols // scale_cols
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An FP8 weight [rows, cols] times its per-block ``scale_inv`` (a [rows / bm, cols / bn] grid, or one
-    value), in float32, then cast to ``dtype``: transformers' `Fp8Dequantize` expression."""
-    check_fp8_blocks(weight, scale_inv, "weight")
+def check_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, name: str,
+                     block: tuple[int, int] | None = None) -> None:
+    """ValueError naming ``name`` unless ``scale_inv`` is a scale grid of ``weight`` (see `fp8_grid`)."""
+    fp8_grid(weight, scale_inv, name, block)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype,
+                   block: tuple[int, int] | None = None) -> torch.Tensor:
+    """An FP8 weight [rows, cols] times its per-block ``scale_inv`` (a grid of blocks of ``block``, the last ones
+    partial, or of the blocks that divide the weight without one; or one value), in float32, then cast to
+    ``dtype``: transformers' `Fp8Dequantize` expression, extended to partial blocks."""
+    bm, bn = fp8_grid(weight, scale_inv, "weight", block)
     rows, cols = weight.shape
-    scale_rows, scale_cols = scale_inv.shape if scale_inv.dim() == 2 else (1, 1)
-    blocks = weight.to(torch.float32, copy=True).reshape(scale_rows, rows // scale_rows, scale_cols, cols // scale_cols)
-    scales = scale_inv.to(torch.float32).reshape(scale_rows, 1, scale_cols, 1)
-    return blocks.mul_(scales).to(dtype).reshape(rows, cols)  # in place: one float32 copy, not two
+    scales = scale_inv.to(torch.float32).reshape(-(-rows // bm), -(-cols // bn))
+    if rows % bm == 0 and cols % bn == 0:  # whole blocks: a view of the weight's blocks (the common case)
+        blocks = weight.to(torch.float32, copy=True).reshape(rows // bm, bm, cols // bn, bn)
+        return blocks.mul_(scales.reshape(rows // bm, 1, cols // bn, 1)).to(dtype).reshape(rows, cols)
+    full = scales.repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
+    return weight.to(torch.float32, copy=True).mul_(full).to(dtype)  # in place: one float32 copy, not two
 
 
 def _nibbles(data: torch.Tensor) -> torch.Tensor:

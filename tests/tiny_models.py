@@ -527,7 +527,8 @@ def nvfp4_decompressed(folder: str | Path, target: str | Path) -> Path:
 def as_fp8(folder: str | Path, model: torch.nn.Module, block: int = 8) -> Path:
     """Rewrite the checkpoint of `model` saved in `folder` with its linear layers' and experts' weights in FP8
     with block scales, as DeepSeek-V3, MiniMax-M2 and Qwen3's FP8 releases store theirs (`weight` in
-    float8_e4m3fn and `weight_scale_inv` in float32, one per `block` x `block` block; per-expert keys;
+    float8_e4m3fn and `weight_scale_inv` in float32, one per `block` x `block` block, the last ones of a weight
+    partial where `block` does not divide it, as DeepSeek's quantizer writes them; per-expert keys;
     `quantization_config` naming the method and the block size). What transformers would not convert
     (embeddings, norms, routers, lm_head) stays as it was; the weights are what they dequantize to."""
     import json
@@ -543,10 +544,12 @@ def as_fp8(folder: str | Path, model: torch.nn.Module, block: int = 8) -> Path:
         if name in linear or expert:
             weight = tensors[name].to(torch.float32)
             rows, cols = weight.shape
-            blocks = weight.reshape(rows // block, block, cols // block, block)
+            grid = (-(-rows // block), -(-cols // block))  # the last blocks partial where `block` does not divide
+            padded = torch.nn.functional.pad(weight, (0, grid[1] * block - cols, 0, grid[0] * block - rows))
+            blocks = padded.reshape(grid[0], block, grid[1], block)
             scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
-            tensors[name] = (blocks / scale).to(torch.float8_e4m3fn).reshape(rows, cols)
-            tensors[name + "_scale_inv"] = scale.reshape(rows // block, cols // block)
+            tensors[name] = (blocks / scale).to(torch.float8_e4m3fn).reshape(padded.shape)[:rows, :cols].contiguous()
+            tensors[name + "_scale_inv"] = scale.reshape(grid)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

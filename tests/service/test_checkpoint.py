@@ -230,6 +230,63 @@ def test_read_experts_dequantizes_fp8_as_transformers_does(tmp_path, architectur
         read_experts(folder, [(layout.moe_layers.index(int(scale.split(".")[2])), 0)])
 
 
+@pytest.mark.parametrize("block", [16, 24])
+def test_fp8_partial_blocks_are_dequantized_with_the_configured_block(tmp_path, block):
+    """DeepSeek's quantizer leaves the last blocks of a weight partial (its kv_a_proj_with_mqa is [576, 7168] with a
+    [5, 56] grid of 128 x 128 blocks): the grid is ceil(rows / 128) x ceil(cols / 128) and the block is the config's
+    weight_block_size. The tiny DeepSeek-V3's kv_a_proj_with_mqa is [24, 64]: in blocks of 16 a [2, 4] grid that
+    "divides" it in blocks of 12, the block transformers would infer (audit: rows 12-15 took the next block's scale);
+    in blocks of 24 every expert weight ends in partial blocks too. Dense part and experts dequantize to the float
+    weights within FP8's rounding, the workers' experts bit for bit as the reference model's; experts held FP8 with
+    partial blocks are refused, naming the weight."""
+    from service.model import load_reference_model
+
+    folder = save_tiny_fp8_model("deepseek_v3", tmp_path / "fp8", seed=5, block=block)
+    float_model, model, layout = build_tiny_model("deepseek_v3", seed=5), load_reference_model(folder), load_layout(folder)
+
+    def close_to_float(got: torch.Tensor, want: torch.Tensor) -> None:  # e4m3: 3 mantissa bits, relative 2^-4
+        torch.testing.assert_close(got, want, rtol=2 ** -4 + 1e-6, atol=want.abs().max().item() / 448)
+
+    floats = dict(float_model.named_parameters())
+    kv = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    assert tuple(floats[kv].shape) == (24, 64)
+    for name, parameter in model.named_parameters():
+        if ".experts." not in name and parameter.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            close_to_float(parameter.detach(), floats[name].detach())
+    for item in read_experts(folder, [(0, 0), (1, 7)]):
+        decoder_layer = layout.moe_layers[item.layer]
+        for experts, check in ((model.model.layers[decoder_layer].mlp.experts, torch.equal),
+                               (float_model.model.layers[decoder_layer].mlp.experts, close_to_float)):
+            assert check(item.tensors["gate_up"], experts.gate_up_proj[item.expert].detach()) is not False
+            assert check(item.tensors["down"], experts.down_proj[item.expert].detach()) is not False
+    if block == 24:
+        with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight \(32, 64\) ends in partial blocks of 24"):
+            read_experts(folder, [(0, 0)], quantized=True)
+    else:
+        assert read_experts(folder, [(0, 0)], quantized=True)[0].tensors["down_scale_inv"].shape == (4, 2)
+
+
+def test_fp8_scale_grid_that_does_not_match_the_configured_block_is_named(tmp_path):
+    """A scale grid that is not ceil(rows / bm) x ceil(cols / bn) of the config's block is refused naming the weight
+    (not read with blocks inferred from the grid), as is a malformed weight_block_size or a 1-D scale of many values."""
+    import json
+
+    folder = save_tiny_fp8_model("deepseek_v3", tmp_path / "fp8", seed=5, block=16)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [8, 8]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight \(32, 64\) does not match its scale grid "
+                                         r"\(2, 4\) for blocks of 8 x 8 .*expected \(4, 8\)"):
+        read_experts(folder, [(0, 0)])
+    config["quantization_config"]["weight_block_size"] = [16]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="weight_block_size must be two positive integers"):
+        read_experts(folder, [(0, 0)])
+    from service.quantization import dequantize_fp8
+    with pytest.raises(ValueError, match=r"FP8 weight weight \(4, 4\): its scale must be one value or a 2-D grid"):
+        dequantize_fp8(torch.zeros(4, 4).to(torch.float8_e4m3fn), torch.ones(4), torch.float32)
+
+
 @pytest.mark.parametrize("name", ["deepseek_v3-fp8", "minimax_m2-fp8", "gpt_oss-mxfp4"])
 def test_read_experts_keeps_quantized_experts_as_stored(tmp_path, name):
     """With quantized=True an expert comes as the checkpoint stores it (FP8 with its block scales, MXFP4 blocks

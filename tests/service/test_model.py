@@ -37,6 +37,9 @@ def checkpoints(tmp_path_factory):
                for arch in (*TINY_ARCHITECTURES, *LLAMA4_ARCHITECTURES, "gemma4_text")},
             "gpt_oss-mxfp4": save_tiny_mxfp4_model(root / "gpt_oss-mxfp4", seed=1),
             **{f"{arch}-fp8": save_tiny_fp8_model(arch, root / f"{arch}-fp8", seed=1) for arch in FP8},
+            # blocks of 24 leave partial ones in every weight (DeepSeek-V3's kv_a_proj_with_mqa: [576, 7168] in 128s)
+            "deepseek_v3-fp8-partial": save_tiny_fp8_model("deepseek_v3", root / "deepseek_v3-fp8-partial", seed=1,
+                                                           block=24),
             # as Kimi-K2-Thinking's release: INT4 experts in compressed-tensors' pack-quantized format
             "deepseek_v3-int4": as_int_packed(save_tiny_model("deepseek_v3", root / "deepseek_v3-int4", seed=1)),
             # as W4A16 releases: the attention and dense MLPs INT4 too (the ingress has transformers dequantize them)
@@ -67,7 +70,7 @@ def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
 # quantized checkpoints: transformers dequantizes the reference model's weights, the workers their experts (as
 # they read them, or "held" quantized and dequantized at each call)
 @pytest.mark.parametrize("architecture", [*TINY_ARCHITECTURES, "gpt_oss-mxfp4", *(f"{arch}-fp8" for arch in FP8),
-                                          "deepseek_v3-int4", "qwen3_moe-w4a16", "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held",
+                                          "deepseek_v3-fp8-partial", "deepseek_v3-int4", "qwen3_moe-w4a16", "gpt_oss-mxfp4-held", "deepseek_v3-fp8-held",
                                           "deepseek_v3-int4-held", *LLAMA4_ARCHITECTURES, "gemma4_text"])
 def test_engine_model_computes_what_the_model_computes(checkpoints, architecture, monkeypatch):
     folder = checkpoints[architecture.removesuffix("-held")]

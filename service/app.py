@@ -136,7 +136,7 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
     for exc_type in (APIError, ValueError, QueueFull, EngineError, HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(exc_type, server.handle_error)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, on_reject=server.count_rejected)
     app.include_router(_routes(server))
     if extra_router is not None:
         app.include_router(extra_router)
@@ -285,9 +285,15 @@ class _Server:
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)
-        if request.url.path in _GENERATION_PATHS and response.status_code < 500:
-            self.metrics.requests.labels(status="rejected").inc()
+        if response.status_code < 500:
+            self.count_rejected(request.url.path)
         return response
+
+    def count_rejected(self, path: str) -> None:
+        """Count a generation request refused before it reached the engine (4xx: a handler's error, or the body
+        size limit's 413, which answers before any handler)."""
+        if path in _GENERATION_PATHS:
+            self.metrics.requests.labels(status="rejected").inc()
 
     def _card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.config.max_model_len)
@@ -863,11 +869,13 @@ class _ResponsesFormat(_ChatFormat):
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed); ``on_reject(path)`` is
+    called for each request it answers itself (a declared size; a streamed one ends in the app's error handler)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -875,6 +883,8 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            if self.on_reject is not None:
+                self.on_reject(scope["path"])
             await error_response(self._error(declared.isdigit()))(scope, receive, send)
             return
         await self.app(scope, self._limited(receive), send)

@@ -8,14 +8,17 @@ that feeds them. Ignores HTTP routing and placement metrics (the lead's admin ro
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.async_engine import AsyncEngine, StepStats
 
 RequestStatus = Literal["stop", "length", "abort", "error", "rejected"]
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# up to 30 minutes: past the default request_timeout_s (300 s) and a long generation's end-to-end time (vLLM's go
+# to 7680 s); a quantile past the last bucket would read as that bucket's bound
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                    600.0, 1800.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
@@ -40,6 +43,8 @@ class ServingMetrics:
                                             registry=r)
         self.generation_tokens = Counter("vibe_generation_tokens", "Generated tokens.", registry=r)
         self.requests = Counter("vibe_requests", "Generation requests by final status.", ["status"], registry=r)
+        for status in get_args(RequestStatus):  # each from 0: increase() misses a series' first sample
+            self.requests.labels(status=status)
         Gauge("vibe_num_requests_waiting", "Requests waiting for a slot.", registry=r).set_function(
             lambda: engine.num_waiting)
         Gauge("vibe_num_requests_running", "Sequences in the running batch.", registry=r).set_function(

@@ -14,6 +14,9 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+# the outcomes of a recalibration (service.coordinator.Recalibration.status)
+RECALIBRATION_STATUSES = ("applied", "dry_run", "skipped", "no_change", "rolled_back", "failed")
+
 
 class PlacementCollector:
     """Register with a CollectorRegistry; call `refresh(summary)` whenever a new summary arrives."""
@@ -41,7 +44,8 @@ class PlacementCollector:
                      [((str(d),), value) for d, value in enumerate(summary["device_observed_over_predicted"])
                       if value is not None], ["device"])
         events = CounterMetricFamily("vibe_recalibrations", "Recalibration decisions by outcome.", labels=["status"])
-        for status, count in summary["recalibrations"].items():
+        # every outcome from 0: increase() misses a series' first sample, so a first failure would never alert
+        for status, count in {**dict.fromkeys(RECALIBRATION_STATUSES, 0), **summary["recalibrations"]}.items():
             events.add_metric([status], count)
         yield events
         last = summary["last_recalibration_s"]

@@ -4,6 +4,7 @@ PromQL and names only metrics, and labels of them, that an app's ``/metrics`` ex
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -137,3 +138,64 @@ def test_the_dashboard_imports_with_a_datasource_variable():
     for panel in DASHBOARD["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}" and panel["description"], panel["title"]
+
+
+def test_every_status_is_exposed_from_zero():
+    """Counters by status exist at 0 before their first event: Prometheus' increase() and rate() see nothing of a
+    series' first sample, so a first recalibration rolled back (or a first burst of errors) created at 1 never
+    alerted (audit: sum(increase(vibe_recalibrations_total{status=~"failed|rolled_back"}[1h])) stayed 0)."""
+    from service.placement_metrics import RECALIBRATION_STATUSES
+
+    metrics = ServingMetrics(_Engine())
+    collector = PlacementCollector()
+    collector.refresh({"placement_version": 1, "layer_imbalance": None, "device_observed_over_predicted": [],
+                       "last_recalibration_s": None, "experts_moved": 0, "recalibrations": {}, "bytes_moved": 0,
+                       "lost_devices": [], "telemetry": []})
+    metrics.registry.register(collector)
+    values = {(sample.name, sample.labels.get("status")): sample.value
+              for family in text_string_to_metric_families(metrics.render().decode()) for sample in family.samples}
+    for status in ("stop", "length", "abort", "error", "rejected"):
+        assert values[("vibe_requests_total", status)] == 0
+    for status in ("failed", "rolled_back", "applied", "skipped", "no_change", "dry_run"):
+        assert values[("vibe_recalibrations_total", status)] == 0
+    assert set(RECALIBRATION_STATUSES) == {"applied", "dry_run", "skipped", "no_change", "rolled_back", "failed"}
+
+
+def test_latency_histograms_reach_past_the_request_timeout():
+    """TTFT and end-to-end buckets went to 60 s while requests may run 300 s (request_timeout_s's default): every
+    longer request read as 60 s in histogram_quantile."""
+    from deploy.app import AppArgs
+
+    metrics = ServingMetrics(_Engine())
+    for seconds in (90.0, 200.0):
+        metrics.e2e.observe(seconds)
+    buckets = [sample for family in text_string_to_metric_families(metrics.render().decode())
+               for sample in family.samples if sample.name == "vibe_e2e_request_latency_seconds_bucket"]
+    finite = [float(s.labels["le"]) for s in buckets if s.labels["le"] != "+Inf"]
+    assert max(finite) >= AppArgs().request_timeout_s
+    assert next(s.value for s in buckets if s.labels["le"] == "120.0") == 1
+
+
+def _seconds(duration: str) -> int:
+    return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
+
+
+def test_alerts_on_sustained_events_need_them_throughout():
+    """An alert on events going on for its `for:` duration (a rate or increase above 0) must look back over a window
+    well inside it: with rate(...[10m]) > 0 for 10m a single preemption kept the condition true for 10 minutes, and two
+    a minute apart fired VibeServePreempting (audit)."""
+    checked = 0
+    for rule in RULES:
+        expr = " ".join(rule["expr"].split())
+        if "for" in rule and re.search(r"\b(rate|increase)\(", expr) and expr.endswith("> 0"):
+            windows = [_seconds(w) for w in re.findall(r"\[(\d+[smh])\]", expr)]
+            assert max(windows) <= _seconds(rule["for"]) / 2, rule["alert"]
+            checked += 1
+    assert checked >= 1
+
+
+def test_manifest_sets_no_field_kuberay_ignores():
+    """serviceUnhealthySecondThreshold and deploymentUnhealthySecondThreshold are deprecated and unused since KubeRay
+    1.1 (kuberay#1656, #1665): the manifest's "900 s while the app loads" grace did not exist."""
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/kuberay/rayservice.yaml").read_text())
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(manifest["spec"])

@@ -1,11 +1,11 @@
 """Sampling parameters of one request and next-token selection from logits.
 
 Owns `SamplingParams` (validated, frozen) and `sample`, which turns the logits of a step into one token
-per sequence: exact argmax for temperature 0 (so greedy output equals ``generate(do_sample=False)``),
-otherwise temperature, top-k, top-p and min-p sampling from a per-request ``torch.Generator``, after
-OpenAI's presence and frequency penalties and logit bias and vLLM's repetition penalty and minimum
-length; and `token_logprobs`, the log-probabilities of the chosen tokens and their most likely
-alternatives (the model's own, before any of those).
+per sequence: exact argmax for temperature 0 (so greedy output equals ``generate(do_sample=False)``) or
+below `SAMPLING_EPS`, otherwise temperature, top-k, top-p and min-p sampling from a per-request
+``torch.Generator``, after OpenAI's presence and frequency penalties and logit bias and vLLM's
+repetition penalty and minimum length; and `token_logprobs`, the log-probabilities of the chosen tokens
+and their most likely alternatives (the model's own, before any of those).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a token's logit bias: [-100, 100]
 MAX_LOGIT_BIAS_TOKENS = 300
 MAX_REPETITION_PENALTY = 10.0
 MAX_REASONING_GAP = 2  # whitespace tokens a completion may write between a thinking block and its grammar
+SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it is greedy (dividing by it would overflow)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class SamplingParams:
     Attributes:
         max_tokens: completion tokens at most (>= 0; 0 only runs the prompt through the model, to
             score it with ``prompt_logprobs``).
-        temperature: 0 for greedy (argmax), else logits are divided by it (0 < t <= 100).
+        temperature: 0 for greedy (argmax), else logits are divided by it (0 < t <= 100); below
+            `SAMPLING_EPS` it is greedy too, as vLLM's (the seed is then unused).
         top_p: nucleus mass kept, in (0, 1]; 1 keeps every token.
         seed: seeds the request's own generator so sampled output is reproducible (None: random).
         stop: strings that end the completion (at most 4, non-empty); the text is cut before them.
@@ -146,7 +148,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax, no draw: temperature 0 or below `SAMPLING_EPS` (as vLLM, where such a temperature is greedy)."""
+        return self.temperature < SAMPLING_EPS
 
     @property
     def uses_history(self) -> bool:
@@ -276,8 +279,18 @@ def _is_int(value) -> bool:
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Temperature, then top-k, min-p and top-p, then a draw, on one row ``[V]``."""
-    logits = logits.float() / params.temperature
+    """Temperature, then top-k, min-p and top-p, then a draw, on one row ``[V]``.
+
+    Whatever the row holds, the draw cannot fail (one row's failure would fail every request of the step):
+    NaN is never drawn, +inf is the largest finite value (several are then equally likely), and the row is
+    shifted so that its most likely token's logit is 0 before the temperature divides it, so every
+    probability is finite and that token's is positive. A row with nothing to draw (every logit -inf or
+    NaN) gives its argmax rather than failing."""
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
+    best = logits.max()
+    if best == float("-inf"):
+        return int(logits.argmax())
+    logits = (logits - best) / params.temperature  # <= 0, the best 0 (an underflow is -inf: never drawn)
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1190,3 +1190,13 @@ def test_cached_prefixes_give_their_blocks_up_when_a_prompt_needs_them(reference
     tokens, out = _finish(engine, "other", other, params)
     assert out.num_cached_tokens == 0 and tokens == _generate(reference_models["qwen3_moe"], other, 2)
     assert list(dict(engine._slot_tokens.items()).values()) == [other + tokens[:1]]  # the only prefix cached now
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_request_of_its_step():
+    # temperature 1e-39 overflowed the logits to inf: the draw raised and the step failed every request in it
+    prompt, sampled = _prompt(9, 0), SamplingParams(max_tokens=8, temperature=0.8, seed=1)
+    greedy, _ = _run(_engine(), {0: [("g", prompt, SamplingParams(max_tokens=8, temperature=0.0))]})
+    alone, _ = _run(_engine(), {0: [("s", _prompt(12, 1), sampled)]})
+    tiny = SamplingParams(max_tokens=8, temperature=1e-39, seed=3)
+    tokens, reasons = _run(_engine(), {0: [("s", _prompt(12, 1), sampled), ("t", prompt, tiny)]})
+    assert tokens["t"] == greedy["g"] and tokens["s"] == alone["s"] and set(reasons.values()) == {"length"}

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.sampling import MAX_LOGPROBS, History, SamplingParams, TokenLogprobs, sample, token_logprobs
+from service.sampling import (
+    MAX_LOGPROBS,
+    SAMPLING_EPS,
+    History,
+    SamplingParams,
+    TokenLogprobs,
+    sample,
+    token_logprobs,
+)
 
 
 @pytest.mark.parametrize("kwargs, bad", [
@@ -144,3 +152,34 @@ def test_top_k_and_min_p_cut_the_tail():
 def test_bad_penalties_and_bias_raise_value_error(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [9e-6, 1e-30, 1e-39, 5e-324])
+def test_a_temperature_below_sampling_eps_is_greedy_seed_or_not(temperature):
+    # dividing by 1e-39 overflowed the logits to inf and the draw raised (failing every request of the step)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    for seed in (None, 0, 1):
+        params = SamplingParams(temperature=temperature, seed=seed)
+        assert params.greedy and params.make_generator() is None
+        assert sample(logits, [params] * 4, [None] * 4) == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=SAMPLING_EPS).greedy  # vLLM's bound: from it on, the row is sampled
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 2}, {"top_p": 0.5}, {"min_p": 0.9}, {"top_k": 2, "top_p": 0.3, "min_p": 0.5}])
+@pytest.mark.parametrize("temperature", [SAMPLING_EPS, 1.0, 100.0])
+def test_a_draw_never_fails_and_never_takes_an_impossible_token(temperature, kwargs):
+    big, inf, nan = torch.finfo(torch.float32).max, float("inf"), float("nan")
+    rows = {  # the row, the tokens it may give
+        "huge": ([big, -big, 0.0, big / 2], {0}),  # big / 1e-5 overflowed to inf: NaN probabilities
+        "infinite": ([1.0, inf, -inf, inf], {1, 3}),  # equally likely, whatever the temperature
+        "nan": ([nan, 2.0, -inf, 1.0], {1, 3}),
+        "nothing": ([-inf, -inf, -inf, -inf], {0}),  # nothing to draw: the argmax, as greedy
+    }
+    for name, (row, allowed) in rows.items():
+        params = SamplingParams(temperature=temperature, seed=3, **kwargs)
+        gen = params.make_generator()
+        draws = {sample(torch.tensor([row]), [params], [gen])[0] for _ in range(40)}
+        assert draws <= allowed, name
+    batch = torch.tensor([[big, -big, 0.0], [0.0, 1.0, 2.0]])
+    params = [SamplingParams(temperature=temperature, seed=4, **kwargs)] * 2
+    assert len(sample(batch, params, [p.make_generator() for p in params])) == 2

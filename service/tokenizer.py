@@ -7,8 +7,11 @@ is never run here (`trust_remote_code` is off): their tokenizer is rebuilt as a 
 the same ranks, split by the same pre-tokenization pattern (Kimi's, which keeps runs of Han characters apart
 from other letters), with the same special tokens at the same ids (the folder's `added_tokens_decoder`, the
 rest of the reserved range as ``<|reserved_token_{id}|>``, as the remote code names them: 256 ids for Kimi-K2,
-258 for Kimi-Linear, whose code reserves two more). Encoding equals
-tiktoken's with that pattern (tests compare them); the chat template, BOS/EOS/pad and the context length come
+258 for Kimi-Linear, whose code reserves two more). All of them are matched in text; decoding with
+``skip_special_tokens`` skips the entries marked "special" and the unnamed reserved ids, not the others
+(Kimi-K2-Thinking's ``<think>``/``</think>``: the remote code skips only its special-tokens map, so vLLM's
+text keeps them, and the reasoning is split at them). Encoding equals tiktoken's with that pattern (tests
+compare them); the chat template, BOS/EOS/pad and the context length come
 from the folder's `tokenizer_config.json` (and `chat_template.jinja`).
 
 Ignores tiktoken's own splitting of inputs longer than 400,000 characters or with runs of 25,000 characters
@@ -62,11 +65,19 @@ def kimi_tokenizer(folder: Path, config: dict | None = None) -> PreTrainedTokeni
     """The fast tokenizer equal to the `TikTokenTokenizer` of the Kimi folder ``folder`` (see the module)."""
     config = _tokenizer_config(folder) if config is None else config
     ranks = read_tiktoken_ranks(folder / TIKTOKEN_FILE)
-    named = {int(i): _content(token) for i, token in (config.get("added_tokens_decoder") or {}).items()}
+    named = {int(i): token for i, token in (config.get("added_tokens_decoder") or {}).items()}
     end = max(len(ranks) + _reserved_special_tokens(folder, config), max(named, default=0) + 1)
-    specials = [named.get(i, f"<|reserved_token_{i}|>") for i in range(len(ranks), end)]
     backend = _RanksConverter(ranks, pattern=KIMI_PATTERN).converted()
-    backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in specials])
+    # One at a time, in id order: each takes the next id. All are matched in text (the remote code encodes with
+    # every reserved token allowed); decoding skips those the folder marks special, and the unnamed reserved ids,
+    # not the others (Kimi-K2-Thinking's <think> and </think>, which its reasoning is split at)
+    for i in range(len(ranks), end):
+        token = named.get(i, f"<|reserved_token_{i}|>")
+        added = AddedToken(_content(token), normalized=False, special=_special(token))
+        if added.special:
+            backend.add_special_tokens([added])
+        else:
+            backend.add_tokens([added])
     template = folder / "chat_template.jinja"
     kwargs = {key: _content(config[key]) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
               if config.get(key) is not None}
@@ -121,6 +132,12 @@ class _RanksConverter(TikTokenConverter):
 def _tokenizer_config(folder: Path) -> dict:
     path = folder / "tokenizer_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _special(token) -> bool:
+    """Whether an `added_tokens_decoder` entry (or an unnamed reserved id's name) is a special token: as the
+    entry's "special" says (transformers' meaning: skipped by ``skip_special_tokens``), reserved ids are."""
+    return not isinstance(token, dict) or bool(token.get("special", True))
 
 
 def _content(token) -> str:

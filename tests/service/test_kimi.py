@@ -155,3 +155,38 @@ def test_kimi_linear_folders_reserve_two_more_special_ids(tmp_path, marker):
     assert tokenizer.encode(text, add_special_tokens=False) == encoding.encode(text, allowed_special="all")
     write_kimi_tokenizer(tmp_path / "k2", ranks)  # neither: Kimi-K2's 256
     assert len(load_tokenizer(tmp_path / "k2")) == base + 256
+
+
+def test_kimi_k2_thinkings_think_tags_are_kept_in_the_text_and_split_off_as_reasoning(tmp_path):
+    """Kimi-K2-Thinking names ``<think>``/``</think>`` in its reserved range (the ranks' count + 22 and + 23) with
+    ``"special": false``: they are matched in text (as the remote code, which allows every reserved token), yet
+    decoding with ``skip_special_tokens`` (every completion's default) keeps them, as the remote code does, so
+    the ``kimi_k2`` reasoning parser finds the block. The tokens marked special, and the unnamed reserved ids,
+    are still skipped."""
+    from service.reasoning import ReasoningStream
+    from service.text import TextStream
+
+    ranks = train_ranks(300)
+    write_kimi_tokenizer(tmp_path, ranks)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    base, think = len(ranks), {"<think>": 22, "</think>": 23}
+    for tag, offset in think.items():
+        config["added_tokens_decoder"][str(base + offset)] = {
+            "content": tag, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(tmp_path)
+    assert len(tokenizer) == base + 256
+    text = "<think>let me see</think>The answer<|im_end|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert [ids[0], ids[-1]] == [base + 22, base + 2] and base + 23 in ids
+    names = {base + offset: token for token, offset in {**SPECIAL_OFFSETS, **think}.items()}
+    specials = {names.get(i, f"<|reserved_token_{i}|>"): i for i in range(base, base + 256)}
+    encoding = tiktoken.Encoding("kimi", pat_str=KIMI_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    assert ids == encoding.encode(text, allowed_special="all")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>let me see</think>The answer"
+    assert tokenizer.decode([*ids, base + 100], skip_special_tokens=True) == "<think>let me see</think>The answer"
+    stream = TextStream(tokenizer, tokenizer.encode("hi"), ())
+    for token in ids:
+        stream.push(token)
+    assert ReasoningStream().push(stream.take(final=True), final=True) == ("let me see", "The answer")

@@ -45,7 +45,7 @@ class DispatchError(RuntimeError):
 # coordinator takes to check a worker an engine reported and publish a placement without it (report 0.1 s,
 # its loop 0.1 s, probe and one-token call up to 3 s each, re-placement), so a hung worker is not called again.
 RECONNECT_AFTER_S = 5.0
-# Longest wait to connect to a worker again (a live worker's accept takes well under a millisecond; a node
+# Longest wait to connect to a worker, at its first call or again (a live worker's accept takes well under a millisecond; a node
 # that is gone never answers).
 RECONNECT_TIMEOUT_S = 2.0
 
@@ -78,20 +78,26 @@ class SocketChannel:
     told by the engine's report, checks the worker and moves its experts away if it is lost: a hung worker
     is not waited on again before that); then the channel connects again (waiting at most
     `RECONNECT_TIMEOUT_S`), so a worker that was only slow or briefly unreachable serves again.
+
+    The first connection is made at the first call (waiting at most `RECONNECT_TIMEOUT_S` too), not here: an
+    engine builds a channel to every worker its coordinator lists, and one of them may be dead for good (lost and
+    not restarted, so in no placement). Building the channels must not fail for it: the engine could then apply
+    no later worker list nor the placement sent with it, and a new ingress replica could not start.
     """
 
     def __init__(self, address: str, timeout_s: float = 30.0, reconnect_after_s: float = RECONNECT_AFTER_S) -> None:
         self._address, self._timeout_s, self._reconnect_after_s = address, timeout_s, reconnect_after_s
-        self._client = WorkerClient(address, timeout_s)
+        self._client: WorkerClient | None = None  # connected at the first call
         self._pending: deque[int] = deque()
         self._failed_at = -float("inf")  # time.monotonic() of the last failed call
 
     def submit(self, seq: int, layer: int, experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:
-        if self._client.closed and (since := time.monotonic() - self._failed_at) < self._reconnect_after_s:
+        connected = self._client is not None and not self._client.closed
+        if not connected and (since := time.monotonic() - self._failed_at) < self._reconnect_after_s:
             raise WorkerUnavailable(f"worker at {self._address} failed {since:.1f} s ago; connecting again "
                                     f"{self._reconnect_after_s:g} s after that")
         try:
-            if self._client.closed:
+            if not connected:
                 self._pending.clear()  # (requests of the closed connection: never answered)
                 self._client = WorkerClient(self._address, self._timeout_s,
                                             connect_timeout_s=min(self._timeout_s, RECONNECT_TIMEOUT_S))
@@ -115,7 +121,8 @@ class SocketChannel:
         return frame.tensor, frame.values
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 class LocalChannel:

@@ -187,7 +187,9 @@ class IngressDeployment:
                                   lambda report: coordinator.report.remote(report).result(timeout_s=10),
                                   node_id=node_id, interval_s=settings.sync_interval_s,
                                   data_plane_timeout_s=settings.data_plane_timeout_s)
-        self.sync.start()
+        # Synced once before the replica serves: the placement it bootstrapped on may be gone by now (a migration
+        # that finished while the model loaded, acknowledged by the engines the coordinator knew).
+        await asyncio.to_thread(self.sync.start)
         self.placement_metrics = PlacementCollector()
         self._stopping = threading.Event()
         threading.Thread(target=self._refresh_metrics, name="placement-metrics", daemon=True).start()

@@ -70,6 +70,15 @@ class PlacementSync:
             return reply
 
     def start(self) -> None:
+        """Sync once, then keep syncing in the background. Raises what the first report raises.
+
+        The first round trip runs before this returns, so an engine starts serving on the coordinator's current
+        placement: it bootstrapped on the version of that moment, and until its first report the coordinator does
+        not know it, so a migration finishing while it loaded its model dropped that version's copies as soon as
+        the engines it knew acknowledged the next one (found by an audit).
+        """
+        self.sync_once()
+        self._last_success = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"placement-sync-{self.engine_id}", daemon=True)
         self._thread.start()
 

@@ -13,7 +13,7 @@ import torch
 
 from service.checkpoint import load_layout
 from service.coordinator import Coordinator, CoordinatorConfig, ModelShape
-from service.dispatch import DispatchContext, DispatchingExperts
+from service.dispatch import DispatchContext, DispatchingExperts, LocalChannel
 from service.emulator import EmulationConfig
 from service.messages import EngineReport
 from service.placement_sync import PlacementSync, worker_channels
@@ -130,3 +130,27 @@ def test_an_engine_follows_placements_and_new_replicas_start_while_a_worker_is_d
         sync.stop()
         pool.close()
 
+
+def test_a_replica_syncs_before_it_serves(checkpoint):
+    """An ingress replica bootstraps on the current version, then loads its model; the coordinator does not know it
+    until its first report. A migration that finished meanwhile dropped the version's copies as soon as the known
+    engines acknowledged the next one, and the replica's first steps failed. Its PlacementSync now syncs once in
+    start(), before the replica serves."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    hidden_size = load_layout(checkpoint).hidden_size
+    epoch = coordinator.workers()[1]
+    counts = _skewed(coordinator.shape, 4)
+    _report(coordinator, counts, engine="replica-1", passes=30, epoch=epoch)
+    context = DispatchContext(coordinator.placement, {d: LocalChannel(w) for d, w in enumerate(pool.workers)},
+                              workers_epoch=epoch)  # replica-2's bootstrap; it now loads its model...
+    assert coordinator.recalibrate(mode="full", force=True)["status"] == "applied"  # ...while a migration runs
+    _report(coordinator, counts, engine="replica-1", epoch=epoch)
+    coordinator._finish_drops(wait=False)
+    sync = PlacementSync("replica-2", context, coordinator.report, node_id=None, interval_s=3600.0)
+    sync.start()
+    try:
+        assert context.placement.version == coordinator.placement.version
+        _every_expert_step(context, coordinator.shape, hidden_size)
+    finally:
+        sync.stop()

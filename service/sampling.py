@@ -266,7 +266,11 @@ def _penalize(row: torch.Tensor, p: SamplingParams, history: History) -> None:
     if p.repetition_penalty != 1.0 and len(ids):
         seen = torch.zeros(vocab, dtype=torch.bool)
         seen[ids] = True
-        row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty, row[seen] * p.repetition_penalty)
+        # a penalty float32 cannot hold (1e-300 is 0 there) made a positive logit inf and a ruled-out one (-inf)
+        # NaN, which argmax takes: it is at least float32's smallest normal, and a divided logit stays finite
+        penalty, values = max(p.repetition_penalty, torch.finfo(torch.float32).tiny), row[seen]
+        largest = torch.finfo(row.dtype).max
+        row[seen] = torch.where(values > 0, (values / penalty).clamp(max=largest), values * penalty)
     if (p.frequency_penalty or p.presence_penalty) and len(completion):
         counts = torch.bincount(completion, minlength=vocab)[:vocab]
         row -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty

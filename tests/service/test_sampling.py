@@ -183,3 +183,16 @@ def test_a_draw_never_fails_and_never_takes_an_impossible_token(temperature, kwa
     batch = torch.tensor([[big, -big, 0.0], [0.0, 1.0, 2.0]])
     params = [SamplingParams(temperature=temperature, seed=4, **kwargs)] * 2
     assert len(sample(batch, params, [p.make_generator() for p in params])) == 2
+
+
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite_and_ruled_out_tokens_out():
+    # 1e-300 is 0 in float32: a seen positive logit became inf (the draw raised) and a seen ruled-out one (-inf, as a
+    # structured output forbids it) NaN, which greedy's argmax took
+    logits = torch.tensor([[float("-inf"), 1.0, 0.5, 2.0]])
+    history = History([0, 1], 2)
+    for penalty in (1e-300, 5e-324, 1e-40):
+        greedy = SamplingParams(temperature=0.0, repetition_penalty=penalty)
+        assert sample(logits, [greedy], [None], [history]) == [1]  # 1 / penalty: the largest
+        sampled = SamplingParams(temperature=1.0, seed=0, repetition_penalty=penalty)
+        gen = sampled.make_generator()
+        assert {sample(logits, [sampled], [gen], [history])[0] for _ in range(20)} == {1}

@@ -285,6 +285,9 @@ def _is_int(value) -> bool:
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Temperature, then top-k, min-p and top-p, then a draw, on one row ``[V]``.
 
+    Each filter judges the distribution the one before kept, renormalised. vLLM applies min-p before top-k;
+    both keep tokens by their ratio to the most likely one, so their order does not matter.
+
     Whatever the row holds, the draw cannot fail (one row's failure would fail every request of the step):
     NaN is never drawn, +inf is the largest finite value (several are then equally likely), and the row is
     shifted so that its most likely token's logit is 0 before the temperature divides it, so every
@@ -299,8 +302,9 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.min_p > 0.0:
+    if params.min_p > 0.0:  # then top-p judges the mass of what min-p kept, renormalised (vLLM's)
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         mass_before = sorted_probs.cumsum(0) - sorted_probs

@@ -196,3 +196,12 @@ def test_a_tiny_repetition_penalty_keeps_the_logits_finite_and_ruled_out_tokens_
         sampled = SamplingParams(temperature=1.0, seed=0, repetition_penalty=penalty)
         gen = sampled.make_generator()
         assert {sample(logits, [sampled], [gen], [history])[0] for _ in range(20)} == {1}
+
+
+def test_top_p_judges_the_mass_min_p_kept():
+    # min-p keeps 0.4, 0.3 and 0.2 (of 0.9): renormalised, 0.444 + 0.333 reach top-p's 0.75 and 0.2 is cut; judged
+    # on the mass before min-p (0.4 + 0.3 < 0.75) it was drawn 22% of the time
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]]))
+    params = SamplingParams(temperature=1.0, seed=0, min_p=0.45, top_p=0.75)
+    gen = params.make_generator()
+    assert {sample(logits, [params], [gen])[0] for _ in range(300)} == {0, 1}

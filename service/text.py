@@ -148,13 +148,15 @@ class StopStringMatcher:
 
     def add(self, delta: str, search: bool = True) -> None:
         """Append decoded text; sets ``stopped`` and truncates ``text`` at the first stop string that ends in
-        ``delta`` (without ``search``: none; a stop string begun in it may still end in a later one)."""
+        ``delta`` (without ``search``: none; a stop string begun in it may still end in a later one). Each
+        stop string is looked for only where it would end in ``delta`` (vLLM's window): whether one counts
+        does not depend on the others given."""
         assert not self.stopped, "text added after a stop string"
-        search_from = max(0, len(self.text) - self._holdback)
+        before = len(self.text)
         self.text += delta
         if not search:
             return
-        hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
+        hits = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self._stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True
@@ -174,6 +176,7 @@ class TextStream:
                  skip_special_tokens: bool = True) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self._matcher = StopStringMatcher(stop)
+        self._search = True  # the last token's text was searched: the rest of it, flushed at the end, is too
 
     @property
     def stopped(self) -> bool:
@@ -186,12 +189,14 @@ class TextStream:
 
     def push(self, token_id: int, search: bool = True) -> None:
         """Add a token's text; without ``search`` no stop string can end in it (``min_tokens``)."""
+        self._search = search
         self._matcher.add(self._detokenizer.push(token_id), search)
 
     def take(self, final: bool) -> str:
-        """Text to send now; ``final`` at the end of the completion flushes everything held back."""
+        """Text to send now; ``final`` at the end of the completion flushes everything held back (searched as
+        the last token was: with ``min_tokens`` equal to ``max_tokens`` no stop string counts)."""
         if final and not self._matcher.stopped:
-            self._matcher.add(self._detokenizer.flush())
+            self._matcher.add(self._detokenizer.flush(), self._search)
         return self._matcher.take(final)
 
 

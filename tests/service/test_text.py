@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from deploy.build_default_model import CHAT_TEMPLATE  # ChatML, with Hermes tool calls
 from service.text import (
@@ -158,6 +159,36 @@ def test_text_added_without_search_ends_no_stop_string_but_may_begin_one():
     matcher.add("xE", search=False)
     matcher.add("ND!")
     assert matcher.stopped and matcher.text == "aENDx"
+
+
+def test_whether_a_stop_string_counts_does_not_depend_on_the_others():
+    """Each stop string is looked for only where it would end in the new text (vLLM's window): a "\\n" that
+    ended before min_tokens was reached does not count, whether or not a longer stop string is also given."""
+    for stop in (["\n"], ["\n", "ZZZZZZ"]):
+        matcher = StopStringMatcher(stop)
+        matcher.add("ab\nc", search=False)  # (min_tokens not reached)
+        matcher.add("d")
+        assert not matcher.stopped and matcher.text == "ab\ncd", stop
+        matcher.add("e\nf")
+        assert matcher.stopped and matcher.text == "ab\ncde", stop
+
+
+def test_text_flushed_at_the_end_is_searched_only_if_the_last_tokens_text_was():
+    """What the last token held back (half a character, flushed at the end) is searched as its text was: with
+    min_tokens equal to max_tokens no stop string counts (the text was cut while finish_reason said "length")."""
+    byte = bytes_to_unicode()
+    vocab = {byte[b]: b for b in range(256)} | {byte[0xAD] + byte[0xE6]: 256}  # the end of 中, the start of 文
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(byte[0xAD], byte[0xE6])]))
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    ids = [0xE4, 0xB8, 256, 0x96]  # 中 and two of 文's three bytes: 中 is held back with the half of 文
+    for search in (True, False):
+        stream = TextStream(tokenizer, [], ["中"])
+        for token in ids:
+            stream.push(token, search=search)
+            assert stream.take(final=False) == ""
+        assert stream.take(final=True) == ("" if search else "中\ufffd")
+        assert stream.stopped == search
 
 
 def test_earliest_of_several_stop_strings_wins():

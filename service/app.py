@@ -650,15 +650,21 @@ class _CompletionFormat(_Format):
 
     def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
         """The legacy format: token texts, their log-probabilities, the top tokens (the chosen one
-        included), and each token's character offset in the choice's concatenated token texts."""
+        included), and each token's character offset in the choice's concatenated token texts.
+
+        The top tokens are keyed by text: tokens with the same text (bytes of a split character all read
+        U+FFFD) share a key holding the highest of their log-probabilities, so a less likely chosen token
+        never overwrites a top one (as vLLM, which inserts the chosen token first)."""
         if self.pieces is None:
             return None
         result = CompletionLogprobs()
         for entry in entries:
             token = self.pieces.text(entry.token_id)
-            top = {self.pieces.text(t): _finite(lp) for t, lp in entry.top}
-            if all(t != entry.token_id for t, _ in entry.top):
-                top[token] = _finite(entry.logprob)
+            chosen = () if any(t == entry.token_id for t, _ in entry.top) else ((entry.token_id, entry.logprob),)
+            top: dict[str, float] = {}
+            for t, lp in (*entry.top, *chosen):
+                text = self.pieces.text(t)
+                top[text] = max(top.get(text, MIN_LOGPROB), _finite(lp))
             result.tokens.append(token)
             result.token_logprobs.append(_finite(entry.logprob))
             result.top_logprobs.append(top)

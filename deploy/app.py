@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ GPU_CURVE = DEPLOY_DIR / "data" / "gpu_expert_curve.json"
 MIN_ADMIN_TOKEN_CHARS = 16
 # a request body may hold a whole context of text: 32 bytes per token leaves room for JSON escapes
 _BODY_BYTES_PER_TOKEN = 32
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -171,7 +173,7 @@ def build_app(args: dict[str, Any] | None = None):
     """The Serve application: coordinator (with its expert workers) and the OpenAI ingress."""
     from service.admin import token_digest
     from service.app import DEFAULT_MAX_BODY_BYTES
-    from service.checkpoint import load_layout, resolve_checkpoint
+    from service.checkpoint import check_checkpoint, load_layout, resolve_checkpoint
     from service.coordinator import CoordinatorConfig, ModelShape
     from service.deployments import IngressSettings, serve_deployments
     from service.engine import EngineConfig
@@ -182,6 +184,8 @@ def build_app(args: dict[str, Any] | None = None):
     roots = [DEPLOY_DIR / "models", *parsed.model_roots, *_env_roots()]
     checkpoint = str(resolve_checkpoint(parsed.model, roots))
     layout = load_layout(checkpoint)
+    check_checkpoint(checkpoint)  # whole shards, every expert's tensors (headers only): not later, in a worker
+    _check_tokenizer(checkpoint)
     _check_plannable(parsed, layout.num_experts)
     worker_configs = _worker_configs(parsed, layout, checkpoint)
     shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
@@ -241,6 +245,24 @@ def build_app(args: dict[str, Any] | None = None):
         max_ongoing_requests=max(64, 2 * parsed.max_num_seqs + parsed.max_queue),
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
     ).bind(coordinator, settings)
+
+
+def _check_tokenizer(checkpoint: str) -> None:
+    """ValueError unless the checkpoint folder has a tokenizer that encodes text: without tokenizer files transformers
+    builds an empty one (a vocabulary of 1), and every request then failed as the client's fault ("prompt must contain
+    at least one token", "no chat template")."""
+    from service.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(checkpoint)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the tokenizer of {checkpoint} does not load: {exc}") from exc
+    if len(tokenizer) < 2 or not tokenizer.encode("Hello, world", add_special_tokens=False):
+        raise ValueError(f"{checkpoint} has no usable tokenizer (tokenizer.json, tokenizer.model, tiktoken.model or "
+                         f"vocab files; the one transformers built has {len(tokenizer)} token(s)): copy the release's "
+                         f"tokenizer files into the folder")
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("%s has no chat template: /v1/chat/completions and /v1/responses will answer 400", checkpoint)
 
 
 def _check_plannable(args: AppArgs, num_experts: int) -> None:

@@ -473,6 +473,82 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
     return out
 
 
+# safetensors dtype names of the weights an expert may store unpacked (floats, FP8 with its scales)
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_checkpoint(checkpoint_dir: str | Path) -> None:
+    """ValueError naming the file, tensor or expert unless a checkpoint folder's weights are whole, read from the
+    safetensors headers only (no weight is read): every shard the index names is there and opens (a truncated or
+    missing file, a partial download), holds the tensors the index says it does, and every routed expert of every MoE
+    layer has its weights, of the layout's shapes ([I, H] and [H, I] per expert; fused ones [E, ...]) and a float or
+    FP8 dtype (packed quantized formats: present). Run when the app is built: the workers read only their own experts,
+    later, where a failure shows only in Serve's logs, and transformers would refuse a checkpoint whose shapes differ
+    from its config while the workers would compute with them."""
+    folder = _local_dir(checkpoint_dir)
+    layout = load_layout(folder)
+    with _Shards(folder) as shards:
+        for shard in sorted(set(shards.weight_map.values())):
+            stored = set(shards.open_shard(shard).keys())
+            missing = sorted(name for name, file in shards.weight_map.items() if file == shard and name not in stored)
+            if missing:
+                raise ValueError(f"{folder / shard} lacks {len(missing)} tensor(s) the index puts there: {missing[:4]}")
+        for decoder_layer in layout.moe_layers:
+            _check_layer_experts(shards, layout, decoder_layer)
+
+
+def _check_layer_experts(shards: _Shards, layout: ExpertLayout, decoder_layer: int) -> None:
+    """ValueError naming what is wrong unless every expert of ``decoder_layer`` is stored whole (see
+    `check_checkpoint`)."""
+    prefix, num = f"{shards.layers}{decoder_layer}.", layout.num_experts
+    h, i = layout.hidden_size, layout.intermediate_size
+    where = f"decoder layer {decoder_layer}"
+    if layout.architecture == "gpt_oss":
+        formats = [(f"mlp.experts.{proj}{kind}" for kind in ("", "_blocks")) for proj in ("gate_up_proj", "down_proj")]
+        fused = [next((prefix + name for name in names if prefix + name in shards), None) for names in formats]
+        expected = [None, None]
+    else:
+        gated = [(fmt, [(i, h), (i, h), (h, i)]) for fmt in _PER_EXPERT_FORMATS]
+        for fmt, shapes in (*gated, (_UNGATED_PER_EXPERT, [(i, h), (h, i)])):
+            if all(_stored(shards, prefix + suffix.format(e=0)) for suffix in fmt):
+                for expert in range(num):
+                    for suffix, shape in zip(fmt, shapes):
+                        name = prefix + suffix.format(e=expert)
+                        if not _stored(shards, name):
+                            raise ValueError(f"checkpoint has no {name} (expert {expert} of {where})")
+                        if name in shards:  # (packed formats: checked when read)
+                            _check_header(shards, name, shape)
+                return
+        fmt = next((f for f in (*_FUSED_FORMATS, _UNGATED_FUSED) if all(prefix + n in shards for n in f)), None)
+        if fmt is None:
+            raise ValueError(f"checkpoint has no tensors for expert 0 of {where}")
+        fused = [prefix + name for name in fmt]
+        first = (i, h) if fmt == _UNGATED_FUSED else (2 * i, h)
+        expected = [first, (h, i)]
+    for name, shape in zip(fused, expected):
+        if name is None:
+            raise ValueError(f"checkpoint has no fused expert tensors for {where}")
+        stored = tuple(shards.open_shard(shards.weight_map[name]).get_slice(name).get_shape())
+        # (fused experts may be stored transposed: [E, H, 2I] as Qwen3-VL-MoE's and Llama 4's)
+        if stored[0] != num or (shape is not None and sorted(stored[1:]) != sorted(shape)):
+            want = f"[{num}, ...]" if shape is None else f"[{num}] + {list(shape)} (either order)"
+            raise ValueError(f"{name} is {list(stored)}, expected {want} for {num} experts of {where}")
+
+
+def _check_header(shards: _Shards, name: str, shape: tuple[int, int]) -> None:
+    view = shards.open_shard(shards.weight_map[name]).get_slice(name)
+    stored, dtype = tuple(view.get_shape()), view.get_dtype()
+    if stored != shape or dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} is {list(stored)} {dtype}, expected {list(shape)} (config.json's hidden and expert "
+                         f"intermediate sizes) in a float or FP8 dtype")
+    if dtype.startswith("F8"):  # its block scales: the grid `fp8_grid` reads it with
+        scale = name + "_scale_inv"
+        if scale not in shards:
+            raise ValueError(f"FP8 weight {name} has no {scale}")
+        grid = tuple(shards.open_shard(shards.weight_map[scale]).get_slice(scale).get_shape())
+        fp8_grid(torch.empty(shape, device="meta"), torch.empty(grid, device="meta"), name, shards.fp8_block)
+
+
 class _Shards:
     """The safetensors files of a checkpoint folder, each opened on first use, closed on exit."""
 
@@ -496,9 +572,19 @@ class _Shards:
 
     def file(self, name: str):
         """The open file holding tensor `name`."""
-        shard = self.weight_map[name]
+        return self.open_shard(self.weight_map[name])
+
+    def open_shard(self, shard: str):
+        """The open safetensors file `shard`; ValueError naming it if it is missing or not one (truncated)."""
         if shard not in self._open:
-            self._open[shard] = self._stack.enter_context(safe_open(self.folder / shard, framework="pt"))
+            path = self.folder / shard
+            if not path.is_file():
+                raise ValueError(f"checkpoint shard {path} is missing (an incomplete download?)")
+            try:
+                self._open[shard] = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as exc:  # safetensors' SafetensorError names neither the file nor the cause plainly
+                raise ValueError(f"checkpoint shard {path} is not a whole safetensors file (truncated or "
+                                 f"corrupt?): {exc}") from exc
         return self._open[shard]
 
 
@@ -612,7 +698,13 @@ def _weight_map(folder: Path) -> dict[str, str]:
     """Tensor name -> safetensors file name (relative to `folder`)."""
     index = folder / _INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map of tensor name "
+                             f"-> file name): {exc!r}") from exc
         for file in set(weight_map.values()):
             if Path(file).name != file:
                 raise ValueError(f"{index} names a shard outside the folder: {file!r}")
@@ -620,8 +712,12 @@ def _weight_map(folder: Path) -> dict[str, str]:
     single = folder / _SINGLE_FILE
     if not single.is_file():
         raise ValueError(f"{folder} has neither {_SINGLE_FILE} nor {_INDEX_FILE}")
-    with safe_open(single, framework="pt") as file:
-        return dict.fromkeys(file.keys(), _SINGLE_FILE)
+    try:
+        with safe_open(single, framework="pt") as file:
+            return dict.fromkeys(file.keys(), _SINGLE_FILE)
+    except Exception as exc:  # (SafetensorError: "incomplete metadata, file not fully covered")
+        raise ValueError(f"checkpoint file {single} is not a whole safetensors file (truncated or corrupt?): "
+                         f"{exc}") from exc
 
 
 def _local_dir(checkpoint_dir: str | Path) -> Path:
@@ -649,5 +745,13 @@ def resolve_checkpoint(path: str | Path, allowed_roots: Sequence[str | Path]) ->
         inside = any(candidate.is_relative_to(root) for root in roots)
         if inside and (candidate / "config.json").is_file():
             return candidate
+    reason = "no such folder"
+    for candidate in reversed(candidates):  # why the first that exists was refused
+        if candidate.exists() and not any(candidate.is_relative_to(root) for root in roots):
+            reason = f"it resolves to {str(candidate)!r} (symlinks followed): add its folder to model_roots"
+        elif candidate.is_file():
+            reason = "it is a file"
+        elif candidate.is_dir():
+            reason = f"{str(candidate)!r} has no config.json"
     raise ValueError(f"model path {str(path)!r} is not a checkpoint folder inside the allowed folders "
-                     f"{[str(root) for root in roots]}")
+                     f"{[str(root) for root in roots]}: {reason}")

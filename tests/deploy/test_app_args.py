@@ -4,6 +4,7 @@ validate; GPU and scheduling arguments reach the actors' options (build_app with
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,18 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deploy.app import GPU_CURVE, AppArgs, build_app, emulation_configs, gpu_curve_shape
+from deploy.app import DEFAULT_MODEL, GPU_CURVE, AppArgs, build_app, emulation_configs, gpu_curve_shape
 from tests.tiny_models import save_tiny_fp8_model, save_tiny_model
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def with_tokenizer(folder: Path) -> Path:
+    """``folder`` (a tiny model's) with the shipped model's tokenizer files: build_app refuses a folder without a
+    usable tokenizer. (Its ids pass the tiny models' vocabulary: these apps are built, not served.)"""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEFAULT_MODEL / name, folder / name)
+    return folder
 
 
 def error_of(args: dict) -> str:
@@ -100,7 +109,7 @@ def test_gpu_config_puts_workers_on_gpus_without_emulation():
 
 
 def test_gpu_and_scheduling_arguments_reach_the_actor_options(tmp_path):
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     app = build_app({"model": "tiny", "model_roots": [str(tmp_path)], "device": "cuda", "emulate": False,
                      "num_devices": 2, "worker_num_gpus": 0.5, "ingress_num_gpus": 1.0,
                      "worker_scheduling": "spread", "profile_prompts": None})
@@ -116,7 +125,7 @@ def test_gpu_and_scheduling_arguments_reach_the_actor_options(tmp_path):
 
 
 def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
     settings = build_app(base)._bound_deployment.init_args[1]
@@ -137,7 +146,7 @@ def test_the_kv_cache_budget_is_the_argument_or_a_share_of_the_gpu_memory_left(t
     of what its GPU has free once the dense part is loaded (torch.cuda.mem_get_info, here a stand-in)."""
     from service.deployments import gpu_kv_cache_bytes
 
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
     settings = build_app(base)._bound_deployment.init_args[1]
@@ -158,7 +167,7 @@ def test_the_kv_cache_budget_is_the_argument_or_a_share_of_the_gpu_memory_left(t
 def test_keeping_quantized_experts_reaches_the_workers_and_the_migration_cost(tmp_path):
     """The coordinator prices a migration at the bytes of an expert as the workers hold it: FP8 weights and
     their scales when they keep them, the weights in `dtype` when they dequantize."""
-    save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8")
+    with_tokenizer(save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8"))
     base = {"model": "fp8", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None, "dtype": "bfloat16"}
 
@@ -179,7 +188,7 @@ def test_the_reasoning_parser_reaches_the_ingress_and_names_a_known_parser(tmp_p
 
     from service.reasoning import PARSERS
 
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
     assert build_app(base)._bound_deployment.init_args[1].reasoning_parser is None
@@ -195,7 +204,7 @@ def test_the_tool_call_parser_reaches_the_ingress_and_names_a_known_format(tmp_p
 
     from service.tools import FORMATS
 
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
     assert build_app(base)._bound_deployment.init_args[1].tool_call_parser == "auto"  # from the chat template
@@ -212,7 +221,7 @@ def _with_config(folder: Path, **changes) -> None:
 
 
 def test_the_body_limit_follows_the_context_unless_set(tmp_path):
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     _with_config(tmp_path / "tiny", max_position_embeddings=131072)
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
@@ -228,7 +237,7 @@ def test_the_body_limit_follows_the_context_unless_set(tmp_path):
 def test_a_model_the_policy_cannot_place_is_refused_when_the_app_is_built(tmp_path):
     """8 experts on 3 devices: vibe needs a slot budget for uneven counts, eplb cannot; refused by build_app
     (where `serve run` shows it) instead of by the coordinator at its start."""
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")  # 8 experts per layer
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))  # 8 experts per layer
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 3, "speeds": [1.0, 0.9, 0.8],
             "profile_prompts": None}
     for policy in ("vibe", "eplb"):
@@ -240,7 +249,7 @@ def test_a_model_the_policy_cannot_place_is_refused_when_the_app_is_built(tmp_pa
 def test_workers_of_another_configuration_are_never_adopted(tmp_path):
     """Workers are detached actors named after a fingerprint of their configuration and resources (a redeploy adopts
     workers of the same name): every worker setting changes the name, engine-only settings do not."""
-    save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8")
+    with_tokenizer(save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8"))
     base = {"model": "fp8", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
 
@@ -261,7 +270,7 @@ def test_max_model_len_defaults_to_the_models_context_and_may_not_pass_what_rope
     """vLLM's rule: a context beyond the positions the model was trained for (max_position_embeddings, times a
     RoPE scaling factor: a YaRN model's original length times it) is refused; a left-out max_model_len takes
     max_position_embeddings; max_num_batched_tokens left out rises to max_num_seqs."""
-    save_tiny_model("qwen3_moe", tmp_path / "tiny")
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     _with_config(tmp_path / "tiny", max_position_embeddings=4096)
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],
             "profile_prompts": None}
@@ -283,3 +292,40 @@ def test_max_model_len_defaults_to_the_models_context_and_may_not_pass_what_rope
     assert engine_config({"max_model_len": 8192}).max_model_len == 8192
     assert engine_config({"max_num_seqs": 600}).max_num_batched_tokens == 600  # default 512 raised to fit
     assert engine_config({"max_num_seqs": 8, "max_num_batched_tokens": 8}).max_num_batched_tokens == 8
+
+
+def test_a_checkpoint_missing_weights_or_a_tokenizer_is_refused_when_the_app_is_built(tmp_path):
+    """Refused by build_app, naming what is missing, not later in a worker (Serve's logs only) or at each request: a
+    missing or truncated shard (a partial download), an expert of the wrong shape (it served, wrongly), a folder
+    without tokenizer files (transformers built an empty tokenizer: every request failed as the client's fault)."""
+    import safetensors.torch
+
+    args = {"model": "m", "model_roots": [str(tmp_path)], "profile_prompts": None}
+    folder = with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "m"))
+    build_app(args)
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    name = "model.layers.2.mlp.experts.5.gate_proj.weight"
+    narrow = {**tensors, name: tensors[name][:16].contiguous()}
+    safetensors.torch.save_file(narrow, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{name} is \[16, 64\] F32, expected \[32, 64\]"):
+        build_app(args)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a whole safetensors file"):
+        build_app(args)
+    shards = {"a.safetensors": {k: v for k, v in tensors.items() if ".layers.2." not in k},
+              "b.safetensors": {k: v for k, v in tensors.items() if ".layers.2." in k}}
+    (folder / "model.safetensors").unlink()
+    for shard, part in shards.items():
+        safetensors.torch.save_file(part, folder / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, part in shards.items() for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    build_app(args)
+    (folder / "b.safetensors").unlink()
+    with pytest.raises(ValueError, match="b.safetensors is missing"):
+        build_app(args)
+    safetensors.torch.save_file(shards["b.safetensors"], folder / "b.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ValueError, match="has no usable tokenizer"):
+        build_app(args)

@@ -583,6 +583,13 @@ def test_resolve_checkpoint_only_inside_allowed_roots(tmp_path):
             resolve_checkpoint(bad, [root])
     with pytest.raises(ValueError, match="no allowed model folders"):
         resolve_checkpoint("tiny", [])
+    # and why (audit: one message for three causes)
+    (root / "afile").write_text("x")
+    (root / "empty").mkdir()
+    for bad, reason in (("escape", f"it resolves to '{other / 'secret'}' \\(symlinks followed\\): add its folder"),
+                        ("afile", "it is a file"), ("empty", "has no config.json"), ("missing", "no such folder")):
+        with pytest.raises(ValueError, match=reason):
+            resolve_checkpoint(bad, [root])
 
 
 def test_layout_and_cache_of_a_config_shaped_as_gemma_4_26b_a4b():

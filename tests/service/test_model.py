@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,26 @@ def test_nemotron_h_latent_moe_sends_its_experts_the_latent_projection(tmp_path)
     reference.config._experts_implementation = "eager"
     with torch.no_grad():
         assert torch.equal(engine.model(prompts()).logits, reference(prompts()).logits)
+
+
+def test_every_checkpoint_layout_passes_the_build_time_check(checkpoints):
+    """`check_checkpoint` (run by build_app, headers only) accepts every layout the workers read: per-expert and fused
+    experts, transposed fused ones, experts without a gate, FP8 with whole or partial blocks, MXFP4, packed INT4."""
+    from service.checkpoint import check_checkpoint
+
+    for folder in checkpoints.values():
+        check_checkpoint(folder)  # raises naming what it refuses
+    check_checkpoint(Path(__file__).resolve().parents[2] / "deploy" / "models" / "vibe-tiny-moe")
+
+
+def test_the_build_time_check_names_a_missing_fp8_scale(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from service.checkpoint import check_checkpoint
+
+    folder = save_tiny_fp8_model("deepseek_v3", tmp_path / "fp8", seed=1)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.7.down_proj.weight_scale_inv"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"FP8 weight model\.layers\.2\.mlp\.experts\.7\.down_proj\.weight has no"):
+        check_checkpoint(folder)

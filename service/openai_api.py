@@ -332,8 +332,9 @@ class ChatMessage(StrictModel):
         return self
 
     def text(self) -> str:
+        """The content as one string: several text parts are joined with newlines (vLLM's chat_utils)."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)
         return self.content or ""
 
     def template_message(self) -> dict[str, Any]:

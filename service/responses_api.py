@@ -81,7 +81,8 @@ class InputMessage(StrictModel):
     phase: str | None = None
 
     def text(self) -> str:
-        return "".join(part.text for part in self.content)
+        """The content as one string: several parts are joined with newlines (as `ChatMessage.text`, vLLM's)."""
+        return "\n".join(part.text for part in self.content)
 
 
 class FunctionCallInput(StrictModel):
@@ -105,7 +106,7 @@ class FunctionCallOutput(StrictModel):
     status: str | None = None
 
     def text(self) -> str:
-        return "".join(part.text for part in self.output)
+        return "\n".join(part.text for part in self.output)  # (as a message's parts)
 
 
 class ReasoningPart(StrictModel):

@@ -47,8 +47,8 @@ def test_a_string_input_is_a_user_message_after_the_instructions():
 def test_output_items_sent_back_become_one_assistant_turn_and_tool_messages():
     items = [
         {"role": "developer", "content": "Use tools."},  # an "easy" message: no type
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in "},
-                                                        {"type": "input_text", "text": "Paris?"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"},
+                                                        {"type": "input_text", "text": "Be brief."}]},
         {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Look."}],
          "encrypted_content": None, "status": "completed"},
         {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "phase": None,
@@ -57,17 +57,18 @@ def test_output_items_sent_back_become_one_assistant_turn_and_tool_messages():
          "arguments": '{"city": "Paris"}', "status": "completed"},
         {"type": "function_call", "call_id": "call_2", "name": "now", "arguments": '{"zone": 1}'},
         {"type": "function_call_output", "call_id": "call_1", "output": "22 C"},
-        {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "13:00"}]},
+        {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "13:00"},
+                                                                            {"type": "input_text", "text": "UTC"}]},
         {"type": "function_call", "call_id": "call_3", "name": "now", "arguments": "{}"},  # a turn of calls alone
     ]
     assert _messages(input=items) == [
         {"role": "developer", "content": "Use tools."},
-        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "user", "content": "Weather in Paris?\nBe brief."},  # parts joined with newlines, as vLLM's
         {"role": "assistant", "content": "Checking.", "reasoning": "Look.", "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
             {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": '{"zone": 1}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
-        {"role": "tool", "tool_call_id": "call_2", "content": "13:00"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "13:00\nUTC"},
         {"role": "assistant", "content": None, "reasoning": None, "tool_calls": [
             {"id": "call_3", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
     ]

@@ -11,6 +11,7 @@ from service.sampling import (
     History,
     SamplingParams,
     TokenLogprobs,
+    _nucleus,
     sample,
     token_logprobs,
 )
@@ -205,3 +206,21 @@ def test_top_p_judges_the_mass_min_p_kept():
     params = SamplingParams(temperature=1.0, seed=0, min_p=0.45, top_p=0.75)
     gen = params.make_generator()
     assert {sample(logits, [params], [gen])[0] for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # a flat row's nucleus reaches past the partial sort's candidates
+@pytest.mark.parametrize("top_p", [1e-9, 0.3, 0.9, 0.999])
+def test_the_nucleus_is_the_full_sorts(scale, top_p):
+    generator = torch.Generator().manual_seed(5)
+    for kwargs in ({}, {"top_k": 40}, {"min_p": 0.01}):
+        logits = torch.randn(5000, generator=generator) * scale
+        params = SamplingParams(temperature=1.0, top_p=top_p, **kwargs)
+        probs = torch.softmax(logits, -1)
+        if params.top_k:
+            probs = torch.softmax(logits.masked_fill(logits < logits.topk(params.top_k).values[-1], float("-inf")), -1)
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+        sorted_probs, order = probs.sort(descending=True)
+        expected = order[(sorted_probs.cumsum(0) - sorted_probs < top_p) & (sorted_probs > 0)]
+        kept = _nucleus(probs, top_p).nonzero().squeeze(1)
+        assert sorted(kept.tolist()) == sorted(expected.tolist())

@@ -264,6 +264,10 @@ def test_workers_of_another_configuration_are_never_adopted(tmp_path):
                {"worker_scheduling": "spread"}]
     prefixes = [name_prefix({**base, **change}) for change in changed]
     assert first not in prefixes and len(set(prefixes)) == len(changed)
+    # new weights saved over the old ones in the same folder (audit: the old experts were adopted beside the new
+    # dense part)
+    save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8", seed=7)
+    assert name_prefix(base) != first
 
 
 def test_max_model_len_defaults_to_the_models_context_and_may_not_pass_what_rope_scaling_extends_it_to(tmp_path):

@@ -1,8 +1,14 @@
 """Serving metrics in Prometheus format, one registry per app.
 
 Owns the metric definitions (TTFT, TPOT and end-to-end latency histograms, queue depth, running batch
-size, KV cache usage and preemptions, token and request counters, engine step time) and the per-request timer
-that feeds them. Ignores HTTP routing and placement metrics (the lead's admin routes export those).
+size, KV cache usage and preemptions, token and request counters, engine step time), the per-request timer
+that feeds them, and the exposition of several ingress replicas' metrics from any one of them: a scrape through
+Serve's proxy reaches one replica at random, so each replica exposes every replica's serving series, labelled
+``replica``, its own live and the others' as they last sent them (`snapshot`, `set_peers`: the deployment passes
+them through the coordinator every couple of seconds). Without that, one series jumped between unrelated counters,
+each drop read as a counter reset (2 replicas at 1 request/s each read as 109 requests/s). Collectors added with
+`add_shared` (the coordinator's placement metrics, the same from every replica) are exposed unlabelled. Ignores
+HTTP routing.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ import time
 from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from service.async_engine import AsyncEngine, StepStats
 
 RequestStatus = Literal["stop", "length", "abort", "error", "rejected"]
+# One replica's serving metrics as plain data: (family, type, help, unit, [(sample, labels, value)]) per family
+Snapshot = list[tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]]
 # up to 30 minutes: past the default request_timeout_s (300 s) and a long generation's end-to-end time (vLLM's go
 # to 7680 s); a quantile past the last bucket would read as that bucket's bound
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -25,8 +34,11 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
 class ServingMetrics:
     """Metrics of one app; queue depth and batch size are read from the engine at scrape time."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, engine: AsyncEngine, replica: str | None = None) -> None:
+        self.registry = CollectorRegistry()  # this replica's serving metrics
+        self.replica = replica  # its label value, once it has one (None: exposed unlabelled, a lone process)
+        self._peers: dict[str, Snapshot] = {}
+        self._shared: list = []
         r = self.registry
         self.ttft = Histogram("vibe_time_to_first_token_seconds", "Time from request arrival to its first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -62,8 +74,23 @@ class ServingMetrics:
         engine.add_step_listener(self._on_step)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric: this replica's and its peers' (labelled ``replica``
+        when it has a name), then the shared collectors'."""
+        return generate_latest(_Exposition(self))
+
+    def add_shared(self, collector) -> None:
+        """Expose ``collector``'s metrics (a prometheus_client collector) unlabelled: the same from every replica."""
+        self._shared.append(collector)
+
+    def snapshot(self) -> Snapshot:
+        """This replica's serving metrics as plain data (for its peers to expose)."""
+        return [(family.name, family.type, family.documentation, family.unit,
+                 [(sample.name, dict(sample.labels), sample.value) for sample in family.samples])
+                for family in self.registry.collect()]
+
+    def set_peers(self, peers: dict[str, Snapshot]) -> None:
+        """The other replicas' latest snapshots, by replica name (this one's own is ignored: it is exposed live)."""
+        self._peers = {name: snapshot for name, snapshot in peers.items() if name != self.replica}
 
     def start_request(self) -> RequestTimer:
         return RequestTimer(self)
@@ -75,6 +102,28 @@ class ServingMetrics:
             if value > self._counted[name]:
                 counter.inc(value - self._counted[name])
                 self._counted[name] = value
+
+
+class _Exposition:
+    """What `generate_latest` renders for a ServingMetrics (a collector registry's interface: ``collect``)."""
+
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self):
+        metrics = self._metrics
+        if metrics.replica is None:
+            yield from metrics.registry.collect()
+        else:
+            families: dict[str, Metric] = {}
+            for replica, snapshot in ((metrics.replica, metrics.snapshot()), *sorted(metrics._peers.items())):
+                for name, kind, help_text, unit, samples in snapshot:
+                    family = families.setdefault(name, Metric(name, help_text, kind, unit))
+                    for sample, labels, value in samples:
+                        family.add_sample(sample, {**labels, "replica": replica}, value)
+            yield from families.values()
+        for collector in metrics._shared:
+            yield from collector.collect()
 
 
 class RequestTimer:

@@ -220,6 +220,17 @@ class Coordinator:
         self._last_drift: dict[str, Any] = {}
         self._pending_trigger: str | None = None
         self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
+        # Versions only grow, across coordinator restarts too: the highest version recorded on the workers or
+        # served by an engine. New placements are numbered above it (engines switch only to newer versions, and a
+        # version of another lineage above the current one would count as acknowledging it).
+        self._version_floor = 0
+        # Before this clock time, every known engine acknowledging a version does not mean every engine did: after
+        # a restart, engines of the app may not have reported to this coordinator yet.
+        self._acks_trusted_at = 0.0
+        # Workers may hold copies outside the placement (a restart, a failed rollback or drop): `_reconcile`
+        # schedules them as drops; retried no sooner than _reconcile_after when the workers cannot say.
+        self._unreconciled = False
+        self._reconcile_after = 0.0
         self._bandwidth = config.bandwidth_bytes_per_s
         self._history: deque[Recalibration] = deque(maxlen=50)
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
@@ -242,26 +253,45 @@ class Coordinator:
         self._workers = self.pool.start()
         self._profile()
         recovered, newest = self._recover()
+        if newest != 0:  # the app ran before (or its records could not be read): its engines may still serve
+            with self._lock:
+                self._version_floor = max(self._version_floor, newest or 0)
+                self._acks_trusted_at = self._clock() + self.config.engine_timeout_s
+                self._unreconciled = True  # old copies pending drop, copies of a migration never published
         if recovered is None:
             uniform = self._uniform_loads()
             # Above every recorded version: engines may still serve one, and they only switch to newer ones.
-            first = self._plan(uniform, self.config.policy).with_version(newest + 1)
+            first = self._plan(uniform, self.config.policy).with_version(self._version_floor + 1)
             self.pool.load(self.config.checkpoint, self._keys_per_device(first))
             self._publish(first)
+        else:
+            # A device without slots was lost and waits to rejoin (the coordinator before may have died before
+            # readmitting it): a full re-plan gives it its share; incremental ones keep slot counts.
+            idle = {d for d in range(recovered.num_devices) if not recovered.experts_on(d)}
+            if idle:
+                log.info("devices %s hold no expert of the recovered placement: readmitting them", sorted(idle))
+                with self._lock:
+                    self._lost |= idle
+                    self._rejoin |= idle
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
 
-    def _recover(self) -> tuple[pl.Placement | None, int]:
+    def _recover(self, attempts: int = 3) -> tuple[pl.Placement | None, int | None]:
         """Adopt the newest placement recorded on the workers if the workers really hold it.
 
-        Returns it (None if there is none to adopt) and the newest version recorded (0 if none)."""
-        try:
-            records = self.pool.load_records()
-            held = self.pool.held()
-        except WorkerCallError as exc:
-            log.warning("placement recovery skipped: %s", exc)
-            return None, 0
+        Returns it (None if there is none to adopt) and the newest version recorded (0 if none, None if the
+        workers could not say: asked `attempts` times, health_interval_s apart)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                records = self.pool.load_records()
+                held = self.pool.held()
+                break
+            except WorkerCallError as exc:
+                if attempt == attempts:
+                    log.warning("placement recovery skipped after %d attempts: %s", attempts, exc)
+                    return None, None
+                self._stop.wait(self.config.health_interval_s)
         newest = max((int(r.get("version", 0)) for r in records), default=0)
         for record in sorted(records, key=lambda r: r.get("version", 0), reverse=True):
             candidate = pl.Placement.from_dict(record)
@@ -301,6 +331,10 @@ class Coordinator:
             for sample in report.device_samples:
                 self._observe_device(sample.device, np.asarray(sample.tokens), np.asarray(sample.seconds))
             current = self._placement
+            if current is not None and report.placement_version > current.version:
+                # A version this coordinator did not publish (its records were lost): the loop republishes the
+                # placement above it, or the engine would never switch and would count as acknowledging.
+                self._version_floor = max(self._version_floor, report.placement_version)
             newer = current is not None and report.placement_version < current.version
             return SyncReply(
                 placement=current.to_dict() if newer else None,
@@ -405,11 +439,17 @@ class Coordinator:
 
     def _candidate(self, old, loads, activity, devices, policy, mode) -> pl.Placement:
         if policy == "contiguous":
-            return self._plan(loads, "contiguous").with_version(old.version + 1)
+            return self._plan(loads, "contiguous").with_version(self._next_version(old))
         if mode == "full":
-            return self._plan(loads, policy, devices, activity).with_version(old.version + 1)
+            return self._plan(loads, policy, devices, activity).with_version(self._next_version(old))
         new, _moves = pl.rebalance(old, loads, devices, eps=self.config.eps, activity=activity)
-        return new.with_version(old.version + 1)
+        return new.with_version(self._next_version(old))
+
+    def _next_version(self, old: pl.Placement) -> int:
+        """The version of the placement that replaces `old`: above it and above any version seen (see
+        `_version_floor`)."""
+        with self._lock:
+            return max(old.version, self._version_floor) + 1
 
     def _judge(self, old, new, plan, loads, activity, passes, devices, policy, mode, reason, dry_run,
                force, z) -> Recalibration:
@@ -471,7 +511,7 @@ class Coordinator:
         try:
             self.pool.copy([(src, dst, keys) for (src, dst), keys in transfers.items()])
         except WorkerCallError as exc:
-            self._roll_back(old, transfers)
+            self._roll_back(old, [(dst, keys) for (_, dst), keys in transfers.items()])
             log.warning("migration to version %d rolled back: %s", new.version, exc)
             return "rolled_back", f"copy phase failed, version {old.version} kept: {exc}"
         elapsed = self._clock() - copy_started
@@ -483,15 +523,29 @@ class Coordinator:
             self._pending_drops = (new.version, drops, self._clock())
         return "applied", ""
 
-    def _roll_back(self, old: pl.Placement, transfers: dict[tuple[int, int], list[tuple[int, int]]]) -> None:
-        """Drop the copies a failed migration left behind; version `old` stays whole and served."""
+    def _roll_back(self, old: pl.Placement, placed: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        """Drop the copies a failed migration or refill left behind; version `old` stays whole and served.
+
+        `placed`: (destination, keys) of each copy or load tried. They are dropped group by group, so a worker that
+        does not answer keeps none of the others' copies; what could not be dropped (or was never placed, when a
+        worker does not answer `held`) is left to `_reconcile`."""
         try:
             held = self.pool.held()
-            leftovers = keys_by_device((dst, key) for (_, dst), keys in transfers.items() for key in keys
-                                       if key in held[dst] and key not in old.experts_on(dst))
-            self.pool.drop(leftovers)
-        except WorkerCallError as cleanup:  # the copies are unused; the next migration overwrites them
-            log.warning("rollback cleanup incomplete: %s", cleanup)
+        except WorkerCallError:  # a worker does not answer: try every group, the ones never placed fail
+            held = None
+        incomplete = []
+        for dst, keys in placed:
+            leftovers = [key for key in keys if key not in old.experts_on(dst) and (held is None or key in held[dst])]
+            if not leftovers:
+                continue
+            try:
+                self.pool.drop({dst: leftovers})
+            except Exception as exc:  # (a LocalWorkerPool raises the worker's KeyError for a key it does not hold)
+                incomplete.append(f"{len(leftovers)} on device {dst} ({exc})")
+        if incomplete:
+            with self._lock:
+                self._unreconciled = True
+            log.warning("rollback cleanup incomplete, left to reconciliation: %s", "; ".join(incomplete))
 
     def _publish(self, placement: pl.Placement) -> None:
         with self._lock:
@@ -509,9 +563,10 @@ class Coordinator:
                 if self._pending_drops is None:
                     return
                 version, drops, published = self._pending_drops
-                now = self._clock()
+                now, current = self._clock(), self._placement.version
                 live = [e for e in self._engines.values() if now - e.last_seen < self.config.engine_timeout_s]
-                acked = all(e.version >= version for e in live)
+                # (a version above the current one is of another lineage, no acknowledgement: see _version_floor)
+                acked = now >= self._acks_trusted_at and all(version <= e.version <= current for e in live)
                 timed_out = now - published > self.config.ack_timeout_s
                 if acked or timed_out:
                     self._pending_drops = None
@@ -521,11 +576,53 @@ class Coordinator:
                 try:
                     self.pool.drop(drops)
                 except WorkerCallError as exc:
-                    log.warning("dropping old expert copies failed: %s", exc)
+                    log.warning("dropping old expert copies failed, left to reconciliation: %s", exc)
+                    with self._lock:
+                        self._unreconciled = True
                 return
             if not wait:
                 return
             time.sleep(0.02)
+
+    def _catch_up_version(self) -> None:
+        """Republish the placement above `_version_floor` when an engine reported a version above it (call under the
+        migration lock). Drops pending wait for the new number: engines acknowledge it once they switch."""
+        with self._lock:
+            current = self._placement
+            if self._version_floor <= current.version:
+                return
+            new = current.with_version(self._version_floor + 1)
+        log.warning("an engine serves version %d, above version %d in service (records lost in a restart): "
+                    "republished as version %d", self._version_floor, current.version, new.version)
+        self._publish(new)
+        with self._lock:
+            if self._pending_drops is not None:
+                self._pending_drops = (new.version, self._pending_drops[1], self._clock())
+
+    def _reconcile(self) -> None:
+        """Schedule as drops what workers hold outside the placement (call under the migration lock, with no drop
+        pending): copies pending drop when a coordinator died, a migration's copies never published, copies a
+        rollback or a drop could not remove. Dropped by the usual rule (every engine acknowledged the version in
+        service, or ack_timeout_s): an engine may still serve an older version that uses them."""
+        with self._lock:
+            if not self._unreconciled or self._pending_drops is not None or self._clock() < self._reconcile_after:
+                return
+            current, lost = self._placement, set(self._lost)
+        try:
+            held = self.pool.held()
+        except WorkerCallError as exc:  # retried at the next health interval
+            with self._lock:
+                self._reconcile_after = self._clock() + self.config.health_interval_s
+            log.debug("reconciliation postponed: %s", exc)
+            return
+        extras = {d: sorted(keys - current.experts_on(d)) for d, keys in held.items()
+                  if d not in lost and keys - current.experts_on(d)}
+        with self._lock:
+            self._unreconciled = False
+            if extras:
+                log.info("%d expert copies held outside placement version %d: dropped once engines acknowledge it",
+                         sum(map(len, extras.values())), current.version)
+                self._pending_drops = (current.version, extras, self._clock())
 
     def _reset_drift(self, loads: np.ndarray, volume: float | None) -> None:
         # A layer without load (no tokens seen yet) has no direction: make it uniform, not invalid.
@@ -626,7 +723,7 @@ class Coordinator:
                 self._lost |= set(lost)
                 loads, activity = self._window()
             loads = self._uniform_loads() if loads is None else loads
-            new = self._plan(loads, self.config.policy, activity=activity).with_version(old.version + 1)
+            new = self._plan(loads, self.config.policy, activity=activity).with_version(self._next_version(old))
             record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",
                                    from_version=old.version, to_version=new.version, started_at=time.time())
             try:
@@ -634,6 +731,7 @@ class Coordinator:
                 self.pool.copy(copies)
                 self.pool.load(self.config.checkpoint, reloads)
             except WorkerCallError as exc:
+                self._roll_back(old, [(dst, keys) for _, dst, keys in copies] + list(reloads.items()))
                 with self._lock:
                     self._lost -= set(lost)  # the next probe tries again
                 record.status, record.detail = "failed", str(exc)
@@ -719,7 +817,7 @@ class Coordinator:
             log.warning("readmitting devices %s failed: %s", sorted(back), exc)
             result = {"status": "failed"}
         with self._lock:
-            if result["status"] == "applied":
+            if result["status"] in ("applied", "no_change"):  # (no_change: the plan gives them no slots)
                 self._rejoin -= back
             else:
                 self._lost |= back
@@ -738,7 +836,9 @@ class Coordinator:
         """One pass of the background loop: drops, liveness, readmission, device models, drift."""
         if self._migration_lock.acquire(blocking=False):  # never drop while a migration copies
             try:
+                self._catch_up_version()
                 self._finish_drops(wait=False)
+                self._reconcile()
             finally:
                 self._migration_lock.release()
         if self._clock() >= self._next_probe:

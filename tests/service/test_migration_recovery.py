@@ -19,7 +19,7 @@ from service.messages import EngineReport
 from service.placement_sync import PlacementSync, worker_channels
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
-from service.worker_pool import LocalWorkerPool
+from service.worker_pool import LocalWorkerPool, WorkerCallError
 from tests.tiny_models import save_tiny_model
 
 SPEEDS = (1.0, 1.0, 1.0, 0.7)
@@ -154,3 +154,220 @@ def test_a_replica_syncs_before_it_serves(checkpoint):
         _every_expert_step(context, coordinator.shape, hidden_size)
     finally:
         sync.stop()
+
+
+def _extras(coordinator: Coordinator, skip: tuple[int, ...] = ()) -> dict[int, set]:
+    """{device: experts it holds outside the coordinator's placement}, devices in `skip` left out."""
+    held = {d: {tuple(k) for k in w.held_experts()} for d, w in enumerate(coordinator.pool.workers)}
+    placement = coordinator.placement
+    return {d: held[d] - placement.experts_on(d) for d in held
+            if d not in skip and held[d] - placement.experts_on(d)}
+
+
+def _holds(pool: LocalWorkerPool, placement) -> bool:
+    """Whether the workers hold every expert of `placement` where it places it."""
+    return all(placement.experts_on(d) <= {tuple(k) for k in w.held_experts()} for d, w in enumerate(pool.workers))
+
+
+class _Clock:
+    """time.monotonic() moved forward by hand."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        import time
+
+        return time.monotonic() + self.offset
+
+
+class RecordsFailPool(LocalWorkerPool):
+    """load_records fails its next `failures` calls (a worker that does not answer in time)."""
+
+    failures = 0
+
+    def load_records(self):
+        if self.failures:
+            self.failures -= 1
+            raise WorkerCallError("get_record failed on device 2: GetTimeoutError", [2])
+        return super().load_records()
+
+
+def _migrated_to_version_4(checkpoint: str) -> tuple[RecordsFailPool, object]:
+    """A pool whose coordinator migrated three times, every drop acknowledged, then stopped (it died); the
+    placement engine-A serves."""
+    pool = RecordsFailPool(_workers(checkpoint))
+    first = _coordinator(checkpoint, pool)
+    counts = _skewed(first.shape, 7)
+    for seed in range(3):
+        _report(first, _skewed(first.shape, seed), engine="engine-A", passes=30)
+        first.recalibrate(mode="full", force=True)
+        _report(first, counts, engine="engine-A")
+        first._finish_drops(wait=True)
+    assert first.placement.version == 4
+    first.stop()
+    return pool, first.placement
+
+
+def test_a_restarted_coordinator_retries_reading_the_placement_records(checkpoint):
+    pool, served = _migrated_to_version_4(checkpoint)
+    pool.failures = 1
+    second = _coordinator(checkpoint, pool, health_interval_s=0.01)
+    assert second.placement.version == 4 and second.placement.same_layout(served)
+
+
+def test_versions_only_grow_when_a_restarted_coordinator_cannot_read_the_records(checkpoint):
+    """The records unreadable, a restarted coordinator started again at version 1, below the version engines serve:
+    they never switched to its placements (they take only newer ones) yet counted as acknowledging them, so the next
+    migration dropped copies they still used. Versions now stay above any an engine reports: the next migration's,
+    and the placement in service is republished above it by the loop."""
+    pool, served = _migrated_to_version_4(checkpoint)
+    pool.failures = 99
+    clock = _Clock()
+    second = _coordinator(checkpoint, pool, clock=clock, health_interval_s=0.01, ack_timeout_s=60.0)
+    counts = _skewed(second.shape, 9)
+    _report(second, counts, engine="engine-A", version=served.version, passes=30)
+    result = second.recalibrate(mode="full", force=True)
+    assert result["status"] == "applied" and result["to_version"] > served.version
+    clock.offset += second.config.engine_timeout_s  # every engine has reported since the restart
+    reply = _report(second, counts, engine="engine-A", version=served.version)
+    assert reply.placement is not None and reply.placement["version"] == result["to_version"]
+    second._finish_drops(wait=False)
+    assert _holds(pool, served)  # engine-A has not acknowledged: what it serves is still held
+    _report(second, counts, engine="engine-A", version=result["to_version"])
+    second._tick()  # the migration's drops; what the workers still hold of version 4 is scheduled...
+    second._tick()  # ...and dropped
+    assert not _extras(second)
+
+
+def test_the_placement_is_republished_above_a_version_an_engine_serves(checkpoint):
+    pool, served = _migrated_to_version_4(checkpoint)
+    pool.failures = 99
+    second = _coordinator(checkpoint, pool, health_interval_s=0.01)
+    assert second.placement.version < served.version  # the records could not be read
+    layout = second.placement
+    assert _report(second, _skewed(second.shape, 9), engine="engine-A", version=served.version).placement is None
+    second._tick()
+    assert second.placement.version == served.version + 1 and second.placement.same_layout(layout)
+    reply = _report(second, _skewed(second.shape, 9), engine="engine-A", version=served.version)
+    assert reply.placement is not None and reply.placement["version"] == served.version + 1
+
+
+def test_copies_left_by_a_coordinator_that_died_are_dropped_once_engines_acknowledge(checkpoint):
+    """A coordinator that died while a migration's old copies waited for acknowledgement left them on the workers
+    for good. The restarted one drops what the workers hold outside its placement by the usual rule: not while an
+    engine may serve an older version that uses them (nor before every engine has had time to report)."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    first = _coordinator(checkpoint, pool)
+    counts = _skewed(first.shape, 7)
+    _report(first, counts, engine="old-engine", passes=30)
+    old = first.placement
+    assert first.recalibrate(mode="full", force=True)["status"] == "applied"
+    assert _extras(first)  # old copies pending drop
+    first.stop()
+    clock = _Clock()
+    second = _coordinator(checkpoint, pool, clock=clock, ack_timeout_s=60.0)
+    assert second.placement.version == old.version + 1
+    _report(second, counts, engine="new-engine")  # acknowledges, but old-engine has not reported yet
+    second._tick()
+    second._tick()
+    assert _holds(pool, old)
+    _report(second, counts, engine="old-engine", version=old.version)  # still on the old version
+    second._tick()
+    assert _holds(pool, old)
+    clock.offset += second.config.engine_timeout_s
+    _report(second, counts, engine="old-engine")  # switched
+    _report(second, counts, engine="new-engine")
+    second._tick()
+    assert not _extras(second)
+
+
+class FlakyPool(LocalWorkerPool):
+    """A copy's destination does not answer for a while: during the copy and the rollback's held()."""
+
+    flaky: int | None = None
+
+    def copy(self, transfers):
+        if self.flaky is not None:
+            self.kill(self.flaky)
+        return super().copy(transfers)
+
+    def held(self):
+        try:
+            return super().held()
+        finally:
+            if self.flaky is not None:  # ... then answers again (it was only stalled)
+                self._dead.discard(self.flaky)
+                self.flaky = None
+
+
+def test_a_rollback_drops_the_copies_of_the_workers_that_answer(checkpoint):
+    """A rollback dropped nothing on any worker when one did not answer its held() call: the copies made on the
+    healthy workers stayed for good. They are dropped worker by worker, what is left reconciled later."""
+    pool = FlakyPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    counts = _skewed(coordinator.shape, 3)
+    _report(coordinator, counts, passes=30)
+    moves = coordinator.recalibrate(mode="full", dry_run=True)["moves"]
+    pool.flaky = max(m["dst"] for m in moves)
+    assert {m["dst"] for m in moves} - {pool.flaky}  # copies to other workers too
+    assert coordinator.recalibrate(mode="full", force=True)["status"] == "rolled_back"
+    assert not _extras(coordinator, skip=(max(m["dst"] for m in moves),))
+    coordinator._tick()
+    _report(coordinator, counts)
+    coordinator._tick()
+    assert not _extras(coordinator)
+
+
+class FlakyLoadPool(LocalWorkerPool):
+    """The next checkpoint load fails (a stale file handle)."""
+
+    fail_load = False
+
+    def load(self, checkpoint, keys):
+        if self.fail_load:
+            self.fail_load = False
+            raise WorkerCallError("load_experts failed on device 3: OSError: stale file handle", [3])
+        return super().load(checkpoint, keys)
+
+
+def test_a_failed_refill_after_a_lost_device_is_rolled_back(checkpoint):
+    """Re-placing a lost device's experts copies some from survivors and reloads the others; when a reload failed,
+    the copies made stayed on the survivors, and the retry, planned on later traffic, did not always use them."""
+    pool = FlakyLoadPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    counts = _skewed(coordinator.shape, 9)
+    _report(coordinator, counts, passes=30)
+    coordinator.calibrate()
+    _report(coordinator, counts)
+    coordinator._finish_drops(wait=True)
+    version, dead = coordinator.placement.version, 2
+    pool.kill(dead)
+    pool.fail_load = True
+    assert coordinator.check_workers() == [dead]
+    assert coordinator.stats_view()["recalibrations"][-1]["status"] == "failed"
+    assert coordinator.placement.version == version
+    assert not _extras(coordinator, skip=(dead,))
+
+
+def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoint):
+    """A coordinator that died while a restarted device waited to rejoin: the next adopted the placement without it
+    and forgot it, and incremental recalibrations (which keep slot counts) left it idle for good."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    first = _coordinator(checkpoint, pool, recalibration_mode="incremental")
+    counts = _skewed(first.shape, 9)
+    _report(first, counts, passes=30)
+    first.calibrate()
+    _report(first, counts)
+    first._finish_drops(wait=True)
+    dead = 2
+    pool.kill(dead)
+    assert first.check_workers() == [dead]
+    pool.inject_fault(dead, "import")  # its readmission fails once: it waits to rejoin
+    first._readmit()
+    assert not first.placement.experts_on(dead) and first._rejoin == {dead}
+    first.stop()
+    second = _coordinator(checkpoint, pool, recalibration_mode="incremental")
+    assert not second.placement.experts_on(dead)
+    second._readmit()
+    assert second.placement.experts_on(dead) and second.stats_view()["lost_devices"] == []

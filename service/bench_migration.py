@@ -286,7 +286,7 @@ class Stack:
         from service.placement_sync import PlacementSync
         from service.tokenizer import load_tokenizer
         from service.transport import WorkerServer
-        from service.worker import ExpertWorker, WorkerConfig
+        from service.worker import ExpertWorker, WorkerConfig, held_expert_bytes
 
         TimedPool, TimedContext = _instrumented_classes()
         self.config = config
@@ -300,9 +300,8 @@ class Stack:
         self.pool = TimedPool([ExpertWorker(c) for c in configs])
         self.servers = [WorkerServer(worker) for worker in self.pool.workers]
         self._closers: list = [lambda: [server.close() for server in self.servers]]
-        element = torch.tensor([], dtype=getattr(torch, layout.dtype)).element_size()
-        shape = ModelShape(len(layout.moe_layers), layout.num_experts,
-                           layout.params_per_expert * element)
+        # The bytes of an expert as the workers hold and move it (their dtype, not the checkpoint's), as deploy/app.py
+        shape = ModelShape(len(layout.moe_layers), layout.num_experts, held_expert_bytes(configs[0], str(config.model)))
         self.coordinator = Coordinator(CoordinatorConfig(checkpoint=str(config.model), auto_recalibrate=False),
                                        self.pool, shape)
         self.coordinator.start(background=True)

@@ -371,3 +371,31 @@ def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoi
     assert not second.placement.experts_on(dead)
     second._readmit()
     assert second.placement.experts_on(dead) and second.stats_view()["lost_devices"] == []
+
+
+def test_the_migration_benchmark_prices_experts_at_the_bytes_its_workers_move(tmp_path):
+    """bench_migration took an expert's bytes from the checkpoint's dtype while its workers hold float32: on a
+    bfloat16 checkpoint it reported bytes moved and priced migrations at half the bytes really moved."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from service.bench_migration import DEFAULT_MODEL, BenchConfig, Stack
+
+    model = tmp_path / "bf16"
+    shutil.copytree(DEFAULT_MODEL, model)
+    for weights in model.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()},
+                  weights, metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    assert load_layout(str(model)).dtype == "bfloat16"
+    stack = Stack(BenchConfig(model=model, speeds=(1.0, 1.0)))
+    try:
+        worker = stack.pool.workers[0]
+        key = sorted(worker.held_experts())[0]
+        moved = sum(t.numel() * t.element_size() for t in worker.export_experts([key])[0].tensors.values())
+        assert stack.coordinator.shape.expert_bytes == moved
+    finally:
+        stack.close()

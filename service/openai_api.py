@@ -67,7 +67,7 @@ def _template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
         if not key.isidentifier() or key in _RESERVED_TEMPLATE_KWARGS:
             raise ValueError(f"{key!r} cannot be set: keys are template variables, not apply_chat_template's "
                              "own arguments")
-    return value
+    return _utf8_json(value)
 
 
 TemplateKwargs = Annotated[dict[str, Any] | None, Field(max_length=32), AfterValidator(_template_kwargs)]
@@ -79,12 +79,6 @@ _NEUTRAL: dict[str, tuple] = {
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "web_search_options": (None,), "verbosity": (None,),
 }
-
-
-MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512
-# OpenAI's ``metadata`` tags: checked against its limits, echoed where the API echoes them (responses), not stored
-Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
-                     Field(max_length=MAX_METADATA_KEYS)]
 
 
 class APIError(Exception):
@@ -115,6 +109,33 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
+def _utf8_json(value: Any, where: str = "") -> Any:
+    """`value`, a JSON value, if all of its strings (object keys too) are valid Unicode (`_utf8`): a tool's
+    schema, a structured output's, template variables are rendered into the prompt or a grammar, which refuse
+    lone surrogates with errors that name neither the field nor the cause. The error names where the string is."""
+    if isinstance(value, str):
+        try:
+            _utf8(value)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _utf8_json(key, where)
+            _utf8_json(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _utf8_json(item, f"{where}.{index}" if where else str(index))
+    return value
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(_utf8_json)]  # a JSON object whose strings are Text
+
+MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512
+# OpenAI's ``metadata`` tags: checked against its limits, echoed where the API echoes them (responses), not stored
+Metadata = Annotated[dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None,
+                     Field(max_length=MAX_METADATA_KEYS)]
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -128,8 +149,8 @@ class JSONSchemaFormat(StrictModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: SchemaName
-    description: str | None = None
-    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    description: Text | None = None
+    json_schema: JSONObject = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -151,10 +172,10 @@ class StructuredOutputs(StrictModel):
     matches, a list of choices, or a Lark (or GBNF) grammar."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+    json_schema: JSONObject | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
@@ -291,14 +312,14 @@ class TextPart(StrictModel):
 
 
 class FunctionCallIn(StrictModel):
-    name: str
-    arguments: str  # JSON text, as the model wrote it
+    name: Text
+    arguments: Text  # JSON text, as the model wrote it
 
 
 class ToolCallIn(StrictModel):
     """A tool call of an earlier assistant message, sent back as conversation history."""
 
-    id: str
+    id: Text
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
@@ -309,9 +330,9 @@ class ChatMessage(StrictModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
-    name: str | None = None
+    name: Text | None = None
     tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
-    tool_call_id: str | None = None
+    tool_call_id: Text | None = None
     # an assistant's thinking, sent back (vLLM's current and former names); templates read reasoning_content
     reasoning: Text | None = None
     reasoning_content: Text | None = None
@@ -375,8 +396,8 @@ FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI
 
 class FunctionDefinition(StrictModel):
     name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; none (or {}) takes no arguments
+    description: Text | None = None
+    parameters: JSONObject | None = None  # a JSON schema; none (or {}) takes no arguments
     strict: bool | None = None  # always honoured when the call is forced (tool_choice required or named)
 
     def schema(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from service.openai_api import (
     APIError,
     ChatCompletionRequest,
     FunctionName,
+    JSONObject,
     Metadata,
     SamplingControls,
     SchemaName,
@@ -89,9 +90,9 @@ class FunctionCallInput(StrictModel):
     """A call of an earlier response, sent back."""
 
     type: Literal["function_call"]
-    call_id: str = Field(min_length=1)
-    name: str
-    arguments: str
+    call_id: Text = Field(min_length=1)
+    name: Text
+    arguments: Text
     id: str | None = None
     status: str | None = None
 
@@ -100,7 +101,7 @@ class FunctionCallOutput(StrictModel):
     """A call's result."""
 
     type: Literal["function_call_output"]
-    call_id: str = Field(min_length=1)
+    call_id: Text = Field(min_length=1)
     output: Parts
     id: str | None = None
     status: str | None = None
@@ -147,8 +148,8 @@ class FunctionTool(StrictModel):
 
     type: Literal["function"]
     name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+    description: Text | None = None
+    parameters: JSONObject | None = None
     strict: bool | None = None  # always honoured when the call is forced
 
 
@@ -163,8 +164,8 @@ class TextFormat(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
     name: SchemaName | None = None
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: Text | None = None
+    json_schema: JSONObject | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
     @model_validator(mode="after")
@@ -232,9 +233,9 @@ class ResponsesRequest(SamplingControls):
     background: bool | None = None
     max_tool_calls: int | None = None
     prompt: Any = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
+    user: Text | None = None  # these three are echoed in the response
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
     prompt_cache_retention: str | None = None
     service_tier: str | None = None
     chat_template_kwargs: TemplateKwargs = None

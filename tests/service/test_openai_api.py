@@ -221,6 +221,39 @@ def test_errors_under_a_union_name_the_field_not_the_type_tags(model, body, para
     assert not any(c in error["error"]["param"] + error["error"]["message"].split(":")[0] for c in "[(")
 
 
+_CALLED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": "\ud800"}'}}]},
+    {"role": "tool", "content": "ok", "tool_call_id": "c1"}]
+
+
+@pytest.mark.parametrize("model, extra, param, where", [
+    (ChatCompletionRequest, {"messages": _CALLED}, "messages.1.tool_calls.0.function.arguments", ""),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi", "name": "a\udfff"}]},
+     "messages.0.name", ""),
+    (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f", "description": "d\ud800"}}]},
+     "tools.0.function.description", ""),
+    (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"enum": ["ok", "\ud800"]}}}}}]},
+     "tools.0.function.parameters", "properties.a.enum.1: "),
+    (ChatCompletionRequest, {"chat_template_kwargs": {"persona": {"name": "\ud800"}}}, "chat_template_kwargs",
+     "persona.name: "),
+    (ChatCompletionRequest, {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "\ud800": 1}}}}, "response_format.json_schema.schema", ""),
+    (CompletionRequest, {"structured_outputs": {"choice": ["a", "\ud800"]}}, "structured_outputs.choice.1", ""),
+    (CompletionRequest, {"structured_outputs": {"json": {"enum": ["\ud800"]}}}, "structured_outputs.json",
+     "enum.0: "),
+])
+def test_lone_surrogates_in_any_text_the_prompt_or_a_grammar_takes_are_a_400_naming_the_field(model, extra, param,
+                                                                                               where):
+    """Not only content, prompt and stop: tool descriptions and schemas, history calls, template variables and
+    structured outputs are checked too (they reached the chat template or the grammar, which failed with "chat
+    template rejected the messages: TextEncodeInput must be ..." and no param, or a grammar parse error)."""
+    base = CHAT if model is ChatCompletionRequest else {"model": "m", "prompt": "a"}
+    status, error = _rejection(model, {**base, **extra})
+    assert status == 400 and error["error"]["param"] == param
+    assert error["error"]["message"].startswith(f"{param}: {where}text is not valid Unicode: lone surrogate")
+
+
 def test_a_missing_body_is_named_so():
     error = error_body(RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required",
                                                 "input": None}]))[1]["error"]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from service.app import _Choice, _Reasoning, _ResponsesFormat
 from service.engine import StepOutput
-from service.openai_api import APIError
+from service.openai_api import APIError, error_body
 from service.responses_api import ResponsesRequest, renamed
 from service.tools import ToolSetup
 from tests.service.test_app import MODEL, _start_engine, served
@@ -128,6 +128,22 @@ def test_what_the_chat_request_or_this_server_refuses_names_the_responses_parame
     with pytest.raises(APIError) as info:
         request.chat_request()
     assert info.value.param == param and message in info.value.message, (info.value.param, info.value.message)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "\ud800"}]},
+     "input.0.function_call.arguments"),
+    ({"tools": [{"type": "function", "name": "f", "description": "\ud800"}]}, "tools.0.description"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"enum": ["\ud800"]}}]}, "tools.0.parameters"),
+    ({"text": {"format": {"type": "json_schema", "name": "n", "schema": {"enum": ["\ud800"]}}}}, "text.format.schema"),
+    ({"metadata": {"k": "\ud800"}}, "metadata.k"),  # echoed in the response, as user is
+    ({"user": "\ud800"}, "user"),
+])
+def test_lone_surrogates_outside_the_messages_text_are_a_400_naming_the_field(extra, param):
+    with pytest.raises(pydantic.ValidationError) as info:
+        ResponsesRequest.model_validate({"model": MODEL, "input": "hi", **extra})
+    status, body = error_body(info.value)
+    assert status == 400 and body["error"]["param"] == param and "lone surrogate" in body["error"]["message"]
 
 
 def test_chat_parameters_in_errors_are_renamed():

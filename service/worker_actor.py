@@ -1,8 +1,9 @@
 """The Ray actor shell of an expert worker: the control plane around `ExpertWorker` and its data plane.
 
 Owns starting the worker's socket server in the actor process (TCP on the node's IP, plus a Unix
-socket under a per-actor temp folder for engines on the same node) and reporting where it lives
-(`WorkerInfo`). Every other method passes straight through to `ExpertWorker`. Ignores placement and
+socket under a per-actor temp folder for engines on the same node), removing that folder (at `shutdown`,
+which the pool calls before killing the actor, or when a later incarnation of the actor starts) and
+reporting where it lives (`WorkerInfo`). Every other method passes straight through to `ExpertWorker`. Ignores placement and
 scheduling: the coordinator creates the actor with
 `ExpertWorkerActor.options(name=..., namespace=..., num_cpus=<fraction>, num_gpus=<1 on GPUs>,
 lifetime=..., max_concurrency=4).remote(config)`.
@@ -14,8 +15,11 @@ Migration moves weights worker to worker through the object store: the caller pa
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Sequence
 
@@ -34,7 +38,7 @@ class ExpertWorkerActor:
     def __init__(self, config: WorkerConfig) -> None:
         self._worker = ExpertWorker(config)
         self._record: dict = {}  # the coordinator's latest placement record (for its recovery)
-        self._socket_dir = tempfile.mkdtemp(prefix="vibe-serve-")
+        self._socket_dir = _socket_dir()
         self._server = WorkerServer(self._worker, host=ray.util.get_node_ip_address(),
                                     unix_path=os.path.join(self._socket_dir, "worker.sock"))
         atexit.register(self.shutdown)  # a normal process exit also removes the socket folder
@@ -96,3 +100,25 @@ class ExpertWorkerActor:
         """Close the data plane and remove the socket folder (call before killing the actor)."""
         self._server.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _socket_dir() -> str:
+    """Create this actor's socket folder: /tmp/vibe-serve-<hash of the Ray session, namespace and actor name
+    (or id)>, the same for every incarnation of the actor, so that one restarted after a crash (Ray restarts
+    the process), or recreated under its name by the pool after `ray.kill`, removes the folder its
+    predecessor could not. Two actors never share one: names are unique in a namespace, ids everywhere.
+    A path that is not a folder of this user (a link, another user's) is left alone: a fresh random one."""
+    context = ray.get_runtime_context()
+    identity = "/".join((context.get_session_name(), context.namespace,
+                         context.get_actor_name() or context.get_actor_id()))
+    path = os.path.join(tempfile.gettempdir(), f"vibe-serve-{hashlib.sha256(identity.encode()).hexdigest()[:16]}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            found = os.lstat(path)
+            if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+                raise PermissionError(f"{path} is not a folder of this user")
+            shutil.rmtree(path)  # an earlier incarnation's, killed or crashed
+        os.mkdir(path, 0o700)
+    except OSError:
+        return tempfile.mkdtemp(prefix="vibe-serve-")
+    return path

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (moe layer, expert)
 
+_SHUTDOWN_TIMEOUT_S = 5.0  # how long a worker about to be killed has to close its sockets and remove its folder
+
 
 class WorkerCallError(RuntimeError):
     """A control call failed or timed out on some workers; `devices` names them."""
@@ -146,15 +148,14 @@ class RayWorkerPool:
             name = entry["name"]
             if entry["namespace"] == self.config.namespace and is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
-                    ray.kill(ray.get_actor(name, namespace=self.config.namespace), no_restart=True)
+                    self._stop([ray.get_actor(name, namespace=self.config.namespace)])
                     log.info("killed worker %s of an earlier configuration", name)
 
     def restart(self, device: int) -> WorkerInfo:
         """Replace a dead worker by a fresh one with no experts; returns its new address."""
         import ray
 
-        with contextlib.suppress(Exception):  # already gone
-            ray.kill(self._actors[device], no_restart=True)
+        self._stop([self._actors[device]])
         deadline = time.monotonic() + self.config.call_timeout_s
         while True:  # the name is released asynchronously after the kill
             try:
@@ -169,14 +170,28 @@ class RayWorkerPool:
         return info
 
     def shutdown(self) -> None:
+        self._stop(self._actors)
+        self._actors = []
+
+    def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
+        """Kill `actors` for good, each after asking it to shut down (close its data plane and remove its
+        socket folder: `ray.kill` ends the process at once, no exit hook runs), waiting at most
+        _SHUTDOWN_TIMEOUT_S for them all (`wait`=False: not at all, for a worker that cannot answer). A dead
+        or hung worker's folder is removed by the next worker of its name when it starts."""
         import ray
 
-        for actor in self._actors:
+        refs = []
+        for actor in actors if wait else ():
+            with contextlib.suppress(Exception):
+                refs.append(actor.shutdown.remote())
+        if refs:
+            with contextlib.suppress(Exception):
+                ray.wait(refs, num_returns=len(refs), timeout=min(_SHUTDOWN_TIMEOUT_S, self.config.call_timeout_s))
+        for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)
-            except Exception as exc:  # best effort at teardown
-                log.warning("could not kill worker actor: %s", exc)
-        self._actors = []
+            except Exception as exc:  # already gone, or best effort at teardown
+                log.debug("could not kill worker actor: %s", exc)
 
     # --- control calls -----------------------------------------------------------------------------
 

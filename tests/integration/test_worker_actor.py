@@ -1,4 +1,8 @@
-"""Two ExpertWorkerActors on a local Ray cluster: data plane over both transports, migration by ObjectRef."""
+"""Two ExpertWorkerActors on a local Ray cluster: data plane over both transports, migration by ObjectRef;
+the pool's worker lifecycle (socket folders removed)."""
+
+import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ from service.emulator import EmulationConfig
 from service.messages import REPLY
 from service.transport import WorkerClient
 from service.worker import ExpertWorker, WorkerConfig
+from service.worker_pool import RayPoolConfig, RayWorkerPool
 from tests.service.test_experts import HIDDEN, make_expert
 
 ray = pytest.importorskip("ray")
@@ -77,3 +82,40 @@ def test_control_calls_pass_through(actors):
     assert not ray.get(actors[0].telemetry.remote()).available
     with pytest.raises(ValueError, match="does not emulate"):
         ray.get(actors[0].set_emulated_speed.remote(2.0))
+
+
+# --- lifecycle: socket folders (the worker lifecycle audit) -------------------
+
+
+def socket_dir(info) -> Path:
+    return Path(info.unix_address.removeprefix("unix://")).parent
+
+
+def test_a_restarted_actor_removes_its_predecessors_socket_folder(actors):
+    """Ray restarts a crashed actor's process: the new incarnation takes over the same folder, cleaned."""
+    from service.worker_actor import ExpertWorkerActor
+
+    actor = ExpertWorkerActor.options(name="restarted", num_cpus=0.05, max_restarts=1).remote(WorkerConfig(index=5))
+    first = socket_dir(ray.get(actor.info.remote()))
+    (first / "left-over").touch()
+    ray.get(actor.set_record.remote({"incarnation": 1}))
+    ray.kill(actor, no_restart=False)  # as a crash: no exit hook runs, Ray restarts the process
+    for _ in range(600):  # until the new incarnation answers (it holds no record)
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            if ray.get(actor.get_record.remote(), timeout=120) == {}:
+                break
+    second = socket_dir(ray.get(actor.info.remote(), timeout=120))
+    assert second == first and sorted(p.name for p in second.iterdir()) == ["worker.sock"]
+    ray.get(actor.shutdown.remote())
+    assert not first.exists()
+    ray.kill(actor)
+
+
+def test_pool_removes_socket_folders_at_restart_and_shutdown(actors):
+    pool = RayWorkerPool([WorkerConfig(index=i) for i in range(2)],
+                         RayPoolConfig(name_prefix="test-folders", namespace="test-worker-pool", detached=False))
+    folders = {socket_dir(info) for info in pool.start()}
+    folders.add(socket_dir(pool.restart(0)))
+    assert all(folder.is_dir() for folder in folders)
+    pool.shutdown()
+    assert not [folder for folder in folders if folder.exists()]

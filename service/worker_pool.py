@@ -33,6 +33,16 @@ class WorkerCallError(RuntimeError):
         self.devices = tuple(devices)
 
 
+class WorkerStartError(WorkerCallError):
+    """Some workers did not come up at `start`; `devices` names them, each with the reason in the message
+    (cannot be placed, died while starting, ...). `infos` holds the info of every worker that answered
+    (None for the others): a caller that can serve without the rest may treat them as lost."""
+
+    def __init__(self, message: str, devices: Sequence[int], infos: Sequence[WorkerInfo | None]):
+        super().__init__(message, devices)
+        self.infos = list(infos)
+
+
 class WorkerPool(Protocol):
     """Control-plane operations on G workers, indexed 0..G-1 like placement devices."""
 
@@ -112,17 +122,58 @@ class RayWorkerPool:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> list[WorkerInfo]:
-        """Create the workers, or adopt the ones a previous coordinator left running."""
+        """Create the workers, or adopt the ones a previous coordinator left running.
+
+        Raises WorkerStartError if some do not answer within call_timeout_s, saying why for each (from Ray's
+        view of the actor), with the infos of those that did. A worker that keeps dying while it starts is
+        killed rather than left crash-looping (Ray restarts actors without end); one that cannot be placed
+        is left pending, for resources that may yet come (an autoscaler adds nodes for it)."""
         self._retire_strays()
         self._actors = [self._create(i) for i in range(self.num_devices)]
-        self._infos = self._all(lambda a: a.info.remote(), "info")
+        refs = [a.info.remote() for a in self._actors]
+        infos, errors = self._gather(refs, list(range(self.num_devices)))
+        self._infos = infos
+        if errors:
+            raise WorkerStartError(f"{len(errors)} of {self.num_devices} workers did not start: " + "; ".join(
+                f"device {d}: {self._why_not_up(d, error)}" for d, error in errors.items()), list(errors), infos)
         return list(self._infos)
+
+    def _why_not_up(self, device: int, error: str) -> str:
+        """Why worker `device` did not answer its first call (which failed with `error`), from its actor's
+        state: a crash loop (the worker is then killed), no node with the resources it asks for, or the
+        call's own error."""
+        import ray
+
+        state, restarts = _actor_state(self._actors[device])
+        if state in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY") and restarts:
+            self._stop([self._actors[device]], wait=False)
+            return (f"its process died {restarts} time(s) while starting, and it was killed; its log says why "
+                    f"(`ray logs actor --id {self._actors[device]._actor_id.hex()}`)")
+        if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+            wants = {"CPU": self.config.num_cpus, "GPU": self.config.num_gpus}
+            wants = {k: v for k, v in wants.items() if v}
+            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            asked = ", ".join(f"{v:g} {k}" for k, v in wants.items())
+            if not any(all(node.get(k, 0) >= v for k, v in wants.items()) for node in nodes):
+                total = ray.cluster_resources()
+                return (f"cannot be placed: it asks for {asked} and no node of the cluster has that much "
+                        f"(cluster: {', '.join(f'{total.get(k, 0):g} {k}' for k in wants)} in "
+                        f"{len(nodes)} node(s)); left pending")
+            free = ray.available_resources()
+            if not all(free.get(k, 0) >= v for k, v in wants.items()):
+                return (f"waiting for resources: it asks for {asked}, the cluster has "
+                        f"{', '.join(f'{free.get(k, 0):g} {k}' for k in wants)} free; left pending")
+            return f"still being created (state {state}); left pending"
+        return f"{error} (actor state {state or 'unknown'})"
+
+    def _name(self, index: int) -> str:
+        return f"{self.config.name_prefix}-{index}"
 
     def _create(self, index: int):
         from service.worker_actor import ExpertWorkerActor
 
         options: dict[str, Any] = {
-            "name": f"{self.config.name_prefix}-{index}",
+            "name": self._name(index),
             "namespace": self.config.namespace,
             "get_if_exists": True,
             "num_cpus": self.config.num_cpus,
@@ -162,9 +213,11 @@ class RayWorkerPool:
                 self._actors[device] = self._create(device)
                 info = ray.get(self._actors[device].info.remote(), timeout=self.config.call_timeout_s)
                 break
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    cause = getattr(exc, "cause", None) or exc
+                    why = self._why_not_up(device, f"{type(cause).__name__}: {str(cause)[:300]}")
+                    raise WorkerCallError(f"restart of device {device} failed: {why}", [device]) from exc
                 time.sleep(0.2)
         self._infos[device] = info
         return info
@@ -261,21 +314,27 @@ class RayWorkerPool:
         return self._wait([call(a) for a in self._actors], list(range(len(self._actors))), what)
 
     def _wait(self, refs: list, devices: list[int], what: str) -> list[Any]:
+        results, errors = self._gather(refs, devices)
+        if errors:
+            raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {e}" for d, e in errors.items()),
+                                  list(errors))
+        return results
+
+    def _gather(self, refs: list, devices: list[int]) -> tuple[list[Any], dict[int, str]]:
+        """The results of `refs` (None where one failed), and the error of each device whose call failed or
+        did not answer within call_timeout_s (all calls together)."""
         import ray
 
-        results, failed, errors = [], [], []
+        results, errors = [], {}
         deadline = time.monotonic() + self.config.call_timeout_s
         for ref, device in zip(refs, devices):
             try:
                 results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
             except Exception as exc:
                 cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's own error
-                failed.append(device)
-                errors.append(f"device {device}: {type(cause).__name__}: {str(cause)[:300]}")
+                errors[device] = f"{type(cause).__name__}: {str(cause)[:300]}"
                 results.append(None)
-        if failed:
-            raise WorkerCallError(f"{what} failed on " + "; ".join(errors), failed)
-        return results
+        return results, errors
 
 
 class LocalWorkerPool:
@@ -362,6 +421,26 @@ class LocalWorkerPool:
         if device in self._dead:
             raise WorkerCallError(f"device {device} is dead", [device])
         return self.workers[device]
+
+
+def _actor_state(actor: Any) -> tuple[str | None, int]:
+    """Ray's state of `actor` ("ALIVE", "PENDING_CREATION", "RESTARTING", "DEAD", ...) and its number of
+    restarts; (None, 0) if Ray cannot say. Asks the state API, which needs the dashboard, and else the GCS
+    actor table directly (what `ray list actors` reads too)."""
+    import ray
+
+    actor_id = actor._actor_id.hex()
+    with contextlib.suppress(Exception):
+        from ray.util.state import get_actor
+
+        found = get_actor(actor_id, timeout=5)
+        if found is not None:
+            return found.state, int(found.num_restarts or 0)
+    with contextlib.suppress(Exception):
+        found = ray._private.state.actors(actor_id)
+        if found:
+            return found["State"], int(found["NumRestarts"])
+    return None, 0
 
 
 def keys_by_device(pairs: Iterable[tuple[int, Key]]) -> dict[int, list[Key]]:

@@ -1,7 +1,8 @@
 """Two ExpertWorkerActors on a local Ray cluster: data plane over both transports, migration by ObjectRef;
-the pool's worker lifecycle (socket folders removed)."""
+the pool's worker lifecycle (socket folders removed, workers that cannot start named)."""
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from service.emulator import EmulationConfig
 from service.messages import REPLY
 from service.transport import WorkerClient
 from service.worker import ExpertWorker, WorkerConfig
-from service.worker_pool import RayPoolConfig, RayWorkerPool
+from service.worker_pool import RayPoolConfig, RayWorkerPool, WorkerStartError
 from tests.service.test_experts import HIDDEN, make_expert
 
 ray = pytest.importorskip("ray")
@@ -84,7 +85,7 @@ def test_control_calls_pass_through(actors):
         ray.get(actors[0].set_emulated_speed.remote(2.0))
 
 
-# --- lifecycle: socket folders (the worker lifecycle audit) -------------------
+# --- lifecycle: socket folders, workers that do not start (the worker lifecycle audit) -------------------
 
 
 def socket_dir(info) -> Path:
@@ -119,3 +120,40 @@ def test_pool_removes_socket_folders_at_restart_and_shutdown(actors):
     assert all(folder.is_dir() for folder in folders)
     pool.shutdown()
     assert not [folder for folder in folders if folder.exists()]
+
+
+class CrashOnLoad:
+    """Kills the worker process while it starts (when the actor's arguments are unpickled), as a segfault in
+    CUDA initialisation or an OOM kill would."""
+
+    def __reduce__(self):
+        return (os._exit, (1,))
+
+
+def test_start_names_a_worker_that_dies_while_starting_and_stops_its_crash_loop(actors):
+    crashing = WorkerConfig(index=1)
+    object.__setattr__(crashing, "emulation", CrashOnLoad())
+    pool = RayWorkerPool([WorkerConfig(index=0), crashing],
+                         RayPoolConfig(name_prefix="test-crash", namespace="test-worker-pool", detached=False,
+                                       call_timeout_s=15))
+    try:
+        with pytest.raises(WorkerStartError, match=r"device 1: its process died \d+ time\(s\) while starting") as err:
+            pool.start()
+        assert err.value.devices == (1,)  # the workers that did start are reported, for the caller to go on
+        assert err.value.infos[0].index == 0 and err.value.infos[1] is None
+        with pytest.raises(ray.exceptions.ActorDiedError):  # killed: Ray restarts it no more
+            ray.get(pool._actors[1].info.remote(), timeout=120)
+    finally:
+        pool.shutdown()
+
+
+def test_start_names_a_worker_no_node_can_place(actors):
+    pool = RayWorkerPool([WorkerConfig(index=0)],
+                         RayPoolConfig(name_prefix="test-unplaceable", namespace="test-worker-pool",
+                                       detached=False, num_cpus=64, call_timeout_s=3))
+    try:
+        with pytest.raises(WorkerStartError, match=r"device 0: cannot be placed: it asks for 64 CPU and no node "
+                                                   r"of the cluster has that much \(cluster: 2 CPU in 1 node"):
+            pool.start()
+    finally:
+        pool.shutdown()

@@ -1,13 +1,16 @@
 """Hardware telemetry of a worker's GPU through NVML (the `pynvml` module of nvidia-ml-py).
 
-Owns reading SM clocks, power, temperature and the decoded clock-throttle reasons of one CUDA device.
-Ignores what the numbers mean for placement. Never raises for a missing GPU, driver or library: it
-returns `Telemetry(available=False, reason=...)` instead.
+Owns reading SM clocks, power, temperature and the decoded clock-throttle reasons of one CUDA device
+(a MIG instance's are its GPU's). Ignores what the numbers mean for placement. Never raises for a missing
+GPU, driver or library: it returns `Telemetry(available=False, reason=...)` instead; fields the board does
+not report are None, the others kept.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -53,21 +56,48 @@ def read_telemetry(device_index: int, torch_device: str) -> Telemetry:
 
 
 def _read(pynvml, device_index: int, cuda_index: int) -> Telemetry:
+    """Each field read on its own: a board that does not report one (power on MIG, vGPU and many boards
+    answers "Not Supported") keeps the others; `reason` then names the missing ones. Unavailable only if
+    none could be read."""
     _ensure_init(pynvml)
     # torch's index counts CUDA_VISIBLE_DEVICES; NVML's does not, so find the device by its UUID.
-    uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
-    handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-    reasons = pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
-    return Telemetry(
-        device_index,
-        available=True,
-        sm_clock_mhz=float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-        max_sm_clock_mhz=float(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-        power_w=pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-        power_limit_w=pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
-        temperature_c=float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
-        throttle_reasons=decode_throttle_reasons(reasons),
-    )
+    handle = _handle(pynvml, str(torch.cuda.get_device_properties(cuda_index).uuid))
+    missing: list[str] = []
+
+    def field(name: str, read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except pynvml.NVMLError as exc:
+            missing.append(f"{name}: {exc}")
+            return None
+
+    sm = pynvml.NVML_CLOCK_SM
+    values = {
+        "sm_clock_mhz": field("sm_clock_mhz", lambda: float(pynvml.nvmlDeviceGetClockInfo(handle, sm))),
+        "max_sm_clock_mhz": field("max_sm_clock_mhz", lambda: float(pynvml.nvmlDeviceGetMaxClockInfo(handle, sm))),
+        "power_w": field("power_w", lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
+        "power_limit_w": field("power_limit_w", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0),
+        "temperature_c": field("temperature_c", lambda: float(
+            pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))),
+    }
+    reasons = field("throttle_reasons", lambda: pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
+    if reasons is None and all(value is None for value in values.values()):
+        return Telemetry(device_index, available=False, reason="NVML error: " + "; ".join(missing))
+    return Telemetry(device_index, available=True, reason="not reported: " + "; ".join(missing) if missing else "",
+                     throttle_reasons=() if reasons is None else decode_throttle_reasons(reasons), **values)
+
+
+def _handle(pynvml, uuid: str):
+    """The NVML handle of the device whose CUDA UUID (torch's, without NVML's prefix) is `uuid`. A MIG
+    instance's UUID is "MIG-<uuid>" in NVML, a whole GPU's "GPU-<uuid>"; clocks, power and temperature are
+    the whole GPU's, which a MIG instance's handle does not answer, so a MIG instance gives its GPU's handle."""
+    if uuid.startswith(("GPU-", "MIG-")):
+        uuid = uuid[4:]
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except pynvml.NVMLError:
+        handle = pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")  # raises as the GPU- lookup did if not one either
+    return pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
 
 
 def decode_throttle_reasons(bits: int) -> tuple[str, ...]:

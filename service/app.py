@@ -211,7 +211,7 @@ class _Server:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         timer = self.metrics.start_request()
         self._check_model(body.model)
-        body.use_tool_format(self.tool_format, self.tool_tags)
+        body.use_tool_format(self.tool_format, self.tool_tags).keep_think_tags(self._special_think_tags)
         prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(body))
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
                           tools=body.tool_setup, reasoning=reasoning, harmony=self._harmony(body))
@@ -223,7 +223,8 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         try:
-            chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags)
+            chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags).keep_think_tags(
+                self._special_think_tags)
             prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(chat))
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning, harmony=self._harmony(chat))
@@ -295,6 +296,13 @@ class _Server:
         if path in _GENERATION_PATHS:
             self.metrics.requests.labels(status="rejected").inc()
 
+    @property
+    def _special_think_tags(self) -> bool:
+        """Whether a chat's text must keep special tokens for the reasoning parser to find its block: the thinking
+        tags are special tokens of the tokenizer (skip_special_tokens, the default, would drop them, and the
+        reasoning would read as the answer, or the answer as reasoning)."""
+        return self.reasoning and self.think_tokens is not None and self.think_tokens.special
+
     def _card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.config.max_model_len)
 
@@ -349,6 +357,7 @@ class _ThinkTokens(NamedTuple):
 
     tags: tuple[int, int]  # <think>, </think>
     gap: tuple[int, ...]   # the tokens of a newline, two newlines and a space, those that are one token
+    special: bool = False  # the tags are special tokens (decoding with skip_special_tokens would drop them)
 
 
 def _think_tokens(tokenizer) -> _ThinkTokens | None:
@@ -358,7 +367,10 @@ def _think_tokens(tokenizer) -> _ThinkTokens | None:
     if not all(len(ids) == 1 for ids in tags):
         return None
     gap = [tokenizer.encode(space, add_special_tokens=False) for space in ("\n", "\n\n", " ")]
-    return _ThinkTokens((tags[0][0], tags[1][0]), tuple(dict.fromkeys(ids[0] for ids in gap if len(ids) == 1)))
+    special = {*tokenizer.all_special_ids,
+               *(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)}
+    return _ThinkTokens((tags[0][0], tags[1][0]), tuple(dict.fromkeys(ids[0] for ids in gap if len(ids) == 1)),
+                        tags[0][0] in special or tags[1][0] in special)
 
 
 def _other_special_tokens(tokenizer) -> frozenset[str]:

@@ -452,6 +452,13 @@ class ChatCompletionRequest(_SamplingFields):
     # special tokens of its tokenizer: the server's, set before first use
     _tool_format: str = PrivateAttr(default="hermes")
     _special_tags: Mapping[str, int] = PrivateAttr(default_factory=dict)
+    _keep_think_tags: bool = PrivateAttr(default=False)  # the server's reasoning parser reads special-token tags
+
+    def keep_think_tags(self, keep: bool) -> ChatCompletionRequest:
+        """Decode keeping special tokens when ``keep``: the thinking tags the server's reasoning parser splits at are
+        special tokens of its tokenizer (as the tool tags of `use_tool_format`)."""
+        self._keep_think_tags = keep
+        return self
 
     def use_tool_format(self, name: str, special: Mapping[str, int] | None = None) -> ChatCompletionRequest:
         """Read and force calls in the format ``name``, whose tags ``special`` are special tokens (with their
@@ -562,11 +569,12 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
 def _keeps_tags(request: CompletionRequest | ChatCompletionRequest) -> bool:
     """Whether the completion's text must keep special tokens: the model may call a tool in a format whose
     tags are special tokens (Mistral's ``[TOOL_CALLS]``), as vLLM's Mistral parser asks, or writes harmony
-    (GPT-OSS: its messages' headers are special tokens, tools or not)."""
+    (GPT-OSS: its messages' headers are special tokens, tools or not), or thinks in tags that are special tokens."""
     if not isinstance(request, ChatCompletionRequest):
         return False
     tools = request.tool_setup
-    return (tools is not None and bool(tools.special)) or (request.harmony and bool(request._special_tags))
+    return ((tools is not None and bool(tools.special)) or (request.harmony and bool(request._special_tags))
+            or request._keep_think_tags)
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:

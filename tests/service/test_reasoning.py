@@ -262,7 +262,7 @@ def test_whitespace_may_come_between_the_thinking_block_and_the_grammar():
     holds, as thinking models write "</think>\\n\\n" before answering; none before an answer that opened no
     block, and none once the answer began."""
     tokenizer = _think_tokenizer()
-    (opener, closer), gap = _think_tokens(tokenizer)
+    (opener, closer), gap, _ = _think_tokens(tokenizer)
     engine = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=256), tokenizer=tokenizer)
     grammar = grammar_from_spec("regex", DIGITS)
     prompt = apply_chat_template(tokenizer, ASK)
@@ -345,3 +345,25 @@ def test_a_named_call_cut_off_while_thinking_has_no_call_streamed_or_not():
     streamed = fmt()
     deltas = [chunk.choices[0].delta for out in outs for chunk in streamed.chunks(0, out)]
     assert not any(delta.tool_calls for delta in deltas)
+
+
+def test_thinking_tags_that_are_special_tokens_are_kept_for_the_reasoning_parser():
+    """A release whose <think> and </think> are special tokens: a chat's text keeps them, as the tool tags of
+    Mistral's format are kept (skip_special_tokens, the default, dropped them, so the block the template opened
+    swallowed the answer: content None, everything reasoning). The split equals the one with the same tags as
+    plain added tokens (same ids, same model, same seed)."""
+    replies = []
+    for special in (False, True):
+        tokenizer = build_tokenizer()
+        tokenizer.add_tokens([THINK_START, THINK_END], special_tokens=special)
+        tokenizer.chat_template = THINKING_TEMPLATE
+        assert _think_tokens(tokenizer).special == special
+        closer, eos = tokenizer.convert_tokens_to_ids(THINK_END), tokenizer.convert_tokens_to_ids("<|im_end|>")
+        with served(_start_engine(tokenizer, max_num_seqs=4), reasoning_parser="qwen3") as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            reply = client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=24, temperature=1.0, seed=3,
+                extra_body={"chat_template_kwargs": {"think": True}, "logit_bias": {str(closer): 2.0, str(eos): -100}})
+        message = reply.choices[0].message
+        replies.append((getattr(message, "reasoning", None), message.content))
+    assert replies[0][1] is not None and replies[1] == replies[0], replies

@@ -650,10 +650,13 @@ class Coordinator:
         """Refit the model of each device whose observed / predicted time settled away from 1 (no
         migration); the reason for a recalibration when a model now predicts beyond 1 +-
         device_drift_threshold times the time of the one the placement was planned with, else None. A
-        reason is given once: a recalibration that then fails is not retried at every loop."""
+        reason is given once: a recalibration that then fails is not retried at every loop. Without automatic
+        recalibration (or before the first placement for the routing) nothing is due, and the models the placement
+        was planned with stay what they were (`model_over_planned` shows the drift not acted on)."""
+        replans = self.config.auto_recalibrate and self.config.policy != "contiguous" and self._calibrated
         with self._lock:
             self._devices.refit()
-            drifted = self._devices.due()
+            drifted = self._devices.due() if replans else {}
         if not drifted:
             return None
         worst = max(drifted, key=lambda d: abs(np.log(drifted[d])))
@@ -923,6 +926,7 @@ class Coordinator:
             totals = dict(self._totals)
             last = next((r for r in reversed(self._history) if r.status == "applied"), None)
             ratios = self._devices.detector.ratios()
+            over_planned = self._devices.since_planned()
             telemetry = list(self._telemetry)
             lost = sorted(self._lost)
         times = None if loads is None else pl.device_times(current, loads, devices, activity)
@@ -932,6 +936,7 @@ class Coordinator:
             "layer_imbalance": None if times is None else pl.imbalance(times).tolist(),
             "device_predicted_s": None if times is None else times.sum(axis=0).tolist(),
             "device_observed_over_predicted": [None if np.isnan(r) else float(r) for r in ratios],
+            "device_model_over_planned": over_planned.tolist(),
             "recalibrations": {k: v for k, v in totals.items() if k not in moved},
             "last_recalibration_s": None if last is None else last.duration_s,
             "experts_moved": totals.get("experts_moved", 0),

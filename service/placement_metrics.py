@@ -43,6 +43,11 @@ class PlacementCollector:
                      "Observed / predicted expert time of each device (drift when far from 1).",
                      [((str(d),), value) for d, value in enumerate(summary["device_observed_over_predicted"])
                       if value is not None], ["device"])
+        yield _gauge("vibe_device_model_over_planned",
+                     "Each device's latency model over the one the placement in service was planned with (a device "
+                     "slower or faster than the placement assumes when far from 1).",
+                     [((str(d),), value) for d, value in enumerate(summary.get("device_model_over_planned", ()))],
+                     ["device"])
         events = CounterMetricFamily("vibe_recalibrations", "Recalibration decisions by outcome.", labels=["status"])
         # every outcome from 0: increase() misses a series' first sample, so a first failure would never alert
         for status, count in {**dict.fromkeys(RECALIBRATION_STATUSES, 0), **summary["recalibrations"]}.items():

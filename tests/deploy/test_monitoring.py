@@ -47,7 +47,8 @@ def _exposed() -> dict[str, set[str]]:
     collector = PlacementCollector()
     collector.refresh({
         "placement_version": 3, "layer_imbalance": [1.2, 1.1], "device_predicted_s": [0.01, 0.02],
-        "device_observed_over_predicted": [1.0, 1.3], "last_recalibration_s": 0.4, "experts_moved": 4,
+        "device_observed_over_predicted": [1.0, 1.3], "device_model_over_planned": [1.0, 1.25],
+        "last_recalibration_s": 0.4, "experts_moved": 4,
         "recalibrations": {"applied": 2, "rolled_back": 1, "failed": 1, "skipped": 3}, "bytes_moved": 1 << 20,
         "lost_devices": [1],
         "telemetry": [asdict(Telemetry(0, True, sm_clock_mhz=1980.0, max_sm_clock_mhz=1980.0, power_w=362.0,
@@ -211,7 +212,7 @@ def test_each_replica_exposes_every_replicas_serving_series_labelled():
     placement.refresh({"placement_version": 7, "layer_imbalance": None, "device_observed_over_predicted": [],
                        "last_recalibration_s": None, "experts_moved": 0, "recalibrations": {}, "bytes_moved": 0,
                        "lost_devices": [], "telemetry": []})
-    for (name, metrics), count in zip(replicas.items(), (3, 5)):
+    for metrics, count in zip(replicas.values(), (3, 5)):
         metrics.add_shared(placement)
         for _ in range(count):
             timer = metrics.start_request()

@@ -518,3 +518,35 @@ def test_profiling_waits_for_a_recalibration_and_leaves_no_drift_behind(checkpoi
     assert result["status"] == "applied" and profiled and not profiling.is_alive()
     assert np.allclose(coordinator._devices.since_planned(), 1.0)
     assert coordinator._apply_device_drift() is None
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_a_device_that_stays_slower_shows_against_the_placement_in_service(checkpoint, auto):
+    """A device 1.5x slower than its profile from some point on: the coordinator refits its model, so its observed /
+    predicted ratio returns to 1; what the placement in service assumes shows in model_over_planned (and the
+    vibe_device_model_over_planned gauge the VibeDeviceDrift alert reads). Without automatic recalibration it stays at
+    1.5 (the audit: device drift was marked as planned for, 1.0, though nothing re-planned); with it, the re-plan
+    judged with the new model (applied, or here skipped as not worth moving) brings it back to 1."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.placement_metrics import PlacementCollector
+
+    c = _coordinator(checkpoint, auto_recalibrate=auto, device_drift_min_samples=20)
+    counts = _skewed(c.shape, 4)
+    _report(c, counts, passes=3)
+    c.calibrate()
+    device, tokens = 1, np.full(60, 8.0)
+    model = c.device_models()[device]
+    for _ in range(30):
+        _report(c, counts, samples=[LatencySamples(device, tokens, model.latency(tokens) * 1.5)])
+        c._tick()
+    over_planned = c.stats_view()["devices"][device]["model_over_planned"]
+    assert over_planned == pytest.approx(1.0 if auto else 1.5, rel=0.1)
+    registry, collector = CollectorRegistry(), PlacementCollector()
+    registry.register(collector)
+    collector.refresh(c.metrics_summary())
+    (line,) = [line for line in generate_latest(registry).decode().splitlines()
+               if line.startswith('vibe_device_model_over_planned{device="1"}')]
+    assert float(line.split()[-1]) == pytest.approx(over_planned)
+    judged = sum(c.metrics_summary()["recalibrations"].values())  # the calibration, and a re-plan judged with auto
+    assert judged == (2 if auto else 1)

@@ -195,12 +195,15 @@ class RayWorkerPool:
 
         if not self.config.family_prefix:
             return
+        strays = {}
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name = entry["name"]
             if entry["namespace"] == self.config.namespace and is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
-                    self._stop([ray.get_actor(name, namespace=self.config.namespace)])
-                    log.info("killed worker %s of an earlier configuration", name)
+                    strays[name] = ray.get_actor(name, namespace=self.config.namespace)
+        self._stop(list(strays.values()))  # together: one shutdown wait for them all
+        for name in strays:
+            log.info("killed worker %s of an earlier configuration", name)
 
     def restart(self, device: int) -> WorkerInfo:
         """Replace a dead worker by a fresh one with no experts; returns its new address."""

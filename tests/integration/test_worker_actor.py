@@ -112,13 +112,20 @@ def test_a_restarted_actor_removes_its_predecessors_socket_folder(actors):
     ray.kill(actor)
 
 
-def test_pool_removes_socket_folders_at_restart_and_shutdown(actors):
-    pool = RayWorkerPool([WorkerConfig(index=i) for i in range(2)],
-                         RayPoolConfig(name_prefix="test-folders", namespace="test-worker-pool", detached=False))
-    folders = {socket_dir(info) for info in pool.start()}
-    folders.add(socket_dir(pool.restart(0)))
+def test_pool_removes_socket_folders_at_restart_retirement_and_shutdown(actors):
+    def pool(fingerprint: str) -> RayWorkerPool:
+        return RayWorkerPool([WorkerConfig(index=i) for i in range(2)],
+                             RayPoolConfig(name_prefix=f"test-folders-{fingerprint}", family_prefix="test-folders-",
+                                           namespace="test-worker-pool", detached=False))
+
+    earlier = pool("0123abcd")
+    retired = {socket_dir(info) for info in earlier.start()}
+    current = pool("89abcdef")  # a new configuration: retires the earlier one's workers at start
+    folders = {socket_dir(info) for info in current.start()}
+    assert not [folder for folder in retired if folder.exists()]
+    folders.add(socket_dir(current.restart(0)))
     assert all(folder.is_dir() for folder in folders)
-    pool.shutdown()
+    current.shutdown()
     assert not [folder for folder in folders if folder.exists()]
 
 

@@ -51,6 +51,7 @@ from load_tests.generator import (
     TraceConfig,
     fetch_admin,
     make_trace,
+    metric_total,
     run_trace,
     send_request,
     warm_up,
@@ -213,10 +214,7 @@ async def wait_idle(base: str, timeout_s: float = 120.0) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         while time.monotonic() < deadline:
             text = (await http.get("/metrics")).text
-            busy = [line for line in text.splitlines()
-                    if line.startswith(("vibe_num_requests_running ", "vibe_num_requests_waiting "))
-                    and float(line.split()[-1]) > 0]
-            if not busy:
+            if not any(metric_total(text, name) > 0 for name in ("vibe_num_requests_running", "vibe_num_requests_waiting")):
                 return
             await asyncio.sleep(0.5)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -287,15 +286,19 @@ def _describe(exc: Exception) -> str:
 
 # --- server-side observations ------------------------------------------------------------------------
 
-_STEP_SUM = re.compile(r"^vibe_engine_step_seconds_sum\s+(\S+)$", re.MULTILINE)
-_STEP_COUNT = re.compile(r"^vibe_engine_step_seconds_count\s+(\S+)$", re.MULTILINE)
+def metric_total(text: str, name: str) -> float:
+    """The sum of every sample named ``name`` in a /metrics text (over the ingress replicas' ``replica`` labels
+    and any others; 0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name)
 
 
 async def scrape_step_seconds(http: httpx.AsyncClient) -> dict[str, float]:
-    """{"sum": seconds, "count": steps} of the engine's step-time histogram, from /metrics (zeros if absent)."""
+    """{"sum": seconds, "count": steps} of the engines' step-time histogram, from /metrics (zeros if absent)."""
     text = (await http.get("/metrics")).text
-    found = [pattern.search(text) for pattern in (_STEP_SUM, _STEP_COUNT)]
-    return {key: float(m.group(1)) if m else 0.0 for key, m in zip(("sum", "count"), found)}
+    return {key: metric_total(text, f"vibe_engine_step_seconds_{key}") for key in ("sum", "count")}
 
 
 async def fetch_admin(http: httpx.AsyncClient, token: str, path: str) -> dict:

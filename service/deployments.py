@@ -29,6 +29,7 @@ from service.worker_pool import RayPoolConfig, RayWorkerPool
 
 log = logging.getLogger("ray.serve")  # Serve prints this logger of a replica in `serve run`'s console
 METRICS_REFRESH_S = 2.0
+SERVING_METRICS_TTL_S = 30.0  # an ingress replica's serving metrics are exposed this long after it last sent them
 
 
 class CoordinatorDeployment:
@@ -38,6 +39,8 @@ class CoordinatorDeployment:
                  shape: ModelShape) -> None:
         self.core = Coordinator(config, RayWorkerPool(worker_configs, pool_config), shape)
         self.core.start()
+        self._serving: dict[str, tuple[float, list]] = {}  # replica -> (when it last sent them, its serving metrics)
+        self._serving_lock = threading.Lock()
 
     def bootstrap(self) -> dict[str, Any]:
         """What a starting engine needs: the placement, the workers, whether the app is calibrated."""
@@ -65,6 +68,17 @@ class CoordinatorDeployment:
 
     def metrics_summary(self) -> dict[str, Any]:
         return self.core.metrics_summary()
+
+    def serving_metrics(self, replica: str, snapshot: list) -> dict[str, list]:
+        """Keep ingress replica ``replica``'s serving metrics (`ServingMetrics.snapshot`); the other replicas' that
+        were sent within SERVING_METRICS_TTL_S, for its /metrics to expose too (a scrape through Serve's proxy reaches
+        one replica at random)."""
+        now = time.monotonic()
+        with self._serving_lock:
+            self._serving[replica] = (now, snapshot)
+            for name in [name for name, (sent, _) in self._serving.items() if now - sent > SERVING_METRICS_TTL_S]:
+                del self._serving[name]
+            return {name: kept for name, (_, kept) in self._serving.items() if name != replica}
 
     def set_emulated_speed(self, device: int, speed: float) -> None:
         self.core.pool.set_emulated_speed(device, speed)
@@ -182,7 +196,8 @@ class IngressDeployment:
                                          retryable=device_failed),
                                   num_threads=settings.engine_threads)
         self.engine.start()
-        engine_id = f"ingress-{uuid.uuid4().hex[:8]}"
+        engine_id = self.engine_id = f"ingress-{uuid.uuid4().hex[:8]}"
+        self._serving_metrics = None  # the app's ServingMetrics, once Serve built the app
         self.sync = PlacementSync(engine_id, self.context,
                                   lambda report: coordinator.report.remote(report).result(timeout_s=10),
                                   node_id=node_id, interval_s=settings.sync_interval_s,
@@ -225,12 +240,16 @@ class IngressDeployment:
                  time.monotonic() - started)
 
     def _refresh_metrics(self) -> None:
-        """Keep a fresh coordinator summary for /metrics, off the request path."""
+        """Keep a fresh coordinator summary and the other replicas' serving metrics for /metrics (this replica's sent
+        in exchange), off the request path."""
         while not self._stopping.wait(METRICS_REFRESH_S):
             try:
                 self.placement_metrics.refresh(self.coordinator.metrics_summary.remote().result(timeout_s=10))
+                if self._serving_metrics is not None:
+                    self._serving_metrics.set_peers(self.coordinator.serving_metrics.remote(
+                        self.engine_id, self._serving_metrics.snapshot()).result(timeout_s=10))
             except Exception as exc:  # the coordinator may be restarting; /metrics shows the last summary
-                log.debug("placement metrics refresh failed: %s", exc)
+                log.debug("metrics refresh failed: %s", exc)
 
     def __serve_build_asgi_app__(self):
         from service.admin import admin_router
@@ -243,7 +262,10 @@ class IngressDeployment:
                          health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser,
                          tool_call_parser=self.settings.tool_call_parser,
                          max_body_bytes=self.settings.max_body_bytes)
-        app.state.metrics.registry.register(self.placement_metrics)
+        metrics = app.state.metrics
+        metrics.replica = self.engine_id  # serving series labelled replica: several replicas answer scrapes
+        metrics.add_shared(self.placement_metrics)
+        self._serving_metrics = metrics
         return app
 
     def check_health(self) -> None:

@@ -17,8 +17,10 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.app import DEFAULT_MODEL
+from load_tests.generator import metric_total
 from service.model import load_reference_model
 from service.text import apply_chat_template
 from tests.serve_app import serve_app
@@ -366,8 +368,7 @@ def test_migration_under_load_fails_no_request_and_keeps_outputs(client, url):
             async with httpx.AsyncClient(timeout=120) as http:
                 while True:  # the migration must start with requests in the running batch
                     metrics = (await http.get(f"{url}/metrics")).text
-                    running = re.search(r"^vibe_num_requests_running (\S+)$", metrics, re.M)
-                    if running and float(running.group(1)) >= 1:
+                    if metric_total(metrics, "vibe_num_requests_running") >= 1:
                         break
                     assert not all(s.done() for s in streams), "the streams finished before the migration"
                     await asyncio.sleep(0.05)
@@ -377,6 +378,12 @@ def test_migration_under_load_fails_no_request_and_keeps_outputs(client, url):
 
     result, reasons = asyncio.run(run())
     assert result["status"] == "applied" and result["experts_moved"] > 0, result
+    # the replica's serving series carry its name (several replicas answer scrapes); placement's are unlabelled
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    finished = [(sample.labels, sample.value) for family in text_string_to_metric_families(metrics)
+                for sample in family.samples if sample.name == "vibe_requests_total"]
+    assert any(re.fullmatch("ingress-[0-9a-f]{8}", labels["replica"]) and value >= 1 for labels, value in finished)
+    assert re.search(r"^vibe_placement_version \S+$", metrics, re.M)
     assert all(r in ("stop", "length") for r in reasons)
     # One version up from what it replaced (an automatic recalibration may have come in between).
     assert result["to_version"] == result["from_version"] + 1 and result["from_version"] >= version

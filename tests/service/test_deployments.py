@@ -39,3 +39,23 @@ def test_a_coordinator_error_is_raised_as_its_cause_and_answered_with_its_own_me
     assert info.value is cause and isinstance(info.value.__cause__, RayTaskError)
     assert error_body(info.value) == (400, {"error": {"message": "no router statistics yet: serve some requests first",
                                                       "type": "invalid_request_error", "param": None, "code": None}})
+
+
+def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monkeypatch):
+    """Each ingress replica sends its serving metrics and gets the others' back (for its /metrics: a scrape reaches
+    one replica at random); a replica not heard from for SERVING_METRICS_TTL_S is dropped (its series end). The
+    deployment's own state only: its coordinator is not started here."""
+    import threading
+
+    from service import deployments
+
+    clock = [100.0]
+    monkeypatch.setattr(deployments.time, "monotonic", lambda: clock[0])
+    coordinator = object.__new__(deployments.CoordinatorDeployment)
+    coordinator._serving, coordinator._serving_lock = {}, threading.Lock()
+    assert coordinator.serving_metrics("ingress-a", ["a1"]) == {}
+    assert coordinator.serving_metrics("ingress-b", ["b1"]) == {"ingress-a": ["a1"]}
+    clock[0] += deployments.SERVING_METRICS_TTL_S / 2
+    assert coordinator.serving_metrics("ingress-a", ["a2"]) == {"ingress-b": ["b1"]}
+    clock[0] += deployments.SERVING_METRICS_TTL_S * 0.6  # b silent past the TTL: gone
+    assert coordinator.serving_metrics("ingress-a", ["a3"]) == {}

@@ -678,13 +678,63 @@ class Coordinator:
         # A suspect that answers its control probe may still not compute (a hung GPU): call its data plane.
         lost += [d for d in sorted(suspects) if d not in lost and d not in self._lost and infos[d] is not None
                  and not self._computes(d, infos[d])]
-        if lost:
+        with self._lock:
+            everything = len(self._lost | set(lost)) == self.pool.num_devices
+            if everything:  # nothing survives to re-place experts on
+                self._lost |= set(lost)
+        if lost and not everything:
             self.handle_lost_devices(lost)
+        if everything:
+            self._reload_all()
+            return lost
         with self._lock:  # lost earlier, their experts re-placed, but their restart failed: try again
             unrestarted = sorted(self._lost - self._rejoin - set(lost))
         for device in unrestarted:
             self._restart(device)
         return lost
+
+    def _reload_all(self) -> None:
+        """Every worker is lost (a one-device app whose worker crashed, all workers on one node that failed, the OOM
+        killer): no survivor holds an expert to re-place. Restart each one (Ray may already have restarted its process,
+        empty) and reload the placement in service onto them from the checkpoint, as at startup; until then engines'
+        steps fail on them and are retried (a 503 after step_retry_s). A restart or load that fails is tried again at
+        the next probe (it was never tried: the loss raised before any device was marked lost)."""
+        with self._migration_lock:
+            with self._lock:
+                down = sorted(self._lost)
+                placement = self._placement
+            log.warning("every worker is lost (devices %s): restarting them and reloading the placement's experts "
+                        "from the checkpoint", down)
+            started = self._clock()
+            for device in down:
+                try:
+                    info = self.pool.restart(device)
+                except Exception as exc:
+                    log.warning("could not restart worker %d: %s", device, exc)
+                    return
+                with self._lock:
+                    self._workers[device] = info
+                    self._workers_epoch += 1
+            keys = self._keys_per_device(placement)
+            record = Recalibration(reason=f"every device lost ({', '.join(map(str, down))}): reloaded", policy="vibe",
+                                   mode="full", status="applied", from_version=placement.version,
+                                   to_version=placement.version, started_at=time.time())
+            try:
+                self.pool.load(self.config.checkpoint, keys)
+            except WorkerCallError as exc:
+                log.warning("reloading the experts of every device failed: %s", exc)
+                record.status, record.detail = "failed", str(exc)
+            else:
+                record.experts_moved = sum(map(len, keys.values()))
+                record.bytes_moved = record.experts_moved * self.shape.expert_bytes
+                with self._lock:
+                    self._lost -= set(down)
+                    self._rejoin -= set(down)
+                    self._misses = [0] * len(self._misses)
+                    self._pending_drops = None  # (the restarted workers hold only the placement's experts)
+            record.duration_s = self._clock() - started
+            with self._lock:
+                self._remember(record)
 
     def _computes(self, device: int, info: WorkerInfo) -> bool:
         """Whether `device` answers one token for one of its experts on its data plane within probe_timeout_s.

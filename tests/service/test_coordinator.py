@@ -550,3 +550,28 @@ def test_a_device_that_stays_slower_shows_against_the_placement_in_service(check
     assert float(line.split()[-1]) == pytest.approx(over_planned)
     judged = sum(c.metrics_summary()["recalibrations"].values())  # the calibration, and a re-plan judged with auto
     assert judged == (2 if auto else 1)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_losing_every_worker_restarts_them_and_reloads_the_placement(checkpoint, num_devices):
+    """Every worker lost at once (a one-device app whose worker crashed; all workers on a node that failed): nothing
+    survives to re-place experts on. They are restarted and the placement in service is reloaded onto them from the
+    checkpoint (audit: 'every worker is lost' was raised before any device was marked lost, at every probe, and Ray's
+    restarted workers stayed empty for good while /health said ok)."""
+    pool = _pool(checkpoint)
+    pool.workers, pool.num_devices = pool.workers[:num_devices], num_devices
+    pool._generation, pool._records = pool._generation[:num_devices], pool._records[:num_devices]
+    coordinator = _coordinator(checkpoint, pool=pool)
+    placement = coordinator.placement
+    for device in range(num_devices):
+        pool.kill(device)
+    for _ in range(coordinator.config.probe_misses - 1):
+        assert coordinator.check_workers() == []  # (missed probes, not yet lost)
+    assert coordinator.check_workers() == list(range(num_devices))
+    held = pool.held()
+    assert coordinator.placement == placement and coordinator.stats_view()["lost_devices"] == []
+    for device in range(num_devices):
+        assert held[device] == placement.experts_on(device)  # a new worker, holding its experts again
+    record = coordinator.stats_view()["recalibrations"][-1]
+    assert record["status"] == "applied" and record["reason"].startswith("every device lost")
+    assert coordinator.check_workers() == []

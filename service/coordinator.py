@@ -834,13 +834,15 @@ class Coordinator:
             self._totals["bytes_moved"] = self._totals.get("bytes_moved", 0) + record.bytes_moved
 
     def _refresh_telemetry(self) -> None:
-        try:
-            telemetry = self.pool.telemetry()
-        except WorkerCallError as exc:  # a dying worker: the next probe handles it
-            log.debug("telemetry skipped: %s", exc)
-            return
+        """Each device's telemetry, asked of the devices not lost, kept for those that answer within
+        probe_timeout_s: one worker lost or dying no longer freezes every GPU's readings (the coordinator kept its
+        last list while any call failed, so VibeGPUHot could not see a survivor heat up), and a lost device's
+        readings are dropped instead of shown as they last were."""
         with self._lock:
-            self._telemetry = telemetry
+            live = [d for d in range(self.pool.num_devices) if d not in self._lost]
+        readings = self.pool.telemetry_of(live, self.config.probe_timeout_s)
+        with self._lock:
+            self._telemetry = [readings[d] for d in sorted(readings)]
 
     def _restart(self, device: int) -> None:
         try:

@@ -56,6 +56,7 @@ class WorkerPool(Protocol):
     def held(self) -> dict[int, set[Key]]: ...
     def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]: ...
     def telemetry(self) -> list[Telemetry]: ...
+    def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]: ...
     def set_emulated_speed(self, device: int, factor: float) -> None: ...
     def inject_fault(self, device: int, operation: str) -> None: ...
     def save_record(self, record: dict[str, Any]) -> None: ...
@@ -281,6 +282,12 @@ class RayWorkerPool:
     def telemetry(self) -> list[Telemetry]:
         return self._all(lambda a: a.telemetry.remote(), "telemetry")
 
+    def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]:
+        """The telemetry of those of ``devices`` that answer within ``timeout_s`` (the others left out)."""
+        devices = list(devices)
+        results, errors = self._gather([self._actors[d].telemetry.remote() for d in devices], devices, timeout_s)
+        return {d: r for d, r in zip(devices, results) if d not in errors}
+
     def set_emulated_speed(self, device: int, factor: float) -> None:
         self._on({device: [factor]}, lambda a, f: a.set_emulated_speed.remote(f[0]), "set_emulated_speed")
 
@@ -323,13 +330,13 @@ class RayWorkerPool:
                                   list(errors))
         return results
 
-    def _gather(self, refs: list, devices: list[int]) -> tuple[list[Any], dict[int, str]]:
+    def _gather(self, refs: list, devices: list[int], timeout_s: float | None = None) -> tuple[list[Any], dict[int, str]]:
         """The results of `refs` (None where one failed), and the error of each device whose call failed or
-        did not answer within call_timeout_s (all calls together)."""
+        did not answer within ``timeout_s`` (call_timeout_s by default; all calls together)."""
         import ray
 
         results, errors = [], {}
-        deadline = time.monotonic() + self.config.call_timeout_s
+        deadline = time.monotonic() + (self.config.call_timeout_s if timeout_s is None else timeout_s)
         for ref, device in zip(refs, devices):
             try:
                 results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
@@ -387,6 +394,9 @@ class LocalWorkerPool:
 
     def telemetry(self) -> list[Telemetry]:
         return [self._live(i).telemetry() for i in range(self.num_devices)]
+
+    def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]:
+        return {d: self.workers[d].telemetry() for d in devices if d not in self._dead}
 
     def set_emulated_speed(self, device: int, factor: float) -> None:
         self._live(device).set_emulated_speed(factor)

@@ -164,3 +164,19 @@ def test_start_names_a_worker_no_node_can_place(actors):
             pool.start()
     finally:
         pool.shutdown()
+
+
+def test_telemetry_of_leaves_out_a_worker_that_does_not_answer(actors):
+    """The coordinator's telemetry refresh asks the devices not lost and keeps those that answer in time: a dead
+    worker no longer fails the whole call (every GPU's readings froze while one worker was down)."""
+    pool = RayWorkerPool([WorkerConfig(index=i) for i in range(2)],
+                         RayPoolConfig(name_prefix="test-telemetry-0", family_prefix="test-telemetry-",
+                                       namespace="test-worker-pool", detached=False))
+    pool.start()
+    try:
+        assert sorted(pool.telemetry_of([0, 1], timeout_s=30)) == [0, 1]
+        ray.kill(pool._actors[1], no_restart=True)
+        readings = pool.telemetry_of([0, 1], timeout_s=10)
+        assert list(readings) == [0] and readings[0].device == 0
+    finally:
+        pool.shutdown()

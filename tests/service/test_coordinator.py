@@ -575,3 +575,30 @@ def test_losing_every_worker_restarts_them_and_reloads_the_placement(checkpoint,
     record = coordinator.stats_view()["recalibrations"][-1]
     assert record["status"] == "applied" and record["reason"].startswith("every device lost")
     assert coordinator.check_workers() == []
+
+
+def test_telemetry_keeps_coming_from_the_survivors_while_a_device_stays_lost(checkpoint):
+    """A lost worker that cannot be restarted (its node gone): the survivors' telemetry is still refreshed (it froze
+    at its last list while any worker failed the call, so VibeGPUHot could not see a survivor heat up; pool audit),
+    and the lost device's readings are dropped, not shown as they last were."""
+    from service.worker_pool import WorkerCallError
+
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool=pool)
+    coordinator._next_probe = 0.0
+    coordinator._tick()
+    assert [t["device"] for t in coordinator.metrics_summary()["telemetry"]] == list(range(len(SPEEDS)))
+
+    def cannot_restart(device):
+        raise WorkerCallError("no node can take the worker", [device])
+
+    pool.restart = cannot_restart
+    dead = len(SPEEDS) - 1
+    pool.kill(dead)
+    for _ in range(coordinator.config.probe_misses + 2):
+        coordinator._next_probe = 0.0
+        coordinator._tick()
+    assert coordinator.stats_view()["lost_devices"] == [dead]
+    telemetry = coordinator.metrics_summary()["telemetry"]
+    assert [t["device"] for t in telemetry] == list(range(dead))
+    assert [t["expert_bytes"] for t in telemetry] == [pool.workers[d].telemetry().expert_bytes for d in range(dead)]

@@ -129,7 +129,9 @@ class AppArgs(BaseModel):
     worker_threads: int = Field(default=1, ge=1)
     engine_threads: int = Field(default=1, ge=1)  # torch threads of the engine's dense compute
     admin_token: SecretStr | None = None  # else VIBE_ADMIN_TOKEN; masked in reprs
-    app_name: str = Field(default="vibe", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    # names the app's expert workers (vibe-worker-<app_name>-...); None: the Serve application's name, so two apps
+    # never share or retire each other's workers
+    app_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
     @field_validator("admin_token")
     @classmethod
@@ -175,7 +177,7 @@ def build_app(args: dict[str, Any] | None = None):
     from service.app import DEFAULT_MAX_BODY_BYTES
     from service.checkpoint import check_checkpoint, load_layout, resolve_checkpoint
     from service.coordinator import CoordinatorConfig, ModelShape
-    from service.deployments import IngressSettings, serve_deployments
+    from service.deployments import APP_PLACEHOLDER, IngressSettings, serve_deployments
     from service.engine import EngineConfig
     from service.worker import held_expert_bytes
     from service.worker_pool import RayPoolConfig
@@ -195,7 +197,8 @@ def build_app(args: dict[str, Any] | None = None):
                                            auto_recalibrate=parsed.auto_recalibrate,
                                            recalibration_mode=parsed.recalibration_mode,
                                            probe_misses=parsed.worker_probe_misses)
-    family = f"vibe-worker-{parsed.app_name}-"
+    # (APP_PLACEHOLDER: the coordinator puts the Serve application's name there, known only inside it)
+    family = f"vibe-worker-{parsed.app_name or APP_PLACEHOLDER}-"
     resources = {"num_cpus": parsed.worker_num_cpus,
                  "num_gpus": (parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
                  "scheduling_strategy": parsed.worker_scheduling.upper()}

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from service.worker_pool import RayPoolConfig, RayWorkerPool
 log = logging.getLogger("ray.serve")  # Serve prints this logger of a replica in `serve run`'s console
 METRICS_REFRESH_S = 2.0
 SERVING_METRICS_TTL_S = 30.0  # an ingress replica's serving metrics are exposed this long after it last sent them
+APP_PLACEHOLDER = "{app}"  # in worker names: the Serve application's name (see `for_app`)
 
 
 class CoordinatorDeployment:
@@ -37,7 +39,7 @@ class CoordinatorDeployment:
 
     def __init__(self, config: CoordinatorConfig, worker_configs: list, pool_config: RayPoolConfig,
                  shape: ModelShape) -> None:
-        self.core = Coordinator(config, RayWorkerPool(worker_configs, pool_config), shape)
+        self.core = Coordinator(config, RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name())), shape)
         self.core.start()
         self._serving: dict[str, tuple[float, list]] = {}  # replica -> (when it last sent them, its serving metrics)
         self._serving_lock = threading.Lock()
@@ -98,6 +100,25 @@ class CoordinatorDeployment:
         self.core.stop()
         if not _app_redeploying():
             self.core.pool.shutdown()
+
+
+def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:
+    """``config`` with `APP_PLACEHOLDER` in its worker names replaced by the Serve application's name ``app`` (its
+    characters outside [A-Za-z0-9_] as "_"): two apps left at the default app_name shared, or retired, each other's
+    workers (one app's start killed the other's as strays of an earlier configuration, or both adopted the same
+    actors and deleting one app killed the other's)."""
+    if APP_PLACEHOLDER not in config.name_prefix:
+        return config
+    name = re.sub(r"[^A-Za-z0-9_]", "_", app)[:40] or "default"
+    return dataclasses.replace(config, name_prefix=config.name_prefix.replace(APP_PLACEHOLDER, name),
+                               family_prefix=(config.family_prefix or "").replace(APP_PLACEHOLDER, name) or None)
+
+
+def _serve_app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # outside a Serve replica
+        return "default"
 
 
 def _app_redeploying() -> bool:

@@ -257,7 +257,7 @@ def test_workers_of_another_configuration_are_never_adopted(tmp_path):
         return build_app(args)._bound_deployment.init_args[0]._bound_deployment.init_args[2].name_prefix
 
     first = name_prefix(base)
-    assert first.startswith("vibe-worker-vibe-") and name_prefix(base) == first
+    assert first.startswith("vibe-worker-{app}-") and name_prefix(base) == first
     assert name_prefix({**base, "max_num_seqs": 4, "policy": "eplb"}) == first
     changed = [{"keep_quantized_experts": True}, {"worker_num_cpus": 0.5}, {"worker_threads": 2},
                {"speeds": [1.0, 0.8]}, {"emulation": {"jitter": 0.05}}, {"dtype": "bfloat16"},
@@ -333,3 +333,22 @@ def test_a_checkpoint_missing_weights_or_a_tokenizer_is_refused_when_the_app_is_
         (folder / name).unlink()
     with pytest.raises(ValueError, match="has no usable tokenizer"):
         build_app(args)
+
+
+def test_two_serve_apps_left_at_the_default_app_name_get_workers_of_their_own(tmp_path):
+    """Worker names take the Serve application's name unless app_name is given (the coordinator fills it in): two
+    apps at the default app_name "vibe" shared, or retired, each other's workers (pool audit: starting app b killed
+    app a's workers as strays of an earlier configuration; with the same worker settings both adopted the same
+    actors)."""
+    from service.deployments import for_app
+    from service.worker_pool import is_stray
+
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
+    args = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9], "profile_prompts": None}
+    pool = build_app(args)._bound_deployment.init_args[0]._bound_deployment.init_args[2]
+    a, b = for_app(pool, "a"), for_app(pool, "chat-b")
+    assert a.name_prefix.startswith("vibe-worker-a-") and b.name_prefix.startswith("vibe-worker-chat_b-")
+    assert a.family_prefix == "vibe-worker-a-" and not is_stray(f"{b.name_prefix}-0", a)
+    assert not is_stray(f"{a.name_prefix}-0", b)
+    named = build_app({**args, "app_name": "mine"})._bound_deployment.init_args[0]._bound_deployment.init_args[2]
+    assert for_app(named, "a") == named and named.name_prefix.startswith("vibe-worker-mine-")

@@ -176,6 +176,8 @@ def test_telemetry_of_leaves_out_a_worker_that_does_not_answer(actors):
     try:
         assert sorted(pool.telemetry_of([0, 1], timeout_s=30)) == [0, 1]
         ray.kill(pool._actors[1], no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):  # (the kill is asynchronous: until it took effect)
+            ray.get(pool._actors[1].info.remote(), timeout=30)
         readings = pool.telemetry_of([0, 1], timeout_s=10)
         assert list(readings) == [0] and readings[0].device == 0
     finally:

@@ -46,6 +46,7 @@ def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monk
     one replica at random); a replica not heard from for SERVING_METRICS_TTL_S is dropped (its series end). The
     deployment's own state only: its coordinator is not started here."""
     import threading
+    import types
 
     from service import deployments
 
@@ -53,6 +54,8 @@ def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monk
     monkeypatch.setattr(deployments.time, "monotonic", lambda: clock[0])
     coordinator = object.__new__(deployments.CoordinatorDeployment)
     coordinator._serving, coordinator._serving_lock = {}, threading.Lock()
+    # (what its __del__ stops: a coordinator with a pool, both doing nothing here)
+    coordinator.core = types.SimpleNamespace(stop=lambda: None, pool=types.SimpleNamespace(shutdown=lambda: None))
     assert coordinator.serving_metrics("ingress-a", ["a1"]) == {}
     assert coordinator.serving_metrics("ingress-b", ["b1"]) == {"ingress-a": ["a1"]}
     clock[0] += deployments.SERVING_METRICS_TTL_S / 2

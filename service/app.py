@@ -228,6 +228,7 @@ class _Server:
             prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(chat))
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning, harmony=self._harmony(chat))
+            fmt.caches_prompts = self.engine.config.enable_prefix_caching
             return await self._generate(request, chat, [prompt], fmt, timer, reasoning)
         except APIError as exc:
             raise renamed(exc) from None
@@ -832,6 +833,7 @@ class _ResponsesFormat(_ChatFormat):
     the tokens generated inside the thinking block, its tags and the whitespace after it included."""
 
     done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
+    caches_prompts = False  # the engine's prefix cache keeps prompts (their uncached tokens are cache writes)
 
     def __init__(self, model: str, pieces: TokenPieces | None, settings: dict, *, tools: ToolSetup | None = None,
                  reasoning: _Reasoning | None = None, harmony: _Harmony | None = None) -> None:
@@ -864,7 +866,9 @@ class _ResponsesFormat(_ChatFormat):
 
     def end_chunks(self, lasts: Sequence[StepOutput], include_usage: bool) -> list[dict]:
         (last,) = lasts
-        spent = response_usage(self.prompt_tokens, self.cached_tokens, last.num_completion_tokens, self._reasoning_tokens)
+        written = self.prompt_tokens - self.cached_tokens if self.caches_prompts else 0  # (the prefix cache took them)
+        spent = response_usage(self.prompt_tokens, self.cached_tokens, last.num_completion_tokens, self._reasoning_tokens,
+                               written)
         incomplete = "max_output_tokens" if last.finish_reason == "length" else None
         return self.builder.finish(spent, incomplete, self._entries(self._pending[0]))
 

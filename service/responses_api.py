@@ -7,13 +7,14 @@ Stateless, as OpenAI's ``store: false``: no response is kept (``store`` is repor
 in ``input`` (the official client: ``input=[*history, *response.output, ...]``). Text input only;
 function tools only. A response's output is the reasoning (one ``reasoning`` item, with a reasoning
 parser), the text (one ``message`` item) and the calls (one ``function_call`` item each), in this order
-(text written after a call, which Hermes models do not write, gets a message item after it); streamed
-or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
+(text written after a call, which Hermes models do not write, joins the message: before the calls when there
+was text before them, else in a message item after them); streamed or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
 runs the converted request and feeds `ResponseBuilder`).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -126,7 +127,10 @@ class ReasoningInput(StrictModel):
     status: str | None = None
 
     def text(self) -> str:
-        return "".join(part.text for part in (self.content if self.content is not None else self.summary))
+        """Its reasoning text: the content parts, else the summary's parts as paragraphs."""
+        if self.content is not None:
+            return "".join(part.text for part in self.content)
+        return "\n\n".join(part.text for part in self.summary)
 
 
 def _item_type(item: Any) -> str | None:
@@ -139,7 +143,9 @@ def _item_type(item: Any) -> str | None:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallInput, Tag("function_call")]
     | Annotated[FunctionCallOutput, Tag("function_call_output")] | Annotated[ReasoningInput, Tag("reasoning")],
-    Discriminator(_item_type)]
+    Discriminator(_item_type, custom_error_type="invalid_input_item",
+                  custom_error_message="input items are objects of type message, function_call, function_call_output "
+                                       "or reasoning (item_reference and hosted tools' calls are not supported)")]
 
 
 class FunctionTool(StrictModel):
@@ -281,17 +287,17 @@ class ResponsesRequest(SamplingControls):
                     turn = {"role": "assistant", "content": None, "reasoning": reasoning}
                     messages.append(turn)
                     reasoning = None
-                if isinstance(item, InputMessage):
-                    turn["content"] = (turn["content"] or "") + item.text()
+                if isinstance(item, InputMessage):  # (several messages in one turn: as one's parts, a line apart)
+                    turn["content"] = item.text() if turn["content"] is None else f"{turn['content']}\n{item.text()}"
                 else:
                     turn.setdefault("tool_calls", []).append({"id": item.call_id, "type": "function", "function": {
                         "name": item.name, "arguments": item.arguments}})
             elif isinstance(item, FunctionCallOutput):
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
-                turn = None
+                turn = reasoning = None  # (a reasoning item with no turn after it, a cut-off one, stays there)
             else:
                 messages.append({"role": item.role, "content": item.text()})
-                turn = None
+                turn = reasoning = None
         if not messages:
             raise APIError(400, "input has no messages", param="input")
         return messages
@@ -350,13 +356,23 @@ def renamed(error: APIError) -> APIError:
         return error
     head, _, rest = error.param.partition(".")
     if head not in _PARAMS:
-        return error
+        return APIError(error.status, _responses_names(error.message), type=error.type, param=error.param,
+                        code=error.code)
     param = _PARAMS[head] + (f".{rest}" if rest and head != "messages" else "")
-    return APIError(error.status, error.message.replace(error.param, param, 1), type=error.type, param=param,
-                    code=error.code)
+    return APIError(error.status, _responses_names(error.message.replace(error.param, param, 1)), type=error.type,
+                    param=param, code=error.code)
+
+
+def _responses_names(message: str) -> str:
+    """``message`` with the chat parameters it names as the responses parameters they came from (an error about
+    min_tokens named max_tokens, which a responses client never sent)."""
+    return re.sub(r"\b(max_completion_tokens|max_tokens|response_format)\b", lambda m: _PARAMS[m.group(1)], message)
 
 
 # --- the response ------------------------------------------------------------------------------------------
+
+
+_RESPONSE_ERROR_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt")  # of a failed response's error
 
 
 def _new_id(prefix: str) -> str:
@@ -436,7 +452,9 @@ class ResponseBuilder:
         return [*events, self._event(f"response.{status}", response=self.snapshot(status, usage, incomplete=incomplete))]
 
     def failed(self, code: str, message: str) -> list[dict[str, Any]]:
-        error = {"code": code, "message": message}
+        """The ``error`` event with the error's own code, then ``response.failed`` with a code of OpenAI's list
+        (the client's types take only those: a request_timeout or device_unavailable there is a server_error)."""
+        error = {"code": code if code in _RESPONSE_ERROR_CODES else "server_error", "message": message}
         return [self._event("error", code=code, message=message, param=None),
                 self._event("response.failed", response=self.snapshot("failed", error=error))]
 
@@ -556,7 +574,11 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def response_usage(input_tokens: int, cached_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+def response_usage(input_tokens: int, cached_tokens: int, output_tokens: int, reasoning_tokens: int,
+                   cache_write_tokens: int = 0) -> dict[str, Any]:
+    """The response's ``usage`` (``cache_write_tokens``: prompt tokens the prefix cache took in, which the
+    official client's types require)."""
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": cache_write_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}

@@ -74,6 +74,38 @@ def test_output_items_sent_back_become_one_assistant_turn_and_tool_messages():
     ]
 
 
+def test_history_items_keep_apart_what_was_apart():
+    """Two assistant messages of one turn are a line apart (as a message's parts), a reasoning item's summary parts
+    paragraphs apart (both were glued together: "Let me think.It is 4."); a reasoning item with no answer after it
+    (a turn cut off) does not carry over to a later assistant turn (the responses audit: a template then rendered
+    the cut-off turn's thoughts into the next call's turn)."""
+    def message(text: str) -> dict:
+        return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+
+    summary = [{"type": "summary_text", "text": "**Plan** First idea."}, {"type": "summary_text", "text": "Check."}]
+    assert _messages(input=[{"role": "user", "content": "Q"}, {"type": "reasoning", "summary": summary},
+                            message("Let me think."), message("It is 4.")])[1:] == [
+        {"role": "assistant", "content": "Let me think.\nIt is 4.", "reasoning": "**Plan** First idea.\n\nCheck."}]
+    cut_off = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "thoughts about Q1"}]}
+    for between in ({"role": "user", "content": "Q2"},
+                    {"type": "function_call_output", "call_id": "c", "output": "x"}):
+        turns = _messages(input=[{"role": "user", "content": "Q1"}, cut_off, between, message("A2")])
+        assert turns[-1] == {"role": "assistant", "content": "A2", "reasoning": None}
+
+
+def test_errors_name_the_responses_parameters_and_failed_responses_use_openais_codes():
+    from service.responses_api import ResponseBuilder, renamed, response_usage
+
+    error = renamed(APIError(400, "min_tokens 50 exceeds max_tokens 5", param="min_tokens"))
+    assert (error.param, error.message) == ("min_tokens", "min_tokens 50 exceeds max_output_tokens 5")
+    events = ResponseBuilder(MODEL, {}).failed("request_timeout", "the request ran past request_timeout_s")
+    assert [e["type"] for e in events] == ["error", "response.failed"] and events[0]["code"] == "request_timeout"
+    assert events[1]["response"]["error"] == {"code": "server_error", "message": "the request ran past request_timeout_s"}
+    from openai.types.responses import ResponseUsage
+
+    ResponseUsage.model_validate(response_usage(10, 4, 3, 1, 6))  # the client's types require cache_write_tokens
+
+
 def test_the_request_converts_to_the_chat_request_it_means():
     body = {"model": MODEL, "input": ASK, "tools": TOOLS, "tool_choice": {"type": "function", "name": "now"},
             "parallel_tool_calls": False, "max_output_tokens": 7, "temperature": 0.5, "top_logprobs": 2,
@@ -90,7 +122,10 @@ def test_the_request_converts_to_the_chat_request_it_means():
 @pytest.mark.parametrize("body, param, message", [
     ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input.0.message.content.0.type", "'input_text' or 'output_text'"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "item_reference"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "item_reference and hosted tools' calls "
+                                                                        "are not supported"),
+    ({"input": ["hi", 5]}, "input.0", "input items are objects of type message, function_call"),  # (was pydantic's
+    # "Unable to extract tag using discriminator _item_type()")
     ({"tools": [{"type": "web_search"}]}, "tools.0.type", "'function'"),
     ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format", "needs name and schema"),
     ({"frobnicate": 1}, "frobnicate", "unknown parameter"),
@@ -278,6 +313,8 @@ def test_a_response_is_the_chat_completions_answer(client):
     assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat.usage.prompt_tokens,
                                                                     chat.usage.completion_tokens)
     assert reply.usage.input_tokens_details.cached_tokens > 0  # the chat request's prompt, cached
+    details = reply.usage.input_tokens_details  # the rest of the prompt: written to the prefix cache
+    assert details.cache_write_tokens == reply.usage.input_tokens - details.cached_tokens
     assert reply.instructions == "Answer briefly." and reply.max_output_tokens == 16 and reply.store is False
     events = _streamed(client, instructions="Answer briefly.")
     kinds = [e.type for e in events]

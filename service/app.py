@@ -448,8 +448,14 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
         raise
     finally:
         await outputs.aclose()
-    body = fmt.response([_Choice(choice) for choice in outs])
-    return JSONResponse(body if isinstance(body, dict) else body.model_dump(mode="json"))
+
+    def respond() -> Response:
+        body = fmt.response([_Choice(choice) for choice in outs])
+        return JSONResponse(body if isinstance(body, dict) else body.model_dump(mode="json"))
+
+    # off the event loop: a response with log-probabilities of long prompts and many choices is tens of MB of JSON
+    # (a second or more to build), which froze every stream and /health meanwhile (isolation audit: 1-2 s)
+    return await asyncio.to_thread(respond)
 
 
 async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,

@@ -109,10 +109,17 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
-def _utf8_json(value: Any, where: str = "") -> Any:
+MAX_JSON_DEPTH = 128  # nesting of a tool's schema, a structured output's, template variables
+
+
+def _utf8_json(value: Any, where: str = "", depth: int = 0) -> Any:
     """`value`, a JSON value, if all of its strings (object keys too) are valid Unicode (`_utf8`): a tool's
     schema, a structured output's, template variables are rendered into the prompt or a grammar, which refuse
-    lone surrogates with errors that name neither the field nor the cause. The error names where the string is."""
+    lone surrogates with errors that name neither the field nor the cause. The error names where the string is.
+    Nested deeper than MAX_JSON_DEPTH it is refused too: rendering tools nested 400 deep (a 20 KB body) overflowed
+    the template's recursion, a 500 with a 3,000-line traceback logged twice."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, str):
         try:
             _utf8(value)
@@ -120,11 +127,11 @@ def _utf8_json(value: Any, where: str = "") -> Any:
             raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
     elif isinstance(value, dict):
         for key, item in value.items():
-            _utf8_json(key, where)
-            _utf8_json(item, f"{where}.{key}" if where else str(key))
+            _utf8_json(key, where, depth + 1)
+            _utf8_json(item, f"{where}.{key}" if where else str(key), depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _utf8_json(item, f"{where}.{index}" if where else str(index))
+            _utf8_json(item, f"{where}.{index}" if where else str(index), depth + 1)
     return value
 
 

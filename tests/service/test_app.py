@@ -713,3 +713,25 @@ def test_requests_sharing_a_system_prompt_report_the_linear_attention_state_snap
     out = model.generate(torch.tensor([prompts[1]]), max_new_tokens=8, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     assert second.choices[0].message.content == tokenizer.decode(out[0, len(prompts[1]):], skip_special_tokens=True)
+
+
+def test_a_whole_response_is_built_off_the_event_loop(server, client, monkeypatch):
+    """A non-streamed response is built and encoded on a worker thread: with log-probabilities of long prompts and
+    many choices it is tens of MB of JSON, a second or more of work that froze every stream and /health (isolation
+    audit: 1-2 s with echo, logprobs 20 and 4 prompts x n=16)."""
+    from service import app as app_module
+
+    on_loop = []
+    original = app_module._CompletionFormat.response
+
+    def response(self, results):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs on this thread
+            on_loop.append(False)
+        return original(self, results)
+
+    monkeypatch.setattr(app_module._CompletionFormat, "response", response)
+    reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0, echo=True, logprobs=2)
+    assert reply.choices[0].logprobs.tokens and on_loop == [False]

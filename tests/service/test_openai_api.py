@@ -254,6 +254,32 @@ def test_lone_surrogates_in_any_text_the_prompt_or_a_grammar_takes_are_a_400_nam
     assert error["error"]["message"].startswith(f"{param}: {where}text is not valid Unicode: lone surrogate")
 
 
+def test_json_nested_too_deep_is_a_400_naming_the_field():
+    """A tool's schema (or template variables, a structured output's schema) nested deeper than MAX_JSON_DEPTH is a
+    400 naming it: tools nested 400 deep (a 20 KB body) overflowed the chat template's recursion, a 500 with a
+    3,000-line traceback logged twice (isolation audit); 60 levels of schema are still taken."""
+    from service.openai_api import MAX_JSON_DEPTH
+
+    def nested(levels: int) -> dict:
+        schema: dict = {"type": "string"}
+        for _ in range(levels):
+            schema = {"type": "object", "required": ["a"], "properties": {"a": schema}}
+        return schema
+
+    def tools(levels: int) -> dict:
+        return {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": nested(levels)}}]}
+
+    status, error = _rejection(ChatCompletionRequest, tools(400))
+    assert status == 400 and error["error"]["param"] == "tools.0.function.parameters"
+    assert f"nested deeper than {MAX_JSON_DEPTH} levels" in error["error"]["message"]
+    deep = []
+    for _ in range(MAX_JSON_DEPTH + 1):
+        deep = [deep]
+    status, error = _rejection(ChatCompletionRequest, {**CHAT, "chat_template_kwargs": {"a": deep}})
+    assert status == 400 and error["error"]["param"] == "chat_template_kwargs"
+    ChatCompletionRequest.model_validate(tools(60))
+
+
 def test_a_missing_body_is_named_so():
     error = error_body(RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required",
                                                 "input": None}]))[1]["error"]

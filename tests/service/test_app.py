@@ -735,3 +735,30 @@ def test_a_whole_response_is_built_off_the_event_loop(server, client, monkeypatc
     monkeypatch.setattr(app_module._CompletionFormat, "response", response)
     reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0, echo=True, logprobs=2)
     assert reply.choices[0].logprobs.tokens and on_loop == [False]
+
+
+def test_a_schema_the_grammar_cannot_compile_is_a_400_naming_where_it_came_from(server):
+    """The grammar compiles when the request is admitted: its error named no parameter (and, for a tool, spoke of a
+    structured output the client never sent; responses audit)."""
+    bogus = {"type": "object", "properties": {"a": {"type": "bogus"}}}
+    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    cases = [("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema",
+                                                                   "json_schema": {"name": "x", "schema": bogus}}},
+              "response_format"),
+             ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "structured_outputs": {"json": bogus}},
+              "structured_outputs"),
+             ("/v1/responses", {"model": MODEL, "input": "x", "max_output_tokens": 2,
+                                "text": {"format": {"type": "json_schema", "name": "x", "schema": bogus}}}, "text.format")]
+    for path, body, param in cases:
+        response = httpx.post(f"{server[0]}{path}", json=body, timeout=60)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param, (path, error)
+        assert error["message"].startswith("invalid structured output") and "bogus" in error["message"]
+    # a forced call's grammar is its tools' (this model's context is too short for a tool prompt over HTTP)
+    from service.app import _grammar_param
+    from service.openai_api import ChatCompletionRequest
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": bogus}}]
+    for choice, param in (("required", "tools"), ("auto", "response_format")):
+        request = ChatCompletionRequest.model_validate({**chat, "tools": tools, "tool_choice": choice})
+        assert _grammar_param(request.use_tool_format("hermes")) == param

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service import attention, linear_attention, sparse_attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
-from service.structured import Grammars, advance
+from service.structured import GrammarFailed, Grammars, advance
 from service.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,8 @@ class StepOutput:
         new_token_ids: the token sampled this step (empty for an abort).
         text: new completion text ('' without a tokenizer; held back while a stop string may follow).
         finished: whether the request is done.
-        finish_reason: "stop" (EOS, stop token or stop string), "length" or "abort"; None while running.
+        finish_reason: "stop" (EOS, stop token or stop string), "length" or "abort" (aborted, or its structured
+            output's grammar failed mid-completion: an error, not a whole output); None while running.
         num_prompt_tokens, num_completion_tokens: token counts so far.
         num_cached_tokens: prompt tokens whose keys and values came from the prefix cache (not prefilled).
         logprobs: one entry per new token when the request asked for log-probabilities, else empty.
@@ -865,7 +866,12 @@ class Engine:
                     seq.gap_left = MAX_REASONING_GAP
                 else:
                     seq.thinking = "in"
-        complete = constrained and advance(seq.matcher, token)  # the structured output is whole
+        try:
+            complete = constrained and advance(seq.matcher, token)  # the structured output is whole
+        except GrammarFailed as exc:  # its output would break the grammar: ended as failed, not as whole
+            log.warning("request %s: %s", seq.request_id, exc)
+            self._release(seq)
+            return _output(seq, (), "", "abort")
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             reason = "stop"

@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 KINDS = ("json", "regex", "choice", "grammar")
 # Compact JSON: with flexible whitespace a weak model may emit whitespace until max_tokens.
 JSON_DEFAULTS = {"whitespace_flexible": False}
+# llguidance's Earley parser gives up (the matcher's error state, mid-completion) on a row of more items than
+# max_items_in_row, 2000 by default: a JSON schema of 600 optional properties reached 2407 at its first token.
+# The work of one mask stays bounded by step_max_items (50,000 items, some 2.5 ms), which is left as it is.
+# verbose_errors=False: an error names the problem, not the parser's state and the grammar around it (which
+# could be a client's whole schema, in a log line or a 400).
+MAX_ITEMS_IN_ROW = 10_000
+# Longest grammar error message raised or logged, in characters.
+MAX_ERROR_CHARS = 300
+
+
+class GrammarFailed(RuntimeError):
+    """A matcher refused the sampled token or gave up mid-completion (a parser limit): the output so far may
+    not follow the grammar, and the rest cannot be constrained."""
 
 
 def grammar_from_spec(kind: str, value: Any) -> str:
@@ -49,7 +62,10 @@ def grammar_from_spec(kind: str, value: Any) -> str:
     if kind == "choice":
         if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
             raise ValueError("choice must be a non-empty list of non-empty strings")
-        return llguidance.grammar_from("choice", json.dumps(value))
+        # one terminal, an alternation of the strings: one lexeme, not (as llguidance's own "choice") a rule with an
+        # Earley item per choice, which fails mid-completion past MAX_ITEMS_IN_ROW choices
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in value))
     if kind == "grammar":
         if not isinstance(value, str) or not value.strip():
             raise ValueError("grammar must be a non-empty string")
@@ -86,16 +102,17 @@ class Grammars:
             return self._tokenizer
 
     def matcher(self, grammar: str):
-        """A fresh matcher of ``grammar`` at the start of a completion.
+        """A fresh matcher of ``grammar`` at the start of a completion, compiled now.
 
         Raises:
             ValueError: naming the problem, if ``grammar`` is not valid for this tokenizer.
         """
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._ll(), grammar)
+        limits = llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW, verbose_errors=False)
+        matcher = llguidance.LLMatcher(self._ll(), grammar, limits=limits, log_level=0)  # (we log its errors)
         if matcher.is_error():
-            raise ValueError(f"invalid structured output: {matcher.get_error().strip()}")
+            raise ValueError(f"invalid structured output: {error_of(matcher)}")
         return matcher
 
     def warmed_matcher(self, grammar: str):
@@ -153,8 +170,19 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 def advance(matcher, token: int) -> bool:
     """Feed the sampled ``token`` to ``matcher``; True when the completion must end here (the grammar is
-    complete, or, which masking prevents, the token was refused)."""
-    if not matcher.consume_token(token):
-        log.warning("structured output refused token %d: %s", token, matcher.get_error())
-        return True
+    complete).
+
+    Raises:
+        GrammarFailed: the token was refused (masking prevents that, unless the matcher had given up) or the
+            matcher is in its error state: llguidance gives up on a grammar mid-completion when it exceeds a
+            parser limit, and then allows only EOS, which would end the completion as if it were whole.
+    """
+    if not matcher.consume_token(token) or matcher.is_error():
+        raise GrammarFailed(f"the structured output's grammar failed at token {token}: {error_of(matcher)}")
     return matcher.is_stopped()
+
+
+def error_of(matcher) -> str:
+    """``matcher``'s error message, cut to `MAX_ERROR_CHARS`."""
+    error = matcher.get_error().strip() or "token refused"
+    return error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS - 3] + "..."

@@ -195,3 +195,86 @@ def test_masking_touches_only_the_constrained_rows(tokenizer):
     allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
     assert allowed and all(tokenizer.decode([t]) and ("yes".startswith(tokenizer.decode([t]))
                                                       or "no".startswith(tokenizer.decode([t]))) for t in allowed)
+
+
+def _allowed(grammars, matcher) -> set[int]:
+    import llguidance.torch as llt
+
+    bitmask = grammars._bitmask(1)
+    llt.fill_next_token_bitmask(matcher, bitmask, 0)
+    return {t for t in range(len(bitmask[0]) * 32) if (int(bitmask[0, t // 32]) >> (t % 32)) & 1}
+
+
+@pytest.mark.parametrize("choices", [["yes", "no", "maybe so"], ["a", "ab", "abc", "b"],
+                                     ['say "hi"', "back\\slash", "new\nline", "(.*)|[x]", "é ü 😀", " lead"]])
+def test_choices_allow_the_same_tokens_as_llguidances_own_choice_grammar(tokenizer, choices):
+    """`choice` compiles to one terminal (an alternation), not llguidance's rule of one alternative per string:
+    at every token of every choice, the same tokens are allowed, and the end is reached alike."""
+    import llguidance
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    for choice in choices:
+        ours = grammars.matcher(grammar_from_spec("choice", choices))
+        theirs = grammars.matcher(llguidance.grammar_from("choice", json.dumps(choices)))
+        for token in tokenizer.encode(choice, add_special_tokens=False):
+            assert _allowed(grammars, ours) == _allowed(grammars, theirs), choice
+            assert ours.consume_token(token) and theirs.consume_token(token)
+        assert _allowed(grammars, ours) == _allowed(grammars, theirs)
+        assert (ours.is_accepting(), ours.is_stopped()) == (theirs.is_accepting(), theirs.is_stopped()) == (
+            True, not any(c != choice and c.startswith(choice) for c in choices))
+
+
+def test_thousands_of_choices_and_hundreds_of_optional_properties_are_followed(tokenizer):
+    """Past 2000 choices, llguidance's choice grammar (an Earley item per choice) and a schema of 600 optional
+    properties (2407 items in a row) exceeded its default max_items_in_row at the first tokens: the output
+    ended as "stop" after 'item' or '{' (audit: s7.py)."""
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Pick one."}])
+    choices = [f"item{i}" for i in range(2500)]
+    schema = {"type": "object", "properties": {f"field{i}": {"type": "string", "maxLength": 5} for i in range(600)},
+              "additionalProperties": False}
+    requests = {f"{kind}-{seed}": (prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=seed, grammar=grammar))
+                for kind, grammar in (("choice", grammar_from_spec("choice", choices)),
+                                      ("json", grammar_from_spec("json", schema)))
+                for seed in (1, 2)}
+    outputs = _run(_engine(tokenizer), requests)
+    for request_id, outs in outputs.items():
+        text = _text(outs)
+        assert outs[-1].finish_reason in ("stop", "length"), (request_id, text)
+        if request_id.startswith("choice"):
+            assert outs[-1].finish_reason == "stop" and text in choices, text
+        elif outs[-1].finish_reason == "stop":
+            assert set(json.loads(text)) <= set(schema["properties"]), text
+
+
+def test_a_grammar_that_fails_mid_completion_fails_its_request_only(tokenizer, caplog):
+    """A grammar llguidance gives up on while generating (here 12,000 alternatives of one rule, past its parser's
+    row limit) allows only EOS from then on: that ended the completion as "stop" with text breaking the grammar.
+    Now the request ends as "abort" (the app's 500), its error logged short; the others run on."""
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Pick one."}])
+    alternatives = [f"item{i}" for i in range(12_000)]
+    bad = grammar_from_spec("grammar", "start: " + " | ".join(f'"{a}"' for a in alternatives))
+    good = grammar_from_spec("choice", ["yes", "no"])
+    with caplog.at_level("WARNING", logger="service.engine"):
+        outputs = _run(_engine(tokenizer), {
+            "bad": (prompt, SamplingParams(max_tokens=30, temperature=0.0, grammar=bad)),
+            "good": (prompt, SamplingParams(max_tokens=30, temperature=0.0, grammar=good)),
+            "free": (prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))})
+    assert outputs["bad"][-1].finish_reason == "abort" and outputs["bad"][-1].new_token_ids == ()
+    assert outputs["good"][-1].finish_reason == "stop" and _text(outputs["good"]) in ("yes", "no")
+    assert outputs["free"][-1].finish_reason == "length" and len(outputs["free"]) == 8
+    failed = [r.getMessage() for r in caplog.records if "request bad" in r.getMessage()]
+    assert len(failed) == 1 and "grammar failed" in failed[0] and len(failed[0]) < 400, failed
+    assert "item11999" not in failed[0]
+
+
+def test_grammar_errors_are_short_and_do_not_repeat_the_grammar(tokenizer):
+    """llguidance's verbose errors quote the grammar around the problem (a whole one-line regex or schema): an
+    error is cut to MAX_ERROR_CHARS, in the 400 and in the log."""
+    from service.structured import MAX_ERROR_CHARS
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    secret = "(" + "|".join(f"secret{i}" for i in range(2000))
+    with pytest.raises(ValueError, match="^invalid structured output: ") as error:
+        grammars.matcher(grammar_from_spec("regex", secret))
+    assert len(str(error.value)) <= len("invalid structured output: ") + MAX_ERROR_CHARS
+    assert "secret1999" not in str(error.value)

@@ -2,7 +2,7 @@
 
 Owns the thread that runs ``Engine.step()`` while there is work, the hand-over of commands to it (every
 engine mutation runs on that thread, at a step boundary), and the delivery of step outputs to asyncio
-consumers with ``loop.call_soon_threadsafe``. A failed step fails only the requests it held, or none when the
+consumers with ``loop.call_soon_threadsafe``, and the threads that compile structured outputs' grammars. A failed step fails only the requests it held, or none when the
 engine keeps them to retry (a transient failure: `EngineConfig.step_retry_s`): the loop then waits a little
 longer after each such step (`RETRY_PAUSES_S`), so a dead expert device is not called in a tight loop while
 the coordinator moves its experts away; the loop keeps running either way. Ignores HTTP, tokenisation and
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # publishes a placement without it in about 0.2-0.4 s (a hung one: some 4 s after the engine's data-plane
 # timeout), which each replica applies within its sync interval (0.1 s).
 RETRY_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.5)
+# Threads compiling structured outputs' grammars (seconds for a large schema; llguidance releases the GIL), the
+# engine's own: on asyncio's default executor, one client's large schemas (compiled once per choice) took
+# every thread that other requests' grammars and the app's other blocking calls wait for.
+GRAMMAR_THREADS = 2
 
 
 class EngineError(RuntimeError):
@@ -108,6 +112,9 @@ class AsyncEngine:
         self._num_step_retries = 0
         self._failed_in_a_row = 0  # steps whose requests were kept to retry, since the last that ran
         self._resume_at = 0.0      # time.monotonic() before which no step starts (after such a step)
+        self._compiler = concurrent.futures.ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="vibe-grammar")
+        self._compiles: dict[str, _Compile] = {}  # grammar text -> its compile in progress (or queued)
+        self._compiles_lock = threading.Lock()    # requests may come from several event loops
 
     @property
     def config(self) -> EngineConfig:
@@ -159,6 +166,7 @@ class AsyncEngine:
         with self._commands_lock:
             self._stopping = True
         self._wake.set()
+        self._compiler.shutdown(wait=False, cancel_futures=True)  # a compile under way finishes, unused
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._fail_pending("the engine shut down")
@@ -221,8 +229,8 @@ class AsyncEngine:
         try:
             prompt = list(prompt_token_ids)
             matcher = None
-            if params.grammar is not None:  # compiled on a worker thread: seconds for a large schema
-                matcher = await _before(deadline, timeout, asyncio.to_thread(self._engine.make_matcher, params.grammar))
+            if params.grammar is not None:  # compiled on a grammar thread: seconds for a large schema
+                matcher = await _before(deadline, timeout, self._matcher(params.grammar))
             admission = self.call_at_step_boundary(lambda: self._engine.add_request(
                 request_id, prompt, params, share_prefill_with=share_prefill_with, matcher=matcher))
             await _before(deadline, timeout, admission)
@@ -245,6 +253,42 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.run_at_step_boundary(lambda: self._engine.abort(request_id))
+
+    async def _matcher(self, grammar: str):
+        """A ready matcher of ``grammar``, the request's own: a copy of the engine's cached one, else compiled on the
+        grammar threads, one compile shared by the requests that want the same grammar meanwhile (a request's n
+        choices: the app makes each an engine request). A queued compile nobody waits for any more is cancelled.
+
+        Raises:
+            ValueError: the grammar is invalid (as `Engine.make_matcher`).
+            EngineStopped: the engine shut down first.
+        """
+        matcher = self._engine.cached_matcher(grammar)
+        if matcher is not None:
+            return matcher
+        with self._compiles_lock:
+            compile_ = self._compiles.get(grammar)
+            if compile_ is None:
+                try:  # its result: a matcher no request advances, which each waiter copies
+                    future = self._compiler.submit(self._engine.make_matcher, grammar)
+                except RuntimeError:  # the executor is shut down
+                    raise EngineStopped("the engine shut down") from None
+                compile_ = self._compiles[grammar] = _Compile(future)
+            compile_.waiters += 1
+        try:  # (shielded: a waiter that leaves would cancel the compile for the others)
+            await asyncio.shield(asyncio.wrap_future(compile_.future))
+        except asyncio.CancelledError:
+            if compile_.future.cancelled():  # only shutdown cancels a compile someone waits for
+                raise EngineStopped("the engine shut down") from None
+            raise
+        finally:
+            with self._compiles_lock:
+                compile_.waiters -= 1
+                if not compile_.waiters:
+                    if self._compiles.get(grammar) is compile_:
+                        del self._compiles[grammar]
+                    compile_.future.cancel()  # not started: nobody needs it; started or done: no effect
+        return compile_.future.result().deep_copy()
 
     def _run(self) -> None:
         """The step loop; should it ever raise (each step's errors are caught in `_step`), the engine stops as at
@@ -327,6 +371,14 @@ class AsyncEngine:
                 by_loop.setdefault(stream[0], []).append((stream[1], item))
         for loop, batch in by_loop.items():
             _call_soon(loop, _put_all, batch)
+
+
+@dataclass
+class _Compile:
+    """A grammar's compile on the grammar threads and the requests waiting for it."""
+
+    future: concurrent.futures.Future
+    waiters: int = 0
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:

@@ -339,7 +339,7 @@ class Engine:
                 its first token from the same logits, if a KV slot (and a block) is free then; otherwise (or
                 if that request is gone or does not qualify) it is prefilled as any other request.
             matcher: ``params.grammar``'s matcher, made beforehand with `make_matcher` (off the step loop);
-                without it the grammar is compiled here.
+                without it the grammar is compiled here (unless cached).
 
         Raises:
             ValueError: empty prompt, token id out of vocabulary, prompt + max_tokens > max_model_len,
@@ -354,7 +354,7 @@ class Engine:
                 if self.tokenizer is not None else None)
         seq = _Sequence(request_id, prompt, params, text)
         if params.grammar is not None:  # ValueError for a grammar it cannot follow
-            seq.matcher = matcher if matcher is not None else self._grammars.matcher(params.grammar)
+            seq.matcher = matcher if matcher is not None else self._grammars.warmed_matcher(params.grammar)
             if params.reasoning_tokens is not None:
                 seq.thinking = "in" if params.in_reasoning else "maybe"
         parent = next((s for s in (*self._running, *self._waiting) if s.request_id == share_prefill_with), None)
@@ -366,8 +366,9 @@ class Engine:
             self._waiting.append(seq)
 
     def make_matcher(self, grammar: str):
-        """A ready matcher of ``grammar`` for `add_request`; thread-safe, touches no engine state, so it can
-        run on any thread while the engine steps (its first mask included, which is the costly part).
+        """A ready matcher of ``grammar`` for `add_request`, the caller's own; thread-safe, touches no engine state
+        but the grammar cache, so it can run on any thread while the engine steps (its first mask included,
+        which is the costly part). A grammar is compiled once while cached (`structured.CACHE_SIZE`).
 
         Raises:
             ValueError: an engine without a tokenizer, or a grammar its tokenizer cannot follow.
@@ -375,6 +376,10 @@ class Engine:
         if self._grammars is None:
             raise ValueError("structured outputs need an engine with a tokenizer")
         return self._grammars.warmed_matcher(grammar)
+
+    def cached_matcher(self, grammar: str):
+        """`make_matcher` if ``grammar`` is compiled already (cheap enough for an event loop), else None."""
+        return self._grammars.cached_matcher(grammar) if self._grammars is not None else None
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request (its slot is free at once); False if it is unknown."""

@@ -3,9 +3,10 @@ or a Lark grammar, by masking every token that would leave the grammar before sa
 
 Owns the grammar text of a request (`grammar_from_spec`: llguidance's grammar format, built from what the
 OpenAI API's ``response_format`` or vLLM's ``structured_outputs`` names) and the per-engine `Grammars`,
-which makes one matcher per request (refusing a grammar its tokenizer cannot follow) and masks a step's
-logits rows. llguidance (the backend vLLM, SGLang and llama.cpp offer too) does the parsing and the
-token masks. Ignores HTTP (the app maps its ValueErrors to 400s) and sampling itself.
+which compiles a grammar once (refusing one its tokenizer cannot follow), keeps the last `CACHE_SIZE`
+compiled, gives each request its own copy of one and masks a step's logits rows. llguidance (the backend
+vLLM, SGLang and llama.cpp offer too) does the parsing and the token masks. Ignores HTTP (the app maps its
+ValueErrors to 400s) and sampling itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 KINDS = ("json", "regex", "choice", "grammar")
 # Compact JSON: with flexible whitespace a weak model may emit whitespace until max_tokens.
 JSON_DEFAULTS = {"whitespace_flexible": False}
+# Compiled grammars an engine keeps (LRU, keyed by grammar text): the n choices of a request, and clients that
+# send the same schema again, share one compile.
+CACHE_SIZE = 32
 # llguidance's Earley parser gives up (the matcher's error state, mid-completion) on a row of more items than
 # max_items_in_row, 2000 by default: a JSON schema of 600 optional properties reached 2407 at its first token.
 # The work of one mask stays bounded by step_max_items (50,000 items, some 2.5 ms), which is left as it is.
@@ -75,7 +80,7 @@ def grammar_from_spec(kind: str, value: Any) -> str:
 
 class Grammars:
     """One engine's grammar backend over its tokenizer (built on first use: about a second for a 152k
-    vocabulary).
+    vocabulary), with the last `CACHE_SIZE` grammars compiled.
 
     Args:
         tokenizer: the model's fast (Rust-backed) Hugging Face tokenizer.
@@ -89,6 +94,8 @@ class Grammars:
         self._eos = sorted(eos_token_ids)
         self._tokenizer = None
         self._lock = threading.Lock()  # matchers are made on worker threads (AsyncEngine), off the step loop
+        # grammar text -> its warmed matcher, never advanced (requests get copies); least recently used first
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
 
     def _ll(self):
         with self._lock:
@@ -102,7 +109,7 @@ class Grammars:
             return self._tokenizer
 
     def matcher(self, grammar: str):
-        """A fresh matcher of ``grammar`` at the start of a completion, compiled now.
+        """A fresh matcher of ``grammar`` at the start of a completion, compiled now (uncached).
 
         Raises:
             ValueError: naming the problem, if ``grammar`` is not valid for this tokenizer.
@@ -116,18 +123,36 @@ class Grammars:
         return matcher
 
     def warmed_matcher(self, grammar: str):
-        """`matcher`, with its first token mask computed once (llguidance builds parts of a grammar lazily,
-        on the first mask). Built on a worker thread (llguidance releases the GIL), a large schema's cost
-        (0.3-0.5 s for a 480 KB one here) stays off the engine's step loop.
+        """A matcher of ``grammar`` of the caller's own, its first token mask computed (llguidance builds parts
+        of a grammar lazily, on the first mask): a copy of the cached one, compiled now if not cached. Built on
+        a worker thread (llguidance releases the GIL), a large schema's cost (0.3-0.5 s for a 480 KB one here)
+        stays off the engine's step loop. Threads compiling the same grammar at once each compile it.
 
         Raises:
-            ValueError: as `matcher`.
+            ValueError: as `matcher` (a grammar that failed is not cached).
         """
         import llguidance.torch as llt
 
+        cached = self.cached_matcher(grammar)
+        if cached is not None:
+            return cached
         matcher = self.matcher(grammar)
         llt.fill_next_token_bitmask(matcher, self._bitmask(1), 0)
-        return matcher
+        with self._lock:
+            self._compiled[grammar] = matcher
+            self._compiled.move_to_end(grammar)
+            while len(self._compiled) > CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return matcher.deep_copy()
+
+    def cached_matcher(self, grammar: str):
+        """`warmed_matcher` if ``grammar`` is cached (a copy: some 0.1 ms), else None; never compiles."""
+        with self._lock:
+            matcher = self._compiled.get(grammar)
+            if matcher is None:
+                return None
+            self._compiled.move_to_end(grammar)
+        return matcher.deep_copy()  # (a copy is independent: the cached one is never advanced)
 
     def _bitmask(self, rows: int) -> torch.Tensor:
         import llguidance.torch as llt

@@ -278,3 +278,87 @@ def test_grammar_errors_are_short_and_do_not_repeat_the_grammar(tokenizer):
         grammars.matcher(grammar_from_spec("regex", secret))
     assert len(str(error.value)) <= len("invalid structured output: ") + MAX_ERROR_CHARS
     assert "secret1999" not in str(error.value)
+
+
+def test_a_grammar_is_compiled_once_while_cached_and_each_request_gets_its_own_copy(tokenizer, monkeypatch):
+    import service.structured as structured
+
+    compiled = []
+    matcher = Grammars.matcher
+    monkeypatch.setattr(Grammars, "matcher", lambda self, grammar: compiled.append(grammar) or matcher(self, grammar))
+    monkeypatch.setattr(structured, "CACHE_SIZE", 2, raising=False)
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    yes_no = grammar_from_spec("choice", ["yes", "no"])
+    first, second = grammars.warmed_matcher(yes_no), grammars.warmed_matcher(yes_no)
+    assert compiled == [yes_no] and grammars.cached_matcher(yes_no) is not None
+    for token in tokenizer.encode("yes", add_special_tokens=False):  # one copy advances, the other does not move
+        assert first.consume_token(token)
+    assert first.is_stopped() and not second.is_stopped()
+    assert all(second.consume_token(token) for token in tokenizer.encode("no", add_special_tokens=False))
+    assert not grammars.cached_matcher(yes_no).is_stopped()  # nor the cached one
+    others = [grammar_from_spec("regex", r"\d+"), grammar_from_spec("regex", "[a-z]+")]
+    for grammar in others:  # least recently used first out
+        grammars.warmed_matcher(grammar)
+    assert grammars.cached_matcher(yes_no) is None and grammars.cached_matcher(others[0]) is not None
+    with pytest.raises(ValueError, match="invalid structured output"):  # a failed compile is not cached
+        grammars.warmed_matcher(grammar_from_spec("regex", "("))
+    assert grammars.cached_matcher(others[1]) is not None
+
+
+def test_requests_share_one_compile_on_the_engines_own_threads_and_a_compile_nobody_awaits_is_dropped(
+        tokenizer, monkeypatch):
+    """Each of a request's n choices is an engine request: the app's n=16 with a 378 KB schema compiled it 17 times
+    on asyncio's default executor, another client's request waiting 12 s (audit: s3.py). Requests for a grammar
+    being compiled now wait for that compile, which runs on the AsyncEngine's GRAMMAR_THREADS threads, and a queued
+    compile whose requests left is cancelled."""
+    import asyncio
+    import threading
+
+    from service.async_engine import GRAMMAR_THREADS, AsyncEngine
+
+    release = threading.Event()
+    compiles: list[tuple[str, str]] = []  # (grammar, thread name)
+    warmed = Grammars.warmed_matcher
+
+    def slow(self, grammar):
+        compiles.append((grammar, threading.current_thread().name))
+        assert release.wait(60)
+        return warmed(self, grammar)
+
+    monkeypatch.setattr(Grammars, "warmed_matcher", slow)
+    engine = AsyncEngine(_engine(tokenizer))
+    engine.start()
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person."}])
+    person = grammar_from_spec("json", PERSON)
+    busy = [grammar_from_spec("regex", f"[0-9]{{{k}}}") for k in range(1, GRAMMAR_THREADS)]
+    dropped = grammar_from_spec("choice", ["never", "compiled"])
+
+    async def collect(request_id, grammar, seed=0):
+        params = SamplingParams(max_tokens=120, temperature=1.0, seed=seed, grammar=grammar)
+        return [out async for out in engine.generate(request_id, prompt, params)]
+
+    async def until(condition):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def main():
+        choices = [asyncio.ensure_future(collect(f"c{i}", person, seed=i)) for i in range(4)]
+        others = [asyncio.ensure_future(collect(f"busy{k}", grammar)) for k, grammar in enumerate(busy)]
+        await asyncio.wait_for(until(lambda: len(compiles) >= GRAMMAR_THREADS), 60)  # every grammar thread taken
+        left = asyncio.ensure_future(collect("left", dropped))
+        await asyncio.sleep(0.2)
+        left.cancel()  # its compile was queued behind the others
+        await asyncio.gather(left, return_exceptions=True)
+        release.set()
+        outputs = await asyncio.gather(*choices, *others)
+        return outputs, await collect("again", person)  # cached: no compile
+
+    try:
+        outputs, again = asyncio.run(main())
+    finally:
+        release.set()
+        engine.shutdown()
+    assert sorted(grammar for grammar, _ in compiles) == sorted([person, *busy])
+    assert all(thread.startswith("vibe-grammar") for _, thread in compiles)
+    for outs in [*outputs[:4], again]:
+        assert _is_person(json.loads(_text(outs))) and outs[-1].finish_reason == "stop"

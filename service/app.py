@@ -191,6 +191,8 @@ class _Server:
     async def health(self) -> Response:
         if not self.engine.is_alive:
             return error_response(APIError(503, "the engine is not running", type="service_unavailable_error"))
+        if self.engine.broken:  # (Serve's health probe replaces the replica)
+            return error_response(APIError(503, self.engine.broken, type="service_unavailable_error"))
         problems = [p for p in (check() for check in self.health_checks) if p]
         return JSONResponse({"status": "degraded", "problems": problems} if problems else {"status": "ok"})
 

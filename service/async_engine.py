@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # publishes a placement without it in about 0.2-0.4 s (a hung one: some 4 s after the engine's data-plane
 # timeout), which each replica applies within its sync interval (0.1 s).
 RETRY_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.5)
+BROKEN_AFTER_FAILED_STEPS = 3  # steps in a row failed beyond retry: the engine reports itself broken (`broken`)
 # Threads compiling structured outputs' grammars (seconds for a large schema; llguidance releases the GIL), the
 # engine's own: on asyncio's default executor, one client's large schemas (compiled once per choice) took
 # every thread that other requests' grammars and the app's other blocking calls wait for.
@@ -111,6 +112,7 @@ class AsyncEngine:
         self._num_preemptions = 0
         self._num_step_retries = 0
         self._failed_in_a_row = 0  # steps whose requests were kept to retry, since the last that ran
+        self._unretried_failures, self._last_failure = 0, ""  # steps failed beyond retry, since the last that ran
         self._resume_at = 0.0      # time.monotonic() before which no step starts (after such a step)
         self._compiler = concurrent.futures.ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="vibe-grammar")
         self._compiles: dict[str, _Compile] = {}  # grammar text -> its compile in progress (or queued)
@@ -153,6 +155,15 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         """Whether the step thread runs (False before ``start()`` and after ``shutdown()``)."""
         return self._thread.is_alive() and not self._stopping
+
+    @property
+    def broken(self) -> str | None:
+        """Why the engine cannot serve though its thread runs, or None: its last `BROKEN_AFTER_FAILED_STEPS` steps
+        all failed with errors no retry helps (a GPU after a sticky CUDA error, "illegal memory access", fails every
+        forward from then on: the replica answered every request with an error while its health check passed)."""
+        if self._unretried_failures < BROKEN_AFTER_FAILED_STEPS:
+            return None
+        return f"the engine's last {self._unretried_failures} steps failed: {self._last_failure[:300]}"
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         """Call ``listener`` after every step, on the engine thread (keep it short; errors are logged)."""
@@ -341,16 +352,18 @@ class AsyncEngine:
                 log.warning("%s; retrying in %.2f s", exc, pause)
             else:
                 log.exception("engine step failed")
+                self._unretried_failures, self._last_failure = self._unretried_failures + 1, str(exc)
             self._send([(rid, _step_error(exc)) for rid in exc.request_ids])
         except Exception as exc:  # a bug outside the forward: drop every request rather than the loop
             log.exception("engine step raised unexpectedly")
+            self._unretried_failures, self._last_failure = self._unretried_failures + 1, f"{type(exc).__name__}: {exc}"
             request_ids = list(self._streams)  # a snapshot: consumers add and remove streams concurrently
             for rid in request_ids:
                 self._engine.abort(rid)
             self._send([(rid, EngineError(f"engine step failed: {type(exc).__name__}")) for rid in request_ids])
         else:
             failed = False
-            self._failed_in_a_row = 0
+            self._failed_in_a_row = self._unretried_failures = 0
             self._send([(out.request_id, out) for out in outputs])
         self._num_running, self._num_waiting = self._engine.num_running, self._engine.num_waiting
         self._kv_cache_usage, self._num_preemptions = self._engine.kv_cache_usage, self._engine.num_preemptions

@@ -397,7 +397,9 @@ class StepBatch:
         if "write" not in self._index:
             device = cache.tables.device
             counts = torch.tensor([c.num_tokens for c in self.chunks], device=device)
-            slots = torch.tensor([c.slot for c in self.chunks], device=device).repeat_interleave(counts)
+            # (output_size: on a GPU, repeat_interleave would read the counts back to size its output: a sync)
+            slots = torch.tensor([c.slot for c in self.chunks], device=device).repeat_interleave(
+                counts, output_size=sum(c.num_tokens for c in self.chunks))
             positions = self.positions(device)
             blocks = cache.tables[slots, positions // cache.block_size]
             self._index["write"] = blocks * cache.block_size + positions % cache.block_size

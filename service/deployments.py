@@ -290,8 +290,11 @@ class IngressDeployment:
         return app
 
     def check_health(self) -> None:
+        """Serve's health probe: failing it, the replica is replaced (a new process: a GPU's sticky error cleared)."""
         if not self.engine.is_alive:
             raise RuntimeError("the engine step loop stopped")
+        if self.engine.broken:
+            raise RuntimeError(self.engine.broken)
 
     def __del__(self) -> None:
         self._stopping.set()

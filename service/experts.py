@@ -127,7 +127,10 @@ class ExpertStore:
         return tensors
 
     def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: aligned(t.detach().to(self.device, dtype=self.dtype if _compute_weight(name, t) else t.dtype))
+        """``tensors`` on the store's device (compute weights in its dtype), but a packed weight's ``_shape`` on the
+        host: each call reads it (on a GPU that read synchronised the stream at every weight of every call)."""
+        return {name: aligned(t.detach().cpu() if name.endswith("_shape") else
+                              t.detach().to(self.device, dtype=self.dtype if _compute_weight(name, t) else t.dtype))
                 for name, t in tensors.items()}
 
     def held_bytes(self) -> int:

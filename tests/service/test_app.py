@@ -661,6 +661,10 @@ def test_health_reports_degradation_without_leaving_rotation(tokenizer):
             response = httpx.get(f"{url}/health")
             assert response.status_code == 200
             assert response.json() == {"status": "degraded", "problems": ["coordinator unreachable for 42 s"]}
+            # an engine whose steps all fail beyond retry (a GPU's sticky error) is out of rotation: 503
+            engine._unretried_failures, engine._last_failure = 3, "RuntimeError: CUDA error: an illegal memory access"
+            response = httpx.get(f"{url}/health")
+            assert response.status_code == 503 and "illegal memory access" in response.json()["error"]["message"]
     finally:
         engine.shutdown()
 

@@ -1200,3 +1200,41 @@ def test_a_tiny_temperature_is_greedy_and_fails_no_request_of_its_step():
     tiny = SamplingParams(max_tokens=8, temperature=1e-39, seed=3)
     tokens, reasons = _run(_engine(), {0: [("s", _prompt(12, 1), sampled), ("t", prompt, tiny)]})
     assert tokens["t"] == greedy["g"] and tokens["s"] == alone["s"] and set(reasons.values()) == {"length"}
+
+
+def test_an_engine_whose_steps_all_fail_beyond_retry_reports_itself_broken():
+    """A GPU after a sticky CUDA error fails every forward: the step loop still runs, so the replica's health check
+    passed and every request got an error for good (GPU-path review). Three steps in a row failed beyond retry mark
+    the engine broken (Serve's health probe then replaces the replica; /health answers 503); one that runs clears it,
+    and steps failing on an expert device (retried) never count."""
+    from service.async_engine import BROKEN_AFTER_FAILED_STEPS
+
+    hooks = _Hooks(fail_at=set(range(2, 2 + BROKEN_AFTER_FAILED_STEPS)))
+    engine = AsyncEngine(Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64), hooks=hooks,
+                                retryable=lambda exc: False))
+    engine.start()
+    try:
+        asyncio.run(_collect(engine, "ok", [5, 6], SamplingParams(max_tokens=1, temperature=0.0)))
+        for i in range(BROKEN_AFTER_FAILED_STEPS):
+            assert engine.broken is None
+            with pytest.raises(EngineError):
+                asyncio.run(_collect(engine, f"fails-{i}", [5, 6, 7]))
+        assert engine.is_alive and "steps failed: " in engine.broken and "device lost" in engine.broken
+        import types
+
+        from service.deployments import IngressDeployment
+
+        with pytest.raises(RuntimeError, match="steps failed"):  # what Serve's health probe calls
+            IngressDeployment.check_health(types.SimpleNamespace(engine=engine))
+        asyncio.run(_collect(engine, "recovered", [5, 6], SamplingParams(max_tokens=1, temperature=0.0)))
+        assert engine.broken is None
+    finally:
+        engine.shutdown()
+    retried = AsyncEngine(Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64),
+                                 hooks=_Hooks(fail_at={2, 3, 4, 5}), retryable=_lost_device))
+    retried.start()
+    try:
+        asyncio.run(_collect(retried, "a", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0)))
+        assert retried.broken is None and retried.num_step_retries == 4
+    finally:
+        retried.shutdown()

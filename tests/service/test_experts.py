@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.experts import ExpertFFN, ExpertStore, checksum, run_experts
+from service.experts import ExpertFFN, ExpertStore, checksum, expert_weight, run_experts
 from service.messages import ExpertTensors
 
 HIDDEN, INTERMEDIATE = 16, 24
@@ -248,3 +248,18 @@ def test_experts_pickle_with_fp8_tensors_as_they_are():
     assert (back.layer, back.expert, back.checksum) == (0, 3, item.checksum)
     assert checksum(back.tensors) == item.checksum  # names, dtypes, shapes and bytes
     assert back.tensors["gate_up"].dtype == torch.float8_e4m3fn and back.tensors["view"].shape == (3, 2)
+
+
+def test_a_packed_weights_shape_stays_on_the_host_where_the_experts_go_to_a_device():
+    """Each call reads a pack-quantized weight's shape: held on the GPU, that read synchronised the stream at every
+    weight of every expert call (GPU-path review). Shown on the meta device, where reading a device tensor's value
+    raises (on a GPU it silently waits)."""
+    from service.bench_quantized import int4_expert
+
+    tensors = int4_expert(256, 128, torch.Generator().manual_seed(0))
+    store = ExpertStore("meta", torch.bfloat16)  # (stands in for "cuda")
+    store.add([ExpertTensors(0, 0, tensors, checksum(tensors))])
+    held = store.get(0, 0)
+    assert {held[name].device.type for name in held if name.endswith("_shape")} == {"cpu"}
+    assert {held[name].device.type for name in held if not name.endswith("_shape")} == {"meta"}
+    assert expert_weight(held, "gate_up", torch.bfloat16).shape == (256, 256)

@@ -519,7 +519,7 @@ def test_an_unknown_tool_call_parser_is_refused(tokenizer):
     ({"structured_outputs": {"regex": "[a-z]+"}}, "tools", "cannot be combined"),
     ({"tool_choice": "required", "min_tokens": 3}, "min_tokens", "forced tool call"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
-      "tool_choice": "required"}, None, "invalid structured output"),
+      "tool_choice": "required"}, "tools", "invalid structured output"),
     ({"messages": [{"role": "tool", "content": "22 C"}]}, "messages.0", "tool_call_id"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_problem(server, body, param, message):

@@ -233,7 +233,10 @@ def build_app(args: dict[str, Any] | None = None):
         reasoning_parser=parsed.reasoning_parser,
         tool_call_parser=parsed.tool_call_parser,
         max_body_bytes=parsed.max_body_bytes or max(DEFAULT_MAX_BODY_BYTES, _BODY_BYTES_PER_TOKEN * max_model_len),
-        gpu_kv_cache_fraction=None if parsed.kv_cache_bytes else parsed.kv_cache_memory_fraction,
+        # (a replica on a share of a GPU, beside workers or other replicas, takes that share of it: the whole
+        # fraction of the free memory took 125 GiB of an H200 two workers shared, GPU-path review)
+        gpu_kv_cache_fraction=None if parsed.kv_cache_bytes else parsed.kv_cache_memory_fraction * (
+            parsed.ingress_num_gpus if 0 < parsed.ingress_num_gpus < 1 else 1.0),
         data_plane_timeout_s=parsed.data_plane_timeout_s,
     )
     coordinator_cls, ingress_cls = serve_deployments()

@@ -158,6 +158,10 @@ def test_the_kv_cache_budget_is_the_argument_or_a_share_of_the_gpu_memory_left(t
     settings = build_app({**base, "kv_block_size": 32})._bound_deployment.init_args[1]
     assert settings.engine_config.kv_block_size == 32
     assert gpu_kv_cache_bytes(0.9, lambda: (60 * 2**30, 141 * 2**30)) == int(0.9 * 60 * 2**30)
+    # a replica on half a GPU (beside workers) takes half of that
+    settings = build_app({**base, "device": "cuda", "emulate": False, "ingress_num_gpus": 0.5,
+                          "worker_num_gpus": 0.25})._bound_deployment.init_args[1]
+    assert settings.gpu_kv_cache_fraction == pytest.approx(0.45)
     for bad in ({"kv_cache_bytes": 1000}, {"kv_cache_memory_fraction": 0}, {"kv_cache_memory_fraction": 1.5},
                 {"kv_block_size": 0}):
         with pytest.raises(ValidationError, match=next(iter(bad))):

@@ -367,7 +367,8 @@ def _weights_identity(checkpoint: str) -> list:
     """What tells a checkpoint folder's weights apart without reading them: config.json's and the index's bytes'
     hash and each safetensors file's size and modification time. (Weights saved over the old ones in the same folder,
     a fine-tune or `make model` run again, kept the path: a redeploy adopted workers holding the old experts beside
-    the new dense part.)"""
+    the new dense part.) The modification times make the same weights copied anew (a new volume, a refreshed cache)
+    name new workers too: their experts are reloaded once, the price of never serving stale ones."""
     folder = Path(checkpoint)
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json"):

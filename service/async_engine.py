@@ -159,8 +159,10 @@ class AsyncEngine:
     @property
     def broken(self) -> str | None:
         """Why the engine cannot serve though its thread runs, or None: its last `BROKEN_AFTER_FAILED_STEPS` steps
-        all failed with errors no retry helps (a GPU after a sticky CUDA error, "illegal memory access", fails every
-        forward from then on: the replica answered every request with an error while its health check passed)."""
+        all failed with errors of its own, which no retry helps (a GPU after a sticky CUDA error, "illegal memory
+        access", fails every forward from then on: the replica answered every request with an error while its health
+        check passed). An expert device's failures never count, even past step_retry_s: the coordinator replaces
+        the device, and a replaced ingress would not help."""
         if self._unretried_failures < BROKEN_AFTER_FAILED_STEPS:
             return None
         return f"the engine's last {self._unretried_failures} steps failed: {self._last_failure[:300]}"
@@ -352,7 +354,8 @@ class AsyncEngine:
                 log.warning("%s; retrying in %.2f s", exc, pause)
             else:
                 log.exception("engine step failed")
-                self._unretried_failures, self._last_failure = self._unretried_failures + 1, str(exc)
+                if not self._engine.transient(exc.cause):  # (a device's failure past step_retry_s is the workers')
+                    self._unretried_failures, self._last_failure = self._unretried_failures + 1, str(exc)
             self._send([(rid, _step_error(exc)) for rid in exc.request_ids])
         except Exception as exc:  # a bug outside the forward: drop every request rather than the loop
             log.exception("engine step raised unexpectedly")

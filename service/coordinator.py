@@ -608,17 +608,16 @@ class Coordinator:
             if not self._unreconciled or self._pending_drops is not None or self._clock() < self._reconcile_after:
                 return
             current, lost = self._placement, set(self._lost)
-        try:
-            held = self.pool.held()
-        except WorkerCallError as exc:  # retried at the next health interval
-            with self._lock:
-                self._reconcile_after = self._clock() + self.config.health_interval_s
-            log.debug("reconciliation postponed: %s", exc)
-            return
+        # the devices not lost, each within probe_timeout_s (a lost or hung one held up the loop for call_timeout_s,
+        # and postponed every device's reconciliation while it stayed lost); those that do not answer: next time
+        live = [d for d in range(self.pool.num_devices) if d not in lost]
+        held = self.pool.held_of(live, self.config.probe_timeout_s)
         extras = {d: sorted(keys - current.experts_on(d)) for d, keys in held.items()
-                  if d not in lost and keys - current.experts_on(d)}
+                  if keys - current.experts_on(d)}
         with self._lock:
-            self._unreconciled = False
+            self._unreconciled = len(held) < len(live)
+            if self._unreconciled:
+                self._reconcile_after = self._clock() + self.config.health_interval_s
             if extras:
                 log.info("%d expert copies held outside placement version %d: dropped once engines acknowledge it",
                          sum(map(len, extras.values())), current.version)
@@ -732,6 +731,11 @@ class Coordinator:
                     self._rejoin -= set(down)
                     self._misses = [0] * len(self._misses)
                     self._pending_drops = None  # (the restarted workers hold only the placement's experts)
+                    # a device lost earlier (and out of the placement) is back but empty: readmitted by a full
+                    # re-plan, as after a restart of the coordinator (else idle for good)
+                    empty = {d for d in down if not placement.experts_on(d)}
+                    self._lost |= empty
+                    self._rejoin |= empty
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)

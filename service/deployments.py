@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -104,12 +105,14 @@ class CoordinatorDeployment:
 
 def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:
     """``config`` with `APP_PLACEHOLDER` in its worker names replaced by the Serve application's name ``app`` (its
-    characters outside [A-Za-z0-9_] as "_"): two apps left at the default app_name shared, or retired, each other's
+    characters outside [A-Za-z0-9_-] as "_" and a short hash of it then, or when cut at 40): two apps left at the default app_name shared, or retired, each other's
     workers (one app's start killed the other's as strays of an earlier configuration, or both adopted the same
     actors and deleting one app killed the other's)."""
     if APP_PLACEHOLDER not in config.name_prefix:
         return config
-    name = re.sub(r"[^A-Za-z0-9_]", "_", app)[:40] or "default"
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", app)[:40] or "default"
+    if name != app:  # (changed or cut: a hash of the real name keeps two apps' names apart)
+        name = f"{name[:32]}-{hashlib.sha256(app.encode()).hexdigest()[:6]}"
     return dataclasses.replace(config, name_prefix=config.name_prefix.replace(APP_PLACEHOLDER, name),
                                family_prefix=(config.family_prefix or "").replace(APP_PLACEHOLDER, name) or None)
 

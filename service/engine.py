@@ -62,6 +62,7 @@ class StepFailed(RuntimeError):
         super().__init__(f"engine step failed for {len(request_ids)} request(s){kept}: {type(cause).__name__}: {cause}")
         self.request_ids = tuple(request_ids)
         self.retried = tuple(retried)
+        self.cause = cause
 
 
 class StepHooks(Protocol):
@@ -475,6 +476,10 @@ class Engine:
             self._release(seq)
             outputs.append(_output(seq, (), "", "length"))
         return outputs
+
+    def transient(self, exc: BaseException) -> bool:
+        """Whether a forward's error is one the engine retries (a failure of an expert device, not of its own)."""
+        return self._retryable is not None and self._retryable(exc)
 
     def _failed(self, chunks: list[tuple[_Sequence, int]], exc: Exception) -> StepFailed:
         """The step's forward raised ``exc``: its requests are retried (a transient failure, within their

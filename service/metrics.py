@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import Metric
 from service.async_engine import AsyncEngine, StepStats
 
 RequestStatus = Literal["stop", "length", "abort", "error", "rejected"]
+PEERS_TTL_S = 10.0  # the other replicas' snapshots are exposed this long after they arrived (then left out)
 # One replica's serving metrics as plain data: (family, type, help, unit, [(sample, labels, value)]) per family
 Snapshot = list[tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]]
 # up to 30 minutes: past the default request_timeout_s (300 s) and a long generation's end-to-end time (vLLM's go
@@ -38,6 +39,7 @@ class ServingMetrics:
         self.registry = CollectorRegistry()  # this replica's serving metrics
         self.replica = replica  # its label value, once it has one (None: exposed unlabelled, a lone process)
         self._peers: dict[str, Snapshot] = {}
+        self._peers_at = 0.0  # when they arrived (time.monotonic)
         self._shared: list = []
         r = self.registry
         self.ttft = Histogram("vibe_time_to_first_token_seconds", "Time from request arrival to its first token.",
@@ -89,8 +91,11 @@ class ServingMetrics:
                 for family in self.registry.collect()]
 
     def set_peers(self, peers: dict[str, Snapshot]) -> None:
-        """The other replicas' latest snapshots, by replica name (this one's own is ignored: it is exposed live)."""
+        """The other replicas' latest snapshots, by replica name (this one's own is ignored: it is exposed live),
+        exposed for PEERS_TTL_S: while the coordinator does not answer, a peer's frozen counters shown beside its live
+        ones (a scrape reaches either replica) would read as counter resets."""
         self._peers = {name: snapshot for name, snapshot in peers.items() if name != self.replica}
+        self._peers_at = time.monotonic()
 
     def start_request(self) -> RequestTimer:
         return RequestTimer(self)
@@ -116,7 +121,9 @@ class _Exposition:
             yield from metrics.registry.collect()
         else:
             families: dict[str, Metric] = {}
-            for replica, snapshot in ((metrics.replica, metrics.snapshot()), *sorted(metrics._peers.items())):
+            fresh = time.monotonic() - metrics._peers_at <= PEERS_TTL_S
+            peers = sorted(metrics._peers.items()) if fresh else []
+            for replica, snapshot in ((metrics.replica, metrics.snapshot()), *peers):
                 for name, kind, help_text, unit, samples in snapshot:
                     family = families.setdefault(name, Metric(name, help_text, kind, unit))
                     for sample, labels, value in samples:

@@ -57,6 +57,7 @@ class WorkerPool(Protocol):
     def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]: ...
     def telemetry(self) -> list[Telemetry]: ...
     def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]: ...
+    def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]: ...
     def set_emulated_speed(self, device: int, factor: float) -> None: ...
     def inject_fault(self, device: int, operation: str) -> None: ...
     def save_record(self, record: dict[str, Any]) -> None: ...
@@ -276,6 +277,12 @@ class RayWorkerPool:
         held = self._all(lambda a: a.held_experts.remote(), "held_experts")
         return {i: {tuple(k) for k in h} for i, h in enumerate(held)}
 
+    def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]:
+        """What those of ``devices`` that answer within ``timeout_s`` hold (the others left out)."""
+        devices = list(devices)
+        results, errors = self._gather([self._actors[d].held_experts.remote() for d in devices], devices, timeout_s)
+        return {d: {tuple(k) for k in r} for d, r in zip(devices, results) if d not in errors}
+
     def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
         return self._all(lambda a: a.profile.remote(list(token_counts), repeats), "profile")
 
@@ -388,6 +395,9 @@ class LocalWorkerPool:
 
     def held(self) -> dict[int, set[Key]]:
         return {i: {tuple(k) for k in self._live(i).held_experts()} for i in range(self.num_devices)}
+
+    def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]:
+        return {d: {tuple(k) for k in self.workers[d].held_experts()} for d in devices if d not in self._dead}
 
     def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
         return [self._live(i).profile(list(token_counts), repeats) for i in range(self.num_devices)]

@@ -351,8 +351,10 @@ def test_two_serve_apps_left_at_the_default_app_name_get_workers_of_their_own(tm
     args = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9], "profile_prompts": None}
     pool = build_app(args)._bound_deployment.init_args[0]._bound_deployment.init_args[2]
     a, b = for_app(pool, "a"), for_app(pool, "chat-b")
-    assert a.name_prefix.startswith("vibe-worker-a-") and b.name_prefix.startswith("vibe-worker-chat_b-")
+    assert a.name_prefix.startswith("vibe-worker-a-") and b.name_prefix.startswith("vibe-worker-chat-b-")
     assert a.family_prefix == "vibe-worker-a-" and not is_stray(f"{b.name_prefix}-0", a)
     assert not is_stray(f"{a.name_prefix}-0", b)
+    # names that would map alike stay apart (a hash of the real name when it had to change or be cut; review)
+    assert len({for_app(pool, app).name_prefix for app in ("my-app", "my_app", "my.app", "x" * 41, "x" * 42)}) == 5
     named = build_app({**args, "app_name": "mine"})._bound_deployment.init_args[0]._bound_deployment.init_args[2]
     assert for_app(named, "a") == named and named.name_prefix.startswith("vibe-worker-mine-")

@@ -230,3 +230,23 @@ def test_each_replica_exposes_every_replicas_serving_series_labelled():
         (version,) = [s for s in samples if s.name == "vibe_placement_version"]
         assert version.labels == {} and version.value == 7
         assert len({family.name for family in families}) == len(families)  # each family once
+
+
+def test_a_replicas_copy_of_its_peers_expires(monkeypatch):
+    """Peers' snapshots are exposed for PEERS_TTL_S after they arrived: while the coordinator did not answer, a
+    replica exposed its peers' frozen counters for good beside their live ones (a scrape reaches either replica),
+    read as counter resets (review)."""
+    from service import metrics as metrics_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    a, b = (ServingMetrics(_Engine(), replica=name) for name in ("ingress-a", "ingress-b"))
+    a.set_peers({"ingress-b": b.snapshot()})
+
+    def replicas() -> set[str]:
+        return {sample.labels.get("replica") for family in text_string_to_metric_families(a.render().decode())
+                for sample in family.samples if sample.name == "vibe_requests_total"}
+
+    assert replicas() == {"ingress-a", "ingress-b"}
+    clock[0] += metrics_module.PEERS_TTL_S + 1
+    assert replicas() == {"ingress-a"}

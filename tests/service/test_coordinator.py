@@ -602,3 +602,51 @@ def test_telemetry_keeps_coming_from_the_survivors_while_a_device_stays_lost(che
     telemetry = coordinator.metrics_summary()["telemetry"]
     assert [t["device"] for t in telemetry] == list(range(dead))
     assert [t["expert_bytes"] for t in telemetry] == [pool.workers[d].telemetry().expert_bytes for d in range(dead)]
+
+
+def test_a_device_lost_earlier_comes_back_after_every_worker_is_reloaded(checkpoint):
+    """A device lost earlier whose restart failed (out of the placement), then every other worker lost: all are
+    restarted and the placement in service reloaded, which gives the earlier one nothing. It is readmitted by a full
+    re-plan (review: it was left alive but empty, out of _lost and _rejoin, idle for good)."""
+    from service.worker_pool import WorkerCallError
+
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool=pool)
+    real_restart = pool.restart
+
+    def cannot_restart(device):
+        raise WorkerCallError(f"restart of device {device} failed: cannot be placed", [device])
+
+    pool.restart = cannot_restart
+    pool.kill(0)
+    for _ in range(coordinator.config.probe_misses):
+        coordinator.check_workers()
+    assert not coordinator.placement.experts_on(0)
+    pool.restart = real_restart
+    for device in range(1, pool.num_devices):
+        pool.kill(device)
+    for _ in range(coordinator.config.probe_misses):
+        coordinator.check_workers()
+    assert coordinator.stats_view()["lost_devices"] == [0]  # back, empty: waiting to rejoin
+    coordinator._readmit()
+    assert coordinator.placement.experts_on(0) and coordinator.stats_view()["lost_devices"] == []
+
+
+def test_leftover_copies_are_reconciled_while_a_device_stays_lost(checkpoint):
+    """Reconciliation asks the devices not lost what they hold: it asked every worker, so while one stayed lost it
+    was postponed at every health interval and leftover copies stayed on the survivors (review)."""
+    from service.worker_pool import WorkerCallError
+
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool=pool, health_interval_s=0.01)
+    pool.restart = lambda device: (_ for _ in ()).throw(WorkerCallError(f"restart of {device} failed", [device]))
+    pool.kill(0)
+    for _ in range(coordinator.config.probe_misses):
+        coordinator.check_workers()
+    coordinator._finish_drops(wait=True)
+    key = next(k for k in sorted(coordinator.placement.experts_on(2)) if k not in coordinator.placement.experts_on(1))
+    pool.copy([(2, 1, [key])])  # left outside the placement, as a rollback or a failed drop leaves one
+    with coordinator._lock:
+        coordinator._unreconciled = True
+    coordinator._reconcile()
+    assert not coordinator._unreconciled and coordinator._pending_drops[1] == {1: [key]}

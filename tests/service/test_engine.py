@@ -1238,3 +1238,17 @@ def test_an_engine_whose_steps_all_fail_beyond_retry_reports_itself_broken():
         assert retried.broken is None and retried.num_step_retries == 4
     finally:
         retried.shutdown()
+    # an expert device's failures past step_retry_s (here 0: never retried) fail their requests but are the
+    # workers' (the coordinator replaces the device): they never mark the engine broken, which would have had Serve
+    # replace every ingress replica during a worker outage (review)
+    past_retry = AsyncEngine(Engine(build_tiny_model("qwen3_moe"), EngineConfig(max_model_len=64, step_retry_s=0.0),
+                                    hooks=_Hooks(fail_at=set(range(1, 1 + BROKEN_AFTER_FAILED_STEPS))),
+                                    retryable=_lost_device))
+    past_retry.start()
+    try:
+        for i in range(BROKEN_AFTER_FAILED_STEPS):
+            with pytest.raises(EngineError):
+                asyncio.run(_collect(past_retry, f"fails-{i}", [5, 6, 7]))
+        assert past_retry.broken is None
+    finally:
+        past_retry.shutdown()

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.async_engine import AsyncEngine, EngineError
+from service.async_engine import AsyncEngine, EngineError, StructuredOutputFailed
 from service.engine import QueueFull, StepOutput
 from service.harmony import TAGS as HARMONY_TAGS
 from service.harmony import HarmonyStream
@@ -426,7 +426,7 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
         while outs:
             for index, out in outs:
                 if out.finish_reason == "abort":
-                    raise EngineError("the request was aborted")
+                    raise StructuredOutputFailed(out.error) if out.error else EngineError("the request was aborted")
                 timer.on_tokens(len(out.new_token_ids), choice=index)
                 yield index, out
                 if not out.finished:

@@ -47,6 +47,10 @@ class EngineError(RuntimeError):
     """A request failed inside the engine (its step raised)."""
 
 
+class StructuredOutputFailed(EngineError):
+    """A request's structured output could not be followed to its end (its grammar past a parser limit)."""
+
+
 class EngineStopped(EngineError):
     """The engine shut down before the request finished."""
 

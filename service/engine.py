@@ -15,6 +15,7 @@ layer per step.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -196,6 +197,7 @@ class StepOutput:
         logprobs: one entry per new token when the request asked for log-probabilities, else empty.
         prompt_logprobs: with the first completion token of a request that asked for its prompt's
             log-probabilities, one entry per prompt token after the first (the first has no context).
+        error: why an "abort" that nobody asked for ended the request (its grammar failed), else None.
     """
 
     request_id: str
@@ -208,6 +210,7 @@ class StepOutput:
     logprobs: tuple[TokenLogprobs, ...] = ()
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
     num_cached_tokens: int = 0
+    error: str | None = None
 
 
 class _Sequence:
@@ -881,7 +884,7 @@ class Engine:
         except GrammarFailed as exc:  # its output would break the grammar: ended as failed, not as whole
             log.warning("request %s: %s", seq.request_id, exc)
             self._release(seq)
-            return _output(seq, (), "", "abort")
+            return dataclasses.replace(_output(seq, (), "", "abort"), error=str(exc))
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             reason = "stop"

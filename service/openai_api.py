@@ -32,7 +32,13 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException
 
-from service.async_engine import DeviceUnavailable, EngineError, EngineStopped, RequestTimeout
+from service.async_engine import (
+    DeviceUnavailable,
+    EngineError,
+    EngineStopped,
+    RequestTimeout,
+    StructuredOutputFailed,
+)
 from service.engine import QueueFull
 from service.sampling import (
     MAX_LOGIT_BIAS,
@@ -901,6 +907,9 @@ def _as_api_error(exc: BaseException) -> APIError:
         return APIError(503, f"expert device {exc.device} failed while serving this request; its experts "
                         "are being moved to the other devices: retry the request", type="service_unavailable_error",
                         code="device_unavailable")
+    if isinstance(exc, StructuredOutputFailed):  # (the request's grammar: too large for the parser to follow)
+        return APIError(400, f"the structured output could not be followed to its end: {exc}; simplify it",
+                        code="structured_output_failed")
     if isinstance(exc, EngineError):
         return APIError(500, "the model failed while generating this request", type="server_error")
     log.error("internal error", exc_info=exc)

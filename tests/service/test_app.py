@@ -766,3 +766,19 @@ def test_a_schema_the_grammar_cannot_compile_is_a_400_naming_where_it_came_from(
     for choice, param in (("required", "tools"), ("auto", "response_format")):
         request = ChatCompletionRequest.model_validate({**chat, "tools": tools, "tool_choice": choice})
         assert _grammar_param(request.use_tool_format("hermes")) == param
+
+
+def test_a_grammar_the_parser_gives_up_on_mid_completion_is_a_400_saying_so(tokenizer):
+    """A grammar past llguidance's parser limits fails its request mid-completion (it used to end as "stop" with
+    output breaking the grammar); the client is told why (a 400 naming the structured output, streamed as the
+    error event), not a bare 500 "the model failed"."""
+    alternatives = " | ".join(f'"item{i}"' for i in range(12_000))
+    with served(_start_engine(tokenizer, max_num_seqs=4), max_body_bytes=1 << 20) as url:
+        body = {"model": MODEL, "prompt": "Pick one:", "max_tokens": 8, "temperature": 0,
+                "structured_outputs": {"grammar": f"start: {alternatives}"}}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == "structured_output_failed", error
+        assert "grammar failed" in error["message"] and "item11999" not in error["message"]
+        assert httpx.post(f"{url}/v1/completions", json={**body, "structured_outputs": {"choice": ["a", "b"]}},
+                          timeout=60).status_code == 200

@@ -341,7 +341,7 @@ class _Server:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except ValueError as exc:  # the grammar does not compile: name what it came from (it said nothing)
             if body.grammar is not None and str(exc).startswith("invalid structured output"):
-                raise APIError(400, str(exc), param=_grammar_param(body)) from None
+                raise APIError(400, str(exc), param=body.grammar_source[1]) from None
             raise
         except EngineError:
             timer.finish("error", fmt.prompt_tokens)
@@ -441,15 +441,6 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
-
-
-def _grammar_param(body: CompletionRequest | ChatCompletionRequest) -> str:
-    """The parameter a request's grammar comes from (as `service.openai_api` builds it): a forced tool call's
-    schemas, else the structured output, else the response format."""
-    tools = body.tool_setup if isinstance(body, ChatCompletionRequest) else None
-    if tools is not None and tools.choice != "auto":
-        return "tools"
-    return "structured_outputs" if body.structured_outputs is not None else "response_format"
 
 
 async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,

@@ -267,12 +267,9 @@ class Coordinator:
         else:
             # A device without slots was lost and waits to rejoin (the coordinator before may have died before
             # readmitting it): a full re-plan gives it its share; incremental ones keep slot counts.
-            idle = {d for d in range(recovered.num_devices) if not recovered.experts_on(d)}
+            idle = self._readmit_idle(recovered, range(recovered.num_devices))
             if idle:
-                log.info("devices %s hold no expert of the recovered placement: readmitting them", sorted(idle))
-                with self._lock:
-                    self._lost |= idle
-                    self._rejoin |= idle
+                log.info("devices %s hold no expert of the recovered placement: readmitting them", idle)
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
@@ -607,10 +604,10 @@ class Coordinator:
         with self._lock:
             if not self._unreconciled or self._pending_drops is not None or self._clock() < self._reconcile_after:
                 return
-            current, lost = self._placement, set(self._lost)
+            current = self._placement
         # the devices not lost, each within probe_timeout_s (a lost or hung one held up the loop for call_timeout_s,
         # and postponed every device's reconciliation while it stayed lost); those that do not answer: next time
-        live = [d for d in range(self.pool.num_devices) if d not in lost]
+        live = self._live_devices()
         held = self.pool.held_of(live, self.config.probe_timeout_s)
         extras = {d: sorted(keys - current.experts_on(d)) for d, keys in held.items()
                   if keys - current.experts_on(d)}
@@ -692,6 +689,20 @@ class Coordinator:
             self._restart(device)
         return lost
 
+    def _readmit_idle(self, placement: pl.Placement, devices) -> list[int]:
+        """Mark those of ``devices`` that hold no expert of ``placement`` lost and rejoining, so a full re-plan gives
+        them their share (incremental ones keep slot counts: they would stay idle for good); returns them."""
+        idle = sorted(d for d in devices if not placement.experts_on(d))
+        with self._lock:
+            self._lost |= set(idle)
+            self._rejoin |= set(idle)
+        return idle
+
+    def _live_devices(self) -> list[int]:
+        """The devices not lost."""
+        with self._lock:
+            return [d for d in range(self.pool.num_devices) if d not in self._lost]
+
     def _reload_all(self) -> None:
         """Every worker is lost (a one-device app whose worker crashed, all workers on one node that failed, the OOM
         killer): no survivor holds an expert to re-place. Restart each one (Ray may already have restarted its process,
@@ -731,11 +742,8 @@ class Coordinator:
                     self._rejoin -= set(down)
                     self._misses = [0] * len(self._misses)
                     self._pending_drops = None  # (the restarted workers hold only the placement's experts)
-                    # a device lost earlier (and out of the placement) is back but empty: readmitted by a full
-                    # re-plan, as after a restart of the coordinator (else idle for good)
-                    empty = {d for d in down if not placement.experts_on(d)}
-                    self._lost |= empty
-                    self._rejoin |= empty
+                # a device lost earlier (out of the placement) is back but empty, as after a coordinator restart
+                self._readmit_idle(placement, down)
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
@@ -842,9 +850,7 @@ class Coordinator:
         probe_timeout_s: one worker lost or dying no longer freezes every GPU's readings (the coordinator kept its
         last list while any call failed, so VibeGPUHot could not see a survivor heat up), and a lost device's
         readings are dropped instead of shown as they last were."""
-        with self._lock:
-            live = [d for d in range(self.pool.num_devices) if d not in self._lost]
-        readings = self.pool.telemetry_of(live, self.config.probe_timeout_s)
+        readings = self.pool.telemetry_of(self._live_devices(), self.config.probe_timeout_s)
         with self._lock:
             self._telemetry = [readings[d] for d in sorted(readings)]
 

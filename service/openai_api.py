@@ -266,14 +266,19 @@ class _SamplingFields(SamplingControls):
     structured_outputs: StructuredOutputs | None = None
 
     @functools.cached_property
-    def grammar(self) -> str | None:
-        """The structured output, or forced tool call, as grammar text (None: free text); built once per
-        request, whatever its number of prompts.
+    def grammar_source(self) -> tuple[str | None, str | None]:
+        """The structured output, or forced tool call, as grammar text (None: free text), and the parameter it
+        comes from (what an error compiling it names); built once per request, whatever its number of prompts.
 
         Raises:
             APIError: 400 for a grammar that cannot be built or a combination that is not allowed.
         """
         return _grammar(self)
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar text of `grammar_source`."""
+        return self.grammar_source[0]
 
     @field_validator(*_NEUTRAL, mode="before", check_fields=False)
     @classmethod
@@ -590,10 +595,10 @@ def _keeps_tags(request: CompletionRequest | ChatCompletionRequest) -> bool:
             or request._keep_think_tags)
 
 
-def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
-    """The request's structured output, or its forced tool call, as grammar text (None: free text). With
-    tools that the model may call or not, a JSON response format constrains the answer it gives instead
-    of a call (OpenAI's tools with ``response_format``)."""
+def _grammar(request: CompletionRequest | ChatCompletionRequest) -> tuple[str | None, str | None]:
+    """The request's structured output, or its forced tool call, as grammar text (None: free text), and the
+    parameter it comes from. With tools that the model may call or not, a JSON response format constrains the
+    answer it gives instead of a call (OpenAI's tools with ``response_format``)."""
     fmt, structured = request.response_format, request.structured_outputs
     if fmt is not None and fmt.type != "text" and structured is not None:
         raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
@@ -608,14 +613,15 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
         if request.min_tokens:
             raise APIError(400, "min_tokens cannot be combined with a forced tool call or tools with a response "
                            "format", param="min_tokens")
-        return tools.grammar(answer if tools.choice == "auto" else None)
+        return tools.grammar(answer if tools.choice == "auto" else None), (
+            "response_format" if tools.choice == "auto" else "tools")
     if structured is not None:
         kind, value = structured.spec()
         param = "structured_outputs"
     elif answer is not None:
         kind, value, param = "json", answer, "response_format"
     else:
-        return None
+        return None, None
     if request.min_tokens:
         raise APIError(400, f"min_tokens cannot be combined with {param}", param="min_tokens")
     try:
@@ -623,8 +629,8 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> str | None:
             # harmony: the JSON is the final message's, after the model's analysis (other kinds stay bare)
             schema = json.loads(value) if isinstance(value, str) else value
             if isinstance(schema, dict):
-                return answer_grammar(request._tool_format, schema, request._special_tags)
-        return grammar_from_spec(kind, value)
+                return answer_grammar(request._tool_format, schema, request._special_tags), param
+        return grammar_from_spec(kind, value), param
     except ValueError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from None
 

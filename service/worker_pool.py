@@ -279,9 +279,8 @@ class RayWorkerPool:
 
     def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]:
         """What those of ``devices`` that answer within ``timeout_s`` hold (the others left out)."""
-        devices = list(devices)
-        results, errors = self._gather([self._actors[d].held_experts.remote() for d in devices], devices, timeout_s)
-        return {d: {tuple(k) for k in r} for d, r in zip(devices, results) if d not in errors}
+        held = self._answers(devices, lambda a: a.held_experts.remote(), timeout_s)
+        return {d: {tuple(k) for k in keys} for d, keys in held.items()}
 
     def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
         return self._all(lambda a: a.profile.remote(list(token_counts), repeats), "profile")
@@ -291,9 +290,7 @@ class RayWorkerPool:
 
     def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]:
         """The telemetry of those of ``devices`` that answer within ``timeout_s`` (the others left out)."""
-        devices = list(devices)
-        results, errors = self._gather([self._actors[d].telemetry.remote() for d in devices], devices, timeout_s)
-        return {d: r for d, r in zip(devices, results) if d not in errors}
+        return self._answers(devices, lambda a: a.telemetry.remote(), timeout_s)
 
     def set_emulated_speed(self, device: int, factor: float) -> None:
         self._on({device: [factor]}, lambda a, f: a.set_emulated_speed.remote(f[0]), "set_emulated_speed")
@@ -336,6 +333,12 @@ class RayWorkerPool:
             raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {e}" for d, e in errors.items()),
                                   list(errors))
         return results
+
+    def _answers(self, devices: Sequence[int], call: Callable, timeout_s: float) -> dict[int, Any]:
+        """{device: result} of ``call`` on each of ``devices`` that answers within ``timeout_s``."""
+        devices = list(devices)
+        results, errors = self._gather([call(self._actors[d]) for d in devices], devices, timeout_s)
+        return {d: r for d, r in zip(devices, results) if d not in errors}
 
     def _gather(self, refs: list, devices: list[int], timeout_s: float | None = None) -> tuple[list[Any], dict[int, str]]:
         """The results of `refs` (None where one failed), and the error of each device whose call failed or

@@ -759,13 +759,13 @@ def test_a_schema_the_grammar_cannot_compile_is_a_400_naming_where_it_came_from(
         assert response.status_code == 400 and error["param"] == param, (path, error)
         assert error["message"].startswith("invalid structured output") and "bogus" in error["message"]
     # a forced call's grammar is its tools' (this model's context is too short for a tool prompt over HTTP)
-    from service.app import _grammar_param
     from service.openai_api import ChatCompletionRequest
 
     tools = [{"type": "function", "function": {"name": "f", "parameters": bogus}}]
-    for choice, param in (("required", "tools"), ("auto", "response_format")):
-        request = ChatCompletionRequest.model_validate({**chat, "tools": tools, "tool_choice": choice})
-        assert _grammar_param(request.use_tool_format("hermes")) == param
+    answer = {"response_format": {"type": "json_object"}}
+    for choice, extra, param in (("required", {}, "tools"), ("auto", answer, "response_format")):
+        request = ChatCompletionRequest.model_validate({**chat, "tools": tools, "tool_choice": choice, **extra})
+        assert request.use_tool_format("hermes").grammar_source[1] == param
 
 
 def test_a_grammar_the_parser_gives_up_on_mid_completion_is_a_400_saying_so(tokenizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 import torch
@@ -120,19 +121,10 @@ def test_a_grammar_is_compiled_off_the_step_loop_while_other_requests_run(tokeni
     """A large schema's first mask takes seconds; AsyncEngine builds the matcher on a worker thread, so the
     requests already running keep stepping (here: finish) while it is built."""
     import asyncio
-    import threading
 
     from service.async_engine import AsyncEngine
 
-    release, started = threading.Event(), threading.Event()
-    warmed = Grammars.warmed_matcher
-
-    def slow(self, grammar):
-        started.set()
-        assert release.wait(60)
-        return warmed(self, grammar)
-
-    monkeypatch.setattr(Grammars, "warmed_matcher", slow)
+    release, compiles = _held_compiles(monkeypatch)
     engine = AsyncEngine(_engine(tokenizer))
     engine.start()
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person."}])
@@ -143,7 +135,8 @@ def test_a_grammar_is_compiled_off_the_step_loop_while_other_requests_run(tokeni
     async def main():
         constrained = asyncio.ensure_future(collect("json", SamplingParams(
             max_tokens=120, temperature=0.0, grammar=grammar_from_spec("json", PERSON))))
-        await asyncio.to_thread(started.wait, 60)  # the matcher is being built, blocked
+        while not compiles:  # the matcher is being built, blocked
+            await asyncio.sleep(0.01)
         free = await collect("free", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
         assert not constrained.done()
         release.set()
@@ -158,6 +151,19 @@ def test_a_grammar_is_compiled_off_the_step_loop_while_other_requests_run(tokeni
     assert _is_person(json.loads(_text(constrained))) and constrained[-1].finish_reason == "stop"
     with pytest.raises(ValueError, match="invalid structured output"):  # still a ValueError for the app's 400
         asyncio.run(_first(AsyncEngine(_engine(tokenizer)), prompt))
+
+
+def _held_compiles(monkeypatch) -> tuple[threading.Event, list[tuple[str, str]]]:
+    """Grammar compiles wait for the returned event, each recorded as (grammar, thread name) when it starts."""
+    release, compiles, warmed = threading.Event(), [], Grammars.warmed_matcher
+
+    def held(self, grammar):
+        compiles.append((grammar, threading.current_thread().name))
+        assert release.wait(60)
+        return warmed(self, grammar)
+
+    monkeypatch.setattr(Grammars, "warmed_matcher", held)
+    return release, compiles
 
 
 async def _first(engine, prompt):
@@ -312,20 +318,10 @@ def test_requests_share_one_compile_on_the_engines_own_threads_and_a_compile_nob
     being compiled now wait for that compile, which runs on the AsyncEngine's GRAMMAR_THREADS threads, and a queued
     compile whose requests left is cancelled."""
     import asyncio
-    import threading
 
     from service.async_engine import GRAMMAR_THREADS, AsyncEngine
 
-    release = threading.Event()
-    compiles: list[tuple[str, str]] = []  # (grammar, thread name)
-    warmed = Grammars.warmed_matcher
-
-    def slow(self, grammar):
-        compiles.append((grammar, threading.current_thread().name))
-        assert release.wait(60)
-        return warmed(self, grammar)
-
-    monkeypatch.setattr(Grammars, "warmed_matcher", slow)
+    release, compiles = _held_compiles(monkeypatch)
     engine = AsyncEngine(_engine(tokenizer))
     engine.start()
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person."}])

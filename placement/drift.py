@@ -458,11 +458,12 @@ class DeviceDriftTracker:
         """A placement was planned (or judged not worth moving to) with these scales."""
         self._planned = np.array(scales, dtype=np.float64)
 
-    def reset(self) -> None:
-        """New profiled models: every scale back to 1, samples forgotten."""
-        self._scales[:] = 1.0
-        self._planned[:] = 1.0
-        self.detector.reset()
+    def reset(self, device: int | None = None) -> None:
+        """New profiled models: every scale (or ``device``'s) back to 1, samples forgotten."""
+        selected = slice(None) if device is None else int(_check_devices(np.array([device]), len(self._scales))[0])
+        self._scales[selected] = 1.0
+        self._planned[selected] = 1.0
+        self.detector.reset(device)
 
 
 def _check_devices(device: np.ndarray, num_devices: int) -> np.ndarray:

@@ -182,10 +182,10 @@ def _instrumented_classes():
             self.published: dict[int, float] = {}
             self.dropped: list[float] = []
 
-        def save_record(self, record: dict[str, Any]) -> None:
+        def save_record(self, record: dict[str, Any], devices=None) -> None:
             # The coordinator calls this right after it made `record` its placement (_publish).
             self.published.setdefault(int(record["version"]), time.perf_counter())
-            super().save_record(record)
+            super().save_record(record, devices)
 
         def drop(self, keys) -> None:
             # Phase 3 of a migration: old copies dropped after every engine acknowledged the version.

@@ -23,9 +23,11 @@ import torch
 
 import placement as pl
 from service.messages import EngineReport, SyncReply, WorkerInfo
-from service.worker_pool import WorkerCallError, WorkerPool, keys_by_device
+from service.worker_pool import WorkerCallError, WorkerPool, WorkerStartError, keys_by_device
 
 log = logging.getLogger(__name__)
+
+_RESTART_BACKOFF_MAX_S = 30.0  # longest wait between tries to restart a lost worker
 
 RECALIBRATION_MODES = ("auto", "incremental", "full")
 DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -243,14 +245,19 @@ class Coordinator:
         self._suspects: set[int] = set()  # devices an engine could not reach: probed at once, lost at one miss
         self._hidden_size: int | None = None  # of the model's experts, read from the checkpoint when first needed
         self._telemetry: list = []  # latest Telemetry of every worker (refreshed with the health probe)
+        self._unprofiled: set[int] = set()  # devices that never answered a profiling pass (down at startup)
+        self._restart_after: dict[int, tuple[float, int]] = {}  # device: (next try, tries) after failed restarts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- startup -----------------------------------------------------------------------------------
 
     def start(self, *, background: bool = True) -> None:
-        """Create or adopt workers, profile them, then recover or compute and load the placement."""
-        self._workers = self.pool.start()
+        """Create or adopt workers, profile them, then recover or compute and load the placement. Workers that do
+        not come up (their node is gone, no node has the resources) are lost from the start while any other does:
+        the app serves on the others and the loop keeps restarting them (a coordinator restarted after a node
+        failure failed at every Serve retry, and the app with it)."""
+        self._workers = self._start_workers()
         self._profile()
         recovered, newest = self._recover()
         if newest != 0:  # the app ran before (or its records could not be read): its engines may still serve
@@ -267,22 +274,39 @@ class Coordinator:
         else:
             # A device without slots was lost and waits to rejoin (the coordinator before may have died before
             # readmitting it): a full re-plan gives it its share; incremental ones keep slot counts.
-            idle = self._readmit_idle(recovered, range(recovered.num_devices))
+            # (those down since start are restarted first: they are lost, not idle)
+            idle = self._readmit_idle(recovered, self._live_devices())
             if idle:
                 log.info("devices %s hold no expert of the recovered placement: readmitting them", idle)
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
 
+    def _start_workers(self) -> list[WorkerInfo]:
+        try:
+            return self.pool.start()
+        except WorkerStartError as exc:
+            up = [d for d, info in enumerate(exc.infos) if info is not None]
+            if not up:
+                raise
+            down = [d for d, info in enumerate(exc.infos) if info is None]
+            log.warning("serving on devices %s without devices %s, restarted until they come up: %s", up, down, exc)
+            with self._lock:
+                self._lost |= set(down)
+                self._unprofiled |= set(down)
+            # (no address: engines reach a device only for the experts placed on it, and none is while it is lost)
+            return [info or WorkerInfo(d, "", "", None, "", "", False) for d, info in enumerate(exc.infos)]
+
     def _recover(self, attempts: int = 3) -> tuple[pl.Placement | None, int | None]:
         """Adopt the newest placement recorded on the workers if the workers really hold it.
 
         Returns it (None if there is none to adopt) and the newest version recorded (0 if none, None if the
         workers could not say: asked `attempts` times, health_interval_s apart)."""
+        live = self._live_devices()
         for attempt in range(1, attempts + 1):
             try:
-                records = self.pool.load_records()
-                held = self.pool.held()
+                records = self.pool.load_records(live)
+                held = self.pool.held(live)
                 break
             except WorkerCallError as exc:
                 if attempt == attempts:
@@ -302,12 +326,35 @@ class Coordinator:
         return None, newest
 
     def _profile(self) -> list[pl.DeviceModel]:
-        samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats)
-        models = [pl.DeviceModel.fit(s.tokens, s.seconds) for s in samples]
+        """Profile the devices not lost: their new models replace the refined ones. A lost device keeps its model;
+        one never profiled (down since startup) stands in as the slowest profiled one until it rejoins."""
+        live = self._live_devices()
+        if not live:  # every device lost: nothing to profile, the models stay
+            with self._lock:
+                return list(self._profiled)
+        samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, live)
+        fitted = {d: pl.DeviceModel.fit(s.tokens, s.seconds) for d, s in zip(live, samples)}
         with self._lock:
-            self._profiled = models
+            slowest = max(fitted.values(), key=lambda m: float(m.latency(max(self.config.profile_token_counts))))
+            self._profiled = [fitted.get(d) or (slowest if d in self._unprofiled else self._profiled[d])
+                              for d in range(self.pool.num_devices)]
+            self._unprofiled -= set(fitted)
             self._devices.reset()
-        return models
+            return list(self._profiled)
+
+    def _profile_rejoining(self, devices: list[int]) -> None:
+        """Profile the devices among ``devices`` that never were (down since startup) before a plan uses them: their
+        stand-in model is a guess. Their samples alone; the others' refined models stay."""
+        with self._lock:
+            devices = sorted(set(devices) & self._unprofiled)
+        if not devices:
+            return
+        samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
+        with self._lock:
+            for device, sample in zip(devices, samples):
+                self._profiled[device] = pl.DeviceModel.fit(sample.tokens, sample.seconds)
+                self._devices.reset(device)
+            self._unprofiled -= set(devices)
 
     # --- what engines call -------------------------------------------------------------------------
 
@@ -526,8 +573,8 @@ class Coordinator:
         `placed`: (destination, keys) of each copy or load tried. They are dropped group by group, so a worker that
         does not answer keeps none of the others' copies; what could not be dropped (or was never placed, when a
         worker does not answer `held`) is left to `_reconcile`."""
-        try:
-            held = self.pool.held()
+        try:  # (the destinations only: a lost worker would hold this for call_timeout_s)
+            held = self.pool.held(sorted({dst for dst, _ in placed}))
         except WorkerCallError:  # a worker does not answer: try every group, the ones never placed fail
             held = None
         incomplete = []
@@ -548,8 +595,8 @@ class Coordinator:
         with self._lock:
             self._placement = placement
         record = placement.to_dict() | {"calibrated": self._calibrated}
-        try:
-            self.pool.save_record(record)
+        try:  # on the devices not lost (a lost one that Ray is restarting would hold this for call_timeout_s)
+            self.pool.save_record(record, self._live_devices())
         except WorkerCallError as exc:  # recovery is best effort; serving is not affected
             log.warning("could not record placement on workers: %s", exc)
 
@@ -855,11 +902,23 @@ class Coordinator:
             self._telemetry = [readings[d] for d in sorted(readings)]
 
     def _restart(self, device: int) -> None:
+        """Restart a lost device's worker; one that fails is tried again at the next probe, then backing off from
+        2 x health_interval_s to _RESTART_BACKOFF_MAX_S (a worker no node can host, its node gone, stays lost: each
+        try holds the loop while Ray says so)."""
+        next_try, failures = self._restart_after.get(device, (0.0, 0))
+        if self._clock() < next_try:
+            return
         try:
             info = self.pool.restart(device)
-        except Exception as exc:  # the next probe finds it still lost and tries again
-            log.warning("could not restart worker %d: %s", device, exc)
+        except Exception as exc:  # a later probe finds it still lost and tries again: the next one, then backing off
+            failures += 1
+            wait = 0.0 if failures == 1 else min(self.config.health_interval_s * 2 ** (failures - 1),
+                                                  _RESTART_BACKOFF_MAX_S)
+            self._restart_after[device] = (self._clock() + wait, failures)
+            log.warning("could not restart worker %d (%d tries; next in %.0f s or more): %s", device, failures, wait,
+                        exc)
             return
+        self._restart_after.pop(device, None)
         with self._lock:
             self._workers[device] = info
             self._workers_epoch += 1
@@ -876,6 +935,7 @@ class Coordinator:
             self._lost -= back
         uniform = self._uniform_loads() if self.window_loads() is None else None  # no traffic yet: as at startup
         try:
+            self._profile_rejoining(sorted(back))
             result = self.recalibrate(mode="full", force=True, loads=uniform,
                                       reason=f"device {', '.join(map(str, sorted(back)))} rejoined")
         except Exception as exc:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (moe layer, expert)
 
-_SHUTDOWN_TIMEOUT_S = 5.0  # how long a worker about to be killed has to close its sockets and remove its folder
+_SHUTDOWN_TIMEOUT_S = 5.0
+_PLACEABLE_CHECK_S = 2.0  # a restarted worker not up by then is checked for a node that can host it  # how long a worker about to be killed has to close its sockets and remove its folder
 
 
 class WorkerCallError(RuntimeError):
@@ -44,7 +45,8 @@ class WorkerStartError(WorkerCallError):
 
 
 class WorkerPool(Protocol):
-    """Control-plane operations on G workers, indexed 0..G-1 like placement devices."""
+    """Control-plane operations on G workers, indexed 0..G-1 like placement devices. ``devices``, where a call
+    takes it, limits the call to those workers (all by default): a coordinator leaves out the ones it lost."""
 
     num_devices: int
 
@@ -53,15 +55,16 @@ class WorkerPool(Protocol):
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None: ...
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int: ...
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None: ...
-    def held(self) -> dict[int, set[Key]]: ...
-    def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]: ...
+    def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]: ...
+    def profile(self, token_counts: Sequence[int], repeats: int,
+                devices: Sequence[int] | None = None) -> list[LatencySamples]: ...
     def telemetry(self) -> list[Telemetry]: ...
     def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]: ...
     def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]: ...
     def set_emulated_speed(self, device: int, factor: float) -> None: ...
     def inject_fault(self, device: int, operation: str) -> None: ...
-    def save_record(self, record: dict[str, Any]) -> None: ...
-    def load_records(self) -> list[dict[str, Any]]: ...
+    def save_record(self, record: dict[str, Any], devices: Sequence[int] | None = None) -> None: ...
+    def load_records(self, devices: Sequence[int] | None = None) -> list[dict[str, Any]]: ...
     def probe(self, timeout_s: float) -> list[WorkerInfo | None]: ...
     def restart(self, device: int) -> WorkerInfo: ...
     def shutdown(self) -> None: ...
@@ -147,26 +150,43 @@ class RayWorkerPool:
         import ray
 
         state, restarts = _actor_state(self._actors[device])
-        if state in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY") and restarts:
+        waiting = state in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")
+        # (first: a worker whose node died waits, RESTARTING, for a node that fits; that is no crash loop)
+        unplaceable = self._unplaceable() if waiting else None
+        if unplaceable:
+            return unplaceable
+        if waiting and restarts:
             self._stop([self._actors[device]], wait=False)
             return (f"its process died {restarts} time(s) while starting, and it was killed; its log says why "
                     f"(`ray logs actor --id {self._actors[device]._actor_id.hex()}`)")
         if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
-            wants = {"CPU": self.config.num_cpus, "GPU": self.config.num_gpus}
-            wants = {k: v for k, v in wants.items() if v}
-            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            wants = self._wants()
             asked = ", ".join(f"{v:g} {k}" for k, v in wants.items())
-            if not any(all(node.get(k, 0) >= v for k, v in wants.items()) for node in nodes):
-                total = ray.cluster_resources()
-                return (f"cannot be placed: it asks for {asked} and no node of the cluster has that much "
-                        f"(cluster: {', '.join(f'{total.get(k, 0):g} {k}' for k in wants)} in "
-                        f"{len(nodes)} node(s)); left pending")
             free = ray.available_resources()
             if not all(free.get(k, 0) >= v for k, v in wants.items()):
                 return (f"waiting for resources: it asks for {asked}, the cluster has "
                         f"{', '.join(f'{free.get(k, 0):g} {k}' for k in wants)} free; left pending")
             return f"still being created (state {state}); left pending"
         return f"{error} (actor state {state or 'unknown'})"
+
+    def _wants(self) -> dict[str, float]:
+        wants = {"CPU": self.config.num_cpus, "GPU": self.config.num_gpus}
+        return {k: v for k, v in wants.items() if v}
+
+    def _unplaceable(self) -> str | None:
+        """Why no live node of the cluster can host a worker (the resources it asks for and the cluster's), or
+        None when one can (now or once busy resources free up)."""
+        import ray
+
+        wants = self._wants()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(node.get(k, 0) >= v for k, v in wants.items()) for node in nodes):
+            return None
+        total = ray.cluster_resources()
+        asked = ", ".join(f"{v:g} {k}" for k, v in wants.items())
+        return (f"cannot be placed: it asks for {asked} and no node of the cluster has that much "
+                f"(cluster: {', '.join(f'{total.get(k, 0):g} {k}' for k in wants)} in {len(nodes)} node(s)); "
+                f"left pending")
 
     def _name(self, index: int) -> str:
         return f"{self.config.name_prefix}-{index}"
@@ -216,8 +236,18 @@ class RayWorkerPool:
         while True:  # the name is released asynchronously after the kill
             try:
                 self._actors[device] = self._create(device)
-                info = ray.get(self._actors[device].info.remote(), timeout=self.config.call_timeout_s)
+                ref = self._actors[device].info.remote()
+                # No node fits it (its node is gone): fail now, not after call_timeout_s; the caller retries later
+                # (every wait held the coordinator's loop, and with it every other worker's health probe).
+                while not ray.wait([ref], timeout=min(_PLACEABLE_CHECK_S, max(deadline - time.monotonic(), 0)))[0]:
+                    unplaceable = self._unplaceable()
+                    if unplaceable or time.monotonic() > deadline:
+                        raise WorkerCallError(f"restart of device {device} failed: "
+                                              f"{unplaceable or self._why_not_up(device, 'no answer')}", [device])
+                info = ray.get(ref, timeout=self.config.call_timeout_s)
                 break
+            except WorkerCallError:
+                raise
             except Exception as exc:
                 if time.monotonic() > deadline:
                     cause = getattr(exc, "cause", None) or exc
@@ -273,20 +303,22 @@ class RayWorkerPool:
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:
         self._on(keys, lambda a, k: a.drop_experts.remote(list(k)), "drop_experts")
 
-    def held(self) -> dict[int, set[Key]]:
-        held = self._all(lambda a: a.held_experts.remote(), "held_experts")
-        return {i: {tuple(k) for k in h} for i, h in enumerate(held)}
+    def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]:
+        devices = self._devices(devices)
+        held = self._each(devices, lambda a: a.held_experts.remote(), "held_experts")
+        return {d: {tuple(k) for k in h} for d, h in zip(devices, held)}
 
     def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]:
         """What those of ``devices`` that answer within ``timeout_s`` hold (the others left out)."""
         held = self._answers(devices, lambda a: a.held_experts.remote(), timeout_s)
         return {d: {tuple(k) for k in keys} for d, keys in held.items()}
 
-    def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
-        return self._all(lambda a: a.profile.remote(list(token_counts), repeats), "profile")
+    def profile(self, token_counts: Sequence[int], repeats: int,
+                devices: Sequence[int] | None = None) -> list[LatencySamples]:
+        return self._each(self._devices(devices), lambda a: a.profile.remote(list(token_counts), repeats), "profile")
 
     def telemetry(self) -> list[Telemetry]:
-        return self._all(lambda a: a.telemetry.remote(), "telemetry")
+        return self._each(self._devices(None), lambda a: a.telemetry.remote(), "telemetry")
 
     def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]:
         """The telemetry of those of ``devices`` that answer within ``timeout_s`` (the others left out)."""
@@ -298,11 +330,11 @@ class RayWorkerPool:
     def inject_fault(self, device: int, operation: str) -> None:
         self._on({device: [operation]}, lambda a, op: a.inject_fault.remote(op[0]), "inject_fault")
 
-    def save_record(self, record: dict[str, Any]) -> None:
-        self._all(lambda a: a.set_record.remote(record), "set_record")
+    def save_record(self, record: dict[str, Any], devices: Sequence[int] | None = None) -> None:
+        self._each(self._devices(devices), lambda a: a.set_record.remote(record), "set_record")
 
-    def load_records(self) -> list[dict[str, Any]]:
-        return [r for r in self._all(lambda a: a.get_record.remote(), "get_record") if r]
+    def load_records(self, devices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        return [r for r in self._each(self._devices(devices), lambda a: a.get_record.remote(), "get_record") if r]
 
     def probe(self, timeout_s: float) -> list[WorkerInfo | None]:
         """Each worker's current info, or None when it does not answer within `timeout_s`. A worker that
@@ -324,8 +356,11 @@ class RayWorkerPool:
         refs = [call(self._actors[d], per_device[d]) for d in devices]
         return self._wait(refs, devices, what)
 
-    def _all(self, call: Callable, what: str) -> list[Any]:
-        return self._wait([call(a) for a in self._actors], list(range(len(self._actors))), what)
+    def _devices(self, devices: Sequence[int] | None) -> list[int]:
+        return list(range(len(self._actors))) if devices is None else list(devices)
+
+    def _each(self, devices: list[int], call: Callable, what: str) -> list[Any]:
+        return self._wait([call(self._actors[d]) for d in devices], devices, what)
 
     def _wait(self, refs: list, devices: list[int], what: str) -> list[Any]:
         results, errors = self._gather(refs, devices)
@@ -396,14 +431,15 @@ class LocalWorkerPool:
             if k:
                 self._live(device).drop_experts(list(k))
 
-    def held(self) -> dict[int, set[Key]]:
-        return {i: {tuple(k) for k in self._live(i).held_experts()} for i in range(self.num_devices)}
+    def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]:
+        return {i: {tuple(k) for k in self._live(i).held_experts()} for i in self._devices(devices)}
 
     def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]:
         return {d: {tuple(k) for k in self.workers[d].held_experts()} for d in devices if d not in self._dead}
 
-    def profile(self, token_counts: Sequence[int], repeats: int) -> list[LatencySamples]:
-        return [self._live(i).profile(list(token_counts), repeats) for i in range(self.num_devices)]
+    def profile(self, token_counts: Sequence[int], repeats: int,
+                devices: Sequence[int] | None = None) -> list[LatencySamples]:
+        return [self._live(i).profile(list(token_counts), repeats) for i in self._devices(devices)]
 
     def telemetry(self) -> list[Telemetry]:
         return [self._live(i).telemetry() for i in range(self.num_devices)]
@@ -417,11 +453,20 @@ class LocalWorkerPool:
     def inject_fault(self, device: int, operation: str) -> None:
         self._live(device).inject_fault(operation)
 
-    def save_record(self, record: dict[str, Any]) -> None:
-        self._records = [dict(record) for _ in self.workers]
+    def save_record(self, record: dict[str, Any], devices: Sequence[int] | None = None) -> None:
+        devices = self._devices(devices)
+        for i in devices:  # (like Ray's: recorded on the workers that answer, the others named in the error)
+            if i not in self._dead:
+                self._records[i] = dict(record)
+        if self._dead & set(devices):
+            raise WorkerCallError(f"set_record failed on devices {sorted(self._dead & set(devices))}: dead",
+                                  sorted(self._dead & set(devices)))
 
-    def load_records(self) -> list[dict[str, Any]]:
-        return [r for r in self._records if r]
+    def load_records(self, devices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        devices = self._devices(devices)
+        for i in devices:
+            self._live(i)
+        return [self._records[i] for i in devices if self._records[i]]
 
     def probe(self, timeout_s: float) -> list[WorkerInfo | None]:
         infos = self.infos()
@@ -442,6 +487,9 @@ class LocalWorkerPool:
 
     def shutdown(self) -> None:
         self.workers = []
+
+    def _devices(self, devices: Sequence[int] | None) -> list[int]:
+        return list(range(self.num_devices)) if devices is None else list(devices)
 
     def _live(self, device: int):
         if device in self._dead:

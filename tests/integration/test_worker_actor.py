@@ -14,7 +14,7 @@ from service.emulator import EmulationConfig
 from service.messages import REPLY
 from service.transport import WorkerClient
 from service.worker import ExpertWorker, WorkerConfig
-from service.worker_pool import RayPoolConfig, RayWorkerPool, WorkerStartError
+from service.worker_pool import RayPoolConfig, RayWorkerPool, WorkerCallError, WorkerStartError
 from tests.service.test_experts import HIDDEN, make_expert
 
 ray = pytest.importorskip("ray")
@@ -163,6 +163,25 @@ def test_start_names_a_worker_no_node_can_place(actors):
         with pytest.raises(WorkerStartError, match=r"device 0: cannot be placed: it asks for 64 CPU and no node "
                                                    r"of the cluster has that much \(cluster: 2 CPU in 1 node"):
             pool.start()
+    finally:
+        pool.shutdown()
+
+
+def test_a_restart_no_node_can_place_fails_at_once(actors):
+    """A lost worker whose node is gone: its restart waited call_timeout_s (60 s by default) before failing, and the
+    coordinator retried it at every probe, its loop (every other worker's health probe) held all that time. It now
+    fails as soon as Ray shows no node can host it (with call_timeout_s this long, the old wait outlasts the test's
+    timeout)."""
+    from dataclasses import replace
+
+    pool = RayWorkerPool([WorkerConfig(index=0)],
+                         RayPoolConfig(name_prefix="test-restart-unplaceable", namespace="test-worker-pool",
+                                       detached=False))
+    pool.start()
+    try:
+        pool.config = replace(pool.config, num_cpus=64, call_timeout_s=3600)  # its node gone: none has 64 CPU
+        with pytest.raises(WorkerCallError, match=r"restart of device 0 failed: cannot be placed: it asks for 64 CPU"):
+            pool.restart(0)
     finally:
         pool.shutdown()
 

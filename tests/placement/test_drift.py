@@ -367,6 +367,18 @@ def test_tracker_due_is_given_once_and_planned_with_moves_its_origin():
     assert tracker.scales[0] == 1.0 and tracker.due() == {} and np.isnan(tracker.detector.ratios()[0])
 
 
+def test_tracker_resets_one_device_and_keeps_the_others():
+    """A device profiled again on its own (one that rejoined) starts from its new model; the others keep theirs."""
+    tracker = DeviceDriftTracker(2, threshold=0.1, min_samples=1, halflife=1)
+    tracker.detector.observe(np.array([0, 0, 1, 1]), 1e-3, np.array([1.3e-3, 1.3e-3, 1.2e-3, 1.2e-3]))
+    tracker.refit()
+    tracker.reset(1)
+    assert tracker.scales.tolist() == [pytest.approx(1.3), 1.0]
+    assert tracker.since_planned().tolist() == [pytest.approx(1.3), 1.0]
+    with pytest.raises(ValueError, match="device indices"):
+        tracker.reset(2)
+
+
 def test_calls_timed_at_zero_seconds_never_scale_a_device_to_nothing():
     """Observed seconds of 0 are allowed; their level of 0 was applied, the scale became 0, and the coordinator's
     next `model.scaled(0.0)` and predictions at 0 s raised (an audit's repro)."""

@@ -19,7 +19,7 @@ from service.messages import EngineReport
 from service.placement_sync import PlacementSync, worker_channels
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
-from service.worker_pool import LocalWorkerPool, WorkerCallError
+from service.worker_pool import LocalWorkerPool, WorkerCallError, WorkerStartError
 from tests.tiny_models import save_tiny_model
 
 SPEEDS = (1.0, 1.0, 1.0, 0.7)
@@ -186,11 +186,11 @@ class RecordsFailPool(LocalWorkerPool):
 
     failures = 0
 
-    def load_records(self):
+    def load_records(self, devices=None):
         if self.failures:
             self.failures -= 1
             raise WorkerCallError("get_record failed on device 2: GetTimeoutError", [2])
-        return super().load_records()
+        return super().load_records(devices)
 
 
 def _migrated_to_version_4(checkpoint: str) -> tuple[RecordsFailPool, object]:
@@ -292,9 +292,9 @@ class FlakyPool(LocalWorkerPool):
             self.kill(self.flaky)
         return super().copy(transfers)
 
-    def held(self):
+    def held(self, devices=None):
         try:
-            return super().held()
+            return super().held(devices)
         finally:
             if self.flaky is not None:  # ... then answers again (it was only stalled)
                 self._dead.discard(self.flaky)
@@ -371,6 +371,81 @@ def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoi
     assert not second.placement.experts_on(dead)
     second._readmit()
     assert second.placement.experts_on(dead) and second.stats_view()["lost_devices"] == []
+
+
+class DownAtStartPool(ServedPool):
+    """Workers of which those in `down` never come up (their node is gone: no node can host them) until
+    `unrestartable` is emptied; counts restarts and the devices each profiling pass asks."""
+
+    def __init__(self, workers, down):
+        super().__init__(workers)
+        self.down = set(down)
+        self.unrestartable |= self.down
+        self.restarts, self.profiled = 0, []
+
+    def start(self):
+        for device in self.down:
+            self.kill(device)
+        infos = [None if d in self.down else info for d, info in enumerate(self.infos())]
+        raise WorkerStartError(f"{len(self.down)} of {self.num_devices} workers did not start: device "
+                               f"{min(self.down)}: cannot be placed", sorted(self.down), infos)
+
+    def restart(self, device):
+        self.restarts += 1
+        info = super().restart(device)
+        self.down.discard(device)
+        return info
+
+    def profile(self, token_counts, repeats, devices=None):
+        self.profiled.append(None if devices is None else list(devices))
+        return super().profile(token_counts, repeats, devices)
+
+
+def test_a_coordinator_serves_without_a_worker_that_cannot_be_placed_until_it_comes_up(checkpoint):
+    """A coordinator restarted after a node failure, its workers there waiting for a node that fits: its start
+    raised at every Serve retry, and the app with it. It now serves on the workers that came up (their records and
+    holdings read, the others not asked), backs off its tries to restart the missing one, and gives it its share,
+    profiled, once it comes up."""
+    clock = _Clock()
+    down = 2
+    pool = DownAtStartPool(_workers(checkpoint), down=[down])
+    hidden_size = load_layout(checkpoint).hidden_size
+    try:
+        first = _coordinator(checkpoint, pool, clock=clock)
+        assert first.stats_view()["lost_devices"] == [down] and not first.placement.experts_on(down)
+        assert pool.profiled == [[0, 1, 3]]
+        counts = _skewed(first.shape, 5)
+        _report(first, counts, passes=30)
+        assert first.recalibrate(mode="full", force=True)["status"] == "applied"
+        _report(first, counts)
+        first._finish_drops(wait=True)
+        placement = first.placement
+        assert placement.version == 2 and not placement.experts_on(down) and _holds(pool, placement)
+        assert all(set(placement.phy2log[layer].tolist()) == set(range(first.shape.num_experts))
+                   for layer in range(placement.num_layers))
+        first.stop()
+        # a restarted coordinator, the device still down: the placement recorded on the others is adopted
+        coordinator = _coordinator(checkpoint, pool, clock=clock)
+        assert coordinator.placement.version == 2 and coordinator.stats_view()["lost_devices"] == [down]
+        workers, epoch = coordinator.workers()
+        context = DispatchContext(coordinator.placement, worker_channels(workers, None, 5.0), workers_epoch=epoch)
+        _every_expert_step(context, coordinator.shape, hidden_size)  # served on the other three
+        # restarts: at the next probe, then backing off
+        assert coordinator.check_workers() == [] and pool.restarts == 1
+        assert coordinator.check_workers() == [] and pool.restarts == 2
+        assert coordinator.check_workers() == [] and pool.restarts == 2
+        clock.offset += 60.0
+        pool.unrestartable.clear()  # a node that fits joined
+        assert coordinator.check_workers() == [] and pool.restarts == 3 and coordinator._rejoin == {down}
+        coordinator._readmit()
+        assert coordinator.placement.experts_on(down) and coordinator.stats_view()["lost_devices"] == []
+        assert pool.profiled[-1] == [down]  # profiled before its share was planned: its stand-in model was a guess
+        models = coordinator.device_models()
+        at = max(PROFILE_TOKENS)
+        assert abs(models[down].latency(at) / models[0].latency(at) - 1) < 0.1  # as fast as device 0 (speed 1.0)
+        assert models[3].latency(at) > 1.2 * models[down].latency(at)  # the stand-in was the slowest (0.7)
+    finally:
+        pool.close()
 
 
 def test_the_migration_benchmark_prices_experts_at_the_bytes_its_workers_move(tmp_path):

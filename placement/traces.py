@@ -56,7 +56,11 @@ def trace_names(directory: Path | None = None) -> list[str]:
 
 
 def load_trace(path: str | Path) -> Trace:
-    """Read one `.npz` trace; ValueError if its counts are not a non-negative finite [L, E] array."""
+    """Read one `.npz` trace; ValueError if its counts are not a non-negative [L, E] array of whole numbers.
+
+    Counts are router token counts (int64): a float trace of whole numbers is taken, one with fractions
+    (e.g. normalized shares) is refused rather than truncated (a layer of shares would load as zeros).
+    """
     path = Path(path)
     with np.load(path) as data:
         if "counts" not in data:
@@ -67,6 +71,9 @@ def load_trace(path: str | Path) -> Trace:
         raise ValueError(f"{path}: counts must be a non-empty [L, E] array, got shape {counts.shape}")
     if not np.all(np.isfinite(counts)) or np.any(counts < 0):
         raise ValueError(f"{path}: counts must be finite and >= 0")
+    if np.any(counts != np.floor(counts)):
+        raise ValueError(f"{path}: counts must be whole token counts, got fractions (a normalized trace? "
+                         "store the raw counts)")
     counts = counts.astype(np.int64)
     counts.setflags(write=False)
     return Trace(path.stem, counts, meta)

@@ -50,6 +50,15 @@ def test_load_trace_rejects_bad_counts(tmp_path, counts):
         load_trace(tmp_path / "bad.npz")
 
 
+def test_load_trace_refuses_fractional_counts_rather_than_truncating_them(tmp_path):
+    """A normalized trace (shares, not counts) would load as zeros: layer 0 here would lose all its load."""
+    _write_trace(tmp_path / "normalized.npz", [[0.4, 0.3, 0.2, 0.1], [2.9, 1.9, 0.9, 0.5]])
+    with pytest.raises(ValueError, match="normalized.npz.*whole"):
+        load_trace(tmp_path / "normalized.npz")
+    _write_trace(tmp_path / "whole.npz", [[4.0, 0.0], [2.0, 1.0]])  # whole numbers stored as floats load
+    assert load_trace(tmp_path / "whole.npz").counts.tolist() == [[4, 0], [2, 1]]
+
+
 def test_load_traces_is_sorted_by_name(tmp_path):
     for name in ("b", "a", "c"):
         _write_trace(tmp_path / f"{name}.npz", [[1, 2]])

@@ -26,7 +26,9 @@ from tqdm import tqdm
 from load_tests.workloads import Prompt
 
 # Streams of the trace's random generator: arrivals and prompt choice never share draws, so one seed gives
-# the same prompts at every rate (arrivals are a unit-rate Poisson process scaled by 1 / rate).
+# the same prompts at every rate. Arrivals are drawn given their count (make_trace): one seed gives the same
+# pattern, scaled to the duration, only to traces of the same count (rate x duration); other counts draw other
+# patterns, not this one scaled by 1 / rate.
 _ARRIVALS, _CHOICES = 0, 1
 
 
@@ -169,7 +171,8 @@ class RunRecord:
         polls: {"t": seconds after start, "version", "imbalance_per_layer", "devices"} per /admin/stats poll.
         recalibrations: every recalibration record seen by the polls (deduplicated), without its moves.
         step_seconds: {"sum", "count"} of the engine step-time histogram over the run (from /metrics).
-        events: {"name", "t"} of every scheduled event, `t` when it completed (seconds after start).
+        events: {"name", "t"} of every scheduled event, `t` when it completed (seconds after start); an event
+            whose action raised also has "error" (what it raised), `t` when it failed.
     """
 
     started_wall: float
@@ -190,31 +193,40 @@ async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str
         raise ValueError("the trace has no requests (raise the rate or the duration)")
     client = openai.AsyncOpenAI(base_url=f"{config.base_url}/v1", api_key="unused", max_retries=0,
                                 timeout=config.request_timeout_s)
-    async with httpx.AsyncClient(base_url=config.base_url, timeout=30) as http:
-        await warm_up(client, config, trace[0])
-        steps_before = await scrape_step_seconds(http)
-        record = RunRecord(started_wall=time.time())
-        start = time.monotonic()
-        bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False)
-        poller = asyncio.create_task(_poll_admin(http, config, record, start))
-        tasks = [asyncio.create_task(_send_at(client, config, spec, start, bar)) for spec in trace]
-        scheduled = [asyncio.create_task(_run_event(event, start, record)) for event in events]
-        done, pending = await asyncio.wait(tasks, timeout=trace[-1].arrival_s + config.drain_s)
-        for task in pending:
-            task.cancel()
-        results = [t.result() if t in done else None for t in tasks]
-        record.duration_s = time.monotonic() - start
-        record.results = [r if r is not None else _cut_off(spec) for r, spec in zip(results, trace)]
-        bar.close()
-        await asyncio.gather(*scheduled)
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
-        await _poll_once(http, config, record, start)
-        steps_after = await scrape_step_seconds(http)
-        record.step_seconds = {k: steps_after[k] - steps_before[k] for k in steps_after}
-    await client.close()
+    poller = None
+    try:
+        async with httpx.AsyncClient(base_url=config.base_url, timeout=30) as http:
+            await warm_up(client, config, trace[0])
+            steps_before = await scrape_step_seconds(http)
+            record = RunRecord(started_wall=time.time())
+            start = time.monotonic()
+            bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False)
+            poller = asyncio.create_task(_poll_admin(http, config, record, start))
+            tasks = [asyncio.create_task(_send_at(client, config, spec, start, bar)) for spec in trace]
+            scheduled = [asyncio.create_task(_run_event(event, start, record)) for event in events]
+            done, pending = await asyncio.wait(tasks, timeout=trace[-1].arrival_s + config.drain_s)
+            for task in pending:
+                task.cancel()
+            results = [t.result() if t in done else None for t in tasks]
+            record.duration_s = time.monotonic() - start
+            record.results = [r if r is not None else _cut_off(spec) for r, spec in zip(results, trace)]
+            bar.close()
+            await asyncio.gather(*scheduled)  # never raises: _run_event records a failed action
+            await _stop(poller)
+            await _poll_once(http, config, record, start)
+            steps_after = await scrape_step_seconds(http)
+            record.step_seconds = {k: steps_after[k] - steps_before[k] for k in steps_after}
+    finally:  # also when the run raised: no poller left polling a closed client, no connections left open
+        if poller is not None:
+            await _stop(poller)
+        await client.close()
     return record
+
+
+async def _stop(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def warm_up(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec) -> None:
@@ -233,8 +245,16 @@ class Event:
 
 
 async def _run_event(event: Event, start: float, record: RunRecord) -> None:
+    """Run one event at its time and record it. A failing action (e.g. drift's throttle POST answered with an
+    error) is recorded with its error, never raised: raised, it surfaced only after every request had finished
+    and made run_trace discard the run's measurements (an audit); the caller judges the run by its events."""
     await asyncio.sleep(max(0.0, start + event.at_s - time.monotonic()))
-    await event.action()
+    try:
+        await event.action()
+    except Exception as exc:  # noqa: BLE001 - any failure of the action is the event's outcome, not the run's
+        record.events.append({"name": event.name, "t": time.monotonic() - start,
+                              "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+        return
     record.events.append({"name": event.name, "t": time.monotonic() - start})
 
 
@@ -252,9 +272,10 @@ async def _send_at(client: openai.AsyncOpenAI, config: ClientConfig, spec: Reque
 
 async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec,
                        start: float) -> RequestResult:
-    """One streamed chat completion, timed from now; failures are recorded, never raised. The whole request is
-    bounded by `config.request_timeout_s` (the client's own timeout bounds each read only: a stream that keeps
-    sending ran past it)."""
+    """One streamed chat completion, timed from now; failures are recorded, never raised (any exception, as
+    vLLM's benchmark_serving counts it: one malformed SSE chunk raising json.JSONDecodeError made run_trace raise
+    and lose every result of the run, an audit). The whole request is bounded by `config.request_timeout_s` (the
+    client's own timeout bounds each read only: a stream that keeps sending ran past it)."""
     sent = time.monotonic()
     first = None
     usage = None
@@ -268,7 +289,7 @@ async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: R
                 if first is None and chunk.choices and chunk.choices[0].delta.content:
                     first = time.monotonic()
                 usage = chunk.usage or usage
-    except (openai.APIError, httpx.HTTPError, TimeoutError) as exc:
+    except Exception as exc:  # noqa: BLE001 - API and HTTP errors, timeouts, a malformed chunk: this request fails
         return RequestResult(spec.index, spec.prompt.workload, sent - start, None, None, 0, 0, _describe(exc))
     end = time.monotonic()
     error = None if usage is not None and first is not None else "incomplete stream (no content or no usage)"

@@ -83,7 +83,8 @@ FIRST_TOKEN_S, GAP_S = 0.15, 0.02
 
 def _fake_app() -> FastAPI:
     """Streams `max_tokens` one-token chunks: role chunk at once, first content after FIRST_TOKEN_S, then one
-    per GAP_S, then usage. Model "missing" is a 404; a prompt "hang" never sends content."""
+    per GAP_S, then usage. Model "missing" is a 404; a prompt "hang" never sends content; a prompt "badjson" sends
+    one content chunk, then one that is not JSON."""
     app = FastAPI()
     app.state.polls = 0
 
@@ -104,6 +105,10 @@ def _fake_app() -> FastAPI:
             yield chunk({"role": "assistant", "content": ""})
             if body["messages"][-1]["content"] == "hang":
                 await asyncio.sleep(60)
+            if body["messages"][-1]["content"] == "badjson":
+                yield chunk({"content": "x"})
+                yield "data: {not json\n\n"
+                return
             await asyncio.sleep(FIRST_TOKEN_S)
             for i in range(body["max_tokens"]):
                 if i:
@@ -166,6 +171,30 @@ def test_events_run_at_their_time_and_are_recorded(fake_url):
     record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), [_spec(0, 0.0, "a", 2)],
                                    progress=False, events=[Event("throttle", 0.2, action)]))
     assert done == [True] and record.events[0]["name"] == "throttle" and record.events[0]["t"] >= 0.2
+
+
+def test_a_failing_event_is_recorded_and_the_runs_results_are_kept(fake_url):
+    """A scheduled action that raised (drift's throttle POST answered with an error) surfaced only after every
+    request had finished, from run_trace, which lost the run's results (an audit)."""
+    async def action() -> None:
+        raise RuntimeError("admin said no")
+
+    trace = [_spec(0, 0.0, "a", 2), _spec(1, 0.3, "b", 2)]
+    record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), trace, progress=False,
+                                   events=[Event("throttle", 0.1, action)]))
+    assert [r.error for r in record.results] == [None, None]
+    (event,) = record.events
+    assert event["name"] == "throttle" and event["error"] == "RuntimeError: admin said no" and event["t"] >= 0.1
+
+
+def test_an_unexpected_exception_fails_its_request_not_the_run(fake_url):
+    """A malformed SSE chunk raised json.JSONDecodeError, which send_request let through: run_trace raised and
+    every result of the run was lost (an audit). vLLM's benchmark_serving counts any exception as one failure."""
+    trace = [_spec(0, 0.0, "a", 3), _spec(1, 0.05, "badjson", 3), _spec(2, 0.1, "c", 3)]
+    record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), trace, progress=False))
+    ok, bad, after = record.results
+    assert ok.error is None and after.error is None and after.output_tokens == 3
+    assert bad.error.startswith("JSONDecodeError") and bad.ttft_s is None and bad.output_tokens == 0
 
 
 def test_http_errors_are_recorded_not_raised(fake_url):

@@ -198,8 +198,10 @@ def exact_makespan(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_red
         raise ValueError(f"exact_makespan handles E <= {MAX_EXACT_EXPERTS} and G <= {MAX_EXACT_DEVICES}, "
                          f"got E={num_experts}, G={num_devices}")
     model = _replica_milp if num_redundant else _assignment_milp
-    return np.array([model(layer_loads, params, int(slots[0])) if layer_loads.any() else 0.0
-                     for layer_loads in loads])
+    # A layer no expert costs anything in (no load, or curves of zero cost) has makespan 0; the MILPs
+    # scale by the costliest expert and could not.
+    return np.array([model(layer_loads, params, int(slots[0])) if latency_matrix(layer_loads, params).any()
+                     else 0.0 for layer_loads in loads])
 
 
 def _assignment_milp(loads: np.ndarray, params: np.ndarray, per_device: int) -> float:

@@ -104,6 +104,14 @@ def test_replicas_can_only_lower_the_optimum():
     assert lower_bound(loads, devices, num_redundant=2)[0] <= with_replicas
 
 
+@pytest.mark.filterwarnings("error")  # the MILPs scaled by the costliest expert, 0 here: NaN rows, a warning
+@pytest.mark.parametrize("num_redundant", [0, 2])
+def test_exact_makespan_of_devices_that_cost_nothing_is_zero(num_redundant):
+    free = [DeviceModel(0.0, 0.0, 0.0)] * 2
+    loads = np.array([[5.0, 3.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert exact_makespan(loads, free, num_redundant=num_redundant).tolist() == [0.0, 0.0]
+
+
 def test_bound_is_the_fluid_split_for_linear_identical_devices():
     linear = DeviceModel(fixed=0.0, knee=0.0, slope=1e-6)
     loads = np.full((3, 16), 1000.0)

@@ -19,12 +19,15 @@ import numpy as np
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float [L]: 1 - cos(a[l], b[l]) per row of two [L, E] arrays.
 
-    Rows where either side is all zero give 0: without load there is nothing to compare.
+    Rows where either side is all zero give 0: without load there is nothing to compare. ValueError on a
+    NaN or infinite entry (its row would read as 0, "no drift").
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"need two [L, E] arrays of the same shape, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("cosine_distance needs finite loads")
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cos = np.divide((a * b).sum(axis=1), norms, out=np.ones(a.shape[0]), where=norms > 0)
     return np.clip(1.0 - cos, 0.0, 2.0)

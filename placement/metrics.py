@@ -128,8 +128,13 @@ def makespan(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceMo
 
 
 def imbalance(times: np.ndarray) -> np.ndarray:
-    """float [...]: max / mean over the last axis (1.0 is perfect balance; all-zero rows give 1.0)."""
+    """float [...]: max / mean over the last axis (1.0 is perfect balance; all-zero rows give 1.0).
+
+    ValueError on a NaN or infinite time (a NaN row would read as 1.0, perfectly balanced).
+    """
     times = np.asarray(times, dtype=np.float64)
+    if not np.isfinite(times).all():
+        raise ValueError("imbalance needs finite times")
     mean = times.mean(axis=-1)
     return np.divide(times.max(axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
 

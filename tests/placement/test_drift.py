@@ -15,6 +15,15 @@ def test_cosine_distance_basics():
         cosine_distance(a, b[:2])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_cosine_distance_refuses_loads_that_are_not_finite(bad):
+    """A NaN row gave distance 0.0, "no drift"."""
+    a = np.array([[1.0, bad], [1.0, 1.0]])
+    for x, y in ((a, np.ones((2, 2))), (np.ones((2, 2)), a)):
+        with pytest.raises(ValueError, match="finite"):
+            cosine_distance(x, y)
+
+
 def test_no_report_on_stationary_noise():
     rng = np.random.default_rng(0)
     detector = WorkloadDriftDetector(REFERENCE)

@@ -128,6 +128,17 @@ def test_predicted_times_refuse_loads_that_are_not_token_counts(loads):
         device_times(placement, np.array([[500.0, 1, 1, 1]]), devices, activity=np.array([[0.0, 1, 1, 1]]))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_imbalance_refuses_times_that_are_not_finite(bad):
+    """A NaN row read as 1.0, perfectly balanced."""
+    from placement.metrics import barrier_idle, imbalance
+
+    assert imbalance(np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])).tolist() == [2.0, 1.0]
+    for call in (imbalance, barrier_idle):
+        with pytest.raises(ValueError, match="finite"):
+            call(np.array([[1.0, bad, 1.0], [1.0, 1.0, 1.0]]))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"phy2log": np.zeros((1, 0), dtype=int), "slot_device": np.zeros((1, 0), dtype=int),
       "replica_share": np.ones((1, 0))}, "at least one layer and one slot"),

@@ -173,10 +173,14 @@ def _header(result: dict, slo: SLO) -> str:
         f"SLOs: TTFT <= {slo.ttft_s * 1e3:.1f} ms ({cfg['ttft_factor']:g} x the unloaded median), TPOT <= "
         f"{slo.tpot_s * 1e3:.1f} ms ({cfg['tpot_factor']:g} x the unloaded median); unloaded = "
         f"{cfg['unloaded_requests']} requests sent one at a time (max_tokens <= {cfg['unloaded_max_tokens']}) "
-        f"to each app, medians over {unloaded['set_by']}, before any load. SLO frontier: highest rate with >= "
-        f"{slo.target:.0%} of requests within both SLOs: the highest swept rate that meets it, interpolated "
-        "linearly towards the next swept rate (failed and cut-off requests count as misses; 'non-monotonic': "
-        f"a lower rate missed the target). " + (
+        f"to each app" + (", to every app at the same time" if cfg.get("together", True) else
+                          ", one app after another") +
+        f", medians over {unloaded['set_by']}, after the warm-up trace and before the sweep. SLO frontier: highest "
+        f"rate with >= {slo.target:.0%} of requests within both SLOs: the highest swept rate that meets it, "
+        "interpolated linearly towards the next swept rate (failed and cut-off requests count as misses; "
+        "'non-monotonic': a lower rate missed the target; 'below_sweep': no swept rate met it, extrapolated "
+        "towards full attainment at rate 0 if the lowest rate missed at most twice the requests the target lets "
+        "miss, else 0). " + (
             f"The sweep ends after a rate at which every policy is below {cfg['stop_below']:.0%} attainment."
             if cfg.get("together", True) else
             f"A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} attainment."),

@@ -16,6 +16,9 @@ import numpy as np
 from load_tests.generator import RequestResult
 
 PERCENTILES = (50, 90, 99)
+# A frontier below the sweep is extrapolated towards rate 0 only down to this share of the lowest swept rate
+# (the lowest rate missed at most 1 / share times the requests the target lets miss); lower, it is 0 (Frontier).
+BELOW_SWEEP_MIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,12 @@ class Frontier:
     kind: "interpolated" (linear between the highest swept rate at or above the target and the next
     higher swept rate, which is below it), "at_least" (the highest swept rate met it: the value is that
     rate), or "below_sweep" (no swept rate met it: interpolated between rate 0, taken as full attainment,
-    and the lowest rate). `monotonic` is False when a rate below the frontier missed the target (noise,
-    or a disturbance during that run): the frontier then overstates what the lower rates showed.
+    and the lowest rate, when the lowest rate missed at most twice the requests the target lets miss, so
+    the value is at least half the lowest rate; else 0: a sweep whose lowest rate is that far below the
+    target says nothing about where the frontier is, and the extrapolation would give a service failing
+    every request (attainment 0) a tenth of the lowest rate at target 0.9). `monotonic` is False when a
+    rate below the frontier missed the target (noise, or a disturbance during that run): the frontier then
+    overstates what the lower rates showed.
     """
 
     rate_rps: float
@@ -119,9 +126,9 @@ def frontier(rates: Sequence[float], attainments: Sequence[float], target: float
     r = np.asarray(rates, dtype=np.float64)[order]
     a = np.asarray(attainments, dtype=np.float64)[order]
     met = np.flatnonzero(a >= target)
-    if met.size == 0:
+    if met.size == 0:  # a[0] < target <= 1
         share = (1.0 - target) / (1.0 - a[0])
-        return Frontier(float(share * r[0]), "below_sweep")
+        return Frontier(float(share * r[0]) if share >= BELOW_SWEEP_MIN_SHARE else 0.0, "below_sweep")
     i = int(met[-1])
     monotonic = bool(np.all(a[:i] >= target))
     if i == r.size - 1:

@@ -74,7 +74,9 @@ def test_targets_compare_vibe_with_both_baselines(result):
     assert checks["vibe frontier / eplb frontier"]["value"] == pytest.approx(2.0)
     assert checks["vibe frontier / eplb frontier"]["met"]
     assert checks["vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"]["value"] == pytest.approx(0.5)
-    assert checks["vibe frontier / contiguous frontier"]["met"]
+    # contiguous missed the SLO at every rate, its lowest by far: its frontier is 0 and no ratio is measured
+    assert checks["vibe frontier / contiguous frontier"]["value"] is None
+    assert not checks["vibe frontier / contiguous frontier"]["met"]
     result["policies"]["vibe"]["at_eplb_frontier"] = _run(1.5, 0.07, "eplb_frontier")
     slower = {c["what"]: c for c in report.targets(report.headline(result))}
     assert not slower["vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"]["met"]
@@ -84,6 +86,27 @@ def test_summary_lines_have_the_documented_form(result):
     lines = report.summary_lines(report.headline(result))
     pattern = r"policy=(\w+) slo_frontier_rps=[\d.]+ p90_ttft_ms=[\d.]+ p90_tpot_ms=[\d.]+ mean_imbalance=[\d.]+"
     assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["eplb", "contiguous", "vibe"]
+
+
+def test_a_policy_failing_every_request_prints_a_zero_frontier(result):
+    """A policy whose app failed every request printed `slo_frontier_rps=0.100` (a tenth of its lowest rate,
+    extrapolated from an assumed full attainment at rate 0), a line like any measured frontier's (an audit)."""
+    lines = {line.split()[0]: line for line in report.summary_lines(report.headline(result))}
+    assert lines["policy=contiguous"].startswith("policy=contiguous slo_frontier_rps=0.000 ")
+    assert lines["policy=vibe"].startswith("policy=vibe slo_frontier_rps=2.000 ")
+
+
+def test_the_header_says_when_and_how_the_unloaded_requests_ran_and_the_below_sweep_rule(tmp_path, result):
+    """The header said the unloaded requests ran 'before any load': compare sends them after the warm-up trace, to
+    every app at once unless one at a time (an audit); a frontier below the sweep was not explained."""
+    report.write(tmp_path, result)
+    text = (tmp_path / "report.md").read_text()
+    assert "before any load" not in text and "after the warm-up trace and before the sweep" in text
+    assert "to each app, to every app at the same time," in text
+    assert "'below_sweep': no swept rate met it" in text and "else 0)" in text
+    result["config"]["together"] = False
+    report.write(tmp_path, result)
+    assert "to each app, one app after another," in (tmp_path / "report.md").read_text()
 
 
 def test_balance_without_polls_is_unknown():

@@ -92,6 +92,17 @@ def test_frontier_at_the_edges_of_the_sweep():
         frontier([1, 2], [0.5])
 
 
+def test_a_frontier_far_below_the_sweep_is_zero():
+    """An app failing every request (attainment 0 at every rate) was given a frontier of a tenth of the lowest rate
+    (0.2 req/s for a sweep from 2), printed as `slo_frontier_rps=0.200` like any measured frontier (an audit)."""
+    assert frontier([2, 4], [0.0, 0.0]) == Frontier(0.0, "below_sweep")
+    assert frontier([2, 4], [0.79, 0.1]) == Frontier(0.0, "below_sweep")  # missed more than twice the 10% allowed
+    assert frontier([2, 4], [0.85, 0.1]).rate_rps == pytest.approx(2 * 0.1 / 0.15)  # near the target: extrapolated
+    assert frontier([2, 4], [0.5, 0.1], target=0.6).rate_rps == pytest.approx(1.6)  # missed 0.5, 0.4 allowed
+    assert frontier([2, 4], [0.1, 0.0], target=0.6).rate_rps == 0.0
+    assert frontier([2, 4], [0.99, 0.1], target=1.0).rate_rps == 0.0  # nothing may miss: no room to extrapolate
+
+
 def test_single_stream_rate():
     unloaded = [_result(0.1, 0.5, 11), _result(0.3, 0.7, 11), _result(None, None, 0, "timeout")]
     # TPOT is per token after the first: a 50-token answer takes TTFT + 49 TPOT (it counted 50)

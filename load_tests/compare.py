@@ -134,6 +134,19 @@ class CompareConfig:
             raise ValueError(f"need extend_factor > 1 and max_rates >= 1, got {self.extend_factor}, {self.max_rates}")
         if not 0 <= self.stop_below <= self.target <= 1:
             raise ValueError(f"need 0 <= stop_below <= target <= 1, got {self.stop_below}, {self.target}")
+        # A trace holds round(rate x duration) requests (generator.make_trace): a rate with none measures nothing,
+        # and a sweep of only such rates failed in slo.frontier, after the apps had started and warmed up.
+        if self.rates is not None and (empty := [r for r in self.rates if _requests(r, self.duration_s) < 1]):
+            raise ValueError(f"rates {empty} send no request in duration_s={self.duration_s:g} s (a trace has "
+                             "round(rate x duration) requests): raise them or the duration")
+        for name, seconds in (("warmup_s", self.warmup_s), ("duration_s", self.duration_s)):  # warm-up; unloaded
+            if _requests(self.warmup_rate, seconds) < 1:
+                raise ValueError(f"warmup_rate={self.warmup_rate:g} sends no request in {name}={seconds:g} s")
+
+
+def _requests(rate: float, duration_s: float) -> int:
+    """Requests in a trace of `rate` over `duration_s` (as generator.make_trace counts them)."""
+    return int(round(rate * duration_s))
 
 
 # --- apps ------------------------------------------------------------------------------------------
@@ -332,8 +345,19 @@ class Experiment:
         for policy in cfg.policies:
             self._entry(policy)["frontier"] = asdict(self._frontier(policy))
         if "eplb" in cfg.policies:
-            await self._run_all(clients, self._frontier("eplb").rate_rps, "eplb_frontier")
+            await self._at_eplb_frontier(clients)
         self.save()
+
+    async def _at_eplb_frontier(self, clients: dict[str, ClientConfig]) -> None:
+        """Every app at eplb's frontier rate; none when that frontier is 0 (eplb missed the target far below the
+        sweep: there is no such rate to load, and the report's latency columns stay empty), said in a note."""
+        rate = self._frontier("eplb").rate_rps
+        if rate > 0:
+            await self._run_all(clients, rate, "eplb_frontier")
+            return
+        self.result.setdefault("notes", []).append(
+            "eplb's SLO frontier is 0 (it missed the target far below the lowest swept rate): no run at its "
+            "frontier rate, so the headline has no latency or balance numbers.")
 
     async def _sweep(self, clients: dict[str, ClientConfig]) -> None:
         """The apps at every rate of `result["rates"]`, low to high, while some policy is still in the sweep;
@@ -352,6 +376,9 @@ class Experiment:
                 active = {p: c for p, c in active.items() if last[p] >= cfg.stop_below}
             if rate == rates[-1] and len(rates) < cfg.max_rates and any(a >= cfg.target for a in last.values()):
                 rates.append(round(rate * cfg.extend_factor, 3))
+        if not swept:  # rates from rate_multipliers, known only now (CompareConfig rejects such given rates)
+            raise RuntimeError(f"no swept rate ({rates} req/s) sent a request in duration_s={cfg.duration_s:g} s: "
+                               "raise the rate multipliers or the duration")
         self.result["rates"] = swept
 
     async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:

@@ -142,6 +142,34 @@ def test_a_rate_without_requests_is_left_out_and_the_sweep_goes_on():
     assert _swept(config, lambda p, r: 0.7, [0.5, 1.0]) == [0.5, 1.0]
 
 
+def test_rates_that_send_no_request_are_rejected_before_anything_starts():
+    """`--rates 0.1 --duration 3` (no request in 3 s) was accepted; every rate was skipped and slo.frontier raised
+    'need as many attainments as rates (>= 1), got 0 and 0', after the apps had started and warmed up (an audit)."""
+    with pytest.raises(ValueError, match=r"rates \[0.1\] send no request in duration_s=3 s"):
+        replace(DEFAULT, rates=(0.1, 2.0), duration_s=3.0)
+    assert replace(DEFAULT, rates=(0.2, 2.0), duration_s=3.0).rates == (0.2, 2.0)  # round(0.6) = 1 request
+    with pytest.raises(ValueError, match="warmup_rate=0.01 sends no request in warmup_s=20 s"):
+        replace(DEFAULT, warmup_rate=0.01)
+    with pytest.raises(ValueError, match="sends no request in duration_s=3 s"):  # the unloaded requests' trace
+        replace(DEFAULT, warmup_rate=0.1, warmup_s=20.0, duration_s=3.0, rates=(1.0,))
+    # rates from the multipliers are known only after the unloaded requests: a sweep without a request says so
+    with pytest.raises(RuntimeError, match="no swept rate"):
+        _swept(CompareConfig(policies=("eplb", "vibe")), lambda p, r: None, [0.001, 0.002])
+
+
+def test_no_run_at_eplbs_frontier_when_it_is_zero():
+    """eplb failing every request has frontier 0, a rate no trace can have (TraceConfig wants > 0): a note instead."""
+    experiment = _ScriptedSweep(CompareConfig(policies=("eplb", "vibe")), lambda p, r: 0.0, [0.5, 1.0])
+    asyncio.run(experiment._sweep({"eplb": None, "vibe": None}))
+    asyncio.run(experiment._at_eplb_frontier({"eplb": None, "vibe": None}))
+    assert [r["kind"] for p in ("eplb", "vibe") for r in experiment._entry(p)["runs"]] == ["sweep", "sweep"]
+    assert "eplb's SLO frontier is 0" in experiment.result["notes"][0]
+    met = _ScriptedSweep(CompareConfig(policies=("eplb", "vibe")), lambda p, r: 1.0 if r < 1 else 0.0, [0.5, 1.0])
+    asyncio.run(met._sweep({"eplb": None, "vibe": None}))
+    asyncio.run(met._at_eplb_frontier({"eplb": None, "vibe": None}))
+    assert [r["kind"] for r in met._entry("eplb")["runs"]][-1] == "eplb_frontier" and "notes" not in met.result
+
+
 def test_command_line_overrides_only_what_it_names():
     config, args = parse_args([])
     assert config == DEFAULT and config.together and not args.drift

@@ -458,7 +458,10 @@ class Coordinator:
                 mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
             judged = []
             for candidate_mode in ("incremental", "full") if mode == "auto" else (mode,):
-                new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
+                try:
+                    new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
+                except ValueError as exc:  # the coordinator's failure, not the caller's (the admin API: no 400)
+                    raise RuntimeError(f"planning a {policy} placement failed: {exc}") from exc
                 plan = pl.migration_plan(old, new, self.shape.expert_bytes)
                 judged.append((self._judge(old, new, plan, loads, activity, passes, devices, policy,
                                            candidate_mode, reason, dry_run, force, z), new, plan))
@@ -835,7 +838,12 @@ class Coordinator:
                 self._lost |= set(lost)
                 loads, activity = self._window()
             loads = self._uniform_loads() if loads is None else loads
-            new = self._plan(loads, self.config.policy, activity=activity).with_version(self._next_version(old))
+            try:
+                new = self._plan(loads, self.config.policy, activity=activity).with_version(self._next_version(old))
+            except Exception:  # not re-placed: the next probe finds them lost again and tries again
+                with self._lock:
+                    self._lost -= set(lost)
+                raise
             record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",
                                    from_version=old.version, to_version=new.version, started_at=time.time())
             try:
@@ -1025,6 +1033,7 @@ class Coordinator:
     def placement_view(self) -> dict[str, Any]:
         with self._lock:
             current, (loads, activity), devices = self._placement, self._window(), self.device_models()
+            lost = set(self._lost)
         if loads is None:
             loads = np.zeros((self.shape.num_layers, self.shape.num_experts))
         times = pl.device_times(current, loads, devices, activity)
@@ -1037,7 +1046,7 @@ class Coordinator:
             layers.append({"layer": layer, "slots": slots,
                            "device_predicted_s": times[layer].tolist(),
                            "device_tokens": tokens[layer].tolist(),
-                           "imbalance": float(pl.imbalance(times[layer]))})
+                           "imbalance": float(self._imbalance(times[layer], lost))})
         return {"version": current.version, "policy": self.config.policy, "num_devices": current.num_devices,
                 "num_experts": current.num_experts, "layers": layers}
 
@@ -1055,7 +1064,7 @@ class Coordinator:
         moved = ("experts_moved", "bytes_moved")
         return {
             "placement_version": current.version,
-            "layer_imbalance": None if times is None else pl.imbalance(times).tolist(),
+            "layer_imbalance": None if times is None else self._imbalance(times, set(lost)).tolist(),
             "device_predicted_s": None if times is None else times.sum(axis=0).tolist(),
             "device_observed_over_predicted": [None if np.isnan(r) else float(r) for r in ratios],
             "device_model_over_planned": over_planned.tolist(),
@@ -1081,7 +1090,7 @@ class Coordinator:
             telemetry = [asdict(t) for t in self._telemetry]
         imbalance = None
         if loads is not None:
-            imbalance = pl.imbalance(pl.device_times(current, loads, devices, activity)).tolist()
+            imbalance = self._imbalance(pl.device_times(current, loads, devices, activity), set(lost)).tolist()
         return {
             "placement_version": current.version,
             "policy": self.config.policy,
@@ -1110,18 +1119,26 @@ class Coordinator:
         slot budget that leaves lost devices empty while any are lost."""
         devices = devices or self.device_models()
         if self._lost:
-            # Uneven slot counts, none on lost devices: only vibe's budgeted packing places that.
+            # Uneven slot counts, none on lost devices: only vibe's budgeted packing places that. Replicas of an
+            # expert go to distinct devices, so the survivors hold at most (alive - 1) x E of them (with
+            # num_redundant above that, a replicated app that lost all but one device was never re-placed).
             alive = self.pool.num_devices - len(self._lost)
-            per_device = max(-(-(self.shape.num_experts + self.config.num_redundant) // alive),
-                             self.config.slot_budget or 0)
+            redundant = min(self.config.num_redundant, (alive - 1) * self.shape.num_experts)
+            per_device = max(-(-(self.shape.num_experts + redundant) // alive), self.config.slot_budget or 0)
             budget = [0 if d in self._lost else per_device for d in range(self.pool.num_devices)]
-            return pl.plan(loads, devices, "vibe", num_redundant=self.config.num_redundant, slot_budget=budget,
-                           activity=activity)
+            return pl.plan(loads, devices, "vibe", num_redundant=redundant, slot_budget=budget, activity=activity)
         if policy == "contiguous":
             return pl.plan(loads, devices, policy)
         budget = self.config.slot_budget if policy == "vibe" else None
         return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant, slot_budget=budget,
                        activity=activity)
+
+    @staticmethod
+    def _imbalance(times: np.ndarray, lost: set[int]) -> np.ndarray:
+        """Imbalance over the devices not lost: survivors in perfect balance read as 1, not G / alive (the lost
+        devices' zero times counted in the mean raised VibeLayerImbalance for a balanced app)."""
+        live = [d for d in range(times.shape[-1]) if d not in lost]
+        return pl.imbalance(times[..., live] if live else times)
 
     def _uniform_loads(self) -> np.ndarray:
         """float [L, E]: every expert equally loaded, what placements start from before any traffic."""

@@ -650,3 +650,65 @@ def test_leftover_copies_are_reconciled_while_a_device_stays_lost(checkpoint):
         coordinator._unreconciled = True
     coordinator._reconcile()
     assert not coordinator._unreconciled and coordinator._pending_drops[1] == {1: [key]}
+
+
+def test_a_replicated_app_that_keeps_one_device_is_re_placed_on_it(checkpoint):
+    """num_redundant replicas go to distinct devices, so one survivor can hold none: planning for the survivors
+    raised, the lost devices stayed marked lost without being re-placed (later probes skipped them), experts only
+    they held stayed in the placement and every recalibration failed, as a 400 through the admin API (found by an
+    audit). The survivors now hold what they can (no replicas here) and the replicas come back with the devices."""
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool, num_redundant=4)
+    _report(coordinator, _skewed(coordinator.shape, 3), passes=30)
+    coordinator.calibrate()
+    coordinator._finish_drops(wait=True)
+
+    def failing(device):
+        raise RuntimeError("no node can host the new actor")
+
+    restart, pool.restart = pool.restart, failing
+    for device in (1, 2, 3):
+        pool.kill(device)
+    assert coordinator.check_workers() == [1, 2, 3]
+    placement = coordinator.placement
+    assert all(placement.experts_on(0) >= {(layer, e) for e in range(coordinator.shape.num_experts)}
+               for layer in range(placement.num_layers)) and placement.experts_on(0) <= pool.held([0])[0]
+    _serve_every_expert(coordinator)
+    assert coordinator.recalibrate(mode="full", force=True)["status"] in ("applied", "no_change")
+    pool.restart = restart
+    coordinator._restart_after.clear()
+    assert coordinator.check_workers() == [] and coordinator._rejoin == {1, 2, 3}
+    coordinator._readmit()
+    _report(coordinator, _skewed(coordinator.shape, 3))  # the engine acknowledges: old copies dropped
+    coordinator._finish_drops(wait=True)
+    assert coordinator.placement.num_slots == coordinator.shape.num_experts + 4 and _held_matches(coordinator)
+    _serve_every_expert(coordinator)
+
+
+def _serve_every_expert(coordinator: Coordinator) -> None:
+    """An engine step on the coordinator's placement sending a token to every expert (raises if one fails)."""
+    from service.dispatch import DispatchContext, LocalChannel
+    from tests.service.test_migration_recovery import _every_expert_step
+
+    channels = {d: LocalChannel(w) for d, w in enumerate(coordinator.pool.workers)}  # (lost ones: never called)
+    _every_expert_step(DispatchContext(coordinator.placement, channels), coordinator.shape,
+                       load_layout(coordinator.config.checkpoint).hidden_size)
+
+
+def test_imbalance_is_over_the_devices_not_lost(checkpoint):
+    """Survivors in perfect balance read as G / alive while devices were lost (their zero time in the mean), which
+    raised VibeLayerImbalance (found by an audit)."""
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool)
+    uniform = np.full((coordinator.shape.num_layers, coordinator.shape.num_experts), 10.0)
+    _report(coordinator, uniform, passes=30)
+    pool.restart = lambda device: (_ for _ in ()).throw(RuntimeError("node gone"))
+    pool.kill(2)
+    pool.kill(3)
+    assert coordinator.check_workers() == [2, 3]
+    times = pl.device_times(coordinator.placement, uniform, coordinator.device_models())
+    expected = pl.imbalance(times[:, :2])
+    assert coordinator.stats_view()["imbalance_per_layer"] == pytest.approx(expected.tolist())
+    assert coordinator.metrics_summary()["layer_imbalance"] == pytest.approx(expected.tolist())
+    assert [layer["imbalance"] for layer in coordinator.placement_view()["layers"]] == pytest.approx(expected.tolist())
+    assert max(pl.imbalance(times)) > max(expected) + 0.5  # what was shown

@@ -6,7 +6,9 @@ OpenAI app served by uvicorn in this process; with ``--url``, any OpenAI-compati
 vLLM's ``ignore_eos``), and the
 same model's batched greedy ``generate`` with the same prompts. Reports output tokens/s and TTFT/TPOT
 p50/p90, prints a table and writes ``<out>/serving.json``. Emulated devices are not involved: the model
-runs whole, in this process.
+runs whole, in this process. Every request's prompt is its own (the warm-up's and every level's are
+disjoint slices of one text): the engine's prefix cache, on by default, finds none of them, as the
+baseline, which has no cache, does.
 
     python -m load_tests.bench_serving --out bench                 # `make bench-serving`
     python -m load_tests.bench_serving --concurrency 1 8 --output-tokens 32 --http
@@ -77,6 +79,20 @@ def make_prompts(tokenizer, num: int, length: int) -> list[list[int]]:
     if len(ids) < num * length:
         raise ValueError(f"the reference text has {len(ids)} tokens, fewer than {num} prompts of {length}")
     return [ids[i * length:(i + 1) * length] for i in range(num)]
+
+
+def prompt_sets(tokenizer, levels: list[int], per_stream: int,
+                length: int) -> tuple[list[int], dict[int, list[list[int]]]]:
+    """The warm-up prompt and each concurrency level's ``level x per_stream`` prompts, no two the same: consecutive
+    slices of one text, offset by the prompts already used. Each level cut from the start of the text repeated
+    the lower levels' prompts (and the warm-up's), so with the engine's prefix cache on 1 of 2 measured requests
+    at 1 stream, 2 of 16 at 8 and 16 of 64 at 32 skipped their prefill, which the baseline never does (an audit)."""
+    prompts = make_prompts(tokenizer, 1 + per_stream * sum(levels), length)
+    by_level, used = {}, 1
+    for level in levels:
+        by_level[level] = prompts[used:used + level * per_stream]
+        used += level * per_stream
+    return prompts[0], by_level
 
 
 def summarise(system: str, concurrency: int, timings: list[RequestTiming], seconds: float) -> RunResult:
@@ -158,23 +174,25 @@ def bench_generate(model, prompts: list[list[int]], batch: int, output_tokens: i
                      len(prompts) * output_tokens / seconds)
 
 
-def serve_levels(args, tokenizer, config: EngineConfig, prompts_by_level: dict[int, list[list[int]]]) -> list[RunResult]:
+def serve_levels(args, tokenizer, config: EngineConfig, warmup: list[int],
+                 prompts_by_level: dict[int, list[list[int]]]) -> list[RunResult]:
     """Every concurrency level against ``--url``, or against a fresh in-process engine (direct or ``--http``)."""
     if args.url:
         args.base_url = args.url
-        return _levels(args, None, prompts_by_level)
+        return _levels(args, None, warmup, prompts_by_level)
     engine = AsyncEngine(Engine(load_model(args), config, tokenizer=tokenizer), num_threads=args.threads)
     engine.start()
     try:
         with _in_process_http(args, engine):
-            return _levels(args, engine, prompts_by_level)
+            return _levels(args, engine, warmup, prompts_by_level)
     finally:
         engine.shutdown()
 
 
-def _levels(args, engine: AsyncEngine | None, prompts_by_level: dict[int, list[list[int]]]) -> list[RunResult]:
-    """One unreported request to warm up, then every level in turn."""
-    _measure(args, engine, 1, next(iter(prompts_by_level.values()))[:1])
+def _levels(args, engine: AsyncEngine | None, warmup: list[int],
+            prompts_by_level: dict[int, list[list[int]]]) -> list[RunResult]:
+    """One unreported request to warm up (its prompt none of the measured ones), then every level in turn."""
+    _measure(args, engine, 1, [warmup])
     results = []
     for concurrency, prompts in prompts_by_level.items():
         results.append(_measure(args, engine, concurrency, prompts))
@@ -210,14 +228,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
     levels = sorted(set(args.concurrency))
-    prompts_by_level = {c: make_prompts(tokenizer, c * args.requests_per_stream, args.prompt_tokens) for c in levels}
+    warmup, prompts_by_level = prompt_sets(tokenizer, levels, args.requests_per_stream, args.prompt_tokens)
     config = EngineConfig(max_num_seqs=max(levels), max_num_batched_tokens=max(args.max_num_batched_tokens, max(levels)),
                           max_model_len=args.prompt_tokens + args.output_tokens)
     print(f"{'system':>9} {'conc':>4} {'reqs':>5} {'out tok/s':>10} {'TTFT p50':>8} {'TTFT p90':>8} "
           f"{'TPOT p50':>8} {'TPOT p90':>8}   (ms)")
-    served = serve_levels(args, tokenizer, config, prompts_by_level)
+    served = serve_levels(args, tokenizer, config, warmup, prompts_by_level)
     reference = load_model(args)
-    bench_generate(reference, prompts_by_level[levels[0]][:1], 1, 4)  # warm-up
+    bench_generate(reference, [warmup], 1, 4)  # warm-up
     baseline = []
     for c in levels:
         baseline.append(bench_generate(reference, prompts_by_level[c], c, args.output_tokens))
@@ -259,7 +277,10 @@ def write_report(args, config: EngineConfig, served: list[RunResult], baseline: 
     report = {
         "model": str(args.model), "mode": "url" if args.url else "http" if args.http else "in-process",
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-        "requests_per_stream": args.requests_per_stream, "engine_config": asdict(config),
+        "requests_per_stream": args.requests_per_stream,
+        "prompts": "every request's its own (warm-up included): disjoint slices of one text, none served from "
+                   "the prefix cache",
+        "engine_config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average_1m": os.getloadavg()[0],
                     "device": args.device, "dtype": args.dtype,

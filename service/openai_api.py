@@ -83,7 +83,8 @@ _NEUTRAL: dict[str, tuple] = {
     "functions": (None, []), "function_call": (None, "none", "auto"),
     "service_tier": (None, "auto", "default"), "store": (None, False),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
-    "web_search_options": (None,), "verbosity": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None, "medium"),  # OpenAI's default, which its clients may send explicitly
 }
 
 

@@ -81,7 +81,8 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
                "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
                "user": "u", "seed": 3, "stream": True, "stream_options": {"include_usage": True},
                "service_tier": "auto", "modalities": ["text"], "metadata": {f"k{i}": "v" * 512 for i in range(16)},
-               "safety_identifier": "user-1234", "prompt_cache_key": "agent-7"}
+               "safety_identifier": "user-1234", "prompt_cache_key": "agent-7",
+               "verbosity": "medium"}  # OpenAI's default, which a client may send explicitly
     request = ChatCompletionRequest.model_validate({**CHAT, **neutral})
     assert request.n == 1 and request.stream_options.include_usage and len(request.metadata) == 16
 

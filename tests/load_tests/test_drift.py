@@ -106,3 +106,15 @@ def test_a_shorter_ttft_bought_with_a_longer_tpot_is_no_win_and_recalibrations_c
 def test_drift_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):
         replace(DriftConfig(), **change)
+
+
+def test_a_scenario_whose_throttle_failed_is_no_win_and_says_so():
+    """The device scenario's throttle is an admin call during the trace; when it failed, the run was judged as if the
+    device had slowed down (a measurement audit)."""
+    throttled = _mode(0.8, 100.0) | {"events": [{"name": "throttle device 7", "t": 40.0}]}
+    failed = _mode(0.9, 90.0) | {"events": [{"name": "throttle device 7", "t": 40.0, "error": "HTTPStatusError: 503"}]}
+    found = verdicts({"scenarios": {"device": {"static": throttled, "adaptive": failed}}})
+    assert not found["device"]["adaptive_wins"]
+    assert found["device"]["failed_events"] == ["adaptive: throttle device 7: HTTPStatusError: 503"]
+    failed["events"][0].pop("error")
+    assert verdicts({"scenarios": {"device": {"static": throttled, "adaptive": failed}}})["device"]["adaptive_wins"]

@@ -1,7 +1,11 @@
 """The only place that wires the application: `build_app(args)` for `serve run` / `serve deploy`.
 
     serve run deploy/config.yaml                       # the local default (8 emulated devices on CPU)
-    serve run deploy.app:build_app model=/models/x     # same, with arguments on the command line
+    serve run deploy.app:build_app model=/models/x model_roots=/models   # same, arguments on the command line
+    VIBE_MODEL_ROOTS=/models serve run deploy.app:build_app model=x       # the same model, its root from the env
+
+A model is looked up only under deploy/models, `model_roots` and `$VIBE_MODEL_ROOTS`; on the command line, where
+every value is a string, `model_roots` is `:`-separated like the variable.
 
 Arguments are validated here (pydantic, `AppArgs`) and turned into one frozen config per component.
 """
@@ -20,6 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DEPLOY_DIR = Path(__file__).resolve().parent
+# the folder holding deploy/: relative paths of the repository's own files (profile_prompts) resolve there too
+REPO_ROOT = DEPLOY_DIR.parent
 DEFAULT_MODEL = DEPLOY_DIR / "models" / "vibe-tiny-moe"
 DEFAULT_PROFILE_PROMPTS = DEPLOY_DIR / "prompts" / "profile.jsonl"
 # A node with one degraded GPU (issue "OpenAI-compatible serving"): relative speeds of 8 devices.
@@ -140,6 +146,13 @@ class AppArgs(BaseModel):
             check_admin_token(token.get_secret_value())
         return token
 
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _roots_from_text(cls, roots: Any) -> Any:
+        """A string is an `os.pathsep`-separated list, as in VIBE_MODEL_ROOTS: `serve run`'s key=value arguments
+        are all strings, so a list could not be given there."""
+        return [root for root in roots.split(os.pathsep) if root] if isinstance(roots, str) else roots
+
     @field_validator("speeds")
     @classmethod
     def _positive_speeds(cls, speeds: list[float]) -> list[float]:
@@ -162,9 +175,8 @@ class AppArgs(BaseModel):
         if "max_num_batched_tokens" in self.model_fields_set and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({self.max_num_seqs}): a step must fit a token of every running sequence")
-        if self.profile_prompts is not None and not Path(self.profile_prompts).is_file():
-            raise ValueError(f"profile_prompts: no file at {self.profile_prompts} (a JSONL of chat requests; null: "
-                             "no profiling pass)")
+        if self.profile_prompts is not None:
+            self.profile_prompts = _profile_file(self.profile_prompts)
         if self.reasoning_parser == "openai_gptoss" and self.tool_call_parser not in ("auto", "openai"):
             raise ValueError(f"reasoning_parser openai_gptoss reads GPT-OSS's harmony format, whose tool calls are "
                              f"tool_call_parser openai's (or auto), not {self.tool_call_parser}'s")
@@ -184,7 +196,11 @@ def build_app(args: dict[str, Any] | None = None):
 
     parsed = AppArgs.model_validate(args or {})
     roots = [DEPLOY_DIR / "models", *parsed.model_roots, *_env_roots()]
-    checkpoint = str(resolve_checkpoint(parsed.model, roots))
+    try:
+        checkpoint = str(resolve_checkpoint(parsed.model, roots))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (allowed folders: deploy/models, model_roots (a list, or a {os.pathsep!r}-separated "
+                         f"string on the command line) and $VIBE_MODEL_ROOTS ({os.pathsep!r}-separated))") from None
     layout = load_layout(checkpoint)
     check_checkpoint(checkpoint)  # whole shards, every expert's tensors (headers only): not later, in a worker
     _check_tokenizer(checkpoint)
@@ -228,7 +244,7 @@ def build_app(args: dict[str, Any] | None = None):
         admin_token_sha256=token_digest(token) if token else None,
         num_devices=parsed.num_devices,
         emulation=parsed.emulate,
-        profile_prompts=str(Path(parsed.profile_prompts).resolve()) if parsed.profile_prompts else None,
+        profile_prompts=parsed.profile_prompts,  # absolute (AppArgs resolved it)
         engine_threads=parsed.engine_threads,
         reasoning_parser=parsed.reasoning_parser,
         tool_call_parser=parsed.tool_call_parser,
@@ -349,6 +365,19 @@ def check_admin_token(token: str) -> str:
 def _env_token() -> str | None:
     token = os.environ.get("VIBE_ADMIN_TOKEN") or None
     return None if token is None else check_admin_token(token)
+
+
+def _profile_file(path: str) -> str:
+    """The absolute path of the profile prompts file `path`: a relative one is looked up from the working
+    directory, then from the repository root (as `model` is under deploy/models), so the documented
+    `deploy/prompts/profile.jsonl` names the same file wherever the app is built (and the coordinator, which reads
+    it in another process, needs no working directory of ours)."""
+    given = Path(path)
+    for candidate in [given] if given.is_absolute() else [given, REPO_ROOT / given]:
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise ValueError(f"profile_prompts: no file at {path} (a JSONL of chat requests, absolute or relative to the "
+                     f"working directory or to {REPO_ROOT}; null: no profiling pass)")
 
 
 def _env_roots() -> list[str]:

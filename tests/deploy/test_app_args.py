@@ -4,6 +4,7 @@ validate; GPU and scheduling arguments reach the actors' options (build_app with
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -358,3 +359,38 @@ def test_two_serve_apps_left_at_the_default_app_name_get_workers_of_their_own(tm
     assert len({for_app(pool, app).name_prefix for app in ("my-app", "my_app", "my.app", "x" * 41, "x" * 42)}) == 5
     named = build_app({**args, "app_name": "mine"})._bound_deployment.init_args[0]._bound_deployment.init_args[2]
     assert for_app(named, "a") == named and named.name_prefix.startswith("vibe-worker-mine-")
+
+
+def test_a_relative_profile_prompts_path_is_found_from_the_repository_root_wherever_the_app_is_built(
+        tmp_path, monkeypatch):
+    """README's default as written, `deploy/prompts/profile.jsonl`, names the shipped file from any working directory
+    (it was refused unless the app was built from the repo root, while a relative `model` resolves under
+    deploy/models); a file relative to the working directory comes first, and the path kept is absolute."""
+    monkeypatch.chdir(tmp_path)
+    shipped = str((DEPLOY / "prompts" / "profile.jsonl").resolve())
+    assert AppArgs.model_validate({"profile_prompts": "deploy/prompts/profile.jsonl"}).profile_prompts == shipped
+    (tmp_path / "deploy" / "prompts").mkdir(parents=True)
+    (tmp_path / "deploy" / "prompts" / "profile.jsonl").write_text("{}\n")
+    own = AppArgs.model_validate({"profile_prompts": "deploy/prompts/profile.jsonl"}).profile_prompts
+    assert own == str((tmp_path / "deploy" / "prompts" / "profile.jsonl").resolve())
+    assert "profile_prompts: no file at deploy/prompts/other.jsonl" in error_of(
+        {"profile_prompts": "deploy/prompts/other.jsonl"})
+
+
+def test_model_roots_can_be_given_on_the_command_line_and_a_refused_model_names_every_way_to_allow_it(
+        tmp_path, monkeypatch):
+    """`serve run deploy.app:build_app model=... model_roots=...` passes strings: model_roots is then `:`-separated,
+    as VIBE_MODEL_ROOTS is (a list was required: a ValidationError), and a model outside the allowed folders is refused
+    naming model_roots and VIBE_MODEL_ROOTS (deploy/app.py's own example, model=/models/x, was refused, the error
+    pointing at model_roots only)."""
+    monkeypatch.delenv("VIBE_MODEL_ROOTS", raising=False)
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "root" / "tiny"))
+    assert AppArgs.model_validate({"model_roots": f"/a{os.pathsep}{tmp_path}"}).model_roots == ["/a", str(tmp_path)]
+    cli = {"model": str(tmp_path / "root" / "tiny"), "num_devices": "2", "speeds": [1.0, 0.9],
+           "profile_prompts": None}
+    with pytest.raises(ValueError, match="VIBE_MODEL_ROOTS") as refused:
+        build_app(cli)
+    assert "model_roots" in str(refused.value)
+    build_app({**cli, "model_roots": str(tmp_path / "root")})
+    monkeypatch.setenv("VIBE_MODEL_ROOTS", str(tmp_path / "root"))
+    build_app({**cli, "model": "tiny"})

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from placement import Placement
+from placement.metrics import replica_bounds, split_bounds
 from service.messages import EngineReport, LatencySamples, ProtocolError
 from service.transport import WorkerClient, WorkerError, WorkerUnavailable
 
@@ -171,8 +172,10 @@ class _LayerRoutes:
         device_ranges: (device, first slot, end slot) of each device with slots, in device order.
     """
 
-    def __init__(self, placement: Placement, log2phy: np.ndarray, layer: int) -> None:
-        """`log2phy`: int [E, W] slots of each expert of this layer, padded with -1."""
+    def __init__(self, placement: Placement, log2phy: np.ndarray, bounds: np.ndarray, layer: int) -> None:
+        """`log2phy`: int [E, W] slots of each expert of this layer, padded with -1; `bounds`: float [E, W-1] their
+        cumulative shares (`placement.metrics.replica_bounds`: the recalibration judge times passes by the same
+        split)."""
         self.slot_expert = placement.phy2log[layer]
         slot_device = placement.slot_device[layer]
         width = log2phy.shape[1]
@@ -182,9 +185,7 @@ class _LayerRoutes:
             count = placement.logcnt[layer]
             last = log2phy[np.arange(len(count)), count - 1]
             self.replica_slots = np.where(log2phy >= 0, log2phy, last[:, None])
-            share = np.where(log2phy >= 0, placement.replica_share[layer][log2phy], 0.0)
-            self.replica_bounds = np.where(np.arange(1, width) < count[:, None],
-                                           np.cumsum(share, axis=1)[:, :-1], 1.0)
+            self.replica_bounds = bounds
         devices, starts = np.unique(slot_device, return_index=True)
         ends = np.append(starts[1:], len(slot_device))
         self.device_ranges = [(int(g), int(s), int(e)) for g, s, e in zip(devices, starts, ends)]
@@ -202,7 +203,7 @@ class _LayerRoutes:
         num_pairs = np.bincount(experts, minlength=len(self.expert_slot))
         first = np.cumsum(num_pairs) - num_pairs
         rank = np.arange(len(experts)) - first[ranked]
-        bounds = np.floor(self.replica_bounds[ranked] * num_pairs[ranked][:, None] + 0.5)
+        bounds = split_bounds(self.replica_bounds[ranked], num_pairs[ranked])
         replica = np.count_nonzero(rank[:, None] >= bounds, axis=1)
         slots = np.empty_like(experts)
         slots[order] = self.replica_slots[ranked, replica]
@@ -219,8 +220,9 @@ class _Routes:
         self.placement = placement
         self.channels = dict(channels)
         self.workers_epoch = workers_epoch
-        log2phy = placement.log2phy
-        self.layers = [_LayerRoutes(placement, log2phy[layer], layer) for layer in range(placement.num_layers)]
+        log2phy, bounds = placement.log2phy, replica_bounds(placement)
+        self.layers = [_LayerRoutes(placement, log2phy[layer], bounds[layer], layer)
+                       for layer in range(placement.num_layers)]
 
 
 class _Step:

@@ -144,7 +144,7 @@ def test_pass_critical_paths_split_replicas_as_the_engine_dispatches(replicas):
     """Each replica is timed at the whole tokens the engine's dispatch gives it (service.dispatch), not at
     its fractional share: the held-out judge charged every replica of an expert with a token a call."""
     from placement.metrics import curve_params, latency_on
-    from service.dispatch import _LayerRoutes
+    from service.dispatch import _Routes
 
     rng = np.random.default_rng(replicas)
     even = _random_placement(rng, 3, 8, 4, replicas)
@@ -153,7 +153,7 @@ def test_pass_critical_paths_split_replicas_as_the_engine_dispatches(replicas):
                                           for row, w in zip(even.phy2log, share)]), even.phy2log, axis=1)
     placement = Placement(even.phy2log, even.slot_device, share, 8, 4)
     passes = rng.poisson(rng.gamma(0.5, 4.0, size=(20, 3, 8))).astype(float)
-    routes = [_LayerRoutes(placement, placement.log2phy[layer], layer) for layer in range(3)]
+    routes = _Routes(placement, dict.fromkeys(range(4)), workers_epoch=0).layers  # the engine's lookups
     params = curve_params(CURVED)
     expected = []
     for counts in passes:

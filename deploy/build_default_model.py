@@ -1,6 +1,7 @@
 """Build the embedded default model `vibe-tiny-moe`, its tokenizer and the prompt sets, from local text only.
 
-Owns: the training corpus (CPython's `pydoc_data.topics` plus the repo's tracked Markdown and Python), the
+Owns: the training corpus (CPython's `pydoc_data.topics` plus the repo's tracked Markdown and Python files as
+committed at HEAD; the pure-Python stdlib modules of STDLIB_CODE_MODULES feed only the code prompts), the
 byte-level BPE tokenizer and chat template, the tiny Qwen3-MoE config, CPU training with a per-layer
 load-balancing loss, the routing statistics measured on held-out prompts, and the JSON Lines prompt sets
 (`deploy/prompts/profile.jsonl`, `load_tests/workloads/*.jsonl`). Ignores serving, placement and devices.
@@ -9,11 +10,18 @@ Prompt sets are JSON Lines, one request per line: `{"messages": [{"role": "syste
 "content": str}, ...], "max_tokens": int}`, the last message from the user, prompt plus output within the
 1024-token context. Their text is CPython's reference, CPython's own source, the repo's files, or written here.
 
-    python -m deploy.build_default_model            # `make model`: about 5 minutes on 2 idle cores
+    python -m deploy.build_default_model            # `make model`: about an hour (the committed build: 54
+                                                    # minutes of wall time, 32 CPU-minutes, on a shared 2-core machine)
     python -m deploy.build_default_model --steps 200 --aux-coef 0.01 --out /tmp/m --prompts-dir /tmp/p \
         --workloads-dir /tmp/w                      # a quick experiment that leaves the repo alone
 
-Every random choice comes from `BuildConfig.seed`; the corpus hash is recorded so a rebuild can be compared.
+Every random choice comes from `BuildConfig.seed`. The corpus is read from the commit checked out (uncommitted
+edits are not trained on; a tree without git is refused), and build_info.json records the corpus's hash and
+documents, that commit and whether the working tree differed from it, the builder's SHA-256 and the library
+versions. A rebuild with all of these the same gives the same tokenizer and token stream; training is
+bit-identical only with `--threads 1`: with more threads (the default 2) torch's CPU kernels split sums between
+threads run to run, and the weights match another build only within float tolerance (after 3 steps, 30 of 47
+tensors differed by up to 1.7e-6). Other library versions may give another tokenizer merge order, so other ids.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import platform
 import random
 import subprocess
 import time
@@ -31,8 +40,10 @@ from pathlib import Path
 from pydoc_data import topics
 
 import numpy as np
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -123,7 +134,7 @@ class BuildConfig:
     warmup_steps: int = 30
     aux_coef: float = 0.003  # per-layer load-balancing loss weight, tuned (see the report)
     seed: int = 0
-    threads: int = 2
+    threads: int = 2  # torch threads; 1 makes training bit-identical run to run (see the module docstring)
     heldout_every: int = 8  # every n-th corpus section is held out of training (profile prompts)
     section_chars: int = 1200  # longest assistant turn in the training conversations
     num_profile: int = 64
@@ -157,12 +168,55 @@ class Section:
 # --- corpus --------------------------------------------------------------------------------------
 
 
-def corpus_documents(repo_root: Path) -> list[tuple[str, str]]:
-    """(title, text) of every pydoc topic (title: its heading) and tracked repo .md/.py file (title: path)."""
+def git(repo_root: Path, *args: str, stdin: bytes | None = None) -> bytes:
+    """stdout of `git args` in `repo_root`; a RuntimeError saying what the build needs if git or the checkout is
+    missing (a bare CalledProcessError said neither)."""
+    need = (f"the default model is built from the files committed in a git checkout of the repository; {repo_root} "
+            "is not one (a tarball, an sdist or an installed package?): build from a clone")
+    try:
+        return subprocess.run(["git", *args], cwd=repo_root, check=True, capture_output=True, input=stdin).stdout
+    except FileNotFoundError:
+        raise RuntimeError(f"git is not installed: {need}") from None
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"`git {' '.join(args)}` failed ({exc.stderr.decode(errors='replace').strip()}): "
+                           f"{need}") from None
+
+
+def committed_files(repo_root: Path, suffixes: tuple[str, ...] = (".md", ".py")) -> tuple[str, dict[str, str]]:
+    """(commit, {path: text}) of the regular files ending in `suffixes` as committed at HEAD of `repo_root`.
+
+    The commit's content, not the working tree's: an uncommitted edit went into the corpus, so the recorded corpus
+    hash named no commit. Text is UTF-8 with universal newlines, as `Path.read_text` reads it, so a clean checkout's
+    corpus is what the working tree's was. Symlinks and submodules are left out.
+    """
+    top = Path(git(repo_root, "rev-parse", "--show-toplevel").decode().strip())
+    if top.resolve() != repo_root.resolve():  # e.g. an installed copy inside some other repository
+        raise RuntimeError(f"{repo_root} is not the top of a git checkout (git's is {top}): the default model is "
+                           "built from the files committed in a clone of the repository")
+    commit = git(repo_root, "rev-parse", "HEAD").decode().strip()
+    blobs = {}  # path -> object id
+    for entry in git(repo_root, "ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
+        if entry:
+            meta, path = entry.decode().split("\t", 1)
+            mode, kind, oid = meta.split()
+            if kind == "blob" and mode in ("100644", "100755") and path.endswith(suffixes):
+                blobs[path] = oid
+    paths = sorted(blobs)
+    out = git(repo_root, "cat-file", "--batch", stdin="".join(f"{blobs[p]}\n" for p in paths).encode())
+    files, at = {}, 0
+    for path in paths:  # each: "<oid> blob <size>\n<content>\n"
+        header_end = out.index(b"\n", at)
+        size = int(out[at:header_end].split()[2])
+        text = out[header_end + 1:header_end + 1 + size].decode()
+        files[path] = text.replace("\r\n", "\n").replace("\r", "\n")
+        at = header_end + 1 + size + 1
+    return commit, files
+
+
+def corpus_documents(files: dict[str, str]) -> list[tuple[str, str]]:
+    """(title, text) of every pydoc topic (title: its heading) and of `files` {path: text} (title: path), by path."""
     docs = [(text.split("\n", 1)[0].strip(), text) for _, text in sorted(topics.topics.items())]
-    listed = subprocess.run(["git", "ls-files", "*.md", "*.py"], cwd=repo_root, check=True,
-                            capture_output=True, text=True).stdout.split()
-    docs += [(path, (repo_root / path).read_text()) for path in sorted(listed) if (repo_root / path).is_file()]
+    docs += sorted(files.items())
     return [(title, text) for title, text in docs if text.strip()]
 
 
@@ -384,13 +438,11 @@ def fit_entry(tokenizer, messages, max_tokens: int, cfg: BuildConfig, min_output
     return {"messages": messages, "max_tokens": min(max_tokens, room)}
 
 
-def code_sources(repo_root: Path) -> list[tuple[str, list[str]]]:
-    """(name, lines) of the pure-Python stdlib modules and of the repo's tracked Python files."""
-    paths = [(name, Path(importlib.util.find_spec(name).origin)) for name in STDLIB_CODE_MODULES]
-    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=repo_root, check=True, capture_output=True,
-                            text=True).stdout.split()
-    paths += [(p, repo_root / p) for p in sorted(listed) if (repo_root / p).is_file()]
-    return [(name, lines) for name, path in paths if len(lines := path.read_text().splitlines()) >= 12]
+def code_sources(files: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(name, lines) of the pure-Python stdlib modules and of the Python files among `files` {path: text}."""
+    texts = [(name, Path(importlib.util.find_spec(name).origin).read_text()) for name in STDLIB_CODE_MODULES]
+    texts += [(path, text) for path, text in sorted(files.items()) if path.endswith(".py")]
+    return [(name, lines) for name, text in texts if len(lines := text.splitlines()) >= 12]
 
 
 def code_conversation(sources, rng: random.Random, min_lines: int, max_lines: int) -> list[dict[str, str]]:
@@ -522,12 +574,32 @@ def save_folder(model, tokenizer, model_dir: Path, stats: dict, info: dict) -> i
     return size
 
 
-def build(cfg: BuildConfig, model_dir: Path, prompts_dir: Path, workloads_dir: Path) -> dict:
-    """Train and save the model and write the prompt sets; returns the build summary printed."""
+def provenance(repo_root: Path, commit: str) -> dict:
+    """What build_info.json records besides the config and the corpus to tell which code built the model.
+
+    The corpus's commit; whether the working tree (this builder included) differed from it when the build
+    ran (tracked files only); this file's SHA-256; the versions whose changes change the result (tokenizers: the BPE
+    merge order, so every id; torch and transformers: initialisation and training arithmetic).
+    """
+    dirty = git(repo_root, "status", "--porcelain", "--untracked-files=no").strip() != b""
+    return {"git_commit": commit, "git_dirty": dirty,
+            "builder_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                         "numpy": np.__version__}}
+
+
+def build(cfg: BuildConfig, model_dir: Path, prompts_dir: Path, workloads_dir: Path,
+          repo_root: Path = REPO_ROOT) -> dict:
+    """Train and save the model and write the prompt sets; returns the build summary printed.
+
+    `repo_root`: the git checkout whose committed files are the corpus (tests build from a small one).
+    """
+    commit, files = committed_files(repo_root)  # first: without a checkout, fail before any work
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    docs = corpus_documents(REPO_ROOT)
+    docs = corpus_documents(files)
     train_sections, held = split_corpus(docs, cfg)
     tokenizer = build_tokenizer([s.text for s in train_sections], cfg)
     stream = token_stream(tokenizer, [section_conversation(s, rng) for s in train_sections])
@@ -542,7 +614,7 @@ def build(cfg: BuildConfig, model_dir: Path, prompts_dir: Path, workloads_dir: P
 
     prose = [s for s in train_sections + held if not s.title.endswith(".py")]
     held_prose = [s for s in held if not s.title.endswith(".py")]
-    sets = prompt_sets(held_prose, prose, code_sources(REPO_ROOT), tokenizer, cfg, rng)
+    sets = prompt_sets(held_prose, prose, code_sources(files), tokenizer, cfg, rng)
     paths = {name: (prompts_dir if name == "profile" else workloads_dir) / f"{name}.jsonl" for name in sets}
     for name, entries in sets.items():
         write_jsonl(paths[name], entries)
@@ -551,7 +623,7 @@ def build(cfg: BuildConfig, model_dir: Path, prompts_dir: Path, workloads_dir: P
     info = {"config": asdict(cfg), "training": training, "greedy_samples": samples,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "corpus_sha256": hashlib.sha256("".join(text for _, text in docs).encode()).hexdigest(),
-            "corpus_documents": [title for title, _ in docs]}
+            "corpus_documents": [title for title, _ in docs], **provenance(repo_root, commit)}
     size = save_folder(model, tokenizer, model_dir, stats, info)
     summary = {"folder_bytes": size, "training_seconds": round(training["seconds"], 1),
                "training_cpu_seconds": round(training["cpu_seconds"], 1), "heldout_loss": training["heldout_loss"],
@@ -566,11 +638,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=BuildConfig.steps)
     parser.add_argument("--aux-coef", type=float, default=BuildConfig.aux_coef)
     parser.add_argument("--seed", type=int, default=BuildConfig.seed)
+    parser.add_argument("--threads", type=int, default=BuildConfig.threads,
+                        help="torch threads; 1: training bit-identical run to run (slower)")
     parser.add_argument("--out", type=Path, default=MODEL_DIR, help="model folder")
     parser.add_argument("--prompts-dir", type=Path, default=PROMPTS_DIR)
     parser.add_argument("--workloads-dir", type=Path, default=WORKLOADS_DIR)
     args = parser.parse_args()
-    cfg = BuildConfig(steps=args.steps, aux_coef=args.aux_coef, seed=args.seed)
+    cfg = BuildConfig(steps=args.steps, aux_coef=args.aux_coef, seed=args.seed, threads=args.threads)
     build(cfg, args.out, args.prompts_dir, args.workloads_dir)
 
 

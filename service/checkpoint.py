@@ -748,7 +748,7 @@ def resolve_checkpoint(path: str | Path, allowed_roots: Sequence[str | Path]) ->
     reason = "no such folder"
     for candidate in reversed(candidates):  # why the first that exists was refused
         if candidate.exists() and not any(candidate.is_relative_to(root) for root in roots):
-            reason = f"it resolves to {str(candidate)!r} (symlinks followed), outside them: add its folder to the allowed folders"
+            reason = f"it resolves to {str(candidate)!r} (symlinks followed): add its folder to the allowed folders"
         elif candidate.is_file():
             reason = "it is a file"
         elif candidate.is_dir():

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service import attention, linear_attention, sparse_attention
+from service import attention, linear_attention, rope, sparse_attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
 from service.structured import GrammarFailed, Grammars, advance
@@ -296,6 +296,8 @@ class Engine:
         # blocks kept free when admitting beside running sequences, for their next decode steps (1%, as vLLM)
         self._watermark = self._cache.num_blocks // 100
         attention.install(model)
+        # dynamic and longrope RoPE chosen once for max_model_len, not per step from the step's longest position
+        rope.freeze(model, config.max_model_len)
         linear_attention.install(model)
         sparse_attention.install(model)
         self._snapshots = self._cache.linear.snapshots if self._cache.linear is not None else None

@@ -126,6 +126,10 @@ class AppArgs(BaseModel):
                               "mistral", "mistral_v11", "openai"] = "auto"
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     num_replicas: int = Field(default=1, ge=1)
+    # how long a stopped ingress replica (redeploy, scale-down, delete) finishes the requests it holds before Serve
+    # kills it (graceful_shutdown_timeout_s; requests still running then are cut); its coordinator waits this long
+    # too before a deleted app's workers go
+    drain_timeout_s: float = Field(default=60.0, ge=0)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     coordinator_num_cpus: float = Field(default=0.1, ge=0)
     worker_num_cpus: float = Field(default=0.05, ge=0)
@@ -259,13 +263,14 @@ def build_app(args: dict[str, Any] | None = None):
     coordinator = coordinator_cls.options(
         ray_actor_options={"num_cpus": parsed.coordinator_num_cpus}, max_ongoing_requests=64,
         logging_config={"enable_access_log": False},  # engines report ten times a second
-        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
-    ).bind(coordinator_config, worker_configs, pool_config, shape)
+        # (outlasts the ingress's drain, which it waits for when the app is deleted, by its own shutdown's time)
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=parsed.drain_timeout_s + 30,
+    ).bind(coordinator_config, worker_configs, pool_config, shape, parsed.drain_timeout_s)
     return ingress_cls.options(
         num_replicas=parsed.num_replicas,
         ray_actor_options={"num_cpus": parsed.ingress_num_cpus, "num_gpus": parsed.ingress_num_gpus},
         max_ongoing_requests=max(64, 2 * parsed.max_num_seqs + parsed.max_queue),
-        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=parsed.drain_timeout_s,
     ).bind(coordinator, settings)
 
 

@@ -39,7 +39,10 @@ class CoordinatorDeployment:
     """The app's one coordinator (a single replica). Sync methods run in Serve's thread pool."""
 
     def __init__(self, config: CoordinatorConfig, worker_configs: list, pool_config: RayPoolConfig,
-                 shape: ModelShape) -> None:
+                 shape: ModelShape, drain_s: float = 0.0) -> None:
+        """`drain_s`: how long the app's ingress replicas drain their requests when stopped (their
+        graceful_shutdown_timeout_s): a deleted app's workers wait that long for them."""
+        self._drain_s = drain_s
         self.core = Coordinator(config, RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name())), shape)
         self.core.start()
         self._serving: dict[str, tuple[float, list]] = {}  # replica -> (when it last sent them, its serving metrics)
@@ -94,12 +97,14 @@ class CoordinatorDeployment:
             raise RuntimeError("the coordinator loop stopped")
 
     def __del__(self) -> None:
-        # Graceful replica shutdown. When the app is going away (serve shutdown, delete) its workers go
-        # with it; when it is being redeployed they stay, and the next coordinator adopts them (same
-        # worker configuration) or kills them (another one). A crashed coordinator never gets here, so
-        # its detached workers survive and the restarted one adopts them with their experts.
+        # Graceful replica shutdown. Only when the app is going away (serve delete, shutdown) do its workers go
+        # with it, once its ingress replicas have drained. Serve stops a coordinator for other reasons too: a
+        # redeploy, a failed health check (it then starts another). The workers stay, and the next coordinator
+        # adopts them (same worker configuration) or kills them (another one); they were killed whenever the
+        # app was not DEPLOYING, so a coordinator found unhealthy took every worker and expert with it. A
+        # crashed coordinator never gets here: its detached workers survive and the restarted one adopts them.
         self.core.stop()
-        if not _app_redeploying():
+        if _app_going_away(getattr(self, "_drain_s", 0.0)):
             self.core.pool.shutdown()
 
 
@@ -124,13 +129,29 @@ def _serve_app_name() -> str:
         return "default"
 
 
-def _app_redeploying() -> bool:
+def _app_going_away(drain_s: float, poll_s: float = 1.0) -> bool:
+    """Whether this replica's app is being deleted (DELETING, already gone, or no controller to ask: serve
+    shutdown). If it is, first wait, at most `drain_s`, until the app's other deployments have no replica left:
+    Serve stops the ingress replicas together with the coordinator, and the requests they drain need the workers
+    (they were cut when the workers went at once, streams without an error event)."""
     try:
-        app = serve.get_replica_context().app_name
-        status = serve.status().applications.get(app)
-        return status is not None and status.status == "DEPLOYING"
-    except Exception:  # no controller to ask: treat as going away
-        return False
+        context = serve.get_replica_context()
+        app, own = context.app_name, context.deployment
+    except Exception:  # not in a replica: nothing to ask
+        return True
+    deadline = time.monotonic() + drain_s
+    while True:
+        try:
+            status = serve.status().applications.get(app)
+        except Exception:  # no controller to ask: treat as going away
+            return True
+        if status is not None and status.status != "DELETING":
+            return False
+        draining = status is not None and any(
+            sum(deployment.replica_states.values()) for name, deployment in status.deployments.items() if name != own)
+        if not draining or time.monotonic() >= deadline:
+            return True
+        time.sleep(poll_s)
 
 
 @dataclass(frozen=True)

@@ -394,3 +394,17 @@ def test_model_roots_can_be_given_on_the_command_line_and_a_refused_model_names_
     build_app({**cli, "model_roots": str(tmp_path / "root")})
     monkeypatch.setenv("VIBE_MODEL_ROOTS", str(tmp_path / "root"))
     build_app({**cli, "model": "tiny"})
+
+
+def test_the_drain_timeout_reaches_the_ingress_and_the_coordinator_outlasts_it(tmp_path):
+    """Every ingress rebuild (a changed argument, num_replicas included) or delete cut requests running past a
+    hard-coded 10 s, streams without an error event (the redeploy audit); a deleted app's coordinator waits for
+    the drain before its workers go, so it must outlast it."""
+    with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
+    base = {"model": "tiny", "model_roots": [str(tmp_path)], "profile_prompts": None}
+    for args, drain in ((base, 60.0), ({**base, "drain_timeout_s": 400}, 400.0)):
+        ingress = build_app(args)._bound_deployment
+        coordinator = ingress.init_args[0]._bound_deployment
+        assert ingress._deployment_config.graceful_shutdown_timeout_s == drain
+        assert coordinator._deployment_config.graceful_shutdown_timeout_s == drain + 30
+        assert coordinator.init_args[4] == drain

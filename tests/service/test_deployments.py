@@ -62,3 +62,61 @@ def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monk
     assert coordinator.serving_metrics("ingress-a", ["a2"]) == {"ingress-b": ["b1"]}
     clock[0] += deployments.SERVING_METRICS_TTL_S * 0.6  # b silent past the TTL: gone
     assert coordinator.serving_metrics("ingress-a", ["a3"]) == {}
+
+
+def _app_status(status: str, ingress_replicas: int = 0):
+    import types
+
+    deployments = {"Coordinator": types.SimpleNamespace(replica_states={"STOPPING": 1}),
+                   "OpenAIIngress": types.SimpleNamespace(replica_states={"STOPPING": ingress_replicas}
+                                                          if ingress_replicas else {})}
+    return types.SimpleNamespace(status=status, deployments=deployments)
+
+
+@pytest.mark.parametrize("status", ["RUNNING", "UNHEALTHY", "DEPLOYING", "DEPLOY_FAILED"])
+def test_a_coordinator_stopped_while_its_app_stays_keeps_the_workers(monkeypatch, status):
+    """Serve stops a coordinator whose health checks fail and starts another; its workers were killed whenever the
+    app was not DEPLOYING, so the next coordinator started fresh ones and reloaded every expert, the placement and
+    calibration lost (the redeploy audit: a coordinator paused past its health checks)."""
+    import types
+
+    from service import deployments
+
+    monkeypatch.setattr(deployments.serve, "get_replica_context",
+                        lambda: types.SimpleNamespace(app_name="vibe", deployment="Coordinator"))
+    monkeypatch.setattr(deployments.serve, "status",
+                        lambda: types.SimpleNamespace(applications={"vibe": _app_status(status)}))
+    assert not deployments._app_going_away(drain_s=0.0)
+
+
+def test_a_deleted_apps_workers_go_once_its_ingress_replicas_drained(monkeypatch):
+    """serve.delete stops the coordinator and the ingress replicas at once; the workers went at once too, so the
+    requests the ingress was draining stalled and were cut at its force-kill (the redeploy audit). Now: once no
+    other deployment of the app has a replica, or after the drain timeout; at once when the app is gone or no
+    controller answers (serve shutdown)."""
+    import types
+
+    from service import deployments
+
+    monkeypatch.setattr(deployments.serve, "get_replica_context",
+                        lambda: types.SimpleNamespace(app_name="vibe", deployment="Coordinator"))
+    answers = iter([_app_status("DELETING", 2), _app_status("DELETING", 1), _app_status("DELETING", 0)])
+    asked = []
+
+    def status():
+        asked.append(1)
+        return types.SimpleNamespace(applications={"vibe": next(answers)})
+
+    monkeypatch.setattr(deployments.serve, "status", status)
+    assert deployments._app_going_away(drain_s=60.0, poll_s=0.0) and len(asked) == 3
+    monkeypatch.setattr(deployments.serve, "status",
+                        lambda: types.SimpleNamespace(applications={"vibe": _app_status("DELETING", 3)}))
+    assert deployments._app_going_away(drain_s=0.0, poll_s=0.0)  # never drained: at the timeout
+    monkeypatch.setattr(deployments.serve, "status", lambda: types.SimpleNamespace(applications={}))
+    assert deployments._app_going_away(drain_s=60.0)
+
+    def unreachable():
+        raise ConnectionError("controller gone")
+
+    monkeypatch.setattr(deployments.serve, "status", unreachable)
+    assert deployments._app_going_away(drain_s=60.0)

@@ -129,6 +129,19 @@ def _serve_app_name() -> str:
         return "default"
 
 
+def _other_replicas_alive(app: str, own: str) -> bool:
+    """Whether a replica of another deployment of ``app`` than ``own`` is alive, by Serve's replica actor names
+    (serve.status() lists no deployments once the app is DELETING, while its replicas drain)."""
+    import ray
+
+    prefix, mine = f"SERVE_REPLICA::{app}#", f"SERVE_REPLICA::{app}#{own}#"
+    try:
+        names = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)]
+    except Exception:  # no cluster to ask: nothing to wait for
+        return False
+    return any(name.startswith(prefix) and not name.startswith(mine) for name in names)
+
+
 def _app_going_away(drain_s: float, poll_s: float = 1.0) -> bool:
     """Whether this replica's app is being deleted (DELETING, already gone, or no controller to ask: serve
     shutdown). If it is, first wait, at most `drain_s`, until the app's other deployments have no replica left:
@@ -147,8 +160,7 @@ def _app_going_away(drain_s: float, poll_s: float = 1.0) -> bool:
             return True
         if status is not None and status.status != "DELETING":
             return False
-        draining = status is not None and any(
-            sum(deployment.replica_states.values()) for name, deployment in status.deployments.items() if name != own)
+        draining = status is not None and _other_replicas_alive(app, own)
         if not draining or time.monotonic() >= deadline:
             return True
         time.sleep(poll_s)

@@ -64,13 +64,30 @@ def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monk
     assert coordinator.serving_metrics("ingress-a", ["a3"]) == {}
 
 
-def _app_status(status: str, ingress_replicas: int = 0):
+def _app_status(status: str):
     import types
 
-    deployments = {"Coordinator": types.SimpleNamespace(replica_states={"STOPPING": 1}),
-                   "OpenAIIngress": types.SimpleNamespace(replica_states={"STOPPING": ingress_replicas}
-                                                          if ingress_replicas else {})}
-    return types.SimpleNamespace(status=status, deployments=deployments)
+    # (Serve 2.60 lists no deployments of a DELETING app; its replicas are found by their actors' names)
+    return types.SimpleNamespace(status=status, deployments={})
+
+
+def _replicas(monkeypatch, *counts: int) -> list:
+    """Serve's named replica actors as ray.util.list_named_actors answers, the ingress having `counts[i]` replicas
+    at the i-th call (the last count thereafter); returns the list of calls made."""
+    import ray
+
+    asked = []
+
+    def named(all_namespaces=False):
+        ingress = counts[min(len(asked), len(counts) - 1)]
+        asked.append(1)
+        return ([{"name": "SERVE_REPLICA::vibe#Coordinator#a1", "namespace": "serve"},
+                 {"name": "SERVE_REPLICA::vibe-2#OpenAIIngress#b1", "namespace": "serve"},  # another app's
+                 {"name": "vibe-worker-vibe-0123abcd-0", "namespace": "vibe"}]
+                + [{"name": f"SERVE_REPLICA::vibe#OpenAIIngress#r{i}", "namespace": "serve"} for i in range(ingress)])
+
+    monkeypatch.setattr(ray.util, "list_named_actors", named)
+    return asked
 
 
 @pytest.mark.parametrize("status", ["RUNNING", "UNHEALTHY", "DEPLOYING", "DEPLOY_FAILED"])
@@ -100,17 +117,11 @@ def test_a_deleted_apps_workers_go_once_its_ingress_replicas_drained(monkeypatch
 
     monkeypatch.setattr(deployments.serve, "get_replica_context",
                         lambda: types.SimpleNamespace(app_name="vibe", deployment="Coordinator"))
-    answers = iter([_app_status("DELETING", 2), _app_status("DELETING", 1), _app_status("DELETING", 0)])
-    asked = []
-
-    def status():
-        asked.append(1)
-        return types.SimpleNamespace(applications={"vibe": next(answers)})
-
-    monkeypatch.setattr(deployments.serve, "status", status)
-    assert deployments._app_going_away(drain_s=60.0, poll_s=0.0) and len(asked) == 3
     monkeypatch.setattr(deployments.serve, "status",
-                        lambda: types.SimpleNamespace(applications={"vibe": _app_status("DELETING", 3)}))
+                        lambda: types.SimpleNamespace(applications={"vibe": _app_status("DELETING")}))
+    asked = _replicas(monkeypatch, 2, 1, 0)
+    assert deployments._app_going_away(drain_s=60.0, poll_s=0.0) and len(asked) == 3
+    _replicas(monkeypatch, 3)
     assert deployments._app_going_away(drain_s=0.0, poll_s=0.0)  # never drained: at the timeout
     monkeypatch.setattr(deployments.serve, "status", lambda: types.SimpleNamespace(applications={}))
     assert deployments._app_going_away(drain_s=60.0)

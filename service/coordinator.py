@@ -272,6 +272,15 @@ class Coordinator:
             self.pool.load(self.config.checkpoint, self._keys_per_device(first))
             self._publish(first)
         else:
+            # Devices down since start that the recovered placement uses (a node lost with the coordinator): their
+            # experts are copied from survivors or read from the checkpoint, as for any device lost while serving
+            # (a fresh plan loaded every expert onto survivors still holding the recorded ones: twice the memory)
+            orphaned = [d for d in sorted(self._lost) if recovered.experts_on(d)]
+            if orphaned:
+                result = self.handle_lost_devices(orphaned, restart=False)
+                if result["status"] != "applied":
+                    raise RuntimeError(f"re-placing the experts of devices {orphaned}, down at start, failed: "
+                                       f"{result['detail']}")
             # A device without slots was lost and waits to rejoin (the coordinator before may have died before
             # readmitting it): a full re-plan gives it its share; incremental ones keep slot counts.
             # (those down since start are restarted first: they are lost, not idle)
@@ -317,7 +326,8 @@ class Coordinator:
         for record in sorted(records, key=lambda r: r.get("version", 0), reverse=True):
             candidate = pl.Placement.from_dict(record)
             needed = self._keys_per_device(candidate)
-            if all(set(keys) <= held.get(d, set()) for d, keys in needed.items()):
+            # (the experts of devices down since start are re-placed by start(), as for any lost device)
+            if all(set(keys) <= held.get(d, set()) for d, keys in needed.items() if d in live):
                 log.info("recovered placement version %d from the workers", candidate.version)
                 with self._lock:
                     self._placement = candidate
@@ -460,7 +470,10 @@ class Coordinator:
             for candidate_mode in ("incremental", "full") if mode == "auto" else (mode,):
                 try:
                     new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
-                except ValueError as exc:  # the coordinator's failure, not the caller's (the admin API: no 400)
+                except ValueError as exc:
+                    if policy != self.config.policy:  # the caller's choice cannot place this app: a 400
+                        raise ValueError(f"policy {policy!r} cannot place this app: {exc}") from exc
+                    # the configured policy failing is the coordinator's failure, not the caller's (no 400)
                     raise RuntimeError(f"planning a {policy} placement failed: {exc}") from exc
                 plan = pl.migration_plan(old, new, self.shape.expert_bytes)
                 judged.append((self._judge(old, new, plan, loads, activity, passes, devices, policy,
@@ -772,9 +785,7 @@ class Coordinator:
                 except Exception as exc:
                     log.warning("could not restart worker %d: %s", device, exc)
                     return
-                with self._lock:
-                    self._workers[device] = info
-                    self._workers_epoch += 1
+                self._restarted(device, info)
             keys = self._keys_per_device(placement)
             record = Recalibration(reason=f"every device lost ({', '.join(map(str, down))}): reloaded", policy="vibe",
                                    mode="full", status="applied", from_version=placement.version,
@@ -920,17 +931,22 @@ class Coordinator:
             info = self.pool.restart(device)
         except Exception as exc:  # a later probe finds it still lost and tries again: the next one, then backing off
             failures += 1
-            wait = 0.0 if failures == 1 else min(self.config.health_interval_s * 2 ** (failures - 1),
+            wait = 0.0 if failures == 1 else min(self.config.health_interval_s * 2.0 ** min(failures - 1, 30),
                                                   _RESTART_BACKOFF_MAX_S)
             self._restart_after[device] = (self._clock() + wait, failures)
             log.warning("could not restart worker %d (%d tries; next in %.0f s or more): %s", device, failures, wait,
                         exc)
             return
+        self._restarted(device, info)
+        with self._lock:
+            self._rejoin.add(device)
+
+    def _restarted(self, device: int, info: WorkerInfo) -> None:
+        """Record a restarted worker's new address (engines reconnect: the epoch changes); its restart backoff ends."""
         self._restart_after.pop(device, None)
         with self._lock:
             self._workers[device] = info
             self._workers_epoch += 1
-            self._rejoin.add(device)
 
     def _readmit(self) -> None:
         """Give restarted devices their share again with a full re-plan (forced: they are idle). Until that

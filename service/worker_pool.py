@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (moe layer, expert)
 
-_SHUTDOWN_TIMEOUT_S = 5.0
-_PLACEABLE_CHECK_S = 2.0  # a restarted worker not up by then is checked for a node that can host it  # how long a worker about to be killed has to close its sockets and remove its folder
+_SHUTDOWN_TIMEOUT_S = 5.0  # how long a worker about to be killed has to close its sockets and remove its folder
+_PLACEABLE_CHECK_S = 2.0  # a restarted worker not up by then is checked for a node that can host it
 
 
 class WorkerCallError(RuntimeError):
@@ -123,6 +123,7 @@ class RayWorkerPool:
         self.num_devices = len(self.worker_configs)
         self._actors: list[Any] = []
         self._infos: list[WorkerInfo] = []
+        self._replacing: dict[int, Any] = {}  # device: first call of a replacement still waiting for a node
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -149,13 +150,12 @@ class RayWorkerPool:
         call's own error."""
         import ray
 
-        state, restarts = _actor_state(self._actors[device])
-        waiting = state in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")
-        # (first: a worker whose node died waits, RESTARTING, for a node that fits; that is no crash loop)
-        unplaceable = self._unplaceable() if waiting else None
-        if unplaceable:
-            return unplaceable
-        if waiting and restarts:
+        state, restarts, _ = _actor_state(self._actors[device])
+        # (first: a worker whose node died waits, RESTARTING, for a node with room; that is no crash loop)
+        waiting = self._waiting_for_node(device)
+        if waiting:
+            return waiting
+        if state in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY") and restarts:
             self._stop([self._actors[device]], wait=False)
             return (f"its process died {restarts} time(s) while starting, and it was killed; its log says why "
                     f"(`ray logs actor --id {self._actors[device]._actor_id.hex()}`)")
@@ -168,6 +168,24 @@ class RayWorkerPool:
                         f"{', '.join(f'{free.get(k, 0):g} {k}' for k in wants)} free; left pending")
             return f"still being created (state {state}); left pending"
         return f"{error} (actor state {state or 'unknown'})"
+
+    def _waiting_for_node(self, device: int) -> str | None:
+        """Why worker `device` has no process yet, when that is because no node has room for it: none has the
+        resources it asks for, or those free do not fit it (after a node failure, the survivors' GPUs are all
+        held by the other workers); None when it has a process (starting, or crash-looping) or could get one."""
+        import ray
+
+        state, _, placed = _actor_state(self._actors[device])
+        if placed or state not in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+            return None
+        unplaceable = self._unplaceable()
+        if unplaceable:
+            return unplaceable
+        wants, free = self._wants(), ray.available_resources()
+        if all(free.get(k, 0) >= v for k, v in wants.items()):
+            return None  # room now: it is being scheduled
+        return (f"waiting for resources: it asks for {', '.join(f'{v:g} {k}' for k, v in wants.items())}, the "
+                f"cluster has {', '.join(f'{free.get(k, 0):g} {k}' for k in wants)} free; left pending")
 
     def _wants(self) -> dict[str, float]:
         wants = {"CPU": self.config.num_cpus, "GPU": self.config.num_gpus}
@@ -228,27 +246,42 @@ class RayWorkerPool:
             log.info("killed worker %s of an earlier configuration", name)
 
     def restart(self, device: int) -> WorkerInfo:
-        """Replace a dead worker by a fresh one with no experts; returns its new address."""
+        """Replace a dead worker by a fresh one with no experts; returns its new address.
+
+        Fails within about _PLACEABLE_CHECK_S when the replacement waits for a node with room (its node gone): the
+        replacement is left pending for resources that may yet come (an autoscaler, the node back), and the next
+        call waits on it again instead of replacing it. Every wait held the coordinator's loop for call_timeout_s
+        (and with it every other worker's health probe)."""
         import ray
 
-        self._stop([self._actors[device]])
         deadline = time.monotonic() + self.config.call_timeout_s
+        reuse = device in self._replacing
+        if not reuse:  # (no shutdown to wait for from a worker without a process: its node is gone, or pending)
+            state, _, placed = _actor_state(self._actors[device])
+            self._stop([self._actors[device]], wait=state == "ALIVE" and placed)
         while True:  # the name is released asynchronously after the kill
             try:
-                self._actors[device] = self._create(device)
-                ref = self._actors[device].info.remote()
-                # No node fits it (its node is gone): fail now, not after call_timeout_s; the caller retries later
-                # (every wait held the coordinator's loop, and with it every other worker's health probe).
+                if not reuse:
+                    self._actors[device] = self._create(device)
+                    self._replacing[device] = self._actors[device].info.remote()
+                reuse = False
+                ref = self._replacing[device]
                 while not ray.wait([ref], timeout=min(_PLACEABLE_CHECK_S, max(deadline - time.monotonic(), 0)))[0]:
-                    unplaceable = self._unplaceable()
-                    if unplaceable or time.monotonic() > deadline:
+                    waiting = self._waiting_for_node(device)
+                    if waiting:
+                        raise WorkerCallError(f"restart of device {device} failed: {waiting}", [device])
+                    state, restarts, _ = _actor_state(self._actors[device])
+                    if (restarts and state != "ALIVE") or time.monotonic() > deadline:  # a crash loop: killed
+                        self._replacing.pop(device, None)
                         raise WorkerCallError(f"restart of device {device} failed: "
-                                              f"{unplaceable or self._why_not_up(device, 'no answer')}", [device])
+                                              f"{self._why_not_up(device, 'no answer')}", [device])
                 info = ray.get(ref, timeout=self.config.call_timeout_s)
+                self._replacing.pop(device, None)
                 break
             except WorkerCallError:
                 raise
             except Exception as exc:
+                self._replacing.pop(device, None)
                 if time.monotonic() > deadline:
                     cause = getattr(exc, "cause", None) or exc
                     why = self._why_not_up(device, f"{type(cause).__name__}: {str(cause)[:300]}")
@@ -497,10 +530,11 @@ class LocalWorkerPool:
         return self.workers[device]
 
 
-def _actor_state(actor: Any) -> tuple[str | None, int]:
-    """Ray's state of `actor` ("ALIVE", "PENDING_CREATION", "RESTARTING", "DEAD", ...) and its number of
-    restarts; (None, 0) if Ray cannot say. Asks the state API, which needs the dashboard, and else the GCS
-    actor table directly (what `ray list actors` reads too)."""
+def _actor_state(actor: Any) -> tuple[str | None, int, bool]:
+    """Ray's state of `actor` ("ALIVE", "PENDING_CREATION", "RESTARTING", "DEAD", ...), its number of restarts, and
+    whether it has a process (False while it waits for a node with the resources it asks for); (None, 0, True) if
+    Ray cannot say. Asks the state API, which needs the dashboard, and else the GCS actor table directly (what
+    `ray list actors` reads too)."""
     import ray
 
     actor_id = actor._actor_id.hex()
@@ -509,12 +543,12 @@ def _actor_state(actor: Any) -> tuple[str | None, int]:
 
         found = get_actor(actor_id, timeout=5)
         if found is not None:
-            return found.state, int(found.num_restarts or 0)
+            return found.state, int(found.num_restarts or 0), bool(found.pid)
     with contextlib.suppress(Exception):
         found = ray._private.state.actors(actor_id)
         if found:
-            return found["State"], int(found["NumRestarts"])
-    return None, 0
+            return found["State"], int(found["NumRestarts"]), bool(found.get("Pid"))
+    return None, 0, True
 
 
 def keys_by_device(pairs: Iterable[tuple[int, Key]]) -> dict[int, list[Key]]:

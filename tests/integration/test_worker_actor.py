@@ -3,6 +3,7 @@ the pool's worker lifecycle (socket folders removed, workers that cannot start n
 
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 
@@ -167,21 +168,29 @@ def test_start_names_a_worker_no_node_can_place(actors):
         pool.shutdown()
 
 
-def test_a_restart_no_node_can_place_fails_at_once(actors):
+@pytest.mark.parametrize("num_cpus, reason", [(64, "cannot be placed: it asks for 64 CPU"),
+                                               (1.5, "waiting for resources: it asks for 1.5 CPU")])
+def test_a_restart_without_a_node_with_room_fails_at_once_and_keeps_its_replacement_pending(actors, num_cpus, reason):
     """A lost worker whose node is gone: its restart waited call_timeout_s (60 s by default) before failing, and the
     coordinator retried it at every probe, its loop (every other worker's health probe) held all that time. It now
-    fails as soon as Ray shows no node can host it (with call_timeout_s this long, the old wait outlasts the test's
-    timeout)."""
+    fails as soon as Ray shows no node has room for it: none has the resources (64 CPUs), or the free ones do not
+    fit (1.5 CPUs of a 2-CPU node that other actors use: on GPUs, the survivors' GPUs held by the other workers).
+    The replacement stays pending for a node to come, and the next try waits on it rather than replacing it (with
+    call_timeout_s this long, the old wait outlasts the test's timeout)."""
     from dataclasses import replace
 
     pool = RayWorkerPool([WorkerConfig(index=0)],
-                         RayPoolConfig(name_prefix="test-restart-unplaceable", namespace="test-worker-pool",
-                                       detached=False))
+                         RayPoolConfig(name_prefix=f"test-restart-pending-{int(num_cpus)}",
+                                       namespace="test-worker-pool", detached=False))
     pool.start()
     try:
-        pool.config = replace(pool.config, num_cpus=64, call_timeout_s=3600)  # its node gone: none has 64 CPU
-        with pytest.raises(WorkerCallError, match=r"restart of device 0 failed: cannot be placed: it asks for 64 CPU"):
+        pool.config = replace(pool.config, num_cpus=num_cpus, call_timeout_s=3600)  # its node gone
+        with pytest.raises(WorkerCallError, match=rf"restart of device 0 failed: {re.escape(reason)}"):
             pool.restart(0)
+        pending = pool._actors[0]
+        with pytest.raises(WorkerCallError, match=rf"restart of device 0 failed: {re.escape(reason)}"):
+            pool.restart(0)
+        assert pool._actors[0] is pending  # waited on again, not replaced
     finally:
         pool.shutdown()
 

@@ -712,3 +712,31 @@ def test_imbalance_is_over_the_devices_not_lost(checkpoint):
     assert coordinator.metrics_summary()["layer_imbalance"] == pytest.approx(expected.tolist())
     assert [layer["imbalance"] for layer in coordinator.placement_view()["layers"]] == pytest.approx(expected.tolist())
     assert max(pl.imbalance(times)) > max(expected) + 0.5  # what was shown
+
+
+def test_restart_backoff_stays_capped_and_ends_at_any_restart(checkpoint):
+    """The backoff's 2 ** tries overflowed a float after 1025 failed restarts (hours of a device down): every probe
+    then raised out of check_workers; a worker restarted by the every-worker reload kept its old count (a review)."""
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool)
+
+    def failing(device):
+        raise RuntimeError("no node can host the new actor")
+
+    restart, pool.restart = pool.restart, failing
+    coordinator._restart_after[1] = (0.0, 5000)
+    coordinator._restart(1)
+    assert coordinator._restart_after[1][1] == 5001
+    assert coordinator._restart_after[1][0] - coordinator._clock() <= 30.0
+    pool.restart = restart
+    coordinator._restarted(1, pool.restart(1))
+    assert 1 not in coordinator._restart_after
+
+
+def test_a_policy_the_caller_picks_that_cannot_place_the_app_is_the_callers_error(checkpoint):
+    """A planning failure of the configured policy is the coordinator's (a 500); one of a policy the admin caller
+    picked that cannot place this app stays a ValueError (a 400 naming it), as before (a review)."""
+    coordinator = _coordinator(checkpoint, num_redundant=2, slot_budget=3)
+    _report(coordinator, _skewed(coordinator.shape, 1), passes=30)
+    with pytest.raises(ValueError, match="policy 'eplb' cannot place this app: num_redundant=2 must be a multiple"):
+        coordinator.recalibrate(policy="eplb", mode="full", force=True)

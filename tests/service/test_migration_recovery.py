@@ -381,9 +381,11 @@ class DownAtStartPool(ServedPool):
         super().__init__(workers)
         self.down = set(down)
         self.unrestartable |= self.down
-        self.restarts, self.profiled = 0, []
+        self.restarts, self.profiled, self.loaded = 0, [], 0
 
     def start(self):
+        if not self.down:
+            return super().start()
         for device in self.down:
             self.kill(device)
         infos = [None if d in self.down else info for d, info in enumerate(self.infos())]
@@ -399,6 +401,10 @@ class DownAtStartPool(ServedPool):
     def profile(self, token_counts, repeats, devices=None):
         self.profiled.append(None if devices is None else list(devices))
         return super().profile(token_counts, repeats, devices)
+
+    def load(self, checkpoint, keys):
+        self.loaded += sum(map(len, keys.values()))
+        return super().load(checkpoint, keys)
 
 
 def test_a_coordinator_serves_without_a_worker_that_cannot_be_placed_until_it_comes_up(checkpoint):
@@ -444,6 +450,34 @@ def test_a_coordinator_serves_without_a_worker_that_cannot_be_placed_until_it_co
         at = max(PROFILE_TOKENS)
         assert abs(models[down].latency(at) / models[0].latency(at) - 1) < 0.1  # as fast as device 0 (speed 1.0)
         assert models[3].latency(at) > 1.2 * models[down].latency(at)  # the stand-in was the slowest (0.7)
+    finally:
+        pool.close()
+
+
+def test_a_coordinator_restarted_without_a_device_its_placement_uses_re_places_only_that_devices_experts(checkpoint):
+    """A node lost with the coordinator: the recorded placement uses a device now down, so it was refused and a fresh
+    plan was loaded from the checkpoint onto survivors still holding the recorded experts (every expert read again,
+    twice the memory until reconciliation: an out-of-memory risk on GPUs sized for the model). The record is
+    adopted and only the down device's experts are copied from survivors or read (a review finding)."""
+    pool = DownAtStartPool(_workers(checkpoint), down=[])
+    try:
+        first = _coordinator(checkpoint, pool)
+        counts = _skewed(first.shape, 7)
+        _report(first, counts, passes=30)
+        first.calibrate()
+        _report(first, counts)
+        first._finish_drops(wait=True)
+        recorded, down = first.placement, 2
+        assert recorded.experts_on(down)
+        first.stop()
+        pool.down, pool.unrestartable, pool.loaded = {down}, {down}, 0
+        second = _coordinator(checkpoint, pool)
+        assert second.calibrated and second.placement.version > recorded.version  # adopted, then re-placed
+        assert not second.placement.experts_on(down) and second.stats_view()["lost_devices"] == [down]
+        assert pool.loaded <= len(recorded.experts_on(down))  # at most its experts read again, not every one
+        _report(second, counts)
+        second._finish_drops(wait=True)
+        assert _holds(pool, second.placement) and not _extras(second, skip=(down,))
     finally:
         pool.close()
 

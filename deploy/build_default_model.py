@@ -577,8 +577,8 @@ def save_folder(model, tokenizer, model_dir: Path, stats: dict, info: dict) -> i
 def provenance(repo_root: Path, commit: str) -> dict:
     """What build_info.json records besides the config and the corpus to tell which code built the model.
 
-    The corpus's commit; whether the working tree (this builder included) differed from it when the build
-    ran (tracked files only); this file's SHA-256; the versions whose changes change the result (tokenizers: the BPE
+    The corpus's commit; whether the working tree (this builder included) differed from it when the corpus was
+    read (tracked files only; taken at the build's start, not an hour later); this file's SHA-256 then; the versions whose changes change the result (tokenizers: the BPE
     merge order, so every id; torch and transformers: initialisation and training arithmetic).
     """
     dirty = git(repo_root, "status", "--porcelain", "--untracked-files=no").strip() != b""
@@ -596,6 +596,7 @@ def build(cfg: BuildConfig, model_dir: Path, prompts_dir: Path, workloads_dir: P
     `repo_root`: the git checkout whose committed files are the corpus (tests build from a small one).
     """
     commit, files = committed_files(repo_root)  # first: without a checkout, fail before any work
+    origin = provenance(repo_root, commit)  # (now: the tree and this builder as they are when the corpus is read)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -623,7 +624,7 @@ def build(cfg: BuildConfig, model_dir: Path, prompts_dir: Path, workloads_dir: P
     info = {"config": asdict(cfg), "training": training, "greedy_samples": samples,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "corpus_sha256": hashlib.sha256("".join(text for _, text in docs).encode()).hexdigest(),
-            "corpus_documents": [title for title, _ in docs], **provenance(repo_root, commit)}
+            "corpus_documents": [title for title, _ in docs], **origin}
     size = save_folder(model, tokenizer, model_dir, stats, info)
     summary = {"folder_bytes": size, "training_seconds": round(training["seconds"], 1),
                "training_cpu_seconds": round(training["cpu_seconds"], 1), "heldout_loss": training["heldout_loss"],

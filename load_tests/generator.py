@@ -340,11 +340,12 @@ async def _poll_once(http: httpx.AsyncClient, config: ClientConfig, record: RunR
         return
     try:
         stats = await fetch_admin(http, config.admin_token, "/admin/stats")
-    except httpx.HTTPError:  # a slow answer under load costs one sample, not the run
+        poll = {"t": time.monotonic() - start, "version": stats["placement_version"],
+                "imbalance_per_layer": stats["imbalance_per_layer"],
+                "devices": [d["observed_over_predicted"] for d in stats["devices"]]}
+    except Exception:  # a slow or malformed answer under load costs one sample, not the run (as a request's error)
         return
-    record.polls.append({"t": time.monotonic() - start, "version": stats["placement_version"],
-                         "imbalance_per_layer": stats["imbalance_per_layer"],
-                         "devices": [d["observed_over_predicted"] for d in stats["devices"]]})
+    record.polls.append(poll)
     seen = {(r["started_at"], r["reason"]) for r in record.recalibrations}
     record.recalibrations += [{k: v for k, v in r.items() if k != "moves"} for r in stats["recalibrations"]
                               if (r["started_at"], r["reason"]) not in seen]

@@ -218,3 +218,19 @@ def test_a_request_that_runs_past_its_timeout_fails_though_every_read_is_quick(f
 def test_client_config_rejects_bad_values():
     with pytest.raises(ValueError, match="drain_s"):
         ClientConfig(base_url="http://x", model="m", drain_s=0)
+
+
+def test_a_malformed_admin_answer_costs_a_poll_not_the_run(fake_url, monkeypatch):
+    """The admin poller caught only httpx errors: an /admin/stats answer that is not JSON (a proxy's 200 page) or
+    lacks a key killed it, and run_trace re-raised that when stopping it, losing every result (a review)."""
+    import json
+
+    from load_tests import generator
+
+    async def bad(http, token, path):
+        raise json.JSONDecodeError("Expecting value", "<html>", 0)
+
+    monkeypatch.setattr(generator, "fetch_admin", bad)
+    config = ClientConfig(base_url=fake_url, model="fake", admin_token="secret", poll_interval_s=0.1)
+    record = asyncio.run(run_trace(config, [_spec(0, 0.0, "a", 2), _spec(1, 0.2, "b", 2)], progress=False))
+    assert len(record.results) == 2 and all(r.error is None for r in record.results) and record.polls == []

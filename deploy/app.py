@@ -155,7 +155,7 @@ class AppArgs(BaseModel):
     def _roots_from_text(cls, roots: Any) -> Any:
         """A string is an `os.pathsep`-separated list, as in VIBE_MODEL_ROOTS: `serve run`'s key=value arguments
         are all strings, so a list could not be given there."""
-        return [root for root in roots.split(os.pathsep) if root] if isinstance(roots, str) else roots
+        return _split_roots(roots) if isinstance(roots, str) else roots
 
     @field_validator("speeds")
     @classmethod
@@ -386,7 +386,12 @@ def _profile_file(path: str) -> str:
 
 
 def _env_roots() -> list[str]:
-    return [p for p in os.environ.get("VIBE_MODEL_ROOTS", "").split(os.pathsep) if p]
+    return _split_roots(os.environ.get("VIBE_MODEL_ROOTS", ""))
+
+
+def _split_roots(text: str) -> list[str]:
+    """Folders of an `os.pathsep`-separated list (empty entries left out)."""
+    return [root for root in text.split(os.pathsep) if root]
 
 
 def _fingerprint(worker_configs: list, checkpoint: str, **resources: Any) -> str:

@@ -54,6 +54,7 @@ from load_tests.generator import (
     metric_total,
     run_trace,
     send_request,
+    trace_requests,
     warm_up,
 )
 from load_tests.slo import SLO, Frontier, frontier, single_stream_rate, summarize
@@ -136,17 +137,12 @@ class CompareConfig:
             raise ValueError(f"need 0 <= stop_below <= target <= 1, got {self.stop_below}, {self.target}")
         # A trace holds round(rate x duration) requests (generator.make_trace): a rate with none measures nothing,
         # and a sweep of only such rates failed in slo.frontier, after the apps had started and warmed up.
-        if self.rates is not None and (empty := [r for r in self.rates if _requests(r, self.duration_s) < 1]):
+        if self.rates is not None and (empty := [r for r in self.rates if trace_requests(r, self.duration_s) < 1]):
             raise ValueError(f"rates {empty} send no request in duration_s={self.duration_s:g} s (a trace has "
                              "round(rate x duration) requests): raise them or the duration")
         for name, seconds in (("warmup_s", self.warmup_s), ("duration_s", self.duration_s)):  # warm-up; unloaded
-            if _requests(self.warmup_rate, seconds) < 1:
+            if trace_requests(self.warmup_rate, seconds) < 1:
                 raise ValueError(f"warmup_rate={self.warmup_rate:g} sends no request in {name}={seconds:g} s")
-
-
-def _requests(rate: float, duration_s: float) -> int:
-    """Requests in a trace of `rate` over `duration_s` (as generator.make_trace counts them)."""
-    return int(round(rate * duration_s))
 
 
 # --- apps ------------------------------------------------------------------------------------------

@@ -60,6 +60,16 @@ def _report(coordinator: Coordinator, counts: np.ndarray, *, engine: str = "e0",
     return coordinator.report(EngineReport(engine, version, np.repeat(counts[None], passes, 0), (), epoch))
 
 
+def _calibrate(coordinator: Coordinator, seed: int) -> np.ndarray:
+    """Calibrate `coordinator` on skewed counts (returned), its engine acknowledging, the old copies dropped."""
+    counts = _skewed(coordinator.shape, seed)
+    _report(coordinator, counts, passes=30)
+    coordinator.calibrate()
+    _report(coordinator, counts)
+    coordinator._finish_drops(wait=True)
+    return counts
+
+
 def _every_expert_step(context: DispatchContext, shape: ModelShape, hidden_size: int) -> None:
     """One engine step sending a token to every expert of every MoE layer (raises DispatchError if one fails)."""
     context.begin_step()
@@ -336,11 +346,7 @@ def test_a_failed_refill_after_a_lost_device_is_rolled_back(checkpoint):
     the copies made stayed on the survivors, and the retry, planned on later traffic, did not always use them."""
     pool = FlakyLoadPool(_workers(checkpoint))
     coordinator = _coordinator(checkpoint, pool)
-    counts = _skewed(coordinator.shape, 9)
-    _report(coordinator, counts, passes=30)
-    coordinator.calibrate()
-    _report(coordinator, counts)
-    coordinator._finish_drops(wait=True)
+    _calibrate(coordinator, 9)
     version, dead = coordinator.placement.version, 2
     pool.kill(dead)
     pool.fail_load = True
@@ -355,11 +361,7 @@ def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoi
     and forgot it, and incremental recalibrations (which keep slot counts) left it idle for good."""
     pool = LocalWorkerPool(_workers(checkpoint))
     first = _coordinator(checkpoint, pool, recalibration_mode="incremental")
-    counts = _skewed(first.shape, 9)
-    _report(first, counts, passes=30)
-    first.calibrate()
-    _report(first, counts)
-    first._finish_drops(wait=True)
+    _calibrate(first, 9)
     dead = 2
     pool.kill(dead)
     assert first.check_workers() == [dead]
@@ -462,11 +464,7 @@ def test_a_coordinator_restarted_without_a_device_its_placement_uses_re_places_o
     pool = DownAtStartPool(_workers(checkpoint), down=[])
     try:
         first = _coordinator(checkpoint, pool)
-        counts = _skewed(first.shape, 7)
-        _report(first, counts, passes=30)
-        first.calibrate()
-        _report(first, counts)
-        first._finish_drops(wait=True)
+        counts = _calibrate(first, 7)
         recorded, down = first.placement, 2
         assert recorded.experts_on(down)
         first.stop()

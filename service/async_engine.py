@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from service.dispatch import DispatchError
-from service.engine import Engine, EngineConfig, StepFailed, StepOutput
+from service.engine import Engine, EngineConfig, QueueFull, StepFailed, StepOutput
 from service.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -41,6 +41,10 @@ BROKEN_AFTER_FAILED_STEPS = 3  # steps in a row failed beyond retry: the engine 
 # engine's own: on asyncio's default executor, one client's large schemas (compiled once per choice) took
 # every thread that other requests' grammars and the app's other blocking calls wait for.
 GRAMMAR_THREADS = 2
+# Grammars being compiled or waiting for a grammar thread at once; a structured request wanting another is refused
+# (429, retry later): each waited behind every other compile, a queue without bound (a client sending many large
+# distinct schemas held every later structured request for their whole compile time).
+MAX_PENDING_GRAMMARS = 64
 
 
 class EngineError(RuntimeError):
@@ -278,6 +282,7 @@ class AsyncEngine:
 
         Raises:
             ValueError: the grammar is invalid (as `Engine.make_matcher`).
+            QueueFull: MAX_PENDING_GRAMMARS other grammars are compiling or waiting to.
             EngineStopped: the engine shut down first.
         """
         matcher = self._engine.cached_matcher(grammar)
@@ -286,6 +291,9 @@ class AsyncEngine:
         with self._compiles_lock:
             compile_ = self._compiles.get(grammar)
             if compile_ is None:
+                if len(self._compiles) >= MAX_PENDING_GRAMMARS:
+                    raise QueueFull(f"the server is busy: {len(self._compiles)} structured outputs are waiting to "
+                                    "compile their grammars; retry later")
                 try:  # its result: a matcher no request advances, which each waiter copies
                     future = self._compiler.submit(self._engine.make_matcher, grammar)
                 except RuntimeError:  # the executor is shut down

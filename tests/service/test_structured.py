@@ -358,3 +358,46 @@ def test_requests_share_one_compile_on_the_engines_own_threads_and_a_compile_nob
     assert all(thread.startswith("vibe-grammar") for _, thread in compiles)
     for outs in [*outputs[:4], again]:
         assert _is_person(json.loads(_text(outs))) and outs[-1].finish_reason == "stop"
+
+
+def test_grammars_waiting_to_compile_are_bounded_and_the_next_is_refused_as_busy(tokenizer, monkeypatch):
+    """Every structured request with a grammar not cached waited behind every other compile, a queue without bound
+    (a client sending many large distinct schemas held every later structured request for their whole compile
+    time). Beyond MAX_PENDING_GRAMMARS distinct grammars compiling or queued, a new one is refused as QueueFull
+    (the app's 429, retry later); a request for a grammar already pending still joins its compile."""
+    import asyncio
+
+    from service import async_engine
+    from service.async_engine import AsyncEngine
+    from service.engine import QueueFull
+    from service.openai_api import error_body
+
+    monkeypatch.setattr(async_engine, "MAX_PENDING_GRAMMARS", 3)
+    release, compiles = _held_compiles(monkeypatch)
+    engine = AsyncEngine(_engine(tokenizer))
+    engine.start()
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "A number."}])
+    grammars = [grammar_from_spec("regex", f"[0-9]{{{k}}}") for k in range(1, 5)]
+
+    async def collect(request_id, grammar):
+        params = SamplingParams(max_tokens=8, temperature=0.0, grammar=grammar)
+        return [out async for out in engine.generate(request_id, prompt, params)]
+
+    async def main():
+        pending = [asyncio.ensure_future(collect(f"g{k}", g)) for k, g in enumerate(grammars[:3])]
+        joined = asyncio.ensure_future(collect("joins", grammars[0]))  # same grammar: shares its compile
+        await asyncio.sleep(0.3)
+        with pytest.raises(QueueFull) as refused:
+            await collect("refused", grammars[3])
+        release.set()
+        done = await asyncio.gather(*pending, joined)
+        return refused.value, done, await collect("later", grammars[3])  # room again
+
+    try:
+        refused, done, later = asyncio.run(main())
+    finally:
+        release.set()
+        engine.shutdown()
+    assert error_body(refused)[0] == 429 and "3 structured outputs are waiting" in str(refused)
+    assert all(outs[-1].finish_reason == "stop" for outs in [*done, later])
+    assert sorted(grammar for grammar, _ in compiles) == sorted(grammars)

@@ -335,36 +335,22 @@ class Coordinator:
                 return candidate, newest
         return None, newest
 
-    def _profile(self) -> list[pl.DeviceModel]:
-        """Profile the devices not lost: their new models replace the refined ones. A lost device keeps its model;
-        one never profiled (down since startup) stands in as the slowest profiled one until it rejoins."""
-        live = self._live_devices()
-        if not live:  # every device lost: nothing to profile, the models stay
-            with self._lock:
-                return list(self._profiled)
-        samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, live)
-        fitted = {d: pl.DeviceModel.fit(s.tokens, s.seconds) for d, s in zip(live, samples)}
-        with self._lock:
-            slowest = max(fitted.values(), key=lambda m: float(m.latency(max(self.config.profile_token_counts))))
-            self._profiled = [fitted.get(d) or (slowest if d in self._unprofiled else self._profiled[d])
-                              for d in range(self.pool.num_devices)]
-            self._unprofiled -= set(fitted)
-            self._devices.reset()
-            return list(self._profiled)
-
-    def _profile_rejoining(self, devices: list[int]) -> None:
-        """Profile the devices among ``devices`` that never were (down since startup) before a plan uses them: their
-        stand-in model is a guess. Their samples alone; the others' refined models stay."""
-        with self._lock:
-            devices = sorted(set(devices) & self._unprofiled)
-        if not devices:
-            return
+    def _profile(self, devices: list[int] | None = None) -> list[pl.DeviceModel]:
+        """Profile ``devices`` (default: those not lost): their new models replace their refined ones (their scales
+        back to 1). The others keep theirs; one never profiled (down since startup) stands in as the slowest
+        profiled one until it is profiled itself, when it rejoins (`_readmit`)."""
+        devices = self._live_devices() if devices is None else devices
         samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
         with self._lock:
+            models = dict(enumerate(self._profiled))
             for device, sample in zip(devices, samples):
-                self._profiled[device] = pl.DeviceModel.fit(sample.tokens, sample.seconds)
+                models[device] = pl.DeviceModel.fit(sample.tokens, sample.seconds)
                 self._devices.reset(device)
             self._unprofiled -= set(devices)
+            known = [m for d, m in models.items() if d not in self._unprofiled]
+            slowest = max(known, key=lambda m: float(m.latency(max(self.config.profile_token_counts))))
+            self._profiled = [slowest if d in self._unprofiled else models[d] for d in range(self.pool.num_devices)]
+            return list(self._profiled)
 
     # --- what engines call -------------------------------------------------------------------------
 
@@ -959,7 +945,10 @@ class Coordinator:
             self._lost -= back
         uniform = self._uniform_loads() if self.window_loads() is None else None  # no traffic yet: as at startup
         try:
-            self._profile_rejoining(sorted(back))
+            with self._lock:  # (a stand-in model is a guess: profiled before a plan gives it a share)
+                unprofiled = sorted(back & self._unprofiled)
+            if unprofiled:
+                self._profile(unprofiled)
             result = self.recalibrate(mode="full", force=True, loads=uniform,
                                       reason=f"device {', '.join(map(str, sorted(back)))} rejoined")
         except Exception as exc:

@@ -104,7 +104,7 @@ class CoordinatorDeployment:
         # app was not DEPLOYING, so a coordinator found unhealthy took every worker and expert with it. A
         # crashed coordinator never gets here: its detached workers survive and the restarted one adopts them.
         self.core.stop()
-        if _app_going_away(getattr(self, "_drain_s", 0.0)):
+        if _app_going_away(self._drain_s):
             self.core.pool.shutdown()
 
 

@@ -24,6 +24,7 @@ Key = tuple[int, int]  # (moe layer, expert)
 
 _SHUTDOWN_TIMEOUT_S = 5.0  # how long a worker about to be killed has to close its sockets and remove its folder
 _PLACEABLE_CHECK_S = 2.0  # a restarted worker not up by then is checked for a node that can host it
+_STARTING = ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")  # Ray actor states before a worker answers
 
 
 class WorkerCallError(RuntimeError):
@@ -148,35 +149,27 @@ class RayWorkerPool:
         """Why worker `device` did not answer its first call (which failed with `error`), from its actor's
         state: a crash loop (the worker is then killed), no node with the resources it asks for, or the
         call's own error."""
-        import ray
 
-        state, restarts, _ = _actor_state(self._actors[device])
+        state, restarts, placed = _actor_state(self._actors[device])
         # (first: a worker whose node died waits, RESTARTING, for a node with room; that is no crash loop)
-        waiting = self._waiting_for_node(device)
+        waiting = self._no_room(state, placed)
         if waiting:
             return waiting
-        if state in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY") and restarts:
+        if state in _STARTING and restarts:
             self._stop([self._actors[device]], wait=False)
             return (f"its process died {restarts} time(s) while starting, and it was killed; its log says why "
                     f"(`ray logs actor --id {self._actors[device]._actor_id.hex()}`)")
-        if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
-            wants = self._wants()
-            asked = ", ".join(f"{v:g} {k}" for k, v in wants.items())
-            free = ray.available_resources()
-            if not all(free.get(k, 0) >= v for k, v in wants.items()):
-                return (f"waiting for resources: it asks for {asked}, the cluster has "
-                        f"{', '.join(f'{free.get(k, 0):g} {k}' for k in wants)} free; left pending")
+        if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):  # a process, or room for one
             return f"still being created (state {state}); left pending"
         return f"{error} (actor state {state or 'unknown'})"
 
-    def _waiting_for_node(self, device: int) -> str | None:
-        """Why worker `device` has no process yet, when that is because no node has room for it: none has the
-        resources it asks for, or those free do not fit it (after a node failure, the survivors' GPUs are all
+    def _no_room(self, state: str | None, placed: bool) -> str | None:
+        """Why a worker in Ray actor `state`, with a process (`placed`) or not, waits for a node with room: none has
+        the resources it asks for, or those free do not fit it (after a node failure, the survivors' GPUs are all
         held by the other workers); None when it has a process (starting, or crash-looping) or could get one."""
         import ray
 
-        state, _, placed = _actor_state(self._actors[device])
-        if placed or state not in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+        if placed or state not in _STARTING:
             return None
         unplaceable = self._unplaceable()
         if unplaceable:
@@ -267,10 +260,10 @@ class RayWorkerPool:
                 reuse = False
                 ref = self._replacing[device]
                 while not ray.wait([ref], timeout=min(_PLACEABLE_CHECK_S, max(deadline - time.monotonic(), 0)))[0]:
-                    waiting = self._waiting_for_node(device)
+                    state, restarts, placed = _actor_state(self._actors[device])
+                    waiting = self._no_room(state, placed)
                     if waiting:
                         raise WorkerCallError(f"restart of device {device} failed: {waiting}", [device])
-                    state, restarts, _ = _actor_state(self._actors[device])
                     if (restarts and state != "ALIVE") or time.monotonic() > deadline:  # a crash loop: killed
                         self._replacing.pop(device, None)
                         raise WorkerCallError(f"restart of device {device} failed: "

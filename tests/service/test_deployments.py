@@ -53,7 +53,7 @@ def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monk
     clock = [100.0]
     monkeypatch.setattr(deployments.time, "monotonic", lambda: clock[0])
     coordinator = object.__new__(deployments.CoordinatorDeployment)
-    coordinator._serving, coordinator._serving_lock = {}, threading.Lock()
+    coordinator._serving, coordinator._serving_lock, coordinator._drain_s = {}, threading.Lock(), 0.0
     # (what its __del__ stops: a coordinator with a pool, both doing nothing here)
     coordinator.core = types.SimpleNamespace(stop=lambda: None, pool=types.SimpleNamespace(shutdown=lambda: None))
     assert coordinator.serving_metrics("ingress-a", ["a1"]) == {}

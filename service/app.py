@@ -73,6 +73,7 @@ from service.reasoning import PARSERS as REASONING_PARSERS
 from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
+from service.structured import InvalidGrammar
 from service.text import TokenPieces, apply_chat_template, text_after_history
 from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup, special_tags
@@ -339,10 +340,8 @@ class _Server:
         except _ClientGone:
             timer.finish("abort", fmt.prompt_tokens)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except ValueError as exc:  # the grammar does not compile: name what it came from (it said nothing)
-            if body.grammar is not None and str(exc).startswith("invalid structured output"):
-                raise APIError(400, str(exc), param=body.grammar_source[1]) from None
-            raise
+        except InvalidGrammar as exc:  # name the parameter the grammar came from (the compile cannot say)
+            raise APIError(400, str(exc), param=body.grammar_source[1]) from None
         except EngineError:
             timer.finish("error", fmt.prompt_tokens)
             raise

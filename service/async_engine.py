@@ -292,8 +292,7 @@ class AsyncEngine:
             compile_ = self._compiles.get(grammar)
             if compile_ is None:
                 if len(self._compiles) >= MAX_PENDING_GRAMMARS:
-                    raise QueueFull(f"the server is busy: {len(self._compiles)} structured outputs are waiting to "
-                                    "compile their grammars; retry later")
+                    raise QueueFull(f"{len(self._compiles)} structured outputs are waiting to compile their grammars")
                 try:  # its result: a matcher no request advances, which each waiter copies
                     future = self._compiler.submit(self._engine.make_matcher, grammar)
                 except RuntimeError:  # the executor is shut down

@@ -900,9 +900,8 @@ def _as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, RequestValidationError | ValidationError):
         return validation_error(exc.errors())
     if isinstance(exc, QueueFull):
-        said = str(exc) if str(exc).startswith("the server is busy") else ""  # (the engine's own queue: not shown)
-        return APIError(429, said or "the server is busy: too many requests are waiting; retry later",
-                        type="rate_limit_error", code="rate_limit_exceeded")
+        return APIError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error",
+                        code="rate_limit_exceeded")
     if isinstance(exc, ValueError):  # by project convention, bad input that names the bad value
         return APIError(400, str(exc))
     if isinstance(exc, HTTPException) and exc.status_code < 500:

@@ -38,6 +38,10 @@ MAX_ITEMS_IN_ROW = 10_000
 MAX_ERROR_CHARS = 300
 
 
+class InvalidGrammar(ValueError):
+    """A grammar llguidance cannot compile for this tokenizer (a ValueError: the client's input, a 400)."""
+
+
 class GrammarFailed(RuntimeError):
     """A matcher refused the sampled token or gave up mid-completion (a parser limit): the output so far may
     not follow the grammar, and the rest cannot be constrained."""
@@ -119,7 +123,7 @@ class Grammars:
         limits = llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW, verbose_errors=False)
         matcher = llguidance.LLMatcher(self._ll(), grammar, limits=limits, log_level=0)  # (we log its errors)
         if matcher.is_error():
-            raise ValueError(f"invalid structured output: {error_of(matcher)}")
+            raise InvalidGrammar(f"invalid structured output: {error_of(matcher)}")
         return matcher
 
     def warmed_matcher(self, grammar: str):

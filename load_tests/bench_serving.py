@@ -278,8 +278,7 @@ def write_report(args, config: EngineConfig, served: list[RunResult], baseline: 
         "model": str(args.model), "mode": "url" if args.url else "http" if args.http else "in-process",
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "requests_per_stream": args.requests_per_stream,
-        "prompts": "every request's its own (warm-up included): disjoint slices of one text, none served from "
-                   "the prefix cache",
+        "prompts": "every request's its own (warm-up included): disjoint slices of one text",
         "engine_config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average_1m": os.getloadavg()[0],

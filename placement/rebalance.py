@@ -272,9 +272,9 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
         activity: float [L, E], share of passes that route tokens to each expert: device times are then
             the expected seconds per pass (`metrics.slot_calls`); None: the seconds at the mean loads.
     Returns:
-        The new placement (version + 1) and its moves, one per weight copy (`expert_moves`: net of swaps
-        that undo each other, and of replicas that trade places); the same placement object and [] when
-        nothing moved.
+        The new placement (version + 1) and its moves, one per weight copy (`migration.migration_plan`'s, which
+        the service copies by: net of swaps that undo each other, and of replicas that trade places); the same
+        placement object and [] when nothing moved.
     """
     loads = _check_inputs(placement, loads, devices, eps, max_swaps_per_layer)
     activity = checked_activity(activity, loads)
@@ -296,32 +296,9 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
         return placement, []
     new = device_major(placement.phy2log, device, placement.replica_share, placement.num_experts,
                        placement.num_devices, placement.version + 1)
-    return new, expert_moves(placement, new)
+    from placement.migration import migration_plan  # (it imports Move from here)
 
-
-def expert_moves(old: Placement, new: Placement) -> list[Move]:
-    """The moves from `old` to `new`: one per device that newly holds an expert (a weight copy), in
-    (layer, expert, destination) order, each from a device that holds fewer of the expert's replicas
-    than before (in device order), else from the lowest device that held it.
-
-    Diffed per (layer, expert) device set, as `migration.migration_plan` counts copies, not per slot:
-    when replicas of one expert trade places (devices {0, 1, 2} -> {0, 1, 3}) slots change device that
-    need no copy.
-    """
-    counts = []
-    for placement in (old, new):  # int [L, E, G]: replicas of each expert on each device
-        array = np.zeros((placement.num_layers, placement.num_experts, placement.num_devices), dtype=np.int64)
-        np.add.at(array, (np.arange(placement.num_layers)[:, None], placement.phy2log, placement.slot_device), 1)
-        counts.append(array)
-    before, after = counts
-    moves, sources = [], {}
-    for layer, expert, dst in np.argwhere((after > 0) & (before == 0)).tolist():
-        if (layer, expert) not in sources:
-            fewer = np.repeat(np.arange(old.num_devices), np.maximum(before - after, 0)[layer, expert]).tolist()
-            lowest = int(np.argmax(before[layer, expert] > 0))
-            sources[layer, expert] = iter(fewer + [lowest] * old.num_devices)
-        moves.append(Move(layer, expert, next(sources[layer, expert]), dst))
-    return moves
+    return new, list(migration_plan(placement, new, 0).moves)
 
 
 def device_major(expert: np.ndarray, device: np.ndarray, share: np.ndarray, num_experts: int,

@@ -65,5 +65,4 @@ def test_no_request_repeats_a_prompt_the_prefix_cache_could_serve(monkeypatch, t
     # the baseline gets the same prompts per level as the engine (its warm-up first)
     assert baseline[0] == sent[:1] and sorted(p for level in baseline[1:] for p in level) == sorted(sent[1:])
     report = json.loads((tmp_path / "serving.json").read_text())
-    assert "none served from the prefix cache" in report["prompts"]
     assert [r["num_requests"] for r in report["served"]] == [2, 16, 64]

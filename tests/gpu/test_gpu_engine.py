@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine import Engine, EngineConfig
 from tests.service import test_engine as engine_tests
 from tests.service import test_engine_more_architectures as more_tests
+from tests.service import test_rope_scaling as rope_tests
 from tests.tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -106,3 +108,23 @@ def test_linear_attention_states_follow_forks_and_whole_cached_sequences_are_reu
 
 def test_seeded_sampling_gives_the_same_tokens_whatever_the_batch():
     engine_tests.test_seed_reproducible_whatever_the_batch()
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_frozen_rope_on_cuda_is_vllms_and_a_requests_logits_do_not_depend_on_its_batch(kind):
+    """`service.rope.freeze` on a model already on CUDA: the static frequencies are registered on the GPU (the
+    module's device, not the CPU), equal vLLM's formulas, and a short request's logits are the same alone as
+    batched with a request past the trained context (0.65 apart in log-probability with the per-call update)."""
+    short, long_ = rope_tests._prompt(30, 1), rope_tests._prompt(150, 2)
+    alone_model = rope_tests._model(kind).to("cuda")
+    alone = Engine(alone_model, EngineConfig(max_model_len=256, max_num_batched_tokens=512))
+    inv_freq = alone_model.model.rotary_emb.inv_freq
+    assert inv_freq.device.type == "cuda"
+    torch.testing.assert_close(inv_freq.cpu(), rope_tests._expected_inv_freq(kind, 256), rtol=1e-6, atol=0)
+    batched = Engine(rope_tests._model(kind).to("cuda"), EngineConfig(max_model_len=256, max_num_batched_tokens=512))
+    first = rope_tests._run(alone, [("short", short, rope_tests.GREEDY)])["short"]
+    with_long = rope_tests._run(batched, [("short", short, rope_tests.GREEDY), ("long", long_, rope_tests.GREEDY)])
+    assert with_long["short"][0] == first[0]
+    torch.testing.assert_close(with_long["short"][1], first[1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(alone_model.model.rotary_emb.inv_freq.cpu(), rope_tests._expected_inv_freq(kind, 256),
+                               rtol=1e-6, atol=0)  # a step past the trained context did not move them

@@ -32,10 +32,12 @@ from pydoc_data import topics
 import httpx
 import numpy as np
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import AutoModelForCausalLM
 
 from deploy.app import DEFAULT_MODEL
 from service.async_engine import AsyncEngine
+from service.attention import SDPA_BACKENDS
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
 from service.tokenizer import load_tokenizer
@@ -160,11 +162,13 @@ def http_sender(base_url: str, model: str, max_tokens: int) -> tuple[Callable, C
 
 
 def bench_generate(model, prompts: list[list[int]], batch: int, output_tokens: int) -> RunResult:
-    """Batched greedy ``generate`` (all prompts the same length, so no padding), batch after batch."""
+    """Batched greedy ``generate`` (all prompts the same length, so no padding), batch after batch, its attention on
+    the engine's scaled-dot-product backends (`SDPA_BACKENDS`: cuDNN's left out, whose per-shape planning would
+    cost ``generate`` milliseconds a step on a GPU in half precision, its cache growing a token a step)."""
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         ids = torch.tensor(prompts[i:i + batch], device=model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS):
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_tokens,
                            min_new_tokens=output_tokens, do_sample=False, pad_token_id=0)
         if model.device.type == "cuda":
@@ -279,6 +283,7 @@ def write_report(args, config: EngineConfig, served: list[RunResult], baseline: 
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "requests_per_stream": args.requests_per_stream,
         "prompts": "every request's its own (warm-up included): disjoint slices of one text",
+        "sdpa_backends": [backend.name for backend in SDPA_BACKENDS],  # the engine's and generate's
         "engine_config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average_1m": os.getloadavg()[0],

@@ -86,6 +86,11 @@ _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
 _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block, when the
 # text it adds after the history cannot be told apart (text_after_history)
+# A text prompt longer than this many characters per token of the context is first tokenised in part (see
+# `_bounded_encode`): above the 3-5 of prose, code and most languages, so a prompt that fits rarely pays for it
+_PREFIX_CHARS_PER_TOKEN = 8
+_CUT_MARGIN_TOKENS = 64  # tokens a text cut short may have beyond the whole text's (BPE merges across the cut), plus
+_CUT_MARGIN_FRACTION = 32  # 1/32 of the context: a prefix refuses a prompt only with this margin past the context
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -204,7 +209,8 @@ class _Server:
         timer = self.metrics.start_request()
         self._check_model(body.model)
         tokenizer = self.engine.tokenizer
-        prompts = await self._off_loop(lambda: [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompt])
+        prompts = await self._off_loop(lambda: [p if isinstance(p, list) else self._bounded_encode(tokenizer.encode, p)
+                                                for p in body.prompt])
         echoes = [_Echo(ids, sent if isinstance(sent, str) else None, tokenizer.decode)
                   for ids, sent in zip(prompts, body.prompt)] if body.echo else None
         fmt = _CompletionFormat(self.model_name, self.pieces if body.logprobs is not None else None, body.n or 1,
@@ -243,9 +249,13 @@ class _Server:
     def _harmony(self, body: ChatCompletionRequest) -> _Harmony | None:
         return _Harmony(self.harmony, body.include_reasoning) if self.harmony is not None else None
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], _Reasoning | None]:
-        """A chat request's prompt, and how its completion's reasoning is split off (None: it is not)."""
+    def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int] | _TooLong, _Reasoning | None]:
+        """A chat request's prompt (`_TooLong`: it cannot fit, found without tokenising all of it), and how its
+        completion's reasoning is split off (None: it is not)."""
         tokenizer = self.engine.tokenizer
+        too_long = self._chat_too_long(body)
+        if too_long is not None:
+            return too_long, None
         prompt = apply_chat_template(tokenizer, body.template_messages(), tools=body.template_tools(),
                                      template_kwargs=body.template_variables(),
                                      add_generation_prompt=body.add_generation_prompt,
@@ -261,6 +271,65 @@ class _Server:
             tail = added if added is not None else tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])
             reasoning = _Reasoning(opens_reasoning(tail), body.include_reasoning)
         return prompt, reasoning
+
+    def _chat_too_long(self, body: ChatCompletionRequest) -> _TooLong | None:
+        """`_TooLong` when the conversation's text is long enough to be checked in part (`_bounded_encode`) and its
+        rendered prompt's first part already cannot fit; None otherwise (the prompt is then tokenised as always)."""
+        kwargs = body.template_variables() or {}
+        messages, tools = body.template_messages(), body.template_tools()
+        if (_text_chars((messages, tools, kwargs)) <= _PREFIX_CHARS_PER_TOKEN * self._prefix_tokens
+                or "sanitize_control_tokens" in kwargs):  # (that option tokenises user text apart: left to the template)
+            return None
+        tokenizer = self.engine.tokenizer
+        try:  # the text apply_chat_template tokenises (without special tokens added), as service.text renders it
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                                 tokenize=False, tools=tools or None,
+                                                 continue_final_message=body.continue_final_message, **kwargs)
+        except Exception:  # noqa: BLE001 - the template's own errors come from the full path, with their message
+            return None
+        if not isinstance(text, str):
+            return None
+        too_long = self._bounded_encode(lambda t: tokenizer.encode(t, add_special_tokens=False), text, whole=False)
+        return too_long if isinstance(too_long, _TooLong) else None
+
+    @property
+    def _prefix_tokens(self) -> int:
+        """Tokens a prefix must have to refuse a prompt: the context and the margin for the cut."""
+        max_model_len = self.engine.config.max_model_len
+        return max_model_len + _CUT_MARGIN_TOKENS + max_model_len // _CUT_MARGIN_FRACTION
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        """Characters of the vocabulary's longest entry: no token covers more characters of a text (a byte-level
+        entry has a character per byte; added tokens are entries too)."""
+        return max(map(len, self.engine.tokenizer.get_vocab()), default=1)
+
+    def _bounded_encode(self, encode: Callable[[str], list[int]], text: str, *,
+                        whole: bool = True) -> list[int] | _TooLong | None:
+        """``encode(text)``; or, for a text too long for the context, `_TooLong` after tokenising only a part.
+
+        Tokenising runs on one thread per replica: a 1 MiB prompt took 0.5 s there before it was refused for its
+        length, and every request behind it waited (eight such delayed another's first token from 0.03 s to
+        4.9 s). A text longer than `_PREFIX_CHARS_PER_TOKEN` characters per token of the context is tokenised in
+        part first, from a prefix of that many characters up (x4 a time) to as many characters as the longest
+        vocabulary entry times the tokens needed (no tokenizer covers more with fewer tokens): when a prefix has
+        the context's tokens plus a margin (a prefix may end in tokens that the whole text merges across the
+        cut: a few, never the margin's), the whole text has at least that many tokens less the margin, and is
+        refused. Otherwise (or when no prefix is conclusive) the whole text is tokenised as before, so a prompt
+        that fits gets the same ids; it paid for a prefix too only if it has more characters per token than
+        `_PREFIX_CHARS_PER_TOKEN`. ``whole`` False: None instead of the whole text's ids.
+        """
+        need = self._prefix_tokens
+        margin = need - self.engine.config.max_model_len
+        size, most = _PREFIX_CHARS_PER_TOKEN * need, self._longest_token * need
+        while size < len(text):
+            count = len(encode(text[:size]))
+            if count >= need:
+                return _TooLong(count - margin)
+            if size >= most:
+                break
+            size = min(4 * size, most)
+        return encode(text) if whole else None
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
@@ -322,7 +391,7 @@ class _Server:
         collect. Prompt ``p``'s ``n`` choices are ``n`` engine requests (seeds ``seed + i``), choice
         indexes ``p * n + i``, the others sharing the first one's prefill; a failure of any fails all.
         With ``reasoning``, a grammar waits for the thinking block to close."""
-        params = [sampling_params(body, len(prompt), self.engine.config.max_model_len) for prompt in prompts]
+        params = [self._sampling_params(body, prompt) for prompt in prompts]
         if reasoning is not None and body.grammar is not None:
             params = [dataclasses.replace(p, reasoning_tokens=self.think_tokens.tags, reasoning_gap=self.think_tokens.gap,
                                           in_reasoning=reasoning.in_block) for p in params]
@@ -356,6 +425,40 @@ class _Server:
         except _ClientGone:
             timer.finish("abort", fmt.prompt_tokens)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+    def _sampling_params(self, body: CompletionRequest | ChatCompletionRequest,
+                         prompt: list[int] | _TooLong) -> SamplingParams:
+        """`sampling_params` for ``prompt``; for a `_TooLong` one its error for a prompt that does not fit (or the
+        one it checks before the prompt's length), saying how many tokens the prompt has at least."""
+        max_model_len = self.engine.config.max_model_len
+        if not isinstance(prompt, _TooLong):
+            return sampling_params(body, len(prompt), max_model_len)
+        try:
+            sampling_params(body, max_model_len, max_model_len)  # raises: a prompt of max_model_len tokens never fits
+        except APIError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            raise APIError(exc.status, f"the prompt has at least {prompt.tokens} tokens; this model's context is "
+                           f"{max_model_len}", type=exc.type, param=exc.param, code=exc.code) from None
+        raise AssertionError("sampling_params accepted a prompt of max_model_len tokens")
+
+
+class _TooLong(NamedTuple):
+    """A text prompt found too long for the context from a part of it (`_Server._bounded_encode`)."""
+
+    tokens: int  # the prompt has at least this many
+
+
+def _text_chars(value) -> int:
+    """Characters of the strings in ``value`` (nested lists, tuples and dicts, keys included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_chars(k) + _text_chars(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_chars(v) for v in value)
+    return 0
 
 
 class _ThinkTokens(NamedTuple):

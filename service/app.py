@@ -735,6 +735,9 @@ class _CompletionFormat(_Format):
         self.echoes = echoes
         self._echoed = [echoes is None] * self.num_choices
         self._text_offset = [0] * self.num_choices  # per choice, characters of the token texts sent so far
+        # per prompt, its echoed log-probabilities as last built: (from the text offset, of these prompt
+        # entries, the result, the text offset after); the prompt's other choices share them
+        self._echo_built: dict[int, tuple[int, Sequence[TokenLogprobs], CompletionLogprobs, int]] = {}
 
     def response(self, results: Sequence[_Choice]) -> CompletionResponse:
         choices = []
@@ -769,11 +772,23 @@ class _CompletionFormat(_Format):
         echo = self.echoes[index // self.n]
         if self.pieces is None:
             return echo.text, None
+        return echo.text, self._echo_logprobs(index, echo, prompt_logprobs)
+
+    def _echo_logprobs(self, index: int, echo: _Echo, prompt_logprobs: Sequence[TokenLogprobs]) -> CompletionLogprobs:
+        """Choice ``index``'s echoed prompt tokens' log-probabilities: built once per prompt and shared (read only)
+        by its choices with the same entries from the same offset, as its ``n`` choices have (a prompt of 512
+        tokens with ``n`` 16 and ``logprobs`` 20 built its top tokens' dicts 16 times over)."""
+        start, prompt = self._text_offset[index], index // self.n
+        built = self._echo_built.get(prompt)
+        if built is not None and built[0] == start and built[1] == prompt_logprobs:  # (the same entries: at once)
+            self._text_offset[index] = built[3]
+            return built[2]
         first = self.pieces.text(echo.ids[0])
-        result = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None],
-                                    text_offset=[self._text_offset[index]])
+        result = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[start])
         self._text_offset[index] += len(first)
-        return echo.text, _joined(result, self._logprobs(index, prompt_logprobs))
+        result = _joined(result, self._logprobs(index, prompt_logprobs))
+        self._echo_built[prompt] = (start, prompt_logprobs, result, self._text_offset[index])
+        return result
 
     def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> CompletionLogprobs | None:
         """The legacy format: token texts, their log-probabilities, the top tokens (the chosen one
@@ -804,11 +819,14 @@ class _CompletionFormat(_Format):
 
 
 def _joined(head: CompletionLogprobs | None, tail: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """``head``'s entries, then ``tail``'s. Not validated again (both were): validating copied every top-token
+    dict, an echoed prompt's too, for each choice sharing it."""
     if head is None or tail is None:
         return tail if head is None else head
-    return CompletionLogprobs(tokens=head.tokens + tail.tokens, token_logprobs=head.token_logprobs + tail.token_logprobs,
-                              top_logprobs=head.top_logprobs + tail.top_logprobs,
-                              text_offset=head.text_offset + tail.text_offset)
+    return CompletionLogprobs.model_construct(tokens=head.tokens + tail.tokens,
+                                              token_logprobs=head.token_logprobs + tail.token_logprobs,
+                                              top_logprobs=head.top_logprobs + tail.top_logprobs,
+                                              text_offset=head.text_offset + tail.text_offset)
 
 
 class _Reasoning(NamedTuple):

@@ -120,3 +120,86 @@ def test_a_long_prompt_that_fits_exactly_is_accepted_with_the_same_ids(url, toke
     over = _post(url, "/v1/completions", {"prompt": prompt + LONG, "max_tokens": 1}).json()["error"]
     assert over["message"] == f"the prompt has {MAX_MODEL_LEN} tokens; this model's context is {MAX_MODEL_LEN}"
 
+
+# --- echoed prompt log-probabilities ------------------------------------------------------------------------
+
+
+def _reference_choice(pieces, prompt: list[int], prompt_entries, completion_entries) -> dict:
+    """A choice's legacy log-probabilities computed here from its entries: the prompt's first token (null), the
+    others', then the completion's; top tokens keyed by text with the chosen one added; running text offsets."""
+    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+    for entry in [None, *prompt_entries, *completion_entries]:
+        token = pieces.text(prompt[0] if entry is None else entry.token_id)
+        top = None
+        if entry is not None:
+            top = {}
+            for t, lp in (*entry.top, *(() if any(t == entry.token_id for t, _ in entry.top)
+                                        else ((entry.token_id, entry.logprob),))):
+                top[pieces.text(t)] = max(top.get(pieces.text(t), -9999.0), max(lp, -9999.0))
+        tokens.append(token)
+        token_logprobs.append(None if entry is None else max(entry.logprob, -9999.0))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def test_echoed_prompt_logprobs_are_built_once_per_prompt(tokenizer):
+    from service.app import _Choice, _CompletionFormat, _Echo
+    from service.engine import StepOutput
+    from service.sampling import TokenLogprobs
+    from service.text import TokenPieces
+
+    pieces = TokenPieces(tokenizer)
+    prompts = [tokenizer.encode("def f(x): return x"), tokenizer.encode("class A: pass")]
+
+    def entries(ids, shift=0.0):
+        return tuple(TokenLogprobs(t, -0.5 - k - shift, ((t, -0.5 - k - shift), ((t + 1) % 300, -2.0 - shift)))
+                     for k, t in enumerate(ids))
+
+    shared = [entries(p[1:]) for p in prompts]
+    # prompt 0's choices share its prefill (the same entries); prompt 1's last choice was prefilled alone and got
+    # entries of its own (they differ, so it must not reuse the others')
+    prompt_entries = [shared[0], tuple(shared[0]), shared[0], shared[1], shared[1], entries(prompts[1][1:], 0.25)]
+    completions = [entries([5 + i, 7]) for i in range(6)]
+    n = 3
+    results = [_Choice([StepOutput(f"r{i}", (c[0].token_id,), "a", False, None, len(prompts[i // n]), 1, c[:1],
+                                   prompt_entries[i]),
+                        StepOutput(f"r{i}", (c[1].token_id,), "b", True, "length", len(prompts[i // n]), 2, c[1:])])
+               for i, c in enumerate(completions)]
+    expected = [_reference_choice(pieces, prompts[i // n], prompt_entries[i], completions[i]) for i in range(6)]
+
+    echoes = [_Echo(p, None, tokenizer.decode) for p in prompts]
+    fmt = _CompletionFormat(MODEL, pieces, n, len(prompts), echoes)
+    response = fmt.response(results)
+    assert [c.logprobs.model_dump() for c in response.choices] == expected
+    assert [c.text for c in response.choices] == [tokenizer.decode(prompts[i // n]) + "ab" for i in range(6)]
+    tops = [c.logprobs.top_logprobs for c in response.choices]
+    # one build per prompt's entries: the choices of a prompt hold the same top-token dicts, other prompts' not
+    assert all(tops[i][k] is tops[0][k] for i in (1, 2) for k in range(1, len(prompts[0])))
+    assert tops[4][1] is tops[3][1] and tops[5][1] is not tops[3][1] and tops[3][1] is not tops[0][1]
+
+    # streamed: the echo chunk of each choice carries the same entries as the response's prompt part
+    fmt = _CompletionFormat(MODEL, pieces, n, len(prompts), echoes)
+    for i, r in enumerate(results):
+        chunks = [chunk for out in r.outputs for chunk in fmt.chunks(i, out)]
+        merged = {key: [v for chunk in chunks for v in getattr(chunk.choices[0].logprobs, key)]
+                  for key in expected[i]}
+        assert merged == expected[i]
+
+
+def test_echo_with_n_choices_over_http(url, tokenizer):
+    """The n choices of a prompt (sharing its prefill: the same entries) echo the same prompt log-probabilities,
+    its tokens' texts at their offsets."""
+    prompt = "def add(a, b):\n    return a + b"
+    ask = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 3, "n": 4}
+    choices = _post(url, "/v1/completions", ask).json()["choices"]
+    ids = tokenizer.encode(prompt)
+    texts = [tokenizer.decode([t]) for t in ids]
+    for choice in choices:
+        assert choice["text"] == choices[0]["text"] and choice["text"].startswith(prompt)
+        assert choice["logprobs"] == choices[0]["logprobs"]
+        logprobs = choice["logprobs"]
+        assert logprobs["tokens"][:len(ids)] == texts and logprobs["token_logprobs"][0] is None
+        assert logprobs["text_offset"][:len(ids)] == [len("".join(texts[:k])) for k in range(len(ids))]
+        assert all(top for top in logprobs["top_logprobs"][1:])  # (tokens of one text share a key)

@@ -14,9 +14,11 @@ number and width differ per layer (Gemma 4's full-attention layers: fewer and wi
 share an earlier layer's keys and values (they attend that layer's cache and hold none).
 
 Single-token queries (decode steps) of all sequences are batched into one padded SDPA call per layer over
-their blocks gathered in position order (PyTorch has no paged attention kernel on CPU); multi-token chunks
-(prefill) get one SDPA call each over their gathered blocks (with sinks, the same attention written out:
-SDPA has no sink). Ignores dropout and logit soft-capping (no supported model uses them at inference).
+their blocks gathered in position order (PyTorch has no paged attention kernel on CPU), or a few calls where their
+lengths differ so much that padding to the longest would read far more than they hold (groups of similar length,
+`StepBatch.decode_groups`); multi-token chunks (prefill) get one SDPA call each over their gathered blocks (with
+sinks, the same attention written out: SDPA has no sink). Ignores dropout and logit soft-capping (no supported
+model uses them at inference).
 
 Multi-head latent attention (DeepSeek-V2 and V3, GLM-4.7-Flash) is computed on its latent, as vLLM and SGLang
 do: the cache holds each token's compressed key-value latent and rotary key (one "head" of
@@ -91,6 +93,11 @@ class KVCache:
             self.values = [torch.empty((*shape[:3], value_head_dim or shape[3]), dtype=dtype, device=device)
                            for shape in shapes]
         self.index_keys: list[torch.Tensor] = []  # a DSA indexer's keys per layer (`set_index_keys`)
+        # bytes of keys and values a layer reads per position of a sequence, averaged over the layers that hold
+        # keys (what a decode gather pads costs: `StepBatch.decode_groups`)
+        held = [keys[0, 0].numel() + (0 if values_in_keys else values[0, 0].numel())
+                for keys, values in zip(self.keys, self.values) if keys.shape[2]]
+        self.position_bytes = sum(held) * self.keys[0].element_size() // max(len(held), 1)
         self.num_slots = num_slots
         self.max_len = max_len
         # (a table entry past a slot's blocks is 0 or a block it held once: block 0 is zeroed now, the others were
@@ -348,8 +355,9 @@ class StepBatch:
     Built once per step by ``StepBatch.build``; the decode tensors are precomputed so that each layer
     does no Python work per sequence for single-token chunks. Decode attention reads the decode tokens'
     sequences only, one row each in ``decode_select`` order (not the slots between them: a slot range would
-    gather the blocks of idle and cached slots too). The selector is a slice when the decode tokens lead the
-    flat batch (the scheduler puts them first).
+    gather the blocks of idle and cached slots too). The selector is a slice when the decode tokens are
+    contiguous in the flat batch (the scheduler puts them first). Decode attention runs per group of decodes of
+    similar length (`decode_groups`, each a `StepBatch` of its decodes), each padded to its own longest only.
     """
 
     chunks: tuple[SeqChunk, ...]
@@ -361,6 +369,7 @@ class StepBatch:
     decode_max_len: int          # decode_len.max(), known without a device sync
     _masks: dict[tuple[int | None, int | None], torch.Tensor] = field(default_factory=dict)
     _index: dict[str, torch.Tensor] = field(default_factory=dict)
+    _groups: tuple[StepBatch, ...] | None = None
 
     @staticmethod
     def build(chunks: Sequence[SeqChunk], device: torch.device | str = "cpu") -> StepBatch:
@@ -369,9 +378,11 @@ class StepBatch:
         prefills = tuple(c for c in chunks if c.num_tokens > 1)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         offsets = [c.offset for c in decodes]
+        first = offsets[0] if offsets else 0
+        contiguous = offsets == list(range(first, first + len(offsets)))
         return StepBatch(
             chunks=tuple(chunks), prefills=prefills, num_decodes=len(decodes),
-            decode_select=slice(0, len(offsets)) if offsets == list(range(len(offsets))) else as_tensor(offsets),
+            decode_select=slice(first, first + len(offsets)) if contiguous else as_tensor(offsets),
             decode_slots=as_tensor([c.slot for c in decodes]), decode_len=as_tensor([c.start + 1 for c in decodes]),
             decode_max_len=max((c.start + 1 for c in decodes), default=0),
         )
@@ -390,6 +401,26 @@ class StepBatch:
                 allowed &= keys >= (length - 1) // chunk_size * chunk_size
             self._masks[kind] = allowed[:, None, None, :]
         return self._masks[kind]
+
+    def decode_groups(self, cache: KVCache) -> tuple[StepBatch, ...]:
+        """The step's decodes in groups of similar length, each a `StepBatch` of its decodes (their flat-batch
+        offsets kept), that decode attention reads and attends with one padded call each (once per step).
+
+        One padded call reads every decode's keys up to the longest one's: a sequence of 128k positions among 31
+        short ones made each read 128k (for Qwen3-30B-A3B, 8 GiB of keys and values per layer), where vLLM's
+        paged attention reads each sequence's own blocks. Longest first, a decode starts a new group when the
+        group's longest is at least `DECODE_GROUP_RATIO` times its length and the positions it and every shorter
+        decode would then not read come to `DECODE_SPLIT_BYTES` of keys and values (per layer, as
+        ``cache.position_bytes`` counts them) or more: no group pads a decode past that ratio unless splitting
+        would save less than one more call costs, so short contexts keep one call (the step itself: ``(self,)``).
+        At most `MAX_DECODE_GROUPS`; each group's decodes are in flat-batch order."""
+        if self._groups is None:
+            decodes = [c for c in self.chunks if c.num_tokens == 1]
+            groups = _length_groups([c.start + 1 for c in decodes], cache.position_bytes,
+                                    DECODE_SPLIT_BYTES.get(cache.tables.device.type, DECODE_SPLIT_BYTES[None]))
+            self._groups = (self,) if len(groups) < 2 else tuple(
+                StepBatch.build([decodes[index] for index in group], self.decode_len.device) for group in groups)
+        return self._groups
 
     def write_index(self, cache: KVCache) -> torch.Tensor:
         """int64 ``[T]``: the row of each token of the flat batch in ``cache``'s pools seen as ``[blocks x
@@ -416,6 +447,36 @@ class StepBatch:
     def positions(self, device: torch.device | str) -> torch.Tensor:
         """int64 ``[T]``: the position of each token of the flat batch in its sequence."""
         return torch.cat([torch.arange(c.start, c.start + c.num_tokens, device=device) for c in self.chunks])
+
+
+def _length_groups(lengths: list[int], position_bytes: int, split_bytes: int) -> list[list[int]]:
+    """Indexes of ``lengths`` in groups (`StepBatch.decode_groups`' rule), longest group first."""
+    count = len(lengths)
+    if count < 2 or max(lengths) < DECODE_GROUP_RATIO * min(lengths) \
+            or (count - 1) * max(lengths) * position_bytes < split_bytes:  # (more than any split could save)
+        return [list(range(count))]
+    order = sorted(range(count), key=lengths.__getitem__, reverse=True)
+    groups, longest = [[order[0]]], lengths[order[0]]
+    for rank in range(1, count):
+        length = lengths[order[rank]]
+        saved = (count - rank) * (longest - length) * position_bytes  # at least, were this and the rest a group
+        if longest >= DECODE_GROUP_RATIO * length and saved >= split_bytes and len(groups) < MAX_DECODE_GROUPS:
+            groups.append([])
+            longest = length
+        groups[-1].append(order[rank])
+    return [sorted(group) for group in groups]
+
+
+# When a step's decodes take more than one padded attention call (`StepBatch.decode_groups`): a group's longest
+# decode at least DECODE_GROUP_RATIO times as long as the next, splitting there saving at least DECODE_SPLIT_BYTES of
+# keys and values read per layer (by the device the cache is on; None: any but the CPU), at most MAX_DECODE_GROUPS.
+# The bytes are about what one more call costs. On an H200 (bfloat16, 4 kv heads of 128, 32 decodes, index_select
+# and masked SDPA as `ragged_attention` runs them, each call building its own mask): one sequence of 2k and 31 of
+# 100 took 260 us in one call and 337 us in two (the split would save 118 MiB), at 8k 758 vs 747 us (490 MiB), at
+# 32k 2.7 vs 1.8 ms and at 128k 10.3 vs 6.0 ms. On a CPU a call took 0.1 ms and each MiB read about 0.5 ms more.
+DECODE_GROUP_RATIO = 2
+DECODE_SPLIT_BYTES: dict[str | None, int] = {"cpu": 1 << 20, None: 256 << 20}
+MAX_DECODE_GROUPS = 8
 
 
 _CURRENT: contextvars.ContextVar[tuple[KVCache, StepBatch] | None] = contextvars.ContextVar(
@@ -494,10 +555,10 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if not cache.values_in_keys:  # (else appending the keys appended them)
             append_keys(cache, layer_values, value[0], batch)
     out = query.new_empty(query.shape[2], query.shape[1], layer_values.shape[3])  # [T, Hq, dv]
-    if batch.num_decodes:
-        chosen = selection.decode if selection is not None else None
-        keys, values = _gathered(cache, layer_keys, layer_values, cache.gather_decode, batch)
-        out[batch.decode_select] = _decode(query[0], keys, values, batch, window, scaling, sinks, chosen, chunk_size)
+    for index, group in enumerate(batch.decode_groups(cache) if batch.num_decodes else ()):
+        chosen = selection.decode[index] if selection is not None and selection.decode else None
+        keys, values = _gathered(cache, layer_keys, layer_values, cache.gather_decode, group)
+        out[group.decode_select] = _decode(query[0], keys, values, group, window, scaling, sinks, chosen, chunk_size)
     for chunk in batch.prefills:
         chosen = selection.prefill.get(chunk.offset) if selection is not None else None
         keys, values = _gathered(cache, layer_keys, layer_values, cache.gather_prefill, chunk)

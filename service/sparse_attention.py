@@ -55,12 +55,13 @@ class Selection:
     """The keys each query of one step may attend, beyond causality (None: all of them).
 
     Attributes:
-        decode: bool ``[B, L]`` for the step's single-token queries, in ``decode_select`` order (``L`` = the
-            longest of their sequences); None when no sequence is longer than ``index_topk``.
+        decode: per group of the step's single-token queries (`StepBatch.decode_groups`, which decode attention
+            runs one call each), bool ``[b, L]`` for the group's queries in its ``decode_select`` order (``L`` = the
+            longest of their sequences), or None when none is longer than ``index_topk``; empty: none anywhere.
         prefill: by chunk offset, bool ``[n, start + n]`` for the chunk's queries (absent: all keys).
     """
 
-    decode: torch.Tensor | None = None
+    decode: tuple[torch.Tensor | None, ...] = ()
     prefill: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -94,13 +95,9 @@ class RaggedIndexer(torch.nn.Module):
         weights = ix.weights_proj(hidden_states.to(ix.weights_proj.weight.dtype)).float()[0] * (ix.n_heads**-0.5)
         topk = ix.index_topk
         selection = Selection()
-        if batch.num_decodes and batch.decode_max_len > topk:
-            keys = cache_.gather_decode(pool, batch)[:, 0]                     # [B, L, D]
-            rows = batch.decode_select
-            scores = F.relu(torch.matmul(q[rows].float(), keys.float().transpose(-1, -2)) * ix.softmax_scale)
-            index = torch.matmul(weights[rows].unsqueeze(-2), scores).squeeze(-2)  # [B, L]
-            valid = batch.decode_mask(None)[:, 0, 0]                           # [B, L]: causal (shared per step)
-            selection.decode = _top(index.masked_fill(~valid, float("-inf")), topk) & valid
+        if batch.num_decodes and batch.decode_max_len > topk:  # (each group padded to its own longest only)
+            selection.decode = tuple(self._choose(group, cache_, pool, q, weights) if group.decode_max_len > topk
+                                     else None for group in batch.decode_groups(cache_))
         for chunk in batch.prefills:
             end = chunk.start + chunk.num_tokens
             if end <= topk:
@@ -112,6 +109,17 @@ class RaggedIndexer(torch.nn.Module):
             causal = attention.causal_mask(chunk, None, index.device)
             selection.prefill[chunk.offset] = _top(index.masked_fill(~causal, float("-inf")), topk) & causal
         return selection
+
+    def _choose(self, group: attention.StepBatch, cache: attention.KVCache, pool: torch.Tensor, q: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """Bool ``[b, L]``: the keys each single-token query of ``group`` attends."""
+        ix = self.inner
+        keys = cache.gather_decode(pool, group)[:, 0]                          # [b, L, D]
+        rows = group.decode_select
+        scores = F.relu(torch.matmul(q[rows].float(), keys.float().transpose(-1, -2)) * ix.softmax_scale)
+        index = torch.matmul(weights[rows].unsqueeze(-2), scores).squeeze(-2)  # [b, L]
+        valid = group.decode_mask(None)[:, 0, 0]                               # [b, L]: causal (shared per step)
+        return _top(index.masked_fill(~valid, float("-inf")), topk=ix.index_topk) & valid
 
 
 def _top(scores: torch.Tensor, topk: int) -> torch.Tensor:

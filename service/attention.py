@@ -656,17 +656,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     """Scaled dot-product attention of ``q`` over ``k``, ``v`` (batched and broadcast as matmul does), allowed
     where the bool ``mask`` (broadcast to the scores) is True. ``sinks``, shaped by the caller to broadcast
     against the scores but for their key dimension (1), adds one logit per query head to each softmax and
-    nothing to the output, as GPT-OSS's eager attention does."""
+    nothing to the output, as GPT-OSS's eager attention does. With sinks the scores are one tensor, scaled, masked
+    and exponentiated in place, and each output is divided by its softmax's sum after multiplying the values (not
+    the scores before): GPT-OSS's formula (scale, mask, the sink appended, the max subtracted, softmax) wrote about
+    six tensors of the scores' size, three alive at once, and a prefill chunk's scores are the largest of a step."""
     if sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
-    logits = torch.cat([scores, sink], dim=-1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
-    return torch.matmul(probs.to(v.dtype), v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype)
+    peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)  # (finite: the sink's)
+    weights = scores.sub_(peak).exp_()
+    total = weights.sum(dim=-1, keepdim=True, dtype=torch.float32) + (sink - peak).float().exp()
+    out = torch.matmul(weights.to(v.dtype), v)
+    return (out.float() / total).to(out.dtype)
 
 
 def install(model: PreTrainedModel) -> None:

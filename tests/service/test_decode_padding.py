@@ -128,6 +128,66 @@ def test_one_long_and_seven_short_decodes_read_what_they_hold_with_the_results_o
 
 
 
+def _gpt_oss_sinks(q, k, v, mask, scale, sinks):
+    """GPT-OSS's eager attention with sinks (transformers' `eager_attention_forward` of gpt_oss), as bool-masked."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def _allocated(run) -> int:
+    """Bytes of the tensors ``run()`` allocates (the profiler's memory events, by op)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+        run()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in profile.key_averages())
+
+
+def _prefill_with_sinks(dtype: torch.dtype):
+    """A 256-token chunk at position 256 (query heads 2 per kv head) with some earlier keys masked out, sinks."""
+    gen = torch.Generator().manual_seed(3)
+    hkv, groups, n, length, d = 2, 2, 256, 512, 16
+    q, k, v = (torch.randn(*shape, generator=gen).to(dtype) for shape in
+               ((hkv, groups, n, d), (hkv, 1, length, d), (hkv, 1, length, d)))
+    mask = torch.ones(n, length, dtype=torch.bool).tril(length - n)
+    mask[:, :length - n - 7] &= torch.rand(n, length - n - 7, generator=gen) > 0.3  # (a window or a DSA choice)
+    return q, k, v, mask, 0.25, torch.randn(hkv, groups, 1, 1, generator=gen) * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prefill_with_sinks_gets_gpt_osss_attention(dtype):
+    inputs = _prefill_with_sinks(dtype)
+    out = attention._attend(*inputs)
+    assert out.dtype == dtype
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, _gpt_oss_sinks(*inputs), **tolerance)
+
+
+def test_a_prefill_with_sinks_writes_one_tensor_of_scores():
+    """GPT-OSS's formula wrote about six tensors of the scores' size (scaled, masked, the sink appended, the max
+    subtracted, the softmax, its slice made contiguous), three alive at once, and a prefill chunk's scores are the
+    largest tensors of a step; now the scores are written once and worked on in place (besides them: the mask's
+    bools, a quarter of their size, and the outputs, the values' size). (float32: on a CPU a bfloat16 matmul
+    allocates float32 scratch of its own.)"""
+    inputs = _prefill_with_sinks(torch.float32)
+    q, k = inputs[:2]
+    scores = q.new_empty(*q.shape[:-1], k.shape[-2]).nbytes
+    assert _allocated(lambda: attention._attend(*inputs)) < 1.6 * scores
+    assert _allocated(lambda: _gpt_oss_sinks(*inputs)) > 4 * scores  # (what it was)
+
+
+def test_decodes_with_sinks_get_gpt_osss_attention():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*shape, generator=gen) for shape in ((3, 2, 2, 16), (3, 2, 40, 16), (3, 2, 40, 16)))
+    mask = (torch.arange(40)[None, :] < torch.tensor([40, 7, 1])[:, None])[:, None, None, :]
+    sinks = torch.randn(2, 2, 1, generator=gen)
+    torch.testing.assert_close(attention._attend(q, k, v, mask, None, sinks),
+                               _gpt_oss_sinks(q, k, v, mask, 16 ** -0.5, sinks), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [
     "qwen3_moe",  # full attention

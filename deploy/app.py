@@ -222,8 +222,9 @@ def build_app(args: dict[str, Any] | None = None):
     resources = {"num_cpus": parsed.worker_num_cpus,
                  "num_gpus": (parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
                  "scheduling_strategy": parsed.worker_scheduling.upper()}
+    # (an earlier configuration's workers kept, where there is room, until its ingress replicas drained)
     pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(worker_configs, checkpoint, **resources)}",
-                                family_prefix=family, **resources)
+                                family_prefix=family, keep_strays=True, **resources)
     default_len, longest = _model_context(checkpoint)
     if parsed.max_model_len is not None and parsed.max_model_len > longest:
         raise ValueError(f"max_model_len {parsed.max_model_len} is beyond the {longest} positions the model at "
@@ -258,6 +259,7 @@ def build_app(args: dict[str, Any] | None = None):
         gpu_kv_cache_fraction=None if parsed.kv_cache_bytes else parsed.kv_cache_memory_fraction * (
             parsed.ingress_num_gpus if 0 < parsed.ingress_num_gpus < 1 else 1.0),
         data_plane_timeout_s=parsed.data_plane_timeout_s,
+        workers_id=pool_config.name_prefix,
     )
     coordinator_cls, ingress_cls = serve_deployments()
     coordinator = coordinator_cls.options(

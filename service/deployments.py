@@ -32,6 +32,8 @@ from service.worker_pool import RayPoolConfig, RayWorkerPool
 log = logging.getLogger("ray.serve")  # Serve prints this logger of a replica in `serve run`'s console
 METRICS_REFRESH_S = 2.0
 SERVING_METRICS_TTL_S = 30.0  # an ingress replica's serving metrics are exposed this long after it last sent them
+STRAY_QUIET_S = 10.0  # an earlier worker configuration's ingress replicas not heard of for this long are gone
+STRAY_GRACE_S = 300.0  # its workers are kept at most drain_s + this after a redeploy's coordinator started
 APP_PLACEHOLDER = "{app}"  # in worker names: the Serve application's name (see `for_app`)
 
 
@@ -43,8 +45,16 @@ class CoordinatorDeployment:
         """`drain_s`: how long the app's ingress replicas drain their requests when stopped (their
         graceful_shutdown_timeout_s): a deleted app's workers wait that long for them."""
         self._drain_s = drain_s
-        self.core = Coordinator(config, RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name())), shape)
+        self._workers_id = pool_config.name_prefix  # (what the app's ingress replicas of this configuration report)
+        self._foreign: set[str] = set()  # engines of another worker configuration that reported here
+        self._foreign_at = 0.0  # when one last did (time.monotonic())
+        self._closing = threading.Event()
+        pool = RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name()))
+        self.core = Coordinator(config, pool, shape)
         self.core.start()
+        if pool.strays:  # an earlier configuration's workers, kept for its ingress replicas still draining
+            threading.Thread(target=self._retire_strays_when_drained, args=(pool,), name="retire-strays",
+                             daemon=True).start()
         self._serving: dict[str, tuple[float, list]] = {}  # replica -> (when it last sent them, its serving metrics)
         self._serving_lock = threading.Lock()
 
@@ -55,7 +65,34 @@ class CoordinatorDeployment:
                 "calibrated": self.core.calibrated}
 
     def report(self, report: EngineReport) -> SyncReply:
+        """An engine's report, answered by the coordinator; an engine of another worker configuration (an ingress
+        replica of the configuration a redeploy replaced, draining its requests) is told nothing and counted
+        nowhere: it keeps its own placement and workers (the earlier configuration's, kept until it is gone).
+        Answered, it switched to this configuration's workers mid-request: another model's experts under its dense
+        part, or a 503 when they did not fit, and its statistics entered this configuration's."""
+        if report.workers_id and report.workers_id != self._workers_id:
+            self._foreign_at = time.monotonic()
+            if report.engine_id not in self._foreign:
+                self._foreign.add(report.engine_id)
+                log.info("engine %s of another worker configuration (%s) reports here: left on its own workers "
+                         "while it drains", report.engine_id, report.workers_id)
+            return SyncReply(placement=None, workers=None, workers_epoch=report.workers_epoch)
         return self.core.report(report)
+
+    def _retire_strays_when_drained(self, pool: RayWorkerPool) -> None:
+        """Kill the earlier configuration's workers `pool` kept once its ingress replicas are gone: no engine of
+        another configuration reported for STRAY_QUIET_S (they report every sync interval, 0.1 s), counted from this
+        coordinator's start (the earlier coordinator answers them until Serve stops it); at most drain_s +
+        STRAY_GRACE_S after it (Serve stops them only once this configuration's ingress replicas are up)."""
+        started = time.monotonic()
+        deadline = started + self._drain_s + STRAY_GRACE_S
+        while not self._closing.wait(1.0):
+            now = time.monotonic()
+            if now - max(started, self._foreign_at) >= STRAY_QUIET_S or now >= deadline:
+                log.info("retiring the earlier configuration's workers (%s)", "its ingress replicas drained"
+                         if now < deadline else f"still reporting after {now - started:.0f} s")
+                pool.retire_strays()
+                return
 
     def calibrate(self) -> dict[str, Any]:
         return self.core.calibrate()
@@ -103,9 +140,10 @@ class CoordinatorDeployment:
         # adopts them (same worker configuration) or kills them (another one); they were killed whenever the
         # app was not DEPLOYING, so a coordinator found unhealthy took every worker and expert with it. A
         # crashed coordinator never gets here: its detached workers survive and the restarted one adopts them.
+        self._closing.set()
         self.core.stop()
         if _app_going_away(self._drain_s):
-            self.core.pool.shutdown()
+            self.core.pool.shutdown()  # (the earlier configuration's workers kept, if any, too)
 
 
 def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:
@@ -188,6 +226,9 @@ class IngressSettings:
     profile_max_tokens: int = 8
     sync_interval_s: float = 0.1
     data_plane_timeout_s: float = 10.0  # service.placement_sync.DATA_PLANE_TIMEOUT_S
+    # the workers' configuration (RayPoolConfig.name_prefix): sent in the engine's reports, and a change of it
+    # (any change of the workers) rebuilds the ingress replicas, so none stays on workers of another configuration
+    workers_id: str = ""
 
 
 def gpu_kv_cache_bytes(fraction: float, mem_get_info: Callable[[], tuple[int, int]] | None = None) -> int:
@@ -258,7 +299,7 @@ class IngressDeployment:
         self.sync = PlacementSync(engine_id, self.context,
                                   lambda report: coordinator.report.remote(report).result(timeout_s=10),
                                   node_id=node_id, interval_s=settings.sync_interval_s,
-                                  data_plane_timeout_s=settings.data_plane_timeout_s)
+                                  data_plane_timeout_s=settings.data_plane_timeout_s, workers_id=settings.workers_id)
         # Synced once before the replica serves: the placement it bootstrapped on may be gone by now (a migration
         # that finished while the model loaded, acknowledged by the engines the coordinator knew).
         await asyncio.to_thread(self.sync.start)

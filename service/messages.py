@@ -248,6 +248,9 @@ class EngineReport:
         unreachable: devices whose data plane failed since the last report (connection lost or refused, no
             reply in time, or an error answered): the coordinator probes them at once rather than at its next
             health check.
+        workers_id: the worker configuration the engine was built for (its workers' name prefix; "" when not
+            known): a coordinator of another one, after a redeploy that changed the workers, tells such an engine
+            nothing and counts nothing of it.
     """
 
     engine_id: str
@@ -256,6 +259,7 @@ class EngineReport:
     device_samples: tuple[LatencySamples, ...] = field(default_factory=tuple)
     workers_epoch: int = -1
     unreachable: tuple[int, ...] = ()
+    workers_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ for before dropping old expert copies. Knows nothing of Serve: it is given a `re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -41,10 +42,14 @@ class PlacementSync:
     """Periodically report to the coordinator and apply its placement and worker updates."""
 
     def __init__(self, engine_id: str, context: DispatchContext, report: Callable[[EngineReport], SyncReply],
-                 *, node_id: str | None, interval_s: float = 0.1, data_plane_timeout_s: float = DATA_PLANE_TIMEOUT_S):
+                 *, node_id: str | None, interval_s: float = 0.1, data_plane_timeout_s: float = DATA_PLANE_TIMEOUT_S,
+                 workers_id: str = ""):
+        """`workers_id`: the worker configuration the engine was built for, sent in every report
+        (`EngineReport.workers_id`)."""
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.engine_id = engine_id
+        self.workers_id = workers_id
         self.context = context
         self._report = report
         self._node_id = node_id
@@ -61,7 +66,8 @@ class PlacementSync:
     def sync_once(self) -> SyncReply:
         """One report/answer round trip; applies the answer. Raises what the report call raises."""
         with self._sync_lock:
-            reply = self._report(self.context.drain_report(self.engine_id))
+            report = self.context.drain_report(self.engine_id)
+            reply = self._report(dataclasses.replace(report, workers_id=self.workers_id) if self.workers_id else report)
             if reply.workers is not None:
                 self.context.set_channels(worker_channels(reply.workers, self._node_id, self._data_plane_timeout_s),
                                           reply.workers_epoch)

@@ -86,6 +86,9 @@ class RayPoolConfig:
             workers over the nodes; for CPU workers, which no GPU request pins to a node).
         family_prefix: names of this app's workers under any configuration; workers named with it but
             not with `name_prefix` belong to an earlier configuration and are killed at start.
+        keep_strays: keep an earlier configuration's workers running after start (in `strays`, for the caller to
+            retire with `retire_strays` once the ingress replicas still serving on them have drained), when the
+            cluster has room for the new workers beside them; without room (their GPUs) they are killed at start.
     """
 
     name_prefix: str = "vibe-worker"
@@ -96,6 +99,7 @@ class RayPoolConfig:
     detached: bool = True
     scheduling_strategy: str = "DEFAULT"
     family_prefix: str | None = None
+    keep_strays: bool = False
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0 or self.call_timeout_s <= 0:
@@ -125,6 +129,7 @@ class RayWorkerPool:
         self._actors: list[Any] = []
         self._infos: list[WorkerInfo] = []
         self._replacing: dict[int, Any] = {}  # device: first call of a replacement still waiting for a node
+        self.strays: dict[str, Any] = {}  # an earlier configuration's workers kept at start (`keep_strays`), by name
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -135,7 +140,7 @@ class RayWorkerPool:
         view of the actor), with the infos of those that did. A worker that keeps dying while it starts is
         killed rather than left crash-looping (Ray restarts actors without end); one that cannot be placed
         is left pending, for resources that may yet come (an autoscaler adds nodes for it)."""
-        self._retire_strays()
+        self._collect_strays()
         self._actors = [self._create(i) for i in range(self.num_devices)]
         refs = [a.info.remote() for a in self._actors]
         infos, errors = self._gather(refs, list(range(self.num_devices)))
@@ -222,8 +227,11 @@ class RayWorkerPool:
     def infos(self) -> list[WorkerInfo]:
         return list(self._infos)
 
-    def _retire_strays(self) -> None:
-        """Kill workers an earlier configuration of this app left behind (e.g. before a redeploy)."""
+    def _collect_strays(self) -> None:
+        """Kill workers an earlier configuration of this app left behind (e.g. before a redeploy), or, with
+        `keep_strays` and room for the new workers beside them, keep them in `strays`: the earlier configuration's
+        ingress replicas, draining their requests through a redeploy, still dispatch to them (killed at once,
+        every request they held failed)."""
         import ray
 
         if not self.config.family_prefix:
@@ -234,7 +242,24 @@ class RayWorkerPool:
             if entry["namespace"] == self.config.namespace and is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
                     strays[name] = ray.get_actor(name, namespace=self.config.namespace)
-        self._stop(list(strays.values()))  # together: one shutdown wait for them all
+        if not strays:
+            return
+        if self.config.keep_strays:
+            wants, free = self._wants(), ray.available_resources()
+            if all(free.get(k, 0) >= v * self.num_devices for k, v in wants.items()):
+                self.strays.update(strays)
+                log.info("kept %d worker(s) of an earlier configuration while its requests drain: %s", len(strays),
+                         ", ".join(sorted(strays)))
+                return
+            log.warning("killing %d worker(s) of an earlier configuration at once: the new workers need the "
+                        "resources they hold (requests still draining on them fail)", len(strays))
+        self.strays.update(strays)
+        self.retire_strays()
+
+    def retire_strays(self) -> None:
+        """Kill the earlier configuration's workers kept in `strays` (together: one shutdown wait for them all)."""
+        strays, self.strays = self.strays, {}
+        self._stop(list(strays.values()))
         for name in strays:
             log.info("killed worker %s of an earlier configuration", name)
 
@@ -286,6 +311,7 @@ class RayWorkerPool:
     def shutdown(self) -> None:
         self._stop(self._actors)
         self._actors = []
+        self.retire_strays()
 
     def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
         """Kill `actors` for good, each after asking it to shut down (close its data plane and remove its

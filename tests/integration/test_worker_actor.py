@@ -13,7 +13,7 @@ import torch
 
 from service.emulator import EmulationConfig
 from service.messages import REPLY
-from service.transport import WorkerClient
+from service.transport import WorkerClient, WorkerError, WorkerUnavailable
 from service.worker import ExpertWorker, WorkerConfig
 from service.worker_pool import RayPoolConfig, RayWorkerPool, WorkerCallError, WorkerStartError
 from tests.service.test_experts import HIDDEN, make_expert
@@ -129,6 +129,54 @@ def test_pool_removes_socket_folders_at_restart_retirement_and_shutdown(actors):
     assert all(folder.is_dir() for folder in folders)
     current.shutdown()
     assert not [folder for folder in folders if folder.exists()]
+
+
+def test_an_earlier_configurations_workers_are_kept_when_asked_and_there_is_room(actors, monkeypatch):
+    """`keep_strays`: an earlier configuration's workers stay up after the new pool started (its ingress replicas
+    still drain requests on them, which failed when they were killed at start) until `retire_strays`, or the pool's
+    shutdown; without room for the new workers beside them (their GPUs), they are killed at start as before."""
+    def pool(fingerprint: str, keep: bool = True) -> RayWorkerPool:
+        return RayWorkerPool([WorkerConfig(index=i) for i in range(2)],
+                             RayPoolConfig(name_prefix=f"test-keep-{fingerprint}", family_prefix="test-keep-",
+                                           namespace="test-worker-pool", detached=False, keep_strays=keep))
+
+    def alive(infos) -> list[bool]:
+        return [_answers(info) for info in infos]
+
+    first = pool("0123abcd")  # (held: the handles of actors not detached keep them alive)
+    earlier = first.start()
+    current = pool("89abcdef")
+    current.start()
+    assert sorted(current.strays) == ["test-keep-0123abcd-0", "test-keep-0123abcd-1"]
+    assert alive(earlier) == [True, True]  # still serving: a forward over the data plane
+    current.retire_strays()
+    assert alive(earlier) == [False, False] and current.strays == {}
+    kept = current.infos()
+    again = pool("fedcba98")
+    again.start()
+    assert len(again.strays) == 2
+    again.shutdown()  # (an app deleted meanwhile)
+    assert alive(kept) == [False, False]
+    import ray as ray_module
+
+    kept_pool = pool("00000000")
+    earlier = kept_pool.start()
+    monkeypatch.setattr(ray_module, "available_resources", lambda: {"CPU": 0.01})  # no room for 2 x 0.05 CPU more
+    last = pool("11111111")
+    last.start()
+    assert last.strays == {} and alive(earlier) == [False, False]
+    last.shutdown()
+
+
+def _answers(info) -> bool:
+    """Whether the worker of `info` answers a forward on its data plane."""
+    try:
+        forward(info.unix_address or info.tcp_address, 0, torch.zeros(1, HIDDEN))
+    except WorkerUnavailable:
+        return False
+    except WorkerError:  # answered, with an error (it holds no expert): up
+        return True
+    return True
 
 
 class CrashOnLoad:

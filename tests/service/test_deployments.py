@@ -54,6 +54,7 @@ def test_the_coordinator_passes_each_replicas_serving_metrics_to_the_others(monk
     monkeypatch.setattr(deployments.time, "monotonic", lambda: clock[0])
     coordinator = object.__new__(deployments.CoordinatorDeployment)
     coordinator._serving, coordinator._serving_lock, coordinator._drain_s = {}, threading.Lock(), 0.0
+    coordinator._closing = threading.Event()
     # (what its __del__ stops: a coordinator with a pool, both doing nothing here)
     coordinator.core = types.SimpleNamespace(stop=lambda: None, pool=types.SimpleNamespace(shutdown=lambda: None))
     assert coordinator.serving_metrics("ingress-a", ["a1"]) == {}
@@ -131,3 +132,110 @@ def test_a_deleted_apps_workers_go_once_its_ingress_replicas_drained(monkeypatch
 
     monkeypatch.setattr(deployments.serve, "status", unreachable)
     assert deployments._app_going_away(drain_s=60.0)
+
+
+class _Clock:
+    """time.monotonic for the deployment module, and a closing event whose every wait advances it by the wait."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.on_wait = lambda: None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        self.on_wait()
+        return False
+
+    def set(self) -> None:  # (the deployment's __del__ closes it)
+        pass
+
+
+def _shell(monkeypatch, clock: _Clock | None = None, drain_s: float = 60.0):
+    """A coordinator deployment of worker configuration "vibe-worker-{app}-aaaaaaaa", its core a stand-in that
+    records the reports it is given (not started: the deployment's own state only)."""
+    import threading
+    import types
+
+    from service import deployments
+    from service.messages import SyncReply
+
+    shell = object.__new__(deployments.CoordinatorDeployment)
+    shell._workers_id, shell._foreign, shell._foreign_at, shell._drain_s = "vibe-worker-{app}-aaaaaaaa", set(), 0.0, drain_s
+    reports = []
+    # (and what its __del__ stops: a coordinator with a pool, both doing nothing here)
+    shell.core = types.SimpleNamespace(report=lambda report: reports.append(report) or SyncReply(None, None, 7),
+                                       stop=lambda: None, pool=types.SimpleNamespace(shutdown=lambda: None))
+    shell._closing = threading.Event()
+    if clock is not None:
+        monkeypatch.setattr(deployments.time, "monotonic", clock.monotonic)
+        shell._closing = clock
+    return shell, reports
+
+
+def _report(workers_id: str, engine_id: str = "ingress-old"):
+    import numpy as np
+
+    from service.messages import EngineReport
+
+    return EngineReport(engine_id, 3, np.zeros((1, 2, 4), dtype=np.int64), workers_epoch=41, workers_id=workers_id)
+
+
+def test_an_engine_of_another_worker_configuration_is_told_nothing_and_counted_nowhere(monkeypatch):
+    """After a redeploy that changed the workers (another model, dtype, emulation...), the earlier configuration's
+    ingress replicas drain their requests reporting to the new coordinator, which answered them with its workers and
+    placement: a stream of the earlier model switched to the new model's experts mid-request (its text diverged,
+    status 200; a real Serve redeploy in tests/integration/test_serve_redeploy.py), or failed with a 503."""
+    from service.messages import SyncReply
+
+    shell, reports = _shell(monkeypatch)
+    other = _report("vibe-worker-{app}-bbbbbbbb")
+    assert shell.report(other) == SyncReply(placement=None, workers=None, workers_epoch=41)  # (keeps its own)
+    assert reports == [] and shell._foreign == {"ingress-old"}
+    for own in (_report("vibe-worker-{app}-aaaaaaaa", "ingress-new"), _report("", "ingress-unknown")):
+        assert shell.report(own) == SyncReply(None, None, 7)  # the coordinator's answer
+    assert [r.engine_id for r in reports] == ["ingress-new", "ingress-unknown"]
+
+
+def test_the_earlier_configurations_workers_go_once_its_engines_fell_silent(monkeypatch):
+    """Kept by the pool at start while its ingress replicas drain (they report every 0.1 s), retired STRAY_QUIET_S
+    after the last report of another configuration, counted from the coordinator's start."""
+    from service import deployments
+
+    clock = _Clock()
+    shell, _ = _shell(monkeypatch, clock)
+    retired = []
+    pool = type("Pool", (), {"retire_strays": lambda self: retired.append(clock.now)})()
+
+    def reporting_until_25_s():
+        if clock.now < 25:
+            shell.report(_report("vibe-worker-{app}-bbbbbbbb"))
+
+    clock.on_wait = reporting_until_25_s
+    shell._retire_strays_when_drained(pool)
+    assert retired == [24 + deployments.STRAY_QUIET_S]  # (the last report at 24 s)
+    clock.now, clock.on_wait, retired[:], shell._foreign_at = 0.0, lambda: None, [], 0.0  # none reports: after STRAY_QUIET_S
+    shell._retire_strays_when_drained(pool)
+    assert retired == [deployments.STRAY_QUIET_S]
+
+
+def test_the_earlier_configurations_workers_go_at_the_deadline_whatever_reports(monkeypatch):
+    from service import deployments
+
+    clock = _Clock()
+    shell, _ = _shell(monkeypatch, clock, drain_s=60.0)
+    retired = []
+    pool = type("Pool", (), {"retire_strays": lambda self: retired.append(clock.now)})()
+    clock.on_wait = lambda: shell.report(_report("vibe-worker-{app}-bbbbbbbb"))
+    shell._retire_strays_when_drained(pool)
+    assert retired == [60.0 + deployments.STRAY_GRACE_S]
+
+
+def test_a_closing_coordinator_stops_waiting_and_leaves_the_workers_to_its_shutdown(monkeypatch):
+    shell, _ = _shell(monkeypatch)
+    shell._closing.set()
+    retired = []
+    shell._retire_strays_when_drained(type("Pool", (), {"retire_strays": lambda self: retired.append(1)})())
+    assert retired == []

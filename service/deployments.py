@@ -33,7 +33,6 @@ log = logging.getLogger("ray.serve")  # Serve prints this logger of a replica in
 METRICS_REFRESH_S = 2.0
 SERVING_METRICS_TTL_S = 30.0  # an ingress replica's serving metrics are exposed this long after it last sent them
 STRAY_QUIET_S = 10.0  # an earlier worker configuration's ingress replicas not heard of for this long are gone
-STRAY_GRACE_S = 300.0  # its workers are kept at most drain_s + this after a redeploy's coordinator started
 APP_PLACEHOLDER = "{app}"  # in worker names: the Serve application's name (see `for_app`)
 
 
@@ -48,6 +47,7 @@ class CoordinatorDeployment:
         self._workers_id = pool_config.name_prefix  # (what the app's ingress replicas of this configuration report)
         self._foreign: set[str] = set()  # engines of another worker configuration that reported here
         self._foreign_at = 0.0  # when one last did (time.monotonic())
+        self._first_report_at: float | None = None  # when any engine first reached this replica
         self._closing = threading.Event()
         pool = RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name()))
         self.core = Coordinator(config, pool, shape)
@@ -67,9 +67,12 @@ class CoordinatorDeployment:
     def report(self, report: EngineReport) -> SyncReply:
         """An engine's report, answered by the coordinator; an engine of another worker configuration (an ingress
         replica of the configuration a redeploy replaced, draining its requests) is told nothing and counted
-        nowhere: it keeps its own placement and workers (the earlier configuration's, kept until it is gone).
+        nowhere (but its serving metrics, which `serving_metrics` keeps as any replica's, for the app's /metrics):
+        it keeps its own placement and workers (the earlier configuration's, kept until it is gone).
         Answered, it switched to this configuration's workers mid-request: another model's experts under its dense
         part, or a 503 when they did not fit, and its statistics entered this configuration's."""
+        if self._first_report_at is None:
+            self._first_report_at = time.monotonic()
         if report.workers_id and report.workers_id != self._workers_id:
             self._foreign_at = time.monotonic()
             if report.engine_id not in self._foreign:
@@ -81,16 +84,16 @@ class CoordinatorDeployment:
 
     def _retire_strays_when_drained(self, pool: RayWorkerPool) -> None:
         """Kill the earlier configuration's workers `pool` kept once its ingress replicas are gone: no engine of
-        another configuration reported for STRAY_QUIET_S (they report every sync interval, 0.1 s), counted from this
-        coordinator's start (the earlier coordinator answers them until Serve stops it); at most drain_s +
-        STRAY_GRACE_S after it (Serve stops them only once this configuration's ingress replicas are up)."""
-        started = time.monotonic()
-        deadline = started + self._drain_s + STRAY_GRACE_S
+        another configuration reported for STRAY_QUIET_S (they report every sync interval, 0.1 s), counted from the
+        first report of any engine that reached this replica (until Serve routes to it, none can: the earlier
+        coordinator may be gone while this one starts, their reports waiting). No deadline: the earlier
+        configuration's replicas are all replaced (its `workers_id` is in their settings), however long a rolling
+        update of many replicas takes, and while one still reports it still needs the workers."""
         while not self._closing.wait(1.0):
-            now = time.monotonic()
-            if now - max(started, self._foreign_at) >= STRAY_QUIET_S or now >= deadline:
-                log.info("retiring the earlier configuration's workers (%s)", "its ingress replicas drained"
-                         if now < deadline else f"still reporting after {now - started:.0f} s")
+            if self._first_report_at is None:
+                continue
+            if time.monotonic() - max(self._first_report_at, self._foreign_at) >= STRAY_QUIET_S:
+                log.info("retiring the earlier configuration's workers: its ingress replicas drained")
                 pool.retire_strays()
                 return
 
@@ -137,7 +140,8 @@ class CoordinatorDeployment:
         # Graceful replica shutdown. Only when the app is going away (serve delete, shutdown) do its workers go
         # with it, once its ingress replicas have drained. Serve stops a coordinator for other reasons too: a
         # redeploy, a failed health check (it then starts another). The workers stay, and the next coordinator
-        # adopts them (same worker configuration) or kills them (another one); they were killed whenever the
+        # adopts them (same worker configuration) or retires them once the ingress replicas serving on them have
+        # drained (another one: `_retire_strays_when_drained`); they were killed whenever the
         # app was not DEPLOYING, so a coordinator found unhealthy took every worker and expert with it. A
         # crashed coordinator never gets here: its detached workers survive and the restarted one adopts them.
         self._closing.set()

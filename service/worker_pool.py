@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,10 +86,12 @@ class RayPoolConfig:
         scheduling_strategy: Ray's "DEFAULT" (fill nodes where resources allow) or "SPREAD" (spread the
             workers over the nodes; for CPU workers, which no GPU request pins to a node).
         family_prefix: names of this app's workers under any configuration; workers named with it but
-            not with `name_prefix` belong to an earlier configuration and are killed at start.
+            not with `name_prefix` belong to an earlier configuration and are killed at start (or kept a while:
+            `keep_strays`).
         keep_strays: keep an earlier configuration's workers running after start (in `strays`, for the caller to
             retire with `retire_strays` once the ingress replicas still serving on them have drained), when the
-            cluster has room for the new workers beside them; without room (their GPUs) they are killed at start.
+            cluster's free resources hold the new workers not yet running beside them (summed over the nodes, and
+            memory not counted); without room (their GPUs) they are killed at start.
     """
 
     name_prefix: str = "vibe-worker"
@@ -130,6 +133,7 @@ class RayWorkerPool:
         self._infos: list[WorkerInfo] = []
         self._replacing: dict[int, Any] = {}  # device: first call of a replacement still waiting for a node
         self.strays: dict[str, Any] = {}  # an earlier configuration's workers kept at start (`keep_strays`), by name
+        self._strays_lock = threading.Lock()  # (retired by the coordinator's thread, or by its shutdown)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -236,17 +240,20 @@ class RayWorkerPool:
 
         if not self.config.family_prefix:
             return
-        strays = {}
+        strays, running = {}, 0
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name = entry["name"]
-            if entry["namespace"] == self.config.namespace and is_stray(name, self.config):
+            if entry["namespace"] != self.config.namespace:
+                continue
+            if is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
                     strays[name] = ray.get_actor(name, namespace=self.config.namespace)
+            running += re.fullmatch(re.escape(self.config.name_prefix) + r"-\d+", name) is not None
         if not strays:
             return
-        if self.config.keep_strays:
-            wants, free = self._wants(), ray.available_resources()
-            if all(free.get(k, 0) >= v * self.num_devices for k, v in wants.items()):
+        if self.config.keep_strays:  # (room for the workers to create: a restarted coordinator adopts the others)
+            wants, free, new = self._wants(), ray.available_resources(), max(self.num_devices - running, 0)
+            if all(free.get(k, 0) >= v * new for k, v in wants.items()):
                 self.strays.update(strays)
                 log.info("kept %d worker(s) of an earlier configuration while its requests drain: %s", len(strays),
                          ", ".join(sorted(strays)))
@@ -258,10 +265,14 @@ class RayWorkerPool:
 
     def retire_strays(self) -> None:
         """Kill the earlier configuration's workers kept in `strays` (together: one shutdown wait for them all)."""
-        strays, self.strays = self.strays, {}
-        self._stop(list(strays.values()))
+        self._stop([], also_strays=True)
+
+    def _take_strays(self) -> dict[str, Any]:
+        with self._strays_lock:
+            strays, self.strays = self.strays, {}
         for name in strays:
-            log.info("killed worker %s of an earlier configuration", name)
+            log.info("killing worker %s of an earlier configuration", name)
+        return strays
 
     def restart(self, device: int) -> WorkerInfo:
         """Replace a dead worker by a fresh one with no experts; returns its new address.
@@ -309,16 +320,19 @@ class RayWorkerPool:
         return info
 
     def shutdown(self) -> None:
-        self._stop(self._actors)
+        self._stop(self._actors, also_strays=True)  # (one shutdown wait for both)
         self._actors = []
-        self.retire_strays()
 
-    def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
+    def _stop(self, actors: Sequence[Any], *, wait: bool = True, also_strays: bool = False) -> None:
         """Kill `actors` for good, each after asking it to shut down (close its data plane and remove its
         socket folder: `ray.kill` ends the process at once, no exit hook runs), waiting at most
         _SHUTDOWN_TIMEOUT_S for them all (`wait`=False: not at all, for a worker that cannot answer). A dead
-        or hung worker's folder is removed by the next worker of its name when it starts."""
+        or hung worker's folder is removed by the next worker of its name when it starts. `also_strays`: the
+        earlier configuration's workers kept in `strays` too (each taken once, whichever thread asks)."""
         import ray
+
+        if also_strays:
+            actors = [*actors, *self._take_strays().values()]
 
         refs = []
         for actor in actors if wait else ():

@@ -149,6 +149,14 @@ def test_an_earlier_configurations_workers_are_kept_when_asked_and_there_is_room
     current.start()
     assert sorted(current.strays) == ["test-keep-0123abcd-0", "test-keep-0123abcd-1"]
     assert alive(earlier) == [True, True]  # still serving: a forward over the data plane
+    import ray as ray_module
+
+    with monkeypatch.context() as patch:  # a coordinator restarted meanwhile, no room left: it creates no worker
+        patch.setattr(ray_module, "available_resources", lambda: {"CPU": 0.0})
+        restarted = pool("89abcdef")
+        restarted.start()
+    assert sorted(restarted.strays) == sorted(current.strays) and alive(earlier) == [True, True]
+    restarted.strays = {}  # (one owner retires them)
     current.retire_strays()
     assert alive(earlier) == [False, False] and current.strays == {}
     kept = current.infos()
@@ -157,8 +165,6 @@ def test_an_earlier_configurations_workers_are_kept_when_asked_and_there_is_room
     assert len(again.strays) == 2
     again.shutdown()  # (an app deleted meanwhile)
     assert alive(kept) == [False, False]
-    import ray as ray_module
-
     kept_pool = pool("00000000")
     earlier = kept_pool.start()
     monkeypatch.setattr(ray_module, "available_resources", lambda: {"CPU": 0.01})  # no room for 2 x 0.05 CPU more

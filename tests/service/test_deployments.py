@@ -164,6 +164,7 @@ def _shell(monkeypatch, clock: _Clock | None = None, drain_s: float = 60.0):
 
     shell = object.__new__(deployments.CoordinatorDeployment)
     shell._workers_id, shell._foreign, shell._foreign_at, shell._drain_s = "vibe-worker-{app}-aaaaaaaa", set(), 0.0, drain_s
+    shell._first_report_at = None
     reports = []
     # (and what its __del__ stops: a coordinator with a pool, both doing nothing here)
     shell.core = types.SimpleNamespace(report=lambda report: reports.append(report) or SyncReply(None, None, 7),
@@ -201,7 +202,8 @@ def test_an_engine_of_another_worker_configuration_is_told_nothing_and_counted_n
 
 def test_the_earlier_configurations_workers_go_once_its_engines_fell_silent(monkeypatch):
     """Kept by the pool at start while its ingress replicas drain (they report every 0.1 s), retired STRAY_QUIET_S
-    after the last report of another configuration, counted from the coordinator's start."""
+    after the last report of another configuration; however long they keep reporting (a rolling update of many
+    replicas), they are kept (a deadline killed them under replicas still draining)."""
     from service import deployments
 
     clock = _Clock()
@@ -209,28 +211,32 @@ def test_the_earlier_configurations_workers_go_once_its_engines_fell_silent(monk
     retired = []
     pool = type("Pool", (), {"retire_strays": lambda self: retired.append(clock.now)})()
 
-    def reporting_until_25_s():
-        if clock.now < 25:
+    def reporting_until_900_s():
+        if clock.now < 900:
             shell.report(_report("vibe-worker-{app}-bbbbbbbb"))
 
-    clock.on_wait = reporting_until_25_s
+    clock.on_wait = reporting_until_900_s
     shell._retire_strays_when_drained(pool)
-    assert retired == [24 + deployments.STRAY_QUIET_S]  # (the last report at 24 s)
-    clock.now, clock.on_wait, retired[:], shell._foreign_at = 0.0, lambda: None, [], 0.0  # none reports: after STRAY_QUIET_S
-    shell._retire_strays_when_drained(pool)
-    assert retired == [deployments.STRAY_QUIET_S]
+    assert retired == [899 + deployments.STRAY_QUIET_S]  # (the last report at 899 s)
 
 
-def test_the_earlier_configurations_workers_go_at_the_deadline_whatever_reports(monkeypatch):
+def test_the_quiet_window_counts_from_the_first_report_that_reached_the_coordinator(monkeypatch):
+    """Serve may stop the earlier coordinator before this one runs: until it is routed to, no report can reach it,
+    and a window counted from its start retired the workers under replicas whose reports were waiting."""
     from service import deployments
 
     clock = _Clock()
-    shell, _ = _shell(monkeypatch, clock, drain_s=60.0)
+    shell, _ = _shell(monkeypatch, clock)
     retired = []
     pool = type("Pool", (), {"retire_strays": lambda self: retired.append(clock.now)})()
-    clock.on_wait = lambda: shell.report(_report("vibe-worker-{app}-bbbbbbbb"))
+
+    def own_engine_reaches_it_at_30_s():
+        if clock.now == 30:
+            shell.report(_report("vibe-worker-{app}-aaaaaaaa", "ingress-new"))
+
+    clock.on_wait = own_engine_reaches_it_at_30_s
     shell._retire_strays_when_drained(pool)
-    assert retired == [60.0 + deployments.STRAY_GRACE_S]
+    assert retired == [30 + deployments.STRAY_QUIET_S]
 
 
 def test_a_closing_coordinator_stops_waiting_and_leaves_the_workers_to_its_shutdown(monkeypatch):

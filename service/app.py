@@ -74,7 +74,7 @@ from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_rea
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.structured import InvalidGrammar
-from service.text import TokenPieces, apply_chat_template, text_after_history
+from service.text import TokenPieces, apply_chat_template, render_template, text_after_history
 from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup, special_tags
 from service.tools import detect_format as detect_tool_format
@@ -281,10 +281,10 @@ class _Server:
                 or "sanitize_control_tokens" in kwargs):  # (that option tokenises user text apart: left to the template)
             return None
         tokenizer = self.engine.tokenizer
-        try:  # the text apply_chat_template tokenises (without special tokens added), as service.text renders it
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                                 tokenize=False, tools=tools or None,
-                                                 continue_final_message=body.continue_final_message, **kwargs)
+        try:  # the text apply_chat_template tokenises (without special tokens added)
+            text = render_template(tokenizer, messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                                   tools=tools, template_kwargs=kwargs,
+                                   continue_final_message=body.continue_final_message)
         except Exception:  # noqa: BLE001 - the template's own errors come from the full path, with their message
             return None
         if not isinstance(text, str):
@@ -308,9 +308,9 @@ class _Server:
                         whole: bool = True) -> list[int] | _TooLong | None:
         """``encode(text)``; or, for a text too long for the context, `_TooLong` after tokenising only a part.
 
-        Tokenising runs on one thread per replica: a 1 MiB prompt took 0.5 s there before it was refused for its
-        length, and every request behind it waited (eight such delayed another's first token from 0.03 s to
-        4.9 s). A text longer than `_PREFIX_CHARS_PER_TOKEN` characters per token of the context is tokenised in
+        Tokenising runs on one thread per replica: a 1 MiB prompt took ~1 s there before it was refused for its
+        length, and every request behind it waited (eight such delayed another's first token from 0.02 s to
+        5.4-9.0 s). A text longer than `_PREFIX_CHARS_PER_TOKEN` characters per token of the context is tokenised in
         part first, from a prefix of that many characters up (x4 a time) to as many characters as the longest
         vocabulary entry times the tokens needed (no tokenizer covers more with fewer tokens): when a prefix has
         the context's tokens plus a margin (a prefix may end in tokens that the whole text merges across the

@@ -45,7 +45,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     if not tokenizer.chat_template:
         raise ValueError("the model's tokenizer has no chat template")
     try:
-        encoded = _render(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt, tools=tools,
+        encoded = render_template(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt, tools=tools,
                           template_kwargs=template_kwargs, continue_final_message=continue_final_message)
     except (TemplateError, TypeError) as exc:  # TypeError: a value of the wrong type for the template
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
@@ -53,9 +53,9 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     return list(ids)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *, tokenize: bool,
-            add_generation_prompt: bool, tools: Sequence[Mapping[str, Any]] | None,
-            template_kwargs: Mapping[str, Any] | None, continue_final_message: bool):
+def render_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *, tokenize: bool,
+                    add_generation_prompt: bool, tools: Sequence[Mapping[str, Any]] | None,
+                    template_kwargs: Mapping[str, Any] | None, continue_final_message: bool):
     """The chat template applied to `messages`: its text, or (``tokenize``) its token ids."""
     return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=tokenize,
                                          tools=list(tools) if tools else None,
@@ -76,9 +76,9 @@ def text_after_history(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Ma
     history = messages[:-1] if continue_final_message else messages
     common = {"tokenize": False, "tools": tools, "template_kwargs": template_kwargs}
     try:
-        whole = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+        whole = render_template(tokenizer, messages, add_generation_prompt=add_generation_prompt,
                         continue_final_message=continue_final_message, **common)
-        before = _render(tokenizer, history, add_generation_prompt=False, continue_final_message=False,
+        before = render_template(tokenizer, history, add_generation_prompt=False, continue_final_message=False,
                          **common) if history else ""
     except Exception:  # a template that will not render the history alone (it must end with a user turn, ...)
         return None

@@ -121,10 +121,12 @@ def test_frozen_rope_on_cuda_is_vllms_and_a_requests_logits_do_not_depend_on_its
     inv_freq = alone_model.model.rotary_emb.inv_freq
     assert inv_freq.device.type == "cuda"
     torch.testing.assert_close(inv_freq.cpu(), rope_tests._expected_inv_freq(kind, 256), rtol=1e-6, atol=0)
-    batched = Engine(rope_tests._model(kind).to("cuda"), EngineConfig(max_model_len=256, max_num_batched_tokens=512))
+    batched_model = rope_tests._model(kind).to("cuda")
+    batched = Engine(batched_model, EngineConfig(max_model_len=256, max_num_batched_tokens=512))
     first = rope_tests._run(alone, [("short", short, rope_tests.GREEDY)])["short"]
     with_long = rope_tests._run(batched, [("short", short, rope_tests.GREEDY), ("long", long_, rope_tests.GREEDY)])
     assert with_long["short"][0] == first[0]
     torch.testing.assert_close(with_long["short"][1], first[1], atol=1e-3, rtol=0)
-    torch.testing.assert_close(alone_model.model.rotary_emb.inv_freq.cpu(), rope_tests._expected_inv_freq(kind, 256),
-                               rtol=1e-6, atol=0)  # a step past the trained context did not move them
+    torch.testing.assert_close(batched_model.model.rotary_emb.inv_freq.cpu(),
+                               rope_tests._expected_inv_freq(kind, 256), rtol=1e-6, atol=0)  # (its steps went past
+    # the trained context: they did not move them)

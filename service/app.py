@@ -16,14 +16,16 @@ import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,6 +85,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 T = TypeVar("T")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
 _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block, when the
 # text it adds after the history cannot be told apart (text_after_history)
@@ -182,10 +185,36 @@ class _Server:
     # padding and truncation state ("Already borrowed" when two threads call it)
     tokenizing: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
+    # /tokenize and /detokenize run on a thread and a copy of the tokenizer of their own: they answer every id of a
+    # text whatever its length (no refusal from a prefix), and on the thread above one 1 MiB text held every
+    # generation request's prompt behind it for ~1 s (the tokenizer releases the GIL while it encodes, so the two
+    # threads run side by side)
+    tokenizing_apart: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize-api"))
+    _tokenizer_apart: Any = None  # that copy, made on its thread at first use
 
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the tokenizing thread."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn)
+
+    async def _apart(self, fn: Callable[[Any], T]) -> T:
+        """``fn(tokenizer)`` on the /tokenize thread with its own copy of the tokenizer (or, for a tokenizer that
+        cannot be copied, on the tokenizing thread with the engine's)."""
+        def run() -> T | None:
+            if self._tokenizer_apart is None:
+                try:
+                    self._tokenizer_apart = copy.deepcopy(self.engine.tokenizer)
+                except Exception as exc:  # noqa: BLE001 - any tokenizer class: fall back to the shared thread
+                    log.warning("the tokenizer cannot be copied for /tokenize (%s): it shares the prompts' thread", exc)
+                    self._tokenizer_apart = False
+            return None if self._tokenizer_apart is False else fn(self._tokenizer_apart)
+
+        loop = asyncio.get_running_loop()
+        if self._tokenizer_apart is not False:
+            result = await loop.run_in_executor(self.tokenizing_apart, run)
+            if self._tokenizer_apart is not False:
+                return result
+        return await self._off_loop(lambda: fn(self.engine.tokenizer))
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[self._card()])
@@ -334,10 +363,9 @@ class _Server:
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
             self._check_model(body.model)
-        return await self._off_loop(lambda: self._tokenize(body))
+        return await self._apart(lambda tokenizer: self._tokenize(tokenizer, body))
 
-    def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        tokenizer = self.engine.tokenizer
+    def _tokenize(self, tokenizer, body: TokenizeRequest) -> TokenizeResponse:
         if body.messages is not None:
             ids = apply_chat_template(tokenizer, body.template_messages(self.tool_format), tools=body.template_tools(),
                                       add_generation_prompt=body.add_generation_prompt,
@@ -354,7 +382,7 @@ class _Server:
         vocab = len(self.engine.tokenizer)
         if any(t >= vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab}), got {max(body.tokens)}", param="tokens")
-        text = await self._off_loop(lambda: self.engine.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        text = await self._apart(lambda tokenizer: tokenizer.decode(body.tokens, skip_special_tokens=False))
         return DetokenizeResponse(prompt=text)
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:

@@ -203,3 +203,37 @@ def test_echo_with_n_choices_over_http(url, tokenizer):
         assert logprobs["tokens"][:len(ids)] == texts and logprobs["token_logprobs"][0] is None
         assert logprobs["text_offset"][:len(ids)] == [len("".join(texts[:k])) for k in range(len(ids))]
         assert all(top for top in logprobs["top_logprobs"][1:])  # (tokens of one text share a key)
+
+
+def test_tokenize_runs_apart_from_the_prompts_of_generation_requests():
+    """/tokenize answers every id of a text whatever its length, so it cannot be refused from a prefix: on the
+    prompts' one tokenizing thread a 1 MiB text held every completion's prompt behind it (~1 s). It runs on a thread
+    and a copy of the tokenizer of its own: a completion is answered while a /tokenize is held in its tokenizer."""
+    import threading
+
+    tokenizer = build_tokenizer()
+    entered, release = threading.Event(), threading.Event()
+    encode = tokenizer.encode
+
+    def held_encode(text, *args, **kwargs):
+        if isinstance(text, str) and "HOLD" in text:
+            entered.set()
+            release.wait(60)
+        return encode(text, *args, **kwargs)
+
+    tokenizer.encode = held_encode
+    with served(_start_engine(tokenizer, max_model_len=MAX_MODEL_LEN)) as url:
+        answers = {}
+        held = threading.Thread(target=lambda: answers.update(tokenize=_post(url, "/tokenize", {"prompt": "HOLD on"})))
+        held.start()
+        try:
+            assert entered.wait(30)
+            completion = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2},
+                                    timeout=15)
+            assert completion.status_code == 200, completion.text
+            assert held.is_alive()  # (still held: the completion did not wait for it)
+        finally:
+            release.set()
+            held.join(30)
+        assert answers["tokenize"].status_code == 200
+        assert answers["tokenize"].json()["tokens"] == encode("HOLD on")

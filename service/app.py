@@ -20,12 +20,11 @@ import copy
 import dataclasses
 import functools
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,11 +80,13 @@ from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup, special_tags
 from service.tools import detect_format as detect_tool_format
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 T = TypeVar("T")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinity; OpenAI's value)
 _THINK_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the template opened a <think> block, when the
 # text it adds after the history cannot be told apart (text_after_history)
@@ -185,36 +186,26 @@ class _Server:
     # padding and truncation state ("Already borrowed" when two threads call it)
     tokenizing: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
-    # /tokenize and /detokenize run on a thread and a copy of the tokenizer of their own: they answer every id of a
-    # text whatever its length (no refusal from a prefix), and on the thread above one 1 MiB text held every
+    # /tokenize and /detokenize run on a thread and a copy of the tokenizer of their own (`_apart`): they answer every
+    # id of a text whatever its length (no refusal from a prefix), and on the thread above one 1 MiB text held every
     # generation request's prompt behind it for ~1 s (the tokenizer releases the GIL while it encodes, so the two
     # threads run side by side)
     tokenizing_apart: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize-api"))
-    _tokenizer_apart: Any = None  # that copy, made on its thread at first use
 
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the tokenizing thread."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn)
 
-    async def _apart(self, fn: Callable[[Any], T]) -> T:
-        """``fn(tokenizer)`` on the /tokenize thread with its own copy of the tokenizer (or, for a tokenizer that
-        cannot be copied, on the tokenizing thread with the engine's)."""
-        def run() -> T | None:
-            if self._tokenizer_apart is None:
-                try:
-                    self._tokenizer_apart = copy.deepcopy(self.engine.tokenizer)
-                except Exception as exc:  # noqa: BLE001 - any tokenizer class: fall back to the shared thread
-                    log.warning("the tokenizer cannot be copied for /tokenize (%s): it shares the prompts' thread", exc)
-                    self._tokenizer_apart = False
-            return None if self._tokenizer_apart is False else fn(self._tokenizer_apart)
+    async def _apart(self, fn: Callable[[PreTrainedTokenizerBase], T]) -> T:
+        """``fn(tokenizer)`` on the /tokenize thread, with that thread's copy of the tokenizer."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing_apart, lambda: fn(self._tokenizer_copy))
 
-        loop = asyncio.get_running_loop()
-        if self._tokenizer_apart is not False:
-            result = await loop.run_in_executor(self.tokenizing_apart, run)
-            if self._tokenizer_apart is not False:
-                return result
-        return await self._off_loop(lambda: fn(self.engine.tokenizer))
+    @functools.cached_property
+    def _tokenizer_copy(self) -> PreTrainedTokenizerBase:
+        """The /tokenize thread's own tokenizer (made there at first use): a fast tokenizer's state is not shared
+        between threads ("Already borrowed")."""
+        return copy.deepcopy(self.engine.tokenizer)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[self._card()])
@@ -457,19 +448,10 @@ class _Server:
 
     def _sampling_params(self, body: CompletionRequest | ChatCompletionRequest,
                          prompt: list[int] | _TooLong) -> SamplingParams:
-        """`sampling_params` for ``prompt``; for a `_TooLong` one its error for a prompt that does not fit (or the
-        one it checks before the prompt's length), saying how many tokens the prompt has at least."""
-        max_model_len = self.engine.config.max_model_len
-        if not isinstance(prompt, _TooLong):
-            return sampling_params(body, len(prompt), max_model_len)
-        try:
-            sampling_params(body, max_model_len, max_model_len)  # raises: a prompt of max_model_len tokens never fits
-        except APIError as exc:
-            if exc.code != "context_length_exceeded":
-                raise
-            raise APIError(exc.status, f"the prompt has at least {prompt.tokens} tokens; this model's context is "
-                           f"{max_model_len}", type=exc.type, param=exc.param, code=exc.code) from None
-        raise AssertionError("sampling_params accepted a prompt of max_model_len tokens")
+        """`sampling_params` for ``prompt`` (a `_TooLong` one: its error, the prompt's tokens a lower bound)."""
+        if isinstance(prompt, _TooLong):
+            return sampling_params(body, prompt.tokens, self.engine.config.max_model_len, at_least=True)
+        return sampling_params(body, len(prompt), self.engine.config.max_model_len)
 
 
 class _TooLong(NamedTuple):

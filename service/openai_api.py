@@ -555,12 +555,14 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
-                    max_model_len: int) -> SamplingParams:
-    """Engine sampling parameters; without a limit a completion may fill the rest of the context."""
+                    max_model_len: int, *, at_least: bool = False) -> SamplingParams:
+    """Engine sampling parameters; without a limit a completion may fill the rest of the context. ``at_least``: the
+    prompt's tokens were counted in part (a lower bound, enough to refuse it; `service.app`)."""
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if num_prompt_tokens >= max_model_len:
-        raise APIError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is {max_model_len}",
+        count = f"at least {num_prompt_tokens}" if at_least else num_prompt_tokens
+        raise APIError(400, f"the prompt has {count} tokens; this model's context is {max_model_len}",
                        param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
     limit = getattr(request, "max_completion_tokens", None) or request.max_tokens

@@ -265,14 +265,15 @@ class RayWorkerPool:
 
     def retire_strays(self) -> None:
         """Kill the earlier configuration's workers kept in `strays` (together: one shutdown wait for them all)."""
-        self._stop([], also_strays=True)
+        self._stop(self._take_strays())
 
-    def _take_strays(self) -> dict[str, Any]:
+    def _take_strays(self) -> list[Any]:
+        """The workers kept in `strays`, which no longer keeps them (each taken once, whichever thread asks)."""
         with self._strays_lock:
             strays, self.strays = self.strays, {}
         for name in strays:
             log.info("killing worker %s of an earlier configuration", name)
-        return strays
+        return list(strays.values())
 
     def restart(self, device: int) -> WorkerInfo:
         """Replace a dead worker by a fresh one with no experts; returns its new address.
@@ -320,19 +321,15 @@ class RayWorkerPool:
         return info
 
     def shutdown(self) -> None:
-        self._stop(self._actors, also_strays=True)  # (one shutdown wait for both)
+        self._stop([*self._actors, *self._take_strays()])  # (one shutdown wait for both)
         self._actors = []
 
-    def _stop(self, actors: Sequence[Any], *, wait: bool = True, also_strays: bool = False) -> None:
+    def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
         """Kill `actors` for good, each after asking it to shut down (close its data plane and remove its
         socket folder: `ray.kill` ends the process at once, no exit hook runs), waiting at most
         _SHUTDOWN_TIMEOUT_S for them all (`wait`=False: not at all, for a worker that cannot answer). A dead
-        or hung worker's folder is removed by the next worker of its name when it starts. `also_strays`: the
-        earlier configuration's workers kept in `strays` too (each taken once, whichever thread asks)."""
+        or hung worker's folder is removed by the next worker of its name when it starts."""
         import ray
-
-        if also_strays:
-            actors = [*actors, *self._take_strays().values()]
 
         refs = []
         for actor in actors if wait else ():

@@ -152,10 +152,11 @@ def small_case(seed: int):
 
 @pytest.mark.slow
 def test_vibe_is_within_the_stated_factor_of_the_milp_optimum():
-    """Stated factors: 1.2 without replicas, 1.4 with (worst seen over 3,200 random small cases: 1.15 and
-    1.35; 99th percentile 1.045 and 1.17). Small cases are where the flat part of the curve bites: a
-    one-for-one swap cannot pair the hot expert with the unloaded ones, and replica shares follow device
-    speed, not the optimum. On these 120 cases the means are 1.003 and 1.012."""
+    """Stated factors: 1.2 without replicas, 1.3 with (worst seen over 3,200 random small cases without
+    replicas: 1.15, 99th percentile 1.045; over 1,459 with replicas, since their shares are balanced by a linear
+    program: 1.243, 99th percentile 1.038, where shares by device speed saw 1.35 and 1.17). Small cases are
+    where the flat part of the curve bites: a one-for-one swap cannot pair the hot expert with the unloaded
+    ones. On these 120 cases the means are 1.003 and 1.0003 (1.012 with shares by device speed)."""
     ratios = {False: [], True: []}
     for seed in range(120):
         loads, devices, num_redundant = small_case(seed)
@@ -164,7 +165,7 @@ def test_vibe_is_within_the_stated_factor_of_the_milp_optimum():
             vibe = makespan(plan(loads, devices, "vibe", num_redundant=num_redundant), loads, devices)
             ratios[num_redundant > 0].append(vibe[0] / optimum[0])
     assert max(ratios[False]) <= 1.2 and np.mean(ratios[False]) <= 1.01
-    assert max(ratios[True]) <= 1.4 and np.mean(ratios[True]) <= 1.03
+    assert max(ratios[True]) <= 1.3 and np.mean(ratios[True]) <= 1.005
     assert min(min(r) for r in ratios.values()) >= 1 - 1e-9  # never below the optimum
 
 
@@ -216,10 +217,11 @@ def test_vibe_puts_more_work_on_faster_devices():
     assert makespan(plan(loads, devices, "vibe"), loads, devices).sum() < 0.95 * eplb.sum()
 
 
-def test_vibe_replicas_take_shares_by_device_speed():
+def test_vibe_replicas_first_take_shares_by_device_speed():
+    """The search's starting shares (`speed_shares`); `balanced_shares` then re-splits them (test_shares.py)."""
     loads = np.array([[5000.0, 100, 100, 100, 100, 100, 100, 100]])
     devices = devices_of([1.0, 0.5, 1.0, 0.5])
-    placement = plan(loads, devices, "vibe", num_redundant=4)
+    placement = greedy_search(loads, devices, 4, None)
     hot = placement.phy2log[0] == 0
     speeds = np.array([1.0, 0.5, 1.0, 0.5])[placement.slot_device[0, hot]]
     np.testing.assert_allclose(placement.replica_share[0, hot], speeds / speeds.sum(), rtol=1e-9)
@@ -357,12 +359,22 @@ def test_without_activity_vibe_is_unchanged_by_activity_one_where_loaded():
     loads = np.round(rng.lognormal(3.0, 1.0, (3, 12)))
     loads[0, :2] = 0.0
     devices = devices_of(rng.uniform(0.75, 1.0, 4))
-    # activity 1 where loaded is every pass's cost at the mean load: the same plan as without activity
-    with_activity = plan(loads, devices, "vibe", num_redundant=4, activity=(loads > 0).astype(float))
-    without = plan(loads, devices, "vibe", num_redundant=4)
+    # activity 1 where loaded is every pass's cost at the mean load: the same plan as without activity up to the
+    # shares' balancing, which with activity may leave a replica below the knee a sliver (under a token a pass:
+    # not called in most passes, as the engine dispatches whole tokens), a layer that gains by it
+    activity = (loads > 0).astype(float)
+    with_activity = greedy_search(loads, devices, 4, None, activity)
+    without = greedy_search(loads, devices, 4, None)
     np.testing.assert_array_equal(with_activity.phy2log, without.phy2log)
     np.testing.assert_array_equal(with_activity.slot_device, without.slot_device)
     np.testing.assert_allclose(with_activity.replica_share, without.replica_share)
+    with_activity = plan(loads, devices, "vibe", num_redundant=4, activity=activity)
+    without = plan(loads, devices, "vibe", num_redundant=4)
+    np.testing.assert_array_equal(with_activity.phy2log, without.phy2log)
+    np.testing.assert_array_equal(with_activity.slot_device, without.slot_device)
+    ours, theirs = makespan(with_activity, loads, devices, activity), makespan(without, loads, devices, activity)
+    assert np.all(ours <= theirs)
+    np.testing.assert_array_equal(makespan(with_activity, loads, devices), makespan(without, loads, devices))
 
 
 @pytest.mark.parametrize(

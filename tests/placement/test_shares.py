@@ -1,0 +1,77 @@
+"""`vibe.balanced_shares`: replica token shares that minimise each layer's makespan, slots kept."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from placement.bounds import exact_makespan
+from placement.device_model import DeviceModel
+from placement.metrics import device_times, makespan
+from placement.placement import Placement
+from placement.policies import plan
+from placement.vibe import MIN_SHARE, balanced_shares, greedy_search
+from tests.placement.test_policies import SETTINGS, activity_for, cases, check_invariants, devices_of
+
+BASE = DeviceModel(fixed=2e-4, knee=128, slope=2e-4 / 128)
+SLOPE = BASE.slope
+
+
+def test_a_replica_beside_a_hot_expert_gives_its_tokens_to_the_other_device():
+    """Expert 0 (1000 tokens) on both of two equal devices, expert 1 (600) beside one replica, expert 2 (no load)
+    beside the other. Shares by speed split expert 0 in halves: 500 + 600 tokens on one device, 1100 slope-tokens
+    (f = 128 slope-tokens each call past the knee). Balanced, the device beside expert 1 keeps x with
+    2 f + slope (x - 128 + 600 - 128) = f + slope (1000 - x - 128): x = 200, both devices at 800."""
+    loads = np.array([[1000.0, 600.0, 0.0]])
+    devices = [BASE, BASE]
+    placement = plan(loads, devices, "vibe", num_redundant=1, slot_budget=2)
+    hot = placement.phy2log[0] == 0
+    beside_one = placement.slot_device[0, hot] == placement.slot_device[0, placement.phy2log[0] == 1][0]
+    assert placement.slot_tokens(loads)[0, hot][beside_one][0] == pytest.approx(200.0)
+    np.testing.assert_allclose(device_times(placement, loads, devices)[0], 800 * SLOPE, rtol=1e-6)
+    assert makespan(placement, loads, devices)[0] == pytest.approx(exact_makespan(loads, devices, num_redundant=1)[0],
+                                                                   rel=1e-6)
+    by_speed = greedy_search(loads, devices, 1, None)  # the shares before balancing: halves
+    assert makespan(by_speed, loads, devices)[0] == pytest.approx(1100 * SLOPE)
+
+
+def test_a_hot_expert_on_every_device_ends_them_together():
+    """Expert 0 on all four devices (two at half speed) with seven flat-cost experts around it: its shares make
+    every device finish at once, which shares by device speed alone did not (they ignore the singletons)."""
+    loads = np.array([[5000.0, 100, 100, 100, 100, 100, 100, 100]])
+    devices = devices_of([1.0, 0.5, 1.0, 0.5])
+    placement = plan(loads, devices, "vibe", num_redundant=4)
+    assert np.unique(placement.slot_device[0, placement.phy2log[0] == 0]).size == 4
+    times = device_times(placement, loads, devices)[0]
+    np.testing.assert_allclose(times, times.max(), rtol=1e-6)
+    assert makespan(placement, loads, devices)[0] < makespan(greedy_search(loads, devices, 4, None), loads,
+                                                             devices)[0] * (1 - 1e-3)
+
+
+@SETTINGS
+@given(cases(), st.integers(0, 2**32 - 1), st.sampled_from([None, 1e-2, 1.0]))
+def test_balancing_never_slows_a_layer_and_keeps_the_slots(case, seed, activity_scale):
+    loads, devices, num_redundant = case
+    activity = None
+    if activity_scale is not None:
+        loads = loads * activity_scale
+        activity = activity_for(loads, np.random.default_rng(seed))
+    start = greedy_search(loads, devices, num_redundant, None, activity)
+    balanced = balanced_shares(start, loads, devices, activity)
+    np.testing.assert_array_equal(balanced.phy2log, start.phy2log)
+    np.testing.assert_array_equal(balanced.slot_device, start.slot_device)
+    check_invariants(balanced, loads, len(devices), num_redundant)
+    assert balanced.replica_share.min() >= MIN_SHARE * (1 - 1e-9)
+    before, after = makespan(start, loads, devices, activity), makespan(balanced, loads, devices, activity)
+    assert np.all(after <= before)
+    changed = np.any(balanced.replica_share != start.replica_share, axis=1)
+    assert np.all(after[changed] < before[changed])  # a layer's shares change only where it gets faster
+
+
+def test_without_replicas_or_loads_the_placement_is_returned_as_is():
+    devices = devices_of([1.0, 0.8])
+    loads = np.array([[10.0, 20.0, 30.0, 40.0]])
+    alone = plan(loads, devices, "eplb")
+    assert balanced_shares(alone, loads, devices) is alone
+    idle = Placement(np.array([[0, 1, 0, 1]]), np.array([[0, 0, 1, 1]]), np.full((1, 4), 0.5), 2, 2)
+    assert balanced_shares(idle, np.zeros((1, 2)), devices) is idle

@@ -24,6 +24,7 @@ from placement.metrics import (
     slot_calls,
 )
 from placement.placement import Placement
+from placement.shares import balanced_shares
 
 # A swap must lower the slowest device's time by more than this share of it to count: far above float
 # rounding of the incremental time updates, so the search cannot cycle on rounding noise.
@@ -256,7 +257,9 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     between the slowest device and ANY other device (the paper uses the fastest) that most lowers the
     larger of the two devices' new times; stop when no swap lowers it below the slowest device's time.
     Swaps keep every device's slot count, every replica's token share, and replicas of one expert on
-    distinct devices (a swap that would co-locate two replicas is not considered).
+    distinct devices (a swap that would co-locate two replicas is not considered). Then, where experts have
+    replicas, their token shares are re-split for the new loads (`shares.balanced_shares`, in the layers where
+    that lowers the makespan): shares move no weights, so a recalibration may change only them.
 
     Args:
         placement: the live placement (L layers, R slots, G devices).
@@ -273,8 +276,8 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
             the expected seconds per pass (`metrics.slot_calls`); None: the seconds at the mean loads.
     Returns:
         The new placement (version + 1) and its moves, one per weight copy (`migration.migration_plan`'s, which
-        the service copies by: net of swaps that undo each other, and of replicas that trade places); the same
-        placement object and [] when nothing moved.
+        the service copies by: net of swaps that undo each other, and of replicas that trade places; [] when
+        only shares changed); the same placement object and [] when neither slots nor shares changed.
     """
     loads = _check_inputs(placement, loads, devices, eps, max_swaps_per_layer)
     activity = checked_activity(activity, loads)
@@ -292,10 +295,12 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     cap = np.full(num_layers, min(caps)) if caps else None
     search.relieve_slowest(eps, cap)
     device = search.slot_devices()
-    if not (device != placement.slot_device).any():
-        return placement, []
     new = device_major(placement.phy2log, device, placement.replica_share, placement.num_experts,
                        placement.num_devices, placement.version + 1)
+    if placement.logcnt.max() > 1:
+        new = balanced_shares(new, loads, devices, activity)
+    if new.same_layout(placement):
+        return placement, []
     from placement.migration import migration_plan  # (it imports Move from here)
 
     return new, list(migration_plan(placement, new, 0).moves)

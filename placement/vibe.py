@@ -28,10 +28,7 @@ from placement.eplb import eplb_placement
 from placement.metrics import curve_params, latency_matrix, latency_on, makespan, slot_activity, slot_calls
 from placement.placement import Placement
 from placement.rebalance import SwapSearch, device_major
-
-# The smallest share of an expert's tokens a replica is given (shares must be positive; a replica on a device
-# far slower than its expert's other replicas would otherwise get 0, or underflow to it).
-MIN_SHARE = 1e-6
+from placement.shares import MIN_SHARE, balanced_shares
 
 
 def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
@@ -310,73 +307,3 @@ def _better_layers(best: Placement, other: Placement, layers: np.ndarray, valid:
         array[layers[faster]] = getattr(other, name)[faster]
     return Placement(*arrays, best.num_experts, best.num_devices)
 
-
-def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel],
-                    activity: np.ndarray | None = None) -> Placement:
-    """`placement` with its replicas' token shares re-split to minimise each layer's makespan, slots kept.
-
-    With every slot on its device, the shares that minimise a layer's slowest device are a linear program:
-    a replica's seconds are convex in its tokens past zero (`fixed`, then `fixed + slope (n - knee)`), so
-    min T over shares s >= MIN_SHARE summing to 1 per expert, replica seconds y >= fixed and
-    y >= fixed + slope (W s - knee), and each device's singletons plus its replicas' y at most T. All
-    layers go to HiGHS as one block-diagonal program (min sum_l T_l; a 1e-6 weight on the replicas' summed
-    seconds breaks ties toward less work). Shares by device speed (`speed_shares`) ignore what else a
-    device holds: a replica on a fast device already loaded with hot experts is given the most tokens.
-
-    With `activity` the program times a replica as called in its expert's share of passes (`fixed` and
-    `knee` scaled by it: exact while a replica gets at least a token per call). A layer keeps the new shares
-    only where its makespan, as `metrics.makespan` times it (with `activity`), is lower. Layers without
-    loaded replicas, or a program HiGHS does not solve, keep theirs.
-    """
-    expert, device = placement.phy2log, placement.slot_device
-    load = np.take_along_axis(loads, expert, axis=1)
-    free = (np.take_along_axis(placement.logcnt, expert, axis=1) > 1) & (load > 0)
-    unit = float(makespan(placement, loads, devices, activity).max())
-    if not free.any() or not unit > 0 or not np.isfinite(unit):
-        return placement
-    from scipy.optimize import linprog
-    from scipy.sparse import coo_array
-
-    params = curve_params(devices)
-    num_layers, num_devices = placement.num_layers, placement.num_devices
-    slot_act = slot_activity(placement, activity)
-    calls, per_call = slot_calls(placement.slot_tokens(loads), slot_act)
-    fixed_seconds = np.where(free, 0.0, calls * latency_on(per_call, device, params))
-    base = np.zeros((num_layers, num_devices))  # [L, G] seconds of the slots whose tokens are fixed
-    np.add.at(base, (np.repeat(np.arange(num_layers), placement.num_slots), device.ravel()), fixed_seconds.ravel())
-    layer, slot = np.nonzero(free)
-    n = layer.size
-    layers, layer_index = np.unique(layer, return_inverse=True)
-    dev = device[layer, slot]
-    scale = np.ones(n) if slot_act is None else slot_act[layer, slot]
-    fixed, knee, slope = scale * params[0][dev] / unit, scale * params[1][dev], params[2][dev] / unit
-    pairs, pair_index = np.unique(layer * num_devices + dev, return_inverse=True)  # (layer, device) with replicas
-    groups, group_index = np.unique(layer * placement.num_experts + expert[layer, slot], return_inverse=True)
-    ones, slots = np.ones(n), np.arange(n)
-    # variables: shares s [n], replica seconds y [n], layer makespans T [layers]; rows: y's linear piece, then
-    # each (layer, device)'s time
-    a_ub = coo_array((np.concatenate([slope * load[layer, slot], -ones, ones, -np.ones(pairs.size)]),
-                      (np.concatenate([slots, slots, n + pair_index, n + np.arange(pairs.size)]),
-                       np.concatenate([slots, n + slots, n + slots,
-                                       2 * n + np.searchsorted(layers, pairs // num_devices)]))),
-                     shape=(n + pairs.size, 2 * n + layers.size))
-    b_ub = np.concatenate([slope * knee - fixed, -base[pairs // num_devices, pairs % num_devices] / unit])
-    a_eq = coo_array((ones, (group_index, slots)), shape=(groups.size, 2 * n + layers.size))
-    lower = np.concatenate([np.full(n, MIN_SHARE), fixed, base[layers].max(axis=1) / unit])
-    upper = np.concatenate([ones, np.full(n + layers.size, np.inf)])
-    cost = np.concatenate([np.zeros(n), np.full(n, 1e-6), np.ones(layers.size)])
-    result = linprog(cost, A_ub=a_ub.tocsr(), b_ub=b_ub, A_eq=a_eq.tocsr(), b_eq=np.ones(groups.size),
-                     bounds=np.stack([lower, upper], axis=1), method="highs")
-    if result.status != 0:
-        return placement
-    share = placement.replica_share.copy()
-    solved = np.clip(result.x[:n], MIN_SHARE, 1.0)
-    total = np.zeros(groups.size)
-    np.add.at(total, group_index, solved)
-    share[layer, slot] = solved / total[group_index]
-    balanced = Placement(expert, device, share, placement.num_experts, num_devices, placement.version)
-    better = makespan(balanced, loads, devices, activity) < makespan(placement, loads, devices, activity)
-    if not better.any():
-        return placement
-    share = np.where(better[:, None], share, placement.replica_share)
-    return Placement(expert, device, share, placement.num_experts, num_devices, placement.version)

@@ -79,10 +79,11 @@ def test_rebalance_never_slows_a_layer_and_stops_as_specified(case, eps):
 def test_moves_turn_the_old_placement_into_the_new_one(case):
     placement, loads, devices = case
     new, moves = rebalance(placement, loads, devices, 0.0, max_moved_fraction=None)
-    if not moves:
-        assert new is placement
+    if new is placement:
+        assert not moves
         return
     assert new.version == placement.version + 1
+    assert moves or not new.same_layout(placement)  # no move: only the replicas' shares changed
     np.testing.assert_array_equal(new.device_slot_counts(), placement.device_slot_counts())
     assert len(moves) == migration_plan(placement, new, 1).num_moves  # one per weight copy
     for layer in range(placement.num_layers):
@@ -91,9 +92,11 @@ def test_moves_turn_the_old_placement_into_the_new_one(case):
         for move in (m for m in moves if m.layer == layer):
             assert (move.expert, move.src_device) in held and (move.expert, move.dst_device) not in held
         assert {(m.expert, m.dst_device) for m in moves if m.layer == layer} == now - held
-        # replicas keep their shares
+        # the same replicas; their shares change only in a layer that gets faster (`shares.balanced_shares`)
+        assert Counter(placement.phy2log[layer].tolist()) == Counter(new.phy2log[layer].tolist())
         shares = Counter(zip(placement.phy2log[layer].tolist(), np.round(placement.replica_share[layer], 12)))
-        assert shares == Counter(zip(new.phy2log[layer].tolist(), np.round(new.replica_share[layer], 12)))
+        if shares != Counter(zip(new.phy2log[layer].tolist(), np.round(new.replica_share[layer], 12))):
+            assert makespan(new, loads, devices)[layer] < makespan(placement, loads, devices)[layer]
         pairs = new.phy2log[layer] * new.num_devices + new.slot_device[layer]
         old_pairs = placement.phy2log[layer] * placement.num_devices + placement.slot_device[layer]
         assert np.unique(pairs).size >= np.unique(old_pairs).size  # never co-locates replicas
@@ -235,7 +238,7 @@ def test_rebalance_on_expected_seconds_never_slows_a_layer(case, seed):
     activity = np.where(loads > 0, np.random.default_rng(seed).uniform(0.05, 1.0, loads.shape), 0.0)
     new, moves = rebalance(placement, loads, devices, 0.0, max_moved_fraction=None, activity=activity)
     assert np.all(makespan(new, loads, devices, activity) <= makespan(placement, loads, devices, activity) * (1 + 1e-12))
-    assert (new is placement) == (not moves)
+    assert (new is placement) == (not moves and new.same_layout(placement))  # no move: shares re-split
 
 
 def test_rebalance_moves_a_rarely_called_expert_off_the_fast_device():

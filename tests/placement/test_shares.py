@@ -1,4 +1,4 @@
-"""`vibe.balanced_shares`: replica token shares that minimise each layer's makespan, slots kept."""
+"""`shares.balanced_shares`: replica token shares that minimise each layer's makespan, slots kept."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,9 @@ from placement.device_model import DeviceModel
 from placement.metrics import device_times, makespan
 from placement.placement import Placement
 from placement.policies import plan
-from placement.vibe import MIN_SHARE, balanced_shares, greedy_search
+from placement.rebalance import rebalance
+from placement.shares import MIN_SHARE, balanced_shares
+from placement.vibe import greedy_search
 from tests.placement.test_policies import SETTINGS, activity_for, cases, check_invariants, devices_of
 
 BASE = DeviceModel(fixed=2e-4, knee=128, slope=2e-4 / 128)
@@ -75,3 +77,17 @@ def test_without_replicas_or_loads_the_placement_is_returned_as_is():
     assert balanced_shares(alone, loads, devices) is alone
     idle = Placement(np.array([[0, 1, 0, 1]]), np.array([[0, 0, 1, 1]]), np.full((1, 4), 0.5), 2, 2)
     assert balanced_shares(idle, np.zeros((1, 2)), devices) is idle
+
+
+def test_rebalance_re_splits_shares_for_new_loads_without_moving_weights():
+    """The incremental solver kept every replica's share: with swaps capped at 0 it could do nothing for a layer
+    whose hot expert sits beside a replica; now it re-splits the shares (no weight moves) to the LP optimum."""
+    placement = Placement(np.array([[0, 1, 0, 2]]), np.array([[0, 0, 1, 1]]), np.array([[0.5, 1.0, 0.5, 1.0]]), 3, 2)
+    loads = np.array([[1000.0, 600.0, 0.0]])
+    new, moves = rebalance(placement, loads, [BASE, BASE], eps=0.0, max_swaps_per_layer=0)
+    assert moves == [] and new.version == placement.version + 1
+    np.testing.assert_array_equal(new.phy2log, placement.phy2log)
+    np.testing.assert_array_equal(new.slot_device, placement.slot_device)
+    np.testing.assert_allclose(new.replica_share, [[0.2, 1.0, 0.8, 1.0]], rtol=1e-6)
+    assert makespan(new, loads, [BASE, BASE])[0] == pytest.approx(800 * SLOPE)
+    assert makespan(placement, loads, [BASE, BASE])[0] == pytest.approx(1100 * SLOPE)

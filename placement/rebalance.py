@@ -20,7 +20,6 @@ from placement.metrics import (
     curve_params,
     latency_matrix,
     latency_on,
-    slot_activity,
     slot_calls,
 )
 from placement.placement import Placement
@@ -246,6 +245,10 @@ class SwapSearch:
 
 DEFAULT_MAX_MOVED_FRACTION = 0.10
 
+# Rounds of search and share balancing in `search_and_balance`. On 300 random drift cases one search then one
+# balancing left an improving swap in 22 (up to 8.2% of a layer); the rounds stop early once a search finds none.
+_BALANCE_ROUNDS = 4
+
 
 def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel], eps: float = 0.03,
               *, max_swaps_per_layer: int | None = None,
@@ -256,10 +259,10 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     Per layer, while the slowest device's predicted time exceeds (1 + eps) times the mean, apply the swap
     between the slowest device and ANY other device (the paper uses the fastest) that most lowers the
     larger of the two devices' new times; stop when no swap lowers it below the slowest device's time.
-    Swaps keep every device's slot count, every replica's token share, and replicas of one expert on
-    distinct devices (a swap that would co-locate two replicas is not considered). Then, where experts have
-    replicas, their token shares are re-split for the new loads (`shares.balanced_shares`, in the layers where
-    that lowers the makespan): shares move no weights, so a recalibration may change only them.
+    Swaps keep every device's slot count and replicas of one expert on distinct devices (a swap that would
+    co-locate two replicas is not considered). Where experts have replicas, their token shares are then re-split
+    for the new loads and the search goes on from them (`search_and_balance`): shares move no weights, so a
+    recalibration may change only them.
 
     Args:
         placement: the live placement (L layers, R slots, G devices).
@@ -283,9 +286,6 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     activity = checked_activity(activity, loads)
     num_layers = placement.num_layers
     params = curve_params(devices)
-    search = SwapSearch(placement.phy2log, placement.slot_tokens(loads), placement.slot_device, params,
-                        None, distinct=bool(placement.logcnt.max() > 1),
-                        activity=slot_activity(placement, activity))
     if max_moved_fraction is not None and not 0 <= max_moved_fraction <= 1:
         raise ValueError(f"max_moved_fraction must lie in [0, 1], got {max_moved_fraction!r}")
     fraction_cap = None
@@ -293,17 +293,52 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
         fraction_cap = max(1, int(max_moved_fraction * placement.num_slots // 2)) if max_moved_fraction else 0
     caps = [c for c in (max_swaps_per_layer, fraction_cap) if c is not None]
     cap = np.full(num_layers, min(caps)) if caps else None
-    search.relieve_slowest(eps, cap)
-    device = search.slot_devices()
-    new = device_major(placement.phy2log, device, placement.replica_share, placement.num_experts,
-                       placement.num_devices, placement.version + 1)
-    if placement.logcnt.max() > 1:
-        new = balanced_shares(new, loads, devices, activity)
+    new, _ = search_and_balance(placement.phy2log, placement.replica_share, placement.slot_device, loads, devices,
+                                params, None, bool(placement.logcnt.max() > 1), activity, eps, cap,
+                                placement.version + 1)
     if new.same_layout(placement):
         return placement, []
     from placement.migration import migration_plan  # (it imports Move from here)
 
     return new, list(migration_plan(placement, new, 0).moves)
+
+
+def search_and_balance(expert: np.ndarray, share: np.ndarray, device: np.ndarray, loads: np.ndarray,
+                       devices: Sequence[DeviceModel], params: np.ndarray, capacity: np.ndarray | None,
+                       distinct: bool, activity: np.ndarray | None, eps: float, max_steps: np.ndarray | None,
+                       version: int, separate: bool = False) -> tuple[Placement, np.ndarray]:
+    """The swap/move search (`SwapSearch.relieve_slowest`) from slots `expert`, `share`, `device` [L, R], then,
+    with `distinct` (replicas), the replicas' shares re-split (`shares.balanced_shares`) and the search again
+    from them, until a search applies no step or the shares stay (at most `_BALANCE_ROUNDS` rounds): new shares
+    can open a swap the search had not, so a placement this returns is one the search (and so `rebalance` on the
+    same loads) leaves as it is, but for the last round's.
+
+    Args:
+        activity: float [L, E] or None, as in `rebalance`; max_steps: int [L], swaps allowed over all rounds,
+            or None; separate: first swap co-located replicas apart (`SwapSearch.separate_replicas`).
+    Returns:
+        The placement (device-major, `version`) and bool [L], the layers that keep replicas on distinct devices.
+    """
+    valid = np.ones(loads.shape[0], dtype=bool)
+    done = np.zeros(loads.shape[0], dtype=np.int64)
+    placement = None
+    for round_ in range(_BALANCE_ROUNDS):
+        tokens = np.take_along_axis(loads, expert, axis=1) * share
+        slot_act = None if activity is None else np.take_along_axis(activity, expert, axis=1)
+        search = SwapSearch(expert, tokens, device, params, capacity, distinct, slot_act)
+        if separate and round_ == 0:
+            valid = search.separate_replicas()
+        steps = search.relieve_slowest(eps, None if max_steps is None else np.maximum(max_steps - done, 0))
+        done += steps
+        placement = device_major(expert, search.slot_devices(), share, loads.shape[1], params.shape[1], version)
+        if not distinct or (round_ and not steps.any()):
+            break
+        balanced = balanced_shares(placement, loads, devices, activity)
+        if balanced is placement:
+            break
+        placement = balanced
+        expert, device, share = placement.phy2log, placement.slot_device, placement.replica_share
+    return placement, valid
 
 
 def device_major(expert: np.ndarray, device: np.ndarray, share: np.ndarray, num_experts: int,

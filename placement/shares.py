@@ -3,7 +3,9 @@
 Owns the smallest share a replica is given and `balanced_shares`, the linear program that re-splits the shares
 of a placement whose slots stay where they are. `vibe` calls it last in a plan and `rebalance` after its swaps:
 changing shares moves no weights, so an incremental recalibration can re-split them for new loads at no
-migration cost. Knows nothing of how slots were placed.
+migration cost. Shares by device speed (`vibe.speed_shares`, the search's start) ignore what else a device
+holds: a replica on a fast device already loaded with hot experts is given the most tokens. Knows nothing of
+how slots were placed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from placement.placement import Placement
 # The smallest share of an expert's tokens a replica is given (shares must be positive; a replica on a device
 # far slower than its expert's other replicas would otherwise get 0, or underflow to it).
 MIN_SHARE = 1e-6
+# A layer takes new shares only where its makespan drops by more than this share of it.
+_MIN_GAIN = 1e-9
 
 
 def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel],
@@ -29,20 +33,21 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
     a replica's seconds are convex in its tokens past zero (`fixed`, then `fixed + slope (n - knee)`), so
     min T over shares s >= MIN_SHARE summing to 1 per expert, replica seconds y >= fixed and
     y >= fixed + slope (W s - knee), and each device's singletons plus its replicas' y at most T. All
-    layers go to HiGHS as one block-diagonal program (min sum_l T_l; a 1e-6 weight on the replicas' summed
-    seconds breaks ties toward less work). Shares by device speed (`speed_shares`) ignore what else a
-    device holds: a replica on a fast device already loaded with hot experts is given the most tokens.
+    layers go to HiGHS as one block-diagonal program, each layer's times in units of its own makespan (min
+    sum_l T_l; a 1e-6 weight on the replicas' summed seconds breaks ties toward less work).
 
     With `activity` the program times a replica as called in its expert's share of passes (`fixed` and
     `knee` scaled by it: exact while a replica gets at least a token per call). A layer keeps the new shares
-    only where its makespan, as `metrics.makespan` times it (with `activity`), is lower. Layers without
-    loaded replicas, or a program HiGHS does not solve, keep theirs.
+    only where its makespan, as `metrics.makespan` times it (with `activity`), is lower by more than
+    `_MIN_GAIN` of it (the program has many optima: a gain of float noise must not make a new version). Layers
+    without loaded replicas keep theirs; so do all layers if HiGHS does not solve the program.
     """
     expert, device = placement.phy2log, placement.slot_device
     load = np.take_along_axis(loads, expert, axis=1)
     free = (np.take_along_axis(placement.logcnt, expert, axis=1) > 1) & (load > 0)
-    unit = float(makespan(placement, loads, devices, activity).max())
-    if not free.any() or not unit > 0 or not np.isfinite(unit):
+    before = makespan(placement, loads, devices, activity)  # [L]
+    free &= ((before > 0) & np.isfinite(before))[:, None]
+    if not free.any():
         return placement
     from scipy.optimize import linprog
     from scipy.sparse import coo_array
@@ -56,7 +61,8 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
     np.add.at(base, (np.repeat(np.arange(num_layers), placement.num_slots), device.ravel()), fixed_seconds.ravel())
     layer, slot = np.nonzero(free)
     n = layer.size
-    layers, layer_index = np.unique(layer, return_inverse=True)
+    layers = np.unique(layer)
+    unit = before[layer]  # each layer's times in units of its makespan
     dev = device[layer, slot]
     scale = np.ones(n) if slot_act is None else slot_act[layer, slot]
     fixed, knee, slope = scale * params[0][dev] / unit, scale * params[1][dev], params[2][dev] / unit
@@ -70,9 +76,10 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
                        np.concatenate([slots, n + slots, n + slots,
                                        2 * n + np.searchsorted(layers, pairs // num_devices)]))),
                      shape=(n + pairs.size, 2 * n + layers.size))
-    b_ub = np.concatenate([slope * knee - fixed, -base[pairs // num_devices, pairs % num_devices] / unit])
+    b_ub = np.concatenate([slope * knee - fixed,
+                           -base[pairs // num_devices, pairs % num_devices] / before[pairs // num_devices]])
     a_eq = coo_array((ones, (group_index, slots)), shape=(groups.size, 2 * n + layers.size))
-    lower = np.concatenate([np.full(n, MIN_SHARE), fixed, base[layers].max(axis=1) / unit])
+    lower = np.concatenate([np.full(n, MIN_SHARE), fixed, base[layers].max(axis=1) / before[layers]])
     upper = np.concatenate([ones, np.full(n + layers.size, np.inf)])
     cost = np.concatenate([np.zeros(n), np.full(n, 1e-6), np.ones(layers.size)])
     result = linprog(cost, A_ub=a_ub.tocsr(), b_ub=b_ub, A_eq=a_eq.tocsr(), b_eq=np.ones(groups.size),
@@ -85,7 +92,7 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
     np.add.at(total, group_index, solved)
     share[layer, slot] = solved / total[group_index]
     balanced = Placement(expert, device, share, placement.num_experts, num_devices, placement.version)
-    better = makespan(balanced, loads, devices, activity) < makespan(placement, loads, devices, activity)
+    better = makespan(balanced, loads, devices, activity) < before * (1.0 - _MIN_GAIN)
     if not better.any():
         return placement
     share = np.where(better[:, None], share, placement.replica_share)

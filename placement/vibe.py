@@ -25,10 +25,10 @@ import numpy as np
 
 from placement.device_model import DeviceModel
 from placement.eplb import eplb_placement
-from placement.metrics import curve_params, latency_matrix, latency_on, makespan, slot_activity, slot_calls
+from placement.metrics import curve_params, latency_matrix, latency_on, makespan, slot_calls
 from placement.placement import Placement
-from placement.rebalance import SwapSearch, device_major
-from placement.shares import MIN_SHARE, balanced_shares
+from placement.rebalance import search_and_balance
+from placement.shares import MIN_SHARE
 
 
 def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
@@ -36,9 +36,9 @@ def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redund
     """The ViBE placement of `loads` [L, E] (inputs assumed validated by `policies.plan`).
 
     `greedy_search`, then, so that no layer is worse than EPLB's: in the layers where EPLB's placement
-    is still faster, the same local search from EPLB's placement, kept where it ends faster; with replicas,
-    last, the shares that minimise each layer's makespan for its slots (`balanced_shares`; searching again
-    from them gained under 0.02% of the summed makespan on DeepSeek-V3 loads, so it is not done). (Searching
+    is still faster, the same local search from EPLB's placement, kept where it ends faster. With replicas each
+    search alternates with the shares that minimise each layer's makespan for its slots
+    (`rebalance.search_and_balance`, `shares.balanced_shares`). (Searching
     from EPLB in every layer gained under 0.03% of the summed makespan on DeepSeek-V3 loads and would
     double the search time, so it is done only where it can matter for the guarantee.)
 
@@ -58,17 +58,17 @@ def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redund
         behind = np.flatnonzero(makespan(best, loads, devices, activity) > makespan(start, loads, devices, activity))
         if behind.size:
             rows = [getattr(start, name)[behind] for name in ("phy2log", "replica_share", "slot_device")]
-            start_activity = slot_activity(start, activity)
-            other, valid = _searched(loads[behind], *rows, curve_params(devices), capacity, num_redundant > 0,
-                                     None if start_activity is None else start_activity[behind])
+            other, valid = _searched(loads[behind], *rows, devices, capacity, num_redundant > 0,
+                                     None if activity is None else activity[behind])
             best = _better_layers(best, other, behind, valid, loads, devices, activity)
-    return balanced_shares(best, loads, devices, activity) if num_redundant else best
+    return best
 
 
 def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redundant: int,
                   capacity: np.ndarray | None, activity: np.ndarray | None = None) -> Placement:
     """ViBE's own placement: replicas (`replica_counts`), LPT (`greedy_devices`), shares by speed
-    (`speed_shares`), then the swap/move local search (`rebalance.SwapSearch.relieve_slowest`)."""
+    (`speed_shares`), then the swap/move local search, with replicas alternating with their shares' balancing
+    (`rebalance.search_and_balance`)."""
     num_devices = len(devices)
     num_slots = loads.shape[1] + num_redundant
     params = curve_params(devices)
@@ -79,10 +79,10 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
     expert = expert.reshape(loads.shape[0], num_slots)  # [L, R], replicas of one expert adjacent
     share = 1.0 / np.take_along_axis(counts, expert, axis=1)
-    activity = None if activity is None else np.take_along_axis(activity, expert, axis=1)  # per slot
-    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit, activity)
-    share = speed_shares(loads, expert, device, counts, params, activity)
-    placement, valid = _searched(loads, expert, share, device, params, capacity, num_redundant > 0, activity)
+    slot_act = None if activity is None else np.take_along_axis(activity, expert, axis=1)  # per slot
+    device = greedy_devices(expert, np.take_along_axis(loads, expert, axis=1) * share, params, limit, slot_act)
+    share = speed_shares(loads, expert, device, counts, params, slot_act)
+    placement, valid = _searched(loads, expert, share, device, devices, capacity, num_redundant > 0, activity)
     assert valid.all()  # the greedy keeps replicas apart, and the search never joins them
     return placement
 
@@ -278,20 +278,16 @@ def _per_expert(values: np.ndarray, expert: np.ndarray, shape: tuple[int, int]) 
 
 
 def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: np.ndarray,
-              params: np.ndarray, capacity: np.ndarray | None, distinct: bool,
+              devices: Sequence[DeviceModel], capacity: np.ndarray | None, distinct: bool,
               activity: np.ndarray | None = None) -> tuple[Placement, np.ndarray]:
-    """The local search from the start `expert`, `share`, `device` (each [L, R]); `activity` [L, R] (each
-    slot's expert's share of passes with tokens) or None.
+    """The local search from the start `expert`, `share`, `device` (each [L, R]), with replicas alternating with
+    their shares' balancing (`rebalance.search_and_balance`); `activity` [L, E] or None.
 
     Returns the placement and bool [L], the layers where it keeps replicas on distinct devices (a start
     from EPLB may co-locate two replicas; they are first swapped apart where some swap allows it).
     """
-    tokens = np.take_along_axis(loads, expert, axis=1) * share
-    search = SwapSearch(expert, tokens, device, params, capacity, distinct, activity)
-    valid = search.separate_replicas() if distinct else np.ones(loads.shape[0], dtype=bool)
-    search.relieve_slowest(0.0)
-    placement = device_major(expert, search.slot_devices(), share, loads.shape[1], params.shape[1], 0)
-    return placement, valid
+    return search_and_balance(expert, share, device, loads, devices, curve_params(devices), capacity, distinct,
+                              activity, 0.0, None, 0, separate=distinct)
 
 
 def _better_layers(best: Placement, other: Placement, layers: np.ndarray, valid: np.ndarray,
@@ -306,4 +302,3 @@ def _better_layers(best: Placement, other: Placement, layers: np.ndarray, valid:
     for array, name in zip(arrays, ("phy2log", "slot_device", "replica_share")):
         array[layers[faster]] = getattr(other, name)[faster]
     return Placement(*arrays, best.num_experts, best.num_devices)
-

@@ -1,6 +1,8 @@
 """plan(): input validation, the three policies' invariants, EPLB against a reference, ViBE's guarantees."""
 
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,8 @@ from placement.placement import Placement
 from placement.policies import POLICIES, plan
 from placement.traces import trace_dir
 from placement.vibe import greedy_devices, greedy_search, replica_counts
+
+rebalance_module = importlib.import_module("placement.rebalance")  # (the package exports a function of that name)
 
 TRACES = sorted(trace_dir().glob("*.npz"))
 assert TRACES, f"no .npz traces in {trace_dir()}"
@@ -217,11 +221,13 @@ def test_vibe_puts_more_work_on_faster_devices():
     assert makespan(plan(loads, devices, "vibe"), loads, devices).sum() < 0.95 * eplb.sum()
 
 
-def test_vibe_replicas_first_take_shares_by_device_speed():
-    """The search's starting shares (`speed_shares`); `balanced_shares` then re-splits them (test_shares.py)."""
+def test_vibe_replicas_first_take_shares_by_device_speed(monkeypatch):
+    """The search's starting shares (`speed_shares`), seen with the balancing left out; `balanced_shares` then
+    re-splits them (test_shares.py)."""
+    monkeypatch.setattr(rebalance_module, "balanced_shares", lambda placement, *args: placement)
     loads = np.array([[5000.0, 100, 100, 100, 100, 100, 100, 100]])
     devices = devices_of([1.0, 0.5, 1.0, 0.5])
-    placement = greedy_search(loads, devices, 4, None)
+    placement = plan(loads, devices, "vibe", num_redundant=4)
     hot = placement.phy2log[0] == 0
     speeds = np.array([1.0, 0.5, 1.0, 0.5])[placement.slot_device[0, hot]]
     np.testing.assert_allclose(placement.replica_share[0, hot], speeds / speeds.sum(), rtol=1e-9)
@@ -354,27 +360,20 @@ def test_activity_weighs_how_often_an_expert_is_called_below_the_knee():
         assert makespan(blind, loads, [fast, slow], activity)[0] == pytest.approx(1.2 * BASE.fixed)
 
 
-def test_without_activity_vibe_is_unchanged_by_activity_one_where_loaded():
+def test_activity_one_where_loaded_plans_as_without_activity_before_the_shares_are_balanced(monkeypatch):
+    """Activity 1 where loaded is every pass's cost at the mean load: the same plan as without activity. The shares'
+    balancing is left out: with activity it may leave a replica below the knee a sliver (under a token a pass, not
+    called in most passes, as the engine dispatches whole tokens), which only the pass-aware cost counts as a gain."""
+    monkeypatch.setattr(rebalance_module, "balanced_shares", lambda placement, *args: placement)
     rng = np.random.default_rng(3)
     loads = np.round(rng.lognormal(3.0, 1.0, (3, 12)))
     loads[0, :2] = 0.0
     devices = devices_of(rng.uniform(0.75, 1.0, 4))
-    # activity 1 where loaded is every pass's cost at the mean load: the same plan as without activity up to the
-    # shares' balancing, which with activity may leave a replica below the knee a sliver (under a token a pass:
-    # not called in most passes, as the engine dispatches whole tokens), a layer that gains by it
-    activity = (loads > 0).astype(float)
-    with_activity = greedy_search(loads, devices, 4, None, activity)
-    without = greedy_search(loads, devices, 4, None)
-    np.testing.assert_array_equal(with_activity.phy2log, without.phy2log)
-    np.testing.assert_array_equal(with_activity.slot_device, without.slot_device)
-    np.testing.assert_allclose(with_activity.replica_share, without.replica_share)
-    with_activity = plan(loads, devices, "vibe", num_redundant=4, activity=activity)
+    with_activity = plan(loads, devices, "vibe", num_redundant=4, activity=(loads > 0).astype(float))
     without = plan(loads, devices, "vibe", num_redundant=4)
     np.testing.assert_array_equal(with_activity.phy2log, without.phy2log)
     np.testing.assert_array_equal(with_activity.slot_device, without.slot_device)
-    ours, theirs = makespan(with_activity, loads, devices, activity), makespan(without, loads, devices, activity)
-    assert np.all(ours <= theirs)
-    np.testing.assert_array_equal(makespan(with_activity, loads, devices), makespan(without, loads, devices))
+    np.testing.assert_allclose(with_activity.replica_share, without.replica_share)
 
 
 @pytest.mark.parametrize(

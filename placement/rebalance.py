@@ -333,7 +333,8 @@ def search_and_balance(expert: np.ndarray, share: np.ndarray, device: np.ndarray
         placement = device_major(expert, search.slot_devices(), share, loads.shape[1], params.shape[1], version)
         if not distinct or (round_ and not steps.any()):
             break
-        balanced = balanced_shares(placement, loads, devices, activity)
+        # after the first round only the layers the search changed can gain
+        balanced = balanced_shares(placement, loads, devices, activity, steps > 0 if round_ else None)
         if balanced is placement:
             break
         placement = balanced

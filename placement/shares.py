@@ -26,7 +26,7 @@ _MIN_GAIN = 1e-9
 
 
 def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceModel],
-                    activity: np.ndarray | None = None) -> Placement:
+                    activity: np.ndarray | None = None, layers: np.ndarray | None = None) -> Placement:
     """`placement` with its replicas' token shares re-split to minimise each layer's makespan, slots kept.
 
     With every slot on its device, the shares that minimise a layer's slowest device are a linear program:
@@ -40,13 +40,14 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
     `knee` scaled by it: exact while a replica gets at least a token per call). A layer keeps the new shares
     only where its makespan, as `metrics.makespan` times it (with `activity`), is lower by more than
     `_MIN_GAIN` of it (the program has many optima: a gain of float noise must not make a new version). Layers
-    without loaded replicas keep theirs; so do all layers if HiGHS does not solve the program.
+    without loaded replicas keep theirs; so do all layers if HiGHS does not solve the program. `layers`: bool [L],
+    the only layers to re-split (None: all).
     """
     expert, device = placement.phy2log, placement.slot_device
     load = np.take_along_axis(loads, expert, axis=1)
     free = (np.take_along_axis(placement.logcnt, expert, axis=1) > 1) & (load > 0)
     before = makespan(placement, loads, devices, activity)  # [L]
-    free &= ((before > 0) & np.isfinite(before))[:, None]
+    free &= ((before > 0) & np.isfinite(before) & (True if layers is None else np.asarray(layers)))[:, None]
     if not free.any():
         return placement
     from scipy.optimize import linprog

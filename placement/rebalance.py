@@ -285,7 +285,6 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     loads = _check_inputs(placement, loads, devices, eps, max_swaps_per_layer)
     activity = checked_activity(activity, loads)
     num_layers = placement.num_layers
-    params = curve_params(devices)
     if max_moved_fraction is not None and not 0 <= max_moved_fraction <= 1:
         raise ValueError(f"max_moved_fraction must lie in [0, 1], got {max_moved_fraction!r}")
     fraction_cap = None
@@ -294,8 +293,7 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
     caps = [c for c in (max_swaps_per_layer, fraction_cap) if c is not None]
     cap = np.full(num_layers, min(caps)) if caps else None
     new, _ = search_and_balance(placement.phy2log, placement.replica_share, placement.slot_device, loads, devices,
-                                params, None, bool(placement.logcnt.max() > 1), activity, eps, cap,
-                                placement.version + 1)
+                                None, bool(placement.logcnt.max() > 1), activity, eps, cap, placement.version + 1)
     if new.same_layout(placement):
         return placement, []
     from placement.migration import migration_plan  # (it imports Move from here)
@@ -304,8 +302,7 @@ def rebalance(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceM
 
 
 def search_and_balance(expert: np.ndarray, share: np.ndarray, device: np.ndarray, loads: np.ndarray,
-                       devices: Sequence[DeviceModel], params: np.ndarray, capacity: np.ndarray | None,
-                       distinct: bool, activity: np.ndarray | None, eps: float, max_steps: np.ndarray | None,
+                       devices: Sequence[DeviceModel], capacity: np.ndarray | None, distinct: bool, activity: np.ndarray | None, eps: float, max_steps: np.ndarray | None,
                        version: int, separate: bool = False) -> tuple[Placement, np.ndarray]:
     """The swap/move search (`SwapSearch.relieve_slowest`) from slots `expert`, `share`, `device` [L, R], then,
     with `distinct` (replicas), the replicas' shares re-split (`shares.balanced_shares`) and the search again
@@ -319,9 +316,9 @@ def search_and_balance(expert: np.ndarray, share: np.ndarray, device: np.ndarray
     Returns:
         The placement (device-major, `version`) and bool [L], the layers that keep replicas on distinct devices.
     """
+    params = curve_params(devices)
     valid = np.ones(loads.shape[0], dtype=bool)
     done = np.zeros(loads.shape[0], dtype=np.int64)
-    placement = None
     for round_ in range(_BALANCE_ROUNDS):
         tokens = np.take_along_axis(loads, expert, axis=1) * share
         slot_act = None if activity is None else np.take_along_axis(activity, expert, axis=1)

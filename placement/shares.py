@@ -1,9 +1,9 @@
 """Replica token shares: the split of each replicated expert's tokens that minimises a layer's makespan.
 
 Owns the smallest share a replica is given and `balanced_shares`, the linear program that re-splits the shares
-of a placement whose slots stay where they are. `vibe` calls it last in a plan and `rebalance` after its swaps:
-changing shares moves no weights, so an incremental recalibration can re-split them for new loads at no
-migration cost. Shares by device speed (`vibe.speed_shares`, the search's start) ignore what else a device
+of a placement whose slots stay where they are. `vibe`'s and `rebalance`'s searches alternate with it
+(`rebalance.search_and_balance`): changing shares moves no weights, so an incremental recalibration can re-split
+them for new loads at no migration cost. Shares by device speed (`vibe.speed_shares`, the search's start) ignore what else a device
 holds: a replica on a fast device already loaded with hot experts is given the most tokens. Knows nothing of
 how slots were placed.
 """
@@ -62,7 +62,7 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
     np.add.at(base, (np.repeat(np.arange(num_layers), placement.num_slots), device.ravel()), fixed_seconds.ravel())
     layer, slot = np.nonzero(free)
     n = layer.size
-    layers = np.unique(layer)
+    solved = np.unique(layer)  # the layers in the program
     unit = before[layer]  # each layer's times in units of its makespan
     dev = device[layer, slot]
     scale = np.ones(n) if slot_act is None else slot_act[layer, slot]
@@ -75,23 +75,23 @@ def balanced_shares(placement: Placement, loads: np.ndarray, devices: Sequence[D
     a_ub = coo_array((np.concatenate([slope * load[layer, slot], -ones, ones, -np.ones(pairs.size)]),
                       (np.concatenate([slots, slots, n + pair_index, n + np.arange(pairs.size)]),
                        np.concatenate([slots, n + slots, n + slots,
-                                       2 * n + np.searchsorted(layers, pairs // num_devices)]))),
-                     shape=(n + pairs.size, 2 * n + layers.size))
+                                       2 * n + np.searchsorted(solved, pairs // num_devices)]))),
+                     shape=(n + pairs.size, 2 * n + solved.size))
     b_ub = np.concatenate([slope * knee - fixed,
                            -base[pairs // num_devices, pairs % num_devices] / before[pairs // num_devices]])
-    a_eq = coo_array((ones, (group_index, slots)), shape=(groups.size, 2 * n + layers.size))
-    lower = np.concatenate([np.full(n, MIN_SHARE), fixed, base[layers].max(axis=1) / before[layers]])
-    upper = np.concatenate([ones, np.full(n + layers.size, np.inf)])
-    cost = np.concatenate([np.zeros(n), np.full(n, 1e-6), np.ones(layers.size)])
+    a_eq = coo_array((ones, (group_index, slots)), shape=(groups.size, 2 * n + solved.size))
+    lower = np.concatenate([np.full(n, MIN_SHARE), fixed, base[solved].max(axis=1) / before[solved]])
+    upper = np.concatenate([ones, np.full(n + solved.size, np.inf)])
+    cost = np.concatenate([np.zeros(n), np.full(n, 1e-6), np.ones(solved.size)])
     result = linprog(cost, A_ub=a_ub.tocsr(), b_ub=b_ub, A_eq=a_eq.tocsr(), b_eq=np.ones(groups.size),
                      bounds=np.stack([lower, upper], axis=1), method="highs")
     if result.status != 0:
         return placement
     share = placement.replica_share.copy()
-    solved = np.clip(result.x[:n], MIN_SHARE, 1.0)
+    solution = np.clip(result.x[:n], MIN_SHARE, 1.0)
     total = np.zeros(groups.size)
-    np.add.at(total, group_index, solved)
-    share[layer, slot] = solved / total[group_index]
+    np.add.at(total, group_index, solution)
+    share[layer, slot] = solution / total[group_index]
     balanced = Placement(expert, device, share, placement.num_experts, num_devices, placement.version)
     better = makespan(balanced, loads, devices, activity) < before * (1.0 - _MIN_GAIN)
     if not better.any():

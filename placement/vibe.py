@@ -286,8 +286,8 @@ def _searched(loads: np.ndarray, expert: np.ndarray, share: np.ndarray, device: 
     Returns the placement and bool [L], the layers where it keeps replicas on distinct devices (a start
     from EPLB may co-locate two replicas; they are first swapped apart where some swap allows it).
     """
-    return search_and_balance(expert, share, device, loads, devices, curve_params(devices), capacity, distinct,
-                              activity, 0.0, None, 0, separate=distinct)
+    return search_and_balance(expert, share, device, loads, devices, capacity, distinct, activity, 0.0, None, 0,
+                              separate=distinct)
 
 
 def _better_layers(best: Placement, other: Placement, layers: np.ndarray, valid: np.ndarray,

@@ -240,7 +240,7 @@ class RayWorkerPool:
 
         if not self.config.family_prefix:
             return
-        strays, running = {}, 0
+        strays, running, mine = {}, 0, {self._name(index) for index in range(self.num_devices)}
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name = entry["name"]
             if entry["namespace"] != self.config.namespace:
@@ -248,11 +248,11 @@ class RayWorkerPool:
             if is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
                     strays[name] = ray.get_actor(name, namespace=self.config.namespace)
-            running += re.fullmatch(re.escape(self.config.name_prefix) + r"-\d+", name) is not None
+            running += name in mine
         if not strays:
             return
         if self.config.keep_strays:  # (room for the workers to create: a restarted coordinator adopts the others)
-            wants, free, new = self._wants(), ray.available_resources(), max(self.num_devices - running, 0)
+            wants, free, new = self._wants(), ray.available_resources(), self.num_devices - running
             if all(free.get(k, 0) >= v * new for k, v in wants.items()):
                 self.strays.update(strays)
                 log.info("kept %d worker(s) of an earlier configuration while its requests drain: %s", len(strays),

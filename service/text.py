@@ -45,8 +45,9 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[M
     if not tokenizer.chat_template:
         raise ValueError("the model's tokenizer has no chat template")
     try:
-        encoded = render_template(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt, tools=tools,
-                          template_kwargs=template_kwargs, continue_final_message=continue_final_message)
+        encoded = render_template(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                  tools=tools, template_kwargs=template_kwargs,
+                                  continue_final_message=continue_final_message)
     except (TemplateError, TypeError) as exc:  # TypeError: a value of the wrong type for the template
         raise ValueError(f"chat template rejected the messages: {exc}") from exc
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded  # a dict in transformers 5
@@ -77,9 +78,9 @@ def text_after_history(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Ma
     common = {"tokenize": False, "tools": tools, "template_kwargs": template_kwargs}
     try:
         whole = render_template(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                        continue_final_message=continue_final_message, **common)
+                                continue_final_message=continue_final_message, **common)
         before = render_template(tokenizer, history, add_generation_prompt=False, continue_final_message=False,
-                         **common) if history else ""
+                                 **common) if history else ""
     except Exception:  # a template that will not render the history alone (it must end with a user turn, ...)
         return None
     return whole[len(before):] if isinstance(whole, str) and isinstance(before, str) and whole.startswith(before) \

@@ -191,7 +191,7 @@ def build_app(args: dict[str, Any] | None = None):
     """The Serve application: coordinator (with its expert workers) and the OpenAI ingress."""
     from service.admin import token_digest
     from service.app import DEFAULT_MAX_BODY_BYTES
-    from service.checkpoint import check_checkpoint, load_layout, resolve_checkpoint
+    from service.checkpoint import check_checkpoint, load_layout
     from service.coordinator import CoordinatorConfig, ModelShape
     from service.deployments import APP_PLACEHOLDER, IngressSettings, serve_deployments
     from service.engine import EngineConfig
@@ -199,12 +199,7 @@ def build_app(args: dict[str, Any] | None = None):
     from service.worker_pool import RayPoolConfig
 
     parsed = AppArgs.model_validate(args or {})
-    roots = [DEPLOY_DIR / "models", *parsed.model_roots, *_env_roots()]
-    try:
-        checkpoint = str(resolve_checkpoint(parsed.model, roots))
-    except ValueError as exc:
-        raise ValueError(f"{exc} (allowed folders: deploy/models, model_roots (a list, or a {os.pathsep!r}-separated "
-                         f"string on the command line) and $VIBE_MODEL_ROOTS ({os.pathsep!r}-separated))") from None
+    checkpoint = checkpoint_folder(parsed)
     layout = load_layout(checkpoint)
     check_checkpoint(checkpoint)  # whole shards, every expert's tensors (headers only): not later, in a worker
     _check_tokenizer(checkpoint)
@@ -274,6 +269,18 @@ def build_app(args: dict[str, Any] | None = None):
         max_ongoing_requests=max(64, 2 * parsed.max_num_seqs + parsed.max_queue),
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=parsed.drain_timeout_s,
     ).bind(coordinator, settings)
+
+
+def checkpoint_folder(parsed: AppArgs) -> str:
+    """The checkpoint folder `parsed.model` names, looked up where build_app allows (ValueError if none)."""
+    from service.checkpoint import resolve_checkpoint
+
+    roots = [DEPLOY_DIR / "models", *parsed.model_roots, *_env_roots()]
+    try:
+        return str(resolve_checkpoint(parsed.model, roots))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (allowed folders: deploy/models, model_roots (a list, or a {os.pathsep!r}-separated "
+                         f"string on the command line) and $VIBE_MODEL_ROOTS ({os.pathsep!r}-separated))") from None
 
 
 def _check_tokenizer(checkpoint: str) -> None:

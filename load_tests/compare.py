@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import socket
 import sys
 import time
@@ -62,7 +63,9 @@ from load_tests.workloads import load_workloads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONFIG = REPO_ROOT / "deploy" / "config.yaml"
-ADMIN_TOKEN = "load-test-admin-token-0123456789"  # a local, per-run cluster: the token guards nothing else
+# The apps' admin token, new in every process: on a cluster of the user's (`--address`) the benchmark's apps
+# must not be open to a token anyone can read here.
+ADMIN_TOKEN = f"load-test-{secrets.token_hex(16)}"
 POLICY_ORDER = ("eplb", "contiguous", "vibe")
 _RESULT_FIELDS = tuple(f.name for f in fields(RequestResult))
 
@@ -93,7 +96,9 @@ class CompareConfig:
             frontier would only be a lower bound), the sweep goes on at that rate x `extend_factor`, up to
             `max_rates` rates in all.
         drain_s: requests still running this long after a trace's last arrival are cut off (misses).
-        app_args: build_app arguments of every app (over deploy/config.yaml's).
+        deploy_config: the `serve run` config whose first application's `args:` every app starts from
+            (deploy/config.yaml: the emulated cluster; a GPU cluster's own, such as deploy/config.gpu.yaml).
+        app_args: build_app arguments of every app (over deploy_config's).
         policy_args: per-policy build_app arguments (e.g. redundant slots, slot budget).
     """
 
@@ -116,6 +121,7 @@ class CompareConfig:
     together: bool = True
     stop_below: float = 0.5
     drain_s: float = 45.0
+    deploy_config: str = str(DEPLOY_CONFIG.relative_to(REPO_ROOT))
     app_args: dict = field(default_factory=dict)
     policy_args: dict = field(default_factory=dict)
 
@@ -147,27 +153,55 @@ class CompareConfig:
 
 # --- apps ------------------------------------------------------------------------------------------
 
-def deploy_args(path: Path = DEPLOY_CONFIG) -> dict:
-    """The `args:` of the first application in a `serve run` config (the default emulated cluster)."""
-    config = yaml.safe_load(path.read_text())
-    return dict(config["applications"][0]["args"])
+def deploy_args(path: Path | str = DEPLOY_CONFIG) -> dict:
+    """The `args:` of the first application in a `serve run` config (default: the emulated cluster). A relative
+    path is taken from the working folder, else from the repository root. ValueError for a file that is not
+    such a config."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    try:
+        config = yaml.safe_load(path.read_text())
+        args = config["applications"][0]["args"]
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read the serve config {path}: {err}") from err
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{path} is not a serve config with an application's args "
+                         "(applications: [{args: {...}}])") from err
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: the first application's args must be a mapping, got {type(args).__name__}")
+    return dict(args)
 
 
 def app_args_for(policy: str, config: CompareConfig, name: str) -> dict:
-    """build_app arguments of one app: deploy/config.yaml, the shared overrides, then the policy's own."""
-    return {**deploy_args(), **config.app_args, **config.policy_args.get(policy, {}), "policy": policy,
-            "admin_token": ADMIN_TOKEN, "app_name": name}
+    """build_app arguments of one app: the deploy config's, the shared overrides, then the policy's own."""
+    return {**deploy_args(config.deploy_config), **config.app_args, **config.policy_args.get(policy, {}),
+            "policy": policy, "admin_token": ADMIN_TOKEN, "app_name": name}
+
+
+def emulated(args: dict) -> bool:
+    """Whether an app's devices are emulated (build_app's `emulate`, default true)."""
+    from deploy.app import AppArgs
+
+    return AppArgs.model_validate(args).emulate
 
 
 @contextlib.contextmanager
-def serve_apps(apps: dict[str, dict], *, at_root: bool = False,
-               ready_timeout_s: float = 900.0) -> Iterator[tuple[dict[str, str], float]]:
-    """A fresh local Ray cluster serving `build_app(args)` for each name -> args, at `/<name>` on a free
-    port (`at_root`: the only app at `/`); yields ({name: base URL}, startup seconds from `ray.init` until
-    every /health answers). Apps start one after another (each calibrated before the next begins).
+def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s: float = 900.0,
+               address: str | None = None) -> Iterator[tuple[dict[str, str], float]]:
+    """Serve `build_app(args)` for each name -> args at `/<name>` (`at_root`: the only app at `/`); yields
+    ({name: base URL}, startup seconds from `ray.init` until every /health answers). Apps start one after
+    another (each calibrated before the next begins).
 
-    Ray's logical CPUs are set to what the apps reserve (at least 2): reservations only order placement,
-    the cores are shared either way. The cluster, with every worker of every app, is shut down on exit.
+    address None: a fresh local Ray cluster, Serve on a free port of 127.0.0.1; Ray's logical CPUs are set to
+    what the apps reserve (at least 2): reservations only order placement, the cores are shared either way.
+    The cluster, with every worker of every app, is shut down on exit.
+    address given (`ray.init`'s: "auto" or the head's GCS address, from a node of that cluster): the apps go
+    onto that running cluster, beside whatever it serves, through its Serve instance (started with its defaults
+    if none runs) and its HTTP proxy as that instance was configured (reached at 127.0.0.1 when it listens on
+    every interface: run this on a node with a proxy). An app whose name or route the cluster already serves is
+    refused (ValueError) before anything is deployed; on exit only the apps deployed here are deleted (their
+    workers with them) and the cluster is left running.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -179,23 +213,60 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False,
     if at_root and len(apps) != 1:
         raise ValueError(f"at_root serves exactly one app, got {len(apps)}")
     built = {name: build_app(args) for name, args in apps.items()}  # validates every app before starting
+    prefixes = {name: "/" if at_root else f"/{name}" for name in apps}
     started = time.monotonic()
-    ray.init(num_cpus=max(2, math.ceil(sum(_reserved_cpus(AppArgs.model_validate(a)) for a in apps.values()))),
-             include_dashboard=False, log_to_driver=False)
+    if address is None:
+        ray.init(num_cpus=max(2, math.ceil(sum(_reserved_cpus(AppArgs.model_validate(a)) for a in apps.values()))),
+                 include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    deployed: list[str] = []
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        prefixes = {name: "/" if at_root else f"/{name}" for name in apps}
+        if address is None:
+            port = _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            root = f"http://127.0.0.1:{port}"
+        else:
+            root = _cluster_root(apps, prefixes)
         for name, app in built.items():  # one at a time: 16+ workers starting at once time out on 2 cores
+            deployed.append(name)
             serve.run(app, name=name, route_prefix=prefixes[name])
-        bases = {name: f"http://127.0.0.1:{port}{prefix.rstrip('/')}" for name, prefix in prefixes.items()}
+        bases = {name: f"{root}{prefix.rstrip('/')}" for name, prefix in prefixes.items()}
         for base in bases.values():
             _wait_healthy(base, started + ready_timeout_s)
         yield bases, time.monotonic() - started
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
+        if address is None:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+        else:
+            for name in deployed:
+                try:
+                    serve.delete(name)
+                except Exception as err:  # noqa: BLE001 - delete the others; say which one stays
+                    print(f"serve_apps: could not delete app {name!r} from the cluster: {err}", file=sys.stderr)
         ray.shutdown()
+
+
+def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str]) -> str:
+    """On a running cluster: refuse apps whose name or route prefix is taken, start Serve if none runs, and
+    return the URL of its HTTP proxy (127.0.0.1 for one listening on every interface)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    client = _get_global_client(raise_if_no_controller_running=False)  # None: no Serve instance there yet
+    running = {} if client is None else {
+        name: app.route_prefix for name, app in ServeInstanceDetails(**client.get_serve_details()).applications.items()}
+    if taken := sorted(set(apps) & set(running)):
+        raise ValueError(f"the cluster already serves applications named {taken}: delete them or run the "
+                         "benchmark elsewhere")
+    if clash := sorted(set(prefixes.values()) & set(running.values())):
+        raise ValueError(f"the cluster already serves applications at {clash}")
+    serve.start()
+    config = _get_global_client().http_config
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://{host}:{config.port}"
 
 
 def _reserved_cpus(args) -> float:
@@ -279,16 +350,23 @@ def results_from_json(run: dict) -> list[RequestResult]:
     return [RequestResult(**dict(zip(_RESULT_FIELDS, row))) for row in zip(*(columns[name] for name in _RESULT_FIELDS))]
 
 
-def model_fingerprint(args: dict) -> dict:
-    """The served checkpoint folder and the SHA-256 of its weights (which model produced the numbers)."""
-    from deploy.app import DEFAULT_MODEL
+HASHED_WEIGHTS_BYTES = 1 << 30  # a larger checkpoint is told apart by its files' sizes and times, not read
 
-    folder = Path(args.get("model", DEFAULT_MODEL))
+
+def model_fingerprint(args: dict) -> dict:
+    """The served checkpoint folder and the SHA-256 of its weights (which model produced the numbers): of a
+    single model.safetensors up to HASHED_WEIGHTS_BYTES; else None, and `weights_files` (each safetensors file's
+    name, size and modification time) says which weights they were."""
+    from deploy.app import AppArgs, checkpoint_folder
+
+    folder = Path(checkpoint_folder(AppArgs.model_validate(args)))
     weights = folder / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    small = weights.is_file() and weights.stat().st_size <= HASHED_WEIGHTS_BYTES
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if small else None
     resolved = folder.resolve()
     shown = resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved  # repo: clone-neutral
-    return {"path": str(shown), "weights_sha256": digest}
+    files = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.glob("*.safetensors"))]
+    return {"path": str(shown), "weights_sha256": digest, **({} if small else {"weights_files": files})}
 
 
 def machine_info() -> dict:
@@ -301,13 +379,15 @@ def machine_info() -> dict:
 class Experiment:
     """One side-by-side run: config, prompts, the SLO once known, and the result written as it grows."""
 
-    def __init__(self, config: CompareConfig, out: Path, *, progress: bool = True) -> None:
+    def __init__(self, config: CompareConfig, out: Path, *, progress: bool = True, address: str | None = None) -> None:
         self.config = config
         self.out = out
+        self.address = address  # a running Ray cluster to deploy the apps onto (None: a local one of their own)
         self.progress = progress
         self.prompts = load_workloads(config.workloads)
         self.slo: SLO | None = None
-        self.result: dict = {"config": asdict(config), "machine": machine_info(), "policies": {}}
+        self.result: dict = {"config": asdict(config), "machine": machine_info(), "ray_address": address,
+                             "policies": {}}
         self._turn = -1  # rates loaded so far, minus one: rotates the order of the apps
 
     def trace(self, rate: float, seed: int | None = None, duration_s: float | None = None):
@@ -319,7 +399,9 @@ class Experiment:
         """Start every app, measure, write `<out>/compare.json`; returns the result."""
         apps = {p: app_args_for(p, self.config, f"bench-{p}") for p in self.config.policies}
         self.result["model"] = model_fingerprint(next(iter(apps.values())))
-        with serve_apps(apps) as (bases, startup_s):
+        # Serve apps named as their workers (bench-<policy>): on a user's cluster, names like "vibe" may be taken
+        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address) as (named, startup_s):
+            bases = {policy: named[args["app_name"]] for policy, args in apps.items()}
             self.result["startup_s"] = startup_s
             for policy, args in apps.items():
                 self.result["policies"][policy] = {"app_args": {k: v for k, v in args.items() if k != "admin_token"},
@@ -485,20 +567,53 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
     parser.add_argument("--drift", action="store_true", help="also run the drift scenarios (about 10 minutes)")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale study")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--config", metavar="PATH",
+                        help="serve config whose first application's args every app starts from (default "
+                             f"{DEFAULT.deploy_config}, the emulated cluster; e.g. deploy/config.gpu.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="override one of those args in every app (VALUE is YAML: 8, true, [1.0, 0.9], /models); "
+                             "repeatable")
+    parser.add_argument("--address", help="deploy the apps onto this running Ray cluster (ray.init's address: auto, "
+                                          "or the head's host:port) instead of starting a local one; run it on a "
+                                          "node of that cluster with a Serve proxy")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
                                    ("policies", tuple(args.policies or ())), ("seed", args.seed),
-                                   ("together", False if args.one_at_a_time else None)) if v not in (None, ())}
-    return replace(DEFAULT, **overrides), args
+                                   ("together", False if args.one_at_a_time else None),
+                                   ("deploy_config", args.config)) if v not in (None, ())}
+    try:
+        config = replace(DEFAULT, **overrides, app_args=parse_sets(args.sets))
+        apps = [app_args_for(policy, config, f"bench-{policy}") for policy in config.policies]
+        devices_emulated = [emulated(app) for app in apps]  # also validates every app's arguments
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        parser.error(str(err))
+    if args.drift and not all(devices_emulated):
+        parser.error("--drift needs emulated devices (the device drift throttles one through the emulator); "
+                     "leave it out for this config")
+    return config, args
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`--set KEY=VALUE` items as build_app arguments, each VALUE parsed as YAML (as in a serve config)."""
+    found = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            found[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key.strip()}: {value!r} is not a YAML value: {err}") from err
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     started = time.monotonic()
-    experiment = Experiment(config, args.out, progress=not args.no_progress)
+    experiment = Experiment(config, args.out, progress=not args.no_progress, address=args.address)
     experiment.result["argv"] = sys.argv[1:] if argv is None else list(argv)
     result = experiment.run()
-    extras = _extras(args)
+    extras = _extras(args, config)
     result["runtime_s"] = time.monotonic() - started
     experiment.save()
     from load_tests import report
@@ -508,13 +623,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _extras(args: argparse.Namespace) -> dict:
-    """The drift scenarios, the scale study and the placement headroom, as asked on the command line."""
+def _extras(args: argparse.Namespace, config: CompareConfig) -> dict:
+    """The drift scenarios, the scale study and the placement headroom, as asked on the command line. The
+    headroom simulates the emulated devices of the served config: left out (said on stderr) for real devices,
+    whose curves only the running coordinator knows, or a model without the routing profile it draws from."""
+    from deploy.app import AppArgs, checkpoint_folder
     from load_tests import drift, headroom, scale
 
-    extras = {"headroom": headroom.run(args.out)}
+    extras = {}
+    served = app_args_for("vibe", config, "headroom")
+    if not emulated(served):
+        print("headroom: left out: the devices are not emulated (the coordinator's /admin/stats has their "
+              "calibrated curves)", file=sys.stderr)
+    elif not (Path(checkpoint_folder(AppArgs.model_validate(served))) / "routing_stats.json").is_file():
+        print("headroom: left out: the model has no routing_stats.json (the router profile it draws steps from)",
+              file=sys.stderr)
+    else:
+        extras["headroom"] = headroom.run(args.out, app_args=served)
     if args.drift:
-        extras["drift"] = drift.run_all(args.out, progress=not args.no_progress)
+        extras["drift"] = drift.run_all(args.out, progress=not args.no_progress, base=config, address=args.address)
     if not args.no_scale:
         extras["scale"] = scale.run(args.out)
     return extras

@@ -30,8 +30,10 @@ import httpx
 
 from load_tests.compare import (
     DEFAULT,
+    CompareConfig,
     app_args_for,
     client_for,
+    emulated,
     record_json,
     serve_apps,
     unloaded_latency,
@@ -86,9 +88,10 @@ class DriftConfig:
             raise ValueError(f"DriftConfig.throttle_to must be in (0, 1], got {self.throttle_to!r}")
 
 
-def scenario_args(scenario: str, mode: str, config: DriftConfig) -> dict:
-    """build_app arguments of one (scenario, mode) app."""
-    args = app_args_for(config.policy, DEFAULT, f"drift-{scenario}-{mode}")
+def scenario_args(scenario: str, mode: str, config: DriftConfig, base: CompareConfig = DEFAULT) -> dict:
+    """build_app arguments of one (scenario, mode) app: the side-by-side run's (`base`: its deploy config and
+    overrides) with the scenario's policy and recalibration."""
+    args = app_args_for(config.policy, base, f"drift-{scenario}-{mode}")
     args["auto_recalibrate"] = mode == "adaptive"
     return args
 
@@ -117,13 +120,17 @@ class DriftRun:
     """Runs the scenarios; the first scenario's apps set the SLO and the rate (two apps loaded at once,
     the condition of every drift run), the second reuses them."""
 
-    def __init__(self, config: DriftConfig, out: Path, progress: bool) -> None:
+    def __init__(self, config: DriftConfig, out: Path, progress: bool, base: CompareConfig = DEFAULT,
+                 address: str | None = None) -> None:
         self.config = config
+        self.base = base
+        self.address = address
         self.out = out
         self.progress = progress
         self.slo: SLO | None = None
         self.rate = config.rate_rps
-        self.result: dict = {"config": asdict(config), "scenarios": {}}
+        self.result: dict = {"config": asdict(config), "deploy_config": base.deploy_config, "app_args": base.app_args,
+                             "scenarios": {}}
 
     @cached_property
     def prompts(self) -> dict:
@@ -138,8 +145,8 @@ class DriftRun:
 
     def run(self, scenario: str) -> dict:
         """Both modes of one scenario, loaded at the same time; returns {mode: run}."""
-        apps = {mode: scenario_args(scenario, mode, self.config) for mode in MODES}
-        with serve_apps({args["app_name"]: args for args in apps.values()}) as (bases, startup_s):
+        apps = {mode: scenario_args(scenario, mode, self.config, self.base) for mode in MODES}
+        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address) as (bases, startup_s):
             modes = asyncio.run(self._measure(scenario, apps, dict(zip(MODES, bases.values()))))
         self.result["scenarios"][scenario] = {"startup_s": startup_s, **modes}
         self.save()
@@ -189,11 +196,17 @@ class DriftRun:
         (self.out / "drift.json").write_text(json.dumps(self.result, separators=(",", ":")))
 
 
-def run_all(out: Path, config: DriftConfig = DriftConfig(), *, progress: bool = True) -> dict:
-    """Both scenarios; writes drift.json and drift.png; returns the result."""
+def run_all(out: Path, config: DriftConfig = DriftConfig(), *, progress: bool = True, base: CompareConfig = DEFAULT,
+            address: str | None = None) -> dict:
+    """Both scenarios (apps as `base` builds them, on the cluster at `address`: see `compare.serve_apps`); writes
+    drift.json and drift.png; returns the result. The device scenario throttles an emulated device: ValueError
+    for a `base` whose devices are not emulated."""
     from load_tests import plots
 
-    runner = DriftRun(config, out, progress)
+    if not emulated(app_args_for(config.policy, base, "drift")):
+        raise ValueError("the drift scenarios need emulated devices (the device drift throttles one through the "
+                         "emulator): run them on an emulated config")
+    runner = DriftRun(config, out, progress, base, address)
     for scenario in SCENARIOS:
         print(f"== drift: {scenario}", flush=True)
         runner.run(scenario)

@@ -243,12 +243,12 @@ def drift_rows(before: np.ndarray, after: np.ndarray, top_k: int, decode_batches
 def run(out: Path | None, config: HeadroomConfig = HeadroomConfig(), app_args: dict | None = None) -> dict:
     """The what-if for the served model (and DeepSeek-V3 when its trace is present); writes
     `<out>/headroom.json` unless `out` is None; returns the result."""
-    from deploy.app import AppArgs
+    from deploy.app import AppArgs, checkpoint_folder
     from load_tests.compare import deploy_args
 
     app_args = deploy_args() if app_args is None else app_args
     args = AppArgs.model_validate(app_args)
-    model_dir = Path(args.model)
+    model_dir = Path(checkpoint_folder(args))
     stats = json.loads((model_dir / "routing_stats.json").read_text())
     top_k = int(json.loads((model_dir / "config.json").read_text())["num_experts_per_tok"])
     devices = cluster_devices(app_args)

@@ -152,8 +152,6 @@ def write(out: Path, result: dict, drift: dict | None = None, scale: dict | None
 def _header(result: dict, slo: SLO) -> str:
     cfg = result["config"]
     command = shlex.join(["python", "-m", "load_tests.compare", *result.get("argv", ["--out", "bench"])])
-    first = next(iter(result["policies"].values()))
-    args = first["app_args"]
     unloaded = result["slo"]
     return "\n".join([
         "# vibe-serve: side-by-side benchmark (contiguous vs eplb vs vibe)",
@@ -162,8 +160,7 @@ def _header(result: dict, slo: SLO) -> str:
         f"took {result.get('runtime_s', 0) / 60:.0f} min). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
         f"load average {_loads(result['machine'])}; the machine was shared, so compare within this run only.",
         "",
-        f"Emulated cluster (deploy/config.yaml): {args['num_devices']} devices, speeds {args['speeds']}, "
-        f"emulation {args['emulation']}. Model: {result['model']['path']} (weights sha256 "
+        f"{_cluster(result)} Model: {result['model']['path']} (weights sha256 "
         f"{(result['model']['weights_sha256'] or '?')[:12]}).",
         f"Trace: Poisson arrivals, workloads {list(cfg['workloads'])}, seed {cfg['seed']}, "
         f"max_tokens capped at {cfg['max_tokens_cap']}, {cfg['duration_s']:g} s of arrivals per rate, `ignore_eos` "
@@ -188,6 +185,17 @@ def _header(result: dict, slo: SLO) -> str:
             f"A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} attainment."),
         *(["", *(f"Note: {note}" for note in result["notes"])] if result.get("notes") else []),
     ])
+
+
+def _cluster(result: dict) -> str:
+    """The devices the apps ran on: the serve config, its emulated speeds, or its real devices (and where)."""
+    args = next(iter(result["policies"].values()))["app_args"]
+    config = result["config"].get("deploy_config", "deploy/config.yaml")
+    where = f" on the Ray cluster at {result['ray_address']}" if result.get("ray_address") else ""
+    if args.get("emulate", True):
+        return (f"Emulated cluster ({config}){where}: {args.get('num_devices', 8)} devices, speeds "
+                f"{args.get('speeds')}, emulation {args.get('emulation')}.")
+    return f"Cluster ({config}){where}: {args.get('num_devices', 8)} expert workers on {args.get('device', 'cpu')} devices."
 
 
 def _headline_table(rows: dict[str, dict]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from load_tests.compare import (
     DEFAULT,
     CompareConfig,
     Experiment,
+    _extras,
     app_args_for,
     deploy_args,
     parse_args,
@@ -187,3 +189,72 @@ def test_model_fingerprint_names_the_embedded_model_relative_to_the_repository()
     found = model_fingerprint(deploy_args())
     assert found["path"] == "deploy/models/vibe-tiny-moe"
     assert found["weights_sha256"] is not None and len(found["weights_sha256"]) == 64
+
+
+def test_another_serve_config_and_set_overrides_reach_every_app(tmp_path):
+    config_file = tmp_path / "cluster.yaml"
+    config_file.write_text("applications:\n  - name: mine\n    import_path: deploy.app:build_app\n    args:\n"
+                           "      num_devices: 4\n      speeds: [1.0, 0.95, 0.9, 0.9]\n      max_num_seqs: 8\n")
+    config, args = parse_args(["--config", str(config_file), "--set", "max_num_seqs=16", "--set", "num_redundant=4",
+                               "--set", "speeds=[1.0, 1.0, 0.9, 0.8]", "--address", "auto"])
+    assert config.deploy_config == str(config_file) and args.address == "auto"
+    assert config.app_args == {"max_num_seqs": 16, "num_redundant": 4, "speeds": [1.0, 1.0, 0.9, 0.8]}
+    for policy in ("eplb", "vibe"):
+        built = app_args_for(policy, config, f"bench-{policy}")
+        assert built["num_devices"] == 4 and built["max_num_seqs"] == 16 and built["speeds"] == [1.0, 1.0, 0.9, 0.8]
+        AppArgs.model_validate(built)
+
+
+def test_a_relative_config_path_is_found_from_the_repository_root_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert deploy_args("deploy/config.gpu.yaml")["device"] == "cuda"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--set", "num_devices"], "KEY=VALUE"),
+    (["--set", "=3"], "KEY=VALUE"),
+    (["--set", "speeds=[1.0"], "not a YAML value"),
+    (["--set", "no_such_arg=1"], "no_such_arg"),
+    (["--set", "num_devices=0"], "num_devices"),
+    (["--config", "no/such/config.yaml"], "cannot read the serve config"),
+    (["--config", "README.md"], "not a serve config|cannot read"),
+    (["--config", "deploy/config.gpu.yaml", "--drift"], "--drift needs emulated devices"),
+])
+def test_bad_command_lines_are_refused_before_anything_starts(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_serve_config_without_application_args_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    for text in ("applications: []\n", "proxy_location: EveryNode\n", "applications:\n  - args: [1, 2]\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="serve config|mapping"):
+            deploy_args(path)
+
+
+def test_headroom_is_left_out_for_real_devices_and_follows_the_served_args(monkeypatch, capsys, tmp_path):
+    from load_tests import headroom
+
+    seen = []
+    monkeypatch.setattr(headroom, "run", lambda out, app_args=None: seen.append(app_args) or {"rows": []})
+    gpu, args = parse_args(["--config", "deploy/config.gpu.yaml", "--no-scale", "--set", "model=vibe-tiny-moe"])
+    assert _extras(args, gpu) == {} and seen == []
+    assert "not emulated" in capsys.readouterr().err
+    emulated_config, args = parse_args(["--no-scale", "--set", "speeds=[1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]"])
+    assert "headroom" in _extras(args, emulated_config)
+    assert seen[0]["speeds"][1] == 0.9 and seen[0]["policy"] == "vibe"
+
+
+def test_the_report_names_the_config_and_the_devices():
+    from load_tests.report import _cluster
+
+    result = {"config": {"deploy_config": "deploy/config.gpu.yaml"}, "ray_address": "ray://head:10001",
+              "policies": {"eplb": {"app_args": {"emulate": False, "device": "cuda", "num_devices": 8}}}}
+    assert _cluster(result) == ("Cluster (deploy/config.gpu.yaml) on the Ray cluster at ray://head:10001: 8 expert "
+                                "workers on cuda devices.")
+    local = {"config": {}, "policies": {"vibe": {"app_args": {"num_devices": 2, "speeds": [1.0, 0.9],
+                                                              "emulation": {"fixed_s": 1e-4}}}}}
+    assert _cluster(local).startswith("Emulated cluster (deploy/config.yaml): 2 devices, speeds [1.0, 0.9]")

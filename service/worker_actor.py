@@ -2,7 +2,8 @@
 
 Owns starting the worker's socket server in the actor process (TCP on the node's IP, plus a Unix
 socket under a per-actor temp folder for engines on the same node), removing that folder (at `shutdown`,
-which the pool calls before killing the actor, or when a later incarnation of the actor starts) and
+which the pool calls before killing the actor, or when a later incarnation of the actor starts; folders of
+workers that died without either are removed by the next worker to start on the node) and
 reporting where it lives (`WorkerInfo`). Every other method passes straight through to `ExpertWorker`. Ignores placement and
 scheduling: the coordinator creates the actor with
 `ExpertWorkerActor.options(name=..., namespace=..., num_cpus=<fraction>, num_gpus=<1 on GPUs>,
@@ -19,8 +20,10 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 
 import ray
@@ -102,6 +105,10 @@ class ExpertWorkerActor:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
+SOCKET_DIR_PREFIX = "vibe-serve-"
+SOCKET_GRACE_S = 60.0  # a socket file younger than this may be bound and not yet listening: never stale
+
+
 def _socket_dir() -> str:
     """Create this actor's socket folder: /tmp/vibe-serve-<hash of the Ray session, namespace and actor name
     (or id)>, the same for every incarnation of the actor, so that one restarted after a crash (Ray restarts
@@ -111,7 +118,7 @@ def _socket_dir() -> str:
     context = ray.get_runtime_context()
     identity = "/".join((context.get_session_name(), context.namespace,
                          context.get_actor_name() or context.get_actor_id()))
-    path = os.path.join(tempfile.gettempdir(), f"vibe-serve-{hashlib.sha256(identity.encode()).hexdigest()[:16]}")
+    path = os.path.join(tempfile.gettempdir(), f"{SOCKET_DIR_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:16]}")
     try:
         with contextlib.suppress(FileNotFoundError):
             found = os.lstat(path)
@@ -120,5 +127,50 @@ def _socket_dir() -> str:
             shutil.rmtree(path)  # an earlier incarnation's, killed or crashed
         os.mkdir(path, 0o700)
     except OSError:
-        return tempfile.mkdtemp(prefix="vibe-serve-")
+        path = tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX)
+    with contextlib.suppress(OSError):
+        remove_stale_socket_dirs(tempfile.gettempdir(), keep=path)
     return path
+
+
+def remove_stale_socket_dirs(root: str, keep: str | None = None) -> list[str]:
+    """Remove the socket folders under `root` of workers that are gone (killed with the node's processes, OOM,
+    a session that never reused their name): this user's `vibe-serve-*` folders whose worker.sock refuses a
+    connection, that is no process listens on it. A folder without the socket or with one younger than
+    SOCKET_GRACE_S (its worker still starting), one whose socket accepts or does not answer, links, other
+    users' folders and `keep` are left alone.
+    Returns the paths removed. The probe connects and closes at once: a live worker drops such a connection."""
+    removed = []
+    for entry in os.scandir(root):
+        if not entry.name.startswith(SOCKET_DIR_PREFIX) or entry.path == keep:
+            continue
+        try:
+            found = os.lstat(entry.path)
+            if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+                continue
+            if _listening(os.path.join(entry.path, "worker.sock")) is False:
+                shutil.rmtree(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
+def _listening(path: str) -> bool | None:
+    """Whether a process listens on the Unix socket at `path`: False only for a socket file older than
+    SOCKET_GRACE_S that refuses a connection; None when there is no socket there, a younger one, or the probe
+    cannot tell."""
+    with contextlib.suppress(FileNotFoundError):
+        found = os.lstat(path)
+        if not stat.S_ISSOCK(found.st_mode) or time.time() - found.st_mtime < SOCKET_GRACE_S:
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                return False
+            except OSError:
+                return None
+            return True
+    return None

@@ -114,6 +114,29 @@ def test_a_restarted_actor_removes_its_predecessors_socket_folder(actors):
     ray.kill(actor)
 
 
+def test_a_starting_worker_removes_folders_of_workers_that_died_without_cleaning_up(actors):
+    """Folders of workers killed with their node's processes (no exit hook, never restarted under their name) are
+    removed by the next worker to start on the node; a live worker's folder is not."""
+    import socket
+    import tempfile
+
+    from service.worker_actor import SOCKET_DIR_PREFIX, ExpertWorkerActor
+
+    dead = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX))  # what a worker killed with its node left behind
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(dead / "worker.sock"))
+    os.utime(dead / "worker.sock", (time.time() - 3600,) * 2)
+    live = [socket_dir(ray.get(actor.info.remote())) for actor in actors]
+    for folder in live:  # the module's workers: old enough to be judged, and listening
+        os.utime(folder / "worker.sock", (time.time() - 3600,) * 2)
+    actor = ExpertWorkerActor.options(name="sweeper", num_cpus=0.05).remote(WorkerConfig(index=6))
+    mine = socket_dir(ray.get(actor.info.remote(), timeout=120))
+    assert not dead.exists()
+    assert mine.is_dir() and all(folder.is_dir() for folder in live)
+    ray.get(actor.shutdown.remote())
+    ray.kill(actor)
+
+
 def test_pool_removes_socket_folders_at_restart_retirement_and_shutdown(actors):
     def pool(fingerprint: str) -> RayWorkerPool:
         return RayWorkerPool([WorkerConfig(index=i) for i in range(2)],

@@ -157,9 +157,7 @@ def deploy_args(path: Path | str = DEPLOY_CONFIG) -> dict:
     """The `args:` of the first application in a `serve run` config (default: the emulated cluster). A relative
     path is taken from the working folder, else from the repository root. ValueError for a file that is not
     such a config."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+    path = _config_path(path)
     try:
         config = yaml.safe_load(path.read_text())
         args = config["applications"][0]["args"]
@@ -170,13 +168,36 @@ def deploy_args(path: Path | str = DEPLOY_CONFIG) -> dict:
                          "(applications: [{args: {...}}])") from err
     if not isinstance(args, dict):
         raise ValueError(f"{path}: the first application's args must be a mapping, got {type(args).__name__}")
+    if config["applications"][0].get("runtime_env"):
+        print(f"{path}: the first application's runtime_env is not applied to the benchmark's apps (only its "
+              "args are): set what it holds on the cluster itself", file=sys.stderr)
     return dict(args)
+
+
+def _config_path(path: Path | str) -> Path:
+    """A serve config's path: as given, or a relative one not found from the working folder taken from the
+    repository root."""
+    path = Path(path)
+    return REPO_ROOT / path if not path.is_absolute() and not path.exists() else path
+
+
+def serve_options(path: Path | str = DEPLOY_CONFIG) -> dict:
+    """A serve config's `http_options` and `proxy_location` (what Serve starts with on a cluster without one)."""
+    config = yaml.safe_load(_config_path(path).read_text())
+    return {k: config[k] for k in ("http_options", "proxy_location") if k in config}
 
 
 def app_args_for(policy: str, config: CompareConfig, name: str) -> dict:
     """build_app arguments of one app: the deploy config's, the shared overrides, then the policy's own."""
     return {**deploy_args(config.deploy_config), **config.app_args, **config.policy_args.get(policy, {}),
             "policy": policy, "admin_token": ADMIN_TOKEN, "app_name": name}
+
+
+def resolved_args(args: dict) -> dict:
+    """An app's build_app arguments with every default filled in (what it ran with), the admin token left out."""
+    from deploy.app import AppArgs
+
+    return AppArgs.model_validate(args).model_dump(mode="json", exclude={"admin_token"})
 
 
 def emulated(args: dict) -> bool:
@@ -188,20 +209,23 @@ def emulated(args: dict) -> bool:
 
 @contextlib.contextmanager
 def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s: float = 900.0,
-               address: str | None = None) -> Iterator[tuple[dict[str, str], float]]:
+               address: str | None = None, serve_options: dict | None = None) -> Iterator[tuple[dict[str, str], float]]:
     """Serve `build_app(args)` for each name -> args at `/<name>` (`at_root`: the only app at `/`); yields
     ({name: base URL}, startup seconds from `ray.init` until every /health answers). Apps start one after
-    another (each calibrated before the next begins).
+    another (each calibrated before the next begins), each within what is left of `ready_timeout_s`
+    (TimeoutError naming what Serve waits for, such as resources no node has); an app that asks for an admin
+    token must also hold every device it was given (RuntimeError when its coordinator counts some lost).
 
     address None: a fresh local Ray cluster, Serve on a free port of 127.0.0.1; Ray's logical CPUs are set to
     what the apps reserve (at least 2): reservations only order placement, the cores are shared either way.
     The cluster, with every worker of every app, is shut down on exit.
-    address given (`ray.init`'s: "auto" or the head's GCS address, from a node of that cluster): the apps go
-    onto that running cluster, beside whatever it serves, through its Serve instance (started with its defaults
-    if none runs) and its HTTP proxy as that instance was configured (reached at 127.0.0.1 when it listens on
-    every interface: run this on a node with a proxy). An app whose name or route the cluster already serves is
-    refused (ValueError) before anything is deployed; on exit only the apps deployed here are deleted (their
-    workers with them) and the cluster is left running.
+    address given (`ray.init`'s: "auto" or the head's GCS address, from a node of that cluster; not a Ray
+    Client "ray://" one): the apps go onto that running cluster beside whatever it serves, through its Serve
+    instance (see `_cluster_root`; started with `serve_options`, a serve config's `http_options` and
+    `proxy_location`, if none runs). An app whose name or route the cluster already serves is refused
+    (ValueError) before anything is deployed. On exit, also on SIGTERM or SIGHUP, only the apps deployed here
+    are deleted (their workers with them), and Serve too if it was started here and serves nothing else; the
+    cluster is left running.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -212,45 +236,52 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
 
     if at_root and len(apps) != 1:
         raise ValueError(f"at_root serves exactly one app, got {len(apps)}")
+    if address is not None and address.startswith("ray://"):
+        raise ValueError(f"a Ray Client address ({address}) cannot reach the apps' HTTP proxy from here: run this on "
+                         "a node of the cluster with --address auto")
     built = {name: build_app(args) for name, args in apps.items()}  # validates every app before starting
     prefixes = {name: "/" if at_root else f"/{name}" for name in apps}
     started = time.monotonic()
+    deadline = started + ready_timeout_s
     if address is None:
         ray.init(num_cpus=max(2, math.ceil(sum(_reserved_cpus(AppArgs.model_validate(a)) for a in apps.values()))),
                  include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     deployed: list[str] = []
+    started_serve = address is None
     try:
-        if address is None:
-            port = _free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            root = f"http://127.0.0.1:{port}"
-        else:
-            root = _cluster_root(apps, prefixes)
-        for name, app in built.items():  # one at a time: 16+ workers starting at once time out on 2 cores
-            deployed.append(name)
-            serve.run(app, name=name, route_prefix=prefixes[name])
-        bases = {name: f"{root}{prefix.rstrip('/')}" for name, prefix in prefixes.items()}
-        for base in bases.values():
-            _wait_healthy(base, started + ready_timeout_s)
-        yield bases, time.monotonic() - started
+        with _signals_raise(address is not None):
+            if address is None:
+                port = _free_port()
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                root = f"http://127.0.0.1:{port}"
+            else:
+                root, started_serve = _cluster_root(apps, prefixes, serve_options or {})
+                _warn_if_short(apps)
+            bases = {name: f"{root}{prefix.rstrip('/')}" for name, prefix in prefixes.items()}
+            for name, app in built.items():  # one at a time: 16+ workers starting at once time out on 2 cores
+                deployed.append(name)
+                _deploy(app, name, prefixes[name], deadline)
+                _wait_healthy(bases[name], deadline)
+                _check_devices(bases[name], apps[name])
+            yield bases, time.monotonic() - started
     finally:
         if address is None:
             with contextlib.suppress(Exception):
                 serve.shutdown()
         else:
-            for name in deployed:
-                try:
-                    serve.delete(name)
-                except Exception as err:  # noqa: BLE001 - delete the others; say which one stays
-                    print(f"serve_apps: could not delete app {name!r} from the cluster: {err}", file=sys.stderr)
+            _delete_apps(deployed, started_serve)
         ray.shutdown()
 
 
-def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str]) -> str:
-    """On a running cluster: refuse apps whose name or route prefix is taken, start Serve if none runs, and
-    return the URL of its HTTP proxy (127.0.0.1 for one listening on every interface)."""
+# --- apps on a running cluster ---------------------------------------------------------------------
+
+def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str], serve_options: dict) -> tuple[str, bool]:
+    """On a running cluster: refuse apps whose name or route prefix is taken, start Serve with `serve_options`
+    (`http_options`, `proxy_location`) if none runs, and return (the URL of its HTTP proxy on this node,
+    whether Serve was started here). The URL: https when the proxy has a certificate; 127.0.0.1 (::1) for a
+    proxy listening on every IPv4 (IPv6) interface."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeInstanceDetails
@@ -263,10 +294,123 @@ def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str]) -> str:
                          "benchmark elsewhere")
     if clash := sorted(set(prefixes.values()) & set(running.values())):
         raise ValueError(f"the cluster already serves applications at {clash}")
-    serve.start()
+    if client is None:
+        serve.start(**{k: v for k, v in serve_options.items() if k in ("http_options", "proxy_location")})
     config = _get_global_client().http_config
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    return f"http://{host}:{config.port}"
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.host, config.host)
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.ssl_certfile else "http"
+    return f"{scheme}://{host}:{config.port}", client is None
+
+
+def _warn_if_short(apps: dict[str, dict]) -> None:
+    """Say on stderr when the cluster's free GPUs or CPUs cannot hold every app at once (the deploy then waits
+    for them, up to its deadline: an autoscaling cluster may still bring them)."""
+    import ray
+
+    from deploy.app import AppArgs
+
+    parsed = [AppArgs.model_validate(args) for args in apps.values()]
+    need = {"CPU": sum(_reserved_cpus(a) for a in parsed), "GPU": sum(_reserved_gpus(a) for a in parsed)}
+    free = ray.available_resources()
+    for kind, amount in need.items():
+        if amount > free.get(kind, 0.0) + 1e-9:
+            print(f"serve_apps: the apps need {amount:g} {kind}s and the cluster has {free.get(kind, 0.0):g} free: "
+                  "they start only if more come (fewer policies, or fractional worker_num_gpus / "
+                  "ingress_num_gpus, need fewer)", file=sys.stderr)
+
+
+def _reserved_gpus(args) -> float:
+    workers = (args.worker_num_gpus or 1.0) * args.num_devices if args.device == "cuda" else 0.0
+    return workers + args.ingress_num_gpus * args.num_replicas
+
+
+def _deploy(app, name: str, route_prefix: str, deadline: float) -> None:
+    """Deploy `app` and wait until Serve reports it RUNNING, at most until `deadline` (Serve's own `serve.run`
+    waits forever for resources no node has)."""
+    import ray
+    from ray import serve
+    from ray.serve.api import _run
+
+    _run(app, _blocking=False, name=name, route_prefix=route_prefix)
+    while True:
+        status = serve.status().applications.get(name)
+        state = str(getattr(status, "status", "")).rsplit(".", 1)[-1]
+        if state == "RUNNING":
+            return
+        failed = state in ("DEPLOY_FAILED", "UNHEALTHY")
+        if failed or time.monotonic() > deadline:
+            detail = [getattr(status, "message", ""), *(
+                f"{d}: {s.message}" for d, s in (getattr(status, "deployments", None) or {}).items() if s.message)]
+            if not failed:  # what the replicas may be waiting for
+                free = ray.available_resources()
+                detail.append("free on the cluster: " + ", ".join(f"{free.get(k, 0.0):g} {k}" for k in ("CPU", "GPU")))
+            raise (RuntimeError if failed else TimeoutError)(
+                f"app {name!r} is {state or 'not deployed'}" + ("" if failed else " at the deadline")
+                + f" ({'; '.join(filter(None, detail))})")
+        time.sleep(1.0)
+
+
+def _check_devices(base: str, args: dict) -> None:
+    """An app with an admin token must hold every expert device it asked for: a cluster short of GPUs starts
+    the workers it can place and counts the rest lost, and a benchmark on fewer devices compares nothing."""
+    token = args.get("admin_token")
+    if not token:
+        return
+    response = httpx.get(f"{base}/admin/stats", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    response.raise_for_status()
+    if lost := response.json().get("lost_devices"):
+        raise RuntimeError(f"{base} started without expert devices {lost} (not placed or lost): "
+                           "the cluster lacks room for every app's workers")
+
+
+def _delete_apps(names: list[str], started_serve: bool, timeout_s: float = 300.0) -> None:
+    """Delete the apps in `names` from the cluster at once and wait until Serve no longer lists them (their
+    workers go with them); then shut Serve down if it was started here and serves nothing else. What cannot
+    be deleted in `timeout_s` is said on stderr with a command that deletes it."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    if names:
+        try:
+            _get_global_client().delete_apps(names, blocking=False)
+            deadline = time.monotonic() + timeout_s
+            while (left := sorted(set(names) & set(serve.status().applications))) and time.monotonic() < deadline:
+                time.sleep(1.0)
+        except Exception as err:  # noqa: BLE001 - said below, with the command that finishes the job
+            print(f"serve_apps: deleting {names}: {err}", file=sys.stderr)
+            left = names
+        if left:
+            print(f"serve_apps: apps {left} are still on the cluster; delete them with: python -c \"import ray; "
+                  f"from ray import serve; ray.init(address='auto'); [serve.delete(n) for n in {left!r}]\"",
+                  file=sys.stderr)
+            return
+    if started_serve:
+        with contextlib.suppress(Exception):
+            if not serve.status().applications:
+                serve.shutdown()
+
+
+@contextlib.contextmanager
+def _signals_raise(active: bool) -> Iterator[None]:
+    """While active (and in the main thread), SIGTERM and SIGHUP raise SystemExit, so that the caller's cleanup
+    runs when the run is stopped or its terminal goes away; the former handlers are restored after."""
+    import signal
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    former = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in former.items():
+            signal.signal(sig, handler)
 
 
 def _reserved_cpus(args) -> float:
@@ -400,12 +544,12 @@ class Experiment:
         apps = {p: app_args_for(p, self.config, f"bench-{p}") for p in self.config.policies}
         self.result["model"] = model_fingerprint(next(iter(apps.values())))
         # Serve apps named as their workers (bench-<policy>): on a user's cluster, names like "vibe" may be taken
-        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address) as (named, startup_s):
+        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address,
+                        serve_options=serve_options(self.config.deploy_config)) as (named, startup_s):
             bases = {policy: named[args["app_name"]] for policy, args in apps.items()}
             self.result["startup_s"] = startup_s
             for policy, args in apps.items():
-                self.result["policies"][policy] = {"app_args": {k: v for k, v in args.items() if k != "admin_token"},
-                                                   "runs": []}
+                self.result["policies"][policy] = {"app_args": resolved_args(args), "runs": []}
             asyncio.run(self._measure(bases))
         self.result["machine"]["loadavg_end"] = os.getloadavg()
         self.save()
@@ -574,8 +718,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
                         help="override one of those args in every app (VALUE is YAML: 8, true, [1.0, 0.9], /models); "
                              "repeatable")
     parser.add_argument("--address", help="deploy the apps onto this running Ray cluster (ray.init's address: auto, "
-                                          "or the head's host:port) instead of starting a local one; run it on a "
-                                          "node of that cluster with a Serve proxy")
+                                          "or the head's host:port; not ray://) instead of starting a local one; "
+                                          "run it on a node of that cluster with a Serve proxy")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
                                    ("policies", tuple(args.policies or ())), ("seed", args.seed),
@@ -587,19 +731,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
         devices_emulated = [emulated(app) for app in apps]  # also validates every app's arguments
     except ValueError as err:  # pydantic's ValidationError is a ValueError
         parser.error(str(err))
+    if args.address is not None and args.address.startswith("ray://"):
+        parser.error("--address: a Ray Client address (ray://) cannot reach the apps' HTTP proxy from here; run this "
+                     "on a node of the cluster with --address auto")
     if args.drift and not all(devices_emulated):
         parser.error("--drift needs emulated devices (the device drift throttles one through the emulator); "
                      "leave it out for this config")
     return config, args
 
 
+SET_BY_THE_BENCHMARK = ("policy", "admin_token", "app_name")  # per app, whatever --set says
+
+
 def parse_sets(items: list[str]) -> dict:
-    """`--set KEY=VALUE` items as build_app arguments, each VALUE parsed as YAML (as in a serve config)."""
+    """`--set KEY=VALUE` items as build_app arguments, each VALUE parsed as YAML (as in a serve config); keys the
+    benchmark sets for each app itself are refused."""
     found = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set wants KEY=VALUE, got {item!r}")
+        if key.strip() in SET_BY_THE_BENCHMARK:
+            raise ValueError(f"--set {key.strip()}: the benchmark sets {', '.join(SET_BY_THE_BENCHMARK)} for each app "
+                             "(--policies chooses the policies)")
         try:
             found[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as err:

@@ -98,7 +98,9 @@ def scenario_args(scenario: str, mode: str, config: DriftConfig, base: CompareCo
 
 def throttle_event(client: ClientConfig, args: dict, config: DriftConfig) -> Event:
     """The device drift: the throttled device's emulated speed set to throttle_to x its configured speed."""
-    speed = args["speeds"][config.throttled_device] * config.throttle_to
+    from deploy.app import AppArgs
+
+    speed = AppArgs.model_validate(args).speeds[config.throttled_device] * config.throttle_to
 
     async def throttle() -> None:
         async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:

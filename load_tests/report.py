@@ -160,8 +160,7 @@ def _header(result: dict, slo: SLO) -> str:
         f"took {result.get('runtime_s', 0) / 60:.0f} min). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
         f"load average {_loads(result['machine'])}; the machine was shared, so compare within this run only.",
         "",
-        f"{_cluster(result)} Model: {result['model']['path']} (weights sha256 "
-        f"{(result['model']['weights_sha256'] or '?')[:12]}).",
+        f"{_cluster(result)} Model: {result['model']['path']} ({_weights(result['model'])}).",
         f"Trace: Poisson arrivals, workloads {list(cfg['workloads'])}, seed {cfg['seed']}, "
         f"max_tokens capped at {cfg['max_tokens_cap']}, {cfg['duration_s']:g} s of arrivals per rate, `ignore_eos` "
         "and temperature 0 (every policy serves the same tokens). Rates "
@@ -185,6 +184,17 @@ def _header(result: dict, slo: SLO) -> str:
             f"A policy leaves the sweep after a rate below {cfg['stop_below']:.0%} attainment."),
         *(["", *(f"Note: {note}" for note in result["notes"])] if result.get("notes") else []),
     ])
+
+
+def _weights(model: dict) -> str:
+    """Which weights: their SHA-256, or (a large or sharded checkpoint, not hashed) its safetensors files."""
+    if model.get("weights_sha256"):
+        return f"weights sha256 {model['weights_sha256'][:12]}"
+    files = model.get("weights_files") or []
+    if not files:
+        return "weights sha256 ?"
+    return (f"{len(files)} safetensors files, {sum(size for _, size, _ in files) / 1e9:.2f} GB, not hashed; "
+            "names, sizes and times in compare.json")
 
 
 def _cluster(result: dict) -> str:

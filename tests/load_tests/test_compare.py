@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from deploy.app import AppArgs
+from deploy.app import DEFAULT_SPEEDS, AppArgs
 from load_tests.compare import (
     ADMIN_TOKEN,
     DEFAULT,
@@ -258,3 +258,60 @@ def test_the_report_names_the_config_and_the_devices():
     local = {"config": {}, "policies": {"vibe": {"app_args": {"num_devices": 2, "speeds": [1.0, 0.9],
                                                               "emulation": {"fixed_s": 1e-4}}}}}
     assert _cluster(local).startswith("Emulated cluster (deploy/config.yaml): 2 devices, speeds [1.0, 0.9]")
+
+
+@pytest.mark.parametrize("key", ["policy", "admin_token", "app_name"])
+def test_what_the_benchmark_sets_per_app_cannot_be_set(key, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--set", f"{key}=x"])
+    assert "the benchmark sets" in capsys.readouterr().err
+
+
+def test_a_ray_client_address_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--address", "ray://head:10001"])
+    assert "Ray Client" in capsys.readouterr().err
+
+
+def test_apps_record_every_argument_they_ran_with_but_the_token(tmp_path):
+    from load_tests.compare import resolved_args
+    from load_tests.report import _cluster
+
+    path = tmp_path / "bare.yaml"
+    path.write_text("applications:\n  - args:\n      num_devices: 8\n")
+    config, _ = parse_args(["--config", str(path)])
+    recorded = resolved_args(app_args_for("vibe", config, "bench-vibe"))
+    assert "admin_token" not in recorded and recorded["policy"] == "vibe"
+    assert recorded["speeds"] == list(DEFAULT_SPEEDS) and recorded["emulation"]["fixed_s"] > 0
+    result = {"config": {"deploy_config": str(path)}, "policies": {"vibe": {"app_args": recorded}}}
+    assert f"speeds {list(DEFAULT_SPEEDS)}" in _cluster(result) and "emulation None" not in _cluster(result)
+
+
+def test_serve_options_and_runtime_env_of_a_config(tmp_path, capsys):
+    from load_tests.compare import serve_options
+
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy_location: EveryNode\nhttp_options: {host: 0.0.0.0, port: 8000}\napplications:\n"
+                    "  - args: {num_devices: 2, speeds: [1.0, 0.9]}\n    runtime_env: {env_vars: {A: b}}\n")
+    assert serve_options(path) == {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": 8000}}
+    assert serve_options()["http_options"]["port"] == 8000  # deploy/config.yaml: what `make run` serves on
+    assert deploy_args(path) == {"num_devices": 2, "speeds": [1.0, 0.9]}
+    assert "runtime_env is not applied" in capsys.readouterr().err
+
+
+def test_gpus_the_apps_reserve():
+    from load_tests.compare import _reserved_gpus
+
+    assert _reserved_gpus(AppArgs.model_validate(deploy_args())) == 0
+    gpu = AppArgs.model_validate({**deploy_args("deploy/config.gpu.yaml"), "model": "vibe-tiny-moe"})
+    assert _reserved_gpus(gpu) == 9  # 8 workers and the ingress
+    shared = gpu.model_copy(update={"worker_num_gpus": 0.25, "ingress_num_gpus": 0.5, "num_replicas": 2})
+    assert _reserved_gpus(shared) == 3
+
+
+def test_the_report_names_weights_it_did_not_hash():
+    from load_tests.report import _weights
+
+    assert _weights({"weights_sha256": "ab" * 32}) == "weights sha256 abababababab"
+    files = [["model-00001-of-00002.safetensors", 4_000_000_000, 1], ["model-00002-of-00002.safetensors", 1_000_000_000, 2]]
+    assert _weights({"weights_sha256": None, "weights_files": files}).startswith("2 safetensors files, 5.00 GB")

@@ -10,7 +10,7 @@ from unittest import mock
 import httpx
 import pytest
 
-from deploy.app import AppArgs
+from deploy.app import DEFAULT_SPEEDS, AppArgs
 from load_tests.drift import DriftConfig, DriftRun, scenario_args, segments, throttle_event, verdicts
 from load_tests.generator import ClientConfig, RequestResult
 from load_tests.slo import SLO
@@ -35,12 +35,18 @@ def test_throttle_event_slows_the_device_relative_to_its_own_speed():
         return httpx.Response(200, json={})
 
     client = ClientConfig(base_url="http://app", model="m", admin_token="t" * 16)
-    event = throttle_event(client, {"speeds": [0.9, 1.0]}, DriftConfig(throttled_device=0, throttle_to=0.8))
+    event = throttle_event(client, {"num_devices": 2, "speeds": [0.9, 1.0]}, DriftConfig(throttled_device=0,
+                                                                                          throttle_to=0.8))
     assert event.at_s == DriftConfig().switch_s
+    # a config that leaves the speeds out runs at the defaults: the throttle starts from those
+    default = throttle_event(client, {"num_devices": 8}, DriftConfig(throttled_device=7, throttle_to=0.5))
     real = httpx.AsyncClient
     with mock.patch.object(httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(handler), **kw)):
         asyncio.run(event.action())
-    assert requests == [("/admin/emulation/speed", "Bearer " + "t" * 16, {"device": 0, "speed": pytest.approx(0.72)})]
+        asyncio.run(default.action())
+    assert requests == [("/admin/emulation/speed", "Bearer " + "t" * 16, {"device": 0, "speed": pytest.approx(0.72)}),
+                        ("/admin/emulation/speed", "Bearer " + "t" * 16,
+                         {"device": 7, "speed": pytest.approx(0.5 * DEFAULT_SPEEDS[7])})]
 
 
 def test_workload_trace_switches_from_prose_to_code(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -41,7 +42,7 @@ class ExpertWorkerActor:
     def __init__(self, config: WorkerConfig) -> None:
         self._worker = ExpertWorker(config)
         self._record: dict = {}  # the coordinator's latest placement record (for its recovery)
-        self._socket_dir = _socket_dir()
+        self._socket_dir, self._socket_lock = _socket_dir()
         self._server = WorkerServer(self._worker, host=ray.util.get_node_ip_address(),
                                     unix_path=os.path.join(self._socket_dir, "worker.sock"))
         atexit.register(self.shutdown)  # a normal process exit also removes the socket folder
@@ -102,44 +103,98 @@ class ExpertWorkerActor:
     def shutdown(self) -> None:
         """Close the data plane and remove the socket folder (call before killing the actor)."""
         self._server.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)  # still holding its lock: no sweep races this
+        with contextlib.suppress(OSError):
+            os.close(self._socket_lock)
 
 
 SOCKET_DIR_PREFIX = "vibe-serve-"
-SOCKET_GRACE_S = 60.0  # a socket file younger than this may be bound and not yet listening: never stale
+LOCK_NAME = ".lock"  # held (flock) by the folder's worker for its whole life: the kernel lets go when it dies
+SOCKET_GRACE_S = 60.0  # a folder of an older version (no lock file) younger than this may be starting: never stale
+CLAIM_TIMEOUT_S = 10.0  # how long a worker waits for its folder's lock (a predecessor still exiting, a sweep)
 
 
-def _socket_dir() -> str:
-    """Create this actor's socket folder: /tmp/vibe-serve-<hash of the Ray session, namespace and actor name
-    (or id)>, the same for every incarnation of the actor, so that one restarted after a crash (Ray restarts
-    the process), or recreated under its name by the pool after `ray.kill`, removes the folder its
-    predecessor could not. Two actors never share one: names are unique in a namespace, ids everywhere.
-    A path that is not a folder of this user (a link, another user's) is left alone: a fresh random one."""
+def _socket_dir() -> tuple[str, int]:
+    """Create this actor's socket folder and lock it: /tmp/vibe-serve-<hash of the Ray session, namespace and actor
+    name (or id)>, the same for every incarnation of the actor, so that one restarted after a crash (Ray restarts
+    the process), or recreated under its name by the pool after `ray.kill`, takes over the folder its predecessor
+    could not remove. Two actors never share one: names are unique in a namespace, ids everywhere. A path that is
+    not a folder of this user (a link, another user's), or one not claimed in CLAIM_TIMEOUT_S: a fresh random one.
+    Then removes the folders of workers that are gone (`remove_stale_socket_dirs`). Returns (folder, the lock's
+    file descriptor, to keep open while the worker lives)."""
     context = ray.get_runtime_context()
     identity = "/".join((context.get_session_name(), context.namespace,
                          context.get_actor_name() or context.get_actor_id()))
     path = os.path.join(tempfile.gettempdir(), f"{SOCKET_DIR_PREFIX}{hashlib.sha256(identity.encode()).hexdigest()[:16]}")
     try:
-        with contextlib.suppress(FileNotFoundError):
-            found = os.lstat(path)
-            if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
-                raise PermissionError(f"{path} is not a folder of this user")
-            shutil.rmtree(path)  # an earlier incarnation's, killed or crashed
-        os.mkdir(path, 0o700)
+        lock = _claim(path)
     except OSError:
         path = tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX)
+        lock = _claim(path)
     with contextlib.suppress(OSError):
         remove_stale_socket_dirs(tempfile.gettempdir(), keep=path)
-    return path
+    return path, lock
+
+
+def _claim(path: str, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
+    """Make `path` a folder of this user holding a lock file this process holds (flock), and empty it of
+    anything else (an earlier incarnation's socket and files); returns the lock's file descriptor. A sweep
+    removes a folder only while holding its lock, so a lock taken on a file the sweep has since removed is let
+    go and the folder made anew. OSError when `path` is not this user's folder or stays locked `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        found = os.lstat(path)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+            raise PermissionError(f"{path} is not a folder of this user")
+        lock_path = os.path.join(path, LOCK_NAME)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} stayed locked for {timeout_s:g} s") from None
+            time.sleep(0.05)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # a sweep removed the folder while this waited for its lock: make it anew
+    try:
+        for entry in os.scandir(path):
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
 def remove_stale_socket_dirs(root: str, keep: str | None = None) -> list[str]:
     """Remove the socket folders under `root` of workers that are gone (killed with the node's processes, OOM,
-    a session that never reused their name): this user's `vibe-serve-*` folders whose worker.sock refuses a
-    connection, that is no process listens on it. A folder without the socket or with one younger than
-    SOCKET_GRACE_S (its worker still starting), one whose socket accepts or does not answer, links, other
-    users' folders and `keep` are left alone.
-    Returns the paths removed. The probe connects and closes at once: a live worker drops such a connection."""
+    a session that never reused their name): this user's `vibe-serve-*` folders whose lock file no process
+    holds (taken and held here while the folder is removed, so a worker claiming it meanwhile waits, then makes
+    it anew). A folder of an older version, without a lock file, goes when its worker.sock is older than
+    SOCKET_GRACE_S and refuses a connection (no process listens on it). Folders being created, live workers'
+    folders (also on other nodes sharing `root`: the lock is the file system's), links, other users' folders
+    and `keep` are left alone. Returns the paths removed."""
     removed = []
     for entry in os.scandir(root):
         if not entry.name.startswith(SOCKET_DIR_PREFIX) or entry.path == keep:
@@ -148,12 +203,33 @@ def remove_stale_socket_dirs(root: str, keep: str | None = None) -> list[str]:
             found = os.lstat(entry.path)
             if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
                 continue
-            if _listening(os.path.join(entry.path, "worker.sock")) is False:
-                shutil.rmtree(entry.path)
+            if _remove_if_unlocked(entry.path):
                 removed.append(entry.path)
         except OSError:
             continue  # gone meanwhile, or not ours to remove
     return removed
+
+
+def _remove_if_unlocked(path: str) -> bool:
+    lock_path = os.path.join(path, LOCK_NAME)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:  # an older version's folder, or one whose worker has not made its lock yet
+        if _listening(os.path.join(path, "worker.sock")) is False:
+            shutil.rmtree(path)
+            return True
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its worker lives
+        if not _same_file(fd, lock_path):
+            return False  # replaced meanwhile: a new claim's
+        shutil.rmtree(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _listening(path: str) -> bool | None:

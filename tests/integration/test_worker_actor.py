@@ -108,7 +108,7 @@ def test_a_restarted_actor_removes_its_predecessors_socket_folder(actors):
             if ray.get(actor.get_record.remote(), timeout=120) == {}:
                 break
     second = socket_dir(ray.get(actor.info.remote(), timeout=120))
-    assert second == first and sorted(p.name for p in second.iterdir()) == ["worker.sock"]
+    assert second == first and sorted(p.name for p in second.iterdir()) == [".lock", "worker.sock"]
     ray.get(actor.shutdown.remote())
     assert not first.exists()
     ray.kill(actor)
@@ -120,18 +120,20 @@ def test_a_starting_worker_removes_folders_of_workers_that_died_without_cleaning
     import socket
     import tempfile
 
-    from service.worker_actor import SOCKET_DIR_PREFIX, ExpertWorkerActor
+    from service.worker_actor import SOCKET_DIR_PREFIX, ExpertWorkerActor, _claim
 
     dead = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX))  # what a worker killed with its node left behind
+    os.close(_claim(str(dead)))  # its lock let go when its process died
+    legacy = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX))  # an older version's: no lock, a dead socket file
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.bind(str(dead / "worker.sock"))
-    os.utime(dead / "worker.sock", (time.time() - 3600,) * 2)
+        sock.bind(str(legacy / "worker.sock"))
+    os.utime(legacy / "worker.sock", (time.time() - 3600,) * 2)
     live = [socket_dir(ray.get(actor.info.remote())) for actor in actors]
-    for folder in live:  # the module's workers: old enough to be judged, and listening
+    for folder in live:  # the module's workers: old enough to be judged, and alive
         os.utime(folder / "worker.sock", (time.time() - 3600,) * 2)
     actor = ExpertWorkerActor.options(name="sweeper", num_cpus=0.05).remote(WorkerConfig(index=6))
     mine = socket_dir(ray.get(actor.info.remote(), timeout=120))
-    assert not dead.exists()
+    assert not dead.exists() and not legacy.exists()
     assert mine.is_dir() and all(folder.is_dir() for folder in live)
     ray.get(actor.shutdown.remote())
     ray.kill(actor)

@@ -214,7 +214,8 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
     ({name: base URL}, startup seconds from `ray.init` until every /health answers). Apps start one after
     another (each calibrated before the next begins), each within what is left of `ready_timeout_s`
     (TimeoutError naming what Serve waits for, such as resources no node has); an app that asks for an admin
-    token must also hold every device it was given (RuntimeError when its coordinator counts some lost).
+    token must also hold every device it was given by then (`_check_devices`: RuntimeError naming those its
+    coordinator still counts lost).
 
     address None: a fresh local Ray cluster, Serve on a free port of 127.0.0.1; Ray's logical CPUs are set to
     what the apps reserve (at least 2): reservations only order placement, the cores are shared either way.
@@ -264,7 +265,7 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
                 deployed.append(name)
                 _deploy(app, name, prefixes[name], deadline)
                 _wait_healthy(bases[name], deadline)
-                _check_devices(bases[name], apps[name])
+                _check_devices(bases[name], apps[name], deadline)
             yield bases, time.monotonic() - started
     finally:
         if address is None:
@@ -280,8 +281,8 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
 def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str], serve_options: dict) -> tuple[str, bool]:
     """On a running cluster: refuse apps whose name or route prefix is taken, start Serve with `serve_options`
     (`http_options`, `proxy_location`) if none runs, and return (the URL of its HTTP proxy on this node,
-    whether Serve was started here). The URL: https when the proxy has a certificate; 127.0.0.1 (::1) for a
-    proxy listening on every IPv4 (IPv6) interface."""
+    whether Serve was started here). The URL: 127.0.0.1 (::1) for a proxy listening on every IPv4 (IPv6)
+    interface; a proxy serving https only is refused (ValueError)."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeInstanceDetails
@@ -297,15 +298,18 @@ def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str], serve_options
     if client is None:
         serve.start(**{k: v for k, v in serve_options.items() if k in ("http_options", "proxy_location")})
     config = _get_global_client().http_config
+    if config.ssl_certfile:  # its certificate names a host, never 127.0.0.1: every client here would be refused
+        raise ValueError("the cluster's Serve proxy serves https only; the benchmark's clients reach it at this "
+                         "node's loopback address, which its certificate cannot name: run it on a cluster whose "
+                         "proxy serves http")
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.host, config.host)
     host = f"[{host}]" if ":" in host else host
-    scheme = "https" if config.ssl_certfile else "http"
-    return f"{scheme}://{host}:{config.port}", client is None
+    return f"http://{host}:{config.port}", client is None
 
 
 def _warn_if_short(apps: dict[str, dict]) -> None:
-    """Say on stderr when the cluster's free GPUs or CPUs cannot hold every app at once (the deploy then waits
-    for them, up to its deadline: an autoscaling cluster may still bring them)."""
+    """Say on stderr when the cluster's free GPUs or CPUs cannot hold every app at once (the deploy and the
+    device check then wait for them, up to the deadline: an autoscaling cluster may still bring them)."""
     import ray
 
     from deploy.app import AppArgs
@@ -351,17 +355,23 @@ def _deploy(app, name: str, route_prefix: str, deadline: float) -> None:
         time.sleep(1.0)
 
 
-def _check_devices(base: str, args: dict) -> None:
-    """An app with an admin token must hold every expert device it asked for: a cluster short of GPUs starts
-    the workers it can place and counts the rest lost, and a benchmark on fewer devices compares nothing."""
+def _check_devices(base: str, args: dict, deadline: float) -> None:
+    """An app with an admin token must hold every expert device it asked for before it is measured: a cluster
+    short of GPUs starts the workers it can place and counts the rest lost (restarted as room comes: an
+    autoscaler, a slow worker start), and a benchmark on fewer devices compares nothing. Waits until none is
+    lost; RuntimeError naming them at `deadline`."""
     token = args.get("admin_token")
     if not token:
         return
-    response = httpx.get(f"{base}/admin/stats", headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    response.raise_for_status()
-    if lost := response.json().get("lost_devices"):
-        raise RuntimeError(f"{base} started without expert devices {lost} (not placed or lost): "
-                           "the cluster lacks room for every app's workers")
+    while True:
+        response = httpx.get(f"{base}/admin/stats", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        response.raise_for_status()
+        if not (lost := response.json().get("lost_devices")):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base} is still without expert devices {lost} (not placed or lost) at the "
+                               "deadline: the cluster lacks room for every app's workers")
+        time.sleep(2.0)
 
 
 def _delete_apps(names: list[str], started_serve: bool, timeout_s: float = 300.0) -> None:

@@ -36,6 +36,7 @@ from load_tests.compare import (
     emulated,
     record_json,
     serve_apps,
+    serve_options,
     unloaded_latency,
     wait_idle,
 )
@@ -148,7 +149,8 @@ class DriftRun:
     def run(self, scenario: str) -> dict:
         """Both modes of one scenario, loaded at the same time; returns {mode: run}."""
         apps = {mode: scenario_args(scenario, mode, self.config, self.base) for mode in MODES}
-        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address) as (bases, startup_s):
+        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address,
+                        serve_options=serve_options(self.base.deploy_config)) as (bases, startup_s):
             modes = asyncio.run(self._measure(scenario, apps, dict(zip(MODES, bases.values()))))
         self.result["scenarios"][scenario] = {"startup_s": startup_s, **modes}
         self.save()

@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -33,6 +34,8 @@ from service.experts import Key
 from service.messages import ExpertTensors, LatencySamples, Telemetry, WorkerInfo
 from service.transport import WorkerServer
 from service.worker import DEFAULT_PROFILE_TOKENS, ExpertWorker, WorkerConfig, WorkerStats
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote
@@ -101,11 +104,16 @@ class ExpertWorkerActor:
         return self._record
 
     def shutdown(self) -> None:
-        """Close the data plane and remove the socket folder (call before killing the actor)."""
+        """Close the data plane and remove the socket folder (call before killing the actor; again, or at the
+        process's exit after it, does nothing)."""
+        if self._socket_lock < 0:
+            return
+        atexit.unregister(self.shutdown)
         self._server.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)  # still holding its lock: no sweep races this
+        lock, self._socket_lock = self._socket_lock, -1
         with contextlib.suppress(OSError):
-            os.close(self._socket_lock)
+            os.close(lock)
 
 
 SOCKET_DIR_PREFIX = "vibe-serve-"
@@ -149,7 +157,10 @@ def _claim(path: str, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
         if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
             raise PermissionError(f"{path} is not a folder of this user")
         lock_path = os.path.join(path, LOCK_NAME)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:  # a sweep removed the folder between the mkdir and the open: make it anew
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,6 +169,9 @@ def _claim(path: str, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
                 raise TimeoutError(f"{path} stayed locked for {timeout_s:g} s") from None
             time.sleep(0.05)
             continue
+        except OSError as err:  # a file system without flock (some NFS or FUSE mounts): sweeps cannot lock it either
+            log.warning("socket folder %s cannot be locked (%s): kept without a lock", path, err)
+            break
         except BaseException:
             os.close(fd)
             raise
@@ -192,9 +206,10 @@ def remove_stale_socket_dirs(root: str, keep: str | None = None) -> list[str]:
     a session that never reused their name): this user's `vibe-serve-*` folders whose lock file no process
     holds (taken and held here while the folder is removed, so a worker claiming it meanwhile waits, then makes
     it anew). A folder of an older version, without a lock file, goes when its worker.sock is older than
-    SOCKET_GRACE_S and refuses a connection (no process listens on it). Folders being created, live workers'
-    folders (also on other nodes sharing `root`: the lock is the file system's), links, other users' folders
-    and `keep` are left alone. Returns the paths removed."""
+    SOCKET_GRACE_S and refuses a connection (no process listens on it), also under a lock this makes. Folders
+    being created, live workers' folders (also on other nodes sharing `root`, where the file system's flock holds
+    across hosts: NFS without `local_lock=flock` or `nolock`), links, other users' folders, folders on a file
+    system without flock, and `keep` are left alone. Returns the paths removed."""
     removed = []
     for entry in os.scandir(root):
         if not entry.name.startswith(SOCKET_DIR_PREFIX) or entry.path == keep:
@@ -211,21 +226,28 @@ def remove_stale_socket_dirs(root: str, keep: str | None = None) -> list[str]:
 
 
 def _remove_if_unlocked(path: str) -> bool:
+    """Remove `path` if its lock is free (held here while removing). A folder without a lock file (an older
+    version's, or one whose worker is about to make it) gets one made here, exclusively, and is removed only if
+    its socket is stale (`_listening`); a claim meanwhile waits for that lock and then makes the folder anew."""
     lock_path = os.path.join(path, LOCK_NAME)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:  # an older version's folder, or one whose worker has not made its lock yet
-        if _listening(os.path.join(path, "worker.sock")) is False:
-            shutil.rmtree(path)
-            return True
-        return False
+        legacy = False
+    except FileNotFoundError:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return False  # made meanwhile: a claim's, judged at the next sweep
+        legacy = True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False  # its worker lives
+            return False  # its worker lives (or claims it now)
         if not _same_file(fd, lock_path):
             return False  # replaced meanwhile: a new claim's
+        if legacy and _listening(os.path.join(path, "worker.sock")) is not False:
+            return False
         shutil.rmtree(path)
         return True
     finally:

@@ -315,3 +315,46 @@ def test_the_report_names_weights_it_did_not_hash():
     assert _weights({"weights_sha256": "ab" * 32}) == "weights sha256 abababababab"
     files = [["model-00001-of-00002.safetensors", 4_000_000_000, 1], ["model-00002-of-00002.safetensors", 1_000_000_000, 2]]
     assert _weights({"weights_sha256": None, "weights_files": files}).startswith("2 safetensors files, 5.00 GB")
+
+
+def test_an_app_is_measured_only_once_it_holds_every_device(monkeypatch):
+    import time
+
+    import httpx
+
+    from load_tests import compare
+
+    answers = iter([[3], [3], []])
+    calls = []
+
+    def fake_get(url, headers, timeout):
+        calls.append((url, headers["Authorization"]))
+        return httpx.Response(200, json={"lost_devices": next(answers)}, request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(httpx, "get", fake_get)
+    monkeypatch.setattr(compare.time, "sleep", lambda s: None)
+    compare._check_devices("http://h/app", {"admin_token": "t" * 16}, time.monotonic() + 60)  # a worker came late
+    assert calls == [("http://h/app/admin/stats", "Bearer " + "t" * 16)] * 3
+    monkeypatch.setattr(httpx, "get", lambda url, headers, timeout: httpx.Response(
+        200, json={"lost_devices": [5, 6]}, request=httpx.Request("GET", url)))
+    with pytest.raises(RuntimeError, match=r"still without expert devices \[5, 6\] .* at the deadline"):
+        compare._check_devices("http://h/app", {"admin_token": "t" * 16}, time.monotonic() - 1)
+    compare._check_devices("http://h/app", {}, 0.0)  # no admin token: nothing to ask
+
+
+def test_a_proxy_serving_https_only_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    import ray.serve.context
+    from ray.serve.schema import ServeInstanceDetails
+
+    from load_tests import compare
+
+    client = SimpleNamespace(http_config=SimpleNamespace(host="0.0.0.0", port=8443, ssl_certfile="/certs/c.pem"),
+                             get_serve_details=ServeInstanceDetails.get_empty_schema_dict)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **kw: client)
+    with pytest.raises(ValueError, match="https only"):
+        compare._cluster_root({"bench-vibe": {}}, {"bench-vibe": "/bench-vibe"}, {})
+    client.http_config.ssl_certfile = None
+    client.http_config.host = "::"
+    assert compare._cluster_root({"bench-vibe": {}}, {"bench-vibe": "/bench-vibe"}, {}) == ("http://[::1]:8443", False)

@@ -123,3 +123,14 @@ def test_a_claim_waiting_on_a_sweep_makes_the_folder_anew(tmp_path):
         assert remove_stale_socket_dirs(str(tmp_path)) == []  # held: a live worker's
     finally:
         os.close(fd)
+
+
+def test_a_folder_without_a_lock_is_judged_under_one_the_sweep_makes(tmp_path):
+    """A folder whose worker has not made its lock yet: the sweep makes it exclusively, keeps the folder (no
+    stale socket), and lets go, so the worker's claim takes that lock at once."""
+    starting = tmp_path / f"{SOCKET_DIR_PREFIX}starting"
+    starting.mkdir()
+    assert remove_stale_socket_dirs(str(tmp_path)) == []
+    assert (starting / LOCK_NAME).is_file()
+    fd = _claim(str(starting), timeout_s=0.5)
+    os.close(fd)

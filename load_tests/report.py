@@ -154,7 +154,7 @@ def _header(result: dict, slo: SLO) -> str:
     command = shlex.join(["python", "-m", "load_tests.compare", *result.get("argv", ["--out", "bench"])])
     unloaded = result["slo"]
     return "\n".join([
-        "# vibe-serve: side-by-side benchmark (contiguous vs eplb vs vibe)",
+        f"# vibe-serve: side-by-side benchmark ({' vs '.join(sorted(result['policies']))})",
         "",
         f"Reproduce: `{command}` from the repository root (`make bench` runs it with `--out bench --drift`; this run "
         f"took {result.get('runtime_s', 0) / 60:.0f} min). Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "

@@ -186,3 +186,12 @@ def test_a_targets_caveats_use_the_compared_policies_and_eplbs_own_run_at_its_fr
     for what in ("vibe frontier / eplb frontier", "vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"):
         assert "eplb's own run at its frontier rate reached attainment 0.855, below 0.9" in checks[what]["caveat"]
     assert "eplb's own run" not in checks["vibe frontier / contiguous frontier"]["caveat"]
+
+
+def test_the_title_names_the_policies_that_ran(tmp_path, result):
+    report.write(tmp_path, result)
+    assert (tmp_path / "report.md").read_text().startswith(
+        "# vibe-serve: side-by-side benchmark (contiguous vs eplb vs vibe)\n")
+    del result["policies"]["contiguous"]
+    report.write(tmp_path, result)
+    assert (tmp_path / "report.md").read_text().startswith("# vibe-serve: side-by-side benchmark (eplb vs vibe)\n")

@@ -358,3 +358,37 @@ def test_a_proxy_serving_https_only_is_refused(monkeypatch):
     client.http_config.ssl_certfile = None
     client.http_config.host = "::"
     assert compare._cluster_root({"bench-vibe": {}}, {"bench-vibe": "/bench-vibe"}, {}) == ("http://[::1]:8443", False)
+
+
+def test_an_app_that_cannot_start_is_given_up_at_the_deadline(monkeypatch):
+    """Serve's own `serve.run` waits forever for resources no node has: the deploy polls the app's status and gives
+    up at the deadline, saying what the cluster has free; a failed deploy is said at once."""
+    import time
+    from types import SimpleNamespace
+
+    import ray
+    import ray.serve.api
+    from ray import serve
+
+    from load_tests import compare
+
+    deployed, states = [], iter(["DEPLOYING", "RUNNING"])
+    monkeypatch.setattr(ray.serve.api, "_run", lambda app, **kw: deployed.append(kw))
+    monkeypatch.setattr(compare.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 6.0})
+
+    def status_of(state: str, message: str = ""):
+        deployment = SimpleNamespace(message="1 replica waiting for {'CPU': 64.0}")
+        return SimpleNamespace(applications={"big": SimpleNamespace(
+            status=f"ApplicationStatus.{state}", message=message, deployments={"Ingress": deployment})})
+
+    monkeypatch.setattr(serve, "status", lambda: status_of(next(states)))
+    compare._deploy("app", "big", "/big", time.monotonic() + 60)  # DEPLOYING, then RUNNING
+    assert deployed == [{"_blocking": False, "name": "big", "route_prefix": "/big"}]
+    monkeypatch.setattr(serve, "status", lambda: status_of("DEPLOYING"))
+    with pytest.raises(TimeoutError, match=r"'big' is DEPLOYING at the deadline \(Ingress: 1 replica waiting for "
+                                           r"\{'CPU': 64.0\}; free on the cluster: 6 CPU, 0 GPU\)"):
+        compare._deploy("app", "big", "/big", time.monotonic() - 1)
+    monkeypatch.setattr(serve, "status", lambda: status_of("DEPLOY_FAILED", "the ingress raised"))
+    with pytest.raises(RuntimeError, match=r"'big' is DEPLOY_FAILED \(the ingress raised; Ingress: 1 replica"):
+        compare._deploy("app", "big", "/big", time.monotonic() + 60)

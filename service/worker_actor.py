@@ -25,6 +25,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 
@@ -46,6 +47,7 @@ class ExpertWorkerActor:
         self._worker = ExpertWorker(config)
         self._record: dict = {}  # the coordinator's latest placement record (for its recovery)
         self._socket_dir, self._socket_lock = _socket_dir()
+        self._shutdown_lock = threading.Lock()
         self._server = WorkerServer(self._worker, host=ray.util.get_node_ip_address(),
                                     unix_path=os.path.join(self._socket_dir, "worker.sock"))
         atexit.register(self.shutdown)  # a normal process exit also removes the socket folder
@@ -104,14 +106,15 @@ class ExpertWorkerActor:
         return self._record
 
     def shutdown(self) -> None:
-        """Close the data plane and remove the socket folder (call before killing the actor; again, or at the
-        process's exit after it, does nothing)."""
-        if self._socket_lock < 0:
+        """Close the data plane and remove the socket folder (call before killing the actor; again, also
+        concurrently, or at the process's exit after it, does nothing)."""
+        with self._shutdown_lock:
+            lock, self._socket_lock = self._socket_lock, -1
+        if lock < 0:
             return
         atexit.unregister(self.shutdown)
         self._server.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)  # still holding its lock: no sweep races this
-        lock, self._socket_lock = self._socket_lock, -1
         with contextlib.suppress(OSError):
             os.close(lock)
 
@@ -175,7 +178,12 @@ def _claim(path: str, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
         except BaseException:
             os.close(fd)
             raise
-        if _same_file(fd, lock_path):
+        try:
+            same = _same_file(fd, lock_path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
             break
         os.close(fd)  # a sweep removed the folder while this waited for its lock: make it anew
     try:
@@ -247,6 +255,9 @@ def _remove_if_unlocked(path: str) -> bool:
         if not _same_file(fd, lock_path):
             return False  # replaced meanwhile: a new claim's
         if legacy and _listening(os.path.join(path, "worker.sock")) is not False:
+            # kept: take back the lock file made here (a live older-version worker holds no lock, so the next
+            # sweep would take a left one for a dead worker's); a claim that opened it meanwhile finds it removed
+            os.unlink(lock_path)
             return False
         shutil.rmtree(path)
         return True

@@ -98,9 +98,15 @@ def user_serve(cluster):
     return port
 
 
-def test_without_serve_the_benchmark_starts_it_with_the_configs_options_runs_and_stops_it(cluster, tmp_path):
+def test_without_serve_the_benchmark_starts_it_with_the_configs_options_runs_and_stops_it(cluster, tmp_path,
+                                                                                         monkeypatch):
     """The whole `Experiment` (one policy: the others only repeat it) on a cluster without Serve."""
+    from load_tests import compare
+
     assert _cluster_state(cluster) == (set(), set(), False)
+    roots = []
+    real_root = compare._cluster_root
+    monkeypatch.setattr(compare, "_cluster_root", lambda *a: roots.append(real_root(*a)) or roots[-1])
     port = _free_port()
     serve_config = tmp_path / "cluster.yaml"
     serve_config.write_text(f"http_options: {{host: 0.0.0.0, port: {port}}}\napplications:\n  - args: "
@@ -115,7 +121,8 @@ def test_without_serve_the_benchmark_starts_it_with_the_configs_options_runs_and
     runs = entry["runs"]
     assert [r["rate_rps"] for r in runs] == [1.0]
     assert runs[0]["summary"]["failed"] == 0 and len(runs[0]["results"]["ttft_s"]) == 4
-    assert runs[0]["placement"]["version"] >= 1  # the app's own coordinator answered through the proxy on `port`
+    assert runs[0]["placement"]["version"] >= 1  # the app's own coordinator answered through the proxy
+    assert roots == [(f"http://127.0.0.1:{port}", True)]  # Serve started here, on the config's port
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["config"]["deploy_config"] == str(serve_config) and saved["ray_address"] == cluster
     # the app, its expert workers and the Serve instance started for it are gone; the cluster stays

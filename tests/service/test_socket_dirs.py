@@ -125,12 +125,25 @@ def test_a_claim_waiting_on_a_sweep_makes_the_folder_anew(tmp_path):
         os.close(fd)
 
 
-def test_a_folder_without_a_lock_is_judged_under_one_the_sweep_makes(tmp_path):
-    """A folder whose worker has not made its lock yet: the sweep makes it exclusively, keeps the folder (no
-    stale socket), and lets go, so the worker's claim takes that lock at once."""
+def test_a_folder_without_a_lock_is_judged_under_one_the_sweep_makes_and_takes_back(tmp_path):
+    """A folder whose worker has not made its lock yet: the sweep makes one exclusively to judge it, keeps the
+    folder (no stale socket) and removes that lock file again, so the worker's claim makes its own at once."""
     starting = tmp_path / f"{SOCKET_DIR_PREFIX}starting"
     starting.mkdir()
     assert remove_stale_socket_dirs(str(tmp_path)) == []
-    assert (starting / LOCK_NAME).is_file()
+    assert starting.is_dir() and not (starting / LOCK_NAME).exists()
     fd = _claim(str(starting), timeout_s=0.5)
     os.close(fd)
+
+
+def test_live_and_young_folders_of_older_versions_survive_every_sweep(tmp_path):
+    """An older version's live worker holds no lock: a lock file a sweep left behind would make the next sweep
+    take its folder for a dead worker's (a review found the second sweep removing it)."""
+    live, server = _legacy_folder(tmp_path, "live", listening=True)
+    young, _ = _legacy_folder(tmp_path, "young", listening=False, age_s=1.0)
+    try:
+        for _ in range(3):
+            assert remove_stale_socket_dirs(str(tmp_path)) == []
+    finally:
+        server.close()
+    assert (live / "worker.sock").exists() and (young / "worker.sock").exists()

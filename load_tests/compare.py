@@ -1,7 +1,9 @@
 """The side-by-side benchmark: `python -m load_tests.compare --out bench --drift` (`make bench`).
 
 Owns the experiment: one app per policy (`contiguous`, `eplb`, `vibe`), all started in one local Ray
-cluster on the emulated cluster of `deploy/config.yaml`; the same seeded request trace sent to every app,
+cluster on the emulated cluster of `deploy/config.yaml` (by default: `--config` and `--set` build them from
+another serve config's args, `--address` puts them on a running Ray cluster, see `serve_apps`); the same
+seeded request trace sent to every app,
 rate by rate; the SLOs (multiples of the unloaded latency measured in the same run); the rate sweep; the
 run at `eplb`'s SLO frontier; `<out>/compare.json`, the plots, `<out>/report.md` and the one line per
 policy printed last. Also owns starting apps for a load test (`serve_apps`), which `drift` reuses.

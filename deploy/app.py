@@ -406,12 +406,12 @@ def _split_roots(text: str) -> list[str]:
 def _fingerprint(worker_configs: list, checkpoint: str, **resources: Any) -> str:
     """Short hash of what the workers are built from (every worker's config, the checkpoint) and the resources their
     actors hold: adopting workers of another config is never right, so any change to either names new workers."""
-    described = [[dataclasses.asdict(config) for config in worker_configs], checkpoint, _weights_identity(checkpoint),
+    described = [[dataclasses.asdict(config) for config in worker_configs], checkpoint, weights_identity(checkpoint),
                  resources]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _weights_identity(checkpoint: str) -> list:
+def weights_identity(checkpoint: str) -> list:
     """What tells a checkpoint folder's weights apart without reading them: config.json's and the index's bytes'
     hash and each safetensors file's size and modification time. (Weights saved over the old ones in the same folder,
     a fine-tune or `make model` run again, kept the path: a redeploy adopted workers holding the old experts beside

@@ -159,33 +159,32 @@ def deploy_args(path: Path | str = DEPLOY_CONFIG) -> dict:
     """The `args:` of the first application in a `serve run` config (default: the emulated cluster). A relative
     path is taken from the working folder, else from the repository root. ValueError for a file that is not
     such a config."""
-    path = _config_path(path)
+    path, config = _serve_config(path)
+    args = config["applications"][0]["args"]
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: the first application's args must be a mapping, got {type(args).__name__}")
+    return dict(args)
+
+
+def _serve_config(path: Path | str) -> tuple[Path, dict]:
+    """A serve config (its path: as given, or a relative one not found from the working folder taken from the
+    repository root) and its contents; ValueError for a file that is not one with an application."""
+    path = Path(path)
+    path = REPO_ROOT / path if not path.is_absolute() and not path.exists() else path
     try:
         config = yaml.safe_load(path.read_text())
-        args = config["applications"][0]["args"]
+        config["applications"][0]["args"]  # noqa: B018 - what every caller reads
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read the serve config {path}: {err}") from err
     except (KeyError, IndexError, TypeError) as err:
         raise ValueError(f"{path} is not a serve config with an application's args "
                          "(applications: [{args: {...}}])") from err
-    if not isinstance(args, dict):
-        raise ValueError(f"{path}: the first application's args must be a mapping, got {type(args).__name__}")
-    if config["applications"][0].get("runtime_env"):
-        print(f"{path}: the first application's runtime_env is not applied to the benchmark's apps (only its "
-              "args are): set what it holds on the cluster itself", file=sys.stderr)
-    return dict(args)
-
-
-def _config_path(path: Path | str) -> Path:
-    """A serve config's path: as given, or a relative one not found from the working folder taken from the
-    repository root."""
-    path = Path(path)
-    return REPO_ROOT / path if not path.is_absolute() and not path.exists() else path
+    return path, config
 
 
 def serve_options(path: Path | str = DEPLOY_CONFIG) -> dict:
     """A serve config's `http_options` and `proxy_location` (what Serve starts with on a cluster without one)."""
-    config = yaml.safe_load(_config_path(path).read_text())
+    _, config = _serve_config(path)
     return {k: config[k] for k in ("http_options", "proxy_location") if k in config}
 
 
@@ -252,7 +251,7 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
     else:
         ray.init(address=address, log_to_driver=False)
     deployed: list[str] = []
-    started_serve = address is None
+    started_serve = False  # on a running cluster: whether Serve was started here
     try:
         with _signals_raise(address is not None):
             if address is None:
@@ -298,7 +297,7 @@ def _cluster_root(apps: dict[str, dict], prefixes: dict[str, str], serve_options
     if clash := sorted(set(prefixes.values()) & set(running.values())):
         raise ValueError(f"the cluster already serves applications at {clash}")
     if client is None:
-        serve.start(**{k: v for k, v in serve_options.items() if k in ("http_options", "proxy_location")})
+        serve.start(**serve_options)
     config = _get_global_client().http_config
     if config.ssl_certfile:  # its certificate names a host, never 127.0.0.1: every client here would be refused
         raise ValueError("the cluster's Serve proxy serves https only; the benchmark's clients reach it at this "
@@ -513,7 +512,7 @@ def model_fingerprint(args: dict) -> dict:
     """The served checkpoint folder and the SHA-256 of its weights (which model produced the numbers): of a
     single model.safetensors up to HASHED_WEIGHTS_BYTES; else None, and `weights_files` (each safetensors file's
     name, size and modification time) says which weights they were."""
-    from deploy.app import AppArgs, checkpoint_folder
+    from deploy.app import AppArgs, checkpoint_folder, weights_identity
 
     folder = Path(checkpoint_folder(AppArgs.model_validate(args)))
     weights = folder / "model.safetensors"
@@ -521,8 +520,8 @@ def model_fingerprint(args: dict) -> dict:
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if small else None
     resolved = folder.resolve()
     shown = resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved  # repo: clone-neutral
-    files = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.glob("*.safetensors"))]
-    return {"path": str(shown), "weights_sha256": digest, **({} if small else {"weights_files": files})}
+    return {"path": str(shown), "weights_sha256": digest,
+            **({} if small else {"weights_files": weights_identity(str(folder))[1]})}
 
 
 def machine_info() -> dict:
@@ -741,8 +740,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
         config = replace(DEFAULT, **overrides, app_args=parse_sets(args.sets))
         apps = [app_args_for(policy, config, f"bench-{policy}") for policy in config.policies]
         devices_emulated = [emulated(app) for app in apps]  # also validates every app's arguments
+        path, serve_config = _serve_config(config.deploy_config)
     except ValueError as err:  # pydantic's ValidationError is a ValueError
         parser.error(str(err))
+    if serve_config["applications"][0].get("runtime_env"):
+        print(f"{path}: the first application's runtime_env is not applied to the benchmark's apps (only its "
+              "args are): set what it holds on the cluster itself", file=sys.stderr)
     if args.address is not None and args.address.startswith("ray://"):
         parser.error("--address: a Ray Client address (ray://) cannot reach the apps' HTTP proxy from here; run this "
                      "on a node of the cluster with --address auto")

@@ -203,9 +203,9 @@ def _cluster(result: dict) -> str:
     config = result["config"].get("deploy_config", "deploy/config.yaml")
     where = f" on the Ray cluster at {result['ray_address']}" if result.get("ray_address") else ""
     if args.get("emulate", True):
-        return (f"Emulated cluster ({config}){where}: {args.get('num_devices', 8)} devices, speeds "
+        return (f"Emulated cluster ({config}){where}: {args['num_devices']} devices, speeds "
                 f"{args.get('speeds')}, emulation {args.get('emulation')}.")
-    return f"Cluster ({config}){where}: {args.get('num_devices', 8)} expert workers on {args.get('device', 'cpu')} devices."
+    return f"Cluster ({config}){where}: {args['num_devices']} expert workers on {args.get('device', 'cpu')} devices."
 
 
 def _headline_table(rows: dict[str, dict]) -> str:

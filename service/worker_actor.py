@@ -165,39 +165,38 @@ def _claim(path: str, timeout_s: float = CLAIM_TIMEOUT_S) -> int:
         except FileNotFoundError:  # a sweep removed the folder between the mkdir and the open: make it anew
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} stayed locked for {timeout_s:g} s") from None
-            time.sleep(0.05)
-            continue
-        except OSError as err:  # a file system without flock (some NFS or FUSE mounts): sweeps cannot lock it either
-            log.warning("socket folder %s cannot be locked (%s): kept without a lock", path, err)
-            break
+            held = _lock(fd, lock_path)
+            if held is None:  # a file system without flock (some NFS or FUSE mounts): sweeps cannot lock it either
+                log.warning("socket folder %s cannot be locked: kept without a lock", path)
+            if held is not False:
+                for entry in os.scandir(path):  # an earlier incarnation's socket and files
+                    if entry.name == LOCK_NAME:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                return fd
         except BaseException:
             os.close(fd)
             raise
-        try:
-            same = _same_file(fd, lock_path)
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            break
-        os.close(fd)  # a sweep removed the folder while this waited for its lock: make it anew
+        os.close(fd)  # another holds it (a predecessor exiting, a sweep), or a sweep removed it meanwhile
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} stayed locked for {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def _lock(fd: int, path: str) -> bool | None:
+    """Take the lock of the file at `path` through `fd` (opened on it) without waiting: True when held and `fd`
+    still is `path`'s file; False when another process holds it or a sweep removed the file meanwhile (a lock
+    on it guards nothing); None when the file system has no flock."""
     try:
-        for entry in os.scandir(path):
-            if entry.name == LOCK_NAME:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return _same_file(fd, path)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -248,12 +247,8 @@ def _remove_if_unlocked(path: str) -> bool:
             return False  # made meanwhile: a claim's, judged at the next sweep
         legacy = True
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # its worker lives (or claims it now)
-        if not _same_file(fd, lock_path):
-            return False  # replaced meanwhile: a new claim's
+        if not _lock(fd, lock_path):
+            return False  # its worker lives (or claims it now), replaced meanwhile, or no flock here
         if legacy and _listening(os.path.join(path, "worker.sock")) is not False:
             # kept: take back the lock file made here (a live older-version worker holds no lock, so the next
             # sweep would take a left one for a dead worker's); a claim that opened it meanwhile finds it removed

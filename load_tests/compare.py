@@ -17,7 +17,9 @@ placement changes, are a few percent of it. One app at a time (`together=False`,
 rotated from rate to rate) gives each policy the cores to itself, as a deployment would, but then each
 policy runs in a different minute of the host's load, and on this machine that swamps the placement: in
 one such run eplb's mean engine step at 1.42 req/s was 75 ms against contiguous's 41 ms, measured two
-minutes apart, with the same predicted MoE time per pass (7.3 ms). Use it on a dedicated machine.
+minutes apart, with the same predicted MoE time per pass (7.3 ms). Use it on a dedicated machine. Deployed apart
+(`deploy_apart`, `--deploy-one-at-a-time`), each app is also deployed only for its own turns, so a cluster needs
+room for one app's devices, not every app's (`_run_apart`).
 
 Sequence: start the apps one after another (each calibrates with its profiling pass); a warm-up trace to
 every app (lets the adaptive policies re-place for the workload); unloaded requests, one at a time per app
@@ -45,6 +47,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import httpx
+import numpy as np
 import yaml
 
 from load_tests.generator import (
@@ -69,6 +72,7 @@ DEPLOY_CONFIG = REPO_ROOT / "deploy" / "config.yaml"
 # must not be open to a token anyone can read here.
 ADMIN_TOKEN = f"load-test-{secrets.token_hex(16)}"
 POLICY_ORDER = ("eplb", "contiguous", "vibe")
+IDLE_TIMEOUT_S = 120.0  # after a run: the engine's own cut-off requests are aborted well within it
 _RESULT_FIELDS = tuple(f.name for f in fields(RequestResult))
 
 
@@ -92,6 +96,11 @@ class CompareConfig:
         target: attainment the frontier asks for.
         together: load every app at the same time (True) or one app at a time, in an order rotated per
             rate (False); see the module docstring for why the default is True on a shared machine.
+        deploy_apart: deploy each app only for its own turns (needs `together` False), so the cluster holds one
+            app's devices at a time instead of every app's: each app deployed alone twice, once for its warm-up
+            and unloaded latency (the SLOs pool every app's, as together) and once for its warm-up, its whole
+            sweep and its run at eplb's frontier rate (eplb's turn first: its frontier sets that rate). For a
+            cluster without room for every app at once; each policy then runs in a different stretch of time.
         stop_below: a policy leaves the sweep after a rate at which its attainment is below this (when
             `together`: the sweep ends once every policy's is).
         extend_factor, max_rates: while some policy still meets the target at the highest swept rate (its
@@ -121,6 +130,7 @@ class CompareConfig:
     tpot_factor: float = 3.0
     target: float = 0.9
     together: bool = True
+    deploy_apart: bool = False
     stop_below: float = 0.5
     drain_s: float = 45.0
     deploy_config: str = str(DEPLOY_CONFIG.relative_to(REPO_ROOT))
@@ -141,6 +151,8 @@ class CompareConfig:
             raise ValueError("unloaded_requests must be >= 1 and unloaded_max_tokens >= 2")
         if not self.extend_factor > 1 or self.max_rates < 1:
             raise ValueError(f"need extend_factor > 1 and max_rates >= 1, got {self.extend_factor}, {self.max_rates}")
+        if self.deploy_apart and self.together:
+            raise ValueError("deploy_apart loads one app at a time: it needs together=False")
         if not 0 <= self.stop_below <= self.target <= 1:
             raise ValueError(f"need 0 <= stop_below <= target <= 1, got {self.stop_below}, {self.target}")
         # A trace holds round(rate x duration) requests (generator.make_trace): a rate with none measures nothing,
@@ -443,15 +455,24 @@ def _wait_healthy(base: str, deadline: float) -> None:
     raise TimeoutError(f"{base}/health did not answer 200 before the deadline")
 
 
-async def wait_idle(base: str, timeout_s: float = 120.0) -> None:
-    """Until the engine has no running or waiting request (cut-off requests are aborted server-side)."""
+async def wait_idle(base: str, timeout_s: float = 120.0) -> bool:
+    """Until the engine has no running or waiting request (cut-off requests are aborted server-side): True; False
+    when it still had some, or /metrics never answered, after `timeout_s` (a /metrics that fails or is slow once
+    is asked again: it used to lose the run just measured)."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         while time.monotonic() < deadline:
-            text = (await http.get("/metrics")).text
-            if not any(metric_total(text, name) > 0 for name in ("vibe_num_requests_running", "vibe_num_requests_waiting")):
-                return
+            with contextlib.suppress(httpx.HTTPError, ValueError):  # ValueError: a page that is not the metrics
+                response = await http.get("/metrics")
+                text = response.raise_for_status().text
+                if not any(metric_total(text, name) > 0
+                           for name in ("vibe_num_requests_running", "vibe_num_requests_waiting")):
+                    return True
             await asyncio.sleep(0.5)
+    return False
+
+
+BUSY_NOTE = "the engine was still busy {:g} s after this run (or its /metrics did not answer): what ran next began on it"
 
 
 async def client_for(base: str, **kwargs) -> ClientConfig:
@@ -475,12 +496,19 @@ async def unloaded_latency(client: ClientConfig, trace, num: int, max_tokens: in
         await aclient.close()
 
 
-async def placement_summary(client: ClientConfig) -> dict:
+async def placement_summary(client: ClientConfig, notes: list[str] | None = None) -> dict | None:
     """From /admin/placement: the version, slots per device per layer, predicted device times per layer on
     the window loads, the MoE layers' predicted critical path per forward pass (sum_l max_g) and what it
-    would be with the same device work perfectly balanced (sum_l mean_g)."""
-    async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
-        view = await fetch_admin(http, client.admin_token, "/admin/placement")
+    would be with the same device work perfectly balanced (sum_l mean_g). None, said in `notes`, when the route
+    cannot be read (an answer over 60 s or an error costs the placement columns, not the run just measured)."""
+    try:
+        async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
+            view = await fetch_admin(http, client.admin_token, "/admin/placement")
+    except (httpx.HTTPError, ValueError) as exc:  # ValueError: a body that is not JSON
+        if notes is None:
+            raise
+        notes.append(f"/admin/placement after the run: {type(exc).__name__}: {str(exc)[:160]} (no placement)")
+        return None
     times = [layer["device_predicted_s"] for layer in view["layers"]]
     slots = [[sum(1 for s in layer["slots"] if s["device"] == d) for d in range(view["num_devices"])]
              for layer in view["layers"]]
@@ -496,7 +524,7 @@ def record_json(record: RunRecord, **extra) -> dict:
     columns = {name: [getattr(r, name) for r in record.results] for name in _RESULT_FIELDS}
     return {**extra, "started_wall": record.started_wall, "duration_s": record.duration_s, "results": columns,
             "polls": record.polls, "recalibrations": record.recalibrations, "step_seconds": record.step_seconds,
-            "events": record.events}
+            "events": record.events, "notes": record.notes}
 
 
 def results_from_json(run: dict) -> list[RequestResult]:
@@ -551,35 +579,84 @@ class Experiment:
                                       cfg.seed if seed is None else seed, cfg.max_tokens_cap), self.prompts)
 
     def run(self) -> dict:
-        """Start every app, measure, write `<out>/compare.json`; returns the result."""
+        """Start the apps (all at once, or each alone in turn: `deploy_apart`), measure, write
+        `<out>/compare.json`; returns the result."""
+        # Serve apps named as their workers (bench-<policy>): on a user's cluster, names like "vibe" may be taken
         apps = {p: app_args_for(p, self.config, f"bench-{p}") for p in self.config.policies}
         self.result["model"] = model_fingerprint(next(iter(apps.values())))
-        # Serve apps named as their workers (bench-<policy>): on a user's cluster, names like "vibe" may be taken
-        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address,
-                        serve_options=serve_options(self.config.deploy_config)) as (named, startup_s):
-            bases = {policy: named[args["app_name"]] for policy, args in apps.items()}
-            self.result["startup_s"] = startup_s
-            for policy, args in apps.items():
-                self.result["policies"][policy] = {"app_args": resolved_args(args), "runs": []}
-            asyncio.run(self._measure(bases))
+        for policy, args in apps.items():
+            self.result["policies"][policy] = {"app_args": resolved_args(args), "runs": []}
+        if self.config.deploy_apart:
+            self._run_apart(apps)
+        else:
+            with self._serve(apps) as (bases, startup_s):
+                self.result["startup_s"] = startup_s
+                asyncio.run(self._measure(bases))
         self.result["machine"]["loadavg_end"] = os.getloadavg()
         self.save()
         return self.result
 
-    async def _measure(self, bases: dict[str, str]) -> None:
+    @contextlib.contextmanager
+    def _serve(self, apps: dict[str, dict]) -> Iterator[tuple[dict[str, str], float]]:
+        """`serve_apps` for {policy: args}: yields ({policy: base URL}, startup seconds)."""
+        with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address,
+                        serve_options=serve_options(self.config.deploy_config)) as (named, startup_s):
+            yield {policy: named[args["app_name"]] for policy, args in apps.items()}, startup_s
+
+    async def _clients(self, bases: dict[str, str]) -> dict[str, ClientConfig]:
+        """A client per app, after the warm-up trace (to every app at once) and once every app is idle again."""
         cfg = self.config
         clients = {p: await client_for(base, drain_s=cfg.drain_s) for p, base in bases.items()}
         warm = self.trace(cfg.warmup_rate, cfg.seed + 1000, cfg.warmup_s)
         await asyncio.gather(*(run_trace(c, warm, desc=f"{p} warm-up", progress=False) for p, c in clients.items()))
-        for client in clients.values():
-            await wait_idle(client.base_url)
-        await self._unloaded(clients)
-        await self._sweep(clients)
+        for policy, client in clients.items():
+            if not await wait_idle(client.base_url):
+                print(f"  {policy}: still busy after the warm-up", file=sys.stderr, flush=True)
+        return clients
+
+    async def _measure(self, bases: dict[str, str]) -> None:
+        cfg = self.config
+        clients = await self._clients(bases)
+        self._set_slo(await self._unloaded(clients))
+        self.result["rates"] = await self._sweep(clients, self.result["rates"])
         for policy in cfg.policies:
             self._entry(policy)["frontier"] = asdict(self._frontier(policy))
         if "eplb" in cfg.policies:
             await self._at_eplb_frontier(clients)
         self.save()
+
+    def _run_apart(self, apps: dict[str, dict]) -> None:
+        """`deploy_apart`: each app deployed alone for its unloaded latency, then (the SLOs and rates set from
+        every app's) alone again for its sweep and its run at eplb's frontier rate, eplb first. The swept rates
+        recorded: every rate some policy ran."""
+        order = sorted(apps, key=lambda policy: policy != "eplb")  # stable: the others in the given order
+        starts: dict[str, list[float]] = {policy: [] for policy in order}
+        unloaded: dict[str, list[RequestResult]] = {}
+        for policy in order:
+            with self._serve({policy: apps[policy]}) as (bases, startup_s):
+                starts[policy].append(startup_s)
+                unloaded |= asyncio.run(self._alone_unloaded(bases))
+        self._set_slo({policy: unloaded[policy] for policy in apps})
+        base_rates, swept = list(self.result["rates"]), set()
+        for policy in order:
+            with self._serve({policy: apps[policy]}) as (bases, startup_s):
+                starts[policy].append(startup_s)
+                swept |= set(asyncio.run(self._alone_sweep(policy, bases, base_rates)))
+            self.result["rates"] = sorted(swept)
+            self.save()
+        self.result["startup_s"] = sum(map(sum, starts.values())) / sum(map(len, starts.values()))
+        self.result["startup_s_per_app"] = starts
+
+    async def _alone_unloaded(self, bases: dict[str, str]) -> dict[str, list[RequestResult]]:
+        return await self._unloaded(await self._clients(bases))
+
+    async def _alone_sweep(self, policy: str, bases: dict[str, str], rates: list[float]) -> list[float]:
+        clients = await self._clients(bases)
+        swept = await self._sweep(clients, rates)
+        self._entry(policy)["frontier"] = asdict(self._frontier(policy))
+        if "eplb" in self.config.policies:  # eplb's turn came first: its frontier is known
+            await self._at_eplb_frontier(clients)
+        return swept
 
     async def _at_eplb_frontier(self, clients: dict[str, ClientConfig]) -> None:
         """Every app at eplb's frontier rate; none when that frontier is 0 (eplb missed the target far below the
@@ -588,15 +665,16 @@ class Experiment:
         if rate > 0:
             await self._run_all(clients, rate, "eplb_frontier")
             return
-        self.result.setdefault("notes", []).append(
-            "eplb's SLO frontier is 0 (it missed the target far below the lowest swept rate): no run at its "
-            "frontier rate, so the headline has no latency or balance numbers.")
+        note = ("eplb's SLO frontier is 0 (it missed the target far below the lowest swept rate): no run at its "
+                "frontier rate, so the headline has no latency or balance numbers.")
+        if note not in (notes := self.result.setdefault("notes", [])):  # once, also when each app comes alone
+            notes.append(note)
 
-    async def _sweep(self, clients: dict[str, ClientConfig]) -> None:
-        """The apps at every rate of `result["rates"]`, low to high, while some policy is still in the sweep;
-        extended upwards while some policy still meets the target at the highest rate."""
+    async def _sweep(self, clients: dict[str, ClientConfig], rates: list[float]) -> list[float]:
+        """The apps at every rate of `rates`, low to high, while some policy is still in the sweep; extended
+        upwards while some policy still meets the target at the highest rate. Returns the rates swept."""
         cfg = self.config
-        rates, swept, active = list(self.result["rates"]), [], dict(clients)
+        rates, swept, active = list(rates), [], dict(clients)
         for rate in rates:  # `rates` grows while a frontier is still above it
             runs = await self._run_all(active, rate, "sweep")
             if runs is None:  # no request arrived at this rate: nothing to judge by
@@ -612,11 +690,11 @@ class Experiment:
         if not swept:  # rates from rate_multipliers, known only now (CompareConfig rejects such given rates)
             raise RuntimeError(f"no swept rate ({rates} req/s) sent a request in duration_s={cfg.duration_s:g} s: "
                                "raise the rate multipliers or the duration")
-        self.result["rates"] = swept
+        return swept
 
-    async def _unloaded(self, clients: dict[str, ClientConfig]) -> None:
+    async def _unloaded(self, clients: dict[str, ClientConfig]) -> dict[str, list[RequestResult]]:
         """Unloaded latency: one request at a time to each app, under the condition of the sweep (the apps
-        one after another, or all at once when `together`); sets the SLO and, unless given, the rates."""
+        one after another, or all at once when `together`); recorded per policy and returned."""
         cfg = self.config
         probe = self.trace(cfg.warmup_rate)
 
@@ -627,12 +705,17 @@ class Experiment:
             found = await asyncio.gather(*(measure(c) for c in clients.values()))
         else:
             found = [await measure(c) for c in clients.values()]
-        pooled = []
         for policy, results in zip(clients, found):
             self._entry(policy)["unloaded"] = record_json(RunRecord(time.time(), results=results))
-            pooled += results
+        return dict(zip(clients, found))
+
+    def _set_slo(self, unloaded: dict[str, list[RequestResult]]) -> None:
+        """The SLOs from every app's unloaded latency, pooled, and, unless given, the rates."""
+        cfg = self.config
+        pooled = [result for results in unloaded.values() for result in results]
         self.slo = SLO.from_unloaded(pooled, cfg.ttft_factor, cfg.tpot_factor, cfg.target)
-        self.result["slo"] = asdict(self.slo) | {"set_by": "every app (pooled)"}
+        self.result["slo"] = asdict(self.slo) | {
+            "set_by": "every app (pooled)" + (", each deployed alone" if cfg.deploy_apart else "")}
         single = single_stream_rate(pooled, self.mean_output_tokens())
         self.result["single_stream_rps"] = single
         self.result["rates"] = list(cfg.rates or (round(m * single, 3) for m in cfg.rate_multipliers))
@@ -655,7 +738,8 @@ class Experiment:
         async def load(policy: str, client: ClientConfig) -> tuple[RunRecord, tuple[float, ...], tuple[float, ...]]:
             before = os.getloadavg()
             record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress)
-            await wait_idle(client.base_url)
+            if not await wait_idle(client.base_url, IDLE_TIMEOUT_S):
+                record.notes.append(BUSY_NOTE.format(IDLE_TIMEOUT_S))
             return record, before, os.getloadavg()
 
         if self.config.together:
@@ -669,8 +753,9 @@ class Experiment:
         for policy in clients:
             record, before, after = loaded[policy]
             summary = summarize(record.results, self.slo, record.duration_s)
-            run = record_json(record, rate_rps=rate, kind=kind, summary=summary,
-                              placement=await placement_summary(clients[policy]), loadavg=[before, after])
+            placement = await placement_summary(clients[policy], record.notes)
+            run = record_json(record, rate_rps=rate, kind=kind, summary=summary, placement=placement,
+                              loadavg=[before, after], send_lag_ms=send_lag_ms(trace, record.results))
             runs[policy] = run
             if kind == "sweep":
                 self._entry(policy)["runs"].append(run)
@@ -678,7 +763,8 @@ class Experiment:
                 self._entry(policy)["at_eplb_frontier"] = run
             print(f"  {policy:>10} {kind:>13} rate={rate:5.3f} attainment={summary['attainment']:.3f} "
                   f"p90_ttft_ms={_ms(summary['ttft_p90_ms'])} p90_tpot_ms={_ms(summary['tpot_p90_ms'])} "
-                  f"failed={summary['failed']} load={before[0]:.1f}", flush=True)
+                  f"failed={summary['failed']} load={before[0]:.1f}"
+                  + "".join(f"\n    note: {note}" for note in record.notes), flush=True)
         self.save()
         return runs
 
@@ -692,6 +778,16 @@ class Experiment:
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "compare.json").write_text(json.dumps(self.result, separators=(",", ":")))
+
+
+def send_lag_ms(trace, results: list[RequestResult]) -> dict[str, float | None]:
+    """How late the client sent the requests after their scheduled arrivals (this process's event loop; ms):
+    median, P99 and max over the requests not cut off (a cut-off one records its arrival); a P99 that is a real
+    share of the TTFT SLO means the offered load was lower than the rate says."""
+    lags = [1e3 * max(0.0, r.sent_s - spec.arrival_s) for spec, r in zip(trace, results) if r.error != "cutoff"]
+    if not lags:
+        return {"p50": None, "p99": None, "max": None}
+    return {"p50": float(np.percentile(lags, 50)), "p99": float(np.percentile(lags, 99)), "max": max(lags)}
 
 
 def run_order(policies: list[str], turn: int) -> list[str]:
@@ -719,6 +815,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
     parser.add_argument("--seed", type=int)
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="load one app at a time (order rotated per rate) instead of all at once")
+    parser.add_argument("--deploy-one-at-a-time", action="store_true",
+                        help="also deploy one app at a time (each alone, twice: unloaded latency, then its sweep), "
+                             "for a cluster without room for every app's devices at once; implies --one-at-a-time")
     parser.add_argument("--drift", action="store_true", help="also run the drift scenarios (about 10 minutes)")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale study")
     parser.add_argument("--no-progress", action="store_true")
@@ -734,7 +833,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("rates", tuple(args.rates or ())), ("duration_s", args.duration),
                                    ("policies", tuple(args.policies or ())), ("seed", args.seed),
-                                   ("together", False if args.one_at_a_time else None),
+                                   ("together", False if args.one_at_a_time or args.deploy_one_at_a_time else None),
+                                   ("deploy_apart", True if args.deploy_one_at_a_time else None),
                                    ("deploy_config", args.config)) if v not in (None, ())}
     try:
         config = replace(DEFAULT, **overrides, app_args=parse_sets(args.sets))

@@ -173,11 +173,16 @@ class RunRecord:
         started_wall: time.time() when the trace started (maps admin `started_at` stamps to run time).
         duration_s: from the trace's start until the last request ended or was cut off.
         results: one per request, in index order.
-        polls: {"t": seconds after start, "version", "imbalance_per_layer", "devices"} per /admin/stats poll.
-        recalibrations: every recalibration record seen by the polls (deduplicated), without its moves.
-        step_seconds: {"sum", "count"} of the engine step-time histogram over the run (from /metrics).
+        polls: {"t": seconds after start, "version", "imbalance_per_layer", "devices"} per /admin/stats poll:
+            every `poll_interval_s` from the first interval on (a poll at the start would read the statistics
+            window of what ran before), and one after the run.
+        recalibrations: every recalibration record the polls saw that started during the run (deduplicated),
+            without its moves.
+        step_seconds: {"sum", "count"} of the engine step-time histogram over the run (from /metrics); empty
+            when /metrics could not be read before or after the run (said in `notes`).
         events: {"name", "t"} of every scheduled event, `t` when it completed (seconds after start); an event
             whose action raised also has "error" (what it raised), `t` when it failed.
+        notes: what could not be observed (a failed /metrics scrape), without costing the run's results.
     """
 
     started_wall: float
@@ -187,6 +192,7 @@ class RunRecord:
     recalibrations: list[dict] = field(default_factory=list)
     step_seconds: dict[str, float] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str = "requests",
@@ -202,8 +208,9 @@ async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str
     try:
         async with httpx.AsyncClient(base_url=config.base_url, timeout=30) as http:
             await warm_up(client, config, trace[0])
-            steps_before = await scrape_step_seconds(http)
-            record = RunRecord(started_wall=time.time())
+            notes: list[str] = []
+            steps_before = await _scrape_noted(http, notes, "before")
+            record = RunRecord(started_wall=time.time(), notes=notes)
             start = time.monotonic()
             bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False)
             poller = asyncio.create_task(_poll_admin(http, config, record, start))
@@ -219,8 +226,10 @@ async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str
             await asyncio.gather(*scheduled)  # never raises: _run_event records a failed action
             await _stop(poller)
             await _poll_once(http, config, record, start)
-            steps_after = await scrape_step_seconds(http)
-            record.step_seconds = {k: steps_after[k] - steps_before[k] for k in steps_after}
+            # A slow /metrics after an overloaded run costs the step times, not the measured requests
+            steps_after = await _scrape_noted(http, record.notes, "after")
+            if steps_before is not None and steps_after is not None:
+                record.step_seconds = {k: steps_after[k] - steps_before[k] for k in steps_after}
     finally:  # also when the run raised: no poller left polling a closed client, no connections left open
         if poller is not None:
             await _stop(poller)
@@ -323,8 +332,17 @@ def metric_total(text: str, name: str) -> float:
 
 async def scrape_step_seconds(http: httpx.AsyncClient) -> dict[str, float]:
     """{"sum": seconds, "count": steps} of the engines' step-time histogram, from /metrics (zeros if absent)."""
-    text = (await http.get("/metrics")).text
+    text = (await http.get("/metrics")).raise_for_status().text  # an error page would read as zero steps
     return {key: metric_total(text, f"vibe_engine_step_seconds_{key}") for key in ("sum", "count")}
+
+
+async def _scrape_noted(http: httpx.AsyncClient, notes: list[str], when: str) -> dict[str, float] | None:
+    """`scrape_step_seconds`, or None with a note added to `notes` when /metrics cannot be read."""
+    try:
+        return await scrape_step_seconds(http)
+    except Exception as exc:  # noqa: BLE001 - an HTTP error, a timeout or a page that is not the metrics text
+        notes.append(f"/metrics {when} the run: {type(exc).__name__}: {str(exc)[:160]} (no step times)")
+        return None
 
 
 async def fetch_admin(http: httpx.AsyncClient, token: str, path: str) -> dict:
@@ -335,9 +353,9 @@ async def fetch_admin(http: httpx.AsyncClient, token: str, path: str) -> dict:
 
 
 async def _poll_admin(http: httpx.AsyncClient, config: ClientConfig, record: RunRecord, start: float) -> None:
-    while config.admin_token is not None:
-        await _poll_once(http, config, record, start)
+    while config.admin_token is not None:  # first after an interval: at the start the window holds the run before
         await asyncio.sleep(config.poll_interval_s)
+        await _poll_once(http, config, record, start)
 
 
 async def _poll_once(http: httpx.AsyncClient, config: ClientConfig, record: RunRecord, start: float) -> None:
@@ -353,4 +371,4 @@ async def _poll_once(http: httpx.AsyncClient, config: ClientConfig, record: RunR
     record.polls.append(poll)
     seen = {(r["started_at"], r["reason"]) for r in record.recalibrations}
     record.recalibrations += [{k: v for k, v in r.items() if k != "moves"} for r in stats["recalibrations"]
-                              if (r["started_at"], r["reason"]) not in seen]
+                              if (r["started_at"], r["reason"]) not in seen and r["started_at"] >= record.started_wall]

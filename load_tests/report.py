@@ -249,13 +249,23 @@ def _sweep(result: dict) -> str:
             lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f}{spread} | "
                          f"{s['goodput_rps']:.3f} | {s['output_tokens_per_s']:.0f} | {_num(s['ttft_p90_ms'], 1)} | "
                          f"{_num(s['tpot_p90_ms'], 2)} | {_num(s['e2e_p90_ms'], 0)} | {s['failed']} | "
-                         f"{run['placement']['version']} | {_num(step['step_ms'], 1)} | "
+                         f"{(run.get('placement') or {}).get('version', '-')} | {_num(step['step_ms'], 1)} | "
                          f"{_num(step['moe_predicted_ms'], 2)} | {loads} |")
     lines += ["", "Attainment interval: Wilson 95% interval over the run's requests (the run's own sampling "
               "uncertainty only, not the host's noise between runs). Mean step: the engine's step-time histogram over the run; MoE critical path: as predicted by the "
               "coordinator from its statistics window (see below). Differences in the mean step beyond the "
               "differences in the MoE critical path are the host's (the load average is the whole "
               "machine's one-minute average, this benchmark's processes included)."]
+    runs = [(policy, run) for policy, entry in result["policies"].items()
+            for run in entry["runs"] + ([entry["at_eplb_frontier"]] if entry.get("at_eplb_frontier") else [])]
+    lags = [run["send_lag_ms"]["p99"] for _, run in runs if (run.get("send_lag_ms") or {}).get("p99") is not None]
+    if lags:
+        lines += ["", f"Client send lag (scheduled arrival to send, this benchmark's own event loop): P99 at most "
+                  f"{max(lags):.1f} ms over the runs (median of the runs' P99s {float(np.median(lags)):.1f} ms); a "
+                  "lag near the TTFT SLO would mean the offered load was below the rate shown."]
+    if noted := [f"- {policy} at {run['rate_rps']:.3f} req/s ({run['kind']}): {note}"
+                 for policy, run in runs for note in run.get("notes") or []]:
+        lines += ["", "Not observed in some runs (their requests were measured as usual):", *noted]
     return "\n".join(lines)
 
 
@@ -285,6 +295,13 @@ def _knobs(result: dict) -> str:
     for entry in result["policies"].values():
         args = entry["app_args"]
         lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + " |")
+    if result["config"].get("deploy_apart"):
+        lines += ["", "Each app was deployed alone, twice, and deleted after each turn: once for its warm-up and "
+                  "unloaded latency, once for its warm-up, its sweep and its run at eplb's frontier rate (eplb "
+                  f"first); {result.get('startup_s', 0):.0f} s per start on average (profiling pass and calibration "
+                  "included). Each policy was loaded in its own stretch of time with the same trace; the load "
+                  "average before and after each run is in compare.json (`loadavg`)."]
+        return "\n".join(lines)
     loading = ("then were loaded at the same time with the same trace, sharing the host's cores"
                if result["config"].get("together", True) else
                "then were loaded one at a time with the same trace, the order rotated from rate to rate; the load "

@@ -153,7 +153,7 @@ def single_stream_rate(unloaded: Sequence[RequestResult], mean_output_tokens: fl
 def interpolate_at(rates: Sequence[float], values: Sequence[float | None], rate: float) -> float | None:
     """`values` (e.g. P90 TTFT per swept rate) linearly interpolated at `rate`; None outside the sweep or
     where a bracketing value is None."""
-    points = sorted((float(x), y) for x, y in zip(rates, values))
+    points = sorted(((float(x), y) for x, y in zip(rates, values)), key=lambda point: point[0])  # y may be None
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= rate <= x1 and y0 is not None and y1 is not None:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (rate - x0) / (x1 - x0)

@@ -1,7 +1,7 @@
 """The side-by-side benchmark on a Ray cluster that is already running (`load_tests.compare --address`).
 
-A second process holds the cluster. First without Serve: the benchmark starts Serve with the config's HTTP
-options, runs, and stops Serve again. Then with Serve running on a port of its own and apps of the user's (started
+A second process holds the cluster. First without Serve: the benchmark, each app deployed alone in turn, starts
+Serve with the config's HTTP options for each, runs, and stops Serve again. Then with Serve running on a port of its own and apps of the user's (started
 by another driver, as `serve deploy` would): the benchmark's app goes onto it beside them, is reached through its
 proxy, and is deleted at the end with its expert workers, while the cluster, its Serve and the user's apps stay;
 an app name or route the cluster already serves is refused before anything is deployed. (Giving up an app that
@@ -100,32 +100,46 @@ def user_serve(cluster):
 
 def test_without_serve_the_benchmark_starts_it_with_the_configs_options_runs_and_stops_it(cluster, tmp_path,
                                                                                          monkeypatch):
-    """The whole `Experiment` (one policy: the others only repeat it) on a cluster without Serve."""
+    """The whole `Experiment` on a cluster without Serve, each app deployed alone (`--deploy-one-at-a-time`): the
+    cluster holds one app at a time, and Serve, started for each with the config's options, goes with it."""
     from load_tests import compare
 
     assert _cluster_state(cluster) == (set(), set(), False)
-    roots = []
-    real_root = compare._cluster_root
+    roots, held = [], []
+    real_root, real_deploy = compare._cluster_root, compare._deploy
+
+    def deploy(app, name, *args):  # what the cluster serves as each app is deployed
+        held.append((name, _cluster_state(cluster)[0]))
+        real_deploy(app, name, *args)
+
     monkeypatch.setattr(compare, "_cluster_root", lambda *a: roots.append(real_root(*a)) or roots[-1])
+    monkeypatch.setattr(compare, "_deploy", deploy)
     port = _free_port()
     serve_config = tmp_path / "cluster.yaml"
     serve_config.write_text(f"http_options: {{host: 0.0.0.0, port: {port}}}\napplications:\n  - args: "
                             + json.dumps(APP_ARGS) + "\n")
-    config = replace(DEFAULT, policies=("vibe",), rates=(1.0,), duration_s=4.0, warmup_rate=1.0, warmup_s=2.0,
-                     unloaded_requests=1, unloaded_max_tokens=4, max_tokens_cap=8, drain_s=30.0,
-                     deploy_config=str(serve_config))
+    config = replace(DEFAULT, policies=("vibe", "eplb"), rates=(1.0,), duration_s=4.0, warmup_rate=1.0,
+                     warmup_s=2.0, unloaded_requests=1, unloaded_max_tokens=4, max_tokens_cap=8, drain_s=30.0,
+                     max_rates=1, deploy_config=str(serve_config), together=False, deploy_apart=True,
+                     ttft_factor=100.0, tpot_factor=100.0)  # SLOs loose enough to meet on a busy host
     result = Experiment(config, tmp_path, progress=False, address=cluster).run()
     assert result["ray_address"] == cluster
-    entry = result["policies"]["vibe"]
-    assert entry["app_args"]["num_devices"] == 2 and entry["app_args"]["policy"] == "vibe"
-    runs = entry["runs"]
-    assert [r["rate_rps"] for r in runs] == [1.0]
-    assert runs[0]["summary"]["failed"] == 0 and len(runs[0]["results"]["ttft_s"]) == 4
-    assert runs[0]["placement"]["version"] >= 1  # the app's own coordinator answered through the proxy
-    assert roots == [(f"http://127.0.0.1:{port}", True)]  # Serve started here, on the config's port
+    assert held == [(name, set()) for name in ("bench-eplb", "bench-vibe") * 2]  # eplb first, alone each time
+    assert roots == [(f"http://127.0.0.1:{port}", True)] * 4  # Serve started here each time, on the config's port
+    for policy in ("eplb", "vibe"):
+        entry = result["policies"][policy]
+        assert entry["app_args"]["num_devices"] == 2 and entry["app_args"]["policy"] == policy
+        assert len(entry["unloaded"]["results"]["ttft_s"]) == 1
+        runs = entry["runs"]
+        assert [r["rate_rps"] for r in runs] == [1.0]
+        assert runs[0]["summary"]["failed"] == 0 and len(runs[0]["results"]["ttft_s"]) == 4
+        assert runs[0]["placement"]["version"] >= 1  # the app's own coordinator answered through the proxy
+        assert entry["frontier"]["rate_rps"] > 0  # with SLOs this loose: the run at eplb's frontier follows
+        assert entry["at_eplb_frontier"]["rate_rps"] == result["policies"]["eplb"]["frontier"]["rate_rps"]
+    assert len(result["startup_s_per_app"]["vibe"]) == 2
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["config"]["deploy_config"] == str(serve_config) and saved["ray_address"] == cluster
-    # the app, its expert workers and the Serve instance started for it are gone; the cluster stays
+    # the apps, their expert workers and the Serve instance started for them are gone; the cluster stays
     assert _cluster_state(cluster) == (set(), set(), False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import replace
 
@@ -83,7 +84,7 @@ class _ScriptedSweep(Experiment):
 def _sweep(config: CompareConfig, attainment, rates: list[float]) -> tuple[list[float], dict[str, list[float]]]:
     """The scripted sweep's swept rates and the rates each policy ran."""
     experiment = _ScriptedSweep(config, attainment, rates)
-    asyncio.run(experiment._sweep({p: None for p in config.policies}))
+    experiment.result["rates"] = asyncio.run(experiment._sweep({p: None for p in config.policies}, rates))
     own = {p: [r["rate_rps"] for r in experiment._entry(p)["runs"]] for p in config.policies}
     return experiment.result["rates"], own
 
@@ -162,14 +163,98 @@ def test_rates_that_send_no_request_are_rejected_before_anything_starts():
 def test_no_run_at_eplbs_frontier_when_it_is_zero():
     """eplb failing every request has frontier 0, a rate no trace can have (TraceConfig wants > 0): a note instead."""
     experiment = _ScriptedSweep(CompareConfig(policies=("eplb", "vibe")), lambda p, r: 0.0, [0.5, 1.0])
-    asyncio.run(experiment._sweep({"eplb": None, "vibe": None}))
+    asyncio.run(experiment._sweep({"eplb": None, "vibe": None}, [0.5, 1.0]))
     asyncio.run(experiment._at_eplb_frontier({"eplb": None, "vibe": None}))
     assert [r["kind"] for p in ("eplb", "vibe") for r in experiment._entry(p)["runs"]] == ["sweep", "sweep"]
     assert "eplb's SLO frontier is 0" in experiment.result["notes"][0]
     met = _ScriptedSweep(CompareConfig(policies=("eplb", "vibe")), lambda p, r: 1.0 if r < 1 else 0.0, [0.5, 1.0])
-    asyncio.run(met._sweep({"eplb": None, "vibe": None}))
+    asyncio.run(met._sweep({"eplb": None, "vibe": None}, [0.5, 1.0]))
     asyncio.run(met._at_eplb_frontier({"eplb": None, "vibe": None}))
     assert [r["kind"] for r in met._entry("eplb")["runs"]][-1] == "eplb_frontier" and "notes" not in met.result
+
+
+class _ScriptedApart(Experiment):
+    """`deploy_apart` with the apps and their loads faked: records what was deployed, when, and what ran on it.
+    Attainment 1 up to a policy's capacity, 0.2 beyond."""
+
+    def __init__(self, config: CompareConfig, capacity: dict[str, float], out) -> None:
+        super().__init__(config, out, progress=False)
+        self.capacity = capacity
+        self.deployed: set[str] = set()
+        self.events: list[tuple] = []
+
+    @contextlib.contextmanager
+    def _serve(self, apps):
+        assert not self.deployed, "two deployments at once"
+        self.deployed = set(apps)
+        self.events.append(("deploy", *apps))
+        try:
+            yield {p: f"http://cluster/bench-{p}" for p in apps}, 2.0
+        finally:
+            self.deployed = set()
+
+    async def _clients(self, bases):
+        assert set(bases) == self.deployed
+        self.events.append(("warm-up", *bases))
+        return {p: p for p in bases}
+
+    async def _run_all(self, clients, rate, kind):
+        assert set(clients) == self.deployed and self.slo is not None
+        self.events.append((kind, rate, *clients))
+        runs = {p: {"rate_rps": rate, "kind": kind,
+                    "summary": {"attainment": 1.0 if rate <= self.capacity[p] else 0.2}} for p in clients}
+        for policy, run in runs.items():
+            if kind == "sweep":
+                self._entry(policy)["runs"].append(run)
+            else:
+                self._entry(policy)["at_eplb_frontier"] = run
+        return runs
+
+
+def test_deployed_apart_each_app_comes_alone_twice_eplb_first_and_the_slo_pools_every_app(monkeypatch, tmp_path):
+    """`--deploy-one-at-a-time`: the cluster never holds two apps; every app's unloaded latency before any sweep
+    (the SLO pooled over all three); eplb's sweep first, so every policy also runs at eplb's frontier rate."""
+    from load_tests import compare
+    from load_tests.generator import RequestResult
+
+    ttft = {"eplb": 0.1, "vibe": 0.2, "contiguous": 0.3}
+
+    async def unloaded_latency(client, probe, num, max_tokens):
+        return [RequestResult(i, "w", 0.0, ttft[client], ttft[client] + 0.09, 8, 10) for i in range(num)]
+
+    monkeypatch.setattr(compare, "unloaded_latency", unloaded_latency)
+    config = CompareConfig(policies=("vibe", "contiguous", "eplb"), rates=(0.5, 1.0), together=False,
+                           deploy_apart=True)
+    experiment = _ScriptedApart(config, {"eplb": 1.0, "vibe": 2.0, "contiguous": 0.5}, tmp_path)
+    for policy in config.policies:
+        experiment.result["policies"][policy] = {"runs": []}
+    experiment._run_apart({p: {} for p in config.policies})
+
+    deploys = [e[1] for e in experiment.events if e[0] == "deploy"]
+    assert deploys == ["eplb", "vibe", "contiguous"] * 2
+    first_sweep = next(i for i, e in enumerate(experiment.events) if e[0] == "sweep")
+    assert [e[1] for e in experiment.events[:first_sweep] if e[0] == "deploy"] == ["eplb", "vibe", "contiguous", "eplb"]
+    assert experiment.slo.ttft_s == pytest.approx(5 * 0.2)  # the median of all three apps' unloaded TTFTs
+    assert experiment.result["slo"]["set_by"] == "every app (pooled), each deployed alone"
+    assert all(experiment._entry(p)["unloaded"]["results"]["ttft_s"] == [ttft[p]] * 8 for p in config.policies)
+    own = {p: [r["rate_rps"] for r in experiment._entry(p)["runs"]] for p in config.policies}
+    assert own == {"eplb": [0.5, 1.0, 1.3], "vibe": [0.5, 1.0, 1.3, 1.69, 2.197], "contiguous": [0.5, 1.0]}
+    assert experiment.result["rates"] == [0.5, 1.0, 1.3, 1.69, 2.197]  # every rate some policy ran
+    eplb_rate = experiment._frontier("eplb").rate_rps
+    assert 1.0 < eplb_rate < 1.3
+    assert {p: experiment._entry(p)["at_eplb_frontier"]["rate_rps"] for p in config.policies} == dict.fromkeys(
+        config.policies, eplb_rate)
+    assert all(experiment._entry(p)["frontier"]["rate_rps"] > 0 for p in config.policies)
+    assert experiment.result["startup_s_per_app"] == {p: [2.0, 2.0] for p in deploys[:3]}
+    assert experiment.result["startup_s"] == 2.0
+
+
+def test_deploying_apart_needs_loading_apart():
+    with pytest.raises(ValueError, match="deploy_apart loads one app at a time"):
+        CompareConfig(deploy_apart=True)
+    config, _ = parse_args(["--deploy-one-at-a-time"])
+    assert config.deploy_apart and not config.together
+    assert not parse_args(["--one-at-a-time"])[0].deploy_apart
 
 
 def test_command_line_overrides_only_what_it_names():
@@ -393,3 +478,59 @@ def test_an_app_that_cannot_start_is_given_up_at_the_deadline(monkeypatch):
     monkeypatch.setattr(serve, "status", lambda: status_of("DEPLOY_FAILED", "the ingress raised"))
     with pytest.raises(RuntimeError, match=r"'big' is DEPLOY_FAILED \(the ingress raised; Ingress: 1 replica"):
         compare._deploy("app", "big", "/big", time.monotonic() + 60)
+
+
+def test_wait_idle_asks_again_after_a_failed_metrics_and_says_when_it_gave_up():
+    """A /metrics that failed once (an error status, a refused connection) raised out of wait_idle and lost the
+    run just measured; one still busy at the deadline returned as if idle (an audit)."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    from load_tests.compare import wait_idle
+    from service.app import serve_locally
+
+    answers = iter(["fail", "vibe_num_requests_running 2\n", "vibe_num_requests_waiting 0\n"])
+    app = FastAPI()
+
+    @app.get("/metrics")
+    async def metrics():
+        text = next(answers, "vibe_num_requests_running 1\n")
+        return PlainTextResponse(text, status_code=500 if text == "fail" else 200)
+
+    with serve_locally(app) as url:
+        assert asyncio.run(wait_idle(url, timeout_s=10)) is True  # failed, busy, then idle
+        assert asyncio.run(wait_idle(url, timeout_s=1.2)) is False  # busy until the deadline
+    assert asyncio.run(wait_idle(url, timeout_s=1.0)) is False  # nobody answers
+
+
+def test_a_placement_that_cannot_be_read_costs_its_columns_not_the_run(monkeypatch):
+    import httpx
+
+    from load_tests import compare
+    from load_tests.generator import ClientConfig
+
+    async def refused(http, token, path):
+        raise httpx.ConnectError("refused")
+
+    monkeypatch.setattr(compare, "fetch_admin", refused)
+    notes = []
+    client = ClientConfig(base_url="http://127.0.0.1:9", model="m", admin_token="t")
+    assert asyncio.run(compare.placement_summary(client, notes)) is None
+    assert notes == ["/admin/placement after the run: ConnectError: refused (no placement)"]
+    with pytest.raises(httpx.ConnectError):  # asked without notes: the caller wants it or nothing
+        asyncio.run(compare.placement_summary(client))
+
+
+def test_send_lag_is_measured_from_each_scheduled_arrival_without_cut_off_requests():
+    from types import SimpleNamespace
+
+    from load_tests.compare import send_lag_ms
+    from load_tests.generator import RequestResult
+
+    trace = [SimpleNamespace(arrival_s=a) for a in (0.0, 1.0, 2.0, 3.0)]
+    results = [RequestResult(0, "w", 0.001, 0.1, 0.2, 5, 5), RequestResult(1, "w", 1.003, 0.1, 0.2, 5, 5),
+               RequestResult(2, "w", 2.0, None, None, 0, 0, "cutoff"), RequestResult(3, "w", 3.020, None, None, 0, 0,
+                                                                                      "timeout")]
+    lag = send_lag_ms(trace, results)
+    assert lag["p50"] == pytest.approx(3.0) and lag["max"] == pytest.approx(20.0) and 3.0 < lag["p99"] < 20.0
+    assert send_lag_ms(trace[2:3], results[2:3]) == {"p50": None, "p99": None, "max": None}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI, Request
@@ -79,6 +81,7 @@ def test_trace_needs_the_named_prompts():
 # --- a scripted OpenAI-compatible server -----------------------------------------------------------
 
 FIRST_TOKEN_S, GAP_S = 0.15, 0.02
+LATER = time.time() + 3600.0  # a recalibration stamped after any run here started
 
 
 def _fake_app() -> FastAPI:
@@ -129,7 +132,8 @@ def _fake_app() -> FastAPI:
     async def stats(request: Request):
         assert request.headers["authorization"] == "Bearer secret"
         return {"placement_version": 3, "imbalance_per_layer": [1.1, 1.2], "devices": [{"observed_over_predicted": 1.0}],
-                "recalibrations": [{"started_at": 5.0, "reason": "drift", "status": "applied", "moves": [1, 2]}]}
+                "recalibrations": [{"started_at": 5.0, "reason": "drift", "status": "applied", "moves": [1, 2]},
+                                   {"started_at": LATER, "reason": "drift", "status": "skipped", "moves": []}]}
 
     return app
 
@@ -158,8 +162,31 @@ def test_run_trace_times_first_content_tpot_usage_and_failures(fake_url):
     assert hung.error == "cutoff" and hung.ttft_s is None
     assert record.duration_s >= 0.35 + 1.0  # the last arrival plus the drain
     assert record.step_seconds == {"sum": 0.5, "count": 10.0}
-    assert len(record.polls) >= 2 and record.polls[0]["imbalance_per_layer"] == [1.1, 1.2]  # first and last
-    assert record.recalibrations == [{"started_at": 5.0, "reason": "drift", "status": "applied"}]
+    assert len(record.polls) >= 2 and record.polls[0]["imbalance_per_layer"] == [1.1, 1.2]
+    # none at the start: the coordinator's window then holds what ran before (an audit); one after the run
+    assert record.polls[0]["t"] >= 0.2 and record.polls[-1]["t"] >= record.duration_s
+    # only what started during the run: the coordinator's history also holds the runs before (an audit)
+    assert record.recalibrations == [{"started_at": LATER, "reason": "drift", "status": "skipped"}]
+    assert record.notes == []
+
+
+def test_a_metrics_scrape_that_fails_after_the_run_costs_the_step_times_not_the_results(fake_url, monkeypatch):
+    """A slow /metrics after an overloaded run raised out of run_trace and lost every measured request (an audit)."""
+    from load_tests import generator
+
+    real, calls = generator.scrape_step_seconds, []
+
+    async def flaky(http):
+        calls.append(1)
+        if len(calls) > 1:
+            raise httpx.ReadTimeout("timed out")
+        return await real(http)
+
+    monkeypatch.setattr(generator, "scrape_step_seconds", flaky)
+    record = asyncio.run(run_trace(ClientConfig(base_url=fake_url, model="fake"), [_spec(0, 0.0, "a", 2)],
+                                   progress=False))
+    assert [r.error for r in record.results] == [None] and record.step_seconds == {}
+    assert record.notes == ["/metrics after the run: ReadTimeout: timed out (no step times)"]
 
 
 def test_events_run_at_their_time_and_are_recorded(fake_url):

@@ -106,7 +106,12 @@ def test_the_header_says_when_and_how_the_unloaded_requests_ran_and_the_below_sw
     assert "'below_sweep': no swept rate met it" in text and "else 0)" in text
     result["config"]["together"] = False
     report.write(tmp_path, result)
-    assert "to each app, one app after another," in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "to each app, one app after another," in text and "order rotated from rate to rate" in text
+    result["config"]["deploy_apart"] = True
+    report.write(tmp_path, result)
+    text = (tmp_path / "report.md").read_text()
+    assert "Each app was deployed alone, twice" in text and "rotated" not in text
 
 
 def test_balance_without_polls_is_unknown():
@@ -195,3 +200,21 @@ def test_the_title_names_the_policies_that_ran(tmp_path, result):
     del result["policies"]["contiguous"]
     report.write(tmp_path, result)
     assert (tmp_path / "report.md").read_text().startswith("# vibe-serve: side-by-side benchmark (eplb vs vibe)\n")
+
+
+def test_runs_without_a_placement_or_with_notes_and_the_clients_send_lag_are_reported(tmp_path, result):
+    """A run whose /admin/placement or /metrics could not be read is kept (an audit): the report shows '-' for its
+    placement and lists what was not observed; the client's send lag bounds how far the offered load fell short."""
+    run = result["policies"]["vibe"]["runs"][0]
+    run["placement"] = None
+    run["notes"] = ["/admin/placement after the run: ReadTimeout: timed out (no placement)"]
+    run["send_lag_ms"] = {"p50": 0.4, "p99": 7.5, "max": 9.0}
+    result["policies"]["eplb"]["runs"][0]["send_lag_ms"] = {"p50": 0.2, "p99": 1.5, "max": 2.0}
+    report.write(tmp_path, result)
+    text = (tmp_path / "report.md").read_text()
+    assert "| vibe | 1.000 | 10 | 0.900 (0.60-0.98) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| vibe | 1.000 | 10 |"))
+    assert row.split(" | ")[10] == "-"  # placement version
+    assert ("- vibe at 1.000 req/s (sweep): /admin/placement after the run: ReadTimeout: timed out (no placement)"
+            in text)
+    assert "P99 at most 7.5 ms over the runs (median of the runs' P99s 4.5 ms)" in text

@@ -112,6 +112,8 @@ def test_single_stream_rate():
 
 
 def test_interpolate_at_swept_and_between_rates():
+    # a rate swept twice, once without a value, sorted without comparing None with a float (an audit)
+    assert interpolate_at([1, 1, 2], [None, 5.0, 6.0], 1.5) == pytest.approx(5.5)
     assert interpolate_at([1, 2, 4], [10.0, 20.0, 60.0], 3) == pytest.approx(40.0)
     assert interpolate_at([1, 2], [10.0, 20.0], 2) == 20.0
     assert interpolate_at([1, 2], [10.0, None], 1.5) is None

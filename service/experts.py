@@ -22,6 +22,7 @@ not used here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from service.quantization import (
 )
 
 Key = tuple[int, int]  # (moe layer index, logical expert id)
+_log = logging.getLogger(__name__)
 CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator aligns to (one cache line, an AVX-512 register)
 
 
@@ -272,10 +274,32 @@ def run_experts(
         for i, (tensors, end) in enumerate(zip(weights, np.cumsum(counts).tolist())):
             if end > start:
                 timer.start(i)
-                outputs[start:end] = ffn(x[start:end], tensors)
+                _ffn_rows(ffn, x[start:end], tensors, outputs[start:end])
                 timer.stop(i)
             start = end
     return outputs, timer.seconds()
+
+
+def _ffn_rows(ffn: ExpertFFN, x: torch.Tensor, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+              depth: int = 0) -> None:
+    """out[:] = ffn(x, tensors): at once, or, where the device runs out of memory for the intermediates of that
+    many rows (a hot expert's share of a long prefill beside the experts a worker holds), in halves, down to one
+    row (then the error stands: the worker's caller treats it as a failed call). An expert works row by row, so
+    a split changes a row only by the kernels' own order of summation."""
+    try:
+        out[:] = ffn(x, tensors)
+        return
+    except torch.OutOfMemoryError:
+        if x.shape[0] <= 1:
+            raise
+    # retried outside the handler: the exception's frames hold the failed attempt's intermediates
+    if x.is_cuda:
+        torch.cuda.empty_cache()
+    if depth == 0:
+        _log.warning("an expert call ran out of device memory at %d rows: run in parts", x.shape[0])
+    half = x.shape[0] // 2
+    _ffn_rows(ffn, x[:half], tensors, out[:half], depth + 1)
+    _ffn_rows(ffn, x[half:], tensors, out[half:], depth + 1)
 
 
 def _check_request(experts: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> None:

@@ -263,3 +263,34 @@ def test_a_packed_weights_shape_stays_on_the_host_where_the_experts_go_to_a_devi
     assert {held[name].device.type for name in held if name.endswith("_shape")} == {"cpu"}
     assert {held[name].device.type for name in held if not name.endswith("_shape")} == {"meta"}
     assert expert_weight(held, "gate_up", torch.bfloat16).shape == (256, 256)
+
+
+def test_an_expert_call_that_runs_out_of_device_memory_is_run_in_parts(caplog):
+    """A hot expert's rows of a long prefill could exceed the device's free memory for the intermediates: the call
+    failed, the worker was counted lost and its requests retried elsewhere, then answered 503 (a left-out item).
+    Now the rows run in halves until they fit; a single row that cannot still fails the call."""
+    store = ExpertStore(torch.device("cpu"), torch.float64)
+    store.add([make_expert(0, 0), make_expert(0, 1)])
+    sizes = []
+
+    class Tight(ExpertFFN):
+        def __init__(self, max_rows: int) -> None:
+            super().__init__("silu")
+            self.max_rows = max_rows
+
+        def __call__(self, x, tensors):
+            sizes.append(x.shape[0])
+            if x.shape[0] > self.max_rows:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().__call__(x, tensors)
+
+    x = torch.randn(13, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    experts, counts = np.array([0, 1]), np.array([10, 3])
+    whole, _ = run_experts(store, 0, experts, counts, x, SILU)
+    with caplog.at_level("WARNING", logger="service.experts"):
+        parts, seconds = run_experts(store, 0, experts, counts, x, Tight(max_rows=3))
+    torch.testing.assert_close(parts, whole)
+    assert sizes == [10, 5, 2, 3, 5, 2, 3, 3] and seconds.shape == (2,)  # expert 0 split down to <= 3; expert 1 whole
+    assert caplog.text.count("ran out of device memory at 10 rows") == 1
+    with pytest.raises(torch.OutOfMemoryError):
+        run_experts(store, 0, experts, counts, x, Tight(max_rows=0))

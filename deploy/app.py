@@ -187,6 +187,12 @@ class AppArgs(BaseModel):
         return self
 
 
+def worker_family(app_name: str) -> str:
+    """The prefix of the names of every expert worker of the app named `app_name` (namespace "vibe"), over its
+    configurations."""
+    return f"vibe-worker-{app_name}-"
+
+
 def build_app(args: dict[str, Any] | None = None):
     """The Serve application: coordinator (with its expert workers) and the OpenAI ingress."""
     from service.admin import token_digest
@@ -213,7 +219,7 @@ def build_app(args: dict[str, Any] | None = None):
                                            recalibration_mode=parsed.recalibration_mode,
                                            probe_misses=parsed.worker_probe_misses)
     # (APP_PLACEHOLDER: the coordinator puts the Serve application's name there, known only inside it)
-    family = f"vibe-worker-{parsed.app_name or APP_PLACEHOLDER}-"
+    family = worker_family(parsed.app_name or APP_PLACEHOLDER)
     resources = {"num_cpus": parsed.worker_num_cpus,
                  "num_gpus": (parsed.worker_num_gpus or 1.0) if parsed.device == "cuda" else 0.0,
                  "scheduling_strategy": parsed.worker_scheduling.upper()}

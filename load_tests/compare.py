@@ -220,9 +220,18 @@ def emulated(args: dict) -> bool:
     return AppArgs.model_validate(args).emulate
 
 
+class LeftOnCluster(RuntimeError):
+    """Apps, or their expert workers, still on the cluster after `serve_apps` deleted them."""
+
+
+class _StopApart(Exception):
+    """Ends a run deployed apart early (what it measured is kept; the notes say why)."""
+
+
 @contextlib.contextmanager
 def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s: float = 900.0,
-               address: str | None = None, serve_options: dict | None = None) -> Iterator[tuple[dict[str, str], float]]:
+               address: str | None = None, serve_options: dict | None = None,
+               require_cleanup: bool = False) -> Iterator[tuple[dict[str, str], float]]:
     """Serve `build_app(args)` for each name -> args at `/<name>` (`at_root`: the only app at `/`); yields
     ({name: base URL}, startup seconds from `ray.init` until every /health answers). Apps start one after
     another (each calibrated before the next begins), each within what is left of `ready_timeout_s`
@@ -238,8 +247,10 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
     instance (see `_cluster_root`; started with `serve_options`, a serve config's `http_options` and
     `proxy_location`, if none runs). An app whose name or route the cluster already serves is refused
     (ValueError) before anything is deployed. On exit, also on SIGTERM or SIGHUP, only the apps deployed here
-    are deleted (their workers with them), and Serve too if it was started here and serves nothing else; the
-    cluster is left running.
+    are deleted (their workers with them, waited for), and Serve too if it was started here and serves nothing
+    else; the cluster is left running. What is still there then is said on stderr, and raised (LeftOnCluster,
+    once the body has ended without an error) with `require_cleanup`: for a caller that deploys next what would
+    not fit beside it.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -264,6 +275,7 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
         ray.init(address=address, log_to_driver=False)
     deployed: list[str] = []
     started_serve = False  # on a running cluster: whether Serve was started here
+    left: list[str] = []  # on a running cluster: what deleting the apps left there
     try:
         with _signals_raise(address is not None):
             if address is None:
@@ -285,8 +297,10 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
             with contextlib.suppress(Exception):
                 serve.shutdown()
         else:
-            _delete_apps(deployed, started_serve)
+            left = _delete_apps(deployed, started_serve)
         ray.shutdown()
+    if left and require_cleanup:
+        raise LeftOnCluster(f"still on the cluster after deleting the apps: {left}")
 
 
 # --- apps on a running cluster ---------------------------------------------------------------------
@@ -387,17 +401,20 @@ def _check_devices(base: str, args: dict, deadline: float) -> None:
         time.sleep(2.0)
 
 
-def _delete_apps(names: list[str], started_serve: bool, timeout_s: float = 300.0) -> None:
-    """Delete the apps in `names` from the cluster at once and wait until Serve no longer lists them (their
-    workers go with them); then shut Serve down if it was started here and serves nothing else. What cannot
-    be deleted in `timeout_s` is said on stderr with a command that deletes it."""
+def _delete_apps(names: list[str], started_serve: bool, timeout_s: float = 300.0) -> list[str]:
+    """Delete the apps in `names` from the cluster at once and wait until Serve no longer lists them and their
+    expert workers are gone (what holds their GPUs); then shut Serve down if it was started here and serves
+    nothing else. Returns what is still there after `timeout_s` (app names, worker actor names), also said on
+    stderr (apps with a command that deletes them)."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    if names:
+    if not names:
+        left = []
+    else:
+        deadline = time.monotonic() + timeout_s
         try:
             _get_global_client().delete_apps(names, blocking=False)
-            deadline = time.monotonic() + timeout_s
             while (left := sorted(set(names) & set(serve.status().applications))) and time.monotonic() < deadline:
                 time.sleep(1.0)
         except Exception as err:  # noqa: BLE001 - said below, with the command that finishes the job
@@ -407,11 +424,31 @@ def _delete_apps(names: list[str], started_serve: bool, timeout_s: float = 300.0
             print(f"serve_apps: apps {left} are still on the cluster; delete them with: python -c \"import ray; "
                   f"from ray import serve; ray.init(address='auto'); [serve.delete(n) for n in {left!r}]\"",
                   file=sys.stderr)
-            return
+            return left
+        if left := _wait_workers_gone(names, deadline):
+            print(f"serve_apps: expert workers {left} of the deleted apps are still alive", file=sys.stderr)
+            return left
     if started_serve:
         with contextlib.suppress(Exception):
             if not serve.status().applications:
                 serve.shutdown()
+    return left
+
+
+def _wait_workers_gone(names: list[str], deadline: float) -> list[str]:
+    """Wait until no expert worker of the apps `names` is alive (the deleted app's coordinator and ingress kill
+    them as they stop); the names of those still alive at `deadline`."""
+    import ray
+
+    from deploy.app import worker_family
+
+    families = tuple(worker_family(name) for name in names)
+    while True:
+        alive = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["namespace"] == "vibe" and a["name"].startswith(families))
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(1.0)
 
 
 @contextlib.contextmanager
@@ -504,14 +541,14 @@ async def placement_summary(client: ClientConfig, notes: list[str] | None = None
     try:
         async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
             view = await fetch_admin(http, client.admin_token, "/admin/placement")
-    except (httpx.HTTPError, ValueError) as exc:  # ValueError: a body that is not JSON
+        times = [layer["device_predicted_s"] for layer in view["layers"]]
+        slots = [[sum(1 for s in layer["slots"] if s["device"] == d) for d in range(view["num_devices"])]
+                 for layer in view["layers"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # an error, or a body that is not the view
         if notes is None:
             raise
         notes.append(f"/admin/placement after the run: {type(exc).__name__}: {str(exc)[:160]} (no placement)")
         return None
-    times = [layer["device_predicted_s"] for layer in view["layers"]]
-    slots = [[sum(1 for s in layer["slots"] if s["device"] == d) for d in range(view["num_devices"])]
-             for layer in view["layers"]]
     return {"version": view["version"], "device_predicted_s": times, "slots_per_device": slots,
             "moe_critical_path_s": sum(max(row) for row in times),
             "moe_balanced_path_s": sum(sum(row) / len(row) for row in times)}
@@ -587,7 +624,11 @@ class Experiment:
         for policy, args in apps.items():
             self.result["policies"][policy] = {"app_args": resolved_args(args), "runs": []}
         if self.config.deploy_apart:
-            self._run_apart(apps)
+            try:
+                self._run_apart(apps)
+            except _StopApart as stop:  # said in the notes; what was measured is kept, once it has SLOs and a sweep
+                if self.slo is None or not any("frontier" in e for e in self.result["policies"].values()):
+                    raise RuntimeError(str(stop)) from stop.__cause__
         else:
             with self._serve(apps) as (bases, startup_s):
                 self.result["startup_s"] = startup_s
@@ -597,10 +638,10 @@ class Experiment:
         return self.result
 
     @contextlib.contextmanager
-    def _serve(self, apps: dict[str, dict]) -> Iterator[tuple[dict[str, str], float]]:
-        """`serve_apps` for {policy: args}: yields ({policy: base URL}, startup seconds)."""
+    def _serve(self, apps: dict[str, dict], **kwargs) -> Iterator[tuple[dict[str, str], float]]:
+        """`serve_apps` for {policy: args} (`kwargs`: its own): yields ({policy: base URL}, startup seconds)."""
         with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address,
-                        serve_options=serve_options(self.config.deploy_config)) as (named, startup_s):
+                        serve_options=serve_options(self.config.deploy_config), **kwargs) as (named, startup_s):
             yield {policy: named[args["app_name"]] for policy, args in apps.items()}, startup_s
 
     async def _clients(self, bases: dict[str, str]) -> dict[str, ClientConfig]:
@@ -610,8 +651,9 @@ class Experiment:
         warm = self.trace(cfg.warmup_rate, cfg.seed + 1000, cfg.warmup_s)
         await asyncio.gather(*(run_trace(c, warm, desc=f"{p} warm-up", progress=False) for p, c in clients.items()))
         for policy, client in clients.items():
-            if not await wait_idle(client.base_url):
-                print(f"  {policy}: still busy after the warm-up", file=sys.stderr, flush=True)
+            if not await wait_idle(client.base_url, IDLE_TIMEOUT_S):  # what follows (maybe the SLOs) would be loaded
+                self._note(f"{policy}: the engine was still busy {IDLE_TIMEOUT_S:g} s after the warm-up (or its "
+                           "/metrics did not answer): what was measured next began on it")
         return clients
 
     async def _measure(self, bases: dict[str, str]) -> None:
@@ -628,24 +670,64 @@ class Experiment:
     def _run_apart(self, apps: dict[str, dict]) -> None:
         """`deploy_apart`: each app deployed alone for its unloaded latency, then (the SLOs and rates set from
         every app's) alone again for its sweep and its run at eplb's frontier rate, eplb first. The swept rates
-        recorded: every rate some policy ran."""
+        recorded: every rate some policy ran. A policy whose app fails to start or to run is moved to
+        `result["failed_policies"]` with its error (what it measured kept there) and the others go on; what a
+        deletion leaves on the cluster (which the next app may need room for) ends the run with what it has."""
         order = sorted(apps, key=lambda policy: policy != "eplb")  # stable: the others in the given order
         starts: dict[str, list[float]] = {policy: [] for policy in order}
+        try:
+            self._run_apart_turns(apps, order, starts)
+        finally:
+            every = [s for times in starts.values() for s in times]
+            self.result["startup_s"] = sum(every) / len(every) if every else 0.0
+            self.result["startup_s_per_app"] = starts
+
+    def _run_apart_turns(self, apps: dict[str, dict], order: list[str], starts: dict[str, list[float]]) -> None:
         unloaded: dict[str, list[RequestResult]] = {}
         for policy in order:
-            with self._serve({policy: apps[policy]}) as (bases, startup_s):
+            with (self._failures(policy, order),
+                  self._serve({policy: apps[policy]}, require_cleanup=True) as (bases, startup_s)):
                 starts[policy].append(startup_s)
                 unloaded |= asyncio.run(self._alone_unloaded(bases))
-        self._set_slo({policy: unloaded[policy] for policy in apps})
+        if not (unloaded := {p: r for p, r in unloaded.items() if p in self.result["policies"]}):
+            raise RuntimeError(f"no app could be measured: {self.result['failed_policies']}")
+        self._set_slo(unloaded)
         base_rates, swept = list(self.result["rates"]), set()
-        for policy in order:
-            with self._serve({policy: apps[policy]}) as (bases, startup_s):
+        for policy in [p for p in order if p in self.result["policies"]]:
+            with (self._failures(policy, order),
+                  self._serve({policy: apps[policy]}, require_cleanup=True) as (bases, startup_s)):
                 starts[policy].append(startup_s)
                 swept |= set(asyncio.run(self._alone_sweep(policy, bases, base_rates)))
-            self.result["rates"] = sorted(swept)
-            self.save()
-        self.result["startup_s"] = sum(map(sum, starts.values())) / sum(map(len, starts.values()))
-        self.result["startup_s_per_app"] = starts
+                self.result["rates"] = sorted(swept)
+        if not self.result["policies"]:
+            raise RuntimeError(f"no app could be measured: {self.result['failed_policies']}")
+
+    @contextlib.contextmanager
+    def _failures(self, policy: str, order: list[str]) -> Iterator[None]:
+        """Within: a failure of `policy`'s app moves it to `failed_policies` (with the error) instead of ending the
+        run; one that left something on the cluster (LeftOnCluster: its measurements are whole) also moves every
+        policy still to come there, as not run, and ends the run with what it has."""
+        try:
+            yield
+        except LeftOnCluster as err:
+            later = [p for p in order[order.index(policy) + 1:] if p in self.result["policies"]]
+            why = f"deploying apart: {err}; the later apps ({', '.join(later) or 'none'}) were not deployed beside it"
+            self._note(why)
+            for other in later:
+                self._fail(other, f"not run: {err}")
+            raise _StopApart(why) from err
+        except Exception as err:  # noqa: BLE001 - any failure of this app: recorded, the others still measured
+            self._fail(policy, f"{type(err).__name__}: {err}")
+        self.save()
+
+    def _fail(self, policy: str, error: str) -> None:
+        self.result.setdefault("failed_policies", {})[policy] = {"error": error, **self.result["policies"].pop(policy)}
+        self._note(f"{policy} failed, left out of the tables: {error}")
+        print(f"  {policy} failed: {error}", file=sys.stderr, flush=True)
+
+    def _note(self, note: str) -> None:
+        if note not in (notes := self.result.setdefault("notes", [])):
+            notes.append(note)
 
     async def _alone_unloaded(self, bases: dict[str, str]) -> dict[str, list[RequestResult]]:
         return await self._unloaded(await self._clients(bases))
@@ -654,7 +736,7 @@ class Experiment:
         clients = await self._clients(bases)
         swept = await self._sweep(clients, rates)
         self._entry(policy)["frontier"] = asdict(self._frontier(policy))
-        if "eplb" in self.config.policies:  # eplb's turn came first: its frontier is known
+        if "frontier" in self.result["policies"].get("eplb", {}):  # eplb's turn came first (unless it failed)
             await self._at_eplb_frontier(clients)
         return swept
 
@@ -665,10 +747,8 @@ class Experiment:
         if rate > 0:
             await self._run_all(clients, rate, "eplb_frontier")
             return
-        note = ("eplb's SLO frontier is 0 (it missed the target far below the lowest swept rate): no run at its "
-                "frontier rate, so the headline has no latency or balance numbers.")
-        if note not in (notes := self.result.setdefault("notes", [])):  # once, also when each app comes alone
-            notes.append(note)
+        self._note("eplb's SLO frontier is 0 (it missed the target far below the lowest swept rate): no run at its "
+                   "frontier rate, so the headline has no latency or balance numbers.")  # once, also apart
 
     async def _sweep(self, clients: dict[str, ClientConfig], rates: list[float]) -> list[float]:
         """The apps at every rate of `rates`, low to high, while some policy is still in the sweep; extended

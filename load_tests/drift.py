@@ -163,8 +163,11 @@ class DriftRun:
             await self._unloaded(scenario, clients)
         warm = make_trace(self.trace_config(scenario, self.rate, warmup=True), self.prompts)
         await asyncio.gather(*(run_trace(c, warm, progress=False) for c in clients.values()))
-        for client in clients.values():
-            await wait_idle(client.base_url)
+        for mode, client in clients.items():
+            if not await wait_idle(client.base_url):
+                self.result.setdefault("notes", []).append(
+                    f"{scenario} {mode}: the engine was still busy after the warm-up (or its /metrics did not "
+                    "answer): the measured trace began on it")
         trace = make_trace(self.trace_config(scenario, self.rate), self.prompts)
         events = {m: [throttle_event(c, apps[m], cfg)] if scenario == "device" else [] for m, c in clients.items()}
         records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress,
@@ -227,7 +230,8 @@ def verdicts(result: dict) -> dict[str, dict]:
     """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, whether adaptive won
     (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT with a P90 TPOT no higher: a
     shorter TTFT bought with a longer TPOT is not a win), and the adaptive app's recalibrations from the switch on:
-    those it judged and those it applied (`..._whole_run`: all of them, startup calibration and warm-up included).
+    those it judged and those it applied (`..._whole_run`: all that started during the measured trace; the
+    generator leaves out those before it, such as the startup calibration and the warm-up's).
     A scenario whose scheduled event failed in either app (the device was never throttled) is no win, its
     `failed_events` saying which."""
     out = {}

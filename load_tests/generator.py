@@ -174,8 +174,9 @@ class RunRecord:
         duration_s: from the trace's start until the last request ended or was cut off.
         results: one per request, in index order.
         polls: {"t": seconds after start, "version", "imbalance_per_layer", "devices"} per /admin/stats poll:
-            every `poll_interval_s` from the first interval on (a poll at the start would read the statistics
-            window of what ran before), and one after the run.
+            every `poll_interval_s` from the first interval on (a poll at the start would read only the
+            statistics window of what ran before; the first few still read part of it, for as long as the
+            coordinator's window, `drift_window` passes, takes to fill), and one after the run.
         recalibrations: every recalibration record the polls saw that started during the run (deduplicated),
             without its moves.
         step_seconds: {"sum", "count"} of the engine step-time histogram over the run (from /metrics); empty
@@ -366,9 +367,10 @@ async def _poll_once(http: httpx.AsyncClient, config: ClientConfig, record: RunR
         poll = {"t": time.monotonic() - start, "version": stats["placement_version"],
                 "imbalance_per_layer": stats["imbalance_per_layer"],
                 "devices": [d["observed_over_predicted"] for d in stats["devices"]]}
+        seen = {(r["started_at"], r["reason"]) for r in record.recalibrations}
+        new = [{k: v for k, v in r.items() if k != "moves"} for r in stats["recalibrations"]
+               if (r["started_at"], r["reason"]) not in seen and r["started_at"] >= record.started_wall]
     except Exception:  # a slow or malformed answer under load costs one sample, not the run (as a request's error)
         return
     record.polls.append(poll)
-    seen = {(r["started_at"], r["reason"]) for r in record.recalibrations}
-    record.recalibrations += [{k: v for k, v in r.items() if k != "moves"} for r in stats["recalibrations"]
-                              if (r["started_at"], r["reason"]) not in seen and r["started_at"] >= record.started_wall]
+    record.recalibrations += new

@@ -265,7 +265,8 @@ def _sweep(result: dict) -> str:
                   "lag near the TTFT SLO would mean the offered load was below the rate shown."]
     if noted := [f"- {policy} at {run['rate_rps']:.3f} req/s ({run['kind']}): {note}"
                  for policy, run in runs for note in run.get("notes") or []]:
-        lines += ["", "Not observed in some runs (their requests were measured as usual):", *noted]
+        lines += ["", "Notes on some runs (what could not be observed after the run, or an engine still busy when "
+                  "the next run on that app began; the requests were measured as usual):", *noted]
     return "\n".join(lines)
 
 
@@ -325,7 +326,7 @@ def _drift(drift: dict) -> str:
              "at once). Numbers for requests sent from the switch on; plot: drift.png.", "",
              "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
              "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations from the switch (applied / "
-             "judged; whole run) | adaptive wins |",
+             "judged; whole trace) | adaptive wins |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scenario, v in verdicts(drift).items():
         lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
@@ -335,6 +336,7 @@ def _drift(drift: dict) -> str:
                      f"{v['recalibrations_applied_adaptive_whole_run']} / {v['recalibrations_adaptive_whole_run']} | "
                      f"{'yes' if v['adaptive_wins'] else 'no'}"
                      f"{' (event failed: ' + '; '.join(v['failed_events']) + ')' if v.get('failed_events') else ''} |")
+    lines += [f"\nNote: {note}" for note in drift.get("notes") or []]
     return "\n".join(lines)
 
 

@@ -108,8 +108,8 @@ def test_without_serve_the_benchmark_starts_it_with_the_configs_options_runs_and
     roots, held = [], []
     real_root, real_deploy = compare._cluster_root, compare._deploy
 
-    def deploy(app, name, *args):  # what the cluster serves as each app is deployed
-        held.append((name, _cluster_state(cluster)[0]))
+    def deploy(app, name, *args):  # the cluster's apps and expert workers as each app is deployed
+        held.append((name, *_cluster_state(cluster)[:2]))
         real_deploy(app, name, *args)
 
     monkeypatch.setattr(compare, "_cluster_root", lambda *a: roots.append(real_root(*a)) or roots[-1])
@@ -124,7 +124,8 @@ def test_without_serve_the_benchmark_starts_it_with_the_configs_options_runs_and
                      ttft_factor=100.0, tpot_factor=100.0)  # SLOs loose enough to meet on a busy host
     result = Experiment(config, tmp_path, progress=False, address=cluster).run()
     assert result["ray_address"] == cluster
-    assert held == [(name, set()) for name in ("bench-eplb", "bench-vibe") * 2]  # eplb first, alone each time
+    # eplb first, alone each time: the app before it and its workers (which hold the devices) already gone
+    assert held == [(name, set(), set()) for name in ("bench-eplb", "bench-vibe") * 2]
     assert roots == [(f"http://127.0.0.1:{port}", True)] * 4  # Serve started here each time, on the config's port
     for policy in ("eplb", "vibe"):
         entry = result["policies"][policy]

@@ -173,25 +173,54 @@ def test_no_run_at_eplbs_frontier_when_it_is_zero():
     assert [r["kind"] for r in met._entry("eplb")["runs"]][-1] == "eplb_frontier" and "notes" not in met.result
 
 
+CAPACITY = {"eplb": 1.0, "vibe": 2.0, "contiguous": 0.5}
+# unloaded TTFTs per app: medians 0.1, 0.35, 0.45; pooled, 0.25, which no app alone has
+UNLOADED_TTFT = {"eplb": [0.1] * 8, "vibe": [0.2] * 4 + [0.5] * 4, "contiguous": [0.3] * 4 + [0.6] * 4}
+
+
+def _fake_unloaded(monkeypatch) -> None:
+    from load_tests import compare
+    from load_tests.generator import RequestResult
+
+    async def unloaded_latency(client, probe, num, max_tokens):
+        return [RequestResult(i, "w", 0.0, t, t + 0.09, 8, 10) for i, t in enumerate(UNLOADED_TTFT[client][:num])]
+
+    monkeypatch.setattr(compare, "unloaded_latency", unloaded_latency)
+
+
 class _ScriptedApart(Experiment):
     """`deploy_apart` with the apps and their loads faked: records what was deployed, when, and what ran on it.
     Attainment 1 up to a policy's capacity, 0.2 beyond."""
 
-    def __init__(self, config: CompareConfig, capacity: dict[str, float], out) -> None:
+    def __init__(self, config: CompareConfig, capacity: dict[str, float], out,
+                 start_fails: tuple = (), left_after: tuple = ()) -> None:
         super().__init__(config, out, progress=False)
         self.capacity = capacity
         self.deployed: set[str] = set()
         self.events: list[tuple] = []
+        self.start_fails = start_fails  # (policy, turn): that deployment fails to start
+        self.left_after = left_after  # (policy, turn): deleting that deployment leaves workers behind
+        for policy in config.policies:
+            self.result["policies"][policy] = {"runs": []}
 
     @contextlib.contextmanager
-    def _serve(self, apps):
+    def _serve(self, apps, require_cleanup=False):
+        from load_tests.compare import LeftOnCluster
+
         assert not self.deployed, "two deployments at once"
+        assert require_cleanup  # the next app is deployed only once this one is gone
+        (policy,) = apps
+        turn = sum(1 for e in self.events if e == ("deploy", policy)) + 1
+        self.events.append(("deploy", policy))
+        if (policy, turn) in self.start_fails:
+            raise TimeoutError(f"bench-{policy} not RUNNING before the deadline")
         self.deployed = set(apps)
-        self.events.append(("deploy", *apps))
         try:
-            yield {p: f"http://cluster/bench-{p}" for p in apps}, 2.0
+            yield {policy: f"http://cluster/bench-{policy}"}, 2.0
         finally:
             self.deployed = set()
+        if (policy, turn) in self.left_after:
+            raise LeftOnCluster(f"still on the cluster after deleting the apps: ['vibe-worker-bench-{policy}-x-0']")
 
     async def _clients(self, bases):
         assert set(bases) == self.deployed
@@ -214,29 +243,20 @@ class _ScriptedApart(Experiment):
 def test_deployed_apart_each_app_comes_alone_twice_eplb_first_and_the_slo_pools_every_app(monkeypatch, tmp_path):
     """`--deploy-one-at-a-time`: the cluster never holds two apps; every app's unloaded latency before any sweep
     (the SLO pooled over all three); eplb's sweep first, so every policy also runs at eplb's frontier rate."""
-    from load_tests import compare
-    from load_tests.generator import RequestResult
 
-    ttft = {"eplb": 0.1, "vibe": 0.2, "contiguous": 0.3}
-
-    async def unloaded_latency(client, probe, num, max_tokens):
-        return [RequestResult(i, "w", 0.0, ttft[client], ttft[client] + 0.09, 8, 10) for i in range(num)]
-
-    monkeypatch.setattr(compare, "unloaded_latency", unloaded_latency)
+    _fake_unloaded(monkeypatch)
     config = CompareConfig(policies=("vibe", "contiguous", "eplb"), rates=(0.5, 1.0), together=False,
                            deploy_apart=True)
-    experiment = _ScriptedApart(config, {"eplb": 1.0, "vibe": 2.0, "contiguous": 0.5}, tmp_path)
-    for policy in config.policies:
-        experiment.result["policies"][policy] = {"runs": []}
+    experiment = _ScriptedApart(config, CAPACITY, tmp_path)
     experiment._run_apart({p: {} for p in config.policies})
 
     deploys = [e[1] for e in experiment.events if e[0] == "deploy"]
     assert deploys == ["eplb", "vibe", "contiguous"] * 2
     first_sweep = next(i for i, e in enumerate(experiment.events) if e[0] == "sweep")
     assert [e[1] for e in experiment.events[:first_sweep] if e[0] == "deploy"] == ["eplb", "vibe", "contiguous", "eplb"]
-    assert experiment.slo.ttft_s == pytest.approx(5 * 0.2)  # the median of all three apps' unloaded TTFTs
+    assert experiment.slo.ttft_s == pytest.approx(5 * 0.25)  # the median of all three apps' unloaded TTFTs
     assert experiment.result["slo"]["set_by"] == "every app (pooled), each deployed alone"
-    assert all(experiment._entry(p)["unloaded"]["results"]["ttft_s"] == [ttft[p]] * 8 for p in config.policies)
+    assert all(experiment._entry(p)["unloaded"]["results"]["ttft_s"] == UNLOADED_TTFT[p] for p in config.policies)
     own = {p: [r["rate_rps"] for r in experiment._entry(p)["runs"]] for p in config.policies}
     assert own == {"eplb": [0.5, 1.0, 1.3], "vibe": [0.5, 1.0, 1.3, 1.69, 2.197], "contiguous": [0.5, 1.0]}
     assert experiment.result["rates"] == [0.5, 1.0, 1.3, 1.69, 2.197]  # every rate some policy ran
@@ -247,6 +267,50 @@ def test_deployed_apart_each_app_comes_alone_twice_eplb_first_and_the_slo_pools_
     assert all(experiment._entry(p)["frontier"]["rate_rps"] > 0 for p in config.policies)
     assert experiment.result["startup_s_per_app"] == {p: [2.0, 2.0] for p in deploys[:3]}
     assert experiment.result["startup_s"] == 2.0
+
+
+def test_deployed_apart_a_policy_whose_app_fails_is_left_out_and_the_others_are_measured(monkeypatch, tmp_path):
+    """Deployed apart, a run takes six deployments: one that fails (a deadline, a lost device) lost every policy's
+    measurements, and the report could not be written (a review)."""
+    _fake_unloaded(monkeypatch)
+    config = CompareConfig(policies=("eplb", "contiguous", "vibe"), rates=(0.5, 1.0), together=False,
+                           deploy_apart=True)
+    experiment = _ScriptedApart(config, CAPACITY, tmp_path, start_fails={("contiguous", 2)})
+    experiment._run_apart({p: {} for p in config.policies})
+    assert list(experiment.result["policies"]) == ["eplb", "vibe"]
+    failed = experiment.result["failed_policies"]["contiguous"]
+    assert failed["error"] == "TimeoutError: bench-contiguous not RUNNING before the deadline"
+    assert failed["unloaded"]["results"]["ttft_s"] == UNLOADED_TTFT["contiguous"]  # what it measured, kept
+    assert experiment.slo.ttft_s == pytest.approx(5 * 0.25)  # its unloaded latency still in the SLOs
+    assert any("contiguous failed, left out of the tables" in n for n in experiment.result["notes"])  # in the report
+
+    # failing to start for its unloaded latency: left out of the SLOs too
+    experiment = _ScriptedApart(config, CAPACITY, tmp_path, start_fails={("eplb", 1)})
+    experiment._run_apart({p: {} for p in config.policies})
+    assert list(experiment.result["policies"]) == ["contiguous", "vibe"]
+    assert experiment.slo.ttft_s == pytest.approx(5 * 0.4)  # the median of vibe's and contiguous's TTFTs
+    assert all("at_eplb_frontier" not in e for e in experiment.result["policies"].values())  # no eplb frontier
+
+
+def test_deployed_apart_workers_left_behind_end_the_run_with_what_it_measured(monkeypatch, tmp_path):
+    """An app whose workers outlive its deletion still holds its devices: the next app would wait for them until
+    its deadline (a review). The run ends there; the policies measured so far stay, the others are said not run."""
+    _fake_unloaded(monkeypatch)
+    config = CompareConfig(policies=("eplb", "contiguous", "vibe"), rates=(0.5, 1.0), together=False,
+                           deploy_apart=True)
+    experiment = _ScriptedApart(config, CAPACITY, tmp_path, left_after={("eplb", 2)})
+    monkeypatch.setattr("load_tests.compare.model_fingerprint", lambda args: {"path": "m"})
+    monkeypatch.setattr("load_tests.compare.app_args_for", lambda policy, config, name: {"app_name": name})
+    monkeypatch.setattr("load_tests.compare.resolved_args", lambda args: args)
+    result = experiment.run()
+    assert list(result["policies"]) == ["eplb"] and result["policies"]["eplb"]["frontier"]["rate_rps"] > 0
+    assert [e for e in experiment.events if e[0] == "deploy"][-1] == ("deploy", "eplb")  # nothing deployed after
+    assert set(result["failed_policies"]) == {"contiguous", "vibe"}
+    assert result["failed_policies"]["vibe"]["error"].startswith("not run: still on the cluster")
+    # left behind before any sweep: nothing to report
+    experiment = _ScriptedApart(config, CAPACITY, tmp_path, left_after={("contiguous", 1)})
+    with pytest.raises(RuntimeError, match="the later apps \\(vibe\\) were not deployed"):
+        experiment.run()
 
 
 def test_deploying_apart_needs_loading_apart():
@@ -534,3 +598,38 @@ def test_send_lag_is_measured_from_each_scheduled_arrival_without_cut_off_reques
     lag = send_lag_ms(trace, results)
     assert lag["p50"] == pytest.approx(3.0) and lag["max"] == pytest.approx(20.0) and 3.0 < lag["p99"] < 20.0
     assert send_lag_ms(trace[2:3], results[2:3]) == {"p50": None, "p99": None, "max": None}
+
+
+def test_a_run_keeps_its_requests_when_the_engine_stays_busy_and_the_placement_cannot_be_read(monkeypatch, tmp_path):
+    """The real `_run_all` with the service's answers scripted: a /metrics that never says idle and an
+    /admin/placement that times out, after every request was measured, cost notes, not the run (an audit)."""
+    import httpx
+
+    from load_tests import compare
+    from load_tests.generator import ClientConfig, RequestResult, RunRecord
+    from load_tests.slo import SLO
+
+    async def run_trace(client, trace, **kwargs):
+        return RunRecord(started_wall=0.0, duration_s=2.0,
+                         results=[RequestResult(s.index, "w", s.arrival_s + 0.002, 0.05, 0.5, 8, 10) for s in trace])
+
+    async def still_busy(base, timeout_s=120.0):
+        return False
+
+    async def slow_placement(http, token, path):
+        raise httpx.ReadTimeout("timed out")
+
+    monkeypatch.setattr(compare, "run_trace", run_trace)
+    monkeypatch.setattr(compare, "wait_idle", still_busy)
+    monkeypatch.setattr(compare, "fetch_admin", slow_placement)
+    experiment = Experiment(CompareConfig(policies=("vibe",), duration_s=4.0), tmp_path, progress=False)
+    experiment.result["policies"]["vibe"] = {"runs": []}
+    experiment.slo = SLO(ttft_s=1.0, tpot_s=1.0)
+    client = ClientConfig(base_url="http://127.0.0.1:9/bench-vibe", model="m", admin_token="t")
+    runs = asyncio.run(experiment._run_all({"vibe": client}, 2.0, "sweep"))
+    run = runs["vibe"]
+    assert run["summary"]["requests"] == 8 and run["summary"]["attainment"] == 1.0 and run["placement"] is None
+    assert run["notes"] == [compare.BUSY_NOTE.format(compare.IDLE_TIMEOUT_S),
+                            "/admin/placement after the run: ReadTimeout: timed out (no placement)"]
+    assert run["send_lag_ms"]["max"] == pytest.approx(2.0)
+    assert experiment._entry("vibe")["runs"] == [run]

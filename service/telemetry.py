@@ -80,11 +80,24 @@ def _read(pynvml, device_index: int, cuda_index: int) -> Telemetry:
         "temperature_c": field("temperature_c", lambda: float(
             pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))),
     }
-    reasons = field("throttle_reasons", lambda: pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
+    reasons = field("throttle_reasons", lambda: _clock_event_reasons(pynvml, handle))
     if reasons is None and all(value is None for value in values.values()):
         return Telemetry(device_index, available=False, reason="NVML error: " + "; ".join(missing))
     return Telemetry(device_index, available=True, reason="not reported: " + "; ".join(missing) if missing else "",
                      throttle_reasons=() if reasons is None else decode_throttle_reasons(reasons), **values)
+
+
+def _clock_event_reasons(pynvml, handle) -> int:
+    """The clock-event ("throttle") reason bits: NVML's newer query, or, where the driver (before R535) or the
+    bindings lack it, the older name of the same bits."""
+    newer = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+    if newer is not None:
+        try:
+            return newer(handle)
+        except pynvml.NVMLError as exc:
+            if getattr(exc, "value", None) != getattr(pynvml, "NVML_ERROR_FUNCTION_NOT_FOUND", 13):
+                raise
+    return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
 
 
 def _handle(pynvml, uuid: str):

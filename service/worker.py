@@ -146,6 +146,11 @@ class ExpertWorker:
         self._store = ExpertStore(config.device, DTYPES[config.dtype])
         self._emulator = DeviceEmulator(config.emulation, clock) if config.emulation else None
         self._lock = threading.Lock()
+        # One expert call computes at a time: a device runs them one after another anyway, and a call timed while
+        # another thread's kernels run on the same device (another engine replica's connection, a profile while
+        # serving) would take in their time, reading a busy device as a slow one (CUDA events on the shared
+        # stream, a synchronize of the whole device). The emulated hold after a call is outside it.
+        self._compute = threading.Lock()
         self._started = clock()
         self._calls = self._expert_calls = self._tokens = 0
         self._busy_s = 0.0
@@ -216,7 +221,8 @@ class ExpertWorker:
         generator = torch.Generator().manual_seed(_PROFILE_SEED)
         tokens = torch.randn(max(token_counts), hidden, generator=generator)
         for n in token_counts:
-            run_experts(store, layer, [expert], [n], tokens[:n], self._ffn)
+            with self._compute:
+                run_experts(store, layer, [expert], [n], tokens[:n], self._ffn)
         samples = [(n, self._call(store, layer, [expert], [n], tokens[:n])[1][0])
                    for _ in range(repeats) for n in token_counts]
         counts, seconds = zip(*samples, strict=True)
@@ -225,7 +231,8 @@ class ExpertWorker:
     def _call(self, store: ExpertStore, layer: int, experts, counts, tokens) -> tuple[torch.Tensor, np.ndarray]:
         """The one path of every timed expert call: compute, then hold until the emulated end."""
         arrived = self._clock()
-        outputs, seconds = run_experts(store, layer, experts, counts, tokens, self._ffn)
+        with self._compute:
+            outputs, seconds = run_experts(store, layer, experts, counts, tokens, self._ffn)
         if self._emulator is None:
             return outputs, seconds
         seconds = self._emulator.expert_seconds(counts, arrived)

@@ -93,3 +93,20 @@ def test_no_such_device(nvml):
 def test_cpu_worker_and_reason_names():
     assert not read_telemetry(0, "cpu").available
     assert decode_throttle_reasons(0x4 | 0x40 | 0x1000) == ("sw_power_cap", "hw_thermal_slowdown", "0x1000")
+
+
+def test_a_driver_without_the_clock_event_query_gives_the_reasons_by_their_older_name(nvml):
+    """Drivers before R535 (and older bindings) have no nvmlDeviceGetCurrentClocksEventReasons: the throttle reasons,
+    what tells a power-capped device from a slow one, were never reported there (an audit)."""
+    def function_not_found(*_):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    nvml.nvmlDeviceGetCurrentClocksEventReasons = function_not_found
+    nvml.nvmlDeviceGetCurrentClocksThrottleReasons = lambda handle: 0x4 | 0x20 if handle == "gpu" else not_supported()
+    t = read_telemetry(3, "cuda:0")
+    assert t.available and t.reason == "" and t.throttle_reasons == decode_throttle_reasons(0x24)
+    del nvml.nvmlDeviceGetCurrentClocksEventReasons  # bindings that predate the new name
+    assert read_telemetry(3, "cuda:0").throttle_reasons == decode_throttle_reasons(0x24)
+    nvml.nvmlDeviceGetCurrentClocksThrottleReasons = not_supported  # a board that reports neither
+    t = read_telemetry(3, "cuda:0")
+    assert t.available and t.throttle_reasons == () and "throttle_reasons: Not Supported" in t.reason

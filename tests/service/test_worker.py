@@ -53,6 +53,31 @@ def test_forward_matches_reference_ffn_and_keeps_the_request_dtype():
     assert half.dtype == torch.float32
 
 
+def test_concurrent_expert_calls_compute_one_at_a_time_so_each_is_timed_alone():
+    """Calls from several threads (an engine replica per connection, a profile while serving) computed at once: on
+    a GPU each call's timing took in the others' kernels, a busy device read as a slow one (an audit)."""
+    worker = worker_with([(1, 0)])
+    inside, overlaps, real = [], [], worker._ffn
+
+    def ffn(x, tensors):
+        inside.append(1)
+        overlaps.append(len(inside))
+        time.sleep(0.02)
+        inside.pop()
+        return real(x, tensors)
+
+    ffn.hidden_size = real.hidden_size
+    worker._ffn = ffn
+    tokens = torch.randn(3, HIDDEN, dtype=torch.float64)
+    threads = [threading.Thread(target=worker.forward, args=(1, [0], [3], tokens)) for _ in range(4)]
+    threads.append(threading.Thread(target=worker.profile, args=([2],), kwargs={"repeats": 1}))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(overlaps) == 4 + 2 and max(overlaps) == 1  # 4 calls, the profile's warm-up and timed call
+
+
 GOMP = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
 
 

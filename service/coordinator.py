@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -258,7 +259,7 @@ class Coordinator:
         the app serves on the others and the loop keeps restarting them (a coordinator restarted after a node
         failure failed at every Serve retry, and the app with it)."""
         self._workers = self._start_workers()
-        self._profile()
+        self._at_start(self._profile, "their profiling pass")
         recovered, newest = self._recover()
         if newest != 0:  # the app ran before (or its records could not be read): its engines may still serve
             with self._lock:
@@ -266,11 +267,7 @@ class Coordinator:
                 self._acks_trusted_at = self._clock() + self.config.engine_timeout_s
                 self._unreconciled = True  # old copies pending drop, copies of a migration never published
         if recovered is None:
-            uniform = self._uniform_loads()
-            # Above every recorded version: engines may still serve one, and they only switch to newer ones.
-            first = self._plan(uniform, self.config.policy).with_version(self._version_floor + 1)
-            self.pool.load(self.config.checkpoint, self._keys_per_device(first))
-            self._publish(first)
+            self._publish(self._at_start(self._load_first, "loading their experts"))
         else:
             # Devices down since start that the recovered placement uses (a node lost with the coordinator): their
             # experts are copied from survivors or read from the checkpoint, as for any device lost while serving
@@ -290,6 +287,38 @@ class Coordinator:
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
+
+    def _at_start(self, step: Callable[[], Any], what: str) -> Any:
+        """`step()`, again without the devices it failed on (a GPU with a fault, or one another process filled,
+        answers but fails its first real work: the app failed to start for one such device) while others are
+        left: those are lost from the start, as devices that never came up, and restarted by the loop."""
+        while True:
+            try:
+                return step()
+            except WorkerCallError as exc:
+                live = set(self._live_devices())
+                failed = set(exc.devices) & live
+                if not failed or failed == live:
+                    raise
+                log.warning("devices %s failed %s at start: serving on %s without them, restarted until they "
+                            "come up: %s", sorted(failed), what, sorted(live - failed), exc)
+                with self._lock:
+                    self._lost |= failed
+                    self._unprofiled |= failed
+
+    def _load_first(self) -> pl.Placement:
+        """The first placement, planned for uniform loads on the live devices, its experts loaded: only those a
+        device lacks (after a failed try, the others keep what they loaded), then those it no longer needs
+        dropped. Above every recorded version: engines may still serve one, and they only switch to newer ones."""
+        first = self._plan(self._uniform_loads(), self.config.policy).with_version(self._version_floor + 1)
+        needed = self._keys_per_device(first)
+        held = self.pool.held(self._live_devices())
+        self.pool.load(self.config.checkpoint,
+                       {d: [k for k in keys if k not in held.get(d, set())] for d, keys in needed.items()})
+        extra = {d: sorted(keys - set(needed.get(d, ()))) for d, keys in held.items()}
+        if any(extra.values()):
+            self.pool.drop(extra)
+        return first
 
     def _start_workers(self) -> list[WorkerInfo]:
         try:

@@ -473,9 +473,8 @@ class LocalWorkerPool:
                            w.config.emulation is not None) for i, w in enumerate(self.workers)]
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
-        for device, k in keys.items():
-            if k:
-                self._live(device).load_experts(checkpoint, list(k))
+        self._per_device([d for d, k in keys.items() if k],
+                         lambda d: self._live(d).load_experts(checkpoint, list(keys[d])), "load_experts")
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         failed, count = [], 0
@@ -502,7 +501,23 @@ class LocalWorkerPool:
 
     def profile(self, token_counts: Sequence[int], repeats: int,
                 devices: Sequence[int] | None = None) -> list[LatencySamples]:
-        return [self._live(i).profile(list(token_counts), repeats) for i in self._devices(devices)]
+        return self._per_device(self._devices(devices), lambda d: self._live(d).profile(list(token_counts), repeats),
+                                "profile")
+
+    @staticmethod
+    def _per_device(devices: Sequence[int], call: Callable[[int], Any], what: str) -> list[Any]:
+        """`call(device)` for each device, as the Ray pool's calls: every one tried, then WorkerCallError naming
+        those that raised."""
+        results, errors = [], {}
+        for device in devices:
+            try:
+                results.append(call(device))
+            except Exception as exc:  # noqa: BLE001 - whatever the worker raised, as a Ray task error carries it
+                errors[device] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if errors:
+            raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {e}" for d, e in errors.items()),
+                                  list(errors))
+        return results
 
     def telemetry(self) -> list[Telemetry]:
         return [self._live(i).telemetry() for i in range(self.num_devices)]

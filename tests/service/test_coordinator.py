@@ -740,3 +740,39 @@ def test_a_policy_the_caller_picks_that_cannot_place_the_app_is_the_callers_erro
     _report(coordinator, _skewed(coordinator.shape, 1), passes=30)
     with pytest.raises(ValueError, match="policy 'eplb' cannot place this app: num_redundant=2 must be a multiple"):
         coordinator.recalibrate(policy="eplb", mode="full", force=True)
+
+
+@pytest.mark.parametrize("step", ["profile", "load_experts"])
+def test_a_device_that_fails_its_first_work_at_start_is_lost_not_the_app(checkpoint, step):
+    """A GPU with a fault (or one another process filled) answers but fails its profiling pass or its first load:
+    the coordinator's start raised and the app never came up (an audit; the README says a start fails only when no
+    worker answers). It is lost from the start, the others serve, and it rejoins once a restart brings it back."""
+    pool, bad = _pool(checkpoint), 2
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("CUDA error: uncorrectable ECC error encountered")
+
+    setattr(pool.workers[bad], step, fails)
+    coordinator = _coordinator(checkpoint, pool)
+    assert coordinator.stats_view()["lost_devices"] == [bad]
+    placement = coordinator.placement
+    assert not placement.experts_on(bad)
+    held = pool.held()
+    assert all(held[d] == placement.experts_on(d) for d in range(len(SPEEDS)) if d != bad)  # none loaded twice
+    assert {k for d in range(len(SPEEDS)) for k in placement.experts_on(d)} == {
+        (layer, e) for layer in range(coordinator.shape.num_layers) for e in range(coordinator.shape.num_experts)}
+    coordinator.check_workers()  # restarted: a fresh worker (here without the fault)
+    coordinator._readmit()
+    assert coordinator.stats_view()["lost_devices"] == [] and coordinator.placement.experts_on(bad)
+    coordinator._finish_drops(wait=True)
+    assert _held_matches(coordinator)
+
+
+def test_a_start_where_every_device_fails_its_first_work_still_fails(checkpoint):
+    from service.worker_pool import WorkerCallError
+
+    pool = _pool(checkpoint)
+    for worker in pool.workers:
+        worker.profile = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no CUDA device"))
+    with pytest.raises(WorkerCallError, match="profile failed on device 0: RuntimeError: no CUDA device"):
+        _coordinator(checkpoint, pool)

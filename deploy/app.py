@@ -125,6 +125,7 @@ class AppArgs(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2",
                               "mistral", "mistral_v11", "openai"] = "auto"
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
+    worker_load_timeout_s: float = Field(default=1800.0, gt=0)  # reading a worker's experts from the checkpoint
     num_replicas: int = Field(default=1, ge=1)
     # how long a stopped ingress replica (redeploy, scale-down, delete) finishes the requests it holds before Serve
     # kills it (graceful_shutdown_timeout_s; requests still running then are cut); its coordinator waits this long
@@ -225,7 +226,8 @@ def build_app(args: dict[str, Any] | None = None):
                  "scheduling_strategy": parsed.worker_scheduling.upper()}
     # (an earlier configuration's workers kept, where there is room, until its ingress replicas drained)
     pool_config = RayPoolConfig(name_prefix=f"{family}{_fingerprint(worker_configs, checkpoint, **resources)}",
-                                family_prefix=family, keep_strays=True, **resources)
+                                family_prefix=family, keep_strays=True, load_timeout_s=parsed.worker_load_timeout_s,
+                                **resources)
     default_len, longest = _model_context(checkpoint)
     if parsed.max_model_len is not None and parsed.max_model_len > longest:
         raise ValueError(f"max_model_len {parsed.max_model_len} is beyond the {longest} positions the model at "

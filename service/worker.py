@@ -160,8 +160,19 @@ class ExpertWorker:
     # --- experts ---------------------------------------------------------------------------------
 
     def load_experts(self, checkpoint_dir: str, keys: Iterable[Key]) -> list[Key]:
-        """Read the given (moe layer, expert) experts from a checkpoint folder and hold them."""
-        return self._store.add(read_held(self.config, checkpoint_dir, keys))
+        """Read the given (moe layer, expert) experts from a checkpoint folder and hold them, a layer at a time (the
+        host holds one layer's read copies at most, not the worker's whole share before it goes to the device)."""
+        keys = [(int(layer), int(expert)) for layer, expert in keys]
+        held, added = set(self._store.keys()), []
+        try:
+            for layer in dict.fromkeys(layer for layer, _ in keys):  # layers in the order given
+                # (checksummed as read, in this process: hashing them again took as long, ~0.9 GB/s on a core)
+                added += self._store.add(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
+                                         verify=False)
+        except BaseException:  # all or nothing, as one read was: what this call added (and was not held) goes
+            self._store.drop([key for key in added if key not in held])
+            raise
+        return added
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""

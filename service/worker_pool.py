@@ -82,6 +82,10 @@ class RayPoolConfig:
         num_cpus: CPUs reserved per worker (fractional on CPU machines).
         num_gpus: GPUs per worker (1 on GPU clusters, 0 here).
         call_timeout_s: timeout of one control call.
+        load_timeout_s: timeout of reading experts from the checkpoint (`load`): every expert a worker holds at
+            the first start or after a restart, about 0.4 GB/s per worker on one core (read, checksum, copy to
+            the device): minutes for a model of hundreds of GB (a 57 GB share in 60 s could never load, and each
+            retry of the coordinator's start began the whole load again beside the one still running).
         detached: detached actors survive a coordinator restart; the coordinator kills them on shutdown.
         scheduling_strategy: Ray's "DEFAULT" (fill nodes where resources allow) or "SPREAD" (spread the
             workers over the nodes; for CPU workers, which no GPU request pins to a node).
@@ -99,13 +103,14 @@ class RayPoolConfig:
     num_cpus: float = 0.05
     num_gpus: float = 0.0
     call_timeout_s: float = 60.0
+    load_timeout_s: float = 1800.0
     detached: bool = True
     scheduling_strategy: str = "DEFAULT"
     family_prefix: str | None = None
     keep_strays: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_cpus < 0 or self.num_gpus < 0 or self.call_timeout_s <= 0:
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.call_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError(f"invalid RayPoolConfig {self}")
         if self.scheduling_strategy not in ("DEFAULT", "SPREAD"):
             raise ValueError(f"RayPoolConfig.scheduling_strategy must be 'DEFAULT' or 'SPREAD', "
@@ -347,7 +352,8 @@ class RayWorkerPool:
     # --- control calls -----------------------------------------------------------------------------
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
-        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k)), "load_experts")
+        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k)), "load_experts",
+                 self.config.load_timeout_s)
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         """Copy experts worker to worker (export ObjectRef passed straight to the importer).
@@ -414,10 +420,11 @@ class RayWorkerPool:
                 infos.append(None)
         return infos
 
-    def _on(self, per_device: Mapping[int, Sequence[Any]], call: Callable, what: str) -> list[Any]:
+    def _on(self, per_device: Mapping[int, Sequence[Any]], call: Callable, what: str,
+            timeout_s: float | None = None) -> list[Any]:
         devices = [d for d, items in per_device.items() if len(items)]
         refs = [call(self._actors[d], per_device[d]) for d in devices]
-        return self._wait(refs, devices, what)
+        return self._wait(refs, devices, what, timeout_s)
 
     def _devices(self, devices: Sequence[int] | None) -> list[int]:
         return list(range(len(self._actors))) if devices is None else list(devices)
@@ -425,8 +432,8 @@ class RayWorkerPool:
     def _each(self, devices: list[int], call: Callable, what: str) -> list[Any]:
         return self._wait([call(self._actors[d]) for d in devices], devices, what)
 
-    def _wait(self, refs: list, devices: list[int], what: str) -> list[Any]:
-        results, errors = self._gather(refs, devices)
+    def _wait(self, refs: list, devices: list[int], what: str, timeout_s: float | None = None) -> list[Any]:
+        results, errors = self._gather(refs, devices, timeout_s)
         if errors:
             raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {e}" for d, e in errors.items()),
                                   list(errors))

@@ -169,6 +169,34 @@ def test_import_rejects_a_corrupted_expert():
     assert target.held_experts() == []
 
 
+def test_experts_read_here_are_not_hashed_again_those_from_another_process_are(monkeypatch):
+    """A worker's load hashed every expert twice (as read, then on storing it): as long as the read itself on a core,
+    minutes for a large model's share (an audit). Imported experts, which crossed processes, are still verified."""
+    import service.experts
+
+    monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(
+        read_experts=lambda checkpoint_dir, keys, **kwargs: [make_expert(layer, expert) for layer, expert in keys]))
+    monkeypatch.setattr(service.experts, "checksum", lambda tensors: pytest.fail("hashed again"))
+    worker = worker_with([])
+    assert worker.load_experts("/ckpt", [(0, 2)]) == [(0, 2)]
+    monkeypatch.setattr(service.experts, "checksum", lambda tensors: "other")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        worker.import_experts([make_expert(0, 3)])
+
+
+def test_a_load_that_fails_part_way_holds_nothing_it_added(monkeypatch):
+    def read_experts(checkpoint_dir, keys, **kwargs):
+        if keys[0][0] == 1:
+            raise ValueError("the checkpoint lacks layer 1's experts")
+        return [make_expert(layer, expert) for layer, expert in keys]
+
+    monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
+    worker = worker_with([(0, 2)])
+    with pytest.raises(ValueError, match="lacks layer 1"):
+        worker.load_experts("/ckpt", [(0, 2), (0, 3), (1, 3)])
+    assert worker.held_experts() == [(0, 2)]  # held before: kept; (0, 3), read before the failure: dropped
+
+
 def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     calls = []
 
@@ -179,7 +207,9 @@ def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
     worker = worker_with([])
     assert worker.load_experts("/ckpt", [(0, 2), (1, 3)]) == [(0, 2), (1, 3)]
-    assert calls == [("/ckpt", [(0, 2), (1, 3)], False, torch.float64)] and worker.held_experts() == [(0, 2), (1, 3)]
+    # a layer at a time: the host holds one layer's read copies, not the worker's whole share (an audit)
+    assert calls == [("/ckpt", [(0, 2)], False, torch.float64), ("/ckpt", [(1, 3)], False, torch.float64)]
+    assert worker.held_experts() == [(0, 2), (1, 3)]
     assert worker.telemetry().expert_bytes == sum(t.numel() * t.element_size() for key in [(0, 2), (1, 3)]
                                                  for t in make_expert(*key).tensors.values())
     keeping = ExpertWorker(WorkerConfig(index=1, keep_quantized=True, dtype="bfloat16"))

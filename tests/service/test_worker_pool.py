@@ -1,4 +1,9 @@
-"""Which named actors a Ray worker pool retires at start (pure name logic; no Ray)."""
+"""Which named actors a Ray worker pool retires at start (pure name logic), and which deadline its calls wait on
+(no Ray)."""
+
+import types
+
+import pytest
 
 from service.worker_pool import RayPoolConfig, is_stray
 
@@ -14,3 +19,22 @@ def test_current_workers_and_other_apps_workers_are_not():
     assert not is_stray("vibe-worker-vibe-2-89abcdef-3", CONFIG)  # app "vibe-2" shares the prefix
     assert not is_stray("vibe-worker-vibe-notes", CONFIG)
     assert not is_stray("vibe-worker-vibe-89abcdef-3", RayPoolConfig(name_prefix="x"))  # no family given
+
+
+def test_loading_experts_has_a_timeout_of_its_own_other_calls_the_control_calls():
+    """One 60 s deadline covered a whole load: a large model's share per worker (57 GB) could never load, and each
+    retry of the coordinator's start began the load again beside the one still running (an audit)."""
+    from service.worker_pool import RayWorkerPool
+
+    class Actor:
+        def __getattr__(self, method):
+            return types.SimpleNamespace(remote=lambda *args: method)
+
+    pool = RayWorkerPool.__new__(RayWorkerPool)
+    pool.config, pool._actors, waited = RayPoolConfig(load_timeout_s=900.0), [Actor(), Actor()], []
+    pool._gather = lambda refs, devices, timeout_s=None: (waited.append((refs, timeout_s)) or [None] * len(refs), {})
+    pool.load("/ckpt", {0: [(0, 1)], 1: []})
+    pool.drop({0: [(0, 1)]})
+    assert waited == [(["load_experts"], 900.0), (["drop_experts"], None)]  # None: call_timeout_s
+    with pytest.raises(ValueError, match="invalid RayPoolConfig"):
+        RayPoolConfig(load_timeout_s=0)

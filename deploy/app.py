@@ -79,7 +79,8 @@ class AppArgs(BaseModel):
     served_model_name: str | None = None
     num_devices: int = Field(default=8, ge=1, le=1024)
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # None: bfloat16 on GPU workers (float32 held twice the memory there), float32 on the CPU
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # workers hold an FP8, MXFP4, packed INT4/INT8 or NVFP4 checkpoint's experts as stored, dequantizing each call
     keep_quantized_experts: bool = False
     emulate: bool = True
@@ -136,7 +137,7 @@ class AppArgs(BaseModel):
     worker_num_cpus: float = Field(default=0.05, ge=0)
     worker_num_gpus: float | None = Field(default=None, gt=0, le=1)  # device cuda: 1, or a share of one GPU
     worker_scheduling: Literal["default", "spread"] = "default"  # spread: workers over all nodes
-    ingress_num_gpus: float = Field(default=0.0, ge=0)
+    ingress_num_gpus: float = Field(default=0.0, ge=0, le=1)  # the engine computes on one GPU
     worker_threads: int = Field(default=1, ge=1)
     engine_threads: int = Field(default=1, ge=1)  # torch threads of the engine's dense compute
     admin_token: SecretStr | None = None  # else VIBE_ADMIN_TOKEN; masked in reprs
@@ -175,6 +176,8 @@ class AppArgs(BaseModel):
             raise ValueError("emulate must be false on GPU workers (device: cuda)")
         if self.device == "cpu" and self.worker_num_gpus is not None:
             raise ValueError(f"worker_num_gpus {self.worker_num_gpus} needs GPU workers (device: cuda)")
+        if self.dtype is None:
+            self.dtype = "bfloat16" if self.device == "cuda" else "float32"
         if bad := [d for d in self.emulation.drift if not 0 <= d < self.num_devices]:
             raise ValueError(f"emulation.drift names devices {bad} outside 0..{self.num_devices - 1}")
         if "max_num_batched_tokens" in self.model_fields_set and self.max_num_batched_tokens < self.max_num_seqs:
@@ -211,6 +214,7 @@ def build_app(args: dict[str, Any] | None = None):
     check_checkpoint(checkpoint)  # whole shards, every expert's tensors (headers only): not later, in a worker
     _check_tokenizer(checkpoint)
     _check_plannable(parsed, layout.num_experts)
+    _warn_gpus(parsed)
     worker_configs = _worker_configs(parsed, layout, checkpoint)
     shape = ModelShape(num_layers=len(layout.moe_layers), num_experts=layout.num_experts,
                        expert_bytes=held_expert_bytes(worker_configs[0], checkpoint))
@@ -289,6 +293,25 @@ def checkpoint_folder(parsed: AppArgs) -> str:
     except ValueError as exc:
         raise ValueError(f"{exc} (allowed folders: deploy/models, model_roots (a list, or a {os.pathsep!r}-separated "
                          f"string on the command line) and $VIBE_MODEL_ROOTS ({os.pathsep!r}-separated))") from None
+
+
+def _warn_gpus(args: AppArgs) -> None:
+    """Say in the log what a GPU app set up like this would do without saying: its dense part on the CPU, or the
+    cluster (when this process is connected to one) short of the GPUs it asks for (Serve then waits for them
+    without an error, and the app stays DEPLOYING or serves without some of its devices)."""
+    if args.device != "cuda":
+        return
+    if args.ingress_num_gpus == 0:
+        log.warning("expert workers on GPUs with ingress_num_gpus 0: the dense part (attention, routers, lm_head) "
+                    "runs on the ingress replica's CPU; give it ingress_num_gpus (1, or a share)")
+    import ray
+
+    if ray.is_initialized():
+        need = (args.worker_num_gpus or 1.0) * args.num_devices + args.ingress_num_gpus * args.num_replicas
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if need > have + 1e-9:
+            log.warning("the app asks for %g GPUs (num_devices x worker_num_gpus + num_replicas x ingress_num_gpus) "
+                        "and the cluster has %g: Serve waits for the rest (an autoscaler may bring them)", need, have)
 
 
 def _check_tokenizer(checkpoint: str) -> None:

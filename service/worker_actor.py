@@ -39,11 +39,27 @@ from service.worker import DEFAULT_PROFILE_TOKENS, ExpertWorker, WorkerConfig, W
 log = logging.getLogger(__name__)
 
 
+def check_own_gpu(gpu_ids: Sequence, visible: str | None, device_count: int) -> None:
+    """Refuse a GPU worker that would not compute on the GPU Ray gave it: Ray names that GPU in the actor's
+    CUDA_VISIBLE_DEVICES, so its `cuda` is that GPU; where it does not (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES,
+    set by some images) every worker of a node would compute on the node's first GPU, timed as if each had its own."""
+    if not gpu_ids:
+        raise RuntimeError("a GPU worker (device cuda) without a GPU from Ray: give it worker_num_gpus > 0")
+    if visible is None and device_count > 1:
+        raise RuntimeError(f"CUDA_VISIBLE_DEVICES is not set for this worker (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_"
+                           f"DEVICES?): it would compute on the first of the node's {device_count} GPUs, not on the "
+                           f"one Ray gave it ({', '.join(map(str, gpu_ids))}); unset that variable for the workers")
+
+
 @ray.remote
 class ExpertWorkerActor:
     """One device's expert worker as a Ray actor (threaded: control calls may overlap forwards)."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        if config.device.startswith("cuda"):
+            import torch
+
+            check_own_gpu(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
         self._worker = ExpertWorker(config)
         self._record: dict = {}  # the coordinator's latest placement record (for its recovery)
         self._socket_dir, self._socket_lock = _socket_dir()

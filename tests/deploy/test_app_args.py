@@ -125,6 +125,36 @@ def test_gpu_and_scheduling_arguments_reach_the_actor_options(tmp_path):
     assert default._bound_deployment.init_args[0]._bound_deployment.init_args[2].num_gpus == 1.0
 
 
+def test_gpu_workers_default_to_bfloat16_and_take_one_gpu_for_the_engine_at_most():
+    """On GPUs an unset dtype held the experts in float32, twice a bf16 checkpoint's memory; `ingress_num_gpus: 2`
+    was accepted though the engine computes on one GPU (an audit)."""
+    gpu = {"device": "cuda", "emulate": False}
+    assert AppArgs.model_validate(gpu).dtype == "bfloat16" and AppArgs.model_validate({}).dtype == "float32"
+    assert AppArgs.model_validate({**gpu, "dtype": "float32"}).dtype == "float32"  # given: kept
+    with pytest.raises(ValidationError, match="ingress_num_gpus"):
+        AppArgs.model_validate({**gpu, "ingress_num_gpus": 2})
+
+
+def test_a_gpu_app_says_when_its_engine_has_no_gpu_or_the_cluster_too_few(monkeypatch, caplog):
+    import ray
+
+    from deploy import app
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    with caplog.at_level("WARNING", logger="deploy.app"):
+        app._warn_gpus(AppArgs.model_validate({"device": "cuda", "emulate": False, "num_devices": 8,
+                                               "ingress_num_gpus": 1}))
+        assert "asks for 9 GPUs" in caplog.text and "cluster has 8" in caplog.text
+        caplog.clear()
+        app._warn_gpus(AppArgs.model_validate({"device": "cuda", "emulate": False, "num_devices": 8,
+                                               "worker_num_gpus": 0.5}))
+        assert "ingress_num_gpus 0" in caplog.text and "asks for" not in caplog.text  # 4 GPUs of 8
+        caplog.clear()
+        app._warn_gpus(AppArgs.model_validate({"num_devices": 64, "speeds": [1.0] * 64}))  # emulated: no GPU asked
+        assert caplog.text == ""
+
+
 def test_engine_arguments_reach_the_ingress_engine_config(tmp_path):
     with_tokenizer(save_tiny_model("qwen3_moe", tmp_path / "tiny"))
     base = {"model": "tiny", "model_roots": [str(tmp_path)], "num_devices": 2, "speeds": [1.0, 0.9],

@@ -99,8 +99,9 @@ def targets(rows: dict[str, dict], target: float = 0.9) -> list[dict]:
 
 def _caveat(check: dict, rows: dict[str, dict], headroom: float | None, target: float = 0.9) -> str:
     """Why a measured ratio may not be the placement's doing: an unbounded or non-monotonic frontier, eplb's own
-    run at its interpolated frontier missing the attainment that frontier stands for, or a difference larger than
-    the balance headroom (the most the compared placements can change a step)."""
+    run at its interpolated frontier missing the attainment that frontier stands for, a P90 that leaves out failed
+    requests (a policy shedding load looks faster), or a difference larger than the balance headroom (the most the
+    compared placements can change a step)."""
     notes = []
     if check["what"].startswith("vibe frontier"):  # a ratio of two frontiers
         for policy in [p for p in ("vibe", "eplb", "contiguous") if f"{p} frontier" in check["what"]]:
@@ -111,6 +112,11 @@ def _caveat(check: dict, rows: dict[str, dict], headroom: float | None, target: 
     if "eplb" in check["what"] and eplb.get("attainment") is not None and eplb["attainment"] < target:
         notes.append(f"eplb's own run at its frontier rate reached attainment {eplb['attainment']:.3f}, below "
                      f"{target:g}: the interpolated frontier overstates it")
+    if "TTFT" in check["what"]:  # percentiles over completed requests: one that failed or was cut off is left out
+        failed = {p: rows.get(p, {}).get("failed") or 0 for p in ("vibe", "eplb")}
+        if failed["vibe"] != failed["eplb"]:
+            notes.append(f"P90 over completed requests only; failed or cut off: vibe {failed['vibe']}, "
+                         f"eplb {failed['eplb']}")
     value = check["value"]
     if value is not None and headroom is not None and abs(value - 1.0) > headroom:
         notes.append(f"differs from 1 by more than the balance headroom ({headroom:.1%} of a step): "

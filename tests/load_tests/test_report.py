@@ -193,6 +193,18 @@ def test_a_targets_caveats_use_the_compared_policies_and_eplbs_own_run_at_its_fr
     assert "eplb's own run" not in checks["vibe frontier / contiguous frontier"]["caveat"]
 
 
+def test_a_p90_ratio_says_when_the_policies_left_out_different_numbers_of_failed_requests():
+    """P90 TTFT is over completed requests: a policy whose slowest requests failed or were cut off looked faster,
+    and the summary line does not show failures (an audit)."""
+    rows = {p: {"frontier_rps": 1.0, "frontier_kind": "interpolated", "ttft_p90_ms": t, "attainment": 0.95,
+                "headroom_share": 0.5, "failed": f} for p, t, f in (("eplb", 100.0, 0), ("vibe", 50.0, 4))}
+    what = "vibe P90 TTFT / eplb P90 TTFT at eplb's frontier rate"
+    caveat = {c["what"]: c for c in report.targets(rows)}[what]["caveat"]
+    assert caveat == "P90 over completed requests only; failed or cut off: vibe 4, eplb 0"
+    rows["eplb"]["failed"] = 4
+    assert {c["what"]: c for c in report.targets(rows)}[what]["caveat"] == ""
+
+
 def test_the_title_names_the_policies_that_ran(tmp_path, result):
     report.write(tmp_path, result)
     assert (tmp_path / "report.md").read_text().startswith(

@@ -247,6 +247,9 @@ class Coordinator:
         self._hidden_size: int | None = None  # of the model's experts, read from the checkpoint when first needed
         self._telemetry: list = []  # latest Telemetry of every worker (refreshed with the health probe)
         self._unprofiled: set[int] = set()  # devices that never answered a profiling pass (down at startup)
+        # What the workers held before the first load (adopted workers may serve an old version to engines still
+        # running): `_load_first` drops only what its own tries added; older copies go through `_reconcile`.
+        self._held_at_start: dict[int, set] | None = None
         self._restart_after: dict[int, tuple[float, int]] = {}  # device: (next try, tries) after failed restarts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -313,11 +316,19 @@ class Coordinator:
         first = self._plan(self._uniform_loads(), self.config.policy).with_version(self._version_floor + 1)
         needed = self._keys_per_device(first)
         held = self.pool.held(self._live_devices())
+        if self._held_at_start is None:
+            self._held_at_start = {d: set(keys) for d, keys in held.items()}
         self.pool.load(self.config.checkpoint,
                        {d: [k for k in keys if k not in held.get(d, set())] for d, keys in needed.items()})
-        extra = {d: sorted(keys - set(needed.get(d, ()))) for d, keys in held.items()}
+        # Copies an earlier try loaded that this plan does not use are dropped now; copies held before start (an
+        # old version engines may still serve) are dropped by `_reconcile` once engines switched.
+        before = self._held_at_start
+        extra = {d: sorted(keys - before.get(d, set()) - set(needed.get(d, ()))) for d, keys in held.items()}
         if any(extra.values()):
             self.pool.drop(extra)
+        if any(keys - set(needed.get(d, ())) for d, keys in before.items()):
+            with self._lock:
+                self._unreconciled = True
         return first
 
     def _start_workers(self) -> list[WorkerInfo]:
@@ -847,6 +858,12 @@ class Coordinator:
             return False
         return True
 
+    def _serving_load_timeout(self, keys: dict[int, list]) -> float:
+        """How long a reload while serving waits: what the largest share of `keys` takes at 0.1 GB/s, at least a
+        minute (the migration lock is held meanwhile; a worker's whole first load may take load_timeout_s)."""
+        largest = max((len(k) for k in keys.values()), default=0)
+        return max(60.0, largest * self.shape.expert_bytes / 1e8)
+
     def handle_lost_devices(self, lost: list[int], *, restart: bool = True) -> dict[str, Any]:
         """Re-place the experts of `lost` devices on the survivors, publish, then restart the lost workers.
 
@@ -875,7 +892,7 @@ class Coordinator:
             try:
                 copies, reloads = self._refill(old, new)
                 self.pool.copy(copies)
-                self.pool.load(self.config.checkpoint, reloads)
+                self.pool.load(self.config.checkpoint, reloads, timeout_s=self._serving_load_timeout(reloads))
             except WorkerCallError as exc:
                 self._roll_back(old, [(dst, keys) for _, dst, keys in copies] + list(reloads.items()))
                 with self._lock:

@@ -54,7 +54,7 @@ class WorkerPool(Protocol):
 
     def start(self) -> list[WorkerInfo]: ...
     def infos(self) -> list[WorkerInfo]: ...
-    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None: ...
+    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None: ...
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int: ...
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None: ...
     def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]: ...
@@ -351,9 +351,11 @@ class RayWorkerPool:
 
     # --- control calls -----------------------------------------------------------------------------
 
-    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
-        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k)), "load_experts",
-                 self.config.load_timeout_s)
+    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None:
+        """Read `keys` from the checkpoint onto each worker, waiting at most `timeout_s` (at most, and by default,
+        the config's load_timeout_s: a reload while serving waits for what it reads, not for a worker's share)."""
+        limit = self.config.load_timeout_s if timeout_s is None else min(timeout_s, self.config.load_timeout_s)
+        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k)), "load_experts", limit)
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         """Copy experts worker to worker (export ObjectRef passed straight to the importer).
@@ -479,7 +481,8 @@ class LocalWorkerPool:
         return [WorkerInfo(i, f"local-{i}-{self._generation[i]}", "", None, "local", w.config.device,
                            w.config.emulation is not None) for i, w in enumerate(self.workers)]
 
-    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]]) -> None:
+    def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None:
+        # (in process: no timeout to apply)
         self._per_device([d for d, k in keys.items() if k],
                          lambda d: self._live(d).load_experts(checkpoint, list(keys[d])), "load_experts")
 

@@ -334,11 +334,11 @@ class FlakyLoadPool(LocalWorkerPool):
 
     fail_load = False
 
-    def load(self, checkpoint, keys):
+    def load(self, checkpoint, keys, timeout_s=None):
         if self.fail_load:
             self.fail_load = False
             raise WorkerCallError("load_experts failed on device 3: OSError: stale file handle", [3])
-        return super().load(checkpoint, keys)
+        return super().load(checkpoint, keys, timeout_s)
 
 
 def test_a_failed_refill_after_a_lost_device_is_rolled_back(checkpoint):
@@ -354,6 +354,32 @@ def test_a_failed_refill_after_a_lost_device_is_rolled_back(checkpoint):
     assert coordinator.stats_view()["recalibrations"][-1]["status"] == "failed"
     assert coordinator.placement.version == version
     assert not _extras(coordinator, skip=(dead,))
+
+
+class TimedLoadPool(LocalWorkerPool):
+    """Records the timeout of each checkpoint load."""
+
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.timeouts = []
+
+    def load(self, checkpoint, keys, timeout_s=None):
+        self.timeouts.append(timeout_s)
+        return super().load(checkpoint, keys, timeout_s)
+
+
+def test_a_reload_while_serving_waits_for_what_it_reads_not_a_whole_first_load(checkpoint):
+    """Reloading a lost device's experts holds the migration lock: with the first load's 30-minute timeout, one
+    stuck worker stalled every recalibration and loss for half an hour (a review)."""
+    pool = TimedLoadPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    assert pool.timeouts == [None]  # the first load: the pool's own load timeout
+    _calibrate(coordinator, 9)
+    pool.kill(1)
+    assert coordinator.check_workers() == [1]
+    assert pool.timeouts[1:] == [60.0]  # a tiny model: the floor of a minute
+    n = 10**6  # experts of a large share: a minute is too short for them
+    assert coordinator._serving_load_timeout({0: [(0, 0)] * n}) == n * coordinator.shape.expert_bytes / 1e8 > 60
 
 
 def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoint):
@@ -404,9 +430,9 @@ class DownAtStartPool(ServedPool):
         self.profiled.append(None if devices is None else list(devices))
         return super().profile(token_counts, repeats, devices)
 
-    def load(self, checkpoint, keys):
+    def load(self, checkpoint, keys, timeout_s=None):
         self.loaded += sum(map(len, keys.values()))
-        return super().load(checkpoint, keys)
+        return super().load(checkpoint, keys, timeout_s)
 
 
 def test_a_coordinator_serves_without_a_worker_that_cannot_be_placed_until_it_comes_up(checkpoint):

@@ -36,5 +36,9 @@ def test_loading_experts_has_a_timeout_of_its_own_other_calls_the_control_calls(
     pool.load("/ckpt", {0: [(0, 1)], 1: []})
     pool.drop({0: [(0, 1)]})
     assert waited == [(["load_experts"], 900.0), (["drop_experts"], None)]  # None: call_timeout_s
+    waited.clear()  # a reload while serving waits for what it reads, never past the load timeout
+    pool.load("/ckpt", {0: [(0, 1)]}, timeout_s=60.0)
+    pool.load("/ckpt", {0: [(0, 1)]}, timeout_s=5000.0)
+    assert [t for _, t in waited] == [60.0, 900.0]
     with pytest.raises(ValueError, match="invalid RayPoolConfig"):
         RayPoolConfig(load_timeout_s=0)

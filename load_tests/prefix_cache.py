@@ -253,11 +253,11 @@ def main(argv: list[str] | None = None) -> None:
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "scenarios": {}}
     caching = {"off": {"enable_prefix_caching": False}, "on": {}}
     if args.serve:
-        from load_tests.compare import deploy_args
+        from load_tests.compare import deploy_args, resolved_args
 
         served = deploy_args()
         running = _running_bytes(model_config, served["max_num_seqs"], served.get("max_model_len") or max_model_len,
-                                 getattr(torch, served.get("dtype", "float32")))
+                                 getattr(torch, resolved_args(served)["dtype"]))  # unset: by device
         users = {mode: _users_config(mode, served["max_num_seqs"], running) for mode in USERS_MODES}
         run = _serve_run
     else:

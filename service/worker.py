@@ -8,6 +8,7 @@ actor and `service.transport` serves its `forward` on the data plane.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -170,7 +171,10 @@ class ExpertWorker:
                 added += self._store.add(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
                                          verify=False)
         except BaseException:  # all or nothing, as one read was: what this call added (and was not held) goes
-            self._store.drop([key for key in added if key not in held])
+            for key in added:  # one by one: a drop meanwhile may have taken some (a KeyError hid the failure)
+                if key not in held:
+                    with contextlib.suppress(KeyError):
+                        self._store.drop([key])
             raise
         return added
 

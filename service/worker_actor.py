@@ -45,10 +45,12 @@ def check_own_gpu(gpu_ids: Sequence, visible: str | None, device_count: int) -> 
     set by some images) every worker of a node would compute on the node's first GPU, timed as if each had its own."""
     if not gpu_ids:
         raise RuntimeError("a GPU worker (device cuda) without a GPU from Ray: give it worker_num_gpus > 0")
-    if visible is None and device_count > 1:
-        raise RuntimeError(f"CUDA_VISIBLE_DEVICES is not set for this worker (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_"
-                           f"DEVICES?): it would compute on the first of the node's {device_count} GPUs, not on the "
-                           f"one Ray gave it ({', '.join(map(str, gpu_ids))}); unset that variable for the workers")
+    if device_count > max(1, len(gpu_ids)):
+        shown = "not set" if visible is None else f"{visible!r}"
+        raise RuntimeError(f"this worker sees {device_count} GPUs (CUDA_VISIBLE_DEVICES {shown}; RAY_EXPERIMENTAL_"
+                           f"NOSET_CUDA_VISIBLE_DEVICES?) where Ray gave it {len(gpu_ids)} "
+                           f"({', '.join(map(str, gpu_ids))}): it would compute on the first it sees, not on its own; "
+                           f"unset that variable for the workers")
 
 
 @ray.remote

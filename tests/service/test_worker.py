@@ -197,6 +197,23 @@ def test_a_load_that_fails_part_way_holds_nothing_it_added(monkeypatch):
     assert worker.held_experts() == [(0, 2)]  # held before: kept; (0, 3), read before the failure: dropped
 
 
+def test_a_failed_loads_rollback_skips_what_a_drop_meanwhile_took(monkeypatch):
+    """A drop during the load took one of its experts: the rollback raised KeyError on it, hiding the failure and
+    keeping the rest of what the load added (a review)."""
+    worker = worker_with([])
+
+    def read_experts(checkpoint_dir, keys, **kwargs):
+        if keys[0][0] == 1:
+            worker.drop_experts([(0, 3)])  # the coordinator's drop, from another thread
+            raise ValueError("the checkpoint lacks layer 1's experts")
+        return [make_expert(layer, expert) for layer, expert in keys]
+
+    monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
+    with pytest.raises(ValueError, match="lacks layer 1"):
+        worker.load_experts("/ckpt", [(0, 2), (0, 3), (1, 3)])
+    assert worker.held_experts() == []
+
+
 def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     calls = []
 

@@ -113,8 +113,8 @@ def _caveat(check: dict, rows: dict[str, dict], headroom: float | None, target: 
         notes.append(f"eplb's own run at its frontier rate reached attainment {eplb['attainment']:.3f}, below "
                      f"{target:g}: the interpolated frontier overstates it")
     if "TTFT" in check["what"]:  # percentiles over completed requests: one that failed or was cut off is left out
-        failed = {p: rows.get(p, {}).get("failed") or 0 for p in ("vibe", "eplb")}
-        if failed["vibe"] != failed["eplb"]:
+        failed = {p: rows.get(p, {}).get("failed") for p in ("vibe", "eplb")}
+        if None not in failed.values() and failed["vibe"] != failed["eplb"]:
             notes.append(f"P90 over completed requests only; failed or cut off: vibe {failed['vibe']}, "
                          f"eplb {failed['eplb']}")
     value = check["value"]

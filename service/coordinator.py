@@ -264,6 +264,8 @@ class Coordinator:
         self._workers = self._start_workers()
         self._at_start(self._profile, "their profiling pass")
         recovered, newest = self._recover()
+        if newest == 0 and any(self.pool.held(self._live_devices()).values()):
+            newest = None  # no record, yet experts held: the app ran (its records were never saved) as if unreadable
         if newest != 0:  # the app ran before (or its records could not be read): its engines may still serve
             with self._lock:
                 self._version_floor = max(self._version_floor, newest or 0)
@@ -287,6 +289,7 @@ class Coordinator:
             idle = self._readmit_idle(recovered, self._live_devices())
             if idle:
                 log.info("devices %s hold no expert of the recovered placement: readmitting them", idle)
+        self._held_at_start = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
@@ -326,7 +329,7 @@ class Coordinator:
         extra = {d: sorted(keys - before.get(d, set()) - set(needed.get(d, ()))) for d, keys in held.items()}
         if any(extra.values()):
             self.pool.drop(extra)
-        if any(keys - set(needed.get(d, ())) for d, keys in before.items()):
+        if any(keys - set(needed.get(d, ())) for d, keys in before.items() if d in held):  # (live devices)
             with self._lock:
                 self._unreconciled = True
         return first
@@ -628,9 +631,9 @@ class Coordinator:
                 self.pool.drop({dst: leftovers})
             except Exception as exc:  # (a LocalWorkerPool raises the worker's KeyError for a key it does not hold)
                 incomplete.append(f"{len(leftovers)} on device {dst} ({exc})")
+        with self._lock:  # a copy or load given up still runs in its worker: what it places later, reconciled
+            self._unreconciled = True
         if incomplete:
-            with self._lock:
-                self._unreconciled = True
             log.warning("rollback cleanup incomplete, left to reconciliation: %s", "; ".join(incomplete))
 
     def _publish(self, placement: pl.Placement) -> None:
@@ -859,10 +862,10 @@ class Coordinator:
         return True
 
     def _serving_load_timeout(self, keys: dict[int, list]) -> float:
-        """How long a reload while serving waits: what the largest share of `keys` takes at 0.1 GB/s, at least a
-        minute (the migration lock is held meanwhile; a worker's whole first load may take load_timeout_s)."""
-        largest = max((len(k) for k in keys.values()), default=0)
-        return max(60.0, largest * self.shape.expert_bytes / 1e8)
+        """How long a reload while serving waits: what all of `keys` take at 0.1 GB/s (the workers may read from
+        one disk), at least a minute (the migration lock is held meanwhile; a worker's whole first load may take
+        load_timeout_s)."""
+        return max(60.0, sum(map(len, keys.values())) * self.shape.expert_bytes / 1e8)
 
     def handle_lost_devices(self, lost: list[int], *, restart: bool = True) -> dict[str, Any]:
         """Re-place the experts of `lost` devices on the survivors, publish, then restart the lost workers.

@@ -88,6 +88,10 @@ class ExpertStore:
         Returns the keys added, in order. Raises ValueError naming the first expert whose checksum does
         not match; then nothing is added.
         """
+        return list(self.place(items, verify=verify))
+
+    def place(self, items: Iterable[ExpertTensors], *, verify: bool = True) -> dict[Key, dict[str, torch.Tensor]]:
+        """`add`, returning the copies stored, by key (for `drop_placed`)."""
         items = list(items)
         for item in items if verify else ():
             if checksum(item.tensors) != item.checksum:
@@ -96,7 +100,15 @@ class ExpertStore:
         placed = {(item.layer, item.expert): self._to_device(item.tensors) for item in items}
         with self._lock:
             self._experts.update(placed)
-        return list(placed)
+        return placed
+
+    def drop_placed(self, placed: dict[Key, dict[str, torch.Tensor]]) -> None:
+        """Forget the given copies where they are still the ones held (a copy stored since, or a drop meanwhile,
+        is left as it is)."""
+        with self._lock:
+            for key, tensors in placed.items():
+                if self._experts.get(key) is tensors:
+                    del self._experts[key]
 
     def export(self, keys: Iterable[Key]) -> list[ExpertTensors]:
         """CPU copies of the given experts, every tensor of an expert together, each with its checksum."""

@@ -8,7 +8,6 @@ actor and `service.transport` serves its `forward` on the data plane.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 import time
@@ -23,6 +22,7 @@ from service.emulator import DeviceEmulator, EmulationConfig
 from service.experts import ExpertFFN, ExpertStore, Key, checksum, run_experts
 from service.messages import ExpertTensors, LatencySamples, Telemetry
 from service.telemetry import read_telemetry
+from service.worker_pool import LOAD_GRACE_S
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -32,6 +32,7 @@ DEFAULT_PROFILE_TOKENS = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
 # "error" makes every later forward fail, as a GPU after a sticky CUDA error (an illegal memory access) would
 FAULTS = ("import", "hang", "error")
 _PROFILE_SEED = 0
+
 
 
 @dataclass(frozen=True)
@@ -160,23 +161,33 @@ class ExpertWorker:
 
     # --- experts ---------------------------------------------------------------------------------
 
-    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key]) -> list[Key]:
+    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], timeout_s: float | None = None) -> list[Key]:
         """Read the given (moe layer, expert) experts from a checkpoint folder and hold them, a layer at a time (the
-        host holds one layer's read copies at most, not the worker's whole share before it goes to the device)."""
+        host holds one layer's read copies at most, not the worker's whole share before it goes to the device).
+
+        All or nothing. `timeout_s`: the caller's wait (it gives up `LOAD_GRACE_S` later): no layer starts past
+        it, and a load that ends after the caller gave up keeps nothing (its copies would be tracked by no one).
+        TimeoutError either way."""
         keys = [(int(layer), int(expert)) for layer, expert in keys]
-        held, added = set(self._store.keys()), []
+        started, held, placed = self._clock(), set(self._store.keys()), {}
+        layers = list(dict.fromkeys(layer for layer, _ in keys))  # in the order given
         try:
-            for layer in dict.fromkeys(layer for layer, _ in keys):  # layers in the order given
+            for done, layer in enumerate(layers):
+                if timeout_s is not None and self._clock() - started > timeout_s:
+                    raise TimeoutError(f"loading {len(keys)} experts took over {timeout_s:.0f} s: stopped after "
+                                       f"{done} of {len(layers)} layers, nothing kept")
                 # (checksummed as read, in this process: hashing them again took as long, ~0.9 GB/s on a core)
-                added += self._store.add(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
-                                         verify=False)
-        except BaseException:  # all or nothing, as one read was: what this call added (and was not held) goes
-            for key in added:  # one by one: a drop meanwhile may have taken some (a KeyError hid the failure)
-                if key not in held:
-                    with contextlib.suppress(KeyError):
-                        self._store.drop([key])
+                placed |= self._store.place(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
+                                            verify=False)
+            if timeout_s is not None and self._clock() - started > timeout_s + LOAD_GRACE_S:
+                raise TimeoutError(f"loading {len(keys)} experts took over {timeout_s + LOAD_GRACE_S:.0f} s: the "
+                                   f"caller gave up, nothing kept")
+        except BaseException:
+            # what this call added goes (not copies held before it, nor copies stored or dropped since: a drop
+            # meanwhile raised KeyError here, and a later load's copy of a key, maybe published, was dropped)
+            self._store.drop_placed({key: tensors for key, tensors in placed.items() if key not in held})
             raise
-        return added
+        return list(placed)
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""

@@ -45,6 +45,9 @@ def check_own_gpu(gpu_ids: Sequence, visible: str | None, device_count: int) -> 
     set by some images) every worker of a node would compute on the node's first GPU, timed as if each had its own."""
     if not gpu_ids:
         raise RuntimeError("a GPU worker (device cuda) without a GPU from Ray: give it worker_num_gpus > 0")
+    if device_count == 0:
+        raise RuntimeError(f"Ray gave this worker GPU {', '.join(map(str, gpu_ids))} but torch sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES {visible!r}): check the node's driver and the torch build")
     if device_count > max(1, len(gpu_ids)):
         shown = "not set" if visible is None else f"{visible!r}"
         raise RuntimeError(f"this worker sees {device_count} GPUs (CUDA_VISIBLE_DEVICES {shown}; RAY_EXPERIMENTAL_"
@@ -83,8 +86,8 @@ class ExpertWorkerActor:
             emulated=config.emulation is not None,
         )
 
-    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key]) -> list[Key]:
-        return self._worker.load_experts(checkpoint_dir, keys)
+    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], timeout_s: float | None = None) -> list[Key]:
+        return self._worker.load_experts(checkpoint_dir, keys, timeout_s)
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         return self._worker.import_experts(items)

@@ -19,6 +19,9 @@ from typing import Any, Protocol
 
 from service.messages import LatencySamples, Telemetry, WorkerInfo
 
+# How long after a load's timeout its caller still waits for the answer (the layer read when the time ran out).
+LOAD_GRACE_S = 60.0
+
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (moe layer, expert)
@@ -352,10 +355,13 @@ class RayWorkerPool:
     # --- control calls -----------------------------------------------------------------------------
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None:
-        """Read `keys` from the checkpoint onto each worker, waiting at most `timeout_s` (at most, and by default,
-        the config's load_timeout_s: a reload while serving waits for what it reads, not for a worker's share)."""
+        """Read `keys` from the checkpoint onto each worker within `timeout_s` (at most, and by default, the
+        config's load_timeout_s: a reload while serving waits for what it reads, not for a worker's share). A worker
+        starts no layer past it and keeps nothing of a load it ends after this call gave up (LOAD_GRACE_S later):
+        a call given up still runs in the actor, and its copies would be tracked by no one."""
         limit = self.config.load_timeout_s if timeout_s is None else min(timeout_s, self.config.load_timeout_s)
-        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k)), "load_experts", limit)
+        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k), limit), "load_experts",
+                 limit + LOAD_GRACE_S)
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         """Copy experts worker to worker (export ObjectRef passed straight to the importer).
@@ -482,9 +488,8 @@ class LocalWorkerPool:
                            w.config.emulation is not None) for i, w in enumerate(self.workers)]
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None:
-        # (in process: no timeout to apply)
         self._per_device([d for d, k in keys.items() if k],
-                         lambda d: self._live(d).load_experts(checkpoint, list(keys[d])), "load_experts")
+                         lambda d: self._live(d).load_experts(checkpoint, list(keys[d]), timeout_s), "load_experts")
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         failed, count = [], 0

@@ -203,6 +203,8 @@ def test_a_p90_ratio_says_when_the_policies_left_out_different_numbers_of_failed
     assert caveat == "P90 over completed requests only; failed or cut off: vibe 4, eplb 0"
     rows["eplb"]["failed"] = 4
     assert {c["what"]: c for c in report.targets(rows)}[what]["caveat"] == ""
+    rows["eplb"]["failed"] = None  # not known: no note
+    assert {c["what"]: c for c in report.targets(rows)}[what]["caveat"] == ""
 
 
 def test_the_title_names_the_policies_that_ran(tmp_path, result):

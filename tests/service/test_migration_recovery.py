@@ -5,6 +5,7 @@ PlacementSync) driven by hand. Found by an audit of the migration paths."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -357,14 +358,15 @@ def test_a_failed_refill_after_a_lost_device_is_rolled_back(checkpoint):
 
 
 class TimedLoadPool(LocalWorkerPool):
-    """Records the timeout of each checkpoint load."""
+    """Records the timeout and the number of experts of each checkpoint load."""
 
     def __init__(self, workers):
         super().__init__(workers)
-        self.timeouts = []
+        self.timeouts, self.loaded = [], []
 
     def load(self, checkpoint, keys, timeout_s=None):
         self.timeouts.append(timeout_s)
+        self.loaded.append(sum(map(len, keys.values())))
         return super().load(checkpoint, keys, timeout_s)
 
 
@@ -377,9 +379,46 @@ def test_a_reload_while_serving_waits_for_what_it_reads_not_a_whole_first_load(c
     _calibrate(coordinator, 9)
     pool.kill(1)
     assert coordinator.check_workers() == [1]
-    assert pool.timeouts[1:] == [60.0]  # a tiny model: the floor of a minute
-    n = 10**6  # experts of a large share: a minute is too short for them
-    assert coordinator._serving_load_timeout({0: [(0, 0)] * n}) == n * coordinator.shape.expert_bytes / 1e8 > 60
+    assert pool.timeouts[1:] == [60.0] and pool.loaded[1] > 0  # a tiny model: the floor of a minute
+    # large shares: all that is read, at 0.1 GB/s (the workers may read from one disk)
+    n, size = 10**6, coordinator.shape.expert_bytes
+    assert coordinator._serving_load_timeout({0: [(0, 0)] * n, 2: [(0, 1)] * n}) == 2 * n * size / 1e8
+
+
+def test_a_first_load_retried_without_a_device_keeps_what_workers_held_before_start(checkpoint):
+    """Adopted workers hold copies of a version engines may still serve; the first load, retried without a device
+    that failed it, drops what its first try added and the plan no longer uses, never those older copies (they go
+    through reconciliation once engines switched: the retry dropped them at once)."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    old = (1, 7)  # an expert a dead coordinator placed on device 0, outside any plan below
+    pool.workers[0].load_experts(checkpoint, [old])
+    bad, tries = 3, []
+    original = pool.workers[bad].load_experts
+
+    def fails_once_loaded(*args, **kwargs):
+        tries.append(original(*args, **kwargs))
+        raise RuntimeError("CUDA error: uncorrectable ECC error encountered")
+
+    pool.workers[bad].load_experts = fails_once_loaded
+    second = _coordinator(checkpoint, pool)
+    assert second.stats_view()["lost_devices"] == [bad] and tries
+    held = pool.held()
+    for device in (0, 1, 2):  # what the first try added for the four-device plan and the new one lacks: dropped
+        assert held[device] - second.placement.experts_on(device) <= {old}
+    assert old not in second.placement.experts_on(0)  # (else the plan itself keeps it)
+    assert old in held[0] and second._unreconciled  # kept, left to reconciliation
+    assert second._held_at_start is None  # (not kept past the start)
+
+
+def test_experts_held_without_any_record_are_treated_as_an_earlier_run(checkpoint):
+    """Workers holding experts but no record (every save failed): the coordinator took them for fresh ones and
+    trusted acknowledgements at once, so engines serving the old version 1 counted as acknowledging its new one."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    pool.workers[0].load_experts(checkpoint, [(0, 0)])
+    second = _coordinator(checkpoint, pool)
+    assert second._acks_trusted_at > time.monotonic() and second._unreconciled  # engines reported, first
+    fresh = _coordinator(checkpoint, LocalWorkerPool(_workers(checkpoint)))
+    assert fresh._acks_trusted_at == 0.0 and not fresh._unreconciled
 
 
 def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoint):

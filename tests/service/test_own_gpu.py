@@ -30,6 +30,8 @@ def test_a_worker_that_sees_gpus_set_for_the_whole_node_is_refused():
 def test_a_gpu_worker_without_a_gpu_is_refused():
     with pytest.raises(RuntimeError, match="worker_num_gpus > 0"):
         check_own_gpu([], "0", 1)
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):  # Ray gave one, the driver shows none
+        check_own_gpu(["0"], "0", 0)
 
 
 def test_the_actor_checks_its_gpu_before_it_holds_anything(monkeypatch):

@@ -214,6 +214,51 @@ def test_a_failed_loads_rollback_skips_what_a_drop_meanwhile_took(monkeypatch):
     assert worker.held_experts() == []
 
 
+def test_a_load_past_its_timeout_starts_no_layer_and_keeps_nothing(monkeypatch):
+    """A load given up by its caller still ran in the actor: what it placed afterwards was tracked by no one (a
+    review). The worker starts no layer past the timeout, and a load that ends after the caller gave up keeps
+    nothing."""
+    from service.worker_pool import LOAD_GRACE_S
+
+    now, reads, step = [0.0], [], [40.0]
+
+    def read_experts(checkpoint_dir, keys, **kwargs):
+        reads.append(keys[0][0])
+        now[0] += step[0]  # each layer's read takes 40 s
+        return [make_expert(layer, expert) for layer, expert in keys]
+
+    monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
+    worker = ExpertWorker(WorkerConfig(index=0, dtype="float64"), clock=lambda: now[0])
+    worker.load_experts("/ckpt", [(0, 1)])
+    with pytest.raises(TimeoutError, match="over 60 s: stopped after 2 of 3 layers, nothing kept"):
+        worker.load_experts("/ckpt", [(1, 2), (2, 2), (3, 2)], timeout_s=60.0)
+    assert reads == [0, 1, 2] and worker.held_experts() == [(0, 1)]
+    step[0] = LOAD_GRACE_S + 50.0  # one layer that ends after the caller gave up
+    with pytest.raises(TimeoutError, match="the caller gave up"):
+        worker.load_experts("/ckpt", [(1, 2)], timeout_s=30.0)
+    assert worker.held_experts() == [(0, 1)]
+    step[0] = 40.0
+    assert worker.load_experts("/ckpt", [(1, 2)], timeout_s=60.0) == [(1, 2)]  # in time: held
+
+
+def test_a_failed_loads_rollback_leaves_a_copy_stored_since(monkeypatch):
+    """A load's rollback dropped every key it had added: a later load of the same expert (retried after the first
+    was given up), maybe published since, lost its copy (a review)."""
+    worker = worker_with([])
+    later = []
+
+    def read_experts(checkpoint_dir, keys, **kwargs):
+        if keys[0][0] == 1:
+            later.append(worker.load_experts("/other", [(0, 3)]) if not later else None)
+            raise ValueError("the checkpoint lacks layer 1's experts")
+        return [make_expert(layer, expert) for layer, expert in keys]
+
+    monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
+    with pytest.raises(ValueError, match="lacks layer 1"):
+        worker.load_experts("/ckpt", [(0, 2), (0, 3), (1, 3)])
+    assert worker.held_experts() == [(0, 3)]  # the later load's copy stays; (0, 2), this load's alone, went
+
+
 def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     calls = []
 

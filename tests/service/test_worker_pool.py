@@ -24,21 +24,26 @@ def test_current_workers_and_other_apps_workers_are_not():
 def test_loading_experts_has_a_timeout_of_its_own_other_calls_the_control_calls():
     """One 60 s deadline covered a whole load: a large model's share per worker (57 GB) could never load, and each
     retry of the coordinator's start began the load again beside the one still running (an audit)."""
-    from service.worker_pool import RayWorkerPool
+    from service.worker_pool import LOAD_GRACE_S, RayWorkerPool
+
+    sent = []
 
     class Actor:
         def __getattr__(self, method):
-            return types.SimpleNamespace(remote=lambda *args: method)
+            return types.SimpleNamespace(remote=lambda *args: (method == "load_experts" and sent.append(args)) or method)
 
     pool = RayWorkerPool.__new__(RayWorkerPool)
     pool.config, pool._actors, waited = RayPoolConfig(load_timeout_s=900.0), [Actor(), Actor()], []
     pool._gather = lambda refs, devices, timeout_s=None: (waited.append((refs, timeout_s)) or [None] * len(refs), {})
     pool.load("/ckpt", {0: [(0, 1)], 1: []})
     pool.drop({0: [(0, 1)]})
-    assert waited == [(["load_experts"], 900.0), (["drop_experts"], None)]  # None: call_timeout_s
+    # the worker stops at the timeout; the pool waits LOAD_GRACE_S more for the layer it was reading
+    assert waited == [(["load_experts"], 900.0 + LOAD_GRACE_S), (["drop_experts"], None)]  # None: call_timeout_s
+    assert sent == [("/ckpt", [(0, 1)], 900.0)]
     waited.clear()  # a reload while serving waits for what it reads, never past the load timeout
     pool.load("/ckpt", {0: [(0, 1)]}, timeout_s=60.0)
     pool.load("/ckpt", {0: [(0, 1)]}, timeout_s=5000.0)
-    assert [t for _, t in waited] == [60.0, 900.0]
+    assert [t for _, t in waited] == [60.0 + LOAD_GRACE_S, 900.0 + LOAD_GRACE_S] and sent[1:] == [
+        ("/ckpt", [(0, 1)], 60.0), ("/ckpt", [(0, 1)], 900.0)]
     with pytest.raises(ValueError, match="invalid RayPoolConfig"):
         RayPoolConfig(load_timeout_s=0)

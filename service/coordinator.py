@@ -264,8 +264,6 @@ class Coordinator:
         self._workers = self._start_workers()
         self._at_start(self._profile, "their profiling pass")
         recovered, newest = self._recover()
-        if newest == 0 and any(self.pool.held(self._live_devices()).values()):
-            newest = None  # no record, yet experts held: the app ran (its records were never saved) as if unreadable
         if newest != 0:  # the app ran before (or its records could not be read): its engines may still serve
             with self._lock:
                 self._version_floor = max(self._version_floor, newest or 0)
@@ -353,7 +351,8 @@ class Coordinator:
         """Adopt the newest placement recorded on the workers if the workers really hold it.
 
         Returns it (None if there is none to adopt) and the newest version recorded (0 if none, None if the
-        workers could not say: asked `attempts` times, health_interval_s apart)."""
+        workers could not say: asked `attempts` times, health_interval_s apart; or if they hold experts but no
+        record: the app ran, its records never saved)."""
         live = self._live_devices()
         for attempt in range(1, attempts + 1):
             try:
@@ -366,6 +365,8 @@ class Coordinator:
                     return None, None
                 self._stop.wait(self.config.health_interval_s)
         newest = max((int(r.get("version", 0)) for r in records), default=0)
+        if not records and any(held.values()):
+            return None, None
         for record in sorted(records, key=lambda r: r.get("version", 0), reverse=True):
             candidate = pl.Placement.from_dict(record)
             needed = self._keys_per_device(candidate)

@@ -88,27 +88,26 @@ class ExpertStore:
         Returns the keys added, in order. Raises ValueError naming the first expert whose checksum does
         not match; then nothing is added.
         """
-        return list(self.place(items, verify=verify))
+        return self.commit(self.prepare(items, verify=verify))
 
-    def place(self, items: Iterable[ExpertTensors], *, verify: bool = True) -> dict[Key, dict[str, torch.Tensor]]:
-        """`add`, returning the copies stored, by key (for `drop_placed`)."""
+    def prepare(self, items: Iterable[ExpertTensors], *, verify: bool = True) -> dict[Key, dict[str, torch.Tensor]]:
+        """`add`'s checks and copies to the device, not yet held: `commit` holds them (a load of several parts
+        holds none of them until all are read)."""
         items = list(items)
         for item in items if verify else ():
             if checksum(item.tensors) != item.checksum:
                 raise ValueError(f"checksum mismatch for expert (layer {item.layer}, expert {item.expert}): "
                                  f"got {item.checksum!r}")
-        placed = {(item.layer, item.expert): self._to_device(item.tensors) for item in items}
-        with self._lock:
-            self._experts.update(placed)
-        return placed
+        return {(item.layer, item.expert): self._to_device(item.tensors) for item in items}
 
-    def drop_placed(self, placed: dict[Key, dict[str, torch.Tensor]]) -> None:
-        """Forget the given copies where they are still the ones held (a copy stored since, or a drop meanwhile,
-        is left as it is)."""
+    def commit(self, prepared: dict[Key, dict[str, torch.Tensor]], check: Callable[[], None] | None = None) -> list[Key]:
+        """Hold what `prepare` returned, all at once; `check()` first, under the store's lock (what it raises:
+        nothing held)."""
         with self._lock:
-            for key, tensors in placed.items():
-                if self._experts.get(key) is tensors:
-                    del self._experts[key]
+            if check is not None:
+                check()
+            self._experts.update(prepared)
+        return list(prepared)
 
     def export(self, keys: Iterable[Key]) -> list[ExpertTensors]:
         """CPU copies of the given experts, every tensor of an expert together, each with its checksum."""

@@ -134,12 +134,14 @@ class WorkerStats:
 class ExpertWorker:
     """Holds one device's experts and runs them; safe to call from several threads at once.
 
-    `clock` and `sleep` (seconds) are injectable so tests can check emulated holds without waiting.
+    `clock` and `sleep` (seconds) are injectable so tests can check emulated holds without waiting; `wall_clock`
+    (time.time) reads load deadlines.
     """
 
     def __init__(self, config: WorkerConfig, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._wall_clock = wall_clock  # for deadlines set in another process
         self._thread_state = threading.local()
         self._configure_thread()
         self._clock = clock
@@ -161,33 +163,32 @@ class ExpertWorker:
 
     # --- experts ---------------------------------------------------------------------------------
 
-    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], timeout_s: float | None = None) -> list[Key]:
-        """Read the given (moe layer, expert) experts from a checkpoint folder and hold them, a layer at a time (the
-        host holds one layer's read copies at most, not the worker's whole share before it goes to the device).
+    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], deadline: float | None = None) -> list[Key]:
+        """Read the given (moe layer, expert) experts from a checkpoint folder and hold them: all or nothing, read
+        a layer at a time (the host holds one layer's read copies at most, not the worker's whole share before it
+        goes to the device), held together once all are read.
 
-        All or nothing. `timeout_s`: the caller's wait (it gives up `LOAD_GRACE_S` later): no layer starts past
-        it, and a load that ends after the caller gave up keeps nothing (its copies would be tracked by no one).
-        TimeoutError either way."""
+        `deadline`: wall-clock time (time.time()) the caller waits until, then `LOAD_GRACE_S` more for the layer in
+        progress: no layer starts past it, and a load that ends past it by half that grace holds nothing (the caller
+        may have given up: its copies would be tracked by no one). TimeoutError either way.
+        """
         keys = [(int(layer), int(expert)) for layer, expert in keys]
-        started, held, placed = self._clock(), set(self._store.keys()), {}
         layers = list(dict.fromkeys(layer for layer, _ in keys))  # in the order given
-        try:
-            for done, layer in enumerate(layers):
-                if timeout_s is not None and self._clock() - started > timeout_s:
-                    raise TimeoutError(f"loading {len(keys)} experts took over {timeout_s:.0f} s: stopped after "
-                                       f"{done} of {len(layers)} layers, nothing kept")
-                # (checksummed as read, in this process: hashing them again took as long, ~0.9 GB/s on a core)
-                placed |= self._store.place(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
+        prepared: dict[Key, dict[str, torch.Tensor]] = {}
+        for done, layer in enumerate(layers):
+            if deadline is not None and self._wall_clock() > deadline:
+                raise TimeoutError(f"loading {len(keys)} experts ran past the caller's deadline: stopped after {done} "
+                                   f"of {len(layers)} layers, nothing held")
+            # (checksummed as read, in this process: hashing them again took as long, ~0.9 GB/s on a core)
+            prepared |= self._store.prepare(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
                                             verify=False)
-            if timeout_s is not None and self._clock() - started > timeout_s + LOAD_GRACE_S:
-                raise TimeoutError(f"loading {len(keys)} experts took over {timeout_s + LOAD_GRACE_S:.0f} s: the "
-                                   f"caller gave up, nothing kept")
-        except BaseException:
-            # what this call added goes (not copies held before it, nor copies stored or dropped since: a drop
-            # meanwhile raised KeyError here, and a later load's copy of a key, maybe published, was dropped)
-            self._store.drop_placed({key: tensors for key, tensors in placed.items() if key not in held})
-            raise
-        return list(placed)
+
+        def in_time() -> None:  # (half the grace: clocks of two nodes may differ)
+            if deadline is not None and self._wall_clock() > deadline + LOAD_GRACE_S / 2:
+                raise TimeoutError(f"loading {len(keys)} experts ended after the caller may have given up: nothing "
+                                   f"held")
+
+        return self._store.commit(prepared, in_time)
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""

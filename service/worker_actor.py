@@ -86,8 +86,8 @@ class ExpertWorkerActor:
             emulated=config.emulation is not None,
         )
 
-    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], timeout_s: float | None = None) -> list[Key]:
-        return self._worker.load_experts(checkpoint_dir, keys, timeout_s)
+    def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], deadline: float | None = None) -> list[Key]:
+        return self._worker.load_experts(checkpoint_dir, keys, deadline)
 
     def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
         return self._worker.import_experts(items)

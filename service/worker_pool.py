@@ -356,11 +356,12 @@ class RayWorkerPool:
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None:
         """Read `keys` from the checkpoint onto each worker within `timeout_s` (at most, and by default, the
-        config's load_timeout_s: a reload while serving waits for what it reads, not for a worker's share). A worker
-        starts no layer past it and keeps nothing of a load it ends after this call gave up (LOAD_GRACE_S later):
-        a call given up still runs in the actor, and its copies would be tracked by no one."""
+        config's load_timeout_s: a reload while serving waits for what it reads, not for a worker's share), and
+        LOAD_GRACE_S more for the layer each was reading then. A call given up still runs in its actor: the worker
+        starts no layer past the deadline and holds nothing of a load that ends well after it."""
         limit = self.config.load_timeout_s if timeout_s is None else min(timeout_s, self.config.load_timeout_s)
-        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k), limit), "load_experts",
+        deadline = time.time() + limit  # (set before any call is sent: a worker's clock starts no earlier)
+        self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k), deadline), "load_experts",
                  limit + LOAD_GRACE_S)
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
@@ -488,8 +489,9 @@ class LocalWorkerPool:
                            w.config.emulation is not None) for i, w in enumerate(self.workers)]
 
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None:
+        deadline = None if timeout_s is None else time.time() + timeout_s
         self._per_device([d for d, k in keys.items() if k],
-                         lambda d: self._live(d).load_experts(checkpoint, list(keys[d]), timeout_s), "load_experts")
+                         lambda d: self._live(d).load_experts(checkpoint, list(keys[d]), deadline), "load_experts")
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         failed, count = [], 0

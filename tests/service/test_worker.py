@@ -194,33 +194,30 @@ def test_a_load_that_fails_part_way_holds_nothing_it_added(monkeypatch):
     worker = worker_with([(0, 2)])
     with pytest.raises(ValueError, match="lacks layer 1"):
         worker.load_experts("/ckpt", [(0, 2), (0, 3), (1, 3)])
-    assert worker.held_experts() == [(0, 2)]  # held before: kept; (0, 3), read before the failure: dropped
+    assert worker.held_experts() == [(0, 2)]  # held before: kept; (0, 3), read before the failure: not held
 
 
-def test_a_failed_loads_rollback_skips_what_a_drop_meanwhile_took(monkeypatch):
-    """A drop during the load took one of its experts: the rollback raised KeyError on it, hiding the failure and
-    keeping the rest of what the load added (a review)."""
-    worker = worker_with([])
+def test_a_load_holds_nothing_until_every_layer_is_read(monkeypatch):
+    """Copies of a load in progress were held: a coordinator restarted meanwhile adopted them as held, and lost
+    them when the load then failed and dropped what it had added (a review)."""
+    worker = worker_with([(5, 5)])
+    seen = []
 
     def read_experts(checkpoint_dir, keys, **kwargs):
-        if keys[0][0] == 1:
-            worker.drop_experts([(0, 3)])  # the coordinator's drop, from another thread
-            raise ValueError("the checkpoint lacks layer 1's experts")
+        seen.append(worker.held_experts())
         return [make_expert(layer, expert) for layer, expert in keys]
 
     monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
-    with pytest.raises(ValueError, match="lacks layer 1"):
-        worker.load_experts("/ckpt", [(0, 2), (0, 3), (1, 3)])
-    assert worker.held_experts() == []
+    assert worker.load_experts("/ckpt", [(0, 2), (1, 3)]) == [(0, 2), (1, 3)]
+    assert seen == [[(5, 5)], [(5, 5)]] and sorted(worker.held_experts()) == [(0, 2), (1, 3), (5, 5)]
 
 
-def test_a_load_past_its_timeout_starts_no_layer_and_keeps_nothing(monkeypatch):
+def test_a_load_past_its_deadline_starts_no_layer_and_holds_nothing(monkeypatch):
     """A load given up by its caller still ran in the actor: what it placed afterwards was tracked by no one (a
-    review). The worker starts no layer past the timeout, and a load that ends after the caller gave up keeps
-    nothing."""
+    review). The worker starts no layer past the deadline, and a load that ends well after it holds nothing."""
     from service.worker_pool import LOAD_GRACE_S
 
-    now, reads, step = [0.0], [], [40.0]
+    now, reads, step = [1000.0], [], [40.0]
 
     def read_experts(checkpoint_dir, keys, **kwargs):
         reads.append(keys[0][0])
@@ -228,35 +225,35 @@ def test_a_load_past_its_timeout_starts_no_layer_and_keeps_nothing(monkeypatch):
         return [make_expert(layer, expert) for layer, expert in keys]
 
     monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
-    worker = ExpertWorker(WorkerConfig(index=0, dtype="float64"), clock=lambda: now[0])
+    worker = ExpertWorker(WorkerConfig(index=0, dtype="float64"), wall_clock=lambda: now[0])
     worker.load_experts("/ckpt", [(0, 1)])
-    with pytest.raises(TimeoutError, match="over 60 s: stopped after 2 of 3 layers, nothing kept"):
-        worker.load_experts("/ckpt", [(1, 2), (2, 2), (3, 2)], timeout_s=60.0)
+    with pytest.raises(TimeoutError, match="past the caller's deadline: stopped after 2 of 3 layers, nothing held"):
+        worker.load_experts("/ckpt", [(1, 2), (2, 2), (3, 2)], deadline=now[0] + 60.0)
     assert reads == [0, 1, 2] and worker.held_experts() == [(0, 1)]
-    step[0] = LOAD_GRACE_S + 50.0  # one layer that ends after the caller gave up
-    with pytest.raises(TimeoutError, match="the caller gave up"):
-        worker.load_experts("/ckpt", [(1, 2)], timeout_s=30.0)
+    step[0] = LOAD_GRACE_S / 2 + 50.0  # one layer that ends after the caller may have given up
+    with pytest.raises(TimeoutError, match="the caller may have given up: nothing held"):
+        worker.load_experts("/ckpt", [(1, 2)], deadline=now[0] + 30.0)
     assert worker.held_experts() == [(0, 1)]
     step[0] = 40.0
-    assert worker.load_experts("/ckpt", [(1, 2)], timeout_s=60.0) == [(1, 2)]  # in time: held
+    assert worker.load_experts("/ckpt", [(1, 2)], deadline=now[0] + 30.0) == [(1, 2)]  # within the grace: held
 
 
-def test_a_failed_loads_rollback_leaves_a_copy_stored_since(monkeypatch):
-    """A load's rollback dropped every key it had added: a later load of the same expert (retried after the first
-    was given up), maybe published since, lost its copy (a review)."""
-    worker = worker_with([])
-    later = []
+def test_a_late_load_leaves_the_copy_a_retry_stored_meanwhile(monkeypatch):
+    """A load given up, then retried (and the retry's placement published), ended late: it stored its copy over
+    the retry's, then dropped it as its own, and the worker lacked an expert the placement put there (a review)."""
+    now, nested = [1000.0], []
+    worker = ExpertWorker(WorkerConfig(index=0, dtype="float64"), wall_clock=lambda: now[0])
 
     def read_experts(checkpoint_dir, keys, **kwargs):
-        if keys[0][0] == 1:
-            later.append(worker.load_experts("/other", [(0, 3)]) if not later else None)
-            raise ValueError("the checkpoint lacks layer 1's experts")
+        if checkpoint_dir == "/first" and not nested:  # the retry runs while the first reads
+            nested.append(worker.load_experts("/retry", keys))
+            now[0] += 500.0
         return [make_expert(layer, expert) for layer, expert in keys]
 
     monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
-    with pytest.raises(ValueError, match="lacks layer 1"):
-        worker.load_experts("/ckpt", [(0, 2), (0, 3), (1, 3)])
-    assert worker.held_experts() == [(0, 3)]  # the later load's copy stays; (0, 2), this load's alone, went
+    with pytest.raises(TimeoutError):
+        worker.load_experts("/first", [(0, 3)], deadline=now[0] + 60.0)
+    assert nested == [[(0, 3)]] and worker.held_experts() == [(0, 3)]
 
 
 def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):

@@ -1,6 +1,7 @@
 """Which named actors a Ray worker pool retires at start (pure name logic), and which deadline its calls wait on
 (no Ray)."""
 
+import time
 import types
 
 import pytest
@@ -35,15 +36,17 @@ def test_loading_experts_has_a_timeout_of_its_own_other_calls_the_control_calls(
     pool = RayWorkerPool.__new__(RayWorkerPool)
     pool.config, pool._actors, waited = RayPoolConfig(load_timeout_s=900.0), [Actor(), Actor()], []
     pool._gather = lambda refs, devices, timeout_s=None: (waited.append((refs, timeout_s)) or [None] * len(refs), {})
+    before = time.time()
     pool.load("/ckpt", {0: [(0, 1)], 1: []})
     pool.drop({0: [(0, 1)]})
     # the worker stops at the timeout; the pool waits LOAD_GRACE_S more for the layer it was reading
     assert waited == [(["load_experts"], 900.0 + LOAD_GRACE_S), (["drop_experts"], None)]  # None: call_timeout_s
-    assert sent == [("/ckpt", [(0, 1)], 900.0)]
+    # the worker is given the deadline as wall-clock time, set before the call was sent
+    assert [args[:2] for args in sent] == [("/ckpt", [(0, 1)])] and before + 900.0 <= sent[0][2] <= time.time() + 900.0
     waited.clear()  # a reload while serving waits for what it reads, never past the load timeout
     pool.load("/ckpt", {0: [(0, 1)]}, timeout_s=60.0)
     pool.load("/ckpt", {0: [(0, 1)]}, timeout_s=5000.0)
-    assert [t for _, t in waited] == [60.0 + LOAD_GRACE_S, 900.0 + LOAD_GRACE_S] and sent[1:] == [
-        ("/ckpt", [(0, 1)], 60.0), ("/ckpt", [(0, 1)], 900.0)]
+    assert [t for _, t in waited] == [60.0 + LOAD_GRACE_S, 900.0 + LOAD_GRACE_S]
+    assert [round(args[2] - sent[0][2], -1) for args in sent[1:]] == [-840.0, 0.0]
     with pytest.raises(ValueError, match="invalid RayPoolConfig"):
         RayPoolConfig(load_timeout_s=0)

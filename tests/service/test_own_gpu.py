@@ -42,8 +42,11 @@ def test_the_actor_checks_its_gpu_before_it_holds_anything(monkeypatch):
     monkeypatch.setattr(worker_actor.ray, "get_gpu_ids", lambda: ["5"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(worker_actor, "check_own_gpu",
+    actor_class = worker_actor.ExpertWorkerActor.__ray_actor_class__
+    # (the globals its __init__ reads: after an integration test in this process created worker actors, they are
+    # no longer the module's own dict, so patching the module missed the call in a full run)
+    monkeypatch.setitem(actor_class.__init__.__globals__, "check_own_gpu",
                         lambda *args: calls.append(args) or check_own_gpu(*args))
     with pytest.raises(RuntimeError, match="sees 8 GPUs"):
-        worker_actor.ExpertWorkerActor.__ray_actor_class__(WorkerConfig(index=0, device="cuda"))
+        actor_class(WorkerConfig(index=0, device="cuda"))
     assert calls == [(["5"], None, 8)]

@@ -492,7 +492,7 @@ def _wait_healthy(base: str, deadline: float) -> None:
     raise TimeoutError(f"{base}/health did not answer 200 before the deadline")
 
 
-async def wait_idle(base: str, timeout_s: float = 120.0) -> bool:
+async def wait_idle(base: str, timeout_s: float = IDLE_TIMEOUT_S) -> bool:
     """Until the engine has no running or waiting request (cut-off requests are aborted server-side): True; False
     when it still had some, or /metrics never answered, after `timeout_s` (a /metrics that fails or is slow once
     is asked again: it used to lose the run just measured)."""
@@ -509,7 +509,10 @@ async def wait_idle(base: str, timeout_s: float = 120.0) -> bool:
     return False
 
 
-BUSY_NOTE = "the engine was still busy {:g} s after this run (or its /metrics did not answer): what ran next began on it"
+def busy_note(after: str) -> str:
+    """What a run's or report's notes say when `wait_idle` gave up after `after` (a run, a warm-up)."""
+    return (f"the engine was still busy {IDLE_TIMEOUT_S:g} s after {after} (or its /metrics did not answer): what "
+            "was measured next began on it")
 
 
 async def client_for(base: str, **kwargs) -> ClientConfig:
@@ -651,9 +654,8 @@ class Experiment:
         warm = self.trace(cfg.warmup_rate, cfg.seed + 1000, cfg.warmup_s)
         await asyncio.gather(*(run_trace(c, warm, desc=f"{p} warm-up", progress=False) for p, c in clients.items()))
         for policy, client in clients.items():
-            if not await wait_idle(client.base_url, IDLE_TIMEOUT_S):  # what follows (maybe the SLOs) would be loaded
-                self._note(f"{policy}: the engine was still busy {IDLE_TIMEOUT_S:g} s after the warm-up (or its "
-                           "/metrics did not answer): what was measured next began on it")
+            if not await wait_idle(client.base_url):  # what follows (maybe the SLOs) would be loaded
+                self._note(f"{policy}: {busy_note('the warm-up')}")
         return clients
 
     async def _measure(self, bases: dict[str, str]) -> None:
@@ -818,8 +820,8 @@ class Experiment:
         async def load(policy: str, client: ClientConfig) -> tuple[RunRecord, tuple[float, ...], tuple[float, ...]]:
             before = os.getloadavg()
             record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress)
-            if not await wait_idle(client.base_url, IDLE_TIMEOUT_S):
-                record.notes.append(BUSY_NOTE.format(IDLE_TIMEOUT_S))
+            if not await wait_idle(client.base_url):
+                record.notes.append(busy_note("this run"))
             return record, before, os.getloadavg()
 
         if self.config.together:

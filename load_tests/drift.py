@@ -32,6 +32,7 @@ from load_tests.compare import (
     DEFAULT,
     CompareConfig,
     app_args_for,
+    busy_note,
     client_for,
     emulated,
     record_json,
@@ -165,9 +166,7 @@ class DriftRun:
         await asyncio.gather(*(run_trace(c, warm, progress=False) for c in clients.values()))
         for mode, client in clients.items():
             if not await wait_idle(client.base_url):
-                self.result.setdefault("notes", []).append(
-                    f"{scenario} {mode}: the engine was still busy after the warm-up (or its /metrics did not "
-                    "answer): the measured trace began on it")
+                self.result.setdefault("notes", []).append(f"{scenario} {mode}: {busy_note('the warm-up')}")
         trace = make_trace(self.trace_config(scenario, self.rate), self.prompts)
         events = {m: [throttle_event(c, apps[m], cfg)] if scenario == "device" else [] for m, c in clients.items()}
         records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress,

@@ -247,9 +247,6 @@ class Coordinator:
         self._hidden_size: int | None = None  # of the model's experts, read from the checkpoint when first needed
         self._telemetry: list = []  # latest Telemetry of every worker (refreshed with the health probe)
         self._unprofiled: set[int] = set()  # devices that never answered a profiling pass (down at startup)
-        # What the workers held before the first load (adopted workers may serve an old version to engines still
-        # running): `_load_first` drops only what its own tries added; older copies go through `_reconcile`.
-        self._held_at_start: dict[int, set] | None = None
         self._restart_after: dict[int, tuple[float, int]] = {}  # device: (next try, tries) after failed restarts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -270,7 +267,8 @@ class Coordinator:
                 self._acks_trusted_at = self._clock() + self.config.engine_timeout_s
                 self._unreconciled = True  # old copies pending drop, copies of a migration never published
         if recovered is None:
-            self._publish(self._at_start(self._load_first, "loading their experts"))
+            before: dict[int, set] = {}  # what the workers held before the first try (filled by it)
+            self._publish(self._at_start(lambda: self._load_first(before), "loading their experts"))
         else:
             # Devices down since start that the recovered placement uses (a node lost with the coordinator): their
             # experts are copied from survivors or read from the checkpoint, as for any device lost while serving
@@ -287,7 +285,6 @@ class Coordinator:
             idle = self._readmit_idle(recovered, self._live_devices())
             if idle:
                 log.info("devices %s hold no expert of the recovered placement: readmitting them", idle)
-        self._held_at_start = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
@@ -310,20 +307,22 @@ class Coordinator:
                     self._lost |= failed
                     self._unprofiled |= failed
 
-    def _load_first(self) -> pl.Placement:
+    def _load_first(self, before: dict[int, set]) -> pl.Placement:
         """The first placement, planned for uniform loads on the live devices, its experts loaded: only those a
         device lacks (after a failed try, the others keep what they loaded), then those it no longer needs
-        dropped. Above every recorded version: engines may still serve one, and they only switch to newer ones."""
+        dropped. Above every recorded version: engines may still serve one, and they only switch to newer ones.
+
+        `before`: what the workers held before the first try, filled by it (adopted workers may serve an old
+        version to engines still running: those copies are left to `_reconcile`, not dropped here)."""
         first = self._plan(self._uniform_loads(), self.config.policy).with_version(self._version_floor + 1)
         needed = self._keys_per_device(first)
         held = self.pool.held(self._live_devices())
-        if self._held_at_start is None:
-            self._held_at_start = {d: set(keys) for d, keys in held.items()}
+        if not before:
+            before.update((d, set(keys)) for d, keys in held.items())
         self.pool.load(self.config.checkpoint,
                        {d: [k for k in keys if k not in held.get(d, set())] for d, keys in needed.items()})
         # Copies an earlier try loaded that this plan does not use are dropped now; copies held before start (an
         # old version engines may still serve) are dropped by `_reconcile` once engines switched.
-        before = self._held_at_start
         extra = {d: sorted(keys - before.get(d, set()) - set(needed.get(d, ()))) for d, keys in held.items()}
         if any(extra.values()):
             self.pool.drop(extra)

@@ -34,7 +34,6 @@ FAULTS = ("import", "hang", "error")
 _PROFILE_SEED = 0
 
 
-
 @dataclass(frozen=True)
 class WorkerConfig:
     """Configuration of one expert worker.

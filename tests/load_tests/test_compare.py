@@ -629,7 +629,7 @@ def test_a_run_keeps_its_requests_when_the_engine_stays_busy_and_the_placement_c
     runs = asyncio.run(experiment._run_all({"vibe": client}, 2.0, "sweep"))
     run = runs["vibe"]
     assert run["summary"]["requests"] == 8 and run["summary"]["attainment"] == 1.0 and run["placement"] is None
-    assert run["notes"] == [compare.BUSY_NOTE.format(compare.IDLE_TIMEOUT_S),
+    assert run["notes"] == [compare.busy_note("this run"),
                             "/admin/placement after the run: ReadTimeout: timed out (no placement)"]
     assert run["send_lag_ms"]["max"] == pytest.approx(2.0)
     assert experiment._entry("vibe")["runs"] == [run]

@@ -407,7 +407,6 @@ def test_a_first_load_retried_without_a_device_keeps_what_workers_held_before_st
         assert held[device] - second.placement.experts_on(device) <= {old}
     assert old not in second.placement.experts_on(0)  # (else the plan itself keeps it)
     assert old in held[0] and second._unreconciled  # kept, left to reconciliation
-    assert second._held_at_start is None  # (not kept past the start)
 
 
 def test_experts_held_without_any_record_are_treated_as_an_earlier_run(checkpoint):

@@ -397,11 +397,19 @@ def test_failed_migration_rolls_back(client, url):
     before = _greedy(client, PROMPTS[0])
     version = _admin(url, "GET", "/admin/placement").json()["version"]
     request = {"policy": "contiguous", "mode": "full", "force": True}
-    plan = _admin(url, "POST", "/admin/recalibrate", json={**request, "dry_run": True}).json()
-    assert plan["status"] == "dry_run" and plan["moves"]
-    target = plan["moves"][-1]["dst"]  # a device that will import: its armed fault is sure to fire
-    assert _admin(url, "POST", "/admin/emulation/fault", json={"device": target}).status_code == 200
-    result = _admin(url, "POST", "/admin/recalibrate", json=request).json()
+    for _ in range(3):
+        plan = _admin(url, "POST", "/admin/recalibrate", json={**request, "dry_run": True}).json()
+        assert plan["status"] == "dry_run" and plan["moves"]
+        target = plan["moves"][-1]["dst"]  # a device that will import: its armed fault is sure to fire
+        assert _admin(url, "POST", "/admin/emulation/fault", json={"device": target}).status_code == 200
+        result = _admin(url, "POST", "/admin/recalibrate", json=request).json()
+        if result["status"] != "applied":
+            break
+        # An automatic recalibration came in between, met the armed fault first and rolled back (seen once in a
+        # full run): the admin one then applied. Only that may explain it; armed again on the next plan.
+        history = _admin(url, "GET", "/admin/stats").json()["recalibrations"]
+        assert any(r["reason"] != "admin" and r["status"] == "rolled_back" and "injected fault" in r["detail"]
+                   for r in history), (result, history)
     assert result["status"] == "rolled_back" and "injected fault" in result["detail"], result
     kept = result["from_version"]  # an automatic recalibration may have come in before the admin call
     assert kept >= version

@@ -629,7 +629,7 @@ class Coordinator:
                 continue
             try:
                 self.pool.drop({dst: leftovers})
-            except Exception as exc:  # (a LocalWorkerPool raises the worker's KeyError for a key it does not hold)
+            except WorkerCallError as exc:
                 incomplete.append(f"{len(leftovers)} on device {dst} ({exc})")
         with self._lock:  # a copy or load given up still runs in its worker: what it places later, reconciled
             self._unreconciled = True

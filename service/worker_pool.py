@@ -506,9 +506,9 @@ class LocalWorkerPool:
         return count
 
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:
-        for device, k in keys.items():
-            if k:
-                self._live(device).drop_experts(list(k))
+        # (every device tried, WorkerCallError naming those that failed, as Ray's: a KeyError escaped the caller)
+        self._per_device([d for d, k in keys.items() if k], lambda d: self._live(d).drop_experts(list(keys[d])),
+                         "drop_experts")
 
     def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]:
         return {i: {tuple(k) for k in self._live(i).held_experts()} for i in self._devices(devices)}

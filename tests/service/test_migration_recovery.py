@@ -293,6 +293,29 @@ def test_copies_left_by_a_coordinator_that_died_are_dropped_once_engines_acknowl
     assert not _extras(second)
 
 
+def test_a_drop_a_worker_cannot_make_still_drops_the_other_workers_copies(checkpoint):
+    """A worker that no longer holds one of the old copies pending drop (another process dropped it) failed the
+    drop of the in-process pool with a KeyError that escaped the loop's pass: the other workers' old copies stayed,
+    and nothing was left to reconciliation. Every worker is tried; the failed one is reconciled."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    counts = _skewed(coordinator.shape, 7)
+    _report(coordinator, counts, passes=30)
+    assert coordinator.recalibrate(mode="full", force=True)["status"] == "applied"
+    extras = _extras(coordinator)
+    assert len(extras) >= 2  # old copies pending drop on several workers
+    gone = min(extras)
+    pool.workers[gone].drop_experts([sorted(extras[gone])[0]])
+    _report(coordinator, counts)  # every engine acknowledged: the drop runs
+    coordinator._tick()
+    assert set(_extras(coordinator)) <= {gone}
+    coordinator._reconcile_after = 0.0  # (what is left is scheduled as drops, dropped once engines acknowledge)
+    coordinator._tick()
+    _report(coordinator, counts)
+    coordinator._tick()
+    assert not _extras(coordinator)
+
+
 class FlakyPool(LocalWorkerPool):
     """A copy's destination does not answer for a while: during the copy and the rollback's held()."""
 

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 def check_own_gpu(gpu_ids: Sequence, visible: str | None, device_count: int) -> None:
     """Refuse a GPU worker that would not compute on the GPU Ray gave it: Ray names that GPU in the actor's
     CUDA_VISIBLE_DEVICES, so its `cuda` is that GPU; where it does not (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES,
-    set by some images) every worker of a node would compute on the node's first GPU, timed as if each had its own."""
+    set by some images) every worker of a node would compute on the node's first GPU, or on the GPU the variable
+    kept names, timed as if each had its own."""
     if not gpu_ids:
         raise RuntimeError("a GPU worker (device cuda) without a GPU from Ray: give it worker_num_gpus > 0")
     if device_count == 0:
@@ -54,6 +55,12 @@ def check_own_gpu(gpu_ids: Sequence, visible: str | None, device_count: int) -> 
                            f"NOSET_CUDA_VISIBLE_DEVICES?) where Ray gave it {len(gpu_ids)} "
                            f"({', '.join(map(str, gpu_ids))}): it would compute on the first it sees, not on its own; "
                            f"unset that variable for the workers")
+    named = None if visible is None else {v.strip() for v in visible.split(",") if v.strip()}
+    if named is not None and named != {str(g) for g in gpu_ids}:  # as many, but another (a CUDA_VISIBLE_DEVICES kept
+        # by that variable, set for the workers by the user or the image): Ray names exactly the GPUs it gave
+        raise RuntimeError(f"this worker's CUDA_VISIBLE_DEVICES is {visible!r} where Ray gave it GPU "
+                           f"{', '.join(map(str, gpu_ids))}: it would compute on another GPU than its own "
+                           f"(RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES?); unset that variable for the workers")
 
 
 @ray.remote

@@ -27,6 +27,16 @@ def test_a_worker_that_sees_gpus_set_for_the_whole_node_is_refused():
         check_own_gpu(["2"], "0,1,2,3", 4)
 
 
+def test_a_worker_that_sees_as_many_gpus_but_not_its_own_is_refused():
+    """One GPU visible, as Ray gave one, but another: a CUDA_VISIBLE_DEVICES set for the workers and kept by
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (every worker of the node would compute on GPU 0)."""
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES is '0' where Ray gave it GPU 2"):
+        check_own_gpu(["2"], "0", 1)
+    with pytest.raises(RuntimeError, match="where Ray gave it GPU 2, 3"):
+        check_own_gpu(["2", "3"], "1,2", 2)
+    check_own_gpu([2, 3], "3, 2", 2)  # (the same GPUs in another order, ids as ints)
+
+
 def test_a_gpu_worker_without_a_gpu_is_refused():
     with pytest.raises(RuntimeError, match="worker_num_gpus > 0"):
         check_own_gpu([], "0", 1)

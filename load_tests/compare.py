@@ -292,15 +292,23 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
                 _wait_healthy(bases[name], deadline)
                 _check_devices(bases[name], apps[name], deadline)
             yield bases, time.monotonic() - started
+    except BaseException as exc:
+        failed = exc  # (what deleting the apps left is raised over it, with it as the cause: see below)
+        raise
+    else:
+        failed = None
     finally:
-        if address is None:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-        else:
-            left = _delete_apps(deployed, started_serve)
-        ray.shutdown()
-    if left and require_cleanup:
-        raise LeftOnCluster(f"still on the cluster after deleting the apps: {left}")
+        try:
+            if address is None:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
+            else:
+                left = _delete_apps(deployed, started_serve)
+        finally:
+            ray.shutdown()
+        # also when the body failed (a caller deploying next must know), not over a stop (SIGTERM, Ctrl-C)
+        if left and require_cleanup and (failed is None or isinstance(failed, Exception)):
+            raise LeftOnCluster(f"still on the cluster after deleting the apps: {left}") from failed
 
 
 # --- apps on a running cluster ---------------------------------------------------------------------
@@ -425,7 +433,12 @@ def _delete_apps(names: list[str], started_serve: bool, timeout_s: float = 300.0
                   f"from ray import serve; ray.init(address='auto'); [serve.delete(n) for n in {left!r}]\"",
                   file=sys.stderr)
             return left
-        if left := _wait_workers_gone(names, deadline):
+        try:
+            left = _wait_workers_gone(names, deadline)
+        except Exception as err:  # noqa: BLE001 - the cluster cannot say (a GCS timeout): not known to be gone
+            print(f"serve_apps: listing the expert workers of {names}: {err}", file=sys.stderr)
+            left = [f"the expert workers of {name} (could not be listed)" for name in names]
+        if left:
             print(f"serve_apps: expert workers {left} of the deleted apps are still alive", file=sys.stderr)
             return left
     if started_serve:
@@ -547,14 +560,14 @@ async def placement_summary(client: ClientConfig, notes: list[str] | None = None
         times = [layer["device_predicted_s"] for layer in view["layers"]]
         slots = [[sum(1 for s in layer["slots"] if s["device"] == d) for d in range(view["num_devices"])]
                  for layer in view["layers"]]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # an error, or a body that is not the view
+        return {"version": view["version"], "device_predicted_s": times, "slots_per_device": slots,
+                "moe_critical_path_s": sum(max(row) for row in times),
+                "moe_balanced_path_s": sum(sum(row) / len(row) for row in times)}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, ZeroDivisionError) as exc:  # not the view
         if notes is None:
             raise
         notes.append(f"/admin/placement after the run: {type(exc).__name__}: {str(exc)[:160]} (no placement)")
         return None
-    return {"version": view["version"], "device_predicted_s": times, "slots_per_device": slots,
-            "moe_critical_path_s": sum(max(row) for row in times),
-            "moe_balanced_path_s": sum(sum(row) / len(row) for row in times)}
 
 
 # --- results as JSON -------------------------------------------------------------------------------
@@ -707,16 +720,20 @@ class Experiment:
     @contextlib.contextmanager
     def _failures(self, policy: str, order: list[str]) -> Iterator[None]:
         """Within: a failure of `policy`'s app moves it to `failed_policies` (with the error) instead of ending the
-        run; one that left something on the cluster (LeftOnCluster: its measurements are whole) also moves every
-        policy still to come there, as not run, and ends the run with what it has."""
+        run; one that left something on the cluster (LeftOnCluster: its measurements are whole unless its turn
+        failed too, the error's cause) also moves every policy still to come there, as not run, and ends the run
+        with what it has."""
         try:
             yield
         except LeftOnCluster as err:
+            if err.__cause__ is not None:  # the app's turn failed too (then its deletion left this): not whole
+                self._fail(policy, f"{type(err.__cause__).__name__}: {err.__cause__}")
             later = [p for p in order[order.index(policy) + 1:] if p in self.result["policies"]]
             why = f"deploying apart: {err}; the later apps ({', '.join(later) or 'none'}) were not deployed beside it"
             self._note(why)
             for other in later:
                 self._fail(other, f"not run: {err}")
+            self.save()  # (the run may end here, with an error: the saved file says why)
             raise _StopApart(why) from err
         except Exception as err:  # noqa: BLE001 - any failure of this app: recorded, the others still measured
             self._fail(policy, f"{type(err).__name__}: {err}")
@@ -931,6 +948,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, argparse.N
     if args.address is not None and args.address.startswith("ray://"):
         parser.error("--address: a Ray Client address (ray://) cannot reach the apps' HTTP proxy from here; run this "
                      "on a node of the cluster with --address auto")
+    if args.drift and config.deploy_apart:
+        parser.error("--drift deploys its static and adaptive apps together, where --deploy-one-at-a-time says the "
+                     "cluster holds one app at a time: leave one of them out")
     if args.drift and not all(devices_emulated):
         parser.error("--drift needs emulated devices (the device drift throttles one through the emulator); "
                      "leave it out for this config")

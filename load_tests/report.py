@@ -303,9 +303,14 @@ def _knobs(result: dict) -> str:
         args = entry["app_args"]
         lines.append("| " + " | ".join(str(args.get(k, "default")) for k in keys) + " |")
     if result["config"].get("deploy_apart"):
+        if any("at_eplb_frontier" in entry for entry in result["policies"].values()):
+            turn = "its sweep and its run at eplb's frontier rate (eplb first)"
+        else:
+            turn = "its sweep (no run at eplb's frontier rate: eplb " + (
+                "failed" if "eplb" in result.get("failed_policies", {}) else "was not among the policies") + ")"
         lines += ["", "Each app was deployed alone, twice, and deleted after each turn: once for its warm-up and "
-                  "unloaded latency, once for its warm-up, its sweep and its run at eplb's frontier rate (eplb "
-                  f"first); {result.get('startup_s', 0):.0f} s per start on average (profiling pass and calibration "
+                  f"unloaded latency, once for its warm-up, {turn}; "
+                  f"{result.get('startup_s', 0):.0f} s per start on average (profiling pass and calibration "
                   "included). Each policy was loaded in its own stretch of time with the same trace; the load "
                   "average before and after each run is in compare.json (`loadavg`)."]
         return "\n".join(lines)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +18,7 @@ from load_tests.compare import (
     CompareConfig,
     Experiment,
     _extras,
+    _StopApart,
     app_args_for,
     deploy_args,
     parse_args,
@@ -193,13 +196,14 @@ class _ScriptedApart(Experiment):
     Attainment 1 up to a policy's capacity, 0.2 beyond."""
 
     def __init__(self, config: CompareConfig, capacity: dict[str, float], out,
-                 start_fails: tuple = (), left_after: tuple = ()) -> None:
+                 start_fails: tuple = (), left_after: tuple = (), run_fails: tuple = ()) -> None:
         super().__init__(config, out, progress=False)
         self.capacity = capacity
         self.deployed: set[str] = set()
         self.events: list[tuple] = []
         self.start_fails = start_fails  # (policy, turn): that deployment fails to start
         self.left_after = left_after  # (policy, turn): deleting that deployment leaves workers behind
+        self.run_fails = run_fails  # (policy, turn): that deployment's client fails (its /v1/models refused)
         for policy in config.policies:
             self.result["policies"][policy] = {"runs": []}
 
@@ -215,15 +219,23 @@ class _ScriptedApart(Experiment):
         if (policy, turn) in self.start_fails:
             raise TimeoutError(f"bench-{policy} not RUNNING before the deadline")
         self.deployed = set(apps)
+        left = LeftOnCluster(f"still on the cluster after deleting the apps: ['vibe-worker-bench-{policy}-x-0']")
         try:
             yield {policy: f"http://cluster/bench-{policy}"}, 2.0
+        except Exception as exc:  # as serve_apps: what deleting the app left, raised over the turn's error
+            if (policy, turn) in self.left_after:
+                raise left from exc
+            raise
         finally:
             self.deployed = set()
         if (policy, turn) in self.left_after:
-            raise LeftOnCluster(f"still on the cluster after deleting the apps: ['vibe-worker-bench-{policy}-x-0']")
+            raise left
 
     async def _clients(self, bases):
         assert set(bases) == self.deployed
+        (policy,) = bases
+        if (policy, sum(1 for e in self.events if e == ("deploy", policy))) in self.run_fails:
+            raise ConnectionError(f"bench-{policy}: /v1/models refused")
         self.events.append(("warm-up", *bases))
         return {p: p for p in bases}
 
@@ -307,10 +319,80 @@ def test_deployed_apart_workers_left_behind_end_the_run_with_what_it_measured(mo
     assert [e for e in experiment.events if e[0] == "deploy"][-1] == ("deploy", "eplb")  # nothing deployed after
     assert set(result["failed_policies"]) == {"contiguous", "vibe"}
     assert result["failed_policies"]["vibe"]["error"].startswith("not run: still on the cluster")
-    # left behind before any sweep: nothing to report
+    # left behind before any sweep: nothing to report; the saved file says which were not run (it listed them)
     experiment = _ScriptedApart(config, CAPACITY, tmp_path, left_after={("contiguous", 1)})
     with pytest.raises(RuntimeError, match="the later apps \\(vibe\\) were not deployed"):
         experiment.run()
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert set(saved["failed_policies"]) == {"vibe"} and "vibe" not in saved["policies"]
+    assert any("were not deployed beside it" in note for note in saved["notes"])
+
+
+def test_deployed_apart_a_failed_turn_that_left_workers_behind_still_ends_the_run(monkeypatch, tmp_path):
+    """A turn that failed (its client refused) and whose deletion left workers behind was recorded as an ordinary
+    failure, and the next app was deployed beside those workers, to wait for their devices until its deadline (a
+    review): the failed policy keeps its own error, and nothing is deployed after it."""
+    _fake_unloaded(monkeypatch)
+    config = CompareConfig(policies=("eplb", "contiguous", "vibe"), rates=(0.5, 1.0), together=False,
+                           deploy_apart=True)
+    experiment = _ScriptedApart(config, CAPACITY, tmp_path, left_after={("eplb", 2)}, run_fails={("eplb", 2)})
+    with pytest.raises(_StopApart):
+        experiment._run_apart({p: {} for p in config.policies})
+    assert [e for e in experiment.events if e[0] == "deploy"][-1] == ("deploy", "eplb")  # nothing deployed after
+    failed = experiment.result["failed_policies"]
+    assert failed["eplb"]["error"] == "ConnectionError: bench-eplb: /v1/models refused"
+    assert failed["vibe"]["error"].startswith("not run: still on the cluster") and not experiment.result["policies"]
+
+
+def _fake_cluster(monkeypatch, wait_workers_gone):
+    """serve_apps on a running cluster with Ray, Serve and the app faked; returns the calls to ray.init/shutdown."""
+    import ray
+    import ray.serve
+    import ray.serve.context
+
+    import deploy.app
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
+    monkeypatch.setattr(deploy.app, "build_app", lambda args: object())
+    monkeypatch.setattr(ray.serve, "status", lambda: SimpleNamespace(applications={}))
+    monkeypatch.setattr(ray.serve.context, "_get_global_client",
+                        lambda: SimpleNamespace(delete_apps=lambda names, blocking: calls.append("delete")))
+    for name, fake in {"_cluster_root": lambda *a: ("http://127.0.0.1:8000", False), "_warn_if_short": lambda a: None,
+                       "_deploy": lambda *a: None, "_wait_healthy": lambda *a: None, "_check_devices": lambda *a: None,
+                       "_wait_workers_gone": wait_workers_gone}.items():
+        monkeypatch.setattr(f"load_tests.compare.{name}", fake)
+    return calls
+
+
+def test_deleting_apps_whose_workers_cannot_be_listed_disconnects_and_says_they_may_be_left(monkeypatch):
+    """Listing the deleted apps' workers raised (a GCS timeout): ray.shutdown was skipped (every later turn's
+    ray.init then failed) and a finished turn read as failed (a review). Now they count as left on the cluster."""
+    from load_tests.compare import LeftOnCluster, serve_apps
+
+    def unlisted(names, deadline):
+        raise TimeoutError("GCS did not answer")
+
+    calls = _fake_cluster(monkeypatch, unlisted)
+    with (pytest.raises(LeftOnCluster, match="could not be listed") as raised,
+          serve_apps({"bench-eplb": {}}, address="auto", require_cleanup=True)):
+        pass
+    assert raised.value.__cause__ is None and calls == ["init", "delete", "shutdown"]
+
+
+def test_what_a_failed_turns_deletion_left_is_raised_over_its_error(monkeypatch):
+    from load_tests.compare import LeftOnCluster, serve_apps
+
+    calls = _fake_cluster(monkeypatch, lambda names, deadline: ["vibe-worker-bench-eplb-x-0"])
+    with (pytest.raises(LeftOnCluster, match="vibe-worker-bench-eplb-x-0") as raised,
+          serve_apps({"bench-eplb": {}}, address="auto", require_cleanup=True)):
+        raise ConnectionError("/v1/models refused")
+    assert isinstance(raised.value.__cause__, ConnectionError) and calls[-1] == "shutdown"
+    with pytest.raises(ConnectionError), serve_apps({"bench-eplb": {}}, address="auto"):  # not asked: the error
+        raise ConnectionError("/v1/models refused")
+    with pytest.raises(KeyboardInterrupt), serve_apps({"bench-eplb": {}}, address="auto", require_cleanup=True):
+        raise KeyboardInterrupt  # a stop stays a stop
 
 
 def test_deploying_apart_needs_loading_apart():
@@ -368,6 +450,7 @@ def test_a_relative_config_path_is_found_from_the_repository_root_too(tmp_path, 
     (["--config", "no/such/config.yaml"], "cannot read the serve config"),
     (["--config", "README.md"], "not a serve config|cannot read"),
     (["--config", "deploy/config.gpu.yaml", "--drift"], "--drift needs emulated devices"),
+    (["--deploy-one-at-a-time", "--drift"], "--drift deploys its static and adaptive apps together"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -583,6 +666,12 @@ def test_a_placement_that_cannot_be_read_costs_its_columns_not_the_run(monkeypat
     assert notes == ["/admin/placement after the run: ConnectError: refused (no placement)"]
     with pytest.raises(httpx.ConnectError):  # asked without notes: the caller wants it or nothing
         asyncio.run(compare.placement_summary(client))
+
+    async def partial(http, token, path):  # a 200 that is not the whole view (a review: it still raised)
+        return {"layers": [{"device_predicted_s": [], "slots": []}], "num_devices": 2}
+
+    monkeypatch.setattr(compare, "fetch_admin", partial)
+    assert asyncio.run(compare.placement_summary(client, notes)) is None and "(no placement)" in notes[-1]
 
 
 def test_send_lag_is_measured_from_each_scheduled_arrival_without_cut_off_requests():

@@ -112,6 +112,15 @@ def test_the_header_says_when_and_how_the_unloaded_requests_ran_and_the_below_sw
     report.write(tmp_path, result)
     text = (tmp_path / "report.md").read_text()
     assert "Each app was deployed alone, twice" in text and "rotated" not in text
+    ran_at_eplb = any("at_eplb_frontier" in entry for entry in result["policies"].values())
+    assert ("its run at eplb's frontier rate (eplb first)" in text) == ran_at_eplb
+    # eplb failed: no policy ran at its frontier, and the paragraph does not say they did (a review)
+    result["failed_policies"] = {"eplb": {"error": "TimeoutError: not RUNNING"}}
+    for entry in result["policies"].values():
+        entry.pop("at_eplb_frontier", None)
+    report.write(tmp_path, result)
+    text = (tmp_path / "report.md").read_text()
+    assert "its sweep (no run at eplb's frontier rate: eplb failed)" in text and "eplb first" not in text
 
 
 def test_balance_without_polls_is_unknown():

@@ -631,7 +631,8 @@ class Coordinator:
                 self.pool.drop({dst: leftovers})
             except WorkerCallError as exc:
                 incomplete.append(f"{len(leftovers)} on device {dst} ({exc})")
-        with self._lock:  # a copy or load given up still runs in its worker: what it places later, reconciled
+        with self._lock:  # a copy or load given up still runs in its worker (holding nothing if it ends past its
+            # deadline's grace, which the pool waited out): what a held() call missed meanwhile, reconciled
             self._unreconciled = True
         if incomplete:
             log.warning("rollback cleanup incomplete, left to reconciliation: %s", "; ".join(incomplete))

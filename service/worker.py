@@ -182,17 +182,26 @@ class ExpertWorker:
             prepared |= self._store.prepare(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
                                             verify=False)
 
-        def in_time() -> None:  # (half the grace: clocks of two nodes may differ)
-            if deadline is not None and self._wall_clock() > deadline + LOAD_GRACE_S / 2:
-                raise TimeoutError(f"loading {len(keys)} experts ended after the caller may have given up: nothing "
-                                   f"held")
+        return self._store.commit(prepared, self._in_time(deadline, f"loading {len(keys)} experts"))
 
-        return self._store.commit(prepared, in_time)
+    def import_experts(self, items: Iterable[ExpertTensors], deadline: float | None = None) -> list[Key]:
+        """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch.
 
-    def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
-        """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch."""
+        `deadline`: as `load_experts`'s: an import that ends past it by half of `LOAD_GRACE_S` holds nothing
+        (TimeoutError): the caller may have given up and rolled back, and its copies would be tracked by no one.
+        """
         self._fail_if_armed("import")
-        return self._store.add(items)
+        items = list(items)
+        return self._store.commit(self._store.prepare(items), self._in_time(deadline, f"importing {len(items)} experts"))
+
+    def _in_time(self, deadline: float | None, what: str) -> Callable[[], None]:
+        """The check before holding what a call with ``deadline`` prepared (half the grace: clocks of two nodes
+        may differ)."""
+        def in_time() -> None:
+            if deadline is not None and self._wall_clock() > deadline + LOAD_GRACE_S / 2:
+                raise TimeoutError(f"{what} ended after the caller may have given up: nothing held")
+
+        return in_time
 
     def export_experts(self, keys: Iterable[Key]) -> list[ExpertTensors]:
         """CPU copies of held experts, all tensors of each together, checksummed."""

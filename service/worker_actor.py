@@ -96,8 +96,8 @@ class ExpertWorkerActor:
     def load_experts(self, checkpoint_dir: str, keys: Iterable[Key], deadline: float | None = None) -> list[Key]:
         return self._worker.load_experts(checkpoint_dir, keys, deadline)
 
-    def import_experts(self, items: Iterable[ExpertTensors]) -> list[Key]:
-        return self._worker.import_experts(items)
+    def import_experts(self, items: Iterable[ExpertTensors], deadline: float | None = None) -> list[Key]:
+        return self._worker.import_experts(items, deadline)
 
     def export_experts(self, keys: Iterable[Key]) -> list[ExpertTensors]:
         return self._worker.export_experts(keys)

@@ -365,17 +365,20 @@ class RayWorkerPool:
                  limit + LOAD_GRACE_S)
 
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
-        """Copy experts worker to worker (export ObjectRef passed straight to the importer).
+        """Copy experts worker to worker (export ObjectRef passed straight to the importer), within call_timeout_s
+        and LOAD_GRACE_S more; an import given up still runs in its actor, but holds nothing if it ends well past
+        that deadline (as a load: a caller that rolled back would track none of its copies).
 
         Returns the number of experts confirmed. Raises WorkerCallError if any import fails.
         """
 
         refs, devices = [], []
+        deadline = time.time() + self.config.call_timeout_s  # (set before any call is sent)
         for src, dst, keys in transfers:
             exported = self._actors[src].export_experts.remote(list(keys))
-            refs.append(self._actors[dst].import_experts.remote(exported))
+            refs.append(self._actors[dst].import_experts.remote(exported, deadline))
             devices.append(dst)
-        confirmed = self._wait(refs, devices, "import_experts")
+        confirmed = self._wait(refs, devices, "import_experts", self.config.call_timeout_s + LOAD_GRACE_S)
         return sum(len(c) for c in confirmed)
 
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:

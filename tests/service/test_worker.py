@@ -238,6 +238,49 @@ def test_a_load_past_its_deadline_starts_no_layer_and_holds_nothing(monkeypatch)
     assert worker.load_experts("/ckpt", [(1, 2)], deadline=now[0] + 30.0) == [(1, 2)]  # within the grace: held
 
 
+def test_an_import_that_ends_after_its_caller_gave_up_holds_nothing():
+    """A copy given up by the coordinator (its call timed out, the migration rolled back, the reconciliation found
+    nothing extra) still ran in the importing actor and then held its experts for good, tracked by no one (a
+    review: copies on every device outside the placement). An import ending well past its deadline holds nothing."""
+    from service.worker_pool import LOAD_GRACE_S
+
+    now = [1000.0]
+    source = worker_with([(0, 1), (0, 2)])
+    worker = ExpertWorker(WorkerConfig(index=0, dtype="float64"), wall_clock=lambda: now[0])
+    exported = source.export_experts([(0, 1)])
+    deadline = now[0] + 60.0
+    now[0] = deadline + LOAD_GRACE_S / 2 + 1.0
+    with pytest.raises(TimeoutError, match="importing 1 experts ended after the caller may have given up"):
+        worker.import_experts(exported, deadline)
+    assert worker.held_experts() == []
+    now[0] = deadline + 1.0  # late, within the grace (the caller still waits): held
+    assert worker.import_experts(exported, deadline) == [(0, 1)]
+    assert worker.import_experts(source.export_experts([(0, 2)])) == [(0, 2)]  # no deadline: held
+
+
+def test_the_ray_pool_gives_each_copy_a_deadline_and_waits_for_its_grace(monkeypatch):
+    from service import worker_pool
+
+    sent, waited = [], []
+
+    class Method:
+        def __init__(self, name):
+            self.name = name
+
+        def remote(self, *args):
+            sent.append((self.name, args))
+            return f"ref-{len(sent)}"
+
+    actor = types.SimpleNamespace(export_experts=Method("export"), import_experts=Method("import"))
+    pool = object.__new__(worker_pool.RayWorkerPool)
+    pool.config = worker_pool.RayPoolConfig(call_timeout_s=45.0)
+    pool._actors = [actor, actor]
+    pool._wait = lambda refs, devices, what, timeout_s=None: waited.append(timeout_s) or [[(0, 1)]]
+    monkeypatch.setattr(worker_pool.time, "time", lambda: 500.0)
+    assert pool.copy([(0, 1, [(0, 1)])]) == 1
+    assert sent[1] == ("import", ("ref-1", 545.0)) and waited == [45.0 + worker_pool.LOAD_GRACE_S]
+
+
 def test_a_late_load_leaves_the_copy_a_retry_stored_meanwhile(monkeypatch):
     """A load given up, then retried (and the retry's placement published), ended late: it stored its copy over
     the retry's, then dropped it as its own, and the worker lacked an expert the placement put there (a review)."""

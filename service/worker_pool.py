@@ -75,6 +75,20 @@ class WorkerPool(Protocol):
     def shutdown(self) -> None: ...
 
 
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """"Type: message" of what a worker call raised (a RayTaskError's: the worker's own error), about `limit`
+    characters at most. A longer message that ends as a traceback does (an actor that died in its creation task
+    carries the whole traceback, the reason last, such as a GPU check's refusal) keeps the start of its first line
+    and its last line; another (Ray's account of an actor's death: what it was, then why) its start."""
+    cause = getattr(exc, "cause", None) or exc
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()  # (Ray colours the task's name)
+    lines = text.splitlines()
+    if len(text) > limit:  # (a traceback ends with the exception's line; other texts are kept from the start)
+        raised = len(lines) > 1 and re.match(r"[\w.]+(Error|Exception|Exit|Interrupt)\b", lines[-1])
+        text = f"{lines[0][:limit // 3]} ... {lines[-1][-limit:]}" if raised else text[:limit]
+    return f"{type(cause).__name__}: {text}"
+
+
 @dataclass(frozen=True)
 class RayPoolConfig:
     """How the Ray worker actors are created.
@@ -321,8 +335,7 @@ class RayWorkerPool:
             except Exception as exc:
                 self._replacing.pop(device, None)
                 if time.monotonic() > deadline:
-                    cause = getattr(exc, "cause", None) or exc
-                    why = self._why_not_up(device, f"{type(cause).__name__}: {str(cause)[:300]}")
+                    why = self._why_not_up(device, error_text(exc))
                     raise WorkerCallError(f"restart of device {device} failed: {why}", [device]) from exc
                 time.sleep(0.2)
         self._infos[device] = info
@@ -468,8 +481,7 @@ class RayWorkerPool:
             try:
                 results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
             except Exception as exc:
-                cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's own error
-                errors[device] = f"{type(cause).__name__}: {str(cause)[:300]}"
+                errors[device] = error_text(exc)
                 results.append(None)
         return results, errors
 
@@ -533,7 +545,7 @@ class LocalWorkerPool:
             try:
                 results.append(call(device))
             except Exception as exc:  # noqa: BLE001 - whatever the worker raised, as a Ray task error carries it
-                errors[device] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                errors[device] = error_text(exc)
         if errors:
             raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {e}" for d, e in errors.items()),
                                   list(errors))

@@ -50,3 +50,29 @@ def test_loading_experts_has_a_timeout_of_its_own_other_calls_the_control_calls(
     assert [round(args[2] - sent[0][2], -1) for args in sent[1:]] == [-840.0, 0.0]
     with pytest.raises(ValueError, match="invalid RayPoolConfig"):
         RayPoolConfig(load_timeout_s=0)
+
+
+def test_a_worker_refused_at_its_creation_is_named_with_the_reason_not_the_traceback():
+    """A worker that refuses to start (its GPU check) dies in its creation task: Ray's error carries the traceback
+    first and the reason last, and the 300 characters kept of it showed Ray's header and frames only (a review)."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from service.worker_actor import check_own_gpu
+    from service.worker_pool import error_text
+
+    try:
+        check_own_gpu(["5"], None, 8)
+    except RuntimeError as exc:
+        import traceback
+
+        frames = "".join(f'  File "/ray/_private/worker.py", line {i}, in main_loop\n' for i in range(12))
+        died = ActorDiedError(RayTaskError("ExpertWorkerActor.__init__", frames + traceback.format_exc(), exc))
+    assert len(str(died)) > 700
+    text = error_text(died)
+    assert text.startswith("ActorDiedError: The actor died because of an error raised in its creation task")
+    assert text.endswith("where Ray gave it 1 (5): it would compute on the first it sees, not on its own; "
+                         "unset that variable for the workers") and "\x1b" not in text and len(text) < 450
+    assert error_text(ValueError("short")) == "ValueError: short"
+    assert error_text(ValueError("x" * 1000)) == "ValueError: " + "x" * 300
+    lines = "The actor died unexpectedly before finishing this task.\n\tclass_name: X\n" + "\tpid: 1\n" * 40 + "\tip: 1"
+    assert error_text(ValueError(lines)) == "ValueError: " + lines[:300]  # not a traceback: from the start

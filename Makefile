@@ -46,7 +46,9 @@ test-multinode: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check placement service deploy load_tests tests scripts examples
 
+# The app is built here first: `serve run` keeps waiting on an app whose build failed (the reason only in Ray's logs).
 run: $(STAMP)
+	$(PY) -m deploy.check deploy/config.yaml
 	$(VENV)/bin/serve run deploy/config.yaml
 
 bench: $(STAMP)

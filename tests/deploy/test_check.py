@@ -1,0 +1,53 @@
+"""`python -m deploy.check`, which `make run` runs before `serve run`: a config whose app cannot be built is refused
+with the reason (a walkthrough: `serve run` kept waiting on the failed build, /health a 404)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy import check
+
+
+def _config(tmp_path, args: str, extra: str = "") -> object:
+    path = tmp_path / "config.yaml"
+    path.write_text("applications:\n  - name: mine\n    import_path: deploy.app:build_app\n"
+                    f"    args: {args}\n{extra}")
+    return path
+
+
+def test_the_shipped_config_builds(capsys, monkeypatch):
+    monkeypatch.delenv("VIBE_ADMIN_TOKEN", raising=False)
+    assert check.main(["deploy/config.yaml"]) == 0
+    assert "vibe built; starting Serve" in capsys.readouterr().err
+
+
+def test_a_short_admin_token_is_refused_with_the_reason_before_anything_starts(capsys, monkeypatch):
+    monkeypatch.setenv("VIBE_ADMIN_TOKEN", "short")
+    assert check.main(["deploy/config.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "application 'vibe' cannot be built: admin_token must be at least 16" in err and "short" not in err
+
+
+def test_args_and_the_runtime_envs_variables_are_checked_as_serve_would_build_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("VIBE_ADMIN_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="(?s)application .mine. cannot be built: .*num_devices"):
+        check.check(_config(tmp_path, "{num_devices: 0}"))
+    with pytest.raises(ValueError, match="(?s)application .mine. cannot be built: .*no-such-model"):
+        check.check(_config(tmp_path, "{model: no-such-model}"))
+    env = "    runtime_env: {env_vars: {VIBE_ADMIN_TOKEN: too-short}}\n"
+    with pytest.raises(ValueError, match="admin_token must be at least 16"):
+        check.check(_config(tmp_path, "{}", env))
+    import os
+
+    assert "VIBE_ADMIN_TOKEN" not in os.environ  # restored after the build
+
+
+def test_other_applications_and_files_that_are_not_configs(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("applications:\n  - name: x\n    import_path: some.module:app\n")
+    assert check.check(path) == []
+    path.write_text("proxy_location: EveryNode\n")
+    with pytest.raises(ValueError, match="is not a serve config with applications"):
+        check.check(path)
+    with pytest.raises(ValueError, match="cannot read the serve config"):
+        check.check(tmp_path / "missing.yaml")

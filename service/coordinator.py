@@ -238,6 +238,7 @@ class Coordinator:
         self._history: deque[Recalibration] = deque(maxlen=50)
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
+        self._planned_by = config.policy  # the policy of the placement in service (an admin call may name another)
         self._lost: set[int] = set()  # devices out of the placement (dead, or restarted and not yet back)
         self._readmit_after = 0.0  # clock time of the next try after a failed readmission
         self._rejoin: set[int] = set()  # restarted devices waiting for the next recalibration
@@ -519,6 +520,8 @@ class Coordinator:
                 self._remember(record)
                 if record.status in ("applied", "no_change"):
                     self._reset_drift(loads, volume)
+                if record.status == "applied":
+                    self._planned_by = record.policy
                 elif record.status == "skipped":  # not worth moving now: keep the reference, back off
                     self._workload_drift.cool_down()
                 if record.status in ("applied", "no_change", "skipped"):
@@ -728,12 +731,14 @@ class Coordinator:
             return [m.scaled(float(s)) for m, s in zip(self._profiled, self._devices.scales)]
 
     def profile_devices(self) -> dict[str, Any]:
-        """Re-profile every device (admin): new curves replace the refined ones. Waits for a recalibration in
+        """Re-profile every device not lost (admin): new curves replace the refined ones; `profiled` names them (a
+        lost device keeps its model until it rejoins, when it is profiled). Waits for a recalibration in
         progress: one planned on the refined models would otherwise record them as the models it was planned
         with after profiling reset them, which reads as device drift and re-plans for nothing."""
         with self._migration_lock:
-            models = self._profile()
-        return {"devices": [asdict(m) for m in models]}
+            devices = self._live_devices()
+            models = self._profile(devices)
+        return {"devices": [asdict(m) for m in models], "profiled": devices}
 
     def _apply_device_drift(self) -> str | None:
         """Refit the model of each device whose observed / predicted time settled away from 1 (no
@@ -817,7 +822,8 @@ class Coordinator:
                     return
                 self._restarted(device, info)
             keys = self._keys_per_device(placement)
-            record = Recalibration(reason=f"every device lost ({', '.join(map(str, down))}): reloaded", policy="vibe",
+            record = Recalibration(reason=f"every device lost ({', '.join(map(str, down))}): reloaded",
+                                   policy=self._planned_by,
                                    mode="full", status="applied", from_version=placement.version,
                                    to_version=placement.version, started_at=time.time())
             try:
@@ -891,7 +897,7 @@ class Coordinator:
                 with self._lock:
                     self._lost -= set(lost)
                 raise
-            record = Recalibration(reason=reason, policy="vibe", mode="full", status="applied",
+            record = Recalibration(reason=reason, policy=self.config.policy, mode="full", status="applied",
                                    from_version=old.version, to_version=new.version, started_at=time.time())
             try:
                 copies, reloads = self._refill(old, new)
@@ -907,6 +913,8 @@ class Coordinator:
                 record.bytes_moved = record.experts_moved * self.shape.expert_bytes
                 self._publish(new)
                 self._replace_pending_drops(old, new)
+                with self._lock:
+                    self._planned_by = self.config.policy
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
@@ -1102,7 +1110,8 @@ class Coordinator:
                            "device_predicted_s": times[layer].tolist(),
                            "device_tokens": tokens[layer].tolist(),
                            "imbalance": float(self._imbalance(times[layer], lost))})
-        return {"version": current.version, "policy": self.config.policy, "num_devices": current.num_devices,
+        return {"version": current.version, "policy": self.config.policy, "planned_by": self._planned_by,
+                "num_devices": current.num_devices,
                 "num_experts": current.num_experts, "layers": layers}
 
     def metrics_summary(self) -> dict[str, Any]:
@@ -1149,6 +1158,7 @@ class Coordinator:
         return {
             "placement_version": current.version,
             "policy": self.config.policy,
+            "planned_by": self._planned_by,
             "passes_observed": passes,
             "loads": None if loads is None else loads.tolist(),
             "activity": None if activity is None else activity.tolist(),

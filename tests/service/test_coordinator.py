@@ -379,6 +379,26 @@ def test_views_are_json_ready(checkpoint):
     json.dumps(stats)
 
 
+def test_the_placement_says_which_policy_planned_it(checkpoint):
+    """After an admin recalibration with another policy, /admin/placement still said the configured policy only
+    (a README walkthrough); a lost device's re-placement was recorded as vibe's whatever the app's policy."""
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool, policy="eplb")
+    counts = _skewed(coordinator.shape, 4)
+    _report(coordinator, counts, passes=30)
+    assert coordinator.placement_view()["planned_by"] == "eplb"
+    assert coordinator.recalibrate(mode="full", force=True, policy="vibe")["status"] == "applied"
+    view = coordinator.placement_view()
+    assert view["policy"] == "eplb" and view["planned_by"] == "vibe"  # configured / in service
+    assert coordinator.stats_view()["planned_by"] == "vibe"
+    assert coordinator.recalibrate(mode="full", dry_run=True, policy="contiguous")["status"] == "dry_run"
+    assert coordinator.placement_view()["planned_by"] == "vibe"  # a dry run changes nothing
+    pool.kill(1)
+    assert coordinator.check_workers() == [1]
+    assert coordinator.stats_view()["recalibrations"][-1]["policy"] == "eplb"  # re-placed by the app's policy
+    assert coordinator.placement_view()["planned_by"] == "eplb"
+
+
 def test_metrics_summary_renders_as_prometheus(checkpoint):
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -465,6 +485,9 @@ def test_dead_worker_is_replaced_on_survivors_restarted_and_readmitted(checkpoin
     coordinator._readmit()
     assert coordinator.stats_view()["recalibrations"][-1]["status"] == "rolled_back"
     assert not coordinator.placement.experts_on(dead) and coordinator.stats_view()["lost_devices"] == [dead]
+    # /admin/profile says which devices it profiled: not the lost one, whose model it still lists
+    profiled = coordinator.profile_devices()
+    assert profiled["profiled"] == [d for d in range(len(SPEEDS)) if d != dead] and len(profiled["devices"]) == 4
     coordinator._readmit_after = 0.0  # the next probe interval
     coordinator._readmit()
     assert coordinator.placement.experts_on(dead)  # back in the placement after the next recalibration

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -98,9 +99,10 @@ class APIError(Exception):
 
 
 class StrictModel(BaseModel):
-    """A request model: unknown fields are rejected."""
+    """A request model: unknown fields are rejected, and so are NaN and infinities where a number is asked for
+    (Python's JSON reads `NaN`, which every bound then refused as out of range)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _utf8(text: str) -> str:
@@ -321,7 +323,7 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _choices_in_bounds(self) -> CompletionRequest:
         if len(self.prompt) * (self.n or 1) > MAX_CHOICES:
-            raise ValueError(f"prompts x n = {len(self.prompt)} x {self.n} exceeds {MAX_CHOICES} choices per request")
+            raise ValueError(f"n {self.n} x {len(self.prompt)} prompts exceeds {MAX_CHOICES} choices per request")
         return self
 
 
@@ -904,8 +906,8 @@ def _as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFull):
         return APIError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error",
                         code="rate_limit_exceeded")
-    if isinstance(exc, ValueError):  # by project convention, bad input that names the bad value
-        return APIError(400, str(exc))
+    if isinstance(exc, ValueError):  # by project convention, bad input that names the bad value (first, if a field)
+        return APIError(400, str(exc), param=named_param(str(exc)))
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         return APIError(exc.status_code, str(exc.detail), type=_TYPES.get(exc.status_code, "invalid_request_error"))
     if isinstance(exc, EngineStopped):
@@ -933,6 +935,9 @@ def validation_error(errors: list[dict]) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
+        # (a body sent as text/plain, or JSON that is not an object: pydantic's own words named neither)
+        return APIError(400, "the request body must be a JSON object, sent with Content-Type: application/json")
     field = _field(first.get("loc", ()))
     alternatives = [error for error in errors if _field(error.get("loc", ())) == field]
     first = max(alternatives, key=lambda error: len(error.get("loc", ())))  # (the first of the deepest)
@@ -944,7 +949,22 @@ def validation_error(errors: list[dict]) -> APIError:
         message = f"missing required parameter {param!r}" if param else "the request body is missing: send a JSON object"
     elif param:
         message = f"{param}: {message}"
-    return APIError(400, message, param=param)
+    return APIError(400, message, param=param or named_param(message))
+
+
+def named_param(message: str) -> str | None:
+    """The request parameter an error's message begins with (``logit_bias token ids must be ...``, a check of
+    several fields or one made past validation, which carry no location), if it is one; else None."""
+    match = re.match(r"[a-z_]+\b", message)
+    return match.group() if match and match.group() in _request_params() else None
+
+
+@functools.cache
+def _request_params() -> frozenset[str]:
+    from service.responses_api import ResponsesRequest
+
+    models = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest, ResponsesRequest)
+    return frozenset(name for model in models for name in model.model_fields)
 
 
 def _type_tag(part: Any) -> bool:

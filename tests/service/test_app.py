@@ -361,6 +361,25 @@ def test_malformed_and_oversized_bodies(server, content, status):
     assert _counter(httpx.get(f"{server[0]}/metrics").text, rejected) == before + 1
 
 
+def test_a_body_not_sent_as_json_and_a_nan_say_what_is_wrong(server):
+    """A chat body sent as text/plain was refused with pydantic's "Input should be a valid dictionary or object to
+    extract fields from", and `"temperature": NaN` (Python's JSON reads it) as out of range (a README walkthrough)."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES})
+    response = httpx.post(f"{server[0]}/v1/chat/completions", content=body, headers={"content-type": "text/plain"},
+                          timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == ("the request body must be a JSON object, sent with Content-Type: "
+                                                   "application/json")
+    response = httpx.post(f"{server[0]}/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"},
+                          timeout=30)
+    assert "must be a JSON object" in response.json()["error"]["message"]
+    for value in ("NaN", "Infinity"):
+        response = httpx.post(f"{server[0]}/v1/chat/completions", timeout=30, headers={"content-type": "application/json"},
+                              content=body[:-1] + f', "temperature": {value}}}')
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "temperature" and "finite number" in error["message"]
+
+
 def test_unknown_routes_and_methods_use_the_error_json(server):
     assert httpx.get(f"{server[0]}/v1/nothing").json()["error"]["type"] == "not_found_error"
     response = httpx.get(f"{server[0]}/v1/chat/completions")

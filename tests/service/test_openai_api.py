@@ -281,6 +281,21 @@ def test_json_nested_too_deep_is_a_400_naming_the_field():
     ChatCompletionRequest.model_validate(tools(60))
 
 
+def test_errors_of_several_fields_or_past_validation_name_the_parameter_they_begin_with():
+    """A check of several fields (a model validator) or one made by the engine carries no location: its 400 said
+    param null where one parameter was at fault (a README walkthrough)."""
+    status, error = _rejection(CompletionRequest, {"model": "m", "prompt": ["a"] * 32, "n": 3})
+    assert status == 400 and error["error"]["param"] == "n" and "n 3 x 32 prompts exceeds 64" in error["error"]["message"]
+    status, error = _rejection(ChatCompletionRequest, {**CHAT, "continue_final_message": True})
+    assert error["error"]["param"] == "continue_final_message"
+    for message, param in [("logit_bias token ids must be in [0, 4096), got 999999", "logit_bias"),
+                           ("prompt must contain at least one token", "prompt"),
+                           ("prompt token ids must be in [0, 4096), got 0..99999", "prompt"),
+                           ("the request asks for too much", None), ("models are many", None)]:
+        status, body = error_body(ValueError(message))
+        assert status == 400 and body["error"]["param"] == param and body["error"]["message"] == message
+
+
 def test_a_missing_body_is_named_so():
     error = error_body(RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required",
                                                 "input": None}]))[1]["error"]

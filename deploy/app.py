@@ -435,10 +435,13 @@ def _split_roots(text: str) -> list[str]:
 
 
 def _fingerprint(worker_configs: list, checkpoint: str, **resources: Any) -> str:
-    """Short hash of what the workers are built from (every worker's config, the checkpoint) and the resources their
-    actors hold: adopting workers of another config is never right, so any change to either names new workers."""
+    """Short hash of what the workers are built from (every worker's config, the checkpoint, the code's worker
+    interface) and the resources their actors hold: adopting workers of another config, or of code whose actor
+    methods differ, is never right, so any change to either names new workers."""
+    from service.messages import WORKER_PROTOCOL
+
     described = [[dataclasses.asdict(config) for config in worker_configs], checkpoint, weights_identity(checkpoint),
-                 resources]
+                 resources, WORKER_PROTOCOL]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -248,9 +248,9 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
     `proxy_location`, if none runs). An app whose name or route the cluster already serves is refused
     (ValueError) before anything is deployed. On exit, also on SIGTERM or SIGHUP, only the apps deployed here
     are deleted (their workers with them, waited for), and Serve too if it was started here and serves nothing
-    else; the cluster is left running. What is still there then is said on stderr, and raised (LeftOnCluster,
-    once the body has ended without an error) with `require_cleanup`: for a caller that deploys next what would
-    not fit beside it.
+    else; the cluster is left running. What is still there then is said on stderr, and raised (LeftOnCluster; over
+    the body's error, as its cause, when the body failed; never over a stop such as SIGTERM) with
+    `require_cleanup`: for a caller that deploys next what would not fit beside it.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

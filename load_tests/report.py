@@ -306,8 +306,9 @@ def _knobs(result: dict) -> str:
         if any("at_eplb_frontier" in entry for entry in result["policies"].values()):
             turn = "its sweep and its run at eplb's frontier rate (eplb first)"
         else:
-            turn = "its sweep (no run at eplb's frontier rate: eplb " + (
-                "failed" if "eplb" in result.get("failed_policies", {}) else "was not among the policies") + ")"
+            why = ("its frontier was 0" if "eplb" in result["policies"] else
+                   "it failed" if "eplb" in result.get("failed_policies", {}) else "it was not among the policies")
+            turn = f"its sweep (no run at eplb's frontier rate: {why})"
         lines += ["", "Each app was deployed alone, twice, and deleted after each turn: once for its warm-up and "
                   f"unloaded latency, once for its warm-up, {turn}; "
                   f"{result.get('startup_s', 0):.0f} s per start on average (profiling pass and calibration "

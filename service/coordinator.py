@@ -376,6 +376,7 @@ class Coordinator:
                 with self._lock:
                     self._placement = candidate
                     self._calibrated = bool(record.get("calibrated", False))
+                    self._planned_by = str(record.get("planned_by", self.config.policy))
                 return candidate, newest
         return None, newest
 
@@ -513,15 +514,13 @@ class Coordinator:
                 nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
                 record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
             if record.status == "pending":
-                record.status, outcome = self._migrate(old, new, plan)
+                record.status, outcome = self._migrate(old, new, plan, policy)
                 record.detail = "; ".join(filter(None, (outcome, record.detail)))
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
                 if record.status in ("applied", "no_change"):
                     self._reset_drift(loads, volume)
-                if record.status == "applied":
-                    self._planned_by = record.policy
                 elif record.status == "skipped":  # not worth moving now: keep the reference, back off
                     self._workload_drift.cool_down()
                 if record.status in ("applied", "no_change", "skipped"):
@@ -593,7 +592,7 @@ class Coordinator:
         stderr = record.predicted_gain_stderr_s or 0.0
         return record.predicted_gain_s - record.gain_confidence_z * stderr - record.migration_cost_s
 
-    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan) -> tuple[str, str]:
+    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan, policy: str) -> tuple[str, str]:
         """Two-phase migration from `old` to `new` by `plan`. Phase 1 copies; phase 2 publishes; phase 3
         (later) drops old copies."""
         transfers: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -610,7 +609,7 @@ class Coordinator:
         if plan.bytes_moved and elapsed > 0:
             self._bandwidth = 0.5 * self._bandwidth + 0.5 * plan.bytes_moved / elapsed
         drops = keys_by_device((d.device, (d.layer, d.expert)) for d in plan.drops)
-        self._publish(new)
+        self._publish(new, policy)
         with self._lock:
             self._pending_drops = (new.version, drops, self._clock())
         return "applied", ""
@@ -621,6 +620,9 @@ class Coordinator:
         `placed`: (destination, keys) of each copy or load tried. They are dropped group by group, so a worker that
         does not answer keeps none of the others' copies; what could not be dropped (or was never placed, when a
         worker does not answer `held`) is left to `_reconcile`."""
+        with self._lock:  # (first: whatever this cleanup meets) a copy or load given up still runs in its worker,
+            # holding nothing if it ends past its deadline's grace, which the pool waited out: what held() missed
+            self._unreconciled = True
         try:  # (the destinations only: a lost worker would hold this for call_timeout_s)
             held = self.pool.held(sorted({dst for dst, _ in placed}))
         except WorkerCallError:  # a worker does not answer: try every group, the ones never placed fail
@@ -634,16 +636,16 @@ class Coordinator:
                 self.pool.drop({dst: leftovers})
             except WorkerCallError as exc:
                 incomplete.append(f"{len(leftovers)} on device {dst} ({exc})")
-        with self._lock:  # a copy or load given up still runs in its worker (holding nothing if it ends past its
-            # deadline's grace, which the pool waited out): what a held() call missed meanwhile, reconciled
-            self._unreconciled = True
         if incomplete:
             log.warning("rollback cleanup incomplete, left to reconciliation: %s", "; ".join(incomplete))
 
-    def _publish(self, placement: pl.Placement) -> None:
+    def _publish(self, placement: pl.Placement, planned_by: str | None = None) -> None:
+        """Serve `placement` (planned by the policy `planned_by`; None: the same as the one before) and record it
+        on the workers, for a restarted coordinator."""
         with self._lock:
             self._placement = placement
-        record = placement.to_dict() | {"calibrated": self._calibrated}
+            self._planned_by = planned_by or self._planned_by
+        record = placement.to_dict() | {"calibrated": self._calibrated, "planned_by": self._planned_by}
         try:  # on the devices not lost (a lost one that Ray is restarting would hold this for call_timeout_s)
             self.pool.save_record(record, self._live_devices())
         except WorkerCallError as exc:  # recovery is best effort; serving is not affected
@@ -911,10 +913,8 @@ class Coordinator:
             else:
                 record.experts_moved = sum(len(k) for *_, k in copies) + sum(map(len, reloads.values()))
                 record.bytes_moved = record.experts_moved * self.shape.expert_bytes
-                self._publish(new)
+                self._publish(new, self.config.policy)
                 self._replace_pending_drops(old, new)
-                with self._lock:
-                    self._planned_by = self.config.policy
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)

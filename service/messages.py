@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# The expert workers' interface (their actor methods' signatures, the data plane's frames): part of the fingerprint
+# that names them, so that new code deployed over workers of old code (detached, adopted by name) starts new ones.
+# Bump it at any change to either. 2: import_experts and load_experts take a wall-clock deadline.
+WORKER_PROTOCOL = 2
+
 MAGIC = b"VIBE"
 FORWARD, REPLY, ERROR = 1, 2, 3
 HEADER = struct.Struct("<4sBBxxIIIIQ")

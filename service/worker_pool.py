@@ -85,7 +85,7 @@ def error_text(exc: BaseException, limit: int = 300) -> str:
     lines = text.splitlines()
     if len(text) > limit:  # (a traceback ends with the exception's line; other texts are kept from the start)
         raised = len(lines) > 1 and re.match(r"[\w.]+(Error|Exception|Exit|Interrupt)\b", lines[-1])
-        text = f"{lines[0][:limit // 3]} ... {lines[-1][-limit:]}" if raised else text[:limit]
+        text = f"{lines[0][:limit // 3]} ... {lines[-1][:limit]}" if raised else text[:limit]
     return f"{type(cause).__name__}: {text}"
 
 

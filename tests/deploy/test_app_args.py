@@ -303,6 +303,16 @@ def test_workers_of_another_configuration_are_never_adopted(tmp_path):
     # dense part)
     save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8", seed=7)
     assert name_prefix(base) != first
+    # new code whose worker methods changed, deployed over running workers (a review: the old actors refused the
+    # new arguments, and every copy failed)
+    from service import messages
+
+    second = name_prefix(base)
+    messages.WORKER_PROTOCOL += 1
+    try:
+        assert name_prefix(base) != second
+    finally:
+        messages.WORKER_PROTOCOL -= 1
 
 
 def test_max_model_len_defaults_to_the_models_context_and_may_not_pass_what_rope_scaling_extends_it_to(tmp_path):

@@ -120,7 +120,10 @@ def test_the_header_says_when_and_how_the_unloaded_requests_ran_and_the_below_sw
         entry.pop("at_eplb_frontier", None)
     report.write(tmp_path, result)
     text = (tmp_path / "report.md").read_text()
-    assert "its sweep (no run at eplb's frontier rate: eplb failed)" in text and "eplb first" not in text
+    assert "its sweep (no run at eplb's frontier rate: its frontier was 0)" in text and "eplb first" not in text
+    result["failed_policies"] = {"eplb": {"error": "TimeoutError: not RUNNING", **result["policies"].pop("eplb")}}
+    report.write(tmp_path, result)
+    assert "its sweep (no run at eplb's frontier rate: it failed)" in (tmp_path / "report.md").read_text()
 
 
 def test_balance_without_polls_is_unknown():

@@ -393,10 +393,14 @@ def test_the_placement_says_which_policy_planned_it(checkpoint):
     assert coordinator.stats_view()["planned_by"] == "vibe"
     assert coordinator.recalibrate(mode="full", dry_run=True, policy="contiguous")["status"] == "dry_run"
     assert coordinator.placement_view()["planned_by"] == "vibe"  # a dry run changes nothing
+    coordinator.stop()  # a restarted coordinator reads it back with the placement it recovers
+    restarted = _coordinator(checkpoint, pool, policy="eplb")
+    assert restarted.placement.version == coordinator.placement.version
+    assert restarted.placement_view()["planned_by"] == "vibe"
     pool.kill(1)
-    assert coordinator.check_workers() == [1]
-    assert coordinator.stats_view()["recalibrations"][-1]["policy"] == "eplb"  # re-placed by the app's policy
-    assert coordinator.placement_view()["planned_by"] == "eplb"
+    assert restarted.check_workers() == [1]
+    assert restarted.stats_view()["recalibrations"][-1]["policy"] == "eplb"  # re-placed by the app's policy
+    assert restarted.placement_view()["planned_by"] == "eplb"
 
 
 def test_metrics_summary_renders_as_prometheus(checkpoint):

@@ -242,7 +242,11 @@ def test_the_engine_model_never_reads_the_routed_experts(tmp_path):
     # (the two processes side by side: each peak is its own process's)
     runs = {kind: subprocess.Popen([sys.executable, "-c", script, kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True) for kind in ("engine", "reference")}
-    outputs = {kind: run.communicate(timeout=300) for kind, run in runs.items()}
+    try:
+        outputs = {kind: run.communicate(timeout=300) for kind, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()  # (none left running after a timeout; a no-op on one that ended)
     assert all(run.returncode == 0 for run in runs.values()), {k: out[1][-2000:] for k, out in outputs.items()}
     peak = {kind: int(out.split()[-1]) for kind, (out, _) in outputs.items()}
     assert peak["reference"] - peak["engine"] > expert_bytes, peak

@@ -11,54 +11,47 @@ application's name and the exit code is 2. Nothing is started.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import yaml
 
 IMPORT_PATH = "deploy.app:build_app"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
-def _env(variables: dict) -> Iterator[None]:
-    """os.environ with `variables` set (as Ray sets a runtime_env's env_vars for the build), restored after."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update({str(name): str(value) for name, value in variables.items()})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def check(path: Path) -> list[str]:
-    """The names of the config's applications built with `build_app`; ValueError naming the file, the application
-    and what is wrong at the first that cannot be built."""
-    from deploy.app import build_app
-
+def read_serve_config(path: Path | str) -> tuple[Path, dict]:
+    """A serve config (its path: as given, or a relative one not found from the working folder taken from the
+    repository root) and its contents; ValueError for a file that is not one with a list of applications."""
+    path = Path(path)
+    path = REPO_ROOT / path if not path.is_absolute() and not path.exists() else path
     try:
         config = yaml.safe_load(path.read_text())
-        applications = config["applications"]
-        if not isinstance(applications, list):
+        if not isinstance(config["applications"], list):
             raise TypeError("applications must be a list")
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read the serve config {path}: {err}") from err
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a serve config with applications (applications: [...]): {err}") from err
+    return path, config
+
+
+def check(path: Path | str) -> list[str]:
+    """The names of the config's applications built with `build_app`; ValueError naming the file, the application
+    and what is wrong at the first that cannot be built."""
+    from deploy.app import build_app
+
+    path, config = read_serve_config(path)
     built = []
-    for index, application in enumerate(applications):
+    for index, application in enumerate(config["applications"]):
         if not isinstance(application, dict) or application.get("import_path") != IMPORT_PATH:
             continue
         name = application.get("name", f"#{index}")
         env_vars = (application.get("runtime_env") or {}).get("env_vars") or {}
-        try:
-            with _env(env_vars):
+        try:  # (os.environ as Ray sets a runtime_env's env_vars for the build, restored after)
+            with mock.patch.dict(os.environ, {str(k): str(v) for k, v in env_vars.items()}):
                 build_app(application.get("args") or {})
         except (ValueError, TypeError, OSError) as err:  # pydantic's ValidationError is a ValueError
             raise ValueError(f"{path}: application {name!r} cannot be built: {err}") from err

@@ -179,15 +179,12 @@ def deploy_args(path: Path | str = DEPLOY_CONFIG) -> dict:
 
 
 def _serve_config(path: Path | str) -> tuple[Path, dict]:
-    """A serve config (its path: as given, or a relative one not found from the working folder taken from the
-    repository root) and its contents; ValueError for a file that is not one with an application."""
-    path = Path(path)
-    path = REPO_ROOT / path if not path.is_absolute() and not path.exists() else path
+    """`deploy.check.read_serve_config`, whose first application has args (ValueError if not)."""
+    from deploy.check import read_serve_config
+
+    path, config = read_serve_config(path)
     try:
-        config = yaml.safe_load(path.read_text())
         config["applications"][0]["args"]  # noqa: B018 - what every caller reads
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read the serve config {path}: {err}") from err
     except (KeyError, IndexError, TypeError) as err:
         raise ValueError(f"{path} is not a serve config with an application's args "
                          "(applications: [{args: {...}}])") from err
@@ -276,6 +273,7 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
     deployed: list[str] = []
     started_serve = False  # on a running cluster: whether Serve was started here
     left: list[str] = []  # on a running cluster: what deleting the apps left there
+    failed: BaseException | None = None  # the body's error: what deleting the apps left is raised over it
     try:
         with _signals_raise(address is not None):
             if address is None:
@@ -293,10 +291,8 @@ def serve_apps(apps: dict[str, dict], *, at_root: bool = False, ready_timeout_s:
                 _check_devices(bases[name], apps[name], deadline)
             yield bases, time.monotonic() - started
     except BaseException as exc:
-        failed = exc  # (what deleting the apps left is raised over it, with it as the cause: see below)
+        failed = exc
         raise
-    else:
-        failed = None
     finally:
         try:
             if address is None:

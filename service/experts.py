@@ -81,14 +81,16 @@ class ExpertStore:
         self._experts: dict[Key, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def add(self, items: Iterable[ExpertTensors], *, verify: bool = True) -> list[Key]:
+    def add(self, items: Iterable[ExpertTensors], *, verify: bool = True,
+            check: Callable[[], None] | None = None) -> list[Key]:
         """Verify every item's checksum (`verify`: items that crossed a process; not those this process has
-        just read and checksummed itself), then store all of them (replacing any held copy).
+        just read and checksummed itself), then store all of them (replacing any held copy), after `check()`
+        as `commit` runs it.
 
         Returns the keys added, in order. Raises ValueError naming the first expert whose checksum does
         not match; then nothing is added.
         """
-        return self.commit(self.prepare(items, verify=verify))
+        return self.commit(self.prepare(items, verify=verify), check)
 
     def prepare(self, items: Iterable[ExpertTensors], *, verify: bool = True) -> dict[Key, dict[str, torch.Tensor]]:
         """`add`'s checks and copies to the device, not yet held: `commit` holds them (a load of several parts

@@ -192,7 +192,7 @@ class ExpertWorker:
         """
         self._fail_if_armed("import")
         items = list(items)
-        return self._store.commit(self._store.prepare(items), self._in_time(deadline, f"importing {len(items)} experts"))
+        return self._store.add(items, check=self._in_time(deadline, f"importing {len(items)} experts"))
 
     def _in_time(self, deadline: float | None, what: str) -> Callable[[], None]:
         """The check before holding what a call with ``deadline`` prepared (half the grace: clocks of two nodes

@@ -55,9 +55,9 @@ def check_own_gpu(gpu_ids: Sequence, visible: str | None, device_count: int) -> 
                            f"NOSET_CUDA_VISIBLE_DEVICES?) where Ray gave it {len(gpu_ids)} "
                            f"({', '.join(map(str, gpu_ids))}): it would compute on the first it sees, not on its own; "
                            f"unset that variable for the workers")
-    named = None if visible is None else {v.strip() for v in visible.split(",") if v.strip()}
-    if named is not None and named != {str(g) for g in gpu_ids}:  # as many, but another (a CUDA_VISIBLE_DEVICES kept
-        # by that variable, set for the workers by the user or the image): Ray names exactly the GPUs it gave
+    # as many, but others (a CUDA_VISIBLE_DEVICES kept by that variable, set for the workers by the user or the
+    # image): Ray names exactly the GPUs it gave
+    if visible is not None and {v.strip() for v in visible.split(",") if v.strip()} != {str(g) for g in gpu_ids}:
         raise RuntimeError(f"this worker's CUDA_VISIBLE_DEVICES is {visible!r} where Ray gave it GPU "
                            f"{', '.join(map(str, gpu_ids))}: it would compute on another GPU than its own "
                            f"(RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES?); unset that variable for the workers")

@@ -160,7 +160,10 @@ def _routes(server: _Server) -> APIRouter:
     router.add_api_route("/v1/completions", server.completions, methods=["POST"], response_model=None)
     router.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], response_model=None)
     router.add_api_route("/v1/responses", server.responses, methods=["POST"], response_model=None)
-    router.add_api_route("/v1/responses/{response_id}", server.get_response, methods=["GET", "DELETE"])
+    # one route per method: a route with two methods gives both one OpenAPI operationId (duplicated in the schema)
+    router.add_api_route("/v1/responses/{response_id}", server.get_response, methods=["GET"])
+    router.add_api_route("/v1/responses/{response_id}", server.get_response, methods=["DELETE"],
+                         operation_id="delete_response")
     router.add_api_route("/tokenize", server.tokenize, methods=["POST"], response_model=TokenizeResponse)
     router.add_api_route("/detokenize", server.detokenize, methods=["POST"], response_model=DetokenizeResponse)
     router.add_api_route("/health", server.health, methods=["GET"])

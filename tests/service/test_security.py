@@ -17,6 +17,7 @@ import socket
 import termios
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,15 @@ def test_bad_admin_tokens_are_refused_without_being_echoed(token, monkeypatch, t
     assert token.strip() not in str(env_info.value)
     good = AppArgs.model_validate({"admin_token": TOKEN})
     assert TOKEN not in repr(good) and TOKEN not in str(good.model_dump())
+
+
+def test_every_operation_in_the_openapi_schema_has_its_own_id(engine):
+    """GET and DELETE /v1/responses/{response_id} were one route with two methods: both got one operationId, so the
+    schema that client generators read named one operation twice (FastAPI warned 'Duplicate Operation ID')."""
+    app, _ = _app(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = app.openapi()
+    ids = [op["operationId"] for item in schema["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    assert {"get", "delete"} <= set(schema["paths"]["/v1/responses/{response_id}"])

@@ -68,7 +68,10 @@ def latency(result: dict, rows: dict[str, dict], slo: SLO, path: Path) -> None:
         _percentile_bars(ax, bars, metric)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:  # no policy ran at eplb's frontier rate (eplb found none): said, not an empty legend
+            ax.text(0.5, 0.5, "no run at eplb's frontier rate", ha="center", va="center", transform=ax.transAxes)
     _save(fig, path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict
 
 import pytest
@@ -244,3 +245,14 @@ def test_runs_without_a_placement_or_with_notes_and_the_clients_send_lag_are_rep
     assert ("- vibe at 1.000 req/s (sweep): /admin/placement after the run: ReadTimeout: timed out (no placement)"
             in text)
     assert "P99 at most 7.5 ms over the runs (median of the runs' P99s 4.5 ms)" in text
+
+
+def test_the_latency_plot_says_when_no_policy_ran_at_eplbs_frontier(tmp_path, result):
+    """Without a run at eplb's frontier rate (eplb found no frontier or failed) the latency plot's four panels called
+    legend() on nothing: matplotlib warned 'No artists with labels found' and the panels said nothing of why."""
+    for entry in result["policies"].values():
+        entry.pop("at_eplb_frontier", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.write(tmp_path, result)
+    assert (tmp_path / "latency.png").stat().st_size > 0

@@ -24,12 +24,12 @@ from placement.migration import (
 )
 from placement.placement import Placement
 from placement.policies import POLICIES, plan
-from placement.rebalance import Move, rebalance
+from placement.rebalance import Move, evacuate, rebalance
 from placement.simulate import PROFILES, ScaleStudyConfig, evaluate, sample_devices, scale_study
 from placement.traces import Trace, load_trace, load_traces, resample_experts, scale_loads, trace_dir
 
 __all__ = ["DeviceModel", "Placement", "balancedness", "device_times", "imbalance", "makespan", "pass_critical_paths"]
-__all__ += ["POLICIES", "Move", "exact_makespan", "lower_bound", "plan", "rebalance"]
+__all__ += ["POLICIES", "Move", "evacuate", "exact_makespan", "lower_bound", "plan", "rebalance"]
 __all__ += ["DeviceDriftDetector", "DeviceDriftTracker", "DriftReport", "WorkloadDriftDetector", "cosine_distance"]
 __all__ += ["Drop", "HeldOutGain", "MigrationPlan", "held_out_gain", "migration_plan", "predicted_gain", "worth_moving"]
 __all__ += ["PROFILES", "ScaleStudyConfig", "evaluate", "sample_devices", "scale_study"]

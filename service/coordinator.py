@@ -185,6 +185,7 @@ class Recalibration:
     migration_cost_s: float = 0.0
     moves: list[dict[str, int]] = field(default_factory=list)
     detail: str = ""
+    failed_devices: list[int] = field(default_factory=list)  # the workers a failed copy or load named
 
 
 @dataclass
@@ -382,15 +383,23 @@ class Coordinator:
 
     def _profile(self, devices: list[int] | None = None) -> list[pl.DeviceModel]:
         """Profile ``devices`` (default: those not lost): their new models replace their refined ones (their scales
-        back to 1). The others keep theirs; one never profiled (down since startup) stands in as the slowest
-        profiled one until it is profiled itself, when it rejoins (`_readmit`)."""
+        back to 1; what the placement was planned with kept, re-expressed against the new model: see
+        `DeviceDriftTracker.reprofiled`). The others keep theirs; one never profiled (down since startup) stands
+        in as the slowest profiled one until it is profiled itself, when it rejoins (`_readmit`)."""
         devices = self._live_devices() if devices is None else devices
         samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
+        tokens = np.asarray(self.config.profile_token_counts, dtype=np.float64)
         with self._lock:
             models = dict(enumerate(self._profiled))
             for device, sample in zip(devices, samples):
-                models[device] = pl.DeviceModel.fit(sample.tokens, sample.seconds)
-                self._devices.reset(device)
+                old, models[device] = models.get(device), pl.DeviceModel.fit(sample.tokens, sample.seconds)
+                # the new curve's time over the old one's: geometric mean over the profiled token counts
+                before, after = (np.zeros(1) if old is None else old.latency(tokens)), models[device].latency(tokens)
+                timed = (before > 0) & (after > 0)
+                if device in self._unprofiled or not timed.any():  # (a stand-in never was what a plan was made with)
+                    self._devices.reset(device)
+                else:
+                    self._devices.reprofiled(device, float(np.exp(np.mean(np.log(after[timed] / before[timed])))))
             self._unprofiled -= set(devices)
             known = [m for d, m in models.items() if d not in self._unprofiled]
             slowest = max(known, key=lambda m: float(m.latency(max(self.config.profile_token_counts))))
@@ -514,7 +523,7 @@ class Coordinator:
                 nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
                 record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
             if record.status == "pending":
-                record.status, outcome = self._migrate(old, new, plan, policy)
+                record.status, outcome, record.failed_devices = self._migrate(old, new, plan, policy)
                 record.detail = "; ".join(filter(None, (outcome, record.detail)))
             record.duration_s = self._clock() - started
             with self._lock:
@@ -592,9 +601,10 @@ class Coordinator:
         stderr = record.predicted_gain_stderr_s or 0.0
         return record.predicted_gain_s - record.gain_confidence_z * stderr - record.migration_cost_s
 
-    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan, policy: str) -> tuple[str, str]:
+    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan,
+                 policy: str) -> tuple[str, str, list[int]]:
         """Two-phase migration from `old` to `new` by `plan`. Phase 1 copies; phase 2 publishes; phase 3
-        (later) drops old copies."""
+        (later) drops old copies. Returns the status, a detail and the devices a failed copy named."""
         transfers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for move in plan.moves:
             transfers.setdefault((move.src_device, move.dst_device), []).append((move.layer, move.expert))
@@ -604,7 +614,7 @@ class Coordinator:
         except WorkerCallError as exc:
             self._roll_back(old, [(dst, keys) for (_, dst), keys in transfers.items()])
             log.warning("migration to version %d rolled back: %s", new.version, exc)
-            return "rolled_back", f"copy phase failed, version {old.version} kept: {exc}"
+            return "rolled_back", f"copy phase failed, version {old.version} kept: {exc}", list(exc.devices)
         elapsed = self._clock() - copy_started
         if plan.bytes_moved and elapsed > 0:
             self._bandwidth = 0.5 * self._bandwidth + 0.5 * plan.bytes_moved / elapsed
@@ -612,7 +622,7 @@ class Coordinator:
         self._publish(new, policy)
         with self._lock:
             self._pending_drops = (new.version, drops, self._clock())
-        return "applied", ""
+        return "applied", "", []
 
     def _roll_back(self, old: pl.Placement, placed: list[tuple[int, list[tuple[int, int]]]]) -> None:
         """Drop the copies a failed migration or refill left behind; version `old` stays whole and served.
@@ -783,6 +793,14 @@ class Coordinator:
         if everything:
             self._reload_all()
             return lost
+        with self._lock:  # restarted, waiting to rejoin, but dead (or replaced) again: restarted again, not readmitted
+            # (readmission retried a re-plan onto it every health interval, each one rolled back, for good)
+            again = sorted(d for d in self._rejoin - set(lost) if (
+                self._misses[d] >= self.config.probe_misses if infos[d] is None
+                else _identity(infos[d]) != _identity(self._workers[d])))
+            self._rejoin -= set(again)
+        if again:
+            log.warning("restarted devices %s died before they rejoined: restarting them again", again)
         with self._lock:  # lost earlier, their experts re-placed, but their restart failed: try again
             unrestarted = sorted(self._lost - self._rejoin - set(lost))
         for device in unrestarted:
@@ -894,7 +912,7 @@ class Coordinator:
                 loads, activity = self._window()
             loads = self._uniform_loads() if loads is None else loads
             try:
-                new = self._plan(loads, self.config.policy, activity=activity).with_version(self._next_version(old))
+                new = self._evacuate(old, loads, activity).with_version(self._next_version(old))
             except Exception:  # not re-placed: the next probe finds them lost again and tries again
                 with self._lock:
                     self._lost -= set(lost)
@@ -909,7 +927,7 @@ class Coordinator:
                 self._roll_back(old, [(dst, keys) for _, dst, keys in copies] + list(reloads.items()))
                 with self._lock:
                     self._lost -= set(lost)  # the next probe tries again
-                record.status, record.detail = "failed", str(exc)
+                record.status, record.detail, record.failed_devices = "failed", str(exc), list(exc.devices)
             else:
                 record.experts_moved = sum(len(k) for *_, k in copies) + sum(map(len, reloads.values()))
                 record.bytes_moved = record.experts_moved * self.shape.expert_bytes
@@ -922,6 +940,19 @@ class Coordinator:
             for device in lost:
                 self._restart(device)
         return asdict(record)
+
+    def _evacuate(self, old: pl.Placement, loads: np.ndarray, activity: np.ndarray | None) -> pl.Placement:
+        """`old` with the lost devices' slots moved to the survivors, theirs kept (`placement.evacuate`): the copies
+        while steps that touch a lost device fail are its experts only. A full budgeted re-plan where that cannot
+        be (a replica with no survivor lacking its expert, or survivors without room); the next recalibration
+        judges whether a re-plan of the rest is worth its moves."""
+        devices = self.device_models()
+        moved = pl.evacuate(old, loads, devices, sorted(self._lost), self._lost_budget(old.num_slots),
+                            activity=activity)
+        if moved is not None:
+            return moved
+        log.warning("the lost devices' experts do not fit on the survivors as placed: re-planning every expert")
+        return self._plan(loads, self.config.policy, activity=activity)
 
     def _replace_pending_drops(self, old: pl.Placement, new: pl.Placement) -> None:
         """Drops after `new` is acknowledged: old copies it does not use, plus any still pending from an
@@ -1003,21 +1034,26 @@ class Coordinator:
             self._lost -= back
         uniform = self._uniform_loads() if self.window_loads() is None else None  # no traffic yet: as at startup
         try:
-            with self._lock:  # (a stand-in model is a guess: profiled before a plan gives it a share)
-                unprofiled = sorted(back & self._unprofiled)
-            if unprofiled:
-                self._profile(unprofiled)
+            # profiled before a plan gives them a share: a stand-in model (never profiled) is a guess, and a device
+            # lost while serving kept the model of the process that died (refined: its throttling, its fault)
+            self._profile(sorted(back))
             result = self.recalibrate(mode="full", force=True, loads=uniform,
                                       reason=f"device {', '.join(map(str, sorted(back)))} rejoined")
         except Exception as exc:
             log.warning("readmitting devices %s failed: %s", sorted(back), exc)
-            result = {"status": "failed"}
+            result = {"status": "failed", "failed_devices": list(getattr(exc, "devices", ()))}
+        # a rejoining device that failed its profiling or a copy to it (a hung worker: each try waited minutes for
+        # it) is restarted again by the next probe instead of retried as it is
+        failed = back & set(result.get("failed_devices", ()))
         with self._lock:
             if result["status"] in ("applied", "no_change"):  # (no_change: the plan gives them no slots)
                 self._rejoin -= back
             else:
                 self._lost |= back
+                self._rejoin -= failed
                 self._readmit_after = self._clock() + self.config.health_interval_s
+        if failed and result["status"] not in ("applied", "no_change"):
+            log.warning("rejoining devices %s failed: restarting them again", sorted(failed))
 
     # --- background loop ---------------------------------------------------------------------------
 
@@ -1189,14 +1225,20 @@ class Coordinator:
             # num_redundant above that, a replicated app that lost all but one device was never re-placed).
             alive = self.pool.num_devices - len(self._lost)
             redundant = min(self.config.num_redundant, (alive - 1) * self.shape.num_experts)
-            per_device = max(-(-(self.shape.num_experts + redundant) // alive), self.config.slot_budget or 0)
-            budget = [0 if d in self._lost else per_device for d in range(self.pool.num_devices)]
+            budget = self._lost_budget(self.shape.num_experts + redundant)
             return pl.plan(loads, devices, "vibe", num_redundant=redundant, slot_budget=budget, activity=activity)
         if policy == "contiguous":
             return pl.plan(loads, devices, policy)
         budget = self.config.slot_budget if policy == "vibe" else None
         return pl.plan(loads, devices, policy, num_redundant=self.config.num_redundant, slot_budget=budget,
                        activity=activity)
+
+    def _lost_budget(self, num_slots: int) -> np.ndarray:
+        """int [G]: the most slots per layer each device may hold while some are lost: none on those, an even
+        split of `num_slots` over the others (at least the configured slot_budget)."""
+        alive = self.pool.num_devices - len(self._lost)
+        per_device = max(-(-num_slots // alive), self.config.slot_budget or 0)
+        return np.array([0 if d in self._lost else per_device for d in range(self.pool.num_devices)])
 
     @staticmethod
     def _imbalance(times: np.ndarray, lost: set[int]) -> np.ndarray:

@@ -452,8 +452,15 @@ def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoi
     dead = 2
     pool.kill(dead)
     assert first.check_workers() == [dead]
-    pool.inject_fault(dead, "import")  # its readmission fails once: it waits to rejoin
+    copy = pool.copy
+
+    def failing_once(transfers):  # a source of its copies fails once (one failing on it would be restarted again)
+        pool.copy = copy
+        raise WorkerCallError("copy failed on devices [0]: timed out", [0])
+
+    pool.copy = failing_once  # its readmission fails once: it waits to rejoin
     first._readmit()
+    assert first.stats_view()["recalibrations"][-1]["failed_devices"] == [0]
     assert not first.placement.experts_on(dead) and first._rejoin == {dead}
     first.stop()
     second = _coordinator(checkpoint, pool, recalibration_mode="incremental")

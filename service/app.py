@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import functools
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.async_engine import AsyncEngine, EngineError, StructuredOutputFailed
+from service.async_engine import AsyncEngine, EngineError, RequestTimeout, StructuredOutputFailed
 from service.engine import QueueFull, StepOutput
 from service.harmony import TAGS as HARMONY_TAGS
 from service.harmony import HarmonyStream
@@ -433,8 +434,8 @@ class _Server:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except InvalidGrammar as exc:  # name the parameter the grammar came from (the compile cannot say)
             raise APIError(400, str(exc), param=body.grammar_source[1]) from None
-        except EngineError:
-            timer.finish("error", fmt.prompt_tokens)
+        except EngineError as exc:
+            timer.finish(_failed(exc), fmt.prompt_tokens)
             raise
         fmt.cached_tokens = sum(out.num_cached_tokens for out in firsts[::n])  # choices share a prompt's cache
         timer.on_cached(fmt.cached_tokens)
@@ -564,8 +565,8 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
     try:
         async for index, out in outputs:
             outs[index].append(out)
-    except EngineError:
-        timer.finish("error", fmt.prompt_tokens)
+    except EngineError as exc:
+        timer.finish(_failed(exc), fmt.prompt_tokens)
         raise
     finally:
         await outputs.aclose()
@@ -600,7 +601,7 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
         for chunk in fmt.end_chunks(lasts, include_usage):
             yield fmt.sse(chunk)
     except EngineError as exc:
-        timer.finish("error", fmt.prompt_tokens)
+        timer.finish(_failed(exc), fmt.prompt_tokens)
         for chunk in fmt.error_chunks(exc):
             yield fmt.sse(chunk)
     finally:
@@ -608,6 +609,13 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
         await outputs.aclose()
     if fmt.done:
         yield fmt.done
+
+
+def _failed(exc: EngineError) -> str:
+    """The status a request that ended in `exc` is counted under: `timeout` for one cut at request_timeout_s (a
+    client that stopped reading, an overload: counted as engine errors, they fired the engine-errors alert),
+    `error` for the engine's own failures."""
+    return "timeout" if isinstance(exc, RequestTimeout) else "error"
 
 
 class _ClientGone(Exception):
@@ -1066,7 +1074,12 @@ class BodySizeLimit:
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await receive()
+            except Exception as exc:  # Ray Serve's receive raises once its proxy cancelled the request (the client
+                if _cancelled_by_serve(exc):  # left): that is the disconnect it means, not an internal error to log
+                    return {"type": "http.disconnect"}
+                raise
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise HTTPException(413, f"request body larger than {self.max_bytes} bytes")
@@ -1078,6 +1091,12 @@ class BodySizeLimit:
         if too_large:
             return APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
         return APIError(400, "invalid Content-Length header")
+
+
+def _cancelled_by_serve(exc: BaseException) -> bool:
+    """Whether `exc` is Ray's TaskCancelledError (Ray is loaded wherever Serve runs the app; not imported here)."""
+    exceptions = sys.modules.get("ray.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.TaskCancelledError)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ from prometheus_client.metrics_core import Metric
 
 from service.async_engine import AsyncEngine, StepStats
 
-RequestStatus = Literal["stop", "length", "abort", "error", "rejected"]
+# timeout: cut at the engine's request_timeout_s (a client that stopped reading, an overload), not an engine failure
+RequestStatus = Literal["stop", "length", "abort", "timeout", "error", "rejected"]
 PEERS_TTL_S = 10.0  # the other replicas' snapshots are exposed this long after they arrived (then left out)
 # One replica's serving metrics as plain data: (family, type, help, unit, [(sample, labels, value)]) per family
 Snapshot = list[tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]]

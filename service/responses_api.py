@@ -455,6 +455,8 @@ class ResponseBuilder:
         """The ``error`` event with the error's own code, then ``response.failed`` with a code of OpenAI's list
         (the client's types take only those: a request_timeout or device_unavailable there is a server_error)."""
         error = {"code": code if code in _RESPONSE_ERROR_CODES else "server_error", "message": message}
+        if self._open is not None:  # the item the failure cut: no longer in progress in the failed response
+            self._open["status"], self._open = "incomplete", None
         return [self._event("error", code=code, message=message, param=None),
                 self._event("response.failed", response=self.snapshot("failed", error=error))]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi import APIRouter
 
-from service.app import create_app, serve_locally
+from service.app import BodySizeLimit, create_app, serve_locally
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.openai_api import APIError
@@ -393,16 +393,6 @@ def test_openai_client_sees_typed_errors(client):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, presence_penalty=-2.5)
 
 
-class _SlowSteps:
-    """Step hooks that make each forward take at least 10 ms, so a generation outlasts a disconnect."""
-
-    def begin_step(self) -> None:
-        time.sleep(0.01)
-
-    def end_step(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("n", [1, 3])
 def test_client_disconnect_mid_stream_aborts_the_sequence(tokenizer, n):
     core = Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN), tokenizer=tokenizer,
@@ -424,6 +414,45 @@ def test_client_disconnect_mid_stream_aborts_the_sequence(tokenizer, n):
             assert 'vibe_requests_total{status="abort"} 1.0' in httpx.get(f"{url}/metrics").text
     finally:
         engine.shutdown()
+
+
+def test_a_request_cut_at_request_timeout_s_counts_as_a_timeout_not_an_engine_error(tokenizer):
+    """A request cut at the engine's request_timeout_s (a client that stopped reading, an overload) was counted as
+    status="error", the series the critical engine-errors alert is built on (a walkthrough: 45 timeouts, 45
+    "errors")."""
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN,
+                                                                          request_timeout_s=0.3),
+                                tokenizer=tokenizer, hooks=_SlowSteps()))
+    engine.start()
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "temperature": 0}
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL)) as url:
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
+            with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as stream:
+                assert any('"request_timeout"' in line for line in stream.iter_lines())
+            metrics = httpx.get(f"{url}/metrics").text
+            assert 'vibe_requests_total{status="timeout"} 2.0' in metrics
+            assert 'vibe_requests_total{status="error"} 0.0' in metrics
+    finally:
+        engine.shutdown()
+
+
+def test_serves_cancellation_of_a_gone_clients_request_reads_as_its_disconnect():
+    """Ray Serve's receive raises TaskCancelledError once its proxy cancelled a request whose client left: raised
+    through the app it was logged as an internal error with its traceback (a walkthrough: 43 in one log)."""
+    from ray.exceptions import TaskCancelledError
+
+    async def cancelled():
+        raise TaskCancelledError()
+
+    async def broken():
+        raise RuntimeError("a real failure")
+
+    limit = BodySizeLimit(None, max_bytes=10)
+    assert asyncio.run(limit._limited(cancelled)()) == {"type": "http.disconnect"}
+    with pytest.raises(RuntimeError, match="a real failure"):
+        asyncio.run(limit._limited(broken)())
 
 
 def test_n_choices_are_the_seeded_single_requests_with_one_usage(client):

@@ -101,6 +101,11 @@ def test_errors_name_the_responses_parameters_and_failed_responses_use_openais_c
     events = ResponseBuilder(MODEL, {}).failed("request_timeout", "the request ran past request_timeout_s")
     assert [e["type"] for e in events] == ["error", "response.failed"] and events[0]["code"] == "request_timeout"
     assert events[1]["response"]["error"] == {"code": "server_error", "message": "the request ran past request_timeout_s"}
+    # the message a timeout cut is incomplete in the failed response, not left in progress (a walkthrough)
+    builder = ResponseBuilder(MODEL, {})
+    builder._text("Partial", [])
+    failed = builder.failed("request_timeout", "the request ran past request_timeout_s")[-1]["response"]
+    assert [item["status"] for item in failed["output"]] == ["incomplete"]
     from openai.types.responses import ResponseUsage
 
     ResponseUsage.model_validate(response_usage(10, 4, 3, 1, 6))  # the client's types require cache_write_tokens

@@ -263,9 +263,8 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, RequestTimeout):  # our own timer's, the request aborted
                     raise item
-                if isinstance(item, BaseException):  # the engine ended the request with an error
-                    finished = True
-                    raise item
+                if isinstance(item, BaseException):  # the engine ended the request with an error: aborted all the
+                    raise item  # same (a step that raised unexpectedly failed it before its queued admission ran)
                 finished = item.finished
                 yield item
         finally:

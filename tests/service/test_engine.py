@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import pytest
@@ -1252,3 +1253,35 @@ def test_an_engine_whose_steps_all_fail_beyond_retry_reports_itself_broken():
         assert past_retry.broken is None
     finally:
         past_retry.shutdown()
+
+
+def test_a_request_admitted_after_a_step_failed_unexpectedly_is_not_left_running(async_engine):
+    """A step that raised unexpectedly failed every registered stream, also one whose admission was still queued
+    for the step boundary (or whose grammar was compiling): it was admitted after, read the error, ended without
+    aborting, and ran unread to max_tokens (a review)."""
+    core, real_step = async_engine._engine, async_engine._engine.step
+    entered, release = threading.Event(), threading.Event()
+
+    def step():
+        if not release.is_set():
+            entered.set()
+            release.wait(10)
+            raise RuntimeError("a bug outside the forward")
+        return real_step()
+
+    async def main():
+        first = asyncio.create_task(_collect(async_engine, "a", [5, 6], SamplingParams(max_tokens=200, temperature=0)))
+        while async_engine.num_running == 0:
+            await asyncio.sleep(0.01)
+        core.step = step
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        late = asyncio.create_task(_collect(async_engine, "b", [7, 8], SamplingParams(max_tokens=200, temperature=0)))
+        await asyncio.sleep(0.2)  # registered, its admission queued behind the failing step
+        release.set()
+        for task in (first, late):
+            with pytest.raises(EngineError, match="engine step failed"):
+                await task
+        return await async_engine.call_at_step_boundary(lambda: (core.num_running, core.num_waiting))
+
+    assert asyncio.run(main()) == (0, 0)

@@ -847,7 +847,7 @@ class Experiment:
         runs = {}
         for policy in clients:
             record, before, after = loaded[policy]
-            summary = summarize(record.results, self.slo, record.duration_s)
+            summary = summarize(record.results, self.slo, record.duration_s, window_s=self.config.duration_s)
             placement = await placement_summary(clients[policy], record.notes)
             run = record_json(record, rate_rps=rate, kind=kind, summary=summary, placement=placement,
                               loadavg=[before, after], send_lag_ms=send_lag_ms(trace, record.results))

@@ -36,6 +36,7 @@ from load_tests.compare import (
     client_for,
     emulated,
     record_json,
+    results_from_json,
     serve_apps,
     serve_options,
     unloaded_latency,
@@ -173,7 +174,8 @@ class DriftRun:
                                                    events=events[m]) for m, c in clients.items()))
         entries = {}
         for mode, record in zip(clients, records):
-            entries[mode] = record_json(record, summary=summarize(record.results, self.slo, record.duration_s),
+            entries[mode] = record_json(record, summary=summarize(record.results, self.slo, record.duration_s,
+                                                                  window_s=cfg.duration_s),
                                         segments=segments(record.results, self.slo, cfg.switch_s, cfg.duration_s))
             after = entries[mode]["segments"]["after"] or {}
             print(f"  {scenario:>8} {mode:>8} after the switch: attainment={after.get('attainment')} "
@@ -225,39 +227,68 @@ def applied(recalibrations: list[dict]) -> int:
     return sum(r.get("status") == "applied" for r in recalibrations)
 
 
+# A difference between static and adaptive counts when a test this significant finds it (two-sided): after the
+# switch each app has some 40 requests, and one request's miss decided the verdict (41/41 against 40/41 read as a
+# loss, the mirror case as a win; their 95% intervals overlap).
+SIGNIFICANCE = 0.05
+
+
 def verdicts(result: dict) -> dict[str, dict]:
-    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, whether adaptive won
-    (higher attainment, or the same attainment to 0.001 and a lower P90 TTFT with a P90 TPOT no higher: a
-    shorter TTFT bought with a longer TPOT is not a win), and the adaptive app's recalibrations from the switch on:
-    those it judged and those it applied (`..._whole_run`: all that started during the measured trace; the
-    generator leaves out those before it, such as the startup calibration and the warm-up's).
-    A scenario whose scheduled event failed in either app (the device was never throttled) is no win, its
-    `failed_events` saying which."""
+    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and the verdict on adaptive:
+    `win` or `loss` when its attainment differs significantly (Fisher's exact test on the requests within and
+    beyond the SLO, p < SIGNIFICANCE), else when its TTFTs do (Mann-Whitney U over the after-switch requests, a
+    failed one as an infinite TTFT; a win also needs a P90 TTFT lower and a P90 TPOT no higher: a shorter TTFT bought
+    with a longer TPOT is not a win), else `within noise` (`adaptive_wins`: a win). Also the adaptive app's
+    recalibrations from the switch on: those it judged and those it applied (`..._whole_run`: all that started
+    during the measured trace; the generator leaves out those before it, such as the startup calibration and the
+    warm-up's). A scenario whose scheduled event failed in either app (the device was never throttled) is no win,
+    its `failed_events` saying which."""
+    from scipy.stats import fisher_exact, mannwhitneyu
+
     out = {}
     switch_s = result.get("config", {}).get("switch_s", 0.0)
     for scenario, entry in result["scenarios"].items():
         if not all(entry.get(mode, {}).get("segments", {}).get("after") for mode in MODES):
             continue
         after = {mode: entry[mode]["segments"]["after"] for mode in MODES}
-        attainment = {m: round(a["attainment"], 3) for m, a in after.items()}
-        slower = {m: (a["ttft_p90_ms"] or float("inf"), a["tpot_p90_ms"] or float("inf")) for m, a in after.items()}
-        wins = attainment["adaptive"] > attainment["static"] or (
-            attainment["adaptive"] == attainment["static"] and slower["adaptive"][0] < slower["static"][0]
-            and slower["adaptive"][1] <= slower["static"][1])
+        met = {m: round(a["attainment"] * a["requests"]) for m, a in after.items()}
+        table = [[met[m], after[m]["requests"] - met[m]] for m in ("adaptive", "static")]
+        attainment_p = float(fisher_exact(table)[1])
+        verdict = "within noise"
+        if attainment_p < SIGNIFICANCE:
+            verdict = "win" if after["adaptive"]["attainment"] > after["static"]["attainment"] else "loss"
+        ttft_p = None
+        ttfts = {m: _after_ttfts(entry[m], switch_s) for m in MODES}
+        if verdict == "within noise" and all(ttfts.values()):
+            ttft_p = float(mannwhitneyu(ttfts["adaptive"], ttfts["static"]).pvalue)
+            slower = {m: (a["ttft_p90_ms"] or float("inf"), a["tpot_p90_ms"] or float("inf")) for m, a in after.items()}
+            if ttft_p < SIGNIFICANCE and slower["adaptive"][0] < slower["static"][0]:
+                verdict = "win" if slower["adaptive"][1] <= slower["static"][1] else verdict
+            elif ttft_p < SIGNIFICANCE and slower["adaptive"][0] > slower["static"][0]:
+                verdict = "loss"
         # a scheduled event that failed (the throttle's admin call): the scenario did not happen as planned
         failed = [f"{m}: {e['name']}: {e['error']}" for m in MODES for e in entry[m].get("events", []) if e.get("error")]
-        if failed:
-            wins = False
+        if failed and verdict == "win":
+            verdict = "within noise"
         records = entry["adaptive"]["recalibrations"]
         since = entry["adaptive"].get("started_wall", float("-inf")) + switch_s
         later = [r for r in records if r.get("started_at", float("inf")) >= since]
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
-                         "adaptive_wins": wins, "failed_events": failed,
+                         "adaptive_wins": verdict == "win", "verdict": verdict, "attainment_p": attainment_p,
+                         "ttft_p": ttft_p, "failed_events": failed,
                          "recalibrations_adaptive": len(later), "recalibrations_applied_adaptive": applied(later),
                          "recalibrations_adaptive_whole_run": len(records),
                          "recalibrations_applied_adaptive_whole_run": applied(records)}
     return out
+
+
+def _after_ttfts(entry: dict, switch_s: float) -> list[float]:
+    """TTFT of every request an app sent from the switch on, a failed one's as infinite ([] without results)."""
+    if "results" not in entry:
+        return []
+    return [float("inf") if r.error is not None or r.ttft_s is None else r.ttft_s
+            for r in results_from_json(entry) if r.sent_s >= switch_s]
 
 
 def main(argv: list[str] | None = None) -> int:

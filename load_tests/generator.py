@@ -111,7 +111,9 @@ def make_trace(config: TraceConfig, prompts: dict[str, list[Prompt]]) -> list[Re
 class RequestResult:
     """What one request measured; times in seconds, `sent_s` after the trace started.
 
-    `ttft_s`: first non-empty content chunk; `e2e_s`: end of the stream; `output_tokens`: from the usage
+    `ttft_s`: first non-empty content chunk, `e2e_s`: end of the stream, both from the request's scheduled
+    arrival in a trace (a client late to send it, its event loop busy, is charged the delay: no coordinated
+    omission; `sent_s` minus the arrival is that lag), from its sending otherwise; `output_tokens`: from the usage
     chunk (0 without one). `error` names the failure (None when the request completed).
     """
 
@@ -280,18 +282,19 @@ def _cut_off(spec: RequestSpec) -> RequestResult:
 async def _send_at(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec, start: float,
                    bar: tqdm) -> RequestResult:
     await asyncio.sleep(max(0.0, start + spec.arrival_s - time.monotonic()))
-    result = await send_request(client, config, spec, start)
+    result = await send_request(client, config, spec, start, arrival=start + spec.arrival_s)
     bar.update(1)
     return result
 
 
 async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec,
-                       start: float) -> RequestResult:
-    """One streamed chat completion, timed from now; failures are recorded, never raised (any exception, as
+                       start: float, arrival: float | None = None) -> RequestResult:
+    """One streamed chat completion, timed from its scheduled `arrival` (time.monotonic(); None: from now); failures are recorded, never raised (any exception, as
     vLLM's benchmark_serving counts it: one malformed SSE chunk raising json.JSONDecodeError made run_trace raise
     and lose every result of the run, an audit). The whole request is bounded by `config.request_timeout_s` (the
     client's own timeout bounds each read only: a stream that keeps sending ran past it)."""
     sent = time.monotonic()
+    origin = sent if arrival is None else min(arrival, sent)
     first = None
     usage = None
     try:
@@ -309,7 +312,7 @@ async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: R
     end = time.monotonic()
     error = None if usage is not None and first is not None else "incomplete stream (no content or no usage)"
     return RequestResult(spec.index, spec.prompt.workload, sent - start,
-                         None if first is None else first - sent, end - sent,
+                         None if first is None else first - origin, end - origin,
                          usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, error)
 
 

@@ -267,8 +267,10 @@ def _sweep(result: dict) -> str:
     lags = [run["send_lag_ms"]["p99"] for _, run in runs if (run.get("send_lag_ms") or {}).get("p99") is not None]
     if lags:
         lines += ["", f"Client send lag (scheduled arrival to send, this benchmark's own event loop): P99 at most "
-                  f"{max(lags):.1f} ms over the runs (median of the runs' P99s {float(np.median(lags)):.1f} ms); a "
-                  "lag near the TTFT SLO would mean the offered load was below the rate shown."]
+                  f"{max(lags):.1f} ms over the runs (median of the runs' P99s {float(np.median(lags)):.1f} ms), "
+                  "charged to the requests' TTFT and E2E, which run from the scheduled arrival (no coordinated "
+                  "omission); a lag near the TTFT SLO would mean the client, not the service, missed it. Goodput is "
+                  "per second of the trace's arrival window, throughput per second of the run's wall time."]
     if noted := [f"- {policy} at {run['rate_rps']:.3f} req/s ({run['kind']}): {note}"
                  for policy, run in runs for note in run.get("notes") or []]:
         lines += ["", "Notes on some runs (what could not be observed after the run, or an engine still busy when "
@@ -338,7 +340,7 @@ def _drift(drift: dict) -> str:
              "at once). Numbers for requests sent from the switch on; plot: drift.png.", "",
              "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
              "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations from the switch (applied / "
-             "judged; whole trace) | adaptive wins |",
+             "judged; whole trace) | adaptive wins (5% two-sided tests) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scenario, v in verdicts(drift).items():
         lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
@@ -346,10 +348,17 @@ def _drift(drift: dict) -> str:
                      f"{_num(v['static_tpot_p90_ms'], 2)} | {_num(v['adaptive_tpot_p90_ms'], 2)} | "
                      f"{v['recalibrations_applied_adaptive']} / {v['recalibrations_adaptive']}; "
                      f"{v['recalibrations_applied_adaptive_whole_run']} / {v['recalibrations_adaptive_whole_run']} | "
-                     f"{'yes' if v['adaptive_wins'] else 'no'}"
+                     f"{_drift_verdict(v)}"
                      f"{' (event failed: ' + '; '.join(v['failed_events']) + ')' if v.get('failed_events') else ''} |")
     lines += [f"\nNote: {note}" for note in drift.get("notes") or []]
     return "\n".join(lines)
+
+
+def _drift_verdict(v: dict) -> str:
+    """yes / no (within noise) / no (loss), with the test that decided it."""
+    said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)"}[v["verdict"]]
+    tests = [f"attainment p={v['attainment_p']:.2f}"] + ([f"TTFT p={v['ttft_p']:.2f}"] if v["ttft_p"] is not None else [])
+    return f"{said}; {', '.join(tests)}"
 
 
 def _headroom(headroom: dict) -> str:

@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from deploy.app import DEFAULT_SPEEDS, AppArgs
+from load_tests.compare import record_json
 from load_tests.drift import DriftConfig, DriftRun, scenario_args, segments, throttle_event, verdicts
-from load_tests.generator import ClientConfig, RequestResult
+from load_tests.generator import ClientConfig, RequestResult, RunRecord
 from load_tests.slo import SLO
 
 
@@ -69,40 +70,57 @@ def test_segments_split_at_the_switch():
     assert segments(results[:1], slo, 10.0, 20.0)["after"] is None
 
 
-def _mode(attainment: float, p90: float) -> dict:
-    return {"segments": {"after": {"attainment": attainment, "ttft_p90_ms": p90, "tpot_p90_ms": 9.0}},
-            "recalibrations": [{"status": "applied"}, {"status": "skipped"}]}
+def _mode(met: int, requests: int, ttft_s: float = 0.1, tpot_p90: float = 9.0, **extra) -> dict:
+    """An app's drift entry: `requests` sent after the switch (at 40 s), `met` of them within the SLO (the others
+    timed out), each TTFT `ttft_s` plus a millisecond per request (a spread for the rank test)."""
+    results = [RequestResult(i, "a", 40.0 + i, ttft_s + 1e-3 * i, ttft_s + 1.0, 5, 6, None if i < met else "timeout")
+               for i in range(requests)]
+    ttfts = sorted(r.ttft_s for r in results[:met])
+    after = {"requests": requests, "attainment": met / requests,
+             "ttft_p90_ms": 1e3 * ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None, "tpot_p90_ms": tpot_p90}
+    return record_json(RunRecord(started_wall=1000.0, results=results), segments={"after": after}) | {
+        "recalibrations": [{"status": "applied"}, {"status": "skipped"}]} | extra
 
 
-def test_verdicts_prefer_attainment_then_ttft():
-    result = {"scenarios": {
-        "workload": {"static": _mode(0.8, 100.0), "adaptive": _mode(0.9, 300.0)},
-        "device": {"static": _mode(0.95, 100.0), "adaptive": _mode(0.95, 120.0)},
-        "partial": {"static": _mode(0.9, 1.0)},
+def test_a_verdict_needs_a_significant_difference():
+    """One request of some 40 after the switch decided the verdict: 41/41 against 40/41 read as a loss, the mirror case
+    as a win (a measurement review). Attainment decides where it differs significantly, else the TTFTs."""
+    result = {"config": {"switch_s": 40.0}, "scenarios": {
+        "workload": {"static": _mode(30, 60), "adaptive": _mode(55, 60)},
+        "device": {"static": _mode(40, 41), "adaptive": _mode(41, 41)},
+        "mirror": {"static": _mode(41, 41), "adaptive": _mode(40, 41)},
+        "worse": {"static": _mode(55, 60), "adaptive": _mode(30, 60)},
+        "partial": {"static": _mode(30, 60)},
     }}
     found = verdicts(result)
-    assert found["workload"]["adaptive_wins"] and not found["device"]["adaptive_wins"]
-    assert "partial" not in found and found["device"]["recalibrations_adaptive"] == 2
-    assert found["device"]["recalibrations_applied_adaptive"] == 1
+    assert found["workload"]["verdict"] == "win" and found["workload"]["adaptive_wins"]
+    assert found["workload"]["attainment_p"] < 0.05 and found["workload"]["ttft_p"] is None
+    for scenario in ("device", "mirror"):
+        assert found[scenario]["verdict"] == "within noise" and not found[scenario]["adaptive_wins"]
+        assert found[scenario]["attainment_p"] == pytest.approx(1.0)
+    assert found["worse"]["verdict"] == "loss" and "partial" not in found
+    assert found["device"]["recalibrations_adaptive"] == 2 and found["device"]["recalibrations_applied_adaptive"] == 1
 
 
-def test_a_shorter_ttft_bought_with_a_longer_tpot_is_no_win_and_recalibrations_count_from_the_switch():
-    """The committed device scenario: attainment tied, adaptive's P90 TTFT 6% shorter and its P90 TPOT 6% longer was
-    called a win; its recalibration counts took in startup and warm-up (an audit)."""
-    def mode(ttft: float, tpot: float) -> dict:
-        return {"segments": {"after": {"attainment": 1.0, "ttft_p90_ms": ttft, "tpot_p90_ms": tpot}},
-                "started_wall": 1000.0,
-                "recalibrations": [{"status": "applied", "started_at": 990.0}, {"status": "skipped", "started_at": 1010.0},
-                                   {"status": "applied", "started_at": 1045.0}, {"status": "skipped", "started_at": 1050.0}]}
-
-    result = {"config": {"switch_s": 40.0}, "scenarios": {"device": {"static": mode(267.0, 67.9),
-                                                                     "adaptive": mode(251.0, 72.2)},
-                                                          "workload": {"static": mode(267.0, 67.9),
-                                                                       "adaptive": mode(251.0, 67.9)}}}
+def test_with_attainment_tied_a_significantly_shorter_ttft_wins_unless_bought_with_a_longer_tpot():
+    """A shorter TTFT bought with a longer TPOT is no win (an audit: the committed device scenario, P90 TTFT 6% shorter
+    and P90 TPOT 6% longer, was called one); nor is a TTFT difference within noise. Recalibrations count from the
+    switch."""
+    calls = {"started_wall": 1000.0, "recalibrations": [
+        {"status": "applied", "started_at": 990.0}, {"status": "skipped", "started_at": 1010.0},
+        {"status": "applied", "started_at": 1045.0}, {"status": "skipped", "started_at": 1050.0}]}
+    result = {"config": {"switch_s": 40.0}, "scenarios": {
+        "faster": {"static": _mode(40, 40, 0.3), "adaptive": _mode(40, 40, 0.1, **calls)},
+        "bought": {"static": _mode(40, 40, 0.3, 67.9), "adaptive": _mode(40, 40, 0.1, 72.2, **calls)},
+        "noise": {"static": _mode(40, 40, 0.101), "adaptive": _mode(40, 40, 0.1, **calls)},
+        "slower": {"static": _mode(40, 40, 0.1), "adaptive": _mode(40, 40, 0.3, **calls)},
+    }}
     found = verdicts(result)
-    assert not found["device"]["adaptive_wins"] and found["workload"]["adaptive_wins"]
-    assert (found["device"]["recalibrations_applied_adaptive"], found["device"]["recalibrations_adaptive"]) == (1, 2)
-    assert found["device"]["recalibrations_adaptive_whole_run"] == 4
+    assert found["faster"]["verdict"] == "win" and found["faster"]["ttft_p"] < 0.05
+    assert found["bought"]["verdict"] == "within noise" and found["noise"]["verdict"] == "within noise"
+    assert found["slower"]["verdict"] == "loss"
+    assert (found["faster"]["recalibrations_applied_adaptive"], found["faster"]["recalibrations_adaptive"]) == (1, 2)
+    assert found["faster"]["recalibrations_adaptive_whole_run"] == 4
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -117,8 +135,8 @@ def test_drift_config_rejects_bad_values(change, message):
 def test_a_scenario_whose_throttle_failed_is_no_win_and_says_so():
     """The device scenario's throttle is an admin call during the trace; when it failed, the run was judged as if the
     device had slowed down (a measurement audit)."""
-    throttled = _mode(0.8, 100.0) | {"events": [{"name": "throttle device 7", "t": 40.0}]}
-    failed = _mode(0.9, 90.0) | {"events": [{"name": "throttle device 7", "t": 40.0, "error": "HTTPStatusError: 503"}]}
+    throttled = _mode(30, 60, events=[{"name": "throttle device 7", "t": 40.0}])
+    failed = _mode(55, 60, events=[{"name": "throttle device 7", "t": 40.0, "error": "HTTPStatusError: 503"}])
     found = verdicts({"scenarios": {"device": {"static": throttled, "adaptive": failed}}})
     assert not found["device"]["adaptive_wins"]
     assert found["device"]["failed_events"] == ["adaptive: throttle device 7: HTTPStatusError: 503"]

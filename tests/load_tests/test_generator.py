@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from load_tests.generator import ClientConfig, Event, RequestSpec, TraceConfig, make_trace, run_trace
+from load_tests.slo import SLO, summarize
 from load_tests.workloads import Prompt
 from service.app import serve_locally
 
@@ -261,3 +262,31 @@ def test_a_malformed_admin_answer_costs_a_poll_not_the_run(fake_url, monkeypatch
     config = ClientConfig(base_url=fake_url, model="fake", admin_token="secret", poll_interval_s=0.1)
     record = asyncio.run(run_trace(config, [_spec(0, 0.0, "a", 2), _spec(1, 0.2, "b", 2)], progress=False))
     assert len(record.results) == 2 and all(r.error is None for r in record.results) and record.polls == []
+
+
+def test_ttft_is_charged_the_clients_own_send_lag(fake_url):
+    """Open loop: a request's TTFT and E2E run from its scheduled arrival. TTFT was timed from the late send, so a
+    client-side stall (the event loop busy, as parsing a burst of three apps' chunks on two loaded cores is) never
+    reached TTFT, E2E or attainment: coordinated omission (a measurement review)."""
+    async def stall():
+        time.sleep(0.6)  # the client's loop busy, not the server
+
+    trace = [_spec(0, 0.0, "a", 2), _spec(1, 0.1, "b", 2)]
+    config = ClientConfig(base_url=fake_url, model="fake", drain_s=5.0)
+    record = asyncio.run(run_trace(config, trace, progress=False, events=[Event("stall", 0.05, stall)]))
+    late = record.results[1]
+    assert late.sent_s - 0.1 > 0.4  # the send lag is real (send_lag_ms)...
+    assert late.ttft_s >= (late.sent_s - 0.1) + FIRST_TOKEN_S  # ...and charged to TTFT
+    assert late.e2e_s >= late.ttft_s and late.tpot_s == pytest.approx(GAP_S, abs=0.05)  # (TPOT unchanged)
+
+
+def test_goodput_at_full_attainment_is_the_rate_served(fake_url):
+    """Goodput was divided by the run's wall time (the arrivals plus the tail until the last stream ended): in
+    bench/compare.json at 1.304 req/s, 117 of 117 within SLO read 1.199 / 1.201 / 1.201 req/s, the three differing only
+    by their last request's end (a measurement review). It is per second of the trace's arrival window."""
+    trace = [_spec(i, 0.25 * i, "a", 50) for i in range(4)]  # 4 requests over a 1 s arrival window
+    config = ClientConfig(base_url=fake_url, model="fake", drain_s=5.0)
+    record = asyncio.run(run_trace(config, trace, progress=False))
+    summary = summarize(record.results, SLO(10.0, 10.0), record.duration_s, window_s=1.0)
+    assert summary["attainment"] == 1.0 and summary["goodput_rps"] == pytest.approx(4.0)
+    assert summary["output_tokens_per_s"] == pytest.approx(200 / record.duration_s)  # tokens over the wall time

@@ -75,6 +75,10 @@ class WorkerPool(Protocol):
     def shutdown(self) -> None: ...
 
 
+# How Ray words a task whose argument (an ObjectRef of another task) failed: an import whose export failed.
+_ARGUMENT_FAILED = "input arguments for this task could not be computed"
+
+
 def error_text(exc: BaseException, limit: int = 300) -> str:
     """"Type: message" of what a worker call raised (a RayTaskError's: the worker's own error), about `limit`
     characters at most. A longer message that ends as a traceback does (an actor that died in its creation task
@@ -308,13 +312,16 @@ class RayWorkerPool:
 
         deadline = time.monotonic() + self.config.call_timeout_s
         reuse = device in self._replacing
+        killed = None if reuse else self._actors[device]._actor_id
         if not reuse:  # (no shutdown to wait for from a worker without a process: its node is gone, or pending)
             state, _, placed = _actor_state(self._actors[device])
             self._stop([self._actors[device]], wait=state == "ALIVE" and placed)
         while True:  # the name is released asynchronously after the kill
+            fresh = reuse  # whether the actor waited on is a new one, not the killed one its name still gave
             try:
                 if not reuse:
                     self._actors[device] = self._create(device)
+                    fresh = self._actors[device]._actor_id != killed
                     self._replacing[device] = self._actors[device].info.remote()
                 reuse = False
                 ref = self._replacing[device]
@@ -334,8 +341,10 @@ class RayWorkerPool:
                 raise
             except Exception as exc:
                 self._replacing.pop(device, None)
-                if time.monotonic() > deadline:
-                    why = self._why_not_up(device, error_text(exc))
+                # a new actor that failed is refused (its creation raised: a GPU check, a CUDA init error) and
+                # said so at once; re-created for call_timeout_s it held the coordinator's loop, the reason lost
+                if fresh or time.monotonic() > deadline:
+                    why = error_text(exc) if fresh else self._why_not_up(device, error_text(exc))
                     raise WorkerCallError(f"restart of device {device} failed: {why}", [device]) from exc
                 time.sleep(0.2)
         self._infos[device] = info
@@ -385,14 +394,27 @@ class RayWorkerPool:
         Returns the number of experts confirmed. Raises WorkerCallError if any import fails.
         """
 
-        refs, devices = [], []
+        import ray
+
+        exports, imports = [], []
         deadline = time.time() + self.config.call_timeout_s  # (set before any call is sent)
         for src, dst, keys in transfers:
-            exported = self._actors[src].export_experts.remote(list(keys))
-            refs.append(self._actors[dst].import_experts.remote(exported, deadline))
-            devices.append(dst)
-        confirmed = self._wait(refs, devices, "import_experts", self.config.call_timeout_s + LOAD_GRACE_S)
-        return sum(len(c) for c in confirmed)
+            exports.append(self._actors[src].export_experts.remote(list(keys)))
+            imports.append(self._actors[dst].import_experts.remote(exports[-1], deadline))
+        confirmed, blamed = 0, {}
+        until = time.monotonic() + self.config.call_timeout_s + LOAD_GRACE_S
+        for (src, dst, _), exported, ref in zip(transfers, exports, imports):
+            try:
+                confirmed += len(ray.get(ref, timeout=max(until - time.monotonic(), 0.01)))
+            except Exception as exc:  # the source's when its export failed or never ended (a copy named only its
+                # destination: a dead source had the healthy destination restarted)
+                source = _ARGUMENT_FAILED in str(exc) or not ray.wait([exported], timeout=0)[0]
+                blamed.setdefault(src if source else dst, []).append(
+                    f"{f'export_experts on device {src}' if source else 'import_experts'}: {error_text(exc)}")
+        if blamed:
+            raise WorkerCallError("copy failed on " + "; ".join(f"device {d}: {' / '.join(e)}"
+                                                              for d, e in blamed.items()), list(blamed))
+        return confirmed
 
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:
         self._on(keys, lambda a, k: a.drop_experts.remote(list(k)), "drop_experts")
@@ -511,13 +533,16 @@ class LocalWorkerPool:
     def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
         failed, count = [], 0
         for src, dst, keys in transfers:
+            device = src  # (the source, until its export succeeded: as the Ray pool names it)
             try:
-                count += len(self._live(dst).import_experts(self._live(src).export_experts(list(keys))))
+                exported = self._live(src).export_experts(list(keys))
+                device = dst
+                count += len(self._live(dst).import_experts(exported))
             except Exception as exc:
-                failed.append((dst, exc))
+                failed.append((device, exc))
         if failed:
-            raise WorkerCallError(f"import_experts failed on {[d for d, _ in failed]}: {failed[0][1]}",
-                                  [d for d, _ in failed])
+            devices = list(dict.fromkeys(d for d, _ in failed))
+            raise WorkerCallError(f"copy failed on {devices}: {failed[0][1]}", devices)
         return count
 
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:

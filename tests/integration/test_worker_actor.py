@@ -274,6 +274,54 @@ def test_a_restart_without_a_node_with_room_fails_at_once_and_keeps_its_replacem
         pool.shutdown()
 
 
+def test_a_restart_whose_new_worker_is_refused_at_creation_fails_at_once_with_the_reason(actors):
+    """A worker refused at every creation (a GPU worker without its GPU: a GPU fallen off the bus) was re-created for
+    call_timeout_s at each restart (31 actors in 15 s), holding the coordinator's loop, and failed saying the last
+    one was 'still being created' (a review): the new actor's error is the restart's."""
+    from dataclasses import replace
+
+    pool = RayWorkerPool([WorkerConfig(index=0)],
+                         RayPoolConfig(name_prefix="test-restart-refused", namespace="test-worker-pool",
+                                       detached=False, call_timeout_s=20))
+    pool.start()
+    try:
+        pool.worker_configs = [replace(pool.worker_configs[0], device="cuda")]  # its GPU gone (this host has none)
+        created, create = [], pool._create
+        pool._create = lambda index: created.append(index) or create(index)
+        with pytest.raises(WorkerCallError, match=r"restart of device 0 failed: .*a GPU worker \(device cuda\)"):
+            pool.restart(0)
+        assert created == [0] or created == [0, 0]  # (a second only while the killed one's name was not released)
+    finally:
+        pool.shutdown()
+
+
+def test_a_copy_from_a_dead_worker_names_it_not_the_destination(actors):
+    """A copy whose source was dead named its healthy destination (the import failed on its argument): the
+    coordinator then restarted a rejoining destination and did not suspect the source (a review)."""
+    pool = RayWorkerPool([WorkerConfig(index=0), WorkerConfig(index=1)],
+                         RayPoolConfig(name_prefix="test-copy-blame", namespace="test-worker-pool", detached=False,
+                                       call_timeout_s=20))
+    pool.start()
+    try:
+        ray.get(pool._actors[0].import_experts.remote([make_expert(0, 0)]))
+        with pytest.raises(WorkerCallError) as err:  # not held there: its export fails
+            pool.copy([(1, 0, [(0, 0)])])
+        assert err.value.devices == (1,) and "export_experts on device 1" in str(err.value)
+        ray.kill(pool._actors[0], no_restart=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # (the kill is asynchronous: a call may still be answered)
+            try:
+                ray.get(pool._actors[0].info.remote(), timeout=30)
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(0.1)
+        with pytest.raises(WorkerCallError) as err:
+            pool.copy([(0, 1, [(0, 0)])])
+        assert err.value.devices == (0,)
+    finally:
+        pool.shutdown()
+
+
 def test_telemetry_of_leaves_out_a_worker_that_does_not_answer(actors):
     """The coordinator's telemetry refresh asks the devices not lost and keeps those that answer in time: a dead
     worker no longer fails the whole call (every GPU's readings froze while one worker was down)."""

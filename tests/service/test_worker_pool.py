@@ -5,8 +5,9 @@ import time
 import types
 
 import pytest
+import torch
 
-from service.worker_pool import RayPoolConfig, is_stray
+from service.worker_pool import LocalWorkerPool, RayPoolConfig, WorkerCallError, is_stray
 
 CONFIG = RayPoolConfig(name_prefix="vibe-worker-vibe-0123abcd", family_prefix="vibe-worker-vibe-")
 
@@ -75,3 +76,19 @@ def test_a_worker_refused_at_its_creation_is_named_with_the_reason_not_the_trace
     assert error_text(ValueError("x" * 1000)) == "ValueError: " + "x" * 300
     lines = "The actor died unexpectedly before finishing this task.\n\tclass_name: X\n" + "\tpid: 1\n" * 40 + "\tip: 1"
     assert error_text(ValueError(lines)) == "ValueError: " + lines[:300]  # not a traceback: from the start
+
+
+def test_a_copy_from_a_dead_source_names_the_source():
+    """The in-process pool named the destination of a copy whose source was dead, as the Ray pool did (a review)."""
+    from service.experts import checksum
+    from service.messages import ExpertTensors
+    from service.worker import ExpertWorker, WorkerConfig
+
+    workers = [ExpertWorker(WorkerConfig(index=i)) for i in range(2)]
+    tensors = {"gate_up": torch.randn(8, 4), "down": torch.randn(4, 4)}
+    workers[0].import_experts([ExpertTensors(0, 0, tensors, checksum(tensors))])
+    pool = LocalWorkerPool(workers)
+    pool.kill(0)
+    with pytest.raises(WorkerCallError) as err:
+        pool.copy([(0, 1, [(0, 0)])])
+    assert err.value.devices == (0,)

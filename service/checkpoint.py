@@ -475,6 +475,8 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
 
 # safetensors dtype names of the weights an expert may store unpacked (floats, FP8 with its scales)
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# FP8 block scales: floats, E8M0 (torch converts it), or U8 holding an E8M0 exponent, 2 ** (byte - 127)
+_SCALE_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E8M0", "U8")
 
 
 def check_checkpoint(checkpoint_dir: str | Path) -> None:
@@ -545,7 +547,11 @@ def _check_header(shards: _Shards, name: str, shape: tuple[int, int]) -> None:
         scale = name + "_scale_inv"
         if scale not in shards:
             raise ValueError(f"FP8 weight {name} has no {scale}")
-        grid = tuple(shards.open_shard(shards.weight_map[scale]).get_slice(scale).get_shape())
+        view = shards.open_shard(shards.weight_map[scale]).get_slice(scale)
+        if view.get_dtype() not in _SCALE_DTYPES:
+            raise ValueError(f"{scale} is {view.get_dtype()}: FP8 block scales must be stored as floats, or as U8 "
+                             "power-of-two exponents (E8M0)")
+        grid = tuple(view.get_shape())
         fp8_grid(torch.empty(shape, device="meta"), torch.empty(grid, device="meta"), name, shards.fp8_block)
 
 
@@ -659,7 +665,10 @@ def _weight(shards: _Shards, name: str, dtype: torch.dtype, quantized: bool) -> 
     scale_name = name + "_scale_inv"
     if scale_name not in shards:
         raise ValueError(f"FP8 weight {name} has no {scale_name}")
-    scales = shards.file(scale_name).get_tensor(scale_name).to(torch.float32)
+    scales = shards.file(scale_name).get_tensor(scale_name)
+    # a U8 scale is an E8M0 exponent, as transformers' Fp8Dequantize reads it (read as a number, every weight was
+    # off by a factor of 2 ** (byte - 127) / byte, the checkpoint accepted)
+    scales = torch.exp2(scales.float() - 127.0) if scales.dtype == torch.uint8 else scales.to(torch.float32)
     bm, bn = fp8_grid(tensor, scales, name, shards.fp8_block)
     scales = scales if scales.dim() == 2 else scales.reshape(1, 1)
     if not quantized:

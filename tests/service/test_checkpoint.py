@@ -663,3 +663,28 @@ def test_layout_and_cache_of_a_config_shaped_as_minimax_text_01_and_its_window_r
     windowed.sliding_window = 16
     with pytest.raises(ValueError, match="^minimax: a sliding window \\(16\\) on its full_attention layers is not"):
         expert_layout(windowed)
+
+
+def _rescaled(folder: Path, convert) -> None:
+    """Rewrite every FP8 block scale of the single-file checkpoint in `folder` with `convert`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("_scale_inv")]:
+        tensors[name] = convert(tensors[name])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_fp8_scales_stored_as_u8_exponents_are_read_as_transformers_reads_them(tmp_path):
+    """Block scales stored as U8 E8M0 exponents (2 ** (byte - 127), as transformers' Fp8Dequantize decodes them) were
+    read as plain numbers: every expert off by a factor in the thousands, the checkpoint accepted (a review)."""
+    from service.model import load_reference_model
+
+    folder = save_tiny_fp8_model("qwen3_moe", tmp_path / "fp8", seed=1, block=8)
+    _rescaled(folder, lambda s: (torch.log2(s.float()).round().clamp(-127, 127) + 127).to(torch.uint8))
+    checkpoint.check_checkpoint(folder)
+    want = load_reference_model(folder).model.layers[0].mlp.experts.gate_up_proj[0]
+    torch.testing.assert_close(read_experts(folder, [(0, 0)], dtype=torch.float32)[0].tensors["gate_up"], want)
+    _rescaled(folder, lambda s: s.to(torch.int16))  # not a scale format: refused, named
+    with pytest.raises(ValueError, match=r"_scale_inv is I16: FP8 block scales must be stored as floats, or as U8"):
+        checkpoint.check_checkpoint(folder)

@@ -416,7 +416,9 @@ def _headroom(headroom: dict) -> str:
 def _scale(scale: dict) -> str:
     lines = ["## Scale study (placement simulator, DeepSeek-V3 trace, 256 experts)", "",
              "sum_l makespan / proven lower bound (1.0 = optimal); gain = 1 - T / T(eplb, no redundant "
-             "experts). Plot: scale.png.", "",
+             "experts). Each placement is scored on the loads and the device curves it was planned on (in sample: "
+             "vibe optimises this very objective, so its gains here are upper bounds; the headroom study "
+             "scores placements on steps drawn apart from their planning window). Plot: scale.png.", "",
              "| profile | tokens/expert | G | eplb even | vibe even | eplb redundant | vibe redundant | "
              "vibe uneven | vibe redundant+uneven | vibe redundant+uneven gain |", "|---|---|---|---|---|---|---|---|---|---|"]
     cases = dict.fromkeys((r["profile"], r["tokens_per_expert"], r["num_devices"]) for r in scale["rows"])

@@ -369,9 +369,9 @@ class DispatchContext:
 
     def _failed(self, device: int, layer: int, exc: Exception) -> DispatchError:
         """The error of a device's failed call; the device is reported (`drain_report`) when it cannot be reached
-        or answered with an error (a GPU after a sticky CUDA error answers every call so): the coordinator's
+        or answered with an error (a GPU after a sticky CUDA error answers every call so) or out of protocol: the coordinator's
         one-token probe then tells a broken device from a passing failure."""
-        if isinstance(exc, WorkerUnavailable | WorkerError):
+        if isinstance(exc, WorkerUnavailable | WorkerError | ProtocolError):
             with self._lock:
                 self._unreachable.add(device)
         return DispatchError(device, layer, exc)
@@ -475,12 +475,15 @@ class DispatchingExperts(nn.Module):
             row += num_rows
         planes = torch.empty_like(rows)
         for device, counts, target in sent:  # collect every reply, even after a failure, to keep streams in step
-            try:
+            try:  # (a malformed reply too: raised here it left the later devices' replies unread, and each of
+                # their next steps took the one before's reply as its own)
                 output, seconds = step.routes.channels[device].result()
+                if tuple(output.shape) != (len(target), planes.shape[1]):
+                    raise ProtocolError(f"answered {list(output.shape)} for {len(target)} rows of {planes.shape[1]}")
+                _put_rows(planes, target, output)
             except Exception as exc:
                 errors.append(self.context._failed(device, self.layer, exc))
                 continue
-            _put_rows(planes, target, output)
             self.context._record_samples(device, counts, np.asarray(seconds, dtype=np.float64))
         if errors:
             raise errors[0]

@@ -273,10 +273,12 @@ class FailingChannel(RecordingChannel):
         reply = super().result()
         if self.fail_at == "result":
             raise ConnectionError("reply lost")
+        if self.fail_at == "malformed":  # a row short: the later devices' replies were left unread (a review)
+            return reply[0][1:], reply[1]
         return reply
 
 
-@pytest.mark.parametrize("fail_at", ["submit", "result"])
+@pytest.mark.parametrize("fail_at", ["submit", "result", "malformed"])
 def test_device_failure_names_device_and_layer_and_keeps_others_in_step(reference, fail_at):
     channels = full_channels(reference)
     channels[2] = FailingChannel(make_worker(reference, 2, all_keys()), fail_at)
@@ -286,6 +288,8 @@ def test_device_failure_names_device_and_layer_and_keeps_others_in_step(referenc
     with pytest.raises(DispatchError, match="device 2 failed at MoE layer 1") as failure:
         module(hidden, index, weights)
     assert (failure.value.device, failure.value.layer) == (2, 1)
+    if fail_at == "malformed":  # reported: the coordinator probes a device that answers out of protocol
+        assert context.drain_report("e0").unreachable == (2,)
     channels[2].fail_at = "never"
     got, want = run(module, reference, 1, 32, 4, seed=2)  # every stream is still in step
     assert torch.equal(got, want)

@@ -392,18 +392,6 @@ class DeviceDriftDetector:
                 report[int(g)] = float(level)
         return report
 
-    def reprofiled(self, device: int, change: float) -> None:
-        """``device`` has a new profiled model, ``change`` times the old one's time: its scale back to 1, samples
-        forgotten, and the scale the placement was planned with re-expressed against the new model (divided by
-        ``change``): a re-profile that finds a device 2.9x slower than the placement was planned for is drift still
-        due, not forgotten (a reset read as planned with the new model: no re-plan, `model_over_planned` 1)."""
-        if not np.isfinite(change) or change <= 0:
-            raise ValueError(f"change must be finite and > 0, got {change!r}")
-        selected = int(_check_devices(np.array([device]), len(self._scales))[0])
-        self._planned[selected] /= change
-        self._scales[selected] = 1.0
-        self.detector.reset(selected)
-
     def reset(self, device: int | None = None) -> None:
         """Forget the samples of `device` (after its model was refitted), or of all devices."""
         if device is None:

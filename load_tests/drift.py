@@ -237,8 +237,8 @@ def verdicts(result: dict) -> dict[str, dict]:
     """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and the verdict on adaptive:
     `win` or `loss` when its attainment differs significantly (Fisher's exact test on the requests within and
     beyond the SLO, p < SIGNIFICANCE), else when its TTFTs do (Mann-Whitney U over the after-switch requests, a
-    failed one as an infinite TTFT; a win also needs a P90 TTFT lower and a P90 TPOT no higher: a shorter TTFT bought
-    with a longer TPOT is not a win), else `within noise` (`adaptive_wins`: a win). Also the adaptive app's
+    failed one as an infinite TTFT, the direction the test's; a win also needs a P90 TPOT no higher, a shorter TTFT
+    bought with a longer TPOT being no win, and an attainment no lower), else `within noise` (`adaptive_wins`: a win). Also the adaptive app's
     recalibrations from the switch on: those it judged and those it applied (`..._whole_run`: all that started
     during the measured trace; the generator leaves out those before it, such as the startup calibration and the
     warm-up's). A scenario whose scheduled event failed in either app (the device was never throttled) is no win,
@@ -260,11 +260,17 @@ def verdicts(result: dict) -> dict[str, dict]:
         ttft_p = None
         ttfts = {m: _after_ttfts(entry[m], switch_s) for m in MODES}
         if verdict == "within noise" and all(ttfts.values()):
-            ttft_p = float(mannwhitneyu(ttfts["adaptive"], ttfts["static"]).pvalue)
-            slower = {m: (a["ttft_p90_ms"] or float("inf"), a["tpot_p90_ms"] or float("inf")) for m, a in after.items()}
-            if ttft_p < SIGNIFICANCE and slower["adaptive"][0] < slower["static"][0]:
-                verdict = "win" if slower["adaptive"][1] <= slower["static"][1] else verdict
-            elif ttft_p < SIGNIFICANCE and slower["adaptive"][0] > slower["static"][0]:
+            # the direction from the test itself (its U against n m / 2: the P90s leave the failures out), and never
+            # a win with fewer requests within the SLO
+            test = mannwhitneyu(ttfts["adaptive"], ttfts["static"])
+            ttft_p = float(test.pvalue)
+            faster = test.statistic < len(ttfts["adaptive"]) * len(ttfts["static"]) / 2
+            tpot = {m: a["tpot_p90_ms"] or float("inf") for m, a in after.items()}
+            if ttft_p < SIGNIFICANCE and faster:
+                if tpot["adaptive"] <= tpot["static"] and met["adaptive"] / after["adaptive"]["requests"] >= \
+                        met["static"] / after["static"]["requests"]:
+                    verdict = "win"
+            elif ttft_p < SIGNIFICANCE:
                 verdict = "loss"
         # a scheduled event that failed (the throttle's admin call): the scenario did not happen as planned
         failed = [f"{m}: {e['name']}: {e['error']}" for m in MODES for e in entry[m].get("events", []) if e.get("error")]

@@ -1022,6 +1022,7 @@ class Coordinator:
         with self._lock:
             self._workers[device] = info
             self._workers_epoch += 1
+            self._misses[device] = 0  # (the dead process's misses: the new one was restarted again at its first)
 
     def _readmit(self) -> None:
         """Give restarted devices their share again with a full re-plan (forced: they are idle). Until that

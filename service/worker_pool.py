@@ -408,7 +408,10 @@ class RayWorkerPool:
                 confirmed += len(ray.get(ref, timeout=max(until - time.monotonic(), 0.01)))
             except Exception as exc:  # the source's when its export failed or never ended (a copy named only its
                 # destination: a dead source had the healthy destination restarted)
-                source = _ARGUMENT_FAILED in str(exc) or not ray.wait([exported], timeout=0)[0]
+                # (a call to an actor already dead fails at once, its argument not yet computed: that is the
+                # destination's, as is any other error once the export ended)
+                source = _ARGUMENT_FAILED in str(exc) or (isinstance(exc, ray.exceptions.GetTimeoutError)
+                                                          and not ray.wait([exported], timeout=0)[0])
                 blamed.setdefault(src if source else dst, []).append(
                     f"{f'export_experts on device {src}' if source else 'import_experts'}: {error_text(exc)}")
         if blamed:

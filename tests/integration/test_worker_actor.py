@@ -298,7 +298,7 @@ def test_a_restart_whose_new_worker_is_refused_at_creation_fails_at_once_with_th
 def test_a_copy_from_a_dead_worker_names_it_not_the_destination(actors):
     """A copy whose source was dead named its healthy destination (the import failed on its argument): the
     coordinator then restarted a rejoining destination and did not suspect the source (a review)."""
-    pool = RayWorkerPool([WorkerConfig(index=0), WorkerConfig(index=1)],
+    pool = RayWorkerPool([WorkerConfig(index=i) for i in range(3)],
                          RayPoolConfig(name_prefix="test-copy-blame", namespace="test-worker-pool", detached=False,
                                        call_timeout_s=20))
     pool.start()
@@ -307,17 +307,18 @@ def test_a_copy_from_a_dead_worker_names_it_not_the_destination(actors):
         with pytest.raises(WorkerCallError) as err:  # not held there: its export fails
             pool.copy([(1, 0, [(0, 0)])])
         assert err.value.devices == (1,) and "export_experts on device 1" in str(err.value)
-        ray.kill(pool._actors[0], no_restart=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # (the kill is asynchronous: a call may still be answered)
-            try:
-                ray.get(pool._actors[0].info.remote(), timeout=30)
-            except ray.exceptions.RayActorError:
-                break
-            time.sleep(0.1)
-        with pytest.raises(WorkerCallError) as err:
-            pool.copy([(0, 1, [(0, 0)])])
-        assert err.value.devices == (0,)
+        for dead, (src, dst) in ((2, (0, 2)), (0, (0, 1))):  # the destination dead, then the source
+            ray.kill(pool._actors[dead], no_restart=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # (the kill is asynchronous: a call may still be answered)
+                try:
+                    ray.get(pool._actors[dead].info.remote(), timeout=30)
+                except ray.exceptions.RayActorError:
+                    break
+                time.sleep(0.1)
+            with pytest.raises(WorkerCallError) as err:
+                pool.copy([(src, dst, [(0, 0)])])
+            assert err.value.devices == (dead,)
     finally:
         pool.shutdown()
 

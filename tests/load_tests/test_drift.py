@@ -119,6 +119,14 @@ def test_with_attainment_tied_a_significantly_shorter_ttft_wins_unless_bought_wi
     assert found["faster"]["verdict"] == "win" and found["faster"]["ttft_p"] < 0.05
     assert found["bought"]["verdict"] == "within noise" and found["noise"]["verdict"] == "within noise"
     assert found["slower"]["verdict"] == "loss"
+    # the direction is the rank test's, failures counted (the P90s leave them out), and fewer requests within the
+    # SLO is never a win (a review: 35/40 with faster completed requests against 40/40 read as a win)
+    fewer = {"static": _mode(40, 40, 0.2), "adaptive": _mode(35, 40, 0.1)}
+    tail = {"static": _mode(40, 40, 0.2), "adaptive": _mode(40, 40, 0.1)}
+    tail["adaptive"]["results"]["ttft_s"][-4:] = [0.5] * 4  # its slowest tenth above static's
+    tail["adaptive"]["segments"]["after"]["ttft_p90_ms"] = 500.0
+    direction = verdicts({"config": {"switch_s": 40.0}, "scenarios": {"fewer": fewer, "tail": tail}})
+    assert direction["fewer"]["verdict"] != "win" and direction["tail"]["verdict"] == "win"
     assert (found["faster"]["recalibrations_applied_adaptive"], found["faster"]["recalibrations_adaptive"]) == (1, 2)
     assert found["faster"]["recalibrations_adaptive_whole_run"] == 4
 

@@ -886,3 +886,21 @@ def test_re_profiling_a_slowed_device_keeps_its_drift_against_the_placement(chec
     assert ratio > 2.0
     assert coordinator.stats_view()["devices"][1]["model_over_planned"] == pytest.approx(ratio, rel=0.02)
     assert coordinator._apply_device_drift() is not None
+
+
+def test_a_rejoining_worker_is_not_restarted_on_one_missed_probe(checkpoint):
+    """The miss counter kept the dead process's misses through its restart: with probe_misses 3, the fresh worker
+    was restarted again at its first missed probe (a review), where a live device needs three in a row."""
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool, probe_misses=3)
+    _report(coordinator, _skewed(coordinator.shape, 9), passes=3)
+    coordinator.calibrate()
+    dead = 2
+    pool.kill(dead)
+    assert coordinator.check_workers() == [] and coordinator.check_workers() == []
+    assert coordinator.check_workers() == [dead] and coordinator._rejoin == {dead}  # lost at its third miss
+    generation, probe = pool._generation[dead], pool.probe
+    pool.probe = lambda timeout_s: [None if i == dead else info for i, info in enumerate(probe(timeout_s))]
+    coordinator.check_workers()  # the fresh worker misses one probe (busy, a CPU-starved host)
+    pool.probe = probe
+    assert pool._generation[dead] == generation and coordinator._rejoin == {dead}

@@ -238,6 +238,9 @@ def build_app(args: dict[str, Any] | None = None):
                          f"{checkpoint} was trained for (config.json's max_position_embeddings, with its RoPE "
                          "scaling): its output past them would be wrong")
     max_model_len = parsed.max_model_len or default_len
+    if parsed.kv_cache_bytes or not parsed.ingress_num_gpus:  # (a GPU ingress's budget: its free memory, at start)
+        _check_kv_budget(checkpoint, parsed.dtype, max_model_len, parsed.kv_block_size,
+                         parsed.kv_cache_bytes or EngineConfig.kv_cache_bytes)
     token = parsed.admin_token.get_secret_value() if parsed.admin_token else _env_token()
     settings = IngressSettings(
         checkpoint=checkpoint,
@@ -389,6 +392,27 @@ def _model_context(checkpoint: str) -> tuple[int, int]:
         return default, default
     base = int(rope.get("original_max_position_embeddings") or default) if kind == "yarn" else default
     return default, max(default, int(base * factor))
+
+
+def _check_kv_budget(checkpoint: str, dtype: str, max_model_len: int, block: int, budget: int) -> None:
+    """ValueError when `budget` bytes of KV cache cannot hold one sequence of `max_model_len`'s keys and values: each
+    ingress replica refused to start (the engine's own check), and `serve run` waited on an app that never came up
+    (a Serve review: kv_cache_bytes 1 MiB for the default model's 2 MiB). A lower bound of the engine's check (which
+    adds linear-attention states); a config transformers cannot read is left to it."""
+    from transformers import AutoConfig
+
+    from service.engine import kv_bytes_per_token
+    from service.model import DTYPES
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True).get_text_config()
+        need = kv_bytes_per_token(config, DTYPES[dtype]) * -(-max_model_len // block) * block
+    except Exception:  # noqa: BLE001 - the engine checks it at its start all the same
+        return
+    if need > budget:
+        raise ValueError(f"kv_cache_bytes {budget} cannot hold one sequence of max_model_len {max_model_len} ({need} "
+                         f"bytes of keys and values in {dtype}): give the app a larger kv_cache_bytes or a smaller "
+                         "max_model_len")
 
 
 def _batched_tokens(args: AppArgs) -> int:

@@ -14,11 +14,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import yaml
 
 IMPORT_PATH = "deploy.app:build_app"
+IMPORT_PATHS = (IMPORT_PATH, "deploy.app.build_app")  # (Serve takes the module and attribute either way)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,15 +44,19 @@ def check(path: Path | str) -> list[str]:
     """The names of the config's applications built with `build_app`; ValueError naming the file, the application
     and what is wrong at the first that cannot be built."""
     from deploy.app import build_app
+    from service.deployments import single_coordinator
 
     path, config = read_serve_config(path)
     built = []
     for index, application in enumerate(config["applications"]):
-        if not isinstance(application, dict) or application.get("import_path") != IMPORT_PATH:
+        if not isinstance(application, dict) or application.get("import_path") not in IMPORT_PATHS:
             continue
         name = application.get("name", f"#{index}")
         env_vars = (application.get("runtime_env") or {}).get("env_vars") or {}
         try:  # (os.environ as Ray sets a runtime_env's env_vars for the build, restored after)
+            for override in application.get("deployments") or []:
+                if isinstance(override, dict) and override.get("name") == "Coordinator":
+                    single_coordinator(SimpleNamespace(**override))
             with mock.patch.dict(os.environ, {str(k): str(v) for k, v in env_vars.items()}):
                 build_app(application.get("args") or {})
         except (ValueError, TypeError, OSError) as err:  # pydantic's ValidationError is a ValueError

@@ -49,6 +49,7 @@ class CoordinatorDeployment:
         self._foreign_at = 0.0  # when one last did (time.monotonic())
         self._first_report_at: float | None = None  # when any engine first reached this replica
         self._closing = threading.Event()
+        single_coordinator(_own_deployment_config())
         pool = RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name()))
         self.core = Coordinator(config, pool, shape)
         self.core.start()
@@ -162,6 +163,29 @@ def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:
         name = f"{name[:32]}-{hashlib.sha256(app.encode()).hexdigest()[:6]}"
     return dataclasses.replace(config, name_prefix=config.name_prefix.replace(APP_PLACEHOLDER, name),
                                family_prefix=(config.family_prefix or "").replace(APP_PLACEHOLDER, name) or None)
+
+
+def single_coordinator(config: Any) -> None:
+    """Refuse a Coordinator deployment config (a `deployments:` override in the serve config) that can run two at
+    once: more replicas, autoscaling, or a surge that keeps the old one serving through a redeploy. Two would adopt
+    the same named workers, each publish its own placements and drop the copies outside its own, and engines would
+    dispatch to experts no longer held (a Serve review). None (outside a replica) passes."""
+    if config is None:
+        return
+    replicas, autoscaling = getattr(config, "num_replicas", 1), getattr(config, "autoscaling_config", None)
+    surge = getattr(config, "max_surge_percent", 0) or 0
+    if replicas not in (1, None) or autoscaling is not None or surge > 0:
+        raise ValueError(f"the Coordinator deployment runs exactly one replica (num_replicas {replicas!r}, "
+                         f"autoscaling_config {'set' if autoscaling is not None else 'none'}, max_surge_percent "
+                         f"{surge}): override the OpenAIIngress deployment's, not the Coordinator's")
+
+
+def _own_deployment_config() -> Any:
+    """This replica's deployment config (Ray 2.60's ReplicaContext), or None outside a Serve replica."""
+    try:
+        return serve.get_replica_context()._deployment_config
+    except Exception:  # outside a Serve replica, or a Ray without it
+        return None
 
 
 def _serve_app_name() -> str:

@@ -51,3 +51,45 @@ def test_other_applications_and_files_that_are_not_configs(tmp_path):
         check.check(path)
     with pytest.raises(ValueError, match="cannot read the serve config"):
         check.check(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override", ["num_replicas: 2", "autoscaling_config: {min_replicas: 1, max_replicas: 2}",
+                                      "max_surge_percent: 100"])
+def test_an_override_that_runs_two_coordinators_is_refused(tmp_path, monkeypatch, override):
+    """A `deployments:` override of the Coordinator that can run two at once was applied by Serve: both adopted the
+    same workers, each dropped the copies outside its own placement, and engines dispatched to experts no longer
+    held (a Serve review). The ingress's overrides stay allowed."""
+    monkeypatch.delenv("VIBE_ADMIN_TOKEN", raising=False)
+    extra = f"    deployments:\n      - name: Coordinator\n        {override}\n"
+    with pytest.raises(ValueError, match="(?s)application .mine. cannot be built: the Coordinator deployment runs "
+                                         "exactly one replica"):
+        check.check(_config(tmp_path, "{}", extra))
+    ingress = "    deployments:\n      - name: OpenAIIngress\n        num_replicas: 2\n"
+    assert check.check(_config(tmp_path, "{}", ingress)) == ["mine"]
+
+
+def test_the_runtime_refuses_a_second_coordinator_from_its_deployment_config():
+    """The same rule on the replica's own deployment config (Ray's DeploymentConfig), for configs not checked."""
+    from ray.serve._private.config import DeploymentConfig
+
+    from service.deployments import single_coordinator
+
+    single_coordinator(DeploymentConfig(num_replicas=1))
+    single_coordinator(None)  # outside a replica
+    with pytest.raises(ValueError, match="runs exactly one replica"):
+        single_coordinator(DeploymentConfig(num_replicas=2))
+    with pytest.raises(ValueError, match="max_surge_percent 50"):
+        single_coordinator(DeploymentConfig(num_replicas=1, max_surge_percent=50))
+
+
+def test_a_kv_cache_that_cannot_hold_one_sequence_and_the_dotted_import_path(tmp_path, monkeypatch):
+    """kv_cache_bytes 1 MiB for the default model's 2 MiB sequence was built and checked: every ingress replica then
+    refused to start and `serve run` waited for good (a Serve review). `deploy.app.build_app`, which Serve takes as
+    well, was skipped by the check."""
+    monkeypatch.delenv("VIBE_ADMIN_TOKEN", raising=False)
+    with pytest.raises(ValueError, match=r"kv_cache_bytes 1048576 cannot hold one sequence of max_model_len 1024 "
+                                         r"\(2097152 bytes"):
+        check.check(_config(tmp_path, "{kv_cache_bytes: 1048576}"))
+    path = tmp_path / "dotted.yaml"
+    path.write_text("applications:\n  - name: dotted\n    import_path: deploy.app.build_app\n    args: {}\n")
+    assert check.check(path) == ["dotted"]

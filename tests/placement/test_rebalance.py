@@ -322,6 +322,7 @@ def test_evacuate_leaves_the_lost_devices_empty_within_the_budget(case, data):
     assert new.num_slots == placement.num_slots and not any(new.experts_on(d) for d in lost)
     for row in new.slot_device:
         assert np.all(np.bincount(row, minlength=placement.num_devices) <= budget)
-    for layer in range(new.num_layers):  # replicas of an expert on distinct devices
-        pairs = list(zip(new.phy2log[layer].tolist(), new.slot_device[layer].tolist()))
-        assert len(pairs) == len(set(pairs))
+    for layer in range(new.num_layers):  # replicas of an expert on distinct devices, unless they already shared one
+        pairs = Counter(zip(new.phy2log[layer].tolist(), new.slot_device[layer].tolist()))
+        before = Counter(zip(placement.phy2log[layer].tolist(), placement.slot_device[layer].tolist()))
+        assert all(count == 1 or count <= before[pair] for pair, count in pairs.items())  # (eplb may co-locate)

@@ -258,7 +258,9 @@ def test_an_import_that_ends_after_its_caller_gave_up_holds_nothing():
     assert worker.import_experts(source.export_experts([(0, 2)])) == [(0, 2)]  # no deadline: held
 
 
-def test_the_ray_pool_gives_each_copy_a_deadline_and_waits_for_its_grace():
+def test_the_ray_pool_gives_each_copy_a_deadline_and_waits_for_its_grace(monkeypatch):
+    import ray
+
     from service import worker_pool
 
     sent, waited = [], []
@@ -275,12 +277,13 @@ def test_the_ray_pool_gives_each_copy_a_deadline_and_waits_for_its_grace():
     pool = object.__new__(worker_pool.RayWorkerPool)
     pool.config = worker_pool.RayPoolConfig(call_timeout_s=45.0)
     pool._actors = [actor, actor]
-    pool._wait = lambda refs, devices, what, timeout_s=None: waited.append(timeout_s) or [[(0, 1)]]
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: waited.append((ref, timeout)) or [(0, 1)])
     before = time.time()
     assert pool.copy([(0, 1, [(0, 1)])]) == 1
     name, (ref, deadline) = sent[1]
     assert name == "import" and ref == "ref-1" and before + 45.0 <= deadline <= time.time() + 45.0
-    assert waited == [45.0 + worker_pool.LOAD_GRACE_S]
+    [(got, timeout)] = waited  # the import's answer, waited for the call's time and the grace
+    assert got == "ref-2" and 45.0 + worker_pool.LOAD_GRACE_S - 1.0 <= timeout <= 45.0 + worker_pool.LOAD_GRACE_S
 
 
 def test_a_late_load_leaves_the_copy_a_retry_stored_meanwhile(monkeypatch):

@@ -165,6 +165,17 @@ def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:
                                family_prefix=(config.family_prefix or "").replace(APP_PLACEHOLDER, name) or None)
 
 
+def answer(response: Any, timeout_s: float = 10.0) -> Any:
+    """A coordinator call's answer within `timeout_s`, the call cancelled when late: Serve kept a late one queued, and
+    those a replica sent while no coordinator was up (a redeploy, a restart: minutes) all reached the new one
+    together, with stale versions (a Serve review)."""
+    try:
+        return response.result(timeout_s=timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise
+
+
 def single_coordinator(config: Any) -> None:
     """Refuse a Coordinator deployment config (a `deployments:` override in the serve config) that can run two at
     once: more replicas, autoscaling, or a surge that keeps the old one serving through a redeploy. Two would adopt
@@ -325,7 +336,7 @@ class IngressDeployment:
         engine_id = self.engine_id = f"ingress-{uuid.uuid4().hex[:8]}"
         self._serving_metrics = None  # the app's ServingMetrics, once Serve built the app
         self.sync = PlacementSync(engine_id, self.context,
-                                  lambda report: coordinator.report.remote(report).result(timeout_s=10),
+                                  lambda report: answer(coordinator.report.remote(report)),
                                   node_id=node_id, interval_s=settings.sync_interval_s,
                                   data_plane_timeout_s=settings.data_plane_timeout_s, workers_id=settings.workers_id)
         # Synced once before the replica serves: the placement it bootstrapped on may be gone by now (a migration
@@ -370,10 +381,10 @@ class IngressDeployment:
         in exchange), off the request path."""
         while not self._stopping.wait(METRICS_REFRESH_S):
             try:
-                self.placement_metrics.refresh(self.coordinator.metrics_summary.remote().result(timeout_s=10))
+                self.placement_metrics.refresh(answer(self.coordinator.metrics_summary.remote()))
                 if self._serving_metrics is not None:
-                    self._serving_metrics.set_peers(self.coordinator.serving_metrics.remote(
-                        self.engine_id, self._serving_metrics.snapshot()).result(timeout_s=10))
+                    self._serving_metrics.set_peers(answer(self.coordinator.serving_metrics.remote(
+                        self.engine_id, self._serving_metrics.snapshot())))
             except Exception as exc:  # the coordinator may be restarting; /metrics shows the last summary
                 log.debug("metrics refresh failed: %s", exc)
 

@@ -245,3 +245,28 @@ def test_a_closing_coordinator_stops_waiting_and_leaves_the_workers_to_its_shutd
     retired = []
     shell._retire_strays_when_drained(type("Pool", (), {"retire_strays": lambda self: retired.append(1)})())
     assert retired == []
+
+
+def test_a_late_coordinator_call_is_cancelled():
+    """A report or metrics call that timed out stayed queued in Serve: those sent while no coordinator was up all
+    reached the new one together, with stale versions (a Serve review). A late one is cancelled; others answer."""
+    from service.deployments import answer
+
+    class Response:
+        def __init__(self, late: bool) -> None:
+            self.late, self.cancelled, self.waited = late, False, None
+
+        def result(self, timeout_s=None):
+            self.waited = timeout_s
+            if self.late:
+                raise TimeoutError("Timed out resolving to ObjectRef.")
+            return "answer"
+
+        def cancel(self):
+            self.cancelled = True
+
+    late, prompt = Response(late=True), Response(late=False)
+    with pytest.raises(TimeoutError):
+        answer(late)
+    assert late.cancelled and late.waited == 10.0
+    assert answer(prompt) == "answer" and not prompt.cancelled

@@ -401,12 +401,12 @@ def _check_kv_budget(checkpoint: str, dtype: str, max_model_len: int, block: int
     adds linear-attention states); a config transformers cannot read is left to it."""
     from transformers import AutoConfig
 
-    from service.engine import kv_bytes_per_token
+    from service.engine import kv_blocks_bytes
     from service.model import DTYPES
 
     try:
         config = AutoConfig.from_pretrained(checkpoint, local_files_only=True).get_text_config()
-        need = kv_bytes_per_token(config, DTYPES[dtype]) * -(-max_model_len // block) * block
+        need = kv_blocks_bytes(config, DTYPES[dtype], max_model_len, block)
     except Exception:  # noqa: BLE001 - the engine checks it at its start all the same
         return
     if need > budget:

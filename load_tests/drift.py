@@ -238,10 +238,10 @@ def verdicts(result: dict) -> dict[str, dict]:
     `win` or `loss` when its attainment differs significantly (Fisher's exact test on the requests within and
     beyond the SLO, p < SIGNIFICANCE), else when its TTFTs do (Mann-Whitney U over the after-switch requests, a
     failed one as an infinite TTFT, the direction the test's; a win also needs a P90 TPOT no higher, a shorter TTFT
-    bought with a longer TPOT being no win, and an attainment no lower), else `within noise` (`adaptive_wins`: a win). Also the adaptive app's
-    recalibrations from the switch on: those it judged and those it applied (`..._whole_run`: all that started
-    during the measured trace; the generator leaves out those before it, such as the startup calibration and the
-    warm-up's). A scenario whose scheduled event failed in either app (the device was never throttled) is no win,
+    bought with a longer TPOT being no win, and an attainment no lower), else `within noise` (`adaptive_wins`: a
+    win). Also the adaptive app's recalibrations from the switch on: those it judged and those it applied
+    (`..._whole_run`: all that started during the measured trace; the generator leaves out those before it, such as
+    the startup calibration and the warm-up's). A scenario whose scheduled event failed in either app (the device was never throttled) is no win,
     its `failed_events` saying which."""
     from scipy.stats import fisher_exact, mannwhitneyu
 
@@ -267,8 +267,8 @@ def verdicts(result: dict) -> dict[str, dict]:
             faster = test.statistic < len(ttfts["adaptive"]) * len(ttfts["static"]) / 2
             tpot = {m: a["tpot_p90_ms"] or float("inf") for m, a in after.items()}
             if ttft_p < SIGNIFICANCE and faster:
-                if tpot["adaptive"] <= tpot["static"] and met["adaptive"] / after["adaptive"]["requests"] >= \
-                        met["static"] / after["static"]["requests"]:
+                no_worse = after["adaptive"]["attainment"] >= after["static"]["attainment"]
+                if tpot["adaptive"] <= tpot["static"] and no_worse:
                     verdict = "win"
             elif ttft_p < SIGNIFICANCE:
                 verdict = "loss"

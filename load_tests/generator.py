@@ -289,10 +289,11 @@ async def _send_at(client: openai.AsyncOpenAI, config: ClientConfig, spec: Reque
 
 async def send_request(client: openai.AsyncOpenAI, config: ClientConfig, spec: RequestSpec,
                        start: float, arrival: float | None = None) -> RequestResult:
-    """One streamed chat completion, timed from its scheduled `arrival` (time.monotonic(); None: from now); failures are recorded, never raised (any exception, as
-    vLLM's benchmark_serving counts it: one malformed SSE chunk raising json.JSONDecodeError made run_trace raise
-    and lose every result of the run, an audit). The whole request is bounded by `config.request_timeout_s` (the
-    client's own timeout bounds each read only: a stream that keeps sending ran past it)."""
+    """One streamed chat completion, timed from its scheduled `arrival` (time.monotonic(); None: from now); failures
+    are recorded, never raised (any exception, as vLLM's benchmark_serving counts it: one malformed SSE chunk raising
+    json.JSONDecodeError made run_trace raise and lose every result of the run, an audit). The whole request is
+    bounded by `config.request_timeout_s` (the client's own timeout bounds each read only: a stream that keeps
+    sending ran past it)."""
     sent = time.monotonic()
     origin = sent if arrival is None else min(arrival, sent)
     first = None

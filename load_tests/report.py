@@ -357,7 +357,9 @@ def _drift(drift: dict) -> str:
 def _drift_verdict(v: dict) -> str:
     """yes / no (within noise) / no (loss), with the test that decided it."""
     said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)"}[v["verdict"]]
-    tests = [f"attainment p={v['attainment_p']:.2f}"] + ([f"TTFT p={v['ttft_p']:.2f}"] if v["ttft_p"] is not None else [])
+    tests = [f"attainment p={v['attainment_p']:.2f}"]
+    if v["ttft_p"] is not None:
+        tests.append(f"TTFT p={v['ttft_p']:.2f}")
     return f"{said}; {', '.join(tests)}"
 
 

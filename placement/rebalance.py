@@ -386,7 +386,7 @@ def _evacuate_layer(expert: np.ndarray, device: np.ndarray, share: np.ndarray, l
         open_ = room & ~holds[expert[slot]]
         times = np.bincount(device[placed], weights=(calls * latency_on(per_call, device, params))[placed],
                             minlength=num_devices)
-        cost = calls[slot] * latency_on(np.full(num_devices, per_call[slot]), np.arange(num_devices), params)
+        cost = calls[slot] * latency_matrix(per_call[slot], params)  # [G]: its seconds on each device
         dst = int(np.flatnonzero(open_)[np.argmin((times + cost)[open_])])
         device[slot], placed[slot] = dst, True
         holds[expert[slot], dst] = True

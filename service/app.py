@@ -435,7 +435,7 @@ class _Server:
         except InvalidGrammar as exc:  # name the parameter the grammar came from (the compile cannot say)
             raise APIError(400, str(exc), param=body.grammar_source[1]) from None
         except EngineError as exc:
-            timer.finish(_failed(exc), fmt.prompt_tokens)
+            timer.finish(_failure_status(exc), fmt.prompt_tokens)
             raise
         fmt.cached_tokens = sum(out.num_cached_tokens for out in firsts[::n])  # choices share a prompt's cache
         timer.on_cached(fmt.cached_tokens)
@@ -566,7 +566,7 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
         async for index, out in outputs:
             outs[index].append(out)
     except EngineError as exc:
-        timer.finish(_failed(exc), fmt.prompt_tokens)
+        timer.finish(_failure_status(exc), fmt.prompt_tokens)
         raise
     finally:
         await outputs.aclose()
@@ -601,7 +601,7 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
         for chunk in fmt.end_chunks(lasts, include_usage):
             yield fmt.sse(chunk)
     except EngineError as exc:
-        timer.finish(_failed(exc), fmt.prompt_tokens)
+        timer.finish(_failure_status(exc), fmt.prompt_tokens)
         for chunk in fmt.error_chunks(exc):
             yield fmt.sse(chunk)
     finally:
@@ -611,7 +611,7 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
         yield fmt.done
 
 
-def _failed(exc: EngineError) -> str:
+def _failure_status(exc: EngineError) -> str:
     """The status a request that ended in `exc` is counted under: `timeout` for one cut at request_timeout_s (a
     client that stopped reading, an overload: counted as engine errors, they fired the engine-errors alert),
     `error` for the engine's own failures."""

@@ -393,13 +393,11 @@ class Coordinator:
             models = dict(enumerate(self._profiled))
             for device, sample in zip(devices, samples):
                 old, models[device] = models.get(device), pl.DeviceModel.fit(sample.tokens, sample.seconds)
-                # the new curve's time over the old one's: geometric mean over the profiled token counts
-                before, after = (np.zeros(1) if old is None else old.latency(tokens)), models[device].latency(tokens)
-                timed = (before > 0) & (after > 0)
-                if device in self._unprofiled or not timed.any():  # (a stand-in never was what a plan was made with)
+                change = None if old is None or device in self._unprofiled else _time_ratio(old, models[device], tokens)
+                if change is None:  # (a stand-in never was what a plan was made with)
                     self._devices.reset(device)
                 else:
-                    self._devices.reprofiled(device, float(np.exp(np.mean(np.log(after[timed] / before[timed])))))
+                    self._devices.reprofiled(device, change)
             self._unprofiled -= set(devices)
             known = [m for d, m in models.items() if d not in self._unprofiled]
             slowest = max(known, key=lambda m: float(m.latency(max(self.config.profile_token_counts))))
@@ -779,8 +777,11 @@ class Coordinator:
             known = list(self._workers)
         self._misses = [misses + 1 if info is None else 0 for misses, info in zip(self._misses, infos)]
         misses = [1 if d in suspects else self.config.probe_misses for d in range(len(infos))]
-        lost = [d for d, info in enumerate(infos) if d not in self._lost and (
-            self._misses[d] >= misses[d] if info is None else _identity(info) != _identity(known[d]))]
+
+        def gone(d: int) -> bool:  # missed its probes in a row, or answered as another process than the one known
+            return self._misses[d] >= misses[d] if infos[d] is None else _identity(infos[d]) != _identity(known[d])
+
+        lost = [d for d in range(len(infos)) if d not in self._lost and gone(d)]
         # A suspect that answers its control probe may still not compute (a hung GPU): call its data plane.
         lost += [d for d in sorted(suspects) if d not in lost and d not in self._lost and infos[d] is not None
                  and not self._computes(d, infos[d])]
@@ -795,9 +796,7 @@ class Coordinator:
             return lost
         with self._lock:  # restarted, waiting to rejoin, but dead (or replaced) again: restarted again, not readmitted
             # (readmission retried a re-plan onto it every health interval, each one rolled back, for good)
-            again = sorted(d for d in self._rejoin - set(lost) if (
-                self._misses[d] >= self.config.probe_misses if infos[d] is None
-                else _identity(infos[d]) != _identity(self._workers[d])))
+            again = sorted(d for d in self._rejoin - set(lost) if gone(d))
             self._rejoin -= set(again)
         if again:
             log.warning("restarted devices %s died before they rejoined: restarting them again", again)
@@ -1045,15 +1044,16 @@ class Coordinator:
             result = {"status": "failed", "failed_devices": list(getattr(exc, "devices", ()))}
         # a rejoining device that failed its profiling or a copy to it (a hung worker: each try waited minutes for
         # it) is restarted again by the next probe instead of retried as it is
-        failed = back & set(result.get("failed_devices", ()))
+        readmitted = result["status"] in ("applied", "no_change")  # (no_change: the plan gives them no slots)
+        failed = set() if readmitted else back & set(result.get("failed_devices", ()))
         with self._lock:
-            if result["status"] in ("applied", "no_change"):  # (no_change: the plan gives them no slots)
+            if readmitted:
                 self._rejoin -= back
             else:
                 self._lost |= back
                 self._rejoin -= failed
                 self._readmit_after = self._clock() + self.config.health_interval_s
-        if failed and result["status"] not in ("applied", "no_change"):
+        if failed:
             log.warning("rejoining devices %s failed: restarting them again", sorted(failed))
 
     # --- background loop ---------------------------------------------------------------------------
@@ -1255,6 +1255,13 @@ class Coordinator:
     @staticmethod
     def _keys_per_device(placement: pl.Placement) -> dict[int, list[tuple[int, int]]]:
         return {d: sorted(placement.experts_on(d)) for d in range(placement.num_devices)}
+
+
+def _time_ratio(old: pl.DeviceModel, new: pl.DeviceModel, tokens: np.ndarray) -> float | None:
+    """`new`'s time over `old`'s, their geometric mean over `tokens` where both take time (None where neither does)."""
+    before, after = old.latency(tokens), new.latency(tokens)
+    timed = (before > 0) & (after > 0)
+    return float(np.exp(np.mean(np.log(after[timed] / before[timed])))) if timed.any() else None
 
 
 def _identity(info: WorkerInfo) -> tuple:

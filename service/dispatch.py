@@ -369,8 +369,8 @@ class DispatchContext:
 
     def _failed(self, device: int, layer: int, exc: Exception) -> DispatchError:
         """The error of a device's failed call; the device is reported (`drain_report`) when it cannot be reached
-        or answered with an error (a GPU after a sticky CUDA error answers every call so) or out of protocol: the coordinator's
-        one-token probe then tells a broken device from a passing failure."""
+        or answered with an error (a GPU after a sticky CUDA error answers every call so) or out of protocol: the
+        coordinator's one-token probe then tells a broken device from a passing failure."""
         if isinstance(exc, WorkerUnavailable | WorkerError | ProtocolError):
             with self._lock:
                 self._unreachable.add(device)

@@ -1002,6 +1002,12 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return per_token
 
 
+def kv_blocks_bytes(config, dtype: torch.dtype, max_model_len: int, block: int) -> int:
+    """KV cache bytes of the blocks one sequence of `max_model_len` tokens takes (whole blocks of `block` positions);
+    without its linear-attention states."""
+    return kv_bytes_per_token(config, dtype) * block * -(-max_model_len // block)
+
+
 def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
     """A paged KV cache of as many blocks as ``kv_cache_bytes`` holds once the slots' linear-attention states and
     their snapshots are paid for; without prefix caching (or with linear-attention states), no more than
@@ -1043,7 +1049,7 @@ def _make_cache(model: PreTrainedModel, config: EngineConfig) -> KVCache:
         num_slots += min(config.max_cached_sequences or CACHED_SEQUENCES_PER_SEQ * config.max_num_seqs, num_blocks)
     if num_slots < 1 or num_blocks < full_blocks:
         snapshots = f" after {num_snapshots} state snapshots (prefix_state_memory)" if num_snapshots else ""
-        one = full_blocks * per_block + states
+        one = kv_blocks_bytes(mc, model.dtype, config.max_model_len, block) + states
         raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} cannot hold one sequence of max_model_len "
                          f"{config.max_model_len} ({one} bytes){snapshots}: give the app a larger "
                          f"kv_cache_bytes or a smaller max_model_len")

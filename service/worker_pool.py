@@ -177,7 +177,8 @@ class RayWorkerPool:
         self._infos = infos
         if errors:
             raise WorkerStartError(f"{len(errors)} of {self.num_devices} workers did not start: " + "; ".join(
-                f"device {d}: {self._why_not_up(d, error)}" for d, error in errors.items()), list(errors), infos)
+                f"device {d}: {self._why_not_up(d, error_text(error))}" for d, error in errors.items()), list(errors),
+                infos)
         return list(self._infos)
 
     def _why_not_up(self, device: int, error: str) -> str:
@@ -401,23 +402,20 @@ class RayWorkerPool:
         for src, dst, keys in transfers:
             exports.append(self._actors[src].export_experts.remote(list(keys)))
             imports.append(self._actors[dst].import_experts.remote(exports[-1], deadline))
-        confirmed, blamed = 0, {}
-        until = time.monotonic() + self.config.call_timeout_s + LOAD_GRACE_S
-        for (src, dst, _), exported, ref in zip(transfers, exports, imports):
-            try:
-                confirmed += len(ray.get(ref, timeout=max(until - time.monotonic(), 0.01)))
-            except Exception as exc:  # the source's when its export failed or never ended (a copy named only its
-                # destination: a dead source had the healthy destination restarted)
-                # (a call to an actor already dead fails at once, its argument not yet computed: that is the
-                # destination's, as is any other error once the export ended)
-                source = _ARGUMENT_FAILED in str(exc) or (isinstance(exc, ray.exceptions.GetTimeoutError)
-                                                          and not ray.wait([exported], timeout=0)[0])
-                blamed.setdefault(src if source else dst, []).append(
-                    f"{f'export_experts on device {src}' if source else 'import_experts'}: {error_text(exc)}")
+        confirmed, errors = self._gather(imports, list(range(len(imports))), self.config.call_timeout_s + LOAD_GRACE_S)
+        blamed: dict[int, list[str]] = {}
+        for i, exc in errors.items():  # the source's when its export failed or never ended (a copy named only its
+            # destination: a dead source had the healthy destination restarted); a call to an actor already dead
+            # fails at once, its argument not yet computed: that is the destination's, as is any other error
+            src, dst, _ = transfers[i]
+            source = _ARGUMENT_FAILED in str(exc) or (isinstance(exc, ray.exceptions.GetTimeoutError)
+                                                      and not ray.wait([exports[i]], timeout=0)[0])
+            blamed.setdefault(src if source else dst, []).append(
+                f"{f'export_experts on device {src}' if source else 'import_experts'}: {error_text(exc)}")
         if blamed:
             raise WorkerCallError("copy failed on " + "; ".join(f"device {d}: {' / '.join(e)}"
                                                               for d, e in blamed.items()), list(blamed))
-        return confirmed
+        return sum(len(c) for c in confirmed)
 
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None:
         self._on(keys, lambda a, k: a.drop_experts.remote(list(k)), "drop_experts")
@@ -485,8 +483,8 @@ class RayWorkerPool:
     def _wait(self, refs: list, devices: list[int], what: str, timeout_s: float | None = None) -> list[Any]:
         results, errors = self._gather(refs, devices, timeout_s)
         if errors:
-            raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {e}" for d, e in errors.items()),
-                                  list(errors))
+            raise WorkerCallError(f"{what} failed on " + "; ".join(f"device {d}: {error_text(e)}"
+                                                                  for d, e in errors.items()), list(errors))
         return results
 
     def _answers(self, devices: Sequence[int], call: Callable, timeout_s: float) -> dict[int, Any]:
@@ -495,9 +493,10 @@ class RayWorkerPool:
         results, errors = self._gather([call(self._actors[d]) for d in devices], devices, timeout_s)
         return {d: r for d, r in zip(devices, results) if d not in errors}
 
-    def _gather(self, refs: list, devices: list[int], timeout_s: float | None = None) -> tuple[list[Any], dict[int, str]]:
-        """The results of `refs` (None where one failed), and the error of each device whose call failed or
-        did not answer within ``timeout_s`` (call_timeout_s by default; all calls together)."""
+    def _gather(self, refs: list, devices: list[int],
+                timeout_s: float | None = None) -> tuple[list[Any], dict[int, Exception]]:
+        """The results of `refs` (None where one failed), and what each device's call raised that failed or did not
+        answer within ``timeout_s`` (call_timeout_s by default; all calls together)."""
         import ray
 
         results, errors = [], {}
@@ -506,7 +505,7 @@ class RayWorkerPool:
             try:
                 results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01)))
             except Exception as exc:
-                errors[device] = error_text(exc)
+                errors[device] = exc
                 results.append(None)
         return results, errors
 

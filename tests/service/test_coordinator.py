@@ -59,6 +59,16 @@ def _report(coordinator: Coordinator, counts: np.ndarray, *, engine: str = "e0",
     return coordinator.report(EngineReport(engine, version, np.repeat(counts[None], passes, 0), tuple(samples)))
 
 
+def _calibrate(coordinator: Coordinator, seed: int) -> np.ndarray:
+    """Calibrate `coordinator` on skewed counts (returned), its engine acknowledging, the old copies dropped."""
+    counts = _skewed(coordinator.shape, seed)
+    _report(coordinator, counts, passes=30)
+    coordinator.calibrate()
+    _report(coordinator, counts)
+    coordinator._finish_drops(wait=True)
+    return counts
+
+
 def test_start_places_and_loads_every_expert_once(checkpoint):
     coordinator = _coordinator(checkpoint)
     assert coordinator.placement.version == 1
@@ -818,11 +828,7 @@ def test_losing_a_device_copies_its_experts_not_everyones(checkpoint):
     device fail and are retried, and each survivor holding old and new copies until the drop (a review)."""
     pool = _pool(checkpoint)
     coordinator = _coordinator(checkpoint, pool)
-    counts = _skewed(coordinator.shape, 9)
-    _report(coordinator, counts, passes=30)
-    coordinator.calibrate()
-    _report(coordinator, counts, version=coordinator.placement.version)
-    coordinator._finish_drops(wait=True)
+    _calibrate(coordinator, 9)
     dead, before = 2, coordinator.placement
     pool.kill(dead)
     assert coordinator.check_workers() == [dead]

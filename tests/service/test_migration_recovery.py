@@ -21,6 +21,7 @@ from service.placement_sync import PlacementSync, worker_channels
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
 from service.worker_pool import LocalWorkerPool, WorkerCallError, WorkerStartError
+from tests.service.test_coordinator import _calibrate, _skewed
 from tests.tiny_models import save_tiny_model
 
 SPEEDS = (1.0, 1.0, 1.0, 0.7)
@@ -50,25 +51,10 @@ def _coordinator(checkpoint: str, pool: LocalWorkerPool, clock=None, **overrides
     return coordinator
 
 
-def _skewed(shape: ModelShape, seed: int, tokens: int = 400) -> np.ndarray:
-    weights = np.random.default_rng(seed).pareto(1.5, (shape.num_layers, shape.num_experts)) + 0.05
-    return np.round(weights / weights.sum(1, keepdims=True) * tokens)
-
-
 def _report(coordinator: Coordinator, counts: np.ndarray, *, engine: str = "e0", version: int | None = None,
             passes: int = 1, epoch: int = -1):
     version = coordinator.placement.version if version is None else version
     return coordinator.report(EngineReport(engine, version, np.repeat(counts[None], passes, 0), (), epoch))
-
-
-def _calibrate(coordinator: Coordinator, seed: int) -> np.ndarray:
-    """Calibrate `coordinator` on skewed counts (returned), its engine acknowledging, the old copies dropped."""
-    counts = _skewed(coordinator.shape, seed)
-    _report(coordinator, counts, passes=30)
-    coordinator.calibrate()
-    _report(coordinator, counts)
-    coordinator._finish_drops(wait=True)
-    return counts
 
 
 def _every_expert_step(context: DispatchContext, shape: ModelShape, hidden_size: int) -> None:

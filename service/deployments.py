@@ -39,10 +39,17 @@ APP_PLACEHOLDER = "{app}"  # in worker names: the Serve application's name (see 
 class CoordinatorDeployment:
     """The app's one coordinator (a single replica). Sync methods run in Serve's thread pool."""
 
-    def __init__(self, config: CoordinatorConfig, worker_configs: list, pool_config: RayPoolConfig,
-                 shape: ModelShape, drain_s: float = 0.0) -> None:
+    async def __init__(self, config: CoordinatorConfig, worker_configs: list, pool_config: RayPoolConfig,
+                       shape: ModelShape, drain_s: float = 0.0) -> None:
         """`drain_s`: how long the app's ingress replicas drain their requests when stopped (their
-        graceful_shutdown_timeout_s): a deleted app's workers wait that long for them."""
+        graceful_shutdown_timeout_s): a deleted app's workers wait that long for them.
+
+        The start (workers created, profiled, their experts loaded: minutes for a large model) runs in a thread, so
+        Serve can run `__del__` meanwhile: a constructor that held the replica's loop kept its destructor waiting,
+        and Serve force-kills a replica at graceful_shutdown_timeout_s, so an app deleted while its coordinator
+        started left the new detached workers running, holding their devices, until another deploy of its name. A
+        start that fails kills the workers it created (`RayWorkerPool.abandon_start`): an app that ended
+        DEPLOY_FAILED left them running too."""
         self._drain_s = drain_s
         self._workers_id = pool_config.name_prefix  # (what the app's ingress replicas of this configuration report)
         self._foreign: set[str] = set()  # engines of another worker configuration that reported here
@@ -52,7 +59,12 @@ class CoordinatorDeployment:
         single_coordinator(_own_deployment_config())
         pool = RayWorkerPool(worker_configs, for_app(pool_config, _serve_app_name()))
         self.core = Coordinator(config, pool, shape)
-        self.core.start()
+        try:
+            await asyncio.to_thread(self.core.start)
+        except BaseException:
+            self.core.stop()
+            await asyncio.to_thread(pool.abandon_start)
+            raise
         if pool.strays:  # an earlier configuration's workers, kept for its ingress replicas still draining
             threading.Thread(target=self._retire_strays_when_drained, args=(pool,), name="retire-strays",
                              daemon=True).start()
@@ -97,6 +109,14 @@ class CoordinatorDeployment:
                 log.info("retiring the earlier configuration's workers: its ingress replicas drained")
                 pool.retire_strays()
                 return
+
+    def worker_family(self) -> str:
+        """The prefix of the names of this app's expert workers, under any configuration (`deploy.cleanup` kills the
+        workers no app claims)."""
+        family = self.core.pool.config.family_prefix
+        if not family:  # (deploy.app always sets one; without it this app's workers could not be told apart)
+            raise RuntimeError("this coordinator's workers have no family prefix")
+        return family
 
     def calibrate(self) -> dict[str, Any]:
         return self.core.calibrate()
@@ -145,10 +165,15 @@ class CoordinatorDeployment:
         # drained (another one: `_retire_strays_when_drained`); they were killed whenever the
         # app was not DEPLOYING, so a coordinator found unhealthy took every worker and expert with it. A
         # crashed coordinator never gets here: its detached workers survive and the restarted one adopts them.
-        self._closing.set()
-        self.core.stop()
+        # Serve runs this during a start still in progress too (the app deleted meanwhile): the pool's shutdown then
+        # kills the workers created so far and refuses the rest, and the start fails.
+        closing, core = getattr(self, "_closing", None), getattr(self, "core", None)
+        if closing is None or core is None:  # (nothing started yet)
+            return
+        closing.set()
+        core.stop()
         if _app_going_away(self._drain_s):
-            self.core.pool.shutdown()  # (the earlier configuration's workers kept, if any, too)
+            core.pool.shutdown()  # (the earlier configuration's workers kept, if any, too)
 
 
 def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:

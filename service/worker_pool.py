@@ -160,6 +160,13 @@ class RayWorkerPool:
         self._replacing: dict[int, Any] = {}  # device: first call of a replacement still waiting for a node
         self.strays: dict[str, Any] = {}  # an earlier configuration's workers kept at start (`keep_strays`), by name
         self._strays_lock = threading.Lock()  # (retired by the coordinator's thread, or by its shutdown)
+        # Every worker actor this pool created or adopted, by name (the latest of each name), and whether it is shut
+        # down: creations and the shutdown take `_lifecycle_lock`, so a shutdown while `start` runs (an app deleted
+        # while its coordinator starts) kills what that start created too, and nothing is created after it.
+        self._handles: dict[str, Any] = {}
+        self._adopted: set[str] = set()  # names of the workers that ran before `start` (another coordinator's)
+        self._closed = False
+        self._lifecycle_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -170,7 +177,12 @@ class RayWorkerPool:
         view of the actor), with the infos of those that did. A worker that keeps dying while it starts is
         killed rather than left crash-looping (Ray restarts actors without end); one that cannot be placed
         is left pending, for resources that may yet come (an autoscaler adds nodes for it)."""
-        self._collect_strays()
+        import ray
+
+        running = {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                   if entry["namespace"] == self.config.namespace}
+        self._adopted = {self._name(i) for i in range(self.num_devices)} & running
+        self._collect_strays(running)
         self._actors = [self._create(i) for i in range(self.num_devices)]
         refs = [a.info.remote() for a in self._actors]
         infos, errors = self._gather(refs, list(range(self.num_devices)))
@@ -239,6 +251,8 @@ class RayWorkerPool:
         return f"{self.config.name_prefix}-{index}"
 
     def _create(self, index: int):
+        """Worker `index`'s actor: a new one, or the one running under its name (adopted). Refused once the pool is
+        shut down (WorkerCallError)."""
         from service.worker_actor import ExpertWorkerActor
 
         options: dict[str, Any] = {
@@ -253,33 +267,35 @@ class RayWorkerPool:
         }
         if self.config.detached:
             options["lifetime"] = "detached"
-        return ExpertWorkerActor.options(**options).remote(self.worker_configs[index])
+        with self._lifecycle_lock:
+            if self._closed:
+                raise WorkerCallError(f"worker {index} not created: the pool is shut down (its app is going away)",
+                                      [index])
+            actor = ExpertWorkerActor.options(**options).remote(self.worker_configs[index])
+            self._handles[options["name"]] = actor
+        return actor
 
     def infos(self) -> list[WorkerInfo]:
         return list(self._infos)
 
-    def _collect_strays(self) -> None:
+    def _collect_strays(self, running: set[str]) -> None:
         """Kill workers an earlier configuration of this app left behind (e.g. before a redeploy), or, with
         `keep_strays` and room for the new workers beside them, keep them in `strays`: the earlier configuration's
         ingress replicas, draining their requests through a redeploy, still dispatch to them (killed at once,
-        every request they held failed)."""
+        every request they held failed). `running`: the named actors of the pool's namespace."""
         import ray
 
         if not self.config.family_prefix:
             return
-        strays, running, mine = {}, 0, {self._name(index) for index in range(self.num_devices)}
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            name = entry["name"]
-            if entry["namespace"] != self.config.namespace:
-                continue
+        strays = {}
+        for name in running:
             if is_stray(name, self.config):
                 with contextlib.suppress(Exception):  # gone meanwhile
                     strays[name] = ray.get_actor(name, namespace=self.config.namespace)
-            running += name in mine
         if not strays:
             return
         if self.config.keep_strays:  # (room for the workers to create: a restarted coordinator adopts the others)
-            wants, free, new = self._wants(), ray.available_resources(), self.num_devices - running
+            wants, free, new = self._wants(), ray.available_resources(), self.num_devices - len(self._adopted)
             if all(free.get(k, 0) >= v * new for k, v in wants.items()):
                 self.strays.update(strays)
                 log.info("kept %d worker(s) of an earlier configuration while its requests drain: %s", len(strays),
@@ -352,8 +368,25 @@ class RayWorkerPool:
         return info
 
     def shutdown(self) -> None:
-        self._stop([*self._actors, *self._take_strays()])  # (one shutdown wait for both)
-        self._actors = []
+        """Kill every worker (and the earlier configuration's kept ones); none is created after."""
+        self._stop([*self._take(), *self._take_strays()])  # (one shutdown wait for both)
+
+    def abandon_start(self) -> None:
+        """After a failed start: kill the workers this pool created, none created after. Those that ran before it
+        (adopted: ingress replicas may still serve on them) and the earlier configuration's kept ones stay. A failed
+        coordinator start left its new workers running, detached, holding their devices: an app that ended
+        DEPLOY_FAILED kept them until another deploy of its name."""
+        self._stop(self._take(keep=self._adopted))
+
+    def _take(self, keep: set[str] = frozenset()) -> list[Any]:
+        """Refuse creations from now on; the workers created or adopted so far but those named in `keep`, each
+        taken once (to kill: a shutdown after `abandon_start` kills the adopted ones)."""
+        with self._lifecycle_lock:
+            self._closed = True
+            taken = {name: actor for name, actor in self._handles.items() if name not in keep}
+            for name in taken:
+                del self._handles[name]
+        return list(taken.values())
 
     def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
         """Kill `actors` for good, each after asking it to shut down (close its data plane and remove its

@@ -138,3 +138,33 @@ def test_a_coordinator_replaced_while_its_app_stays_keeps_the_workers(base_url, 
     serve.delete("staying")
     record = _wait_for(lambda: _record(tmp_path, "v2"), "record of the deleted app's coordinator's __del__")
     assert record["returned"] is True and record["ingress_alive"] == []
+
+
+def _workers(app: str) -> list[str]:
+    """The expert workers of app `app` alive now, by name."""
+    return sorted(entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                  if entry["name"].startswith(f"vibe-worker-{app}-"))
+
+
+def test_an_app_deleted_while_its_coordinator_starts_takes_the_new_workers_with_it(base_url):
+    """The real coordinator (its start in a thread) of a real app: deleted while it profiles its workers, its
+    `__del__` runs then and the workers it created go. Its constructor held the replica's loop, so `__del__` waited for
+    the start, and Serve force-kills a replica at its graceful_shutdown_timeout_s (here 8 s, well within the start:
+    the profile alone is 45 emulated calls of at least 0.3 s per worker): the new detached workers stayed, holding
+    their devices, until another deploy of the app's name (a Serve review)."""
+    from ray.serve import Application
+
+    from deploy.app import build_app
+    from deploy.cleanup import cleanup
+
+    args = {"num_devices": 2, "speeds": [1.0, 1.0], "app_name": "slow-start", "profile_prompts": None,
+            "emulation": {"fixed_s": 0.3, "jitter": 0.0, "throttle_floor": 1.0}}
+    coordinator = build_app(args)._bound_deployment.init_args[0]._bound_deployment  # (the ingress's argument)
+    serve._run(Application(coordinator.options(graceful_shutdown_timeout_s=8)), _blocking=False, name="slow-start",
+               route_prefix=None)
+    created = _wait_for(lambda: _workers("slow-start"), "expert worker of the starting app")
+    assert serve.status().applications["slow-start"].status == "DEPLOYING"
+    # (`deploy.cleanup` meanwhile: the starting coordinator cannot say which workers are its app's; nothing is killed)
+    assert cleanup(timeout_s=1.0) == 1 and set(created) <= set(_workers("slow-start"))
+    serve.delete("slow-start")
+    _wait_for(lambda: not _workers("slow-start"), f"end of the workers {created} (killed with the app)", timeout_s=30)

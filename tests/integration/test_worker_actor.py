@@ -156,6 +156,42 @@ def test_pool_removes_socket_folders_at_restart_retirement_and_shutdown(actors):
     assert not [folder for folder in folders if folder.exists()]
 
 
+def test_a_failed_start_kills_the_workers_it_created_and_keeps_those_it_adopted(actors):
+    """`abandon_start` (a coordinator whose start failed): the workers its pool created go, none is created after;
+    one that ran before (adopted: another coordinator's, ingress replicas may serve on it) stays until a shutdown.
+    A failed start left its new detached workers holding their devices (an app that ended DEPLOY_FAILED)."""
+    def pool(devices: int) -> RayWorkerPool:
+        return RayWorkerPool([WorkerConfig(index=i) for i in range(devices)],
+                             RayPoolConfig(name_prefix="test-abandon-0123abcd", family_prefix="test-abandon-",
+                                           namespace="test-worker-pool", detached=False))
+
+    earlier = pool(1)  # (held: the handles of actors not detached keep them alive)
+    adopted = earlier.start()[0]
+    current = pool(2)
+    infos = current.start()
+    assert infos[0].tcp_address == adopted.tcp_address  # worker 0 adopted, worker 1 created
+    current.abandon_start()
+    assert [_answers(info) for info in infos] == [True, False]
+    with pytest.raises(WorkerCallError, match="not created: the pool is shut down"):
+        current.restart(1)
+    current.shutdown()  # (the app going away): the adopted worker goes too
+    assert not _answers(infos[0])
+
+
+def test_cleanup_kills_the_workers_no_app_claims(actors):
+    """`python -m deploy.cleanup`'s work on a real cluster (no Serve: no app claims any worker): the listing kills
+    nothing, the cleanup kills them, after their data plane closed (the socket folder removed)."""
+    from deploy.cleanup import cleanup
+
+    pool = RayWorkerPool([WorkerConfig(index=0)], RayPoolConfig(
+        name_prefix="vibe-worker-gone-0123abcd", family_prefix="vibe-worker-gone-", detached=False))  # namespace "vibe"
+    info = pool.start()[0]
+    assert cleanup(dry_run=True) == 0 and _answers(info)
+    assert cleanup() == 0
+    assert not _answers(info) and not socket_dir(info).exists()
+    assert "vibe-worker-gone-0123abcd-0" not in {entry["name"] for entry in ray.util.list_named_actors(True)}
+
+
 def test_an_earlier_configurations_workers_are_kept_when_asked_and_there_is_room(actors, monkeypatch):
     """`keep_strays`: an earlier configuration's workers stay up after the new pool started (its ingress replicas
     still drain requests on them, which failed when they were killed at start) until `retire_strays`, or the pool's

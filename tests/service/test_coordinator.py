@@ -36,8 +36,9 @@ def _pool(checkpoint: str) -> LocalWorkerPool:
 def _coordinator(checkpoint: str, pool: LocalWorkerPool | None = None, **overrides) -> Coordinator:
     layout = load_layout(checkpoint)
     shape = ModelShape(len(layout.moe_layers), layout.num_experts, 3 * layout.hidden_size * layout.intermediate_size * 4)
+    # (engines report from the test's own thread: none acknowledges while a recalibration waits for them, this long)
     config = CoordinatorConfig(checkpoint=checkpoint, profile_token_counts=PROFILE_TOKENS, profile_repeats=2,
-                               ack_timeout_s=5.0, **overrides)
+                               ack_timeout_s=0.2, **overrides)
     coordinator = Coordinator(config, pool or _pool(checkpoint), shape)
     coordinator.start(background=False)
     return coordinator

@@ -270,3 +270,83 @@ def test_a_late_coordinator_call_is_cancelled():
         answer(late)
     assert late.cancelled and late.waited == 10.0
     assert answer(prompt) == "answer" and not prompt.cancelled
+
+
+class _StartingPool:
+    """A worker pool as the coordinator deployment uses it: what it was told, when."""
+
+    def __init__(self, worker_configs, config) -> None:
+        self.config, self.strays, self.calls = config, {}, []
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+    def abandon_start(self) -> None:
+        self.calls.append("abandon_start")
+
+
+def _starting_coordinator(monkeypatch, start):
+    """The coordinator deployment's constructor as a coroutine, its Coordinator's start `start` (in a thread), its
+    pool a `_StartingPool`."""
+    import types
+
+    from service import deployments
+    from service.worker_pool import RayPoolConfig
+
+    class Core:
+        def __init__(self, config, pool, shape) -> None:
+            self.pool, self.stopped = pool, False
+
+        def start(self) -> None:
+            start()
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    monkeypatch.setattr(deployments, "RayWorkerPool", _StartingPool)
+    monkeypatch.setattr(deployments, "Coordinator", Core)
+    shell = object.__new__(deployments.CoordinatorDeployment)
+    config = RayPoolConfig(name_prefix="vibe-worker-{app}-0123abcd", family_prefix="vibe-worker-{app}-")
+    return shell, shell.__init__(types.SimpleNamespace(), [None], config, None, drain_s=0.0)
+
+
+def test_a_failed_start_kills_the_workers_it_created(monkeypatch):
+    """A coordinator whose start raised left its new detached workers running, holding their devices (an app that
+    ended DEPLOY_FAILED kept them until another deploy of its name)."""
+    def start():
+        raise RuntimeError("every worker failed loading its experts")
+
+    shell, init = _starting_coordinator(monkeypatch, start)
+    with pytest.raises(RuntimeError, match="every worker failed"):
+        asyncio.run(init)
+    assert shell.core.pool.calls == ["abandon_start"] and shell.core.stopped
+    assert shell.worker_family() == "vibe-worker-default-"  # (outside a replica: app "default")
+
+
+def test_the_destructor_runs_while_the_start_does_and_a_deleted_app_takes_its_workers(monkeypatch):
+    """The start runs in a thread: Serve runs `__del__` meanwhile (an app deleted while its coordinator starts). The
+    constructor held the replica's loop, so `__del__` waited for the start, and Serve force-kills the replica at its
+    graceful_shutdown_timeout_s: the workers created stayed running (a Serve review)."""
+    import threading
+
+    from service import deployments
+
+    monkeypatch.setattr(deployments, "_app_going_away", lambda drain_s: True)
+    started, release = threading.Event(), threading.Event()
+
+    def start():
+        started.set()
+        assert release.wait(10)
+
+    shell, init = _starting_coordinator(monkeypatch, start)
+
+    async def delete_while_starting():
+        task = asyncio.ensure_future(init)
+        assert await asyncio.to_thread(started.wait, 10)
+        shell.__del__()  # (Serve's call_destructor, on the replica's loop)
+        assert shell.core.pool.calls == ["shutdown"] and not task.done()
+        release.set()
+        await task
+
+    asyncio.run(delete_while_starting())
+    assert shell.core.stopped and shell.core.pool.calls == ["shutdown"]

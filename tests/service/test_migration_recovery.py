@@ -44,7 +44,8 @@ def _workers(checkpoint: str) -> list[ExpertWorker]:
 def _coordinator(checkpoint: str, pool: LocalWorkerPool, clock=None, **overrides) -> Coordinator:
     layout = load_layout(checkpoint)
     shape = ModelShape(len(layout.moe_layers), layout.num_experts, 3 * layout.hidden_size * layout.intermediate_size * 4)
-    settings = dict(checkpoint=checkpoint, profile_token_counts=PROFILE_TOKENS, profile_repeats=1, ack_timeout_s=5.0,
+    # (engines report from the test's own thread: none acknowledges while a recalibration waits for them, this long)
+    settings = dict(checkpoint=checkpoint, profile_token_counts=PROFILE_TOKENS, profile_repeats=1, ack_timeout_s=0.2,
                     auto_recalibrate=False) | overrides
     coordinator = Coordinator(CoordinatorConfig(**settings), pool, shape, **({} if clock is None else {"clock": clock}))
     coordinator.start(background=False)

@@ -6,8 +6,10 @@ leave them running, each holding its device: `app_name` changed on a running app
 workers under the new name), `serve shutdown` or `serve delete` while no coordinator replica was up (it crashed, or
 Serve was restarting it), a Ray Serve controller killed by hand. This command asks every coordinator replica alive
 which workers are its app's (`worker_family`) and kills the others, each asked to close its data plane first (as the
-coordinator's own shutdown does). A coordinator that does not answer (still starting, or hung) could claim any of
-them: then nothing is killed, the exit code is 1, and the command can be run again once its app is RUNNING.
+coordinator's own shutdown does). While that cannot be told (an app that has or may have a coordinator is not
+RUNNING: starting, a failed redeploy whose earlier replicas still serve, deleting; or its coordinator replica is down
+or does not answer, or is of a version without `worker_family`), or when the apps changed while it checked, nothing
+is killed and the exit code is 1: run it again once the apps are RUNNING.
 `--dry-run` lists what would be killed. Exit code 0 otherwise (also when there is nothing to kill).
 """
 
@@ -18,11 +20,22 @@ import contextlib
 import re
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 NAMESPACE = "vibe"  # service.worker_pool.RayPoolConfig.namespace
 WORKER_NAME = re.compile(r"vibe-worker-.+-[0-9a-f]{8}-\d+")  # deploy.app: worker_family(app) + fingerprint + device
-COORDINATOR_REPLICA = re.compile(r"SERVE_REPLICA::(?P<app>.+)#Coordinator#[^#]+")  # Serve's replica actor names
+REPLICA = re.compile(r"SERVE_REPLICA::(?P<app>.+)#(?P<deployment>[^#]+)#[^#]+")  # Serve's replica actor names
 SHUTDOWN_WAIT_S = 5.0  # how long the workers have to close their data planes before they are killed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the cluster runs: its expert workers' names, each Serve app's status and deployments (as serve.status()
+    lists them), and the deployments each app has replica actors of."""
+
+    workers: tuple[str, ...]
+    apps: dict[str, tuple[str, frozenset[str]]]
+    replicas: dict[str, frozenset[str]]
 
 
 def claimed(name: str, families: Iterable[str]) -> bool:
@@ -37,18 +50,46 @@ def unclaimed(workers: Iterable[str], families: Iterable[str]) -> list[str]:
     return sorted(name for name in workers if not claimed(name, families))
 
 
-def _named(named_actors: list[dict]) -> tuple[list[str], list[str]]:
-    """The expert workers (namespace "vibe") and the apps with a coordinator replica alive, among Ray's named
-    actors (`ray.util.list_named_actors(all_namespaces=True)`)."""
-    workers = [entry["name"] for entry in named_actors
-               if entry["namespace"] == NAMESPACE and WORKER_NAME.fullmatch(entry["name"])]
-    apps = sorted({match["app"] for entry in named_actors if (match := COORDINATOR_REPLICA.fullmatch(entry["name"]))})
-    return workers, apps
+def undecided(snapshot: Snapshot) -> list[str]:
+    """Why the apps of `snapshot` whose workers cannot be told now cannot (each app's reason): an app not RUNNING
+    that is or may be ours (a Coordinator deployment, or none listed: DELETING lists none), whose ingress replicas
+    may serve on workers no coordinator of it claims (a failed redeploy keeps the earlier version's; a rolling update
+    of `app_name` drains on the earlier name's), or one with replicas and no coordinator replica (crashed, being
+    replaced)."""
+    reasons = []
+    for app in sorted(set(snapshot.apps) | set(snapshot.replicas)):
+        status, deployments = snapshot.apps.get(app, ("not listed", frozenset()))
+        replicas = snapshot.replicas.get(app, frozenset())
+        ours = "Coordinator" in deployments | replicas or not deployments
+        if status != "RUNNING" and ours:
+            reasons.append(f"{app} ({status})")
+        elif "Coordinator" in deployments and "Coordinator" not in replicas:
+            reasons.append(f"{app} (no coordinator replica)")
+    return reasons
+
+
+def take_snapshot() -> Snapshot:
+    import ray
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    workers = tuple(sorted(entry["name"] for entry in named
+                           if entry["namespace"] == NAMESPACE and WORKER_NAME.fullmatch(entry["name"])))
+    replicas: dict[str, set[str]] = {}
+    for entry in named:
+        if match := REPLICA.fullmatch(entry["name"]):
+            replicas.setdefault(match["app"], set()).add(match["deployment"])
+    apps = {}
+    if any(entry["name"] == "SERVE_CONTROLLER_ACTOR" for entry in named):  # (else no Serve: no app)
+        from ray import serve
+
+        apps = {name: (str(getattr(app.status, "value", app.status)), frozenset(app.deployments))
+                for name, app in serve.status().applications.items()}
+    return Snapshot(workers, apps, {app: frozenset(names) for app, names in replicas.items()})
 
 
 def _families(apps: list[str], timeout_s: float) -> tuple[list[str], list[str]]:
-    """Each app's worker family as its coordinator says (`CoordinatorDeployment.worker_family`), and the apps whose
-    coordinator did not answer within `timeout_s`."""
+    """Each app's worker family as its coordinator says (`CoordinatorDeployment.worker_family`), and why the apps
+    whose coordinator did not answer within `timeout_s` did not."""
     from ray import serve
 
     from service.deployments import answer
@@ -58,8 +99,8 @@ def _families(apps: list[str], timeout_s: float) -> tuple[list[str], list[str]]:
         try:  # (a late call cancelled)
             families.append(answer(serve.get_deployment_handle("Coordinator", app_name=app).worker_family.remote(),
                                    timeout_s))
-        except Exception as exc:  # starting, hung, gone meanwhile, or a version without the method
-            silent.append(f"{app} ({type(exc).__name__})")
+        except Exception as exc:  # hung, gone meanwhile, or a version without the method
+            silent.append(f"{app} ({type(exc).__name__}: {str(exc)[:200]})")
     return families, silent
 
 
@@ -84,20 +125,27 @@ def _kill(names: list[str]) -> None:
 
 def cleanup(*, dry_run: bool = False, timeout_s: float = 10.0, out=sys.stdout) -> int:
     """Kill (or with `dry_run`, list) the expert workers of the connected Ray cluster no app claims; the exit code."""
-    import ray
-
-    workers, apps = _named(ray.util.list_named_actors(all_namespaces=True))
-    families, silent = _families(apps, timeout_s)
-    if silent:
-        print(f"not killing anything: the coordinator of {', '.join(silent)} did not answer within {timeout_s:g} s "
-              "(starting? run this again once the app is RUNNING)", file=out)
+    before = take_snapshot()
+    blocked = undecided(before)
+    coordinated = sorted(app for app, (_, deployments) in before.apps.items() if "Coordinator" in deployments)
+    families, silent = ([], []) if blocked else _families(coordinated, timeout_s)
+    if blocked or silent:
+        print("not killing anything: which workers are the app's cannot be told now for "
+              + "; ".join(blocked or silent) + " (run this again once the app is RUNNING; a coordinator of a version "
+              "before deploy.cleanup cannot answer: upgrade it)", file=out)
         return 1
-    orphans = unclaimed(workers, families)
-    print(f"{len(workers)} expert worker(s), {len(apps)} app(s) with a coordinator ({', '.join(apps) or 'none'}); "
-          f"{len(orphans)} claimed by none{':' if orphans else ''} {' '.join(orphans)}".rstrip(), file=out)
-    if orphans and not dry_run:
-        _kill(orphans)
-        print(f"killed {len(orphans)} worker(s)", file=out)
+    orphans = unclaimed(before.workers, families)
+    print(f"{len(before.workers)} expert worker(s), {len(coordinated)} app(s) with a coordinator "
+          f"({', '.join(coordinated) or 'none'}); {len(orphans)} claimed by none{':' if orphans else ''} "
+          f"{' '.join(orphans)}".rstrip(), file=out)
+    if not orphans or dry_run:
+        return 0
+    after = take_snapshot()  # (an app deployed meanwhile may have adopted them)
+    if (after.apps, after.replicas) != (before.apps, before.replicas):
+        print("not killing anything: the cluster's apps changed meanwhile; run this again", file=out)
+        return 1
+    _kill(orphans)
+    print(f"killed {len(orphans)} worker(s)", file=out)
     return 0
 
 

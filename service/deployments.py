@@ -63,7 +63,8 @@ class CoordinatorDeployment:
             await asyncio.to_thread(self.core.start)
         except BaseException:
             self.core.stop()
-            await asyncio.to_thread(pool.abandon_start)
+            # (here, not in the loop's executor: a `__del__` run meanwhile shut that down, and the kill failed)
+            pool.abandon_start()
             raise
         if pool.strays:  # an earlier configuration's workers, kept for its ingress replicas still draining
             threading.Thread(target=self._retire_strays_when_drained, args=(pool,), name="retire-strays",

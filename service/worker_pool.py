@@ -296,15 +296,26 @@ class RayWorkerPool:
             return
         if self.config.keep_strays:  # (room for the workers to create: a restarted coordinator adopts the others)
             wants, free, new = self._wants(), ray.available_resources(), self.num_devices - len(self._adopted)
-            if all(free.get(k, 0) >= v * new for k, v in wants.items()):
-                self.strays.update(strays)
+            if not all(free.get(k, 0) >= v * new for k, v in wants.items()):
+                log.warning("killing %d worker(s) of an earlier configuration at once: the new workers need the "
+                            "resources they hold (requests still draining on them fail)", len(strays))
+            elif self._keep(strays):
                 log.info("kept %d worker(s) of an earlier configuration while its requests drain: %s", len(strays),
                          ", ".join(sorted(strays)))
                 return
-            log.warning("killing %d worker(s) of an earlier configuration at once: the new workers need the "
-                        "resources they hold (requests still draining on them fail)", len(strays))
-        self.strays.update(strays)
+        with self._strays_lock:
+            self.strays.update(strays)
         self.retire_strays()
+
+    def _keep(self, strays: dict[str, Any]) -> bool:
+        """Keep `strays` in `strays`, unless the pool is shut down (False): a shutdown while `start` runs kills the
+        kept ones with the rest (they were kept past it, holding their devices)."""
+        with self._lifecycle_lock:
+            if self._closed:
+                return False
+            with self._strays_lock:
+                self.strays.update(strays)
+            return True
 
     def retire_strays(self) -> None:
         """Kill the earlier configuration's workers kept in `strays` (together: one shutdown wait for them all)."""

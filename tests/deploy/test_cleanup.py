@@ -1,52 +1,73 @@
-"""`deploy.cleanup`: which expert workers no app claims (names only), and that nothing is killed while a coordinator
-cannot say which are its app's (no Ray: its calls faked)."""
+"""`deploy.cleanup`: which expert workers no app claims (names only), and that nothing is killed while which workers
+are an app's cannot be told (no Ray: the cluster's state and the coordinators' answers faked)."""
 
 import io
 
-from deploy import cleanup
+import pytest
 
-NAMED = [
-    {"namespace": "vibe", "name": "vibe-worker-vibe-0123abcd-0"},
-    {"namespace": "vibe", "name": "vibe-worker-vibe-2-89abcdef-0"},  # app "vibe-2": "vibe-worker-vibe-" begins it
-    {"namespace": "vibe", "name": "vibe-worker-old-name-0123abcd-1"},  # an app_name changed on a running app
-    {"namespace": "other", "name": "vibe-worker-vibe-0123abcd-0"},  # not ours: another namespace
-    {"namespace": "vibe", "name": "vibe-worker-vibe-notes"},  # not a worker's name
-    {"namespace": "serve", "name": "SERVE_REPLICA::vibe#Coordinator#abc123"},
-    {"namespace": "serve", "name": "SERVE_REPLICA::vibe-2#OpenAIIngress#def456"},  # vibe-2's coordinator is gone
-]
+from deploy import cleanup
+from deploy.cleanup import Snapshot
+
+WORKERS = ("vibe-worker-old-name-0123abcd-1",  # an app_name changed on a running app
+           "vibe-worker-vibe-0123abcd-0",
+           "vibe-worker-vibe-2-89abcdef-0")  # app "vibe-2": "vibe-worker-vibe-" begins its names
+OURS = frozenset({"Coordinator", "OpenAIIngress"})
+RUNNING = Snapshot(WORKERS, {"vibe": ("RUNNING", OURS), "other": ("RUNNING", frozenset({"other"}))},
+                   {"vibe": OURS, "other": frozenset({"other"})})
 
 
 def test_a_family_claims_its_own_workers_only():
-    workers, apps = cleanup._named(NAMED)
-    assert workers == ["vibe-worker-vibe-0123abcd-0", "vibe-worker-vibe-2-89abcdef-0", "vibe-worker-old-name-0123abcd-1"]
-    assert apps == ["vibe"]
-    assert cleanup.unclaimed(workers, ["vibe-worker-vibe-"]) == ["vibe-worker-old-name-0123abcd-1",
+    assert cleanup.unclaimed(WORKERS, ["vibe-worker-vibe-"]) == ["vibe-worker-old-name-0123abcd-1",
                                                                  "vibe-worker-vibe-2-89abcdef-0"]
-    assert cleanup.unclaimed(workers, ["vibe-worker-vibe-", "vibe-worker-vibe-2-", "vibe-worker-old-name-"]) == []
-    assert cleanup.unclaimed(workers, []) == sorted(workers)
+    assert cleanup.unclaimed(WORKERS, ["vibe-worker-vibe-", "vibe-worker-vibe-2-", "vibe-worker-old-name-"]) == []
+    assert cleanup.unclaimed(WORKERS, []) == list(WORKERS)
+    assert not cleanup.WORKER_NAME.fullmatch("vibe-worker-vibe-notes")
 
 
-def _fake_cluster(monkeypatch, families, silent):
-    import ray
+@pytest.mark.parametrize(("apps", "replicas", "reason"), [
+    ({"vibe": ("RUNNING", OURS)}, {"vibe": OURS}, None),
+    ({"other": ("DEPLOYING", frozenset({"other"}))}, {}, None),  # not ours
+    # a redeploy that failed: the earlier version's ingress replicas still serve on the workers it adopted
+    ({"vibe": ("DEPLOY_FAILED", OURS)}, {"vibe": frozenset({"OpenAIIngress"})}, "vibe (DEPLOY_FAILED)"),
+    ({"vibe": ("DEPLOYING", OURS)}, {"vibe": OURS}, "vibe (DEPLOYING)"),  # (app_name changed: both names in use)
+    ({"vibe": ("DELETING", frozenset())}, {"vibe": frozenset({"OpenAIIngress"})}, "vibe (DELETING)"),  # draining
+    ({"vibe": ("RUNNING", OURS)}, {"vibe": frozenset({"OpenAIIngress"})}, "vibe (no coordinator replica)"),
+    ({}, {"vibe": frozenset({"Coordinator"})}, "vibe (not listed)"),
+])
+def test_an_app_whose_workers_cannot_be_told_now_blocks_the_cleanup(apps, replicas, reason):
+    assert cleanup.undecided(Snapshot(WORKERS, apps, replicas)) == ([reason] if reason else [])
 
-    killed = []
-    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces=False: NAMED)
-    monkeypatch.setattr(cleanup, "_families", lambda apps, timeout_s: (families, silent))
+
+def _fake_cluster(monkeypatch, snapshots, families=("vibe-worker-vibe-",), silent=()):
+    killed, asked = [], []
+    snapshots = list(snapshots)
+    monkeypatch.setattr(cleanup, "take_snapshot", lambda: snapshots.pop(0))
+    monkeypatch.setattr(cleanup, "_families", lambda apps, timeout_s: asked.append(apps) or (list(families),
+                                                                                           list(silent)))
     monkeypatch.setattr(cleanup, "_kill", killed.extend)
-    return killed
+    return killed, asked
 
 
-def test_the_workers_no_coordinator_claims_are_killed_and_listed(monkeypatch):
-    killed, out = _fake_cluster(monkeypatch, ["vibe-worker-vibe-"], []), io.StringIO()
+def test_the_workers_no_coordinator_claims_are_listed_then_killed(monkeypatch):
+    out = io.StringIO()
+    killed, asked = _fake_cluster(monkeypatch, [RUNNING, RUNNING, RUNNING])
     assert cleanup.cleanup(dry_run=True, out=out) == 0 and killed == []
     assert out.getvalue() == ("3 expert worker(s), 1 app(s) with a coordinator (vibe); 2 claimed by none: "
                               "vibe-worker-old-name-0123abcd-1 vibe-worker-vibe-2-89abcdef-0\n")
-    assert cleanup.cleanup(out=out) == 0
+    assert cleanup.cleanup(out=out) == 0 and asked == [["vibe"], ["vibe"]]
     assert killed == ["vibe-worker-old-name-0123abcd-1", "vibe-worker-vibe-2-89abcdef-0"]
     assert out.getvalue().endswith("killed 2 worker(s)\n")
 
 
-def test_nothing_is_killed_while_a_coordinator_cannot_say_which_workers_are_its_apps(monkeypatch):
-    killed, out = _fake_cluster(monkeypatch, [], ["vibe (TimeoutError)"]), io.StringIO()
+def test_nothing_is_killed_while_a_coordinator_cannot_answer_or_the_apps_change(monkeypatch):
+    out = io.StringIO()
+    killed, _ = _fake_cluster(monkeypatch, [RUNNING], families=(), silent=["vibe (TimeoutError: late)"])
     assert cleanup.cleanup(out=out) == 1 and killed == []
-    assert "not killing anything: the coordinator of vibe (TimeoutError) did not answer" in out.getvalue()
+    assert "cannot be told now for vibe (TimeoutError: late)" in out.getvalue()
+    redeployed = Snapshot(WORKERS, {**RUNNING.apps, "vibe-2": ("DEPLOYING", OURS)}, RUNNING.replicas)
+    killed, _ = _fake_cluster(monkeypatch, [RUNNING, redeployed])  # (its coordinator may adopt vibe-2's workers)
+    assert cleanup.cleanup(out=out) == 1 and killed == []
+    assert out.getvalue().endswith("the cluster's apps changed meanwhile; run this again\n")
+    failed = Snapshot(WORKERS, {"vibe": ("DEPLOY_FAILED", OURS)}, {"vibe": frozenset({"OpenAIIngress"})})
+    killed, asked = _fake_cluster(monkeypatch, [failed])
+    assert cleanup.cleanup(out=out) == 1 and killed == [] and asked == []

@@ -447,3 +447,29 @@ def test_slowed_device_is_detected_and_loses_load(client, url):
     assert len(drifts) == 1, drifts
     assert abs(stats["devices"][SLOW_DEVICE]["model_over_planned"] - 1.0) < 0.1
     assert _admin(url, "POST", "/admin/emulation/speed", json={"device": 4, "speed": 1.0}).status_code == 400
+
+
+def test_cleanup_kills_a_worker_no_app_claims_and_keeps_the_running_apps(client):
+    """`python -m deploy.cleanup`'s work beside a running app whose workers are named by its `app_name` ("itest"),
+    not its Serve name ("vibe"): its coordinator claims them; a worker of no app (an `app_name` changed) goes."""
+    import ray
+
+    from deploy.cleanup import cleanup
+    from service.worker import WorkerConfig
+    from service.worker_pool import RayPoolConfig, RayWorkerPool
+
+    def workers() -> set[str]:
+        return {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                if entry["namespace"] == "vibe"}
+
+    RayWorkerPool([WorkerConfig(index=0)], RayPoolConfig(name_prefix="vibe-worker-renamed-0123abcd",
+                                                         family_prefix="vibe-worker-renamed-")).start()
+    serving = {name for name in workers() if name.startswith("vibe-worker-itest-")}
+    assert len(serving) == 4
+    assert cleanup(dry_run=True) == 0 and workers() == serving | {"vibe-worker-renamed-0123abcd-0"}
+    assert cleanup() == 0
+    deadline = time.monotonic() + 30
+    while workers() != serving and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers() == serving
+    assert _greedy(client, PROMPTS[0], max_tokens=4)

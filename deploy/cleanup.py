@@ -38,16 +38,12 @@ class Snapshot:
     replicas: dict[str, frozenset[str]]
 
 
-def claimed(name: str, families: Iterable[str]) -> bool:
-    """Whether worker `name` belongs to an app whose workers are named `<family><8 hex>-<device>` (app "vibe"'s
-    family, `vibe-worker-vibe-`, also begins app "vibe-2"'s names: the rest must be a fingerprint and a device)."""
-    return any(re.fullmatch(re.escape(family) + r"[0-9a-f]{8}-\d+", name) for family in families)
-
-
 def unclaimed(workers: Iterable[str], families: Iterable[str]) -> list[str]:
-    """The workers among `workers` no app of `families` claims, sorted."""
+    """The workers among `workers` no app of `families` claims (`service.worker_pool.in_family`), sorted."""
+    from service.worker_pool import in_family
+
     families = list(families)
-    return sorted(name for name in workers if not claimed(name, families))
+    return sorted(name for name in workers if not any(in_family(name, family) for family in families))
 
 
 def undecided(snapshot: Snapshot) -> list[str]:
@@ -107,20 +103,13 @@ def _families(apps: list[str], timeout_s: float) -> tuple[list[str], list[str]]:
 def _kill(names: list[str]) -> None:
     import ray
 
+    from service.worker_pool import stop_actors
+
     actors = []
     for name in names:
         with contextlib.suppress(ValueError):  # gone meanwhile
             actors.append(ray.get_actor(name, namespace=NAMESPACE))
-    refs = []
-    for actor in actors:
-        with contextlib.suppress(Exception):
-            refs.append(actor.shutdown.remote())
-    if refs:
-        with contextlib.suppress(Exception):
-            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_WAIT_S)
-    for actor in actors:
-        with contextlib.suppress(Exception):  # already gone
-            ray.kill(actor, no_restart=True)
+    stop_actors(actors, SHUTDOWN_WAIT_S)
 
 
 def cleanup(*, dry_run: bool = False, timeout_s: float = 10.0, out=sys.stdout) -> int:

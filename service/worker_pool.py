@@ -144,7 +144,34 @@ def is_stray(name: str, config: RayPoolConfig) -> bool:
     names) and not named with the current `name_prefix`."""
     if not config.family_prefix or name.startswith(f"{config.name_prefix}-"):
         return False
-    return re.fullmatch(re.escape(config.family_prefix) + r"[0-9a-f]{8}-\d+", name) is not None
+    return in_family(name, config.family_prefix)
+
+
+def in_family(name: str, family: str) -> bool:
+    """Whether actor `name` is a worker of the app whose workers are named `<family><8 hex fingerprint>-<index>`
+    under any configuration (app "vibe"'s family also begins app "vibe-2"'s names: the rest must be exactly that)."""
+    return re.fullmatch(re.escape(family) + r"[0-9a-f]{8}-\d+", name) is not None
+
+
+def stop_actors(actors: Sequence[Any], wait_s: float | None) -> None:
+    """Kill worker `actors` for good, each after asking it to shut down (close its data plane and remove its socket
+    folder: `ray.kill` ends the process at once, no exit hook runs), waiting at most `wait_s` for them all (None: not
+    at all, for workers that cannot answer). A dead or hung worker's folder is removed by the next worker of its name
+    when it starts."""
+    import ray
+
+    refs = []
+    for actor in actors if wait_s is not None else ():
+        with contextlib.suppress(Exception):
+            refs.append(actor.shutdown.remote())
+    if refs:
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:  # already gone, or best effort at teardown
+            log.debug("could not kill worker actor: %s", exc)
 
 
 class RayWorkerPool:
@@ -400,24 +427,8 @@ class RayWorkerPool:
         return list(taken.values())
 
     def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
-        """Kill `actors` for good, each after asking it to shut down (close its data plane and remove its
-        socket folder: `ray.kill` ends the process at once, no exit hook runs), waiting at most
-        _SHUTDOWN_TIMEOUT_S for them all (`wait`=False: not at all, for a worker that cannot answer). A dead
-        or hung worker's folder is removed by the next worker of its name when it starts."""
-        import ray
-
-        refs = []
-        for actor in actors if wait else ():
-            with contextlib.suppress(Exception):
-                refs.append(actor.shutdown.remote())
-        if refs:
-            with contextlib.suppress(Exception):
-                ray.wait(refs, num_returns=len(refs), timeout=min(_SHUTDOWN_TIMEOUT_S, self.config.call_timeout_s))
-        for actor in actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as exc:  # already gone, or best effort at teardown
-                log.debug("could not kill worker actor: %s", exc)
+        """`stop_actors`, waiting at most _SHUTDOWN_TIMEOUT_S (`wait`=False: not at all)."""
+        stop_actors(actors, min(_SHUTDOWN_TIMEOUT_S, self.config.call_timeout_s) if wait else None)
 
     # --- control calls -----------------------------------------------------------------------------
 

@@ -31,11 +31,17 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests for '$(1)'" >&2; exit 1; fi; exit $$rc
 endef
 
+# Test processes (pytest-xdist): each runs whole modules (--dist loadfile), so a module's Ray cluster is its own and
+# at most PYTEST_WORKERS clusters run at once. The Ray tests wait on actors and HTTP about half the time: two
+# processes on 2 cores take about 3/4 of one's time. PYTEST_WORKERS=0 runs them in this process, one at a time.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(call run_pytest,-q -m "not gpu" tests)
+	$(call run_pytest,-q -m "not gpu" $(XDIST) tests)
 
 test-unit: $(STAMP)
-	$(call run_pytest,-q -m "not gpu and not ray" tests)
+	$(call run_pytest,-q -m "not gpu and not ray" $(XDIST) tests)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests

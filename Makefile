@@ -35,7 +35,7 @@ endef
 # at most PYTEST_WORKERS clusters run at once. The Ray tests wait on actors and HTTP about half the time: two
 # processes on 2 cores take about 3/4 of one's time. PYTEST_WORKERS=0 runs them in this process, one at a time.
 PYTEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: $(STAMP)
 	$(call run_pytest,-q -m "not gpu" $(XDIST) tests)

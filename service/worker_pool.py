@@ -407,31 +407,16 @@ class RayWorkerPool:
 
     def shutdown(self) -> None:
         """Kill every worker (and the earlier configuration's kept ones); none is created after."""
-        self._stop([*self._take().values(), *self._take_strays()])  # (one shutdown wait for both)
+        self._stop([*self._take(), *self._take_strays()])  # (one shutdown wait for both)
 
     def abandon_start(self) -> None:
         """After a failed start: kill the workers this pool created, none created after. Those that ran before it
         (adopted: ingress replicas may still serve on them) and the earlier configuration's kept ones stay. A failed
         coordinator start left its new workers running, detached, holding their devices: an app that ended
-        DEPLOY_FAILED kept them until another deploy of its name. Returns once Ray released their names (at most
-        _SHUTDOWN_TIMEOUT_S more): Serve retries a failed start soon after, and a name still held then gave it the
-        dying worker (`get_if_exists`), which failed that try too."""
-        import ray
+        DEPLOY_FAILED kept them until another deploy of its name."""
+        self._stop(self._take(keep=self._adopted))
 
-        taken = self._take(keep=self._adopted)
-        self._stop(list(taken.values()))
-        deadline = time.monotonic() + _SHUTDOWN_TIMEOUT_S
-        while taken:
-            try:
-                held = {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
-                        if entry["namespace"] == self.config.namespace}
-            except Exception:  # no cluster to ask: nothing to wait for
-                return
-            if not held & set(taken) or time.monotonic() >= deadline:
-                return
-            time.sleep(0.1)
-
-    def _take(self, keep: set[str] = frozenset()) -> dict[str, Any]:
+    def _take(self, keep: set[str] = frozenset()) -> list[Any]:
         """Refuse creations from now on; the workers created or adopted so far but those named in `keep`, each
         taken once (to kill: a shutdown after `abandon_start` kills the adopted ones)."""
         with self._lifecycle_lock:
@@ -439,7 +424,7 @@ class RayWorkerPool:
             taken = {name: actor for name, actor in self._handles.items() if name not in keep}
             for name in taken:
                 del self._handles[name]
-        return taken
+        return list(taken.values())
 
     def _stop(self, actors: Sequence[Any], *, wait: bool = True) -> None:
         """`stop_actors`, waiting at most _SHUTDOWN_TIMEOUT_S (`wait`=False: not at all)."""

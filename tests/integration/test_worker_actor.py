@@ -172,8 +172,6 @@ def test_a_failed_start_kills_the_workers_it_created_and_keeps_those_it_adopted(
     assert infos[0].tcp_address == adopted.tcp_address  # worker 0 adopted, worker 1 created
     current.abandon_start()
     assert [_answers(info) for info in infos] == [True, False]
-    # its name is released when it returns: a retried start creates a fresh worker under it, not the dying one
-    assert "test-abandon-0123abcd-1" not in {entry["name"] for entry in ray.util.list_named_actors(True)}
     with pytest.raises(WorkerCallError, match="not created: the pool is shut down"):
         current.restart(1)
     current.shutdown()  # (the app going away): the adopted worker goes too

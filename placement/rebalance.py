@@ -148,8 +148,18 @@ class SwapSearch:
             barred |= np.take(on_src, expert + (rows * on_src.shape[1])[:, None, None]) > 0
         np.copyto(come, np.inf, where=barred)
         leave = times[rows, src][:, None] - own[rows, :, src]  # [N, M]: src without a
-        # all pairs [N, Ma, Mb, G] in float32 (half the memory traffic) to pick one; exact value below
-        into32, own32, leave32, come32 = (x.astype(np.float32) for x in (into, own, leave, come))
+        # all pairs [N, Ma, Mb, G] in float32 (half the memory traffic) to pick one; exact value below. Each
+        # layer's values are first scaled by a power of two that brings its largest finite one near 1: argmin
+        # is unchanged (exact in binary), and times beyond float32's range no longer overflow to inf, whose
+        # difference (inf - inf = NaN) argmin picked first
+        # (own and leave are at most the devices' times)
+        largest = np.maximum(times.max(axis=1), np.maximum(
+            np.max(into, axis=(1, 2), initial=0.0, where=np.isfinite(into)),
+            np.max(come, axis=(1, 2), initial=0.0, where=np.isfinite(come))))
+        scale = np.ldexp(1.0, -np.frexp(largest)[1])  # [N]; 1 where all are 0
+        into32, own32, leave32, come32 = (
+            np.multiply(x, scale.reshape((num,) + (1,) * (x.ndim - 1)), out=np.empty(x.shape, np.float32),
+                        casting="same_kind") for x in (into, own, leave, come))
         worst = np.subtract(into32[:, :, None, :], own32[:, None, :, :], out=self._dst[:num])
         np.maximum(worst, np.add(leave32[:, :, None, None], come32[:, None, :, :], out=self._src[:num]), out=worst)
         pos_a, pos_b, dst = np.unravel_index(worst.reshape(num, -1).argmin(axis=1), worst.shape[1:])

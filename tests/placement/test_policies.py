@@ -2,6 +2,7 @@
 
 
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -419,3 +420,27 @@ def test_replica_shares_stay_positive_whatever_the_devices(devices):
     shares = placement.replica_share[placement.phy2log == 0]
     assert shares.size == 2 and shares.min() > 0 and shares.sum() == pytest.approx(1.0)
     assert np.isfinite(makespan(placement, loads, devices)).all()
+
+
+@pytest.mark.parametrize("exponent", [-140, -60, 60, 140])
+def test_vibe_places_the_same_whatever_the_unit_of_time(exponent):
+    """Devices whose times are all scaled by a power of two (exact in binary) get the same placement. The exchange
+    search compares candidates in float32: times past its range (about 3e38) overflowed to inf, inf - inf gave NaN
+    and argmin took the NaN; times below it (about 1e-38) rounded to 0 and tied. Either way the search missed swaps it
+    found at the unit scale: the first layer's slowest device took 1.69x as long at 2**140, 1.55x at 2**-140 (this
+    case came from a random search over scales; NumPy warned of the overflow only)."""
+    speeds = [9.897926462487415e-05, 1.006849277261373e-05, 1.735875905694568e-05]
+    loads = np.array([[83.5, 51.3, 45.5, 39.9, 14.2, 14.4, 38.8, 68.3, 352.3],
+                      [11.9, 281.2, 147.3, 37.6, 200.6, 1.2, 21.7, 7.8, 8.1]])
+
+    def placed(scale):
+        devices = [DeviceModel(s * scale, 8, s * scale / 8) for s in speeds]
+        placement = plan(loads, devices, "vibe", num_redundant=3)
+        return placement.phy2log.tolist(), makespan(placement, loads, devices) / scale
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        scaled = placed(2.0 ** exponent)
+    unit = placed(1.0)
+    assert scaled[0] == unit[0]
+    np.testing.assert_allclose(scaled[1], unit[1], rtol=1e-12)

@@ -40,6 +40,10 @@ class DispatchError(RuntimeError):
         super().__init__(f"device {device} failed at MoE layer {layer}: {cause}")
         self.device = device
         self.layer = layer
+        self._cause_text = str(cause)
+
+    def __reduce__(self):  # (pickling calls the class with `self.args`, the message alone)
+        return type(self), (self.device, self.layer, self._cause_text)
 
 
 # After a failed call, a channel fails at once for this long before it connects again: longer than the

@@ -38,6 +38,12 @@ class WorkerCallError(RuntimeError):
         super().__init__(message)
         self.devices = tuple(devices)
 
+    def __reduce__(self):
+        # Pickling calls the class with `self.args` (the message alone), which fails on `devices`: Ray then hands
+        # the coordinator's error to the ingress as an UnserializableException, and the admin's 503 naming the
+        # device became a 500
+        return type(self), (str(self), self.devices)
+
 
 class WorkerStartError(WorkerCallError):
     """Some workers did not come up at `start`; `devices` names them, each with the reason in the message
@@ -47,6 +53,9 @@ class WorkerStartError(WorkerCallError):
     def __init__(self, message: str, devices: Sequence[int], infos: Sequence[WorkerInfo | None]):
         super().__init__(message, devices)
         self.infos = list(infos)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.devices, self.infos)
 
 
 class WorkerPool(Protocol):

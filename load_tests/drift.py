@@ -27,6 +27,7 @@ from functools import cached_property
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from load_tests.compare import (
     DEFAULT,
@@ -43,7 +44,7 @@ from load_tests.compare import (
     wait_idle,
 )
 from load_tests.generator import ClientConfig, Event, RequestResult, TraceConfig, make_trace, run_trace
-from load_tests.slo import SLO, single_stream_rate, summarize
+from load_tests.slo import SLO, meets, single_stream_rate, summarize
 from load_tests.workloads import CODE, PROSE, load_workloads
 
 SCENARIOS = ("workload", "device")
@@ -234,41 +235,46 @@ SIGNIFICANCE = 0.05
 
 
 def verdicts(result: dict) -> dict[str, dict]:
-    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and the verdict on adaptive:
-    `win` or `loss` when its attainment differs significantly (Fisher's exact test on the requests within and
-    beyond the SLO, p < SIGNIFICANCE), else when its TTFTs do (Mann-Whitney U over the after-switch requests, a
-    failed one as an infinite TTFT, the direction the test's; a win also needs a P90 TPOT no higher, a shorter TTFT
-    bought with a longer TPOT being no win, and an attainment no lower), else `within noise` (`adaptive_wins`: a
-    win). Also the adaptive app's recalibrations from the switch on: those it judged and those it applied
-    (`..._whole_run`: all that started during the measured trace; the generator leaves out those before it, such as
-    the startup calibration and the warm-up's). A scenario whose scheduled event failed in either app (the device was never throttled) is no win,
-    its `failed_events` saying which."""
-    from scipy.stats import fisher_exact, mannwhitneyu
+    """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and the verdict on adaptive.
+
+    Both apps get the same trace at the same time, so request i is the same prompt, sent at the same moment, on the
+    same machine: the tests are paired by request (`paired`; tests for two independent samples let the spread of
+    prompt lengths hide a difference on nearly every request: the committed workload scenario's TTFTs correlate
+    0.92 between the apps, and Mann-Whitney gave p=0.30 where the paired test gives 0.003). `win` or `loss` when
+    attainment differs significantly (exact McNemar test on the requests one app served within the SLO and the other
+    did not, p < SIGNIFICANCE), else when the TTFTs do (Wilcoxon signed-rank test on each request's adaptive minus
+    static TTFT, a failure as slower than any TTFT, the direction the signed ranks' majority; a win also needs a P90
+    TPOT no higher, a shorter TTFT bought with a longer TPOT being no win, and an attainment no lower), else `within
+    noise` (`adaptive_wins`: a win). Requests close in time share the machine's load, so pairs are not quite
+    independent and the p-values lean small. Also the adaptive app's recalibrations from the switch on: those it
+    judged and those it applied (`..._whole_run`: all that started during the measured trace; the generator leaves
+    out those before it, such as the startup calibration and the warm-up's). A scenario whose scheduled event failed
+    in either app (the device was never throttled) is no win, its `failed_events` saying which."""
+    from scipy.stats import binomtest, rankdata, wilcoxon
 
     out = {}
     switch_s = result.get("config", {}).get("switch_s", 0.0)
     for scenario, entry in result["scenarios"].items():
         if not all(entry.get(mode, {}).get("segments", {}).get("after") for mode in MODES):
             continue
+        slo = SLO(**{k: v for k, v in result["slo"].items() if k in ("ttft_s", "tpot_s", "target")})
         after = {mode: entry[mode]["segments"]["after"] for mode in MODES}
-        met = {m: round(a["attainment"] * a["requests"]) for m, a in after.items()}
-        table = [[met[m], after[m]["requests"] - met[m]] for m in ("adaptive", "static")]
-        attainment_p = float(fisher_exact(table)[1])
+        static, adaptive = paired(entry["static"], entry["adaptive"], switch_s)
+        met = [(meets(a, slo), meets(s, slo)) for s, a in zip(static, adaptive)]
+        gained, lost = sum(a and not s for a, s in met), sum(s and not a for a, s in met)
+        attainment_p = float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0
         verdict = "within noise"
         if attainment_p < SIGNIFICANCE:
-            verdict = "win" if after["adaptive"]["attainment"] > after["static"]["attainment"] else "loss"
+            verdict = "win" if gained > lost else "loss"
         ttft_p = None
-        ttfts = {m: _after_ttfts(entry[m], switch_s) for m in MODES}
-        if verdict == "within noise" and all(ttfts.values()):
-            # the direction from the test itself (its U against n m / 2: the P90s leave the failures out), and never
-            # a win with fewer requests within the SLO
-            test = mannwhitneyu(ttfts["adaptive"], ttfts["static"])
-            ttft_p = float(test.pvalue)
-            faster = test.statistic < len(ttfts["adaptive"]) * len(ttfts["static"]) / 2
+        slower, completed = _ttft_differences(static, adaptive)
+        if verdict == "within noise" and np.any(slower != 0):
+            ttft_p = float(wilcoxon(slower, zero_method="wilcox").pvalue)
+            ranks = rankdata(np.abs(slower[slower != 0]))
+            faster = ranks[slower[slower != 0] < 0].sum() > ranks[slower[slower != 0] > 0].sum()
             tpot = {m: a["tpot_p90_ms"] or float("inf") for m, a in after.items()}
             if ttft_p < SIGNIFICANCE and faster:
-                no_worse = after["adaptive"]["attainment"] >= after["static"]["attainment"]
-                if tpot["adaptive"] <= tpot["static"] and no_worse:
+                if tpot["adaptive"] <= tpot["static"] and gained >= lost:
                     verdict = "win"
             elif ttft_p < SIGNIFICANCE:
                 verdict = "loss"
@@ -281,20 +287,39 @@ def verdicts(result: dict) -> dict[str, dict]:
         later = [r for r in records if r.get("started_at", float("inf")) >= since]
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
-                         "adaptive_wins": verdict == "win", "verdict": verdict, "attainment_p": attainment_p,
-                         "ttft_p": ttft_p, "failed_events": failed,
+                         "adaptive_wins": verdict == "win", "verdict": verdict, "pairs": len(static),
+                         "within_slo_only_adaptive": gained, "within_slo_only_static": lost,
+                         "attainment_p": attainment_p, "ttft_p": ttft_p,
+                         "median_ttft_difference_ms": (float(np.median(slower[completed])) * 1e3
+                                                       if completed.any() else None),
+                         "failed_events": failed,
                          "recalibrations_adaptive": len(later), "recalibrations_applied_adaptive": applied(later),
                          "recalibrations_adaptive_whole_run": len(records),
                          "recalibrations_applied_adaptive_whole_run": applied(records)}
     return out
 
 
-def _after_ttfts(entry: dict, switch_s: float) -> list[float]:
-    """TTFT of every request an app sent from the switch on, a failed one's as infinite ([] without results)."""
-    if "results" not in entry:
-        return []
-    return [float("inf") if r.error is not None or r.ttft_s is None else r.ttft_s
-            for r in results_from_json(entry) if r.sent_s >= switch_s]
+def paired(static: dict, adaptive: dict, switch_s: float) -> tuple[list[RequestResult], list[RequestResult]]:
+    """The two apps' results for the same requests of the trace (by index), those either app sent from the switch on,
+    in the trace's order ([] and [] without results)."""
+    if "results" not in static or "results" not in adaptive:
+        return [], []
+    by_index = [{r.index: r for r in results_from_json(e)} for e in (static, adaptive)]
+    both = sorted(i for i in by_index[0].keys() & by_index[1].keys()
+                  if max(by_index[0][i].sent_s, by_index[1][i].sent_s) >= switch_s)
+    return [by_index[0][i] for i in both], [by_index[1][i] for i in both]
+
+
+def _ttft_differences(static: list[RequestResult], adaptive: list[RequestResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive's TTFT minus static's per pair, and where both requests completed. A failed request (no TTFT) counts
+    as slower than any TTFT: a failure against a success is the largest difference in that direction (for the
+    ranks), two failures tie (0)."""
+    ttft = np.array([[np.inf if r.error is not None or r.ttft_s is None else r.ttft_s for r in rs]
+                     for rs in (static, adaptive)], dtype=float).reshape(2, -1)
+    completed = np.isfinite(ttft).all(axis=0)
+    finite = ttft[np.isfinite(ttft)]
+    ttft[~np.isfinite(ttft)] = 2.0 * (np.abs(finite).max() if finite.size else 1.0) + 1.0
+    return ttft[1] - ttft[0], completed
 
 
 def main(argv: list[str] | None = None) -> int:

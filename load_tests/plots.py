@@ -53,17 +53,21 @@ def latency(result: dict, rows: dict[str, dict], slo: SLO, path: Path) -> None:
         run = entry.get("at_eplb_frontier")
         if run is None:
             continue
-        results = [r for r in results_from_json(run) if r.error is None]
-        for ax, values in ((axes[0], [r.ttft_s for r in results]),
-                           (axes[1], [r.tpot_s for r in results if r.tpot_s is not None])):
+        # shares of all the run's requests: a failed one never reaches 1 (the curves of a policy that failed
+        # requests end below 1 instead of looking as good as one that served them all)
+        sent = results_from_json(run)
+        results = [r for r in sent if r.error is None]
+        for ax, values, total in ((axes[0], [r.ttft_s for r in results], len(sent)),
+                                  (axes[1], [r.tpot_s for r in results if r.tpot_s is not None],
+                                   len(sent) - sum(r.error is None and r.tpot_s is None for r in sent))):
             x = np.sort(np.asarray(values) * 1e3)
-            ax.plot(x, np.arange(1, x.size + 1) / max(x.size, 1), color=COLORS.get(policy), label=policy)
+            ax.plot(x, np.arange(1, x.size + 1) / max(total, 1), color=COLORS.get(policy), label=policy)
         bars[policy] = rows[policy]
     axes[0].axvline(slo.ttft_s * 1e3, color="black", linewidth=0.8)
     axes[1].axvline(slo.tpot_s * 1e3, color="black", linewidth=0.8)
     rate = next((r["rate_rps"] for r in bars.values()), None)
-    axes[0].set(xlabel="TTFT (ms)", ylabel="share of requests", xscale="log", title=f"TTFT CDF at {rate or 0:.2f} req/s")
-    axes[1].set(xlabel="TPOT (ms)", ylabel="share of requests", title="TPOT CDF (line: SLO)")
+    axes[0].set(xlabel="TTFT (ms)", ylabel="share of all requests (failed: never)", xscale="log", title=f"TTFT CDF at {rate or 0:.2f} req/s")
+    axes[1].set(xlabel="TPOT (ms)", ylabel="share of all requests (failed: never)", title="TPOT CDF (line: SLO)")
     for ax, metric in ((axes[2], "ttft"), (axes[3], "tpot")):
         _percentile_bars(ax, bars, metric)
     for ax in axes:

@@ -340,7 +340,7 @@ def _drift(drift: dict) -> str:
              "at once). Numbers for requests sent from the switch on; plot: drift.png.", "",
              "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
              "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations from the switch (applied / "
-             "judged; whole trace) | adaptive wins (5% two-sided tests) |",
+             "judged; whole trace) | adaptive wins (paired 5% two-sided tests) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scenario, v in verdicts(drift).items():
         lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
@@ -350,16 +350,24 @@ def _drift(drift: dict) -> str:
                      f"{v['recalibrations_applied_adaptive_whole_run']} / {v['recalibrations_adaptive_whole_run']} | "
                      f"{_drift_verdict(v)}"
                      f"{' (event failed: ' + '; '.join(v['failed_events']) + ')' if v.get('failed_events') else ''} |")
+    lines += ["", "Tests pair each request of the trace with itself in the other app (same prompt, sent at the same moment "
+              "on the same machine): attainment by the exact McNemar test on the requests only one app served within "
+              "the SLO, TTFT by the Wilcoxon signed-rank test on each request's adaptive minus static TTFT (a failure "
+              "slower than any TTFT); the median of those differences is given over the pairs both completed. "
+              "Requests close in time share the machine's load, so the pairs are not quite independent and the "
+              "p-values lean small."]
     lines += [f"\nNote: {note}" for note in drift.get("notes") or []]
     return "\n".join(lines)
 
 
 def _drift_verdict(v: dict) -> str:
-    """yes / no (within noise) / no (loss), with the test that decided it."""
+    """yes / no (within noise) / no (loss), with the tests that decided it."""
     said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)"}[v["verdict"]]
-    tests = [f"attainment p={v['attainment_p']:.2f}"]
+    tests = [f"{v['pairs']} pairs, attainment p={v['attainment_p']:.2f}"]
     if v["ttft_p"] is not None:
-        tests.append(f"TTFT p={v['ttft_p']:.2f}")
+        tests.append(f"TTFT p={v['ttft_p']:.3f}")
+    if v.get("median_ttft_difference_ms") is not None:
+        tests.append(f"median TTFT difference {v['median_ttft_difference_ms']:+.1f} ms")
     return f"{said}; {', '.join(tests)}"
 
 

@@ -41,6 +41,15 @@ def test_every_policy_runs_the_deploy_cluster_with_its_own_knobs():
     assert app_args_for("contiguous", config, "x").get("num_redundant", 0) == 0
 
 
+def test_the_benchmarks_apps_cache_no_prefixes_unless_set():
+    """The traces draw whole prompts from a few hundred: with prefix caching on, 31% to 86% of a sweep's requests
+    (by rate) repeated a prompt the app had cached and skipped its prefill, MoE layers included (a review)."""
+    assert deploy_args().get("enable_prefix_caching", True)  # the served default caches
+    assert app_args_for("vibe", DEFAULT, "x")["enable_prefix_caching"] is False
+    turned_on = replace(DEFAULT, app_args={"enable_prefix_caching": True})
+    assert app_args_for("vibe", turned_on, "x")["enable_prefix_caching"] is True
+
+
 def test_deploy_cluster_stays_within_published_variability():
     args = deploy_args()
     speeds = args["speeds"]

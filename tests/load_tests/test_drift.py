@@ -8,13 +8,14 @@ from dataclasses import replace
 from unittest import mock
 
 import httpx
+import numpy as np
 import pytest
 
 from deploy.app import DEFAULT_SPEEDS, AppArgs
 from load_tests.compare import record_json
 from load_tests.drift import DriftConfig, DriftRun, scenario_args, segments, throttle_event, verdicts
 from load_tests.generator import ClientConfig, RequestResult, RunRecord
-from load_tests.slo import SLO
+from load_tests.slo import SLO, summarize
 
 
 def test_scenario_args_differ_only_in_recalibration():
@@ -70,11 +71,15 @@ def test_segments_split_at_the_switch():
     assert segments(results[:1], slo, 10.0, 20.0)["after"] is None
 
 
-def _mode(met: int, requests: int, ttft_s: float = 0.1, tpot_p90: float = 9.0, **extra) -> dict:
+SLO_S = {"ttft_s": 1.0, "tpot_s": 1.0}  # the SLO of the results `_mode` makes: every completed request within it
+
+
+def _mode(met: int, requests: int, ttft_s: float = 0.1, tpot_p90: float = 9.0, spread_s: float = 1e-3,
+          **extra) -> dict:
     """An app's drift entry: `requests` sent after the switch (at 40 s), `met` of them within the SLO (the others
-    timed out), each TTFT `ttft_s` plus a millisecond per request (a spread for the rank test)."""
-    results = [RequestResult(i, "a", 40.0 + i, ttft_s + 1e-3 * i, ttft_s + 1.0, 5, 6, None if i < met else "timeout")
-               for i in range(requests)]
+    timed out), request i's TTFT `ttft_s` plus i x `spread_s` (a spread for the rank tests)."""
+    results = [RequestResult(i, "a", 40.0 + i, ttft_s + spread_s * i, ttft_s + 1.0, 5, 6,
+                             None if i < met else "timeout") for i in range(requests)]
     ttfts = sorted(r.ttft_s for r in results[:met])
     after = {"requests": requests, "attainment": met / requests,
              "ttft_p90_ms": 1e3 * ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None, "tpot_p90_ms": tpot_p90}
@@ -85,7 +90,7 @@ def _mode(met: int, requests: int, ttft_s: float = 0.1, tpot_p90: float = 9.0, *
 def test_a_verdict_needs_a_significant_difference():
     """One request of some 40 after the switch decided the verdict: 41/41 against 40/41 read as a loss, the mirror case
     as a win (a measurement review). Attainment decides where it differs significantly, else the TTFTs."""
-    result = {"config": {"switch_s": 40.0}, "scenarios": {
+    result = {"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {
         "workload": {"static": _mode(30, 60), "adaptive": _mode(55, 60)},
         "device": {"static": _mode(40, 41), "adaptive": _mode(41, 41)},
         "mirror": {"static": _mode(41, 41), "adaptive": _mode(40, 41)},
@@ -109,10 +114,11 @@ def test_with_attainment_tied_a_significantly_shorter_ttft_wins_unless_bought_wi
     calls = {"started_wall": 1000.0, "recalibrations": [
         {"status": "applied", "started_at": 990.0}, {"status": "skipped", "started_at": 1010.0},
         {"status": "applied", "started_at": 1045.0}, {"status": "skipped", "started_at": 1050.0}]}
-    result = {"config": {"switch_s": 40.0}, "scenarios": {
+    result = {"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {
         "faster": {"static": _mode(40, 40, 0.3), "adaptive": _mode(40, 40, 0.1, **calls)},
         "bought": {"static": _mode(40, 40, 0.3, 67.9), "adaptive": _mode(40, 40, 0.1, 72.2, **calls)},
-        "noise": {"static": _mode(40, 40, 0.101), "adaptive": _mode(40, 40, 0.1, **calls)},
+        # the same TTFTs, on other requests: adaptive faster on half the pairs, slower on the others
+        "noise": {"static": _mode(40, 40, 0.1), "adaptive": _mode(40, 40, 0.139, spread_s=-1e-3, **calls)},
         "slower": {"static": _mode(40, 40, 0.1), "adaptive": _mode(40, 40, 0.3, **calls)},
     }}
     found = verdicts(result)
@@ -125,10 +131,39 @@ def test_with_attainment_tied_a_significantly_shorter_ttft_wins_unless_bought_wi
     tail = {"static": _mode(40, 40, 0.2), "adaptive": _mode(40, 40, 0.1)}
     tail["adaptive"]["results"]["ttft_s"][-4:] = [0.5] * 4  # its slowest tenth above static's
     tail["adaptive"]["segments"]["after"]["ttft_p90_ms"] = 500.0
-    direction = verdicts({"config": {"switch_s": 40.0}, "scenarios": {"fewer": fewer, "tail": tail}})
+    direction = verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {"fewer": fewer, "tail": tail}})
     assert direction["fewer"]["verdict"] != "win" and direction["tail"]["verdict"] == "win"
     assert (found["faster"]["recalibrations_applied_adaptive"], found["faster"]["recalibrations_adaptive"]) == (1, 2)
     assert found["faster"]["recalibrations_adaptive_whole_run"] == 4
+
+
+def test_the_tests_pair_the_requests_both_apps_served():
+    """Both apps serve the same trace at the same time, so request i is the same prompt in both: a difference on
+    nearly every request is a difference, however much the prompts' lengths spread the TTFTs. Tests for independent
+    samples hid it (a review: the committed workload scenario, adaptive slower on two requests in three by a median
+    14.6 ms, read as within noise at Mann-Whitney p=0.30; the paired test gives p=0.003)."""
+    rng = np.random.default_rng(1)
+    spread = rng.lognormal(np.log(0.2), 0.4, 44)  # prompts of many lengths
+
+    def app(slower_s: float, met: int = 44) -> dict:
+        results = [RequestResult(i, "code", 40.0 + i, t + slower_s, t + slower_s + 1.0, 100, 11,
+                                 None if i < met else "timeout") for i, t in enumerate(spread)]
+        after = summarize(results, SLO(1.5, 0.2), 60.0)
+        return record_json(RunRecord(started_wall=1000.0, results=results), segments={"after": after}) | {
+            "recalibrations": []}
+
+    found = verdicts({"config": {"switch_s": 40.0}, "slo": {"ttft_s": 1.5, "tpot_s": 0.2}, "scenarios": {
+        "slower": {"static": app(0.0), "adaptive": app(0.015)}, "faster": {"static": app(0.015), "adaptive": app(0.0)},
+        "same": {"static": app(0.0), "adaptive": app(0.0)}}})
+    assert found["slower"]["verdict"] == "loss" and found["slower"]["ttft_p"] < 1e-3
+    assert found["slower"]["median_ttft_difference_ms"] == pytest.approx(15.0)
+    assert found["faster"]["verdict"] == "win" and found["slower"]["pairs"] == 44
+    assert found["same"]["verdict"] == "within noise" and found["same"]["ttft_p"] is None
+    # attainment: only the requests one app served within the SLO and the other did not count (McNemar)
+    found = verdicts({"config": {"switch_s": 40.0}, "slo": {"ttft_s": 1.5, "tpot_s": 0.2}, "scenarios": {
+        "lost": {"static": app(0.0), "adaptive": app(0.0, met=36)}}})["lost"]
+    assert (found["within_slo_only_static"], found["within_slo_only_adaptive"]) == (8, 0)
+    assert found["verdict"] == "loss" and found["attainment_p"] == pytest.approx(2 / 2 ** 8)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -145,8 +180,9 @@ def test_a_scenario_whose_throttle_failed_is_no_win_and_says_so():
     device had slowed down (a measurement audit)."""
     throttled = _mode(30, 60, events=[{"name": "throttle device 7", "t": 40.0}])
     failed = _mode(55, 60, events=[{"name": "throttle device 7", "t": 40.0, "error": "HTTPStatusError: 503"}])
-    found = verdicts({"scenarios": {"device": {"static": throttled, "adaptive": failed}}})
+    found = verdicts({"slo": SLO_S, "scenarios": {"device": {"static": throttled, "adaptive": failed}}})
     assert not found["device"]["adaptive_wins"]
     assert found["device"]["failed_events"] == ["adaptive: throttle device 7: HTTPStatusError: 503"]
     failed["events"][0].pop("error")
-    assert verdicts({"scenarios": {"device": {"static": throttled, "adaptive": failed}}})["device"]["adaptive_wins"]
+    assert verdicts({"slo": SLO_S, "scenarios": {"device": {"static": throttled, "adaptive": failed}}})["device"][
+        "adaptive_wins"]

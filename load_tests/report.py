@@ -405,7 +405,7 @@ def _headroom(headroom: dict) -> str:
     others = [f"{best_gain(headroom, served, 'edge'):.3f}x on the edge cluster"] if "edge" in clusters else []
     if any(r["model"] == "DeepSeek-V3" for r in rows):
         others.append(f"{best_gain(headroom, 'DeepSeek-V3'):.3f}x for DeepSeek-V3")
-    lines += ["", f"vibe's MoE time is at most {best_gain(headroom):.3f}x shorter than eplb's for {served} on this "
+    lines += ["", f"eplb's MoE time is at most {best_gain(headroom):.3f}x vibe's for {served} on this "
               "cluster over these step shapes" + (f" ({'; '.join(others)})" if others else "")
               + ". A frontier ratio well beyond that is not the placement's doing; the 1.15x target needs a cluster "
               "or model where placement has more to act on (more experts per device, more variability)."]

@@ -184,13 +184,15 @@ class WorkloadDriftDetector:
         self._cool_downs = 0
         self._quiet_until = self._num_passes + self.config.cooldown
 
-    def cool_down(self) -> None:
-        """Keep the references (the placement did not change: a drift that did not pay to act on) and
-        report nothing for `cooldown` passes, doubled with each cool-down since the last `reset`, at most
-        the window: the drift is judged again as the window moves on, not at every check."""
+    def cool_down(self) -> int:
+        """Keep the references (the placement did not change: a drift that did not pay to act on, or a re-plan
+        that failed) and report nothing for `cooldown` passes, doubled with each cool-down since the last
+        `reset`, at most the window: the drift is judged again as the window moves on, not at every check.
+        Returns those passes."""
         quiet = min(self.config.cooldown << min(self._cool_downs, 30), max(self.config.cooldown, self.config.window))
         self._quiet_until = self._num_passes + quiet
         self._cool_downs += 1
+        return quiet
 
     def window_mean(self) -> np.ndarray | None:
         """float [L, E]: mean router counts per pass over the window (None before the first pass)."""
@@ -430,6 +432,7 @@ class DeviceDriftTracker:
                                             halflife=halflife)
         self._scales = np.ones(num_devices)
         self._planned = np.ones(num_devices)
+        self._asked = False  # `ask` gave a re-plan whose outcome is not known yet
 
     @property
     def scales(self) -> np.ndarray:
@@ -450,16 +453,34 @@ class DeviceDriftTracker:
 
     def due(self) -> dict[int, float]:
         """{device: scale over planned} beyond 1 +- threshold, or {}. Given once: the current scales count
-        as planned with from here (a re-plan that then fails is not asked for again and again)."""
-        moved = self.since_planned()
-        drifted = {int(g): float(moved[g]) for g in np.flatnonzero(np.abs(moved - 1.0) > self.threshold)}
+        as planned with from here, for a caller that does not say what became of the re-plan (one that does
+        uses `ask`)."""
+        drifted = self.ask()
         if drifted:
             self.planned_with(self._scales)
+        return drifted
+
+    def ask(self) -> dict[int, float]:
+        """{device: scale over planned} beyond 1 +- threshold, or {}. Given once, until the caller says what
+        became of the re-plan: `planned_with` (made, or judged not worth it) or `retry` (it failed). The
+        scales the placement was planned with stay until then: a re-plan that rolled back leaves the drift in
+        `since_planned` and asked for again (counted as planned with when asked, it read 1 while the device
+        stayed 3x slower, and no re-plan was asked for again)."""
+        if self._asked:
+            return {}
+        moved = self.since_planned()
+        drifted = {int(g): float(moved[g]) for g in np.flatnonzero(np.abs(moved - 1.0) > self.threshold)}
+        self._asked = bool(drifted)
         return drifted
 
     def planned_with(self, scales: np.ndarray) -> None:
         """A placement was planned (or judged not worth moving to) with these scales."""
         self._planned = np.array(scales, dtype=np.float64)
+        self._asked = False
+
+    def retry(self) -> None:
+        """The re-plan `ask` gave failed: the drift it was asked for is given again."""
+        self._asked = False
 
     def reprofiled(self, device: int, change: float) -> None:
         """``device`` has a new profiled model, ``change`` times the old one's time: its scale back to 1, samples

@@ -29,6 +29,7 @@ from service.worker_pool import WorkerCallError, WorkerPool, WorkerStartError, k
 log = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_MAX_S = 30.0  # longest wait between tries to restart a lost worker
+_ENGINE_FORGET_TIMEOUTS = 3  # an engine silent this many engine_timeout_s is gone from /admin/stats
 
 RECALIBRATION_MODES = ("auto", "incremental", "full")
 DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -52,9 +53,11 @@ class CoordinatorConfig:
             cost), "incremental" (the paper's Algorithm 2 only) or "full".
         eps: the incremental solver stops at max <= (1 + eps) * mean device time.
         drift_check_every, drift_window, drift_threshold, drift_cooldown: workload drift detector
-            (forward passes; cosine distance). After a recalibration is skipped (not worth moving), the
-            cooldown doubles with each skip in a row, up to drift_window passes: a drift that does not pay
-            is judged again as the window moves on, not at every check.
+            (forward passes; cosine distance). After a recalibration is skipped (not worth moving) or rolled
+            back (or raised in the loop), the cooldown doubles with each one in a row, up to drift_window
+            passes: a drift that does not pay, or whose re-plan failed, is judged again as the window moves on,
+            not at every check. A re-plan for device drift and a failed startup calibration are tried again
+            after the same cool-down (at least drift_check_every passes).
         drift_volume_factor: the window's median router load per pass more than this factor above or below
             that of the window the placement was made on is workload drift too (the batch size changed;
             > 1, inf: never; see `placement.drift.WorkloadDriftConfig`).
@@ -83,7 +86,8 @@ class CoordinatorConfig:
         bandwidth_bytes_per_s: initial estimate of worker-to-worker copy bandwidth, refined by every
             migration.
         ack_timeout_s: how long old copies wait for every live engine to acknowledge a new version.
-        engine_timeout_s: an engine silent this long is forgotten (it no longer holds up drops).
+        engine_timeout_s: an engine silent this long is forgotten (it no longer holds up drops); one silent
+            _ENGINE_FORGET_TIMEOUTS times this long is dropped from /admin/stats too.
         health_interval_s: how often workers are checked for liveness.
         probe_timeout_s: a probe a worker does not answer within this is missed.
         probe_misses: consecutive missed probes after which a worker is lost (one that answers as a new
@@ -239,6 +243,8 @@ class Coordinator:
         self._history: deque[Recalibration] = deque(maxlen=50)
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
+        self._calibration_asked = False  # an engine asked for the startup calibration (retried until it applies)
+        self._retry_at_pass = 0  # after a failed re-plan, none is asked for again before this many passes
         self._planned_by = config.policy  # the policy of the placement in service (an admin call may name another)
         self._lost: set[int] = set()  # devices out of the placement (dead, or restarted and not yet back)
         self._readmit_after = 0.0  # clock time of the next try after a failed readmission
@@ -412,6 +418,9 @@ class Coordinator:
         counts = np.asarray(report.router_counts, dtype=np.float64)
         with self._lock:
             self._engines[report.engine_id] = _Engine(report.placement_version, report.workers_epoch, now)
+            # an ingress replica gone (replaced, scaled down) is forgotten: every one that ever reported was listed
+            forget = _ENGINE_FORGET_TIMEOUTS * self.config.engine_timeout_s
+            self._engines = {k: e for k, e in self._engines.items() if now - e.last_seen <= forget}
             # (an engine on an older worker epoch may be calling a worker since replaced)
             suspects = set(report.unreachable) - self._lost - self._suspects
             if suspects and report.workers_epoch == self._workers_epoch:
@@ -454,18 +463,24 @@ class Coordinator:
 
     def calibrate(self, counts: np.ndarray | None = None, reason: str = "startup profiling pass") -> dict[str, Any]:
         """First calibration, from an engine's profiling pass: router counts [L, E] per pass, or the
-        statistics window when None. Runs once per app; later calls report that it is done."""
+        statistics window when None. Runs once per app; later calls report that it is done. One that does not
+        apply (a copy failed and rolled back, or it raised) is tried again by the loop on the window after a
+        cool-down (`_back_off`), until it or another full re-plan on router statistics applies: an app left
+        uncalibrated never re-plans on drift (one failed calibration turned automatic recalibration off for good)."""
         with self._lock:
             if self._calibrated:
                 return {"status": "already_calibrated", "to_version": self._placement.version}
+            self._calibration_asked = True
+            self._calibrated = True  # recorded with the placement it publishes (and no second calibration meanwhile)
         loads = None if counts is None else np.asarray(counts, dtype=np.float64)
-        self._calibrated = True  # recorded with the placement it publishes
         try:
             result = self.recalibrate(mode="full", force=True, reason=reason, loads=loads)
         except Exception:
-            self._calibrated = False
+            with self._lock:
+                self._calibrated = False
+                self._back_off()
             raise
-        self._calibrated = result["status"] in ("applied", "no_change")
+        self._calibrated = result["status"] in ("applied", "no_change")  # (rolled back: backed off already)
         if result["status"] == "no_change":
             self._publish(self.placement)  # record that the current placement is the calibrated one
         return result
@@ -491,49 +506,61 @@ class Coordinator:
         if mode not in RECALIBRATION_MODES:
             raise ValueError(f"mode must be one of {RECALIBRATION_MODES}, got {mode!r}")
         with self._migration_lock:
-            self._finish_drops(wait=True)
-            started = self._clock()
-            with self._lock:
-                old = self._placement
-                devices, scales = self.device_models(), self._devices.scales
-                volume = self._workload_drift.volume()  # of the passes planned on (None: no load yet)
-                passes = self._workload_drift.window_passes() if loads is None else None
-                loads, activity = self._window() if loads is None else (loads, None)
-            if loads is None:
-                raise ValueError("no router statistics yet: serve some requests first")
-            z = self.config.gain_confidence_z if confidence_z is None else float(confidence_z)
-            if policy != self.config.policy or policy != "vibe":
-                mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
-            judged = []
-            for candidate_mode in ("incremental", "full") if mode == "auto" else (mode,):
-                try:
-                    new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
-                except ValueError as exc:
-                    if policy != self.config.policy:  # the caller's choice cannot place this app: a 400
-                        raise ValueError(f"policy {policy!r} cannot place this app: {exc}") from exc
-                    # the configured policy failing is the coordinator's failure, not the caller's (no 400)
-                    raise RuntimeError(f"planning a {policy} placement failed: {exc}") from exc
-                plan = pl.migration_plan(old, new, self.shape.expert_bytes)
-                judged.append((self._judge(old, new, plan, loads, activity, passes, devices, policy,
-                                           candidate_mode, reason, dry_run, force, z), new, plan))
-            record, new, plan = max(judged, key=lambda j: self._net_gain(j[0]))
-            if len(judged) > 1:
-                nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
-                record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
-            if record.status == "pending":
-                record.status, outcome, record.failed_devices = self._migrate(old, new, plan, policy)
-                record.detail = "; ".join(filter(None, (outcome, record.detail)))
-            record.duration_s = self._clock() - started
-            with self._lock:
-                self._remember(record)
-                if record.status in ("applied", "no_change"):
-                    self._reset_drift(loads, volume)
-                elif record.status == "skipped":  # not worth moving now: keep the reference, back off
-                    self._workload_drift.cool_down()
-                if record.status in ("applied", "no_change", "skipped"):
-                    self._devices.planned_with(scales)  # judged on these models: drift starts from here
-            log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
-            return asdict(record)
+            return self._recalibrate(policy=policy, mode=mode, dry_run=dry_run, force=force, reason=reason,
+                                     loads=loads, confidence_z=confidence_z)
+
+    def _recalibrate(self, *, policy: str, mode: str, dry_run: bool, force: bool, reason: str,
+                     loads: np.ndarray | None, confidence_z: float | None) -> dict[str, Any]:
+        """`recalibrate` with its arguments checked, under the migration lock."""
+        self._finish_drops(wait=True)
+        started = self._clock()
+        # A full plan on router statistics applied is the app's calibration, whoever asked for it (the startup one
+        # may have failed; a plan for the uniform stand-in loads of a readmission before any traffic is not one)
+        on_statistics = loads is None
+        with self._lock:
+            old = self._placement
+            devices, scales = self.device_models(), self._devices.scales
+            volume = self._workload_drift.volume()  # of the passes planned on (None: no load yet)
+            passes = self._workload_drift.window_passes() if loads is None else None
+            loads, activity = self._window() if loads is None else (loads, None)
+        if loads is None:
+            raise ValueError("no router statistics yet: serve some requests first")
+        z = self.config.gain_confidence_z if confidence_z is None else float(confidence_z)
+        if policy != self.config.policy or policy != "vibe":
+            mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
+        judged = []
+        for candidate_mode in ("incremental", "full") if mode == "auto" else (mode,):
+            try:
+                new = self._candidate(old, loads, activity, devices, policy, candidate_mode)
+            except ValueError as exc:
+                if policy != self.config.policy:  # the caller's choice cannot place this app: a 400
+                    raise ValueError(f"policy {policy!r} cannot place this app: {exc}") from exc
+                # the configured policy failing is the coordinator's failure, not the caller's (no 400)
+                raise RuntimeError(f"planning a {policy} placement failed: {exc}") from exc
+            plan = pl.migration_plan(old, new, self.shape.expert_bytes)
+            judged.append((self._judge(old, new, plan, loads, activity, passes, devices, policy,
+                                       candidate_mode, reason, dry_run, force, z), new, plan))
+        record, new, plan = max(judged, key=lambda j: self._net_gain(j[0]))
+        if len(judged) > 1:
+            nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
+            record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
+        if record.status == "pending":
+            calibrates = record.mode == "full" and on_statistics
+            record.status, outcome, record.failed_devices = self._migrate(old, new, plan, policy, calibrates)
+            record.detail = "; ".join(filter(None, (outcome, record.detail)))
+        record.duration_s = self._clock() - started
+        with self._lock:
+            self._remember(record)
+            if record.status in ("applied", "no_change"):
+                self._reset_drift(loads, volume)
+            elif record.status == "skipped":  # not worth moving now: keep the reference, back off
+                self._workload_drift.cool_down()
+            elif record.status == "rolled_back":  # keep the references too: the drift is acted on again, later
+                self._back_off()
+            if record.status in ("applied", "no_change", "skipped"):
+                self._devices.planned_with(scales)  # judged on these models: drift starts from here
+        log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
+        return asdict(record)
 
     def _candidate(self, old, loads, activity, devices, policy, mode) -> pl.Placement:
         if policy == "contiguous":
@@ -599,10 +626,11 @@ class Coordinator:
         stderr = record.predicted_gain_stderr_s or 0.0
         return record.predicted_gain_s - record.gain_confidence_z * stderr - record.migration_cost_s
 
-    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan,
-                 policy: str) -> tuple[str, str, list[int]]:
-        """Two-phase migration from `old` to `new` by `plan`. Phase 1 copies; phase 2 publishes; phase 3
-        (later) drops old copies. Returns the status, a detail and the devices a failed copy named."""
+    def _migrate(self, old: pl.Placement, new: pl.Placement, plan: pl.MigrationPlan, policy: str,
+                 calibrates: bool = False) -> tuple[str, str, list[int]]:
+        """Two-phase migration from `old` to `new` by `plan`. Phase 1 copies; phase 2 publishes (`calibrates`: the
+        app is calibrated from then on); phase 3 (later) drops old copies. Returns the status, a detail and the
+        devices a failed copy named."""
         transfers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for move in plan.moves:
             transfers.setdefault((move.src_device, move.dst_device), []).append((move.layer, move.expert))
@@ -617,7 +645,7 @@ class Coordinator:
         if plan.bytes_moved and elapsed > 0:
             self._bandwidth = 0.5 * self._bandwidth + 0.5 * plan.bytes_moved / elapsed
         drops = keys_by_device((d.device, (d.layer, d.expert)) for d in plan.drops)
-        self._publish(new, policy)
+        self._publish(new, policy, calibrated=calibrates)
         with self._lock:
             self._pending_drops = (new.version, drops, self._clock())
         return "applied", "", []
@@ -647,12 +675,13 @@ class Coordinator:
         if incomplete:
             log.warning("rollback cleanup incomplete, left to reconciliation: %s", "; ".join(incomplete))
 
-    def _publish(self, placement: pl.Placement, planned_by: str | None = None) -> None:
-        """Serve `placement` (planned by the policy `planned_by`; None: the same as the one before) and record it
-        on the workers, for a restarted coordinator."""
+    def _publish(self, placement: pl.Placement, planned_by: str | None = None, *, calibrated: bool = False) -> None:
+        """Serve `placement` (planned by the policy `planned_by`; None: the same as the one before; `calibrated`: it
+        calibrates the app) and record it on the workers, for a restarted coordinator."""
         with self._lock:
             self._placement = placement
             self._planned_by = planned_by or self._planned_by
+            self._calibrated = self._calibrated or calibrated
         record = placement.to_dict() | {"calibrated": self._calibrated, "planned_by": self._planned_by}
         try:  # on the devices not lost (a lost one that Ray is restarting would hold this for call_timeout_s)
             self.pool.save_record(record, self._live_devices())
@@ -732,6 +761,19 @@ class Coordinator:
         reference = np.where(reference.sum(axis=1, keepdims=True) > 0, reference, 1.0)
         self._workload_drift.reset(reference, volume)
         self._pending_trigger = None
+        self._retry_at_pass = 0  # a placement made for the loads: no failed re-plan to back off from
+
+    def _back_off(self) -> None:
+        """A re-plan rolled back or raised: keep what it was for (the workload and device references) and ask for
+        none until the workload detector's cool-down is over (doubling with each in a row, up to the window; at
+        least drift_check_every passes). The workload drift is reported, the device drift asked for and a failed
+        startup calibration tried again then (call under the lock). A re-plan that rolled back was retried at
+        every drift check (a copy to a worker out of memory: 19 rollbacks in 200 passes, 86 expert copies thrown
+        away, the history flooded)."""
+        quiet = self._workload_drift.cool_down()
+        self._retry_at_pass = self._workload_drift.num_passes + max(quiet, self.config.drift_check_every)
+        self._pending_trigger = None  # (reported during the re-plan: reported again after the cool-down)
+        self._devices.retry()
 
     # --- device models -----------------------------------------------------------------------------
 
@@ -754,13 +796,16 @@ class Coordinator:
         """Refit the model of each device whose observed / predicted time settled away from 1 (no
         migration); the reason for a recalibration when a model now predicts beyond 1 +-
         device_drift_threshold times the time of the one the placement was planned with, else None. A
-        reason is given once: a recalibration that then fails is not retried at every loop. Without automatic
+        reason is given once per recalibration: the models it was planned with count as those of the placement
+        once it is applied, or skipped (`recalibrate`); one that rolls back or raises leaves them, and the reason is
+        given again after its cool-down (`_back_off`), not at every loop. Without automatic
         recalibration (or before the first placement for the routing) nothing is due, and the models the placement
         was planned with stay what they were (`model_over_planned` shows the drift not acted on)."""
         replans = self.config.auto_recalibrate and self.config.policy != "contiguous" and self._calibrated
         with self._lock:
             self._devices.refit()
-            drifted = self._devices.due() if replans else {}
+            backing_off = self._workload_drift.num_passes < self._retry_at_pass
+            drifted = self._devices.ask() if replans and not backing_off else {}
         if not drifted:
             return None
         worst = max(drifted, key=lambda d: abs(np.log(drifted[d])))
@@ -1026,33 +1071,41 @@ class Coordinator:
     def _readmit(self) -> None:
         """Give restarted devices their share again with a full re-plan (forced: they are idle). Until that
         re-plan is applied they stay out of the placement and in `_rejoin`, retried at the next probe:
-        readmitted without slots, later incremental re-plans (which keep slot counts) would never fill them."""
+        readmitted without slots, later incremental re-plans (which keep slot counts) would never fill them.
+
+        Under the migration lock from taking them out of `_lost` to putting them back: a recalibration that ran
+        while they were profiled planned with them, published a placement using a device that this readmission
+        then failed, marked lost again and restarted empty (never re-placed: it was lost already)."""
         with self._lock:
-            back = set(self._rejoin)
-            if not back or self._clock() < self._readmit_after:
+            if not self._rejoin or self._clock() < self._readmit_after:
                 return
-            self._lost -= back
-        uniform = self._uniform_loads() if self.window_loads() is None else None  # no traffic yet: as at startup
-        try:
-            # profiled before a plan gives them a share: a stand-in model (never profiled) is a guess, and a device
-            # lost while serving kept the model of the process that died (refined: its throttling, its fault)
-            self._profile(sorted(back))
-            result = self.recalibrate(mode="full", force=True, loads=uniform,
-                                      reason=f"device {', '.join(map(str, sorted(back)))} rejoined")
-        except Exception as exc:
-            log.warning("readmitting devices %s failed: %s", sorted(back), exc)
-            result = {"status": "failed", "failed_devices": list(getattr(exc, "devices", ()))}
-        # a rejoining device that failed its profiling or a copy to it (a hung worker: each try waited minutes for
-        # it) is restarted again by the next probe instead of retried as it is
-        readmitted = result["status"] in ("applied", "no_change")  # (no_change: the plan gives them no slots)
-        failed = set() if readmitted else back & set(result.get("failed_devices", ()))
-        with self._lock:
-            if readmitted:
-                self._rejoin -= back
-            else:
-                self._lost |= back
-                self._rejoin -= failed
-                self._readmit_after = self._clock() + self.config.health_interval_s
+        with self._migration_lock:
+            with self._lock:
+                back = set(self._rejoin)
+                self._lost -= back
+            uniform = self._uniform_loads() if self.window_loads() is None else None  # no traffic yet: as at startup
+            try:
+                # profiled before a plan gives them a share: a stand-in model (never profiled) is a guess, and a
+                # device lost while serving kept the model of the process that died (refined: its throttling, its
+                # fault)
+                self._profile(sorted(back))
+                result = self._recalibrate(policy=self.config.policy, mode="full", dry_run=False, force=True,
+                                           reason=f"device {', '.join(map(str, sorted(back)))} rejoined",
+                                           loads=uniform, confidence_z=None)
+            except Exception as exc:
+                log.warning("readmitting devices %s failed: %s", sorted(back), exc)
+                result = {"status": "failed", "failed_devices": list(getattr(exc, "devices", ()))}
+            # a rejoining device that failed its profiling or a copy to it (a hung worker: each try waited minutes
+            # for it) is restarted again by the next probe instead of retried as it is
+            readmitted = result["status"] in ("applied", "no_change")  # (no_change: the plan gives them no slots)
+            failed = set() if readmitted else back & set(result.get("failed_devices", ()))
+            with self._lock:
+                if readmitted:
+                    self._rejoin -= back
+                else:
+                    self._lost |= back
+                    self._rejoin -= failed
+                    self._readmit_after = self._clock() + self.config.health_interval_s
         if failed:
             log.warning("rejoining devices %s failed: restarting them again", sorted(failed))
 
@@ -1066,7 +1119,9 @@ class Coordinator:
                 log.exception("coordinator loop iteration failed")
 
     def _tick(self) -> None:
-        """One pass of the background loop: drops, liveness, readmission, device models, drift."""
+        """One pass of the background loop: drops, liveness, readmission, a failed calibration tried again, device
+        models, drift. A failed calibration is tried again whether or not auto_recalibrate is set: an engine asked
+        for it."""
         if self._migration_lock.acquire(blocking=False):  # never drop while a migration copies
             try:
                 self._catch_up_version()
@@ -1080,6 +1135,11 @@ class Coordinator:
                 self._refresh_telemetry()
         if self._rejoin:
             self._readmit()
+        with self._lock:
+            calibrate = (self._calibration_asked and not self._calibrated
+                         and self._workload_drift.num_passes >= self._retry_at_pass)
+        if calibrate:
+            self.calibrate(reason="startup calibration, tried again")  # (backs off itself when it fails again)
         device_reason = self._apply_device_drift()  # models are refined whether or not they re-plan
         if not self.config.auto_recalibrate or self.config.policy == "contiguous":
             return
@@ -1088,7 +1148,15 @@ class Coordinator:
             self._pending_trigger = None
         if reason and self._calibrated:
             z = self.config.device_drift_confidence_z if device_reason else self.config.gain_confidence_z
-            self.recalibrate(reason=reason, mode=self.config.recalibration_mode, confidence_z=z)
+            try:
+                self.recalibrate(reason=reason, mode=self.config.recalibration_mode, confidence_z=z)
+            except Exception:  # (a rollback backed off already) not tried again at the next tick
+                with self._lock:
+                    self._back_off()
+                raise
+        elif device_reason:  # a calibration failed since it was asked for: asked again once one applies
+            with self._lock:
+                self._devices.retry()
 
     def stop(self) -> None:
         self._stop.set()
@@ -1181,7 +1249,9 @@ class Coordinator:
         with self._lock:
             current, (loads, activity), devices = self._placement, self._window(), self.device_models()
             history = [asdict(r) for r in self._history]
-            engines = {k: asdict(v) for k, v in self._engines.items()}
+            now = self._clock()  # (`last_seen` is this clock's, which means nothing elsewhere: `age_s` says it)
+            engines = {k: asdict(v) | {"age_s": now - v.last_seen} for k, v in self._engines.items()}
+            calibrated = self._calibrated
             drift = dict(self._last_drift)
             passes = self._workload_drift.num_passes
             volume = self._workload_drift.volume_ratio() if self._calibrated else None
@@ -1196,6 +1266,7 @@ class Coordinator:
             "placement_version": current.version,
             "policy": self.config.policy,
             "planned_by": self._planned_by,
+            "calibrated": calibrated,
             "passes_observed": passes,
             "loads": None if loads is None else loads.tolist(),
             "activity": None if activity is None else activity.tolist(),

@@ -396,8 +396,11 @@ class IngressDeployment:
         await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
         await asyncio.to_thread(self.sync.sync_once)  # hand over every router count of the pass
         result = await self.coordinator.calibrate.remote()
+        # only an applied calibration published its version (a rollback's names one never published: the wait was
+        # 30 s for nothing; the coordinator's loop tries it again)
         deadline = time.monotonic() + 30
-        while self.context.placement.version < result.get("to_version", 0) and time.monotonic() < deadline:
+        while (result.get("status") == "applied" and self.context.placement.version < result["to_version"]
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.05)
         log.info("profiling pass over %d prompts: %s in %.1f s", len(prompts), result.get("status"),
                  time.monotonic() - started)

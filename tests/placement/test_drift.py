@@ -376,6 +376,26 @@ def test_tracker_due_is_given_once_and_planned_with_moves_its_origin():
     assert tracker.scales[0] == 1.0 and tracker.due() == {} and np.isnan(tracker.detector.ratios()[0])
 
 
+def test_tracker_ask_keeps_the_planned_models_until_the_re_plan_is_made_and_asks_again_after_it_failed():
+    """`due` counted the scales as planned with when it asked: a re-plan that then rolled back left `since_planned`
+    at 1 while the device stayed 1.2x slower, and nothing asked for it again."""
+    tracker = DeviceDriftTracker(1, threshold=0.1, min_samples=1, halflife=1)
+    tracker.detector.observe(np.zeros(3, dtype=int), 1e-3, 1.2e-3)
+    tracker.refit()
+    assert tracker.ask() == {0: pytest.approx(1.2)}
+    assert tracker.ask() == {}  # given once while the re-plan runs
+    assert tracker.since_planned()[0] == pytest.approx(1.2)  # not planned with yet
+    tracker.retry()  # it rolled back
+    assert tracker.since_planned()[0] == pytest.approx(1.2) and tracker.ask() == {0: pytest.approx(1.2)}
+    tracker.planned_with(tracker.scales)  # made (or judged not worth it)
+    assert tracker.since_planned()[0] == pytest.approx(1.0) and tracker.ask() == {}
+
+
+def test_a_cool_down_says_how_many_passes_it_keeps_quiet():
+    detector = WorkloadDriftDetector(REFERENCE, check_every=1, window=50, cooldown=10)
+    assert [detector.cool_down() for _ in range(5)] == [10, 20, 40, 50, 50]
+
+
 def test_tracker_resets_one_device_and_keeps_the_others():
     """A device profiled again on its own (one that rejoined) starts from its new model; the others keep theirs."""
     tracker = DeviceDriftTracker(2, threshold=0.1, min_samples=1, halflife=1)

@@ -350,3 +350,50 @@ def test_the_destructor_runs_while_the_start_does_and_a_deleted_app_takes_its_wo
 
     asyncio.run(delete_while_starting())
     assert shell.core.stopped and shell.core.pool.calls == ["shutdown"]
+
+
+def _profiling_ingress(tmp_path, calibration: dict):
+    """An ingress shell whose profiling pass runs no prompt and whose coordinator answers `calibration`; the versions
+    of the placement it serves, one per read (the placement it switches to as its sync thread answers)."""
+    import threading
+    import types
+
+    from service.deployments import IngressDeployment
+
+    prompts = tmp_path / "profile.jsonl"
+    prompts.write_text("")
+    reads: list[int] = []
+
+    class _Context:
+        @property
+        def placement(self):
+            reads.append(1 if len(reads) < 3 else calibration["to_version"])  # switched at the fourth read
+            return types.SimpleNamespace(version=reads[-1])
+
+    async def calibrate() -> dict:
+        return calibration
+
+    ingress = object.__new__(IngressDeployment)
+    ingress.settings = types.SimpleNamespace(profile_prompts=str(prompts), profile_max_tokens=2)
+    ingress.engine = types.SimpleNamespace(tokenizer=None, config=types.SimpleNamespace(max_queue=4),
+                                           shutdown=lambda: None)
+    ingress.sync = types.SimpleNamespace(sync_once=lambda: None, stop=lambda: None)
+    ingress._stopping = threading.Event()  # (what __del__ touches)
+    ingress.coordinator = types.SimpleNamespace(calibrate=types.SimpleNamespace(remote=calibrate))
+    ingress.context = _Context()
+    return ingress, reads
+
+
+@pytest.mark.parametrize("status", ["rolled_back", "no_change", "already_calibrated"])
+def test_the_profiling_pass_waits_only_for_a_calibration_that_published_its_version(tmp_path, status):
+    """A calibration that rolled back names the version it would have published (`to_version`): the ingress waited
+    the full 30 s for it before it said it was ready."""
+    ingress, reads = _profiling_ingress(tmp_path, {"status": status, "to_version": 5})
+    asyncio.run(ingress._profiling_pass())
+    assert reads == []
+
+
+def test_the_profiling_pass_waits_for_an_applied_calibrations_version(tmp_path):
+    ingress, reads = _profiling_ingress(tmp_path, {"status": "applied", "to_version": 5})
+    asyncio.run(ingress._profiling_pass())
+    assert reads == [1, 1, 1, 5]

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import sys
 import time
 import uuid
@@ -589,7 +590,8 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
                timer: RequestTimer, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: the format's start chunks, a chunk per delta, its end chunks (chat and
     completions: a usage chunk if asked, then ``data: [DONE]``); an engine error ends the stream with
-    the format's error chunks."""
+    the format's error chunks, and so does any other exception (a bug: logged, sent as a 500's error JSON),
+    which had cut the stream with neither an error event nor ``[DONE]``."""
     try:
         for chunk in fmt.start_chunks():
             yield fmt.sse(chunk)
@@ -603,6 +605,11 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
     except EngineError as exc:
         timer.finish(_failure_status(exc), fmt.prompt_tokens)
         for chunk in fmt.error_chunks(exc):
+            yield fmt.sse(chunk)
+    except Exception as exc:
+        logging.getLogger(__name__).error("a stream failed", exc_info=exc)
+        timer.finish("error", fmt.prompt_tokens)
+        for chunk in fmt.error_chunks(APIError(500, "internal server error", type="server_error")):
             yield fmt.sse(chunk)
     finally:
         timer.finish("abort", fmt.prompt_tokens)  # no-op unless the client left mid-stream

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -118,33 +119,65 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
-MAX_JSON_DEPTH = 128  # nesting of a tool's schema, a structured output's, template variables
+MAX_JSON_DEPTH = 128  # nesting of a tool's schema, a structured output's, template variables, a call's arguments
 
 
-def _utf8_json(value: Any, where: str = "", depth: int = 0) -> Any:
+def _utf8_json(value: Any, where: str = "", depth: int = 0, *, finite: bool = True) -> Any:
     """`value`, a JSON value, if all of its strings (object keys too) are valid Unicode (`_utf8`): a tool's
     schema, a structured output's, template variables are rendered into the prompt or a grammar, which refuse
     lone surrogates with errors that name neither the field nor the cause. The error names where the string is.
     Nested deeper than MAX_JSON_DEPTH it is refused too: rendering tools nested 400 deep (a 20 KB body) overflowed
-    the template's recursion, a 500 with a 3,000-line traceback logged twice."""
+    the template's recursion, a 500 with a 3,000-line traceback logged twice. With ``finite``, NaN and infinities
+    are refused as well: Python's JSON reads them (``NaN``, ``1e400``), StrictModel refuses them only in number
+    fields, and one in a tool's schema got through to a grammar that could not read it back (after 30 s) or to a
+    response that could not be written as JSON once the completion was generated."""
+    def refused(problem: str) -> ValueError:
+        return ValueError(f"{where}: {problem}" if where else problem)
+
     if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
+        raise refused(f"nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, str):
         try:
             _utf8(value)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+            raise refused(str(exc)) from None
+    elif isinstance(value, float):
+        if finite and not math.isfinite(value):
+            raise refused(f"{value} is not a finite number (JSON has no NaN or infinities)")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _utf8_json(key, where, depth + 1)
-            _utf8_json(item, f"{where}.{key}" if where else str(key), depth + 1)
+            _utf8_json(key, where, depth + 1, finite=finite)
+            _utf8_json(item, f"{where}.{key}" if where else str(key), depth + 1, finite=finite)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _utf8_json(item, f"{where}.{index}" if where else str(index), depth + 1)
+            _utf8_json(item, f"{where}.{index}" if where else str(index), depth + 1, finite=finite)
     return value
 
 
+def _json_in_text(text: str, *, finite: bool = True) -> Any:
+    """The JSON value ``text`` holds (None when it is not JSON), checked as `_utf8_json` checks a JSON field: JSON
+    sent as a string (a call's arguments, a structured output's schema) is parsed and rendered too. 1,000 levels
+    made ``json.loads`` raise RecursionError, and 600 (which parse) overflowed the chat template: 500s, where a
+    dict nested as deep is a 400."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        return None
+    return _utf8_json(value, finite=finite)
+
+
+def _arguments(text: str) -> str:
+    """A call's arguments sent back: any text, JSON in it checked as `_json_in_text` checks it (a NaN the model
+    wrote, which Python's JSON reads, stays allowed: the client sends back what this server returned)."""
+    _json_in_text(text, finite=False)
+    return text
+
+
 JSONObject = Annotated[dict[str, Any], AfterValidator(_utf8_json)]  # a JSON object whose strings are Text
+# a call's arguments as JSON text (or any text), JSON in it no deeper than a JSONObject
+Arguments = Annotated[str, AfterValidator(_utf8), AfterValidator(_arguments)]
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512
 # OpenAI's ``metadata`` tags: checked against its limits, echoed where the API echoes them (responses), not stored
@@ -192,6 +225,15 @@ class StructuredOutputs(StrictModel):
     regex: Text | None = None
     choice: list[Text] | None = None
     grammar: Text | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_text(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        """A schema sent as JSON text is checked as one sent as an object (text that is not JSON is refused when
+        the grammar is built, naming structured_outputs)."""
+        if isinstance(value, str):
+            _json_in_text(value)
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
@@ -334,7 +376,7 @@ class TextPart(StrictModel):
 
 class FunctionCallIn(StrictModel):
     name: Text
-    arguments: Text  # JSON text, as the model wrote it
+    arguments: Arguments  # JSON text, as the model wrote it
 
 
 class ToolCallIn(StrictModel):
@@ -407,7 +449,7 @@ def _check_continuation(messages: list[ChatMessage], add_generation_prompt: bool
 def _json_object_or_text(text: str) -> dict | str:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (validation refused JSON nested deep enough to overflow: `_arguments`)
         return text
     return value if isinstance(value, dict) else text
 
@@ -618,8 +660,12 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> tuple[str | 
         if request.min_tokens:
             raise APIError(400, "min_tokens cannot be combined with a forced tool call or tools with a response "
                            "format", param="min_tokens")
-        return tools.grammar(answer if tools.choice == "auto" else None), (
-            "response_format" if tools.choice == "auto" else "tools")
+        try:
+            grammar = tools.grammar(answer if tools.choice == "auto" else None)
+        except (ValueError, TypeError) as exc:  # a schema the call grammar cannot take (`$defs` not an object): a 400,
+            # as the structured outputs' below, not a 500 (TypeError: a keyword of a type no check foresaw)
+            raise APIError(400, f"tools: {exc}", param="tools") from None
+        return grammar, "response_format" if tools.choice == "auto" else "tools"
     if structured is not None:
         kind, value = structured.spec()
         param = "structured_outputs"

@@ -34,6 +34,7 @@ from service.openai_api import (
     MAX_LOGPROBS,
     MAX_TOOLS,
     APIError,
+    Arguments,
     ChatCompletionRequest,
     FunctionName,
     JSONObject,
@@ -93,7 +94,7 @@ class FunctionCallInput(StrictModel):
     type: Literal["function_call"]
     call_id: Text = Field(min_length=1)
     name: Text
-    arguments: Text
+    arguments: Arguments  # (JSON in them no deeper than the chat endpoint takes)
     id: str | None = None
     status: str | None = None
 

@@ -60,7 +60,10 @@ def grammar_from_spec(kind: str, value: Any) -> str:
     import llguidance
 
     if kind == "json":
-        schema = json.loads(value) if isinstance(value, str) else value
+        try:
+            schema = json.loads(value) if isinstance(value, str) else value
+        except RecursionError:  # (JSON text nested some 1,000 deep: a 500 where invalid JSON is a ValueError)
+            raise ValueError("the JSON schema is nested too deeply") from None
         if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
         return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_DEFAULTS)

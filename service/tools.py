@@ -242,12 +242,18 @@ class ToolCallStream:
         return text if final else body
 
     def _parse(self, block: str) -> list[ToolCall] | None:
-        """The calls of one block, or None if it is not calls of offered functions."""
-        calls = self._format.parse(block, self._functions)
-        if not calls or any(name not in self._functions or not isinstance(arguments, dict) for name, arguments in calls):
+        """The calls of one block, or None if it is not calls of offered functions. JSON nested too deep for
+        Python's parser (``[`` 1,100 times: RecursionError, which ended the stream with no error event) is not a
+        call either."""
+        try:
+            calls = self._format.parse(block, self._functions)
+            if not calls or any(name not in self._functions or not isinstance(arguments, dict)
+                                for name, arguments in calls):
+                return None
+            return [ToolCall.new(name, json.dumps(arguments, ensure_ascii=False), self._format.call_id)
+                    for name, arguments in calls]
+        except RecursionError:
             return None
-        return [ToolCall.new(name, json.dumps(arguments, ensure_ascii=False), self._format.call_id)
-                for name, arguments in calls]
 
 
 class NamedCallStream:
@@ -292,6 +298,10 @@ def _hoisted(function: str, schema: dict, defs: dict[str, Any]) -> dict:
             out[key] = moved(value)
         return out
 
+    for key in ("definitions", "$defs"):
+        if not isinstance(schema.get(key, {}), dict):
+            raise ValueError(f"function {function!r}: {key} must be an object of schemas, got "
+                             f"{type(schema[key]).__name__}")
     for name, definition in {**schema.get("definitions", {}), **schema.get("$defs", {})}.items():
         defs[f"{function}.{name}"] = moved(definition)
     body = moved({key: value for key, value in schema.items() if key not in ("$defs", "definitions")})
@@ -381,7 +391,7 @@ def _only(pattern: re.Pattern, text: str, empty_ok: bool = False) -> list | None
 def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     try:
         call = json.loads(block)
-    except ValueError:
+    except (ValueError, RecursionError):  # (JSON nested too deep to parse: not a call)
         return None
     if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
         return None
@@ -415,15 +425,25 @@ def _qwen3_coder_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[
     if match is None:
         return None
     name, body = match.group(1).strip(), match.group(2)
-    properties = functions.get(name, {}).get("properties", {})
+    properties = _properties(functions.get(name))
     return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {}))
                     for key, value in _PARAMETER.findall(body)})]
 
 
-def _typed(value: str, schema: dict) -> Any:
-    """A Qwen3-Coder parameter's text as its schema's type says (text when it does not parse as that)."""
-    kind = schema.get("type")
-    if kind == "string" or (kind is None and "enum" in schema and all(isinstance(v, str) for v in schema["enum"])):
+def _properties(schema: Any) -> dict:
+    """A function's ``properties`` as the XML formats' parsers read them: none unless they are an object (with
+    tool_choice auto no grammar checks the schema, and ``.get`` of a list failed mid-stream)."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    return properties if isinstance(properties, dict) else {}
+
+
+def _typed(value: str, schema: Any) -> Any:
+    """A Qwen3-Coder parameter's text as its schema's type says (text when it does not parse as that); a boolean
+    schema (JSON Schema's ``true``, any value) says nothing of the type."""
+    if not isinstance(schema, dict):
+        schema = {}
+    kind, enum = schema.get("type"), schema.get("enum")
+    if kind == "string" or (kind is None and isinstance(enum, list) and all(isinstance(v, str) for v in enum)):
         return value
     if kind == "boolean" and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
@@ -431,7 +451,7 @@ def _typed(value: str, schema: dict) -> Any:
         return None
     try:
         parsed = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return value
     if kind == "integer" and isinstance(parsed, float) and parsed.is_integer():
         return int(parsed)
@@ -461,14 +481,16 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
     rules = [f"calls: {calls}",
              "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
     for i, (name, schema) in enumerate(parameters.items()):
-        required = set(schema.get("required", ()))
+        properties, required = _xml_parameters(name, schema)
         params = []
-        for j, (key, sub) in enumerate(schema.get("properties", {}).items()):
+        for j, (key, sub) in enumerate(properties.items()):
             if "enum" in sub and all(isinstance(v, str) and "\n" not in v and "<" not in v for v in sub["enum"]):
                 value = "(" + " | ".join(_lark(v) for v in sub["enum"]) + ")"
             elif sub.get("type") == "string" and "enum" not in sub and "const" not in sub:
-                low = int(sub.get("minLength", 0))
-                value = f"/[^<\\n]{{{low},{int(sub['maxLength'])}}}/" if "maxLength" in sub else f"/[^<\\n]{{{low},}}/"
+                low, high = _length(name, key, sub, "minLength"), _length(name, key, sub, "maxLength")
+                if high is not None and low is not None and low > high:
+                    raise ValueError(f"function {name!r}: parameter {key!r} has minLength {low} > maxLength {high}")
+                value = f"/[^<\\n]{{{low or 0},{'' if high is None else high}}}/"
             else:
                 value = f"%json {json.dumps({**sub, 'x-guidance': CALL_JSON})}"
             opening, closing = tags(key)
@@ -476,6 +498,51 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
             params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
         rules.append(f"call{i}: {lit(head(name))} {' '.join(params)} {lit(tail)}")
     return "\n".join(rules) + "\n"
+
+
+def _xml_parameters(name: str, schema: dict) -> tuple[dict[str, dict], set[str]]:
+    """Function ``name``'s parameters as the tagged-text grammar writes them, and the required ones. A parameter's
+    schema may be a boolean, as JSON Schema allows: ``true`` takes any JSON value, ``false`` none, so the parameter
+    is left out of the grammar (a 400 if it is required: no call could be valid).
+
+    Raises:
+        ValueError: ``properties``, ``required`` or a parameter's schema or ``enum`` is not of its JSON Schema
+            type (they were read as they were: a 500 for ``"properties": {"a": true}``).
+    """
+    properties, required = schema.get("properties", {}), schema.get("required", [])
+    if not isinstance(properties, dict):
+        raise ValueError(f"function {name!r}: properties must be an object, got {type(properties).__name__}")
+    if not (isinstance(required, list) and all(isinstance(key, str) for key in required)):
+        raise ValueError(f"function {name!r}: required must be a list of strings")
+    kept = {}
+    for key, sub in properties.items():
+        if sub is False:
+            if key in required:
+                raise ValueError(f"function {name!r}: parameter {key!r} is required, but its schema is false")
+            continue
+        if sub is True:
+            sub = {}
+        if not isinstance(sub, dict):
+            raise ValueError(f"function {name!r}: the schema of parameter {key!r} must be an object or a boolean, "
+                             f"got {type(sub).__name__}")
+        if "enum" in sub and not isinstance(sub["enum"], list):
+            raise ValueError(f"function {name!r}: parameter {key!r}'s enum must be a list")
+        kept[key] = sub
+    return kept, set(required)
+
+
+def _length(name: str, key: str, schema: dict, keyword: str) -> int | None:
+    """``schema``'s ``keyword`` (minLength or maxLength), a non-negative integer (``2.0`` too, as JSON Schema counts
+    it), or None if absent; another value is a ValueError (``int([1])`` and ``int(inf)`` were 500s)."""
+    if keyword not in schema:
+        return None
+    value = schema[keyword]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"function {name!r}: parameter {key!r}'s {keyword} must be a non-negative integer, "
+                         f"got {value!r}")
+    return value
 
 
 DSV3_CALLS_BEGIN, DSV3_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -502,7 +569,7 @@ def _deepseek_v3_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[
             name, arguments = head.strip(), rest
         try:
             calls.append((name, json.loads(arguments)))
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return calls
 
@@ -529,7 +596,7 @@ def _kimi_k2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str,
         return None
     try:
         return [(name, json.loads(arguments)) for name, arguments in found]
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -573,7 +640,7 @@ def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, A
     if arguments is None:
         return None
     name = match.group(1)
-    properties = functions.get(name, {}).get("properties", {})
+    properties = _properties(functions.get(name))
     return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {})) for key, value in arguments})]
 
 
@@ -605,7 +672,7 @@ def _mistral_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str,
             found = [(match.group(1), json.loads(match.group(2))) for match in matches]
         # arguments written as a JSON string (as an OpenAI message carries them) are that JSON
         return [(name, json.loads(args) if isinstance(args, str) else args) for name, args in found]
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -651,7 +718,7 @@ def _minimax_m2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[s
         arguments = _only(_MINIMAX_PARAMETER, body, empty_ok=True)
         if arguments is None:
             return None
-        properties = functions.get(name, {}).get("properties", {})
+        properties = _properties(functions.get(name))
         calls.append((name, {key: _typed(value.strip("\n"), properties.get(key, {})) for key, value in arguments}))
     return calls
 

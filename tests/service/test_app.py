@@ -830,3 +830,81 @@ def test_a_grammar_the_parser_gives_up_on_mid_completion_is_a_400_saying_so(toke
         assert "grammar failed" in error["message"] and "item11999" not in error["message"]
         assert httpx.post(f"{url}/v1/completions", json={**body, "structured_outputs": {"choice": ["a", "b"]}},
                           timeout=60).status_code == 200
+
+
+def test_json_nested_too_deep_inside_a_string_is_a_400_naming_the_field_on_every_endpoint(server):
+    """A call's arguments sent back (chat, /tokenize, the Responses API's function_call item) and a structured
+    output's schema given as text are parsed: 20,000 levels made json.loads raise RecursionError and 600 (which
+    parse) overflowed the chat template, 500s logged with their tracebacks, where the same JSON sent as an object
+    is a 400 (MAX_JSON_DEPTH)."""
+    from service.openai_api import MAX_JSON_DEPTH
+
+    deep, parsed = "[" * 20_000 + "]" * 20_000, '{"a": ' + "[" * 600 + "]" * 600 + "}"
+
+    def called(arguments: str) -> list[dict]:
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+
+    arguments = "messages.1.tool_calls.0.function.arguments"
+    for text in (deep, parsed):
+        for path, body, param in [
+            ("/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "messages": called(text)}, arguments),
+            ("/tokenize", {"messages": called(text)}, arguments),
+            ("/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "messages": MESSAGES,
+                                      "structured_outputs": {"json": text}}, "structured_outputs.json"),
+            ("/v1/responses", {"model": MODEL, "max_output_tokens": 1, "input": [
+                {"role": "user", "content": "hi"}, {"type": "function_call", "call_id": "c1", "name": "f",
+                                                    "arguments": text},
+                {"type": "function_call_output", "call_id": "c1", "output": "ok"}]}, "input.1.function_call.arguments"),
+        ]:
+            response = httpx.post(f"{server[0]}{path}", json=body, timeout=60)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["param"] == param, (path, len(text), error)
+            assert error["type"] == "invalid_request_error"
+            assert f"nested deeper than {MAX_JSON_DEPTH} levels" in error["message"]
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_non_finite_number_in_a_tool_schema_is_a_400_before_anything_is_generated(server, stream):
+    """``1e400`` (read as infinity) in a tool's schema passed validation: a non-streamed response then failed only
+    once the completion was generated (its echoed tools could not be written as JSON: a 500), and a stream echoed
+    ``Infinity``, which is not JSON."""
+    tools = ('[{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": '
+             '"number", "maximum": 1e400}}}}]')
+    raw = (f'{{"model": "{MODEL}", "input": "hi", "max_output_tokens": 3, "stream": {json.dumps(stream)}, '
+           f'"tools": {tools}}}')
+    response = httpx.post(f"{server[0]}/v1/responses", content=raw, headers={"content-type": "application/json"},
+                          timeout=60)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "tools.0.parameters", error
+    assert "properties.a.maximum: inf is not a finite number" in error["message"]
+
+
+def test_a_stream_that_fails_with_any_exception_ends_with_an_error_event(server, monkeypatch, caplog):
+    """Only an EngineError ended a stream with the error's event (and ``data: [DONE]``): any other exception mid-stream
+    (a tool parser's RecursionError, say) cut it with neither, which clients read as a truncated response. Now it is
+    logged and sent as a 500's error JSON, then ``[DONE]`` (the Responses API's: error and response.failed)."""
+    from service import app as app_module
+
+    def chunks(self, index, out):
+        raise RuntimeError("a bug mid-stream")
+
+    for fmt in (app_module._CompletionFormat, app_module._ChatFormat, app_module._ResponsesFormat):
+        monkeypatch.setattr(fmt, "chunks", chunks)
+    internal = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+    for path, body in (("/v1/completions", {"prompt": "hello", "max_tokens": 4}),
+                       ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})):
+        with httpx.stream("POST", f"{server[0]}{path}", json={"model": MODEL, "stream": True, **body},
+                          timeout=60) as response:
+            events = [line for line in response.iter_lines() if line]
+        assert response.status_code == 200 and events[-1] == "data: [DONE]", (path, events)
+        assert json.loads(events[-2].removeprefix("data: ")) == {"error": internal}, (path, events)
+    with httpx.stream("POST", f"{server[0]}/v1/responses", timeout=60,
+                      json={"model": MODEL, "input": "hello", "max_output_tokens": 4, "stream": True}) as response:
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+    assert [event["type"] for event in events[-2:]] == ["error", "response.failed"], events
+    assert events[-1]["response"]["error"] == {"code": "server_error", "message": "internal server error"}
+    assert caplog.text.count("a stream failed") == 3 and "a bug mid-stream" in caplog.text
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from service.openai_api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    TokenizeRequest,
     error_body,
     error_response,
     sampling_params,
@@ -281,6 +283,86 @@ def test_json_nested_too_deep_is_a_400_naming_the_field():
     ChatCompletionRequest.model_validate(tools(60))
 
 
+def _called(arguments: str) -> list[dict]:
+    """A conversation whose assistant called ``f`` with ``arguments``."""
+    return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "tool", "content": "ok", "tool_call_id": "c1"}]
+
+
+_TOO_DEEP_TO_PARSE = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError
+_PARSES_BUT_TOO_DEEP = '{"a": ' + "[" * 600 + "]" * 600 + "}"  # parsed, it overflowed the chat template
+
+
+@pytest.mark.parametrize("text", [_TOO_DEEP_TO_PARSE, _PARSES_BUT_TOO_DEEP])
+@pytest.mark.parametrize("model, body, param", [
+    (ChatCompletionRequest, lambda text: {**CHAT, "messages": _called(text)}, "messages.1.tool_calls.0.function.arguments"),
+    (TokenizeRequest, lambda text: {"messages": _called(text)}, "messages.1.tool_calls.0.function.arguments"),
+    (ChatCompletionRequest, lambda text: {**CHAT, "structured_outputs": {"json": text}}, "structured_outputs.json"),
+    (CompletionRequest, lambda text: {"model": "m", "prompt": "a", "structured_outputs": {"json": text}},
+     "structured_outputs.json"),
+])
+def test_json_nested_too_deep_inside_a_string_is_a_400_naming_the_field(model, body, param, text):
+    """JSON sent as a string (a call's arguments sent back, a structured output's schema) is parsed: past some 1,000
+    levels json.loads raised RecursionError, and 600 levels parsed but overflowed the chat template, 500s where the
+    same JSON sent as an object is a 400 (MAX_JSON_DEPTH); arguments that are not JSON stay text."""
+    from service.openai_api import MAX_JSON_DEPTH
+
+    status, error = _rejection(model, body(text))
+    assert status == 400 and error["error"]["param"] == param, error
+    assert error["error"]["message"].startswith(f"{param}: ") and f"nested deeper than {MAX_JSON_DEPTH} levels" in \
+        error["error"]["message"]
+    shallow = '{"a": ' + "[" * 60 + "]" * 60 + "}"
+    assert model.model_validate(body(shallow)) and model.model_validate(body("[1, 2]"))
+
+
+def test_arguments_that_are_not_json_or_hold_a_nan_the_model_wrote_are_still_taken():
+    """Arguments are any text, sent back as this server returned them (Python's JSON reads a model's NaN, and writes
+    it back); only JSON nested too deep is refused."""
+    request = ChatCompletionRequest.model_validate({**CHAT, "messages": _called('{"x": NaN}')})
+    assert math.isnan(request.template_messages()[1]["tool_calls"][0]["function"]["arguments"]["x"])
+    assert ChatCompletionRequest.model_validate({**CHAT, "messages": _called("[[[not json")})
+
+
+_INFINITE_MAXIMUM = '{"type": "object", "properties": {"a": {"type": "number", "maximum": NUMBER}}}'
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity"])
+@pytest.mark.parametrize("model, body, param, where", [
+    (ChatCompletionRequest, '"tools": [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]',
+     "tools.0.function.parameters", "properties.a.maximum: "),
+    (ChatCompletionRequest, '"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}',
+     "response_format.json_schema.schema", "properties.a.maximum: "),
+    (ChatCompletionRequest, '"chat_template_kwargs": {"limit": NUMBER}', "chat_template_kwargs", "limit: "),
+    (CompletionRequest, '"structured_outputs": {"json": SCHEMA}', "structured_outputs.json", "properties.a.maximum: "),
+])
+def test_a_non_finite_number_inside_a_json_field_is_a_400_naming_where(model, body, param, where, number):
+    """Python's JSON reads NaN and infinities (``1e400`` too) anywhere; StrictModel refuses them in number fields
+    only. One in a tool's schema reached the grammar, which could not read it (a 400 after 30 s), or, with
+    tool_choice auto, a non-streamed response that could not be written as JSON once the completion was generated
+    (a stream echoed ``Infinity``, which is not JSON)."""
+    base = '"model": "m", "messages": [{"role": "user", "content": "hi"}]' if model is ChatCompletionRequest else \
+        '"model": "m", "prompt": "a"'
+
+    def raw(value: str) -> str:
+        return "{" + base + ", " + body.replace("SCHEMA", _INFINITE_MAXIMUM).replace("NUMBER", value) + "}"
+
+    with pytest.raises(ValidationError) as info:
+        model.model_validate_json(raw(number))
+    status, error = error_body(info.value)
+    assert status == 400 and error["error"]["param"] == param, error
+    assert error["error"]["message"].startswith(f"{param}: {where}") and "not a finite number" in error["error"]["message"]
+    assert model.model_validate_json(raw("1"))  # (finite: taken)
+
+
+def test_a_structured_outputs_schema_sent_as_text_is_checked_as_one_sent_as_an_object():
+    """Its NaN reached the grammar, whose error named no place in the schema."""
+    status, error = _rejection(CompletionRequest, {"model": "m", "prompt": "a", "structured_outputs": {
+        "json": _INFINITE_MAXIMUM.replace("NUMBER", "NaN")}})
+    assert status == 400 and error["error"]["param"] == "structured_outputs.json"
+    assert "properties.a.maximum: nan is not a finite number" in error["error"]["message"]
+
+
 def test_errors_of_several_fields_or_past_validation_name_the_parameter_they_begin_with():
     """A check of several fields (a model validator) or one made by the engine carries no location: its 400 said
     param null where one parameter was at fault (a README walkthrough)."""
@@ -386,6 +468,43 @@ def test_tool_rejections_at_sampling(body, param):
     with pytest.raises(APIError) as info:
         sampling_params(request, 3, 100)
     assert info.value.status == 400 and info.value.param == param
+
+
+_STRING = {"type": "string"}
+
+
+@pytest.mark.parametrize("fmt, schema, message", [
+    ("hermes", {"type": "object", "$defs": None}, "'f': $defs must be an object of schemas, got NoneType"),
+    ("hermes", {"type": "object", "definitions": []}, "'f': definitions must be an object of schemas, got list"),
+    ("qwen3_coder", {"type": "object", "properties": [1]}, "'f': properties must be an object, got list"),
+    ("qwen3_coder", {"type": "object", "properties": {"a": 5}}, "'a' must be an object or a boolean, got int"),
+    ("qwen3_coder", {"type": "object", "properties": {"a": False}, "required": ["a"]}, "'a' is required, but its "
+     "schema is false"),
+    ("qwen3_coder", {"type": "object", "properties": {"a": {"enum": 3}}}, "'a''s enum must be a list"),
+    ("glm45", {"type": "object", "properties": {"a": {**_STRING, "minLength": [1]}}},
+     "'a''s minLength must be a non-negative integer, got [1]"),
+    ("glm47", {"type": "object", "properties": {"a": {**_STRING, "maxLength": -1}}},
+     "'a''s maxLength must be a non-negative integer, got -1"),
+    ("glm47", {"type": "object", "properties": {"a": {**_STRING, "maxLength": 2.5}}}, "got 2.5"),
+    ("minimax_m2", {"type": "object", "properties": {"a": {**_STRING, "minLength": 3, "maxLength": 2}}},
+     "'a' has minLength 3 > maxLength 2"),
+    ("minimax_m2", {"type": "object", "properties": {"a": _STRING}, "required": [{"x": 1}]},
+     "'f': required must be a list of strings"),
+])
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_a_tool_schema_the_call_grammar_cannot_take_is_a_400_naming_tools(fmt, schema, message, choice):
+    """Valid JSON but not a schema the format's call grammar can be built from (``$defs`` not an object; in the
+    tagged-text formats a keyword of another type than JSON Schema's): 500s (TypeError, AttributeError,
+    OverflowError) where a schema llguidance cannot compile is a 400. With tool_choice auto, the grammar is built
+    when a response format constrains the answer."""
+    answer = {"response_format": {"type": "json_object"}} if choice == "auto" else {}
+    request = ChatCompletionRequest.model_validate({**CHAT, "tools": [_tool("f", schema)], "tool_choice": choice,
+                                                    **answer}).use_tool_format(fmt)
+    with pytest.raises(APIError) as info:
+        sampling_params(request, 3, 100)
+    status, error = error_body(info.value)
+    assert status == 400 and error["error"]["param"] == "tools", error
+    assert error["error"]["message"].startswith("tools: function 'f'") and message in error["error"]["message"]
 
 
 def test_a_batched_requests_grammar_is_built_once(monkeypatch):

@@ -186,6 +186,26 @@ def test_lone_surrogates_outside_the_messages_text_are_a_400_naming_the_field(ex
     assert status == 400 and body["error"]["param"] == param and "lone surrogate" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("extra, param, message", [
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 100_000 + "]" * 100_000}]},
+     "input.0.function_call.arguments", "nested deeper than 128 levels"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 600 + "]" * 600}]},
+     "input.0.function_call.arguments", "nested deeper than 128 levels"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"maximum": float("inf")}}]}, "tools.0.parameters",
+     "maximum: inf is not a finite number"),
+    ({"text": {"format": {"type": "json_schema", "name": "n", "schema": {"minimum": float("nan")}}}},
+     "text.format.schema", "minimum: nan is not a finite number"),
+])
+def test_json_the_chat_endpoint_refuses_is_refused_naming_the_responses_field(extra, param, message):
+    """A call's arguments nested too deep (RecursionError in json.loads, or a chat template overflowing: 500s) and a
+    NaN or infinity in a schema (a response that could not be written as JSON once generated) are 400s naming the
+    field, as they are on the chat endpoint."""
+    with pytest.raises(pydantic.ValidationError) as info:
+        ResponsesRequest.model_validate({"model": MODEL, "input": "hi", **extra})
+    status, body = error_body(info.value)
+    assert status == 400 and body["error"]["param"] == param and message in body["error"]["message"], body
+
+
 def test_chat_parameters_in_errors_are_renamed():
     assert renamed(APIError(400, "max_tokens 9 exceeds", param="max_tokens")).param == "max_output_tokens"
     assert renamed(APIError(400, "the prompt has 9 tokens", param="messages")).param == "input"

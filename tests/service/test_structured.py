@@ -67,6 +67,13 @@ def test_specs_become_grammars_and_bad_shapes_are_value_errors(tokenizer):
             grammars.matcher(grammar_from_spec(kind, value))
 
 
+def test_a_schema_as_json_text_too_deep_to_parse_is_a_value_error():
+    """json.loads raises RecursionError past some 1,000 levels: a 500 where invalid JSON is a ValueError (a 400).
+    (The request models refuse JSON text nested past MAX_JSON_DEPTH first; this is the function's own guard.)"""
+    with pytest.raises(ValueError, match="nested too deeply"):
+        grammar_from_spec("json", "[" * 100_000 + "]" * 100_000)
+
+
 def test_outputs_follow_a_json_schema_a_regex_and_choices_greedy_and_sampled(tokenizer):
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person."}])
     grammars = {"json": grammar_from_spec("json", PERSON), "regex": grammar_from_spec("regex", r"[0-9]{3}-[a-z]{2,5}"),

@@ -285,6 +285,60 @@ def test_blocks_that_are_not_calls_stay_content_in_every_format(fmt, block):
     assert _format_calls(fmt, ["Hi " + block]) == ("Hi " + block, [])
 
 
+_DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError
+
+
+@pytest.mark.parametrize("fmt, block", [
+    ("hermes", f"<tool_call>\n{_DEEP}\n</tool_call>"),
+    ("hermes", f'<tool_call>\n{{"name": "now", "arguments": {{"zone": {_DEEP}}}}}\n</tool_call>'),
+    ("deepseek_v3", f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>{_DEEP}<｜tool▁call▁end｜>"
+                    "<｜tool▁calls▁end｜>"),
+    ("kimi_k2", f"<|tool_calls_section_begin|><|tool_call_begin|>functions.now:0<|tool_call_argument_begin|>{_DEEP}"
+                "<|tool_call_end|><|tool_calls_section_end|>"),
+    ("mistral", f"[TOOL_CALLS] {_DEEP}"),
+    ("mistral_v11", f'[TOOL_CALLS]now[ARGS]{{"zone": {_DEEP}}}'),
+])
+def test_json_too_deep_to_parse_is_not_a_call(fmt, block):
+    """The model's JSON nested past Python's recursion limit (a random model can write ``[`` 1,100 times) is not a
+    call: json.loads raised RecursionError, which ended the stream with no error event and no ``[DONE]``."""
+    assert _format_calls(fmt, ["Hi " + block]) == ("Hi " + block, [])
+
+
+def test_a_tagged_text_parameters_value_too_deep_to_parse_stays_text():
+    text = f"<tool_call>\n<function=now>\n<parameter=zone>\n{_DEEP}\n</parameter>\n</function>\n</tool_call>"
+    assert _format_calls("qwen3_coder", [text]) == ("", [("now", {"zone": _DEEP})])
+
+
+BOOLEAN_SCHEMAS = {"f": {"type": "object", "properties": {"any": True, "never": False, "n": {"type": "integer"}},
+                         "required": ["any"]}}
+
+
+@pytest.mark.parametrize("fmt", ["qwen3_coder", "glm45", "glm47", "minimax_m2"])
+def test_boolean_parameter_schemas_in_the_tagged_text_formats(tokenizer, grammars, fmt):
+    """JSON Schema's boolean schemas (``true``: any value, ``false``: none) were 500s in the tagged-text formats,
+    whose grammar and parser read every parameter's schema as an object: a ``true`` parameter takes any JSON
+    value, a ``false`` one is left out of the grammar (a 400 if it is required, `test_openai_api`)."""
+    grammar = ToolSetup(BOOLEAN_SCHEMAS, "required", parallel=False, format=fmt).grammar()
+    assert "any" in grammar and "never" not in grammar
+    written = 0
+    for seed in range(6):
+        text = _random_walk(grammars, tokenizer, grammar, seed, 300)
+        if text is None:
+            continue
+        content, calls = _feed(ToolCallStream(BOOLEAN_SCHEMAS, False, fmt), [text])
+        assert content == "" and len(calls) == 1, text
+        arguments = json.loads(calls[0].arguments)
+        assert "any" in arguments and "never" not in arguments and set(arguments) <= {"any", "n"}
+        written += 1
+    assert written
+    # the parser takes any shape of schema (with tool_choice auto no grammar checks it)
+    block = "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>"
+    for properties in ({"a": True}, {"a": False}, [1], None):
+        stream = ToolCallStream({"f": {"type": "object", "properties": properties}}, fmt="qwen3_coder")
+        assert [(call.name, json.loads(call.arguments)) for call in stream.push(block, final=True)[1]] == [
+            ("f", {"a": 1})]
+
+
 def test_qwen3_coder_values_take_their_schemas_types():
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"},
                                                "ok": {"type": "boolean"}, "s": {"type": "string"},
@@ -520,6 +574,8 @@ def test_an_unknown_tool_call_parser_is_refused(tokenizer):
     ({"tool_choice": "required", "min_tokens": 3}, "min_tokens", "forced tool call"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
       "tool_choice": "required"}, "tools", "invalid structured output"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$defs": None}}}],
+      "tool_choice": "required"}, "tools", "$defs must be an object"),  # (a 500: the call grammar hoists $defs)
     ({"messages": [{"role": "tool", "content": "22 C"}]}, "messages.0", "tool_call_id"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_problem(server, body, param, message):

@@ -48,17 +48,23 @@ class PlacementCollector:
                      "slower or faster than the placement assumes when far from 1).",
                      [((str(d),), value) for d, value in enumerate(summary.get("device_model_over_planned", ()))],
                      ["device"])
-        events = CounterMetricFamily("vibe_recalibrations", "Recalibration decisions by outcome.", labels=["status"])
+        events = CounterMetricFamily("vibe_recalibrations", "Placement decisions by outcome: recalibrations (calibration, "
+                                     "drift, admin) and fault recovery (a lost device's experts re-placed, a reload of "
+                                     "every device).", labels=["status"])
         # every outcome from 0: increase() misses a series' first sample, so a first failure would never alert
         for status, count in {**dict.fromkeys(RECALIBRATION_STATUSES, 0), **summary["recalibrations"]}.items():
             events.add_metric([status], count)
         yield events
         last = summary["last_recalibration_s"]
-        yield _gauge("vibe_last_recalibration_seconds", "Trigger-to-live time of the last applied recalibration.",
+        yield _gauge("vibe_last_recalibration_seconds", "Planning-to-publish time of the last applied placement change "
+                     "(recalibration or fault recovery; a wait for the previous change's old copies to drop is not "
+                     "counted).",
                      [((), last)] if last is not None else [])
-        yield CounterMetricFamily("vibe_experts_moved", "Expert copies moved by applied recalibrations.",
+        yield CounterMetricFamily("vibe_experts_moved", "Expert copies moved or loaded by applied placement changes "
+                                  "(recalibrations and fault recovery).",
                                   value=summary["experts_moved"])
-        yield CounterMetricFamily("vibe_bytes_moved", "Expert weight bytes moved by applied recalibrations.",
+        yield CounterMetricFamily("vibe_bytes_moved", "Expert weight bytes moved or loaded by applied placement "
+                                  "changes (recalibrations and fault recovery).",
                                   value=summary["bytes_moved"])
         yield _gauge("vibe_lost_devices", "Devices out of the placement (dead or rejoining).",
                      [((), len(summary["lost_devices"]))])

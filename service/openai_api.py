@@ -449,7 +449,7 @@ def _check_continuation(messages: list[ChatMessage], add_generation_prompt: bool
 def _json_object_or_text(text: str) -> dict | str:
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):  # (validation refused JSON nested deep enough to overflow: `_arguments`)
+    except ValueError:  # (JSON nested deep enough to overflow the parser was refused at validation: `Arguments`)
         return text
     return value if isinstance(value, dict) else text
 

@@ -391,7 +391,7 @@ def _only(pattern: re.Pattern, text: str, empty_ok: bool = False) -> list | None
 def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     try:
         call = json.loads(block)
-    except (ValueError, RecursionError):  # (JSON nested too deep to parse: not a call)
+    except ValueError:
         return None
     if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
         return None
@@ -569,7 +569,7 @@ def _deepseek_v3_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[
             name, arguments = head.strip(), rest
         try:
             calls.append((name, json.loads(arguments)))
-        except (ValueError, RecursionError):
+        except ValueError:
             return None
     return calls
 
@@ -596,7 +596,7 @@ def _kimi_k2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str,
         return None
     try:
         return [(name, json.loads(arguments)) for name, arguments in found]
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
 
 
@@ -672,7 +672,7 @@ def _mistral_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str,
             found = [(match.group(1), json.loads(match.group(2))) for match in matches]
         # arguments written as a JSON string (as an OpenAI message carries them) are that JSON
         return [(name, json.loads(args) if isinstance(args, str) else args) for name, args in found]
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
 
 

@@ -374,7 +374,7 @@ def _worker_configs(args: AppArgs, layout, checkpoint: str) -> list:
                          clamped_swiglu=layout.clamped_swiglu, keep_quantized=args.keep_quantized_experts,
                          num_threads=args.worker_threads,
                          profile_shape=(layout.hidden_size, layout.intermediate_size),
-                         profile_checkpoint=checkpoint, emulation=emulation)
+                         profile_checkpoint=checkpoint, emulation=emulation, checkpoint_layout=layout)
             for index, emulation in enumerate(emulations)]
 
 

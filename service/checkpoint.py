@@ -49,15 +49,19 @@ Gemma 4 keeps its experts on the decoder layer, beside its dense `mlp`, fused an
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, DeepseekV3Config, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 from service.experts import checksum
 from service.messages import ExpertTensors
@@ -85,15 +89,36 @@ SUPPORTED_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepse
                            "granitemoeshared", "gemma4", "gemma4_text", "kimi_linear", "minimax")
 
 
-class KimiK2Config(DeepseekV3Config):
-    """Kimi-K2's config (K2, K2-Instruct, K2-Thinking): DeepSeek-V3's architecture, which its releases' remote code
-    is, under the `model_type` its folders declare (``kimi_k2``); registered with `AutoConfig` so that its folders
-    load without their remote code (`service.text_models` maps it to DeepSeek-V3's causal LM)."""
+# transformers is imported where a config is read, not with this module: an expert worker given its checkpoint's
+# layout (`read_experts(..., layout=)`) reads experts without it (about a second of CPU at every worker start).
+@functools.cache
+def _kimi_k2_config() -> type:
+    from transformers import AutoConfig, DeepseekV3Config
 
-    model_type = "kimi_k2"
+    class KimiK2Config(DeepseekV3Config):
+        """Kimi-K2's config (K2, K2-Instruct, K2-Thinking): DeepSeek-V3's architecture, which its releases' remote
+        code is, under the `model_type` its folders declare (``kimi_k2``); registered with `AutoConfig` so that
+        its folders load without their remote code (`service.text_models` maps it to DeepSeek-V3's causal LM)."""
+
+        model_type = "kimi_k2"
+
+    KimiK2Config.__module__, KimiK2Config.__qualname__ = __name__, "KimiK2Config"  # pickled by reference
+    AutoConfig.register(KimiK2Config.model_type, KimiK2Config, exist_ok=True)
+    return KimiK2Config
 
 
-AutoConfig.register(KimiK2Config.model_type, KimiK2Config, exist_ok=True)
+def __getattr__(name: str):
+    if name == "KimiK2Config":  # (built, and registered with AutoConfig, on first use)
+        return _kimi_k2_config()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def auto_config():
+    """transformers' AutoConfig, which then also knows `KimiK2Config`."""
+    from transformers import AutoConfig
+
+    _kimi_k2_config()
+    return AutoConfig
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -379,7 +404,7 @@ def _dtype_name(config: PretrainedConfig) -> str:
 
 def load_layout(checkpoint_dir: str | Path) -> ExpertLayout:
     """The expert layout of the checkpoint in a local folder (reads its config.json only)."""
-    return expert_layout(AutoConfig.from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
+    return expert_layout(auto_config().from_pretrained(_local_dir(checkpoint_dir), local_files_only=True))
 
 
 def fp8_block_size(checkpoint_dir: str | Path) -> tuple[int, int] | None:
@@ -435,7 +460,7 @@ def _check_pack_quantized(quantization) -> None:
 
 
 def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: bool = False,
-                 dtype: torch.dtype | None = None) -> list[ExpertTensors]:
+                 dtype: torch.dtype | None = None, layout: ExpertLayout | None = None) -> list[ExpertTensors]:
     """Read the given experts, and nothing else, from a local checkpoint folder.
 
     Args:
@@ -446,6 +471,8 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
             `service.experts.ExpertFFN`) instead of dequantizing them; no effect on other checkpoints.
         dtype: what quantized weights are dequantized to (a worker's compute dtype, as transformers
             dequantizes to the dtype it loads with); None: the checkpoint's dtype.
+        layout: the folder's `load_layout`, when the caller has it (an expert worker, given it by the app: reading
+            the config needs transformers, which the worker process then never imports); None: read here.
 
     Returns:
         One ExpertTensors per key, in order: "gate_up" [2I, H] = cat(gate, up) and "down" [H, I], in the
@@ -461,7 +488,7 @@ def read_experts(checkpoint_dir: str | Path, keys: Iterable[Key], *, quantized: 
         ValueError: a key is out of range, or the checkpoint lacks an expert's tensors.
     """
     folder = _local_dir(checkpoint_dir)
-    layout = load_layout(folder)
+    layout = layout or load_layout(folder)
     keys = layout.check_keys(keys)
     dtype = dtype or getattr(torch, layout.dtype)
     with _Shards(folder) as shards:

@@ -27,11 +27,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
 from service.messages import ExpertTensors
 from service.quantization import (
@@ -45,6 +45,25 @@ from service.quantization import (
 Key = tuple[int, int]  # (moe layer index, logical expert id)
 _log = logging.getLogger(__name__)
 CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator aligns to (one cache line, an AVX-512 register)
+
+
+# transformers' ACT2FN entries whose forward is one torch function call (transformers 5: SiLUActivation and nn.SiLU,
+# nn.ReLU, GELUActivation, GELUTanh), called here as they call it: a worker process then never imports transformers
+# (its activations module costs about a second of CPU at every worker start). Other names are ACT2FN's own.
+_TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' activation ``name`` (a key of its ACT2FN); ValueError if it has none of that name."""
+    if name in _TORCH_ACTIVATIONS:
+        return _TORCH_ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise ValueError(f"hidden_act must be a transformers activation, got {name!r}")
+    return ACT2FN[name]
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -189,14 +208,13 @@ class ExpertFFN:
     _act: Callable[[torch.Tensor], torch.Tensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act must be a transformers activation, got {self.hidden_act!r}")
+        act = activation(self.hidden_act)
         if self.clamped_swiglu is not None:
             alpha, limit = (float(value) for value in self.clamped_swiglu)
             if not (alpha > 0 and limit > 0):
                 raise ValueError(f"clamped_swiglu must be (alpha, limit) > 0, got {self.clamped_swiglu!r}")
             object.__setattr__(self, "clamped_swiglu", (alpha, limit))
-        object.__setattr__(self, "_act", ACT2FN[self.hidden_act])
+        object.__setattr__(self, "_act", act)
 
     def __call__(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The expert's output for x [n, H], unweighted: exactly the expression of transformers' eager

@@ -13,16 +13,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers.activations import ACT2FN
 
 from service.emulator import DeviceEmulator, EmulationConfig
-from service.experts import ExpertFFN, ExpertStore, Key, checksum, run_experts
+from service.experts import ExpertFFN, ExpertStore, Key, activation, checksum, run_experts
 from service.messages import ExpertTensors, LatencySamples, Telemetry
 from service.telemetry import read_telemetry
 from service.worker_pool import LOAD_GRACE_S
+
+if TYPE_CHECKING:
+    from service.checkpoint import ExpertLayout
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -57,6 +60,9 @@ class WorkerConfig:
             is held, read as this worker holds experts (so a worker keeping them quantized profiles the
             dequantization its calls will pay); None: a synthetic expert of `profile_shape`.
         emulation: emulated device parameters, or None to report measured compute time.
+        checkpoint_layout: `load_layout(profile_checkpoint)`, which the app computed: experts of that folder are
+            read without reading its config, so the worker process never imports transformers (about a second of
+            CPU at each start); None: each read reads the folder's config.
     """
 
     index: int
@@ -69,6 +75,7 @@ class WorkerConfig:
     profile_shape: tuple[int, int] = (128, 256)
     profile_checkpoint: str | None = None
     emulation: EmulationConfig | None = None
+    checkpoint_layout: ExpertLayout | None = None
 
     def __post_init__(self) -> None:
         if self.index < 0:
@@ -77,8 +84,10 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"WorkerConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"WorkerConfig.hidden_act must be a transformers activation, got {self.hidden_act!r}")
+        try:
+            activation(self.hidden_act)
+        except ValueError as exc:
+            raise ValueError(f"WorkerConfig.{exc}") from None
         try:
             ExpertFFN(self.hidden_act, self.clamped_swiglu)
         except (TypeError, ValueError) as exc:
@@ -88,6 +97,8 @@ class WorkerConfig:
         if len(self.profile_shape) != 2 or min(self.profile_shape) < 1:
             raise ValueError(f"WorkerConfig.profile_shape must be (hidden, intermediate) >= 1, "
                              f"got {self.profile_shape!r}")
+        if self.checkpoint_layout is not None and self.profile_checkpoint is None:
+            raise ValueError("WorkerConfig.checkpoint_layout is the layout of profile_checkpoint, which is not given")
 
 
 def read_held(config: WorkerConfig, checkpoint_dir: str, keys: Iterable[Key]) -> list[ExpertTensors]:
@@ -96,7 +107,9 @@ def read_held(config: WorkerConfig, checkpoint_dir: str, keys: Iterable[Key]) ->
     # Imported here so the worker (and its tests) do not depend on the checkpoint reader's imports.
     from service.checkpoint import read_experts
 
-    return read_experts(checkpoint_dir, list(keys), quantized=config.keep_quantized, dtype=DTYPES[config.dtype])
+    layout = config.checkpoint_layout if checkpoint_dir == config.profile_checkpoint else None
+    return read_experts(checkpoint_dir, list(keys), quantized=config.keep_quantized, dtype=DTYPES[config.dtype],
+                        layout=layout)
 
 
 def held_expert_bytes(config: WorkerConfig, checkpoint_dir: str) -> int:

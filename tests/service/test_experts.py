@@ -294,3 +294,31 @@ def test_an_expert_call_that_runs_out_of_device_memory_is_run_in_parts(caplog):
     assert caplog.text.count("ran out of device memory at 10 rows") == 1
     with pytest.raises(torch.OutOfMemoryError):
         run_experts(store, 0, experts, counts, x, Tight(max_rows=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["silu", "swish", "relu", "gelu", "gelu_pytorch_tanh"])
+def test_activations_called_without_transformers_are_its_own_bit_for_bit(name, dtype):
+    """The activations a worker calls without importing transformers compute what transformers' ACT2FN does."""
+    from transformers.activations import ACT2FN
+
+    from service.experts import activation
+
+    x = torch.cat([torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 8,
+                   torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan")])]).to(dtype)
+    ours, theirs = activation(name)(x), ACT2FN[name](x)
+    assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.int16 if dtype == torch.bfloat16 else
+                                                                torch.int32),
+                                                      theirs.view(torch.int16 if dtype == torch.bfloat16 else
+                                                                  torch.int32))
+
+
+def test_other_activations_are_transformers_and_unknown_ones_are_refused():
+    from transformers.activations import ACT2FN
+
+    from service.experts import activation
+
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(activation("relu2")(x), ACT2FN["relu2"](x))
+    with pytest.raises(ValueError, match="hidden_act must be a transformers activation, got 'swiglu'"):
+        ExpertFFN("swiglu")

@@ -190,3 +190,18 @@ def test_kimi_k2_thinkings_think_tags_are_kept_in_the_text_and_split_off_as_reas
     for token in ids:
         stream.push(token)
     assert ReasoningStream().push(stream.take(final=True), final=True) == ("let me see", "The answer")
+
+
+def test_kimis_config_class_is_one_class_that_pickles_and_autoconfig_knows():
+    """`KimiK2Config` is built on first use (service.checkpoint imports no transformers): one class, registered with
+    AutoConfig, pickled by reference (Ray sends configs to actors)."""
+    import pickle
+
+    import service.checkpoint as checkpoint
+
+    config = KimiK2Config(n_routed_experts=8)
+    assert checkpoint.KimiK2Config is KimiK2Config and type(pickle.loads(pickle.dumps(config))) is KimiK2Config
+    assert pickle.loads(pickle.dumps(config)).n_routed_experts == 8
+    assert type(checkpoint.auto_config().for_model("kimi_k2")) is KimiK2Config
+    with pytest.raises(AttributeError, match="has no attribute 'KimiK3Config'"):
+        checkpoint.KimiK3Config  # noqa: B018

@@ -307,21 +307,60 @@ def test_a_late_load_leaves_the_copy_a_retry_stored_meanwhile(monkeypatch):
 def test_load_experts_reads_through_the_checkpoint_reader(monkeypatch):
     calls = []
 
-    def read_experts(checkpoint_dir, keys, *, quantized, dtype):
-        calls.append((checkpoint_dir, keys, quantized, dtype))
+    def read_experts(checkpoint_dir, keys, *, quantized, dtype, layout):
+        calls.append((checkpoint_dir, keys, quantized, dtype, layout))
         return [make_expert(layer, expert) for layer, expert in keys]
 
     monkeypatch.setitem(sys.modules, "service.checkpoint", types.SimpleNamespace(read_experts=read_experts))
     worker = worker_with([])
     assert worker.load_experts("/ckpt", [(0, 2), (1, 3)]) == [(0, 2), (1, 3)]
     # a layer at a time: the host holds one layer's read copies, not the worker's whole share (an audit)
-    assert calls == [("/ckpt", [(0, 2)], False, torch.float64), ("/ckpt", [(1, 3)], False, torch.float64)]
+    assert calls == [("/ckpt", [(0, 2)], False, torch.float64, None), ("/ckpt", [(1, 3)], False, torch.float64, None)]
     assert worker.held_experts() == [(0, 2), (1, 3)]
     assert worker.telemetry().expert_bytes == sum(t.numel() * t.element_size() for key in [(0, 2), (1, 3)]
                                                  for t in make_expert(*key).tensors.values())
     keeping = ExpertWorker(WorkerConfig(index=1, keep_quantized=True, dtype="bfloat16"))
     keeping.load_experts("/ckpt", [(0, 1)])
-    assert calls[-1] == ("/ckpt", [(0, 1)], True, torch.bfloat16)
+    assert calls[-1] == ("/ckpt", [(0, 1)], True, torch.bfloat16, None)
+    # the layout the app gave, for its checkpoint only
+    layout = object()
+    given = ExpertWorker(WorkerConfig(index=2, profile_checkpoint="/ckpt", checkpoint_layout=layout))
+    given.load_experts("/ckpt", [(0, 4)])
+    given.load_experts("/other", [(0, 5)])
+    assert [call[-1] for call in calls[-2:]] == [layout, None]
+
+
+def test_a_worker_given_its_checkpoints_layout_reads_and_profiles_its_experts_without_importing_transformers():
+    """transformers costs a worker process about a second of CPU to import, at every start and restart; given the
+    layout (as the app gives it), the worker never imports it, and reads the very experts the reader reads."""
+    import pickle
+    import subprocess
+
+    from deploy.app import DEFAULT_MODEL
+    from service.checkpoint import load_layout, read_experts
+
+    layout = load_layout(DEFAULT_MODEL)
+    config = WorkerConfig(index=0, hidden_act=layout.hidden_act, profile_checkpoint=str(DEFAULT_MODEL),
+                          profile_shape=(layout.hidden_size, layout.intermediate_size), checkpoint_layout=layout)
+    code = """if True:
+        import pickle, sys
+        import service.worker_actor
+        from service.worker import ExpertWorker
+        config = pickle.loads(sys.stdin.buffer.read())
+        worker = ExpertWorker(config)
+        worker.profile(token_counts=(1, 4), repeats=1)
+        worker.load_experts(config.profile_checkpoint, [(0, 1), (1, 7)])
+        held = {key: item.checksum for key, item in zip(((0, 1), (1, 7)), worker.export_experts([(0, 1), (1, 7)]))}
+        print(sorted(name for name in sys.modules if name.split(".")[0] == "transformers"), held)
+    """
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(config), capture_output=True, check=True,
+                         timeout=120)
+    imported, held = out.stdout.decode().strip().split("] ", 1)
+    assert imported == "[", imported
+    assert held == str({(item.layer, item.expert): item.checksum
+                        for item in read_experts(DEFAULT_MODEL, [(0, 1), (1, 7)])})
+    with pytest.raises(ValueError, match="checkpoint_layout is the layout of profile_checkpoint"):
+        WorkerConfig(index=0, checkpoint_layout=layout)
 
 
 def test_profile_with_emulation_samples_the_emulated_curve():

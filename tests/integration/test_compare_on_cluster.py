@@ -29,13 +29,23 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"
 APP_ARGS = {"num_devices": 2, "speeds": [1.0, 0.9], "max_num_seqs": 8, "drain_timeout_s": 1,
             "emulation": {"fixed_s": 2e-4, "knee_tokens": 64, "jitter": 0.0, "throttle_floor": 1.0}}
 
-# The user's cluster, without Serve, held until stdin closes.
+# The user's cluster, without Serve, held until stdin closes. Each line it reads asks, as a driver of the cluster
+# other than the test's, for the cluster's Serve applications, its expert workers' actor names and whether a Serve
+# controller runs (a driver started for each ask took 2 s).
 HOLDER = textwrap.dedent("""
     import json, sys
     import ray
+    from ray import serve
+    from ray.serve.context import _set_global_client
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     print(json.dumps({"address": ray.get_runtime_context().gcs_address}), flush=True)
-    sys.stdin.read()
+    for _ in sys.stdin:
+        _set_global_client(None)  # (the Serve it last saw may have been shut down, and another started)
+        named = ray.util.list_named_actors(all_namespaces=True)
+        print(json.dumps([sorted(serve.status().applications),
+                          sorted(a["name"] for a in named if a["namespace"] == "vibe"),
+                          any(a["namespace"] == "serve" and a["name"] == "SERVE_CONTROLLER_ACTOR" for a in named)]),
+              flush=True)
     ray.shutdown()
 """)
 
@@ -54,14 +64,18 @@ def _driver(address: str, body: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+_HOLDER: list[subprocess.Popen] = []  # the module's cluster holder, while the `cluster` fixture holds it
+
+
 def _cluster_state(address: str) -> tuple[set[str], set[str], bool]:
-    """The cluster's Serve applications, its expert workers' actor names, whether a Serve controller runs."""
-    apps, actors, controller = json.loads(_driver(address, textwrap.dedent("""
-        named = ray.util.list_named_actors(all_namespaces=True)
-        print(json.dumps([sorted(serve.status().applications),
-                          sorted(a["name"] for a in named if a["namespace"] == "vibe"),
-                          any(a["namespace"] == "serve" and a["name"] == "SERVE_CONTROLLER_ACTOR" for a in named)]))
-    """)))
+    """The cluster's Serve applications, its expert workers' actor names, whether a Serve controller runs (asked
+    of the cluster's holder, another driver)."""
+    (holder,) = _HOLDER
+    holder.stdin.write("state\n")
+    holder.stdin.flush()
+    line = holder.stdout.readline()
+    assert line, "the cluster holder exited"
+    apps, actors, controller = json.loads(line)
     return set(apps), set(actors), controller
 
 
@@ -72,8 +86,10 @@ def cluster():
     try:
         line = holder.stdout.readline()
         assert line, "the cluster holder exited before starting its cluster"
+        _HOLDER.append(holder)
         yield json.loads(line)["address"]
     finally:
+        _HOLDER.clear()
         holder.stdin.close()
         try:
             holder.wait(timeout=60)

@@ -10,6 +10,7 @@ drive it with a `LocalWorkerPool`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -383,6 +384,8 @@ class Coordinator:
                 with self._lock:
                     self._placement = candidate
                     self._calibrated = bool(record.get("calibrated", False))
+                    # (a calibration asked for that did not apply is tried again by this coordinator's loop too)
+                    self._calibration_asked = bool(record.get("calibration_asked", False))
                     self._planned_by = str(record.get("planned_by", self.config.policy))
                 return candidate, newest
         return None, newest
@@ -479,10 +482,14 @@ class Coordinator:
             with self._lock:
                 self._calibrated = False
                 self._back_off()
+            with contextlib.suppress(Exception):  # (best effort: the calibration's own error is the one raised)
+                self._publish(self.placement)  # recorded as asked for: a restarted coordinator tries it again too
             raise
         self._calibrated = result["status"] in ("applied", "no_change")  # (rolled back: backed off already)
-        if result["status"] == "no_change":
-            self._publish(self.placement)  # record that the current placement is the calibrated one
+        if result["status"] != "applied":
+            # record that the current placement is the calibrated one (no_change), or that a calibration was asked
+            # for and did not apply (its engines, up already, never ask a restarted coordinator again)
+            self._publish(self.placement)
         return result
 
     # --- recalibration -----------------------------------------------------------------------------
@@ -682,7 +689,8 @@ class Coordinator:
             self._placement = placement
             self._planned_by = planned_by or self._planned_by
             self._calibrated = self._calibrated or calibrated
-        record = placement.to_dict() | {"calibrated": self._calibrated, "planned_by": self._planned_by}
+        record = placement.to_dict() | {"calibrated": self._calibrated, "calibration_asked": self._calibration_asked,
+                                         "planned_by": self._planned_by}
         try:  # on the devices not lost (a lost one that Ray is restarting would hold this for call_timeout_s)
             self.pool.save_record(record, self._live_devices())
         except WorkerCallError as exc:  # recovery is best effort; serving is not affected
@@ -1136,8 +1144,9 @@ class Coordinator:
         if self._rejoin:
             self._readmit()
         with self._lock:
-            calibrate = (self._calibration_asked and not self._calibrated
-                         and self._workload_drift.num_passes >= self._retry_at_pass)
+            # (on a drift check's worth of passes at least: a restarted coordinator's window starts empty)
+            calibrate = (self._calibration_asked and not self._calibrated and self._workload_drift.num_passes
+                         >= max(self._retry_at_pass, self.config.drift_check_every))
         if calibrate:
             self.calibrate(reason="startup calibration, tried again")  # (backs off itself when it fails again)
         device_reason = self._apply_device_drift()  # models are refined whether or not they re-plan

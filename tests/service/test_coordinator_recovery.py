@@ -285,3 +285,40 @@ def test_a_recalibration_waits_for_a_readmission_and_never_places_experts_on_a_d
     coordinator.check_workers()  # the next probe restarts it (empty): nothing served needs it
     assert not coordinator.placement.experts_on(dead)
     assert all(pool.held()[d] >= coordinator.placement.experts_on(d) for d in range(pool.num_devices))
+
+
+def test_a_coordinator_restarted_after_a_calibration_failed_tries_it_again(checkpoint):
+    """The engines ask for the startup calibration once, when they start: a coordinator restarted after it rolled
+    back recovered an uncalibrated placement and never tried again (the app left on its uniform startup placement,
+    drift never acted on). The record says it was asked for."""
+    pool = _pool(checkpoint)
+    first = _coordinator(checkpoint, pool, drift_check_every=5, min_held_out_passes=2)
+    counts = _skewed(first.shape, 1)
+    _report(first, counts, passes=30)
+    _fail_next_import(pool)
+    assert first.calibrate()["status"] == "rolled_back"
+    first.stop()
+    assert pool.load_records()[0]["calibration_asked"] and not pool.load_records()[0]["calibrated"]
+    second = _coordinator(checkpoint, pool, drift_check_every=5, min_held_out_passes=2)  # same workers
+    assert not second.calibrated
+    second._tick()  # its window is empty: nothing to calibrate on yet
+    _report(second, counts, passes=4)
+    second._tick()  # (less than a drift check's worth of passes)
+    assert second.stats_view()["recalibrations"] == []
+    _report(second, counts, passes=30)
+    second._tick()
+    records = second.stats_view()["recalibrations"]
+    assert [(r["status"], r["reason"]) for r in records] == [("applied", "startup calibration, tried again")]
+    assert second.calibrated and pool.load_records()[0]["calibrated"]
+
+
+def test_a_coordinator_restarted_before_any_calibration_was_asked_for_waits_for_it(checkpoint):
+    """An app whose engines never asked (no profiling prompts) is calibrated by an admin full re-plan only: a
+    restarted coordinator does not calibrate it on its own."""
+    pool = _pool(checkpoint)
+    first = _coordinator(checkpoint, pool, drift_check_every=5, min_held_out_passes=2)
+    first.stop()
+    second = _coordinator(checkpoint, pool, drift_check_every=5, min_held_out_passes=2)
+    _report(second, _skewed(second.shape, 1), passes=30)
+    second._tick()
+    assert not second.calibrated and second.stats_view()["recalibrations"] == []

@@ -189,7 +189,7 @@ class HarmonyStream:
 def _json_object(text: str) -> dict | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested too deep for Python's parser: text, as the other formats take it)
         return None
     return value if isinstance(value, dict) else None
 

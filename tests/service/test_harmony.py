@@ -91,6 +91,14 @@ def test_one_call_without_parallel_calls_and_other_special_tokens_dropped():
     assert _split(text, drop={"<|endoftext|>", "<|call|>"}) == ("", "It is warm.", [])
 
 
+def test_arguments_nested_too_deep_to_parse_are_content_not_a_call():
+    """A call whose arguments Python's parser cannot read (nested 5,000 deep: RecursionError) is the model's text, as
+    in the other tool formats: a non-streamed harmony completion answered 500 with it."""
+    body = '{"city": ' + "[" * 5000 + "]" * 5000 + "}"
+    deep = f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{body}<|call|>"
+    assert _split(ANALYSIS + deep) == ("The user wants the weather. Call get_weather.", body, [])
+
+
 TEXT = (ANALYSIS + "<|start|>assistant<|channel|>commentary<|message|>Checking <|chan it.<|end|>" + CALL
         + '<|start|>assistant to=functions.rm<|channel|>commentary json<|message|>{}<|call|>'
         + "<|start|>assistant<|channel|>final<|message|>Done<|endoftext|>.<|return|> "

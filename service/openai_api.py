@@ -285,8 +285,9 @@ class SamplingControls(StrictModel):
         if len(value) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(value)}")
         for key, bias in value.items():
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:  # (no vocabulary has a trillion tokens)
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key[:40]!r}"
+                                 + ("..." if len(key) > 40 else ""))
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")
         return value

@@ -256,6 +256,10 @@ def test_logit_bias_and_penalties_over_http(client, tokenizer):
     assert len(set(penalized)) > len(set(plain))  # no token repeated while an unused one is close
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"100000": 5})
+    # a key past Python's int conversion limit (4,300 digits) was refused without naming the parameter
+    with pytest.raises(openai.BadRequestError, match="logit_bias") as refused:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"9" * 5000: 5})
+    assert refused.value.param == "logit_bias" and len(refused.value.message) < 400
 
 
 def test_vllm_sampling_extensions_over_http(client, tokenizer):

@@ -483,14 +483,20 @@ class Coordinator:
                 self._calibrated = False
                 self._back_off()
             with contextlib.suppress(Exception):  # (best effort: the calibration's own error is the one raised)
-                self._publish(self.placement)  # recorded as asked for: a restarted coordinator tries it again too
+                self._republish()  # recorded as asked for: a restarted coordinator tries it again too
             raise
         self._calibrated = result["status"] in ("applied", "no_change")  # (rolled back: backed off already)
         if result["status"] != "applied":
             # record that the current placement is the calibrated one (no_change), or that a calibration was asked
             # for and did not apply (its engines, up already, never ask a restarted coordinator again)
-            self._publish(self.placement)
+            self._republish()
         return result
+
+    def _republish(self) -> None:
+        """Record the placement in service again (with what `calibrated` and `calibration_asked` now say), under the
+        migration lock: a migration that publishes meanwhile is not undone by an older placement."""
+        with self._migration_lock:
+            self._publish(self.placement)
 
     # --- recalibration -----------------------------------------------------------------------------
 

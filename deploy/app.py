@@ -399,13 +399,12 @@ def _check_kv_budget(checkpoint: str, dtype: str, max_model_len: int, block: int
     ingress replica refused to start (the engine's own check), and `serve run` waited on an app that never came up
     (a Serve review: kv_cache_bytes 1 MiB for the default model's 2 MiB). A lower bound of the engine's check (which
     adds linear-attention states); a config transformers cannot read is left to it."""
-    from transformers import AutoConfig
-
+    from service.checkpoint import auto_config
     from service.engine import kv_blocks_bytes
     from service.model import DTYPES
 
-    try:
-        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True).get_text_config()
+    try:  # (auto_config: Kimi-K2's folders too, whatever was imported before)
+        config = auto_config().from_pretrained(checkpoint, local_files_only=True).get_text_config()
         need = kv_blocks_bytes(config, DTYPES[dtype], max_model_len, block)
     except Exception:  # noqa: BLE001 - the engine checks it at its start all the same
         return

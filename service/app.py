@@ -85,6 +85,7 @@ from service.tools import detect_format as detect_tool_format
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 T = TypeVar("T")
@@ -607,7 +608,7 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
         for chunk in fmt.error_chunks(exc):
             yield fmt.sse(chunk)
     except Exception as exc:
-        logging.getLogger(__name__).error("a stream failed", exc_info=exc)
+        log.error("a stream failed", exc_info=exc)
         timer.finish("error", fmt.prompt_tokens)
         for chunk in fmt.error_chunks(APIError(500, "internal server error", type="server_error")):
             yield fmt.sse(chunk)

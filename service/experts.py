@@ -61,7 +61,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return _TORCH_ACTIVATIONS[name]
     from transformers.activations import ACT2FN
 
-    if not isinstance(name, str) or name not in ACT2FN:
+    if name not in ACT2FN:
         raise ValueError(f"hidden_act must be a transformers activation, got {name!r}")
     return ACT2FN[name]
 

@@ -64,13 +64,13 @@ def _driver(address: str, body: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-_HOLDER: list[subprocess.Popen] = []  # the module's cluster holder, while the `cluster` fixture holds it
+_HOLDERS: dict[str, subprocess.Popen] = {}  # GCS address -> the process holding that cluster (`cluster`)
 
 
 def _cluster_state(address: str) -> tuple[set[str], set[str], bool]:
     """The cluster's Serve applications, its expert workers' actor names, whether a Serve controller runs (asked
     of the cluster's holder, another driver)."""
-    (holder,) = _HOLDER
+    holder = _HOLDERS[address]
     holder.stdin.write("state\n")
     holder.stdin.flush()
     line = holder.stdout.readline()
@@ -83,13 +83,15 @@ def _cluster_state(address: str) -> tuple[set[str], set[str], bool]:
 def cluster():
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=ENV)
+    address = None
     try:
         line = holder.stdout.readline()
         assert line, "the cluster holder exited before starting its cluster"
-        _HOLDER.append(holder)
-        yield json.loads(line)["address"]
+        address = json.loads(line)["address"]
+        _HOLDERS[address] = holder
+        yield address
     finally:
-        _HOLDER.clear()
+        _HOLDERS.pop(address, None)
         holder.stdin.close()
         try:
             holder.wait(timeout=60)

@@ -232,6 +232,41 @@ def applied(recalibrations: list[dict]) -> int:
 # switch each app has some 40 requests, and one request's miss decided the verdict (41/41 against 40/41 read as a
 # loss, the mirror case as a win; their 95% intervals overlap).
 SIGNIFICANCE = 0.05
+# Sign-flip tests enumerate every flip up to this many blocks (2^16 sums), and draw FLIP_DRAWS flips beyond.
+EXACT_BLOCKS = 16
+FLIP_DRAWS = 100_000
+
+
+def block_length(pairs: int) -> int:
+    """Consecutive pairs the tests flip together: the cube root of their number, rounded up (the rate at which a
+    block bootstrap's blocks grow with the sample, Hall, Horowitz and Jing 1995). Requests sent close in time share
+    the machine's load, so their differences are not independent: the committed workload scenario's TTFT
+    differences correlate 0.46 with the next request's, 0.05 two requests on."""
+    return max(1, int(np.ceil(pairs ** (1 / 3) - 1e-9)))
+
+
+def block_sign_flip_p(scores: np.ndarray, block: int, seed: int = 0) -> float:
+    """Two-sided p-value that ``scores`` (per pair, in time order) are symmetric about 0, each block of ``block``
+    consecutive pairs flipping its sign together: the null distribution of the scores' sum over every assignment of
+    signs to blocks (exact up to `EXACT_BLOCKS` blocks, else `FLIP_DRAWS` seeded draws, the observed one counted).
+    With ``block`` 1 it is the exact sign-flip test: on signed ranks Wilcoxon's signed-rank test, on +1 / -1 for
+    the pairs only one app served within the SLO McNemar's exact test. Dependence within a block (requests that
+    shared the machine's load) does not make it lean small; dependence across blocks still would."""
+    scores = np.asarray(scores, dtype=float)
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    sums = np.add.reduceat(scores, np.arange(0, scores.size, block)) if scores.size else scores
+    sums = sums[sums != 0]  # (a block summing to 0 flips to itself)
+    observed = abs(sums.sum())
+    if sums.size == 0 or observed == 0:
+        return 1.0
+    tolerance = 1e-9 * np.abs(sums).sum()
+    if sums.size <= EXACT_BLOCKS:
+        signs = 1 - 2 * ((np.arange(2 ** sums.size)[:, None] >> np.arange(sums.size)) & 1)
+        return float(np.mean(np.abs(signs @ sums) >= observed - tolerance))
+    rng = np.random.default_rng(seed)
+    flipped = np.abs(rng.choice((-1.0, 1.0), size=(FLIP_DRAWS, sums.size)) @ sums)
+    return float((1 + np.count_nonzero(flipped >= observed - tolerance)) / (1 + FLIP_DRAWS))
 
 
 def verdicts(result: dict) -> dict[str, dict]:
@@ -241,16 +276,18 @@ def verdicts(result: dict) -> dict[str, dict]:
     same machine: the tests are paired by request (`paired`; tests for two independent samples let the spread of
     prompt lengths hide a difference on nearly every request: the committed workload scenario's TTFTs correlate
     0.92 between the apps, and Mann-Whitney gave p=0.30 where the paired test gives 0.003). `win` or `loss` when
-    attainment differs significantly (exact McNemar test on the requests one app served within the SLO and the other
-    did not, p < SIGNIFICANCE), else when the TTFTs do (Wilcoxon signed-rank test on each request's adaptive minus
-    static TTFT, a failure as slower than any TTFT, the direction the signed ranks' majority; a win also needs a P90
+    attainment differs significantly (McNemar's test on the requests one app served within the SLO and the other
+    did not, p < SIGNIFICANCE), else when the TTFTs do (Wilcoxon's signed-rank test on each request's adaptive minus
+    static TTFT, a failure as slower than any TTFT, the direction the signed ranks' sum; a win also needs a P90
     TPOT no higher, a shorter TTFT bought with a longer TPOT being no win, and an attainment no lower), else `within
-    noise` (`adaptive_wins`: a win). Requests close in time share the machine's load, so pairs are not quite
-    independent and the p-values lean small. Also the adaptive app's recalibrations from the switch on: those it
+    noise` (`adaptive_wins`: a win). Requests close in time share the machine's load, so both tests flip the signs
+    of `block_length` consecutive pairs together (`block_sign_flip_p`): a stretch of requests that one load spike
+    slowed in one app counts as one event, not as many (tests treating each pair as independent gave p-values that
+    leant small). Also the adaptive app's recalibrations from the switch on: those it
     judged and those it applied (`..._whole_run`: all that started during the measured trace; the generator leaves
     out those before it, such as the startup calibration and the warm-up's). A scenario whose scheduled event failed
     in either app (the device was never throttled) is no win, its `failed_events` saying which."""
-    from scipy.stats import binomtest, rankdata, wilcoxon
+    from scipy.stats import rankdata
 
     out = {}
     switch_s = result.get("config", {}).get("switch_s", 0.0)
@@ -260,18 +297,21 @@ def verdicts(result: dict) -> dict[str, dict]:
         slo = SLO(**{k: v for k, v in result["slo"].items() if k in ("ttft_s", "tpot_s", "target")})
         after = {mode: entry[mode]["segments"]["after"] for mode in MODES}
         static, adaptive = paired(entry["static"], entry["adaptive"], switch_s)
-        met = [(meets(a, slo), meets(s, slo)) for s, a in zip(static, adaptive)]
-        gained, lost = sum(a and not s for a, s in met), sum(s and not a for a, s in met)
-        attainment_p = float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0
+        block = block_length(len(static))
+        met = np.array([meets(a, slo) for a in adaptive], dtype=int) - np.array([meets(s, slo) for s in static],
+                                                                                 dtype=int)
+        gained, lost = int(np.count_nonzero(met > 0)), int(np.count_nonzero(met < 0))
+        attainment_p = block_sign_flip_p(met, block)
         verdict = "within noise"
         if attainment_p < SIGNIFICANCE:
-            verdict = "win" if gained > lost else "loss"
+            verdict = "win" if met.sum() > 0 else "loss"
         ttft_p = None
         slower, completed = _ttft_differences(static, adaptive)
         if verdict == "within noise" and np.any(slower != 0):
-            ttft_p = float(wilcoxon(slower, zero_method="wilcox").pvalue)
-            ranks = rankdata(np.abs(slower[slower != 0]))
-            faster = ranks[slower[slower != 0] < 0].sum() > ranks[slower[slower != 0] > 0].sum()
+            signed = np.zeros_like(slower)  # signed ranks of the non-zero differences (zeros left out, as Wilcoxon's)
+            signed[slower != 0] = np.sign(slower[slower != 0]) * rankdata(np.abs(slower[slower != 0]))
+            ttft_p = block_sign_flip_p(signed, block)
+            faster = signed.sum() < 0
             tpot = {m: a["tpot_p90_ms"] or float("inf") for m, a in after.items()}
             if ttft_p < SIGNIFICANCE and faster:
                 if tpot["adaptive"] <= tpot["static"] and gained >= lost:
@@ -288,6 +328,7 @@ def verdicts(result: dict) -> dict[str, dict]:
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
                          "adaptive_wins": verdict == "win", "verdict": verdict, "pairs": len(static),
+                         "block": block,
                          "within_slo_only_adaptive": gained, "within_slo_only_static": lost,
                          "attainment_p": attainment_p, "ttft_p": ttft_p,
                          "median_ttft_difference_ms": (float(np.median(slower[completed])) * 1e3

@@ -351,11 +351,12 @@ def _drift(drift: dict) -> str:
                      f"{_drift_verdict(v)}"
                      f"{' (event failed: ' + '; '.join(v['failed_events']) + ')' if v.get('failed_events') else ''} |")
     lines += ["", "Tests pair each request of the trace with itself in the other app (same prompt, sent at the same moment "
-              "on the same machine): attainment by the exact McNemar test on the requests only one app served within "
-              "the SLO, TTFT by the Wilcoxon signed-rank test on each request's adaptive minus static TTFT (a failure "
+              "on the same machine): attainment by McNemar's test on the requests only one app served within "
+              "the SLO, TTFT by Wilcoxon's signed-rank test on each request's adaptive minus static TTFT (a failure "
               "slower than any TTFT); the median of those differences is given over the pairs both completed. "
-              "Requests close in time share the machine's load, so the pairs are not quite independent and the "
-              "p-values lean small."]
+              "Requests close in time share the machine's load, so both tests are sign-flip tests over blocks of "
+              "consecutive pairs (the cube root of their number, rounded up), not over single pairs: a stretch of "
+              "requests one load spike slowed in one app counts once."]
     lines += [f"\nNote: {note}" for note in drift.get("notes") or []]
     return "\n".join(lines)
 
@@ -363,7 +364,7 @@ def _drift(drift: dict) -> str:
 def _drift_verdict(v: dict) -> str:
     """yes / no (within noise) / no (loss), with the tests that decided it."""
     said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)"}[v["verdict"]]
-    tests = [f"{v['pairs']} pairs, attainment p={v['attainment_p']:.2f}"]
+    tests = [f"{v['pairs']} pairs in blocks of {v['block']}, attainment p={v['attainment_p']:.2f}"]
     if v["ttft_p"] is not None:
         tests.append(f"TTFT p={v['ttft_p']:.3f}")
     if v.get("median_ttft_difference_ms") is not None:

@@ -13,7 +13,16 @@ import pytest
 
 from deploy.app import DEFAULT_SPEEDS, AppArgs
 from load_tests.compare import record_json
-from load_tests.drift import DriftConfig, DriftRun, scenario_args, segments, throttle_event, verdicts
+from load_tests.drift import (
+    DriftConfig,
+    DriftRun,
+    block_length,
+    block_sign_flip_p,
+    scenario_args,
+    segments,
+    throttle_event,
+    verdicts,
+)
 from load_tests.generator import ClientConfig, RequestResult, RunRecord
 from load_tests.slo import SLO, summarize
 
@@ -126,10 +135,11 @@ def test_with_attainment_tied_a_significantly_shorter_ttft_wins_unless_bought_wi
     assert found["bought"]["verdict"] == "within noise" and found["noise"]["verdict"] == "within noise"
     assert found["slower"]["verdict"] == "loss"
     # the direction is the rank test's, failures counted (the P90s leave them out), and fewer requests within the
-    # SLO is never a win (a review: 35/40 with faster completed requests against 40/40 read as a win)
+    # SLO is never a win (a review: 35/40 with faster completed requests against 40/40 read as a win). 64 requests:
+    # the tests flip blocks of 4, so 40 would be 10 independent blocks, too few to tell the tail's case from noise
     fewer = {"static": _mode(40, 40, 0.2), "adaptive": _mode(35, 40, 0.1)}
-    tail = {"static": _mode(40, 40, 0.2), "adaptive": _mode(40, 40, 0.1)}
-    tail["adaptive"]["results"]["ttft_s"][-4:] = [0.5] * 4  # its slowest tenth above static's
+    tail = {"static": _mode(64, 64, 0.2), "adaptive": _mode(64, 64, 0.1)}
+    tail["adaptive"]["results"]["ttft_s"][-7:] = [0.5] * 7  # its slowest tenth above static's
     tail["adaptive"]["segments"]["after"]["ttft_p90_ms"] = 500.0
     direction = verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {"fewer": fewer, "tail": tail}})
     assert direction["fewer"]["verdict"] != "win" and direction["tail"]["verdict"] == "win"
@@ -145,9 +155,9 @@ def test_the_tests_pair_the_requests_both_apps_served():
     rng = np.random.default_rng(1)
     spread = rng.lognormal(np.log(0.2), 0.4, 44)  # prompts of many lengths
 
-    def app(slower_s: float, met: int = 44) -> dict:
+    def app(slower_s: float, met: int = 44, missed: set[int] = frozenset()) -> dict:
         results = [RequestResult(i, "code", 40.0 + i, t + slower_s, t + slower_s + 1.0, 100, 11,
-                                 None if i < met else "timeout") for i, t in enumerate(spread)]
+                                 None if i < met and i not in missed else "timeout") for i, t in enumerate(spread)]
         after = summarize(results, SLO(1.5, 0.2), 60.0)
         return record_json(RunRecord(started_wall=1000.0, results=results), segments={"after": after}) | {
             "recalibrations": []}
@@ -159,11 +169,39 @@ def test_the_tests_pair_the_requests_both_apps_served():
     assert found["slower"]["median_ttft_difference_ms"] == pytest.approx(15.0)
     assert found["faster"]["verdict"] == "win" and found["slower"]["pairs"] == 44
     assert found["same"]["verdict"] == "within noise" and found["same"]["ttft_p"] is None
-    # attainment: only the requests one app served within the SLO and the other did not count (McNemar)
+    # attainment: only the requests one app served within the SLO and the other did not count (McNemar), 8 misses
+    # over the trace (one in each of 8 blocks of 4 requests); the same 8 misses in a row are one stretch of the
+    # machine's load (two blocks), no loss (a review: tests treating each pair as independent called it one)
     found = verdicts({"config": {"switch_s": 40.0}, "slo": {"ttft_s": 1.5, "tpot_s": 0.2}, "scenarios": {
-        "lost": {"static": app(0.0), "adaptive": app(0.0, met=36)}}})["lost"]
-    assert (found["within_slo_only_static"], found["within_slo_only_adaptive"]) == (8, 0)
-    assert found["verdict"] == "loss" and found["attainment_p"] == pytest.approx(2 / 2 ** 8)
+        "lost": {"static": app(0.0), "adaptive": app(0.0, missed=set(range(0, 40, 5)))},
+        "stretch": {"static": app(0.0), "adaptive": app(0.0, met=36)}}})
+    lost, stretch = found["lost"], found["stretch"]
+    assert (lost["within_slo_only_static"], lost["within_slo_only_adaptive"]) == (8, 0) and lost["block"] == 4
+    assert lost["verdict"] == "loss" and lost["attainment_p"] == pytest.approx(2 / 2 ** 8)
+    assert (stretch["within_slo_only_static"], stretch["within_slo_only_adaptive"]) == (8, 0)
+    assert stretch["verdict"] == "within noise" and stretch["attainment_p"] == pytest.approx(2 / 2 ** 2)
+
+
+def test_the_block_sign_flip_test_is_wilcoxons_and_mcnemars_one_pair_a_block_and_counts_a_stretch_once():
+    """One pair a block: the exact signed-rank and McNemar tests (scipy's), enumerated up to 16 non-zero blocks and
+    drawn beyond. Blocks: differences that one stretch of the machine's load made (a run of pairs all one way, the
+    rest balanced) weigh as that stretch, not as its pairs one by one."""
+    from scipy.stats import binomtest, rankdata, wilcoxon
+
+    rng = np.random.default_rng(0)
+    for n in (6, 12, 16, 40):
+        d = rng.normal(0.4, 1.0, n)
+        ranks = np.sign(d) * rankdata(np.abs(d))
+        exact = wilcoxon(d, method="exact").pvalue
+        assert block_sign_flip_p(ranks, 1) == pytest.approx(exact, abs=0 if n <= 16 else 0.01)
+    discordant = np.array([1] * 9 + [-1] * 2 + [0] * 30)
+    assert block_sign_flip_p(rng.permutation(discordant), 1) == pytest.approx(binomtest(9, 11).pvalue)
+    assert block_sign_flip_p(np.zeros(8), 2) == 1.0 and block_sign_flip_p(np.array([]), 3) == 1.0
+    run = np.array([1.0] * 10 + [0.0] * 30)  # 10 slower in a row, then level: 3 blocks of 4 one way
+    assert block_sign_flip_p(run, 1) == pytest.approx(2 / 2 ** 10) and block_sign_flip_p(run, 4) == 2 / 2 ** 3
+    assert [block_length(n) for n in (1, 2, 8, 9, 27, 28, 64, 65)] == [1, 2, 2, 3, 3, 4, 4, 5]
+    with pytest.raises(ValueError, match="block"):
+        block_sign_flip_p(run, 0)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -335,20 +335,27 @@ def evacuate(placement: Placement, loads: np.ndarray, devices: Sequence[DeviceMo
     numbers it.
 
     Args:
-        lost: devices that must end with no slot; capacity: int [G], most slots a device may hold per layer.
+        lost: devices that must end with no slot; capacity: int [G], most slots a device may hold per layer (a lost
+            device's is taken as 0, whatever it says: an emptied device is the search's best place to move to).
         activity: float [L, E] or None, as in `rebalance`; eps: the search's tolerated imbalance.
     Returns:
         The placement, or None where the survivors have no room left for some slot (a full re-plan must then
         re-place them).
+    Raises:
+        ValueError: a lost device out of range (-1 was the last device), or a capacity of another shape.
     """
     loads = _check_inputs(placement, loads, devices, eps, None)
     activity = checked_activity(activity, loads)
     num_devices = placement.num_devices
+    lost = np.asarray(list(lost), dtype=np.int64)
+    if lost.size and (lost.min() < 0 or lost.max() >= num_devices):
+        raise ValueError(f"lost devices must be in 0..{num_devices - 1}, got {sorted(lost.tolist())}")
     gone = np.zeros(num_devices, dtype=bool)
-    gone[np.asarray(list(lost), dtype=np.int64)] = True
+    gone[lost] = True
     capacity = np.asarray(capacity, dtype=np.int64)
     if capacity.shape != (num_devices,):
         raise ValueError(f"capacity must have one entry per device ({num_devices}), got shape {capacity.shape}")
+    capacity = np.where(gone, 0, capacity)
     params = curve_params(devices)
     expert, device, share = (a.copy() for a in (placement.phy2log, placement.slot_device, placement.replica_share))
     evacuated = gone[device].sum(axis=1)  # [L]

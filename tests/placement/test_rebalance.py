@@ -292,6 +292,20 @@ def test_evacuate_re_targets_a_replica_every_survivor_already_holds():
     assert all(v == pytest.approx(1.0) for v in shares.values())
 
 
+def test_evacuate_never_moves_slots_back_to_a_lost_device_whatever_its_budget_says():
+    """A caller's budget with room left on the lost device (a uniform slot_budget): the search after the evacuation
+    moved experts back onto the emptied device, the cheapest place to move to; a lost device of -1 was the last
+    one (a review)."""
+    loads = np.round(np.random.default_rng(0).exponential(400, (2, 8)))
+    old = plan(loads, [BASE] * 4, "vibe")
+    new = evacuate(old, loads, [BASE] * 4, [3], np.array([3, 3, 3, 3]))
+    assert new is not None and not new.experts_on(3) and new.num_slots == old.num_slots
+    assert all(np.bincount(row, minlength=4).max() <= 3 for row in new.slot_device)
+    for lost in ([-1], [4]):
+        with pytest.raises(ValueError, match="lost devices must be in 0..3"):
+            evacuate(old, loads, [BASE] * 4, lost, np.array([3, 3, 3, 0]))
+
+
 def test_evacuate_without_room_on_the_survivors_says_so():
     old = plan(np.array([[5.0, 4, 3, 2]]), [BASE] * 2, "vibe")
     assert evacuate(old, np.array([[5.0, 4, 3, 2]]), [BASE] * 2, [1], np.array([2, 0])) is None

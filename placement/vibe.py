@@ -73,7 +73,11 @@ def greedy_search(loads: np.ndarray, devices: Sequence[DeviceModel], num_redunda
     num_slots = loads.shape[1] + num_redundant
     params = curve_params(devices)
     limit = np.full(num_devices, num_slots // num_devices) if capacity is None else capacity
-    knee = float(params[1].min())
+    # the devices' median knee: with the smallest, one device whose fit has (almost) no flat part (DeviceModel.fit
+    # gives 3.5 tokens on a line with an offset) made every split look worth a call, and spare slots split loaded
+    # experts where an expert without load costs nothing (twice the optimal makespan on a 3-device case; a review).
+    # Curves of one shape, scaled (a cluster of one GPU model, the simulations), have one knee: the same either way
+    knee = float(np.median(params[1]))
     counts = replica_counts(loads, num_slots, limit, knee,
                             curve=DeviceModel(float(np.median(params[0])), knee, float(np.median(params[2]))))
     expert = np.repeat(np.tile(np.arange(loads.shape[1]), loads.shape[0]), counts.ravel())
@@ -93,8 +97,8 @@ def replica_counts(loads: np.ndarray, num_slots: int, capacity: np.ndarray, knee
 
     Each extra slot goes to the expert with the highest predicted time per replica, i.e. the most tokens
     per replica (every curve is non-decreasing in tokens): EPLB's rule, as long as the split replicas
-    keep at least `knee` tokens. At or below every device's knee a split only adds one more flat-cost call,
-    so then the slot goes to an expert without load if there is one (its replica costs nothing), else
+    keep at least `knee` tokens (the devices' median knee). At or below the knee a split only adds one more
+    flat-cost call, so then the slot goes to an expert without load if there is one (its replica costs nothing), else
     by EPLB's rule. Between the two (replicas past the knee whose halves would not be) a split shortens the
     replica to the flat cost for one more flat-cost call elsewhere: it is made when it lowers the layer's
     makespan bound on the reference `curve` (`_split_lowers_bound`; None: never: one hot expert of 250 tokens

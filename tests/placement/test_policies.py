@@ -408,6 +408,19 @@ def test_a_hot_expert_just_below_twice_the_knee_is_split():
         [1, 1, 2, 2]]
 
 
+@pytest.mark.parametrize("knee", [16.0, 3.5, 0.0])
+def test_one_device_without_a_flat_part_does_not_make_every_split_look_worth_a_call(knee):
+    """The split rule judged against the smallest knee of all devices: one device whose fit has (almost) no flat
+    part (DeviceModel.fit gives 3.5 tokens on a line with an offset) made every split of a loaded expert look worth a
+    flat-cost call, where a replica of the expert without load costs nothing: twice the optimal makespan, EPLB's (a
+    review). With the devices' median knee vibe finds the optimum, as with one knee for all."""
+    devices = [DeviceModel(1e-4, knee, 1e-6), DeviceModel(2e-4, 128.0, 1.5625e-6), DeviceModel(2e-4, 128.0, 1.5625e-6)]
+    loads = np.array([[0.0, 86.0, 16.0]])
+    placed = plan(loads, devices, "vibe", num_redundant=3)
+    assert makespan(placed, loads, devices)[0] == pytest.approx(exact_makespan(loads, devices, num_redundant=3)[0])
+    assert placed.logcnt.tolist() == [[3, 2, 1]]
+
+
 @pytest.mark.parametrize("devices", [
     [DeviceModel(0.0, 100, 1e-6), DeviceModel(1e-4, 100, 1e-6)],  # a device that predicts no time
     [DeviceModel(1e-300, 1, 1e-300), DeviceModel(1e300, 1, 1e300)],  # speeds beyond float range apart

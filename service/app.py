@@ -996,7 +996,9 @@ class _ResponsesFormat(_ChatFormat):
     tool calls): typed stream events (`ResponseBuilder`), and as the response the last event's, the
     outputs replayed (so a response is its stream's, item for item). The text's log-probabilities
     cover every generated token, as the chat endpoint's do, when there is text. Reasoning tokens are
-    the tokens generated inside the thinking block, its tags and the whitespace after it included."""
+    the tokens generated inside the thinking block, its tags and the whitespace after it included; with
+    harmony (GPT-OSS), those of its reasoning messages, their headers and ends included (the answer's
+    header and the closing token are not: a response without analysis reported 4 of 6 tokens)."""
 
     done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
     caches_prompts = False  # the engine's prefix cache keeps prompts (their uncached tokens are cache writes)
@@ -1009,6 +1011,7 @@ class _ResponsesFormat(_ChatFormat):
         # a named call's arguments stream as they come, unless harmony's parser sends the call whole
         self._named = tools is not None and tools.choice == "named" and harmony is None
         self._reasoning_tokens = 0
+        self._framing = 0  # harmony: tokens of a header whose channel is not read yet (reasoning if it is analysis)
 
     def sse(self, event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
@@ -1018,11 +1021,21 @@ class _ResponsesFormat(_ChatFormat):
 
     def chunks(self, index: int, out: StepOutput) -> list[dict]:
         thinking = self._thinking[index] if self._thinking is not None else None
-        was_thinking = thinking is not None and thinking.in_block
+        harmony = self._harmony is not None
+        was_thinking = thinking is not None and (thinking.in_reasoning if harmony else thinking.in_block)
         reasoning, text, calls = self._split(index, out.text, final=out.finished,
                                              truncated=out.finish_reason == "length")
-        if was_thinking or (thinking is not None and thinking.before_answer):
-            self._reasoning_tokens += len(out.new_token_ids)
+        tokens = len(out.new_token_ids)
+        if not harmony:
+            if was_thinking or (thinking is not None and thinking.before_answer):
+                self._reasoning_tokens += tokens
+        elif was_thinking or thinking.in_reasoning:  # (was: its body or its end; is: its header just read)
+            self._reasoning_tokens += self._framing + tokens
+            self._framing = 0
+        elif thinking.framing and not out.finished:
+            self._framing += tokens
+        else:  # the answer's header, body or closing token
+            self._framing = 0
         logprobs = ()
         if text:
             logprobs = self._entries(self._take_pending(index, out))

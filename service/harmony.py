@@ -78,6 +78,16 @@ class HarmonyStream:
     def before_answer(self) -> bool:
         return self.in_block
 
+    @property
+    def in_reasoning(self) -> bool:
+        """In the body of a reasoning message: an analysis, or a built-in tool's call."""
+        return self._state == "body" and self._kind == "reasoning"
+
+    @property
+    def framing(self) -> bool:
+        """Before a message's body: at the start, in a header or between messages (its channel not read yet)."""
+        return self._state in ("start", "header", "between")
+
     def push(self, text: str, final: bool = False, truncated: bool = False) -> tuple[str, str, list]:
         """Add ``text``; returns (reasoning, content, calls completed now). ``final`` flushes; ``truncated``
         (with it): the completion was cut off (a length limit), so an open call is not one."""

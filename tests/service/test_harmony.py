@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import _ChatFormat, _Choice, _Harmony, create_app
+from service.app import _ChatFormat, _Choice, _Harmony, _ResponsesFormat, create_app
 from service.async_engine import AsyncEngine
 from service.engine import Engine, EngineConfig
 from service.harmony import TAGS, HarmonyStream, history
 from service.openai_api import ChatCompletionRequest
+from service.responses_api import ResponsesRequest
 from service.structured import Grammars
 from service.tools import ToolSetup, answer_grammar, detect_format, special_tags
 from tests.service.test_app import MODEL, served
@@ -158,6 +159,27 @@ def test_the_chat_format_splits_harmony_in_responses_and_chunks():
 
 
 # --- history: what GPT-OSS's chat template reads ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pieces, reasoning", [
+    (["<|channel|>", "final", "<|message|>", "Hello", " world", "<|return|>"], 0),  # no analysis: none
+    # the analysis message, its header and end included; the answer's header after it is not
+    (["<|channel|>", "analysis", "<|message|>", "Think", "ing", "<|end|>", "<|start|>", "assistant", "<|channel|>",
+      "final", "<|message|>", "Hello", " world", "<|return|>"], 6),
+    # a call after an analysis: the call's header and arguments are not reasoning
+    (["<|channel|>analysis<|message|>", "Hm", "<|end|>", "<|start|>assistant<|channel|>commentary to=functions.f ",
+      "<|constrain|>json<|message|>", '{"a": 1}', "<|call|>"], 3),
+    (["<|channel|>", "analysis", "<|message|>", "cut", " off"], 5),  # cut off in the analysis: all of it
+])
+def test_responses_count_the_reasoning_messages_tokens_as_reasoning(pieces, reasoning):
+    """usage.output_tokens_details.reasoning_tokens: every token before the answer's body was counted, headers and
+    the closing token too, so an answer without any analysis reported 4 of its 6 tokens as reasoning (a review)."""
+    fmt = _ResponsesFormat(MODEL, None, ResponsesRequest(model=MODEL, input="x").echo(),
+                           harmony=_Harmony(frozenset(), True))
+    fmt.prompt_tokens = 5
+    usage = fmt.response([_Choice(_outputs(pieces, "length" if reasoning == len(pieces) else "stop"))])["usage"]
+    assert usage["output_tokens"] == len(pieces)
+    assert usage["output_tokens_details"]["reasoning_tokens"] == reasoning
 
 
 def test_history_gives_thinking_and_one_call_per_message_each_before_its_result():

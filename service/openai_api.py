@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -187,6 +188,13 @@ Metadata = Annotated[dict[Annotated[Text, Field(max_length=64)], Annotated[Text,
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # nothing is obfuscated: the chunks carry no padding field either way
+
+
+# ``stream``: OpenAI's is "boolean or null, defaults to false", and its client sends null for stream=None
+Stream = Annotated[bool, BeforeValidator(lambda value: False if value is None else value)]
+# OpenAI's prompt cache retention: accepted; the prefix cache keeps what fits in memory, whichever is asked for
+CacheRetention = Literal["in_memory", "24h"] | None
 
 
 SchemaName = Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]  # a response format's name
@@ -300,12 +308,13 @@ class _SamplingFields(SamplingControls):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stream: bool = False
+    stream: Stream = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # OpenAI's identifiers of an end user and of a prompt cache: accepted; prefix caching needs no key
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: CacheRetention = None
     n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
     # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
     response_format: ResponseFormat | None = None
@@ -432,6 +441,8 @@ class ChatMessage(StrictModel):
                 for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:  # a participant's name (templates that render it tell same-role speakers apart)
+            message["name"] = self.name
         if self.reasoning or self.reasoning_content:
             message["reasoning_content"] = self.reasoning or self.reasoning_content
         return message

@@ -35,12 +35,14 @@ from service.openai_api import (
     MAX_TOOLS,
     APIError,
     Arguments,
+    CacheRetention,
     ChatCompletionRequest,
     FunctionName,
     JSONObject,
     Metadata,
     SamplingControls,
     SchemaName,
+    Stream,
     StrictModel,
     TemplateKwargs,
     Text,
@@ -194,7 +196,7 @@ class TextFormat(StrictModel):
 
 class TextConfig(StrictModel):
     format: TextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None  # a hint for OpenAI's models; not used here
+    verbosity: Literal["low", "medium", "high"] | None = None  # OpenAI's default (medium) only, as on chat
 
 
 class ReasoningConfig(StrictModel):
@@ -230,7 +232,7 @@ class ResponsesRequest(SamplingControls):
     reasoning: ReasoningConfig | None = None
     include: list[Literal["message.output_text.logprobs", "reasoning.encrypted_content"]] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    stream: bool = False
+    stream: Stream = False
     stream_options: StreamOptions | None = None
     metadata: Metadata = None
     store: bool | None = None  # nothing is stored, whatever it says: the response reports false
@@ -243,8 +245,8 @@ class ResponsesRequest(SamplingControls):
     user: Text | None = None  # these three are echoed in the response
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
-    prompt_cache_retention: str | None = None
-    service_tier: str | None = None
+    prompt_cache_retention: CacheRetention = None
+    service_tier: str | None = None  # auto and default only, as on chat (the response reports default)
     chat_template_kwargs: TemplateKwargs = None
 
     def check_supported(self) -> None:
@@ -263,6 +265,11 @@ class ResponsesRequest(SamplingControls):
                                "one call)"),
             "truncation": (self.truncation == "auto", "'auto' is not supported: an input longer than the context "
                            "is a 400"),
+            # as chat refuses them (responses took any string and ignored it)
+            "service_tier": (self.service_tier not in (None, "auto", "default"),
+                             f"service_tier={self.service_tier!r} is not supported by this server"),
+            "text.verbosity": (self.text is not None and self.text.verbosity not in (None, "medium"),
+                               f"verbosity={getattr(self.text, 'verbosity', None)!r} is not supported by this server"),
         }
         for name, (bad, why) in refused.items():
             if bad:

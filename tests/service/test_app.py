@@ -87,8 +87,12 @@ def test_chat_equals_greedy_generate_and_streaming_equals_non_streaming(client, 
     assert response.usage.total_tokens == len(prompt) + response.usage.completion_tokens
     assert (choice.finish_reason == "length") == (response.usage.completion_tokens == 20)
 
+    # what the client sends for stream=None and a stream without obfuscation (each was a 400; a review)
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
+                                          stream=None).choices[0].message.content == choice.message.content
     chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+                                                 stream=True, stream_options={"include_usage": True,
+                                                                              "include_obfuscation": False}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [

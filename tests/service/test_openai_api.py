@@ -89,6 +89,20 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     assert request.n == 1 and request.stream_options.include_usage and len(request.metadata) == 16
 
 
+@pytest.mark.parametrize("model, base", [(ChatCompletionRequest, CHAT), (CompletionRequest, {"model": "m",
+                                                                                             "prompt": "hi"})])
+def test_what_openais_client_sends_for_its_defaults_and_hints_is_accepted(model, base):
+    """OpenAI's stream is "boolean or null" (its client sends null for stream=None), stream_options takes
+    include_obfuscation (false: no padding field, which these chunks never carry) and prompt_cache_retention is a
+    hint for the prefix cache: each was a 400 (a review). A retention OpenAI does not name still is."""
+    request = model.model_validate({**base, "stream": None, "prompt_cache_retention": "24h",
+                                    "stream_options": {"include_usage": True, "include_obfuscation": False}})
+    assert request.stream is False and request.stream_options.include_usage
+    assert model.model_validate({**base, "stream": True, "prompt_cache_retention": "in_memory"}).stream is True
+    status, body = _rejection(model, {**base, "prompt_cache_retention": "forever"})
+    assert status == 400 and body["error"]["param"] == "prompt_cache_retention"
+
+
 def test_message_content_parts_and_developer_role():
     request = ChatCompletionRequest.model_validate({**CHAT, "messages": [
         {"role": "developer", "content": "be brief"},
@@ -408,6 +422,17 @@ def test_tool_history_reaches_the_template_with_dict_arguments():
             {"id": "c1", "type": "function", "function": {"name": "w", "arguments": {"city": "Oslo"}}},
             {"id": "c2", "type": "function", "function": {"name": "w", "arguments": "not json"}}]},
         {"role": "tool", "content": "-3 C", "tool_call_id": "c1"}]
+
+
+def test_a_participants_name_reaches_the_template():
+    """OpenAI's name tells participants of one role apart; it was validated and dropped before the template (vLLM
+    passes it on; a review)."""
+    request = ChatCompletionRequest.model_validate({**CHAT, "messages": [
+        {"role": "user", "name": "alice", "content": "hi"}, {"role": "user", "name": "bob", "content": "hello"},
+        {"role": "assistant", "content": "hey"}]})
+    assert request.template_messages() == [{"role": "user", "content": "hi", "name": "alice"},
+                                           {"role": "user", "content": "hello", "name": "bob"},
+                                           {"role": "assistant", "content": "hey"}]
 
 
 def test_an_assistants_reasoning_sent_back_reaches_the_template_as_reasoning_content():

@@ -135,6 +135,7 @@ def test_the_request_converts_to_the_chat_request_it_means():
     ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format", "needs name and schema"),
     ({"frobnicate": 1}, "frobnicate", "unknown parameter"),
     ({"top_k": "many"}, "top_k", "integer"),  # vLLM's sampling extensions are the chat request's fields
+    ({"prompt_cache_retention": "forever"}, "prompt_cache_retention", "'in_memory' or '24h'"),  # (any string was)
 ])
 def test_bad_requests_fail_validation_naming_the_field(body, param, message):
     with pytest.raises(pydantic.ValidationError) as info:
@@ -154,6 +155,12 @@ def openai_error(exc: pydantic.ValidationError) -> APIError:
     ({"conversation": "conv_1"}, "conversation", "stores no responses"),
     ({"background": True}, "background", "not supported"),
     ({"truncation": "auto"}, "truncation", "not supported"),
+    # refused as chat refuses them (responses took any string and ignored it; a review)
+    ({"service_tier": "priority"}, "service_tier", "service_tier='priority' is not supported"),
+    ({"service_tier": "no-such-tier"}, "service_tier", "not supported"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity", "verbosity='low' is not supported"),
+    ({"service_tier": "auto", "text": {"verbosity": "medium"}, "stream": None, "prompt_cache_retention": "24h",
+      "max_output_tokens": 1}, None, None),
     ({"input": []}, "input", "no messages"),
     ({"tools": TOOLS * 2}, "tools", "unique"),
     ({"input": [{"role": "user", "content": "Hi"}, {"type": "function_call_output", "call_id": "c", "output": "x"},

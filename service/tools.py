@@ -416,18 +416,22 @@ def _hermes_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callabl
     return f'calls: {body}\ncall: {lit(TOOL_CALL_START + chr(10))} %json {call} {lit(chr(10) + TOOL_CALL_END)}\n'
 
 
-_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
+_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
 
 def _qwen3_coder_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    match = _FUNCTION.fullmatch(block)
-    if match is None:
+    """Every function of a block, each its own call (as vLLM's parser reads them): one match across both of two
+    functions was one call, to the first function with the second's arguments."""
+    found = _only(_FUNCTION, block)
+    if found is None:
         return None
-    name, body = match.group(1).strip(), match.group(2)
-    properties = _properties(functions.get(name))
-    return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {}))
-                    for key, value in _PARAMETER.findall(body)})]
+    calls = []
+    for name, body in found:
+        properties = _properties(functions.get(name.strip()))
+        calls.append((name.strip(), {key.strip(): _typed(value, properties.get(key.strip(), {}))
+                                     for key, value in _PARAMETER.findall(body)}))
+    return calls
 
 
 def _properties(schema: Any) -> dict:
@@ -437,14 +441,52 @@ def _properties(schema: Any) -> dict:
     return properties if isinstance(properties, dict) else {}
 
 
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null", list: "array",
+               dict: "object"}
+
+
+def _types(schema: Any, depth: int = 0) -> set[str] | None:
+    """The JSON types a parameter's schema allows, from its ``type`` (a name or a list), its ``anyOf`` / ``oneOf``
+    members' and its ``enum`` and ``const`` values'; None where it does not say (no schema, a ``$ref``, a member
+    that says nothing)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    found: set[str] = set()
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        found.add(kind)
+    elif isinstance(kind, list):
+        found.update(k for k in kind if isinstance(k, str))
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            for member in schema[key]:
+                types = _types(member, depth + 1)
+                if types is None:
+                    return None
+                found |= types
+    values = ([schema["const"]] if "const" in schema else []) + (
+        schema["enum"] if isinstance(schema.get("enum"), list) else [])
+    found.update(_JSON_TYPES.get(type(v), "object") for v in values)
+    return found or None
+
+
+def _text_valued(schema: Any) -> bool:
+    """Whether a tagged-text format writes the parameter's value as bare text: its schema allows strings and
+    nothing else but null (Pydantic's Optional[str] is ``anyOf: [string, null]``). The chat templates write a string
+    bare and anything else as JSON, so its text is the string (a forced call's grammar writes it so too)."""
+    types = _types(schema)
+    return types is not None and "string" in types and types <= {"string", "null"}
+
+
 def _typed(value: str, schema: Any) -> Any:
     """A Qwen3-Coder parameter's text as its schema's type says (text when it does not parse as that); a boolean
-    schema (JSON Schema's ``true``, any value) says nothing of the type."""
+    schema (JSON Schema's ``true``, any value) says nothing of the type. A string's text is the string, also where
+    null is allowed too (``null`` is then None): it was parsed as JSON, so "94103" was 94103 and "3.10" 3.1."""
     if not isinstance(schema, dict):
         schema = {}
-    kind, enum = schema.get("type"), schema.get("enum")
-    if kind == "string" or (kind is None and isinstance(enum, list) and all(isinstance(v, str) for v in enum)):
-        return value
+    if _text_valued(schema):
+        return None if "null" in _types(schema) and value.strip() == "null" else value
+    kind = schema.get("type")
     if kind == "boolean" and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     if kind == "null" and value.strip() == "null":
@@ -484,9 +526,11 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
         properties, required = _xml_parameters(name, schema)
         params = []
         for j, (key, sub) in enumerate(properties.items()):
-            if "enum" in sub and all(isinstance(v, str) and "\n" not in v and "<" not in v for v in sub["enum"]):
-                value = "(" + " | ".join(_lark(v) for v in sub["enum"]) + ")"
-            elif sub.get("type") == "string" and "enum" not in sub and "const" not in sub:
+            choices = [sub["const"]] if "const" in sub else sub.get("enum")
+            if _text_valued(sub) and choices is not None:  # bare, as the parser reads it (a JSON string's quotes
+                # were kept: {"op": "\"<=\""})
+                value = "(" + " | ".join(_lark("null" if v is None else v) for v in choices) + ")"
+            elif _text_valued(sub):  # (its text may be "null": None where null is allowed)
                 low, high = _length(name, key, sub, "minLength"), _length(name, key, sub, "maxLength")
                 if high is not None and low is not None and low > high:
                     raise ValueError(f"function {name!r}: parameter {key!r} has minLength {low} > maxLength {high}")

@@ -352,6 +352,66 @@ def test_qwen3_coder_values_take_their_schemas_types():
                                           "other": "free text", "bad": "[unclosed"}
 
 
+def test_a_qwen3_coder_block_with_two_functions_is_two_calls():
+    """One match ran across both functions: one call, to the first function with the second's arguments (a review;
+    vLLM's parser reads every function of a block)."""
+    functions = {"read_file": {"type": "object", "properties": {"path": {"type": "string"}}},
+                 "delete_file": {"type": "object", "properties": {"path": {"type": "string"},
+                                                                  "force": {"type": "boolean"}}}}
+    text = ("<tool_call>\n<function=read_file>\n<parameter=path>\nnotes.txt\n</parameter>\n</function>\n"
+            "<function=delete_file>\n<parameter=path>\n/tmp/x\n</parameter>\n<parameter=force>\ntrue\n"
+            "</parameter>\n</function>\n</tool_call>")
+    content, calls = _feed(ToolCallStream(functions, fmt="qwen3_coder"), [text])
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("read_file", {"path": "notes.txt"}), ("delete_file", {"path": "/tmp/x", "force": True})]
+    assert _feed(ToolCallStream(functions, fmt="qwen3_coder"), [text.replace("</function>\n<function", "</function>"
+                                                                             "\nhm<function")])[1] == []
+
+
+# strings only, or null too: Pydantic's Optional[str], a type list, an enum, a const (their text is the string)
+TEXT_VALUED = {"type": "object", "properties": {
+    "zip": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}, "version": {"type": ["string", "null"]},
+    "op": {"type": "string", "enum": ["<", "<=", "=="]}, "unit": {"const": "celsius"}, "n": {"type": "integer"},
+    "any": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}, "required": ["zip", "op", "unit"]}
+TAGGED = {"qwen3_coder": ("<tool_call>\n<function=f>\n", "<parameter={}>\n{}\n</parameter>\n", "</function>\n</tool_call>"),
+          "glm45": ("<tool_call>f\n", "<arg_key>{}</arg_key>\n<arg_value>{}</arg_value>\n", "</tool_call>"),
+          "minimax_m2": ('<minimax:tool_call>\n<invoke name="f">\n', '<parameter name="{}">{}</parameter>\n',
+                         "</invoke>\n</minimax:tool_call>")}
+
+
+def _tagged(fmt: str, values: dict[str, str]) -> str:
+    head, parameter, tail = TAGGED[fmt]
+    return head + "".join(parameter.format(k, v) for k, v in values.items()) + tail
+
+
+@pytest.mark.parametrize("fmt", sorted(TAGGED))
+def test_a_tagged_text_value_is_the_string_where_the_schema_allows_strings_only(fmt):
+    """The templates write a string bare and anything else as JSON; the parsers read a value as JSON unless the
+    schema said exactly "type": "string", so Optional[str]'s "94103" was 94103 and "3.10" 3.1 (a review)."""
+    values = {"zip": "94103", "version": "3.10", "op": "<=", "unit": "celsius", "n": "7", "any": "12"}
+    (call,) = _feed(ToolCallStream({"f": TEXT_VALUED}, fmt=fmt), [_tagged(fmt, values)])[1]
+    assert json.loads(call.arguments) == {**values, "n": 7, "any": 12}
+    (call,) = _feed(ToolCallStream({"f": TEXT_VALUED}, fmt=fmt), [_tagged(fmt, {"zip": "null", "version": "null",
+                                                                                 "op": "<", "unit": "celsius"})])[1]
+    assert json.loads(call.arguments) == {"zip": None, "version": None, "op": "<", "unit": "celsius"}
+
+
+@pytest.mark.parametrize("fmt", sorted(TAGGED))
+def test_a_forced_call_writes_such_strings_bare_as_the_parser_reads_them(grammars, tokenizer, fmt):
+    """A string const, or an enum with "<", was forced as JSON, quotes and all, which the parser (a string's text is
+    the string) kept: {"op": "\"<=\""} (a review). Now bare, as the template writes them."""
+    grammar = ToolSetup({"f": TEXT_VALUED}, "required", parallel=False, format=fmt).grammar()
+
+    def accepts(text: str) -> bool:
+        matcher = grammars.matcher(grammar)
+        return all(matcher.consume_token(t) for t in tokenizer.encode(text)) and matcher.is_accepting()
+
+    assert accepts(_tagged(fmt, {"zip": "94103", "op": "<=", "unit": "celsius"}))
+    assert accepts(_tagged(fmt, {"zip": "null", "version": "3.10", "op": "<", "unit": "celsius", "n": "7"}))
+    assert not accepts(_tagged(fmt, {"zip": "94103", "op": '"<="', "unit": "celsius"}))
+    assert not accepts(_tagged(fmt, {"zip": "94103", "op": "<=", "unit": '"celsius"'}))
+
+
 CODER_SCHEMAS = {
     "get_weather": {"type": "object", "properties": {
         "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}, "days": {"type": "integer", "minimum": 1},

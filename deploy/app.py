@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DEPLOY_DIR = Path(__file__).resolve().parent
@@ -72,8 +73,10 @@ class EmulationArgs(BaseModel):
 class AppArgs(BaseModel):
     """Arguments of `build_app` (the `args:` of a serve config, or key=value on the CLI)."""
 
-    # Errors name the argument but never echo values: Serve logs them, and one may be the admin token.
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    # Errors name the argument but never echo values: Serve logs them, and one may be the admin token. No
+    # infinities or NaN: an infinite timeout overflowed the socket's and Ray's at the first call (every MoE call a
+    # device failure; the coordinator never started); `request_timeout_s: null` is the one "no limit"
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
     model: str = str(DEFAULT_MODEL)
     model_roots: list[str] = Field(default_factory=list)
     served_model_name: str | None = None
@@ -84,7 +87,8 @@ class AppArgs(BaseModel):
     # workers hold an FP8, MXFP4, packed INT4/INT8 or NVFP4 checkpoint's experts as stored, dequantizing each call
     keep_quantized_experts: bool = False
     emulate: bool = True
-    speeds: list[float] = Field(default_factory=lambda: list(DEFAULT_SPEEDS))
+    # None: DEFAULT_SPEEDS for 8 devices, their spread (1.00 to 0.87) interpolated over other counts
+    speeds: list[float] | None = None
     emulation: EmulationArgs = Field(default_factory=EmulationArgs)
     policy: Literal["vibe", "eplb", "contiguous"] = "vibe"
     num_redundant: int = Field(default=0, ge=0)
@@ -104,7 +108,7 @@ class AppArgs(BaseModel):
     step_retry_s: float = Field(default=20.0, ge=0)
     # an engine waits this long for a worker's reply to one MoE layer's call; then the step fails (and is
     # retried) and the coordinator checks the worker (a hung one, answering probes but not computing, is lost)
-    data_plane_timeout_s: float = Field(default=10.0, gt=0)
+    data_plane_timeout_s: float = Field(default=10.0, gt=0, le=86400)  # (a socket's timeout overflows near 1e10 s)
     enable_prefix_caching: bool = True  # a new request starts from the cached keys/values of its prompt's prefix
     # finished requests whose keys/values the prefix cache holds at once (each a row of the block table); None:
     # 16 x max_num_seqs (at most one per block); blocks, not this, bound it: the least recently used give theirs up
@@ -159,17 +163,37 @@ class AppArgs(BaseModel):
         are all strings, so a list could not be given there."""
         return _split_roots(roots) if isinstance(roots, str) else roots
 
+    @field_validator("speeds", mode="before")
+    @classmethod
+    def _speeds_from_text(cls, speeds: Any) -> Any:
+        """A string is a comma-separated list (`serve run deploy.app:build_app speeds=1,0.95,0.9`: every key=value
+        argument is a string there, so a list could not be given)."""
+        if isinstance(speeds, str):
+            return [part.strip() for part in speeds.split(",")] if speeds.strip() else speeds
+        return speeds
+
+    @field_validator("profile_prompts", mode="before")
+    @classmethod
+    def _null_from_text(cls, value: Any) -> Any:
+        """`profile_prompts=null` on the command line (a string there) is null, as in YAML: no profiling pass."""
+        return None if isinstance(value, str) and value.strip().lower() in ("null", "none", "") else value
+
     @field_validator("speeds")
     @classmethod
-    def _positive_speeds(cls, speeds: list[float]) -> list[float]:
+    def _positive_speeds(cls, speeds: list[float] | None) -> list[float] | None:
         from service.emulator import MIN_SPEED
 
+        if speeds is None:
+            return None
         if not speeds or min(speeds) < MIN_SPEED:
             raise ValueError(f"speeds must be at least {MIN_SPEED} (a hundredth of the reference device), got {speeds}")
         return speeds
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
+        if self.speeds is None:  # (a 4-device app needed a speeds list of its own, which the command line could not
+            # give)
+            self.speeds = default_speeds(self.num_devices)
         if self.emulate and len(self.speeds) != self.num_devices:
             raise ValueError(f"speeds has {len(self.speeds)} entries for {self.num_devices} devices")
         if self.device == "cuda" and self.emulate:
@@ -188,7 +212,19 @@ class AppArgs(BaseModel):
         if self.reasoning_parser == "openai_gptoss" and self.tool_call_parser not in ("auto", "openai"):
             raise ValueError(f"reasoning_parser openai_gptoss reads GPT-OSS's harmony format, whose tool calls are "
                              f"tool_call_parser openai's (or auto), not {self.tool_call_parser}'s")
+        if self.tool_call_parser == "openai" and self.reasoning_parser not in (None, "openai_gptoss"):
+            raise ValueError(f"tool_call_parser openai reads GPT-OSS's harmony format, whose reasoning is "
+                             f"reasoning_parser openai_gptoss's, not {self.reasoning_parser}'s (it was dropped)")
         return self
+
+
+def default_speeds(num_devices: int) -> list[float]:
+    """Emulated devices' relative speeds when the config gives none: DEFAULT_SPEEDS for 8, their spread (1.00 down to
+    0.87, within published measurements) interpolated over another count."""
+    if num_devices == len(DEFAULT_SPEEDS):
+        return list(DEFAULT_SPEEDS)
+    spots = np.linspace(0, len(DEFAULT_SPEEDS) - 1, num_devices)
+    return [round(float(v), 4) for v in np.interp(spots, np.arange(len(DEFAULT_SPEEDS)), DEFAULT_SPEEDS)]
 
 
 def worker_family(app_name: str) -> str:

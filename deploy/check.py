@@ -43,11 +43,12 @@ def read_serve_config(path: Path | str) -> tuple[Path, dict]:
 def check(path: Path | str) -> list[str]:
     """The names of the config's applications built with `build_app`; ValueError naming the file, the application
     and what is wrong at the first that cannot be built."""
-    from deploy.app import build_app
-    from service.deployments import single_coordinator
+    from deploy.app import build_app, worker_family
+    from service.deployments import single_coordinator, worker_app_name
 
     path, config = read_serve_config(path)
     built = []
+    families: dict[str, str] = {}  # the expert workers' name prefix -> the application that has it
     for index, application in enumerate(config["applications"]):
         if not isinstance(application, dict) or application.get("import_path") not in IMPORT_PATHS:
             continue
@@ -61,6 +62,14 @@ def check(path: Path | str) -> list[str]:
                 build_app(application.get("args") or {})
         except (ValueError, TypeError, OSError) as err:  # pydantic's ValidationError is a ValueError
             raise ValueError(f"{path}: application {name!r} cannot be built: {err}") from err
+        # two apps whose workers are named alike retire (or adopt) each other's as their own earlier ones
+        app_name = (application.get("args") or {}).get("app_name")
+        family = worker_family(app_name or worker_app_name(str(application.get("name", "default"))))
+        if family in families:
+            raise ValueError(f"{path}: applications {families[family]!r} and {name!r} name their expert workers alike "
+                             f"({family}...): each would retire the other's as its own; give each its own app_name "
+                             "(or leave it out: the application's name is used)")
+        families[family] = name
         built.append(name)
     return built
 

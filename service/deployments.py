@@ -184,11 +184,17 @@ def for_app(config: RayPoolConfig, app: str) -> RayPoolConfig:
     actors and deleting one app killed the other's)."""
     if APP_PLACEHOLDER not in config.name_prefix:
         return config
+    name = worker_app_name(app)
+    return dataclasses.replace(config, name_prefix=config.name_prefix.replace(APP_PLACEHOLDER, name),
+                               family_prefix=(config.family_prefix or "").replace(APP_PLACEHOLDER, name) or None)
+
+
+def worker_app_name(app: str) -> str:
+    """The Serve application's name ``app`` as its workers' names carry it (see `for_app`)."""
     name = re.sub(r"[^A-Za-z0-9_-]", "_", app)[:40] or "default"
     if name != app:  # (changed or cut: a hash of the real name keeps two apps' names apart)
         name = f"{name[:32]}-{hashlib.sha256(app.encode()).hexdigest()[:6]}"
-    return dataclasses.replace(config, name_prefix=config.name_prefix.replace(APP_PLACEHOLDER, name),
-                               family_prefix=(config.family_prefix or "").replace(APP_PLACEHOLDER, name) or None)
+    return name
 
 
 def answer(response: Any, timeout_s: float = 10.0) -> Any:

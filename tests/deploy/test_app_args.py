@@ -13,7 +13,15 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deploy.app import DEFAULT_MODEL, GPU_CURVE, AppArgs, build_app, emulation_configs, gpu_curve_shape
+from deploy.app import (
+    DEFAULT_MODEL,
+    DEFAULT_SPEEDS,
+    GPU_CURVE,
+    AppArgs,
+    build_app,
+    emulation_configs,
+    gpu_curve_shape,
+)
 from tests.tiny_models import save_tiny_fp8_model, save_tiny_model
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -50,9 +58,26 @@ def error_of(args: dict) -> str:
     ({"admin_token": "short"}, "admin_token"),
     ({"reasoning_parser": "openai_gptoss", "tool_call_parser": "hermes"},
      "reasoning_parser openai_gptoss reads GPT-OSS's harmony format"),
+    # the reverse: the reasoning parser was dropped without a word (a review)
+    ({"reasoning_parser": "qwen3", "tool_call_parser": "openai"}, "not qwen3's (it was dropped)"),
+    # infinite or overflowing timeouts: every MoE call failed as a device failure, the coordinator never started
+    ({"data_plane_timeout_s": float("inf")}, "data_plane_timeout_s"), ({"data_plane_timeout_s": 1e10}, "86400"),
+    ({"worker_load_timeout_s": "inf"}, "worker_load_timeout_s"), ({"request_timeout_s": float("nan")}, "finite"),
+    ({"speeds": "1,fast"}, "speeds.1"),
 ])
 def test_bad_arguments_are_refused_naming_the_argument(args, expected):
     assert expected in error_of(args)
+
+
+def test_other_device_counts_take_the_default_spread_and_the_command_line_gives_lists_and_null():
+    """num_devices: 4 alone was refused (speeds has 8 entries), and `serve run deploy.app:build_app key=value` (every
+    value a string) could give no speeds list nor a null profile_prompts (a review)."""
+    assert AppArgs().speeds == list(DEFAULT_SPEEDS) and AppArgs(num_devices=1).speeds == [1.0]
+    four = AppArgs.model_validate({"num_devices": "4"}).speeds
+    assert len(four) == 4 and four[0] == 1.0 and four[-1] == DEFAULT_SPEEDS[-1] and four == sorted(four, reverse=True)
+    assert len(AppArgs(num_devices=16).speeds) == 16 and min(AppArgs(num_devices=16).speeds) == DEFAULT_SPEEDS[-1]
+    cli = AppArgs.model_validate({"num_devices": "3", "speeds": "1, 0.9,0.8", "profile_prompts": "null"})
+    assert cli.speeds == [1.0, 0.9, 0.8] and cli.profile_prompts is None
 
 
 @pytest.mark.parametrize("args, field", [

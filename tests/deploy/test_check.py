@@ -93,3 +93,20 @@ def test_a_kv_cache_that_cannot_hold_one_sequence_and_the_dotted_import_path(tmp
     path = tmp_path / "dotted.yaml"
     path.write_text("applications:\n  - name: dotted\n    import_path: deploy.app.build_app\n    args: {}\n")
     assert check.check(path) == ["dotted"]
+
+
+def test_two_applications_whose_workers_are_named_alike_are_refused(tmp_path, monkeypatch):
+    """Each coordinator retires the other's workers as strays of its own earlier configuration (or both adopt the same
+    actors): an app_name equal to another app's name, or set alike in both, passed the check (a review)."""
+    monkeypatch.delenv("VIBE_ADMIN_TOKEN", raising=False)
+    app = "  - name: {}\n    route_prefix: /{}\n    import_path: deploy.app:build_app\n    args: {{{}}}\n"
+    path = tmp_path / "config.yaml"
+    path.write_text("applications:\n" + app.format("chat", "chat", "app_name: vibe") + app.format("vibe", "v", ""))
+    with pytest.raises(ValueError, match="applications 'chat' and 'vibe' name their expert workers alike "
+                                         r"\(vibe-worker-vibe-...\)"):
+        check.check(path)
+    path.write_text("applications:\n" + app.format("chat", "chat", "app_name: a") + app.format("b", "b", "app_name: a"))
+    with pytest.raises(ValueError, match="name their expert workers alike"):
+        check.check(path)
+    path.write_text("applications:\n" + app.format("chat", "chat", "") + app.format("vibe", "v", ""))
+    assert check.check(path) == ["chat", "vibe"]

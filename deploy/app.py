@@ -476,9 +476,15 @@ def _profile_file(path: str) -> str:
     directory, then from the repository root (as `model` is under deploy/models), so the documented
     `deploy/prompts/profile.jsonl` names the same file wherever the app is built (and the coordinator, which reads
     it in another process, needs no working directory of ours)."""
+    from service.text import profile_lines
+
     given = Path(path)
     for candidate in [given] if given.is_absolute() else [given, REPO_ROOT / given]:
         if candidate.is_file():
+            try:
+                profile_lines(candidate)  # (a bad line failed every ingress replica's start, after the build)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"profile_prompts: {exc}") from None
             return str(candidate.resolve())
     raise ValueError(f"profile_prompts: no file at {path} (a JSONL of chat requests, absolute or relative to the "
                      f"working directory or to {REPO_ROOT}; null: no profiling pass)")

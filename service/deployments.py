@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -378,37 +377,57 @@ class IngressDeployment:
         self._stopping = threading.Event()
         threading.Thread(target=self._refresh_metrics, name="placement-metrics", daemon=True).start()
         if not boot["calibrated"] and settings.profile_prompts:
-            await self._profiling_pass()
+            await self._profiling_pass()  # (never fails the replica's start: the loop calibrates on served traffic)
         log.info("vibe-serve ready: model %r, %d %s, dense part on %s, placement version %d",
                  settings.served_model_name, settings.num_devices,
                  "emulated devices" if settings.emulation else "expert workers", device,
                  self.context.placement.version)
 
     async def _profiling_pass(self) -> None:
-        """Run the representative prompt set, then have the coordinator place experts for its routing."""
+        """Run the representative prompt set, then have the coordinator place experts for its routing. A prompt
+        that does not fit ``max_model_len`` is left out, and none waits on ``request_timeout_s``; a pass that fails
+        all the same (a profile file gone bad, an engine failure) is logged and the calibration asked for anyway: it
+        then plans on served traffic, tried again by the coordinator's loop (the replica's start failed, and Serve
+        restarted it to fail the same way: a valid config never served)."""
         from service.sampling import SamplingParams
 
         started = time.monotonic()
-        prompts = read_prompts(Path(self.settings.profile_prompts), self.engine.tokenizer)
-        params = SamplingParams(max_tokens=self.settings.profile_max_tokens, temperature=0.0)
-        # At most max_queue at once: more would be refused (QueueFull) and fail the replica's start.
-        admitted = asyncio.Semaphore(self.engine.config.max_queue)
+        limit = self.engine.config.max_model_len - self.settings.profile_max_tokens
+        kept: list[list[int]] = []
+        try:
+            prompts = read_prompts(Path(self.settings.profile_prompts), self.engine.tokenizer)
+            kept = [ids for ids in prompts if len(ids) <= limit]
+            if len(kept) < len(prompts):
+                log.warning("profiling pass: %d of %d prompts are longer than max_model_len %d allows (%d tokens with "
+                            "the %d the pass generates): left out", len(prompts) - len(kept), len(prompts),
+                            self.engine.config.max_model_len, limit, self.settings.profile_max_tokens)
+            params = SamplingParams(max_tokens=self.settings.profile_max_tokens, temperature=0.0)
+            # At most max_queue at once: more would be refused (QueueFull).
+            admitted = asyncio.Semaphore(self.engine.config.max_queue)
 
-        async def run(i: int, ids: list[int]) -> None:
-            async with admitted:
-                async for _ in self.engine.generate(f"profile-{i}", ids, params):
-                    pass
+            async def run(i: int, ids: list[int]) -> None:
+                async with admitted:
+                    async for _ in self.engine.generate(f"profile-{i}", ids, params, deadline=False):
+                        pass
 
-        await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
+            outcomes = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(kept)), return_exceptions=True)
+            if failed := [o for o in outcomes if isinstance(o, BaseException)]:
+                log.warning("profiling pass: %d of %d prompts failed (first: %r)", len(failed), len(kept), failed[0])
+        except Exception:
+            log.exception("the profiling pass failed: the placement is calibrated on served traffic instead")
         await asyncio.to_thread(self.sync.sync_once)  # hand over every router count of the pass
-        result = await self.coordinator.calibrate.remote()
+        try:
+            result = await self.coordinator.calibrate.remote()
+        except Exception as exc:  # (no statistics yet: the coordinator's loop tries again on served traffic)
+            log.warning("startup calibration failed (%s): the coordinator tries it again on served traffic", exc)
+            return
         # only an applied calibration published its version (a rollback's names one never published: the wait was
         # 30 s for nothing; the coordinator's loop tries it again)
         deadline = time.monotonic() + 30
         while (result.get("status") == "applied" and self.context.placement.version < result["to_version"]
                and time.monotonic() < deadline):
             await asyncio.sleep(0.05)
-        log.info("profiling pass over %d prompts: %s in %.1f s", len(prompts), result.get("status"),
+        log.info("profiling pass over %d prompts: %s in %.1f s", len(kept), result.get("status"),
                  time.monotonic() - started)
 
     def _refresh_metrics(self) -> None:
@@ -454,18 +473,24 @@ class IngressDeployment:
 
 
 def read_prompts(path: Path, tokenizer) -> list[list[int]]:
-    """Token ids of every prompt in a JSON-lines file of {"messages": [...]} (chat) or {"prompt": str}."""
-    from service.text import apply_chat_template
+    """Token ids of every prompt in a JSON-lines file of {"messages": [...]} (chat) or {"prompt": str}; a chat's
+    messages as plain text (their contents a line apart) for a tokenizer without a chat template (a base model:
+    the pass's router statistics need its tokens, not a chat's form).
 
+    Raises:
+        ValueError: a line that is not one of the two, naming the file and the line (`profile_lines`).
+    """
+    from service.text import apply_chat_template, profile_lines
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        if "messages" in item:
+    for item in profile_lines(path):
+        if "messages" not in item:
+            prompts.append(tokenizer.encode(item["prompt"]))
+        elif chat:
             prompts.append(apply_chat_template(tokenizer, item["messages"]))
         else:
-            prompts.append(tokenizer.encode(item["prompt"]))
+            prompts.append(tokenizer.encode("\n".join(m["content"] for m in item["messages"])))
     return prompts
 
 

@@ -10,8 +10,10 @@ token's own text and bytes for log-probability entries. Ignores tokenisation of 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
@@ -245,3 +247,31 @@ class TokenPieces:
 def _unicode_to_byte() -> dict[str, int]:
     """The inverse of GPT-2's byte-level alphabet (transformers' `bytes_to_unicode`)."""
     return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def profile_lines(path: str | Path) -> list[dict]:
+    """The items of a profile prompts file: each non-empty line {"messages": [{"role": str, "content": str}, ...]}
+    (at least one) or {"prompt": str}.
+
+    Raises:
+        ValueError: naming ``path`` and the first line that is neither (checked when the app is built: at a
+            replica's start it failed the start).
+    """
+    items = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}: line {number} is not JSON: {exc}") from None
+        messages = item.get("messages") if isinstance(item, dict) else None
+        prompt = isinstance(item, dict) and isinstance(item.get("prompt"), str) and bool(item["prompt"])
+        chat = isinstance(messages, list) and bool(messages) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)
+        if not (prompt or chat):
+            raise ValueError(f'{path}: line {number} is neither {{"messages": [{{"role": ..., "content": ...}}, ...]}} '
+                             'nor {"prompt": "..."}')
+        items.append(item)
+    return items

@@ -473,3 +473,16 @@ def test_the_drain_timeout_reaches_the_ingress_and_the_coordinator_outlasts_it(t
         assert ingress._deployment_config.graceful_shutdown_timeout_s == drain
         assert coordinator._deployment_config.graceful_shutdown_timeout_s == drain + 30
         assert coordinator.init_args[4] == drain
+
+
+@pytest.mark.parametrize("line, expected", [("not json", "line 2 is not JSON"), ('{"messages": []}', "line 2 is neither"),
+                                            ('{"prompt": 5}', "line 2 is neither"),
+                                            ('{"messages": [{"role": "user"}]}', "line 2 is neither")])
+def test_a_profile_prompts_file_with_a_bad_line_is_refused_when_the_app_is_built(tmp_path, line, expected):
+    """It passed the build and failed every ingress replica's start, its profiling pass reading it (a review)."""
+    path = tmp_path / "profile.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n\n")
+    message = error_of({"profile_prompts": str(path)})
+    assert "profile_prompts" in message and expected in message and str(path) in message
+    path.write_text('{"prompt": "fine"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert AppArgs(profile_prompts=str(path)).profile_prompts == str(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import threading
 import time
@@ -406,6 +407,73 @@ def test_serve_app_survives_a_killed_and_a_hung_worker_actor(tmp_path):
     assert hang.hung == 0 and set(detail["outcomes"]) == {"ok"}, detail
     assert detail["replace_status"] == "applied" and detail["rejoin_status"] == "applied", detail
     assert hang.detection_s < 30 and detail["longest_stall_s"] < 30, (hang.detection_s, detail)
+
+
+def _profiling(engine, prompts, calibrate):
+    """An ingress shell over ``engine`` whose profiling pass reads ``prompts``; its sync and ``calibrate`` calls."""
+    from types import SimpleNamespace
+
+    from service.deployments import IngressDeployment, IngressSettings
+
+    calls = []
+
+    async def calibrating() -> dict:
+        calls.append("calibrate")
+        return calibrate()
+
+    ingress = object.__new__(IngressDeployment)
+    ingress.settings = IngressSettings(checkpoint="", served_model_name=MODEL, dtype="float32",
+                                       engine_config=engine.config, admin_token_sha256=None, num_devices=1,
+                                       emulation=False, profile_prompts=str(prompts), profile_max_tokens=2)
+    ingress.engine = engine
+    ingress.sync = SimpleNamespace(sync_once=lambda: calls.append("sync"), stop=lambda: None)
+    ingress._stopping = threading.Event()  # what __del__ touches
+    ingress.coordinator = SimpleNamespace(calibrate=SimpleNamespace(remote=calibrating))
+    ingress.context = SimpleNamespace(placement=SimpleNamespace(version=0))
+    return ingress, calls
+
+
+def test_a_profiling_pass_the_serving_limits_would_refuse_runs_what_fits_and_never_fails_the_start(tmp_path, caplog):
+    """Each failed every ingress replica's start after the build had passed, so a valid config never served (a
+    review): a profile prompt longer than max_model_len allows, a request_timeout_s shorter than the pass (every
+    prompt queued at once), a base model's tokenizer without a chat template for the chat-form prompts. A pass that
+    fails all the same (the file gone) still asks for the calibration, whose failure is the coordinator's to retry."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=64, max_num_seqs=2, max_queue=2,
+                                                                         request_timeout_s=1e-3), tokenizer))
+    prompts = tmp_path / "profile.jsonl"
+    lines = [{"prompt": f"Prompt number {i}."} for i in range(4)] + [{"prompt": "word " * 80}] + [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"}]}
+        for i in range(2)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    seen = []
+    generate = engine.generate
+
+    def recording(request_id, ids, params, **kwargs):
+        seen.append(len(ids))
+        return generate(request_id, ids, params, **kwargs)
+
+    engine.generate = recording
+    engine.start()
+    try:
+        ingress, calls = _profiling(engine, prompts, lambda: {"status": "applied", "to_version": 0})
+        with caplog.at_level(logging.WARNING, logger="service.deployments"):
+            asyncio.run(ingress._profiling_pass())
+        assert calls == ["sync", "calibrate"] and len(seen) == 6 and max(seen) <= 62
+        assert "1 of 7 prompts are longer than max_model_len 64 allows" in caplog.text and "failed" not in caplog.text
+
+        def refused() -> dict:
+            raise RuntimeError("no router statistics yet")
+
+        prompts.unlink()
+        ingress, calls = _profiling(engine, prompts, refused)
+        with caplog.at_level(logging.WARNING, logger="service.deployments"):
+            asyncio.run(ingress._profiling_pass())  # (raised: the replica's start failed)
+        assert calls == ["sync", "calibrate"] and "the profiling pass failed" in caplog.text
+        assert "startup calibration failed (no router statistics yet)" in caplog.text
+    finally:
+        engine.shutdown()
 
 
 def test_the_startup_profiling_pass_fits_a_queue_smaller_than_its_prompt_set(tmp_path):

@@ -375,7 +375,7 @@ def _profiling_ingress(tmp_path, calibration: dict):
 
     ingress = object.__new__(IngressDeployment)
     ingress.settings = types.SimpleNamespace(profile_prompts=str(prompts), profile_max_tokens=2)
-    ingress.engine = types.SimpleNamespace(tokenizer=None, config=types.SimpleNamespace(max_queue=4),
+    ingress.engine = types.SimpleNamespace(tokenizer=None, config=types.SimpleNamespace(max_queue=4, max_model_len=64),
                                            shutdown=lambda: None)
     ingress.sync = types.SimpleNamespace(sync_once=lambda: None, stop=lambda: None)
     ingress._stopping = threading.Event()  # (what __del__ touches)

@@ -72,8 +72,8 @@ from service.openai_api import (
     sampling_params,
 )
 from service.reasoning import HARMONY as HARMONY_REASONING
+from service.reasoning import IMPLICIT_ENDS, THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.reasoning import PARSERS as REASONING_PARSERS
-from service.reasoning import THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.structured import InvalidGrammar
@@ -141,11 +141,13 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
     thinks = reasoning_parser is not None and not harmony
     server = _Server(engine, served_model_name, ServingMetrics(engine), TokenPieces(engine.tokenizer),
                      tuple(health_checks), reasoning=thinks,
+                     reasoning_ends=IMPLICIT_ENDS.get(reasoning_parser, ()) if thinks else (),
                      think_tokens=_think_tokens(engine.tokenizer) if thinks else None,
                      tool_format=tool_call_parser, tool_tags=special_tags(tool_call_parser, engine.tokenizer),
                      harmony=_other_special_tokens(engine.tokenizer) if harmony else None)
     app = FastAPI(title="vibe-serve", version="0.1.0")
     app.state.metrics = server.metrics
+    app.state.server = server  # (what the app was built to do: its parsers, formats and limits)
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
     for exc_type in (APIError, ValueError, QueueFull, EngineError, HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(exc_type, server.handle_error)
@@ -182,6 +184,7 @@ class _Server:
     pieces: TokenPieces
     health_checks: tuple[Callable[[], str | None], ...] = ()
     reasoning: bool = False  # split a <think> block from the answer
+    reasoning_ends: tuple[str, ...] = ()  # tags that end it besides </think> (the reasoning parser's)
     think_tokens: _ThinkTokens | None = None  # when <think> and </think> are one token each: a grammar can wait
     tool_format: str = "hermes"  # how the model writes tool calls
     tool_tags: dict[str, int] = field(default_factory=dict)  # the format's tags that are special tokens
@@ -295,7 +298,7 @@ class _Server:
                                        add_generation_prompt=body.add_generation_prompt,
                                        continue_final_message=body.continue_final_message)
             tail = added if added is not None else tokenizer.decode(prompt[-_THINK_TAIL_TOKENS:])
-            reasoning = _Reasoning(opens_reasoning(tail), body.include_reasoning)
+            reasoning = _Reasoning(opens_reasoning(tail), body.include_reasoning, self.reasoning_ends)
         return prompt, reasoning
 
     def _chat_too_long(self, body: ChatCompletionRequest) -> _TooLong | None:
@@ -868,6 +871,7 @@ class _Reasoning(NamedTuple):
 
     in_block: bool  # the prompt opened a <think> block
     include: bool   # the response carries the reasoning (else it is dropped)
+    ends: tuple[str, ...] = ()  # tags that end the block besides </think> (`service.reasoning.IMPLICIT_ENDS`)
 
 
 class _Harmony(NamedTuple):
@@ -904,7 +908,7 @@ class _ChatFormat(_Format):
         else:
             self._harmony = None
             self._parsers = [tools.stream() for _ in range(self.num_choices)] if tools is not None else None
-            self._thinking = ([ReasoningStream(reasoning.in_block) for _ in range(self.num_choices)]
+            self._thinking = ([ReasoningStream(reasoning.in_block, reasoning.ends) for _ in range(self.num_choices)]
                               if reasoning is not None else None)
         self._announced: list[dict[str, int]] = [{} for _ in range(self.num_choices)]  # call id -> delta index
 

@@ -15,6 +15,9 @@ from service.text import partial_tag
 THINK_START, THINK_END = "<think>", "</think>"
 HARMONY = "openai_gptoss"  # vLLM's name for GPT-OSS's: its analysis channel, read by `service.harmony`
 PARSERS = ("qwen3", "deepseek_r1", "kimi_k2", HARMONY)  # vLLM's names; the <think> ones are this module's parser
+# Tags that end a block besides </think>, left in the text (the tool parser's): Kimi-K2-Thinking may start its calls
+# without closing its block (vLLM's KimiK2ReasoningParser ends the reasoning there too)
+IMPLICIT_ENDS = {"kimi_k2": ("<|tool_calls_section_begin|>",)}
 
 
 def opens_reasoning(prompt_tail: str) -> bool:
@@ -27,12 +30,13 @@ class ReasoningStream:
 
     Outside a block, the completion is reasoning only if it opens with ``<think>`` (after whitespace);
     inside one (``in_reasoning``: the prompt opened it), everything up to ``</think>`` is reasoning, all
-    of it if the block never closes. Whitespace at both ends of the reasoning and at the start of the
-    answer after it is dropped; text that could still be a tag is held back, so feeding the whole text at
-    once gives what the pieces give.
+    of it if the block never closes; one of ``ends`` (`IMPLICIT_ENDS`) ends it too, and stays in the content.
+    Whitespace at both ends of the reasoning and at the start of the answer after it is dropped; text that could
+    still be a tag is held back, so feeding the whole text at once gives what the pieces give.
     """
 
-    def __init__(self, in_reasoning: bool = False) -> None:
+    def __init__(self, in_reasoning: bool = False, ends: tuple[str, ...] = ()) -> None:
+        self._ends = (THINK_END, *ends)
         self._state = "reasoning" if in_reasoning else "start"
         self._buffer = ""
         self._space = ""           # trailing whitespace of the reasoning, held back
@@ -62,12 +66,14 @@ class ReasoningStream:
             else:
                 return "", ""  # whitespace or the start of "<think>": wait
         if self._state == "reasoning":
-            end = self._buffer.find(THINK_END)
-            if end >= 0:
+            found = [(at, tag) for tag in self._ends if (at := self._buffer.find(tag)) >= 0]
+            if found:
+                end, tag = min(found)
                 reasoning = self._reasoning(self._buffer[:end], closing=True)
-                self._buffer, self._state = self._buffer[end + len(THINK_END):], "answer"
+                self._buffer = self._buffer[end + (len(THINK_END) if tag == THINK_END else 0):]
+                self._state = "answer"
             else:
-                keep = 0 if final else partial_tag(self._buffer, THINK_END)
+                keep = 0 if final else max(partial_tag(self._buffer, tag) for tag in self._ends)
                 reasoning = self._reasoning(self._buffer[:len(self._buffer) - keep], closing=final)
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return reasoning, ""

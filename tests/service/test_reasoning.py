@@ -69,6 +69,31 @@ def test_any_chunking_gives_what_the_whole_text_gives(cuts, in_block):
                      else ("a < b </thin", "and <think> again </think>"))
 
 
+KIMI_CALL = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+             '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
+KIMI = "<think>The user wants the weather; I'll call the tool. " + KIMI_CALL
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, len(KIMI)), max_size=8), st.booleans())
+def test_kimi_k2s_calls_begun_inside_the_thinking_block_end_it_and_are_calls(cuts, in_block):
+    """Kimi-K2-Thinking may start its calls without closing its block (vLLM's KimiK2ReasoningParser ends the
+    reasoning there): the section, raw special tokens and all, was reasoning, and the call was lost (a review)."""
+    from service.reasoning import IMPLICIT_ENDS
+    from service.tools import ToolCallStream
+
+    text = KIMI[len("<think>"):] if in_block else KIMI
+    bounds = [0, *sorted(c for c in cuts if c <= len(text)), len(text)]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    reasoning, content = _feed(ReasoningStream(in_block, IMPLICIT_ENDS["kimi_k2"]), pieces)
+    assert reasoning == "The user wants the weather; I'll call the tool." and content == KIMI_CALL
+    functions = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    _, calls = ToolCallStream(functions, True, "kimi_k2").push(content, final=True)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    # the other parsers' blocks end at </think> only
+    assert _feed(ReasoningStream(in_block), pieces) == (text.removeprefix("<think>").strip(), "")
+
+
 def test_the_prompt_tells_whether_a_block_is_open():
     assert opens_reasoning("<|im_start|>assistant\n<think>\n")
     assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
@@ -99,6 +124,26 @@ def test_chat_format_sends_reasoning_apart_then_tool_calls(include):
     assert not any(d["content"] for d in deltas) and any("reasoning" in d for d in deltas) == include
     assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == ["w"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_the_chat_format_ends_kimis_block_at_its_calls_and_the_app_gives_it_the_tag():
+    from service.reasoning import IMPLICIT_ENDS
+
+    tools = ToolSetup({"get_weather": {"type": "object"}}, "auto", format="kimi_k2")
+    outs = _outputs([KIMI[i:i + 7] for i in range(0, len(KIMI), 7)], "stop")
+    choice = _ChatFormat(MODEL, tools=tools, reasoning=_Reasoning(False, True, IMPLICIT_ENDS["kimi_k2"])).response(
+        [_Choice(outs)]).choices[0]
+    assert choice.message.reasoning == "The user wants the weather; I'll call the tool." and choice.message.content is None
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    assert choice.finish_reason == "tool_calls"
+
+    engine = _start_engine(build_tokenizer())
+    try:
+        for parser, ends in (("kimi_k2", IMPLICIT_ENDS["kimi_k2"]), ("qwen3", ())):
+            app = create_app(engine, served_model_name=MODEL, reasoning_parser=parser)
+            assert app.state.server.reasoning_ends == ends
+    finally:
+        engine.shutdown()
 
 
 # --- over HTTP -------------------------------------------------------------------------------------------

@@ -435,7 +435,7 @@ def test_a_relative_profile_prompts_path_is_found_from_the_repository_root_where
     shipped = str((DEPLOY / "prompts" / "profile.jsonl").resolve())
     assert AppArgs.model_validate({"profile_prompts": "deploy/prompts/profile.jsonl"}).profile_prompts == shipped
     (tmp_path / "deploy" / "prompts").mkdir(parents=True)
-    (tmp_path / "deploy" / "prompts" / "profile.jsonl").write_text("{}\n")
+    (tmp_path / "deploy" / "prompts" / "profile.jsonl").write_text("{\"prompt\": \"mine\"}\n")
     own = AppArgs.model_validate({"profile_prompts": "deploy/prompts/profile.jsonl"}).profile_prompts
     assert own == str((tmp_path / "deploy" / "prompts" / "profile.jsonl").resolve())
     assert "profile_prompts: no file at deploy/prompts/other.jsonl" in error_of(

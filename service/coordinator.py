@@ -249,6 +249,7 @@ class Coordinator:
         self._planned_by = config.policy  # the policy of the placement in service (an admin call may name another)
         self._lost: set[int] = set()  # devices out of the placement (dead, or restarted and not yet back)
         self._readmit_after = 0.0  # clock time of the next try after a failed readmission
+        self._readmit_failures: dict[int, int] = {}  # device -> its readmissions failed in a row (restart backoff)
         self._rejoin: set[int] = set()  # restarted devices waiting for the next recalibration
         self._next_probe = 0.0
         self._misses = [0] * pool.num_devices  # consecutive unanswered probes per device
@@ -291,7 +292,9 @@ class Coordinator:
             # A device without slots was lost and waits to rejoin (the coordinator before may have died before
             # readmitting it): a full re-plan gives it its share; incremental ones keep slot counts.
             # (those down since start are restarted first: they are lost, not idle)
-            idle = self._readmit_idle(recovered, self._live_devices())
+            # (of the placement in service: re-placing those down since start may just have put experts on a device
+            # idle in the recovered one, which was then counted lost while serving them)
+            idle = self._readmit_idle(self.placement, self._live_devices())
             if idle:
                 log.info("devices %s hold no expert of the recovered placement: readmitting them", idle)
         if background:
@@ -523,8 +526,9 @@ class Coordinator:
                                      loads=loads, confidence_z=confidence_z)
 
     def _recalibrate(self, *, policy: str, mode: str, dry_run: bool, force: bool, reason: str,
-                     loads: np.ndarray | None, confidence_z: float | None) -> dict[str, Any]:
-        """`recalibrate` with its arguments checked, under the migration lock."""
+                     loads: np.ndarray | None, confidence_z: float | None, back_off: bool = True) -> dict[str, Any]:
+        """`recalibrate` with its arguments checked, under the migration lock (``back_off`` False: a rollback leaves
+        the workload detector's cool-down alone, as a readmission's, which backs off its own way)."""
         self._finish_drops(wait=True)
         started = self._clock()
         # A full plan on router statistics applied is the app's calibration, whoever asked for it (the startup one
@@ -568,7 +572,7 @@ class Coordinator:
                 self._reset_drift(loads, volume)
             elif record.status == "skipped":  # not worth moving now: keep the reference, back off
                 self._workload_drift.cool_down()
-            elif record.status == "rolled_back":  # keep the references too: the drift is acted on again, later
+            elif record.status == "rolled_back" and back_off:  # keep the references too: acted on again, later
                 self._back_off()
             if record.status in ("applied", "no_change", "skipped"):
                 self._devices.planned_with(scales)  # judged on these models: drift starts from here
@@ -882,9 +886,14 @@ class Coordinator:
     def _reload_all(self) -> None:
         """Every worker is lost (a one-device app whose worker crashed, all workers on one node that failed, the OOM
         killer): no survivor holds an expert to re-place. Restart each one (Ray may already have restarted its process,
-        empty) and reload the placement in service onto them from the checkpoint, as at startup; until then engines'
-        steps fail on them and are retried (a 503 after step_retry_s). A restart or load that fails is tried again at
-        the next probe (it was never tried: the loss raised before any device was marked lost)."""
+        empty) and reload the placement in service onto those restarted from the checkpoint, as at startup; until then
+        engines' steps fail on them and are retried (a 503 after step_retry_s). Those that cannot be restarted (their
+        node gone) stay lost, restarted later by the loop as any lost device, and the experts the placement gave them
+        are re-placed on the others (`handle_lost_devices`). Nothing restarted, or a load that failed, is tried again
+        at the next probe (it was never tried: the loss raised before any device was marked lost). The first restart
+        that failed ended the try, nothing loaded: one device whose node was gone, even one the placement left empty,
+        kept the app down for good, its other workers restarted at every probe (a review)."""
+        orphaned: list[int] = []
         with self._migration_lock:
             with self._lock:
                 down = sorted(self._lost)
@@ -892,15 +901,20 @@ class Coordinator:
             log.warning("every worker is lost (devices %s): restarting them and reloading the placement's experts "
                         "from the checkpoint", down)
             started = self._clock()
+            restarted = []
             for device in down:
                 try:
                     info = self.pool.restart(device)
                 except Exception as exc:
                     log.warning("could not restart worker %d: %s", device, exc)
-                    return
+                    continue
                 self._restarted(device, info)
-            keys = self._keys_per_device(placement)
-            record = Recalibration(reason=f"every device lost ({', '.join(map(str, down))}): reloaded",
+                restarted.append(device)
+            if not restarted:
+                return
+            keys = {device: held for device, held in self._keys_per_device(placement).items() if device in restarted}
+            record = Recalibration(reason=f"every device lost ({', '.join(map(str, down))}): reloaded"
+                                          + (f" onto {', '.join(map(str, restarted))}" if restarted != down else ""),
                                    policy=self._planned_by,
                                    mode="full", status="applied", from_version=placement.version,
                                    to_version=placement.version, started_at=time.time())
@@ -913,15 +927,18 @@ class Coordinator:
                 record.experts_moved = sum(map(len, keys.values()))
                 record.bytes_moved = record.experts_moved * self.shape.expert_bytes
                 with self._lock:
-                    self._lost -= set(down)
+                    self._lost -= set(restarted)
                     self._rejoin -= set(down)
                     self._misses = [0] * len(self._misses)
                     self._pending_drops = None  # (the restarted workers hold only the placement's experts)
                 # a device lost earlier (out of the placement) is back but empty, as after a coordinator restart
-                self._readmit_idle(placement, down)
+                self._readmit_idle(placement, restarted)
+                orphaned = [device for device in down if device not in restarted and placement.experts_on(device)]
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
+        if orphaned:  # (after the lock: it takes it) their experts, read from the checkpoint onto the restarted ones
+            self.handle_lost_devices(orphaned, restart=False)
 
     def _computes(self, device: int, info: WorkerInfo) -> bool:
         """Whether `device` answers one token for one of its experts on its data plane within probe_timeout_s.
@@ -1105,7 +1122,7 @@ class Coordinator:
                 self._profile(sorted(back))
                 result = self._recalibrate(policy=self.config.policy, mode="full", dry_run=False, force=True,
                                            reason=f"device {', '.join(map(str, sorted(back)))} rejoined",
-                                           loads=uniform, confidence_z=None)
+                                           loads=uniform, confidence_z=None, back_off=False)
             except Exception as exc:
                 log.warning("readmitting devices %s failed: %s", sorted(back), exc)
                 result = {"status": "failed", "failed_devices": list(getattr(exc, "devices", ()))}
@@ -1116,10 +1133,21 @@ class Coordinator:
             with self._lock:
                 if readmitted:
                     self._rejoin -= back
+                    for device in back:
+                        self._readmit_failures.pop(device, None)
                 else:
                     self._lost |= back
                     self._rejoin -= failed
                     self._readmit_after = self._clock() + self.config.health_interval_s
+                    # a device whose readmission keeps failing (it cannot take its share: its GPU's memory taken) is
+                    # restarted again at the next probe, then after a wait doubling with each failure in a row, as a
+                    # restart that fails (restarted, profiled and re-planned onto at every probe: 61 restarts and 240
+                    # expert copies thrown away in a minute; a review)
+                    for device in failed:
+                        fails = self._readmit_failures[device] = self._readmit_failures.get(device, 0) + 1
+                        wait = 0.0 if fails == 1 else min(self.config.health_interval_s * 2.0 ** min(fails - 1, 30),
+                                                           _RESTART_BACKOFF_MAX_S)
+                        self._restart_after[device] = (self._clock() + wait, 0)
         if failed:
             log.warning("rejoining devices %s failed: restarting them again", sorted(failed))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -33,13 +35,13 @@ def _pool(checkpoint: str) -> LocalWorkerPool:
         for i, s in enumerate(SPEEDS)])
 
 
-def _coordinator(checkpoint: str, pool: LocalWorkerPool | None = None, **overrides) -> Coordinator:
+def _coordinator(checkpoint: str, pool: LocalWorkerPool | None = None, *, clock=None, **overrides) -> Coordinator:
     layout = load_layout(checkpoint)
     shape = ModelShape(len(layout.moe_layers), layout.num_experts, 3 * layout.hidden_size * layout.intermediate_size * 4)
     # (engines report from the test's own thread: none acknowledges while a recalibration waits for them, this long)
     config = CoordinatorConfig(checkpoint=checkpoint, profile_token_counts=PROFILE_TOKENS, profile_repeats=2,
                                ack_timeout_s=0.2, **overrides)
-    coordinator = Coordinator(config, pool or _pool(checkpoint), shape)
+    coordinator = Coordinator(config, pool or _pool(checkpoint), shape, **({} if clock is None else {"clock": clock}))
     coordinator.start(background=False)
     return coordinator
 
@@ -677,6 +679,49 @@ def test_a_device_lost_earlier_comes_back_after_every_worker_is_reloaded(checkpo
     assert coordinator.placement.experts_on(0) and coordinator.stats_view()["lost_devices"] == []
 
 
+@pytest.mark.parametrize("earlier", [True, False])
+def test_losing_every_worker_when_one_cannot_restart_serves_on_the_others(checkpoint, earlier):
+    """Every worker lost, one of them on a node that is gone: the first restart that failed ended the try, nothing
+    loaded, at every probe, so the app stayed down for good (the others restarted at every probe when it sorted
+    last; a review). The others are restarted and reloaded; what the placement gave the gone one (nothing if it was
+    lost earlier, its experts if it went with the rest) is re-placed on them; it stays lost, restarted later."""
+    from service.worker_pool import WorkerCallError
+
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool=pool)
+    gone = 0 if earlier else pool.num_devices - 1
+    real_restart, tries = pool.restart, []
+
+    def restart(device):
+        tries.append(device)
+        if device == gone:
+            raise WorkerCallError(f"restart of device {device} failed: no node can take it", [device])
+        return real_restart(device)
+
+    pool.restart = restart
+    if earlier:  # lost alone first: its experts re-placed, its restart failing
+        pool.kill(gone)
+        for _ in range(coordinator.config.probe_misses):
+            coordinator.check_workers()
+        coordinator._finish_drops(wait=True)
+        assert not coordinator.placement.experts_on(gone)
+    assert earlier == (not coordinator.placement.experts_on(gone))
+    for device in range(pool.num_devices):
+        if device != gone or not earlier:
+            pool.kill(device)
+    for _ in range(coordinator.config.probe_misses):
+        coordinator.check_workers()
+    coordinator._finish_drops(wait=True)
+    assert coordinator.stats_view()["lost_devices"] == [gone] and not coordinator.placement.experts_on(gone)
+    others = [d for d in range(pool.num_devices) if d != gone]
+    held = pool.held(others)
+    assert all(held[d] == coordinator.placement.experts_on(d) for d in others)
+    assert all(coordinator.placement.logcnt.ravel() >= 1)  # every expert served
+    tries.clear()
+    coordinator.check_workers()
+    assert tries == [gone]  # the others stay as they are; the gone one is tried again (backing off)
+
+
 def test_leftover_copies_are_reconciled_while_a_device_stays_lost(checkpoint):
     """Reconciliation asks the devices not lost what they hold: it asked every worker, so while one stayed lost it
     was postponed at every health interval and leftover copies stayed on the survivors (review)."""
@@ -839,6 +884,40 @@ def test_losing_a_device_copies_its_experts_not_everyones(checkpoint):
     assert record["experts_moved"] == len(before.experts_on(dead))
     for device in set(range(len(SPEEDS))) - {dead}:
         assert before.experts_on(device) <= after.experts_on(device)
+
+
+def test_a_device_whose_readmission_keeps_failing_is_restarted_after_a_growing_wait(checkpoint):
+    """A restarted worker that cannot take its share (its GPU's memory taken: every import fails) was restarted,
+    profiled and re-planned onto at every probe, for good, each rollback doubling the workload drift's cool-down
+    too (61 restarts and 240 expert copies thrown away in a minute; a review). Its restarts back off as failed
+    ones do, and the drift's cool-down is left alone."""
+    restarts = []
+
+    class FullPool(LocalWorkerPool):
+        def restart(self, device):
+            restarts.append(device)
+            info = super().restart(device)
+
+            def out_of_memory(*args, **kwargs):
+                raise RuntimeError("CUDA out of memory (emulated)")
+
+            self.workers[device].import_experts = out_of_memory
+            self.workers[device].load_experts = out_of_memory
+            return info
+
+    later = [0.0]  # (the clock runs: waits for engines' acknowledgements end)
+    pool = FullPool(_pool(checkpoint).workers)
+    coordinator = _coordinator(checkpoint, pool, clock=lambda: time.monotonic() + later[0], health_interval_s=1.0)
+    _calibrate(coordinator, 3)
+    quiet = coordinator._workload_drift._quiet_until
+    pool.kill(3)
+    for _ in range(600):  # a minute of the loop
+        later[0] += 0.1
+        coordinator._tick()
+    readmissions = [r for r in coordinator.stats_view()["recalibrations"] if r["reason"] == "device 3 rejoined"]
+    assert 4 <= len(restarts) <= 8 and len(readmissions) == len(restarts)  # 1, 2, 4, 8, 16, 30 s apart at most
+    assert {r["status"] for r in readmissions} == {"rolled_back"}
+    assert coordinator._workload_drift._quiet_until == quiet and not coordinator.placement.experts_on(3)
 
 
 def test_a_restarted_worker_that_dies_before_it_rejoins_is_restarted_again(checkpoint):

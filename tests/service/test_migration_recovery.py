@@ -490,6 +490,49 @@ class DownAtStartPool(ServedPool):
         return super().load(checkpoint, keys, timeout_s)
 
 
+def test_a_restarted_coordinator_counts_as_lost_no_device_the_placement_in_service_uses(checkpoint):
+    """A coordinator restarted with a device down that its recovered placement uses and another alive but idle in it
+    (restarted, waiting to rejoin when the one before died): re-placing the down device's experts put some on the idle
+    one, which was then counted lost and rejoining from the recovered placement. Its death went unnoticed, and its
+    readmission restarted it empty while engines routed experts to it (a review)."""
+    pool = DownAtStartPool(_workers(checkpoint), down=[])
+    hidden_size = load_layout(checkpoint).hidden_size
+    try:
+        first = _coordinator(checkpoint, pool)
+        counts = _skewed(first.shape, 9)
+        _report(first, counts, passes=30)
+        first.calibrate()
+        _report(first, counts)
+        first._finish_drops(wait=True)
+        idle = 2
+        pool.kill(idle)
+        assert first.check_workers() == [idle]
+        copy = pool.copy
+
+        def failing_once(transfers):
+            pool.copy = copy
+            raise WorkerCallError("copy failed on devices [0]: timed out", [0])
+
+        pool.copy = failing_once
+        first._readmit()  # fails once: the coordinator dies while the device waits to rejoin, idle
+        assert not first.placement.experts_on(idle) and first._rejoin == {idle}
+        first.stop()
+        pool.down, pool.unrestartable = {0}, {0}  # ...and device 0's node went with it
+        second = _coordinator(checkpoint, pool)
+        in_service = second.placement
+        assert not in_service.experts_on(0) and in_service.experts_on(idle)  # (device 0's went there too)
+        assert second.stats_view()["lost_devices"] == [0] and second._rejoin == set()
+        workers, epoch = second.workers()
+        context = DispatchContext(in_service, worker_channels(workers, None, 5.0), workers_epoch=epoch)
+        _every_expert_step(context, second.shape, hidden_size)
+        pool.kill(idle)  # its death is seen, its experts re-placed
+        for _ in range(second.config.probe_misses):
+            second.check_workers()
+        assert not second.placement.experts_on(idle) and idle in second.stats_view()["lost_devices"]
+    finally:
+        pool.close()
+
+
 def test_a_coordinator_serves_without_a_worker_that_cannot_be_placed_until_it_comes_up(checkpoint):
     """A coordinator restarted after a node failure, its workers there waiting for a node that fits: its start
     raised at every Serve retry, and the app with it. It now serves on the workers that came up (their records and

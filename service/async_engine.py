@@ -216,9 +216,9 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.run_at_step_boundary(fn))
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
-                       share_prefill_with: str | None = None, deadline: bool = True) -> AsyncIterator[StepOutput]:
+                       share_prefill_with: str | None = None, timed: bool = True) -> AsyncIterator[StepOutput]:
         """Outputs of one request as they come; the last one has ``finished`` set (``share_prefill_with``:
-        see `Engine.add_request`; ``deadline`` False: no ``request_timeout_s``, for the server's own work, such as
+        see `Engine.add_request`; ``timed`` False: no ``request_timeout_s``, for the server's own work, such as
         the startup profiling pass, which queues every prompt at once).
 
         Raises ValueError / QueueFull from ``Engine.add_request``, `RequestTimeout` once the request has
@@ -232,7 +232,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         self._streams[request_id] = (loop, queue)
-        timeout = self.config.request_timeout_s if deadline else None
+        timeout = self.config.request_timeout_s if timed else None
         deadline = None if timeout is None else loop.time() + timeout
         finished = False
         timer = None

@@ -296,7 +296,7 @@ class Coordinator:
             # idle in the recovered one, which was then counted lost while serving them)
             idle = self._readmit_idle(self.placement, self._live_devices())
             if idle:
-                log.info("devices %s hold no expert of the recovered placement: readmitting them", idle)
+                log.info("devices %s hold no expert of the placement in service: readmitting them", idle)
         if background:
             self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()

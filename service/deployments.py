@@ -407,7 +407,7 @@ class IngressDeployment:
 
             async def run(i: int, ids: list[int]) -> None:
                 async with admitted:
-                    async for _ in self.engine.generate(f"profile-{i}", ids, params, deadline=False):
+                    async for _ in self.engine.generate(f"profile-{i}", ids, params, timed=False):
                         pass
 
             outcomes = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(kept)), return_exceptions=True)

@@ -433,11 +433,14 @@ def _profiling(engine, prompts, calibrate):
     return ingress, calls
 
 
-def test_a_profiling_pass_the_serving_limits_would_refuse_runs_what_fits_and_never_fails_the_start(tmp_path, caplog):
+def test_a_profiling_pass_the_serving_limits_would_refuse_runs_what_fits_and_never_fails_the_start(tmp_path, caplog,
+                                                                                                   monkeypatch):
     """Each failed every ingress replica's start after the build had passed, so a valid config never served (a
     review): a profile prompt longer than max_model_len allows, a request_timeout_s shorter than the pass (every
     prompt queued at once), a base model's tokenizer without a chat template for the chat-form prompts. A pass that
     fails all the same (the file gone) still asks for the calibration, whose failure is the coordinator's to retry."""
+    from service import deployments
+
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None
     engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=64, max_num_seqs=2, max_queue=2,
@@ -456,9 +459,11 @@ def test_a_profiling_pass_the_serving_limits_would_refuse_runs_what_fits_and_nev
 
     engine.generate = recording
     engine.start()
+    # (the replica's logger, ray.serve, which Ray configures as it likes: it dropped the capture's handler)
+    monkeypatch.setattr(deployments, "log", logging.getLogger("tests.profiling"))
     try:
         ingress, calls = _profiling(engine, prompts, lambda: {"status": "applied", "to_version": 0})
-        with caplog.at_level(logging.WARNING, logger="service.deployments"):
+        with caplog.at_level(logging.WARNING, logger="tests.profiling"):
             asyncio.run(ingress._profiling_pass())
         assert calls == ["sync", "calibrate"] and len(seen) == 6 and max(seen) <= 62
         assert "1 of 7 prompts are longer than max_model_len 64 allows" in caplog.text and "failed" not in caplog.text
@@ -468,7 +473,7 @@ def test_a_profiling_pass_the_serving_limits_would_refuse_runs_what_fits_and_nev
 
         prompts.unlink()
         ingress, calls = _profiling(engine, prompts, refused)
-        with caplog.at_level(logging.WARNING, logger="service.deployments"):
+        with caplog.at_level(logging.WARNING, logger="tests.profiling"):
             asyncio.run(ingress._profiling_pass())  # (raised: the replica's start failed)
         assert calls == ["sync", "calibrate"] and "the profiling pass failed" in caplog.text
         assert "startup calibration failed (no router statistics yet)" in caplog.text

@@ -70,15 +70,6 @@ class HarmonyStream:
         self.calls: list = []
 
     @property
-    def in_block(self) -> bool:
-        """Not in the answer (content or a call) yet: at the start, in a header, or in reasoning."""
-        return self._state in ("start", "header", "between") or self._kind == "reasoning"
-
-    @property
-    def before_answer(self) -> bool:
-        return self.in_block
-
-    @property
     def in_reasoning(self) -> bool:
         """In the body of a reasoning message: an analysis, or a built-in tool's call."""
         return self._state == "body" and self._kind == "reasoning"

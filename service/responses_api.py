@@ -53,7 +53,7 @@ from service.tools import ToolCall
 
 # where a chat request's parameter came from in a responses request (errors name what the client sent)
 _PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
-           "response_format": "text.format", "logprobs": "include"}
+           "response_format": "text.format", "logprobs": "include", "verbosity": "text.verbosity"}
 
 
 # --- the request -------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class TextFormat(StrictModel):
 
 class TextConfig(StrictModel):
     format: TextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None  # OpenAI's default (medium) only, as on chat
+    verbosity: Literal["low", "medium", "high"] | None = None  # chat's verbosity (its default, medium, only)
 
 
 class ReasoningConfig(StrictModel):
@@ -246,7 +246,7 @@ class ResponsesRequest(SamplingControls):
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
     prompt_cache_retention: CacheRetention = None
-    service_tier: str | None = None  # auto and default only, as on chat (the response reports default)
+    service_tier: str | None = None  # chat's (auto and default only; the response reports default)
     chat_template_kwargs: TemplateKwargs = None
 
     def check_supported(self) -> None:
@@ -265,11 +265,6 @@ class ResponsesRequest(SamplingControls):
                                "one call)"),
             "truncation": (self.truncation == "auto", "'auto' is not supported: an input longer than the context "
                            "is a 400"),
-            # as chat refuses them (responses took any string and ignored it)
-            "service_tier": (self.service_tier not in (None, "auto", "default"),
-                             f"service_tier={self.service_tier!r} is not supported by this server"),
-            "text.verbosity": (self.text is not None and self.text.verbosity not in (None, "medium"),
-                               f"verbosity={getattr(self.text, 'verbosity', None)!r} is not supported by this server"),
         }
         for name, (bad, why) in refused.items():
             if bad:
@@ -337,6 +332,11 @@ class ResponsesRequest(SamplingControls):
             fields["chat_template_kwargs"] = self.chat_template_kwargs
         if self.reasoning is not None and self.reasoning.effort is not None:
             fields["reasoning_effort"] = self.reasoning.effort
+        # accepted at their neutral values only, by the chat request's own check (responses took any and ignored it)
+        if self.service_tier is not None:
+            fields["service_tier"] = self.service_tier
+        if self.text is not None and self.text.verbosity is not None:
+            fields["verbosity"] = self.text.verbosity
         try:
             return ChatCompletionRequest.model_validate(fields)
         except ValidationError as exc:

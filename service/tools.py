@@ -470,11 +470,10 @@ def _types(schema: Any, depth: int = 0) -> set[str] | None:
     return found or None
 
 
-def _text_valued(schema: Any) -> bool:
-    """Whether a tagged-text format writes the parameter's value as bare text: its schema allows strings and
-    nothing else but null (Pydantic's Optional[str] is ``anyOf: [string, null]``). The chat templates write a string
-    bare and anything else as JSON, so its text is the string (a forced call's grammar writes it so too)."""
-    types = _types(schema)
+def _text_valued(types: set[str] | None) -> bool:
+    """Whether a tagged-text format writes a parameter of these `_types` as bare text: strings and nothing else but
+    null (Pydantic's Optional[str] is ``anyOf: [string, null]``). The chat templates write a string bare and anything
+    else as JSON, so its text is the string (a forced call's grammar writes it so too)."""
     return types is not None and "string" in types and types <= {"string", "null"}
 
 
@@ -484,8 +483,9 @@ def _typed(value: str, schema: Any) -> Any:
     null is allowed too (``null`` is then None): it was parsed as JSON, so "94103" was 94103 and "3.10" 3.1."""
     if not isinstance(schema, dict):
         schema = {}
-    if _text_valued(schema):
-        return None if "null" in _types(schema) and value.strip() == "null" else value
+    types = _types(schema)
+    if _text_valued(types):
+        return None if "null" in types and value.strip() == "null" else value
     kind = schema.get("type")
     if kind == "boolean" and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
@@ -527,10 +527,11 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
         params = []
         for j, (key, sub) in enumerate(properties.items()):
             choices = [sub["const"]] if "const" in sub else sub.get("enum")
-            if _text_valued(sub) and choices is not None:  # bare, as the parser reads it (a JSON string's quotes
+            text_valued = _text_valued(_types(sub))
+            if text_valued and choices is not None:  # bare, as the parser reads it (a JSON string's quotes
                 # were kept: {"op": "\"<=\""})
                 value = "(" + " | ".join(_lark("null" if v is None else v) for v in choices) + ")"
-            elif _text_valued(sub):  # (its text may be "null": None where null is allowed)
+            elif text_valued:  # (its text may be "null": None where null is allowed)
                 low, high = _length(name, key, sub, "minLength"), _length(name, key, sub, "maxLength")
                 if high is not None and low is not None and low > high:
                     raise ValueError(f"function {name!r}: parameter {key!r} has minLength {low} > maxLength {high}")

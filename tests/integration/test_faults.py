@@ -484,31 +484,13 @@ def test_a_profiling_pass_the_serving_limits_would_refuse_runs_what_fits_and_nev
 def test_the_startup_profiling_pass_fits_a_queue_smaller_than_its_prompt_set(tmp_path):
     """An ingress with max_queue below the number of profile prompts used to fail its start (QueueFull)
     and Serve retried it forever; `make chaos` (max_queue 32, 64 prompts) found it."""
-    from types import SimpleNamespace
-
-    from service.deployments import IngressDeployment, IngressSettings
-
     prompts = tmp_path / "profile.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Prompt number {i}."}) + "\n" for i in range(10)))
     tokenizer = build_tokenizer()
     engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=64, max_num_seqs=2,
                                                                          max_queue=2), tokenizer))
     engine.start()
-    calls = []
-
-    async def calibrate() -> dict:
-        calls.append("calibrate")
-        return {"status": "applied", "to_version": 0}
-
-    ingress = object.__new__(IngressDeployment)
-    ingress.settings = IngressSettings(checkpoint="", served_model_name=MODEL, dtype="float32",
-                                       engine_config=engine.config, admin_token_sha256=None, num_devices=1,
-                                       emulation=False, profile_prompts=str(prompts), profile_max_tokens=2)
-    ingress.engine = engine
-    ingress.sync = SimpleNamespace(sync_once=lambda: calls.append("sync"), stop=lambda: None)
-    ingress._stopping = threading.Event()  # what __del__ touches
-    ingress.coordinator = SimpleNamespace(calibrate=SimpleNamespace(remote=calibrate))
-    ingress.context = SimpleNamespace(placement=SimpleNamespace(version=0))
+    ingress, calls = _profiling(engine, prompts, lambda: {"status": "applied", "to_version": 0})
     try:
         asyncio.run(ingress._profiling_pass())
     finally:

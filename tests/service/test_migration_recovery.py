@@ -430,6 +430,18 @@ def test_experts_held_without_any_record_are_treated_as_an_earlier_run(checkpoin
     assert fresh._acks_trusted_at == 0.0 and not fresh._unreconciled
 
 
+def _copies_fail_once(pool: LocalWorkerPool) -> None:
+    """The pool's next copy fails on device 0, a source of a readmission's copies (a failure on the rejoining device
+    would have it restarted again); the ones after succeed."""
+    copy = pool.copy
+
+    def failing_once(transfers):
+        pool.copy = copy
+        raise WorkerCallError("copy failed on devices [0]: timed out", [0])
+
+    pool.copy = failing_once
+
+
 def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoint):
     """A coordinator that died while a restarted device waited to rejoin: the next adopted the placement without it
     and forgot it, and incremental recalibrations (which keep slot counts) left it idle for good."""
@@ -439,13 +451,7 @@ def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoi
     dead = 2
     pool.kill(dead)
     assert first.check_workers() == [dead]
-    copy = pool.copy
-
-    def failing_once(transfers):  # a source of its copies fails once (one failing on it would be restarted again)
-        pool.copy = copy
-        raise WorkerCallError("copy failed on devices [0]: timed out", [0])
-
-    pool.copy = failing_once  # its readmission fails once: it waits to rejoin
+    _copies_fail_once(pool)  # its readmission fails once: it waits to rejoin
     first._readmit()
     assert first.stats_view()["recalibrations"][-1]["failed_devices"] == [0]
     assert not first.placement.experts_on(dead) and first._rejoin == {dead}
@@ -499,21 +505,11 @@ def test_a_restarted_coordinator_counts_as_lost_no_device_the_placement_in_servi
     hidden_size = load_layout(checkpoint).hidden_size
     try:
         first = _coordinator(checkpoint, pool)
-        counts = _skewed(first.shape, 9)
-        _report(first, counts, passes=30)
-        first.calibrate()
-        _report(first, counts)
-        first._finish_drops(wait=True)
+        _calibrate(first, 9)
         idle = 2
         pool.kill(idle)
         assert first.check_workers() == [idle]
-        copy = pool.copy
-
-        def failing_once(transfers):
-            pool.copy = copy
-            raise WorkerCallError("copy failed on devices [0]: timed out", [0])
-
-        pool.copy = failing_once
+        _copies_fail_once(pool)
         first._readmit()  # fails once: the coordinator dies while the device waits to rejoin, idle
         assert not first.placement.experts_on(idle) and first._rejoin == {idle}
         first.stop()

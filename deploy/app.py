@@ -128,7 +128,7 @@ class AppArgs(BaseModel):
     reasoning_parser: Literal["qwen3", "deepseek_r1", "kimi_k2", "openai_gptoss"] | None = None
     # how the model writes tool calls (service.tools.FORMATS; auto: as its chat template renders them)
     tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2",
-                              "mistral", "mistral_v11", "openai"] = "auto"
+                              "mistral", "mistral_v11", "openai", "llama3_json", "llama4_json"] = "auto"
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
     worker_load_timeout_s: float = Field(default=1800.0, gt=0)  # reading a worker's experts from the checkpoint
     num_replicas: int = Field(default=1, ge=1)

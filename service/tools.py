@@ -62,6 +62,11 @@ message)::
 
     <|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>
 
+and Llama's (``llama3_json``, Llama 3.1 to 4: the calls are the whole completion, which opens with them,
+one after another or separated by ``;``)::
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
 A tag that is a special token of the served tokenizer (`special_tags`) is forced by its id, which is how
 llguidance matches special tokens.
 
@@ -184,6 +189,9 @@ class ToolCallStream:
         self._format = FORMATS[fmt]
         self._buffer = ""          # text not decided yet
         self._in_call = False      # the buffer is inside a block of calls (without its opening tag)
+        self._opening = ""         # the text that opened the block (content again if it is not calls)
+        self._leading = bool(self._format.leading)  # a leading block may still open the completion
+        self._plain = False        # no block can open any more: the rest is content
         self._searched = 0         # inside a block: where the search for its end resumes
         self._space = ""           # whitespace held back: dropped if a call follows
         self._after_call = False   # drop leading whitespace after a call
@@ -202,7 +210,7 @@ class ToolCallStream:
                     end = len(self._buffer) if final else -1
                 if end < 0:
                     if final:  # unterminated: the block is content
-                        content.append(self._content(start_tag + self._buffer, final))
+                        content.append(self._content(self._opening + self._buffer, final))
                         self._buffer, self._in_call = "", False
                     else:  # a long block is searched once, not once per piece
                         self._searched = max(0, len(self._buffer) - len(end_tag) + 1)
@@ -211,7 +219,7 @@ class ToolCallStream:
                 self._in_call = False
                 parsed = self._parse(block)
                 if parsed is None:
-                    content.append(self._content(start_tag + block + end_tag, False))
+                    content.append(self._content(self._opening + block + end_tag, False))
                 else:  # whitespace around a block is dropped
                     self._space, self._after_call = "", True
                     for call in parsed:
@@ -219,13 +227,25 @@ class ToolCallStream:
                             self.calls.append(call)
                             calls.append(call)
                 continue
-            start = self._buffer.find(start_tag)
+            if self._leading:  # does the completion open with a block (after whitespace)?
+                text = self._buffer.lstrip()
+                opening = next((tag for tag in (start_tag, self._format.leading) if text.startswith(tag)), None)
+                if opening is None and not final and start_tag.startswith(text):
+                    break  # not decided yet (whitespace, or a partial tag)
+                self._leading, self._plain = False, opening is None
+                if opening is not None:
+                    content.append(self._content(self._buffer[:len(self._buffer) - len(text)], False))
+                    # (the leading text, unlike the tag, is the block's own)
+                    self._opening = start_tag if opening == start_tag else ""
+                    self._buffer, self._in_call, self._searched = text[len(self._opening):], True, 0
+                    continue
+            start = -1 if self._plain else self._buffer.find(start_tag)
             if start >= 0:
                 content.append(self._content(self._buffer[:start], False))
                 self._buffer, self._in_call = self._buffer[start + len(start_tag):], True
-                self._searched = 0
+                self._opening, self._searched = start_tag, 0
                 continue
-            keep = 0 if final else partial_tag(self._buffer, start_tag)
+            keep = 0 if final or self._plain else partial_tag(self._buffer, start_tag)
             content.append(self._content(self._buffer[:len(self._buffer) - keep], final))
             self._buffer = self._buffer[len(self._buffer) - keep:]
             break
@@ -349,6 +369,9 @@ class ToolFormat:
     whole_named: bool = False
     answer_prefix: Callable[[Callable[[str], str]], str] | None = None
     history: Callable[[list[dict]], list[dict]] | None = None
+    # Llama's: a block opens only the completion (after whitespace), with ``start`` or with this text, which
+    # is the block's own (``end`` is empty: the calls are the whole completion); later text never opens one
+    leading: str = ""
 
 
 def _lark(text: str) -> str:
@@ -398,12 +421,12 @@ def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, 
     return [(call["name"], call.get("arguments", call.get("parameters", {})))]
 
 
-def _call_json(parameters: Mapping[str, dict]) -> str:
-    """The JSON schema of ``{"name": ..., "arguments": ...}`` for every function (``anyOf`` over them, each
-    schema's references moved into it), with the call's JSON settings."""
+def _call_json(parameters: Mapping[str, dict], key: str = "arguments") -> str:
+    """The JSON schema of ``{"name": ..., "arguments": ...}`` (``key`` names the arguments) for every function
+    (``anyOf`` over them, each schema's references moved into it), with the call's JSON settings."""
     defs: dict[str, Any] = {}
-    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _hoisted(name, schema, defs)},
-              "required": ["name", "arguments"], "additionalProperties": False}
+    calls = [{"type": "object", "properties": {"name": {"const": name}, key: _hoisted(name, schema, defs)},
+              "required": ["name", key], "additionalProperties": False}
              for name, schema in parameters.items()]
     root = {"anyOf": calls} if len(calls) > 1 else calls[0]
     return json.dumps({**root, **({"$defs": defs} if defs else {}), "x-guidance": CALL_JSON})
@@ -749,6 +772,34 @@ def _mistral_template_id(call_id: str) -> str:
     return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
+LLAMA_PYTHON_TAG = "<|python_tag|>"
+_JSON = json.JSONDecoder()
+
+
+def _llama3_json_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
+    """Llama's calls, the whole completion: ``{"name": ..., "parameters": ...}`` objects (``arguments`` is read
+    too, not both), one after another or separated by ``;`` (vLLM's streaming parser writes ``; ``)."""
+    calls, text, at = [], block.strip(), 0
+    try:
+        while at < len(text):
+            call, at = _JSON.raw_decode(text, at)
+            if not (isinstance(call, dict) and isinstance(call.get("name"), str)
+                    and ("parameters" in call) != ("arguments" in call)):
+                return None
+            arguments = call.get("parameters", call.get("arguments"))
+            calls.append((call["name"], json.loads(arguments) if isinstance(arguments, str) else arguments))
+            at = len(text) - len(text[at:].lstrip().removeprefix(";").lstrip())
+    except ValueError:
+        return None
+    return calls
+
+
+def _llama3_json_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
+    """As Llama's templates render calls: ``{"name": ..., "parameters": ...}``, Llama 4's several one after
+    another (Llama 3's render one only)."""
+    return f"calls: call{'+' if parallel else ''}\ncall: %json {_call_json(parameters, 'parameters')}\n"
+
+
 MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END = "<minimax:tool_call>", "</minimax:tool_call>"
 _MINIMAX_INVOKE = re.compile(r'<invoke name="([^"\n]+)">(.*?)</invoke>', re.DOTALL)
 _MINIMAX_PARAMETER = re.compile(r'<parameter name="([^"\n]+)">(.*?)</parameter>', re.DOTALL)
@@ -787,7 +838,9 @@ _MARKERS = (("openai", (harmony.CHANNEL, harmony.MESSAGE)), ("deepseek_v3", (DSV
             ("glm47", ("</arg_key><arg_value>",)), ("glm45", ("<arg_key>",)),
             ("minimax_m2", (MINIMAX_CALLS_BEGIN,)),
             ("qwen3_coder", ("<function=", "<parameter=")), ("mistral_v11", (MISTRAL_CALLS, MISTRAL_ARGS)),
-            ("mistral", (MISTRAL_CALLS,)), ("hermes", (TOOL_CALL_START,)))
+            ("mistral", (MISTRAL_CALLS,)), ("hermes", (TOOL_CALL_START,)),
+            # (after Hermes: Qwen's templates write '{"name": "' too)
+            ("llama3_json", ('{"name": "', '"parameters": ')))
 
 
 def detect_format(chat_template: str | dict | None) -> str:
@@ -820,4 +873,9 @@ FORMATS: dict[str, ToolFormat] = {
     # (this parse reads the text from the first <|channel|> on, for `ToolCallStream`)
     "openai": ToolFormat(harmony.CHANNEL, "", harmony.parse, harmony.call_grammar, harmony.TAGS,
                          whole_named=True, answer_prefix=harmony.answer_prefix, history=harmony.history),
+    # Llama 3.1 to 3.3 and Llama 4: the completion is the calls, JSON from its first character (or after
+    # <|python_tag|>); vLLM's llama3_json and llama4_json, one parser
+    "llama3_json": ToolFormat(LLAMA_PYTHON_TAG, "", _llama3_json_parse, _llama3_json_grammar, (LLAMA_PYTHON_TAG,),
+                              leading="{"),
 }
+FORMATS["llama4_json"] = FORMATS["llama3_json"]

@@ -265,6 +265,42 @@ def test_every_format_gives_content_and_calls_in_any_chunking(fmt, fractions):
     assert _format_calls(fmt, [text], parallel=False) == (expected[0], expected[1][:1])
 
 
+LLAMA_TEXTS = {  # a completion of Llama 3 or 4 with tools, and its (content, calls)
+    '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}':
+        ("", [("get_weather", {"city": "Paris", "unit": "C"})]),
+    # Llama 4's template writes calls one after another; vLLM's streaming parser reads "; " between them; Llama
+    # 3.1 may open with <|python_tag|>; "arguments" is read too
+    '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}{"name": "now", "parameters": {"zone": 1}}':
+        ("", [("get_weather", {"city": "Paris", "unit": "C"}), ("now", {"zone": 1})]),
+    ' \n<|python_tag|>{"name": "now", "arguments": {"zone": 1}}; {"name": "now", "parameters": "{\\"zone\\": 2}"}':
+        ("", [("now", {"zone": 1}), ("now", {"zone": 2})]),
+    # not calls: text first (a call must open the completion), JSON that is not a call (a JSON answer), a call
+    # with text after it, a function not offered, both keys, one cut off
+    'It is {"name": "now", "parameters": {"zone": 1}}': ('It is {"name": "now", "parameters": {"zone": 1}}', []),
+    ' {"city": "Paris"}': (' {"city": "Paris"}', []),
+    '{"name": "now", "parameters": {"zone": 1}} and more': ('{"name": "now", "parameters": {"zone": 1}} and more', []),
+    '{"name": "rm", "parameters": {}}': ('{"name": "rm", "parameters": {}}', []),
+    '{"name": "now", "parameters": {}, "arguments": {}}': ('{"name": "now", "parameters": {}, "arguments": {}}', []),
+    '<|python_tag|>{"name": "now", "parameters": {"zone"': ('<|python_tag|>{"name": "now", "parameters": {"zone"', []),
+    "<|python": ("<|python", []),
+    "  ": ("  ", []),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(LLAMA_TEXTS)), st.lists(st.floats(0, 1), max_size=10))
+def test_llama_calls_are_the_whole_completion_in_any_chunking(text, fractions):
+    """``llama3_json`` (vLLM's llama3_json and llama4_json): Llama's templates render a call as bare JSON, so the
+    calls are the completion when it opens with one (after whitespace); otherwise it is all content. A review found
+    no Llama format: ``auto`` took Hermes for Llama 4, whose calls then reached the client as content."""
+    cuts = sorted({0, len(text), *(int(f * len(text)) for f in fractions)})
+    for fmt in ("llama3_json", "llama4_json"):
+        assert _format_calls(fmt, [text]) == LLAMA_TEXTS[text]
+        assert _format_calls(fmt, [text[a:b] for a, b in zip(cuts, cuts[1:])] or [""]) == LLAMA_TEXTS[text]
+    content, calls = LLAMA_TEXTS[text]
+    assert _format_calls("llama3_json", [text], parallel=False) == (content, calls[:1])
+
+
 @pytest.mark.parametrize("fmt, block", [
     ("qwen3_coder", "<tool_call>\n<function=rm>\n</function>\n</tool_call>"),  # not offered
     ("qwen3_coder", "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"),  # Hermes, not XML
@@ -424,7 +460,7 @@ CODER_SCHEMAS = {
                                           ("kimi_k2", SCHEMAS), ("glm45", CODER_SCHEMAS), ("glm47", CODER_SCHEMAS),
                                           ("minimax_m2", CODER_SCHEMAS),
                                           ("mistral", SCHEMAS),
-                                          ("mistral_v11", SCHEMAS)])
+                                          ("mistral_v11", SCHEMAS), ("llama3_json", SCHEMAS)])
 def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, grammars, fmt, schemas):
     """``required`` in the model's own format: random logits through the grammar give calls that the
     format's parser reads, valid against their schemas, single and parallel."""
@@ -436,7 +472,7 @@ def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, g
             # (Mistral's later form ends its calls with the end of text: made likely, it would end every walk
             # after one call)
             text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=("\n", "<"),
-                                eos_bonus=0.0 if fmt == "mistral_v11" else 3.0)
+                                eos_bonus=0.0 if fmt in ("mistral_v11", "llama3_json") else 3.0)
             if text is None:
                 continue
             content, calls = _feed(ToolCallStream(schemas, parallel, fmt), [text])
@@ -567,7 +603,7 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client):
     assert _chat(client, max_tokens=3).usage.prompt_tokens > without.usage.prompt_tokens + 100
 
 
-@pytest.mark.parametrize("fmt", ["qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2"])
+@pytest.mark.parametrize("fmt", ["qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2", "llama3_json"])
 def test_the_servers_tool_call_parser_reads_and_forces_its_format(tokenizer, fmt):
     engine = _start_engine(tokenizer, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
     with served(engine, tool_call_parser=fmt) as url:
@@ -611,11 +647,23 @@ def test_auto_takes_the_format_the_chat_template_renders_calls_in(tokenizer):
         "mistral": MISTRAL_TEMPLATE,
         "mistral_v11": "{{- '[TOOL_CALLS]' + tool.function.name + '[ARGS]' + arguments }}",
         "hermes": DEFAULT_TEMPLATE,
+        # Llama 3.1's (Llama 4's differs around it)
+        "llama3_json": "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}"
+                       "{{- tool_call.arguments | tojson }}",
     }
     assert {name: detect_format(template) for name, template in templates.items()} == {n: n for n in templates}
     assert detect_format(None) == detect_format("{{ messages }}") == "hermes"  # no tools: the default
     assert detect_format({"default": "x", "tool_use": templates["glm45"]}) == "glm45"
     # (every served app in these tests runs with auto: the test template is Hermes')
+
+
+def test_the_deploy_arguments_name_every_tool_call_parser():
+    from typing import get_args
+
+    from deploy.app import AppArgs
+    from service.tools import FORMATS
+
+    assert set(get_args(AppArgs.model_fields["tool_call_parser"].annotation)) == {"auto", *FORMATS}
 
 
 def test_an_unknown_tool_call_parser_is_refused(tokenizer):

@@ -533,8 +533,8 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
                  block: tuple[str, str] = ("", "")) -> str:
     """Calls whose parameters are tagged text (Qwen3-Coder's, GLM-4.5's, MiniMax-M2's): each function's
     parameters in its schema's order (the required ones always, the others optional); a value following
-    its schema: a string as text (one line without ``<``, within its length bounds; an enum: one of its
-    strings), anything else as JSON (a number's or a boolean's JSON is its text). Without ``block`` the
+    its schema: a string as text (one line without ``<``, within its length bounds and its pattern; an enum: one
+    of its strings), anything else as JSON (a number's or a boolean's JSON is its text). Without ``block`` the
     calls are one per line; with it they follow each other between its opening and closing text (a
     separator is the head's: a literal of its own would end where the closing text begins, since the
     lexer takes the longest literal)."""
@@ -559,6 +559,10 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
                 if high is not None and low is not None and low > high:
                     raise ValueError(f"function {name!r}: parameter {key!r} has minLength {low} > maxLength {high}")
                 value = f"/[^<\\n]{{{low or 0},{'' if high is None else high}}}/"
+                if "pattern" in sub:  # one terminal, the line and the pattern both (llguidance's &); the pattern
+                    # holds for strings, not for null where null is allowed
+                    rules.append(f"V{i}_{j}: {value} & /{_whole_value(name, key, sub['pattern'])}/")
+                    value = f"(V{i}_{j} | \"null\")" if "null" in _types(sub) else f"V{i}_{j}"
             else:
                 value = f"%json {json.dumps({**sub, 'x-guidance': CALL_JSON})}"
             opening, closing = tags(key)
@@ -566,6 +570,37 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
             params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
         rules.append(f"call{i}: {lit(head(name))} {' '.join(params)} {lit(tail)}")
     return "\n".join(rules) + "\n"
+
+
+def _whole_value(name: str, key: str, pattern: Any) -> str:
+    """Parameter ``key``'s JSON Schema ``pattern`` (a search: each of its top-level alternatives anchored only by a
+    leading ``^`` or a trailing ``$``) as a regex of the whole value, its slashes escaped for a Lark regex literal.
+    What llguidance's lexer cannot take (lookarounds, an anchor inside) is a 400 naming the regex."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"function {name!r}: parameter {key!r}'s pattern must be a string")
+    alternatives, out, escaped, depth, bracket = [], [], False, 0, False
+    for ch in pattern:
+        if not escaped:
+            if bracket:
+                bracket = ch != "]"
+            elif ch == "[":
+                bracket = True
+            elif ch in "()":
+                depth += 1 if ch == "(" else -1
+            elif ch == "|" and depth == 0:
+                alternatives.append("".join(out))
+                out = []
+                continue
+        out.append("\\/" if ch == "/" and not escaped else ch)
+        escaped = ch == "\\" and not escaped
+    whole = []
+    for body in [*alternatives, "".join(out)]:
+        start = body.startswith("^")
+        body = body[start:]
+        end = body.endswith("$") and (len(body) - 1 - len(body[:-1].rstrip("\\"))) % 2 == 0
+        body = body[:len(body) - end]
+        whole.append(f"{'' if start else '(?s:.*)'}(?:{body}){'' if end else '(?s:.*)'}")
+    return "|".join(whole)
 
 
 def _xml_parameters(name: str, schema: dict) -> tuple[dict[str, dict], set[str]]:

@@ -448,6 +448,50 @@ def test_a_forced_call_writes_such_strings_bare_as_the_parser_reads_them(grammar
     assert not accepts(_tagged(fmt, {"zip": "94103", "op": "<=", "unit": '"celsius"'}))
 
 
+PATTERNED = {"type": "object", "properties": {
+    "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},  # anchored
+    "path": {"type": "string", "pattern": "/tmp/", "maxLength": 12},  # a search: anywhere in the value, with its slash
+    "code": {"type": ["string", "null"], "pattern": "^(?:AB|CD)[0-9]$"},  # alternation inside a group
+    "tag": {"type": "string", "pattern": "^x|y$"}},  # alternatives, each anchored at one end
+    "required": ["date", "path", "code", "tag"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("fmt", sorted(TAGGED))
+def test_a_forced_calls_bare_strings_follow_their_patterns(grammars, tokenizer, fmt):
+    """A string parameter's ``pattern`` (JSON Schema's: a search unless anchored) holds in the tagged-text formats'
+    forced calls, as in the JSON formats' (llguidance's JSON schemas): it was left out, so a forced date could be
+    any line (a review)."""
+    grammar = ToolSetup({"f": PATTERNED}, "required", parallel=False, format=fmt).grammar()
+
+    def accepts(values: dict) -> bool:
+        matcher = grammars.matcher(grammar)
+        return all(matcher.consume_token(t) for t in tokenizer.encode(_tagged(fmt, values))) and matcher.is_accepting()
+
+    good = {"date": "2026-12-02", "path": "a/tmp/b", "code": "CD7", "tag": "x1"}
+    assert accepts(good) and accepts({**good, "path": "/tmp/"}) and accepts({**good, "code": "null"})  # (None)
+    assert accepts({**good, "tag": "1y"}) and accepts({**good, "tag": "xy"})
+    for key, bad in [("date", "2026-12-2"), ("date", "x2026-12-02"), ("path", "/var/"), ("path", "/home/xy/tmp/"),
+                     ("code", "CD77"), ("code", "AD7"), ("code", "nul"), ("tag", "1x"), ("tag", "y1")]:
+        assert not accepts({**good, key: bad}), (key, bad)
+    walked = 0
+    for seed in range(6):
+        text = _random_walk(grammars, tokenizer, grammar, seed, 400, ends=("\n", "<"))
+        if text is None:
+            continue
+        walked += 1
+        (call,) = _feed(ToolCallStream({"f": PATTERNED}, False, fmt), [text])[1]
+        jsonschema.validate(json.loads(call.arguments), PATTERNED)
+    assert walked
+
+
+@pytest.mark.parametrize("pattern", ["(?<=a)b", "a(^b)"])
+def test_a_pattern_the_grammar_cannot_hold_is_a_400_not_ignored(grammars, pattern):
+    grammar = ToolSetup({"f": {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}}},
+                        "required", format="qwen3_coder").grammar()
+    with pytest.raises(ValueError, match="invalid structured output"):
+        grammars.matcher(grammar)
+
+
 CODER_SCHEMAS = {
     "get_weather": {"type": "object", "properties": {
         "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}, "days": {"type": "integer", "minimum": 1},

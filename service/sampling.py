@@ -162,8 +162,24 @@ class SamplingParams:
         """The request's own generator (None when greedy: argmax needs no randomness)."""
         if self.greedy:
             return None
-        seed = self.seed if self.seed is not None else secrets.randbits(63)
-        return torch.Generator().manual_seed(seed)
+        seed = self.seed if self.seed is not None else secrets.randbits(32)
+        return torch.Generator().manual_seed(generator_seed(seed))
+
+
+def generator_seed(seed: int) -> int:
+    """The seed of torch's CPU generator (mt19937, which keeps a seed's low 32 bits) for a request's signed 64-bit
+    ``seed``: one in [0, 2**32) as it is (its draws unchanged), any other folded into 32 bits by splitmix64's
+    finalizer. Seeds that differed only above bit 31 drew alike: s and s + 2**32, -1 and 2**32 - 1 (a review)."""
+    if 0 <= seed < 1 << 32:
+        return seed
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,21 @@ def test_same_seed_reproduces_and_different_seeds_differ():
     assert a != _draws(SamplingParams(seed=8), logits, 20)
 
 
+def test_every_bit_of_a_64_bit_seed_counts():
+    """torch's CPU generator keeps a seed's low 32 bits: s and s + 2**32, -1 and 2**32 - 1, 0 and -2**63 drew the same
+    completion (a review). Seeds in [0, 2**32) draw as they did."""
+    logits = torch.zeros(1000)
+    for a, b in [(1, 2**32 + 1), (12345, 7 * 2**32 + 12345), (-1, 2**32 - 1), (0, -2**63), (2**63 - 1, -1)]:
+        assert _draws(SamplingParams(seed=a), logits, 20) != _draws(SamplingParams(seed=b), logits, 20), (a, b)
+    for seed in (0, 7, 2**32 - 1):
+        params = SamplingParams(seed=seed)
+        assert _draws(params, logits, 20) == _draws_with(torch.Generator().manual_seed(seed), params, logits, 20)
+
+
+def _draws_with(gen: torch.Generator, params: SamplingParams, logits: torch.Tensor, n: int) -> list[int]:
+    return [sample(logits[None], [params], [gen])[0] for _ in range(n)]
+
+
 def test_sampling_follows_the_softmax():
     logits = torch.log(torch.tensor([0.75, 0.25]))
     draws = _draws(SamplingParams(seed=0), logits, 4000)

@@ -54,6 +54,7 @@ from load_tests.generator import (
     ClientConfig,
     RequestResult,
     RunRecord,
+    TraceClock,
     TraceConfig,
     fetch_admin,
     make_trace,
@@ -842,9 +843,12 @@ class Experiment:
             print(f"  {kind} rate={rate:.3f}: no request in {self.config.duration_s:g} s, skipped")
             return None
 
+        clock = TraceClock(len(clients)) if self.config.together else None  # (side by side: one start)
+
         async def load(policy: str, client: ClientConfig) -> tuple[RunRecord, tuple[float, ...], tuple[float, ...]]:
             before = os.getloadavg()
-            record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress)
+            record = await run_trace(client, trace, desc=f"{policy} {rate:.2f} req/s", progress=self.progress,
+                                     clock=clock)
             if not await wait_idle(client.base_url):
                 record.notes.append(busy_note("this run"))
             return record, before, os.getloadavg()

@@ -43,7 +43,15 @@ from load_tests.compare import (
     unloaded_latency,
     wait_idle,
 )
-from load_tests.generator import ClientConfig, Event, RequestResult, TraceConfig, make_trace, run_trace
+from load_tests.generator import (
+    ClientConfig,
+    Event,
+    RequestResult,
+    TraceClock,
+    TraceConfig,
+    make_trace,
+    run_trace,
+)
 from load_tests.slo import SLO, meets, single_stream_rate, summarize
 from load_tests.workloads import CODE, PROSE, load_workloads
 
@@ -171,8 +179,9 @@ class DriftRun:
                 self.result.setdefault("notes", []).append(f"{scenario} {mode}: {busy_note('the warm-up')}")
         trace = make_trace(self.trace_config(scenario, self.rate), self.prompts)
         events = {m: [throttle_event(c, apps[m], cfg)] if scenario == "device" else [] for m, c in clients.items()}
+        clock = TraceClock(len(clients))  # (the same trace at the same time: one start)
         records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress,
-                                                   events=events[m]) for m, c in clients.items()))
+                                                   events=events[m], clock=clock) for m, c in clients.items()))
         entries = {}
         for mode, record in zip(clients, records):
             entries[mode] = record_json(record, summary=summarize(record.results, self.slo, record.duration_s,

@@ -198,11 +198,34 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
 
 
+class TraceClock:
+    """One start for the traces of several apps sent side by side (`run_trace`'s ``clock``): each waits, after its
+    own warm-up and /metrics scrape, until every one is ready, and all take the same start. Each app's trace began
+    when its own warm-up ended: up to 107 ms (half an engine step) apart in the committed comparison, the app listed
+    first the last to start in 6 of its 7 runs (a review)."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = asyncio.Barrier(parties)
+        self._start: tuple[float, float] | None = None
+
+    async def start(self) -> tuple[float, float]:
+        """(time.monotonic(), time.time()) of the common start, once every party is ready."""
+        await self._barrier.wait()
+        if self._start is None:
+            self._start = (time.monotonic(), time.time())
+        return self._start
+
+    async def fail(self) -> None:
+        """A party that cannot start: the others' waits raise (asyncio.BrokenBarrierError) instead of hanging."""
+        await self._barrier.abort()
+
+
 async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str = "requests",
-                    progress: bool = True, events: Sequence[Event] = ()) -> RunRecord:
+                    progress: bool = True, events: Sequence[Event] = (), clock: TraceClock | None = None) -> RunRecord:
     """Send every request of `trace` at its arrival time, wait for all (or the cutoff), return the record.
 
-    `events` run at their times during the trace (e.g. an admin call that throttles a device)."""
+    `events` run at their times during the trace (e.g. an admin call that throttles a device); runs of one
+    `clock` start their traces together (after every one's warm-up)."""
     if not trace:
         raise ValueError("the trace has no requests (raise the rate or the duration)")
     client = openai.AsyncOpenAI(base_url=f"{config.base_url}/v1", api_key="unused", max_retries=0,
@@ -210,11 +233,16 @@ async def run_trace(config: ClientConfig, trace: list[RequestSpec], *, desc: str
     poller = None
     try:
         async with httpx.AsyncClient(base_url=config.base_url, timeout=30) as http:
-            await warm_up(client, config, trace[0])
             notes: list[str] = []
-            steps_before = await _scrape_noted(http, notes, "before")
-            record = RunRecord(started_wall=time.time(), notes=notes)
-            start = time.monotonic()
+            try:
+                await warm_up(client, config, trace[0])
+                steps_before = await _scrape_noted(http, notes, "before")
+            except BaseException:
+                if clock is not None:
+                    await clock.fail()
+                raise
+            start, wall = await clock.start() if clock is not None else (time.monotonic(), time.time())
+            record = RunRecord(started_wall=wall, notes=notes)
             bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False)
             poller = asyncio.create_task(_poll_admin(http, config, record, start))
             tasks = [asyncio.create_task(_send_at(client, config, spec, start, bar)) for spec in trace]

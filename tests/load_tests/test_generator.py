@@ -190,6 +190,41 @@ def test_a_metrics_scrape_that_fails_after_the_run_costs_the_step_times_not_the_
     assert record.notes == ["/metrics after the run: ReadTimeout: timed out (no step times)"]
 
 
+def test_apps_of_one_clock_start_the_trace_together(fake_url, monkeypatch):
+    """Each app's trace began when its own warm-up ended, so apps 'sent the same trace at the same time' were up
+    to 107 ms apart, systematically (a review); the runs of one TraceClock start together."""
+    from load_tests import generator
+
+    real, plan = generator.warm_up, iter([0.4, 0.0, RuntimeError("no warm-up"), 0.0])
+
+    async def uneven(client, config, spec):
+        step = next(plan)
+        if isinstance(step, Exception):
+            raise step
+        await asyncio.sleep(step)
+        await real(client, config, spec)
+
+    monkeypatch.setattr(generator, "warm_up", uneven)
+    trace = [_spec(0, 0.0, "a", 2), _spec(1, 0.1, "b", 2)]
+
+    async def both():
+        clock = generator.TraceClock(2)
+        return await asyncio.gather(*(run_trace(ClientConfig(base_url=fake_url, model="fake"), trace, progress=False,
+                                                clock=clock) for _ in range(2)))
+
+    first, second = asyncio.run(both())
+    assert first.started_wall == second.started_wall
+    assert [r.error for r in first.results + second.results] == [None] * 4
+
+    async def broken():  # a run that cannot start does not leave the other waiting for good
+        clock = generator.TraceClock(2)
+        return await asyncio.gather(*(run_trace(ClientConfig(base_url=fake_url, model="fake"), trace, progress=False,
+                                                clock=clock) for _ in range(2)), return_exceptions=True)
+
+    failed, waiting = asyncio.run(asyncio.wait_for(broken(), 30))
+    assert isinstance(failed, RuntimeError) and isinstance(waiting, asyncio.BrokenBarrierError)
+
+
 def test_events_run_at_their_time_and_are_recorded(fake_url):
     done = []
 

@@ -85,6 +85,11 @@ def trace_requests(rate: float, duration_s: float) -> int:
     return int(round(rate * duration_s))
 
 
+def offered_rate(rate: float, duration_s: float) -> float:
+    """The rate a trace of `rate` over `duration_s` offers: its requests over the duration (the frontier's scale)."""
+    return trace_requests(rate, duration_s) / duration_s
+
+
 def make_trace(config: TraceConfig, prompts: dict[str, list[Prompt]]) -> list[RequestSpec]:
     """The requests of `config`, in arrival order; `prompts` must hold every set the phases name."""
     if missing := [name for name in config.workloads if not prompts.get(name)]:

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
 from load_tests.compare import results_from_json  # noqa: E402
+from load_tests.generator import offered_rate  # noqa: E402
 from load_tests.slo import SLO  # noqa: E402
 
 COLORS = {"contiguous": "tab:gray", "eplb": "tab:blue", "vibe": "tab:red", "static": "tab:blue",
@@ -27,18 +28,18 @@ def slo_frontier(result: dict, rows: dict[str, dict], path: Path) -> None:
     target = result["slo"]["target"]
     for policy, entry in result["policies"].items():
         runs = sorted(entry["runs"], key=lambda r: r["rate_rps"])
-        rates = [r["rate_rps"] for r in runs]
+        rates = [offered_rate(r["rate_rps"], result["config"]["duration_s"]) for r in runs]  # (the frontier's scale)
         color = COLORS.get(policy)
         axes[0].plot(rates, [r["summary"]["attainment"] for r in runs], "o-", color=color, label=policy)
         axes[0].axvline(rows[policy]["frontier_rps"], color=color, linestyle=":", linewidth=1)
         axes[1].plot(rates, [r["summary"]["goodput_rps"] for r in runs], "o-", color=color, label=policy)
         axes[2].plot(rates, [r["summary"]["ttft_p90_ms"] or np.nan for r in runs], "o-", color=color, label=policy)
     axes[0].axhline(target, color="black", linewidth=0.8)
-    axes[0].set(xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.02),
+    axes[0].set(xlabel="request rate offered (req/s)", ylabel="SLO attainment", ylim=(0, 1.02),
                 title=f"SLO attainment (dotted: frontier at {target:.0%})")
-    axes[1].set(xlabel="request rate (req/s)", ylabel="requests within SLO per second", title="goodput")
+    axes[1].set(xlabel="request rate offered (req/s)", ylabel="requests within SLO per second", title="goodput")
     axes[2].axhline(result["slo"]["ttft_s"] * 1e3, color="black", linewidth=0.8)
-    axes[2].set(xlabel="request rate (req/s)", ylabel="ms", yscale="log", title="P90 TTFT (line: TTFT SLO)")
+    axes[2].set(xlabel="request rate offered (req/s)", ylabel="ms", yscale="log", title="P90 TTFT (line: TTFT SLO)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -83,7 +84,8 @@ def _percentile_bars(ax, rows: dict[str, dict], metric: str) -> None:
     quantiles = ("p50", "p90", "p99")
     width = 0.8 / max(len(rows), 1)
     for i, (policy, row) in enumerate(rows.items()):
-        values = [row[f"{metric}_{q}_ms"] or 0.0 for q in quantiles]
+        values = [np.nan if row[f"{metric}_{q}_ms"] is None else row[f"{metric}_{q}_ms"] for q in quantiles]  # no
+        # bar, not a 0 ms one, for a policy that completed no request there
         ax.bar(np.arange(3) + i * width, values, width, color=COLORS.get(policy), label=policy)
     ax.set_xticks(np.arange(3) + width * (len(rows) - 1) / 2, quantiles)
     ax.set(ylabel="ms", title=f"{metric.upper()} percentiles at eplb's frontier rate")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from load_tests.generator import offered_rate
 from load_tests.slo import SLO
 
 TARGETS = {"frontier_vs_eplb": 1.15, "frontier_vs_contiguous": 1.3, "p90_ttft_at_eplb_frontier": 0.6}
@@ -241,7 +242,8 @@ def _targets(rows: dict[str, dict], target: float = 0.9) -> str:
 
 
 def _sweep(result: dict) -> str:
-    lines = ["## Rate sweep", "", "| policy | rate (req/s) | requests | attainment (95% interval) | goodput (req/s) | "
+    duration = result["config"]["duration_s"]
+    lines = ["## Rate sweep", "", "| policy | rate (req/s): set, offered | requests | attainment (95% interval) | goodput (req/s) | "
              "output tok/s | TTFT p90 (ms) | TPOT p90 (ms) | E2E p90 (ms) | failed | placement version | "
              "mean step (ms) | MoE critical path (ms/pass) | load average before, after |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -252,7 +254,7 @@ def _sweep(result: dict) -> str:
             loads = ", ".join(f"{la[0]:.1f}" for la in run.get("loadavg") or []) or "-"
             mark = " (eplb frontier)" if run["kind"] == "eplb_frontier" else ""
             spread = _interval(round(s["attainment"] * s["requests"]), s["requests"])
-            lines.append(f"| {policy} | {run['rate_rps']:.3f}{mark} | {s['requests']} | {s['attainment']:.3f}{spread} | "
+            lines.append(f"| {policy} | {run['rate_rps']:.3f}, {offered_rate(run['rate_rps'], duration):.4f}{mark} | {s['requests']} | {s['attainment']:.3f}{spread} | "
                          f"{s['goodput_rps']:.3f} | {s['output_tokens_per_s']:.0f} | {_num(s['ttft_p90_ms'], 1)} | "
                          f"{_num(s['tpot_p90_ms'], 2)} | {_num(s['e2e_p90_ms'], 0)} | {s['failed']} | "
                          f"{(run.get('placement') or {}).get('version', '-')} | {_num(step['step_ms'], 1)} | "

@@ -200,6 +200,28 @@ def _fake_unloaded(monkeypatch) -> None:
     monkeypatch.setattr(compare, "unloaded_latency", unloaded_latency)
 
 
+def test_the_unloaded_probe_holds_the_requests_the_slo_is_said_to_pool(monkeypatch, tmp_path):
+    """The probe was a trace of warmup_rate over duration_s: at --duration 10 it held 5 of the 8 unloaded requests the
+    report says the SLOs pool (a review)."""
+    import asyncio
+
+    from load_tests import compare
+
+    sent = {}
+
+    async def unloaded_latency(client, probe, num, max_tokens):
+        sent[client] = len(probe[:num])
+        return []
+
+    monkeypatch.setattr(compare, "unloaded_latency", unloaded_latency)
+    for duration, expected in ((10.0, 8), (90.0, 8)):
+        experiment = Experiment(CompareConfig(policies=("eplb",), duration_s=duration, warmup_rate=0.5,
+                                              unloaded_requests=8), tmp_path, progress=False)
+        experiment.result["policies"]["eplb"] = {}
+        asyncio.run(experiment._unloaded({"eplb": "eplb"}))
+        assert sent == {"eplb": expected}, duration
+
+
 class _ScriptedApart(Experiment):
     """`deploy_apart` with the apps and their loads faked: records what was deployed, when, and what ran on it.
     Attainment 1 up to a policy's capacity, 0.2 beyond."""

@@ -239,12 +239,32 @@ def test_runs_without_a_placement_or_with_notes_and_the_clients_send_lag_are_rep
     result["policies"]["eplb"]["runs"][0]["send_lag_ms"] = {"p50": 0.2, "p99": 1.5, "max": 2.0}
     report.write(tmp_path, result)
     text = (tmp_path / "report.md").read_text()
-    assert "| vibe | 1.000 | 10 | 0.900 (0.60-0.98) |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| vibe | 1.000 | 10 |"))
+    assert "| vibe | 1.000, 1.0000 | 10 | 0.900 (0.60-0.98) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| vibe | 1.000, 1.0000 | 10 |"))
     assert row.split(" | ")[10] == "-"  # placement version
     assert ("- vibe at 1.000 req/s (sweep): /admin/placement after the run: ReadTimeout: timed out (no placement)"
             in text)
     assert "P99 at most 7.5 ms over the runs (median of the runs' P99s 4.5 ms)" in text
+
+
+def test_the_sweep_shows_the_rate_each_trace_offered_the_frontiers_scale(tmp_path, result):
+    """The frontier and goodput are on the rate the trace offered (round(rate x duration) requests); the table and the
+    plot showed the set rate, so a row's goodput could exceed its rate (a review)."""
+    result["policies"]["vibe"]["runs"][0] = _run(0.25, 0.05)  # 2.5 requests in 10 s: 2 sent, 0.2 req/s
+    report.write(tmp_path, result)
+    assert "| vibe | 0.250, 0.2000 | 10 |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_percentile_no_request_had_is_no_bar_not_a_0_ms_one():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    rows = {"eplb": {"ttft_p50_ms": 540.0, "ttft_p90_ms": 950.0, "ttft_p99_ms": 1330.0},
+            "vibe": {"ttft_p50_ms": None, "ttft_p90_ms": None, "ttft_p99_ms": None}}
+    plots._percentile_bars(ax, rows, "ttft")
+    heights = [bar.get_height() for bar in ax.patches]
+    plt.close(fig)
+    assert heights[:3] == [540.0, 950.0, 1330.0] and all(h != h for h in heights[3:])  # NaN: not drawn
 
 
 def test_the_latency_plot_says_when_no_policy_ran_at_eplbs_frontier(tmp_path, result):

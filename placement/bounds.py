@@ -124,7 +124,8 @@ class _ClassLP:
         a_ub = csr_array((values, (self.rows, self.cols)), shape=(2 * num_classes, cost.size + 1))
         result = linprog(self.objective, A_ub=a_ub, b_ub=self.b_ub, A_eq=self.a_eq, b_eq=np.ones(num_experts),
                          bounds=(0, None), method="highs-ds", options={"presolve": False})
-        assert result.status == 0, f"LP bound failed: {result.message}"
+        if result.status != 0:  # (not an assert: it holds under python -O too)
+            raise RuntimeError(f"LP bound failed: {result.message}")
         dual = np.maximum(-result.ineqlin.marginals, 0.0)  # scipy reports d(objective)/d(b_ub) <= 0
         mu, lam = dual[:num_classes], dual[num_classes:]
         weight = float(lam @ self.count)
@@ -197,6 +198,9 @@ def exact_makespan(loads: np.ndarray, devices: Sequence[DeviceModel], *, num_red
     if num_experts > MAX_EXACT_EXPERTS or num_devices > MAX_EXACT_DEVICES:
         raise ValueError(f"exact_makespan handles E <= {MAX_EXACT_EXPERTS} and G <= {MAX_EXACT_DEVICES}, "
                          f"got E={num_experts}, G={num_devices}")
+    if num_redundant and slots[0] > num_experts:  # (the MILP was infeasible: a bare AssertionError)
+        raise ValueError(f"exact_makespan keeps an expert's replicas on distinct devices: {slots[0]} slots per device "
+                         f"(E + num_redundant = {num_experts + num_redundant} over G={num_devices}) exceed E={num_experts}")
     model = _replica_milp if num_redundant else _assignment_milp
     # A layer no expert costs anything in (no load, or curves of zero cost) has makespan 0; the MILPs
     # scale by the costliest expert and could not.
@@ -276,7 +280,8 @@ def _columns(rows: int, n: int, y=None, s=None, z=None, t: float = 0.0) -> np.nd
 
 
 def _solved(result) -> np.ndarray:
-    assert result.status == 0, f"MILP failed: {result.message}"
+    if result.status != 0:
+        raise RuntimeError(f"MILP failed: {result.message}")
     return result.x
 
 

@@ -95,6 +95,14 @@ def test_milp_matches_brute_force_without_replicas(seed):
     assert exact_makespan(loads, devices)[0] == pytest.approx(best, rel=1e-12)
 
 
+@pytest.mark.parametrize("num_devices, num_redundant", [(1, 1), (2, 4)])
+def test_exact_makespan_refuses_more_slots_per_device_than_experts_with_replicas(num_devices, num_redundant):
+    """Replicas sit on distinct devices, so a device cannot fill more slots than there are experts: the MILP was
+    infeasible, a bare AssertionError (a TypeError under python -O) where vibe names the problem (a review)."""
+    with pytest.raises(ValueError, match="exceed E=2"):
+        exact_makespan(np.array([[10.0, 5.0]]), [BASE] * num_devices, num_redundant=num_redundant)
+
+
 def test_replicas_can_only_lower_the_optimum():
     loads = np.array([[3000.0, 200, 100, 50]])
     devices = [BASE, BASE.scaled(1.2)]

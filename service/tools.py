@@ -533,8 +533,8 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
                  block: tuple[str, str] = ("", "")) -> str:
     """Calls whose parameters are tagged text (Qwen3-Coder's, GLM-4.5's, MiniMax-M2's): each function's
     parameters in its schema's order (the required ones always, the others optional); a value following
-    its schema: a string as text (one line without ``<``, within its length bounds and its pattern; an enum: one
-    of its strings), anything else as JSON (a number's or a boolean's JSON is its text). Without ``block`` the
+    its schema: a string as text (any text up to its closing tag, lines and ``<`` too, without a tag that ends the
+    call or its block; within its length bounds and its pattern; an enum: one of its strings), anything else as JSON (a number's or a boolean's JSON is its text). Without ``block`` the
     calls are one per line; with it they follow each other between its opening and closing text (a
     separator is the head's: a literal of its own would end where the closing text begins, since the
     lexer takes the longest literal)."""
@@ -545,31 +545,45 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
         calls = f"call ({newline} call)*" if parallel else "call"
     rules = [f"calls: {calls}",
              "call: " + " | ".join(f"call{i}" for i in range(len(parameters)))]
+    # the closing tags a free value may not hold: the call's and its block's (a parser ends there)
+    ends = sorted(set(re.findall(r"</[^>]+>", tail + block[1])))
     for i, (name, schema) in enumerate(parameters.items()):
         properties, required = _xml_parameters(name, schema)
         params = []
         for j, (key, sub) in enumerate(properties.items()):
             choices = [sub["const"]] if "const" in sub else sub.get("enum")
             text_valued = _text_valued(_types(sub))
+            opening, closing = tags(key)
             if text_valued and choices is not None:  # bare, as the parser reads it (a JSON string's quotes
                 # were kept: {"op": "\"<=\""})
                 value = "(" + " | ".join(_lark("null" if v is None else v) for v in choices) + ")"
-            elif text_valued:  # (its text may be "null": None where null is allowed)
+            elif text_valued:  # any text up to its closing tag (its text may be "null": None where null is allowed)
                 low, high = _length(name, key, sub, "minLength"), _length(name, key, sub, "maxLength")
                 if high is not None and low is not None and low > high:
                     raise ValueError(f"function {name!r}: parameter {key!r} has minLength {low} > maxLength {high}")
-                value = f"/[^<\\n]{{{low or 0},{'' if high is None else high}}}/"
-                if "pattern" in sub:  # one terminal, the line and the pattern both (llguidance's &); the pattern
-                    # holds for strings, not for null where null is allowed
-                    rules.append(f"V{i}_{j}: {value} & /{_whole_value(name, key, sub['pattern'])}/")
-                    value = f"(V{i}_{j} | \"null\")" if "null" in _types(sub) else f"V{i}_{j}"
+                # one terminal, the value and its closing tag: the value holds no such tag, nor one that ends the call
+                # or its block, so it ends at the first (as the parser reads it; a literal of its own would end
+                # where the closing text begins, since the lexer takes the longest match)
+                stop = closing.strip()
+                lead, trail = closing[:closing.index(stop)], closing[closing.index(stop) + len(stop):]
+                text = (f"/(?s:.{{{low or 0},{'' if high is None else high}}})/ & "
+                        f"~/{_containing(sorted({stop, *ends}))}/")
+                if "pattern" in sub:  # (the pattern holds for strings, not for null where null is allowed)
+                    text += f" & /{_whole_value(name, key, sub['pattern'])}/"
+                either = f'(T{i}_{j} | "null")' if "null" in _types(sub) else f"T{i}_{j}"
+                rules += [f"T{i}_{j}: {text}", f"V{i}_{j}: {either} {_lark(lead + stop)}"]
+                value, closing = f"V{i}_{j}", trail
             else:
                 value = f"%json {json.dumps({**sub, 'x-guidance': CALL_JSON})}"
-            opening, closing = tags(key)
-            rules.append(f"p{i}_{j}: {lit(opening)} {value} {lit(closing)}")
+            rules.append(f"p{i}_{j}: {lit(opening)} {value}" + (f" {lit(closing)}" if closing else ""))
             params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
         rules.append(f"call{i}: {lit(head(name))} {' '.join(params)} {lit(tail)}")
     return "\n".join(rules) + "\n"
+
+
+def _containing(texts: list[str]) -> str:
+    """A regex of any text that contains one of ``texts``, its slashes escaped for a Lark regex literal."""
+    return "(?s:.*)(?:" + "|".join(re.escape(text).replace("/", "\\/") for text in texts) + ")(?s:.*)"
 
 
 def _whole_value(name: str, key: str, pattern: Any) -> str:

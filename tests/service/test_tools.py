@@ -116,18 +116,27 @@ def grammars(tokenizer):
     return Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
 
 
+# what ends a free string in each tagged-text format's forced calls: its closing tag; and a tag's "<" and a newline
+TEXT_ENDS = {fmt: ("\n", "<", end) for fmt, end in (("qwen3_coder", "\n</parameter>"), ("glm45", "</arg_value>"),
+                                                   ("glm47", "</arg_value>"), ("minimax_m2", "</parameter>"))}
+
+
 def _random_walk(grammars, tokenizer, grammar: str, seed: int, max_tokens: int, ends: tuple[str, ...] = (),
                  skip_special_tokens: bool = True, eos_bonus: float = 3.0) -> str | None:
     """A completion drawn by argmax of random logits through ``grammar`` (the end token made likely by
-    ``eos_bonus``, to end nested lists and objects early, and ``ends`` too, to end free strings), or None if
-    it did not finish within ``max_tokens``."""
+    ``eos_bonus``, to end nested lists and objects early, and ``ends`` too, to end free strings: an end's first
+    token made likely, and one begun carried on to its last, where the grammar takes it), or None if it did not finish
+    within ``max_tokens``."""
     torch.manual_seed(seed)
     matcher, ids = grammars.matcher(grammar), []
+    encoded = [tokenizer.encode(end) for end in ends]
     while not matcher.is_stopped() and len(ids) < max_tokens:
         logits = torch.randn(1, len(tokenizer))
         logits[0, tokenizer.eos_token_id] += eos_bonus
-        for end in ends:
-            logits[0, tokenizer.encode(end)[0]] += 2.0
+        for tokens in encoded:  # (an end the grammar can take whole from here: not a "<" that begins another tag)
+            begun = next((k for k in range(len(tokens) - 1, 0, -1) if ids[-k:] == tokens[:k]), 0)
+            if matcher.validate_tokens(tokens[begun:]) == len(tokens) - begun:
+                logits[0, tokens[begun]] += 10.0 if begun else 2.0
         grammars.mask(logits, [matcher])
         ids.append(int(logits.argmax()))
         assert matcher.consume_token(ids[-1])
@@ -448,11 +457,38 @@ def test_a_forced_call_writes_such_strings_bare_as_the_parser_reads_them(grammar
     assert not accepts(_tagged(fmt, {"zip": "94103", "op": "<=", "unit": '"celsius"'}))
 
 
+CODE = {"type": "object", "properties": {"path": {"type": "string"}, "code": {"type": "string"}},
+        "required": ["path", "code"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("fmt", sorted(TAGGED))
+def test_a_forced_calls_bare_string_may_be_code_lines_and_tags_too(grammars, tokenizer, fmt):
+    """A forced call's bare string was one line without "<": Qwen3-Coder forced to write a file wrote one line of it
+    (a review). Any text now, up to its closing tag, which it cannot hold, nor one that ends the call or its block:
+    the parser reads the value back whole."""
+    grammar = ToolSetup({"f": CODE}, "required", parallel=False, format=fmt).grammar()
+
+    def accepts(values: dict) -> bool:
+        matcher = grammars.matcher(grammar)
+        return all(matcher.consume_token(t) for t in tokenizer.encode(_tagged(fmt, values))) and matcher.is_accepting()
+
+    code = "def f(a, b):\n    if a < b:\n        return '<p>'\n\n    return b"  # (MiniMax's parser strips newlines at
+    # a value's ends)
+    assert accepts({"path": "f.py", "code": code}) and accepts({"path": "", "code": "<"})
+    (call,) = _feed(ToolCallStream({"f": CODE}, fmt=fmt), [_tagged(fmt, {"path": "f.py", "code": code})])[1]
+    assert json.loads(call.arguments) == {"path": "f.py", "code": code}
+    ends = {"qwen3_coder": ("</parameter>", "</function>", "</tool_call>"), "glm45": ("</arg_value>", "</tool_call>"),
+            "minimax_m2": ("</parameter>", "</invoke>", "</minimax:tool_call>")}[fmt]
+    for inside in ends:
+        assert not accepts({"path": "f.py", "code": f"a {inside} b"}), inside
+
+
 PATTERNED = {"type": "object", "properties": {
     "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},  # anchored
     "path": {"type": "string", "pattern": "/tmp/", "maxLength": 12},  # a search: anywhere in the value, with its slash
     "code": {"type": ["string", "null"], "pattern": "^(?:AB|CD)[0-9]$"},  # alternation inside a group
-    "tag": {"type": "string", "pattern": "^x|y$"}},  # alternatives, each anchored at one end
+    "tag": {"type": "string", "pattern": "^x|y$", "maxLength": 6}},  # alternatives, each anchored at one end
+# (bounded: a random walk could write on for good where only its last character can meet the pattern)
     "required": ["date", "path", "code", "tag"], "additionalProperties": False}
 
 
@@ -475,7 +511,7 @@ def test_a_forced_calls_bare_strings_follow_their_patterns(grammars, tokenizer, 
         assert not accepts({**good, key: bad}), (key, bad)
     walked = 0
     for seed in range(6):
-        text = _random_walk(grammars, tokenizer, grammar, seed, 400, ends=("\n", "<"))
+        text = _random_walk(grammars, tokenizer, grammar, seed, 400, ends=TEXT_ENDS.get(fmt, ("\n", "<")))
         if text is None:
             continue
         walked += 1
@@ -515,7 +551,7 @@ def test_forced_calls_in_other_formats_parse_and_follow_the_schemas(tokenizer, g
             # free strings end at a newline (Qwen3-Coder) or a tag (GLM-4.5)
             # (Mistral's later form ends its calls with the end of text: made likely, it would end every walk
             # after one call)
-            text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=("\n", "<"),
+            text = _random_walk(grammars, tokenizer, grammar, seed + 100 * parallel, 500, ends=TEXT_ENDS.get(fmt, ("\n", "<")),
                                 eos_bonus=0.0 if fmt in ("mistral_v11", "llama3_json") else 3.0)
             if text is None:
                 continue

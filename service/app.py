@@ -1027,6 +1027,7 @@ class _ResponsesFormat(_ChatFormat):
         thinking = self._thinking[index] if self._thinking is not None else None
         harmony = self._harmony is not None
         was_thinking = thinking is not None and (thinking.in_reasoning if harmony else thinking.in_block)
+        was_framing = harmony and thinking.framing
         reasoning, text, calls = self._split(index, out.text, final=out.finished,
                                              truncated=out.finish_reason == "length")
         tokens = len(out.new_token_ids)
@@ -1036,7 +1037,8 @@ class _ResponsesFormat(_ChatFormat):
         elif was_thinking or thinking.in_reasoning:  # (was: its body or its end; is: its header just read)
             self._reasoning_tokens += self._framing + tokens
             self._framing = 0
-        elif thinking.framing and not out.finished:
+        elif was_framing and thinking.framing and not out.finished:  # (not the token that ends a preamble: a
+            # content message's end is not the next header's)
             self._framing += tokens
         else:  # the answer's header, body or closing token
             self._framing = 0

@@ -170,6 +170,10 @@ def test_the_chat_format_splits_harmony_in_responses_and_chunks():
     (["<|channel|>analysis<|message|>", "Hm", "<|end|>", "<|start|>assistant<|channel|>commentary to=functions.f ",
       "<|constrain|>json<|message|>", '{"a": 1}', "<|call|>"], 3),
     (["<|channel|>", "analysis", "<|message|>", "cut", " off"], 5),  # cut off in the analysis: all of it
+    # a preamble (commentary, content) between two analyses: its end is not the second analysis' (it was counted)
+    (["<|channel|>", "analysis", "<|message|>", "Think", "<|end|>", "<|start|>", "assistant", "<|channel|>",
+      "commentary", "<|message|>", "Checking.", "<|end|>", "<|start|>", "assistant", "<|channel|>", "analysis",
+      "<|message|>", "x", "<|end|>", "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "22."], 5 + 7),
 ])
 def test_responses_count_the_reasoning_messages_tokens_as_reasoning(pieces, reasoning):
     """usage.output_tokens_details.reasoning_tokens: every token before the answer's body was counted, headers and

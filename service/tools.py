@@ -195,6 +195,9 @@ class ToolCallStream:
         self._searched = 0         # inside a block: where the search for its end resumes
         self._space = ""           # whitespace held back: dropped if a call follows
         self._after_call = False   # drop leading whitespace after a call
+        self._spoken = False       # some content was sent
+        self._gap = ""             # what joins content before a call to content after it (None: no content before)
+        self._after_space = ""     # whitespace after the last call so far
         self.calls: list[ToolCall] = []
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
@@ -220,8 +223,11 @@ class ToolCallStream:
                 parsed = self._parse(block)
                 if parsed is None:
                     content.append(self._content(self._opening + block + end_tag, False))
-                else:  # whitespace around a block is dropped
-                    self._space, self._after_call = "", True
+                else:  # whitespace around a block is dropped; content on both sides is joined by the whitespace
+                    # before it (or, if none, after it): "Before.\n" + call + "\nAfter." was "Before.After."
+                    if not self._after_call:
+                        self._gap = self._space if self._spoken else None
+                    self._space, self._after_call, self._after_space = "", True, ""
                     for call in parsed:
                         if self._parallel or not self.calls:
                             self.calls.append(call)
@@ -254,11 +260,17 @@ class ToolCallStream:
     def _content(self, text: str, final: bool) -> str:
         """``text`` as content, holding back trailing whitespace (a call may follow it)."""
         if self._after_call:
-            text = text.lstrip()
-            self._after_call = not text
+            body = text.lstrip()
+            self._after_space += text[:len(text) - len(body)]
+            if body:
+                if self._gap is not None:
+                    body = (self._gap or self._after_space) + body
+                self._after_call, self._after_space = False, ""
+            text = body
         text = self._space + text
         body = text.rstrip()
         self._space = "" if final else text[len(body):]
+        self._spoken |= bool(body)
         return text if final else body
 
     def _parse(self, block: str) -> list[ToolCall] | None:

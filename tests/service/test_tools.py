@@ -52,6 +52,19 @@ def _calls(text: str, names=tuple(SCHEMAS), parallel: bool = True) -> tuple[str,
 # --- the parser ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("text, content", [
+    ("Before.\n{C}\nAfter.", "Before.\nAfter."), ("{C}\nAfter.", "After."), ("A {C} B", "A B"), ("A{C}B", "AB"),
+    ("A{C}\nB", "A\nB"), ("A\n{C}\n{C}\nB", "A\nB"), ("A\n{C}\nB\n{C}\nC", "A\nB\nC"), ("A\n{C}\n", "A")])
+def test_content_on_both_sides_of_a_call_is_joined_by_the_whitespace_the_model_wrote(text, content):
+    """Whitespace next to a call is dropped, so "Before.\n" + call + "\nAfter." was "Before.After." on the chat
+    endpoint and in a Responses message (a review): the content is joined by the whitespace before the calls (or after
+    them, if none), in any chunking."""
+    text = text.replace("{C}", '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    for size in (len(text), 1, 3):
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        assert _feed(ToolCallStream(SCHEMAS), pieces)[0] == content
+
+
 def test_content_and_calls_of_a_hermes_completion():
     content, calls = _calls(MIXED)
     assert content == "Let me check."
@@ -67,7 +80,8 @@ def test_any_chunking_gives_what_the_whole_text_gives(cuts):
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     whole_content, whole_calls = _feed(ToolCallStream(SCHEMAS), [text])
     content, calls = _feed(ToolCallStream(SCHEMAS), pieces)
-    assert content == whole_content == ('Let me check.And <tool_call>{"name": "nope"}</tool_call> done. '
+    # (the content on both sides of the calls joined by the newline before them: it was "Let me check.And", a review)
+    assert content == whole_content == ('Let me check.\nAnd <tool_call>{"name": "nope"}</tool_call> done. '
                                         '<tool_call>{"name"')
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
     assert len({c.id for c in calls}) == 2

@@ -1275,6 +1275,7 @@ class Coordinator:
         times = None if loads is None else pl.device_times(current, loads, devices, activity)
         moved = ("experts_moved", "bytes_moved")
         return {
+            "at": time.time(),  # (each replica exposes its copy; the samples carry this time)
             "placement_version": current.version,
             "layer_imbalance": None if times is None else self._imbalance(times, set(lost)).tolist(),
             "device_predicted_s": None if times is None else times.sum(axis=0).tolist(),

@@ -6,7 +6,9 @@ that feeds them, and the exposition of several ingress replicas' metrics from an
 Serve's proxy reaches one replica at random, so each replica exposes every replica's serving series, labelled
 ``replica``, its own live and the others' as they last sent them (`snapshot`, `set_peers`: the deployment passes
 them through the coordinator every couple of seconds). Without that, one series jumped between unrelated counters,
-each drop read as a counter reset (2 replicas at 1 request/s each read as 109 requests/s). Collectors added with
+each drop read as a counter reset (2 replicas at 1 request/s each read as 109 requests/s). Every sample carries the
+time its replica took it (its own clock): a copy older than what a scrape of its replica gave is one Prometheus
+rejects as out of order, not a counter that went down (a copy is up to a few seconds old). Collectors added with
 `add_shared` (the coordinator's placement metrics, the same from every replica) are exposed unlabelled. Ignores
 HTTP routing.
 """
@@ -14,7 +16,7 @@ HTTP routing.
 from __future__ import annotations
 
 import time
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -23,9 +25,10 @@ from service.async_engine import AsyncEngine, StepStats
 
 # timeout: cut at the engine's request_timeout_s (a client that stopped reading, an overload), not an engine failure
 RequestStatus = Literal["stop", "length", "abort", "timeout", "error", "rejected"]
-PEERS_TTL_S = 10.0  # the other replicas' snapshots are exposed this long after they arrived (then left out)
-# One replica's serving metrics as plain data: (family, type, help, unit, [(sample, labels, value)]) per family
-Snapshot = list[tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]]
+PEERS_TTL_S = 10.0  # the other replicas' snapshots are exposed this long after they were taken (then left out)
+# One replica's serving metrics as plain data: "at" (time.time() when taken) and "families", (family, type, help, unit,
+# [(sample, labels, value)]) per family (a list of families alone: a replica from before "at", exposed untimed)
+Snapshot = dict[str, Any]
 # up to 30 minutes: past the default request_timeout_s (300 s) and a long generation's end-to-end time (vLLM's go
 # to 7680 s); a quantile past the last bucket would read as that bucket's bound
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -86,15 +89,17 @@ class ServingMetrics:
         self._shared.append(collector)
 
     def snapshot(self) -> Snapshot:
-        """This replica's serving metrics as plain data (for its peers to expose)."""
-        return [(family.name, family.type, family.documentation, family.unit,
-                 [(sample.name, dict(sample.labels), sample.value) for sample in family.samples])
-                for family in self.registry.collect()]
+        """This replica's serving metrics as plain data, with when they were taken (for its peers to expose)."""
+        at = time.time()
+        return {"at": at, "families": [(family.name, family.type, family.documentation, family.unit,
+                                        [(sample.name, dict(sample.labels), sample.value) for sample in family.samples])
+                                       for family in self.registry.collect()]}
 
     def set_peers(self, peers: dict[str, Snapshot]) -> None:
         """The other replicas' latest snapshots, by replica name (this one's own is ignored: it is exposed live),
-        exposed for PEERS_TTL_S: while the coordinator does not answer, a peer's frozen counters shown beside its live
-        ones (a scrape reaches either replica) would read as counter resets."""
+        exposed for PEERS_TTL_S after they arrived, and while taken within it: a peer's frozen counters shown beside its
+        live ones (a scrape reaches either replica) while the coordinator does not answer, or one it kept from a
+        replica whose exchange stalled (for up to 30 s: a review), are left out."""
         self._peers = {name: snapshot for name, snapshot in peers.items() if name != self.replica}
         self._peers_at = time.monotonic()
 
@@ -124,11 +129,15 @@ class _Exposition:
             families: dict[str, Metric] = {}
             fresh = time.monotonic() - metrics._peers_at <= PEERS_TTL_S
             peers = sorted(metrics._peers.items()) if fresh else []
+            now = time.time()
             for replica, snapshot in ((metrics.replica, metrics.snapshot()), *peers):
-                for name, kind, help_text, unit, samples in snapshot:
+                at, taken = (snapshot["at"], snapshot["families"]) if isinstance(snapshot, dict) else (None, snapshot)
+                if at is not None and now - at > PEERS_TTL_S:
+                    continue
+                for name, kind, help_text, unit, samples in taken:
                     family = families.setdefault(name, Metric(name, help_text, kind, unit))
                     for sample, labels, value in samples:
-                        family.add_sample(sample, {**labels, "replica": replica}, value)
+                        family.add_sample(sample, {**labels, "replica": replica}, value, timestamp=at)
             yield from families.values()
         for collector in metrics._shared:
             yield from collector.collect()

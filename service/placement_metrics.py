@@ -28,9 +28,19 @@ class PlacementCollector:
         self._summary = summary
 
     def collect(self) -> Iterator[Metric]:
+        """The summary's metrics, each sample with the time the coordinator made it (when it says): every replica
+        exposes its own copy, and one that missed refreshes (its coordinator call failed) showed older counters than
+        another's; Prometheus now rejects them as out of order, not as counters that went down (a review)."""
         summary = self._summary
         if summary is None:
             return
+        at = summary.get("at")
+        for family in self._families(summary):
+            if at is not None:
+                family.samples = [sample._replace(timestamp=at) for sample in family.samples]
+            yield family
+
+    def _families(self, summary: dict[str, Any]) -> Iterator[Metric]:
         yield _gauge("vibe_placement_version", "Version of the placement the coordinator publishes.",
                      [((), summary["placement_version"])])
         if summary["layer_imbalance"] is not None:

@@ -232,6 +232,42 @@ def test_each_replica_exposes_every_replicas_serving_series_labelled():
         assert len({family.name for family in families}) == len(families)  # each family once
 
 
+def test_every_sample_carries_the_time_its_replica_took_it(monkeypatch):
+    """A scrape reaching a replica whose copy of a peer is older than what a scrape of the peer itself gave saw that
+    peer's counters go down (Prometheus: a counter reset, rate() adding the whole counter back; up to 30 s old copies
+    when the peer's exchange stalled, a review). Each sample carries the time its replica took it, so Prometheus
+    rejects an older copy as out of order; a copy taken more than PEERS_TTL_S ago is left out; the placement
+    metrics carry the time the coordinator made its summary."""
+    from service import metrics as metrics_module
+
+    wall = [5000.0]
+    monkeypatch.setattr(metrics_module.time, "time", lambda: wall[0])
+    a, b = (ServingMetrics(_Engine(), replica=name) for name in ("ingress-a", "ingress-b"))
+    b.start_request().finish("stop", 1)
+    a.set_peers({"ingress-b": b.snapshot()})  # taken at 5000
+    wall[0] = 5004.0
+    b.start_request().finish("stop", 1)
+
+    def stops(metrics: ServingMetrics) -> dict[str, tuple[float, float]]:
+        return {s.labels["replica"]: (s.value, s.timestamp) for family in text_string_to_metric_families(
+            metrics.render().decode()) for s in family.samples
+            if s.name == "vibe_requests_total" and s.labels["status"] == "stop"}
+
+    assert stops(b)["ingress-b"] == (2.0, 5004.0)  # live
+    assert stops(a)["ingress-b"] == (1.0, 5000.0)  # the older copy: older than the live one, not a lower count
+    wall[0] = 5000.0 + metrics_module.PEERS_TTL_S + 1
+    assert "ingress-b" not in stops(a)  # taken too long ago, though it arrived within PEERS_TTL_S
+    a.set_peers({"ingress-b": [(n, k, h, u, samples) for n, k, h, u, samples in b.snapshot()["families"]]})
+    assert stops(a)["ingress-b"] == (2.0, None)  # a replica from before "at" (a rolling update): untimed
+
+    placement = PlacementCollector()
+    placement.refresh({"at": 4321.5, "placement_version": 7, "layer_imbalance": None,
+                       "device_observed_over_predicted": [], "last_recalibration_s": None, "experts_moved": 3,
+                       "recalibrations": {"applied": 1}, "bytes_moved": 10, "lost_devices": [], "telemetry": []})
+    samples = [sample for family in placement.collect() for sample in family.samples]
+    assert samples and {sample.timestamp for sample in samples} == {4321.5}
+
+
 def test_a_replicas_copy_of_its_peers_expires(monkeypatch):
     """Peers' snapshots are exposed for PEERS_TTL_S after they arrived: while the coordinator did not answer, a
     replica exposed its peers' frozen counters for good beside their live ones (a scrape reaches either replica),

@@ -12,9 +12,12 @@ every worker first and then receives every reply: the fan-out is concurrent with
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import torch
@@ -34,6 +37,10 @@ from service.messages import (
 from service.worker import ExpertWorker
 
 _BACKLOG = 64
+# a frame begun must arrive, and a reply be taken, within this (each socket operation): a peer that stops mid-frame
+# held a thread and a descriptor for good (engines keep connections idle between steps: no limit between frames)
+FRAME_TIMEOUT_S = 60.0
+log = logging.getLogger(__name__)
 
 
 class WorkerError(RuntimeError):
@@ -48,12 +55,14 @@ class WorkerServer:
     """Serves `worker.forward` to FORWARD frames on a TCP listener and optionally a Unix socket.
 
     A forward that raises is answered with an ERROR frame carrying the message, and the connection is
-    kept; a malformed frame closes that connection only. Listeners and connections run in daemon
-    threads until `close()`.
+    kept; a malformed frame, or one that stalls for `frame_timeout_s`, closes that connection only. Listeners and
+    connections run in daemon threads until `close()`.
     """
 
-    def __init__(self, worker: ExpertWorker, *, host: str = "127.0.0.1", unix_path: str | None = None) -> None:
+    def __init__(self, worker: ExpertWorker, *, host: str = "127.0.0.1", unix_path: str | None = None,
+                 frame_timeout_s: float = FRAME_TIMEOUT_S) -> None:
         self._worker = worker
+        self._frame_timeout_s = frame_timeout_s
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -97,13 +106,25 @@ class WorkerServer:
         thread.start()
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections until `close()`. An error that passes (out of descriptors, buffers or memory) is waited
+        out: it ended the loop, and the worker, alive with its experts, answered no engine again (a review)."""
+        wait = 0.05
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # listener closed
+            except OSError as exc:
+                with self._lock:
+                    closed = self._closed
+                if closed or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # listener closed
+                log.warning("worker data plane: accept failed (%s); trying again in %.2f s", exc, wait)
+                time.sleep(wait)
+                wait = min(2 * wait, 1.0)
+                continue
+            wait = 0.05
             if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):  # (a connection reset already: its first read says so)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -114,6 +135,10 @@ class WorkerServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             while True:
+                conn.settimeout(None)  # idle between frames as long as the engine likes
+                if not conn.recv(1, socket.MSG_PEEK):
+                    return  # the peer closed
+                conn.settimeout(self._frame_timeout_s)  # a frame begun: the rest, and the reply, within the limit
                 frame = recv_frame(conn)
                 if frame.kind != FORWARD:
                     raise ProtocolError(f"a worker accepts only FORWARD frames, got kind {frame.kind}")

@@ -86,6 +86,65 @@ def test_a_reply_frame_sent_to_the_worker_closes_the_connection(server):
     conn.close()
 
 
+def test_a_peer_that_stops_mid_frame_is_dropped_and_an_idle_one_is_kept(worker):
+    """Server sockets had no timeout: a peer that sent part of a header and went silent held a thread and a
+    descriptor for good, and enough of them ran the worker out of descriptors (a review). A frame begun must arrive
+    within frame_timeout_s; between frames an engine may stay idle as long as it likes."""
+    server = WorkerServer(worker, frame_timeout_s=0.3)
+    try:
+        host, port = server.tcp_address.removeprefix("tcp://").split(":")
+        stalled = socket.create_connection((host, int(port)), timeout=5.0)
+        stalled.sendall(b"VIBE\x01")  # 5 of the header's bytes
+        with WorkerClient(server.tcp_address, timeout_s=5.0) as idle:
+            time.sleep(1.0)
+            assert stalled.recv(1) == b""  # dropped
+            idle.send_forward(1, 0, *request(4))  # idle for longer than the limit: served
+            assert idle.recv_reply().seq == 1
+        stalled.close()
+    finally:
+        server.close()
+
+
+def test_an_accept_error_that_passes_does_not_end_the_listener(worker):
+    """Any error from accept() (out of descriptors: EMFILE) ended the accept loop for good; the worker, alive with its
+    experts, answered no engine again until the coordinator restarted it and reloaded them (a review)."""
+    import errno
+    import threading
+
+    from service.messages import encode_forward, recv_frame, send_frame
+
+    server = WorkerServer(worker)
+    ours, theirs = socket.socketpair()
+    closed = threading.Event()
+
+    class _Listener:  # EMFILE twice, then a connection, then closed
+        def __init__(self):
+            self.answers = [OSError(errno.EMFILE, "Too many open files")] * 2 + [(theirs, None)]
+
+        def accept(self):
+            if self.answers:
+                answer = self.answers.pop(0)
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+            closed.wait(10)
+            raise OSError(errno.EBADF, "closed")
+
+    loop = threading.Thread(target=server._accept_loop, args=(_Listener(),), daemon=True)
+    loop.start()
+    try:
+        ours.settimeout(5.0)
+        experts, counts, tokens = request(4)
+        send_frame(ours, encode_forward(4, 0, experts, counts, tokens))
+        assert recv_frame(ours).seq == 4
+    finally:
+        closed.set()
+        loop.join(5)
+        ours.close()
+        server.close()
+    assert not loop.is_alive()
+
+
 def test_dead_server_raises_worker_unavailable_quickly(worker, tmp_path):
     server = WorkerServer(worker, unix_path=str(tmp_path / "dead.sock"))
     client = WorkerClient(server.tcp_address, timeout_s=30.0)

@@ -139,6 +139,17 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
             await call("inject_fault", body.device, body.operation)
             return {"device": body.device, "operation": body.operation, "armed": True}
 
+    known = {route.path for route in router.routes}
+
+    # last: any other method or path under /admin, after the token check (a wrong method answered 405 before it,
+    # also with the admin API disabled, which says 404 for every /admin route: a review)
+    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                      include_in_schema=False)
+    async def other(rest: str, request: Request) -> None:
+        if f"/admin/{rest}" in known:
+            raise APIError(405, f"{request.method} is not allowed on /admin/{rest}", type="invalid_request_error")
+        raise APIError(404, f"no admin route /admin/{rest}", type="not_found_error")
+
     return router
 
 

@@ -148,6 +148,23 @@ def test_admin_disabled_without_a_token_and_emulation_controls_only_on_emulated_
     assert not [path for _, path, _ in _admin_requests(real_devices) if "emulation" in path]
 
 
+def test_a_wrong_method_or_path_under_admin_is_answered_after_the_token_check(engine):
+    """A wrong method on an admin path answered 405 before the token check, also with the admin API disabled (which
+    says 404 for every /admin route), telling an unauthenticated caller which control routes exist (a review)."""
+    enabled, coordinator = _app(engine)
+    disabled, _ = _app(engine, token=None)
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(enabled) as client, TestClient(disabled) as off:
+        for method, path in (("GET", "/admin/recalibrate"), ("DELETE", "/admin/stats"), ("GET", "/admin/nothing")):
+            assert off.request(method, path, headers=right).status_code == 404
+            assert client.request(method, path).status_code == 401
+            answer = client.request(method, path, headers=right)
+            assert answer.status_code == (404 if path == "/admin/nothing" else 405), (method, path)
+            assert answer.json()["error"]["message"]
+        assert client.get("/admin/stats", headers=right).status_code == 200  # (the routes themselves still answer)
+    assert coordinator.calls == ["stats_view"]
+
+
 def test_control_routes_exist_only_under_the_admin_prefix(engine):
     app, _ = _app(engine)
     unauthenticated = {path for path in _routes(app) if not path.startswith("/admin/")}

@@ -59,8 +59,11 @@ def test_prometheus_metrics_export_the_gpu_telemetry(url):
     while time.monotonic() < deadline and 'vibe_gpu_sm_clock_mhz{device="1"}' not in text:
         text = httpx.get(f"{url}/metrics", timeout=30).text  # refreshed from the coordinator off the request path
         time.sleep(1)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {(sample.name, sample.labels.get("device")): sample.value
+              for family in text_string_to_metric_families(text) for sample in family.samples}
     for device in (0, 1):
         for name in ("vibe_gpu_sm_clock_mhz", "vibe_gpu_power_watts", "vibe_gpu_temperature_celsius"):
-            line = next((x for x in text.splitlines() if x.startswith(f'{name}{{device="{device}"}}')), None)
-            assert line is not None, f"{name} of device {device} missing from /metrics"
-            assert float(line.split()[-1]) > 0
+            assert (name, str(device)) in values, f"{name} of device {device} missing from /metrics"
+            assert values[name, str(device)] > 0  # (parsed: a line ends with the sample's time)

@@ -575,6 +575,7 @@ def test_a_device_that_stays_slower_shows_against_the_placement_in_service(check
     1.5 (the audit: device drift was marked as planned for, 1.0, though nothing re-planned); with it, the re-plan
     judged with the new model (applied, or here skipped as not worth moving) brings it back to 1."""
     from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     from service.placement_metrics import PlacementCollector
 
@@ -592,9 +593,10 @@ def test_a_device_that_stays_slower_shows_against_the_placement_in_service(check
     registry, collector = CollectorRegistry(), PlacementCollector()
     registry.register(collector)
     collector.refresh(c.metrics_summary())
-    (line,) = [line for line in generate_latest(registry).decode().splitlines()
-               if line.startswith('vibe_device_model_over_planned{device="1"}')]
-    assert float(line.split()[-1]) == pytest.approx(over_planned)
+    (value,) = [sample.value for family in text_string_to_metric_families(generate_latest(registry).decode())
+                for sample in family.samples
+                if sample.name == "vibe_device_model_over_planned" and sample.labels == {"device": "1"}]
+    assert value == pytest.approx(over_planned)  # (parsed: the line ends with the sample's time)
     judged = sum(c.metrics_summary()["recalibrations"].values())  # the calibration, and a re-plan judged with auto
     assert judged == (2 if auto else 1)
 

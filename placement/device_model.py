@@ -72,8 +72,11 @@ class DeviceModel:
         Every distinct sampled token count is tried as the knee, then the best neighbourhood is refined
         on a finer grid; for each knee, `fixed` and `slope` come from iteratively reweighted least
         squares on relative residuals, so a few slow outliers (a preempted call, a clock dip) barely
-        move the fit. If no sample lies beyond the fitted knee the slope cannot be observed and is set to
-        `fixed / knee`, i.e. the compute-bound continuation of the flat part.
+        move the fit. If no sample lies beyond the fitted knee, or the curve rises less than the outlier margin
+        (5% of `fixed`) over the samples beyond it, the slope cannot be observed and is set to `fixed / knee` at
+        the largest sample, i.e. the compute-bound continuation of the flat part. (A slope that came out at 0 took
+        the continuation, one just above 0 did not: fits of one flat device differed 10x beyond its samples by the
+        noise alone, a review.)
         """
         n = np.asarray(tokens, dtype=np.float64).ravel()
         y = np.asarray(seconds, dtype=np.float64).ravel()
@@ -90,19 +93,24 @@ class DeviceModel:
 
         grid = np.unique(np.concatenate([[0.0], n]))
         knees, fixed, slope, loss = _fit_knees(n, y, grid)
-        best = int(np.argmin(loss))
+        best = _last_min(loss)  # (ties to the largest knee: samples exactly flat have no slope to observe)
         lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
         fine = np.linspace(lo, hi, _KNEE_REFINE_POINTS)
         k2, f2, s2, l2 = _fit_knees(n, y, fine)
         if l2.min() < loss[best]:
-            best2 = int(np.argmin(l2))
+            best2 = _last_min(l2)
             knee, fx, sl = k2[best2], f2[best2], s2[best2]
         else:
             knee, fx, sl = knees[best], fixed[best], slope[best]
-        if knee >= n.max() or sl <= 0.0:
+        if knee >= n.max() or max(sl, 0.0) * (n.max() - knee) <= _HUBER_DELTA * fx:
             knee = float(n.max())
             sl = fx / knee
         return cls(float(fx), float(knee), float(sl))
+
+
+def _last_min(values: np.ndarray) -> int:
+    """The index of the last of ``values``' minima."""
+    return int(values.size - 1 - np.argmin(values[::-1]))
 
 
 def _fit_knees(n: np.ndarray, y: np.ndarray, knees: np.ndarray):

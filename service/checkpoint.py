@@ -281,16 +281,17 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
         _check_llama4(config, method)
         moe_layers = list(config.moe_layers)
         num_experts, intermediate = config.num_local_experts, config.intermediate_size
-    elif architecture in ("glm4_moe_lite", "glm_moe_dsa"):  # the rule of Glm4MoeLite- and GlmMoeDsaDecoderLayer
+    elif architecture in ("glm4_moe_lite", "glm_moe_dsa", "deepseek_v32"):  # the rule of Glm4MoeLite-, GlmMoeDsa- and
+        # DeepseekV32DecoderLayer (a config without mlp_layer_types gets first_k_dense_replace's: dense layers first;
+        # one that has them, as save_pretrained writes, was read by first_k_dense_replace alone)
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     elif architecture == "kimi_linear":  # the rule of KimiLinearDecoderLayer (mlp_layer_types from the release's
         # first_k_dense_replace)
         moe_layers = [d for d, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
         num_experts, intermediate = config.num_local_experts, config.moe_intermediate_size
-    elif architecture in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "mistral4", "glm4v_moe",
-                          "kimi_k2"):
-        # the rule of DeepseekV{2,3,32}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
+    elif architecture in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "mistral4", "glm4v_moe", "kimi_k2"):
+        # the rule of DeepseekV{2,3}-, Glm4Moe-, Dots1-, Mistral4- and Glm4vMoeTextDecoderLayer: dense layers first
         moe_layers = list(range(config.first_k_dense_replace, num_layers))
         num_experts, intermediate = config.n_routed_experts, config.moe_intermediate_size
     elif architecture in ("granitemoehybrid", "granitemoe", "granitemoeshared"):
@@ -532,10 +533,22 @@ def _check_layer_experts(shards: _Shards, layout: ExpertLayout, decoder_layer: i
     prefix, num = f"{shards.layers}{decoder_layer}.", layout.num_experts
     h, i = layout.hidden_size, layout.intermediate_size
     where = f"decoder layer {decoder_layer}"
-    if layout.architecture == "gpt_oss":
-        formats = [(f"mlp.experts.{proj}{kind}" for kind in ("", "_blocks")) for proj in ("gate_up_proj", "down_proj")]
-        fused = [next((prefix + name for name in names if prefix + name in shards), None) for names in formats]
-        expected = [None, None]
+    if layout.architecture == "gpt_oss":  # fused: bf16 [E, H, 2I] and [E, I, H], or MXFP4 blocks of 32 values (16
+        # bytes) with a scale each; and the biases. (Only down_proj was looked for, twice, and no shape checked: a
+        # missing gate_up_proj failed in a worker, a short one as an IndexError, a config of other sizes was served.)
+        checks = []
+        for proj, dense, blocks in (("gate_up_proj", (2 * i, h), (2 * i, h // 32)), ("down_proj", (h, i), (h, i // 32))):
+            name = prefix + f"mlp.experts.{proj}"
+            if name in shards:
+                checks.append((name, dense, _FLOAT_DTYPES))
+            elif name + "_blocks" in shards and name + "_scales" in shards:
+                checks += [(name + "_blocks", (*blocks, 16), ("U8",)), (name + "_scales", blocks, ("U8",))]
+            else:
+                raise ValueError(f"checkpoint has no {name} (nor its MXFP4 _blocks and _scales) for {where}")
+            checks.append((name + "_bias", dense[:1], _FLOAT_DTYPES))
+        for name, shape, dtypes in checks:
+            _check_fused(shards, name, num, shape, dtypes, where)
+        return
     else:
         gated = [(fmt, [(i, h), (i, h), (h, i)]) for fmt in _PER_EXPERT_FORMATS]
         for fmt, shapes in (*gated, (_UNGATED_PER_EXPERT, [(i, h), (h, i)])):
@@ -555,13 +568,21 @@ def _check_layer_experts(shards: _Shards, layout: ExpertLayout, decoder_layer: i
         first = (i, h) if fmt == _UNGATED_FUSED else (2 * i, h)
         expected = [first, (h, i)]
     for name, shape in zip(fused, expected):
-        if name is None:
-            raise ValueError(f"checkpoint has no fused expert tensors for {where}")
-        stored = tuple(shards.open_shard(shards.weight_map[name]).get_slice(name).get_shape())
-        # (fused experts may be stored transposed: [E, H, 2I] as Qwen3-VL-MoE's and Llama 4's)
-        if stored[0] != num or (shape is not None and sorted(stored[1:]) != sorted(shape)):
-            want = f"[{num}, ...]" if shape is None else f"[{num}] + {list(shape)} (either order)"
-            raise ValueError(f"{name} is {list(stored)}, expected {want} for {num} experts of {where}")
+        _check_fused(shards, name, num, shape, _FLOAT_DTYPES, where)
+
+
+def _check_fused(shards: _Shards, name: str, num: int, shape: tuple[int, ...], dtypes: tuple[str, ...],
+                 where: str) -> None:
+    """ValueError unless fused tensor ``name`` is [num] + ``shape`` (its dimensions after the first in either order:
+    fused experts may be stored transposed, [E, H, 2I] as Qwen3-VL-MoE's and Llama 4's) in one of ``dtypes`` (an
+    integer fused tensor passed, and the workers computed with its values cast to floats)."""
+    if name not in shards:
+        raise ValueError(f"checkpoint has no {name} for {where}")
+    view = shards.open_shard(shards.weight_map[name]).get_slice(name)
+    stored, dtype = tuple(view.get_shape()), view.get_dtype()
+    if stored[0] != num or sorted(stored[1:]) != sorted(shape) or dtype not in dtypes:
+        raise ValueError(f"{name} is {list(stored)} {dtype}, expected [{num}] + {list(shape)} (either order) in "
+                         f"{' or '.join(dtypes)} for {num} experts of {where}")
 
 
 def _check_header(shards: _Shards, name: str, shape: tuple[int, int]) -> None:

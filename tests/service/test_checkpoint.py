@@ -688,3 +688,76 @@ def test_fp8_scales_stored_as_u8_exponents_are_read_as_transformers_reads_them(t
     _rescaled(folder, lambda s: s.to(torch.int16))  # not a scale format: refused, named
     with pytest.raises(ValueError, match=r"_scale_inv is I16: FP8 block scales must be stored as floats, or as U8"):
         checkpoint.check_checkpoint(folder)
+
+
+def _edited(folder: Path, to: Path, edit) -> Path:
+    """A copy of checkpoint ``folder`` at ``to`` with ``edit(tensors, to)`` applied to its one shard."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(folder, to)
+    tensors = load_file(to / "model.safetensors")
+    edit(tensors, to)
+    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
+    return to
+
+
+def test_gpt_oss_experts_are_checked_whole_when_the_app_is_built(tmp_path):
+    """The check looked for down_proj twice (a generator's late-bound name) and compared no size: a GPT-OSS folder
+    without gate_up_proj failed in a worker, one with 4 of 8 experts as an IndexError, one whose config.json names
+    other sizes (which transformers refuses) was served (a review). Bf16 and MXFP4 folders pass."""
+    base = save_tiny_model("gpt_oss", tmp_path / "base", seed=1)
+    checkpoint.check_checkpoint(base)
+    checkpoint.check_checkpoint(save_tiny_mxfp4_model(tmp_path / "mxfp4", seed=4))
+    gate_up = "model.layers.0.mlp.experts.gate_up_proj"
+
+    def without(tensors, folder):
+        del tensors[gate_up]
+
+    def four_experts(tensors, folder):
+        tensors[gate_up] = tensors[gate_up][:4].clone()
+
+    def no_bias(tensors, folder):
+        del tensors[gate_up + "_bias"]
+
+    def other_sizes(tensors, folder):
+        config = json.loads((folder / "config.json").read_text())
+        config["intermediate_size"] //= 2
+        (folder / "config.json").write_text(json.dumps(config))
+
+    for edit, message in ((without, "has no model.layers.0.mlp.experts.gate_up_proj"), (four_experts, r"is \[4, "),
+                          (no_bias, "gate_up_proj_bias"), (other_sizes, "gate_up_proj is")):
+        with pytest.raises(ValueError, match=message):
+            checkpoint.check_checkpoint(_edited(base, tmp_path / edit.__name__, edit))
+
+
+def test_fused_experts_of_an_integer_dtype_are_refused_as_per_expert_ones_are(tmp_path):
+    """Fused expert tensors had their shape checked, not their dtype: int8 experts without a quantization config
+    passed, and the workers computed with the integers cast to floats (a review)."""
+    def as_int8(tensors, folder):
+        for name in [name for name in tensors if ".experts." in name]:
+            tensors[name] = (tensors[name] * 100).to(torch.int8)
+
+    for fused in (False, True):
+        folder = save_tiny_model("qwen3_moe", tmp_path / f"fused{fused}", seed=1, fused=fused)
+        with pytest.raises(ValueError, match=r"I8, expected .* (in a float or FP8 dtype|F32)"):
+            checkpoint.check_checkpoint(_edited(folder, tmp_path / f"int{fused}", as_int8))
+
+
+def test_deepseek_v32_moe_layers_follow_mlp_layer_types_as_transformers_does(tmp_path):
+    """DeepseekV32DecoderLayer picks MoE or dense by config.mlp_layer_types (first_k_dense_replace's only when it is
+    absent); the layers were read from first_k_dense_replace alone, and a checkpoint transformers saves and reloads was
+    refused for a dense layer's missing experts (a review)."""
+    from transformers import AutoModelForCausalLM, DeepseekV32Config
+
+    config = tiny_config("deepseek_v32").to_dict()
+    for key in ("model_type", "transformers_version"):
+        config.pop(key, None)
+    config["mlp_layer_types"] = ["sparse", "dense", "sparse"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(DeepseekV32Config(**config))
+    model.save_pretrained(tmp_path / "dsv32")
+    served = [d for d, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert load_layout(tmp_path / "dsv32").moe_layers == tuple(served) == (0, 2)
+    checkpoint.check_checkpoint(tmp_path / "dsv32")

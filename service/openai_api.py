@@ -67,7 +67,7 @@ MAX_TOOLS = 128  # functions one request may offer (OpenAI's limit)
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "self"})
 
 
 def _template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -98,6 +98,12 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+# booleans and integers as JSON writes them: pydantic's lax mode took "true" and "yes" for true, true for 1 and "5" for
+# 5 (prompt token ids [true, 2] generated from [1, 2], a review); OpenAI refuses them
+Flag = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
 
 
 class StrictModel(BaseModel):
@@ -187,12 +193,12 @@ Metadata = Annotated[dict[Annotated[Text, Field(max_length=64)], Annotated[Text,
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool = False
-    include_obfuscation: bool | None = None  # nothing is obfuscated: the chunks carry no padding field either way
+    include_usage: Flag = False
+    include_obfuscation: Flag | None = None  # nothing is obfuscated: the chunks carry no padding field either way
 
 
 # ``stream``: OpenAI's is "boolean or null, defaults to false", and its client sends null for stream=None
-Stream = Annotated[bool, BeforeValidator(lambda value: False if value is None else value)]
+Stream = Annotated[bool, Strict(), BeforeValidator(lambda value: False if value is None else value)]
 # OpenAI's prompt cache retention: accepted; the prefix cache keeps what fits in memory, whichever is asked for
 CacheRetention = Literal["in_memory", "24h"] | None
 
@@ -208,7 +214,7 @@ class JSONSchemaFormat(StrictModel):
     name: SchemaName
     description: Text | None = None
     json_schema: JSONObject = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    strict: Flag | None = None
 
 
 class ResponseFormat(StrictModel):
@@ -264,18 +270,18 @@ class SamplingControls(StrictModel):
     API as vLLM's extensions): OpenAI's stop, seed and penalties, and vLLM's own."""
 
     stop: Text | list[Text] | None = Field(default_factory=list)
-    seed: int | None = Field(default=None, ge=-2**63, lt=2**63)  # a signed 64-bit integer, as vLLM takes
+    seed: Int | None = Field(default=None, ge=-2**63, lt=2**63)  # a signed 64-bit integer, as vLLM takes
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None
     # vLLM's extensions: generate past EOS (benchmarks with fixed output lengths), more sampling controls
-    ignore_eos: bool = False
+    ignore_eos: Flag = False
     top_k: Annotated[int, Strict()] | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     min_tokens: Annotated[int, Strict()] | None = Field(default=None, ge=0)
     stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(default=None, max_length=64)
-    skip_special_tokens: bool = True  # special tokens decode to no text
+    skip_special_tokens: Flag = True  # special tokens decode to no text
 
     @field_validator("stop")
     @classmethod
@@ -305,7 +311,7 @@ class _SamplingFields(SamplingControls):
     """Fields shared by the completions and chat endpoints."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: Stream = False
@@ -352,13 +358,13 @@ class CompletionRequest(_SamplingFields):
     position (the chosen one added when it is not among them, as OpenAI's legacy endpoint does).
     """
 
-    prompt: Text | list[int] | list[Text] | list[list[int]]
+    prompt: Text | list[Int] | list[Text] | list[list[Int]]
     # OpenAI's legacy endpoint's default (and vLLM's): 16; null: the rest of the context, as chat's default. 0 with
     # echo scores the prompt, generating nothing
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: Int | None = Field(default=16, ge=0)
     logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
-    echo: bool | None = None
+    echo: Flag | None = None
     suffix: Any = None
 
     @field_validator("prompt")
@@ -384,6 +390,13 @@ class TextPart(StrictModel):
     text: Text
 
 
+class RefusalPart(StrictModel):
+    """An assistant's refusal (OpenAI's content part), sent back as history: rendered as its text."""
+
+    type: Literal["refusal"]
+    refusal: Text
+
+
 class FunctionCallIn(StrictModel):
     name: Text
     arguments: Arguments  # JSON text, as the model wrote it
@@ -402,15 +415,16 @@ class ChatMessage(StrictModel):
     ``tool`` message (a call's result) names its call in ``tool_call_id``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[TextPart | RefusalPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: Text | None = None
     # an assistant's thinking, sent back (vLLM's current and former names); templates read reasoning_content
     reasoning: Text | None = None
     reasoning_content: Text | None = None
-    # null in a response message sent back whole (the openai client's ``message.model_dump()``)
-    refusal: None = None
+    # a response message sent back whole (the openai client's ``message.model_dump()``): null, or an assistant's
+    # refusal (its text, when the message has no other content)
+    refusal: Text | None = None
     function_call: None = None
     audio: None = None
     annotations: None = None
@@ -423,13 +437,24 @@ class ChatMessage(StrictModel):
             raise ValueError("reasoning is only allowed on assistant messages")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("a tool message needs tool_call_id, and only a tool message may have one")
+        if self.role != "assistant" and (self.refusal is not None or any(
+                isinstance(part, RefusalPart) for part in self.content or ())):
+            raise ValueError("a refusal is only allowed on assistant messages")
+        # OpenAI's rule (an empty string is content): a message without it was rendered as an empty turn (a review);
+        # an assistant's may be left out with tool_calls, a refusal or reasoning (a thinking model's reply cut in
+        # its reasoning, sent back whole)
+        if self.content is None and not (self.role == "assistant" and (
+                self.tool_calls or self.refusal is not None or self.reasoning or self.reasoning_content)):
+            raise ValueError("content is required (an assistant message may leave it out when it has tool_calls, "
+                             "a refusal or reasoning)")
         return self
 
     def text(self) -> str:
-        """The content as one string: several text parts are joined with newlines (vLLM's chat_utils)."""
+        """The content as one string: several text parts are joined with newlines (vLLM's chat_utils); a refusal
+        part, or the refusal of a message without content, as its text."""
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
-        return self.content or ""
+            return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
+        return self.content if self.content is not None else self.refusal or ""
 
     def template_message(self) -> dict[str, Any]:
         """The message as chat templates expect it (``developer`` is a system message; a tool call's
@@ -473,7 +498,7 @@ class FunctionDefinition(StrictModel):
     name: FunctionName
     description: Text | None = None
     parameters: JSONObject | None = None  # a JSON schema; none (or {}) takes no arguments
-    strict: bool | None = None  # always honoured when the call is forced (tool_choice required or named)
+    strict: Flag | None = None  # always honoured when the call is forced (tool_choice required or named)
 
     def schema(self) -> dict[str, Any]:
         """The arguments' JSON schema; without ``parameters``, an empty parameter list (OpenAI's rule): the
@@ -499,17 +524,17 @@ class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: Flag | None = None
     top_logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Flag | None = None
     chat_template_kwargs: TemplateKwargs = None
-    include_reasoning: bool = True  # with a reasoning parser: False leaves the reasoning out
+    include_reasoning: Flag = True  # with a reasoning parser: False leaves the reasoning out
     # vLLM's: end the prompt inside the last (assistant) message, which the completion continues
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: Flag = True
+    continue_final_message: Flag = False
     functions: Any = None
     function_call: Any = None
     service_tier: Any = None
@@ -621,15 +646,18 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         raise APIError(400, f"the prompt has {count} tokens; this model's context is {max_model_len}",
                        param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
+    # (named as the request named it: the official client sends max_completion_tokens, max_tokens deprecated)
+    name = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
     limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
     if limit == 0 and not getattr(request, "echo", False):
         raise APIError(400, "max_tokens 0 is only allowed with echo: true (to score the prompt)", param="max_tokens")
     if limit is not None and num_prompt_tokens + limit > max_model_len:
-        raise APIError(400, f"max_tokens {limit} plus the prompt's {num_prompt_tokens} tokens exceeds this "
-                       f"model's context of {max_model_len}", param="max_tokens", code="context_length_exceeded")
+        raise APIError(400, f"{name} {limit} plus the prompt's {num_prompt_tokens} tokens exceeds this "
+                       f"model's context of {max_model_len}", param=name, code="context_length_exceeded")
     max_tokens = limit if limit is not None else max_model_len - num_prompt_tokens
     if (request.min_tokens or 0) > max_tokens:
-        raise APIError(400, f"min_tokens {request.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
+        bound = f"{name} {max_tokens}" if limit is not None else f"the {max_tokens} tokens the context leaves"
+        raise APIError(400, f"min_tokens {request.min_tokens} exceeds {bound}", param="min_tokens")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -862,9 +890,9 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
+    add_special_tokens: Flag = True
+    add_generation_prompt: Flag = True
+    return_token_strs: Flag = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -874,7 +902,7 @@ class TokenizeRequest(StrictModel):
 
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     chat_template_kwargs: TemplateKwargs = None
-    continue_final_message: bool = False
+    continue_final_message: Flag = False
 
     @model_validator(mode="after")
     def _continue_an_assistant_message(self) -> TokenizeRequest:

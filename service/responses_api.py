@@ -37,7 +37,9 @@ from service.openai_api import (
     Arguments,
     CacheRetention,
     ChatCompletionRequest,
+    Flag,
     FunctionName,
+    Int,
     JSONObject,
     Metadata,
     SamplingControls,
@@ -159,7 +161,7 @@ class FunctionTool(StrictModel):
     name: FunctionName
     description: Text | None = None
     parameters: JSONObject | None = None
-    strict: bool | None = None  # always honoured when the call is forced
+    strict: Flag | None = None  # always honoured when the call is forced
 
 
 class FunctionChoice(StrictModel):
@@ -175,7 +177,7 @@ class TextFormat(StrictModel):
     name: SchemaName | None = None
     description: Text | None = None
     json_schema: JSONObject | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: Flag | None = None
 
     @model_validator(mode="after")
     def _schema_with_its_type(self) -> TextFormat:
@@ -206,7 +208,7 @@ class ReasoningConfig(StrictModel):
 
 
 class StreamOptions(StrictModel):
-    include_obfuscation: bool | None = None  # nothing is obfuscated
+    include_obfuscation: Flag | None = None  # nothing is obfuscated
 
 
 class ResponsesRequest(SamplingControls):
@@ -222,25 +224,25 @@ class ResponsesRequest(SamplingControls):
     input: Annotated[list[InputItem], BeforeValidator(lambda v: [{"role": "user", "content": v}] if isinstance(v, str)
                                                       else v)]
     instructions: Text | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: Int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Flag | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     include: list[Literal["message.output_text.logprobs", "reasoning.encrypted_content"]] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stream: Stream = False
     stream_options: StreamOptions | None = None
     metadata: Metadata = None
-    store: bool | None = None  # nothing is stored, whatever it says: the response reports false
+    store: Flag | None = None  # nothing is stored, whatever it says: the response reports false
     truncation: Literal["disabled", "auto"] | None = None
     previous_response_id: str | None = None
     conversation: Any = None
-    background: bool | None = None
-    max_tool_calls: int | None = None
+    background: Flag | None = None
+    max_tool_calls: Int | None = None
     prompt: Any = None
     user: Text | None = None  # these three are echoed in the response
     safety_identifier: Text | None = None

@@ -78,6 +78,62 @@ def test_chat_rejections_name_the_parameter(extra, param):
     assert param.split(".")[0] in body["error"]["message"]
 
 
+@pytest.mark.parametrize("model, extra, param", [
+    (CompletionRequest, {"prompt": [True, 2]}, "prompt"), (CompletionRequest, {"prompt": [1, "5"]}, "prompt"),
+    (CompletionRequest, {"prompt": [[1, True]]}, "prompt"), (CompletionRequest, {"max_tokens": True}, "max_tokens"),
+    (CompletionRequest, {"echo": "yes"}, "echo"), (ChatCompletionRequest, {"seed": True}, "seed"),
+    (ChatCompletionRequest, {"seed": "5"}, "seed"), (ChatCompletionRequest, {"max_completion_tokens": "9"},
+                                                     "max_completion_tokens"),
+    (ChatCompletionRequest, {"logprobs": "yes"}, "logprobs"), (ChatCompletionRequest, {"stream": "true"}, "stream"),
+    (ChatCompletionRequest, {"stream": 1}, "stream"), (ChatCompletionRequest, {"ignore_eos": "true"}, "ignore_eos"),
+    (ChatCompletionRequest, {"parallel_tool_calls": 0}, "parallel_tool_calls"),
+    (ChatCompletionRequest, {"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+])
+def test_booleans_and_integers_are_what_json_writes_them_as(model, extra, param):
+    """Pydantic's lax mode took "true", "yes" and 1 for true, true for 1 and "5" for 5: prompt token ids [true, 2]
+    generated from [1, 2], max_tokens true was 1 (a review). A 400 naming the field, as OpenAI's."""
+    base = CHAT if model is ChatCompletionRequest else {"model": "m", "prompt": "a"}
+    status, body = _rejection(model, {**base, **extra})
+    assert status == 400 and body["error"]["param"].startswith(param), body
+
+
+def test_errors_of_max_completion_tokens_name_it():
+    """The official client sends max_completion_tokens (max_tokens is deprecated): its errors named max_tokens."""
+    for body, param, message in (({"max_completion_tokens": 95}, "max_completion_tokens", "max_completion_tokens 95"),
+                                 ({"max_tokens": 95}, "max_tokens", "max_tokens 95"),
+                                 ({"max_completion_tokens": 3, "min_tokens": 5}, "min_tokens",
+                                  "exceeds max_completion_tokens 3")):
+        with pytest.raises(APIError) as info:
+            sampling_params(ChatCompletionRequest.model_validate({**CHAT, **body}), 10, 100)
+        assert info.value.param == param and message in info.value.message, info.value.message
+
+
+def test_history_holds_refusals_and_needs_content_as_openai_has_it():
+    """An assistant's refusal (a content part, or the refusal field of a message sent back whole) was a 400; a message
+    without content (not an assistant's with tool calls, a refusal or reasoning) was rendered as an empty turn (a
+    review)."""
+    refused = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+               {"role": "assistant", "content": None, "refusal": "No."},
+               {"role": "assistant", "content": "Sure.", "refusal": None},
+               {"role": "assistant", "content": None, "reasoning": "Thinking..."}, {"role": "user", "content": "ok"}]
+    request = ChatCompletionRequest.model_validate({**CHAT, "messages": refused})
+    assert [m.text() for m in request.messages] == ["hi", "I can't.", "No.", "Sure.", "", "ok"]
+    for messages, param in (([{"role": "user"}], "messages.0"),
+                            ([{"role": "system"}, {"role": "user", "content": "hi"}], "messages.0"),
+                            ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "messages.1"),
+                            ([{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}], "messages.0"),
+                            ([{"role": "user", "content": "x", "refusal": "x"}], "messages.0")):
+        status, body = _rejection(ChatCompletionRequest, {**CHAT, "messages": messages})
+        assert status == 400 and body["error"]["param"] == param, body
+    assert ChatCompletionRequest.model_validate({**CHAT, "messages": [{"role": "user", "content": ""}]})  # (content)
+
+
+def test_chat_template_kwargs_may_not_name_apply_chat_templates_self():
+    status, body = _rejection(ChatCompletionRequest, {**CHAT, "chat_template_kwargs": {"self": 1}})
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
+
+
 def test_neutral_values_of_unsupported_fields_are_accepted():
     neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "logit_bias": {},
                "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,

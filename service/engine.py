@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -521,22 +522,28 @@ class Engine:
 
     def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
-        reported log-probabilities stay the model's own). Inside a thinking block nothing is forbidden; a
-        first token may also open one, and the gap's whitespace may follow its close."""
+        reported log-probabilities stay the model's own). Inside a thinking block nothing is forbidden but the
+        tokens that would end the completion (an answer in the format must follow: a thinking model's end of text
+        there gave no answer and finish_reason "stop", a review); a first token may also open one, and the gap's
+        whitespace may follow its close."""
         if all(seq.matcher is None for seq in sampled):  # most steps: nothing to build
             return logits
         matchers = [None if seq.thinking == "in" else seq.matcher for seq in sampled]
-        if all(matcher is None for matcher in matchers):
-            return logits
         masked = logits.clone()
-        self._grammars.mask(masked, matchers)
+        if any(matcher is not None for matcher in matchers):
+            self._grammars.mask(masked, matchers)
         for row, seq in enumerate(sampled):
+            if seq.matcher is None:
+                continue
             if seq.thinking == "maybe":
                 opener = seq.params.reasoning_tokens[0]
                 masked[row, opener] = logits[row, opener]
             elif seq.thinking == "gap":
                 gap = list(seq.params.reasoning_gap)
                 masked[row, gap] = logits[row, gap]
+            if seq.thinking in ("in", "maybe", "gap"):
+                ends = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else list(self._eos_ids))
+                masked[row, ends] = -math.inf
         return masked
 
     def _history(self, seq: _Sequence) -> History:

@@ -145,6 +145,9 @@ class Grammars:
             return cached
         matcher = self.matcher(grammar)
         llt.fill_next_token_bitmask(matcher, self._bitmask(1), 0)
+        if matcher.is_error():  # a language with nothing in it ("[^\s\S]"): was cached so, each request prefilled
+            # then failed at its first token, with no parameter named (a review)
+            raise InvalidGrammar(f"invalid structured output: {error_of(matcher)} (the grammar allows no output)")
         with self._lock:
             self._compiled[grammar] = matcher
             self._compiled.move_to_end(grammar)
@@ -216,5 +219,5 @@ def advance(matcher, token: int) -> bool:
 
 def error_of(matcher) -> str:
     """``matcher``'s error message, cut to `MAX_ERROR_CHARS`."""
-    error = matcher.get_error().strip() or "token refused"
+    error = matcher.get_error().replace("<non-verbose/>", "").strip() or "token refused"
     return error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS - 3] + "..."

@@ -374,6 +374,25 @@ def test_a_thinking_model_thinks_then_answers_in_the_format(think_server):
                    ).json()["tokens"])
 
 
+def test_a_constrained_completion_cannot_end_while_it_thinks(think_server):
+    """Nothing was masked inside the thinking block, end of text included: a thinking model could end a json_schema
+    request there, no answer and finish_reason "stop" (a review, with the end made likely as here). The completion
+    now ends through its grammar (valid JSON, "stop") or its token limit ("length")."""
+    client = openai.OpenAI(base_url=f"{think_server}/v1", api_key="unused", max_retries=0, timeout=60)
+    eos = httpx.post(f"{think_server}/tokenize", json={"prompt": "<|im_end|>", "add_special_tokens": False}
+                     ).json()["tokens"][0]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"],
+              "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=40, temperature=1.0, seed=3, n=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        extra_body={"chat_template_kwargs": {"think": True}, "logit_bias": {str(eos): 3.0}})
+    for choice in reply.choices:
+        assert choice.finish_reason in ("stop", "length"), choice
+        if choice.finish_reason == "stop":
+            assert 0 <= json.loads(choice.message.content)["n"] <= 99, choice
+
+
 def test_a_named_call_cut_off_while_thinking_has_no_call_streamed_or_not():
     """max_tokens ran out inside the thinking block of a request forcing a named call: the reply had the call with
     arguments "" (not JSON: client code's json.loads raised) while the stream had no call (an audit)."""

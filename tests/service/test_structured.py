@@ -280,6 +280,19 @@ def test_a_grammar_that_fails_mid_completion_fails_its_request_only(tokenizer, c
     assert "item11999" not in failed[0]
 
 
+def test_a_grammar_that_allows_no_output_is_refused_at_compile_not_cached(tokenizer):
+    """A regex whose language is empty compiles, and its matcher failed on its first mask: it was cached so, and each
+    request was queued, prefilled, then failed at its first token with llguidance's internal text and no parameter
+    (a review). It is refused where it is compiled (a 400 naming the field, `test_app`'s path)."""
+    from service.structured import Grammars, InvalidGrammar, grammar_from_spec
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    empty = grammar_from_spec("regex", "[^\\s\\S]")
+    with pytest.raises(InvalidGrammar, match="allows no output") as info:
+        grammars.warmed_matcher(empty)
+    assert "<non-verbose/>" not in str(info.value) and grammars.cached_matcher(empty) is None
+
+
 def test_grammar_errors_are_short_and_do_not_repeat_the_grammar(tokenizer):
     """llguidance's verbose errors quote the grammar around the problem (a whole one-line regex or schema): an
     error is cut to MAX_ERROR_CHARS, in the 400 and in the log."""

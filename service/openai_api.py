@@ -545,7 +545,7 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: Any = None
     # OpenAI's; the chat template's variable reasoning_effort, as vLLM passes it (templates that read it:
     # GPT-OSS's, some Qwen3 and DeepSeek variants; the others ignore it)
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     web_search_options: Any = None
     verbosity: Any = None
     # how the served model writes tool calls (`service.tools.FORMATS`), and which of the format's tags are

@@ -202,7 +202,7 @@ class TextConfig(StrictModel):
 
 
 class ReasoningConfig(StrictModel):
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None  # no summaries are written: summary is []
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 

@@ -611,12 +611,6 @@ def test_reasoning_effort_is_a_template_variable_unless_the_kwargs_set_it():
 
 
 def test_reasoning_effort_takes_every_value_of_the_official_clients_type():
-    """The client's ReasoningEffort gained "max"; it was a 400 here (a review)."""
-    from typing import get_args
-
-    from openai.types.shared.reasoning_effort import ReasoningEffort
-
-    efforts = [value for member in get_args(ReasoningEffort) for value in get_args(member)]
-    assert "max" in efforts
-    for effort in efforts:
+    """The client's ReasoningEffort (openai 2.x) gained "max"; it was a 400 here (a review)."""
+    for effort in ("none", "minimal", "low", "medium", "high", "xhigh", "max"):
         assert ChatCompletionRequest.model_validate({**CHAT, "reasoning_effort": effort}).reasoning_effort == effort

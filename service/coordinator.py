@@ -544,6 +544,8 @@ class Coordinator:
             loads, activity = self._window() if loads is None else (loads, None)
         if loads is None:
             raise ValueError("no router statistics yet: serve some requests first")
+        loaded = None if passes is None else int(np.count_nonzero(passes.sum(axis=(1, 2))))  # window passes with load
+        too_few = loaded is not None and loaded < self.config.min_held_out_passes  # to judge a plan on held-out ones
         z = self.config.gain_confidence_z if confidence_z is None else float(confidence_z)
         if policy != self.config.policy or policy != "vibe":
             mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
@@ -557,7 +559,7 @@ class Coordinator:
                 # the configured policy failing is the coordinator's failure, not the caller's (no 400)
                 raise RuntimeError(f"planning a {policy} placement failed: {exc}") from exc
             plan = pl.migration_plan(old, new, self.shape.expert_bytes)
-            judged.append((self._judge(old, new, plan, loads, activity, passes, devices, policy,
+            judged.append((self._judge(old, new, plan, loads, activity, passes, loaded, too_few, devices, policy,
                                        candidate_mode, reason, dry_run, force, z), new, plan))
         record, new, plan = max(judged, key=lambda j: self._net_gain(j[0]))
         if len(judged) > 1:
@@ -568,8 +570,7 @@ class Coordinator:
             record.status, outcome, record.failed_devices = self._migrate(old, new, plan, policy, calibrates)
             record.detail = "; ".join(filter(None, (outcome, record.detail)))
         record.duration_s = self._clock() - started
-        # skipped before it could be judged (too few passes in the window): not a judgement of these models
-        waits = record.status == "skipped" and record.gain_judged_on.endswith("too few to hold out)")
+        waits = record.status == "skipped" and too_few  # (not judged yet: not a judgement of these models)
         with self._lock:
             self._remember(record)
             if record.status in ("applied", "no_change"):
@@ -586,7 +587,7 @@ class Coordinator:
             elif waits:  # asked again once the window can hold a judgement out (marked planned with, a device
                 # slowed 2x soon after startup was never re-planned: 571 ms gain against 0.5 ms kept off, a review)
                 self._devices.retry()
-                needed = self.config.min_held_out_passes - int(np.count_nonzero(passes.sum(axis=(1, 2))))
+                needed = self.config.min_held_out_passes - loaded
                 self._retry_at_pass = max(self._retry_at_pass, self._workload_drift.num_passes + needed)
         log.info("recalibration %s: %s (%d experts moved)", record.status, reason, record.experts_moved)
         return asdict(record)
@@ -605,15 +606,13 @@ class Coordinator:
         with self._lock:
             return max(old.version, self._version_floor) + 1
 
-    def _judge(self, old, new, plan, loads, activity, passes, devices, policy, mode, reason, dry_run,
+    def _judge(self, old, new, plan, loads, activity, passes, loaded, too_few, devices, policy, mode, reason, dry_run,
                force, z) -> Recalibration:
         horizon = self.config.gain_horizon_passes
         before = float(pl.makespan(old, loads, devices, activity).sum())
         after = float(pl.makespan(new, loads, devices, activity).sum())
         cost = plan.transfer_seconds(self._bandwidth)
         unchanged = plan.num_moves == 0 and new.same_layout(old)
-        loaded = None if passes is None else int(np.count_nonzero(passes.sum(axis=(1, 2))))
-        too_few = loaded is not None and loaded < self.config.min_held_out_passes
         if not unchanged and loaded is not None and not too_few:
             held_out = pl.held_out_gain(
                 old, lambda half, half_activity: self._candidate(old, half, half_activity, devices, policy, mode),

@@ -542,13 +542,15 @@ class Engine:
                 gap = list(seq.params.reasoning_gap)
                 masked[row, gap] = logits[row, gap]
             if seq.thinking in ("in", "maybe", "gap"):
-                ends = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else list(self._eos_ids))
-                masked[row, ends] = -math.inf
+                masked[row, list(self._end_ids(seq.params))] = -math.inf
         return masked
 
+    def _end_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        """The tokens that end a completion of ``params``: its stop token ids, and EOS unless it ignores it."""
+        return tuple(params.stop_token_ids) if params.ignore_eos else (*params.stop_token_ids, *self._eos_ids)
+
     def _history(self, seq: _Sequence) -> History:
-        stop_ids = seq.params.stop_token_ids if seq.params.ignore_eos else (*seq.params.stop_token_ids, *self._eos_ids)
-        return History(seq.token_ids, seq.num_prompt_tokens, stop_ids)
+        return History(seq.token_ids, seq.num_prompt_tokens, self._end_ids(seq.params))
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:

@@ -166,6 +166,9 @@ class SamplingParams:
         return torch.Generator().manual_seed(generator_seed(seed))
 
 
+_MASK64 = (1 << 64) - 1
+
+
 def generator_seed(seed: int) -> int:
     """The seed of torch's CPU generator (mt19937, which keeps a seed's low 32 bits) for a request's signed 64-bit
     ``seed``: one in [0, 2**32) as it is (its draws unchanged), any other folded into 32 bits by splitmix64's
@@ -178,8 +181,6 @@ def generator_seed(seed: int) -> int:
     z ^= z >> 31
     return (z ^ (z >> 32)) & 0xFFFFFFFF
 
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

@@ -549,26 +549,23 @@ def _check_layer_experts(shards: _Shards, layout: ExpertLayout, decoder_layer: i
         for name, shape, dtypes in checks:
             _check_fused(shards, name, num, shape, dtypes, where)
         return
-    else:
-        gated = [(fmt, [(i, h), (i, h), (h, i)]) for fmt in _PER_EXPERT_FORMATS]
-        for fmt, shapes in (*gated, (_UNGATED_PER_EXPERT, [(i, h), (h, i)])):
-            if all(_stored(shards, prefix + suffix.format(e=0)) for suffix in fmt):
-                for expert in range(num):
-                    for suffix, shape in zip(fmt, shapes):
-                        name = prefix + suffix.format(e=expert)
-                        if not _stored(shards, name):
-                            raise ValueError(f"checkpoint has no {name} (expert {expert} of {where})")
-                        if name in shards:  # (packed formats: checked when read)
-                            _check_header(shards, name, shape)
-                return
-        fmt = next((f for f in (*_FUSED_FORMATS, _UNGATED_FUSED) if all(prefix + n in shards for n in f)), None)
-        if fmt is None:
-            raise ValueError(f"checkpoint has no tensors for expert 0 of {where}")
-        fused = [prefix + name for name in fmt]
-        first = (i, h) if fmt == _UNGATED_FUSED else (2 * i, h)
-        expected = [first, (h, i)]
-    for name, shape in zip(fused, expected):
-        _check_fused(shards, name, num, shape, _FLOAT_DTYPES, where)
+    gated = [(fmt, [(i, h), (i, h), (h, i)]) for fmt in _PER_EXPERT_FORMATS]
+    for fmt, shapes in (*gated, (_UNGATED_PER_EXPERT, [(i, h), (h, i)])):
+        if all(_stored(shards, prefix + suffix.format(e=0)) for suffix in fmt):
+            for expert in range(num):
+                for suffix, shape in zip(fmt, shapes):
+                    name = prefix + suffix.format(e=expert)
+                    if not _stored(shards, name):
+                        raise ValueError(f"checkpoint has no {name} (expert {expert} of {where})")
+                    if name in shards:  # (packed formats: checked when read)
+                        _check_header(shards, name, shape)
+            return
+    fmt = next((f for f in (*_FUSED_FORMATS, _UNGATED_FUSED) if all(prefix + n in shards for n in f)), None)
+    if fmt is None:
+        raise ValueError(f"checkpoint has no tensors for expert 0 of {where}")
+    first = (i, h) if fmt == _UNGATED_FUSED else (2 * i, h)
+    for name, shape in zip(fmt, (first, (h, i))):
+        _check_fused(shards, prefix + name, num, shape, _FLOAT_DTYPES, where)
 
 
 def _check_fused(shards: _Shards, name: str, num: int, shape: tuple[int, ...], dtypes: tuple[str, ...],

@@ -190,8 +190,8 @@ class ToolCallStream:
         self._buffer = ""          # text not decided yet
         self._in_call = False      # the buffer is inside a block of calls (without its opening tag)
         self._opening = ""         # the text that opened the block (content again if it is not calls)
-        self._leading = bool(self._format.leading)  # a leading block may still open the completion
-        self._plain = False        # no block can open any more: the rest is content
+        # where a block may open: anywhere, only here at the completion's start (Llama's), or never again
+        self._opens = "leading" if self._format.leading else "anywhere"
         self._searched = 0         # inside a block: where the search for its end resumes
         self._space = ""           # whitespace held back: dropped if a call follows
         self._after_call = False   # drop leading whitespace after a call
@@ -233,25 +233,25 @@ class ToolCallStream:
                             self.calls.append(call)
                             calls.append(call)
                 continue
-            if self._leading:  # does the completion open with a block (after whitespace)?
+            if self._opens == "leading":  # does the completion open with a block (after whitespace)?
                 text = self._buffer.lstrip()
                 opening = next((tag for tag in (start_tag, self._format.leading) if text.startswith(tag)), None)
                 if opening is None and not final and start_tag.startswith(text):
                     break  # not decided yet (whitespace, or a partial tag)
-                self._leading, self._plain = False, opening is None
+                self._opens = "never"  # (a block that opens here is the rest of the completion)
                 if opening is not None:
                     content.append(self._content(self._buffer[:len(self._buffer) - len(text)], False))
                     # (the leading text, unlike the tag, is the block's own)
                     self._opening = start_tag if opening == start_tag else ""
                     self._buffer, self._in_call, self._searched = text[len(self._opening):], True, 0
                     continue
-            start = -1 if self._plain else self._buffer.find(start_tag)
+            start = -1 if self._opens == "never" else self._buffer.find(start_tag)
             if start >= 0:
                 content.append(self._content(self._buffer[:start], False))
                 self._buffer, self._in_call = self._buffer[start + len(start_tag):], True
                 self._opening, self._searched = start_tag, 0
                 continue
-            keep = 0 if final or self._plain else partial_tag(self._buffer, start_tag)
+            keep = 0 if final or self._opens == "never" else partial_tag(self._buffer, start_tag)
             content.append(self._content(self._buffer[:len(self._buffer) - keep], final))
             self._buffer = self._buffer[len(self._buffer) - keep:]
             break
@@ -564,7 +564,8 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
         params = []
         for j, (key, sub) in enumerate(properties.items()):
             choices = [sub["const"]] if "const" in sub else sub.get("enum")
-            text_valued = _text_valued(_types(sub))
+            types = _types(sub)
+            text_valued = _text_valued(types)
             opening, closing = tags(key)
             if text_valued and choices is not None:  # bare, as the parser reads it (a JSON string's quotes
                 # were kept: {"op": "\"<=\""})
@@ -582,7 +583,7 @@ def _xml_grammar(parameters: Mapping[str, dict], parallel: bool, head: Callable[
                         f"~/{_containing(sorted({stop, *ends}))}/")
                 if "pattern" in sub:  # (the pattern holds for strings, not for null where null is allowed)
                     text += f" & /{_whole_value(name, key, sub['pattern'])}/"
-                either = f'(T{i}_{j} | "null")' if "null" in _types(sub) else f"T{i}_{j}"
+                either = f'(T{i}_{j} | "null")' if "null" in types else f"T{i}_{j}"
                 rules += [f"T{i}_{j}: {text}", f"V{i}_{j}: {either} {_lark(lead + stop)}"]
                 value, closing = f"V{i}_{j}", trail
             else:
@@ -784,6 +785,12 @@ _MISTRAL_CALL = re.compile(r"\s*([^\s\[\]{}]+)\s*(?:\[CALL_ID\]\s*[A-Za-z0-9]+\s
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
 
+def _decoded(arguments: Any) -> Any:
+    """A call's arguments, the JSON in a string if written as one (as an OpenAI message carries them); ValueError if
+    that string is not JSON."""
+    return json.loads(arguments) if isinstance(arguments, str) else arguments
+
+
 def _mistral_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     """Mistral's calls after ``[TOOL_CALLS]``: Mixtral's JSON list of ``{"name", "arguments"}`` (an ``id`` is
     ignored), or the later form, ``NAME[ARGS]{...}`` calls separated by ``[TOOL_CALLS]``."""
@@ -799,8 +806,7 @@ def _mistral_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str,
             if not all(matches):
                 return None
             found = [(match.group(1), json.loads(match.group(2))) for match in matches]
-        # arguments written as a JSON string (as an OpenAI message carries them) are that JSON
-        return [(name, json.loads(args) if isinstance(args, str) else args) for name, args in found]
+        return [(name, _decoded(args)) for name, args in found]
     except ValueError:
         return None
 
@@ -848,7 +854,7 @@ def _llama3_json_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[
                     and ("parameters" in call) != ("arguments" in call)):
                 return None
             arguments = call.get("parameters", call.get("arguments"))
-            calls.append((call["name"], json.loads(arguments) if isinstance(arguments, str) else arguments))
+            calls.append((call["name"], _decoded(arguments)))
             at = len(text) - len(text[at:].lstrip().removeprefix(";").lstrip())
     except ValueError:
         return None

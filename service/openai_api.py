@@ -198,7 +198,7 @@ class StreamOptions(StrictModel):
 
 
 # ``stream``: OpenAI's is "boolean or null, defaults to false", and its client sends null for stream=None
-Stream = Annotated[bool, Strict(), BeforeValidator(lambda value: False if value is None else value)]
+Stream = Annotated[Flag, BeforeValidator(lambda value: False if value is None else value)]
 # OpenAI's prompt cache retention: accepted; the prefix cache keeps what fits in memory, whichever is asked for
 CacheRetention = Literal["in_memory", "24h"] | None
 
@@ -276,11 +276,11 @@ class SamplingControls(StrictModel):
     logit_bias: dict[str, float] | None = None
     # vLLM's extensions: generate past EOS (benchmarks with fixed output lengths), more sampling controls
     ignore_eos: Flag = False
-    top_k: Annotated[int, Strict()] | None = Field(default=None, ge=-1)
+    top_k: Int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
-    min_tokens: Annotated[int, Strict()] | None = Field(default=None, ge=0)
-    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(default=None, max_length=64)
+    min_tokens: Int | None = Field(default=None, ge=0)
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(default=None, max_length=64)
     skip_special_tokens: Flag = True  # special tokens decode to no text
 
     @field_validator("stop")
@@ -321,7 +321,7 @@ class _SamplingFields(SamplingControls):
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
     prompt_cache_retention: CacheRetention = None
-    n: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=MAX_N)
+    n: Int | None = Field(default=None, ge=1, le=MAX_N)
     # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -362,7 +362,7 @@ class CompletionRequest(_SamplingFields):
     # OpenAI's legacy endpoint's default (and vLLM's): 16; null: the rest of the context, as chat's default. 0 with
     # echo scores the prompt, generating nothing
     max_tokens: Int | None = Field(default=16, ge=0)
-    logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Any = None
     echo: Flag | None = None
     suffix: Any = None
@@ -526,7 +526,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: Flag | None = None
-    top_logprobs: Annotated[int, Strict()] | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Flag | None = None
@@ -942,7 +942,7 @@ class DetokenizeRequest(StrictModel):
     """``POST /detokenize``: token ids back to text (special tokens included)."""
 
     model: str | None = None
-    tokens: list[Annotated[int, Strict(), Field(ge=0)]]  # ids, not "1" or true
+    tokens: list[Annotated[Int, Field(ge=0)]]  # ids, not "1" or true
 
 
 class DetokenizeResponse(BaseModel):

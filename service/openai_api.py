@@ -199,6 +199,8 @@ class StreamOptions(StrictModel):
 
 # ``stream``: OpenAI's is "boolean or null, defaults to false", and its client sends null for stream=None
 Stream = Annotated[Flag, BeforeValidator(lambda value: False if value is None else value)]
+# OpenAI's reasoning effort (the official client's values): a chat template variable (chat, and responses' reasoning.effort)
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None
 # OpenAI's prompt cache retention: accepted; the prefix cache keeps what fits in memory, whichever is asked for
 CacheRetention = Literal["in_memory", "24h"] | None
 
@@ -545,7 +547,7 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: Any = None
     # OpenAI's; the chat template's variable reasoning_effort, as vLLM passes it (templates that read it:
     # GPT-OSS's, some Qwen3 and DeepSeek variants; the others ignore it)
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    reasoning_effort: ReasoningEffort = None
     web_search_options: Any = None
     verbosity: Any = None
     # how the served model writes tool calls (`service.tools.FORMATS`), and which of the format's tags are

@@ -42,6 +42,7 @@ from service.openai_api import (
     Int,
     JSONObject,
     Metadata,
+    ReasoningEffort,
     SamplingControls,
     SchemaName,
     Stream,
@@ -202,7 +203,7 @@ class TextConfig(StrictModel):
 
 
 class ReasoningConfig(StrictModel):
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    effort: ReasoningEffort = None
     summary: Literal["auto", "concise", "detailed"] | None = None  # no summaries are written: summary is []
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 

@@ -148,9 +148,9 @@ class StepTimer:
         self._begin = time.perf_counter()
         self._tokens = 0
 
-    def end_step(self) -> None:
+    def end_step(self, completed: bool = True) -> None:
         version = self.context.pinned_version
-        self.context.end_step()
+        self.context.end_step(completed)
         end = time.perf_counter()
         with self._lock:
             self.steps.append((self._begin, end, version, self._tokens))

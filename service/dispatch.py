@@ -331,11 +331,12 @@ class DispatchContext:
             raise RuntimeError("begin_step called while a step is open")
         self._open(implicit=False)
 
-    def end_step(self) -> None:
-        """Close the step and keep its router counts."""
+    def end_step(self, completed: bool = True) -> None:
+        """Close the step and keep its router counts; a step whose forward failed (`completed` False) leaves them
+        out: it routed only the layers before the failure, and the engine's retry routes its tokens again."""
         if self._step is None:
             raise RuntimeError("end_step called without begin_step")
-        self._close(self._step)
+        self._close(self._step, completed)
 
     def _open(self, implicit: bool) -> _Step:
         """Pin the newest routes; close channels the previous routes used and the new ones do not."""
@@ -351,9 +352,10 @@ class DispatchContext:
                     channel.close()
         return step
 
-    def _close(self, step: _Step) -> None:
+    def _close(self, step: _Step, completed: bool = True) -> None:
         with self._lock:
-            self._steps.append(step.counts)
+            if completed:
+                self._steps.append(step.counts)
             if step is self._step:
                 self._step = None
 

@@ -72,7 +72,8 @@ class StepHooks(Protocol):
 
     def begin_step(self) -> None: ...
 
-    def end_step(self) -> None: ...
+    def end_step(self, completed: bool = True) -> None:
+        """`completed`: False when the forward raised (its tokens are run again by a retry, if any)."""
 
 
 @dataclass(frozen=True)
@@ -863,13 +864,15 @@ class Engine:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         if self._hooks is not None:
             self._hooks.begin_step()
+        completed = False
         try:
             with torch.inference_mode(), attention.bind_step(self._cache, StepBatch.build(meta, device)):
                 out = self._model(input_ids=as_tensor([ids]), position_ids=as_tensor([positions]),
                                   use_cache=False, logits_to_keep=as_tensor(keep))
+            completed = True
         finally:
             if self._hooks is not None:
-                self._hooks.end_step()
+                self._hooks.end_step(completed)
         return out.logits[0].float().cpu(), prompt_rows
 
     def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:

@@ -259,7 +259,7 @@ def _one_step_per_forward(model: PreTrainedModel, context: DispatchContext) -> N
     def end(module, args, output) -> None:
         if opened:
             opened.pop()
-            context.end_step()
+            context.end_step(completed=output is not None)  # (None: the forward raised; torch still calls the hook)
 
     model.register_forward_pre_hook(begin)
     model.register_forward_hook(end, always_call=True)

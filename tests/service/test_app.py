@@ -632,7 +632,7 @@ class _SlowSteps:
     def begin_step(self) -> None:
         time.sleep(0.02)
 
-    def end_step(self) -> None:
+    def end_step(self, completed: bool = True) -> None:
         pass
 
 

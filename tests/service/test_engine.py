@@ -326,14 +326,16 @@ class _Hooks:
     def __init__(self, fail_at: int | range | set[int] | None = None) -> None:
         self.begun = self.ended = 0
         self.fail_at = {fail_at} if isinstance(fail_at, int) else set(fail_at or ())
+        self.completed: list[bool] = []
 
     def begin_step(self) -> None:
         self.begun += 1
         if self.begun in self.fail_at:
             raise RuntimeError("device lost")
 
-    def end_step(self) -> None:
+    def end_step(self, completed: bool = True) -> None:
         self.ended += 1
+        self.completed.append(completed)
 
 
 def test_hooks_wrap_every_forward_and_a_failed_step_frees_its_requests():
@@ -349,6 +351,24 @@ def test_hooks_wrap_every_forward_and_a_failed_step_frees_its_requests():
     assert (engine.num_running, engine.has_work, hooks.begun, hooks.ended) == (0, False, 3, 2)  # no step opened
     tokens, _ = _run(engine, {0: [("c", [5, 6, 7], GREEDY)]})
     assert len(tokens["c"]) == 24 and hooks.begun == hooks.ended + 1
+
+
+def test_the_hooks_are_told_a_forward_failed_so_its_router_counts_are_left_to_the_retry():
+    hooks = _Hooks()
+    model = build_tiny_model("qwen3_moe")
+    forwards = []
+
+    def lose_the_third(module, args) -> None:
+        forwards.append(1)
+        if len(forwards) == 3:
+            raise RuntimeError("device lost")
+
+    model.register_forward_pre_hook(lose_the_third)
+    engine = Engine(model, EngineConfig(max_model_len=64), hooks=hooks, retryable=_lost_device)
+    engine.add_request("a", [5, 6, 7], GREEDY)
+    tokens, failures = _step_through_failures(engine)
+    assert len(failures) == 1 and len(tokens["a"]) == 24
+    assert hooks.completed == [True, True, False] + [True] * (len(forwards) - 3)
 
 
 def _lost_device(error: BaseException) -> bool:

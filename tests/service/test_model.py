@@ -184,6 +184,42 @@ def test_explicit_step_spans_forwards_and_pins_the_placement(checkpoints):
     assert context.pinned_version == 1 and not context.in_step
 
 
+class _LosingChannel(LocalChannel):
+    """A device whose calls to MoE layer 1 fail while `lost`."""
+
+    lost = True
+
+    def submit(self, seq, layer, experts, counts, tokens) -> None:
+        if self.lost and layer == 1:
+            raise ConnectionError("device lost")
+        super().submit(seq, layer, experts, counts, tokens)
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_forward_that_failed_leaves_no_router_counts_for_its_retry_to_count_again(checkpoints, explicit):
+    """Router counts are the load the placement is planned on: a forward that failed at its second MoE layer routed
+    its tokens through the first, and its retry routes them again. Its partial counts were kept, so each failed
+    step counted its tokens twice at the layers before the failure (from reading, confirmed here)."""
+    folder = checkpoints["mixtral"]
+    placement = contiguous_placement(folder)
+    context = local_context(folder, placement)
+    model = load_engine_model(folder, context=context).model
+    lost = _LosingChannel(context.channels[0]._worker)
+    context.set_channels({**context.channels, 0: lost})
+    ids = prompts(1, 64)  # 128 choices of 8 experts: device 0's are chosen at layer 1
+    with torch.no_grad():
+        if explicit:
+            context.begin_step()
+        with pytest.raises(Exception, match="device lost"):
+            model(ids)
+        if explicit:
+            context.end_step(completed=False)
+        lost.lost = False
+        model(ids)
+    counts = context.drain_report("e").router_counts
+    assert counts.shape == (1, 2, 8) and counts.sum() == 64 * 2 * 2  # the retry's alone
+
+
 def test_load_rejects_bad_inputs(checkpoints, tmp_path):
     folder = checkpoints["olmoe"]
     context = local_context(folder, contiguous_placement(folder))

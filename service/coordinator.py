@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -662,11 +662,13 @@ class Coordinator:
         transfers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for move in plan.moves:
             transfers.setdefault((move.src_device, move.dst_device), []).append((move.layer, move.expert))
+        before = self._held_before({dst for _, dst in transfers})
         copy_started = self._clock()
         try:
-            self.pool.copy([(src, dst, keys) for (src, dst), keys in transfers.items()])
+            self.pool.copy([(src, dst, keys) for (src, dst), keys in transfers.items()],
+                           timeout_s=self._transfer_timeout(len(plan.moves)))
         except WorkerCallError as exc:
-            self._roll_back(old, [(dst, keys) for (_, dst), keys in transfers.items()])
+            self._roll_back(old, [(dst, keys) for (_, dst), keys in transfers.items()], before)
             log.warning("migration to version %d rolled back: %s", new.version, exc)
             return "rolled_back", f"copy phase failed, version {old.version} kept: {exc}", list(exc.devices)
         elapsed = self._clock() - copy_started
@@ -678,12 +680,22 @@ class Coordinator:
             self._pending_drops = (new.version, drops, self._clock())
         return "applied", "", []
 
-    def _roll_back(self, old: pl.Placement, placed: list[tuple[int, list[tuple[int, int]]]]) -> None:
+    def _held_before(self, destinations: Iterable[int]) -> dict[int, set[tuple[int, int]]]:
+        """What `destinations` hold before a copy or load to them (those that answer within probe_timeout_s): what
+        a rollback must leave, for besides `old`'s experts a worker may hold copies of an older version that an
+        engine still serves (drops pending, or left to `_reconcile` by a coordinator that died)."""
+        return self.pool.held_of(sorted(destinations), self.config.probe_timeout_s)
+
+    def _roll_back(self, old: pl.Placement, placed: list[tuple[int, list[tuple[int, int]]]],
+                   before: Mapping[int, set[tuple[int, int]]]) -> None:
         """Drop the copies a failed migration or refill left behind; version `old` stays whole and served.
 
-        `placed`: (destination, keys) of each copy or load tried. They are dropped group by group, so a worker that
-        does not answer keeps none of the others' copies; what could not be dropped (or was never placed, when a
-        worker does not answer `held`) is left to `_reconcile`."""
+        `placed`: (destination, keys) of each copy or load tried; `before`: what the destinations held before it
+        (`_held_before`), never dropped here: a copy of an older version pending drop, which engines that did not
+        yet acknowledge a newer one still call, stays until the usual rule drops it (the rollback dropped it at once,
+        and those engines' steps failed on it). They are dropped group by group, so a worker that does not answer
+        keeps none of the others' copies; what could not be dropped (or was never placed, when a worker does not
+        answer `held`; all of a destination's, when it did not say what it held before) is left to `_reconcile`."""
         with self._lock:  # (first: whatever this cleanup meets) a copy or load given up still runs in its worker,
             # holding nothing if it ends past its deadline's grace, which the pool waited out: what held() missed
             self._unreconciled = True
@@ -693,7 +705,10 @@ class Coordinator:
             held = None
         incomplete = []
         for dst, keys in placed:
-            leftovers = [key for key in keys if key not in old.experts_on(dst) and (held is None or key in held[dst])]
+            if dst not in before:
+                continue
+            leftovers = [key for key in keys if key not in old.experts_on(dst) and key not in before[dst]
+                         and (held is None or key in held[dst])]
             if not leftovers:
                 continue
             try:
@@ -974,11 +989,12 @@ class Coordinator:
             return False
         return True
 
-    def _serving_load_timeout(self, keys: dict[int, list]) -> float:
-        """How long a reload while serving waits: what all of `keys` take at 0.1 GB/s (the workers may read from
-        one disk), at least a minute (the migration lock is held meanwhile; a worker's whole first load may take
-        load_timeout_s)."""
-        return max(60.0, sum(map(len, keys.values())) * self.shape.expert_bytes / 1e8)
+    def _transfer_timeout(self, num_experts: int) -> float:
+        """How long a reload or a copy while serving waits: what `num_experts` experts take at 0.1 GB/s
+        (the workers may read from one disk, or copy over one link), at least a minute (the migration lock is held
+        meanwhile; a worker's whole first load may take load_timeout_s). A copy had the pool's call_timeout_s
+        whatever it moved: a re-plan of a large model could never finish in it, and was rolled back each time."""
+        return max(60.0, num_experts * self.shape.expert_bytes / 1e8)
 
     def handle_lost_devices(self, lost: list[int], *, restart: bool = True) -> dict[str, Any]:
         """Re-place the experts of `lost` devices on the survivors, publish, then restart the lost workers.
@@ -1005,12 +1021,14 @@ class Coordinator:
                 raise
             record = Recalibration(reason=reason, policy=self.config.policy, mode="full", status="applied",
                                    from_version=old.version, to_version=new.version, started_at=time.time())
+            copies, reloads = self._refill(old, new)
+            before = self._held_before({dst for _, dst, _ in copies} | set(reloads))
             try:
-                copies, reloads = self._refill(old, new)
-                self.pool.copy(copies)
-                self.pool.load(self.config.checkpoint, reloads, timeout_s=self._serving_load_timeout(reloads))
+                self.pool.copy(copies, timeout_s=self._transfer_timeout(sum(len(keys) for *_, keys in copies)))
+                self.pool.load(self.config.checkpoint, reloads,
+                               timeout_s=self._transfer_timeout(sum(map(len, reloads.values()))))
             except WorkerCallError as exc:
-                self._roll_back(old, [(dst, keys) for _, dst, keys in copies] + list(reloads.items()))
+                self._roll_back(old, [(dst, keys) for _, dst, keys in copies] + list(reloads.items()), before)
                 with self._lock:
                     self._lost -= set(lost)  # the next probe tries again
                 record.status, record.detail, record.failed_devices = "failed", str(exc), list(exc.devices)

@@ -67,7 +67,7 @@ class WorkerPool(Protocol):
     def start(self) -> list[WorkerInfo]: ...
     def infos(self) -> list[WorkerInfo]: ...
     def load(self, checkpoint: str, keys: Mapping[int, Sequence[Key]], timeout_s: float | None = None) -> None: ...
-    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int: ...
+    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]], timeout_s: float | None = None) -> int: ...
     def drop(self, keys: Mapping[int, Sequence[Key]]) -> None: ...
     def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]: ...
     def profile(self, token_counts: Sequence[int], repeats: int,
@@ -451,10 +451,11 @@ class RayWorkerPool:
         self._on(keys, lambda a, k: a.load_experts.remote(checkpoint, list(k), deadline), "load_experts",
                  limit + LOAD_GRACE_S)
 
-    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
-        """Copy experts worker to worker (export ObjectRef passed straight to the importer), within call_timeout_s
-        and LOAD_GRACE_S more; an import given up still runs in its actor, but holds nothing if it ends well past
-        that deadline (as a load: a caller that rolled back would track none of its copies).
+    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]], timeout_s: float | None = None) -> int:
+        """Copy experts worker to worker (export ObjectRef passed straight to the importer), within `timeout_s` (by
+        default call_timeout_s; at most load_timeout_s: a caller sizes it by what it moves, as a load's) and
+        LOAD_GRACE_S more; an import given up still runs in its actor, but holds nothing if it ends well past that
+        deadline (as a load: a caller that rolled back would track none of its copies).
 
         Returns the number of experts confirmed. Raises WorkerCallError if any import fails.
         """
@@ -462,11 +463,12 @@ class RayWorkerPool:
         import ray
 
         exports, imports = [], []
-        deadline = time.time() + self.config.call_timeout_s  # (set before any call is sent)
+        limit = self.config.call_timeout_s if timeout_s is None else min(timeout_s, self.config.load_timeout_s)
+        deadline = time.time() + limit  # (set before any call is sent)
         for src, dst, keys in transfers:
             exports.append(self._actors[src].export_experts.remote(list(keys)))
             imports.append(self._actors[dst].import_experts.remote(exports[-1], deadline))
-        confirmed, errors = self._gather(imports, list(range(len(imports))), self.config.call_timeout_s + LOAD_GRACE_S)
+        confirmed, errors = self._gather(imports, list(range(len(imports))), limit + LOAD_GRACE_S)
         blamed: dict[int, list[str]] = {}
         for i, exc in errors.items():  # the source's when its export failed or never ended (a copy named only its
             # destination: a dead source had the healthy destination restarted); a call to an actor already dead
@@ -596,14 +598,15 @@ class LocalWorkerPool:
         self._per_device([d for d, k in keys.items() if k],
                          lambda d: self._live(d).load_experts(checkpoint, list(keys[d]), deadline), "load_experts")
 
-    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]]) -> int:
+    def copy(self, transfers: Sequence[tuple[int, int, Sequence[Key]]], timeout_s: float | None = None) -> int:
+        deadline = None if timeout_s is None else time.time() + timeout_s
         failed, count = [], 0
         for src, dst, keys in transfers:
             device = src  # (the source, until its export succeeded: as the Ray pool names it)
             try:
                 exported = self._live(src).export_experts(list(keys))
                 device = dst
-                count += len(self._live(dst).import_experts(exported))
+                count += len(self._live(dst).import_experts(exported, deadline))
             except Exception as exc:
                 failed.append((device, exc))
         if failed:

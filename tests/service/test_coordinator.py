@@ -552,11 +552,11 @@ def test_profiling_waits_for_a_recalibration_and_leaves_no_drift_behind(checkpoi
     copy, profiled = coordinator.pool.copy, []
     profiling = threading.Thread(target=lambda: profiled.append(coordinator.profile_devices()))
 
-    def copy_while_profiling(transfers):
+    def copy_while_profiling(transfers, timeout_s=None):
         profiling.start()
         profiling.join(timeout=0.5)
         assert profiling.is_alive(), "profiling ran while the recalibration copied experts"
-        return copy(transfers)
+        return copy(transfers, timeout_s)
 
     coordinator.pool.copy = copy_while_profiling
     result = coordinator.recalibrate(mode="full", force=True, policy="eplb")

@@ -308,10 +308,10 @@ class FlakyPool(LocalWorkerPool):
 
     flaky: int | None = None
 
-    def copy(self, transfers):
+    def copy(self, transfers, timeout_s=None):
         if self.flaky is not None:
             self.kill(self.flaky)
-        return super().copy(transfers)
+        return super().copy(transfers, timeout_s)
 
     def held(self, devices=None):
         try:
@@ -367,6 +367,53 @@ def test_a_failed_refill_after_a_lost_device_is_rolled_back(checkpoint):
     assert not _extras(coordinator, skip=(dead,))
 
 
+def _served_copies_kept(v1, before: dict[int, set], after: dict[int, set]) -> dict[int, list]:
+    """The copies of version `v1` each device held before and no longer holds (empty: every one kept)."""
+    gone = {d: sorted((v1.experts_on(d) & before[d]) - keys) for d, keys in after.items()}
+    return {d: keys for d, keys in gone.items() if keys}
+
+
+def test_a_rolled_back_refill_leaves_the_copies_an_engine_on_the_previous_version_still_calls(checkpoint):
+    """A lost device's refill that failed rolled back by dropping, on each destination, every key it had tried to
+    place there outside the placement in service: a copy of the previous version still pending drop among them,
+    which an engine that had not yet acknowledged the newer version called (KeyError), and whose drop later failed
+    the whole device's (a review). What the destinations held before the refill stays."""
+    for dead in range(4):
+        pool = FlakyLoadPool(_workers(checkpoint))
+        coordinator = _coordinator(checkpoint, pool, ack_timeout_s=60.0)
+        counts = _skewed(coordinator.shape, 7)
+        _report(coordinator, counts, engine="old", passes=30)
+        v1 = coordinator.placement
+        assert coordinator.recalibrate(mode="full", force=True)["status"] == "applied"
+        _report(coordinator, counts, engine="old", version=v1.version)  # serves v1 still: its copies pending drop
+        before = pool.held()
+        pool.kill(dead)
+        pool.fail_load = True
+        assert coordinator.check_workers() == [dead]
+        assert coordinator.stats_view()["recalibrations"][-1]["status"] == "failed"
+        survivors = [d for d in range(4) if d != dead]
+        assert not _served_copies_kept(v1, before, pool.held(survivors)), dead
+
+
+def test_a_rolled_back_migration_leaves_the_copies_a_dead_coordinator_left_for_an_engine_still_on_them(checkpoint):
+    """A restarted coordinator finds copies of the version an engine still serves (the dead one's drops, left to
+    reconciliation); a re-plan whose copy failed on one destination dropped them with its own copies (a review)."""
+    for seed in range(10, 14):
+        pool = LocalWorkerPool(_workers(checkpoint))
+        first = _coordinator(checkpoint, pool, ack_timeout_s=60.0)
+        _report(first, _skewed(first.shape, 7), engine="old", passes=30)
+        v1 = first.placement
+        assert first.recalibrate(mode="full", force=True)["status"] == "applied"
+        first.stop()  # dies with v1's copies pending drop
+        second = _coordinator(checkpoint, pool, ack_timeout_s=60.0)
+        _report(second, _skewed(second.shape, seed), engine="old", version=v1.version, passes=30)
+        before = pool.held()
+        destinations = sorted({move["dst"] for move in second.recalibrate(mode="full", dry_run=True)["moves"]})
+        pool.workers[destinations[-1]].inject_fault("import")
+        assert second.recalibrate(mode="full", force=True)["status"] == "rolled_back"
+        assert not _served_copies_kept(v1, before, pool.held()), seed
+
+
 class TimedLoadPool(LocalWorkerPool):
     """Records the timeout and the number of experts of each checkpoint load."""
 
@@ -392,7 +439,33 @@ def test_a_reload_while_serving_waits_for_what_it_reads_not_a_whole_first_load(c
     assert pool.timeouts[1:] == [60.0] and pool.loaded[1] > 0  # a tiny model: the floor of a minute
     # large shares: all that is read, at 0.1 GB/s (the workers may read from one disk)
     n, size = 10**6, coordinator.shape.expert_bytes
-    assert coordinator._serving_load_timeout({0: [(0, 0)] * n, 2: [(0, 1)] * n}) == 2 * n * size / 1e8
+    assert coordinator._transfer_timeout(2 * n) == 2 * n * size / 1e8
+
+
+class TimedCopyPool(LocalWorkerPool):
+    """Records the timeout and the number of experts of each copy."""
+
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.copies = []
+
+    def copy(self, transfers, timeout_s=None):
+        self.copies.append((timeout_s, sum(len(keys) for *_, keys in transfers)))
+        return super().copy(transfers, timeout_s)
+
+
+def test_copies_wait_for_what_they_move(checkpoint):
+    """A re-plan's and a refill's copies are given what they move at 0.1 GB/s, as reloads (they had one control
+    call's timeout, a minute, whatever they moved)."""
+    pool = TimedCopyPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    coordinator.shape = replace(coordinator.shape, expert_bytes=10**9)  # (planned as experts of 1 GB)
+    _calibrate(coordinator, 9)
+    pool.kill(2)
+    assert coordinator.check_workers() == [2]
+    assert coordinator.stats_view()["recalibrations"][-1]["status"] == "applied"
+    assert len(pool.copies) == 2 and pool.copies[0][1] > 6  # the calibration's re-plan, then the refill's
+    assert [timeout for timeout, _ in pool.copies] == [max(60.0, moved * 10.0) for _, moved in pool.copies]
 
 
 def test_a_first_load_retried_without_a_device_keeps_what_workers_held_before_start(checkpoint):
@@ -435,7 +508,7 @@ def _copies_fail_once(pool: LocalWorkerPool) -> None:
     would have it restarted again); the ones after succeed."""
     copy = pool.copy
 
-    def failing_once(transfers):
+    def failing_once(transfers, timeout_s=None):
         pool.copy = copy
         raise WorkerCallError("copy failed on devices [0]: timed out", [0])
 

@@ -53,6 +53,30 @@ def test_loading_experts_has_a_timeout_of_its_own_other_calls_the_control_calls(
         RayPoolConfig(load_timeout_s=0)
 
 
+def test_a_copy_waits_as_long_as_its_caller_sizes_it_never_past_the_load_timeout():
+    """A copy had one control call's 60 s whatever it moved, and its destination refuses an import ending well
+    past that: a re-plan of a large model, which a refill reloading the same experts was given an hour for, could
+    never finish and was rolled back at each try (a review)."""
+    from service.worker_pool import LOAD_GRACE_S, RayWorkerPool
+
+    sent = []
+
+    class Actor:
+        def __getattr__(self, method):
+            return types.SimpleNamespace(remote=lambda *args: sent.append((method, args)) or method)
+
+    pool = RayWorkerPool.__new__(RayWorkerPool)
+    pool.config, pool._actors, waited = RayPoolConfig(load_timeout_s=900.0), [Actor(), Actor()], []
+    pool._gather = lambda refs, devices, timeout_s=None: (waited.append(timeout_s) or [[]] * len(refs), {})
+    for timeout_s in (None, 300.0, 5000.0):
+        before = time.time()
+        pool.copy([(0, 1, [(0, 1)])], timeout_s=timeout_s)
+        limit = {None: 60.0, 300.0: 300.0, 5000.0: 900.0}[timeout_s]  # call_timeout_s by default
+        assert waited[-1] == limit + LOAD_GRACE_S
+        method, (exported, deadline) = sent[-1]
+        assert method == "import_experts" and before + limit <= deadline <= time.time() + limit
+
+
 def test_a_worker_refused_at_its_creation_is_named_with_the_reason_not_the_traceback():
     """A worker that refuses to start (its GPU check) dies in its creation task: Ray's error carries the traceback
     first and the reason last, and the 300 characters kept of it showed Ray's header and frames only (a review)."""

@@ -29,6 +29,7 @@ Key = tuple[int, int]  # (moe layer, expert)
 _SHUTDOWN_TIMEOUT_S = 5.0  # how long a worker about to be killed has to close its sockets and remove its folder
 _PLACEABLE_CHECK_S = 2.0  # a restarted worker not up by then is checked for a node that can host it
 _STARTING = ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")  # Ray actor states before a worker answers
+_CREATING = ("PENDING_CREATION", "DEPENDENCIES_UNREADY")  # of those, a first start's (a process, or room for one)
 
 
 class WorkerCallError(RuntimeError):
@@ -193,7 +194,7 @@ class RayWorkerPool:
         self.num_devices = len(self.worker_configs)
         self._actors: list[Any] = []
         self._infos: list[WorkerInfo] = []
-        self._replacing: dict[int, Any] = {}  # device: first call of a replacement still waiting for a node
+        self._replacing: dict[int, Any] = {}  # device: first call of a worker still waiting for a node or being created
         self.strays: dict[str, Any] = {}  # an earlier configuration's workers kept at start (`keep_strays`), by name
         self._strays_lock = threading.Lock()  # (retired by the coordinator's thread, or by its shutdown)
         # Every worker actor this pool created or adopted, by name (the latest of each name), and whether it is shut
@@ -223,6 +224,9 @@ class RayWorkerPool:
         refs = [a.info.remote() for a in self._actors]
         infos, errors = self._gather(refs, list(range(self.num_devices)))
         self._infos = infos
+        for device in errors:  # one still being created is left pending: a restart waits on it, not kills it
+            if self._creating(device):
+                self._replacing[device] = refs[device]
         if errors:
             raise WorkerStartError(f"{len(errors)} of {self.num_devices} workers did not start: " + "; ".join(
                 f"device {d}: {self._why_not_up(d, error_text(error))}" for d, error in errors.items()), list(errors),
@@ -243,9 +247,15 @@ class RayWorkerPool:
             self._stop([self._actors[device]], wait=False)
             return (f"its process died {restarts} time(s) while starting, and it was killed; its log says why "
                     f"(`ray logs actor --id {self._actors[device]._actor_id.hex()}`)")
-        if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):  # a process, or room for one
+        if state in _CREATING:
             return f"still being created (state {state}); left pending"
         return f"{error} (actor state {state or 'unknown'})"
+
+    def _creating(self, device: int) -> bool:
+        """Whether worker `device` is still in its first creation (no process of it died): a start slower than
+        call_timeout_s (a large image, CUDA initialising on a busy node), left to go on."""
+        state, restarts, _ = _actor_state(self._actors[device])
+        return state in _CREATING and not restarts
 
     def _no_room(self, state: str | None, placed: bool) -> str | None:
         """Why a worker in Ray actor `state`, with a process (`placed`) or not, waits for a node with room: none has
@@ -395,7 +405,8 @@ class RayWorkerPool:
                     if waiting:
                         raise WorkerCallError(f"restart of device {device} failed: {waiting}", [device])
                     if (restarts and state != "ALIVE") or time.monotonic() > deadline:  # a crash loop: killed
-                        self._replacing.pop(device, None)
+                        if not self._creating(device):  # (one still being created is left pending, waited on
+                            self._replacing.pop(device, None)  # again by the next call: it was killed then)
                         raise WorkerCallError(f"restart of device {device} failed: "
                                               f"{self._why_not_up(device, 'no answer')}", [device])
                 info = ray.get(ref, timeout=self.config.call_timeout_s)
@@ -620,7 +631,9 @@ class LocalWorkerPool:
                          "drop_experts")
 
     def held(self, devices: Sequence[int] | None = None) -> dict[int, set[Key]]:
-        return {i: {tuple(k) for k in self._live(i).held_experts()} for i in self._devices(devices)}
+        devices = self._devices(devices)
+        held = self._per_device(devices, lambda d: self._live(d).held_experts(), "held_experts")
+        return {d: {tuple(k) for k in keys} for d, keys in zip(devices, held)}
 
     def held_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, set[Key]]:
         return {d: {tuple(k) for k in self.workers[d].held_experts()} for d in devices if d not in self._dead}
@@ -646,7 +659,7 @@ class LocalWorkerPool:
         return results
 
     def telemetry(self) -> list[Telemetry]:
-        return [self._live(i).telemetry() for i in range(self.num_devices)]
+        return self._per_device(range(self.num_devices), lambda d: self._live(d).telemetry(), "telemetry")
 
     def telemetry_of(self, devices: Sequence[int], timeout_s: float) -> dict[int, Telemetry]:
         return {d: self.workers[d].telemetry() for d in devices if d not in self._dead}
@@ -668,8 +681,7 @@ class LocalWorkerPool:
 
     def load_records(self, devices: Sequence[int] | None = None) -> list[dict[str, Any]]:
         devices = self._devices(devices)
-        for i in devices:
-            self._live(i)
+        self._per_device(devices, self._live, "get_record")
         return [self._records[i] for i in devices if self._records[i]]
 
     def probe(self, timeout_s: float) -> list[WorkerInfo | None]:

@@ -77,6 +77,46 @@ def test_a_copy_waits_as_long_as_its_caller_sizes_it_never_past_the_load_timeout
         assert method == "import_experts" and before + limit <= deadline <= time.time() + limit
 
 
+def test_a_worker_still_being_created_is_left_to_go_on_not_killed_by_the_next_try(monkeypatch):
+    """A worker whose start takes longer than call_timeout_s (its process placed, its creation task running) was
+    said to be "left pending", but the coordinator's next try, at once, killed it and created another, which again
+    had call_timeout_s: it never came up (a review). The next try waits on it, at start as at a restart."""
+    import ray
+
+    from service import worker_pool
+    from service.worker_pool import RayWorkerPool, WorkerStartError
+
+    created, killed, waited = [], [], []
+
+    class Actor:
+        def __init__(self):
+            self.id = len(created)
+            self._actor_id = bytes([self.id])
+            created.append(self.id)
+            self.info = types.SimpleNamespace(remote=lambda: f"info-{self.id}")
+
+    pool = RayWorkerPool.__new__(RayWorkerPool)
+    pool.config, pool.num_devices, pool._replacing = RayPoolConfig(call_timeout_s=0.05), 1, {}
+    pool._adopted, pool._create = set(), lambda index: Actor()
+    pool._collect_strays = lambda running: None
+    pool._stop = lambda actors, wait=True: killed.extend(actor.id for actor in actors)
+    pool._gather = lambda refs, devices, timeout_s=None: ([None], {0: TimeoutError("no answer")})
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces: [])
+    monkeypatch.setattr(worker_pool, "_actor_state", lambda actor: ("PENDING_CREATION", 0, True))
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: waited.append(refs[0]) or ([], refs))
+    with pytest.raises(WorkerStartError, match="still being created"):
+        pool.start()
+    for _ in range(2):
+        with pytest.raises(WorkerCallError, match="left pending"):
+            pool.restart(0)
+    assert created == [0] and killed == [] and set(waited) == {"info-0"}
+    # a crash loop is killed, and the next try creates a new worker
+    monkeypatch.setattr(worker_pool, "_actor_state", lambda actor: ("RESTARTING", 2, True))
+    with pytest.raises(WorkerCallError, match="died 2 time"):
+        pool.restart(0)
+    assert 0 not in pool._replacing and killed == [0]
+
+
 def test_a_worker_refused_at_its_creation_is_named_with_the_reason_not_the_traceback():
     """A worker that refuses to start (its GPU check) dies in its creation task: Ray's error carries the traceback
     first and the reason last, and the 300 characters kept of it showed Ray's header and frames only (a review)."""
@@ -116,6 +156,21 @@ def test_a_copy_from_a_dead_source_names_the_source():
     with pytest.raises(WorkerCallError) as err:
         pool.copy([(0, 1, [(0, 0)])])
     assert err.value.devices == (0,)
+
+
+def test_the_in_process_pool_names_every_worker_a_call_failed_on():
+    """held, telemetry and load_records stopped at the first dead worker and named it alone, unlike the Ray pool's
+    calls and the in-process pool's others (a review): tests on it met another failure path than a cluster's."""
+    from service.worker import ExpertWorker, WorkerConfig
+
+    pool = LocalWorkerPool([ExpertWorker(WorkerConfig(index=i)) for i in range(4)])
+    pool.kill(1)
+    pool.kill(3)
+    for call in (pool.held, pool.telemetry, pool.load_records, lambda: pool.drop({1: [(0, 0)], 3: [(0, 0)]})):
+        with pytest.raises(WorkerCallError) as err:
+            call()
+        assert err.value.devices == (1, 3)
+    assert set(pool.held([0, 2])) == {0, 2}
 
 
 def test_the_pools_errors_cross_processes_whole_and_the_admin_answers_503():

@@ -59,7 +59,7 @@ class EmulationArgs(BaseModel):
     the slope is `fixed_s / knee_tokens` (the emulator's own rule).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # (a nested model has its own config)
     fixed_s: float = Field(default=4e-4, gt=0)  # 0 would emulate calls that take no time: nothing to fit
     knee_tokens: float | None = Field(default=None, gt=0)
     slope_s: float | None = Field(default=None, ge=0)
@@ -68,6 +68,18 @@ class EmulationArgs(BaseModel):
     throttle_tau_s: float = Field(default=5.0, gt=0)
     # {device: [[seconds_after_start, speed_multiplier], ...]}, e.g. {"2": [[60, 0.8]]}
     drift: dict[int, list[tuple[float, float]]] = Field(default_factory=dict)
+
+    @field_validator("drift")
+    @classmethod
+    def _steps_in_order(cls, drift: dict[int, list[tuple[float, float]]]) -> dict[int, list[tuple[float, float]]]:
+        """Each device's steps at times >= 0, strictly increasing, with multipliers > 0 (the emulator's rule), said
+        here with the device they are for (they were refused at build time, naming EmulationConfig.drift)."""
+        for device, steps in drift.items():
+            times = [t for t, _ in steps]
+            if not (all(t >= 0 for t in times) and times == sorted(set(times)) and all(m > 0 for _, m in steps)):
+                raise ValueError(f"emulation.drift[{device}] must be [seconds_after_start, speed_multiplier] steps "
+                                 f"with times >= 0 and strictly increasing and multipliers > 0, got {steps}")
+        return drift
 
 
 class AppArgs(BaseModel):
@@ -130,12 +142,14 @@ class AppArgs(BaseModel):
     tool_call_parser: Literal["auto", "hermes", "qwen3_coder", "deepseek_v3", "kimi_k2", "glm45", "glm47", "minimax_m2",
                               "mistral", "mistral_v11", "openai", "llama3_json", "llama4_json"] = "auto"
     worker_probe_misses: int = Field(default=3, ge=1)  # missed health probes (3 s each) before a worker is lost
-    worker_load_timeout_s: float = Field(default=1800.0, gt=0)  # reading a worker's experts from the checkpoint
+    # reading a worker's experts from the checkpoint (Ray's waits take milliseconds as an int64: ~1e16 s overflowed,
+    # and every load failed)
+    worker_load_timeout_s: float = Field(default=1800.0, gt=0, le=7 * 86400)
     num_replicas: int = Field(default=1, ge=1)
     # how long a stopped ingress replica (redeploy, scale-down, delete) finishes the requests it holds before Serve
     # kills it (graceful_shutdown_timeout_s; requests still running then are cut); its coordinator waits this long
     # too before a deleted app's workers go
-    drain_timeout_s: float = Field(default=60.0, ge=0)
+    drain_timeout_s: float = Field(default=60.0, ge=0, le=86400)
     ingress_num_cpus: float = Field(default=0.5, ge=0)
     coordinator_num_cpus: float = Field(default=0.1, ge=0)
     worker_num_cpus: float = Field(default=0.05, ge=0)
@@ -153,7 +167,7 @@ class AppArgs(BaseModel):
     @classmethod
     def _valid_token(cls, token: SecretStr | None) -> SecretStr | None:
         if token is not None:
-            check_admin_token(token.get_secret_value())
+            check_admin_token(token.get_secret_value(), "admin_token")
         return token
 
     @field_validator("model_roots", mode="before")
@@ -168,15 +182,21 @@ class AppArgs(BaseModel):
     def _speeds_from_text(cls, speeds: Any) -> Any:
         """A string is a comma-separated list (`serve run deploy.app:build_app speeds=1,0.95,0.9`: every key=value
         argument is a string there, so a list could not be given)."""
+        if _is_null(speeds):
+            return None
         if isinstance(speeds, str):
-            return [part.strip() for part in speeds.split(",")] if speeds.strip() else speeds
+            return [part.strip() for part in speeds.split(",")]
         return speeds
 
-    @field_validator("profile_prompts", mode="before")
+    @field_validator("profile_prompts", "request_timeout_s", "served_model_name", "app_name", "dtype", "slot_budget",
+                     "max_model_len", "max_body_bytes", "max_cached_sequences", "kv_cache_bytes", "reasoning_parser",
+                     "worker_num_gpus", mode="before")
     @classmethod
     def _null_from_text(cls, value: Any) -> Any:
-        """`profile_prompts=null` on the command line (a string there) is null, as in YAML: no profiling pass."""
-        return None if isinstance(value, str) and value.strip().lower() in ("null", "none", "") else value
+        """`request_timeout_s=null` on the command line (a string there) is null, as in YAML: no limit (or no
+        profiling pass, the default name, ...). It was refused as not a number, and `app_name=null` named the
+        workers "null"."""
+        return None if _is_null(value) else value
 
     @field_validator("speeds")
     @classmethod
@@ -456,19 +476,25 @@ def _batched_tokens(args: AppArgs) -> int:
     return max(args.max_num_batched_tokens, args.max_num_seqs)
 
 
-def check_admin_token(token: str) -> str:
+def _is_null(value: Any) -> bool:
+    """Whether a key=value argument's text means null (`null`, `none` or nothing, any case)."""
+    return isinstance(value, str) and value.strip().lower() in ("null", "none", "")
+
+
+def check_admin_token(token: str, source: str = "admin_token") -> str:
     """`token` if it is at least MIN_ADMIN_TOKEN_CHARS printable ASCII characters without surrounding spaces
-    (HTTP headers arrive as latin-1, so any other token could never match); the error never shows it."""
+    (HTTP headers arrive as latin-1, so any other token could never match); the error names where it came from
+    (`source`: the argument, or the environment variable, as on KubeRay from a Secret), never the token."""
     if not (len(token) >= MIN_ADMIN_TOKEN_CHARS and token.isascii() and token.isprintable()
             and token.strip() == token):
-        raise ValueError(f"admin_token must be at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII characters "
+        raise ValueError(f"{source} must be at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII characters "
                          "without surrounding spaces (the token is not shown)")
     return token
 
 
 def _env_token() -> str | None:
     token = os.environ.get("VIBE_ADMIN_TOKEN") or None
-    return None if token is None else check_admin_token(token)
+    return None if token is None else check_admin_token(token, "VIBE_ADMIN_TOKEN")
 
 
 def _profile_file(path: str) -> str:

@@ -64,6 +64,12 @@ def error_of(args: dict) -> str:
     ({"data_plane_timeout_s": float("inf")}, "data_plane_timeout_s"), ({"data_plane_timeout_s": 1e10}, "86400"),
     ({"worker_load_timeout_s": "inf"}, "worker_load_timeout_s"), ({"request_timeout_s": float("nan")}, "finite"),
     ({"speeds": "1,fast"}, "speeds.1"),
+    # Ray's waits take int64 milliseconds: every load failed (a review)
+    ({"worker_load_timeout_s": 1e17}, "worker_load_timeout_s"), ({"drain_timeout_s": 1e17}, "drain_timeout_s"),
+    # the emulation's own values, at parse time and named (refused at build naming EmulationConfig; a review)
+    ({"emulation": {"fixed_s": "inf"}}, "emulation.fixed_s"), ({"emulation": {"throttle_tau_s": "inf"}}, "emulation"),
+    ({"emulation": {"drift": {"2": [[60, 0.8], [30, 0.9]]}}}, "emulation.drift[2] must be"),
+    ({"emulation": {"drift": {"2": [[60, 0.0]]}}}, "emulation.drift[2] must be"),
 ])
 def test_bad_arguments_are_refused_naming_the_argument(args, expected):
     assert expected in error_of(args)
@@ -78,6 +84,22 @@ def test_other_device_counts_take_the_default_spread_and_the_command_line_gives_
     assert len(AppArgs(num_devices=16).speeds) == 16 and min(AppArgs(num_devices=16).speeds) == DEFAULT_SPEEDS[-1]
     cli = AppArgs.model_validate({"num_devices": "3", "speeds": "1, 0.9,0.8", "profile_prompts": "null"})
     assert cli.speeds == [1.0, 0.9, 0.8] and cli.profile_prompts is None
+    # every argument that may be null, as YAML's: request_timeout_s=null (no limit) was refused as not a number,
+    # app_name=null named the workers "null" (a review)
+    cli = AppArgs.model_validate({"request_timeout_s": "null", "app_name": "null", "max_model_len": "None",
+                                  "served_model_name": "NULL", "speeds": "null"})
+    assert (cli.request_timeout_s, cli.app_name, cli.max_model_len, cli.served_model_name) == (None,) * 4
+    assert cli.speeds == list(DEFAULT_SPEEDS)
+
+
+def test_a_short_token_from_the_environment_is_named_as_such(monkeypatch):
+    """A short VIBE_ADMIN_TOKEN (on KubeRay, from a Secret) was refused as a short admin_token, an argument the user
+    never gave (a review)."""
+    from deploy.app import _env_token
+
+    monkeypatch.setenv("VIBE_ADMIN_TOKEN", "short-token")
+    with pytest.raises(ValueError, match="^VIBE_ADMIN_TOKEN must be at least 16"):
+        _env_token()
 
 
 @pytest.mark.parametrize("args, field", [

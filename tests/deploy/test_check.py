@@ -25,7 +25,7 @@ def test_a_short_admin_token_is_refused_with_the_reason_before_anything_starts(c
     monkeypatch.setenv("VIBE_ADMIN_TOKEN", "short")
     assert check.main(["deploy/config.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "application 'vibe' cannot be built: admin_token must be at least 16" in err and "short" not in err
+    assert "application 'vibe' cannot be built: VIBE_ADMIN_TOKEN must be at least 16" in err and "short" not in err
 
 
 def test_args_and_the_runtime_envs_variables_are_checked_as_serve_would_build_them(tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_args_and_the_runtime_envs_variables_are_checked_as_serve_would_build_th
     with pytest.raises(ValueError, match="(?s)application .mine. cannot be built: .*no-such-model"):
         check.check(_config(tmp_path, "{model: no-such-model}"))
     env = "    runtime_env: {env_vars: {VIBE_ADMIN_TOKEN: too-short}}\n"
-    with pytest.raises(ValueError, match="admin_token must be at least 16"):
+    with pytest.raises(ValueError, match="VIBE_ADMIN_TOKEN must be at least 16"):
         check.check(_config(tmp_path, "{}", env))
     import os
 

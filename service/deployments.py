@@ -467,9 +467,14 @@ class IngressDeployment:
             raise RuntimeError(self.engine.broken)
 
     def __del__(self) -> None:
-        self._stopping.set()
-        self.sync.stop()
-        self.engine.shutdown()
+        # (Serve runs this during a start still in progress too, the app deleted meanwhile: what was made is stopped,
+        # an engine started before the sync was made included)
+        if (stopping := getattr(self, "_stopping", None)) is not None:
+            stopping.set()
+        if (sync := getattr(self, "sync", None)) is not None:
+            sync.stop()
+        if (engine := getattr(self, "engine", None)) is not None:
+            engine.shutdown()
 
 
 def read_prompts(path: Path, tokenizer) -> list[list[int]]:

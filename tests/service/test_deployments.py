@@ -397,3 +397,19 @@ def test_the_profiling_pass_waits_for_an_applied_calibrations_version(tmp_path):
     ingress, reads = _profiling_ingress(tmp_path, {"status": "applied", "to_version": 5})
     asyncio.run(ingress._profiling_pass())
     assert reads == [1, 1, 1, 5]
+
+
+def test_an_ingress_deleted_while_it_starts_stops_what_it_made():
+    """Serve runs a replica's destructor during a start still in progress (the app deleted meanwhile): the ingress's
+    touched its placement sync and stop event first, which an engine started before them did not have yet
+    (AttributeError, the engine's threads left running)."""
+    import types
+
+    from service.deployments import IngressDeployment
+
+    stopped = []
+    ingress = object.__new__(IngressDeployment)
+    ingress.engine = types.SimpleNamespace(shutdown=lambda: stopped.append("engine"))
+    ingress.__del__()
+    assert stopped == ["engine"]
+    object.__new__(IngressDeployment).__del__()  # nothing made yet

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -224,6 +225,9 @@ def expert_layout(config: PretrainedConfig) -> ExpertLayout:
     method = quantization_method(config)
     if method == COMPRESSED_TENSORS:
         _check_pack_quantized(config.quantization_config)
+    elif method == "fp8" and architecture == "gpt_oss":  # (its fused experts have biases and no block scales read)
+        raise ValueError("gpt_oss: FP8 experts are not supported (transformers' FP8 experts take no biases); GPT-OSS "
+                         "is read in bf16 or as released, MXFP4")
     elif method is not None and method != "fp8" and (method, architecture) != ("mxfp4", "gpt_oss"):
         raise ValueError(f"quantized checkpoints ({method}) are not supported: convert the weights to bf16 first; "
                          f"FP8 with block scales (fp8), GPT-OSS's MXFP4 and compressed-tensors' pack-quantized "
@@ -453,8 +457,11 @@ def _check_pack_quantized(quantization) -> None:
                 problems.append(f"{name}: strategy {weights.get('strategy')!r}, not 'group' or 'channel'")
         if not weights.get("symmetric", True):
             problems.append(f"{name}: asymmetric weights (zero points)")
-        if weights.get("actorder") == "group":
+        order = weights.get("actorder")  # (True: group, as older compressed-tensors read it; dynamic: its alias)
+        if order is True or (isinstance(order, str) and order.lower() in ("group", "dynamic")):
             problems.append(f"{name}: activation ordering by group (g_idx)")
+        elif order not in (None, False) and not (isinstance(order, str) and order.lower() in ("weight", "static")):
+            problems.append(f"{name}: activation ordering {order!r}")
     if problems:
         raise ValueError("compressed-tensors checkpoints are read when their weights are symmetric INT4 or INT8 in "
                          "the pack-quantized format or NVFP4; this one: " + "; ".join(problems))
@@ -512,7 +519,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
     safetensors headers only (no weight is read): every shard the index names is there and opens (a truncated or
     missing file, a partial download), holds the tensors the index says it does, and every routed expert of every MoE
     layer has its weights, of the layout's shapes ([I, H] and [H, I] per expert; fused ones [E, ...]) and a float or
-    FP8 dtype (packed quantized formats: present). Run when the app is built: the workers read only their own experts,
+    FP8 dtype (packed quantized formats: their packed tensors of those shapes). Run when the app is built: the workers read only their own experts,
     later, where a failure shows only in Serve's logs, and transformers would refuse a checkpoint whose shapes differ
     from its config while the workers would compute with them."""
     folder = _local_dir(checkpoint_dir)
@@ -525,6 +532,31 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
                 raise ValueError(f"{folder / shard} lacks {len(missing)} tensor(s) the index puts there: {missing[:4]}")
         for decoder_layer in layout.moe_layers:
             _check_layer_experts(shards, layout, decoder_layer)
+
+
+_OTHER_EXPERT = re.compile(r"(^|\.)experts\.[1-9][0-9]*\.")  # a per-expert tensor of an expert other than 0
+
+
+def storage_groups(checkpoint_dir: str | Path) -> list[tuple[int, int]]:
+    """(a MoE layer, how many MoE layers are stored as it is) for each way the MoE layers' tensors are stored: their
+    names past the layer's prefix and their dtypes, from the safetensors headers (experts after the first left out).
+    A checkpoint may leave some layers unquantized (an ignore list): one expert of each group tells what the experts
+    of all take."""
+    folder = _local_dir(checkpoint_dir)
+    layout = load_layout(folder)
+    with _Shards(folder) as shards:
+        by_layer: dict[str, list[str]] = {}
+        for name in shards.weight_map:
+            if name.startswith(shards.layers):
+                by_layer.setdefault(name[len(shards.layers):].split(".", 1)[0], []).append(name)
+        groups: dict[tuple, list[int]] = {}
+        for moe_layer, decoder_layer in enumerate(layout.moe_layers):
+            prefix = f"{shards.layers}{decoder_layer}."
+            signature = tuple(sorted((name[len(prefix):], shards.file(name).get_slice(name).get_dtype())
+                                     for name in by_layer.get(str(decoder_layer), ())
+                                     if not _OTHER_EXPERT.search(name[len(prefix):])))
+            groups.setdefault(signature, []).append(moe_layer)
+    return [(layers[0], len(layers)) for layers in groups.values()]
 
 
 def _check_layer_experts(shards: _Shards, layout: ExpertLayout, decoder_layer: int) -> None:
@@ -557,8 +589,10 @@ def _check_layer_experts(shards: _Shards, layout: ExpertLayout, decoder_layer: i
                     name = prefix + suffix.format(e=expert)
                     if not _stored(shards, name):
                         raise ValueError(f"checkpoint has no {name} (expert {expert} of {where})")
-                    if name in shards:  # (packed formats: checked when read)
+                    if name in shards:
                         _check_header(shards, name, shape)
+                    else:  # packed: compressed-tensors' INT4/INT8 or NVFP4, checked against the config's sizes too
+                        _check_packed_header(shards, name, shape)
             return
     fmt = next((f for f in (*_FUSED_FORMATS, _UNGATED_FUSED) if all(prefix + n in shards for n in f)), None)
     if fmt is None:
@@ -580,6 +614,37 @@ def _check_fused(shards: _Shards, name: str, num: int, shape: tuple[int, ...], d
     if stored[0] != num or sorted(stored[1:]) != sorted(shape) or dtype not in dtypes:
         raise ValueError(f"{name} is {list(stored)} {dtype}, expected [{num}] + {list(shape)} (either order) in "
                          f"{' or '.join(dtypes)} for {num} experts of {where}")
+
+
+# safetensors dtype names of packed weights' tensors, as torch reads them
+_PACKED_DTYPES = {"I32": torch.int32, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32,
+                  "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64, "I64": torch.int64}
+
+
+def _check_packed_header(shards: _Shards, name: str, shape: tuple[int, int]) -> None:
+    """ValueError naming ``name`` unless its packed tensors (``_packed``, ``_scale``, and ``_shape`` for integers or
+    ``_global_scale`` for NVFP4) are there and hold a weight of ``shape`` (config.json's sizes: a packed expert of
+    other sizes was computed with its own), and no ``_g_idx`` (columns in another order than their groups)."""
+    def meta(suffix: str) -> torch.Tensor:
+        if name + suffix not in shards:
+            raise ValueError(f"packed weight {name} has no {name + suffix}")
+        view = shards.file(name + suffix).get_slice(name + suffix)
+        return torch.empty(view.get_shape(), dtype=_PACKED_DTYPES.get(view.get_dtype(), torch.bool), device="meta")
+
+    if name + "_g_idx" in shards:
+        raise ValueError(f"packed weight {name} has a {name}_g_idx (activation ordering by group), which is not read")
+    packed, scale = meta("_packed"), meta("_scale")
+    if name + "_global_scale" in shards:
+        check_nvfp4(packed, scale, meta("_global_scale"), name)
+        stored = (packed.shape[0], packed.shape[1] * 2)
+    else:
+        meta("_shape")
+        stored = tuple(shards.file(name + "_shape").get_tensor(name + "_shape").reshape(-1).tolist())
+        if len(stored) == 2:
+            int_packed_bits(packed, scale, stored, name)
+    if stored != shape:
+        raise ValueError(f"packed weight {name} holds a {list(stored)} weight, expected {list(shape)} (config.json's "
+                         f"hidden and expert intermediate sizes)")
 
 
 def _check_header(shards: _Shards, name: str, shape: tuple[int, int]) -> None:

@@ -113,11 +113,17 @@ def read_held(config: WorkerConfig, checkpoint_dir: str, keys: Iterable[Key]) ->
 
 
 def held_expert_bytes(config: WorkerConfig, checkpoint_dir: str) -> int:
-    """Bytes of one expert of a checkpoint (its first: a model's experts have one shape) as a worker of
-    ``config`` holds it: what a migration moves."""
-    store = ExpertStore("cpu", DTYPES[config.dtype])
-    store.add(read_held(config, checkpoint_dir, [(0, 0)]))
-    return store.held_bytes()
+    """Bytes of one expert of a checkpoint as a worker of ``config`` holds it, the mean over the MoE layers: what a
+    migration moves. One expert is read per way the layers are stored (`storage_groups`: one for most checkpoints;
+    the first expert alone priced every migration of a checkpoint with unquantized layers as theirs)."""
+    from service.checkpoint import storage_groups
+
+    total = layers = 0
+    for layer, count in storage_groups(checkpoint_dir):
+        store = ExpertStore("cpu", DTYPES[config.dtype])
+        store.add(read_held(config, checkpoint_dir, [(layer, 0)]))
+        total, layers = total + count * store.held_bytes(), layers + count
+    return round(total / layers)
 
 
 @dataclass(frozen=True)

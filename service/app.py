@@ -77,7 +77,7 @@ from service.reasoning import PARSERS as REASONING_PARSERS
 from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
 from service.sampling import SamplingParams, TokenLogprobs
 from service.structured import InvalidGrammar
-from service.text import TokenPieces, apply_chat_template, render_template, text_after_history
+from service.text import TokenPieces, apply_chat_template, render_template, special_ids, text_after_history
 from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup, special_tags
 from service.tools import detect_format as detect_tool_format
@@ -398,11 +398,12 @@ class _Server:
             self.metrics.requests.labels(status="rejected").inc()
 
     @property
-    def _special_think_tags(self) -> bool:
-        """Whether a chat's text must keep special tokens for the reasoning parser to find its block: the thinking
-        tags are special tokens of the tokenizer (skip_special_tokens, the default, would drop them, and the
-        reasoning would read as the answer, or the answer as reasoning)."""
-        return self.reasoning and self.think_tokens is not None and self.think_tokens.special
+    def _special_think_tags(self) -> tuple[int, ...]:
+        """The thinking tags a chat's text must keep for the reasoning parser to find its block, when they are special
+        tokens of the tokenizer (skip_special_tokens, the default, would drop them, and the reasoning would read as
+        the answer, or the answer as reasoning); none otherwise."""
+        special = self.reasoning and self.think_tokens is not None and self.think_tokens.special
+        return self.think_tokens.tags if special else ()
 
     def _card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.config.max_model_len)
@@ -495,8 +496,7 @@ def _think_tokens(tokenizer) -> _ThinkTokens | None:
     if not all(len(ids) == 1 for ids in tags):
         return None
     gap = [tokenizer.encode(space, add_special_tokens=False) for space in ("\n", "\n\n", " ")]
-    special = {*tokenizer.all_special_ids,
-               *(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)}
+    special = special_ids(tokenizer)
     return _ThinkTokens((tags[0][0], tags[1][0]), tuple(dict.fromkeys(ids[0] for ids in gap if len(ids) == 1)),
                         tags[0][0] in special or tags[1][0] in special)
 

@@ -554,12 +554,12 @@ class ChatCompletionRequest(_SamplingFields):
     # special tokens of its tokenizer: the server's, set before first use
     _tool_format: str = PrivateAttr(default="hermes")
     _special_tags: Mapping[str, int] = PrivateAttr(default_factory=dict)
-    _keep_think_tags: bool = PrivateAttr(default=False)  # the server's reasoning parser reads special-token tags
+    _think_tags: tuple[int, ...] = PrivateAttr(default=())  # special-token tags the server's reasoning parser reads
 
-    def keep_think_tags(self, keep: bool) -> ChatCompletionRequest:
-        """Decode keeping special tokens when ``keep``: the thinking tags the server's reasoning parser splits at are
-        special tokens of its tokenizer (as the tool tags of `use_tool_format`)."""
-        self._keep_think_tags = keep
+    def keep_think_tags(self, ids: Sequence[int]) -> ChatCompletionRequest:
+        """Decode the special tokens ``ids`` (the others still left out): the thinking tags the server's reasoning
+        parser splits at, when they are special tokens of its tokenizer (as the tool tags of `use_tool_format`)."""
+        self._think_tags = tuple(ids)
         return self
 
     def use_tool_format(self, name: str, special: Mapping[str, int] | None = None) -> ChatCompletionRequest:
@@ -670,18 +670,24 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
         top_k=request.top_k or 0, min_p=request.min_p or 0.0, repetition_penalty=request.repetition_penalty or 1.0,
         min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()),
-        grammar=request.grammar, skip_special_tokens=request.skip_special_tokens and not _keeps_tags(request))
+        grammar=request.grammar, skip_special_tokens=request.skip_special_tokens and not _keeps_special(request),
+        kept_special_ids=_kept_tags(request))
 
 
-def _keeps_tags(request: CompletionRequest | ChatCompletionRequest) -> bool:
-    """Whether the completion's text must keep special tokens: the model may call a tool in a format whose
-    tags are special tokens (Mistral's ``[TOOL_CALLS]``), as vLLM's Mistral parser asks, or writes harmony
-    (GPT-OSS: its messages' headers are special tokens, tools or not), or thinks in tags that are special tokens."""
+def _keeps_special(request: CompletionRequest | ChatCompletionRequest) -> bool:
+    """Whether the completion's text must keep every special token: the model writes harmony (GPT-OSS: its
+    messages' headers are special tokens, tools or not; the others are left out by `service.harmony`)."""
+    return isinstance(request, ChatCompletionRequest) and request.harmony and bool(request._special_tags)
+
+
+def _kept_tags(request: CompletionRequest | ChatCompletionRequest) -> tuple[int, ...]:
+    """The special tokens a completion's text keeps while leaving out the others: the tags of a tool format that
+    are special tokens (Mistral's ``[TOOL_CALLS]``) when the model may call a tool, and thinking tags that are.
+    (All special tokens were kept for them, as vLLM's Mistral parser asks: a model's others showed in the text.)"""
     if not isinstance(request, ChatCompletionRequest):
-        return False
+        return ()
     tools = request.tool_setup
-    return ((tools is not None and bool(tools.special)) or (request.harmony and bool(request._special_tags))
-            or request._keep_think_tags)
+    return tuple(sorted({*(tools.special.values() if tools is not None else ()), *request._think_tags}))
 
 
 def _grammar(request: CompletionRequest | ChatCompletionRequest) -> tuple[str | None, str | None]:

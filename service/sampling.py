@@ -64,8 +64,10 @@ class SamplingParams:
             open a block with its first token (or is in one from the start: ``in_reasoning``, the prompt
             opened it), thinks freely inside it, and the grammar applies from the token after its close.
         in_reasoning: the prompt ends inside a thinking block.
-        skip_special_tokens: special tokens decode to no text (vLLM's); False keeps them, as a tool format
-            whose tags are special tokens needs.
+        skip_special_tokens: special tokens decode to no text (vLLM's); False keeps them (harmony's headers).
+        kept_special_ids: special tokens decoded all the same, the tags a parser reads (a tool format's, thinking
+            tags) when they are special tokens: the others still decode to nothing (with skip_special_tokens off
+            for them, a model's other special tokens showed in the content and the reasoning).
         reasoning_gap: with ``reasoning_tokens``, the ids of whitespace tokens (a newline, two) the completion
             may write between the block's close and the grammar, at most `MAX_REASONING_GAP` of them, as
             thinking models write ``</think>\\n\\n`` before their answer.
@@ -92,6 +94,7 @@ class SamplingParams:
     in_reasoning: bool = False
     reasoning_gap: tuple[int, ...] = ()
     skip_special_tokens: bool = True
+    kept_special_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 0:

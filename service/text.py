@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +94,15 @@ class IncrementalDetokenizer:
 
     Decodes a short window of ids (the last emitted tokens plus the new ones) and emits what the new
     tokens add, once it no longer ends in an incomplete character. Special tokens decode to nothing,
-    unless ``skip_special_tokens`` is False.
+    unless ``skip_special_tokens`` is False, or they are among ``kept`` (tags a parser reads).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int],
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, kept: Collection[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # the special tokens to leave out by hand when some are kept (decoded with special tokens, then)
+        self._dropped = special_ids(tokenizer) - set(kept) if skip_special_tokens and kept else None
         self._ids = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0               # window start
         self._read_offset = len(self._ids)    # ids before this are emitted
@@ -123,7 +125,17 @@ class IncrementalDetokenizer:
         return text[len(prefix):]
 
     def _decode(self, ids: list[int]) -> str:
+        if self._dropped is not None:
+            return self._tokenizer.decode([i for i in ids if i not in self._dropped], skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False)
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens (its named ones and the added tokens marked special): what
+    decoding with ``skip_special_tokens`` leaves out."""
+    return frozenset({*tokenizer.all_special_ids,
+                      *(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)})
 
 
 def partial_tag(text: str, tag: str) -> int:
@@ -176,8 +188,8 @@ class TextStream:
     """Streaming text of one completion: detokeniser plus stop strings."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], stop: Sequence[str],
-                 skip_special_tokens: bool = True) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+                 skip_special_tokens: bool = True, kept_special: Collection[int] = ()) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, kept_special)
         self._matcher = StopStringMatcher(stop)
         self._search = True  # the last token's text was searched: the rest of it, flushed at the end, is too
 
@@ -228,6 +240,13 @@ class TokenPieces:
         found = self._cache.get(token_id)
         if found is None:
             text = self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            if not self._byte_level and isinstance(piece, str) and token_id not in self._tokenizer.all_special_ids:
+                # SentencePiece's "▁" is a space, which a decoder strips at the start of a text (Llama 2's and
+                # Mistral's Strip, Metaspace's prepend scheme): a token alone lost it ("▁there" read "there", and
+                # the entries' bytes no longer rebuilt the text they came from)
+                spaces = len(piece) - len(piece.lstrip("▁"))
+                text = " " * max(spaces - (len(text) - len(text.lstrip(" "))), 0) + text
             found = self._cache[token_id] = (text, self._raw_bytes(token_id, text))
         return found
 

@@ -431,3 +431,28 @@ def test_thinking_tags_that_are_special_tokens_are_kept_for_the_reasoning_parser
         message = reply.choices[0].message
         replies.append((getattr(message, "reasoning", None), message.content))
     assert replies[0][1] is not None and replies[1] == replies[0], replies
+
+
+def test_other_special_tokens_stay_out_of_the_text_when_the_thinking_tags_are_kept():
+    """Keeping special thinking tags turned skip_special_tokens off for the whole chat: the model's other special
+    tokens (here <|im_start|> and <|endoftext|>, made likely) showed in the reasoning and the content, where the same
+    tags as plain added tokens left them out (a review). Now only the tags are kept."""
+    replies = []
+    for special in (False, True):
+        tokenizer = build_tokenizer()
+        tokenizer.add_tokens([THINK_START, THINK_END], special_tokens=special)
+        tokenizer.chat_template = THINKING_TEMPLATE
+        others = [str(tokenizer.convert_tokens_to_ids(token)) for token in ("<|im_start|>", "<|endoftext|>")]
+        closer = tokenizer.convert_tokens_to_ids(THINK_END)
+        with served(_start_engine(tokenizer, max_num_seqs=2), reasoning_parser="qwen3") as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            for think in (False, True):
+                reply = client.chat.completions.create(
+                    model=MODEL, messages=ASK, max_tokens=6, temperature=1.0, seed=1,
+                    extra_body={"chat_template_kwargs": {"think": think},
+                                "logit_bias": {others[0]: 8, others[1]: 8, str(closer): 6}})
+                message = reply.choices[0].message
+                replies.append((special, think, getattr(message, "reasoning", None), message.content))
+    assert [r[2:] for r in replies[2:]] == [r[2:] for r in replies[:2]], replies
+    assert not any("<|" in (text or "") for reply in replies for text in reply[2:]), replies
+    assert any(reply[2] for reply in replies), replies  # a block was read

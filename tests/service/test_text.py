@@ -227,3 +227,18 @@ def test_token_pieces_of_a_sentencepiece_byte_fallback_vocabulary():
     pieces = TokenPieces(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>"))
     assert bytes(pieces.bytes(1)) + bytes(pieces.bytes(2)) == "é".encode()
     assert (pieces.text(3), bytes(pieces.bytes(3))) == (" hi", b" hi")
+
+
+@pytest.mark.parametrize("decoder", [
+    decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                       decoders.Strip(" ", 1, 0)]),  # Llama 2's and Mistral's tokenizer.json
+    decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="\u2581", prepend_scheme="first")])])
+def test_a_sentencepiece_token_keeps_its_leading_space_which_its_decoder_strips_alone(decoder):
+    """Llama 2's and Mistral's decoders strip a text's leading space: a "\u2581there" token decoded alone read "there"
+    and a lone "\u2581" nothing, so the entries' bytes did not rebuild the text the stream sent (a review)."""
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581hi": 2, "\u2581there": 3, "\u2581": 4, ",": 5, "<0xE4>": 6}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoder
+    pieces = TokenPieces(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>"))
+    assert [(pieces.text(i), bytes(pieces.bytes(i))) for i in (3, 4, 5, 6, 1)] == [
+        (" there", b" there"), (" ", b" "), (",", b","), ("\ufffd", b"\xe4"), ("<s>", b"<s>")]

@@ -367,6 +367,11 @@ class DispatchContext:
         return next(self._seq)
 
     def _record_samples(self, device: int, tokens: np.ndarray, seconds: np.ndarray) -> None:
+        """Keep a call's (tokens, seconds) per expert; a NaN time (the worker measured it beside a copy of experts,
+        which it may have taken in) is no sample."""
+        timed = np.isfinite(seconds)
+        if not timed.all():
+            tokens, seconds = tokens[timed], seconds[timed]
         with self._lock:
             ring = self._samples.get(device)
             if ring is None:

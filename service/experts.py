@@ -300,7 +300,7 @@ def run_experts(
     weights = [store.get(layer, expert) for expert in experts]
     x = tokens.to(store.device, dtype=store.dtype)
     outputs = torch.empty_like(x)
-    timer = _CudaTimer(len(weights)) if store.device.type == "cuda" else _CpuTimer(len(weights))
+    timer = _CudaTimer(len(weights), store.device) if store.device.type == "cuda" else _CpuTimer(len(weights))
     start = 0
     with torch.no_grad():
         for i, (tensors, end) in enumerate(zip(weights, np.cumsum(counts).tolist())):
@@ -363,23 +363,26 @@ class _CpuTimer:
 
 
 class _CudaTimer:
-    """Per-expert device seconds by CUDA events, with one synchronize at the end."""
+    """Per-expert device seconds by CUDA events on ``device``'s current stream (the one its kernels run on, not the
+    current device's: a store on cuda:1 was timed on cuda:0's), with one synchronize of it at the end."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, device: torch.device) -> None:
         self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._num_experts = num_experts
+        self._device = device
+        self._stream = torch.cuda.current_stream(device)
 
     def start(self, i: int) -> None:
         self._events[i] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        self._events[i][0].record()
+        self._events[i][0].record(self._stream)
 
     def stop(self, i: int) -> None:
-        self._events[i][1].record()
+        self._events[i][1].record(self._stream)
 
     def seconds(self) -> np.ndarray:
         seconds = np.zeros(self._num_experts)
         if self._events:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self._device)
         for i, (begin, end) in self._events.items():
             seconds[i] = begin.elapsed_time(end) / 1000.0
         return seconds

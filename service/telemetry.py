@@ -40,7 +40,10 @@ def read_telemetry(device_index: int, torch_device: str) -> Telemetry:
         device_index: the worker's device index G (reported back as `Telemetry.device`).
         torch_device: "cpu", "cuda" or "cuda:N" (N counts visible devices, as torch does).
     """
-    device = torch.device(torch_device)
+    try:
+        device = torch.device(torch_device)
+    except RuntimeError as exc:  # (never raises: an unusable device string is a reason, as the rest)
+        return Telemetry(device_index, available=False, reason=f"device {torch_device!r} unusable: {exc}")
     if device.type != "cuda":
         return Telemetry(device_index, available=False, reason=f"no NVIDIA GPU: worker runs on {device.type}")
     try:
@@ -108,7 +111,11 @@ def _handle(pynvml, uuid: str):
         uuid = uuid[4:]
     try:
         return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-    except pynvml.NVMLError:
+    except pynvml.NVMLError as exc:
+        # not a whole GPU's UUID: a MIG instance's; any other error (a GPU lost) is the GPU's, not the MIG lookup's
+        if getattr(exc, "value", None) not in (getattr(pynvml, "NVML_ERROR_NOT_FOUND", 6),
+                                               getattr(pynvml, "NVML_ERROR_INVALID_ARGUMENT", 2)):
+            raise
         handle = pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")  # raises as the GPU- lookup did if not one either
     return pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
 

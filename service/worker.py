@@ -126,6 +126,40 @@ def held_expert_bytes(config: WorkerConfig, checkpoint_dir: str) -> int:
     return round(total / layers)
 
 
+_PROFILE_TRIES = 5  # measurements of one profiling sample while copies of experts run beside it
+
+
+class _CopyGuard:
+    """Whether copies of experts ran during a span of time: ``with guard:`` around each copy; `quiet` before the
+    span and `quiet_since` after it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._epoch = 0  # bumped as each copy begins and ends
+
+    def __enter__(self) -> _CopyGuard:
+        with self._lock:
+            self._active += 1
+            self._epoch += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._active -= 1
+            self._epoch += 1
+
+    def quiet(self) -> int | None:
+        """A mark of now when no copy runs (None when one does)."""
+        with self._lock:
+            return None if self._active else self._epoch
+
+    def quiet_since(self, mark: int | None) -> bool:
+        """Whether no copy ran between `quiet`'s ``mark`` and now."""
+        with self._lock:
+            return mark is not None and not self._active and self._epoch == mark
+
+
 @dataclass(frozen=True)
 class WorkerStats:
     """Counters of one worker since it started.
@@ -173,6 +207,10 @@ class ExpertWorker:
         # serving) would take in their time, reading a busy device as a slow one (CUDA events on the shared
         # stream, a synchronize of the whole device). The emulated hold after a call is outside it.
         self._compute = threading.Lock()
+        # Copies of experts to or from the device (loads, imports, exports) are not held to that: a migration must
+        # not stall serving. A call measured while one ran may have taken in its transfer (on a GPU, the default
+        # stream's), so its timing is not reported as the expert's (NaN: the engine keeps no sample of it).
+        self._copies = _CopyGuard()
         self._started = clock()
         self._calls = self._expert_calls = self._tokens = 0
         self._busy_s = 0.0
@@ -193,15 +231,15 @@ class ExpertWorker:
         keys = [(int(layer), int(expert)) for layer, expert in keys]
         layers = list(dict.fromkeys(layer for layer, _ in keys))  # in the order given
         prepared: dict[Key, dict[str, torch.Tensor]] = {}
-        for done, layer in enumerate(layers):
-            if deadline is not None and self._wall_clock() > deadline:
-                raise TimeoutError(f"loading {len(keys)} experts ran past the caller's deadline: stopped after {done} "
-                                   f"of {len(layers)} layers, nothing held")
-            # (checksummed as read, in this process: hashing them again took as long, ~0.9 GB/s on a core)
-            prepared |= self._store.prepare(read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]),
-                                            verify=False)
-
-        return self._store.commit(prepared, self._in_time(deadline, f"loading {len(keys)} experts"))
+        with self._copies:
+            for done, layer in enumerate(layers):
+                if deadline is not None and self._wall_clock() > deadline:
+                    raise TimeoutError(f"loading {len(keys)} experts ran past the caller's deadline: stopped after "
+                                       f"{done} of {len(layers)} layers, nothing held")
+                # (checksummed as read, in this process: hashing them again took as long, ~0.9 GB/s on a core)
+                prepared |= self._store.prepare(
+                    read_held(self.config, checkpoint_dir, [k for k in keys if k[0] == layer]), verify=False)
+            return self._store.commit(prepared, self._in_time(deadline, f"loading {len(keys)} experts"))
 
     def import_experts(self, items: Iterable[ExpertTensors], deadline: float | None = None) -> list[Key]:
         """Hold experts moved from another worker; ValueError (nothing held) on a checksum mismatch.
@@ -211,7 +249,8 @@ class ExpertWorker:
         """
         self._fail_if_armed("import")
         items = list(items)
-        return self._store.add(items, check=self._in_time(deadline, f"importing {len(items)} experts"))
+        with self._copies:
+            return self._store.add(items, check=self._in_time(deadline, f"importing {len(items)} experts"))
 
     def _in_time(self, deadline: float | None, what: str) -> Callable[[], None]:
         """The check before holding what a call with ``deadline`` prepared (half the grace: clocks of two nodes
@@ -224,7 +263,8 @@ class ExpertWorker:
 
     def export_experts(self, keys: Iterable[Key]) -> list[ExpertTensors]:
         """CPU copies of held experts, all tensors of each together, checksummed."""
-        return self._store.export(keys)
+        with self._copies:
+            return self._store.export(keys)
 
     def drop_experts(self, keys: Iterable[Key]) -> None:
         self._store.drop(keys)
@@ -251,6 +291,7 @@ class ExpertWorker:
         if "error" in self._faults:
             raise RuntimeError(f"injected fault: every expert call fails on worker {self.config.index}")
         self._configure_thread()
+        quiet = self._copies.quiet()
         outputs, seconds = self._call(self._store, layer, experts, counts, tokens)
         counts = np.asarray(counts).reshape(-1)
         with self._lock:
@@ -258,6 +299,8 @@ class ExpertWorker:
             self._expert_calls += int(np.count_nonzero(counts))
             self._tokens += int(counts.sum())
             self._busy_s += float(seconds.sum())
+        if self._emulator is None and not self._copies.quiet_since(quiet):
+            seconds = np.full_like(seconds, np.nan)
         return outputs.to(device=tokens.device, dtype=tokens.dtype), seconds
 
     def profile(self, token_counts: Sequence[int] = DEFAULT_PROFILE_TOKENS, repeats: int = 3) -> LatencySamples:
@@ -277,10 +320,18 @@ class ExpertWorker:
         for n in token_counts:
             with self._compute:
                 run_experts(store, layer, [expert], [n], tokens[:n], self._ffn)
-        samples = [(n, self._call(store, layer, [expert], [n], tokens[:n])[1][0])
-                   for _ in range(repeats) for n in token_counts]
+        samples = [(n, self._timed(store, layer, expert, tokens[:n])) for _ in range(repeats) for n in token_counts]
         counts, seconds = zip(*samples, strict=True)
         return LatencySamples(self.config.index, np.array(counts, dtype=np.int64), np.array(seconds))
+
+    def _timed(self, store: ExpertStore, layer: int, expert: int, tokens: torch.Tensor) -> float:
+        """One profiling sample: measured again (a few times at most) when a copy of experts ran beside it."""
+        for _ in range(_PROFILE_TRIES):
+            quiet = self._copies.quiet()
+            seconds = float(self._call(store, layer, [expert], [len(tokens)], tokens)[1][0])
+            if self._emulator is not None or self._copies.quiet_since(quiet):
+                break
+        return seconds
 
     def _call(self, store: ExpertStore, layer: int, experts, counts, tokens) -> tuple[torch.Tensor, np.ndarray]:
         """The one path of every timed expert call: compute, then hold until the emulated end."""

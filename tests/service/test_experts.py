@@ -322,3 +322,32 @@ def test_other_activations_are_transformers_and_unknown_ones_are_refused():
     assert torch.equal(activation("relu2")(x), ACT2FN["relu2"](x))
     with pytest.raises(ValueError, match="hidden_act must be a transformers activation, got 'swiglu'"):
         ExpertFFN("swiglu")
+
+
+def test_a_gpu_store_is_timed_on_its_own_device(monkeypatch):
+    """CUDA events were recorded on the current device's stream and the whole current device synchronized: a store on
+    cuda:1 was timed on cuda:0 (a review, with fakes; serving's workers see one GPU, cuda:0, but
+    scripts/measure_gpu_curve.py takes --device cuda:N)."""
+    from service import experts
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            log.append(("record", stream))
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("synchronize", device)))
+    device = torch.device("cuda:1")
+    timer = experts._CudaTimer(2, device)
+    timer.start(1)
+    timer.stop(1)
+    assert timer.seconds().tolist() == [0.0, 0.002]
+    assert log == [("record", f"stream of {device}")] * 2 + [("synchronize", device)]

@@ -110,3 +110,21 @@ def test_a_driver_without_the_clock_event_query_gives_the_reasons_by_their_older
     nvml.nvmlDeviceGetCurrentClocksThrottleReasons = not_supported  # a board that reports neither
     t = read_telemetry(3, "cuda:0")
     assert t.available and t.throttle_reasons == () and "throttle_reasons: Not Supported" in t.reason
+
+
+def test_a_lost_gpu_is_reported_as_lost_not_as_a_mig_instance_not_found(nvml):
+    """Any error of the whole GPU's lookup fell back to the MIG one, whose Not Found replaced the first error: a lost
+    GPU read as no such device (a review, with fakes)."""
+    def lookup(uuid):
+        if uuid.startswith("GPU-"):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        not_found()
+
+    nvml.nvmlDeviceGetHandleByUUID = lookup
+    t = read_telemetry(3, "cuda:0")
+    assert not t.available and "lost" in t.reason.lower() and "Not Found" not in t.reason
+
+
+def test_an_unusable_device_string_is_a_reason_not_an_exception():
+    t = read_telemetry(3, "cuda:x")
+    assert not t.available and "'cuda:x' unusable" in t.reason

@@ -78,6 +78,58 @@ def test_concurrent_expert_calls_compute_one_at_a_time_so_each_is_timed_alone():
     assert len(overlaps) == 4 + 2 and max(overlaps) == 1  # 4 calls, the profile's warm-up and timed call
 
 
+def test_a_call_measured_beside_a_copy_of_experts_reports_no_time_and_a_profile_measures_again():
+    """Copies of experts (imports, exports, loads) do not wait for expert calls (a migration must not stall
+    serving), so on a GPU a call timed while one ran took in its transfer on the shared stream, and its inflated
+    time fed the device's model and drift (a review, with fakes). Its time is NaN, which the engine keeps no sample
+    of; a profiling sample is measured again."""
+    worker = worker_with([(1, 0)])
+    real, copying, calls = worker._ffn, threading.Event(), []
+
+    def ffn(x, tensors):
+        calls.append(1)
+        if len(calls) == 1:  # the call an export runs beside
+            copying.wait(5)
+        return real(x, tensors)
+
+    ffn.hidden_size = real.hidden_size
+    worker._ffn = ffn
+    tokens = torch.randn(3, HIDDEN, dtype=torch.float64)
+    result = []
+    call = threading.Thread(target=lambda: result.append(worker.forward(1, [0], [3], tokens)))
+    call.start()
+    while not calls:
+        time.sleep(0.001)
+    worker.export_experts([(1, 0)])
+    copying.set()
+    call.join()
+    assert np.isnan(result[0][1]).all()
+    assert np.isfinite(worker.forward(1, [0], [3], tokens)[1]).all()  # quiet: timed
+
+    def copy_ends_in_the_first_timed_call(x, tensors):
+        calls.append(1)
+        if len(calls) == 2:  # (the first is the profile's warm-up)
+            worker._copies.__exit__(None, None, None)
+        return real(x, tensors)
+
+    copy_ends_in_the_first_timed_call.hidden_size = real.hidden_size
+    worker._ffn, calls[:] = copy_ends_in_the_first_timed_call, []
+    worker._copies.__enter__()  # a copy runs as the profile starts
+    samples = worker.profile([2], repeats=1)
+    assert len(calls) == 3 and np.isfinite(samples.seconds).all() and len(samples.seconds) == 1
+
+
+def test_the_engine_keeps_no_sample_of_a_call_without_a_time():
+    from service.dispatch import DispatchContext
+
+    context = DispatchContext.__new__(DispatchContext)
+    context._lock, context._samples = threading.Lock(), {}
+    context.config = types.SimpleNamespace(max_samples=8)
+    context._record_samples(2, np.array([3, 5, 7]), np.array([0.1, np.nan, 0.3]))
+    tokens, seconds = context._samples[2].drain()
+    assert tokens.tolist() == [3, 7] and seconds.tolist() == [0.1, 0.3]
+
+
 GOMP = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
 
 

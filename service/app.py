@@ -36,7 +36,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.async_engine import AsyncEngine, EngineError, RequestTimeout, StructuredOutputFailed
+from service.async_engine import (
+    AsyncEngine,
+    EngineError,
+    EngineStopped,
+    RequestTimeout,
+    StructuredOutputFailed,
+)
 from service.engine import QueueFull, StepOutput
 from service.harmony import TAGS as HARMONY_TAGS
 from service.harmony import HarmonyStream
@@ -235,7 +241,7 @@ class _Server:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        timer = self.metrics.start_request()
+        timer = self._start_request(request)
         self._check_model(body.model)
         tokenizer = self.engine.tokenizer
         prompts = await self._off_loop(lambda: [p if isinstance(p, list) else self._bounded_encode(tokenizer.encode, p)
@@ -247,7 +253,7 @@ class _Server:
         return await self._generate(request, body, prompts, fmt, timer)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        timer = self.metrics.start_request()
+        timer = self._start_request(request)
         self._check_model(body.model)
         body.use_tool_format(self.tool_format, self.tool_tags).keep_think_tags(self._special_think_tags)
         prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(body))
@@ -258,7 +264,7 @@ class _Server:
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
         """OpenAI's Responses API: the request runs as the chat completion it converts to, and errors name
         the responses parameter at fault."""
-        timer = self.metrics.start_request()
+        timer = self._start_request(request)
         self._check_model(body.model)
         try:
             chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags).keep_think_tags(
@@ -387,9 +393,18 @@ class _Server:
 
     async def handle_error(self, request: Request, exc: Exception) -> Response:
         response = error_response(exc)
-        if response.status_code < 500:
+        timer = getattr(request.state, "timer", None)
+        if timer is not None:  # a generation request its handler took: counted once, as it was answered (a 500 of
+            # the server's own code was counted as nothing, or as the finish reason of its last choice)
+            timer.finish("rejected" if response.status_code < 500 else "error")
+        elif response.status_code < 500:
             self.count_rejected(request.url.path)
         return response
+
+    def _start_request(self, request: Request) -> RequestTimer:
+        """The timer of a generation request, kept on it for `handle_error`."""
+        request.state.timer = timer = self.metrics.start_request()
+        return timer
 
     def count_rejected(self, path: str) -> None:
         """Count a generation request refused before it reached the engine (4xx: a handler's error, or the body
@@ -445,7 +460,7 @@ class _Server:
             raise
         fmt.cached_tokens = sum(out.num_cached_tokens for out in firsts[::n])  # choices share a prompt's cache
         timer.on_cached(fmt.cached_tokens)
-        outputs = _merged(firsts, streams, timer, fmt.prompt_tokens)
+        outputs = _merged(firsts, streams, timer)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
@@ -536,11 +551,11 @@ async def _first_outputs(streams: list[AsyncIterator[StepOutput]]) -> list[StepO
         raise
 
 
-async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutput]], timer: RequestTimer,
-                  prompt_tokens: int) -> AsyncIterator[tuple[int, StepOutput]]:
-    """(choice index, output) of every choice as they come, timed, firsts first; the request is finished
-    on the timer once every choice is. An abort by anyone else is an engine error; leaving early (or an
-    error) closes every stream, which aborts the choices still running."""
+async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutput]],
+                  timer: RequestTimer) -> AsyncIterator[tuple[int, StepOutput]]:
+    """(choice index, output) of every choice as they come, timed, firsts first (the consumer finishes the request
+    on the timer once its response is sent: building it may still fail). An abort by anyone else is an engine
+    error; leaving early (or an error) closes every stream, which aborts the choices still running."""
     pending: dict[asyncio.Future, int] = {}
     try:
         outs = list(enumerate(firsts))
@@ -553,7 +568,6 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
                 if not out.finished:
                     pending[asyncio.ensure_future(anext(streams[index]))] = index
             if not pending:
-                timer.finish(out.finish_reason, prompt_tokens)
                 return
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             outs = sorted((pending.pop(task), task.result()) for task in done)
@@ -567,9 +581,11 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
 async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
                    timer: RequestTimer) -> Response:
     outs: list[list[StepOutput]] = [[] for _ in firsts]
+    last = firsts[-1]
     try:
         async for index, out in outputs:
             outs[index].append(out)
+            last = out
     except EngineError as exc:
         timer.finish(_failure_status(exc), fmt.prompt_tokens)
         raise
@@ -587,7 +603,9 @@ async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[
 
     # off the event loop: a response with log-probabilities of long prompts and many choices is tens of MB of JSON
     # (a second or more to build), which froze every stream and /health meanwhile (isolation audit: 1-2 s)
-    return await asyncio.to_thread(respond)
+    response = await asyncio.to_thread(respond)
+    timer.finish(last.finish_reason, fmt.prompt_tokens)  # (as the last choice to end ended)
+    return response
 
 
 async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
@@ -599,13 +617,14 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
     try:
         for chunk in fmt.start_chunks():
             yield fmt.sse(chunk)
-        lasts = list(firsts)
+        lasts, last = list(firsts), firsts[-1]
         async for index, out in outputs:
-            lasts[index] = out
+            lasts[index] = last = out
             for chunk in fmt.chunks(index, out):
                 yield fmt.sse(chunk)
         for chunk in fmt.end_chunks(lasts, include_usage):
             yield fmt.sse(chunk)
+        timer.finish(last.finish_reason, fmt.prompt_tokens)  # (as the last choice to end ended)
     except EngineError as exc:
         timer.finish(_failure_status(exc), fmt.prompt_tokens)
         for chunk in fmt.error_chunks(exc):
@@ -625,8 +644,13 @@ async def _sse(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[Step
 def _failure_status(exc: EngineError) -> str:
     """The status a request that ended in `exc` is counted under: `timeout` for one cut at request_timeout_s (a
     client that stopped reading, an overload: counted as engine errors, they fired the engine-errors alert),
-    `error` for the engine's own failures."""
-    return "timeout" if isinstance(exc, RequestTimeout) else "error"
+    `rejected` for a structured output its grammar could not go on with (a 400, the request's own), `abort` for one
+    cut by the engine's shutdown (past the replica's drain), `error` for the engine's own failures."""
+    if isinstance(exc, RequestTimeout):
+        return "timeout"
+    if isinstance(exc, StructuredOutputFailed):
+        return "rejected"
+    return "abort" if isinstance(exc, EngineStopped) else "error"
 
 
 class _ClientGone(Exception):

@@ -199,6 +199,9 @@ class AsyncEngine:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineStopped(message))
         self._send([(rid, EngineStopped(message)) for rid in list(self._streams)])
+        # nothing runs or waits any more (the gauges read these: they kept the last step's values for good)
+        self._num_running = self._num_waiting = 0
+        self._kv_cache_usage = 0.0
 
     def run_at_step_boundary(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn()`` on the engine thread between two steps; the future holds its result or error."""
@@ -266,6 +269,9 @@ class AsyncEngine:
                     raise item
                 if isinstance(item, BaseException):  # the engine ended the request with an error: aborted all the
                     raise item  # same (a step that raised unexpectedly failed it before its queued admission ran)
+                if (item.finish_reason == "abort" and not item.error and deadline is not None
+                        and loop.time() >= deadline):  # our timer's abort, its output before the timer's answer
+                    raise _timed_out(timeout)
                 finished = item.finished
                 yield item
         finally:

@@ -228,6 +228,7 @@ class Coordinator:
                                               min_samples=config.device_drift_min_samples)
         self._last_drift: dict[str, Any] = {}
         self._pending_trigger: str | None = None
+        self._recorded_lost: set[int] | None = None  # the lost devices of the record recovered at start
         self._pending_drops: tuple[int, dict[int, list[tuple[int, int]]], float] | None = None
         # Versions only grow, across coordinator restarts too: the highest version recorded on the workers or
         # served by an engine. New placements are numbered above it (engines switch only to newer versions, and a
@@ -294,7 +295,9 @@ class Coordinator:
             # (those down since start are restarted first: they are lost, not idle)
             # (of the placement in service: re-placing those down since start may just have put experts on a device
             # idle in the recovered one, which was then counted lost while serving them)
-            idle = self._readmit_idle(self.placement, self._live_devices())
+            recorded = self._recorded_lost
+            idle = self._readmit_idle(self.placement, [d for d in self._live_devices()
+                                                       if recorded is None or d in recorded])
             if idle:
                 log.info("devices %s hold no expert of the placement in service: readmitting them", idle)
         if background:
@@ -390,6 +393,9 @@ class Coordinator:
                     # (a calibration asked for that did not apply is tried again by this coordinator's loop too)
                     self._calibration_asked = bool(record.get("calibration_asked", False))
                     self._planned_by = str(record.get("planned_by", self.config.policy))
+                    # the devices lost when it was recorded (None: a record from before they were kept): only those
+                    # wait to rejoin, not one a plan left empty (slow, under a slot_budget), re-planned at each restart
+                    self._recorded_lost = set(record["lost"]) if "lost" in record else None
                 return candidate, newest
         return None, newest
 
@@ -725,8 +731,10 @@ class Coordinator:
             self._placement = placement
             self._planned_by = planned_by or self._planned_by
             self._calibrated = self._calibrated or calibrated
+        with self._lock:
+            lost = sorted(self._lost)
         record = placement.to_dict() | {"calibrated": self._calibrated, "calibration_asked": self._calibration_asked,
-                                         "planned_by": self._planned_by}
+                                         "planned_by": self._planned_by, "lost": lost}
         try:  # on the devices not lost (a lost one that Ray is restarting would hold this for call_timeout_s)
             self.pool.save_record(record, self._live_devices())
         except WorkerCallError as exc:  # recovery is best effort; serving is not affected
@@ -957,14 +965,18 @@ class Coordinator:
                     self._rejoin -= set(down)
                     self._misses = [0] * len(self._misses)
                     self._pending_drops = None  # (the restarted workers hold only the placement's experts)
-                # a device lost earlier (out of the placement) is back but empty, as after a coordinator restart
-                self._readmit_idle(placement, restarted)
+                self._publish(placement)  # (restarted workers hold no record: a coordinator restarted later found none)
                 orphaned = [device for device in down if device not in restarted and placement.experts_on(device)]
             record.duration_s = self._clock() - started
             with self._lock:
                 self._remember(record)
+        if record.status != "applied":
+            return
         if orphaned:  # (after the lock: it takes it) their experts, read from the checkpoint onto the restarted ones
             self.handle_lost_devices(orphaned, restart=False)
+        # then a restarted device the placement leaves empty (lost earlier) is back, as after a coordinator restart
+        # (marked lost before the orphans were re-placed, it left none alive to take them: the app stayed down)
+        self._readmit_idle(self.placement, restarted)
 
     def _computes(self, device: int, info: WorkerInfo) -> bool:
         """Whether `device` answers one token for one of its experts on its data plane within probe_timeout_s.
@@ -1139,6 +1151,8 @@ class Coordinator:
         with self._lock:
             if not self._rejoin or self._clock() < self._readmit_after:
                 return
+            if self._calibrated and self.window_loads() is None:  # (a restarted coordinator, its window empty:
+                return  # readmitted on traffic, not re-planned for uniform loads, its calibration thrown away)
         with self._migration_lock:
             with self._lock:
                 back = set(self._rejoin)

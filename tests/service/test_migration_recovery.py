@@ -531,6 +531,9 @@ def test_a_restarted_coordinator_readmits_a_device_left_without_experts(checkpoi
     first.stop()
     second = _coordinator(checkpoint, pool, recalibration_mode="incremental")
     assert not second.placement.experts_on(dead)
+    second._readmit()  # its window empty: waits for traffic, its calibrated placement not re-planned for uniform loads
+    assert not second.placement.experts_on(dead) and second._rejoin == {dead}
+    _report(second, _skewed(second.shape, 9), passes=3)
     second._readmit()
     assert second.placement.experts_on(dead) and second.stats_view()["lost_devices"] == []
 
@@ -638,6 +641,7 @@ def test_a_coordinator_serves_without_a_worker_that_cannot_be_placed_until_it_co
         clock.offset += 60.0
         pool.unrestartable.clear()  # a node that fits joined
         assert coordinator.check_workers() == [] and pool.restarts == 3 and coordinator._rejoin == {down}
+        _report(coordinator, counts, passes=3)  # (a restarted coordinator readmits on traffic)
         coordinator._readmit()
         assert coordinator.placement.experts_on(down) and coordinator.stats_view()["lost_devices"] == []
         assert pool.profiled[-1] == [down]  # profiled before its share was planned: its stand-in model was a guess
@@ -699,3 +703,77 @@ def test_the_migration_benchmark_prices_experts_at_the_bytes_its_workers_move(tm
         assert stack.coordinator.shape.expert_bytes == moved
     finally:
         stack.close()
+
+
+def test_the_app_serves_again_when_the_only_worker_that_comes_back_held_no_expert(checkpoint):
+    """Device 0 lost for good (evacuated), then the other three too, only device 0 restartable: reloading every worker
+    marked device 0 lost again (it held none of the placement's experts) before re-placing the others' experts, so
+    none was left alive to take them, and the app stayed down, device 0 restarted at every probe (a review)."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    coordinator = _coordinator(checkpoint, pool)
+    _calibrate(coordinator, 9)
+    restart = pool.restart
+
+    def cannot(device):
+        raise WorkerCallError(f"restart of device {device} failed: no node", [device])
+
+    pool.restart = cannot
+    pool.kill(0)
+    for _ in range(coordinator.config.probe_misses):
+        coordinator.check_workers()
+    assert not coordinator.placement.experts_on(0)
+    pool.restart = lambda device: restart(device) if device == 0 else cannot(device)
+    for device in (1, 2, 3):
+        pool.kill(device)
+    for _ in range(coordinator.config.probe_misses + 1):
+        coordinator.check_workers()
+    placement = coordinator.placement
+    held = {tuple(key) for key in pool.workers[0].held_experts()}
+    assert coordinator.stats_view()["lost_devices"] == [1, 2, 3] and placement.experts_on(0) <= held
+    assert len(placement.experts_on(0)) == placement.num_layers * placement.num_experts
+
+
+def test_a_coordinator_restarted_after_every_worker_was_reloaded_recovers_the_calibrated_placement(checkpoint):
+    """Reloading every worker wrote no record on them (a restart clears a worker's): the next coordinator found experts
+    but no record, planned afresh for uniform loads and was never calibrated again (a review)."""
+    pool = LocalWorkerPool(_workers(checkpoint))
+    first = _coordinator(checkpoint, pool)
+    _calibrate(first, 9)
+    served = first.placement
+    for device in range(4):
+        pool.kill(device)
+    for _ in range(first.config.probe_misses):
+        first.check_workers()
+    assert first.stats_view()["recalibrations"][-1]["reason"].startswith("every device lost")
+    first.stop()
+    second = _coordinator(checkpoint, pool)
+    assert second.calibrated and second.placement.same_layout(served) and second.placement.version == served.version
+
+
+def test_a_device_a_plan_left_empty_is_not_readmitted_at_each_coordinator_restart(checkpoint):
+    """vibe under a slot_budget may leave a very slow device without experts: a restarted coordinator (every
+    redeploy) took it for a device waiting to rejoin and re-planned every expert for uniform loads at its first tick
+    (11 experts moved, 11% slower on the real loads; a review). The record says which devices were lost."""
+    layout = load_layout(checkpoint)
+    speeds = (1.0, 1.0, 1.0, 0.01)
+
+    def workers():
+        return [ExpertWorker(WorkerConfig(index=i, hidden_act=layout.hidden_act,
+                                          profile_shape=(layout.hidden_size, layout.intermediate_size),
+                                          emulation=EmulationConfig(speed=s, fixed_s=2e-5, knee_tokens=16, jitter=0.0)))
+                for i, s in enumerate(speeds)]
+
+    pool = LocalWorkerPool(workers())
+    settings = dict(slot_budget=8, profile_token_counts=(1, 4, 16, 64, 128, 256, 512), profile_repeats=2)
+    first = _coordinator(checkpoint, pool, **settings)
+    counts = _skewed(first.shape, 9, tokens=4000)
+    _report(first, counts, passes=30)
+    first.calibrate()
+    _report(first, counts)
+    first._finish_drops(wait=True)
+    assert not first.placement.experts_on(3)
+    first.stop()
+    second = _coordinator(checkpoint, pool, **settings)
+    assert second.stats_view()["lost_devices"] == [] and not second._rejoin
+    second._tick()
+    assert second.placement.same_layout(first.placement) and not second.stats_view()["recalibrations"]

@@ -20,8 +20,12 @@ a random admin token), drives it with streaming clients over HTTP, and runs, in 
 - **coordinator_restart**: `ray.kill` of the coordinator's Serve replica; Serve restarts it, it recovers
   the placement from the workers, and the engines serve throughout.
 
-Prints one row per scenario and ends with ``chaos scenarios=<n> hung=<n> failed_5xx=<n> max_recovery_s=<x>``;
-writes ``<out>/chaos.json`` and ``<out>/chaos.png``. Serves the embedded model (``--model``: another
+Prints one row per scenario and ends with ``chaos scenarios=<n> hung=<n> failed_5xx=<n> unrecovered=<n>
+max_recovery_s=<x>`` (unrecovered: a fault whose loss and return the coordinator's records never showed, or a scenario
+that raised; the others run on, each after the app is whole again); writes ``<out>/chaos.json`` and
+``<out>/chaos.png``, and exits 1 when a request hung or failed with a 5xx or a fault went unrecovered. A request is
+hung after HUNG_AFTER_S without a byte (or 3x that without an end); an answer with fewer tokens than it asked for
+(`ignore_eos`) failed. Serves the embedded model (``--model``: another
 local checkpoint folder).
 
     python -m load_tests.chaos --out bench        # `make chaos`
@@ -33,6 +37,8 @@ import argparse
 import collections
 import contextlib
 import json
+import logging
+import re
 import secrets
 import threading
 import time
@@ -47,6 +53,8 @@ from deploy.app import DEFAULT_MODEL, DEFAULT_PROFILE_PROMPTS
 from load_tests.compare import serve_apps
 from load_tests.fuzz_cases import cases, send
 from load_tests.slo import percentiles
+
+log = logging.getLogger(__name__)
 
 HUNG_AFTER_S = 90.0  # a request without an answer for this long is hung (the server's own limit is lower)
 REQUEST_TIMEOUT_S = 30.0  # the app's per-request limit here: above every scenario request but the probe
@@ -89,6 +97,23 @@ def running_app(num_devices: int, *, model: Path | None = None, **overrides: Any
         yield App(bases["vibe"], token, model.name, public, note)
 
 
+def wait_recovered(app: App, timeout_s: float) -> None:
+    """Until the app is healthy ("ok", not degraded) and the coordinator has no lost device, so a scenario does not
+    start on the last one's damage (at most `timeout_s`; a warning after)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{app.url}/health", timeout=5)
+            stats = admin(app, "GET", "/admin/stats", timeout_s=10)
+            if (health.status_code == 200 and health.json().get("status") == "ok" and stats.status_code == 200
+                    and not stats.json().get("lost_devices")):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    log.warning("the app did not recover within %.0f s: the next scenario starts on it as it is", timeout_s)
+
+
 def wait_healthy(url: str, timeout_s: float) -> float:
     """Seconds until /health answers 200 (TimeoutError after `timeout_s`)."""
     started = time.monotonic()
@@ -122,6 +147,7 @@ class RequestRecord:
     tokens: int = 0
     retry_after: str | None = None
     longest_wait_s: float = 0.0
+    expected_tokens: int = 0  # fewer in an answer that ended is a failure ("short")
 
     @property
     def ok(self) -> bool:
@@ -129,12 +155,14 @@ class RequestRecord:
 
 
 _STREAM_5XX_TYPES = ("server_error", "service_unavailable_error", "timeout_error")
+_STREAM_LIMIT_S = 3 * HUNG_AFTER_S  # a stream sending bytes for this long without ending is hung
 
 
 def stream_request(url: str, body: dict) -> RequestRecord:
     """One streaming chat completion; never raises."""
     started = time.monotonic()
-    record = RequestRecord(started, started, "ok")
+    record = RequestRecord(started, started, "ok", expected_tokens=body.get("max_tokens", 0) if body.get("ignore_eos")
+                           else 0)
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
                           timeout=httpx.Timeout(HUNG_AFTER_S, connect=10)) as response:
@@ -146,13 +174,11 @@ def stream_request(url: str, body: dict) -> RequestRecord:
                 _read_stream(response, record)
     except httpx.ConnectTimeout:
         record.outcome, record.server_error = "transport_ConnectTimeout", True
-    except httpx.TimeoutException:
-        record.outcome = "hung"
+    except httpx.TimeoutException:  # no byte for HUNG_AFTER_S
+        record.outcome, record.server_error = "hung", False
     except httpx.HTTPError as exc:
         record.outcome, record.server_error = f"transport_{type(exc).__name__}", True
     record.ended = time.monotonic()
-    if record.ended - started > HUNG_AFTER_S:
-        record.outcome = "hung"
     return record
 
 
@@ -162,8 +188,13 @@ def _read_stream(response: httpx.Response, record: RequestRecord) -> None:
     last = record.started
     for line in response.iter_lines():
         now = time.monotonic()
+        if now - record.started > _STREAM_LIMIT_S:  # bytes, but no end (keep-alive lines only, say): hung all the same
+            record.outcome, record.server_error = "hung", False
+            return
         record.longest_wait_s, last = max(record.longest_wait_s, now - last), now
         if line == "data: [DONE]":
+            if record.tokens < record.expected_tokens:  # (ignore_eos: every request asks for this many)
+                record.outcome = f"short_{record.tokens}_of_{record.expected_tokens}"
             return
         if not line.startswith("data: {"):
             continue
@@ -178,12 +209,15 @@ def _read_stream(response: httpx.Response, record: RequestRecord) -> None:
             record.server_error = error.get("type") in _STREAM_5XX_TYPES
             return
         record.tokens += sum(bool(c.get("delta", {}).get("content")) for c in chunk.get("choices", []))
+        if chunk.get("usage"):  # (stream_options include_usage: the tokens, where chunks may hold several)
+            record.tokens = max(record.tokens, chunk["usage"].get("completion_tokens", 0))
     record.outcome, record.server_error = "stream_truncated", True
 
 
 def chat_body(model: str, i: int, max_tokens: int) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": f"Tell me about topic number {i}."}],
-            "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": True}
+            "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
 
 
 class HealthWatch:
@@ -234,6 +268,9 @@ class Traffic:
         self._stop.set()
         for thread in self._threads:
             thread.join(HUNG_AFTER_S + 30)
+        now = time.monotonic()
+        with self._lock:  # a client still waiting then is on a request that never ended: recorded as hung
+            self.records += [RequestRecord(now, now, "hung") for thread in self._threads if thread.is_alive()]
 
     def _client(self, index: int) -> None:
         i = index
@@ -263,6 +300,7 @@ class ScenarioResult:
     hung: int
     detail: dict[str, Any] = field(default_factory=dict)
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
+    unrecovered: bool = False  # the fault was not seen to take effect and be recovered from (or the scenario failed)
 
 
 def _summary(fault: str, records: list[RequestRecord], t0: float, detection_s, recovery_s, **detail) -> ScenarioResult:
@@ -317,6 +355,10 @@ def run_overload(app: App, clients: int = 96, seconds: float = 45.0) -> Scenario
                       long_request=too_long, health=_count(health.answers))
     # A 429 is the bounded admission working, not a failure.
     result.failed -= len(rejected)
+    # the long request must end in a 504 (it was only recorded: one that ran on, or never answered, passed)
+    if too_long.get("status") != 504 or too_long.get("code") != "request_timeout":
+        result.failed += 1
+        result.hung += too_long.get("status") is None
     return result
 
 
@@ -369,13 +411,13 @@ def _worker_fault(app: App, name: str, device: int, concurrency: int, inject: Ca
         time.sleep(5)
         t0, wall0 = time.monotonic(), time.time()
         inject()
-        lost, rejoined = _wait_history(app, f"device {device} lost", f"device {device} rejoined", timeout_s)
+        lost, rejoined = _wait_history(app, device, wall0, timeout_s)
         time.sleep(5)
     records = [r for r in traffic.records if r.ended >= t0]
     detection = None if lost is None else lost["started_at"] - wall0
     rejoin = None if rejoined is None else rejoined["started_at"] + rejoined["duration_s"] - wall0
     failed = [r for r in records if not r.ok]
-    return _summary(name, records, t0, detection, rejoin,
+    result = _summary(name, records, t0, detection, rejoin,
                     device=device, placement_version_before=before, health=_count(health.answers),
                     replaced_s=None if lost is None else lost["started_at"] + lost["duration_s"] - wall0,
                     replace_status=None if lost is None else lost["status"],
@@ -386,6 +428,8 @@ def _worker_fault(app: App, name: str, device: int, concurrency: int, inject: Ca
                     last_failure_s=max((r.ended - t0 for r in failed), default=None),
                     slowest_failure_s=max((r.ended - r.started for r in failed), default=None),
                     longest_stall_s=round(max((r.longest_wait_s for r in records), default=0.0), 3))
+    result.unrecovered = lost is None or rejoined is None  # (a fault never seen reported nothing wrong)
+    return result
 
 
 def _worker_actor(device: int):
@@ -399,24 +443,37 @@ def _worker_actor(device: int):
     return ray.get_actor(names[0]["name"], namespace="vibe")
 
 
-def _wait_history(app: App, first: str, second: str, timeout_s: float) -> tuple[dict | None, dict | None]:
-    """The coordinator's recalibration records whose reasons are `first` then `second` (None if absent)."""
+def _wait_history(app: App, device: int, since: float, timeout_s: float) -> tuple[dict | None, dict | None]:
+    """The coordinator's first records, begun at wall-clock `since` or later, of `device` lost (re-placed: not failed)
+    and then rejoined (applied, or no change: a rejoin rolled back is not one), within `timeout_s` (None if absent).
+    Reasons name one device or several ("devices 1, 2 lost")."""
     found: dict[str, dict] = {}
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and second not in found:
+    while time.monotonic() < deadline and "rejoined" not in found:
         try:
             history = admin(app, "GET", "/admin/stats", timeout_s=10).json()["recalibrations"]
         except (httpx.HTTPError, KeyError, ValueError):
             history = []
         for record in history:
-            if record["reason"] in (first, second) and record["status"] != "failed":
-                found.setdefault(record["reason"], record)
+            event = _device_event(record["reason"], device)
+            good = ("applied", "no_change") if event == "rejoined" else ("applied",)
+            begun = record["started_at"] >= since - 1.0  # (1 s: clock steps)
+            if event and begun and record["status"] in good and (event == "lost" or "lost" in found):
+                found.setdefault(event, record)
         time.sleep(0.25)
-    return found.get(first), found.get(second)
+    return found.get("lost"), found.get("rejoined")
+
+
+def _device_event(reason: str, device: int) -> str | None:
+    """"lost" or "rejoined" when a record's reason says so of `device` (one of the devices it names), else None."""
+    match = re.fullmatch(r"devices? ([\d, ]+) (lost|rejoined)", reason)
+    return match[2] if match and device in {int(d) for d in match[1].split(",")} else None
 
 
 def _answering_again(records: list[RequestRecord], t0: float) -> float | None:
-    """Seconds after t0 from which every request started succeeded (None if the last one failed)."""
+    """Seconds after t0 from which every request started succeeded (None if the last one failed); requests started
+    before t0 left out (one of them failing after it made this negative)."""
+    records = [r for r in records if r.started >= t0]
     last_failed = max((r.started for r in records if not r.ok), default=None)
     if last_failed is None:
         return 0.0
@@ -440,10 +497,12 @@ def run_coordinator_restart(app: App, concurrency: int = 8) -> ScenarioResult:
         recovered, version = _wait_admin_answers(app, 180)
         time.sleep(5)
     records = [r for r in traffic.records if r.ended >= t0]
-    return _summary("coordinator_restart", records, t0, None if replaced is None else replaced - t0,
-                    None if recovered is None else recovered - t0, placement_version_before=before,
-                    placement_version_after=version, recovered_from_workers=version == before,
-                    health=_count(health.answers))
+    result = _summary("coordinator_restart", records, t0, None if replaced is None else replaced - t0,
+                      None if recovered is None else recovered - t0, placement_version_before=before,
+                      placement_version_after=version, recovered_from_workers=version == before,
+                      health=_count(health.answers))
+    result.unrecovered = replaced is None or recovered is None
+    return result
 
 
 def _coordinator_replica() -> str | None:
@@ -498,6 +557,7 @@ def print_table(results: list[ScenarioResult]) -> str:
     recoveries = [r.recovery_s for r in results if r.recovery_s is not None]
     rows.append(f"chaos scenarios={len(results)} hung={sum(r.hung for r in results)} "
                 f"failed_5xx={sum(r.failed_5xx for r in results)} "
+                f"unrecovered={sum(r.unrecovered for r in results)} "
                 f"max_recovery_s={max(recoveries) if recoveries else 0.0:.2f}")
     text = "\n".join(rows)
     print(text)
@@ -538,14 +598,20 @@ def main() -> None:
         startup_s = time.monotonic() - started
         print(f"app up in {startup_s:.1f} s at {app.url} ({app.model_note})", flush=True)
         for name in args.scenarios:
-            results.append(SCENARIOS[name](app))
+            try:
+                results.append(SCENARIOS[name](app))
+            except Exception as exc:  # the others still run, and the report is written (one error lost them all)
+                log.exception("scenario %s failed", name)
+                results.append(ScenarioResult(name, None, None, 0, 0, 0, 0, {"error": repr(exc)}, unrecovered=True))
             print(f"{name}: {results[-1].detail}", flush=True)
-            wait_healthy(app.url, 120)
+            wait_recovered(app, 180)
     table = print_table(results)
     report = {"app": app.args, "model": app.model_note, "startup_s": round(startup_s, 1), "table": table,
               "scenarios": [asdict(r) for r in results]}
     (args.out / "chaos.json").write_text(json.dumps(report, indent=1, default=str))
     plot(results, args.out / "chaos.png")
+    if any(r.unrecovered or r.hung or r.failed_5xx for r in results):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_the_overloads_long_request_must_end_in_a_504(monkeypatch, answer, faile
 
     monkeypatch.setattr(chaos, "HealthWatch", Quiet)
     monkeypatch.setattr(chaos, "Traffic", Quiet)
-    monkeypatch.setattr(chaos, "_timed_post", lambda url, body: answer)
+    monkeypatch.setattr(chaos, "_timed_post", lambda url, body: answer if "stream_options" not in body else {})
     monkeypatch.setattr(chaos.time, "sleep", lambda seconds: None)
     result = chaos.run_overload(types.SimpleNamespace(url="http://unused", model="m"), clients=1, seconds=0)
     assert (result.failed, result.hung) == (failed, hung)

@@ -684,12 +684,12 @@ def install(model: PreTrainedModel) -> None:
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to "
                          f"{ATTN_IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
     latent = KVCache.for_model(model.config)["values_in_keys"]
-    windows = _layer_windows(model.config)
+    windows, types = _layer_windows(model.config), getattr(model.config, "layer_types", None)
     sources = _kv_sources(model.config)
     for module in model.modules():
         if windows is not None and isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "o_proj"):
             setattr(module, _WINDOW, windows[module.layer_idx])
-            if model.config.layer_types[module.layer_idx] == "chunked_attention":
+            if types and types[module.layer_idx] == "chunked_attention":
                 setattr(module, _CHUNK, model.config.attention_chunk_size)
         if getattr(module, "attn_temperature_tuning", False) and not module.use_rope:  # Llama 4's NoPE layers
             module.attn_temperature_tuning = False  # (it would read positions from a cache): applied here instead
@@ -719,6 +719,11 @@ def _kv_sources(config) -> dict[int, int]:
     return {layer: stores[config.layer_types[layer]] for layer, mode in enumerate(modes) if mode == "reuse"}
 
 
+# Models whose mask applies config.sliding_window to every layer while their attention is given no window (Phi-3.5-MoE:
+# PhimoeModel masks with it, PhimoeAttention passes none; it was ignored here)
+_MODEL_MASK_WINDOW = ("phimoe",)
+
+
 def _layer_windows(config) -> list[int | None] | None:
     """Each layer's sliding window from the config's ``layer_types`` (None: full attention), as transformers
     builds each layer's mask (a ``sliding_attention`` layer gets ``config.sliding_window``); None when the
@@ -731,6 +736,8 @@ def _layer_windows(config) -> list[int | None] | None:
     layers (EXAONE-MoE's full-attention layers keep ``sliding_window`` as an attribute)."""
     types = getattr(config, "layer_types", None)
     if not types:
+        if getattr(config, "model_type", None) in _MODEL_MASK_WINDOW and config.sliding_window is not None:
+            return [config.sliding_window] * config.num_hidden_layers
         return None
     unknown = sorted(set(types) - {"full_attention", "sliding_attention", "indexed_attention", "chunked_attention"}
                      - NO_ATTENTION)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import threading
 import time
@@ -1305,3 +1306,21 @@ def test_a_request_admitted_after_a_step_failed_unexpectedly_is_not_left_running
         return await async_engine.call_at_step_boundary(lambda: (core.num_running, core.num_waiting))
 
     assert asyncio.run(main()) == (0, 0)
+
+
+def test_phi_moe_attends_within_its_configs_sliding_window():
+    """PhimoeModel masks every layer with config.sliding_window while its attention is given no window, and its
+    config names no layer types: the engine attended every key (a review: a window of 4 diverged at the first
+    token)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config("phimoe")
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    engine = Engine(copy.deepcopy(reference), EngineConfig(max_model_len=128))
+    prompt = _prompt(40, 3)
+    tokens, _ = _run(engine, {0: [("a", prompt, GREEDY)]})
+    assert tokens["a"] == _generate(reference, prompt, GREEDY.max_tokens)

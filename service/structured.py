@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,12 @@ CACHE_SIZE = 32
 # verbose_errors=False: an error names the problem, not the parser's state and the grammar around it (which
 # could be a client's whole schema, in a log line or a 400).
 MAX_ITEMS_IN_ROW = 10_000
+# llguidance's compiler recurses once per link of a chain of $refs or rules and overflows its thread's stack: the
+# whole process died (SIGSEGV) on one request of a 1000-link $ref chain (94 KB) or some 3000 chained Lark rules (a
+# review). Grammars with more are refused before they are compiled (the counts bound any chain's length).
+MAX_REFS = 500
+MAX_RULES = 1000
+_RULE = re.compile(r"(?:^|\n|\\n)[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_.]*(?:\[[^\]\n]*\])?[ \t]*(?::|::=)")
 # Longest grammar error message raised or logged, in characters.
 MAX_ERROR_CHARS = 300
 
@@ -85,6 +92,19 @@ def grammar_from_spec(kind: str, value: Any) -> str:
     raise ValueError(f"unknown structured output kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
+def _check_depth(grammar: str) -> None:
+    """InvalidGrammar unless ``grammar`` (llguidance's grammar text: JSON schemas and Lark inside) holds at most
+    MAX_REFS ``$ref``s and MAX_RULES rule definitions."""
+    refs = grammar.count('"$ref"') + grammar.count('\\"$ref\\"')
+    if refs > MAX_REFS:
+        raise InvalidGrammar(f"invalid structured output: its JSON schemas hold {refs} $refs; at most {MAX_REFS} are "
+                             f"compiled")
+    rules = len(_RULE.findall(grammar))
+    if rules > MAX_RULES:
+        raise InvalidGrammar(f"invalid structured output: its grammar defines {rules} rules; at most {MAX_RULES} are "
+                             f"compiled")
+
+
 class Grammars:
     """One engine's grammar backend over its tokenizer (built on first use: about a second for a 152k
     vocabulary), with the last `CACHE_SIZE` grammars compiled.
@@ -123,6 +143,7 @@ class Grammars:
         """
         import llguidance
 
+        _check_depth(grammar)
         limits = llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW, verbose_errors=False)
         matcher = llguidance.LLMatcher(self._ll(), grammar, limits=limits, log_level=0)  # (we log its errors)
         if matcher.is_error():

@@ -421,3 +421,18 @@ def test_grammars_waiting_to_compile_are_bounded_and_the_next_is_refused_as_busy
     assert error_body(refused)[0] == 429 and "3 structured outputs are waiting" in str(refused)
     assert all(outs[-1].finish_reason == "stop" for outs in [*done, later])
     assert sorted(grammar for grammar, _ in compiles) == sorted(grammars)
+
+
+@pytest.mark.parametrize("kind, spec, message", [
+    ("json", {"$defs": {**{f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}}
+                          for i in range(600)}, "d600": {"type": "string"}}, "$ref": "#/$defs/d0"}, "601 \\$refs"),
+    ("grammar", "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(1200)) + '\nr1200: "x"', "1202 rules"),
+    ("grammar", "root ::= r0\n" + "\n".join(f"r{i} ::= r{i + 1}" for i in range(1200)) + '\nr1200 ::= "x"', "rules")])
+def test_grammars_whose_chains_could_overflow_the_compilers_stack_are_refused(tokenizer, kind, spec, message):
+    """llguidance's compiler recurses once per link of a $ref or rule chain: one request of a 1000-link chain killed
+    the whole process (SIGSEGV; a review). Such grammars are refused before they are compiled; shorter ones compile."""
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    with pytest.raises(ValueError, match=message):
+        grammars.matcher(grammar_from_spec(kind, spec))
+    short = {"type": "object", "properties": {"a": {"$ref": "#/$defs/s"}}, "$defs": {"s": {"type": "string"}}}
+    assert not grammars.matcher(grammar_from_spec("json", short)).is_error()

@@ -291,7 +291,8 @@ class ExpertWorker:
         if "error" in self._faults:
             raise RuntimeError(f"injected fault: every expert call fails on worker {self.config.index}")
         self._configure_thread()
-        quiet = self._copies.quiet()
+        measured = self._emulator is None  # (an emulated time takes in nothing: no copy guard to read)
+        quiet = self._copies.quiet() if measured else None
         outputs, seconds = self._call(self._store, layer, experts, counts, tokens)
         counts = np.asarray(counts).reshape(-1)
         with self._lock:
@@ -299,7 +300,7 @@ class ExpertWorker:
             self._expert_calls += int(np.count_nonzero(counts))
             self._tokens += int(counts.sum())
             self._busy_s += float(seconds.sum())
-        if self._emulator is None and not self._copies.quiet_since(quiet):
+        if measured and not self._copies.quiet_since(quiet):
             seconds = np.full_like(seconds, np.nan)
         return outputs.to(device=tokens.device, dtype=tokens.dtype), seconds
 

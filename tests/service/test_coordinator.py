@@ -699,25 +699,32 @@ def test_telemetry_keeps_coming_from_the_survivors_while_a_device_stays_lost(che
     assert [t["expert_bytes"] for t in telemetry] == [pool.workers[d].telemetry().expert_bytes for d in range(dead)]
 
 
+def _lose_for_good(coordinator: Coordinator, pool: LocalWorkerPool, device: int):
+    """Lose ``device`` with its restart failing (its node gone): evacuated, out of the placement. Returns the pool's
+    real ``restart``, which the caller puts back (or wraps) for the restarts it lets succeed."""
+    from service.worker_pool import WorkerCallError
+
+    restart = pool.restart
+
+    def cannot_restart(lost):
+        raise WorkerCallError(f"restart of device {lost} failed: cannot be placed", [lost])
+
+    pool.restart = cannot_restart
+    pool.kill(device)
+    for _ in range(coordinator.config.probe_misses):
+        coordinator.check_workers()
+    assert not coordinator.placement.experts_on(device)
+    return restart
+
+
 def test_a_device_lost_earlier_comes_back_after_every_worker_is_reloaded(checkpoint):
     """A device lost earlier whose restart failed (out of the placement), then every other worker lost: all are
     restarted and the placement in service reloaded, which gives the earlier one nothing. It is readmitted by a full
     re-plan (review: it was left alive but empty, out of _lost and _rejoin, idle for good)."""
-    from service.worker_pool import WorkerCallError
 
     pool = _pool(checkpoint)
     coordinator = _coordinator(checkpoint, pool=pool)
-    real_restart = pool.restart
-
-    def cannot_restart(device):
-        raise WorkerCallError(f"restart of device {device} failed: cannot be placed", [device])
-
-    pool.restart = cannot_restart
-    pool.kill(0)
-    for _ in range(coordinator.config.probe_misses):
-        coordinator.check_workers()
-    assert not coordinator.placement.experts_on(0)
-    pool.restart = real_restart
+    pool.restart = _lose_for_good(coordinator, pool, 0)
     for device in range(1, pool.num_devices):
         pool.kill(device)
     for _ in range(coordinator.config.probe_misses):

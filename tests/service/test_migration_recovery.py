@@ -21,7 +21,7 @@ from service.placement_sync import PlacementSync, worker_channels
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
 from service.worker_pool import LocalWorkerPool, WorkerCallError, WorkerStartError
-from tests.service.test_coordinator import _calibrate, _skewed
+from tests.service.test_coordinator import _calibrate, _lose_for_good, _skewed
 from tests.tiny_models import save_tiny_model
 
 SPEEDS = (1.0, 1.0, 1.0, 0.7)
@@ -712,16 +712,7 @@ def test_the_app_serves_again_when_the_only_worker_that_comes_back_held_no_exper
     pool = LocalWorkerPool(_workers(checkpoint))
     coordinator = _coordinator(checkpoint, pool)
     _calibrate(coordinator, 9)
-    restart = pool.restart
-
-    def cannot(device):
-        raise WorkerCallError(f"restart of device {device} failed: no node", [device])
-
-    pool.restart = cannot
-    pool.kill(0)
-    for _ in range(coordinator.config.probe_misses):
-        coordinator.check_workers()
-    assert not coordinator.placement.experts_on(0)
+    restart, cannot = _lose_for_good(coordinator, pool, 0), pool.restart
     pool.restart = lambda device: restart(device) if device == 0 else cannot(device)
     for device in (1, 2, 3):
         pool.kill(device)

@@ -244,6 +244,7 @@ class _Server:
         timer = self._start_request(request)
         self._check_model(body.model)
         tokenizer = self.engine.tokenizer
+        await _grammar_off_loop(body)
         prompts = await self._off_loop(lambda: [p if isinstance(p, list) else self._bounded_encode(tokenizer.encode, p)
                                                 for p in body.prompt])
         echoes = [_Echo(ids, sent if isinstance(sent, str) else None, tokenizer.decode)
@@ -256,6 +257,7 @@ class _Server:
         timer = self._start_request(request)
         self._check_model(body.model)
         body.use_tool_format(self.tool_format, self.tool_tags).keep_think_tags(self._special_think_tags)
+        await _grammar_off_loop(body)
         prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(body))
         fmt = _ChatFormat(self.model_name, self.pieces if body.logprobs else None, body.n or 1,
                           tools=body.tool_setup, reasoning=reasoning, harmony=self._harmony(body))
@@ -269,6 +271,7 @@ class _Server:
         try:
             chat = body.chat_request().use_tool_format(self.tool_format, self.tool_tags).keep_think_tags(
                 self._special_think_tags)
+            await _grammar_off_loop(chat)
             prompt, reasoning = await self._off_loop(lambda: self._chat_prompt(chat))
             fmt = _ResponsesFormat(self.model_name, self.pieces if chat.logprobs else None, body.echo(),
                                    tools=chat.tool_setup, reasoning=reasoning, harmony=self._harmony(chat))
@@ -312,9 +315,13 @@ class _Server:
         rendered prompt's first part already cannot fit; None otherwise (the prompt is then tokenised as always)."""
         kwargs = body.template_variables() or {}
         messages, tools = body.template_messages(), body.template_tools()
-        if (_text_chars((messages, tools, kwargs)) <= _PREFIX_CHARS_PER_TOKEN * self._prefix_tokens
-                or "sanitize_control_tokens" in kwargs):  # (that option tokenises user text apart: left to the template)
+        if _text_chars((messages, tools, kwargs)) <= _PREFIX_CHARS_PER_TOKEN * self._prefix_tokens:
             return None
+        # transformers' sanitize_control_tokens (an apply_chat_template argument) renders no text: it tokenises the
+        # control tokens found in user text as plain text, each into one token or more where the text without it has
+        # one, so that text's count is a lower bound of the prompt's (it was skipped: 1 MiB prompts were tokenised
+        # whole on the one tokenizing thread, every client waiting, before they were refused; a review)
+        kwargs = {key: value for key, value in kwargs.items() if key != "sanitize_control_tokens"}
         tokenizer = self.engine.tokenizer
         try:  # the text apply_chat_template tokenises (without special tokens added)
             text = render_template(tokenizer, messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
@@ -522,6 +529,19 @@ def _other_special_tokens(tokenizer) -> frozenset[str]:
     special = {*tokenizer.all_special_tokens,
                *(token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special)}
     return frozenset(special - set(HARMONY_TAGS))
+
+
+async def _grammar_off_loop(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Build the request's grammar text (`grammar_source`, kept on it) on a worker thread: a large schema or GBNF
+    grammar takes a second of Python or more to convert, which on the event loop stalled every stream and /health
+    (and on the tokenizing thread, every prompt behind it).
+
+    Raises:
+        APIError: as `grammar_source`.
+    """
+    if body.response_format is not None or body.structured_outputs is not None or (
+            isinstance(body, ChatCompletionRequest) and body.tool_setup is not None):
+        await asyncio.to_thread(lambda: body.grammar_source)
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -124,12 +124,17 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+_T = TypeVar("_T")
+# A list whose validation stops at its first bad item (one error, where the handler reports one anyway): every item of
+# a 1 MiB list failing made pydantic list 1.4M errors, which FastAPI turned into dicts on the event loop (one body of
+# 340,000 empty content parts stalled every client 11 s and took 2.4 GB; a review).
+Items = Annotated[list[_T], Field(fail_fast=True)]
 
 
 MAX_JSON_DEPTH = 128  # nesting of a tool's schema, a structured output's, template variables, a call's arguments
 
 
-def _utf8_json(value: Any, where: str = "", depth: int = 0, *, finite: bool = True) -> Any:
+def _utf8_json(value: Any, *, finite: bool = True) -> Any:
     """`value`, a JSON value, if all of its strings (object keys too) are valid Unicode (`_utf8`): a tool's
     schema, a structured output's, template variables are rendered into the prompt or a grammar, which refuse
     lone surrogates with errors that name neither the field nor the cause. The error names where the string is.
@@ -138,7 +143,27 @@ def _utf8_json(value: Any, where: str = "", depth: int = 0, *, finite: bool = Tr
     are refused as well: Python's JSON reads them (``NaN``, ``1e400``), StrictModel refuses them only in number
     fields, and one in a tool's schema got through to a grammar that could not read it back (after 30 s) or to a
     response that could not be written as JSON once the completion was generated."""
+    _check_json(value, None, 0, finite)
+    return value
+
+
+# A place in a JSON value: None (the value itself), or (the place holding it, its key or index). The dotted path is
+# written only for an error: written for every item, a long key over a long list cost the event loop 3-6 s for one
+# 1 MiB body (a review).
+_Place = tuple[Any, str | int] | None
+
+
+def _dotted(place: _Place) -> str:
+    keys: list[str] = []
+    while place is not None:
+        place, key = place
+        keys.append(str(key))
+    return ".".join(reversed(keys))
+
+
+def _check_json(value: Any, place: _Place, depth: int, finite: bool) -> None:
     def refused(problem: str) -> ValueError:
+        where = _dotted(place)
         return ValueError(f"{where}: {problem}" if where else problem)
 
     if depth > MAX_JSON_DEPTH:
@@ -153,12 +178,11 @@ def _utf8_json(value: Any, where: str = "", depth: int = 0, *, finite: bool = Tr
             raise refused(f"{value} is not a finite number (JSON has no NaN or infinities)")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _utf8_json(key, where, depth + 1, finite=finite)
-            _utf8_json(item, f"{where}.{key}" if where else str(key), depth + 1, finite=finite)
+            _check_json(key, place, depth + 1, finite)
+            _check_json(item, (place, key), depth + 1, finite)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _utf8_json(item, f"{where}.{index}" if where else str(index), depth + 1, finite=finite)
-    return value
+            _check_json(item, (place, index), depth + 1, finite)
 
 
 def _json_in_text(text: str, *, finite: bool = True) -> Any:
@@ -239,7 +263,7 @@ class StructuredOutputs(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     json_schema: JSONObject | Text | None = Field(default=None, alias="json")
     regex: Text | None = None
-    choice: list[Text] | None = None
+    choice: Items[Text] | None = None
     grammar: Text | None = None
 
     @field_validator("json_schema")
@@ -271,11 +295,11 @@ class SamplingControls(StrictModel):
     """Sampling controls beyond temperature and top-p, which every generation endpoint takes (the Responses
     API as vLLM's extensions): OpenAI's stop, seed and penalties, and vLLM's own."""
 
-    stop: Text | list[Text] | None = Field(default_factory=list)
+    stop: Text | Items[Text] | None = Field(default_factory=list)
     seed: Int | None = Field(default=None, ge=-2**63, lt=2**63)  # a signed 64-bit integer, as vLLM takes
     presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(fail_fast=True)] | None = None
     # vLLM's extensions: generate past EOS (benchmarks with fixed output lengths), more sampling controls
     ignore_eos: Flag = False
     top_k: Int | None = Field(default=None, ge=-1)
@@ -360,7 +384,7 @@ class CompletionRequest(_SamplingFields):
     position (the chosen one added when it is not among them, as OpenAI's legacy endpoint does).
     """
 
-    prompt: Text | list[Int] | list[Text] | list[list[Int]]
+    prompt: Text | Items[Int] | Items[Text] | Items[Items[Int]]
     # OpenAI's legacy endpoint's default (and vLLM's): 16; null: the rest of the context, as chat's default. 0 with
     # echo scores the prompt, generating nothing
     max_tokens: Int | None = Field(default=16, ge=0)
@@ -417,7 +441,7 @@ class ChatMessage(StrictModel):
     ``tool`` message (a call's result) names its call in ``tool_call_id``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart | RefusalPart] | None = None
+    content: Text | Items[TextPart | RefusalPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: Text | None = None
@@ -525,7 +549,7 @@ class NamedToolChoice(StrictModel):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Items[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: Flag | None = None
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -897,7 +921,7 @@ class TokenizeRequest(StrictModel):
 
     model: str | None = None
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: Items[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: Flag = True
     add_generation_prompt: Flag = True
     return_token_strs: Flag = False
@@ -950,7 +974,7 @@ class DetokenizeRequest(StrictModel):
     """``POST /detokenize``: token ids back to text (special tokens included)."""
 
     model: str | None = None
-    tokens: list[Annotated[Int, Field(ge=0)]]  # ids, not "1" or true
+    tokens: Items[Annotated[Int, Field(ge=0)]]  # ids, not "1" or true
 
 
 class DetokenizeResponse(BaseModel):

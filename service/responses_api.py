@@ -40,6 +40,7 @@ from service.openai_api import (
     Flag,
     FunctionName,
     Int,
+    Items,
     JSONObject,
     Metadata,
     ReasoningEffort,
@@ -77,7 +78,7 @@ def _parts(value: Any) -> Any:
     return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
 
 
-Parts = Annotated[list[TextPart], BeforeValidator(_parts)]
+Parts = Annotated[Items[TextPart], BeforeValidator(_parts)]
 
 
 class InputMessage(StrictModel):
@@ -127,8 +128,8 @@ class ReasoningInput(StrictModel):
 
     type: Literal["reasoning"]
     id: str | None = None
-    summary: list[ReasoningPart] = []
-    content: list[ReasoningPart] | None = None
+    summary: Items[ReasoningPart] = []
+    content: Items[ReasoningPart] | None = None
     encrypted_content: str | None = None
     status: str | None = None
 
@@ -222,7 +223,7 @@ class ResponsesRequest(SamplingControls):
     """
 
     model: str
-    input: Annotated[list[InputItem], BeforeValidator(lambda v: [{"role": "user", "content": v}] if isinstance(v, str)
+    input: Annotated[Items[InputItem], BeforeValidator(lambda v: [{"role": "user", "content": v}] if isinstance(v, str)
                                                       else v)]
     instructions: Text | None = None
     max_output_tokens: Int | None = Field(default=None, ge=1)
@@ -233,7 +234,7 @@ class ResponsesRequest(SamplingControls):
     parallel_tool_calls: Flag | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    include: list[Literal["message.output_text.logprobs", "reasoning.encrypted_content"]] | None = None
+    include: Items[Literal["message.output_text.logprobs", "reasoning.encrypted_content"]] | None = None
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stream: Stream = False
     stream_options: StreamOptions | None = None

@@ -40,6 +40,10 @@ MAX_ITEMS_IN_ROW = 10_000
 # review). Grammars with more are refused before they are compiled (the counts bound any chain's length).
 MAX_REFS = 500
 MAX_RULES = 1000
+# llguidance's own test of whether grammar text is Lark (`grammar_from`'s ``^\s*`` under MULTILINE) tries every line
+# start across all the blank lines after it, holding the GIL: 100,000 newlines took 48 s (a review). The same answer in
+# linear time: only the whitespace of the keyword's own line may come before it.
+_LARK = re.compile(r"(?m)^[^\S\n]*(?:%llguidance\b|start\s*:)")
 _RULE = re.compile(r"(?:^|\n|\\n)[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_.]*(?:\[[^\]\n]*\])?[ \t]*(?::|::=)")
 # Longest grammar error message raised or logged, in characters.
 MAX_ERROR_CHARS = 300
@@ -88,8 +92,28 @@ def grammar_from_spec(kind: str, value: Any) -> str:
     if kind == "grammar":
         if not isinstance(value, str) or not value.strip():
             raise ValueError("grammar must be a non-empty string")
-        return llguidance.grammar_from("grammar", value)
+        if _LARK.search(value) is None:
+            value = _gbnf_to_lark(value)
+        return llguidance.LLMatcher.grammar_from_lark(value)
     raise ValueError(f"unknown structured output kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _gbnf_to_lark(text: str) -> str:
+    """Lark text of a GBNF (llama.cpp) grammar, by llguidance's converter, if it defines at most MAX_RULES rules: its
+    time grows with the square of a chain of rules (8,000 took seconds), and a longer chain would be refused once
+    compiled anyway (`_check_depth`)."""
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    rules = text.count("::=")
+    if rules > MAX_RULES:
+        raise InvalidGrammar(f"invalid structured output: its grammar defines {rules} rules; at most {MAX_RULES} are "
+                             f"compiled")
+    try:
+        return gbnf_to_lark(text)
+    except RecursionError:
+        raise InvalidGrammar("invalid structured output: the GBNF grammar is nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - the converter's own errors (llguidance's grammar_from words them so)
+        raise InvalidGrammar(f"Failed to convert the grammar from GBNF to Lark: {exc}"[:MAX_ERROR_CHARS]) from None
 
 
 def _check_depth(grammar: str) -> None:

@@ -137,9 +137,10 @@ class WorkerServer:
         # every receive and send is bounded by the kernel (SO_RCVTIMEO / SO_SNDTIMEO, set once: a Python timeout
         # toggled per frame cost 5-13% of a round trip); a wait for a frame to begin that runs out is an idle engine
         seconds, micros = divmod(round(self._frame_timeout_s * 1e6), 1_000_000)
-        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            conn.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", seconds, micros))
         try:
+            # (in the try: a connection the server closed at shutdown before this thread ran is EBADF here)
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                conn.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", seconds, micros))
             while True:
                 try:
                     if not conn.recv(1, socket.MSG_PEEK):

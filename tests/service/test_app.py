@@ -706,6 +706,44 @@ def test_prompts_are_tokenized_off_the_event_loop():
             assert thread in threads and not threads - {thread, "vibe-engine"}, (path, threads)  # (not the loop's)
 
 
+
+def test_grammars_are_built_off_the_event_loop(server, monkeypatch):
+    """A request's grammar text (a structured output, a response format, a forced tool call) is built on a worker
+    thread, not on the event loop every stream shares, nor on the tokenizing thread: a GBNF grammar of 100,000
+    alternatives takes a second of Python to convert, and one of 100,000 newlines took 48 s (a review)."""
+    from service import openai_api
+
+    threads: list[tuple[str, bool]] = []  # (name, whether an event loop runs on it)
+    build = openai_api._grammar
+
+    def recorded(request):
+        try:
+            on_loop = asyncio.get_running_loop() is not None
+        except RuntimeError:
+            on_loop = False
+        threads.append((threading.current_thread().name, on_loop))
+        return build(request)
+
+    monkeypatch.setattr(openai_api, "_grammar", recorded)
+    url = server[0]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    for path, body in (
+            ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "[ab]{2}"}}),
+            ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}),
+            ("/v1/chat/completions", {"messages": MESSAGES, "tools": [tool], "tool_choice": "required"}),
+            ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_schema", "name": "n",
+                                                                  "schema": schema}}}),
+            ("/v1/chat/completions", {"messages": MESSAGES, "structured_outputs": {"grammar": "\n" * 1000 + "x"}})):
+        threads.clear()
+        response = httpx.post(f"{url}{path}", json={"model": MODEL, "max_tokens" if "input" not in body else
+                                                    "max_output_tokens": 16, **body}, timeout=60)
+        # (the tool's prompt is longer than this server's context: a 400 after its grammar was built, as the GBNF's)
+        assert response.status_code == (200 if "text" in body or "response_format" in body or "prompt" in body
+                                        else 400), (path, response.text)
+        assert threads and not any(on_loop or name.startswith("tokenize") for name, on_loop in threads), (path, threads)
+
 def test_health_reports_degradation_without_leaving_rotation(tokenizer):
     problems: list[str] = []
     engine = _start_engine(tokenizer)

@@ -98,6 +98,22 @@ def test_a_huge_chat_is_refused_without_tokenising_its_template(url, recorded):
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
 
 
+
+def test_a_huge_chat_asking_to_sanitize_control_tokens_is_refused_from_a_prefix_too(url, recorded):
+    """transformers' sanitize_control_tokens (an argument of apply_chat_template that chat_template_kwargs reaches)
+    renders no text to check in part: the check was skipped, and each 1 MiB prompt was tokenised whole on the
+    replica's one tokenizing thread before it was refused (a victim's 0.03 s answer took 3 s behind six; a review).
+    The text rendered without it has no more tokens than the sanitized prompt (it tokenises control tokens found
+    in user text as text: one token each or more), so a prefix of that refuses it; a prompt that fits is served."""
+    recorded.clear()
+    sanitize = {"chat_template_kwargs": {"sanitize_control_tokens": True}}
+    _too_long(_post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": HUGE}], **sanitize}),
+              "messages")
+    assert recorded.templates_tokenised == 0 and max(recorded.lengths) < len(HUGE) // 50
+    reply = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi <|im_end|>"}],
+                                                "max_tokens": 1, **sanitize})
+    assert reply.status_code == 200, reply.text
+
 def test_a_long_prompt_that_fits_exactly_is_accepted_with_the_same_ids(url, tokenizer, recorded):
     """Prompts of more characters per token than any prefix check assumes (40: the long token's), one token short
     of the context: accepted, tokenised whole as before; one token more is refused with the whole count."""

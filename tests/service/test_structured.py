@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 
 import pytest
 import torch
 
+from service import structured
 from service.engine import Engine, EngineConfig
 from service.sampling import SamplingParams
-from service.structured import Grammars, grammar_from_spec
+from service.structured import MAX_RULES, Grammars, InvalidGrammar, grammar_from_spec
 from service.text import apply_chat_template
 from tests.service.test_text import build_chat_model, build_tokenizer
 
@@ -436,3 +438,54 @@ def test_grammars_whose_chains_could_overflow_the_compilers_stack_are_refused(to
         grammars.matcher(grammar_from_spec(kind, spec))
     short = {"type": "object", "properties": {"a": {"$ref": "#/$defs/s"}}, "$defs": {"s": {"type": "string"}}}
     assert not grammars.matcher(grammar_from_spec("json", short)).is_error()
+
+
+def _lark_texts() -> list[str]:
+    """Grammar texts around llguidance's test of Lark syntax: blank lines, other whitespace, keywords in and out of
+    place, and random mixes of these pieces."""
+    texts = ["start: \"a\"", "  \n\n \t start : \"a\"", "%llguidance {}\nstart: x", "\n\n%llguidancex", "x start: a",
+             "root ::= \"start:\"", "start\n:", "\u2028start: a", "\r\nstart: a", "\n" * 50 + "x", "startx: a"]
+    pieces = ["\n", " ", "\t", "\r", "\u2028", "\x0b", "start", ":", "%llguidance", "x", "::=", "\"a\""]
+    rng = random.Random(0)
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    return texts
+
+
+def test_lark_is_told_from_gbnf_as_llguidance_tells_it_without_its_backtracking():
+    """llguidance's own test of Lark text (``^\\s*`` under MULTILINE) tried every line start across all the blank
+    lines after it, holding the GIL: a grammar of 100,000 newlines blocked the server's event loop for 48 s (a
+    review). The service's test answers as llguidance's on every text, and reads each character a bounded number
+    of times (the regular expression engine's work is not timed here: its pattern lets no line start look past its
+    own line before the keyword)."""
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    for text in _lark_texts():
+        assert (structured._LARK.search(text) is not None) == is_lark_syntax(text), repr(text)
+    assert structured._LARK.pattern.startswith("(?m)^[^\\S\\n]*")
+
+
+def test_grammar_text_is_read_without_llguidances_quadratic_steps(tokenizer, monkeypatch):
+    """Neither llguidance's test of Lark syntax nor its GBNF conversion of more than MAX_RULES rules (quadratic in a
+    chain of rules: 8,000 took seconds) runs for a request's grammar; Lark and GBNF grammars are still read."""
+    import llguidance
+    import llguidance.gbnf_to_lark
+
+    def refused(*_args, **_kwargs):
+        raise AssertionError("llguidance's own reading of grammar text was called")
+
+    convert = llguidance.gbnf_to_lark.gbnf_to_lark
+    monkeypatch.setattr(llguidance.gbnf_to_lark, "is_lark_syntax", refused)
+    monkeypatch.setattr(llguidance, "grammar_from", refused)
+    with pytest.raises(ValueError, match="Failed to convert the grammar from GBNF to Lark"):
+        grammar_from_spec("grammar", "\n" * 100_000 + "x")
+    lark = grammar_from_spec("grammar", '\n\n  start: "yes" | "no"')
+    gbnf = grammar_from_spec("grammar", 'root ::= "yes" | "no"')
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    assert not grammars.matcher(lark).is_error() and not grammars.matcher(gbnf).is_error()
+    monkeypatch.setattr(llguidance.gbnf_to_lark, "gbnf_to_lark", refused)
+    chain = "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(MAX_RULES)) + f'r{MAX_RULES} ::= "x"\n'
+    with pytest.raises(InvalidGrammar, match=f"defines {MAX_RULES + 2} rules; at most {MAX_RULES}"):
+        grammar_from_spec("grammar", chain)
+    monkeypatch.setattr(llguidance.gbnf_to_lark, "gbnf_to_lark", convert)
+    with pytest.raises(InvalidGrammar, match="nested too deeply"):  # (the converter recurses per parenthesis)
+        grammar_from_spec("grammar", "root ::= " + "(" * 5000 + '"a"' + ")" * 5000)

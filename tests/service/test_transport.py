@@ -178,3 +178,14 @@ def test_silent_worker_times_out(tmp_path):
 def test_bad_address_is_a_value_error(address):
     with pytest.raises(ValueError, match="worker address"):
         WorkerClient(address)
+
+
+def test_a_connection_closed_before_its_thread_runs_is_dropped_quietly(server):
+    """The server closes every connection at shutdown, possibly before a connection's thread has set its socket
+    options: that thread ends quietly (it raised EBADF from setsockopt, an unhandled exception in a thread)."""
+    ours, theirs = socket.socketpair()
+    ours.close()
+    server._connections.add(ours)
+    server._serve(ours)  # returns, raising nothing
+    assert ours not in server._connections
+    theirs.close()

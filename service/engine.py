@@ -358,7 +358,8 @@ class Engine:
         self._validate(request_id, prompt, params)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFull(f"{self.num_waiting} requests waiting (max_queue={self.config.max_queue})")
-        text = (TextStream(self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.kept_special_ids)
+        text = (TextStream(self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.kept_special_ids,
+                           params.include_stop_str)
                 if self.tokenizer is not None else None)
         seq = _Sequence(request_id, prompt, params, text)
         if params.grammar is not None:  # ValueError for a grammar it cannot follow

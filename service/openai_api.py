@@ -307,6 +307,7 @@ class SamplingControls(StrictModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     min_tokens: Int | None = Field(default=None, ge=0)
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(default=None, max_length=64)
+    include_stop_str_in_output: Flag = False  # the text ends with the stop string met (by default, before it)
     skip_special_tokens: Flag = True  # special tokens decode to no text
 
     @field_validator("stop")
@@ -695,7 +696,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, num_prom
         top_k=request.top_k or 0, min_p=request.min_p or 0.0, repetition_penalty=request.repetition_penalty or 1.0,
         min_tokens=request.min_tokens or 0, stop_token_ids=tuple(request.stop_token_ids or ()),
         grammar=request.grammar, skip_special_tokens=request.skip_special_tokens and not _keeps_special(request),
-        kept_special_ids=_kept_tags(request))
+        kept_special_ids=_kept_tags(request), include_stop_str=request.include_stop_str_in_output)
 
 
 def _keeps_special(request: CompletionRequest | ChatCompletionRequest) -> bool:

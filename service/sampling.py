@@ -68,6 +68,8 @@ class SamplingParams:
         kept_special_ids: special tokens decoded all the same, the tags a parser reads (a tool format's, thinking
             tags) when they are special tokens: the others still decode to nothing (with skip_special_tokens off
             for them, a model's other special tokens showed in the content and the reasoning).
+        include_stop_str: the text ends with the stop string that ended it (vLLM's
+            ``include_stop_str_in_output``); by default it ends before it.
         reasoning_gap: with ``reasoning_tokens``, the ids of whitespace tokens (a newline, two) the completion
             may write between the block's close and the grammar, at most `MAX_REASONING_GAP` of them, as
             thinking models write ``</think>\\n\\n`` before their answer.
@@ -95,6 +97,7 @@ class SamplingParams:
     reasoning_gap: tuple[int, ...] = ()
     skip_special_tokens: bool = True
     kept_special_ids: tuple[int, ...] = ()
+    include_stop_str: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 0:

@@ -152,11 +152,14 @@ class StopStringMatcher:
 
     ``text`` is everything accepted so far (already truncated if stopped); ``take`` returns the part not
     yet released, minus the last ``max(len(stop)) - 1`` characters that could still begin a stop string.
+    With ``include`` (vLLM's ``include_stop_str_in_output``) the text is cut after the first stop string to end
+    instead, and nothing is held back (text that may begin one stays in the output either way).
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include: bool = False) -> None:
         self._stop = tuple(stop)
-        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        self._include = include
+        self._holdback = 0 if include else max((len(s) for s in self._stop), default=1) - 1
         self._released = 0
         self.text = ""
         self.stopped = False
@@ -171,9 +174,10 @@ class StopStringMatcher:
         self.text += delta
         if not search:
             return
-        hits = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self._stop) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, max(0, before - len(s) + 1)), s) for s in self._stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            # (included: each hit ends in ``delta``, past the text released, which is never taken back)
+            self.text = self.text[:min(i + len(s) for i, s in hits)] if self._include else self.text[:min(hits)[0]]
             self.stopped = True
 
     def take(self, final: bool) -> str:
@@ -188,9 +192,10 @@ class TextStream:
     """Streaming text of one completion: detokeniser plus stop strings."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], stop: Sequence[str],
-                 skip_special_tokens: bool = True, kept_special: Collection[int] = ()) -> None:
+                 skip_special_tokens: bool = True, kept_special: Collection[int] = (),
+                 include_stop: bool = False) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, kept_special)
-        self._matcher = StopStringMatcher(stop)
+        self._matcher = StopStringMatcher(stop, include_stop)
         self._search = True  # the last token's text was searched: the rest of it, flushed at the end, is too
 
     @property

@@ -146,6 +146,28 @@ def test_stop_strings_over_http(client):
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_string_is_kept_with_include_stop_str_in_output(client):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string met (it was a 400, an unknown field),
+    whole or streamed, on each endpoint."""
+    full = client.completions.create(model=MODEL, prompt="import os", max_tokens=30, temperature=0).choices[0].text
+    stop = full[8:11]
+    kept = {"include_stop_str_in_output": True}
+    cut = client.completions.create(model=MODEL, prompt="import os", max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body=kept)
+    assert cut.choices[0].text == full[:full.index(stop) + 3] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="import os", max_tokens=30, temperature=0, stop=[stop],
+                                         extra_body=kept, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == cut.choices[0].text
+    chat = dict(model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0)
+    said = client.chat.completions.create(**chat).choices[0].message.content
+    stop = said[4:7]
+    cut = client.chat.completions.create(**chat, stop=[stop], extra_body=kept).choices[0]
+    assert cut.message.content == said[:said.index(stop) + 3] and cut.finish_reason == "stop"
+    response = client.responses.create(model=MODEL, input=MESSAGES, max_output_tokens=30, temperature=0,
+                                       extra_body={"stop": [stop], **kept})
+    assert response.output_text == cut.message.content
+
+
 def _greedy_logprobs(tokenizer, prompt: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
     """The reference model's greedy completion and its log-softmax at each completion position."""
     model = build_chat_model(tokenizer)

@@ -191,6 +191,20 @@ def test_text_flushed_at_the_end_is_searched_only_if_the_last_tokens_text_was():
         assert stream.stopped == search
 
 
+def test_an_included_stop_string_ends_the_text_where_the_first_one_ends():
+    """vLLM's include_stop_str_in_output: the text is cut after the stop string that ends first, and none of it
+    is held back meanwhile (what may begin a stop string is in the output either way)."""
+    matcher = StopStringMatcher(["END", "ZZZZZ"], include=True)
+    released = []
+    for delta in ["abc", "E", "N", "Dxyz"]:
+        matcher.add(delta)
+        released.append(matcher.take(final=False))
+    assert matcher.stopped and matcher.text == "abcEND" and released == ["abc", "E", "N", "D"]
+    matcher = StopStringMatcher(["zzb", "z"], include=True)  # (both begin at 2: "z" ends first)
+    matcher.add("aazzb")
+    assert matcher.text == "aaz" and matcher.stopped
+
+
 def test_earliest_of_several_stop_strings_wins():
     matcher = StopStringMatcher(["zz", "b"])
     matcher.add("aazzb")

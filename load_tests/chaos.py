@@ -178,6 +178,8 @@ def stream_request(url: str, body: dict) -> RequestRecord:
         record.outcome, record.server_error = "hung", False
     except httpx.HTTPError as exc:
         record.outcome, record.server_error = f"transport_{type(exc).__name__}", True
+    except Exception as exc:  # noqa: BLE001 - a chunk of a shape no check foresaw: the server's failure, recorded
+        record.outcome, record.server_error = f"stream_malformed_{type(exc).__name__}", True
     record.ended = time.monotonic()
     return record
 
@@ -200,17 +202,17 @@ def _read_stream(response: httpx.Response, record: RequestRecord) -> None:
             continue
         try:
             chunk = json.loads(line[len("data: "):])
-        except ValueError:
+            if "error" in chunk:
+                error = chunk["error"]
+                record.outcome = f"stream_{error.get('code') or error.get('type')}"
+                record.server_error = error.get("type") in _STREAM_5XX_TYPES
+                return
+            record.tokens += sum(bool(c.get("delta", {}).get("content")) for c in chunk.get("choices", []))
+            if chunk.get("usage"):  # (stream_options include_usage: the tokens, where chunks may hold several)
+                record.tokens = max(record.tokens, chunk["usage"].get("completion_tokens", 0))
+        except (ValueError, TypeError, AttributeError):  # not JSON, or not a chunk's shape ({"choices": null})
             record.outcome, record.server_error = "stream_malformed", True
             return
-        if "error" in chunk:
-            error = chunk["error"]
-            record.outcome = f"stream_{error.get('code') or error.get('type')}"
-            record.server_error = error.get("type") in _STREAM_5XX_TYPES
-            return
-        record.tokens += sum(bool(c.get("delta", {}).get("content")) for c in chunk.get("choices", []))
-        if chunk.get("usage"):  # (stream_options include_usage: the tokens, where chunks may hold several)
-            record.tokens = max(record.tokens, chunk["usage"].get("completion_tokens", 0))
     record.outcome, record.server_error = "stream_truncated", True
 
 

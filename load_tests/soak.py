@@ -4,9 +4,11 @@ Starts the app as `load_tests.chaos` does, measures its capacity (completed requ
 `max_num_seqs` closed-loop clients), then sends Poisson arrivals at `--load` of that rate for
 `--minutes`, sampling the resident memory (RSS, psutil) of every process of the service (Ray's
 processes, the Serve controller and proxy, the ingress, the coordinator, each expert worker) every
-`--sample-s` seconds. Reports every error, latency percentiles, and each process's RSS at start and end
-with its growth rate over the second half; prints a summary and writes ``<out>/soak.json`` and
-``<out>/soak.png``. Nothing is asserted: the numbers are the result.
+`--sample-s` seconds. Reports every error, latency percentiles and their drift (per tenth of the run, by
+arrival, and a least-squares slope), and each process's RSS at start and end with its growth rate over the
+second half; processes that exited or appeared meanwhile are counted (a restarted process's leak would hide in
+the total, which falls back at the restart: the growth summed over processes keeps it). Prints a summary and
+writes ``<out>/soak.json`` and ``<out>/soak.png``. Nothing is asserted: the numbers are the result.
 
     python -m load_tests.soak --out bench                # 10 minutes at 70%
     python -m load_tests.soak --minutes 1 --out /tmp/s   # a quick look
@@ -125,7 +127,10 @@ def poisson_load(url: str, model: str, rate: float, seconds: float, seed: int = 
     lock = threading.Lock()
 
     def one(i: int, arrival: float) -> None:
-        record = stream_request(url, chat_body(model, i, OUTPUT_TOKENS))
+        try:
+            record = stream_request(url, chat_body(model, i, OUTPUT_TOKENS))
+        except Exception as exc:  # noqa: BLE001 - recorded, never dropped (every request sent has a record)
+            record = RequestRecord(arrival, time.monotonic(), f"client_{type(exc).__name__}")
         record.started = arrival  # latency counts from the arrival, waiting for a free thread included
         with lock:
             records.append(record)
@@ -144,10 +149,16 @@ def poisson_load(url: str, model: str, rate: float, seconds: float, seed: int = 
 
 def memory_report(samples: list[tuple[float, dict[str, float]]]) -> dict:
     """Per process: RSS at the first and last sample, peak, and growth rate (MiB/min, least squares)
-    over the second half of the run; the same for the total."""
+    over the second half of the run; the same for the total. ``processes``: how many processes each role
+    (label) had, how many exited before the last sample and appeared after the first, and the growth summed
+    over its processes (each one's last sample less its first): a process restarted after leaking takes its
+    leak out of the total, not out of that sum."""
+    if not samples:
+        return {"total": {"start_mib": None, "end_mib": None, "peak_mib": None,
+                          "growth_mib_per_min_second_half": None}, "processes": {}}
     names = sorted({name for _, rss in samples for name in rss})
     half = samples[len(samples) // 2:]
-    out = {}
+    out: dict = {"processes": _processes(samples, names)}
     for name in names + ["total"]:
         series = [(t, rss.get(name) if name != "total" else sum(rss.values())) for t, rss in samples]
         series = [(t, v) for t, v in series if v is not None]
@@ -159,11 +170,50 @@ def memory_report(samples: list[tuple[float, dict[str, float]]]) -> dict:
     return out
 
 
-def latency_report(records: list[RequestRecord]) -> dict:
-    """Seconds from each completed request's scheduled arrival to its end: p50, p90, p99 and max."""
-    ok = [r.ended - r.started for r in records if r.ok]
+def _processes(samples: list[tuple[float, dict[str, float]]], names: list[str]) -> dict:
+    """Per role (the label without its pid) and in all: processes seen, exited, appeared, growth summed."""
+    first, last = set(samples[0][1]), set(samples[-1][1])
+    roles: dict[str, dict] = {}
+    for name in names:
+        series = [rss[name] for _, rss in samples if name in rss]
+        role = roles.setdefault(name.rsplit("[", 1)[0], {"processes": 0, "exited": 0, "appeared": 0,
+                                                        "growth_summed_mib": 0.0})
+        role["processes"] += 1
+        role["exited"] += name not in last
+        role["appeared"] += name not in first
+        role["growth_summed_mib"] += series[-1] - series[0]
+    everything = {key: sum(role[key] for role in roles.values()) for key in
+                  ("processes", "exited", "appeared", "growth_summed_mib")}
+    for role in [*roles.values(), everything]:
+        role["growth_summed_mib"] = round(role["growth_summed_mib"], 1)
+    return roles | {"all": everything}
+
+
+def latency_report(records: list[RequestRecord], parts: int = 10) -> dict:
+    """Seconds from each completed request's scheduled arrival to its end: p50, p90, p99 and max; and their
+    drift: p50 and p99 of each tenth of the run (by arrival), the last tenth's p50 over the first's, and the
+    least-squares slope of latency against arrival (seconds per minute). A latency that climbs through the run
+    has the same pooled percentiles as one that does not."""
+    done = sorted((r.started, r.ended - r.started) for r in records if r.ok)
+    ok = [latency for _, latency in done]
     report = {f"{q}_s": None if v is None else round(v, 3) for q, v in percentiles(ok).items()}
-    return report | {"max_s": round(max(ok), 3) if ok else None}
+    report |= {"max_s": round(max(ok), 3) if ok else None}
+    if len(done) < 2 * parts:
+        return report | {"by_tenth": None, "p50_last_over_first": None, "slope_s_per_min": None}
+    start, end = done[0][0], done[-1][0]
+    width = (end - start) / parts or 1.0
+    tenths = [[latency for at, latency in done if min(int((at - start) / width), parts - 1) == k] for k in range(parts)]
+    by_tenth = [{"requests": len(part), "p50_s": _rounded(percentiles(part)["p50"]),
+                 "p99_s": _rounded(percentiles(part)["p99"])} for part in tenths]
+    first, last = by_tenth[0]["p50_s"], by_tenth[-1]["p50_s"]
+    slope = float(np.polyfit([at - start for at, _ in done], ok, 1)[0]) * 60
+    return report | {"by_tenth": by_tenth,
+                     "p50_last_over_first": round(last / first, 3) if first and last is not None else None,
+                     "slope_s_per_min": round(slope, 4)}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def plot(samples: list[tuple[float, dict[str, float]]], path: Path, title: str) -> None:
@@ -219,10 +269,14 @@ def main() -> None:
     (args.out / "soak.json").write_text(json.dumps(report, indent=1))
     plot(memory.samples, args.out / "soak.png",
          f"soak: {len(records)} requests at {rate:.2f} req/s ({args.load:.0%} of capacity), {len(errors)} errors")
-    total = report["memory_during_soak"]["total"]
+    total, processes = report["memory_during_soak"]["total"], report["memory_during_soak"]["processes"].get("all", {})
     print(f"soak minutes={args.minutes} rate={rate:.2f}/s requests={len(records)} errors={len(errors)} "
-          f"latency_p99_s={report['latency']['p99_s']} rss_total_mib={total['start_mib']}->{total['end_mib']} "
-          f"growth_mib_per_min={total['growth_mib_per_min_second_half']}")
+          f"latency_p99_s={report['latency']['p99_s']} latency_p50_last_over_first="
+          f"{report['latency']['p50_last_over_first']} latency_slope_s_per_min={report['latency']['slope_s_per_min']} "
+          f"rss_total_mib={total['start_mib']}->{total['end_mib']} "
+          f"growth_mib_per_min={total['growth_mib_per_min_second_half']} "
+          f"rss_growth_summed_mib={processes.get('growth_summed_mib')} "
+          f"processes_exited={processes.get('exited')} processes_appeared={processes.get('appeared')}")
 
 
 if __name__ == "__main__":

@@ -419,7 +419,9 @@ def run_trial(stack: Stack, index: int, mode: str, workload: str) -> dict[str, A
 
 def step_stats(steps, trigger: float, first: tuple[float, float] | None, config: BenchConfig,
                since: float) -> dict[str, Any]:
-    """Step times of one trial: outside the migration window (decode steps), inside it, stalls."""
+    """Step times of one trial: outside the migration window (decode steps), inside it, stalls. A step of the
+    window is judged by its time after the trigger: the one already running when the recalibration was asked
+    for counted whole, a stall begun before it (a review: 329.5 ms of which 24 ms after the trigger)."""
     steps = [s for s in steps if s[0] >= since]
     window_end = first[1] if first is not None else trigger  # not live: no window to judge
     decode = [s for s in steps if s[3] <= config.streams]
@@ -427,6 +429,7 @@ def step_stats(steps, trigger: float, first: tuple[float, float] | None, config:
     window = [s for s in steps if s[1] > trigger and s[0] <= first[0]] if first is not None else []
     median = statistics.median(outside) if outside else None
     durations = [(e - b) * 1e3 for b, e, _, _ in window]
+    after_trigger = [(e - max(b, trigger)) * 1e3 for b, e, _, _ in window]
     after = [(e - b) * 1e3 for b, e, _, _ in steps if b > window_end] if first is not None else []
     begins = [b for b, _, _, _ in steps]
     intervals = [(later - earlier) * 1e3 for earlier, later in zip(begins, begins[1:])]
@@ -445,9 +448,10 @@ def step_stats(steps, trigger: float, first: tuple[float, float] | None, config:
         "steps_in_window": len(window),
         "prefill_steps_in_window": sum(1 for s in window if s[3] > config.streams),
         "window_step_ms": [round(ms, 3) for ms in durations],
-        "max_step_in_migration_ms": max(durations, default=None),
+        "window_step_after_trigger_ms": [round(ms, 3) for ms in after_trigger],
+        "max_step_in_migration_ms": max(after_trigger, default=None),
         "stalled_steps": None if median is None or first is None else
-        sum(1 for ms in durations if ms > STALL_FACTOR * median),
+        sum(1 for ms in after_trigger if ms > STALL_FACTOR * median),
         # After the window (old copies are dropped in this part): steps, the longest, those over threshold.
         "steps_after_window": len(after),
         "max_step_after_window_ms": max(after, default=None),

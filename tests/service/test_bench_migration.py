@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from service import bench_migration
@@ -61,3 +62,19 @@ def test_config_refuses_what_cannot_be_measured(tmp_path):
         bench_migration.BenchConfig(modes=("sideways",))
     with pytest.raises(ValueError, match="max_model_len"):
         bench_migration.BenchConfig(prompt_tokens=64, max_model_len=64)
+
+
+def test_a_step_running_at_the_trigger_is_judged_by_its_time_after_it():
+    """The step already running when the recalibration was asked for counted whole as a stall of the migration
+    (a review: a 329.5 ms step of which 24 ms came after the trigger); now by the part after the trigger."""
+    from service.bench_migration import BenchConfig, step_stats
+
+    config = BenchConfig(streams=8)
+    trigger = 10.0
+    steps = [(t, t + 0.04, 0, 8) for t in np.arange(8.5, 9.6, 0.04)]  # steady 40 ms decode steps
+    steps += [(9.6945, 10.024, 0, 8), (10.024, 10.0757, 0, 8), (10.0757, 10.2227, 0, 8)]  # the window
+    steps += [(t, t + 0.04, 0, 8) for t in np.arange(10.23, 11.0, 0.04)]
+    stats = step_stats(steps, trigger, (10.0757, 10.2227), config, since=8.5)
+    assert stats["window_step_ms"][0] == pytest.approx(329.5)
+    assert stats["window_step_after_trigger_ms"] == pytest.approx([24.0, 51.7, 147.0])
+    assert stats["stalled_steps"] == 1 and stats["max_step_in_migration_ms"] == pytest.approx(147.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
@@ -28,6 +29,12 @@ from service.worker import FAULTS
 from service.worker_pool import WorkerCallError
 
 log = logging.getLogger(__name__)
+
+
+class CoordinatorUnavailable(RuntimeError):
+    """The coordinator could not take the call (its replica died or restarts, or Serve refused it): a 503, not a 500
+    (Ray's own errors are no `RayTaskError`, which carries the coordinator's)."""
+
 
 class CoordinatorClient(Protocol):
     """Awaitable calls into the coordinator, by method name."""
@@ -94,6 +101,9 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
         except WorkerCallError as exc:
             raise APIError(503, f"{exc} (GET /admin/stats shows lost devices; retry once it is back)",
                            type="service_unavailable_error", code="device_unavailable") from exc
+        except CoordinatorUnavailable as exc:
+            raise APIError(503, f"{exc}; retry shortly", type="service_unavailable_error",
+                           code="coordinator_unavailable") from exc
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
 
@@ -158,11 +168,33 @@ async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
     type); an empty body means the defaults. Bad JSON or fields are a 400 naming the problem."""
     raw = await request.body()
     try:
+        json.loads(raw or b"{}", object_pairs_hook=_unique)
+    except _Repeated as exc:  # (pydantic's JSON parser keeps the last: {"dry_run": true, ..., "dry_run": false} ran)
+        raise APIError(400, f"invalid admin request body: {exc.key!r} is given more than once", param=exc.key) from None
+    except ValueError:  # not JSON: said below, as pydantic words it
+        pass
+    try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(p) for p in problem["loc"]) or None
         raise APIError(400, f"invalid admin request body: {problem['msg']}", param=where) from None
+
+
+class _Repeated(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Repeated(key)
+        seen[key] = value
+    return seen
 
 
 def render_placement_page(view: dict[str, Any]) -> str:

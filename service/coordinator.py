@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,8 +31,15 @@ log = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_MAX_S = 30.0  # longest wait between tries to restart a lost worker
 _ENGINE_FORGET_TIMEOUTS = 3  # an engine silent this many engine_timeout_s is gone from /admin/stats
+HISTORY_MOVES = 100  # moves a history record keeps (its experts_moved counts them all; /admin/recalibrate lists all)
 
 RECALIBRATION_MODES = ("auto", "incremental", "full")
+
+
+def _devices_named(devices: Iterable[int]) -> str:
+    """"device 3" or "devices 1, 2" (what the history's reasons say, and `make chaos` reads)."""
+    devices = sorted(devices)
+    return f"device{'s' if len(devices) > 1 else ''} {', '.join(map(str, devices))}"
 DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -242,7 +249,8 @@ class Coordinator:
         self._unreconciled = False
         self._reconcile_after = 0.0
         self._bandwidth = config.bandwidth_bytes_per_s
-        self._history: deque[Recalibration] = deque(maxlen=50)
+        self._history: deque[Recalibration] = deque(maxlen=50)  # (each with at most HISTORY_MOVES of its moves)
+        self._last_applied: Recalibration | None = None  # (kept apart: 50 dry runs pushed it out of the history)
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
         self._calibration_asked = False  # an engine asked for the startup calibration (retried until it applies)
@@ -406,6 +414,10 @@ class Coordinator:
         in as the slowest profiled one until it is profiled itself, when it rejoins (`_readmit`)."""
         devices = self._live_devices() if devices is None else devices
         samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
+        return self._install_profiles(devices, samples)
+
+    def _install_profiles(self, devices: list[int], samples: list) -> list[pl.DeviceModel]:
+        """`_profile`'s second half: the models fitted to ``devices``' samples replace theirs."""
         tokens = np.asarray(self.config.profile_token_counts, dtype=np.float64)
         with self._lock:
             models = dict(enumerate(self._profiled))
@@ -545,6 +557,7 @@ class Coordinator:
         with self._lock:
             old = self._placement
             devices, scales = self.device_models(), self._devices.scales
+            lost = sorted(self._lost)
             volume = self._workload_drift.volume()  # of the passes planned on (None: no load yet)
             passes = self._workload_drift.window_passes() if loads is None else None
             loads, activity = self._window() if loads is None else (loads, None)
@@ -553,6 +566,12 @@ class Coordinator:
         loaded = None if passes is None else int(np.count_nonzero(passes.sum(axis=(1, 2))))  # window passes with load
         too_few = loaded is not None and loaded < self.config.min_held_out_passes  # to judge a plan on held-out ones
         z = self.config.gain_confidence_z if confidence_z is None else float(confidence_z)
+        planned_by = None
+        if lost and policy != "vibe":  # only vibe's budgeted packing leaves lost devices empty (`_plan`): said so, not
+            # recorded and published as the policy asked for (a review)
+            planned_by = (f"{_devices_named(lost)} lost: planned by vibe with a slot budget that leaves "
+                          f"{'it' if len(lost) == 1 else 'them'} empty, not by {policy}")
+            policy = "vibe"
         if policy != self.config.policy or policy != "vibe":
             mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
         judged = []
@@ -568,6 +587,8 @@ class Coordinator:
             judged.append((self._judge(old, new, plan, loads, activity, passes, loaded, too_few, devices, policy,
                                        candidate_mode, reason, dry_run, force, z), new, plan))
         record, new, plan = max(judged, key=lambda j: self._net_gain(j[0]))
+        if planned_by is not None:
+            record.detail = "; ".join(filter(None, (planned_by, record.detail)))
         if len(judged) > 1:
             nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
             record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
@@ -835,14 +856,36 @@ class Coordinator:
             return [m.scaled(float(s)) for m, s in zip(self._profiled, self._devices.scales)]
 
     def profile_devices(self) -> dict[str, Any]:
-        """Re-profile every device not lost (admin): new curves replace the refined ones; `profiled` names them (a
-        lost device keeps its model until it rejoins, when it is profiled). Waits for a recalibration in
-        progress: one planned on the refined models would otherwise record them as the models it was planned
-        with after profiling reset them, which reads as device drift and re-plans for nothing."""
+        """Re-profile every device not lost (admin): new curves replace the refined ones; `profiled` names them, and
+        `failed` the devices that did not answer (a lost device keeps its model until it rejoins, when it is
+        profiled). The devices are measured outside the migration lock (held for the whole pass, a device lost
+        meanwhile waited that long to be re-placed, as long as call_timeout_s behind a hung one; a review), and
+        their models installed under it, after any recalibration in progress: one planned on the refined models
+        would otherwise record them as the models it was planned with after profiling reset them, which reads as
+        device drift and re-plans for nothing.
+
+        Raises:
+            WorkerCallError: no device answered.
+        """
+        devices = self._live_devices()
+        samples, failed = self._profile_samples(devices), []
+        while isinstance(samples, WorkerCallError):  # (a device lost meanwhile: the others' new models are kept)
+            named = [d for d in devices if d in samples.devices]
+            if not named or len(named) == len(devices):  # (an error naming none of them is not a device's)
+                raise samples
+            failed += named
+            devices = [d for d in devices if d not in named]
+            samples = self._profile_samples(devices)
         with self._migration_lock:
-            devices = self._live_devices()
-            models = self._profile(devices)
-        return {"devices": [asdict(m) for m in models], "profiled": devices}
+            models = self._install_profiles(devices, samples)
+        return {"devices": [asdict(m) for m in models], "profiled": devices, "failed": sorted(failed)}
+
+    def _profile_samples(self, devices: list[int]) -> list | WorkerCallError:
+        """Each device's profile samples, or the error naming those that failed."""
+        try:
+            return self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
+        except WorkerCallError as exc:
+            return exc
 
     def _apply_device_drift(self) -> str | None:
         """Refit the model of each device whose observed / predicted time settled away from 1 (no
@@ -1014,7 +1057,7 @@ class Coordinator:
         Experts the survivors hold are copied worker to worker; experts only a lost device held are
         reloaded from the checkpoint. Restarted workers hold nothing and rejoin at the next recalibration.
         """
-        reason = f"device{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} lost"
+        reason = f"{_devices_named(lost)} lost"
         log.warning("%s: re-placing their experts on the survivors", reason)
         with self._migration_lock:
             started = self._clock()
@@ -1095,10 +1138,15 @@ class Coordinator:
         return [(src, dst, keys) for (src, dst), keys in copies.items()], reloads
 
     def _remember(self, record: Recalibration) -> None:
-        """Keep a decision in the recent history and in the running totals (call under the lock)."""
-        self._history.append(record)
+        """Keep a decision in the recent history (its first HISTORY_MOVES moves: a full re-plan of a DeepSeek-V3-sized
+        model moves some 14,000 experts, and 50 such records took /admin/stats 3.6 s to convert under the lock every
+        engine report waits on, for a 30 MB answer; the caller got them all) and in the running totals (call under
+        the lock)."""
+        kept = record if len(record.moves) <= HISTORY_MOVES else replace(record, moves=record.moves[:HISTORY_MOVES])
+        self._history.append(kept)
         self._totals[record.status] = self._totals.get(record.status, 0) + 1
         if record.status == "applied":
+            self._last_applied = kept
             self._totals["experts_moved"] = self._totals.get("experts_moved", 0) + record.experts_moved
             self._totals["bytes_moved"] = self._totals.get("bytes_moved", 0) + record.bytes_moved
 
@@ -1310,7 +1358,7 @@ class Coordinator:
         with self._lock:
             current, (loads, activity), devices = self._placement, self._window(), self.device_models()
             totals = dict(self._totals)
-            last = next((r for r in reversed(self._history) if r.status == "applied"), None)
+            last = self._last_applied
             ratios = self._devices.detector.ratios()
             over_planned = self._devices.since_planned()
             telemetry = list(self._telemetry)
@@ -1335,7 +1383,7 @@ class Coordinator:
     def stats_view(self) -> dict[str, Any]:
         with self._lock:
             current, (loads, activity), devices = self._placement, self._window(), self.device_models()
-            history = [asdict(r) for r in self._history]
+            records, last_applied = list(self._history), self._last_applied  # (converted after the lock)
             now = self._clock()  # (`last_seen` is this clock's, which means nothing elsewhere: `age_s` says it)
             engines = {k: asdict(v) | {"age_s": now - v.last_seen} for k, v in self._engines.items()}
             calibrated = self._calibrated
@@ -1365,7 +1413,8 @@ class Coordinator:
             "workload_drift": drift,
             "volume_ratio": volume,
             "migration_bandwidth_bytes_per_s": self._bandwidth,
-            "recalibrations": history,
+            "recalibrations": [asdict(r) for r in records],
+            "last_applied": None if last_applied is None else asdict(last_applied),
             "engines": engines,
             "lost_devices": lost,
             "telemetry": telemetry,

@@ -321,7 +321,14 @@ class _HandleClient:
         self._handle = handle
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
+
+        from service.admin import CoordinatorUnavailable
 
         try:
             return await getattr(self._handle, method).remote(*args, **kwargs)
@@ -329,6 +336,8 @@ class _HandleClient:
             if isinstance(exc.cause, Exception):
                 raise exc.cause from exc  # (the remote traceback stays on the chain, for the logs)
             raise
+        except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            raise CoordinatorUnavailable(f"the coordinator is unavailable ({type(exc).__name__})") from exc
 
 
 class IngressDeployment:

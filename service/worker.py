@@ -286,10 +286,7 @@ class ExpertWorker:
             outputs [n, H] in the dtype and on the device of `tokens`; seconds float64 [k] per expert:
             emulated (and the call returns at the emulated end time) or measured.
         """
-        if "hang" in self._faults:
-            self._unhung.wait()
-        if "error" in self._faults:
-            raise RuntimeError(f"injected fault: every expert call fails on worker {self.config.index}")
+        self._faulted()
         self._configure_thread()
         measured = self._emulator is None  # (an emulated time takes in nothing: no copy guard to read)
         quiet = self._copies.quiet() if measured else None
@@ -304,6 +301,13 @@ class ExpertWorker:
             seconds = np.full_like(seconds, np.nan)
         return outputs.to(device=tokens.device, dtype=tokens.dtype), seconds
 
+    def _faulted(self) -> None:
+        """An expert call under an injected fault: a hang waits until the faults are cleared; an error raises."""
+        if "hang" in self._faults:
+            self._unhung.wait()
+        if "error" in self._faults:
+            raise RuntimeError(f"injected fault: every expert call fails on worker {self.config.index}")
+
     def profile(self, token_counts: Sequence[int] = DEFAULT_PROFILE_TOKENS, repeats: int = 3) -> LatencySamples:
         """Latency samples of one expert call per token count, `repeats` times each, through the
         forward path (emulated when emulation is on). Uses the first held expert; when none is held, the
@@ -313,6 +317,7 @@ class ExpertWorker:
         token_counts = [int(n) for n in token_counts]
         if not token_counts or min(token_counts) < 1 or repeats < 1:
             raise ValueError(f"profile needs token counts >= 1 and repeats >= 1, got {token_counts}, {repeats}")
+        self._faulted()  # (a hung or failing device profiled as healthy: an admin profile fitted it a sound model)
         self._configure_thread()
         store, (layer, expert) = self._profile_target()
         hidden = self._ffn.hidden_size(store.get(layer, expert))
@@ -387,7 +392,7 @@ class ExpertWorker:
 
     def inject_fault(self, operation: str) -> None:
         """Test control (admin API, emulated clusters only): the next `operation` call raises, once; "hang":
-        every forward from now on blocks for good; "error": every forward from now on raises."""
+        every forward and profile from now on blocks for good; "error": every forward and profile from now on raises."""
         if operation not in FAULTS:
             raise ValueError(f"operation must be one of {FAULTS}, got {operation!r}")
         with self._lock:

@@ -138,6 +138,51 @@ def test_a_worker_that_does_not_answer_the_coordinator_is_a_503_naming_it():
         assert error["message"].startswith("device 1 is dead")
 
 
+
+@pytest.mark.parametrize("body, key", [(b'{"dry_run": true, "mode": "full", "dry_run": false}', "dry_run"),
+                                       (b'{"device": 1, "speed": 0.5, "device": 0}', "device")])
+def test_a_key_given_twice_in_an_admin_body_is_a_400(body, key):
+    """pydantic's JSON parser keeps a repeated key's last value, strict or not: a dry run that said otherwise at its
+    end applied a re-plan, and a speed meant for one device set another's (a review)."""
+    client, coordinator = _client(emulation=True)
+    path = "/admin/recalibrate" if b"dry_run" in body else "/admin/emulation/speed"
+    response = client.post(path, headers=AUTH, content=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == key
+    assert f"{key!r} is given more than once" in response.json()["error"]["message"]
+    assert coordinator.calls == []
+    assert client.post(path, headers=AUTH, content=body.replace(f'"{key}"'.encode(), b'"force"', 1)
+                       if key == "dry_run" else b'{"device": 1, "speed": 0.5}').status_code == 200
+
+
+def test_a_coordinator_that_cannot_take_the_call_is_a_503():
+    """Ray's errors for a coordinator replica that died or is restarting are no RayTaskError, and reached the admin
+    as a 500 "internal server error"."""
+    import asyncio
+
+    from ray.exceptions import ActorUnavailableError
+
+    from service.admin import CoordinatorUnavailable
+    from service.deployments import _HandleClient
+
+    class _Method:
+        def remote(self, *args, **kwargs):
+            async def fail():
+                raise ActorUnavailableError("the actor is restarting", None)
+            return fail()
+
+    handle = type("Handle", (), {"stats_view": _Method()})()
+    with pytest.raises(CoordinatorUnavailable, match="ActorUnavailableError"):
+        asyncio.run(_HandleClient(handle).call("stats_view"))
+    client, coordinator = _client(emulation=False)
+
+    async def call(method, *args, **kwargs):
+        raise CoordinatorUnavailable("the coordinator is unavailable (ActorDiedError)")
+
+    coordinator.call = call
+    response = client.get("/admin/stats", headers=AUTH)
+    error = response.json()["error"]
+    assert response.status_code == 503 and error["code"] == "coordinator_unavailable", response.text
+
 def test_placement_page_shows_heatmaps_and_replicas():
     client, _ = _client(emulation=False)
     page = client.get("/admin/ui", headers=AUTH)

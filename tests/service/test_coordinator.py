@@ -1045,3 +1045,76 @@ def test_a_rejoining_worker_is_not_restarted_on_one_missed_probe(checkpoint):
     coordinator.check_workers()  # the fresh worker misses one probe (busy, a CPU-starved host)
     pool.probe = probe
     assert pool._generation[dead] == generation and coordinator._rejoin == {dead}
+
+
+def test_the_history_keeps_part_of_each_records_moves_and_the_last_applied_one_apart(checkpoint, monkeypatch):
+    """A full re-plan of a DeepSeek-V3-sized model moves some 14,000 experts: 50 such records took /admin/stats 3.6 s
+    to convert, under the lock every engine report waits on (a review). The history keeps HISTORY_MOVES of a
+    record's moves (the caller gets all), and converts them after the lock; the last applied record is kept apart
+    (50 dry runs pushed it out, and vibe_last_recalibration_seconds with it)."""
+    from service import coordinator as module
+
+    monkeypatch.setattr(module, "HISTORY_MOVES", 2)
+    coordinator = _coordinator(checkpoint)
+    _report(coordinator, _skewed(coordinator.shape, 5), passes=30)
+    applied = coordinator.recalibrate(mode="full", force=True, policy="eplb")
+    assert applied["status"] == "applied" and len(applied["moves"]) == applied["experts_moved"] > 2
+    converted_under_lock = []
+    asdict = module.asdict
+
+    def recorded(value):
+        if isinstance(value, module.Recalibration):
+            converted_under_lock.append(coordinator._lock._is_owned())
+        return asdict(value)
+
+    monkeypatch.setattr(module, "asdict", recorded)
+    stats = coordinator.stats_view()
+    assert converted_under_lock and not any(converted_under_lock)
+    assert len(stats["recalibrations"][-1]["moves"]) == 2 and stats["recalibrations"][-1]["experts_moved"] > 2
+    for _ in range(50):
+        coordinator.recalibrate(mode="full", dry_run=True)
+    stats = coordinator.stats_view()
+    assert all(r["status"] != "applied" for r in stats["recalibrations"])
+    assert stats["last_applied"]["to_version"] == applied["to_version"] == coordinator.placement.version
+    assert coordinator.metrics_summary()["last_recalibration_s"] == applied["duration_s"]
+
+
+def test_profiling_measures_outside_the_migration_lock_and_keeps_the_devices_that_answered(checkpoint):
+    """POST /admin/profile held the migration lock for the whole pass, so a device lost meanwhile waited that long
+    to be re-placed (call_timeout_s behind a hung one), and one device failing threw away the others' new models (a
+    review). The devices are measured outside the lock; those that answer get their new models."""
+    from service.worker_pool import WorkerCallError
+
+    coordinator = _coordinator(checkpoint)
+    profile, calls = coordinator.pool.profile, []
+
+    def measured(token_counts, repeats, devices):
+        calls.append((list(devices), coordinator._migration_lock.locked()))
+        if 2 in devices:
+            raise WorkerCallError("profile failed on device 2: it is dead", [2])
+        return profile(token_counts, repeats, devices)
+
+    coordinator.pool.profile = measured
+    before = coordinator.device_models()
+    coordinator.pool.set_emulated_speed(1, coordinator.pool.workers[1].config.emulation.speed / 2)
+    result = coordinator.profile_devices()
+    assert calls == [([0, 1, 2, 3], False), ([0, 1, 3], False)]
+    assert result["profiled"] == [0, 1, 3] and result["failed"] == [2]
+    after = coordinator.device_models()
+    assert after[1].latency(64) > 1.5 * before[1].latency(64) and after[2] == before[2]
+    for named in ([0, 1, 2, 3], [7]):  # every device failed; an error that names none of them
+        coordinator.pool.profile = lambda *args, named=named: (_ for _ in ()).throw(WorkerCallError("failed", named))
+        with pytest.raises(WorkerCallError):
+            coordinator.profile_devices()
+
+
+def test_a_policy_asked_for_while_devices_are_lost_is_recorded_as_the_one_that_planned(checkpoint):
+    """While a device is lost only vibe's budgeted packing leaves it empty, so an admin's eplb re-plan is planned by
+    vibe: it was recorded and published as eplb (a review)."""
+    pool = _pool(checkpoint)
+    coordinator = _coordinator(checkpoint, pool=pool)
+    pool.restart = _lose_for_good(coordinator, pool, 1)
+    _report(coordinator, _skewed(coordinator.shape, 3), passes=30)
+    result = coordinator.recalibrate(mode="full", force=True, policy="eplb")
+    assert result["policy"] == "vibe" and "device 1 lost: planned by vibe" in result["detail"]
+    assert coordinator.placement_view()["planned_by"] == "vibe" and not coordinator.placement.experts_on(1)

@@ -495,3 +495,23 @@ def test_cuda_worker_matches_cpu_and_reads_nvml_telemetry():
     telemetry = gpu.telemetry()
     assert telemetry.available, telemetry.reason
     assert 0 < telemetry.sm_clock_mhz <= telemetry.max_sm_clock_mhz and telemetry.power_limit_w > 0
+
+
+def test_a_failing_or_hung_worker_profiles_as_it_serves():
+    """Injected faults reached only the expert calls of serving: an admin profile of a hung or failing device fitted
+    it a healthy model (a review). Profiling fails as a call does, and hangs until the faults are cleared."""
+    worker = ExpertWorker(WorkerConfig(index=0, dtype="float32"))
+    worker.import_experts([make_expert(0, 0)])
+    worker.inject_fault("error")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        worker.profile([1, 2], repeats=1)
+    worker.clear_faults()
+    worker.inject_fault("hang")
+    done = []
+    thread = threading.Thread(target=lambda: done.append(worker.profile([1, 2], repeats=1)), daemon=True)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and not done
+    worker.clear_faults()
+    thread.join(10)
+    assert len(done[0].tokens) == 2

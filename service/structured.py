@@ -104,10 +104,7 @@ def _gbnf_to_lark(text: str) -> str:
     compiled anyway (`_check_depth`)."""
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
-    rules = text.count("::=")
-    if rules > MAX_RULES:
-        raise InvalidGrammar(f"invalid structured output: its grammar defines {rules} rules; at most {MAX_RULES} are "
-                             f"compiled")
+    _check_rules(text.count("::="))
     try:
         return gbnf_to_lark(text)
     except RecursionError:
@@ -123,7 +120,10 @@ def _check_depth(grammar: str) -> None:
     if refs > MAX_REFS:
         raise InvalidGrammar(f"invalid structured output: its JSON schemas hold {refs} $refs; at most {MAX_REFS} are "
                              f"compiled")
-    rules = len(_RULE.findall(grammar))
+    _check_rules(len(_RULE.findall(grammar)))
+
+
+def _check_rules(rules: int) -> None:
     if rules > MAX_RULES:
         raise InvalidGrammar(f"invalid structured output: its grammar defines {rules} rules; at most {MAX_RULES} are "
                              f"compiled")

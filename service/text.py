@@ -22,6 +22,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first completion tokens (leading spaces)
 _INCOMPLETE = "\ufffd"      # what a partial UTF-8 sequence decodes to
+_CHAR_TOKENS = 4           # tokens one character's bytes may span at most (a token decodes to one byte or more)
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], *,
@@ -119,10 +120,24 @@ class IncrementalDetokenizer:
     def _take(self, allow_incomplete: bool) -> str:
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         text = self._decode(self._ids[self._prefix_offset:])
-        if len(text) <= len(prefix) or (text.endswith(_INCOMPLETE) and not allow_incomplete):
+        if len(text) > len(prefix) and (allow_incomplete or not text.endswith(_INCOMPLETE)):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return text[len(prefix):]
+        if len(self._ids) - self._read_offset <= _CHAR_TOKENS:
             return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return text[len(prefix):]
+        # More tokens held than a character spans: the text ends in a replacement character no later byte completes
+        # (a lone continuation byte), or the tokens decode to nothing (special tokens left out). Every new token
+        # decoded all of them again, on the engine's step thread (quadratic: a completion biased to emit such a byte
+        # slowed every request's steps; a review). What all but the last _CHAR_TOKENS settled is taken now.
+        end = len(self._ids) - _CHAR_TOKENS
+        settled = self._decode(self._ids[self._prefix_offset:end])
+        if not text.startswith(settled):  # (a character split at `end`: settled by a later token)
+            return ""
+        if len(settled) > len(prefix):
+            self._prefix_offset, self._read_offset = self._read_offset, end
+            return settled[len(prefix):]
+        del self._ids[self._read_offset:end]  # they add nothing: the window keeps its context without them
+        return ""
 
     def _decode(self, ids: list[int]) -> str:
         if self._dropped is not None:

@@ -127,6 +127,54 @@ def test_detokenizer_flush_shows_an_incomplete_character_as_replacement(tokenize
     assert detok.flush() == "\ufffd"
 
 
+
+def _byte_ids(tokenizer, data: bytes) -> list[int]:
+    """The byte-level vocabulary's one-byte token of each byte."""
+    byte = bytes_to_unicode()
+    return [tokenizer.convert_tokens_to_ids(byte[b]) for b in data]
+
+
+@pytest.mark.parametrize("kind", ["continuation bytes", "special tokens"])
+def test_detokenizer_work_stays_linear_when_nothing_can_be_sent(tokenizer, kind):
+    """Tokens that never end in a complete character (lone UTF-8 continuation bytes) or decode to nothing (special
+    tokens left out) held the window open: each new token decoded all of them again, on the engine's step thread,
+    quadratic in the completion (a review biased a completion to such a byte). What all but the last few settled is
+    taken now; the text is the whole decode's all the same."""
+    ids = (_byte_ids(tokenizer, b"ok ") + _byte_ids(tokenizer, b"\x80" * 2000) if kind == "continuation bytes"
+           else _byte_ids(tokenizer, b"ok ") + [tokenizer.convert_tokens_to_ids("<|im_start|>")] * 2000
+           + _byte_ids(tokenizer, b" done"))
+    decoded = []
+    detok = IncrementalDetokenizer(tokenizer, [])
+    decode = tokenizer.decode
+
+    def counted(token_ids, *args, **kwargs):
+        decoded.append(len(token_ids))
+        return decode(token_ids, *args, **kwargs)
+
+    tokenizer.decode = counted
+    try:
+        text = "".join(detok.push(t) for t in ids) + detok.flush()
+    finally:
+        del tokenizer.decode
+    assert text == decode(ids, skip_special_tokens=True)
+    assert sum(decoded) < 40 * len(ids)  # (it was about len(ids) ** 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=4), st.sampled_from(["<|im_start|>", "é", "中", "😀"])),
+                max_size=40))
+def test_detokenizer_deltas_rebuild_any_byte_sequence(tokenizer, pieces):
+    """Arbitrary bytes, valid UTF-8 or not, and special tokens: the deltas and the flush are the whole decode."""
+    ids = []
+    for piece in pieces:
+        if piece == "<|im_start|>":
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        else:
+            ids += _byte_ids(tokenizer, piece.encode() if isinstance(piece, str) else piece)
+    detok = IncrementalDetokenizer(tokenizer, [])
+    deltas = [detok.push(t) for t in ids]
+    assert "".join(deltas) + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
 def test_detokenizer_drops_special_tokens(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [])
     ids = [*tokenizer.encode("ab"), tokenizer.eos_token_id]

@@ -4,6 +4,7 @@ prompt, not once per choice."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -113,6 +114,24 @@ def test_a_huge_chat_asking_to_sanitize_control_tokens_is_refused_from_a_prefix_
     reply = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi <|im_end|>"}],
                                                 "max_tokens": 1, **sanitize})
     assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("where", ["tools", "arguments"])
+def test_a_huge_chat_of_numbers_is_refused_from_a_prefix_too(url, recorded, where):
+    """The check counted the characters of strings alone: a tool schema (or a call's arguments) of 500,000 zeros
+    counted none, and its 1.5M tokens were tokenised whole on the one tokenizing thread before the request was
+    refused (a review)."""
+    zeros = [0] * 200_000
+    if where == "tools":
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "enum": zeros}}}]}
+    else:
+        body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": zeros})}}]},
+            {"role": "user", "content": "hi"}]}
+    recorded.clear()
+    _too_long(_post(url, "/v1/chat/completions", body), "messages")
+    assert recorded.templates_tokenised == 0 and max(recorded.lengths) < 200_000 // 10
 
 def test_a_long_prompt_that_fits_exactly_is_accepted_with_the_same_ids(url, tokenizer, recorded):
     """Prompts of more characters per token than any prefix check assumes (40: the long token's), one token short

@@ -416,11 +416,44 @@ def special_tags(fmt: str, tokenizer) -> dict[str, int]:
     return found
 
 
-def _only(pattern: re.Pattern, text: str, empty_ok: bool = False) -> list | None:
-    """``pattern``'s matches in ``text`` (their groups) when the text is nothing else but whitespace; None when
-    anything else is there, or when nothing matched (unless ``empty_ok``)."""
-    found = pattern.findall(text)
-    return found if (found or empty_ok) and not pattern.sub("", text).strip() else None
+def _tagged(text: str, opening: str, closing: str, named: str | None = None, *, only: bool = True,
+            empty_ok: bool = False) -> list | None:
+    """The elements ``opening [NAME named] BODY closing`` of ``text``, each BODY up to the nearest ``closing`` (as a
+    lazy regex reads them): BODY alone, or (NAME, BODY) with ``named`` (the text that ends a name, which is one line,
+    not empty, and holds no character ``named`` begins with). With ``only``, the text must be those elements and whitespace, else None (None too when there
+    is none, unless ``empty_ok``); without it, the elements found anywhere. Linear in the text: the regular
+    expressions this replaces backtracked over every opening tag to the end of the text (a model writing 2,000
+    argument tags without their closing ones took 83 s of GIL to parse; an adversarial review)."""
+    found: list = []
+    pos = 0
+    ends = newline = -1  # (cached: the next ``named`` and newline at or after a name's start)
+    while True:
+        start = text.find(opening, pos)
+        if only and text[pos:len(text) if start < 0 else start].strip():
+            return None
+        if start < 0:
+            break
+        head = start + len(opening)
+        name = None
+        if named is not None:
+            if ends < head:
+                ends = text.find(named[0], head)
+            if ends < 0:  # (no later element can be whole either)
+                return None if only else found
+            if newline < head:
+                newline = text.find("\n", head)
+            if ends == head or head <= newline < ends or not text.startswith(named, ends):  # (no element here)
+                if only:
+                    return None
+                pos = head
+                continue
+            name, head = text[head:ends], ends + len(named)
+        end = text.find(closing, head)
+        if end < 0:
+            return None if only else found
+        found.append(text[head:end] if named is None else (name, text[head:end]))
+        pos = end + len(closing)
+    return found if found or empty_ok or not only else None
 
 
 def _hermes_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
@@ -451,21 +484,22 @@ def _hermes_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callabl
     return f'calls: {body}\ncall: {lit(TOOL_CALL_START + chr(10))} %json {call} {lit(chr(10) + TOOL_CALL_END)}\n'
 
 
-_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
-
-
 def _qwen3_coder_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     """Every function of a block, each its own call (as vLLM's parser reads them): one match across both of two
-    functions was one call, to the first function with the second's arguments."""
-    found = _only(_FUNCTION, block)
+    functions was one call, to the first function with the second's arguments. A parameter's value loses one
+    newline at each end."""
+    found = _tagged(block, "<function=", "</function>", ">")
     if found is None:
         return None
     calls = []
     for name, body in found:
         properties = _properties(functions.get(name.strip()))
-        calls.append((name.strip(), {key.strip(): _typed(value, properties.get(key.strip(), {}))
-                                     for key, value in _PARAMETER.findall(body)}))
+        arguments = {}
+        for key, value in _tagged(body, "<parameter=", "</parameter>", ">", only=False):
+            value = value[1:] if value.startswith("\n") else value
+            arguments[key.strip()] = _typed(value[:-1] if value.endswith("\n") else value,
+                                            properties.get(key.strip(), {}))
+        calls.append((name.strip(), arguments))
     return calls
 
 
@@ -677,12 +711,11 @@ def _length(name: str, key: str, schema: dict, keyword: str) -> int | None:
 
 DSV3_CALLS_BEGIN, DSV3_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DSV3_CALL_BEGIN, DSV3_CALL_END, DSV3_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-_DSV3_CALL = re.compile(re.escape(DSV3_CALL_BEGIN) + "(.*?)" + re.escape(DSV3_CALL_END), re.DOTALL)
 _DSV3_FENCED = re.compile(r"([^\n]+)\n```(?:json)?\n(.*)\n```", re.DOTALL)
 
 
 def _deepseek_v3_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    found = _only(_DSV3_CALL, block)
+    found = _tagged(block, DSV3_CALL_BEGIN, DSV3_CALL_END)
     if found is None:
         return None
     calls = []
@@ -716,18 +749,23 @@ def _deepseek_v3_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Ca
 
 KIMI_CALLS_BEGIN, KIMI_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 KIMI_CALL_BEGIN, KIMI_ARGUMENTS, KIMI_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-_KIMI_CALL = re.compile(re.escape(KIMI_CALL_BEGIN) + r"\s*functions\.([^:\s]+):\d+\s*" + re.escape(KIMI_ARGUMENTS)
-                        + "(.*?)" + re.escape(KIMI_CALL_END), re.DOTALL)
+_KIMI_HEAD = re.compile(r"\s*functions\.([^:\s]+):\d+\s*" + re.escape(KIMI_ARGUMENTS), re.DOTALL)
 
 
 def _kimi_k2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    found = _only(_KIMI_CALL, block)
+    found = _tagged(block, KIMI_CALL_BEGIN, KIMI_CALL_END)
     if found is None:
         return None
-    try:
-        return [(name, json.loads(arguments)) for name, arguments in found]
-    except ValueError:
-        return None
+    calls = []
+    for call in found:
+        head = _KIMI_HEAD.match(call)
+        if head is None:
+            return None
+        try:
+            calls.append((head.group(1), json.loads(call[head.end():])))
+        except ValueError:
+            return None
+    return calls
 
 
 def _kimi_k2_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Callable[[str], str] = _lark) -> str:
@@ -760,16 +798,32 @@ def _kimi_k2_history(messages: list[dict]) -> list[dict]:
     return messages
 
 
-_GLM_CALL = re.compile(r"\s*([^\n<]+?)\s*((?:<arg_key>.*)?)", re.DOTALL)  # GLM-4.5 writes a newline, 4.7 none
-_GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
-
-
 def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    match = _GLM_CALL.fullmatch(block)
-    arguments = None if match is None else _only(_GLM_ARGUMENT, match.group(2), empty_ok=True)
-    if arguments is None:
+    """The function's name up to the first newline or tag (GLM-4.5 writes a newline, 4.7 none), then
+    ``<arg_key>KEY</arg_key>`` and ``<arg_value>VALUE</arg_value>`` pairs, whitespace between (read in one pass:
+    the regular expressions this replaces backtracked quadratically over a long name's spaces, cubically over
+    unclosed tags; an adversarial review)."""
+    text = block.lstrip()
+    cut = min((i for i in (text.find("\n"), text.find("<")) if i >= 0), default=len(text))
+    name, pos = text[:cut].rstrip(), cut
+    if not name:
         return None
-    name = match.group(1)
+    arguments = []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            break
+        pair = []
+        for opening, closing in (("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>")):
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            end = text.find(closing, pos + len(opening)) if text.startswith(opening, pos) else -1
+            if end < 0:
+                return None
+            pair.append(text[pos + len(opening):end])
+            pos = end + len(closing)
+        arguments.append(pair)
     properties = _properties(functions.get(name))
     return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {})) for key, value in arguments})]
 
@@ -868,17 +922,15 @@ def _llama3_json_grammar(parameters: Mapping[str, dict], parallel: bool, lit: Ca
 
 
 MINIMAX_CALLS_BEGIN, MINIMAX_CALLS_END = "<minimax:tool_call>", "</minimax:tool_call>"
-_MINIMAX_INVOKE = re.compile(r'<invoke name="([^"\n]+)">(.*?)</invoke>', re.DOTALL)
-_MINIMAX_PARAMETER = re.compile(r'<parameter name="([^"\n]+)">(.*?)</parameter>', re.DOTALL)
 
 
 def _minimax_m2_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
-    found = _only(_MINIMAX_INVOKE, block)
+    found = _tagged(block, '<invoke name="', "</invoke>", '">')
     if found is None:
         return None
     calls = []
     for name, body in found:
-        arguments = _only(_MINIMAX_PARAMETER, body, empty_ok=True)
+        arguments = _tagged(body, '<parameter name="', "</parameter>", '">', empty_ok=True)
         if arguments is None:
             return None
         properties = _properties(functions.get(name))

@@ -344,6 +344,45 @@ def test_blocks_that_are_not_calls_stay_content_in_every_format(fmt, block):
     assert _format_calls(fmt, ["Hi " + block]) == ("Hi " + block, [])
 
 
+@pytest.mark.timeout(60)  # (a bound on the work, not a measurement: each of these takes milliseconds now)
+@pytest.mark.parametrize("fmt, block", [
+    ("glm45", "<tool_call>f" + " " * 32_000 + "x</tool_call>"),
+    ("glm45", "<tool_call>f" + "<arg_key>a</arg_key><arg_value>" * 2000 + "</tool_call>"),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>" * 8000 + "<｜tool▁calls▁end｜>"),
+    ("kimi_k2", "<|tool_calls_section_begin|>" + "<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>" * 4000
+     + "<|tool_calls_section_end|>"),
+    ("qwen3_coder", "<tool_call><function=f>" + "<parameter=a>" * 6000 + "</function></tool_call>"),
+    ("minimax_m2", '<minimax:tool_call><invoke name="f">' + '<parameter name="a">' * 6000
+     + "</invoke></minimax:tool_call>"),
+])
+def test_unclosed_tags_a_model_repeats_are_read_in_one_pass(fmt, block):
+    """The parsers' regular expressions backtracked over every opening tag to the end of the text, holding the GIL:
+    2,000 GLM argument tags without their closing ones (31 KB) took 83 s, 2,000 spaces in a name 15 s, and each format
+    had such a text (an adversarial review). They are read in one pass now: the block stays content, at once."""
+    assert _format_calls(fmt, ["Hi " + block]) == ("Hi " + block, [])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["<function=", "f", "a", ">", "\n", " ", "</function>", "<parameter=",
+                                 "</parameter>", "1", "<"]), max_size=16))
+def test_qwen3_coder_blocks_read_in_one_pass_as_the_tags_say(pieces):
+    """Any text of Qwen3-Coder's pieces: read as calls exactly when it is functions and whitespace, each function's
+    parameters found anywhere in it, a value less one newline at each end (what the regular expressions read)."""
+    from service.tools import _qwen3_coder_parse
+
+    text = "".join(pieces)
+    calls = _qwen3_coder_parse(text, {"f": {"type": "object", "properties": {"a": {"type": "string"}}}})
+    functions = re.findall(r"<function=([^>\n]+)>(.*?)</function>", text, re.DOTALL)
+    whole = bool(functions) and not re.sub(r"<function=([^>\n]+)>(.*?)</function>", "", text, flags=re.DOTALL).strip()
+    assert (calls is not None) == whole
+    if whole:
+        parameters = [re.findall(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", body, re.DOTALL)
+                      for _, body in functions]
+        assert [name for name, _ in calls] == [name.strip() for name, _ in functions]
+        assert [list(arguments) for _, arguments in calls] == [list(dict((k.strip(), v) for k, v in found))
+                                                              for found in parameters]
+
+
 _DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError
 
 

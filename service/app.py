@@ -93,6 +93,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Log-probability entries a response that echoes its prompts may hold (one per prompt token and alternative, per
+# choice): 4 prompts of 8,000 tokens, n=16, logprobs 20 (a 119 KB body) answered 197 MiB of JSON, built whole in
+# memory (+830 MB) with the GIL held 1 s (an adversarial review); streamed, each choice's echo is its own chunk.
+MAX_ECHOED_LOGPROBS = 2_000_000
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 T = TypeVar("T")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
@@ -447,6 +451,12 @@ class _Server:
             params = [dataclasses.replace(p, reasoning_tokens=self.think_tokens.tags, reasoning_gap=self.think_tokens.gap,
                                           in_reasoning=reasoning.in_block) for p in params]
         n = body.n or 1
+        echoed = n * sum(len(prompt) * (1 + p.prompt_logprobs) for prompt, p in zip(prompts, params)
+                         if p.prompt_logprobs is not None and not isinstance(prompt, _TooLong))
+        if echoed > MAX_ECHOED_LOGPROBS and not body.stream:
+            raise APIError(400, f"echoing the prompts with their log-probabilities would answer {echoed:,} entries "
+                           f"(choices x prompt tokens x (1 + logprobs)); one response holds at most "
+                           f"{MAX_ECHOED_LOGPROBS:,}: stream it, or ask for fewer", param="logprobs")
         if len(prompts) * n > self.engine.config.max_queue:  # each choice takes a place: it could never be admitted
             raise APIError(400, f"this request asks for {len(prompts) * n} completions (prompts x n); this server "
                            f"queues at most {self.engine.config.max_queue} at once", param="n")

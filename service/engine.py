@@ -15,6 +15,7 @@ layer per step.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -30,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service import attention, linear_attention, rope, sparse_attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
-from service.structured import GrammarFailed, Grammars, advance
+from service.structured import GrammarFailed, Grammars
 from service.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -452,6 +453,7 @@ class Engine:
         done = [seq for seq, n in chunks if n == seq.num_pending]  # chunks that end their pending tokens
         sampled = [seq for seq in done if seq.params.max_tokens > 0]
         scored = [seq for seq in done if seq.params.max_tokens == 0]  # prompt only: finished, nothing sampled
+        ahead = self._masks_ahead(sampled)
         try:
             self._plan_snapshots(chunks)
             logits, prompt_rows = self._forward(chunks)
@@ -464,10 +466,12 @@ class Engine:
             logits = torch.cat([logits, logits[[row for _, row in forked]]]) if forked else logits
             sampled += [child for child, _ in forked]
             histories = [self._history(s) if s.params.uses_history else None for s in sampled]
-            tokens = sample(self._masked(logits, sampled), [s.params for s in sampled], [s.generator for s in sampled],
-                            histories)
+            tokens = sample(self._masked(logits, sampled, ahead), [s.params for s in sampled],
+                            [s.generator for s in sampled], histories)
             logprobs = _logprobs(logits, sampled, tokens)
         except Exception as exc:
+            if ahead is not None:  # (its matchers stay in use until it is done)
+                concurrent.futures.wait([ahead])
             self._end_snapshots()
             self._outputs = outputs + self._outputs  # (aborts' final outputs, queued before: the next step reports them)
             raise self._failed(chunks, exc) from exc
@@ -479,7 +483,12 @@ class Engine:
             self._adopt(child, sampled[row])
         for seq in done:  # requests still waiting to share a finished prefill: there was no slot for them
             self._unfork(seq)
-        outputs += [self._append_token(*args) for args in zip(sampled, tokens, logprobs)]
+        constrained = [self._constrains(seq, token) for seq, token in zip(sampled, tokens)]
+        advanced = iter(self._grammars.advance([(seq.matcher, token) for seq, token, c in
+                                                zip(sampled, tokens, constrained) if c])
+                        if any(constrained) else ())
+        outputs += [self._append_token(seq, token, entries, next(advanced) if c else False)
+                    for seq, token, entries, c in zip(sampled, tokens, logprobs, constrained)]
         for seq in scored:
             self._release(seq)
             outputs.append(_output(seq, (), "", "length"))
@@ -522,7 +531,20 @@ class Engine:
         seq.preemptions += 1
         self._waiting.appendleft(seq)
 
-    def _masked(self, logits: torch.Tensor, sampled: list[_Sequence]) -> torch.Tensor:
+    def _constrained(self, seq: _Sequence):
+        """The matcher that masks ``seq``'s next token (None: none does, inside a thinking block or unconstrained)."""
+        return None if seq.thinking == "in" else seq.matcher
+
+    def _masks_ahead(self, sampled: list[_Sequence]) -> concurrent.futures.Future | None:
+        """The structured outputs' masks of the rows a step samples, begun before its forward (they depend on what
+        was sampled before only), or None when no row is constrained."""
+        matchers = [self._constrained(seq) for seq in sampled]
+        if self._grammars is None or all(matcher is None for matcher in matchers):
+            return None
+        return self._grammars.masks_ahead([m for m in matchers if m is not None])
+
+    def _masked(self, logits: torch.Tensor, sampled: list[_Sequence],
+                ahead: concurrent.futures.Future | None = None) -> torch.Tensor:
         """The logits to sample from: a copy with the tokens each structured output forbids at -inf (the
         reported log-probabilities stay the model's own). Inside a thinking block nothing is forbidden but the
         tokens that would end the completion (an answer in the format must follow: a thinking model's end of text
@@ -530,10 +552,11 @@ class Engine:
         whitespace may follow its close."""
         if all(seq.matcher is None for seq in sampled):  # most steps: nothing to build
             return logits
-        matchers = [None if seq.thinking == "in" else seq.matcher for seq in sampled]
+        matchers = [self._constrained(seq) for seq in sampled]
         masked = logits.clone()
         if any(matcher is not None for matcher in matchers):
-            self._grammars.mask(masked, matchers)
+            # ``ahead``: the masks of the constrained rows sampled before the forks were added (which come after)
+            self._grammars.mask(masked, matchers, ahead.result() if ahead is not None else None)
         for row, seq in enumerate(sampled):
             if seq.matcher is None:
                 continue
@@ -876,7 +899,9 @@ class Engine:
                 self._hooks.end_step(completed)
         return out.logits[0].float().cpu(), prompt_rows
 
-    def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> StepOutput:
+    def _constrains(self, seq: _Sequence, token: int) -> bool:
+        """Append ``token`` to ``seq``; whether its structured output's grammar reads it (outside a thinking block
+        and the whitespace after it), the block's state moved on."""
         seq.token_ids.append(token)
         constrained = seq.matcher is not None
         if seq.thinking is not None:
@@ -894,10 +919,17 @@ class Engine:
                     seq.gap_left = MAX_REASONING_GAP
                 else:
                     seq.thinking = "in"
-        try:
-            complete = constrained and advance(seq.matcher, token)  # the structured output is whole
-        except GrammarFailed as exc:  # its output would break the grammar: ended as failed, not as whole
+        return constrained
+
+    def _append_token(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None,
+                      advanced: bool | GrammarFailed) -> StepOutput:
+        """``seq``'s output for ``token`` (appended by `_constrains`); ``advanced``: whether its grammar is complete
+        after it (`Grammars.advance`), or how the grammar failed."""
+        complete = advanced  # the structured output is whole
+        if isinstance(advanced, GrammarFailed):  # its output would break the grammar: ended as failed, not as whole
+            exc = advanced
             log.warning("request %s: %s", seq.request_id, exc)
+            self._grammars.forget(seq.params.grammar)  # (a parser limit: what it built is not kept for others)
             self._release(seq)
             return dataclasses.replace(_output(seq, (), "", "abort"), error=str(exc))
         reason: FinishReason | None = None

@@ -11,8 +11,10 @@ ValueErrors to 400s) and sampling itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -35,6 +37,11 @@ CACHE_SIZE = 32
 # verbose_errors=False: an error names the problem, not the parser's state and the grammar around it (which
 # could be a client's whole schema, in a log line or a 400).
 MAX_ITEMS_IN_ROW = 10_000
+# llguidance builds its lexer's states lazily, at the masks, and keeps them with the grammar (the cached matcher shares
+# them with its copies): a 160-character regex built new ones at every token up to llguidance's own limit (250,000,
+# some 105 MB), and 32 such grammars in the cache held 3.4 GB for good (an adversarial review). At most this many
+# (some 21 MB; a grammar past it fails its request, and is dropped from the cache).
+MAX_LEXER_STATES = 50_000
 # llguidance's compiler recurses once per link of a chain of $refs or rules and overflows its thread's stack: the
 # whole process died (SIGSEGV) on one request of a 1000-link $ref chain (94 KB) or some 3000 chained Lark rules (a
 # review). Grammars with more are refused before they are compiled (the counts bound any chain's length).
@@ -145,6 +152,8 @@ class Grammars:
         self._eos = sorted(eos_token_ids)
         self._tokenizer = None
         self._lock = threading.Lock()  # matchers are made on worker threads (AsyncEngine), off the step loop
+        self._executor = None  # llguidance's: a step's masks in parallel, without the GIL (made at first use)
+        self._ahead = None  # one thread starting a step's masks before its forward (`masks_ahead`)
         # grammar text -> its warmed matcher, never advanced (requests get copies); least recently used first
         self._compiled: OrderedDict[str, Any] = OrderedDict()
 
@@ -168,7 +177,8 @@ class Grammars:
         import llguidance
 
         _check_depth(grammar)
-        limits = llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW, verbose_errors=False)
+        limits = llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW, max_lexer_states=MAX_LEXER_STATES,
+                                           verbose_errors=False)
         matcher = llguidance.LLMatcher(self._ll(), grammar, limits=limits, log_level=0)  # (we log its errors)
         if matcher.is_error():
             raise InvalidGrammar(f"invalid structured output: {error_of(matcher)}")
@@ -200,6 +210,11 @@ class Grammars:
                 self._compiled.popitem(last=False)
         return matcher.deep_copy()
 
+    def forget(self, grammar: str) -> None:
+        """Drop ``grammar`` from the cache (a request failed on it: the lexer states it built stay with it)."""
+        with self._lock:
+            self._compiled.pop(grammar, None)
+
     def cached_matcher(self, grammar: str):
         """`warmed_matcher` if ``grammar`` is cached (a copy: some 0.1 ms), else None; never compiles."""
         with self._lock:
@@ -214,15 +229,60 @@ class Grammars:
 
         return torch.empty(llt.get_bitmask_shape(rows, self._vocab_size), dtype=torch.int32)
 
-    def mask(self, logits: torch.Tensor, matchers: Sequence) -> None:
-        """Set, in place, the logits of row i's tokens that ``matchers[i]`` does not allow next to -inf
-        (rows whose matcher is None keep every token)."""
+    def masks(self, matchers: Sequence) -> torch.Tensor:
+        """The bitmask of the next tokens each of ``matchers`` allows (one row each), computed by llguidance's
+        executor on all the host's cores, without the GIL: one after another on the step loop, a request of 32
+        constrained rows over a large schema (8 ms a row) held every request's step for 426 ms (an adversarial
+        review)."""
         import llguidance.torch as llt
 
+        bitmask = self._bitmask(len(matchers))
+        if matchers:
+            llt.fill_next_token_bitmask_par(self._parallel(), [(m, k) for k, m in enumerate(matchers)], bitmask)
+        return bitmask
+
+    def _parallel(self):
+        import llguidance
+
+        with self._lock:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor(max(1, min(os.cpu_count() or 1, 32)))
+            return self._executor
+
+    def advance(self, pairs: Sequence[tuple[Any, int]]) -> list[bool | GrammarFailed]:
+        """`advance` of each (matcher, sampled token), in parallel by llguidance's executor, without the GIL (a
+        token's cost grows with the parser's items: 18 ms a row over a large schema, one after another on the step
+        loop); for each, whether the completion must end there, or the GrammarFailed it raised."""
+        import llguidance.torch as llt
+
+        if not pairs:
+            return []
+        consumed = llt.consume_token_par(self._parallel(), [(m, int(t)) for m, t in pairs])
+        results: list[bool | GrammarFailed] = []
+        for (matcher, token), ok in zip(pairs, consumed):
+            if not ok or matcher.is_error():
+                results.append(GrammarFailed(f"the structured output's grammar failed at token {token}: "
+                                             f"{error_of(matcher)}"))
+            else:
+                results.append(matcher.is_stopped())
+        return results
+
+    def masks_ahead(self, matchers: Sequence) -> concurrent.futures.Future:
+        """`masks` of ``matchers`` on a thread of its own, begun now (the engine begins a step's masks before its
+        forward, which they overlap, as vLLM's and SGLang's do); the matchers must not advance until it is done."""
+        with self._lock:
+            if self._ahead is None:
+                self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return self._ahead.submit(self.masks, list(matchers))
+
+    def mask(self, logits: torch.Tensor, matchers: Sequence, ahead: torch.Tensor | None = None) -> None:
+        """Set, in place, the logits of row i's tokens that ``matchers[i]`` does not allow next to -inf
+        (rows whose matcher is None keep every token). ``ahead``: the `masks` of the first of the matchers that are
+        not None, computed before (`masks_ahead`); the others' are computed now."""
         rows = [i for i, matcher in enumerate(matchers) if matcher is not None]
-        bitmask = self._bitmask(len(rows))
-        for k, i in enumerate(rows):
-            llt.fill_next_token_bitmask(matchers[i], bitmask, k)
+        done = 0 if ahead is None else len(ahead)
+        rest = self.masks([matchers[i] for i in rows[done:]])
+        bitmask = rest if ahead is None else torch.cat([ahead, rest]) if len(rest) else ahead
         if len(rows) == len(matchers):
             apply_bitmask(logits, bitmask)
         elif rows:  # the constrained rows only: the cost is per row and vocabulary entry

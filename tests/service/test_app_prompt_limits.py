@@ -272,3 +272,21 @@ def test_tokenize_runs_apart_from_the_prompts_of_generation_requests():
             held.join(30)
         assert answers["tokenize"].status_code == 200
         assert answers["tokenize"].json()["tokens"] == encode("HOLD on")
+
+
+def test_an_echo_of_too_many_log_probabilities_is_refused_unless_streamed(url, tokenizer, monkeypatch):
+    """A response that echoes its prompts with log-probabilities is built whole in memory: 4 prompts of 8,000 tokens,
+    n=16, logprobs 20 (a 119 KB body) answered 197 MiB of JSON (+830 MB, the GIL held 1 s; a review). Past
+    MAX_ECHOED_LOGPROBS entries (choices x prompt tokens x (1 + logprobs)) it is a 400 unless streamed, where each
+    choice's echo is its own chunk."""
+    from service import app
+
+    prompt = "def add(a, b):\n    return a + b"
+    entries = 4 * len(tokenizer.encode(prompt)) * (1 + 3)
+    monkeypatch.setattr(app, "MAX_ECHOED_LOGPROBS", entries - 1)
+    ask = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 3, "n": 4}
+    refused = _post(url, "/v1/completions", ask)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    assert f"{entries:,} entries" in refused.json()["error"]["message"]
+    assert _post(url, "/v1/completions", {**ask, "stream": True}).status_code == 200
+    assert _post(url, "/v1/completions", {**ask, "n": 3}).status_code == 200

@@ -489,3 +489,59 @@ def test_grammar_text_is_read_without_llguidances_quadratic_steps(tokenizer, mon
     monkeypatch.setattr(llguidance.gbnf_to_lark, "gbnf_to_lark", convert)
     with pytest.raises(InvalidGrammar, match="nested too deeply"):  # (the converter recurses per parenthesis)
         grammar_from_spec("grammar", "root ::= " + "(" * 5000 + '"a"' + ")" * 5000)
+
+
+def test_a_grammar_whose_lexer_grows_past_its_limit_fails_and_leaves_the_cache(tokenizer, monkeypatch):
+    """llguidance builds a lexer's states at the masks and keeps them with the grammar, which the engine caches: a
+    160-character regex built new ones at every token up to llguidance's own limit (250,000, some 105 MB), and 32 of
+    them held 3.4 GB (a review). The service's limit is passed on, and a grammar past it fails its request and is
+    dropped from the cache (its states with it); the other requests run on."""
+    monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
+    regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
+    grows = grammar_from_spec("regex", regex)
+    good = grammar_from_spec("choice", ["yes", "no"])
+    engine = _engine(tokenizer)
+    outputs = _run(engine, {
+        "grows": (prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=1, grammar=grows)),
+        "good": (prompt, SamplingParams(max_tokens=30, temperature=0.0, grammar=good))})
+    assert outputs["grows"][-1].finish_reason == "abort" and "states" in outputs["grows"][-1].error
+    assert outputs["good"][-1].finish_reason == "stop" and _text(outputs["good"]) in ("yes", "no")
+    assert grows not in engine._grammars._compiled and good in engine._grammars._compiled
+
+
+def test_a_steps_masks_are_computed_in_parallel_beside_its_forward(tokenizer, monkeypatch):
+    """The masks of a step's constrained rows were computed one after another on the step loop, after the forward:
+    32 rows over a large schema (8 ms a row) held every request's step for 426 ms (a review). They are begun before
+    the forward, on a thread of their own, by llguidance's executor (without the GIL, on every core); a fork's
+    first mask (n choices sharing a prefill) is computed after it. The completions are those of a serial mask."""
+    import llguidance.torch as llt
+
+    calls = []
+    parallel = llt.fill_next_token_bitmask_par
+
+    def recorded(executor, matchers, bitmask):
+        calls.append((threading.current_thread().name, len(matchers)))
+        return parallel(executor, matchers, bitmask)
+
+    monkeypatch.setattr(llt, "fill_next_token_bitmask_par", recorded)
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Who?"}])
+    grammar = grammar_from_spec("json", PERSON)
+    requests = {f"r{i}": (prompt, SamplingParams(max_tokens=40, temperature=1.0, seed=i, grammar=grammar))
+                for i in range(3)}
+    outputs = _run(_engine(tokenizer, max_num_seqs=4), requests)
+    assert calls and all(name.startswith("grammar-masks") for name, _ in calls)
+    assert max(rows for _, rows in calls) == 3  # (the three rows of a step in one call)
+    for outs in outputs.values():
+        assert outs[-1].finish_reason == "stop" and _is_person(json.loads(_text(outs)))
+
+    def serial(self, matchers):
+        bitmask = self._bitmask(len(matchers))
+        for k, matcher in enumerate(matchers):
+            llt.fill_next_token_bitmask(matcher, bitmask, k)
+        return bitmask
+
+    monkeypatch.setattr(Engine, "_masks_ahead", lambda self, sampled: None)
+    monkeypatch.setattr(Grammars, "masks", serial)
+    again = _run(_engine(tokenizer, max_num_seqs=4), requests)
+    assert {k: _text(v) for k, v in again.items()} == {k: _text(v) for k, v in outputs.items()}

@@ -51,6 +51,10 @@ MAX_RULES = 1000
 # start across all the blank lines after it, holding the GIL: 100,000 newlines took 48 s (a review). The same answer in
 # linear time: only the whitespace of the keyword's own line may come before it.
 _LARK = re.compile(r"(?m)^[^\S\n]*(?:%llguidance\b|start\s*:)")
+# Object properties a request's JSON schemas may define in all (OpenAI's limit for structured outputs): llguidance's
+# compile time grows with the square of an object's properties when it forbids others (10,000 took 10 s of one of the
+# two compile threads; two such requests held a small schema 14.8 s behind them; an adversarial review).
+MAX_PROPERTIES = 5000
 _RULE = re.compile(r"(?:^|\n|\\n)[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_.]*(?:\[[^\]\n]*\])?[ \t]*(?::|::=)")
 # Longest grammar error message raised or logged, in characters.
 MAX_ERROR_CHARS = 300
@@ -63,6 +67,23 @@ class InvalidGrammar(ValueError):
 class GrammarFailed(RuntimeError):
     """A matcher refused the sampled token or gave up mid-completion (a parser limit): the output so far may
     not follow the grammar, and the rest cannot be constrained."""
+
+
+def check_properties(schemas: Iterable[Any]) -> None:
+    """InvalidGrammar when ``schemas`` (JSON schemas, nested in any way) define more than MAX_PROPERTIES object
+    properties in all."""
+    count, stack = 0, list(schemas)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            properties = value.get("properties")
+            count += len(properties) if isinstance(properties, dict) else 0
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    if count > MAX_PROPERTIES:
+        raise InvalidGrammar(f"invalid structured output: its JSON schemas define {count} object properties; at most "
+                             f"{MAX_PROPERTIES} are compiled")
 
 
 def grammar_from_spec(kind: str, value: Any) -> str:
@@ -84,6 +105,7 @@ def grammar_from_spec(kind: str, value: Any) -> str:
             raise ValueError("the JSON schema is nested too deeply") from None
         if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        check_properties([schema])
         return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_DEFAULTS)
     if kind == "regex":
         if not isinstance(value, str) or not value:

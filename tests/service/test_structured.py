@@ -545,3 +545,24 @@ def test_a_steps_masks_are_computed_in_parallel_beside_its_forward(tokenizer, mo
     monkeypatch.setattr(Grammars, "masks", serial)
     again = _run(_engine(tokenizer, max_num_seqs=4), requests)
     assert {k: _text(v) for k, v in again.items()} == {k: _text(v) for k, v in outputs.items()}
+
+
+def test_schemas_of_more_object_properties_than_openai_allows_are_refused_before_compiling():
+    """llguidance's compile time grows with the square of an object's properties when it forbids others: 10,000 took
+    10 s of one of the engine's two compile threads, and two such requests held a small schema 14.8 s behind them (a
+    review). More than MAX_PROPERTIES (OpenAI's limit, counted over every schema of the request) are a 400 first."""
+    from service.openai_api import APIError, ChatCompletionRequest
+
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(structured.MAX_PROPERTIES)},
+            "additionalProperties": False}
+    nested = {"type": "object", "properties": {"inner": wide}}
+    with pytest.raises(InvalidGrammar, match=f"{structured.MAX_PROPERTIES + 1} object properties"):
+        grammar_from_spec("json", nested)
+    grammar_from_spec("json", wide)  # (as many as allowed: built)
+    tools = [{"type": "function", "function": {"name": n, "parameters": wide if n == "a" else {
+        "type": "object", "properties": {"x": {"type": "string"}}}}} for n in ("a", "b")]
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                    "tools": tools, "tool_choice": "required"})
+    with pytest.raises(APIError) as info:
+        _ = request.grammar_source
+    assert info.value.status == 400 and info.value.param == "tools" and "5001 object properties" in info.value.message

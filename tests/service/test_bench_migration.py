@@ -33,7 +33,11 @@ def test_quick_run_writes_every_field_with_sane_values(tmp_path, capsys):
     assert trial["coordinator_duration_s"] > 0
     assert trial["steps_outside_window"] > 0 and trial["median_step_ms"] > 0
     assert trial["steps_in_window"] >= 1 and len(trial["window_step_ms"]) == trial["steps_in_window"]
-    assert trial["max_step_in_migration_ms"] == pytest.approx(max(trial["window_step_ms"]), abs=1e-3)
+    # (a window step is judged by its time after the trigger: at most its whole time)
+    assert len(trial["window_step_after_trigger_ms"]) == trial["steps_in_window"]
+    assert all(0 <= after <= whole + 1e-3
+               for after, whole in zip(trial["window_step_after_trigger_ms"], trial["window_step_ms"]))
+    assert trial["max_step_in_migration_ms"] == pytest.approx(max(trial["window_step_after_trigger_ms"]), abs=1e-3)
     assert 0 <= trial["stalled_steps"] <= trial["steps_in_window"]
 
     summary = written["summary"]

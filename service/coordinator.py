@@ -34,13 +34,13 @@ _ENGINE_FORGET_TIMEOUTS = 3  # an engine silent this many engine_timeout_s is go
 HISTORY_MOVES = 100  # moves a history record keeps (its experts_moved counts them all; /admin/recalibrate lists all)
 
 RECALIBRATION_MODES = ("auto", "incremental", "full")
+DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def _devices_named(devices: Iterable[int]) -> str:
     """"device 3" or "devices 1, 2" (what the history's reasons say, and `make chaos` reads)."""
     devices = sorted(devices)
     return f"device{'s' if len(devices) > 1 else ''} {', '.join(map(str, devices))}"
-DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 @dataclass(frozen=True)
@@ -566,11 +566,11 @@ class Coordinator:
         loaded = None if passes is None else int(np.count_nonzero(passes.sum(axis=(1, 2))))  # window passes with load
         too_few = loaded is not None and loaded < self.config.min_held_out_passes  # to judge a plan on held-out ones
         z = self.config.gain_confidence_z if confidence_z is None else float(confidence_z)
-        planned_by = None
+        note = None
         if lost and policy != "vibe":  # only vibe's budgeted packing leaves lost devices empty (`_plan`): said so, not
             # recorded and published as the policy asked for (a review)
-            planned_by = (f"{_devices_named(lost)} lost: planned by vibe with a slot budget that leaves "
-                          f"{'it' if len(lost) == 1 else 'them'} empty, not by {policy}")
+            note = (f"{_devices_named(lost)} lost: planned by vibe with a slot budget that leaves "
+                    f"{'it' if len(lost) == 1 else 'them'} empty, not by {policy}")
             policy = "vibe"
         if policy != self.config.policy or policy != "vibe":
             mode = "full"  # eplb re-plans from scratch as its peers do; contiguous is static
@@ -587,8 +587,8 @@ class Coordinator:
             judged.append((self._judge(old, new, plan, loads, activity, passes, loaded, too_few, devices, policy,
                                        candidate_mode, reason, dry_run, force, z), new, plan))
         record, new, plan = max(judged, key=lambda j: self._net_gain(j[0]))
-        if planned_by is not None:
-            record.detail = "; ".join(filter(None, (planned_by, record.detail)))
+        if note is not None:
+            record.detail = "; ".join(filter(None, (note, record.detail)))
         if len(judged) > 1:
             nets = ", ".join(f"{r.mode} {1e3 * self._net_gain(r):.1f} ms" for r, _, _ in judged)
             record.detail = "; ".join(filter(None, (record.detail, f"auto: net predicted gain {nets}")))
@@ -867,25 +867,20 @@ class Coordinator:
         Raises:
             WorkerCallError: no device answered.
         """
-        devices = self._live_devices()
-        samples, failed = self._profile_samples(devices), []
-        while isinstance(samples, WorkerCallError):  # (a device lost meanwhile: the others' new models are kept)
-            named = [d for d in devices if d in samples.devices]
-            if not named or len(named) == len(devices):  # (an error naming none of them is not a device's)
-                raise samples
-            failed += named
-            devices = [d for d in devices if d not in named]
-            samples = self._profile_samples(devices)
+        devices, failed = self._live_devices(), []
+        while True:
+            try:
+                samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
+                break
+            except WorkerCallError as exc:  # (a device lost meanwhile: the others' new models are kept)
+                named = [d for d in devices if d in exc.devices]
+                if not named or len(named) == len(devices):  # (an error naming none of them is not a device's)
+                    raise
+                failed += named
+                devices = [d for d in devices if d not in named]
         with self._migration_lock:
             models = self._install_profiles(devices, samples)
         return {"devices": [asdict(m) for m in models], "profiled": devices, "failed": sorted(failed)}
-
-    def _profile_samples(self, devices: list[int]) -> list | WorkerCallError:
-        """Each device's profile samples, or the error naming those that failed."""
-        try:
-            return self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
-        except WorkerCallError as exc:
-            return exc
 
     def _apply_device_drift(self) -> str | None:
         """Refit the model of each device whose observed / predicted time settled away from 1 (no
@@ -1212,7 +1207,7 @@ class Coordinator:
                 # fault)
                 self._profile(sorted(back))
                 result = self._recalibrate(policy=self.config.policy, mode="full", dry_run=False, force=True,
-                                           reason=f"device {', '.join(map(str, sorted(back)))} rejoined",
+                                           reason=f"{_devices_named(back)} rejoined",
                                            loads=uniform, confidence_z=None, back_off=False)
             except Exception as exc:
                 log.warning("readmitting devices %s failed: %s", sorted(back), exc)

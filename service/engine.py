@@ -483,12 +483,8 @@ class Engine:
             self._adopt(child, sampled[row])
         for seq in done:  # requests still waiting to share a finished prefill: there was no slot for them
             self._unfork(seq)
-        constrained = [self._constrains(seq, token) for seq, token in zip(sampled, tokens)]
-        advanced = iter(self._grammars.advance([(seq.matcher, token) for seq, token, c in
-                                                zip(sampled, tokens, constrained) if c])
-                        if any(constrained) else ())
-        outputs += [self._append_token(seq, token, entries, next(advanced) if c else False)
-                    for seq, token, entries, c in zip(sampled, tokens, logprobs, constrained)]
+        advanced = self._advanced(sampled, tokens)
+        outputs += [self._append_token(*args) for args in zip(sampled, tokens, logprobs, advanced)]
         for seq in scored:
             self._release(seq)
             outputs.append(_output(seq, (), "", "length"))
@@ -538,9 +534,9 @@ class Engine:
     def _masks_ahead(self, sampled: list[_Sequence]) -> concurrent.futures.Future | None:
         """The structured outputs' masks of the rows a step samples, begun before its forward (they depend on what
         was sampled before only), or None when no row is constrained."""
-        matchers = [self._constrained(seq) for seq in sampled]
-        if self._grammars is None or all(matcher is None for matcher in matchers):
+        if all(seq.matcher is None for seq in sampled):  # most steps: nothing to build
             return None
+        matchers = [self._constrained(seq) for seq in sampled]
         return self._grammars.masks_ahead([m for m in matchers if m is not None])
 
     def _masked(self, logits: torch.Tensor, sampled: list[_Sequence],
@@ -899,6 +895,18 @@ class Engine:
                 self._hooks.end_step(completed)
         return out.logits[0].float().cpu(), prompt_rows
 
+    def _advanced(self, sampled: list[_Sequence], tokens: list[int]) -> list[bool | GrammarFailed]:
+        """Append each row's token (`_constrains`) and feed it to the row's grammar where one reads it, all rows'
+        at once (`Grammars.advance`): per row, whether its structured output is whole, or how its grammar failed
+        (False: no grammar read the token)."""
+        rows = [i for i, (seq, token) in enumerate(zip(sampled, tokens)) if self._constrains(seq, token)]
+        advanced: list[bool | GrammarFailed] = [False] * len(sampled)
+        if rows:
+            results = self._grammars.advance([(sampled[i].matcher, tokens[i]) for i in rows])
+            for i, result in zip(rows, results, strict=True):
+                advanced[i] = result
+        return advanced
+
     def _constrains(self, seq: _Sequence, token: int) -> bool:
         """Append ``token`` to ``seq``; whether its structured output's grammar reads it (outside a thinking block
         and the whitespace after it), the block's state moved on."""
@@ -925,13 +933,12 @@ class Engine:
                       advanced: bool | GrammarFailed) -> StepOutput:
         """``seq``'s output for ``token`` (appended by `_constrains`); ``advanced``: whether its grammar is complete
         after it (`Grammars.advance`), or how the grammar failed."""
-        complete = advanced  # the structured output is whole
         if isinstance(advanced, GrammarFailed):  # its output would break the grammar: ended as failed, not as whole
-            exc = advanced
-            log.warning("request %s: %s", seq.request_id, exc)
+            log.warning("request %s: %s", seq.request_id, advanced)
             self._grammars.forget(seq.params.grammar)  # (a parser limit: what it built is not kept for others)
             self._release(seq)
-            return dataclasses.replace(_output(seq, (), "", "abort"), error=str(exc))
+            return dataclasses.replace(_output(seq, (), "", "abort"), error=str(advanced))
+        complete = advanced  # the structured output is whole
         reason: FinishReason | None = None
         if token in seq.params.stop_token_ids or (token in self._eos_ids and not seq.params.ignore_eos):
             reason = "stop"

@@ -52,7 +52,7 @@ from service.sampling import (
     MAX_STOP_STRINGS,
     SamplingParams,
 )
-from service.structured import check_properties, grammar_from_spec
+from service.structured import grammar_from_spec
 from service.tools import FORMATS as TOOL_FORMATS
 from service.tools import ToolCall, ToolSetup, answer_grammar
 
@@ -734,7 +734,6 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> tuple[str | 
             raise APIError(400, "min_tokens cannot be combined with a forced tool call or tools with a response "
                            "format", param="min_tokens")
         try:
-            check_properties([*tools.parameters.values(), answer])
             grammar = tools.grammar(answer if tools.choice == "auto" else None)
         except (ValueError, TypeError) as exc:  # a schema the call grammar cannot take (`$defs` not an object): a 400,
             # as the structured outputs' below, not a 500 (TypeError: a keyword of a type no check foresaw)
@@ -754,7 +753,6 @@ def _grammar(request: CompletionRequest | ChatCompletionRequest) -> tuple[str | 
             # harmony: the JSON is the final message's, after the model's analysis (other kinds stay bare)
             schema = json.loads(value) if isinstance(value, str) else value
             if isinstance(schema, dict):
-                check_properties([schema])
                 return answer_grammar(request._tool_format, schema, request._special_tags), param
         return grammar_from_spec(kind, value), param
     except ValueError as exc:

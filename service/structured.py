@@ -272,9 +272,12 @@ class Grammars:
             return self._executor
 
     def advance(self, pairs: Sequence[tuple[Any, int]]) -> list[bool | GrammarFailed]:
-        """`advance` of each (matcher, sampled token), in parallel by llguidance's executor, without the GIL (a
+        """Feed each (matcher, sampled token) its token, in parallel by llguidance's executor, without the GIL (a
         token's cost grows with the parser's items: 18 ms a row over a large schema, one after another on the step
-        loop); for each, whether the completion must end there, or the GrammarFailed it raised."""
+        loop). For each: whether the completion must end there (its grammar is complete), or a GrammarFailed when
+        the token was refused (masking prevents that, unless the matcher had given up) or the matcher is in its
+        error state: llguidance gives up on a grammar mid-completion past a parser limit, and then allows only EOS,
+        which would end the completion as if it were whole."""
         import llguidance.torch as llt
 
         if not pairs:
@@ -302,9 +305,8 @@ class Grammars:
         (rows whose matcher is None keep every token). ``ahead``: the `masks` of the first of the matchers that are
         not None, computed before (`masks_ahead`); the others' are computed now."""
         rows = [i for i, matcher in enumerate(matchers) if matcher is not None]
-        done = 0 if ahead is None else len(ahead)
-        rest = self.masks([matchers[i] for i in rows[done:]])
-        bitmask = rest if ahead is None else torch.cat([ahead, rest]) if len(rest) else ahead
+        ahead = self._bitmask(0) if ahead is None else ahead
+        bitmask = torch.cat([ahead, self.masks([matchers[i] for i in rows[len(ahead):]])])
         if len(rows) == len(matchers):
             apply_bitmask(logits, bitmask)
         elif rows:  # the constrained rows only: the cost is per row and vocabulary entry
@@ -328,20 +330,6 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     bits = (words.unsqueeze(-1) >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
     allowed = bits.reshape(words.shape[0], -1)[:, :logits.shape[1]].bool()
     logits.masked_fill_(~allowed, float("-inf"))
-
-
-def advance(matcher, token: int) -> bool:
-    """Feed the sampled ``token`` to ``matcher``; True when the completion must end here (the grammar is
-    complete).
-
-    Raises:
-        GrammarFailed: the token was refused (masking prevents that, unless the matcher had given up) or the
-            matcher is in its error state: llguidance gives up on a grammar mid-completion when it exceeds a
-            parser limit, and then allows only EOS, which would end the completion as if it were whole.
-    """
-    if not matcher.consume_token(token) or matcher.is_error():
-        raise GrammarFailed(f"the structured output's grammar failed at token {token}: {error_of(matcher)}")
-    return matcher.is_stopped()
 
 
 def error_of(matcher) -> str:

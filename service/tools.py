@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service import harmony
-from service.structured import JSON_DEFAULTS
+from service.structured import JSON_DEFAULTS, check_properties
 from service.text import partial_tag
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
@@ -141,12 +141,14 @@ class ToolSetup:
         nothing else (OpenAI's tools together with a JSON response format). A forced call ignores it.
 
         A schema llguidance cannot compile shows when the grammar is compiled for a tokenizer
-        (`service.structured.Grammars.matcher` raises ValueError).
+        (`service.structured.Grammars.matcher` raises ValueError); schemas of more object properties than
+        `check_properties` allows are refused here.
         """
         import llguidance
 
         if self.choice == "auto" and answer is None:
             return None
+        check_properties([*self.parameters.values(), answer])
         fmt, lit = FORMATS[self.format], _Literals(self.special)
         if self.choice == "named":
             if not fmt.whole_named:
@@ -399,6 +401,7 @@ def answer_grammar(fmt: str, schema: dict, special: Mapping[str, int]) -> str | 
     form = FORMATS[fmt]
     if form.answer_prefix is None:
         return None
+    check_properties([schema])
     lit = _Literals(special)
     rules = form.grammar({}, False, lit)  # (the analysis rule the prefix names)
     answer = json.dumps({**schema, "x-guidance": JSON_DEFAULTS})
@@ -419,11 +422,12 @@ def special_tags(fmt: str, tokenizer) -> dict[str, int]:
 def _tagged(text: str, opening: str, closing: str, named: str | None = None, *, only: bool = True,
             empty_ok: bool = False) -> list | None:
     """The elements ``opening [NAME named] BODY closing`` of ``text``, each BODY up to the nearest ``closing`` (as a
-    lazy regex reads them): BODY alone, or (NAME, BODY) with ``named`` (the text that ends a name, which is one line,
-    not empty, and holds no character ``named`` begins with). With ``only``, the text must be those elements and whitespace, else None (None too when there
-    is none, unless ``empty_ok``); without it, the elements found anywhere. Linear in the text: the regular
-    expressions this replaces backtracked over every opening tag to the end of the text (a model writing 2,000
-    argument tags without their closing ones took 83 s of GIL to parse; an adversarial review)."""
+    lazy regex reads them): BODY alone, or (NAME, BODY) with ``named`` (the text that ends a name, which is one
+    line, not empty, and holds no character ``named`` begins with). With ``only``, the text must be those elements
+    and whitespace, else None (None too when there is none, unless ``empty_ok``); without it, the elements found
+    anywhere. Linear in the text: the regular expressions this replaces backtracked over every opening tag to the
+    end of the text (a model writing 2,000 argument tags without their closing ones took 83 s of GIL to parse; an
+    adversarial review)."""
     found: list = []
     pos = 0
     ends = newline = -1  # (cached: the next ``named`` and newline at or after a name's start)
@@ -800,30 +804,22 @@ def _kimi_k2_history(messages: list[dict]) -> list[dict]:
 
 def _glm45_parse(block: str, functions: Mapping[str, dict]) -> list[tuple[str, Any]] | None:
     """The function's name up to the first newline or tag (GLM-4.5 writes a newline, 4.7 none), then
-    ``<arg_key>KEY</arg_key>`` and ``<arg_value>VALUE</arg_value>`` pairs, whitespace between (read in one pass:
-    the regular expressions this replaces backtracked quadratically over a long name's spaces, cubically over
-    unclosed tags; an adversarial review)."""
+    ``<arg_key>KEY</arg_key>`` and ``<arg_value>VALUE</arg_value>`` pairs, whitespace between (read by `_tagged`,
+    each pair an element from its key's tag to its value's closing one: the regular expressions this replaces
+    backtracked quadratically over a long name's spaces, cubically over unclosed tags; an adversarial review)."""
     text = block.lstrip()
     cut = min((i for i in (text.find("\n"), text.find("<")) if i >= 0), default=len(text))
-    name, pos = text[:cut].rstrip(), cut
-    if not name:
+    name = text[:cut].rstrip()
+    pairs = _tagged(text[cut:], "<arg_key>", "</arg_value>", empty_ok=True)
+    if not name or pairs is None:
         return None
     arguments = []
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos == len(text):
-            break
-        pair = []
-        for opening, closing in (("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>")):
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            end = text.find(closing, pos + len(opening)) if text.startswith(opening, pos) else -1
-            if end < 0:
-                return None
-            pair.append(text[pos + len(opening):end])
-            pos = end + len(closing)
-        arguments.append(pair)
+    for pair in pairs:
+        key, closed, value = pair.partition("</arg_key>")
+        value = value.lstrip()
+        if not closed or not value.startswith("<arg_value>"):
+            return None
+        arguments.append((key, value[len("<arg_value>"):]))
     properties = _properties(functions.get(name))
     return [(name, {key.strip(): _typed(value, properties.get(key.strip(), {})) for key, value in arguments})]
 

@@ -253,6 +253,7 @@ class Coordinator:
         self._last_applied: Recalibration | None = None  # (kept apart: 50 dry runs pushed it out of the history)
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
+        self._calibrating = False  # a calibration in progress (another is answered `in_progress`)
         self._calibration_asked = False  # an engine asked for the startup calibration (retried until it applies)
         self._retry_at_pass = 0  # after a failed re-plan, none is asked for again before this many passes
         self._planned_by = config.policy  # the policy of the placement in service (an admin call may name another)
@@ -496,19 +497,28 @@ class Coordinator:
         with self._lock:
             if self._calibrated:
                 return {"status": "already_calibrated", "to_version": self._placement.version}
+            if self._calibrating:  # (another replica's: its answer is the one that waits for the placement)
+                return {"status": "in_progress", "to_version": self._placement.version}
             self._calibration_asked = True
-            self._calibrated = True  # recorded with the placement it publishes (and no second calibration meanwhile)
+            self._calibrating = True
         loads = None if counts is None else np.asarray(counts, dtype=np.float64)
         try:
+            # an applied plan publishes itself as the calibration (`_migrate`); one that does not apply leaves
+            # `_calibrated` as it finds it: another full plan on statistics may have calibrated the app meanwhile
+            # (set False here, a calibration that rolled back after an admin's applied one un-calibrated the app)
             result = self.recalibrate(mode="full", force=True, reason=reason, loads=loads)
         except Exception:
             with self._lock:
-                self._calibrated = False
                 self._back_off()
             with contextlib.suppress(Exception):  # (best effort: the calibration's own error is the one raised)
                 self._republish()  # recorded as asked for: a restarted coordinator tries it again too
             raise
-        self._calibrated = result["status"] in ("applied", "no_change")  # (rolled back: backed off already)
+        finally:
+            with self._lock:
+                self._calibrating = False
+        if result["status"] == "no_change":  # the placement in service is the one the statistics call for
+            with self._lock:
+                self._calibrated = True
         if result["status"] != "applied":
             # record that the current placement is the calibrated one (no_change), or that a calibration was asked
             # for and did not apply (its engines, up already, never ask a restarted coordinator again)
@@ -525,14 +535,17 @@ class Coordinator:
 
     def recalibrate(self, *, policy: str | None = None, mode: str = "incremental", dry_run: bool = False,
                     force: bool = False, reason: str = "admin", loads: np.ndarray | None = None,
-                    confidence_z: float | None = None) -> dict[str, Any]:
+                    confidence_z: float | None = None, automatic: bool = False) -> dict[str, Any]:
         """Plan a new placement for the current statistics and, unless dry_run or not worth it, apply it.
 
         mode: "incremental" (swaps from the live placement, a capped share of slots moved), "full" (a new
         plan) or "auto" (both candidates judged; the one whose predicted gain over the gain horizon, net
         of its migration cost, is larger; incremental on a tie). Policies other than the configured vibe
         always re-plan in full. confidence_z: standard errors below the held-out mean the gain is judged
-        at (None: the config's `gain_confidence_z`).
+        at (None: the config's `gain_confidence_z`). automatic: the background loop's re-plan for the drift it
+        detected; a skip then counts as that drift judged (cool-down, device models marked planned with). Another
+        caller's skip (an admin's, in its own mode, policy or confidence) is recorded and leaves the loop's drift
+        pending: an admin's incremental skip consumed a device drift that the loop's `auto` mode would re-plan.
         Returns the Recalibration record as a dict (status, predicted gain, moves, duration...).
         Raises ValueError for a bad policy or mode, or when there are no statistics yet.
         """
@@ -543,10 +556,11 @@ class Coordinator:
             raise ValueError(f"mode must be one of {RECALIBRATION_MODES}, got {mode!r}")
         with self._migration_lock:
             return self._recalibrate(policy=policy, mode=mode, dry_run=dry_run, force=force, reason=reason,
-                                     loads=loads, confidence_z=confidence_z)
+                                     loads=loads, confidence_z=confidence_z, automatic=automatic)
 
     def _recalibrate(self, *, policy: str, mode: str, dry_run: bool, force: bool, reason: str,
-                     loads: np.ndarray | None, confidence_z: float | None, back_off: bool = True) -> dict[str, Any]:
+                     loads: np.ndarray | None, confidence_z: float | None, back_off: bool = True,
+                     automatic: bool = False) -> dict[str, Any]:
         """`recalibrate` with its arguments checked, under the migration lock (``back_off`` False: a rollback leaves
         the workload detector's cool-down alone, as a readmission's, which backs off its own way)."""
         self._finish_drops(wait=True)
@@ -602,16 +616,16 @@ class Coordinator:
             self._remember(record)
             if record.status in ("applied", "no_change"):
                 self._reset_drift(loads, volume)
-            elif record.status == "skipped":  # not worth moving now: keep the reference, back off
+            elif record.status == "skipped" and automatic:  # not worth moving now: keep the reference, back off
                 self._workload_drift.cool_down()
                 # the drift reported again while it was judged is judged again after the cool-down, not at the next
                 # tick with no new pass (one skip after another, the cool-downs bypassed: a review)
                 self._pending_trigger = None
             elif record.status == "rolled_back" and back_off:  # keep the references too: acted on again, later
                 self._back_off()
-            if record.status in ("applied", "no_change") or (record.status == "skipped" and not waits):
+            if record.status in ("applied", "no_change") or (record.status == "skipped" and automatic and not waits):
                 self._devices.planned_with(scales)  # judged on these models: drift starts from here
-            elif waits:  # asked again once the window can hold a judgement out (marked planned with, a device
+            elif waits and automatic:  # asked again once the window can hold a judgement out (marked planned with, a device
                 # slowed 2x soon after startup was never re-planned: 571 ms gain against 0.5 ms kept off, a review)
                 self._devices.retry()
                 needed = self.config.min_held_out_passes - loaded
@@ -1278,7 +1292,7 @@ class Coordinator:
         if reason and self._calibrated:
             z = self.config.device_drift_confidence_z if device_reason else self.config.gain_confidence_z
             try:
-                self.recalibrate(reason=reason, mode=self.config.recalibration_mode, confidence_z=z)
+                self.recalibrate(reason=reason, mode=self.config.recalibration_mode, confidence_z=z, automatic=True)
             except Exception:  # (a rollback backed off already) not tried again at the next tick
                 with self._lock:
                     self._back_off()

@@ -128,15 +128,15 @@ def test_dry_run_and_cost_aware_skip(checkpoint):
     dry = coordinator.recalibrate(mode="full", dry_run=True)
     assert dry["status"] == "dry_run" and coordinator.placement.version == 1 and dry["moves"]
     reference = coordinator._workload_drift.reference.copy()
-    skipped = coordinator.recalibrate(mode="full")
+    skipped = coordinator.recalibrate(mode="full", automatic=True)
     assert skipped["status"] == "skipped" and "migration cost" in skipped["detail"]
-    # Not re-planned again at every check: the detector cools down and keeps its reference, longer with
-    # every skip in a row (10, 20, 40, 80 passes, then the window's 100)
+    # The loop's re-plans are not re-planned again at every check: the detector cools down and keeps its reference,
+    # longer with every skip in a row (10, 20, 40, 80 passes, then the window's 100)
     detector = coordinator._workload_drift
     assert np.array_equal(detector.reference, reference)
     assert detector._quiet_until == detector.num_passes + detector.config.cooldown
     for cooldown in (20, 40, 80, 100, 100):
-        assert coordinator.recalibrate(mode="full")["status"] == "skipped"
+        assert coordinator.recalibrate(mode="full", automatic=True)["status"] == "skipped"
         assert detector._quiet_until == detector.num_passes + cooldown
     forced = coordinator.recalibrate(mode="full", force=True)
     assert forced["status"] == "applied" and coordinator.placement.version == 2
@@ -1118,3 +1118,60 @@ def test_a_policy_asked_for_while_devices_are_lost_is_recorded_as_the_one_that_p
     result = coordinator.recalibrate(mode="full", force=True, policy="eplb")
     assert result["policy"] == "vibe" and "device 1 lost: planned by vibe" in result["detail"]
     assert coordinator.placement_view()["planned_by"] == "vibe" and not coordinator.placement.experts_on(1)
+
+
+def test_an_admin_skip_leaves_the_drift_the_loop_would_re_plan_for(checkpoint):
+    """A skipped admin re-plan (its own mode: incremental by default; its own policy and confidence) counted as the
+    loop's judgement of the drift pending: the workload drift reported was cleared and the device models marked
+    planned with, so the loop (mode auto by default) never judged them."""
+    c = _coordinator(checkpoint, device_drift_min_samples=20)
+    _calibrate(c, 0)
+    c._bandwidth = 1.0  # moving any byte costs more than any gain: every re-plan is skipped
+    drifted = np.roll(_skewed(c.shape, 0), 3, axis=1)
+    while c._pending_trigger is None:
+        _report(c, drifted)
+    device, tokens = 1, np.full(60, 8.0)
+    samples = [LatencySamples(device, tokens, c.device_models()[device].latency(tokens) * 1.3)]
+    _report(c, drifted, samples=samples)
+    with c._lock:
+        c._devices.refit()  # (as the loop's tick does before it asks)
+    assert c.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.3)
+    assert c.recalibrate(policy="eplb")["status"] == "skipped"
+    assert c.recalibrate()["status"] == "skipped"
+    assert c.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.3)
+    assert c._pending_trigger is not None
+    c._tick()  # one re-plan for both drifts
+    record = c.stats_view()["recalibrations"][-1]
+    assert record["reason"].startswith(f"device drift: device {device}") and record["status"] == "skipped", record
+    assert "auto: net predicted gain" in record["detail"] and c._pending_trigger is None  # (the loop's mode)
+    assert c.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.0)  # (the loop's skip: judged)
+    c._tick()
+    assert c.stats_view()["recalibrations"][-1] == record  # (judged: nothing asked again before the cool-down)
+
+
+def test_a_calibration_that_does_not_apply_leaves_an_app_calibrated_meanwhile_calibrated(checkpoint):
+    """A startup calibration that rolled back set the app uncalibrated although an admin's full plan on its router
+    statistics had calibrated it while the calibration waited for the migration lock; a restarted coordinator read
+    the record the same way."""
+    pool = _pool(checkpoint)
+    c = _coordinator(checkpoint, pool)
+    counts = _hot_on_slow_device(c)
+    _report(c, counts, passes=5)
+    recalibrate = c._recalibrate
+
+    def an_admin_plan_first(**kwargs):
+        c._recalibrate = recalibrate
+        assert c.calibrate()["status"] == "in_progress"  # (another replica's startup calibration)
+        admin = recalibrate(policy="vibe", mode="full", dry_run=False, force=True, reason="admin", loads=None,
+                            confidence_z=None)
+        assert admin["status"] == "applied" and c.calibrated
+        _report(c, counts)  # acknowledged
+        for device in range(pool.num_devices):
+            pool.inject_fault(device, "import")
+        return recalibrate(**kwargs)
+
+    c._recalibrate = an_admin_plan_first
+    result = c.calibrate(counts=np.roll(counts, 5, axis=1))
+    assert result["status"] == "rolled_back"
+    assert c.calibrated and c.calibrate()["status"] == "already_calibrated"
+    assert all(record["calibrated"] for record in pool.load_records())  # (what a restarted coordinator reads)

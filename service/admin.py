@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.coordinator import AdminBusy
 from service.emulator import MIN_SPEED
 from service.openai_api import APIError
 from service.worker import FAULTS
@@ -104,6 +105,8 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
         except CoordinatorUnavailable as exc:
             raise APIError(503, f"{exc}; retry shortly", type="service_unavailable_error",
                            code="coordinator_unavailable") from exc
+        except AdminBusy as exc:  # (one admin recalibration or profiling at a time: not queued, each holding a slot)
+            raise APIError(409, str(exc), type="conflict_error", code="admin_busy") from exc
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
 
@@ -124,11 +127,11 @@ def admin_router(client: CoordinatorClient, *, token_sha256: str | None, num_dev
             except Exception as exc:  # the coordinator's own answer below says what is wrong
                 log.warning("could not hand over router statistics before a recalibration: %s", exc)
         return await call("recalibrate", policy=body.policy, mode=body.mode, dry_run=body.dry_run,
-                                 force=body.force, reason="admin")
+                                 force=body.force, reason="admin", admin=True)
 
     @router.post("/profile")
     async def profile() -> dict[str, Any]:
-        return await call("profile_devices")
+        return await call("profile_devices", admin=True)
 
     @router.get("/ui", response_class=HTMLResponse)
     async def ui() -> HTMLResponse:

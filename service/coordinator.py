@@ -37,6 +37,12 @@ RECALIBRATION_MODES = ("auto", "incremental", "full")
 DEFAULT_PROFILE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
+class AdminBusy(RuntimeError):
+    """Another admin recalibration or profiling is in the coordinator (a 409). Admin calls queued for the migration
+    lock each held one of the coordinator replica's request slots (64), which the engines' reports need: a script
+    retrying a slow call filled them."""
+
+
 def _devices_named(devices: Iterable[int]) -> str:
     """"device 3" or "devices 1, 2" (what the history's reasons say, and `make chaos` reads)."""
     devices = sorted(devices)
@@ -254,6 +260,8 @@ class Coordinator:
         self._totals: dict[str, int] = {}  # decisions by status, experts and bytes moved, since start
         self._calibrated = False
         self._calibrating = False  # a calibration in progress (another is answered `in_progress`)
+        self._admin_gate = threading.Lock()  # held by the one admin recalibration or profiling let in (`_admin_turn`)
+        self._admin_doing = ""
         self._calibration_asked = False  # an engine asked for the startup calibration (retried until it applies)
         self._retry_at_pass = 0  # after a failed re-plan, none is asked for again before this many passes
         self._planned_by = config.policy  # the policy of the placement in service (an admin call may name another)
@@ -535,7 +543,7 @@ class Coordinator:
 
     def recalibrate(self, *, policy: str | None = None, mode: str = "incremental", dry_run: bool = False,
                     force: bool = False, reason: str = "admin", loads: np.ndarray | None = None,
-                    confidence_z: float | None = None, automatic: bool = False) -> dict[str, Any]:
+                    confidence_z: float | None = None, automatic: bool = False, admin: bool = False) -> dict[str, Any]:
         """Plan a new placement for the current statistics and, unless dry_run or not worth it, apply it.
 
         mode: "incremental" (swaps from the live placement, a capped share of slots moved), "full" (a new
@@ -546,17 +554,33 @@ class Coordinator:
         detected; a skip then counts as that drift judged (cool-down, device models marked planned with). Another
         caller's skip (an admin's, in its own mode, policy or confidence) is recorded and leaves the loop's drift
         pending: an admin's incremental skip consumed a device drift that the loop's `auto` mode would re-plan.
+        admin: an admin's call, refused while another admin recalibration or profiling is in the coordinator.
         Returns the Recalibration record as a dict (status, predicted gain, moves, duration...).
-        Raises ValueError for a bad policy or mode, or when there are no statistics yet.
+        Raises ValueError for a bad policy or mode, or when there are no statistics yet; AdminBusy (admin).
         """
         policy = policy or self.config.policy
         if policy not in pl.POLICIES:
             raise ValueError(f"policy must be one of {pl.POLICIES}, got {policy!r}")
         if mode not in RECALIBRATION_MODES:
             raise ValueError(f"mode must be one of {RECALIBRATION_MODES}, got {mode!r}")
-        with self._migration_lock:
+        with self._admin_turn(admin, "recalibration"), self._migration_lock:
             return self._recalibrate(policy=policy, mode=mode, dry_run=dry_run, force=force, reason=reason,
                                      loads=loads, confidence_z=confidence_z, automatic=automatic)
+
+    @contextlib.contextmanager
+    def _admin_turn(self, admin: bool, what: str):
+        """Let one admin call at a time in (`AdminBusy` for the others); other callers pass."""
+        if not admin:
+            yield
+            return
+        if not self._admin_gate.acquire(blocking=False):
+            raise AdminBusy(f"an admin {self._admin_doing or 'call'} is in progress: retry once it has answered")
+        self._admin_doing = what
+        try:
+            yield
+        finally:
+            self._admin_doing = ""
+            self._admin_gate.release()
 
     def _recalibrate(self, *, policy: str, mode: str, dry_run: bool, force: bool, reason: str,
                      loads: np.ndarray | None, confidence_z: float | None, back_off: bool = True,
@@ -869,7 +893,7 @@ class Coordinator:
         with self._lock:
             return [m.scaled(float(s)) for m, s in zip(self._profiled, self._devices.scales)]
 
-    def profile_devices(self) -> dict[str, Any]:
+    def profile_devices(self, *, admin: bool = False) -> dict[str, Any]:
         """Re-profile every device not lost (admin): new curves replace the refined ones; `profiled` names them, and
         `failed` the devices that did not answer (a lost device keeps its model until it rejoins, when it is
         profiled). The devices are measured outside the migration lock (held for the whole pass, a device lost
@@ -878,23 +902,27 @@ class Coordinator:
         would otherwise record them as the models it was planned with after profiling reset them, which reads as
         device drift and re-plans for nothing.
 
+        admin: an admin's call, refused while another admin recalibration or profiling is in the coordinator.
+
         Raises:
             WorkerCallError: no device answered.
+            AdminBusy: (admin) another admin call is in progress.
         """
-        devices, failed = self._live_devices(), []
-        while True:
-            try:
-                samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
-                break
-            except WorkerCallError as exc:  # (a device lost meanwhile: the others' new models are kept)
-                named = [d for d in devices if d in exc.devices]
-                if not named or len(named) == len(devices):  # (an error naming none of them is not a device's)
-                    raise
-                failed += named
-                devices = [d for d in devices if d not in named]
-        with self._migration_lock:
-            models = self._install_profiles(devices, samples)
-        return {"devices": [asdict(m) for m in models], "profiled": devices, "failed": sorted(failed)}
+        with self._admin_turn(admin, "profiling"):
+            devices, failed = self._live_devices(), []
+            while True:
+                try:
+                    samples = self.pool.profile(self.config.profile_token_counts, self.config.profile_repeats, devices)
+                    break
+                except WorkerCallError as exc:  # (a device lost meanwhile: the others' new models are kept)
+                    named = [d for d in devices if d in exc.devices]
+                    if not named or len(named) == len(devices):  # (an error naming none of them is not a device's)
+                        raise
+                    failed += named
+                    devices = [d for d in devices if d not in named]
+            with self._migration_lock:
+                models = self._install_profiles(devices, samples)
+            return {"devices": [asdict(m) for m in models], "profiled": devices, "failed": sorted(failed)}
 
     def _apply_device_drift(self) -> str | None:
         """Refit the model of each device whose observed / predicted time settled away from 1 (no

@@ -124,8 +124,8 @@ class CoordinatorDeployment:
     def recalibrate(self, **kwargs: Any) -> dict[str, Any]:
         return self.core.recalibrate(**kwargs)
 
-    def profile_devices(self) -> dict[str, Any]:
-        return self.core.profile_devices()
+    def profile_devices(self, **kwargs: Any) -> dict[str, Any]:
+        return self.core.profile_devices(**kwargs)
 
     def placement_view(self) -> dict[str, Any]:
         return self.core.placement_view()

@@ -45,7 +45,7 @@ def test_recalibrate_reads_json_whatever_the_content_type(headers):
                            content=b'{"mode": "full", "dry_run": true, "policy": "eplb"}')
     assert response.status_code == 200
     assert coordinator.calls[-1] == ("recalibrate", (), {"policy": "eplb", "mode": "full", "dry_run": True,
-                                                         "force": False, "reason": "admin"})
+                                                         "force": False, "reason": "admin", "admin": True})
 
 
 def test_empty_recalibrate_body_means_defaults():
@@ -182,6 +182,23 @@ def test_a_coordinator_that_cannot_take_the_call_is_a_503():
     response = client.get("/admin/stats", headers=AUTH)
     error = response.json()["error"]
     assert response.status_code == 503 and error["code"] == "coordinator_unavailable", response.text
+
+def test_an_admin_call_while_another_is_in_the_coordinator_is_a_409():
+    from service.coordinator import AdminBusy
+
+    client, coordinator = _client(emulation=False)
+
+    async def call(method, *args, **kwargs):
+        assert kwargs.get("admin") is True  # (the coordinator lets one admin call in: it asks)
+        raise AdminBusy("an admin recalibration is in progress: retry once it has answered")
+
+    coordinator.call = call
+    for path in ("/admin/recalibrate", "/admin/profile"):
+        response = client.post(path, headers=AUTH)
+        error = response.json()["error"]
+        assert response.status_code == 409 and error["code"] == "admin_busy", response.text
+        assert error["type"] == "conflict_error" and "recalibration is in progress" in error["message"]
+
 
 def test_placement_page_shows_heatmaps_and_replicas():
     client, _ = _client(emulation=False)

@@ -1175,3 +1175,42 @@ def test_a_calibration_that_does_not_apply_leaves_an_app_calibrated_meanwhile_ca
     assert result["status"] == "rolled_back"
     assert c.calibrated and c.calibrate()["status"] == "already_calibrated"
     assert all(record["calibrated"] for record in pool.load_records())  # (what a restarted coordinator reads)
+
+
+def test_one_admin_recalibration_or_profiling_at_a_time_and_the_others_refused(checkpoint):
+    """Admin calls queued for the migration lock each held one of the coordinator replica's 64 request slots, which
+    engines' reports need (a script retrying a slow call filled them): one admin call is let in, the others are
+    refused at once (409 on the admin API). Calls that are not an admin's (the loop's, a startup calibration) wait."""
+    import threading
+
+    from service.coordinator import AdminBusy
+
+    c = _coordinator(checkpoint)
+    _report(c, _skewed(c.shape, 2), passes=30)
+    copying, release = threading.Event(), threading.Event()
+    copy, results = c.pool.copy, []
+
+    def slow_copy(transfers, timeout_s=None):
+        copying.set()
+        assert release.wait(30)
+        return copy(transfers, timeout_s)
+
+    c.pool.copy = slow_copy
+    first = threading.Thread(target=lambda: results.append(c.recalibrate(mode="full", force=True, admin=True)))
+    first.start()
+    assert copying.wait(30)
+    with pytest.raises(AdminBusy, match="admin recalibration is in progress"):
+        c.recalibrate(dry_run=True, admin=True)
+    with pytest.raises(AdminBusy, match="admin recalibration is in progress"):
+        c.profile_devices(admin=True)
+    waiting = threading.Thread(target=lambda: results.append(c.recalibrate(mode="full", dry_run=True)))
+    waiting.start()  # (not an admin's: waits for the migration lock)
+    waiting.join(0.3)
+    assert waiting.is_alive()
+    release.set()
+    first.join(30)
+    waiting.join(30)
+    assert [r["status"] for r in results] == ["applied", "no_change"]
+    c.pool.copy = copy
+    assert c.profile_devices(admin=True)["profiled"] == [0, 1, 2, 3]  # (let in again once the first answered)
+    assert c.recalibrate(dry_run=True, admin=True)["status"] in ("no_change", "dry_run")

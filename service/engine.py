@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service import attention, linear_attention, rope, sparse_attention
 from service.attention import KVCache, SeqChunk, StepBatch
 from service.sampling import MAX_REASONING_GAP, History, SamplingParams, TokenLogprobs, sample, token_logprobs
-from service.structured import GrammarFailed, Grammars
+from service.structured import GrammarFailed, Grammars, out_of_states
 from service.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,8 @@ class _Sequence:
         self.preemptions = 0                    # times its blocks were taken back for other sequences
         self.retry_until: float | None = None   # a transient step failure: retried until then (monotonic clock)
         self.matcher = None                     # the structured output's grammar state, if any
+        self.grammar_tokens: list[int] = []     # the tokens its matcher consumed (replayed when it is renewed)
+        self.own_compile = False                # its matcher is of a compile of its own (`Engine._renew`)
         # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
         # one: no grammar yet), "gap" (just closed: whitespace may come before the grammar), None (the
         # grammar applies)
@@ -553,6 +555,10 @@ class Engine:
         if any(matcher is not None for matcher in matchers):
             # ``ahead``: the masks of the constrained rows sampled before the forks were added (which come after)
             self._grammars.mask(masked, matchers, ahead.result() if ahead is not None else None)
+            for row, (seq, matcher) in enumerate(zip(sampled, matchers)):
+                if matcher is not None and self._renew(seq):  # its lexer ran out building this mask
+                    masked[row] = logits[row]
+                    self._grammars.mask(masked[row:row + 1], [seq.matcher])
         for row, seq in enumerate(sampled):
             if seq.matcher is None:
                 continue
@@ -904,8 +910,27 @@ class Engine:
         if rows:
             results = self._grammars.advance([(sampled[i].matcher, tokens[i]) for i in rows])
             for i, result in zip(rows, results, strict=True):
+                seq = sampled[i]
+                seq.grammar_tokens.append(tokens[i])
+                if isinstance(result, GrammarFailed) and self._renew(seq):  # ran out reading the token
+                    result = seq.matcher.is_stopped()
                 advanced[i] = result
         return advanced
+
+    def _renew(self, seq: _Sequence) -> bool:
+        """Give ``seq`` a matcher of a compile of its own, fed its tokens, when the one it copied from the cache ran
+        out of lexer states (`Grammars.renew`: those of every request that used the cached compile, which is
+        dropped); whether it was given one. One that runs out on a compile of its own fails."""
+        if seq.own_compile or not out_of_states(seq.matcher):
+            return False
+        seq.own_compile = True
+        self._grammars.forget(seq.params.grammar)
+        matcher = self._grammars.renew(seq.params.grammar, seq.grammar_tokens)
+        if matcher is None:
+            return False
+        log.info("request %s: the cached grammar's lexer ran out of states: compiled for it alone", seq.request_id)
+        seq.matcher = matcher
+        return True
 
     def _constrains(self, seq: _Sequence, token: int) -> bool:
         """Append ``token`` to ``seq``; whether its structured output's grammar reads it (outside a thinking block

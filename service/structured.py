@@ -42,6 +42,12 @@ MAX_ITEMS_IN_ROW = 10_000
 # some 105 MB), and 32 such grammars in the cache held 3.4 GB for good (an adversarial review). At most this many
 # (some 21 MB; a grammar past it fails its request, and is dropped from the cache).
 MAX_LEXER_STATES = 50_000
+# The states are those of the grammar, shared by every copy of the cached matcher: requests that each stay far under
+# the limit used it up together, and every request running on the grammar then failed at once (88 requests of 40
+# tokens over one regex; a review). A request whose matcher runs out on the cached compile is given one of a compile
+# of its own, its tokens replayed (`Grammars.renew`), and the cached compile is dropped (the next request compiles
+# anew): it fails only if that one runs out too, on its own states. (vLLM compiles a matcher per request.)
+_OUT_OF_STATES = "too many states"  # llguidance's error when a lexer reaches max_lexer_states
 # llguidance's compiler recurses once per link of a chain of $refs or rules and overflows its thread's stack: the
 # whole process died (SIGSEGV) on one request of a 1000-link $ref chain (94 KB) or some 3000 chained Lark rules (a
 # review). Grammars with more are refused before they are compiled (the counts bound any chain's length).
@@ -225,12 +231,30 @@ class Grammars:
         if matcher.is_error():  # a language with nothing in it ("[^\s\S]"): was cached so, each request prefilled
             # then failed at its first token, with no parameter named (a review)
             raise InvalidGrammar(f"invalid structured output: {error_of(matcher)} (the grammar allows no output)")
+        self._cache(grammar, matcher)
+        return matcher.deep_copy()
+
+    def _cache(self, grammar: str, matcher) -> None:
         with self._lock:
             self._compiled[grammar] = matcher
             self._compiled.move_to_end(grammar)
             while len(self._compiled) > CACHE_SIZE:
                 self._compiled.popitem(last=False)
-        return matcher.deep_copy()
+
+    def renew(self, grammar: str, tokens: Sequence[int]):
+        """A matcher of a compile of ``grammar`` of its own (uncached: its lexer builds the states of one request
+        only), fed the ``tokens`` that a matcher which ran out of lexer states (`out_of_states`) consumed; None when
+        it fails too (the tokens alone need more states, or the grammar no longer compiles)."""
+        import llguidance.torch as llt
+
+        try:
+            matcher = self.matcher(grammar)
+        except ValueError:
+            return None
+        if tokens and not matcher.consume_tokens(list(tokens)) or matcher.is_error():
+            return None
+        llt.fill_next_token_bitmask(matcher, self._bitmask(1), 0)  # (its next mask: the one the caller needs)
+        return None if matcher.is_error() else matcher
 
     def forget(self, grammar: str) -> None:
         """Drop ``grammar`` from the cache (a request failed on it: the lexer states it built stay with it)."""
@@ -330,6 +354,11 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     bits = (words.unsqueeze(-1) >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
     allowed = bits.reshape(words.shape[0], -1)[:, :logits.shape[1]].bool()
     logits.masked_fill_(~allowed, float("-inf"))
+
+
+def out_of_states(matcher) -> bool:
+    """Whether ``matcher`` gave up because its grammar's lexer reached `MAX_LEXER_STATES`."""
+    return matcher.is_error() and _OUT_OF_STATES in matcher.get_error()
 
 
 def error_of(matcher) -> str:

@@ -495,7 +495,9 @@ def test_a_grammar_whose_lexer_grows_past_its_limit_fails_and_leaves_the_cache(t
     """llguidance builds a lexer's states at the masks and keeps them with the grammar, which the engine caches: a
     160-character regex built new ones at every token up to llguidance's own limit (250,000, some 105 MB), and 32 of
     them held 3.4 GB (a review). The service's limit is passed on, and a grammar past it fails its request and is
-    dropped from the cache (its states with it); the other requests run on."""
+    dropped from the cache (its states with it); the other requests run on. (Its matcher runs out on the cached
+    compile first, and then on a compile of its own, its tokens replayed: seed 2 needs more states alone, where
+    seed 1's replay, which builds no masks of the tokens before, fits.)"""
     monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
     regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
@@ -503,11 +505,34 @@ def test_a_grammar_whose_lexer_grows_past_its_limit_fails_and_leaves_the_cache(t
     good = grammar_from_spec("choice", ["yes", "no"])
     engine = _engine(tokenizer)
     outputs = _run(engine, {
-        "grows": (prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=1, grammar=grows)),
+        "grows": (prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=2, grammar=grows)),
         "good": (prompt, SamplingParams(max_tokens=30, temperature=0.0, grammar=good))})
     assert outputs["grows"][-1].finish_reason == "abort" and "states" in outputs["grows"][-1].error
     assert outputs["good"][-1].finish_reason == "stop" and _text(outputs["good"]) in ("yes", "no")
     assert grows not in engine._grammars._compiled and good in engine._grammars._compiled
+
+
+def test_requests_that_use_up_a_cached_grammars_lexer_together_are_given_a_new_compile(tokenizer, monkeypatch):
+    """The lexer states are the cached grammar's, shared by every copy: requests that each stay far under the limit
+    used it up together, and then failed, every request running on the grammar at once (88 requests of 40 tokens
+    over one regex at the real limit; a review). A request whose matcher runs out is given one of a new compile, its
+    tokens replayed: each completes as it does on an engine of its own (which the cache then holds)."""
+    monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
+    regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
+    grammar = grammar_from_spec("regex", regex)
+    shared = _engine(tokenizer, max_model_len=128)
+    for seed in range(12):
+        params = SamplingParams(max_tokens=6, temperature=1.0, seed=seed, grammar=grammar)
+        alone = _run(_engine(tokenizer, max_model_len=128), {"alone": (prompt, params)})["alone"]
+        assert alone[-1].finish_reason == "length", alone[-1]  # (under the limit on its own)
+        together = _run(shared, {f"r{seed}": (prompt, params)})[f"r{seed}"]
+        assert together[-1].finish_reason == "length" and together[-1].error is None, (seed, together[-1])
+        assert _text(together) == _text(alone)  # (the same seed: the same tokens, masked as on its own)
+    concurrent = {f"c{k}": (prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=k, grammar=grammar))
+                  for k in range(8)}
+    outputs = _run(_engine(tokenizer, max_model_len=128, max_num_seqs=8), concurrent)
+    assert all(outs[-1].finish_reason == "length" and outs[-1].error is None for outs in outputs.values())
 
 
 def test_a_steps_masks_are_computed_in_parallel_beside_its_forward(tokenizer, monkeypatch):

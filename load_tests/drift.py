@@ -11,7 +11,9 @@ same time, so that both see the same machine:
   cannot place the step there: it counts from each worker's start, which a client cannot observe and
   which differs by the minute or more it takes to start one app after the other on this machine.
 
-"After" numbers count requests sent from the switch on. Writes `<out>/drift.json` and `<out>/drift.png`
+"After" numbers count the requests of the trace scheduled to arrive from the switch on (the arrival decides
+prose or code; each scenario's `first_after_switch` is the first such request's index; a drift.json written
+before it was recorded is split by send time). Writes `<out>/drift.json` and `<out>/drift.png`
 (TTFT over time with the switch and the recalibrations marked, from /admin/stats `recalibrations` and
 their `started_at`). Ignores the side-by-side comparison (see `compare`), whose app start it reuses.
 """
@@ -47,6 +49,7 @@ from load_tests.generator import (
     ClientConfig,
     Event,
     RequestResult,
+    RequestSpec,
     TraceClock,
     TraceConfig,
     make_trace,
@@ -123,10 +126,19 @@ def throttle_event(client: ClientConfig, args: dict, config: DriftConfig) -> Eve
     return Event(f"device {config.throttled_device} speed -> {speed:.3f}", config.switch_s, throttle)
 
 
-def segments(results: list[RequestResult], slo: SLO, switch_s: float, duration_s: float) -> dict:
-    """Summaries of requests sent before and from `switch_s` on (None for an empty segment)."""
-    parts = {"before": ([r for r in results if r.sent_s < switch_s], switch_s),
-             "after": ([r for r in results if r.sent_s >= switch_s], duration_s - switch_s)}
+def first_after_switch(trace: list[RequestSpec], switch_s: float) -> int:
+    """Index of the first request of `trace` scheduled to arrive at or after `switch_s` (its length if none): the
+    scheduled arrival, not the send, decides prose or code (`make_trace`), and both apps share it."""
+    return next((spec.index for spec in trace if spec.arrival_s >= switch_s), len(trace))
+
+
+def segments(results: list[RequestResult], slo: SLO, switch_s: float, duration_s: float,
+             first_after: int | None = None) -> dict:
+    """Summaries of the requests before and from the switch on (None for an empty segment): by index, from
+    `first_after` (`first_after_switch`) on; without it (a drift.json written before it was recorded), by send time."""
+    after = [(r.index >= first_after if first_after is not None else r.sent_s >= switch_s) for r in results]
+    parts = {"before": ([r for r, a in zip(results, after) if not a], switch_s),
+             "after": ([r for r, a in zip(results, after) if a], duration_s - switch_s)}
     return {name: summarize(rs, slo, span) if rs else None for name, (rs, span) in parts.items()}
 
 
@@ -162,12 +174,13 @@ class DriftRun:
         apps = {mode: scenario_args(scenario, mode, self.config, self.base) for mode in MODES}
         with serve_apps({args["app_name"]: args for args in apps.values()}, address=self.address,
                         serve_options=serve_options(self.base.deploy_config)) as (bases, startup_s):
-            modes = asyncio.run(self._measure(scenario, apps, dict(zip(MODES, bases.values()))))
-        self.result["scenarios"][scenario] = {"startup_s": startup_s, **modes}
+            modes, first_after = asyncio.run(self._measure(scenario, apps, dict(zip(MODES, bases.values()))))
+        self.result["scenarios"][scenario] = {"startup_s": startup_s, "first_after_switch": first_after, **modes}
         self.save()
         return modes
 
-    async def _measure(self, scenario: str, apps: dict[str, dict], bases: dict[str, str]) -> dict:
+    async def _measure(self, scenario: str, apps: dict[str, dict], bases: dict[str, str]) -> tuple[dict, int]:
+        """{mode: run} and the index of the first request scheduled from the switch on."""
         cfg = self.config
         clients = {mode: await client_for(base) for mode, base in bases.items()}
         if self.slo is None or self.rate is None:
@@ -178,6 +191,7 @@ class DriftRun:
             if not await wait_idle(client.base_url):
                 self.result.setdefault("notes", []).append(f"{scenario} {mode}: {busy_note('the warm-up')}")
         trace = make_trace(self.trace_config(scenario, self.rate), self.prompts)
+        first_after = first_after_switch(trace, cfg.switch_s)
         events = {m: [throttle_event(c, apps[m], cfg)] if scenario == "device" else [] for m, c in clients.items()}
         clock = TraceClock(len(clients))  # (the same trace at the same time: one start)
         records = await asyncio.gather(*(run_trace(c, trace, desc=f"{scenario} {m}", progress=self.progress,
@@ -186,12 +200,13 @@ class DriftRun:
         for mode, record in zip(clients, records):
             entries[mode] = record_json(record, summary=summarize(record.results, self.slo, record.duration_s,
                                                                   window_s=cfg.duration_s),
-                                        segments=segments(record.results, self.slo, cfg.switch_s, cfg.duration_s))
+                                        segments=segments(record.results, self.slo, cfg.switch_s, cfg.duration_s,
+                                                          first_after))
             after = entries[mode]["segments"]["after"] or {}
             print(f"  {scenario:>8} {mode:>8} after the switch: attainment={after.get('attainment')} "
                   f"p90_ttft_ms={after.get('ttft_p90_ms')} recalibrations={len(record.recalibrations)} "
                   f"applied={applied(record.recalibrations)}", flush=True)
-        return entries
+        return entries, first_after
 
     async def _unloaded(self, scenario: str, clients: dict[str, ClientConfig]) -> None:
         """Unloaded latency of the apps (one request at a time each, both at once; pooled): sets the SLO and
@@ -237,6 +252,18 @@ def applied(recalibrations: list[dict]) -> int:
     return sum(r.get("status") == "applied" for r in recalibrations)
 
 
+# Each scenario's own cause, as the coordinator begins the reasons of the re-plans it causes ("workload drift: layer
+# 3 cosine distance ...", "device drift: device 0 at 1.26x ..."); any other reason (admin, a lost device) is "other".
+CAUSES = {"workload": "workload drift", "device": "device drift"}
+CAUSE_NAMES = ("workload drift", "device drift", "other")
+
+
+def cause(record: dict) -> str:
+    """The cause of one recalibration record, from its reason: one of CAUSE_NAMES."""
+    reason = record.get("reason") or ""
+    return next((c for c in CAUSE_NAMES[:-1] if reason.startswith(c)), "other")
+
+
 # A difference between static and adaptive counts when a test this significant finds it (two-sided): after the
 # switch each app has some 40 requests, and one request's miss decided the verdict (41/41 against 40/41 read as a
 # loss, the mirror case as a win; their 95% intervals overlap).
@@ -244,6 +271,9 @@ SIGNIFICANCE = 0.05
 # Sign-flip tests enumerate every flip up to this many blocks (2^16 sums), and draw FLIP_DRAWS flips beyond.
 EXACT_BLOCKS = 16
 FLIP_DRAWS = 100_000
+# The difference-in-differences test enumerates every assignment of blocks to the two windows up to this many.
+EXACT_RELABELLINGS = 2 ** 16
+_DRAW_CHUNK = 10_000  # (relabellings drawn this many at a time: a few MB)
 
 
 def block_length(pairs: int) -> int:
@@ -278,6 +308,50 @@ def block_sign_flip_p(scores: np.ndarray, block: int, seed: int = 0) -> float:
     return float((1 + np.count_nonzero(flipped >= observed - tolerance)) / (1 + FLIP_DRAWS))
 
 
+def block_permutation_p(before: np.ndarray, after: np.ndarray, block: int, seed: int = 0) -> tuple[float, float]:
+    """Two-sided p-value that two windows' per-pair scores (each in time order) come from one distribution, and the
+    shift between them: the pooled scores ranked (ties averaged), the mean rank of each block of ``block`` consecutive
+    pairs within each window (a window's last block may be shorter), and the after window's mean block rank minus the
+    before window's, against its distribution over every assignment of the blocks to the windows (exact up to
+    `EXACT_RELABELLINGS` assignments, else `FLIP_DRAWS` seeded draws, the observed one counted). As in
+    `block_sign_flip_p`, a stretch of requests that one load spike moved counts as one event. Returns (p, shift in
+    ranks); (1.0, 0.0) when a window has no pairs."""
+    from itertools import combinations
+    from math import comb
+
+    from scipy.stats import rankdata
+
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if before.size == 0 or after.size == 0:
+        return 1.0, 0.0
+    ranks = rankdata(np.concatenate([before, after]))
+
+    def block_means(r: np.ndarray) -> np.ndarray:
+        starts = np.arange(0, r.size, block)
+        return np.add.reduceat(r, starts) / np.diff(np.append(starts, r.size))
+
+    values = np.concatenate([block_means(ranks[:before.size]), block_means(ranks[before.size:])])
+    n, k = values.size, values.size - block_means(ranks[:before.size]).size  # k: the after window's blocks
+    total = values.sum()
+
+    def shift(after_sums: np.ndarray) -> np.ndarray:
+        return after_sums / k - (total - after_sums) / (n - k)
+
+    observed = float(shift(values[n - k:].sum()))
+    tolerance = 1e-9 * np.abs(values).sum()
+    if comb(n, k) <= EXACT_RELABELLINGS:
+        sums = values[np.array(list(combinations(range(n), k)))].sum(axis=1)
+        return float(np.mean(np.abs(shift(sums)) >= abs(observed) - tolerance)), observed
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for start in range(0, FLIP_DRAWS, _DRAW_CHUNK):
+        drawn = rng.permuted(np.tile(values, (min(_DRAW_CHUNK, FLIP_DRAWS - start), 1)), axis=1)
+        extreme += int(np.count_nonzero(np.abs(shift(drawn[:, :k].sum(axis=1))) >= abs(observed) - tolerance))
+    return float((1 + extreme) / (1 + FLIP_DRAWS)), observed
+
+
 def verdicts(result: dict) -> dict[str, dict]:
     """Per scenario: after-switch attainment and P90 TTFT / TPOT, static vs adaptive, and the verdict on adaptive.
 
@@ -292,12 +366,23 @@ def verdicts(result: dict) -> dict[str, dict]:
     noise` (`adaptive_wins`: a win). Requests close in time share the machine's load, so both tests flip the signs
     of `block_length` consecutive pairs together (`block_sign_flip_p`): a stretch of requests that one load spike
     slowed in one app counts as one event, not as many (tests treating each pair as independent gave p-values that
-    leant small). Also the adaptive app's recalibrations from the switch on: those it
-    judged and those it applied (`..._whole_run`: all that started during the measured trace; the generator leaves
-    out those before it, such as the startup calibration and the warm-up's). A scenario whose scheduled event failed
-    in either app (the device was never throttled) is no win, its `failed_events` saying which."""
-    from scipy.stats import rankdata
+    leant small).
 
+    The same tests run on the requests before the switch (`before_...`): a difference already there is no drift's
+    doing (the committed workload scenario's adaptive app re-planned on prose 16 s before the switch). A win (loss)
+    stands when the before window shows no significant difference in its direction, or when it does and the
+    difference-in-differences test (`did_ttft_p`, `block_permutation_p` on the per-pair TTFT differences, after
+    against before, blocks of the larger window's block length) finds the difference significantly larger after
+    the switch; else the verdict is `within noise`, `reason` saying that the difference predates the switch. A
+    scenario whose scheduled event failed in either app (the device was never throttled) is `invalid`, neither
+    win nor loss, its `failed_events` and `reason` saying which.
+
+    Also the adaptive app's recalibrations from the switch on: those it judged and those it applied, in all and
+    by cause (`cause`; `exercised`: at least one re-plan of the scenario's own cause, `CAUSES`, applied from the
+    switch on; None for a scenario of another name) (`..._whole_run`: all that started during the measured trace;
+    the generator leaves out those before it, such as the startup calibration and the warm-up's). `split_by`:
+    whether before and after were told apart by scheduled arrival (`first_after_switch` recorded) or by send time
+    (a drift.json written before it was)."""
     out = {}
     switch_s = result.get("config", {}).get("switch_s", 0.0)
     for scenario, entry in result["scenarios"].items():
@@ -305,58 +390,125 @@ def verdicts(result: dict) -> dict[str, dict]:
             continue
         slo = SLO(**{k: v for k, v in result["slo"].items() if k in ("ttft_s", "tpot_s", "target")})
         after = {mode: entry[mode]["segments"]["after"] for mode in MODES}
-        static, adaptive = paired(entry["static"], entry["adaptive"], switch_s)
-        block = block_length(len(static))
-        met = np.array([meets(a, slo) for a in adaptive], dtype=int) - np.array([meets(s, slo) for s in static],
-                                                                                 dtype=int)
-        gained, lost = int(np.count_nonzero(met > 0)), int(np.count_nonzero(met < 0))
-        attainment_p = block_sign_flip_p(met, block)
+        first_after = entry.get("first_after_switch")
+        static, adaptive = paired(entry["static"], entry["adaptive"], switch_s, first_after)
+        before_static, before_adaptive = paired(entry["static"], entry["adaptive"], switch_s, first_after, "before")
+        now, was = _paired_tests(static, adaptive, slo), _paired_tests(before_static, before_adaptive, slo)
         verdict = "within noise"
-        if attainment_p < SIGNIFICANCE:
-            verdict = "win" if met.sum() > 0 else "loss"
+        if now["attainment_p"] < SIGNIFICANCE:
+            verdict = "win" if now["attainment_sign"] > 0 else "loss"
         ttft_p = None
-        slower, completed = _ttft_differences(static, adaptive)
-        if verdict == "within noise" and np.any(slower != 0):
-            signed = np.zeros_like(slower)  # signed ranks of the non-zero differences (zeros left out, as Wilcoxon's)
-            signed[slower != 0] = np.sign(slower[slower != 0]) * rankdata(np.abs(slower[slower != 0]))
-            ttft_p = block_sign_flip_p(signed, block)
-            faster = signed.sum() < 0
+        if verdict == "within noise" and now["ttft_p"] is not None:
+            ttft_p = now["ttft_p"]
             tpot = {m: a["tpot_p90_ms"] or float("inf") for m, a in after.items()}
-            if ttft_p < SIGNIFICANCE and faster:
-                if tpot["adaptive"] <= tpot["static"] and gained >= lost:
+            if ttft_p < SIGNIFICANCE and now["ttft_sign"] < 0:
+                if tpot["adaptive"] <= tpot["static"] and now["gained"] >= now["lost"]:
                     verdict = "win"
             elif ttft_p < SIGNIFICANCE:
                 verdict = "loss"
+        # difference in differences: the per-pair TTFT differences after the switch against those before it
+        slower, _ = _ttft_differences(before_static + static, before_adaptive + adaptive)
+        did_block = max(was["block"], now["block"])
+        did_p, did_shift = (block_permutation_p(slower[:len(before_static)], slower[len(before_static):], did_block)
+                            if before_static and static else (None, 0.0))
+        reason = None
+        if verdict in ("win", "loss") and verdict in _significant_directions(was):
+            word = "better" if verdict == "win" else "worse"
+            grew = did_p is not None and did_p < SIGNIFICANCE and (did_shift < 0) == (verdict == "win")
+            if grew:
+                reason = (f"adaptive was {word} before the switch too, but significantly more so after it (difference "
+                          f"in differences p={_p(did_p)})")
+            else:
+                reason = (f"the difference predates the switch: adaptive was {word} before it too, and not "
+                          f"significantly more so after it (difference in differences p={_p(did_p)}); the {verdict} "
+                          "after the switch is not credited")
+                verdict = "within noise"
         # a scheduled event that failed (the throttle's admin call): the scenario did not happen as planned
         failed = [f"{m}: {e['name']}: {e['error']}" for m in MODES for e in entry[m].get("events", []) if e.get("error")]
-        if failed and verdict == "win":
-            verdict = "within noise"
+        if failed:
+            verdict = "invalid"
+            reason = "a scheduled event failed, so the scenario did not happen as planned: " + "; ".join(failed)
         records = entry["adaptive"]["recalibrations"]
         since = entry["adaptive"].get("started_wall", float("-inf")) + switch_s
         later = [r for r in records if r.get("started_at", float("inf")) >= since]
+        applied_by_cause = {c: applied([r for r in later if cause(r) == c]) for c in CAUSE_NAMES}
+        own = CAUSES.get(scenario)
         out[scenario] = {**{f"{m}_{k}": after[m][k] for m in MODES for k in ("attainment", "ttft_p90_ms",
                                                                              "tpot_p90_ms")},
-                         "adaptive_wins": verdict == "win", "verdict": verdict, "pairs": len(static),
-                         "block": block,
-                         "within_slo_only_adaptive": gained, "within_slo_only_static": lost,
-                         "attainment_p": attainment_p, "ttft_p": ttft_p,
-                         "median_ttft_difference_ms": (float(np.median(slower[completed])) * 1e3
-                                                       if completed.any() else None),
+                         "adaptive_wins": verdict == "win", "verdict": verdict, "reason": reason,
+                         "split_by": "send time" if first_after is None else "scheduled arrival",
+                         "pairs": now["pairs"], "block": now["block"],
+                         "within_slo_only_adaptive": now["gained"], "within_slo_only_static": now["lost"],
+                         "attainment_p": now["attainment_p"], "ttft_p": ttft_p,
+                         "median_ttft_difference_ms": now["median_ms"],
+                         "before_pairs": was["pairs"], "before_block": was["block"],
+                         "before_attainment_p": was["attainment_p"], "before_ttft_p": was["ttft_p"],
+                         "before_median_ttft_difference_ms": was["median_ms"],
+                         "did_ttft_p": did_p, "did_block": did_block,
                          "failed_events": failed,
                          "recalibrations_adaptive": len(later), "recalibrations_applied_adaptive": applied(later),
+                         "recalibrations_adaptive_by_cause": {c: sum(cause(r) == c for r in later) for c in CAUSE_NAMES},
+                         "recalibrations_applied_adaptive_by_cause": applied_by_cause,
+                         "cause": own, "exercised": None if own is None else applied_by_cause[own] > 0,
                          "recalibrations_adaptive_whole_run": len(records),
                          "recalibrations_applied_adaptive_whole_run": applied(records)}
     return out
 
 
-def paired(static: dict, adaptive: dict, switch_s: float) -> tuple[list[RequestResult], list[RequestResult]]:
-    """The two apps' results for the same requests of the trace (by index), those either app sent from the switch on,
-    in the trace's order ([] and [] without results)."""
+def _paired_tests(static: list[RequestResult], adaptive: list[RequestResult], slo: SLO) -> dict:
+    """The paired tests of one window of pairs (`verdicts`): attainment on +1 / -1 for the pairs only adaptive / only
+    static served within the SLO, TTFT on the signed ranks of adaptive's TTFT minus static's (None when no pair
+    differs), both by `block_sign_flip_p`; the signs of their sums (attainment: > 0 adaptive better; TTFT: < 0
+    adaptive faster) and the median TTFT difference over the pairs both completed (ms; None without one)."""
+    from scipy.stats import rankdata
+
+    block = block_length(len(static))
+    met = (np.array([meets(a, slo) for a in adaptive], dtype=int)
+           - np.array([meets(s, slo) for s in static], dtype=int))
+    slower, completed = _ttft_differences(static, adaptive)
+    differ = slower != 0
+    signed = np.zeros_like(slower)  # signed ranks of the non-zero differences (zeros left out, as Wilcoxon's)
+    signed[differ] = np.sign(slower[differ]) * rankdata(np.abs(slower[differ]))
+    return {"pairs": len(static), "block": block, "gained": int(np.count_nonzero(met > 0)),
+            "lost": int(np.count_nonzero(met < 0)), "attainment_p": block_sign_flip_p(met, block),
+            "attainment_sign": int(np.sign(met.sum())),
+            "ttft_p": block_sign_flip_p(signed, block) if differ.any() else None,
+            "ttft_sign": int(np.sign(signed.sum())),
+            "median_ms": float(np.median(slower[completed])) * 1e3 if completed.any() else None}
+
+
+def _significant_directions(tests: dict) -> set[str]:
+    """"win" / "loss" for each of a window's tests that found adaptive significantly better / worse."""
+    found = set()
+    if tests["attainment_p"] < SIGNIFICANCE and tests["attainment_sign"]:
+        found.add("win" if tests["attainment_sign"] > 0 else "loss")
+    if tests["ttft_p"] is not None and tests["ttft_p"] < SIGNIFICANCE and tests["ttft_sign"]:
+        found.add("win" if tests["ttft_sign"] < 0 else "loss")
+    return found
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def paired(static: dict, adaptive: dict, switch_s: float, first_after: int | None = None,
+           window: str = "after") -> tuple[list[RequestResult], list[RequestResult]]:
+    """The two apps' results for the same requests of the trace (by index), in the trace's order ([] and [] without
+    results): of `window` "after" those from the switch on, of "before" the others. From the switch on: from index
+    `first_after` on (`first_after_switch`: the first request scheduled to arrive from the switch on, as `segments`
+    splits); without it (a drift.json written before it was recorded), those either app sent from the switch on."""
+    if window not in ("after", "before"):
+        raise ValueError(f"window must be 'after' or 'before', got {window!r}")
     if "results" not in static or "results" not in adaptive:
         return [], []
     by_index = [{r.index: r for r in results_from_json(e)} for e in (static, adaptive)]
-    both = sorted(i for i in by_index[0].keys() & by_index[1].keys()
-                  if max(by_index[0][i].sent_s, by_index[1][i].sent_s) >= switch_s)
+
+    def is_after(i: int) -> bool:
+        if first_after is not None:
+            return i >= first_after
+        return max(by_index[0][i].sent_s, by_index[1][i].sent_s) >= switch_s
+
+    both = sorted(i for i in by_index[0].keys() & by_index[1].keys() if is_after(i) == (window == "after"))
     return [by_index[0][i] for i in both], [by_index[1][i] for i in both]
 
 

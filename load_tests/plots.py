@@ -120,21 +120,33 @@ def balance(result: dict, rows: dict[str, dict], path: Path) -> None:
 
 
 def drift_timeline(result: dict, path: Path) -> None:
-    """Per scenario: TTFT of every request by send time (static and adaptive), a rolling P90, the switch,
-    and each app's recalibrations (solid: applied, dotted: other outcomes)."""
+    """Per scenario: TTFT of every request by send time (static and adaptive), a rolling P90 of those with one,
+    the failed requests (an error: failed, timed out, cut off, with or without a TTFT) as crosses along the top of
+    the axis (so a stretch of timeouts does not read as a stretch of good latency), the switch, and each app's
+    recalibrations (solid: applied, dotted: other outcomes)."""
+    from matplotlib.transforms import blended_transform_factory
+
     scenarios = result["scenarios"]
     duration = result["config"]["duration_s"]
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(14, 4.5 * len(scenarios)), squeeze=False)
     for ax, (scenario, entry) in zip(axes[:, 0], scenarios.items()):
-        for mode in ("static", "adaptive"):
-            run = entry[mode]
-            done = [r for r in results_from_json(run) if r.ttft_s is not None]
+        top = blended_transform_factory(ax.transData, ax.transAxes)  # x: send time, y: share of the axis
+        for row, mode in enumerate(("static", "adaptive")):
+            run = entry.get(mode)
+            if run is None:  # (a scenario that ended before this app's run: the report says so)
+                continue
+            results = results_from_json(run)
+            done = [r for r in results if r.ttft_s is not None]
             sent = np.array([r.sent_s for r in done])
             ttft = np.array([r.ttft_s for r in done]) * 1e3
             color = COLORS.get(mode)
             ax.scatter(sent, ttft, s=6, alpha=0.35, color=color)
             centers, p90 = _rolling_p90(sent, ttft, duration)
-            ax.plot(centers, p90, color=color, label=f"{mode}: rolling P90 (10 s)")
+            ax.plot(centers, p90, color=color, label=f"{mode}: rolling P90 (10 s, requests with a TTFT)")
+            failed = [r.sent_s for r in results if r.ttft_s is None or r.error is not None]
+            if failed:
+                ax.scatter(failed, [0.97 - 0.03 * row] * len(failed), marker="x", s=24, color=color,
+                           transform=top, clip_on=False, label=f"{mode}: failed or timed out ({len(failed)})")
             for event in run["recalibrations"]:
                 at = event["started_at"] - run["started_wall"]
                 if 0 <= at <= run["duration_s"]:

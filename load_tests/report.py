@@ -329,9 +329,14 @@ def _knobs(result: dict) -> str:
 
 
 def _drift(drift: dict) -> str:
-    from load_tests.drift import verdicts
+    from load_tests.drift import MODES, verdicts
 
     cfg = drift["config"]
+    scenarios = drift["scenarios"]
+    scheduled = bool(scenarios) and all("first_after_switch" in entry for entry in scenarios.values())
+    split = ("Numbers for the requests scheduled to arrive from the switch on" if scheduled else
+             "Numbers for the requests sent from the switch on (this drift.json predates recording which requests "
+             "were scheduled from the switch on)")
     lines = ["## Drift scenarios (policy vibe, static vs adaptive, same trace)", "",
              f"Static and adaptive apps loaded at the same time with the same trace, {drift.get('rate_rps', 0):.3f} req/s "
              f"each ({cfg['rate_multiplier']:g} x the single-stream rate unless set), {cfg['duration_s']:g} s of "
@@ -339,39 +344,76 @@ def _drift(drift: dict) -> str:
              "ms from the drift apps' own unloaded latency (two apps at once). Workload: prose (sharegpt_like, sonnet_like) -> code "
              f"at {cfg['switch_s']:g} s. Device: device {cfg['throttled_device']} throttles to "
              f"{cfg['throttle_to']:g}x of its speed at {cfg['switch_s']:g} s (emulator speed control, both apps "
-             "at once). Numbers for requests sent from the switch on; plot: drift.png.", "",
+             f"at once). {split}; plot: drift.png.", "",
              "| scenario | static attainment | adaptive attainment | static TTFT p90 (ms) | adaptive TTFT p90 (ms) "
              "| static TPOT p90 (ms) | adaptive TPOT p90 (ms) | adaptive recalibrations from the switch (applied / "
-             "judged; whole trace) | adaptive wins (paired 5% two-sided tests) |",
+             "judged, by cause; whole trace) | adaptive wins (paired 5% two-sided tests after the switch; the same "
+             "before it; difference in differences) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for scenario, v in verdicts(drift).items():
+    found = verdicts(drift)
+    for scenario, entry in scenarios.items():
+        v = found.get(scenario)
+        if v is None:  # a scenario without an after-switch segment in both apps: said, not left out
+            missing = [f"no {m} run" if m not in entry else f"{m} has no requests from the switch on" for m in MODES
+                       if not (entry.get(m) or {}).get("segments", {}).get("after")]
+            lines.append(f"| {scenario} | - | - | - | - | - | - | - | not judged: {'; '.join(missing)} |")
+            continue
+        causes = ", ".join(f"{c} {v['recalibrations_applied_adaptive_by_cause'][c]} / "
+                           f"{v['recalibrations_adaptive_by_cause'][c]}"
+                           for c in v["recalibrations_adaptive_by_cause"]
+                           if c == v.get("cause") or v["recalibrations_adaptive_by_cause"][c])
         lines.append(f"| {scenario} | {v['static_attainment']:.3f} | {v['adaptive_attainment']:.3f} | "
                      f"{_num(v['static_ttft_p90_ms'], 1)} | {_num(v['adaptive_ttft_p90_ms'], 1)} | "
                      f"{_num(v['static_tpot_p90_ms'], 2)} | {_num(v['adaptive_tpot_p90_ms'], 2)} | "
-                     f"{v['recalibrations_applied_adaptive']} / {v['recalibrations_adaptive']}; "
+                     f"{v['recalibrations_applied_adaptive']} / {v['recalibrations_adaptive']}"
+                     f"{f' ({causes})' if causes else ''}; "
                      f"{v['recalibrations_applied_adaptive_whole_run']} / {v['recalibrations_adaptive_whole_run']} | "
-                     f"{_drift_verdict(v)}"
-                     f"{' (event failed: ' + '; '.join(v['failed_events']) + ')' if v.get('failed_events') else ''} |")
+                     f"{_drift_verdict(v)} |")
     lines += ["", "Tests pair each request of the trace with itself in the other app (same prompt, sent at the same moment "
               "on the same machine): attainment by McNemar's test on the requests only one app served within "
               "the SLO, TTFT by Wilcoxon's signed-rank test on each request's adaptive minus static TTFT (a failure "
               "slower than any TTFT); the median of those differences is given over the pairs both completed. "
               "Requests close in time share the machine's load, so both tests are sign-flip tests over blocks of "
               "consecutive pairs (the cube root of their number, rounded up), not over single pairs: a stretch of "
-              "requests one load spike slowed in one app counts once."]
+              "requests one load spike slowed in one app counts once. The same tests run on the requests before the "
+              "switch: a difference already there is not the drift's doing. Where they find one in the direction of "
+              "the after-switch verdict, that verdict stands only if the difference in differences (the per-pair TTFT "
+              "differences after the switch against those before it: pooled ranks, mean rank per block, a "
+              "permutation test of the blocks between the two windows) is significant in its direction; else it is "
+              "within noise. A scenario whose scheduled event (the throttle) failed in either app is invalid. "
+              "Exercised: the adaptive app applied at least one re-plan of the scenario's own cause (a workload "
+              "drift, a device drift) from the switch on; a scenario that was not exercised says nothing about "
+              "re-planning for its drift."]
     lines += [f"\nNote: {note}" for note in drift.get("notes") or []]
     return "\n".join(lines)
 
 
 def _drift_verdict(v: dict) -> str:
-    """yes / no (within noise) / no (loss), with the tests that decided it."""
-    said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)"}[v["verdict"]]
+    """yes / no (within noise) / no (worse) / invalid, with the tests that decided it, the same tests before the
+    switch, the difference in differences, why (`reason`) and whether the scenario's own re-plan happened."""
+    said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)",
+            "invalid": "invalid (neither win nor loss)"}[v["verdict"]]
     tests = [f"{v['pairs']} pairs in blocks of {v['block']}, attainment p={v['attainment_p']:.2f}"]
     if v["ttft_p"] is not None:
         tests.append(f"TTFT p={v['ttft_p']:.3f}")
     if v.get("median_ttft_difference_ms") is not None:
         tests.append(f"median TTFT difference {v['median_ttft_difference_ms']:+.1f} ms")
-    return f"{said}; {', '.join(tests)}"
+    parts = [said, ", ".join(tests)]
+    if "before_pairs" in v:
+        before = [f"{v['before_pairs']} pairs in blocks of {v['before_block']}",
+                  f"attainment p={v['before_attainment_p']:.2f}"]
+        if v["before_ttft_p"] is not None:
+            before.append(f"TTFT p={v['before_ttft_p']:.3f}")
+        if v.get("before_median_ttft_difference_ms") is not None:
+            before.append(f"median TTFT difference {v['before_median_ttft_difference_ms']:+.1f} ms")
+        parts.append("before the switch: " + ", ".join(before))
+        if v.get("did_ttft_p") is not None:
+            parts.append(f"difference in differences TTFT p={v['did_ttft_p']:.3f} (blocks of {v['did_block']})")
+    if v.get("reason"):
+        parts.append(v["reason"])
+    if v.get("exercised") is False:
+        parts.append(f"not exercised: no {v['cause'].replace(' ', '-')} re-plan applied after the switch")
+    return "; ".join(parts)
 
 
 def _headroom(headroom: dict) -> str:

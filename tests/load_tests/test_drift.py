@@ -17,7 +17,9 @@ from load_tests.drift import (
     DriftConfig,
     DriftRun,
     block_length,
+    block_permutation_p,
     block_sign_flip_p,
+    cause,
     scenario_args,
     segments,
     throttle_event,
@@ -224,3 +226,162 @@ def test_a_scenario_whose_throttle_failed_is_no_win_and_says_so():
     failed["events"][0].pop("error")
     assert verdicts({"slo": SLO_S, "scenarios": {"device": {"static": throttled, "adaptive": failed}}})["device"][
         "adaptive_wins"]
+
+
+# --- before the switch, failed events, causes, the split (a review of the drift verdicts) -------------------------
+
+def _trace_app(before: float, after: float, *, sends: list[float] | None = None, first_after: int | None = None,
+               requests: int = 100, switch_s: float = 40.0, **extra) -> dict:
+    """An app's drift entry over a whole trace: request i sent at i s (or `sends[i]`), its TTFT a spread of prompt
+    lengths times `before` (requests before the switch) or `after` (from it on), the same TPOT; every request within
+    the SLO."""
+    rng = np.random.default_rng(3)
+    base = rng.lognormal(np.log(0.2), 0.3, requests)
+    at = sends or [float(i) for i in range(requests)]
+    ttft = [float(base[i] * (before if at[i] < switch_s else after)) for i in range(requests)]
+    results = [RequestResult(i, "x", at[i], ttft[i], ttft[i] + 1.0, 100, 21) for i in range(requests)]
+    segs = (segments(results, SLO(**SLO_S), switch_s, 100.0) if first_after is None else
+            segments(results, SLO(**SLO_S), switch_s, 100.0, first_after))
+    return record_json(RunRecord(started_wall=1000.0, results=results), segments=segs) | {
+        "recalibrations": []} | extra
+
+
+def test_a_difference_that_predates_the_switch_is_no_drift_win():
+    """The after-switch tests alone credited a difference that was there before the switch (a review: the committed
+    workload scenario's adaptive app re-planned on prose 16 s before it) as a drift win. A win stands when the before
+    window shows no significant difference its way, or when the difference grew significantly across the switch."""
+    result = {"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {
+        # adaptive 10% faster on every request, before and after the switch alike
+        "preexisting": {"static": _trace_app(1.0, 1.0), "adaptive": _trace_app(0.9, 0.9)},
+        # 10% slower before, 10% faster after: the before window's difference is the other way
+        "turned": {"static": _trace_app(1.0, 1.0), "adaptive": _trace_app(1.1, 0.9)},
+        # 5% faster before, 40% faster after: the difference grew across the switch
+        "grew": {"static": _trace_app(1.0, 1.0), "adaptive": _trace_app(0.95, 0.6)},
+        # 10% slower before and after: no loss either
+        "slower": {"static": _trace_app(1.0, 1.0), "adaptive": _trace_app(1.1, 1.1)},
+    }}
+    found = verdicts(result)
+    pre = found["preexisting"]
+    assert pre["verdict"] == "within noise" and not pre["adaptive_wins"] and "predates the switch" in pre["reason"]
+    assert pre["ttft_p"] < 0.05 and pre["before_ttft_p"] < 0.05  # both windows: adaptive significantly faster
+    assert pre["did_ttft_p"] >= 0.05 and pre["before_pairs"] == 40 and pre["pairs"] == 60
+    assert pre["before_median_ttft_difference_ms"] < 0 and pre["before_attainment_p"] == 1.0
+    assert found["turned"]["verdict"] == "win" and found["turned"]["reason"] is None
+    assert found["grew"]["verdict"] == "win" and found["grew"]["did_ttft_p"] < 0.05
+    assert "more so after it" in found["grew"]["reason"]
+    assert found["slower"]["verdict"] == "within noise" and "predates" in found["slower"]["reason"]
+
+
+def test_the_difference_in_differences_test_is_mann_whitneys_one_pair_a_block_and_counts_a_stretch_once():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(5)
+    for n_before, n_after in ((5, 7), (8, 8), (30, 40)):  # (the last beyond the exact enumeration: drawn)
+        before, after = rng.normal(0.0, 1.0, n_before), rng.normal(0.5, 1.0, n_after)
+        p, shift = block_permutation_p(before, after, 1)
+        exact = mannwhitneyu(after, before, method="exact").pvalue
+        assert 0.001 < exact < 0.5 and shift > 0
+        assert p == (pytest.approx(exact, rel=1e-9) if n_before + n_after <= 16 else pytest.approx(exact, abs=0.01))
+    assert block_permutation_p(np.array([]), np.ones(3), 2) == (1.0, 0.0)
+    assert block_permutation_p(np.zeros(8), np.zeros(8), 2)[0] == 1.0
+    # 12 pairs higher in a row after the switch, the rest as before: one stretch of 3 blocks of 4, not 12 pairs
+    before, after = np.zeros(40), np.concatenate([np.ones(12), np.zeros(28)])
+    assert block_permutation_p(before, after, 1)[0] < 1e-3 and block_permutation_p(before, after, 4)[0] > 0.05
+    with pytest.raises(ValueError, match="block"):
+        block_permutation_p(before, after, 0)
+
+
+def test_a_failed_scheduled_event_makes_the_scenario_invalid_not_a_loss():
+    """A failed event only cancelled a win (a review: the static app's throttle failed, adaptive's applied, and the
+    adaptive app, slowed by its throttle alone, was reported as a loss)."""
+    ok = [{"name": "device 0 speed -> 0.8", "t": 40.1}]
+    bad = [{"name": "device 0 speed -> 0.8", "t": 40.1, "error": "HTTPStatusError: 503"}]
+    found = verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {"device": {
+        "static": _trace_app(1.0, 1.0, events=bad), "adaptive": _trace_app(1.0, 1.15, events=ok)}}})["device"]
+    assert found["verdict"] == "invalid" and not found["adaptive_wins"]
+    assert found["failed_events"] == ["static: device 0 speed -> 0.8: HTTPStatusError: 503"]
+    assert "HTTPStatusError: 503" in found["reason"] and found["ttft_p"] < 0.05  # (the tests still reported)
+
+
+def test_recalibrations_from_the_switch_are_counted_by_cause_and_the_scenarios_own_cause_exercised():
+    """The applied recalibrations were counted whatever their cause (a review: in the committed device scenario the
+    device-drift re-plan was skipped; the one applied was a workload-drift re-plan 0.6 s before the last request)."""
+    recalibrations = [
+        {"status": "applied", "started_at": 1023.5, "reason": "workload drift: median router load per pass 3.2x"},
+        {"status": "skipped", "started_at": 1041.4, "reason": "device drift: device 0 at 1.26x the time"},
+        {"status": "applied", "started_at": 1099.1, "reason": "workload drift: layer 3 cosine distance 0.108"},
+        {"status": "applied", "started_at": 1060.0, "reason": "admin"}]
+    def scenario(records):
+        return {"static": _trace_app(1.0, 1.0), "adaptive": _trace_app(1.0, 1.0, recalibrations=records)}
+    found = verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {
+        "device": scenario(recalibrations), "workload": scenario(recalibrations),
+        "other": scenario(recalibrations)}})
+    device = found["device"]
+    assert device["exercised"] is False and device["cause"] == "device drift"
+    assert device["recalibrations_applied_adaptive"] == 2 and device["recalibrations_adaptive"] == 3
+    assert device["recalibrations_adaptive_by_cause"] == {"workload drift": 1, "device drift": 1, "other": 1}
+    assert device["recalibrations_applied_adaptive_by_cause"] == {"workload drift": 1, "device drift": 0, "other": 1}
+    assert found["workload"]["exercised"] is True and found["other"]["exercised"] is None
+    applied_device = [dict(recalibrations[1], status="applied")]
+    assert verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {"device": scenario(applied_device)}})[
+        "device"]["exercised"] is True
+    assert cause({"reason": "device drift: x"}) == "device drift" and cause({}) == "other"
+
+
+def test_before_and_after_split_on_the_scheduled_arrival_in_the_table_and_the_tests():
+    """The table's segments split each app on its own send time, the tests on the later of the two apps' sends, and
+    the scheduled arrival decides prose or code (a review: request 39 sent at 39.99 by static and 40.02 by adaptive
+    was after the switch for the tests and for adaptive's table row, before it for static's)."""
+    from load_tests.drift import first_after_switch, paired
+    from load_tests.generator import RequestSpec, TraceConfig, make_trace
+    from load_tests.workloads import Prompt
+
+    prompts = {name: [Prompt(name, 0, ({"role": "user", "content": name},), 8)] for name in ("prose", "code")}
+    trace = make_trace(TraceConfig(1.0, 100.0, ((0.0, ("prose",)), (40.0, ("code",))), 7), prompts)
+    first = first_after_switch(trace, 40.0)
+    assert [s.prompt.workload for s in trace] == ["prose"] * first + ["code"] * (len(trace) - first)
+    assert trace[first].arrival_s >= 40.0 > trace[first - 1].arrival_s
+    assert first_after_switch(trace[:first], 40.0) == first and first_after_switch([], 40.0) == 0
+    assert first_after_switch([RequestSpec(0, 40.0, prompts["code"][0], 8)], 40.0) == 0
+
+    static_sends = [float(i) for i in range(100)]
+    adaptive_sends = list(static_sends)
+    static_sends[39], adaptive_sends[39] = 39.99, 40.02  # request 39 scheduled at 39.0, sent late by both
+    entry = {"first_after_switch": 40,
+             "static": _trace_app(1.0, 1.0, sends=static_sends, first_after=40),
+             "adaptive": _trace_app(1.0, 1.0, sends=adaptive_sends, first_after=40)}
+    assert entry["static"]["segments"]["after"]["requests"] == entry["adaptive"]["segments"]["after"]["requests"] == 60
+    assert entry["adaptive"]["segments"]["before"]["requests"] == 40
+    found = verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {"workload": entry}})["workload"]
+    assert (found["pairs"], found["before_pairs"], found["split_by"]) == (60, 40, "scheduled arrival")
+    s, a = paired(entry["static"], entry["adaptive"], 40.0, 40, "before")
+    assert [r.index for r in s] == [r.index for r in a] == list(range(40))
+    # a drift.json written before the split was recorded: read as before, by send time
+    entry.pop("first_after_switch")
+    old = verdicts({"config": {"switch_s": 40.0}, "slo": SLO_S, "scenarios": {"workload": entry}})["workload"]
+    assert (old["pairs"], old["before_pairs"], old["split_by"]) == (61, 39, "send time")
+    with pytest.raises(ValueError, match="window"):
+        paired(entry["static"], entry["adaptive"], 40.0, window="during")
+
+
+def test_a_run_records_where_its_trace_switches(monkeypatch, tmp_path):
+    """Each scenario's entry holds the index of the first request scheduled from the switch on (`_measure` finds it)."""
+    from contextlib import contextmanager
+
+    import load_tests.drift as drift
+
+    @contextmanager
+    def serve_apps(apps, **_):
+        yield {name: f"http://{name}" for name in apps}, 1.5
+
+    async def measure(self, scenario, apps, bases):
+        return {mode: {"mode": mode} for mode in bases}, 42
+
+    monkeypatch.setattr(drift, "serve_apps", serve_apps)
+    monkeypatch.setattr(drift, "serve_options", lambda config: {})
+    monkeypatch.setattr(drift.DriftRun, "_measure", measure)
+    runner = DriftRun(DriftConfig(), tmp_path, progress=False)
+    modes = runner.run("workload")
+    assert modes == {"static": {"mode": "static"}, "adaptive": {"mode": "adaptive"}}
+    saved = json.loads((tmp_path / "drift.json").read_text())["scenarios"]["workload"]
+    assert saved == {"startup_s": 1.5, "first_after_switch": 42, **modes}

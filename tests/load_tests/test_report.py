@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from load_tests import plots, report
@@ -276,3 +278,66 @@ def test_the_latency_plot_says_when_no_policy_ran_at_eplbs_frontier(tmp_path, re
         warnings.simplefilter("error")
         report.write(tmp_path, result)
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def _drift_app(factor_before: float, factor_after: float, failed: frozenset[int] = frozenset(), **extra) -> dict:
+    """A drift app's entry: 100 requests, one a second, each sent at its scheduled arrival, the switch at 40 s (so
+    first_after_switch 40); TTFTs a spread of prompt lengths times the factor of their side of the switch; `failed`
+    timed out."""
+    from load_tests.drift import segments
+
+    base = np.random.default_rng(3).lognormal(np.log(0.05), 0.3, 100)
+    ttft = [float(b * (factor_before if i < 40 else factor_after)) for i, b in enumerate(base)]
+    results = [RequestResult(i, "w", float(i), None, None, 0, 0, "timeout") if i in failed else
+               RequestResult(i, "w", float(i), ttft[i], ttft[i] + 0.045, 12, 10) for i in range(100)]
+    return record_json(RunRecord(started_wall=1000.0, duration_s=100.0, results=results),
+                       segments=segments(results, SLO_1, 40.0, 100.0)) | {"recalibrations": []} | extra
+
+
+def test_the_drift_section_reports_the_before_window_invalid_runs_unexercised_causes_and_missing_scenarios():
+    """A review of the drift verdicts: the section gave no before-switch tests, a failed throttle could still read as
+    a loss, an applied re-plan of another cause counted as the scenario's own, and a scenario without an after-switch
+    segment left no row."""
+    from load_tests.drift import DriftConfig
+
+    skipped = [{"status": "skipped", "started_at": 1041.4, "reason": "device drift: device 0 at 1.26x the time"},
+               {"status": "applied", "started_at": 1099.1, "reason": "workload drift: layer 3 cosine distance 0.1"}]
+    failed = [{"name": "device 0 speed -> 0.800", "t": 40.1, "error": "HTTPStatusError: 503"}]
+    drift = {"config": asdict(DriftConfig()), "slo": asdict(SLO_1), "rate_rps": 1.0, "scenarios": {
+        "workload": {"first_after_switch": 40, "static": _drift_app(1.0, 1.0), "adaptive": _drift_app(0.9, 0.9)},
+        "device": {"first_after_switch": 40, "static": _drift_app(1.0, 1.0, events=failed),
+                   "adaptive": _drift_app(1.0, 1.2, recalibrations=skipped)},
+        "partial": {"first_after_switch": 40, "static": _drift_app(1.0, 1.0)}}}
+    text = report._drift(drift)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    workload, device = rows["workload"], rows["device"]
+    assert "| no (within noise); 60 pairs in blocks of 4" in workload
+    assert "before the switch: 40 pairs in blocks of 4, attainment p=1.00, TTFT p=0.002" in workload
+    assert "difference in differences TTFT p=" in workload and "the difference predates the switch" in workload
+    assert "| invalid (neither win nor loss);" in device and "HTTPStatusError: 503" in device
+    assert "| 1 / 2 (workload drift 1 / 1, device drift 0 / 1); 1 / 2 |" in device
+    assert "not exercised: no device-drift re-plan applied after the switch" in device
+    assert rows["partial"] == "| partial | - | - | - | - | - | - | - | not judged: no adaptive run |"
+    assert "Numbers for the requests scheduled to arrive from the switch on" in text
+    drift["scenarios"]["workload"].pop("first_after_switch")  # (a drift.json from before: split by send time)
+    assert "Numbers for the requests sent from the switch on" in report._drift(drift)
+
+
+def test_the_drift_timeline_marks_the_requests_without_a_ttft(monkeypatch):
+    """Requests without a TTFT were left out of the scatter: a stretch of timeouts looked like good latency."""
+    from load_tests.drift import DriftConfig
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    drift = {"config": asdict(DriftConfig()), "slo": asdict(SLO_1), "scenarios": {
+        "workload": {"static": _drift_app(1.0, 1.0, failed=frozenset({50, 51, 52})), "adaptive": _drift_app(1.0, 1.0)}}}
+    plots.drift_timeline(drift, Path("unused.png"))
+    ax = figures[0].axes[0]
+    marked = [c for c in ax.collections if "failed" in str(c.get_label())]
+    assert [c.get_label() for c in marked] == ["static: failed or timed out (3)"]
+    assert marked[0].get_offsets()[:, 0].tolist() == [50.0, 51.0, 52.0]
+    assert marked[0].get_offsets()[:, 1].tolist() == [0.97] * 3  # (at the top of the axis, whatever its scale)
+    assert 1.0 < ax.get_ylim()[0] < ax.get_ylim()[1] < 1e3  # (the marks leave the TTFT axis's limits alone)
+    drift["scenarios"]["partial"] = {"static": _drift_app(1.0, 1.0)}  # (one app's run only: drawn, not a KeyError)
+    plots.drift_timeline(drift, Path("unused.png"))
+    assert len(figures) == 2 and len(figures[1].axes) == 2

@@ -181,6 +181,12 @@ def test_routing_and_volume_drift_together_name_both():
                                 "median router load per pass 4.00x the reference's")
 
 
+def test_a_cool_down_without_a_configured_cooldown_still_waits():
+    """cooldown=0 made every cool_down 0 passes: a drift not worth acting on was reported again at every check."""
+    detector = WorkloadDriftDetector(REFERENCE, check_every=5, window=50, cooldown=0)
+    assert [detector.cool_down() for _ in range(6)] == [5, 10, 20, 40, 50, 50]
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"check_every": 0}, {"window": 0}, {"threshold": 0.0}, {"threshold": 1.5}, {"cooldown": -1},
                {"volume_factor": 1.0}, {"volume_factor": 0.5}, {"volume_factor": float("nan")}]

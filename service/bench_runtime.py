@@ -54,6 +54,9 @@ class BenchConfig:
         batches: sequences per decode step in the throughput runs.
         prompt_len: prompt tokens before the timed decode steps.
         decode_steps: timed decode steps per batch size.
+        throughput_repeats: runs of each decode per batch size, the distributed and the single-process one
+            taking turns, each pair in the order the last one did not start with (the host's load drifts: one run
+            of each, in turn, moved their ratio 0.32-0.42x from one benchmark run to the next).
         worker_cpus: Ray CPUs reserved per worker actor (all of them must fit in 2).
         engine_threads: torch intra-op threads of this (engine) process. 1 by default: on a small CPU
             the worker processes share the cores, and a second intra-op thread mostly waits at OpenMP
@@ -69,6 +72,7 @@ class BenchConfig:
     batches: tuple[int, ...] = (1, 16, 64)
     prompt_len: int = 16
     decode_steps: int = 32
+    throughput_repeats: int = 5
     worker_cpus: float = 0.2
     engine_threads: int = 1
     seed: int = 0
@@ -79,7 +83,7 @@ class BenchConfig:
         for name in ("workers", "tokens", "batches"):
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise ValueError(f"BenchConfig.{name} must be non-empty and >= 1, got {getattr(self, name)}")
-        for name in ("calls", "warmup", "prompt_len", "decode_steps"):
+        for name in ("calls", "warmup", "prompt_len", "decode_steps", "throughput_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.engine_threads < 1:
@@ -191,6 +195,16 @@ def decode_tokens_per_s(model, batch: int, config: BenchConfig, vocab_size: int)
     return batch * config.decode_steps / elapsed
 
 
+def throughput_row(num_devices: int, batch: int, distributed: list[float], single: list[float]) -> dict:
+    """One batch size's decode throughput: the median of each kind's runs (tokens/s), and the ratio as the median of
+    the ratios of runs made side by side (pair k: the k-th of each), with its range."""
+    ratios = [d / s for d, s in zip(distributed, single, strict=True)]
+    return {"workers": num_devices, "batch": batch, "distributed_tokens_per_s": float(np.median(distributed)),
+            "single_process_tokens_per_s": float(np.median(single)), "ratio": float(np.median(ratios)),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
+            "distributed_runs": distributed, "single_process_runs": single}
+
+
 def measure_throughput(actors, infos, config: BenchConfig, layout: ExpertLayout) -> list[dict]:
     num_devices = config.workers[0]
     context = serve_on(actors, infos, config, layout, num_devices)
@@ -199,12 +213,16 @@ def measure_throughput(actors, infos, config: BenchConfig, layout: ExpertLayout)
     vocab_size = reference.config.vocab_size
     rows = []
     for batch in config.batches:
-        distributed = decode_tokens_per_s(engine, batch, config, vocab_size)
-        single = decode_tokens_per_s(reference, batch, config, vocab_size)
-        rows.append({"workers": num_devices, "batch": batch, "distributed_tokens_per_s": distributed,
-                     "single_process_tokens_per_s": single, "ratio": distributed / single})
-        print(f"decode batch {batch:3d}: distributed {distributed:8.1f} tok/s, single process {single:8.1f} tok/s, "
-              f"ratio {distributed / single:.2f}", flush=True)
+        runs = {"distributed": [], "single": []}
+        for repeat in range(config.throughput_repeats):
+            order = (("distributed", engine), ("single", reference))
+            for name, model in order if repeat % 2 == 0 else reversed(order):
+                runs[name].append(decode_tokens_per_s(model, batch, config, vocab_size))
+        rows.append(throughput_row(num_devices, batch, runs["distributed"], runs["single"]))
+        row = rows[-1]
+        print(f"decode batch {batch:3d}: distributed {row['distributed_tokens_per_s']:8.1f} tok/s, single process "
+              f"{row['single_process_tokens_per_s']:8.1f} tok/s, ratio {row['ratio']:.2f} "
+              f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f} over {len(row['ratios'])} pairs)", flush=True)
     for channel in context.channels.values():
         channel.close()
     return rows

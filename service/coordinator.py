@@ -649,8 +649,9 @@ class Coordinator:
                 self._back_off()
             if record.status in ("applied", "no_change") or (record.status == "skipped" and automatic and not waits):
                 self._devices.planned_with(scales)  # judged on these models: drift starts from here
-            elif waits and automatic:  # asked again once the window can hold a judgement out (marked planned with, a device
-                # slowed 2x soon after startup was never re-planned: 571 ms gain against 0.5 ms kept off, a review)
+            elif waits and automatic:  # asked again once the window can hold a judgement out (marked planned
+                # with, a device slowed 2x soon after startup was never re-planned: 571 ms gain against 0.5 ms kept
+                # off, a review)
                 self._devices.retry()
                 needed = self.config.min_held_out_passes - loaded
                 self._retry_at_pass = max(self._retry_at_pass, self._workload_drift.num_passes + needed)

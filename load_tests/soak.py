@@ -65,12 +65,24 @@ def _label(argv: list[str]) -> str:
     return scripts[0] if scripts else Path(argv[0]).name
 
 
+def process_memory(pid: int) -> tuple[float, float | None]:
+    """RSS and PSS of a process, MiB (PSS: None where the kernel does not give it). RSS counts every page a process
+    maps, so pages shared by processes (Ray's object store, torch's libraries) count once in each: a sum over
+    processes counts them again and again; PSS shares each page out over the processes that map it, and sums."""
+    import psutil
+
+    info = psutil.Process(pid).memory_full_info()
+    pss = getattr(info, "pss", None)
+    return info.rss / 2**20, None if pss is None else pss / 2**20
+
+
 class MemorySampler:
-    """Samples the RSS (MiB) of every service process every `interval_s` while open."""
+    """Samples the RSS and PSS (MiB; `process_memory`) of every service process every `interval_s` while open."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self.samples: list[tuple[float, dict[str, float]]] = []
+        self.pss_samples: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.monotonic()
@@ -93,16 +105,20 @@ class MemorySampler:
 
         labels: dict[int, str] = {}  # one label per pid: titles change with the method running
         while True:
-            rss = {}
+            rss, pss = {}, {}
             for pid, label in service_processes().items():
                 if labels.get(pid, "IDLE") == "IDLE":  # an idle Ray worker may become an actor later
                     labels[pid] = label
-                label = labels[pid]
+                name = f"{labels[pid]}[{pid}]"
                 try:
-                    rss[f"{label}[{pid}]"] = psutil.Process(pid).memory_info().rss / 2**20
+                    rss[name], shared_out = process_memory(pid)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-            self.samples.append((round(time.monotonic() - self._t0, 1), rss))
+                if shared_out is not None:
+                    pss[name] = shared_out
+            now = round(time.monotonic() - self._t0, 1)
+            self.samples.append((now, rss))
+            self.pss_samples.append((now, pss))
             if self._stop.wait(self.interval_s):
                 return
 
@@ -260,22 +276,27 @@ def main() -> None:
             records = poisson_load(app.url, app.model, rate, args.minutes * 60)
     errors = [asdict(r) for r in records if not r.ok]
     soak_samples = [(t, rss) for t, rss in memory.samples if t >= soak_started]
+    soak_pss = [(t, pss) for t, pss in memory.pss_samples if t >= soak_started and pss]
     report = {"app": app.args, "model": app.model_note, "capacity": capacity, "load": args.load,
               "rate_per_s": rate, "minutes": args.minutes, "output_tokens": OUTPUT_TOKENS,
               "requests": len(records), "errors": len(errors), "error_records": errors[:50],
               "outcomes": _count(r.outcome for r in records),
               "latency": latency_report(records), "health": _count(health.answers),
-              "memory_during_soak": memory_report(soak_samples), "rss_samples_mib": memory.samples}
+              "memory_during_soak": memory_report(soak_samples), "rss_samples_mib": memory.samples,
+              # PSS: shared pages counted once over the processes (their RSS sum counts them in each)
+              "pss_during_soak": memory_report(soak_pss), "pss_samples_mib": memory.pss_samples}
     (args.out / "soak.json").write_text(json.dumps(report, indent=1))
     plot(memory.samples, args.out / "soak.png",
          f"soak: {len(records)} requests at {rate:.2f} req/s ({args.load:.0%} of capacity), {len(errors)} errors")
     total, processes = report["memory_during_soak"]["total"], report["memory_during_soak"]["processes"].get("all", {})
+    pss = report["pss_during_soak"]["total"]
     print(f"soak minutes={args.minutes} rate={rate:.2f}/s requests={len(records)} errors={len(errors)} "
           f"latency_p99_s={report['latency']['p99_s']} latency_p50_last_over_first="
           f"{report['latency']['p50_last_over_first']} latency_slope_s_per_min={report['latency']['slope_s_per_min']} "
           f"rss_total_mib={total['start_mib']}->{total['end_mib']} "
           f"growth_mib_per_min={total['growth_mib_per_min_second_half']} "
           f"rss_growth_summed_mib={processes.get('growth_summed_mib')} "
+          f"pss_total_mib={pss['start_mib']}->{pss['end_mib']} "
           f"processes_exited={processes.get('exited')} processes_appeared={processes.get('appeared')}")
 
 

@@ -30,6 +30,15 @@ def test_a_restarted_processs_leak_is_kept_in_the_growth_summed_over_processes()
     assert soak.memory_report([])["total"]["end_mib"] is None  # (no sample in the soak: it raised IndexError)
 
 
+def test_process_memory_shares_out_the_pages_processes_share():
+    """The total summed RSS over processes, counting pages they share (Ray's object store, torch's libraries) once
+    in each; PSS shares each page out: at most the RSS, and summable."""
+    import os
+
+    rss, pss = soak.process_memory(os.getpid())
+    assert rss > 10 and pss is not None and 0 < pss <= rss
+
+
 class _Response:
     def __init__(self, lines):
         self._lines = lines

@@ -79,7 +79,7 @@ class WorkloadDriftConfig:
         window: passes in the sliding window of router counts, >= 1.
         threshold: cosine distance in (0, 1) above which a layer has drifted.
         cooldown: passes after a `reset` before a report can be made again, >= 0; after a `cool_down`,
-            doubled with each cool-down since the last reset (from `check_every` when 0), up to `window` passes.
+            doubled with each cool-down since the last reset (from at least `check_every`), up to `window` passes.
         volume_factor: the window's volume (median router load per pass) more than this factor above or
             below the reference's is drift too (> 1; inf: never). Ours, not the paper's: the cosine of the
             mean loads does not change with the batch size, but which experts are called in a pass, and so
@@ -186,8 +186,8 @@ class WorkloadDriftDetector:
 
     def cool_down(self) -> int:
         """Keep the references (the placement did not change: a drift that did not pay to act on, or a re-plan
-        that failed) and report nothing for `cooldown` passes (`check_every` when 0: none at all reported the drift
-        again at every check), doubled with each cool-down since the last `reset`, at most the window: the drift is
+        that failed) and report nothing for `cooldown` passes (at least `check_every`: with 0, none at all, it was
+        reported again at every check), doubled with each cool-down since the last `reset`, at most the window: the drift is
         judged again as the window moves on, not at every check. Returns those passes."""
         base = max(self.config.cooldown, self.config.check_every)
         quiet = min(base << min(self._cool_downs, 30), max(base, self.config.window))

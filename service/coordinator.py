@@ -501,34 +501,35 @@ class Coordinator:
         statistics window when None. Runs once per app; later calls report that it is done. One that does not
         apply (a copy failed and rolled back, or it raised) is tried again by the loop on the window after a
         cool-down (`_back_off`), until it or another full re-plan on router statistics applies: an app left
-        uncalibrated never re-plans on drift (one failed calibration turned automatic recalibration off for good)."""
+        uncalibrated never re-plans on drift (one failed calibration turned automatic recalibration off for good).
+        A call while another calibration runs answers `in_progress` (the other's answer waits for the placement)."""
+        loads = None if counts is None else np.asarray(counts, dtype=np.float64)  # (a bad array raises here)
         with self._lock:
             if self._calibrated:
                 return {"status": "already_calibrated", "to_version": self._placement.version}
-            if self._calibrating:  # (another replica's: its answer is the one that waits for the placement)
+            if self._calibrating:
                 return {"status": "in_progress", "to_version": self._placement.version}
             self._calibration_asked = True
             self._calibrating = True
-        loads = None if counts is None else np.asarray(counts, dtype=np.float64)
         try:
-            # an applied plan publishes itself as the calibration (`_migrate`); one that does not apply leaves
-            # `_calibrated` as it finds it: another full plan on statistics may have calibrated the app meanwhile
-            # (set False here, a calibration that rolled back after an admin's applied one un-calibrated the app)
+            # one that does not apply leaves `_calibrated` as it finds it: another full plan on statistics may have
+            # calibrated the app meanwhile (set False here, a calibration that rolled back after an admin's applied
+            # one un-calibrated the app)
             result = self.recalibrate(mode="full", force=True, reason=reason, loads=loads)
         except Exception:
             with self._lock:
+                self._calibrating = False
                 self._back_off()
             with contextlib.suppress(Exception):  # (best effort: the calibration's own error is the one raised)
                 self._republish()  # recorded as asked for: a restarted coordinator tries it again too
             raise
-        finally:
-            with self._lock:
-                self._calibrating = False
-        if result["status"] == "no_change":  # the placement in service is the one the statistics call for
-            with self._lock:
+        with self._lock:  # (both at once: no second calibration starts in between)
+            self._calibrating = False
+            if result["status"] in ("applied", "no_change"):  # no_change: the placement in service is the one
                 self._calibrated = True
-        if result["status"] != "applied":
-            # record that the current placement is the calibrated one (no_change), or that a calibration was asked
+        if result["status"] != "applied" or loads is not None:
+            # record that the current placement is the calibrated one (no_change, or applied for given counts, which
+            # a plan publishes as no calibration: only one on router statistics is), or that a calibration was asked
             # for and did not apply (its engines, up already, never ask a restarted coordinator again)
             self._republish()
         return result

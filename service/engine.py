@@ -46,6 +46,12 @@ DEFER_SHARED_TOKENS = 32
 # Slots for finished requests' cached prefixes per running sequence, when `EngineConfig.max_cached_sequences` is None.
 CACHED_SEQUENCES_PER_SEQ = 16
 
+# Seconds of a step that may go to compiling grammars again for requests whose cached compile ran out of lexer states
+# (`Engine._renew`, on the step thread: each compile and replay holds every request's step). Once spent, the step's
+# other requests that ran out fail, as all of them did before: many rows renewing one large schema at once (0.3-0.5 s
+# a compile) held the step for seconds (a review).
+RENEW_BUDGET_S = 0.05
+
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later."""
@@ -236,6 +242,7 @@ class _Sequence:
         self.matcher = None                     # the structured output's grammar state, if any
         self.grammar_tokens: list[int] = []     # the tokens its matcher consumed (replayed when it is renewed)
         self.own_compile = False                # its matcher is of a compile of its own (`Engine._renew`)
+        self.generation = 0                     # of the cached compile its matcher was copied from
         # with a grammar and reasoning tokens: "maybe" (the first token may open a thinking block), "in" (in
         # one: no grammar yet), "gap" (just closed: whitespace may come before the grammar), None (the
         # grammar applies)
@@ -287,6 +294,7 @@ class Engine:
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self._grammars = (Grammars(tokenizer, model.config.vocab_size, self._eos_ids)
                           if tokenizer is not None else None)
+        self._renewing_s = 0.0  # of this step, in `_renew`
         self._free_slots = list(range(self._cache.num_slots))  # least recently used (released or shared) first
         self._slot_tokens = _CachedPrefixes()  # free slot -> the tokens whose keys/values it holds
         self._waiting: deque[_Sequence] = deque()
@@ -367,6 +375,9 @@ class Engine:
         seq = _Sequence(request_id, prompt, params, text)
         if params.grammar is not None:  # ValueError for a grammar it cannot follow
             seq.matcher = matcher if matcher is not None else self._grammars.warmed_matcher(params.grammar)
+            # (the compile cached now: the one its matcher was copied from, unless another took its place since the
+            # matcher was made, a recompile at worst when it runs out)
+            seq.generation = self._grammars.generation(params.grammar)
             if params.reasoning_tokens is not None:
                 seq.thinking = "in" if params.in_reasoning else "maybe"
         parent = next((s for s in (*self._running, *self._waiting) if s.request_id == share_prefill_with), None)
@@ -449,6 +460,7 @@ class Engine:
             StepFailed: the forward or sampling raised; the scheduled requests are finished and freed.
         """
         outputs, self._outputs = self._outputs, []
+        self._renewing_s = 0.0
         chunks = self._schedule()
         if not chunks:
             return outputs
@@ -911,7 +923,8 @@ class Engine:
             results = self._grammars.advance([(sampled[i].matcher, tokens[i]) for i in rows])
             for i, result in zip(rows, results, strict=True):
                 seq = sampled[i]
-                seq.grammar_tokens.append(tokens[i])
+                if not seq.own_compile:  # (replayed when its matcher is renewed, which happens once)
+                    seq.grammar_tokens.append(tokens[i])
                 if isinstance(result, GrammarFailed) and self._renew(seq):  # ran out reading the token
                     result = seq.matcher.is_stopped()
                 advanced[i] = result
@@ -920,12 +933,15 @@ class Engine:
     def _renew(self, seq: _Sequence) -> bool:
         """Give ``seq`` a matcher of a compile of its own, fed its tokens, when the one it copied from the cache ran
         out of lexer states (`Grammars.renew`: those of every request that used the cached compile, which is
-        dropped); whether it was given one. One that runs out on a compile of its own fails."""
-        if seq.own_compile or not out_of_states(seq.matcher):
+        dropped); whether it was given one. One that runs out on a compile of its own fails, as does one when the
+        step has spent `RENEW_BUDGET_S` on renewals."""
+        if seq.own_compile or not out_of_states(seq.matcher) or self._renewing_s >= RENEW_BUDGET_S:
             return False
         seq.own_compile = True
-        self._grammars.forget(seq.params.grammar)
+        self._grammars.forget(seq.params.grammar, seq.generation)
+        started = time.perf_counter()
         matcher = self._grammars.renew(seq.params.grammar, seq.grammar_tokens)
+        self._renewing_s += time.perf_counter() - started
         if matcher is None:
             return False
         log.info("request %s: the cached grammar's lexer ran out of states: compiled for it alone", seq.request_id)
@@ -960,7 +976,7 @@ class Engine:
         after it (`Grammars.advance`), or how the grammar failed."""
         if isinstance(advanced, GrammarFailed):  # its output would break the grammar: ended as failed, not as whole
             log.warning("request %s: %s", seq.request_id, advanced)
-            self._grammars.forget(seq.params.grammar)  # (a parser limit: what it built is not kept for others)
+            self._grammars.forget(seq.params.grammar, seq.generation)  # (a parser limit: what it built is not kept)
             self._release(seq)
             return dataclasses.replace(_output(seq, (), "", "abort"), error=str(advanced))
         complete = advanced  # the structured output is whole

@@ -184,6 +184,8 @@ class Grammars:
         self._ahead = None  # one thread starting a step's masks before its forward (`masks_ahead`)
         # grammar text -> its warmed matcher, never advanced (requests get copies); least recently used first
         self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._generation: dict[str, int] = {}  # which compile each cached one is (`generation`)
+        self._generations = 0
 
     def _ll(self):
         with self._lock:
@@ -237,9 +239,12 @@ class Grammars:
     def _cache(self, grammar: str, matcher) -> None:
         with self._lock:
             self._compiled[grammar] = matcher
+            self._generations += 1
+            self._generation[grammar] = self._generations
             self._compiled.move_to_end(grammar)
             while len(self._compiled) > CACHE_SIZE:
-                self._compiled.popitem(last=False)
+                evicted, _ = self._compiled.popitem(last=False)
+                self._generation.pop(evicted, None)
 
     def renew(self, grammar: str, tokens: Sequence[int]):
         """A matcher of a compile of ``grammar`` of its own (uncached: its lexer builds the states of one request
@@ -256,10 +261,19 @@ class Grammars:
         llt.fill_next_token_bitmask(matcher, self._bitmask(1), 0)  # (its next mask: the one the caller needs)
         return None if matcher.is_error() else matcher
 
-    def forget(self, grammar: str) -> None:
-        """Drop ``grammar`` from the cache (a request failed on it: the lexer states it built stay with it)."""
+    def generation(self, grammar: str) -> int:
+        """Which compile of ``grammar`` the cache holds (each one cached is numbered anew); 0 when none."""
         with self._lock:
-            self._compiled.pop(grammar, None)
+            return self._generation.get(grammar, 0)
+
+    def forget(self, grammar: str, generation: int | None = None) -> None:
+        """Drop ``grammar`` from the cache (a request failed on it: the lexer states it built stay with it), if it
+        still holds the compile of ``generation`` (None: any): a request on an older compile dropped a newer one
+        that never ran out, and the next request compiled it again (a review)."""
+        with self._lock:
+            if generation is None or self._generation.get(grammar) == generation:
+                self._compiled.pop(grammar, None)
+                self._generation.pop(grammar, None)
 
     def cached_matcher(self, grammar: str):
         """`warmed_matcher` if ``grammar`` is cached (a copy: some 0.1 ms), else None; never compiles."""

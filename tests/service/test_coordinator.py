@@ -1214,3 +1214,18 @@ def test_one_admin_recalibration_or_profiling_at_a_time_and_the_others_refused(c
     c.pool.copy = copy
     assert c.profile_devices(admin=True)["profiled"] == [0, 1, 2, 3]  # (let in again once the first answered)
     assert c.recalibrate(dry_run=True, admin=True)["status"] in ("no_change", "dry_run")
+
+
+def test_a_calibration_on_given_counts_calibrates_and_bad_counts_leave_it_possible(checkpoint):
+    """calibrate(counts) applied its plan but left the app uncalibrated, in the record too (a plan publishes itself as
+    the calibration only when made on router statistics); counts that are no array raised after the calibration was
+    marked in progress, and every later calibrate() answered in_progress (a review)."""
+    pool = _pool(checkpoint)
+    c = _coordinator(checkpoint, pool)
+    counts = _hot_on_slow_device(c)
+    with pytest.raises(ValueError):
+        c.calibrate(counts=[[1.0, 2.0], [3.0]])
+    result = c.calibrate(counts=counts)
+    assert result["status"] == "applied" and c.calibrated
+    assert all(record["calibrated"] for record in pool.load_records())
+    assert c.calibrate()["status"] == "already_calibrated"

@@ -535,6 +535,41 @@ def test_requests_that_use_up_a_cached_grammars_lexer_together_are_given_a_new_c
     assert all(outs[-1].finish_reason == "length" and outs[-1].error is None for outs in outputs.values())
 
 
+def test_a_request_on_an_older_compile_does_not_drop_a_newer_one(tokenizer):
+    """A request renewing its matcher dropped whatever compile the cache held, a newer one that never ran out too, and
+    the next request compiled it again (a review): it drops only the compile it was copied from."""
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    grammar = grammar_from_spec("choice", ["yes", "no"])
+    grammars.warmed_matcher(grammar)
+    first = grammars.generation(grammar)
+    grammars.forget(grammar, first)
+    assert grammars.generation(grammar) == 0 and grammars.cached_matcher(grammar) is None
+    grammars.warmed_matcher(grammar)
+    second = grammars.generation(grammar)
+    assert second not in (0, first)
+    grammars.forget(grammar, first)
+    assert grammars.cached_matcher(grammar) is not None
+    grammars.forget(grammar, second)
+    assert grammars.cached_matcher(grammar) is None
+
+
+def test_renewals_stop_for_the_step_once_its_budget_is_spent(tokenizer, monkeypatch):
+    """Compiling again holds every request's step: many rows renewing a large schema at once held it for seconds (a
+    review). Past the step's budget a request that ran out fails, as before renewals."""
+    import service.engine
+
+    monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
+    monkeypatch.setattr(service.engine, "RENEW_BUDGET_S", 0.0)
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
+    regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
+    grammar = grammar_from_spec("regex", regex)
+    shared = _engine(tokenizer, max_model_len=128)
+    ends = [_run(shared, {f"r{seed}": (prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=seed,
+                                                                grammar=grammar))})[f"r{seed}"][-1]
+            for seed in range(12)]
+    assert any(end.finish_reason == "abort" and "too many states" in end.error for end in ends)
+
+
 def test_a_steps_masks_are_computed_in_parallel_beside_its_forward(tokenizer, monkeypatch):
     """The masks of a step's constrained rows were computed one after another on the step loop, after the forward:
     32 rows over a large schema (8 ms a row) held every request's step for 426 ms (a review). They are begun before

@@ -114,6 +114,7 @@ class AppArgs(BaseModel):
     max_queue: int = Field(default=256, ge=1)
     # largest request body (413 beyond); default: 1 MiB, or 32 bytes per token of context when that is more
     max_body_bytes: int | None = Field(default=None, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)  # a body not received this long after its headers: 408
     request_timeout_s: float | None = Field(default=300.0, gt=0)  # admission to last token; then 504
     # a request whose engine step failed on an expert device is kept and run again (the coordinator moves the
     # device's experts away) for this long after that first failure, then fails with a 503; 0: fails at once
@@ -320,6 +321,7 @@ def build_app(args: dict[str, Any] | None = None):
         reasoning_parser=parsed.reasoning_parser,
         tool_call_parser=parsed.tool_call_parser,
         max_body_bytes=parsed.max_body_bytes or max(DEFAULT_MAX_BODY_BYTES, _BODY_BYTES_PER_TOKEN * max_model_len),
+        body_timeout_s=parsed.body_timeout_s,
         # (a replica on a share of a GPU, beside workers or other replicas, takes that share of it: the whole
         # fraction of the free memory took 125 GiB of an H200 two workers shared, GPU-path review)
         gpu_kv_cache_fraction=None if parsed.kv_cache_bytes else parsed.kv_cache_memory_fraction * (

@@ -93,6 +93,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Seconds a request's body may take to arrive once its headers have (then 408): Serve hands a request to the replica
+# on its headers, and the replica reads the body from the proxy; about 325 connections that sent headers and no body
+# held every request slot of the replica, /health's too, for as long as they stayed open (a review). A front proxy
+# that buffers bodies bounds it better (see the README's deployment notes).
+DEFAULT_BODY_TIMEOUT_S = 30.0
 # Log-probability entries a response that echoes its prompts may hold (one per prompt token and alternative, per
 # choice): 4 prompts of 8,000 tokens, n=16, logprobs 20 (a 119 KB body) answered 197 MiB of JSON, built whole in
 # memory (+830 MB) with the GIL held 1 s (an adversarial review); streamed, each choice's echo is its own chunk.
@@ -111,6 +116,7 @@ _CUT_MARGIN_FRACTION = 32  # 1/32 of the context: a prefix refuses a prompt only
 
 
 def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                extra_router: APIRouter | None = None, health_checks: Sequence[Callable[[], str | None]] = (),
                reasoning_parser: str | None = None, tool_call_parser: str = "auto") -> FastAPI:
     """The app; the caller starts and shuts down ``engine``.
@@ -119,6 +125,7 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         engine: must have a tokenizer (prompts and chat templates are tokenised here).
         served_model_name: the only ``model`` value requests may name.
         max_body_bytes: larger request bodies get 413.
+        body_timeout_s: a body not received this long after its request's headers gets 408.
         extra_router: more routes (e.g. admin) mounted as is; their errors use the same JSON.
         health_checks: each returns None when fine or a problem (e.g. "coordinator unreachable for 40 s");
             /health then reports {"status": "degraded", "problems": [...]}, still 200 while the engine
@@ -136,6 +143,8 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
         raise ValueError("create_app needs an engine with a tokenizer")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; expected one of {', '.join(REASONING_PARSERS)}")
     if tool_call_parser == "auto":
@@ -161,7 +170,8 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, max_body_bytes: i
     # Handlers for specific types answer in place; the one for Exception answers after Starlette's 500 path.
     for exc_type in (APIError, ValueError, QueueFull, EngineError, HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(exc_type, server.handle_error)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, on_reject=server.count_rejected)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, on_reject=server.count_rejected,
+                       timeout_s=body_timeout_s)
     app.include_router(_routes(server))
     if extra_router is not None:
         app.include_router(extra_router)
@@ -467,8 +477,10 @@ class _Server:
                    for k in range(len(prompts) * n)]
         try:
             firsts = await _unless_disconnected(request, _first_outputs(streams))
-        except _ClientGone:
-            timer.finish("abort", fmt.prompt_tokens)
+        except (_ClientGone, asyncio.CancelledError) as exc:  # (Serve cancels the handler of a client that left:
+            timer.finish("abort", fmt.prompt_tokens)  # no other handler counts it; 29 of 400 were not, a review)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except InvalidGrammar as exc:  # name the parameter the grammar came from (the compile cannot say)
             raise APIError(400, str(exc), param=body.grammar_source[1]) from None
@@ -483,8 +495,10 @@ class _Server:
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
         try:
             return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer))
-        except _ClientGone:
+        except (_ClientGone, asyncio.CancelledError) as exc:
             timer.finish("abort", fmt.prompt_tokens)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
@@ -1133,13 +1147,16 @@ class _ResponsesFormat(_ChatFormat):
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed); ``on_reject(path)`` is
-    called for each request it answers itself (a declared size; a streamed one ends in the app's error handler)."""
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed), 408 for one not received
+    within ``timeout_s`` of the request (None: no limit); ``on_reject(path)`` is called for each request it answers
+    itself (a declared size; the others end in the app's error handler)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str], None] | None = None,
+                 timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.on_reject = on_reject
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -1154,16 +1171,24 @@ class BodySizeLimit:
         await self.app(scope, self._limited(receive), send)
 
     def _limited(self, receive: Receive) -> Receive:
-        received = 0
+        received, whole = 0, False
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, whole
             try:
-                message = await receive()
+                if whole or deadline is None:  # (after the body: a streamed response waiting for the disconnect)
+                    message = await receive()
+                else:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s of its "
+                                         "headers") from None
             except Exception as exc:  # Ray Serve's receive raises once its proxy cancelled the request (the client
                 if _cancelled_by_serve(exc):  # left): that is the disconnect it means, not an internal error to log
                     return {"type": "http.disconnect"}
                 raise
+            whole = whole or message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise HTTPException(413, f"request body larger than {self.max_bytes} bytes")

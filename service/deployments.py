@@ -290,6 +290,7 @@ class IngressSettings:
     reasoning_parser: str | None = None  # service.reasoning.PARSERS
     tool_call_parser: str = "auto"  # service.tools.FORMATS, or auto (from the chat template)
     max_body_bytes: int = 1 << 20  # request bodies over it get 413
+    body_timeout_s: float = 30.0  # a body not received this long after its headers gets 408
     # on a GPU replica: the KV cache takes this share of the memory free once the dense part is loaded (None:
     # engine_config.kv_cache_bytes, as on a CPU replica)
     gpu_kv_cache_fraction: float | None = None
@@ -461,7 +462,7 @@ class IngressDeployment:
         app = create_app(self.engine, served_model_name=self.settings.served_model_name, extra_router=admin,
                          health_checks=[self.sync.problem], reasoning_parser=self.settings.reasoning_parser,
                          tool_call_parser=self.settings.tool_call_parser,
-                         max_body_bytes=self.settings.max_body_bytes)
+                         max_body_bytes=self.settings.max_body_bytes, body_timeout_s=self.settings.body_timeout_s)
         metrics = app.state.metrics
         metrics.replica = self.engine_id  # serving series labelled replica: several replicas answer scrapes
         metrics.add_shared(self.placement_metrics)

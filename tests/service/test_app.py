@@ -468,6 +468,66 @@ def test_a_request_cut_at_request_timeout_s_counts_as_a_timeout_not_an_engine_er
         engine.shutdown()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_handler_serve_cancels_counts_its_request_as_aborted(tokenizer, stream):
+    """Serve cancels the handler of a request whose client left; the CancelledError passed every handler that counts
+    a request, and a non-streamed one was counted as nothing (29 of 400 in a disconnect storm; a review)."""
+    import contextlib
+
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN),
+                                tokenizer=tokenizer, hooks=_SlowSteps()))
+    engine.start()
+    app = create_app(engine, served_model_name=MODEL)
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "temperature": 0, "stream": stream}
+
+    async def cancel_one() -> str:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            request = asyncio.create_task(client.post("/v1/completions", json=body))
+            await asyncio.sleep(1.0)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            return (await client.get("/metrics")).text
+
+    try:
+        metrics = asyncio.run(cancel_one())
+        assert 'vibe_requests_total{status="abort"} 1.0' in metrics
+    finally:
+        engine.shutdown()
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_a_long_stream_is_not_cut(tokenizer):
+    """Serve hands a request to the replica on its headers and the replica reads the body from the proxy: some 325
+    connections that sent headers and no body held every request slot, /health's too, for as long as they stayed
+    open (a review). A body not received within body_timeout_s of the headers is a 408; a response streamed for
+    longer than that after its whole body is not cut."""
+    import socket
+    from urllib.parse import urlparse
+
+    engine = AsyncEngine(Engine(build_chat_model(tokenizer), EngineConfig(max_model_len=MAX_MODEL_LEN),
+                                tokenizer=tokenizer, hooks=_SlowSteps()))
+    engine.start()
+    try:
+        with _serve(create_app(engine, served_model_name=MODEL, body_timeout_s=0.5)) as url:
+            address = urlparse(url)
+            with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"model\": ")
+                started = time.monotonic()
+                answer = sock.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer
+            assert time.monotonic() - started < 5
+            body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            started = time.monotonic()
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+                lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+            assert time.monotonic() - started > 1.0 and lines[-1] == "data: [DONE]"
+            assert '"finish_reason":"length"' in "".join(lines).replace(" ", "")
+    finally:
+        engine.shutdown()
+
+
 def test_serves_cancellation_of_a_gone_clients_request_reads_as_its_disconnect():
     """Ray Serve's receive raises TaskCancelledError once its proxy cancelled a request whose client left: raised
     through the app it was logged as an internal error with its traceback (a walkthrough: 43 in one log)."""

@@ -393,27 +393,25 @@ def _drift_verdict(v: dict) -> str:
     switch, the difference in differences, why (`reason`) and whether the scenario's own re-plan happened."""
     said = {"win": "yes", "loss": "no (worse)", "within noise": "no (within noise)",
             "invalid": "invalid (neither win nor loss)"}[v["verdict"]]
-    tests = [f"{v['pairs']} pairs in blocks of {v['block']}, attainment p={v['attainment_p']:.2f}"]
-    if v["ttft_p"] is not None:
-        tests.append(f"TTFT p={v['ttft_p']:.3f}")
-    if v.get("median_ttft_difference_ms") is not None:
-        tests.append(f"median TTFT difference {v['median_ttft_difference_ms']:+.1f} ms")
-    parts = [said, ", ".join(tests)]
-    if "before_pairs" in v:
-        before = [f"{v['before_pairs']} pairs in blocks of {v['before_block']}",
-                  f"attainment p={v['before_attainment_p']:.2f}"]
-        if v["before_ttft_p"] is not None:
-            before.append(f"TTFT p={v['before_ttft_p']:.3f}")
-        if v.get("before_median_ttft_difference_ms") is not None:
-            before.append(f"median TTFT difference {v['before_median_ttft_difference_ms']:+.1f} ms")
-        parts.append("before the switch: " + ", ".join(before))
-        if v.get("did_ttft_p") is not None:
-            parts.append(f"difference in differences TTFT p={v['did_ttft_p']:.3f} (blocks of {v['did_block']})")
+    parts = [said, _window_tests(v), "before the switch: " + _window_tests(v, "before_")]
+    if v["did_ttft_p"] is not None:
+        parts.append(f"difference in differences TTFT p={v['did_ttft_p']:.3f} (blocks of {v['did_block']})")
     if v.get("reason"):
         parts.append(v["reason"])
     if v.get("exercised") is False:
         parts.append(f"not exercised: no {v['cause'].replace(' ', '-')} re-plan applied after the switch")
     return "; ".join(parts)
+
+
+def _window_tests(v: dict, window: str = "") -> str:
+    """One window's paired tests as `_drift_verdict` says them (``window``: the keys' prefix, "before_" or none)."""
+    tests = [f"{v[window + 'pairs']} pairs in blocks of {v[window + 'block']}",
+             f"attainment p={v[window + 'attainment_p']:.2f}"]
+    if v[window + "ttft_p"] is not None:
+        tests.append(f"TTFT p={v[window + 'ttft_p']:.3f}")
+    if v[window + "median_ttft_difference_ms"] is not None:
+        tests.append(f"median TTFT difference {v[window + 'median_ttft_difference_ms']:+.1f} ms")
+    return ", ".join(tests)
 
 
 def _headroom(headroom: dict) -> str:

@@ -187,8 +187,8 @@ class WorkloadDriftDetector:
     def cool_down(self) -> int:
         """Keep the references (the placement did not change: a drift that did not pay to act on, or a re-plan
         that failed) and report nothing for `cooldown` passes (at least `check_every`: with 0, none at all, it was
-        reported again at every check), doubled with each cool-down since the last `reset`, at most the window: the drift is
-        judged again as the window moves on, not at every check. Returns those passes."""
+        reported again at every check), doubled with each cool-down since the last `reset`, at most the window: the
+        drift is judged again as the window moves on, not at every check. Returns those passes."""
         base = max(self.config.cooldown, self.config.check_every)
         quiet = min(base << min(self._cool_downs, 30), max(base, self.config.window))
         self._quiet_until = self._num_passes + quiet

@@ -475,12 +475,10 @@ class _Server:
         streams = [self.engine.generate(ids[k], prompts[k // n], _choice_params(params[k // n], k % n),
                                         share_prefill_with=ids[k - k % n] if k % n else None)
                    for k in range(len(prompts) * n)]
+        aborted = functools.partial(timer.finish, "abort", fmt.prompt_tokens)
         try:
-            firsts = await _unless_disconnected(request, _first_outputs(streams))
-        except (_ClientGone, asyncio.CancelledError) as exc:  # (Serve cancels the handler of a client that left:
-            timer.finish("abort", fmt.prompt_tokens)  # no other handler counts it; 29 of 400 were not, a review)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            firsts = await _unless_disconnected(request, _first_outputs(streams), aborted)
+        except _ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except InvalidGrammar as exc:  # name the parameter the grammar came from (the compile cannot say)
             raise APIError(400, str(exc), param=body.grammar_source[1]) from None
@@ -494,11 +492,8 @@ class _Server:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
         try:
-            return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer))
-        except (_ClientGone, asyncio.CancelledError) as exc:
-            timer.finish("abort", fmt.prompt_tokens)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer), aborted)
+        except _ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
@@ -704,17 +699,23 @@ class _ClientGone(Exception):
     """The client disconnected before the response was ready."""
 
 
-async def _unless_disconnected(request: Request, awaitable):
-    """Await ``awaitable``; if the client disconnects first, cancel it and raise `_ClientGone`."""
+async def _unless_disconnected(request: Request, awaitable, left: Callable[[], None]):
+    """Await ``awaitable``; if the client leaves first, cancel it and call ``left()``: it disconnected (then
+    `_ClientGone` is raised), or Serve cancelled this handler (the cancellation goes on: no handler of the app sees
+    it, and the request was counted as nothing; 29 of 400 in a disconnect storm, a review)."""
     work = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(_disconnect(request))
     try:
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        left()
+        raise
     finally:
         gone.cancel()
         if not work.done():
             work.cancel()
     if work not in done:
+        left()
         raise _ClientGone
     return work.result()
 

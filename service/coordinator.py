@@ -544,18 +544,18 @@ class Coordinator:
 
     def recalibrate(self, *, policy: str | None = None, mode: str = "incremental", dry_run: bool = False,
                     force: bool = False, reason: str = "admin", loads: np.ndarray | None = None,
-                    confidence_z: float | None = None, automatic: bool = False, admin: bool = False) -> dict[str, Any]:
+                    confidence_z: float | None = None, admin: bool = False) -> dict[str, Any]:
         """Plan a new placement for the current statistics and, unless dry_run or not worth it, apply it.
 
         mode: "incremental" (swaps from the live placement, a capped share of slots moved), "full" (a new
         plan) or "auto" (both candidates judged; the one whose predicted gain over the gain horizon, net
         of its migration cost, is larger; incremental on a tie). Policies other than the configured vibe
         always re-plan in full. confidence_z: standard errors below the held-out mean the gain is judged
-        at (None: the config's `gain_confidence_z`). automatic: the background loop's re-plan for the drift it
-        detected; a skip then counts as that drift judged (cool-down, device models marked planned with). Another
-        caller's skip (an admin's, in its own mode, policy or confidence) is recorded and leaves the loop's drift
-        pending: an admin's incremental skip consumed a device drift that the loop's `auto` mode would re-plan.
-        admin: an admin's call, refused while another admin recalibration or profiling is in the coordinator.
+        at (None: the config's `gain_confidence_z`). admin: an admin's call, refused while another admin
+        recalibration or profiling is in the coordinator; a skip of it is recorded and leaves the drift the loop
+        detected pending (an admin's incremental skip consumed a device drift that the loop's `auto` mode would
+        re-plan). Another caller's skip (the loop's) counts as the drift judged: cool-down, device models marked
+        planned with.
         Returns the Recalibration record as a dict (status, predicted gain, moves, duration...).
         Raises ValueError for a bad policy or mode, or when there are no statistics yet; AdminBusy (admin).
         """
@@ -566,7 +566,7 @@ class Coordinator:
             raise ValueError(f"mode must be one of {RECALIBRATION_MODES}, got {mode!r}")
         with self._admin_turn(admin, "recalibration"), self._migration_lock:
             return self._recalibrate(policy=policy, mode=mode, dry_run=dry_run, force=force, reason=reason,
-                                     loads=loads, confidence_z=confidence_z, automatic=automatic)
+                                     loads=loads, confidence_z=confidence_z, judges_drift=not admin)
 
     @contextlib.contextmanager
     def _admin_turn(self, admin: bool, what: str):
@@ -585,9 +585,10 @@ class Coordinator:
 
     def _recalibrate(self, *, policy: str, mode: str, dry_run: bool, force: bool, reason: str,
                      loads: np.ndarray | None, confidence_z: float | None, back_off: bool = True,
-                     automatic: bool = False) -> dict[str, Any]:
+                     judges_drift: bool = True) -> dict[str, Any]:
         """`recalibrate` with its arguments checked, under the migration lock (``back_off`` False: a rollback leaves
-        the workload detector's cool-down alone, as a readmission's, which backs off its own way)."""
+        the workload detector's cool-down alone, as a readmission's, which backs off its own way; ``judges_drift``
+        False: a skip leaves the drift pending, as an admin's)."""
         self._finish_drops(wait=True)
         started = self._clock()
         # A full plan on router statistics applied is the app's calibration, whoever asked for it (the startup one
@@ -641,16 +642,16 @@ class Coordinator:
             self._remember(record)
             if record.status in ("applied", "no_change"):
                 self._reset_drift(loads, volume)
-            elif record.status == "skipped" and automatic:  # not worth moving now: keep the reference, back off
+            elif record.status == "skipped" and judges_drift:  # not worth moving now: keep the reference, back off
                 self._workload_drift.cool_down()
                 # the drift reported again while it was judged is judged again after the cool-down, not at the next
                 # tick with no new pass (one skip after another, the cool-downs bypassed: a review)
                 self._pending_trigger = None
             elif record.status == "rolled_back" and back_off:  # keep the references too: acted on again, later
                 self._back_off()
-            if record.status in ("applied", "no_change") or (record.status == "skipped" and automatic and not waits):
+            if record.status in ("applied", "no_change") or (record.status == "skipped" and judges_drift and not waits):
                 self._devices.planned_with(scales)  # judged on these models: drift starts from here
-            elif waits and automatic:  # asked again once the window can hold a judgement out (marked planned
+            elif waits and judges_drift:  # asked again once the window can hold a judgement out (marked planned
                 # with, a device slowed 2x soon after startup was never re-planned: 571 ms gain against 0.5 ms kept
                 # off, a review)
                 self._devices.retry()
@@ -1322,7 +1323,7 @@ class Coordinator:
         if reason and self._calibrated:
             z = self.config.device_drift_confidence_z if device_reason else self.config.gain_confidence_z
             try:
-                self.recalibrate(reason=reason, mode=self.config.recalibration_mode, confidence_z=z, automatic=True)
+                self.recalibrate(reason=reason, mode=self.config.recalibration_mode, confidence_z=z)
             except Exception:  # (a rollback backed off already) not tried again at the next tick
                 with self._lock:
                     self._back_off()

@@ -128,15 +128,15 @@ def test_dry_run_and_cost_aware_skip(checkpoint):
     dry = coordinator.recalibrate(mode="full", dry_run=True)
     assert dry["status"] == "dry_run" and coordinator.placement.version == 1 and dry["moves"]
     reference = coordinator._workload_drift.reference.copy()
-    skipped = coordinator.recalibrate(mode="full", automatic=True)
+    skipped = coordinator.recalibrate(mode="full")
     assert skipped["status"] == "skipped" and "migration cost" in skipped["detail"]
-    # The loop's re-plans are not re-planned again at every check: the detector cools down and keeps its reference,
-    # longer with every skip in a row (10, 20, 40, 80 passes, then the window's 100)
+    # Not re-planned again at every check: the detector cools down and keeps its reference, longer with
+    # every skip in a row (10, 20, 40, 80 passes, then the window's 100)
     detector = coordinator._workload_drift
     assert np.array_equal(detector.reference, reference)
     assert detector._quiet_until == detector.num_passes + detector.config.cooldown
     for cooldown in (20, 40, 80, 100, 100):
-        assert coordinator.recalibrate(mode="full", automatic=True)["status"] == "skipped"
+        assert coordinator.recalibrate(mode="full")["status"] == "skipped"
         assert detector._quiet_until == detector.num_passes + cooldown
     forced = coordinator.recalibrate(mode="full", force=True)
     assert forced["status"] == "applied" and coordinator.placement.version == 2
@@ -1136,8 +1136,8 @@ def test_an_admin_skip_leaves_the_drift_the_loop_would_re_plan_for(checkpoint):
     with c._lock:
         c._devices.refit()  # (as the loop's tick does before it asks)
     assert c.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.3)
-    assert c.recalibrate(policy="eplb")["status"] == "skipped"
-    assert c.recalibrate()["status"] == "skipped"
+    assert c.recalibrate(policy="eplb", admin=True)["status"] == "skipped"
+    assert c.recalibrate(admin=True)["status"] == "skipped"
     assert c.stats_view()["devices"][device]["model_over_planned"] == pytest.approx(1.3)
     assert c._pending_trigger is not None
     c._tick()  # one re-plan for both drifts

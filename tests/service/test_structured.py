@@ -47,6 +47,10 @@ def _text(outs) -> str:
     return "".join(o.text for o in outs)
 
 
+# A regex whose lexer builds new states at every token (llguidance's states per grammar, `structured.MAX_LEXER_STATES`)
+LEXER_GROWS = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
+
+
 def _is_person(value) -> bool:
     return (isinstance(value, dict) and set(value) <= {"name", "age", "tags"} and {"name", "age"} <= set(value)
             and isinstance(value["name"], str) and len(value["name"]) <= 12
@@ -500,8 +504,7 @@ def test_a_grammar_whose_lexer_grows_past_its_limit_fails_and_leaves_the_cache(t
     seed 1's replay, which builds no masks of the tokens before, fits.)"""
     monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
-    regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
-    grows = grammar_from_spec("regex", regex)
+    grows = grammar_from_spec("regex", LEXER_GROWS)
     good = grammar_from_spec("choice", ["yes", "no"])
     engine = _engine(tokenizer)
     outputs = _run(engine, {
@@ -515,12 +518,11 @@ def test_a_grammar_whose_lexer_grows_past_its_limit_fails_and_leaves_the_cache(t
 def test_requests_that_use_up_a_cached_grammars_lexer_together_are_given_a_new_compile(tokenizer, monkeypatch):
     """The lexer states are the cached grammar's, shared by every copy: requests that each stay far under the limit
     used it up together, and then failed, every request running on the grammar at once (88 requests of 40 tokens
-    over one regex at the real limit; a review). A request whose matcher runs out is given one of a new compile, its
-    tokens replayed: each completes as it does on an engine of its own (which the cache then holds)."""
+    over one regex at the real limit; a review). A request whose matcher runs out is given one of a compile of its
+    own, its tokens replayed: each completes as it does on an engine of its own."""
     monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
-    regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
-    grammar = grammar_from_spec("regex", regex)
+    grammar = grammar_from_spec("regex", LEXER_GROWS)
     shared = _engine(tokenizer, max_model_len=128)
     for seed in range(12):
         params = SamplingParams(max_tokens=6, temperature=1.0, seed=seed, grammar=grammar)
@@ -561,8 +563,7 @@ def test_renewals_stop_for_the_step_once_its_budget_is_spent(tokenizer, monkeypa
     monkeypatch.setattr(structured, "MAX_LEXER_STATES", 300)
     monkeypatch.setattr(service.engine, "RENEW_BUDGET_S", 0.0)
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Write."}])
-    regex = "(" + "|".join(f"[a-z]*{c}[a-z]{{20}}" for c in "etaoinshr") + ")"
-    grammar = grammar_from_spec("regex", regex)
+    grammar = grammar_from_spec("regex", LEXER_GROWS)
     shared = _engine(tokenizer, max_model_len=128)
     ends = [_run(shared, {f"r{seed}": (prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=seed,
                                                                 grammar=grammar))})[f"r{seed}"][-1]

@@ -407,6 +407,25 @@ class DispatchContext:
             unreachable, self._unreachable = tuple(sorted(self._unreachable)), set()
             return EngineReport(engine_id, placement.version, counts, samples, routes.workers_epoch, unreachable)
 
+    def restore(self, report: EngineReport) -> None:
+        """Take back what `drain_report` handed to a report that failed: its router counts and device samples go
+        before what was observed since, within the same bounds (the oldest dropped first), and its unreachable
+        devices are reported again. While the coordinator is down (a restart, a redeploy) every report fails, and
+        the newest `max_steps` passes then reach the one that comes up instead of none."""
+        with self._lock:
+            if len(report.router_counts):
+                rows = [*report.router_counts, *self._steps]
+                self._steps.clear()
+                self._steps.extend(rows)  # a full deque drops from the left: the oldest
+            for samples in report.device_samples:
+                ring = self._samples.get(samples.device)
+                if ring is None:
+                    ring = self._samples[samples.device] = _SampleRing(self.config.max_samples)
+                newer = ring.drain()
+                ring.extend(samples.tokens, samples.seconds)
+                ring.extend(*newer)
+            self._unreachable.update(report.unreachable)
+
 
 class DispatchingExperts(nn.Module):
     """Drop-in for a MoE layer's `experts`: runs them on the workers under the pinned placement."""

@@ -67,7 +67,14 @@ class PlacementSync:
         """One report/answer round trip; applies the answer. Raises what the report call raises."""
         with self._sync_lock:
             report = self.context.drain_report(self.engine_id)
-            reply = self._report(dataclasses.replace(report, workers_id=self.workers_id) if self.workers_id else report)
+            try:
+                reply = self._report(dataclasses.replace(report, workers_id=self.workers_id) if self.workers_id
+                                     else report)
+            except BaseException:
+                # kept for the next report: a coordinator that is restarting or busy past the call's timeout would
+                # otherwise never see the passes served meanwhile (one answered after its timeout is counted twice)
+                self.context.restore(report)
+                raise
             if reply.workers is not None:
                 self.context.set_channels(worker_channels(reply.workers, self._node_id, self._data_plane_timeout_s),
                                           reply.workers_epoch)

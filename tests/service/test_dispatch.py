@@ -23,7 +23,8 @@ from service.dispatch import (
 )
 from service.emulator import EmulationConfig
 from service.experts import checksum
-from service.messages import ExpertTensors
+from service.messages import ExpertTensors, SyncReply
+from service.placement_sync import PlacementSync
 from service.transport import WorkerServer
 from service.worker import ExpertWorker, WorkerConfig
 
@@ -249,6 +250,57 @@ def test_buffers_keep_only_the_newest(reference):
     assert all(len(samples.tokens) <= 3 for samples in report.device_samples)
     with pytest.raises(ValueError, match="max_steps"):
         DispatchConfig(max_steps=0)
+
+
+def _steps(context: DispatchContext, module: DispatchingExperts, seeds) -> None:
+    for seed in seeds:
+        hidden, index, weights = routing(4 + seed, 1, seed=seed)
+        context.begin_step()
+        module(hidden, index, weights)
+        context.end_step()
+
+
+def test_restore_puts_a_failed_reports_statistics_back_before_newer_ones(reference):
+    context = DispatchContext(contiguous(), full_channels(reference), config=DispatchConfig(max_steps=3, max_samples=5))
+    module = DispatchingExperts(0, E, context)
+    _steps(context, module, [0, 1])
+    context._unreachable.add(2)
+    failed = context.drain_report("e")
+    _steps(context, module, [2])
+    context.restore(failed)
+    report = context.drain_report("e")
+    assert report.unreachable == (2,)
+    # the two drained passes (4 and 5 tokens, top-1) before the newer one (6 tokens)
+    assert report.router_counts[:, 0].sum(axis=1).tolist() == [4, 5, 6]
+    assert sum(int(s.tokens.sum()) for s in report.device_samples) == 15
+    # beyond the bounds the oldest go: 3 more passes keep the newest 3 rows, and at most 5 samples a device
+    _steps(context, module, [3, 4, 5])
+    context.restore(report)
+    report = context.drain_report("e")
+    assert report.router_counts[:, 0].sum(axis=1).tolist() == [7, 8, 9]
+    assert all(len(s.tokens) <= 5 for s in report.device_samples)
+
+
+def test_a_failed_report_is_sent_again_with_the_next_one(reference):
+    context = DispatchContext(contiguous(), full_channels(reference))
+    module = DispatchingExperts(0, E, context)
+    sent, fail = [], [True]
+
+    def report(r):
+        if fail[0]:
+            raise TimeoutError("coordinator restarting")
+        sent.append(r)
+        return SyncReply(placement=None, workers=None, workers_epoch=-1)
+
+    sync = PlacementSync("e", context, report, node_id=None)
+    _steps(context, module, [0])
+    with pytest.raises(TimeoutError):
+        sync.sync_once()
+    _steps(context, module, [1])
+    fail[0] = False
+    sync.sync_once()
+    assert sent[0].router_counts[:, 0].sum(axis=1).tolist() == [4, 5]
+    assert sum(int(s.tokens.sum()) for s in sent[0].device_samples) == 9
 
 
 def test_no_tokens_sends_nothing(reference):

@@ -88,6 +88,7 @@ _NEUTRAL: dict[str, tuple] = {
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
     "web_search_options": (None,),
     "verbosity": (None, "medium"),  # OpenAI's default, which its clients may send explicitly
+    "moderation": (None,),
 }
 
 
@@ -229,6 +230,17 @@ ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "
 CacheRetention = Literal["in_memory", "24h"] | None
 
 
+class PromptCacheOptions(StrictModel):
+    """OpenAI's prompt caching options: accepted at the values its API takes, and ignored. Prefix caching here
+    needs no breakpoint and keeps a prompt's blocks while memory allows (no lifetime); it never changes an
+    output, only the time to its first token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m"] | None = None
+
+
 SchemaName = Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]  # a response format's name
 
 
@@ -348,6 +360,7 @@ class _SamplingFields(SamplingControls):
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
     prompt_cache_retention: CacheRetention = None
+    prompt_cache_options: PromptCacheOptions | None = None
     n: Int | None = Field(default=None, ge=1, le=MAX_N)
     # structured outputs: OpenAI's response_format (vLLM takes it on completions too) or vLLM's own
     response_format: ResponseFormat | None = None
@@ -575,6 +588,7 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: ReasoningEffort = None
     web_search_options: Any = None
     verbosity: Any = None
+    moderation: Any = None
     # how the served model writes tool calls (`service.tools.FORMATS`), and which of the format's tags are
     # special tokens of its tokenizer: the server's, set before first use
     _tool_format: str = PrivateAttr(default="hermes")

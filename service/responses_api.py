@@ -43,6 +43,7 @@ from service.openai_api import (
     Items,
     JSONObject,
     Metadata,
+    PromptCacheOptions,
     ReasoningEffort,
     SamplingControls,
     SchemaName,
@@ -250,6 +251,12 @@ class ResponsesRequest(SamplingControls):
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
     prompt_cache_retention: CacheRetention = None
+    prompt_cache_options: PromptCacheOptions | None = None
+    moderation: Any = None  # OpenAI's features this server does not have: refused by name unless null
+    context_management: Any = None
+    background_options: Any = None
+    access_programs: Any = None
+    image: Any = None
     service_tier: str | None = None  # chat's (auto and default only; the response reports default)
     chat_template_kwargs: TemplateKwargs = None
 
@@ -269,6 +276,12 @@ class ResponsesRequest(SamplingControls):
                                "one call)"),
             "truncation": (self.truncation == "auto", "'auto' is not supported: an input longer than the context "
                            "is a 400"),
+            "moderation": (self.moderation is not None, "moderation is not supported by this server"),
+            "context_management": (bool(self.context_management), "context management (compaction) is not "
+                                   "supported: an input longer than the context is a 400"),
+            "background_options": (self.background_options is not None, "background responses are not supported"),
+            "access_programs": (self.access_programs is not None, "access programs are not supported"),
+            "image": (self.image is not None, "image options are not supported: this server generates text"),
         }
         for name, (bad, why) in refused.items():
             if bad:

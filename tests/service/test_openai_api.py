@@ -72,6 +72,9 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"), ({"metadata": {"k" * 65: "v"}}, "metadata"),
     ({"metadata": {"k": "v" * 513}}, "metadata"), ({"metadata": {"k": 1}}, "metadata"),
     ({"safety_identifier": "s" * 65}, "safety_identifier"),
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ({"prompt_cache_options": {"ttl": "24h"}}, "prompt_cache_options.ttl"),
+    ({"prompt_cache_options": {"breakpoints": 2}}, "prompt_cache_options.breakpoints"),
 ])
 def test_chat_rejections_name_the_parameter(extra, param):
     status, body = _rejection(ChatCompletionRequest, {**CHAT, **extra})
@@ -159,6 +162,10 @@ def test_what_openais_client_sends_for_its_defaults_and_hints_is_accepted(model,
     assert model.model_validate({**base, "stream": True, "prompt_cache_retention": "in_memory"}).stream is True
     status, body = _rejection(model, {**base, "prompt_cache_retention": "forever"})
     assert status == 400 and body["error"]["param"] == "prompt_cache_retention"
+    # the client's newer caching options and a null moderation (unknown parameters, 400s, before)
+    request = model.model_validate({**base, "prompt_cache_options": {"mode": "explicit", "ttl": "30m"},
+                                    **({"moderation": None} if model is ChatCompletionRequest else {})})
+    assert request.prompt_cache_options.mode == "explicit"
 
 
 def test_message_content_parts_and_developer_role():

@@ -98,10 +98,12 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # held every request slot of the replica, /health's too, for as long as they stayed open (a review). A front proxy
 # that buffers bodies bounds it better (see the README's deployment notes).
 DEFAULT_BODY_TIMEOUT_S = 30.0
-# Log-probability entries a response that echoes its prompts may hold (one per prompt token and alternative, per
-# choice): 4 prompts of 8,000 tokens, n=16, logprobs 20 (a 119 KB body) answered 197 MiB of JSON, built whole in
-# memory (+830 MB) with the GIL held 1 s (an adversarial review); streamed, each choice's echo is its own chunk.
-MAX_ECHOED_LOGPROBS = 2_000_000
+# Log-probability entries a response that is not streamed may hold (one per token and alternative, per choice, of
+# the echoed prompts and of the generated tokens): 4 prompts of 8,000 tokens, n=16, logprobs 20 (a 119 KB body)
+# answered 197 MiB of JSON, built whole in memory (+830 MB) with the GIL held 1 s (an adversarial review). Echoed
+# entries are known at admission (a 400 at once); generated ones are counted as they come, and a response past the
+# limit is a 400 then, its choices aborted. Streamed, each chunk holds its own few.
+MAX_LOGPROB_ENTRIES = 2_000_000
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 T = TypeVar("T")
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
@@ -463,10 +465,10 @@ class _Server:
         n = body.n or 1
         echoed = n * sum(len(prompt) * (1 + p.prompt_logprobs) for prompt, p in zip(prompts, params)
                          if p.prompt_logprobs is not None and not isinstance(prompt, _TooLong))
-        if echoed > MAX_ECHOED_LOGPROBS and not body.stream:
+        if echoed > MAX_LOGPROB_ENTRIES and not body.stream:
             raise APIError(400, f"echoing the prompts with their log-probabilities would answer {echoed:,} entries "
                            f"(choices x prompt tokens x (1 + logprobs)); one response holds at most "
-                           f"{MAX_ECHOED_LOGPROBS:,}: stream it, or ask for fewer", param="logprobs")
+                           f"{MAX_LOGPROB_ENTRIES:,}: stream it, or ask for fewer", param="logprobs")
         if len(prompts) * n > self.engine.config.max_queue:  # each choice takes a place: it could never be admitted
             raise APIError(400, f"this request asks for {len(prompts) * n} completions (prompts x n); this server "
                            f"queues at most {self.engine.config.max_queue} at once", param="n")
@@ -492,7 +494,8 @@ class _Server:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
         try:
-            return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer), aborted)
+            return await _unless_disconnected(request, _collect(outputs, firsts, fmt, timer,
+                                                                MAX_LOGPROB_ENTRIES - echoed), aborted)
         except _ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
@@ -621,13 +624,23 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
 
 
 async def _collect(outputs: AsyncIterator[tuple[int, StepOutput]], firsts: list[StepOutput], fmt: _Format,
-                   timer: RequestTimer) -> Response:
+                   timer: RequestTimer, room: int = MAX_LOGPROB_ENTRIES) -> Response:
+    """The non-streamed response of every choice's outputs; a 400 (the choices aborted) once their generated
+    tokens' log-probability entries pass ``room``, what the response may still hold besides the echoed ones."""
     outs: list[list[StepOutput]] = [[] for _ in firsts]
     last = firsts[-1]
     try:
         async for index, out in outputs:
             outs[index].append(out)
             last = out
+            if out.logprobs:
+                room -= sum(1 + len(entry.top) for entry in out.logprobs)
+                if room < 0:
+                    timer.finish("rejected", fmt.prompt_tokens)
+                    raise APIError(400, f"the log-probabilities of the generated tokens would make this response hold "
+                                   f"more than {MAX_LOGPROB_ENTRIES:,} entries (choices x tokens x (1 + "
+                                   f"top_logprobs), with any echoed prompt's): stream it, or ask for fewer tokens, "
+                                   f"choices or alternatives", param=fmt.logprobs_param)
     except EngineError as exc:
         timer.finish(_failure_status(exc), fmt.prompt_tokens)
         raise
@@ -760,6 +773,7 @@ class _Format(abc.ABC):
     """
 
     prefix = ""
+    logprobs_param = "logprobs"  # the parameter that asked for log-probabilities (an error names it)
 
     def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, num_prompts: int = 1) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
@@ -1077,6 +1091,7 @@ class _ResponsesFormat(_ChatFormat):
     header and the closing token are not: a response without analysis reported 4 of 6 tokens)."""
 
     done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
+    logprobs_param = "top_logprobs"
     caches_prompts = False  # the engine's prefix cache keeps prompts (their uncached tokens are cache writes)
 
     def __init__(self, model: str, pieces: TokenPieces | None, settings: dict, *, tools: ToolSetup | None = None,

@@ -277,16 +277,41 @@ def test_tokenize_runs_apart_from_the_prompts_of_generation_requests():
 def test_an_echo_of_too_many_log_probabilities_is_refused_unless_streamed(url, tokenizer, monkeypatch):
     """A response that echoes its prompts with log-probabilities is built whole in memory: 4 prompts of 8,000 tokens,
     n=16, logprobs 20 (a 119 KB body) answered 197 MiB of JSON (+830 MB, the GIL held 1 s; a review). Past
-    MAX_ECHOED_LOGPROBS entries (choices x prompt tokens x (1 + logprobs)) it is a 400 unless streamed, where each
+    MAX_LOGPROB_ENTRIES entries (choices x prompt tokens x (1 + logprobs)) it is a 400 unless streamed, where each
     choice's echo is its own chunk."""
     from service import app
 
     prompt = "def add(a, b):\n    return a + b"
     entries = 4 * len(tokenizer.encode(prompt)) * (1 + 3)
-    monkeypatch.setattr(app, "MAX_ECHOED_LOGPROBS", entries - 1)
+    monkeypatch.setattr(app, "MAX_LOGPROB_ENTRIES", entries - 1)
     ask = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 3, "n": 4}
     refused = _post(url, "/v1/completions", ask)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
     assert f"{entries:,} entries" in refused.json()["error"]["message"]
     assert _post(url, "/v1/completions", {**ask, "stream": True}).status_code == 200
     assert _post(url, "/v1/completions", {**ask, "n": 3}).status_code == 200
+
+
+@pytest.mark.parametrize("path, ask, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 4},
+     "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 4}, "logprobs"),
+    ("/v1/responses", {"input": "Hi", "top_logprobs": 4}, "top_logprobs"),
+])
+def test_generated_log_probabilities_past_the_limit_are_refused_unless_streamed(url, monkeypatch, path, ask, param):
+    """The log-probabilities of generated tokens were built whole in memory however many (only an echo's were
+    bounded): n choices x max_tokens x (1 + top_logprobs) entries. Counted as they come, a non-streamed response
+    past MAX_LOGPROB_ENTRIES is a 400 naming logprobs, its choices aborted; streamed, or under the limit, it is
+    answered."""
+    from service import app
+
+    monkeypatch.setattr(app, "MAX_LOGPROB_ENTRIES", 50)
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    ask = {**ask, limit: 20, "temperature": 0, "ignore_eos": True}  # 20 tokens x (1 + 4) = 100 entries
+    refused = _post(url, path, ask)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    assert "50 entries" in refused.json()["error"]["message"]
+    assert _post(url, path, {**ask, "stream": True}).status_code == 200
+    answered = _post(url, path, {**ask, limit: 8})  # 40 entries
+    usage = answered.json()["usage"]
+    assert answered.status_code == 200 and usage.get("completion_tokens", usage.get("output_tokens")) == 8

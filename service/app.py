@@ -1134,7 +1134,9 @@ class _ResponsesFormat(_ChatFormat):
             logprobs = self._entries(self._take_pending(index, out))
         else:
             self._hold(index, out)
-        return self.builder.push(reasoning, text, calls, logprobs, named=self._named)
+        parser = self._parsers[index] if self._parsers is not None else None
+        return self.builder.push(reasoning, text, calls, logprobs, named=self._named,
+                                 text_after_calls=getattr(parser, "text_before_calls", None) is False)
 
     def end_chunks(self, lasts: Sequence[StepOutput], include_usage: bool) -> list[dict]:
         (last,) = lasts

@@ -105,6 +105,7 @@ class APIError(Exception):
 # 5 (prompt token ids [true, 2] generated from [1, 2], a review); OpenAI refuses them
 Flag = Annotated[bool, Strict()]
 Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]  # an integer or a number, as JSON's (true and "0.5" were taken as 1.0 and 0.5)
 
 
 class StrictModel(BaseModel):
@@ -125,6 +126,20 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+
+
+class ShortText:
+    """``ShortText[n]``: Text of at most n characters (Text with pydantic's max_length said "at most 64 items")."""
+
+    def __class_getitem__(cls, length: int):
+        def at_most(value: str) -> str:
+            if len(value) > length:
+                raise ValueError(f"at most {length} characters, got {len(value)}")
+            return value
+
+        return Annotated[str, AfterValidator(_utf8), AfterValidator(at_most)]
+
+
 _T = TypeVar("_T")
 # A list whose validation stops at its first bad item (one error, where the handler reports one anyway): every item of
 # a 1 MiB list failing made pydantic list 1.4M errors, which FastAPI turned into dicts on the event loop (one body of
@@ -213,7 +228,7 @@ Arguments = Annotated[str, AfterValidator(_utf8), AfterValidator(_arguments)]
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512
 # OpenAI's ``metadata`` tags: checked against its limits, echoed where the API echoes them (responses), not stored
-Metadata = Annotated[dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None,
+Metadata = Annotated[dict[ShortText[64], ShortText[512]] | None,
                      Field(max_length=MAX_METADATA_KEYS)]
 
 
@@ -309,14 +324,14 @@ class SamplingControls(StrictModel):
 
     stop: Text | Items[Text] | None = Field(default_factory=list)
     seed: Int | None = Field(default=None, ge=-2**63, lt=2**63)  # a signed 64-bit integer, as vLLM takes
-    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    logit_bias: Annotated[dict[str, float], Field(fail_fast=True)] | None = None
+    presence_penalty: Number | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: Number | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: Annotated[dict[str, Number], Field(fail_fast=True)] | None = None
     # vLLM's extensions: generate past EOS (benchmarks with fixed output lengths), more sampling controls
     ignore_eos: Flag = False
     top_k: Int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_p: Number | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Number | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     min_tokens: Int | None = Field(default=None, ge=0)
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(default=None, max_length=64)
     include_stop_str_in_output: Flag = False  # the text ends with the stop string met (by default, before it)
@@ -351,8 +366,8 @@ class _SamplingFields(SamplingControls):
 
     model: str
     max_tokens: Int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
     stream: Stream = False
     stream_options: StreamOptions | None = None
     user: str | None = None

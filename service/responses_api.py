@@ -8,7 +8,9 @@ in ``input`` (the official client: ``input=[*history, *response.output, ...]``).
 function tools only. A response's output is the reasoning (one ``reasoning`` item, with a reasoning
 parser), the text (one ``message`` item) and the calls (one ``function_call`` item each), in this order
 (text written after a call, which Hermes models do not write, joins the message: before the calls when there
-was text before them, else in a message item after them); streamed or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
+was text before them, else in a message item after them, however the engine's outputs split it); with harmony, an
+analysis after a commentary preamble opens a reasoning item after that message (items as the messages were
+written). Streamed or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
 runs the converted request and feeds `ResponseBuilder`).
 """
 
@@ -43,10 +45,12 @@ from service.openai_api import (
     Items,
     JSONObject,
     Metadata,
+    Number,
     PromptCacheOptions,
     ReasoningEffort,
     SamplingControls,
     SchemaName,
+    ShortText,
     Stream,
     StrictModel,
     TemplateKwargs,
@@ -228,8 +232,8 @@ class ResponsesRequest(SamplingControls):
                                                       else v)]
     instructions: Text | None = None
     max_output_tokens: Int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
     tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: Flag | None = None
@@ -248,8 +252,8 @@ class ResponsesRequest(SamplingControls):
     max_tool_calls: Int | None = None
     prompt: Any = None
     user: Text | None = None  # these three are echoed in the response
-    safety_identifier: Text | None = None
-    prompt_cache_key: Text | None = None
+    safety_identifier: ShortText[64] | None = None  # (OpenAI's limits, as chat's)
+    prompt_cache_key: ShortText[1024] | None = None
     prompt_cache_retention: CacheRetention = None
     prompt_cache_options: PromptCacheOptions | None = None
     moderation: Any = None  # OpenAI's features this server does not have: refused by name unless null
@@ -276,6 +280,8 @@ class ResponsesRequest(SamplingControls):
                                "one call)"),
             "truncation": (self.truncation == "auto", "'auto' is not supported: an input longer than the context "
                            "is a 400"),
+            "stream_options": (self.stream_options is not None and not self.stream,
+                               "only allowed when stream is true (as on the chat endpoint)"),
             "moderation": (self.moderation is not None, "moderation is not supported by this server"),
             "context_management": (bool(self.context_management), "context management (compaction) is not "
                                    "supported: an input longer than the context is a 400"),
@@ -440,13 +446,17 @@ class ResponseBuilder:
                 self._event("response.in_progress", response=snapshot)]
 
     def push(self, reasoning: str, text: str, calls: Sequence[ToolCall], logprobs: Sequence[TokenLogprob] = (),
-             *, named: bool = False) -> list[dict[str, Any]]:
+             *, named: bool = False, text_after_calls: bool = False) -> list[dict[str, Any]]:
         """Events for the completion's next reasoning, text (with the log-probabilities of the tokens
         generated since the last text: they go with the text) and calls completed (a named call: its next
-        arguments)."""
+        arguments). ``text_after_calls``: the text came after the calls (the tool parser saw none before the
+        first): with no message yet, the calls' items come first, as when the text comes in a later push."""
         events = []
         if reasoning:
             events += self._reasoning(reasoning)
+        if text_after_calls and calls and not named and not self._has("message"):
+            events += self.push("", "", calls)
+            calls = ()
         if text:
             events += self._text(text, logprobs)
         for call in calls:
@@ -480,9 +490,11 @@ class ResponseBuilder:
         """The ``error`` event with the error's own code, then ``response.failed`` with a code of OpenAI's list
         (the client's types take only those: a request_timeout or device_unavailable there is a server_error)."""
         error = {"code": code if code in _RESPONSE_ERROR_CODES else "server_error", "message": message}
-        if self._open is not None:  # the item the failure cut: no longer in progress in the failed response
-            self._open["status"], self._open = "incomplete", None
-        return [self._event("error", code=code, message=message, param=None),
+        # the item the failure cut ends incomplete, with its done events (a client rebuilding items from the events
+        # kept one that never closed); calls waiting for the text to end are left out, as from the output
+        events = self._close(incomplete=True)
+        self._waiting = []
+        return [*events, self._event("error", code=code, message=message, param=None),
                 self._event("response.failed", response=self.snapshot("failed", error=error))]
 
     # --- items ---

@@ -201,6 +201,9 @@ class ToolCallStream:
         self._gap = ""             # what joins content before a call to content after it (None: no content before)
         self._after_space = ""     # whitespace after the last call so far
         self.calls: list[ToolCall] = []
+        # whether content came before the first call (None: no call yet): content that a push returns beside that
+        # call came after it when none came before (the Responses API orders its items so)
+        self.text_before_calls: bool | None = None
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         """Add ``text``; returns (content to send now, calls completed now). ``final`` flushes."""
@@ -230,6 +233,8 @@ class ToolCallStream:
                     if not self._after_call:
                         self._gap = self._space if self._spoken else None
                     self._space, self._after_call, self._after_space = "", True, ""
+                    if self.text_before_calls is None:
+                        self.text_before_calls = self._spoken
                     for call in parsed:
                         if self._parallel or not self.calls:
                             self.calls.append(call)

@@ -73,6 +73,11 @@ def _rejection(model, body: dict) -> tuple[int, dict]:
     ({"metadata": {"k": "v" * 513}}, "metadata"), ({"metadata": {"k": 1}}, "metadata"),
     ({"safety_identifier": "s" * 65}, "safety_identifier"),
     ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    # numbers are JSON's: a boolean or a numeric string was taken as 1.0 or its value (a review)
+    ({"temperature": True}, "temperature"), ({"temperature": "0.5"}, "temperature"), ({"top_p": "1"}, "top_p"),
+    ({"presence_penalty": "1.5"}, "presence_penalty"), ({"frequency_penalty": False}, "frequency_penalty"),
+    ({"min_p": "0.1"}, "min_p"), ({"repetition_penalty": True}, "repetition_penalty"),
+    ({"logit_bias": {"5": True}}, "logit_bias"),
     ({"prompt_cache_options": {"ttl": "24h"}}, "prompt_cache_options.ttl"),
     ({"prompt_cache_options": {"breakpoints": 2}}, "prompt_cache_options.breakpoints"),
 ])

@@ -104,8 +104,13 @@ def test_errors_name_the_responses_parameters_and_failed_responses_use_openais_c
     # the message a timeout cut is incomplete in the failed response, not left in progress (a walkthrough)
     builder = ResponseBuilder(MODEL, {})
     builder._text("Partial", [])
-    failed = builder.failed("request_timeout", "the request ran past request_timeout_s")[-1]["response"]
+    events = builder.failed("request_timeout", "the request ran past request_timeout_s")
+    failed = events[-1]["response"]
     assert [item["status"] for item in failed["output"]] == ["incomplete"]
+    # and its done events come before the error (a client rebuilding items from them kept it open; a review)
+    assert [e["type"] for e in events] == ["response.output_text.done", "response.content_part.done",
+                                           "response.output_item.done", "error", "response.failed"]
+    assert events[2]["item"]["status"] == "incomplete" and events[0]["text"] == "Partial"
     from openai.types.responses import ResponseUsage
 
     ResponseUsage.model_validate(response_usage(10, 4, 3, 1, 6))  # the client's types require cache_write_tokens
@@ -136,6 +141,9 @@ def test_the_request_converts_to_the_chat_request_it_means():
     ({"frobnicate": 1}, "frobnicate", "unknown parameter"),
     ({"top_k": "many"}, "top_k", "integer"),  # vLLM's sampling extensions are the chat request's fields
     ({"prompt_cache_retention": "forever"}, "prompt_cache_retention", "'in_memory' or '24h'"),  # (any string was)
+    ({"temperature": True}, "temperature", "valid number"), ({"top_p": "1"}, "top_p", "valid number"),
+    ({"safety_identifier": "s" * 65}, "safety_identifier", "64"),  # OpenAI's limits, as chat's (any length was)
+    ({"prompt_cache_key": "k" * 1025}, "prompt_cache_key", "1024"),
 ])
 def test_bad_requests_fail_validation_naming_the_field(body, param, message):
     with pytest.raises(pydantic.ValidationError) as info:
@@ -155,6 +163,7 @@ def openai_error(exc: pydantic.ValidationError) -> APIError:
     ({"conversation": "conv_1"}, "conversation", "stores no responses"),
     ({"background": True}, "background", "not supported"),
     ({"truncation": "auto"}, "truncation", "not supported"),
+    ({"stream_options": {"include_obfuscation": False}}, "stream_options", "only allowed when stream is true"),
     # the client's newer parameters: named, not "unknown parameter"
     ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "not supported"),
     ({"context_management": [{"type": "compaction"}]}, "context_management", "not supported"),
@@ -296,6 +305,27 @@ def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
     added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
     done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
     assert added == done == [0, 1, 2, 3]
+
+
+CALL_THEN_TEXT = '<tool_call>\n{"name": "now", "arguments": {"zone": 1}}\n</tool_call>\nDone, it is 1.'
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, len(CALL_THEN_TEXT)), max_size=8))
+@example([CALL_THEN_TEXT.index("Done")])  # the call's end and the text after it in separate outputs
+@example([])  # both in one output: the message came first (a review)
+def test_text_after_the_calls_with_none_before_is_a_message_after_them_whatever_the_chunking(cuts):
+    cuts = sorted({0, *cuts, len(CALL_THEN_TEXT)})
+    pieces = [CALL_THEN_TEXT[a:b] for a, b in zip(cuts, cuts[1:])]
+    streamed = _format(ToolSetup(SCHEMAS, "auto"))
+    outs = _outputs(pieces, "stop")
+    events = [e for out in outs for e in streamed.chunks(0, out)] + streamed.end_chunks(outs[-1:], False)
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["function_call", "message"]
+    assert final["output"][1]["content"][0]["text"] == "Done, it is 1."
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+    assert added == done == [0, 1]
 
 
 def test_a_named_call_streams_its_arguments_and_an_empty_completion_is_an_empty_message():

@@ -489,7 +489,7 @@ class _Server:
             raise
         fmt.cached_tokens = sum(out.num_cached_tokens for out in firsts[::n])  # choices share a prompt's cache
         timer.on_cached(fmt.cached_tokens)
-        outputs = _merged(firsts, streams, timer)
+        outputs = _merged(firsts, streams, timer, body.grammar_source[1])
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
@@ -597,7 +597,7 @@ async def _first_outputs(streams: list[AsyncIterator[StepOutput]]) -> list[StepO
 
 
 async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutput]],
-                  timer: RequestTimer) -> AsyncIterator[tuple[int, StepOutput]]:
+                  timer: RequestTimer, grammar_param: str | None = None) -> AsyncIterator[tuple[int, StepOutput]]:
     """(choice index, output) of every choice as they come, timed, firsts first (the consumer finishes the request
     on the timer once its response is sent: building it may still fail). An abort by anyone else is an engine
     error; leaving early (or an error) closes every stream, which aborts the choices still running."""
@@ -607,7 +607,8 @@ async def _merged(firsts: list[StepOutput], streams: list[AsyncIterator[StepOutp
         while outs:
             for index, out in outs:
                 if out.finish_reason == "abort":
-                    raise StructuredOutputFailed(out.error) if out.error else EngineError("the request was aborted")
+                    raise (StructuredOutputFailed(out.error, grammar_param) if out.error
+                           else EngineError("the request was aborted"))
                 timer.on_tokens(len(out.new_token_ids), choice=index)
                 yield index, out
                 if not out.finished:

@@ -52,7 +52,12 @@ class EngineError(RuntimeError):
 
 
 class StructuredOutputFailed(EngineError):
-    """A request's structured output could not be followed to its end (its grammar past a parser limit)."""
+    """A request's structured output could not be followed to its end (its grammar past a parser limit);
+    ``param``: the request parameter the grammar came from, when the caller knows it (an error names it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineStopped(EngineError):

@@ -1068,7 +1068,7 @@ def _as_api_error(exc: BaseException) -> APIError:
                         code="device_unavailable")
     if isinstance(exc, StructuredOutputFailed):  # (the request's grammar: too large for the parser to follow)
         return APIError(400, f"the structured output could not be followed to its end: {exc}; simplify it",
-                        code="structured_output_failed")
+                        param=exc.param, code="structured_output_failed")
     if isinstance(exc, EngineError):
         return APIError(500, "the model failed while generating this request", type="server_error")
     log.error("internal error", exc_info=exc)

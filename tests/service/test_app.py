@@ -956,6 +956,9 @@ def test_a_grammar_the_parser_gives_up_on_mid_completion_is_a_400_saying_so(toke
         error = response.json()["error"]
         assert response.status_code == 400 and error["code"] == "structured_output_failed", error
         assert "grammar failed" in error["message"] and "item11999" not in error["message"]
+        assert error["param"] == "structured_outputs"  # (was null: the grammar's parameter is known)
+        streamed = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=120).text
+        assert '"param":"structured_outputs"' in streamed.replace(" ", "") and "structured_output_failed" in streamed
         assert httpx.post(f"{url}/v1/completions", json={**body, "structured_outputs": {"choice": ["a", "b"]}},
                           timeout=60).status_code == 200
 

@@ -136,11 +136,10 @@ class KVCache:
         holding positions from there on its own (a block another slot shares is replaced by a copy: the slot is
         about to write there); False (and nothing changed) if too few blocks are free."""
         blocks = self.blocks[slot]
-        missing = max(0, self.blocks_for(num_tokens) - len(blocks))
-        first = len(blocks) if write_from is None else write_from // self.block_size
-        shared = [index for index in range(first, len(blocks)) if self.refs[blocks[index]] > 1]
+        missing, shared = self._growth(slot, num_tokens, write_from)
         if missing + len(shared) > self.num_free:
             return False
+        first = len(blocks) if write_from is None else write_from // self.block_size
         if shared:
             fresh = self._take(slot, len(shared))
             if shared[0] == first and write_from % self.block_size:  # positions before write_from are kept
@@ -153,6 +152,18 @@ class KVCache:
         if missing or shared:
             self._dirty.append(slot)
         return True
+
+    def shortfall(self, slot: int, num_tokens: int, write_from: int | None = None) -> int:
+        """Blocks that must come free before `grow` with these arguments can succeed (0: it can)."""
+        missing, shared = self._growth(slot, num_tokens, write_from)
+        return max(0, missing + len(shared) - self.num_free)
+
+    def _growth(self, slot: int, num_tokens: int, write_from: int | None) -> tuple[int, list[int]]:
+        """`grow`'s needs: blocks missing past ``slot``'s, and the indexes of its shared blocks it must copy."""
+        blocks = self.blocks[slot]
+        missing = max(0, self.blocks_for(num_tokens) - len(blocks))
+        first = len(blocks) if write_from is None else write_from // self.block_size
+        return missing, [index for index in range(first, len(blocks)) if self.refs[blocks[index]] > 1]
 
     def trim(self, slot: int, num_tokens: int) -> None:
         """Drop ``slot``'s blocks past its first ``num_tokens`` positions (all of them for 0); a block no other

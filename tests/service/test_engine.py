@@ -1214,6 +1214,76 @@ def test_cached_prefixes_give_their_blocks_up_when_a_prompt_needs_them(reference
     assert list(dict(engine._slot_tokens.items()).values()) == [other + tokens[:1]]  # the only prefix cached now
 
 
+def _evict_one_block_at_a_time(engine: Engine, slot: int, num_tokens: int) -> bool:
+    """`_make_room` before the review, the reference: one block a call, the victim's cached tokens re-sorted each
+    time."""
+    cache = engine._cache
+    while not cache.grow(slot, num_tokens):
+        victim = engine._to_evict(None)
+        if victim is None:
+            return False
+        kept = (len(cache.blocks[victim]) - 1) * cache.block_size
+        if kept <= 0:
+            engine._clear_slot(victim)
+        else:
+            engine._slot_tokens.trim(victim, kept)
+            cache.trim(victim, kept)
+    return True
+
+
+def _cached_prefix_tree(seed: int, num_cached: int, share: float) -> tuple[Engine, int]:
+    """An engine whose free slots hold ``num_cached`` finished sequences, each sharing a random prefix of an earlier
+    one (with probability ``share``) as requests over common prefixes leave them, and a slot taken for a prompt."""
+    rng = random.Random(seed)
+    model = build_tiny_model("qwen3_moe")
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=256, kv_block_size=4,
+                                        max_cached_sequences=num_cached + 1,
+                                        kv_cache_bytes=(16 + 3 * num_cached) * 4 * _token_bytes(model)))
+    cache, cached = engine._cache, []
+    for _ in range(num_cached):
+        slot = engine._take_free_slot(engine._victim())
+        if cached and rng.random() < share:
+            source, prefix = cached[0] if share == 1.0 else rng.choice(cached)  # (1.0: one system prompt, whole)
+            shared = len(prefix) if share == 1.0 else rng.randint(1, len(prefix))
+            tokens = prefix[:shared] + [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randint(1, 24))]
+            cache.share_prefix(source, slot, shared)
+            grown = cache.grow(slot, len(tokens), write_from=shared)
+        else:
+            tokens = [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randint(1, 60) if share < 1.0 else 160)]
+            grown = cache.grow(slot, len(tokens))
+        if not grown:  # (the tree is only as large as the memory holds)
+            cache.release(slot)
+            engine._free_slot(slot)
+            continue
+        engine._free_slot(slot)
+        engine._slot_tokens.put(slot, tokens)
+        cached.append((slot, tokens))
+    return engine, engine._take_free_slot(engine._victim())
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_giving_cached_prefixes_up_leaves_what_one_block_at_a_time_did_at_a_cost_in_the_slots_not_the_blocks(seed):
+    """A prompt that needs the memory of cached prefixes gave them up one block per call, each call re-sorting the
+    victim's cached tokens: with 64 cached conversations on a 16k-token system prompt (whose shared blocks free
+    nothing until every one gave them up) one admission took 11 s (a review). Now blocks go a slot at a time: the
+    blocks, their references and the cached tokens end as the reference left them, and the evictions are at most
+    one per cached slot and two per freed block (the last two slots sharing a block take turns: after one gives it
+    up, the other's last block may be its own)."""
+    share = 1.0 if seed >= 12 else (0.0, 0.5, 0.95)[seed % 3]
+    engine, slot = _cached_prefix_tree(seed, num_cached=24, share=share)
+    reference, ref_slot = _cached_prefix_tree(seed, num_cached=24, share=share)
+    assert slot == ref_slot and engine._cache.blocks == reference._cache.blocks
+    calls, evict = [], engine._evict
+    engine._evict = lambda victim, *rest: calls.append(victim) or evict(victim, *rest)
+    need = random.Random(seed).randint(160, 256)
+    assert engine._make_room(slot, need) == _evict_one_block_at_a_time(reference, slot, need)
+    assert engine._cache.blocks == reference._cache.blocks and engine._cache.refs == reference._cache.refs
+    assert dict(engine._slot_tokens.items()) == dict(reference._slot_tokens.items())
+    assert engine._slot_tokens._sorted == reference._slot_tokens._sorted
+    assert_block_counts(engine._cache)
+    assert len(calls) <= 24 + 2 * engine._cache.blocks_for(need)
+
+
 def test_a_tiny_temperature_is_greedy_and_fails_no_request_of_its_step():
     # temperature 1e-39 overflowed the logits to inf: the draw raised and the step failed every request in it
     prompt, sampled = _prompt(9, 0), SamplingParams(max_tokens=8, temperature=0.8, seed=1)

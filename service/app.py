@@ -80,7 +80,7 @@ from service.openai_api import (
 from service.reasoning import HARMONY as HARMONY_REASONING
 from service.reasoning import IMPLICIT_ENDS, THINK_END, THINK_START, ReasoningStream, opens_reasoning
 from service.reasoning import PARSERS as REASONING_PARSERS
-from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage
+from service.responses_api import ResponseBuilder, ResponsesRequest, renamed, response_usage, responses_param
 from service.sampling import SamplingParams, TokenLogprobs
 from service.structured import InvalidGrammar
 from service.text import TokenPieces, apply_chat_template, render_template, special_ids, text_after_history
@@ -489,7 +489,7 @@ class _Server:
             raise
         fmt.cached_tokens = sum(out.num_cached_tokens for out in firsts[::n])  # choices share a prompt's cache
         timer.on_cached(fmt.cached_tokens)
-        outputs = _merged(firsts, streams, timer, body.grammar_source[1])
+        outputs = _merged(firsts, streams, timer, fmt.param(body.grammar_source[1]))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(outputs, firsts, fmt, timer, include_usage), media_type="text/event-stream")
@@ -775,6 +775,10 @@ class _Format(abc.ABC):
 
     prefix = ""
     logprobs_param = "logprobs"  # the parameter that asked for log-probabilities (an error names it)
+
+    def param(self, name: str | None) -> str | None:
+        """The request parameter the client sent for the chat or completions parameter ``name``."""
+        return name
 
     def __init__(self, model: str, pieces: TokenPieces | None = None, n: int = 1, num_prompts: int = 1) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
@@ -1092,13 +1096,13 @@ class _ResponsesFormat(_ChatFormat):
     header and the closing token are not: a response without analysis reported 4 of 6 tokens)."""
 
     done = ""  # the stream ends with response.completed (or .incomplete, or .failed)
-    logprobs_param = "top_logprobs"
     caches_prompts = False  # the engine's prefix cache keeps prompts (their uncached tokens are cache writes)
 
     def __init__(self, model: str, pieces: TokenPieces | None, settings: dict, *, tools: ToolSetup | None = None,
                  reasoning: _Reasoning | None = None, harmony: _Harmony | None = None) -> None:
         super().__init__(model, pieces, 1, tools=tools, reasoning=reasoning, harmony=harmony)
         self.builder = ResponseBuilder(model, settings)
+        self.logprobs_param = "top_logprobs" if settings.get("top_logprobs") is not None else "include"
         self.id = self.builder.id
         # a named call's arguments stream as they come, unless harmony's parser sends the call whole
         self._named = tools is not None and tools.choice == "named" and harmony is None
@@ -1149,7 +1153,10 @@ class _ResponsesFormat(_ChatFormat):
 
     def error_chunks(self, exc: EngineError) -> list[dict]:
         error = error_body(exc)[1]["error"]
-        return self.builder.failed(error["code"] or error["type"], error["message"])
+        return self.builder.failed(error["code"] or error["type"], error["message"], error["param"])
+
+    def param(self, name: str | None) -> str | None:
+        return responses_param(name)
 
     def response(self, results: Sequence[_Choice]) -> dict:
         (result,) = results

@@ -72,7 +72,8 @@ class PlacementSync:
                                      else report)
             except BaseException:
                 # kept for the next report: a coordinator that is restarting or busy past the call's timeout would
-                # otherwise never see the passes served meanwhile (one answered after its timeout is counted twice)
+                # otherwise never see the passes served meanwhile (a report it ran but answered late, whose call
+                # timed out, is counted again with each later report until one is answered)
                 self.context.restore(report)
                 raise
             if reply.workers is not None:

@@ -8,7 +8,8 @@ in ``input`` (the official client: ``input=[*history, *response.output, ...]``).
 function tools only. A response's output is the reasoning (one ``reasoning`` item, with a reasoning
 parser), the text (one ``message`` item) and the calls (one ``function_call`` item each), in this order
 (text written after a call, which Hermes models do not write, joins the message: before the calls when there
-was text before them, else in a message item after them, however the engine's outputs split it); with harmony, an
+was text before them, else in one message item after all of them, held until the completion ends, however the
+engine's outputs split it); with harmony, an
 analysis after a commentary preamble opens a reasoning item after that message (items as the messages were
 written). Streamed or not, the output is the same. Ignores routing, tokenisation and the engine (`service.app`
 runs the converted request and feeds `ResponseBuilder`).
@@ -283,8 +284,8 @@ class ResponsesRequest(SamplingControls):
             "stream_options": (self.stream_options is not None and not self.stream,
                                "only allowed when stream is true (as on the chat endpoint)"),
             "moderation": (self.moderation is not None, "moderation is not supported by this server"),
-            "context_management": (bool(self.context_management), "context management (compaction) is not "
-                                   "supported: an input longer than the context is a 400"),
+            "context_management": (self.context_management not in (None, []), "context management (compaction) is "
+                                   "not supported: an input longer than the context is a 400"),
             "background_options": (self.background_options is not None, "background responses are not supported"),
             "access_programs": (self.access_programs is not None, "access programs are not supported"),
             "image": (self.image is not None, "image options are not supported: this server generates text"),
@@ -381,17 +382,23 @@ class ResponsesRequest(SamplingControls):
                 "prompt_cache_key": self.prompt_cache_key, "service_tier": "default"}
 
 
+def responses_param(param: str | None) -> str | None:
+    """The responses parameter a parameter of the converted chat request came from."""
+    if param is None:
+        return None
+    head, _, rest = param.partition(".")
+    if head not in _PARAMS:
+        return param
+    return _PARAMS[head] + (f".{rest}" if rest and head != "messages" else "")
+
+
 def renamed(error: APIError) -> APIError:
     """``error`` of the converted chat request, naming the responses parameter it came from."""
-    if error.param is None:
+    param = responses_param(error.param)
+    if param is None:
         return error
-    head, _, rest = error.param.partition(".")
-    if head not in _PARAMS:
-        return APIError(error.status, _responses_names(error.message), type=error.type, param=error.param,
-                        code=error.code)
-    param = _PARAMS[head] + (f".{rest}" if rest and head != "messages" else "")
-    return APIError(error.status, _responses_names(error.message.replace(error.param, param, 1)), type=error.type,
-                    param=param, code=error.code)
+    message = error.message if param == error.param else error.message.replace(error.param, param, 1)
+    return APIError(error.status, _responses_names(message), type=error.type, param=param, code=error.code)
 
 
 def _responses_names(message: str) -> str:
@@ -430,6 +437,7 @@ class ResponseBuilder:
         self._text_done = False  # the message has ended (no text may follow), or no text came before a call
         self._calls: dict[str, dict[str, Any]] = {}  # call id -> its function_call item
         self._waiting: list[ToolCall] = []  # calls whose items wait for the text to end
+        self._held: list[tuple[str, list[TokenLogprob]]] = []  # text after calls with none before: one message at the end
 
     def snapshot(self, status: str, usage: dict[str, Any] | None = None, *,
                  incomplete: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -454,9 +462,17 @@ class ResponseBuilder:
         events = []
         if reasoning:
             events += self._reasoning(reasoning)
-        if text_after_calls and calls and not named and not self._has("message"):
-            events += self.push("", "", calls)
-            calls = ()
+        if text_after_calls and not named and not self._has("message"):
+            # no text before the calls: they come as they complete, and the text after them (which the chat endpoint
+            # joins into one content) waits for the completion's end, to be one message after them all: written
+            # between two calls and streamed at once, it made a message between them and another after them, as the
+            # outputs happened to split the text (a review)
+            for call in calls:
+                self._text_done = True
+                events += self._close() + self._call(call)
+            if text or logprobs:
+                self._held.append((text, list(logprobs)))
+            return events
         if text:
             events += self._text(text, logprobs)
         for call in calls:
@@ -475,6 +491,9 @@ class ResponseBuilder:
         item, calls waiting for the text, an empty message if there is no output at all, then
         ``response.completed`` (or ``response.incomplete``, with ``incomplete`` the reason)."""
         events = []
+        if self._held:  # the text after the calls, as one message after them
+            held, self._held = self._held, []
+            events += self._text("".join(text for text, _ in held), [entry for _, entries in held for entry in entries])
         if logprobs and self._open is not None and self._open["type"] == "message":
             events += self._text("", logprobs)
         if not self.output:
@@ -486,15 +505,15 @@ class ResponseBuilder:
         status = "incomplete" if incomplete else "completed"
         return [*events, self._event(f"response.{status}", response=self.snapshot(status, usage, incomplete=incomplete))]
 
-    def failed(self, code: str, message: str) -> list[dict[str, Any]]:
+    def failed(self, code: str, message: str, param: str | None = None) -> list[dict[str, Any]]:
         """The ``error`` event with the error's own code, then ``response.failed`` with a code of OpenAI's list
         (the client's types take only those: a request_timeout or device_unavailable there is a server_error)."""
         error = {"code": code if code in _RESPONSE_ERROR_CODES else "server_error", "message": message}
         # the item the failure cut ends incomplete, with its done events (a client rebuilding items from the events
         # kept one that never closed); calls waiting for the text to end are left out, as from the output
         events = self._close(incomplete=True)
-        self._waiting = []
-        return [*events, self._event("error", code=code, message=message, param=None),
+        self._waiting, self._held = [], []
+        return [*events, self._event("error", code=code, message=message, param=param),
                 self._event("response.failed", response=self.snapshot("failed", error=error))]
 
     # --- items ---

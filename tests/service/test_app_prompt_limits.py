@@ -315,3 +315,7 @@ def test_generated_log_probabilities_past_the_limit_are_refused_unless_streamed(
     answered = _post(url, path, {**ask, limit: 8})  # 40 entries
     usage = answered.json()["usage"]
     assert answered.status_code == 200 and usage.get("completion_tokens", usage.get("output_tokens")) == 8
+    if path == "/v1/responses":  # asked for by include alone: the error names include (it said top_logprobs)
+        ask = {key: value for key, value in ask.items() if key != "top_logprobs"}
+        refused = _post(url, path, {**ask, "include": ["message.output_text.logprobs"], limit: 60})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "include"

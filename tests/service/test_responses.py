@@ -111,6 +111,9 @@ def test_errors_name_the_responses_parameters_and_failed_responses_use_openais_c
     assert [e["type"] for e in events] == ["response.output_text.done", "response.content_part.done",
                                            "response.output_item.done", "error", "response.failed"]
     assert events[2]["item"]["status"] == "incomplete" and events[0]["text"] == "Partial"
+    # the error event names the responses parameter at fault (structured outputs: text.format; it said null)
+    assert ResponseBuilder(MODEL, {}).failed("structured_output_failed", "x", "text.format")[0]["param"] == "text.format"
+    assert _format().param("response_format") == "text.format" and _format().param("seed") == "seed"
     from openai.types.responses import ResponseUsage
 
     ResponseUsage.model_validate(response_usage(10, 4, 3, 1, 6))  # the client's types require cache_write_tokens
@@ -167,6 +170,7 @@ def openai_error(exc: pydantic.ValidationError) -> APIError:
     # the client's newer parameters: named, not "unknown parameter"
     ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "not supported"),
     ({"context_management": [{"type": "compaction"}]}, "context_management", "not supported"),
+    ({"context_management": False}, "context_management", "not supported"),  # (any falsy value was taken)
     ({"background_options": {"completion_window": "2h"}}, "background_options", "not supported"),
     ({"access_programs": {"x": 1}}, "access_programs", "not supported"),
     ({"image": {"quality": "low"}}, "image", "not supported"),
@@ -307,25 +311,29 @@ def test_streamed_events_build_the_output_the_whole_text_gives(cuts):
     assert added == done == [0, 1, 2, 3]
 
 
-CALL_THEN_TEXT = '<tool_call>\n{"name": "now", "arguments": {"zone": 1}}\n</tool_call>\nDone, it is 1.'
+_CALL = '<tool_call>\n{{"name": "now", "arguments": {{"zone": {}}}}}\n</tool_call>'
+CALL_THEN_TEXT = _CALL.format(1) + "\nDone, it is 1."
+CALLS_AND_TEXT_BETWEEN = _CALL.format(1) + "\nDone." + _CALL.format(2) + "\nBye."
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, len(CALL_THEN_TEXT)), max_size=8))
-@example([CALL_THEN_TEXT.index("Done")])  # the call's end and the text after it in separate outputs
-@example([])  # both in one output: the message came first (a review)
-def test_text_after_the_calls_with_none_before_is_a_message_after_them_whatever_the_chunking(cuts):
-    cuts = sorted({0, *cuts, len(CALL_THEN_TEXT)})
-    pieces = [CALL_THEN_TEXT[a:b] for a, b in zip(cuts, cuts[1:])]
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([CALL_THEN_TEXT, CALLS_AND_TEXT_BETWEEN]), st.lists(st.floats(0, 1), max_size=8))
+@example(CALL_THEN_TEXT, [CALL_THEN_TEXT.index("Done") / len(CALL_THEN_TEXT)])  # the call's end, the text apart
+@example(CALL_THEN_TEXT, [])  # both in one output: the message came first (a review)
+@example(CALLS_AND_TEXT_BETWEEN, [0.5, 0.7])  # text between the calls streamed at once: two messages (a review)
+def test_text_after_the_calls_with_none_before_is_one_message_after_them_whatever_the_chunking(text, fractions):
+    cuts = sorted({0, *(round(f * len(text)) for f in fractions), len(text)})
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
     streamed = _format(ToolSetup(SCHEMAS, "auto"))
     outs = _outputs(pieces, "stop")
     events = [e for out in outs for e in streamed.chunks(0, out)] + streamed.end_chunks(outs[-1:], False)
     final = events[-1]["response"]
-    assert [item["type"] for item in final["output"]] == ["function_call", "message"]
-    assert final["output"][1]["content"][0]["text"] == "Done, it is 1."
+    calls = text.count("<tool_call>")
+    assert [item["type"] for item in final["output"]] == ["function_call"] * calls + ["message"]
+    assert final["output"][-1]["content"][0]["text"] == ("Done, it is 1." if calls == 1 else "Done.\nBye.")
     added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
     done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
-    assert added == done == [0, 1]
+    assert added == done == list(range(calls + 1))
 
 
 def test_a_named_call_streams_its_arguments_and_an_empty_completion_is_an_empty_message():

@@ -136,6 +136,35 @@ def test_vibe_is_never_worse_than_eplb(case):
     assert np.all(vibe[distinct] <= reference[distinct] * (1 + 1e-12))
 
 
+@pytest.mark.parametrize("case", ["contiguous", "contiguous with activity", "even under a budget"])
+def test_vibe_is_no_worse_than_the_contiguous_layout_or_its_own_plan_with_equal_counts(case):
+    """Layers where vibe's swap/move search stopped above a trivial layout (a review's cases: 10% above the
+    contiguous layout, which is optimal there; 11% with activity; 21% above its own plan with equal counts when a
+    slot budget allowed uneven ones): the search also starts from those and keeps the faster."""
+    activity, budget = None, None
+    if case == "contiguous":
+        devices = [DeviceModel(0.9050825130914611, 16.0, 0.014658467311677997),
+                   DeviceModel(1.2191134301972144, 0.0, 0.00341952842466754),
+                   DeviceModel(0.8227625071645437, 16.0, 0.015724740283827247)]
+        loads = np.tile([4.0, 0.0, 53.0, 2.0, 2.0, 0.0, 0.0, 97.0, 1.0, 2.0, 3.0, 1.0], (8, 1))
+    elif case == "contiguous with activity":
+        devices = [DeviceModel(1.4517172394317968, 0.0, 0.0014), DeviceModel(1.5147586027562663, 0.0, 0.01),
+                   DeviceModel(1.8583483847771176, 160.0, 0.0165)]
+        loads = np.tile([384.77156406792835, 128.39520422540815, 24.0268062327304, 40.00780648673842,
+                         12.099943526025694, 6.946365835815977], (4, 1))
+        activity = np.tile([0.96, 0.257, 0.924, 0.28, 0.543, 0.697], (4, 1))
+    else:
+        devices = [DeviceModel(0.9959020759835814, 16.0, 0.002471308997072147),
+                   DeviceModel(1.097984104177756, 0.0, 0.008288605633692603),
+                   DeviceModel(1.1164793753465239, 16.0, 0.01684870263034881)]
+        loads, budget = np.tile([22.0, 40.0, 12.0, 54.0, 141.0, 177.0], (4, 1)), 3
+    vibe = makespan(plan(loads, devices, "vibe", slot_budget=budget, activity=activity), loads, devices, activity)
+    other = plan(loads, devices, "vibe" if budget else "contiguous", activity=activity)
+    assert np.all(vibe <= makespan(other, loads, devices, activity) * (1 + 1e-12))
+    if activity is None:  # (here that layout is the optimum)
+        assert vibe.sum() == pytest.approx(exact_makespan(loads, devices).sum())
+
+
 def test_contiguous_is_vllm_default_layout():
     loads = np.arange(24.0).reshape(2, 12)
     placement = plan(loads, devices_of(np.ones(4)), "contiguous")

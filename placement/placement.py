@@ -192,13 +192,15 @@ class Placement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Placement:
+        """The placement `to_dict` wrote; ValueError for a field whose numbers are not whole (a record read back
+        from workers was cast: phy2log 1.7 became expert 1, a version 3.7 version 3)."""
         return cls(
-            np.asarray(data["phy2log"], dtype=np.int64),
-            np.asarray(data["slot_device"], dtype=np.int64),
+            _whole(data["phy2log"], "phy2log"),
+            _whole(data["slot_device"], "slot_device"),
             np.asarray(data["replica_share"], dtype=np.float64),
-            int(data["num_experts"]),
-            int(data["num_devices"]),
-            int(data.get("version", 0)),
+            int(_whole(data["num_experts"], "num_experts")),
+            int(_whole(data["num_devices"], "num_devices")),
+            int(_whole(data.get("version", 0), "version")),
         )
 
     @classmethod
@@ -214,3 +216,12 @@ class Placement:
         phy2log = np.argsort(expert_device, axis=1, kind="stable")
         slot_device = np.take_along_axis(expert_device, phy2log, axis=1)
         return cls(phy2log, slot_device, np.ones((num_layers, num_experts)), num_experts, num_devices, version)
+
+
+def _whole(value: Any, name: str) -> np.ndarray:
+    """``value`` as int64, if every number in it is a whole one (booleans are not numbers here)."""
+    array = np.asarray(value)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or (
+            np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array)))):
+        raise ValueError(f"placement {name} must hold whole numbers, got {str(value)[:80]}")
+    return array.astype(np.int64)

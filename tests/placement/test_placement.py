@@ -62,6 +62,13 @@ def test_to_dict_round_trips_through_json():
     assert again.same_layout(placement)
     assert again.version == 7
     assert (again.num_experts, again.num_devices) == (3, 2)
+    # numbers that are not whole are refused, not cast (a review: phy2log 1.7 read as expert 1, version 3.7 as 3)
+    record = placement.to_dict()
+    assert Placement.from_dict({**record, "version": 7.0}).version == 7
+    for key, value in (("version", 3.7), ("num_experts", 2.9), ("phy2log", np.add(record["phy2log"], 0.5).tolist()),
+                       ("slot_device", [[True] * len(row) for row in record["slot_device"]])):
+        with pytest.raises(ValueError, match=f"placement {key} must hold whole numbers"):
+            Placement.from_dict({**record, key: value})
 
 
 def test_from_expert_devices_lays_slots_out_device_major():

@@ -73,6 +73,11 @@ def plan(loads: np.ndarray, devices: list[DeviceModel], policy: str = "vibe", *,
         return contiguous_placement(loads.shape[0], num_experts, num_devices)
     if policy == "eplb":
         return eplb_placement(loads, num_devices, num_redundant)
+    with np.errstate(over="ignore"):
+        total = loads.sum(axis=1).max()  # a layer's tokens on one device: the longest time any slot could take
+        finite = np.isfinite(total) and all(np.isfinite(device.latency(np.array([total]))).all() for device in devices)
+    if not finite:  # (past here the search compared infinities: misleading errors, or a plan timed at inf)
+        raise ValueError(f"loads up to {loads.max():.3g} tokens make predicted times overflow; scale them down")
     return vibe_placement(loads, devices, num_redundant, capacity, activity)
 
 

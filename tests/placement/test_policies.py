@@ -340,6 +340,8 @@ def test_greedy_falls_back_when_replicas_run_out_of_devices():
         ({"loads": np.ones((2, 2)), "devices": devices_of(np.ones(2)), "num_redundant": 4}, "too many"),
         ({"loads": np.ones((2, 3)), "devices": devices_of(np.ones(3)), "num_redundant": 5,
           "slot_budget": [2, 2, 4]}, "too many"),
+        # times that overflow: a misleading slot_budget error with replicas, a plan timed at inf without (a review)
+        ({"loads": np.full((2, 8), 1e308)}, "overflow"), ({"loads": np.full((2, 8), 1e308), "num_redundant": 4}, "overflow"),
     ],
 )
 def test_bad_input_raises_value_error(kwargs, match):

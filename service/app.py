@@ -1007,9 +1007,35 @@ class _ChatFormat(_Format):
         return [self._make([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
                 for i in range(self.num_choices)]
 
+    @property
+    def _hides_reasoning(self) -> bool:
+        """The reasoning is left out (``include_reasoning: false``): its tokens' log-probabilities too (they
+        spelled it out, the whole block before the answer's first entry)."""
+        return self.pieces is not None and self._harmony is None and self._thinking is not None \
+            and not self.reasoning.include
+
+    def _shown(self, outputs: Sequence[StepOutput]) -> list[StepOutput]:
+        """A choice's outputs as the response shows them: those whose tokens were reasoning it leaves out without
+        log-probabilities, and so those held undecided before them (a partial ``<think``)."""
+        thinking, shown, held = ReasoningStream(self.reasoning.in_block, self.reasoning.ends), [], []
+        for k, out in enumerate(outputs):
+            was, final = thinking.in_block, k == len(outputs) - 1
+            reasoning, content = thinking.push(out.text, final)
+            if was or thinking.before_answer:
+                shown += [dataclasses.replace(o, logprobs=()) for o in (*held, out)]
+                held = []
+            elif not (reasoning or content or final):
+                held.append(out)
+            else:
+                shown += [*held, out]
+                held = []
+        return shown + held
+
     def response(self, results: Sequence[_Choice]) -> ChatCompletionResponse:
         choices = []
         for i, r in enumerate(results):
+            if self._hides_reasoning:
+                r = _Choice(self._shown(r.outputs))
             reasoning, content, _ = self._split(i, r.text, final=True, truncated=r.last.finish_reason == "length")
             calls = self._parsers[i].calls if self._parsers is not None else []
             thought = self._thinking is not None and self._thinking[i].reasoned  # a block was opened
@@ -1022,8 +1048,13 @@ class _ChatFormat(_Format):
                                       usage=self._usage([r.last for r in results]))
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
+        if self._hides_reasoning:
+            was = self._thinking[index].in_block
         reasoning, content, calls = self._split(index, out.text, final=out.finished,
                                                 truncated=out.finish_reason == "length")
+        if self._hides_reasoning and (was or self._thinking[index].before_answer):
+            # (and the entries held while the block's opening was undecided, a partial <think>)
+            out, self._pending[index] = dataclasses.replace(out, logprobs=()), []
         if not reasoning and not content and not calls and not out.finished:
             self._hold(index, out)
             return []

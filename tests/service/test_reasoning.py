@@ -126,6 +126,38 @@ def test_chat_format_sends_reasoning_apart_then_tool_calls(include):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.parametrize("in_block", [False, True])
+def test_reasoning_left_out_leaves_its_tokens_log_probabilities_out_too(in_block):
+    """``include_reasoning: false`` dropped the reasoning's text while every one of its tokens' log-probability
+    entries still spelled it out (the whole block before the answer's first entry, streamed or not; a review),
+    a partial ``<think`` held undecided included. Included, every token keeps its entry."""
+    from service.sampling import TokenLogprobs
+    from service.text import TokenPieces
+
+    tokenizer = build_tokenizer()
+    text = ("" if in_block else "<think>") + "\nSECRET PLAN\n</think>\n\nHello."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [tokenizer.decode(ids[:k + 1]) for k in range(len(ids))]
+    pieces = [b[len(a):] for a, b in zip(["", *pieces], pieces)]
+    outs = [StepOutput("r", (t,), piece, k == len(ids) - 1, "stop" if k == len(ids) - 1 else None, 5, k + 1,
+                       logprobs=(TokenLogprobs(t, -0.5),)) for k, (t, piece) in enumerate(zip(ids, pieces))]
+    for include in (False, True):
+        def fmt(include=include):
+            return _ChatFormat(MODEL, TokenPieces(tokenizer), reasoning=_Reasoning(in_block, include))
+
+        choice = fmt().response([_Choice(outs)]).choices[0]
+        streaming = fmt()
+        streamed = [entry for out in outs for chunk in streaming.chunks(0, out) for c in chunk.choices
+                    if c.logprobs is not None for entry in c.logprobs.content]
+        tokens = "".join(entry.token for entry in choice.logprobs.content)
+        assert choice.message.content == "Hello." and (choice.message.reasoning is not None) == include
+        assert "".join(entry.token for entry in streamed) == tokens
+        if include:
+            assert len(choice.logprobs.content) == len(ids)
+        else:
+            assert tokens == "Hello.", tokens
+
+
 def test_the_chat_format_ends_kimis_block_at_its_calls_and_the_app_gives_it_the_tag():
     from service.reasoning import IMPLICIT_ENDS
 

@@ -993,14 +993,15 @@ class _ChatFormat(_Format):
                 {tools.name: tools.parameters[tools.name]} if tools.choice == "named" else tools.parameters)
             parallel = tools is None or tools.parallel
             make_id = TOOL_FORMATS[tools.format].call_id if tools is not None else None
-            self._harmony = [HarmonyStream(functions, parallel, harmony.drop, make_id) for _ in range(self.num_choices)]
+            self._new_thinking = lambda: HarmonyStream(functions, parallel, harmony.drop, make_id)
+            self._harmony = [self._new_thinking() for _ in range(self.num_choices)]
             self._parsers = self._harmony if tools is not None else None
             self._thinking = self._harmony
         else:
             self._harmony = None
             self._parsers = [tools.stream() for _ in range(self.num_choices)] if tools is not None else None
-            self._thinking = ([ReasoningStream(reasoning.in_block, reasoning.ends) for _ in range(self.num_choices)]
-                              if reasoning is not None else None)
+            self._new_thinking = lambda: ReasoningStream(reasoning.in_block, reasoning.ends)
+            self._thinking = [self._new_thinking() for _ in range(self.num_choices)] if reasoning is not None else None
         self._announced: list[dict[str, int]] = [{} for _ in range(self.num_choices)]  # call id -> delta index
 
     def start_chunks(self) -> list[ChatCompletionChunk]:
@@ -1011,20 +1012,28 @@ class _ChatFormat(_Format):
     def _hides_reasoning(self) -> bool:
         """The reasoning is left out (``include_reasoning: false``): its tokens' log-probabilities too (they
         spelled it out, the whole block before the answer's first entry)."""
-        return self.pieces is not None and self._harmony is None and self._thinking is not None \
-            and not self.reasoning.include
+        return self.pieces is not None and self._thinking is not None and not self.reasoning.include
 
-    def _shown(self, outputs: Sequence[StepOutput]) -> list[StepOutput]:
+    def _reasoning_now(self, thinking, before: bool) -> bool:
+        """Whether ``thinking`` (a choice's reasoning parser) is in its reasoning: ``before`` a push, inside the
+        block (harmony: an analysis message's body); after it, inside it or past it with no answer begun (harmony:
+        an analysis message's body again, its header just read)."""
+        if self._harmony is not None:
+            return thinking.in_reasoning
+        return thinking.in_block if before else thinking.before_answer
+
+    def _shown(self, outputs: Sequence[StepOutput], truncated: bool) -> list[StepOutput]:
         """A choice's outputs as the response shows them: those whose tokens were reasoning it leaves out without
-        log-probabilities, and so those held undecided before them (a partial ``<think``)."""
-        thinking, shown, held = ReasoningStream(self.reasoning.in_block, self.reasoning.ends), [], []
+        log-probabilities, and so those held undecided before them (a partial ``<think``, a harmony header)."""
+        thinking, shown, held = self._new_thinking(), [], []
         for k, out in enumerate(outputs):
-            was, final = thinking.in_block, k == len(outputs) - 1
-            reasoning, content = thinking.push(out.text, final)
-            if was or thinking.before_answer:
+            was, final = self._reasoning_now(thinking, before=True), k == len(outputs) - 1
+            pushed = thinking.push(out.text, final, truncated) if self._harmony is not None else \
+                thinking.push(out.text, final)
+            if was or self._reasoning_now(thinking, before=False):
                 shown += [dataclasses.replace(o, logprobs=()) for o in (*held, out)]
                 held = []
-            elif not (reasoning or content or final):
+            elif not (any(pushed) or final):
                 held.append(out)
             else:
                 shown += [*held, out]
@@ -1035,7 +1044,7 @@ class _ChatFormat(_Format):
         choices = []
         for i, r in enumerate(results):
             if self._hides_reasoning:
-                r = _Choice(self._shown(r.outputs))
+                r = _Choice(self._shown(r.outputs, truncated=r.last.finish_reason == "length"))
             reasoning, content, _ = self._split(i, r.text, final=True, truncated=r.last.finish_reason == "length")
             calls = self._parsers[i].calls if self._parsers is not None else []
             thought = self._thinking is not None and self._thinking[i].reasoned  # a block was opened
@@ -1049,10 +1058,10 @@ class _ChatFormat(_Format):
 
     def chunks(self, index: int, out: StepOutput) -> list[ChatCompletionChunk]:
         if self._hides_reasoning:
-            was = self._thinking[index].in_block
+            was = self._reasoning_now(self._thinking[index], before=True)
         reasoning, content, calls = self._split(index, out.text, final=out.finished,
                                                 truncated=out.finish_reason == "length")
-        if self._hides_reasoning and (was or self._thinking[index].before_answer):
+        if self._hides_reasoning and (was or self._reasoning_now(self._thinking[index], before=False)):
             # (and the entries held while the block's opening was undecided, a partial <think>)
             out, self._pending[index] = dataclasses.replace(out, logprobs=()), []
         if not reasoning and not content and not calls and not out.finished:

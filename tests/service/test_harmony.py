@@ -130,6 +130,35 @@ def test_text_that_could_be_a_tag_is_held_back():
     assert raw.push(" t") == ("", "", []) and raw.push("he") == ("", " the", [])  # " to=" was possible
 
 
+def test_analysis_left_out_leaves_its_tokens_log_probabilities_out_too():
+    """``include_reasoning: false`` dropped the analysis text while its tokens' log-probability entries still
+    spelled it out (a review): they go too, the header that named the channel included, streamed or not; the final
+    message's entries stay."""
+    from service.engine import StepOutput
+    from service.sampling import TokenLogprobs
+    from service.text import TokenPieces
+    from tests.service.test_text import build_tokenizer
+
+    pieces = [ANALYSIS[i:i + 6] for i in range(0, len(ANALYSIS), 6)]
+    first_final = len(pieces)
+    pieces += [FINAL[i:i + 6] for i in range(0, len(FINAL), 6)]
+    outs = [StepOutput("r", (k,), piece, k == len(pieces) - 1, "stop" if k == len(pieces) - 1 else None, 5, k + 1,
+                       logprobs=(TokenLogprobs(k, -0.5),)) for k, piece in enumerate(pieces)]
+    tokenizer = build_tokenizer()
+    for include in (True, False):
+        def fmt(include=include):
+            return _ChatFormat(MODEL, TokenPieces(tokenizer), harmony=_Harmony(frozenset(), include))
+
+        choice = fmt().response([_Choice(outs)]).choices[0]
+        streaming = fmt()
+        streamed = [entry.token for out in outs for chunk in streaming.chunks(0, out) for c in chunk.choices
+                    if c.logprobs is not None for entry in c.logprobs.content]
+        kept = [entry.token for entry in choice.logprobs.content]
+        assert choice.message.content == "It is 22 C in Tokyo." and streamed == kept
+        expected = range(len(pieces)) if include else range(first_final, len(pieces))
+        assert kept == [TokenPieces(tokenizer).text(k) for k in expected]
+
+
 def test_the_chat_format_splits_harmony_in_responses_and_chunks():
     text = ANALYSIS + "<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>" + CALL[:-len("<|call|>")]
     outs = _outputs([text[i:i + 6] for i in range(0, len(text), 6)], "stop")

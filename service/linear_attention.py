@@ -254,6 +254,15 @@ class _SlotCache:
     def is_recording_past(self, layer_idx: int) -> bool:
         return False
 
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """Intermediate recurrent states to keep (transformers >= 5.25 asks, for speculative decoding): none, the
+        past is not recorded."""
+        return 0
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        """transformers (>= 5.25) counts a token its decode kernel put in the convolution state in place; the
+        engine keeps its own counts."""
+
     def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, conv_kernel_size: int | None = None,
                           **kwargs) -> torch.Tensor:
         if self.conv is None:

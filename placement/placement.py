@@ -219,9 +219,13 @@ class Placement:
 
 
 def _whole(value: Any, name: str) -> np.ndarray:
-    """``value`` as int64, if every number in it is a whole one (booleans are not numbers here)."""
+    """``value`` as int64, if every number in it is a whole one that int64 holds (booleans are not numbers here; a
+    version 2**63 or 1e20 was cast to -2**63)."""
     array = np.asarray(value)
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or (
-            np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array)))):
+    if array.dtype.kind not in "iuf":
         raise ValueError(f"placement {name} must hold whole numbers, got {str(value)[:80]}")
-    return array.astype(np.int64)
+    with np.errstate(invalid="ignore"):  # (NaN, inf and numbers past int64 cast to garbage, which the check refuses)
+        whole = array.astype(np.int64)
+    if not np.all(whole == array):
+        raise ValueError(f"placement {name} must hold whole numbers within int64, got {str(value)[:80]}")
+    return whole

@@ -12,7 +12,7 @@ import numpy as np
 
 from placement.device_model import DeviceModel
 from placement.eplb import eplb_placement
-from placement.metrics import checked_activity
+from placement.metrics import checked_activity, slot_calls
 from placement.placement import Placement
 from placement.vibe import vibe_placement
 
@@ -73,11 +73,19 @@ def plan(loads: np.ndarray, devices: list[DeviceModel], policy: str = "vibe", *,
         return contiguous_placement(loads.shape[0], num_experts, num_devices)
     if policy == "eplb":
         return eplb_placement(loads, num_devices, num_redundant)
+    fixed, slope = max(device.fixed for device in devices), max(device.slope for device in devices)
     with np.errstate(over="ignore"):
-        total = loads.sum(axis=1).max()  # a layer's tokens on one device: the longest time any slot could take
-        finite = np.isfinite(total) and all(np.isfinite(device.latency(np.array([total]))).all() for device in devices)
+        # the times of all a layer's slots together are at most a fixed cost per slot and all the layer's tokens on
+        # the steepest slope (`slot_calls`: calls <= 1 per slot, calls * tokens per call = the slot's tokens); a
+        # slot's tokens per call are at most its whole expert's (load / activity: a curve is evaluated there first)
+        total = loads.sum(axis=1).max()
+        per_call = slot_calls(loads, activity)[1].max()
+        finite = np.isfinite(total) and np.isfinite(per_call) and np.isfinite(num_slots * fixed + slope * total) \
+            and all(np.isfinite(device.latency(np.array([per_call]))).all() for device in devices)
     if not finite:  # (past here the search compared infinities: misleading errors, or a plan timed at inf)
-        raise ValueError(f"loads up to {loads.max():.3g} tokens make predicted times overflow; scale them down")
+        least = "" if activity is None else f" (activity down to {activity[activity > 0].min(initial=1.0):.3g})"
+        raise ValueError(f"loads up to {loads.max():.3g} tokens{least} make predicted times overflow on these devices' "
+                         f"curves (fixed up to {fixed:.3g} s, slope up to {slope:.3g} s per token); scale them down")
     return vibe_placement(loads, devices, num_redundant, capacity, activity)
 
 

@@ -71,7 +71,9 @@ def vibe_placement(loads: np.ndarray, devices: Sequence[DeviceModel], num_redund
                 other, valid = _searched(loads[behind], *rows, devices, capacity, num_redundant > 0,
                                          None if activity is None else activity[behind])
                 best = _better_layers(best, other, behind, valid, loads, devices, activity)
-        if capacity is not None:  # the plan with equal counts is one the budget allows: kept where it is faster
+        if capacity is not None and np.any(capacity > num_slots // num_devices):
+            # the plan with equal counts is one the budget allows: kept where it is faster (a budget of exactly
+            # equal counts allows no other plan: `best` already is that one, and a second search doubled the time)
             even = greedy_search(loads, devices, num_redundant, None, activity)
             best = _better_layers(best, even, np.arange(num_layers), np.ones(num_layers, dtype=bool), loads,
                                   devices, activity)

@@ -1022,6 +1022,14 @@ class _ChatFormat(_Format):
             return thinking.in_reasoning
         return thinking.in_block if before else thinking.before_answer
 
+    def _was_reasoning(self, thinking, was: bool) -> bool:
+        """Whether the output just pushed to ``thinking`` was reasoning (``was``: it was in it before the push): not
+        when the push began the answer (a token that ends the block and stays in the content: Kimi-K2's call
+        section's opening tag; or ``</think>`` and the answer's first text in one token)."""
+        if self._harmony is None and thinking.gave_content:
+            return False
+        return was or self._reasoning_now(thinking, before=False)
+
     def _shown(self, outputs: Sequence[StepOutput], truncated: bool) -> list[StepOutput]:
         """A choice's outputs as the response shows them: those whose tokens were reasoning it leaves out without
         log-probabilities, and so those held undecided before them (a partial ``<think``, a harmony header)."""
@@ -1030,7 +1038,7 @@ class _ChatFormat(_Format):
             was, final = self._reasoning_now(thinking, before=True), k == len(outputs) - 1
             pushed = thinking.push(out.text, final, truncated) if self._harmony is not None else \
                 thinking.push(out.text, final)
-            if was or self._reasoning_now(thinking, before=False):
+            if self._was_reasoning(thinking, was):
                 shown += [dataclasses.replace(o, logprobs=()) for o in (*held, out)]
                 held = []
             elif not (any(pushed) or final):
@@ -1061,7 +1069,7 @@ class _ChatFormat(_Format):
             was = self._reasoning_now(self._thinking[index], before=True)
         reasoning, content, calls = self._split(index, out.text, final=out.finished,
                                                 truncated=out.finish_reason == "length")
-        if self._hides_reasoning and (was or self._reasoning_now(self._thinking[index], before=False)):
+        if self._hides_reasoning and self._was_reasoning(self._thinking[index], was):
             # (and the entries held while the block's opening was undecided, a partial <think>)
             out, self._pending[index] = dataclasses.replace(out, logprobs=()), []
         if not reasoning and not content and not calls and not out.finished:

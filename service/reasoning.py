@@ -42,6 +42,8 @@ class ReasoningStream:
         self._space = ""           # trailing whitespace of the reasoning, held back
         self._started = False      # the reasoning has had a non-whitespace character
         self.reasoned = in_reasoning  # a block was opened (reasoning may still be empty)
+        self._spaced = False       # the last push had text (after the block: whitespace, unless it began the answer)
+        self.gave_content = False  # the last push returned content (the answer begun by it: an implicit end's tag)
 
     @property
     def in_block(self) -> bool:
@@ -50,12 +52,15 @@ class ReasoningStream:
 
     @property
     def before_answer(self) -> bool:
-        """Inside the reasoning block, or after it with only whitespace since (the answer not begun)."""
-        return self._state in ("reasoning", "answer")
+        """Inside the reasoning block, or after it with only whitespace since (the answer not begun), the last push
+        part of it: a push of no text after the block leaves it undecided (False), as a token's text that is held
+        back (half a character, what could be a stop string) may turn out to begin the answer."""
+        return self._state == "reasoning" or (self._state == "answer" and self._spaced)
 
     def push(self, text: str, final: bool = False) -> tuple[str, str]:
         """Add ``text``; returns (reasoning, content) to send now. ``final`` flushes."""
         self._buffer += text
+        self._spaced, self.gave_content = bool(text), False
         reasoning, content = "", ""
         if self._state == "start":
             head = self._buffer.lstrip()
@@ -83,6 +88,7 @@ class ReasoningStream:
                 return reasoning, ""
             self._state = "content"
         content, self._buffer = self._buffer, ""
+        self.gave_content = bool(content)
         return reasoning, content
 
     def _reasoning(self, text: str, closing: bool) -> str:
